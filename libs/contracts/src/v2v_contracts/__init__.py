@@ -1,0 +1,41 @@
+from v2v_contracts.envelope import CONTENT_TYPE, CloudEvent, source_for
+from v2v_contracts.events import (
+    EVENT_TYPES,
+    BookingConfirmedV1,
+    EventData,
+    OrderEventData,
+    OrderSubmittedV1,
+    ShipmentPlannedV1,
+    SiteApproval,
+    SiteRegisteredV1,
+    SlotReservedV1,
+    SlotUnavailableV1,
+    WebhookDeliveryFailedV1,
+    new_event,
+    parse_data,
+)
+from v2v_contracts.topics import MIN_PARTITIONS, PUBLISHERS, all_topics, dead_letter_topic, topic_for
+
+__all__ = [
+    "CONTENT_TYPE",
+    "EVENT_TYPES",
+    "MIN_PARTITIONS",
+    "PUBLISHERS",
+    "BookingConfirmedV1",
+    "CloudEvent",
+    "EventData",
+    "OrderEventData",
+    "OrderSubmittedV1",
+    "ShipmentPlannedV1",
+    "SiteApproval",
+    "SiteRegisteredV1",
+    "SlotReservedV1",
+    "SlotUnavailableV1",
+    "WebhookDeliveryFailedV1",
+    "all_topics",
+    "dead_letter_topic",
+    "new_event",
+    "parse_data",
+    "source_for",
+    "topic_for",
+]

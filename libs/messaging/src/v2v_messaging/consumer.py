@@ -1,0 +1,180 @@
+"""Idempotent consumers: inbox in the same transaction as the effects, offsets committed after commit.
+
+Each consumer is a FastStream subscriber with an explicit ack policy (NACK_ON_ERROR: the offset is
+committed only after the handler returned, which is after our database commit; an exception seeks
+back so the message is redelivered). Around the handler:
+
+- the CloudEvent is parsed; a message that is not one goes straight to the dead-letter topic;
+- `(consumer, event id)` is inserted into the inbox in the handler's transaction: a duplicate is a no-op;
+- a failure retries with exponential backoff; infrastructure failures (database or broker unreachable)
+  are redelivered for as long as they last, any other error sends the message to the service's
+  dead-letter topic with its error after `max_attempts`, and the partition goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+from faststream import AckPolicy
+from faststream.kafka import KafkaBroker
+from faststream.kafka.annotations import KafkaMessage
+from pydantic import ValidationError
+
+from v2v_contracts import CloudEvent
+from v2v_messaging.uow import Tx, UnitOfWork
+from v2v_observability import bind_order, get_logger, set_order_attributes
+
+log = get_logger(__name__)
+
+Handler = Callable[[Tx, CloudEvent], Awaitable[None]]
+
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.SerializationError,
+    asyncpg.DeadlockDetectedError,
+    asyncpg.CannotConnectNowError,
+)
+
+
+@dataclass
+class ConsumerPolicy:
+    max_attempts: int = 3
+    base_backoff_s: float = 0.2
+    max_backoff_s: float = 5.0
+    transient_attempts: int = 8  # then raise: the message is redelivered, not dead-lettered
+
+
+@dataclass
+class ConsumerStats:
+    processed: int = 0
+    duplicates: int = 0
+    dead_lettered: int = 0
+    ignored: int = 0
+    by_type: dict[str, int] = field(default_factory=dict)
+
+
+class EventConsumer:
+    def __init__(
+        self,
+        *,
+        service: str,
+        purpose: str,
+        topics: list[str],
+        handlers: dict[str, Handler],
+        uow: UnitOfWork,
+        broker: KafkaBroker,
+        dead_letter_topic: str,
+        fetch_max_wait_ms: int,
+        max_poll_interval_ms: int = 300_000,
+        policy: ConsumerPolicy | None = None,
+    ) -> None:
+        self.group_id = f"{service}.{purpose}"
+        self.topics = topics
+        self.handlers = handlers
+        self.uow = uow
+        self.broker = broker
+        self.dead_letter_topic = dead_letter_topic
+        self.policy = policy or ConsumerPolicy()
+        self.stats = ConsumerStats()
+        self.subscriber = broker.subscriber(
+            *topics,
+            group_id=self.group_id,
+            ack_policy=AckPolicy.NACK_ON_ERROR,
+            auto_offset_reset="earliest",
+            fetch_max_wait_ms=fetch_max_wait_ms,
+            max_poll_interval_ms=max_poll_interval_ms,
+            title=self.group_id,
+            description=f"{service} consumer '{purpose}': " + ", ".join(sorted(handlers)),
+        )
+        self.subscriber(self._on_message)
+
+    async def _on_message(self, message: KafkaMessage) -> None:
+        record = message.raw_message
+        raw: bytes = message.body
+        try:
+            event = CloudEvent.from_json(raw)
+        except (ValidationError, ValueError) as exc:
+            await self._dead_letter(message, f"not a CloudEvent: {exc}")
+            return
+        handler = self.handlers.get(event.type)
+        if handler is None:
+            self.stats.ignored += 1
+            return
+        bind_order(event.subject)
+        order_id = event.data.get("order_id")
+        set_order_attributes(order_id, event.coi)
+        attempt = 0
+        transient = 0
+        while True:
+            attempt += 1
+            try:
+                await self._process(event, handler, record)
+                return
+            except TRANSIENT_ERRORS as exc:
+                transient += 1
+                if transient >= self.policy.transient_attempts:
+                    log.error("infrastructure failure, message will be redelivered", error=repr(exc),
+                              event_type=event.type, event_id=str(event.id))
+                    raise
+                await asyncio.sleep(self._backoff(transient))
+            except Exception as exc:
+                if attempt >= self.policy.max_attempts:
+                    log.error("handler keeps failing, dead-lettering", error=repr(exc),
+                              event_type=event.type, event_id=str(event.id), attempts=attempt)
+                    await self._dead_letter(message, repr(exc), event=event, attempts=attempt)
+                    return
+                log.warning("handler failed, retrying", error=repr(exc), event_type=event.type, attempt=attempt)
+                await asyncio.sleep(self._backoff(attempt))
+
+    def _backoff(self, attempt: int) -> float:
+        delay = min(self.policy.base_backoff_s * 2 ** (attempt - 1), self.policy.max_backoff_s)
+        return delay * (0.5 + random.random() / 2)
+
+    async def _process(self, event: CloudEvent, handler: Handler, record: Any) -> None:
+        async with self.uow.begin() as tx:
+            fresh = await tx.conn.fetchval(
+                """INSERT INTO inbox (consumer, event_id, event_type, topic, kafka_partition, kafka_offset)
+                   VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING RETURNING true""",
+                self.group_id,
+                event.id,
+                event.type,
+                record.topic,
+                record.partition,
+                record.offset,
+            )
+            if not fresh:
+                self.stats.duplicates += 1
+                log.info("duplicate event ignored", event_type=event.type, event_id=str(event.id))
+                return
+            await handler(tx, event)
+        self.stats.processed += 1
+        self.stats.by_type[event.type] = self.stats.by_type.get(event.type, 0) + 1
+
+    async def _dead_letter(
+        self, message: Any, error: str, *, event: CloudEvent | None = None, attempts: int = 1
+    ) -> None:
+        record = message.raw_message
+        headers = {k: (v.decode(errors="replace") if isinstance(v, bytes) else str(v)) for k, v in record.headers}
+        headers.update(
+            {
+                "x-v2v-dlq-error": error[:4000],
+                "x-v2v-dlq-consumer": self.group_id,
+                "x-v2v-dlq-topic": record.topic,
+                "x-v2v-dlq-partition": str(record.partition),
+                "x-v2v-dlq-offset": str(record.offset),
+                "x-v2v-dlq-attempts": str(attempts),
+            }
+        )
+        headers.pop("traceparent", None)  # the dead-letter publish gets its own span in this trace
+        headers.pop("tracestate", None)
+        await self.broker.publish(message.body, topic=self.dead_letter_topic, key=record.key, headers=headers)
+        self.stats.dead_lettered += 1

@@ -1,0 +1,80 @@
+"""RFC 9457 problem details (application/problem+json) for every error a client can cause."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+PROBLEM_JSON = "application/problem+json"
+PROBLEM_BASE = "https://vein2vein.dev/problems/"
+
+
+class Problem(Exception):
+    def __init__(
+        self,
+        status: int,
+        title: str,
+        detail: str,
+        *,
+        kind: str = "error",
+        errors: list[dict[str, str]] | None = None,
+    ) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.title = title
+        self.detail = detail
+        self.kind = kind
+        self.errors = errors or []
+
+
+def invalid(field: str, reason: str) -> Problem:
+    """A 422 naming the field and the reason."""
+    return Problem(422, "Invalid request", f"{field}: {reason}", kind="validation",
+                   errors=[{"field": field, "reason": reason}])
+
+
+def not_found(what: str, ident: object) -> Problem:
+    return Problem(404, f"{what} not found", f"no {what.lower()} with id {ident}", kind="not-found")
+
+
+def _body(request: Request, status: int, title: str, detail: str, kind: str, **extra: Any) -> dict[str, Any]:
+    return {"type": PROBLEM_BASE + kind, "title": title, "status": status, "detail": detail,
+            "instance": request.url.path, **extra}
+
+
+def _field(loc: tuple[Any, ...] | list[Any]) -> str:
+    parts = [str(p) for p in loc]
+    if parts and parts[0] in {"body", "query", "path", "header"}:
+        parts = parts[1:] or parts
+    return ".".join(parts) if parts else "body"
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(Problem)
+    async def _problem(request: Request, exc: Problem) -> JSONResponse:
+        body = _body(request, exc.status, exc.title, exc.detail, exc.kind)
+        if exc.errors:
+            body["errors"] = exc.errors
+        return JSONResponse(body, status_code=exc.status, media_type=PROBLEM_JSON)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = []
+        for err in exc.errors():
+            reason = str(err.get("msg", "invalid"))
+            if err.get("type") == "missing":
+                reason = "is required"
+            errors.append({"field": _field(err.get("loc", ())), "reason": reason})
+        detail = "; ".join(f"{e['field']}: {e['reason']}" for e in errors)
+        body = _body(request, 422, "Invalid request", detail, "validation", errors=errors)
+        return JSONResponse(body, status_code=422, media_type=PROBLEM_JSON)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        title = {404: "Not found", 405: "Method not allowed"}.get(exc.status_code, "Error")
+        body = _body(request, exc.status_code, title, str(exc.detail), "http-" + str(exc.status_code))
+        return JSONResponse(body, status_code=exc.status_code, media_type=PROBLEM_JSON)

@@ -1,0 +1,21 @@
+"""Composition root of the scheduling service."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from v2v_contracts import SlotReservedV1, SlotUnavailableV1
+from v2v_servicekit import ConsumerSpec, ServiceDefinition
+
+from scheduling_service import services
+from scheduling_service.api import router
+
+DEFINITION = ServiceDefinition(
+    name="scheduling",
+    schema="scheduling",
+    migrations_dir=Path(__file__).parent / "migrations",
+    routers=[router],
+    consumers=[ConsumerSpec("slots", ["order", "site"], services.handlers)],
+    publishes=[SlotReservedV1, SlotUnavailableV1],
+    description="Manufacturing slots: site selection, capacity, waitlist.",
+)
