@@ -11,10 +11,9 @@ import pytest
 from standardwebhooks.webhooks import Webhook
 
 from order_service.domain.coi import is_valid_coi
+from v2v_harness.e2e import eventually, new_secret, order_body, subscribe
 from v2v_harness.platform import Platform
 from v2v_harness.receiver import WebhookReceiver
-
-from v2v_harness.e2e import eventually, new_secret, order_body, subscribe
 
 pytestmark = pytest.mark.e2e
 
@@ -27,7 +26,9 @@ async def test_order_reaches_the_centres_webhook_signed_with_a_full_timeline(
     secret = new_secret()
     path = "/single/TC-FR-PA-001"
     async with httpx.AsyncClient(timeout=10) as client:
-        await subscribe(client, platform.url("notification"), "TC-FR-PA-001", webhook_receiver.url(path), secret)
+        await subscribe(
+            client, platform.url("notification"), "TC-FR-PA-001", webhook_receiver.url(path), secret
+        )
         posted_at = time.time()
         resp = await client.post(f"{platform.url('order')}/v1/orders", json=order_body("TC-FR-PA-001"))
         assert resp.status_code == 201, resp.text
@@ -38,8 +39,11 @@ async def test_order_reaches_the_centres_webhook_signed_with_a_full_timeline(
         assert is_valid_coi(created["coi"])
 
         def last_step_delivered() -> list[Any]:
-            return [r for r in webhook_receiver.on(path)
-                    if r.json()["subject"] == order_id and r.json()["type"] == "logistics.shipment_planned.v1"]
+            return [
+                r
+                for r in webhook_receiver.on(path)
+                if r.json()["subject"] == order_id and r.json()["type"] == "logistics.shipment_planned.v1"
+            ]
 
         hooks = await eventually(last_step_delivered, timeout=10, what="shipment_planned webhook within 10 s")
         assert hooks[0].at - posted_at < 10
@@ -54,10 +58,14 @@ async def test_order_reaches_the_centres_webhook_signed_with_a_full_timeline(
 
         order = (await client.get(f"{platform.url('order')}/v1/orders/{order_id}")).json()
         sources = [entry["source"] for entry in order["timeline"]]
-        assert SKELETON_SOURCES <= set(sources)
+        assert set(sources) >= SKELETON_SOURCES
         types = [entry["type"] for entry in order["timeline"]]
-        assert types == ["order.submitted.v1", "scheduling.slot_reserved.v1", "site.booking_confirmed.v1",
-                         "logistics.shipment_planned.v1"]
+        assert types == [
+            "order.submitted.v1",
+            "scheduling.slot_reserved.v1",
+            "site.booking_confirmed.v1",
+            "logistics.shipment_planned.v1",
+        ]
         times = [entry["time"] for entry in order["timeline"]]
         assert times == sorted(times)
         assert order["status"] == "inbound_shipment_planned"
@@ -68,15 +76,30 @@ async def test_order_reaches_the_centres_webhook_signed_with_a_full_timeline(
 async def test_twenty_concurrent_orders_each_arrive_exactly_once(
     platform: Platform, webhook_receiver: WebhookReceiver
 ) -> None:
-    centres = ["TC-US-NJ-001", "TC-US-TX-002", "TC-DE-BE-001", "TC-CH-ZH-001", "TC-JP-TK-001",
-               "TC-CN-SH-001", "TC-AU-VI-001"]
+    centres = [
+        "TC-US-NJ-001",
+        "TC-US-TX-002",
+        "TC-DE-BE-001",
+        "TC-CH-ZH-001",
+        "TC-JP-TK-001",
+        "TC-CN-SH-001",
+        "TC-AU-VI-001",
+    ]
     types = ["order.submitted.v1", "logistics.shipment_planned.v1"]
     async with httpx.AsyncClient(timeout=30) as client:
         for centre in centres:
-            await subscribe(client, platform.url("notification"), centre, webhook_receiver.url(f"/c20/{centre}"),
-                            new_secret(), types)
-        bodies = [order_body(centres[i % len(centres)], patient_ref=f"PAT-C20-{i:03d}", days_ahead=10 + i % 5)
-                  for i in range(20)]
+            await subscribe(
+                client,
+                platform.url("notification"),
+                centre,
+                webhook_receiver.url(f"/c20/{centre}"),
+                new_secret(),
+                types,
+            )
+        bodies = [
+            order_body(centres[i % len(centres)], patient_ref=f"PAT-C20-{i:03d}", days_ahead=10 + i % 5)
+            for i in range(20)
+        ]
         responses = await asyncio.gather(
             *(client.post(f"{platform.url('order')}/v1/orders", json=b) for b in bodies)
         )
@@ -86,11 +109,17 @@ async def test_twenty_concurrent_orders_each_arrive_exactly_once(
     assert len({r.json()["coi"] for r in responses}) == 20
 
     def delivered(kind: str) -> list[str]:
-        return [r.json()["subject"] for r in webhook_receiver.received
-                if r.path.startswith("/c20/") and r.json()["type"] == kind and r.json()["subject"] in ids]
+        return [
+            r.json()["subject"]
+            for r in webhook_receiver.received
+            if r.path.startswith("/c20/") and r.json()["type"] == kind and r.json()["subject"] in ids
+        ]
 
-    await eventually(lambda: len(set(delivered("logistics.shipment_planned.v1"))) == 20, timeout=60,
-                     what="all 20 orders planned and notified")
+    await eventually(
+        lambda: len(set(delivered("logistics.shipment_planned.v1"))) == 20,
+        timeout=60,
+        what="all 20 orders planned and notified",
+    )
     await asyncio.sleep(2.0)  # anything sent twice would have arrived by now
     for kind in types:
         got = delivered(kind)
@@ -132,8 +161,11 @@ async def test_missing_fields_and_malformed_json_are_named(platform: Platform) -
         resp = await client.post(f"{platform.url('order')}/v1/orders", json=body)
         assert resp.status_code == 422
         assert {"field": "product_code", "reason": "is required"} in resp.json()["errors"]
-        resp = await client.post(f"{platform.url('order')}/v1/orders", content=b"{not json",
-                                 headers={"content-type": "application/json"})
+        resp = await client.post(
+            f"{platform.url('order')}/v1/orders",
+            content=b"{not json",
+            headers={"content-type": "application/json"},
+        )
         assert resp.status_code == 422
         assert resp.headers["content-type"].startswith("application/problem+json")
 
@@ -165,7 +197,8 @@ async def test_catalogues_health_readiness_and_docs(platform: Platform) -> None:
             asyncapi = (await client.get(base + "/asyncapi.json")).json()
             assert asyncapi["asyncapi"].startswith("3.")
             assert asyncapi["channels"], f"{name} documents its channels"
-        orders = await client.get(f"{platform.url('order')}/v1/orders",
-                                  params={"treatment_center_id": "TC-DE-BE-001", "limit": 2})
+        orders = await client.get(
+            f"{platform.url('order')}/v1/orders", params={"treatment_center_id": "TC-DE-BE-001", "limit": 2}
+        )
         page = orders.json()
         assert page["limit"] == 2 and all(o["treatment_center_id"] == "TC-DE-BE-001" for o in page["items"])

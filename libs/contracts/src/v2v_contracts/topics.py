@@ -17,4 +17,6 @@ def dead_letter_topic(service: str, namespace: str = "") -> str:
 
 
 def all_topics(namespace: str = "") -> list[str]:
-    return [topic_for(s, namespace) for s in PUBLISHERS] + [dead_letter_topic(s, namespace) for s in PUBLISHERS]
+    return [topic_for(s, namespace) for s in PUBLISHERS] + [
+        dead_letter_topic(s, namespace) for s in PUBLISHERS
+    ]

@@ -50,7 +50,9 @@ def _run(args: argparse.Namespace) -> int:
         while not stopping:
             for name, svc in platform.services.items():
                 if svc.proc.poll() is not None:
-                    print(f"vein2vein: {name} exited ({svc.proc.returncode}); last lines:\n{tail(svc.log_path)}")
+                    print(
+                        f"vein2vein: {name} exited ({svc.proc.returncode}); last lines:\n{tail(svc.log_path)}"
+                    )
                     stopping = True
             time.sleep(0.5)
         return 0
@@ -75,6 +77,38 @@ def _provision(args: argparse.Namespace) -> int:
     return 0
 
 
+def _receive(args: argparse.Namespace) -> int:
+    """A webhook receiver for trying the platform by hand: prints each webhook, verified if a secret is given."""
+    import json
+
+    from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+
+    from v2v_harness.receiver import WebhookReceiver
+
+    receiver = WebhookReceiver(port=args.port).start()
+    print(f"receiving webhooks on {receiver.url('/')} (Ctrl-C stops)", flush=True)
+    seen = 0
+    try:
+        while True:
+            time.sleep(0.2)
+            for hook in receiver.received[seen:]:
+                seen += 1
+                verdict = "unverified"
+                if args.secret:
+                    try:
+                        Webhook(args.secret).verify(hook.body, hook.headers)
+                        verdict = "signature ok"
+                    except WebhookVerificationError as exc:
+                        verdict = f"SIGNATURE INVALID ({exc})"
+                event = json.loads(hook.body)
+                print(f"{hook.headers.get('webhook-id')} {event.get('type')} order={event.get('subject')} "
+                      f"coi={event.get('coi')} [{verdict}]", flush=True)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        receiver.stop()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m v2v_harness")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -83,8 +117,12 @@ def main() -> int:
     run.add_argument("--database", default=os.environ.get("V2V_DATABASE_NAME", "v2v"))
     prov = sub.add_parser("provision", help="create the database, schemas and roles (idempotent)")
     prov.add_argument("--database", default=os.environ.get("V2V_DATABASE_NAME", "v2v"))
+    rec = sub.add_parser("receive", help="print webhooks sent to 127.0.0.1:PORT (for trying it by hand)")
+    rec.add_argument("--port", type=int, default=9000)
+    rec.add_argument("--secret", default=None, help="whsec_... to verify signatures")
     args = parser.parse_args()
-    return _run(args) if args.command == "run" else _provision(args)
+    commands = {"run": _run, "provision": _provision, "receive": _receive}
+    return commands[args.command](args)
 
 
 if __name__ == "__main__":

@@ -17,8 +17,12 @@ def new_secret() -> str:
     return "whsec_" + base64.b64encode(os.urandom(32)).decode()
 
 
-def order_body(centre: str = "TC-DE-BE-001", product: str = "TISA-CEL", days_ahead: int = 14,
-               patient_ref: str = "PAT-E2E-0001") -> dict[str, Any]:
+def order_body(
+    centre: str = "TC-DE-BE-001",
+    product: str = "TISA-CEL",
+    days_ahead: int = 14,
+    patient_ref: str = "PAT-E2E-0001",
+) -> dict[str, Any]:
     return {
         "treatment_center_id": centre,
         "product_code": product,
@@ -28,7 +32,9 @@ def order_body(centre: str = "TC-DE-BE-001", product: str = "TISA-CEL", days_ahe
     }
 
 
-async def eventually(check: Callable[[], Any], timeout: float, interval: float = 0.1, what: str = "condition") -> Any:
+async def eventually(
+    check: Callable[[], Any], timeout: float, interval: float = 0.1, what: str = "condition"
+) -> Any:
     deadline = time.monotonic() + timeout
     last: Any = None
     while time.monotonic() < deadline:
@@ -41,8 +47,14 @@ async def eventually(check: Callable[[], Any], timeout: float, interval: float =
     raise AssertionError(f"{what} not met within {timeout}s (last: {last!r})")
 
 
-async def subscribe(client: httpx.AsyncClient, notification_url: str, centre: str, url: str,
-                    secret: str, event_types: list[str] | None = None) -> dict[str, Any]:
+async def subscribe(
+    client: httpx.AsyncClient,
+    notification_url: str,
+    centre: str,
+    url: str,
+    secret: str,
+    event_types: list[str] | None = None,
+) -> dict[str, Any]:
     body: dict[str, Any] = {"treatment_center_id": centre, "url": url, "secret": secret}
     if event_types is not None:
         body["event_types"] = event_types

@@ -27,8 +27,16 @@ class LocalTansu:
     def start(self, log_path: Path, timeout: float = 20.0) -> None:
         url = f"tcp://127.0.0.1:{self.port}"
         self.proc = spawn(
-            [broker_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url,
-             "--storage-engine", "memory://tansu/"],
+            [
+                broker_binary(),
+                "broker",
+                "--listener-url",
+                url,
+                "--advertised-listener-url",
+                url,
+                "--storage-engine",
+                "memory://tansu/",
+            ],
             env=clean_env(),
             log_path=log_path,
         )

@@ -40,7 +40,9 @@ class Platform:
     def url(self, name: str) -> str:
         return self.services[name].url
 
-    def service_env(self, spec: ServiceSpec, port: int, database_url: str, extra: dict[str, str]) -> dict[str, str]:
+    def service_env(
+        self, spec: ServiceSpec, port: int, database_url: str, extra: dict[str, str]
+    ) -> dict[str, str]:
         env = dict(os.environ)
         env.update(
             {
@@ -101,8 +103,10 @@ class Platform:
                     time.sleep(0.2)
         if pending:
             raise TimeoutError(
-                "not ready in time: " + ", ".join(pending)
-                + "\n" + "\n".join(tail(s.log_path) for s in pending.values())
+                "not ready in time: "
+                + ", ".join(pending)
+                + "\n"
+                + "\n".join(tail(s.log_path) for s in pending.values())
             )
 
     def stop_service(self, name: str) -> None:

@@ -44,7 +44,9 @@ def _ensure_user(name: str) -> pwd.struct_passwd:
     try:
         return pwd.getpwnam(name)
     except KeyError:
-        subprocess.run(["useradd", "--system", "--no-create-home", "-s", "/usr/sbin/nologin", name], check=True)
+        subprocess.run(
+            ["useradd", "--system", "--no-create-home", "-s", "/usr/sbin/nologin", name], check=True
+        )
         return pwd.getpwnam(name)
 
 
@@ -97,8 +99,10 @@ class LocalPostgres:
             subprocess.run(
                 [
                     str(self.bin_dir / "initdb"),
-                    "-D", str(self.data_dir),
-                    "-U", ADMIN_USER,
+                    "-D",
+                    str(self.data_dir),
+                    "-U",
+                    ADMIN_USER,
                     f"--pwfile={pwfile}",
                     "--auth-local=trust",
                     "--auth-host=scram-sha-256",
@@ -128,8 +132,16 @@ class LocalPostgres:
         log_path.touch()
         self._chown_file(log_path)
         self.proc = spawn(
-            [str(self.bin_dir / "postgres"), "-D", str(self.data_dir), "-p", str(self.port),
-             "-k", str(self.data_dir), *settings],
+            [
+                str(self.bin_dir / "postgres"),
+                "-D",
+                str(self.data_dir),
+                "-p",
+                str(self.port),
+                "-k",
+                str(self.data_dir),
+                *settings,
+            ],
             log_path=log_path,
             user=self.user,
         )

@@ -7,6 +7,7 @@ another's schema is refused ("permission denied for schema ...").
 
 from __future__ import annotations
 
+import contextlib
 import os
 from urllib.parse import quote, urlsplit, urlunsplit
 
@@ -14,7 +15,7 @@ import asyncpg
 
 from v2v_harness.catalog import SERVICES, ServiceSpec
 
-DEFAULT_ROLE_PASSWORD = "v2v-dev-password"  # noqa: S105 - local default, override with V2V_DB_ROLE_PASSWORD
+DEFAULT_ROLE_PASSWORD = "v2v-dev-password"
 
 
 def role_password() -> str:
@@ -56,10 +57,8 @@ async def provision(admin_url: str, database: str) -> dict[str, str]:
             except asyncpg.DuplicateObjectError:  # created concurrently by another provisioner
                 await conn.execute(f"ALTER ROLE {_ident(spec.role)} LOGIN PASSWORD {lit}")
         if not await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", database):
-            try:
+            with contextlib.suppress(asyncpg.DuplicateDatabaseError):  # created concurrently
                 await conn.execute(f"CREATE DATABASE {_ident(database)}")
-            except asyncpg.DuplicateDatabaseError:
-                pass
         await conn.execute(f"REVOKE ALL ON DATABASE {_ident(database)} FROM PUBLIC")
     finally:
         await conn.close()
@@ -74,7 +73,9 @@ async def provision(admin_url: str, database: str) -> dict[str, str]:
                 await db.execute(f"CREATE SCHEMA IF NOT EXISTS {schema} AUTHORIZATION {role}")
                 await db.execute(f"ALTER SCHEMA {schema} OWNER TO {role}")
                 await db.execute(f"REVOKE ALL ON SCHEMA {schema} FROM PUBLIC")
-                await db.execute(f"ALTER ROLE {role} IN DATABASE {_ident(database)} SET search_path = {schema}")
+                await db.execute(
+                    f"ALTER ROLE {role} IN DATABASE {_ident(database)} SET search_path = {schema}"
+                )
     finally:
         await db.close()
     return {spec.name: service_url(admin_url, database, spec) for spec in SERVICES}

@@ -59,8 +59,11 @@ async def test_db(infra: Infrastructure) -> AsyncIterator[TestDatabase]:
     await drop_database(infra.admin_url, name)
 
 
-def _start_platform(infra: Infrastructure, state_dir: Path, extra_env: dict[str, dict[str, str]] | None = None,
-                    ) -> Platform:
+def _start_platform(
+    infra: Infrastructure,
+    state_dir: Path,
+    extra_env: dict[str, dict[str, str]] | None = None,
+) -> Platform:
     name = unique("e2e_")
     urls = asyncio.run(provision(infra.admin_url, name))
     run_dir = state_dir / name

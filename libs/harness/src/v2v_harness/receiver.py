@@ -24,7 +24,7 @@ class Received:
 class WebhookReceiver:
     """Listens on 127.0.0.1; `fail_first[path] = n` answers 503 to the first n posts on that path."""
 
-    def __init__(self) -> None:
+    def __init__(self, port: int = 0) -> None:
         self.received: list[Received] = []
         self.fail_first: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -42,7 +42,9 @@ class WebhookReceiver:
                     else:
                         status = 204
                         receiver.received.append(
-                            Received(self.path, {k.lower(): v for k, v in self.headers.items()}, body, time.time())
+                            Received(
+                                self.path, {k.lower(): v for k, v in self.headers.items()}, body, time.time()
+                            )
                         )
                 self.send_response(status)
                 self.send_header("content-length", "0")
@@ -51,7 +53,7 @@ class WebhookReceiver:
             def log_message(self, *_args: Any) -> None:
                 return None
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.port = self.server.server_address[1]
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 

@@ -76,8 +76,10 @@ class EventConsumer:
         fetch_max_wait_ms: int,
         max_poll_interval_ms: int = 300_000,
         policy: ConsumerPolicy | None = None,
+        namespace: str = "",
     ) -> None:
-        self.group_id = f"{service}.{purpose}"
+        # `<service>.<purpose>`, under the topic namespace when one is set (tests sharing a broker)
+        self.group_id = f"{namespace}.{service}.{purpose}" if namespace else f"{service}.{purpose}"
         self.topics = topics
         self.handlers = handlers
         self.uow = uow
@@ -122,17 +124,28 @@ class EventConsumer:
             except TRANSIENT_ERRORS as exc:
                 transient += 1
                 if transient >= self.policy.transient_attempts:
-                    log.error("infrastructure failure, message will be redelivered", error=repr(exc),
-                              event_type=event.type, event_id=str(event.id))
+                    log.error(
+                        "infrastructure failure, message will be redelivered",
+                        error=repr(exc),
+                        event_type=event.type,
+                        event_id=str(event.id),
+                    )
                     raise
                 await asyncio.sleep(self._backoff(transient))
             except Exception as exc:
                 if attempt >= self.policy.max_attempts:
-                    log.error("handler keeps failing, dead-lettering", error=repr(exc),
-                              event_type=event.type, event_id=str(event.id), attempts=attempt)
+                    log.error(
+                        "handler keeps failing, dead-lettering",
+                        error=repr(exc),
+                        event_type=event.type,
+                        event_id=str(event.id),
+                        attempts=attempt,
+                    )
                     await self._dead_letter(message, repr(exc), event=event, attempts=attempt)
                     return
-                log.warning("handler failed, retrying", error=repr(exc), event_type=event.type, attempt=attempt)
+                log.warning(
+                    "handler failed, retrying", error=repr(exc), event_type=event.type, attempt=attempt
+                )
                 await asyncio.sleep(self._backoff(attempt))
 
     def _backoff(self, attempt: int) -> float:
@@ -163,7 +176,9 @@ class EventConsumer:
         self, message: Any, error: str, *, event: CloudEvent | None = None, attempts: int = 1
     ) -> None:
         record = message.raw_message
-        headers = {k: (v.decode(errors="replace") if isinstance(v, bytes) else str(v)) for k, v in record.headers}
+        headers = {
+            k: (v.decode(errors="replace") if isinstance(v, bytes) else str(v)) for k, v in record.headers
+        }
         headers.update(
             {
                 "x-v2v-dlq-error": error[:4000],

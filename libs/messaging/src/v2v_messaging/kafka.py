@@ -23,7 +23,9 @@ class KafkaSettings:
     namespace: str = ""
 
 
-def make_broker(settings: KafkaSettings, client_id: str, tracer_provider: TracerProvider | None) -> KafkaBroker:
+def make_broker(
+    settings: KafkaSettings, client_id: str, tracer_provider: TracerProvider | None
+) -> KafkaBroker:
     return KafkaBroker(
         settings.bootstrap_servers,
         client_id=client_id,
@@ -45,8 +47,13 @@ async def ensure_topics(settings: KafkaSettings, topics: list[str]) -> list[str]
         for topic in missing:
             try:
                 await admin.create_topics(
-                    [NewTopic(topic, num_partitions=settings.partitions,
-                              replication_factor=settings.replication_factor)]
+                    [
+                        NewTopic(
+                            topic,
+                            num_partitions=settings.partitions,
+                            replication_factor=settings.replication_factor,
+                        )
+                    ]
                 )
                 created.append(topic)
             except TopicAlreadyExistsError:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 from datetime import timedelta
 from typing import Any
 
@@ -98,7 +97,9 @@ class OutboxRelay:
             )
         count = int(status.split()[-1])
         if count:
-            log.warning("outbox replay: broker has none of our events, republishing retained rows", rows=count)
+            log.warning(
+                "outbox replay: broker has none of our events, republishing retained rows", rows=count
+            )
         return count
 
     async def publish_pending(self) -> int:
@@ -129,7 +130,9 @@ class OutboxRelay:
                     )
                     log.warning("outbox publish failed, will retry", error=repr(exc), outbox_id=failed)
                 if done:
-                    await conn.execute("UPDATE outbox SET published_at = now() WHERE id = ANY($1::bigint[])", done)
+                    await conn.execute(
+                        "UPDATE outbox SET published_at = now() WHERE id = ANY($1::bigint[])", done
+                    )
                 self.published_total += len(done)
         if len(done) < len(rows):  # raised only after the commit that marks what did go out
             raise RelayBackoff

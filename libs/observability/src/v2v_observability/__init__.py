@@ -2,8 +2,8 @@
 
 from v2v_observability.logging import bind_order, configure_logging, get_logger
 from v2v_observability.tracing import (
-    ORDER_ID_ATTR,
     COI_ATTR,
+    ORDER_ID_ATTR,
     configure_tracing,
     current_traceparent,
     set_order_attributes,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import MutableMapping
 from typing import Any
 
 import structlog
@@ -16,7 +17,9 @@ from opentelemetry import trace
 _service = "unknown"
 
 
-def _add_context(_logger: Any, _method: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+def _add_context(
+    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
     event_dict.setdefault("service", _service)
     ctx = trace.get_current_span().get_span_context()
     if ctx.is_valid:
@@ -29,7 +32,9 @@ def _add_context(_logger: Any, _method: str, event_dict: dict[str, Any]) -> dict
     return event_dict
 
 
-def _rename_event(_logger: Any, _method: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+def _rename_event(
+    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
     event_dict["message"] = event_dict.pop("event", "")
     return event_dict
 

@@ -65,7 +65,10 @@ def span_to_dict(span: ReadableSpan) -> dict[str, object]:
         "status_description": span.status.description,
         "attributes": dict(span.attributes or {}),
         "links": [
-            {"trace_id": format(link.context.trace_id, "032x"), "span_id": format(link.context.span_id, "016x")}
+            {
+                "trace_id": format(link.context.trace_id, "032x"),
+                "span_id": format(link.context.span_id, "016x"),
+            }
             for link in span.links
         ],
         "events": [{"name": e.name, "attributes": dict(e.attributes or {})} for e in span.events],
@@ -73,7 +76,9 @@ def span_to_dict(span: ReadableSpan) -> dict[str, object]:
 
 
 def otlp_configured() -> bool:
-    return bool(os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
+    return bool(
+        os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    )
 
 
 def configure_tracing(service: str, state_dir: str | None = None) -> TracerProvider:

@@ -12,7 +12,9 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
 
 
 async def create_pool(url: str, *, min_size: int = 1, max_size: int = 10, **kwargs: Any) -> asyncpg.Pool:
-    pool = await asyncpg.create_pool(url, min_size=min_size, max_size=max_size, init=_init_connection, **kwargs)
+    pool = await asyncpg.create_pool(
+        url, min_size=min_size, max_size=max_size, init=_init_connection, **kwargs
+    )
     assert pool is not None
     return pool
 

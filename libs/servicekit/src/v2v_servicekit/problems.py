@@ -33,8 +33,13 @@ class Problem(Exception):
 
 def invalid(field: str, reason: str) -> Problem:
     """A 422 naming the field and the reason."""
-    return Problem(422, "Invalid request", f"{field}: {reason}", kind="validation",
-                   errors=[{"field": field, "reason": reason}])
+    return Problem(
+        422,
+        "Invalid request",
+        f"{field}: {reason}",
+        kind="validation",
+        errors=[{"field": field, "reason": reason}],
+    )
 
 
 def not_found(what: str, ident: object) -> Problem:
@@ -42,8 +47,14 @@ def not_found(what: str, ident: object) -> Problem:
 
 
 def _body(request: Request, status: int, title: str, detail: str, kind: str, **extra: Any) -> dict[str, Any]:
-    return {"type": PROBLEM_BASE + kind, "title": title, "status": status, "detail": detail,
-            "instance": request.url.path, **extra}
+    return {
+        "type": PROBLEM_BASE + kind,
+        "title": title,
+        "status": status,
+        "detail": detail,
+        "instance": request.url.path,
+        **extra,
+    }
 
 
 def _field(loc: tuple[Any, ...] | list[Any]) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -54,7 +54,7 @@ class ServiceDefinition:
     consumers: list[ConsumerSpec] = field(default_factory=list)
     publishes: list[type[EventData]] = field(default_factory=list)
     on_startup: list[Callable[[Runtime], Awaitable[None]]] = field(default_factory=list)
-    background: list[Callable[[Runtime], Awaitable[None]]] = field(default_factory=list)
+    background: list[Callable[[Runtime], Coroutine[Any, Any, None]]] = field(default_factory=list)
     description: str = ""
 
 
@@ -95,8 +95,9 @@ def create_app(definition: ServiceDefinition, settings: ServiceSettings | None =
     broker = make_broker(kafka, client_id=f"v2v-{definition.name}", tracer_provider=tracer_provider)
     own_topic = topic_for(definition.name, settings.topic_namespace)
     for model in definition.publishes:  # documented in the AsyncAPI schema
-        broker.publisher(own_topic, title=f"{own_topic}:{model.TYPE}", description=model.__doc__,
-                         schema=model)
+        broker.publisher(
+            own_topic, title=f"{own_topic}:{model.TYPE}", description=model.__doc__, schema=model
+        )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -112,9 +113,15 @@ def create_app(definition: ServiceDefinition, settings: ServiceSettings | None =
             raise RuntimeError(f"role's search_path schema is {schema!r}, expected {definition.schema!r}")
         await ensure_topics(kafka, all_topics(settings.topic_namespace))
         uow = UnitOfWork(pool, own_topic, notify_channel(schema))
-        relay = OutboxRelay(pool, broker, schema, own_topic, kafka,
-                            poll_interval=settings.relay_poll_interval_s,
-                            retention=timedelta(days=settings.outbox_retention_days))
+        relay = OutboxRelay(
+            pool,
+            broker,
+            schema,
+            own_topic,
+            kafka,
+            poll_interval=settings.relay_poll_interval_s,
+            retention=timedelta(days=settings.outbox_retention_days),
+        )
         rt = Runtime(definition, settings, kafka, pool, broker, uow, relay)
         app.state.runtime = rt
         policy = ConsumerPolicy(max_attempts=settings.consumer_max_attempts)
@@ -131,13 +138,17 @@ def create_app(definition: ServiceDefinition, settings: ServiceSettings | None =
                     fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms,
                     max_poll_interval_ms=settings.kafka_max_poll_interval_ms,
                     policy=policy,
+                    namespace=settings.topic_namespace,
                 )
             )
         for hook in definition.on_startup:
             await hook(rt)
         await broker.start()
         tasks = [asyncio.create_task(relay.run(), name="outbox-relay")]
-        tasks += [asyncio.create_task(job(rt), name=getattr(job, "__name__", "job")) for job in definition.background]
+        tasks += [
+            asyncio.create_task(job(rt), name=getattr(job, "__name__", "job"))
+            for job in definition.background
+        ]
         log.info("service started", migrations_applied=applied, http_port=settings.http_port, topic=own_topic)
         try:
             yield
@@ -185,13 +196,15 @@ def create_app(definition: ServiceDefinition, settings: ServiceSettings | None =
         except Exception as exc:
             checks["broker"] = f"unreachable: {exc.__class__.__name__}"
         status = 200 if all(v == "ok" for v in checks.values()) else 503
-        return JSONResponse({"status": "ready" if status == 200 else "not ready", "checks": checks},
-                            status_code=status)
+        return JSONResponse(
+            {"status": "ready" if status == 200 else "not ready", "checks": checks}, status_code=status
+        )
 
     @app.get("/asyncapi.json", tags=["operations"], summary="AsyncAPI 3.0 schema of this service's events")
     async def asyncapi() -> JSONResponse:
-        spec = AsyncAPI(broker, title=f"vein2vein {definition.name} events", version="0.1.0",
-                        schema_version="3.0.0")
+        spec = AsyncAPI(
+            broker, title=f"vein2vein {definition.name} events", version="0.1.0", schema_version="3.0.0"
+        )
         return JSONResponse(spec.to_specification().to_jsonable())
 
     for router in definition.routers:
@@ -204,5 +217,12 @@ def run(definition: ServiceDefinition) -> None:
 
     settings = ServiceSettings()
     app = create_app(definition, settings)
-    uvicorn.run(app, host=settings.http_host, port=settings.http_port, log_config=None,
-                access_log=False, lifespan="on", timeout_graceful_shutdown=10)
+    uvicorn.run(
+        app,
+        host=settings.http_host,
+        port=settings.http_port,
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=10,
+    )

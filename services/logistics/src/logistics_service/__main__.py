@@ -1,5 +1,4 @@
-from v2v_servicekit import run
-
 from logistics_service.app import DEFINITION
+from v2v_servicekit import run
 
 run(DEFINITION)

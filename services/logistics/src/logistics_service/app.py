@@ -8,19 +8,20 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends
 
+from logistics_service import services
 from v2v_contracts import ShipmentPlannedV1
 from v2v_servicekit import ConsumerSpec, Runtime, ServiceDefinition, get_runtime
-
-from logistics_service import services
 
 router = APIRouter(prefix="/v1")
 
 
 @router.get("/shipments", tags=["shipments"], summary="Shipments, optionally for one order")
-async def shipments(rt: Annotated[Runtime, Depends(get_runtime)], order_id: uuid.UUID | None = None
-                    ) -> list[dict[str, Any]]:
+async def shipments(
+    rt: Annotated[Runtime, Depends(get_runtime)], order_id: uuid.UUID | None = None
+) -> list[dict[str, Any]]:
     rows = await rt.pool.fetch(
-        "SELECT * FROM shipments WHERE ($1::uuid IS NULL OR order_id = $1) ORDER BY created_at LIMIT 500", order_id
+        "SELECT * FROM shipments WHERE ($1::uuid IS NULL OR order_id = $1) ORDER BY created_at LIMIT 500",
+        order_id,
     )
     return [dict(r) for r in rows]
 

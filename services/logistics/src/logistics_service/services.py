@@ -36,16 +36,29 @@ async def on_booking_confirmed(tx: Tx, event: CloudEvent) -> None:
         """INSERT INTO shipments (shipment_id, order_id, coi, leg, origin, destination, material_condition,
                                   min_temp_c, max_temp_c, planned_pickup_date, status)
            VALUES ($1, $2, $3, 'inbound_apheresis', $4, $5, $6, $7, $8, $9, 'planned')""",
-        shipment_id, booking.order_id, booking.coi, booking.treatment_center_id, booking.site_id, condition,
-        lo, hi, booking.apheresis_date,
+        shipment_id,
+        booking.order_id,
+        booking.coi,
+        booking.treatment_center_id,
+        booking.site_id,
+        condition,
+        lo,
+        hi,
+        booking.apheresis_date,
     )
     await tx.outbox.add(
         new_event(
             ShipmentPlannedV1(
-                order_id=booking.order_id, coi=booking.coi, treatment_center_id=booking.treatment_center_id,
-                shipment_id=shipment_id, leg="inbound_apheresis", origin=booking.treatment_center_id,
-                destination=booking.site_id, material_condition=condition,  # type: ignore[arg-type]
-                temperature_range_c=(lo, hi), planned_pickup_date=booking.apheresis_date,
+                order_id=booking.order_id,
+                coi=booking.coi,
+                treatment_center_id=booking.treatment_center_id,
+                shipment_id=shipment_id,
+                leg="inbound_apheresis",
+                origin=booking.treatment_center_id,
+                destination=booking.site_id,
+                material_condition=condition,  # type: ignore[arg-type]
+                temperature_range_c=(lo, hi),
+                planned_pickup_date=booking.apheresis_date,
             )
         )
     )

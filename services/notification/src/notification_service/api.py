@@ -10,10 +10,9 @@ from urllib.parse import urlsplit
 from fastapi import APIRouter, Depends, Query, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from v2v_servicekit import Runtime, get_runtime, invalid, not_found
-
 from notification_service import services
 from notification_service.webhooks import record_summary
+from v2v_servicekit import Runtime, get_runtime, invalid, not_found
 
 router = APIRouter(prefix="/v1")
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
@@ -37,13 +36,23 @@ class SubscriptionOut(BaseModel):
 
 
 def _out(row: Any) -> SubscriptionOut:
-    return SubscriptionOut(subscription_id=row["subscription_id"], treatment_center_id=row["treatment_center_id"],
-                           url=row["url"], event_types=row["event_types"], active=row["active"],
-                           created_at=row["created_at"])
+    return SubscriptionOut(
+        subscription_id=row["subscription_id"],
+        treatment_center_id=row["treatment_center_id"],
+        url=row["url"],
+        event_types=row["event_types"],
+        active=row["active"],
+        created_at=row["created_at"],
+    )
 
 
-@router.post("/subscriptions", status_code=201, response_model=SubscriptionOut, tags=["webhooks"],
-             summary="Subscribe a treatment centre's endpoint to order events (Standard Webhooks)")
+@router.post(
+    "/subscriptions",
+    status_code=201,
+    response_model=SubscriptionOut,
+    tags=["webhooks"],
+    summary="Subscribe a treatment centre's endpoint to order events (Standard Webhooks)",
+)
 async def subscribe(body: SubscriptionIn, rt: RuntimeDep, response: Response) -> SubscriptionOut:
     parts = urlsplit(body.url)
     if parts.scheme not in {"http", "https"} or not parts.netloc:
@@ -53,7 +62,11 @@ async def subscribe(body: SubscriptionIn, rt: RuntimeDep, response: Response) ->
     row = await rt.pool.fetchrow(
         """INSERT INTO subscriptions (subscription_id, treatment_center_id, url, secret, event_types)
            VALUES ($1, $2, $3, $4, $5) RETURNING *""",
-        uuid.uuid4(), body.treatment_center_id, body.url, body.secret, body.event_types,
+        uuid.uuid4(),
+        body.treatment_center_id,
+        body.url,
+        body.secret,
+        body.event_types,
     )
     response.headers["Location"] = f"/v1/subscriptions/{row['subscription_id']}"
     return _out(row)
@@ -62,7 +75,8 @@ async def subscribe(body: SubscriptionIn, rt: RuntimeDep, response: Response) ->
 @router.get("/subscriptions", response_model=list[SubscriptionOut], tags=["webhooks"])
 async def list_subscriptions(rt: RuntimeDep, treatment_center_id: str | None = None) -> list[SubscriptionOut]:
     rows = await rt.pool.fetch(
-        "SELECT * FROM subscriptions WHERE ($1::text IS NULL OR treatment_center_id = $1) ORDER BY created_at",
+        """SELECT * FROM subscriptions WHERE ($1::text IS NULL OR treatment_center_id = $1)
+           ORDER BY created_at""",
         treatment_center_id,
     )
     return [_out(r) for r in rows]
@@ -93,6 +107,9 @@ async def deliveries(
         """SELECT * FROM deliveries WHERE ($1::uuid IS NULL OR order_id = $1)
              AND ($2::uuid IS NULL OR subscription_id = $2) AND ($3::text IS NULL OR status = $3)
            ORDER BY created_at DESC LIMIT $4""",
-        order_id, subscription_id, status, limit,
+        order_id,
+        subscription_id,
+        status,
+        limit,
     )
     return [record_summary(r) for r in rows]

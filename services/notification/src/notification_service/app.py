@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from v2v_contracts import WebhookDeliveryFailedV1
-from v2v_servicekit import ConsumerSpec, Runtime, ServiceDefinition
-
 from notification_service import services
 from notification_service.api import router
 from notification_service.webhooks import DeliveryPolicy, Dispatcher
+from v2v_contracts import WebhookDeliveryFailedV1
+from v2v_servicekit import ConsumerSpec, Runtime, ServiceDefinition
 
 
 async def webhook_dispatcher(rt: Runtime) -> None:

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import uuid
 from typing import Any
 
+from notification_service.webhooks import channel
 from v2v_contracts import EVENT_TYPES, CloudEvent
 from v2v_messaging import Tx
 from v2v_observability import current_traceparent
 from v2v_servicekit import invalid
-
-from notification_service.webhooks import channel
 
 # events about an order that a treatment centre may subscribe to
 ORDER_EVENT_TYPES = sorted(t for t, model in EVENT_TYPES.items() if "order_id" in model.model_fields)
@@ -23,7 +21,7 @@ def validate_secret(secret: str) -> None:
     if not secret.startswith("whsec_"):
         raise invalid("secret", "must be 'whsec_' followed by base64 (Standard Webhooks)")
     try:
-        raw = base64.b64decode(secret[len("whsec_"):], validate=True)
+        raw = base64.b64decode(secret[len("whsec_") :], validate=True)
     except (binascii.Error, ValueError):
         raise invalid("secret", "the part after 'whsec_' is not valid base64") from None
     if not 24 <= len(raw) <= 64:
@@ -48,7 +46,8 @@ async def on_order_event(tx: Tx, event: CloudEvent) -> None:
     subs = await tx.conn.fetch(
         """SELECT subscription_id FROM subscriptions
            WHERE treatment_center_id = $1 AND active AND (event_types IS NULL OR $2 = ANY(event_types))""",
-        centre, event.type,
+        centre,
+        event.type,
     )
     if not subs:
         return
@@ -59,11 +58,19 @@ async def on_order_event(tx: Tx, event: CloudEvent) -> None:
                                        treatment_center_id, payload, trace_headers, status)
                VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb, 'pending')
                ON CONFLICT (subscription_id, event_id) DO NOTHING""",
-            uuid.uuid4(), sub["subscription_id"], event.id, event.type,
-            uuid.UUID(str(order_id)) if order_id else None, event.coi, centre, event.to_json(),
+            uuid.uuid4(),
+            sub["subscription_id"],
+            event.id,
+            event.type,
+            uuid.UUID(str(order_id)) if order_id else None,
+            event.coi,
+            centre,
+            event.to_json(),
             current_traceparent(),
         )
-    await tx.conn.execute("SELECT pg_notify($1, '')", channel(await tx.conn.fetchval("SELECT current_schema()")))
+    await tx.conn.execute(
+        "SELECT pg_notify($1, '')", channel(await tx.conn.fetchval("SELECT current_schema()"))
+    )
 
 
 def handlers(_rt: Any) -> dict[str, Any]:

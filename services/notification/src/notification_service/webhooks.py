@@ -158,44 +158,69 @@ class Dispatcher:
         finally:
             otel_context.detach(token)
 
-    async def _record(self, row: asyncpg.Record, attempt: int, status: int | None, error: str | None,
-                      elapsed_ms: int) -> None:
+    async def _record(
+        self, row: asyncpg.Record, attempt: int, status: int | None, error: str | None, elapsed_ms: int
+    ) -> None:
         async with self.uow.begin() as tx:
             await tx.conn.execute(
                 """INSERT INTO delivery_attempts (delivery_id, attempt, status_code, error, duration_ms)
                    VALUES ($1, $2, $3, $4, $5)""",
-                row["delivery_id"], attempt, status, error, elapsed_ms,
+                row["delivery_id"],
+                attempt,
+                status,
+                error,
+                elapsed_ms,
             )
             if error is None:
                 await tx.conn.execute(
                     """UPDATE deliveries SET status = 'delivered', attempts = $2, delivered_at = now(),
                               last_status_code = $3, last_error = NULL, lease_until = NULL
                        WHERE delivery_id = $1""",
-                    row["delivery_id"], attempt, status,
+                    row["delivery_id"],
+                    attempt,
+                    status,
                 )
                 return
             if attempt >= self.policy.max_attempts:
                 await tx.conn.execute(
                     """UPDATE deliveries SET status = 'failed', attempts = $2, last_status_code = $3,
                               last_error = $4, lease_until = NULL WHERE delivery_id = $1""",
-                    row["delivery_id"], attempt, status, error,
+                    row["delivery_id"],
+                    attempt,
+                    status,
+                    error,
                 )
                 if row["order_id"] is not None:
-                    await tx.outbox.add(new_event(WebhookDeliveryFailedV1(
-                        order_id=row["order_id"], coi=row["coi"] or "",
-                        treatment_center_id=row["treatment_center_id"],
-                        subscription_id=row["subscription_id"], event_id=row["event_id"],
-                        event_type=row["event_type"], attempts=attempt, last_error=error,
-                    )))
+                    await tx.outbox.add(
+                        new_event(
+                            WebhookDeliveryFailedV1(
+                                order_id=row["order_id"],
+                                coi=row["coi"] or "",
+                                treatment_center_id=row["treatment_center_id"],
+                                subscription_id=row["subscription_id"],
+                                event_id=row["event_id"],
+                                event_type=row["event_type"],
+                                attempts=attempt,
+                                last_error=error,
+                            )
+                        )
+                    )
                 log.warning("webhook dead-lettered", delivery_id=str(row["delivery_id"]), attempts=attempt)
                 return
             delay = self.policy.backoff(attempt)
             await tx.conn.execute(
-                """UPDATE deliveries SET attempts = $2, last_status_code = $3, last_error = $4, lease_until = NULL,
-                          next_attempt_at = now() + $5::interval WHERE delivery_id = $1""",
-                row["delivery_id"], attempt, status, error, timedelta(seconds=delay),
+                """UPDATE deliveries SET attempts = $2, last_status_code = $3, last_error = $4,
+                          lease_until = NULL, next_attempt_at = now() + $5::interval
+                   WHERE delivery_id = $1""",
+                row["delivery_id"],
+                attempt,
+                status,
+                error,
+                timedelta(seconds=delay),
             )
-            log.info("webhook attempt failed, will retry", attempt=attempt, error=error, retry_in_s=round(delay, 2))
+            log.info(
+                "webhook attempt failed, will retry", attempt=attempt, error=error, retry_in_s=round(delay, 2)
+            )
 
 
 def new_id() -> uuid.UUID:
@@ -203,6 +228,21 @@ def new_id() -> uuid.UUID:
 
 
 def record_summary(row: Any) -> dict[str, Any]:
-    return {k: row[k] for k in (
-        "delivery_id", "subscription_id", "event_id", "event_type", "order_id", "coi", "status", "attempts",
-        "last_status_code", "last_error", "created_at", "delivered_at", "next_attempt_at")}
+    return {
+        k: row[k]
+        for k in (
+            "delivery_id",
+            "subscription_id",
+            "event_id",
+            "event_type",
+            "order_id",
+            "coi",
+            "status",
+            "attempts",
+            "last_status_code",
+            "last_error",
+            "created_at",
+            "delivered_at",
+            "next_attempt_at",
+        )
+    }

@@ -5,15 +5,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from v2v_contracts import OrderSubmittedV1
-from v2v_messaging import Handler
-from v2v_servicekit import ConsumerSpec, Runtime, ServiceDefinition
-
 from order_service import services
 from order_service.adapters import repository as repo
 from order_service.domain.coi import FACILITY_RE
 from order_service.domain.order import EVENT_TARGET
 from order_service.entrypoints.api import router
+from v2v_contracts import OrderSubmittedV1
+from v2v_messaging import Handler
+from v2v_servicekit import ConsumerSpec, Runtime, ServiceDefinition
 
 
 async def _startup(rt: Runtime) -> None:

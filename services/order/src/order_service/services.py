@@ -7,14 +7,13 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from zoneinfo import ZoneInfo
 
+from order_service.adapters import repository as repo
+from order_service.domain.coi import make_coi
+from order_service.domain.order import OrderStatus, decide
 from v2v_contracts import CloudEvent, OrderSubmittedV1, new_event
 from v2v_messaging import Tx, UnitOfWork
 from v2v_observability import bind_order, get_logger, set_order_attributes
 from v2v_servicekit import invalid
-
-from order_service.adapters import repository as repo
-from order_service.domain.coi import make_coi
-from order_service.domain.order import OrderStatus, decide
 
 log = get_logger(__name__)
 
@@ -28,12 +27,16 @@ class PlaceOrder:
     requested_apheresis_date: date
 
 
-async def place_order(uow: UnitOfWork, cmd: PlaceOrder, facility_id: str, now: datetime | None = None) -> uuid.UUID:
+async def place_order(
+    uow: UnitOfWork, cmd: PlaceOrder, facility_id: str, now: datetime | None = None
+) -> uuid.UUID:
     now = now or datetime.now(UTC)
     async with uow.begin() as tx:
         centre = await repo.get_centre(tx.conn, cmd.treatment_center_id)
         if centre is None:
-            raise invalid("treatment_center_id", f"unknown or uncertified treatment centre '{cmd.treatment_center_id}'")
+            raise invalid(
+                "treatment_center_id", f"unknown or uncertified treatment centre '{cmd.treatment_center_id}'"
+            )
         product = await repo.get_product(tx.conn, cmd.product_code)
         if product is None:
             raise invalid("product_code", f"unknown product '{cmd.product_code}'")
@@ -75,8 +78,14 @@ async def place_order(uow: UnitOfWork, cmd: PlaceOrder, facility_id: str, now: d
         )
         await tx.outbox.add(event)
         await repo.add_timeline(
-            tx.conn, order_id=order_id, event_id=event.id, event_type=event.type, source=event.source,
-            occurred_at=event.time, status_before=None, status_after=OrderStatus.SUBMITTED.value,
+            tx.conn,
+            order_id=order_id,
+            event_id=event.id,
+            event_type=event.type,
+            source=event.source,
+            occurred_at=event.time,
+            status_before=None,
+            status_after=OrderStatus.SUBMITTED.value,
             reason="order placed by treatment centre",
         )
     log.info("order placed", order_id=str(order_id), product_code=cmd.product_code)
@@ -107,9 +116,19 @@ async def apply_fact(tx: Tx, event: CloudEvent) -> None:
         await repo.update_order(tx.conn, order_id, **fields)
     reason = str(data.get("reason") or decision.reason)
     await repo.add_timeline(
-        tx.conn, order_id=order_id, event_id=event.id, event_type=event.type, source=event.source,
-        occurred_at=event.time, status_before=current.value,
-        status_after=(decision.new_status or current).value, reason=reason,
+        tx.conn,
+        order_id=order_id,
+        event_id=event.id,
+        event_type=event.type,
+        source=event.source,
+        occurred_at=event.time,
+        status_before=current.value,
+        status_after=(decision.new_status or current).value,
+        reason=reason,
     )
-    log.info("order fact applied", event_type=event.type, status=(decision.new_status or current).value,
-             changed=decision.new_status is not None)
+    log.info(
+        "order fact applied",
+        event_type=event.type,
+        status=(decision.new_status or current).value,
+        changed=decision.new_status is not None,
+    )

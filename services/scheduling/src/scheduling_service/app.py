@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from v2v_contracts import SlotReservedV1, SlotUnavailableV1
-from v2v_servicekit import ConsumerSpec, ServiceDefinition
-
 from scheduling_service import services
 from scheduling_service.api import router
+from v2v_contracts import SlotReservedV1, SlotUnavailableV1
+from v2v_servicekit import ConsumerSpec, ServiceDefinition
 
 DEFINITION = ServiceDefinition(
     name="scheduling",

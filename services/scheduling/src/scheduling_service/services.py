@@ -11,6 +11,7 @@ from typing import Any
 import asyncpg
 import yaml
 
+from scheduling_service.domain.selection import Approval, Choice, Parameters, Request, Site, select_site
 from v2v_contracts import (
     BookingConfirmedV1,
     CloudEvent,
@@ -23,8 +24,6 @@ from v2v_contracts import (
 )
 from v2v_messaging import Tx
 from v2v_observability import get_logger
-
-from scheduling_service.domain.selection import Approval, Choice, Parameters, Request, Site, select_site
 
 log = get_logger(__name__)
 SEED = Path(__file__).parent / "seed" / "scheduling.yaml"
@@ -58,7 +57,8 @@ async def _usage(conn: asyncpg.Connection, product: str, since: date) -> dict[tu
         """SELECT site_id, manufacturing_start_date AS day, count(*) AS n FROM slots
            WHERE product_code = $1 AND manufacturing_start_date >= $2 AND status IN ('held', 'confirmed')
            GROUP BY site_id, manufacturing_start_date""",
-        product, since,
+        product,
+        since,
     )
     return {(r["site_id"], product, r["day"]): int(r["n"]) for r in rows}
 
@@ -73,8 +73,12 @@ async def try_reserve(tx: Tx, order: OrderSubmittedV1) -> Choice | tuple[str, st
     if live is not None:
         return Choice(live["site_id"], live["manufacturing_start_date"])
     sites = [_site(r) for r in await conn.fetch("SELECT * FROM sites")]
-    req = Request(order.product_code, order.order_type, order.regulator, order.region, order.requested_apheresis_date)
-    result = select_site(sites, await _usage(conn, order.product_code, order.requested_apheresis_date), req, PARAMS)
+    req = Request(
+        order.product_code, order.order_type, order.regulator, order.region, order.requested_apheresis_date
+    )
+    result = select_site(
+        sites, await _usage(conn, order.product_code, order.requested_apheresis_date), req, PARAMS
+    )
     if not isinstance(result, Choice):
         return (result.reason, result.detail)
     slot_id = uuid.uuid4()
@@ -82,16 +86,26 @@ async def try_reserve(tx: Tx, order: OrderSubmittedV1) -> Choice | tuple[str, st
         """INSERT INTO slots (slot_id, order_id, coi, site_id, product_code, manufacturing_start_date,
                               apheresis_date, status)
            VALUES ($1, $2, $3, $4, $5, $6, $7, 'held')""",
-        slot_id, order.order_id, order.coi, result.site_id, order.product_code,
-        result.manufacturing_start_date, order.requested_apheresis_date,
+        slot_id,
+        order.order_id,
+        order.coi,
+        result.site_id,
+        order.product_code,
+        result.manufacturing_start_date,
+        order.requested_apheresis_date,
     )
     await conn.execute("DELETE FROM waitlist WHERE order_id = $1", order.order_id)
     await tx.outbox.add(
         new_event(
             SlotReservedV1(
-                order_id=order.order_id, coi=order.coi, treatment_center_id=order.treatment_center_id,
-                slot_id=slot_id, site_id=result.site_id, product_code=order.product_code,
-                order_type=order.order_type, apheresis_date=order.requested_apheresis_date,
+                order_id=order.order_id,
+                coi=order.coi,
+                treatment_center_id=order.treatment_center_id,
+                slot_id=slot_id,
+                site_id=result.site_id,
+                product_code=order.product_code,
+                order_type=order.order_type,
+                apheresis_date=order.requested_apheresis_date,
                 manufacturing_start_date=result.manufacturing_start_date,
             )
         )
@@ -109,14 +123,20 @@ async def on_order_submitted(tx: Tx, event: CloudEvent) -> None:
     inserted = await tx.conn.fetchval(
         """INSERT INTO waitlist (order_id, request, reason) VALUES ($1, $2::jsonb, $3)
            ON CONFLICT (order_id) DO NOTHING RETURNING true""",
-        order.order_id, json.loads(order.model_dump_json()), reason,
+        order.order_id,
+        json.loads(order.model_dump_json()),
+        reason,
     )
     if inserted:
         await tx.outbox.add(
             new_event(
                 SlotUnavailableV1(
-                    order_id=order.order_id, coi=order.coi, treatment_center_id=order.treatment_center_id,
-                    reason=reason, detail=detail, waitlisted=True,
+                    order_id=order.order_id,
+                    coi=order.coi,
+                    treatment_center_id=order.treatment_center_id,
+                    reason=reason,
+                    detail=detail,
+                    waitlisted=True,
                 )
             )
         )
@@ -130,8 +150,12 @@ async def on_site_registered(tx: Tx, event: CloudEvent) -> None:
            VALUES ($1, $2, $3, $4, $5::jsonb, $6::jsonb)
            ON CONFLICT (site_id) DO UPDATE SET region = $2, timezone = $3, active = $4, approvals = $5::jsonb,
                                                daily_capacity = $6::jsonb, updated_at = now()""",
-        site.site_id, site.region, site.timezone, site.active,
-        [a.model_dump() for a in site.approvals], site.daily_capacity,
+        site.site_id,
+        site.region,
+        site.timezone,
+        site.active,
+        [a.model_dump() for a in site.approvals],
+        site.daily_capacity,
     )
     await serve_waitlist(tx)
 

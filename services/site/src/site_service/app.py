@@ -7,10 +7,9 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends
 
+from site_service import services
 from v2v_contracts import BookingConfirmedV1, SiteRegisteredV1
 from v2v_servicekit import ConsumerSpec, Runtime, ServiceDefinition, get_runtime
-
-from site_service import services
 
 router = APIRouter(prefix="/v1")
 

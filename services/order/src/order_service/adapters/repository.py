@@ -22,7 +22,12 @@ async def load_seed(conn: asyncpg.Connection) -> None:
                VALUES ($1, $2, $3, $4, $5, $6)
                ON CONFLICT (id) DO UPDATE SET name = $2, country = $3, region = $4, regulator = $5,
                                               timezone = $6""",
-            c["id"], c["name"], c["country"], c["region"], c["regulator"], c["timezone"],
+            c["id"],
+            c["name"],
+            c["country"],
+            c["region"],
+            c["regulator"],
+            c["timezone"],
         )
     products = yaml.safe_load((SEED_DIR / "products.yaml").read_text())
     for p in products:
@@ -30,7 +35,9 @@ async def load_seed(conn: asyncpg.Connection) -> None:
         await conn.execute(
             """INSERT INTO products (code, name, attributes) VALUES ($1, $2, $3::jsonb)
                ON CONFLICT (code) DO UPDATE SET name = $2, attributes = $3::jsonb""",
-            p["code"], p["name"], attrs,
+            p["code"],
+            p["name"],
+            attrs,
         )
 
 
@@ -69,8 +76,9 @@ async def insert_order(conn: asyncpg.Connection, **fields: Any) -> asyncpg.Recor
     return row
 
 
-async def get_order(conn: asyncpg.Connection | asyncpg.Pool, order_id: uuid.UUID, *, lock: bool = False
-                    ) -> asyncpg.Record | None:
+async def get_order(
+    conn: asyncpg.Connection | asyncpg.Pool, order_id: uuid.UUID, *, lock: bool = False
+) -> asyncpg.Record | None:
     sql = "SELECT * FROM orders WHERE order_id = $1" + (" FOR UPDATE" if lock else "")
     return await conn.fetchrow(sql, order_id)
 
@@ -79,7 +87,8 @@ async def update_order(conn: asyncpg.Connection, order_id: uuid.UUID, **fields: 
     sets = ", ".join(f"{k} = ${i}" for i, k in enumerate(fields, start=2))
     await conn.execute(
         f"UPDATE orders SET {sets}, updated_at = now(), version = version + 1 WHERE order_id = $1",
-        order_id, *fields.values(),
+        order_id,
+        *fields.values(),
     )
 
 
@@ -99,7 +108,14 @@ async def add_timeline(
         """INSERT INTO order_timeline (order_id, event_id, event_type, source, occurred_at,
                                        status_before, status_after, reason)
            VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (order_id, event_id) DO NOTHING""",
-        order_id, event_id, event_type, source, occurred_at, status_before, status_after, reason,
+        order_id,
+        event_id,
+        event_type,
+        source,
+        occurred_at,
+        status_before,
+        status_after,
+        reason,
     )
 
 
@@ -116,7 +132,10 @@ async def list_orders(
 ) -> tuple[list[asyncpg.Record], int]:
     where = "WHERE treatment_center_id = $1" if centre else "WHERE $1::text IS NULL"
     rows = await conn.fetch(
-        f"SELECT * FROM orders {where} ORDER BY created_at, order_id LIMIT $2 OFFSET $3", centre, limit, offset
+        f"SELECT * FROM orders {where} ORDER BY created_at, order_id LIMIT $2 OFFSET $3",
+        centre,
+        limit,
+        offset,
     )
     total = await conn.fetchval(f"SELECT count(*) FROM orders {where}", centre)
     return list(rows), int(total)

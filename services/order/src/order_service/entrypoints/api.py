@@ -9,10 +9,9 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, Query, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from v2v_servicekit import Runtime, get_runtime, not_found
-
 from order_service.adapters import repository as repo
 from order_service.services import PlaceOrder, place_order
+from v2v_servicekit import Runtime, get_runtime, not_found
 
 router = APIRouter(prefix="/v1")
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
@@ -24,7 +23,8 @@ class OrderIn(BaseModel):
     product_code: str = Field(min_length=1, max_length=32, examples=["TISA-CEL"])
     order_type: Literal["commercial", "clinical"]
     patient_ref: str = Field(
-        min_length=1, max_length=64,
+        min_length=1,
+        max_length=64,
         description="The centre's own pseudonymous patient reference. Stays in the order service.",
     )
     requested_apheresis_date: date
@@ -73,25 +73,49 @@ class OrderPage(BaseModel):
 def _order_out(row: Any, timeline: list[Any] | None = None) -> OrderOut:
     slot = None
     if row["slot_id"] is not None:
-        slot = Slot(slot_id=row["slot_id"], site_id=row["site_id"], apheresis_date=row["apheresis_date"],
-                    manufacturing_start_date=row["manufacturing_start_date"])
+        slot = Slot(
+            slot_id=row["slot_id"],
+            site_id=row["site_id"],
+            apheresis_date=row["apheresis_date"],
+            manufacturing_start_date=row["manufacturing_start_date"],
+        )
     return OrderOut(
-        order_id=row["order_id"], coi=row["coi"], status=row["status"],
-        treatment_center_id=row["treatment_center_id"], product_code=row["product_code"],
-        order_type=row["order_type"], patient_ref=row["patient_ref"],
-        requested_apheresis_date=row["requested_apheresis_date"], site_id=row["site_id"], slot=slot,
-        created_at=row["created_at"], updated_at=row["updated_at"],
-        timeline=None if timeline is None else [
-            TimelineEntry(event_id=t["event_id"], type=t["event_type"], source=t["source"], time=t["occurred_at"],
-                          status=t["status_after"], reason=t["reason"])
+        order_id=row["order_id"],
+        coi=row["coi"],
+        status=row["status"],
+        treatment_center_id=row["treatment_center_id"],
+        product_code=row["product_code"],
+        order_type=row["order_type"],
+        patient_ref=row["patient_ref"],
+        requested_apheresis_date=row["requested_apheresis_date"],
+        site_id=row["site_id"],
+        slot=slot,
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        timeline=None
+        if timeline is None
+        else [
+            TimelineEntry(
+                event_id=t["event_id"],
+                type=t["event_type"],
+                source=t["source"],
+                time=t["occurred_at"],
+                status=t["status_after"],
+                reason=t["reason"],
+            )
             for t in timeline
         ],
     )
 
 
-@router.post("/orders", status_code=201, response_model=OrderOut, tags=["orders"],
-             summary="Place an order for a patient",
-             responses={422: {"description": "Invalid request (problem+json naming the field)"}})
+@router.post(
+    "/orders",
+    status_code=201,
+    response_model=OrderOut,
+    tags=["orders"],
+    summary="Place an order for a patient",
+    responses={422: {"description": "Invalid request (problem+json naming the field)"}},
+)
 async def create_order(body: OrderIn, rt: RuntimeDep, response: Response) -> OrderOut:
     facility = rt.extras["coi_facility_id"]
     order_id = await place_order(rt.uow, PlaceOrder(**body.model_dump()), facility)
@@ -100,8 +124,12 @@ async def create_order(body: OrderIn, rt: RuntimeDep, response: Response) -> Ord
     return _order_out(row, await repo.timeline(rt.pool, order_id))
 
 
-@router.get("/orders/{order_id}", response_model=OrderOut, tags=["orders"],
-            summary="One order with its status, slot and timeline")
+@router.get(
+    "/orders/{order_id}",
+    response_model=OrderOut,
+    tags=["orders"],
+    summary="One order with its status, slot and timeline",
+)
 async def get_order(order_id: uuid.UUID, rt: RuntimeDep) -> OrderOut:
     row = await repo.get_order(rt.pool, order_id)
     if row is None:
@@ -118,8 +146,13 @@ async def list_orders(
 ) -> OrderPage:
     rows, total = await repo.list_orders(rt.pool, centre=treatment_center_id, limit=limit, offset=offset)
     nxt = offset + len(rows)
-    return OrderPage(items=[_order_out(r) for r in rows], total=total, limit=limit, offset=offset,
-                     next_offset=nxt if nxt < total else None)
+    return OrderPage(
+        items=[_order_out(r) for r in rows],
+        total=total,
+        limit=limit,
+        offset=offset,
+        next_offset=nxt if nxt < total else None,
+    )
 
 
 @router.get("/treatment-centers", tags=["catalogue"], summary="Certified treatment centres")
@@ -129,4 +162,6 @@ async def treatment_centers(rt: RuntimeDep) -> list[dict[str, Any]]:
 
 @router.get("/products", tags=["catalogue"], summary="Products that may be ordered")
 async def products(rt: RuntimeDep) -> list[dict[str, Any]]:
-    return [{"code": r["code"], "name": r["name"], **r["attributes"]} for r in await repo.list_products(rt.pool)]
+    return [
+        {"code": r["code"], "name": r["name"], **r["attributes"]} for r in await repo.list_products(rt.pool)
+    ]

@@ -1,0 +1,55 @@
+# vein2vein — the two commands: `make run` and `make test`. Everything bootstraps itself:
+# a pinned uv is installed into .tools/ from PyPI, then `uv sync --locked` builds .venv/.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+UV_VERSION := 0.13.9
+TOOLS := .tools
+UV := $(TOOLS)/bin/uv
+VENV := .venv
+export UV_PYTHON_DOWNLOADS := never
+export UV_PYTHON := $(shell command -v $(PYTHON))
+export UV_PROJECT_ENVIRONMENT := $(VENV)
+
+PYTEST_ARGS ?=
+
+.PHONY: help bootstrap run test test-unit test-integration test-e2e lint format typecheck clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
+
+$(UV):
+	@echo "bootstrap: installing uv $(UV_VERSION) into $(TOOLS)/"
+	@$(PYTHON) -m venv $(TOOLS)
+	@$(TOOLS)/bin/pip install --quiet "uv==$(UV_VERSION)"
+
+bootstrap: $(UV) ## install the locked environment into .venv (uv sync --locked)
+	@$(UV) sync --locked --quiet
+
+run: bootstrap ## start Postgres, the Kafka-compatible broker and the five services (Ctrl-C stops)
+	@$(VENV)/bin/python -m v2v_harness run
+
+test: bootstrap ## the whole suite: unit, integration (real Postgres + broker) and end to end
+	@$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+test-unit: bootstrap ## unit tests only (no I/O)
+	@$(VENV)/bin/pytest -m "not integration and not e2e" $(PYTEST_ARGS)
+
+test-integration: bootstrap ## integration tests only
+	@$(VENV)/bin/pytest -m integration $(PYTEST_ARGS)
+
+test-e2e: bootstrap ## end-to-end tests only (five service processes)
+	@$(VENV)/bin/pytest -m e2e $(PYTEST_ARGS)
+
+lint: bootstrap ## ruff (lint + format check) and mypy
+	@$(VENV)/bin/ruff check .
+	@$(VENV)/bin/ruff format --check .
+	@$(VENV)/bin/mypy libs/*/src services/*/src
+
+format: bootstrap ## apply ruff formatting and safe fixes
+	@$(VENV)/bin/ruff check --fix .
+	@$(VENV)/bin/ruff format .
+
+clean: ## remove the local state (database files, logs, telemetry) under .v2v/
+	rm -rf .v2v

@@ -1,0 +1,135 @@
+"""Every consumer receives every event a second time: nothing changes the second time."""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+import httpx
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from v2v_contracts import topic_for
+from v2v_harness.e2e import eventually, order_body
+from v2v_harness.platform import Platform
+from v2v_harness.provision import with_database
+
+pytestmark = pytest.mark.e2e
+
+PUBLISHERS = ["order", "scheduling", "site", "logistics"]
+GROUPS = ["order.saga", "scheduling.slots", "site.bookings", "logistics.shipments", "notification.webhooks"]
+TABLES = [
+    "ordering.orders", "ordering.order_timeline", "ordering.outbox", "ordering.inbox",
+    "scheduling.slots", "scheduling.waitlist", "scheduling.outbox", "scheduling.inbox",
+    "site.bookings", "site.outbox", "site.inbox",
+    "logistics.shipments", "logistics.outbox", "logistics.inbox",
+    "notification.deliveries", "notification.outbox", "notification.inbox",
+]
+
+
+async def snapshot(url: str) -> dict[str, int]:
+    conn = await asyncpg.connect(url)
+    try:
+        return {t: int(await conn.fetchval(f"SELECT count(*) FROM {t}")) for t in TABLES}
+    finally:
+        await conn.close()
+
+
+async def read_all(bootstrap: str, topics: list[str]) -> list[tuple[str, bytes | None, bytes, list]]:
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, fetch_max_wait_ms=20)
+    await consumer.start()
+    try:
+        tps = [TopicPartition(t, p) for t in topics for p in (consumer.partitions_for_topic(t) or set())]
+        if not tps:
+            await consumer._client.force_metadata_update()
+            tps = [TopicPartition(t, p) for t in topics for p in (consumer.partitions_for_topic(t) or set())]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        ends = await consumer.end_offsets(tps)
+        out = []
+        async def behind() -> bool:
+            return any([await consumer.position(tp) < ends[tp] for tp in tps])
+
+        while await behind():
+            batch = await consumer.getmany(timeout_ms=200)
+            for records in batch.values():
+                out += [(r.topic, r.key, r.value, list(r.headers)) for r in records]
+        return out
+    finally:
+        await consumer.stop()
+
+
+async def lag(bootstrap: str, namespace: str, topics: list[str]) -> int:
+    """Messages not yet committed by the five consumer groups (their committed offsets vs the ends)."""
+    probe = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await probe.start()
+    try:
+        tps = [TopicPartition(t, p) for t in topics for p in (probe.partitions_for_topic(t) or set())]
+        ends = await probe.end_offsets(tps)
+    finally:
+        await probe.stop()
+    total = 0
+    for group in GROUPS:
+        reader = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=f"{namespace}.{group}",
+                                  enable_auto_commit=False)
+        await reader.start()
+        try:
+            for tp in tps:
+                if group.startswith(tuple(s + "." for s in _READS.get(tp.topic.rsplit(".", 1)[-1], []))):
+                    committed = await reader.committed(tp) or 0
+                    total += max(0, ends[tp] - committed)
+        finally:
+            await reader.stop()
+    return total
+
+
+# which consumer groups read which publisher's topic
+_READS = {
+    "order": ["scheduling", "notification"],
+    "scheduling": ["order", "site", "notification"],
+    "site": ["order", "scheduling", "logistics", "notification"],
+    "logistics": ["order", "notification"],
+}
+
+
+async def test_every_event_delivered_twice_changes_nothing(platform: Platform) -> None:
+    async with httpx.AsyncClient(timeout=10) as client:
+        order_ids = []
+        for centre in ("TC-US-NJ-001", "TC-CH-ZH-001"):
+            resp = await client.post(f"{platform.url('order')}/v1/orders", json=order_body(centre))
+            assert resp.status_code == 201
+            order_ids.append(resp.json()["order_id"])
+
+        async def all_planned() -> bool:
+            for oid in order_ids:
+                body = (await client.get(f"{platform.url('order')}/v1/orders/{oid}")).json()
+                if body["status"] != "inbound_shipment_planned":
+                    return False
+            return True
+
+        await eventually(all_planned, timeout=15, what="orders planned")
+
+    bootstrap = platform.infra.bootstrap_servers
+    topics = [topic_for(s, platform.namespace) for s in PUBLISHERS]
+    await eventually(lambda: _zero(bootstrap, platform, topics), timeout=15, what="consumers caught up")
+    db_url = with_database(platform.infra.admin_url, platform.database)
+    before = await snapshot(db_url)
+
+    messages = await read_all(bootstrap, topics)
+    assert len(messages) >= 8  # at least the four steps of our two orders
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    await producer.start()
+    try:
+        for topic, key, value, headers in messages:
+            await producer.send_and_wait(topic, value=value, key=key, headers=headers)
+    finally:
+        await producer.stop()
+
+    await eventually(lambda: _zero(bootstrap, platform, topics), timeout=20, what="duplicates consumed")
+    await asyncio.sleep(1.0)  # let any (wrong) second-order effect settle
+    after = await snapshot(db_url)
+    assert after == before
+
+
+async def _zero(bootstrap: str, platform: Platform, topics: list[str]) -> bool:
+    return await lag(bootstrap, platform.namespace, topics) == 0
