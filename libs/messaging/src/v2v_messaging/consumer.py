@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,9 +28,37 @@ from pydantic import ValidationError
 
 from v2v_contracts import CloudEvent
 from v2v_messaging.uow import Tx, UnitOfWork
-from v2v_observability import bind_order, get_logger, set_order_attributes
+from v2v_observability import get_logger, meter, set_order_attributes
 
 log = get_logger(__name__)
+_meter = meter("v2v.messaging")
+EVENTS = _meter.create_counter("v2v.consumer.events", description="Events seen by a consumer, by outcome")
+HANDLER_DURATION = _meter.create_histogram(
+    "v2v.consumer.handler.duration",
+    unit="s",
+    description="Time to process one event (handler + inbox + commit)",
+)
+DEAD_LETTERS = _meter.create_counter(
+    "v2v.consumer.dead_letters", description="Messages sent to a dead-letter topic"
+)
+_CONSUMERS: list[EventConsumer] = []
+
+
+def _observe_lag(_options: Any) -> list[Any]:
+    from opentelemetry.metrics import Observation
+
+    out = []
+    for c in list(_CONSUMERS):
+        for (topic, partition), lag in c.lag().items():
+            out.append(
+                Observation(lag, {"consumer_group": c.group_id, "topic": topic, "partition": partition})
+            )
+    return out
+
+
+_meter.create_observable_gauge(
+    "v2v.consumer.lag", callbacks=[_observe_lag], description="Messages behind the partition's high watermark"
+)
 
 Handler = Callable[[Tx, CloudEvent], Awaitable[None]]
 
@@ -98,9 +127,25 @@ class EventConsumer:
             description=f"{service} consumer '{purpose}': " + ", ".join(sorted(handlers)),
         )
         self.subscriber(self._on_message)
+        self._last_offset: dict[tuple[str, int], int] = {}
+        _CONSUMERS.append(self)
+
+    def lag(self) -> dict[tuple[str, int], int]:
+        """Per assigned partition: high watermark minus the next offset to process (from the last fetch)."""
+        consumer = getattr(self.subscriber, "consumer", None)
+        if consumer is None:
+            return {}
+        out: dict[tuple[str, int], int] = {}
+        for tp in consumer.assignment():
+            high = consumer.highwater(tp)
+            if high is None:
+                continue
+            done = self._last_offset.get((tp.topic, tp.partition))
+            out[(tp.topic, tp.partition)] = max(0, high - (done + 1 if done is not None else high))
+        return out
 
     async def _on_message(self, message: KafkaMessage) -> None:
-        record = message.raw_message
+        record: Any = message.raw_message  # aiokafka ConsumerRecord (one message, not a batch)
         raw: bytes = message.body
         try:
             event = CloudEvent.from_json(raw)
@@ -108,18 +153,22 @@ class EventConsumer:
             await self._dead_letter(message, f"not a CloudEvent: {exc}")
             return
         handler = self.handlers.get(event.type)
+        self._last_offset[(record.topic, record.partition)] = record.offset
         if handler is None:
             self.stats.ignored += 1
+            EVENTS.add(1, {"consumer_group": self.group_id, "event_type": event.type, "outcome": "ignored"})
             return
-        bind_order(event.subject)
-        order_id = event.data.get("order_id")
-        set_order_attributes(order_id, event.coi)
+        set_order_attributes(event.data.get("order_id"), event.coi)
         attempt = 0
         transient = 0
+        started = time.perf_counter()
         while True:
             attempt += 1
             try:
-                await self._process(event, handler, record)
+                outcome = await self._process(event, handler, record)
+                attrs = {"consumer_group": self.group_id, "event_type": event.type}
+                HANDLER_DURATION.record(time.perf_counter() - started, attrs)
+                EVENTS.add(1, {**attrs, "outcome": outcome})
                 return
             except TRANSIENT_ERRORS as exc:
                 transient += 1
@@ -152,7 +201,7 @@ class EventConsumer:
         delay = min(self.policy.base_backoff_s * 2 ** (attempt - 1), self.policy.max_backoff_s)
         return delay * (0.5 + random.random() / 2)
 
-    async def _process(self, event: CloudEvent, handler: Handler, record: Any) -> None:
+    async def _process(self, event: CloudEvent, handler: Handler, record: Any) -> str:
         async with self.uow.begin() as tx:
             fresh = await tx.conn.fetchval(
                 """INSERT INTO inbox (consumer, event_id, event_type, topic, kafka_partition, kafka_offset)
@@ -167,10 +216,11 @@ class EventConsumer:
             if not fresh:
                 self.stats.duplicates += 1
                 log.info("duplicate event ignored", event_type=event.type, event_id=str(event.id))
-                return
+                return "duplicate"
             await handler(tx, event)
         self.stats.processed += 1
         self.stats.by_type[event.type] = self.stats.by_type.get(event.type, 0) + 1
+        return "processed"
 
     async def _dead_letter(
         self, message: Any, error: str, *, event: CloudEvent | None = None, attempts: int = 1
@@ -193,3 +243,6 @@ class EventConsumer:
         headers.pop("tracestate", None)
         await self.broker.publish(message.body, topic=self.dead_letter_topic, key=record.key, headers=headers)
         self.stats.dead_lettered += 1
+        attrs = {"consumer_group": self.group_id, "event_type": event.type if event else "unparsable"}
+        DEAD_LETTERS.add(1, attrs)
+        EVENTS.add(1, {**attrs, "outcome": "dead_lettered"})

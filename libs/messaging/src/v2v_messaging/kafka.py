@@ -9,6 +9,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 from faststream.kafka import KafkaBroker
 from faststream.kafka.opentelemetry import KafkaTelemetryMiddleware
+from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.trace import TracerProvider
 
 
@@ -24,14 +25,19 @@ class KafkaSettings:
 
 
 def make_broker(
-    settings: KafkaSettings, client_id: str, tracer_provider: TracerProvider | None
+    settings: KafkaSettings,
+    client_id: str,
+    tracer_provider: TracerProvider | None,
+    meter_provider: MeterProvider | None = None,
 ) -> KafkaBroker:
     return KafkaBroker(
         settings.bootstrap_servers,
         client_id=client_id,
         acks="all",
         enable_idempotence=settings.enable_idempotence,
-        middlewares=[KafkaTelemetryMiddleware(tracer_provider=tracer_provider)],
+        middlewares=[
+            KafkaTelemetryMiddleware(tracer_provider=tracer_provider, meter_provider=meter_provider)
+        ],
         logger=None,
     )
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from datetime import timedelta
 from typing import Any
 
@@ -22,9 +23,38 @@ from opentelemetry.instrumentation.utils import suppress_instrumentation
 
 from v2v_contracts import CONTENT_TYPE, CloudEvent
 from v2v_messaging.kafka import KafkaSettings, topic_is_empty
-from v2v_observability import current_traceparent, get_logger
+from v2v_observability import bind_order, current_traceparent, get_logger, meter
 
 log = get_logger(__name__)
+_meter = meter("v2v.messaging")
+PUBLISHED = _meter.create_counter("v2v.outbox.published", description="Outbox rows published to the broker")
+PUBLISH_LAG = _meter.create_histogram(
+    "v2v.outbox.publish_lag", unit="s", description="From the commit that wrote an event to the broker's ack"
+)
+_RELAYS: list[OutboxRelay] = []
+
+
+def _observe_backlog(_options: Any) -> list[Any]:
+    from opentelemetry.metrics import Observation
+
+    return [Observation(r.backlog, {"topic": r.own_topic}) for r in list(_RELAYS)]
+
+
+def _observe_oldest(_options: Any) -> list[Any]:
+    from opentelemetry.metrics import Observation
+
+    return [Observation(r.oldest_pending_s, {"topic": r.own_topic}) for r in list(_RELAYS)]
+
+
+_meter.create_observable_gauge(
+    "v2v.outbox.backlog", callbacks=[_observe_backlog], description="Outbox rows not yet published"
+)
+_meter.create_observable_gauge(
+    "v2v.outbox.oldest_pending_age",
+    unit="s",
+    callbacks=[_observe_oldest],
+    description="Age of the oldest unpublished outbox row",
+)
 
 
 def notify_channel(schema: str) -> str:
@@ -81,6 +111,9 @@ class OutboxRelay:
         self._stopping = False
         self._listener: asyncpg.Connection | None = None
         self.published_total = 0
+        self.backlog = 0
+        self.oldest_pending_s = 0.0
+        _RELAYS.append(self)
 
     def wake(self) -> None:
         self._wake.set()
@@ -112,7 +145,8 @@ class OutboxRelay:
                 if not leader:
                     return 0
                 rows = await conn.fetch(
-                    """SELECT id, topic, message_key, payload, headers FROM outbox
+                    """SELECT id, topic, message_key, payload, headers, created_at,
+                              extract(epoch FROM clock_timestamp() - created_at) AS age_s FROM outbox
                        WHERE published_at IS NULL ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED""",
                     self.batch_size,
                 )
@@ -121,6 +155,8 @@ class OutboxRelay:
                     for row in rows:
                         await self._publish(row)
                         done.append(row["id"])
+                        PUBLISHED.add(1, {"topic": row["topic"]})
+                        PUBLISH_LAG.record(float(row["age_s"]), {"topic": row["topic"]})
                 except Exception as exc:
                     failed = rows[len(done)]["id"]
                     await conn.execute(
@@ -134,6 +170,12 @@ class OutboxRelay:
                         "UPDATE outbox SET published_at = now() WHERE id = ANY($1::bigint[])", done
                     )
                 self.published_total += len(done)
+                stats = await conn.fetchrow(
+                    """SELECT count(*) AS n, coalesce(extract(epoch FROM now() - min(created_at)), 0) AS age
+                       FROM outbox WHERE published_at IS NULL"""
+                )
+                self.backlog = int(stats["n"]) if stats else 0
+                self.oldest_pending_s = float(stats["age"]) if stats and self.backlog > 0 else 0.0
         if len(done) < len(rows):  # raised only after the commit that marks what did go out
             raise RelayBackoff
         return len(done)
@@ -144,6 +186,11 @@ class OutboxRelay:
             headers = {}
         parent = propagate.extract(headers, context=otel_context.Context())
         token = otel_context.attach(parent)
+        coi = None
+        if row["message_key"]:
+            with contextlib.suppress(ValueError, KeyError):
+                coi = json.loads(bytes(row["payload"])).get("coi")
+        bind_order(row["message_key"] if coi else None, coi)
         try:
             await self.broker.publish(
                 bytes(row["payload"]),

@@ -1,6 +1,8 @@
 """Telemetry and logging set-up, identical in every service."""
 
-from v2v_observability.logging import bind_order, configure_logging, get_logger
+from v2v_observability.context import bind_order, current_order
+from v2v_observability.logging import configure_logging, get_logger
+from v2v_observability.metrics import configure_metrics, meter, shutdown_metrics
 from v2v_observability.tracing import (
     COI_ATTR,
     ORDER_ID_ATTR,
@@ -15,9 +17,13 @@ __all__ = [
     "ORDER_ID_ATTR",
     "bind_order",
     "configure_logging",
+    "configure_metrics",
     "configure_tracing",
+    "current_order",
     "current_traceparent",
     "get_logger",
+    "meter",
     "set_order_attributes",
+    "shutdown_metrics",
     "shutdown_tracing",
 ]

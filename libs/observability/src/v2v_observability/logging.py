@@ -79,8 +79,3 @@ def configure_logging(service: str, level: str = "INFO") -> None:
 
 def get_logger(name: str | None = None) -> Any:
     return structlog.get_logger(name)
-
-
-def bind_order(order_id: object | None) -> None:
-    """Bind the order id to every log line of the current task (contextvars)."""
-    structlog.contextvars.bind_contextvars(order_id=str(order_id) if order_id is not None else None)

@@ -15,14 +15,31 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from opentelemetry import propagate, trace
+from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+
+from v2v_observability.context import bind_order, current_order
 
 ORDER_ID_ATTR = "v2v.order_id"
 COI_ATTR = "v2v.coi"
 
 _provider: TracerProvider | None = None
+
+
+class OrderAttributesProcessor(SpanProcessor):
+    """Stamps `v2v.order_id` / `v2v.coi` of the bound order on every span started in its context."""
+
+    def on_start(self, span: Span, parent_context: Context | None = None) -> None:
+        order_id, coi = current_order()
+        if order_id:
+            span.set_attribute(ORDER_ID_ATTR, order_id)
+        if coi:
+            span.set_attribute(COI_ATTR, coi)
+
+    def on_end(self, span: ReadableSpan) -> None:
+        return None
 
 
 class JsonLinesSpanExporter(SpanExporter):
@@ -87,6 +104,7 @@ def configure_tracing(service: str, state_dir: str | None = None) -> TracerProvi
         return _provider
     resource = Resource.create({"service.name": service, "service.namespace": "vein2vein"})
     provider = TracerProvider(resource=resource)
+    provider.add_span_processor(OrderAttributesProcessor())
     if otlp_configured():
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
@@ -113,6 +131,8 @@ def current_traceparent() -> dict[str, str]:
 
 
 def set_order_attributes(order_id: object | None, coi: str | None) -> None:
+    """Put the order on the current span and bind it for everything that follows in this context."""
+    bind_order(order_id, coi)
     span = trace.get_current_span()
     if order_id is not None:
         span.set_attribute(ORDER_ID_ATTR, str(order_id))

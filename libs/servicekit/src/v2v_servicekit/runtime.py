@@ -13,7 +13,7 @@ from typing import Any
 
 import asyncpg
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from faststream.kafka import KafkaBroker
 from faststream.specification import AsyncAPI
 
@@ -30,7 +30,14 @@ from v2v_messaging import (
     make_broker,
     notify_channel,
 )
-from v2v_observability import configure_logging, configure_tracing, get_logger, shutdown_tracing
+from v2v_observability import (
+    configure_logging,
+    configure_metrics,
+    configure_tracing,
+    get_logger,
+    shutdown_metrics,
+    shutdown_tracing,
+)
 from v2v_persistence import apply_migrations, create_pool, schema_of
 from v2v_servicekit import problems
 from v2v_servicekit.settings import ServiceSettings
@@ -83,6 +90,7 @@ def create_app(definition: ServiceDefinition, settings: ServiceSettings | None =
     settings.service_name = definition.name
     configure_logging(definition.name, settings.log_level)
     tracer_provider = configure_tracing(definition.name, settings.state_dir)
+    meter_provider = configure_metrics(definition.name, settings.state_dir)
     kafka = KafkaSettings(
         bootstrap_servers=settings.kafka_bootstrap_servers,
         enable_idempotence=settings.kafka_enable_idempotence,
@@ -92,7 +100,7 @@ def create_app(definition: ServiceDefinition, settings: ServiceSettings | None =
         replication_factor=settings.kafka_replication_factor,
         namespace=settings.topic_namespace,
     )
-    broker = make_broker(kafka, client_id=f"v2v-{definition.name}", tracer_provider=tracer_provider)
+    broker = make_broker(kafka, f"v2v-{definition.name}", tracer_provider, meter_provider)
     own_topic = topic_for(definition.name, settings.topic_namespace)
     for model in definition.publishes:  # documented in the AsyncAPI schema
         broker.publisher(
@@ -163,6 +171,7 @@ def create_app(definition: ServiceDefinition, settings: ServiceSettings | None =
             await pool.close()
             log.info("service stopped")
             shutdown_tracing()
+            shutdown_metrics()
 
     app = FastAPI(
         title=f"vein2vein {definition.name} service",
@@ -173,7 +182,18 @@ def create_app(definition: ServiceDefinition, settings: ServiceSettings | None =
     problems.install(app)
     from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 
-    FastAPIInstrumentor.instrument_app(app, tracer_provider=tracer_provider, excluded_urls="health,ready")
+    FastAPIInstrumentor.instrument_app(
+        app,
+        tracer_provider=tracer_provider,
+        meter_provider=meter_provider,
+        excluded_urls="health,ready,metrics",
+    )
+
+    @app.get("/metrics", tags=["operations"], summary="Prometheus metrics", include_in_schema=False)
+    async def prometheus_metrics() -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/health", tags=["operations"], summary="Liveness")
     async def health() -> dict[str, str]:

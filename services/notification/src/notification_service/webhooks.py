@@ -28,10 +28,13 @@ from standardwebhooks.webhooks import Webhook
 
 from v2v_contracts import WebhookDeliveryFailedV1, new_event
 from v2v_messaging import UnitOfWork
-from v2v_observability import bind_order, get_logger, set_order_attributes
+from v2v_observability import bind_order, get_logger, meter, set_order_attributes
 
 log = get_logger(__name__)
 tracer = trace.get_tracer("v2v.notification.webhooks")
+_meter = meter("v2v.notification")
+OUTCOMES = _meter.create_counter("v2v.webhook.deliveries", description="Webhook delivery attempts by outcome")
+DURATION = _meter.create_histogram("v2v.webhook.duration", unit="s", description="Webhook HTTP call duration")
 
 
 @dataclass(frozen=True)
@@ -53,8 +56,9 @@ class DeliveryPolicy:
         )
 
     def backoff(self, attempt: int) -> float:
-        """Exponential backoff with full jitter: up to base * 2^(attempt-1), capped."""
-        ceiling = min(self.backoff_base_s * 2 ** (attempt - 1), self.backoff_max_s)
+        """Exponential backoff with equal jitter: between half and all of base * 2^(attempt-1), capped."""
+        # float power with a bounded exponent: 2 ** n for n >= 1024 cannot be converted to float
+        ceiling = min(self.backoff_base_s * 2.0 ** min(attempt - 1, 1000), self.backoff_max_s)
         return ceiling / 2 + random.random() * ceiling / 2
 
 
@@ -63,6 +67,9 @@ def channel(schema: str) -> str:
 
 
 def sign(secret: str, msg_id: str, ts: datetime, body: str) -> dict[str, str]:
+    # the library signs ts.replace(tzinfo=UTC), i.e. it reads the wall clock as UTC: convert first so the
+    # signed timestamp and the webhook-timestamp header are the same instant
+    ts = ts.astimezone(UTC)
     return {
         "webhook-id": msg_id,
         "webhook-timestamp": str(int(ts.timestamp())),
@@ -161,6 +168,11 @@ class Dispatcher:
     async def _record(
         self, row: asyncpg.Record, attempt: int, status: int | None, error: str | None, elapsed_ms: int
     ) -> None:
+        outcome = (
+            "delivered" if error is None else ("failed" if attempt >= self.policy.max_attempts else "retry")
+        )
+        OUTCOMES.add(1, {"event_type": row["event_type"], "outcome": outcome})
+        DURATION.record(elapsed_ms / 1000, {"outcome": "ok" if error is None else "error"})
         async with self.uow.begin() as tx:
             await tx.conn.execute(
                 """INSERT INTO delivery_attempts (delivery_id, attempt, status_code, error, duration_ms)

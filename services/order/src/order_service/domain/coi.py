@@ -10,8 +10,9 @@ from __future__ import annotations
 import re
 
 ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ*"
-FACILITY_RE = re.compile(r"^[A-Z][A-Z0-9]{4}$")
-COI_RE = re.compile(r"^[A-Z][A-Z0-9]{4}\d{2}\d{6}[0-9A-Z*]$")
+# \Z, not $ (which also matches before a trailing newline); [0-9], not \d (which matches any Unicode digit)
+FACILITY_RE = re.compile(r"^[A-Z][A-Z0-9]{4}\Z")
+COI_RE = re.compile(r"^[A-Z][A-Z0-9]{4}[0-9]{2}[0-9]{6}[0-9A-Z*]\Z")
 
 
 def check_character(din: str) -> str:
