@@ -7,7 +7,7 @@ opaque references only, never patient-identifying data.
 from __future__ import annotations
 
 import uuid
-from datetime import date
+from datetime import date, datetime
 from typing import Any, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict
@@ -117,6 +117,24 @@ class ShipmentPlannedV1(OrderEventData):
     planned_pickup_date: date
 
 
+Milestone = Literal["booked", "picked_up", "in_transit", "delivered"]
+
+
+class ShipmentMilestoneV1(OrderEventData):
+    """A courier reported a custody handoff or movement of the shipment (chain of custody)."""
+
+    TYPE = "logistics.shipment_milestone.v1"
+    SERVICE = "logistics"
+    shipment_id: uuid.UUID
+    leg: Literal["inbound_apheresis", "outbound_product"]
+    milestone: Milestone
+    occurred_at: datetime
+    location: str
+    handled_by: str  # opaque courier/staff reference, never a person's name
+    received_from: str | None = None
+    temperature_c: float | None = None
+
+
 class WebhookDeliveryFailedV1(OrderEventData):
     """A webhook could not be delivered after every attempt; it is dead-lettered."""
 
@@ -138,6 +156,7 @@ EVENT_TYPES: dict[str, type[EventData]] = {
         SiteRegisteredV1,
         BookingConfirmedV1,
         ShipmentPlannedV1,
+        ShipmentMilestoneV1,
         WebhookDeliveryFailedV1,
     )
 }

@@ -80,7 +80,9 @@ def _start_platform(
 @pytest.fixture(scope="session")
 def platform(infra: Infrastructure, state_dir: Path) -> Iterator[Platform]:
     """The five services as separate processes on their own database and topic namespace."""
-    env = {"notification": {"V2V_WEBHOOK_BACKOFF_BASE_S": "0.2", "V2V_WEBHOOK_MAX_ATTEMPTS": "4"}}
+    fast_export = {"OTEL_BSP_SCHEDULE_DELAY": "200", "OTEL_METRIC_EXPORT_INTERVAL": "1000"}
+    env = {name: dict(fast_export) for name in ("order", "scheduling", "site", "logistics", "notification")}
+    env["notification"].update({"V2V_WEBHOOK_BACKOFF_BASE_S": "0.2", "V2V_WEBHOOK_MAX_ATTEMPTS": "4"})
     p = _start_platform(infra, state_dir, env)
     yield p
     p.stop()

@@ -10,7 +10,7 @@ import yaml
 
 from v2v_contracts import BookingConfirmedV1, CloudEvent, ShipmentPlannedV1, new_event, parse_data
 from v2v_messaging import Tx
-from v2v_observability import get_logger
+from v2v_observability import current_traceparent, get_logger
 
 log = get_logger(__name__)
 CONFIG: dict[str, Any] = yaml.safe_load((Path(__file__).parent / "seed" / "logistics.yaml").read_text())
@@ -34,8 +34,8 @@ async def on_booking_confirmed(tx: Tx, event: CloudEvent) -> None:
     shipment_id = uuid.uuid4()
     await tx.conn.execute(
         """INSERT INTO shipments (shipment_id, order_id, coi, leg, origin, destination, material_condition,
-                                  min_temp_c, max_temp_c, planned_pickup_date, status)
-           VALUES ($1, $2, $3, 'inbound_apheresis', $4, $5, $6, $7, $8, $9, 'planned')""",
+                                  min_temp_c, max_temp_c, planned_pickup_date, status, origin_trace)
+           VALUES ($1, $2, $3, 'inbound_apheresis', $4, $5, $6, $7, $8, $9, 'planned', $10::jsonb)""",
         shipment_id,
         booking.order_id,
         booking.coi,
@@ -45,6 +45,7 @@ async def on_booking_confirmed(tx: Tx, event: CloudEvent) -> None:
         lo,
         hi,
         booking.apheresis_date,
+        current_traceparent(),
     )
     await tx.outbox.add(
         new_event(

@@ -8,7 +8,7 @@ from pathlib import Path
 from order_service import services
 from order_service.adapters import repository as repo
 from order_service.domain.coi import FACILITY_RE
-from order_service.domain.order import EVENT_TARGET
+from order_service.domain.order import EVENT_TARGET, INFORMATIONAL
 from order_service.entrypoints.api import router
 from v2v_contracts import OrderSubmittedV1
 from v2v_messaging import Handler
@@ -25,7 +25,7 @@ async def _startup(rt: Runtime) -> None:
 
 
 def _saga_handlers(rt: Runtime) -> dict[str, Handler]:
-    return {event_type: services.apply_fact for event_type in EVENT_TARGET}
+    return {event_type: services.apply_fact for event_type in [*EVENT_TARGET, *INFORMATIONAL]}
 
 
 DEFINITION = ServiceDefinition(

@@ -32,6 +32,10 @@ EVENT_TARGET: dict[str, OrderStatus] = {
 }
 
 
+# facts recorded on the timeline without moving the order (for now)
+INFORMATIONAL: frozenset[str] = frozenset({"logistics.shipment_milestone.v1"})
+
+
 @dataclass(frozen=True)
 class Decision:
     new_status: OrderStatus | None  # None: recorded on the timeline, status unchanged

@@ -1,0 +1,124 @@
+"""Courier milestones: chain of custody, COI verification, and a trace that links back to the order."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from v2v_contracts.coi import check_character
+from v2v_harness.e2e import eventually, order_body
+from v2v_harness.platform import Platform
+
+pytestmark = pytest.mark.e2e
+
+
+async def planned_order(
+    client: httpx.AsyncClient, platform: Platform
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    resp = await client.post(f"{platform.url('order')}/v1/orders", json=order_body("TC-JP-TK-001"))
+    assert resp.status_code == 201
+    order = resp.json()
+
+    async def shipment() -> list[dict[str, Any]]:
+        r = await client.get(
+            f"{platform.url('logistics')}/v1/shipments", params={"order_id": order["order_id"]}
+        )
+        return list(r.json())
+
+    ships = await eventually(shipment, timeout=10, what="inbound shipment planned")
+    return order, ships[0]
+
+
+def spans(platform: Platform) -> list[dict[str, Any]]:
+    out = []
+    for path in Path(platform.state_dir, "telemetry").glob("spans-*.jsonl"):
+        for line in path.read_text().splitlines():
+            if line.strip():
+                out.append(json.loads(line))
+    return out
+
+
+async def test_courier_milestone_is_custody_and_links_to_the_orders_first_trace(platform: Platform) -> None:
+    async with httpx.AsyncClient(timeout=10) as client:
+        order, ship = await planned_order(client, platform)
+        url = f"{platform.url('logistics')}/v1/shipments/{ship['shipment_id']}/milestones"
+        body = {
+            "milestone": "picked_up",
+            "occurred_at": datetime.now(UTC).isoformat(),
+            "location": "TYO-HND",
+            "handled_by": "courier-7731",
+            "received_from": "TC-JP-TK-001",
+            "coi": order["coi"],
+            "temperature_c": -180.5,
+        }
+        resp = await client.post(url, json=body)
+        assert resp.status_code == 201, resp.text
+        custody = (
+            await client.get(f"{platform.url('logistics')}/v1/shipments/{ship['shipment_id']}/custody")
+        ).json()
+        assert [(c["milestone"], c["handled_by"], c["coi_verified"]) for c in custody] == [
+            ("picked_up", "courier-7731", True)
+        ]
+
+        async def on_timeline() -> bool:
+            o = (await client.get(f"{platform.url('order')}/v1/orders/{order['order_id']}")).json()
+            return "logistics.shipment_milestone.v1" in [e["type"] for e in o["timeline"]]
+
+        await eventually(on_timeline, timeout=10, what="milestone on the order's timeline")
+
+    oid = order["order_id"]
+
+    def traces() -> tuple[str | None, list[dict[str, Any]]]:
+        all_spans = spans(platform)
+        first = next(
+            (
+                s["trace_id"]
+                for s in all_spans
+                if s["name"] == "POST /v1/orders" and s["attributes"].get("v2v.order_id") == oid
+            ),
+            None,
+        )
+        scans = [
+            s
+            for s in all_spans
+            if s["name"] == "courier milestone" and s["attributes"].get("v2v.order_id") == oid
+        ]
+        return first, scans
+
+    first_trace, scans = await eventually(
+        lambda: (lambda f, s: (f, s) if f and s else None)(*traces()), timeout=10, what="spans exported"
+    )
+    scan = scans[0]
+    assert scan["trace_id"] != first_trace  # a later input starts its own trace ...
+    assert first_trace in {link["trace_id"] for link in scan["links"]}  # ... linked to the order's first
+    assert scan["attributes"]["v2v.coi"] == order["coi"]
+
+
+async def test_coi_mismatch_is_refused_and_a_bad_check_character_is_named(platform: Platform) -> None:
+    async with httpx.AsyncClient(timeout=10) as client:
+        order, ship = await planned_order(client, platform)
+        url = f"{platform.url('logistics')}/v1/shipments/{ship['shipment_id']}/milestones"
+        base = {
+            "milestone": "picked_up",
+            "occurred_at": datetime.now(UTC).isoformat(),
+            "location": "TYO",
+            "handled_by": "courier-1",
+        }
+        other = "V2V0026999999"
+        other += check_character(other)  # a valid COI, but not this shipment's
+        resp = await client.post(url, json={**base, "coi": other})
+        assert resp.status_code == 409
+        assert resp.json()["errors"] == [{"field": "coi", "reason": "does not match the shipment"}]
+        broken = order["coi"][:-1] + ("A" if order["coi"][-1] != "A" else "B")
+        resp = await client.post(url, json={**base, "coi": broken})
+        assert resp.status_code == 422
+        assert resp.json()["errors"][0]["field"] == "coi"
+        custody = (
+            await client.get(f"{platform.url('logistics')}/v1/shipments/{ship['shipment_id']}/custody")
+        ).json()
+        assert custody == []
