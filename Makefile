@@ -14,7 +14,7 @@ export UV_PROJECT_ENVIRONMENT := $(VENV)
 
 PYTEST_ARGS ?=
 
-.PHONY: help bootstrap run test test-unit test-integration test-e2e lint format typecheck clean
+.PHONY: help bootstrap run test test-unit test-integration test-e2e lint format typecheck clean trace
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -50,6 +50,10 @@ lint: bootstrap ## ruff (lint + format check) and mypy
 format: bootstrap ## apply ruff formatting and safe fixes
 	@$(VENV)/bin/ruff check --fix .
 	@$(VENV)/bin/ruff format .
+
+trace: bootstrap ## print every trace of one order as a waterfall: make trace ORDER=<order_id>
+	@if [ -z "$(ORDER)" ]; then echo "usage: make trace ORDER=<order_id>  (reads .v2v/telemetry/spans-*.jsonl)" >&2; exit 2; fi
+	@$(VENV)/bin/python -m v2v_harness.trace_view --order "$(ORDER)"
 
 clean: ## remove the local state (database files, logs, telemetry) under .v2v/
 	rm -rf .v2v

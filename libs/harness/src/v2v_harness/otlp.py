@@ -124,6 +124,7 @@ class OtlpReceiver:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"  # keep-alive, as the SDK's requests session expects
+            disable_nagle_algorithm = True  # headers and body go out in two writes
 
             def do_POST(self) -> None:
                 path = self.path.split("?", 1)[0]
@@ -153,7 +154,7 @@ class OtlpReceiver:
 
             def _read_body(self) -> bytes:
                 if "chunked" in (self.headers.get("transfer-encoding") or "").lower():
-                    chunks = []
+                    chunks: list[bytes] = []
                     while True:
                         size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
                         if size == 0:
@@ -177,7 +178,12 @@ class OtlpReceiver:
         self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.server.daemon_threads = True
         self.port: int = self.server.server_address[1]
-        self._thread = threading.Thread(target=self.server.serve_forever, name="otlp-receiver", daemon=True)
+        self._thread = threading.Thread(
+            target=self.server.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name="otlp-receiver",
+            daemon=True,
+        )
 
     # lifecycle --------------------------------------------------------------------------------------
 
