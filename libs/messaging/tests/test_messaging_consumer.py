@@ -1,0 +1,327 @@
+"""Idempotent consumers on a real Kafka-protocol broker and real Postgres.
+
+- a duplicate (same CloudEvent id) is a no-op: effect once, one inbox row;
+- a poison message is retried `max_attempts` times, dead-lettered with its error and origin, and the
+  next message on the same partition is processed;
+- a message that is not a CloudEvent is dead-lettered at once and the partition goes on;
+- the offset is committed after the database commit: a restarted consumer of the same group does not
+  handle the message again, and an infrastructure failure is redelivered rather than lost.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+from aiokafka import AIOKafkaProducer
+from faststream.kafka import KafkaBroker
+
+from v2v_contracts import CloudEvent
+from v2v_messaging import (
+    ConsumerPolicy,
+    EventConsumer,
+    Handler,
+    KafkaSettings,
+    Tx,
+    UnitOfWork,
+    make_broker,
+    notify_channel,
+)
+
+pytestmark = pytest.mark.integration
+
+EVENT_TYPE = "scheduling.it_test.v1"
+FAST = ConsumerPolicy(max_attempts=2, base_backoff_s=0.01)
+
+
+def make_event(subject: str, n: int = 0) -> CloudEvent:
+    return CloudEvent(source="/v2v/scheduling", type=EVENT_TYPE, subject=subject, data={"n": n})
+
+
+def headers_of(record: Any) -> dict[str, str]:
+    return {k: v.decode() for k, v in (record.headers or ())}
+
+
+async def write_effect(tx: Tx, event: CloudEvent, note: str = "handled") -> None:
+    await tx.conn.execute("INSERT INTO it_effects (event_id, note) VALUES ($1, $2)", event.id, note)
+
+
+@pytest.fixture
+async def producer(kafka: KafkaSettings) -> AsyncIterator[AIOKafkaProducer]:
+    """A plain producer standing in for another service."""
+    p = AIOKafkaProducer(
+        bootstrap_servers=kafka.bootstrap_servers, acks="all", enable_idempotence=kafka.enable_idempotence
+    )
+    await p.start()
+    try:
+        yield p
+    finally:
+        await p.stop()
+
+
+StartConsumer = Callable[..., Awaitable[tuple[EventConsumer, KafkaBroker]]]
+
+
+@pytest.fixture
+async def start_consumer(kafka: KafkaSettings, messaging_db: Any) -> AsyncIterator[StartConsumer]:
+    """Builds an EventConsumer on its own real broker connection and starts it; stops them all at the end."""
+    brokers: list[KafkaBroker] = []
+    uow = UnitOfWork(messaging_db.pool, "it.unused.v2v.scheduling", notify_channel(messaging_db.schema))
+
+    async def start(
+        *, service: str, topic: str, dlq: str, handlers: dict[str, Handler], policy: ConsumerPolicy = FAST
+    ) -> tuple[EventConsumer, KafkaBroker]:
+        broker = make_broker(kafka, f"it-{service}-{uuid.uuid4().hex[:4]}", tracer_provider=None)
+        consumer = EventConsumer(
+            service=service,
+            purpose="it",
+            topics=[topic],
+            handlers=handlers,
+            uow=uow,
+            broker=broker,
+            dead_letter_topic=dlq,
+            fetch_max_wait_ms=kafka.fetch_max_wait_ms,
+            policy=policy,
+        )
+        # Tansu holds a JoinGroup for half the session timeout, and numbers the first generation 0, for
+        # which aiokafka sends no LeaveGroup on stop: a restarted member then waits for the old one's
+        # session to expire. With the default 10 s session a join takes 5 s and a restart 18 s; a 1 s
+        # session keeps these tests at about a second each without changing what is tested.
+        consumer.subscriber._connection_args.update(session_timeout_ms=1000, heartbeat_interval_ms=250)
+        brokers.append(broker)
+        await broker.start()
+        return consumer, broker
+
+    try:
+        yield start
+    finally:
+        for broker in brokers:
+            await broker.stop()
+
+
+def unique_service() -> str:
+    return f"it{uuid.uuid4().hex[:8]}"  # group id `<service>.it`: unique per test
+
+
+async def inbox_rows(pool: Any, group_id: str) -> list[Any]:
+    return list(
+        await pool.fetch(
+            "SELECT * FROM inbox WHERE consumer = $1 ORDER BY kafka_partition, kafka_offset", group_id
+        )
+    )
+
+
+# --- (a) duplicates -------------------------------------------------------------------------------------
+
+
+async def test_the_same_event_twice_is_applied_once(
+    messaging_db: Any,
+    new_topic: Any,
+    producer: AIOKafkaProducer,
+    start_consumer: StartConsumer,
+    eventually: Any,
+) -> None:
+    pool = messaging_db.pool
+    topic, dlq = await new_topic("v2v.scheduling"), await new_topic("v2v.order.dlq")
+    event = make_event("order-dup")
+    first = await producer.send_and_wait(topic, event.to_json(), key=b"order-dup")
+    second = await producer.send_and_wait(topic, event.to_json(), key=b"order-dup")  # redelivered copy
+    assert second.offset == first.offset + 1
+
+    consumer, _ = await start_consumer(
+        service=unique_service(), topic=topic, dlq=dlq, handlers={EVENT_TYPE: write_effect}
+    )
+    await eventually(lambda: consumer.stats.processed + consumer.stats.duplicates >= 2, what="both copies")
+
+    assert consumer.stats.processed == 1
+    assert consumer.stats.duplicates == 1
+    assert consumer.stats.dead_lettered == 0
+    effects = await pool.fetch("SELECT event_id FROM it_effects")
+    assert [r["event_id"] for r in effects] == [event.id]
+    inbox = await inbox_rows(pool, consumer.group_id)
+    assert len(inbox) == 1
+    row = inbox[0]
+    assert (row["event_id"], row["event_type"], row["topic"]) == (event.id, EVENT_TYPE, topic)
+    assert (row["kafka_partition"], row["kafka_offset"]) == (first.partition, first.offset)
+
+
+# --- (b) poison message -------------------------------------------------------------------------------
+
+
+async def test_a_poison_message_is_dead_lettered_and_the_partition_goes_on(
+    messaging_db: Any,
+    new_topic: Any,
+    producer: AIOKafkaProducer,
+    start_consumer: StartConsumer,
+    reader: Any,
+    eventually: Any,
+) -> None:
+    pool = messaging_db.pool
+    topic, dlq = await new_topic("v2v.scheduling"), await new_topic("v2v.order.dlq")
+    poison, good = make_event("order-p", 1), make_event("order-p", 2)
+    calls: list[uuid.UUID] = []
+
+    async def handle(tx: Tx, event: CloudEvent) -> None:
+        calls.append(event.id)
+        await write_effect(tx, event)  # rolled back with the failure
+        if event.id == poison.id:
+            raise ValueError(f"poison pill {event.id}")
+
+    sent_poison = await producer.send_and_wait(topic, poison.to_json(), key=b"order-p")
+    sent_good = await producer.send_and_wait(topic, good.to_json(), key=b"order-p")
+    assert sent_good.partition == sent_poison.partition  # same key, same partition, after the poison
+
+    consumer, _ = await start_consumer(
+        service=unique_service(), topic=topic, dlq=dlq, handlers={EVENT_TYPE: handle}
+    )
+    await eventually(lambda: consumer.stats.processed >= 1, what="the message after the poison")
+
+    assert calls == [poison.id, poison.id, good.id]  # max_attempts=2, then the next message
+    assert consumer.stats.dead_lettered == 1
+    assert consumer.stats.processed == 1
+    effects = await pool.fetch("SELECT event_id FROM it_effects")
+    assert [r["event_id"] for r in effects] == [good.id]
+    inbox = await inbox_rows(pool, consumer.group_id)
+    assert [(r["event_id"], r["kafka_offset"]) for r in inbox] == [(good.id, sent_good.offset)]
+
+    [dead] = await reader(dlq, expect=1)
+    assert dead.value == poison.to_json()
+    assert dead.key == b"order-p"
+    headers = headers_of(dead)
+    assert "ValueError" in headers["x-v2v-dlq-error"]
+    assert f"poison pill {poison.id}" in headers["x-v2v-dlq-error"]
+    assert headers["x-v2v-dlq-consumer"] == consumer.group_id
+    assert headers["x-v2v-dlq-topic"] == topic
+    assert headers["x-v2v-dlq-partition"] == str(sent_poison.partition)
+    assert headers["x-v2v-dlq-offset"] == str(sent_poison.offset)
+    assert headers["x-v2v-dlq-attempts"] == "2"
+
+
+# --- (c) not a CloudEvent -------------------------------------------------------------------------------
+
+
+async def test_a_message_that_is_not_a_cloudevent_is_dead_lettered_and_the_partition_goes_on(
+    messaging_db: Any,
+    new_topic: Any,
+    producer: AIOKafkaProducer,
+    start_consumer: StartConsumer,
+    reader: Any,
+    eventually: Any,
+) -> None:
+    pool = messaging_db.pool
+    topic, dlq = await new_topic("v2v.scheduling"), await new_topic("v2v.order.dlq")
+    garbage = b"this is not json {"
+    not_an_event = b'{"specversion": "1.0", "type": "x"}'  # JSON, but not a valid CloudEvent
+    good = make_event("order-g")
+    calls: list[uuid.UUID] = []
+
+    async def handle(tx: Tx, event: CloudEvent) -> None:
+        calls.append(event.id)
+        await write_effect(tx, event)
+
+    sent = [await producer.send_and_wait(topic, raw, key=b"order-g") for raw in (garbage, not_an_event)]
+    sent_good = await producer.send_and_wait(topic, good.to_json(), key=b"order-g")
+    assert {s.partition for s in sent} == {sent_good.partition}
+
+    consumer, _ = await start_consumer(
+        service=unique_service(), topic=topic, dlq=dlq, handlers={EVENT_TYPE: handle}
+    )
+    await eventually(lambda: consumer.stats.processed >= 1, what="the valid event after the bad ones")
+
+    assert calls == [good.id]
+    assert consumer.stats.dead_lettered == 2
+    assert [r["event_id"] for r in await pool.fetch("SELECT event_id FROM it_effects")] == [good.id]
+    assert [r["event_id"] for r in await inbox_rows(pool, consumer.group_id)] == [good.id]
+
+    dead = sorted(await reader(dlq, expect=2), key=lambda r: int(headers_of(r)["x-v2v-dlq-offset"]))
+    assert [d.value for d in dead] == [garbage, not_an_event]
+    for record, original in zip(dead, sent, strict=True):
+        headers = headers_of(record)
+        assert headers["x-v2v-dlq-error"].startswith("not a CloudEvent")
+        assert headers["x-v2v-dlq-consumer"] == consumer.group_id
+        assert headers["x-v2v-dlq-topic"] == topic
+        assert headers["x-v2v-dlq-partition"] == str(original.partition)
+        assert headers["x-v2v-dlq-offset"] == str(original.offset)
+
+
+# --- (d) offsets committed after the database commit ------------------------------------------------------
+
+
+async def test_a_restarted_consumer_does_not_handle_a_processed_message_again(
+    messaging_db: Any,
+    new_topic: Any,
+    producer: AIOKafkaProducer,
+    start_consumer: StartConsumer,
+    eventually: Any,
+) -> None:
+    pool = messaging_db.pool
+    topic, dlq = await new_topic("v2v.scheduling"), await new_topic("v2v.order.dlq")
+    service = unique_service()
+    before, after = make_event("order-r", 1), make_event("order-r", 2)
+    calls: list[tuple[int, uuid.UUID]] = []
+
+    def handler(generation: int) -> Handler:
+        async def handle(tx: Tx, event: CloudEvent) -> None:
+            calls.append((generation, event.id))
+            await write_effect(tx, event, f"generation {generation}")
+
+        return handle
+
+    await producer.send_and_wait(topic, before.to_json(), key=b"order-r")
+    first, first_broker = await start_consumer(
+        service=service, topic=topic, dlq=dlq, handlers={EVENT_TYPE: handler(1)}
+    )
+    await eventually(lambda: first.stats.processed == 1, what="the first consumer to handle the event")
+    await first_broker.stop()  # no commit on stop: only the ack after the handler commits the offset
+
+    # same group id, new process; the next event on the same partition proves where it resumed
+    second, _ = await start_consumer(service=service, topic=topic, dlq=dlq, handlers={EVENT_TYPE: handler(2)})
+    assert second.group_id == first.group_id
+    await producer.send_and_wait(topic, after.to_json(), key=b"order-r")
+    await eventually(
+        lambda: second.stats.processed >= 1, what="the restarted consumer to handle the new event"
+    )
+
+    assert calls == [(1, before.id), (2, after.id)]
+    assert second.stats.processed == 1
+    assert second.stats.duplicates == 0  # `before` was not even redelivered
+    effects = await pool.fetch("SELECT event_id, note FROM it_effects ORDER BY id")
+    assert [(r["event_id"], r["note"]) for r in effects] == [
+        (before.id, "generation 1"),
+        (after.id, "generation 2"),
+    ]
+
+
+async def test_an_infrastructure_failure_is_redelivered_not_lost_nor_dead_lettered(
+    messaging_db: Any,
+    new_topic: Any,
+    producer: AIOKafkaProducer,
+    start_consumer: StartConsumer,
+    reader: Any,
+    eventually: Any,
+) -> None:
+    pool = messaging_db.pool
+    topic, dlq = await new_topic("v2v.scheduling"), await new_topic("v2v.order.dlq")
+    event = make_event("order-t")
+    calls: list[uuid.UUID] = []
+
+    async def flaky(tx: Tx, ev: CloudEvent) -> None:
+        calls.append(ev.id)
+        await write_effect(tx, ev)
+        if len(calls) <= 3:  # more than transient_attempts: the consumer gives the message back (nack)
+            raise ConnectionRefusedError("database briefly unreachable")
+
+    policy = ConsumerPolicy(max_attempts=2, base_backoff_s=0.01, transient_attempts=2)
+    await producer.send_and_wait(topic, event.to_json(), key=b"order-t")
+    consumer, _ = await start_consumer(
+        service=unique_service(), topic=topic, dlq=dlq, handlers={EVENT_TYPE: flaky}, policy=policy
+    )
+    await eventually(lambda: consumer.stats.processed == 1, what="the redelivered event to succeed")
+
+    assert calls == [event.id] * 4  # 2 attempts, redelivery, 2 attempts
+    assert consumer.stats.dead_lettered == 0
+    assert [r["event_id"] for r in await pool.fetch("SELECT event_id FROM it_effects")] == [event.id]
+    assert len(await inbox_rows(pool, consumer.group_id)) == 1
+    assert await reader(dlq, expect=0, settle=0.2) == []

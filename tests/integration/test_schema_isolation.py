@@ -1,0 +1,89 @@
+"""Each service's role works in its own schema and is refused everywhere else (real Postgres).
+
+The database is provisioned exactly as for the running platform (`v2v_harness.provision`): one schema
+and one login role per service, nothing granted to PUBLIC.
+"""
+
+from __future__ import annotations
+
+import asyncpg
+import pytest
+
+from v2v_harness import pytest_plugin
+from v2v_harness.catalog import BY_NAME, SERVICES
+from v2v_harness.provision import with_database
+from v2v_messaging import MIGRATIONS_DIR
+from v2v_persistence import apply_migrations
+
+pytestmark = pytest.mark.integration
+
+SCHEMAS = {spec.name: spec.schema for spec in SERVICES}
+
+
+async def test_each_role_owns_its_schema_and_is_refused_every_other(
+    test_db: pytest_plugin.TestDatabase,
+) -> None:
+    assert set(test_db.urls) == set(SCHEMAS)
+    assert set(SCHEMAS.values()) == {"ordering", "scheduling", "site", "logistics", "notification"}
+    # every service's own migrations (the shared outbox/inbox) applied with its own role
+    for service, url in test_db.urls.items():
+        applied = await apply_migrations(url, SCHEMAS[service], [MIGRATIONS_DIR])
+        assert applied == ["0000.messaging-outbox-inbox"]
+
+    for service, url in test_db.urls.items():
+        own = SCHEMAS[service]
+        conn = await asyncpg.connect(url)
+        try:
+            assert await conn.fetchval("SELECT current_user") == BY_NAME[service].role
+            assert await conn.fetchval("SELECT current_schema()") == own
+
+            # its own schema: create, write, read (qualified and through the search_path)
+            await conn.execute(f"CREATE TABLE {own}.isolation_probe (id int PRIMARY KEY, who text)")
+            await conn.execute("INSERT INTO isolation_probe VALUES (1, $1)", service)
+            assert await conn.fetchval(f"SELECT who FROM {own}.isolation_probe WHERE id = 1") == service
+            assert await conn.fetchval("SELECT count(*) FROM outbox") == 0
+            await conn.execute("DROP TABLE isolation_probe")
+
+            for other, schema in SCHEMAS.items():
+                if other == service:
+                    continue
+                with pytest.raises(
+                    asyncpg.InsufficientPrivilegeError, match=f"permission denied for schema {schema}"
+                ):
+                    await conn.fetchval(f"SELECT 1 FROM {schema}.outbox")
+                with pytest.raises(
+                    asyncpg.InsufficientPrivilegeError, match=f"permission denied for schema {schema}"
+                ):
+                    await conn.execute(
+                        f"INSERT INTO {schema}.inbox (consumer, event_id, event_type, topic, "
+                        "kafka_partition, kafka_offset) VALUES ('x', gen_random_uuid(), 't', 't', 0, 0)"
+                    )
+                with pytest.raises(
+                    asyncpg.InsufficientPrivilegeError, match=f"permission denied for schema {schema}"
+                ):
+                    await conn.execute(f"CREATE TABLE {schema}.intruder (id int)")
+
+            # nor the public schema
+            with pytest.raises(
+                asyncpg.InsufficientPrivilegeError, match="permission denied for schema public"
+            ):
+                await conn.execute("CREATE TABLE public.intruder (id int)")
+        finally:
+            await conn.close()
+
+    # nothing leaked across: every schema holds only its own tables
+    admin = await asyncpg.connect(with_database(test_db.admin_url, test_db.name))
+    try:
+        rows = await admin.fetch(
+            """SELECT table_schema, table_name FROM information_schema.tables
+               WHERE table_name IN ('intruder', 'isolation_probe') OR table_schema = 'public'"""
+        )
+        assert rows == []
+        for service, schema in SCHEMAS.items():
+            owner = await admin.fetchval(
+                "SELECT pg_get_userbyid(nspowner) FROM pg_namespace WHERE nspname = $1", schema
+            )
+            assert owner == BY_NAME[service].role
+            assert await admin.fetchval(f"SELECT count(*) FROM {schema}.inbox") == 0
+    finally:
+        await admin.close()
