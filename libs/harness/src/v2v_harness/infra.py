@@ -33,6 +33,8 @@ class Infrastructure:
     kafka_fetch_max_wait_ms: int
     postgres_kind: str
     kafka_kind: str
+    # Tansu holds a group join for half the session timeout: keep it short locally
+    kafka_session_timeout_ms: int = 10_000
     _closers: list[Callable[[], None]] = field(default_factory=list)
 
     def describe(self) -> str:
@@ -133,4 +135,10 @@ def start_infrastructure(
         for closer in reversed(closers):
             closer()
         raise
-    return Infrastructure(admin_url, bootstrap, idempotence, fetch_wait, pg_kind, kafka_kind, closers)
+    session_ms = int(
+        os.environ.get("V2V_KAFKA_SESSION_TIMEOUT_MS")
+        or (4000 if kafka_kind.startswith("embedded") else 10_000)
+    )
+    return Infrastructure(
+        admin_url, bootstrap, idempotence, fetch_wait, pg_kind, kafka_kind, session_ms, closers
+    )

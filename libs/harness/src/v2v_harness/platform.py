@@ -51,6 +51,8 @@ class Platform:
                 "V2V_KAFKA_BOOTSTRAP_SERVERS": self.infra.bootstrap_servers,
                 "V2V_KAFKA_ENABLE_IDEMPOTENCE": "true" if self.infra.kafka_idempotence else "false",
                 "V2V_KAFKA_FETCH_MAX_WAIT_MS": str(self.infra.kafka_fetch_max_wait_ms),
+                "V2V_KAFKA_SESSION_TIMEOUT_MS": str(self.infra.kafka_session_timeout_ms),
+                "V2V_KAFKA_HEARTBEAT_INTERVAL_MS": str(max(250, self.infra.kafka_session_timeout_ms // 4)),
                 "V2V_TOPIC_NAMESPACE": self.namespace,
                 "V2V_HTTP_HOST": "127.0.0.1",
                 "V2V_HTTP_PORT": str(port),

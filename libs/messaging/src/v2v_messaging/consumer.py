@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,7 +42,7 @@ HANDLER_DURATION = _meter.create_histogram(
 DEAD_LETTERS = _meter.create_counter(
     "v2v.consumer.dead_letters", description="Messages sent to a dead-letter topic"
 )
-_CONSUMERS: list[EventConsumer] = []
+_CONSUMERS: weakref.WeakSet[EventConsumer] = weakref.WeakSet()
 
 
 def _observe_lag(_options: Any) -> list[Any]:
@@ -104,6 +105,8 @@ class EventConsumer:
         dead_letter_topic: str,
         fetch_max_wait_ms: int,
         max_poll_interval_ms: int = 300_000,
+        session_timeout_ms: int = 10_000,
+        heartbeat_interval_ms: int = 3_000,
         policy: ConsumerPolicy | None = None,
         namespace: str = "",
     ) -> None:
@@ -123,12 +126,14 @@ class EventConsumer:
             auto_offset_reset="earliest",
             fetch_max_wait_ms=fetch_max_wait_ms,
             max_poll_interval_ms=max_poll_interval_ms,
+            session_timeout_ms=session_timeout_ms,
+            heartbeat_interval_ms=heartbeat_interval_ms,
             title=self.group_id,
             description=f"{service} consumer '{purpose}': " + ", ".join(sorted(handlers)),
         )
         self.subscriber(self._on_message)
         self._last_offset: dict[tuple[str, int], int] = {}
-        _CONSUMERS.append(self)
+        _CONSUMERS.add(self)
 
     def lag(self) -> dict[tuple[str, int], int]:
         """Per assigned partition: high watermark minus the next offset to process (from the last fetch)."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import weakref
 from datetime import timedelta
 from typing import Any
 
@@ -31,7 +32,7 @@ PUBLISHED = _meter.create_counter("v2v.outbox.published", description="Outbox ro
 PUBLISH_LAG = _meter.create_histogram(
     "v2v.outbox.publish_lag", unit="s", description="From the commit that wrote an event to the broker's ack"
 )
-_RELAYS: list[OutboxRelay] = []
+_RELAYS: weakref.WeakSet[OutboxRelay] = weakref.WeakSet()
 
 
 def _observe_backlog(_options: Any) -> list[Any]:
@@ -113,7 +114,7 @@ class OutboxRelay:
         self.published_total = 0
         self.backlog = 0
         self.oldest_pending_s = 0.0
-        _RELAYS.append(self)
+        _RELAYS.add(self)
 
     def wake(self) -> None:
         self._wake.set()

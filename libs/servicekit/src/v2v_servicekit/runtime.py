@@ -145,6 +145,8 @@ def create_app(definition: ServiceDefinition, settings: ServiceSettings | None =
                     dead_letter_topic=dead_letter_topic(definition.name, settings.topic_namespace),
                     fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms,
                     max_poll_interval_ms=settings.kafka_max_poll_interval_ms,
+                    session_timeout_ms=settings.kafka_session_timeout_ms,
+                    heartbeat_interval_ms=settings.kafka_heartbeat_interval_ms,
                     policy=policy,
                     namespace=settings.topic_namespace,
                 )

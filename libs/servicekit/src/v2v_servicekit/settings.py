@@ -14,6 +14,8 @@ class ServiceSettings(BaseSettings):
     kafka_enable_idempotence: bool = True
     kafka_fetch_max_wait_ms: int = 100
     kafka_max_poll_interval_ms: int = 300_000
+    kafka_session_timeout_ms: int = 10_000
+    kafka_heartbeat_interval_ms: int = 3_000
     kafka_partitions: int = 6
     kafka_replication_factor: int = 1
     topic_namespace: str = ""
