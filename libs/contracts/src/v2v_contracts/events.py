@@ -55,6 +55,7 @@ class SlotReservedV1(OrderEventData):
     order_type: OrderType
     apheresis_date: date
     manufacturing_start_date: date
+    reason: str = "initial"  # initial | waitlist | rebook:<why>
 
 
 class SlotUnavailableV1(OrderEventData):
@@ -74,6 +75,14 @@ class SiteApproval(BaseModel):
     product_code: str
 
 
+class Outage(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    outage_id: uuid.UUID
+    start_date: date
+    end_date: date  # inclusive
+    reason: str
+
+
 class SiteRegisteredV1(EventData):
     """A manufacturing site's registry entry (published on start and on every change)."""
 
@@ -88,6 +97,7 @@ class SiteRegisteredV1(EventData):
     active: bool
     approvals: list[SiteApproval]
     daily_capacity: dict[str, int]  # product code -> manufacturing starts per day
+    outages: list[Outage] = []  # windows in which the site starts no manufacturing
 
 
 class BookingConfirmedV1(OrderEventData):
@@ -147,18 +157,241 @@ class WebhookDeliveryFailedV1(OrderEventData):
     last_error: str
 
 
+# ---- the order lifecycle (issue: the whole vein-to-vein journey) ------------------------------------
+
+Step = Literal["activation", "transduction", "expansion", "harvest", "cryopreservation"]
+RebookKind = Literal["reschedule", "recollection", "site_outage"]
+
+
+class OrderCancelledV1(OrderEventData):
+    """The centre cancelled the order; every service releases what it holds for it (compensation)."""
+
+    TYPE = "order.cancelled.v1"
+    SERVICE = "order"
+    reason: str
+    previous_status: str
+
+
+class OrderFailedV1(OrderEventData):
+    """The order cannot be completed (no material left, repeated failure); every service releases."""
+
+    TYPE = "order.failed.v1"
+    SERVICE = "order"
+    reason: str
+
+
+class RebookRequestedV1(OrderEventData):
+    """Command to scheduling: release the order's slot and book a new one (reply: slot events)."""
+
+    TYPE = "order.rebook_requested.v1"
+    SERVICE = "order"
+    kind: RebookKind
+    reason: str
+    product_code: str
+    order_type: OrderType
+    regulator: str
+    region: str
+    apheresis_date: date
+    exclude_site_id: str | None = None
+
+
+class RemanufactureRequestedV1(OrderEventData):
+    """Command to the site: start a new manufacturing run from retained material."""
+
+    TYPE = "order.remanufacture_requested.v1"
+    SERVICE = "order"
+    site_id: str
+    reason: str
+    run: int  # 2 for the first remanufacture
+
+
+class ApheresisCompletedV1(OrderEventData):
+    """The centre collected the patient's cells; the inbound shipment can be picked up."""
+
+    TYPE = "order.apheresis_completed.v1"
+    SERVICE = "order"
+    collected_at: datetime
+
+
+class ProductReceivedV1(OrderEventData):
+    """The centre received the product and verified its identity."""
+
+    TYPE = "order.product_received.v1"
+    SERVICE = "order"
+    received_at: datetime
+
+
+class LymphodepletionStartedV1(OrderEventData):
+    """The centre started lymphodepleting chemotherapy (only after product release)."""
+
+    TYPE = "order.lymphodepletion_started.v1"
+    SERVICE = "order"
+    started_at: datetime
+
+
+class OrderCompletedV1(OrderEventData):
+    """The patient was infused: the order is complete."""
+
+    TYPE = "order.completed.v1"
+    SERVICE = "order"
+    infused_at: datetime
+
+
+class QuarantineDecidedV1(OrderEventData):
+    """The manufacturer's QA decided on a quarantined product after a shipping excursion."""
+
+    TYPE = "order.quarantine_decided.v1"
+    SERVICE = "order"
+    decision: Literal["release", "reject"]
+    reason: str
+
+
+class SlotReleasedV1(OrderEventData):
+    """Scheduling gave the order's slot back (cancel, rebook, failure); capacity is free again."""
+
+    TYPE = "scheduling.slot_released.v1"
+    SERVICE = "scheduling"
+    slot_id: uuid.UUID
+    site_id: str
+    reason: str
+
+
+class BookingCancelledV1(OrderEventData):
+    """The site removed the booking from its plan."""
+
+    TYPE = "site.booking_cancelled.v1"
+    SERVICE = "site"
+    booking_id: uuid.UUID
+    slot_id: uuid.UUID
+    site_id: str
+    reason: str
+
+
+class BookingAffectedV1(OrderEventData):
+    """An outage or a capacity cut at the site hits this booking; it must move to another site."""
+
+    TYPE = "site.booking_affected.v1"
+    SERVICE = "site"
+    booking_id: uuid.UUID
+    site_id: str
+    reason: str  # outage:<reason> | capacity_cut
+
+
+class MaterialReceivedV1(OrderEventData):
+    """The site received the apheresis material and verified its chain of identity."""
+
+    TYPE = "site.material_received.v1"
+    SERVICE = "site"
+    site_id: str
+    received_at: datetime
+
+
+class MaterialRejectedV1(OrderEventData):
+    """The site rejected the material at receipt (identity, damage, viability): recollection needed."""
+
+    TYPE = "site.material_rejected.v1"
+    SERVICE = "site"
+    site_id: str
+    reason: str
+
+
+class ManufacturingStepCompletedV1(OrderEventData):
+    """The site's MES reported a manufacturing step done."""
+
+    TYPE = "site.manufacturing_step_completed.v1"
+    SERVICE = "site"
+    site_id: str
+    step: Step
+    run: int
+    completed_at: datetime
+
+
+class ProductReleasedV1(OrderEventData):
+    """QC released the product: it can ship to the centre."""
+
+    TYPE = "site.product_released.v1"
+    SERVICE = "site"
+    site_id: str
+    run: int
+    released_at: datetime
+
+
+class ProductOutOfSpecificationV1(OrderEventData):
+    """QC found the product out of specification."""
+
+    TYPE = "site.product_out_of_specification.v1"
+    SERVICE = "site"
+    site_id: str
+    run: int
+    reason: str
+    retained_material: bool  # whether the site holds material for a remanufacture
+
+
+class ManufacturingFailedV1(OrderEventData):
+    """Manufacturing failed (at a step or at QC)."""
+
+    TYPE = "site.manufacturing_failed.v1"
+    SERVICE = "site"
+    site_id: str
+    run: int
+    reason: str
+    retained_material: bool
+
+
+class ManufacturingStoppedV1(OrderEventData):
+    """The site stopped manufacturing for a cancelled or failed order."""
+
+    TYPE = "site.manufacturing_stopped.v1"
+    SERVICE = "site"
+    site_id: str
+    reason: str
+
+
+class ShipmentExcursionV1(OrderEventData):
+    """A temperature reading outside the lane's range: the shipment is compromised."""
+
+    TYPE = "logistics.shipment_excursion.v1"
+    SERVICE = "logistics"
+    shipment_id: uuid.UUID
+    leg: Literal["inbound_apheresis", "outbound_product"]
+    reading_c: float
+    min_c: float
+    max_c: float
+    measured_at: datetime
+
+
+class ShipmentCancelledV1(OrderEventData):
+    """Logistics cancelled a shipment (order cancelled, failed or rebooked)."""
+
+    TYPE = "logistics.shipment_cancelled.v1"
+    SERVICE = "logistics"
+    shipment_id: uuid.UUID
+    leg: Literal["inbound_apheresis", "outbound_product"]
+    reason: str
+
+
+class CoiMismatchDetectedV1(OrderEventData):
+    """A handoff presented a chain-of-identity id that is not this order's: the flow stops, alert."""
+
+    TYPE = "logistics.coi_mismatch_detected.v1"
+    SERVICE = "logistics"
+    shipment_id: uuid.UUID
+    where: str
+
+
+def _all_event_classes() -> list[type[EventData]]:
+    found: list[type[EventData]] = []
+    pending = list(EventData.__subclasses__())
+    while pending:
+        cls = pending.pop()
+        pending.extend(cls.__subclasses__())
+        if "TYPE" in cls.__dict__:
+            found.append(cls)
+    return found
+
+
 EVENT_TYPES: dict[str, type[EventData]] = {
-    cls.TYPE: cls
-    for cls in (
-        OrderSubmittedV1,
-        SlotReservedV1,
-        SlotUnavailableV1,
-        SiteRegisteredV1,
-        BookingConfirmedV1,
-        ShipmentPlannedV1,
-        ShipmentMilestoneV1,
-        WebhookDeliveryFailedV1,
-    )
+    cls.TYPE: cls for cls in sorted(_all_event_classes(), key=lambda c: c.TYPE)
 }
 
 D = TypeVar("D", bound=EventData)
