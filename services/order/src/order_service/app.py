@@ -8,9 +8,8 @@ from pathlib import Path
 from order_service import services
 from order_service.adapters import repository as repo
 from order_service.domain.coi import FACILITY_RE
-from order_service.domain.order import EVENT_TARGET, INFORMATIONAL
 from order_service.entrypoints.api import router
-from v2v_contracts import OrderSubmittedV1
+from v2v_contracts import EVENT_TYPES
 from v2v_messaging import Handler
 from v2v_servicekit import ConsumerSpec, Runtime, ServiceDefinition
 
@@ -24,8 +23,16 @@ async def _startup(rt: Runtime) -> None:
         await repo.load_seed(conn)
 
 
+# every fact about an order from the other services goes through the order's state machine
+FACT_SERVICES = ("scheduling", "site", "logistics")
+
+
 def _saga_handlers(rt: Runtime) -> dict[str, Handler]:
-    return {event_type: services.apply_fact for event_type in [*EVENT_TARGET, *INFORMATIONAL]}
+    return {
+        event_type: services.apply_fact
+        for event_type, model in EVENT_TYPES.items()
+        if event_type.split(".", 1)[0] in FACT_SERVICES and "order_id" in model.model_fields
+    }
 
 
 DEFINITION = ServiceDefinition(
@@ -34,7 +41,7 @@ DEFINITION = ServiceDefinition(
     migrations_dir=Path(__file__).parent / "migrations",
     routers=[router],
     consumers=[ConsumerSpec("saga", ["scheduling", "site", "logistics"], _saga_handlers)],
-    publishes=[OrderSubmittedV1],
+    publishes=[m for t, m in EVENT_TYPES.items() if t.startswith("order.")],
     on_startup=[_startup],
     description="Orders from certified treatment centres: intake, chain of identity, status and timeline.",
 )

@@ -5,15 +5,32 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
+from typing import Any
 from zoneinfo import ZoneInfo
 
 from order_service.adapters import repository as repo
+from order_service.domain import order as machine
 from order_service.domain.coi import make_coi
-from order_service.domain.order import OrderStatus, decide
-from v2v_contracts import CloudEvent, OrderSubmittedV1, new_event
+from order_service.domain.order import OrderState, OrderStatus, Outcome, Refused, Rules
+from v2v_contracts import (
+    ApheresisCompletedV1,
+    CloudEvent,
+    EventData,
+    LymphodepletionStartedV1,
+    OrderCancelledV1,
+    OrderCompletedV1,
+    OrderFailedV1,
+    OrderSubmittedV1,
+    ProductReceivedV1,
+    QuarantineDecidedV1,
+    RebookRequestedV1,
+    RemanufactureRequestedV1,
+    new_event,
+)
+from v2v_contracts.coi import coi_problem
 from v2v_messaging import Tx, UnitOfWork
-from v2v_observability import bind_order, get_logger, set_order_attributes
-from v2v_servicekit import invalid
+from v2v_observability import bind_order, current_traceparent, get_logger, set_order_attributes
+from v2v_servicekit import Problem, invalid
 
 log = get_logger(__name__)
 
@@ -62,6 +79,7 @@ async def place_order(
             patient_ref=cmd.patient_ref,
             requested_apheresis_date=cmd.requested_apheresis_date,
             status=OrderStatus.SUBMITTED.value,
+            first_trace=current_traceparent(),
         )
         event = new_event(
             OrderSubmittedV1(
@@ -92,43 +110,257 @@ async def place_order(
     return order_id
 
 
-async def apply_fact(tx: Tx, event: CloudEvent) -> None:
-    """A fact from scheduling, site or logistics: record it on the timeline, move the state if allowed."""
-    order_id = uuid.UUID(str(event.data["order_id"]))
+# ---- the case: facts from the other services, actions from the hospital -----------------------------
+
+TIMESTAMP_OF: dict[str, str] = {  # event type -> the order column that records when it happened
+    "site.material_received.v1": "material_received_at",
+    "site.product_released.v1": "released_at",
+}
+
+
+def rules_for(product: Any) -> Rules:
+    attrs = product["attributes"] if product is not None else {}
+    return Rules(
+        max_runs=int(attrs.get("max_runs", 2)),
+        max_recollections=int(attrs.get("max_recollections", 1)),
+        retains_material=bool(attrs.get("retains_material", True)),
+        recollection_lead_days=int(attrs.get("recollection_lead_days", 7)),
+    )
+
+
+def state_of(row: Any) -> OrderState:
+    return OrderState(
+        status=OrderStatus(row["status"]),
+        run=row["run"],
+        recollections=row["recollections"],
+        slot_id=str(row["slot_id"]) if row["slot_id"] else None,
+        site_id=row["site_id"],
+        apheresis_date=row["apheresis_date"] or row["requested_apheresis_date"],
+        lymphodepletion=row["lymphodepletion_at"] is not None,
+        status_before_quarantine=OrderStatus(row["status_before_quarantine"])
+        if row["status_before_quarantine"]
+        else None,
+    )
+
+
+def _today(centre_tz: str | None = None) -> date:
+    now = datetime.now(UTC)
+    return now.astimezone(ZoneInfo(centre_tz)).date() if centre_tz else now.date()
+
+
+async def _context(tx: Tx, order_id: uuid.UUID) -> tuple[Any, Any, Any]:
     order = await repo.get_order(tx.conn, order_id, lock=True)
     if order is None:
-        raise LookupError(f"event {event.type} for unknown order {order_id}")
-    if event.coi and event.coi != order["coi"]:
-        raise ValueError(f"COI mismatch on {event.type}: event {event.coi} vs order {order['coi']}")
-    current = OrderStatus(order["status"])
-    decision = decide(current, event.type)
-    fields: dict[str, object] = {}
-    data = event.data
-    if decision.new_status is not None:
-        fields["status"] = decision.new_status.value
-        if event.type == "scheduling.slot_reserved.v1":
-            fields.update(
-                site_id=data["site_id"],
-                slot_id=uuid.UUID(str(data["slot_id"])),
-                apheresis_date=date.fromisoformat(data["apheresis_date"]),
-                manufacturing_start_date=date.fromisoformat(data["manufacturing_start_date"]),
+        raise LookupError(order_id)
+    product = await repo.get_product(tx.conn, order["product_code"])
+    centre = await tx.conn.fetchrow(
+        "SELECT * FROM treatment_centers WHERE id = $1", order["treatment_center_id"]
+    )
+    return order, product, centre
+
+
+def _ref(order: Any) -> dict[str, Any]:
+    return {
+        "order_id": order["order_id"],
+        "coi": order["coi"],
+        "treatment_center_id": order["treatment_center_id"],
+    }
+
+
+def _command_events(order: Any, centre: Any, outcome: Outcome) -> list[EventData]:
+    out: list[EventData] = []
+    for cmd in outcome.commands:
+        if isinstance(cmd, machine.Rebook):
+            out.append(
+                RebookRequestedV1(
+                    **_ref(order),
+                    kind=cmd.kind,
+                    reason=cmd.reason,
+                    product_code=order["product_code"],  # type: ignore[arg-type]
+                    order_type=order["order_type"],
+                    regulator=centre["regulator"],
+                    region=centre["region"],
+                    apheresis_date=cmd.apheresis_date,
+                    exclude_site_id=cmd.exclude_site_id,
+                )
             )
-        await repo.update_order(tx.conn, order_id, **fields)
-    reason = str(data.get("reason") or decision.reason)
+        elif isinstance(cmd, machine.Remanufacture):
+            out.append(
+                RemanufactureRequestedV1(**_ref(order), site_id=cmd.site_id, reason=cmd.reason, run=cmd.run)
+            )
+        elif isinstance(cmd, machine.Fail):
+            out.append(OrderFailedV1(**_ref(order), reason=cmd.reason))
+    return out
+
+
+async def _apply(
+    tx: Tx,
+    order: Any,
+    centre: Any,
+    outcome: Outcome,
+    *,
+    event: CloudEvent,
+    extra_fields: dict[str, Any] | None = None,
+) -> None:
+    """Persist an outcome: state, timeline entry for `event`, and the commands it asks for."""
+    before = OrderStatus(order["status"])
+    new = outcome.state
+    fields: dict[str, Any] = dict(extra_fields or {})
+    if outcome.changed:
+        fields.update(
+            status=new.status.value,
+            run=new.run,
+            recollections=new.recollections,
+            slot_id=uuid.UUID(new.slot_id) if new.slot_id else None,
+            site_id=new.site_id,
+            apheresis_date=new.apheresis_date,
+            status_before_quarantine=new.status_before_quarantine.value
+            if new.status_before_quarantine
+            else None,
+        )
+        if new.status in machine.TERMINAL and new.status is not before:
+            fields["ended_reason"] = outcome.reason
+    if fields:
+        await repo.update_order(tx.conn, order["order_id"], **fields)
     await repo.add_timeline(
         tx.conn,
-        order_id=order_id,
+        order_id=order["order_id"],
         event_id=event.id,
         event_type=event.type,
         source=event.source,
         occurred_at=event.time,
-        status_before=current.value,
-        status_after=(decision.new_status or current).value,
-        reason=reason,
+        status_before=before.value,
+        status_after=new.status.value,
+        reason=outcome.reason,
     )
+    for data in _command_events(order, centre, outcome):
+        command = new_event(data)
+        await tx.outbox.add(command)
+        await repo.add_timeline(
+            tx.conn,
+            order_id=order["order_id"],
+            event_id=command.id,
+            event_type=command.type,
+            source=command.source,
+            occurred_at=command.time,
+            status_before=new.status.value,
+            status_after=new.status.value,
+            reason=str(getattr(data, "reason", outcome.reason)),
+        )
+
+
+async def apply_fact(tx: Tx, event: CloudEvent) -> None:
+    """A fact from scheduling, site or logistics: record it on the timeline, move the state if allowed."""
+    order_id = uuid.UUID(str(event.data["order_id"]))
+    order, product, centre = await _context(tx, order_id)
+    if event.coi and event.coi != order["coi"]:
+        raise ValueError(f"COI mismatch on {event.type}: event {event.coi} vs order {order['coi']}")
+    state = state_of(order)
+    outcome = machine.on_fact(state, event.type, event.data, rules_for(product), _today(centre["timezone"]))
+    extra: dict[str, Any] = {}
+    if outcome.changed:
+        if event.type == "scheduling.slot_reserved.v1":
+            extra["manufacturing_start_date"] = date.fromisoformat(event.data["manufacturing_start_date"])
+        if event.type in TIMESTAMP_OF:
+            extra[TIMESTAMP_OF[event.type]] = event.time
+        if event.type == "logistics.shipment_milestone.v1" and event.data.get("milestone") == "delivered":
+            extra["delivered_at"] = event.time
+    await _apply(tx, order, centre, outcome, event=event, extra_fields=extra)
     log.info(
         "order fact applied",
         event_type=event.type,
-        status=(decision.new_status or current).value,
-        changed=decision.new_status is not None,
+        status=outcome.state.status.value,
+        changed=outcome.changed,
+        reason=outcome.reason,
     )
+
+
+def _check_coi(given: str | None, order: Any) -> None:
+    if given is None:
+        return
+    problem = coi_problem(given)
+    if problem:
+        raise invalid("coi", problem)
+    if given != order["coi"]:
+        log.error("COI mismatch refused at the centre", order_id=str(order["order_id"]))
+        raise Problem(
+            409,
+            "Chain of identity mismatch",
+            "coi: does not match this order's chain of identity",
+            kind="coi-mismatch",
+            errors=[{"field": "coi", "reason": "does not match the order"}],
+        )
+
+
+@dataclass(frozen=True)
+class Action:
+    """A hospital or QA action on an order."""
+
+    name: str  # cancel | reschedule | apheresis | lymphodepletion | receipt | infusion | quarantine
+    reason: str = ""
+    coi: str | None = None
+    at: datetime | None = None
+    new_date: date | None = None
+    decision: str | None = None
+
+
+async def act(uow: UnitOfWork, order_id: uuid.UUID, action: Action) -> None:
+    async with uow.begin() as tx:
+        try:
+            order, product, centre = await _context(tx, order_id)
+        except LookupError:
+            raise Problem(404, "Order not found", f"no order with id {order_id}", kind="not-found") from None
+        set_order_attributes(order_id, order["coi"])
+        _check_coi(action.coi, order)
+        state, rules, today = state_of(order), rules_for(product), _today(centre["timezone"])
+        at = action.at or datetime.now(UTC)
+        ref = _ref(order)
+        extra: dict[str, Any] = {}
+        data: EventData | None = None  # the action's own event; a reschedule's is its rebook command
+        try:
+            match action.name:
+                case "cancel":
+                    outcome = machine.cancel(state, action.reason)
+                    data = OrderCancelledV1(**ref, reason=action.reason, previous_status=state.status.value)
+                case "reschedule":
+                    assert action.new_date is not None
+                    outcome = machine.reschedule_apheresis(state, action.new_date, action.reason, today)
+                case "apheresis":
+                    outcome = machine.confirm_apheresis(state)
+                    data = ApheresisCompletedV1(**ref, collected_at=at)
+                    extra["apheresis_collected_at"] = at
+                case "lymphodepletion":
+                    outcome = machine.start_lymphodepletion(state)
+                    data = LymphodepletionStartedV1(**ref, started_at=at)
+                    extra["lymphodepletion_at"] = at
+                case "receipt":
+                    outcome = machine.confirm_product_receipt(state)
+                    data = ProductReceivedV1(**ref, received_at=at)
+                    extra["product_received_at"] = at
+                case "infusion":
+                    outcome = machine.confirm_infusion(state)
+                    data = OrderCompletedV1(**ref, infused_at=at)
+                    extra["infused_at"] = at
+                case "quarantine":
+                    outcome = machine.decide_quarantine(
+                        state, action.decision or "", action.reason, rules, today
+                    )
+                    data = QuarantineDecidedV1(**ref, decision=action.decision, reason=action.reason)  # type: ignore[arg-type]
+                case _:
+                    raise ValueError(action.name)
+        except Refused as refused:
+            title = "Invalid request" if refused.status == 422 else "Not allowed in the order's current state"
+            raise Problem(
+                refused.status,
+                title,
+                f"{refused.field}: {refused.reason}",
+                kind="validation" if refused.status == 422 else "order-state",
+                errors=[{"field": refused.field, "reason": refused.reason}],
+            ) from None
+        if data is None:
+            data, *_ = _command_events(order, centre, outcome)
+            outcome = Outcome(outcome.state, outcome.reason, (), outcome.changed)
+        event = new_event(data)
+        await tx.outbox.add(event)
+        await _apply(tx, order, centre, outcome, event=event, extra_fields=extra)
+        log.info("hospital action applied", action=action.name, status=outcome.state.status.value)

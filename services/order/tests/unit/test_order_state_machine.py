@@ -1,142 +1,246 @@
-"""The order state machine: facts from other services move an order only forward, along ALLOWED."""
+"""The order's lifecycle machine: no sequence of facts and actions — with duplicates and out-of-order
+deliveries — takes an order through a transition that ALLOWED forbids; terminal states never move."""
 
 from __future__ import annotations
 
-import itertools
+import uuid
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from order_service.domain.order import ALLOWED, EVENT_TARGET, Decision, OrderStatus, can_move, decide
+from order_service.domain import order as m
+from order_service.domain.order import ALLOWED, TERMINAL, OrderState, OrderStatus, Refused, Rules
 
 S = OrderStatus
-RANK = {status: i for i, status in enumerate(OrderStatus)}  # declaration order is the forward order
-INFORMATIONAL = ["order.submitted.v1", "notification.webhook_delivery_failed.v1", "site.registered.v1"]
+TODAY = date(2026, 11, 26)
+SLOT_A, SLOT_B = str(uuid.uuid4()), str(uuid.uuid4())
 
-event_types = st.one_of(
-    st.sampled_from(sorted(EVENT_TARGET)),
-    st.sampled_from(INFORMATIONAL),
-    st.text(max_size=30),
+
+def fact(event_type: str, **data: Any) -> tuple[str, str, dict[str, Any]]:
+    return ("fact", event_type, data)
+
+
+FACTS = [
+    fact("scheduling.slot_unavailable.v1", reason="no_capacity", detail="full"),
+    fact("scheduling.slot_reserved.v1", slot_id=SLOT_A, site_id="FR-LES-ULIS", apheresis_date="2026-12-10"),
+    fact("scheduling.slot_reserved.v1", slot_id=SLOT_B, site_id="CH-STEIN", apheresis_date="2026-12-12"),
+    fact("scheduling.slot_released.v1", slot_id=SLOT_A, reason="rebook"),
+    fact("site.booking_confirmed.v1", slot_id=SLOT_A),
+    fact("site.booking_confirmed.v1", slot_id=SLOT_B),
+    fact("site.booking_affected.v1", site_id="FR-LES-ULIS", reason="outage:maintenance"),
+    fact("logistics.shipment_planned.v1", leg="inbound_apheresis"),
+    fact("logistics.shipment_planned.v1", leg="outbound_product"),
+    fact("logistics.shipment_milestone.v1", leg="inbound_apheresis", milestone="picked_up"),
+    fact("logistics.shipment_milestone.v1", leg="outbound_product", milestone="in_transit"),
+    fact("logistics.shipment_milestone.v1", leg="outbound_product", milestone="delivered"),
+    fact("logistics.shipment_excursion.v1", leg="inbound_apheresis", reading_c=12.0),
+    fact("logistics.shipment_excursion.v1", leg="outbound_product", reading_c=-90.0),
+    fact("site.material_received.v1"),
+    fact("site.material_rejected.v1", reason="label damaged"),
+    fact("site.manufacturing_step_completed.v1", step="activation", run=1),
+    fact("site.manufacturing_step_completed.v1", step="cryopreservation", run=1),
+    fact("site.manufacturing_step_completed.v1", step="activation", run=2),
+    fact("site.manufacturing_step_completed.v1", step="cryopreservation", run=2),
+    fact("site.product_released.v1", run=1),
+    fact("site.product_released.v1", run=2),
+    fact("site.product_out_of_specification.v1", run=1, reason="low viability", retained_material=True),
+    fact("site.manufacturing_failed.v1", run=2, reason="contamination", retained_material=False),
+    fact("logistics.coi_mismatch_detected.v1", where="HND"),
+    fact("order.submitted.v1"),
+    fact("something.unknown.v9"),
+]
+ACTIONS = [
+    ("action", "cancel", {}),
+    ("action", "reschedule", {}),
+    ("action", "apheresis", {}),
+    ("action", "lymphodepletion", {}),
+    ("action", "receipt", {}),
+    ("action", "infusion", {}),
+    ("action", "quarantine_release", {}),
+    ("action", "quarantine_reject", {}),
+]
+steps = st.lists(st.sampled_from(FACTS + ACTIONS), max_size=40)
+rules = st.builds(
+    Rules, max_runs=st.integers(1, 3), max_recollections=st.integers(0, 2), retains_material=st.booleans()
 )
-# sequences with plenty of duplicates and reorderings of the meaningful facts
-fact_sequences = st.lists(event_types, max_size=25) | st.lists(
-    st.sampled_from(sorted(EVENT_TARGET)), max_size=25
-).flatmap(lambda xs: st.permutations(xs + xs))
 
 
-def run(events: list[str], start: OrderStatus = S.SUBMITTED) -> list[tuple[OrderStatus, str, Decision]]:
-    steps = []
-    current = start
-    for event_type in events:
-        decision = decide(current, event_type)
-        steps.append((current, event_type, decision))
-        if decision.new_status is not None:
-            current = decision.new_status
-    return steps
+def step(state: OrderState, item: tuple[str, str, dict[str, Any]], r: Rules) -> m.Outcome:
+    kind, name, data = item
+    if kind == "fact":
+        return m.on_fact(state, name, data, r, TODAY)
+    match name:
+        case "cancel":
+            return m.cancel(state, "changed plan")
+        case "reschedule":
+            return m.reschedule_apheresis(state, TODAY + timedelta(days=3), "patient unwell", TODAY)
+        case "apheresis":
+            return m.confirm_apheresis(state)
+        case "lymphodepletion":
+            return m.start_lymphodepletion(state)
+        case "receipt":
+            return m.confirm_product_receipt(state)
+        case "infusion":
+            return m.confirm_infusion(state)
+        case "quarantine_release":
+            return m.decide_quarantine(state, "release", "QA ok", r, TODAY)
+        case _:
+            return m.decide_quarantine(state, "reject", "QA says no", r, TODAY)
 
 
-def test_allowed_covers_every_status_and_only_points_forward() -> None:
-    assert set(ALLOWED) == set(OrderStatus)
-    for source, targets in ALLOWED.items():
-        assert source not in targets
-        for target in targets:
-            assert RANK[target] > RANK[source], f"{source} -> {target} goes backwards"
+@settings(max_examples=400)
+@given(items=steps, r=rules)
+def test_no_sequence_takes_an_order_through_a_forbidden_transition(items: list[Any], r: Rules) -> None:
+    state = OrderState(S.SUBMITTED)
+    for item in items:
+        before = state.status
+        try:
+            outcome = step(state, item, r)
+        except Refused as refused:
+            assert refused.status in {409, 422} and refused.field and refused.reason
+            continue
+        after = outcome.state.status
+        if before in TERMINAL:
+            assert after == before and not outcome.changed, "a terminal order never moves"
+        elif outcome.changed and after != before:
+            assert after in ALLOWED[before], f"{before} -> {after} via {item[1]}"
+        if not outcome.changed:
+            assert outcome.state == state and not outcome.commands
+        assert outcome.reason
+        assert outcome.state.run <= max(r.max_runs, 1)
+        assert outcome.state.recollections <= r.max_recollections
+        state = outcome.state
 
 
-def test_every_status_is_reachable_from_submitted() -> None:
-    reached = {S.SUBMITTED}
-    frontier = [S.SUBMITTED]
-    while frontier:
-        for nxt in ALLOWED[frontier.pop()]:
-            if nxt not in reached:
-                reached.add(nxt)
-                frontier.append(nxt)
-    assert reached == set(OrderStatus)
+@given(items=st.lists(st.sampled_from(FACTS), max_size=30), r=rules)
+def test_a_fact_delivered_twice_in_a_row_changes_nothing_the_second_time(items: list[Any], r: Rules) -> None:
+    state = OrderState(S.SUBMITTED)
+    for item in items:
+        first = step(state, item, r)
+        second = step(first.state, item, r)
+        if item[1] in {"site.manufacturing_step_completed.v1"} and item[2]["step"] == "activation":
+            # a step report moves to `manufacturing`; its duplicate keeps it there
+            assert second.state.status == first.state.status
+        else:
+            assert not second.changed or second.state.status == first.state.status, item
+        state = first.state
 
 
-def test_event_targets_are_statuses_something_can_move_to() -> None:
-    reachable_targets = set().union(*ALLOWED.values())
-    assert set(EVENT_TARGET.values()) <= reachable_targets
-
-
-@given(fact_sequences)
-def test_decide_never_produces_a_transition_outside_allowed(events: list[str]) -> None:
-    for current, _event_type, decision in run(events):
-        if decision.new_status is not None:
-            assert decision.new_status in ALLOWED[current]
-            assert can_move(current, decision.new_status)
-
-
-@given(fact_sequences)
-def test_statuses_only_move_forward(events: list[str]) -> None:
-    visited = [S.SUBMITTED] + [d.new_status for _, _, d in run(events) if d.new_status is not None]
-    ranks = [RANK[s] for s in visited]
-    assert ranks == sorted(ranks)
-    assert len(set(visited)) == len(visited)  # never the same status twice
-
-
-@given(fact_sequences, st.sampled_from(list(OrderStatus)))
-def test_a_repeated_fact_is_a_no_op(events: list[str], start: OrderStatus) -> None:
-    for current, event_type, decision in run(events, start):
-        if decision.new_status is not None:
-            again = decide(decision.new_status, event_type)
-            assert again == Decision(None, "already in this state")
-        elif EVENT_TARGET.get(event_type) == current:
-            assert decision.reason == "already in this state"
-
-
-@given(st.lists(event_types, max_size=25))
-def test_a_status_change_happens_only_for_the_fact_that_targets_it(events: list[str]) -> None:
-    for _current, event_type, decision in run(events):
-        if decision.new_status is not None:
-            assert EVENT_TARGET[event_type] == decision.new_status
-            assert decision.reason == event_type
-
-
-@pytest.mark.parametrize(("status", "event_type"), list(itertools.product(OrderStatus, sorted(EVENT_TARGET))))
-def test_decision_table(status: OrderStatus, event_type: str) -> None:
-    target = EVENT_TARGET[event_type]
-    decision = decide(status, event_type)
-    if target == status:
-        assert decision == Decision(None, "already in this state")
-    elif target in ALLOWED[status]:
-        assert decision == Decision(target, event_type)
-    else:
-        assert decision.new_status is None
-        assert decision.reason == f"stale: order is {status.value}, cannot become {target.value}"
-
-
-@pytest.mark.parametrize("event_type", [*INFORMATIONAL, "", "scheduling.slot_reserved.v2"])
-def test_unknown_facts_are_informational(event_type: str) -> None:
-    for status in OrderStatus:
-        assert decide(status, event_type) == Decision(None, "informational")
-
-
-def test_happy_path_with_and_without_waitlist() -> None:
-    direct = ["scheduling.slot_reserved.v1", "site.booking_confirmed.v1", "logistics.shipment_planned.v1"]
-    assert [d.new_status for _, _, d in run(direct)] == [
+def test_happy_path_reaches_completed() -> None:
+    r = Rules()
+    state = OrderState(S.SUBMITTED)
+    path = [
+        FACTS[1],
+        FACTS[4],
+        FACTS[7],
+        ("action", "apheresis", {}),
+        FACTS[9],
+        FACTS[14],
+        FACTS[16],
+        FACTS[17],
+        FACTS[20],
+        ("action", "lymphodepletion", {}),
+        FACTS[10],
+        FACTS[11],
+        ("action", "receipt", {}),
+        ("action", "infusion", {}),
+    ]
+    seen = []
+    for item in path:
+        state = step(state, item, r).state
+        seen.append(state.status)
+    assert seen == [
         S.SLOT_RESERVED,
         S.BOOKING_CONFIRMED,
         S.INBOUND_SHIPMENT_PLANNED,
+        S.APHERESIS_COMPLETED,
+        S.MATERIAL_IN_TRANSIT,
+        S.MATERIAL_RECEIVED,
+        S.MANUFACTURING,
+        S.QC_PENDING,
+        S.RELEASED,
+        S.RELEASED,
+        S.PRODUCT_IN_TRANSIT,
+        S.PRODUCT_DELIVERED,
+        S.PRODUCT_RECEIVED,
+        S.COMPLETED,
     ]
-    waitlisted = ["scheduling.slot_unavailable.v1", *direct]
-    assert run(waitlisted)[0][2].new_status == S.WAITLISTED
-    assert run(waitlisted)[-1][2].new_status == S.INBOUND_SHIPMENT_PLANNED
+    assert state.lymphodepletion
 
 
-def test_late_slot_unavailable_after_a_reservation_is_stale() -> None:
-    decision = decide(S.SLOT_RESERVED, "scheduling.slot_unavailable.v1")
-    assert decision.new_status is None
-    assert decision.reason.startswith("stale:")
+def test_lymphodepletion_is_refused_before_release() -> None:
+    for status in [S.SUBMITTED, S.MATERIAL_RECEIVED, S.MANUFACTURING, S.QC_PENDING]:
+        with pytest.raises(Refused) as info:
+            m.start_lymphodepletion(OrderState(status))
+        assert info.value.status == 409 and "released" in info.value.reason
 
 
-def test_out_of_order_fact_does_not_skip_steps() -> None:
-    # a booking confirmation cannot arrive for an order that never had a slot reserved
-    assert decide(S.SUBMITTED, "site.booking_confirmed.v1").new_status is None
-    assert decide(S.WAITLISTED, "logistics.shipment_planned.v1").new_status is None
+def test_oos_remanufactures_from_retained_material_then_recollects_then_fails() -> None:
+    r = Rules(max_runs=2, max_recollections=1, retains_material=True)
+    state = OrderState(S.QC_PENDING, site_id="CH-STEIN")
+    out = m.on_fact(
+        state,
+        "site.product_out_of_specification.v1",
+        {"run": 1, "reason": "low CAR+", "retained_material": True},
+        r,
+        TODAY,
+    )
+    assert out.state.status == S.MATERIAL_RECEIVED and out.state.run == 2
+    assert out.commands == (m.Remanufacture(2, "CH-STEIN", "out of specification: low CAR+"),)
+    out = m.on_fact(
+        out.state,
+        "site.manufacturing_failed.v1",
+        {"run": 2, "reason": "sterility", "retained_material": True},
+        r,
+        TODAY,
+    )
+    assert out.state.status == S.RESCHEDULING and out.state.recollections == 1
+    assert isinstance(out.commands[0], m.Rebook) and out.commands[0].kind == "recollection"
+    assert out.commands[0].apheresis_date == TODAY + timedelta(days=r.recollection_lead_days)
+    state = OrderState(S.MANUFACTURING, recollections=1, site_id="CH-STEIN", run=2)
+    out = m.on_fact(state, "site.manufacturing_failed.v1", {"run": 2, "reason": "x"}, r, TODAY)
+    assert out.state.status == S.FAILED and isinstance(out.commands[0], m.Fail)
 
 
-def test_the_last_status_is_terminal() -> None:
-    for event_type in EVENT_TARGET:
-        assert decide(S.INBOUND_SHIPMENT_PLANNED, event_type).new_status is None
+def test_a_stale_fact_from_an_old_run_or_slot_is_recorded_and_ignored() -> None:
+    state = OrderState(S.QC_PENDING, run=2, site_id="X")
+    out = m.on_fact(state, "site.product_released.v1", {"run": 1}, Rules(), TODAY)
+    assert not out.changed and "recorded only" in out.reason
+    state = OrderState(S.SLOT_RESERVED, slot_id=SLOT_B)
+    out = m.on_fact(state, "site.booking_confirmed.v1", {"slot_id": SLOT_A}, Rules(), TODAY)
+    assert not out.changed
+
+
+def test_outbound_excursion_quarantines_and_release_returns_to_where_it_was() -> None:
+    state = OrderState(S.PRODUCT_IN_TRANSIT, site_id="X")
+    out = m.on_fact(
+        state,
+        "logistics.shipment_excursion.v1",
+        {"leg": "outbound_product", "reading_c": -100},
+        Rules(),
+        TODAY,
+    )
+    assert out.state.status == S.QUARANTINED
+    back = m.decide_quarantine(out.state, "release", "within stability data", Rules(), TODAY)
+    assert back.state.status == S.PRODUCT_IN_TRANSIT
+
+
+def test_predicted_dates_follow_the_facts() -> None:
+    d = m.Durations(manufacturing_days=17, qc_days=14, outbound_transit_days=2)
+    planned = m.predict(
+        d, m.Actuals(apheresis_date=date(2026, 12, 1), manufacturing_start_date=date(2026, 12, 3))
+    )
+    assert planned["release"] == date(2027, 1, 3) and planned["delivery"] == date(2027, 1, 5)
+    assert planned["earliest_infusion"] == date(2027, 1, 5)
+    actual = m.predict(
+        d,
+        m.Actuals(
+            apheresis_date=date(2026, 12, 1),
+            manufacturing_start_date=date(2026, 12, 3),
+            released=datetime(2026, 12, 30, tzinfo=UTC).date(),
+        ),
+    )
+    assert actual["release"] == date(2026, 12, 30) and actual["delivery"] == date(2027, 1, 1)

@@ -7,10 +7,11 @@ from datetime import date, datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from order_service.adapters import repository as repo
-from order_service.services import PlaceOrder, place_order
+from order_service.domain.order import Actuals, Durations, predict
+from order_service.services import Action, PlaceOrder, act, place_order
 from v2v_servicekit import Runtime, get_runtime, not_found
 
 router = APIRouter(prefix="/v1")
@@ -46,6 +47,14 @@ class Slot(BaseModel):
     manufacturing_start_date: date | None
 
 
+class Predicted(BaseModel):
+    apheresis: date | None
+    manufacturing_start: date | None
+    release: date | None
+    delivery: date | None
+    earliest_infusion: date | None
+
+
 class OrderOut(BaseModel):
     order_id: uuid.UUID
     coi: str
@@ -57,6 +66,11 @@ class OrderOut(BaseModel):
     requested_apheresis_date: date
     site_id: str | None
     slot: Slot | None
+    run: int = 1
+    recollections: int = 0
+    lymphodepletion_at: datetime | None = None
+    ended_reason: str | None = None
+    predicted: Predicted | None = None
     created_at: datetime
     updated_at: datetime
     timeline: list[TimelineEntry] | None = None
@@ -70,7 +84,22 @@ class OrderPage(BaseModel):
     next_offset: int | None
 
 
-def _order_out(row: Any, timeline: list[Any] | None = None) -> OrderOut:
+def _predicted(row: Any, product: Any) -> Predicted | None:
+    if product is None:
+        return None
+    attrs = product["attributes"]
+    durations = Durations(int(attrs.get("manufacturing_days", 17)), int(attrs.get("qc_days", 14)))
+    actuals = Actuals(
+        apheresis_date=row["apheresis_date"] or row["requested_apheresis_date"],
+        manufacturing_start_date=row["manufacturing_start_date"],
+        material_received=row["material_received_at"].date() if row["material_received_at"] else None,
+        released=row["released_at"].date() if row["released_at"] else None,
+        delivered=row["delivered_at"].date() if row["delivered_at"] else None,
+    )
+    return Predicted(**predict(durations, actuals))
+
+
+def _order_out(row: Any, timeline: list[Any] | None = None, product: Any = None) -> OrderOut:
     slot = None
     if row["slot_id"] is not None:
         slot = Slot(
@@ -90,6 +119,11 @@ def _order_out(row: Any, timeline: list[Any] | None = None) -> OrderOut:
         requested_apheresis_date=row["requested_apheresis_date"],
         site_id=row["site_id"],
         slot=slot,
+        run=row["run"],
+        recollections=row["recollections"],
+        lymphodepletion_at=row["lymphodepletion_at"],
+        ended_reason=row["ended_reason"],
+        predicted=_predicted(row, product),
         created_at=row["created_at"],
         updated_at=row["updated_at"],
         timeline=None
@@ -121,7 +155,8 @@ async def create_order(body: OrderIn, rt: RuntimeDep, response: Response) -> Ord
     order_id = await place_order(rt.uow, PlaceOrder(**body.model_dump()), facility)
     row = await repo.get_order(rt.pool, order_id)
     response.headers["Location"] = f"/v1/orders/{order_id}"
-    return _order_out(row, await repo.timeline(rt.pool, order_id))
+    product = await repo.get_product(rt.pool, row["product_code"])
+    return _order_out(row, await repo.timeline(rt.pool, order_id), product)
 
 
 @router.get(
@@ -134,7 +169,8 @@ async def get_order(order_id: uuid.UUID, rt: RuntimeDep) -> OrderOut:
     row = await repo.get_order(rt.pool, order_id)
     if row is None:
         raise not_found("Order", order_id)
-    return _order_out(row, await repo.timeline(rt.pool, order_id))
+    product = await repo.get_product(rt.pool, row["product_code"])
+    return _order_out(row, await repo.timeline(rt.pool, order_id), product)
 
 
 @router.get("/orders", response_model=OrderPage, tags=["orders"], summary="List orders (paginated)")
@@ -165,3 +201,135 @@ async def products(rt: RuntimeDep) -> list[dict[str, Any]]:
     return [
         {"code": r["code"], "name": r["name"], **r["attributes"]} for r in await repo.list_products(rt.pool)
     ]
+
+
+# ---- hospital and QA actions (docs/lifecycle.md) -----------------------------------------------------
+
+
+class CancelIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+    reason: str = Field(min_length=1, max_length=500)
+
+
+class RescheduleIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+    requested_apheresis_date: date
+    reason: str = Field(min_length=1, max_length=500)
+
+
+class IdentityCheckedIn(BaseModel):
+    """A step where the centre checks the chain of identity on the label (ISO 7064 check character)."""
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+    coi: str = Field(min_length=1, max_length=20)
+    at: AwareDatetime | None = Field(default=None, description="When it happened (default: now)")
+
+
+class LymphodepletionIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    at: AwareDatetime | None = None
+
+
+class QuarantineDecisionIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+    decision: Literal["release", "reject"]
+    reason: str = Field(min_length=1, max_length=500)
+
+
+async def _after(rt: Runtime, order_id: uuid.UUID) -> OrderOut:
+    row = await repo.get_order(rt.pool, order_id)
+    product = await repo.get_product(rt.pool, row["product_code"])
+    return _order_out(row, await repo.timeline(rt.pool, order_id), product)
+
+
+ACTION_RESPONSES: dict[int | str, dict[str, Any]] = {
+    404: {"description": "Unknown order"},
+    409: {"description": "Not allowed in the order's current state, or chain-of-identity mismatch"},
+    422: {"description": "Invalid request (problem+json naming the field)"},
+}
+
+
+@router.post(
+    "/orders/{order_id}/cancel",
+    response_model=OrderOut,
+    tags=["hospital actions"],
+    summary="Cancel the order at any step before it ends",
+    responses=ACTION_RESPONSES,
+)
+async def cancel_order(order_id: uuid.UUID, body: CancelIn, rt: RuntimeDep) -> OrderOut:
+    await act(rt.uow, order_id, Action("cancel", reason=body.reason))
+    return await _after(rt, order_id)
+
+
+@router.post(
+    "/orders/{order_id}/apheresis-date",
+    response_model=OrderOut,
+    tags=["hospital actions"],
+    summary="Move the apheresis date: releases the slot and books a new one",
+    responses=ACTION_RESPONSES,
+)
+async def move_apheresis(order_id: uuid.UUID, body: RescheduleIn, rt: RuntimeDep) -> OrderOut:
+    await act(
+        rt.uow, order_id, Action("reschedule", reason=body.reason, new_date=body.requested_apheresis_date)
+    )
+    return await _after(rt, order_id)
+
+
+@router.post(
+    "/orders/{order_id}/apheresis",
+    response_model=OrderOut,
+    tags=["hospital actions"],
+    summary="Apheresis done: the cells are ready for pickup",
+    responses=ACTION_RESPONSES,
+)
+async def apheresis_done(order_id: uuid.UUID, body: IdentityCheckedIn, rt: RuntimeDep) -> OrderOut:
+    await act(rt.uow, order_id, Action("apheresis", coi=body.coi, at=body.at))
+    return await _after(rt, order_id)
+
+
+@router.post(
+    "/orders/{order_id}/lymphodepletion",
+    response_model=OrderOut,
+    tags=["hospital actions"],
+    summary="Lymphodepleting chemotherapy started (only after product release)",
+    responses=ACTION_RESPONSES,
+)
+async def lymphodepletion(order_id: uuid.UUID, body: LymphodepletionIn, rt: RuntimeDep) -> OrderOut:
+    await act(rt.uow, order_id, Action("lymphodepletion", at=body.at))
+    return await _after(rt, order_id)
+
+
+@router.post(
+    "/orders/{order_id}/product-receipt",
+    response_model=OrderOut,
+    tags=["hospital actions"],
+    summary="The product arrived at the centre; identity checked",
+    responses=ACTION_RESPONSES,
+)
+async def product_receipt(order_id: uuid.UUID, body: IdentityCheckedIn, rt: RuntimeDep) -> OrderOut:
+    await act(rt.uow, order_id, Action("receipt", coi=body.coi, at=body.at))
+    return await _after(rt, order_id)
+
+
+@router.post(
+    "/orders/{order_id}/infusion",
+    response_model=OrderOut,
+    tags=["hospital actions"],
+    summary="The patient was infused (bedside identity check): the order completes",
+    responses=ACTION_RESPONSES,
+)
+async def infusion(order_id: uuid.UUID, body: IdentityCheckedIn, rt: RuntimeDep) -> OrderOut:
+    await act(rt.uow, order_id, Action("infusion", coi=body.coi, at=body.at))
+    return await _after(rt, order_id)
+
+
+@router.post(
+    "/orders/{order_id}/quarantine-decision",
+    response_model=OrderOut,
+    tags=["QA actions"],
+    summary="Release or reject a product quarantined after a shipping excursion",
+    responses=ACTION_RESPONSES,
+)
+async def quarantine_decision(order_id: uuid.UUID, body: QuarantineDecisionIn, rt: RuntimeDep) -> OrderOut:
+    await act(rt.uow, order_id, Action("quarantine", decision=body.decision, reason=body.reason))
+    return await _after(rt, order_id)
