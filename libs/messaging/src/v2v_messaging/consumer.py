@@ -157,13 +157,14 @@ class EventConsumer:
         except (ValidationError, ValueError) as exc:
             await self._dead_letter(message, f"not a CloudEvent: {exc}")
             return
+        # before anything else: even an event this consumer ignores is about its order, and says so
+        set_order_attributes(event.data.get("order_id"), event.coi)
         handler = self.handlers.get(event.type)
         self._last_offset[(record.topic, record.partition)] = record.offset
         if handler is None:
             self.stats.ignored += 1
             EVENTS.add(1, {"consumer_group": self.group_id, "event_type": event.type, "outcome": "ignored"})
             return
-        set_order_attributes(event.data.get("order_id"), event.coi)
         attempt = 0
         transient = 0
         started = time.perf_counter()

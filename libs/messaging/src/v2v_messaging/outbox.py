@@ -209,9 +209,12 @@ class OutboxRelay:
                 self.retention,
             )
 
+    def _on_notify(self, *_args: object) -> None:
+        self._wake.set()
+
     async def _listen(self) -> None:
         self._listener = await self.pool.acquire()
-        await self._listener.add_listener(notify_channel(self.schema), lambda *_: self._wake.set())
+        await self._listener.add_listener(notify_channel(self.schema), self._on_notify)
 
     async def run(self) -> None:
         await self.replay_if_broker_is_fresh()
@@ -244,7 +247,8 @@ class OutboxRelay:
         self._wake.set()
         if self._listener is not None:
             with contextlib.suppress(Exception):
-                await self._listener.remove_listener(notify_channel(self.schema), lambda *_: None)
+                # the callback that was added: another one would leave the LISTEN on the pooled connection
+                await self._listener.remove_listener(notify_channel(self.schema), self._on_notify)
             with contextlib.suppress(Exception):
                 await self.pool.release(self._listener)
             self._listener = None

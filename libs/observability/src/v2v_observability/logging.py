@@ -69,6 +69,7 @@ def configure_logging(service: str, level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    logging.captureWarnings(True)  # warnings.warn() output becomes a JSON line too, not raw stderr
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "faststream", "aiokafka"):
         lg = logging.getLogger(name)
         lg.handlers[:] = []

@@ -1,0 +1,181 @@
+"""The patient reference stays in the order service: a scanner over everything that leaves it.
+
+An order is placed with a distinctive `patient_ref`; then every span and metric exported, every log
+line, every message on every topic of the platform (dead-letter topics too, read from the beginning
+with a plain Kafka consumer) and every webhook body is searched for it.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+
+from v2v_contracts import all_topics
+from v2v_harness.e2e import eventually, new_secret, order_body, subscribe
+from v2v_harness.platform import Platform
+from v2v_harness.receiver import WebhookReceiver
+
+pytestmark = pytest.mark.e2e
+
+SERVICES = ("order", "scheduling", "site", "logistics", "notification")
+ORDER_EVENTS = {
+    "order.submitted.v1",
+    "scheduling.slot_reserved.v1",
+    "site.booking_confirmed.v1",
+    "logistics.shipment_planned.v1",
+}
+CENTRE = "TC-CN-SH-001"
+Record = tuple[str, bytes | None, bytes | None, list[tuple[str, bytes]]]
+
+
+async def namespace_topics(bootstrap: str, namespace: str) -> list[str]:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        return sorted(t for t in await admin.list_topics() if t.startswith(namespace + "."))
+    finally:
+        await admin.close()
+
+
+async def read_everything(bootstrap: str, topics: list[str]) -> dict[str, list[Record]]:
+    """Every record on every partition of `topics`, from offset 0 to the end as of now."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, fetch_max_wait_ms=50)
+    await consumer.start()
+    try:
+        await consumer._client.force_metadata_update()
+        partitions = {t: consumer.partitions_for_topic(t) or set() for t in topics}
+        assert all(partitions.values()), (
+            f"no partitions known for {[t for t, p in partitions.items() if not p]}"
+        )
+        tps = [TopicPartition(t, p) for t, ps in partitions.items() for p in sorted(ps)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        ends = await consumer.end_offsets(tps)
+        out: dict[str, list[Record]] = {t: [] for t in topics}
+
+        async def behind() -> list[TopicPartition]:
+            return [tp for tp in tps if await consumer.position(tp) < ends[tp]]
+
+        while await behind():
+            batch = await consumer.getmany(*(await behind()), timeout_ms=500)
+            for records in batch.values():
+                for r in records:
+                    out[r.topic].append((r.topic, r.key, r.value, list(r.headers)))
+        assert sum(len(v) for v in out.values()) == sum(ends.values())
+        return out
+    finally:
+        await consumer.stop()
+
+
+def telemetry_files(platform: Platform) -> list[Path]:
+    return sorted(Path(platform.state_dir, "telemetry").glob("*.jsonl"))
+
+
+def exported_spans(platform: Platform) -> list[dict[str, Any]]:
+    out = []
+    for path in Path(platform.state_dir, "telemetry").glob("spans-*.jsonl"):
+        text = path.read_text(encoding="utf-8")
+        out += [json.loads(line) for line in text.split("\n")[:-1] if line.strip()]
+    return out
+
+
+async def test_the_patient_ref_never_leaves_the_order_service(
+    platform: Platform, webhook_receiver: WebhookReceiver
+) -> None:
+    patient_ref = f"PATIENT-SCAN-{secrets.token_hex(8)}"
+    needle = patient_ref.encode()
+    path = f"/privacy/{secrets.token_hex(4)}"
+    async with httpx.AsyncClient(timeout=10) as client:
+        await subscribe(
+            client, platform.url("notification"), CENTRE, webhook_receiver.url(path), new_secret()
+        )
+        resp = await client.post(
+            f"{platform.url('order')}/v1/orders", json=order_body(CENTRE, patient_ref=patient_ref)
+        )
+        assert resp.status_code == 201, resp.text
+        oid, coi = resp.json()["order_id"], resp.json()["coi"]
+
+        def webhooks() -> list[Any]:
+            return [r for r in webhook_receiver.on(path) if r.json()["subject"] == oid]
+
+        await eventually(
+            lambda: {r.json()["type"] for r in webhooks()} >= ORDER_EVENTS,
+            timeout=20,
+            what="the order's four webhooks delivered",
+        )
+        # the order service holds it, and hands it back to the centre that placed the order
+        order = (await client.get(f"{platform.url('order')}/v1/orders/{oid}")).json()
+        assert order["patient_ref"] == patient_ref
+        deliveries = (
+            await client.get(f"{platform.url('notification')}/v1/deliveries", params={"order_id": oid})
+        ).json()
+        assert len(deliveries) >= 4 and needle.decode() not in json.dumps(deliveries)
+
+    # wait until every service has exported and logged its part of the order: the scan then covers it
+    def exported_by() -> set[str]:
+        return {s["service"] for s in exported_spans(platform) if s["attributes"].get("v2v.order_id") == oid}
+
+    await eventually(
+        lambda: exported_by() == set(SERVICES), timeout=20, what="the order's spans from all five"
+    )
+    await eventually(
+        lambda: all(oid in platform.services[s].log_path.read_text() for s in SERVICES),
+        timeout=20,
+        what="the order in every service's log",
+    )
+
+    # 1. spans (names, attributes, events, links, status) and metrics, as exported: not even the order
+    #    service's own contain it (the rule 'no patient data' holds for all telemetry)
+    files = telemetry_files(platform)
+    assert {f.name for f in files} >= {f"spans-{s}.jsonl" for s in SERVICES}
+    assert [f.name for f in files if needle in f.read_bytes()] == []
+    spans = [s for s in exported_spans(platform) if s["attributes"].get("v2v.order_id") == oid]
+    assert {s["service"] for s in spans if s["attributes"].get("v2v.coi") == coi} == set(SERVICES)
+    assert [s["name"] for s in spans if patient_ref in json.dumps(s)] == []
+
+    # 2. log lines of every service (the order service's included)
+    leaking_logs = {
+        s: [line for line in platform.services[s].log_path.read_text().splitlines() if patient_ref in line]
+        for s in SERVICES
+    }
+    assert leaking_logs == {s: [] for s in SERVICES}
+
+    # 3. every message on every topic of the platform, dead-letter topics included
+    topics = await namespace_topics(platform.infra.bootstrap_servers, platform.namespace)
+    assert set(topics) >= set(all_topics(platform.namespace))
+    assert any(t.endswith(".dlq") for t in topics)
+    messages = await read_everything(platform.infra.bootstrap_servers, topics)
+    leaks = [
+        (topic, key, value[:120] if value else value)
+        for topic, records in messages.items()
+        for (topic, key, value, headers) in records
+        if needle in (key or b"")
+        or needle in (value or b"")
+        or any(needle in k.encode() or needle in (v or b"") for k, v in headers)
+    ]
+    assert leaks == []
+    # the scan read this order's events: one per hop, on its publisher's topic
+    about_order = {
+        topic.rsplit(".", 1)[-1]: [
+            json.loads(v)["type"] for (_t, _k, v, _h) in records if v and oid.encode() in v
+        ]
+        for topic, records in messages.items()
+        if not topic.endswith(".dlq")
+    }
+    assert about_order["order"] == ["order.submitted.v1"]
+    assert "scheduling.slot_reserved.v1" in about_order["scheduling"]
+    assert "site.booking_confirmed.v1" in about_order["site"]
+    assert "logistics.shipment_planned.v1" in about_order["logistics"]
+
+    # 4. the webhook bodies and headers the centre received
+    hooks = [r for r in webhook_receiver.on(path) if r.json()["subject"] == oid]
+    assert {r.json()["type"] for r in hooks} >= ORDER_EVENTS
+    assert all(r.json()["coi"] == coi for r in hooks)
+    assert [r.json()["type"] for r in hooks if needle in r.body or patient_ref in json.dumps(r.headers)] == []
