@@ -1,0 +1,1 @@
+"""The site's pure domain: no I/O."""

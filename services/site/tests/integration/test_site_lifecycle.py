@@ -1,0 +1,782 @@
+"""The site's part of the lifecycle against the real `site` schema (messaging + site migrations, seed
+loaded) with the site service's own database role: registry changes and their effect on bookings, the
+booking handlers, the MES commands and the order's compensations. Every state change is checked with
+the events it wrote to the outbox in the same transaction.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+from fastapi import FastAPI
+
+import site_service
+from site_service import app as site_app
+from site_service import mes, registry, services
+from v2v_contracts import (
+    CloudEvent,
+    EventData,
+    OrderCancelledV1,
+    OrderFailedV1,
+    RemanufactureRequestedV1,
+    SlotReleasedV1,
+    SlotReservedV1,
+    new_event,
+)
+from v2v_contracts.coi import make_coi
+from v2v_harness import pytest_plugin
+from v2v_messaging import MIGRATIONS_DIR, UnitOfWork, notify_channel
+from v2v_persistence import apply_migrations, create_pool, schema_of
+from v2v_servicekit import Problem, get_runtime, problems
+
+pytestmark = pytest.mark.integration
+
+SITE_MIGRATIONS = Path(site_service.__file__).parent / "migrations"
+TOPIC = "t.v2v.site"  # never published to here: only the outbox rows are checked
+SITE = "FR-LES-ULIS"  # TISA-CEL 3/day, AXI-CEL 2/day
+OTHER_SITE = "CH-STEIN"
+CENTRE = "TC-FR-PA-001"
+DAY = date(2031, 5, 12)
+TODAY = date(2031, 5, 1)
+NOW = datetime(2031, 5, 20, 9, 30, tzinfo=UTC)
+_seq = iter(range(1, 999_999))
+
+
+@pytest.fixture
+async def pool(test_db: pytest_plugin.TestDatabase) -> AsyncIterator[asyncpg.Pool]:
+    url = test_db.urls["site"]
+    await apply_migrations(url, "site", [MIGRATIONS_DIR, SITE_MIGRATIONS])
+    pool = await create_pool(url, max_size=4)
+    assert await schema_of(pool) == "site"
+    try:
+        yield pool
+    finally:
+        await pool.close()
+
+
+@pytest.fixture
+async def uow(pool: asyncpg.Pool) -> UnitOfWork:
+    uow = UnitOfWork(pool, TOPIC, notify_channel("site"))
+    assert await services.load_seed(uow) == 7
+    return uow
+
+
+# ---- helpers -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def outbox(pool: asyncpg.Pool) -> Any:
+    """Read the outbox rows written since the last call: [(type, data), ...]."""
+    seen = {"id": 0}
+
+    async def new_rows() -> list[tuple[str, dict[str, Any]]]:
+        rows = await pool.fetch("SELECT * FROM outbox WHERE id > $1 ORDER BY id", seen["id"])
+        if rows:
+            seen["id"] = rows[-1]["id"]
+        out = []
+        for row in rows:
+            assert row["topic"] == TOPIC
+            event = json.loads(bytes(row["payload"]))
+            assert event["type"] == row["event_type"]
+            out.append((row["event_type"], event["data"]))
+        return out
+
+    return new_rows
+
+
+async def handle(uow: UnitOfWork, data: EventData) -> None:
+    event: CloudEvent = new_event(data)
+    handler = services.handlers(None)[event.type]
+    async with uow.begin() as tx:
+        await handler(tx, event)
+
+
+def new_order() -> tuple[uuid.UUID, str]:
+    return uuid.uuid4(), make_coi("V2V00", 31, next(_seq))
+
+
+async def reserve(
+    uow: UnitOfWork,
+    *,
+    order: tuple[uuid.UUID, str] | None = None,
+    site_id: str = SITE,
+    day: date = DAY,
+    product: str = "TISA-CEL",
+) -> dict[str, Any]:
+    order_id, coi = order or new_order()
+    slot = SlotReservedV1(
+        order_id=order_id,
+        coi=coi,
+        treatment_center_id=CENTRE,
+        slot_id=uuid.uuid4(),
+        site_id=site_id,
+        product_code=product,
+        order_type="commercial",
+        apheresis_date=day - timedelta(days=2),
+        manufacturing_start_date=day,
+    )
+    await handle(uow, slot)
+    return {"order_id": order_id, "coi": coi, "slot_id": slot.slot_id, "site_id": site_id, "slot": slot}
+
+
+async def booking(pool: asyncpg.Pool, slot_id: uuid.UUID) -> asyncpg.Record:
+    row = await pool.fetchrow("SELECT * FROM bookings WHERE slot_id = $1", slot_id)
+    assert row is not None
+    return row
+
+
+async def receive(uow: UnitOfWork, b: dict[str, Any], **kw: Any) -> dict[str, Any]:
+    args: dict[str, Any] = {"order_id": b["order_id"], "coi": b["coi"], "accepted": True, "now": NOW}
+    args.update(kw)
+    return await mes.record_receipt(uow, b["site_id"], **args)
+
+
+async def steps(uow: UnitOfWork, b: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    view: dict[str, Any] = {}
+    for name in names:
+        view = await mes.record_step(uow, b["site_id"], b["order_id"], step=name, now=NOW)
+    return view
+
+
+ALL_STEPS = ["activation", "transduction", "expansion", "harvest", "cryopreservation"]
+
+
+def problem_of(excinfo: pytest.ExceptionInfo[Problem]) -> tuple[int, str]:
+    p = excinfo.value
+    assert p.errors, p.detail
+    return p.status, p.errors[0]["field"]
+
+
+# ---- the registry ------------------------------------------------------------------------------------
+
+
+async def test_seed_reload_keeps_api_changes_and_outages(
+    pool: asyncpg.Pool, uow: UnitOfWork, outbox: Any
+) -> None:
+    await outbox()
+    await registry.update_site(uow, SITE, daily_capacity={"TISA-CEL": 1}, active=False, today=TODAY)
+    await registry.add_outage(uow, SITE, start_date=DAY, end_date=DAY, reason="maintenance")
+    assert [t for t, _ in await outbox()] == ["site.registered.v1"] * 2
+
+    assert await services.load_seed(uow) == 0  # nothing the seed says is new: no event
+    assert await outbox() == []
+    site = await registry.get_site(pool, SITE)
+    assert site["daily_capacity"] == {"TISA-CEL": 1, "AXI-CEL": 2}
+    assert site["active"] is False
+    assert [o["reason"] for o in site["outages"]] == ["maintenance"]
+
+
+async def test_patch_capacity_and_active_republishes_the_site(
+    pool: asyncpg.Pool, uow: UnitOfWork, outbox: Any
+) -> None:
+    await outbox()
+    out = await registry.update_site(uow, SITE, daily_capacity={"AXI-CEL": 5}, today=TODAY)
+    assert out["daily_capacity"] == {"TISA-CEL": 3, "AXI-CEL": 5}
+    assert out["affected_booking_ids"] == []
+    [(kind, data)] = await outbox()
+    assert kind == "site.registered.v1"
+    assert data["site_id"] == SITE and data["daily_capacity"] == {"TISA-CEL": 3, "AXI-CEL": 5}
+    assert data["outages"] == []
+
+    out = await registry.update_site(uow, SITE, active=False, today=TODAY)
+    assert out["active"] is False
+    [(kind, data)] = await outbox()
+    assert data["active"] is False
+
+    await registry.update_site(uow, SITE, active=False, today=TODAY)  # no change: nothing published
+    assert await outbox() == []
+
+
+@pytest.mark.parametrize(
+    ("capacity", "field"),
+    [({"NOT-A-PRODUCT": 1}, "daily_capacity.NOT-A-PRODUCT"), ({"TISA-CEL": -1}, "daily_capacity.TISA-CEL")],
+    ids=["unknown-product", "negative"],
+)
+async def test_patch_refuses_bad_capacity_naming_the_field(
+    uow: UnitOfWork, outbox: Any, capacity: dict[str, int], field: str
+) -> None:
+    await outbox()
+    with pytest.raises(Problem) as exc:
+        await registry.update_site(uow, SITE, daily_capacity=capacity)
+    assert problem_of(exc) == (422, field)
+    assert await outbox() == []
+
+
+async def test_unknown_site_is_404(pool: asyncpg.Pool, uow: UnitOfWork) -> None:
+    for call in (
+        registry.update_site(uow, "XX-NOWHERE", active=False),
+        registry.add_outage(uow, "XX-NOWHERE", start_date=DAY, end_date=DAY, reason="x"),
+        registry.get_site(pool, "XX-NOWHERE"),
+        mes.get_manufacturing(pool, "XX-NOWHERE", uuid.uuid4()),
+        mes.record_step(uow, "XX-NOWHERE", uuid.uuid4(), step="activation"),
+    ):
+        with pytest.raises(Problem) as exc:
+            await call
+        assert exc.value.status == 404
+
+
+async def test_capacity_cut_affects_the_latest_bookings_beyond_capacity(
+    pool: asyncpg.Pool, uow: UnitOfWork, outbox: Any
+) -> None:
+    first, second, third = [await reserve(uow) for _ in range(3)]
+    other_day = await reserve(uow, day=DAY + timedelta(days=1))
+    other_product = await reserve(uow, product="AXI-CEL")
+    past = await reserve(uow, day=TODAY - timedelta(days=1))
+    await outbox()
+
+    out = await registry.update_site(uow, SITE, daily_capacity={"TISA-CEL": 1}, today=TODAY)
+
+    affected = {(await booking(pool, b["slot_id"]))["booking_id"] for b in (second, third)}
+    assert set(out["affected_booking_ids"]) == affected
+    events = await outbox()
+    assert [t for t, _ in events] == ["site.registered.v1"] + ["site.booking_affected.v1"] * 2
+    for _, data in events[1:]:
+        assert data["reason"] == "capacity_cut"
+        assert data["site_id"] == SITE
+        assert data["treatment_center_id"] == CENTRE
+    assert {d["order_id"] for _, d in events[1:]} == {str(second["order_id"]), str(third["order_id"])}
+    for b, status in [
+        (first, "confirmed"),
+        (second, "affected"),
+        (third, "affected"),
+        (other_day, "confirmed"),
+        (other_product, "confirmed"),
+        (past, "confirmed"),
+    ]:
+        assert (await booking(pool, b["slot_id"]))["status"] == status
+
+    # cutting to zero moves every TISA-CEL booking left from today on, never one already affected
+    await registry.update_site(uow, SITE, daily_capacity={"TISA-CEL": 0}, today=TODAY)
+    events = await outbox()
+    assert [t for t, _ in events] == ["site.registered.v1"] + ["site.booking_affected.v1"] * 2
+    assert {d["order_id"] for _, d in events[1:]} == {str(first["order_id"]), str(other_day["order_id"])}
+    assert (await booking(pool, past["slot_id"]))["status"] == "confirmed"
+
+    # raising it again affects nothing
+    out = await registry.update_site(uow, SITE, daily_capacity={"TISA-CEL": 3}, today=TODAY)
+    assert out["affected_booking_ids"] == []
+    assert [t for t, _ in await outbox()] == ["site.registered.v1"]
+
+
+async def test_a_capacity_cut_never_moves_material_already_received(
+    pool: asyncpg.Pool, uow: UnitOfWork, outbox: Any
+) -> None:
+    early, late = await reserve(uow), await reserve(uow)
+    await receive(uow, late)
+    await outbox()
+
+    out = await registry.update_site(uow, SITE, daily_capacity={"TISA-CEL": 1}, today=TODAY)
+
+    early_booking = await booking(pool, early["slot_id"])
+    assert out["affected_booking_ids"] == [early_booking["booking_id"]]
+    assert early_booking["status"] == "affected"
+    assert (await booking(pool, late["slot_id"]))["status"] == "confirmed"
+
+
+async def test_an_outage_affects_confirmed_bookings_in_its_window(
+    pool: asyncpg.Pool, uow: UnitOfWork, outbox: Any
+) -> None:
+    before = await reserve(uow, day=DAY - timedelta(days=1))
+    inside = await reserve(uow, day=DAY)
+    last_day = await reserve(uow, day=DAY + timedelta(days=2))
+    received = await reserve(uow, day=DAY + timedelta(days=1))
+    await receive(uow, received)
+    elsewhere = await reserve(uow, site_id=OTHER_SITE, day=DAY)
+    await outbox()
+
+    out = await registry.add_outage(
+        uow, SITE, start_date=DAY, end_date=DAY + timedelta(days=2), reason="cleanroom requalification"
+    )
+
+    assert isinstance(out["outage_id"], uuid.UUID)
+    events = await outbox()
+    kinds = [t for t, _ in events]
+    assert kinds == ["site.registered.v1", "site.booking_affected.v1", "site.booking_affected.v1"]
+    registered = events[0][1]
+    assert registered["outages"] == [
+        {
+            "outage_id": str(out["outage_id"]),
+            "start_date": DAY.isoformat(),
+            "end_date": (DAY + timedelta(days=2)).isoformat(),
+            "reason": "cleanroom requalification",
+        }
+    ]
+    assert [d["order_id"] for _, d in events[1:]] == [str(inside["order_id"]), str(last_day["order_id"])]
+    assert {d["reason"] for _, d in events[1:]} == {"outage:cleanroom requalification"}
+    assert len(out["affected_booking_ids"]) == 2
+    for b, status in [
+        (before, "confirmed"),
+        (inside, "affected"),
+        (last_day, "affected"),
+        (received, "confirmed"),
+        (elsewhere, "confirmed"),
+    ]:
+        assert (await booking(pool, b["slot_id"]))["status"] == status
+
+
+async def test_an_outage_must_end_on_or_after_its_start(uow: UnitOfWork, outbox: Any) -> None:
+    await outbox()
+    with pytest.raises(Problem) as exc:
+        await registry.add_outage(uow, SITE, start_date=DAY, end_date=DAY - timedelta(days=1), reason="x")
+    assert problem_of(exc) == (422, "end_date")
+    assert await outbox() == []
+
+
+async def test_a_failure_after_the_registry_change_leaves_nothing(
+    pool: asyncpg.Pool, uow: UnitOfWork, outbox: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await reserve(uow)
+    await outbox()
+
+    async def broken(*_a: Any, **_k: Any) -> list[uuid.UUID]:
+        raise RuntimeError("affect failed")
+
+    monkeypatch.setattr(services, "affect_bookings", broken)
+    with pytest.raises(RuntimeError):
+        await registry.add_outage(uow, SITE, start_date=DAY, end_date=DAY, reason="x")
+    assert await outbox() == []
+    assert (await registry.get_site(pool, SITE))["outages"] == []
+
+
+# ---- bookings ----------------------------------------------------------------------------------------
+
+
+async def test_each_slot_gets_its_own_booking_and_a_released_slot_cancels_it(
+    pool: asyncpg.Pool, uow: UnitOfWork, outbox: Any
+) -> None:
+    await outbox()
+    first = await reserve(uow)
+    again = await reserve(uow, order=(first["order_id"], first["coi"]), day=DAY + timedelta(days=7))
+    events = await outbox()
+    assert [t for t, _ in events] == ["site.booking_confirmed.v1"] * 2
+    assert events[0][1]["booking_id"] != events[1][1]["booking_id"]
+    await handle(uow, first["slot"])  # the same slot again: nothing new
+    assert await outbox() == []
+    count = await pool.fetchval("SELECT count(*) FROM bookings WHERE order_id = $1", first["order_id"])
+    assert count == 2
+
+    release = SlotReleasedV1(
+        order_id=first["order_id"],
+        coi=first["coi"],
+        treatment_center_id=CENTRE,
+        slot_id=first["slot_id"],
+        site_id=SITE,
+        reason="rebook:reschedule",
+    )
+    await handle(uow, release)
+    [(kind, data)] = await outbox()
+    assert kind == "site.booking_cancelled.v1"
+    assert data["slot_id"] == str(first["slot_id"])
+    assert data["booking_id"] == events[0][1]["booking_id"]
+    assert data["reason"] == "rebook:reschedule"
+    assert (await booking(pool, first["slot_id"]))["status"] == "cancelled"
+    assert (await booking(pool, again["slot_id"]))["status"] == "confirmed"
+
+    await handle(uow, release)  # already cancelled
+    await handle(uow, release.model_copy(update={"slot_id": uuid.uuid4()}))  # no such booking
+    assert await outbox() == []
+
+
+async def test_an_affected_booking_is_cancelled_when_its_slot_is_released(
+    pool: asyncpg.Pool, uow: UnitOfWork, outbox: Any
+) -> None:
+    b = await reserve(uow)
+    await registry.add_outage(uow, SITE, start_date=DAY, end_date=DAY, reason="power")
+    await outbox()
+    await handle(
+        uow,
+        SlotReleasedV1(
+            order_id=b["order_id"],
+            coi=b["coi"],
+            treatment_center_id=CENTRE,
+            slot_id=b["slot_id"],
+            site_id=SITE,
+            reason="rebook:site_outage",
+        ),
+    )
+    assert [t for t, _ in await outbox()] == ["site.booking_cancelled.v1"]
+    assert (await booking(pool, b["slot_id"]))["status"] == "cancelled"
+
+
+async def test_a_slot_reserved_into_a_declared_outage_is_confirmed_then_affected(
+    pool: asyncpg.Pool, uow: UnitOfWork, outbox: Any
+) -> None:
+    await registry.add_outage(uow, SITE, start_date=DAY, end_date=DAY, reason="power")
+    await outbox()
+    b = await reserve(uow)
+    events = await outbox()
+    assert [t for t, _ in events] == ["site.booking_confirmed.v1", "site.booking_affected.v1"]
+    assert events[1][1]["reason"] == "outage:power"
+    assert (await booking(pool, b["slot_id"]))["status"] == "affected"
+
+
+# ---- MES: receipt ------------------------------------------------------------------------------------
+
+
+async def test_receipt_accepted_starts_run_one(pool: asyncpg.Pool, uow: UnitOfWork, outbox: Any) -> None:
+    b = await reserve(uow)
+    view = await mes.get_manufacturing(pool, SITE, b["order_id"])
+    assert (view["state"], view["run"]) == ("awaiting_material", 0)
+    await outbox()
+
+    view = await receive(uow, b, received_at=NOW)
+
+    assert (view["state"], view["run"], view["next_step"]) == ("material_received", 1, "activation")
+    [(kind, data)] = await outbox()
+    assert kind == "site.material_received.v1"
+    assert data == {
+        "order_id": str(b["order_id"]),
+        "coi": b["coi"],
+        "treatment_center_id": CENTRE,
+        "site_id": SITE,
+        "received_at": NOW.isoformat().replace("+00:00", "Z"),
+    }
+    assert await receive(uow, b) == view  # the same receipt again: nothing new
+    assert await outbox() == []
+    with pytest.raises(Problem) as exc:
+        await receive(uow, b, accepted=False, reason="bag damaged")
+    assert exc.value.status == 409
+
+
+async def test_receipt_refused_rejects_the_material_with_its_reason(
+    pool: asyncpg.Pool, uow: UnitOfWork, outbox: Any
+) -> None:
+    b = await reserve(uow)
+    await outbox()
+    with pytest.raises(Problem) as exc:
+        await receive(uow, b, accepted=False)
+    assert problem_of(exc) == (422, "reason")
+
+    view = await receive(uow, b, accepted=False, reason="bag damaged in transit")
+
+    assert view["state"] == "rejected"
+    [(kind, data)] = await outbox()
+    assert kind == "site.material_rejected.v1"
+    assert data["reason"] == "bag damaged in transit"
+    with pytest.raises(Problem) as exc:
+        await mes.record_step(uow, SITE, b["order_id"], step="activation")
+    assert problem_of(exc) == (409, "step")
+
+
+async def test_receipt_checks_the_coi_and_the_booking(
+    pool: asyncpg.Pool, uow: UnitOfWork, outbox: Any
+) -> None:
+    b = await reserve(uow)
+    _, other_coi = new_order()
+    await outbox()
+
+    with pytest.raises(Problem) as exc:
+        await receive(uow, b, coi=b["coi"][:-1] + ("A" if b["coi"][-1] != "A" else "B"))
+    assert problem_of(exc) == (422, "coi")
+    with pytest.raises(Problem) as exc:
+        await receive(uow, b, coi=other_coi)
+    assert problem_of(exc) == (409, "coi")
+    assert exc.value.kind == "coi-mismatch"
+    with pytest.raises(Problem) as exc:
+        await receive(uow, {**b, "site_id": OTHER_SITE})  # booked elsewhere
+    assert problem_of(exc) == (409, "order_id")
+    with pytest.raises(Problem) as exc:
+        await receive(uow, {**b, "order_id": uuid.uuid4()})
+    assert problem_of(exc) == (409, "order_id")
+
+    assert await outbox() == []
+    assert await pool.fetchval("SELECT count(*) FROM manufacturing") == 0
+    assert (await mes.get_manufacturing(pool, SITE, b["order_id"]))["state"] == "awaiting_material"
+
+
+# ---- MES: steps and QC -------------------------------------------------------------------------------
+
+
+async def test_steps_in_order_then_qc_release(pool: asyncpg.Pool, uow: UnitOfWork, outbox: Any) -> None:
+    b = await reserve(uow)
+    await receive(uow, b)
+    await outbox()
+    with pytest.raises(Problem) as exc:
+        await mes.record_step(uow, SITE, b["order_id"], step="transduction")
+    assert problem_of(exc) == (409, "step")
+    with pytest.raises(Problem) as exc:
+        await mes.record_qc(uow, SITE, b["order_id"], disposition="released")
+    assert problem_of(exc) == (409, "disposition")
+
+    view = await steps(uow, b, ALL_STEPS)
+    assert view["state"] == "qc_pending"
+    assert view["steps_completed"] == ALL_STEPS
+    events = await outbox()
+    assert [t for t, _ in events] == ["site.manufacturing_step_completed.v1"] * 5
+    assert [(d["step"], d["run"]) for _, d in events] == [(s, 1) for s in ALL_STEPS]
+
+    assert await steps(uow, b, ["harvest"]) == view  # a repeated report: no-op
+    assert await outbox() == []
+
+    view = await mes.record_qc(uow, SITE, b["order_id"], disposition="released", now=NOW)
+    assert view["state"] == "released"
+    [(kind, data)] = await outbox()
+    assert kind == "site.product_released.v1"
+    assert data["run"] == 1 and data["site_id"] == SITE
+    assert await mes.record_qc(uow, SITE, b["order_id"], disposition="released") == view
+    assert await outbox() == []
+
+    history = view["history"]
+    assert [(h["action"], h["step"], h["state_after"]) for h in history] == [
+        ("receipt", None, "material_received"),
+        *[
+            ("step", s, a)
+            for s, a in zip(
+                ALL_STEPS, ["activation", "transduction", "expansion", "harvest", "qc_pending"], strict=True
+            )
+        ],
+        ("qc", None, "released"),
+    ]
+    with pytest.raises(asyncpg.RaiseError):  # the history is append-only
+        await pool.execute("UPDATE manufacturing_history SET reason = 'edited'")
+
+
+async def test_qc_needs_a_reason_unless_released(uow: UnitOfWork) -> None:
+    b = await reserve(uow)
+    await receive(uow, b)
+    await steps(uow, b, ALL_STEPS)
+    for disposition in ("out_of_specification", "failed"):
+        with pytest.raises(Problem) as exc:
+            await mes.record_qc(uow, SITE, b["order_id"], disposition=disposition, reason="  ")
+        assert problem_of(exc) == (422, "reason")
+
+
+async def test_steps_before_receipt_are_refused(pool: asyncpg.Pool, uow: UnitOfWork) -> None:
+    b = await reserve(uow)
+    with pytest.raises(Problem) as exc:
+        await mes.record_step(uow, SITE, b["order_id"], step="activation")
+    assert problem_of(exc) == (409, "order_id")
+    with pytest.raises(Problem) as exc:
+        await mes.get_manufacturing(pool, SITE, uuid.uuid4())
+    assert exc.value.status == 404
+
+
+async def test_oos_then_remanufacture_from_retained_material_then_failure(
+    pool: asyncpg.Pool, uow: UnitOfWork, outbox: Any
+) -> None:
+    b = await reserve(uow, product="TISA-CEL")  # retains material, two runs
+    await receive(uow, b)
+    await steps(uow, b, ALL_STEPS)
+    await outbox()
+
+    await mes.record_qc(uow, SITE, b["order_id"], disposition="out_of_specification", reason="CAR+ 8%")
+    [(kind, data)] = await outbox()
+    assert kind == "site.product_out_of_specification.v1"
+    assert (data["run"], data["retained_material"], data["reason"]) == (1, True, "CAR+ 8%")
+
+    command = RemanufactureRequestedV1(
+        order_id=b["order_id"],
+        coi=b["coi"],
+        treatment_center_id=CENTRE,
+        site_id=SITE,
+        reason="out of specification",
+        run=2,
+    )
+    await handle(uow, command)
+    await handle(uow, command)  # the same command again
+    view = await mes.get_manufacturing(pool, SITE, b["order_id"])
+    assert (view["state"], view["run"], view["next_step"]) == ("material_received", 2, "activation")
+    assert await outbox() == []  # no new receipt: the run starts from retained material
+
+    await steps(uow, b, ["activation", "transduction"])
+    view = await mes.record_step(
+        uow, SITE, b["order_id"], step="expansion", failed=True, reason="no expansion"
+    )
+    assert (view["state"], view["failed_step"]) == ("failed", "expansion")
+    events = await outbox()
+    assert [(t, d["step"]) for t, d in events[:2]] == [
+        ("site.manufacturing_step_completed.v1", "activation"),
+        ("site.manufacturing_step_completed.v1", "transduction"),
+    ]
+    assert all(d["run"] == 2 for _, d in events)
+    kind, data = events[2]
+    assert kind == "site.manufacturing_failed.v1"
+    assert (data["run"], data["retained_material"]) == (2, False)
+    assert "no expansion" in data["reason"]
+
+    await handle(uow, command.model_copy(update={"run": 3}))  # nothing retained: ignored
+    assert (await mes.get_manufacturing(pool, SITE, b["order_id"]))["state"] == "failed"
+    assert await outbox() == []
+
+
+async def test_a_failed_step_needs_a_reason_and_a_product_without_retained_material_keeps_none(
+    uow: UnitOfWork, outbox: Any
+) -> None:
+    b = await reserve(uow, product="AXI-CEL")
+    await receive(uow, b)
+    await outbox()
+    with pytest.raises(Problem) as exc:
+        await mes.record_step(uow, SITE, b["order_id"], step="activation", failed=True)
+    assert problem_of(exc) == (422, "reason")
+    await mes.record_step(uow, SITE, b["order_id"], step="activation", failed=True, reason="contamination")
+    [(kind, data)] = await outbox()
+    assert kind == "site.manufacturing_failed.v1"
+    assert (data["run"], data["retained_material"]) == (1, False)
+
+
+# ---- the order's compensations ----------------------------------------------------------------------
+
+
+async def test_a_cancelled_order_stops_manufacturing_and_cancels_its_booking(
+    pool: asyncpg.Pool, uow: UnitOfWork, outbox: Any
+) -> None:
+    b = await reserve(uow)
+    await receive(uow, b)
+    await steps(uow, b, ["activation"])
+    await outbox()
+    cancelled = OrderCancelledV1(
+        order_id=b["order_id"],
+        coi=b["coi"],
+        treatment_center_id=CENTRE,
+        reason="patient withdrew",
+        previous_status="manufacturing",
+    )
+    await handle(uow, cancelled)
+
+    events = await outbox()
+    assert [t for t, _ in events] == ["site.manufacturing_stopped.v1", "site.booking_cancelled.v1"]
+    assert all("patient withdrew" in d["reason"] for _, d in events)
+    view = await mes.get_manufacturing(pool, SITE, b["order_id"])
+    assert view["state"] == "stopped"
+    assert view["history"][-1]["action"] == "stop"
+    assert (await booking(pool, b["slot_id"]))["status"] == "cancelled"
+
+    await handle(uow, cancelled)  # idempotent
+    await handle(
+        uow,
+        SlotReleasedV1(
+            order_id=b["order_id"],
+            coi=b["coi"],
+            treatment_center_id=CENTRE,
+            slot_id=b["slot_id"],
+            site_id=SITE,
+            reason="order cancelled",
+        ),
+    )
+    assert await outbox() == []
+    with pytest.raises(Problem) as exc:
+        await mes.record_step(uow, SITE, b["order_id"], step="transduction")
+    assert exc.value.status == 409
+
+
+async def test_a_failed_order_without_material_only_loses_its_live_bookings(
+    pool: asyncpg.Pool, uow: UnitOfWork, outbox: Any
+) -> None:
+    b = await reserve(uow)
+    other = await reserve(uow)
+    await registry.add_outage(uow, SITE, start_date=DAY, end_date=DAY, reason="power")  # both affected
+    rebooked = await reserve(uow, order=(b["order_id"], b["coi"]), site_id=OTHER_SITE)
+    await outbox()
+
+    await handle(
+        uow,
+        OrderFailedV1(order_id=b["order_id"], coi=b["coi"], treatment_center_id=CENTRE, reason="no material"),
+    )
+
+    events = await outbox()
+    assert [t for t, _ in events] == ["site.booking_cancelled.v1"] * 2  # the affected one and the new one
+    assert {d["site_id"] for _, d in events} == {SITE, OTHER_SITE}
+    assert (await booking(pool, b["slot_id"]))["status"] == "cancelled"
+    assert (await booking(pool, rebooked["slot_id"]))["status"] == "cancelled"
+    assert (await booking(pool, other["slot_id"]))["status"] == "affected"
+
+
+async def test_a_finished_manufacture_is_not_stopped(uow: UnitOfWork, outbox: Any) -> None:
+    b = await reserve(uow)
+    await receive(uow, b)
+    await steps(uow, b, ALL_STEPS)
+    await mes.record_qc(uow, SITE, b["order_id"], disposition="released")
+    await outbox()
+    await handle(
+        uow, OrderFailedV1(order_id=b["order_id"], coi=b["coi"], treatment_center_id=CENTRE, reason="x")
+    )
+    assert [t for t, _ in await outbox()] == ["site.booking_cancelled.v1"]
+
+
+# ---- the HTTP layer (routes wired to this database, no broker) ---------------------------------------
+
+
+@pytest.fixture
+async def client(pool: asyncpg.Pool, uow: UnitOfWork) -> AsyncIterator[httpx.AsyncClient]:
+    app = FastAPI()
+    problems.install(app)
+    app.include_router(site_app.router)
+    app.dependency_overrides[get_runtime] = lambda: SimpleNamespace(pool=pool, uow=uow)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://site") as c:
+        yield c
+
+
+async def test_http_registry(client: httpx.AsyncClient) -> None:
+    r = await client.get(f"/v1/sites/{SITE}")
+    assert r.status_code == 200 and r.json()["outages"] == []
+    assert (await client.get("/v1/sites/XX-NOWHERE")).status_code == 404
+    r = await client.patch(f"/v1/sites/{SITE}", json={"daily_capacity": {"TISA-CEL": 2}})
+    assert r.status_code == 200 and r.json()["daily_capacity"]["TISA-CEL"] == 2
+    r = await client.patch(f"/v1/sites/{SITE}", json={"daily_capacity": {"TISA-CEL": -2}})
+    assert r.status_code == 422
+    assert r.headers["content-type"].startswith("application/problem+json")
+    assert r.json()["errors"][0]["field"] == "daily_capacity.TISA-CEL"
+    r = await client.patch(f"/v1/sites/{SITE}", json={"capacity": 3})
+    assert r.status_code == 422
+    r = await client.post(
+        f"/v1/sites/{SITE}/outages",
+        json={"start_date": DAY.isoformat(), "end_date": DAY.isoformat(), "reason": "power"},
+    )
+    assert r.status_code == 201
+    assert uuid.UUID(r.json()["outage_id"])
+    r = await client.post(
+        f"/v1/sites/{SITE}/outages",
+        json={
+            "start_date": DAY.isoformat(),
+            "end_date": (DAY - timedelta(days=1)).isoformat(),
+            "reason": "x",
+        },
+    )
+    assert r.status_code == 422 and r.json()["errors"][0]["field"] == "end_date"
+
+
+async def test_http_mes(client: httpx.AsyncClient, uow: UnitOfWork) -> None:
+    b = await reserve(uow)
+    oid = b["order_id"]
+    r = await client.post(
+        f"/v1/sites/{SITE}/receipts", json={"order_id": str(oid), "coi": "NOPE", "accepted": True}
+    )
+    assert r.status_code == 422 and r.json()["errors"][0]["field"] == "coi"
+    r = await client.post(
+        f"/v1/sites/{SITE}/receipts",
+        json={"order_id": str(oid), "coi": b["coi"], "accepted": True, "received_at": "2031-05-20T09:00:00"},
+    )
+    assert r.status_code == 422 and r.json()["errors"][0]["field"] == "received_at"  # needs a time zone
+    r = await client.post(
+        f"/v1/sites/{SITE}/receipts", json={"order_id": str(oid), "coi": b["coi"], "accepted": True}
+    )
+    assert r.status_code == 200 and r.json()["state"] == "material_received"
+    r = await client.post(f"/v1/sites/{SITE}/manufacturing/{oid}/steps", json={"step": "formulation"})
+    assert r.status_code == 422 and r.json()["errors"][0]["field"] == "step"
+    r = await client.post(f"/v1/sites/{SITE}/manufacturing/{oid}/steps", json={"step": "expansion"})
+    assert r.status_code == 409 and r.json()["errors"][0]["field"] == "step"
+    for step in ALL_STEPS:
+        r = await client.post(
+            f"/v1/sites/{SITE}/manufacturing/{oid}/steps",
+            json={"step": step, "completed_at": "2031-05-21T10:00:00+02:00"},
+        )
+        assert r.status_code == 200, r.text
+    r = await client.post(f"/v1/sites/{SITE}/manufacturing/{oid}/qc", json={"disposition": "failed"})
+    assert r.status_code == 422 and r.json()["errors"][0]["field"] == "reason"
+    r = await client.post(
+        f"/v1/sites/{SITE}/manufacturing/{oid}/qc", json={"disposition": "failed", "reason": "sterility"}
+    )
+    assert r.status_code == 200 and r.json()["state"] == "failed"
+    r = await client.get(f"/v1/sites/{SITE}/manufacturing/{oid}")
+    body = r.json()
+    assert (body["state"], body["run"], body["retained_material"]) == ("failed", 1, True)
+    assert len(body["history"]) == 7

@@ -1,0 +1,344 @@
+"""Manufacturing at a site as a pure state machine: steps only in order, runs from retained material,
+and no sequence of MES reports and order commands ever reaches an illegal state."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import order_service
+from site_service.catalog import MANUFACTURING_SEED, product_rules, rules_for, rules_from_seed
+from site_service.domain import manufacturing as mfg
+from site_service.domain.manufacturing import (
+    DISPOSITION_STATE,
+    STATE_AFTER,
+    STEPS,
+    Conflict,
+    Manufacturing,
+    Rules,
+    State,
+    Transition,
+)
+from site_service.services import SEED, site_from_seed
+
+S = State
+RETAINS = Rules(retains_material=True, max_runs=2)
+NO_RETAIN = Rules(retains_material=False, max_runs=1)
+
+# the legal moves, written out independently of the implementation
+LEGAL: set[tuple[State, State]] = {
+    (S.AWAITING_MATERIAL, S.MATERIAL_RECEIVED),
+    (S.AWAITING_MATERIAL, S.REJECTED),
+    (S.MATERIAL_RECEIVED, S.ACTIVATION),
+    (S.ACTIVATION, S.TRANSDUCTION),
+    (S.TRANSDUCTION, S.EXPANSION),
+    (S.EXPANSION, S.HARVEST),
+    (S.HARVEST, S.QC_PENDING),
+    (S.QC_PENDING, S.RELEASED),
+    (S.QC_PENDING, S.OUT_OF_SPECIFICATION),
+    (S.QC_PENDING, S.FAILED),
+    (S.OUT_OF_SPECIFICATION, S.MATERIAL_RECEIVED),
+    (S.FAILED, S.MATERIAL_RECEIVED),
+}
+LEGAL |= {(s, S.FAILED) for s in (S.MATERIAL_RECEIVED, S.ACTIVATION, S.TRANSDUCTION, S.EXPANSION, S.HARVEST)}
+LEGAL |= {(s, S.STOPPED) for s in STATE_AFTER}
+ABSORBING = {S.RELEASED, S.REJECTED, S.STOPPED}
+
+
+def received() -> Manufacturing:
+    return mfg.receive(Manufacturing(), accepted=True).after
+
+
+def through(m: Manufacturing, steps: tuple[str, ...] | list[str]) -> Manufacturing:
+    for step in steps:
+        m = mfg.complete_step(m, step).after
+    return m
+
+
+# ---- examples ---------------------------------------------------------------------------------------
+
+
+def test_a_run_goes_from_receipt_through_the_steps_to_release() -> None:
+    m = received()
+    assert (m.state, m.run, m.next_step) == (S.MATERIAL_RECEIVED, 1, "activation")
+    seen = []
+    for step in STEPS:
+        m = mfg.complete_step(m, step).after
+        seen.append(m.state)
+    assert seen == [S.ACTIVATION, S.TRANSDUCTION, S.EXPANSION, S.HARVEST, S.QC_PENDING]
+    assert m.next_step is None
+    t = mfg.qc(m, "released", RETAINS)
+    assert t.changed and t.after.state == S.RELEASED and not t.after.retained_material
+
+
+def test_a_step_out_of_order_is_refused_naming_step() -> None:
+    m = received()
+    with pytest.raises(Conflict) as exc:
+        mfg.complete_step(m, "transduction")
+    assert exc.value.field == "step"
+    assert "activation" in exc.value.reason
+    m = through(m, ["activation", "transduction"])
+    with pytest.raises(Conflict):
+        mfg.complete_step(m, "harvest")
+
+
+def test_the_same_step_twice_is_a_no_op() -> None:
+    m = through(received(), ["activation", "transduction"])
+    for step in ("transduction", "activation"):
+        t = mfg.complete_step(m, step)
+        assert not t.changed and t.after == m
+    done = through(m, STEPS[2:])
+    assert not mfg.complete_step(done, "cryopreservation").changed
+
+
+def test_no_step_before_receipt_or_after_rejection() -> None:
+    with pytest.raises(Conflict):
+        mfg.complete_step(Manufacturing(), "activation")
+    rejected = mfg.receive(Manufacturing(), accepted=False).after
+    assert rejected.state == S.REJECTED
+    with pytest.raises(Conflict):
+        mfg.complete_step(rejected, "activation")
+
+
+def test_unknown_step_or_disposition_is_a_programming_error() -> None:
+    with pytest.raises(ValueError):
+        mfg.complete_step(received(), "formulation")
+    with pytest.raises(ValueError):
+        mfg.qc(through(received(), STEPS), "maybe", RETAINS)
+
+
+def test_a_repeated_receipt_is_a_no_op_and_a_contradicting_one_is_refused() -> None:
+    m = received()
+    assert not mfg.receive(m, accepted=True).changed
+    with pytest.raises(Conflict) as exc:
+        mfg.receive(m, accepted=False)
+    assert exc.value.field == "accepted"
+    rejected = mfg.receive(Manufacturing(), accepted=False).after
+    assert not mfg.receive(rejected, accepted=False).changed
+    with pytest.raises(Conflict):
+        mfg.receive(rejected, accepted=True)
+
+
+def test_qc_only_in_qc_pending_and_a_repeated_disposition_is_a_no_op() -> None:
+    with pytest.raises(Conflict) as exc:
+        mfg.qc(through(received(), STEPS[:3]), "released", RETAINS)
+    assert exc.value.field == "disposition"
+    released = mfg.qc(through(received(), STEPS), "released", RETAINS).after
+    assert not mfg.qc(released, "released", RETAINS).changed
+    with pytest.raises(Conflict):
+        mfg.qc(released, "failed", RETAINS)
+
+
+def test_a_failed_step_loses_the_run_and_keeps_material_when_the_product_retains_it() -> None:
+    m = through(received(), ["activation"])
+    t = mfg.fail_step(m, "transduction", RETAINS)
+    assert t.after.state == S.FAILED
+    assert t.after.failed_step == "transduction"
+    assert t.after.retained_material
+    assert not mfg.fail_step(t.after, "transduction", RETAINS).changed  # the same failure again
+    with pytest.raises(Conflict):
+        mfg.fail_step(t.after, "expansion", RETAINS)
+    with pytest.raises(Conflict):
+        mfg.complete_step(t.after, "transduction")
+    assert not mfg.fail_step(m, "transduction", NO_RETAIN).after.retained_material
+
+
+def test_only_the_step_in_progress_can_fail() -> None:
+    m = through(received(), ["activation"])
+    with pytest.raises(Conflict):
+        mfg.fail_step(m, "activation", RETAINS)  # already done
+    with pytest.raises(Conflict):
+        mfg.fail_step(m, "harvest", RETAINS)  # not started
+    with pytest.raises(Conflict):
+        mfg.fail_step(through(received(), STEPS), "cryopreservation", RETAINS)  # QC decides now
+
+
+def test_remanufacture_starts_run_two_from_retained_material_and_run_two_retains_nothing() -> None:
+    oos = mfg.qc(through(received(), STEPS), "out_of_specification", RETAINS).after
+    assert oos.retained_material
+    t = mfg.remanufacture(oos, 2)
+    assert t.changed
+    assert (t.after.state, t.after.run, t.after.steps_completed) == (S.MATERIAL_RECEIVED, 2, 0)
+    assert not mfg.remanufacture(t.after, 2).changed  # the same command again
+    second = mfg.qc(through(t.after, STEPS), "failed", RETAINS).after
+    assert second.state == S.FAILED and second.run == 2
+    assert not second.retained_material  # max_runs 2: nothing left
+    with pytest.raises(Conflict) as exc:
+        mfg.remanufacture(second, 3)
+    assert exc.value.field == "run"
+
+
+def test_no_remanufacture_without_retained_material_or_while_running() -> None:
+    failed = mfg.qc(through(received(), STEPS), "failed", NO_RETAIN).after
+    with pytest.raises(Conflict):
+        mfg.remanufacture(failed, 2)
+    with pytest.raises(Conflict):
+        mfg.remanufacture(through(received(), STEPS[:2]), 2)
+
+
+@pytest.mark.parametrize("done", range(len(STEPS) + 1))
+def test_stop_ends_a_running_manufacture(done: int) -> None:
+    m = through(received(), STEPS[:done])
+    t = mfg.stop(m)
+    assert t.changed and t.after.state == S.STOPPED
+    assert not mfg.stop(t.after).changed
+
+
+@pytest.mark.parametrize(
+    "m",
+    [
+        Manufacturing(),
+        mfg.receive(Manufacturing(), accepted=False).after,
+        mfg.qc(through(received(), STEPS), "released", RETAINS).after,
+        mfg.qc(through(received(), STEPS), "failed", RETAINS).after,
+    ],
+    ids=["awaiting", "rejected", "released", "failed"],
+)
+def test_stop_leaves_anything_not_running_alone(m: Manufacturing) -> None:
+    assert not mfg.stop(m).changed
+
+
+@pytest.mark.parametrize(("run", "expected"), [(1, True), (2, False), (3, False)])
+def test_retained_material_is_product_config_and_runs_left(run: int, expected: bool) -> None:
+    assert RETAINS.retained_after(run) is expected
+    assert NO_RETAIN.retained_after(run) is False
+
+
+# ---- any sequence -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Op:
+    kind: str
+    arg: Any = None
+
+
+ops = st.one_of(
+    st.builds(Op, st.just("receive"), st.booleans()),
+    st.builds(Op, st.just("step"), st.sampled_from(STEPS)),
+    st.builds(Op, st.just("fail"), st.sampled_from(STEPS)),
+    st.builds(Op, st.just("qc"), st.sampled_from(sorted(DISPOSITION_STATE))),
+    st.builds(Op, st.just("remanufacture"), st.integers(min_value=0, max_value=4)),
+    st.builds(Op, st.just("stop")),
+)
+# mostly well-formed runs (receipt, steps in order) with noise mixed in, plus pure noise
+happy = st.just([Op("receive", True), *(Op("step", s) for s in STEPS)])
+sequences = st.lists(ops, max_size=40) | st.tuples(happy, st.lists(ops, max_size=25)).flatmap(
+    lambda t: st.permutations(t[0] + t[1]).map(list) | st.just(t[0] + t[1])
+)
+
+
+def apply(m: Manufacturing, op: Op, rules: Rules) -> Transition:
+    match op.kind:
+        case "receive":
+            return mfg.receive(m, op.arg)
+        case "step":
+            return mfg.complete_step(m, op.arg)
+        case "fail":
+            return mfg.fail_step(m, op.arg, rules)
+        case "qc":
+            return mfg.qc(m, op.arg, rules)
+        case "remanufacture":
+            return mfg.remanufacture(m, op.arg)
+        case _:
+            return mfg.stop(m)
+
+
+def check_consistent(m: Manufacturing, rules: Rules) -> None:
+    assert isinstance(m.state, State)
+    assert 0 <= m.steps_completed <= len(STEPS)
+    if m.state in {S.AWAITING_MATERIAL, S.REJECTED}:
+        assert (m.run, m.steps_completed) == (0, 0)
+    else:
+        assert m.run >= 1
+    if m.state in STATE_AFTER:
+        assert m.state == STATE_AFTER[m.steps_completed]
+    if m.state in {S.RELEASED, S.OUT_OF_SPECIFICATION}:
+        assert m.steps_completed == len(STEPS)
+    if m.state == S.FAILED:
+        if m.failed_step is None:
+            assert m.steps_completed == len(STEPS)  # failed at QC
+        else:
+            assert STEPS[m.steps_completed] == m.failed_step
+    else:
+        assert m.failed_step is None
+    if m.retained_material:
+        assert m.state in {S.OUT_OF_SPECIFICATION, S.FAILED}
+        assert rules.retains_material and m.run < rules.max_runs
+
+
+@settings(max_examples=400)
+@given(sequences, st.sampled_from([RETAINS, NO_RETAIN, Rules(retains_material=True, max_runs=3)]))
+def test_no_sequence_reaches_an_illegal_state(sequence: list[Op], rules: Rules) -> None:
+    m = Manufacturing()
+    completed_this_run: list[str] = []
+    remanufactures = 0
+    for op in sequence:
+        try:
+            t = apply(m, op, rules)
+        except Conflict:
+            continue  # refused: nothing changes
+        assert t.before == m
+        after = t.after
+        if not t.changed:
+            assert after == m
+            continue
+        assert (m.state, after.state) in LEGAL, f"{m.state} -> {after.state} by {op}"
+        assert m.state not in ABSORBING
+        assert after.run >= m.run
+        if m.run == 0 and after.run != 0:  # run 1 starts only at an accepted receipt
+            assert op == Op("receive", True) and after.run == 1
+        elif after.run != m.run:  # a later run: only from lost material that was retained
+            assert op.kind == "remanufacture" and after.run == op.arg
+            assert m.state in {S.OUT_OF_SPECIFICATION, S.FAILED} and m.retained_material
+            remanufactures += 1
+            completed_this_run = []
+        if op.kind == "step":
+            completed_this_run.append(op.arg)
+            assert tuple(completed_this_run) == STEPS[: len(completed_this_run)]  # only in order
+        check_consistent(after, rules)
+        m = after
+    # retained material allows at most max_runs - 1 remanufactures, and none without it
+    assert remanufactures <= (rules.max_runs - 1 if rules.retains_material else 0)
+
+
+# ---- the seed ----------------------------------------------------------------------------------------
+
+
+ORDER_PRODUCTS = {
+    p["code"]: p
+    for p in yaml.safe_load((Path(order_service.__file__).parent / "seed" / "products.yaml").read_text())
+}
+
+
+def test_manufacturing_seed_is_packaged_and_covers_every_product() -> None:
+    assert MANUFACTURING_SEED.name == "manufacturing.yaml"
+    assert MANUFACTURING_SEED.parent == SEED.parent
+    assert set(product_rules()) == set(ORDER_PRODUCTS)
+    assert rules_for("TISA-CEL").retains_material is True
+    assert rules_for("AXI-CEL").retains_material is False
+    assert rules_for("CILTA-CEL").retains_material is True
+
+
+def test_manufacturing_seed_agrees_with_the_order_service_on_retained_material() -> None:
+    for code, rules in product_rules().items():
+        assert rules.retains_material == ORDER_PRODUCTS[code]["retains_material"], code
+        assert rules.max_runs == ORDER_PRODUCTS[code]["max_runs"], code
+
+
+def test_every_site_capacity_is_for_a_known_product() -> None:
+    for entry in yaml.safe_load(SEED.read_text()):
+        assert set(site_from_seed(entry).daily_capacity) <= set(product_rules())
+
+
+def test_unknown_products_retain_nothing_and_bad_runs_are_refused() -> None:
+    assert rules_for("NOPE") == Rules()
+    assert rules_for(None).retains_material is False
+    with pytest.raises(ValueError):
+        rules_from_seed([{"product_code": "X", "retains_material": True, "max_runs": 0}])
