@@ -1,0 +1,335 @@
+"""Exception e-mails: what a message may say (allow-list, no patient data), recipients' addresses, the
+exception event types and where they come from, SMTP and retry settings."""
+
+from __future__ import annotations
+
+import email
+import uuid
+from datetime import UTC, datetime
+from email import policy as email_policy
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from notification_service import services
+from notification_service.delivery import DeliveryPolicy
+from notification_service.emails import (
+    ALLOWED_FIELDS,
+    EXCEPTION_EVENT_TYPES,
+    MAX_VALUE_CHARS,
+    EmailDispatcher,
+    SmtpSettings,
+    address_problem,
+    render,
+)
+from v2v_contracts import (
+    EVENT_TYPES,
+    CloudEvent,
+    CoiMismatchDetectedV1,
+    MaterialRejectedV1,
+    OrderCancelledV1,
+    OrderEventData,
+    ShipmentExcursionV1,
+    new_event,
+)
+from v2v_servicekit import Problem
+
+ORDER_ID = uuid.UUID("0b6c3a52-5d6e-4e8f-9a51-1f2e3d4c5b6a")
+COI = "V2V00-26-000042-K"
+CENTRE = "TC-DE-BE-001"
+PATIENT_REF = "BER-2026-0042"
+
+
+def rejected(**extra: Any) -> CloudEvent:
+    return new_event(
+        MaterialRejectedV1(
+            order_id=ORDER_ID,
+            coi=COI,
+            treatment_center_id=CENTRE,
+            site_id="SITE-DE-01",
+            reason="viability below threshold",
+            **extra,
+        )
+    )
+
+
+def with_data(event: CloudEvent, **data: Any) -> CloudEvent:
+    return event.model_copy(update={"data": {**event.data, **data}})
+
+
+def detail_lines(body: str) -> dict[str, str]:
+    """The `key value` block of the body (between the first and the second blank line)."""
+    block = body.split("\n\n")[1]
+    out = {}
+    for line in block.splitlines():
+        key, _, value = line.partition(" ")
+        out[key] = value.strip()
+    return out
+
+
+# ---- the message ------------------------------------------------------------------------------------
+
+
+def test_subject_names_the_event_type_and_the_order() -> None:
+    message = render(rejected())
+    assert message.subject == f"[vein2vein] site.material_rejected.v1 — order {ORDER_ID}"
+
+
+def test_body_has_order_coi_event_allowed_fields_and_the_order_link() -> None:
+    message = render(rejected())
+    assert detail_lines(message.body) == {
+        "order": str(ORDER_ID),
+        "coi": COI,
+        "event": "site.material_rejected.v1",
+        "reason": "viability below threshold",
+        "site_id": "SITE-DE-01",
+    }
+    assert f"GET /v1/orders/{ORDER_ID}" in message.body
+    assert CENTRE not in message.body  # not on the allow-list either
+
+
+def test_a_planted_patient_reference_never_reaches_the_message() -> None:
+    event = rejected(patient_ref=PATIENT_REF, patient_name="Erika Mustermann", date_of_birth="1970-01-01")
+    assert event.data["patient_ref"] == PATIENT_REF  # the contract lets extra fields through
+    message = render(event)
+    for value in (PATIENT_REF, "Erika", "Mustermann", "1970-01-01", "patient_ref", "date_of_birth"):
+        assert value not in message.subject
+        assert value not in message.body
+
+
+@given(
+    st.dictionaries(
+        st.text(min_size=1, max_size=20).filter(lambda k: k not in ALLOWED_FIELDS),
+        st.uuids().map(lambda u: f"SECRET-{u.hex}"),
+        min_size=1,
+        max_size=8,
+    )
+)
+def test_no_key_off_the_allow_list_is_ever_rendered(planted: dict[str, str]) -> None:
+    message = render(with_data(rejected(), **planted))
+    text = message.subject + message.body
+    assert "SECRET-" not in text
+    assert set(detail_lines(message.body)) <= {"order", "coi", "event", *ALLOWED_FIELDS}
+
+
+@pytest.mark.parametrize(
+    "value",
+    [{"patient_ref": PATIENT_REF}, [PATIENT_REF], None, float("nan"), {"nested": {"deep": PATIENT_REF}}],
+)
+def test_allowed_keys_with_structured_or_empty_values_are_left_out(value: Any) -> None:
+    message = render(with_data(rejected(), reason=value))
+    assert "reason" not in detail_lines(message.body)
+    assert PATIENT_REF not in message.body
+
+
+@given(st.text(max_size=1000))
+def test_values_are_one_bounded_line(reason: str) -> None:
+    message = render(with_data(rejected(), reason=reason))
+    lines = detail_lines(message.body)
+    assert len(message.body.split("\n\n")) == 4  # a value cannot add lines or paragraphs
+    if "reason" in lines:
+        assert len(lines["reason"]) <= MAX_VALUE_CHARS
+        assert lines["reason"].isprintable()
+
+
+def test_flags_and_numbers_are_rendered_plainly() -> None:
+    event = new_event(
+        ShipmentExcursionV1(
+            order_id=ORDER_ID,
+            coi=COI,
+            treatment_center_id=CENTRE,
+            shipment_id=uuid.uuid4(),
+            leg="outbound_product",
+            reading_c=-120.5,
+            min_c=-196.0,
+            max_c=-150.0,
+            measured_at=datetime(2030, 1, 1, tzinfo=UTC),
+        )
+    )
+    lines = detail_lines(render(event).body)
+    assert lines == {
+        "order": str(ORDER_ID),
+        "coi": COI,
+        "event": "logistics.shipment_excursion.v1",
+        "leg": "outbound_product",
+        "reading_c": "-120.5",
+        "min_c": "-196.0",
+        "max_c": "-150.0",
+    }
+    assert "shipment_id" not in render(event).body
+    assert detail_lines(render(with_data(event, retained_material=True)).body)["retained_material"] == "yes"
+
+
+def test_cancellation_and_coi_mismatch_carry_their_status_fields() -> None:
+    cancelled = new_event(
+        OrderCancelledV1(
+            order_id=ORDER_ID,
+            coi=COI,
+            treatment_center_id=CENTRE,
+            reason="centre request",
+            previous_status="manufacturing",
+        )
+    )
+    assert detail_lines(render(cancelled).body)["previous_status"] == "manufacturing"
+    mismatch = new_event(
+        CoiMismatchDetectedV1(
+            order_id=ORDER_ID, coi=COI, treatment_center_id=CENTRE, shipment_id=uuid.uuid4(), where="pickup"
+        )
+    )
+    assert detail_lines(render(mismatch).body)["where"] == "pickup"
+
+
+@pytest.mark.parametrize("order_id", [None, "", "not-a-uuid", "1; DROP TABLE"])
+def test_an_event_without_a_valid_order_id_is_refused(order_id: Any) -> None:
+    with pytest.raises(ValueError):
+        render(with_data(rejected(), order_id=order_id))
+
+
+def test_the_smtp_message_has_the_rendered_text_and_a_stable_id() -> None:
+    rendered = render(rejected())
+    smtp = SmtpSettings(sender="alerts@v2v.example")
+    dispatcher = EmailDispatcher.__new__(EmailDispatcher)  # message() needs only the SMTP settings
+    dispatcher.smtp = smtp
+    delivery_id = uuid.uuid4()
+    row = {"delivery_id": delivery_id, "email": "qa@hospital.example", **rendered.__dict__}
+    raw = dispatcher.message(row).as_bytes()  # type: ignore[arg-type]
+    parsed = email.message_from_bytes(raw, policy=email_policy.default)
+    assert parsed["From"] == "alerts@v2v.example"
+    assert parsed["To"] == "qa@hospital.example"
+    assert parsed["Subject"] == rendered.subject
+    assert parsed["Message-ID"] == f"<{delivery_id}@v2v.example>"
+    assert parsed["Auto-Submitted"] == "auto-generated"
+    assert parsed.get_content() == rendered.body  # type: ignore[attr-defined]
+
+
+# ---- which events, from where -----------------------------------------------------------------------
+
+
+def test_exception_types_are_the_known_order_events() -> None:
+    assert set(EXCEPTION_EVENT_TYPES) == {
+        "order.cancelled.v1",
+        "order.failed.v1",
+        "site.material_rejected.v1",
+        "site.product_out_of_specification.v1",
+        "site.manufacturing_failed.v1",
+        "site.booking_affected.v1",
+        "logistics.shipment_excursion.v1",
+        "logistics.coi_mismatch_detected.v1",
+        "notification.webhook_delivery_failed.v1",
+    }
+    for t in EXCEPTION_EVENT_TYPES:
+        assert issubclass(EVENT_TYPES[t], OrderEventData), t
+
+
+def test_the_consumer_reads_every_topic_that_carries_a_handled_event() -> None:
+    assert services.SOURCE_SERVICES == ["order", "scheduling", "site", "logistics", "notification"]
+    handled = services.handlers(None)
+    assert set(EXCEPTION_EVENT_TYPES) <= set(handled)
+    assert set(handled) >= services.WEBHOOK_EVENT_TYPES
+    for t in handled:
+        assert EVENT_TYPES[t].SERVICE in services.SOURCE_SERVICES
+
+
+def test_this_services_own_events_are_e_mailed_but_never_sent_as_webhooks() -> None:
+    # a webhook about a failed webhook could fail in turn: only e-mail (which publishes nothing) is used
+    own = {t for t in services.handlers(None) if t.startswith("notification.")}
+    assert own == {"notification.webhook_delivery_failed.v1"}
+    assert not own & services.WEBHOOK_EVENT_TYPES
+
+
+def test_recipient_filters_accept_exception_types_only() -> None:
+    services.validate_exception_types(None)
+    services.validate_exception_types(["order.failed.v1"])
+    for bad in ([], ["order.submitted.v1"], ["nope"]):
+        with pytest.raises(Problem) as info:
+            services.validate_exception_types(bad)
+        assert [e["field"] for e in info.value.errors] == ["event_types"]
+
+
+# ---- addresses --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "qa@hospital.example",
+        "cart.coordination+alerts@charite.de",
+        "o'brien@nhs.uk",
+        "x@a-b.c-d.example",
+        "UPPER@Example.ORG",
+        "a" * 64 + "@" + "b" * 63 + ".example",
+    ],
+)
+def test_plain_addresses_are_accepted(address: str) -> None:
+    assert address_problem(address) is None
+    services.validate_email(address)
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "",
+        "plain",
+        "@hospital.example",
+        "qa@",
+        "qa@@hospital.example",
+        "q@a@hospital.example",
+        "qa@hospital",
+        "qa@hospital.",
+        "qa@.example",
+        "qa@-hospital.example",
+        "qa@hospital-.example",
+        "qa@hospital..example",
+        "qa@127.0.0.1",
+        ".qa@hospital.example",
+        "qa.@hospital.example",
+        "q..a@hospital.example",
+        "q a@hospital.example",
+        '"qa"@hospital.example',
+        "qa@hospital.example\r\nBcc: x@evil.example",
+        "qa\n@hospital.example",
+        "a" * 65 + "@hospital.example",
+        "qa@" + "b" * 64 + ".example",
+        "qa@" + ("b" * 60 + ".") * 5 + "example",
+        "ärzte@klinik.example",
+        "qa@klinik-ä.example",
+    ],
+)
+def test_other_shapes_are_refused_naming_email(address: str) -> None:
+    assert address_problem(address)
+    with pytest.raises(Problem) as info:
+        services.validate_email(address)
+    assert info.value.status == 422
+    assert [e["field"] for e in info.value.errors] == ["email"]
+    assert info.value.detail.startswith("email: ")
+
+
+# ---- settings ---------------------------------------------------------------------------------------
+
+
+def test_smtp_settings_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("HOST", "PORT", "FROM", "USER", "PASSWORD", "STARTTLS"):
+        monkeypatch.delenv(f"V2V_SMTP_{name}", raising=False)
+    assert SmtpSettings.from_env() == SmtpSettings(
+        host="127.0.0.1", port=8025, sender="alerts@vein2vein.local", user=None, password=None, starttls=False
+    )
+    monkeypatch.setenv("V2V_SMTP_HOST", "smtp.example")
+    monkeypatch.setenv("V2V_SMTP_PORT", "587")
+    monkeypatch.setenv("V2V_SMTP_FROM", "noreply@v2v.example")
+    monkeypatch.setenv("V2V_SMTP_USER", "relay")
+    monkeypatch.setenv("V2V_SMTP_PASSWORD", "s3cret")
+    monkeypatch.setenv("V2V_SMTP_STARTTLS", "true")
+    settings = SmtpSettings.from_env()
+    assert settings == SmtpSettings("smtp.example", 587, "noreply@v2v.example", "relay", "s3cret", True)
+    assert "s3cret" not in repr(settings)
+
+
+def test_email_retry_policy_has_its_own_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("V2V_EMAIL_MAX_ATTEMPTS", "3")
+    monkeypatch.setenv("V2V_EMAIL_BACKOFF_BASE_S", "2")
+    monkeypatch.setenv("V2V_WEBHOOK_MAX_ATTEMPTS", "9")
+    policy = DeliveryPolicy.from_env("V2V_EMAIL_")
+    assert (policy.max_attempts, policy.backoff_base_s, policy.backoff_max_s) == (3, 2.0, 300.0)
+    assert DeliveryPolicy.from_env("V2V_WEBHOOK_").max_attempts == 9
