@@ -101,10 +101,10 @@ async def pending_outbox(url: str) -> int:
     conn = await asyncpg.connect(url)
     try:
         schemas = ["ordering", "scheduling", "site", "logistics", "notification"]
-        return sum(
-            int(await conn.fetchval(f"SELECT count(*) FROM {s}.outbox WHERE published_at IS NULL"))
-            for s in schemas
-        )
+        total = 0
+        for s in schemas:
+            total += int(await conn.fetchval(f"SELECT count(*) FROM {s}.outbox WHERE published_at IS NULL"))
+        return total
     finally:
         await conn.close()
 
