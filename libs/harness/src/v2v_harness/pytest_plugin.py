@@ -14,11 +14,13 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from v2v_harness.infra import Infrastructure, start_infrastructure
 from v2v_harness.platform import Platform
+from v2v_harness.processes import free_port
 from v2v_harness.provision import drop_database, provision
 from v2v_harness.receiver import WebhookReceiver
 
@@ -77,12 +79,54 @@ def _start_platform(
     return platform
 
 
+class SmtpSink:
+    """A real SMTP server (aiosmtpd) on 127.0.0.1 that keeps every message it receives."""
+
+    def __init__(self) -> None:
+        from aiosmtpd.controller import Controller
+
+        self.messages: list[Any] = []
+        sink = self
+
+        class Handler:
+            async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+                from email import message_from_bytes, policy
+
+                msg = message_from_bytes(envelope.content, policy=policy.default)
+                sink.messages.append((list(envelope.rcpt_tos), msg))
+                return "250 OK"
+
+        self.port = free_port()
+        self.controller = Controller(Handler(), hostname="127.0.0.1", port=self.port)
+
+    def start(self) -> SmtpSink:
+        self.controller.start()
+        return self
+
+    def stop(self) -> None:
+        self.controller.stop()
+
+
 @pytest.fixture(scope="session")
-def platform(infra: Infrastructure, state_dir: Path) -> Iterator[Platform]:
+def smtp_sink() -> Iterator[SmtpSink]:
+    sink = SmtpSink().start()
+    yield sink
+    sink.stop()
+
+
+@pytest.fixture(scope="session")
+def platform(infra: Infrastructure, state_dir: Path, smtp_sink: SmtpSink) -> Iterator[Platform]:
     """The five services as separate processes on their own database and topic namespace."""
     fast_export = {"OTEL_BSP_SCHEDULE_DELAY": "200", "OTEL_METRIC_EXPORT_INTERVAL": "1000"}
     env = {name: dict(fast_export) for name in ("order", "scheduling", "site", "logistics", "notification")}
-    env["notification"].update({"V2V_WEBHOOK_BACKOFF_BASE_S": "0.2", "V2V_WEBHOOK_MAX_ATTEMPTS": "4"})
+    env["notification"].update(
+        {
+            "V2V_WEBHOOK_BACKOFF_BASE_S": "0.2",
+            "V2V_WEBHOOK_MAX_ATTEMPTS": "4",
+            "V2V_SMTP_HOST": "127.0.0.1",
+            "V2V_SMTP_PORT": str(smtp_sink.port),
+        }
+    )
     p = _start_platform(infra, state_dir, env)
     yield p
     p.stop()
