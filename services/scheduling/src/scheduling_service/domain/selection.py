@@ -1,6 +1,7 @@
 """Site selection: the approved, active site that can start manufacturing the earliest.
 
 Pure: given the sites, the slots already taken and the order, returns the choice or the reason none fits.
+A site may be excluded (a rebook away from it) and never starts manufacturing inside one of its outages.
 """
 
 from __future__ import annotations
@@ -17,12 +18,27 @@ class Approval:
 
 
 @dataclass(frozen=True)
+class Window:
+    """A closed date interval: both ends included."""
+
+    start_date: date
+    end_date: date
+
+    def covers(self, day: date) -> bool:
+        return self.start_date <= day <= self.end_date
+
+
+@dataclass(frozen=True)
 class Site:
     site_id: str
     region: str
     active: bool
     approvals: frozenset[Approval]
     daily_capacity: dict[str, int]
+    outages: tuple[Window, ...] = ()
+
+    def closed_on(self, day: date) -> bool:
+        return any(w.covers(day) for w in self.outages)
 
 
 @dataclass(frozen=True)
@@ -66,15 +82,20 @@ def select_site(
     used: dict[tuple[str, str, date], int],
     req: Request,
     params: Parameters,
+    exclude_site_id: str | None = None,
 ) -> Choice | NoChoice:
-    """`used[(site, product, day)]` is how many slots are held or confirmed there that day."""
+    """`used[(site, product, day)]` is how many slots use that day's capacity (held, confirmed, consumed).
+
+    `exclude_site_id` is never chosen; no site is chosen on a day inside one of its outages.
+    """
     if not sites:
         return NoChoice("no_site_known", "no manufacturing site is registered yet")
-    candidates = [s for s in sites if eligible(s, req)]
+    candidates = [s for s in sites if eligible(s, req) and s.site_id != exclude_site_id]
     if not candidates:
+        other = f" other than {exclude_site_id}" if exclude_site_id is not None else ""
         return NoChoice(
             "no_approved_site",
-            f"no active site approved for {req.product_code} ({req.order_type}) by {req.regulator}",
+            f"no active site{other} approved for {req.product_code} ({req.order_type}) by {req.regulator}",
         )
     best: Choice | None = None
     for site in sorted(candidates, key=lambda s: s.site_id):
@@ -86,6 +107,8 @@ def select_site(
             day = first + timedelta(days=offset)
             if best is not None and day >= best.manufacturing_start_date:
                 break
+            if site.closed_on(day):
+                continue
             if used.get((site.site_id, req.product_code, day), 0) < capacity:
                 best = Choice(site.site_id, day)
                 break

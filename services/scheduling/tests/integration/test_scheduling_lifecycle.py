@@ -1,0 +1,652 @@
+"""Scheduling's part of the order lifecycle against the real `scheduling` schema (real Postgres).
+
+The handlers get CloudEvents exactly as the consumer hands them over, each in its own unit of work;
+the tests read the slots, the waitlist and the outbox. Capacity is kept tiny (1-2 starts a day, a few
+days of horizon) so that waiting, releasing and rebooking all happen with a handful of orders.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator
+from datetime import date, timedelta
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+import scheduling_service
+from scheduling_service import services
+from scheduling_service.domain.selection import Parameters
+from v2v_contracts import (
+    BookingConfirmedV1,
+    CloudEvent,
+    EventData,
+    MaterialReceivedV1,
+    OrderCancelledV1,
+    OrderFailedV1,
+    OrderSubmittedV1,
+    Outage,
+    RebookRequestedV1,
+    SiteApproval,
+    SiteRegisteredV1,
+    new_event,
+)
+from v2v_harness import pytest_plugin
+from v2v_messaging import MIGRATIONS_DIR, Handler, UnitOfWork, notify_channel
+from v2v_persistence import apply_migrations, create_pool, schema_of
+
+pytestmark = pytest.mark.integration
+
+SCHEDULING_MIGRATIONS = Path(scheduling_service.__file__).parent / "migrations"
+TOPIC = "t.v2v.scheduling"
+PRODUCT = "CILTA-CEL"
+APHERESIS = date(2031, 3, 3)  # same region: manufacturing can start the next day at the earliest
+D1 = APHERESIS + timedelta(days=1)
+
+
+def d(n: int) -> date:
+    return APHERESIS + timedelta(days=n)
+
+
+@pytest.fixture
+async def pool(test_db: pytest_plugin.TestDatabase) -> AsyncIterator[asyncpg.Pool]:
+    url = test_db.urls["scheduling"]
+    applied = await apply_migrations(url, "scheduling", [MIGRATIONS_DIR, SCHEDULING_MIGRATIONS])
+    assert applied[-1] == "0002.scheduling-lifecycle"
+    p = await create_pool(url, min_size=2, max_size=34)
+    assert await schema_of(p) == "scheduling"
+    try:
+        yield p
+    finally:
+        await p.close()
+
+
+@pytest.fixture
+def uow(pool: asyncpg.Pool) -> UnitOfWork:
+    return UnitOfWork(pool, TOPIC, notify_channel("scheduling"))
+
+
+@pytest.fixture(autouse=True)
+def short_horizon(monkeypatch: pytest.MonkeyPatch) -> Parameters:
+    params = Parameters(same_region_transit_days=1, cross_region_transit_days=2, horizon_days=3)
+    monkeypatch.setattr(services, "PARAMS", params)
+    return params
+
+
+# ---- building events ---------------------------------------------------------------------------------
+
+
+def site_event(
+    site_id: str,
+    *,
+    capacity: int = 1,
+    region: str = "europe",
+    regulators: tuple[str, ...] = ("EMA",),
+    outages: list[tuple[date, date]] | None = None,
+    active: bool = True,
+    products: tuple[str, ...] = (PRODUCT,),
+) -> CloudEvent:
+    return new_event(
+        SiteRegisteredV1(
+            site_id=site_id,
+            name=site_id,
+            country="DE",
+            region=region,
+            timezone="Europe/Berlin",
+            operator="own",
+            active=active,
+            approvals=[
+                SiteApproval(regulator=r, use="clinical", product_code=p)
+                for r in regulators
+                for p in products
+            ],
+            daily_capacity=dict.fromkeys(products, capacity),
+            outages=[
+                Outage(outage_id=uuid.uuid4(), start_date=a, end_date=b, reason="maintenance")
+                for a, b in (outages or [])
+            ],
+        ),
+        subject=site_id,
+    )
+
+
+class Order:
+    """One order's identity, as every order event carries it."""
+
+    def __init__(self, n: int, centre: str = "TC-DE-BE-001") -> None:
+        self.order_id = uuid.uuid4()
+        self.coi = f"V2V0031{n:06d}X"
+        self.centre = centre
+
+    def ids(self) -> dict[str, Any]:
+        return {"order_id": self.order_id, "coi": self.coi, "treatment_center_id": self.centre}
+
+    def submitted(
+        self, apheresis: date = APHERESIS, regulator: str = "EMA", product: str = PRODUCT
+    ) -> CloudEvent:
+        return new_event(
+            OrderSubmittedV1(
+                **self.ids(),
+                product_code=product,
+                order_type="clinical",
+                regulator=regulator,
+                country="DE",
+                region="europe",
+                requested_apheresis_date=apheresis,
+            )
+        )
+
+    def rebook(
+        self,
+        apheresis: date = APHERESIS,
+        *,
+        kind: str = "reschedule",
+        reason: str = "apheresis date moved",
+        exclude: str | None = None,
+    ) -> CloudEvent:
+        return new_event(
+            RebookRequestedV1(
+                **self.ids(),
+                kind=kind,  # type: ignore[arg-type]
+                reason=reason,
+                product_code=PRODUCT,
+                order_type="clinical",
+                regulator="EMA",
+                region="europe",
+                apheresis_date=apheresis,
+                exclude_site_id=exclude,
+            )
+        )
+
+    def cancelled(self) -> CloudEvent:
+        return new_event(OrderCancelledV1(**self.ids(), reason="patient withdrew", previous_status="x"))
+
+    def failed(self) -> CloudEvent:
+        return new_event(OrderFailedV1(**self.ids(), reason="no material left"))
+
+    def event(self, data: type[EventData], **fields: Any) -> CloudEvent:
+        return new_event(data(**self.ids(), **fields))  # type: ignore[arg-type]
+
+
+async def handle(uow: UnitOfWork, event: CloudEvent) -> None:
+    handler: Handler = services.handlers(None)[event.type]
+    async with uow.begin() as tx:
+        await handler(tx, event)
+
+
+# ---- reading -----------------------------------------------------------------------------------------
+
+
+async def slots(pool: asyncpg.Pool, order: Order | None = None) -> list[asyncpg.Record]:
+    return await pool.fetch(
+        "SELECT * FROM slots WHERE ($1::uuid IS NULL OR order_id = $1) ORDER BY created_at, slot_id",
+        order.order_id if order else None,
+    )
+
+
+async def live(pool: asyncpg.Pool, order: Order) -> asyncpg.Record | None:
+    return await pool.fetchrow(
+        "SELECT * FROM slots WHERE order_id = $1 AND status IN ('held', 'confirmed')", order.order_id
+    )
+
+
+async def waitlist(pool: asyncpg.Pool) -> list[asyncpg.Record]:
+    return await pool.fetch("SELECT * FROM waitlist ORDER BY enqueued_at, order_id")
+
+
+async def outbox(pool: asyncpg.Pool, order: Order | None = None) -> list[dict[str, Any]]:
+    rows = await pool.fetch("SELECT payload FROM outbox ORDER BY id")
+    events = [json.loads(bytes(r["payload"])) for r in rows]
+    if order is not None:
+        events = [e for e in events if e["data"].get("order_id") == str(order.order_id)]
+    return events
+
+
+def kinds(events: list[dict[str, Any]]) -> list[str]:
+    return [e["type"].removeprefix("scheduling.").removesuffix(".v1") for e in events]
+
+
+async def assert_never_oversold(pool: asyncpg.Pool) -> None:
+    capacity = {
+        (r["site_id"], product): int(n)
+        for r in await pool.fetch("SELECT site_id, daily_capacity FROM sites")
+        for product, n in r["daily_capacity"].items()
+    }
+    rows = await pool.fetch(
+        """SELECT site_id, product_code, manufacturing_start_date AS day, count(*) AS n FROM slots
+           WHERE status IN ('held', 'confirmed', 'consumed')
+           GROUP BY site_id, product_code, manufacturing_start_date"""
+    )
+    for r in rows:
+        used = (r["site_id"], r["product_code"])
+        assert r["n"] <= capacity.get(used, 0), f"{used} oversold on {r['day']}: {r['n']}"
+
+
+# ---- the migration ----------------------------------------------------------------------------------
+
+
+async def test_the_migration_keeps_waiting_orders_of_the_first_schema(
+    test_db: pytest_plugin.TestDatabase, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A waitlist written before 0002 (the order.submitted data only) is still served afterwards."""
+    url = test_db.urls["scheduling"]
+    first_only = tmp_path / "migrations"
+    first_only.mkdir()
+    initial = SCHEDULING_MIGRATIONS / "0001.scheduling-initial.sql"
+    (first_only / initial.name).write_text(initial.read_text())
+    assert await apply_migrations(url, "scheduling", [MIGRATIONS_DIR, first_only]) == [
+        "0000.messaging-outbox-inbox",
+        "0001.scheduling-initial",
+    ]
+    order = Order(1)
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute(
+            "INSERT INTO waitlist (order_id, request, reason) VALUES ($1, $2::jsonb, 'no_site_known')",
+            order.order_id,
+            json.dumps(order.submitted().data),
+        )
+    finally:
+        await conn.close()
+    assert await apply_migrations(url, "scheduling", [MIGRATIONS_DIR, SCHEDULING_MIGRATIONS]) == [
+        "0002.scheduling-lifecycle"
+    ]
+    p = await create_pool(url, max_size=2)
+    try:
+        [entry] = await waitlist(p)
+        assert (entry["product_code"], entry["request_type"]) == (PRODUCT, "order.submitted.v1")
+        assert entry["exclude_site_id"] is None and entry["rebook_kind"] is None
+        await handle(UnitOfWork(p, TOPIC, notify_channel("scheduling")), site_event("A"))
+        slot = await live(p, order)
+        assert slot is not None and slot["reserved_reason"] == "waitlist"
+        assert await waitlist(p) == []
+    finally:
+        await p.close()
+
+
+# ---- submitted, confirmed, consumed ------------------------------------------------------------------
+
+
+async def test_a_submitted_order_holds_the_earliest_slot_and_the_copy_keeps_outages(
+    pool: asyncpg.Pool, uow: UnitOfWork
+) -> None:
+    await handle(uow, site_event("DE-A", outages=[(d(1), d(1))]))
+    site = await pool.fetchrow("SELECT * FROM sites WHERE site_id = 'DE-A'")
+    assert [(o["start_date"], o["end_date"]) for o in site["outages"]] == [(d(1).isoformat(),) * 2]
+
+    order = Order(1)
+    await handle(uow, order.submitted())
+    [slot] = await slots(pool, order)
+    assert (slot["site_id"], slot["manufacturing_start_date"], slot["status"]) == ("DE-A", d(2), "held")
+    assert slot["reserved_reason"] == "initial"
+    assert slot["treatment_center_id"] == "TC-DE-BE-001"
+    [event] = await outbox(pool, order)
+    assert event["type"] == "scheduling.slot_reserved.v1"
+    assert event["data"]["reason"] == "initial"
+    assert event["data"]["manufacturing_start_date"] == d(2).isoformat()
+
+
+async def test_material_received_consumes_the_slot_and_its_capacity_stays_used(
+    pool: asyncpg.Pool, uow: UnitOfWork
+) -> None:
+    await handle(uow, site_event("DE-A", capacity=1))
+    first, second = Order(1), Order(2)
+    await handle(uow, first.submitted())
+    slot = await live(pool, first)
+    assert slot is not None
+    await handle(
+        uow,
+        first.event(
+            BookingConfirmedV1,
+            booking_id=uuid.uuid4(),
+            slot_id=slot["slot_id"],
+            site_id="DE-A",
+            product_code=PRODUCT,
+            manufacturing_start_date=slot["manufacturing_start_date"],
+            apheresis_date=APHERESIS,
+        ),
+    )
+    assert (await live(pool, first))["status"] == "confirmed"  # type: ignore[index]
+    await handle(uow, first.event(MaterialReceivedV1, site_id="DE-A", received_at="2031-03-04T10:00:00Z"))
+    [consumed] = await slots(pool, first)
+    assert consumed["status"] == "consumed"
+    assert await live(pool, first) is None
+
+    # the consumed day is still taken: the next order gets the day after
+    await handle(uow, second.submitted())
+    assert (await live(pool, second))["manufacturing_start_date"] == d(2)  # type: ignore[index]
+    # consumed is not live: a cancellation of the first order releases nothing
+    await handle(uow, first.cancelled())
+    assert [e["type"] for e in await outbox(pool, first)] == ["scheduling.slot_reserved.v1"]
+    assert (await slots(pool, first))[0]["status"] == "consumed"
+    await assert_never_oversold(pool)
+
+
+# ---- rebook ------------------------------------------------------------------------------------------
+
+
+async def test_rebook_releases_then_books_for_the_new_date_away_from_the_excluded_site(
+    pool: asyncpg.Pool, uow: UnitOfWork
+) -> None:
+    await handle(uow, site_event("A-NEAR"))
+    await handle(uow, site_event("B-FAR", region="north_america"))
+    order = Order(1)
+    await handle(uow, order.submitted())
+    old = await live(pool, order)
+    assert old is not None and old["site_id"] == "A-NEAR"
+
+    await handle(uow, order.rebook(d(1), kind="site_outage", reason="outage:flood", exclude="A-NEAR"))
+    events = await outbox(pool, order)
+    assert kinds(events) == ["slot_reserved", "slot_released", "slot_reserved"]
+    released, reserved = events[1]["data"], events[2]["data"]
+    assert released["slot_id"] == str(old["slot_id"])
+    assert released["site_id"] == "A-NEAR"
+    assert released["reason"] == "outage:flood"
+    assert reserved["reason"] == "rebook:site_outage"
+    assert reserved["site_id"] == "B-FAR"
+    assert reserved["apheresis_date"] == d(1).isoformat()
+    assert reserved["manufacturing_start_date"] == d(3).isoformat()  # cross-region transit: 2 days
+
+    rows = await slots(pool, order)
+    assert [(r["site_id"], r["status"]) for r in rows] == [("A-NEAR", "released"), ("B-FAR", "held")]
+    assert rows[0]["release_reason"] == "outage:flood" and rows[0]["released_at"] is not None
+    assert rows[1]["reserved_reason"] == "rebook:site_outage"
+
+
+async def test_a_reschedule_may_return_to_the_same_site_on_the_new_date(
+    pool: asyncpg.Pool, uow: UnitOfWork
+) -> None:
+    await handle(uow, site_event("A-NEAR", capacity=1))
+    order = Order(1)
+    await handle(uow, order.submitted())
+    await handle(uow, order.rebook(d(2)))
+    rows = await slots(pool, order)
+    assert [(r["status"], r["manufacturing_start_date"]) for r in rows] == [
+        ("released", d(1)),
+        ("held", d(3)),
+    ]
+    assert kinds(await outbox(pool, order)) == ["slot_reserved", "slot_released", "slot_reserved"]
+    assert (await outbox(pool, order))[-1]["data"]["reason"] == "rebook:reschedule"
+
+
+async def test_rebook_without_an_alternative_waits_with_its_context_and_is_served_later(
+    pool: asyncpg.Pool, uow: UnitOfWork
+) -> None:
+    await handle(uow, site_event("A-NEAR", capacity=2))
+    order = Order(1)
+    await handle(uow, order.submitted())
+    await handle(uow, order.rebook(kind="site_outage", reason="outage:flood", exclude="A-NEAR"))
+
+    assert kinds(await outbox(pool, order)) == ["slot_reserved", "slot_released", "slot_unavailable"]
+    unavailable = (await outbox(pool, order))[-1]["data"]
+    assert unavailable["reason"] == "no_approved_site" and unavailable["waitlisted"] is True
+    assert "A-NEAR" in unavailable["detail"]
+    assert await live(pool, order) is None
+    [entry] = await waitlist(pool)
+    assert entry["order_id"] == order.order_id
+    assert entry["request_type"] == "order.rebook_requested.v1"
+    assert (entry["exclude_site_id"], entry["rebook_kind"], entry["product_code"]) == (
+        "A-NEAR",
+        "site_outage",
+        PRODUCT,
+    )
+    assert entry["request"]["reason"] == "outage:flood"
+
+    # more capacity at the excluded site changes nothing for it
+    await handle(uow, site_event("A-NEAR", capacity=5))
+    assert await live(pool, order) is None and len(await waitlist(pool)) == 1
+
+    # a new approved site: served from the waitlist, still as a rebook, never at A-NEAR
+    await handle(uow, site_event("B-OTHER", capacity=1))
+    slot = await live(pool, order)
+    assert slot is not None and slot["site_id"] == "B-OTHER"
+    assert slot["reserved_reason"] == "rebook:site_outage"
+    assert await waitlist(pool) == []
+    last = (await outbox(pool, order))[-1]
+    assert last["type"] == "scheduling.slot_reserved.v1" and last["data"]["reason"] == "rebook:site_outage"
+
+
+async def test_a_waitlisted_order_rebooked_to_another_date_keeps_its_place(
+    pool: asyncpg.Pool, uow: UnitOfWork
+) -> None:
+    await handle(uow, site_event("A", capacity=1))
+    holders = [Order(i) for i in range(3)]  # fill d1..d3 (the whole horizon)
+    for o in holders:
+        await handle(uow, o.submitted())
+    first, second = Order(10), Order(11)
+    await handle(uow, first.submitted())
+    await handle(uow, second.submitted())
+    before = {r["order_id"]: r["enqueued_at"] for r in await waitlist(pool)}
+    assert list(before) == [first.order_id, second.order_id]
+
+    await handle(uow, first.rebook(d(1)))  # window d2..d4: d2, d3 are full, d4 is free
+    slot = await live(pool, first)
+    assert slot is not None and slot["manufacturing_start_date"] == d(4)
+    assert kinds(await outbox(pool, first)) == ["slot_unavailable", "slot_reserved"]  # nothing to release
+
+    await handle(uow, second.rebook(APHERESIS))  # same window, nothing free: waits again
+    [entry] = await waitlist(pool)
+    assert entry["order_id"] == second.order_id
+    assert entry["enqueued_at"] == before[second.order_id]
+    assert entry["request_type"] == "order.rebook_requested.v1" and entry["rebook_kind"] == "reschedule"
+    assert kinds(await outbox(pool, second)) == ["slot_unavailable", "slot_unavailable"]
+    await assert_never_oversold(pool)
+
+
+# ---- cancel, fail, waitlist --------------------------------------------------------------------------
+
+
+async def test_cancel_releases_and_serves_the_waitlist_first_come_first_served(
+    pool: asyncpg.Pool, uow: UnitOfWork
+) -> None:
+    await handle(uow, site_event("A", capacity=1))
+    booked = [Order(i) for i in range(3)]
+    for o in booked:
+        await handle(uow, o.submitted())
+    waiting = [Order(10 + i) for i in range(3)]
+    for o in waiting:
+        await handle(uow, o.submitted())
+    assert [r["order_id"] for r in await waitlist(pool)] == [o.order_id for o in waiting]
+    assert all(r["reason"] == "no_capacity" for r in await waitlist(pool))
+
+    await handle(uow, booked[1].cancelled())
+    assert kinds(await outbox(pool, booked[1])) == ["slot_reserved", "slot_released"]
+    released = (await outbox(pool, booked[1]))[-1]["data"]
+    assert released["reason"] == "cancelled"
+    assert (await slots(pool, booked[1]))[0]["status"] == "released"
+    # the first waiting order gets the freed day, as a waitlist booking
+    slot = await live(pool, waiting[0])
+    assert slot is not None and slot["manufacturing_start_date"] == d(2)
+    assert slot["reserved_reason"] == "waitlist"
+    assert (await outbox(pool, waiting[0]))[-1]["data"]["reason"] == "waitlist"
+    assert [r["order_id"] for r in await waitlist(pool)] == [o.order_id for o in waiting[1:]]
+
+    # a waiting order that fails leaves the waitlist without any release
+    await handle(uow, waiting[1].failed())
+    assert kinds(await outbox(pool, waiting[1])) == ["slot_unavailable"]
+    assert [r["order_id"] for r in await waitlist(pool)] == [waiting[2].order_id]
+
+    # a failed booked order releases (reason failed) and the next in line is served
+    await handle(uow, booked[0].failed())
+    assert (await outbox(pool, booked[0]))[-1]["data"]["reason"] == "failed"
+    assert (await live(pool, waiting[2]))["manufacturing_start_date"] == d(1)  # type: ignore[index]
+    assert await waitlist(pool) == []
+
+    closed = {r["order_id"]: r["status"] for r in await pool.fetch("SELECT * FROM closed_orders")}
+    assert closed == {
+        booked[1].order_id: "cancelled",
+        waiting[1].order_id: "failed",
+        booked[0].order_id: "failed",
+    }
+    await assert_never_oversold(pool)
+
+
+async def test_requests_for_a_closed_order_are_recorded_and_ignored(
+    pool: asyncpg.Pool, uow: UnitOfWork
+) -> None:
+    await handle(uow, site_event("A", capacity=1))
+    order = Order(1)
+    await handle(uow, order.submitted())
+    await handle(uow, order.cancelled())
+    await handle(uow, order.cancelled())  # a second cancellation: nothing more to release
+    await handle(uow, order.rebook(d(1)))
+    await handle(uow, order.submitted())
+    assert kinds(await outbox(pool, order)) == ["slot_reserved", "slot_released"]
+    assert [r["status"] for r in await slots(pool, order)] == ["released"]
+    assert await waitlist(pool) == []
+
+
+# ---- the site copy: capacity and outages -------------------------------------------------------------
+
+
+async def test_outages_are_never_booked_and_removing_one_serves_the_waitlist(
+    pool: asyncpg.Pool, uow: UnitOfWork
+) -> None:
+    await handle(uow, site_event("A", capacity=1, outages=[(d(1), d(2))]))
+    first, second = Order(1), Order(2)
+    await handle(uow, first.submitted())
+    assert (await live(pool, first))["manufacturing_start_date"] == d(3)  # type: ignore[index]
+    await handle(uow, second.submitted())  # d1, d2 closed, d3 taken
+    assert await live(pool, second) is None
+    assert [r["order_id"] for r in await waitlist(pool)] == [second.order_id]
+
+    # the outage shrinks to one day: d2 opens and the waiting order gets it
+    await handle(uow, site_event("A", capacity=1, outages=[(d(1), d(1))]))
+    assert (await live(pool, second))["manufacturing_start_date"] == d(2)  # type: ignore[index]
+    assert (await outbox(pool, second))[-1]["data"]["reason"] == "waitlist"
+    assert await waitlist(pool) == []
+
+
+async def test_a_capacity_increase_serves_the_waitlist_in_order(pool: asyncpg.Pool, uow: UnitOfWork) -> None:
+    await handle(uow, site_event("A", capacity=1))
+    orders = [Order(i) for i in range(7)]
+    for o in orders:
+        await handle(uow, o.submitted())
+    assert [r["order_id"] for r in await waitlist(pool)] == [o.order_id for o in orders[3:]]
+
+    await handle(uow, site_event("A", capacity=2))  # three more starts: the first three waiting
+    for o in orders[3:6]:
+        assert await live(pool, o) is not None
+    assert [r["order_id"] for r in await waitlist(pool)] == [orders[6].order_id]
+    await assert_never_oversold(pool)
+
+
+# ---- concurrency -------------------------------------------------------------------------------------
+
+
+async def test_thirty_concurrent_submissions_never_oversell(pool: asyncpg.Pool, uow: UnitOfWork) -> None:
+    await handle(uow, site_event("A", capacity=2))
+    await handle(uow, site_event("B", capacity=1, region="north_america"))
+    orders = [Order(i) for i in range(30)]
+    # each handler in its own transaction on its own pool connection, all at once
+    await asyncio.gather(*(handle(uow, o.submitted()) for o in orders))
+
+    await assert_never_oversold(pool)
+    rows = await slots(pool)
+    per_day = Counter((r["site_id"], r["manufacturing_start_date"]) for r in rows)
+    # horizon 3: A d1..d3 (2 a day), B d2..d4 (1 a day): 9 starts, every one of them used
+    assert sum(per_day.values()) == 9
+    assert all(per_day[("A", d(n))] == 2 for n in (1, 2, 3))
+    assert all(per_day[("B", d(n))] == 1 for n in (2, 3, 4))
+    await assert_each_order_has_one_live_slot_or_waits(pool, orders)
+    events = Counter(e["type"] for e in await outbox(pool))
+    assert events == {"scheduling.slot_reserved.v1": 9, "scheduling.slot_unavailable.v1": 21}
+
+
+async def test_concurrent_cancels_rebooks_and_submissions_keep_capacity_and_one_slot_per_order(
+    pool: asyncpg.Pool, uow: UnitOfWork
+) -> None:
+    await handle(uow, site_event("A", capacity=2))
+    await handle(uow, site_event("B", capacity=1, region="north_america"))
+    first = [Order(i) for i in range(20)]
+    await asyncio.gather(*(handle(uow, o.submitted()) for o in first))
+
+    rnd = random.Random(7)
+    later = [Order(100 + i) for i in range(10)]
+    cancelled = rnd.sample(first, 6)
+    rebooked = [o for o in first if o not in cancelled][:8]
+    work = [o.cancelled() for o in cancelled]
+    work += [
+        o.rebook(d(rnd.randint(0, 2)), kind="site_outage", reason="outage:power", exclude="A")
+        if i % 2
+        else o.rebook(d(rnd.randint(0, 2)))
+        for i, o in enumerate(rebooked)
+    ]
+    work += [o.submitted() for o in later]
+    rnd.shuffle(work)
+    await asyncio.gather(*(handle(uow, e) for e in work))
+    # a capacity increase afterwards serves whoever still waits
+    await handle(uow, site_event("A", capacity=3))
+
+    await assert_never_oversold(pool)
+    for o in cancelled:
+        assert await live(pool, o) is None
+    waiting = {r["order_id"] for r in await waitlist(pool)}
+    assert not waiting & {o.order_id for o in cancelled}
+    await assert_each_order_has_one_live_slot_or_waits(pool, [o for o in first + later if o not in cancelled])
+    for i, o in enumerate(rebooked):
+        slot = await live(pool, o)
+        if slot is not None and i % 2:
+            assert slot["site_id"] != "A"
+    # every release was announced, exactly once per released slot
+    released = {r["slot_id"] for r in await pool.fetch("SELECT slot_id FROM slots WHERE status = 'released'")}
+    announced = [
+        uuid.UUID(e["data"]["slot_id"])
+        for e in await outbox(pool)
+        if e["type"] == "scheduling.slot_released.v1"
+    ]
+    assert sorted(announced) == sorted(released)
+
+
+async def test_concurrent_registry_changes_and_bookings_of_two_products_never_deadlock(
+    pool: asyncpg.Pool, uow: UnitOfWork
+) -> None:
+    """Registry changes lock every product of the site (in one global order) while bookings of either
+    product and cancellations run: no deadlock, nothing oversold, nobody lost."""
+    both = (PRODUCT, "TISA-CEL")
+    await handle(uow, site_event("A", capacity=1, products=both))
+    await handle(uow, site_event("B", capacity=1, region="north_america", products=("TISA-CEL",)))
+    orders = [Order(i) for i in range(24)]
+    await asyncio.gather(*(handle(uow, o.submitted(product=both[i % 2])) for i, o in enumerate(orders)))
+
+    rnd = random.Random(11)
+    work = [o.cancelled() for o in orders[:6]]
+    work += [Order(100 + i).submitted(product=both[i % 2]) for i in range(10)]
+    work += [site_event("A", capacity=c, products=both) for c in (2, 1, 3)]
+    work += [site_event("B", capacity=c, region="north_america", products=("TISA-CEL",)) for c in (2, 3)]
+    rnd.shuffle(work)
+    await asyncio.gather(*(handle(uow, e) for e in work))
+    await asyncio.gather(
+        handle(uow, site_event("A", capacity=3, products=both)),
+        handle(uow, site_event("B", capacity=3, region="north_america", products=("TISA-CEL",))),
+    )
+
+    await assert_never_oversold(pool)
+    live_orders = await pool.fetch("SELECT order_id FROM slots WHERE status IN ('held', 'confirmed')")
+    waiting = await waitlist(pool)
+    assert len(live_orders) + len(waiting) == 24 - 6 + 10
+    # whoever still waits does so because no day of the window has room (a probe books nothing)
+    for entry in waiting:
+        req = services.waitlisted_request(entry)
+        async with uow.begin() as tx:
+            result = await services.try_reserve(tx, services.ProductLocks(tx.conn), req, "probe")
+        assert not isinstance(result, services.Choice), f"{req.order_id} waits although there is room"
+
+
+async def assert_each_order_has_one_live_slot_or_waits(pool: asyncpg.Pool, orders: list[Order]) -> None:
+    live_count = Counter(
+        r["order_id"]
+        for r in await pool.fetch("SELECT order_id FROM slots WHERE status IN ('held', 'confirmed')")
+    )
+    waiting = {r["order_id"] for r in await waitlist(pool)}
+    for o in orders:
+        n = live_count.get(o.order_id, 0)
+        assert (n, o.order_id in waiting) in {(1, False), (0, True)}, (
+            f"{o.order_id}: {n} live, waiting={o.order_id in waiting}"
+        )
