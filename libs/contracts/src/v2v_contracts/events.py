@@ -125,6 +125,7 @@ class ShipmentPlannedV1(OrderEventData):
     material_condition: Literal["fresh", "cryopreserved"]
     temperature_range_c: tuple[float, float]
     planned_pickup_date: date
+    slot_id: uuid.UUID | None = None  # inbound leg: the manufacturing slot it feeds
 
 
 Milestone = Literal["booked", "picked_up", "in_transit", "delivered"]

@@ -79,6 +79,7 @@ async def _plan(
     hi: float,
     pickup: date,
     booking_id: uuid.UUID | None = None,
+    slot_id: uuid.UUID | None = None,
     run: int | None = None,
     reason: str,
 ) -> uuid.UUID:
@@ -117,6 +118,7 @@ async def _plan(
                 material_condition=condition,  # type: ignore[arg-type]
                 temperature_range_c=(lo, hi),
                 planned_pickup_date=pickup,
+                slot_id=slot_id,
             )
         )
     )
@@ -158,6 +160,7 @@ async def on_booking_confirmed(tx: Tx, event: CloudEvent) -> None:
         lo=lo,
         hi=hi,
         pickup=booking.apheresis_date,
+        slot_id=booking.slot_id,
         booking_id=booking.booking_id,
         reason=f"booking_confirmed:{booking.booking_id}",
     )

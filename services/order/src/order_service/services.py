@@ -201,6 +201,7 @@ async def _apply(
     *,
     event: CloudEvent,
     extra_fields: dict[str, Any] | None = None,
+    replayed: bool = False,
 ) -> None:
     """Persist an outcome: state, timeline entry for `event`, and the commands it asks for."""
     before = OrderStatus(order["status"])
@@ -222,17 +223,28 @@ async def _apply(
             fields["ended_reason"] = outcome.reason
     if fields:
         await repo.update_order(tx.conn, order["order_id"], **fields)
-    await repo.add_timeline(
-        tx.conn,
-        order_id=order["order_id"],
-        event_id=event.id,
-        event_type=event.type,
-        source=event.source,
-        occurred_at=event.time,
-        status_before=before.value,
-        status_after=new.status.value,
-        reason=outcome.reason,
-    )
+    if replayed:  # its timeline entry was written when it arrived
+        await tx.conn.execute(
+            """UPDATE order_timeline SET status_before = $3, status_after = $4, reason = $5
+               WHERE order_id = $1 AND event_id = $2""",
+            order["order_id"],
+            event.id,
+            before.value,
+            new.status.value,
+            outcome.reason,
+        )
+    else:
+        await repo.add_timeline(
+            tx.conn,
+            order_id=order["order_id"],
+            event_id=event.id,
+            event_type=event.type,
+            source=event.source,
+            occurred_at=event.time,
+            status_before=before.value,
+            status_after=new.status.value,
+            reason=outcome.reason,
+        )
     for data in _command_events(order, centre, outcome):
         command = new_event(data)
         await tx.outbox.add(command)
@@ -249,14 +261,7 @@ async def _apply(
         )
 
 
-async def apply_fact(tx: Tx, event: CloudEvent) -> None:
-    """A fact from scheduling, site or logistics: record it on the timeline, move the state if allowed."""
-    order_id = uuid.UUID(str(event.data["order_id"]))
-    order, product, centre = await _context(tx, order_id)
-    if event.coi and event.coi != order["coi"]:
-        raise ValueError(f"COI mismatch on {event.type}: event {event.coi} vs order {order['coi']}")
-    state = state_of(order)
-    outcome = machine.on_fact(state, event.type, event.data, rules_for(product), _today(centre["timezone"]))
+def _fact_extras(event: CloudEvent, outcome: Outcome) -> dict[str, Any]:
     extra: dict[str, Any] = {}
     if outcome.changed:
         if event.type == "scheduling.slot_reserved.v1":
@@ -265,7 +270,34 @@ async def apply_fact(tx: Tx, event: CloudEvent) -> None:
             extra[TIMESTAMP_OF[event.type]] = event.time
         if event.type == "logistics.shipment_milestone.v1" and event.data.get("milestone") == "delivered":
             extra["delivered_at"] = event.time
-    await _apply(tx, order, centre, outcome, event=event, extra_fields=extra)
+    return extra
+
+
+def _may_apply_later(outcome: Outcome) -> bool:
+    return not outcome.changed and outcome.reason.startswith(machine.NOT_YET)
+
+
+async def apply_fact(tx: Tx, event: CloudEvent) -> None:
+    """A fact from scheduling, site or logistics: record it on the timeline, move the state if allowed.
+
+    Topics keep no order between them, so a fact may arrive before the one it follows (a booking
+    confirmation before the slot reservation it confirms): such a fact is parked and applied as soon
+    as the order reaches a state where it applies."""
+    order_id = uuid.UUID(str(event.data["order_id"]))
+    order, product, centre = await _context(tx, order_id)
+    if event.coi and event.coi != order["coi"]:
+        raise ValueError(f"COI mismatch on {event.type}: event {event.coi} vs order {order['coi']}")
+    state = state_of(order)
+    outcome = machine.on_fact(state, event.type, event.data, rules_for(product), _today(centre["timezone"]))
+    if _may_apply_later(outcome):
+        await tx.conn.execute(
+            """INSERT INTO parked_facts (order_id, event_id, event) VALUES ($1, $2, $3)
+               ON CONFLICT (order_id, event_id) DO NOTHING""",
+            order_id,
+            event.id,
+            event.to_json(),
+        )
+    await _apply(tx, order, centre, outcome, event=event, extra_fields=_fact_extras(event, outcome))
     log.info(
         "order fact applied",
         event_type=event.type,
@@ -273,6 +305,41 @@ async def apply_fact(tx: Tx, event: CloudEvent) -> None:
         changed=outcome.changed,
         reason=outcome.reason,
     )
+    if outcome.changed:
+        await replay_parked(tx, order_id)
+
+
+async def replay_parked(tx: Tx, order_id: uuid.UUID, limit: int = 50) -> int:
+    """Apply parked facts that the order's new state now admits, oldest first, until none applies."""
+    applied = 0
+    while applied < limit:
+        rows = await tx.conn.fetch(
+            "SELECT id, event FROM parked_facts WHERE order_id = $1 ORDER BY id", order_id
+        )
+        for row in rows:
+            event = CloudEvent.from_json(bytes(row["event"]))
+            order, product, centre = await _context(tx, order_id)
+            outcome = machine.on_fact(
+                state_of(order), event.type, event.data, rules_for(product), _today(centre["timezone"])
+            )
+            if outcome.changed or not _may_apply_later(outcome):
+                await tx.conn.execute("DELETE FROM parked_facts WHERE id = $1", row["id"])
+            if outcome.changed:
+                await _apply(
+                    tx,
+                    order,
+                    centre,
+                    outcome,
+                    event=event,
+                    extra_fields=_fact_extras(event, outcome),
+                    replayed=True,
+                )
+                log.info("parked fact applied", event_type=event.type, status=outcome.state.status.value)
+                applied += 1
+                break
+        else:
+            return applied
+    return applied
 
 
 def _check_coi(given: str | None, order: Any) -> None:
@@ -364,3 +431,5 @@ async def act(uow: UnitOfWork, order_id: uuid.UUID, action: Action) -> None:
         await tx.outbox.add(event)
         await _apply(tx, order, centre, outcome, event=event, extra_fields=extra)
         log.info("hospital action applied", action=action.name, status=outcome.state.status.value)
+        if outcome.changed:
+            await replay_parked(tx, order_id)

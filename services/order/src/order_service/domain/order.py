@@ -168,6 +168,9 @@ class Refused(Exception):
         self.reason = reason
 
 
+NOT_YET = "recorded only: not applicable while"  # may apply once earlier facts arrive
+
+
 def _keep(state: OrderState, reason: str) -> Outcome:
     return Outcome(state, reason, changed=False)
 
@@ -247,7 +250,7 @@ def on_fact(state: OrderState, event_type: str, data: dict[str, Any], rules: Rul
                     (Rebook("site_outage", reason, when, exclude_site_id=state.site_id),),
                 )
         case "logistics.shipment_planned.v1":
-            if data.get("leg") == "inbound_apheresis" and st == S.BOOKING_CONFIRMED:
+            if data.get("leg") == "inbound_apheresis" and st == S.BOOKING_CONFIRMED and slot_matches:
                 return _to(state, S.INBOUND_SHIPMENT_PLANNED, "inbound shipment planned")
         case "logistics.shipment_milestone.v1":
             leg, milestone = data.get("leg"), data.get("milestone")
@@ -299,7 +302,7 @@ def on_fact(state: OrderState, event_type: str, data: dict[str, Any], rules: Rul
                 )
         case _:
             return _keep(state, reason)
-    return _keep(state, f"recorded only: not applicable while {st.value}")
+    return _keep(state, f"{NOT_YET} {st.value}")
 
 
 # ---- hospital and QA actions ----------------------------------------------------------------------
