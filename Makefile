@@ -14,7 +14,7 @@ export UV_PROJECT_ENVIRONMENT := $(VENV)
 
 PYTEST_ARGS ?=
 
-.PHONY: help bootstrap run test test-unit test-integration test-e2e lint format typecheck clean trace
+.PHONY: help bootstrap run demo test test-unit test-integration test-e2e lint format typecheck clean trace
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -29,6 +29,9 @@ bootstrap: $(UV) ## install the locked environment into .venv (uv sync --locked)
 
 run: bootstrap ## start Postgres, the Kafka-compatible broker and the five services (Ctrl-C stops)
 	@$(VENV)/bin/python -m v2v_harness run
+
+demo: bootstrap ## play hospitals, couriers and sites for ORDERS orders (default 200) with EXCEPTIONS mix (default 0.2)
+	@$(VENV)/bin/python tools/simulator/simulator.py --orders $(or $(ORDERS),200) --exceptions $(or $(EXCEPTIONS),0.2)
 
 test: bootstrap ## the whole suite: unit, integration (real Postgres + broker) and end to end
 	@$(VENV)/bin/pytest $(PYTEST_ARGS)

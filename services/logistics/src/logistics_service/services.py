@@ -174,8 +174,11 @@ async def on_product_released(tx: Tx, event: CloudEvent) -> None:
     if await _order_ended(tx.conn, released.order_id):
         log.info("product released for an ended order: no outbound shipment", run=released.run)
         return
+    # a run's outbound that was compromised or cancelled does not count: after a recollection runs
+    # start again at 1, and a rejected product is replaced by a new one
     same_run = await tx.conn.fetchval(
-        "SELECT 1 FROM shipments WHERE order_id = $1 AND leg = 'outbound_product' AND run = $2",
+        """SELECT 1 FROM shipments WHERE order_id = $1 AND leg = 'outbound_product' AND run = $2
+             AND status NOT IN ('compromised', 'cancelled')""",
         released.order_id,
         released.run,
     )

@@ -112,9 +112,9 @@ async def place_order(
 
 # ---- the case: facts from the other services, actions from the hospital -----------------------------
 
-TIMESTAMP_OF: dict[str, str] = {  # event type -> the order column that records when it happened
-    "site.material_received.v1": "material_received_at",
-    "site.product_released.v1": "released_at",
+TIMESTAMP_OF: dict[str, tuple[str, str]] = {  # event type -> (order column, the event's reported time)
+    "site.material_received.v1": ("material_received_at", "received_at"),
+    "site.product_released.v1": ("released_at", "released_at"),
 }
 
 
@@ -245,6 +245,9 @@ async def _apply(
             status_after=new.status.value,
             reason=outcome.reason,
         )
+    if any(isinstance(c, machine.Rebook | machine.Remanufacture) for c in outcome.commands):
+        # a new cycle (new slot or new run): facts parked for the old one will never apply
+        await tx.conn.execute("DELETE FROM parked_facts WHERE order_id = $1", order["order_id"])
     for data in _command_events(order, centre, outcome):
         command = new_event(data)
         await tx.outbox.add(command)
@@ -267,10 +270,20 @@ def _fact_extras(event: CloudEvent, outcome: Outcome) -> dict[str, Any]:
         if event.type == "scheduling.slot_reserved.v1":
             extra["manufacturing_start_date"] = date.fromisoformat(event.data["manufacturing_start_date"])
         if event.type in TIMESTAMP_OF:
-            extra[TIMESTAMP_OF[event.type]] = event.time
+            column, reported = TIMESTAMP_OF[event.type]
+            extra[column] = _reported(event, reported)
         if event.type == "logistics.shipment_milestone.v1" and event.data.get("milestone") == "delivered":
-            extra["delivered_at"] = event.time
+            extra["delivered_at"] = _reported(event, "occurred_at")
     return extra
+
+
+def _reported(event: CloudEvent, key: str) -> datetime:
+    """The time the reporter gave for what happened, else when the event was published."""
+    raw = event.data.get(key)
+    try:
+        return datetime.fromisoformat(str(raw)) if raw else event.time
+    except ValueError:
+        return event.time
 
 
 def _may_apply_later(outcome: Outcome) -> bool:

@@ -360,7 +360,7 @@ async def start_remanufacture(
         log.warning("remanufacture requested, but no material of the order is at the site", site_id=site_id)
         return False
     try:
-        t = mfg.remanufacture(as_state(row), run)
+        t = mfg.remanufacture(as_state(row), run, rules_for(row["product_code"]))
     except Conflict as exc:
         log.warning("remanufacture request not applicable", site_id=site_id, run=run, why=exc.reason)
         return False

@@ -171,13 +171,18 @@ def qc(m: Manufacturing, disposition: str, rules: Rules) -> Transition:
     return _to(m, state=target, retained_material=retained)
 
 
-def remanufacture(m: Manufacturing, run: int) -> Transition:
-    """Start run `run` from retained material (no new receipt). A run already started is a no-op."""
+def remanufacture(m: Manufacturing, run: int, rules: Rules | None = None) -> Transition:
+    """Start run `run` from retained material (no new receipt). A run already started is a no-op.
+
+    Also after release, when QA rejects the product (a quarantine after a shipping excursion)."""
     if run <= m.run:
         return _same(m)
-    if m.state not in LOST:
-        raise Conflict("run", f"a new run starts only after OOS or failure; manufacturing is {m.state}")
-    if not m.retained_material:
+    rejected_after_release = m.state == S.RELEASED and rules is not None and rules.retained_after(m.run)
+    if m.state not in LOST and not rejected_after_release:
+        raise Conflict(
+            "run", f"a new run starts only after OOS, failure or rejection; manufacturing is {m.state}"
+        )
+    if not (m.retained_material or rejected_after_release):
         raise Conflict("run", "no retained material is left for another run")
     return _to(
         m,
