@@ -57,7 +57,7 @@ HANDLERS = services.handlers(None)
 async def pool(test_db: pytest_plugin.TestDatabase) -> AsyncIterator[asyncpg.Pool]:
     url = test_db.urls["logistics"]
     applied = await apply_migrations(url, "logistics", [MIGRATIONS_DIR, LOGISTICS_MIGRATIONS])
-    assert applied[-1] == "0003.logistics-lifecycle"
+    assert applied[-1] == "0004.logistics-outbound-replacement"
     p = await create_pool(url, max_size=4)
     assert await schema_of(p) == "logistics"
     try:
