@@ -353,26 +353,38 @@ async def test_moving_the_apheresis_date_releases_and_rebooks(
         await hooks(webhook_receiver, path, j.id, "order.rebook_requested.v1", "scheduling.slot_released.v1")
 
 
-async def test_coi_with_a_wrong_check_character_is_refused_everywhere(platform: Platform) -> None:
+async def test_coi_with_a_wrong_check_character_is_refused_and_a_mismatch_is_alerted(
+    platform: Platform,
+) -> None:
     async with httpx.AsyncClient(timeout=15) as client:
         resp = await client.post(f"{platform.url('order')}/v1/orders", json=order_body("TC-DE-BE-001"))
         j = Journey(client, platform.url, resp.json())
-        await j.wait_status("inbound_shipment_planned")
+        site = (await j.wait_status("inbound_shipment_planned"))["site_id"]
         broken = j.coi[:-1] + ("A" if j.coi[-1] != "A" else "B")
+        receipts = f"/v1/sites/{site}/receipts"
         for service, path, body in [
             ("order", f"/v1/orders/{j.id}/apheresis", {"coi": broken}),
-            (
-                "site",
-                f"/v1/sites/{(await j.get())['site_id']}/receipts",
-                {"order_id": j.id, "coi": broken, "accepted": True},
-            ),
+            ("site", receipts, {"order_id": j.id, "coi": broken, "accepted": True}),
         ]:
             r = await client.post(f"{platform.url(service)}{path}", json=body)
             assert r.status_code == 422 and r.json()["errors"][0]["field"] == "coi", (service, r.text)
-        other = await client.post(f"{platform.url('order')}/v1/orders", json=order_body("TC-DE-BE-001"))
+        other = (
+            await client.post(f"{platform.url('order')}/v1/orders", json=order_body("TC-DE-BE-001"))
+        ).json()
+        mismatch = [{"field": "coi", "reason": "does not match the order"}]
         r = await client.post(
-            f"{platform.url('order')}/v1/orders/{j.id}/apheresis", json={"coi": other.json()["coi"]}
+            f"{platform.url('order')}/v1/orders/{j.id}/apheresis", json={"coi": other["coi"]}
         )
-        assert r.status_code == 409 and r.json()["errors"] == [
-            {"field": "coi", "reason": "does not match the order"}
-        ]
+        assert r.status_code == 409 and r.json()["errors"] == mismatch
+        r = await client.post(
+            f"{platform.url('site')}{receipts}",
+            json={"order_id": j.id, "coi": other["coi"], "accepted": True},
+        )
+        assert r.status_code == 409
+
+        async def alerted() -> bool:
+            types = [e["type"] for e in (await j.get())["timeline"]]
+            return {"order.coi_mismatch_detected.v1", "site.coi_mismatch_detected.v1"} <= set(types)
+
+        await eventually(alerted, timeout=15, what="both mismatches alerted on the order's timeline")
+        assert (await j.get())["status"] == "inbound_shipment_planned"  # nothing was accepted

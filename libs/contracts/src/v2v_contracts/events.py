@@ -371,6 +371,23 @@ class ShipmentCancelledV1(OrderEventData):
     reason: str
 
 
+class OrderCoiMismatchDetectedV1(OrderEventData):
+    """A centre presented a chain-of-identity id that is not this order's; the action was refused."""
+
+    TYPE = "order.coi_mismatch_detected.v1"
+    SERVICE = "order"
+    where: str  # the refused action (apheresis, product-receipt, infusion)
+
+
+class SiteCoiMismatchDetectedV1(OrderEventData):
+    """Material arrived at a site under a chain-of-identity id that is not the order's; refused."""
+
+    TYPE = "site.coi_mismatch_detected.v1"
+    SERVICE = "site"
+    site_id: str
+    where: str
+
+
 class CoiMismatchDetectedV1(OrderEventData):
     """A handoff presented a chain-of-identity id that is not this order's: the flow stops, alert."""
 

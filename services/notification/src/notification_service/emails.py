@@ -39,6 +39,8 @@ EXCEPTION_EVENT_TYPES: tuple[str, ...] = (
     "site.booking_affected.v1",
     "logistics.shipment_excursion.v1",
     "logistics.coi_mismatch_detected.v1",
+    "order.coi_mismatch_detected.v1",
+    "site.coi_mismatch_detected.v1",
     "notification.webhook_delivery_failed.v1",
 )
 

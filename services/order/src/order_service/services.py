@@ -18,6 +18,7 @@ from v2v_contracts import (
     EventData,
     LymphodepletionStartedV1,
     OrderCancelledV1,
+    OrderCoiMismatchDetectedV1,
     OrderCompletedV1,
     OrderFailedV1,
     OrderSubmittedV1,
@@ -362,14 +363,39 @@ def _check_coi(given: str | None, order: Any) -> None:
     if problem:
         raise invalid("coi", problem)
     if given != order["coi"]:
-        log.error("COI mismatch refused at the centre", order_id=str(order["order_id"]))
-        raise Problem(
-            409,
-            "Chain of identity mismatch",
-            "coi: does not match this order's chain of identity",
-            kind="coi-mismatch",
-            errors=[{"field": "coi", "reason": "does not match the order"}],
+        raise CoiMismatch
+
+
+class CoiMismatch(Exception):
+    """The centre presented another chain-of-identity id than the order's."""
+
+
+async def _alert_coi_mismatch(uow: UnitOfWork, order_id: uuid.UUID, where: str) -> Problem:
+    """Record and publish the refused handoff in its own transaction; the caller refuses the action."""
+    log.error("COI mismatch refused at the centre", order_id=str(order_id), where=where)
+    async with uow.begin() as tx:
+        order = await repo.get_order(tx.conn, order_id, lock=True)
+        assert order is not None
+        event = new_event(OrderCoiMismatchDetectedV1(**_ref(order), where=where))
+        await tx.outbox.add(event)
+        await repo.add_timeline(
+            tx.conn,
+            order_id=order_id,
+            event_id=event.id,
+            event_type=event.type,
+            source=event.source,
+            occurred_at=event.time,
+            status_before=order["status"],
+            status_after=order["status"],
+            reason=f"chain of identity mismatch at {where}: refused",
         )
+    return Problem(
+        409,
+        "Chain of identity mismatch",
+        "coi: does not match this order's chain of identity",
+        kind="coi-mismatch",
+        errors=[{"field": "coi", "reason": "does not match the order"}],
+    )
 
 
 @dataclass(frozen=True)
@@ -385,6 +411,13 @@ class Action:
 
 
 async def act(uow: UnitOfWork, order_id: uuid.UUID, action: Action) -> None:
+    try:
+        await _act(uow, order_id, action)
+    except CoiMismatch:
+        raise await _alert_coi_mismatch(uow, order_id, action.name) from None
+
+
+async def _act(uow: UnitOfWork, order_id: uuid.UUID, action: Action) -> None:
     async with uow.begin() as tx:
         try:
             order, product, centre = await _context(tx, order_id)

@@ -25,6 +25,7 @@ from v2v_contracts import (
     MaterialRejectedV1,
     ProductOutOfSpecificationV1,
     ProductReleasedV1,
+    SiteCoiMismatchDetectedV1,
     new_event,
 )
 from v2v_contracts.coi import coi_problem
@@ -33,6 +34,18 @@ from v2v_observability import get_logger, set_order_attributes
 from v2v_servicekit import Problem, invalid, not_found
 
 log = get_logger(__name__)
+
+
+async def _confirmed_booking(conn: Any, order_id: uuid.UUID, site_id: str) -> Any:
+    booking = await conn.fetchrow(
+        """SELECT * FROM bookings WHERE order_id = $1 AND site_id = $2 AND status = 'confirmed'
+           ORDER BY created_at DESC, booking_id LIMIT 1 FOR UPDATE""",
+        order_id,
+        site_id,
+    )
+    if booking is None:
+        raise conflict("order_id", f"the order has no confirmed booking at {site_id}")
+    return booking
 
 
 def conflict(field: str, reason: str) -> Problem:
@@ -154,17 +167,27 @@ async def record_receipt(
     when = received_at or _now(now)
     async with uow.begin() as tx:
         await ensure_site(tx.conn, site_id)
-        booking = await tx.conn.fetchrow(
-            """SELECT * FROM bookings WHERE order_id = $1 AND site_id = $2 AND status = 'confirmed'
-               ORDER BY created_at DESC, booking_id LIMIT 1 FOR UPDATE""",
-            order_id,
-            site_id,
-        )
-        if booking is None:
-            raise conflict("order_id", f"the order has no confirmed booking at {site_id}")
-        if coi != booking["coi"]:
-            log.error("COI mismatch at material receipt: material not accepted", site_id=site_id)
-            raise coi_mismatch()
+        booking = await _confirmed_booking(tx.conn, order_id, site_id)
+        mismatch = coi != booking["coi"]
+        if mismatch:
+            booking_ref = dict(booking)
+    if mismatch:
+        log.error("COI mismatch at material receipt: material not accepted", site_id=site_id)
+        async with uow.begin() as alert:  # the refusal stands; the alert is committed on its own
+            await alert.outbox.add(
+                new_event(
+                    SiteCoiMismatchDetectedV1(
+                        order_id=order_id,
+                        coi=booking_ref["coi"],
+                        treatment_center_id=booking_ref.get("treatment_center_id") or "",
+                        site_id=site_id,
+                        where="material receipt",
+                    )
+                )
+            )
+        raise coi_mismatch()
+    async with uow.begin() as tx:
+        booking = await _confirmed_booking(tx.conn, order_id, site_id)
         row = await tx.conn.fetchrow(
             "SELECT * FROM manufacturing WHERE booking_id = $1 FOR UPDATE", booking["booking_id"]
         )

@@ -488,7 +488,9 @@ async def test_receipt_checks_the_coi_and_the_booking(
         await receive(uow, {**b, "order_id": uuid.uuid4()})
     assert problem_of(exc) == (409, "order_id")
 
-    assert await outbox() == []
+    # the mismatch is refused and alerted (its own committed transaction); nothing else is written
+    alerts = await outbox()
+    assert [a[0] for a in alerts] == ["site.coi_mismatch_detected.v1"], alerts
     assert await pool.fetchval("SELECT count(*) FROM manufacturing") == 0
     assert (await mes.get_manufacturing(pool, SITE, b["order_id"]))["state"] == "awaiting_material"
 
