@@ -70,6 +70,16 @@ async def test_courier_milestone_is_custody_and_links_to_the_orders_first_trace(
             return "logistics.shipment_milestone.v1" in [e["type"] for e in o["timeline"]]
 
         await eventually(on_timeline, timeout=10, what="milestone on the order's timeline")
+        # a hospital confirmation and a site's MES report are later inputs too
+        resp = await client.post(
+            f"{platform.url('order')}/v1/orders/{order['order_id']}/apheresis", json={"coi": order["coi"]}
+        )
+        assert resp.status_code == 200, resp.text
+        resp = await client.post(
+            f"{platform.url('site')}/v1/sites/{ship['destination']}/receipts",
+            json={"order_id": order["order_id"], "coi": order["coi"], "accepted": True},
+        )
+        assert resp.status_code in {200, 201}, resp.text
 
     oid = order["order_id"]
 
@@ -97,6 +107,16 @@ async def test_courier_milestone_is_custody_and_links_to_the_orders_first_trace(
     assert scan["trace_id"] != first_trace  # a later input starts its own trace ...
     assert first_trace in {link["trace_id"] for link in scan["links"]}  # ... linked to the order's first
     assert scan["attributes"]["v2v.coi"] == order["coi"]
+
+    def later(name: str) -> list[dict[str, Any]]:
+        return [
+            s for s in spans(platform) if s["name"] == name and s["attributes"].get("v2v.order_id") == oid
+        ]
+
+    for name in ("hospital apheresis", "mes receipt"):
+        found = await eventually(lambda n=name: later(n), timeout=10, what=f"{name} span exported")
+        assert found[0]["trace_id"] != first_trace
+        assert first_trace in {link["trace_id"] for link in found[0]["links"]}, name
 
 
 async def test_coi_mismatch_is_refused_and_a_bad_check_character_is_named(platform: Platform) -> None:

@@ -8,6 +8,8 @@ from v2v_observability.tracing import (
     ORDER_ID_ATTR,
     configure_tracing,
     current_traceparent,
+    later_input,
+    links_to,
     set_order_attributes,
     shutdown_tracing,
 )
@@ -22,6 +24,8 @@ __all__ = [
     "current_order",
     "current_traceparent",
     "get_logger",
+    "later_input",
+    "links_to",
     "meter",
     "set_order_attributes",
     "shutdown_metrics",

@@ -8,10 +8,11 @@ variables (OTEL_TRACES_SAMPLER, OTEL_BSP_*), which the SDK reads itself.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 from opentelemetry import propagate, trace
@@ -138,3 +139,20 @@ def set_order_attributes(order_id: object | None, coi: str | None) -> None:
         span.set_attribute(ORDER_ID_ATTR, str(order_id))
     if coi:
         span.set_attribute(COI_ATTR, coi)
+
+
+def links_to(origin: Mapping[str, str] | None) -> list[trace.Link]:
+    """A span link to the trace whose W3C context is `origin` (e.g. an order's first trace)."""
+    if not origin:
+        return []
+    ctx = trace.get_current_span(propagate.extract(dict(origin))).get_span_context()
+    return [trace.Link(ctx, {"v2v.link": "order_origin"})] if ctx.is_valid else []
+
+
+@contextlib.contextmanager
+def later_input(name: str, origin: Mapping[str, str] | None, **attributes: str) -> Iterator[trace.Span]:
+    """A span for a later input about an order (a courier scan, an MES report, a hospital action): it
+    lives in the input's own trace and links back to the order's first trace."""
+    tracer = trace.get_tracer("v2v.later_input")
+    with tracer.start_as_current_span(name, links=links_to(origin), attributes=attributes) as span:
+        yield span

@@ -30,7 +30,7 @@ from v2v_contracts import (
 )
 from v2v_contracts.coi import coi_problem
 from v2v_messaging import Tx, UnitOfWork
-from v2v_observability import bind_order, current_traceparent, get_logger, set_order_attributes
+from v2v_observability import bind_order, current_traceparent, get_logger, later_input, set_order_attributes
 from v2v_servicekit import Problem, invalid
 
 log = get_logger(__name__)
@@ -411,8 +411,10 @@ class Action:
 
 
 async def act(uow: UnitOfWork, order_id: uuid.UUID, action: Action) -> None:
+    first = await uow.pool.fetchval("SELECT first_trace FROM orders WHERE order_id = $1", order_id)
     try:
-        await _act(uow, order_id, action)
+        with later_input(f"hospital {action.name}", first, **{"v2v.action": action.name}):
+            await _act(uow, order_id, action)
     except CoiMismatch:
         raise await _alert_coi_mismatch(uow, order_id, action.name) from None
 

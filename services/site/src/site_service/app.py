@@ -25,6 +25,7 @@ from v2v_contracts import (
     SiteRegisteredV1,
     Step,
 )
+from v2v_observability import later_input
 from v2v_servicekit import ConsumerSpec, Runtime, ServiceDefinition, get_runtime
 
 router = APIRouter(prefix="/v1")
@@ -107,13 +108,21 @@ class QcIn(BaseModel):
     decided_at: AwareDatetime | None = None
 
 
+async def _origin(rt: Runtime, order_id: uuid.UUID) -> Any:
+    """The order's first trace, as remembered with its latest booking (MES reports link to it)."""
+    return await rt.pool.fetchval(
+        "SELECT origin_trace FROM bookings WHERE order_id = $1 ORDER BY created_at DESC LIMIT 1", order_id
+    )
+
+
 @router.post(
     "/sites/{site_id}/receipts",
     tags=["mes"],
     summary="MES: the order's apheresis material received (accepted) or refused at the site",
 )
 async def post_receipt(site_id: str, body: ReceiptIn, rt: RuntimeDep) -> dict[str, Any]:
-    return await mes.record_receipt(rt.uow, site_id, **body.model_dump())
+    with later_input("mes receipt", await _origin(rt, body.order_id), **{"v2v.site_id": site_id}):
+        return await mes.record_receipt(rt.uow, site_id, **body.model_dump())
 
 
 @router.post(
@@ -122,7 +131,8 @@ async def post_receipt(site_id: str, body: ReceiptIn, rt: RuntimeDep) -> dict[st
     summary="MES: a manufacturing step completed (or failed) in the current run",
 )
 async def post_step(site_id: str, order_id: uuid.UUID, body: StepIn, rt: RuntimeDep) -> dict[str, Any]:
-    return await mes.record_step(rt.uow, site_id, order_id, **body.model_dump())
+    with later_input("mes step", await _origin(rt, order_id), **{"v2v.step": body.step}):
+        return await mes.record_step(rt.uow, site_id, order_id, **body.model_dump())
 
 
 @router.post(
@@ -131,7 +141,8 @@ async def post_step(site_id: str, order_id: uuid.UUID, body: StepIn, rt: Runtime
     summary="MES: QC disposition of the current run (released, out of specification, failed)",
 )
 async def post_qc(site_id: str, order_id: uuid.UUID, body: QcIn, rt: RuntimeDep) -> dict[str, Any]:
-    return await mes.record_qc(rt.uow, site_id, order_id, **body.model_dump())
+    with later_input("mes qc", await _origin(rt, order_id), **{"v2v.disposition": body.disposition}):
+        return await mes.record_qc(rt.uow, site_id, order_id, **body.model_dump())
 
 
 @router.get(

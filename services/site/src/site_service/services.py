@@ -29,7 +29,7 @@ from v2v_contracts import (
     parse_data,
 )
 from v2v_messaging import Tx, UnitOfWork
-from v2v_observability import get_logger
+from v2v_observability import current_traceparent, get_logger
 
 log = get_logger(__name__)
 SEED = Path(__file__).parent / "seed" / "sites.yaml"
@@ -254,8 +254,8 @@ async def on_slot_reserved(tx: Tx, event: CloudEvent) -> None:
     booking_id = uuid.uuid4()
     booking = await tx.conn.fetchrow(
         """INSERT INTO bookings (booking_id, order_id, coi, slot_id, site_id, manufacturing_start_date,
-                                 apheresis_date, status, treatment_center_id, product_code)
-           VALUES ($1, $2, $3, $4, $5, $6, $7, 'confirmed', $8, $9) RETURNING *""",
+                                 apheresis_date, status, treatment_center_id, product_code, origin_trace)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, 'confirmed', $8, $9, $10::jsonb) RETURNING *""",
         booking_id,
         slot.order_id,
         slot.coi,
@@ -265,6 +265,7 @@ async def on_slot_reserved(tx: Tx, event: CloudEvent) -> None:
         slot.apheresis_date,
         slot.treatment_center_id,
         slot.product_code,
+        current_traceparent(),
     )
     assert booking is not None
     await tx.outbox.add(
