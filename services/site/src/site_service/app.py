@@ -22,6 +22,7 @@ from v2v_contracts import (
     MaterialRejectedV1,
     ProductOutOfSpecificationV1,
     ProductReleasedV1,
+    SiteApproval,
     SiteRegisteredV1,
     Step,
 )
@@ -48,6 +49,11 @@ class SitePatch(BaseModel):
         examples=[{"TISA-CEL": 2}],
     )
     active: bool | None = None
+    approvals: list[SiteApproval] | None = Field(
+        default=None,
+        description="The site's whole approval list (replaces it): regulator, use and product per entry",
+        examples=[[{"regulator": "EMA", "use": "commercial", "product_code": "TISA-CEL"}]],
+    )
 
 
 class OutageIn(BaseModel):
@@ -65,10 +71,12 @@ async def site(site_id: str, rt: RuntimeDep) -> dict[str, Any]:
 @router.patch(
     "/sites/{site_id}",
     tags=["registry"],
-    summary="Registry: change daily capacity per product and/or whether the site is active",
+    summary="Registry: change daily capacity per product, whether the site is active, and its approvals",
 )
 async def patch_site(site_id: str, body: SitePatch, rt: RuntimeDep) -> dict[str, Any]:
-    return await registry.update_site(rt.uow, site_id, daily_capacity=body.daily_capacity, active=body.active)
+    return await registry.update_site(
+        rt.uow, site_id, daily_capacity=body.daily_capacity, active=body.active, approvals=body.approvals
+    )
 
 
 @router.post(

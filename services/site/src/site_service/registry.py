@@ -17,7 +17,7 @@ import asyncpg
 
 from site_service import services
 from site_service.catalog import known_products
-from v2v_contracts import Outage
+from v2v_contracts import Outage, SiteApproval
 from v2v_messaging import Tx, UnitOfWork
 from v2v_observability import get_logger
 from v2v_servicekit import invalid, not_found
@@ -87,11 +87,20 @@ async def update_site(
     *,
     daily_capacity: dict[str, int] | None = None,
     active: bool | None = None,
+    approvals: list[SiteApproval] | None = None,
     today: date | None = None,
 ) -> dict[str, Any]:
-    """Change a site's capacity per product (a partial map) and/or whether it is active."""
+    """Change a site's capacity per product (a partial map), whether it is active, and/or its approvals
+    (the whole list: per regulator, use and product)."""
     if daily_capacity:
         validate_capacity(daily_capacity)
+    if approvals is not None:
+        products = known_products()
+        for i, approval in enumerate(approvals):
+            if approval.product_code not in products:
+                raise invalid(
+                    f"approvals.{i}.product_code", f"unknown product; known: {', '.join(sorted(products))}"
+                )
     async with uow.begin() as tx:
         row = await _locked_site(tx, site_id)
         site = services.site_from_row(row)
@@ -99,8 +108,14 @@ async def update_site(
         managed = set(row["api_managed"]) | {f"daily_capacity:{p}" for p in daily_capacity or {}}
         if active is not None:
             managed.add("active")
+        if approvals is not None:
+            managed.add("approvals")
         new = site.model_copy(
-            update={"daily_capacity": capacity, "active": site.active if active is None else active}
+            update={
+                "daily_capacity": capacity,
+                "active": site.active if active is None else active,
+                "approvals": site.approvals if approvals is None else list(dict.fromkeys(approvals)),
+            }
         )
         changed = await services.upsert_site(tx, new)
         await tx.conn.execute(

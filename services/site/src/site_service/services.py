@@ -85,6 +85,9 @@ def merge_seed(seeded: SiteRegisteredV1, current: asyncpg.Record | None) -> Site
     return seeded.model_copy(
         update={
             "active": current["active"] if "active" in managed else seeded.active,
+            "approvals": [SiteApproval(**a) for a in current["approvals"]]
+            if "approvals" in managed
+            else seeded.approvals,
             "daily_capacity": capacity,
             "outages": [Outage(**o) for o in current["outages"]],
         }

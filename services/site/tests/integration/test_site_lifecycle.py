@@ -28,6 +28,7 @@ from v2v_contracts import (
     OrderCancelledV1,
     OrderFailedV1,
     RemanufactureRequestedV1,
+    SiteApproval,
     SlotReleasedV1,
     SlotReservedV1,
     new_event,
@@ -194,6 +195,31 @@ async def test_patch_capacity_and_active_republishes_the_site(
 
     await registry.update_site(uow, SITE, active=False, today=TODAY)  # no change: nothing published
     assert await outbox() == []
+
+
+async def test_patch_approvals_replaces_them_republishes_and_survives_a_seed_reload(
+    pool: asyncpg.Pool, uow: UnitOfWork, outbox: Any
+) -> None:
+    await outbox()
+    approvals = [
+        SiteApproval(regulator="EMA", use="commercial", product_code="TISA-CEL"),
+        SiteApproval(regulator="TGA", use="clinical", product_code="CILTA-CEL"),
+    ]
+    out = await registry.update_site(uow, SITE, approvals=approvals, today=TODAY)
+    assert [(a["regulator"], a["use"], a["product_code"]) for a in out["approvals"]] == [
+        ("EMA", "commercial", "TISA-CEL"),
+        ("TGA", "clinical", "CILTA-CEL"),
+    ]
+    [(kind, data)] = await outbox()
+    assert kind == "site.registered.v1" and data["approvals"] == [a.model_dump() for a in approvals]
+    assert await services.load_seed(uow) == 0  # the registry's approvals win over the seed file
+    site = await registry.get_site(pool, SITE)
+    assert [a["regulator"] for a in site["approvals"]] == ["EMA", "TGA"]
+    with pytest.raises(Problem) as exc:
+        await registry.update_site(
+            uow, SITE, approvals=[SiteApproval(regulator="EMA", use="clinical", product_code="NOPE")]
+        )
+    assert problem_of(exc) == (422, "approvals.0.product_code")
 
 
 @pytest.mark.parametrize(
