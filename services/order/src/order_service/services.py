@@ -138,6 +138,7 @@ def state_of(row: Any) -> OrderState:
         site_id=row["site_id"],
         apheresis_date=row["apheresis_date"] or row["requested_apheresis_date"],
         lymphodepletion=row["lymphodepletion_at"] is not None,
+        rebook_pending=row["rebook_pending"],
         status_before_quarantine=OrderStatus(row["status_before_quarantine"])
         if row["status_before_quarantine"]
         else None,
@@ -219,6 +220,7 @@ async def _apply(
             status_before_quarantine=new.status_before_quarantine.value
             if new.status_before_quarantine
             else None,
+            rebook_pending=new.rebook_pending,
         )
         if new.status in machine.TERMINAL and new.status is not before:
             fields["ended_reason"] = outcome.reason

@@ -244,3 +244,26 @@ def test_predicted_dates_follow_the_facts() -> None:
         ),
     )
     assert actual["release"] == date(2026, 12, 30) and actual["delivery"] == date(2027, 1, 1)
+
+
+def test_while_a_rebook_is_pending_only_its_own_slot_moves_the_order() -> None:
+    waiting = OrderState(S.WAITLISTED)
+    moved = m.reschedule_apheresis(waiting, TODAY + timedelta(days=5), "patient unwell", TODAY)
+    assert moved.state.status == S.RESCHEDULING and moved.state.rebook_pending
+    # the old request was served from the waitlist meanwhile: recorded, ignored, not parked for later
+    stale = m.on_fact(
+        moved.state,
+        "scheduling.slot_reserved.v1",
+        {"slot_id": SLOT_A, "site_id": "X", "apheresis_date": "2026-12-01", "reason": "waitlist"},
+        Rules(),
+        TODAY,
+    )
+    assert not stale.changed and not stale.reason.startswith(m.NOT_YET)
+    fresh = m.on_fact(
+        moved.state,
+        "scheduling.slot_reserved.v1",
+        {"slot_id": SLOT_B, "site_id": "Y", "apheresis_date": "2026-12-01", "reason": "rebook:reschedule"},
+        Rules(),
+        TODAY,
+    )
+    assert fresh.state.status == S.SLOT_RESERVED and not fresh.state.rebook_pending

@@ -59,11 +59,26 @@ LIVE = ("held", "confirmed")  # a slot the order still holds: at most one per or
 def load_parameters(path: Path = SEED) -> Parameters:
     cfg = yaml.safe_load(path.read_text())
     transit = cfg["inbound_transit_days"]
+    lanes = {
+        (lane["from"], lane["to"], material): int(days)
+        for lane in cfg.get("lanes", [])
+        for material, days in lane["days"].items()
+    }
     return Parameters(
         same_region_transit_days=int(transit["same_region"]),
         cross_region_transit_days=int(transit["cross_region"]),
         horizon_days=int(cfg["booking_horizon_days"]),
+        lanes=lanes,
     )
+
+
+def load_products(path: Path = SEED) -> dict[str, tuple[str, int]]:
+    """Product code -> (apheresis material, manufacturing + QC days)."""
+    cfg = yaml.safe_load(path.read_text())
+    return {
+        code: (p["apheresis_material"], int(p["manufacturing_days"]) + int(p["qc_days"]))
+        for code, p in (cfg.get("products") or {}).items()
+    }
 
 
 def _parameters_path() -> Path:
@@ -72,6 +87,7 @@ def _parameters_path() -> Path:
 
 
 PARAMS = load_parameters(_parameters_path())
+PRODUCTS = load_products()  # from the seed: material and durations are product facts, not tuning
 
 
 # ---- what a reservation needs ------------------------------------------------------------------------
@@ -121,7 +137,16 @@ class SlotRequest:
         )
 
     def selection(self) -> Request:
-        return Request(self.product_code, self.order_type, self.regulator, self.region, self.apheresis_date)
+        material, processing = PRODUCTS.get(self.product_code, ("fresh", 0))
+        return Request(
+            self.product_code,
+            self.order_type,
+            self.regulator,
+            self.region,
+            self.apheresis_date,
+            material=material,
+            processing_days=processing,
+        )
 
     def reserved_reason(self, *, from_waitlist: bool) -> str:
         """`slot_reserved` reason: a rebook stays a rebook even when it had to wait."""

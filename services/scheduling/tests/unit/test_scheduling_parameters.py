@@ -23,6 +23,11 @@ def test_load_parameters_reads_the_seed() -> None:
         same_region_transit_days=cfg["inbound_transit_days"]["same_region"],
         cross_region_transit_days=cfg["inbound_transit_days"]["cross_region"],
         horizon_days=cfg["booking_horizon_days"],
+        lanes={
+            (lane["from"], lane["to"], material): days
+            for lane in cfg["lanes"]
+            for material, days in lane["days"].items()
+        },
     )
     assert params == PARAMS
 

@@ -245,7 +245,10 @@ def test_a_rebook_request_keeps_its_exclusion_and_kind() -> None:
     req = SlotRequest.rebook(rebook)
     assert req.exclude_site_id == "DE-LEIPZIG-IZI"
     assert req.apheresis_date == day(3)
-    assert req.selection() == Request("CILTA-CEL", "clinical", "EMA", "europe", day(3))
+    # the product's facts from the seed: fresh material, 19 + 14 days of manufacturing and QC
+    assert req.selection() == Request(
+        "CILTA-CEL", "clinical", "EMA", "europe", day(3), material="fresh", processing_days=33
+    )
     assert req.reserved_reason(from_waitlist=False) == "rebook:site_outage"
     assert req.reserved_reason(from_waitlist=True) == "rebook:site_outage"
 

@@ -275,3 +275,73 @@ def test_zero_horizon_offers_nothing() -> None:
 def test_ties_on_the_day_go_to_the_smallest_site_id() -> None:
     sites = [site("C-SITE"), site("A-SITE"), site("B-SITE")]
     assert select_site(sites, {}, REQ, PARAMS) == Choice("A-SITE", REQ.apheresis_date + timedelta(days=1))
+
+
+# ---- the objective with a lane table: earliest predicted delivery to the patient ------------------
+
+LANES = {
+    ("europe", "europe", "fresh"): 1,
+    ("europe", "north_america", "fresh"): 2,
+    ("europe", "europe", "cryopreserved"): 1,
+    ("north_america", "europe", "cryopreserved"): 6,
+}
+
+
+def test_a_later_start_wins_when_it_delivers_earlier() -> None:
+    """US starts first (no European slot before day 4) but ships back slowly: Europe delivers earlier."""
+    params = Parameters(1, 2, horizon_days=42, lanes=LANES)
+    req = Request(
+        "TISA-CEL", "commercial", "EMA", "europe", date(2026, 5, 4), material="fresh", processing_days=31
+    )
+    eu, us = site("EU-SITE", "europe"), site("US-SITE", "north_america")
+    full = {("EU-SITE", "TISA-CEL", date(2026, 5, 4) + timedelta(days=d)): 2 for d in (1, 2)}
+    choice = select_site([eu, us], full, req, params)
+    assert isinstance(choice, Choice)
+    # EU: start day 3, delivery 3 + 31 + 1 = 35; US: start day 2, delivery 2 + 31 + 6 = 39
+    assert choice == Choice("EU-SITE", date(2026, 5, 7))
+    assert choice.predicted_delivery == date(2026, 5, 4) + timedelta(days=35)
+
+
+@given(
+    st.lists(st.sampled_from(["europe", "north_america"]), min_size=1, max_size=4),
+    st.lists(st.integers(0, 3), min_size=4, max_size=4),
+    st.integers(0, 40),
+)
+def test_the_choice_minimises_predicted_delivery_over_every_free_day(
+    regions: list[str], busy: list[int], processing: int
+) -> None:
+    params = Parameters(1, 2, horizon_days=6, lanes=LANES)
+    req = Request(
+        "TISA-CEL",
+        "commercial",
+        "EMA",
+        "europe",
+        date(2026, 5, 4),
+        material="fresh",
+        processing_days=processing,
+    )
+    sites = [site(f"S{i}", region, cap=1) for i, region in enumerate(regions)]
+    used = {
+        (s.site_id, "TISA-CEL", req.apheresis_date + timedelta(days=1 + k)): 1
+        for i, s in enumerate(sites)
+        for k in range(busy[i])
+    }
+    choice = select_site(sites, used, req, params)
+    assert isinstance(choice, Choice)
+
+    def delivery(s: Site, day: date) -> date:
+        back = LANES.get((s.region, "europe", "cryopreserved"), 0)
+        return day + timedelta(days=processing + back)
+
+    options = [
+        (delivery(s, day), day, s.site_id)
+        for s in sites
+        for day in window(
+            s,
+            Request("TISA-CEL", "commercial", "EMA", "europe", req.apheresis_date, material="fresh"),
+            params,
+        )
+        if used.get((s.site_id, "TISA-CEL", day), 0) < 1
+    ]
+    best = min(options)
+    assert (choice.predicted_delivery, choice.manufacturing_start_date, choice.site_id) == best

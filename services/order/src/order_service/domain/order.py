@@ -125,6 +125,7 @@ class OrderState:
     apheresis_date: date | None = None
     lymphodepletion: bool = False
     status_before_quarantine: OrderStatus | None = None
+    rebook_pending: bool = False  # a rebook was asked for and its slot has not been reserved yet
 
 
 @dataclass(frozen=True)
@@ -178,6 +179,8 @@ def _keep(state: OrderState, reason: str) -> Outcome:
 def _to(
     state: OrderState, status: OrderStatus, reason: str, commands: tuple[Command, ...] = (), **kw: Any
 ) -> Outcome:
+    if any(isinstance(c, Rebook) for c in commands):
+        kw["rebook_pending"] = True
     return Outcome(dataclasses.replace(state, status=status, **kw), reason, commands)
 
 
@@ -225,11 +228,14 @@ def on_fact(state: OrderState, event_type: str, data: dict[str, Any], rules: Rul
             if st in {S.SUBMITTED, S.RESCHEDULING}:
                 return _to(state, S.WAITLISTED, f"waitlisted: {data.get('detail') or reason}")
         case "scheduling.slot_reserved.v1":
+            if state.rebook_pending and not str(data.get("reason", "")).startswith("rebook:"):
+                return _keep(state, "recorded only: a slot for a request the rebook superseded")
             if st in {S.SUBMITTED, S.WAITLISTED, S.RESCHEDULING}:
                 return _to(
                     state,
                     S.SLOT_RESERVED,
                     f"slot at {data['site_id']} ({reason})",
+                    rebook_pending=False,
                     slot_id=str(data["slot_id"]),
                     site_id=str(data["site_id"]),
                     apheresis_date=date.fromisoformat(str(data["apheresis_date"])),
