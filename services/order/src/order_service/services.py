@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any
@@ -400,6 +401,20 @@ async def _alert_coi_mismatch(uow: UnitOfWork, order_id: uuid.UUID, where: str) 
     )
 
 
+# hospital confirmations: action -> (state machine step, event, the event's time field, the order column)
+CONFIRMATIONS: dict[str, tuple[Callable[[OrderState], Outcome], type[EventData], str, str]] = {
+    "apheresis": (machine.confirm_apheresis, ApheresisCompletedV1, "collected_at", "apheresis_collected_at"),
+    "lymphodepletion": (
+        machine.start_lymphodepletion,
+        LymphodepletionStartedV1,
+        "started_at",
+        "lymphodepletion_at",
+    ),
+    "receipt": (machine.confirm_product_receipt, ProductReceivedV1, "received_at", "product_received_at"),
+    "infusion": (machine.confirm_infusion, OrderCompletedV1, "infused_at", "infused_at"),
+}
+
+
 @dataclass(frozen=True)
 class Action:
     """A hospital or QA action on an order."""
@@ -442,22 +457,11 @@ async def _act(uow: UnitOfWork, order_id: uuid.UUID, action: Action) -> None:
                 case "reschedule":
                     assert action.new_date is not None
                     outcome = machine.reschedule_apheresis(state, action.new_date, action.reason, today)
-                case "apheresis":
-                    outcome = machine.confirm_apheresis(state)
-                    data = ApheresisCompletedV1(**ref, collected_at=at)
-                    extra["apheresis_collected_at"] = at
-                case "lymphodepletion":
-                    outcome = machine.start_lymphodepletion(state)
-                    data = LymphodepletionStartedV1(**ref, started_at=at)
-                    extra["lymphodepletion_at"] = at
-                case "receipt":
-                    outcome = machine.confirm_product_receipt(state)
-                    data = ProductReceivedV1(**ref, received_at=at)
-                    extra["product_received_at"] = at
-                case "infusion":
-                    outcome = machine.confirm_infusion(state)
-                    data = OrderCompletedV1(**ref, infused_at=at)
-                    extra["infused_at"] = at
+                case name if name in CONFIRMATIONS:
+                    step, event_type, time_field, column = CONFIRMATIONS[name]
+                    outcome = step(state)
+                    data = event_type(**ref, **{time_field: at})
+                    extra[column] = at
                 case "quarantine":
                     outcome = machine.decide_quarantine(
                         state, action.decision or "", action.reason, rules, today
