@@ -18,11 +18,12 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from faststream.kafka import KafkaBroker
 
-from v2v_contracts import CloudEvent
+from v2v_contracts import CloudEvent, EventData
 from v2v_messaging import (
     ConsumerPolicy,
     EventConsumer,
-    Handler,
+    EventMeta,
+    HandlerRegistry,
     KafkaSettings,
     Tx,
     UnitOfWork,
@@ -34,6 +35,29 @@ pytestmark = pytest.mark.integration
 
 EVENT_TYPE = "scheduling.it_test.v1"
 FAST = ConsumerPolicy(max_attempts=2, base_backoff_s=0.01)
+
+Handler = Callable[[Tx, CloudEvent], Awaitable[None]]
+
+
+class ItTestV1(EventData):
+    """The test's own event type (routed by the registry like any contract)."""
+
+    TYPE = EVENT_TYPE
+    SERVICE = "scheduling"
+    n: int
+
+
+def registry_of(handlers: dict[str, Handler]) -> HandlerRegistry[Tx]:
+    """The tests' handlers look at the whole envelope (ids, offsets): give them meta.envelope."""
+    registry = HandlerRegistry[Tx]()
+    for event_type, fn in handlers.items():
+        assert event_type == ItTestV1.TYPE
+
+        async def typed(tx: Tx, data: ItTestV1, meta: EventMeta, fn: Handler = fn) -> None:
+            await fn(tx, meta.envelope)
+
+        registry.add(ItTestV1, typed)
+    return registry
 
 
 def make_event(subject: str, n: int = 0) -> CloudEvent:
@@ -78,7 +102,7 @@ async def start_consumer(kafka: KafkaSettings, messaging_db: Any) -> AsyncIterat
             service=service,
             purpose="it",
             topics=[topic],
-            handlers=handlers,
+            handlers=registry_of(handlers),
             uow=uow,
             broker=broker,
             dead_letter_topic=dlq,

@@ -1,4 +1,4 @@
-"""problem+json (RFC 9457) for validation errors, raised Problems and unknown routes."""
+"""problem+json (RFC 9457) for validation errors, raised domain errors and unknown routes."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from fastapi import FastAPI, Query
 from fastapi.testclient import TestClient
 from pydantic import BaseModel, Field
 
-from v2v_servicekit import Problem, invalid, not_found
+from v2v_contracts.errors import CoiMismatch, Conflict, Invalid, NotAllowedNow, NotFound
 from v2v_servicekit.problems import PROBLEM_BASE, PROBLEM_JSON, install
 
 
@@ -42,11 +42,15 @@ def build_app() -> FastAPI:
     @app.get("/things/{thing_id}")
     async def get(thing_id: int) -> dict[str, int]:
         if thing_id == 404:
-            raise not_found("Thing", thing_id)
+            raise NotFound("Thing", thing_id)
         if thing_id == 409:
-            raise Problem(409, "Conflict", "thing is busy", kind="conflict")
+            raise Conflict("thing_id", "thing is busy", detail="thing is busy", title="Conflict")
         if thing_id == 422:
-            raise invalid("thing_id", "must not be 422")
+            raise Invalid("thing_id", "must not be 422")
+        if thing_id == 423:
+            raise NotAllowedNow("status", "order is completed")
+        if thing_id == 424:
+            raise CoiMismatch()
         return {"thing_id": thing_id}
 
     return app
@@ -122,6 +126,15 @@ def test_not_found_problem(client: TestClient) -> None:
     assert body["type"] == PROBLEM_BASE + "not-found"
     assert body["instance"] == "/things/404"
     assert "errors" not in body
+
+
+def test_domain_errors_map_to_their_status_in_one_place(client: TestClient) -> None:
+    state = problem(client.get("/things/423"), 409)
+    assert state["type"] == PROBLEM_BASE + "order-state"
+    assert state["errors"] == [{"field": "status", "reason": "order is completed"}]
+    coi = problem(client.get("/things/424"), 409)
+    assert (coi["type"], coi["title"]) == (PROBLEM_BASE + "coi-mismatch", "Chain of identity mismatch")
+    assert coi["errors"] == [{"field": "coi", "reason": "does not match the order"}]
 
 
 def test_raised_problem_keeps_its_status_and_kind(client: TestClient) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-PUBLISHERS = ("order", "scheduling", "site", "logistics", "notification")
+from v2v_contracts.services import SERVICE_NAMES
+
+PUBLISHERS = SERVICE_NAMES  # every service publishes on its own topic
 MIN_PARTITIONS = 6
 
 

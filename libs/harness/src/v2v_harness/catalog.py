@@ -1,25 +1,5 @@
-"""The five services as the harness knows them: package, schema, login role and default port."""
+"""The five services as the harness knows them (one list for every tool: v2v_contracts.services)."""
 
-from __future__ import annotations
+from v2v_contracts.services import BY_NAME, SERVICES, ServiceSpec
 
-from dataclasses import dataclass
-
-
-@dataclass(frozen=True)
-class ServiceSpec:
-    name: str  # logical service name, also the topic suffix (v2v.<name>)
-    package: str  # import package, run with `python -m <package>`
-    schema: str  # the only Postgres schema the service may touch
-    role: str  # its login role
-    port: int  # default HTTP port under `make run`
-
-
-SERVICES: tuple[ServiceSpec, ...] = (
-    ServiceSpec("order", "order_service", "ordering", "v2v_order", 8001),
-    ServiceSpec("scheduling", "scheduling_service", "scheduling", "v2v_scheduling", 8002),
-    ServiceSpec("site", "site_service", "site", "v2v_site", 8003),
-    ServiceSpec("logistics", "logistics_service", "logistics", "v2v_logistics", 8004),
-    ServiceSpec("notification", "notification_service", "notification", "v2v_notification", 8005),
-)
-
-BY_NAME = {s.name: s for s in SERVICES}
+__all__ = ["BY_NAME", "SERVICES", "ServiceSpec"]

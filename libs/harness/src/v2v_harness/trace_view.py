@@ -19,7 +19,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-ORDER_ID_ATTR = "v2v.order_id"
+from v2v_observability.names import ORDER_ID as ORDER_ID_ATTR
+
 BAR_WIDTH = 30
 SpanDict = dict[str, Any]
 

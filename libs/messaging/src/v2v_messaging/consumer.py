@@ -5,6 +5,8 @@ committed only after the handler returned, which is after our database commit; a
 back so the message is redelivered). Around the handler:
 
 - the CloudEvent is parsed; a message that is not one goes straight to the dead-letter topic;
+- it is routed by type through the service's `HandlerRegistry` (typed models; a payload that does not
+  match its contract is poison and dead-lettered at once; a type with no handler is counted and skipped);
 - `(consumer, event id)` is inserted into the inbox in the handler's transaction: a duplicate is a no-op;
 - a failure retries with exponential backoff; infrastructure failures (database or broker unreachable)
   are redelivered for as long as they last, any other error sends the message to the service's
@@ -17,7 +19,6 @@ import asyncio
 import random
 import time
 import weakref
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,19 +29,21 @@ from faststream.kafka.annotations import KafkaMessage
 from pydantic import ValidationError
 
 from v2v_contracts import CloudEvent
-from v2v_messaging.uow import Tx, UnitOfWork
+from v2v_messaging.handlers import HandlerRegistry, PoisonMessage
+from v2v_messaging.uow import UnitOfWork
 from v2v_observability import get_logger, meter, set_order_attributes
+from v2v_observability import names as tn
 
 log = get_logger(__name__)
-_meter = meter("v2v.messaging")
-EVENTS = _meter.create_counter("v2v.consumer.events", description="Events seen by a consumer, by outcome")
+_meter = meter(tn.METER_MESSAGING)
+EVENTS = _meter.create_counter(tn.CONSUMER_EVENTS, description="Events seen by a consumer, by outcome")
 HANDLER_DURATION = _meter.create_histogram(
-    "v2v.consumer.handler.duration",
+    tn.CONSUMER_HANDLER_DURATION,
     unit="s",
     description="Time to process one event (handler + inbox + commit)",
 )
 DEAD_LETTERS = _meter.create_counter(
-    "v2v.consumer.dead_letters", description="Messages sent to a dead-letter topic"
+    tn.CONSUMER_DEAD_LETTERS, description="Messages sent to a dead-letter topic"
 )
 _CONSUMERS: weakref.WeakSet[EventConsumer] = weakref.WeakSet()
 
@@ -58,10 +61,8 @@ def _observe_lag(_options: Any) -> list[Any]:
 
 
 _meter.create_observable_gauge(
-    "v2v.consumer.lag", callbacks=[_observe_lag], description="Messages behind the partition's high watermark"
+    tn.CONSUMER_LAG, callbacks=[_observe_lag], description="Messages behind the partition's high watermark"
 )
-
-Handler = Callable[[Tx, CloudEvent], Awaitable[None]]
 
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
@@ -99,8 +100,8 @@ class EventConsumer:
         service: str,
         purpose: str,
         topics: list[str],
-        handlers: dict[str, Handler],
-        uow: UnitOfWork,
+        handlers: HandlerRegistry[Any],
+        uow: UnitOfWork[Any],
         broker: KafkaBroker,
         dead_letter_topic: str,
         fetch_max_wait_ms: int,
@@ -129,7 +130,7 @@ class EventConsumer:
             session_timeout_ms=session_timeout_ms,
             heartbeat_interval_ms=heartbeat_interval_ms,
             title=self.group_id,
-            description=f"{service} consumer '{purpose}': " + ", ".join(sorted(handlers)),
+            description=f"{service} consumer '{purpose}': " + ", ".join(handlers.types),
         )
         self.subscriber(self._on_message)
         self._last_offset: dict[tuple[str, int], int] = {}
@@ -159,9 +160,8 @@ class EventConsumer:
             return
         # before anything else: even an event this consumer ignores is about its order, and says so
         set_order_attributes(event.data.get("order_id"), event.coi)
-        handler = self.handlers.get(event.type)
         self._last_offset[(record.topic, record.partition)] = record.offset
-        if handler is None:
+        if not self.handlers.handles(event.type):
             self.stats.ignored += 1
             EVENTS.add(1, {"consumer_group": self.group_id, "event_type": event.type, "outcome": "ignored"})
             return
@@ -171,10 +171,14 @@ class EventConsumer:
         while True:
             attempt += 1
             try:
-                outcome = await self._process(event, handler, record)
+                outcome = await self._process(event, record)
                 attrs = {"consumer_group": self.group_id, "event_type": event.type}
                 HANDLER_DURATION.record(time.perf_counter() - started, attrs)
                 EVENTS.add(1, {**attrs, "outcome": outcome})
+                return
+            except PoisonMessage as exc:
+                log.error("poison message, dead-lettering", error=str(exc), event_type=event.type)
+                await self._dead_letter(message, str(exc), event=event, attempts=attempt)
                 return
             except TRANSIENT_ERRORS as exc:
                 transient += 1
@@ -207,8 +211,9 @@ class EventConsumer:
         delay = min(self.policy.base_backoff_s * 2 ** (attempt - 1), self.policy.max_backoff_s)
         return delay * (0.5 + random.random() / 2)
 
-    async def _process(self, event: CloudEvent, handler: Handler, record: Any) -> str:
+    async def _process(self, event: CloudEvent, record: Any) -> str:
         async with self.uow.begin() as tx:
+            assert tx.conn is not None
             fresh = await tx.conn.fetchval(
                 """INSERT INTO inbox (consumer, event_id, event_type, topic, kafka_partition, kafka_offset)
                    VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING RETURNING true""",
@@ -223,7 +228,7 @@ class EventConsumer:
                 self.stats.duplicates += 1
                 log.info("duplicate event ignored", event_type=event.type, event_id=str(event.id))
                 return "duplicate"
-            await handler(tx, event)
+            await self.handlers.dispatch(tx, event)
         self.stats.processed += 1
         self.stats.by_type[event.type] = self.stats.by_type.get(event.type, 0) + 1
         return "processed"

@@ -25,12 +25,13 @@ from opentelemetry.instrumentation.utils import suppress_instrumentation
 from v2v_contracts import CONTENT_TYPE, CloudEvent
 from v2v_messaging.kafka import KafkaSettings, topic_is_empty
 from v2v_observability import bind_order, current_traceparent, get_logger, meter
+from v2v_observability import names as tn
 
 log = get_logger(__name__)
-_meter = meter("v2v.messaging")
-PUBLISHED = _meter.create_counter("v2v.outbox.published", description="Outbox rows published to the broker")
+_meter = meter(tn.METER_MESSAGING)
+PUBLISHED = _meter.create_counter(tn.OUTBOX_PUBLISHED, description="Outbox rows published to the broker")
 PUBLISH_LAG = _meter.create_histogram(
-    "v2v.outbox.publish_lag", unit="s", description="From the commit that wrote an event to the broker's ack"
+    tn.OUTBOX_PUBLISH_LAG, unit="s", description="From the commit that wrote an event to the broker's ack"
 )
 _RELAYS: weakref.WeakSet[OutboxRelay] = weakref.WeakSet()
 
@@ -48,10 +49,10 @@ def _observe_oldest(_options: Any) -> list[Any]:
 
 
 _meter.create_observable_gauge(
-    "v2v.outbox.backlog", callbacks=[_observe_backlog], description="Outbox rows not yet published"
+    tn.OUTBOX_BACKLOG, callbacks=[_observe_backlog], description="Outbox rows not yet published"
 )
 _meter.create_observable_gauge(
-    "v2v.outbox.oldest_pending_age",
+    tn.OUTBOX_OLDEST_PENDING_AGE,
     unit="s",
     callbacks=[_observe_oldest],
     description="Age of the oldest unpublished outbox row",

@@ -1,34 +1,79 @@
-"""Unit of work: one Postgres transaction carrying the state change and the events it produces."""
+"""Unit of work: one Postgres transaction carrying the state change and the events it produces.
+
+A service gives the unit of work a `Tx` subclass whose attributes are its repositories (`tx.orders`,
+`tx.slots`, ...), each bound to the transaction's connection; service-layer code talks to those and to
+`tx.outbox`, never to the connection. `v2v_messaging.fakes` has the in-memory counterpart for unit tests.
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Generic, Protocol, TypeVar
 
 import asyncpg
 
+from v2v_contracts import CloudEvent, EventData, new_event
 from v2v_messaging.outbox import Outbox
 
 
-@dataclass
+class EventSink(Protocol):
+    """What service-layer code sees of an outbox: add an event to the current transaction."""
+
+    added: list[CloudEvent]
+
+    async def add(self, event: CloudEvent, *, topic: str | None = None) -> None: ...
+
+
 class Tx:
-    conn: asyncpg.Connection
-    outbox: Outbox
+    """One open transaction: its connection (for repositories and the messaging library), its outbox."""
+
+    def __init__(self, conn: asyncpg.Connection | None, outbox: EventSink) -> None:
+        self.conn = conn  # None in a fake Tx (unit tests): repositories are in memory there
+        self.outbox = outbox
+
+    async def publish(self, data: EventData) -> CloudEvent:
+        """Wrap `data` in a CloudEvent from this service and add it to the outbox; returns the event."""
+        event = new_event(data)
+        await self.outbox.add(event)
+        return event
 
 
-class UnitOfWork:
-    def __init__(self, pool: asyncpg.Pool, own_topic: str, channel: str) -> None:
+TxT = TypeVar("TxT", bound=Tx)
+TxT_co = TypeVar("TxT_co", bound=Tx, covariant=True)
+
+
+class AbstractUnitOfWork(Protocol[TxT_co]):
+    def begin(self) -> AbstractAsyncContextManager[TxT_co]: ...
+
+    def read(self) -> AbstractAsyncContextManager[TxT_co]: ...
+
+
+class UnitOfWork(Generic[TxT]):
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        own_topic: str,
+        channel: str,
+        tx_factory: Callable[[asyncpg.Connection, Outbox], TxT] = Tx,  # type: ignore[assignment]
+    ) -> None:
         self.pool = pool
         self.own_topic = own_topic
         self.channel = channel
+        self.tx_factory = tx_factory
 
     @asynccontextmanager
-    async def begin(self) -> AsyncIterator[Tx]:
+    async def begin(self) -> AsyncIterator[TxT]:
         async with self.pool.acquire() as conn, conn.transaction():
-            yield Tx(conn, Outbox(conn, self.own_topic, self.channel))
+            yield self.tx_factory(conn, Outbox(conn, self.own_topic, self.channel))
 
     @asynccontextmanager
-    async def on(self, conn: asyncpg.Connection) -> AsyncIterator[Tx]:
+    async def on(self, conn: asyncpg.Connection) -> AsyncIterator[TxT]:
         """A Tx on a connection whose transaction the caller already opened."""
-        yield Tx(conn, Outbox(conn, self.own_topic, self.channel))
+        yield self.tx_factory(conn, Outbox(conn, self.own_topic, self.channel))
+
+    @asynccontextmanager
+    async def read(self) -> AsyncIterator[TxT]:
+        """A Tx for reads: a pooled connection, no explicit transaction (its outbox must stay unused)."""
+        async with self.pool.acquire() as conn:
+            yield self.tx_factory(conn, Outbox(conn, self.own_topic, self.channel))

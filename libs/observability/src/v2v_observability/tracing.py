@@ -21,10 +21,11 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 
+from v2v_observability import names
 from v2v_observability.context import bind_order, current_order
 
-ORDER_ID_ATTR = "v2v.order_id"
-COI_ATTR = "v2v.coi"
+ORDER_ID_ATTR = names.ORDER_ID
+COI_ATTR = names.COI
 
 _provider: TracerProvider | None = None
 
@@ -146,13 +147,13 @@ def links_to(origin: Mapping[str, str] | None) -> list[trace.Link]:
     if not origin:
         return []
     ctx = trace.get_current_span(propagate.extract(dict(origin))).get_span_context()
-    return [trace.Link(ctx, {"v2v.link": "order_origin"})] if ctx.is_valid else []
+    return [trace.Link(ctx, {names.LINK: names.LINK_ORDER_ORIGIN})] if ctx.is_valid else []
 
 
 @contextlib.contextmanager
 def later_input(name: str, origin: Mapping[str, str] | None, **attributes: str) -> Iterator[trace.Span]:
     """A span for a later input about an order (a courier scan, an MES report, a hospital action): it
     lives in the input's own trace and links back to the order's first trace."""
-    tracer = trace.get_tracer("v2v.later_input")
+    tracer = trace.get_tracer(names.TRACER_LATER_INPUT)
     with tracer.start_as_current_span(name, links=links_to(origin), attributes=attributes) as span:
         yield span

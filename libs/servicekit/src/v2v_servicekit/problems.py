@@ -1,4 +1,9 @@
-"""RFC 9457 problem details (application/problem+json) for every error a client can cause."""
+"""RFC 9457 problem details (application/problem+json) for every error a client can cause.
+
+The one place where errors become HTTP answers: domain errors (`v2v_contracts.errors`) raised by domain
+and service-layer code, request validation errors, and Starlette's own HTTP errors. No other module builds
+a problem response.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +14,37 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from v2v_contracts.errors import (
+    Conflict,
+    DomainError,
+    Invalid,
+    NotFound,
+    Unavailable,
+)
+
 PROBLEM_JSON = "application/problem+json"
 PROBLEM_BASE = "https://vein2vein.dev/problems/"
 
 
+# the HTTP status of each kind of domain error (the most specific class wins)
+STATUS: tuple[tuple[type[DomainError], int], ...] = (
+    (Invalid, 422),
+    (NotFound, 404),
+    (Conflict, 409),  # NotAllowedNow and CoiMismatch too
+    (Unavailable, 503),
+)
+
+
+def status_of(error: DomainError) -> int:
+    for cls, status in STATUS:
+        if isinstance(error, cls):
+            return status
+    return 400
+
+
 class Problem(Exception):
+    """LEGACY (removed once every service raises domain errors): a ready-made problem."""
+
     def __init__(
         self,
         status: int,
@@ -32,7 +63,7 @@ class Problem(Exception):
 
 
 def invalid(field: str, reason: str) -> Problem:
-    """A 422 naming the field and the reason."""
+    """LEGACY: use v2v_contracts.errors.Invalid."""
     return Problem(
         422,
         "Invalid request",
@@ -43,6 +74,7 @@ def invalid(field: str, reason: str) -> Problem:
 
 
 def not_found(what: str, ident: object) -> Problem:
+    """LEGACY: use v2v_contracts.errors.NotFound."""
     return Problem(404, f"{what} not found", f"no {what.lower()} with id {ident}", kind="not-found")
 
 
@@ -71,6 +103,14 @@ def install(app: FastAPI) -> None:
         if exc.errors:
             body["errors"] = exc.errors
         return JSONResponse(body, status_code=exc.status, media_type=PROBLEM_JSON)
+
+    @app.exception_handler(DomainError)
+    async def _domain(request: Request, exc: DomainError) -> JSONResponse:
+        status = status_of(exc)
+        body = _body(request, status, exc.title, exc.detail, exc.kind)
+        if exc.errors:
+            body["errors"] = [e.as_dict() for e in exc.errors]
+        return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:

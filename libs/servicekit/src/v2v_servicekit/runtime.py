@@ -22,9 +22,10 @@ from v2v_messaging import (
     MIGRATIONS_DIR,
     ConsumerPolicy,
     EventConsumer,
-    Handler,
+    HandlerRegistry,
     KafkaSettings,
     OutboxRelay,
+    Tx,
     UnitOfWork,
     ensure_topics,
     make_broker,
@@ -48,8 +49,37 @@ log = get_logger(__name__)
 @dataclass
 class ConsumerSpec:
     purpose: str
-    from_services: list[str]  # whose topics to read
-    handlers: Callable[[Runtime], dict[str, Handler]]
+    from_services: list[str] | tuple[str, ...]  # whose topics to read
+    # the service's typed handlers, or a factory of them when they need the runtime's dependencies
+    handlers: HandlerRegistry[Any] | Callable[[Runtime], HandlerRegistry[Any]]
+
+    def registry(self, rt: Runtime) -> HandlerRegistry[Any]:
+        if isinstance(self.handlers, HandlerRegistry):
+            return self.handlers
+        made: Any = self.handlers(rt)
+        return made if isinstance(made, HandlerRegistry) else _LegacyHandlers(made)
+
+
+class _LegacyHandlers(HandlerRegistry[Any]):
+    """LEGACY (removed once every service registers typed handlers): a dict of type -> handler(tx, event)."""
+
+    def __init__(self, by_type: dict[str, Any]) -> None:
+        super().__init__()
+        self._legacy = by_type
+
+    @property
+    def types(self) -> list[str]:
+        return sorted(self._legacy)
+
+    def handles(self, event_type: str) -> bool:
+        return event_type in self._legacy
+
+    async def dispatch(self, tx: Any, event: Any) -> bool:
+        fn = self._legacy.get(event.type)
+        if fn is None:
+            return False
+        await fn(tx, event)
+        return True
 
 
 @dataclass
@@ -57,11 +87,15 @@ class ServiceDefinition:
     name: str
     schema: str
     migrations_dir: Path
+    settings_class: type[ServiceSettings] = ServiceSettings  # the service's own typed settings (config.py)
+    tx_factory: Callable[[asyncpg.Connection, Any], Tx] = Tx  # its Tx: the repositories of one transaction
     routers: list[APIRouter] = field(default_factory=list)
     consumers: list[ConsumerSpec] = field(default_factory=list)
     publishes: list[type[EventData]] = field(default_factory=list)
     on_startup: list[Callable[[Runtime], Awaitable[None]]] = field(default_factory=list)
     background: list[Callable[[Runtime], Coroutine[Any, Any, None]]] = field(default_factory=list)
+    # extra readiness checks: name -> check returning None when ready, else why not (shown in /ready)
+    ready_checks: dict[str, Callable[[Runtime], Awaitable[str | None]]] = field(default_factory=dict)
     description: str = ""
 
 
@@ -72,7 +106,7 @@ class Runtime:
     kafka: KafkaSettings
     pool: asyncpg.Pool
     broker: KafkaBroker
-    uow: UnitOfWork
+    uow: UnitOfWork[Any]
     relay: OutboxRelay
     consumers: list[EventConsumer] = field(default_factory=list)
     extras: dict[str, Any] = field(default_factory=dict)
@@ -86,7 +120,7 @@ def get_runtime(request: Request) -> Runtime:
 
 
 def create_app(definition: ServiceDefinition, settings: ServiceSettings | None = None) -> FastAPI:
-    settings = settings or ServiceSettings()
+    settings = settings or definition.settings_class()
     settings.service_name = definition.name
     configure_logging(definition.name, settings.log_level)
     tracer_provider = configure_tracing(definition.name, settings.state_dir)
@@ -120,7 +154,7 @@ def create_app(definition: ServiceDefinition, settings: ServiceSettings | None =
         if schema != definition.schema:
             raise RuntimeError(f"role's search_path schema is {schema!r}, expected {definition.schema!r}")
         await ensure_topics(kafka, all_topics(settings.topic_namespace))
-        uow = UnitOfWork(pool, own_topic, notify_channel(schema))
+        uow: UnitOfWork[Any] = UnitOfWork(pool, own_topic, notify_channel(schema), definition.tx_factory)
         relay = OutboxRelay(
             pool,
             broker,
@@ -139,7 +173,7 @@ def create_app(definition: ServiceDefinition, settings: ServiceSettings | None =
                     service=definition.name,
                     purpose=spec.purpose,
                     topics=[topic_for(s, settings.topic_namespace) for s in spec.from_services],
-                    handlers=spec.handlers(rt),
+                    handlers=spec.registry(rt),
                     uow=uow,
                     broker=broker,
                     dead_letter_topic=dead_letter_topic(definition.name, settings.topic_namespace),
@@ -217,6 +251,12 @@ def create_app(definition: ServiceDefinition, settings: ServiceSettings | None =
             checks["broker"] = "ok" if ok else "unreachable"
         except Exception as exc:
             checks["broker"] = f"unreachable: {exc.__class__.__name__}"
+        for name, check in definition.ready_checks.items():
+            try:
+                problem: str | None = await asyncio.wait_for(check(rt), 2.0)  # type: ignore[arg-type]
+                checks[name] = problem or "ok"
+            except Exception as exc:
+                checks[name] = f"failed: {exc.__class__.__name__}"
         status = 200 if all(v == "ok" for v in checks.values()) else 503
         return JSONResponse(
             {"status": "ready" if status == 200 else "not ready", "checks": checks}, status_code=status
@@ -237,7 +277,7 @@ def create_app(definition: ServiceDefinition, settings: ServiceSettings | None =
 def run(definition: ServiceDefinition) -> None:
     import uvicorn
 
-    settings = ServiceSettings()
+    settings = definition.settings_class()  # read once, here, and passed down
     app = create_app(definition, settings)
     uvicorn.run(
         app,
