@@ -14,7 +14,7 @@ export UV_PROJECT_ENVIRONMENT := $(VENV)
 
 PYTEST_ARGS ?=
 
-.PHONY: help bootstrap run demo test test-unit test-integration test-e2e lint format typecheck clean trace
+.PHONY: help bootstrap run demo test test-unit test-integration test-e2e lint format typecheck clean trace bench
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -31,7 +31,7 @@ run: bootstrap ## start Postgres, the Kafka-compatible broker and the five servi
 	@$(VENV)/bin/python -m v2v_harness run
 
 demo: bootstrap ## play hospitals, couriers and sites for ORDERS orders (default 200) with EXCEPTIONS mix (default 0.2)
-	@$(VENV)/bin/python tools/simulator/simulator.py --orders $(or $(ORDERS),200) --exceptions $(or $(EXCEPTIONS),0.2)
+	@PYTHONPATH=tools/simulator $(VENV)/bin/python -m v2v_simulator --orders $(or $(ORDERS),200) --exceptions $(or $(EXCEPTIONS),0.2)
 
 test: bootstrap ## the whole suite: unit, integration (real Postgres + broker) and end to end
 	@$(VENV)/bin/pytest $(PYTEST_ARGS)
@@ -45,10 +45,13 @@ test-integration: bootstrap ## integration tests only
 test-e2e: bootstrap ## end-to-end tests only (five service processes)
 	@$(VENV)/bin/pytest -m e2e $(PYTEST_ARGS)
 
-lint: bootstrap ## ruff (lint + format check) and mypy
+lint: bootstrap ## ruff, mypy, the layer contracts (import-linter + shape check) and each package on its own
 	@$(VENV)/bin/ruff check .
 	@$(VENV)/bin/ruff format --check .
 	@$(VENV)/bin/mypy libs/*/src services/*/src
+	@$(VENV)/bin/lint-imports --no-cache
+	@$(VENV)/bin/python tools/lint/check_shape.py
+	@tools/lint/check_packages.sh $(UV)
 
 format: bootstrap ## apply ruff formatting and safe fixes
 	@$(VENV)/bin/ruff check --fix .
@@ -57,6 +60,9 @@ format: bootstrap ## apply ruff formatting and safe fixes
 trace: bootstrap ## print every trace of one order as a waterfall: make trace ORDER=<order_id>
 	@if [ -z "$(ORDER)" ]; then echo "usage: make trace ORDER=<order_id>  (reads .v2v/telemetry/spans-*.jsonl)" >&2; exit 2; fi
 	@$(VENV)/bin/python -m v2v_harness.trace_view --order "$(ORDER)"
+
+bench: bootstrap ## open-model load test: raw limits, latency and CPU per rate, the knee (BENCH_ARGS="--smoke", "--help")
+	@$(VENV)/bin/python -m v2v_harness.bench $(BENCH_ARGS)
 
 clean: ## remove the local state (database files, logs, telemetry) under .v2v/
 	rm -rf .v2v

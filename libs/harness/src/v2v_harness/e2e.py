@@ -10,6 +10,8 @@ from typing import Any, TypeVar
 
 import httpx
 
+from v2v_harness.client import ApiResponse, V2VClient
+
 T = TypeVar("T")
 
 
@@ -55,28 +57,35 @@ async def subscribe(
     secret: str,
     event_types: list[str] | None = None,
 ) -> dict[str, Any]:
-    body: dict[str, Any] = {"treatment_center_id": centre, "url": url, "secret": secret}
-    if event_types is not None:
-        body["event_types"] = event_types
-    resp = await client.post(f"{notification_url}/v1/subscriptions", json=body)
-    assert resp.status_code == 201, resp.text
-    return resp.json()
+    api = V2VClient({"notification": notification_url}, client=client)
+    resp = await api.subscribe(centre, url, secret, event_types)
+    assert resp.status == 201, resp.text
+    return dict(resp.body)
+
+
+def _checked(resp: ApiResponse, expect: int | None) -> dict[str, Any]:
+    """The body as a dict ({} if empty) after checking the status: `expect`, or any 2xx when None."""
+    ok = resp.status == expect if expect is not None else resp.ok
+    assert ok, f"{resp.path}: {resp.status} {resp.text}"
+    return dict(resp.body) if resp.content else {}
 
 
 class Journey:
-    """Drives one order through the public APIs as a hospital, a courier and a site's MES would."""
+    """Drives one order through the public APIs as a hospital, a courier and a site's MES would (through
+    `V2VClient`, over the given httpx client)."""
 
     def __init__(self, client: httpx.AsyncClient, urls: Callable[[str], str], order: dict[str, Any]) -> None:
         self.client = client
         self.url = urls
+        self.api = V2VClient(urls, client=client)
         self.order = order
         self.id = order["order_id"]
         self.coi = order["coi"]
 
     async def get(self) -> dict[str, Any]:
-        resp = await self.client.get(f"{self.url('order')}/v1/orders/{self.id}")
+        resp = await self.api.get_order(self.id)
         resp.raise_for_status()
-        return dict(resp.json())
+        return dict(resp.body)
 
     async def wait_status(self, *statuses: str, timeout: float = 15) -> dict[str, Any]:
         async def check() -> dict[str, Any] | None:
@@ -87,10 +96,8 @@ class Journey:
 
     async def shipment(self, leg: str, *, live: bool = True, timeout: float = 15) -> dict[str, Any]:
         async def check() -> dict[str, Any] | None:
-            resp = await self.client.get(
-                f"{self.url('logistics')}/v1/shipments", params={"order_id": self.id}
-            )
-            ships = [s for s in resp.json() if s["leg"] == leg and (not live or s["status"] != "cancelled")]
+            resp = await self.api.shipments(order_id=self.id)
+            ships = [s for s in resp.body if s["leg"] == leg and (not live or s["status"] != "cancelled")]
             return ships[-1] if ships else None
 
         return dict(await eventually(check, timeout=timeout, what=f"{leg} shipment of {self.id}"))
@@ -99,55 +106,45 @@ class Journey:
         self, service: str, path: str, body: dict[str, Any], expect: int | None = None
     ) -> dict[str, Any]:
         """POST and check the status: `expect`, or any 2xx when None."""
-        resp = await self.client.post(f"{self.url(service)}{path}", json=body)
-        ok = resp.status_code == expect if expect is not None else resp.is_success
-        assert ok, f"{path}: {resp.status_code} {resp.text}"
-        return dict(resp.json()) if resp.content else {}
+        return _checked(await self.api.post(service, path, body), expect)
 
     async def hospital(
         self, action: str, body: dict[str, Any] | None = None, expect: int = 200
     ) -> dict[str, Any]:
-        return await self.post("order", f"/v1/orders/{self.id}/{action}", body or {}, expect)
+        return _checked(await self.api.order_action(self.id, action, body or {}), expect)
 
     async def courier(
         self, shipment: dict[str, Any], *milestones: str, temperature_c: float | None = None
     ) -> None:
         for milestone in milestones:
-            body: dict[str, Any] = {
-                "milestone": milestone,
-                "occurred_at": now_iso(),
-                "location": "HUB-1",
-                "handled_by": "courier-42",
-                "coi": self.coi,
-            }
-            if temperature_c is not None:
-                body["temperature_c"] = temperature_c
-            await self.post("logistics", f"/v1/shipments/{shipment['shipment_id']}/milestones", body)
+            resp = await self.api.milestone(
+                shipment["shipment_id"],
+                milestone,
+                occurred_at=now_iso(),
+                location="HUB-1",
+                handled_by="courier-42",
+                coi=self.coi,
+                temperature_c=temperature_c,
+            )
+            _checked(resp, None)
 
     async def temperature(self, shipment: dict[str, Any], reading_c: float) -> dict[str, Any]:
-        body = {"reading_c": reading_c, "measured_at": now_iso(), "coi": self.coi}
-        return await self.post("logistics", f"/v1/shipments/{shipment['shipment_id']}/temperature", body)
+        resp = await self.api.temperature_reading(
+            shipment["shipment_id"], reading_c, measured_at=now_iso(), coi=self.coi
+        )
+        return _checked(resp, None)
 
     async def receipt(self, site_id: str, accepted: bool = True, reason: str | None = None) -> dict[str, Any]:
-        body: dict[str, Any] = {"order_id": self.id, "coi": self.coi, "accepted": accepted}
-        if reason:
-            body["reason"] = reason
-        return await self.post("site", f"/v1/sites/{site_id}/receipts", body)
+        resp = await self.api.site_receipt(site_id, self.id, self.coi, accepted, reason=reason or None)
+        return _checked(resp, None)
 
     async def steps(self, site_id: str, *steps: str, expect: int | None = None) -> None:
         for step in steps:
-            await self.post(
-                "site",
-                f"/v1/sites/{site_id}/manufacturing/{self.id}/steps",
-                {"step": step, "completed_at": now_iso()},
-                expect,
-            )
+            resp = await self.api.manufacturing_step(site_id, self.id, step, completed_at=now_iso())
+            _checked(resp, expect)
 
     async def qc(self, site_id: str, disposition: str, reason: str | None = None) -> dict[str, Any]:
-        body: dict[str, Any] = {"disposition": disposition}
-        if reason:
-            body["reason"] = reason
-        return await self.post("site", f"/v1/sites/{site_id}/manufacturing/{self.id}/qc", body)
+        return _checked(await self.api.qc(site_id, self.id, disposition, reason=reason or None), None)
 
     async def up_to_material_received(self) -> str:
         """Slot, booking, inbound shipment, apheresis, courier, receipt: returns the site id."""

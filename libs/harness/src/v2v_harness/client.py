@@ -1,0 +1,646 @@
+"""A typed client of the five services' public HTTP APIs, shared by the simulator and the e2e journey driver.
+
+    async with V2VClient({"order": "http://127.0.0.1:8001", ...}) as api:
+        order = (await api.place_order(order_body)).expect(201)
+        await api.apheresis(order["order_id"], order["coi"])
+
+Every method sends one request and returns an `ApiResponse` (status, parsed JSON body, headers): it never
+raises for an HTTP status (use `.expect(...)`, `.raise_for_status()` or `.ok`), only for transport errors
+(`httpx.TransportError`). Base URLs are looked up per service (a mapping or a callable, e.g.
+`Platform.url`). Headers can be added per call (`headers={"Idempotency-Key": ...}`) and for every call
+by a provider that is given the service name (sync or async, e.g. an OAuth bearer token per audience);
+an `httpx.Auth` can be given as well.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import date, datetime
+from typing import Any, Literal
+
+import httpx
+from httpx._client import UseClientDefault
+
+SERVICES = ("order", "scheduling", "site", "logistics", "notification")
+
+Urls = Mapping[str, str] | Callable[[str], str]
+"""Base URL per service name: a mapping, or a lookup such as `Platform.url`."""
+HeaderProvider = Callable[[str], Mapping[str, str] | Awaitable[Mapping[str, str]]]
+"""Extra headers for every request to a service (given its name), e.g. `Authorization`."""
+Moment = str | datetime
+Day = str | date
+Params = Mapping[str, Any]
+
+OrderAction = Literal[
+    "cancel",
+    "apheresis-date",
+    "apheresis",
+    "lymphodepletion",
+    "product-receipt",
+    "infusion",
+    "quarantine-decision",
+]
+Milestone = Literal["booked", "picked_up", "in_transit", "delivered"]
+Disposition = Literal["released", "out_of_specification", "failed"]
+
+
+class ApiError(Exception):
+    """An answer with a status the caller did not expect."""
+
+    def __init__(self, response: ApiResponse, expected: Iterable[int] = ()) -> None:
+        self.response = response
+        self.expected = tuple(expected)
+        wanted = "/".join(map(str, self.expected)) or "2xx"
+        super().__init__(
+            f"{response.method} {response.path}: {response.status} (expected {wanted}) {response.text[:300]}"
+        )
+
+
+@dataclass(frozen=True)
+class ApiResponse:
+    """One answer: the status, the body (parsed JSON; the text if it is not JSON; None if empty), the
+    headers, and what was asked (service, method, path without the base URL)."""
+
+    status: int
+    body: Any
+    headers: httpx.Headers = field(default_factory=httpx.Headers)
+    service: str = ""
+    method: str = ""
+    path: str = ""
+    raw: httpx.Response | None = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def of(cls, resp: httpx.Response, service: str, method: str, path: str) -> ApiResponse:
+        return cls(resp.status_code, parse_body(resp), resp.headers, service, method, path, resp)
+
+    @property
+    def ok(self) -> bool:
+        """2xx."""
+        return 200 <= self.status < 300
+
+    @property
+    def text(self) -> str:
+        if self.raw is not None:
+            return self.raw.text
+        return "" if self.body is None else str(self.body)
+
+    @property
+    def content(self) -> bytes:
+        return self.raw.content if self.raw is not None else self.text.encode()
+
+    @property
+    def is_problem(self) -> bool:
+        return self.headers.get("content-type", "").startswith("application/problem+json")
+
+    @property
+    def detail(self) -> str:
+        """The problem's `detail` (or the text of the body), for messages."""
+        if isinstance(self.body, dict) and "detail" in self.body:
+            return str(self.body["detail"])
+        return self.text
+
+    def expect(self, *statuses: int) -> Any:
+        """The body if the status is one of `statuses` (any 2xx when none are given); else ApiError."""
+        if (self.status in statuses) if statuses else self.ok:
+            return self.body
+        raise ApiError(self, statuses)
+
+    def raise_for_status(self) -> ApiResponse:
+        """httpx's `raise_for_status` (HTTPStatusError for 4xx/5xx); the response itself otherwise."""
+        if self.raw is not None:
+            self.raw.raise_for_status()
+        elif not self.ok:
+            raise ApiError(self)
+        return self
+
+
+def parse_body(resp: httpx.Response) -> Any:
+    if not resp.content:
+        return None
+    try:
+        return resp.json()
+    except ValueError:
+        return resp.text
+
+
+def _moment(value: Moment) -> str:
+    return value.isoformat() if isinstance(value, datetime) else value
+
+
+def _day(value: Day) -> str:
+    return value.isoformat() if isinstance(value, date) else value
+
+
+def _params(**values: Any) -> dict[str, Any]:
+    return {k: str(v) if isinstance(v, date) else v for k, v in values.items() if v is not None}
+
+
+class V2VClient:
+    """One typed method per public endpoint of the five services; see the module's doc."""
+
+    def __init__(
+        self,
+        urls: Urls,
+        *,
+        client: httpx.AsyncClient | None = None,
+        header_provider: HeaderProvider | None = None,
+        auth: httpx.Auth | None = None,
+        timeout: httpx.Timeout | float | None = 30.0,
+        limits: httpx.Limits | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        """`client`: an httpx client to use (and not close); else one is made from timeout/limits/
+        transport, and closed by `aclose`."""
+        self._urls = urls
+        self._header_provider = header_provider
+        self._auth = auth
+        self._owned = client is None
+        if client is None:
+            client = httpx.AsyncClient(
+                timeout=timeout, limits=limits or httpx.Limits(), transport=transport, auth=auth
+            )
+        self.http = client
+
+    async def __aenter__(self) -> V2VClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        if self._owned:
+            await self.http.aclose()
+
+    def base_url(self, service: str) -> str:
+        url = self._urls(service) if callable(self._urls) else self._urls[service]
+        return url.rstrip("/")
+
+    async def _headers(self, service: str, extra: Mapping[str, str] | None) -> dict[str, str]:
+        headers: dict[str, str] = {}
+        if self._header_provider is not None:
+            provided = self._header_provider(service)
+            if inspect.isawaitable(provided):
+                provided = await provided
+            headers.update(provided)
+        if extra:
+            headers.update(extra)
+        return headers
+
+    # -- generic -----------------------------------------------------------------------------------------
+
+    async def request(
+        self,
+        method: str,
+        service: str,
+        path: str,
+        *,
+        json: Any = None,
+        params: Params | None = None,
+        headers: Mapping[str, str] | None = None,
+        timeout: httpx.Timeout | float | UseClientDefault | None = httpx.USE_CLIENT_DEFAULT,
+    ) -> ApiResponse:
+        """One request to `service` (`path` after its base URL). Raises only httpx.TransportError."""
+        resp = await self.http.request(
+            method,
+            self.base_url(service) + path,
+            json=json,
+            params=dict(params) if params is not None else None,
+            headers=await self._headers(service, headers) or None,
+            timeout=timeout,
+            auth=self._auth if self._auth is not None and not self._owned else httpx.USE_CLIENT_DEFAULT,
+        )
+        return ApiResponse.of(resp, service, method, path)
+
+    async def get(
+        self,
+        service: str,
+        path: str,
+        *,
+        params: Params | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> ApiResponse:
+        return await self.request("GET", service, path, params=params, headers=headers)
+
+    async def post(
+        self, service: str, path: str, body: Any = None, *, headers: Mapping[str, str] | None = None
+    ) -> ApiResponse:
+        return await self.request("POST", service, path, json=body, headers=headers)
+
+    async def patch(
+        self, service: str, path: str, body: Any = None, *, headers: Mapping[str, str] | None = None
+    ) -> ApiResponse:
+        return await self.request("PATCH", service, path, json=body, headers=headers)
+
+    async def delete(
+        self, service: str, path: str, *, headers: Mapping[str, str] | None = None
+    ) -> ApiResponse:
+        return await self.request("DELETE", service, path, headers=headers)
+
+    async def ready(self, service: str, timeout: float = 3.0) -> bool:
+        """Whether the service answers `GET /ready` with 200 (False on any HTTP error)."""
+        try:
+            resp = await self.request("GET", service, "/ready", timeout=timeout)
+        except httpx.HTTPError:
+            return False
+        return resp.status == 200
+
+    # -- order service: orders and catalogue ------------------------------------------------------------
+
+    async def place_order(
+        self,
+        body: Mapping[str, Any],
+        *,
+        idempotency_key: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> ApiResponse:
+        """POST /v1/orders (201): treatment_center_id, product_code, order_type, patient_ref,
+        requested_apheresis_date."""
+        extra = dict(headers or {})
+        if idempotency_key is not None:
+            extra["Idempotency-Key"] = idempotency_key
+        return await self.post("order", "/v1/orders", dict(body), headers=extra)
+
+    async def get_order(self, order_id: str, *, headers: Mapping[str, str] | None = None) -> ApiResponse:
+        """GET /v1/orders/{id}: status, slot, run, predicted dates and the timeline."""
+        return await self.get("order", f"/v1/orders/{order_id}", headers=headers)
+
+    async def list_orders(
+        self,
+        *,
+        limit: int | None = None,
+        offset: int | None = None,
+        treatment_center_id: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> ApiResponse:
+        """GET /v1/orders: a page {items, total, limit, offset, next_offset} (limit 1..200)."""
+        params = _params(treatment_center_id=treatment_center_id, limit=limit, offset=offset)
+        return await self.get("order", "/v1/orders", params=params, headers=headers)
+
+    async def treatment_centers(self, *, headers: Mapping[str, str] | None = None) -> ApiResponse:
+        return await self.get("order", "/v1/treatment-centers", headers=headers)
+
+    async def products(self, *, headers: Mapping[str, str] | None = None) -> ApiResponse:
+        return await self.get("order", "/v1/products", headers=headers)
+
+    # -- order service: hospital and QA actions ---------------------------------------------------------
+
+    async def order_action(
+        self,
+        order_id: str,
+        action: OrderAction | str,
+        body: Mapping[str, Any] | None = None,
+        *,
+        headers: Mapping[str, str] | None = None,
+    ) -> ApiResponse:
+        """POST /v1/orders/{id}/{action}: any hospital or QA action by name."""
+        return await self.post("order", f"/v1/orders/{order_id}/{action}", dict(body or {}), headers=headers)
+
+    async def cancel(
+        self, order_id: str, reason: str, *, headers: Mapping[str, str] | None = None
+    ) -> ApiResponse:
+        return await self.order_action(order_id, "cancel", {"reason": reason}, headers=headers)
+
+    async def reschedule(
+        self,
+        order_id: str,
+        requested_apheresis_date: Day,
+        reason: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+    ) -> ApiResponse:
+        """Move the apheresis date (POST /v1/orders/{id}/apheresis-date)."""
+        body = {"requested_apheresis_date": _day(requested_apheresis_date), "reason": reason}
+        return await self.order_action(order_id, "apheresis-date", body, headers=headers)
+
+    async def _identity_checked(
+        self,
+        order_id: str,
+        action: OrderAction,
+        coi: str,
+        at: Moment | None,
+        headers: Mapping[str, str] | None,
+    ) -> ApiResponse:
+        body: dict[str, Any] = {"coi": coi}
+        if at is not None:
+            body["at"] = _moment(at)
+        return await self.order_action(order_id, action, body, headers=headers)
+
+    async def apheresis(
+        self, order_id: str, coi: str, at: Moment | None = None, *, headers: Mapping[str, str] | None = None
+    ) -> ApiResponse:
+        return await self._identity_checked(order_id, "apheresis", coi, at, headers)
+
+    async def lymphodepletion(
+        self, order_id: str, at: Moment | None = None, *, headers: Mapping[str, str] | None = None
+    ) -> ApiResponse:
+        body = {} if at is None else {"at": _moment(at)}
+        return await self.order_action(order_id, "lymphodepletion", body, headers=headers)
+
+    async def product_receipt(
+        self, order_id: str, coi: str, at: Moment | None = None, *, headers: Mapping[str, str] | None = None
+    ) -> ApiResponse:
+        return await self._identity_checked(order_id, "product-receipt", coi, at, headers)
+
+    async def infusion(
+        self, order_id: str, coi: str, at: Moment | None = None, *, headers: Mapping[str, str] | None = None
+    ) -> ApiResponse:
+        return await self._identity_checked(order_id, "infusion", coi, at, headers)
+
+    async def quarantine_decision(
+        self,
+        order_id: str,
+        decision: Literal["release", "reject"],
+        reason: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+    ) -> ApiResponse:
+        body = {"decision": decision, "reason": reason}
+        return await self.order_action(order_id, "quarantine-decision", body, headers=headers)
+
+    # -- scheduling -------------------------------------------------------------------------------------
+
+    async def slots(
+        self,
+        *,
+        order_id: str | None = None,
+        status: Iterable[str] | None = None,
+        product_code: str | None = None,
+        site_id: str | None = None,
+        limit: int | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> ApiResponse:
+        """GET /v1/slots, filtered."""
+        params = _params(
+            order_id=order_id,
+            status=list(status) if status is not None else None,
+            product_code=product_code,
+            site_id=site_id,
+            limit=limit,
+        )
+        return await self.get("scheduling", "/v1/slots", params=params, headers=headers)
+
+    async def waitlist(self, *, headers: Mapping[str, str] | None = None) -> ApiResponse:
+        return await self.get("scheduling", "/v1/waitlist", headers=headers)
+
+    # -- site: registry ---------------------------------------------------------------------------------
+
+    async def sites(self, *, headers: Mapping[str, str] | None = None) -> ApiResponse:
+        return await self.get("site", "/v1/sites", headers=headers)
+
+    async def site(self, site_id: str, *, headers: Mapping[str, str] | None = None) -> ApiResponse:
+        return await self.get("site", f"/v1/sites/{site_id}", headers=headers)
+
+    async def patch_site(
+        self,
+        site_id: str,
+        *,
+        daily_capacity: Mapping[str, int] | None = None,
+        active: bool | None = None,
+        approvals: list[Mapping[str, str]] | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> ApiResponse:
+        """PATCH /v1/sites/{id}: only what is given changes (approvals replace the whole list)."""
+        body: dict[str, Any] = {}
+        if daily_capacity is not None:
+            body["daily_capacity"] = dict(daily_capacity)
+        if active is not None:
+            body["active"] = active
+        if approvals is not None:
+            body["approvals"] = [dict(a) for a in approvals]
+        return await self.patch("site", f"/v1/sites/{site_id}", body, headers=headers)
+
+    async def add_outage(
+        self,
+        site_id: str,
+        start_date: Day,
+        end_date: Day,
+        reason: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+    ) -> ApiResponse:
+        """POST /v1/sites/{id}/outages (201; end_date inclusive): {..., affected_booking_ids}."""
+        body = {"start_date": _day(start_date), "end_date": _day(end_date), "reason": reason}
+        return await self.post("site", f"/v1/sites/{site_id}/outages", body, headers=headers)
+
+    # -- site: MES --------------------------------------------------------------------------------------
+
+    async def site_receipt(
+        self,
+        site_id: str,
+        order_id: str,
+        coi: str,
+        accepted: bool = True,
+        *,
+        reason: str | None = None,
+        received_at: Moment | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> ApiResponse:
+        """POST /v1/sites/{id}/receipts: the apheresis material accepted, or refused (with a reason)."""
+        body: dict[str, Any] = {"order_id": order_id, "coi": coi, "accepted": accepted}
+        if reason is not None:
+            body["reason"] = reason
+        if received_at is not None:
+            body["received_at"] = _moment(received_at)
+        return await self.post("site", f"/v1/sites/{site_id}/receipts", body, headers=headers)
+
+    async def manufacturing_step(
+        self,
+        site_id: str,
+        order_id: str,
+        step: str,
+        *,
+        completed_at: Moment | None = None,
+        failed: bool = False,
+        reason: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> ApiResponse:
+        """POST /v1/sites/{id}/manufacturing/{order}/steps: a step completed (or failed, with a reason)."""
+        body: dict[str, Any] = {"step": step}
+        if completed_at is not None:
+            body["completed_at"] = _moment(completed_at)
+        if failed:
+            body["failed"] = True
+        if reason is not None:
+            body["reason"] = reason
+        return await self.post(
+            "site", f"/v1/sites/{site_id}/manufacturing/{order_id}/steps", body, headers=headers
+        )
+
+    async def qc(
+        self,
+        site_id: str,
+        order_id: str,
+        disposition: Disposition | str,
+        *,
+        reason: str | None = None,
+        decided_at: Moment | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> ApiResponse:
+        """POST /v1/sites/{id}/manufacturing/{order}/qc: released, out_of_specification or failed."""
+        body: dict[str, Any] = {"disposition": disposition}
+        if reason is not None:
+            body["reason"] = reason
+        if decided_at is not None:
+            body["decided_at"] = _moment(decided_at)
+        return await self.post(
+            "site", f"/v1/sites/{site_id}/manufacturing/{order_id}/qc", body, headers=headers
+        )
+
+    async def manufacturing(
+        self, site_id: str, order_id: str, *, headers: Mapping[str, str] | None = None
+    ) -> ApiResponse:
+        """GET /v1/sites/{id}/manufacturing/{order}: state, run, steps completed."""
+        return await self.get("site", f"/v1/sites/{site_id}/manufacturing/{order_id}", headers=headers)
+
+    # -- logistics --------------------------------------------------------------------------------------
+
+    async def shipments(
+        self, *, order_id: str | None = None, headers: Mapping[str, str] | None = None
+    ) -> ApiResponse:
+        return await self.get(
+            "logistics", "/v1/shipments", params=_params(order_id=order_id), headers=headers
+        )
+
+    async def shipment(self, shipment_id: str, *, headers: Mapping[str, str] | None = None) -> ApiResponse:
+        """GET /v1/shipments/{id}, with its status history."""
+        return await self.get("logistics", f"/v1/shipments/{shipment_id}", headers=headers)
+
+    async def milestone(
+        self,
+        shipment_id: str,
+        milestone: Milestone | str,
+        *,
+        occurred_at: Moment,
+        location: str,
+        handled_by: str,
+        coi: str,
+        received_from: str | None = None,
+        temperature_c: float | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> ApiResponse:
+        """Courier API: POST /v1/shipments/{id}/milestones (201)."""
+        body: dict[str, Any] = {
+            "milestone": milestone,
+            "occurred_at": _moment(occurred_at),
+            "location": location,
+            "handled_by": handled_by,
+            "coi": coi,
+        }
+        if received_from is not None:
+            body["received_from"] = received_from
+        if temperature_c is not None:
+            body["temperature_c"] = temperature_c
+        return await self.post("logistics", f"/v1/shipments/{shipment_id}/milestones", body, headers=headers)
+
+    async def custody(self, shipment_id: str, *, headers: Mapping[str, str] | None = None) -> ApiResponse:
+        return await self.get("logistics", f"/v1/shipments/{shipment_id}/custody", headers=headers)
+
+    async def temperature_reading(
+        self,
+        shipment_id: str,
+        reading_c: float,
+        *,
+        measured_at: Moment,
+        coi: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> ApiResponse:
+        """Courier API: POST /v1/shipments/{id}/temperature (201): {..., in_range, excursion_published}."""
+        body: dict[str, Any] = {"reading_c": reading_c, "measured_at": _moment(measured_at)}
+        if coi is not None:
+            body["coi"] = coi
+        return await self.post("logistics", f"/v1/shipments/{shipment_id}/temperature", body, headers=headers)
+
+    async def temperature_readings(
+        self, shipment_id: str, *, headers: Mapping[str, str] | None = None
+    ) -> ApiResponse:
+        return await self.get("logistics", f"/v1/shipments/{shipment_id}/temperature", headers=headers)
+
+    # -- notification -----------------------------------------------------------------------------------
+
+    async def subscribe(
+        self,
+        treatment_center_id: str,
+        url: str,
+        secret: str,
+        event_types: list[str] | None = None,
+        *,
+        headers: Mapping[str, str] | None = None,
+    ) -> ApiResponse:
+        """POST /v1/subscriptions (201): a Standard Webhooks endpoint; every event type when None."""
+        body: dict[str, Any] = {"treatment_center_id": treatment_center_id, "url": url, "secret": secret}
+        if event_types is not None:
+            body["event_types"] = event_types
+        return await self.post("notification", "/v1/subscriptions", body, headers=headers)
+
+    async def subscriptions(
+        self, *, treatment_center_id: str | None = None, headers: Mapping[str, str] | None = None
+    ) -> ApiResponse:
+        params = _params(treatment_center_id=treatment_center_id)
+        return await self.get("notification", "/v1/subscriptions", params=params, headers=headers)
+
+    async def subscription(
+        self, subscription_id: str, *, headers: Mapping[str, str] | None = None
+    ) -> ApiResponse:
+        return await self.get("notification", f"/v1/subscriptions/{subscription_id}", headers=headers)
+
+    async def event_types(self, *, headers: Mapping[str, str] | None = None) -> ApiResponse:
+        return await self.get("notification", "/v1/event-types", headers=headers)
+
+    async def add_email_recipient(
+        self,
+        treatment_center_id: str,
+        email: str,
+        event_types: list[str] | None = None,
+        *,
+        headers: Mapping[str, str] | None = None,
+    ) -> ApiResponse:
+        """POST /v1/email-recipients (201; 409 if the address already gets the centre's alerts)."""
+        body: dict[str, Any] = {"treatment_center_id": treatment_center_id, "email": email}
+        if event_types is not None:
+            body["event_types"] = event_types
+        return await self.post("notification", "/v1/email-recipients", body, headers=headers)
+
+    async def email_recipients(
+        self, *, treatment_center_id: str | None = None, headers: Mapping[str, str] | None = None
+    ) -> ApiResponse:
+        params = _params(treatment_center_id=treatment_center_id)
+        return await self.get("notification", "/v1/email-recipients", params=params, headers=headers)
+
+    async def email_recipient(
+        self, recipient_id: str, *, headers: Mapping[str, str] | None = None
+    ) -> ApiResponse:
+        return await self.get("notification", f"/v1/email-recipients/{recipient_id}", headers=headers)
+
+    async def remove_email_recipient(
+        self, recipient_id: str, *, headers: Mapping[str, str] | None = None
+    ) -> ApiResponse:
+        """DELETE /v1/email-recipients/{id} (204)."""
+        return await self.delete("notification", f"/v1/email-recipients/{recipient_id}", headers=headers)
+
+    async def deliveries(
+        self,
+        *,
+        order_id: str | None = None,
+        channel: Literal["webhook", "email"] | None = None,
+        subscription_id: str | None = None,
+        recipient_id: str | None = None,
+        status: Literal["pending", "delivered", "failed", "cancelled"] | None = None,
+        limit: int | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> ApiResponse:
+        """GET /v1/deliveries: the delivery log of both channels, newest first."""
+        params = _params(
+            order_id=order_id,
+            channel=channel,
+            subscription_id=subscription_id,
+            recipient_id=recipient_id,
+            status=status,
+            limit=limit,
+        )
+        return await self.get("notification", "/v1/deliveries", params=params, headers=headers)
+
+    async def delivery(self, delivery_id: str, *, headers: Mapping[str, str] | None = None) -> ApiResponse:
+        """GET /v1/deliveries/{id}, with every attempt."""
+        return await self.get("notification", f"/v1/deliveries/{delivery_id}", headers=headers)

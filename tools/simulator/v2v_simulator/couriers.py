@@ -1,0 +1,109 @@
+"""The courier: finds the order's shipment, scans its custody milestones with logger readings, and reports
+an out-of-range reading when the plan injects a temperature excursion."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from .states import SHIPMENT_LIVE
+
+if TYPE_CHECKING:
+    from .orders import OrderActor
+
+
+class Courier:
+    def __init__(self, order: OrderActor) -> None:
+        self.order = order
+
+    async def shipment(self, leg: str, run: int | None = None) -> dict[str, Any] | None:
+        """The live shipment of `leg` (of `run`), once logistics has planned it; None if the order ended."""
+        o = self.order
+
+        async def fetch() -> Any:
+            return (await o.call("list shipments", lambda c: c.shipments(order_id=o.order_id))).body
+
+        def accept(ships: list[dict[str, Any]]) -> dict[str, Any] | None:
+            live = [
+                s
+                for s in ships
+                if s["leg"] == leg
+                and s["status"] in SHIPMENT_LIVE | {"delivered"}
+                and (run is None or s.get("run") in (None, run))
+                and not (leg == "inbound_apheresis" and s["status"] == "delivered")
+            ]
+            return live[-1] if live else None
+
+        def describe(ships: list[dict[str, Any]]) -> str:
+            mine = [f"{s.get('run') or '-'}:{s['status']}" for s in ships if s["leg"] == leg]
+            return f"{leg} shipments (run:status): {', '.join(mine) or 'none'}"
+
+        found: dict[str, Any] | None = await o.poll(f"the {leg} shipment", fetch, accept, describe)
+        return found
+
+    def reading(self, ship: dict[str, Any], *, excursion: bool = False) -> float:
+        lo, hi = float(ship["min_temp_c"]), float(ship["max_temp_c"])
+        if excursion:
+            return round(hi + self.order.rng.uniform(4, 10), 1)
+        return round(lo + (hi - lo) * self.order.rng.uniform(0.3, 0.7), 1)
+
+    async def milestone(
+        self, ship: dict[str, Any], milestone: str, when: datetime, location: str, temperature: float | None
+    ) -> None:
+        o = self.order
+        sid = str(ship["shipment_id"])
+        if milestone in o.posted[sid]:
+            return
+        at = await o.at(when)
+        handled_by = f"courier-{o.rng.randrange(100, 999)}"
+        received_from = ship["origin"] if milestone == "picked_up" else None
+        await o.call(
+            f"{ship['leg'].split('_')[0]} {milestone}",
+            lambda c: c.milestone(
+                sid,
+                milestone,
+                occurred_at=at,
+                location=location,
+                handled_by=handled_by,
+                coi=o.coi,
+                received_from=received_from,
+                temperature_c=temperature,
+            ),
+            ok=(201,),
+        )
+        o.posted[sid].add(milestone)
+
+    async def excursion(self, ship: dict[str, Any], when: datetime) -> None:
+        o = self.order
+        at = await o.at(when)
+        reading = self.reading(ship, excursion=True)
+        resp = await o.call(
+            f"{ship['leg'].split('_')[0]} temperature excursion",
+            lambda c: c.temperature_reading(ship["shipment_id"], reading, measured_at=at, coi=o.coi),
+            ok=(201,),
+        )
+        if not resp.body.get("excursion_published"):
+            o.sim.stats.error(f"{o.who}: out-of-range reading did not raise an excursion: {resp.body}")
+        o.result.applied = True
+
+    async def pick_up(self, ship: dict[str, Any], booked_at: datetime, picked_up_at: datetime) -> None:
+        """Booked, then picked up at the origin (with a reading)."""
+        await self.milestone(ship, "booked", booked_at, ship["origin"], None)
+        await self.milestone(ship, "picked_up", picked_up_at, ship["origin"], self.reading(ship))
+
+    async def carry(
+        self,
+        ship: dict[str, Any],
+        in_transit_at: datetime,
+        delivered_at: datetime,
+        *,
+        excursion_at: datetime | None = None,
+    ) -> bool:
+        """In transit through the hub, then delivered at the destination; with `excursion_at`, an
+        out-of-range reading then instead of the delivery (False)."""
+        await self.milestone(ship, "in_transit", in_transit_at, "HUB", self.reading(ship))
+        if excursion_at is not None:
+            await self.excursion(ship, excursion_at)
+            return False
+        await self.milestone(ship, "delivered", delivered_at, ship["destination"], self.reading(ship))
+        return True

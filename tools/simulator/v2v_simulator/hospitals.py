@@ -1,0 +1,163 @@
+"""The treatment centre: places the order, collects the cells (apheresis), moves the date or cancels when
+the plan says so, starts lymphodepletion, receives the product and infuses the patient. Makes the
+deliberate mistakes too (a mistyped COI check character, lymphodepletion before release)."""
+
+from __future__ import annotations
+
+import contextlib
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from .api import OrderAbort
+from .clock import as_date, days_between, iso
+from .states import TERMINAL
+
+if TYPE_CHECKING:
+    from .orders import OrderActor
+
+
+def mistype_check_character(coi: str) -> str:
+    """The same COI with another check character (ISO 7064 MOD 37-2 alphabet: 0-9, A-Z, *)."""
+    alphabet = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ*"
+    last = coi[-1]
+    return (
+        coi[:-1] + alphabet[(alphabet.index(last) + 1) % len(alphabet)]
+        if last in alphabet
+        else coi[:-1] + "0"
+    )
+
+
+class Hospital:
+    def __init__(self, order: OrderActor) -> None:
+        self.order = order
+
+    async def place(self) -> None:
+        o = self.order
+        c = o.plan.combo
+        body = {
+            "treatment_center_id": c.centre,
+            "product_code": c.product,
+            "order_type": c.order_type,
+            "patient_ref": o.plan.patient_ref,
+            "requested_apheresis_date": o.plan.requested_date.isoformat(),
+        }
+        created = (await o.call("place order", lambda api: api.place_order(body), ok=(201,))).body
+        o.order_id = str(created["order_id"])
+        o.coi = created["coi"]
+        o.result.order_id = o.order_id
+        o.sim.tracker.add(created)
+
+    async def cancel(self, stage: str) -> None:
+        o = self.order
+        reason = f"patient withdrew consent ({stage.replace('_', ' ')})"
+        await o.call("cancel", lambda c: c.cancel(o.order_id, reason), ok=(200,))
+        o.result.applied = True
+
+    async def tidy_up(self) -> None:
+        """After an error the centre cancels the order, so the platform is not left with it half done."""
+        o = self.order
+        if not o.order_id or o.row["status"] in TERMINAL:
+            return
+        with contextlib.suppress(OrderAbort):
+            await o.call(
+                "cancel after error",
+                lambda c: c.cancel(o.order_id, "simulator gave up on this order after an error"),
+                ok=(200,),
+                intended=(409,),
+            )
+
+    async def apheresis(self, row: dict[str, Any]) -> bool:
+        """Collect on the booked day (or move the date, or cancel before it); True: look again at once."""
+        o = self.order
+        slot = row.get("slot") or {}
+        slot_id = str(slot.get("slot_id"))
+        if ("apheresis", slot_id) in o.done:
+            return False
+        booked = as_date(slot.get("apheresis_date")) or o.plan.requested_date
+        mfg_start = as_date(slot.get("manufacturing_start_date"))
+        if o.result.predicted_days is None:
+            detail = (await o.call("get order", lambda c: c.get_order(o.order_id))).body
+            infusion = as_date((detail.get("predicted") or {}).get("earliest_infusion"))
+            if infusion is not None:
+                o.result.predicted_days = (infusion - booked).days
+        outage = o.sim.outage
+        if outage.holds(mfg_start):
+            await outage.posted.wait()
+            return True  # look again: the booking may have to move
+        if outage.covers(row.get("site_id"), mfg_start):
+            return False  # the platform must move this booking elsewhere: wait for the rebook
+        when = max(o.sim.clock.at(booked, 8 + o.rng.uniform(0, 4)), o.floor + timedelta(hours=1))
+        if row.get("recollections") and o.floor > o.sim.clock.start:
+            lead = int(o.product.get("recollection_lead_days", 7))
+            when = max(when, o.floor + timedelta(days=lead))
+        if o.injects("apheresis_moved"):
+            await o.at(when - timedelta(days=4))
+            new_date = booked + timedelta(days=int(o.plan.params["days"]))
+            await o.call(
+                "move apheresis date",
+                lambda c: c.reschedule(o.order_id, new_date, "patient not fit on the day"),
+                ok=(200,),
+            )
+            o.result.applied = True
+            o.done.add(("apheresis", slot_id))
+            return False
+        if o.cancels_at("before_apheresis"):
+            await o.at(when - timedelta(days=2))
+            await self.cancel("before_apheresis")
+            return False
+        at = await o.at(when)
+        if o.plan.coi_typo and not o.refusal_done:
+            o.refusal_done = True
+            typo = mistype_check_character(o.coi)
+            await o.call(
+                "apheresis with mistyped COI",
+                lambda c: c.apheresis(o.order_id, typo, at),
+                ok=(),
+                intended=(422,),
+            )
+        await o.call("confirm apheresis", lambda c: c.apheresis(o.order_id, o.coi, at), ok=(200,))
+        o.done.add(("apheresis", slot_id))
+        moment = datetime.fromisoformat(at)
+        o.apheresis_at[slot_id] = moment
+        if o.first_apheresis is None:
+            o.first_apheresis = moment
+        return False
+
+    async def lymphodepletion_before_release(self) -> None:
+        """The deliberate mistake of the plan's `lymph_refusal` orders: must be refused (409)."""
+        o = self.order
+        if not o.plan.lymph_refusal or o.lymphodepleted or ("lymph-refusal",) in o.done:
+            return
+        o.done.add(("lymph-refusal",))
+        at = iso(o.stamp(o.floor))
+        resp = await o.call(
+            "lymphodepletion before release",
+            lambda c: c.lymphodepletion(o.order_id, at),
+            ok=(200,),
+            intended=(409,),
+        )
+        if resp.status == 200:
+            o.lymphodepleted = True
+            o.sim.stats.error(f"{o.who}: lymphodepletion before release was accepted")
+
+    async def lymphodepletion(self, when: datetime) -> None:
+        o = self.order
+        at = await o.at(when)
+        await o.call("lymphodepletion", lambda c: c.lymphodepletion(o.order_id, at), ok=(200,))
+        o.lymphodepleted = True
+
+    async def product_receipt(self, when: datetime) -> None:
+        o = self.order
+        at = await o.at(when)
+        await o.call("product receipt", lambda c: c.product_receipt(o.order_id, o.coi, at), ok=(200,))
+
+    async def infusion(self, row: dict[str, Any]) -> None:
+        o = self.order
+        if not o.lymphodepleted:
+            await self.lymphodepletion(o.floor + timedelta(hours=1))
+        r = o.release_at or o.floor
+        when = max(r + timedelta(days=2 + o.rng.uniform(0.5, 2.5)), o.floor + timedelta(hours=12))
+        at = await o.at(when)
+        await o.call("infusion", lambda c: c.infusion(o.order_id, o.coi, at), ok=(200,))
+        if o.first_apheresis is not None:
+            o.result.simulated_days = days_between(o.first_apheresis, datetime.fromisoformat(at))

@@ -1,0 +1,235 @@
+"""The simulation: set-up (catalogue, plan), one task per order, the outage, progress lines, the summary;
+and the entry points `main` and `cli`."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+from .api import Api, OrderAbort
+from .clock import SimClock, as_date
+from .config import Config, parse_args
+from .orders import OrderActor
+from .plan import EXCEPTION_WEIGHTS, Plan, make_plan
+from .platform import ensure_platform
+from .report import Stats, error_lines, progress_line, reactions_of, render_summary, utilisation
+from .sites import OutageState, declare_outage
+from .states import TERMINAL
+from .tracker import Tracker
+
+
+class Simulator:
+    def __init__(self, cfg: Config, out: Callable[[str], None] = print) -> None:
+        self.cfg = cfg
+        self.out = out
+        self.stats = Stats()
+        self.api = Api(cfg.urls, cfg.concurrency, self.stats)
+        self.tracker = Tracker(self.api, cfg.poll_s)
+        self.clock = SimClock(datetime.now(UTC).replace(microsecond=0), cfg.day_seconds)
+        self.products: dict[str, dict[str, Any]] = {}
+        self.sites: list[dict[str, Any]] = []
+        self.plan: Plan | None = None
+        self.outage = OutageState(None, None)
+        self.actors: list[OrderActor] = []
+        self.started = time.monotonic()
+        self.summary: dict[str, Any] = {}
+
+    # -- set-up ---------------------------------------------------------------------------------------------
+
+    async def load_catalogue(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        centres = (await self.api.call("catalogue", lambda c: c.treatment_centers())).body
+        products = (await self.api.call("catalogue", lambda c: c.products())).body
+        sites = (await self.api.call("catalogue", lambda c: c.sites())).body
+        self.products = {p["code"]: p for p in products}
+        self.sites = sites
+        return centres, products
+
+    # -- the outage ------------------------------------------------------------------------------------------
+
+    async def run_outage(self) -> None:
+        """Once the cohort is booked: declare one outage at its site over its manufacturing dates."""
+        await declare_outage(self)
+
+    # -- progress ------------------------------------------------------------------------------------------
+
+    def progress_line(self) -> str:
+        statuses = []
+        for actor in self.actors:
+            row = self.tracker.rows.get(actor.order_id) if actor.order_id else None
+            statuses.append(row["status"] if row else None)
+        return progress_line(
+            time.monotonic() - self.started,
+            self.clock.now(),
+            statuses,
+            sum(self.stats.calls.values()),
+            len(self.stats.errors),
+        )
+
+    async def progress(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.progress_s)
+            self.out(self.progress_line())
+
+    # -- main ------------------------------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        cfg = self.cfg
+        try:
+            centres, products = await self.load_catalogue()
+            today = self.clock.start.date()
+            self.plan = make_plan(cfg, centres, products, self.sites, today)
+            self.outage = OutageState(self.plan.outage_site, self.plan.outage_gate)
+            await self.tracker.start()
+        except (OrderAbort, RuntimeError, KeyError) as exc:
+            self.stats.error(f"set-up failed: {exc}")
+            self.print_errors()
+            return 1
+        kinds = Counter(o.kind for o in self.plan.orders if o.kind)
+        self.out(
+            f"simulator: {cfg.orders} orders, {sum(kinds.values())} with an exception "
+            f"({cfg.exceptions:.0%}), seed {cfg.seed}, 1 simulated day = {cfg.day_seconds:g} s, "
+            f"apheresis dates over {self.plan.spread_days} days from {today + timedelta(days=3)}"
+        )
+        self.out(
+            "simulator: exception weights "
+            + ", ".join(f"{k} {w}" for k, w in EXCEPTION_WEIGHTS.items())
+            + (f"; outage site {self.plan.outage_site}" if self.plan.outage_site else "")
+        )
+        self.actors = [OrderActor(self, p) for p in self.plan.orders]
+        background = [
+            asyncio.create_task(self.tracker.run()),
+            asyncio.create_task(self.progress()),
+        ]
+        outage_task = asyncio.create_task(self.run_outage())
+        tasks = [asyncio.create_task(a.run()) for a in self.actors]
+        try:
+            done, pending = await asyncio.wait(tasks, timeout=cfg.timeout_s)
+            for task in pending:
+                task.cancel()
+            if pending:
+                self.stats.error(
+                    f"timeout: {len(pending)} order(s) still running after {cfg.timeout_s:.0f} s"
+                )
+                await asyncio.gather(*pending, return_exceptions=True)
+            for task in done:
+                if task.exception() is not None:
+                    self.stats.error(f"simulator bug: {task.exception()!r}")
+        finally:
+            outage_task.cancel()
+            for bg in background:
+                bg.cancel()
+            await asyncio.gather(outage_task, *background, return_exceptions=True)
+        await self.collect()
+        self.out(self.progress_line())
+        self.out(self.render_summary())
+        self.print_errors()
+        return 0 if self.ok() else 1
+
+    def ok(self) -> bool:
+        states = self.summary.get("terminal", {})
+        return not self.stats.errors and sum(states.values()) == self.cfg.orders
+
+    def print_errors(self) -> None:
+        for line in error_lines(self.stats.errors):
+            self.out(line)
+
+    # -- the summary -----------------------------------------------------------------------------------------
+
+    async def collect(self) -> None:
+        """Read every order (with its timeline) and its slots once more, for the summary."""
+        sem = asyncio.Semaphore(self.cfg.concurrency)
+
+        async def one(actor: OrderActor) -> tuple[OrderActor, dict[str, Any] | None, list[dict[str, Any]]]:
+            if not actor.order_id:
+                return actor, None, []
+            oid = actor.order_id
+            async with sem:
+                try:
+                    detail = (
+                        await self.api.call("get order", lambda c: c.get_order(oid), who=actor.who)
+                    ).body
+                    slots = (
+                        await self.api.call("list slots", lambda c: c.slots(order_id=oid), who=actor.who)
+                    ).body
+                except OrderAbort:
+                    return actor, None, []
+            return actor, detail, slots
+
+        results = await asyncio.gather(*(one(a) for a in self.actors))
+        terminal: Counter[str] = Counter()
+        reactions: Counter[str] = Counter()
+        consumed: Counter[str] = Counter()
+        starts: list[date] = []
+        for actor, detail, slots in results:
+            res = actor.result
+            if detail is None:
+                self.stats.error(f"{actor.who}: never placed or not readable")
+                continue
+            res.final_status = detail["status"]
+            res.ended_reason = detail.get("ended_reason")
+            if res.final_status in TERMINAL:
+                terminal[res.final_status] += 1
+            else:
+                self.stats.error(
+                    f"{actor.who} ({actor.plan.kind or 'no exception'}) not terminal: {res.final_status}"
+                )
+            res.reactions = reactions_of(detail.get("timeline") or [])
+            if res.aborted and res.final_status == "cancelled" and res.reactions["cancelled by the centre"]:
+                res.reactions["cancelled by the centre"] -= 1
+                res.reactions["cancelled by the simulator after an error"] += 1
+            reactions.update(res.reactions)
+            for slot in slots:
+                if slot.get("status") == "consumed":
+                    consumed[slot["site_id"]] += 1
+                    if d := as_date(slot.get("manufacturing_start_date")):
+                        starts.append(d)
+        window = (min(starts), max(starts)) if starts else None
+        self.summary = {
+            "terminal": dict(terminal),
+            "reactions": dict(reactions),
+            "utilisation": utilisation(self.sites, consumed, window),
+            "window": window,
+        }
+
+    def render_summary(self) -> str:
+        assert self.plan is not None
+        return render_summary(
+            self.cfg,
+            self.stats,
+            self.summary,
+            [a.result for a in self.actors],
+            elapsed=time.monotonic() - self.started,
+            start=self.clock.start,
+            last=max((a.floor for a in self.actors), default=self.clock.start),
+            outage_note=self.outage.note,
+        )
+
+
+async def main(cfg: Config, out: Callable[[str], None] = print) -> int:
+    """Start the platform if needed, simulate, print the summary; the exit status."""
+    try:
+        platform = await ensure_platform(cfg, out)
+    except RuntimeError as exc:
+        out(f"simulator: {exc}")
+        return 2
+    sim = Simulator(cfg, out)
+    try:
+        return await sim.run()
+    finally:
+        await sim.api.close()
+        if platform is not None:
+            out("simulator: stopping the platform it started")
+            platform.stop()
+
+
+def cli(argv: Sequence[str] | None = None) -> int:
+    cfg = parse_args(argv)
+    try:
+        return asyncio.run(main(cfg, lambda line: print(line, flush=True)))
+    except KeyboardInterrupt:
+        print("simulator: interrupted", flush=True)
+        return 130

@@ -1,0 +1,222 @@
+"""The manufacturing site: its MES (receipt of the apheresis material, manufacturing steps, QC), its QA
+(the decision on a product quarantined after an excursion), and the registry (the run's one outage)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from .api import OrderAbort
+from .clock import as_date
+from .states import MATERIAL_ON_THE_WAY, MES_RUNNING, STEP_FRACTION, STEPS, TERMINAL
+
+if TYPE_CHECKING:
+    from .orders import OrderActor
+    from .simulation import Simulator
+
+
+class Site:
+    """The site's MES and QA, acting for one order."""
+
+    def __init__(self, order: OrderActor) -> None:
+        self.order = order
+
+    async def receipt(
+        self, ship: dict[str, Any], slot_id: str, mfg: date | None, delivered: datetime
+    ) -> None:
+        """The material arrived: accepted (the run is scheduled) or refused when the plan says so."""
+        o = self.order
+        site = ship["destination"]
+        reject = o.injects("material_rejected")
+        at = await o.at(delivered + timedelta(hours=1))
+        reason = o.plan.params["reason"] if reject else None
+        await o.call(
+            "site receipt (refused)" if reject else "site receipt",
+            lambda c: c.site_receipt(site, o.order_id, o.coi, not reject, reason=reason, received_at=at),
+            ok=(200, 201),
+        )
+        o.done.add(("inbound", slot_id))
+        if reject:
+            o.result.applied = True
+            o.leave = MATERIAL_ON_THE_WAY
+        else:
+            o.run_start[(slot_id, 1)] = max(
+                datetime.fromisoformat(at) + timedelta(hours=3),
+                o.sim.clock.at(mfg, 8) if mfg else datetime.fromisoformat(at),
+            )
+            o.result.sites_manufactured.append(site)
+
+    def run_done(self, row: dict[str, Any]) -> bool:
+        """Whether the MES has already reported everything of the order's current run."""
+        slot_id = str((row.get("slot") or {}).get("slot_id"))
+        return ("run", slot_id, int(row.get("run") or 1)) in self.order.done
+
+    async def manufacture(self, row: dict[str, Any]) -> None:
+        """The current run: every step at its time (or the planned failure or cancellation), then QC."""
+        o = self.order
+        slot_id = str((row.get("slot") or {}).get("slot_id"))
+        run = int(row.get("run") or 1)
+        site = row["site_id"]
+        if ("run", slot_id, run) in o.done:
+            return
+
+        async def fetch() -> Any:
+            return (await o.call("mes view", lambda c: c.manufacturing(site, o.order_id))).body
+
+        view = await o.poll(
+            f"run {run} at {site}",
+            fetch,
+            lambda v: v if int(v.get("run") or 0) == run and v.get("state") in MES_RUNNING else None,
+            lambda v: f"the site reports run {v.get('run')} {v.get('state')}",
+        )
+        if view is None:
+            return
+        if (slot_id, run) not in o.run_start:  # a remanufacture: the day after the run was lost
+            o.run_start[(slot_id, run)] = o.floor + timedelta(days=1)
+            o.result.sites_manufactured.append(site)
+        start = o.run_start[(slot_id, run)]
+        mfg_days = float(o.product.get("manufacturing_days", 17))
+        qc_days = float(o.product.get("qc_days", 14))
+        completed = set(view.get("steps_completed") or [])
+        for step in STEPS:
+            if step in completed:
+                continue
+            when = start + timedelta(days=mfg_days * STEP_FRACTION[step], hours=o.rng.uniform(0, 3))
+            if step == "expansion" and o.cancels_at("manufacturing"):
+                await o.at(when)
+                await o.hospital.cancel("manufacturing")
+                return
+            if o.injects("manufacturing_failure") and step == o.plan.params["step"]:
+                await self.step(site, step, when, failure=o.plan.params["reason"])
+                o.result.applied = True
+                o.done.add(("run", slot_id, run))
+                return
+            await self.step(site, step, when)
+        cryo = start + timedelta(days=mfg_days)
+        if o.cancels_at("qc_pending"):
+            await o.at(cryo + timedelta(days=qc_days / 2))
+            await o.hospital.cancel("qc_pending")
+            return
+        oos = o.plan.kind == "persistent_oos" or o.injects("qc_oos")
+        at = await o.at(cryo + timedelta(days=qc_days, hours=o.rng.uniform(0, 6)))
+        reason = o.plan.params["reason"] if oos else None
+        disposition = "out_of_specification" if oos else "released"
+        await o.call(
+            "QC out of specification" if oos else "QC released",
+            lambda c: c.qc(site, o.order_id, disposition, reason=reason, decided_at=at),
+            ok=(200, 201),
+        )
+        o.done.add(("run", slot_id, run))
+        if oos:
+            o.result.applied = True
+        else:
+            o.release_at = datetime.fromisoformat(at)
+
+    async def step(self, site: str, step: str, when: datetime, failure: str | None = None) -> None:
+        """One step reported at its simulated time: completed, or failed for the reason `failure`."""
+        o = self.order
+        at = await o.at(when)
+        await o.call(
+            "manufacturing step failed" if failure is not None else "manufacturing step",
+            lambda c: c.manufacturing_step(
+                site, o.order_id, step, completed_at=at, failed=failure is not None, reason=failure
+            ),
+            ok=(200, 201),
+        )
+
+    async def qa_decision(self, row: dict[str, Any]) -> None:
+        """QA reviews the logger data of a quarantined product and releases or rejects it."""
+        o = self.order
+        decision = o.plan.params.get("decision", "release")
+        await o.at(o.floor + timedelta(days=1))  # QA reviews the logger data (no timestamp is sent)
+        reason = (
+            "logger fault, product within limits per QA review"
+            if decision == "release"
+            else "excursion confirmed, product integrity not assured"
+        )
+        await o.call(
+            f"quarantine {decision}",
+            lambda c: c.quarantine_decision(o.order_id, decision, reason),
+            ok=(200,),
+        )
+        o.result.decision = decision
+
+
+# ---- the registry: the run's one site outage -------------------------------------------------------------
+
+
+@dataclass
+class OutageState:
+    site: str | None
+    gate: date | None
+    posted: asyncio.Event = field(default_factory=asyncio.Event)
+    window: tuple[date, date] | None = None
+    affected: int = 0
+    note: str = ""
+
+    def holds(self, manufacturing_start: date | None) -> bool:
+        """Whether an order booked for then must wait for the outage (declared at a site the outage
+        cohort was booked at) before its apheresis."""
+        return (
+            self.gate is not None
+            and not self.posted.is_set()
+            and manufacturing_start is not None
+            and manufacturing_start >= self.gate
+        )
+
+    def covers(self, site_id: str | None, manufacturing_start: date | None) -> bool:
+        return (
+            self.window is not None
+            and site_id == self.site
+            and manufacturing_start is not None
+            and self.window[0] <= manufacturing_start <= self.window[1]
+        )
+
+
+async def declare_outage(sim: Simulator) -> None:
+    """Once the cohort is booked: declare one outage at its site over its manufacturing dates."""
+    outage = sim.outage
+    try:
+        if outage.site is None or outage.gate is None:
+            return
+        cohort = [a for a in sim.actors if a.plan.kind == "site_outage"]
+        first = min(a.plan.requested_date for a in cohort)
+        await sim.clock.until(sim.clock.at(first, 0) - timedelta(days=5))
+        deadline = time.monotonic() + sim.cfg.stall_s
+        booked_states = {"inbound_shipment_planned"} | TERMINAL
+        while time.monotonic() < deadline:
+            rows = [sim.tracker.rows.get(a.order_id) for a in cohort]
+            if all(r is not None and r["status"] in booked_states for r in rows):
+                break
+            await asyncio.sleep(0.3)
+        booked: dict[str, list[tuple[OrderActor, date]]] = defaultdict(list)
+        for a in cohort:
+            r = sim.tracker.rows.get(a.order_id)
+            mfg = as_date(((r or {}).get("slot") or {}).get("manufacturing_start_date"))
+            if r is not None and r["status"] == "inbound_shipment_planned" and mfg is not None:
+                booked[r["site_id"]].append((a, mfg))
+        # the site most of the cohort was booked at (the planned one, unless it was full)
+        site = max(booked, key=lambda k: (len(booked[k]), k == outage.site)) if booked else outage.site
+        hit = booked.get(site, [])
+        dates = sorted(d for _, d in hit)
+        start, end = (dates[0], dates[-1]) if dates else (outage.gate, outage.gate + timedelta(days=2))
+        resp = await sim.api.call(
+            "site outage",
+            lambda c: c.add_outage(site, start, end, "cleanroom requalification (simulated)"),
+            who="registry",
+            ok=(201,),
+        )
+        outage.site = site
+        outage.window = (start, end)
+        outage.affected = len(resp.body.get("affected_booking_ids") or [])
+        outage.note = f"{site} {start.isoformat()}..{end.isoformat()}, {outage.affected} booking(s) affected"
+        for a, _ in hit:
+            a.result.applied = True
+    except OrderAbort as abort:
+        outage.note = f"outage not declared: {abort}"
+    finally:
+        outage.posted.set()
