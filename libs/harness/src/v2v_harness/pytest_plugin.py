@@ -14,15 +14,16 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from v2v_harness.infra import Infrastructure, start_infrastructure
-from v2v_harness.platform import Platform
-from v2v_harness.processes import free_port
-from v2v_harness.provision import drop_database, provision
-from v2v_harness.receiver import WebhookReceiver
+# The infrastructure modules are imported by the fixtures that need them, so that a unit-test run
+# (`make test-unit`) does not pay for importing the broker, database and HTTP clients it never uses.
+if TYPE_CHECKING:
+    from v2v_harness.infra import Infrastructure
+    from v2v_harness.platform import Platform
+    from v2v_harness.receiver import WebhookReceiver
 
 
 @dataclass
@@ -46,6 +47,8 @@ def state_dir() -> Iterator[Path]:
 
 @pytest.fixture(scope="session")
 def infra(state_dir: Path) -> Iterator[Infrastructure]:
+    from v2v_harness.infra import start_infrastructure
+
     infrastructure = start_infrastructure(state_dir, durable=False, allow_containers=True)
     print(f"\nv2v test infrastructure: {infrastructure.describe()}")
     yield infrastructure
@@ -55,6 +58,8 @@ def infra(state_dir: Path) -> Iterator[Infrastructure]:
 @pytest.fixture
 async def test_db(infra: Infrastructure) -> AsyncIterator[TestDatabase]:
     """A fresh database with the five schemas and roles, dropped afterwards."""
+    from v2v_harness.provision import drop_database, provision
+
     name = unique("t_")
     urls = await provision(infra.admin_url, name)
     yield TestDatabase(name, infra.admin_url, urls)
@@ -66,6 +71,9 @@ def _start_platform(
     state_dir: Path,
     extra_env: dict[str, dict[str, str]] | None = None,
 ) -> Platform:
+    from v2v_harness.platform import Platform
+    from v2v_harness.provision import provision
+
     name = unique("e2e_")
     urls = asyncio.run(provision(infra.admin_url, name))
     run_dir = state_dir / name
@@ -84,6 +92,8 @@ class SmtpSink:
 
     def __init__(self) -> None:
         from aiosmtpd.controller import Controller
+
+        from v2v_harness.processes import free_port
 
         self.messages: list[Any] = []
         sink = self
@@ -134,6 +144,8 @@ def platform(infra: Infrastructure, state_dir: Path, smtp_sink: SmtpSink) -> Ite
 
 @pytest.fixture(scope="session")
 def webhook_receiver() -> Iterator[WebhookReceiver]:
+    from v2v_harness.receiver import WebhookReceiver
+
     receiver = WebhookReceiver().start()
     yield receiver
     receiver.stop()

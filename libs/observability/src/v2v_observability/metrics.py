@@ -3,7 +3,6 @@ otherwise written as JSON lines under `<state dir>/telemetry/metrics-<service>.j
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import IO
 
@@ -16,25 +15,28 @@ from opentelemetry.sdk.metrics.export import (
 )
 from opentelemetry.sdk.resources import Resource
 
+from v2v_observability.settings import TelemetrySettings
+
 _provider: MeterProvider | None = None
 _files: list[IO[str]] = []
 
 
-def otlp_metrics_configured() -> bool:
-    return bool(
-        os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT")
-    )
+def otlp_metrics_configured(telemetry: TelemetrySettings | None = None) -> bool:
+    return (telemetry or TelemetrySettings.from_env()).otlp_metrics
 
 
-def configure_metrics(service: str, state_dir: str | None = None) -> MeterProvider:
+def configure_metrics(
+    service: str, state_dir: str | None = None, telemetry: TelemetrySettings | None = None
+) -> MeterProvider:
     global _provider
     if _provider is not None:
         return _provider
     from opentelemetry.exporter.prometheus import PrometheusMetricReader
 
     readers: list[MetricReader] = [PrometheusMetricReader()]
-    interval = int(os.environ.get("OTEL_METRIC_EXPORT_INTERVAL", "10000"))
-    if otlp_metrics_configured():
+    telemetry = telemetry or TelemetrySettings.from_env()
+    interval = telemetry.metric_export_interval_ms
+    if telemetry.otlp_metrics:
         from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
 
         readers.append(PeriodicExportingMetricReader(OTLPMetricExporter(), export_interval_millis=interval))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -23,6 +22,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, Spa
 
 from v2v_observability import names
 from v2v_observability.context import bind_order, current_order
+from v2v_observability.settings import TelemetrySettings
 
 ORDER_ID_ATTR = names.ORDER_ID
 COI_ATTR = names.COI
@@ -94,20 +94,20 @@ def span_to_dict(span: ReadableSpan) -> dict[str, object]:
     }
 
 
-def otlp_configured() -> bool:
-    return bool(
-        os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-    )
+def otlp_configured(telemetry: TelemetrySettings | None = None) -> bool:
+    return (telemetry or TelemetrySettings.from_env()).otlp_traces
 
 
-def configure_tracing(service: str, state_dir: str | None = None) -> TracerProvider:
+def configure_tracing(
+    service: str, state_dir: str | None = None, telemetry: TelemetrySettings | None = None
+) -> TracerProvider:
     global _provider
     if _provider is not None:
         return _provider
     resource = Resource.create({"service.name": service, "service.namespace": "vein2vein"})
     provider = TracerProvider(resource=resource)
     provider.add_span_processor(OrderAttributesProcessor())
-    if otlp_configured():
+    if otlp_configured(telemetry):
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))

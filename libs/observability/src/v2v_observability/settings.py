@@ -1,0 +1,37 @@
+"""Telemetry settings: the standard OpenTelemetry environment variables this platform acts on, read once.
+
+The exporters themselves read the rest of the OTEL_* variables (headers, protocol, batch sizes) as the
+OpenTelemetry SDK documents; here are only the ones that decide what we set up.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class TelemetrySettings:
+    otlp_endpoint: str | None = None  # OTEL_EXPORTER_OTLP_ENDPOINT
+    otlp_traces_endpoint: str | None = None  # OTEL_EXPORTER_OTLP_TRACES_ENDPOINT
+    otlp_metrics_endpoint: str | None = None  # OTEL_EXPORTER_OTLP_METRICS_ENDPOINT
+    metric_export_interval_ms: int = 10_000  # OTEL_METRIC_EXPORT_INTERVAL
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> TelemetrySettings:
+        env = os.environ if env is None else env
+        return cls(
+            otlp_endpoint=env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or None,
+            otlp_traces_endpoint=env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or None,
+            otlp_metrics_endpoint=env.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT") or None,
+            metric_export_interval_ms=int(env.get("OTEL_METRIC_EXPORT_INTERVAL") or 10_000),
+        )
+
+    @property
+    def otlp_traces(self) -> bool:
+        return bool(self.otlp_endpoint or self.otlp_traces_endpoint)
+
+    @property
+    def otlp_metrics(self) -> bool:
+        return bool(self.otlp_endpoint or self.otlp_metrics_endpoint)
