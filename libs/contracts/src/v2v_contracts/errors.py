@@ -111,3 +111,24 @@ class Unavailable(DomainError):
 
     kind = "unavailable"
     title = "Service unavailable"
+
+
+class Unauthenticated(DomainError):
+    """No credentials, or credentials that do not prove who the caller is (answered 401, Bearer)."""
+
+    kind = "unauthenticated"
+    title = "Authentication required"
+
+    def __init__(self, reason: str = "a valid bearer token is required") -> None:
+        super().__init__(reason)
+
+
+class Forbidden(DomainError):
+    """The caller is known but lacks the scope this action needs (answered 403)."""
+
+    kind = "forbidden"
+    title = "Not permitted"
+
+    def __init__(self, scope: str) -> None:
+        super().__init__(f"this action needs the scope {scope}")
+        self.scope = scope

@@ -17,8 +17,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from v2v_contracts.errors import (
     Conflict,
     DomainError,
+    Forbidden,
     Invalid,
     NotFound,
+    Unauthenticated,
     Unavailable,
 )
 
@@ -32,6 +34,8 @@ STATUS: tuple[tuple[type[DomainError], int], ...] = (
     (NotFound, 404),
     (Conflict, 409),  # NotAllowedNow and CoiMismatch too
     (Unavailable, 503),
+    (Unauthenticated, 401),
+    (Forbidden, 403),
 )
 
 
@@ -110,7 +114,14 @@ def install(app: FastAPI) -> None:
         body = _body(request, status, exc.title, exc.detail, exc.kind)
         if exc.errors:
             body["errors"] = [e.as_dict() for e in exc.errors]
-        return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON)
+        headers = {}
+        if isinstance(exc, Unauthenticated):  # RFC 6750 §3
+            headers["WWW-Authenticate"] = 'Bearer realm="vein2vein", error="invalid_token"'
+        elif isinstance(exc, Forbidden):
+            headers["WWW-Authenticate"] = (
+                f'Bearer realm="vein2vein", error="insufficient_scope", scope="{exc.scope}"'
+            )
+        return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
