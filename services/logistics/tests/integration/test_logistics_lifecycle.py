@@ -21,8 +21,11 @@ import pytest
 from fastapi import FastAPI
 
 import logistics_service
-from logistics_service import app as logistics_app
-from logistics_service import custody, services
+from logistics_service.adapters.repository import LogisticsTx, tx_factory
+from logistics_service.config import load_shipping_lanes
+from logistics_service.entrypoints.api import router as logistics_router
+from logistics_service.service_layer import commands
+from logistics_service.service_layer.handlers import build_handlers
 from v2v_contracts import (
     ApheresisCompletedV1,
     BookingCancelledV1,
@@ -36,12 +39,13 @@ from v2v_contracts import (
     new_event,
 )
 from v2v_contracts.coi import make_coi
+from v2v_contracts.errors import DomainError
 from v2v_harness import pytest_plugin
 from v2v_messaging import MIGRATIONS_DIR, UnitOfWork, notify_channel
 from v2v_messaging.outbox import Outbox
 from v2v_persistence import apply_migrations, create_pool, schema_of
-from v2v_servicekit import Problem
 from v2v_servicekit.problems import install as install_problems
+from v2v_servicekit.problems import status_of
 
 pytestmark = pytest.mark.integration
 
@@ -50,7 +54,7 @@ TOPIC = "t.v2v.logistics"  # never published to here: only the outbox rows are c
 TC = "TC-DE-BE-001"
 SITE = "DE-LEIPZIG-IZI"
 NOW = datetime(2030, 5, 6, 9, 30, tzinfo=UTC)
-HANDLERS = services.handlers(None)
+HANDLERS = build_handlers(load_shipping_lanes())
 
 
 @pytest.fixture
@@ -67,15 +71,15 @@ async def pool(test_db: pytest_plugin.TestDatabase) -> AsyncIterator[asyncpg.Poo
 
 
 @pytest.fixture
-def uow(pool: asyncpg.Pool) -> UnitOfWork:
-    return UnitOfWork(pool, TOPIC, notify_channel("logistics"))
+def uow(pool: asyncpg.Pool) -> UnitOfWork[LogisticsTx]:
+    return UnitOfWork(pool, TOPIC, notify_channel("logistics"), tx_factory)
 
 
 @pytest.fixture
 async def client(pool: asyncpg.Pool, uow: UnitOfWork) -> AsyncIterator[httpx.AsyncClient]:
     app = FastAPI()
     install_problems(app)
-    app.include_router(logistics_app.router)
+    app.include_router(logistics_router)
     app.state.runtime = SimpleNamespace(pool=pool, uow=uow)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://logistics") as c:
         yield c
@@ -119,7 +123,7 @@ async def handle(uow: UnitOfWork, event: CloudEvent | EventData) -> None:
     if isinstance(event, EventData):
         event = new_event(event)
     async with uow.begin() as tx:
-        await HANDLERS[event.type](tx, event)
+        assert await HANDLERS.dispatch(tx, event)
 
 
 async def outbox(pool: asyncpg.Pool, event_type: str | None = None) -> list[dict[str, Any]]:
@@ -158,7 +162,7 @@ async def milestone(
     coi: str | None = None,
     temperature_c: float | None = None,
 ) -> dict[str, Any]:
-    return await custody.record_milestone(
+    return await commands.record_milestone(
         uow,
         ship["shipment_id"],
         milestone=name,
@@ -174,7 +178,7 @@ async def milestone(
 async def reading(
     uow: UnitOfWork, ship: asyncpg.Record, reading_c: float, *, coi: str | None = None, minutes: int = 0
 ) -> dict[str, Any]:
-    return await custody.record_temperature(
+    return await commands.record_temperature(
         uow, ship["shipment_id"], reading_c=reading_c, measured_at=NOW + timedelta(minutes=minutes), coi=coi
     )
 
@@ -328,9 +332,9 @@ async def test_a_reading_carried_by_a_milestone_gets_the_same_check(
     )
     assert [(r["source"], r["in_range"]) for r in rows] == [("milestone", True), ("milestone", False)]
     assert all(r["custody_event_id"] is not None for r in rows)
-    with pytest.raises(Problem) as refused:
+    with pytest.raises(DomainError) as refused:
         await milestone(uow, ship, "delivered")
-    assert refused.value.status == 409
+    assert status_of(refused.value) == 409
     assert (
         await pool.fetchval("SELECT count(*) FROM custody_events WHERE shipment_id = $1", ship["shipment_id"])
         == 2
@@ -441,12 +445,12 @@ async def test_a_temperature_reading_with_another_orders_coi_is_a_mismatch_too(
 ) -> None:
     order = Order()
     ship = await planned(pool, uow, order, "outbound_product")
-    with pytest.raises(Problem) as refused:
+    with pytest.raises(DomainError) as refused:
         await reading(uow, ship, -170.0, coi=other_coi())
-    assert refused.value.status == 409 and refused.value.kind == "coi-mismatch"
+    assert status_of(refused.value) == 409 and refused.value.kind == "coi-mismatch"
     assert await status(pool, ship) == "stopped"
     [alert] = await outbox(pool, "logistics.coi_mismatch_detected.v1")
-    assert alert["data"]["where"] == custody.TEMPERATURE_WHERE
+    assert alert["data"]["where"] == commands.TEMPERATURE_WHERE
     assert await pool.fetchval("SELECT count(*) FROM temperature_readings") == 0
     # the stopped shipment still logs temperature (right COI, or none)
     assert (await reading(uow, ship, -171.0, coi=order.coi))["shipment_status"] == "stopped"
@@ -492,7 +496,7 @@ async def test_order_cancelled_cancels_every_shipment_not_yet_delivered_and_plan
 async def test_order_failed_cancels_halted_shipments_too(pool: asyncpg.Pool, uow: UnitOfWork) -> None:
     order = Order()
     ship = await planned(pool, uow, order, "inbound_apheresis")
-    with pytest.raises(Problem):
+    with pytest.raises(DomainError):
         await milestone(uow, ship, "picked_up", coi=other_coi())
     assert await status(pool, ship) == "stopped"
     await handle(uow, OrderFailedV1(**order.refs, reason="no material left"))

@@ -7,13 +7,30 @@ from pathlib import Path
 from typing import get_args
 
 import pytest
+import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
 import logistics_service
-from logistics_service import domain as d
-from logistics_service.services import CONFIG, inbound_condition, outbound_condition
+from logistics_service.config import SEED_FILE, load_shipping_lanes
+from logistics_service.domain import shipment as d
 from v2v_contracts import ShipmentPlannedV1
+from v2v_contracts.errors import Conflict, Invalid
+from v2v_contracts.reference import product_catalogue
+from v2v_servicekit.problems import status_of
+
+CONFIG = yaml.safe_load(SEED_FILE.read_text())
+LANES = load_shipping_lanes()
+
+
+def inbound_condition(product_code: str) -> tuple[str, float, float]:
+    lane = LANES.inbound(product_code)
+    return lane.condition, lane.min_c, lane.max_c
+
+
+def outbound_condition() -> tuple[str, float, float]:
+    return LANES.outbound.condition, LANES.outbound.min_c, LANES.outbound.max_c
+
 
 MIGRATIONS = Path(logistics_service.__file__).parent / "migrations"
 statuses = st.sampled_from(sorted(d.STATUSES))
@@ -54,15 +71,30 @@ def test_every_seeded_condition_is_a_contract_material_condition() -> None:
     allowed = set(get_args(ShipmentPlannedV1.model_fields["material_condition"].annotation))
     assert set(CONFIG["conditions"]) <= allowed
     assert outbound_condition()[0] in allowed
-    for product in [*CONFIG["apheresis_material"], "UNKNOWN-PRODUCT"]:
+    for product in [*product_catalogue(), "UNKNOWN-PRODUCT"]:
         condition, lo, hi = inbound_condition(product)
         assert condition in allowed and lo < hi
+
+
+def test_the_inbound_condition_is_the_catalogues_apheresis_material() -> None:
+    for code, product in product_catalogue().items():
+        condition, lo, hi = inbound_condition(code)
+        assert condition == product.apheresis_material
+        assert (lo, hi) == (
+            CONFIG["conditions"][condition]["min_c"],
+            CONFIG["conditions"][condition]["max_c"],
+        )
+    assert inbound_condition("TISA-CEL")[0] == "cryopreserved"  # Kymriah freezes it at the centre
+    assert inbound_condition("UNKNOWN-PRODUCT")[0] == "fresh"
+    assert "apheresis_material" not in CONFIG  # a product fact: the catalogue's, not a copy here
 
 
 @pytest.mark.parametrize("status", sorted(d.READINGS_REFUSED))
 def test_readings_are_refused_on_a_cancelled_or_delivered_shipment(status: str) -> None:
     refusal = d.reading_refusal(status)
-    assert refusal is not None and refusal.status == 409
+    assert refusal is not None and status_of(refusal) == 409
+    assert isinstance(refusal, Conflict) and refusal.kind == "shipment-state"
+    assert refusal.title == "Shipment cannot take this input"
 
 
 @pytest.mark.parametrize("status", sorted(d.STATUSES - d.READINGS_REFUSED))
@@ -135,12 +167,14 @@ def test_every_status_is_reachable_from_planned() -> None:
 @pytest.mark.parametrize("milestone", d.MILESTONES)
 def test_a_halted_or_cancelled_shipment_refuses_every_milestone_with_409(status: str, milestone: str) -> None:
     refusal = d.milestone_refusal(status, milestone)
-    assert refusal is not None and refusal.status == 409 and status in refusal.reason
+    assert refusal is not None and status_of(refusal) == 409 and status in refusal.errors[0].reason
+    assert isinstance(refusal, Conflict) and refusal.kind == "shipment-state"
 
 
 def test_a_milestone_never_goes_back_and_may_repeat_or_skip() -> None:
     refusal = d.milestone_refusal(d.IN_TRANSIT, d.PICKED_UP)
-    assert refusal is not None and refusal.status == 422 and refusal.field == "milestone"
+    assert refusal is not None and status_of(refusal) == 422 and refusal.errors[0].field == "milestone"
+    assert isinstance(refusal, Invalid)
     assert d.status_after_milestone(d.IN_TRANSIT, d.IN_TRANSIT) == d.IN_TRANSIT
     assert d.status_after_milestone(d.PLANNED, d.PICKED_UP) == d.PICKED_UP
     assert d.status_after_milestone(d.READY_FOR_PICKUP, d.BOOKED) == d.BOOKED

@@ -1,0 +1,313 @@
+"""All the SQL of the logistics schema: one repository per aggregate (an abstract base and its Postgres
+class), and the service's `Tx` (the repositories of one transaction) with the factory the runtime uses.
+
+Every method runs on the transaction's connection: the state change and the events it causes (outbox)
+commit together. Temperatures are `numeric` columns: they come back as floats.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import uuid
+from decimal import Decimal
+from typing import Any
+
+import asyncpg
+
+from logistics_service.domain.shipment import (
+    CustodyEvent,
+    Leg,
+    Shipment,
+    StatusChange,
+    TemperatureReading,
+)
+from v2v_messaging import EventSink, Tx
+
+# ---- abstract repositories (what the service layer sees) ------------------------------------------
+
+
+class ShipmentRepository(abc.ABC):
+    @abc.abstractmethod
+    async def serialise_order(self, order_id: uuid.UUID) -> None:
+        """One transaction at a time per order (across replicas too), until this transaction ends."""
+
+    @abc.abstractmethod
+    async def get(self, shipment_id: uuid.UUID, *, lock: bool = False) -> Shipment | None: ...
+
+    @abc.abstractmethod
+    async def of_order(
+        self, order_id: uuid.UUID, *, leg: Leg | None = None, lock: bool = False
+    ) -> list[Shipment]:
+        """The order's shipments (of one leg), oldest first."""
+
+    @abc.abstractmethod
+    async def search(self, order_id: uuid.UUID | None = None, *, limit: int = 500) -> list[Shipment]: ...
+
+    @abc.abstractmethod
+    async def exists(self, shipment_id: uuid.UUID) -> bool: ...
+
+    @abc.abstractmethod
+    async def add(self, shipment: Shipment) -> None:
+        """Insert a new shipment and its first status-history line."""
+
+    @abc.abstractmethod
+    async def save(self, shipment: Shipment) -> None:
+        """Write a shipment's pending changes (status, reason, set fields) and log its status changes."""
+
+    @abc.abstractmethod
+    async def history(self, shipment_id: uuid.UUID) -> list[StatusChange]: ...
+
+
+class CustodyRepository(abc.ABC):
+    @abc.abstractmethod
+    async def add(self, event: CustodyEvent) -> int:
+        """Append a custody event; returns its id."""
+
+    @abc.abstractmethod
+    async def of_shipment(self, shipment_id: uuid.UUID) -> list[CustodyEvent]:
+        """The chain of custody, in the order things happened."""
+
+
+class ReadingRepository(abc.ABC):
+    @abc.abstractmethod
+    async def add(self, reading: TemperatureReading) -> int:
+        """Append a temperature reading; returns its id."""
+
+    @abc.abstractmethod
+    async def of_shipment(self, shipment_id: uuid.UUID) -> list[TemperatureReading]:
+        """Every reading, in measurement order."""
+
+
+class EndedOrderRepository(abc.ABC):
+    """Orders that were cancelled or failed: a late fact crossing the end plans nothing for them."""
+
+    @abc.abstractmethod
+    async def add(self, order_id: uuid.UUID, outcome: str, reason: str) -> None:
+        """Record the end (the first one counts)."""
+
+    @abc.abstractmethod
+    async def ended(self, order_id: uuid.UUID) -> bool: ...
+
+
+class LogisticsTx(Tx):
+    """One transaction of the logistics service: its repositories and its outbox."""
+
+    def __init__(
+        self,
+        conn: asyncpg.Connection | None,
+        outbox: EventSink,
+        *,
+        shipments: ShipmentRepository,
+        custody: CustodyRepository,
+        readings: ReadingRepository,
+        ended_orders: EndedOrderRepository,
+    ) -> None:
+        super().__init__(conn, outbox)
+        self.shipments = shipments
+        self.custody = custody
+        self.readings = readings
+        self.ended_orders = ended_orders
+
+
+# ---- Postgres ---------------------------------------------------------------------------------------
+
+
+def _values(row: asyncpg.Record, cls: type[Any]) -> dict[str, Any]:
+    """A row as the dataclass's fields: numerics (temperatures) as floats."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: float(v) if isinstance(v, Decimal) else v for k, v in row.items() if k in names}
+
+
+def _shipment(row: asyncpg.Record) -> Shipment:
+    return Shipment(**_values(row, Shipment))
+
+
+class PostgresShipments(ShipmentRepository):
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self.conn = conn
+
+    async def serialise_order(self, order_id: uuid.UUID) -> None:
+        await self.conn.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", f"logistics-order:{order_id}"
+        )
+
+    async def get(self, shipment_id: uuid.UUID, *, lock: bool = False) -> Shipment | None:
+        sql = "SELECT * FROM shipments WHERE shipment_id = $1" + (" FOR UPDATE" if lock else "")
+        row = await self.conn.fetchrow(sql, shipment_id)
+        return None if row is None else _shipment(row)
+
+    async def of_order(
+        self, order_id: uuid.UUID, *, leg: Leg | None = None, lock: bool = False
+    ) -> list[Shipment]:
+        rows = await self.conn.fetch(
+            """SELECT * FROM shipments WHERE order_id = $1 AND ($2::text IS NULL OR leg = $2)
+               ORDER BY created_at"""
+            + (" FOR UPDATE" if lock else ""),
+            order_id,
+            leg,
+        )
+        return [_shipment(r) for r in rows]
+
+    async def search(self, order_id: uuid.UUID | None = None, *, limit: int = 500) -> list[Shipment]:
+        rows = await self.conn.fetch(
+            "SELECT * FROM shipments WHERE ($1::uuid IS NULL OR order_id = $1) ORDER BY created_at LIMIT $2",
+            order_id,
+            limit,
+        )
+        return [_shipment(r) for r in rows]
+
+    async def exists(self, shipment_id: uuid.UUID) -> bool:
+        return bool(await self.conn.fetchval("SELECT 1 FROM shipments WHERE shipment_id = $1", shipment_id))
+
+    async def add(self, shipment: Shipment) -> None:
+        s = shipment
+        await self.conn.execute(
+            """INSERT INTO shipments (shipment_id, order_id, coi, leg, origin, destination,
+                                      material_condition, min_temp_c, max_temp_c, planned_pickup_date,
+                                      status, origin_trace, booking_id, run, status_reason)
+               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12::jsonb, $13, $14, $15)""",
+            s.shipment_id,
+            s.order_id,
+            s.coi,
+            s.leg,
+            s.origin,
+            s.destination,
+            s.material_condition,
+            s.min_temp_c,
+            s.max_temp_c,
+            s.planned_pickup_date,
+            s.status,
+            s.origin_trace,
+            s.booking_id,
+            s.run,
+            s.status_reason,
+        )
+        await self._log(shipment)
+        shipment.saved()
+
+    async def save(self, shipment: Shipment) -> None:
+        if not shipment.dirty and not shipment.pending:
+            return
+        s = shipment
+        await self.conn.execute(
+            """UPDATE shipments SET status = $2, status_reason = $3, ready_for_pickup_at = $4,
+                                    excursion_at = $5, held_from_status = $6, quarantine_decision = $7,
+                                    updated_at = now()
+               WHERE shipment_id = $1""",
+            s.shipment_id,
+            s.status,
+            s.status_reason,
+            s.ready_for_pickup_at,
+            s.excursion_at,
+            s.held_from_status,
+            s.quarantine_decision,
+        )
+        await self._log(shipment)
+        shipment.saved()
+
+    async def _log(self, shipment: Shipment) -> None:
+        for change in shipment.pending:
+            await self.conn.execute(
+                """INSERT INTO shipment_status_log (shipment_id, status_before, status_after, reason)
+                   VALUES ($1, $2, $3, $4)""",
+                shipment.shipment_id,
+                change.status_before,
+                change.status_after,
+                change.reason,
+            )
+
+    async def history(self, shipment_id: uuid.UUID) -> list[StatusChange]:
+        rows = await self.conn.fetch(
+            """SELECT status_before, status_after, reason, changed_at FROM shipment_status_log
+               WHERE shipment_id = $1 ORDER BY id""",
+            shipment_id,
+        )
+        return [StatusChange(**dict(r)) for r in rows]
+
+
+class PostgresCustody(CustodyRepository):
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self.conn = conn
+
+    async def add(self, event: CustodyEvent) -> int:
+        return int(
+            await self.conn.fetchval(
+                """INSERT INTO custody_events (shipment_id, milestone, occurred_at, location, handled_by,
+                                               received_from, temperature_c, coi_verified)
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id""",
+                event.shipment_id,
+                event.milestone,
+                event.occurred_at,
+                event.location,
+                event.handled_by,
+                event.received_from,
+                event.temperature_c,
+                event.coi_verified,
+            )
+        )
+
+    async def of_shipment(self, shipment_id: uuid.UUID) -> list[CustodyEvent]:
+        rows = await self.conn.fetch(
+            "SELECT * FROM custody_events WHERE shipment_id = $1 ORDER BY occurred_at, id", shipment_id
+        )
+        return [CustodyEvent(**_values(r, CustodyEvent)) for r in rows]
+
+
+class PostgresReadings(ReadingRepository):
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self.conn = conn
+
+    async def add(self, reading: TemperatureReading) -> int:
+        r = reading
+        return int(
+            await self.conn.fetchval(
+                """INSERT INTO temperature_readings (shipment_id, reading_c, measured_at, source,
+                                                     custody_event_id, min_c, max_c, in_range, coi_verified)
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING id""",
+                r.shipment_id,
+                r.reading_c,
+                r.measured_at,
+                r.source,
+                r.custody_event_id,
+                r.min_c,
+                r.max_c,
+                r.in_range,
+                r.coi_verified,
+            )
+        )
+
+    async def of_shipment(self, shipment_id: uuid.UUID) -> list[TemperatureReading]:
+        rows = await self.conn.fetch(
+            "SELECT * FROM temperature_readings WHERE shipment_id = $1 ORDER BY measured_at, id", shipment_id
+        )
+        return [TemperatureReading(**_values(r, TemperatureReading)) for r in rows]
+
+
+class PostgresEndedOrders(EndedOrderRepository):
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self.conn = conn
+
+    async def add(self, order_id: uuid.UUID, outcome: str, reason: str) -> None:
+        await self.conn.execute(
+            """INSERT INTO ended_orders (order_id, outcome, reason) VALUES ($1, $2, $3)
+               ON CONFLICT (order_id) DO NOTHING""",
+            order_id,
+            outcome,
+            reason,
+        )
+
+    async def ended(self, order_id: uuid.UUID) -> bool:
+        return bool(await self.conn.fetchval("SELECT 1 FROM ended_orders WHERE order_id = $1", order_id))
+
+
+def tx_factory(conn: asyncpg.Connection, outbox: EventSink) -> LogisticsTx:
+    """The runtime's `Tx` for the logistics schema: Postgres repositories on the transaction's connection."""
+    return LogisticsTx(
+        conn,
+        outbox,
+        shipments=PostgresShipments(conn),
+        custody=PostgresCustody(conn),
+        readings=PostgresReadings(conn),
+        ended_orders=PostgresEndedOrders(conn),
+    )

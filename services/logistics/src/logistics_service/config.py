@@ -1,0 +1,33 @@
+"""Settings of the logistics service, read once at start-up (`v2v_servicekit.run()` → `rt.settings`),
+and the shipping lanes built from its seed file and the shared product catalogue."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from logistics_service.domain.lanes import Lane, ShippingLanes
+from v2v_contracts.reference import product_catalogue
+from v2v_servicekit import ServiceSettings
+
+SEED_FILE = Path(__file__).parent / "seed" / "logistics.yaml"
+
+
+class LogisticsSettings(ServiceSettings):
+    # V2V_LOGISTICS_SEED_FILE: the shipping conditions (temperature ranges, outbound product lane)
+    logistics_seed_file: Path = SEED_FILE
+
+
+def load_shipping_lanes(settings: ServiceSettings | None = None) -> ShippingLanes:
+    """Read the seed's shipping conditions; each product's apheresis material from the catalogue."""
+    path = settings.logistics_seed_file if isinstance(settings, LogisticsSettings) else SEED_FILE
+    seed: dict[str, Any] = yaml.safe_load(path.read_text())
+    ranges = {name: (float(r["min_c"]), float(r["max_c"])) for name, r in seed["conditions"].items()}
+    outbound = seed["outbound_product"]
+    return ShippingLanes(
+        ranges=ranges,
+        outbound=Lane(str(outbound["condition"]), float(outbound["min_c"]), float(outbound["max_c"])),
+        apheresis_material={code: p.apheresis_material for code, p in product_catalogue().items()},
+    )

@@ -1,0 +1,1 @@
+"""Pure rules of logistics: shipments (statuses, transitions, temperature) and shipping lanes."""

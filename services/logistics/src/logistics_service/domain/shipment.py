@@ -1,0 +1,402 @@
+"""Pure rules of a shipment: its statuses and their transitions, the temperature range check, and the
+shipment itself (one leg of an order) with the moves those rules allow.
+
+No I/O here; the service layer (service_layer/commands.py, service_layer/handlers.py) loads a shipment,
+asks it to move, saves it and publishes what happened. Refused inputs are domain errors
+(`v2v_contracts.errors`): `Invalid` (422) and `Conflict` of kind `shipment-state` (409).
+
+Statuses of a shipment (one leg: inbound apheresis material or outbound product):
+
+    planned ─▶ ready_for_pickup ─▶ booked ─▶ picked_up ─▶ in_transit ─▶ delivered
+       (any status before delivered) ─▶ cancelled            (order cancelled/failed, booking cancelled)
+       (any live status, delivered)  ─▶ compromised          (temperature excursion; QA release resumes)
+       (any live status)             ─▶ stopped              (COI mismatch at a handoff; stays stopped)
+
+Courier milestones may skip steps (a pickup scan without a `booked` scan) but never go back.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import date, datetime
+from typing import Any, Final, Literal
+
+from logistics_service.domain.lanes import Lane
+from v2v_contracts.errors import Conflict, DomainError, Invalid
+
+Leg = Literal["inbound_apheresis", "outbound_product"]
+
+PLANNED: Final = "planned"
+READY_FOR_PICKUP: Final = "ready_for_pickup"
+BOOKED: Final = "booked"
+PICKED_UP: Final = "picked_up"
+IN_TRANSIT: Final = "in_transit"
+DELIVERED: Final = "delivered"
+CANCELLED: Final = "cancelled"
+COMPROMISED: Final = "compromised"
+STOPPED: Final = "stopped"
+
+MILESTONES: Final = (BOOKED, PICKED_UP, IN_TRANSIT, DELIVERED)  # the courier's forward order
+# the forward order of the statuses a shipment moves through while nothing goes wrong
+PROGRESS: Final = (PLANNED, READY_FOR_PICKUP, BOOKED, PICKED_UP, IN_TRANSIT, DELIVERED)
+STATUSES: Final = frozenset((*PROGRESS, CANCELLED, COMPROMISED, STOPPED))
+
+PRE_PICKUP: Final = frozenset({PLANNED, READY_FOR_PICKUP, BOOKED})  # the material has not left yet
+LIVE: Final = PRE_PICKUP | {PICKED_UP, IN_TRANSIT}  # on its way, or about to be
+HALTED: Final = frozenset({COMPROMISED, STOPPED})  # no further milestones
+# A shipment in one of these statuses no longer holds its (order, leg) lane: a new shipment of the
+# same leg may be planned (recollection after rejected or compromised material, remanufactured
+# product after a quarantine reject). Mirrors the partial unique index of migration 0003.
+LANE_FREED: Final = frozenset({CANCELLED, COMPROMISED, DELIVERED})
+READINGS_REFUSED: Final = frozenset({CANCELLED, DELIVERED})
+
+TRANSITIONS: Final[dict[str, frozenset[str]]] = {
+    PLANNED: frozenset({READY_FOR_PICKUP, *MILESTONES, CANCELLED, COMPROMISED, STOPPED}),
+    READY_FOR_PICKUP: frozenset({*MILESTONES, CANCELLED, COMPROMISED, STOPPED}),
+    BOOKED: frozenset({PICKED_UP, IN_TRANSIT, DELIVERED, CANCELLED, COMPROMISED, STOPPED}),
+    PICKED_UP: frozenset({IN_TRANSIT, DELIVERED, CANCELLED, COMPROMISED, STOPPED}),
+    IN_TRANSIT: frozenset({DELIVERED, CANCELLED, COMPROMISED, STOPPED}),
+    DELIVERED: frozenset({COMPROMISED}),  # an out-of-range reading reported with the delivery scan
+    COMPROMISED: frozenset({*LIVE, DELIVERED, CANCELLED}),  # QA release resumes; compensation cancels
+    STOPPED: frozenset({CANCELLED}),
+    CANCELLED: frozenset(),
+}
+
+
+def can_transition(current: str, new: str) -> bool:
+    """Whether a shipment may move from `current` to `new` (staying put is always allowed)."""
+    return current == new or new in TRANSITIONS.get(current, frozenset())
+
+
+SHIPMENT_STATE_TITLE: Final = "Shipment cannot take this input"
+SHIPMENT_STATE_KIND: Final = "shipment-state"
+
+
+def shipment_state_conflict(field: str, reason: str) -> Conflict:
+    """The shipment's current status refuses the input (409, problem type `shipment-state`)."""
+    return Conflict(field, reason, title=SHIPMENT_STATE_TITLE, kind=SHIPMENT_STATE_KIND)
+
+
+# ---- temperature -----------------------------------------------------------------------------------
+
+
+def in_range(reading_c: float, min_c: float, max_c: float) -> bool:
+    """A reading is acceptable when min_c <= reading <= max_c (both bounds inclusive)."""
+    if min_c > max_c:
+        raise ValueError(f"temperature range is empty: [{min_c}, {max_c}]")
+    return min_c <= reading_c <= max_c
+
+
+def reading_refusal(status: str) -> Conflict | None:
+    """Readings are refused once the shipment is over (cancelled or delivered)."""
+    if status in READINGS_REFUSED:
+        return shipment_state_conflict(
+            "shipment_id", f"shipment is {status}: no further temperature readings"
+        )
+    return None
+
+
+@dataclass(frozen=True)
+class ReadingOutcome:
+    in_range: bool
+    new_status: str
+    publish_excursion: bool  # at most once per shipment
+
+
+def after_reading(
+    status: str, reading_c: float, min_c: float, max_c: float, *, excursion_reported: bool
+) -> ReadingOutcome:
+    """What a recorded reading does to the shipment.
+
+    Outside the range, the first time for this shipment: the excursion is published, and a live (or
+    just delivered) shipment becomes `compromised`; a `stopped` shipment stays stopped (identity doubt
+    outranks the excursion) but the excursion is still reported. Later out-of-range readings are only
+    recorded: the excursion is published once per shipment.
+    """
+    ok = in_range(reading_c, min_c, max_c)
+    if ok or excursion_reported:
+        return ReadingOutcome(ok, status, False)
+    if status in LIVE or status == DELIVERED:
+        return ReadingOutcome(False, COMPROMISED, True)
+    return ReadingOutcome(False, status, status in HALTED)
+
+
+# ---- milestones ------------------------------------------------------------------------------------
+
+
+def milestone_refusal(status: str, milestone: str) -> DomainError | None:
+    """A courier milestone is refused on a halted or cancelled shipment (Conflict, 409) or when it goes
+    back (Invalid, 422)."""
+    if milestone not in MILESTONES:
+        return Invalid("milestone", f"unknown milestone {milestone}")
+    if status in HALTED or status == CANCELLED:
+        return shipment_state_conflict("milestone", f"shipment is {status}: no further milestones")
+    if status in MILESTONES and MILESTONES.index(milestone) < MILESTONES.index(status):
+        return Invalid("milestone", f"shipment is already {status}; cannot go back to {milestone}")
+    return None
+
+
+def status_after_milestone(status: str, milestone: str) -> str:
+    """The status a milestone moves the shipment to (after `milestone_refusal` found nothing).
+
+    A repeated milestone (several `in_transit` scans, a second `delivered` scan) keeps the status.
+    """
+    refusal = milestone_refusal(status, milestone)
+    if refusal:
+        raise ValueError(refusal.detail)
+    return milestone
+
+
+def status_after_coi_mismatch(status: str) -> str:
+    """A COI mismatch at a handoff stops a live shipment; it stays stopped (no automatic resume)."""
+    return STOPPED if status in LIVE else status
+
+
+# ---- compensation and order facts ------------------------------------------------------------------
+
+
+def cancellable_on_order_end(status: str) -> bool:
+    """Order cancelled or failed: every shipment not yet delivered (nor already cancelled) is cancelled."""
+    return status not in (DELIVERED, CANCELLED)
+
+
+def cancellable_on_booking_cancelled(leg: str, status: str) -> bool:
+    """Booking cancelled: the inbound shipment is cancelled only while the material has not been picked up."""
+    return leg == "inbound_apheresis" and status in PRE_PICKUP
+
+
+def status_after_apheresis(status: str) -> str:
+    """Apheresis done: a planned inbound shipment is ready for pickup (a later status stays as it is)."""
+    return READY_FOR_PICKUP if status == PLANNED else status
+
+
+def status_after_quarantine_release(status: str, held_from: str | None) -> str:
+    """QA released a quarantined product: its compromised shipment resumes where it was halted."""
+    if status != COMPROMISED:
+        return status
+    if held_from in LIVE or held_from == DELIVERED:
+        return held_from
+    return PLANNED
+
+
+def holds_lane(status: str) -> bool:
+    """Whether a shipment still blocks planning another shipment of the same (order, leg)."""
+    return status not in LANE_FREED
+
+
+def treatment_center_of(leg: str, origin: str, destination: str) -> str:
+    """The treatment centre end of a leg: where the material comes from, or where the product goes."""
+    return origin if leg == "inbound_apheresis" else destination
+
+
+def lane_holder(shipments: Iterable[Shipment]) -> Shipment | None:
+    """The shipment that holds the lane among one (order, leg)'s shipments (at most one), if any."""
+    return next((s for s in shipments if holds_lane(s.status)), None)
+
+
+# ---- the shipment ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StatusChange:
+    """One line of a shipment's status history (append-only)."""
+
+    status_before: str | None
+    status_after: str
+    reason: str
+    changed_at: datetime | None = None  # set by the store when it is written
+
+
+@dataclass(kw_only=True)
+class Shipment:
+    """One leg of an order. Fields follow the `shipments` table; `pending` and `dirty` are what the
+    repository still has to write (status changes to log, columns to update)."""
+
+    shipment_id: uuid.UUID
+    order_id: uuid.UUID
+    coi: str
+    leg: Leg
+    origin: str
+    destination: str
+    material_condition: str
+    min_temp_c: float
+    max_temp_c: float
+    planned_pickup_date: date
+    status: str = PLANNED
+    created_at: datetime | None = None
+    origin_trace: dict[str, str] = field(default_factory=dict)  # W3C context of the order's first trace
+    booking_id: uuid.UUID | None = None  # inbound: the site booking it serves
+    run: int | None = None  # outbound: the manufacturing run whose product it carries
+    ready_for_pickup_at: datetime | None = None
+    excursion_at: datetime | None = None  # first out-of-range reading (excursion published once)
+    held_from_status: str | None = None  # the status it had when compromised or stopped
+    quarantine_decision: str | None = None
+    status_reason: str | None = None
+    updated_at: datetime | None = None
+    pending: list[StatusChange] = field(default_factory=list, repr=False, compare=False)
+    dirty: bool = field(default=False, repr=False, compare=False)
+
+    @classmethod
+    def plan(
+        cls,
+        *,
+        order_id: uuid.UUID,
+        coi: str,
+        leg: Leg,
+        origin: str,
+        destination: str,
+        lane: Lane,
+        pickup: date,
+        reason: str,
+        origin_trace: dict[str, str] | None = None,
+        booking_id: uuid.UUID | None = None,
+        run: int | None = None,
+    ) -> Shipment:
+        return cls(
+            shipment_id=uuid.uuid4(),
+            order_id=order_id,
+            coi=coi,
+            leg=leg,
+            origin=origin,
+            destination=destination,
+            material_condition=lane.condition,
+            min_temp_c=lane.min_c,
+            max_temp_c=lane.max_c,
+            planned_pickup_date=pickup,
+            status=PLANNED,
+            origin_trace=dict(origin_trace or {}),
+            booking_id=booking_id,
+            run=run,
+            status_reason=reason,
+            pending=[StatusChange(None, PLANNED, reason)],
+        )
+
+    @property
+    def treatment_center_id(self) -> str:
+        return treatment_center_of(self.leg, self.origin, self.destination)
+
+    def refs(self) -> dict[str, Any]:
+        """The opaque references every shipment event carries (order id, COI, treatment centre id)."""
+        return {"order_id": self.order_id, "coi": self.coi, "treatment_center_id": self.treatment_center_id}
+
+    def move_to(self, new_status: str, reason: str, **extra: Any) -> None:
+        """Move to `new_status` (checked against TRANSITIONS), with its reason in the history.
+
+        `extra` sets further fields in the same change. When the status stays, so does the reason it got
+        it for: only the extra fields change (and nothing at all without them).
+        """
+        before = self.status
+        if not can_transition(before, new_status):
+            raise ValueError(f"shipment {self.shipment_id}: {before} -> {new_status} is not allowed")
+        if before == new_status and not extra:
+            return
+        if before != new_status:
+            self.status = new_status
+            self.status_reason = reason
+            self.pending.append(StatusChange(before, new_status, reason))
+        for name, value in extra.items():
+            if name not in _EXTRA_FIELDS:
+                raise ValueError(f"not a field a status change sets: {name}")
+            setattr(self, name, value)
+        self.dirty = True
+
+    def take_milestone(self, milestone: str, location: str) -> None:
+        """A courier milestone: refused (domain error) or the new status."""
+        refusal = milestone_refusal(self.status, milestone)
+        if refusal:
+            raise refusal
+        self.move_to(status_after_milestone(self.status, milestone), f"milestone:{milestone} at {location}")
+
+    def check_reading_allowed(self) -> None:
+        refusal = reading_refusal(self.status)
+        if refusal:
+            raise refusal
+
+    def take_reading(self, reading_c: float, measured_at: datetime) -> ReadingOutcome:
+        """A temperature reading: outside the range the first time, the shipment handles the excursion."""
+        outcome = after_reading(
+            self.status,
+            reading_c,
+            self.min_temp_c,
+            self.max_temp_c,
+            excursion_reported=self.excursion_at is not None,
+        )
+        if outcome.publish_excursion:
+            extra: dict[str, Any] = {"excursion_at": measured_at}
+            if outcome.new_status != self.status:
+                extra["held_from_status"] = self.status
+            reason = f"excursion: {reading_c} °C outside [{self.min_temp_c}, {self.max_temp_c}]"
+            self.move_to(outcome.new_status, reason, **extra)
+        return outcome
+
+    def stop_on_coi_mismatch(self, where: str) -> None:
+        """A handoff presented another order's COI: a live shipment stops (no automatic resume)."""
+        new_status = status_after_coi_mismatch(self.status)
+        extra = {"held_from_status": self.status} if new_status != self.status else {}
+        self.move_to(new_status, f"coi_mismatch at {where}", **extra)
+
+    def apheresis_completed(self, collected_at: datetime) -> None:
+        extra = {"ready_for_pickup_at": collected_at} if self.ready_for_pickup_at is None else {}
+        self.move_to(status_after_apheresis(self.status), "apheresis_completed", **extra)
+
+    def cancel(self, reason: str) -> None:
+        self.move_to(CANCELLED, reason)
+
+    def quarantine_decided(self, decision: str, reason: str, *, lane_taken: bool) -> bool:
+        """QA decided on the product this (compromised) shipment carries; True when it resumed.
+
+        release: it resumes where it was halted, unless another shipment of the leg took the lane
+        meanwhile (`lane_taken`); reject: it stays compromised. The decision is recorded either way.
+        """
+        if decision == "release":
+            resume = status_after_quarantine_release(self.status, self.held_from_status)
+            if not (lane_taken and holds_lane(resume)):
+                self.move_to(resume, reason, quarantine_decision=decision)
+                return True
+        self.move_to(self.status, reason, quarantine_decision=decision)
+        return False
+
+    def saved(self) -> None:
+        """The repository wrote the pending changes."""
+        self.pending.clear()
+        self.dirty = False
+
+
+_EXTRA_FIELDS: Final = frozenset(
+    {"ready_for_pickup_at", "excursion_at", "held_from_status", "quarantine_decision"}
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CustodyEvent:
+    """One handoff or movement in the chain of custody (append-only). Fields follow `custody_events`."""
+
+    id: int | None = None
+    shipment_id: uuid.UUID
+    milestone: str
+    occurred_at: datetime
+    recorded_at: datetime | None = None
+    location: str
+    handled_by: str
+    received_from: str | None
+    temperature_c: float | None
+    coi_verified: bool
+
+
+@dataclass(frozen=True, kw_only=True)
+class TemperatureReading:
+    """One temperature reading and the range it was checked against. Fields follow `temperature_readings`."""
+
+    id: int | None = None
+    shipment_id: uuid.UUID
+    reading_c: float
+    measured_at: datetime
+    recorded_at: datetime | None = None
+    source: Literal["courier", "milestone"]
+    custody_event_id: int | None = None
+    min_c: float
+    max_c: float
+    in_range: bool
+    coi_verified: bool

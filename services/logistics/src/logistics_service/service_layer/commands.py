@@ -1,0 +1,306 @@
+"""Courier inputs behind the HTTP API: milestones of a shipment (chain of custody) and temperature
+readings. Each one is a unit of work.
+
+A courier scan is a later input for an order: it starts its own trace, carries the order id and COI
+as span attributes, and links to the order's first trace (stored with the shipment when it was planned).
+
+Every input that carries a COI checks its check character (Invalid, 422 naming `coi`) and that it is the
+shipment's. A mismatch refuses the input (CoiMismatch, 409), and in a transaction of its own that commits
+before the refusal, stops the shipment and publishes `logistics.coi_mismatch_detected.v1`.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Final, Literal, TypedDict
+
+from opentelemetry import trace
+
+from logistics_service.adapters.repository import LogisticsTx
+from logistics_service.domain.shipment import CustodyEvent, Shipment, TemperatureReading
+from v2v_contracts import (
+    CoiMismatchDetectedV1,
+    ShipmentExcursionV1,
+    ShipmentMilestoneV1,
+)
+from v2v_contracts.coi import coi_problem
+from v2v_contracts.errors import CoiMismatch, Invalid, NotFound
+from v2v_messaging import AbstractUnitOfWork
+from v2v_observability import get_logger, links_to, names, set_order_attributes
+
+log = get_logger(__name__)
+tracer = trace.get_tracer(names.TRACER_CUSTODY)
+
+TEMPERATURE_WHERE: Final = "temperature-reading"  # `where` of a mismatch reported with a logger reading
+
+
+def coi_mismatch() -> CoiMismatch:
+    return CoiMismatch(
+        reason="does not match the shipment",
+        detail="coi: does not match the shipment's chain of identity; the handoff is refused",
+    )
+
+
+class MilestoneRecorded(TypedDict):
+    shipment_id: uuid.UUID
+    milestone: str
+    status: str
+    custody_event_id: int
+    temperature_in_range: bool | None
+    excursion_published: bool
+
+
+class ReadingRecorded(TypedDict):
+    reading_id: int
+    shipment_id: uuid.UUID
+    reading_c: float
+    measured_at: datetime
+    in_range: bool
+    min_c: float
+    max_c: float
+    excursion_published: bool
+    shipment_status: str
+
+
+def _check_coi(coi: str) -> None:
+    problem = coi_problem(coi)
+    if problem:
+        raise Invalid("coi", problem)
+
+
+async def _lock(tx: LogisticsTx, shipment_id: uuid.UUID) -> Shipment:
+    ship = await tx.shipments.get(shipment_id, lock=True)
+    if ship is None:
+        raise NotFound("Shipment", shipment_id)
+    set_order_attributes(ship.order_id, ship.coi)
+    return ship
+
+
+def _mark_mismatch_span() -> None:
+    trace.get_current_span().set_status(trace.Status(trace.StatusCode.ERROR, "COI mismatch"))
+
+
+async def record_milestone(
+    uow: AbstractUnitOfWork[LogisticsTx],
+    shipment_id: uuid.UUID,
+    *,
+    milestone: str,
+    occurred_at: datetime,
+    location: str,
+    handled_by: str,
+    received_from: str | None,
+    coi: str,
+    temperature_c: float | None,
+) -> MilestoneRecorded:
+    """A courier milestone: custody recorded, status moved, `shipment_milestone` published; a reading it
+    carries gets the same check as any other."""
+    _check_coi(coi)
+    result: MilestoneRecorded | None = None
+    async with uow.begin() as tx:
+        ship = await _lock(tx, shipment_id)
+        with tracer.start_as_current_span(
+            "courier milestone",
+            links=links_to(ship.origin_trace),
+            attributes={names.MILESTONE: milestone},
+        ):
+            if coi != ship.coi:
+                _mark_mismatch_span()
+                await _stop_on_coi_mismatch(tx, ship, where=location)
+                # committed when the block ends; the 409 is raised after the commit
+            else:
+                result = await _apply_milestone(
+                    tx,
+                    ship,
+                    milestone=milestone,
+                    occurred_at=occurred_at,
+                    location=location,
+                    handled_by=handled_by,
+                    received_from=received_from,
+                    temperature_c=temperature_c,
+                )
+    if result is None:
+        raise coi_mismatch()
+    return result
+
+
+async def _apply_milestone(
+    tx: LogisticsTx,
+    ship: Shipment,
+    *,
+    milestone: str,
+    occurred_at: datetime,
+    location: str,
+    handled_by: str,
+    received_from: str | None,
+    temperature_c: float | None,
+) -> MilestoneRecorded:
+    ship.take_milestone(milestone, location)  # refused: Invalid (goes back) or Conflict (halted)
+    custody_id = await tx.custody.add(
+        CustodyEvent(
+            shipment_id=ship.shipment_id,
+            milestone=milestone,
+            occurred_at=occurred_at,
+            location=location,
+            handled_by=handled_by,
+            received_from=received_from,
+            temperature_c=temperature_c,
+            coi_verified=True,
+        )
+    )
+    await tx.shipments.save(ship)
+    await tx.publish(
+        ShipmentMilestoneV1(
+            **ship.refs(),
+            shipment_id=ship.shipment_id,
+            leg=ship.leg,
+            milestone=milestone,  # type: ignore[arg-type]
+            occurred_at=occurred_at,
+            location=location,
+            handled_by=handled_by,
+            received_from=received_from,
+            temperature_c=temperature_c,
+        )
+    )
+    log.info("custody milestone recorded", milestone=milestone, shipment_id=str(ship.shipment_id))
+    reading: ReadingRecorded | None = None
+    if temperature_c is not None:  # the reading a milestone carries gets the same check as any other
+        reading = await _record_reading(
+            tx,
+            ship,
+            reading_c=temperature_c,
+            measured_at=occurred_at,
+            source="milestone",
+            coi_verified=True,
+            custody_event_id=custody_id,
+        )
+    return {
+        "shipment_id": ship.shipment_id,
+        "milestone": milestone,
+        "status": ship.status,
+        "custody_event_id": custody_id,
+        "temperature_in_range": None if reading is None else reading["in_range"],
+        "excursion_published": bool(reading and reading["excursion_published"]),
+    }
+
+
+async def record_temperature(
+    uow: AbstractUnitOfWork[LogisticsTx],
+    shipment_id: uuid.UUID,
+    *,
+    reading_c: float,
+    measured_at: datetime,
+    coi: str | None = None,
+) -> ReadingRecorded:
+    """A temperature logger reading: recorded; outside the range, the shipment is compromised."""
+    if coi is not None:
+        _check_coi(coi)
+    result: ReadingRecorded | None = None
+    async with uow.begin() as tx:
+        ship = await _lock(tx, shipment_id)
+        with tracer.start_as_current_span(
+            "courier temperature reading",
+            links=links_to(ship.origin_trace),
+            attributes={names.TEMPERATURE_C: reading_c},
+        ):
+            if coi is not None and coi != ship.coi:
+                _mark_mismatch_span()
+                await _stop_on_coi_mismatch(tx, ship, where=TEMPERATURE_WHERE)
+            else:
+                ship.check_reading_allowed()  # Conflict once cancelled or delivered
+                result = await _record_reading(
+                    tx,
+                    ship,
+                    reading_c=reading_c,
+                    measured_at=measured_at,
+                    source="courier",
+                    coi_verified=coi is not None,
+                )
+    if result is None:
+        raise coi_mismatch()
+    return result
+
+
+async def _record_reading(
+    tx: LogisticsTx,
+    ship: Shipment,
+    *,
+    reading_c: float,
+    measured_at: datetime,
+    source: Literal["courier", "milestone"],
+    coi_verified: bool,
+    custody_event_id: int | None = None,
+) -> ReadingRecorded:
+    """Record one temperature reading on `ship` (as it is now in this transaction); outside its range,
+    the first time, the shipment handles the excursion and `shipment_excursion` is published."""
+    lo, hi = ship.min_temp_c, ship.max_temp_c
+    outcome = ship.take_reading(reading_c, measured_at)
+    reading_id = await tx.readings.add(
+        TemperatureReading(
+            shipment_id=ship.shipment_id,
+            reading_c=reading_c,
+            measured_at=measured_at,
+            source=source,
+            custody_event_id=custody_event_id,
+            min_c=lo,
+            max_c=hi,
+            in_range=outcome.in_range,
+            coi_verified=coi_verified,
+        )
+    )
+    if outcome.publish_excursion:
+        await tx.shipments.save(ship)
+        await tx.publish(
+            ShipmentExcursionV1(
+                **ship.refs(),
+                shipment_id=ship.shipment_id,
+                leg=ship.leg,
+                reading_c=reading_c,
+                min_c=lo,
+                max_c=hi,
+                measured_at=measured_at,
+            )
+        )
+        log.warning(
+            "temperature excursion: shipment compromised",
+            shipment_id=str(ship.shipment_id),
+            leg=ship.leg,
+            reading_c=reading_c,
+            min_c=lo,
+            max_c=hi,
+            status=ship.status,
+        )
+    elif not outcome.in_range:
+        log.warning(
+            "temperature out of range again (excursion already reported)",
+            shipment_id=str(ship.shipment_id),
+            reading_c=reading_c,
+        )
+    return {
+        "reading_id": reading_id,
+        "shipment_id": ship.shipment_id,
+        "reading_c": reading_c,
+        "measured_at": measured_at,
+        "in_range": outcome.in_range,
+        "min_c": lo,
+        "max_c": hi,
+        "excursion_published": outcome.publish_excursion,
+        "shipment_status": ship.status,
+    }
+
+
+async def _stop_on_coi_mismatch(tx: LogisticsTx, ship: Shipment, where: str) -> None:
+    """A handoff presented another order's COI: stop the shipment and raise the alert.
+
+    The caller commits this transaction before it refuses the request (409), so neither the stop nor the
+    alert is rolled back with the refusal.
+    """
+    ship.stop_on_coi_mismatch(where)
+    await tx.shipments.save(ship)
+    await tx.publish(CoiMismatchDetectedV1(**ship.refs(), shipment_id=ship.shipment_id, where=where))
+    log.error(
+        "COI mismatch at custody handoff: shipment stopped, alert raised",
+        shipment_id=str(ship.shipment_id),
+        where=where,
+        status=ship.status,
+    )

@@ -1,0 +1,255 @@
+"""Logistics use cases driven by events: plan, ready, cancel and resume the shipments of an order.
+
+Each handler runs in the consumer's transaction (inbox row + state change + outbox events commit
+together) and is idempotent: a fact for a state already left is logged and ignored. Facts about the same
+order that arrive on different topics (a cancellation crossing a release) are applied one after the
+other (`tx.shipments.serialise_order`).
+
+`handlers` holds those that need nothing but the transaction; `build_handlers(lanes)` adds the planning
+ones, which need the shipping lanes read at start-up (config.load_shipping_lanes).
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from logistics_service.adapters.repository import LogisticsTx
+from logistics_service.domain import shipment as rules
+from logistics_service.domain.lanes import ShippingLanes
+from logistics_service.domain.shipment import Shipment
+from v2v_contracts import (
+    ApheresisCompletedV1,
+    BookingCancelledV1,
+    BookingConfirmedV1,
+    OrderCancelledV1,
+    OrderFailedV1,
+    ProductReleasedV1,
+    QuarantineDecidedV1,
+    ShipmentCancelledV1,
+    ShipmentPlannedV1,
+)
+from v2v_messaging import EventMeta, HandlerRegistry
+from v2v_observability import current_traceparent, get_logger
+
+log = get_logger(__name__)
+
+handlers = HandlerRegistry[LogisticsTx]()
+
+
+async def _plan(
+    tx: LogisticsTx, ship: Shipment, *, treatment_center_id: str, slot_id: uuid.UUID | None
+) -> None:
+    await tx.shipments.add(ship)
+    await tx.publish(
+        ShipmentPlannedV1(
+            order_id=ship.order_id,
+            coi=ship.coi,
+            treatment_center_id=treatment_center_id,
+            shipment_id=ship.shipment_id,
+            leg=ship.leg,
+            origin=ship.origin,
+            destination=ship.destination,
+            material_condition=ship.material_condition,  # type: ignore[arg-type]
+            temperature_range_c=(ship.min_temp_c, ship.max_temp_c),
+            planned_pickup_date=ship.planned_pickup_date,
+            slot_id=slot_id,
+        )
+    )
+
+
+async def plan_inbound(tx: LogisticsTx, booking: BookingConfirmedV1, lanes: ShippingLanes) -> None:
+    """Plan the inbound leg (centre → site) for a confirmed booking; a recollection gets a new one."""
+    await tx.shipments.serialise_order(booking.order_id)
+    if await tx.ended_orders.ended(booking.order_id):
+        log.info(
+            "booking confirmed for an ended order: no inbound shipment", booking_id=str(booking.booking_id)
+        )
+        return
+    inbound = await tx.shipments.of_order(booking.order_id, leg="inbound_apheresis")
+    same_booking = any(s.booking_id == booking.booking_id for s in inbound)
+    holder = rules.lane_holder(inbound)
+    if same_booking or holder is not None:
+        log.info(
+            "inbound shipment already planned",
+            booking_id=str(booking.booking_id),
+            holder=str(holder.shipment_id) if holder else None,
+        )
+        return
+    if not lanes.knows(booking.product_code):
+        log.warning("product not in the catalogue: inbound shipped fresh", product_code=booking.product_code)
+    lane = lanes.inbound(booking.product_code)
+    ship = Shipment.plan(
+        order_id=booking.order_id,
+        coi=booking.coi,
+        leg="inbound_apheresis",
+        origin=booking.treatment_center_id,
+        destination=booking.site_id,
+        lane=lane,
+        pickup=booking.apheresis_date,
+        booking_id=booking.booking_id,
+        origin_trace=current_traceparent(),
+        reason=f"booking_confirmed:{booking.booking_id}",
+    )
+    await _plan(tx, ship, treatment_center_id=booking.treatment_center_id, slot_id=booking.slot_id)
+    log.info("inbound shipment planned", site_id=booking.site_id, condition=lane.condition)
+
+
+async def plan_outbound(tx: LogisticsTx, released: ProductReleasedV1, lanes: ShippingLanes) -> None:
+    """Plan the outbound leg (site → centre) for a released product, cryopreserved (at or below -150 °C)."""
+    await tx.shipments.serialise_order(released.order_id)
+    if await tx.ended_orders.ended(released.order_id):
+        log.info("product released for an ended order: no outbound shipment", run=released.run)
+        return
+    outbound = await tx.shipments.of_order(released.order_id, leg="outbound_product")
+    # a run's outbound that was compromised or cancelled does not count: after a recollection runs
+    # start again at 1, and a rejected product is replaced by a new one
+    same_run = any(
+        s.run == released.run and s.status not in (rules.COMPROMISED, rules.CANCELLED) for s in outbound
+    )
+    holder = rules.lane_holder(outbound)
+    if same_run or holder is not None:
+        log.info(
+            "outbound shipment already planned",
+            run=released.run,
+            holder=str(holder.shipment_id) if holder else None,
+        )
+        return
+    ship = Shipment.plan(
+        order_id=released.order_id,
+        coi=released.coi,
+        leg="outbound_product",
+        origin=released.site_id,
+        destination=released.treatment_center_id,
+        lane=lanes.outbound,
+        pickup=released.released_at.date(),
+        run=released.run,
+        origin_trace=current_traceparent(),
+        reason=f"product_released:run {released.run}",
+    )
+    await _plan(tx, ship, treatment_center_id=released.treatment_center_id, slot_id=None)
+    log.info(
+        "outbound shipment planned",
+        site_id=released.site_id,
+        run=released.run,
+        condition=lanes.outbound.condition,
+    )
+
+
+@handlers.on(ApheresisCompletedV1)
+async def ready_for_pickup(tx: LogisticsTx, done: ApheresisCompletedV1, meta: EventMeta) -> None:
+    """The centre collected the cells: the inbound shipment is ready for pickup (status only)."""
+    await tx.shipments.serialise_order(done.order_id)
+    inbound = await tx.shipments.of_order(done.order_id, leg="inbound_apheresis", lock=True)
+    live = [s for s in inbound if s.status in rules.LIVE]
+    if not live:
+        log.warning("apheresis completed but no live inbound shipment", order_id=str(done.order_id))
+        return
+    ship = live[-1]  # the newest
+    ship.apheresis_completed(done.collected_at)
+    await tx.shipments.save(ship)
+    log.info("inbound shipment ready for pickup", shipment_id=str(ship.shipment_id), status=ship.status)
+
+
+async def _cancel(tx: LogisticsTx, ship: Shipment, reason: str) -> None:
+    """Cancel one shipment and publish `logistics.shipment_cancelled.v1` in the same transaction."""
+    before = ship.status
+    ship.cancel(reason)
+    await tx.shipments.save(ship)
+    await tx.publish(
+        ShipmentCancelledV1(**ship.refs(), shipment_id=ship.shipment_id, leg=ship.leg, reason=reason)
+    )
+    log.info(
+        "shipment cancelled",
+        shipment_id=str(ship.shipment_id),
+        leg=ship.leg,
+        status_before=before,
+        reason=reason,
+    )
+
+
+async def _cancel_order_shipments(tx: LogisticsTx, order_id: uuid.UUID, outcome: str, reason: str) -> None:
+    """Order cancelled or failed (compensation): every shipment not yet delivered is cancelled, and
+    later facts plan nothing for the order."""
+    await tx.shipments.serialise_order(order_id)
+    await tx.ended_orders.add(order_id, outcome, reason)
+    for ship in await tx.shipments.of_order(order_id, lock=True):
+        if rules.cancellable_on_order_end(ship.status):
+            await _cancel(tx, ship, f"order_{outcome}: {reason}")
+
+
+@handlers.on(OrderCancelledV1)
+async def order_cancelled(tx: LogisticsTx, cancelled: OrderCancelledV1, meta: EventMeta) -> None:
+    await _cancel_order_shipments(tx, cancelled.order_id, "cancelled", cancelled.reason)
+
+
+@handlers.on(OrderFailedV1)
+async def order_failed(tx: LogisticsTx, failed: OrderFailedV1, meta: EventMeta) -> None:
+    await _cancel_order_shipments(tx, failed.order_id, "failed", failed.reason)
+
+
+@handlers.on(BookingCancelledV1)
+async def booking_cancelled(tx: LogisticsTx, cancelled: BookingCancelledV1, meta: EventMeta) -> None:
+    """The site dropped the booking: its inbound shipment is cancelled if not yet picked up."""
+    await tx.shipments.serialise_order(cancelled.order_id)
+    inbound = await tx.shipments.of_order(cancelled.order_id, leg="inbound_apheresis", lock=True)
+    for ship in inbound:
+        if ship.booking_id not in (cancelled.booking_id, None):
+            continue
+        if rules.cancellable_on_booking_cancelled(ship.leg, ship.status):
+            await _cancel(tx, ship, f"booking_cancelled: {cancelled.reason}")
+        elif ship.status != rules.CANCELLED:
+            log.info(
+                "booking cancelled but the inbound shipment is past pickup: kept",
+                shipment_id=str(ship.shipment_id),
+                status=ship.status,
+            )
+
+
+@handlers.on(QuarantineDecidedV1)
+async def quarantine_decided(tx: LogisticsTx, decided: QuarantineDecidedV1, meta: EventMeta) -> None:
+    """QA decided on a product quarantined after an outbound excursion.
+
+    release: the compromised outbound shipment resumes where it was halted (milestones accepted again);
+    reject: it stays compromised (the lane is free for a remanufactured product's new shipment).
+    """
+    await tx.shipments.serialise_order(decided.order_id)
+    outbound = await tx.shipments.of_order(decided.order_id, leg="outbound_product", lock=True)
+    compromised = [s for s in outbound if s.status == rules.COMPROMISED]
+    if not compromised:
+        log.info("quarantine decided but no compromised outbound shipment", decision=decided.decision)
+        return
+    ship = compromised[-1]  # the newest
+    holder = rules.lane_holder(outbound)
+    resumed = ship.quarantine_decided(
+        decided.decision, f"quarantine_{decided.decision}: {decided.reason}", lane_taken=holder is not None
+    )
+    await tx.shipments.save(ship)
+    if resumed:
+        log.info(
+            "quarantine release: outbound shipment resumed",
+            shipment_id=str(ship.shipment_id),
+            status=ship.status,
+        )
+    elif decided.decision == "reject":
+        log.info("quarantine reject: outbound shipment stays compromised", shipment_id=str(ship.shipment_id))
+    else:
+        log.warning(
+            "quarantine release, but another outbound shipment holds the lane: not resumed",
+            shipment_id=str(ship.shipment_id),
+            holder=str(holder.shipment_id) if holder else None,
+        )
+
+
+def build_handlers(lanes: ShippingLanes) -> HandlerRegistry[LogisticsTx]:
+    """Every handler of the logistics consumer; planning ones use `lanes` (read once at start-up)."""
+    registry = HandlerRegistry[LogisticsTx]().include(handlers)
+
+    @registry.on(BookingConfirmedV1)
+    async def booking_confirmed(tx: LogisticsTx, booking: BookingConfirmedV1, meta: EventMeta) -> None:
+        await plan_inbound(tx, booking, lanes)
+
+    @registry.on(ProductReleasedV1)
+    async def product_released(tx: LogisticsTx, released: ProductReleasedV1, meta: EventMeta) -> None:
+        await plan_outbound(tx, released, lanes)
+
+    return registry

@@ -1,0 +1,688 @@
+"""The logistics service layer on in-memory repositories: the same commands the API calls and the same
+handlers the consumer runs (through FakeInbox), asserting the store and the events committed."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from logistics_service.adapters.memory import MemoryStore, fake_uow
+from logistics_service.adapters.repository import LogisticsTx
+from logistics_service.config import load_shipping_lanes
+from logistics_service.domain.shipment import Shipment
+from logistics_service.service_layer import commands, queries
+from logistics_service.service_layer.handlers import build_handlers
+from v2v_contracts import (
+    ApheresisCompletedV1,
+    BookingCancelledV1,
+    BookingConfirmedV1,
+    CloudEvent,
+    EventData,
+    OrderCancelledV1,
+    OrderFailedV1,
+    OrderSubmittedV1,
+    ProductReleasedV1,
+    QuarantineDecidedV1,
+    new_event,
+)
+from v2v_contracts.coi import make_coi
+from v2v_contracts.errors import CoiMismatch, Conflict, Invalid, NotFound
+from v2v_contracts.reference import product_catalogue
+from v2v_messaging.fakes import FakeInbox, FakeUnitOfWork
+from v2v_servicekit.problems import status_of
+
+TC = "TC-DE-BE-001"
+SITE = "DE-LEIPZIG-IZI"
+NOW = datetime(2030, 5, 6, 9, 30, tzinfo=UTC)
+HANDLERS = build_handlers(load_shipping_lanes())
+_seq = iter(range(1, 999_999))
+
+PLANNED = "logistics.shipment_planned.v1"
+MILESTONE = "logistics.shipment_milestone.v1"
+EXCURSION = "logistics.shipment_excursion.v1"
+CANCELLED = "logistics.shipment_cancelled.v1"
+MISMATCH = "logistics.coi_mismatch_detected.v1"
+
+
+class World:
+    """An in-memory logistics service: its store, its unit of work and its consumer's inbox."""
+
+    def __init__(self) -> None:
+        self.uow: FakeUnitOfWork[LogisticsTx]
+        self.uow, self.store = fake_uow(MemoryStore())
+        self.inbox = FakeInbox(self.uow, HANDLERS)
+
+    async def deliver(self, *events: CloudEvent | EventData) -> None:
+        await self.inbox.deliver(*(e if isinstance(e, CloudEvent) else new_event(e) for e in events))
+
+    def ships(self, order: Order, leg: str | None = None) -> list[Shipment]:
+        return [
+            s
+            for s in self.store.shipments.values()
+            if s.order_id == order.order_id and (leg is None or s.leg == leg)
+        ]
+
+    def status(self, ship: Shipment) -> str:
+        return self.store.shipments[ship.shipment_id].status
+
+    def events(self, event_type: str | None = None) -> list[CloudEvent]:
+        return [e for e in self.uow.committed if event_type is None or e.type == event_type]
+
+    async def planned(self, order: Order, leg: str, product_code: str = "TISA-CEL") -> Shipment:
+        if leg == "inbound_apheresis":
+            await self.deliver(booking_confirmed(order, product_code=product_code))
+        else:
+            await self.deliver(product_released(order))
+        [ship] = [s for s in self.ships(order, leg) if s.status == "planned"]
+        return ship
+
+    async def milestone(
+        self, ship: Shipment, name: str, *, coi: str | None = None, temperature_c: float | None = None
+    ) -> dict[str, Any]:
+        return dict(
+            await commands.record_milestone(
+                self.uow,
+                ship.shipment_id,
+                milestone=name,
+                occurred_at=NOW,
+                location="FRA",
+                handled_by="courier-42",
+                received_from=None,
+                coi=coi or ship.coi,
+                temperature_c=temperature_c,
+            )
+        )
+
+    async def reading(
+        self, ship: Shipment, reading_c: float, *, coi: str | None = None, minutes: int = 0
+    ) -> dict[str, Any]:
+        return dict(
+            await commands.record_temperature(
+                self.uow,
+                ship.shipment_id,
+                reading_c=reading_c,
+                measured_at=NOW + timedelta(minutes=minutes),
+                coi=coi,
+            )
+        )
+
+
+class Order:
+    def __init__(self) -> None:
+        self.order_id = uuid.uuid4()
+        self.coi = make_coi("V2V00", 30, next(_seq))
+        self.refs: dict[str, Any] = {"order_id": self.order_id, "coi": self.coi, "treatment_center_id": TC}
+
+
+def other_coi() -> str:
+    return make_coi("V2V00", 30, 999_000 + next(_seq) % 999)
+
+
+def booking_confirmed(
+    order: Order, booking_id: uuid.UUID | None = None, *, product_code: str = "TISA-CEL"
+) -> CloudEvent:
+    return new_event(
+        BookingConfirmedV1(
+            **order.refs,
+            booking_id=booking_id or uuid.uuid4(),
+            slot_id=uuid.uuid4(),
+            site_id=SITE,
+            product_code=product_code,
+            manufacturing_start_date=date(2030, 5, 20),
+            apheresis_date=date(2030, 5, 18),
+        )
+    )
+
+
+def product_released(order: Order, run: int = 1) -> CloudEvent:
+    return new_event(ProductReleasedV1(**order.refs, site_id=SITE, run=run, released_at=NOW))
+
+
+@pytest.fixture
+def world() -> World:
+    return World()
+
+
+# ---- planning --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("product_code", sorted(product_catalogue()))
+async def test_booking_confirmed_plans_the_inbound_leg_in_the_catalogues_condition(
+    world: World, product_code: str
+) -> None:
+    order = Order()
+    event = booking_confirmed(order, product_code=product_code)
+    await world.deliver(event)
+
+    [ship] = world.ships(order)
+    material = product_catalogue()[product_code].apheresis_material
+    expected_range = {"fresh": (2.0, 8.0), "cryopreserved": (-196.0, -150.0)}[material]
+    assert ship.leg == "inbound_apheresis" and ship.status == "planned"
+    assert (ship.origin, ship.destination) == (TC, SITE)
+    assert ship.material_condition == material
+    assert (ship.min_temp_c, ship.max_temp_c) == expected_range
+    assert ship.planned_pickup_date == date(2030, 5, 18)
+    assert ship.booking_id == uuid.UUID(event.data["booking_id"])
+
+    [planned] = world.uow.committed
+    assert planned.type == PLANNED and planned.coi == order.coi and planned.subject == str(order.order_id)
+    data = planned.data
+    assert data["shipment_id"] == str(ship.shipment_id)
+    assert data["leg"] == "inbound_apheresis"
+    assert (data["origin"], data["destination"], data["treatment_center_id"]) == (TC, SITE, TC)
+    assert data["material_condition"] == material
+    assert list(data["temperature_range_c"]) == list(expected_range)
+    assert data["slot_id"] == event.data["slot_id"]
+    assert [h.status_after for h in await _history(world, ship)] == ["planned"]
+    assert world.store.locked_orders == [order.order_id]  # serialised per order
+
+
+async def test_tisa_cel_material_travels_cryopreserved_and_axi_cel_fresh(world: World) -> None:
+    frozen = await world.planned(Order(), "inbound_apheresis", "TISA-CEL")
+    fresh = await world.planned(Order(), "inbound_apheresis", "AXI-CEL")
+    assert (frozen.material_condition, frozen.min_temp_c, frozen.max_temp_c) == ("cryopreserved", -196, -150)
+    assert (fresh.material_condition, fresh.min_temp_c, fresh.max_temp_c) == ("fresh", 2.0, 8.0)
+
+
+async def test_product_released_plans_one_cryogenic_outbound_leg_per_run(world: World) -> None:
+    order = Order()
+    event = product_released(order)
+    await world.deliver(event)
+    await world.deliver(product_released(order))  # the same run, another event: still one shipment
+    await world.deliver(product_released(order, run=2))  # the first still holds the lane
+
+    [ship] = world.ships(order)
+    assert ship.leg == "outbound_product" and ship.run == 1 and ship.status == "planned"
+    assert (ship.origin, ship.destination) == (SITE, TC)
+    assert (ship.material_condition, ship.min_temp_c, ship.max_temp_c) == ("cryopreserved", -196.0, -150.0)
+    assert ship.planned_pickup_date == NOW.date()
+    [planned] = world.uow.committed
+    assert planned.type == PLANNED
+    assert planned.data["leg"] == "outbound_product" and planned.data["slot_id"] is None
+    assert (planned.data["origin"], planned.data["destination"], planned.data["treatment_center_id"]) == (
+        SITE,
+        TC,
+        TC,
+    )
+
+
+async def test_a_duplicate_event_is_a_no_op(world: World) -> None:
+    order = Order()
+    event = booking_confirmed(order)
+    await world.deliver(event, event)  # redelivered: the inbox drops it
+    assert len(world.ships(order)) == 1
+    assert world.uow.types() == [PLANNED]
+    assert world.uow.commits == 1
+
+    cancel = new_event(OrderCancelledV1(**order.refs, reason="patient withdrew", previous_status="x"))
+    await world.deliver(cancel, cancel)
+    assert world.uow.types() == [PLANNED, CANCELLED]
+    assert world.uow.commits == 2
+
+
+async def test_the_same_booking_again_under_another_event_id_plans_nothing_new(world: World) -> None:
+    order = Order()
+    booking_id = uuid.uuid4()
+    await world.deliver(booking_confirmed(order, booking_id))
+    [first] = world.ships(order)
+    await world.milestone(first, "delivered")  # delivered: the lane is free again ...
+    await world.deliver(booking_confirmed(order, booking_id))  # ... but this booking has its shipment
+    assert len(world.ships(order)) == 1
+    await world.deliver(booking_confirmed(order))  # a recollection's new booking: a new leg
+    assert [s.status for s in world.ships(order)] == ["delivered", "planned"]
+    assert world.uow.types() == [PLANNED, MILESTONE, PLANNED]
+
+
+async def test_events_the_service_does_not_handle_are_skipped(world: World) -> None:
+    order = Order()
+    await world.deliver(
+        OrderSubmittedV1(
+            **order.refs,
+            product_code="TISA-CEL",
+            order_type="commercial",
+            regulator="EMA",
+            country="DE",
+            region="EU",
+            requested_apheresis_date=date(2030, 5, 18),
+        )
+    )
+    assert world.inbox.ignored == ["order.submitted.v1"]
+    assert world.uow.committed == [] and world.store.shipments == {}
+
+
+# ---- milestones ------------------------------------------------------------------------------------
+
+
+async def test_milestones_in_order_record_custody_and_move_the_shipment(world: World) -> None:
+    order = Order()
+    ship = await world.planned(order, "outbound_product")
+    for name in ("booked", "picked_up", "in_transit", "in_transit", "delivered"):
+        result = await world.milestone(ship, name)
+        assert result["status"] == name and result["milestone"] == name
+        assert result["temperature_in_range"] is None and result["excursion_published"] is False
+    assert world.status(ship) == "delivered"
+    custody = await queries.custody_log(world.uow, ship.shipment_id)
+    assert [(c.milestone, c.handled_by, c.coi_verified) for c in custody] == [
+        ("booked", "courier-42", True),
+        ("picked_up", "courier-42", True),
+        ("in_transit", "courier-42", True),
+        ("in_transit", "courier-42", True),
+        ("delivered", "courier-42", True),
+    ]
+    milestones = world.events(MILESTONE)
+    assert [e.data["milestone"] for e in milestones] == [
+        "booked",
+        "picked_up",
+        "in_transit",
+        "in_transit",
+        "delivered",
+    ]
+    assert all(e.data["shipment_id"] == str(ship.shipment_id) for e in milestones)
+    assert milestones[0].data["treatment_center_id"] == TC and milestones[0].data["location"] == "FRA"
+    found, history = await queries.shipment(world.uow, ship.shipment_id)
+    assert found.status == "delivered" and found.status_reason == "milestone:delivered at FRA"
+    assert [(h.status_before, h.status_after) for h in history] == [
+        (None, "planned"),
+        ("planned", "booked"),
+        ("booked", "picked_up"),
+        ("picked_up", "in_transit"),
+        ("in_transit", "delivered"),
+    ]
+
+
+async def test_a_milestone_out_of_order_is_refused_and_writes_nothing(world: World) -> None:
+    order = Order()
+    ship = await world.planned(order, "inbound_apheresis")
+    await world.milestone(ship, "in_transit")
+    committed = len(world.uow.committed)
+    with pytest.raises(Invalid) as refused:
+        await world.milestone(ship, "picked_up")
+    assert status_of(refused.value) == 422
+    assert [e.as_dict() for e in refused.value.errors] == [
+        {"field": "milestone", "reason": "shipment is already in_transit; cannot go back to picked_up"}
+    ]
+    assert world.status(ship) == "in_transit"
+    assert len(world.store.custody) == 1
+    assert len(world.uow.committed) == committed
+    assert world.uow.rollbacks == 1
+
+
+async def test_a_halted_shipment_refuses_milestones_with_a_shipment_state_conflict(world: World) -> None:
+    order = Order()
+    ship = await world.planned(order, "outbound_product")
+    await world.reading(ship, -120.0)  # excursion: compromised
+    with pytest.raises(Conflict) as refused:
+        await world.milestone(ship, "in_transit")
+    error = refused.value
+    assert status_of(error) == 409 and error.kind == "shipment-state"
+    assert error.title == "Shipment cannot take this input"
+    assert error.detail == "milestone: shipment is compromised: no further milestones"
+    assert world.store.custody == []
+
+
+async def test_an_unknown_shipment_is_not_found(world: World) -> None:
+    missing = uuid.uuid4()
+    with pytest.raises(NotFound) as nf:
+        await commands.record_milestone(
+            world.uow,
+            missing,
+            milestone="picked_up",
+            occurred_at=NOW,
+            location="FRA",
+            handled_by="c",
+            received_from=None,
+            coi=Order().coi,
+            temperature_c=None,
+        )
+    assert status_of(nf.value) == 404 and nf.value.title == "Shipment not found"
+    with pytest.raises(NotFound):
+        await commands.record_temperature(world.uow, missing, reading_c=1.0, measured_at=NOW)
+    with pytest.raises(NotFound):
+        await queries.shipment(world.uow, missing)
+    with pytest.raises(NotFound):
+        await queries.temperature_log(world.uow, missing)
+    assert await queries.custody_log(world.uow, missing) == []  # as today: an empty chain, not a 404
+
+
+# ---- chain of identity -----------------------------------------------------------------------------
+
+
+async def test_coi_mismatch_is_refused_but_stops_the_shipment_and_records_the_alert(world: World) -> None:
+    order = Order()
+    ship = await world.planned(order, "inbound_apheresis")
+    await world.milestone(ship, "picked_up")
+    with pytest.raises(CoiMismatch) as refused:
+        await commands.record_milestone(
+            world.uow,
+            ship.shipment_id,
+            milestone="in_transit",
+            occurred_at=NOW,
+            location="HUB-CDG",
+            handled_by="courier-42",
+            received_from=None,
+            coi=other_coi(),
+            temperature_c=None,
+        )
+    error = refused.value
+    assert (
+        status_of(error) == 409
+        and error.kind == "coi-mismatch"
+        and error.title == "Chain of identity mismatch"
+    )
+    assert error.detail == "coi: does not match the shipment's chain of identity; the handoff is refused"
+    assert [e.as_dict() for e in error.errors] == [{"field": "coi", "reason": "does not match the shipment"}]
+
+    [alert] = world.events(MISMATCH)
+    assert alert.data == {
+        "order_id": str(order.order_id),
+        "coi": order.coi,  # the shipment's own COI, never the one presented
+        "treatment_center_id": TC,
+        "shipment_id": str(ship.shipment_id),
+        "where": "HUB-CDG",
+    }
+    stored = world.store.shipments[ship.shipment_id]
+    assert stored.status == "stopped" and stored.held_from_status == "picked_up"
+    assert len(world.store.custody) == 1  # only the pickup: the refused handoff is not custody
+
+    # stopped: even the right COI is refused now, and nothing more is written
+    with pytest.raises(Conflict) as again:
+        await world.milestone(ship, "in_transit")
+    assert "stopped" in again.value.detail
+    assert world.uow.types()[-1] == MISMATCH
+
+
+async def test_a_reading_with_another_orders_coi_is_a_mismatch_too(world: World) -> None:
+    order = Order()
+    ship = await world.planned(order, "outbound_product")
+    with pytest.raises(CoiMismatch):
+        await world.reading(ship, -170.0, coi=other_coi())
+    assert world.status(ship) == "stopped"
+    [alert] = world.events(MISMATCH)
+    assert alert.data["where"] == commands.TEMPERATURE_WHERE
+    assert world.store.readings == []
+    # the stopped shipment still logs temperature (right COI, or none)
+    assert (await world.reading(ship, -171.0, coi=order.coi))["shipment_status"] == "stopped"
+
+
+async def test_a_coi_with_a_wrong_check_character_is_invalid_and_writes_nothing(world: World) -> None:
+    order = Order()
+    ship = await world.planned(order, "outbound_product")
+    broken = order.coi[:-1] + ("A" if order.coi[-1] != "A" else "B")
+    with pytest.raises(Invalid) as refused:
+        await world.milestone(ship, "picked_up", coi=broken)
+    assert refused.value.errors[0].field == "coi" and status_of(refused.value) == 422
+    with pytest.raises(Invalid):
+        await world.reading(ship, -170.0, coi=broken)
+    assert world.status(ship) == "planned" and world.uow.types() == [PLANNED]
+
+
+# ---- temperature -----------------------------------------------------------------------------------
+
+
+async def test_a_reading_in_range_is_recorded_without_an_event(world: World) -> None:
+    order = Order()
+    ship = await world.planned(order, "outbound_product")
+    result = await world.reading(ship, -175.5, coi=order.coi)
+    assert result["in_range"] is True and result["excursion_published"] is False
+    assert (result["min_c"], result["max_c"], result["shipment_status"]) == (-196.0, -150.0, "planned")
+    assert world.uow.types() == [PLANNED]
+    [reading] = await queries.temperature_log(world.uow, ship.shipment_id)
+    assert (reading.reading_c, reading.in_range, reading.source, reading.coi_verified) == (
+        -175.5,
+        True,
+        "courier",
+        True,
+    )
+
+
+async def test_the_first_excursion_compromises_and_is_published_once(world: World) -> None:
+    order = Order()
+    ship = await world.planned(order, "outbound_product")
+    await world.milestone(ship, "picked_up")
+    first = await world.reading(ship, -140.0, minutes=60)
+    assert first["in_range"] is False and first["excursion_published"] is True
+    assert first["shipment_status"] == "compromised"
+    again = await world.reading(ship, -90.0, minutes=90)
+    assert again["in_range"] is False and again["excursion_published"] is False
+
+    [excursion] = world.events(EXCURSION)
+    assert excursion.data["shipment_id"] == str(ship.shipment_id)
+    assert excursion.data["leg"] == "outbound_product"
+    assert (excursion.data["reading_c"], excursion.data["min_c"], excursion.data["max_c"]) == (
+        -140.0,
+        -196.0,
+        -150.0,
+    )
+    assert excursion.data["treatment_center_id"] == TC and excursion.coi == order.coi
+    stored = world.store.shipments[ship.shipment_id]
+    assert stored.status == "compromised" and stored.held_from_status == "picked_up"
+    assert stored.excursion_at == NOW + timedelta(minutes=60)
+    readings = await queries.temperature_log(world.uow, ship.shipment_id)
+    assert [(r.reading_c, r.in_range, r.coi_verified) for r in readings] == [
+        (-140.0, False, False),
+        (-90.0, False, False),
+    ]
+
+
+async def test_a_reading_carried_by_a_milestone_gets_the_same_check(world: World) -> None:
+    order = Order()
+    ship = await world.planned(order, "inbound_apheresis")  # TISA-CEL: cryopreserved at the centre
+    ok = await world.milestone(ship, "picked_up", temperature_c=-180.0)
+    assert ok["status"] == "picked_up" and ok["temperature_in_range"] is True
+    bad = await world.milestone(ship, "in_transit", temperature_c=-100.0)
+    assert bad["status"] == "compromised" and bad["excursion_published"] is True
+    assert world.uow.types() == [PLANNED, MILESTONE, MILESTONE, EXCURSION]
+    assert [(r.source, r.in_range, r.custody_event_id) for r in world.store.readings] == [
+        ("milestone", True, ok["custody_event_id"]),
+        ("milestone", False, bad["custody_event_id"]),
+    ]
+
+
+async def test_readings_after_delivery_are_refused(world: World) -> None:
+    order = Order()
+    ship = await world.planned(order, "outbound_product")
+    await world.milestone(ship, "delivered")
+    with pytest.raises(Conflict) as refused:
+        await world.reading(ship, -170.0)
+    assert status_of(refused.value) == 409 and refused.value.kind == "shipment-state"
+    assert [e.as_dict() for e in refused.value.errors] == [
+        {"field": "shipment_id", "reason": "shipment is delivered: no further temperature readings"}
+    ]
+    assert world.store.readings == []
+
+
+# ---- compensation and order facts ------------------------------------------------------------------
+
+
+async def test_order_cancelled_cancels_every_shipment_not_yet_delivered_and_plans_nothing_after(
+    world: World,
+) -> None:
+    order = Order()
+    inbound = await world.planned(order, "inbound_apheresis")
+    await world.milestone(inbound, "delivered")
+    outbound = await world.planned(order, "outbound_product")
+    await world.milestone(outbound, "picked_up")
+    bystander = Order()
+    other = await world.planned(bystander, "inbound_apheresis")
+
+    await world.deliver(
+        OrderCancelledV1(**order.refs, reason="patient withdrew", previous_status="product_in_transit")
+    )
+    assert world.status(inbound) == "delivered"
+    assert world.status(outbound) == "cancelled"
+    assert world.status(other) == "planned"
+    [cancel] = world.events(CANCELLED)
+    assert cancel.data["shipment_id"] == str(outbound.shipment_id)
+    assert cancel.data["leg"] == "outbound_product"
+    assert cancel.data["reason"] == "order_cancelled: patient withdrew"
+    assert cancel.data["treatment_center_id"] == TC
+    assert world.store.ended_orders[order.order_id] == ("cancelled", "patient withdrew")
+
+    # a second cancellation (another event) has nothing left to cancel
+    await world.deliver(OrderCancelledV1(**order.refs, reason="again", previous_status="cancelled"))
+    assert len(world.events(CANCELLED)) == 1
+    # a late fact from another topic (crossing the cancellation) plans nothing for the ended order
+    await world.deliver(product_released(order, run=2), booking_confirmed(order))
+    assert len(world.ships(order)) == 2
+
+
+async def test_order_failed_cancels_a_stopped_shipment_too(world: World) -> None:
+    order = Order()
+    ship = await world.planned(order, "inbound_apheresis")
+    with pytest.raises(CoiMismatch):
+        await world.milestone(ship, "picked_up", coi=other_coi())
+    assert world.status(ship) == "stopped"
+    await world.deliver(OrderFailedV1(**order.refs, reason="no material left"))
+    assert world.status(ship) == "cancelled"
+    [cancel] = world.events(CANCELLED)
+    assert cancel.data["reason"] == "order_failed: no material left"
+    assert [(h.status_before, h.status_after) for h in await _history(world, ship)] == [
+        (None, "planned"),
+        ("planned", "stopped"),
+        ("stopped", "cancelled"),
+    ]
+
+
+async def test_a_failing_compensation_commits_nothing(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    order = Order()
+    await world.planned(order, "inbound_apheresis")
+    await world.planned(order, "outbound_product")
+    committed = len(world.uow.committed)
+    real_publish = LogisticsTx.publish
+    calls = 0
+
+    async def flaky(self: LogisticsTx, data: EventData) -> CloudEvent:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise RuntimeError("broker-bound write failed")
+        return await real_publish(self, data)
+
+    monkeypatch.setattr(LogisticsTx, "publish", flaky)
+    with pytest.raises(RuntimeError):
+        await world.deliver(OrderCancelledV1(**order.refs, reason="x", previous_status="released"))
+    assert {s.status for s in world.ships(order)} == {"planned"}
+    assert len(world.uow.committed) == committed and world.store.ended_orders == {}
+    monkeypatch.undo()
+    await world.deliver(OrderCancelledV1(**order.refs, reason="x", previous_status="released"))
+    assert {s.status for s in world.ships(order)} == {"cancelled"}
+    assert len(world.events(CANCELLED)) == 2
+
+
+async def test_booking_cancelled_cancels_the_inbound_shipment_only_before_pickup(world: World) -> None:
+    order = Order()
+    booking_id = uuid.uuid4()
+    await world.deliver(booking_confirmed(order, booking_id))
+    [ship] = world.ships(order)
+
+    def cancelled(bid: uuid.UUID) -> BookingCancelledV1:
+        return BookingCancelledV1(
+            **order.refs, booking_id=bid, slot_id=uuid.uuid4(), site_id=SITE, reason="reschedule"
+        )
+
+    await world.deliver(cancelled(uuid.uuid4()))  # another booking of the order: not this shipment's
+    assert world.status(ship) == "planned"
+    await world.deliver(ApheresisCompletedV1(**order.refs, collected_at=NOW))
+    assert world.status(ship) == "ready_for_pickup"
+    await world.deliver(cancelled(booking_id))
+    assert world.status(ship) == "cancelled"
+    [cancel] = world.events(CANCELLED)
+    assert cancel.data["leg"] == "inbound_apheresis"
+    assert cancel.data["reason"] == "booking_cancelled: reschedule"
+
+    new_booking = uuid.uuid4()
+    await world.deliver(booking_confirmed(order, new_booking))
+    [live] = [s for s in world.ships(order) if s.status != "cancelled"]
+    assert live.booking_id == new_booking
+    await world.milestone(live, "picked_up")
+    await world.deliver(cancelled(new_booking))  # past pickup: kept
+    assert world.status(live) == "picked_up"
+    assert len(world.events(CANCELLED)) == 1
+
+
+async def test_apheresis_completed_makes_the_inbound_shipment_ready_for_pickup(world: World) -> None:
+    order = Order()
+    ship = await world.planned(order, "inbound_apheresis")
+    await world.deliver(ApheresisCompletedV1(**order.refs, collected_at=NOW))
+    stored = world.store.shipments[ship.shipment_id]
+    assert stored.status == "ready_for_pickup" and stored.ready_for_pickup_at == NOW
+    assert world.uow.types() == [PLANNED]  # status only, no event
+    assert (await world.milestone(ship, "booked"))["status"] == "booked"
+    await world.deliver(ApheresisCompletedV1(**order.refs, collected_at=NOW))  # again: stays booked
+    assert world.status(ship) == "booked"
+    await world.deliver(ApheresisCompletedV1(**Order().refs, collected_at=NOW))  # unknown order: ignored
+
+
+# ---- quarantine ------------------------------------------------------------------------------------
+
+
+async def test_quarantine_release_resumes_the_compromised_outbound_shipment(world: World) -> None:
+    order = Order()
+    ship = await world.planned(order, "outbound_product")
+    await world.milestone(ship, "in_transit")
+    await world.reading(ship, -149.0)
+    assert world.status(ship) == "compromised"
+    await world.deliver(
+        QuarantineDecidedV1(**order.refs, decision="release", reason="QA assessed: within stability")
+    )
+    stored = world.store.shipments[ship.shipment_id]
+    assert stored.status == "in_transit" and stored.quarantine_decision == "release"
+    assert stored.status_reason == "quarantine_release: QA assessed: within stability"
+    assert (await world.milestone(ship, "delivered"))["status"] == "delivered"
+    assert len(world.events(EXCURSION)) == 1  # published once for this shipment
+
+
+async def test_quarantine_reject_keeps_it_compromised_and_a_remanufactured_product_gets_a_new_leg(
+    world: World,
+) -> None:
+    order = Order()
+    first = await world.planned(order, "outbound_product")
+    await world.reading(first, -120.0)
+    await world.deliver(QuarantineDecidedV1(**order.refs, decision="reject", reason="excursion"))
+    stored = world.store.shipments[first.shipment_id]
+    assert stored.status == "compromised" and stored.quarantine_decision == "reject"
+    await world.deliver(product_released(order, run=2))
+    ships = world.ships(order)
+    assert [(s.run, s.status) for s in ships] == [(1, "compromised"), (2, "planned")]
+    assert [e.data["shipment_id"] for e in world.events(PLANNED)] == [str(s.shipment_id) for s in ships]
+
+
+async def test_quarantine_release_does_not_resume_when_another_shipment_took_the_lane(world: World) -> None:
+    order = Order()
+    first = await world.planned(order, "outbound_product")
+    await world.milestone(first, "in_transit")
+    await world.reading(first, -120.0)
+    await world.deliver(product_released(order, run=2))  # the lane is free: a replacement is planned
+    await world.deliver(QuarantineDecidedV1(**order.refs, decision="release", reason="late release"))
+    stored = world.store.shipments[first.shipment_id]
+    assert stored.status == "compromised" and stored.quarantine_decision == "release"
+    assert [s.status for s in world.ships(order)] == ["compromised", "planned"]
+
+
+async def test_quarantine_decided_without_a_compromised_shipment_changes_nothing(world: World) -> None:
+    order = Order()
+    ship = await world.planned(order, "outbound_product")
+    await world.deliver(QuarantineDecidedV1(**order.refs, decision="release", reason="n/a"))
+    assert world.store.shipments[ship.shipment_id].quarantine_decision is None
+    assert world.uow.types() == [PLANNED]
+
+
+# ---- reads -----------------------------------------------------------------------------------------
+
+
+async def test_shipments_are_listed_per_order_oldest_first(world: World) -> None:
+    order = Order()
+    inbound = await world.planned(order, "inbound_apheresis")
+    outbound = await world.planned(order, "outbound_product")
+    await world.planned(Order(), "inbound_apheresis")
+    listed = await queries.shipments(world.uow, order.order_id)
+    assert [s.shipment_id for s in listed] == [inbound.shipment_id, outbound.shipment_id]
+    assert len(await queries.shipments(world.uow, None)) == 3
+
+
+async def _history(world: World, ship: Shipment) -> list[Any]:
+    _, history = await queries.shipment(world.uow, ship.shipment_id)
+    return history
