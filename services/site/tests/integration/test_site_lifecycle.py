@@ -34,10 +34,10 @@ from v2v_contracts import (
     new_event,
 )
 from v2v_contracts.coi import make_coi
+from v2v_contracts.errors import DomainError
 from v2v_harness import pytest_plugin
 from v2v_messaging import MIGRATIONS_DIR, UnitOfWork, notify_channel
 from v2v_persistence import apply_migrations, create_pool, schema_of
-from v2v_contracts.errors import DomainError
 from v2v_servicekit import get_runtime, problems
 from v2v_servicekit.problems import status_of
 
@@ -645,7 +645,9 @@ async def test_a_failed_step_needs_a_reason_and_a_product_without_retained_mater
     with pytest.raises(DomainError) as exc:
         await commands.record_step(uow, SITE, b["order_id"], step="activation", failed=True)
     assert problem_of(exc) == (422, "reason")
-    await commands.record_step(uow, SITE, b["order_id"], step="activation", failed=True, reason="contamination")
+    await commands.record_step(
+        uow, SITE, b["order_id"], step="activation", failed=True, reason="contamination"
+    )
     [(kind, data)] = await outbox()
     assert kind == "site.manufacturing_failed.v1"
     assert (data["run"], data["retained_material"]) == (1, False)

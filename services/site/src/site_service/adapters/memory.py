@@ -12,7 +12,6 @@ A transaction that raises leaves the store as it was (snapshot and restore).
 
 from __future__ import annotations
 
-import copy
 import itertools
 import uuid
 from collections.abc import Iterable
@@ -69,8 +68,19 @@ class MemoryStore:
     history: list[dict[str, Any]] = field(default_factory=list)
     seq: itertools.count[int] = field(default_factory=itertools.count)
 
+    def copy(self) -> MemoryStore:
+        """An independent store holding the same state (e.g. a seeded network reused by many tests)."""
+        sites, bookings, manufacturing, history = self.snapshot()
+        return MemoryStore(sites, bookings, manufacturing, history, itertools.count(next(self.seq)))
+
     def snapshot(self) -> tuple[Any, ...]:
-        return copy.deepcopy((self.sites, self.bookings, self.manufacturing, self.history))
+        """The state as it is (the rows hold immutable values: copying the rows is enough)."""
+        return (
+            {k: replace(v, api_managed=list(v.api_managed)) for k, v in self.sites.items()},
+            {k: replace(v, origin_trace=dict(v.origin_trace)) for k, v in self.bookings.items()},
+            {k: replace(v) for k, v in self.manufacturing.items()},
+            list(self.history),
+        )
 
     def restore(self, saved: tuple[Any, ...]) -> None:
         self.sites, self.bookings, self.manufacturing, self.history = saved
