@@ -20,10 +20,10 @@ import pytest
 from fastapi import FastAPI
 
 import site_service
-from site_service import app as site_app
-from site_service import mes, registry, services
+from site_service.adapters.repository import SiteTx, site_tx
+from site_service.entrypoints import api as site_api
+from site_service.service_layer import commands, handlers, queries
 from v2v_contracts import (
-    CloudEvent,
     EventData,
     OrderCancelledV1,
     OrderFailedV1,
@@ -34,10 +34,12 @@ from v2v_contracts import (
     new_event,
 )
 from v2v_contracts.coi import make_coi
+from v2v_contracts.errors import DomainError
 from v2v_harness import pytest_plugin
 from v2v_messaging import MIGRATIONS_DIR, UnitOfWork, notify_channel
 from v2v_persistence import apply_migrations, create_pool, schema_of
-from v2v_servicekit import Problem, get_runtime, problems
+from v2v_servicekit import get_runtime, problems
+from v2v_servicekit.problems import status_of
 
 pytestmark = pytest.mark.integration
 
@@ -65,9 +67,9 @@ async def pool(test_db: pytest_plugin.TestDatabase) -> AsyncIterator[asyncpg.Poo
 
 
 @pytest.fixture
-async def uow(pool: asyncpg.Pool) -> UnitOfWork:
-    uow = UnitOfWork(pool, TOPIC, notify_channel("site"))
-    assert await services.load_seed(uow) == 7
+async def uow(pool: asyncpg.Pool) -> UnitOfWork[SiteTx]:
+    uow = UnitOfWork(pool, TOPIC, notify_channel("site"), site_tx)
+    assert await commands.load_seed(uow) == 7
     return uow
 
 
@@ -94,11 +96,9 @@ def outbox(pool: asyncpg.Pool) -> Any:
     return new_rows
 
 
-async def handle(uow: UnitOfWork, data: EventData) -> None:
-    event: CloudEvent = new_event(data)
-    handler = services.handlers(None)[event.type]
+async def handle(uow: UnitOfWork[SiteTx], data: EventData) -> None:
     async with uow.begin() as tx:
-        await handler(tx, event)
+        assert await handlers.handlers.dispatch(tx, new_event(data))
 
 
 def new_order() -> tuple[uuid.UUID, str]:
@@ -138,23 +138,23 @@ async def booking(pool: asyncpg.Pool, slot_id: uuid.UUID) -> asyncpg.Record:
 async def receive(uow: UnitOfWork, b: dict[str, Any], **kw: Any) -> dict[str, Any]:
     args: dict[str, Any] = {"order_id": b["order_id"], "coi": b["coi"], "accepted": True, "now": NOW}
     args.update(kw)
-    return await mes.record_receipt(uow, b["site_id"], **args)
+    return await commands.record_receipt(uow, b["site_id"], **args)
 
 
 async def steps(uow: UnitOfWork, b: dict[str, Any], names: list[str]) -> dict[str, Any]:
     view: dict[str, Any] = {}
     for name in names:
-        view = await mes.record_step(uow, b["site_id"], b["order_id"], step=name, now=NOW)
+        view = await commands.record_step(uow, b["site_id"], b["order_id"], step=name, now=NOW)
     return view
 
 
 ALL_STEPS = ["activation", "transduction", "expansion", "harvest", "cryopreservation"]
 
 
-def problem_of(excinfo: pytest.ExceptionInfo[Problem]) -> tuple[int, str]:
+def problem_of(excinfo: pytest.ExceptionInfo[DomainError]) -> tuple[int, str]:
     p = excinfo.value
     assert p.errors, p.detail
-    return p.status, p.errors[0]["field"]
+    return status_of(p), p.errors[0].field
 
 
 # ---- the registry ------------------------------------------------------------------------------------
@@ -164,13 +164,13 @@ async def test_seed_reload_keeps_api_changes_and_outages(
     pool: asyncpg.Pool, uow: UnitOfWork, outbox: Any
 ) -> None:
     await outbox()
-    await registry.update_site(uow, SITE, daily_capacity={"TISA-CEL": 1}, active=False, today=TODAY)
-    await registry.add_outage(uow, SITE, start_date=DAY, end_date=DAY, reason="maintenance")
+    await commands.update_site(uow, SITE, daily_capacity={"TISA-CEL": 1}, active=False, today=TODAY)
+    await commands.add_outage(uow, SITE, start_date=DAY, end_date=DAY, reason="maintenance")
     assert [t for t, _ in await outbox()] == ["site.registered.v1"] * 2
 
-    assert await services.load_seed(uow) == 0  # nothing the seed says is new: no event
+    assert await commands.load_seed(uow) == 0  # nothing the seed says is new: no event
     assert await outbox() == []
-    site = await registry.get_site(pool, SITE)
+    site = await queries.get_site(uow, SITE)
     assert site["daily_capacity"] == {"TISA-CEL": 1, "AXI-CEL": 2}
     assert site["active"] is False
     assert [o["reason"] for o in site["outages"]] == ["maintenance"]
@@ -180,7 +180,7 @@ async def test_patch_capacity_and_active_republishes_the_site(
     pool: asyncpg.Pool, uow: UnitOfWork, outbox: Any
 ) -> None:
     await outbox()
-    out = await registry.update_site(uow, SITE, daily_capacity={"AXI-CEL": 5}, today=TODAY)
+    out = await commands.update_site(uow, SITE, daily_capacity={"AXI-CEL": 5}, today=TODAY)
     assert out["daily_capacity"] == {"TISA-CEL": 3, "AXI-CEL": 5}
     assert out["affected_booking_ids"] == []
     [(kind, data)] = await outbox()
@@ -188,12 +188,12 @@ async def test_patch_capacity_and_active_republishes_the_site(
     assert data["site_id"] == SITE and data["daily_capacity"] == {"TISA-CEL": 3, "AXI-CEL": 5}
     assert data["outages"] == []
 
-    out = await registry.update_site(uow, SITE, active=False, today=TODAY)
+    out = await commands.update_site(uow, SITE, active=False, today=TODAY)
     assert out["active"] is False
     [(kind, data)] = await outbox()
     assert data["active"] is False
 
-    await registry.update_site(uow, SITE, active=False, today=TODAY)  # no change: nothing published
+    await commands.update_site(uow, SITE, active=False, today=TODAY)  # no change: nothing published
     assert await outbox() == []
 
 
@@ -205,18 +205,18 @@ async def test_patch_approvals_replaces_them_republishes_and_survives_a_seed_rel
         SiteApproval(regulator="EMA", use="commercial", product_code="TISA-CEL"),
         SiteApproval(regulator="TGA", use="clinical", product_code="CILTA-CEL"),
     ]
-    out = await registry.update_site(uow, SITE, approvals=approvals, today=TODAY)
+    out = await commands.update_site(uow, SITE, approvals=approvals, today=TODAY)
     assert [(a["regulator"], a["use"], a["product_code"]) for a in out["approvals"]] == [
         ("EMA", "commercial", "TISA-CEL"),
         ("TGA", "clinical", "CILTA-CEL"),
     ]
     [(kind, data)] = await outbox()
     assert kind == "site.registered.v1" and data["approvals"] == [a.model_dump() for a in approvals]
-    assert await services.load_seed(uow) == 0  # the registry's approvals win over the seed file
-    site = await registry.get_site(pool, SITE)
+    assert await commands.load_seed(uow) == 0  # the registry's approvals win over the seed file
+    site = await queries.get_site(uow, SITE)
     assert [a["regulator"] for a in site["approvals"]] == ["EMA", "TGA"]
-    with pytest.raises(Problem) as exc:
-        await registry.update_site(
+    with pytest.raises(DomainError) as exc:
+        await commands.update_site(
             uow, SITE, approvals=[SiteApproval(regulator="EMA", use="clinical", product_code="NOPE")]
         )
     assert problem_of(exc) == (422, "approvals.0.product_code")
@@ -231,23 +231,23 @@ async def test_patch_refuses_bad_capacity_naming_the_field(
     uow: UnitOfWork, outbox: Any, capacity: dict[str, int], field: str
 ) -> None:
     await outbox()
-    with pytest.raises(Problem) as exc:
-        await registry.update_site(uow, SITE, daily_capacity=capacity)
+    with pytest.raises(DomainError) as exc:
+        await commands.update_site(uow, SITE, daily_capacity=capacity)
     assert problem_of(exc) == (422, field)
     assert await outbox() == []
 
 
 async def test_unknown_site_is_404(pool: asyncpg.Pool, uow: UnitOfWork) -> None:
     for call in (
-        registry.update_site(uow, "XX-NOWHERE", active=False),
-        registry.add_outage(uow, "XX-NOWHERE", start_date=DAY, end_date=DAY, reason="x"),
-        registry.get_site(pool, "XX-NOWHERE"),
-        mes.get_manufacturing(pool, "XX-NOWHERE", uuid.uuid4()),
-        mes.record_step(uow, "XX-NOWHERE", uuid.uuid4(), step="activation"),
+        commands.update_site(uow, "XX-NOWHERE", active=False),
+        commands.add_outage(uow, "XX-NOWHERE", start_date=DAY, end_date=DAY, reason="x"),
+        queries.get_site(uow, "XX-NOWHERE"),
+        queries.get_manufacturing(uow, "XX-NOWHERE", uuid.uuid4()),
+        commands.record_step(uow, "XX-NOWHERE", uuid.uuid4(), step="activation"),
     ):
-        with pytest.raises(Problem) as exc:
+        with pytest.raises(DomainError) as exc:
             await call
-        assert exc.value.status == 404
+        assert status_of(exc.value) == 404
 
 
 async def test_capacity_cut_affects_the_latest_bookings_beyond_capacity(
@@ -259,7 +259,7 @@ async def test_capacity_cut_affects_the_latest_bookings_beyond_capacity(
     past = await reserve(uow, day=TODAY - timedelta(days=1))
     await outbox()
 
-    out = await registry.update_site(uow, SITE, daily_capacity={"TISA-CEL": 1}, today=TODAY)
+    out = await commands.update_site(uow, SITE, daily_capacity={"TISA-CEL": 1}, today=TODAY)
 
     affected = {(await booking(pool, b["slot_id"]))["booking_id"] for b in (second, third)}
     assert set(out["affected_booking_ids"]) == affected
@@ -281,14 +281,14 @@ async def test_capacity_cut_affects_the_latest_bookings_beyond_capacity(
         assert (await booking(pool, b["slot_id"]))["status"] == status
 
     # cutting to zero moves every TISA-CEL booking left from today on, never one already affected
-    await registry.update_site(uow, SITE, daily_capacity={"TISA-CEL": 0}, today=TODAY)
+    await commands.update_site(uow, SITE, daily_capacity={"TISA-CEL": 0}, today=TODAY)
     events = await outbox()
     assert [t for t, _ in events] == ["site.registered.v1"] + ["site.booking_affected.v1"] * 2
     assert {d["order_id"] for _, d in events[1:]} == {str(first["order_id"]), str(other_day["order_id"])}
     assert (await booking(pool, past["slot_id"]))["status"] == "confirmed"
 
     # raising it again affects nothing
-    out = await registry.update_site(uow, SITE, daily_capacity={"TISA-CEL": 3}, today=TODAY)
+    out = await commands.update_site(uow, SITE, daily_capacity={"TISA-CEL": 3}, today=TODAY)
     assert out["affected_booking_ids"] == []
     assert [t for t, _ in await outbox()] == ["site.registered.v1"]
 
@@ -300,7 +300,7 @@ async def test_a_capacity_cut_never_moves_material_already_received(
     await receive(uow, late)
     await outbox()
 
-    out = await registry.update_site(uow, SITE, daily_capacity={"TISA-CEL": 1}, today=TODAY)
+    out = await commands.update_site(uow, SITE, daily_capacity={"TISA-CEL": 1}, today=TODAY)
 
     early_booking = await booking(pool, early["slot_id"])
     assert out["affected_booking_ids"] == [early_booking["booking_id"]]
@@ -319,7 +319,7 @@ async def test_an_outage_affects_confirmed_bookings_in_its_window(
     elsewhere = await reserve(uow, site_id=OTHER_SITE, day=DAY)
     await outbox()
 
-    out = await registry.add_outage(
+    out = await commands.add_outage(
         uow, SITE, start_date=DAY, end_date=DAY + timedelta(days=2), reason="cleanroom requalification"
     )
 
@@ -351,8 +351,8 @@ async def test_an_outage_affects_confirmed_bookings_in_its_window(
 
 async def test_an_outage_must_end_on_or_after_its_start(uow: UnitOfWork, outbox: Any) -> None:
     await outbox()
-    with pytest.raises(Problem) as exc:
-        await registry.add_outage(uow, SITE, start_date=DAY, end_date=DAY - timedelta(days=1), reason="x")
+    with pytest.raises(DomainError) as exc:
+        await commands.add_outage(uow, SITE, start_date=DAY, end_date=DAY - timedelta(days=1), reason="x")
     assert problem_of(exc) == (422, "end_date")
     assert await outbox() == []
 
@@ -366,11 +366,11 @@ async def test_a_failure_after_the_registry_change_leaves_nothing(
     async def broken(*_a: Any, **_k: Any) -> list[uuid.UUID]:
         raise RuntimeError("affect failed")
 
-    monkeypatch.setattr(services, "affect_bookings", broken)
+    monkeypatch.setattr(commands, "affect_bookings", broken)
     with pytest.raises(RuntimeError):
-        await registry.add_outage(uow, SITE, start_date=DAY, end_date=DAY, reason="x")
+        await commands.add_outage(uow, SITE, start_date=DAY, end_date=DAY, reason="x")
     assert await outbox() == []
-    assert (await registry.get_site(pool, SITE))["outages"] == []
+    assert (await queries.get_site(uow, SITE))["outages"] == []
 
 
 # ---- bookings ----------------------------------------------------------------------------------------
@@ -416,7 +416,7 @@ async def test_an_affected_booking_is_cancelled_when_its_slot_is_released(
     pool: asyncpg.Pool, uow: UnitOfWork, outbox: Any
 ) -> None:
     b = await reserve(uow)
-    await registry.add_outage(uow, SITE, start_date=DAY, end_date=DAY, reason="power")
+    await commands.add_outage(uow, SITE, start_date=DAY, end_date=DAY, reason="power")
     await outbox()
     await handle(
         uow,
@@ -436,7 +436,7 @@ async def test_an_affected_booking_is_cancelled_when_its_slot_is_released(
 async def test_a_slot_reserved_into_a_declared_outage_is_confirmed_then_affected(
     pool: asyncpg.Pool, uow: UnitOfWork, outbox: Any
 ) -> None:
-    await registry.add_outage(uow, SITE, start_date=DAY, end_date=DAY, reason="power")
+    await commands.add_outage(uow, SITE, start_date=DAY, end_date=DAY, reason="power")
     await outbox()
     b = await reserve(uow)
     events = await outbox()
@@ -450,7 +450,7 @@ async def test_a_slot_reserved_into_a_declared_outage_is_confirmed_then_affected
 
 async def test_receipt_accepted_starts_run_one(pool: asyncpg.Pool, uow: UnitOfWork, outbox: Any) -> None:
     b = await reserve(uow)
-    view = await mes.get_manufacturing(pool, SITE, b["order_id"])
+    view = await queries.get_manufacturing(uow, SITE, b["order_id"])
     assert (view["state"], view["run"]) == ("awaiting_material", 0)
     await outbox()
 
@@ -468,9 +468,9 @@ async def test_receipt_accepted_starts_run_one(pool: asyncpg.Pool, uow: UnitOfWo
     }
     assert await receive(uow, b) == view  # the same receipt again: nothing new
     assert await outbox() == []
-    with pytest.raises(Problem) as exc:
+    with pytest.raises(DomainError) as exc:
         await receive(uow, b, accepted=False, reason="bag damaged")
-    assert exc.value.status == 409
+    assert status_of(exc.value) == 409
 
 
 async def test_receipt_refused_rejects_the_material_with_its_reason(
@@ -478,7 +478,7 @@ async def test_receipt_refused_rejects_the_material_with_its_reason(
 ) -> None:
     b = await reserve(uow)
     await outbox()
-    with pytest.raises(Problem) as exc:
+    with pytest.raises(DomainError) as exc:
         await receive(uow, b, accepted=False)
     assert problem_of(exc) == (422, "reason")
 
@@ -488,8 +488,8 @@ async def test_receipt_refused_rejects_the_material_with_its_reason(
     [(kind, data)] = await outbox()
     assert kind == "site.material_rejected.v1"
     assert data["reason"] == "bag damaged in transit"
-    with pytest.raises(Problem) as exc:
-        await mes.record_step(uow, SITE, b["order_id"], step="activation")
+    with pytest.raises(DomainError) as exc:
+        await commands.record_step(uow, SITE, b["order_id"], step="activation")
     assert problem_of(exc) == (409, "step")
 
 
@@ -500,17 +500,17 @@ async def test_receipt_checks_the_coi_and_the_booking(
     _, other_coi = new_order()
     await outbox()
 
-    with pytest.raises(Problem) as exc:
+    with pytest.raises(DomainError) as exc:
         await receive(uow, b, coi=b["coi"][:-1] + ("A" if b["coi"][-1] != "A" else "B"))
     assert problem_of(exc) == (422, "coi")
-    with pytest.raises(Problem) as exc:
+    with pytest.raises(DomainError) as exc:
         await receive(uow, b, coi=other_coi)
     assert problem_of(exc) == (409, "coi")
     assert exc.value.kind == "coi-mismatch"
-    with pytest.raises(Problem) as exc:
+    with pytest.raises(DomainError) as exc:
         await receive(uow, {**b, "site_id": OTHER_SITE})  # booked elsewhere
     assert problem_of(exc) == (409, "order_id")
-    with pytest.raises(Problem) as exc:
+    with pytest.raises(DomainError) as exc:
         await receive(uow, {**b, "order_id": uuid.uuid4()})
     assert problem_of(exc) == (409, "order_id")
 
@@ -518,7 +518,7 @@ async def test_receipt_checks_the_coi_and_the_booking(
     alerts = await outbox()
     assert [a[0] for a in alerts] == ["site.coi_mismatch_detected.v1"], alerts
     assert await pool.fetchval("SELECT count(*) FROM manufacturing") == 0
-    assert (await mes.get_manufacturing(pool, SITE, b["order_id"]))["state"] == "awaiting_material"
+    assert (await queries.get_manufacturing(uow, SITE, b["order_id"]))["state"] == "awaiting_material"
 
 
 # ---- MES: steps and QC -------------------------------------------------------------------------------
@@ -528,11 +528,11 @@ async def test_steps_in_order_then_qc_release(pool: asyncpg.Pool, uow: UnitOfWor
     b = await reserve(uow)
     await receive(uow, b)
     await outbox()
-    with pytest.raises(Problem) as exc:
-        await mes.record_step(uow, SITE, b["order_id"], step="transduction")
+    with pytest.raises(DomainError) as exc:
+        await commands.record_step(uow, SITE, b["order_id"], step="transduction")
     assert problem_of(exc) == (409, "step")
-    with pytest.raises(Problem) as exc:
-        await mes.record_qc(uow, SITE, b["order_id"], disposition="released")
+    with pytest.raises(DomainError) as exc:
+        await commands.record_qc(uow, SITE, b["order_id"], disposition="released")
     assert problem_of(exc) == (409, "disposition")
 
     view = await steps(uow, b, ALL_STEPS)
@@ -545,12 +545,12 @@ async def test_steps_in_order_then_qc_release(pool: asyncpg.Pool, uow: UnitOfWor
     assert await steps(uow, b, ["harvest"]) == view  # a repeated report: no-op
     assert await outbox() == []
 
-    view = await mes.record_qc(uow, SITE, b["order_id"], disposition="released", now=NOW)
+    view = await commands.record_qc(uow, SITE, b["order_id"], disposition="released", now=NOW)
     assert view["state"] == "released"
     [(kind, data)] = await outbox()
     assert kind == "site.product_released.v1"
     assert data["run"] == 1 and data["site_id"] == SITE
-    assert await mes.record_qc(uow, SITE, b["order_id"], disposition="released") == view
+    assert await commands.record_qc(uow, SITE, b["order_id"], disposition="released") == view
     assert await outbox() == []
 
     history = view["history"]
@@ -573,19 +573,19 @@ async def test_qc_needs_a_reason_unless_released(uow: UnitOfWork) -> None:
     await receive(uow, b)
     await steps(uow, b, ALL_STEPS)
     for disposition in ("out_of_specification", "failed"):
-        with pytest.raises(Problem) as exc:
-            await mes.record_qc(uow, SITE, b["order_id"], disposition=disposition, reason="  ")
+        with pytest.raises(DomainError) as exc:
+            await commands.record_qc(uow, SITE, b["order_id"], disposition=disposition, reason="  ")
         assert problem_of(exc) == (422, "reason")
 
 
 async def test_steps_before_receipt_are_refused(pool: asyncpg.Pool, uow: UnitOfWork) -> None:
     b = await reserve(uow)
-    with pytest.raises(Problem) as exc:
-        await mes.record_step(uow, SITE, b["order_id"], step="activation")
+    with pytest.raises(DomainError) as exc:
+        await commands.record_step(uow, SITE, b["order_id"], step="activation")
     assert problem_of(exc) == (409, "order_id")
-    with pytest.raises(Problem) as exc:
-        await mes.get_manufacturing(pool, SITE, uuid.uuid4())
-    assert exc.value.status == 404
+    with pytest.raises(DomainError) as exc:
+        await queries.get_manufacturing(uow, SITE, uuid.uuid4())
+    assert status_of(exc.value) == 404
 
 
 async def test_oos_then_remanufacture_from_retained_material_then_failure(
@@ -596,7 +596,7 @@ async def test_oos_then_remanufacture_from_retained_material_then_failure(
     await steps(uow, b, ALL_STEPS)
     await outbox()
 
-    await mes.record_qc(uow, SITE, b["order_id"], disposition="out_of_specification", reason="CAR+ 8%")
+    await commands.record_qc(uow, SITE, b["order_id"], disposition="out_of_specification", reason="CAR+ 8%")
     [(kind, data)] = await outbox()
     assert kind == "site.product_out_of_specification.v1"
     assert (data["run"], data["retained_material"], data["reason"]) == (1, True, "CAR+ 8%")
@@ -611,12 +611,12 @@ async def test_oos_then_remanufacture_from_retained_material_then_failure(
     )
     await handle(uow, command)
     await handle(uow, command)  # the same command again
-    view = await mes.get_manufacturing(pool, SITE, b["order_id"])
+    view = await queries.get_manufacturing(uow, SITE, b["order_id"])
     assert (view["state"], view["run"], view["next_step"]) == ("material_received", 2, "activation")
     assert await outbox() == []  # no new receipt: the run starts from retained material
 
     await steps(uow, b, ["activation", "transduction"])
-    view = await mes.record_step(
+    view = await commands.record_step(
         uow, SITE, b["order_id"], step="expansion", failed=True, reason="no expansion"
     )
     assert (view["state"], view["failed_step"]) == ("failed", "expansion")
@@ -632,7 +632,7 @@ async def test_oos_then_remanufacture_from_retained_material_then_failure(
     assert "no expansion" in data["reason"]
 
     await handle(uow, command.model_copy(update={"run": 3}))  # nothing retained: ignored
-    assert (await mes.get_manufacturing(pool, SITE, b["order_id"]))["state"] == "failed"
+    assert (await queries.get_manufacturing(uow, SITE, b["order_id"]))["state"] == "failed"
     assert await outbox() == []
 
 
@@ -642,10 +642,12 @@ async def test_a_failed_step_needs_a_reason_and_a_product_without_retained_mater
     b = await reserve(uow, product="AXI-CEL")
     await receive(uow, b)
     await outbox()
-    with pytest.raises(Problem) as exc:
-        await mes.record_step(uow, SITE, b["order_id"], step="activation", failed=True)
+    with pytest.raises(DomainError) as exc:
+        await commands.record_step(uow, SITE, b["order_id"], step="activation", failed=True)
     assert problem_of(exc) == (422, "reason")
-    await mes.record_step(uow, SITE, b["order_id"], step="activation", failed=True, reason="contamination")
+    await commands.record_step(
+        uow, SITE, b["order_id"], step="activation", failed=True, reason="contamination"
+    )
     [(kind, data)] = await outbox()
     assert kind == "site.manufacturing_failed.v1"
     assert (data["run"], data["retained_material"]) == (1, False)
@@ -673,7 +675,7 @@ async def test_a_cancelled_order_stops_manufacturing_and_cancels_its_booking(
     events = await outbox()
     assert [t for t, _ in events] == ["site.manufacturing_stopped.v1", "site.booking_cancelled.v1"]
     assert all("patient withdrew" in d["reason"] for _, d in events)
-    view = await mes.get_manufacturing(pool, SITE, b["order_id"])
+    view = await queries.get_manufacturing(uow, SITE, b["order_id"])
     assert view["state"] == "stopped"
     assert view["history"][-1]["action"] == "stop"
     assert (await booking(pool, b["slot_id"]))["status"] == "cancelled"
@@ -691,9 +693,9 @@ async def test_a_cancelled_order_stops_manufacturing_and_cancels_its_booking(
         ),
     )
     assert await outbox() == []
-    with pytest.raises(Problem) as exc:
-        await mes.record_step(uow, SITE, b["order_id"], step="transduction")
-    assert exc.value.status == 409
+    with pytest.raises(DomainError) as exc:
+        await commands.record_step(uow, SITE, b["order_id"], step="transduction")
+    assert status_of(exc.value) == 409
 
 
 async def test_a_failed_order_without_material_only_loses_its_live_bookings(
@@ -701,7 +703,7 @@ async def test_a_failed_order_without_material_only_loses_its_live_bookings(
 ) -> None:
     b = await reserve(uow)
     other = await reserve(uow)
-    await registry.add_outage(uow, SITE, start_date=DAY, end_date=DAY, reason="power")  # both affected
+    await commands.add_outage(uow, SITE, start_date=DAY, end_date=DAY, reason="power")  # both affected
     rebooked = await reserve(uow, order=(b["order_id"], b["coi"]), site_id=OTHER_SITE)
     await outbox()
 
@@ -722,7 +724,7 @@ async def test_a_finished_manufacture_is_not_stopped(uow: UnitOfWork, outbox: An
     b = await reserve(uow)
     await receive(uow, b)
     await steps(uow, b, ALL_STEPS)
-    await mes.record_qc(uow, SITE, b["order_id"], disposition="released")
+    await commands.record_qc(uow, SITE, b["order_id"], disposition="released")
     await outbox()
     await handle(
         uow, OrderFailedV1(order_id=b["order_id"], coi=b["coi"], treatment_center_id=CENTRE, reason="x")
@@ -737,7 +739,7 @@ async def test_a_finished_manufacture_is_not_stopped(uow: UnitOfWork, outbox: An
 async def client(pool: asyncpg.Pool, uow: UnitOfWork) -> AsyncIterator[httpx.AsyncClient]:
     app = FastAPI()
     problems.install(app)
-    app.include_router(site_app.router)
+    app.include_router(site_api.router)
     app.dependency_overrides[get_runtime] = lambda: SimpleNamespace(pool=pool, uow=uow)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://site") as c:
         yield c

@@ -4,7 +4,6 @@ and no sequence of MES reports and order commands ever reaches an illegal state.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,20 +11,22 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import order_service
-from site_service.catalog import MANUFACTURING_SEED, product_rules, rules_for, rules_from_seed
+from site_service.adapters.repository import SITES_SEED as SEED
 from site_service.domain import manufacturing as mfg
 from site_service.domain.manufacturing import (
     DISPOSITION_STATE,
     STATE_AFTER,
     STEPS,
-    Conflict,
     Manufacturing,
     Rules,
     State,
     Transition,
 )
-from site_service.services import SEED, site_from_seed
+from site_service.domain.manufacturing import ManufacturingConflict as Conflict
+from site_service.domain.products import known_products, rules_for
+from site_service.domain.registry import site_from_seed
+from v2v_contracts.errors import Conflict as DomainConflict
+from v2v_contracts.reference import load_products, product_catalogue
 
 S = State
 RETAINS = Rules(retains_material=True, max_runs=2)
@@ -308,37 +309,51 @@ def test_no_sequence_reaches_an_illegal_state(sequence: list[Op], rules: Rules) 
     assert remanufactures <= (rules.max_runs - 1 if rules.retains_material else 0)
 
 
-# ---- the seed ----------------------------------------------------------------------------------------
+# ---- the product catalogue ------------------------------------------------------------------------
+# Product facts come from the one shared catalogue (v2v_contracts.reference), the source the order
+# service reads too; the site keeps no copy of its own.
 
 
-ORDER_PRODUCTS = {
-    p["code"]: p
-    for p in yaml.safe_load((Path(order_service.__file__).parent / "seed" / "products.yaml").read_text())
-}
-
-
-def test_manufacturing_seed_is_packaged_and_covers_every_product() -> None:
-    assert MANUFACTURING_SEED.name == "manufacturing.yaml"
-    assert MANUFACTURING_SEED.parent == SEED.parent
-    assert set(product_rules()) == set(ORDER_PRODUCTS)
+def test_the_site_keeps_no_copy_of_the_product_facts_and_knows_every_catalogue_product() -> None:
+    assert SEED.name == "sites.yaml"
+    assert not (SEED.parent / "manufacturing.yaml").exists()
+    assert known_products() == set(product_catalogue())
     assert rules_for("TISA-CEL").retains_material is True
     assert rules_for("AXI-CEL").retains_material is False
     assert rules_for("CILTA-CEL").retains_material is True
 
 
-def test_manufacturing_seed_agrees_with_the_order_service_on_retained_material() -> None:
-    for code, rules in product_rules().items():
-        assert rules.retains_material == ORDER_PRODUCTS[code]["retains_material"], code
-        assert rules.max_runs == ORDER_PRODUCTS[code]["max_runs"], code
+def test_the_rules_agree_with_the_catalogue_on_retained_material_and_runs() -> None:
+    for code, product in product_catalogue().items():
+        assert rules_for(code).retains_material == product.retains_material, code
+        assert rules_for(code).max_runs == product.max_runs, code
 
 
 def test_every_site_capacity_is_for_a_known_product() -> None:
     for entry in yaml.safe_load(SEED.read_text()):
-        assert set(site_from_seed(entry).daily_capacity) <= set(product_rules())
+        assert set(site_from_seed(entry).daily_capacity) <= known_products()
 
 
-def test_unknown_products_retain_nothing_and_bad_runs_are_refused() -> None:
+def test_unknown_products_retain_nothing_and_bad_runs_are_refused(tmp_path: Any) -> None:
     assert rules_for("NOPE") == Rules()
     assert rules_for(None).retains_material is False
     with pytest.raises(ValueError):
-        rules_from_seed([{"product_code": "X", "retains_material": True, "max_runs": 0}])
+        Rules(retains_material=True, max_runs=0)
+    bad = tmp_path / "products.yaml"
+    bad.write_text(
+        "- {code: X, name: x, apheresis_material: fresh, manufacturing_days: 1, qc_days: 0,"
+        " retains_material: true, max_runs: 0, max_recollections: 0}\n"
+    )
+    with pytest.raises(ValueError):
+        load_products(bad)
+
+
+def test_a_manufacturing_conflict_is_a_domain_conflict_with_todays_problem() -> None:
+    with pytest.raises(DomainConflict) as exc:
+        mfg.complete_step(received(), "transduction")
+    err = exc.value
+    assert (err.kind, err.title) == ("conflict", "Conflict with the current state")
+    assert err.detail == "step: steps come in order: the next step is activation, not transduction"
+    assert [e.as_dict() for e in err.errors] == [
+        {"field": "step", "reason": "steps come in order: the next step is activation, not transduction"}
+    ]

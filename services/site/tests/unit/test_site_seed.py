@@ -1,4 +1,5 @@
-"""The seeded seven-site network (shared/DOMAIN.md) and its consistency with the order service's seed."""
+"""The seeded seven-site network (shared/DOMAIN.md) and its consistency with the order service's seed
+and the shared product catalogue."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ import pytest
 import yaml
 
 import order_service
-from site_service.services import SEED, site_from_seed
+from site_service.adapters.repository import SITES_SEED as SEED
+from site_service.domain.registry import site_from_seed
 from v2v_contracts import SiteRegisteredV1
+from v2v_contracts.reference import product_catalogue
 
 REGULATORS = {"FDA", "EMA", "Swissmedic", "PMDA", "NMPA", "TGA"}
 USES = {"commercial", "clinical"}
@@ -20,7 +23,7 @@ ENTRIES = yaml.safe_load(SEED.read_text())
 SITES = [site_from_seed(e) for e in ENTRIES]
 BY_COUNTRY = {s.country: s for s in SITES}
 CENTRES = yaml.safe_load((ORDER_SEED / "treatment_centers.yaml").read_text())
-PRODUCTS = {p["code"] for p in yaml.safe_load((ORDER_SEED / "products.yaml").read_text())}
+PRODUCTS = set(product_catalogue())  # the one product catalogue every service reads
 
 
 def approved_for(site: SiteRegisteredV1, regulator: str, use: str, product: str) -> bool:

@@ -14,16 +14,21 @@ awaiting_material ─▶ material_received ─▶ activation ─▶ transduction
 A state named after a step means that step is the last one completed in the current run; completing
 `cryopreservation`, the last step, puts the run into `qc_pending` (as the order service reads it).
 Steps come strictly in `STEPS` order; a step already completed in this run is a duplicate (no-op),
-a step further ahead is refused (`Conflict` on `step`). Every function returns a `Transition`;
+a step further ahead is refused (`ManufacturingConflict` on `step`). Every function returns a `Transition`;
 `changed=False` means "already so, nothing to record or publish".
 """
 
 from __future__ import annotations
 
 import dataclasses
+import uuid
 from dataclasses import dataclass
+from datetime import datetime
 from enum import StrEnum
-from typing import Literal
+from typing import Any, Literal
+
+from v2v_contracts.coi import coi_problem
+from v2v_contracts.errors import Conflict, Invalid
 
 
 class State(StrEnum):
@@ -66,10 +71,14 @@ DISPOSITION_STATE: dict[str, State] = {
 
 @dataclass(frozen=True)
 class Rules:
-    """Per product, from `seed/manufacturing.yaml`."""
+    """Per product, from the shared product catalogue (`domain.products.rules_for`)."""
 
     retains_material: bool = False  # part of the apheresis material is kept for a remanufacture
     max_runs: int = 1  # runs the material allows (1 = no remanufacture)
+
+    def __post_init__(self) -> None:
+        if self.max_runs < 1:
+            raise ValueError("max_runs must be at least 1")
 
     def retained_after(self, run: int) -> bool:
         """Whether retained material is left for another run once `run` is lost."""
@@ -96,13 +105,72 @@ class Transition:
     changed: bool
 
 
-class Conflict(Exception):
-    """The manufacturing state does not allow the request (an HTTP 409 naming `field`)."""
+@dataclass(frozen=True)
+class Manufacture:
+    """One booking's manufacture at a site: whose material it is, and where its state machine stands."""
+
+    booking_id: uuid.UUID
+    order_id: uuid.UUID
+    coi: str
+    treatment_center_id: str
+    site_id: str
+    product_code: str | None
+    state: Manufacturing
+    received_at: datetime | None = None
+
+    def ref(self) -> dict[str, Any]:
+        """The order references every event about this manufacture carries."""
+        return {"order_id": self.order_id, "coi": self.coi, "treatment_center_id": self.treatment_center_id}
+
+
+class ManufacturingConflict(Conflict):
+    """The manufacturing state does not allow the request (a 409 "conflict" naming `field`)."""
 
     def __init__(self, field: str, reason: str) -> None:
-        super().__init__(f"{field}: {reason}")
+        super().__init__(field, reason)
         self.field = field
         self.reason = reason
+
+
+# ---- what an MES report must carry (checked before any state is read) ---------------------------------
+
+
+def _reason(reason: str | None) -> str | None:
+    return (reason or "").strip() or None
+
+
+def check_receipt(coi: str, accepted: bool, reason: str | None) -> str | None:
+    """A receipt names a well-formed COI, and a reason when the material is refused; the clean reason."""
+    problem = coi_problem(coi)
+    if problem:
+        raise Invalid("coi", problem)
+    reason = _reason(reason)
+    if not accepted and reason is None:
+        raise Invalid("reason", "is required when the material is refused")
+    return reason
+
+
+def check_step_report(step: str, failed: bool, reason: str | None) -> str | None:
+    """A step report names a known step, and a reason when it failed; the clean reason."""
+    if step not in STEPS:
+        raise Invalid("step", f"must be one of {', '.join(STEPS)}")
+    reason = _reason(reason)
+    if failed and reason is None:
+        raise Invalid("reason", "is required when a step failed")
+    return reason
+
+
+def check_qc_report(disposition: str, reason: str | None) -> str | None:
+    """A QC report names a known disposition, and a reason unless released; the clean reason."""
+    if disposition not in DISPOSITION_STATE:
+        raise Invalid("disposition", f"must be one of {', '.join(DISPOSITION_STATE)}")
+    reason = _reason(reason)
+    if disposition != "released" and reason is None:
+        raise Invalid("reason", f"is required when the product is {disposition}")
+    return reason
+
+
+# ---- the transitions ------------------------------------------------------------------------------
 
 
 def _same(m: Manufacturing) -> Transition:
@@ -121,10 +189,12 @@ def receive(m: Manufacturing, accepted: bool) -> Transition:
         return _to(m, state=S.REJECTED)
     if m.state == S.REJECTED:
         if accepted:
-            raise Conflict("accepted", "the material was already rejected at receipt")
+            raise ManufacturingConflict("accepted", "the material was already rejected at receipt")
         return _same(m)
     if not accepted:
-        raise Conflict("accepted", f"the material was already accepted (manufacturing is {m.state})")
+        raise ManufacturingConflict(
+            "accepted", f"the material was already accepted (manufacturing is {m.state})"
+        )
     return _same(m)
 
 
@@ -139,9 +209,11 @@ def complete_step(m: Manufacturing, step: str) -> Transition:
     if m.run >= 1 and index < m.steps_completed:
         return _same(m)  # already completed in this run: a duplicate report
     if m.state not in IN_STEPS:
-        raise Conflict("step", f"no step can complete while manufacturing is {m.state}")
+        raise ManufacturingConflict("step", f"no step can complete while manufacturing is {m.state}")
     if index != m.steps_completed:
-        raise Conflict("step", f"steps come in order: the next step is {m.next_step}, not {step}")
+        raise ManufacturingConflict(
+            "step", f"steps come in order: the next step is {m.next_step}, not {step}"
+        )
     done = index + 1
     return _to(m, state=STATE_AFTER[done], steps_completed=done)
 
@@ -152,9 +224,9 @@ def fail_step(m: Manufacturing, step: str, rules: Rules) -> Transition:
     if m.state == S.FAILED and m.failed_step == step:
         return _same(m)
     if m.state not in IN_STEPS:
-        raise Conflict("step", f"no step is in progress while manufacturing is {m.state}")
+        raise ManufacturingConflict("step", f"no step is in progress while manufacturing is {m.state}")
     if index != m.steps_completed:
-        raise Conflict("step", f"the step in progress is {m.next_step}, not {step}")
+        raise ManufacturingConflict("step", f"the step in progress is {m.next_step}, not {step}")
     return _to(m, state=S.FAILED, failed_step=step, retained_material=rules.retained_after(m.run))
 
 
@@ -166,7 +238,9 @@ def qc(m: Manufacturing, disposition: str, rules: Rules) -> Transition:
     if m.state == target and m.steps_completed == len(STEPS) and m.failed_step is None:
         return _same(m)
     if m.state != S.QC_PENDING:
-        raise Conflict("disposition", f"QC decides only in qc_pending; manufacturing is {m.state}")
+        raise ManufacturingConflict(
+            "disposition", f"QC decides only in qc_pending; manufacturing is {m.state}"
+        )
     retained = target in LOST and rules.retained_after(m.run)
     return _to(m, state=target, retained_material=retained)
 
@@ -179,11 +253,11 @@ def remanufacture(m: Manufacturing, run: int, rules: Rules | None = None) -> Tra
         return _same(m)
     rejected_after_release = m.state == S.RELEASED and rules is not None and rules.retained_after(m.run)
     if m.state not in LOST and not rejected_after_release:
-        raise Conflict(
+        raise ManufacturingConflict(
             "run", f"a new run starts only after OOS, failure or rejection; manufacturing is {m.state}"
         )
     if not (m.retained_material or rejected_after_release):
-        raise Conflict("run", "no retained material is left for another run")
+        raise ManufacturingConflict("run", "no retained material is left for another run")
     return _to(
         m,
         state=S.MATERIAL_RECEIVED,

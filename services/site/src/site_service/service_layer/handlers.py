@@ -1,0 +1,162 @@
+"""The site's event handlers: bookings into a site's plan from scheduling's slots, and the site's answers
+to the order's compensations (cancel, fail) and commands (remanufacture). Each runs in the consumer's
+transaction, with the inbox entry that makes a redelivery a no-op."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+
+from site_service.adapters.repository import SiteTx
+from site_service.domain import manufacturing as mfg
+from site_service.domain import registry
+from site_service.domain.products import rules_for
+from site_service.domain.registry import Booking
+from site_service.service_layer.commands import affect_bookings, record_transition
+from v2v_contracts import (
+    BookingCancelledV1,
+    BookingConfirmedV1,
+    ManufacturingStoppedV1,
+    OrderCancelledV1,
+    OrderFailedV1,
+    RemanufactureRequestedV1,
+    SlotReleasedV1,
+    SlotReservedV1,
+)
+from v2v_messaging import EventMeta, HandlerRegistry
+from v2v_observability import current_traceparent, get_logger
+
+log = get_logger(__name__)
+
+handlers = HandlerRegistry[SiteTx]()
+
+
+def _now(now: datetime | None) -> datetime:
+    return now or datetime.now(UTC)
+
+
+# ---- bookings ----------------------------------------------------------------------------------------
+
+
+async def cancel_booking(tx: SiteTx, booking: Booking, reason: str) -> bool:
+    """Take a live booking out of the site's plan (`booking_cancelled`); False when already cancelled."""
+    if not await tx.bookings.cancel(booking.booking_id, reason):
+        return False
+    await tx.publish(
+        BookingCancelledV1(
+            **booking.ref(),
+            booking_id=booking.booking_id,
+            slot_id=booking.slot_id,
+            site_id=booking.site_id,
+            reason=reason,
+        )
+    )
+    log.info("booking cancelled", site_id=booking.site_id, booking_id=str(booking.booking_id))
+    return True
+
+
+@handlers.on(SlotReservedV1)
+async def on_slot_reserved(tx: SiteTx, slot: SlotReservedV1, meta: EventMeta) -> None:
+    """Scheduling reserved a slot: it becomes a confirmed booking in the site's plan (once per slot)."""
+    if await tx.bookings.by_slot(slot.slot_id) is not None:
+        return
+    booking = Booking(
+        booking_id=uuid.uuid4(),
+        order_id=slot.order_id,
+        coi=slot.coi,
+        slot_id=slot.slot_id,
+        site_id=slot.site_id,
+        manufacturing_start_date=slot.manufacturing_start_date,
+        apheresis_date=slot.apheresis_date,
+        status="confirmed",
+        treatment_center_id=slot.treatment_center_id,
+        product_code=slot.product_code,
+    )
+    await tx.bookings.add(booking, origin_trace=current_traceparent())
+    await tx.publish(
+        BookingConfirmedV1(
+            order_id=slot.order_id,
+            coi=slot.coi,
+            treatment_center_id=slot.treatment_center_id,
+            booking_id=booking.booking_id,
+            slot_id=slot.slot_id,
+            site_id=slot.site_id,
+            product_code=slot.product_code,
+            manufacturing_start_date=slot.manufacturing_start_date,
+            apheresis_date=slot.apheresis_date,
+        )
+    )
+    log.info("booking confirmed into site plan", site_id=slot.site_id)
+    # a slot taken from a stale copy of the registry may fall into an outage the site already declared
+    outage = registry.outage_on(await tx.sites.outages(slot.site_id), slot.manufacturing_start_date)
+    if outage is not None:
+        await affect_bookings(tx, [booking], registry.outage_reason(outage.reason))
+
+
+@handlers.on(SlotReleasedV1)
+async def on_slot_released(tx: SiteTx, data: SlotReleasedV1, meta: EventMeta) -> None:
+    booking = await tx.bookings.by_slot(data.slot_id, lock=True)
+    if booking is None or booking.status == "cancelled":
+        return
+    await cancel_booking(tx, booking, data.reason)
+
+
+# ---- the order's compensations and commands -------------------------------------------------------
+
+
+async def stop_order(tx: SiteTx, order_id: uuid.UUID, reason: str, *, now: datetime | None = None) -> int:
+    """Stop every running manufacture of the order (`manufacturing_stopped`); returns how many."""
+    stopped = 0
+    for m in await tx.manufacturing.for_order(order_id):
+        t = mfg.stop(m.state)
+        if not t.changed:
+            continue
+        event = ManufacturingStoppedV1(**m.ref(), site_id=m.site_id, reason=reason)
+        await record_transition(tx, m, t, action="stop", occurred_at=_now(now), reason=reason, event=event)
+        log.info("manufacturing stopped", site_id=m.site_id, run=t.after.run)
+        stopped += 1
+    return stopped
+
+
+async def _order_ended(tx: SiteTx, order_id: uuid.UUID, reason: str) -> None:
+    # lock order everywhere: site, then bookings, then manufacturing (as a receipt does)
+    bookings = await tx.bookings.for_order(order_id)
+    await stop_order(tx, order_id, reason)
+    for booking in bookings:
+        if booking.live:
+            await cancel_booking(tx, booking, reason)
+
+
+@handlers.on(OrderCancelledV1)
+async def on_order_cancelled(tx: SiteTx, data: OrderCancelledV1, meta: EventMeta) -> None:
+    await _order_ended(tx, data.order_id, f"order cancelled: {data.reason}")
+
+
+@handlers.on(OrderFailedV1)
+async def on_order_failed(tx: SiteTx, data: OrderFailedV1, meta: EventMeta) -> None:
+    await _order_ended(tx, data.order_id, f"order failed: {data.reason}")
+
+
+async def start_remanufacture(
+    tx: SiteTx, order_id: uuid.UUID, site_id: str, run: int, reason: str, *, now: datetime | None = None
+) -> bool:
+    """A new run from retained material at the same site; False when there is nothing to start."""
+    m = await tx.manufacturing.latest(order_id, site_id, lock=True)
+    if m is None:
+        log.warning("remanufacture requested, but no material of the order is at the site", site_id=site_id)
+        return False
+    try:
+        t = mfg.remanufacture(m.state, run, rules_for(m.product_code))
+    except mfg.ManufacturingConflict as exc:
+        log.warning("remanufacture request not applicable", site_id=site_id, run=run, why=exc.reason)
+        return False
+    if not t.changed:
+        return False
+    await record_transition(tx, m, t, action="remanufacture", occurred_at=_now(now), reason=reason)
+    log.info("remanufacture started from retained material", site_id=site_id, run=run)
+    return True
+
+
+@handlers.on(RemanufactureRequestedV1)
+async def on_remanufacture_requested(tx: SiteTx, data: RemanufactureRequestedV1, meta: EventMeta) -> None:
+    await start_remanufacture(tx, data.order_id, data.site_id, data.run, data.reason)

@@ -1,0 +1,662 @@
+"""The site's service layer on in-memory repositories: the same commands the HTTP API calls and the same
+handler registry the consumer routes to (through FakeInbox), asserting the state left behind and the
+events committed. No Postgres, no broker."""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from site_service.adapters.memory import MemoryStore, fake_uow
+from site_service.adapters.repository import SiteTx
+from site_service.domain.manufacturing import ManufacturingConflict
+from site_service.service_layer import commands, queries
+from site_service.service_layer.handlers import handlers
+from v2v_contracts import (
+    CloudEvent,
+    EventData,
+    OrderCancelledV1,
+    OrderFailedV1,
+    RemanufactureRequestedV1,
+    SiteApproval,
+    SlotReleasedV1,
+    SlotReservedV1,
+    new_event,
+)
+from v2v_contracts.coi import make_coi
+from v2v_contracts.errors import CoiMismatch, Conflict, DomainError, Invalid, NotFound
+from v2v_messaging.fakes import FakeInbox, FakeUnitOfWork
+from v2v_servicekit.problems import status_of
+
+SITE = "FR-LES-ULIS"  # TISA-CEL 3/day, AXI-CEL 2/day
+OTHER_SITE = "CH-STEIN"
+CENTRE = "TC-FR-PA-001"
+DAY = date(2031, 5, 12)
+TODAY = date(2031, 5, 1)
+NOW = datetime(2031, 5, 20, 9, 30, tzinfo=UTC)
+ALL_STEPS = ["activation", "transduction", "expansion", "harvest", "cryopreservation"]
+_seq = itertools.count(1)
+
+
+@dataclass
+class Site:
+    store: MemoryStore
+    uow: FakeUnitOfWork[SiteTx]
+    inbox: FakeInbox
+
+    async def deliver(self, *data: EventData) -> list[CloudEvent]:
+        events = [new_event(d) for d in data]
+        await self.inbox.deliver(*events)
+        return events
+
+    def events(self) -> list[tuple[str, dict[str, Any]]]:
+        """The events committed since the last call: [(type, data), ...]."""
+        return [(e.type, e.data) for e in self.uow.take()]
+
+
+@pytest.fixture(scope="module")
+async def seeded() -> MemoryStore:
+    """The seeded network, loaded once through the start-up command (copied for each test)."""
+    store = MemoryStore()
+    uow = fake_uow(store)
+    assert await commands.load_seed(uow) == 7
+    assert uow.types() == ["site.registered.v1"] * 7
+    assert await commands.load_seed(uow) == 0  # nothing new: nothing published
+    assert uow.types() == ["site.registered.v1"] * 7
+    return store
+
+
+@pytest.fixture
+def site(seeded: MemoryStore) -> Site:
+    store = seeded.copy()
+    uow = fake_uow(store)
+    return Site(store, uow, FakeInbox(uow, handlers))
+
+
+@dataclass
+class Order:
+    order_id: uuid.UUID
+    coi: str
+    slot: SlotReservedV1
+
+    @property
+    def slot_id(self) -> uuid.UUID:
+        return self.slot.slot_id
+
+    @property
+    def site_id(self) -> str:
+        return self.slot.site_id
+
+
+def new_order() -> tuple[uuid.UUID, str]:
+    return uuid.uuid4(), make_coi("V2V00", 31, next(_seq))
+
+
+async def reserve(
+    site: Site,
+    *,
+    order: tuple[uuid.UUID, str] | None = None,
+    site_id: str = SITE,
+    day: date = DAY,
+    product: str = "TISA-CEL",
+) -> Order:
+    order_id, coi = order or new_order()
+    slot = SlotReservedV1(
+        order_id=order_id,
+        coi=coi,
+        treatment_center_id=CENTRE,
+        slot_id=uuid.uuid4(),
+        site_id=site_id,
+        product_code=product,
+        order_type="commercial",
+        apheresis_date=day - timedelta(days=2),
+        manufacturing_start_date=day,
+    )
+    await site.deliver(slot)
+    return Order(order_id, coi, slot)
+
+
+async def receive(site: Site, o: Order, **kw: Any) -> dict[str, Any]:
+    args: dict[str, Any] = {"order_id": o.order_id, "coi": o.coi, "accepted": True, "now": NOW}
+    args.update(kw)
+    return await commands.record_receipt(site.uow, o.site_id, **args)
+
+
+async def steps(site: Site, o: Order, names: list[str]) -> dict[str, Any]:
+    view: dict[str, Any] = {}
+    for name in names:
+        view = await commands.record_step(site.uow, o.site_id, o.order_id, step=name, now=NOW)
+    return view
+
+
+def status(site: Site, o: Order) -> str:
+    return site.store.booking(o.slot_id).status
+
+
+def problem(exc: pytest.ExceptionInfo[DomainError]) -> tuple[int, str]:
+    return status_of(exc.value), exc.value.errors[0].field
+
+
+# ---- bookings ----------------------------------------------------------------------------------------
+
+
+async def test_a_reserved_slot_becomes_a_confirmed_booking(site: Site) -> None:
+    o = await reserve(site)
+    [(kind, data)] = site.events()
+    assert kind == "site.booking_confirmed.v1"
+    booking = site.store.booking(o.slot_id)
+    assert booking.status == "confirmed"
+    assert data == {
+        "order_id": str(o.order_id),
+        "coi": o.coi,
+        "treatment_center_id": CENTRE,
+        "booking_id": str(booking.booking_id),
+        "slot_id": str(o.slot_id),
+        "site_id": SITE,
+        "product_code": "TISA-CEL",
+        "manufacturing_start_date": DAY.isoformat(),
+        "apheresis_date": (DAY - timedelta(days=2)).isoformat(),
+    }
+    view = await queries.get_manufacturing(site.uow, SITE, o.order_id)
+    assert (view["state"], view["run"], view["booking_id"]) == ("awaiting_material", 0, booking.booking_id)
+
+
+async def test_a_duplicate_event_is_a_no_op(site: Site) -> None:
+    o = await reserve(site)
+    site.events()
+    event = new_event(o.slot)
+    await site.inbox.deliver(event)
+    await site.inbox.deliver(event)  # the same event id again: dropped by the inbox
+    assert site.events() == []  # and the same slot in a new event: already booked
+    assert sum(1 for r in site.store.bookings.values() if r.booking.order_id == o.order_id) == 1
+    cancelled = new_event(
+        OrderCancelledV1(
+            order_id=o.order_id,
+            coi=o.coi,
+            treatment_center_id=CENTRE,
+            reason="x",
+            previous_status="scheduled",
+        )
+    )
+    await site.inbox.deliver(cancelled, cancelled)
+    assert [t for t, _ in site.events()] == ["site.booking_cancelled.v1"]
+
+
+async def test_a_released_slot_cancels_its_booking_once(site: Site) -> None:
+    first = await reserve(site)
+    again = await reserve(site, order=(first.order_id, first.coi), day=DAY + timedelta(days=7))
+    booked = site.events()
+    release = SlotReleasedV1(
+        order_id=first.order_id,
+        coi=first.coi,
+        treatment_center_id=CENTRE,
+        slot_id=first.slot_id,
+        site_id=SITE,
+        reason="rebook:reschedule",
+    )
+    await site.deliver(release)
+    [(kind, data)] = site.events()
+    assert kind == "site.booking_cancelled.v1"
+    assert (data["slot_id"], data["booking_id"], data["reason"]) == (
+        str(first.slot_id),
+        booked[0][1]["booking_id"],
+        "rebook:reschedule",
+    )
+    assert (status(site, first), status(site, again)) == ("cancelled", "confirmed")
+
+    await site.deliver(release)  # already cancelled
+    await site.deliver(release.model_copy(update={"slot_id": uuid.uuid4()}))  # no such booking
+    assert site.events() == []
+
+
+async def test_a_cancelled_order_stops_manufacturing_and_cancels_its_booking(site: Site) -> None:
+    o = await reserve(site)
+    await receive(site, o)
+    await steps(site, o, ["activation"])
+    site.events()
+    cancelled = OrderCancelledV1(
+        order_id=o.order_id,
+        coi=o.coi,
+        treatment_center_id=CENTRE,
+        reason="patient withdrew",
+        previous_status="manufacturing",
+    )
+    await site.deliver(cancelled)
+
+    events = site.events()
+    assert [t for t, _ in events] == ["site.manufacturing_stopped.v1", "site.booking_cancelled.v1"]
+    assert all(d["reason"] == "order cancelled: patient withdrew" for _, d in events)
+    view = await queries.get_manufacturing(site.uow, SITE, o.order_id)
+    assert view["state"] == "stopped"
+    assert view["history"][-1]["action"] == "stop"
+    assert status(site, o) == "cancelled"
+
+    await site.deliver(cancelled)  # a new event for the same cancellation: nothing left to do
+    assert site.events() == []
+    with pytest.raises(ManufacturingConflict) as exc:
+        await commands.record_step(site.uow, SITE, o.order_id, step="transduction")
+    assert problem(exc) == (409, "step")
+
+
+async def test_a_failed_order_without_material_only_loses_its_live_bookings(site: Site) -> None:
+    o = await reserve(site)
+    other = await reserve(site)
+    await commands.add_outage(site.uow, SITE, start_date=DAY, end_date=DAY, reason="power")  # both affected
+    rebooked = await reserve(site, order=(o.order_id, o.coi), site_id=OTHER_SITE)
+    site.events()
+
+    await site.deliver(
+        OrderFailedV1(order_id=o.order_id, coi=o.coi, treatment_center_id=CENTRE, reason="no material")
+    )
+
+    events = site.events()
+    assert [t for t, _ in events] == ["site.booking_cancelled.v1"] * 2
+    assert {d["site_id"] for _, d in events} == {SITE, OTHER_SITE}
+    assert (status(site, o), status(site, rebooked), status(site, other)) == (
+        "cancelled",
+        "cancelled",
+        "affected",
+    )
+
+
+# ---- the registry ------------------------------------------------------------------------------------
+
+
+async def test_an_outage_affects_the_bookings_in_its_window_whose_material_has_not_arrived(
+    site: Site,
+) -> None:
+    before = await reserve(site, day=DAY - timedelta(days=1))
+    inside = await reserve(site, day=DAY)
+    last_day = await reserve(site, day=DAY + timedelta(days=2))
+    received = await reserve(site, day=DAY + timedelta(days=1))
+    await receive(site, received)
+    elsewhere = await reserve(site, site_id=OTHER_SITE, day=DAY)
+    site.events()
+
+    out = await commands.add_outage(
+        site.uow,
+        SITE,
+        start_date=DAY,
+        end_date=DAY + timedelta(days=2),
+        reason="  cleanroom requalification ",
+    )
+
+    events = site.events()
+    assert [t for t, _ in events] == ["site.registered.v1"] + ["site.booking_affected.v1"] * 2
+    assert events[0][1]["outages"] == [
+        {
+            "outage_id": str(out["outage_id"]),
+            "start_date": DAY.isoformat(),
+            "end_date": (DAY + timedelta(days=2)).isoformat(),
+            "reason": "cleanroom requalification",
+        }
+    ]
+    assert [d["order_id"] for _, d in events[1:]] == [str(inside.order_id), str(last_day.order_id)]
+    assert {d["reason"] for _, d in events[1:]} == {"outage:cleanroom requalification"}
+    assert out["affected_booking_ids"] == [
+        site.store.booking(b.slot_id).booking_id for b in (inside, last_day)
+    ]
+    assert out["site_id"] == SITE
+    for b, expected in [
+        (before, "confirmed"),
+        (inside, "affected"),
+        (last_day, "affected"),
+        (received, "confirmed"),
+        (elsewhere, "confirmed"),
+    ]:
+        assert status(site, b) == expected
+    assert [o["reason"] for o in (await queries.get_site(site.uow, SITE))["outages"]] == [
+        "cleanroom requalification"
+    ]
+
+
+async def test_a_slot_reserved_into_a_declared_outage_is_confirmed_then_affected(site: Site) -> None:
+    await commands.add_outage(site.uow, SITE, start_date=DAY, end_date=DAY, reason="power")
+    site.events()
+    o = await reserve(site)
+    events = site.events()
+    assert [t for t, _ in events] == ["site.booking_confirmed.v1", "site.booking_affected.v1"]
+    assert events[1][1]["reason"] == "outage:power"
+    assert status(site, o) == "affected"
+
+
+async def test_an_outage_is_refused_when_it_ends_before_it_starts_or_has_no_reason(site: Site) -> None:
+    with pytest.raises(Invalid) as exc:
+        await commands.add_outage(
+            site.uow, SITE, start_date=DAY, end_date=DAY - timedelta(days=1), reason="x"
+        )
+    assert problem(exc) == (422, "end_date")
+    with pytest.raises(Invalid) as exc:
+        await commands.add_outage(site.uow, SITE, start_date=DAY, end_date=DAY, reason="   ")
+    assert problem(exc) == (422, "reason")
+    with pytest.raises(NotFound) as nf:
+        await commands.add_outage(site.uow, "XX-NOWHERE", start_date=DAY, end_date=DAY, reason="x")
+    assert (status_of(nf.value), nf.value.title, nf.value.detail) == (
+        404,
+        "Site not found",
+        "no site with id XX-NOWHERE",
+    )
+    assert site.events() == []
+
+
+async def test_a_registry_patch_publishes_the_site_and_survives_a_seed_reload(site: Site) -> None:
+    out = await commands.update_site(site.uow, SITE, daily_capacity={"AXI-CEL": 5}, today=TODAY)
+    assert out["daily_capacity"] == {"TISA-CEL": 3, "AXI-CEL": 5}
+    assert out["affected_booking_ids"] == []
+    [(kind, data)] = site.events()
+    assert kind == "site.registered.v1"
+    assert (data["site_id"], data["daily_capacity"], data["outages"]) == (
+        SITE,
+        {"TISA-CEL": 3, "AXI-CEL": 5},
+        [],
+    )
+
+    approvals = [SiteApproval(regulator="TGA", use="clinical", product_code="CILTA-CEL")]
+    out = await commands.update_site(site.uow, SITE, active=False, approvals=approvals, today=TODAY)
+    assert out["active"] is False
+    [(kind, data)] = site.events()
+    assert (data["active"], data["approvals"]) == (False, [a.model_dump() for a in approvals])
+    assert out["api_managed"] == ["active", "approvals", "daily_capacity:AXI-CEL"]
+
+    await commands.update_site(site.uow, SITE, active=False, today=TODAY)  # no change: nothing published
+    assert site.events() == []
+    assert await commands.load_seed(site.uow) == 0  # the registry's changes win over the seed file
+    assert site.events() == []
+    kept = await queries.get_site(site.uow, SITE)
+    assert (kept["active"], kept["daily_capacity"]["AXI-CEL"]) == (False, 5)
+    listed = [s["site_id"] for s in await queries.list_sites(site.uow)]
+    assert len(listed) == 7 and listed == sorted(listed) and SITE in listed
+
+
+@pytest.mark.parametrize(
+    ("patch", "field"),
+    [
+        ({"daily_capacity": {"NOT-A-PRODUCT": 1}}, "daily_capacity.NOT-A-PRODUCT"),
+        ({"daily_capacity": {"TISA-CEL": -1}}, "daily_capacity.TISA-CEL"),
+        (
+            {"approvals": [SiteApproval(regulator="EMA", use="clinical", product_code="NOPE")]},
+            "approvals.0.product_code",
+        ),
+    ],
+    ids=["unknown-product", "negative", "unknown-approval-product"],
+)
+async def test_a_bad_registry_patch_is_refused_naming_the_field(
+    site: Site, patch: dict[str, Any], field: str
+) -> None:
+    with pytest.raises(Invalid) as exc:
+        await commands.update_site(site.uow, SITE, **patch)
+    assert problem(exc) == (422, field)
+    assert site.events() == []
+
+
+async def test_a_capacity_cut_affects_the_latest_bookings_never_received_material(site: Site) -> None:
+    first, second, third = [await reserve(site) for _ in range(3)]
+    await receive(site, third)  # arrived: keeps its place and counts first
+    past = await reserve(site, day=TODAY - timedelta(days=1))
+    site.events()
+
+    out = await commands.update_site(site.uow, SITE, daily_capacity={"TISA-CEL": 1}, today=TODAY)
+
+    events = site.events()
+    assert [t for t, _ in events] == ["site.registered.v1"] + ["site.booking_affected.v1"] * 2
+    assert {d["reason"] for _, d in events[1:]} == {"capacity_cut"}
+    assert set(out["affected_booking_ids"]) == {
+        site.store.booking(b.slot_id).booking_id for b in (first, second)
+    }
+    assert [status(site, b) for b in (first, second, third, past)] == [
+        "affected",
+        "affected",
+        "confirmed",
+        "confirmed",
+    ]
+
+
+# ---- MES: receipt ------------------------------------------------------------------------------------
+
+
+async def test_a_receipt_accepted_starts_run_one_once(site: Site) -> None:
+    o = await reserve(site)
+    site.events()
+    view = await receive(site, o, received_at=NOW)
+    assert (view["state"], view["run"], view["next_step"]) == ("material_received", 1, "activation")
+    [(kind, data)] = site.events()
+    assert kind == "site.material_received.v1"
+    assert data == {
+        "order_id": str(o.order_id),
+        "coi": o.coi,
+        "treatment_center_id": CENTRE,
+        "site_id": SITE,
+        "received_at": NOW.isoformat().replace("+00:00", "Z"),
+    }
+    assert await receive(site, o) == view  # the same receipt again: nothing new
+    assert site.events() == []
+    with pytest.raises(ManufacturingConflict) as exc:
+        await receive(site, o, accepted=False, reason="bag damaged")
+    assert problem(exc) == (409, "accepted")
+
+
+async def test_a_receipt_refused_rejects_the_material_with_its_reason(site: Site) -> None:
+    o = await reserve(site)
+    site.events()
+    with pytest.raises(Invalid) as exc:
+        await receive(site, o, accepted=False, reason="  ")
+    assert problem(exc) == (422, "reason")
+
+    view = await receive(site, o, accepted=False, reason="bag damaged in transit")
+
+    assert view["state"] == "rejected"
+    [(kind, data)] = site.events()
+    assert (kind, data["reason"]) == ("site.material_rejected.v1", "bag damaged in transit")
+    assert [(h["action"], h["state_after"], h["reason"]) for h in view["history"]] == [
+        ("receipt", "rejected", "bag damaged in transit")
+    ]
+    with pytest.raises(ManufacturingConflict) as step_exc:
+        await commands.record_step(site.uow, SITE, o.order_id, step="activation")
+    assert problem(step_exc) == (409, "step")
+
+
+async def test_a_coi_mismatch_is_refused_and_alerted_on_its_own(site: Site) -> None:
+    o = await reserve(site)
+    _, other_coi = new_order()
+    site.events()
+
+    with pytest.raises(CoiMismatch) as exc:
+        await receive(site, o, coi=other_coi)
+
+    err = exc.value
+    assert (status_of(err), err.kind, err.title) == (409, "coi-mismatch", "Chain of identity mismatch")
+    assert err.detail == "coi: does not match the order's chain of identity; the material is not accepted"
+    assert [e.as_dict() for e in err.errors] == [
+        {"field": "coi", "reason": "does not match the order's chain of identity"}
+    ]
+    [(kind, data)] = site.events()  # the alert is committed, the refusal stands
+    assert kind == "site.coi_mismatch_detected.v1"
+    assert data == {
+        "order_id": str(o.order_id),
+        "coi": o.coi,  # the order's COI, never the one presented
+        "treatment_center_id": CENTRE,
+        "site_id": SITE,
+        "where": "material receipt",
+    }
+    assert site.store.manufacturing == {}
+    assert (await queries.get_manufacturing(site.uow, SITE, o.order_id))["state"] == "awaiting_material"
+
+
+async def test_a_receipt_checks_the_coi_the_site_and_the_booking(site: Site) -> None:
+    o = await reserve(site)
+    site.events()
+    with pytest.raises(Invalid) as bad:
+        await receive(site, o, coi=o.coi[:-1] + ("A" if o.coi[-1] != "A" else "B"))
+    assert problem(bad) == (422, "coi")
+    with pytest.raises(Conflict) as exc:
+        await receive(site, Order(o.order_id, o.coi, o.slot.model_copy(update={"site_id": OTHER_SITE})))
+    assert problem(exc) == (409, "order_id")
+    assert (exc.value.kind, exc.value.title) == ("conflict", "Conflict with the current state")
+    assert exc.value.detail == f"order_id: the order has no confirmed booking at {OTHER_SITE}"
+    with pytest.raises(Conflict) as exc:
+        await receive(site, Order(uuid.uuid4(), o.coi, o.slot))
+    assert problem(exc) == (409, "order_id")
+    with pytest.raises(NotFound):
+        await receive(site, Order(o.order_id, o.coi, o.slot.model_copy(update={"site_id": "XX-NOWHERE"})))
+    assert site.events() == []
+
+
+# ---- MES: steps and QC -------------------------------------------------------------------------------
+
+
+async def test_steps_in_order_then_release(site: Site) -> None:
+    o = await reserve(site)
+    await receive(site, o)
+    site.events()
+
+    view = await steps(site, o, ALL_STEPS)
+
+    assert (view["state"], view["steps_completed"], view["next_step"]) == ("qc_pending", ALL_STEPS, None)
+    events = site.events()
+    assert [t for t, _ in events] == ["site.manufacturing_step_completed.v1"] * 5
+    assert [(d["step"], d["run"]) for _, d in events] == [(s, 1) for s in ALL_STEPS]
+    assert await steps(site, o, ["harvest"]) == view  # a repeated report: no-op
+    assert site.events() == []
+
+    view = await commands.record_qc(site.uow, SITE, o.order_id, disposition="released", now=NOW)
+    assert view["state"] == "released"
+    [(kind, data)] = site.events()
+    assert (kind, data["run"], data["site_id"]) == ("site.product_released.v1", 1, SITE)
+    assert await commands.record_qc(site.uow, SITE, o.order_id, disposition="released") == view
+    assert site.events() == []
+    assert [(h["action"], h["step"], h["state_after"]) for h in view["history"]] == [
+        ("receipt", None, "material_received"),
+        *zip(
+            ["step"] * 5,
+            ALL_STEPS,
+            ["activation", "transduction", "expansion", "harvest", "qc_pending"],
+            strict=True,
+        ),
+        ("qc", None, "released"),
+    ]
+
+
+async def test_a_step_out_of_order_or_before_receipt_is_refused(site: Site) -> None:
+    o = await reserve(site)
+    with pytest.raises(Conflict) as exc:
+        await commands.record_step(site.uow, SITE, o.order_id, step="activation")
+    assert problem(exc) == (409, "order_id")
+    await receive(site, o)
+    site.events()
+
+    with pytest.raises(ManufacturingConflict) as exc:
+        await commands.record_step(site.uow, SITE, o.order_id, step="transduction")
+    assert problem(exc) == (409, "step")
+    assert (exc.value.kind, exc.value.title) == ("conflict", "Conflict with the current state")
+    assert exc.value.detail == "step: steps come in order: the next step is activation, not transduction"
+    with pytest.raises(ManufacturingConflict) as exc:
+        await commands.record_qc(site.uow, SITE, o.order_id, disposition="released")
+    assert problem(exc) == (409, "disposition")
+    with pytest.raises(Invalid) as bad:
+        await commands.record_step(site.uow, SITE, o.order_id, step="formulation")
+    assert problem(bad) == (422, "step")
+    with pytest.raises(Invalid) as bad:
+        await commands.record_step(site.uow, SITE, o.order_id, step="activation", failed=True)
+    assert problem(bad) == (422, "reason")
+    assert site.events() == []
+    assert (await queries.get_manufacturing(site.uow, SITE, o.order_id))["next_step"] == "activation"
+    with pytest.raises(NotFound):
+        await commands.record_step(site.uow, "XX-NOWHERE", o.order_id, step="activation")
+    with pytest.raises(NotFound):
+        await queries.get_manufacturing(site.uow, SITE, uuid.uuid4())
+
+
+@pytest.mark.parametrize(
+    ("product", "disposition", "kind", "retained"),
+    [
+        ("TISA-CEL", "out_of_specification", "site.product_out_of_specification.v1", True),
+        ("AXI-CEL", "out_of_specification", "site.product_out_of_specification.v1", False),
+        ("TISA-CEL", "failed", "site.manufacturing_failed.v1", True),
+        ("AXI-CEL", "failed", "site.manufacturing_failed.v1", False),
+    ],
+)
+async def test_qc_out_of_specification_or_failed_keeps_material_only_when_the_product_retains_it(
+    site: Site, product: str, disposition: str, kind: str, retained: bool
+) -> None:
+    o = await reserve(site, product=product)
+    await receive(site, o)
+    await steps(site, o, ALL_STEPS)
+    site.events()
+    with pytest.raises(Invalid) as bad:
+        await commands.record_qc(site.uow, SITE, o.order_id, disposition=disposition, reason=" ")
+    assert problem(bad) == (422, "reason")
+
+    view = await commands.record_qc(site.uow, SITE, o.order_id, disposition=disposition, reason="CAR+ 8%")
+
+    assert (view["state"], view["retained_material"]) == (disposition, retained)
+    [(event_kind, data)] = site.events()
+    assert event_kind == kind
+    assert (data["run"], data["retained_material"]) == (1, retained)
+    assert data["reason"] == ("CAR+ 8%" if disposition == "out_of_specification" else "QC: CAR+ 8%")
+
+
+async def test_a_remanufacture_request_starts_run_two_from_retained_material(site: Site) -> None:
+    o = await reserve(site, product="TISA-CEL")  # retains material, two runs
+    await receive(site, o)
+    await steps(site, o, ALL_STEPS)
+    await commands.record_qc(site.uow, SITE, o.order_id, disposition="out_of_specification", reason="CAR+ 8%")
+    site.events()
+    command = RemanufactureRequestedV1(
+        order_id=o.order_id,
+        coi=o.coi,
+        treatment_center_id=CENTRE,
+        site_id=SITE,
+        reason="out of specification",
+        run=2,
+    )
+
+    await site.deliver(command)
+    await site.deliver(command)  # the same command again (a new event): already started
+
+    view = await queries.get_manufacturing(site.uow, SITE, o.order_id)
+    assert (view["state"], view["run"], view["next_step"]) == ("material_received", 2, "activation")
+    assert view["history"][-1]["action"] == "remanufacture"
+    assert [h["action"] for h in view["history"]].count("remanufacture") == 1
+    assert site.events() == []  # no new receipt: the run starts from retained material
+
+    await steps(site, o, ["activation", "transduction"])
+    view = await commands.record_step(
+        site.uow, SITE, o.order_id, step="expansion", failed=True, reason="no expansion"
+    )
+    assert (view["state"], view["failed_step"]) == ("failed", "expansion")
+    events = site.events()
+    assert [t for t, _ in events] == ["site.manufacturing_step_completed.v1"] * 2 + [
+        "site.manufacturing_failed.v1"
+    ]
+    assert all(d["run"] == 2 for _, d in events)
+    assert (events[2][1]["retained_material"], events[2][1]["reason"]) == (
+        False,
+        "expansion failed: no expansion",
+    )
+
+    await site.deliver(command.model_copy(update={"run": 3}))  # nothing retained: ignored
+    await site.deliver(command.model_copy(update={"site_id": OTHER_SITE}))  # no material there: ignored
+    assert (await queries.get_manufacturing(site.uow, SITE, o.order_id))["state"] == "failed"
+    assert site.events() == []
+
+
+async def test_a_command_that_fails_midway_leaves_nothing(
+    site: Site, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    o = await reserve(site)
+    site.events()
+
+    async def broken(*_a: Any, **_k: Any) -> list[uuid.UUID]:
+        raise RuntimeError("affect failed")
+
+    monkeypatch.setattr(commands, "affect_bookings", broken)
+    with pytest.raises(RuntimeError):
+        await commands.add_outage(site.uow, SITE, start_date=DAY, end_date=DAY, reason="x")
+    assert site.events() == []
+    assert (await queries.get_site(site.uow, SITE))["outages"] == []
+    assert status(site, o) == "confirmed"
