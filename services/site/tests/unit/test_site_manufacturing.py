@@ -23,8 +23,8 @@ from site_service.domain.manufacturing import (
     Transition,
 )
 from site_service.domain.manufacturing import ManufacturingConflict as Conflict
-from site_service.domain.products import known_products, rules_for
 from site_service.domain.registry import site_from_seed
+from site_service.service_layer.products import known_products, rules_for
 from v2v_contracts.errors import Conflict as DomainConflict
 from v2v_contracts.reference import load_products, product_catalogue
 

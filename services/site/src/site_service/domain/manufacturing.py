@@ -71,7 +71,7 @@ DISPOSITION_STATE: dict[str, State] = {
 
 @dataclass(frozen=True)
 class Rules:
-    """Per product, from the shared product catalogue (`domain.products.rules_for`)."""
+    """Per product, from the shared product catalogue (`service_layer.products.rules_for`)."""
 
     retains_material: bool = False  # part of the apheresis material is kept for a remanufacture
     max_runs: int = 1  # runs the material allows (1 = no remanufacture)

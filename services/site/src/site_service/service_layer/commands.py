@@ -19,8 +19,8 @@ from site_service.adapters.repository import SITES_SEED, SiteTx, read_sites_seed
 from site_service.domain import manufacturing as mfg
 from site_service.domain import registry
 from site_service.domain.manufacturing import Manufacture, Transition
-from site_service.domain.products import known_products, rules_for
 from site_service.domain.registry import Booking
+from site_service.service_layer.products import known_products, rules_for
 from site_service.service_layer.queries import ensure_site, manufacturing_view, site_view
 from v2v_contracts import (
     BookingAffectedV1,

@@ -10,9 +10,9 @@ from datetime import UTC, datetime
 from site_service.adapters.repository import SiteTx
 from site_service.domain import manufacturing as mfg
 from site_service.domain import registry
-from site_service.domain.products import rules_for
 from site_service.domain.registry import Booking
 from site_service.service_layer.commands import affect_bookings, record_transition
+from site_service.service_layer.products import rules_for
 from v2v_contracts import (
     BookingCancelledV1,
     BookingConfirmedV1,
