@@ -21,8 +21,11 @@ import asyncpg
 import pytest
 
 import scheduling_service
-from scheduling_service import services
-from scheduling_service.domain.selection import Parameters
+from scheduling_service.adapters.repository import postgres_tx
+from scheduling_service.domain.selection import Choice, Parameters
+from scheduling_service.domain.slots import Planning, SlotRequest
+from scheduling_service.service_layer import booking
+from scheduling_service.service_layer.handlers import build_handlers
 from v2v_contracts import (
     BookingConfirmedV1,
     CloudEvent,
@@ -37,8 +40,9 @@ from v2v_contracts import (
     SiteRegisteredV1,
     new_event,
 )
+from v2v_contracts.reference import product_catalogue
 from v2v_harness import pytest_plugin
-from v2v_messaging import MIGRATIONS_DIR, Handler, UnitOfWork, notify_channel
+from v2v_messaging import MIGRATIONS_DIR, UnitOfWork, notify_channel
 from v2v_persistence import apply_migrations, create_pool, schema_of
 
 pytestmark = pytest.mark.integration
@@ -69,14 +73,14 @@ async def pool(test_db: pytest_plugin.TestDatabase) -> AsyncIterator[asyncpg.Poo
 
 @pytest.fixture
 def uow(pool: asyncpg.Pool) -> UnitOfWork:
-    return UnitOfWork(pool, TOPIC, notify_channel("scheduling"))
+    return UnitOfWork(pool, TOPIC, notify_channel("scheduling"), postgres_tx)
 
 
-@pytest.fixture(autouse=True)
-def short_horizon(monkeypatch: pytest.MonkeyPatch) -> Parameters:
-    params = Parameters(same_region_transit_days=1, cross_region_transit_days=2, horizon_days=3)
-    monkeypatch.setattr(services, "PARAMS", params)
-    return params
+# a short horizon (three days): waiting, releasing and rebooking all happen with a handful of orders
+PLANNING = Planning(
+    Parameters(same_region_transit_days=1, cross_region_transit_days=2, horizon_days=3), product_catalogue()
+)
+HANDLERS = build_handlers(PLANNING)
 
 
 # ---- building events ---------------------------------------------------------------------------------
@@ -175,9 +179,15 @@ class Order:
 
 
 async def handle(uow: UnitOfWork, event: CloudEvent) -> None:
-    handler: Handler = services.handlers(None)[event.type]
     async with uow.begin() as tx:
-        await handler(tx, event)
+        assert await HANDLERS.dispatch(tx, event), event.type
+
+
+def waitlisted_request(row: asyncpg.Record) -> SlotRequest:
+    """The request a waitlist row remembers (the data of the event that asked for the slot)."""
+    if row["request_type"] == RebookRequestedV1.TYPE:
+        return SlotRequest.rebook(RebookRequestedV1.model_validate(row["request"]))
+    return SlotRequest.submitted(OrderSubmittedV1.model_validate(row["request"]))
 
 
 # ---- reading -----------------------------------------------------------------------------------------
@@ -262,7 +272,7 @@ async def test_the_migration_keeps_waiting_orders_of_the_first_schema(
         [entry] = await waitlist(p)
         assert (entry["product_code"], entry["request_type"]) == (PRODUCT, "order.submitted.v1")
         assert entry["exclude_site_id"] is None and entry["rebook_kind"] is None
-        await handle(UnitOfWork(p, TOPIC, notify_channel("scheduling")), site_event("A"))
+        await handle(UnitOfWork(p, TOPIC, notify_channel("scheduling"), postgres_tx), site_event("A"))
         slot = await live(p, order)
         assert slot is not None and slot["reserved_reason"] == "waitlist"
         assert await waitlist(p) == []
@@ -633,10 +643,10 @@ async def test_concurrent_registry_changes_and_bookings_of_two_products_never_de
     assert len(live_orders) + len(waiting) == 24 - 6 + 10
     # whoever still waits does so because no day of the window has room (a probe books nothing)
     for entry in waiting:
-        req = services.waitlisted_request(entry)
+        req = waitlisted_request(entry)
         async with uow.begin() as tx:
-            result = await services.try_reserve(tx, services.ProductLocks(tx.conn), req, "probe")
-        assert not isinstance(result, services.Choice), f"{req.order_id} waits although there is room"
+            result = await booking.try_reserve(tx, PLANNING, req, "probe")
+        assert not isinstance(result, Choice), f"{req.order_id} waits although there is room"
 
 
 async def assert_each_order_has_one_live_slot_or_waits(pool: asyncpg.Pool, orders: list[Order]) -> None:
