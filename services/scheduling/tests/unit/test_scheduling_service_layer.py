@@ -186,6 +186,8 @@ async def test_a_submitted_order_reserves_the_earliest_slot() -> None:
         "reason": "initial",
     }
     assert (slot.status, slot.reserved_reason) == ("held", "initial")
+    # the slot keeps the order's market (to notice when its site loses the approval)
+    assert (slot.order_type, slot.regulator, slot.region) == ("clinical", "EMA", "europe")
     assert w.waiting() == []
     assert w.store.locked[-1] == [PRODUCT]  # booked under the product's lock
 
@@ -328,6 +330,131 @@ async def test_confirmation_and_material_receipt() -> None:
     await w.deliver(second.submitted())
     assert w.live(second).manufacturing_start_date == d(2)  # type: ignore[union-attr]
     assert await w.deliver(first.cancelled()) == []
+
+
+# ---- the market loses its last approved site ---------------------------------------------------------
+
+
+async def test_waiting_orders_are_told_once_when_their_market_loses_its_last_approved_site() -> None:
+    w = World()
+    await w.deliver(site_event("A", capacity=1))
+    holders = [Order(i) for i in range(3)]
+    waiting = [Order(10), Order(11)]
+    await w.deliver(*(o.submitted() for o in holders + waiting))
+    assert all(e["reason"] == "no_capacity" for e in w.waitlist_view())
+
+    # A loses its EMA approval: nowhere left for EMA's clinical CILTA-CEL
+    events = await w.deliver(site_event("A", capacity=1, regulators=("NMPA",)))
+    for o in waiting:
+        [told] = of(events, o)
+        assert told.type == UNAVAILABLE
+        assert told.data["reason"] == "no_approved_site" and told.data["waitlisted"] is True
+        detail = told.data["detail"]
+        assert PRODUCT in detail and "clinical" in detail and "EMA" in detail
+        assert o.coi not in detail and str(o.order_id) not in detail
+    assert all(e["reason"] == "no_approved_site" for e in w.waitlist_view())
+
+    # told once: later site events (the same copy again, more capacity, another site) tell nothing more
+    again = await w.deliver(
+        site_event("A", capacity=1, regulators=("NMPA",)),
+        site_event("A", capacity=3, regulators=("NMPA",)),
+        site_event("C-NMPA", regulators=("NMPA",)),
+    )
+    assert again == []
+
+    # an approved site again: the waitlist is served in order
+    events = await w.deliver(site_event("B", capacity=1))
+    assert types(events) == [RESERVED] * 3
+    served = [e.data["order_id"] for e in events]
+    assert served[:2] == [str(o.order_id) for o in waiting]
+
+
+async def test_a_new_order_for_a_market_without_an_approved_site_waits_for_that_reason() -> None:
+    w = World()
+    await w.deliver(site_event("A", regulators=("NMPA",)))
+    order = Order(1)  # EMA
+    [event] = await w.deliver(order.submitted())
+    assert event.type == UNAVAILABLE and event.data["reason"] == "no_approved_site"
+    assert w.waitlist_view()[0]["reason"] == "no_approved_site"
+    assert await w.deliver(site_event("A", capacity=2, regulators=("NMPA",))) == []  # not told twice
+
+
+async def test_a_reserved_order_moves_off_a_site_that_loses_the_approval() -> None:
+    w = World()
+    await w.deliver(site_event("A-NEAR"), site_event("B-FAR", region="north_america"))
+    order, other = Order(1), Order(2, regulator="NMPA")
+    await w.deliver(site_event("A-NEAR", regulators=("EMA", "NMPA")), order.submitted(), other.submitted())
+    old = w.live(order)
+    assert old is not None and old.site_id == "A-NEAR"
+    assert w.live(other).site_id == "A-NEAR"  # type: ignore[union-attr]
+
+    events = await w.deliver(site_event("A-NEAR", regulators=("NMPA",)))
+    # as a site outage rebook: released at A-NEAR, booked at the other approved site
+    assert types(events) == [RELEASED, RESERVED]
+    released, reserved = events
+    assert released.data == {
+        "order_id": str(order.order_id),
+        "coi": order.coi,
+        "treatment_center_id": "TC-DE-BE-001",
+        "slot_id": str(old.slot_id),
+        "site_id": "A-NEAR",
+        "reason": "approval_withdrawn",
+    }
+    assert reserved.data["site_id"] == "B-FAR" and reserved.data["reason"] == "rebook:site_outage"
+    assert reserved.data["apheresis_date"] == APHERESIS.isoformat()
+    # the NMPA order keeps its slot: A-NEAR is still approved for its market
+    assert w.live(other).site_id == "A-NEAR"  # type: ignore[union-attr]
+    # nothing more at the next event
+    assert await w.deliver(site_event("A-NEAR", regulators=("NMPA",))) == []
+
+
+async def test_a_reserved_order_without_another_approved_site_is_released_and_waits() -> None:
+    w = World()
+    await w.deliver(site_event("A", capacity=1))
+    order, consumed, third = Order(1), Order(2), Order(3)
+    await w.deliver(order.submitted(), consumed.submitted(), third.submitted())  # d1, d2, d3
+    received = MaterialReceivedV1(**consumed.ids(), site_id="A", received_at=datetime(2031, 3, 4, tzinfo=UTC))
+    await w.deliver(new_event(received))
+
+    # the site is deactivated: every live slot there must go, nowhere else is approved
+    late_day = datetime(2031, 3, 20, 9, tzinfo=UTC)  # after the planned apheresis
+    event = site_event("A", capacity=1, active=False)
+    event = event.model_copy(update={"time": late_day})
+    events = await w.deliver(event)
+    assert types(of(events, order)) == [RELEASED, UNAVAILABLE]
+    assert types(of(events, third)) == [RELEASED, UNAVAILABLE]
+    released, told = of(events, order)
+    assert released.data["reason"] == "site_inactive"
+    assert told.data["reason"] == "no_approved_site" and told.data["waitlisted"] is True
+    assert "other than A" in told.data["detail"] and PRODUCT in told.data["detail"]
+    # material already received: the consumed slot stays where its material is
+    assert of(events, consumed) == []
+    assert [s.status for s in w.slots(consumed)] == ["consumed"]
+    # both wait as site outage rebooks away from A, for today at the earliest, told once
+    entries = {e["order_id"]: e for e in w.waitlist_view()}
+    for o in (order, third):
+        request = entries[o.order_id]["request"]
+        assert isinstance(request, RebookRequestedV1)
+        assert (request.kind, request.exclude_site_id, request.reason) == (
+            "site_outage",
+            "A",
+            "site_inactive",
+        )
+        assert request.apheresis_date == late_day.date()
+        assert entries[o.order_id]["reason"] == "no_approved_site"
+    assert await w.deliver(site_event("A", capacity=2, active=False)) == []
+
+
+async def test_a_slot_booked_before_the_market_was_kept_stays() -> None:
+    """Slots from before migration 0003 do not know their order's market: left alone, not guessed."""
+    w = World()
+    await w.deliver(site_event("A", capacity=1))
+    order = Order(1)
+    await w.deliver(order.submitted())
+    [row] = w.store.slots.values()
+    row.slot = Slot(**{**row.slot.__dict__, "order_type": None, "regulator": None, "region": None})
+    assert await w.deliver(site_event("A", regulators=("NMPA",))) == []
+    assert w.live(order) is not None
 
 
 # ---- the API's reads ---------------------------------------------------------------------------------

@@ -97,6 +97,11 @@ class MemorySlots(SlotRepository):
         row = self._live_row(order_id)
         return row.slot if row is not None else None
 
+    async def live_at(self, site_id: str) -> list[Slot]:
+        return [
+            r.slot for r in self.store.slots.values() if r.slot.site_id == site_id and r.slot.status in LIVE
+        ]
+
     async def usage(self, product: str, since: date) -> Usage:
         used: Usage = {}
         for row in self.store.slots.values():

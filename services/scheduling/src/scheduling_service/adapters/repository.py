@@ -21,7 +21,7 @@ from v2v_messaging import EventSink, Tx
 
 Usage = dict[tuple[str, str, date], int]  # (site, product, day) -> slots using that day's capacity
 
-# the columns of a slot as the HTTP API shows them
+# the columns of a slot as the HTTP API shows them (the market columns of 0003 stay internal)
 SLOT_VIEW = (
     "slot_id, order_id, coi, site_id, product_code, manufacturing_start_date, apheresis_date, status, "
     "created_at, updated_at, treatment_center_id, reserved_reason, release_reason, released_at"
@@ -74,6 +74,10 @@ class SlotRepository(ABC):
         """The order's held or confirmed slot."""
 
     @abstractmethod
+    async def live_at(self, site_id: str) -> list[Slot]:
+        """Held and confirmed slots at a site, oldest first."""
+
+    @abstractmethod
     async def usage(self, product: str, since: date) -> Usage:
         """Slots using capacity per (site, product, day) from `since`: held, confirmed and consumed."""
 
@@ -116,6 +120,9 @@ def _slot(row: asyncpg.Record) -> Slot:
         apheresis_date=row["apheresis_date"],
         status=row["status"],
         reserved_reason=row["reserved_reason"],
+        order_type=row["order_type"],
+        regulator=row["regulator"],
+        region=row["region"],
     )
 
 
@@ -128,6 +135,14 @@ class PostgresSlots(SlotRepository):
             "SELECT * FROM slots WHERE order_id = $1 AND status IN ('held', 'confirmed')", order_id
         )
         return _slot(row) if row is not None else None
+
+    async def live_at(self, site_id: str) -> list[Slot]:
+        rows = await self.conn.fetch(
+            """SELECT * FROM slots WHERE site_id = $1 AND status IN ('held', 'confirmed')
+               ORDER BY created_at, slot_id""",
+            site_id,
+        )
+        return [_slot(r) for r in rows]
 
     async def usage(self, product: str, since: date) -> Usage:
         rows = await self.conn.fetch(
@@ -143,8 +158,9 @@ class PostgresSlots(SlotRepository):
     async def add(self, slot: Slot) -> None:
         await self.conn.execute(
             """INSERT INTO slots (slot_id, order_id, coi, treatment_center_id, site_id, product_code,
-                                  manufacturing_start_date, apheresis_date, status, reserved_reason)
-               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)""",
+                                  manufacturing_start_date, apheresis_date, status, reserved_reason,
+                                  order_type, regulator, region)
+               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)""",
             slot.slot_id,
             slot.order_id,
             slot.coi,
@@ -155,6 +171,9 @@ class PostgresSlots(SlotRepository):
             slot.apheresis_date,
             slot.status,
             slot.reserved_reason,
+            slot.order_type,
+            slot.regulator,
+            slot.region,
         )
 
     async def release_live(self, order_id: uuid.UUID, reason: str) -> Slot | None:

@@ -1,4 +1,5 @@
-"""What scheduling books and remembers: the request for a slot, a booked slot, a waiting request.
+"""What scheduling books and remembers: the request for a slot, a booked slot, a waiting request, and
+when a booked slot has to move because its site may no longer make the order's product.
 
 Pure: built from the event contracts and the product catalogue handed in; no I/O.
 """
@@ -17,6 +18,11 @@ from v2v_contracts.reference import Product
 
 LIVE = ("held", "confirmed")  # a slot the order still holds: at most one per order
 IN_USE = ("held", "confirmed", "consumed")  # a slot that uses its day's capacity
+
+NO_APPROVED_SITE = "no_approved_site"
+# why a live slot is released when its site may no longer make the order's product
+APPROVAL_WITHDRAWN = "approval_withdrawn"
+SITE_INACTIVE = "site_inactive"
 
 
 @dataclass(frozen=True)
@@ -108,6 +114,10 @@ class Slot:
     apheresis_date: date
     status: str
     reserved_reason: str = "initial"
+    # the order's market, kept to notice when the site loses its approval (None: booked before 0003)
+    order_type: str | None = None
+    regulator: str | None = None
+    region: str | None = None
 
     @classmethod
     def booked(cls, slot_id: uuid.UUID, req: SlotRequest, site_id: str, day: date, reason: str) -> Slot:
@@ -122,6 +132,9 @@ class Slot:
             req.apheresis_date,
             "held",
             reason,
+            req.order_type,
+            req.regulator,
+            req.region,
         )
 
 
@@ -154,4 +167,30 @@ def registered_site(site: SiteRegisteredV1) -> Site:
         approvals=frozenset(Approval(a.regulator, a.use, a.product_code) for a in site.approvals),
         daily_capacity=dict(site.daily_capacity),
         outages=tuple(Window(o.start_date, o.end_date) for o in site.outages),
+    )
+
+
+def move_off(slot: Slot, site: Site, today: date) -> RebookRequestedV1 | None:
+    """The rebook a live slot needs when its site (as registered now) is inactive or no longer approved
+    for the order's product, use and regulator: like a site outage, away from that site, for the planned
+    apheresis date (today at the earliest). None when the site still may make it, or when the slot was
+    booked before scheduling kept the order's market (it cannot be told)."""
+    if slot.site_id != site.site_id or slot.status not in LIVE:
+        return None
+    if slot.order_type is None or slot.regulator is None or slot.region is None:
+        return None
+    if site.approves(slot.regulator, slot.order_type, slot.product_code):
+        return None
+    return RebookRequestedV1(
+        order_id=slot.order_id,
+        coi=slot.coi,
+        treatment_center_id=slot.treatment_center_id or "",
+        kind="site_outage",
+        reason=APPROVAL_WITHDRAWN if site.active else SITE_INACTIVE,
+        product_code=slot.product_code,
+        order_type=slot.order_type,  # type: ignore[arg-type]
+        regulator=slot.regulator,
+        region=slot.region,
+        apheresis_date=max(slot.apheresis_date, today),
+        exclude_site_id=site.site_id,
     )

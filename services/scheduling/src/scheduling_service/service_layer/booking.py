@@ -1,4 +1,4 @@
-"""Booking against capacity: reserve, release, rebook, serve the waitlist.
+"""Booking against capacity: reserve, release, rebook, move off a site, serve the waitlist.
 
 Never oversold, with any number of replicas: every transaction that reads a product's capacity use and
 books against it first takes that product's lock (`tx.locks`: a transaction-scoped advisory lock per
@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable
+from datetime import date
 
 from scheduling_service.adapters.repository import SchedulingTx
-from scheduling_service.domain.selection import Choice, NoChoice, select_site
-from scheduling_service.domain.slots import Planning, Slot, SlotRequest
+from scheduling_service.domain.selection import Choice, NoChoice, Site, select_site
+from scheduling_service.domain.slots import NO_APPROVED_SITE, Planning, Slot, SlotRequest, move_off
 from v2v_contracts import (
     OrderEventData,
     RebookRequestedV1,
@@ -125,8 +126,32 @@ async def rebook(tx: SchedulingTx, planning: Planning, request: RebookRequestedV
     return released
 
 
+async def move_off_site(tx: SchedulingTx, planning: Planning, site: Site, today: date) -> list[Slot]:
+    """Live slots at a site that is now inactive or no longer approved for their order's market move
+    elsewhere as a site outage rebook would (or wait, told why). Caller holds the site's product locks;
+    returns the released slots."""
+    moved: list[Slot] = []
+    for slot in await tx.slots.live_at(site.site_id):
+        request = move_off(slot, site, today)
+        if request is None:
+            continue
+        await lock_order(tx, slot.order_id, also=[slot.product_code])
+        current = await tx.slots.live(slot.order_id)
+        if current is None or current.slot_id != slot.slot_id:
+            continue  # moved or released meanwhile (its product was not locked yet): nothing to do here
+        released = await rebook(tx, planning, request)
+        if released is not None:
+            moved.append(released)
+            log.warning("slot moved off its site", site_id=site.site_id, reason=request.reason)
+    return moved
+
+
 async def serve_waitlist(tx: SchedulingTx, planning: Planning, products: Iterable[str]) -> int:
-    """Book waiting orders for these products first come, first served, as far as capacity allows."""
+    """Book waiting orders for these products first come, first served, as far as capacity allows.
+
+    An order that still waits keeps the latest reason; when that becomes `no_approved_site` (its market
+    lost its last approved site), the centre is told once with `slot_unavailable`.
+    """
     wanted = sorted(set(products))
     if not wanted:
         return 0
@@ -138,6 +163,10 @@ async def serve_waitlist(tx: SchedulingTx, planning: Planning, products: Iterabl
         result = await try_reserve(tx, planning, req, req.reserved_reason(from_waitlist=True))
         if isinstance(result, Choice):
             booked += 1
+        elif result.reason != entry.reason:
+            await tx.waitlist.set_reason(entry.order_id, result.reason)
+            if result.reason == NO_APPROVED_SITE:
+                await tell_waitlisted(tx, req, result)
     if booked:
         log.info("waitlist served", booked=booked, waiting=len(entries) - booked)
     return booked

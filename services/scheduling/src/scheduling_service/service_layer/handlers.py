@@ -12,6 +12,7 @@ from scheduling_service.domain.selection import Choice
 from scheduling_service.domain.slots import Planning, SlotRequest, registered_site
 from scheduling_service.service_layer.booking import (
     lock_order,
+    move_off_site,
     rebook,
     release_live_slot,
     serve_waitlist,
@@ -83,7 +84,8 @@ def build_handlers(planning: Planning) -> HandlerRegistry[SchedulingTx]:
 
     @handlers.on(SiteRegisteredV1)
     async def on_site_registered(tx: SchedulingTx, event: SiteRegisteredV1, meta: EventMeta) -> None:
-        """Keep the site copy (capacity, approvals, outages, active); serve the waitlist for its products."""
+        """Keep the site copy (capacity, approvals, outages, active); move live slots off the site when it
+        may no longer make their order's product; serve the waitlist for its products."""
         site = registered_site(event)
         old = await tx.sites.get(site.site_id)
         products = site.products | (old.products if old is not None else set())
@@ -95,6 +97,7 @@ def build_handlers(planning: Planning) -> HandlerRegistry[SchedulingTx]:
             products |= old.products
             await tx.locks.take(products)
         await tx.sites.upsert(event)
+        await move_off_site(tx, planning, site, meta.time.date())
         await serve_waitlist(tx, planning, products)
 
     @handlers.on(BookingConfirmedV1)
