@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
-from scheduling_service import services
-from scheduling_service.api import router
+from scheduling_service.adapters.repository import postgres_tx
+from scheduling_service.config import SchedulingSettings
+from scheduling_service.entrypoints.api import router
+from scheduling_service.service_layer.handlers import build_handlers
 from v2v_contracts import SlotReleasedV1, SlotReservedV1, SlotUnavailableV1
 from v2v_servicekit import ConsumerSpec, ServiceDefinition
 
@@ -13,8 +16,17 @@ DEFINITION = ServiceDefinition(
     name="scheduling",
     schema="scheduling",
     migrations_dir=Path(__file__).parent / "migrations",
+    settings_class=SchedulingSettings,
+    tx_factory=postgres_tx,
     routers=[router],
-    consumers=[ConsumerSpec("slots", ["order", "site"], services.handlers)],
+    # built at start-up: the parameters file named by the settings and the product catalogue are read then
+    consumers=[
+        ConsumerSpec(
+            "slots",
+            ["order", "site"],
+            lambda rt: build_handlers(cast(SchedulingSettings, rt.settings).planning()),
+        )
+    ],
     publishes=[SlotReservedV1, SlotUnavailableV1, SlotReleasedV1],
     description="Manufacturing slots: site selection, capacity, waitlist, release and rebook.",
 )

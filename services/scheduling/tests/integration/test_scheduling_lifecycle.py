@@ -21,8 +21,11 @@ import asyncpg
 import pytest
 
 import scheduling_service
-from scheduling_service import services
-from scheduling_service.domain.selection import Parameters
+from scheduling_service.adapters.repository import postgres_tx
+from scheduling_service.domain.selection import Choice, Parameters
+from scheduling_service.domain.slots import Planning, SlotRequest
+from scheduling_service.service_layer import booking
+from scheduling_service.service_layer.handlers import build_handlers
 from v2v_contracts import (
     BookingConfirmedV1,
     CloudEvent,
@@ -37,8 +40,9 @@ from v2v_contracts import (
     SiteRegisteredV1,
     new_event,
 )
+from v2v_contracts.reference import product_catalogue
 from v2v_harness import pytest_plugin
-from v2v_messaging import MIGRATIONS_DIR, Handler, UnitOfWork, notify_channel
+from v2v_messaging import MIGRATIONS_DIR, UnitOfWork, notify_channel
 from v2v_persistence import apply_migrations, create_pool, schema_of
 
 pytestmark = pytest.mark.integration
@@ -58,7 +62,7 @@ def d(n: int) -> date:
 async def pool(test_db: pytest_plugin.TestDatabase) -> AsyncIterator[asyncpg.Pool]:
     url = test_db.urls["scheduling"]
     applied = await apply_migrations(url, "scheduling", [MIGRATIONS_DIR, SCHEDULING_MIGRATIONS])
-    assert applied[-1] == "0002.scheduling-lifecycle"
+    assert applied[-1] == "0003.scheduling-slot-market"
     p = await create_pool(url, min_size=2, max_size=34)
     assert await schema_of(p) == "scheduling"
     try:
@@ -69,14 +73,14 @@ async def pool(test_db: pytest_plugin.TestDatabase) -> AsyncIterator[asyncpg.Poo
 
 @pytest.fixture
 def uow(pool: asyncpg.Pool) -> UnitOfWork:
-    return UnitOfWork(pool, TOPIC, notify_channel("scheduling"))
+    return UnitOfWork(pool, TOPIC, notify_channel("scheduling"), postgres_tx)
 
 
-@pytest.fixture(autouse=True)
-def short_horizon(monkeypatch: pytest.MonkeyPatch) -> Parameters:
-    params = Parameters(same_region_transit_days=1, cross_region_transit_days=2, horizon_days=3)
-    monkeypatch.setattr(services, "PARAMS", params)
-    return params
+# a short horizon (three days): waiting, releasing and rebooking all happen with a handful of orders
+PLANNING = Planning(
+    Parameters(same_region_transit_days=1, cross_region_transit_days=2, horizon_days=3), product_catalogue()
+)
+HANDLERS = build_handlers(PLANNING)
 
 
 # ---- building events ---------------------------------------------------------------------------------
@@ -175,9 +179,15 @@ class Order:
 
 
 async def handle(uow: UnitOfWork, event: CloudEvent) -> None:
-    handler: Handler = services.handlers(None)[event.type]
     async with uow.begin() as tx:
-        await handler(tx, event)
+        assert await HANDLERS.dispatch(tx, event), event.type
+
+
+def waitlisted_request(row: asyncpg.Record) -> SlotRequest:
+    """The request a waitlist row remembers (the data of the event that asked for the slot)."""
+    if row["request_type"] == RebookRequestedV1.TYPE:
+        return SlotRequest.rebook(RebookRequestedV1.model_validate(row["request"]))
+    return SlotRequest.submitted(OrderSubmittedV1.model_validate(row["request"]))
 
 
 # ---- reading -----------------------------------------------------------------------------------------
@@ -255,14 +265,15 @@ async def test_the_migration_keeps_waiting_orders_of_the_first_schema(
     finally:
         await conn.close()
     assert await apply_migrations(url, "scheduling", [MIGRATIONS_DIR, SCHEDULING_MIGRATIONS]) == [
-        "0002.scheduling-lifecycle"
+        "0002.scheduling-lifecycle",
+        "0003.scheduling-slot-market",
     ]
     p = await create_pool(url, max_size=2)
     try:
         [entry] = await waitlist(p)
         assert (entry["product_code"], entry["request_type"]) == (PRODUCT, "order.submitted.v1")
         assert entry["exclude_site_id"] is None and entry["rebook_kind"] is None
-        await handle(UnitOfWork(p, TOPIC, notify_channel("scheduling")), site_event("A"))
+        await handle(UnitOfWork(p, TOPIC, notify_channel("scheduling"), postgres_tx), site_event("A"))
         slot = await live(p, order)
         assert slot is not None and slot["reserved_reason"] == "waitlist"
         assert await waitlist(p) == []
@@ -537,6 +548,158 @@ async def test_a_capacity_increase_serves_the_waitlist_in_order(pool: asyncpg.Po
     await assert_never_oversold(pool)
 
 
+# ---- a market loses its last approved site -----------------------------------------------------------
+
+
+async def test_losing_the_last_approved_site_waitlists_and_tells_each_order_once(
+    pool: asyncpg.Pool, uow: UnitOfWork
+) -> None:
+    """(a) orders waiting for the market are told `no_approved_site` once; (b) orders holding a slot at
+    the site move like a site outage rebook, and with no other approved site are released and wait, told
+    the same; a slot whose material arrived stays; a new order for the market waits for that reason."""
+    await handle(uow, site_event("A", capacity=1))
+    booked = [Order(i) for i in range(3)]  # d1, d2, d3: the whole horizon
+    for o in booked:
+        await handle(uow, o.submitted())
+    waiting = [Order(10), Order(11)]
+    for o in waiting:
+        await handle(uow, o.submitted())
+    assert [(r["order_id"], r["reason"]) for r in await waitlist(pool)] == [
+        (o.order_id, "no_capacity") for o in waiting
+    ]
+    # the first booked order's material has arrived: its slot is consumed
+    await handle(uow, booked[0].event(MaterialReceivedV1, site_id="A", received_at="2031-03-04T10:00:00Z"))
+
+    # the registry withdraws A's EMA approval: no site left for EMA's clinical CILTA-CEL
+    await handle(uow, site_event("A", capacity=1, regulators=("NMPA",)))
+
+    # (a) each waiting order told once, with the reason, naming product, use and market, no patient data
+    for o in waiting:
+        events = await outbox(pool, o)
+        assert kinds(events) == ["slot_unavailable", "slot_unavailable"]
+        told = events[-1]["data"]
+        assert told["reason"] == "no_approved_site" and told["waitlisted"] is True
+        assert PRODUCT in told["detail"] and "clinical" in told["detail"] and "EMA" in told["detail"]
+        assert o.coi not in told["detail"] and str(o.order_id) not in told["detail"]
+    # (b) the booked orders whose material has not arrived: released, then waiting, told the same
+    for o in booked[1:]:
+        events = await outbox(pool, o)
+        assert kinds(events) == ["slot_reserved", "slot_released", "slot_unavailable"]
+        assert events[1]["data"]["reason"] == "approval_withdrawn" and events[1]["data"]["site_id"] == "A"
+        assert events[2]["data"]["reason"] == "no_approved_site" and events[2]["data"]["waitlisted"] is True
+        assert "other than A" in events[2]["data"]["detail"]
+        assert await live(pool, o) is None
+        assert [r["release_reason"] for r in await slots(pool, o)] == ["approval_withdrawn"]
+    # the slot whose material arrived stays consumed at A
+    assert [r["status"] for r in await slots(pool, booked[0])] == ["consumed"]
+    assert kinds(await outbox(pool, booked[0])) == ["slot_reserved"]
+    entries = await waitlist(pool)
+    # behind the orders already waiting (the two moved in one transaction share their enqueue time)
+    assert [r["order_id"] for r in entries[:2]] == [o.order_id for o in waiting]
+    assert {r["order_id"] for r in entries[2:]} == {o.order_id for o in booked[1:]}
+    assert {r["reason"] for r in entries} == {"no_approved_site"}
+    for r in entries[2:]:  # waiting as site outage rebooks away from A
+        assert (r["request_type"], r["rebook_kind"], r["exclude_site_id"]) == (
+            "order.rebook_requested.v1",
+            "site_outage",
+            "A",
+        )
+        assert r["request"]["reason"] == "approval_withdrawn"
+
+    # told once: later site events for the product tell nothing more
+    before = len(await outbox(pool))
+    await handle(uow, site_event("A", capacity=2, regulators=("NMPA",)))
+    await handle(uow, site_event("C-NMPA", capacity=1, regulators=("NMPA",)))
+    await handle(uow, site_event("A", capacity=2, regulators=("NMPA",), active=False))
+    assert len(await outbox(pool)) == before
+
+    # a new order for the market (racing the intake check) waits for that very reason
+    late = Order(20)
+    await handle(uow, late.submitted())
+    [told] = await outbox(pool, late)
+    assert told["data"]["reason"] == "no_approved_site"
+    assert (await waitlist(pool))[-1]["reason"] == "no_approved_site"
+
+    # an approved site again: the waitlist is served first come first served, rebooks stay rebooks
+    await handle(uow, site_event("B", capacity=2))
+    served = [o for o in waiting + booked[1:] + [late] if await live(pool, o) is not None]
+    assert served == waiting + booked[1:] + [late]  # B: d1..d3, two a day
+    for o in booked[1:]:
+        slot = await live(pool, o)
+        assert slot is not None and slot["site_id"] == "B" and slot["reserved_reason"] == "rebook:site_outage"
+    assert await waitlist(pool) == []
+    await assert_never_oversold(pool)
+
+
+async def test_a_slot_at_a_site_that_loses_the_approval_moves_to_another_approved_site(
+    pool: asyncpg.Pool, uow: UnitOfWork
+) -> None:
+    await handle(uow, site_event("A-NEAR", regulators=("EMA", "NMPA")))
+    await handle(uow, site_event("B-FAR", region="north_america"))
+    order, nmpa = Order(1), Order(2)
+    await handle(uow, order.submitted())
+    await handle(uow, nmpa.submitted(regulator="NMPA"))
+    old = await live(pool, order)
+    assert old is not None and old["site_id"] == "A-NEAR"
+    assert old["order_type"] == "clinical" and old["regulator"] == "EMA" and old["region"] == "europe"
+
+    await handle(uow, site_event("A-NEAR", regulators=("NMPA",)))
+    events = await outbox(pool, order)
+    assert kinds(events) == ["slot_reserved", "slot_released", "slot_reserved"]
+    assert events[1]["data"]["slot_id"] == str(old["slot_id"])
+    assert events[1]["data"]["reason"] == "approval_withdrawn"
+    moved = events[2]["data"]
+    assert (moved["site_id"], moved["reason"]) == ("B-FAR", "rebook:site_outage")
+    assert moved["manufacturing_start_date"] == d(2).isoformat()  # cross-region transit
+    # the NMPA order's market is still approved at A-NEAR: it stays
+    assert (await live(pool, nmpa))["site_id"] == "A-NEAR"  # type: ignore[index]
+    assert kinds(await outbox(pool, nmpa)) == ["slot_reserved"]
+    assert await waitlist(pool) == []
+
+    # the site is deactivated: the NMPA order has nowhere else to go and waits, told why
+    await handle(uow, site_event("A-NEAR", regulators=("NMPA",), active=False))
+    events = await outbox(pool, nmpa)
+    assert kinds(events) == ["slot_reserved", "slot_released", "slot_unavailable"]
+    assert events[1]["data"]["reason"] == "site_inactive"
+    assert events[2]["data"]["reason"] == "no_approved_site"
+    assert [r["order_id"] for r in await waitlist(pool)] == [nmpa.order_id]
+
+
+async def test_approvals_changing_while_orders_book_and_cancel_never_leave_a_slot_at_an_unapproved_site(
+    pool: asyncpg.Pool, uow: UnitOfWork
+) -> None:
+    await handle(uow, site_event("A", capacity=2))
+    await handle(uow, site_event("B", capacity=1, region="north_america"))
+    first = [Order(i) for i in range(12)]
+    await asyncio.gather(*(handle(uow, o.submitted()) for o in first))
+
+    rnd = random.Random(5)
+    work = [o.cancelled() for o in first[:3]]
+    work += [Order(100 + i).submitted() for i in range(6)]
+    work += [site_event("A", capacity=2, regulators=r) for r in (("NMPA",), ("EMA",), ("NMPA",))]
+    work += [site_event("B", capacity=c, region="north_america") for c in (2, 1)]
+    rnd.shuffle(work)
+    await asyncio.gather(*(handle(uow, e) for e in work))
+    # the registry's last word: A approves NMPA only, B has its largest capacity of all
+    await handle(uow, site_event("A", capacity=2, regulators=("NMPA",)))
+    await handle(uow, site_event("B", capacity=2, region="north_america"))
+
+    await assert_never_oversold(pool)
+    at_a = await pool.fetch("SELECT * FROM slots WHERE site_id = 'A' AND status IN ('held', 'confirmed')")
+    assert at_a == []
+    live_orders = await pool.fetch("SELECT order_id FROM slots WHERE status IN ('held', 'confirmed')")
+    assert len(live_orders) + len(await waitlist(pool)) == 12 - 3 + 6
+    # every order that waits was told so with the reason it waits for now (at least once)
+    for entry in await waitlist(pool):
+        told = [
+            e["data"]["reason"]
+            for e in await outbox(pool)
+            if e["type"] == "scheduling.slot_unavailable.v1"
+            and e["data"]["order_id"] == str(entry["order_id"])
+        ]
+        assert told and entry["reason"] in {"no_capacity", *told}
+
+
 # ---- concurrency -------------------------------------------------------------------------------------
 
 
@@ -633,10 +796,10 @@ async def test_concurrent_registry_changes_and_bookings_of_two_products_never_de
     assert len(live_orders) + len(waiting) == 24 - 6 + 10
     # whoever still waits does so because no day of the window has room (a probe books nothing)
     for entry in waiting:
-        req = services.waitlisted_request(entry)
+        req = waitlisted_request(entry)
         async with uow.begin() as tx:
-            result = await services.try_reserve(tx, services.ProductLocks(tx.conn), req, "probe")
-        assert not isinstance(result, services.Choice), f"{req.order_id} waits although there is room"
+            result = await booking.try_reserve(tx, PLANNING, req, "probe")
+        assert not isinstance(result, Choice), f"{req.order_id} waits although there is room"
 
 
 async def assert_each_order_has_one_live_slot_or_waits(pool: asyncpg.Pool, orders: list[Order]) -> None:

@@ -19,8 +19,9 @@ from scheduling_service.domain.selection import (
     Window,
     select_site,
 )
-from scheduling_service.services import SlotRequest
+from scheduling_service.domain.slots import SlotRequest
 from v2v_contracts import OrderSubmittedV1, RebookRequestedV1
+from v2v_contracts.reference import product_catalogue
 
 REGULATORS = ["EMA", "NMPA"]
 USES = ["commercial", "clinical"]
@@ -245,8 +246,8 @@ def test_a_rebook_request_keeps_its_exclusion_and_kind() -> None:
     req = SlotRequest.rebook(rebook)
     assert req.exclude_site_id == "DE-LEIPZIG-IZI"
     assert req.apheresis_date == day(3)
-    # the product's facts from the seed: fresh material, 19 + 14 days of manufacturing and QC
-    assert req.selection() == Request(
+    # the product's facts from the shared catalogue: fresh material, 19 + 14 days of manufacturing and QC
+    assert req.selection(product_catalogue()) == Request(
         "CILTA-CEL", "clinical", "EMA", "europe", day(3), material="fresh", processing_days=33
     )
     assert req.reserved_reason(from_waitlist=False) == "rebook:site_outage"

@@ -47,6 +47,15 @@ class Site:
     def closed_on(self, day: date) -> bool:
         return any(w.covers(day) for w in self.outages)
 
+    @property
+    def products(self) -> set[str]:
+        """Every product the site has capacity or an approval for."""
+        return {*self.daily_capacity, *(a.product_code for a in self.approvals)}
+
+    def approves(self, regulator: str, use: str, product_code: str) -> bool:
+        """Active and approved for the product, the use and the regulator of the order's market."""
+        return self.active and Approval(regulator, use, product_code) in self.approvals
+
 
 @dataclass(frozen=True)
 class Request:
@@ -82,7 +91,7 @@ class Parameters:
 
 
 def eligible(site: Site, req: Request) -> bool:
-    return site.active and Approval(req.regulator, req.order_type, req.product_code) in site.approvals
+    return site.approves(req.regulator, req.order_type, req.product_code)
 
 
 def transit_days(site: Site, req: Request, params: Parameters) -> int:

@@ -1,0 +1,468 @@
+"""All of scheduling's SQL: one repository per aggregate (an abstract base and its Postgres class), the
+per-product advisory locks, and the `SchedulingTx` a unit of work hands to the service layer.
+
+Every repository runs on the transaction's connection; `adapters/memory.py` has the in-memory twins.
+"""
+
+from __future__ import annotations
+
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from datetime import date
+from typing import Any
+
+import asyncpg
+
+from scheduling_service.domain.selection import Approval, Site, Window
+from scheduling_service.domain.slots import Slot, Waiting, WaitingRequest
+from v2v_contracts import OrderSubmittedV1, RebookRequestedV1, SiteRegisteredV1
+from v2v_messaging import EventSink, Tx
+
+Usage = dict[tuple[str, str, date], int]  # (site, product, day) -> slots using that day's capacity
+
+# the columns of a slot as the HTTP API shows them (the market columns of 0003 stay internal)
+SLOT_VIEW = (
+    "slot_id, order_id, coi, site_id, product_code, manufacturing_start_date, apheresis_date, status, "
+    "created_at, updated_at, treatment_center_id, reserved_reason, release_reason, released_at"
+)
+
+
+# ---- locks -------------------------------------------------------------------------------------------
+
+
+class ProductLocks(ABC):
+    """The per-product locks one transaction holds (released when it ends). Taken in one global order
+    (by lock key) so that two transactions never wait on each other in a cycle."""
+
+    def __init__(self) -> None:
+        self.held: set[str] = set()
+
+    async def take(self, products: Iterable[str]) -> None:
+        missing = sorted(set(products) - self.held)
+        if not missing:
+            return
+        await self._lock(missing)
+        self.held.update(missing)
+
+    @abstractmethod
+    async def _lock(self, products: list[str]) -> None: ...
+
+
+class PostgresProductLocks(ProductLocks):
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        super().__init__()
+        self.conn = conn
+
+    async def _lock(self, products: list[str]) -> None:
+        # the same key as `pg_advisory_xact_lock(hashtext('v2v-slots:' || product))`, in key order
+        keys = await self.conn.fetch(
+            """SELECT DISTINCT hashtext('v2v-slots:' || p)::bigint AS k FROM unnest($1::text[]) AS p
+               ORDER BY k""",
+            products,
+        )
+        for row in keys:
+            await self.conn.execute("SELECT pg_advisory_xact_lock($1::bigint)", row["k"])
+
+
+# ---- slots -------------------------------------------------------------------------------------------
+
+
+class SlotRepository(ABC):
+    @abstractmethod
+    async def live(self, order_id: uuid.UUID) -> Slot | None:
+        """The order's held or confirmed slot."""
+
+    @abstractmethod
+    async def live_at(self, site_id: str) -> list[Slot]:
+        """Held and confirmed slots at a site, oldest first."""
+
+    @abstractmethod
+    async def usage(self, product: str, since: date) -> Usage:
+        """Slots using capacity per (site, product, day) from `since`: held, confirmed and consumed."""
+
+    @abstractmethod
+    async def add(self, slot: Slot) -> None: ...
+
+    @abstractmethod
+    async def release_live(self, order_id: uuid.UUID, reason: str) -> Slot | None:
+        """The order's live slot → released (with the reason); None when it has none."""
+
+    @abstractmethod
+    async def confirm(self, slot_id: uuid.UUID) -> bool:
+        """held → confirmed."""
+
+    @abstractmethod
+    async def consume(self, order_id: uuid.UUID, site_id: str) -> uuid.UUID | None:
+        """The order's live slot at that site → consumed (its day's capacity stays used)."""
+
+    @abstractmethod
+    async def view(
+        self,
+        order_id: uuid.UUID | None,
+        statuses: list[str] | None,
+        product_code: str | None,
+        site_id: str | None,
+        limit: int,
+    ) -> list[dict[str, Any]]:
+        """Slots for the HTTP API, in booking order."""
+
+
+def _slot(row: asyncpg.Record) -> Slot:
+    return Slot(
+        slot_id=row["slot_id"],
+        order_id=row["order_id"],
+        coi=row["coi"],
+        treatment_center_id=row["treatment_center_id"],
+        site_id=row["site_id"],
+        product_code=row["product_code"],
+        manufacturing_start_date=row["manufacturing_start_date"],
+        apheresis_date=row["apheresis_date"],
+        status=row["status"],
+        reserved_reason=row["reserved_reason"],
+        order_type=row["order_type"],
+        regulator=row["regulator"],
+        region=row["region"],
+    )
+
+
+class PostgresSlots(SlotRepository):
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self.conn = conn
+
+    async def live(self, order_id: uuid.UUID) -> Slot | None:
+        row = await self.conn.fetchrow(
+            "SELECT * FROM slots WHERE order_id = $1 AND status IN ('held', 'confirmed')", order_id
+        )
+        return _slot(row) if row is not None else None
+
+    async def live_at(self, site_id: str) -> list[Slot]:
+        rows = await self.conn.fetch(
+            """SELECT * FROM slots WHERE site_id = $1 AND status IN ('held', 'confirmed')
+               ORDER BY created_at, slot_id""",
+            site_id,
+        )
+        return [_slot(r) for r in rows]
+
+    async def usage(self, product: str, since: date) -> Usage:
+        rows = await self.conn.fetch(
+            """SELECT site_id, manufacturing_start_date AS day, count(*) AS n FROM slots
+               WHERE product_code = $1 AND manufacturing_start_date >= $2
+                 AND status IN ('held', 'confirmed', 'consumed')
+               GROUP BY site_id, manufacturing_start_date""",
+            product,
+            since,
+        )
+        return {(r["site_id"], product, r["day"]): int(r["n"]) for r in rows}
+
+    async def add(self, slot: Slot) -> None:
+        await self.conn.execute(
+            """INSERT INTO slots (slot_id, order_id, coi, treatment_center_id, site_id, product_code,
+                                  manufacturing_start_date, apheresis_date, status, reserved_reason,
+                                  order_type, regulator, region)
+               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)""",
+            slot.slot_id,
+            slot.order_id,
+            slot.coi,
+            slot.treatment_center_id,
+            slot.site_id,
+            slot.product_code,
+            slot.manufacturing_start_date,
+            slot.apheresis_date,
+            slot.status,
+            slot.reserved_reason,
+            slot.order_type,
+            slot.regulator,
+            slot.region,
+        )
+
+    async def release_live(self, order_id: uuid.UUID, reason: str) -> Slot | None:
+        row = await self.conn.fetchrow(
+            """UPDATE slots SET status = 'released', release_reason = $2, released_at = now(),
+                                updated_at = now()
+               WHERE order_id = $1 AND status IN ('held', 'confirmed')
+               RETURNING *""",
+            order_id,
+            reason,
+        )
+        return _slot(row) if row is not None else None
+
+    async def confirm(self, slot_id: uuid.UUID) -> bool:
+        done = await self.conn.fetchval(
+            """UPDATE slots SET status = 'confirmed', updated_at = now()
+               WHERE slot_id = $1 AND status = 'held' RETURNING true""",
+            slot_id,
+        )
+        return bool(done)
+
+    async def consume(self, order_id: uuid.UUID, site_id: str) -> uuid.UUID | None:
+        slot_id: uuid.UUID | None = await self.conn.fetchval(
+            """UPDATE slots SET status = 'consumed', updated_at = now()
+               WHERE order_id = $1 AND site_id = $2 AND status IN ('held', 'confirmed') RETURNING slot_id""",
+            order_id,
+            site_id,
+        )
+        return slot_id
+
+    async def view(
+        self,
+        order_id: uuid.UUID | None,
+        statuses: list[str] | None,
+        product_code: str | None,
+        site_id: str | None,
+        limit: int,
+    ) -> list[dict[str, Any]]:
+        rows = await self.conn.fetch(
+            f"""SELECT {SLOT_VIEW} FROM slots
+                WHERE ($1::uuid IS NULL OR order_id = $1)
+                  AND ($2::text[] IS NULL OR status = ANY($2::text[]))
+                  AND ($3::text IS NULL OR product_code = $3)
+                  AND ($4::text IS NULL OR site_id = $4)
+                ORDER BY created_at, slot_id LIMIT $5""",
+            order_id,
+            statuses,
+            product_code,
+            site_id,
+            limit,
+        )
+        return [dict(r) for r in rows]
+
+
+# ---- the waitlist ------------------------------------------------------------------------------------
+
+
+class WaitlistRepository(ABC):
+    @abstractmethod
+    async def add(self, request: OrderSubmittedV1, reason: str) -> bool:
+        """Enqueue a submitted order; False (and nothing changes) when it already waits."""
+
+    @abstractmethod
+    async def put(self, request: RebookRequestedV1, reason: str) -> None:
+        """Enqueue a rebook with its context; an order already waiting keeps its place in the queue."""
+
+    @abstractmethod
+    async def remove(self, order_id: uuid.UUID) -> bool:
+        """Leave the waitlist; True when the order was waiting."""
+
+    @abstractmethod
+    async def waiting(self, products: list[str]) -> list[Waiting]:
+        """Entries for these products, first come first served, without orders that are over."""
+
+    @abstractmethod
+    async def set_reason(self, order_id: uuid.UUID, reason: str) -> None: ...
+
+    @abstractmethod
+    async def view(self) -> list[dict[str, Any]]:
+        """The waitlist for the HTTP API, in booking order, with what each order waits for."""
+
+
+def _waiting(row: asyncpg.Record) -> Waiting:
+    request: WaitingRequest
+    if row["request_type"] == RebookRequestedV1.TYPE:
+        request = RebookRequestedV1.model_validate(row["request"])
+    else:
+        request = OrderSubmittedV1.model_validate(row["request"])
+    return Waiting(request, row["reason"])
+
+
+class PostgresWaitlist(WaitlistRepository):
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self.conn = conn
+
+    async def add(self, request: OrderSubmittedV1, reason: str) -> bool:
+        inserted = await self.conn.fetchval(
+            """INSERT INTO waitlist (order_id, request, request_type, product_code, reason)
+               VALUES ($1, $2::jsonb, $3, $4, $5)
+               ON CONFLICT (order_id) DO NOTHING RETURNING true""",
+            request.order_id,
+            request.model_dump(mode="json"),
+            OrderSubmittedV1.TYPE,
+            request.product_code,
+            reason,
+        )
+        return bool(inserted)
+
+    async def put(self, request: RebookRequestedV1, reason: str) -> None:
+        await self.conn.execute(
+            """INSERT INTO waitlist (order_id, request, request_type, product_code, exclude_site_id,
+                                     rebook_kind, reason)
+               VALUES ($1, $2::jsonb, $3, $4, $5, $6, $7)
+               ON CONFLICT (order_id) DO UPDATE SET request = EXCLUDED.request,
+                   request_type = EXCLUDED.request_type, product_code = EXCLUDED.product_code,
+                   exclude_site_id = EXCLUDED.exclude_site_id, rebook_kind = EXCLUDED.rebook_kind,
+                   reason = EXCLUDED.reason""",
+            request.order_id,
+            request.model_dump(mode="json"),
+            RebookRequestedV1.TYPE,
+            request.product_code,
+            request.exclude_site_id,
+            request.kind,
+            reason,
+        )
+
+    async def remove(self, order_id: uuid.UUID) -> bool:
+        left = await self.conn.fetchval("DELETE FROM waitlist WHERE order_id = $1 RETURNING true", order_id)
+        return bool(left)
+
+    async def waiting(self, products: list[str]) -> list[Waiting]:
+        rows = await self.conn.fetch(
+            """SELECT * FROM waitlist
+               WHERE product_code = ANY($1::text[])
+                 AND NOT EXISTS (SELECT 1 FROM closed_orders c WHERE c.order_id = waitlist.order_id)
+               ORDER BY enqueued_at, order_id""",
+            products,
+        )
+        return [_waiting(r) for r in rows]
+
+    async def set_reason(self, order_id: uuid.UUID, reason: str) -> None:
+        await self.conn.execute("UPDATE waitlist SET reason = $2 WHERE order_id = $1", order_id, reason)
+
+    async def view(self) -> list[dict[str, Any]]:
+        rows = await self.conn.fetch(
+            """SELECT order_id, product_code,
+                      COALESCE(request ->> 'apheresis_date', request ->> 'requested_apheresis_date')::date
+                          AS apheresis_date,
+                      reason, request_type, exclude_site_id, rebook_kind, enqueued_at
+               FROM waitlist ORDER BY enqueued_at, order_id"""
+        )
+        return [dict(r) for r in rows]
+
+
+# ---- the site copy -----------------------------------------------------------------------------------
+
+
+class SiteRepository(ABC):
+    @abstractmethod
+    async def all(self) -> list[Site]: ...
+
+    @abstractmethod
+    async def get(self, site_id: str) -> Site | None: ...
+
+    @abstractmethod
+    async def upsert(self, site: SiteRegisteredV1) -> None:
+        """Keep the registry's latest word on the site: capacity, approvals, outages, active."""
+
+
+def _site(row: asyncpg.Record) -> Site:
+    return Site(
+        site_id=row["site_id"],
+        region=row["region"],
+        active=row["active"],
+        approvals=frozenset(Approval(a["regulator"], a["use"], a["product_code"]) for a in row["approvals"]),
+        daily_capacity={k: int(v) for k, v in row["daily_capacity"].items()},
+        outages=tuple(
+            Window(date.fromisoformat(o["start_date"]), date.fromisoformat(o["end_date"]))
+            for o in row["outages"]
+        ),
+    )
+
+
+class PostgresSites(SiteRepository):
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self.conn = conn
+
+    async def all(self) -> list[Site]:
+        return [_site(r) for r in await self.conn.fetch("SELECT * FROM sites")]
+
+    async def get(self, site_id: str) -> Site | None:
+        row = await self.conn.fetchrow("SELECT * FROM sites WHERE site_id = $1", site_id)
+        return _site(row) if row is not None else None
+
+    async def upsert(self, site: SiteRegisteredV1) -> None:
+        await self.conn.execute(
+            """INSERT INTO sites (site_id, region, timezone, active, approvals, daily_capacity, outages)
+               VALUES ($1, $2, $3, $4, $5::jsonb, $6::jsonb, $7::jsonb)
+               ON CONFLICT (site_id) DO UPDATE SET region = $2, timezone = $3, active = $4,
+                                                   approvals = $5::jsonb, daily_capacity = $6::jsonb,
+                                                   outages = $7::jsonb, updated_at = now()""",
+            site.site_id,
+            site.region,
+            site.timezone,
+            site.active,
+            [a.model_dump() for a in site.approvals],
+            site.daily_capacity,
+            [o.model_dump(mode="json") for o in site.outages],
+        )
+
+
+# ---- orders as scheduling knows them -----------------------------------------------------------------
+
+
+class OrderRepository(ABC):
+    @abstractmethod
+    async def closed(self, order_id: uuid.UUID) -> str | None:
+        """`cancelled` or `failed` when the order is over for scheduling, else None."""
+
+    @abstractmethod
+    async def close(self, order_id: uuid.UUID, status: str, reason: str) -> None:
+        """Remember the order is over (the first word stays)."""
+
+    @abstractmethod
+    async def products(self, order_id: uuid.UUID) -> set[str]:
+        """Products the order holds a live slot for or waits for."""
+
+
+class PostgresOrders(OrderRepository):
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self.conn = conn
+
+    async def closed(self, order_id: uuid.UUID) -> str | None:
+        status: str | None = await self.conn.fetchval(
+            "SELECT status FROM closed_orders WHERE order_id = $1", order_id
+        )
+        return status
+
+    async def close(self, order_id: uuid.UUID, status: str, reason: str) -> None:
+        await self.conn.execute(
+            """INSERT INTO closed_orders (order_id, status, reason) VALUES ($1, $2, $3)
+               ON CONFLICT (order_id) DO NOTHING""",
+            order_id,
+            status,
+            reason,
+        )
+
+    async def products(self, order_id: uuid.UUID) -> set[str]:
+        rows = await self.conn.fetch(
+            """SELECT product_code FROM slots WHERE order_id = $1 AND status IN ('held', 'confirmed')
+               UNION SELECT product_code FROM waitlist WHERE order_id = $1""",
+            order_id,
+        )
+        return {r["product_code"] for r in rows}
+
+
+# ---- the transaction ---------------------------------------------------------------------------------
+
+
+class SchedulingTx(Tx):
+    """One transaction of scheduling: its repositories, its product locks and its outbox."""
+
+    def __init__(
+        self,
+        conn: asyncpg.Connection | None,
+        outbox: EventSink,
+        *,
+        slots: SlotRepository,
+        waitlist: WaitlistRepository,
+        sites: SiteRepository,
+        orders: OrderRepository,
+        locks: ProductLocks,
+    ) -> None:
+        super().__init__(conn, outbox)
+        self.slots = slots
+        self.waitlist = waitlist
+        self.sites = sites
+        self.orders = orders
+        self.locks = locks
+
+
+def postgres_tx(conn: asyncpg.Connection, outbox: EventSink) -> SchedulingTx:
+    """The `tx_factory` of the unit of work: repositories on the transaction's connection."""
+    return SchedulingTx(
+        conn,
+        outbox,
+        slots=PostgresSlots(conn),
+        waitlist=PostgresWaitlist(conn),
+        sites=PostgresSites(conn),
+        orders=PostgresOrders(conn),
+        locks=PostgresProductLocks(conn),
+    )

@@ -1,0 +1,196 @@
+"""What scheduling books and remembers: the request for a slot, a booked slot, a waiting request, and
+when a booked slot has to move because its site may no longer make the order's product.
+
+Pure: built from the event contracts and the product catalogue handed in; no I/O.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import date
+from typing import TypeAlias
+
+from scheduling_service.domain.selection import Approval, Parameters, Request, Site, Window
+from v2v_contracts import OrderSubmittedV1, OrderType, RebookRequestedV1, SiteRegisteredV1
+from v2v_contracts.reference import Product
+
+LIVE = ("held", "confirmed")  # a slot the order still holds: at most one per order
+IN_USE = ("held", "confirmed", "consumed")  # a slot that uses its day's capacity
+
+NO_APPROVED_SITE = "no_approved_site"
+# why a live slot is released when its site may no longer make the order's product
+APPROVAL_WITHDRAWN = "approval_withdrawn"
+SITE_INACTIVE = "site_inactive"
+
+
+@dataclass(frozen=True)
+class Planning:
+    """What selection needs besides the sites: the scheduling parameters (the seed or the parameters
+    file, read at start-up) and the products' facts (the shared catalogue)."""
+
+    params: Parameters
+    products: Mapping[str, Product]
+
+
+@dataclass(frozen=True)
+class SlotRequest:
+    """A request for a slot, from `order.submitted` or `order.rebook_requested` (no patient data)."""
+
+    order_id: uuid.UUID
+    coi: str
+    treatment_center_id: str
+    product_code: str
+    order_type: OrderType
+    regulator: str
+    region: str
+    apheresis_date: date
+    exclude_site_id: str | None = None
+    rebook_kind: str | None = None  # set for a rebook: reschedule | recollection | site_outage
+
+    @classmethod
+    def submitted(cls, o: OrderSubmittedV1) -> SlotRequest:
+        return cls(
+            o.order_id,
+            o.coi,
+            o.treatment_center_id,
+            o.product_code,
+            o.order_type,
+            o.regulator,
+            o.region,
+            o.requested_apheresis_date,
+        )
+
+    @classmethod
+    def rebook(cls, r: RebookRequestedV1) -> SlotRequest:
+        return cls(
+            r.order_id,
+            r.coi,
+            r.treatment_center_id,
+            r.product_code,
+            r.order_type,
+            r.regulator,
+            r.region,
+            r.apheresis_date,
+            exclude_site_id=r.exclude_site_id,
+            rebook_kind=r.kind,
+        )
+
+    def selection(self, products: Mapping[str, Product]) -> Request:
+        """The selection request, with the product's material and manufacturing + QC days."""
+        product = products.get(self.product_code)
+        material, processing = (
+            (product.apheresis_material, product.manufacturing_days + product.qc_days)
+            if product is not None
+            else ("fresh", 0)
+        )
+        return Request(
+            self.product_code,
+            self.order_type,
+            self.regulator,
+            self.region,
+            self.apheresis_date,
+            material=material,
+            processing_days=processing,
+        )
+
+    def reserved_reason(self, *, from_waitlist: bool) -> str:
+        """`slot_reserved` reason: a rebook stays a rebook even when it had to wait."""
+        if self.rebook_kind is not None:
+            return f"rebook:{self.rebook_kind}"
+        return "waitlist" if from_waitlist else "initial"
+
+
+@dataclass(frozen=True)
+class Slot:
+    slot_id: uuid.UUID
+    order_id: uuid.UUID
+    coi: str
+    treatment_center_id: str | None
+    site_id: str
+    product_code: str
+    manufacturing_start_date: date
+    apheresis_date: date
+    status: str
+    reserved_reason: str = "initial"
+    # the order's market, kept to notice when the site loses its approval (None: booked before 0003)
+    order_type: str | None = None
+    regulator: str | None = None
+    region: str | None = None
+
+    @classmethod
+    def booked(cls, slot_id: uuid.UUID, req: SlotRequest, site_id: str, day: date, reason: str) -> Slot:
+        return cls(
+            slot_id,
+            req.order_id,
+            req.coi,
+            req.treatment_center_id,
+            site_id,
+            req.product_code,
+            day,
+            req.apheresis_date,
+            "held",
+            reason,
+            req.order_type,
+            req.regulator,
+            req.region,
+        )
+
+
+WaitingRequest: TypeAlias = OrderSubmittedV1 | RebookRequestedV1  # what asked for the slot
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """A waitlist entry: the data of the event that asked for the slot and why it waits."""
+
+    request: WaitingRequest
+    reason: str
+
+    @property
+    def order_id(self) -> uuid.UUID:
+        return self.request.order_id
+
+    def slot_request(self) -> SlotRequest:
+        if isinstance(self.request, RebookRequestedV1):
+            return SlotRequest.rebook(self.request)
+        return SlotRequest.submitted(self.request)
+
+
+def registered_site(site: SiteRegisteredV1) -> Site:
+    """The selection's view of a site as the registry registered it."""
+    return Site(
+        site_id=site.site_id,
+        region=site.region,
+        active=site.active,
+        approvals=frozenset(Approval(a.regulator, a.use, a.product_code) for a in site.approvals),
+        daily_capacity=dict(site.daily_capacity),
+        outages=tuple(Window(o.start_date, o.end_date) for o in site.outages),
+    )
+
+
+def move_off(slot: Slot, site: Site, today: date) -> RebookRequestedV1 | None:
+    """The rebook a live slot needs when its site (as registered now) is inactive or no longer approved
+    for the order's product, use and regulator: like a site outage, away from that site, for the planned
+    apheresis date (today at the earliest). None when the site still may make it, or when the slot was
+    booked before scheduling kept the order's market (it cannot be told)."""
+    if slot.site_id != site.site_id or slot.status not in LIVE:
+        return None
+    if slot.order_type is None or slot.regulator is None or slot.region is None:
+        return None
+    if site.approves(slot.regulator, slot.order_type, slot.product_code):
+        return None
+    return RebookRequestedV1(
+        order_id=slot.order_id,
+        coi=slot.coi,
+        treatment_center_id=slot.treatment_center_id or "",
+        kind="site_outage",
+        reason=APPROVAL_WITHDRAWN if site.active else SITE_INACTIVE,
+        product_code=slot.product_code,
+        order_type=slot.order_type,  # type: ignore[arg-type]
+        regulator=slot.regulator,
+        region=slot.region,
+        apheresis_date=max(slot.apheresis_date, today),
+        exclude_site_id=site.site_id,
+    )

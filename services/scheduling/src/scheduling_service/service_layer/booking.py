@@ -1,0 +1,172 @@
+"""Booking against capacity: reserve, release, rebook, move off a site, serve the waitlist.
+
+Never oversold, with any number of replicas: every transaction that reads a product's capacity use and
+books against it first takes that product's lock (`tx.locks`: a transaction-scoped advisory lock per
+product). A transaction that needs several products' locks takes them in one global order (by lock key),
+so two transactions never wait on each other in a cycle. State and the events it causes commit together.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable
+from datetime import date
+
+from scheduling_service.adapters.repository import SchedulingTx
+from scheduling_service.domain.selection import Choice, NoChoice, Site, select_site
+from scheduling_service.domain.slots import NO_APPROVED_SITE, Planning, Slot, SlotRequest, move_off
+from v2v_contracts import (
+    OrderEventData,
+    RebookRequestedV1,
+    SlotReleasedV1,
+    SlotReservedV1,
+    SlotUnavailableV1,
+)
+from v2v_observability import get_logger
+
+log = get_logger(__name__)
+
+
+async def lock_order(tx: SchedulingTx, order_id: uuid.UUID, also: Iterable[str] = ()) -> None:
+    """Lock every product the order holds a slot or waits for (and `also`), then re-check under the locks:
+    waitlist serving in another transaction may have booked it meanwhile."""
+    await tx.locks.take({*also, *await tx.orders.products(order_id)})
+    while missing := await tx.orders.products(order_id) - tx.locks.held:
+        await tx.locks.take(missing)  # out of key order, but only if the order changed product meanwhile
+
+
+async def try_reserve(
+    tx: SchedulingTx, planning: Planning, req: SlotRequest, reason: str
+) -> Choice | NoChoice:
+    """Book the best slot for the request under the product's lock, or say why not."""
+    await tx.locks.take([req.product_code])
+    live = await tx.slots.live(req.order_id)
+    if live is not None:  # already booked (a redelivered or overtaken request): nothing new
+        await tx.waitlist.remove(req.order_id)
+        return Choice(live.site_id, live.manufacturing_start_date)
+    result = select_site(
+        await tx.sites.all(),
+        await tx.slots.usage(req.product_code, req.apheresis_date),
+        req.selection(planning.products),
+        planning.params,
+        exclude_site_id=req.exclude_site_id,
+    )
+    if not isinstance(result, Choice):
+        return result
+    slot = Slot.booked(uuid.uuid4(), req, result.site_id, result.manufacturing_start_date, reason)
+    await tx.slots.add(slot)
+    await tx.waitlist.remove(req.order_id)
+    await tx.publish(
+        SlotReservedV1(
+            order_id=req.order_id,
+            coi=req.coi,
+            treatment_center_id=req.treatment_center_id,
+            slot_id=slot.slot_id,
+            site_id=slot.site_id,
+            product_code=req.product_code,
+            order_type=req.order_type,
+            apheresis_date=req.apheresis_date,
+            manufacturing_start_date=slot.manufacturing_start_date,
+            reason=reason,
+        )
+    )
+    log.info(
+        "slot reserved",
+        site_id=result.site_id,
+        day=result.manufacturing_start_date.isoformat(),
+        reason=reason,
+    )
+    return result
+
+
+async def tell_waitlisted(tx: SchedulingTx, req: SlotRequest, result: NoChoice) -> None:
+    """`slot_unavailable`: the order waits, and why."""
+    await tx.publish(
+        SlotUnavailableV1(
+            order_id=req.order_id,
+            coi=req.coi,
+            treatment_center_id=req.treatment_center_id,
+            reason=result.reason,
+            detail=result.detail,
+            waitlisted=True,
+        )
+    )
+    log.info("order waitlisted", reason=result.reason, exclude_site_id=req.exclude_site_id)
+
+
+async def release_live_slot(tx: SchedulingTx, order: OrderEventData, reason: str) -> Slot | None:
+    """The order's held or confirmed slot → released, with `slot_released`. Caller holds its lock."""
+    slot = await tx.slots.release_live(order.order_id, reason)
+    if slot is None:
+        return None
+    await tx.publish(
+        SlotReleasedV1(
+            order_id=order.order_id,
+            coi=order.coi,
+            treatment_center_id=order.treatment_center_id,
+            slot_id=slot.slot_id,
+            site_id=slot.site_id,
+            reason=reason,
+        )
+    )
+    log.info("slot released", site_id=slot.site_id, reason=reason)
+    return slot
+
+
+async def rebook(tx: SchedulingTx, planning: Planning, request: RebookRequestedV1) -> Slot | None:
+    """Release the live slot, then book anew for the request (never at its excluded site), or wait with
+    the rebook's context (an order already waiting keeps its place). Caller holds the order's locks;
+    returns the released slot."""
+    released = await release_live_slot(tx, request, request.reason)
+    req = SlotRequest.rebook(request)
+    result = await try_reserve(tx, planning, req, req.reserved_reason(from_waitlist=False))
+    if not isinstance(result, Choice):
+        await tx.waitlist.put(request, result.reason)
+        await tell_waitlisted(tx, req, result)
+    return released
+
+
+async def move_off_site(tx: SchedulingTx, planning: Planning, site: Site, today: date) -> list[Slot]:
+    """Live slots at a site that is now inactive or no longer approved for their order's market move
+    elsewhere as a site outage rebook would (or wait, told why). Caller holds the site's product locks;
+    returns the released slots."""
+    moved: list[Slot] = []
+    for slot in await tx.slots.live_at(site.site_id):
+        request = move_off(slot, site, today)
+        if request is None:
+            continue
+        await lock_order(tx, slot.order_id, also=[slot.product_code])
+        current = await tx.slots.live(slot.order_id)
+        if current is None or current.slot_id != slot.slot_id:
+            continue  # moved or released meanwhile (its product was not locked yet): nothing to do here
+        released = await rebook(tx, planning, request)
+        if released is not None:
+            moved.append(released)
+            log.warning("slot moved off its site", site_id=site.site_id, reason=request.reason)
+    return moved
+
+
+async def serve_waitlist(tx: SchedulingTx, planning: Planning, products: Iterable[str]) -> int:
+    """Book waiting orders for these products first come, first served, as far as capacity allows.
+
+    An order that still waits keeps the latest reason; when that becomes `no_approved_site` (its market
+    lost its last approved site), the centre is told once with `slot_unavailable`.
+    """
+    wanted = sorted(set(products))
+    if not wanted:
+        return 0
+    await tx.locks.take(wanted)
+    entries = await tx.waitlist.waiting(wanted)
+    booked = 0
+    for entry in entries:
+        req = entry.slot_request()
+        result = await try_reserve(tx, planning, req, req.reserved_reason(from_waitlist=True))
+        if isinstance(result, Choice):
+            booked += 1
+        elif result.reason != entry.reason:
+            await tx.waitlist.set_reason(entry.order_id, result.reason)
+            if result.reason == NO_APPROVED_SITE:
+                await tell_waitlisted(tx, req, result)
+    if booked:
+        log.info("waitlist served", booked=booked, waiting=len(entries) - booked)
+    return booked

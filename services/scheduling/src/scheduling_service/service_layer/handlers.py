@@ -1,0 +1,115 @@
+"""Scheduling's event handlers: orders ask for slots (submitted, rebook), give them back (cancelled,
+failed), the registry changes sites (capacity, approvals, outages, active), the site books and receives.
+
+`build_handlers(planning)` registers them with the scheduling parameters and product facts read at
+start-up. Each runs in the consumer's transaction (one `SchedulingTx`), with the inbox record.
+"""
+
+from __future__ import annotations
+
+from scheduling_service.adapters.repository import SchedulingTx
+from scheduling_service.domain.selection import Choice
+from scheduling_service.domain.slots import Planning, SlotRequest, registered_site
+from scheduling_service.service_layer.booking import (
+    lock_order,
+    move_off_site,
+    rebook,
+    release_live_slot,
+    serve_waitlist,
+    tell_waitlisted,
+    try_reserve,
+)
+from v2v_contracts import (
+    BookingConfirmedV1,
+    MaterialReceivedV1,
+    OrderCancelledV1,
+    OrderFailedV1,
+    OrderSubmittedV1,
+    RebookRequestedV1,
+    SiteRegisteredV1,
+)
+from v2v_messaging import EventMeta, HandlerRegistry
+from v2v_observability import get_logger
+
+log = get_logger(__name__)
+
+
+async def close_order(
+    tx: SchedulingTx, planning: Planning, order: OrderCancelledV1 | OrderFailedV1, status: str
+) -> None:
+    """Compensation: release the live slot, leave the waitlist, remember the order is over."""
+    await tx.orders.close(order.order_id, status, order.reason)
+    await lock_order(tx, order.order_id)
+    released = await release_live_slot(tx, order, status)
+    if await tx.waitlist.remove(order.order_id):
+        log.info("order left the waitlist", status=status)
+    if released is not None:
+        await serve_waitlist(tx, planning, [released.product_code])
+
+
+def build_handlers(planning: Planning) -> HandlerRegistry[SchedulingTx]:
+    handlers = HandlerRegistry[SchedulingTx]()
+
+    @handlers.on(OrderSubmittedV1)
+    async def on_order_submitted(tx: SchedulingTx, order: OrderSubmittedV1, meta: EventMeta) -> None:
+        """Book the earliest-delivering slot, or wait (told why: no capacity, no approved site...)."""
+        if closed := await tx.orders.closed(order.order_id):
+            log.info("order already closed, request ignored", status=closed, event_type=meta.type)
+            return
+        req = SlotRequest.submitted(order)
+        result = await try_reserve(tx, planning, req, req.reserved_reason(from_waitlist=False))
+        if isinstance(result, Choice):
+            return
+        if await tx.waitlist.add(order, result.reason):
+            await tell_waitlisted(tx, req, result)
+
+    @handlers.on(RebookRequestedV1)
+    async def on_rebook_requested(tx: SchedulingTx, request: RebookRequestedV1, meta: EventMeta) -> None:
+        """Release the live slot, then book anew for the new apheresis date (never at the excluded site)."""
+        if closed := await tx.orders.closed(request.order_id):
+            log.info("order already closed, rebook ignored", status=closed)
+            return
+        await lock_order(tx, request.order_id, also=[request.product_code])
+        released = await rebook(tx, planning, request)
+        if released is not None:
+            await serve_waitlist(tx, planning, [released.product_code])
+
+    @handlers.on(OrderCancelledV1)
+    async def on_order_cancelled(tx: SchedulingTx, order: OrderCancelledV1, meta: EventMeta) -> None:
+        await close_order(tx, planning, order, "cancelled")
+
+    @handlers.on(OrderFailedV1)
+    async def on_order_failed(tx: SchedulingTx, order: OrderFailedV1, meta: EventMeta) -> None:
+        await close_order(tx, planning, order, "failed")
+
+    @handlers.on(SiteRegisteredV1)
+    async def on_site_registered(tx: SchedulingTx, event: SiteRegisteredV1, meta: EventMeta) -> None:
+        """Keep the site copy (capacity, approvals, outages, active); move live slots off the site when it
+        may no longer make their order's product; serve the waitlist for its products."""
+        site = registered_site(event)
+        old = await tx.sites.get(site.site_id)
+        products = site.products | (old.products if old is not None else set())
+        # before the copy changes: a booking for these products sees either the old copy or the new one
+        # and, when it had to wait, is served here
+        await tx.locks.take(products)
+        old = await tx.sites.get(site.site_id)  # changed meanwhile? then its products too (out of order)
+        if old is not None and not old.products <= products:
+            products |= old.products
+            await tx.locks.take(products)
+        await tx.sites.upsert(event)
+        await move_off_site(tx, planning, site, meta.time.date())
+        await serve_waitlist(tx, planning, products)
+
+    @handlers.on(BookingConfirmedV1)
+    async def on_booking_confirmed(tx: SchedulingTx, event: BookingConfirmedV1, meta: EventMeta) -> None:
+        await tx.slots.confirm(event.slot_id)
+
+    @handlers.on(MaterialReceivedV1)
+    async def on_material_received(tx: SchedulingTx, event: MaterialReceivedV1, meta: EventMeta) -> None:
+        """Manufacturing can start: the slot is consumed and its day's capacity stays used."""
+        if await tx.slots.consume(event.order_id, event.site_id) is None:
+            log.warning("material received without a live slot at that site", site_id=event.site_id)
+        else:
+            log.info("slot consumed", site_id=event.site_id)
+
+    return handlers
