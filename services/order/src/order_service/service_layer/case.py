@@ -159,8 +159,7 @@ async def apply(
         )
     else:
         await tx.timeline.add(entry(order.order_id, event, before.value, new.status.value, outcome.reason))
-    if any(isinstance(c, machine.Rebook | machine.Remanufacture) for c in outcome.commands):
-        # a new cycle (new slot or new run): facts parked for the old one will never apply
+    if new_cycle(outcome):
         await tx.parked.drop_all(order.order_id)
     for data in command_events(case, outcome):
         command = await tx.publish(data)
@@ -173,6 +172,11 @@ async def apply(
                 str(getattr(data, "reason", outcome.reason)),
             )
         )
+
+
+def new_cycle(outcome: Outcome) -> bool:
+    """A new slot or a new run: facts parked for the old cycle will never apply."""
+    return any(isinstance(c, machine.Rebook | machine.Remanufacture) for c in outcome.commands)
 
 
 def fact_extras(fact: OrderEventData, outcome: Outcome) -> dict[str, Any]:

@@ -226,8 +226,10 @@ async def _act(uow: UnitOfWork, order_id: uuid.UUID, action: Action) -> None:
                 outcome = step(state)
                 data = event_type(**ref, **{time_field: at})
                 extra[column] = at
-        if data is None:
+        if data is None:  # the action's event is its command (a reschedule's rebook), published here
             data, *_ = cases.command_events(case, outcome)
+            if cases.new_cycle(outcome):
+                await tx.parked.drop_all(order_id)
             outcome = Outcome(outcome.state, outcome.reason, (), outcome.changed)
         event = await tx.publish(data)
         await cases.apply(tx, case, outcome, event=event, extra_fields=extra)
