@@ -304,19 +304,23 @@ class CatalogueRepository(ABC):
         """Upsert (code, name, attributes) rows."""
 
 
+CENTRE_COLUMNS = ", ".join(Centre.__dataclass_fields__)
+
+
 class PgCatalogue(CatalogueRepository):
     def __init__(self, conn: asyncpg.Connection) -> None:
         self.conn = conn
 
     async def centre(self, centre_id: str, *, certified_only: bool = True) -> Centre | None:
-        sql = "SELECT * FROM treatment_centers WHERE id = $1" + (" AND certified" if certified_only else "")
+        sql = f"SELECT {CENTRE_COLUMNS} FROM treatment_centers WHERE id = $1" + (
+            " AND certified" if certified_only else ""
+        )
         row = await self.conn.fetchrow(sql, centre_id)
         return Centre(**dict(row)) if row is not None else None
 
     async def centres(self) -> list[Centre]:
-        return [
-            Centre(**dict(r)) for r in await self.conn.fetch("SELECT * FROM treatment_centers ORDER BY id")
-        ]
+        rows = await self.conn.fetch(f"SELECT {CENTRE_COLUMNS} FROM treatment_centers ORDER BY id")
+        return [Centre(**dict(r)) for r in rows]
 
     async def has_product(self, code: str) -> bool:
         return bool(await self.conn.fetchval("SELECT EXISTS (SELECT 1 FROM products WHERE code = $1)", code))
