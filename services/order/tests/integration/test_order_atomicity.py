@@ -1,7 +1,8 @@
 """Placing an order is one transaction: order, timeline entry and outbox event, or nothing at all.
 
-Runs `order_service.services.place_order` against the real `ordering` schema (messaging + order
-migrations, seed loaded) with the order service's own database role.
+Runs `order_service.service_layer.commands.place_order` against the real `ordering` schema (messaging +
+order migrations, reference data loaded, one approved site known) with the order service's own database
+role.
 """
 
 from __future__ import annotations
@@ -16,13 +17,17 @@ import asyncpg
 import pytest
 
 import order_service
-from order_service import services
 from order_service.adapters import repository
-from order_service.services import PlaceOrder, place_order
+from order_service.adapters.repository import OrderTx
+from order_service.domain.records import TimelineEntry
+from order_service.service_layer.commands import PlaceOrder, load_reference_data, place_order
+from order_service.service_layer.handlers import handlers
+from v2v_contracts import SiteApproval, SiteRegisteredV1, new_event
+from v2v_contracts.errors import Invalid
 from v2v_harness import pytest_plugin
 from v2v_messaging import MIGRATIONS_DIR, UnitOfWork, notify_channel
 from v2v_persistence import apply_migrations, create_pool, schema_of
-from v2v_servicekit import Problem
+from v2v_servicekit.problems import status_of
 
 pytestmark = pytest.mark.integration
 
@@ -51,8 +56,9 @@ async def ordering(test_db: pytest_plugin.TestDatabase) -> AsyncIterator[asyncpg
     await apply_migrations(url, "ordering", [MIGRATIONS_DIR, ORDER_MIGRATIONS])
     pool = await create_pool(url, max_size=4)
     assert await schema_of(pool) == "ordering"
-    async with pool.acquire() as conn, conn.transaction():
-        await repository.load_seed(conn)
+    uow = UnitOfWork(pool, TOPIC, notify_channel("ordering"), repository.tx_factory)
+    await load_reference_data(uow)
+    await register_site(uow, "FR-LES-ULIS", [("EMA", "commercial", "AXI-CEL")])
     try:
         yield pool
     finally:
@@ -60,8 +66,35 @@ async def ordering(test_db: pytest_plugin.TestDatabase) -> AsyncIterator[asyncpg
 
 
 @pytest.fixture
-def uow(ordering: asyncpg.Pool) -> UnitOfWork:
-    return UnitOfWork(ordering, TOPIC, notify_channel("ordering"))
+def uow(ordering: asyncpg.Pool) -> UnitOfWork[OrderTx]:
+    return UnitOfWork(ordering, TOPIC, notify_channel("ordering"), repository.tx_factory)
+
+
+async def register_site(
+    uow: UnitOfWork[OrderTx],
+    site_id: str,
+    approvals: list[tuple[str, str, str]],
+    *,
+    active: bool = True,
+    time: datetime | None = None,
+) -> None:
+    """Deliver a `site.registered` event to the order service's handlers, as its consumer would."""
+    site = SiteRegisteredV1(
+        site_id=site_id,
+        name=site_id,
+        country="FR",
+        region="europe",
+        timezone="Europe/Paris",
+        operator="own",
+        active=active,
+        approvals=[SiteApproval(regulator=r, use=u, product_code=p) for r, u, p in approvals],  # type: ignore[arg-type]
+        daily_capacity={p: 1 for _, _, p in approvals},
+    )
+    event = new_event(site, subject=site_id)
+    if time is not None:
+        event = event.model_copy(update={"time": time})
+    async with uow.begin() as tx:
+        assert await handlers.dispatch(tx, event)
 
 
 async def counts(pool: asyncpg.Pool) -> dict[str, int]:
@@ -81,23 +114,24 @@ async def test_place_order_writes_order_timeline_and_one_event_without_patient_d
 
     order_id = await place_order(uow, command(), FACILITY, now=NOW)
 
-    order = await repository.get_order(ordering, order_id)
+    async with uow.read() as tx:
+        order = await tx.orders.get(order_id)
+        timeline = await tx.timeline.of(order_id)
     assert order is not None
-    assert order["status"] == "submitted"
-    assert order["treatment_center_id"] == "TC-FR-PA-001"
-    assert order["patient_ref"] == PATIENT_REF  # kept here, and only here
-    coi = order["coi"]
+    assert order.status == "submitted"
+    assert order.treatment_center_id == "TC-FR-PA-001"
+    assert order.patient_ref == PATIENT_REF  # kept here, and only here
+    coi = order.coi
 
-    timeline = await repository.timeline(ordering, order_id)
     assert len(timeline) == 1
-    assert timeline[0]["event_type"] == "order.submitted.v1"
-    assert timeline[0]["status_before"] is None and timeline[0]["status_after"] == "submitted"
+    assert timeline[0].event_type == "order.submitted.v1"
+    assert timeline[0].status_before is None and timeline[0].status_after == "submitted"
 
     outbox = await ordering.fetch("SELECT * FROM outbox")
     assert len(outbox) == 1
     row = outbox[0]
     assert row["event_type"] == "order.submitted.v1"
-    assert row["event_id"] == timeline[0]["event_id"]
+    assert row["event_id"] == timeline[0].event_id
     assert row["topic"] == TOPIC
     assert row["message_key"] == str(order_id)
     assert row["published_at"] is None
@@ -122,18 +156,22 @@ async def test_a_failure_after_the_order_and_its_event_were_written_leaves_nothi
 ) -> None:
     seen_inside: dict[str, int] = {}
 
-    async def failing_add_timeline(conn: asyncpg.Connection, **kwargs: Any) -> None:
+    async def failing_add_timeline(self: repository.PgTimeline, entry: TimelineEntry) -> None:
         # inside the transaction the order and its outbox row are already written...
-        seen_inside["orders"] = await conn.fetchval(
-            "SELECT count(*) FROM orders WHERE order_id = $1", kwargs["order_id"]
+        seen_inside["orders"] = await self.conn.fetchval(
+            "SELECT count(*) FROM orders WHERE order_id = $1", entry.order_id
         )
-        seen_inside["outbox"] = await conn.fetchval(
-            "SELECT count(*) FROM outbox WHERE event_id = $1", kwargs["event_id"]
+        seen_inside["outbox"] = await self.conn.fetchval(
+            "SELECT count(*) FROM outbox WHERE event_id = $1", entry.event_id
         )
         raise RuntimeError("timeline insert failed")
 
-    monkeypatch.setattr(repository, "add_timeline", failing_add_timeline)
-    assert services.repo.add_timeline is failing_add_timeline  # the service layer calls the patched one
+    monkeypatch.setattr(repository.PgTimeline, "add", failing_add_timeline)
+    async with uow.begin() as tx:  # the service layer's transactions use the patched repository
+        assert (
+            isinstance(tx.timeline, repository.PgTimeline)
+            and tx.timeline.add.__func__ is failing_add_timeline
+        )  # type: ignore[attr-defined]
 
     with pytest.raises(RuntimeError, match="timeline insert failed"):
         await place_order(uow, command(), FACILITY, now=NOW)
@@ -145,8 +183,9 @@ async def test_a_failure_after_the_order_and_its_event_were_written_leaves_nothi
     monkeypatch.undo()  # the next order goes through and gets the first COI sequence number
     order_id = await place_order(uow, command(), FACILITY, now=NOW)
     assert await counts(ordering) == {"orders": 1, "order_timeline": 1, "outbox": 1, "coi_sequences": 1}
-    order = await repository.get_order(ordering, order_id)
-    assert order is not None and order["coi"].startswith(f"{FACILITY}30000001")
+    async with uow.read() as tx:
+        order = await tx.orders.get(order_id)
+    assert order is not None and order.coi.startswith(f"{FACILITY}30000001")
 
 
 @pytest.mark.parametrize(
@@ -155,17 +194,53 @@ async def test_a_failure_after_the_order_and_its_event_were_written_leaves_nothi
         ({"treatment_center_id": "TC-XX-NOPE-999"}, "treatment_center_id"),
         ({"product_code": "NOT-A-PRODUCT"}, "product_code"),
         ({"requested_apheresis_date": NOW.date() - timedelta(days=1)}, "requested_apheresis_date"),
+        ({"treatment_center_id": "TC-AU-VI-001"}, "product_code"),  # no site makes AXI-CEL for TGA
+        ({"order_type": "clinical"}, "product_code"),  # the one site is approved for commercial use only
     ],
-    ids=["unknown-centre", "unknown-product", "past-apheresis-date"],
+    ids=["unknown-centre", "unknown-product", "past-apheresis-date", "market-not-served", "use-not-served"],
 )
 async def test_a_rejected_command_writes_nothing(
     ordering: asyncpg.Pool, uow: UnitOfWork, overrides: dict[str, Any], field: str
 ) -> None:
-    with pytest.raises(Problem) as excinfo:
+    with pytest.raises(Invalid) as excinfo:
         await place_order(uow, command(**overrides), FACILITY, now=NOW)
 
     problem = excinfo.value
-    assert problem.status == 422
-    assert problem.errors and problem.errors[0]["field"] == field
+    assert status_of(problem) == 422
+    assert problem.errors and problem.errors[0].field == field
     assert field in problem.detail
     assert await counts(ordering) == NOTHING
+
+
+async def test_the_network_copy_follows_the_latest_registration_of_each_site(
+    ordering: asyncpg.Pool, uow: UnitOfWork[OrderTx]
+) -> None:
+    australia = command(treatment_center_id="TC-AU-VI-001", product_code="TISA-CEL")
+    with pytest.raises(Invalid, match="TISA-CEL for commercial use in the TGA market"):
+        await place_order(uow, australia, FACILITY, now=NOW)
+
+    t0 = datetime.now(UTC)
+    await register_site(uow, "AU-MELBOURNE", [("TGA", "commercial", "TISA-CEL")], time=t0)
+    await place_order(uow, australia, FACILITY, now=NOW)
+
+    # an older registration of the site changes nothing; an inactive site serves no market
+    await register_site(uow, "AU-MELBOURNE", [], time=t0 - timedelta(minutes=1))
+    await place_order(uow, australia, FACILITY, now=NOW)
+    await register_site(uow, "AU-MELBOURNE", [("TGA", "commercial", "TISA-CEL")], active=False, time=t0)
+    with pytest.raises(Invalid, match="TGA market"):
+        await place_order(uow, australia, FACILITY, now=NOW)
+    assert await ordering.fetchval("SELECT count(*) FROM site_approvals WHERE site_id = 'AU-MELBOURNE'") == 1
+
+    # a new registration replaces the site's approvals (not adds to them)
+    await register_site(
+        uow, "AU-MELBOURNE", [("TGA", "clinical", "TISA-CEL")], time=t0 + timedelta(minutes=1)
+    )
+    with pytest.raises(Invalid, match="TGA market"):
+        await place_order(uow, australia, FACILITY, now=NOW)
+    await place_order(
+        uow,
+        command(treatment_center_id="TC-AU-VI-001", product_code="TISA-CEL", order_type="clinical"),
+        FACILITY,
+        now=NOW,
+    )
+    assert await counts(ordering) == {"orders": 3, "order_timeline": 3, "outbox": 3, "coi_sequences": 1}

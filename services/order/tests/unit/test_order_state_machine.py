@@ -12,7 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from order_service.domain import order as m
-from order_service.domain.order import ALLOWED, TERMINAL, OrderState, OrderStatus, Refused, Rules
+from order_service.domain.order import ALLOWED, TERMINAL, OrderState, OrderStatus, Rules
+from v2v_contracts.errors import DomainError, Invalid, NotAllowedNow
+from v2v_servicekit.problems import status_of
 
 S = OrderStatus
 TODAY = date(2026, 11, 26)
@@ -99,8 +101,9 @@ def test_no_sequence_takes_an_order_through_a_forbidden_transition(items: list[A
         before = state.status
         try:
             outcome = step(state, item, r)
-        except Refused as refused:
-            assert refused.status in {409, 422} and refused.field and refused.reason
+        except DomainError as refused:
+            assert isinstance(refused, Invalid | NotAllowedNow)
+            assert status_of(refused) in {409, 422} and refused.errors[0].field and refused.errors[0].reason
             continue
         after = outcome.state.status
         if before in TERMINAL:
@@ -173,9 +176,9 @@ def test_happy_path_reaches_completed() -> None:
 
 def test_lymphodepletion_is_refused_before_release() -> None:
     for status in [S.SUBMITTED, S.MATERIAL_RECEIVED, S.MANUFACTURING, S.QC_PENDING]:
-        with pytest.raises(Refused) as info:
+        with pytest.raises(NotAllowedNow) as info:
             m.start_lymphodepletion(OrderState(status))
-        assert info.value.status == 409 and "released" in info.value.reason
+        assert status_of(info.value) == 409 and "released" in info.value.errors[0].reason
 
 
 def test_oos_remanufactures_from_retained_material_then_recollects_then_fails() -> None:

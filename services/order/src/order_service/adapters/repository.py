@@ -1,8 +1,15 @@
-"""asyncpg access to the ordering schema. Every call runs on the caller's connection/transaction."""
+"""All SQL of the order service (schema `ordering`): one repository per aggregate, an abstract base and a
+Postgres implementation each, and the service's `OrderTx` (the repositories of one transaction).
+
+Every Postgres repository runs on the connection of the unit of work that built it; none opens its own
+transaction. `adapters/memory.py` has the in-memory counterparts for unit tests.
+"""
 
 from __future__ import annotations
 
 import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from datetime import date, datetime
 from pathlib import Path
 from typing import Any
@@ -10,136 +17,430 @@ from typing import Any
 import asyncpg
 import yaml
 
+from order_service.domain.market import Approval
+from order_service.domain.records import Centre, OrderRecord, TimelineEntry
+from v2v_contracts import CloudEvent
+from v2v_messaging import EventSink, Tx
+
 SEED_DIR = Path(__file__).resolve().parent.parent / "seed"
+CENTRES_SEED = SEED_DIR / "treatment_centers.yaml"
 
 
-async def load_seed(conn: asyncpg.Connection) -> None:
-    """Upsert the seed files; safe to run at every start."""
-    centres = yaml.safe_load((SEED_DIR / "treatment_centers.yaml").read_text())
-    for c in centres:
-        await conn.execute(
+def read_centres(path: Path = CENTRES_SEED) -> list[Centre]:
+    """The certified treatment centres of the seed file (read at start-up, never at import)."""
+    return [Centre(**entry) for entry in yaml.safe_load(path.read_text())]
+
+
+# ---- orders ----------------------------------------------------------------------------------------
+
+
+class OrderRepository(ABC):
+    @abstractmethod
+    async def add(
+        self,
+        *,
+        order_id: uuid.UUID,
+        coi: str,
+        treatment_center_id: str,
+        product_code: str,
+        order_type: str,
+        patient_ref: str,
+        requested_apheresis_date: date,
+        status: str,
+        first_trace: dict[str, str],
+    ) -> None: ...
+
+    @abstractmethod
+    async def get(self, order_id: uuid.UUID, *, lock: bool = False) -> OrderRecord | None:
+        """The order; `lock` holds it until the transaction ends (every change of an order does)."""
+
+    @abstractmethod
+    async def update(self, order_id: uuid.UUID, **fields: Any) -> None:
+        """Set columns of the order; bumps its version and `updated_at`."""
+
+    @abstractmethod
+    async def page(self, *, centre: str | None, limit: int, offset: int) -> tuple[list[OrderRecord], int]:
+        """A page of orders (oldest first), optionally of one centre, and the total count."""
+
+    @abstractmethod
+    async def first_trace(self, order_id: uuid.UUID) -> dict[str, str] | None:
+        """The W3C context of the trace that placed the order (later inputs link to it)."""
+
+    @abstractmethod
+    async def next_coi_sequence(self, year: int) -> int:
+        """The next chain-of-identity sequence number of the year (a step of this transaction)."""
+
+
+class PgOrders(OrderRepository):
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self.conn = conn
+
+    async def add(
+        self,
+        *,
+        order_id: uuid.UUID,
+        coi: str,
+        treatment_center_id: str,
+        product_code: str,
+        order_type: str,
+        patient_ref: str,
+        requested_apheresis_date: date,
+        status: str,
+        first_trace: dict[str, str],
+    ) -> None:
+        await self.conn.execute(
+            """INSERT INTO orders (order_id, coi, treatment_center_id, product_code, order_type, patient_ref,
+                                   requested_apheresis_date, status, first_trace)
+               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)""",
+            order_id,
+            coi,
+            treatment_center_id,
+            product_code,
+            order_type,
+            patient_ref,
+            requested_apheresis_date,
+            status,
+            first_trace,
+        )
+
+    async def get(self, order_id: uuid.UUID, *, lock: bool = False) -> OrderRecord | None:
+        sql = "SELECT * FROM orders WHERE order_id = $1" + (" FOR UPDATE" if lock else "")
+        row = await self.conn.fetchrow(sql, order_id)
+        return OrderRecord.from_mapping(row) if row is not None else None
+
+    async def update(self, order_id: uuid.UUID, **fields: Any) -> None:
+        if not fields:
+            return
+        unknown = set(fields) - ORDER_COLUMNS
+        if unknown:
+            raise ValueError(f"not order columns: {sorted(unknown)}")
+        sets = ", ".join(f"{k} = ${i}" for i, k in enumerate(fields, start=2))
+        await self.conn.execute(
+            f"UPDATE orders SET {sets}, updated_at = now(), version = version + 1 WHERE order_id = $1",
+            order_id,
+            *fields.values(),
+        )
+
+    async def page(self, *, centre: str | None, limit: int, offset: int) -> tuple[list[OrderRecord], int]:
+        where = "WHERE treatment_center_id = $1" if centre else "WHERE $1::text IS NULL"
+        rows = await self.conn.fetch(
+            f"SELECT * FROM orders {where} ORDER BY created_at, order_id LIMIT $2 OFFSET $3",
+            centre,
+            limit,
+            offset,
+        )
+        total = await self.conn.fetchval(f"SELECT count(*) FROM orders {where}", centre)
+        return [OrderRecord.from_mapping(r) for r in rows], int(total)
+
+    async def first_trace(self, order_id: uuid.UUID) -> dict[str, str] | None:
+        found: dict[str, str] | None = await self.conn.fetchval(
+            "SELECT first_trace FROM orders WHERE order_id = $1", order_id
+        )
+        return found
+
+    async def next_coi_sequence(self, year: int) -> int:
+        return int(
+            await self.conn.fetchval(
+                """INSERT INTO coi_sequences (year, last_value) VALUES ($1, 1)
+                   ON CONFLICT (year) DO UPDATE SET last_value = coi_sequences.last_value + 1
+                   RETURNING last_value""",
+                year,
+            )
+        )
+
+
+# the columns `update` may set (every field of the record but the ones the database keeps itself)
+ORDER_COLUMNS = frozenset(OrderRecord.__dataclass_fields__) - {
+    "order_id",
+    "created_at",
+    "updated_at",
+    "version",
+}
+
+
+# ---- timeline --------------------------------------------------------------------------------------
+
+
+class TimelineRepository(ABC):
+    @abstractmethod
+    async def add(self, entry: TimelineEntry) -> None:
+        """Record an event on the order's timeline (once per event id)."""
+
+    @abstractmethod
+    async def settle(
+        self,
+        order_id: uuid.UUID,
+        event_id: uuid.UUID,
+        *,
+        status_before: str,
+        status_after: str,
+        reason: str,
+    ) -> None:
+        """What a parked fact did once it applied (its entry was written when it arrived)."""
+
+    @abstractmethod
+    async def of(self, order_id: uuid.UUID) -> list[TimelineEntry]:
+        """The order's timeline, in the order things happened."""
+
+
+class PgTimeline(TimelineRepository):
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self.conn = conn
+
+    async def add(self, entry: TimelineEntry) -> None:
+        await self.conn.execute(
+            """INSERT INTO order_timeline (order_id, event_id, event_type, source, occurred_at,
+                                           status_before, status_after, reason)
+               VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (order_id, event_id) DO NOTHING""",
+            entry.order_id,
+            entry.event_id,
+            entry.event_type,
+            entry.source,
+            entry.occurred_at,
+            entry.status_before,
+            entry.status_after,
+            entry.reason,
+        )
+
+    async def settle(
+        self,
+        order_id: uuid.UUID,
+        event_id: uuid.UUID,
+        *,
+        status_before: str,
+        status_after: str,
+        reason: str,
+    ) -> None:
+        await self.conn.execute(
+            """UPDATE order_timeline SET status_before = $3, status_after = $4, reason = $5
+               WHERE order_id = $1 AND event_id = $2""",
+            order_id,
+            event_id,
+            status_before,
+            status_after,
+            reason,
+        )
+
+    async def of(self, order_id: uuid.UUID) -> list[TimelineEntry]:
+        rows = await self.conn.fetch(
+            """SELECT order_id, event_id, event_type, source, occurred_at, status_before, status_after,
+                      reason
+               FROM order_timeline WHERE order_id = $1 ORDER BY occurred_at, id""",
+            order_id,
+        )
+        return [TimelineEntry(**dict(r)) for r in rows]
+
+
+# ---- parked facts ----------------------------------------------------------------------------------
+
+
+class ParkedFactRepository(ABC):
+    """Facts that arrived before the facts they follow, kept until the order's state admits them."""
+
+    @abstractmethod
+    async def park(self, order_id: uuid.UUID, event: CloudEvent) -> None:
+        """Keep the fact (once per event id)."""
+
+    @abstractmethod
+    async def of(self, order_id: uuid.UUID) -> list[tuple[int, CloudEvent]]:
+        """The order's parked facts, oldest first, with their ids."""
+
+    @abstractmethod
+    async def drop(self, parked_id: int) -> None: ...
+
+    @abstractmethod
+    async def drop_all(self, order_id: uuid.UUID) -> None:
+        """Forget every fact parked for the order (a new cycle began: they will never apply)."""
+
+
+class PgParkedFacts(ParkedFactRepository):
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self.conn = conn
+
+    async def park(self, order_id: uuid.UUID, event: CloudEvent) -> None:
+        await self.conn.execute(
+            """INSERT INTO parked_facts (order_id, event_id, event) VALUES ($1, $2, $3)
+               ON CONFLICT (order_id, event_id) DO NOTHING""",
+            order_id,
+            event.id,
+            event.to_json(),
+        )
+
+    async def of(self, order_id: uuid.UUID) -> list[tuple[int, CloudEvent]]:
+        rows = await self.conn.fetch(
+            "SELECT id, event FROM parked_facts WHERE order_id = $1 ORDER BY id", order_id
+        )
+        return [(int(r["id"]), CloudEvent.from_json(bytes(r["event"]))) for r in rows]
+
+    async def drop(self, parked_id: int) -> None:
+        await self.conn.execute("DELETE FROM parked_facts WHERE id = $1", parked_id)
+
+    async def drop_all(self, order_id: uuid.UUID) -> None:
+        await self.conn.execute("DELETE FROM parked_facts WHERE order_id = $1", order_id)
+
+
+# ---- catalogue: treatment centres and orderable products -------------------------------------------
+
+
+class CatalogueRepository(ABC):
+    @abstractmethod
+    async def centre(self, centre_id: str, *, certified_only: bool = True) -> Centre | None: ...
+
+    @abstractmethod
+    async def centres(self) -> list[Centre]: ...
+
+    @abstractmethod
+    async def has_product(self, code: str) -> bool: ...
+
+    @abstractmethod
+    async def products(self) -> list[dict[str, Any]]:
+        """Every orderable product: code, name and its attributes (from the shared catalogue)."""
+
+    @abstractmethod
+    async def save_centres(self, centres: Iterable[Centre]) -> None: ...
+
+    @abstractmethod
+    async def save_products(self, products: Iterable[tuple[str, str, dict[str, Any]]]) -> None:
+        """Upsert (code, name, attributes) rows."""
+
+
+CENTRE_COLUMNS = ", ".join(Centre.__dataclass_fields__)
+
+
+class PgCatalogue(CatalogueRepository):
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self.conn = conn
+
+    async def centre(self, centre_id: str, *, certified_only: bool = True) -> Centre | None:
+        sql = f"SELECT {CENTRE_COLUMNS} FROM treatment_centers WHERE id = $1" + (
+            " AND certified" if certified_only else ""
+        )
+        row = await self.conn.fetchrow(sql, centre_id)
+        return Centre(**dict(row)) if row is not None else None
+
+    async def centres(self) -> list[Centre]:
+        rows = await self.conn.fetch(f"SELECT {CENTRE_COLUMNS} FROM treatment_centers ORDER BY id")
+        return [Centre(**dict(r)) for r in rows]
+
+    async def has_product(self, code: str) -> bool:
+        return bool(await self.conn.fetchval("SELECT EXISTS (SELECT 1 FROM products WHERE code = $1)", code))
+
+    async def products(self) -> list[dict[str, Any]]:
+        rows = await self.conn.fetch("SELECT code, name, attributes FROM products ORDER BY code")
+        return [{"code": r["code"], "name": r["name"], **r["attributes"]} for r in rows]
+
+    async def save_centres(self, centres: Iterable[Centre]) -> None:
+        await self.conn.executemany(
             """INSERT INTO treatment_centers (id, name, country, region, regulator, timezone)
                VALUES ($1, $2, $3, $4, $5, $6)
                ON CONFLICT (id) DO UPDATE SET name = $2, country = $3, region = $4, regulator = $5,
                                               timezone = $6""",
-            c["id"],
-            c["name"],
-            c["country"],
-            c["region"],
-            c["regulator"],
-            c["timezone"],
+            [(c.id, c.name, c.country, c.region, c.regulator, c.timezone) for c in centres],
         )
-    products = yaml.safe_load((SEED_DIR / "products.yaml").read_text())
-    for p in products:
-        attrs = {k: v for k, v in p.items() if k not in {"code", "name"}}
-        await conn.execute(
+
+    async def save_products(self, products: Iterable[tuple[str, str, dict[str, Any]]]) -> None:
+        await self.conn.executemany(
             """INSERT INTO products (code, name, attributes) VALUES ($1, $2, $3::jsonb)
                ON CONFLICT (code) DO UPDATE SET name = $2, attributes = $3::jsonb""",
-            p["code"],
-            p["name"],
-            attrs,
+            list(products),
         )
 
 
-async def get_centre(conn: asyncpg.Connection, centre_id: str) -> asyncpg.Record | None:
-    return await conn.fetchrow("SELECT * FROM treatment_centers WHERE id = $1 AND certified", centre_id)
+# ---- the manufacturing network (a copy fed by site.registered) -------------------------------------
 
 
-async def get_product(conn: asyncpg.Connection, code: str) -> asyncpg.Record | None:
-    return await conn.fetchrow("SELECT * FROM products WHERE code = $1", code)
+class NetworkRepository(ABC):
+    @abstractmethod
+    async def replace_site(
+        self, site_id: str, *, active: bool, approvals: Iterable[Approval], as_of: datetime
+    ) -> bool:
+        """Replace the site's active flag and approvals; False (nothing changed) when `as_of` is older
+        than what is kept for the site."""
+
+    @abstractmethod
+    async def known(self) -> bool:
+        """Whether any site is known at all (the network has been seen)."""
+
+    @abstractmethod
+    async def serves(self, approval: Approval) -> bool:
+        """Whether an active site is approved for that regulator, use and product."""
 
 
-async def list_centres(conn: asyncpg.Connection | asyncpg.Pool) -> list[asyncpg.Record]:
-    return list(await conn.fetch("SELECT * FROM treatment_centers ORDER BY id"))
+class PgNetwork(NetworkRepository):
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self.conn = conn
 
-
-async def list_products(conn: asyncpg.Connection | asyncpg.Pool) -> list[asyncpg.Record]:
-    return list(await conn.fetch("SELECT * FROM products ORDER BY code"))
-
-
-async def next_coi_sequence(conn: asyncpg.Connection, year: int) -> int:
-    return int(
-        await conn.fetchval(
-            """INSERT INTO coi_sequences (year, last_value) VALUES ($1, 1)
-               ON CONFLICT (year) DO UPDATE SET last_value = coi_sequences.last_value + 1
-               RETURNING last_value""",
-            year,
+    async def replace_site(
+        self, site_id: str, *, active: bool, approvals: Iterable[Approval], as_of: datetime
+    ) -> bool:
+        fresh = await self.conn.fetchval(
+            """INSERT INTO network_sites (site_id, active, as_of) VALUES ($1, $2, $3)
+               ON CONFLICT (site_id) DO UPDATE SET active = $2, as_of = $3, updated_at = now()
+                   WHERE network_sites.as_of <= $3
+               RETURNING true""",
+            site_id,
+            active,
+            as_of,
         )
-    )
-
-
-async def insert_order(conn: asyncpg.Connection, **fields: Any) -> asyncpg.Record:
-    cols = ", ".join(fields)
-    params = ", ".join(f"${i}" for i in range(1, len(fields) + 1))
-    row = await conn.fetchrow(f"INSERT INTO orders ({cols}) VALUES ({params}) RETURNING *", *fields.values())
-    assert row is not None
-    return row
-
-
-async def get_order(
-    conn: asyncpg.Connection | asyncpg.Pool, order_id: uuid.UUID, *, lock: bool = False
-) -> asyncpg.Record | None:
-    sql = "SELECT * FROM orders WHERE order_id = $1" + (" FOR UPDATE" if lock else "")
-    return await conn.fetchrow(sql, order_id)
-
-
-async def update_order(conn: asyncpg.Connection, order_id: uuid.UUID, **fields: Any) -> None:
-    sets = ", ".join(f"{k} = ${i}" for i, k in enumerate(fields, start=2))
-    await conn.execute(
-        f"UPDATE orders SET {sets}, updated_at = now(), version = version + 1 WHERE order_id = $1",
-        order_id,
-        *fields.values(),
-    )
-
-
-async def add_timeline(
-    conn: asyncpg.Connection,
-    *,
-    order_id: uuid.UUID,
-    event_id: uuid.UUID,
-    event_type: str,
-    source: str,
-    occurred_at: datetime,
-    status_before: str | None,
-    status_after: str | None,
-    reason: str,
-) -> None:
-    await conn.execute(
-        """INSERT INTO order_timeline (order_id, event_id, event_type, source, occurred_at,
-                                       status_before, status_after, reason)
-           VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (order_id, event_id) DO NOTHING""",
-        order_id,
-        event_id,
-        event_type,
-        source,
-        occurred_at,
-        status_before,
-        status_after,
-        reason,
-    )
-
-
-async def timeline(conn: asyncpg.Connection | asyncpg.Pool, order_id: uuid.UUID) -> list[asyncpg.Record]:
-    return list(
-        await conn.fetch(
-            "SELECT * FROM order_timeline WHERE order_id = $1 ORDER BY occurred_at, id", order_id
+        if not fresh:
+            return False
+        await self.conn.execute("DELETE FROM site_approvals WHERE site_id = $1", site_id)
+        await self.conn.executemany(
+            """INSERT INTO site_approvals (site_id, regulator, use, product_code) VALUES ($1, $2, $3, $4)
+               ON CONFLICT DO NOTHING""",
+            [(site_id, a.regulator, a.use, a.product_code) for a in approvals],
         )
+        return True
+
+    async def known(self) -> bool:
+        return bool(await self.conn.fetchval("SELECT EXISTS (SELECT 1 FROM network_sites)"))
+
+    async def serves(self, approval: Approval) -> bool:
+        return bool(
+            await self.conn.fetchval(
+                """SELECT EXISTS (
+                       SELECT 1 FROM site_approvals a JOIN network_sites s USING (site_id)
+                       WHERE s.active AND a.regulator = $1 AND a.use = $2 AND a.product_code = $3)""",
+                approval.regulator,
+                approval.use,
+                approval.product_code,
+            )
+        )
+
+
+# ---- the transaction -------------------------------------------------------------------------------
+
+
+class OrderTx(Tx):
+    """One unit of work of the order service: its repositories and its outbox."""
+
+    def __init__(
+        self,
+        conn: asyncpg.Connection | None,
+        outbox: EventSink,
+        *,
+        orders: OrderRepository,
+        timeline: TimelineRepository,
+        parked: ParkedFactRepository,
+        catalogue: CatalogueRepository,
+        network: NetworkRepository,
+    ) -> None:
+        super().__init__(conn, outbox)
+        self.orders = orders
+        self.timeline = timeline
+        self.parked = parked
+        self.catalogue = catalogue
+        self.network = network
+
+
+def tx_factory(conn: asyncpg.Connection, outbox: EventSink) -> OrderTx:
+    """The Postgres `OrderTx` of one transaction (`ServiceDefinition.tx_factory`)."""
+    return OrderTx(
+        conn,
+        outbox,
+        orders=PgOrders(conn),
+        timeline=PgTimeline(conn),
+        parked=PgParkedFacts(conn),
+        catalogue=PgCatalogue(conn),
+        network=PgNetwork(conn),
     )
-
-
-async def list_orders(
-    conn: asyncpg.Connection | asyncpg.Pool, *, centre: str | None, limit: int, offset: int
-) -> tuple[list[asyncpg.Record], int]:
-    where = "WHERE treatment_center_id = $1" if centre else "WHERE $1::text IS NULL"
-    rows = await conn.fetch(
-        f"SELECT * FROM orders {where} ORDER BY created_at, order_id LIMIT $2 OFFSET $3",
-        centre,
-        limit,
-        offset,
-    )
-    total = await conn.fetchval(f"SELECT count(*) FROM orders {where}", centre)
-    return list(rows), int(total)
-
-
-def as_date(value: object) -> date | None:
-    return value if isinstance(value, date) else None

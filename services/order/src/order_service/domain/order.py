@@ -4,7 +4,8 @@ compensations it asks of the other services. Pure: no I/O (see docs/lifecycle.md
 `on_fact` answers a fact from another service; `on_command` answers a hospital (or QA) action. Both
 return an `Outcome`: the new state (possibly unchanged), the reason recorded on the timeline, and the
 commands to publish (rebook, remanufacture, fail). A fact that arrives for a state already left is
-recorded and ignored; a forbidden action raises `Refused`.
+recorded and ignored; a forbidden action raises a domain error (`NotAllowedNow` for the order's state,
+`Invalid` for bad input).
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ from dataclasses import dataclass, field
 from datetime import date, timedelta
 from enum import StrEnum
 from typing import Any
+
+from v2v_contracts.errors import Invalid, NotAllowedNow
+from v2v_contracts.reference import Product
 
 
 class OrderStatus(StrEnum):
@@ -107,12 +111,24 @@ ALLOWED: dict[OrderStatus, frozenset[OrderStatus]] = {
 
 @dataclass(frozen=True)
 class Rules:
-    """Per product, from the product seed file."""
+    """Per product, from the shared product catalogue (`v2v_contracts.reference`)."""
 
     max_runs: int = 2  # 1 = no remanufacture
     max_recollections: int = 1
     retains_material: bool = True
     recollection_lead_days: int = 7
+
+    @classmethod
+    def of(cls, product: Product | None) -> Rules:
+        """The rules of a catalogue product (the defaults when the product is not in the catalogue)."""
+        if product is None:
+            return cls()
+        return cls(
+            max_runs=product.max_runs,
+            max_recollections=product.max_recollections,
+            retains_material=product.retains_material,
+            recollection_lead_days=product.recollection_lead_days,
+        )
 
 
 @dataclass(frozen=True)
@@ -159,14 +175,9 @@ class Outcome:
     changed: bool = True
 
 
-class Refused(Exception):
-    """A hospital or QA action the order's state does not allow (or bad input)."""
-
-    def __init__(self, status: int, field: str, reason: str) -> None:
-        super().__init__(f"{field}: {reason}")
-        self.status = status
-        self.field = field
-        self.reason = reason
+def not_now(reason: str) -> NotAllowedNow:
+    """The order's current state does not allow the action (409, problem type `order-state`)."""
+    return NotAllowedNow("status", reason)
 
 
 NOT_YET = "recorded only: not applicable while"  # may apply once earlier facts arrive
@@ -316,15 +327,15 @@ def on_fact(state: OrderState, event_type: str, data: dict[str, Any], rules: Rul
 
 def cancel(state: OrderState, reason: str) -> Outcome:
     if state.status in TERMINAL:
-        raise Refused(409, "status", f"order is already {state.status.value}")
+        raise not_now(f"order is already {state.status.value}")
     return _to(state, S.CANCELLED, f"cancelled by the centre: {reason}")
 
 
 def reschedule_apheresis(state: OrderState, new_date: date, reason: str, today: date) -> Outcome:
     if new_date < today:
-        raise Refused(422, "requested_apheresis_date", f"{new_date.isoformat()} is in the past")
+        raise Invalid("requested_apheresis_date", f"{new_date.isoformat()} is in the past")
     if state.status not in BEFORE_APHERESIS:
-        raise Refused(409, "status", f"apheresis cannot move once the order is {state.status.value}")
+        raise not_now(f"apheresis cannot move once the order is {state.status.value}")
     return _to(
         state,
         S.RESCHEDULING,
@@ -336,9 +347,7 @@ def reschedule_apheresis(state: OrderState, new_date: date, reason: str, today: 
 
 def confirm_apheresis(state: OrderState) -> Outcome:
     if state.status != S.INBOUND_SHIPMENT_PLANNED:
-        raise Refused(
-            409,
-            "status",
+        raise not_now(
             f"apheresis can be confirmed once the inbound shipment is planned, not while "
             f"{state.status.value}",
         )
@@ -347,33 +356,31 @@ def confirm_apheresis(state: OrderState) -> Outcome:
 
 def start_lymphodepletion(state: OrderState) -> Outcome:
     if state.status not in AVAILABLE:
-        raise Refused(
-            409,
-            "status",
+        raise not_now(
             f"lymphodepletion may start only after the product is released (order is {state.status.value})",
         )
     if state.lymphodepletion:
-        raise Refused(409, "status", "lymphodepletion was already recorded")
+        raise not_now("lymphodepletion was already recorded")
     return Outcome(dataclasses.replace(state, lymphodepletion=True), "lymphodepletion started")
 
 
 def confirm_product_receipt(state: OrderState) -> Outcome:
     if state.status not in {S.PRODUCT_IN_TRANSIT, S.PRODUCT_DELIVERED}:
-        raise Refused(409, "status", f"no product on its way to the centre (order is {state.status.value})")
+        raise not_now(f"no product on its way to the centre (order is {state.status.value})")
     return _to(state, S.PRODUCT_RECEIVED, "product received at the centre, identity verified")
 
 
 def confirm_infusion(state: OrderState) -> Outcome:
     if state.status != S.PRODUCT_RECEIVED:
-        raise Refused(409, "status", f"infusion needs the product received (order is {state.status.value})")
+        raise not_now(f"infusion needs the product received (order is {state.status.value})")
     if not state.lymphodepletion:
-        raise Refused(409, "status", "infusion needs lymphodepletion recorded first")
+        raise not_now("infusion needs lymphodepletion recorded first")
     return _to(state, S.COMPLETED, "patient infused")
 
 
 def decide_quarantine(state: OrderState, decision: str, reason: str, rules: Rules, today: date) -> Outcome:
     if state.status != S.QUARANTINED:
-        raise Refused(409, "status", f"no quarantined product (order is {state.status.value})")
+        raise not_now(f"no quarantined product (order is {state.status.value})")
     if decision == "release":
         back = state.status_before_quarantine or S.RELEASED
         return _to(state, back, f"quarantine released: {reason}", status_before_quarantine=None)

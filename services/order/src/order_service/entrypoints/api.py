@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from datetime import date, datetime
 from typing import Annotated, Any, Literal
@@ -9,10 +10,10 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, Query, Response
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
-from order_service.adapters import repository as repo
-from order_service.domain.order import Actuals, Durations, predict
-from order_service.services import Action, PlaceOrder, act, place_order
-from v2v_servicekit import Runtime, get_runtime, not_found
+from order_service.config import OrderSettings
+from order_service.domain.records import OrderRecord, TimelineEntry
+from order_service.service_layer import commands, queries
+from v2v_servicekit import Runtime, get_runtime
 
 router = APIRouter(prefix="/v1")
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
@@ -31,7 +32,7 @@ class OrderIn(BaseModel):
     requested_apheresis_date: date
 
 
-class TimelineEntry(BaseModel):
+class TimelineOut(BaseModel):
     event_id: uuid.UUID
     type: str
     source: str
@@ -73,7 +74,7 @@ class OrderOut(BaseModel):
     predicted: Predicted | None = None
     created_at: datetime
     updated_at: datetime
-    timeline: list[TimelineEntry] | None = None
+    timeline: list[TimelineOut] | None = None
 
 
 class OrderPage(BaseModel):
@@ -84,62 +85,62 @@ class OrderPage(BaseModel):
     next_offset: int | None
 
 
-def _predicted(row: Any, product: Any) -> Predicted | None:
-    if product is None:
-        return None
-    attrs = product["attributes"]
-    durations = Durations(int(attrs.get("manufacturing_days", 17)), int(attrs.get("qc_days", 14)))
-    actuals = Actuals(
-        apheresis_date=row["apheresis_date"] or row["requested_apheresis_date"],
-        manufacturing_start_date=row["manufacturing_start_date"],
-        material_received=row["material_received_at"].date() if row["material_received_at"] else None,
-        released=row["released_at"].date() if row["released_at"] else None,
-        delivered=row["delivered_at"].date() if row["delivered_at"] else None,
-    )
-    return Predicted(**predict(durations, actuals))
-
-
-def _order_out(row: Any, timeline: list[Any] | None = None, product: Any = None) -> OrderOut:
+def _order_out(
+    row: OrderRecord,
+    timeline: list[TimelineEntry] | None = None,
+    predicted: dict[str, date | None] | None = None,
+) -> OrderOut:
     slot = None
-    if row["slot_id"] is not None:
+    if row.slot_id is not None:
         slot = Slot(
-            slot_id=row["slot_id"],
-            site_id=row["site_id"],
-            apheresis_date=row["apheresis_date"],
-            manufacturing_start_date=row["manufacturing_start_date"],
+            slot_id=row.slot_id,
+            site_id=row.site_id,
+            apheresis_date=row.apheresis_date,
+            manufacturing_start_date=row.manufacturing_start_date,
         )
     return OrderOut(
-        order_id=row["order_id"],
-        coi=row["coi"],
-        status=row["status"],
-        treatment_center_id=row["treatment_center_id"],
-        product_code=row["product_code"],
-        order_type=row["order_type"],
-        patient_ref=row["patient_ref"],
-        requested_apheresis_date=row["requested_apheresis_date"],
-        site_id=row["site_id"],
+        order_id=row.order_id,
+        coi=row.coi,
+        status=row.status,
+        treatment_center_id=row.treatment_center_id,
+        product_code=row.product_code,
+        order_type=row.order_type,
+        patient_ref=row.patient_ref,
+        requested_apheresis_date=row.requested_apheresis_date,
+        site_id=row.site_id,
         slot=slot,
-        run=row["run"],
-        recollections=row["recollections"],
-        lymphodepletion_at=row["lymphodepletion_at"],
-        ended_reason=row["ended_reason"],
-        predicted=_predicted(row, product),
-        created_at=row["created_at"],
-        updated_at=row["updated_at"],
+        run=row.run,
+        recollections=row.recollections,
+        lymphodepletion_at=row.lymphodepletion_at,
+        ended_reason=row.ended_reason,
+        predicted=Predicted(**predicted) if predicted is not None else None,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
         timeline=None
         if timeline is None
         else [
-            TimelineEntry(
-                event_id=t["event_id"],
-                type=t["event_type"],
-                source=t["source"],
-                time=t["occurred_at"],
-                status=t["status_after"],
-                reason=t["reason"],
+            TimelineOut(
+                event_id=t.event_id,
+                type=t.event_type,
+                source=t.source,
+                time=t.occurred_at,
+                status=t.status_after,
+                reason=t.reason,
             )
             for t in timeline
         ],
     )
+
+
+async def _view(rt: Runtime, order_id: uuid.UUID) -> OrderOut:
+    view = await queries.order_view(rt.uow, order_id)
+    return _order_out(view.order, view.timeline, view.predicted)
+
+
+def _settings(rt: Runtime) -> OrderSettings:
+    settings = rt.settings
+    assert isinstance(settings, OrderSettings), "the order service runs with OrderSettings"
+    return settings
 
 
 @router.post(
@@ -148,15 +149,19 @@ def _order_out(row: Any, timeline: list[Any] | None = None, product: Any = None)
     response_model=OrderOut,
     tags=["orders"],
     summary="Place an order for a patient",
-    responses={422: {"description": "Invalid request (problem+json naming the field)"}},
+    responses={
+        422: {
+            "description": "Invalid request (problem+json naming the field), or no manufacturing site is "
+            "approved to make the product for the order's use in the centre's market"
+        },
+        503: {"description": "The network of manufacturing sites is not known yet: retry shortly"},
+    },
 )
 async def create_order(body: OrderIn, rt: RuntimeDep, response: Response) -> OrderOut:
-    facility = rt.extras["coi_facility_id"]
-    order_id = await place_order(rt.uow, PlaceOrder(**body.model_dump()), facility)
-    row = await repo.get_order(rt.pool, order_id)
+    facility = _settings(rt).coi_facility_id
+    order_id = await commands.place_order(rt.uow, commands.PlaceOrder(**body.model_dump()), facility)
     response.headers["Location"] = f"/v1/orders/{order_id}"
-    product = await repo.get_product(rt.pool, row["product_code"])
-    return _order_out(row, await repo.timeline(rt.pool, order_id), product)
+    return await _view(rt, order_id)
 
 
 @router.get(
@@ -166,11 +171,7 @@ async def create_order(body: OrderIn, rt: RuntimeDep, response: Response) -> Ord
     summary="One order with its status, slot and timeline",
 )
 async def get_order(order_id: uuid.UUID, rt: RuntimeDep) -> OrderOut:
-    row = await repo.get_order(rt.pool, order_id)
-    if row is None:
-        raise not_found("Order", order_id)
-    product = await repo.get_product(rt.pool, row["product_code"])
-    return _order_out(row, await repo.timeline(rt.pool, order_id), product)
+    return await _view(rt, order_id)
 
 
 @router.get("/orders", response_model=OrderPage, tags=["orders"], summary="List orders (paginated)")
@@ -180,7 +181,7 @@ async def list_orders(
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> OrderPage:
-    rows, total = await repo.list_orders(rt.pool, centre=treatment_center_id, limit=limit, offset=offset)
+    rows, total = await queries.list_orders(rt.uow, centre=treatment_center_id, limit=limit, offset=offset)
     nxt = offset + len(rows)
     return OrderPage(
         items=[_order_out(r) for r in rows],
@@ -193,14 +194,12 @@ async def list_orders(
 
 @router.get("/treatment-centers", tags=["catalogue"], summary="Certified treatment centres")
 async def treatment_centers(rt: RuntimeDep) -> list[dict[str, Any]]:
-    return [dict(r) for r in await repo.list_centres(rt.pool)]
+    return [dataclasses.asdict(c) for c in await queries.treatment_centres(rt.uow)]
 
 
 @router.get("/products", tags=["catalogue"], summary="Products that may be ordered")
 async def products(rt: RuntimeDep) -> list[dict[str, Any]]:
-    return [
-        {"code": r["code"], "name": r["name"], **r["attributes"]} for r in await repo.list_products(rt.pool)
-    ]
+    return await queries.products(rt.uow)
 
 
 # ---- hospital and QA actions (docs/lifecycle.md) -----------------------------------------------------
@@ -236,12 +235,6 @@ class QuarantineDecisionIn(BaseModel):
     reason: str = Field(min_length=1, max_length=500)
 
 
-async def _after(rt: Runtime, order_id: uuid.UUID) -> OrderOut:
-    row = await repo.get_order(rt.pool, order_id)
-    product = await repo.get_product(rt.pool, row["product_code"])
-    return _order_out(row, await repo.timeline(rt.pool, order_id), product)
-
-
 ACTION_RESPONSES: dict[int | str, dict[str, Any]] = {
     404: {"description": "Unknown order"},
     409: {"description": "Not allowed in the order's current state, or chain-of-identity mismatch"},
@@ -257,8 +250,8 @@ ACTION_RESPONSES: dict[int | str, dict[str, Any]] = {
     responses=ACTION_RESPONSES,
 )
 async def cancel_order(order_id: uuid.UUID, body: CancelIn, rt: RuntimeDep) -> OrderOut:
-    await act(rt.uow, order_id, Action("cancel", reason=body.reason))
-    return await _after(rt, order_id)
+    await commands.act(rt.uow, order_id, commands.Action("cancel", reason=body.reason))
+    return await _view(rt, order_id)
 
 
 @router.post(
@@ -269,10 +262,12 @@ async def cancel_order(order_id: uuid.UUID, body: CancelIn, rt: RuntimeDep) -> O
     responses=ACTION_RESPONSES,
 )
 async def move_apheresis(order_id: uuid.UUID, body: RescheduleIn, rt: RuntimeDep) -> OrderOut:
-    await act(
-        rt.uow, order_id, Action("reschedule", reason=body.reason, new_date=body.requested_apheresis_date)
+    await commands.act(
+        rt.uow,
+        order_id,
+        commands.Action("reschedule", reason=body.reason, new_date=body.requested_apheresis_date),
     )
-    return await _after(rt, order_id)
+    return await _view(rt, order_id)
 
 
 @router.post(
@@ -283,8 +278,8 @@ async def move_apheresis(order_id: uuid.UUID, body: RescheduleIn, rt: RuntimeDep
     responses=ACTION_RESPONSES,
 )
 async def apheresis_done(order_id: uuid.UUID, body: IdentityCheckedIn, rt: RuntimeDep) -> OrderOut:
-    await act(rt.uow, order_id, Action("apheresis", coi=body.coi, at=body.at))
-    return await _after(rt, order_id)
+    await commands.act(rt.uow, order_id, commands.Action("apheresis", coi=body.coi, at=body.at))
+    return await _view(rt, order_id)
 
 
 @router.post(
@@ -295,8 +290,8 @@ async def apheresis_done(order_id: uuid.UUID, body: IdentityCheckedIn, rt: Runti
     responses=ACTION_RESPONSES,
 )
 async def lymphodepletion(order_id: uuid.UUID, body: LymphodepletionIn, rt: RuntimeDep) -> OrderOut:
-    await act(rt.uow, order_id, Action("lymphodepletion", at=body.at))
-    return await _after(rt, order_id)
+    await commands.act(rt.uow, order_id, commands.Action("lymphodepletion", at=body.at))
+    return await _view(rt, order_id)
 
 
 @router.post(
@@ -307,8 +302,8 @@ async def lymphodepletion(order_id: uuid.UUID, body: LymphodepletionIn, rt: Runt
     responses=ACTION_RESPONSES,
 )
 async def product_receipt(order_id: uuid.UUID, body: IdentityCheckedIn, rt: RuntimeDep) -> OrderOut:
-    await act(rt.uow, order_id, Action("receipt", coi=body.coi, at=body.at))
-    return await _after(rt, order_id)
+    await commands.act(rt.uow, order_id, commands.Action("receipt", coi=body.coi, at=body.at))
+    return await _view(rt, order_id)
 
 
 @router.post(
@@ -319,8 +314,8 @@ async def product_receipt(order_id: uuid.UUID, body: IdentityCheckedIn, rt: Runt
     responses=ACTION_RESPONSES,
 )
 async def infusion(order_id: uuid.UUID, body: IdentityCheckedIn, rt: RuntimeDep) -> OrderOut:
-    await act(rt.uow, order_id, Action("infusion", coi=body.coi, at=body.at))
-    return await _after(rt, order_id)
+    await commands.act(rt.uow, order_id, commands.Action("infusion", coi=body.coi, at=body.at))
+    return await _view(rt, order_id)
 
 
 @router.post(
@@ -331,5 +326,7 @@ async def infusion(order_id: uuid.UUID, body: IdentityCheckedIn, rt: RuntimeDep)
     responses=ACTION_RESPONSES,
 )
 async def quarantine_decision(order_id: uuid.UUID, body: QuarantineDecisionIn, rt: RuntimeDep) -> OrderOut:
-    await act(rt.uow, order_id, Action("quarantine", decision=body.decision, reason=body.reason))
-    return await _after(rt, order_id)
+    await commands.act(
+        rt.uow, order_id, commands.Action("quarantine", decision=body.decision, reason=body.reason)
+    )
+    return await _view(rt, order_id)

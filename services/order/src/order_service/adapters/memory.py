@@ -1,0 +1,264 @@
+"""In-memory repositories of the order service and a `FakeUnitOfWork` over them, for unit tests.
+
+    store = MemoryStore.with_reference_data()
+    uow = fake_uow(store)
+    order_id = await commands.place_order(uow, ...)
+
+A transaction that raises leaves the store as it was (the fake unit of work snapshots it).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from typing import Any
+
+from order_service.adapters.repository import (
+    ORDER_COLUMNS,
+    CatalogueRepository,
+    NetworkRepository,
+    OrderRepository,
+    OrderTx,
+    ParkedFactRepository,
+    TimelineRepository,
+    read_centres,
+)
+from order_service.domain.market import Approval
+from order_service.domain.records import Centre, OrderRecord, TimelineEntry
+from v2v_contracts import CloudEvent
+from v2v_contracts.reference import load_products
+from v2v_messaging.fakes import FakeOutbox, FakeUnitOfWork
+
+
+@dataclass
+class NetworkSite:
+    active: bool
+    approvals: set[Approval]
+    as_of: datetime
+
+
+@dataclass
+class MemoryStore:
+    """Everything the repositories keep, in one place (so a failed transaction can be undone)."""
+
+    orders: dict[uuid.UUID, OrderRecord] = field(default_factory=dict)
+    coi_sequences: dict[int, int] = field(default_factory=dict)
+    timeline: list[TimelineEntry] = field(default_factory=list)
+    parked: dict[int, tuple[uuid.UUID, CloudEvent]] = field(default_factory=dict)
+    parked_ids: int = 0
+    centres: dict[str, Centre] = field(default_factory=dict)
+    products: dict[str, tuple[str, dict[str, Any]]] = field(default_factory=dict)
+    sites: dict[str, NetworkSite] = field(default_factory=dict)
+
+    @classmethod
+    def with_reference_data(cls) -> MemoryStore:
+        """The seeded centres and the shared product catalogue, as the service loads them at start."""
+        store = cls()
+        store.centres = {c.id: c for c in read_centres()}
+        store.products = {p.code: (p.name, p.rules()) for p in load_products()}
+        return store
+
+
+class MemoryOrders(OrderRepository):
+    def __init__(self, store: MemoryStore) -> None:
+        self.store = store
+
+    async def add(
+        self,
+        *,
+        order_id: uuid.UUID,
+        coi: str,
+        treatment_center_id: str,
+        product_code: str,
+        order_type: str,
+        patient_ref: str,
+        requested_apheresis_date: date,
+        status: str,
+        first_trace: dict[str, str],
+    ) -> None:
+        if order_id in self.store.orders or any(o.coi == coi for o in self.store.orders.values()):
+            raise ValueError("duplicate order id or COI")
+        if treatment_center_id not in self.store.centres or product_code not in self.store.products:
+            raise ValueError("unknown centre or product (foreign key)")
+        now = datetime.now(UTC)
+        self.store.orders[order_id] = OrderRecord(
+            order_id=order_id,
+            coi=coi,
+            treatment_center_id=treatment_center_id,
+            product_code=product_code,
+            order_type=order_type,
+            patient_ref=patient_ref,
+            requested_apheresis_date=requested_apheresis_date,
+            status=status,
+            created_at=now,
+            updated_at=now,
+            first_trace=dict(first_trace),
+        )
+
+    async def get(self, order_id: uuid.UUID, *, lock: bool = False) -> OrderRecord | None:
+        return self.store.orders.get(order_id)
+
+    async def update(self, order_id: uuid.UUID, **fields: Any) -> None:
+        if not fields:
+            return
+        unknown = set(fields) - ORDER_COLUMNS
+        if unknown:
+            raise ValueError(f"not order columns: {sorted(unknown)}")
+        order = self.store.orders[order_id]
+        self.store.orders[order_id] = dataclasses.replace(
+            order, **fields, updated_at=datetime.now(UTC), version=order.version + 1
+        )
+
+    async def page(self, *, centre: str | None, limit: int, offset: int) -> tuple[list[OrderRecord], int]:
+        found = sorted(
+            (o for o in self.store.orders.values() if centre is None or o.treatment_center_id == centre),
+            key=lambda o: (o.created_at, o.order_id),
+        )
+        return found[offset : offset + limit], len(found)
+
+    async def first_trace(self, order_id: uuid.UUID) -> dict[str, str] | None:
+        order = self.store.orders.get(order_id)
+        return order.first_trace if order is not None else None
+
+    async def next_coi_sequence(self, year: int) -> int:
+        self.store.coi_sequences[year] = self.store.coi_sequences.get(year, 0) + 1
+        return self.store.coi_sequences[year]
+
+
+class MemoryTimeline(TimelineRepository):
+    def __init__(self, store: MemoryStore) -> None:
+        self.store = store
+
+    async def add(self, entry: TimelineEntry) -> None:
+        if any(e.order_id == entry.order_id and e.event_id == entry.event_id for e in self.store.timeline):
+            return
+        self.store.timeline.append(entry)
+
+    async def settle(
+        self,
+        order_id: uuid.UUID,
+        event_id: uuid.UUID,
+        *,
+        status_before: str,
+        status_after: str,
+        reason: str,
+    ) -> None:
+        self.store.timeline = [
+            dataclasses.replace(e, status_before=status_before, status_after=status_after, reason=reason)
+            if e.order_id == order_id and e.event_id == event_id
+            else e
+            for e in self.store.timeline
+        ]
+
+    async def of(self, order_id: uuid.UUID) -> list[TimelineEntry]:
+        mine = [(e.occurred_at, i, e) for i, e in enumerate(self.store.timeline) if e.order_id == order_id]
+        return [e for _, _, e in sorted(mine, key=lambda t: (t[0], t[1]))]
+
+
+class MemoryParkedFacts(ParkedFactRepository):
+    def __init__(self, store: MemoryStore) -> None:
+        self.store = store
+
+    async def park(self, order_id: uuid.UUID, event: CloudEvent) -> None:
+        if any(o == order_id and e.id == event.id for o, e in self.store.parked.values()):
+            return
+        self.store.parked_ids += 1
+        self.store.parked[self.store.parked_ids] = (order_id, event)
+
+    async def of(self, order_id: uuid.UUID) -> list[tuple[int, CloudEvent]]:
+        return [(i, e) for i, (o, e) in sorted(self.store.parked.items()) if o == order_id]
+
+    async def drop(self, parked_id: int) -> None:
+        self.store.parked.pop(parked_id, None)
+
+    async def drop_all(self, order_id: uuid.UUID) -> None:
+        self.store.parked = {i: (o, e) for i, (o, e) in self.store.parked.items() if o != order_id}
+
+
+class MemoryCatalogue(CatalogueRepository):
+    def __init__(self, store: MemoryStore) -> None:
+        self.store = store
+
+    async def centre(self, centre_id: str, *, certified_only: bool = True) -> Centre | None:
+        centre = self.store.centres.get(centre_id)
+        if centre is None or (certified_only and not centre.certified):
+            return None
+        return centre
+
+    async def centres(self) -> list[Centre]:
+        return [self.store.centres[k] for k in sorted(self.store.centres)]
+
+    async def has_product(self, code: str) -> bool:
+        return code in self.store.products
+
+    async def products(self) -> list[dict[str, Any]]:
+        return [
+            {"code": code, "name": name, **attrs}
+            for code, (name, attrs) in sorted(self.store.products.items())
+        ]
+
+    async def save_centres(self, centres: Iterable[Centre]) -> None:
+        for c in centres:
+            old = self.store.centres.get(c.id)
+            self.store.centres[c.id] = dataclasses.replace(c, certified=old.certified if old else True)
+
+    async def save_products(self, products: Iterable[tuple[str, str, dict[str, Any]]]) -> None:
+        for code, name, attrs in products:
+            self.store.products[code] = (name, dict(attrs))
+
+
+class MemoryNetwork(NetworkRepository):
+    def __init__(self, store: MemoryStore) -> None:
+        self.store = store
+
+    async def replace_site(
+        self, site_id: str, *, active: bool, approvals: Iterable[Approval], as_of: datetime
+    ) -> bool:
+        old = self.store.sites.get(site_id)
+        if old is not None and old.as_of > as_of:
+            return False
+        self.store.sites[site_id] = NetworkSite(active, set(approvals), as_of)
+        return True
+
+    async def known(self) -> bool:
+        return bool(self.store.sites)
+
+    async def serves(self, approval: Approval) -> bool:
+        return any(s.active and approval in s.approvals for s in self.store.sites.values())
+
+
+def memory_tx(store: MemoryStore, outbox: FakeOutbox) -> OrderTx:
+    return OrderTx(
+        None,
+        outbox,
+        orders=MemoryOrders(store),
+        timeline=MemoryTimeline(store),
+        parked=MemoryParkedFacts(store),
+        catalogue=MemoryCatalogue(store),
+        network=MemoryNetwork(store),
+    )
+
+
+class MemoryUnitOfWork(FakeUnitOfWork[OrderTx]):
+    """A `FakeUnitOfWork` handing out `OrderTx`s on one `MemoryStore`; a failed transaction is undone."""
+
+    def __init__(self, store: MemoryStore) -> None:
+        self.store = store
+        super().__init__(
+            lambda outbox: memory_tx(store, outbox),
+            snapshot=lambda: copy.deepcopy(store),
+            restore=self._restore,
+        )
+
+    def _restore(self, saved: MemoryStore) -> None:
+        for f in dataclasses.fields(MemoryStore):
+            setattr(self.store, f.name, getattr(saved, f.name))
+
+
+def fake_uow(store: MemoryStore | None = None) -> MemoryUnitOfWork:
+    """A unit of work on `store` (the seeded centres and the product catalogue when None)."""
+    return MemoryUnitOfWork(store if store is not None else MemoryStore.with_reference_data())

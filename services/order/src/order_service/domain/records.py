@@ -1,0 +1,96 @@
+"""What the order service keeps: orders, their timelines, the certified treatment centres. Plain data
+(no I/O); the repositories in `adapters/repository.py` read and write them."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field, fields
+from datetime import date, datetime
+from typing import Any
+
+from order_service.domain.order import OrderState, OrderStatus
+
+
+@dataclass(frozen=True)
+class Centre:
+    """A treatment centre: its market is its regulator (FDA, EMA, ...) in its country."""
+
+    id: str
+    name: str
+    country: str
+    region: str
+    regulator: str
+    timezone: str
+    certified: bool = True
+
+
+@dataclass(frozen=True)
+class OrderRecord:
+    """One order as stored (`patient_ref` never leaves the order service)."""
+
+    order_id: uuid.UUID
+    coi: str
+    treatment_center_id: str
+    product_code: str
+    order_type: str
+    patient_ref: str
+    requested_apheresis_date: date
+    status: str
+    created_at: datetime
+    updated_at: datetime
+    site_id: str | None = None
+    slot_id: uuid.UUID | None = None
+    apheresis_date: date | None = None
+    manufacturing_start_date: date | None = None
+    version: int = 1
+    run: int = 1
+    recollections: int = 0
+    status_before_quarantine: str | None = None
+    apheresis_collected_at: datetime | None = None
+    material_received_at: datetime | None = None
+    released_at: datetime | None = None
+    delivered_at: datetime | None = None
+    product_received_at: datetime | None = None
+    lymphodepletion_at: datetime | None = None
+    infused_at: datetime | None = None
+    ended_reason: str | None = None
+    first_trace: dict[str, str] = field(default_factory=dict)
+    rebook_pending: bool = False
+
+    @classmethod
+    def from_mapping(cls, row: Any) -> OrderRecord:
+        return cls(**{f.name: row[f.name] for f in fields(cls)})
+
+    def state(self) -> OrderState:
+        """The order as its state machine sees it."""
+        return OrderState(
+            status=OrderStatus(self.status),
+            run=self.run,
+            recollections=self.recollections,
+            slot_id=str(self.slot_id) if self.slot_id else None,
+            site_id=self.site_id,
+            apheresis_date=self.apheresis_date or self.requested_apheresis_date,
+            lymphodepletion=self.lymphodepletion_at is not None,
+            rebook_pending=self.rebook_pending,
+            status_before_quarantine=OrderStatus(self.status_before_quarantine)
+            if self.status_before_quarantine
+            else None,
+        )
+
+    def ref(self) -> dict[str, Any]:
+        """The references every order event carries (no patient data)."""
+        return {"order_id": self.order_id, "coi": self.coi, "treatment_center_id": self.treatment_center_id}
+
+
+@dataclass(frozen=True)
+class TimelineEntry:
+    """One line of an order's timeline: an event about it and what it did to the status."""
+
+    order_id: uuid.UUID
+    event_id: uuid.UUID
+    event_type: str
+    source: str
+    occurred_at: datetime
+    status_before: str | None
+    status_after: str | None
+    reason: str

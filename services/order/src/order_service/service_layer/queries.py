@@ -1,0 +1,72 @@
+"""Reads behind the order service's HTTP API (no transaction, no events) and its readiness."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import date
+from typing import Any, TypeAlias
+
+from order_service.adapters.repository import OrderTx
+from order_service.domain.order import Actuals, Durations, predict
+from order_service.domain.records import Centre, OrderRecord, TimelineEntry
+from v2v_contracts.errors import NotFound
+from v2v_contracts.reference import product_catalogue
+from v2v_messaging import AbstractUnitOfWork
+
+UnitOfWork: TypeAlias = AbstractUnitOfWork[OrderTx]
+
+
+@dataclass(frozen=True)
+class OrderView:
+    order: OrderRecord
+    timeline: list[TimelineEntry]
+    predicted: dict[str, date | None] | None
+
+
+def predicted_dates(order: OrderRecord) -> dict[str, date | None] | None:
+    """The remaining steps' predicted dates, from the product's durations and the actual dates so far."""
+    product = product_catalogue().get(order.product_code)
+    if product is None:
+        return None
+    actuals = Actuals(
+        apheresis_date=order.apheresis_date or order.requested_apheresis_date,
+        manufacturing_start_date=order.manufacturing_start_date,
+        material_received=order.material_received_at.date() if order.material_received_at else None,
+        released=order.released_at.date() if order.released_at else None,
+        delivered=order.delivered_at.date() if order.delivered_at else None,
+    )
+    return predict(Durations(product.manufacturing_days, product.qc_days), actuals)
+
+
+async def order_view(uow: UnitOfWork, order_id: uuid.UUID) -> OrderView:
+    async with uow.read() as tx:
+        order = await tx.orders.get(order_id)
+        if order is None:
+            raise NotFound("Order", order_id)
+        timeline = await tx.timeline.of(order_id)
+    return OrderView(order, timeline, predicted_dates(order))
+
+
+async def list_orders(
+    uow: UnitOfWork, *, centre: str | None, limit: int, offset: int
+) -> tuple[list[OrderRecord], int]:
+    async with uow.read() as tx:
+        return await tx.orders.page(centre=centre, limit=limit, offset=offset)
+
+
+async def treatment_centres(uow: UnitOfWork) -> list[Centre]:
+    async with uow.read() as tx:
+        return await tx.catalogue.centres()
+
+
+async def products(uow: UnitOfWork) -> list[dict[str, Any]]:
+    async with uow.read() as tx:
+        return await tx.catalogue.products()
+
+
+async def network_unknown(uow: UnitOfWork) -> str | None:
+    """Readiness: None once at least one manufacturing site is known, else why not."""
+    async with uow.read() as tx:
+        known = await tx.network.known()
+    return None if known else "no manufacturing site known yet (waiting for site.registered)"

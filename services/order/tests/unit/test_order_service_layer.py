@@ -1,0 +1,610 @@
+"""The order service's service layer on in-memory repositories: intake (with market authorisation), facts
+from the other services through the same handler registry the consumer uses (in order, out of order,
+twice, with the wrong chain of identity), and every hospital action in a state that allows it and one
+that does not. No I/O."""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from order_service.adapters.memory import MemoryUnitOfWork, fake_uow
+from order_service.domain.records import OrderRecord
+from order_service.service_layer import commands, queries
+from order_service.service_layer.commands import Action, PlaceOrder, act, place_order
+from order_service.service_layer.handlers import handlers
+from v2v_contracts import (
+    EVENT_TYPES,
+    BookingConfirmedV1,
+    CloudEvent,
+    EventData,
+    ManufacturingStepCompletedV1,
+    MaterialReceivedV1,
+    OrderEventData,
+    ProductOutOfSpecificationV1,
+    ProductReleasedV1,
+    ShipmentMilestoneV1,
+    ShipmentPlannedV1,
+    SiteApproval,
+    SiteRegisteredV1,
+    SlotReservedV1,
+    SlotUnavailableV1,
+    new_event,
+)
+from v2v_contracts.errors import CoiMismatch, Invalid, NotAllowedNow, NotFound, Unavailable
+from v2v_messaging.fakes import FakeInbox
+from v2v_servicekit.problems import status_of
+
+FACILITY = "V2V00"
+TODAY = date.today()
+SOON = TODAY + timedelta(days=14)
+NOT_NOW_TITLE = "Not allowed in the order's current state"
+
+# the seeded network, enough for the tests: TISA-CEL everywhere it is sold, AXI-CEL for FDA and EMA
+NETWORK = {
+    "US-MORRIS-PLAINS": [("FDA", "commercial", "TISA-CEL"), ("FDA", "commercial", "AXI-CEL")],
+    "FR-LES-ULIS": [("EMA", "commercial", "TISA-CEL"), ("EMA", "commercial", "AXI-CEL")],
+    "AU-MELBOURNE": [("TGA", "commercial", "TISA-CEL"), ("TGA", "clinical", "TISA-CEL")],
+}
+
+
+def site_registered(
+    site_id: str, approvals: list[tuple[str, str, str]], *, active: bool = True
+) -> CloudEvent:
+    return new_event(
+        SiteRegisteredV1(
+            site_id=site_id,
+            name=site_id,
+            country=site_id[:2],
+            region="europe",
+            timezone="Europe/Paris",
+            operator="own",
+            active=active,
+            approvals=[SiteApproval(regulator=r, use=u, product_code=p) for r, u, p in approvals],  # type: ignore[arg-type]
+            daily_capacity={p: 2 for _, _, p in approvals},
+        ),
+        subject=site_id,
+    )
+
+
+class World:
+    """The service layer on fakes: a unit of work on an in-memory store and the consumer's inbox."""
+
+    def __init__(self, *, network: bool = True) -> None:
+        self.uow: MemoryUnitOfWork = fake_uow()
+        self.inbox = FakeInbox(self.uow, handlers)
+        self.network = network
+
+    async def start(self) -> World:
+        if self.network:
+            await self.inbox.deliver(*(site_registered(s, a) for s, a in NETWORK.items()))
+        return self
+
+    async def place(self, **overrides: Any) -> OrderRecord:
+        fields: dict[str, Any] = {
+            "treatment_center_id": "TC-FR-PA-001",
+            "product_code": "TISA-CEL",
+            "order_type": "commercial",
+            "patient_ref": "PAT-UNIT-0001",
+            "requested_apheresis_date": SOON,
+        }
+        fields.update(overrides)
+        order_id = await place_order(self.uow, PlaceOrder(**fields), FACILITY)
+        return self.order(order_id)
+
+    def order(self, order_id: uuid.UUID) -> OrderRecord:
+        return self.uow.store.orders[order_id]
+
+    def put(self, order: OrderRecord, status: str, **fields: Any) -> OrderRecord:
+        """Move the stored order to `status` directly (a state reached by facts tested elsewhere)."""
+        self.uow.store.orders[order.order_id] = dataclasses.replace(order, status=status, **fields)
+        return self.order(order.order_id)
+
+    async def deliver(self, *events: CloudEvent) -> None:
+        await self.inbox.deliver(*events)
+
+    def types(self) -> list[str]:
+        return self.uow.types()
+
+    async def timeline(self, order_id: uuid.UUID) -> list[tuple[str, str | None]]:
+        view = await queries.order_view(self.uow, order_id)
+        return [(t.event_type, t.status_after) for t in view.timeline]
+
+
+@pytest.fixture
+async def world() -> World:
+    return await World().start()
+
+
+def fact(data: EventData) -> CloudEvent:
+    return new_event(data)
+
+
+def slot_reserved(
+    order: OrderRecord, slot_id: uuid.UUID, site_id: str = "FR-LES-ULIS", **kw: Any
+) -> CloudEvent:
+    return fact(
+        SlotReservedV1(
+            **order.ref(),
+            slot_id=slot_id,
+            site_id=site_id,
+            product_code=order.product_code,
+            order_type="commercial",
+            apheresis_date=SOON,
+            manufacturing_start_date=SOON + timedelta(days=2),
+            **kw,
+        )
+    )
+
+
+def booking_confirmed(order: OrderRecord, slot_id: uuid.UUID, site_id: str = "FR-LES-ULIS") -> CloudEvent:
+    return fact(
+        BookingConfirmedV1(
+            **order.ref(),
+            booking_id=uuid.uuid4(),
+            slot_id=slot_id,
+            site_id=site_id,
+            product_code=order.product_code,
+            manufacturing_start_date=SOON + timedelta(days=2),
+            apheresis_date=SOON,
+        )
+    )
+
+
+def inbound_planned(order: OrderRecord, slot_id: uuid.UUID) -> CloudEvent:
+    return fact(
+        ShipmentPlannedV1(
+            **order.ref(),
+            shipment_id=uuid.uuid4(),
+            leg="inbound_apheresis",
+            origin=order.treatment_center_id,
+            destination="FR-LES-ULIS",
+            material_condition="cryopreserved",
+            temperature_range_c=(-150.0, -120.0),
+            planned_pickup_date=SOON,
+            slot_id=slot_id,
+        )
+    )
+
+
+# ---- intake -------------------------------------------------------------------------------------------
+
+
+async def test_place_order_records_the_order_and_publishes_submitted_without_patient_data(
+    world: World,
+) -> None:
+    order = await world.place()
+    assert order.status == "submitted" and order.coi.startswith(FACILITY)
+    assert order.patient_ref == "PAT-UNIT-0001"
+    [event] = world.uow.committed
+    assert event.type == "order.submitted.v1" and event.coi == order.coi
+    assert event.data["regulator"] == "EMA" and event.data["country"] == "FR"
+    assert event.data["order_type"] == "commercial" and "patient_ref" not in event.data
+    assert await world.timeline(order.order_id) == [("order.submitted.v1", "submitted")]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field", "words"),
+    [
+        ({"treatment_center_id": "TC-XX-NOPE-999"}, "treatment_center_id", "unknown or uncertified"),
+        ({"product_code": "NOT-A-PRODUCT"}, "product_code", "unknown product"),
+        ({"requested_apheresis_date": TODAY - timedelta(days=2)}, "requested_apheresis_date", "in the past"),
+    ],
+    ids=["unknown-centre", "unknown-product", "date-in-the-past"],
+)
+async def test_place_order_refuses_bad_input_and_writes_nothing(
+    world: World, overrides: dict[str, Any], field: str, words: str
+) -> None:
+    with pytest.raises(Invalid) as info:
+        await world.place(**overrides)
+    assert status_of(info.value) == 422
+    assert info.value.errors[0].field == field and words in info.value.errors[0].reason
+    assert world.uow.committed == [] and world.uow.store.orders == {}
+
+
+@pytest.mark.parametrize(
+    ("centre", "product", "use", "reason"),
+    [
+        (
+            "TC-AU-VI-001",
+            "AXI-CEL",
+            "commercial",
+            "no manufacturing site is approved to make AXI-CEL for commercial use in the TGA market (AU)",
+        ),
+        (
+            "TC-JP-TK-001",
+            "TISA-CEL",
+            "commercial",
+            "no manufacturing site is approved to make TISA-CEL for commercial use in the PMDA market (JP)",
+        ),
+        (
+            "TC-DE-BE-001",
+            "TISA-CEL",
+            "clinical",
+            "no manufacturing site is approved to make TISA-CEL for clinical use in the EMA market (DE)",
+        ),
+    ],
+)
+async def test_an_order_no_site_may_make_for_the_market_is_refused_at_intake(
+    world: World, centre: str, product: str, use: str, reason: str
+) -> None:
+    patient_ref = "PAT-SECRET-4242"
+    with pytest.raises(Invalid) as info:
+        await world.place(
+            treatment_center_id=centre, product_code=product, order_type=use, patient_ref=patient_ref
+        )
+    error = info.value
+    assert status_of(error) == 422 and error.kind == "validation"
+    assert [e.as_dict() for e in error.errors] == [{"field": "product_code", "reason": reason}]
+    assert patient_ref not in error.detail and centre not in error.detail
+    assert world.uow.committed == [] and world.uow.store.orders == {}
+
+
+async def test_an_inactive_site_serves_no_market(world: World) -> None:
+    await world.deliver(site_registered("AU-MELBOURNE", NETWORK["AU-MELBOURNE"], active=False))
+    with pytest.raises(Invalid, match="TGA market"):
+        await world.place(treatment_center_id="TC-AU-VI-001")
+    await world.deliver(site_registered("AU-MELBOURNE", NETWORK["AU-MELBOURNE"]))
+    assert (await world.place(treatment_center_id="TC-AU-VI-001")).status == "submitted"
+
+
+async def test_before_the_network_is_known_intake_is_unavailable_and_not_ready() -> None:
+    world = await World(network=False).start()
+    assert await queries.network_unknown(world.uow) is not None
+    with pytest.raises(Unavailable) as info:
+        await world.place()
+    assert status_of(info.value) == 503
+    assert world.uow.committed == [] and world.uow.store.orders == {}
+    # bad input is still named as such
+    with pytest.raises(Invalid):
+        await world.place(product_code="NOT-A-PRODUCT")
+
+    await world.deliver(site_registered("FR-LES-ULIS", NETWORK["FR-LES-ULIS"]))
+    assert await queries.network_unknown(world.uow) is None
+    assert (await world.place()).status == "submitted"
+
+
+async def test_reference_data_loads_centres_and_the_shared_product_catalogue() -> None:
+    world = World()
+    world.uow.store.products.clear()
+    await commands.load_reference_data(world.uow)
+    products = {p["code"]: p for p in await queries.products(world.uow)}
+    assert set(products) == {"TISA-CEL", "AXI-CEL", "CILTA-CEL"}
+    assert products["AXI-CEL"]["max_runs"] == 1 and products["TISA-CEL"]["retains_material"] is True
+    centres = {c.id: c for c in await queries.treatment_centres(world.uow)}
+    assert centres["TC-AU-VI-001"].regulator == "TGA"
+
+
+# ---- facts from the other services --------------------------------------------------------------------
+
+
+def test_the_saga_handles_every_fact_about_an_order_and_the_site_registry() -> None:
+    facts = {
+        t
+        for t, model in EVENT_TYPES.items()
+        if model.SERVICE in {"scheduling", "site", "logistics"} and issubclass(model, OrderEventData)
+    }
+    assert set(handlers.types) == facts | {"site.registered.v1"}
+
+
+async def test_facts_in_order_move_the_order_and_keep_the_reported_dates(world: World) -> None:
+    order = await world.place()
+    slot = uuid.uuid4()
+    await world.deliver(
+        slot_reserved(order, slot), booking_confirmed(order, slot), inbound_planned(order, slot)
+    )
+    order = world.order(order.order_id)
+    assert order.status == "inbound_shipment_planned"
+    assert order.site_id == "FR-LES-ULIS" and order.slot_id == slot
+    assert order.manufacturing_start_date == SOON + timedelta(days=2)
+    assert [s for _, s in await world.timeline(order.order_id)] == [
+        "submitted",
+        "slot_reserved",
+        "booking_confirmed",
+        "inbound_shipment_planned",
+    ]
+    received_at = datetime(2030, 1, 2, 3, 4, tzinfo=UTC)
+    order = world.put(order, "material_in_transit")
+    await world.deliver(
+        fact(MaterialReceivedV1(**order.ref(), site_id="FR-LES-ULIS", received_at=received_at))
+    )
+    assert world.order(order.order_id).material_received_at == received_at
+
+
+async def test_a_fact_before_the_one_it_follows_is_parked_and_applied_when_that_arrives(world: World) -> None:
+    order = await world.place()
+    slot = uuid.uuid4()
+    early = booking_confirmed(order, slot)
+    await world.deliver(early)
+    assert world.order(order.order_id).status == "submitted"
+    assert [e.id for _, e in parked_events(world.uow.store.parked)] == [early.id]
+
+    await world.deliver(slot_reserved(order, slot))
+    assert world.order(order.order_id).status == "booking_confirmed"
+    assert world.uow.store.parked == {}
+    # its timeline entry, written when it arrived (in the order the events happened), now says what it did
+    assert await world.timeline(order.order_id) == [
+        ("order.submitted.v1", "submitted"),
+        ("site.booking_confirmed.v1", "booking_confirmed"),
+        ("scheduling.slot_reserved.v1", "slot_reserved"),
+    ]
+
+
+def parked_events(parked: dict[int, tuple[uuid.UUID, CloudEvent]]) -> list[tuple[uuid.UUID, CloudEvent]]:
+    return [parked[k] for k in sorted(parked)]
+
+
+async def test_parked_facts_are_dropped_when_a_new_cycle_begins(world: World) -> None:
+    order = await world.place()
+    slot = uuid.uuid4()
+    await world.deliver(slot_reserved(order, slot))
+    # a manufacturing report that can only apply after the material is received: parked
+    await world.deliver(
+        fact(
+            ManufacturingStepCompletedV1(
+                **order.ref(), site_id="FR-LES-ULIS", step="activation", run=1, completed_at=datetime.now(UTC)
+            )
+        )
+    )
+    assert len(world.uow.store.parked) == 1
+    # the centre moves the apheresis date: a rebook, a new cycle; the parked fact will never apply
+    await act(
+        world.uow,
+        order.order_id,
+        Action("reschedule", reason="patient unwell", new_date=SOON + timedelta(days=3)),
+    )
+    assert world.order(order.order_id).status == "rescheduling"
+    assert world.uow.store.parked == {}
+
+
+async def test_a_duplicate_fact_is_a_no_op(world: World) -> None:
+    order = await world.place()
+    event = slot_reserved(order, uuid.uuid4())
+    await world.deliver(event)
+    before = (world.order(order.order_id), list(world.uow.store.timeline), world.uow.commits)
+    await world.deliver(event)
+    assert (world.order(order.order_id), list(world.uow.store.timeline), world.uow.commits) == before
+
+
+async def test_a_fact_for_a_state_already_left_is_recorded_and_ignored(world: World) -> None:
+    order = await world.place()
+    await world.deliver(slot_reserved(order, uuid.uuid4()))
+    await world.deliver(
+        fact(SlotUnavailableV1(**order.ref(), reason="no_capacity", detail="full", waitlisted=True))
+    )
+    assert world.order(order.order_id).status == "slot_reserved"
+    assert ("scheduling.slot_unavailable.v1", "slot_reserved") in await world.timeline(order.order_id)
+
+
+async def test_a_fact_with_another_chain_of_identity_is_refused_and_changes_nothing(world: World) -> None:
+    order = await world.place()
+    other = dataclasses.replace(order, coi="V2V0099000001X")
+    with pytest.raises(CoiMismatch):
+        await world.deliver(slot_reserved(other, uuid.uuid4()))
+    assert world.order(order.order_id).status == "submitted"
+    assert await world.timeline(order.order_id) == [("order.submitted.v1", "submitted")]
+
+
+async def test_a_fact_about_an_unknown_order_fails(world: World) -> None:
+    order = await world.place()
+    ghost = dataclasses.replace(order, order_id=uuid.uuid4())
+    with pytest.raises(NotFound):
+        await world.deliver(slot_reserved(ghost, uuid.uuid4()))
+
+
+async def test_oos_asks_for_a_remanufacture_with_the_catalogue_rules(world: World) -> None:
+    order = await world.place(product_code="TISA-CEL")  # retains material, two runs
+    order = world.put(order, "qc_pending", site_id="FR-LES-ULIS")
+    await world.deliver(
+        fact(
+            ProductOutOfSpecificationV1(
+                **order.ref(), site_id="FR-LES-ULIS", run=1, reason="low viability", retained_material=True
+            )
+        )
+    )
+    assert world.order(order.order_id).run == 2
+    assert world.types()[-1] == "order.remanufacture_requested.v1"
+
+    axi = await world.place(product_code="AXI-CEL")  # one run only: a recollection instead
+    axi = world.put(axi, "qc_pending", site_id="FR-LES-ULIS")
+    await world.deliver(
+        fact(
+            ProductOutOfSpecificationV1(
+                **axi.ref(), site_id="FR-LES-ULIS", run=1, reason="x", retained_material=True
+            )
+        )
+    )
+    assert world.order(axi.order_id).status == "rescheduling"
+    assert world.types()[-1] == "order.rebook_requested.v1"
+
+
+# ---- hospital and QA actions ----------------------------------------------------------------------------
+
+ALLOWED: list[tuple[str, str, dict[str, Any], Action, str, str]] = [
+    # (name, from status, extra stored fields, action, new status, event published)
+    (
+        "cancel",
+        "booking_confirmed",
+        {},
+        Action("cancel", reason="patient withdrew"),
+        "cancelled",
+        "order.cancelled.v1",
+    ),
+    (
+        "reschedule",
+        "booking_confirmed",
+        {},
+        Action("reschedule", reason="patient unwell", new_date=SOON + timedelta(days=5)),
+        "rescheduling",
+        "order.rebook_requested.v1",
+    ),
+    (
+        "apheresis",
+        "inbound_shipment_planned",
+        {},
+        Action("apheresis"),
+        "apheresis_completed",
+        "order.apheresis_completed.v1",
+    ),
+    (
+        "lymphodepletion",
+        "released",
+        {},
+        Action("lymphodepletion"),
+        "released",
+        "order.lymphodepletion_started.v1",
+    ),
+    ("receipt", "product_delivered", {}, Action("receipt"), "product_received", "order.product_received.v1"),
+    (
+        "infusion",
+        "product_received",
+        {"lymphodepletion_at": datetime(2030, 1, 1, tzinfo=UTC)},
+        Action("infusion"),
+        "completed",
+        "order.completed.v1",
+    ),
+    (
+        "quarantine",
+        "quarantined",
+        {"status_before_quarantine": "product_in_transit"},
+        Action("quarantine", decision="release", reason="within stability data"),
+        "product_in_transit",
+        "order.quarantine_decided.v1",
+    ),
+]
+
+REFUSED: list[tuple[str, str, dict[str, Any], Action]] = [
+    ("cancel", "completed", {}, Action("cancel", reason="too late")),
+    ("reschedule", "manufacturing", {}, Action("reschedule", reason="x", new_date=SOON + timedelta(days=5))),
+    ("apheresis", "submitted", {}, Action("apheresis")),
+    ("lymphodepletion", "manufacturing", {}, Action("lymphodepletion")),
+    ("receipt", "released", {}, Action("receipt")),
+    ("infusion", "product_received", {}, Action("infusion")),  # lymphodepletion not recorded
+    ("quarantine", "released", {}, Action("quarantine", decision="release", reason="no excursion")),
+]
+
+
+def with_coi(action: Action, coi: str) -> Action:
+    """The identity-checked steps carry the COI read from the label."""
+    return (
+        dataclasses.replace(action, coi=coi)
+        if action.name in {"apheresis", "receipt", "infusion"}
+        else action
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "status", "fields", "action", "after", "event_type"), ALLOWED, ids=[a[0] for a in ALLOWED]
+)
+async def test_a_hospital_action_in_a_state_that_allows_it(
+    world: World, name: str, status: str, fields: dict[str, Any], action: Action, after: str, event_type: str
+) -> None:
+    order = world.put(await world.place(), status, **fields)
+    world.uow.take()
+    await act(world.uow, order.order_id, with_coi(action, order.coi))
+    done = world.order(order.order_id)
+    assert done.status == after
+    assert world.types() == [event_type]
+    assert (event_type, after) in await world.timeline(order.order_id)
+    if name == "lymphodepletion":
+        assert done.lymphodepletion_at is not None
+    if name == "cancel":
+        assert world.uow.committed[0].data["previous_status"] == status
+        assert done.ended_reason == "cancelled by the centre: patient withdrew"
+    if name == "reschedule":
+        assert world.uow.committed[0].data["kind"] == "reschedule" and done.rebook_pending
+
+
+@pytest.mark.parametrize(("name", "status", "fields", "action"), REFUSED, ids=[r[0] for r in REFUSED])
+async def test_a_hospital_action_in_a_state_that_does_not_allow_it_is_refused(
+    world: World, name: str, status: str, fields: dict[str, Any], action: Action
+) -> None:
+    order = world.put(await world.place(), status, **fields)
+    world.uow.take()
+    with pytest.raises(NotAllowedNow) as info:
+        await act(world.uow, order.order_id, with_coi(action, order.coi))
+    error = info.value
+    assert status_of(error) == 409 and error.kind == "order-state" and error.title == NOT_NOW_TITLE
+    assert error.errors[0].field == "status" and error.detail.startswith("status: ")
+    assert world.order(order.order_id) == order and world.uow.committed == []
+
+
+async def test_an_apheresis_date_in_the_past_is_invalid(world: World) -> None:
+    order = world.put(await world.place(), "slot_reserved")
+    with pytest.raises(Invalid) as info:
+        await act(
+            world.uow, order.order_id, Action("reschedule", reason="x", new_date=TODAY - timedelta(days=3))
+        )
+    assert status_of(info.value) == 422 and info.value.errors[0].field == "requested_apheresis_date"
+
+
+async def test_an_action_on_an_unknown_order_is_not_found(world: World) -> None:
+    with pytest.raises(NotFound) as info:
+        await act(world.uow, uuid.uuid4(), Action("cancel", reason="x"))
+    assert status_of(info.value) == 404 and info.value.title == "Order not found"
+
+
+async def test_a_coi_mismatch_at_the_centre_raises_the_alert_and_refuses_the_action(world: World) -> None:
+    order = world.put(await world.place(), "inbound_shipment_planned")
+    another = await world.place(patient_ref="PAT-UNIT-0002")
+    world.uow.take()
+    with pytest.raises(CoiMismatch) as info:
+        await act(world.uow, order.order_id, Action("apheresis", coi=another.coi))
+    error = info.value
+    assert status_of(error) == 409 and error.kind == "coi-mismatch"
+    assert [e.as_dict() for e in error.errors] == [{"field": "coi", "reason": "does not match the order"}]
+    assert error.detail == "coi: does not match this order's chain of identity"
+    # the action is refused; the alert is recorded and published in its own transaction
+    assert world.order(order.order_id).status == "inbound_shipment_planned"
+    [alert] = world.uow.committed
+    assert alert.type == "order.coi_mismatch_detected.v1" and alert.data["where"] == "apheresis"
+    assert alert.coi == order.coi
+    assert ("order.coi_mismatch_detected.v1", "inbound_shipment_planned") in await world.timeline(
+        order.order_id
+    )
+
+
+async def test_a_badly_formed_coi_is_invalid_not_a_mismatch(world: World) -> None:
+    order = world.put(await world.place(), "inbound_shipment_planned")
+    world.uow.take()
+    with pytest.raises(Invalid) as info:
+        await act(world.uow, order.order_id, Action("apheresis", coi="NOT-A-COI"))
+    assert info.value.errors[0].field == "coi"
+    assert world.uow.committed == []
+
+
+async def test_an_action_applies_parked_facts_its_new_state_admits(world: World) -> None:
+    order = world.put(await world.place(), "inbound_shipment_planned", site_id="FR-LES-ULIS")
+    # the courier reports the pickup before the centre confirmed the apheresis: parked
+    picked = fact(
+        ShipmentMilestoneV1(
+            **order.ref(),
+            shipment_id=uuid.uuid4(),
+            leg="inbound_apheresis",
+            milestone="picked_up",
+            occurred_at=datetime.now(UTC),
+            location="HUB-1",
+            handled_by="courier-42",
+        )
+    )
+    await world.deliver(picked)
+    assert len(world.uow.store.parked) == 1
+    await act(world.uow, order.order_id, Action("apheresis", coi=order.coi))
+    assert world.order(order.order_id).status == "material_in_transit"
+    assert world.uow.store.parked == {}
+
+
+async def test_a_released_product_reported_by_the_site_keeps_its_release_time(world: World) -> None:
+    order = world.put(await world.place(), "qc_pending", site_id="FR-LES-ULIS")
+    released_at = datetime(2030, 2, 3, 4, 5, tzinfo=UTC)
+    await world.deliver(
+        fact(ProductReleasedV1(**order.ref(), site_id="FR-LES-ULIS", run=1, released_at=released_at))
+    )
+    done = world.order(order.order_id)
+    assert done.status == "released" and done.released_at == released_at
+    view = await queries.order_view(world.uow, order.order_id)
+    assert view.predicted is not None and view.predicted["release"] == released_at.date()
