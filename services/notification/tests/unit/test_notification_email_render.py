@@ -28,6 +28,7 @@ from v2v_contracts import (
     OrderCancelledV1,
     OrderEventData,
     ShipmentExcursionV1,
+    SlotUnavailableV1,
     new_event,
 )
 from v2v_contracts.errors import Invalid
@@ -201,6 +202,48 @@ def test_the_smtp_message_has_the_rendered_text_and_a_stable_id() -> None:
     assert parsed.get_content() == rendered.body  # type: ignore[attr-defined]
 
 
+def slot_unavailable(reason: str) -> CloudEvent:
+    return new_event(
+        SlotUnavailableV1(
+            order_id=ORDER_ID,
+            coi=COI,
+            treatment_center_id=CENTRE,
+            reason=reason,
+            detail="no active site approved for TISA-CEL (commercial) by EMA",
+            waitlisted=True,
+        )
+    )
+
+
+def test_an_order_left_without_an_approved_site_is_alerted_in_plain_words() -> None:
+    message = render(slot_unavailable("no_approved_site"))
+    assert message.subject == (
+        f"[vein2vein] scheduling.slot_unavailable.v1 (no_approved_site) — order {ORDER_ID}"
+    )
+    intro = message.body.split("\n\n")[0]
+    assert intro.splitlines() == [
+        "An order of your treatment centre needs attention.",
+        "No approved manufacturing site is left for this order's market: it cannot be scheduled "
+        "until a site is approved again.",
+    ]
+    assert detail_lines(message.body) == {
+        "order": str(ORDER_ID),
+        "coi": COI,
+        "event": "scheduling.slot_unavailable.v1",
+        "reason": "no_approved_site",
+    }
+    assert len(message.body.split("\n\n")) == 4
+    # the free-text detail and the other fields are not on the allow-list
+    assert "TISA-CEL" not in message.body and "waitlisted" not in message.body
+
+
+@given(st.text(max_size=60).filter(lambda r: r != "no_approved_site"))
+def test_only_known_reason_codes_get_a_headline_and_reach_the_subject(reason: str) -> None:
+    message = render(with_data(slot_unavailable("no_approved_site"), reason=reason))
+    assert message.subject == f"[vein2vein] scheduling.slot_unavailable.v1 — order {ORDER_ID}"
+    assert message.body.split("\n\n")[0] == "An order of your treatment centre needs attention."
+
+
 # ---- which events, from where -----------------------------------------------------------------------
 
 
@@ -217,6 +260,7 @@ def test_exception_types_are_the_known_order_events() -> None:
         "order.coi_mismatch_detected.v1",
         "site.coi_mismatch_detected.v1",
         "notification.webhook_delivery_failed.v1",
+        "scheduling.slot_unavailable.v1",  # for reason no_approved_site only (routing.EXCEPTION_REASONS)
     }
     for t in EXCEPTION_EVENT_TYPES:
         assert issubclass(EVENT_TYPES[t], OrderEventData), t
@@ -236,6 +280,22 @@ def test_this_services_own_events_are_e_mailed_but_never_sent_as_webhooks() -> N
     own = {t for t in handlers.types if t.startswith("notification.")}
     assert own == {"notification.webhook_delivery_failed.v1"}
     assert not own & routing.WEBHOOK_EVENT_TYPES
+
+
+def test_slot_unavailable_is_an_exception_for_no_approved_site_only() -> None:
+    t = "scheduling.slot_unavailable.v1"
+    assert routing.is_exception(t, {"reason": "no_approved_site"})
+    for data in ({"reason": "no_capacity"}, {"reason": "no_site_known"}, {}, {"reason": None}):
+        assert not routing.is_exception(t, data), data
+    assert not routing.is_exception(t, {"reason": {"nested": "no_approved_site"}})  # unhashable: no
+    assert not routing.is_exception(t, {"reason": ["no_approved_site"]})
+    # the other exception types are alerts whatever their reason; other events never are
+    assert routing.is_exception("order.failed.v1", {"reason": "no_capacity"})
+    assert routing.is_exception("site.material_rejected.v1", {})
+    assert not routing.is_exception("order.submitted.v1", {"reason": "no_approved_site"})
+    assert not routing.is_exception("scheduling.slot_reserved.v1", {"reason": "no_approved_site"})
+    # and it stays a webhook for every reason
+    assert routing.sent_as_webhook(t)
 
 
 def test_recipient_filters_accept_exception_types_only() -> None:

@@ -38,7 +38,12 @@ MAX_VALUE_CHARS = 200
 
 # What an alert says in words for an (event type, reason code) whose type alone does not say it; the
 # reason code is then named in the subject too (these codes are fixed strings, never input).
-HEADLINES: dict[tuple[str, str], str] = {}
+HEADLINES: dict[tuple[str, str], str] = {
+    ("scheduling.slot_unavailable.v1", "no_approved_site"): (
+        "No approved manufacturing site is left for this order's market: it cannot be scheduled "
+        "until a site is approved again."
+    ),
+}
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,8 @@ ORDER_EVENT_TYPES = sorted(t for t, model in EVENT_TYPES.items() if "order_id" i
 # could fail again, and so on
 WEBHOOK_EVENT_TYPES = frozenset(t for t in ORDER_EVENT_TYPES if not t.startswith("notification."))
 
-# The events that are exceptions in an order's life: a centre's e-mail recipients hear of these.
+# The events that are exceptions in an order's life: a centre's e-mail recipients hear of these (those
+# listed in EXCEPTION_REASONS for some of their reasons only).
 # notification.webhook_delivery_failed.v1 comes from this service's own topic; e-mail never publishes
 # an event of its own, so alerting on it cannot loop.
 EXCEPTION_EVENT_TYPES: tuple[str, ...] = (
@@ -33,10 +34,15 @@ EXCEPTION_EVENT_TYPES: tuple[str, ...] = (
     "order.coi_mismatch_detected.v1",
     "site.coi_mismatch_detected.v1",
     "notification.webhook_delivery_failed.v1",
+    "scheduling.slot_unavailable.v1",
 )
 
 # Exception types that are an exception for some of their `reason` codes only.
-EXCEPTION_REASONS: Mapping[str, frozenset[str]] = {}
+EXCEPTION_REASONS: Mapping[str, frozenset[str]] = {
+    # no approved manufacturing site is left for the order's market: nothing will schedule it until one
+    # is approved again. Ordinary waitlisting (no capacity yet) is not an exception alert.
+    "scheduling.slot_unavailable.v1": frozenset({"no_approved_site"}),
+}
 
 HANDLED_EVENT_TYPES = sorted(WEBHOOK_EVENT_TYPES | set(EXCEPTION_EVENT_TYPES))
 
