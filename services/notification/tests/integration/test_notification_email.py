@@ -479,6 +479,15 @@ async def test_recipients_can_be_added_listed_and_removed(
     )
     assert again.status_code == 409
     assert again.headers["content-type"].startswith("application/problem+json")
+    problem = again.json()
+    assert (problem["type"], problem["title"]) == (
+        "https://vein2vein.dev/problems/conflict",
+        "Already a recipient",
+    )
+    assert problem["errors"] == [
+        {"field": "email", "reason": "already a recipient for this treatment centre"}
+    ]
+    assert problem["detail"] == f"email: QA@charite.example already receives the alerts of {CENTRE}"
 
     assert (await api.delete(f"/v1/email-recipients/{created['recipient_id']}")).status_code == 204
     assert (await api.delete(f"/v1/email-recipients/{created['recipient_id']}")).status_code == 404
