@@ -26,11 +26,14 @@ from aiosmtpd.controller import Controller
 from fastapi import FastAPI
 
 import notification_service
-from notification_service import services
-from notification_service.api import router
-from notification_service.delivery import DeliveryPolicy
-from notification_service.emails import EmailDispatcher, SmtpSettings
-from notification_service.webhooks import Dispatcher as WebhookDispatcher
+from notification_service.adapters.repository import NotificationTx, tx_factory
+from notification_service.adapters.smtp import SmtpSender
+from notification_service.adapters.webhooks import WebhookSender
+from notification_service.config import SmtpSettings
+from notification_service.domain.delivery import DeliveryPolicy
+from notification_service.entrypoints.api import router
+from notification_service.service_layer.dispatch import EmailDispatcher, WebhookDispatcher
+from notification_service.service_layer.handlers import handlers
 from v2v_contracts import (
     BookingConfirmedV1,
     CloudEvent,
@@ -116,15 +119,14 @@ def closed_port() -> Iterator[int]:
 @dataclass
 class Notification:
     pool: asyncpg.Pool
-    uow: UnitOfWork
+    uow: UnitOfWork[NotificationTx]
 
     async def consume(self, event: CloudEvent) -> None:
         """What the consumer does with a message: its handler, in one transaction (inbox left out)."""
-        handler = services.handlers(None).get(event.type)
-        if handler is None:  # the consumer ignores types it has no handler for
+        if not handlers.handles(event.type):  # the consumer ignores types it has no handler for
             return
         async with self.uow.begin() as tx:
-            await handler(tx, event)
+            await handlers.dispatch(tx, event)
 
     async def recipient(
         self, address: str, centre: str = CENTRE, types: list[str] | None = None
@@ -157,7 +159,7 @@ class Notification:
         )
 
     def mailer(self, smtp: SmtpSettings, policy: DeliveryPolicy = SLOW) -> EmailDispatcher:
-        return EmailDispatcher(self.pool, self.uow, "notification", policy, smtp)
+        return EmailDispatcher(self.uow, SmtpSender(smtp, policy.timeout_s), policy)
 
 
 @pytest.fixture
@@ -166,7 +168,9 @@ async def notification(test_db: pytest_plugin.TestDatabase) -> AsyncIterator[Not
     await apply_migrations(url, "notification", [MIGRATIONS_DIR, MIGRATIONS])
     pool = await create_pool(url, max_size=6)
     try:
-        yield Notification(pool, UnitOfWork(pool, "t.v2v.notification", notify_channel("notification")))
+        yield Notification(
+            pool, UnitOfWork(pool, "t.v2v.notification", notify_channel("notification"), tx_factory)
+        )
     finally:
         await pool.close()
 
@@ -420,9 +424,8 @@ async def test_a_dead_lettered_webhook_is_emailed_and_never_sent_as_a_webhook(
     )
     order = submitted()
     await notification.consume(order)
-    hooks = WebhookDispatcher(
-        notification.pool, notification.uow, "notification", DeliveryPolicy(max_attempts=1, timeout_s=2)
-    )
+    policy = DeliveryPolicy(max_attempts=1, timeout_s=2)
+    hooks = WebhookDispatcher(notification.uow, WebhookSender(policy.timeout_s), policy)
     try:
         assert await hooks.dispatch_due() == 1
     finally:
@@ -476,6 +479,15 @@ async def test_recipients_can_be_added_listed_and_removed(
     )
     assert again.status_code == 409
     assert again.headers["content-type"].startswith("application/problem+json")
+    problem = again.json()
+    assert (problem["type"], problem["title"]) == (
+        "https://vein2vein.dev/problems/conflict",
+        "Already a recipient",
+    )
+    assert problem["errors"] == [
+        {"field": "email", "reason": "already a recipient for this treatment centre"}
+    ]
+    assert problem["detail"] == f"email: QA@charite.example already receives the alerts of {CENTRE}"
 
     assert (await api.delete(f"/v1/email-recipients/{created['recipient_id']}")).status_code == 204
     assert (await api.delete(f"/v1/email-recipients/{created['recipient_id']}")).status_code == 404

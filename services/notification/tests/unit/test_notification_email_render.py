@@ -13,17 +13,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from notification_service import services
-from notification_service.delivery import DeliveryPolicy
-from notification_service.emails import (
-    ALLOWED_FIELDS,
-    EXCEPTION_EVENT_TYPES,
-    MAX_VALUE_CHARS,
-    EmailDispatcher,
-    SmtpSettings,
-    address_problem,
-    render,
-)
+from notification_service.adapters.smtp import SmtpSender
+from notification_service.config import NotificationSettings, SmtpSettings
+from notification_service.domain import routing, subscriptions
+from notification_service.domain.alerts import ALLOWED_FIELDS, MAX_VALUE_CHARS, render
+from notification_service.domain.routing import EXCEPTION_EVENT_TYPES
+from notification_service.domain.subscriptions import address_problem
+from notification_service.service_layer.handlers import handlers
 from v2v_contracts import (
     EVENT_TYPES,
     CloudEvent,
@@ -32,9 +28,11 @@ from v2v_contracts import (
     OrderCancelledV1,
     OrderEventData,
     ShipmentExcursionV1,
+    SlotUnavailableV1,
     new_event,
 )
-from v2v_servicekit import Problem
+from v2v_contracts.errors import Invalid
+from v2v_servicekit.problems import status_of
 
 ORDER_ID = uuid.UUID("0b6c3a52-5d6e-4e8f-9a51-1f2e3d4c5b6a")
 COI = "V2V00-26-000042-K"
@@ -190,11 +188,11 @@ def test_an_event_without_a_valid_order_id_is_refused(order_id: Any) -> None:
 def test_the_smtp_message_has_the_rendered_text_and_a_stable_id() -> None:
     rendered = render(rejected())
     smtp = SmtpSettings(sender="alerts@v2v.example")
-    dispatcher = EmailDispatcher.__new__(EmailDispatcher)  # message() needs only the SMTP settings
-    dispatcher.smtp = smtp
+    sender = SmtpSender(smtp, timeout_s=5.0)
     delivery_id = uuid.uuid4()
-    row = {"delivery_id": delivery_id, "email": "qa@hospital.example", **rendered.__dict__}
-    raw = dispatcher.message(row).as_bytes()  # type: ignore[arg-type]
+    raw = sender.message(
+        delivery_id=delivery_id, to="qa@hospital.example", subject=rendered.subject, body=rendered.body
+    ).as_bytes()
     parsed = email.message_from_bytes(raw, policy=email_policy.default)
     assert parsed["From"] == "alerts@v2v.example"
     assert parsed["To"] == "qa@hospital.example"
@@ -202,6 +200,48 @@ def test_the_smtp_message_has_the_rendered_text_and_a_stable_id() -> None:
     assert parsed["Message-ID"] == f"<{delivery_id}@v2v.example>"
     assert parsed["Auto-Submitted"] == "auto-generated"
     assert parsed.get_content() == rendered.body  # type: ignore[attr-defined]
+
+
+def slot_unavailable(reason: str) -> CloudEvent:
+    return new_event(
+        SlotUnavailableV1(
+            order_id=ORDER_ID,
+            coi=COI,
+            treatment_center_id=CENTRE,
+            reason=reason,
+            detail="no active site approved for TISA-CEL (commercial) by EMA",
+            waitlisted=True,
+        )
+    )
+
+
+def test_an_order_left_without_an_approved_site_is_alerted_in_plain_words() -> None:
+    message = render(slot_unavailable("no_approved_site"))
+    assert message.subject == (
+        f"[vein2vein] scheduling.slot_unavailable.v1 (no_approved_site) — order {ORDER_ID}"
+    )
+    intro = message.body.split("\n\n")[0]
+    assert intro.splitlines() == [
+        "An order of your treatment centre needs attention.",
+        "No approved manufacturing site is left for this order's market: it cannot be scheduled "
+        "until a site is approved again.",
+    ]
+    assert detail_lines(message.body) == {
+        "order": str(ORDER_ID),
+        "coi": COI,
+        "event": "scheduling.slot_unavailable.v1",
+        "reason": "no_approved_site",
+    }
+    assert len(message.body.split("\n\n")) == 4
+    # the free-text detail and the other fields are not on the allow-list
+    assert "TISA-CEL" not in message.body and "waitlisted" not in message.body
+
+
+@given(st.text(max_size=60).filter(lambda r: r != "no_approved_site"))
+def test_only_known_reason_codes_get_a_headline_and_reach_the_subject(reason: str) -> None:
+    message = render(with_data(slot_unavailable("no_approved_site"), reason=reason))
+    assert message.subject == f"[vein2vein] scheduling.slot_unavailable.v1 — order {ORDER_ID}"
+    assert message.body.split("\n\n")[0] == "An order of your treatment centre needs attention."
 
 
 # ---- which events, from where -----------------------------------------------------------------------
@@ -220,34 +260,51 @@ def test_exception_types_are_the_known_order_events() -> None:
         "order.coi_mismatch_detected.v1",
         "site.coi_mismatch_detected.v1",
         "notification.webhook_delivery_failed.v1",
+        "scheduling.slot_unavailable.v1",  # for reason no_approved_site only (routing.EXCEPTION_REASONS)
     }
     for t in EXCEPTION_EVENT_TYPES:
         assert issubclass(EVENT_TYPES[t], OrderEventData), t
 
 
 def test_the_consumer_reads_every_topic_that_carries_a_handled_event() -> None:
-    assert services.SOURCE_SERVICES == ["order", "scheduling", "site", "logistics", "notification"]
-    handled = services.handlers(None)
+    assert routing.SOURCE_SERVICES == ["order", "scheduling", "site", "logistics", "notification"]
+    handled = handlers.types
     assert set(EXCEPTION_EVENT_TYPES) <= set(handled)
-    assert set(handled) >= services.WEBHOOK_EVENT_TYPES
+    assert set(handled) >= routing.WEBHOOK_EVENT_TYPES
     for t in handled:
-        assert EVENT_TYPES[t].SERVICE in services.SOURCE_SERVICES
+        assert EVENT_TYPES[t].SERVICE in routing.SOURCE_SERVICES
 
 
 def test_this_services_own_events_are_e_mailed_but_never_sent_as_webhooks() -> None:
     # a webhook about a failed webhook could fail in turn: only e-mail (which publishes nothing) is used
-    own = {t for t in services.handlers(None) if t.startswith("notification.")}
+    own = {t for t in handlers.types if t.startswith("notification.")}
     assert own == {"notification.webhook_delivery_failed.v1"}
-    assert not own & services.WEBHOOK_EVENT_TYPES
+    assert not own & routing.WEBHOOK_EVENT_TYPES
+
+
+def test_slot_unavailable_is_an_exception_for_no_approved_site_only() -> None:
+    t = "scheduling.slot_unavailable.v1"
+    assert routing.is_exception(t, {"reason": "no_approved_site"})
+    for data in ({"reason": "no_capacity"}, {"reason": "no_site_known"}, {}, {"reason": None}):
+        assert not routing.is_exception(t, data), data
+    assert not routing.is_exception(t, {"reason": {"nested": "no_approved_site"}})  # unhashable: no
+    assert not routing.is_exception(t, {"reason": ["no_approved_site"]})
+    # the other exception types are alerts whatever their reason; other events never are
+    assert routing.is_exception("order.failed.v1", {"reason": "no_capacity"})
+    assert routing.is_exception("site.material_rejected.v1", {})
+    assert not routing.is_exception("order.submitted.v1", {"reason": "no_approved_site"})
+    assert not routing.is_exception("scheduling.slot_reserved.v1", {"reason": "no_approved_site"})
+    # and it stays a webhook for every reason
+    assert routing.sent_as_webhook(t)
 
 
 def test_recipient_filters_accept_exception_types_only() -> None:
-    services.validate_exception_types(None)
-    services.validate_exception_types(["order.failed.v1"])
+    subscriptions.validate_exception_types(None)
+    subscriptions.validate_exception_types(["order.failed.v1"])
     for bad in ([], ["order.submitted.v1"], ["nope"]):
-        with pytest.raises(Problem) as info:
-            services.validate_exception_types(bad)
-        assert [e["field"] for e in info.value.errors] == ["event_types"]
+        with pytest.raises(Invalid) as info:
+            subscriptions.validate_exception_types(bad)
+        assert [e.field for e in info.value.errors] == ["event_types"]
 
 
 # ---- addresses --------------------------------------------------------------------------------------
@@ -266,7 +323,7 @@ def test_recipient_filters_accept_exception_types_only() -> None:
 )
 def test_plain_addresses_are_accepted(address: str) -> None:
     assert address_problem(address) is None
-    services.validate_email(address)
+    subscriptions.validate_email(address)
 
 
 @pytest.mark.parametrize(
@@ -301,10 +358,10 @@ def test_plain_addresses_are_accepted(address: str) -> None:
 )
 def test_other_shapes_are_refused_naming_email(address: str) -> None:
     assert address_problem(address)
-    with pytest.raises(Problem) as info:
-        services.validate_email(address)
-    assert info.value.status == 422
-    assert [e["field"] for e in info.value.errors] == ["email"]
+    with pytest.raises(Invalid) as info:
+        subscriptions.validate_email(address)
+    assert status_of(info.value) == 422
+    assert [e.field for e in info.value.errors] == ["email"]
     assert info.value.detail.startswith("email: ")
 
 
@@ -314,7 +371,7 @@ def test_other_shapes_are_refused_naming_email(address: str) -> None:
 def test_smtp_settings_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("HOST", "PORT", "FROM", "USER", "PASSWORD", "STARTTLS"):
         monkeypatch.delenv(f"V2V_SMTP_{name}", raising=False)
-    assert SmtpSettings.from_env() == SmtpSettings(
+    assert NotificationSettings().smtp == SmtpSettings(
         host="127.0.0.1", port=8025, sender="alerts@vein2vein.local", user=None, password=None, starttls=False
     )
     monkeypatch.setenv("V2V_SMTP_HOST", "smtp.example")
@@ -323,15 +380,16 @@ def test_smtp_settings_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("V2V_SMTP_USER", "relay")
     monkeypatch.setenv("V2V_SMTP_PASSWORD", "s3cret")
     monkeypatch.setenv("V2V_SMTP_STARTTLS", "true")
-    settings = SmtpSettings.from_env()
+    settings = NotificationSettings().smtp
     assert settings == SmtpSettings("smtp.example", 587, "noreply@v2v.example", "relay", "s3cret", True)
     assert "s3cret" not in repr(settings)
+    assert "s3cret" not in repr(NotificationSettings())
 
 
 def test_email_retry_policy_has_its_own_variables(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("V2V_EMAIL_MAX_ATTEMPTS", "3")
     monkeypatch.setenv("V2V_EMAIL_BACKOFF_BASE_S", "2")
     monkeypatch.setenv("V2V_WEBHOOK_MAX_ATTEMPTS", "9")
-    policy = DeliveryPolicy.from_env("V2V_EMAIL_")
+    policy = NotificationSettings().email_policy
     assert (policy.max_attempts, policy.backoff_base_s, policy.backoff_max_s) == (3, 2.0, 300.0)
-    assert DeliveryPolicy.from_env("V2V_WEBHOOK_").max_attempts == 9
+    assert NotificationSettings().webhook_policy.max_attempts == 9

@@ -8,20 +8,22 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from notification_service.services import ORDER_EVENT_TYPES, validate_event_types, validate_secret
+from notification_service.domain.routing import ORDER_EVENT_TYPES
+from notification_service.domain.subscriptions import validate_event_types, validate_secret
 from v2v_contracts import EVENT_TYPES, OrderEventData
-from v2v_servicekit import Problem
+from v2v_contracts.errors import Invalid
+from v2v_servicekit.problems import status_of
 
 
 def secret_of(raw: bytes) -> str:
     return "whsec_" + base64.b64encode(raw).decode()
 
 
-def assert_422_on(field: str, exc: Problem) -> None:
-    assert exc.status == 422
+def assert_422_on(field: str, exc: Invalid) -> None:
+    assert status_of(exc) == 422
     assert exc.kind == "validation"
-    assert [e["field"] for e in exc.errors] == [field]
-    assert exc.errors[0]["reason"]
+    assert [e.field for e in exc.errors] == [field]
+    assert exc.errors[0].reason
     assert exc.detail.startswith(f"{field}: ")
 
 
@@ -32,18 +34,18 @@ def test_secrets_of_24_to_64_bytes_are_accepted(raw: bytes) -> None:
 
 @given(st.binary(max_size=23) | st.binary(min_size=65, max_size=200))
 def test_secrets_of_other_lengths_are_refused(raw: bytes) -> None:
-    with pytest.raises(Problem) as info:
+    with pytest.raises(Invalid) as info:
         validate_secret(secret_of(raw))
     assert_422_on("secret", info.value)
-    assert "24..64 bytes" in info.value.errors[0]["reason"]
+    assert "24..64 bytes" in info.value.errors[0].reason
 
 
 @given(st.binary(min_size=24, max_size=64), st.sampled_from(["", "whsec", "WHSEC_", "sk_", " whsec_"]))
 def test_secrets_without_the_prefix_are_refused(raw: bytes, prefix: str) -> None:
-    with pytest.raises(Problem) as info:
+    with pytest.raises(Invalid) as info:
         validate_secret(prefix + base64.b64encode(raw).decode())
     assert_422_on("secret", info.value)
-    assert "whsec_" in info.value.errors[0]["reason"]
+    assert "whsec_" in info.value.errors[0].reason
 
 
 @pytest.mark.parametrize(
@@ -54,7 +56,7 @@ def test_secrets_without_the_prefix_are_refused(raw: bytes, prefix: str) -> None
     ],
 )
 def test_secrets_that_are_not_base64_are_refused(secret: str) -> None:
-    with pytest.raises(Problem) as info:
+    with pytest.raises(Invalid) as info:
         validate_secret(secret)
     assert_422_on("secret", info.value)
 
@@ -76,7 +78,7 @@ def test_known_event_types_are_accepted(types: list[str]) -> None:
 
 
 def test_an_empty_list_is_refused() -> None:
-    with pytest.raises(Problem) as info:
+    with pytest.raises(Invalid) as info:
         validate_event_types([])
     assert_422_on("event_types", info.value)
 
@@ -86,13 +88,13 @@ def test_an_empty_list_is_refused() -> None:
     st.lists(st.text(max_size=40).filter(lambda t: t not in ORDER_EVENT_TYPES), min_size=1),
 )
 def test_unknown_event_types_are_refused_and_named(known: list[str], unknown: list[str]) -> None:
-    with pytest.raises(Problem) as info:
+    with pytest.raises(Invalid) as info:
         validate_event_types(known + unknown)
     assert_422_on("event_types", info.value)
-    assert repr(unknown) in info.value.errors[0]["reason"]
+    assert repr(unknown) in info.value.errors[0].reason
 
 
 def test_site_events_cannot_be_subscribed_to() -> None:
-    with pytest.raises(Problem) as info:
+    with pytest.raises(Invalid) as info:
         validate_event_types(["site.registered.v1"])
     assert_422_on("event_types", info.value)

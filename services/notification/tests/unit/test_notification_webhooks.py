@@ -12,7 +12,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-from notification_service.webhooks import DeliveryPolicy, channel, sign
+from notification_service.adapters.repository import webhook_channel as channel
+from notification_service.adapters.webhooks import sign
+from notification_service.config import NotificationSettings
+from notification_service.domain.delivery import DeliveryPolicy
 
 secrets = st.binary(min_size=24, max_size=64).map(lambda raw: "whsec_" + base64.b64encode(raw).decode())
 bodies = st.dictionaries(st.text(max_size=10), st.integers() | st.text(max_size=20), max_size=5).map(
@@ -117,7 +120,7 @@ def test_policy_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("V2V_WEBHOOK_BACKOFF_BASE_S", "0.2")
     monkeypatch.setenv("V2V_WEBHOOK_BACKOFF_MAX_S", "60")
     monkeypatch.setenv("V2V_WEBHOOK_TIMEOUT_S", "2.5")
-    policy = DeliveryPolicy.from_env()
+    policy = NotificationSettings().webhook_policy
     assert (policy.max_attempts, policy.backoff_base_s, policy.backoff_max_s, policy.timeout_s) == (
         4,
         0.2,
@@ -126,4 +129,4 @@ def test_policy_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
     )
     for name in ("MAX_ATTEMPTS", "BACKOFF_BASE_S", "BACKOFF_MAX_S", "TIMEOUT_S"):
         monkeypatch.delenv(f"V2V_WEBHOOK_{name}")
-    assert DeliveryPolicy.from_env() == DeliveryPolicy()
+    assert NotificationSettings().webhook_policy == DeliveryPolicy()

@@ -1,0 +1,371 @@
+"""In-memory repositories of the notification service, for unit tests of its service layer.
+
+    store = MemoryStore()
+    uow = fake_unit_of_work(store)
+    await commands.add_recipient(uow, treatment_center_id=..., email=..., event_types=None)
+
+They keep the Postgres repositories' rules (one active recipient per centre and address, case-insensitive;
+one delivery per target and event; leases; cancelled e-mails of a removed recipient). Time is the store's
+`now`, moved on by the test (`advance`, `make_due`); a failed transaction leaves no change behind.
+"""
+
+from __future__ import annotations
+
+import copy
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+from notification_service.adapters.repository import (
+    DeliveryFilter,
+    DeliveryLog,
+    DeliveryQueue,
+    EmailQueue,
+    NotificationTx,
+    RecipientRepository,
+    SubscriptionRepository,
+    WebhookQueue,
+)
+from notification_service.domain.alerts import Rendered
+from notification_service.domain.delivery import Delivery, EmailDelivery, EventRef, Outcome, WebhookDelivery
+from notification_service.domain.subscriptions import Recipient, Subscription
+from v2v_messaging.fakes import FakeOutbox, FakeUnitOfWork
+
+D = TypeVar("D", bound=Delivery)
+
+
+@dataclass
+class Row:
+    """A delivery as the tables hold it (both channels)."""
+
+    channel: str
+    delivery_id: uuid.UUID
+    target_id: uuid.UUID  # subscription or recipient
+    event: EventRef
+    created_at: datetime
+    next_attempt_at: datetime
+    content: dict[str, Any]  # payload | subject, body
+    status: str = "pending"
+    attempts: int = 0
+    lease_until: datetime | None = None
+    last_status_code: int | None = None
+    last_error: str | None = None
+    delivered_at: datetime | None = None
+    attempt_log: list[dict[str, Any]] = field(default_factory=list)
+
+    def log_entry(self) -> dict[str, Any]:
+        """The row of the `delivery_log` view."""
+        webhook = self.channel == "webhook"
+        return {
+            "channel": self.channel,
+            "delivery_id": self.delivery_id,
+            "subscription_id": self.target_id if webhook else None,
+            "recipient_id": None if webhook else self.target_id,
+            "event_id": self.event.event_id,
+            "event_type": self.event.event_type,
+            "order_id": self.event.order_id,
+            "coi": self.event.coi,
+            "treatment_center_id": self.event.treatment_center_id,
+            "status": self.status,
+            "attempts": self.attempts,
+            "last_status_code": self.last_status_code,
+            "last_error": self.last_error,
+            "created_at": self.created_at,
+            "delivered_at": self.delivered_at,
+            "next_attempt_at": self.next_attempt_at,
+        }
+
+
+@dataclass
+class MemoryStore:
+    now: datetime = field(default_factory=lambda: datetime.now(UTC))
+    subscriptions: dict[uuid.UUID, Subscription] = field(default_factory=dict)
+    recipients: dict[uuid.UUID, Recipient] = field(default_factory=dict)
+    rows: dict[uuid.UUID, Row] = field(default_factory=dict)  # deliveries of both channels, in order
+    wakes: dict[str, int] = field(default_factory=lambda: {"webhook": 0, "email": 0})
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+
+    def make_due(self) -> None:
+        """As if every backoff had elapsed."""
+        for row in self.rows.values():
+            if row.status == "pending":
+                row.next_attempt_at = self.now
+
+    def deliveries(self, channel: str) -> list[Row]:
+        return [r for r in self.rows.values() if r.channel == channel]
+
+    def snapshot(self) -> dict[str, Any]:
+        return copy.deepcopy(
+            {"subscriptions": self.subscriptions, "recipients": self.recipients, "rows": self.rows}
+        ) | {"wakes": dict(self.wakes)}
+
+    def restore(self, saved: dict[str, Any]) -> None:
+        self.subscriptions = saved["subscriptions"]
+        self.recipients = saved["recipients"]
+        self.rows = saved["rows"]
+        self.wakes = saved["wakes"]
+
+
+class MemorySubscriptions(SubscriptionRepository):
+    def __init__(self, store: MemoryStore) -> None:
+        self.store = store
+
+    async def add(
+        self,
+        subscription_id: uuid.UUID,
+        treatment_center_id: str,
+        url: str,
+        secret: str,
+        event_types: list[str] | None,
+    ) -> Subscription:
+        sub = Subscription(
+            subscription_id=subscription_id,
+            treatment_center_id=treatment_center_id,
+            url=url,
+            secret=secret,
+            event_types=None if event_types is None else list(event_types),
+            active=True,
+            created_at=self.store.now,
+        )
+        self.store.subscriptions[subscription_id] = sub
+        return sub
+
+    async def get(self, subscription_id: uuid.UUID) -> Subscription | None:
+        return self.store.subscriptions.get(subscription_id)
+
+    async def for_centre(self, treatment_center_id: str | None) -> list[Subscription]:
+        return [
+            s
+            for s in self.store.subscriptions.values()
+            if treatment_center_id is None or s.treatment_center_id == treatment_center_id
+        ]
+
+    async def matching(self, treatment_center_id: str, event_type: str) -> list[uuid.UUID]:
+        return [
+            s.subscription_id
+            for s in self.store.subscriptions.values()
+            if s.treatment_center_id == treatment_center_id and s.wants(event_type)
+        ]
+
+
+class MemoryRecipients(RecipientRepository):
+    def __init__(self, store: MemoryStore) -> None:
+        self.store = store
+
+    async def add(
+        self, recipient_id: uuid.UUID, treatment_center_id: str, email: str, event_types: list[str] | None
+    ) -> Recipient | None:
+        for r in self.store.recipients.values():
+            if r.active and r.treatment_center_id == treatment_center_id and r.email.lower() == email.lower():
+                return None
+        recipient = Recipient(
+            recipient_id=recipient_id,
+            treatment_center_id=treatment_center_id,
+            email=email,
+            event_types=None if event_types is None else list(event_types),
+            active=True,
+            created_at=self.store.now,
+        )
+        self.store.recipients[recipient_id] = recipient
+        return recipient
+
+    async def get(self, recipient_id: uuid.UUID) -> Recipient | None:
+        r = self.store.recipients.get(recipient_id)
+        return r if r is not None and r.active else None
+
+    async def for_centre(self, treatment_center_id: str | None) -> list[Recipient]:
+        return [
+            r
+            for r in self.store.recipients.values()
+            if r.active and (treatment_center_id is None or r.treatment_center_id == treatment_center_id)
+        ]
+
+    async def remove(self, recipient_id: uuid.UUID) -> bool:
+        r = self.store.recipients.get(recipient_id)
+        if r is None or not r.active:
+            return False
+        self.store.recipients[recipient_id] = Recipient(
+            recipient_id=r.recipient_id,
+            treatment_center_id=r.treatment_center_id,
+            email=r.email,
+            event_types=r.event_types,
+            active=False,
+            created_at=r.created_at,
+        )
+        return True
+
+    async def matching(self, treatment_center_id: str, event_type: str) -> list[uuid.UUID]:
+        return [
+            r.recipient_id
+            for r in self.store.recipients.values()
+            if r.treatment_center_id == treatment_center_id and r.wants(event_type)
+        ]
+
+
+class _MemoryQueue(DeliveryQueue[D]):
+    channel: str
+
+    def __init__(self, store: MemoryStore) -> None:
+        self.store = store
+
+    def _delivery(self, row: Row) -> D:
+        raise NotImplementedError
+
+    def _row(self, delivery_id: uuid.UUID) -> Row:
+        return self.store.rows[delivery_id]
+
+    def _enqueue(self, targets: Sequence[uuid.UUID], event: EventRef, content: dict[str, Any]) -> None:
+        queued = {(r.target_id, r.event.event_id) for r in self.store.deliveries(self.channel)}
+        for target in targets:
+            if (target, event.event_id) in queued:
+                continue
+            delivery_id = uuid.uuid4()
+            self.store.rows[delivery_id] = Row(
+                self.channel, delivery_id, target, event, self.store.now, self.store.now, dict(content)
+            )
+
+    async def wake(self) -> None:
+        self.store.wakes[self.channel] += 1
+
+    async def claim_due(self, limit: int, lease: timedelta) -> list[D]:
+        now = self.store.now
+        due = [
+            r
+            for r in self.store.deliveries(self.channel)
+            if r.status == "pending"
+            and r.next_attempt_at <= now
+            and (r.lease_until is None or r.lease_until < now)
+        ]
+        due.sort(key=lambda r: r.next_attempt_at)
+        for r in due[:limit]:
+            r.lease_until = now + lease
+        return [self._delivery(r) for r in due[:limit]]
+
+    async def seconds_until_next_due(self) -> float | None:
+        pending = [r.next_attempt_at for r in self.store.deliveries(self.channel) if r.status == "pending"]
+        return None if not pending else (min(pending) - self.store.now).total_seconds()
+
+    async def record_attempt(
+        self, delivery_id: uuid.UUID, attempt: int, outcome: Outcome, duration_ms: int
+    ) -> None:
+        self._row(delivery_id).attempt_log.append(
+            {
+                "attempt": attempt,
+                "attempted_at": self.store.now,
+                "status_code": outcome.status_code,
+                "error": outcome.error,
+                "duration_ms": duration_ms,
+            }
+        )
+
+    async def mark_delivered(self, delivery_id: uuid.UUID, attempt: int, status_code: int | None) -> None:
+        row = self._row(delivery_id)
+        row.status, row.attempts, row.delivered_at = "delivered", attempt, self.store.now
+        row.last_status_code, row.last_error, row.lease_until = status_code, None, None
+
+    async def mark_failed(self, delivery_id: uuid.UUID, attempt: int, outcome: Outcome) -> None:
+        row = self._row(delivery_id)
+        row.status, row.attempts, row.lease_until = "failed", attempt, None
+        row.last_status_code, row.last_error = outcome.status_code, outcome.error
+
+    async def schedule_retry(
+        self, delivery_id: uuid.UUID, attempt: int, outcome: Outcome, delay_s: float
+    ) -> None:
+        row = self._row(delivery_id)
+        row.attempts, row.lease_until = attempt, None
+        row.last_status_code, row.last_error = outcome.status_code, outcome.error
+        row.next_attempt_at = self.store.now + timedelta(seconds=delay_s)
+
+
+def _ref(row: Row) -> dict[str, Any]:
+    e = row.event
+    return {
+        "delivery_id": row.delivery_id,
+        "attempts": row.attempts,
+        "event_id": e.event_id,
+        "event_type": e.event_type,
+        "order_id": e.order_id,
+        "coi": e.coi,
+        "treatment_center_id": e.treatment_center_id,
+        "trace_headers": dict(e.trace_headers),
+    }
+
+
+class MemoryWebhookQueue(_MemoryQueue[WebhookDelivery], WebhookQueue):
+    channel = "webhook"
+
+    def _delivery(self, row: Row) -> WebhookDelivery:
+        sub = self.store.subscriptions[row.target_id]
+        return WebhookDelivery(
+            **_ref(row), subscription_id=sub.subscription_id, url=sub.url, secret=sub.secret, **row.content
+        )
+
+    async def enqueue(self, subscription_ids: Sequence[uuid.UUID], event: EventRef, payload: bytes) -> None:
+        self._enqueue(subscription_ids, event, {"payload": payload})
+
+
+class MemoryEmailQueue(_MemoryQueue[EmailDelivery], EmailQueue):
+    channel = "email"
+
+    def _delivery(self, row: Row) -> EmailDelivery:
+        recipient = self.store.recipients[row.target_id]
+        return EmailDelivery(
+            **_ref(row), recipient_id=recipient.recipient_id, email=recipient.email, **row.content
+        )
+
+    async def enqueue(self, recipient_ids: Sequence[uuid.UUID], event: EventRef, message: Rendered) -> None:
+        self._enqueue(recipient_ids, event, {"subject": message.subject, "body": message.body})
+
+    async def cancel_pending(self, recipient_id: uuid.UUID) -> None:
+        for row in self.store.deliveries(self.channel):
+            if row.target_id == recipient_id and row.status == "pending":
+                row.status, row.lease_until = "cancelled", None
+                row.last_error = row.last_error or "recipient removed"
+
+
+class MemoryDeliveryLog(DeliveryLog):
+    def __init__(self, store: MemoryStore) -> None:
+        self.store = store
+
+    async def search(self, where: DeliveryFilter) -> list[dict[str, Any]]:
+        entries = [r.log_entry() for r in reversed(self.store.rows.values())]
+        wanted = {
+            "order_id": where.order_id,
+            "channel": where.channel,
+            "subscription_id": where.subscription_id,
+            "recipient_id": where.recipient_id,
+            "status": where.status,
+        }
+        entries = [e for e in entries if all(v is None or e[k] == v for k, v in wanted.items())]
+        entries.sort(key=lambda e: e["created_at"], reverse=True)  # stable: the newest row first on ties
+        return entries[: where.limit]
+
+    async def get(self, delivery_id: uuid.UUID) -> dict[str, Any] | None:
+        row = self.store.rows.get(delivery_id)
+        if row is None:
+            return None
+        return {**row.log_entry(), "attempt_log": [dict(a) for a in row.attempt_log]}
+
+
+def memory_tx(store: MemoryStore, outbox: FakeOutbox) -> NotificationTx:
+    return NotificationTx(
+        None,
+        outbox,
+        subscriptions=MemorySubscriptions(store),
+        recipients=MemoryRecipients(store),
+        webhooks=MemoryWebhookQueue(store),
+        emails=MemoryEmailQueue(store),
+        deliveries=MemoryDeliveryLog(store),
+    )
+
+
+def fake_unit_of_work(store: MemoryStore | None = None) -> FakeUnitOfWork[NotificationTx]:
+    """A unit of work on `store` (a new one if not given); a transaction that raises changes nothing."""
+    store = store if store is not None else MemoryStore()
+    return FakeUnitOfWork(
+        lambda outbox: memory_tx(store, outbox), snapshot=store.snapshot, restore=store.restore
+    )

@@ -1,0 +1,573 @@
+"""All the SQL of the notification service, and its unit of work's `NotificationTx`.
+
+- `subscriptions`: the centres' webhook endpoints; `recipients`: the addresses their alerts go to.
+- `webhooks`, `emails`: each channel's delivery queue. The consumer writes deliveries in the same
+  transaction as its inbox entry (one per target and event) and wakes the channel's dispatcher with
+  `NOTIFY` on commit. A dispatcher leases due rows (`FOR UPDATE SKIP LOCKED` plus a lease time, so
+  replicas never send one delivery at once), and records each attempt and its verdict in one transaction.
+- `deliveries`: the delivery log across both channels, with every attempt (read only).
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, ClassVar, Generic, TypeVar
+
+import asyncpg
+
+from notification_service.domain.alerts import Rendered
+from notification_service.domain.delivery import (
+    Delivery,
+    EmailDelivery,
+    EventRef,
+    Outcome,
+    WebhookDelivery,
+)
+from notification_service.domain.subscriptions import Recipient, Subscription
+from v2v_messaging import EventSink, Tx
+
+D = TypeVar("D", bound=Delivery)
+
+WEBHOOK_CHANNEL = "v2v_webhooks_"  # + schema: LISTEN/NOTIFY channel of the webhook dispatcher
+EMAIL_CHANNEL = "v2v_email_"  # + schema: ... of the e-mail dispatcher
+
+
+def webhook_channel(schema: str) -> str:
+    return WEBHOOK_CHANNEL + schema
+
+
+def email_channel(schema: str) -> str:
+    return EMAIL_CHANNEL + schema
+
+
+@contextlib.asynccontextmanager
+async def wakeups(pool: asyncpg.Pool, channel: str) -> AsyncIterator[asyncio.Event]:
+    """An event set whenever a transaction that notified `channel` commits (LISTEN on a pooled
+    connection held for as long as the context lasts)."""
+    wake = asyncio.Event()
+
+    def on_notify(*_args: object) -> None:
+        wake.set()
+
+    listener = await pool.acquire()
+    try:
+        await listener.add_listener(channel, on_notify)
+        yield wake
+    finally:
+        with contextlib.suppress(Exception):  # UNLISTEN before the connection goes back to the pool
+            await listener.remove_listener(channel, on_notify)
+        with contextlib.suppress(Exception):
+            await pool.release(listener)
+
+
+# ---- subscriptions ----------------------------------------------------------------------------------
+
+
+class SubscriptionRepository(abc.ABC):
+    @abc.abstractmethod
+    async def add(
+        self,
+        subscription_id: uuid.UUID,
+        treatment_center_id: str,
+        url: str,
+        secret: str,
+        event_types: list[str] | None,
+    ) -> Subscription: ...
+
+    @abc.abstractmethod
+    async def get(self, subscription_id: uuid.UUID) -> Subscription | None: ...
+
+    @abc.abstractmethod
+    async def for_centre(self, treatment_center_id: str | None) -> list[Subscription]: ...
+
+    @abc.abstractmethod
+    async def matching(self, treatment_center_id: str, event_type: str) -> list[uuid.UUID]:
+        """The centre's active subscriptions that want `event_type`."""
+
+
+def _subscription(row: asyncpg.Record) -> Subscription:
+    return Subscription(
+        subscription_id=row["subscription_id"],
+        treatment_center_id=row["treatment_center_id"],
+        url=row["url"],
+        secret=row["secret"],
+        event_types=row["event_types"],
+        active=row["active"],
+        created_at=row["created_at"],
+    )
+
+
+class PgSubscriptions(SubscriptionRepository):
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self.conn = conn
+
+    async def add(
+        self,
+        subscription_id: uuid.UUID,
+        treatment_center_id: str,
+        url: str,
+        secret: str,
+        event_types: list[str] | None,
+    ) -> Subscription:
+        row = await self.conn.fetchrow(
+            """INSERT INTO subscriptions (subscription_id, treatment_center_id, url, secret, event_types)
+               VALUES ($1, $2, $3, $4, $5) RETURNING *""",
+            subscription_id,
+            treatment_center_id,
+            url,
+            secret,
+            event_types,
+        )
+        assert row is not None
+        return _subscription(row)
+
+    async def get(self, subscription_id: uuid.UUID) -> Subscription | None:
+        row = await self.conn.fetchrow(
+            "SELECT * FROM subscriptions WHERE subscription_id = $1", subscription_id
+        )
+        return None if row is None else _subscription(row)
+
+    async def for_centre(self, treatment_center_id: str | None) -> list[Subscription]:
+        rows = await self.conn.fetch(
+            """SELECT * FROM subscriptions WHERE ($1::text IS NULL OR treatment_center_id = $1)
+               ORDER BY created_at""",
+            treatment_center_id,
+        )
+        return [_subscription(r) for r in rows]
+
+    async def matching(self, treatment_center_id: str, event_type: str) -> list[uuid.UUID]:
+        rows = await self.conn.fetch(
+            """SELECT subscription_id FROM subscriptions
+               WHERE treatment_center_id = $1 AND active
+                 AND (event_types IS NULL OR $2 = ANY(event_types))""",
+            treatment_center_id,
+            event_type,
+        )
+        return [r["subscription_id"] for r in rows]
+
+
+# ---- e-mail recipients ------------------------------------------------------------------------------
+
+
+class RecipientRepository(abc.ABC):
+    @abc.abstractmethod
+    async def add(
+        self, recipient_id: uuid.UUID, treatment_center_id: str, email: str, event_types: list[str] | None
+    ) -> Recipient | None:
+        """The new recipient, or None when the address (case-insensitive) already is an active recipient
+        of the centre."""
+
+    @abc.abstractmethod
+    async def get(self, recipient_id: uuid.UUID) -> Recipient | None:
+        """An active recipient."""
+
+    @abc.abstractmethod
+    async def for_centre(self, treatment_center_id: str | None) -> list[Recipient]:
+        """The active recipients, oldest first."""
+
+    @abc.abstractmethod
+    async def remove(self, recipient_id: uuid.UUID) -> bool:
+        """Deactivate an active recipient; False when there is none with this id."""
+
+    @abc.abstractmethod
+    async def matching(self, treatment_center_id: str, event_type: str) -> list[uuid.UUID]:
+        """The centre's active recipients that want `event_type`."""
+
+
+def _recipient(row: asyncpg.Record) -> Recipient:
+    return Recipient(
+        recipient_id=row["recipient_id"],
+        treatment_center_id=row["treatment_center_id"],
+        email=row["email"],
+        event_types=row["event_types"],
+        active=row["active"],
+        created_at=row["created_at"],
+    )
+
+
+class PgRecipients(RecipientRepository):
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self.conn = conn
+
+    async def add(
+        self, recipient_id: uuid.UUID, treatment_center_id: str, email: str, event_types: list[str] | None
+    ) -> Recipient | None:
+        row = await self.conn.fetchrow(
+            """INSERT INTO email_recipients (recipient_id, treatment_center_id, email, event_types)
+               VALUES ($1, $2, $3, $4)
+               ON CONFLICT (treatment_center_id, lower(email)) WHERE active DO NOTHING
+               RETURNING *""",
+            recipient_id,
+            treatment_center_id,
+            email,
+            event_types,
+        )
+        return None if row is None else _recipient(row)
+
+    async def get(self, recipient_id: uuid.UUID) -> Recipient | None:
+        row = await self.conn.fetchrow(
+            "SELECT * FROM email_recipients WHERE recipient_id = $1 AND active", recipient_id
+        )
+        return None if row is None else _recipient(row)
+
+    async def for_centre(self, treatment_center_id: str | None) -> list[Recipient]:
+        rows = await self.conn.fetch(
+            """SELECT * FROM email_recipients WHERE active AND ($1::text IS NULL OR treatment_center_id = $1)
+               ORDER BY created_at""",
+            treatment_center_id,
+        )
+        return [_recipient(r) for r in rows]
+
+    async def remove(self, recipient_id: uuid.UUID) -> bool:
+        removed = await self.conn.fetchval(
+            """UPDATE email_recipients SET active = false, removed_at = now()
+               WHERE recipient_id = $1 AND active RETURNING true""",
+            recipient_id,
+        )
+        return bool(removed)
+
+    async def matching(self, treatment_center_id: str, event_type: str) -> list[uuid.UUID]:
+        rows = await self.conn.fetch(
+            """SELECT recipient_id FROM email_recipients
+               WHERE treatment_center_id = $1 AND active
+                 AND (event_types IS NULL OR $2 = ANY(event_types))""",
+            treatment_center_id,
+            event_type,
+        )
+        return [r["recipient_id"] for r in rows]
+
+
+# ---- the delivery queues ----------------------------------------------------------------------------
+
+
+class DeliveryQueue(abc.ABC, Generic[D]):
+    """One channel's deliveries: leased for an attempt, then delivered, retried later or failed."""
+
+    @abc.abstractmethod
+    async def wake(self) -> None:
+        """Wake the channel's dispatcher when the transaction commits."""
+
+    @abc.abstractmethod
+    async def claim_due(self, limit: int, lease: timedelta) -> list[D]:
+        """Lease up to `limit` pending deliveries that are due and not leased, the longest due first."""
+
+    @abc.abstractmethod
+    async def seconds_until_next_due(self) -> float | None:
+        """When the next pending delivery falls due (negative: overdue); None when none is pending."""
+
+    @abc.abstractmethod
+    async def record_attempt(
+        self, delivery_id: uuid.UUID, attempt: int, outcome: Outcome, duration_ms: int
+    ) -> None: ...
+
+    @abc.abstractmethod
+    async def mark_delivered(self, delivery_id: uuid.UUID, attempt: int, status_code: int | None) -> None: ...
+
+    @abc.abstractmethod
+    async def mark_failed(self, delivery_id: uuid.UUID, attempt: int, outcome: Outcome) -> None: ...
+
+    @abc.abstractmethod
+    async def schedule_retry(
+        self, delivery_id: uuid.UUID, attempt: int, outcome: Outcome, delay_s: float
+    ) -> None: ...
+
+
+class WebhookQueue(DeliveryQueue[WebhookDelivery]):
+    @abc.abstractmethod
+    async def enqueue(self, subscription_ids: Sequence[uuid.UUID], event: EventRef, payload: bytes) -> None:
+        """One delivery per subscription; an event already queued for a subscription is not queued again."""
+
+
+class EmailQueue(DeliveryQueue[EmailDelivery]):
+    @abc.abstractmethod
+    async def enqueue(self, recipient_ids: Sequence[uuid.UUID], event: EventRef, message: Rendered) -> None:
+        """One e-mail per recipient; an event already queued for a recipient is not queued again."""
+
+    @abc.abstractmethod
+    async def cancel_pending(self, recipient_id: uuid.UUID) -> None:
+        """Cancel what a removed recipient was still to receive."""
+
+
+class _PgQueue(DeliveryQueue[D]):
+    channel: ClassVar[str]  # the LISTEN/NOTIFY channel's prefix (the schema follows)
+    table: ClassVar[str]  # the channel's deliveries
+    attempts_table: ClassVar[str]  # one row per attempt
+    target_table: ClassVar[str]  # what a delivery goes to (joined into the leased row)
+    target_key: ClassVar[str]
+    target_columns: ClassVar[tuple[str, ...]]
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self.conn = conn
+
+    @abc.abstractmethod
+    def _delivery(self, row: asyncpg.Record) -> D: ...
+
+    async def wake(self) -> None:
+        await self.conn.execute("SELECT pg_notify($1 || current_schema(), '')", self.channel)
+
+    async def claim_due(self, limit: int, lease: timedelta) -> list[D]:
+        target = ", ".join(f"t.{c}" for c in self.target_columns)
+        rows = await self.conn.fetch(
+            f"""UPDATE {self.table} d SET lease_until = now() + $2::interval
+                FROM {self.target_table} t
+                WHERE d.{self.target_key} = t.{self.target_key} AND d.delivery_id IN (
+                    SELECT delivery_id FROM {self.table}
+                    WHERE status = 'pending' AND next_attempt_at <= now()
+                      AND (lease_until IS NULL OR lease_until < now())
+                    ORDER BY next_attempt_at LIMIT $1 FOR UPDATE SKIP LOCKED)
+                RETURNING d.*, {target}""",
+            limit,
+            lease,
+        )
+        return [self._delivery(r) for r in rows]
+
+    async def seconds_until_next_due(self) -> float | None:
+        nxt = await self.conn.fetchval(
+            f"SELECT min(next_attempt_at) - now() FROM {self.table} WHERE status = 'pending'"
+        )
+        return None if nxt is None else float(nxt.total_seconds())
+
+    async def record_attempt(
+        self, delivery_id: uuid.UUID, attempt: int, outcome: Outcome, duration_ms: int
+    ) -> None:
+        await self.conn.execute(
+            f"""INSERT INTO {self.attempts_table} (delivery_id, attempt, status_code, error, duration_ms)
+                VALUES ($1, $2, $3, $4, $5)""",
+            delivery_id,
+            attempt,
+            outcome.status_code,
+            outcome.error,
+            duration_ms,
+        )
+
+    async def mark_delivered(self, delivery_id: uuid.UUID, attempt: int, status_code: int | None) -> None:
+        await self.conn.execute(
+            f"""UPDATE {self.table} SET status = 'delivered', attempts = $2, delivered_at = now(),
+                       last_status_code = $3, last_error = NULL, lease_until = NULL
+                WHERE delivery_id = $1""",
+            delivery_id,
+            attempt,
+            status_code,
+        )
+
+    async def mark_failed(self, delivery_id: uuid.UUID, attempt: int, outcome: Outcome) -> None:
+        await self.conn.execute(
+            f"""UPDATE {self.table} SET status = 'failed', attempts = $2, last_status_code = $3,
+                       last_error = $4, lease_until = NULL WHERE delivery_id = $1""",
+            delivery_id,
+            attempt,
+            outcome.status_code,
+            outcome.error,
+        )
+
+    async def schedule_retry(
+        self, delivery_id: uuid.UUID, attempt: int, outcome: Outcome, delay_s: float
+    ) -> None:
+        await self.conn.execute(
+            f"""UPDATE {self.table} SET attempts = $2, last_status_code = $3, last_error = $4,
+                       lease_until = NULL, next_attempt_at = now() + $5::interval
+                WHERE delivery_id = $1""",
+            delivery_id,
+            attempt,
+            outcome.status_code,
+            outcome.error,
+            timedelta(seconds=delay_s),
+        )
+
+
+def _ref(row: asyncpg.Record) -> dict[str, Any]:
+    return {
+        "delivery_id": row["delivery_id"],
+        "attempts": row["attempts"],
+        "event_id": row["event_id"],
+        "event_type": row["event_type"],
+        "order_id": row["order_id"],
+        "coi": row["coi"],
+        "treatment_center_id": row["treatment_center_id"],
+        "trace_headers": row["trace_headers"] or {},
+    }
+
+
+class PgWebhookQueue(_PgQueue[WebhookDelivery], WebhookQueue):
+    channel = WEBHOOK_CHANNEL
+    table = "deliveries"
+    attempts_table = "delivery_attempts"
+    target_table = "subscriptions"
+    target_key = "subscription_id"
+    target_columns = ("url", "secret")
+
+    def _delivery(self, row: asyncpg.Record) -> WebhookDelivery:
+        return WebhookDelivery(
+            **_ref(row),
+            subscription_id=row["subscription_id"],
+            url=row["url"],
+            secret=row["secret"],
+            payload=bytes(row["payload"]),
+        )
+
+    async def enqueue(self, subscription_ids: Sequence[uuid.UUID], event: EventRef, payload: bytes) -> None:
+        await self.conn.executemany(
+            """INSERT INTO deliveries (delivery_id, subscription_id, event_id, event_type, order_id, coi,
+                                       treatment_center_id, payload, trace_headers, status)
+               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb, 'pending')
+               ON CONFLICT (subscription_id, event_id) DO NOTHING""",
+            [
+                (
+                    uuid.uuid4(),
+                    subscription_id,
+                    event.event_id,
+                    event.event_type,
+                    event.order_id,
+                    event.coi,
+                    event.treatment_center_id,
+                    payload,
+                    event.trace_headers,
+                )
+                for subscription_id in subscription_ids
+            ],
+        )
+
+
+class PgEmailQueue(_PgQueue[EmailDelivery], EmailQueue):
+    channel = EMAIL_CHANNEL
+    table = "email_deliveries"
+    attempts_table = "email_delivery_attempts"
+    target_table = "email_recipients"
+    target_key = "recipient_id"
+    target_columns = ("email",)
+
+    def _delivery(self, row: asyncpg.Record) -> EmailDelivery:
+        return EmailDelivery(
+            **_ref(row),
+            recipient_id=row["recipient_id"],
+            email=row["email"],
+            subject=row["subject"],
+            body=row["body"],
+        )
+
+    async def enqueue(self, recipient_ids: Sequence[uuid.UUID], event: EventRef, message: Rendered) -> None:
+        await self.conn.executemany(
+            """INSERT INTO email_deliveries (delivery_id, recipient_id, event_id, event_type, order_id, coi,
+                                             treatment_center_id, subject, body, trace_headers, status)
+               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10::jsonb, 'pending')
+               ON CONFLICT (recipient_id, event_id) DO NOTHING""",
+            [
+                (
+                    uuid.uuid4(),
+                    recipient_id,
+                    event.event_id,
+                    event.event_type,
+                    event.order_id,
+                    event.coi,
+                    event.treatment_center_id,
+                    message.subject,
+                    message.body,
+                    event.trace_headers,
+                )
+                for recipient_id in recipient_ids
+            ],
+        )
+
+    async def cancel_pending(self, recipient_id: uuid.UUID) -> None:
+        await self.conn.execute(
+            """UPDATE email_deliveries SET status = 'cancelled', lease_until = NULL,
+                      last_error = coalesce(last_error, 'recipient removed')
+               WHERE recipient_id = $1 AND status = 'pending'""",
+            recipient_id,
+        )
+
+
+# ---- the delivery log (both channels) ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DeliveryFilter:
+    order_id: uuid.UUID | None = None
+    channel: str | None = None  # webhook | email
+    subscription_id: uuid.UUID | None = None
+    recipient_id: uuid.UUID | None = None
+    status: str | None = None
+    limit: int = 100
+
+
+class DeliveryLog(abc.ABC):
+    @abc.abstractmethod
+    async def search(self, where: DeliveryFilter) -> list[dict[str, Any]]:
+        """Deliveries of both channels, newest first."""
+
+    @abc.abstractmethod
+    async def get(self, delivery_id: uuid.UUID) -> dict[str, Any] | None:
+        """One delivery with its `attempt_log` (attempt, attempted_at, status_code, error, duration_ms)."""
+
+
+class PgDeliveryLog(DeliveryLog):
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self.conn = conn
+
+    async def search(self, where: DeliveryFilter) -> list[dict[str, Any]]:
+        rows = await self.conn.fetch(
+            """SELECT * FROM delivery_log WHERE ($1::uuid IS NULL OR order_id = $1)
+                 AND ($2::text IS NULL OR channel = $2) AND ($3::uuid IS NULL OR subscription_id = $3)
+                 AND ($4::uuid IS NULL OR recipient_id = $4) AND ($5::text IS NULL OR status = $5)
+               ORDER BY created_at DESC LIMIT $6""",
+            where.order_id,
+            where.channel,
+            where.subscription_id,
+            where.recipient_id,
+            where.status,
+            where.limit,
+        )
+        return [dict(r) for r in rows]
+
+    async def get(self, delivery_id: uuid.UUID) -> dict[str, Any] | None:
+        row = await self.conn.fetchrow("SELECT * FROM delivery_log WHERE delivery_id = $1", delivery_id)
+        if row is None:
+            return None
+        attempts = await self.conn.fetch(
+            """SELECT attempt, attempted_at, status_code, error, duration_ms FROM delivery_attempt_log
+               WHERE delivery_id = $1 AND channel = $2 ORDER BY attempt""",
+            delivery_id,
+            row["channel"],
+        )
+        return {**dict(row), "attempt_log": [dict(a) for a in attempts]}
+
+
+# ---- one transaction's repositories -----------------------------------------------------------------
+
+
+class NotificationTx(Tx):
+    def __init__(
+        self,
+        conn: asyncpg.Connection | None,
+        outbox: EventSink,
+        *,
+        subscriptions: SubscriptionRepository,
+        recipients: RecipientRepository,
+        webhooks: WebhookQueue,
+        emails: EmailQueue,
+        deliveries: DeliveryLog,
+    ) -> None:
+        super().__init__(conn, outbox)
+        self.subscriptions = subscriptions
+        self.recipients = recipients
+        self.webhooks = webhooks
+        self.emails = emails
+        self.deliveries = deliveries
+
+
+def tx_factory(conn: asyncpg.Connection, outbox: EventSink) -> NotificationTx:
+    return NotificationTx(
+        conn,
+        outbox,
+        subscriptions=PgSubscriptions(conn),
+        recipients=PgRecipients(conn),
+        webhooks=PgWebhookQueue(conn),
+        emails=PgEmailQueue(conn),
+        deliveries=PgDeliveryLog(conn),
+    )

@@ -1,0 +1,45 @@
+"""Order events become deliveries: a webhook to each of the centre's matching subscriptions (every order
+event but this service's own) and, for an exception, an e-mail to each of its matching recipients. The
+deliveries are queued in the consumer's transaction (with its inbox entry) and the dispatchers are woken
+on commit."""
+
+from __future__ import annotations
+
+from notification_service.adapters.repository import NotificationTx
+from notification_service.domain import alerts, routing
+from notification_service.domain.delivery import EventRef
+from v2v_contracts import EVENT_TYPES, OrderEventData
+from v2v_messaging import EventMeta, HandlerRegistry
+from v2v_observability import current_traceparent
+
+handlers = HandlerRegistry[NotificationTx]()
+
+
+async def queue_deliveries(tx: NotificationTx, event: OrderEventData, meta: EventMeta) -> None:
+    """Queue the event's webhooks and, for an exception, its e-mails; wake the dispatchers on commit."""
+    centre = event.treatment_center_id
+    if not centre:
+        return
+    ref = EventRef(
+        event_id=meta.id,
+        event_type=meta.type,
+        order_id=event.order_id,
+        coi=meta.coi,
+        treatment_center_id=centre,
+        trace_headers=current_traceparent(),  # the delivery spans continue this (the consumer's) trace
+    )
+    if routing.sent_as_webhook(meta.type):
+        subscriptions = await tx.subscriptions.matching(centre, meta.type)
+        if subscriptions:
+            await tx.webhooks.enqueue(subscriptions, ref, meta.envelope.to_json())
+            await tx.webhooks.wake()
+    if routing.is_exception(meta.type, meta.envelope.data):
+        recipients = await tx.recipients.matching(centre, meta.type)
+        if recipients:
+            await tx.emails.enqueue(recipients, ref, alerts.render(meta.envelope))
+            await tx.emails.wake()
+
+
+# one registration per handled event model: every order event (webhooks) and every exception (e-mail)
+for _type in routing.HANDLED_EVENT_TYPES:
+    handlers.add(EVENT_TYPES[_type], queue_deliveries)

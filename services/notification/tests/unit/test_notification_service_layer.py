@@ -1,0 +1,629 @@
+"""The notification service layer on in-memory repositories: order events fanned out to the centres'
+subscriptions and (for exceptions) e-mail recipients through the same handlers the consumer calls, the
+subscription and recipient use cases behind the API, and the delivery loop's decisions (delivered,
+retried after a backoff, dead-lettered) with a fake sender in place of HTTP and SMTP."""
+
+from __future__ import annotations
+
+import base64
+import uuid
+from datetime import date
+from typing import Any
+
+import pytest
+
+from notification_service.adapters.memory import MemoryStore, Row, fake_unit_of_work
+from notification_service.domain.alerts import render
+from notification_service.domain.delivery import (
+    Delivery,
+    DeliveryPolicy,
+    Outcome,
+    Verdict,
+    WebhookDelivery,
+    decide,
+)
+from notification_service.service_layer import commands
+from notification_service.service_layer.dispatch import LEASE, EmailDispatcher, WebhookDispatcher
+from notification_service.service_layer.handlers import handlers
+from v2v_contracts import (
+    CloudEvent,
+    MaterialRejectedV1,
+    OrderCancelledV1,
+    OrderSubmittedV1,
+    SiteRegisteredV1,
+    SlotUnavailableV1,
+    new_event,
+)
+from v2v_contracts.errors import Conflict, Invalid, NotFound
+from v2v_messaging.fakes import FakeInbox, FakeUnitOfWork
+from v2v_servicekit.problems import status_of
+
+CENTRE = "TC-DE-BE-001"
+OTHER_CENTRE = "TC-FR-PA-001"
+SECRET = "whsec_" + base64.b64encode(bytes(range(32))).decode()
+COI = "V2V00-26-000042-K"
+
+
+# ---- events -----------------------------------------------------------------------------------------
+
+
+def submitted(centre: str = CENTRE) -> CloudEvent:
+    return new_event(
+        OrderSubmittedV1(
+            order_id=uuid.uuid4(),
+            coi=COI,
+            treatment_center_id=centre,
+            product_code="TISA-CEL",
+            order_type="commercial",
+            regulator="EMA",
+            country="DE",
+            region="EU",
+            requested_apheresis_date=date(2030, 1, 15),
+        )
+    )
+
+
+def rejected(centre: str = CENTRE) -> CloudEvent:
+    return new_event(
+        MaterialRejectedV1(
+            order_id=uuid.uuid4(),
+            coi=COI,
+            treatment_center_id=centre,
+            site_id="SITE-DE-01",
+            reason="viability",
+        )
+    )
+
+
+def slot_unavailable(reason: str, centre: str = CENTRE) -> CloudEvent:
+    return new_event(
+        SlotUnavailableV1(
+            order_id=uuid.uuid4(),
+            coi=COI,
+            treatment_center_id=centre,
+            reason=reason,
+            detail="no active site approved for TISA-CEL (commercial) by EMA",
+            waitlisted=True,
+        )
+    )
+
+
+# ---- fixtures ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def store() -> MemoryStore:
+    return MemoryStore()
+
+
+@pytest.fixture
+def uow(store: MemoryStore) -> FakeUnitOfWork[Any]:
+    return fake_unit_of_work(store)
+
+
+@pytest.fixture
+def inbox(uow: FakeUnitOfWork[Any]) -> FakeInbox[Any]:
+    return FakeInbox(uow, handlers)
+
+
+async def subscription(
+    uow: FakeUnitOfWork[Any], centre: str = CENTRE, types: list[str] | None = None
+) -> uuid.UUID:
+    sub = await commands.subscribe(
+        uow,
+        treatment_center_id=centre,
+        url=f"https://{centre.lower()}.example/hook",
+        secret=SECRET,
+        event_types=types,
+    )
+    return sub.subscription_id
+
+
+async def recipient(
+    uow: FakeUnitOfWork[Any],
+    email: str = "qa@charite.example",
+    centre: str = CENTRE,
+    types: list[str] | None = None,
+) -> uuid.UUID:
+    r = await commands.add_recipient(uow, treatment_center_id=centre, email=email, event_types=types)
+    return r.recipient_id
+
+
+def targets(store: MemoryStore, channel: str) -> list[uuid.UUID]:
+    return [r.target_id for r in store.deliveries(channel)]
+
+
+# ---- fan-out: order events become deliveries --------------------------------------------------------
+
+
+async def test_an_order_event_goes_to_the_centres_matching_subscriptions_only(
+    uow: FakeUnitOfWork[Any], inbox: FakeInbox[Any], store: MemoryStore
+) -> None:
+    every = await subscription(uow)
+    wanted = await subscription(uow, types=["order.submitted.v1", "order.cancelled.v1"])
+    await subscription(uow, types=["order.cancelled.v1"])  # filters the type out
+    await subscription(uow, centre=OTHER_CENTRE)  # another centre's
+    await recipient(uow)  # not an exception: no e-mail
+    event = submitted()
+
+    await inbox.deliver(event)
+
+    assert sorted(targets(store, "webhook")) == sorted([every, wanted])
+    assert targets(store, "email") == []
+    for row in store.deliveries("webhook"):
+        assert row.content["payload"] == event.to_json()  # the CloudEvent as received
+        assert (row.event.event_id, row.event.event_type) == (event.id, "order.submitted.v1")
+        assert (row.event.order_id, row.event.coi, row.event.treatment_center_id) == (
+            uuid.UUID(event.data["order_id"]),
+            COI,
+            CENTRE,
+        )
+        assert row.status == "pending"
+    assert store.wakes == {"webhook": 1, "email": 0}
+    assert uow.committed == []  # queueing publishes nothing
+
+
+async def test_an_exception_is_emailed_to_the_matching_recipients_and_sent_as_webhook(
+    uow: FakeUnitOfWork[Any], inbox: FakeInbox[Any], store: MemoryStore
+) -> None:
+    sub = await subscription(uow)
+    every = await recipient(uow, "qa@charite.example")
+    wanted = await recipient(uow, "lab@charite.example", types=["site.material_rejected.v1"])
+    await recipient(uow, "cancel@charite.example", types=["order.cancelled.v1"])
+    await recipient(uow, "qa@hopital.example", centre=OTHER_CENTRE)
+    event = rejected()
+
+    await inbox.deliver(event)
+
+    assert targets(store, "webhook") == [sub]
+    assert sorted(targets(store, "email")) == sorted([every, wanted])
+    expected = render(event)
+    for row in store.deliveries("email"):
+        assert row.content == {"subject": expected.subject, "body": expected.body}
+    assert store.wakes == {"webhook": 1, "email": 1}
+
+
+async def test_an_order_left_without_an_approved_site_is_emailed_but_ordinary_waitlisting_is_not(
+    uow: FakeUnitOfWork[Any], inbox: FakeInbox[Any], store: MemoryStore
+) -> None:
+    sub = await subscription(uow)
+    every = await recipient(uow, "qa@charite.example")
+    only_this = await recipient(uow, "planning@charite.example", types=["scheduling.slot_unavailable.v1"])
+    await recipient(uow, "cancel@charite.example", types=["order.cancelled.v1"])
+
+    for reason in ("no_capacity", "no_site_known"):
+        await inbox.deliver(slot_unavailable(reason))
+    assert len(store.deliveries("webhook")) == 2  # webhook subscribers hear of every reason
+    assert store.deliveries("email") == []
+
+    lost = slot_unavailable("no_approved_site")
+    await inbox.deliver(lost)
+    assert targets(store, "webhook") == [sub, sub, sub]
+    assert sorted(targets(store, "email")) == sorted([every, only_this])
+    order_id = lost.data["order_id"]
+    for row in store.deliveries("email"):
+        assert row.content["subject"] == (
+            f"[vein2vein] scheduling.slot_unavailable.v1 (no_approved_site) — order {order_id}"
+        )
+        body = row.content["body"]
+        assert "No approved manufacturing site is left for this order's market" in body
+        for expected in (order_id, COI, "no_approved_site"):
+            assert expected in body
+        assert "TISA-CEL" not in body  # the free-text detail is not on the allow-list
+
+
+async def test_an_unknown_centre_or_no_subscription_queues_nothing(
+    uow: FakeUnitOfWork[Any], inbox: FakeInbox[Any], store: MemoryStore
+) -> None:
+    await inbox.deliver(submitted(), rejected())  # nobody subscribed anywhere
+    await subscription(uow, centre=OTHER_CENTRE)
+    await recipient(uow, centre=OTHER_CENTRE)
+    await subscription(uow, types=["order.cancelled.v1"])  # this centre, another type
+    await inbox.deliver(submitted(), rejected(centre="TC-XX-UNKNOWN"), slot_unavailable("no_capacity"))
+
+    assert store.rows == {}
+    assert store.wakes == {"webhook": 0, "email": 0}
+    assert uow.committed == []
+
+
+async def test_events_that_are_not_about_an_order_are_not_handled(
+    uow: FakeUnitOfWork[Any], inbox: FakeInbox[Any], store: MemoryStore
+) -> None:
+    await subscription(uow)
+    registered = new_event(
+        SiteRegisteredV1(
+            site_id="SITE-DE-01",
+            name="Berlin",
+            country="DE",
+            region="EU",
+            timezone="Europe/Berlin",
+            operator="own",
+            active=True,
+            approvals=[],
+            daily_capacity={},
+        )
+    )
+    await inbox.deliver(registered)
+    assert inbox.ignored == ["site.registered.v1"]
+    assert store.rows == {}
+
+
+async def test_a_duplicate_event_is_a_no_op(
+    uow: FakeUnitOfWork[Any], inbox: FakeInbox[Any], store: MemoryStore
+) -> None:
+    await subscription(uow)
+    await recipient(uow)
+    event = rejected()
+    await inbox.deliver(event)
+    commits = uow.commits
+
+    await inbox.deliver(event)  # redelivered: the inbox drops it
+    assert uow.commits == commits
+    await FakeInbox(uow, handlers).deliver(event)  # past the inbox: still one delivery per target and event
+    assert len(store.deliveries("webhook")) == 1
+    assert len(store.deliveries("email")) == 1
+
+
+# ---- webhook subscriptions --------------------------------------------------------------------------
+
+
+async def test_a_subscription_is_stored_listed_and_read(uow: FakeUnitOfWork[Any]) -> None:
+    sub = await commands.subscribe(
+        uow,
+        treatment_center_id=CENTRE,
+        url="https://charite.example/hook",
+        secret=SECRET,
+        event_types=["order.submitted.v1"],
+    )
+    assert (sub.treatment_center_id, sub.url, sub.event_types, sub.active) == (
+        CENTRE,
+        "https://charite.example/hook",
+        ["order.submitted.v1"],
+        True,
+    )
+    assert SECRET not in repr(sub)
+    other = await subscription(uow, centre=OTHER_CENTRE)
+    assert await commands.list_subscriptions(uow, CENTRE) == [sub]
+    assert [s.subscription_id for s in await commands.list_subscriptions(uow)] == [sub.subscription_id, other]
+    assert await commands.get_subscription(uow, sub.subscription_id) == sub
+    with pytest.raises(NotFound) as info:
+        await commands.get_subscription(uow, uuid.uuid4())
+    assert (status_of(info.value), info.value.title) == (404, "Subscription not found")
+    assert "order.submitted.v1" in commands.event_types()
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"url": "ftp://charite.example/hook"}, "url"),
+        ({"url": "/relative/hook"}, "url"),
+        ({"secret": "sk_not_standard_webhooks"}, "secret"),
+        ({"secret": "whsec_" + base64.b64encode(bytes(8)).decode()}, "secret"),
+        ({"event_types": []}, "event_types"),
+        ({"event_types": ["site.registered.v1"]}, "event_types"),
+    ],
+)
+async def test_an_invalid_subscription_is_refused_naming_the_field(
+    uow: FakeUnitOfWork[Any], store: MemoryStore, change: dict[str, Any], field: str
+) -> None:
+    body: dict[str, Any] = {
+        "treatment_center_id": CENTRE,
+        "url": "https://charite.example/hook",
+        "secret": SECRET,
+        "event_types": None,
+    }
+    with pytest.raises(Invalid) as info:
+        await commands.subscribe(uow, **{**body, **change})
+    assert status_of(info.value) == 422
+    assert [e.field for e in info.value.errors] == [field]
+    assert store.subscriptions == {}
+
+
+# ---- e-mail recipients ------------------------------------------------------------------------------
+
+
+async def test_a_recipient_is_added_listed_read_and_removed(uow: FakeUnitOfWork[Any]) -> None:
+    r = await commands.add_recipient(
+        uow, treatment_center_id=CENTRE, email="qa@charite.example", event_types=["order.failed.v1"]
+    )
+    assert (r.treatment_center_id, r.email, r.event_types) == (
+        CENTRE,
+        "qa@charite.example",
+        ["order.failed.v1"],
+    )
+    await recipient(uow, "a@b.fr", centre=OTHER_CENTRE)
+    assert await commands.list_recipients(uow, CENTRE) == [r]
+    assert len(await commands.list_recipients(uow)) == 2
+    assert await commands.get_recipient(uow, r.recipient_id) == r
+
+    await commands.remove_recipient(uow, r.recipient_id)
+    for gone in (commands.remove_recipient, commands.get_recipient):
+        with pytest.raises(NotFound) as info:
+            await gone(uow, r.recipient_id)
+        assert (status_of(info.value), info.value.title) == (404, "E-mail recipient not found")
+    assert await commands.list_recipients(uow, CENTRE) == []
+    await recipient(uow, "qa@charite.example")  # removed, the address may be added anew
+
+
+async def test_the_same_address_twice_for_a_centre_is_a_conflict(
+    uow: FakeUnitOfWork[Any], store: MemoryStore
+) -> None:
+    await recipient(uow, "qa@charite.example")
+    with pytest.raises(Conflict) as info:
+        await commands.add_recipient(
+            uow, treatment_center_id=CENTRE, email="QA@charite.example", event_types=None
+        )
+    error = info.value
+    assert (status_of(error), error.kind, error.title) == (409, "conflict", "Already a recipient")
+    assert [e.as_dict() for e in error.errors] == [
+        {"field": "email", "reason": "already a recipient for this treatment centre"}
+    ]
+    assert error.detail == f"email: QA@charite.example already receives the alerts of {CENTRE}"
+    assert len(store.recipients) == 1
+    await recipient(uow, "qa@charite.example", centre=OTHER_CENTRE)  # another centre may have it
+
+
+@pytest.mark.parametrize(
+    ("email", "types", "field"),
+    [
+        ("not-an-address", None, "email"),
+        ("qa@charite", None, "email"),
+        ("qa@charite.example\r\nBcc: x@evil.example", None, "email"),
+        ("qa@charite.example", [], "event_types"),
+        ("qa@charite.example", ["order.submitted.v1"], "event_types"),
+    ],
+)
+async def test_an_invalid_recipient_is_refused_naming_the_field(
+    uow: FakeUnitOfWork[Any], store: MemoryStore, email: str, types: list[str] | None, field: str
+) -> None:
+    with pytest.raises(Invalid) as info:
+        await commands.add_recipient(uow, treatment_center_id=CENTRE, email=email, event_types=types)
+    assert [e.field for e in info.value.errors] == [field]
+    assert store.recipients == {}
+
+
+async def test_removing_a_recipient_cancels_what_it_was_still_to_receive(
+    uow: FakeUnitOfWork[Any], inbox: FakeInbox[Any], store: MemoryStore
+) -> None:
+    rid = await recipient(uow)
+    kept = await recipient(uow, "lab@charite.example")
+    await inbox.deliver(rejected())
+    await commands.remove_recipient(uow, rid)
+    status = {r.target_id: (r.status, r.last_error) for r in store.deliveries("email")}
+    assert status == {rid: ("cancelled", "recipient removed"), kept: ("pending", None)}
+    await inbox.deliver(rejected())  # nothing new for a removed recipient
+    assert targets(store, "email").count(rid) == 1
+
+
+# ---- the delivery loop ------------------------------------------------------------------------------
+
+
+class FakeSender:
+    """Answers each attempt with the next scripted outcome (the last one repeats); an exception is raised."""
+
+    def __init__(self, *script: Outcome | Exception) -> None:
+        self.script = list(script)
+        self.sent: list[Delivery] = []
+        self.closed = False
+
+    async def send(self, delivery: Any) -> Outcome:
+        self.sent.append(delivery)
+        step = self.script.pop(0) if len(self.script) > 1 else self.script[0]
+        if isinstance(step, Exception):
+            raise step
+        return step
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+POLICY = DeliveryPolicy(max_attempts=3, backoff_base_s=10.0, backoff_max_s=300.0)
+OK = Outcome(204)
+DOWN = Outcome(503, "HTTP 503")
+
+
+def only(store: MemoryStore, channel: str) -> Row:
+    (row,) = store.deliveries(channel)
+    return row
+
+
+async def queued_webhook(uow: FakeUnitOfWork[Any], inbox: FakeInbox[Any]) -> tuple[uuid.UUID, CloudEvent]:
+    sub = await subscription(uow)
+    event = submitted()
+    await inbox.deliver(event)
+    return sub, event
+
+
+def test_the_verdict_after_an_attempt() -> None:
+    assert decide(POLICY, 1, OK) == Verdict("delivered")
+    assert decide(POLICY, 3, OK) == Verdict("delivered")
+    retry = decide(POLICY, 1, DOWN)
+    assert retry.label == "retry" and retry.retry_in_s is not None and 5.0 <= retry.retry_in_s <= 10.0
+    retry = decide(POLICY, 2, DOWN)
+    assert retry.label == "retry" and retry.retry_in_s is not None and 10.0 <= retry.retry_in_s <= 20.0
+    assert decide(POLICY, 3, DOWN) == Verdict("failed")  # the last attempt
+    assert decide(POLICY, 1, Outcome(550, "refused", permanent=True)) == Verdict("failed")
+
+
+async def test_a_delivered_webhook_is_done(
+    uow: FakeUnitOfWork[Any], inbox: FakeInbox[Any], store: MemoryStore
+) -> None:
+    sub, event = await queued_webhook(uow, inbox)
+    sender = FakeSender(OK)
+    hooks = WebhookDispatcher(uow, sender, POLICY)
+
+    assert await hooks.dispatch_due() == 1
+    (sent,) = sender.sent
+    assert isinstance(sent, WebhookDelivery)
+    assert (sent.subscription_id, sent.url, sent.secret, sent.payload) == (
+        sub,
+        f"https://{CENTRE.lower()}.example/hook",
+        SECRET,
+        event.to_json(),
+    )
+    row = only(store, "webhook")
+    assert (row.status, row.attempts, row.last_status_code, row.last_error) == ("delivered", 1, 204, None)
+    assert row.delivered_at is not None and row.lease_until is None
+    assert [(a["attempt"], a["status_code"], a["error"]) for a in row.attempt_log] == [(1, 204, None)]
+    assert uow.committed == []
+    store.make_due()
+    assert await hooks.dispatch_due() == 0  # never sent again
+    await hooks.aclose()
+    assert sender.closed
+
+
+async def test_a_failed_attempt_is_retried_after_an_exponential_backoff(
+    uow: FakeUnitOfWork[Any], inbox: FakeInbox[Any], store: MemoryStore
+) -> None:
+    await queued_webhook(uow, inbox)
+    hooks = WebhookDispatcher(uow, FakeSender(DOWN, DOWN, OK), POLICY)
+
+    assert await hooks.dispatch_due() == 1
+    row = only(store, "webhook")
+    assert (row.status, row.attempts, row.last_status_code, row.last_error) == ("pending", 1, 503, "HTTP 503")
+    first = (row.next_attempt_at - store.now).total_seconds()
+    assert 5.0 <= first <= 10.0
+    assert await hooks.dispatch_due() == 0  # not due yet
+    assert await hooks.until_next_due() == 5.0  # the idle wait at most
+
+    store.advance(first)
+    assert await hooks.dispatch_due() == 1
+    second = (only(store, "webhook").next_attempt_at - store.now).total_seconds()
+    assert 10.0 <= second <= 20.0
+
+    store.advance(second)
+    assert await hooks.dispatch_due() == 1
+    row = only(store, "webhook")
+    assert (row.status, row.attempts, row.last_error) == ("delivered", 3, None)
+    assert [a["status_code"] for a in row.attempt_log] == [503, 503, 204]
+    assert uow.committed == []
+
+
+async def test_after_the_last_attempt_a_webhook_is_dead_lettered_and_reported(
+    uow: FakeUnitOfWork[Any], inbox: FakeInbox[Any], store: MemoryStore
+) -> None:
+    sub, event = await queued_webhook(uow, inbox)
+    it = await recipient(uow, "it@charite.example", types=["notification.webhook_delivery_failed.v1"])
+    hooks = WebhookDispatcher(uow, FakeSender(Outcome(500, "HTTP 500")), POLICY)
+
+    for _ in range(POLICY.max_attempts):
+        store.make_due()
+        assert await hooks.dispatch_due() == 1
+    row = only(store, "webhook")
+    assert (row.status, row.attempts, row.last_status_code) == ("failed", POLICY.max_attempts, 500)
+    store.make_due()
+    assert await hooks.dispatch_due() == 0  # a failed delivery is never picked up again
+
+    (failed,) = uow.committed
+    assert failed.type == "notification.webhook_delivery_failed.v1"
+    assert failed.data == {
+        "order_id": event.data["order_id"],
+        "coi": COI,
+        "treatment_center_id": CENTRE,
+        "subscription_id": str(sub),
+        "event_id": str(event.id),
+        "event_type": "order.submitted.v1",
+        "attempts": POLICY.max_attempts,
+        "last_error": "HTTP 500",
+    }
+
+    # read back from this service's own topic: e-mailed, never sent as a webhook (no loop)
+    await inbox.deliver(failed)
+    assert len(store.deliveries("webhook")) == 1
+    assert targets(store, "email") == [it]
+
+
+async def test_a_permanent_refusal_fails_at_once_and_an_email_reports_nothing(
+    uow: FakeUnitOfWork[Any], inbox: FakeInbox[Any], store: MemoryStore
+) -> None:
+    await recipient(uow, "nobody@charite.example")
+    await inbox.deliver(rejected())
+    mailer = EmailDispatcher(uow, FakeSender(Outcome(550, "mailbox unavailable", permanent=True)), POLICY)
+    assert await mailer.dispatch_due() == 1
+    row = only(store, "email")
+    assert (row.status, row.attempts, row.last_status_code) == ("failed", 1, 550)
+    assert uow.committed == []
+
+
+async def test_a_sender_that_raises_counts_as_a_failed_attempt(
+    uow: FakeUnitOfWork[Any], inbox: FakeInbox[Any], store: MemoryStore
+) -> None:
+    await queued_webhook(uow, inbox)
+    hooks = WebhookDispatcher(uow, FakeSender(RuntimeError("boom")), POLICY)
+    assert await hooks.dispatch_due() == 1
+    row = only(store, "webhook")
+    assert (row.status, row.attempts, row.last_status_code, row.last_error) == (
+        "pending",
+        1,
+        None,
+        "RuntimeError: boom",
+    )
+
+
+async def test_a_leased_delivery_is_not_attempted_twice_until_its_lease_runs_out(
+    uow: FakeUnitOfWork[Any], inbox: FakeInbox[Any], store: MemoryStore
+) -> None:
+    await queued_webhook(uow, inbox)
+    async with uow.begin() as tx:  # another dispatcher (a replica) holds it
+        assert len(await tx.webhooks.claim_due(10, LEASE)) == 1
+    hooks = WebhookDispatcher(uow, FakeSender(OK), POLICY)
+    assert await hooks.dispatch_due() == 0
+    store.advance(LEASE.total_seconds() + 1)  # that replica died mid-attempt
+    assert await hooks.dispatch_due() == 1
+    assert only(store, "webhook").status == "delivered"
+
+
+async def test_at_most_a_batch_is_leased_at_once(
+    uow: FakeUnitOfWork[Any], inbox: FakeInbox[Any], store: MemoryStore
+) -> None:
+    await subscription(uow)
+    await inbox.deliver(*(submitted() for _ in range(5)))
+    hooks = WebhookDispatcher(uow, FakeSender(OK), DeliveryPolicy(batch=3))
+    assert await hooks.dispatch_due() == 3
+    assert await hooks.dispatch_due() == 2
+    assert {r.status for r in store.deliveries("webhook")} == {"delivered"}
+
+
+# ---- the delivery log -------------------------------------------------------------------------------
+
+
+async def test_the_delivery_log_shows_both_channels_and_every_attempt(
+    uow: FakeUnitOfWork[Any], inbox: FakeInbox[Any], store: MemoryStore
+) -> None:
+    sub = await subscription(uow)
+    rid = await recipient(uow)
+    event = rejected()
+    await inbox.deliver(event, rejected())
+    await EmailDispatcher(uow, FakeSender(Outcome(None, "refused"), Outcome(250)), POLICY).dispatch_due()
+
+    log = await commands.list_deliveries(uow, order_id=uuid.UUID(event.data["order_id"]))
+    by_channel = {d["channel"]: d for d in log}
+    assert set(by_channel) == {"webhook", "email"}
+    assert (by_channel["webhook"]["subscription_id"], by_channel["webhook"]["recipient_id"]) == (sub, None)
+    assert (by_channel["email"]["recipient_id"], by_channel["email"]["subscription_id"]) == (rid, None)
+    assert len(await commands.list_deliveries(uow, channel="email")) == 2
+    assert len(await commands.list_deliveries(uow, channel="email", status="pending", limit=1)) == 1
+
+    mail = await commands.get_delivery(uow, by_channel["email"]["delivery_id"])
+    assert [(a["attempt"], a["error"]) for a in mail["attempt_log"]] == [(1, "refused")]
+    with pytest.raises(NotFound):
+        await commands.get_delivery(uow, uuid.uuid4())
+
+
+async def test_a_cancelled_order_reaches_both_channels_with_its_status_fields(
+    uow: FakeUnitOfWork[Any], inbox: FakeInbox[Any], store: MemoryStore
+) -> None:
+    await subscription(uow)
+    await recipient(uow)
+    cancelled = new_event(
+        OrderCancelledV1(
+            order_id=uuid.uuid4(),
+            coi=COI,
+            treatment_center_id=CENTRE,
+            reason="centre request",
+            previous_status="x",
+        )
+    )
+    await inbox.deliver(cancelled)
+    assert len(store.deliveries("webhook")) == 1
+    assert "previous_status" in only(store, "email").content["body"]
