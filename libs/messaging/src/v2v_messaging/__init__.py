@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from v2v_messaging.consumer import ConsumerPolicy, EventConsumer
-from v2v_messaging.handlers import EventMeta, Handler, HandlerRegistry, PoisonMessage
+from v2v_messaging.handlers import EventMeta, HandlerRegistry, PoisonMessage
 from v2v_messaging.kafka import KafkaSettings, ensure_topics, make_broker, topic_is_empty
 from v2v_messaging.outbox import Outbox, OutboxRelay, notify_channel
 from v2v_messaging.uow import AbstractUnitOfWork, EventSink, Tx, UnitOfWork
@@ -17,7 +17,6 @@ __all__ = [
     "EventConsumer",
     "EventMeta",
     "EventSink",
-    "Handler",
     "HandlerRegistry",
     "KafkaSettings",
     "Outbox",

@@ -50,8 +50,6 @@ class EventMeta:
         return cls(event.id, event.type, event.source, event.time, event.subject, event.coi, event)
 
 
-Handler = Callable[[Any, CloudEvent], Awaitable[None]]  # LEGACY: untyped (tx, CloudEvent) handlers
-
 TypedHandler = Callable[[TxT, Any, EventMeta], Awaitable[None]]
 
 

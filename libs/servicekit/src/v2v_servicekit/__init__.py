@@ -1,18 +1,14 @@
 """What every vein2vein service process is built from: settings, runtime, problem+json."""
 
-from v2v_servicekit.problems import Problem, invalid, not_found  # LEGACY
 from v2v_servicekit.runtime import ConsumerSpec, Runtime, ServiceDefinition, create_app, get_runtime, run
 from v2v_servicekit.settings import ServiceSettings
 
 __all__ = [
     "ConsumerSpec",
-    "Problem",
     "Runtime",
     "ServiceDefinition",
     "ServiceSettings",
     "create_app",
     "get_runtime",
-    "invalid",
-    "not_found",
     "run",
 ]

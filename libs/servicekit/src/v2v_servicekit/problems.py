@@ -46,42 +46,6 @@ def status_of(error: DomainError) -> int:
     return 400
 
 
-class Problem(Exception):
-    """LEGACY (removed once every service raises domain errors): a ready-made problem."""
-
-    def __init__(
-        self,
-        status: int,
-        title: str,
-        detail: str,
-        *,
-        kind: str = "error",
-        errors: list[dict[str, str]] | None = None,
-    ) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.title = title
-        self.detail = detail
-        self.kind = kind
-        self.errors = errors or []
-
-
-def invalid(field: str, reason: str) -> Problem:
-    """LEGACY: use v2v_contracts.errors.Invalid."""
-    return Problem(
-        422,
-        "Invalid request",
-        f"{field}: {reason}",
-        kind="validation",
-        errors=[{"field": field, "reason": reason}],
-    )
-
-
-def not_found(what: str, ident: object) -> Problem:
-    """LEGACY: use v2v_contracts.errors.NotFound."""
-    return Problem(404, f"{what} not found", f"no {what.lower()} with id {ident}", kind="not-found")
-
-
 def _body(request: Request, status: int, title: str, detail: str, kind: str, **extra: Any) -> dict[str, Any]:
     return {
         "type": PROBLEM_BASE + kind,
@@ -101,13 +65,6 @@ def _field(loc: tuple[Any, ...] | list[Any]) -> str:
 
 
 def install(app: FastAPI) -> None:
-    @app.exception_handler(Problem)
-    async def _problem(request: Request, exc: Problem) -> JSONResponse:
-        body = _body(request, exc.status, exc.title, exc.detail, exc.kind)
-        if exc.errors:
-            body["errors"] = exc.errors
-        return JSONResponse(body, status_code=exc.status, media_type=PROBLEM_JSON)
-
     @app.exception_handler(DomainError)
     async def _domain(request: Request, exc: DomainError) -> JSONResponse:
         status = status_of(exc)

@@ -54,32 +54,7 @@ class ConsumerSpec:
     handlers: HandlerRegistry[Any] | Callable[[Runtime], HandlerRegistry[Any]]
 
     def registry(self, rt: Runtime) -> HandlerRegistry[Any]:
-        if isinstance(self.handlers, HandlerRegistry):
-            return self.handlers
-        made: Any = self.handlers(rt)
-        return made if isinstance(made, HandlerRegistry) else _LegacyHandlers(made)
-
-
-class _LegacyHandlers(HandlerRegistry[Any]):
-    """LEGACY (removed once every service registers typed handlers): a dict of type -> handler(tx, event)."""
-
-    def __init__(self, by_type: dict[str, Any]) -> None:
-        super().__init__()
-        self._legacy = by_type
-
-    @property
-    def types(self) -> list[str]:
-        return sorted(self._legacy)
-
-    def handles(self, event_type: str) -> bool:
-        return event_type in self._legacy
-
-    async def dispatch(self, tx: Any, event: Any) -> bool:
-        fn = self._legacy.get(event.type)
-        if fn is None:
-            return False
-        await fn(tx, event)
-        return True
+        return self.handlers if isinstance(self.handlers, HandlerRegistry) else self.handlers(rt)
 
 
 @dataclass

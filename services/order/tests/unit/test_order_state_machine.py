@@ -53,6 +53,7 @@ FACTS = [
     fact("logistics.coi_mismatch_detected.v1", where="HND"),
     fact("order.submitted.v1"),
     fact("something.unknown.v9"),
+    fact("scheduling.slot_released.v1", slot_id=SLOT_A, site_id="FR-LES-ULIS", reason="approval_withdrawn"),
 ]
 ACTIONS = [
     ("action", "cancel", {}),
@@ -270,3 +271,24 @@ def test_while_a_rebook_is_pending_only_its_own_slot_moves_the_order() -> None:
         TODAY,
     )
     assert fresh.state.status == S.SLOT_RESERVED and not fresh.state.rebook_pending
+
+
+def test_a_slot_scheduling_moves_off_a_site_that_may_no_longer_make_it_is_followed() -> None:
+    booked = OrderState(S.BOOKING_CONFIRMED, slot_id=SLOT_A, site_id="FR-LES-ULIS")
+    released = {"slot_id": SLOT_A, "site_id": "FR-LES-ULIS", "reason": "approval_withdrawn"}
+    moved = m.on_fact(booked, "scheduling.slot_released.v1", released, Rules(), TODAY)
+    assert moved.state.status == S.RESCHEDULING and moved.state.rebook_pending and not moved.commands
+    assert "approval_withdrawn" in moved.reason
+    # scheduling found no other approved site: the order waits, told why
+    waits = m.on_fact(
+        moved.state,
+        "scheduling.slot_unavailable.v1",
+        {"reason": "no_approved_site", "detail": "no active site approved for AXI-CEL (commercial) by EMA"},
+        Rules(),
+        TODAY,
+    )
+    assert waits.state.status == S.WAITLISTED and "no active site approved" in waits.reason
+    # a release of a slot the order already left, or an ordinary release, only records
+    for data in ({**released, "slot_id": SLOT_B}, {**released, "reason": "rebook"}):
+        kept = m.on_fact(booked, "scheduling.slot_released.v1", data, Rules(), TODAY)
+        assert not kept.changed and not kept.reason.startswith(m.NOT_YET)

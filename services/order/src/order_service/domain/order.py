@@ -182,6 +182,11 @@ def not_now(reason: str) -> NotAllowedNow:
 
 NOT_YET = "recorded only: not applicable while"  # may apply once earlier facts arrive
 
+# Slot releases scheduling makes on its own, when the site may no longer make the order (its approval
+# for the order's market was withdrawn, or the site went inactive): scheduling rebooks the order (or
+# waitlists it, told `no_approved_site`) in the same step, so the order follows as it does a rebook.
+MOVED_BY_SCHEDULING = frozenset({"approval_withdrawn", "site_inactive"})
+
 
 def _keep(state: OrderState, reason: str) -> Outcome:
     return Outcome(state, reason, changed=False)
@@ -238,6 +243,17 @@ def on_fact(state: OrderState, event_type: str, data: dict[str, Any], rules: Rul
         case "scheduling.slot_unavailable.v1":
             if st in {S.SUBMITTED, S.RESCHEDULING}:
                 return _to(state, S.WAITLISTED, f"waitlisted: {data.get('detail') or reason}")
+        case "scheduling.slot_released.v1":
+            if reason not in MOVED_BY_SCHEDULING or str(data.get("slot_id")) != state.slot_id:
+                return _keep(state, reason)  # the release of a slot the order already left
+            if st in {S.SLOT_RESERVED, S.BOOKING_CONFIRMED, S.INBOUND_SHIPMENT_PLANNED}:
+                return _to(
+                    state,
+                    S.RESCHEDULING,
+                    f"moving to another site: {data.get('site_id')} may no longer make it ({reason})",
+                    rebook_pending=True,
+                )
+            return _keep(state, f"slot released ({reason}) after apheresis: material not moved")
         case "scheduling.slot_reserved.v1":
             if state.rebook_pending and not str(data.get("reason", "")).startswith("rebook:"):
                 return _keep(state, "recorded only: a slot for a request the rebook superseded")
