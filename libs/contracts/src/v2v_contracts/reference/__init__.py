@@ -1,44 +1,25 @@
 """Reference data every service shares, from one source: the product catalogue.
 
 Loaded on first use (never at import time) and cached; `load_products(path)` reads another file (tests).
+The `Product` type itself is pure (domain code may use it); only the loader reads YAML.
 """
 
 from __future__ import annotations
 
 from functools import cache
 from pathlib import Path
-from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from v2v_contracts.reference.product import Material, Product
 
 PRODUCTS_FILE = Path(__file__).parent / "products.yaml"
 
-Material = Literal["fresh", "cryopreserved"]
-
-
-class Product(BaseModel):
-    """One orderable product and the rules every service applies to it."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    code: str
-    name: str
-    apheresis_material: Material
-    manufacturing_days: int = Field(ge=1)
-    qc_days: int = Field(ge=0)
-    retains_material: bool
-    max_runs: int = Field(ge=1)
-    max_recollections: int = Field(ge=0)
-    recollection_lead_days: int = Field(default=7, ge=0)
-
-    def rules(self) -> dict[str, object]:
-        """The product's attributes without its identity (as the order service stores them)."""
-        return self.model_dump(exclude={"code", "name"})
+__all__ = ["PRODUCTS_FILE", "Material", "Product", "load_products", "product_catalogue"]
 
 
 @cache
 def _load(path: Path) -> tuple[Product, ...]:
+    import yaml  # the loader's alone: importing the Product type reads nothing
+
     raw = yaml.safe_load(path.read_text())
     return tuple(Product.model_validate(p) for p in raw)
 

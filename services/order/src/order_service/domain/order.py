@@ -17,7 +17,7 @@ from enum import StrEnum
 from typing import Any
 
 from v2v_contracts.errors import Invalid, NotAllowedNow
-from v2v_contracts.reference import Product
+from v2v_contracts.reference.product import Product
 
 
 class OrderStatus(StrEnum):

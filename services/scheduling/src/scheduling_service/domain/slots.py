@@ -14,7 +14,7 @@ from typing import TypeAlias
 
 from scheduling_service.domain.selection import Approval, Parameters, Request, Site, Window
 from v2v_contracts import OrderSubmittedV1, OrderType, RebookRequestedV1, SiteRegisteredV1
-from v2v_contracts.reference import Product
+from v2v_contracts.reference.product import Product
 
 LIVE = ("held", "confirmed")  # a slot the order still holds: at most one per order
 IN_USE = ("held", "confirmed", "consumed")  # a slot that uses its day's capacity
