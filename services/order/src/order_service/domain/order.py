@@ -241,8 +241,11 @@ def on_fact(state: OrderState, event_type: str, data: dict[str, Any], rules: Rul
     slot_matches = data.get("slot_id") is None or str(data.get("slot_id")) == state.slot_id
     match event_type:
         case "scheduling.slot_unavailable.v1":
+            why = f"({reason}) {data.get('detail') or ''}".strip()
             if st in {S.SUBMITTED, S.RESCHEDULING}:
-                return _to(state, S.WAITLISTED, f"waitlisted: {data.get('detail') or reason}")
+                return _to(state, S.WAITLISTED, f"waitlisted {why}")
+            if st == S.WAITLISTED:  # waiting already: the centre is told the new reason
+                return _keep(state, f"still waitlisted {why}")
         case "scheduling.slot_released.v1":
             if reason not in MOVED_BY_SCHEDULING or str(data.get("slot_id")) != state.slot_id:
                 return _keep(state, reason)  # the release of a slot the order already left
