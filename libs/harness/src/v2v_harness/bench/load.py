@@ -1,0 +1,481 @@
+"""The platform side: prepare the network (capacity, webhook subscriptions), then post orders at each
+rate of the ramp and measure what comes back."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+import asyncpg
+import httpx
+
+from v2v_harness.bench.config import BenchConfig
+from v2v_harness.bench.httpio import CHAIN_END, HttpPool, WebhookSink
+from v2v_harness.bench.loadgen import open_loop
+from v2v_harness.bench.procs import ProcessGroups, SpanCounter
+from v2v_harness.bench.stats import fmt_rate, send_schedule, step_passes, summarise
+from v2v_harness.e2e import new_secret, order_body
+
+CHAIN = (
+    "order.submitted.v1",
+    "scheduling.slot_reserved.v1",
+    "site.booking_confirmed.v1",
+    CHAIN_END,
+)
+HOPS = tuple(f"{a.removesuffix('.v1')} → {b.removesuffix('.v1')}" for a, b in itertools.pairwise(CHAIN))
+BIG_CAPACITY = 100_000  # starts per day and product: no order waits for a slot
+
+# (centre, product) pairs that some active site is approved for, if the catalogue cannot be read: the
+# seeds of services/order and services/site (TISA-CEL everywhere; AXI-CEL and CILTA-CEL where approved)
+FALLBACK_COMBOS: tuple[tuple[str, str], ...] = (
+    *(
+        (c, "TISA-CEL")
+        for c in (
+            "TC-US-NJ-001",
+            "TC-US-TX-002",
+            "TC-DE-BE-001",
+            "TC-FR-PA-001",
+            "TC-CH-ZH-001",
+            "TC-JP-TK-001",
+            "TC-CN-SH-001",
+            "TC-AU-VI-001",
+        )
+    ),
+    ("TC-US-NJ-001", "AXI-CEL"),
+    ("TC-US-TX-002", "AXI-CEL"),
+    ("TC-DE-BE-001", "AXI-CEL"),
+    ("TC-FR-PA-001", "AXI-CEL"),
+    ("TC-US-NJ-001", "CILTA-CEL"),
+    ("TC-US-TX-002", "CILTA-CEL"),
+)
+
+Progress = Callable[[str], None]
+
+
+def feasible_combos(
+    centres: list[dict[str, Any]], products: list[str], sites: list[dict[str, Any]]
+) -> list[tuple[str, str]]:
+    """(centre, product) pairs for commercial orders that an active site is approved for (by the
+    regulator of the centre's market), in a stable order."""
+    combos: list[tuple[str, str]] = []
+    for centre in sorted(centres, key=lambda c: str(c["id"])):
+        for product in sorted(products):
+            if any(
+                s.get("active", True)
+                and any(
+                    a.get("regulator") == centre.get("regulator")
+                    and a.get("use") == "commercial"
+                    and a.get("product_code") == product
+                    for a in s.get("approvals") or []
+                )
+                for s in sites
+            ):
+                combos.append((str(centre["id"]), product))
+    return combos
+
+
+def event_ts(text: str) -> float:
+    return datetime.fromisoformat(text).timestamp()
+
+
+@dataclass
+class Network:
+    combos: list[tuple[str, str]]
+    centres: list[str]
+    capacity: dict[str, dict[str, int]]  # site -> product -> capacity set
+
+
+async def prepare_network(
+    client: httpx.AsyncClient,
+    urls: Callable[[str], str],
+    sink: WebhookSink,
+    dsn: str,
+    progress: Progress,
+) -> Network:
+    """Raise every site's daily capacity, subscribe every centre to the sink, and wait until scheduling
+    has taken in the new capacity."""
+    centres = (await client.get(f"{urls('order')}/v1/treatment-centers")).raise_for_status().json()
+    products = [
+        p["code"] for p in (await client.get(f"{urls('order')}/v1/products")).raise_for_status().json()
+    ]
+    sites = (await client.get(f"{urls('site')}/v1/sites")).raise_for_status().json()
+    capacity: dict[str, dict[str, int]] = {}
+    for site in sites:
+        approved = {a["product_code"] for a in site.get("approvals") or []} | set(
+            site.get("daily_capacity") or {}
+        )
+        wanted = {p: BIG_CAPACITY for p in sorted(approved) if p in products}
+        if not wanted:
+            continue
+        resp = await client.patch(
+            f"{urls('site')}/v1/sites/{site['site_id']}", json={"daily_capacity": wanted}
+        )
+        if resp.status_code != 200:
+            raise RuntimeError(f"PATCH /v1/sites/{site['site_id']}: {resp.status_code} {resp.text[:300]}")
+        capacity[site["site_id"]] = wanted
+    combos = feasible_combos(centres, products, sites) or list(FALLBACK_COMBOS)
+    centre_ids = sorted(str(c["id"]) for c in centres)
+    for centre in centre_ids:
+        body = {"treatment_center_id": centre, "url": sink.url(f"/hook/{centre}"), "secret": new_secret()}
+        resp = await client.post(f"{urls('notification')}/v1/subscriptions", json=body)
+        if resp.status_code != 201:
+            raise RuntimeError(f"POST /v1/subscriptions ({centre}): {resp.status_code} {resp.text[:300]}")
+    progress(
+        f"capacity raised to {BIG_CAPACITY}/day on {len(capacity)} sites; {len(centre_ids)} centres "
+        f"subscribed; {len(combos)} (centre, product) pairs"
+    )
+    if not await wait_for_scheduling_capacity(dsn, capacity, timeout=60):
+        progress("could not confirm scheduling's copy of the capacity; waiting 3 s instead")
+        await asyncio.sleep(3)
+    return Network(combos, centre_ids, capacity)
+
+
+async def wait_for_scheduling_capacity(dsn: str, capacity: dict[str, dict[str, int]], timeout: float) -> bool:
+    """Scheduling keeps its own copy of each site (from `site.registered`): wait until it shows the new
+    capacity. False if it cannot be read (its table may have moved) or not in time."""
+    deadline = time.monotonic() + timeout
+    try:
+        conn = await asyncpg.connect(dsn)
+    except Exception:
+        return False
+    try:
+        while time.monotonic() < deadline:
+            try:
+                rows = await conn.fetch("SELECT site_id, daily_capacity FROM scheduling.sites")
+            except Exception:
+                return False
+            seen: dict[str, dict[str, Any]] = {}
+            for row in rows:
+                raw = row["daily_capacity"]
+                seen[row["site_id"]] = json.loads(raw) if isinstance(raw, str) else dict(raw or {})
+            if all(
+                int(seen.get(site, {}).get(p, 0)) >= n
+                for site, wanted in capacity.items()
+                for p, n in wanted.items()
+            ):
+                return True
+            await asyncio.sleep(0.2)
+        return False
+    finally:
+        await conn.close()
+
+
+@dataclass
+class StepState:
+    sent_at: dict[str, float] = field(default_factory=dict)  # order id -> wall clock at send
+    intake_ms: list[float] = field(default_factory=list)
+    statuses: Counter[int] = field(default_factory=Counter)
+    timeouts: int = 0
+    exceptions: int = 0
+    waiting: set[str] = field(default_factory=set)  # accepted orders whose chain end has not arrived
+    closed: bool = False  # every send has been answered: `waiting` only shrinks from here
+    drained: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def chain_end(self, order_id: str) -> None:
+        self.waiting.discard(order_id)
+        if self.closed and not self.waiting:
+            self.drained.set()
+
+    async def drain(self, timeout: float) -> bool:
+        """After the last answer: wait up to `timeout` for the remaining chain ends."""
+        self.closed = True
+        if not self.waiting:
+            return True
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self.drained.wait()
+        return not self.waiting
+
+
+class PlatformLoad:
+    def __init__(
+        self,
+        cfg: BenchConfig,
+        order_url: str,
+        sink: WebhookSink,
+        network: Network,
+        groups: ProcessGroups,
+        spans: SpanCounter,
+        progress: Progress,
+    ) -> None:
+        parts = urlsplit(order_url)
+        self.cfg = cfg
+        self.pool = HttpPool(parts.hostname or "127.0.0.1", parts.port or 80, limit=cfg.max_inflight)
+        self.sink = sink
+        self.network = network
+        self.groups = groups
+        self.spans = spans
+        self.progress = progress
+        self.counter = 0
+        self.state = StepState()
+        self.open_states: list[StepState] = []
+        self.idle_cores: dict[str, float | None] = {}
+        sink.on_chain_end = self._chain_end
+
+    def _chain_end(self, order_id: str) -> None:
+        for state in self.open_states:
+            state.chain_end(order_id)
+        self.open_states = [st for st in self.open_states if st.waiting or not st.closed]
+
+    def _new_state(self) -> StepState:
+        self.state = StepState()
+        self.open_states.append(self.state)
+        return self.state
+
+    def outstanding(self) -> int:
+        """Accepted orders of every step so far whose chain end has not arrived."""
+        return sum(len(st.waiting) for st in self.open_states)
+
+    async def quiesce(self, timeout: float) -> int:
+        """Wait (up to `timeout`) for the backlog of earlier steps; returns what is still outstanding."""
+        deadline = time.monotonic() + timeout
+        for state in list(self.open_states):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            await state.drain(left)
+        return self.outstanding()
+
+    def bodies(self, count: int) -> list[bytes]:
+        out = []
+        for _ in range(count):
+            n = self.counter
+            self.counter += 1
+            centre, product = self.network.combos[n % len(self.network.combos)]
+            body = order_body(centre, product, days_ahead=10 + n % 40, patient_ref=f"BENCH-{n:07d}")
+            out.append(json.dumps(body).encode())
+        return out
+
+    async def post(self, state: StepState, body: bytes) -> None:
+        sent = time.time()
+        t0 = time.perf_counter()
+        try:
+            async with asyncio.timeout(self.cfg.request_timeout):
+                status, payload = await self.pool.request("POST", "/v1/orders", body)
+        except TimeoutError:
+            state.timeouts += 1
+            return
+        except Exception:
+            state.exceptions += 1
+            return
+        state.statuses[status] += 1
+        if status != 201:
+            return
+        state.intake_ms.append((time.perf_counter() - t0) * 1000.0)
+        order_id = str(json.loads(payload)["order_id"])
+        state.sent_at[order_id] = sent
+        if CHAIN_END not in self.sink.arrivals.get(order_id, {}):
+            state.waiting.add(order_id)
+
+    async def warmup(self, count: int, timeout: float = 90.0) -> None:
+        if count <= 0:
+            return
+        state = self._new_state()
+        bodies = self.bodies(count)
+        for chunk in range(0, len(bodies), 8):
+            await asyncio.gather(*(self.post(state, b) for b in bodies[chunk : chunk + 8]))
+        await state.drain(timeout)
+        ok = len(state.sent_at) - len(state.waiting)
+        self.progress(f"warm-up: {ok}/{count} orders reached the chain end")
+        if ok < count:
+            raise RuntimeError(
+                f"warm-up: only {ok} of {count} orders reached {CHAIN_END} within {timeout:g} s"
+            )
+
+    async def measure_idle(self, seconds: float) -> dict[str, float | None]:
+        """CPU cores each process group uses with no orders coming in (pollers, fetch loops, relays)."""
+        before = self.groups.snapshot()
+        t0 = time.monotonic()
+        await asyncio.sleep(seconds)
+        cpu = self.groups.delta(before, self.groups.snapshot())
+        window = time.monotonic() - t0
+        self.idle_cores = {g: (v / window if v is not None else None) for g, v in cpu.items()}
+        busy = sum(v for v in self.idle_cores.values() if v is not None)
+        self.progress(f"idle: {busy:.2f} cores busy with no load ({seconds:g} s)")
+        return self.idle_cores
+
+    async def _report(self, rate: float, state: StepState, started: float, phase: Callable[[], str]) -> None:
+        interval = 1.0 if self.cfg.smoke else 2.0
+        while True:
+            await asyncio.sleep(interval)
+            accepted = len(state.sent_at)
+            errors = state.timeouts + state.exceptions + sum(n for s, n in state.statuses.items() if s != 201)
+            self.progress(
+                f"platform {fmt_rate(rate)}/s {phase()} t={time.monotonic() - started:5.1f}s "
+                f"accepted {accepted} chains {accepted - len(state.waiting)} errors {errors}"
+            )
+
+    async def step(self, rate: float) -> dict[str, Any]:
+        cfg = self.cfg
+        offsets = send_schedule(rate, cfg.seconds)
+        bodies = self.bodies(len(offsets))
+        state = self._new_state()
+        duplicates0 = self.sink.duplicates
+        self.spans.mark()
+        cpu0 = self.groups.snapshot()
+        started = time.monotonic()
+        phase = "sending"
+        reporter = asyncio.create_task(self._report(rate, state, started, lambda: phase))
+        try:
+            loop = await open_loop(
+                offsets, lambda i: self.post(state, bodies[i]), max_inflight=cfg.max_inflight
+            )
+            phase = "draining"
+            await state.drain(cfg.drain)
+        finally:
+            reporter.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reporter
+        window = time.monotonic() - started
+        cutoff = time.time()  # a chain end after the drain does not count
+        cpu1 = self.groups.snapshot()
+        await asyncio.sleep(cfg.settle)
+        span_lines = self.spans.count_since_mark()
+        result = self.measure(rate, offsets, state, loop.lateness_ms, loop.overflow + loop.exceptions, cutoff)
+        cpu = self.groups.delta(cpu0, cpu1)
+        accepted = max(1, len(state.sent_at))
+        result["window_s"] = window
+        result["cpu_s"] = cpu
+        result["cpu_s_per_order"] = {g: (v / accepted if v is not None else None) for g, v in cpu.items()}
+        result["cpu_ms_per_order"] = {
+            g: (v * 1000.0 / accepted if v is not None else None) for g, v in cpu.items()
+        }
+        result["cpu_cores"] = {g: (v / window if v is not None else None) for g, v in cpu.items()}
+        measured = [v for v in cpu.values() if v is not None]
+        result["cpu_ms_per_order_total"] = sum(measured) * 1000.0 / accepted
+        # what the orders added on top of the idle background, per order
+        net = {
+            g: (
+                max(0.0, v - (self.idle_cores.get(g) or 0.0) * window) * 1000.0 / accepted
+                if v is not None
+                else None
+            )
+            for g, v in cpu.items()
+        }
+        result["cpu_ms_per_order_net_of_idle"] = net
+        result["cpu_ms_per_order_net_of_idle_total"] = sum(v for v in net.values() if v is not None)
+        result["spans"] = span_lines
+        result["spans_per_order"] = (sum(span_lines.values()) / accepted) if span_lines else None
+        result["spans_per_order_by_service"] = {s: n / accepted for s, n in span_lines.items()}
+        result["duplicates"] = self.sink.duplicates - duplicates0
+        result["pass"] = step_passes(result)
+        chain = result["chain_ms"]
+        self.progress(
+            f"platform {fmt_rate(rate)}/s done: {result['completed']}/{result['orders']} chains, "
+            f"chain p50 {_ms(chain['p50'])} p99 {_ms(chain['p99'])}, intake p99 "
+            f"{_ms(result['intake_ms']['p99'])}, errors {result['errors']}, "
+            f"cpu {result['cpu_ms_per_order_total']:.1f} ms/order -> {'ok' if result['pass'] else 'FAIL'}"
+        )
+        return result
+
+    def measure(
+        self,
+        rate: float,
+        offsets: list[float],
+        state: StepState,
+        lateness: dict[str, Any],
+        loop_errors: int,
+        cutoff: float,
+    ) -> dict[str, Any]:
+        first_ms: list[float] = []
+        chain_ms: list[float] = []
+        post_to_submitted: list[float] = []
+        end_to_webhook: list[float] = []
+        hops: dict[str, list[float]] = {h: [] for h in HOPS}
+        for order_id, sent in state.sent_at.items():
+            arrivals = self.sink.arrivals.get(order_id)
+            if not arrivals:
+                continue
+            first_ms.append((min(a.at for a in arrivals.values()) - sent) * 1000.0)
+            end = arrivals.get(CHAIN_END)
+            if end is not None and end.at <= cutoff:
+                chain_ms.append((end.at - sent) * 1000.0)
+                end_to_webhook.append((end.at - event_ts(end.event_time)) * 1000.0)
+            if CHAIN[0] in arrivals:
+                post_to_submitted.append((event_ts(arrivals[CHAIN[0]].event_time) - sent) * 1000.0)
+            for hop, a, b in zip(HOPS, CHAIN, CHAIN[1:], strict=False):
+                if a in arrivals and b in arrivals:
+                    lag = event_ts(arrivals[b].event_time) - event_ts(arrivals[a].event_time)
+                    hops[hop].append(lag * 1000.0)
+        http_errors = sum(n for s, n in state.statuses.items() if s != 201)
+        errors = loop_errors + state.timeouts + state.exceptions + http_errors
+        return {
+            "rate": rate,
+            "seconds": self.cfg.seconds,
+            "orders": len(offsets),
+            "accepted": len(state.sent_at),
+            "completed": len(chain_ms),
+            "errors": errors,
+            "error_detail": {
+                "overflow_or_generator": loop_errors,
+                "timeouts": state.timeouts,
+                "exceptions": state.exceptions,
+                "http": {str(s): n for s, n in sorted(state.statuses.items()) if s != 201},
+            },
+            "send_lateness_ms": lateness,
+            "intake_ms": summarise(state.intake_ms),
+            "first_webhook_ms": summarise(first_ms),
+            "chain_ms": summarise(chain_ms),
+            "post_to_submitted_event_ms": summarise(post_to_submitted),
+            "hop_lag_ms": {h: summarise(v) for h, v in hops.items()},
+            "chain_end_event_to_webhook_ms": summarise(end_to_webhook),
+        }
+
+    async def aclose(self) -> None:
+        await self.pool.aclose()
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f} ms"
+
+
+def midpoint(lo: float, hi: float) -> float:
+    """A round rate between a rate that holds and one that does not."""
+    mid = (lo + hi) / 2
+    return float(round(mid)) if hi - lo >= 4 else round(mid, 1)
+
+
+async def run_ramp(load: PlatformLoad, cfg: BenchConfig, progress: Progress) -> list[dict[str, Any]]:
+    """The rates in order until one fails (all of them with keep_going), then `cfg.refine` bisection
+    steps between the highest rate that held and the lowest that did not."""
+    steps: list[dict[str, Any]] = []
+    for i, rate in enumerate(cfg.rates):
+        step = await load.step(rate)
+        steps.append(step)
+        if not step["pass"] and not cfg.keep_going:
+            skipped = cfg.rates[i + 1 :]
+            if skipped:
+                progress(
+                    f"stopping the ramp: {fmt_rate(rate)}/s did not hold (skipped "
+                    f"{', '.join(fmt_rate(r) for r in skipped)}; --keep-going runs them)"
+                )
+            break
+    for _ in range(cfg.refine):
+        passed = sorted(s["rate"] for s in steps if s["pass"])
+        failed = sorted(s["rate"] for s in steps if not s["pass"])
+        if not passed or not failed:
+            break
+        lo = max(r for r in passed if r < failed[0]) if any(r < failed[0] for r in passed) else None
+        if lo is None:
+            break
+        mid = midpoint(lo, failed[0])
+        if mid <= lo or mid >= failed[0] or any(s["rate"] == mid for s in steps):
+            break
+        left = await load.quiesce(cfg.drain * 2)
+        if left:
+            progress(f"refining: {left} orders of earlier rates still outstanding")
+        await asyncio.sleep(cfg.settle)
+        progress(f"refining the knee between {fmt_rate(lo)}/s and {fmt_rate(failed[0])}/s: {fmt_rate(mid)}/s")
+        step = await load.step(mid)
+        step["refinement"] = True
+        steps.append(step)
+    return steps

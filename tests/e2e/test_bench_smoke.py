@@ -1,0 +1,107 @@
+"""`make bench --smoke` end to end: raw limits and a tiny open-model ramp against the five service
+processes, on the session's Postgres and broker, with every output written to a temporary folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from v2v_harness.bench import BenchConfig, run_bench
+from v2v_harness.infra import Infrastructure
+
+pytestmark = pytest.mark.e2e
+
+REPO = Path(__file__).resolve().parents[2]
+STEP_KEYS = {
+    "rate",
+    "orders",
+    "accepted",
+    "completed",
+    "errors",
+    "pass",
+    "intake_ms",
+    "first_webhook_ms",
+    "chain_ms",
+    "post_to_submitted_event_ms",
+    "hop_lag_ms",
+    "chain_end_event_to_webhook_ms",
+    "cpu_s",
+    "cpu_ms_per_order",
+    "cpu_ms_per_order_net_of_idle",
+    "spans_per_order",
+    "send_lateness_ms",
+}
+PCTS = ("p50", "p95", "p99", "p99_9")
+
+
+def _bytes(path: Path) -> bytes | None:
+    return path.read_bytes() if path.exists() else None
+
+
+@pytest.mark.timeout(240)  # a hang guard, not a performance bound
+async def test_smoke_bench_measures_every_order_and_writes_its_outputs(
+    infra: Infrastructure, tmp_path: Path
+) -> None:
+    out = tmp_path / "bench"
+    docs = REPO / "docs" / "BENCHMARKS.md"
+    docs_before = _bytes(docs)
+    returned = await run_bench(BenchConfig.smoke_run(out), infra=infra)
+    check(returned, infra, out, docs, docs_before)
+
+
+def check(
+    returned: dict[str, Any], infra: Infrastructure, out: Path, docs: Path, docs_before: bytes | None
+) -> None:
+    result = json.loads((out / "latest.json").read_text())
+    assert result["label"] == returned["label"] == "smoke"
+    assert result["smoke"] is True
+    assert {"machine", "settings", "platform", "raw", "knee_rate", "knee_fraction_of_raw_chain"} <= set(
+        result
+    )
+    assert {"nproc", "cpu_model", "memory_gb", "python"} <= set(result["machine"])
+    assert sorted(out.glob("bench-*.json")), "a timestamped copy of the result"
+
+    steps = result["platform"]["steps"]
+    assert [s["rate"] for s in steps] == [2.0, 4.0]
+    for s in steps:
+        assert set(s) >= STEP_KEYS
+        assert s["orders"] > 0
+        # every smoke order was accepted and its chain-end webhook arrived
+        assert s["accepted"] == s["orders"]
+        assert s["completed"] == s["orders"], s["error_detail"]
+        assert s["errors"] == 0, s["error_detail"]
+        for key in ("intake_ms", "first_webhook_ms", "chain_ms"):
+            assert all(s[key][p] is not None and s[key][p] > 0 for p in PCTS), key
+        assert len(s["hop_lag_ms"]) == 3
+        assert all(h["count"] == s["orders"] for h in s["hop_lag_ms"].values())
+        for service in ("order", "scheduling", "site", "logistics", "notification"):
+            assert s["cpu_ms_per_order"][service] is not None and s["cpu_ms_per_order"][service] >= 0
+        # the session's embedded Postgres and broker are children of this process: measured too
+        if infra.postgres_kind == "embedded":
+            assert s["cpu_ms_per_order"]["postgres"] is not None
+        assert s["spans_per_order"] is not None and s["spans_per_order"] > 0
+
+    raw = result["raw"]
+    for figure in (
+        raw["postgres"]["sequential"]["per_s"],
+        raw["postgres"]["concurrent_16"]["per_s"],
+        raw["kafka"]["produce_batched"]["per_s"],
+        raw["kafka"]["produce_awaited"]["per_s"],
+        raw["kafka"]["consume"]["per_s"],
+        raw["chain"]["max_rate"],
+        raw["chain"]["p99_ms_at_reference_rate"],
+    ):
+        assert isinstance(figure, int | float) and figure > 0
+    assert all(s["completed"] == s["orders"] for s in raw["chain"]["steps"])
+
+    for key in ("latency_png", "cpu_png"):
+        png = Path(result["outputs"][key])
+        assert png.parent == out and png.stat().st_size > 0
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the smoke run renders its document into its own folder and leaves docs/BENCHMARKS.md alone
+    assert Path(result["outputs"]["docs"]) == out / "BENCHMARKS.md"
+    assert "<!-- bench:section:smoke -->" in (out / "BENCHMARKS.md").read_text()
+    assert _bytes(docs) == docs_before
