@@ -36,8 +36,9 @@ demo: bootstrap ## play hospitals, couriers and sites for ORDERS orders (default
 test: bootstrap ## the whole suite: unit, integration (real Postgres + broker) and end to end
 	@$(VENV)/bin/pytest $(PYTEST_ARGS)
 
-test-unit: bootstrap ## unit tests only (no I/O)
-	@$(VENV)/bin/pytest -m "not integration and not e2e" $(PYTEST_ARGS)
+test-unit: bootstrap ## unit tests only (no I/O, on both cores; the integration and e2e folders are not collected)
+	@$(VENV)/bin/pytest -n 2 -m "not integration and not e2e" --ignore-glob='*/integration/*' \
+		--ignore=tests/e2e $(PYTEST_ARGS)
 
 test-integration: bootstrap ## integration tests only
 	@$(VENV)/bin/pytest -m integration $(PYTEST_ARGS)
