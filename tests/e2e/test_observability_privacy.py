@@ -68,7 +68,10 @@ async def read_everything(bootstrap: str, topics: list[str]) -> dict[str, list[R
             for records in batch.values():
                 for r in records:
                     out[r.topic].append((r.topic, r.key, r.value, list(r.headers)))
-        assert sum(len(v) for v in out.values()) == sum(ends.values())
+        # at least up to the end as of now: Tansu reports a partition's end as the base offset of its last
+        # record batch + 1 (so a batched publish reads as fewer records than there are); fetches return
+        # whole batches, so everything up to the real end is read
+        assert sum(len(v) for v in out.values()) >= sum(ends.values())
         return out
     finally:
         await consumer.stop()

@@ -28,7 +28,7 @@ async def test_each_role_owns_its_schema_and_is_refused_every_other(
     # every service's own migrations (the shared outbox/inbox) applied with its own role
     for service, url in test_db.urls.items():
         applied = await apply_migrations(url, SCHEMAS[service], [MIGRATIONS_DIR])
-        assert applied == ["0000.messaging-outbox-inbox"]
+        assert applied == ["0000.messaging-outbox-inbox", "0001.messaging-dead-letters-relay-lease"]
 
     for service, url in test_db.urls.items():
         own = SCHEMAS[service]

@@ -53,7 +53,11 @@ class WebhookReceiver:
             def log_message(self, *_args: Any) -> None:
                 return None
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        # a burst of deliveries must not overflow the listen backlog (the default of 5 refuses connections)
+        server_class = type(
+            "Server", (ThreadingHTTPServer,), {"request_queue_size": 256, "daemon_threads": True}
+        )
+        self.server = server_class(("127.0.0.1", port), Handler)
         self.port = self.server.server_address[1]
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 

@@ -4,13 +4,16 @@ Each consumer is a FastStream subscriber with an explicit ack policy (NACK_ON_ER
 committed only after the handler returned, which is after our database commit; an exception seeks
 back so the message is redelivered). Around the handler:
 
-- the CloudEvent is parsed; a message that is not one goes straight to the dead-letter topic;
+- the CloudEvent is parsed; a message that is not one goes straight to the dead letters;
 - it is routed by type through the service's `HandlerRegistry` (typed models; a payload that does not
   match its contract is poison and dead-lettered at once; a type with no handler is counted and skipped);
 - `(consumer, event id)` is inserted into the inbox in the handler's transaction: a duplicate is a no-op;
-- a failure retries with exponential backoff; infrastructure failures (database or broker unreachable)
-  are redelivered for as long as they last, any other error sends the message to the service's
-  dead-letter topic with its error after `max_attempts`, and the partition goes on.
+- failures come in two classes with separate budgets (`v2v_messaging.failures`). The infrastructure's
+  (database or broker unavailable, read-only, shutting down, out of disk, timeouts) is retried with
+  backoff for as long as it lasts: after `transient_attempts` in one delivery the message is handed back
+  (nack: not committed, redelivered), and it is never dead-lettered. Any other error is the message's:
+  after `max_attempts` of those it is dead-lettered — recorded in the `dead_letters` table and published
+  to the service's dead-letter topic with its error — and the partition goes on.
 """
 
 from __future__ import annotations
@@ -19,16 +22,18 @@ import asyncio
 import random
 import time
 import weakref
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-import asyncpg
 from faststream import AckPolicy
 from faststream.kafka import KafkaBroker
 from faststream.kafka.annotations import KafkaMessage
 from pydantic import ValidationError
 
 from v2v_contracts import CloudEvent
+from v2v_messaging.dead_letters import decode_headers, record_dead_letter
+from v2v_messaging.failures import TRANSIENT_TYPES, is_transient
 from v2v_messaging.handlers import HandlerRegistry, PoisonMessage
 from v2v_messaging.uow import UnitOfWork
 from v2v_observability import get_logger, meter, set_order_attributes
@@ -64,24 +69,17 @@ _meter.create_observable_gauge(
     tn.CONSUMER_LAG, callbacks=[_observe_lag], description="Messages behind the partition's high watermark"
 )
 
-TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
-    OSError,
-    TimeoutError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    asyncpg.TooManyConnectionsError,
-    asyncpg.SerializationError,
-    asyncpg.DeadlockDetectedError,
-    asyncpg.CannotConnectNowError,
-)
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = TRANSIENT_TYPES  # see v2v_messaging.failures
 
 
 @dataclass
 class ConsumerPolicy:
-    max_attempts: int = 3
+    max_attempts: int = 3  # failures of the message's own (poison), then it is dead-lettered
     base_backoff_s: float = 0.2
     max_backoff_s: float = 5.0
-    transient_attempts: int = 8  # then raise: the message is redelivered, not dead-lettered
+    # infrastructure failures in one delivery; then the message is handed back (nack) and redelivered,
+    # for as long as the outage lasts: never dead-lettered
+    transient_attempts: int = 8
 
 
 @dataclass
@@ -90,6 +88,8 @@ class ConsumerStats:
     duplicates: int = 0
     dead_lettered: int = 0
     ignored: int = 0
+    transient_failures: int = 0  # the infrastructure's (retried, never dead-lettered)
+    poison_failures: int = 0  # the message's own (dead-lettered after max_attempts)
     by_type: dict[str, int] = field(default_factory=dict)
 
 
@@ -134,6 +134,9 @@ class EventConsumer:
         )
         self.subscriber(self._on_message)
         self._last_offset: dict[tuple[str, int], int] = {}
+        # per message (topic, partition, offset): failures so far, kept across redeliveries
+        self._poison_attempts: OrderedDict[tuple[str, int, int], int] = OrderedDict()
+        self._transient_streak: OrderedDict[tuple[str, int, int], int] = OrderedDict()
         _CONSUMERS.add(self)
 
     def lag(self) -> dict[tuple[str, int], int]:
@@ -165,47 +168,68 @@ class EventConsumer:
             self.stats.ignored += 1
             EVENTS.add(1, {"consumer_group": self.group_id, "event_type": event.type, "outcome": "ignored"})
             return
-        attempt = 0
-        transient = 0
+        key = (record.topic, record.partition, record.offset)
+        transient = 0  # in this delivery
         started = time.perf_counter()
         while True:
-            attempt += 1
             try:
                 outcome = await self._process(event, record)
-                attrs = {"consumer_group": self.group_id, "event_type": event.type}
-                HANDLER_DURATION.record(time.perf_counter() - started, attrs)
-                EVENTS.add(1, {**attrs, "outcome": outcome})
-                return
             except PoisonMessage as exc:
                 log.error("poison message, dead-lettering", error=str(exc), event_type=event.type)
-                await self._dead_letter(message, str(exc), event=event, attempts=attempt)
+                attempts = self._poison_attempts.get(key, 0) + 1
+                await self._dead_letter(message, str(exc), event=event, attempts=attempts)
+                self._forget(key)
                 return
-            except TRANSIENT_ERRORS as exc:
-                transient += 1
-                if transient >= self.policy.transient_attempts:
-                    log.error(
-                        "infrastructure failure, message will be redelivered",
-                        error=repr(exc),
-                        event_type=event.type,
-                        event_id=str(event.id),
-                    )
-                    raise
-                await asyncio.sleep(self._backoff(transient))
             except Exception as exc:
-                if attempt >= self.policy.max_attempts:
+                if is_transient(exc):
+                    transient += 1
+                    self.stats.transient_failures += 1
+                    streak = _bump(self._transient_streak, key)
+                    if transient >= self.policy.transient_attempts:
+                        log.warning(
+                            "infrastructure unavailable, message handed back for redelivery",
+                            error=repr(exc),
+                            event_type=event.type,
+                            event_id=str(event.id),
+                            failures=streak,
+                        )
+                        raise
+                    if transient == 1:
+                        log.warning(
+                            "infrastructure unavailable, retrying",
+                            error=repr(exc),
+                            event_type=event.type,
+                            event_id=str(event.id),
+                        )
+                    await asyncio.sleep(self._backoff(streak))
+                    continue
+                self.stats.poison_failures += 1
+                attempts = _bump(self._poison_attempts, key)
+                if attempts >= self.policy.max_attempts:
                     log.error(
                         "handler keeps failing, dead-lettering",
                         error=repr(exc),
                         event_type=event.type,
                         event_id=str(event.id),
-                        attempts=attempt,
+                        attempts=attempts,
                     )
-                    await self._dead_letter(message, repr(exc), event=event, attempts=attempt)
+                    await self._dead_letter(message, repr(exc), event=event, attempts=attempts)
+                    self._forget(key)
                     return
                 log.warning(
-                    "handler failed, retrying", error=repr(exc), event_type=event.type, attempt=attempt
+                    "handler failed, retrying", error=repr(exc), event_type=event.type, attempt=attempts
                 )
-                await asyncio.sleep(self._backoff(attempt))
+                await asyncio.sleep(self._backoff(attempts))
+                continue
+            self._forget(key)
+            attrs = {"consumer_group": self.group_id, "event_type": event.type}
+            HANDLER_DURATION.record(time.perf_counter() - started, attrs)
+            EVENTS.add(1, {**attrs, "outcome": outcome})
+            return
+
+    def _forget(self, key: tuple[str, int, int]) -> None:
+        self._poison_attempts.pop(key, None)
+        self._transient_streak.pop(key, None)
 
     def _backoff(self, attempt: int) -> float:
         delay = min(self.policy.base_backoff_s * 2 ** (attempt - 1), self.policy.max_backoff_s)
@@ -236,10 +260,31 @@ class EventConsumer:
     async def _dead_letter(
         self, message: Any, error: str, *, event: CloudEvent | None = None, attempts: int = 1
     ) -> None:
+        """Record the message in `dead_letters`, then publish it to the dead-letter topic. A failure of
+        either raises (the message is redelivered, never lost); the table write comes first so that a
+        message on the topic is always in the table too."""
         record = message.raw_message
-        headers = {
-            k: (v.decode(errors="replace") if isinstance(v, bytes) else str(v)) for k, v in record.headers
-        }
+        original = decode_headers(record.headers)
+        try:
+            await record_dead_letter(
+                self.uow.pool,
+                consumer=self.group_id,
+                topic=record.topic,
+                partition=record.partition,
+                offset=record.offset,
+                event_id=event.id if event else None,
+                event_type=event.type if event else None,
+                key=record.key,
+                payload=message.body,
+                headers=original,
+                error=error,
+                attempts=attempts,
+            )
+        except Exception as exc:
+            if is_transient(exc):
+                raise
+            log.error("dead letter not recorded in the database", error=repr(exc))
+        headers = dict(original)
         headers.update(
             {
                 "x-v2v-dlq-error": error[:4000],
@@ -257,3 +302,15 @@ class EventConsumer:
         attrs = {"consumer_group": self.group_id, "event_type": event.type if event else "unparsable"}
         DEAD_LETTERS.add(1, attrs)
         EVENTS.add(1, {**attrs, "outcome": "dead_lettered"})
+
+
+_MAX_TRACKED = 10_000
+
+
+def _bump(counts: OrderedDict[tuple[str, int, int], int], key: tuple[str, int, int]) -> int:
+    """Count one more failure of `key` (bounded: the oldest entries go first)."""
+    counts[key] = counts.get(key, 0) + 1
+    counts.move_to_end(key)
+    while len(counts) > _MAX_TRACKED:
+        counts.popitem(last=False)
+    return counts[key]

@@ -17,16 +17,21 @@ from typing import Any, Generic, TypeVar
 
 from v2v_contracts import CloudEvent
 from v2v_messaging.handlers import HandlerRegistry
+from v2v_messaging.outbox import DEFAULT_MAX_EVENT_BYTES, EventTooLarge
 
 TxT = TypeVar("TxT")
 
 
 class FakeOutbox:
-    def __init__(self) -> None:
+    def __init__(self, *, max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> None:
         self.added: list[CloudEvent] = []
         self.topics: list[str | None] = []
+        self.max_event_bytes = max_event_bytes
 
     async def add(self, event: CloudEvent, *, topic: str | None = None) -> None:
+        size = len(event.to_json())
+        if size > self.max_event_bytes:  # as the real outbox: refused at write time
+            raise EventTooLarge(size, self.max_event_bytes)
         self.added.append(event)
         self.topics.append(topic)
 

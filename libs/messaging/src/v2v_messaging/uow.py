@@ -14,7 +14,7 @@ from typing import Generic, Protocol, TypeVar
 import asyncpg
 
 from v2v_contracts import CloudEvent, EventData, new_event
-from v2v_messaging.outbox import Outbox
+from v2v_messaging.outbox import DEFAULT_MAX_EVENT_BYTES, Outbox
 
 
 class EventSink(Protocol):
@@ -56,24 +56,30 @@ class UnitOfWork(Generic[TxT]):
         own_topic: str,
         channel: str,
         tx_factory: Callable[[asyncpg.Connection, Outbox], TxT] = Tx,  # type: ignore[assignment]
+        *,
+        max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,  # larger events are refused (EventTooLarge)
     ) -> None:
         self.pool = pool
         self.own_topic = own_topic
         self.channel = channel
         self.tx_factory = tx_factory
+        self.max_event_bytes = max_event_bytes
+
+    def _outbox(self, conn: asyncpg.Connection) -> Outbox:
+        return Outbox(conn, self.own_topic, self.channel, max_event_bytes=self.max_event_bytes)
 
     @asynccontextmanager
     async def begin(self) -> AsyncIterator[TxT]:
         async with self.pool.acquire() as conn, conn.transaction():
-            yield self.tx_factory(conn, Outbox(conn, self.own_topic, self.channel))
+            yield self.tx_factory(conn, self._outbox(conn))
 
     @asynccontextmanager
     async def on(self, conn: asyncpg.Connection) -> AsyncIterator[TxT]:
         """A Tx on a connection whose transaction the caller already opened."""
-        yield self.tx_factory(conn, Outbox(conn, self.own_topic, self.channel))
+        yield self.tx_factory(conn, self._outbox(conn))
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[TxT]:
         """A Tx for reads: a pooled connection, no explicit transaction (its outbox must stay unused)."""
         async with self.pool.acquire() as conn:
-            yield self.tx_factory(conn, Outbox(conn, self.own_topic, self.channel))
+            yield self.tx_factory(conn, self._outbox(conn))

@@ -1,5 +1,13 @@
 """The composition root every service shares: settings → telemetry → pool → migrations → topics →
-broker + consumers + relay → HTTP. A service declares what is its own in a `ServiceDefinition`."""
+broker + consumers + relay → HTTP. A service declares what is its own in a `ServiceDefinition`.
+
+The outbox relay, its LISTEN connection and every `ServiceDefinition.background` job run under a
+`Supervisor`: a loop that crashes is logged, counted and started again with backoff, and `/ready`
+answers 503 naming a loop that is dead (waiting to restart) or stuck (no heartbeat for
+`background_stall_after_s`). A background job keeps the signature `async def job(rt) -> None`; it may
+call `rt.heartbeat().beat()` to opt into stuck detection. Every service also serves the dead-letter
+operations API (`/v1/dead-letters`).
+"""
 
 from __future__ import annotations
 
@@ -12,24 +20,34 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Query, Request
+from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse, Response
 from faststream.kafka import KafkaBroker
 from faststream.specification import AsyncAPI
+from pydantic import BaseModel
 
 from v2v_contracts import EventData, all_topics, dead_letter_topic, topic_for
+from v2v_contracts.errors import Conflict, NotFound, Unavailable
 from v2v_messaging import (
     MIGRATIONS_DIR,
     ConsumerPolicy,
+    DeadLetter,
+    DeadLetters,
     EventConsumer,
     HandlerRegistry,
+    Heartbeat,
     KafkaSettings,
     OutboxRelay,
+    Supervisor,
     Tx,
     UnitOfWork,
+    current_heartbeat,
     ensure_topics,
+    is_transient,
     make_broker,
     notify_channel,
+    refused_by_broker,
 )
 from v2v_observability import (
     configure_logging,
@@ -39,7 +57,7 @@ from v2v_observability import (
     shutdown_metrics,
     shutdown_tracing,
 )
-from v2v_persistence import apply_migrations, create_pool, schema_of
+from v2v_persistence import DbTimeouts, apply_migrations, create_pool, schema_of
 from v2v_servicekit import problems
 from v2v_servicekit.settings import ServiceSettings
 
@@ -85,9 +103,18 @@ class Runtime:
     relay: OutboxRelay
     consumers: list[EventConsumer] = field(default_factory=list)
     extras: dict[str, Any] = field(default_factory=dict)
+    supervisor: Supervisor = field(default_factory=Supervisor)
 
     def topic(self, service: str) -> str:
         return topic_for(service, self.settings.topic_namespace)
+
+    def heartbeat(self) -> Heartbeat:
+        """The heartbeat of the supervised loop calling this (`rt.heartbeat().beat()` on progress)."""
+        return current_heartbeat()
+
+    @property
+    def dead_letters(self) -> DeadLetters:
+        return DeadLetters(self.pool)
 
 
 def get_runtime(request: Request) -> Runtime:
@@ -124,22 +151,45 @@ def create_app(definition: ServiceDefinition, settings: ServiceSettings | None =
         applied = await apply_migrations(
             settings.database_url, definition.schema, [MIGRATIONS_DIR, definition.migrations_dir]
         )
-        pool = await create_pool(settings.database_url, max_size=settings.db_pool_max)
+        timeouts = DbTimeouts(
+            statement_ms=settings.db_statement_timeout_ms,
+            lock_ms=settings.db_lock_timeout_ms,
+            idle_in_transaction_ms=settings.db_idle_in_transaction_timeout_ms,
+        )
+        pool = await create_pool(settings.database_url, max_size=settings.db_pool_max, timeouts=timeouts)
         schema = await schema_of(pool)
         if schema != definition.schema:
             raise RuntimeError(f"role's search_path schema is {schema!r}, expected {definition.schema!r}")
-        await ensure_topics(kafka, all_topics(settings.topic_namespace))
-        uow: UnitOfWork[Any] = UnitOfWork(pool, own_topic, notify_channel(schema), definition.tx_factory)
+        topics = all_topics(settings.topic_namespace)
+        await ensure_topics(kafka, topics)
+        uow: UnitOfWork[Any] = UnitOfWork(
+            pool,
+            own_topic,
+            notify_channel(schema),
+            definition.tx_factory,
+            max_event_bytes=settings.outbox_max_event_bytes,
+        )
         relay = OutboxRelay(
             pool,
             broker,
             schema,
             own_topic,
             kafka,
+            batch_size=settings.relay_batch_size,
             poll_interval=settings.relay_poll_interval_s,
             retention=timedelta(days=settings.outbox_retention_days),
+            replay_batch_size=settings.relay_replay_batch_size,
+            broker_check_interval=settings.relay_broker_check_interval_s,
+            lease_ttl=settings.relay_lease_ttl_s,
+            publish_timeout=settings.relay_publish_timeout_s,
+            topics=topics,  # all of the namespace's, dead-letter topics too: recreated on a fresh broker
         )
-        rt = Runtime(definition, settings, kafka, pool, broker, uow, relay)
+        supervisor = Supervisor(
+            backoff_initial_s=settings.background_restart_initial_s,
+            backoff_max_s=settings.background_restart_max_s,
+            stall_after_s=settings.background_stall_after_s,
+        )
+        rt = Runtime(definition, settings, kafka, pool, broker, uow, relay, supervisor=supervisor)
         app.state.runtime = rt
         policy = ConsumerPolicy(max_attempts=settings.consumer_max_attempts)
         for spec in definition.consumers:
@@ -163,21 +213,22 @@ def create_app(definition: ServiceDefinition, settings: ServiceSettings | None =
         for hook in definition.on_startup:
             await hook(rt)
         await broker.start()
-        tasks = [asyncio.create_task(relay.run(), name="outbox-relay")]
-        tasks += [
-            asyncio.create_task(job(rt), name=getattr(job, "__name__", "job"))
-            for job in definition.background
-        ]
+        supervisor.spawn("outbox-relay", relay.run, beats=True)
+        probe_every = min(5.0, settings.background_stall_after_s / 4)  # beats well inside the stall limit
+
+        async def listener(heartbeat: Heartbeat) -> None:
+            await relay.listen(heartbeat, probe_every=probe_every)
+
+        supervisor.spawn("outbox-listener", listener, beats=True)
+        for job in definition.background:
+            supervisor.spawn(_loop_name(job, supervisor), _as_loop(job, rt))
         log.info("service started", migrations_applied=applied, http_port=settings.http_port, topic=own_topic)
         try:
             yield
         finally:
             await relay.stop()
-            for task in tasks:
-                task.cancel()
-            for task in tasks:
-                with contextlib.suppress(BaseException):
-                    await task
+            await supervisor.stop(timeout=5.0)
+            await relay.release()  # another replica takes over at once
             await broker.stop()
             await pool.close()
             log.info("service stopped")
@@ -232,9 +283,13 @@ def create_app(definition: ServiceDefinition, settings: ServiceSettings | None =
                 checks[name] = problem or "ok"
             except Exception as exc:
                 checks[name] = f"failed: {exc.__class__.__name__}"
+        for loop_name, loop_problem in rt.supervisor.problems().items():  # only the unhealthy ones
+            checks[f"loop:{loop_name}"] = loop_problem
         status = 200 if all(v == "ok" for v in checks.values()) else 503
+        loops = {name: health.as_dict() for name, health in rt.supervisor.health().items()}
         return JSONResponse(
-            {"status": "ready" if status == 200 else "not ready", "checks": checks}, status_code=status
+            {"status": "ready" if status == 200 else "not ready", "checks": checks, "loops": loops},
+            status_code=status,
         )
 
     @app.get("/asyncapi.json", tags=["operations"], summary="AsyncAPI 3.0 schema of this service's events")
@@ -244,9 +299,139 @@ def create_app(definition: ServiceDefinition, settings: ServiceSettings | None =
         )
         return JSONResponse(spec.to_specification().to_jsonable())
 
+    app.include_router(operations_router)
     for router in definition.routers:
         app.include_router(router)
     return app
+
+
+def _loop_name(job: Callable[..., Any], supervisor: Supervisor) -> str:
+    base = getattr(job, "__name__", "job")
+    name, n = base, 1
+    while name in supervisor.loops:
+        n += 1
+        name = f"{base}-{n}"
+    return name
+
+
+def _as_loop(job: Callable[[Runtime], Coroutine[Any, Any, None]], rt: Runtime) -> Callable[[Heartbeat], Any]:
+    async def loop(_heartbeat: Heartbeat) -> None:  # the job reads it with rt.heartbeat() if it wants
+        await job(rt)
+
+    return loop
+
+
+# ---- operations: dead letters ------------------------------------------------------------------------
+
+operations_router = APIRouter(tags=["operations"])
+MAX_DEAD_LETTERS_PAGE = 200
+
+
+class DeadLetterOut(BaseModel):
+    id: int
+    consumer: str  # consumer group, or "outbox-relay" for an outbox row the broker refused
+    topic: str
+    partition: int | None
+    offset: int | None
+    event_id: str | None
+    event_type: str | None
+    size_bytes: int
+    error: str
+    attempts: int
+    occurrences: int
+    dead_lettered_at: str
+    replayed_at: str | None
+    replays: int
+
+    @classmethod
+    def of(cls, d: DeadLetter) -> DeadLetterOut:
+        return cls(
+            id=d.id,
+            consumer=d.consumer,
+            topic=d.topic,
+            partition=d.kafka_partition,
+            offset=d.kafka_offset,
+            event_id=str(d.event_id) if d.event_id else None,
+            event_type=d.event_type,
+            size_bytes=len(d.payload),
+            error=d.error,
+            attempts=d.attempts,
+            occurrences=d.occurrences,
+            dead_lettered_at=d.dead_lettered_at.isoformat(),
+            replayed_at=d.replayed_at.isoformat() if d.replayed_at else None,
+            replays=d.replays,
+        )
+
+
+class DeadLetterDetailOut(DeadLetterOut):
+    key: str | None
+    headers: dict[str, str]
+    message: str  # the raw message as text (invalid UTF-8 replaced)
+
+    @classmethod
+    def detail(cls, d: DeadLetter) -> DeadLetterDetailOut:
+        return cls(
+            **DeadLetterOut.of(d).model_dump(),
+            key=d.message_key.decode(errors="replace") if d.message_key is not None else None,
+            headers=d.replay_headers(),
+            message=d.payload.decode(errors="replace"),
+        )
+
+
+@operations_router.get(
+    "/v1/dead-letters",
+    summary="Dead letters of this service, newest first",
+    response_model=list[DeadLetterOut],
+)
+async def list_dead_letters(
+    request: Request,
+    limit: int = Query(50, ge=1, le=MAX_DEAD_LETTERS_PAGE),
+    before: int | None = Query(None, ge=1, le=2**63 - 1, description="only ids below this one (paging)"),
+) -> list[DeadLetterOut]:
+    letters = await get_runtime(request).dead_letters.list(limit=limit, before_id=before)
+    return [DeadLetterOut.of(d) for d in letters]
+
+
+@operations_router.get(
+    "/v1/dead-letters/{dead_letter_id}",
+    summary="One dead letter, with its raw message and headers",
+    response_model=DeadLetterDetailOut,
+)
+async def get_dead_letter(
+    request: Request, dead_letter_id: int = PathParam(ge=1, le=2**63 - 1)
+) -> DeadLetterDetailOut:
+    letter = await get_runtime(request).dead_letters.get(dead_letter_id)
+    if letter is None:
+        raise NotFound("Dead letter", dead_letter_id)
+    return DeadLetterDetailOut.detail(letter)
+
+
+@operations_router.post(
+    "/v1/dead-letters/{dead_letter_id}/replay",
+    summary="Publish a dead letter's raw message again to its original topic",
+    response_model=DeadLetterOut,
+    status_code=202,
+)
+async def replay_dead_letter(
+    request: Request, dead_letter_id: int = PathParam(ge=1, le=2**63 - 1)
+) -> DeadLetterOut:
+    """The consumers of the topic see the message again; their inboxes drop what they had processed,
+    and a message that failed was never recorded there, so it is processed afresh."""
+    rt = get_runtime(request)
+    try:
+        letter = await rt.dead_letters.replay(dead_letter_id, rt.broker)
+    except Exception as exc:
+        if refused_by_broker(exc):
+            raise Conflict("dead_letter", "the broker refuses this message") from None
+        if is_transient(exc):
+            raise Unavailable("the broker or the database is unavailable; try again") from None
+        raise
+    if letter is None:
+        raise NotFound("Dead letter", dead_letter_id)
+    log.info(
+        "dead letter replayed", dead_letter_id=dead_letter_id, topic=letter.topic, replays=letter.replays
+    )
+    return DeadLetterOut.of(letter)
 
 
 def run(definition: ServiceDefinition) -> None:

@@ -24,6 +24,20 @@ class ServiceSettings(BaseSettings):
     state_dir: str | None = None
     log_level: str = "INFO"
     db_pool_max: int = 10
+    # every database session: statement, lock-wait and idle-in-transaction timeouts (0 turns one off)
+    db_statement_timeout_ms: int = 15_000
+    db_lock_timeout_ms: int = 5_000
+    db_idle_in_transaction_timeout_ms: int = 30_000
     relay_poll_interval_s: float = 2.0
+    relay_batch_size: int = 200  # new outbox rows per pass
+    relay_replay_batch_size: int = 500  # retained rows replayed per pass (after the new ones)
+    relay_broker_check_interval_s: float = 5.0  # how often the relay checks that the broker still has it all
+    relay_lease_ttl_s: float = 10.0  # a relay that stops renewing its lease is replaced after this
+    relay_publish_timeout_s: float = 15.0  # a batch's acks are awaited this long at most
     outbox_retention_days: int = 7
+    outbox_max_event_bytes: int = 262_144  # larger events are refused at write time (256 KiB)
     consumer_max_attempts: int = 3
+    # supervised background loops: restart backoff, and no heartbeat for this long is "stuck" in /ready
+    background_restart_initial_s: float = 0.5
+    background_restart_max_s: float = 30.0
+    background_stall_after_s: float = 60.0

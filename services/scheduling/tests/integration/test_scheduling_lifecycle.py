@@ -252,6 +252,7 @@ async def test_the_migration_keeps_waiting_orders_of_the_first_schema(
     (first_only / initial.name).write_text(initial.read_text())
     assert await apply_migrations(url, "scheduling", [MIGRATIONS_DIR, first_only]) == [
         "0000.messaging-outbox-inbox",
+        "0001.messaging-dead-letters-relay-lease",
         "0001.scheduling-initial",
     ]
     order = Order(1)
