@@ -126,7 +126,7 @@ class Dispatcher(abc.ABC, Generic[D]):
                 log.warning(f"{self.kind} dispatcher error", error=repr(exc))
                 await asyncio.sleep(RESTART_S[0])
                 continue
-            if n >= self.policy.batch:
+            if n >= self.policy.batch or wake.is_set():  # more due, or queued meanwhile: no need to look
                 continue
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(wake.wait(), timeout=await self.until_next_due())
