@@ -4,21 +4,32 @@ Export: OTLP over HTTP/protobuf when the standard OTEL_EXPORTER_OTLP_ENDPOINT (o
 is set; otherwise JSON lines in `<V2V_STATE_DIR>/telemetry/spans-<service>.jsonl` when a state folder
 is known; otherwise nothing leaves the process. Sampling and batching follow the standard OTEL_*
 variables (OTEL_TRACES_SAMPLER, OTEL_BSP_*), which the SDK reads itself.
+
+Statement spans that say nothing to an SRE are not recorded: the `BEGIN` that opens each transaction and
+the reset a connection pool runs when a connection is given back (asyncpg's
+`SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL;`). They were a third of a service's
+spans and their cost; every other statement, `COMMIT` and `ROLLBACK` included, keeps its span. Set
+V2V_TRACE_TRIVIAL_STATEMENTS=true to record them again.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import IO
 
 from opentelemetry import propagate, trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.sampling import Decision, Sampler, SamplingResult, _get_from_env_or_default
+from opentelemetry.trace import SpanKind
+from opentelemetry.util.types import Attributes
 
 from v2v_observability import names
 from v2v_observability.context import bind_order, current_order
@@ -44,28 +55,85 @@ class OrderAttributesProcessor(SpanProcessor):
         return None
 
 
+TRIVIAL_STATEMENT_NAMES = frozenset({"BEGIN", "BEGIN;"})
+POOL_RESET_PREFIX = "SELECT pg_advisory_unlock_all();"
+_STATEMENT_KEYS = ("db.statement", "db.query.text")
+
+
+def is_trivial_statement(name: str, kind: SpanKind | None, attributes: Attributes) -> bool:
+    """A database client span of a transaction's BEGIN or of a pooled connection's reset."""
+    if kind is not SpanKind.CLIENT or not attributes:
+        return False
+    if "db.system" not in attributes and "db.system.name" not in attributes:
+        return False
+    if name in TRIVIAL_STATEMENT_NAMES:
+        return True
+    statement = next((attributes[k] for k in _STATEMENT_KEYS if k in attributes), None)
+    return isinstance(statement, str) and statement.startswith(POOL_RESET_PREFIX)
+
+
+class SkipTrivialStatements(Sampler):
+    """Drops the spans of trivial statements (see the module's doc); asks `delegate` about the rest."""
+
+    def __init__(self, delegate: Sampler) -> None:
+        self._delegate = delegate
+
+    def should_sample(
+        self,
+        parent_context: Context | None,
+        trace_id: int,
+        name: str,
+        kind: SpanKind | None = None,
+        attributes: Attributes = None,
+        links: Sequence[trace.Link] | None = None,
+        trace_state: trace.TraceState | None = None,
+    ) -> SamplingResult:
+        if is_trivial_statement(name, kind, attributes):
+            parent = trace.get_current_span(parent_context).get_span_context()
+            return SamplingResult(Decision.DROP, None, parent.trace_state if parent.is_valid else None)
+        return self._delegate.should_sample(
+            parent_context, trace_id, name, kind, attributes, links, trace_state
+        )
+
+    def get_description(self) -> str:
+        return f"SkipTrivialStatements{{{self._delegate.get_description()}}}"
+
+
 class JsonLinesSpanExporter(SpanExporter):
-    """Writes finished spans as JSON lines (the SDK's own JSON form), for `make trace` to read."""
+    """Writes finished spans as JSON lines (the SDK's own JSON form), for `make trace` to read.
+
+    It runs in the batch span processor's thread; the file stays open between batches."""
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._path = path
         self._lock = threading.Lock()
+        self._fh: IO[str] | None = None
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        lines = [json.dumps(span_to_dict(span), separators=(",", ":"), default=_plain) for span in spans]
-        with self._lock, self._path.open("a", encoding="utf-8") as fh:
-            fh.write("\n".join(lines) + "\n")
+        encode = _ENCODER.encode
+        text = "".join([encode(span_to_dict(span)) + "\n" for span in spans])
+        with self._lock:
+            if self._fh is None:
+                self._fh = self._path.open("a", encoding="utf-8")
+            self._fh.write(text)
+            self._fh.flush()  # readers (make trace, the tests) see whole batches
         return SpanExportResult.SUCCESS
 
     def shutdown(self) -> None:
-        return None
+        with self._lock:
+            if self._fh is not None:
+                self._fh.close()
+                self._fh = None
 
 
 def _plain(value: object) -> object:
     if isinstance(value, bytes):
         return value.decode(errors="replace")
     return str(value)
+
+
+_ENCODER = json.JSONEncoder(separators=(",", ":"), default=_plain, check_circular=False)
 
 
 def span_to_dict(span: ReadableSpan) -> dict[str, object]:
@@ -105,7 +173,10 @@ def configure_tracing(
     if _provider is not None:
         return _provider
     resource = Resource.create({"service.name": service, "service.namespace": "vein2vein"})
-    provider = TracerProvider(resource=resource)
+    sampler = _get_from_env_or_default()
+    if os.environ.get("V2V_TRACE_TRIVIAL_STATEMENTS", "").strip().lower() not in {"1", "true", "yes", "on"}:
+        sampler = SkipTrivialStatements(sampler)
+    provider = TracerProvider(resource=resource, sampler=sampler)
     provider.add_span_processor(OrderAttributesProcessor())
     if otlp_configured(telemetry):
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter

@@ -5,6 +5,7 @@ retried after a backoff, dead-lettered) with a fake sender in place of HTTP and 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import uuid
 from datetime import date
@@ -581,6 +582,43 @@ async def test_at_most_a_batch_is_leased_at_once(
     hooks = WebhookDispatcher(uow, FakeSender(OK), DeliveryPolicy(batch=3))
     assert await hooks.dispatch_due() == 3
     assert await hooks.dispatch_due() == 2
+    assert {r.status for r in store.deliveries("webhook")} == {"delivered"}
+
+
+async def test_an_orders_webhooks_go_in_event_order_while_other_orders_go_alongside(
+    uow: FakeUnitOfWork[Any], inbox: FakeInbox[Any], store: MemoryStore
+) -> None:
+    await subscription(uow)
+    first, second = submitted(), submitted()
+    # three events of each order, queued alternately; the first of each order is the slowest to send
+    queued: dict[str, list[uuid.UUID]] = {"first": [], "second": []}
+    for _ in range(3):
+        for key, ev in (("first", first), ("second", second)):
+            event = new_event(OrderSubmittedV1.model_validate(ev.data))
+            queued[key].append(uuid.UUID(str(event.id)))
+            await inbox.deliver(event)
+
+    in_flight, most = 0, 0
+    sent: dict[uuid.UUID, list[uuid.UUID]] = {}
+
+    class SlowFirst(FakeSender):
+        async def send(self, delivery: Any) -> Outcome:
+            nonlocal in_flight, most
+            in_flight += 1
+            most = max(most, in_flight)
+            slow = delivery.event_id in (queued["first"][0], queued["second"][0])
+            await asyncio.sleep(0.05 if slow else 0.0)
+            sent.setdefault(delivery.order_id, []).append(delivery.event_id)
+            in_flight -= 1
+            return OK
+
+    hooks = WebhookDispatcher(uow, SlowFirst(OK), POLICY)
+    assert await hooks.dispatch_due() == 6
+    assert sent == {
+        uuid.UUID(first.data["order_id"]): queued["first"],
+        uuid.UUID(second.data["order_id"]): queued["second"],
+    }
+    assert most == 2  # one lane per order, both at once
     assert {r.status for r in store.deliveries("webhook")} == {"delivered"}
 
 

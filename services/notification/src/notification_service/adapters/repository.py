@@ -246,6 +246,16 @@ class PgRecipients(RecipientRepository):
 # ---- the delivery queues ----------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Attempt:
+    """One attempt of a delivery, as recorded."""
+
+    delivery_id: uuid.UUID
+    attempt: int
+    outcome: Outcome
+    duration_ms: int
+
+
 class DeliveryQueue(abc.ABC, Generic[D]):
     """One channel's deliveries: leased for an attempt, then delivered, retried later or failed."""
 
@@ -277,11 +287,27 @@ class DeliveryQueue(abc.ABC, Generic[D]):
         self, delivery_id: uuid.UUID, attempt: int, outcome: Outcome, delay_s: float
     ) -> None: ...
 
+    async def record_delivered(self, attempts: Sequence[Attempt]) -> None:
+        """Record successful attempts and mark their deliveries delivered (one by one unless overridden)."""
+        for a in attempts:
+            await self.record_attempt(a.delivery_id, a.attempt, a.outcome, a.duration_ms)
+            await self.mark_delivered(a.delivery_id, a.attempt, a.outcome.status_code)
+
 
 class WebhookQueue(DeliveryQueue[WebhookDelivery]):
     @abc.abstractmethod
     async def enqueue(self, subscription_ids: Sequence[uuid.UUID], event: EventRef, payload: bytes) -> None:
         """One delivery per subscription; an event already queued for a subscription is not queued again."""
+
+    async def enqueue_matching(
+        self, subscriptions: SubscriptionRepository, event: EventRef, payload: bytes
+    ) -> None:
+        """Queue `event` for each of its centre's subscriptions that want it; wake the dispatcher on commit
+        when any does."""
+        matching = await subscriptions.matching(event.treatment_center_id, event.event_type)
+        if matching:
+            await self.enqueue(matching, event, payload)
+            await self.wake()
 
 
 class EmailQueue(DeliveryQueue[EmailDelivery]):
@@ -380,6 +406,26 @@ class _PgQueue(DeliveryQueue[D]):
             timedelta(seconds=delay_s),
         )
 
+    async def record_delivered(self, attempts: Sequence[Attempt]) -> None:
+        # one statement (one round trip) for a batch: the attempts inserted, their deliveries marked
+        if not attempts:
+            return
+        await self.conn.execute(
+            f"""WITH a AS (
+                    SELECT * FROM unnest($1::uuid[], $2::int[], $3::int[], $4::int[])
+                        AS a(delivery_id, attempt, status_code, duration_ms)),
+                ins AS (
+                    INSERT INTO {self.attempts_table} (delivery_id, attempt, status_code, error, duration_ms)
+                    SELECT delivery_id, attempt, status_code, NULL, duration_ms FROM a)
+                UPDATE {self.table} d SET status = 'delivered', attempts = a.attempt, delivered_at = now(),
+                       last_status_code = a.status_code, last_error = NULL, lease_until = NULL
+                FROM a WHERE d.delivery_id = a.delivery_id""",
+            [a.delivery_id for a in attempts],
+            [a.attempt for a in attempts],
+            [a.outcome.status_code for a in attempts],
+            [a.duration_ms for a in attempts],
+        )
+
 
 def _ref(row: asyncpg.Record) -> dict[str, Any]:
     return {
@@ -409,6 +455,33 @@ class PgWebhookQueue(_PgQueue[WebhookDelivery], WebhookQueue):
             url=row["url"],
             secret=row["secret"],
             payload=bytes(row["payload"]),
+        )
+
+    async def enqueue_matching(
+        self, subscriptions: SubscriptionRepository, event: EventRef, payload: bytes
+    ) -> None:
+        # one statement (one round trip) instead of three: the matching subscriptions, their deliveries
+        # inserted and the dispatcher's NOTIFY (delivered on commit) when any was queued
+        await self.conn.execute(
+            """WITH ins AS (
+                   INSERT INTO deliveries (delivery_id, subscription_id, event_id, event_type, order_id, coi,
+                                           treatment_center_id, payload, trace_headers, status)
+                   SELECT gen_random_uuid(), s.subscription_id, $2, $3, $4, $5, $1, $6, $7::jsonb, 'pending'
+                   FROM subscriptions s
+                   WHERE s.treatment_center_id = $1 AND s.active
+                     AND (s.event_types IS NULL OR $3 = ANY(s.event_types))
+                   ON CONFLICT (subscription_id, event_id) DO NOTHING
+                   RETURNING 1)
+               SELECT CASE WHEN n > 0 THEN pg_notify($8 || current_schema(), '') END
+               FROM (SELECT count(*) AS n FROM ins) c""",
+            event.treatment_center_id,
+            event.event_id,
+            event.event_type,
+            event.order_id,
+            event.coi,
+            payload,
+            event.trace_headers,
+            self.channel,
         )
 
     async def enqueue(self, subscription_ids: Sequence[uuid.UUID], event: EventRef, payload: bytes) -> None:

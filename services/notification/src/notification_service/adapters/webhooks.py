@@ -4,12 +4,23 @@ subscription's secret; redirects are not followed."""
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from datetime import UTC, datetime
 
 import httpx
 from standardwebhooks.webhooks import Webhook
 
 from notification_service.domain.delivery import Outcome, WebhookDelivery
+
+# httpcore asks `import sniffio` several times per request (`current_async_library`); sniffio is not
+# installed here, and a failed import is not cached, so every request searched sys.path again (seen in the
+# profile of issue 12). A None entry is Python's own "known to be absent" marker: the same ImportError,
+# raised at once. Nothing changes when sniffio is installed.
+if "sniffio" not in sys.modules and importlib.util.find_spec("sniffio") is None:
+    sys.modules["sniffio"] = None  # type: ignore[assignment]
+
+MAX_CONNECTIONS = 32  # per dispatcher: kept-alive connections to the centres' endpoints
 
 
 def sign(secret: str, msg_id: str, ts: datetime, body: str) -> dict[str, str]:
@@ -28,7 +39,16 @@ class WebhookSender:
     """Posts a delivery's payload to its subscription's URL; one attempt, never raises for a failure."""
 
     def __init__(self, timeout_s: float, client: httpx.AsyncClient | None = None) -> None:
-        self.client = client or httpx.AsyncClient(timeout=timeout_s, follow_redirects=False)
+        # one client for the dispatcher's lifetime: connections are kept alive and reused
+        self.client = client or httpx.AsyncClient(
+            timeout=timeout_s,
+            follow_redirects=False,
+            limits=httpx.Limits(
+                max_connections=MAX_CONNECTIONS,
+                max_keepalive_connections=MAX_CONNECTIONS,
+                keepalive_expiry=30.0,
+            ),
+        )
 
     async def send(self, delivery: WebhookDelivery) -> Outcome:
         body = delivery.payload.decode()

@@ -1,9 +1,10 @@
 """The dispatchers: each channel's delivery loop (orchestration only; the SQL is in the repositories).
 
 A dispatcher is woken when a consumer's transaction queued deliveries (or when the next retry falls due),
-leases the due deliveries, attempts each once through its channel's sender (concurrently), and records
-the attempt and the policy's verdict in one transaction: delivered, retried after a backoff, or failed —
-a failed webhook publishes `notification.webhook_delivery_failed` through the outbox.
+leases the due deliveries, attempts each once through its channel's sender (concurrently, with a bound,
+keeping each order's deliveries to one target in event order), and records the batch's attempts and the
+policy's verdicts in one transaction: delivered, retried after a backoff, or failed — a failed webhook
+publishes `notification.webhook_delivery_failed` through the outbox.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import abc
 import asyncio
 import contextlib
 import time
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import ClassVar, Generic, Protocol, TypeVar
 
@@ -22,6 +24,7 @@ from opentelemetry.metrics import Counter, Histogram
 from opentelemetry.semconv.attributes.http_attributes import HTTP_RESPONSE_STATUS_CODE
 
 from notification_service.adapters.repository import (
+    Attempt,
     DeliveryQueue,
     NotificationTx,
     email_channel,
@@ -36,6 +39,7 @@ from notification_service.domain.delivery import (
     DeliveryPolicy,
     EmailDelivery,
     Outcome,
+    Verdict,
     WebhookDelivery,
     decide,
 )
@@ -48,6 +52,7 @@ log = get_logger(__name__)
 
 LEASE = timedelta(seconds=60)  # a delivery leased and not recorded by then is attempted again
 IDLE_WAIT_S = 5.0  # longest sleep between two looks at the queue
+CONCURRENCY = 16  # lanes (an order's deliveries to one target) attempted at once
 RESTART_S = (1.0, 30.0)  # backoff of a dispatcher restarted after an error: first, longest
 
 _meter = meter(names.METER_NOTIFICATION)
@@ -96,6 +101,10 @@ class Dispatcher(abc.ABC, Generic[D]):
     def queue(self, tx: NotificationTx) -> DeliveryQueue[D]:
         """The channel's deliveries in this transaction."""
 
+    @abc.abstractmethod
+    def target(self, delivery: D) -> object:
+        """What the delivery goes to (a subscription, a recipient): one lane per order and target."""
+
     def describe(self, delivery: D, span: trace.Span) -> None:
         """Channel attributes on the delivery span (never an address or a secret)."""
 
@@ -117,7 +126,7 @@ class Dispatcher(abc.ABC, Generic[D]):
                 log.warning(f"{self.kind} dispatcher error", error=repr(exc))
                 await asyncio.sleep(RESTART_S[0])
                 continue
-            if n >= self.policy.batch:
+            if n >= self.policy.batch or wake.is_set():  # more due, or queued meanwhile: no need to look
                 continue
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(wake.wait(), timeout=await self.until_next_due())
@@ -132,14 +141,32 @@ class Dispatcher(abc.ABC, Generic[D]):
         return max(0.05, min(IDLE_WAIT_S, nxt))
 
     async def dispatch_due(self) -> int:
-        """Lease the due deliveries, attempt each once (concurrently); returns how many were leased."""
+        """Lease the due deliveries, attempt each once, record the outcomes; returns how many were leased.
+
+        The deliveries of one order to one target (a lane) are attempted one after another in the order
+        they were leased (the order of their events); lanes run concurrently, at most CONCURRENCY at once.
+        The attempts of the batch and their verdicts are recorded in one transaction."""
         with suppress_instrumentation():
             async with self.uow.begin() as tx:
                 due = await self.queue(tx).claim_due(self.policy.batch, LEASE)
-        await asyncio.gather(*(self._deliver(d) for d in due))
+        if not due:
+            return 0
+        lanes: dict[tuple[object, object], list[D]] = {}
+        for d in due:
+            lanes.setdefault((d.order_id or d.delivery_id, self.target(d)), []).append(d)
+        done: list[_Attempted[D]] = []
+        slots = asyncio.Semaphore(CONCURRENCY)
+
+        async def run_lane(lane: list[D]) -> None:
+            async with slots:
+                for d in lane:
+                    done.append(await self._deliver(d))
+
+        await asyncio.gather(*(run_lane(lane) for lane in lanes.values()))
+        await self._record(done)
         return len(due)
 
-    async def _deliver(self, delivery: D) -> None:
+    async def _deliver(self, delivery: D) -> _Attempted[D]:
         # the delivery span continues the trace of the consumer that queued it
         parent = propagate.extract(delivery.trace_headers, context=otel_context.Context())
         token = otel_context.attach(parent)
@@ -163,37 +190,70 @@ class Dispatcher(abc.ABC, Generic[D]):
                     span.set_attribute(self.status_attribute, outcome.status_code)
                 if outcome.error:
                     span.set_status(trace.Status(trace.StatusCode.ERROR, outcome.error))
-                await self._record(delivery, attempt, outcome, elapsed_ms)
+                verdict = decide(self.policy, attempt, outcome)
+                self._observe(delivery, attempt, outcome, elapsed_ms, verdict)
+                return _Attempted(
+                    delivery,
+                    Attempt(delivery.delivery_id, attempt, outcome, elapsed_ms),
+                    verdict,
+                    otel_context.get_current(),
+                )
         finally:
             otel_context.detach(token)
 
-    async def _record(self, delivery: D, attempt: int, outcome: Outcome, elapsed_ms: int) -> None:
-        verdict = decide(self.policy, attempt, outcome)
+    def _observe(
+        self, delivery: D, attempt: int, outcome: Outcome, elapsed_ms: int, verdict: Verdict
+    ) -> None:
+        """Metrics and log lines of one attempt (in the delivery's span and order context)."""
         self.outcomes.add(1, {"event_type": delivery.event_type, "outcome": verdict.label})
         self.duration.record(elapsed_ms / 1000, {"outcome": "ok" if outcome.ok else "error"})
-        async with self.uow.begin() as tx:  # the attempt and its verdict: one transaction (one now())
-            queue = self.queue(tx)
-            await queue.record_attempt(delivery.delivery_id, attempt, outcome, elapsed_ms)
-            if verdict.label == "delivered":
-                await queue.mark_delivered(delivery.delivery_id, attempt, outcome.status_code)
-            elif verdict.label == "failed":
-                await queue.mark_failed(delivery.delivery_id, attempt, outcome)
-                await self.on_dead_lettered(tx, delivery, attempt, outcome)
-                log.warning(
-                    f"{self.kind} dead-lettered",
-                    delivery_id=str(delivery.delivery_id),
-                    attempts=attempt,
-                    permanent=outcome.permanent,
-                )
-            else:
-                delay = verdict.retry_in_s or 0.0
-                await queue.schedule_retry(delivery.delivery_id, attempt, outcome, delay)
-                log.info(
-                    f"{self.kind} attempt failed, will retry",
-                    attempt=attempt,
-                    error=outcome.error,
-                    retry_in_s=round(delay, 2),
-                )
+        if verdict.label == "failed":
+            log.warning(
+                f"{self.kind} dead-lettered",
+                delivery_id=str(delivery.delivery_id),
+                attempts=attempt,
+                permanent=outcome.permanent,
+            )
+        elif verdict.label == "retry":
+            log.info(
+                f"{self.kind} attempt failed, will retry",
+                attempt=attempt,
+                error=outcome.error,
+                retry_in_s=round(verdict.retry_in_s or 0.0, 2),
+            )
+
+    async def _record(self, done: list[_Attempted[D]]) -> None:
+        """The attempts and their verdicts: one transaction for the batch (one now())."""
+        with suppress_instrumentation():  # bookkeeping; each attempt has its delivery span
+            async with self.uow.begin() as tx:
+                queue = self.queue(tx)
+                await queue.record_delivered([a.attempt for a in done if a.verdict.label == "delivered"])
+                for a in done:
+                    n, outcome = a.attempt.attempt, a.attempt.outcome
+                    if a.verdict.label == "failed":
+                        await queue.record_attempt(a.delivery.delivery_id, n, outcome, a.attempt.duration_ms)
+                        await queue.mark_failed(a.delivery.delivery_id, n, outcome)
+                        # in the delivery's span: what it publishes continues the order's trace
+                        token = otel_context.attach(a.context)
+                        try:
+                            await self.on_dead_lettered(tx, a.delivery, n, outcome)
+                        finally:
+                            otel_context.detach(token)
+                    elif a.verdict.label == "retry":
+                        await queue.record_attempt(a.delivery.delivery_id, n, outcome, a.attempt.duration_ms)
+                        await queue.schedule_retry(
+                            a.delivery.delivery_id, n, outcome, a.verdict.retry_in_s or 0.0
+                        )
+
+
+@dataclass(frozen=True)
+class _Attempted(Generic[D]):
+    """An attempt made, not yet recorded: its verdict and the context of its delivery span."""
+
+    delivery: D
+    attempt: Attempt
+    verdict: Verdict
+    context: otel_context.Context
 
 
 class WebhookDispatcher(Dispatcher[WebhookDelivery]):
@@ -206,6 +266,9 @@ class WebhookDispatcher(Dispatcher[WebhookDelivery]):
 
     def queue(self, tx: NotificationTx) -> DeliveryQueue[WebhookDelivery]:
         return tx.webhooks
+
+    def target(self, delivery: WebhookDelivery) -> object:
+        return delivery.subscription_id
 
     def describe(self, delivery: WebhookDelivery, span: trace.Span) -> None:
         span.set_attribute(names.SUBSCRIPTION_ID, str(delivery.subscription_id))
@@ -239,6 +302,9 @@ class EmailDispatcher(Dispatcher[EmailDelivery]):
 
     def queue(self, tx: NotificationTx) -> DeliveryQueue[EmailDelivery]:
         return tx.emails
+
+    def target(self, delivery: EmailDelivery) -> object:
+        return delivery.recipient_id
 
     def describe(self, delivery: EmailDelivery, span: trace.Span) -> None:
         span.set_attribute(names.RECIPIENT_ID, str(delivery.recipient_id))

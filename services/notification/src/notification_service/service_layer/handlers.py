@@ -29,10 +29,7 @@ async def queue_deliveries(tx: NotificationTx, event: OrderEventData, meta: Even
         trace_headers=current_traceparent(),  # the delivery spans continue this (the consumer's) trace
     )
     if routing.sent_as_webhook(meta.type):
-        subscriptions = await tx.subscriptions.matching(centre, meta.type)
-        if subscriptions:
-            await tx.webhooks.enqueue(subscriptions, ref, meta.envelope.to_json())
-            await tx.webhooks.wake()
+        await tx.webhooks.enqueue_matching(tx.subscriptions, ref, meta.envelope.to_json())
     if routing.is_exception(meta.type, meta.envelope.data):
         recipients = await tx.recipients.matching(centre, meta.type)
         if recipients:
