@@ -17,6 +17,7 @@ class TelemetrySettings:
     otlp_traces_endpoint: str | None = None  # OTEL_EXPORTER_OTLP_TRACES_ENDPOINT
     otlp_metrics_endpoint: str | None = None  # OTEL_EXPORTER_OTLP_METRICS_ENDPOINT
     metric_export_interval_ms: int = 10_000  # OTEL_METRIC_EXPORT_INTERVAL
+    trace_trivial_statements: bool = False  # V2V_TRACE_TRIVIAL_STATEMENTS: spans for BEGIN and pool resets
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> TelemetrySettings:
@@ -26,6 +27,8 @@ class TelemetrySettings:
             otlp_traces_endpoint=env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or None,
             otlp_metrics_endpoint=env.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT") or None,
             metric_export_interval_ms=int(env.get("OTEL_METRIC_EXPORT_INTERVAL") or 10_000),
+            trace_trivial_statements=(env.get("V2V_TRACE_TRIVIAL_STATEMENTS") or "").strip().lower()
+            in {"1", "true", "yes", "on"},
         )
 
     @property

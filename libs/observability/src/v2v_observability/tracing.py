@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -173,8 +172,9 @@ def configure_tracing(
     if _provider is not None:
         return _provider
     resource = Resource.create({"service.name": service, "service.namespace": "vein2vein"})
+    telemetry = telemetry or TelemetrySettings.from_env()
     sampler = _get_from_env_or_default()
-    if os.environ.get("V2V_TRACE_TRIVIAL_STATEMENTS", "").strip().lower() not in {"1", "true", "yes", "on"}:
+    if not telemetry.trace_trivial_statements:
         sampler = SkipTrivialStatements(sampler)
     provider = TracerProvider(resource=resource, sampler=sampler)
     provider.add_span_processor(OrderAttributesProcessor())
