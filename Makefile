@@ -11,6 +11,10 @@ VENV := .venv
 export UV_PYTHON_DOWNLOADS := never
 export UV_PYTHON := $(shell command -v $(PYTHON))
 export UV_PROJECT_ENVIRONMENT := $(VENV)
+# bytecode compiled once at install, and cached for our own modules and tests (assertion rewriting
+# included), even where the environment says not to write it: every run would compile everything again
+export UV_COMPILE_BYTECODE := 1
+unexport PYTHONDONTWRITEBYTECODE
 
 PYTEST_ARGS ?=
 
@@ -24,8 +28,11 @@ $(UV):
 	@$(PYTHON) -m venv $(TOOLS)
 	@$(TOOLS)/bin/pip install --quiet "uv==$(UV_VERSION)"
 
-bootstrap: $(UV) ## install the locked environment into .venv (uv sync --locked)
+bootstrap: $(VENV)/.synced ## install the locked environment into .venv (uv sync --locked), when the lock changed
+
+$(VENV)/.synced: uv.lock pyproject.toml $(wildcard libs/*/pyproject.toml services/*/pyproject.toml) | $(UV)
 	@$(UV) sync --locked --quiet
+	@touch $@
 
 run: bootstrap ## start Postgres, the Kafka-compatible broker and the five services (Ctrl-C stops)
 	@$(VENV)/bin/python -m v2v_harness run
@@ -38,7 +45,7 @@ test: bootstrap ## the whole suite: unit, integration (real Postgres + broker) a
 
 test-unit: bootstrap ## unit tests only (no I/O, on both cores; the integration and e2e folders are not collected)
 	@$(VENV)/bin/pytest -n 2 -m "not integration and not e2e" --ignore-glob='*/integration/*' \
-		--ignore=tests/e2e $(PYTEST_ARGS)
+		--ignore=tests/e2e --hypothesis-profile=quick $(PYTEST_ARGS)
 
 test-integration: bootstrap ## integration tests only
 	@$(VENV)/bin/pytest -m integration $(PYTEST_ARGS)

@@ -18,6 +18,15 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+# `make test-unit` is the quick loop: property tests without a count of their own try fewer examples there
+# (`--hypothesis-profile=quick`); `make test` runs them at Hypothesis' default.
+try:
+    from hypothesis import settings as _hypothesis_settings
+
+    _hypothesis_settings.register_profile("quick", max_examples=25, deadline=None)
+except ImportError:  # the harness without the test tools installed
+    pass
+
 # The infrastructure modules are imported by the fixtures that need them, so that a unit-test run
 # (`make test-unit`) does not pay for importing the broker, database and HTTP clients it never uses.
 if TYPE_CHECKING:
