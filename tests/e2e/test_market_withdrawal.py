@@ -4,7 +4,9 @@ that market are refused at intake with 422 naming product, use and market.
 
 The platform is shared by the end-to-end tests: this one uses a combination no other test orders
 (CILTA-CEL for clinical use in China, whose only approved site is CN-SHANGHAI) and puts the site's
-approvals and capacity back as they were.
+approvals back as they were. The accepted order holds a slot there (it is released, told
+`approval_withdrawn`, and the order waits, told `no_approved_site`) or, when the site is full, already
+waits (and is told the new reason).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ async def test_an_accepted_order_whose_market_loses_its_last_site_is_waitlisted_
     order_url, site_url = platform.url("order"), platform.url("site")
     async with httpx.AsyncClient(timeout=15) as client:
         site = (await client.get(f"{site_url}/v1/sites/{SITE}")).json()
-        approvals, capacity = site["approvals"], site["daily_capacity"]
+        approvals = site["approvals"]
         serving = [
             s
             for s in (await client.get(f"{site_url}/v1/sites")).json()
@@ -55,18 +57,19 @@ async def test_an_accepted_order_whose_market_loses_its_last_site_is_waitlisted_
         )
         assert resp.status_code in {201, 409}
         try:
-            # no capacity for the product: the order is accepted and waits on the waitlist
-            patch = await client.patch(f"{site_url}/v1/sites/{SITE}", json={"daily_capacity": {PRODUCT: 0}})
-            assert patch.status_code == 200, patch.text
             resp = await client.post(f"{order_url}/v1/orders", json=clinical(patient_ref="PAT-WD-0001"))
             assert resp.status_code == 201, resp.text
             order_id = resp.json()["order_id"]
 
-            async def waitlisted() -> dict[str, Any] | None:
+            # accepted: it holds a slot at the market's only site (or waits for one, when it is full)
+            async def placed() -> dict[str, Any] | None:
                 body = (await client.get(f"{order_url}/v1/orders/{order_id}")).json()
-                return body if body["status"] == "waitlisted" else None
+                held = body["status"] in {"slot_reserved", "booking_confirmed", "inbound_shipment_planned"}
+                return body if held or body["status"] == "waitlisted" else None
 
-            await eventually(waitlisted, timeout=15, what="order waitlisted for lack of capacity")
+            before = await eventually(placed, timeout=15, what="order booked or waitlisted")
+            if before["status"] != "waitlisted":
+                assert before["site_id"] == SITE
 
             # the market's last approval goes: the accepted order is told why it waits
             withdrawn = [
@@ -88,6 +91,13 @@ async def test_an_accepted_order_whose_market_loses_its_last_site_is_waitlisted_
 
             [hook] = await eventually(unavailable_hooks, timeout=15, what="no_approved_site webhook")
             assert hook["data"]["waitlisted"] is True
+            if before["status"] != "waitlisted":  # its slot was released there, told why
+                released = [
+                    r.json()
+                    for r in webhook_receiver.on(path)
+                    if r.json()["subject"] == order_id and r.json()["type"] == "scheduling.slot_released.v1"
+                ]
+                assert [r["data"]["reason"] for r in released] == ["approval_withdrawn"]
 
             async def told_in_timeline() -> bool:
                 body = (await client.get(f"{order_url}/v1/orders/{order_id}")).json()
@@ -119,6 +129,4 @@ async def test_an_accepted_order_whose_market_loses_its_last_site_is_waitlisted_
             assert error["field"] == "product_code"
             assert all(word in error["reason"] for word in (PRODUCT, USE, REGULATOR))
         finally:
-            await client.patch(
-                f"{site_url}/v1/sites/{SITE}", json={"approvals": approvals, "daily_capacity": capacity}
-            )
+            await client.patch(f"{site_url}/v1/sites/{SITE}", json={"approvals": approvals})
