@@ -11,9 +11,10 @@ import time
 from pathlib import Path
 
 from v2v_harness.catalog import SERVICES
-from v2v_harness.infra import start_infrastructure
-from v2v_harness.platform import Platform, tail
+from v2v_harness.infra import Infrastructure, start_infrastructure
+from v2v_harness.platform import Platform, RunningService, tail
 from v2v_harness.provision import provision
+from v2v_harness.supervise import Child, ProcessSupervisor
 
 DEFAULT_STATE = Path(os.environ.get("V2V_STATE_DIR", ".v2v"))
 
@@ -47,13 +48,9 @@ def _run(args: argparse.Namespace) -> int:
             svc = platform.services[spec.name]
             print(f"  {spec.name:<13} {svc.url}  (docs {svc.url}/docs, log {svc.log_path})", flush=True)
         print("Ctrl-C stops everything.", flush=True)
+        supervisor = ProcessSupervisor(_children(infra, platform))
         while not stopping:
-            for name, svc in platform.services.items():
-                if svc.proc.poll() is not None:
-                    print(
-                        f"vein2vein: {name} exited ({svc.proc.returncode}); last lines:\n{tail(svc.log_path)}"
-                    )
-                    stopping = True
+            supervisor.check()
             time.sleep(0.5)
         return 0
     except Exception as exc:
@@ -64,6 +61,44 @@ def _run(args: argparse.Namespace) -> int:
         platform.stop()
         infra.close()
         print("vein2vein: stopped", flush=True)
+
+
+def _children(infra: Infrastructure, platform: Platform) -> list[Child]:
+    """What `make run` keeps alive: each service process, the embedded broker and Postgres."""
+    children: list[Child] = []
+    logs = infra.log_dir or Path(".")
+    if infra.postgres is not None:
+        pg = infra.postgres
+
+        def pg_restart() -> None:
+            pg.proc = None
+            pg.start(logs / "postgres.log")
+
+        children.append(Child("postgres", lambda: pg.proc is not None and pg.proc.poll() is None, pg_restart))
+    if infra.tansu is not None:
+        tansu = infra.tansu
+
+        def tansu_restart() -> None:
+            tansu.proc = None
+            tansu.start(logs / "tansu.log")  # memory-only: the relays notice and replay their outboxes
+
+        children.append(
+            Child("broker", lambda: tansu.proc is not None and tansu.proc.poll() is None, tansu_restart)
+        )
+    for name, svc in platform.services.items():
+
+        def describe(svc: RunningService = svc) -> str:
+            return f"exited ({svc.proc.returncode}); last lines:\n{tail(svc.log_path, 10)}\n"
+
+        children.append(
+            Child(
+                name,
+                lambda svc=svc: svc.proc.poll() is None,  # type: ignore[misc]
+                lambda name=name: platform.restart_service(name),  # type: ignore[misc]
+                describe,
+            )
+        )
+    return children
 
 
 def _provision(args: argparse.Namespace) -> int:

@@ -35,6 +35,10 @@ class Infrastructure:
     kafka_kind: str
     # Tansu holds a group join for half the session timeout: keep it short locally
     kafka_session_timeout_ms: int = 10_000
+    # the embedded children, when they are ours (the harness restarts them under `make run`)
+    postgres: LocalPostgres | None = None
+    tansu: LocalTansu | None = None
+    log_dir: Path | None = None
     _closers: list[Callable[[], None]] = field(default_factory=list)
 
     def describe(self) -> str:
@@ -84,6 +88,8 @@ def start_infrastructure(
     env_kafka = os.environ.get("V2V_KAFKA_BOOTSTRAP_SERVERS") or None
     fetch_wait_env = os.environ.get("V2V_KAFKA_FETCH_MAX_WAIT_MS")
     closers: list[Callable[[], None]] = []
+    pg: LocalPostgres | None = None
+    tansu: LocalTansu | None = None
     use_containers = (
         allow_containers
         and _truthy(os.environ.get("V2V_TESTCONTAINERS"), False)
@@ -140,5 +146,15 @@ def start_infrastructure(
         or (4000 if kafka_kind.startswith("embedded") else 10_000)
     )
     return Infrastructure(
-        admin_url, bootstrap, idempotence, fetch_wait, pg_kind, kafka_kind, session_ms, closers
+        admin_url,
+        bootstrap,
+        idempotence,
+        fetch_wait,
+        pg_kind,
+        kafka_kind,
+        session_ms,
+        pg,
+        tansu,
+        state_dir / "logs",
+        closers,
     )

@@ -23,6 +23,7 @@ class RunningService:
     database_url: str
     proc: Popen[bytes]
     log_path: Path
+    env: dict[str, str] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
@@ -82,7 +83,9 @@ class Platform:
             log_path = self.state_dir / "logs" / f"{spec.name}.log"
             env = self.service_env(spec, port, service_urls[spec.name], extra_env.get(spec.name, {}))
             proc = spawn([sys.executable, "-m", spec.package], env=env, log_path=log_path)
-            self.services[spec.name] = RunningService(spec, port, service_urls[spec.name], proc, log_path)
+            self.services[spec.name] = RunningService(
+                spec, port, service_urls[spec.name], proc, log_path, env
+            )
         self.wait_ready(timeout)
 
     def wait_ready(self, timeout: float) -> None:
@@ -110,6 +113,13 @@ class Platform:
                 + "\n"
                 + "\n".join(tail(s.log_path) for s in pending.values())
             )
+
+    def restart_service(self, name: str) -> None:
+        """Start a service again as it was started (same port, database and environment)."""
+        svc = self.services[name]
+        if svc.proc.poll() is None:
+            stop(svc.proc)
+        svc.proc = spawn([sys.executable, "-m", svc.spec.package], env=svc.env, log_path=svc.log_path)
 
     def stop_service(self, name: str) -> None:
         svc = self.services.get(name)
