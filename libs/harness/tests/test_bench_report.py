@@ -114,6 +114,17 @@ def test_the_document_keeps_one_section_per_label(tmp_path: Path) -> None:
     assert "(raw limits not measured in this run)" in after
 
 
+def test_hand_written_notes_between_sections_are_kept(tmp_path: Path) -> None:
+    doc = tmp_path / "BENCHMARKS.md"
+    report.update_docs(doc, _result("before"))
+    doc.write_text(doc.read_text() + "\n## Optimisation round 1\n\nwhat changed, by hand\n")
+    report.update_docs(doc, _result("after", knee=10.0))
+    report.update_docs(doc, _result("before", knee=None))
+    text = doc.read_text()
+    assert "## Optimisation round 1\n\nwhat changed, by hand" in text
+    assert text.index("section:before") < text.index("Optimisation round 1") < text.index("section:after")
+
+
 async def test_client_and_receiver_speak_http_1_1_with_keep_alive() -> None:
     sink = await WebhookSink().start()
     pool = HttpPool("127.0.0.1", sink.port, limit=4)

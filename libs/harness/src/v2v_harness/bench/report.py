@@ -344,21 +344,20 @@ Postgres backend that ended during a step is not counted.
 
 
 def update_docs(path: Path, result: dict[str, Any]) -> Path:
-    """Write `path` with the standard header and one section per label, this run's replacing its own."""
+    """Write this run's section into `path`: in place of the section with the same label, else at the end.
+    Everything else in the file (other runs, hand-written notes between sections) is kept as it is."""
     label = result["label"]
-    sections: list[tuple[str, str]] = []
-    if path.exists():
-        sections = [(m["label"], m["body"]) for m in SECTION.finditer(path.read_text())]
-    body = section_markdown(result)
-    if any(lbl == label for lbl, _ in sections):
-        sections = [(lbl, body if lbl == label else b) for lbl, b in sections]
+    body = section_markdown(result).rstrip()
+    block = f"<!-- bench:section:{label} -->\n{body}\n<!-- /bench:section:{label} -->\n"
+    text = path.read_text() if path.exists() else HEADER
+    for m in SECTION.finditer(text):
+        if m["label"] == label:
+            text = text[: m.start()] + block + text[m.end() :]
+            break
     else:
-        sections.append((label, body))
-    parts = [HEADER]
-    for lbl, b in sections:
-        parts.append(f"<!-- bench:section:{lbl} -->\n{b.rstrip()}\n<!-- /bench:section:{lbl} -->\n")
+        text = text.rstrip("\n") + "\n\n" + block
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(parts))
+    path.write_text(text)
     return path
 
 
