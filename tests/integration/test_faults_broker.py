@@ -7,7 +7,6 @@ that was stopped meanwhile then gets what it had not consumed, and its inbox dro
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -19,6 +18,7 @@ from faststream.kafka import KafkaBroker
 
 from v2v_contracts import CloudEvent, EventData, all_topics, dead_letter_topic, topic_for
 from v2v_harness import pytest_plugin
+from v2v_harness.e2e import eventually
 from v2v_harness.kafka import LocalTansu
 from v2v_harness.processes import free_port
 from v2v_messaging import (
@@ -46,20 +46,6 @@ class OrderProbeV1(EventData):
     TYPE = "order.fault_probe.v1"
     SERVICE = "order"
     n: int
-
-
-async def eventually(check: Any, timeout: float, what: str) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        result = check()
-        if not isinstance(result, bool):
-            result = await result
-        if result:
-            return
-        if loop.time() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 @pytest.fixture
@@ -143,24 +129,26 @@ async def test_events_not_yet_consumed_survive_a_broker_restart_while_the_servic
         consumer, broker = await start_consumer(kafka, uow, topic, dlq, consumer_service)
         consumer_brokers.append(broker)
         first = [await write(n) for n in (1, 2)]
-        await eventually(lambda: consumer.stats.processed == 2, 30, "the consumer to process the first two")
+        await eventually(
+            lambda: consumer.stats.processed == 2, 30, what="the consumer to process the first two"
+        )
         await broker.stop()  # the consumer is paused (its service stopped, say)
 
         later = [await write(n) for n in (3, 4)]
-        await eventually(lambda: relay.published_total == 4, 10, "the relay to publish the next two")
+        await eventually(lambda: relay.published_total == 4, 10, what="the relay to publish the next two")
         assert relay.broker_resets == 0
 
         tansu.stop()  # the broker restarts, memory-only: every topic, record and offset is gone
         tansu.start(tmp_path / "tansu-2.log")
 
-        await eventually(lambda: relay.broker_resets >= 1, 20, "the relay to notice the fresh broker")
-        await eventually(lambda: relay.replayed_total >= 4 and not relay.replaying, 20, "the replay")
+        await eventually(lambda: relay.broker_resets >= 1, 20, what="the relay to notice the fresh broker")
+        await eventually(lambda: relay.replayed_total >= 4 and not relay.replaying, 20, what="the replay")
         assert set(topics) <= set(await list_topics(kafka))  # created again, dead-letter topics too
 
         consumer, broker = await start_consumer(kafka, uow, topic, dlq, consumer_service)  # resumes
         consumer_brokers.append(broker)
-        await eventually(lambda: consumer.stats.processed == 2, 30, "the events not consumed before")
-        await eventually(lambda: consumer.stats.duplicates == 2, 10, "the replayed ones to be dropped")
+        await eventually(lambda: consumer.stats.processed == 2, 30, what="the events not consumed before")
+        await eventually(lambda: consumer.stats.duplicates == 2, 10, what="the replayed ones to be dropped")
 
         assert await effects() == {e.id: e.data["n"] for e in [*first, *later]}
         assert consumer.stats.dead_lettered == 0
@@ -168,7 +156,7 @@ async def test_events_not_yet_consumed_survive_a_broker_restart_while_the_servic
 
         # and the platform goes on as before on the new broker
         fifth = await write(5)
-        await eventually(lambda: consumer.stats.processed == 3, 20, "a new event after the restart")
+        await eventually(lambda: consumer.stats.processed == 3, 20, what="a new event after the restart")
         assert (await effects())[fifth.id] == 5
     finally:
         await relay.stop()

@@ -22,6 +22,7 @@ from aiokafka import AIOKafkaProducer
 from v2v_contracts import CloudEvent, EventData, dead_letter_topic, topic_for
 from v2v_harness import pytest_plugin
 from v2v_harness.catalog import BY_NAME
+from v2v_harness.e2e import eventually
 from v2v_harness.infra import Infrastructure
 from v2v_harness.postgres import LocalPostgres
 from v2v_harness.processes import free_port
@@ -59,20 +60,6 @@ class OrderProbeV1(EventData):
     TYPE = "order.fault_probe.v1"
     SERVICE = "order"
     n: int
-
-
-async def eventually(check: Any, timeout: float, what: str) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        result = check()
-        if not isinstance(result, bool):
-            result = await result
-        if result:
-            return
-        if loop.time() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 @pytest.fixture
@@ -142,21 +129,21 @@ async def test_a_read_only_window_is_waited_out_never_dead_lettered(
     try:
         await broker.start()
         await producer.send_and_wait(topic, probe(0), key=b"order-0")
-        await eventually(lambda: consumer.stats.processed == 1, 30, "the consumer to work")
+        await eventually(lambda: consumer.stats.processed == 1, 30, what="the consumer to work")
 
         await admin.execute(f'ALTER DATABASE "{test_db.name}" SET default_transaction_read_only = on')
         await cut_sessions()
         for n in (1, 2):
             await producer.send_and_wait(topic, probe(n), key=f"order-{n}".encode())
         # the window lasts: several redeliveries' worth of read-only failures
-        await eventually(lambda: consumer.stats.transient_failures >= 10, 30, "read-only failures")
+        await eventually(lambda: consumer.stats.transient_failures >= 10, 30, what="read-only failures")
         assert consumer.stats.processed == 1
         assert consumer.stats.dead_lettered == 0
         assert consumer.stats.poison_failures == 0
 
         await admin.execute(f'ALTER DATABASE "{test_db.name}" RESET default_transaction_read_only')
         await cut_sessions()
-        await eventually(lambda: consumer.stats.processed == 3, 30, "the messages after the window")
+        await eventually(lambda: consumer.stats.processed == 3, 30, what="the messages after the window")
         assert consumer.stats.dead_lettered == 0
         assert await admin.fetchval("SELECT count(*) FROM ordering.dead_letters") == 0
         assert sorted(r["n"] for r in await admin.fetch("SELECT n FROM ordering.it_effects")) == [0, 1, 2]
@@ -227,22 +214,24 @@ async def test_the_relay_listens_again_after_a_postgres_restart(
                 await asyncio.sleep(0.2)
 
     try:
-        await eventually(lambda: relay.listening, 10, "the relay to listen")
+        await eventually(lambda: relay.listening, 10, what="the relay to listen")
         await asyncio.sleep(0.5)  # the first pass is done: the relay now waits on NOTIFY (or 120 s)
         await write(1)
-        await eventually(lambda: relay.published_total == 1, 5, "the first row, woken by NOTIFY")
+        await eventually(lambda: relay.published_total == 1, 5, what="the first row, woken by NOTIFY")
 
         await asyncio.to_thread(own_postgres.stop)
         await asyncio.to_thread(
             own_postgres.start, own_postgres.data_dir.parent / f"pg-{own_postgres.port}-2.log"
         )
-        await eventually(lambda: supervisor.health()["outbox-listener"].restarts >= 1, 20, "the lost LISTEN")
-        await eventually(lambda: relay.listening, 20, "LISTEN to be re-established")
+        await eventually(
+            lambda: supervisor.health()["outbox-listener"].restarts >= 1, 20, what="the lost LISTEN"
+        )
+        await eventually(lambda: relay.listening, 20, what="LISTEN to be re-established")
         await asyncio.sleep(1.0)  # the pass the reconnection woke is over: the relay waits again
 
         await write(2)
         started = asyncio.get_running_loop().time()
-        await eventually(lambda: relay.published_total == 2, 5, "the row written after the restart")
+        await eventually(lambda: relay.published_total == 2, 5, what="the row written after the restart")
         assert asyncio.get_running_loop().time() - started < 5
         assert supervisor.problems() == {}
     finally:
