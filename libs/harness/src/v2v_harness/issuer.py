@@ -30,21 +30,13 @@ from joserfc import jwt
 from joserfc.errors import JoseError
 from joserfc.jwk import ECKey, KeySet
 
+from v2v_contracts.scopes import SCOPES, SCOPES_BY_KIND
+
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 ALGORITHMS = ["ES256", "RS256", "PS256"]  # asymmetric only: never none, never HMAC
 TOKEN_TTL_S = 300
 MAX_ASSERTION_TTL_S = 300
 AUDIENCE = "vein2vein"
-
-# what each kind of principal may do (the services' routes declare which scope they need)
-SCOPES_BY_KIND: dict[str, tuple[str, ...]] = {
-    "centre": ("orders:read", "orders:write", "notifications:manage"),
-    "carrier": ("shipments:read", "shipments:report"),
-    "site": ("sites:read", "mes:report"),
-    "qa": ("orders:read", "qc:release", "quarantine:decide", "sites:read"),
-    "admin": ("sites:read", "registry:admin"),
-    "ops": ("ops:read", "ops:write", "orders:read", "sites:read", "shipments:read"),
-}
 
 
 @dataclass(frozen=True)
@@ -106,7 +98,7 @@ class AuthorizationServer:
             "grant_types_supported": ["client_credentials"],
             "token_endpoint_auth_methods_supported": ["private_key_jwt"],
             "token_endpoint_auth_signing_alg_values_supported": ALGORITHMS,
-            "scopes_supported": sorted({s for scopes in SCOPES_BY_KIND.values() for s in scopes}),
+            "scopes_supported": sorted(SCOPES),
             "id_token_signing_alg_values_supported": ["ES256"],
         }
 

@@ -43,6 +43,19 @@ class Principal:
     def has(self, scope: str) -> bool:
         return scope in self.scopes
 
+    def tenant(self, kind: str) -> str | None:
+        """The entity this principal is confined to when it is of `kind` (a centre's id for "centre"),
+        else None: not confined by that kind (QA, ops and admin see across tenants, within their scopes).
+
+            centre = principal.tenant("centre")   # None for QA/ops: every centre
+            orders = await tx.orders.list(centre=centre)
+        """
+        if self.kind != kind:
+            return None
+        if not self.entity_id:  # a tenant-bound kind without its entity: confined to nothing at all
+            raise Forbidden(f"{kind} principal without an entity")
+        return self.entity_id
+
 
 class TokenVerifier:
     def __init__(
@@ -67,6 +80,16 @@ class TokenVerifier:
         self._algorithms: list[str] = list(ASYMMETRIC_ALGORITHMS)
         self._fetched_at = 0.0
         self._lock = asyncio.Lock()
+        self._static = False
+
+    @classmethod
+    def with_keys(cls, issuer: str, audience: str, jwks: dict[str, Any], **kw: Any) -> TokenVerifier:
+        """A verifier that trusts these keys and never fetches (tests, or a pinned issuer)."""
+        verifier = cls(issuer, audience, **kw)
+        verifier._keys = KeySet.import_key_set(jwks)  # type: ignore[arg-type]
+        verifier._fetched_at = float("inf")
+        verifier._static = True
+        return verifier
 
     async def _fetch(self) -> None:
         client = self._http or httpx.AsyncClient(timeout=5.0)
@@ -89,6 +112,8 @@ class TokenVerifier:
 
     async def keys(self, *, refresh: bool = False) -> KeySet:
         async with self._lock:
+            if self._static and self._keys is not None:
+                return self._keys
             age = time.monotonic() - self._fetched_at
             stale = self._keys is None or age > self.jwks_ttl_s
             if stale or (refresh and age > self.min_refresh_s):
