@@ -5,6 +5,7 @@ field) before it reaches a service layer, an event, a log or a span.
 - `Text32` .. `Text2000` (1..n characters after stripping): no control characters (C0, DEL, C1), no lone
   surrogates, no Unicode "non-characters". Error messages never echo the input.
 - `Code`: an identifier or reason code (letters, digits, `_ - . :`), at most 64 characters.
+- `ReasonCode`: what events carry as a reason (`patient_deceased`, `outage:maintenance`).
 - `Finite`: a float that is neither NaN nor ±Infinity.
 - `ReportedAt`: an aware timestamp within [now - 30 days, now + 5 minutes] (a fact being reported).
 - `booking_window(today)`: the dates a booking may ask for: tomorrow .. today + 180 days.
@@ -58,6 +59,10 @@ CODE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,63}$"
 Code = Annotated[str, StringConstraints(pattern=CODE_PATTERN), BeforeValidator(_printable)]
 """An identifier or reason code (site id, centre id, product code, reason code)."""
 
+REASON_CODE_PATTERN = r"^[a-z][a-z0-9_]{0,47}(:[a-z0-9_]{1,47}){0,3}$"
+ReasonCode = Annotated[str, StringConstraints(pattern=REASON_CODE_PATTERN, max_length=120)]
+"""A machine-readable reason in an event (`patient_deceased`, `outage:maintenance`): never free text."""
+
 Finite = Annotated[float, Field(allow_inf_nan=False)]
 
 
@@ -96,6 +101,7 @@ __all__ = [
     "BookingDate",
     "Code",
     "Finite",
+    "ReasonCode",
     "ReportedAt",
     "Text32",
     "Text64",
