@@ -190,8 +190,23 @@ def require_scope(scope: str) -> Any:
     return Depends(principal)
 
 
+PUBLIC = "public"
+
+
+def public() -> Any:
+    """The dependency of the few routes anyone may call (liveness, readiness, metrics, the AsyncAPI
+    document): declared explicitly, so that a route without any declaration is caught by the tests."""
+
+    async def anyone() -> None:
+        return None
+
+    setattr(anyone, SCOPE_ATTR, PUBLIC)
+    return Depends(anyone)
+
+
 def declared_scope(route: Any) -> str | None:
-    """The scope a FastAPI route declares through `require_scope`, if any (for the deny-by-default test)."""
+    """The scope a FastAPI route declares through `require_scope` (or `PUBLIC` through `public()`), if any:
+    for the deny-by-default test."""
     dependant = getattr(route, "dependant", None)
     stack = list(dependant.dependencies) if dependant is not None else []
     while stack:

@@ -19,6 +19,10 @@ class ServiceSettings(BaseSettings):
     kafka_partitions: int = 6
     kafka_replication_factor: int = 1
     topic_namespace: str = ""
+    # the OAuth 2.0 / OIDC issuer whose tokens the API accepts (its discovery metadata and JWKS are read);
+    # unset: every route but the public ones (health, ready, metrics) answers 401
+    auth_issuer: str | None = None
+    auth_audience: str = "vein2vein"
     http_host: str = "127.0.0.1"
     http_port: int = 8000
     state_dir: str | None = None
