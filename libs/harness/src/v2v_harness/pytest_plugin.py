@@ -30,6 +30,7 @@ except ImportError:  # the harness without the test tools installed
 # The infrastructure modules are imported by the fixtures that need them, so that a unit-test run
 # (`make test-unit`) does not pay for importing the broker, database and HTTP clients it never uses.
 if TYPE_CHECKING:
+    from v2v_harness.e2e import Parties
     from v2v_harness.identity import Credentials
     from v2v_harness.infra import Infrastructure
     from v2v_harness.issuer import IssuerProcess
@@ -105,6 +106,16 @@ def credentials(issuer: IssuerProcess, state_dir: Path) -> Credentials:
     from v2v_harness.identity import Credentials
 
     return Credentials(issuer.url, state_dir / "identity")
+
+
+@pytest.fixture
+async def parties(credentials: Credentials) -> AsyncIterator[Parties]:
+    """httpx clients acting as a centre, a carrier, a site's MES, QA, admin or ops (see `Parties`)."""
+    from v2v_harness.e2e import Parties
+
+    found = Parties(credentials)
+    yield found
+    await found.aclose()
 
 
 def _start_platform(
