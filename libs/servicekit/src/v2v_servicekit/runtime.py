@@ -59,7 +59,7 @@ from v2v_observability import (
 )
 from v2v_persistence import DbTimeouts, apply_migrations, create_pool, schema_of
 from v2v_servicekit import problems
-from v2v_servicekit.auth import Principal, TokenVerifier, public, require_scope
+from v2v_servicekit.auth import Principal, TokenVerifier, document_scopes, public, require_scope
 from v2v_servicekit.settings import ServiceSettings
 
 log = get_logger(__name__)
@@ -321,6 +321,7 @@ def create_app(definition: ServiceDefinition, settings: ServiceSettings | None =
     app.include_router(operations_router)
     for router in definition.routers:
         app.include_router(router)
+    document_scopes(app)
     return app
 
 
