@@ -15,6 +15,7 @@ an `httpx.Auth` can be given as well.
 from __future__ import annotations
 
 import inspect
+import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime
@@ -256,10 +257,13 @@ class V2VClient:
         headers: Mapping[str, str] | None = None,
     ) -> ApiResponse:
         """POST /v1/orders (201): treatment_center_id, product_code, order_type, patient_ref,
-        requested_apheresis_date."""
+        requested_apheresis_date. The service requires an `Idempotency-Key`: pass the same one when you
+        retry (a replay answers with the first answer); without one, each call gets a fresh key."""
         extra = dict(headers or {})
         if idempotency_key is not None:
             extra["Idempotency-Key"] = idempotency_key
+        elif not any(k.lower() == "idempotency-key" for k in extra):
+            extra["Idempotency-Key"] = str(uuid.uuid4())
         return await self.post("order", "/v1/orders", dict(body), headers=extra)
 
     async def get_order(self, order_id: str, *, headers: Mapping[str, str] | None = None) -> ApiResponse:
