@@ -13,6 +13,7 @@ from typing import Any, ClassVar, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict
 
 from v2v_contracts.envelope import CloudEvent, source_for
+from v2v_contracts.fields import Code, ReasonCode
 
 OrderType = Literal["commercial", "clinical"]
 
@@ -126,6 +127,7 @@ class ShipmentPlannedV1(OrderEventData):
     temperature_range_c: tuple[float, float]
     planned_pickup_date: date
     slot_id: uuid.UUID | None = None  # inbound leg: the manufacturing slot it feeds
+    carrier_id: Code | None = None  # the carrier (courier) that carries the leg; None from older producers
 
 
 Milestone = Literal["booked", "picked_up", "in_transit", "delivered"]
@@ -140,9 +142,9 @@ class ShipmentMilestoneV1(OrderEventData):
     leg: Literal["inbound_apheresis", "outbound_product"]
     milestone: Milestone
     occurred_at: datetime
-    location: str
-    handled_by: str  # opaque courier/staff reference, never a person's name
-    received_from: str | None = None
+    location: Code  # opaque reference: site, centre, hub or airport code
+    handled_by: Code  # opaque courier/staff reference, never a person's name
+    received_from: Code | None = None
     temperature_c: float | None = None
 
 
@@ -368,7 +370,7 @@ class ShipmentCancelledV1(OrderEventData):
     SERVICE = "logistics"
     shipment_id: uuid.UUID
     leg: Literal["inbound_apheresis", "outbound_product"]
-    reason: str
+    reason: ReasonCode  # order_cancelled[:<code>] | order_failed[:<code>] | booking_cancelled[:<code>]
 
 
 class OrderCoiMismatchDetectedV1(OrderEventData):
@@ -394,7 +396,7 @@ class CoiMismatchDetectedV1(OrderEventData):
     TYPE = "logistics.coi_mismatch_detected.v1"
     SERVICE = "logistics"
     shipment_id: uuid.UUID
-    where: str
+    where: Code  # the handoff's location code, or `temperature-reading`
 
 
 def _all_event_classes() -> list[type[EventData]]:
