@@ -171,7 +171,7 @@ class OrderCancelledV1(OrderEventData):
 
     TYPE = "order.cancelled.v1"
     SERVICE = "order"
-    reason: str
+    reason: ReasonCode  # patient_deceased, consent_withdrawn, ... (the words stay in the order service)
     previous_status: str
 
 
@@ -180,7 +180,7 @@ class OrderFailedV1(OrderEventData):
 
     TYPE = "order.failed.v1"
     SERVICE = "order"
-    reason: str
+    reason: ReasonCode  # <cause>:no_recollection_left, e.g. out_of_specification:no_recollection_left
 
 
 class RebookRequestedV1(OrderEventData):
@@ -189,7 +189,7 @@ class RebookRequestedV1(OrderEventData):
     TYPE = "order.rebook_requested.v1"
     SERVICE = "order"
     kind: RebookKind
-    reason: str
+    reason: ReasonCode  # reschedule: the centre's code; recollection: the cause; site_outage: the site's
     product_code: str
     order_type: OrderType
     regulator: str
@@ -204,7 +204,7 @@ class RemanufactureRequestedV1(OrderEventData):
     TYPE = "order.remanufacture_requested.v1"
     SERVICE = "order"
     site_id: str
-    reason: str
+    reason: ReasonCode  # out_of_specification | manufacturing_failed | quarantine_rejected
     run: int  # 2 for the first remanufacture
 
 
@@ -246,7 +246,7 @@ class QuarantineDecidedV1(OrderEventData):
     TYPE = "order.quarantine_decided.v1"
     SERVICE = "order"
     decision: Literal["release", "reject"]
-    reason: str
+    reason: ReasonCode  # QA's code (within_stability_data, outside_stability_data, ...)
 
 
 class SlotReleasedV1(OrderEventData):

@@ -491,7 +491,7 @@ async def test_order_cancelled_cancels_every_shipment_not_yet_delivered_and_plan
     other = await planned(pool, uow, bystander, "inbound_apheresis")
 
     cancelled = OrderCancelledV1(
-        **order.refs, reason="patient_withdrew", previous_status="product_in_transit"
+        **order.refs, reason="consent_withdrawn", previous_status="product_in_transit"
     )
     event = new_event(cancelled)
     await handle(uow, event)
@@ -503,7 +503,7 @@ async def test_order_cancelled_cancels_every_shipment_not_yet_delivered_and_plan
     [cancel] = await outbox(pool, "logistics.shipment_cancelled.v1")
     assert cancel["data"]["shipment_id"] == str(outbound["shipment_id"])
     assert cancel["data"]["leg"] == "outbound_product"
-    assert cancel["data"]["reason"] == "order_cancelled:patient_withdrew"
+    assert cancel["data"]["reason"] == "order_cancelled:consent_withdrawn"
     assert cancel["data"]["treatment_center_id"] == TC
 
     # a late fact from another topic (crossing the cancellation) plans nothing for the ended order
@@ -610,9 +610,7 @@ async def test_quarantine_release_resumes_the_compromised_outbound_shipment(
     await milestone(uow, ship, "in_transit")
     await reading(uow, ship, -149.0)
     assert await status(pool, ship) == "compromised"
-    await handle(
-        uow, QuarantineDecidedV1(**order.refs, decision="release", reason="QA assessed: within stability")
-    )
+    await handle(uow, QuarantineDecidedV1(**order.refs, decision="release", reason="within_stability_data"))
     row = await pool.fetchrow("SELECT * FROM shipments WHERE shipment_id = $1", ship["shipment_id"])
     assert row["status"] == "in_transit" and row["quarantine_decision"] == "release"
     assert (await milestone(uow, ship, "delivered"))["status"] == "delivered"

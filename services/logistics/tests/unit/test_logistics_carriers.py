@@ -36,6 +36,7 @@ from v2v_contracts import (
 from v2v_contracts.coi import make_coi
 from v2v_contracts.fields import CODE_PATTERN, REASON_CODE_PATTERN
 from v2v_messaging.fakes import FakeInbox, FakeUnitOfWork
+from v2v_messaging.handlers import PoisonMessage
 
 LANES = load_shipping_lanes()
 HANDLERS = build_handlers(LANES)
@@ -304,17 +305,32 @@ async def test_free_text_reasons_upstream_never_reach_logistics_tables_events_or
             site_id="DE-LEIPZIG-IZI",
             reason=MARKER,
         ),
-        OrderCancelledV1(**second.refs, reason=MARKER, previous_status="released"),
-        OrderFailedV1(**third.refs, reason=MARKER),
+        OrderCancelledV1(**second.refs, reason="consent_withdrawn", previous_status="released"),
+        OrderFailedV1(**third.refs, reason="no_material_left"),
     )
+    # the order contract refuses free text: an event built unvalidated (as an older or forged producer
+    # could send it) is poison, handled by nothing
+    for forged in (
+        OrderCancelledV1.model_construct(**second.refs, reason=MARKER, previous_status="released"),
+        OrderFailedV1.model_construct(**third.refs, reason=MARKER),
+    ):
+        with pytest.raises(PoisonMessage):
+            await world.deliver(forged)
     outbound = Order()
     await world.deliver(product_released(outbound, "DE-LEIPZIG-IZI"))
     [ship] = world.ships(outbound)
     await commands.record_temperature(world.uow, ship.shipment_id, reading_c=-100.0, measured_at=NOW)
-    await world.deliver(QuarantineDecidedV1(**outbound.refs, decision="release", reason=MARKER))
+    with pytest.raises(PoisonMessage):
+        await world.deliver(
+            QuarantineDecidedV1.model_construct(**outbound.refs, decision="release", reason=MARKER)
+        )
 
     cancelled = [e.data["reason"] for e in world.uow.committed if e.type == "logistics.shipment_cancelled.v1"]
-    assert sorted(cancelled) == ["booking_cancelled", "order_cancelled", "order_failed"]
+    assert sorted(cancelled) == [
+        "booking_cancelled",
+        "order_cancelled:consent_withdrawn",
+        "order_failed:no_material_left",
+    ]
     assert "CANARY" not in repr(world.store.snapshot())
     assert all(b"CANARY" not in e.to_json() for e in world.uow.committed)
     logged = capsys.readouterr()

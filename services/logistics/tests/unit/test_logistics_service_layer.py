@@ -218,7 +218,7 @@ async def test_a_duplicate_event_is_a_no_op(world: World) -> None:
     assert world.uow.types() == [PLANNED]
     assert world.uow.commits == 1
 
-    cancel = new_event(OrderCancelledV1(**order.refs, reason="patient withdrew", previous_status="x"))
+    cancel = new_event(OrderCancelledV1(**order.refs, reason="consent_withdrawn", previous_status="x"))
     await world.deliver(cancel, cancel)
     assert world.uow.types() == [PLANNED, CANCELLED]
     assert world.uow.commits == 2
@@ -519,7 +519,7 @@ async def test_order_cancelled_cancels_every_shipment_not_yet_delivered_and_plan
     other = await world.planned(bystander, "inbound_apheresis")
 
     await world.deliver(
-        OrderCancelledV1(**order.refs, reason="patient_withdrew", previous_status="product_in_transit")
+        OrderCancelledV1(**order.refs, reason="consent_withdrawn", previous_status="product_in_transit")
     )
     assert world.status(inbound) == "delivered"
     assert world.status(outbound) == "cancelled"
@@ -527,9 +527,9 @@ async def test_order_cancelled_cancels_every_shipment_not_yet_delivered_and_plan
     [cancel] = world.events(CANCELLED)
     assert cancel.data["shipment_id"] == str(outbound.shipment_id)
     assert cancel.data["leg"] == "outbound_product"
-    assert cancel.data["reason"] == "order_cancelled:patient_withdrew"
+    assert cancel.data["reason"] == "order_cancelled:consent_withdrawn"
     assert cancel.data["treatment_center_id"] == TC
-    assert world.store.ended_orders[order.order_id] == ("cancelled", "order_cancelled:patient_withdrew")
+    assert world.store.ended_orders[order.order_id] == ("cancelled", "order_cancelled:consent_withdrawn")
 
     # a second cancellation (another event) has nothing left to cancel
     await world.deliver(OrderCancelledV1(**order.refs, reason="again", previous_status="cancelled"))
@@ -635,14 +635,11 @@ async def test_quarantine_release_resumes_the_compromised_outbound_shipment(worl
     await world.milestone(ship, "in_transit")
     await world.reading(ship, -149.0)
     assert world.status(ship) == "compromised"
-    await world.deliver(
-        QuarantineDecidedV1(**order.refs, decision="release", reason="QA assessed: within stability")
-    )
+    await world.deliver(QuarantineDecidedV1(**order.refs, decision="release", reason="within_stability_data"))
     stored = world.store.shipments[ship.shipment_id]
     assert stored.status == "in_transit" and stored.quarantine_decision == "release"
-    # QA's free text is not a reason code: only the decision is recorded
-    assert stored.status_reason == "quarantine_release"
-    assert "stability" not in repr(world.store.snapshot())
+    # QA's reason code goes along with the decision
+    assert stored.status_reason == "quarantine_release:within_stability_data"
     assert (await world.milestone(ship, "delivered"))["status"] == "delivered"
     assert len(world.events(EXCURSION)) == 1  # published once for this shipment
 
@@ -668,7 +665,7 @@ async def test_quarantine_release_does_not_resume_when_another_shipment_took_the
     await world.milestone(first, "in_transit")
     await world.reading(first, -120.0)
     await world.deliver(product_released(order, run=2))  # the lane is free: a replacement is planned
-    await world.deliver(QuarantineDecidedV1(**order.refs, decision="release", reason="late release"))
+    await world.deliver(QuarantineDecidedV1(**order.refs, decision="release", reason="assessed_acceptable"))
     stored = world.store.shipments[first.shipment_id]
     assert stored.status == "compromised" and stored.quarantine_decision == "release"
     assert [s.status for s in world.ships(order)] == ["compromised", "planned"]
@@ -677,7 +674,7 @@ async def test_quarantine_release_does_not_resume_when_another_shipment_took_the
 async def test_quarantine_decided_without_a_compromised_shipment_changes_nothing(world: World) -> None:
     order = Order()
     ship = await world.planned(order, "outbound_product")
-    await world.deliver(QuarantineDecidedV1(**order.refs, decision="release", reason="n/a"))
+    await world.deliver(QuarantineDecidedV1(**order.refs, decision="release", reason="other"))
     assert world.store.shipments[ship.shipment_id].quarantine_decision is None
     assert world.uow.types() == [PLANNED]
 
