@@ -6,16 +6,26 @@ who is asked first: 401/403 before 400)."""
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import httpx
 import pytest
 from fastapi import FastAPI
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from v2v_servicekit import problems
 from v2v_servicekit.auth import Principal, require_scope
 from v2v_servicekit.edge import CachedVerifier, EdgeConfig, is_json, json_problem
-from v2v_servicekit.idempotency import InvalidKey, fingerprint, idempotent, is_stored_status, parse_key
+from v2v_servicekit.idempotency import (
+    KEY_PATTERN,
+    InvalidKey,
+    fingerprint,
+    idempotent,
+    is_stored_status,
+    parse_key,
+)
 from v2v_servicekit.limits import TokenBuckets, retry_after_seconds
 from v2v_servicekit.problems import PROBLEM_BASE, PROBLEM_JSON, problem_response
 from v2v_servicekit.testing import TestTokens
@@ -446,8 +456,12 @@ async def test_without_the_middleware_a_missing_required_key_is_the_same_400() -
         return {"ok": "yes"}
 
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://svc") as client:
-        resp = await client.post("/v1/orders", headers=tokens.headers("centre", "TC-1"))
-        problem(resp, 400, "idempotency-key-missing")
+        centre = tokens.headers("centre", "TC-1")
+        problem(await client.post("/v1/orders", headers=centre), 400, "idempotency-key-missing")
+        bad = {**centre, "Idempotency-Key": "x" * 256}
+        problem(await client.post("/v1/orders", headers=bad), 400, "idempotency-key-invalid")
+        quoted = {**centre, "Idempotency-Key": '"a \\"quoted\\" key"'}
+        assert (await client.post("/v1/orders", headers=quoted)).status_code == 200
 
 
 def test_the_declaration_is_documented_in_openapi(edge_app) -> None:
@@ -478,6 +492,17 @@ def test_keys_and_fingerprints() -> None:
     assert a != fingerprint("PATCH", "/v1/orders", "", b'{"a":1}')
     assert a != fingerprint("POST", "/v1/orders", "x=1", b'{"a":1}')
     assert MARKER not in fingerprint("POST", "/v1/orders", "", MARKER.encode())  # a hash, not the body
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.sampled_from(list(' !"#AZaz09~\\\t\x7fé')), max_size=8) | st.text(max_size=300))
+def test_the_documented_key_pattern_is_what_the_parser_accepts(raw: str) -> None:
+    try:
+        parse_key(raw)
+        accepted = True
+    except InvalidKey:
+        accepted = False
+    assert accepted == bool(re.fullmatch(KEY_PATTERN, raw))
 
 
 def test_which_responses_a_key_keeps() -> None:

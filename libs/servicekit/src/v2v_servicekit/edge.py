@@ -417,7 +417,7 @@ class EdgeMiddleware:
                 raise InvalidKey("more than one")
             key = parse_key(raw[0])
         except InvalidKey:
-            await _answer(scope, receive, send, _invalid_key(path))
+            await _answer(scope, receive, send, problems.idempotency_key_invalid(path))
             return
         store = self._idempotency_store(app)
         if store is None:
@@ -585,17 +585,6 @@ def _invalid_body(path: str, reason: str) -> problems.ProblemResponse:
         "Invalid request",
         f"body: {reason}",
         errors=[{"field": "body", "reason": reason}],
-    )
-
-
-def _invalid_key(path: str) -> problems.ProblemResponse:
-    return problems.problem_response(
-        path,
-        400,
-        "idempotency-key-invalid",
-        "Invalid Idempotency-Key",
-        f"the {HEADER} header must be one value of 1 to 255 printable ASCII characters",
-        errors=[{"field": HEADER, "reason": "must be 1 to 255 printable ASCII characters"}],
     )
 
 

@@ -39,6 +39,9 @@ MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 HEADER = "Idempotency-Key"
 REPLAYED_HEADER = "Idempotent-Replayed"
 MAX_KEY_LENGTH = 255
+# what `parse_key` accepts, for the OpenAPI schema: a bare key (printable ASCII, not starting with a space
+# or a quote) or a quoted sf-string (printable ASCII, `"` and `\` escaped), 1..255 characters either way
+KEY_PATTERN = r'^(?:[!#-~][ -~]{0,254}|"(?:[ !#-\[\]-~]|\\["\\]){1,255}")$'
 IDEMPOTENCY_ATTR = "__v2v_idempotency__"
 
 # the response headers kept with a stored response (and sent again on a replay)
@@ -77,7 +80,7 @@ def idempotent(*, required: bool = False) -> Any:
         async def required_key(
             idempotency_key: Annotated[
                 str,
-                Header(alias=HEADER, min_length=1, max_length=MAX_KEY_LENGTH + 2, description=_DESCRIPTION),
+                Header(alias=HEADER, pattern=KEY_PATTERN, description=_DESCRIPTION),
             ],
         ) -> None:
             return None
@@ -88,7 +91,7 @@ def idempotent(*, required: bool = False) -> Any:
         async def optional_key(
             idempotency_key: Annotated[
                 str | None,
-                Header(alias=HEADER, min_length=1, max_length=MAX_KEY_LENGTH + 2, description=_DESCRIPTION),
+                Header(alias=HEADER, pattern=KEY_PATTERN, description=_DESCRIPTION),
             ] = None,
         ) -> None:
             return None
@@ -121,7 +124,9 @@ class InvalidKey(ValueError):
 def parse_key(raw: str) -> str:
     """The key of an `Idempotency-Key` header value: the draft's sf-string (`"abc"`, with `\\"` and `\\\\`
     escapes), or the bare token most clients send. 1..255 printable ASCII characters, else InvalidKey."""
-    value = raw.strip(" \t")
+    value = raw  # (an HTTP server has already stripped the space around a header value)
+    if value.startswith(" "):
+        raise InvalidKey("leading space")
     if value.startswith('"'):  # then it must be a whole sf-string
         if len(value) < 2 or not value.endswith('"'):
             raise InvalidKey("unterminated string")

@@ -123,6 +123,17 @@ def _field(loc: tuple[Any, ...] | list[Any]) -> str:
     return ".".join(parts) if parts else "body"
 
 
+def idempotency_key_invalid(path: str) -> ProblemResponse:
+    return problem_response(
+        path,
+        400,
+        "idempotency-key-invalid",
+        "Invalid Idempotency-Key",
+        f"the {IDEMPOTENCY_KEY_HEADER} header must be one value of 1 to 255 printable ASCII characters",
+        errors=[{"field": IDEMPOTENCY_KEY_HEADER, "reason": "must be 1 to 255 printable ASCII characters"}],
+    )
+
+
 def _reason(err: Mapping[str, Any]) -> str:
     """A validation error's reason, never carrying the caller's input."""
     kind = str(err.get("type", ""))
@@ -143,12 +154,12 @@ def _error_field(err: Mapping[str, Any]) -> str:
     return _field(loc)
 
 
-def _missing_idempotency_key(exc: RequestValidationError) -> bool:
-    return any(
-        err.get("type") == "missing"
-        and [str(p).lower() for p in err.get("loc", ())] == ["header", IDEMPOTENCY_KEY_HEADER.lower()]
-        for err in exc.errors()
-    )
+def _idempotency_key_error(exc: RequestValidationError) -> str | None:
+    """ "missing" or "invalid" when the request's Idempotency-Key header is what failed validation."""
+    for err in exc.errors():
+        if [str(p).lower() for p in err.get("loc", ())] == ["header", IDEMPOTENCY_KEY_HEADER.lower()]:
+            return "missing" if err.get("type") == "missing" else "invalid"
+    return None
 
 
 def install(app: FastAPI) -> None:
@@ -169,8 +180,11 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        if _missing_idempotency_key(exc):  # the same 400 the edge middleware gives (an app without it)
+        key_error = _idempotency_key_error(exc)  # the same 400s the edge middleware gives, without it
+        if key_error == "missing":
             return idempotency_key_missing(request.url.path)
+        if key_error == "invalid":
+            return idempotency_key_invalid(request.url.path)
         errors = [{"field": _error_field(err), "reason": _reason(err)} for err in exc.errors()]
         detail = "; ".join(f"{e['field']}: {e['reason']}" for e in errors)
         body = _body(request, 422, "Invalid request", detail, "validation", errors=errors)
