@@ -505,6 +505,24 @@ def test_the_documented_key_pattern_is_what_the_parser_accepts(raw: str) -> None
     assert accepted == bool(re.fullmatch(KEY_PATTERN, raw))
 
 
+def test_the_edge_reads_its_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from v2v_servicekit.settings import ServiceSettings
+
+    defaults = EdgeConfig.from_settings(ServiceSettings())
+    assert defaults == EdgeConfig()
+    assert (defaults.max_body_bytes, defaults.rate_limit_per_s, defaults.rate_limit_burst) == (
+        65_536,
+        50.0,
+        100,
+    )
+    assert defaults.idempotency_ttl_s == 86_400 and defaults.idempotency_lease_s == 60
+    monkeypatch.setenv("V2V_MAX_BODY_BYTES", "1024")
+    monkeypatch.setenv("V2V_RATE_LIMIT_PER_S", "0")
+    monkeypatch.setenv("V2V_IDEMPOTENCY_LEASE_S", "5")
+    config = EdgeConfig.from_settings(ServiceSettings())
+    assert (config.max_body_bytes, config.rate_limit_per_s, config.idempotency_lease_s) == (1024, 0.0, 5.0)
+
+
 def test_which_responses_a_key_keeps() -> None:
     assert all(is_stored_status(s) for s in (200, 201, 202, 204, 400, 404, 409, 410, 422))
     assert not any(is_stored_status(s) for s in (401, 403, 429, 500, 502, 503, 504))

@@ -445,16 +445,18 @@ class EdgeMiddleware:
         owner = claim.owner
         assert owner is not None
         if claim.taken_over:
-            log.warning("idempotency key taken over from a claim whose lease ran out", client_id=client)
+            log.warning(
+                "idempotency key reclaimed (expired, or its owner stopped renewing)", client_id=client
+            )
         capture = _Capture(send, self.config.idempotency_max_response_bytes)
         renewer = asyncio.create_task(self._renew(store, client, key, owner))
         try:
             await self.app(scope, receive, capture)
         except BaseException:
-            renewer.cancel()
+            await _stop(renewer)
             await _quietly(store.release(client, key, owner))
             raise
-        renewer.cancel()
+        await _stop(renewer)
         stored = capture.stored()
         if stored is not None and is_stored_status(stored.status):
             try:
@@ -544,6 +546,11 @@ async def _replay(send: Send, stored: StoredResponse) -> None:
     ]
     await send({"type": "http.response.start", "status": stored.status, "headers": headers})
     await send({"type": "http.response.body", "body": stored.body, "more_body": False})
+
+
+async def _stop(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    await asyncio.wait([task])  # (the caller's own cancellation still propagates)
 
 
 async def _quietly(release: Awaitable[None]) -> None:
