@@ -58,8 +58,9 @@ from v2v_observability import (
     shutdown_tracing,
 )
 from v2v_persistence import DbTimeouts, apply_migrations, create_pool, schema_of
-from v2v_servicekit import problems
+from v2v_servicekit import edge, problems
 from v2v_servicekit.auth import Principal, TokenVerifier, document_scopes, public, require_scope
+from v2v_servicekit.idempotency import MIGRATIONS_DIR as EDGE_DIR  # servicekit's tables (idempotency keys)
 from v2v_servicekit.settings import ServiceSettings
 
 log = get_logger(__name__)
@@ -150,7 +151,7 @@ def create_app(definition: ServiceDefinition, settings: ServiceSettings | None =
 
         AsyncPGInstrumentor().instrument(tracer_provider=tracer_provider)
         applied = await apply_migrations(
-            settings.database_url, definition.schema, [MIGRATIONS_DIR, definition.migrations_dir]
+            settings.database_url, definition.schema, [MIGRATIONS_DIR, EDGE_DIR, definition.migrations_dir]
         )
         timeouts = DbTimeouts(
             statement_ms=settings.db_statement_timeout_ms,
@@ -245,6 +246,7 @@ def create_app(definition: ServiceDefinition, settings: ServiceSettings | None =
     problems.install(app)
     if settings.auth_issuer:
         app.state.token_verifier = TokenVerifier(settings.auth_issuer, settings.auth_audience)
+    edge.install(app, settings)  # body limit, rate limit, hostile JSON, Idempotency-Key (runtime pool)
     from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 
     FastAPIInstrumentor.instrument_app(
