@@ -152,7 +152,15 @@ async def api() -> AsyncIterator[Api]:
     tokens = TestTokens.install(app)
     spans = _span_exporter()
     FastAPIInstrumentor.instrument_app(app, tracer_provider=trace.get_tracer_provider())
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://order") as http:
+    async def idempotency_key(request: httpx.Request) -> None:  # POST /v1/orders requires one
+        if request.method == "POST":
+            request.headers.setdefault("Idempotency-Key", str(uuid.uuid4()))
+
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app),
+        base_url="http://order",
+        event_hooks={"request": [idempotency_key]},
+    ) as http:
         yield Api(http, tokens, uow, spans)
     spans.shutdown()
 

@@ -26,6 +26,7 @@ from v2v_contracts.fields import Code, Finite, ReportedAt
 from v2v_contracts.scopes import KINDS, TENANT_KINDS
 from v2v_servicekit import Runtime, get_runtime
 from v2v_servicekit.auth import Principal, require_scope
+from v2v_servicekit.idempotency import idempotent
 
 router = APIRouter(prefix="/v1")
 
@@ -128,6 +129,7 @@ class MilestoneIn(BaseModel):
 
 @router.post(
     "/shipments/{shipment_id}/milestones",
+    dependencies=[idempotent()],
     status_code=201,
     tags=["courier"],
     summary="Courier API: a custody milestone (booked, picked up, in transit, delivered)",
@@ -168,6 +170,7 @@ class TemperatureIn(BaseModel):
 
 @router.post(
     "/shipments/{shipment_id}/temperature",
+    dependencies=[idempotent()],
     status_code=201,
     tags=["courier"],
     summary="Courier API: a temperature reading; outside the shipment's range it is an excursion",

@@ -28,6 +28,7 @@ from v2v_contracts.errors import Forbidden, Invalid
 from v2v_contracts.fields import BookingDate, Code, ReportedAt, Text64, Text500
 from v2v_servicekit import Runtime, get_runtime
 from v2v_servicekit.auth import Principal, require_scope
+from v2v_servicekit.idempotency import idempotent
 
 router = APIRouter(prefix="/v1")
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
@@ -275,6 +276,7 @@ AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 @router.post(
     "/orders",
+    dependencies=[idempotent(required=True)],
     status_code=201,
     response_model=OrderOut,
     tags=["orders"],
@@ -382,6 +384,7 @@ async def _hospital_action(
 
 @router.post(
     "/orders/{order_id}/cancel",
+    dependencies=[idempotent()],
     response_model=OrderOut,
     tags=["hospital actions"],
     summary="Cancel the order at any step before it ends",
@@ -396,6 +399,7 @@ async def cancel_order(
 
 @router.post(
     "/orders/{order_id}/apheresis-date",
+    dependencies=[idempotent()],
     response_model=OrderOut,
     tags=["hospital actions"],
     summary="Move the apheresis date: releases the slot and books a new one",
@@ -412,6 +416,7 @@ async def move_apheresis(
 
 @router.post(
     "/orders/{order_id}/apheresis",
+    dependencies=[idempotent()],
     response_model=OrderOut,
     tags=["hospital actions"],
     summary="Apheresis done: the cells are ready for pickup",
@@ -426,6 +431,7 @@ async def apheresis_done(
 
 @router.post(
     "/orders/{order_id}/lymphodepletion",
+    dependencies=[idempotent()],
     response_model=OrderOut,
     tags=["hospital actions"],
     summary="Lymphodepleting chemotherapy started (only after product release)",
@@ -440,6 +446,7 @@ async def lymphodepletion(
 
 @router.post(
     "/orders/{order_id}/product-receipt",
+    dependencies=[idempotent()],
     response_model=OrderOut,
     tags=["hospital actions"],
     summary="The product arrived at the centre; identity checked",
@@ -454,6 +461,7 @@ async def product_receipt(
 
 @router.post(
     "/orders/{order_id}/infusion",
+    dependencies=[idempotent()],
     response_model=OrderOut,
     tags=["hospital actions"],
     summary="The patient was infused (bedside identity check): the order completes",
@@ -468,6 +476,7 @@ async def infusion(
 
 @router.post(
     "/orders/{order_id}/quarantine-decision",
+    dependencies=[idempotent()],
     response_model=OrderOut,
     tags=["QA actions"],
     summary="Release or reject a product quarantined after a shipping excursion",
