@@ -100,7 +100,16 @@ async def api(uow: UnitOfWork[OrderTx]) -> AsyncIterator[tuple[httpx.AsyncClient
     app.include_router(router)
     app.state.runtime = SimpleNamespace(uow=uow, settings=OrderSettings())
     tokens = TestTokens.install(app)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://order") as http:
+
+    async def idempotency_key(request: httpx.Request) -> None:  # POST /v1/orders requires one
+        if request.method == "POST":
+            request.headers.setdefault("Idempotency-Key", str(uuid.uuid4()))
+
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app),
+        base_url="http://order",
+        event_hooks={"request": [idempotency_key]},
+    ) as http:
         yield http, tokens
 
 

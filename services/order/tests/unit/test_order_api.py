@@ -152,6 +152,7 @@ async def api() -> AsyncIterator[Api]:
     tokens = TestTokens.install(app)
     spans = _span_exporter()
     FastAPIInstrumentor.instrument_app(app, tracer_provider=trace.get_tracer_provider())
+
     async def idempotency_key(request: httpx.Request) -> None:  # POST /v1/orders requires one
         if request.method == "POST":
             request.headers.setdefault("Idempotency-Key", str(uuid.uuid4()))
