@@ -302,20 +302,33 @@ class V2VClient:
         return await self.post("order", f"/v1/orders/{order_id}/{action}", dict(body or {}), headers=headers)
 
     async def cancel(
-        self, order_id: str, reason: str, *, headers: Mapping[str, str] | None = None
+        self,
+        order_id: str,
+        reason_code: str,
+        note: str | None = None,
+        *,
+        headers: Mapping[str, str] | None = None,
     ) -> ApiResponse:
-        return await self.order_action(order_id, "cancel", {"reason": reason}, headers=headers)
+        """Cancel (POST /v1/orders/{id}/cancel): a reason code (patient_deceased, consent_withdrawn, ...,
+        other) and an optional free-text note that stays in the order service."""
+        body = _params(reason_code=reason_code, note=note)
+        return await self.order_action(order_id, "cancel", body, headers=headers)
 
     async def reschedule(
         self,
         order_id: str,
         requested_apheresis_date: Day,
-        reason: str,
+        reason_code: str,
+        note: str | None = None,
         *,
         headers: Mapping[str, str] | None = None,
     ) -> ApiResponse:
-        """Move the apheresis date (POST /v1/orders/{id}/apheresis-date)."""
-        body = {"requested_apheresis_date": _day(requested_apheresis_date), "reason": reason}
+        """Move the apheresis date (POST /v1/orders/{id}/apheresis-date) with a reason code
+        (patient_unwell, centre_capacity, ..., other) and an optional note."""
+        body = {
+            "requested_apheresis_date": _day(requested_apheresis_date),
+            **_params(reason_code=reason_code, note=note),
+        }
         return await self.order_action(order_id, "apheresis-date", body, headers=headers)
 
     async def _identity_checked(
@@ -356,11 +369,15 @@ class V2VClient:
         self,
         order_id: str,
         decision: Literal["release", "reject"],
-        reason: str,
+        reason_code: str,
+        note: str | None = None,
         *,
         headers: Mapping[str, str] | None = None,
     ) -> ApiResponse:
-        body = {"decision": decision, "reason": reason}
+        """As the manufacturer's QA: release (within_stability_data, excursion_not_confirmed,
+        assessed_acceptable, other) or reject (outside_stability_data, integrity_compromised,
+        insufficient_data, other)."""
+        body = {"decision": decision, **_params(reason_code=reason_code, note=note)}
         return await self.order_action(order_id, "quarantine-decision", body, headers=headers)
 
     # -- scheduling -------------------------------------------------------------------------------------

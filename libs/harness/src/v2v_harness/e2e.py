@@ -4,6 +4,7 @@ import asyncio
 import base64
 import os
 import time
+import uuid
 from collections.abc import Callable
 from datetime import date, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -77,13 +78,15 @@ def order_body(
     centre: str = "TC-DE-BE-001",
     product: str = "TISA-CEL",
     days_ahead: int = 14,
-    patient_ref: str = "PAT-E2E-0001",
+    patient_ref: str | None = None,
 ) -> dict[str, Any]:
+    """A valid order body; the patient reference is unique per call unless given (a second open order
+    for the same centre, patient and product is refused)."""
     return {
         "treatment_center_id": centre,
         "product_code": product,
         "order_type": "commercial",
-        "patient_ref": patient_ref,
+        "patient_ref": patient_ref or f"PAT-E2E-{uuid.uuid4().hex[:12]}",
         "requested_apheresis_date": (date.today() + timedelta(days=days_ahead)).isoformat(),
     }
 
