@@ -387,6 +387,8 @@ class MemoryDeliveryLog(DeliveryLog):
             "treatment_center_id": where.tenant,
         }
         entries = [e for e in entries if all(v is None or e[k] == v for k, v in wanted.items())]
+        if where.treatment_center_id is not None:
+            entries = [e for e in entries if e["treatment_center_id"] == where.treatment_center_id]
         entries.sort(key=lambda e: e["created_at"], reverse=True)  # stable: the newest row first on ties
         return entries[where.offset : where.offset + where.limit]
 

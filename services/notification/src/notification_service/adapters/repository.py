@@ -634,6 +634,7 @@ class DeliveryFilter:
     status: str | None = None
     limit: int = 100
     offset: int = 0
+    treatment_center_id: str | None = None  # a filter (within the tenant's rows)
 
 
 class DeliveryLog(abc.ABC):
@@ -657,6 +658,7 @@ class PgDeliveryLog(DeliveryLog):
                  AND ($2::text IS NULL OR channel = $2) AND ($3::uuid IS NULL OR subscription_id = $3)
                  AND ($4::uuid IS NULL OR recipient_id = $4) AND ($5::text IS NULL OR status = $5)
                  AND ($6::text IS NULL OR treatment_center_id = $6)
+                 AND ($9::text IS NULL OR treatment_center_id = $9)
                ORDER BY created_at DESC, delivery_id LIMIT $7 OFFSET $8""",
             where.order_id,
             where.channel,
@@ -666,6 +668,7 @@ class PgDeliveryLog(DeliveryLog):
             where.tenant,
             where.limit,
             where.offset,
+            where.treatment_center_id,
         )
         return [dict(r) for r in rows]
 

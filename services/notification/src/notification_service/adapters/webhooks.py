@@ -96,6 +96,18 @@ def failure_of_status(status: int) -> str | None:
     return "http_other"
 
 
+async def _drain(resp: httpx.Response) -> None:
+    """Read (and drop) at most MAX_RESPONSE_BYTES of the answer, undecoded: a small answer read to its
+    end leaves the connection reusable; a large one is cut off."""
+    if resp.is_stream_consumed:
+        return
+    read = 0
+    async for chunk in resp.aiter_raw():
+        read += len(chunk)
+        if read > MAX_RESPONSE_BYTES:
+            break
+
+
 class WebhookSender:
     """Posts a delivery's payload to its subscription's URL; one attempt, never raises for a failure."""
 
@@ -150,12 +162,8 @@ class WebhookSender:
             # the whole attempt is bounded, not only each read: a receiver trickling bytes holds no lane
             async with asyncio.timeout(self.timeout_s * 2):
                 async with self.client.stream("POST", delivery.url, content=body, headers=headers) as resp:
-                    read = 0
-                    async for chunk in resp.aiter_raw():
-                        read += len(chunk)
-                        if read > MAX_RESPONSE_BYTES:
-                            break
                     status = resp.status_code
+                    await _drain(resp)
         except (httpx.HTTPError, httpcore.NetworkError, BlockedAddress, ResolutionFailed, OSError) as exc:
             # (TimeoutError, the whole attempt's bound, is an OSError)
             category = failure_of(exc)

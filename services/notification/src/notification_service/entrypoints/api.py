@@ -347,6 +347,7 @@ class DeliveryDetailOut(DeliveryOut):
 )
 async def deliveries(
     rt: RuntimeDep,
+    treatment_center_id: Code | None = None,
     order_id: uuid.UUID | None = None,
     channel: Channel | None = None,
     subscription_id: uuid.UUID | None = None,
@@ -359,6 +360,7 @@ async def deliveries(
     found = await commands.list_deliveries(
         rt.uow,
         tenant=principal.tenant(CENTRE),
+        treatment_center_id=treatment_center_id,
         order_id=order_id,
         channel=channel,
         subscription_id=subscription_id,

@@ -165,6 +165,7 @@ async def list_deliveries(
     uow: Uow,
     *,
     tenant: str | None = None,
+    treatment_center_id: str | None = None,
     order_id: uuid.UUID | None = None,
     channel: str | None = None,
     subscription_id: uuid.UUID | None = None,
@@ -174,7 +175,9 @@ async def list_deliveries(
     offset: int = 0,
 ) -> list[dict[str, Any]]:
     """Deliveries of both channels (the tenant's), newest first, with the filters given."""
-    where = DeliveryFilter(tenant, order_id, channel, subscription_id, recipient_id, status, limit, offset)
+    where = DeliveryFilter(
+        tenant, order_id, channel, subscription_id, recipient_id, status, limit, offset, treatment_center_id
+    )
     async with uow.read() as tx:
         return await tx.deliveries.search(where)
 
