@@ -582,23 +582,40 @@ class V2VClient:
 
     async def subscribe(
         self,
-        treatment_center_id: str,
+        treatment_center_id: str | None,
         url: str,
-        secret: str,
         event_types: list[str] | None = None,
         *,
         headers: Mapping[str, str] | None = None,
     ) -> ApiResponse:
-        """POST /v1/subscriptions (201): a Standard Webhooks endpoint; every event type when None."""
-        body: dict[str, Any] = {"treatment_center_id": treatment_center_id, "url": url, "secret": secret}
+        """POST /v1/subscriptions (201): a Standard Webhooks endpoint; every event type when None. The
+        platform generates the signing secret: it is the body's `secret`, shown this once. The centre
+        comes from the token; `treatment_center_id` may repeat it (None leaves it out)."""
+        body: dict[str, Any] = {"url": url}
+        if treatment_center_id is not None:
+            body["treatment_center_id"] = treatment_center_id
         if event_types is not None:
             body["event_types"] = event_types
         return await self.post("notification", "/v1/subscriptions", body, headers=headers)
 
-    async def subscriptions(
-        self, *, treatment_center_id: str | None = None, headers: Mapping[str, str] | None = None
+    async def rotate_secret(
+        self, subscription_id: str, *, headers: Mapping[str, str] | None = None
     ) -> ApiResponse:
-        params = _params(treatment_center_id=treatment_center_id)
+        """POST /v1/subscriptions/{id}/rotate-secret (200): a new `secret` (shown this once); the replaced
+        one keeps signing, as a second signature, until `previous_secret_expires_at`."""
+        return await self.post(
+            "notification", f"/v1/subscriptions/{subscription_id}/rotate-secret", headers=headers
+        )
+
+    async def subscriptions(
+        self,
+        *,
+        treatment_center_id: str | None = None,
+        limit: int | None = None,
+        offset: int | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> ApiResponse:
+        params = _params(treatment_center_id=treatment_center_id, limit=limit, offset=offset)
         return await self.get("notification", "/v1/subscriptions", params=params, headers=headers)
 
     async def subscription(
@@ -611,22 +628,30 @@ class V2VClient:
 
     async def add_email_recipient(
         self,
-        treatment_center_id: str,
+        treatment_center_id: str | None,
         email: str,
         event_types: list[str] | None = None,
         *,
         headers: Mapping[str, str] | None = None,
     ) -> ApiResponse:
-        """POST /v1/email-recipients (201; 409 if the address already gets the centre's alerts)."""
-        body: dict[str, Any] = {"treatment_center_id": treatment_center_id, "email": email}
+        """POST /v1/email-recipients (201; 409 if the address already gets the centre's alerts). The centre
+        comes from the token; `treatment_center_id` may repeat it (None leaves it out)."""
+        body: dict[str, Any] = {"email": email}
+        if treatment_center_id is not None:
+            body["treatment_center_id"] = treatment_center_id
         if event_types is not None:
             body["event_types"] = event_types
         return await self.post("notification", "/v1/email-recipients", body, headers=headers)
 
     async def email_recipients(
-        self, *, treatment_center_id: str | None = None, headers: Mapping[str, str] | None = None
+        self,
+        *,
+        treatment_center_id: str | None = None,
+        limit: int | None = None,
+        offset: int | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> ApiResponse:
-        params = _params(treatment_center_id=treatment_center_id)
+        params = _params(treatment_center_id=treatment_center_id, limit=limit, offset=offset)
         return await self.get("notification", "/v1/email-recipients", params=params, headers=headers)
 
     async def email_recipient(
@@ -649,9 +674,11 @@ class V2VClient:
         recipient_id: str | None = None,
         status: Literal["pending", "delivered", "failed", "cancelled"] | None = None,
         limit: int | None = None,
+        offset: int | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> ApiResponse:
-        """GET /v1/deliveries: the delivery log of both channels, newest first."""
+        """GET /v1/deliveries: the delivery log of both channels (the caller's centre's), newest first;
+        `limit` at most 200. Each entry's `last_outcome` is `delivered` or a failure category."""
         params = _params(
             order_id=order_id,
             channel=channel,
@@ -659,9 +686,10 @@ class V2VClient:
             recipient_id=recipient_id,
             status=status,
             limit=limit,
+            offset=offset,
         )
         return await self.get("notification", "/v1/deliveries", params=params, headers=headers)
 
     async def delivery(self, delivery_id: str, *, headers: Mapping[str, str] | None = None) -> ApiResponse:
-        """GET /v1/deliveries/{id}, with every attempt."""
+        """GET /v1/deliveries/{id}, with every attempt (`attempt_log[].outcome`)."""
         return await self.get("notification", f"/v1/deliveries/{delivery_id}", headers=headers)

@@ -71,6 +71,8 @@ class Parties:
 
 
 def new_secret() -> str:
+    """A random Standard Webhooks secret (the platform makes its own: this one is for a wrong-secret
+    check, or a random path)."""
     return "whsec_" + base64.b64encode(os.urandom(32)).decode()
 
 
@@ -109,15 +111,20 @@ async def eventually(
 async def subscribe(
     client: httpx.AsyncClient,
     notification_url: str,
-    centre: str,
+    centre: str | None,
     url: str,
-    secret: str,
     event_types: list[str] | None = None,
+    *,
+    headers: dict[str, str] | None = None,
 ) -> dict[str, Any]:
+    """Subscribe `url` (as the centre of the token in `headers`, or of the client's auth); the returned
+    subscription carries the platform-generated signing `secret` (shown this once)."""
     api = V2VClient({"notification": notification_url}, client=client)
-    resp = await api.subscribe(centre, url, secret, event_types)
+    resp = await api.subscribe(centre, url, event_types, headers=headers)
     assert resp.status == 201, resp.text
-    return dict(resp.body)
+    body = dict(resp.body)
+    assert str(body.get("secret", "")).startswith("whsec_"), "the subscription carries its signing secret"
+    return body
 
 
 def _checked(resp: ApiResponse, expect: int | None) -> dict[str, Any]:
