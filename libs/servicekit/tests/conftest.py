@@ -115,6 +115,15 @@ def build_edge_app(config: EdgeConfig, pool: asyncpg.Pool | None = None) -> Edge
     ) -> dict[str, str]:
         return {"thing": str(thing_id)}
 
+    @app.post("/v1/secrets", status_code=201)
+    async def new_secret(
+        response: Response, principal: Principal = require_scope("orders:write")
+    ) -> dict[str, Any]:
+        world.calls.append("secret")
+        response.headers["Location"] = f"/v1/secrets/{len(world.calls)}"
+        response.headers["Cache-Control"] = "no-store"
+        return {"secret": f"whsec_TOPSECRET{len(world.calls)}"}
+
     @app.post("/v1/echo")
     async def echo(body: OrderIn, principal: Principal = require_scope("orders:write")) -> dict[str, Any]:
         world.calls.append("echo")

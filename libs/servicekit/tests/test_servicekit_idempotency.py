@@ -312,3 +312,19 @@ async def test_a_store_that_is_down_is_503_not_500(edge_app, client_of, test_db:
     resp = await client.post("/v1/orders", json=order(), headers=keyed(world, "k-10"))
     is_problem(resp, 503, "unavailable")
     assert world.calls == []
+
+
+async def test_a_response_marked_no_store_is_kept_without_its_body(edge_app, client_of, pool) -> None:
+    """A webhook signing secret is returned once: the key's record keeps the status and Location, never
+    the secret; a replay answers them with no body (a lost secret is replaced by rotating it)."""
+    world = edge_app(pool=pool)
+    client = client_of(world)
+    first = await client.post("/v1/secrets", headers=keyed(world, "s-1"))
+    assert first.status_code == 201 and first.json()["secret"].startswith("whsec_TOPSECRET")
+    again = await client.post("/v1/secrets", headers=keyed(world, "s-1"))
+    assert (again.status_code, again.headers["idempotent-replayed"]) == (201, "true")
+    assert again.headers["location"] == first.headers["location"]
+    assert again.content == b"" and again.headers["cache-control"] == "no-store"
+    assert world.calls == ["secret"]
+    [row] = await rows(pool)
+    assert "TOPSECRET" not in repr(dict(row))

@@ -249,11 +249,13 @@ class _Capture:
     def stored(self) -> StoredResponse | None:
         if self.start is None or not self.complete or self.passthrough:
             return None
-        headers = [
-            (name.decode("latin-1").lower(), value.decode("latin-1"))
-            for name, value in self.start.get("headers", [])
-            if name.decode("latin-1").lower() in STORED_HEADERS
-        ]
+        raw = [(n.decode("latin-1").lower(), v.decode("latin-1")) for n, v in self.start.get("headers", [])]
+        if any(n == "cache-control" and "no-store" in v.lower() for n, v in raw):
+            # a response that must not be kept (it carries a secret, e.g. a webhook signing secret): its
+            # status and Location are recorded, never its body; a replay answers them with no body
+            kept = [(n, v) for n, v in raw if n == "location"] + [("cache-control", "no-store")]
+            return StoredResponse(int(self.start["status"]), kept, b"")
+        headers = [(n, v) for n, v in raw if n in STORED_HEADERS]
         body = b"".join(m.get("body", b"") for m in self.messages if m["type"] == "http.response.body")
         return StoredResponse(int(self.start["status"]), headers, body)
 

@@ -14,6 +14,8 @@ middleware (`v2v_servicekit.edge`), which finds the route a request is for and r
 Keys are scoped to the calling client (the token's client id) and kept in the table `idempotency_keys`
 of the service's own schema (migration in `MIGRATIONS_DIR`):
 - the first request with a key claims it (`in_flight`, with a lease its process renews while it runs);
+- a response marked `Cache-Control: no-store` (it carries a secret) is stored without its body: a replay
+  gets its status and `Location` only (a lost webhook secret is replaced by rotating it);
 - its final response is stored (`done`) unless it is 5xx, 401, 403 or 429: those release the key, and a
   retry runs afresh;
 - a retry with the same method, path and body (the fingerprint) gets the stored response back with

@@ -22,6 +22,7 @@ from notification_service.service_layer.dispatch import secret_box
 from v2v_contracts.fields import Code
 from v2v_servicekit import Runtime, get_runtime
 from v2v_servicekit.auth import Principal, require_scope
+from v2v_servicekit.idempotency import idempotent
 
 router = APIRouter(prefix="/v1")
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
@@ -101,6 +102,7 @@ class SubscriptionWithSecret(SubscriptionOut):
 
 @router.post(
     "/subscriptions",
+    dependencies=[idempotent()],
     status_code=201,
     response_model=SubscriptionWithSecret,
     tags=["webhooks"],
@@ -129,6 +131,7 @@ async def subscribe(
 
 @router.post(
     "/subscriptions/{subscription_id}/rotate-secret",
+    dependencies=[idempotent()],
     response_model=SubscriptionWithSecret,
     tags=["webhooks"],
     summary="A new signing secret (in this response only); the replaced one keeps signing for the "
@@ -217,6 +220,7 @@ class EmailRecipientOut(BaseModel):
 
 @router.post(
     "/email-recipients",
+    dependencies=[idempotent()],
     status_code=201,
     response_model=EmailRecipientOut,
     tags=["e-mail"],
