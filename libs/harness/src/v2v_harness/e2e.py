@@ -22,7 +22,9 @@ T = TypeVar("T")
 class Parties:
     """The people and systems that call the platform, each an httpx client with its own demo client's
     bearer token: `parties.centre("TC-DE-BE-001")`, `.carrier(id)`, `.site(id)`, `.qa`, `.admin`, `.ops`.
-    One httpx client per party, made on first use and closed by `aclose`."""
+    One httpx client per party, made on first use and closed by `aclose`. Like a well-behaved integration,
+    each POST without an `Idempotency-Key` gets a fresh one (the idempotency tests use their own
+    clients to send none)."""
 
     def __init__(self, credentials: Credentials, timeout: float = 15.0) -> None:
         self.credentials = credentials
@@ -32,10 +34,11 @@ class Parties:
     def client(self, kind: str, entity_id: str | None = None) -> httpx.AsyncClient:
         key = (kind, entity_id)
         if key not in self._clients:
+            hooks = {"request": [_idempotency_key]}
             self._clients[key] = (
-                httpx.AsyncClient(timeout=self.timeout)
+                httpx.AsyncClient(timeout=self.timeout, event_hooks=hooks)
                 if kind == "anonymous"
-                else self.credentials.client(kind, entity_id, timeout=self.timeout)
+                else self.credentials.client(kind, entity_id, timeout=self.timeout, event_hooks=hooks)
             )
         return self._clients[key]
 
@@ -68,6 +71,11 @@ class Parties:
         for client in self._clients.values():
             await client.aclose()
         self._clients.clear()
+
+
+async def _idempotency_key(request: httpx.Request) -> None:
+    if request.method == "POST" and "idempotency-key" not in request.headers:
+        request.headers["Idempotency-Key"] = str(uuid.uuid4())
 
 
 def new_secret() -> str:
