@@ -402,7 +402,7 @@ async def test_oos_asks_for_a_remanufacture_with_the_catalogue_rules(world: Worl
     await world.deliver(
         fact(
             ProductOutOfSpecificationV1(
-                **order.ref(), site_id="FR-LES-ULIS", run=1, reason="low viability", retained_material=True
+                **order.ref(), site_id="FR-LES-ULIS", run=1, reason="viability", retained_material=True
             )
         )
     )
