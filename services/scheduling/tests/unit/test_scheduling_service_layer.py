@@ -245,7 +245,8 @@ async def test_cancel_releases_and_serves_the_waitlist_fifo() -> None:
     assert reserved.data["reason"] == "waitlist"
     assert reserved.data["manufacturing_start_date"] == d(2).isoformat()
     assert w.waiting() == [o.order_id for o in waiting[1:]]
-    assert w.store.closed[booked[1].order_id] == ("cancelled", "patient withdrew")
+    # the centre's free text is not kept: the closure's reason is scheduling's own code
+    assert w.store.closed[booked[1].order_id] == ("cancelled", "cancelled")
 
     # a waiting order that fails leaves the waitlist, releasing nothing
     assert await w.deliver(waiting[1].failed()) == []
@@ -512,3 +513,51 @@ async def test_a_failing_transaction_keeps_nothing() -> None:
             await HANDLERS.dispatch(tx, order.submitted())
             raise RuntimeError("the database went away")
     assert w.store.slots == {} and w.uow.committed == []
+
+
+# ---- reasons are codes; the reads are paged and confined -----------------------------------------------
+
+
+async def test_a_rebooks_free_text_reason_is_never_kept() -> None:
+    w = World()
+    await w.deliver(site_event("A", capacity=1))
+    order, late = Order(1), Order(2, regulator="FDA")  # no site serves the FDA's market here
+    await w.deliver(order.submitted())
+
+    events = await w.deliver(order.rebook(d(1)))  # reason "apheresis date moved": free text
+    assert types(events) == [RELEASED, RESERVED]
+    assert events[0].data["reason"] == "rebook:reschedule"
+    assert [r.release_reason for r in w.store.slots.values()] == ["rebook:reschedule", None]
+
+    await w.deliver(late.submitted())  # it waits...
+    await w.deliver(late.rebook(d(1)))  # ...and its rebook waits too, with a code for a reason
+    [entry] = w.waitlist_view()
+    assert entry["order_id"] == late.order_id and entry["request"].reason == "rebook:reschedule"
+    await w.deliver(order.cancelled())  # "patient withdrew": free text
+    assert w.store.closed[order.order_id] == ("cancelled", "cancelled")
+
+
+async def test_the_reads_are_paged_and_confined_to_the_callers_tenancy() -> None:
+    w = World()
+    await w.deliver(site_event("A", capacity=1), site_event("B", capacity=1))
+    orders = [Order(i) for i in range(6)]  # fill both sites' three days
+    await w.deliver(*(o.submitted() for o in orders))
+    everything = await commands.list_slots(w.uow)
+    assert len(everything) == 6
+    assert await commands.list_slots(w.uow, limit=2, offset=3) == everything[3:5]
+    at_a = await commands.list_slots(w.uow, tenancy=commands.Tenancy(site="A"))
+    assert at_a and {s["site_id"] for s in at_a} == {"A"} and len(at_a) < 6
+    assert await commands.list_slots(w.uow, site_id="B", tenancy=commands.Tenancy(site="A")) == []
+    mine = await commands.list_slots(w.uow, tenancy=commands.Tenancy(centre="TC-DE-BE-001"))
+    assert mine == everything  # every order of this world is that centre's
+    assert await commands.list_slots(w.uow, tenancy=commands.Tenancy(centre="TC-FR-PA-001")) == []
+    assert await commands.list_slots(w.uow, tenancy=commands.Tenancy(nothing=True)) == []
+
+    waiting = [Order(10 + i) for i in range(3)]
+    await w.deliver(*(o.submitted() for o in waiting))
+    assert [e["order_id"] for e in await commands.list_waitlist(w.uow, limit=2, offset=1)] == [
+        o.order_id for o in waiting[1:]
+    ]
+    assert len(await commands.list_waitlist(w.uow, tenancy=commands.Tenancy(centre="TC-DE-BE-001"))) == 3
+    assert await commands.list_waitlist(w.uow, tenancy=commands.Tenancy(centre="TC-FR-PA-001")) == []
+    assert await commands.list_waitlist(w.uow, tenancy=commands.Tenancy(site="A")) == []
