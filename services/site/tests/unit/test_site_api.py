@@ -328,6 +328,32 @@ async def test_a_site_principal_stays_confined_whatever_scopes_it_holds(api: Api
     assert r.status_code == 200
 
 
+@pytest.mark.parametrize(("kind", "entity"), [("centre", CENTRE), ("carrier", "DHL-MEDICAL")])
+async def test_another_tenant_holding_site_scopes_is_confined_to_no_site(
+    api: Api, kind: str, entity: str
+) -> None:
+    """A centre or a carrier given these scopes all the same finds no site and acts on none."""
+    order_id, coi = await api.reserve()
+    qc_order = await api.qc_pending(OTHER_SITE)
+    before = api.snapshot()
+    headers = api.tokens.headers(kind, entity, scopes=sorted(set(ROUTE_SCOPES.values())))
+    assert (await api.client.get("/v1/sites", headers=headers)).json() == []
+    for method, path, body in [
+        ("GET", f"/v1/sites/{SITE}", None),
+        ("GET", f"/v1/sites/{SITE}/manufacturing/{order_id}", None),
+        ("PATCH", f"/v1/sites/{SITE}", {"active": False}),
+        (
+            "POST",
+            f"/v1/sites/{SITE}/outages",
+            {"start_date": DAY.isoformat(), "end_date": DAY.isoformat(), "reason": "maintenance"},
+        ),
+        ("POST", f"/v1/sites/{SITE}/receipts", {"order_id": order_id, "coi": coi, "accepted": True}),
+        ("POST", f"/v1/sites/{OTHER_SITE}/manufacturing/{qc_order}/qc", {"disposition": "released"}),
+    ]:
+        assert_refused(await api.client.request(method, path, json=body, headers=headers), 404)
+    assert api.snapshot() == before and api.uow.committed == []
+
+
 async def test_qa_and_the_admin_act_on_any_site(api: Api) -> None:
     for site_id in (SITE, OTHER_SITE):
         order_id = await api.qc_pending(site_id)

@@ -12,8 +12,11 @@ Who may call what (one scope per route, `v2v_servicekit.auth.require_scope`):
 
 Tenancy: a principal of kind `site` is confined to its own site (the token's entity) on every route: its
 list holds only its site, and another site's id answers 404 as if it did not exist. QA, admin and ops
-are not confined. Requests carry no free text: reasons are codes (`v2v_contracts.events`: OutageReason,
-ReceiptRejection, StepFailure, QcFinding), the site's own documents are named by an opaque `reference`.
+are not confined. Another tenant-bound principal (a centre, a carrier) that holds one of these scopes all
+the same is confined to no site at all: the site service holds nothing of theirs.
+
+Requests carry no free text: reasons are codes (`v2v_contracts.events`: OutageReason, ReceiptRejection,
+StepFailure, QcFinding), the site's own documents are named by an opaque `reference`.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from site_service.service_layer import commands, queries
 from v2v_contracts import SiteApproval, Step
 from v2v_contracts.events import OrderType, OutageReason, QcFinding, ReceiptRejection, Regulator, StepFailure
 from v2v_contracts.fields import CODE_PATTERN, Code, ReportedAt
+from v2v_contracts.scopes import TENANT_KINDS
 from v2v_observability import later_input, names
 from v2v_servicekit import Runtime, get_runtime
 from v2v_servicekit.auth import Principal, require_scope
@@ -69,9 +73,17 @@ Capacity = Annotated[int, Field(strict=True, ge=0, le=MAX_DAILY_CAPACITY)]
 _CODE = re.compile(CODE_PATTERN)
 
 
+NO_SITE = ""  # the tenant of a centre or a carrier here: no site id is empty, so nothing is found
+
+
 def tenant_of(principal: Principal) -> str | None:
-    """The site a caller is confined to: its own when it is a site (its MES), else None (any site)."""
-    return principal.tenant("site")
+    """The site a caller is confined to: its own when it is a site (its MES); none at all for another
+    tenant-bound principal; None (any site) for QA, admin and ops."""
+    if principal.kind == "site":
+        return principal.tenant("site")
+    if principal.kind in TENANT_KINDS:
+        return NO_SITE
+    return None
 
 
 # ---- the registry ------------------------------------------------------------------------------------
