@@ -6,6 +6,7 @@ is refused with 422 before anything is written, and the refusal never echoes it.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import uuid
@@ -18,6 +19,8 @@ import httpx
 import pytest
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from site_service.adapters.memory import MemoryStore, fake_uow
 from site_service.adapters.repository import SiteTx
@@ -697,3 +700,77 @@ async def test_a_malformed_json_body_is_refused(api: Api) -> None:
         f"/v1/sites/{SITE}/manufacturing/not-a-uuid/steps", json={"step": "activation"}, headers=api.site()
     )
     assert_refused(r, 422, "order_id")
+
+
+# ---- no malformed body gives a 5xx ---------------------------------------------------------------------
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=40),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=8,
+)
+MEMBERS = [
+    "start_date",
+    "end_date",
+    "reason",
+    "order_id",
+    "coi",
+    "accepted",
+    "received_at",
+    "reference",
+    "step",
+    "completed_at",
+    "failed",
+    "disposition",
+    "decided_at",
+    "daily_capacity",
+    "active",
+    "approvals",
+]
+
+
+@pytest.fixture(scope="module")
+def fuzz() -> Any:
+    """A synchronous client on its own seeded store (hypothesis drives it many times per test)."""
+    from fastapi.testclient import TestClient
+
+    store = MemoryStore()
+    uow = fake_uow(store)
+    asyncio.run(commands.load_seed(uow))
+    app = FastAPI()
+    problems.install(app)
+    app.include_router(router)
+    app.dependency_overrides[get_runtime] = lambda: SimpleNamespace(uow=uow)
+    tokens = TestTokens.install(app)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        yield SimpleNamespace(client=client, tokens=tokens, store=store, uow=uow)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    route=st.sampled_from(
+        [
+            ("PATCH", f"/v1/sites/{SITE}", "admin"),
+            ("POST", f"/v1/sites/{SITE}/outages", "admin"),
+            ("POST", f"/v1/sites/{SITE}/receipts", "site"),
+            ("POST", f"/v1/sites/{SITE}/manufacturing/{uuid.UUID(int=7)}/steps", "site"),
+            ("POST", f"/v1/sites/{SITE}/manufacturing/{uuid.UUID(int=7)}/qc", "qa"),
+        ]
+    ),
+    body=st.one_of(
+        st.dictionaries(st.sampled_from(MEMBERS) | st.text(max_size=8), JSON_VALUES, max_size=6), JSON_VALUES
+    ),
+)
+def test_no_body_gives_a_5xx_or_writes_when_refused(
+    fuzz: Any, route: tuple[str, str, str], body: Any
+) -> None:
+    method, path, kind = route
+    before, committed = fuzz.store.snapshot(), len(fuzz.uow.committed)
+    headers = fuzz.tokens.headers(kind, SITE if kind == "site" else None)
+    r = fuzz.client.request(
+        method, path, content=json.dumps(body), headers={**headers, "content-type": "application/json"}
+    )
+    assert r.status_code < 500, r.text
+    if r.status_code >= 400:
+        assert r.headers["content-type"].startswith("application/problem+json")
+        assert fuzz.store.snapshot() == before and len(fuzz.uow.committed) == committed
