@@ -15,6 +15,7 @@ an `httpx.Auth` can be given as well.
 from __future__ import annotations
 
 import inspect
+import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime
@@ -256,10 +257,13 @@ class V2VClient:
         headers: Mapping[str, str] | None = None,
     ) -> ApiResponse:
         """POST /v1/orders (201): treatment_center_id, product_code, order_type, patient_ref,
-        requested_apheresis_date."""
+        requested_apheresis_date. The service requires an `Idempotency-Key`: pass the same one when you
+        retry (a replay answers with the first answer); without one, each call gets a fresh key."""
         extra = dict(headers or {})
         if idempotency_key is not None:
             extra["Idempotency-Key"] = idempotency_key
+        elif not any(k.lower() == "idempotency-key" for k in extra):
+            extra["Idempotency-Key"] = str(uuid.uuid4())
         return await self.post("order", "/v1/orders", dict(body), headers=extra)
 
     async def get_order(self, order_id: str, *, headers: Mapping[str, str] | None = None) -> ApiResponse:
@@ -298,20 +302,33 @@ class V2VClient:
         return await self.post("order", f"/v1/orders/{order_id}/{action}", dict(body or {}), headers=headers)
 
     async def cancel(
-        self, order_id: str, reason: str, *, headers: Mapping[str, str] | None = None
+        self,
+        order_id: str,
+        reason_code: str,
+        note: str | None = None,
+        *,
+        headers: Mapping[str, str] | None = None,
     ) -> ApiResponse:
-        return await self.order_action(order_id, "cancel", {"reason": reason}, headers=headers)
+        """Cancel (POST /v1/orders/{id}/cancel): a reason code (patient_deceased, consent_withdrawn, ...,
+        other) and an optional free-text note that stays in the order service."""
+        body = _params(reason_code=reason_code, note=note)
+        return await self.order_action(order_id, "cancel", body, headers=headers)
 
     async def reschedule(
         self,
         order_id: str,
         requested_apheresis_date: Day,
-        reason: str,
+        reason_code: str,
+        note: str | None = None,
         *,
         headers: Mapping[str, str] | None = None,
     ) -> ApiResponse:
-        """Move the apheresis date (POST /v1/orders/{id}/apheresis-date)."""
-        body = {"requested_apheresis_date": _day(requested_apheresis_date), "reason": reason}
+        """Move the apheresis date (POST /v1/orders/{id}/apheresis-date) with a reason code
+        (patient_unwell, centre_capacity, ..., other) and an optional note."""
+        body = {
+            "requested_apheresis_date": _day(requested_apheresis_date),
+            **_params(reason_code=reason_code, note=note),
+        }
         return await self.order_action(order_id, "apheresis-date", body, headers=headers)
 
     async def _identity_checked(
@@ -352,11 +369,15 @@ class V2VClient:
         self,
         order_id: str,
         decision: Literal["release", "reject"],
-        reason: str,
+        reason_code: str,
+        note: str | None = None,
         *,
         headers: Mapping[str, str] | None = None,
     ) -> ApiResponse:
-        body = {"decision": decision, "reason": reason}
+        """As the manufacturer's QA: release (within_stability_data, excursion_not_confirmed,
+        assessed_acceptable, other) or reject (outside_stability_data, integrity_compromised,
+        insufficient_data, other)."""
+        body = {"decision": decision, **_params(reason_code=reason_code, note=note)}
         return await self.order_action(order_id, "quarantine-decision", body, headers=headers)
 
     # -- scheduling -------------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ class Platform:
     database: str
     namespace: str
     state_dir: Path
+    issuer: str | None = None  # the OAuth issuer the services trust (V2V_AUTH_ISSUER)
     services: dict[str, RunningService] = field(default_factory=dict)
 
     def url(self, name: str) -> str:
@@ -61,6 +62,10 @@ class Platform:
                 "PYTHONUNBUFFERED": "1",
             }
         )
+        if self.issuer:
+            env["V2V_AUTH_ISSUER"] = self.issuer
+        if spec.name == "notification":  # development mode: webhooks to http://127.0.0.1 receivers
+            env.setdefault("V2V_WEBHOOK_ALLOW_LOOPBACK", "true")
         env.update(extra)
         return env
 

@@ -166,7 +166,7 @@ def test_cancellation_and_coi_mismatch_carry_their_status_fields() -> None:
             order_id=ORDER_ID,
             coi=COI,
             treatment_center_id=CENTRE,
-            reason="centre request",
+            reason="physician_decision",
             previous_status="manufacturing",
         )
     )

@@ -658,7 +658,7 @@ async def test_a_cancelled_order_reaches_both_channels_with_its_status_fields(
             order_id=uuid.uuid4(),
             coi=COI,
             treatment_center_id=CENTRE,
-            reason="centre request",
+            reason="physician_decision",
             previous_status="x",
         )
     )

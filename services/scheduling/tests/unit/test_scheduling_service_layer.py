@@ -14,7 +14,7 @@ from scheduling_service.adapters.memory import SchedulingStore, fake_uow
 from scheduling_service.adapters.repository import SchedulingTx
 from scheduling_service.domain.selection import Parameters
 from scheduling_service.domain.slots import Planning, Slot
-from scheduling_service.service_layer import commands
+from scheduling_service.service_layer import booking, commands
 from scheduling_service.service_layer.handlers import build_handlers
 from v2v_contracts import (
     BookingConfirmedV1,
@@ -97,7 +97,7 @@ class Order:
             RebookRequestedV1(
                 **self.ids(),
                 kind="site_outage" if exclude else "reschedule",
-                reason="outage:flood" if exclude else "apheresis date moved",
+                reason="outage:flood" if exclude else "patient_unwell",
                 product_code=PRODUCT,
                 order_type="clinical",
                 regulator=self.regulator,
@@ -108,10 +108,10 @@ class Order:
         )
 
     def cancelled(self) -> CloudEvent:
-        return new_event(OrderCancelledV1(**self.ids(), reason="patient withdrew", previous_status="x"))
+        return new_event(OrderCancelledV1(**self.ids(), reason="consent_withdrawn", previous_status="x"))
 
     def failed(self) -> CloudEvent:
-        return new_event(OrderFailedV1(**self.ids(), reason="no material left"))
+        return new_event(OrderFailedV1(**self.ids(), reason="no_material_left"))
 
 
 class World:
@@ -245,8 +245,7 @@ async def test_cancel_releases_and_serves_the_waitlist_fifo() -> None:
     assert reserved.data["reason"] == "waitlist"
     assert reserved.data["manufacturing_start_date"] == d(2).isoformat()
     assert w.waiting() == [o.order_id for o in waiting[1:]]
-    # the centre's free text is not kept: the closure's reason is scheduling's own code
-    assert w.store.closed[booked[1].order_id] == ("cancelled", "cancelled")
+    assert w.store.closed[booked[1].order_id] == ("cancelled", "consent_withdrawn")
 
     # a waiting order that fails leaves the waitlist, releasing nothing
     assert await w.deliver(waiting[1].failed()) == []
@@ -518,23 +517,30 @@ async def test_a_failing_transaction_keeps_nothing() -> None:
 # ---- reasons are codes; the reads are paged and confined -----------------------------------------------
 
 
-async def test_a_rebooks_free_text_reason_is_never_kept() -> None:
+async def test_a_rebooks_reason_is_kept_only_as_a_code() -> None:
     w = World()
     await w.deliver(site_event("A", capacity=1))
     order, late = Order(1), Order(2, regulator="FDA")  # no site serves the FDA's market here
     await w.deliver(order.submitted())
 
-    events = await w.deliver(order.rebook(d(1)))  # reason "apheresis date moved": free text
+    events = await w.deliver(order.rebook(d(1)))  # the centre's code: kept
     assert types(events) == [RELEASED, RESERVED]
-    assert events[0].data["reason"] == "rebook:reschedule"
-    assert [r.release_reason for r in w.store.slots.values()] == ["rebook:reschedule", None]
+    assert events[0].data["reason"] == "patient_unwell"
 
+    # free text can no longer travel in the event; were it ever handed over, it would not be kept
     await w.deliver(late.submitted())  # it waits...
-    await w.deliver(late.rebook(d(1)))  # ...and its rebook waits too, with a code for a reason
+    asked = RebookRequestedV1.model_validate(late.rebook(d(1)).data)
+    words = asked.model_copy(update={"reason": "patient has an infection"})  # unvalidated, as words were
+    async with w.uow.begin() as tx:
+        await booking.rebook(tx, PLANNING, words)  # ...and its rebook waits too, with a code for a reason
     [entry] = w.waitlist_view()
     assert entry["order_id"] == late.order_id and entry["request"].reason == "rebook:reschedule"
-    await w.deliver(order.cancelled())  # "patient withdrew": free text
-    assert w.store.closed[order.order_id] == ("cancelled", "cancelled")
+    async with w.uow.begin() as tx:
+        live = await tx.slots.live(order.order_id)
+        assert live is not None
+        released = await booking.rebook(tx, PLANNING, words.model_copy(update={"order_id": order.order_id}))
+    assert released is not None and released.slot_id == live.slot_id
+    assert [e.data["reason"] for e in w.uow.take() if e.type == RELEASED] == ["rebook:reschedule"]
 
 
 async def test_the_reads_are_paged_and_confined_to_the_callers_tenancy() -> None:

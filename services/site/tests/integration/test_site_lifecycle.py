@@ -38,7 +38,8 @@ from v2v_contracts.errors import DomainError
 from v2v_harness import pytest_plugin
 from v2v_messaging import MIGRATIONS_DIR, UnitOfWork, notify_channel
 from v2v_persistence import apply_migrations, create_pool, schema_of
-from v2v_servicekit import get_runtime, problems
+from v2v_servicekit import edge, get_runtime, problems
+from v2v_servicekit.idempotency import MIGRATIONS_DIR as EDGE_MIGRATIONS
 from v2v_servicekit.problems import status_of
 from v2v_servicekit.testing import TestTokens
 
@@ -58,7 +59,7 @@ _seq = iter(range(1, 999_999))
 @pytest.fixture
 async def pool(test_db: pytest_plugin.TestDatabase) -> AsyncIterator[asyncpg.Pool]:
     url = test_db.urls["site"]
-    await apply_migrations(url, "site", [MIGRATIONS_DIR, SITE_MIGRATIONS])
+    await apply_migrations(url, "site", [MIGRATIONS_DIR, EDGE_MIGRATIONS, SITE_MIGRATIONS])  # as create_app
     pool = await create_pool(url, max_size=4)
     assert await schema_of(pool) == "site"
     try:
@@ -617,7 +618,7 @@ async def test_oos_then_remanufacture_from_retained_material_then_failure(
         coi=b["coi"],
         treatment_center_id=CENTRE,
         site_id=SITE,
-        reason="out_of_specification:potency",
+        reason="out_of_specification",
         run=2,
     )
     await handle(uow, command)
@@ -678,20 +679,21 @@ async def test_a_cancelled_order_stops_manufacturing_and_cancels_its_booking(
         order_id=b["order_id"],
         coi=b["coi"],
         treatment_center_id=CENTRE,
-        reason="patient withdrew",  # free text: the site keeps none of it
+        reason="consent_withdrawn",
         previous_status="manufacturing",
     )
     await handle(uow, cancelled)
 
     events = await outbox()
     assert [t for t, _ in events] == ["site.manufacturing_stopped.v1", "site.booking_cancelled.v1"]
-    assert all(d["reason"] == "order_cancelled" for _, d in events)
+    assert all(d["reason"] == "order_cancelled:consent_withdrawn" for _, d in events)
     assert (
         await pool.fetchval(
             """SELECT count(*) FROM manufacturing_history h JOIN bookings b USING (booking_id)
-           WHERE h.reason LIKE '%withdrew%' OR b.status_reason LIKE '%withdrew%'"""
+           WHERE h.reason = 'order_cancelled:consent_withdrawn'
+             AND b.status_reason = 'order_cancelled:consent_withdrawn'"""
         )
-        == 0
+        == 1
     )
     view = await queries.get_manufacturing(uow, SITE, b["order_id"])
     assert view["state"] == "stopped"
@@ -729,7 +731,7 @@ async def test_a_failed_order_without_material_only_loses_its_live_bookings(
 
     await handle(
         uow,
-        OrderFailedV1(order_id=b["order_id"], coi=b["coi"], treatment_center_id=CENTRE, reason="no material"),
+        OrderFailedV1(order_id=b["order_id"], coi=b["coi"], treatment_center_id=CENTRE, reason="no_material"),
     )
 
     events = await outbox()
@@ -941,3 +943,57 @@ async def test_the_reason_code_migration_turns_a_free_text_outage_into_other(
     assert [o["reason"] for o in stored] == ["other", "maintenance", "other"]
     assert [o["outage_id"] for o in stored] == [o["outage_id"] for o in outages]
     assert await pool.fetchval("SELECT count(*) FROM sites WHERE outages <> '[]'::jsonb") == 1
+
+
+# ---- the edge in front of the routes: a retried MES report, an oversized registry change ---------------
+
+
+@pytest.fixture
+async def edge_client(
+    pool: asyncpg.Pool, uow: UnitOfWork, tokens: TestTokens
+) -> AsyncIterator[httpx.AsyncClient]:
+    app = FastAPI()
+    problems.install(app)
+    edge.install(app, edge.EdgeConfig(), pool=lambda _app: pool)
+    # the routes themselves, not `include_router`: FastAPI 0.165 keeps an included router as one
+    # `_IncludedRouter` entry, which the edge does not look into yet (reported to the lead)
+    app.router.routes.extend(site_api.router.routes)
+    app.state.runtime = SimpleNamespace(pool=pool, uow=uow)
+    app.state.token_verifier = tokens.verifier()
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://site") as c:
+        yield c
+
+
+async def test_a_retried_mes_report_is_answered_once(
+    pool: asyncpg.Pool, edge_client: httpx.AsyncClient, uow: UnitOfWork, tokens: TestTokens, outbox: Any
+) -> None:
+    b = await reserve(uow)
+    await outbox()
+    mes = {**tokens.headers("site", SITE), "Idempotency-Key": "mes-receipt-0001"}
+    body = {"order_id": str(b["order_id"]), "coi": b["coi"], "accepted": True}
+    first = await edge_client.post(f"/v1/sites/{SITE}/receipts", json=body, headers=mes)
+    again = await edge_client.post(f"/v1/sites/{SITE}/receipts", json=body, headers=mes)
+    assert first.status_code == again.status_code == 200, first.text
+    assert again.headers["idempotent-replayed"] == "true" and again.content == first.content
+    assert [t for t, _ in await outbox()] == ["site.material_received.v1"]  # one receipt, one event
+    other = await edge_client.post(
+        f"/v1/sites/{SITE}/receipts", json={**body, "accepted": False, "reason": "other"}, headers=mes
+    )
+    assert other.status_code == 422  # the same key for another report
+    assert await pool.fetchval("SELECT count(*) FROM manufacturing_history") == 1
+    assert await pool.fetchval("SELECT client_id FROM idempotency_keys") == "site-fr-les-ulis"
+
+
+async def test_a_two_megabyte_site_patch_is_refused_at_the_edge_and_the_site_still_publishes(
+    edge_client: httpx.AsyncClient, tokens: TestTokens, outbox: Any
+) -> None:
+    await outbox()
+    admin = tokens.headers("admin")
+    huge = {"approvals": [{"regulator": "EMA", "use": "commercial", "product_code": "X" * (2 * 1024 * 1024)}]}
+    r = await edge_client.patch(f"/v1/sites/{SITE}", json=huge, headers=admin)
+    assert r.status_code == 413 and len(r.content) < 4096
+    assert await outbox() == []
+    r = await edge_client.patch(f"/v1/sites/{SITE}", json={"daily_capacity": {"TISA-CEL": 2}}, headers=admin)
+    assert r.status_code == 200
+    [(kind, _)] = await outbox()
+    assert kind == "site.registered.v1"

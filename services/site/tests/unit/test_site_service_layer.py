@@ -223,14 +223,14 @@ async def test_a_cancelled_order_stops_manufacturing_and_cancels_its_booking(sit
         order_id=o.order_id,
         coi=o.coi,
         treatment_center_id=CENTRE,
-        reason="patient_withdrew",
+        reason="consent_withdrawn",
         previous_status="manufacturing",
     )
     await site.deliver(cancelled)
 
     events = site.events()
     assert [t for t, _ in events] == ["site.manufacturing_stopped.v1", "site.booking_cancelled.v1"]
-    assert all(d["reason"] == "order_cancelled:patient_withdrew" for _, d in events)
+    assert all(d["reason"] == "order_cancelled:consent_withdrawn" for _, d in events)
     view = await queries.get_manufacturing(site.uow, SITE, o.order_id)
     assert view["state"] == "stopped"
     assert view["history"][-1]["action"] == "stop"
@@ -253,13 +253,13 @@ async def test_a_failed_order_without_material_only_loses_its_live_bookings(site
     site.events()
 
     await site.deliver(
-        OrderFailedV1(order_id=o.order_id, coi=o.coi, treatment_center_id=CENTRE, reason="no material")
+        OrderFailedV1(order_id=o.order_id, coi=o.coi, treatment_center_id=CENTRE, reason="no_material")
     )
 
     events = site.events()
     assert [t for t, _ in events] == ["site.booking_cancelled.v1"] * 2
     assert {d["site_id"] for _, d in events} == {SITE, OTHER_SITE}
-    assert {d["reason"] for _, d in events} == {"order_failed"}  # the order's free text is not taken over
+    assert {d["reason"] for _, d in events} == {"order_failed:no_material"}
     assert (status(site, o), status(site, rebooked), status(site, other)) == (
         "cancelled",
         "cancelled",
@@ -632,7 +632,7 @@ async def test_a_remanufacture_request_starts_run_two_from_retained_material(sit
         coi=o.coi,
         treatment_center_id=CENTRE,
         site_id=SITE,
-        reason="out of specification: potency",  # free text: the site keeps a code of its own
+        reason="out_of_specification",
         run=2,
     )
 
@@ -643,7 +643,7 @@ async def test_a_remanufacture_request_starts_run_two_from_retained_material(sit
     assert (view["state"], view["run"], view["next_step"]) == ("material_received", 2, "activation")
     assert (view["history"][-1]["action"], view["history"][-1]["reason"]) == (
         "remanufacture",
-        "remanufacture_requested",
+        "out_of_specification",
     )
     assert [h["action"] for h in view["history"]].count("remanufacture") == 1
     assert site.events() == []  # no new receipt: the run starts from retained material

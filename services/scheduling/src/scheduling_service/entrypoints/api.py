@@ -23,15 +23,12 @@ from v2v_contracts.fields import CODE_PATTERN
 from v2v_contracts.scopes import TENANT_KINDS
 from v2v_servicekit import Runtime, get_runtime
 from v2v_servicekit.auth import Principal, require_scope
+from v2v_servicekit.pagination import MAX_PAGE_LIMIT, PageLimit, PageOffset
 
 router = APIRouter(prefix="/v1")
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 SlotStatus = Literal["held", "confirmed", "released", "consumed"]
 
-MAX_PAGE = 200
-MAX_OFFSET = 10_000
-Limit = Annotated[int, Query(ge=1, le=MAX_PAGE, description=f"Rows per page (at most {MAX_PAGE})")]
-Offset = Annotated[int, Query(ge=0, le=MAX_OFFSET, description="Rows to skip")]
 CodeParam = Annotated[str | None, Query(min_length=1, max_length=64, pattern=CODE_PATTERN)]
 
 
@@ -51,8 +48,8 @@ async def slots(
     status: Annotated[list[SlotStatus] | None, Query(max_length=4)] = None,
     product_code: CodeParam = None,
     site_id: CodeParam = None,
-    limit: Limit = MAX_PAGE,
-    offset: Offset = 0,
+    limit: PageLimit = MAX_PAGE_LIMIT,
+    offset: PageOffset = 0,
 ) -> list[dict[str, Any]]:
     return await commands.list_slots(
         rt.uow,
@@ -70,7 +67,7 @@ async def slots(
 async def waitlist(
     rt: RuntimeDep,
     principal: Annotated[Principal, require_scope("ops:read")],
-    limit: Limit = MAX_PAGE,
-    offset: Offset = 0,
+    limit: PageLimit = MAX_PAGE_LIMIT,
+    offset: PageOffset = 0,
 ) -> list[dict[str, Any]]:
     return await commands.list_waitlist(rt.uow, limit=limit, offset=offset, tenancy=tenancy_of(principal))

@@ -15,6 +15,9 @@ list holds only its site, and another site's id answers 404 as if it did not exi
 are not confined. Another tenant-bound principal (a centre, a carrier) that holds one of these scopes all
 the same is confined to no site at all: the site service holds nothing of theirs.
 
+Writes take an optional `Idempotency-Key` (a retried MES report or registry change gets the first answer
+back; `v2v_servicekit.idempotency`). Lists are paged: `limit` 1..200, `offset` 0..10 000.
+
 Requests carry no free text: reasons are codes (`v2v_contracts.events`: OutageReason, ReceiptRejection,
 StepFailure, QcFinding), the site's own documents are named by an opaque `reference`.
 """
@@ -26,7 +29,7 @@ import uuid
 from datetime import date
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Path, Query
+from fastapi import APIRouter, Depends, Path
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StringConstraints
 
 from site_service.domain.registry import MAX_DAILY_CAPACITY
@@ -38,12 +41,12 @@ from v2v_contracts.scopes import TENANT_KINDS
 from v2v_observability import later_input, names
 from v2v_servicekit import Runtime, get_runtime
 from v2v_servicekit.auth import Principal, require_scope
+from v2v_servicekit.idempotency import idempotent
+from v2v_servicekit.pagination import MAX_PAGE_LIMIT, PageLimit, PageOffset
 
 router = APIRouter(prefix="/v1")
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 
-MAX_PAGE = 200  # rows per page of any list
-MAX_OFFSET = 10_000
 MAX_PRODUCTS = 50  # products in one capacity change
 MAX_APPROVALS = 200  # entries in a site's approval list (regulators x uses x products)
 
@@ -53,8 +56,6 @@ SiteId = Annotated[
         min_length=1, max_length=64, pattern=CODE_PATTERN, description="The site's id", examples=["CH-STEIN"]
     ),
 ]
-Limit = Annotated[int, Query(ge=1, le=MAX_PAGE, description=f"Rows per page (at most {MAX_PAGE})")]
-Offset = Annotated[int, Query(ge=0, le=MAX_OFFSET, description="Rows to skip")]
 Coi = Annotated[
     str,
     StringConstraints(min_length=1, max_length=32, pattern=r"^[0-9A-Z*]+$"),
@@ -141,8 +142,8 @@ class OutageIn(BaseModel):
 async def sites(
     rt: RuntimeDep,
     principal: Annotated[Principal, require_scope("sites:read")],
-    limit: Limit = MAX_PAGE,
-    offset: Offset = 0,
+    limit: PageLimit = MAX_PAGE_LIMIT,
+    offset: PageOffset = 0,
 ) -> list[dict[str, Any]]:
     return await queries.list_sites(rt.uow, tenant=tenant_of(principal), limit=limit, offset=offset)
 
@@ -158,6 +159,7 @@ async def site(
     "/sites/{site_id}",
     tags=["registry"],
     summary="Registry: change daily capacity per product, whether the site is active, and its approvals",
+    dependencies=[idempotent()],
 )
 async def patch_site(
     site_id: SiteId,
@@ -180,6 +182,7 @@ async def patch_site(
     status_code=201,
     tags=["registry"],
     summary="Registry: declare an outage window; bookings in it must move to another site",
+    dependencies=[idempotent()],
 )
 async def post_outage(
     site_id: SiteId,
@@ -227,6 +230,7 @@ class QcIn(BaseModel):
     "/sites/{site_id}/receipts",
     tags=["mes"],
     summary="MES: the order's apheresis material received (accepted) or refused at the site",
+    dependencies=[idempotent()],
 )
 async def post_receipt(
     site_id: SiteId,
@@ -245,6 +249,7 @@ async def post_receipt(
     "/sites/{site_id}/manufacturing/{order_id}/steps",
     tags=["mes"],
     summary="MES: a manufacturing step completed (or failed) in the current run",
+    dependencies=[idempotent()],
 )
 async def post_step(
     site_id: SiteId,
@@ -264,6 +269,7 @@ async def post_step(
     "/sites/{site_id}/manufacturing/{order_id}/qc",
     tags=["qc"],
     summary="QA: QC disposition of the current run (released, out of specification, failed)",
+    dependencies=[idempotent()],
 )
 async def post_qc(
     site_id: SiteId,
