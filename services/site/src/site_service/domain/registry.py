@@ -29,7 +29,9 @@ OUTAGE_REASONS: tuple[str, ...] = get_args(OutageReason)
 OUTAGE_PAST = timedelta(days=30)
 OUTAGE_FUTURE = timedelta(days=730)
 OUTAGE_MAX_DAYS = 366
-MAX_DAILY_CAPACITY = 1000  # manufacturing starts per day and product: far above any real site
+# manufacturing starts per day and product: a sanity bound far above any real site (the load bench sets
+# 100 000 so that no order waits)
+MAX_DAILY_CAPACITY = 100_000
 
 
 @dataclass(frozen=True)
