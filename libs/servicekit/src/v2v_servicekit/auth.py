@@ -263,7 +263,46 @@ def document_scopes(app: Any) -> None:
                     operation["responses"].setdefault(
                         "403", {"description": f"The token lacks the scope {scope} (problem+json)"}
                     )
+        _problems_everywhere(schema)
         app.openapi_schema = schema
         return schema
 
     app.openapi = openapi
+
+
+PROBLEM_SCHEMA: dict[str, Any] = {
+    "title": "Problem",
+    "description": "RFC 9457 problem details; `errors` names each field and the reason",
+    "type": "object",
+    "properties": {
+        "type": {"type": "string"},
+        "title": {"type": "string"},
+        "status": {"type": "integer"},
+        "detail": {"type": "string"},
+        "instance": {"type": "string"},
+        "errors": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {"field": {"type": "string"}, "reason": {"type": "string"}},
+                "required": ["field", "reason"],
+            },
+        },
+    },
+    "required": ["type", "title", "status"],
+}
+
+
+def _problems_everywhere(schema: dict[str, Any]) -> None:
+    """Every error answer is application/problem+json (v2v_servicekit.problems): say so in the document,
+    instead of FastAPI's default `HTTPValidationError` as application/json."""
+    schema.setdefault("components", {}).setdefault("schemas", {})["Problem"] = PROBLEM_SCHEMA
+    ref = {"$ref": "#/components/schemas/Problem"}
+    for operations in schema.get("paths", {}).values():
+        for operation in operations.values():
+            for status, response in operation.get("responses", {}).items():
+                if str(status)[:1] in {"4", "5"}:
+                    response["content"] = {"application/problem+json": {"schema": ref}}
+    schemas = schema["components"]["schemas"]
+    for unused in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(unused, None)
