@@ -24,8 +24,8 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
-from schemathesis.core.result import Ok
 from schemathesis.checks import content_type_conformance, not_a_server_error, response_schema_conformance
+from schemathesis.core.result import Ok
 
 from v2v_harness.e2e import Parties, eventually, order_body, subscribe
 from v2v_harness.identity import Credentials
