@@ -1,5 +1,6 @@
 """The simulator (the v2v_simulator package in tools/simulator, `make demo`): a small run end to end against
-the five service processes.
+the five service processes behind the edge, each party (the centres, the carriers, the sites' MES, QA,
+the registry admin, ops) with its own demo client's token from the test session's issuer.
 
 Its unit tests (command line, clock, plan, report, the Api's retries, the actors against a mocked platform)
 live beside it in tools/simulator/tests; pytest puts tools/simulator on the path (`pythonpath`).
@@ -9,13 +10,16 @@ from __future__ import annotations
 
 import pytest
 
+from v2v_harness.identity import Credentials
 from v2v_harness.platform import Platform
 from v2v_simulator import SERVICES, Config, Simulator
 
 
 @pytest.mark.e2e
 @pytest.mark.timeout(240)
-async def test_simulated_orders_all_end_in_a_terminal_state_without_errors(platform: Platform) -> None:
+async def test_simulated_orders_all_end_in_a_terminal_state_without_errors(
+    platform: Platform, credentials: Credentials
+) -> None:
     cfg = Config(
         orders=18,
         exceptions=0.5,
@@ -29,7 +33,7 @@ async def test_simulated_orders_all_end_in_a_terminal_state_without_errors(platf
         progress_s=5,
     )
     lines: list[str] = []
-    simulator = Simulator(cfg, lines.append)
+    simulator = Simulator(cfg, lines.append, credentials)
     try:
         code = await simulator.run()
     finally:
@@ -46,3 +50,7 @@ async def test_simulated_orders_all_end_in_a_terminal_state_without_errors(platf
     assert "exceptions injected" in output.lower() and "Per-site utilisation" in output
     assert "Vein-to-vein days" in output and "errors: none" in output
     assert any(k.startswith("lymphodepletion before release -> 409") for k in simulator.stats.intended)
+    assert "acting as" in output and "parties, each with its own token" in output
+    # the run's patients are its own: every order placed carries the run id in its patient reference
+    placed = [a.plan.patient_ref for a in simulator.actors if a.order_id]
+    assert len(placed) == cfg.orders and all(ref.startswith(f"SIM-{cfg.run_id}-") for ref in placed)

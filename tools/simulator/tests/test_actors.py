@@ -1,5 +1,6 @@
 """The actors of one order (hospital, courier, site) against a mocked platform (`httpx.MockTransport`): the
-requests they make, in which order, with which simulated times, and what they note in the case file."""
+requests they make, as which party (each with its own token), in which order, at which simulated moments
+(kept in the case file) while the platform is told the real time, and what they note in the case file."""
 
 from __future__ import annotations
 
@@ -10,11 +11,13 @@ from typing import Any
 
 import httpx
 
+from v2v_contracts.fields import booking_window
 from v2v_simulator.api import Api
 from v2v_simulator.config import Config
 from v2v_simulator.orders import OrderActor
 from v2v_simulator.plan import Combo, OrderPlan
 from v2v_simulator.simulation import Simulator
+from v2v_simulator.sites import OutageState, declare_outage
 from v2v_simulator.states import MATERIAL_ON_THE_WAY, STEPS
 from v2v_simulator.tracker import Tracker
 
@@ -28,23 +31,44 @@ SHIPMENT = {
     "destination": "CH-STEIN",
     "min_temp_c": 2.0,
     "max_temp_c": 8.0,
+    "carrier_id": "CRYO-EU",
 }
 
 
+class FakeTokens:
+    """A token source like `v2v_harness.identity.Credentials`: the token names the demo client."""
+
+    def client_id(self, kind: str, entity_id: str | None = None) -> str:
+        return f"{kind}-{entity_id.lower()}" if entity_id else kind
+
+    async def headers(self, client_id: str, scope: str | None = None) -> dict[str, str]:
+        return {"Authorization": f"Bearer {client_id}"}
+
+
 class FakePlatform:
-    """Answers by (method, path); records every request with its JSON body."""
+    """Answers by (method, path); records every request with its JSON body, and who sent it."""
 
     def __init__(self, routes: dict[tuple[str, str], Callable[[Any], httpx.Response]]) -> None:
         self.routes = routes
         self.requests: list[tuple[str, str, Any]] = []
+        self.callers: list[str] = []  # the demo client of each request (from its bearer token)
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         body = json.loads(request.content) if request.content else None
         self.requests.append((request.method, request.url.path, body))
+        self.callers.append(request.headers.get("authorization", "").removeprefix("Bearer "))
         return self.routes[(request.method, request.url.path)](body)
 
     def posted(self) -> list[tuple[str, Any]]:
         return [(path, body) for method, path, body in self.requests if method == "POST"]
+
+    def by(self, method: str = "POST") -> list[tuple[str, str]]:
+        """(path, caller) of each request with `method`."""
+        return [(r[1], who) for r, who in zip(self.requests, self.callers, strict=True) if r[0] == method]
+
+
+def real_now() -> datetime:
+    return datetime.now(UTC)
 
 
 DAY = (datetime.now(UTC) + timedelta(days=10)).date()  # the booked apheresis day (the clock starts now)
@@ -70,13 +94,21 @@ def order_row(status: str = "submitted", **kw: Any) -> dict[str, Any]:
 
 
 async def actor_for(platform: FakePlatform, kind: str | None = None, **params: Any) -> OrderActor:
-    cfg = Config(orders=1, day_seconds=0.0, stall_s=1.0)
-    sim = Simulator(cfg, out=lambda line: None)
+    cfg = Config(orders=1, day_seconds=0.0, stall_s=1.0, run_id="RUN1")
+    tokens = FakeTokens()
+    sim = Simulator(cfg, out=lambda line: None, credentials=tokens)
     await sim.api.close()
-    sim.api = Api(cfg.urls, cfg.concurrency, sim.stats, transport=httpx.MockTransport(platform), backoff_s=0)
+    sim.api = Api(
+        cfg.urls,
+        cfg.concurrency,
+        sim.stats,
+        credentials=tokens,
+        transport=httpx.MockTransport(platform),
+        backoff_s=0,
+    )
     sim.tracker = Tracker(sim.api, cfg.poll_s)
     sim.products = {"TISA-CEL": {"code": "TISA-CEL", "manufacturing_days": 17, "qc_days": 14}}
-    plan = OrderPlan(0, "SIM-001-00001", COMBO, date(2026, 3, 10), 0.0, kind, params)
+    plan = OrderPlan(0, "SIM-RUN1-001-00001", COMBO, date(2026, 3, 10), 0.0, kind, params)
     return OrderActor(sim, plan)
 
 
@@ -97,11 +129,13 @@ async def test_the_hospital_places_the_planned_order_and_the_tracker_follows_it(
                 "treatment_center_id": "TC-DE-BE-001",
                 "product_code": "TISA-CEL",
                 "order_type": "commercial",
-                "patient_ref": "SIM-001-00001",
+                "patient_ref": "SIM-RUN1-001-00001",
                 "requested_apheresis_date": "2026-03-10",
             },
         )
     ]
+    assert platform.callers == ["centre-tc-de-be-001"]  # the centre places its own order
+    assert actor.hospital.idempotency_key() == "v2v-sim-RUN1-order-00001"
     assert (actor.order_id, actor.coi, actor.result.order_id) == ("o-1", "V2V0026000001X", "o-1")
     assert actor.row["status"] == "submitted" and actor.who == "order #1 o-1"
     await actor.sim.api.close()
@@ -113,7 +147,14 @@ async def test_actions_are_stamped_in_order_and_never_go_back() -> None:
     first = actor.stamp(start + timedelta(days=2))
     assert first == start + timedelta(days=2)
     assert actor.stamp(start) == first + timedelta(minutes=5)  # an earlier moment: just after the last one
-    assert await actor.at(start + timedelta(days=3)) == (start + timedelta(days=3)).isoformat()
+    assert await actor.at(start + timedelta(days=3), "apheresis") == start + timedelta(days=3)
+    assert await actor.at(start, "infusion") == start + timedelta(days=3, minutes=5)
+    assert await actor.at(start + timedelta(days=4)) == start + timedelta(days=4)  # unnamed: not noted
+    assert actor.moments == [
+        ("apheresis", start + timedelta(days=3)),
+        ("infusion", start + timedelta(days=3, minutes=5)),
+    ]
+    assert actor.moment("infusion") == start + timedelta(days=3, minutes=5) and actor.moment("x") is None
     await actor.sim.api.close()
 
 
@@ -132,7 +173,9 @@ async def test_the_inbound_leg_is_scanned_by_the_courier_then_received_by_the_si
     actor = await placed(platform)
     apheresis = actor.sim.clock.at(DAY, 10)
     actor.apheresis_at["slot-1"] = apheresis
+    before = real_now()
     await actor.inbound(order_row("apheresis_completed"))
+    after = real_now()
     posted = platform.posted()[1:]
     assert [(p, b.get("milestone")) for p, b in posted] == [
         ("/v1/shipments/sh-1/milestones", "booked"),
@@ -141,16 +184,30 @@ async def test_the_inbound_leg_is_scanned_by_the_courier_then_received_by_the_si
         ("/v1/shipments/sh-1/milestones", "delivered"),
         ("/v1/sites/CH-STEIN/receipts", None),
     ]
+    # the shipment is found as ops, scanned by the carrier it names, received by the site's MES
+    assert platform.by("GET") == [("/v1/shipments", "ops")]
+    assert [who for _, who in platform.by("POST")[1:]] == ["carrier-cryo-eu"] * 4 + ["site-ch-stein"]
     booked, picked, transit, delivered, receipt = (b for _, b in posted)
     assert "temperature_c" not in booked and 2.0 <= picked["temperature_c"] <= 8.0
     assert picked["received_from"] == "TC-DE-BE-001" and picked["location"] == "TC-DE-BE-001"
     assert transit["location"] == "HUB" and delivered["location"] == "CH-STEIN"
-    times = [b["occurred_at"] for b in (booked, picked, transit, delivered)] + [receipt["received_at"]]
-    assert times == sorted(times) and times[0] == (apheresis + timedelta(hours=1)).isoformat()
-    assert receipt == {"order_id": "o-1", "coi": "V2V0026000001X", "accepted": True, "received_at": times[-1]}
+    # the platform is told the real time of each scan (in order); the simulated moments stay in the case
+    reported = [datetime.fromisoformat(b["occurred_at"]) for b in (booked, picked, transit, delivered)]
+    assert reported == sorted(reported) and all(before <= t <= after for t in reported)
+    labels = [
+        "inbound booked",
+        "inbound picked_up",
+        "inbound in_transit",
+        "inbound delivered",
+        "site receipt",
+    ]
+    assert [w for w, _ in actor.moments] == labels
+    times = [m for _, m in actor.moments]
+    assert times == sorted(times) and times[0] == apheresis + timedelta(hours=1)
+    assert receipt == {"order_id": "o-1", "coi": "V2V0026000001X", "accepted": True}  # received now
     assert ("inbound", "slot-1") in actor.done and actor.result.sites_manufactured == ["CH-STEIN"]
     # the run starts 3 h after receipt, or at 08:00 on the manufacturing start day if that is later
-    received = datetime.fromisoformat(receipt["received_at"])
+    received = actor.moment("site receipt")
     assert received == actor.sim.clock.at(DAY + timedelta(days=2), 10)  # two days in transit, then 1 h
     assert actor.run_start[("slot-1", 1)] == received + timedelta(hours=3)
     assert not actor.sim.stats.errors
@@ -169,6 +226,11 @@ async def test_an_inbound_excursion_replaces_the_delivery_and_waits_for_the_plat
     assert paths[-1] == "/v1/shipments/sh-1/temperature" and "/v1/sites/CH-STEIN/receipts" not in paths
     reading = platform.posted()[-1][1]
     assert reading["reading_c"] >= 8.0 + 4 and reading["coi"] == "V2V0026000001X"
+    assert platform.callers[-1] == "carrier-cryo-eu"  # the logger reading is the carrier's report
+    measured = datetime.fromisoformat(reading["measured_at"])
+    assert abs((measured - real_now()).total_seconds()) < 60  # real time, not the simulated moment
+    excursion_at = actor.moment("inbound temperature excursion")
+    assert excursion_at is not None and excursion_at > actor.sim.clock.start
     assert actor.result.applied and actor.leave == MATERIAL_ON_THE_WAY
     assert [b["milestone"] for p, b in platform.posted()[1:-1]] == ["booked", "picked_up", "in_transit"]
     await actor.sim.api.close()
@@ -177,11 +239,17 @@ async def test_an_inbound_excursion_replaces_the_delivery_and_waits_for_the_plat
 async def test_a_refused_receipt_is_the_planned_rejection() -> None:
     platform = FakePlatform({})
     inbound_routes(platform)
-    actor = await placed(platform, "material_rejected", reason="bag leaking on arrival")
+    actor = await placed(platform, "material_rejected", reason="damaged_container")
     await actor.inbound(order_row("material_in_transit"))
     path, receipt = platform.posted()[-1]
-    assert path == "/v1/sites/CH-STEIN/receipts"
-    assert receipt["accepted"] is False and receipt["reason"] == "bag leaking on arrival"
+    assert path == "/v1/sites/CH-STEIN/receipts" and platform.callers[-1] == "site-ch-stein"
+    assert receipt == {
+        "order_id": "o-1",
+        "coi": "V2V0026000001X",
+        "accepted": False,
+        "reason": "damaged_container",  # a ReceiptRejection code
+        "reference": "DEV-RUN1-00001",  # the site's own deviation record, an opaque id
+    }
     assert actor.result.applied and actor.leave == MATERIAL_ON_THE_WAY and not actor.run_start
     assert actor.sim.stats.calls["site receipt (refused)"] == 1
     await actor.sim.api.close()
@@ -203,11 +271,18 @@ async def test_the_site_reports_every_step_at_its_time_then_releases() -> None:
     assert not actor.site.run_done(row)
     await actor.site.manufacture(row)
     posted = platform.posted()[1:]
-    assert [b.get("step") for _, b in posted[:-1]] == list(STEPS[1:])  # activation was already reported
-    assert posted[-1][1]["disposition"] == "released"
-    cryopreserved = datetime.fromisoformat(posted[-2][1]["completed_at"])
+    assert [b for _, b in posted[:-1]] == [{"step": s} for s in STEPS[1:]]  # activation was reported
+    assert posted[-1][1] == {"disposition": "released"}  # released now: no simulated moment is sent
+    # the site's MES reads and reports for its own site; the QC disposition is the manufacturer's QA's
+    assert set(platform.by("GET")) == {("/v1/sites/CH-STEIN/manufacturing/o-1", "site-ch-stein")}
+    assert [who for _, who in platform.by("POST")[1:]] == ["site-ch-stein"] * 4 + ["qa"]
+    steps = [(w, m) for w, m in actor.moments if w.startswith("manufacturing step")]
+    assert [w for w, _ in steps] == [f"manufacturing step: {s}" for s in STEPS[1:]]
+    assert [m for _, m in steps] == sorted(m for _, m in steps)
+    cryopreserved = actor.moment("manufacturing step: cryopreservation")
+    assert cryopreserved is not None
     assert start + timedelta(days=17) <= cryopreserved <= start + timedelta(days=17, hours=3)
-    assert actor.release_at == datetime.fromisoformat(posted[-1][1]["decided_at"])
+    assert actor.release_at is not None and actor.release_at == actor.moment("QC released")
     assert actor.release_at >= start + timedelta(days=17 + 14)
     assert actor.site.run_done(row)
     await actor.sim.api.close()
@@ -225,3 +300,221 @@ async def test_lymphodepletion_before_release_is_tried_once_and_must_be_refused(
     assert actor.sim.stats.intended == {"lymphodepletion before release -> 409": 1}
     assert not actor.lymphodepleted and not actor.sim.stats.errors
     await actor.sim.api.close()
+
+
+def order_answer(status: str, **kw: Any) -> Callable[[Any], httpx.Response]:
+    return lambda _: httpx.Response(200, json=order_row(status, **kw))
+
+
+async def test_the_centre_collects_on_the_booked_day_after_a_refused_coi_typo() -> None:
+    typo_first: list[Any] = []
+
+    def apheresis(body: Any) -> httpx.Response:
+        typo_first.append(body)
+        if body["coi"] != "V2V0026000001X":
+            return httpx.Response(422, json={"detail": "coi: check character"})
+        return httpx.Response(200, json=order_row("apheresis_completed"))
+
+    predicted = {"earliest_infusion": (DAY + timedelta(days=40)).isoformat()}
+    platform = FakePlatform(
+        {
+            ("GET", "/v1/orders/o-1"): lambda _: httpx.Response(
+                200, json=order_row("inbound_shipment_planned", predicted=predicted)
+            ),
+            ("POST", "/v1/orders/o-1/apheresis"): apheresis,
+        }
+    )
+    actor = await placed(platform)
+    actor.plan.coi_typo = True
+    await actor.hospital.apheresis(order_row("inbound_shipment_planned"))
+    assert typo_first[0] != {"coi": "V2V0026000001X"} and set(typo_first[0]) == {"coi"}  # no `at`
+    assert typo_first[1] == {"coi": "V2V0026000001X"}
+    assert set(platform.callers) == {"centre-tc-de-be-001"}  # every call as the order's centre
+    assert actor.sim.stats.intended == {"apheresis with mistyped COI -> 422": 1}
+    collected = actor.moment("apheresis")
+    assert collected is not None and collected.date() == DAY  # on the booked day, simulated
+    assert actor.first_apheresis == collected and actor.apheresis_at["slot-1"] == collected
+    assert actor.result.predicted_days == 40 and not actor.sim.stats.errors
+    await actor.sim.api.close()
+
+
+async def test_cancel_and_a_moved_date_send_reason_codes_and_a_note() -> None:
+    platform = FakePlatform(
+        {
+            ("POST", "/v1/orders/o-1/cancel"): order_answer("cancelled"),
+            ("POST", "/v1/orders/o-1/apheresis-date"): order_answer("rescheduling"),
+            ("GET", "/v1/orders/o-1"): order_answer("inbound_shipment_planned"),
+        }
+    )
+    actor = await placed(platform, "cancellation", stage="manufacturing", reason_code="disease_progression")
+    await actor.hospital.cancel("manufacturing")
+    assert platform.posted()[-1] == (
+        "/v1/orders/o-1/cancel",
+        {"reason_code": "disease_progression", "note": "simulated cancellation (manufacturing)"},
+    )
+    assert actor.result.applied
+    await actor.sim.api.close()
+
+    platform = FakePlatform(
+        {
+            ("POST", "/v1/orders/o-1/apheresis-date"): order_answer("rescheduling"),
+            ("GET", "/v1/orders/o-1"): order_answer("inbound_shipment_planned"),
+        }
+    )
+    actor = await placed(platform, "apheresis_moved", days=5, reason_code="centre_capacity")
+    await actor.hospital.apheresis(order_row("inbound_shipment_planned"))
+    path, body = platform.posted()[-1]
+    assert path == "/v1/orders/o-1/apheresis-date" and platform.callers[-1] == "centre-tc-de-be-001"
+    assert body == {
+        "requested_apheresis_date": (DAY + timedelta(days=5)).isoformat(),
+        "reason_code": "centre_capacity",
+        "note": "simulated: not fit on the day",
+    }
+    assert actor.result.applied and ("apheresis", "slot-1") in actor.done
+    await actor.sim.api.close()
+
+
+async def test_a_moved_date_stays_in_the_booking_window() -> None:
+    far = (datetime.now(UTC) + timedelta(days=178)).date()
+    row = order_row("inbound_shipment_planned")
+    row["slot"]["apheresis_date"] = far.isoformat()
+    platform = FakePlatform(
+        {
+            ("POST", "/v1/orders/o-1/apheresis-date"): order_answer("rescheduling"),
+            ("GET", "/v1/orders/o-1"): order_answer("inbound_shipment_planned"),
+        }
+    )
+    actor = await placed(platform, "apheresis_moved", days=9, reason_code="patient_unwell")
+    await actor.hospital.apheresis(row)
+    moved = date.fromisoformat(platform.posted()[-1][1]["requested_apheresis_date"])
+    assert moved == booking_window()[1] and moved > far
+    await actor.sim.api.close()
+
+
+async def test_after_an_error_the_centre_cancels_with_the_code_other() -> None:
+    platform = FakePlatform({("POST", "/v1/orders/o-1/cancel"): order_answer("cancelled")})
+    actor = await placed(platform)
+    await actor.hospital.tidy_up()
+    assert platform.posted()[-1] == (
+        "/v1/orders/o-1/cancel",
+        {"reason_code": "other", "note": "the simulator gave up on this order after an error"},
+    )
+    assert platform.callers[-1] == "centre-tc-de-be-001"
+    await actor.sim.api.close()
+
+
+async def test_a_failed_step_and_an_out_of_specification_product_send_codes_and_references() -> None:
+    mes = {"run": 1, "state": "material_received", "steps_completed": []}
+    platform = FakePlatform(
+        {
+            ("GET", "/v1/sites/CH-STEIN/manufacturing/o-1"): lambda _: httpx.Response(200, json=mes),
+            ("POST", "/v1/sites/CH-STEIN/manufacturing/o-1/steps"): lambda _: httpx.Response(200, json={}),
+            ("POST", "/v1/sites/CH-STEIN/manufacturing/o-1/qc"): lambda _: httpx.Response(200, json={}),
+        }
+    )
+    actor = await placed(
+        platform, "manufacturing_failure", step="transduction", reason="transduction_failure"
+    )
+    actor.run_start[("slot-1", 1)] = actor.sim.clock.at(DAY + timedelta(days=2), 8)
+    await actor.site.manufacture(order_row("material_received"))
+    assert platform.posted()[1:] == [
+        ("/v1/sites/CH-STEIN/manufacturing/o-1/steps", {"step": "activation"}),
+        (
+            "/v1/sites/CH-STEIN/manufacturing/o-1/steps",
+            {
+                "step": "transduction",
+                "failed": True,
+                "reason": "transduction_failure",
+                "reference": "DEV-RUN1-00001",
+            },
+        ),
+    ]
+    assert platform.callers[1:] == ["site-ch-stein"] * 3  # the MES view, then both steps
+    assert actor.result.applied and actor.site.run_done(order_row("material_received"))
+    await actor.sim.api.close()
+
+    platform.requests.clear()
+    platform.callers.clear()
+    actor = await placed(platform, "qc_oos", reason="viability")
+    actor.run_start[("slot-1", 1)] = actor.sim.clock.at(DAY + timedelta(days=2), 8)
+    await actor.site.manufacture(order_row("material_received"))
+    path, body = platform.posted()[-1]
+    assert path == "/v1/sites/CH-STEIN/manufacturing/o-1/qc" and platform.callers[-1] == "qa"
+    assert body == {
+        "disposition": "out_of_specification",
+        "reason": "viability",
+        "reference": "QC1-RUN1-00001",
+    }
+    assert actor.release_at is None and actor.moment("QC out of specification") is not None
+    await actor.sim.api.close()
+
+
+async def test_qa_decides_on_a_quarantined_product_with_a_code() -> None:
+    platform = FakePlatform({("POST", "/v1/orders/o-1/quarantine-decision"): order_answer("released")})
+    actor = await placed(
+        platform, "outbound_excursion", decision="reject", reason_code="outside_stability_data"
+    )
+    await actor.site.qa_decision(order_row("quarantined"))
+    assert platform.posted()[-1] == (
+        "/v1/orders/o-1/quarantine-decision",
+        {
+            "decision": "reject",
+            "reason_code": "outside_stability_data",
+            "note": "simulated QA review of the logger data",
+        },
+    )
+    assert platform.callers[-1] == "qa" and actor.result.decision == "reject"
+    assert actor.moment("quarantine reject") is not None
+    await actor.sim.api.close()
+
+
+async def test_the_product_is_received_and_infused_now_and_vein_to_vein_is_simulated() -> None:
+    platform = FakePlatform(
+        {
+            ("POST", "/v1/orders/o-1/product-receipt"): order_answer("product_received"),
+            ("POST", "/v1/orders/o-1/lymphodepletion"): order_answer("product_received"),
+            ("POST", "/v1/orders/o-1/infusion"): order_answer("completed"),
+        }
+    )
+    actor = await placed(platform)
+    apheresis = actor.sim.clock.at(DAY, 10)
+    actor.first_apheresis = apheresis
+    actor.release_at = apheresis + timedelta(days=33)
+    await actor.hospital.product_receipt(actor.release_at + timedelta(days=2))
+    await actor.hospital.infusion(order_row("product_received"))
+    assert platform.posted()[1:] == [
+        ("/v1/orders/o-1/product-receipt", {"coi": "V2V0026000001X"}),
+        ("/v1/orders/o-1/lymphodepletion", {}),
+        ("/v1/orders/o-1/infusion", {"coi": "V2V0026000001X"}),
+    ]
+    assert set(platform.callers) == {"centre-tc-de-be-001"}
+    infused = actor.moment("infusion")
+    assert infused is not None and infused >= actor.release_at + timedelta(days=2.5)
+    assert actor.result.simulated_days == (infused - apheresis).total_seconds() / 86400
+    assert actor.result.simulated_days is not None and actor.result.simulated_days > 35
+    await actor.sim.api.close()
+
+
+async def test_the_registry_declares_the_outage_as_admin_with_a_reason_code() -> None:
+    mfg = DAY + timedelta(days=2)
+    platform = FakePlatform(
+        {
+            ("POST", "/v1/sites/CH-STEIN/outages"): lambda body: httpx.Response(
+                201, json={**body, "affected_booking_ids": ["b-1"]}
+            )
+        }
+    )
+    actor = await placed(platform, "site_outage")
+    sim = actor.sim
+    sim.actors = [actor]
+    sim.outage = OutageState("CH-STEIN", mfg)
+    sim.tracker.observe(order_row("inbound_shipment_planned", updated_at="2026-03-02T10:00:00+00:00"))
+    await declare_outage(sim)
+    assert platform.posted()[-1] == (
+        "/v1/sites/CH-STEIN/outages",
+        {"start_date": mfg.isoformat(), "end_date": mfg.isoformat(), "reason": "maintenance"},
+    )
+    assert platform.callers[-1] == "admin"
+    assert sim.outage.posted.is_set() and sim.outage.affected == 1 and actor.result.applied
+    assert sim.outage.note == f"CH-STEIN {mfg}..{mfg} (maintenance), 1 booking(s) affected"
+    await sim.api.close()

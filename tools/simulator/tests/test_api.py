@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from v2v_harness.client import ApiError, ApiResponse, V2VClient
-from v2v_simulator.api import Api, OrderAbort
+from v2v_simulator.api import ADMIN, OPS, QA, Api, OrderAbort, carrier, centre, site
 from v2v_simulator.config import DEFAULT_URLS
 from v2v_simulator.report import Stats
 
@@ -123,6 +123,7 @@ async def test_a_transport_error_then_an_answer_is_no_error() -> None:
     resp = await api.call("place order", lambda c: c.place_order({"patient_ref": "P"}), ok=(201,))
     assert resp.status == 201 and len(seen) == 2 and not stats.errors
     assert json.loads(seen[1].content) == {"patient_ref": "P"}  # the same request again
+    assert seen[0].headers["idempotency-key"] == seen[1].headers["idempotency-key"]  # with the same key
     await api.close()
 
 
@@ -154,6 +155,144 @@ async def test_throttled_calls_keep_to_the_concurrency_and_unthrottled_ones_do_n
         *(api.call("list orders", lambda c: c.list_orders(limit=1), throttle=False) for _ in range(6))
     )
     assert peak[0] > 2
+    await api.close()
+
+
+# ---- parties: each with its own token, all on one connection pool ------------------------------------------
+
+
+class FakeTokens:
+    """A token source like `v2v_harness.identity.Credentials`: the token names the demo client."""
+
+    def __init__(self, known: set[tuple[str, str | None]] | None = None, refuse: bool = False) -> None:
+        self.known = known
+        self.refuse = refuse
+        self.asked: list[str] = []
+
+    def client_id(self, kind: str, entity_id: str | None = None) -> str:
+        if self.known is not None and (kind, entity_id) not in self.known:
+            raise KeyError(f"no demo client of kind {kind} for {entity_id}")
+        return f"{kind}-{entity_id.lower()}" if entity_id else kind
+
+    async def headers(self, client_id: str, scope: str | None = None) -> dict[str, str]:
+        self.asked.append(client_id)
+        if self.refuse:
+            request = httpx.Request("POST", "http://issuer/token")
+            raise httpx.HTTPStatusError("401", request=request, response=httpx.Response(401, request=request))
+        return {"Authorization": f"Bearer {client_id}"}
+
+
+def make_party_api(handler: Handler, tokens: FakeTokens) -> tuple[Api, Stats, list[httpx.Request]]:
+    seen: list[httpx.Request] = []
+
+    def record(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        answer = handler(request)
+        assert isinstance(answer, httpx.Response)
+        return answer
+
+    stats = Stats()
+    api = Api(
+        DEFAULT_URLS, 5, stats, credentials=tokens, transport=httpx.MockTransport(record), backoff_s=0.0
+    )
+    return api, stats, seen
+
+
+async def test_each_party_calls_with_its_own_token_over_one_connection_pool() -> None:
+    tokens = FakeTokens()
+    api, stats, seen = make_party_api(answers(httpx.Response(200, json={})), tokens)
+    await api.call("get order", get_order, party=centre("TC-DE-BE-001"))
+    await api.call("list shipments", lambda c: c.shipments(order_id="o-1"))  # ops by default
+    await api.call("milestone", lambda c: c.cancel("o-1", "other"), party=carrier("CRYO-EU"))
+    await api.call("mes view", lambda c: c.manufacturing("CH-STEIN", "o-1"), party=site("CH-STEIN"))
+    await api.call("QC", lambda c: c.qc("CH-STEIN", "o-1", "released"), party=QA)
+    await api.call("outage", lambda c: c.sites(), party=ADMIN)
+    await api.call("get order", get_order, party=centre("TC-DE-BE-001"))
+    assert [r.headers["authorization"] for r in seen] == [
+        "Bearer centre-tc-de-be-001",
+        "Bearer ops",
+        "Bearer carrier-cryo-eu",
+        "Bearer site-ch-stein",
+        "Bearer qa",
+        "Bearer admin",
+        "Bearer centre-tc-de-be-001",
+    ]
+    parties = [centre("TC-DE-BE-001"), OPS, carrier("CRYO-EU"), site("CH-STEIN"), QA, ADMIN]
+    assert all(api.client_for(p).http is api.http for p in parties)
+    assert api.client_for(OPS) is api.client and api.client_for(QA) is api.client_for(("qa", None))
+    assert stats.calls["get order"] == 2 and not stats.errors
+    await api.close()
+    assert api.http.is_closed
+
+
+async def test_without_credentials_no_token_is_sent() -> None:
+    api, _, seen = make_api(answers(httpx.Response(200, json={})))
+    await api.call("get order", get_order, party=centre("TC-DE-BE-001"))
+    assert "authorization" not in seen[0].headers
+    await api.close()
+
+
+async def test_a_party_without_a_demo_client_or_a_token_is_an_error_not_a_request() -> None:
+    api, stats, seen = make_party_api(answers(httpx.Response(200, json={})), FakeTokens(known={OPS}))
+    with pytest.raises(OrderAbort, match="no credentials for carrier CRYO-XX"):
+        await api.call("milestone", get_order, who="order #1", party=carrier("CRYO-XX"))
+    assert stats.errors and stats.errors[0].startswith(
+        "order #1 milestone: no credentials for carrier CRYO-XX"
+    )
+    api2, stats2, seen2 = make_party_api(answers(httpx.Response(200, json={})), FakeTokens(refuse=True))
+    with pytest.raises(OrderAbort, match="no token for qa"):
+        await api2.call("QC", get_order, party=QA)
+    assert len(stats2.errors) == 1 and "no token for qa" in stats2.errors[0]
+    assert not seen and not seen2 and not stats.calls and not stats2.calls
+    await api.close()
+    await api2.close()
+
+
+async def test_one_idempotency_key_per_call_reused_on_its_retries() -> None:
+    api, stats, seen = make_api(
+        answers(
+            httpx.Response(503, text="down"),
+            httpx.Response(200, json={}),
+            httpx.Response(200, json={}),
+        )
+    )
+    await api.call("cancel", lambda c: c.cancel("o-1", "other"))  # a 503, then the retry
+    await api.call("cancel", lambda c: c.cancel("o-1", "other"))  # another call
+    await api.call("get order", get_order)
+    keys = [r.headers.get("idempotency-key") for r in seen]
+    assert keys[0] and keys[0] == keys[1]  # the retry carries the first try's key
+    assert keys[2] and keys[2] != keys[0]  # the next call its own
+    assert keys[3] is None  # a GET none
+    assert stats.errors == [" cancel: POST /v1/orders/o-1/cancel -> 503 down"]
+    await api.close()
+
+
+async def test_a_rate_limit_is_waited_out_and_is_no_error() -> None:
+    limited = httpx.Response(429, headers={"Retry-After": "0"}, json={"type": "x/rate-limited"})
+    api, stats, seen = make_party_api(answers(limited, limited, httpx.Response(200, json={})), FakeTokens())
+    resp = await api.call("list orders", lambda c: c.list_orders(limit=1))
+    assert resp.status == 200 and len(seen) == 3
+    assert stats.throttled == {"ops": 2} and not stats.errors
+    assert stats.statuses == {429: 2, 200: 1} and stats.calls == {"list orders": 3}
+    await api.close()
+
+
+async def test_a_key_still_in_flight_is_retried_and_another_conflict_is_an_error() -> None:
+    in_flight = httpx.Response(
+        409,
+        headers={"content-type": "application/problem+json"},
+        json={"type": "https://vein2vein.dev/problems/idempotency-key-in-flight", "detail": "running"},
+    )
+    api, stats, seen = make_api(answers(in_flight, httpx.Response(200, json={})))
+    resp = await api.call("cancel", lambda c: c.cancel("o-1", "other"), ok=(200,))
+    assert resp.status == 200 and len(seen) == 2 and not stats.errors
+    assert seen[0].headers["idempotency-key"] == seen[1].headers["idempotency-key"]
+    await api.close()
+    conflict = httpx.Response(409, json={"type": "https://vein2vein.dev/problems/not-now", "detail": "no"})
+    api, stats, seen = make_api(answers(conflict))
+    with pytest.raises(OrderAbort, match="HTTP 409"):
+        await api.call("cancel", lambda c: c.cancel("o-1", "other"), ok=(200,))
+    assert len(seen) == 1 and stats.errors == [" cancel: POST /v1/orders/o-1/cancel -> 409 no"]
     await api.close()
 
 
@@ -198,37 +337,80 @@ async def test_typed_methods_send_the_documented_paths_and_bodies() -> None:
 
     at = datetime(2026, 3, 2, 9, tzinfo=UTC)
     async with client_for(handler) as api:
-        await api.reschedule("o", date(2026, 3, 20), "ill")
-        await api.site_receipt("S", "o", "C", False, reason="bag", received_at=at)
+        await api.reschedule("o", date(2026, 3, 20), "patient_unwell")
+        await api.reschedule("o", date(2026, 3, 21), "other", "fever on the day")
+        await api.cancel("o", "consent_withdrawn")
+        await api.site_receipt(
+            "S", "o", "C", False, reason="damaged_container", reference="DEV-0042", received_at=at
+        )
+        await api.site_receipt("S", "o", "C")
         await api.manufacturing_step("S", "o", "harvest", completed_at="2026-03-03T00:00:00+00:00")
+        await api.manufacturing_step(
+            "S", "o", "expansion", failed=True, reason="insufficient_cell_growth", reference="DEV-7"
+        )
         await api.qc("S", "o", "released")
+        await api.qc("S", "o", "out_of_specification", reason="viability", reference="QC-1", decided_at=at)
         await api.milestone(
             "sh", "picked_up", occurred_at=at, location="L", handled_by="h", coi="C", received_from="S"
         )
         await api.temperature_reading("sh", 4.5, measured_at=at)
-        await api.add_outage("S", date(2026, 4, 1), date(2026, 4, 2), "requalification")
-        await api.quarantine_decision("o", "release", "ok")
-        await api.subscribe("TC", "http://h/x", "whsec_x", ["order.completed.v1"])
+        await api.add_outage("S", date(2026, 4, 1), date(2026, 4, 2), "maintenance")
+        await api.quarantine_decision("o", "release", "within_stability_data")
+        await api.quarantine_decision("o", "reject", "other", "shipper lid found open")
+        await api.subscribe("TC", "http://h/x", ["order.completed.v1"])
+        await api.subscribe(None, "http://h/y")
     assert seen == [
         (
             "POST",
             "127.0.0.1:8001",
             "/v1/orders/o/apheresis-date",
-            {"requested_apheresis_date": "2026-03-20", "reason": "ill"},
+            {"requested_apheresis_date": "2026-03-20", "reason_code": "patient_unwell"},
         ),
+        (
+            "POST",
+            "127.0.0.1:8001",
+            "/v1/orders/o/apheresis-date",
+            {"requested_apheresis_date": "2026-03-21", "reason_code": "other", "note": "fever on the day"},
+        ),
+        ("POST", "127.0.0.1:8001", "/v1/orders/o/cancel", {"reason_code": "consent_withdrawn"}),
         (
             "POST",
             "127.0.0.1:8003",
             "/v1/sites/S/receipts",
-            {"order_id": "o", "coi": "C", "accepted": False, "reason": "bag", "received_at": at.isoformat()},
+            {
+                "order_id": "o",
+                "coi": "C",
+                "accepted": False,
+                "reason": "damaged_container",
+                "received_at": at.isoformat(),
+                "reference": "DEV-0042",
+            },
         ),
+        ("POST", "127.0.0.1:8003", "/v1/sites/S/receipts", {"order_id": "o", "coi": "C", "accepted": True}),
         (
             "POST",
             "127.0.0.1:8003",
             "/v1/sites/S/manufacturing/o/steps",
             {"step": "harvest", "completed_at": "2026-03-03T00:00:00+00:00"},
         ),
+        (
+            "POST",
+            "127.0.0.1:8003",
+            "/v1/sites/S/manufacturing/o/steps",
+            {"step": "expansion", "failed": True, "reason": "insufficient_cell_growth", "reference": "DEV-7"},
+        ),
         ("POST", "127.0.0.1:8003", "/v1/sites/S/manufacturing/o/qc", {"disposition": "released"}),
+        (
+            "POST",
+            "127.0.0.1:8003",
+            "/v1/sites/S/manufacturing/o/qc",
+            {
+                "disposition": "out_of_specification",
+                "reason": "viability",
+                "decided_at": at.isoformat(),
+                "reference": "QC-1",
+            },
+        ),
         (
             "POST",
             "127.0.0.1:8004",
@@ -252,25 +434,27 @@ async def test_typed_methods_send_the_documented_paths_and_bodies() -> None:
             "POST",
             "127.0.0.1:8003",
             "/v1/sites/S/outages",
-            {"start_date": "2026-04-01", "end_date": "2026-04-02", "reason": "requalification"},
+            {"start_date": "2026-04-01", "end_date": "2026-04-02", "reason": "maintenance"},
         ),
         (
             "POST",
             "127.0.0.1:8001",
             "/v1/orders/o/quarantine-decision",
-            {"decision": "release", "reason": "ok"},
+            {"decision": "release", "reason_code": "within_stability_data"},
+        ),
+        (
+            "POST",
+            "127.0.0.1:8001",
+            "/v1/orders/o/quarantine-decision",
+            {"decision": "reject", "reason_code": "other", "note": "shipper lid found open"},
         ),
         (
             "POST",
             "127.0.0.1:8005",
             "/v1/subscriptions",
-            {
-                "treatment_center_id": "TC",
-                "url": "http://h/x",
-                "secret": "whsec_x",
-                "event_types": ["order.completed.v1"],
-            },
+            {"treatment_center_id": "TC", "url": "http://h/x", "event_types": ["order.completed.v1"]},
         ),
+        ("POST", "127.0.0.1:8005", "/v1/subscriptions", {"url": "http://h/y"}),
     ]
 
 
@@ -286,12 +470,57 @@ async def test_query_parameters_leave_out_what_is_not_given() -> None:
         await api.slots(order_id="o", status=["held", "consumed"])
         await api.deliveries(channel="email")
         await api.shipments()
-    assert [str(r.url.query, "ascii") for r in seen] == [
-        "limit=200&offset=400",
-        "order_id=o&status=held&status=consumed",
-        "channel=email",
-        "",
+        await api.slots(limit=50, offset=100)
+        await api.waitlist(limit=10, offset=20)
+        await api.waitlist()
+        await api.sites(limit=5, offset=5)
+        await api.sites()
+        await api.shipments(order_id="o", limit=7, offset=14)
+        await api.custody("sh", limit=3, offset=6)
+        await api.temperature_readings("sh", offset=9)
+        await api.deliveries(treatment_center_id="TC", limit=1)
+    assert [(r.url.path, str(r.url.query, "ascii")) for r in seen] == [
+        ("/v1/orders", "limit=200&offset=400"),
+        ("/v1/slots", "order_id=o&status=held&status=consumed"),
+        ("/v1/deliveries", "channel=email"),
+        ("/v1/shipments", ""),
+        ("/v1/slots", "limit=50&offset=100"),
+        ("/v1/waitlist", "limit=10&offset=20"),
+        ("/v1/waitlist", ""),
+        ("/v1/sites", "limit=5&offset=5"),
+        ("/v1/sites", ""),
+        ("/v1/shipments", "order_id=o&limit=7&offset=14"),
+        ("/v1/shipments/sh/custody", "limit=3&offset=6"),
+        ("/v1/shipments/sh/temperature", "offset=9"),
+        ("/v1/deliveries", "treatment_center_id=TC&limit=1"),
     ]
+
+
+async def test_a_bound_client_sends_one_idempotency_key_with_each_post_only() -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json={})
+
+    async with client_for(handler, header_provider=lambda s: {"Authorization": "Bearer t"}) as api:
+        bound = api.with_idempotency_key("k-7")
+        assert bound.http is api.http and bound.base_url("order") == api.base_url("order")
+        await bound.cancel("o", "other")
+        await bound.cancel("o", "other")
+        await bound.get_order("o")
+        await bound.place_order({"patient_ref": "P"})
+        await bound.place_order({"patient_ref": "P"}, idempotency_key="k-own")
+        await bound.post("order", "/v1/x", {}, headers={"Idempotency-Key": "k-header"})
+        await api.cancel("o", "other")  # the unbound client: no key of its own
+        await api.place_order({"patient_ref": "P"})
+        await api.place_order({"patient_ref": "P"})
+        await bound.aclose()  # does not close the pool it shares
+        assert not api.http.is_closed
+    keys = [r.headers.get("idempotency-key") for r in seen]
+    assert keys[:6] == ["k-7", "k-7", None, "k-7", "k-own", "k-header"]
+    assert keys[6] is None and keys[7] and keys[8] and keys[7] != keys[8]  # a fresh key per placement
+    assert all(r.headers["authorization"] == "Bearer t" for r in seen)
 
 
 async def test_expect_and_raise_for_status() -> None:

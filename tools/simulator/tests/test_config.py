@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from v2v_simulator.config import DEFAULT_URLS, SERVICES, Config, parse_args
@@ -42,7 +44,16 @@ def test_command_line_options() -> None:
         parse_args(["--orders", "0"])
 
 
-@pytest.mark.parametrize("argv", [["--concurrency", "0"], ["--day-seconds", "-1"], ["--exceptions", "-0.1"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--concurrency", "0"],
+        ["--day-seconds", "-1"],
+        ["--exceptions", "-0.1"],
+        ["--run-id", "a b"],
+        ["--run-id", "X" * 17],
+    ],
+)
 def test_out_of_range_options_are_refused(argv: list[str]) -> None:
     with pytest.raises(SystemExit):
         parse_args(argv)
@@ -58,6 +69,9 @@ def test_the_rest_of_the_options_reach_the_config() -> None:
     assert (cfg.concurrency, cfg.timeout_s, cfg.day_seconds) == (3, 5.0, 0.0)
     assert (cfg.stall_s, cfg.poll_s, cfg.progress_s, cfg.state_dir) == (7.0, 0.1, 9.0, "x/y")
     assert set(cfg.urls) == set(SERVICES)
+    assert cfg.auth_dir is None and re.fullmatch(r"[0-9A-F]{8}", cfg.run_id)  # a fresh run id
+    cfg = parse_args(["--auth-dir", ".v2v", "--run-id", "Demo7"])
+    assert (cfg.auth_dir, cfg.run_id) == (".v2v", "Demo7")
 
 
 def test_config_defaults_do_not_share_the_url_map() -> None:

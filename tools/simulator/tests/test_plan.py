@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import random
 from datetime import date, timedelta
-from typing import Any
+from typing import Any, get_args
 
 import pytest
 
+from order_service.domain.reasons import CANCEL_REASONS, QUARANTINE_REASONS, RESCHEDULE_REASONS
 from v2v_contracts.coi import coi_problem, is_valid_coi
+from v2v_contracts.events import QcFinding, ReceiptRejection, StepFailure
+from v2v_contracts.fields import booking_window
 from v2v_simulator.config import Config
 from v2v_simulator.hospitals import mistype_check_character
 from v2v_simulator.plan import EXCEPTION_WEIGHTS, choose_kinds, feasible_combos, make_plan, site_weights
@@ -226,3 +229,50 @@ def test_exception_parameters_and_deliberate_mistakes() -> None:
         assert 0.0 <= o.place_day <= max(0.0, (o.requested_date - TODAY).days - 5.0)
     assert sum(o.lymph_refusal for o in plan.orders) == 10  # one in 20
     assert sum(o.coi_typo for o in plan.orders) == 8  # one in 25
+
+
+def test_reasons_are_codes_of_the_platform_vocabularies() -> None:
+    plan = make_plan(Config(orders=400, exceptions=0.8, seed=4), CENTRES, PRODUCTS, SITES, TODAY)
+    site_codes = {
+        "material_rejected": set(get_args(ReceiptRejection)),
+        "manufacturing_failure": set(get_args(StepFailure)),
+        "qc_oos": set(get_args(QcFinding)),
+        "persistent_oos": set(get_args(QcFinding)),
+    }
+    seen: dict[str, set[str]] = {}
+    for o in plan.orders:
+        if o.kind in site_codes:
+            assert o.params["reason"] in site_codes[o.kind]
+            seen.setdefault(o.kind, set()).add(o.params["reason"])
+        elif o.kind == "cancellation":
+            assert o.params["reason_code"] in CANCEL_REASONS
+        elif o.kind == "apheresis_moved":
+            assert o.params["reason_code"] in RESCHEDULE_REASONS
+        elif o.kind == "outbound_excursion":
+            assert o.params["reason_code"] in QUARANTINE_REASONS[o.params["decision"]]
+            assert o.params["reason_code"] != "other"
+    assert set(seen) == set(site_codes) and all(len(codes) > 1 for codes in seen.values())
+
+
+def test_patients_are_the_run_s_own_and_the_plan_does_not_depend_on_the_run() -> None:
+    one = make_plan(Config(orders=50, seed=11, run_id="A1"), CENTRES, PRODUCTS, SITES, TODAY)
+    two = make_plan(Config(orders=50, seed=11, run_id="B2"), CENTRES, PRODUCTS, SITES, TODAY)
+    assert [(o.combo, o.requested_date, o.kind, o.params) for o in one.orders] == [
+        (o.combo, o.requested_date, o.kind, o.params) for o in two.orders
+    ]
+    assert one.orders[0].patient_ref == "SIM-A1-011-00001"
+    assert not {o.patient_ref for o in one.orders} & {o.patient_ref for o in two.orders}
+    assert Config().run_id != Config().run_id  # a fresh run id by default
+
+
+@pytest.mark.parametrize("orders", [20, 200, 5000])
+def test_requested_dates_lie_in_the_booking_window(orders: int) -> None:
+    plan = make_plan(Config(orders=orders, exceptions=0.5, seed=2), CENTRES, PRODUCTS, SITES, TODAY)
+    first, last = booking_window(TODAY)
+    assert all(first <= o.requested_date <= last for o in plan.orders)
+    # a moved date still fits, and the outage cohort still comes after everyone else
+    moved = [o.requested_date + timedelta(days=o.params["days"]) for o in plan.orders if "days" in o.params]
+    assert all(d <= last for d in moved)
+    assert plan.outage_gate is not None
+    others = [o.requested_date for o in plan.orders if o.kind != "site_outage"]
+    assert max(others) < plan.outage_gate <= last

@@ -180,6 +180,7 @@ def test_the_summary_counts_states_exceptions_sites_and_days() -> None:
     assert lines[2] == "vein2vein simulation summary"
     assert "5 orders, seed 3, 61 s real; simulated 2026-03-01 .. 2026-04-20 (1 day = 0.2 s)" in lines
     assert "HTTP calls 6: 5xx 1; intended refusals lymphodepletion before release -> 409: 1" in lines
+    assert not any("rate-limited" in line for line in lines)  # no 429: no line about it
     assert "  completed        2" in lines and "  cancelled        2" in lines
     assert "  failed           0" in lines and "  not terminal     1" in lines
     assert "  (1 of the cancelled were cancelled by the simulator after an error)" in lines
@@ -196,3 +197,16 @@ def test_the_summary_counts_states_exceptions_sites_and_days() -> None:
     assert f"  {'all':<12}{2:>5}{'27.0':>18}{'29.4':>7}{'34.0':>18}{'38.8':>7}" in lines
     assert f"  {'no exception':<12}{1:>5}{'30.0':>18}{'30.0':>7}{'28.0':>18}{'28.0':>7}" in lines
     assert lines[-1] == "=" * 100
+
+    stats.throttled.update({"ops": 3, "site CH-STEIN": 1})
+    again = render_summary(
+        Config(orders=5, seed=3, day_seconds=0.2),
+        stats,
+        summary,
+        results,
+        elapsed=61.0,
+        start=datetime(2026, 3, 1, tzinfo=UTC),
+        last=datetime(2026, 4, 20, tzinfo=UTC),
+    ).splitlines()
+    at = again.index("HTTP calls 6: 5xx 1; intended refusals lymphodepletion before release -> 409: 1")
+    assert again[at + 1] == "  rate-limited (429, waited out and retried) 4: ops 3, site CH-STEIN 1"

@@ -15,16 +15,32 @@ manufacture, a moved apheresis date, a site outage; see `plan.EXCEPTION_WEIGHTS`
 mistakes (lymphodepletion before release, a mistyped COI check character) must be refused; they are
 counted apart from errors.
 
+Every party acts with its own credentials, as a hospital integration would: each treatment centre as its
+demo client (placing and acting on its own orders), each courier as the carrier a shipment names
+(`carrier_id`), each site's MES as that site's client, QC dispositions and quarantine decisions as the
+manufacturer's QA (`qa`), the outage as the registry admin (`admin`), and the simulator's own reads
+(catalogue, order tracking, shipments, slots) as `ops`. Tokens come from the platform's issuer by the
+real client-credentials exchange (`v2v_harness.identity.Credentials`) for the demo clients of the state
+folder the platform was started with (`--auth-dir`, else the one whose keys the running issuer accepts:
+`.v2v` of `make run`, or `.v2v/demo` of a platform the simulator started). Reasons are the platform's
+codes; patient references carry the run's id (`--run-id`, random by default), and each order is placed
+with one Idempotency-Key, sent again on every retry.
+
 Time is compressed (`clock`): a simulated clock starts now and runs `--day-seconds` real seconds per
-simulated day. Every action waits for its simulated time and reports it (`at`, `occurred_at`,
-`completed_at`, ...), so vein-to-vein days are simulated days. The platform itself lives in real time: a
-recollection's new apheresis date is computed by the order service from the real date, so the simulator
-never collects before the simulated moment of the failure plus the product's recollection lead time.
+simulated day. Every action waits for its simulated moment, which the order's case file keeps (and the
+report uses: vein-to-vein days are simulated days), but the platform is told the real time: it refuses
+reported times outside [now - 30 days, now + 5 min], so the optional times (`at`, `received_at`,
+`completed_at`, `decided_at`) are left out and the courier's required ones (`occurred_at`, `measured_at`)
+are now. Requested apheresis dates lie in the booking window (tomorrow .. today + 180 days). The platform
+lives in real time: a recollection's new apheresis date is computed by the order service from the real
+date, so the simulator never collects before the simulated moment of the failure plus the product's
+recollection lead time.
 
 Every call goes through the typed client shared with the test harness (`v2v_harness.client.V2VClient`),
-counted and retried by `api.Api`. If the order service does not answer on the default ports, the
-platform is started as a child process (`python -m v2v_harness run --state-dir .v2v/demo`) and stopped
-at the end (`platform`). The summary is printed by `report`.
+one per party over one shared connection pool, counted and retried by `api.Api` (a 429 is waited out). If
+the order service does not answer on the default ports, the platform is started as a child process
+(`python -m v2v_harness run --state-dir .v2v/demo`) and stopped at the end (`platform`). The summary is
+printed by `report`.
 
 Exit status: 0 when every order reached a terminal state (completed, cancelled, failed) and no error
 (unexpected HTTP 5xx or 4xx, order stuck, timeout) happened; 1 otherwise; 2 when the platform could not

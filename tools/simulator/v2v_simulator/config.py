@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import re
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 SERVICES = ("order", "scheduling", "site", "logistics", "notification")
 DEFAULT_PORTS = {"order": 8001, "scheduling": 8002, "site": 8003, "logistics": 8004, "notification": 8005}
 DEFAULT_URLS = {name: f"http://127.0.0.1:{port}" for name, port in DEFAULT_PORTS.items()}
+# where the demo clients of a running platform are: `make run`'s state folder, then the simulator's own
+AUTH_DIRS = (".v2v", ".v2v/demo")
+
+
+def new_run_id() -> str:
+    """A short id of one run: in the patient references, so that runs never share a patient."""
+    return uuid.uuid4().hex[:8].upper()
 
 
 @dataclass
@@ -25,6 +34,8 @@ class Config:
     progress_s: float = 2.0
     start_platform: bool = True
     state_dir: str = ".v2v/demo"
+    auth_dir: str | None = None  # the demo clients' state folder (None: found, see `credentials`)
+    run_id: str = field(default_factory=new_run_id)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Config:
@@ -47,6 +58,13 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     p.add_argument("--progress-s", type=float, default=2.0, help="seconds between progress lines")
     p.add_argument("--no-start", action="store_true", help="never start the platform, fail if it is down")
     p.add_argument("--state-dir", default=".v2v/demo", help="state folder of a platform the simulator starts")
+    p.add_argument(
+        "--auth-dir",
+        default=None,
+        help="state folder with the platform's issuer.json, clients.json and clients/ (default: the one "
+        "whose demo clients the running platform's issuer knows, .v2v or .v2v/demo)",
+    )
+    p.add_argument("--run-id", default=None, help="id of this run in patient references (default random)")
     a = p.parse_args(argv)
     if a.orders < 1:
         p.error("--orders must be at least 1")
@@ -56,6 +74,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         p.error("--concurrency must be at least 1")
     if a.day_seconds < 0:
         p.error("--day-seconds must be 0 or more")
+    if a.run_id is not None and not re.fullmatch(r"[A-Za-z0-9]{1,16}", a.run_id):
+        p.error("--run-id must be 1 to 16 letters or digits")
     return Config(
         orders=a.orders,
         exceptions=a.exceptions,
@@ -69,4 +89,6 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         progress_s=a.progress_s,
         start_platform=not a.no_start,
         state_dir=a.state_dir,
+        auth_dir=a.auth_dir,
+        run_id=a.run_id or new_run_id(),
     )

@@ -1,11 +1,17 @@
 """The courier: finds the order's shipment, scans its custody milestones with logger readings, and reports
-an out-of-range reading when the plan injects a temperature excursion."""
+an out-of-range reading when the plan injects a temperature excursion.
+
+The shipment is looked up as ops (the order's centre reads no shipments); its milestones and readings are
+reported as the carrier the shipment names (`carrier_id`), with that carrier's own token. The platform
+takes only real times (`occurred_at`, `measured_at` within [now - 30 days, now + 5 min]): each report
+carries the moment it is sent, and the simulated moment stays in the order's case file."""
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from .api import OPS, OrderAbort, Party, carrier
 from .states import SHIPMENT_LIVE
 
 if TYPE_CHECKING:
@@ -21,7 +27,9 @@ class Courier:
         o = self.order
 
         async def fetch() -> Any:
-            return (await o.call("list shipments", lambda c: c.shipments(order_id=o.order_id))).body
+            return (
+                await o.call("list shipments", lambda c: c.shipments(order_id=o.order_id), party=OPS)
+            ).body
 
         def accept(ships: list[dict[str, Any]]) -> dict[str, Any] | None:
             live = [
@@ -41,6 +49,15 @@ class Courier:
         found: dict[str, Any] | None = await o.poll(f"the {leg} shipment", fetch, accept, describe)
         return found
 
+    def party(self, ship: dict[str, Any]) -> Party:
+        """The carrier that carries the shipment (and alone may report on it)."""
+        carrier_id = ship.get("carrier_id")
+        if not carrier_id:
+            o = self.order
+            o.sim.stats.error(f"{o.who}: shipment {ship['shipment_id']} names no carrier")
+            raise OrderAbort("shipment without a carrier")
+        return carrier(str(carrier_id))
+
     def reading(self, ship: dict[str, Any], *, excursion: bool = False) -> float:
         lo, hi = float(ship["min_temp_c"]), float(ship["max_temp_c"])
         if excursion:
@@ -54,32 +71,36 @@ class Courier:
         sid = str(ship["shipment_id"])
         if milestone in o.posted[sid]:
             return
-        at = await o.at(when)
+        label = f"{ship['leg'].split('_')[0]} {milestone}"
+        await o.at(when, label)
         handled_by = f"courier-{o.rng.randrange(100, 999)}"
         received_from = ship["origin"] if milestone == "picked_up" else None
         await o.call(
-            f"{ship['leg'].split('_')[0]} {milestone}",
+            label,
             lambda c: c.milestone(
                 sid,
                 milestone,
-                occurred_at=at,
+                occurred_at=now(),
                 location=location,
                 handled_by=handled_by,
                 coi=o.coi,
                 received_from=received_from,
                 temperature_c=temperature,
             ),
+            party=self.party(ship),
             ok=(201,),
         )
         o.posted[sid].add(milestone)
 
     async def excursion(self, ship: dict[str, Any], when: datetime) -> None:
         o = self.order
-        at = await o.at(when)
+        label = f"{ship['leg'].split('_')[0]} temperature excursion"
+        await o.at(when, label)
         reading = self.reading(ship, excursion=True)
         resp = await o.call(
-            f"{ship['leg'].split('_')[0]} temperature excursion",
-            lambda c: c.temperature_reading(ship["shipment_id"], reading, measured_at=at, coi=o.coi),
+            label,
+            lambda c: c.temperature_reading(ship["shipment_id"], reading, measured_at=now(), coi=o.coi),
+            party=self.party(ship),
             ok=(201,),
         )
         if not resp.body.get("excursion_published"):
@@ -107,3 +128,8 @@ class Courier:
             return False
         await self.milestone(ship, "delivered", delivered_at, ship["destination"], self.reading(ship))
         return True
+
+
+def now() -> str:
+    """The real time of a report (the platform refuses simulated moments days ahead)."""
+    return datetime.now(UTC).isoformat()

@@ -1,6 +1,11 @@
 """The treatment centre: places the order, collects the cells (apheresis), moves the date or cancels when
 the plan says so, starts lymphodepletion, receives the product and infuses the patient. Makes the
-deliberate mistakes too (a mistyped COI check character, lymphodepletion before release)."""
+deliberate mistakes too (a mistyped COI check character, lymphodepletion before release).
+
+Every call is made as the order's centre (its own demo client: the platform takes the centre from the
+token). Reasons are the order service's codes, with a short note that stays in the order service. The
+actions are paced by the simulated clock; the platform is told none of the simulated moments (`at` is
+left out: the action happened now)."""
 
 from __future__ import annotations
 
@@ -8,8 +13,10 @@ import contextlib
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+from v2v_contracts.fields import booking_window
+
 from .api import OrderAbort
-from .clock import as_date, days_between, iso
+from .clock import as_date, days_between
 from .states import TERMINAL
 
 if TYPE_CHECKING:
@@ -31,6 +38,11 @@ class Hospital:
     def __init__(self, order: OrderActor) -> None:
         self.order = order
 
+    def idempotency_key(self) -> str:
+        """The order's one Idempotency-Key: every retry of its placement sends this same key."""
+        o = self.order
+        return f"v2v-sim-{o.sim.cfg.run_id}-order-{o.plan.index + 1:05d}"
+
     async def place(self) -> None:
         o = self.order
         c = o.plan.combo
@@ -41,7 +53,10 @@ class Hospital:
             "patient_ref": o.plan.patient_ref,
             "requested_apheresis_date": o.plan.requested_date.isoformat(),
         }
-        created = (await o.call("place order", lambda api: api.place_order(body), ok=(201,))).body
+        key = self.idempotency_key()
+        created = (
+            await o.call("place order", lambda api: api.place_order(body, idempotency_key=key), ok=(201,))
+        ).body
         o.order_id = str(created["order_id"])
         o.coi = created["coi"]
         o.result.order_id = o.order_id
@@ -49,8 +64,9 @@ class Hospital:
 
     async def cancel(self, stage: str) -> None:
         o = self.order
-        reason = f"patient withdrew consent ({stage.replace('_', ' ')})"
-        await o.call("cancel", lambda c: c.cancel(o.order_id, reason), ok=(200,))
+        code = str(o.plan.params.get("reason_code", "other"))
+        note = f"simulated cancellation ({stage.replace('_', ' ')})"
+        await o.call("cancel", lambda c: c.cancel(o.order_id, code, note), ok=(200,))
         o.result.applied = True
 
     async def tidy_up(self) -> None:
@@ -61,7 +77,7 @@ class Hospital:
         with contextlib.suppress(OrderAbort):
             await o.call(
                 "cancel after error",
-                lambda c: c.cancel(o.order_id, "simulator gave up on this order after an error"),
+                lambda c: c.cancel(o.order_id, "other", "the simulator gave up on this order after an error"),
                 ok=(200,),
                 intended=(409,),
             )
@@ -91,33 +107,34 @@ class Hospital:
             lead = int(o.product.get("recollection_lead_days", 7))
             when = max(when, o.floor + timedelta(days=lead))
         if o.injects("apheresis_moved"):
-            await o.at(when - timedelta(days=4))
-            new_date = booked + timedelta(days=int(o.plan.params["days"]))
+            await o.at(when - timedelta(days=4), "move apheresis date")
+            # within the booking window the platform accepts (by the real date: tomorrow .. +180 days)
+            new_date = min(booked + timedelta(days=int(o.plan.params["days"])), booking_window()[1])
+            code = str(o.plan.params.get("reason_code", "patient_unwell"))
             await o.call(
                 "move apheresis date",
-                lambda c: c.reschedule(o.order_id, new_date, "patient not fit on the day"),
+                lambda c: c.reschedule(o.order_id, new_date, code, "simulated: not fit on the day"),
                 ok=(200,),
             )
             o.result.applied = True
             o.done.add(("apheresis", slot_id))
             return False
         if o.cancels_at("before_apheresis"):
-            await o.at(when - timedelta(days=2))
+            await o.at(when - timedelta(days=2), "cancel")
             await self.cancel("before_apheresis")
             return False
-        at = await o.at(when)
+        moment = await o.at(when, "apheresis")
         if o.plan.coi_typo and not o.refusal_done:
             o.refusal_done = True
             typo = mistype_check_character(o.coi)
             await o.call(
                 "apheresis with mistyped COI",
-                lambda c: c.apheresis(o.order_id, typo, at),
+                lambda c: c.apheresis(o.order_id, typo),
                 ok=(),
                 intended=(422,),
             )
-        await o.call("confirm apheresis", lambda c: c.apheresis(o.order_id, o.coi, at), ok=(200,))
+        await o.call("confirm apheresis", lambda c: c.apheresis(o.order_id, o.coi), ok=(200,))
         o.done.add(("apheresis", slot_id))
-        moment = datetime.fromisoformat(at)
         o.apheresis_at[slot_id] = moment
         if o.first_apheresis is None:
             o.first_apheresis = moment
@@ -129,10 +146,10 @@ class Hospital:
         if not o.plan.lymph_refusal or o.lymphodepleted or ("lymph-refusal",) in o.done:
             return
         o.done.add(("lymph-refusal",))
-        at = iso(o.stamp(o.floor))
+        o.moments.append(("lymphodepletion before release", o.stamp(o.floor)))
         resp = await o.call(
             "lymphodepletion before release",
-            lambda c: c.lymphodepletion(o.order_id, at),
+            lambda c: c.lymphodepletion(o.order_id),
             ok=(200,),
             intended=(409,),
         )
@@ -142,14 +159,14 @@ class Hospital:
 
     async def lymphodepletion(self, when: datetime) -> None:
         o = self.order
-        at = await o.at(when)
-        await o.call("lymphodepletion", lambda c: c.lymphodepletion(o.order_id, at), ok=(200,))
+        await o.at(when, "lymphodepletion")
+        await o.call("lymphodepletion", lambda c: c.lymphodepletion(o.order_id), ok=(200,))
         o.lymphodepleted = True
 
     async def product_receipt(self, when: datetime) -> None:
         o = self.order
-        at = await o.at(when)
-        await o.call("product receipt", lambda c: c.product_receipt(o.order_id, o.coi, at), ok=(200,))
+        await o.at(when, "product receipt")
+        await o.call("product receipt", lambda c: c.product_receipt(o.order_id, o.coi), ok=(200,))
 
     async def infusion(self, row: dict[str, Any]) -> None:
         o = self.order
@@ -157,7 +174,7 @@ class Hospital:
             await self.lymphodepletion(o.floor + timedelta(hours=1))
         r = o.release_at or o.floor
         when = max(r + timedelta(days=2 + o.rng.uniform(0.5, 2.5)), o.floor + timedelta(hours=12))
-        at = await o.at(when)
-        await o.call("infusion", lambda c: c.infusion(o.order_id, o.coi, at), ok=(200,))
-        if o.first_apheresis is not None:
-            o.result.simulated_days = days_between(o.first_apheresis, datetime.fromisoformat(at))
+        moment = await o.at(when, "infusion")
+        await o.call("infusion", lambda c: c.infusion(o.order_id, o.coi), ok=(200,))
+        if o.first_apheresis is not None:  # vein to vein on the simulated clock
+            o.result.simulated_days = days_between(o.first_apheresis, moment)

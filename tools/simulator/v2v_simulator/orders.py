@@ -3,7 +3,11 @@
 Each order is one asyncio task. It places the order (as the hospital), then whenever the order reaches a
 state where some actor acts, lets that actor act, and waits for the platform's reaction in between. The
 order's case file (what was done, when, the simulated time of its last action) lives here; the actors
-(`hospitals`, `couriers`, `sites`) act on it.
+(`hospitals`, `couriers`, `sites`) act on it, each as its own party of the platform (`api.Party`): the
+order's treatment centre, the carrier named in each shipment, the site's MES, the manufacturer's QA.
+
+Simulated moments pace the actions and are kept in the case file (`moments`) for the report; the
+platform is told the real time (it refuses reported times outside [now - 30 days, now + 5 min]).
 """
 
 from __future__ import annotations
@@ -19,8 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 from v2v_harness.client import ApiResponse
 
-from .api import OrderAbort, Send
-from .clock import as_date, iso
+from .api import OrderAbort, Party, Send, centre
+from .clock import as_date
 from .couriers import Courier
 from .hospitals import Hospital
 from .plan import OrderPlan
@@ -40,9 +44,11 @@ class OrderActor:
         self.product = sim.products[plan.combo.product]
         self.result = OrderResult(plan)
         self.rng = random.Random(f"{sim.cfg.seed}-{plan.index}")  # one stream for all of the order's actors
+        self.centre: Party = centre(plan.combo.centre)  # the order's treatment centre, as a party
         self.order_id = ""
         self.coi = ""
         self.floor = sim.clock.start  # simulated time of the last action (actions never go back)
+        self.moments: list[tuple[str, datetime]] = []  # (what, simulated moment) of each timed action
         self.done: set[Any] = set()
         self.posted: dict[str, set[str]] = defaultdict(set)  # milestones posted per shipment
         self.leave: frozenset[str] = frozenset()  # after an injected exception: wait until these are left
@@ -72,15 +78,22 @@ class OrderActor:
         self.floor = when
         return when
 
-    async def at(self, when: datetime) -> str:
-        """Wait for the simulated moment of an action; its ISO timestamp."""
+    async def at(self, when: datetime, what: str = "") -> datetime:
+        """Wait for the simulated moment of an action (noted in `moments` as `what`); that moment."""
         moment = self.stamp(when)
         await self.sim.clock.until(moment)
-        return iso(moment)
+        if what:
+            self.moments.append((what, moment))
+        return moment
 
-    async def call(self, label: str, send: Send, **kw: Any) -> ApiResponse:
-        """One counted call (see `Api.call`); an order the order service returns updates the tracker."""
-        resp = await self.sim.api.call(label, send, who=self.who, **kw)
+    def moment(self, what: str) -> datetime | None:
+        """The simulated moment of the last action noted as `what`."""
+        return next((m for w, m in reversed(self.moments) if w == what), None)
+
+    async def call(self, label: str, send: Send, *, party: Party | None = None, **kw: Any) -> ApiResponse:
+        """One counted call (see `Api.call`) as `party` (default: the order's centre); an order the order
+        service returns updates the tracker."""
+        resp = await self.sim.api.call(label, send, who=self.who, party=party or self.centre, **kw)
         body = resp.body
         if (
             resp.service == "order"
@@ -106,7 +119,7 @@ class OrderActor:
             f"for {self.sim.cfg.stall_s:.0f} s"
         )
         with contextlib.suppress(OrderAbort, KeyError, TypeError):
-            detail = (await self.call("get order", lambda c: c.get_order(self.order_id))).body
+            detail = (await self.call("get order", lambda c: c.get_order(self.order_id))).body  # as centre
             ignored = []
             for t in detail.get("timeline") or []:
                 if "not applicable while" not in (t.get("reason") or ""):

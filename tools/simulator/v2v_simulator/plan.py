@@ -1,6 +1,8 @@
 """The plan: which orders, for which (centre, product, use), when, and with which exception.
 
-Reproducible: the same seed and the same network give the same plan.
+Reproducible: the same seed and the same network give the same plan (the run id only names the patients:
+every run has patients of its own). Requested apheresis dates lie in the platform's booking window
+(tomorrow .. today + 180 days); reasons are the platform's codes.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from typing import Any
+
+from v2v_contracts.fields import booking_window
 
 from .clock import as_date
 from .config import Config
@@ -36,9 +40,22 @@ CANCEL_STAGES = (
     "product_in_transit",
 )
 QA_RELEASE_SHARE = 0.6  # quarantined products released by QA (the rest rejected)
-REJECT_REASONS = ("label damaged, identity not verifiable", "bag leaking on arrival", "volume below minimum")
-OOS_REASONS = ("viability 61% below 80% specification", "CAR+ 9% below 15% specification", "potency low")
-FAIL_REASONS = ("insufficient expansion", "transduction efficiency too low", "bioreactor contamination alarm")
+# reason codes, from the platform's vocabularies (the order service's `domain/reasons.py`; the site's
+# `v2v_contracts.events` ReceiptRejection, StepFailure, QcFinding)
+CANCEL_REASONS = ("consent_withdrawn", "disease_progression", "patient_ineligible", "physician_decision")
+RESCHEDULE_REASONS = (
+    "patient_unwell",
+    "patient_unavailable",
+    "centre_capacity",
+    "apheresis_unit_unavailable",
+)
+QA_RELEASE_REASONS = ("within_stability_data", "excursion_not_confirmed", "assessed_acceptable")
+QA_REJECT_REASONS = ("outside_stability_data", "integrity_compromised", "insufficient_data")
+REJECT_REASONS = ("damaged_container", "label_mismatch", "insufficient_volume", "documentation_missing")
+OOS_REASONS = ("viability", "potency", "dose", "purity", "vector_copy_number")
+FAIL_REASONS = ("insufficient_cell_growth", "transduction_failure", "contamination", "equipment_failure")
+FIRST_OFFSET_DAYS = 3  # the earliest apheresis date asked for: today + 3
+MOVE_DAYS = (3, 10)  # how far a moved apheresis date moves
 
 
 @dataclass(frozen=True)
@@ -162,14 +179,21 @@ def make_plan(
     n_exc = round(n * cfg.exceptions)
     kinds = choose_kinds(n_exc, rng, kinds_weights) + [None] * (n - n_exc)  # type: ignore[list-item]
     rng.shuffle(kinds)
-    # enough days for the booked demand to fit the network's capacity about twice over
-    spread = max(14, math.ceil(2.0 * n / total_weight))
-    first_offset = 3
+    first_offset = FIRST_OFFSET_DAYS
+    latest = booking_window(today)[1]  # the last apheresis date the platform books
     cohort = [i for i, k in enumerate(kinds) if k == "site_outage"]
+    per_day = 1
+    if cohort and outage_site is not None:
+        per_day = max(1, min(int(capacity[outage_site].get(c.product, 1)) for c in outage_combos) // 2)
+    # the outage cohort's dates and a moved date must still be bookable after everyone else's
+    reserve = (10 + len(cohort) // per_day + 3 if cohort else 0) + MOVE_DAYS[1]
+    # enough days for the booked demand to fit the network's capacity about twice over (as far as the
+    # booking window allows)
+    room = max(1, (latest - today).days - first_offset - reserve)
+    spread = min(max(14, math.ceil(2.0 * n / total_weight)), room)
     gate = None
     if cohort and outage_site is not None:
         # after everyone else's dates, and clear of outages the site already has (an earlier run's)
-        per_day = max(1, min(int(capacity[outage_site].get(c.product, 1)) for c in outage_combos) // 2)
         needed = timedelta(days=len(cohort) // per_day + 3)
         gate = today + timedelta(days=first_offset + spread + 10)
         closed = [
@@ -185,7 +209,7 @@ def make_plan(
     for i, kind in enumerate(kinds):
         if kind == "site_outage" and outage_combos and gate is not None:
             combo = outage_combos[cohort.index(i) % len(outage_combos)]
-            requested = gate + timedelta(days=cohort.index(i) // per_day)
+            requested = min(gate + timedelta(days=cohort.index(i) // per_day), latest)
         else:
             site = rng.choices(site_ids, weights=[weights[s] for s in site_ids])[0]
             group = by_site[site]
@@ -201,6 +225,7 @@ def make_plan(
         params: dict[str, Any] = {}
         if kind == "cancellation":
             params["stage"] = rng.choice(CANCEL_STAGES)
+            params["reason_code"] = rng.choice(CANCEL_REASONS)
         elif kind == "material_rejected":
             params["reason"] = rng.choice(REJECT_REASONS)
         elif kind in {"qc_oos", "persistent_oos"}:
@@ -210,12 +235,16 @@ def make_plan(
             params["reason"] = rng.choice(FAIL_REASONS)
         elif kind == "outbound_excursion":
             params["decision"] = "release" if rng.random() < QA_RELEASE_SHARE else "reject"
+            params["reason_code"] = rng.choice(
+                QA_RELEASE_REASONS if params["decision"] == "release" else QA_REJECT_REASONS
+            )
         elif kind == "apheresis_moved":
-            params["days"] = rng.randint(3, 10)
+            params["days"] = rng.randint(*MOVE_DAYS)
+            params["reason_code"] = rng.choice(RESCHEDULE_REASONS)
         orders.append(
             OrderPlan(
                 index=i,
-                patient_ref=f"SIM-{cfg.seed % 1000:03d}-{i + 1:05d}",
+                patient_ref=f"SIM-{cfg.run_id}-{cfg.seed % 1000:03d}-{i + 1:05d}",
                 combo=combo,
                 requested_date=requested,
                 place_day=place_day,

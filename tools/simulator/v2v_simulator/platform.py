@@ -1,5 +1,6 @@
 """The platform: used if all five services answer, else started as a child process
-(`python -m v2v_harness run --state-dir .v2v/demo`) and stopped at the end."""
+(`python -m v2v_harness run --state-dir .v2v/demo`) and stopped at the end; and the demo clients
+(credentials) the simulator's parties act with, from the state folder of that platform."""
 
 from __future__ import annotations
 
@@ -13,9 +14,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from v2v_harness.client import V2VClient
+import httpx
 
-from .config import DEFAULT_PORTS, DEFAULT_URLS, Config
+from v2v_harness.client import V2VClient
+from v2v_harness.identity import DEFAULT_ISSUER_PORT, Credentials, issuer_of
+
+from .config import AUTH_DIRS, DEFAULT_PORTS, DEFAULT_URLS, Config
 
 ROOT = Path(__file__).resolve().parents[3]  # the repository: tools/simulator/v2v_simulator/ is three down
 
@@ -41,6 +45,8 @@ class PlatformProcess:
         ports = {f"{name} service": port for name, port in DEFAULT_PORTS.items()}
         ports["postgres (V2V_PG_PORT)"] = int(env["V2V_PG_PORT"])
         ports["broker (V2V_KAFKA_PORT)"] = int(env["V2V_KAFKA_PORT"])
+        if not env.get("V2V_AUTH_ISSUER"):
+            ports["token issuer (V2V_ISSUER_PORT)"] = int(env.get("V2V_ISSUER_PORT", DEFAULT_ISSUER_PORT))
         taken = [f"{what} port {port}" for what, port in ports.items() if port_open(port)]
         if taken:
             raise RuntimeError(
@@ -117,3 +123,48 @@ async def ensure_platform(cfg: Config, out: Callable[[str], None]) -> PlatformPr
             await asyncio.sleep(1.0)
         platform.stop()
         raise RuntimeError(f"the platform was not ready within 240 s:\n{platform.tail()}")
+
+
+# ---- credentials: the demo clients of the platform's issuer ---------------------------------------------
+
+
+def _resolve(path: str) -> Path:
+    candidate = Path(path)
+    return candidate if candidate.is_absolute() else (ROOT / candidate).resolve()
+
+
+async def _accepted(credentials: Credentials) -> bool:
+    """Whether the issuer gives ops a token for the keys in this folder."""
+    try:
+        await credentials.token(credentials.client_id("ops"))
+    except (httpx.HTTPError, OSError, KeyError, ValueError):
+        return False
+    return True
+
+
+async def find_credentials(cfg: Config, started: PlatformProcess | None) -> Credentials:
+    """The demo clients to act with: `--auth-dir`'s; else those of the platform the simulator started;
+    else of the first state folder (V2V_STATE_DIR, .v2v, .v2v/demo) whose keys the running issuer
+    accepts. The issuer is V2V_AUTH_ISSUER if set, else the folder's issuer.json."""
+    if cfg.auth_dir is not None:
+        folders = [_resolve(cfg.auth_dir)]
+    elif started is not None:
+        folders = [started.state_dir]
+    else:
+        named = [os.environ["V2V_STATE_DIR"]] if os.environ.get("V2V_STATE_DIR") else []
+        folders = list(dict.fromkeys(_resolve(d) for d in (*named, *AUTH_DIRS)))
+    tried = []
+    for folder in folders:
+        try:
+            issuer = os.environ.get("V2V_AUTH_ISSUER") or issuer_of(folder)
+        except (OSError, ValueError, KeyError):
+            tried.append(f"{folder} (no issuer.json)")
+            continue
+        credentials = Credentials(issuer, folder)
+        if await _accepted(credentials):
+            return credentials
+        tried.append(f"{folder} (issuer {issuer} gives its ops client no token)")
+    raise RuntimeError(
+        "no demo clients to act with: " + "; ".join(tried) + ". Start the platform with `make run` (it "
+        "writes .v2v/clients.json), or give --auth-dir"
+    )

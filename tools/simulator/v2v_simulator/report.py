@@ -21,6 +21,7 @@ class Stats:
     calls: Counter[str] = field(default_factory=Counter)
     statuses: Counter[int] = field(default_factory=Counter)
     intended: Counter[str] = field(default_factory=Counter)
+    throttled: Counter[str] = field(default_factory=Counter)  # 429s waited out, per party
     errors: list[str] = field(default_factory=list)
 
     def error(self, message: str) -> None:
@@ -185,6 +186,11 @@ def render_summary(
         f"HTTP calls {calls}: 5xx {server}; intended refusals "
         + (", ".join(f"{k}: {n}" for k, n in sorted(stats.intended.items())) or "none")
     )
+    if stats.throttled:
+        lines.append(
+            f"  rate-limited (429, waited out and retried) {sum(stats.throttled.values())}: "
+            + ", ".join(f"{k} {n}" for k, n in sorted(stats.throttled.items()))
+        )
 
     lines += ["", "Orders by terminal state"]
     terminal = summary.get("terminal", {})

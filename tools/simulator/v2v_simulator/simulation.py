@@ -10,12 +10,14 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
-from .api import Api, OrderAbort
+import httpx
+
+from .api import ADMIN, OPS, QA, Api, OrderAbort, Party, TokenSource, centre, site
 from .clock import SimClock, as_date
 from .config import Config, parse_args
 from .orders import OrderActor
 from .plan import EXCEPTION_WEIGHTS, Plan, make_plan
-from .platform import ensure_platform
+from .platform import ensure_platform, find_credentials
 from .report import Stats, error_lines, progress_line, reactions_of, render_summary, utilisation
 from .sites import OutageState, declare_outage
 from .states import TERMINAL
@@ -23,11 +25,19 @@ from .tracker import Tracker
 
 
 class Simulator:
-    def __init__(self, cfg: Config, out: Callable[[str], None] = print) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        out: Callable[[str], None] = print,
+        credentials: TokenSource | None = None,
+    ) -> None:
+        """`credentials`: the demo clients each party acts as (`v2v_harness.identity.Credentials`);
+        without, no token is sent (a mocked platform)."""
         self.cfg = cfg
         self.out = out
         self.stats = Stats()
-        self.api = Api(cfg.urls, cfg.concurrency, self.stats)
+        self.credentials = credentials
+        self.api = Api(cfg.urls, cfg.concurrency, self.stats, credentials=credentials)
         self.tracker = Tracker(self.api, cfg.poll_s)
         self.clock = SimClock(datetime.now(UTC).replace(microsecond=0), cfg.day_seconds)
         self.products: dict[str, dict[str, Any]] = {}
@@ -41,12 +51,40 @@ class Simulator:
     # -- set-up ---------------------------------------------------------------------------------------------
 
     async def load_catalogue(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        centres = (await self.api.call("catalogue", lambda c: c.treatment_centers())).body
-        products = (await self.api.call("catalogue", lambda c: c.products())).body
-        sites = (await self.api.call("catalogue", lambda c: c.sites())).body
+        """As ops: the certified centres (those with a demo client to act as), products and sites."""
+        centres = (await self.api.call("catalogue", lambda c: c.treatment_centers(), party=OPS)).body
+        products = (await self.api.call("catalogue", lambda c: c.products(), party=OPS)).body
+        sites = (await self.api.call("catalogue", lambda c: c.sites(), party=OPS)).body
         self.products = {p["code"]: p for p in products}
         self.sites = sites
+        if self.credentials is not None:
+            centres = [c for c in centres if self._has_client("centre", c["id"])]
         return centres, products
+
+    def _has_client(self, kind: str, entity: str) -> bool:
+        assert self.credentials is not None
+        try:
+            self.credentials.client_id(kind, entity)
+        except KeyError:
+            return False
+        return True
+
+    async def check_parties(self) -> None:
+        """Each party of the run gets its token before the first order (a demo client missing, or refused
+        by the issuer, is a set-up error rather than errors in every order)."""
+        if self.credentials is None or self.plan is None:
+            return
+        parties: set[Party] = {OPS, QA, ADMIN}
+        parties |= {centre(o.combo.centre) for o in self.plan.orders}
+        parties |= {site(s) for o in self.plan.orders for s in o.combo.sites}
+        for kind, entity in sorted(parties, key=lambda p: (p[0], p[1] or "")):
+            try:
+                await self.credentials.headers(self.credentials.client_id(kind, entity))
+            except KeyError as exc:
+                raise RuntimeError(f"no demo client for {kind} {entity or ''}".strip()) from exc
+            except httpx.HTTPError as exc:
+                raise RuntimeError(f"no token for the {kind} {entity or ''} client: {exc}") from exc
+        self.out(f"simulator: acting as {len(parties)} parties, each with its own token")
 
     # -- the outage ------------------------------------------------------------------------------------------
 
@@ -82,17 +120,19 @@ class Simulator:
             centres, products = await self.load_catalogue()
             today = self.clock.start.date()
             self.plan = make_plan(cfg, centres, products, self.sites, today)
+            await self.check_parties()
             self.outage = OutageState(self.plan.outage_site, self.plan.outage_gate)
             await self.tracker.start()
-        except (OrderAbort, RuntimeError, KeyError) as exc:
+        except (OrderAbort, RuntimeError, KeyError, ValueError) as exc:
             self.stats.error(f"set-up failed: {exc}")
             self.print_errors()
             return 1
         kinds = Counter(o.kind for o in self.plan.orders if o.kind)
         self.out(
             f"simulator: {cfg.orders} orders, {sum(kinds.values())} with an exception "
-            f"({cfg.exceptions:.0%}), seed {cfg.seed}, 1 simulated day = {cfg.day_seconds:g} s, "
-            f"apheresis dates over {self.plan.spread_days} days from {today + timedelta(days=3)}"
+            f"({cfg.exceptions:.0%}), seed {cfg.seed}, run {cfg.run_id}, 1 simulated day = "
+            f"{cfg.day_seconds:g} s, apheresis dates over {self.plan.spread_days} days from "
+            f"{today + timedelta(days=3)}"
         )
         self.out(
             "simulator: exception weights "
@@ -150,10 +190,14 @@ class Simulator:
             async with sem:
                 try:
                     detail = (
-                        await self.api.call("get order", lambda c: c.get_order(oid), who=actor.who)
+                        await self.api.call(
+                            "get order", lambda c: c.get_order(oid), who=actor.who, party=actor.centre
+                        )
                     ).body
                     slots = (
-                        await self.api.call("list slots", lambda c: c.slots(order_id=oid), who=actor.who)
+                        await self.api.call(
+                            "list slots", lambda c: c.slots(order_id=oid), who=actor.who, party=OPS
+                        )
                     ).body
                 except OrderAbort:
                     return actor, None, []
@@ -216,11 +260,19 @@ async def main(cfg: Config, out: Callable[[str], None] = print) -> int:
     except RuntimeError as exc:
         out(f"simulator: {exc}")
         return 2
-    sim = Simulator(cfg, out)
     try:
-        return await sim.run()
+        try:
+            credentials = await find_credentials(cfg, platform)
+        except RuntimeError as exc:
+            out(f"simulator: {exc}")
+            return 2
+        out(f"simulator: demo clients of {credentials.state_dir} (issuer {credentials.issuer})")
+        sim = Simulator(cfg, out, credentials)
+        try:
+            return await sim.run()
+        finally:
+            await sim.api.close()
     finally:
-        await sim.api.close()
         if platform is not None:
             out("simulator: stopping the platform it started")
             platform.stop()

@@ -1,5 +1,11 @@
-"""The manufacturing site: its MES (receipt of the apheresis material, manufacturing steps, QC), its QA
-(the decision on a product quarantined after an excursion), and the registry (the run's one outage)."""
+"""The manufacturing site: its MES (receipt of the apheresis material, manufacturing steps), the
+manufacturer's QA (QC dispositions, the decision on a product quarantined after an excursion), and the
+registry (the run's one outage).
+
+Each acts as its own party: the MES as the site's demo client (confined to its own site), QA as `qa`, the
+registry as `admin`. Reasons are the platform's codes (`v2v_contracts.events`: ReceiptRejection,
+StepFailure, QcFinding, OutageReason; the order service's quarantine codes), the site's own document is
+named by an opaque `reference`. Reports carry no simulated moment (the platform takes now)."""
 
 from __future__ import annotations
 
@@ -10,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from .api import OrderAbort
+from .api import ADMIN, QA, OrderAbort, site
 from .clock import as_date
 from .states import MATERIAL_ON_THE_WAY, MES_RUNNING, STEP_FRACTION, STEPS, TERMINAL
 
@@ -25,18 +31,28 @@ class Site:
     def __init__(self, order: OrderActor) -> None:
         self.order = order
 
+    def reference(self, what: str) -> str:
+        """The site's own document for a report (deviation, batch record): an opaque id."""
+        o = self.order
+        return f"{what}-{o.sim.cfg.run_id}-{o.plan.index + 1:05d}"
+
     async def receipt(
         self, ship: dict[str, Any], slot_id: str, mfg: date | None, delivered: datetime
     ) -> None:
         """The material arrived: accepted (the run is scheduled) or refused when the plan says so."""
         o = self.order
-        site = ship["destination"]
+        site_id = ship["destination"]
         reject = o.injects("material_rejected")
-        at = await o.at(delivered + timedelta(hours=1))
+        label = "site receipt (refused)" if reject else "site receipt"
+        moment = await o.at(delivered + timedelta(hours=1), label)
         reason = o.plan.params["reason"] if reject else None
+        reference = self.reference("DEV") if reject else None
         await o.call(
-            "site receipt (refused)" if reject else "site receipt",
-            lambda c: c.site_receipt(site, o.order_id, o.coi, not reject, reason=reason, received_at=at),
+            label,
+            lambda c: c.site_receipt(
+                site_id, o.order_id, o.coi, not reject, reason=reason, reference=reference
+            ),
+            party=site(site_id),
             ok=(200, 201),
         )
         o.done.add(("inbound", slot_id))
@@ -45,10 +61,9 @@ class Site:
             o.leave = MATERIAL_ON_THE_WAY
         else:
             o.run_start[(slot_id, 1)] = max(
-                datetime.fromisoformat(at) + timedelta(hours=3),
-                o.sim.clock.at(mfg, 8) if mfg else datetime.fromisoformat(at),
+                moment + timedelta(hours=3), o.sim.clock.at(mfg, 8) if mfg else moment
             )
-            o.result.sites_manufactured.append(site)
+            o.result.sites_manufactured.append(site_id)
 
     def run_done(self, row: dict[str, Any]) -> bool:
         """Whether the MES has already reported everything of the order's current run."""
@@ -60,15 +75,17 @@ class Site:
         o = self.order
         slot_id = str((row.get("slot") or {}).get("slot_id"))
         run = int(row.get("run") or 1)
-        site = row["site_id"]
+        site_id = row["site_id"]
         if ("run", slot_id, run) in o.done:
             return
 
         async def fetch() -> Any:
-            return (await o.call("mes view", lambda c: c.manufacturing(site, o.order_id))).body
+            return (
+                await o.call("mes view", lambda c: c.manufacturing(site_id, o.order_id), party=site(site_id))
+            ).body
 
         view = await o.poll(
-            f"run {run} at {site}",
+            f"run {run} at {site_id}",
             fetch,
             lambda v: v if int(v.get("run") or 0) == run and v.get("state") in MES_RUNNING else None,
             lambda v: f"the site reports run {v.get('run')} {v.get('state')}",
@@ -77,7 +94,7 @@ class Site:
             return
         if (slot_id, run) not in o.run_start:  # a remanufacture: the day after the run was lost
             o.run_start[(slot_id, run)] = o.floor + timedelta(days=1)
-            o.result.sites_manufactured.append(site)
+            o.result.sites_manufactured.append(site_id)
         start = o.run_start[(slot_id, run)]
         mfg_days = float(o.product.get("manufacturing_days", 17))
         qc_days = float(o.product.get("qc_days", 14))
@@ -87,44 +104,51 @@ class Site:
                 continue
             when = start + timedelta(days=mfg_days * STEP_FRACTION[step], hours=o.rng.uniform(0, 3))
             if step == "expansion" and o.cancels_at("manufacturing"):
-                await o.at(when)
+                await o.at(when, "cancel")
                 await o.hospital.cancel("manufacturing")
                 return
             if o.injects("manufacturing_failure") and step == o.plan.params["step"]:
-                await self.step(site, step, when, failure=o.plan.params["reason"])
+                await self.step(site_id, step, when, failure=o.plan.params["reason"])
                 o.result.applied = True
                 o.done.add(("run", slot_id, run))
                 return
-            await self.step(site, step, when)
+            await self.step(site_id, step, when)
         cryo = start + timedelta(days=mfg_days)
         if o.cancels_at("qc_pending"):
-            await o.at(cryo + timedelta(days=qc_days / 2))
+            await o.at(cryo + timedelta(days=qc_days / 2), "cancel")
             await o.hospital.cancel("qc_pending")
             return
         oos = o.plan.kind == "persistent_oos" or o.injects("qc_oos")
-        at = await o.at(cryo + timedelta(days=qc_days, hours=o.rng.uniform(0, 6)))
+        label = "QC out of specification" if oos else "QC released"
+        moment = await o.at(cryo + timedelta(days=qc_days, hours=o.rng.uniform(0, 6)), label)
         reason = o.plan.params["reason"] if oos else None
+        reference = self.reference(f"QC{run}") if oos else None
         disposition = "out_of_specification" if oos else "released"
-        await o.call(
-            "QC out of specification" if oos else "QC released",
-            lambda c: c.qc(site, o.order_id, disposition, reason=reason, decided_at=at),
+        await o.call(  # QC dispositions are the manufacturer's QA's
+            label,
+            lambda c: c.qc(site_id, o.order_id, disposition, reason=reason, reference=reference),
+            party=QA,
             ok=(200, 201),
         )
         o.done.add(("run", slot_id, run))
         if oos:
             o.result.applied = True
         else:
-            o.release_at = datetime.fromisoformat(at)
+            o.release_at = moment
 
-    async def step(self, site: str, step: str, when: datetime, failure: str | None = None) -> None:
-        """One step reported at its simulated time: completed, or failed for the reason `failure`."""
+    async def step(self, site_id: str, step: str, when: datetime, failure: str | None = None) -> None:
+        """One step reported (as the site's MES) at its simulated time: completed, or failed for the
+        reason code `failure`."""
         o = self.order
-        at = await o.at(when)
+        label = "manufacturing step failed" if failure is not None else "manufacturing step"
+        await o.at(when, f"{label}: {step}")
+        reference = self.reference("DEV") if failure is not None else None
         await o.call(
-            "manufacturing step failed" if failure is not None else "manufacturing step",
+            label,
             lambda c: c.manufacturing_step(
-                site, o.order_id, step, completed_at=at, failed=failure is not None, reason=failure
+                site_id, o.order_id, step, failed=failure is not None, reason=failure, reference=reference
             ),
+            party=site(site_id),
             ok=(200, 201),
         )
 
@@ -132,21 +156,24 @@ class Site:
         """QA reviews the logger data of a quarantined product and releases or rejects it."""
         o = self.order
         decision = o.plan.params.get("decision", "release")
-        await o.at(o.floor + timedelta(days=1))  # QA reviews the logger data (no timestamp is sent)
-        reason = (
-            "logger fault, product within limits per QA review"
-            if decision == "release"
-            else "excursion confirmed, product integrity not assured"
+        await o.at(o.floor + timedelta(days=1), f"quarantine {decision}")  # QA reviews the logger data
+        code = str(
+            o.plan.params.get("reason_code")
+            or ("within_stability_data" if decision == "release" else "integrity_compromised")
         )
+        note = "simulated QA review of the logger data"
         await o.call(
             f"quarantine {decision}",
-            lambda c: c.quarantine_decision(o.order_id, decision, reason),
+            lambda c: c.quarantine_decision(o.order_id, decision, code, note),
+            party=QA,
             ok=(200,),
         )
         o.result.decision = decision
 
 
 # ---- the registry: the run's one site outage -------------------------------------------------------------
+
+OUTAGE_REASON = "maintenance"  # an OutageReason: the clean room's requalification
 
 
 @dataclass
@@ -200,20 +227,24 @@ async def declare_outage(sim: Simulator) -> None:
             if r is not None and r["status"] == "inbound_shipment_planned" and mfg is not None:
                 booked[r["site_id"]].append((a, mfg))
         # the site most of the cohort was booked at (the planned one, unless it was full)
-        site = max(booked, key=lambda k: (len(booked[k]), k == outage.site)) if booked else outage.site
-        hit = booked.get(site, [])
+        site_id = max(booked, key=lambda k: (len(booked[k]), k == outage.site)) if booked else outage.site
+        hit = booked.get(site_id, [])
         dates = sorted(d for _, d in hit)
         start, end = (dates[0], dates[-1]) if dates else (outage.gate, outage.gate + timedelta(days=2))
         resp = await sim.api.call(
             "site outage",
-            lambda c: c.add_outage(site, start, end, "cleanroom requalification (simulated)"),
+            lambda c: c.add_outage(site_id, start, end, OUTAGE_REASON),
             who="registry",
+            party=ADMIN,
             ok=(201,),
         )
-        outage.site = site
+        outage.site = site_id
         outage.window = (start, end)
         outage.affected = len(resp.body.get("affected_booking_ids") or [])
-        outage.note = f"{site} {start.isoformat()}..{end.isoformat()}, {outage.affected} booking(s) affected"
+        outage.note = (
+            f"{site_id} {start.isoformat()}..{end.isoformat()} ({OUTAGE_REASON}), "
+            f"{outage.affected} booking(s) affected"
+        )
         for a, _ in hit:
             a.result.applied = True
     except OrderAbort as abort:

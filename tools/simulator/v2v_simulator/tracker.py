@@ -1,4 +1,5 @@
-"""Order status tracking: one reader of the paginated order list for all the simulated orders."""
+"""Order status tracking: one reader of the paginated order list for all the simulated orders, as ops
+(who reads every centre's orders)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any
 
 from v2v_harness.client import ApiResponse
 
-from .api import Api, OrderAbort
+from .api import OPS, Api, OrderAbort
 from .clock import parse_time
 from .states import TERMINAL
 
@@ -32,7 +33,7 @@ class Tracker:
         self.base_offset = 0
 
     async def start(self) -> None:
-        resp = await self.api.call("list orders", lambda c: c.list_orders(limit=1), throttle=False)
+        resp = await self.api.call("list orders", lambda c: c.list_orders(limit=1), party=OPS, throttle=False)
         self.base_offset = max(0, int(resp.body["total"]) - 1)
 
     def add(self, row: dict[str, Any]) -> None:
@@ -64,7 +65,7 @@ class Tracker:
 
     async def _page(self, offset: int) -> ApiResponse:
         return await self.api.call(
-            "list orders", lambda c: c.list_orders(limit=200, offset=offset), throttle=False
+            "list orders", lambda c: c.list_orders(limit=200, offset=offset), party=OPS, throttle=False
         )
 
     async def run(self) -> None:

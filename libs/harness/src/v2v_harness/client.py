@@ -10,6 +10,18 @@ raises for an HTTP status (use `.expect(...)`, `.raise_for_status()` or `.ok`), 
 `Platform.url`). Headers can be added per call (`headers={"Idempotency-Key": ...}`) and for every call
 by a provider that is given the service name (sync or async, e.g. an OAuth bearer token per audience);
 an `httpx.Auth` can be given as well.
+
+Every route needs a bearer token (`v2v_contracts.scopes`), and the tenant comes from the token. Several
+parties (a centre, a carrier, a site's MES, QA, ...) share one connection pool by giving each its own
+`V2VClient` over the same httpx client, with its own header provider:
+
+    http = httpx.AsyncClient()
+    centre = V2VClient(urls, client=http, header_provider=lambda s: creds.headers("centre-tc-de-be-001"))
+    qa = V2VClient(urls, client=http, header_provider=lambda s: creds.headers("qa"))
+
+Reasons are codes (the services' enumerations; free text only as the order service's optional `note`).
+`with_idempotency_key(key)` is the same client sending one `Idempotency-Key` with each POST, so that the
+retries of one logical request carry the same key (`place_order` always sends one).
 """
 
 from __future__ import annotations
@@ -157,6 +169,7 @@ class V2VClient:
         self._urls = urls
         self._header_provider = header_provider
         self._auth = auth
+        self._idempotency_key: str | None = None
         self._owned = client is None
         if client is None:
             client = httpx.AsyncClient(
@@ -173,6 +186,15 @@ class V2VClient:
     async def aclose(self) -> None:
         if self._owned:
             await self.http.aclose()
+
+    def with_idempotency_key(self, key: str) -> V2VClient:
+        """This client (same URLs, headers, auth and connection pool; not owning the pool) sending `key` as
+        the `Idempotency-Key` of every POST that has none of its own: one logical request, retried."""
+        bound = V2VClient(
+            self._urls, client=self.http, header_provider=self._header_provider, auth=self._auth
+        )
+        bound._idempotency_key = key
+        return bound
 
     def base_url(self, service: str) -> str:
         url = self._urls(service) if callable(self._urls) else self._urls[service]
@@ -203,12 +225,19 @@ class V2VClient:
         timeout: httpx.Timeout | float | UseClientDefault | None = httpx.USE_CLIENT_DEFAULT,
     ) -> ApiResponse:
         """One request to `service` (`path` after its base URL). Raises only httpx.TransportError."""
+        sent = await self._headers(service, headers)
+        if (
+            self._idempotency_key is not None
+            and method.upper() == "POST"
+            and not any(k.lower() == "idempotency-key" for k in sent)
+        ):
+            sent["Idempotency-Key"] = self._idempotency_key
         resp = await self.http.request(
             method,
             self.base_url(service) + path,
             json=json,
             params=dict(params) if params is not None else None,
-            headers=await self._headers(service, headers) or None,
+            headers=sent or None,
             timeout=timeout,
             auth=self._auth if self._auth is not None and not self._owned else httpx.USE_CLIENT_DEFAULT,
         )
@@ -257,13 +286,15 @@ class V2VClient:
         headers: Mapping[str, str] | None = None,
     ) -> ApiResponse:
         """POST /v1/orders (201): treatment_center_id, product_code, order_type, patient_ref,
-        requested_apheresis_date. The service requires an `Idempotency-Key`: pass the same one when you
-        retry (a replay answers with the first answer); without one, each call gets a fresh key."""
+        requested_apheresis_date (tomorrow .. today + 180 days). The service requires an
+        `Idempotency-Key`: pass the same one when you retry (a replay answers with the first answer);
+        without one, the key this client is bound to (`with_idempotency_key`), else a fresh one per call.
+        The centre is the caller's (from its token): `treatment_center_id` may repeat it or be left out."""
         extra = dict(headers or {})
         if idempotency_key is not None:
             extra["Idempotency-Key"] = idempotency_key
         elif not any(k.lower() == "idempotency-key" for k in extra):
-            extra["Idempotency-Key"] = str(uuid.uuid4())
+            extra["Idempotency-Key"] = self._idempotency_key or str(uuid.uuid4())
         return await self.post("order", "/v1/orders", dict(body), headers=extra)
 
     async def get_order(self, order_id: str, *, headers: Mapping[str, str] | None = None) -> ApiResponse:
@@ -278,7 +309,8 @@ class V2VClient:
         treatment_center_id: str | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> ApiResponse:
-        """GET /v1/orders: a page {items, total, limit, offset, next_offset} (limit 1..200)."""
+        """GET /v1/orders: a page {items, total, limit, offset, next_offset} (limit 1..200). A centre
+        lists its own orders only; QA and ops every centre's (or one's, with `treatment_center_id`)."""
         params = _params(treatment_center_id=treatment_center_id, limit=limit, offset=offset)
         return await self.get("order", "/v1/orders", params=params, headers=headers)
 
@@ -347,6 +379,8 @@ class V2VClient:
     async def apheresis(
         self, order_id: str, coi: str, at: Moment | None = None, *, headers: Mapping[str, str] | None = None
     ) -> ApiResponse:
+        """As the centre: apheresis done, COI checked. Here and in lymphodepletion, product receipt and
+        infusion, `at` (default now) must lie within [now - 30 days, now + 5 min]."""
         return await self._identity_checked(order_id, "apheresis", coi, at, headers)
 
     async def lymphodepletion(
@@ -390,25 +424,43 @@ class V2VClient:
         product_code: str | None = None,
         site_id: str | None = None,
         limit: int | None = None,
+        offset: int | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> ApiResponse:
-        """GET /v1/slots, filtered."""
+        """GET /v1/slots (`ops:read`), filtered; a page (limit 1..200, offset 0..10 000)."""
         params = _params(
             order_id=order_id,
             status=list(status) if status is not None else None,
             product_code=product_code,
             site_id=site_id,
             limit=limit,
+            offset=offset,
         )
         return await self.get("scheduling", "/v1/slots", params=params, headers=headers)
 
-    async def waitlist(self, *, headers: Mapping[str, str] | None = None) -> ApiResponse:
-        return await self.get("scheduling", "/v1/waitlist", headers=headers)
+    async def waitlist(
+        self,
+        *,
+        limit: int | None = None,
+        offset: int | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> ApiResponse:
+        """GET /v1/waitlist (`ops:read`): a page, in booking order."""
+        params = _params(limit=limit, offset=offset)
+        return await self.get("scheduling", "/v1/waitlist", params=params, headers=headers)
 
     # -- site: registry ---------------------------------------------------------------------------------
 
-    async def sites(self, *, headers: Mapping[str, str] | None = None) -> ApiResponse:
-        return await self.get("site", "/v1/sites", headers=headers)
+    async def sites(
+        self,
+        *,
+        limit: int | None = None,
+        offset: int | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> ApiResponse:
+        """GET /v1/sites (`sites:read`; a site's MES sees its own site only): a page."""
+        params = _params(limit=limit, offset=offset)
+        return await self.get("site", "/v1/sites", params=params, headers=headers)
 
     async def site(self, site_id: str, *, headers: Mapping[str, str] | None = None) -> ApiResponse:
         return await self.get("site", f"/v1/sites/{site_id}", headers=headers)
@@ -422,7 +474,8 @@ class V2VClient:
         approvals: list[Mapping[str, str]] | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> ApiResponse:
-        """PATCH /v1/sites/{id}: only what is given changes (approvals replace the whole list)."""
+        """PATCH /v1/sites/{id} (`registry:admin`): only what is given changes (approvals replace the
+        whole list)."""
         body: dict[str, Any] = {}
         if daily_capacity is not None:
             body["daily_capacity"] = dict(daily_capacity)
@@ -441,7 +494,9 @@ class V2VClient:
         *,
         headers: Mapping[str, str] | None = None,
     ) -> ApiResponse:
-        """POST /v1/sites/{id}/outages (201; end_date inclusive): {..., affected_booking_ids}."""
+        """POST /v1/sites/{id}/outages (201; `registry:admin`; end_date inclusive): {...,
+        affected_booking_ids}. `reason` is an `OutageReason` code (maintenance, equipment_failure,
+        contamination, utilities, staffing, regulatory_hold, other)."""
         body = {"start_date": _day(start_date), "end_date": _day(end_date), "reason": reason}
         return await self.post("site", f"/v1/sites/{site_id}/outages", body, headers=headers)
 
@@ -455,15 +510,21 @@ class V2VClient:
         accepted: bool = True,
         *,
         reason: str | None = None,
+        reference: str | None = None,
         received_at: Moment | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> ApiResponse:
-        """POST /v1/sites/{id}/receipts: the apheresis material accepted, or refused (with a reason)."""
+        """POST /v1/sites/{id}/receipts (`mes:report`, the site's own MES): the apheresis material
+        accepted, or refused with a `ReceiptRejection` code (damaged_container, temperature_excursion,
+        label_mismatch, insufficient_volume, documentation_missing, other). `reference`: the site's own
+        document (an opaque id, never free text); `received_at`: within the last 30 days (default now)."""
         body: dict[str, Any] = {"order_id": order_id, "coi": coi, "accepted": accepted}
         if reason is not None:
             body["reason"] = reason
         if received_at is not None:
             body["received_at"] = _moment(received_at)
+        if reference is not None:
+            body["reference"] = reference
         return await self.post("site", f"/v1/sites/{site_id}/receipts", body, headers=headers)
 
     async def manufacturing_step(
@@ -475,9 +536,12 @@ class V2VClient:
         completed_at: Moment | None = None,
         failed: bool = False,
         reason: str | None = None,
+        reference: str | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> ApiResponse:
-        """POST /v1/sites/{id}/manufacturing/{order}/steps: a step completed (or failed, with a reason)."""
+        """POST /v1/sites/{id}/manufacturing/{order}/steps (`mes:report`, the site's own MES): a step
+        completed, or failed with a `StepFailure` code (contamination, equipment_failure,
+        insufficient_cell_growth, transduction_failure, process_deviation, utilities, other)."""
         body: dict[str, Any] = {"step": step}
         if completed_at is not None:
             body["completed_at"] = _moment(completed_at)
@@ -485,6 +549,8 @@ class V2VClient:
             body["failed"] = True
         if reason is not None:
             body["reason"] = reason
+        if reference is not None:
+            body["reference"] = reference
         return await self.post(
             "site", f"/v1/sites/{site_id}/manufacturing/{order_id}/steps", body, headers=headers
         )
@@ -496,15 +562,21 @@ class V2VClient:
         disposition: Disposition | str,
         *,
         reason: str | None = None,
+        reference: str | None = None,
         decided_at: Moment | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> ApiResponse:
-        """POST /v1/sites/{id}/manufacturing/{order}/qc: released, out_of_specification or failed."""
+        """POST /v1/sites/{id}/manufacturing/{order}/qc (`qc:release`, the manufacturer's QA): released,
+        or out_of_specification / failed with a `QcFinding` code (sterility, endotoxin, mycoplasma,
+        viability, potency, dose, identity, purity, vector_copy_number, replication_competent_virus,
+        other)."""
         body: dict[str, Any] = {"disposition": disposition}
         if reason is not None:
             body["reason"] = reason
         if decided_at is not None:
             body["decided_at"] = _moment(decided_at)
+        if reference is not None:
+            body["reference"] = reference
         return await self.post(
             "site", f"/v1/sites/{site_id}/manufacturing/{order_id}/qc", body, headers=headers
         )
@@ -512,17 +584,23 @@ class V2VClient:
     async def manufacturing(
         self, site_id: str, order_id: str, *, headers: Mapping[str, str] | None = None
     ) -> ApiResponse:
-        """GET /v1/sites/{id}/manufacturing/{order}: state, run, steps completed."""
+        """GET /v1/sites/{id}/manufacturing/{order} (`sites:read`): state, run, steps completed."""
         return await self.get("site", f"/v1/sites/{site_id}/manufacturing/{order_id}", headers=headers)
 
     # -- logistics --------------------------------------------------------------------------------------
 
     async def shipments(
-        self, *, order_id: str | None = None, headers: Mapping[str, str] | None = None
+        self,
+        *,
+        order_id: str | None = None,
+        limit: int | None = None,
+        offset: int | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> ApiResponse:
-        return await self.get(
-            "logistics", "/v1/shipments", params=_params(order_id=order_id), headers=headers
-        )
+        """GET /v1/shipments (`shipments:read`): a page of the shipments the caller may see (a carrier its
+        own, QA and ops all). Each names its `carrier_id`, the courier that reports on it."""
+        params = _params(order_id=order_id, limit=limit, offset=offset)
+        return await self.get("logistics", "/v1/shipments", params=params, headers=headers)
 
     async def shipment(self, shipment_id: str, *, headers: Mapping[str, str] | None = None) -> ApiResponse:
         """GET /v1/shipments/{id}, with its status history."""
@@ -541,7 +619,9 @@ class V2VClient:
         temperature_c: float | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> ApiResponse:
-        """Courier API: POST /v1/shipments/{id}/milestones (201)."""
+        """Courier API: POST /v1/shipments/{id}/milestones (201; `shipments:report`, the shipment's
+        carrier). `occurred_at` within [now - 30 days, now + 5 min]; location, handled_by and
+        received_from are opaque codes."""
         body: dict[str, Any] = {
             "milestone": milestone,
             "occurred_at": _moment(occurred_at),
@@ -555,8 +635,19 @@ class V2VClient:
             body["temperature_c"] = temperature_c
         return await self.post("logistics", f"/v1/shipments/{shipment_id}/milestones", body, headers=headers)
 
-    async def custody(self, shipment_id: str, *, headers: Mapping[str, str] | None = None) -> ApiResponse:
-        return await self.get("logistics", f"/v1/shipments/{shipment_id}/custody", headers=headers)
+    async def custody(
+        self,
+        shipment_id: str,
+        *,
+        limit: int | None = None,
+        offset: int | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> ApiResponse:
+        """GET /v1/shipments/{id}/custody: a page of the chain of custody."""
+        params = _params(limit=limit, offset=offset)
+        return await self.get(
+            "logistics", f"/v1/shipments/{shipment_id}/custody", params=params, headers=headers
+        )
 
     async def temperature_reading(
         self,
@@ -567,16 +658,26 @@ class V2VClient:
         coi: str | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> ApiResponse:
-        """Courier API: POST /v1/shipments/{id}/temperature (201): {..., in_range, excursion_published}."""
+        """Courier API: POST /v1/shipments/{id}/temperature (201; `shipments:report`): {..., in_range,
+        excursion_published}. `measured_at` within [now - 30 days, now + 5 min]."""
         body: dict[str, Any] = {"reading_c": reading_c, "measured_at": _moment(measured_at)}
         if coi is not None:
             body["coi"] = coi
         return await self.post("logistics", f"/v1/shipments/{shipment_id}/temperature", body, headers=headers)
 
     async def temperature_readings(
-        self, shipment_id: str, *, headers: Mapping[str, str] | None = None
+        self,
+        shipment_id: str,
+        *,
+        limit: int | None = None,
+        offset: int | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> ApiResponse:
-        return await self.get("logistics", f"/v1/shipments/{shipment_id}/temperature", headers=headers)
+        """GET /v1/shipments/{id}/temperature: a page of the readings, in measurement order."""
+        params = _params(limit=limit, offset=offset)
+        return await self.get(
+            "logistics", f"/v1/shipments/{shipment_id}/temperature", params=params, headers=headers
+        )
 
     # -- notification -----------------------------------------------------------------------------------
 
@@ -668,6 +769,7 @@ class V2VClient:
     async def deliveries(
         self,
         *,
+        treatment_center_id: str | None = None,
         order_id: str | None = None,
         channel: Literal["webhook", "email"] | None = None,
         subscription_id: str | None = None,
@@ -680,6 +782,7 @@ class V2VClient:
         """GET /v1/deliveries: the delivery log of both channels (the caller's centre's), newest first;
         `limit` at most 200. Each entry's `last_outcome` is `delivered` or a failure category."""
         params = _params(
+            treatment_center_id=treatment_center_id,
             order_id=order_id,
             channel=channel,
             subscription_id=subscription_id,
