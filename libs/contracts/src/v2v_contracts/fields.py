@@ -4,6 +4,7 @@ field) before it reaches a service layer, an event, a log or a span.
 
 - `Text32` .. `Text2000` (1..n characters after stripping): no control characters (C0, DEL, C1), no lone
   surrogates, no Unicode "non-characters". Error messages never echo the input.
+- `CoiRef`: a chain-of-identity id as read from a label (its check character may be `*`).
 - `Code`: an identifier or reason code (letters, digits, `_ - . :`), at most 64 characters.
 - `ReasonCode`: what events carry as a reason (`patient_deceased`, `outage:maintenance`).
 - `Finite`: a float that is neither NaN nor ±Infinity.
@@ -59,6 +60,11 @@ CODE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,63}$"
 Code = Annotated[str, StringConstraints(pattern=CODE_PATTERN), BeforeValidator(_printable)]
 """An identifier or reason code (site id, centre id, product code, reason code)."""
 
+COI_PATTERN = r"^[A-Za-z0-9*][A-Za-z0-9*_.:\-]{0,31}$"
+CoiRef = Annotated[str, StringConstraints(pattern=COI_PATTERN), BeforeValidator(_printable)]
+"""A chain-of-identity id as read from a label: letters, digits and `*` (ISO 7064 MOD 37-2's check
+character can be `*`), at most 32 characters; verified against the order by the service."""
+
 REASON_CODE_PATTERN = r"^[a-z][a-z0-9_]{0,47}(:[a-z0-9_]{1,47}){0,3}$"
 ReasonCode = Annotated[str, StringConstraints(pattern=REASON_CODE_PATTERN, max_length=120)]
 """A machine-readable reason in an event (`patient_deceased`, `outage:maintenance`): never free text."""
@@ -100,6 +106,7 @@ __all__ = [
     "BOOKING_MAX_DAYS",
     "BookingDate",
     "Code",
+    "CoiRef",
     "Finite",
     "ReasonCode",
     "ReportedAt",

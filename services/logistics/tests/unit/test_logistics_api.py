@@ -502,3 +502,12 @@ async def test_a_page_of_shipments_and_of_readings(platform: Platform, client: h
         assert (await client.post(url, json=body, headers=mine)).status_code == 201
     second = (await client.get(url, params={"limit": 1, "offset": 1}, headers=mine)).json()
     assert [r["reading_c"] for r in second] == [-171.0]
+
+
+async def test_a_coi_whose_check_character_is_a_star_is_read_from_the_label() -> None:
+    """ISO 7064 MOD 37-2's check character can be `*`: such a COI is a valid one to report with."""
+    from pydantic import TypeAdapter
+
+    from v2v_contracts.fields import CoiRef
+
+    assert TypeAdapter(CoiRef).validate_python("V2V0026000019*") == "V2V0026000019*"

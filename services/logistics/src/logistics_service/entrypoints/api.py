@@ -22,7 +22,7 @@ from logistics_service.domain.carriers import Tenant
 from logistics_service.domain.shipment import Shipment
 from logistics_service.service_layer import commands, queries
 from v2v_contracts.errors import Forbidden
-from v2v_contracts.fields import Code, Finite, ReportedAt
+from v2v_contracts.fields import Code, CoiRef, Finite, ReportedAt
 from v2v_contracts.scopes import KINDS, TENANT_KINDS
 from v2v_servicekit import Runtime, get_runtime
 from v2v_servicekit.auth import Principal, require_scope
@@ -123,7 +123,7 @@ class MilestoneIn(BaseModel):
     location: Code = Field(description="Where: site, centre, hub or airport code (opaque reference)")
     handled_by: Code = Field(description="Opaque courier or staff reference, never a name")
     received_from: Code | None = Field(default=None, description="Opaque reference of the previous holder")
-    coi: Code = Field(description="Chain-of-identity id read from the shipper's label; verified")
+    coi: CoiRef = Field(description="Chain-of-identity id read from the shipper's label; verified")
     temperature_c: OptionalReading | None = Field(default=None, description="Logger reading in °C, if any")
 
 
@@ -162,7 +162,7 @@ class TemperatureIn(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
     reading_c: Finite = Field(ge=MIN_READING_C, le=MAX_READING_C, description="Reading in °C")
     measured_at: ReportedAt = Field(description="When it was measured: within the last 30 days, not ahead")
-    coi: Code | None = Field(
+    coi: CoiRef | None = Field(
         default=None,
         description="Chain-of-identity id on the logger's shipper, when it reports one; verified",
     )
