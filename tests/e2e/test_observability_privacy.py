@@ -14,10 +14,9 @@ from typing import Any
 
 import httpx
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
 
 from v2v_contracts import all_topics
+from v2v_harness import scan
 from v2v_harness.e2e import eventually, new_secret, order_body, subscribe
 from v2v_harness.platform import Platform
 from v2v_harness.receiver import WebhookReceiver
@@ -32,61 +31,14 @@ ORDER_EVENTS = {
     "logistics.shipment_planned.v1",
 }
 CENTRE = "TC-CN-SH-001"
-Record = tuple[str, bytes | None, bytes | None, list[tuple[str, bytes]]]
-
-
-async def namespace_topics(bootstrap: str, namespace: str) -> list[str]:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        return sorted(t for t in await admin.list_topics() if t.startswith(namespace + "."))
-    finally:
-        await admin.close()
-
-
-async def read_everything(bootstrap: str, topics: list[str]) -> dict[str, list[Record]]:
-    """Every record on every partition of `topics`, from offset 0 to the end as of now."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, fetch_max_wait_ms=50)
-    await consumer.start()
-    try:
-        await consumer._client.force_metadata_update()
-        partitions = {t: consumer.partitions_for_topic(t) or set() for t in topics}
-        assert all(partitions.values()), (
-            f"no partitions known for {[t for t, p in partitions.items() if not p]}"
-        )
-        tps = [TopicPartition(t, p) for t, ps in partitions.items() for p in sorted(ps)]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        ends = await consumer.end_offsets(tps)
-        out: dict[str, list[Record]] = {t: [] for t in topics}
-
-        async def behind() -> list[TopicPartition]:
-            return [tp for tp in tps if await consumer.position(tp) < ends[tp]]
-
-        while await behind():
-            batch = await consumer.getmany(*(await behind()), timeout_ms=500)
-            for records in batch.values():
-                for r in records:
-                    out[r.topic].append((r.topic, r.key, r.value, list(r.headers)))
-        # at least up to the end as of now: Tansu reports a partition's end as the base offset of its last
-        # record batch + 1 (so a batched publish reads as fewer records than there are); fetches return
-        # whole batches, so everything up to the real end is read
-        assert sum(len(v) for v in out.values()) >= sum(ends.values())
-        return out
-    finally:
-        await consumer.stop()
 
 
 def telemetry_files(platform: Platform) -> list[Path]:
-    return sorted(Path(platform.state_dir, "telemetry").glob("*.jsonl"))
+    return scan.telemetry_files(platform.state_dir)
 
 
 def exported_spans(platform: Platform) -> list[dict[str, Any]]:
-    out = []
-    for path in Path(platform.state_dir, "telemetry").glob("spans-*.jsonl"):
-        text = path.read_text(encoding="utf-8")
-        out += [json.loads(line) for line in text.split("\n")[:-1] if line.strip()]
-    return out
+    return scan.exported_spans(platform.state_dir)
 
 
 async def test_the_patient_ref_never_leaves_the_order_service(
@@ -151,19 +103,11 @@ async def test_the_patient_ref_never_leaves_the_order_service(
     assert leaking_logs == {s: [] for s in SERVICES}
 
     # 3. every message on every topic of the platform, dead-letter topics included
-    topics = await namespace_topics(platform.infra.bootstrap_servers, platform.namespace)
+    topics = await scan.namespace_topics(platform.infra.bootstrap_servers, platform.namespace)
     assert set(topics) >= set(all_topics(platform.namespace))
     assert any(t.endswith(".dlq") for t in topics)
-    messages = await read_everything(platform.infra.bootstrap_servers, topics)
-    leaks = [
-        (topic, key, value[:120] if value else value)
-        for topic, records in messages.items()
-        for (topic, key, value, headers) in records
-        if needle in (key or b"")
-        or needle in (value or b"")
-        or any(needle in k.encode() or needle in (v or b"") for k, v in headers)
-    ]
-    assert leaks == []
+    messages = await scan.read_everything(platform.infra.bootstrap_servers, topics)
+    assert scan.records_containing(messages, needle) == []
     # the scan read this order's events: one per hop, on its publisher's topic
     about_order = {
         topic.rsplit(".", 1)[-1]: [

@@ -13,6 +13,7 @@ from typing import Any, ClassVar, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict
 
 from v2v_contracts.envelope import CloudEvent, source_for
+from v2v_contracts.fields import Code, ReasonCode
 
 OrderType = Literal["commercial", "clinical"]
 
@@ -126,6 +127,7 @@ class ShipmentPlannedV1(OrderEventData):
     temperature_range_c: tuple[float, float]
     planned_pickup_date: date
     slot_id: uuid.UUID | None = None  # inbound leg: the manufacturing slot it feeds
+    carrier_id: Code | None = None  # the carrier (courier) that carries the leg; None from older producers
 
 
 Milestone = Literal["booked", "picked_up", "in_transit", "delivered"]
@@ -140,9 +142,9 @@ class ShipmentMilestoneV1(OrderEventData):
     leg: Literal["inbound_apheresis", "outbound_product"]
     milestone: Milestone
     occurred_at: datetime
-    location: str
-    handled_by: str  # opaque courier/staff reference, never a person's name
-    received_from: str | None = None
+    location: Code  # opaque reference: site, centre, hub or airport code
+    handled_by: Code  # opaque courier/staff reference, never a person's name
+    received_from: Code | None = None
     temperature_c: float | None = None
 
 
@@ -169,7 +171,7 @@ class OrderCancelledV1(OrderEventData):
 
     TYPE = "order.cancelled.v1"
     SERVICE = "order"
-    reason: str
+    reason: ReasonCode  # patient_deceased, consent_withdrawn, ... (the words stay in the order service)
     previous_status: str
 
 
@@ -178,7 +180,7 @@ class OrderFailedV1(OrderEventData):
 
     TYPE = "order.failed.v1"
     SERVICE = "order"
-    reason: str
+    reason: ReasonCode  # <cause>:no_recollection_left, e.g. out_of_specification:no_recollection_left
 
 
 class RebookRequestedV1(OrderEventData):
@@ -187,7 +189,7 @@ class RebookRequestedV1(OrderEventData):
     TYPE = "order.rebook_requested.v1"
     SERVICE = "order"
     kind: RebookKind
-    reason: str
+    reason: ReasonCode  # reschedule: the centre's code; recollection: the cause; site_outage: the site's
     product_code: str
     order_type: OrderType
     regulator: str
@@ -202,7 +204,7 @@ class RemanufactureRequestedV1(OrderEventData):
     TYPE = "order.remanufacture_requested.v1"
     SERVICE = "order"
     site_id: str
-    reason: str
+    reason: ReasonCode  # out_of_specification | manufacturing_failed | quarantine_rejected
     run: int  # 2 for the first remanufacture
 
 
@@ -244,7 +246,7 @@ class QuarantineDecidedV1(OrderEventData):
     TYPE = "order.quarantine_decided.v1"
     SERVICE = "order"
     decision: Literal["release", "reject"]
-    reason: str
+    reason: ReasonCode  # QA's code (within_stability_data, outside_stability_data, ...)
 
 
 class SlotReleasedV1(OrderEventData):
@@ -368,7 +370,7 @@ class ShipmentCancelledV1(OrderEventData):
     SERVICE = "logistics"
     shipment_id: uuid.UUID
     leg: Literal["inbound_apheresis", "outbound_product"]
-    reason: str
+    reason: ReasonCode  # order_cancelled[:<code>] | order_failed[:<code>] | booking_cancelled[:<code>]
 
 
 class OrderCoiMismatchDetectedV1(OrderEventData):
@@ -394,7 +396,7 @@ class CoiMismatchDetectedV1(OrderEventData):
     TYPE = "logistics.coi_mismatch_detected.v1"
     SERVICE = "logistics"
     shipment_id: uuid.UUID
-    where: str
+    where: Code  # the handoff's location code, or `temperature-reading`
 
 
 def _all_event_classes() -> list[type[EventData]]:

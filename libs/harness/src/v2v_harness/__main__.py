@@ -1,4 +1,5 @@
-"""`python -m v2v_harness run` (what `make run` calls) and `python -m v2v_harness provision`."""
+"""`python -m v2v_harness run` (what `make run` calls), `token CLIENT_ID` (a bearer token of a demo client),
+`clients` (the demo clients), `provision` and `receive`."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import time
 from pathlib import Path
 
 from v2v_harness.catalog import SERVICES
+from v2v_harness.identity import DEFAULT_ISSUER_PORT, Credentials, issuer_of, start_identity
 from v2v_harness.infra import Infrastructure, start_infrastructure
 from v2v_harness.platform import Platform, RunningService, tail
 from v2v_harness.provision import provision
@@ -38,9 +40,21 @@ def _run(args: argparse.Namespace) -> int:
         pg_port=int(os.environ.get("V2V_PG_PORT", "55432")),
         kafka_port=int(os.environ.get("V2V_KAFKA_PORT", "9092")),
     )
-    platform = Platform(infra, args.database, os.environ.get("V2V_TOPIC_NAMESPACE", ""), state_dir)
+    identity = None
+    issuer = os.environ.get("V2V_AUTH_ISSUER")
+    if not issuer:  # the local authorization server and one demo client per centre, carrier, site, ...
+        identity = start_identity(state_dir, port=int(os.environ.get("V2V_ISSUER_PORT", DEFAULT_ISSUER_PORT)))
+        issuer = identity.url
+    namespace = os.environ.get("V2V_TOPIC_NAMESPACE", "")
+    platform = Platform(infra, args.database, namespace, state_dir, issuer=issuer)
     try:
         print(f"vein2vein: {infra.describe()}", flush=True)
+        if identity is not None:
+            print(
+                f"vein2vein: token issuer {issuer}; demo clients in {state_dir / 'clients.json'} "
+                "(a token: .venv/bin/python -m v2v_harness token CLIENT_ID)",
+                flush=True,
+            )
         urls = asyncio.run(provision(infra.admin_url, args.database))
         platform.start(urls, fixed_ports=True, timeout=90)
         print("vein2vein: all five services are ready", flush=True)
@@ -60,6 +74,8 @@ def _run(args: argparse.Namespace) -> int:
         print("vein2vein: stopping services, broker and database", flush=True)
         platform.stop()
         infra.close()
+        if identity is not None:
+            identity.stop()
         print("vein2vein: stopped", flush=True)
 
 
@@ -99,6 +115,44 @@ def _children(infra: Infrastructure, platform: Platform) -> list[Child]:
             )
         )
     return children
+
+
+def _token(args: argparse.Namespace) -> int:
+    """Print an access token of a demo client, obtained by the real client-credentials exchange."""
+    import httpx
+
+    from v2v_harness.issuer import fetch_token
+
+    state_dir = Path(args.state_dir)
+    try:
+        issuer = os.environ.get("V2V_AUTH_ISSUER") or issuer_of(state_dir)
+    except OSError:
+        print(f"no issuer in {state_dir}: start the platform first (make run)", file=sys.stderr)
+        return 2
+    if not (state_dir / "clients" / f"{args.client_id}.jwk.json").exists():
+        known = ", ".join(c.client_id for c in Credentials(issuer, state_dir).clients())
+        print(f"unknown client {args.client_id!r}; demo clients: {known}", file=sys.stderr)
+        return 2
+    try:
+        answer = fetch_token(issuer, state_dir, args.client_id, args.scope)
+    except httpx.HTTPError as exc:
+        print(f"token request failed: {exc}", file=sys.stderr)
+        return 1
+    print(answer["access_token"])
+    return 0
+
+
+def _clients(args: argparse.Namespace) -> int:
+    """List the demo clients (public facts only; private keys stay in their files)."""
+    state_dir = Path(args.state_dir)
+    try:
+        clients = Credentials("", state_dir).clients()
+    except OSError:
+        print(f"no clients in {state_dir}: start the platform first (make run)", file=sys.stderr)
+        return 2
+    for c in clients:
+        print(f"{c.client_id:<28} {c.kind:<8} {c.entity_id or '-':<20} {' '.join(c.scopes)}")
+    return 0
 
 
 def _provision(args: argparse.Namespace) -> int:
@@ -158,8 +212,20 @@ def main() -> int:
     rec = sub.add_parser("receive", help="print webhooks sent to 127.0.0.1:PORT (for trying it by hand)")
     rec.add_argument("--port", type=int, default=9000)
     rec.add_argument("--secret", default=None, help="whsec_... to verify signatures")
+    tok = sub.add_parser("token", help="print an access token of a demo client (client credentials)")
+    tok.add_argument("client_id", help="e.g. centre-tc-de-be-001 (see `clients`)")
+    tok.add_argument("--scope", default=None, help="ask for fewer scopes (space-separated)")
+    tok.add_argument("--state-dir", default=str(DEFAULT_STATE))
+    cli = sub.add_parser("clients", help="list the demo clients: id, kind, entity, scopes")
+    cli.add_argument("--state-dir", default=str(DEFAULT_STATE))
     args = parser.parse_args()
-    commands = {"run": _run, "provision": _provision, "receive": _receive}
+    commands = {
+        "run": _run,
+        "provision": _provision,
+        "receive": _receive,
+        "token": _token,
+        "clients": _clients,
+    }
     return commands[args.command](args)
 
 

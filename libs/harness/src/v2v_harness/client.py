@@ -15,6 +15,7 @@ an `httpx.Auth` can be given as well.
 from __future__ import annotations
 
 import inspect
+import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime
@@ -256,10 +257,13 @@ class V2VClient:
         headers: Mapping[str, str] | None = None,
     ) -> ApiResponse:
         """POST /v1/orders (201): treatment_center_id, product_code, order_type, patient_ref,
-        requested_apheresis_date."""
+        requested_apheresis_date. The service requires an `Idempotency-Key`: pass the same one when you
+        retry (a replay answers with the first answer); without one, each call gets a fresh key."""
         extra = dict(headers or {})
         if idempotency_key is not None:
             extra["Idempotency-Key"] = idempotency_key
+        elif not any(k.lower() == "idempotency-key" for k in extra):
+            extra["Idempotency-Key"] = str(uuid.uuid4())
         return await self.post("order", "/v1/orders", dict(body), headers=extra)
 
     async def get_order(self, order_id: str, *, headers: Mapping[str, str] | None = None) -> ApiResponse:
@@ -298,20 +302,33 @@ class V2VClient:
         return await self.post("order", f"/v1/orders/{order_id}/{action}", dict(body or {}), headers=headers)
 
     async def cancel(
-        self, order_id: str, reason: str, *, headers: Mapping[str, str] | None = None
+        self,
+        order_id: str,
+        reason_code: str,
+        note: str | None = None,
+        *,
+        headers: Mapping[str, str] | None = None,
     ) -> ApiResponse:
-        return await self.order_action(order_id, "cancel", {"reason": reason}, headers=headers)
+        """Cancel (POST /v1/orders/{id}/cancel): a reason code (patient_deceased, consent_withdrawn, ...,
+        other) and an optional free-text note that stays in the order service."""
+        body = _params(reason_code=reason_code, note=note)
+        return await self.order_action(order_id, "cancel", body, headers=headers)
 
     async def reschedule(
         self,
         order_id: str,
         requested_apheresis_date: Day,
-        reason: str,
+        reason_code: str,
+        note: str | None = None,
         *,
         headers: Mapping[str, str] | None = None,
     ) -> ApiResponse:
-        """Move the apheresis date (POST /v1/orders/{id}/apheresis-date)."""
-        body = {"requested_apheresis_date": _day(requested_apheresis_date), "reason": reason}
+        """Move the apheresis date (POST /v1/orders/{id}/apheresis-date) with a reason code
+        (patient_unwell, centre_capacity, ..., other) and an optional note."""
+        body = {
+            "requested_apheresis_date": _day(requested_apheresis_date),
+            **_params(reason_code=reason_code, note=note),
+        }
         return await self.order_action(order_id, "apheresis-date", body, headers=headers)
 
     async def _identity_checked(
@@ -352,11 +369,15 @@ class V2VClient:
         self,
         order_id: str,
         decision: Literal["release", "reject"],
-        reason: str,
+        reason_code: str,
+        note: str | None = None,
         *,
         headers: Mapping[str, str] | None = None,
     ) -> ApiResponse:
-        body = {"decision": decision, "reason": reason}
+        """As the manufacturer's QA: release (within_stability_data, excursion_not_confirmed,
+        assessed_acceptable, other) or reject (outside_stability_data, integrity_compromised,
+        insufficient_data, other)."""
+        body = {"decision": decision, **_params(reason_code=reason_code, note=note)}
         return await self.order_action(order_id, "quarantine-decision", body, headers=headers)
 
     # -- scheduling -------------------------------------------------------------------------------------
@@ -561,23 +582,40 @@ class V2VClient:
 
     async def subscribe(
         self,
-        treatment_center_id: str,
+        treatment_center_id: str | None,
         url: str,
-        secret: str,
         event_types: list[str] | None = None,
         *,
         headers: Mapping[str, str] | None = None,
     ) -> ApiResponse:
-        """POST /v1/subscriptions (201): a Standard Webhooks endpoint; every event type when None."""
-        body: dict[str, Any] = {"treatment_center_id": treatment_center_id, "url": url, "secret": secret}
+        """POST /v1/subscriptions (201): a Standard Webhooks endpoint; every event type when None. The
+        platform generates the signing secret: it is the body's `secret`, shown this once. The centre
+        comes from the token; `treatment_center_id` may repeat it (None leaves it out)."""
+        body: dict[str, Any] = {"url": url}
+        if treatment_center_id is not None:
+            body["treatment_center_id"] = treatment_center_id
         if event_types is not None:
             body["event_types"] = event_types
         return await self.post("notification", "/v1/subscriptions", body, headers=headers)
 
-    async def subscriptions(
-        self, *, treatment_center_id: str | None = None, headers: Mapping[str, str] | None = None
+    async def rotate_secret(
+        self, subscription_id: str, *, headers: Mapping[str, str] | None = None
     ) -> ApiResponse:
-        params = _params(treatment_center_id=treatment_center_id)
+        """POST /v1/subscriptions/{id}/rotate-secret (200): a new `secret` (shown this once); the replaced
+        one keeps signing, as a second signature, until `previous_secret_expires_at`."""
+        return await self.post(
+            "notification", f"/v1/subscriptions/{subscription_id}/rotate-secret", headers=headers
+        )
+
+    async def subscriptions(
+        self,
+        *,
+        treatment_center_id: str | None = None,
+        limit: int | None = None,
+        offset: int | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> ApiResponse:
+        params = _params(treatment_center_id=treatment_center_id, limit=limit, offset=offset)
         return await self.get("notification", "/v1/subscriptions", params=params, headers=headers)
 
     async def subscription(
@@ -590,22 +628,30 @@ class V2VClient:
 
     async def add_email_recipient(
         self,
-        treatment_center_id: str,
+        treatment_center_id: str | None,
         email: str,
         event_types: list[str] | None = None,
         *,
         headers: Mapping[str, str] | None = None,
     ) -> ApiResponse:
-        """POST /v1/email-recipients (201; 409 if the address already gets the centre's alerts)."""
-        body: dict[str, Any] = {"treatment_center_id": treatment_center_id, "email": email}
+        """POST /v1/email-recipients (201; 409 if the address already gets the centre's alerts). The centre
+        comes from the token; `treatment_center_id` may repeat it (None leaves it out)."""
+        body: dict[str, Any] = {"email": email}
+        if treatment_center_id is not None:
+            body["treatment_center_id"] = treatment_center_id
         if event_types is not None:
             body["event_types"] = event_types
         return await self.post("notification", "/v1/email-recipients", body, headers=headers)
 
     async def email_recipients(
-        self, *, treatment_center_id: str | None = None, headers: Mapping[str, str] | None = None
+        self,
+        *,
+        treatment_center_id: str | None = None,
+        limit: int | None = None,
+        offset: int | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> ApiResponse:
-        params = _params(treatment_center_id=treatment_center_id)
+        params = _params(treatment_center_id=treatment_center_id, limit=limit, offset=offset)
         return await self.get("notification", "/v1/email-recipients", params=params, headers=headers)
 
     async def email_recipient(
@@ -628,9 +674,11 @@ class V2VClient:
         recipient_id: str | None = None,
         status: Literal["pending", "delivered", "failed", "cancelled"] | None = None,
         limit: int | None = None,
+        offset: int | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> ApiResponse:
-        """GET /v1/deliveries: the delivery log of both channels, newest first."""
+        """GET /v1/deliveries: the delivery log of both channels (the caller's centre's), newest first;
+        `limit` at most 200. Each entry's `last_outcome` is `delivered` or a failure category."""
         params = _params(
             order_id=order_id,
             channel=channel,
@@ -638,9 +686,10 @@ class V2VClient:
             recipient_id=recipient_id,
             status=status,
             limit=limit,
+            offset=offset,
         )
         return await self.get("notification", "/v1/deliveries", params=params, headers=headers)
 
     async def delivery(self, delivery_id: str, *, headers: Mapping[str, str] | None = None) -> ApiResponse:
-        """GET /v1/deliveries/{id}, with every attempt."""
+        """GET /v1/deliveries/{id}, with every attempt (`attempt_log[].outcome`)."""
         return await self.get("notification", f"/v1/deliveries/{delivery_id}", headers=headers)

@@ -4,18 +4,83 @@ import asyncio
 import base64
 import os
 import time
+import uuid
 from collections.abc import Callable
 from datetime import date, timedelta
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
 
 from v2v_harness.client import ApiResponse, V2VClient
 
+if TYPE_CHECKING:
+    from v2v_harness.identity import Credentials
+
 T = TypeVar("T")
 
 
+class Parties:
+    """The people and systems that call the platform, each an httpx client with its own demo client's
+    bearer token: `parties.centre("TC-DE-BE-001")`, `.carrier(id)`, `.site(id)`, `.qa`, `.admin`, `.ops`.
+    One httpx client per party, made on first use and closed by `aclose`. Like a well-behaved integration,
+    each POST without an `Idempotency-Key` gets a fresh one (the idempotency tests use their own
+    clients to send none)."""
+
+    def __init__(self, credentials: Credentials, timeout: float = 15.0) -> None:
+        self.credentials = credentials
+        self.timeout = timeout
+        self._clients: dict[tuple[str, str | None], httpx.AsyncClient] = {}
+
+    def client(self, kind: str, entity_id: str | None = None) -> httpx.AsyncClient:
+        key = (kind, entity_id)
+        if key not in self._clients:
+            hooks = {"request": [_idempotency_key]}
+            self._clients[key] = (
+                httpx.AsyncClient(timeout=self.timeout, event_hooks=hooks)
+                if kind == "anonymous"
+                else self.credentials.client(kind, entity_id, timeout=self.timeout, event_hooks=hooks)
+            )
+        return self._clients[key]
+
+    def centre(self, centre_id: str) -> httpx.AsyncClient:
+        return self.client("centre", centre_id)
+
+    def carrier(self, carrier_id: str) -> httpx.AsyncClient:
+        return self.client("carrier", carrier_id)
+
+    def site(self, site_id: str) -> httpx.AsyncClient:
+        return self.client("site", site_id)
+
+    @property
+    def qa(self) -> httpx.AsyncClient:
+        return self.client("qa")
+
+    @property
+    def admin(self) -> httpx.AsyncClient:
+        return self.client("admin")
+
+    @property
+    def ops(self) -> httpx.AsyncClient:
+        return self.client("ops")
+
+    @property
+    def anonymous(self) -> httpx.AsyncClient:
+        return self.client("anonymous")  # no token at all
+
+    async def aclose(self) -> None:
+        for client in self._clients.values():
+            await client.aclose()
+        self._clients.clear()
+
+
+async def _idempotency_key(request: httpx.Request) -> None:
+    if request.method == "POST" and "idempotency-key" not in request.headers:
+        request.headers["Idempotency-Key"] = str(uuid.uuid4())
+
+
 def new_secret() -> str:
+    """A random Standard Webhooks secret (the platform makes its own: this one is for a wrong-secret
+    check, or a random path)."""
     return "whsec_" + base64.b64encode(os.urandom(32)).decode()
 
 
@@ -23,13 +88,15 @@ def order_body(
     centre: str = "TC-DE-BE-001",
     product: str = "TISA-CEL",
     days_ahead: int = 14,
-    patient_ref: str = "PAT-E2E-0001",
+    patient_ref: str | None = None,
 ) -> dict[str, Any]:
+    """A valid order body; the patient reference is unique per call unless given (a second open order
+    for the same centre, patient and product is refused)."""
     return {
         "treatment_center_id": centre,
         "product_code": product,
         "order_type": "commercial",
-        "patient_ref": patient_ref,
+        "patient_ref": patient_ref or f"PAT-E2E-{uuid.uuid4().hex[:12]}",
         "requested_apheresis_date": (date.today() + timedelta(days=days_ahead)).isoformat(),
     }
 
@@ -52,15 +119,20 @@ async def eventually(
 async def subscribe(
     client: httpx.AsyncClient,
     notification_url: str,
-    centre: str,
+    centre: str | None,
     url: str,
-    secret: str,
     event_types: list[str] | None = None,
+    *,
+    headers: dict[str, str] | None = None,
 ) -> dict[str, Any]:
+    """Subscribe `url` (as the centre of the token in `headers`, or of the client's auth); the returned
+    subscription carries the platform-generated signing `secret` (shown this once)."""
     api = V2VClient({"notification": notification_url}, client=client)
-    resp = await api.subscribe(centre, url, secret, event_types)
+    resp = await api.subscribe(centre, url, event_types, headers=headers)
     assert resp.status == 201, resp.text
-    return dict(resp.body)
+    body = dict(resp.body)
+    assert str(body.get("secret", "")).startswith("whsec_"), "the subscription carries its signing secret"
+    return body
 
 
 def _checked(resp: ApiResponse, expect: int | None) -> dict[str, Any]:
@@ -71,16 +143,28 @@ def _checked(resp: ApiResponse, expect: int | None) -> dict[str, Any]:
 
 
 class Journey:
-    """Drives one order through the public APIs as a hospital, a courier and a site's MES would (through
-    `V2VClient`, over the given httpx client)."""
+    """Drives one order through the public APIs as the people who would: the order's treatment centre,
+    the courier of each shipment, the manufacturing site's MES and the manufacturer's QA, each with its
+    own credentials (`Parties`). Reads that no party of the journey may make alone (the shipments of an
+    order, the slots) are made by ops."""
 
-    def __init__(self, client: httpx.AsyncClient, urls: Callable[[str], str], order: dict[str, Any]) -> None:
-        self.client = client
+    def __init__(self, parties: Parties, urls: Callable[[str], str], order: dict[str, Any]) -> None:
+        self.parties = parties
         self.url = urls
-        self.api = V2VClient(urls, client=client)
+        self.centre_id = str(order["treatment_center_id"])
+        self.client = parties.centre(self.centre_id)
+        self.api = V2VClient(urls, client=self.client)  # as the centre
+        self.ops = V2VClient(urls, client=parties.ops)
+        self.qa = V2VClient(urls, client=parties.qa)
         self.order = order
         self.id = order["order_id"]
         self.coi = order["coi"]
+
+    def as_site(self, site_id: str) -> V2VClient:
+        return V2VClient(self.url, client=self.parties.site(site_id))
+
+    def as_carrier(self, shipment: dict[str, Any]) -> V2VClient:
+        return V2VClient(self.url, client=self.parties.carrier(str(shipment["carrier_id"])))
 
     async def get(self) -> dict[str, Any]:
         resp = await self.api.get_order(self.id)
@@ -96,7 +180,7 @@ class Journey:
 
     async def shipment(self, leg: str, *, live: bool = True, timeout: float = 15) -> dict[str, Any]:
         async def check() -> dict[str, Any] | None:
-            resp = await self.api.shipments(order_id=self.id)
+            resp = await self.ops.shipments(order_id=self.id)
             ships = [s for s in resp.body if s["leg"] == leg and (not live or s["status"] != "cancelled")]
             return ships[-1] if ships else None
 
@@ -111,13 +195,16 @@ class Journey:
     async def hospital(
         self, action: str, body: dict[str, Any] | None = None, expect: int = 200
     ) -> dict[str, Any]:
-        return _checked(await self.api.order_action(self.id, action, body or {}), expect)
+        """An action on the order as the centre (a quarantine decision: as the manufacturer's QA)."""
+        api = self.qa if action == "quarantine-decision" else self.api
+        return _checked(await api.order_action(self.id, action, body or {}), expect)
 
     async def courier(
         self, shipment: dict[str, Any], *milestones: str, temperature_c: float | None = None
     ) -> None:
+        courier = self.as_carrier(shipment)
         for milestone in milestones:
-            resp = await self.api.milestone(
+            resp = await courier.milestone(
                 shipment["shipment_id"],
                 milestone,
                 occurred_at=now_iso(),
@@ -129,22 +216,26 @@ class Journey:
             _checked(resp, None)
 
     async def temperature(self, shipment: dict[str, Any], reading_c: float) -> dict[str, Any]:
-        resp = await self.api.temperature_reading(
+        resp = await self.as_carrier(shipment).temperature_reading(
             shipment["shipment_id"], reading_c, measured_at=now_iso(), coi=self.coi
         )
         return _checked(resp, None)
 
     async def receipt(self, site_id: str, accepted: bool = True, reason: str | None = None) -> dict[str, Any]:
-        resp = await self.api.site_receipt(site_id, self.id, self.coi, accepted, reason=reason or None)
+        resp = await self.as_site(site_id).site_receipt(
+            site_id, self.id, self.coi, accepted, reason=reason or None
+        )
         return _checked(resp, None)
 
     async def steps(self, site_id: str, *steps: str, expect: int | None = None) -> None:
         for step in steps:
-            resp = await self.api.manufacturing_step(site_id, self.id, step, completed_at=now_iso())
+            resp = await self.as_site(site_id).manufacturing_step(
+                site_id, self.id, step, completed_at=now_iso()
+            )
             _checked(resp, expect)
 
     async def qc(self, site_id: str, disposition: str, reason: str | None = None) -> dict[str, Any]:
-        return _checked(await self.api.qc(site_id, self.id, disposition, reason=reason or None), None)
+        return _checked(await self.qa.qc(site_id, self.id, disposition, reason=reason or None), None)
 
     async def up_to_material_received(self) -> str:
         """Slot, booking, inbound shipment, apheresis, courier, receipt: returns the site id."""

@@ -25,6 +25,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl
 
 from joserfc import jwt
 from joserfc.errors import JoseError
@@ -198,21 +199,27 @@ def client_assertion(client_id: str, key: ECKey, audience: str, *, ttl_s: int = 
     return jwt.encode({"alg": "ES256", "kid": key.kid}, claims, key)
 
 
-def new_client(client_id: str, kind: str, entity_id: str | None) -> tuple[Client, ECKey]:
-    key = ECKey.generate_key("P-256", parameters={"use": "sig"}, private=True)
+def new_client(
+    client_id: str, kind: str, entity_id: str | None, *, key: ECKey | None = None
+) -> tuple[Client, ECKey]:
+    key = key or ECKey.generate_key("P-256", parameters={"use": "sig"}, private=True)
     key.ensure_kid()
     client = Client(client_id, kind, entity_id, SCOPES_BY_KIND[kind], {"keys": [key.as_dict(private=False)]})
     return client, key
 
 
 def demo_clients(
-    centres: Iterable[str], carriers: Iterable[str], sites: Iterable[str]
-) -> list[tuple[Client, ECKey]]:
-    out = [new_client(f"centre-{c.lower()}", "centre", c) for c in centres]
-    out += [new_client(f"carrier-{c.lower()}", "carrier", c) for c in carriers]
-    out += [new_client(f"site-{s.lower()}", "site", s) for s in sites]
-    out += [new_client(name, name, None) for name in ("qa", "admin", "ops")]
-    return out
+    centres: Iterable[str], carriers: Iterable[str], sites: Iterable[str], *, generate: bool = True
+) -> list[Any]:
+    """One client per centre, carrier and site, and one QA, admin and ops client: (Client, key) pairs
+    with fresh keys, or (client_id, kind, entity_id) when `generate` is False."""
+    wanted: list[tuple[str, str, str | None]] = [(f"centre-{c.lower()}", "centre", c) for c in centres]
+    wanted += [(f"carrier-{c.lower()}", "carrier", c) for c in carriers]
+    wanted += [(f"site-{s.lower()}", "site", s) for s in sites]
+    wanted += [(name, name, None) for name in ("qa", "admin", "ops")]
+    if not generate:
+        return wanted
+    return [new_client(*w) for w in wanted]
 
 
 def write_clients(state_dir: Path, clients: list[tuple[Client, ECKey]]) -> Path:
@@ -283,7 +290,20 @@ def asgi_app(server: AuthorizationServer) -> Any:
         return JSONResponse(server.jwks())
 
     async def token(request: Request) -> JSONResponse:
-        form = {k: str(v) for k, v in (await request.form()).items()}
+        # RFC 6749 §4.4: application/x-www-form-urlencoded (parsed here: no multipart support needed)
+        if not request.headers.get("content-type", "").startswith("application/x-www-form-urlencoded"):
+            return JSONResponse(
+                {"error": "invalid_request", "error_description": "form-encoded body required"},
+                400,
+                headers=no_store,
+            )
+        body = await request.body()
+        try:
+            form = dict(parse_qsl(body.decode("ascii"), keep_blank_values=True))
+        except (UnicodeDecodeError, ValueError):
+            return JSONResponse(
+                {"error": "invalid_request", "error_description": "malformed form"}, 400, headers=no_store
+            )
         try:
             return JSONResponse(server.token(form), headers=no_store)
         except TokenError as exc:
@@ -311,13 +331,15 @@ class IssuerProcess:
     _uvicorn: Any = None
 
     @classmethod
-    def start(cls, state_dir: Path, clients: list[Client], port: int = 0) -> IssuerProcess:
+    def start(
+        cls, state_dir: Path, clients: list[Client], port: int = 0, key: ECKey | None = None
+    ) -> IssuerProcess:
         import uvicorn
 
         from v2v_harness.processes import free_port
 
         port = port or free_port()
-        server = AuthorizationServer(f"http://127.0.0.1:{port}", clients)
+        server = AuthorizationServer(f"http://127.0.0.1:{port}", clients, key=key)
         config = uvicorn.Config(
             asgi_app(server), host="127.0.0.1", port=port, log_level="warning", lifespan="off"
         )

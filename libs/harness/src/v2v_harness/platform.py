@@ -36,6 +36,7 @@ class Platform:
     database: str
     namespace: str
     state_dir: Path
+    issuer: str | None = None  # the OAuth issuer the services trust (V2V_AUTH_ISSUER)
     services: dict[str, RunningService] = field(default_factory=dict)
 
     def url(self, name: str) -> str:
@@ -72,6 +73,11 @@ class Platform:
                 "PYTHONUNBUFFERED": "1",
             }
         )
+        if self.issuer:
+            env["V2V_AUTH_ISSUER"] = self.issuer
+        if spec.name == "notification":
+            env.setdefault("V2V_WEBHOOK_ALLOW_LOOPBACK", "true")  # development: http://127.0.0.1 receivers
+            env.setdefault("V2V_NOTIFICATION_SECRETS_KEY", secrets_key(self.state_dir))
         env.update(extra)
         return env
 
@@ -140,6 +146,19 @@ class Platform:
     def stop(self) -> None:
         for svc in reversed(list(self.services.values())):
             stop(svc.proc)
+
+
+def secrets_key(state_dir: Path) -> str:
+    """The key that seals webhook signing secrets at rest: made once per state folder (0600) and kept, so
+    subscriptions survive a restart of `make run`."""
+    import base64
+
+    path = state_dir / "notification-secrets.key"
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(base64.b64encode(os.urandom(32)).decode())
+    return path.read_text().strip()
 
 
 def tail(path: Path, lines: int = 40) -> str:

@@ -30,7 +30,10 @@ except ImportError:  # the harness without the test tools installed
 # The infrastructure modules are imported by the fixtures that need them, so that a unit-test run
 # (`make test-unit`) does not pay for importing the broker, database and HTTP clients it never uses.
 if TYPE_CHECKING:
+    from v2v_harness.e2e import Parties
+    from v2v_harness.identity import Credentials
     from v2v_harness.infra import Infrastructure
+    from v2v_harness.issuer import IssuerProcess
     from v2v_harness.platform import Platform
     from v2v_harness.receiver import WebhookReceiver
 
@@ -75,6 +78,46 @@ async def test_db(infra: Infrastructure) -> AsyncIterator[TestDatabase]:
     await drop_database(infra.admin_url, name)
 
 
+_ISSUERS: dict[Path, IssuerProcess] = {}
+
+
+def _identity(state_dir: Path) -> IssuerProcess:
+    """The test session's authorization server and demo clients (one per state folder, started once)."""
+    from v2v_harness.identity import start_identity
+
+    if state_dir not in _ISSUERS:
+        _ISSUERS[state_dir] = start_identity(state_dir / "identity")
+    return _ISSUERS[state_dir]
+
+
+@pytest.fixture(scope="session")
+def issuer(state_dir: Path) -> Iterator[IssuerProcess]:
+    """The local OAuth authorization server the test platforms trust (started on first use)."""
+    process = _identity(state_dir)
+    yield process
+    process.stop()
+    _ISSUERS.pop(state_dir, None)
+
+
+@pytest.fixture(scope="session")
+def credentials(issuer: IssuerProcess, state_dir: Path) -> Credentials:
+    """Tokens of the demo clients by the real client-credentials exchange:
+    `credentials.client("centre", "TC-DE-BE-001")` is an httpx client acting as that centre."""
+    from v2v_harness.identity import Credentials
+
+    return Credentials(issuer.url, state_dir / "identity")
+
+
+@pytest.fixture
+async def parties(credentials: Credentials) -> AsyncIterator[Parties]:
+    """httpx clients acting as a centre, a carrier, a site's MES, QA, admin or ops (see `Parties`)."""
+    from v2v_harness.e2e import Parties
+
+    found = Parties(credentials)
+    yield found
+    await found.aclose()
+
+
 def _start_platform(
     infra: Infrastructure,
     state_dir: Path,
@@ -87,7 +130,7 @@ def _start_platform(
     urls = asyncio.run(provision(infra.admin_url, name))
     run_dir = state_dir / name
     run_dir.mkdir(parents=True)
-    platform = Platform(infra, name, namespace=name, state_dir=run_dir)
+    platform = Platform(infra, name, namespace=name, state_dir=run_dir, issuer=_identity(state_dir).url)
     try:
         platform.start(urls, fixed_ports=False, extra_env=extra_env, timeout=120)
     except BaseException:
@@ -134,7 +177,9 @@ def smtp_sink() -> Iterator[SmtpSink]:
 
 
 @pytest.fixture(scope="session")
-def platform(infra: Infrastructure, state_dir: Path, smtp_sink: SmtpSink) -> Iterator[Platform]:
+def platform(
+    infra: Infrastructure, state_dir: Path, smtp_sink: SmtpSink, issuer: IssuerProcess
+) -> Iterator[Platform]:
     """The five services as separate processes on their own database and topic namespace."""
     fast_export = {"OTEL_BSP_SCHEDULE_DELAY": "200", "OTEL_METRIC_EXPORT_INTERVAL": "1000"}
     env = {name: dict(fast_export) for name in ("order", "scheduling", "site", "logistics", "notification")}

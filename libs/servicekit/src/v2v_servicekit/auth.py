@@ -23,6 +23,7 @@ from typing import Any
 
 import httpx
 from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from joserfc import jwt
 from joserfc.errors import JoseError
 from joserfc.jwk import KeySet
@@ -165,6 +166,16 @@ class TokenVerifier:
         return Principal(str(claims.get("client_id") or claims["sub"]), kind, entity, scopes)
 
 
+# documents the scheme in every service's OpenAPI (Swagger UI's "Authorize"); parsing stays ours (`bearer`)
+BEARER_SCHEME = HTTPBearer(
+    auto_error=False,
+    scheme_name="bearer",
+    bearerFormat="JWT",
+    description="An access token from the platform's OAuth 2.0 issuer (client credentials with "
+    "private_key_jwt); each operation names the scope it needs (`x-required-scope`).",
+)
+
+
 def bearer(request: Request) -> str:
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
@@ -176,7 +187,9 @@ def bearer(request: Request) -> str:
 def require_scope(scope: str) -> Any:
     """The dependency a route declares: `principal: Principal = require_scope("orders:read")`."""
 
-    async def principal(request: Request) -> Principal:
+    async def principal(
+        request: Request, _documented: HTTPAuthorizationCredentials | None = Depends(BEARER_SCHEME)
+    ) -> Principal:
         verifier: TokenVerifier | None = getattr(request.app.state, "token_verifier", None)
         if verifier is None:
             raise Unauthenticated("authentication is not configured")
@@ -190,8 +203,23 @@ def require_scope(scope: str) -> Any:
     return Depends(principal)
 
 
+PUBLIC = "public"
+
+
+def public() -> Any:
+    """The dependency of the few routes anyone may call (liveness, readiness, metrics, the AsyncAPI
+    document): declared explicitly, so that a route without any declaration is caught by the tests."""
+
+    async def anyone() -> None:
+        return None
+
+    setattr(anyone, SCOPE_ATTR, PUBLIC)
+    return Depends(anyone)
+
+
 def declared_scope(route: Any) -> str | None:
-    """The scope a FastAPI route declares through `require_scope`, if any (for the deny-by-default test)."""
+    """The scope a FastAPI route declares through `require_scope` (or `PUBLIC` through `public()`), if any:
+    for the deny-by-default test."""
     dependant = getattr(route, "dependant", None)
     stack = list(dependant.dependencies) if dependant is not None else []
     while stack:
@@ -201,3 +229,41 @@ def declared_scope(route: Any) -> str | None:
             return str(scope)
         stack.extend(dep.dependencies)
     return None
+
+
+def document_scopes(app: Any) -> None:
+    """Name each operation's scope in the app's OpenAPI document (`x-required-scope`, and the bearer
+    requirement; public operations get `security: []`)."""
+    from fastapi.openapi.utils import get_openapi
+    from fastapi.routing import APIRoute, iter_route_contexts
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema  # type: ignore[no-any-return]
+        schema = get_openapi(
+            title=app.title, version=app.version, description=app.description, routes=app.routes
+        )
+        for context in iter_route_contexts(app.routes):
+            route = context.route
+            if not isinstance(route, APIRoute) or not route.include_in_schema:
+                continue
+            scope = declared_scope(route)
+            for method in route.methods or ():
+                operation = schema.get("paths", {}).get(context.path, {}).get(method.lower())
+                if operation is None:
+                    continue
+                if scope == PUBLIC:
+                    operation["security"] = []
+                elif scope:
+                    operation["x-required-scope"] = scope
+                    operation["security"] = [{"bearer": []}]
+                    operation.setdefault("responses", {}).setdefault(
+                        "401", {"description": "No valid bearer token (problem+json)"}
+                    )
+                    operation["responses"].setdefault(
+                        "403", {"description": f"The token lacks the scope {scope} (problem+json)"}
+                    )
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi

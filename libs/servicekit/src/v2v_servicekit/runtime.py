@@ -58,7 +58,9 @@ from v2v_observability import (
     shutdown_tracing,
 )
 from v2v_persistence import DbTimeouts, apply_migrations, create_pool, schema_of
-from v2v_servicekit import problems
+from v2v_servicekit import edge, problems
+from v2v_servicekit.auth import Principal, TokenVerifier, document_scopes, public, require_scope
+from v2v_servicekit.idempotency import MIGRATIONS_DIR as EDGE_DIR  # servicekit's tables (idempotency keys)
 from v2v_servicekit.settings import ServiceSettings
 
 log = get_logger(__name__)
@@ -151,7 +153,7 @@ def create_app(definition: ServiceDefinition, settings: ServiceSettings | None =
         applied = await apply_migrations(
             settings.migration_database_url or settings.database_url,
             definition.schema,
-            [MIGRATIONS_DIR, definition.migrations_dir],
+            [MIGRATIONS_DIR, EDGE_DIR, definition.migrations_dir],
         )
         timeouts = DbTimeouts(
             statement_ms=settings.db_statement_timeout_ms,
@@ -244,6 +246,9 @@ def create_app(definition: ServiceDefinition, settings: ServiceSettings | None =
         lifespan=lifespan,
     )
     problems.install(app)
+    if settings.auth_issuer:
+        app.state.token_verifier = TokenVerifier(settings.auth_issuer, settings.auth_audience)
+    edge.install(app, settings)  # body limit, rate limit, hostile JSON, Idempotency-Key (runtime pool)
     from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 
     FastAPIInstrumentor.instrument_app(
@@ -253,17 +258,28 @@ def create_app(definition: ServiceDefinition, settings: ServiceSettings | None =
         excluded_urls="health,ready,metrics",
     )
 
-    @app.get("/metrics", tags=["operations"], summary="Prometheus metrics", include_in_schema=False)
+    @app.get(
+        "/metrics",
+        tags=["operations"],
+        summary="Prometheus metrics",
+        include_in_schema=False,
+        dependencies=[public()],
+    )
     async def prometheus_metrics() -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/health", tags=["operations"], summary="Liveness")
+    @app.get("/health", tags=["operations"], summary="Liveness", dependencies=[public()])
     async def health() -> dict[str, str]:
         return {"status": "ok", "service": definition.name}
 
-    @app.get("/ready", tags=["operations"], summary="Readiness: database and broker reachable")
+    @app.get(
+        "/ready",
+        tags=["operations"],
+        summary="Readiness: database and broker reachable",
+        dependencies=[public()],
+    )
     async def ready(request: Request) -> JSONResponse:
         rt: Runtime | None = getattr(request.app.state, "runtime", None)
         checks: dict[str, str] = {}
@@ -294,7 +310,12 @@ def create_app(definition: ServiceDefinition, settings: ServiceSettings | None =
             status_code=status,
         )
 
-    @app.get("/asyncapi.json", tags=["operations"], summary="AsyncAPI 3.0 schema of this service's events")
+    @app.get(
+        "/asyncapi.json",
+        tags=["operations"],
+        summary="AsyncAPI 3.0 schema of this service's events",
+        dependencies=[public()],
+    )
     async def asyncapi() -> JSONResponse:
         spec = AsyncAPI(
             broker, title=f"vein2vein {definition.name} events", version="0.1.0", schema_version="3.0.0"
@@ -304,6 +325,7 @@ def create_app(definition: ServiceDefinition, settings: ServiceSettings | None =
     app.include_router(operations_router)
     for router in definition.routers:
         app.include_router(router)
+    document_scopes(app)
     return app
 
 
@@ -387,6 +409,7 @@ class DeadLetterDetailOut(DeadLetterOut):
 )
 async def list_dead_letters(
     request: Request,
+    _principal: Principal = require_scope("ops:read"),
     limit: int = Query(50, ge=1, le=MAX_DEAD_LETTERS_PAGE),
     before: int | None = Query(None, ge=1, le=2**63 - 1, description="only ids below this one (paging)"),
 ) -> list[DeadLetterOut]:
@@ -400,7 +423,9 @@ async def list_dead_letters(
     response_model=DeadLetterDetailOut,
 )
 async def get_dead_letter(
-    request: Request, dead_letter_id: int = PathParam(ge=1, le=2**63 - 1)
+    request: Request,
+    dead_letter_id: int = PathParam(ge=1, le=2**63 - 1),
+    _principal: Principal = require_scope("ops:read"),
 ) -> DeadLetterDetailOut:
     letter = await get_runtime(request).dead_letters.get(dead_letter_id)
     if letter is None:
@@ -415,7 +440,9 @@ async def get_dead_letter(
     status_code=202,
 )
 async def replay_dead_letter(
-    request: Request, dead_letter_id: int = PathParam(ge=1, le=2**63 - 1)
+    request: Request,
+    dead_letter_id: int = PathParam(ge=1, le=2**63 - 1),
+    _principal: Principal = require_scope("ops:write"),
 ) -> DeadLetterOut:
     """The consumers of the topic see the message again; their inboxes drop what they had processed,
     and a message that failed was never recorded there, so it is processed afresh."""

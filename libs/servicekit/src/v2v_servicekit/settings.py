@@ -32,9 +32,11 @@ class ServiceSettings(BaseSettings):
     kafka_sasl_mechanism: Literal["SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN"] | None = None
     kafka_sasl_username: str | None = None
     kafka_sasl_password: SecretStr | None = None
-    # the OAuth/OIDC issuer whose tokens the APIs accept (its discovery document and JWKS)
-    auth_issuer: str | None = None
     topic_namespace: str = ""
+    # the OAuth 2.0 / OIDC issuer whose tokens the API accepts (its discovery metadata and JWKS are read);
+    # unset: every route but the public ones (health, ready, metrics) answers 401
+    auth_issuer: str | None = None
+    auth_audience: str = "vein2vein"
     http_host: str = "127.0.0.1"
     http_port: int = 8000
     state_dir: str | None = None
@@ -57,6 +59,16 @@ class ServiceSettings(BaseSettings):
     background_restart_initial_s: float = 0.5
     background_restart_max_s: float = 30.0
     background_stall_after_s: float = 60.0
+    # the edge (v2v_servicekit.edge): request bodies, per-client rate limit, JSON shape, idempotency keys
+    max_body_bytes: int = 65_536  # larger request bodies are 413 before anything parses them
+    rate_limit_per_s: float = 50.0  # token bucket per client id and process; 0 turns the limit off
+    rate_limit_burst: int = 100
+    json_max_depth: int = 32  # deeper JSON bodies are 422
+    idempotency_ttl_s: float = 86_400.0  # an Idempotency-Key is kept (and replayed) this long
+    idempotency_lease_s: float = 60.0  # an in-flight key whose process stopped renewing is taken over after
+    idempotency_purge_interval_s: float = 300.0  # how often a process deletes expired keys
+    idempotency_max_response_bytes: int = 1_048_576  # larger responses are not kept (the key is released)
+    token_cache_size: int = 10_000  # verified bearer tokens remembered until they expire
 
     def kafka_settings(self) -> KafkaSettings:
         """Every Kafka setting of the service, as the messaging library takes them."""

@@ -8,6 +8,7 @@ from typing import Any
 
 import yaml
 
+from logistics_service.domain.carriers import Carriers
 from logistics_service.domain.lanes import Lane, ShippingLanes
 from v2v_contracts.reference import product_catalogue
 from v2v_servicekit import ServiceSettings
@@ -16,12 +17,14 @@ SEED_FILE = Path(__file__).parent / "seed" / "logistics.yaml"
 
 
 class LogisticsSettings(ServiceSettings):
-    # V2V_LOGISTICS_SEED_FILE: the shipping conditions (temperature ranges, outbound product lane)
+    # V2V_LOGISTICS_SEED_FILE: the shipping conditions (temperature ranges, outbound product lane) and
+    # the carriers
     logistics_seed_file: Path = SEED_FILE
 
 
 def load_shipping_lanes(settings: ServiceSettings | None = None) -> ShippingLanes:
-    """Read the seed's shipping conditions; each product's apheresis material from the catalogue."""
+    """Read the seed's shipping conditions and carriers; each product's apheresis material from the
+    catalogue."""
     path = settings.logistics_seed_file if isinstance(settings, LogisticsSettings) else SEED_FILE
     seed: dict[str, Any] = yaml.safe_load(path.read_text())
     ranges = {name: (float(r["min_c"]), float(r["max_c"])) for name, r in seed["conditions"].items()}
@@ -30,4 +33,5 @@ def load_shipping_lanes(settings: ServiceSettings | None = None) -> ShippingLane
         ranges=ranges,
         outbound=Lane(str(outbound["condition"]), float(outbound["min_c"]), float(outbound["max_c"])),
         apheresis_material={code: p.apheresis_material for code, p in product_catalogue().items()},
+        carriers=Carriers.from_seed(seed["carriers"]),
     )

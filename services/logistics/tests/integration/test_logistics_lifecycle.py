@@ -2,7 +2,9 @@
 
 Event handlers and courier use cases run directly, with the logistics role's own pool; each test checks
 the shipment rows and the outbox rows the same transaction wrote. The HTTP layer is exercised through
-the service's router on an ASGI transport (no lifespan: no broker needed).
+the service's router on an ASGI transport (no lifespan: no broker needed), with bearer tokens
+(`TestTokens`): `client` calls as ops with both shipment scopes (not confined to a carrier); the carrier
+tests call as carriers, so the tenant filters run as SQL.
 """
 
 from __future__ import annotations
@@ -34,8 +36,10 @@ from v2v_contracts import (
     EventData,
     OrderCancelledV1,
     OrderFailedV1,
+    OrderSubmittedV1,
     ProductReleasedV1,
     QuarantineDecidedV1,
+    SiteRegisteredV1,
     new_event,
 )
 from v2v_contracts.coi import make_coi
@@ -46,6 +50,7 @@ from v2v_messaging.outbox import Outbox
 from v2v_persistence import apply_migrations, create_pool, schema_of
 from v2v_servicekit.problems import install as install_problems
 from v2v_servicekit.problems import status_of
+from v2v_servicekit.testing import TestTokens
 
 pytestmark = pytest.mark.integration
 
@@ -53,7 +58,8 @@ LOGISTICS_MIGRATIONS = Path(logistics_service.__file__).parent / "migrations"
 TOPIC = "t.v2v.logistics"  # never published to here: only the outbox rows are checked
 TC = "TC-DE-BE-001"
 SITE = "DE-LEIPZIG-IZI"
-NOW = datetime(2030, 5, 6, 9, 30, tzinfo=UTC)
+# reported times must lie in [now - 30 days, now + 5 min]: the tests' "now" is a little in the past
+NOW = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=3)
 HANDLERS = build_handlers(load_shipping_lanes())
 
 
@@ -61,7 +67,7 @@ HANDLERS = build_handlers(load_shipping_lanes())
 async def pool(test_db: pytest_plugin.TestDatabase) -> AsyncIterator[asyncpg.Pool]:
     url = test_db.urls["logistics"]
     applied = await apply_migrations(url, "logistics", [MIGRATIONS_DIR, LOGISTICS_MIGRATIONS])
-    assert applied[-1] == "0004.logistics-outbound-replacement"
+    assert applied[-1] == "0005.logistics-carriers"
     p = await create_pool(url, max_size=4)
     assert await schema_of(p) == "logistics"
     try:
@@ -76,12 +82,25 @@ def uow(pool: asyncpg.Pool) -> UnitOfWork[LogisticsTx]:
 
 
 @pytest.fixture
-async def client(pool: asyncpg.Pool, uow: UnitOfWork) -> AsyncIterator[httpx.AsyncClient]:
+def app(pool: asyncpg.Pool, uow: UnitOfWork) -> FastAPI:
     app = FastAPI()
     install_problems(app)
     app.include_router(logistics_router)
     app.state.runtime = SimpleNamespace(pool=pool, uow=uow)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://logistics") as c:
+    return app
+
+
+@pytest.fixture
+def tokens(app: FastAPI) -> TestTokens:
+    return TestTokens.install(app)
+
+
+@pytest.fixture
+async def client(app: FastAPI, tokens: TestTokens) -> AsyncIterator[httpx.AsyncClient]:
+    ops = tokens.headers("ops", scopes=["shipments:read", "shipments:report"])
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://logistics", headers=ops
+    ) as c:
         yield c
 
 
@@ -472,7 +491,7 @@ async def test_order_cancelled_cancels_every_shipment_not_yet_delivered_and_plan
     other = await planned(pool, uow, bystander, "inbound_apheresis")
 
     cancelled = OrderCancelledV1(
-        **order.refs, reason="patient withdrew", previous_status="product_in_transit"
+        **order.refs, reason="consent_withdrawn", previous_status="product_in_transit"
     )
     event = new_event(cancelled)
     await handle(uow, event)
@@ -484,7 +503,7 @@ async def test_order_cancelled_cancels_every_shipment_not_yet_delivered_and_plan
     [cancel] = await outbox(pool, "logistics.shipment_cancelled.v1")
     assert cancel["data"]["shipment_id"] == str(outbound["shipment_id"])
     assert cancel["data"]["leg"] == "outbound_product"
-    assert cancel["data"]["reason"] == "order_cancelled: patient withdrew"
+    assert cancel["data"]["reason"] == "order_cancelled:consent_withdrawn"
     assert cancel["data"]["treatment_center_id"] == TC
 
     # a late fact from another topic (crossing the cancellation) plans nothing for the ended order
@@ -499,10 +518,10 @@ async def test_order_failed_cancels_halted_shipments_too(pool: asyncpg.Pool, uow
     with pytest.raises(DomainError):
         await milestone(uow, ship, "picked_up", coi=other_coi())
     assert await status(pool, ship) == "stopped"
-    await handle(uow, OrderFailedV1(**order.refs, reason="no material left"))
+    await handle(uow, OrderFailedV1(**order.refs, reason="no_material_left"))
     assert await status(pool, ship) == "cancelled"
     [cancel] = await outbox(pool, "logistics.shipment_cancelled.v1")
-    assert cancel["data"]["reason"] == "order_failed: no material left"
+    assert cancel["data"]["reason"] == "order_failed:no_material_left"
     log = await pool.fetch(
         "SELECT status_before, status_after FROM shipment_status_log WHERE shipment_id = $1 ORDER BY id",
         ship["shipment_id"],
@@ -537,7 +556,7 @@ async def test_booking_cancelled_cancels_the_inbound_shipment_only_before_pickup
     [cancel] = await outbox(pool, "logistics.shipment_cancelled.v1")
     assert (
         cancel["data"]["leg"] == "inbound_apheresis"
-        and cancel["data"]["reason"] == "booking_cancelled: reschedule"
+        and cancel["data"]["reason"] == "booking_cancelled:reschedule"
     )
 
     # the rebooked slot's confirmation plans a new inbound leg; once picked up, a cancelled booking keeps it
@@ -591,9 +610,7 @@ async def test_quarantine_release_resumes_the_compromised_outbound_shipment(
     await milestone(uow, ship, "in_transit")
     await reading(uow, ship, -149.0)
     assert await status(pool, ship) == "compromised"
-    await handle(
-        uow, QuarantineDecidedV1(**order.refs, decision="release", reason="QA assessed: within stability")
-    )
+    await handle(uow, QuarantineDecidedV1(**order.refs, decision="release", reason="within_stability_data"))
     row = await pool.fetchrow("SELECT * FROM shipments WHERE shipment_id = $1", ship["shipment_id"])
     assert row["status"] == "in_transit" and row["quarantine_decision"] == "release"
     assert (await milestone(uow, ship, "delivered"))["status"] == "delivered"
@@ -628,3 +645,156 @@ async def test_state_change_and_events_commit_together_or_not_at_all(
     await handle(uow, OrderCancelledV1(**order.refs, reason="x", previous_status="released"))
     assert {s["status"] for s in await shipments_of(pool, order)} == {"cancelled"}
     assert len(await outbox(pool, "logistics.shipment_cancelled.v1")) == 2
+
+
+# ---- carriers and tenancy --------------------------------------------------------------------------
+
+
+async def learn_regions(uow: UnitOfWork, order: Order, *, site_region: str, centre_region: str) -> None:
+    await handle(
+        uow,
+        SiteRegisteredV1(
+            site_id=SITE,
+            name=SITE,
+            country="DE",
+            region=site_region,
+            timezone="Europe/Berlin",
+            operator="cmo",
+            active=True,
+            approvals=[],
+            daily_capacity={},
+        ),
+    )
+    await handle(
+        uow,
+        OrderSubmittedV1(
+            **order.refs,
+            product_code="TISA-CEL",
+            order_type="commercial",
+            regulator="EMA",
+            country="DE",
+            region=centre_region,
+            requested_apheresis_date=date(2030, 5, 18),
+        ),
+    )
+
+
+async def test_a_planned_leg_gets_its_lanes_carrier_stored_and_published(
+    pool: asyncpg.Pool, uow: UnitOfWork, client: httpx.AsyncClient
+) -> None:
+    unknown = Order()
+    ship = await planned(pool, uow, unknown, "inbound_apheresis")  # no region known yet: the broadest
+    assert ship["carrier_id"] == "CGT-GLOBAL"
+
+    order = Order()
+    await learn_regions(uow, order, site_region="europe", centre_region="europe")
+    regions = await pool.fetch("SELECT location_id, kind, region FROM location_regions ORDER BY location_id")
+    assert [tuple(r) for r in regions] == [(SITE, "site", "europe"), (TC, "centre", "europe")]
+    inbound = await planned(pool, uow, order, "inbound_apheresis")
+    outbound = await planned(pool, uow, order, "outbound_product")
+    assert (inbound["carrier_id"], outbound["carrier_id"]) == ("CRYO-EU", "CRYO-EU")
+    events = await outbox(pool, "logistics.shipment_planned.v1")
+    assert [(e["data"]["shipment_id"], e["data"]["carrier_id"]) for e in events] == [
+        (str(ship["shipment_id"]), "CGT-GLOBAL"),
+        (str(inbound["shipment_id"]), "CRYO-EU"),
+        (str(outbound["shipment_id"]), "CRYO-EU"),
+    ]
+    body = (await client.get(f"/v1/shipments/{inbound['shipment_id']}")).json()
+    assert body["carrier_id"] == "CRYO-EU"
+    # the shipment keeps its carrier, whatever is learnt later
+    await learn_regions(uow, Order(), site_region="north_america", centre_region="europe")
+    assert (await client.get(f"/v1/shipments/{inbound['shipment_id']}")).json()["carrier_id"] == "CRYO-EU"
+
+
+async def test_a_carrier_sees_and_reports_on_its_own_shipments_only(
+    pool: asyncpg.Pool, uow: UnitOfWork, app: FastAPI, tokens: TestTokens
+) -> None:
+    theirs = Order()
+    foreign = await planned(pool, uow, theirs, "inbound_apheresis")  # CGT-GLOBAL: no regions yet
+    order = Order()
+    await learn_regions(uow, order, site_region="europe", centre_region="europe")
+    mine = await planned(pool, uow, order, "inbound_apheresis")  # CRYO-EU
+    events_before = len(await outbox(pool))
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(
+        transport=transport, base_url="http://logistics", headers=tokens.headers("carrier", "CRYO-EU")
+    ) as carrier:
+        listed = (await carrier.get("/v1/shipments")).json()
+        assert [s["shipment_id"] for s in listed] == [str(mine["shipment_id"])]
+        assert (await carrier.get("/v1/shipments", params={"order_id": str(theirs.order_id)})).json() == []
+        base = f"/v1/shipments/{foreign['shipment_id']}"
+        for path in (base, f"{base}/custody", f"{base}/temperature"):
+            assert (await carrier.get(path)).status_code == 404, path
+        wrong = other_coi()
+        resp = await carrier.post(f"{base}/milestones", json=milestone_body(wrong, "picked_up"))
+        assert resp.status_code == 404
+        resp = await carrier.post(
+            f"{base}/temperature", json={"reading_c": 30.0, "measured_at": NOW.isoformat()}
+        )
+        assert resp.status_code == 404
+        assert await status(pool, foreign) == "planned"
+        assert len(await outbox(pool)) == events_before  # no milestone, no excursion, no mismatch alert
+        assert await pool.fetchval("SELECT count(*) FROM custody_events") == 0
+        assert await pool.fetchval("SELECT count(*) FROM temperature_readings") == 0
+
+        own = f"/v1/shipments/{mine['shipment_id']}"
+        resp = await carrier.post(f"{own}/milestones", json=milestone_body(order.coi, "picked_up"))
+        assert resp.status_code == 201, resp.text
+        resp = await carrier.post(
+            f"{own}/temperature", json={"reading_c": -170.0, "measured_at": NOW.isoformat()}
+        )
+        assert resp.status_code == 201, resp.text
+        assert [c["milestone"] for c in (await carrier.get(f"{own}/custody")).json()] == ["picked_up"]
+        assert len((await carrier.get(f"{own}/temperature", params={"limit": 1})).json()) == 1
+        assert len((await carrier.get(f"{own}/temperature", params={"offset": 1})).json()) == 0
+
+
+async def test_hostile_courier_input_is_refused_before_anything_is_written(
+    pool: asyncpg.Pool, uow: UnitOfWork, client: httpx.AsyncClient
+) -> None:
+    order = Order()
+    ship = await planned(pool, uow, order, "outbound_product")
+    base = f"/v1/shipments/{ship['shipment_id']}"
+    old = (datetime.now(UTC) - timedelta(days=31)).isoformat()
+    for path, body, field in [
+        (f"{base}/milestones", milestone_body(order.coi, occurred_at=old), "occurred_at"),
+        (f"{base}/milestones", milestone_body(order.coi, location="Gate 3, night nurse"), "location"),
+        (f"{base}/milestones", milestone_body(order.coi, handled_by="x" * 5000), "handled_by"),
+        (f"{base}/temperature", {"reading_c": -170.0, "measured_at": "9999-12-31T00:00:00Z"}, "measured_at"),
+    ]:
+        resp = await client.post(path, json=body)
+        assert resp.status_code == 422, body
+        assert resp.json()["errors"][0]["field"] == field
+    resp = await client.post(
+        f"{base}/temperature",
+        content=b'{"reading_c": NaN, "measured_at": "' + NOW.isoformat().encode() + b'"}',
+        headers={"content-type": "application/json"},
+    )
+    assert resp.status_code == 422 and resp.json()["errors"][0]["field"] == "reading_c"
+    assert await pool.fetchval("SELECT count(*) FROM custody_events") == 0
+    assert await pool.fetchval("SELECT count(*) FROM temperature_readings") == 0
+    assert len(await outbox(pool)) == 1  # the shipment_planned only
+
+
+async def test_free_text_reasons_upstream_are_stored_nowhere_in_the_logistics_schema(
+    pool: asyncpg.Pool, uow: UnitOfWork
+) -> None:
+    marker = "CANARY-91c2 patient withdrew, see notes"
+    order = Order()
+    await planned(pool, uow, order, "inbound_apheresis")
+    outbound_order = Order()
+    outbound = await planned(pool, uow, outbound_order, "outbound_product")
+    await reading(uow, outbound, -120.0)
+    await handle(uow, QuarantineDecidedV1(**outbound_order.refs, decision="release", reason=marker))
+    await handle(uow, OrderCancelledV1(**order.refs, reason=marker, previous_status="released"))
+    [cancel] = await outbox(pool, "logistics.shipment_cancelled.v1")
+    assert cancel["data"]["reason"] == "order_cancelled"
+    tables = await pool.fetch(
+        "SELECT table_name FROM information_schema.tables WHERE table_schema = 'logistics'"
+    )
+    assert {"shipments", "shipment_status_log", "ended_orders", "outbox"} <= {t["table_name"] for t in tables}
+    for t in tables:
+        for row in await pool.fetch(f'SELECT * FROM "{t["table_name"]}"'):
+            for value in row.values():  # the outbox's payload is bytes: read as text too
+                text = value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+                assert "CANARY" not in text, t["table_name"]

@@ -22,6 +22,7 @@ from v2v_contracts import (
     CloudEvent,
     EventData,
     OrderCancelledV1,
+    OrderCompletedV1,
     OrderFailedV1,
     OrderSubmittedV1,
     ProductReleasedV1,
@@ -217,7 +218,7 @@ async def test_a_duplicate_event_is_a_no_op(world: World) -> None:
     assert world.uow.types() == [PLANNED]
     assert world.uow.commits == 1
 
-    cancel = new_event(OrderCancelledV1(**order.refs, reason="patient withdrew", previous_status="x"))
+    cancel = new_event(OrderCancelledV1(**order.refs, reason="consent_withdrawn", previous_status="x"))
     await world.deliver(cancel, cancel)
     assert world.uow.types() == [PLANNED, CANCELLED]
     assert world.uow.commits == 2
@@ -238,6 +239,13 @@ async def test_the_same_booking_again_under_another_event_id_plans_nothing_new(w
 
 async def test_events_the_service_does_not_handle_are_skipped(world: World) -> None:
     order = Order()
+    await world.deliver(OrderCompletedV1(**order.refs, infused_at=NOW))
+    assert world.inbox.ignored == ["order.completed.v1"]
+    assert world.uow.committed == [] and world.store.shipments == {}
+
+
+async def test_an_order_submitted_records_its_centres_region_and_plans_nothing(world: World) -> None:
+    order = Order()
     await world.deliver(
         OrderSubmittedV1(
             **order.refs,
@@ -245,11 +253,12 @@ async def test_events_the_service_does_not_handle_are_skipped(world: World) -> N
             order_type="commercial",
             regulator="EMA",
             country="DE",
-            region="EU",
+            region="europe",
             requested_apheresis_date=date(2030, 5, 18),
         )
     )
-    assert world.inbox.ignored == ["order.submitted.v1"]
+    assert world.inbox.ignored == []
+    assert world.store.regions[TC][:2] == ("centre", "europe")
     assert world.uow.committed == [] and world.store.shipments == {}
 
 
@@ -283,7 +292,7 @@ async def test_milestones_in_order_record_custody_and_move_the_shipment(world: W
     assert all(e.data["shipment_id"] == str(ship.shipment_id) for e in milestones)
     assert milestones[0].data["treatment_center_id"] == TC and milestones[0].data["location"] == "FRA"
     found, history = await queries.shipment(world.uow, ship.shipment_id)
-    assert found.status == "delivered" and found.status_reason == "milestone:delivered at FRA"
+    assert found.status == "delivered" and found.status_reason == "milestone:delivered"
     assert [(h.status_before, h.status_after) for h in history] == [
         (None, "planned"),
         ("planned", "booked"),
@@ -344,7 +353,8 @@ async def test_an_unknown_shipment_is_not_found(world: World) -> None:
         await queries.shipment(world.uow, missing)
     with pytest.raises(NotFound):
         await queries.temperature_log(world.uow, missing)
-    assert await queries.custody_log(world.uow, missing) == []  # as today: an empty chain, not a 404
+    with pytest.raises(NotFound):  # was an empty chain: a 404 now, as another carrier's shipment gets
+        await queries.custody_log(world.uow, missing)
 
 
 # ---- chain of identity -----------------------------------------------------------------------------
@@ -509,7 +519,7 @@ async def test_order_cancelled_cancels_every_shipment_not_yet_delivered_and_plan
     other = await world.planned(bystander, "inbound_apheresis")
 
     await world.deliver(
-        OrderCancelledV1(**order.refs, reason="patient withdrew", previous_status="product_in_transit")
+        OrderCancelledV1(**order.refs, reason="consent_withdrawn", previous_status="product_in_transit")
     )
     assert world.status(inbound) == "delivered"
     assert world.status(outbound) == "cancelled"
@@ -517,9 +527,9 @@ async def test_order_cancelled_cancels_every_shipment_not_yet_delivered_and_plan
     [cancel] = world.events(CANCELLED)
     assert cancel.data["shipment_id"] == str(outbound.shipment_id)
     assert cancel.data["leg"] == "outbound_product"
-    assert cancel.data["reason"] == "order_cancelled: patient withdrew"
+    assert cancel.data["reason"] == "order_cancelled:consent_withdrawn"
     assert cancel.data["treatment_center_id"] == TC
-    assert world.store.ended_orders[order.order_id] == ("cancelled", "patient withdrew")
+    assert world.store.ended_orders[order.order_id] == ("cancelled", "order_cancelled:consent_withdrawn")
 
     # a second cancellation (another event) has nothing left to cancel
     await world.deliver(OrderCancelledV1(**order.refs, reason="again", previous_status="cancelled"))
@@ -535,10 +545,10 @@ async def test_order_failed_cancels_a_stopped_shipment_too(world: World) -> None
     with pytest.raises(CoiMismatch):
         await world.milestone(ship, "picked_up", coi=other_coi())
     assert world.status(ship) == "stopped"
-    await world.deliver(OrderFailedV1(**order.refs, reason="no material left"))
+    await world.deliver(OrderFailedV1(**order.refs, reason="no_material_left"))
     assert world.status(ship) == "cancelled"
     [cancel] = world.events(CANCELLED)
-    assert cancel.data["reason"] == "order_failed: no material left"
+    assert cancel.data["reason"] == "order_failed:no_material_left"
     assert [(h.status_before, h.status_after) for h in await _history(world, ship)] == [
         (None, "planned"),
         ("planned", "stopped"),
@@ -591,7 +601,7 @@ async def test_booking_cancelled_cancels_the_inbound_shipment_only_before_pickup
     assert world.status(ship) == "cancelled"
     [cancel] = world.events(CANCELLED)
     assert cancel.data["leg"] == "inbound_apheresis"
-    assert cancel.data["reason"] == "booking_cancelled: reschedule"
+    assert cancel.data["reason"] == "booking_cancelled:reschedule"
 
     new_booking = uuid.uuid4()
     await world.deliver(booking_confirmed(order, new_booking))
@@ -625,12 +635,11 @@ async def test_quarantine_release_resumes_the_compromised_outbound_shipment(worl
     await world.milestone(ship, "in_transit")
     await world.reading(ship, -149.0)
     assert world.status(ship) == "compromised"
-    await world.deliver(
-        QuarantineDecidedV1(**order.refs, decision="release", reason="QA assessed: within stability")
-    )
+    await world.deliver(QuarantineDecidedV1(**order.refs, decision="release", reason="within_stability_data"))
     stored = world.store.shipments[ship.shipment_id]
     assert stored.status == "in_transit" and stored.quarantine_decision == "release"
-    assert stored.status_reason == "quarantine_release: QA assessed: within stability"
+    # QA's reason code goes along with the decision
+    assert stored.status_reason == "quarantine_release:within_stability_data"
     assert (await world.milestone(ship, "delivered"))["status"] == "delivered"
     assert len(world.events(EXCURSION)) == 1  # published once for this shipment
 
@@ -656,7 +665,7 @@ async def test_quarantine_release_does_not_resume_when_another_shipment_took_the
     await world.milestone(first, "in_transit")
     await world.reading(first, -120.0)
     await world.deliver(product_released(order, run=2))  # the lane is free: a replacement is planned
-    await world.deliver(QuarantineDecidedV1(**order.refs, decision="release", reason="late release"))
+    await world.deliver(QuarantineDecidedV1(**order.refs, decision="release", reason="assessed_acceptable"))
     stored = world.store.shipments[first.shipment_id]
     assert stored.status == "compromised" and stored.quarantine_decision == "release"
     assert [s.status for s in world.ships(order)] == ["compromised", "planned"]
@@ -665,7 +674,7 @@ async def test_quarantine_release_does_not_resume_when_another_shipment_took_the
 async def test_quarantine_decided_without_a_compromised_shipment_changes_nothing(world: World) -> None:
     order = Order()
     ship = await world.planned(order, "outbound_product")
-    await world.deliver(QuarantineDecidedV1(**order.refs, decision="release", reason="n/a"))
+    await world.deliver(QuarantineDecidedV1(**order.refs, decision="release", reason="other"))
     assert world.store.shipments[ship.shipment_id].quarantine_decision is None
     assert world.uow.types() == [PLANNED]
 

@@ -8,7 +8,11 @@ from notification_service.adapters.repository import tx_factory
 from notification_service.config import NotificationSettings
 from notification_service.domain.routing import SOURCE_SERVICES
 from notification_service.entrypoints.api import router
-from notification_service.service_layer.dispatch import email_dispatcher, webhook_dispatcher
+from notification_service.service_layer.dispatch import (
+    check_secrets_key,
+    email_dispatcher,
+    webhook_dispatcher,
+)
 from notification_service.service_layer.handlers import handlers
 from v2v_contracts import WebhookDeliveryFailedV1
 from v2v_servicekit import ConsumerSpec, ServiceDefinition
@@ -25,6 +29,7 @@ DEFINITION = ServiceDefinition(
     # (webhook_delivery_failed is e-mailed, never sent as a webhook: no loop)
     consumers=[ConsumerSpec("webhooks", SOURCE_SERVICES, handlers)],
     publishes=[WebhookDeliveryFailedV1],
+    on_startup=[check_secrets_key],  # refuses to start without V2V_NOTIFICATION_SECRETS_KEY (config.py)
     background=[webhook_dispatcher, email_dispatcher],
     description="Webhooks (Standard Webhooks) and exception e-mails (SMTP) to treatment centres, "
     "with retries and a delivery log.",

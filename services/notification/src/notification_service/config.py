@@ -5,16 +5,29 @@ Besides the settings every service reads:
 - e-mail retries: V2V_EMAIL_MAX_ATTEMPTS, _BACKOFF_BASE_S, _BACKOFF_MAX_S, _TIMEOUT_S (per SMTP session);
 - SMTP: V2V_SMTP_HOST, _PORT, _FROM (defaults 127.0.0.1, 8025, alerts@vein2vein.local), and optional
   V2V_SMTP_USER, _PASSWORD, _STARTTLS (true|false, default false). An empty value means the default.
+- webhook signing secrets, sealed at rest (AES-256-GCM): V2V_NOTIFICATION_SECRETS_KEY, the base64 of 32
+  random bytes (e.g. `python -c "import os, base64; print(base64.b64encode(os.urandom(32)).decode())"`).
+  Without it the service refuses to start, unless V2V_NOTIFICATION_INSECURE_DEV_KEY=true (development
+  only: a fixed, published key). Changing the key makes the stored secrets unreadable: deliveries then
+  fail with `signing_secret_unavailable` until each subscription's secret is rotated.
+- V2V_WEBHOOK_SECRET_OVERLAP_S (default 86400): after a rotation the replaced secret keeps signing
+  deliveries (a second `v1,` signature) this long, so receivers can switch over.
+- V2V_WEBHOOK_ALLOW_LOOPBACK (default false): development only — also allows `http` URLs and loopback
+  addresses (localhost, 127.0.0.0/8, ::1) for webhooks. Private, link-local and other non-public
+  addresses stay refused.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
-from pydantic import SecretStr, ValidationInfo, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 
+from notification_service.adapters.secret_box import DEV_KEY, SecretBox, decode_key
 from notification_service.domain.delivery import DeliveryPolicy
+from notification_service.domain.urls import UrlPolicy
 from v2v_servicekit import ServiceSettings
 
 _DEFAULT = DeliveryPolicy()
@@ -51,14 +64,29 @@ class NotificationSettings(ServiceSettings):
     smtp_password: SecretStr | None = None
     smtp_starttls: bool = False
 
-    @field_validator("smtp_host", "smtp_port", "smtp_from", "smtp_user", "smtp_password", mode="before")
+    notification_secrets_key: SecretStr | None = None
+    notification_insecure_dev_key: bool = False
+    webhook_secret_overlap_s: int = Field(default=86_400, ge=0, le=30 * 86_400)
+    webhook_allow_loopback: bool = False
+
+    @field_validator(
+        "smtp_host",
+        "smtp_port",
+        "smtp_from",
+        "smtp_user",
+        "smtp_password",
+        "notification_secrets_key",
+        mode="before",
+    )
     @classmethod
     def _empty_is_default(cls, value: Any, info: ValidationInfo) -> Any:
         if value == "":
             return cls.model_fields[info.field_name or ""].default
         return value
 
-    @field_validator("smtp_starttls", mode="before")
+    @field_validator(
+        "smtp_starttls", "notification_insecure_dev_key", "webhook_allow_loopback", mode="before"
+    )
     @classmethod
     def _flag(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -92,4 +120,28 @@ class NotificationSettings(ServiceSettings):
             user=self.smtp_user,
             password=self.smtp_password.get_secret_value() if self.smtp_password else None,
             starttls=self.smtp_starttls,
+        )
+
+    @property
+    def url_policy(self) -> UrlPolicy:
+        return UrlPolicy(allow_loopback=self.webhook_allow_loopback)
+
+    @property
+    def secret_overlap(self) -> timedelta:
+        return timedelta(seconds=self.webhook_secret_overlap_s)
+
+    def secret_box(self) -> SecretBox:
+        """The box that seals the webhook secrets; RuntimeError (the service does not start) when no key
+        is set and the insecure development key is not explicitly allowed, or the key is malformed."""
+        if self.notification_secrets_key is not None:
+            try:
+                return SecretBox(decode_key(self.notification_secrets_key.get_secret_value()))
+            except ValueError as exc:
+                raise RuntimeError(f"V2V_NOTIFICATION_SECRETS_KEY: {exc}") from None
+        if self.notification_insecure_dev_key:
+            return SecretBox(DEV_KEY)
+        raise RuntimeError(
+            "V2V_NOTIFICATION_SECRETS_KEY is not set: the key that seals webhook signing secrets at rest "
+            "(base64 of 32 random bytes). For development only, V2V_NOTIFICATION_INSECURE_DEV_KEY=true "
+            "uses a fixed, published key instead."
         )

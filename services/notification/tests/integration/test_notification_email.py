@@ -7,7 +7,6 @@ Real Postgres (the notification schema, its own role, all migrations); nothing i
 
 from __future__ import annotations
 
-import base64
 import email
 import socket
 import uuid
@@ -27,10 +26,12 @@ from fastapi import FastAPI
 
 import notification_service
 from notification_service.adapters.repository import NotificationTx, tx_factory
+from notification_service.adapters.secret_box import DEV_KEY, SecretBox, new_signing_secret
 from notification_service.adapters.smtp import SmtpSender
 from notification_service.adapters.webhooks import WebhookSender
-from notification_service.config import SmtpSettings
+from notification_service.config import NotificationSettings, SmtpSettings
 from notification_service.domain.delivery import DeliveryPolicy
+from notification_service.domain.urls import UrlPolicy
 from notification_service.entrypoints.api import router
 from notification_service.service_layer.dispatch import EmailDispatcher, WebhookDispatcher
 from notification_service.service_layer.handlers import handlers
@@ -46,6 +47,7 @@ from v2v_harness import pytest_plugin
 from v2v_messaging import MIGRATIONS_DIR, UnitOfWork, notify_channel
 from v2v_persistence import apply_migrations, create_pool
 from v2v_servicekit import problems
+from v2v_servicekit.testing import TestTokens
 
 pytestmark = pytest.mark.integration
 
@@ -55,6 +57,8 @@ OTHER_CENTRE = "TC-FR-PA-001"
 PATIENT_REF = "BER-2026-0042-PATIENT"
 SENDER = "alerts@v2v.example"
 SLOW = DeliveryPolicy(max_attempts=3, backoff_base_s=30.0, backoff_max_s=300.0, timeout_s=5.0)
+BOX = SecretBox(DEV_KEY)
+LOOPBACK = UrlPolicy(allow_loopback=True)  # the development flag: the test endpoints are on 127.0.0.1
 
 
 # ---- a real SMTP server -----------------------------------------------------------------------------
@@ -142,6 +146,19 @@ class Notification:
         )
         return rid
 
+    async def subscription(self, url: str, centre: str = CENTRE) -> uuid.UUID:
+        """A subscription as the API stores it: its generated secret sealed."""
+        sid = uuid.uuid4()
+        await self.pool.execute(
+            """INSERT INTO subscriptions (subscription_id, treatment_center_id, url, secret_sealed)
+               VALUES ($1, $2, $3, $4)""",
+            sid,
+            centre,
+            url,
+            BOX.seal(new_signing_secret(), sid),
+        )
+        return sid
+
     async def emails(self) -> list[asyncpg.Record]:
         return await self.pool.fetch("SELECT * FROM email_deliveries ORDER BY created_at")
 
@@ -176,13 +193,27 @@ async def notification(test_db: pytest_plugin.TestDatabase) -> AsyncIterator[Not
 
 
 @pytest.fixture
-async def api(notification: Notification) -> AsyncIterator[httpx.AsyncClient]:
-    """The service's HTTP API on this database (no broker needed for it)."""
+def tokens() -> TestTokens:
+    return TestTokens()
+
+
+@pytest.fixture
+async def api(notification: Notification, tokens: TestTokens) -> AsyncIterator[httpx.AsyncClient]:
+    """The service's HTTP API on this database (no broker needed for it), called as the centre CENTRE
+    (its token by default; another's `headers=` where a test says so)."""
     app = FastAPI()
     problems.install(app)
     app.include_router(router)
-    app.state.runtime = SimpleNamespace(pool=notification.pool, uow=notification.uow)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://notification") as c:
+    app.state.token_verifier = tokens.verifier()
+    settings = NotificationSettings(notification_insecure_dev_key=True, webhook_allow_loopback=True)
+    app.state.runtime = SimpleNamespace(
+        pool=notification.pool, uow=notification.uow, settings=settings, extras={}
+    )
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app),
+        base_url="http://notification",
+        headers=tokens.headers("centre", CENTRE),
+    ) as c:
         yield c
 
 
@@ -193,7 +224,7 @@ def material_rejected(centre: str = CENTRE, **extra: Any) -> CloudEvent:
             coi=f"V2V00-26-{uuid.uuid4().int % 10**6:06d}-K",
             treatment_center_id=centre,
             site_id="SITE-DE-01",
-            reason="identity label unreadable",
+            reason="identity_label_unreadable",  # events carry reason codes (issue 8)
             **extra,
         )
     )
@@ -245,7 +276,7 @@ async def test_an_exception_is_emailed_once_to_each_matching_recipient_without_p
     assert mail.message["To"] == "qa@charite.example"
     assert mail.message["Subject"] == f"[vein2vein] site.material_rejected.v1 — order {order_id}"
     body = mail.message.get_content()
-    for expected in (order_id, coi, "site.material_rejected.v1", "identity label unreadable", "SITE-DE-01"):
+    for expected in (order_id, coi, "site.material_rejected.v1", "identity_label_unreadable", "SITE-DE-01"):
         assert expected in body
     assert f"GET /v1/orders/{order_id}" in body
     assert PATIENT_REF.encode() not in mail.raw
@@ -274,13 +305,7 @@ async def test_events_that_are_not_exceptions_send_no_email(
 ) -> None:
     sink, settings = smtp
     await notification.recipient("qa@charite.example")
-    await notification.pool.execute(
-        """INSERT INTO subscriptions (subscription_id, treatment_center_id, url, secret)
-           VALUES ($1, $2, 'http://127.0.0.1:9/hook', $3)""",
-        uuid.uuid4(),
-        CENTRE,
-        "whsec_" + base64.b64encode(bytes(32)).decode(),
-    )
+    await notification.subscription("http://127.0.0.1:9/hook")
     order = submitted()
     confirmed = new_event(
         BookingConfirmedV1(
@@ -350,7 +375,7 @@ async def test_an_unreachable_smtp_server_is_retried_with_backoff_then_the_email
     assert [a["attempt"] for a in attempts] == [1, 2, 3]
     for a in attempts:
         assert a["status_code"] is None
-        assert a["error"] and ("Connect" in a["error"] or "refused" in a["error"].lower()), a["error"]
+        assert a["error"] == "connection_refused", a["error"]  # a category, not the socket error's text
         assert a["duration_ms"] >= 0
     await notification.make_due()  # a failed delivery is never picked up again
     assert await mailer.dispatch_due() == 0
@@ -414,18 +439,11 @@ async def test_a_dead_lettered_webhook_is_emailed_and_never_sent_as_a_webhook(
 ) -> None:
     sink, settings = smtp
     await notification.recipient("it@charite.example", types=["notification.webhook_delivery_failed.v1"])
-    await notification.pool.execute(
-        """INSERT INTO subscriptions (subscription_id, treatment_center_id, url, secret)
-           VALUES ($1, $2, $3, $4)""",
-        uuid.uuid4(),
-        CENTRE,
-        f"http://127.0.0.1:{closed_port}/hook",
-        "whsec_" + base64.b64encode(bytes(range(32))).decode(),
-    )
+    await notification.subscription(f"http://127.0.0.1:{closed_port}/hook")
     order = submitted()
     await notification.consume(order)
     policy = DeliveryPolicy(max_attempts=1, timeout_s=2)
-    hooks = WebhookDispatcher(notification.uow, WebhookSender(policy.timeout_s), policy)
+    hooks = WebhookDispatcher(notification.uow, WebhookSender(policy.timeout_s, BOX, LOOPBACK), policy)
     try:
         assert await hooks.dispatch_due() == 1
     finally:
@@ -449,7 +467,7 @@ async def test_a_dead_lettered_webhook_is_emailed_and_never_sent_as_a_webhook(
 
 
 async def test_recipients_can_be_added_listed_and_removed(
-    notification: Notification, api: httpx.AsyncClient
+    notification: Notification, api: httpx.AsyncClient, tokens: TestTokens
 ) -> None:
     resp = await api.post(
         "/v1/email-recipients",
@@ -466,13 +484,23 @@ async def test_recipients_can_be_added_listed_and_removed(
     assert resp.headers["location"] == f"/v1/email-recipients/{created['recipient_id']}"
     assert (await api.get(resp.headers["location"])).json() == created
 
-    other = await api.post(
-        "/v1/email-recipients", json={"treatment_center_id": OTHER_CENTRE, "email": "a@b.fr"}
-    )
+    other_centre = tokens.headers("centre", OTHER_CENTRE)
+    other = await api.post("/v1/email-recipients", json={"email": "a@b.fr"}, headers=other_centre)
     assert other.status_code == 201
+    assert other.json()["treatment_center_id"] == OTHER_CENTRE  # the centre comes from the token
     listed = await api.get("/v1/email-recipients", params={"treatment_center_id": CENTRE})
     assert listed.json() == [created]
-    assert len((await api.get("/v1/email-recipients")).json()) == 2
+    # a centre lists its own recipients only; a caller not confined to a centre (granted the scope) both
+    assert (await api.get("/v1/email-recipients")).json() == [created]
+    assert (await api.get("/v1/email-recipients", params={"treatment_center_id": OTHER_CENTRE})).json() == []
+    anyone = tokens.headers("ops", scopes=["notifications:manage"])
+    assert len((await api.get("/v1/email-recipients", headers=anyone)).json()) == 2
+    # another centre's recipient is not there for this one
+    assert (await api.get(f"/v1/email-recipients/{other.json()['recipient_id']}")).status_code == 404
+    assert (await api.delete(f"/v1/email-recipients/{other.json()['recipient_id']}")).status_code == 404
+    assert (
+        await api.get(f"/v1/email-recipients/{other.json()['recipient_id']}", headers=other_centre)
+    ).json()
 
     again = await api.post(
         "/v1/email-recipients", json={"treatment_center_id": CENTRE, "email": "QA@charite.example"}
@@ -487,7 +515,9 @@ async def test_recipients_can_be_added_listed_and_removed(
     assert problem["errors"] == [
         {"field": "email", "reason": "already a recipient for this treatment centre"}
     ]
-    assert problem["detail"] == f"email: QA@charite.example already receives the alerts of {CENTRE}"
+    # the error text does not echo the address
+    assert problem["detail"] == "email: this address already receives the alerts of this treatment centre"
+    assert "QA@charite.example" not in again.text
 
     assert (await api.delete(f"/v1/email-recipients/{created['recipient_id']}")).status_code == 204
     assert (await api.delete(f"/v1/email-recipients/{created['recipient_id']}")).status_code == 404
@@ -518,7 +548,9 @@ async def test_recipients_can_be_added_listed_and_removed(
             "event_types",
         ),
         ({"treatment_center_id": CENTRE, "email": "qa@charite.example", "patient_ref": "x"}, "patient_ref"),
-        ({"email": "qa@charite.example"}, "treatment_center_id"),
+        # the centre comes from the token: a body naming another one is refused
+        ({"treatment_center_id": OTHER_CENTRE, "email": "qa@charite.example"}, "treatment_center_id"),
+        ({"treatment_center_id": "TC DE\nBE", "email": "qa@charite.example"}, "treatment_center_id"),
     ],
 )
 async def test_bad_recipients_are_refused_naming_the_field(
@@ -529,6 +561,19 @@ async def test_bad_recipients_are_refused_naming_the_field(
     assert resp.headers["content-type"].startswith("application/problem+json")
     assert [e["field"] for e in resp.json()["errors"]] == [field]
     assert await notification.pool.fetchval("SELECT count(*) FROM email_recipients") == 0
+
+
+async def test_a_caller_not_confined_to_a_centre_must_name_one(
+    notification: Notification, api: httpx.AsyncClient, tokens: TestTokens
+) -> None:
+    anyone = tokens.headers("ops", scopes=["notifications:manage"])
+    resp = await api.post("/v1/email-recipients", json={"email": "qa@charite.example"}, headers=anyone)
+    assert resp.status_code == 422, resp.text
+    assert [e["field"] for e in resp.json()["errors"]] == ["treatment_center_id"]
+    assert await notification.pool.fetchval("SELECT count(*) FROM email_recipients") == 0
+    named = {"email": "qa@charite.example", "treatment_center_id": OTHER_CENTRE}
+    resp = await api.post("/v1/email-recipients", json=named, headers=anyone)
+    assert resp.status_code == 201 and resp.json()["treatment_center_id"] == OTHER_CENTRE
 
 
 async def test_removing_a_recipient_cancels_what_it_was_still_to_receive(
@@ -547,18 +592,15 @@ async def test_removing_a_recipient_cancels_what_it_was_still_to_receive(
 
 
 async def test_the_delivery_log_shows_both_channels_and_every_attempt(
-    notification: Notification, api: httpx.AsyncClient, smtp: tuple[MailSink, SmtpSettings], closed_port: int
+    notification: Notification,
+    api: httpx.AsyncClient,
+    smtp: tuple[MailSink, SmtpSettings],
+    closed_port: int,
+    tokens: TestTokens,
 ) -> None:
     _sink, settings = smtp
     rid = await notification.recipient("qa@charite.example")
-    sid = uuid.uuid4()
-    await notification.pool.execute(
-        """INSERT INTO subscriptions (subscription_id, treatment_center_id, url, secret)
-           VALUES ($1, $2, 'http://127.0.0.1:9/hook', $3)""",
-        sid,
-        CENTRE,
-        "whsec_" + base64.b64encode(bytes(32)).decode(),
-    )
+    sid = await notification.subscription("http://127.0.0.1:9/hook")
     event = material_rejected()
     order_id = event.data["order_id"]
     await notification.consume(event)
@@ -576,6 +618,8 @@ async def test_the_delivery_log_shows_both_channels_and_every_attempt(
     mail = by_channel["email"]
     assert (mail["recipient_id"], mail["subscription_id"]) == (str(rid), None)
     assert (mail["status"], mail["attempts"], mail["last_status_code"]) == ("delivered", 2, 250)
+    assert mail["last_outcome"] == "delivered"
+    assert "last_error" not in mail
     assert (mail["event_type"], mail["coi"]) == ("site.material_rejected.v1", event.coi)
     assert "qa@charite.example" not in str(log)
 
@@ -586,8 +630,16 @@ async def test_the_delivery_log_shows_both_channels_and_every_attempt(
     assert (await api.get("/v1/deliveries", params={"channel": "sms"})).status_code == 422
 
     detail = (await api.get(f"/v1/deliveries/{mail['delivery_id']}")).json()
-    assert [(a["attempt"], a["status_code"], a["error"] is None) for a in detail["attempt_log"]] == [
-        (1, None, False),
-        (2, 250, True),
+    assert [(a["attempt"], a["status_code"], a["outcome"]) for a in detail["attempt_log"]] == [
+        (1, None, "connection_refused"),  # an outcome category, never the socket error's text
+        (2, 250, "delivered"),
     ]
     assert (await api.get(f"/v1/deliveries/{uuid.uuid4()}")).status_code == 404
+
+    # only to the owning centre: another centre neither lists nor reads these deliveries
+    other = tokens.headers("centre", OTHER_CENTRE)
+    assert (await api.get("/v1/deliveries", headers=other)).json() == []
+    assert (await api.get("/v1/deliveries", params={"order_id": order_id}, headers=other)).json() == []
+    assert (await api.get(f"/v1/deliveries/{mail['delivery_id']}", headers=other)).status_code == 404
+    assert (await api.get("/v1/deliveries", params={"limit": 201})).status_code == 422  # capped at 200
+    assert len((await api.get("/v1/deliveries", params={"limit": 1, "offset": 3})).json()) == 1

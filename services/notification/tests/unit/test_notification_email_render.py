@@ -47,7 +47,7 @@ def rejected(**extra: Any) -> CloudEvent:
             coi=COI,
             treatment_center_id=CENTRE,
             site_id="SITE-DE-01",
-            reason="viability below threshold",
+            reason="viability_below_threshold",  # events carry reason codes (issue 8)
             **extra,
         )
     )
@@ -81,11 +81,39 @@ def test_body_has_order_coi_event_allowed_fields_and_the_order_link() -> None:
         "order": str(ORDER_ID),
         "coi": COI,
         "event": "site.material_rejected.v1",
-        "reason": "viability below threshold",
+        "reason": "viability_below_threshold",
         "site_id": "SITE-DE-01",
     }
     assert f"GET /v1/orders/{ORDER_ID}" in message.body
     assert CENTRE not in message.body  # not on the allow-list either
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("reason", "viability below threshold, patient Erika M."),  # free text where a code belongs
+        ("reason", "Viability"),
+        ("site_id", "SITE DE 01"),
+        ("where", "pickup at ward 3"),
+        ("run", "2"),  # a number as text
+        ("run", True),
+        ("retained_material", "yes"),
+        ("reading_c", "cold"),
+        ("reading_c", 10**12),
+    ],
+)
+def test_an_allowed_field_whose_value_is_not_of_its_kind_is_left_out(key: str, value: Any) -> None:
+    message = render(with_data(rejected(), **{key: value}))
+    assert key not in detail_lines(message.body)
+    if isinstance(value, str) and len(value) > 4:
+        assert value not in message.body
+
+
+def test_a_coi_that_is_not_a_code_is_left_out() -> None:
+    event = rejected().model_copy(update={"coi": "V2V 0042 Erika"})
+    message = render(with_data(event, coi="V2V 0042 Erika"))
+    assert detail_lines(message.body)["coi"] == "(none)"
+    assert "Erika" not in message.body
 
 
 def test_a_planted_patient_reference_never_reaches_the_message() -> None:
@@ -166,7 +194,7 @@ def test_cancellation_and_coi_mismatch_carry_their_status_fields() -> None:
             order_id=ORDER_ID,
             coi=COI,
             treatment_center_id=CENTRE,
-            reason="centre request",
+            reason="physician_decision",
             previous_status="manufacturing",
         )
     )

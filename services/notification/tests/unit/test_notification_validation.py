@@ -91,7 +91,17 @@ def test_unknown_event_types_are_refused_and_named(known: list[str], unknown: li
     with pytest.raises(Invalid) as info:
         validate_event_types(known + unknown)
     assert_422_on("event_types", info.value)
-    assert repr(unknown) in info.value.errors[0].reason
+    # named by their positions in the list: an error text never echoes the input
+    positions = [str(i) for i in range(len(known), len(known) + len(unknown))]
+    named = ", ".join(positions[:10]) + (", ..." if len(positions) > 10 else "")
+    assert f"at positions [{named}]" in info.value.errors[0].reason
+
+
+def test_an_unknown_event_type_is_not_echoed() -> None:
+    with pytest.raises(Invalid) as info:
+        validate_event_types(["order.submitted.v1", "PATIENT-BER-0042"])
+    assert "PATIENT" not in str(info.value) and "PATIENT" not in info.value.errors[0].reason
+    assert "positions [1]" in info.value.errors[0].reason
 
 
 def test_site_events_cannot_be_subscribed_to() -> None:

@@ -215,20 +215,26 @@ async def test_a_rejected_command_writes_nothing(
 async def test_the_network_copy_follows_the_latest_registration_of_each_site(
     ordering: asyncpg.Pool, uow: UnitOfWork[OrderTx]
 ) -> None:
-    australia = command(treatment_center_id="TC-AU-VI-001", product_code="TISA-CEL")
+    patients = iter(f"PAT-AU-{n}" for n in range(1, 100))  # one open order per patient and product
+
+    def australia() -> PlaceOrder:
+        return command(
+            treatment_center_id="TC-AU-VI-001", product_code="TISA-CEL", patient_ref=next(patients)
+        )
+
     with pytest.raises(Invalid, match="TISA-CEL for commercial use in the TGA market"):
-        await place_order(uow, australia, FACILITY, now=NOW)
+        await place_order(uow, australia(), FACILITY, now=NOW)
 
     t0 = datetime.now(UTC)
     await register_site(uow, "AU-MELBOURNE", [("TGA", "commercial", "TISA-CEL")], time=t0)
-    await place_order(uow, australia, FACILITY, now=NOW)
+    await place_order(uow, australia(), FACILITY, now=NOW)
 
     # an older registration of the site changes nothing; an inactive site serves no market
     await register_site(uow, "AU-MELBOURNE", [], time=t0 - timedelta(minutes=1))
-    await place_order(uow, australia, FACILITY, now=NOW)
+    await place_order(uow, australia(), FACILITY, now=NOW)
     await register_site(uow, "AU-MELBOURNE", [("TGA", "commercial", "TISA-CEL")], active=False, time=t0)
     with pytest.raises(Invalid, match="TGA market"):
-        await place_order(uow, australia, FACILITY, now=NOW)
+        await place_order(uow, australia(), FACILITY, now=NOW)
     assert await ordering.fetchval("SELECT count(*) FROM site_approvals WHERE site_id = 'AU-MELBOURNE'") == 1
 
     # a new registration replaces the site's approvals (not adds to them)
@@ -236,10 +242,15 @@ async def test_the_network_copy_follows_the_latest_registration_of_each_site(
         uow, "AU-MELBOURNE", [("TGA", "clinical", "TISA-CEL")], time=t0 + timedelta(minutes=1)
     )
     with pytest.raises(Invalid, match="TGA market"):
-        await place_order(uow, australia, FACILITY, now=NOW)
+        await place_order(uow, australia(), FACILITY, now=NOW)
     await place_order(
         uow,
-        command(treatment_center_id="TC-AU-VI-001", product_code="TISA-CEL", order_type="clinical"),
+        command(
+            treatment_center_id="TC-AU-VI-001",
+            product_code="TISA-CEL",
+            order_type="clinical",
+            patient_ref=next(patients),
+        ),
         FACILITY,
         now=NOW,
     )

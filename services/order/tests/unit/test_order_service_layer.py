@@ -35,7 +35,7 @@ from v2v_contracts import (
     SlotUnavailableV1,
     new_event,
 )
-from v2v_contracts.errors import CoiMismatch, Invalid, NotAllowedNow, NotFound, Unavailable
+from v2v_contracts.errors import CoiMismatch, Conflict, Invalid, NotAllowedNow, NotFound, Unavailable
 from v2v_messaging.fakes import FakeInbox
 from v2v_servicekit.problems import status_of
 
@@ -355,7 +355,7 @@ async def test_parked_facts_are_dropped_when_a_new_cycle_begins(world: World) ->
     await act(
         world.uow,
         order.order_id,
-        Action("reschedule", reason="patient unwell", new_date=SOON + timedelta(days=3)),
+        Action("reschedule", reason_code="patient_unwell", new_date=SOON + timedelta(days=3)),
     )
     assert world.order(order.order_id).status == "rescheduling"
     assert world.uow.store.parked == {}
@@ -402,7 +402,7 @@ async def test_oos_asks_for_a_remanufacture_with_the_catalogue_rules(world: Worl
     await world.deliver(
         fact(
             ProductOutOfSpecificationV1(
-                **order.ref(), site_id="FR-LES-ULIS", run=1, reason="low viability", retained_material=True
+                **order.ref(), site_id="FR-LES-ULIS", run=1, reason="low_viability", retained_material=True
             )
         )
     )
@@ -430,7 +430,7 @@ ALLOWED: list[tuple[str, str, dict[str, Any], Action, str, str]] = [
         "cancel",
         "booking_confirmed",
         {},
-        Action("cancel", reason="patient withdrew"),
+        Action("cancel", reason_code="consent_withdrawn"),
         "cancelled",
         "order.cancelled.v1",
     ),
@@ -438,7 +438,7 @@ ALLOWED: list[tuple[str, str, dict[str, Any], Action, str, str]] = [
         "reschedule",
         "booking_confirmed",
         {},
-        Action("reschedule", reason="patient unwell", new_date=SOON + timedelta(days=5)),
+        Action("reschedule", reason_code="patient_unwell", new_date=SOON + timedelta(days=5)),
         "rescheduling",
         "order.rebook_requested.v1",
     ),
@@ -471,20 +471,30 @@ ALLOWED: list[tuple[str, str, dict[str, Any], Action, str, str]] = [
         "quarantine",
         "quarantined",
         {"status_before_quarantine": "product_in_transit"},
-        Action("quarantine", decision="release", reason="within stability data"),
+        Action("quarantine", decision="release", reason_code="within_stability_data"),
         "product_in_transit",
         "order.quarantine_decided.v1",
     ),
 ]
 
 REFUSED: list[tuple[str, str, dict[str, Any], Action]] = [
-    ("cancel", "completed", {}, Action("cancel", reason="too late")),
-    ("reschedule", "manufacturing", {}, Action("reschedule", reason="x", new_date=SOON + timedelta(days=5))),
+    ("cancel", "completed", {}, Action("cancel", reason_code="other")),
+    (
+        "reschedule",
+        "manufacturing",
+        {},
+        Action("reschedule", reason_code="other", new_date=SOON + timedelta(days=5)),
+    ),
     ("apheresis", "submitted", {}, Action("apheresis")),
     ("lymphodepletion", "manufacturing", {}, Action("lymphodepletion")),
     ("receipt", "released", {}, Action("receipt")),
     ("infusion", "product_received", {}, Action("infusion")),  # lymphodepletion not recorded
-    ("quarantine", "released", {}, Action("quarantine", decision="release", reason="no excursion")),
+    (
+        "quarantine",
+        "released",
+        {},
+        Action("quarantine", decision="release", reason_code="excursion_not_confirmed"),
+    ),
 ]
 
 
@@ -514,7 +524,7 @@ async def test_a_hospital_action_in_a_state_that_allows_it(
         assert done.lymphodepletion_at is not None
     if name == "cancel":
         assert world.uow.committed[0].data["previous_status"] == status
-        assert done.ended_reason == "cancelled by the centre: patient withdrew"
+        assert done.ended_reason == "cancelled by the centre: consent_withdrawn"
     if name == "reschedule":
         assert world.uow.committed[0].data["kind"] == "reschedule" and done.rebook_pending
 
@@ -537,14 +547,16 @@ async def test_an_apheresis_date_in_the_past_is_invalid(world: World) -> None:
     order = world.put(await world.place(), "slot_reserved")
     with pytest.raises(Invalid) as info:
         await act(
-            world.uow, order.order_id, Action("reschedule", reason="x", new_date=TODAY - timedelta(days=3))
+            world.uow,
+            order.order_id,
+            Action("reschedule", reason_code="other", new_date=TODAY - timedelta(days=3)),
         )
     assert status_of(info.value) == 422 and info.value.errors[0].field == "requested_apheresis_date"
 
 
 async def test_an_action_on_an_unknown_order_is_not_found(world: World) -> None:
     with pytest.raises(NotFound) as info:
-        await act(world.uow, uuid.uuid4(), Action("cancel", reason="x"))
+        await act(world.uow, uuid.uuid4(), Action("cancel", reason_code="other"))
     assert status_of(info.value) == 404 and info.value.title == "Order not found"
 
 
@@ -608,3 +620,147 @@ async def test_a_released_product_reported_by_the_site_keeps_its_release_time(wo
     assert done.status == "released" and done.released_at == released_at
     view = await queries.order_view(world.uow, order.order_id)
     assert view.predicted is not None and view.predicted["release"] == released_at.date()
+
+
+# ---- tenancy, one open order per patient and product, reason codes and notes ------------------------------
+
+
+async def test_another_centres_order_is_not_found_for_reads_and_every_action(world: World) -> None:
+    order = world.put(await world.place(), "inbound_shipment_planned")
+    world.uow.take()
+    with pytest.raises(NotFound) as info:
+        await queries.order_view(world.uow, order.order_id, centre="TC-DE-BE-001")
+    unknown = await _not_found(world, uuid.uuid4())
+    assert info.value.title == unknown.title and status_of(info.value) == 404
+    for action in (
+        Action("cancel", reason_code="other"),
+        Action("reschedule", reason_code="other", new_date=SOON + timedelta(days=3)),
+        Action("apheresis", coi=order.coi),
+        Action("apheresis", coi="V2V0099000001X"),  # not even a COI mismatch alert for another's order
+        Action("quarantine", decision="release", reason_code="other"),
+    ):
+        with pytest.raises(NotFound):
+            await act(world.uow, order.order_id, action, centre="TC-DE-BE-001")
+    assert world.order(order.order_id) == order and world.uow.committed == []
+    # its own centre, and QA/ops (no centre), find it
+    assert (await queries.order_view(world.uow, order.order_id, centre="TC-FR-PA-001")).order == order
+    await act(world.uow, order.order_id, Action("apheresis", coi=order.coi), centre="TC-FR-PA-001")
+    assert world.order(order.order_id).status == "apheresis_completed"
+
+
+async def _not_found(world: World, order_id: uuid.UUID) -> NotFound:
+    with pytest.raises(NotFound) as info:
+        await queries.order_view(world.uow, order_id, centre="TC-DE-BE-001")
+    return info.value
+
+
+async def test_a_centre_lists_its_own_orders_and_a_filter_only_narrows(world: World) -> None:
+    paris = await world.place(treatment_center_id="TC-FR-PA-001", patient_ref="PAT-P")
+    berlin = await world.place(treatment_center_id="TC-DE-BE-001", patient_ref="PAT-B")
+
+    async def ids(tenant: str | None, centre: str | None) -> list[uuid.UUID]:
+        rows, total = await queries.list_orders(world.uow, tenant=tenant, centre=centre, limit=10, offset=0)
+        assert total == len(rows)
+        return [r.order_id for r in rows]
+
+    assert await ids("TC-FR-PA-001", None) == [paris.order_id]
+    assert await ids("TC-FR-PA-001", "TC-FR-PA-001") == [paris.order_id]
+    assert await ids("TC-FR-PA-001", "TC-DE-BE-001") == []  # never widens
+    assert await ids(None, None) == [paris.order_id, berlin.order_id]
+    assert await ids(None, "TC-DE-BE-001") == [berlin.order_id]
+
+
+async def test_a_second_open_order_for_the_patient_and_product_is_refused(world: World) -> None:
+    first = await world.place(patient_ref="PAT-TWICE")
+    before = (dict(world.uow.store.orders), list(world.uow.committed), dict(world.uow.store.coi_sequences))
+    with pytest.raises(Conflict) as info:
+        await world.place(patient_ref="PAT-TWICE", requested_apheresis_date=SOON + timedelta(days=1))
+    error = info.value
+    assert status_of(error) == 409 and error.kind == "open-order-exists"
+    assert error.errors[0].field == "patient_ref" and "PAT-TWICE" not in error.detail
+    after = (dict(world.uow.store.orders), list(world.uow.committed), dict(world.uow.store.coi_sequences))
+    assert after == before
+    # another product, another centre's patient with the same reference: separate orders
+    await world.place(patient_ref="PAT-TWICE", product_code="AXI-CEL")
+    await world.place(patient_ref="PAT-TWICE", treatment_center_id="TC-DE-BE-001")
+    # once the first order ended, the centre may order again for the patient
+    await act(world.uow, first.order_id, Action("cancel", reason_code="duplicate_order"))
+    again = await world.place(patient_ref="PAT-TWICE")
+    assert again.status == "submitted" and again.order_id != first.order_id
+
+
+async def test_a_cancel_publishes_its_code_and_keeps_the_note_on_the_timeline_only(world: World) -> None:
+    order = world.put(await world.place(), "booking_confirmed")
+    world.uow.take()
+    note = "Patient moved to palliative care — Dr. Müller, ward 7"
+    await act(world.uow, order.order_id, Action("cancel", reason_code="disease_progression", note=note))
+    [event] = world.uow.committed
+    assert event.type == "order.cancelled.v1" and event.data["reason"] == "disease_progression"
+    assert note not in event.to_json().decode() and "Müller" not in event.to_json().decode()
+    view = await queries.order_view(world.uow, order.order_id)
+    [cancelled] = [t for t in view.timeline if t.event_type == "order.cancelled.v1"]
+    assert cancelled.note == note and cancelled.reason == "cancelled by the centre: disease_progression"
+    assert view.order.ended_reason == "cancelled by the centre: disease_progression"
+    assert all(t.note is None for t in view.timeline if t is not cancelled)
+
+
+async def test_a_reschedule_and_a_quarantine_decision_publish_codes_and_keep_their_notes(
+    world: World,
+) -> None:
+    order = world.put(await world.place(), "slot_reserved")
+    world.uow.take()
+    await act(
+        world.uow,
+        order.order_id,
+        Action(
+            "reschedule", reason_code="patient_unwell", note="fever 39.2", new_date=SOON + timedelta(days=4)
+        ),
+    )
+    quarantined = world.put(
+        await world.place(patient_ref="PAT-Q"),
+        "quarantined",
+        site_id="FR-LES-ULIS",
+        status_before_quarantine="product_in_transit",
+    )
+    await act(
+        world.uow,
+        quarantined.order_id,
+        Action(
+            "quarantine", decision="reject", reason_code="outside_stability_data", note="38 min at +12 °C"
+        ),
+    )
+    events = world.uow.committed
+    rebook = next(
+        e for e in events if e.type == "order.rebook_requested.v1" and e.data["kind"] == "reschedule"
+    )
+    decided = next(e for e in events if e.type == "order.quarantine_decided.v1")
+    assert rebook.data["reason"] == "patient_unwell" and decided.data["reason"] == "outside_stability_data"
+    remanufacture = next(e for e in events if e.type == "order.remanufacture_requested.v1")
+    assert remanufacture.data["reason"] == "quarantine_rejected"
+    for e in events:
+        assert "fever" not in e.to_json().decode() and "38 min" not in e.to_json().decode()
+    notes = {t.note for t in world.uow.store.timeline if t.note}
+    assert notes == {"fever 39.2", "38 min at +12 °C"}
+
+
+@pytest.mark.parametrize(
+    "action",
+    [
+        Action("cancel", reason_code="patient withdrew"),
+        Action("cancel", reason_code=""),
+        Action("reschedule", reason_code="duplicate_order", new_date=SOON + timedelta(days=3)),
+        Action("quarantine", decision="release", reason_code="integrity_compromised"),
+    ],
+    ids=["words", "empty", "cancel-code-for-a-reschedule", "reject-code-for-a-release"],
+)
+async def test_an_action_without_a_reason_code_of_its_own_is_invalid_and_writes_nothing(
+    world: World, action: Action
+) -> None:
+    order = world.put(await world.place(), "quarantined" if action.name == "quarantine" else "slot_reserved")
+    world.uow.take()
+    timeline = list(world.uow.store.timeline)
+    with pytest.raises(Invalid) as info:
+        await act(world.uow, order.order_id, action)
+    assert status_of(info.value) == 422 and info.value.errors[0].field == "reason_code"
+    assert world.order(order.order_id) == order and world.uow.committed == []
+    assert world.uow.store.timeline == timeline

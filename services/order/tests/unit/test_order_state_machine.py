@@ -1,5 +1,6 @@
 """The order's lifecycle machine: no sequence of facts and actions — with duplicates and out-of-order
-deliveries — takes an order through a transition that ALLOWED forbids; terminal states never move."""
+deliveries — takes an order through a transition that ALLOWED forbids; terminal states never move; the
+commands it asks of the other services carry reason codes only, whatever words a fact brought."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from order_service.domain import order as m
+from order_service.domain import reasons
 from order_service.domain.order import ALLOWED, TERMINAL, OrderState, OrderStatus, Rules
 from v2v_contracts.errors import DomainError, Invalid, NotAllowedNow
 from v2v_servicekit.problems import status_of
@@ -77,9 +79,9 @@ def step(state: OrderState, item: tuple[str, str, dict[str, Any]], r: Rules) -> 
         return m.on_fact(state, name, data, r, TODAY)
     match name:
         case "cancel":
-            return m.cancel(state, "changed plan")
+            return m.cancel(state, "physician_decision")
         case "reschedule":
-            return m.reschedule_apheresis(state, TODAY + timedelta(days=3), "patient unwell", TODAY)
+            return m.reschedule_apheresis(state, TODAY + timedelta(days=3), "patient_unwell", TODAY)
         case "apheresis":
             return m.confirm_apheresis(state)
         case "lymphodepletion":
@@ -89,9 +91,9 @@ def step(state: OrderState, item: tuple[str, str, dict[str, Any]], r: Rules) -> 
         case "infusion":
             return m.confirm_infusion(state)
         case "quarantine_release":
-            return m.decide_quarantine(state, "release", "QA ok", r, TODAY)
+            return m.decide_quarantine(state, "release", "within_stability_data", r, TODAY)
         case _:
-            return m.decide_quarantine(state, "reject", "QA says no", r, TODAY)
+            return m.decide_quarantine(state, "reject", "outside_stability_data", r, TODAY)
 
 
 @settings(max_examples=400)
@@ -114,6 +116,7 @@ def test_no_sequence_takes_an_order_through_a_forbidden_transition(items: list[A
         if not outcome.changed:
             assert outcome.state == state and not outcome.commands
         assert outcome.reason
+        assert all(reasons.is_code(c.reason) for c in outcome.commands), outcome.commands
         assert outcome.state.run <= max(r.max_runs, 1)
         assert outcome.state.recollections <= r.max_recollections
         state = outcome.state
@@ -193,7 +196,8 @@ def test_oos_remanufactures_from_retained_material_then_recollects_then_fails() 
         TODAY,
     )
     assert out.state.status == S.MATERIAL_RECEIVED and out.state.run == 2
-    assert out.commands == (m.Remanufacture(2, "CH-STEIN", "out of specification: low CAR+"),)
+    assert out.commands == (m.Remanufacture(2, "CH-STEIN", "out_of_specification"),)
+    assert out.reason == "remanufacture (run 2): out of specification: low CAR+"
     out = m.on_fact(
         out.state,
         "site.manufacturing_failed.v1",
@@ -228,7 +232,7 @@ def test_outbound_excursion_quarantines_and_release_returns_to_where_it_was() ->
         TODAY,
     )
     assert out.state.status == S.QUARANTINED
-    back = m.decide_quarantine(out.state, "release", "within stability data", Rules(), TODAY)
+    back = m.decide_quarantine(out.state, "release", "within_stability_data", Rules(), TODAY)
     assert back.state.status == S.PRODUCT_IN_TRANSIT
 
 
@@ -252,7 +256,7 @@ def test_predicted_dates_follow_the_facts() -> None:
 
 def test_while_a_rebook_is_pending_only_its_own_slot_moves_the_order() -> None:
     waiting = OrderState(S.WAITLISTED)
-    moved = m.reschedule_apheresis(waiting, TODAY + timedelta(days=5), "patient unwell", TODAY)
+    moved = m.reschedule_apheresis(waiting, TODAY + timedelta(days=5), "patient_unwell", TODAY)
     assert moved.state.status == S.RESCHEDULING and moved.state.rebook_pending
     # the old request was served from the waitlist meanwhile: recorded, ignored, not parked for later
     stale = m.on_fact(
@@ -292,3 +296,103 @@ def test_a_slot_scheduling_moves_off_a_site_that_may_no_longer_make_it_is_follow
     for data in ({**released, "slot_id": SLOT_B}, {**released, "reason": "rebook"}):
         kept = m.on_fact(booked, "scheduling.slot_released.v1", data, Rules(), TODAY)
         assert not kept.changed and not kept.reason.startswith(m.NOT_YET)
+
+
+# ---- reason codes -------------------------------------------------------------------------------------
+
+
+def test_the_commands_carry_the_cause_as_a_code_and_the_timeline_keeps_the_words() -> None:
+    r = Rules(max_runs=1, max_recollections=1)
+    excursion = m.on_fact(
+        OrderState(S.MATERIAL_IN_TRANSIT, site_id="X"),
+        "logistics.shipment_excursion.v1",
+        {"leg": "inbound_apheresis", "reading_c": 12.5},
+        r,
+        TODAY,
+    )
+    assert excursion.commands == (
+        m.Rebook("recollection", "inbound_excursion", TODAY + timedelta(days=r.recollection_lead_days)),
+    )
+    assert excursion.reason == "recollection: temperature excursion 12.5 °C on inbound_apheresis"
+    rejected = m.on_fact(
+        OrderState(S.MATERIAL_IN_TRANSIT, recollections=1),
+        "site.material_rejected.v1",
+        {"reason": "label damaged, see note"},
+        r,
+        TODAY,
+    )
+    assert rejected.state.status == S.FAILED
+    assert rejected.commands == (m.Fail("material_rejected:no_recollection_left"),)
+    assert "label damaged, see note" in rejected.reason
+    lost = m.decide_quarantine(
+        OrderState(S.QUARANTINED, site_id="X", status_before_quarantine=S.PRODUCT_IN_TRANSIT),
+        "reject",
+        "integrity_compromised",
+        Rules(max_runs=2, retains_material=True),
+        TODAY,
+    )
+    assert lost.commands == (m.Remanufacture(2, "X", "quarantine_rejected"),)
+    assert lost.reason == "remanufacture (run 2): quarantined product rejected: integrity_compromised"
+
+
+@pytest.mark.parametrize(
+    ("reason", "code"),
+    [
+        ("outage:maintenance", "outage:maintenance"),
+        ("site flooded, call Bob", "site_outage"),
+        (None, "site_outage"),
+    ],
+)
+def test_a_site_outage_rebook_passes_on_the_sites_code_and_never_its_words(reason: Any, code: str) -> None:
+    out = m.on_fact(
+        OrderState(S.BOOKING_CONFIRMED, site_id="FR-LES-ULIS", apheresis_date=TODAY + timedelta(days=9)),
+        "site.booking_affected.v1",
+        {"site_id": "FR-LES-ULIS", "reason": reason},
+        Rules(),
+        TODAY,
+    )
+    [rebook] = out.commands
+    assert isinstance(rebook, m.Rebook) and rebook.kind == "site_outage" and rebook.reason == code
+
+
+@pytest.mark.parametrize(
+    ("call", "field"),
+    [
+        (lambda s: m.cancel(s, "patient withdrew"), "reason_code"),
+        (lambda s: m.cancel(s, "within_stability_data"), "reason_code"),
+        (
+            lambda s: m.reschedule_apheresis(s, TODAY + timedelta(days=3), "patient_deceased", TODAY),
+            "reason_code",
+        ),
+        (
+            lambda s: m.decide_quarantine(s, "release", "outside_stability_data", Rules(), TODAY),
+            "reason_code",
+        ),
+        (lambda s: m.decide_quarantine(s, "reject", "within_stability_data", Rules(), TODAY), "reason_code"),
+        (lambda s: m.decide_quarantine(s, "hold", "other", Rules(), TODAY), "decision"),
+    ],
+    ids=[
+        "cancel-words",
+        "cancel-foreign-code",
+        "reschedule-cancel-code",
+        "release-for-a-reject-reason",
+        "reject-for-a-release-reason",
+        "unknown-decision",
+    ],
+)
+def test_an_action_takes_only_a_reason_code_of_its_own_enumeration(call: Any, field: str) -> None:
+    state = OrderState(S.QUARANTINED, status_before_quarantine=S.PRODUCT_IN_TRANSIT)
+    with pytest.raises(Invalid) as info:
+        call(state)
+    assert status_of(info.value) == 422 and info.value.errors[0].field == field
+
+
+def test_other_fits_either_quarantine_decision_and_every_enumeration_is_made_of_codes() -> None:
+    state = OrderState(S.QUARANTINED, site_id="X", status_before_quarantine=S.PRODUCT_IN_TRANSIT)
+    assert m.decide_quarantine(state, "release", "other", Rules(), TODAY).state.status == S.PRODUCT_IN_TRANSIT
+    assert m.decide_quarantine(state, "reject", "other", Rules(), TODAY).changed
+    everything = reasons.CANCEL_REASONS | reasons.RESCHEDULE_REASONS | reasons.QUARANTINE_REASONS["release"]
+    assert all(reasons.is_code(c) for c in everything | reasons.QUARANTINE_REASONS["reject"])
+    assert set().union(*reasons.QUARANTINE_REASONS.values()) == set(
+        reasons.QuarantineReason.__args__  # type: ignore[attr-defined]
+    )

@@ -151,7 +151,7 @@ class Order:
         apheresis: date = APHERESIS,
         *,
         kind: str = "reschedule",
-        reason: str = "apheresis date moved",
+        reason: str = "patient_unwell",
         exclude: str | None = None,
     ) -> CloudEvent:
         return new_event(
@@ -169,10 +169,10 @@ class Order:
         )
 
     def cancelled(self) -> CloudEvent:
-        return new_event(OrderCancelledV1(**self.ids(), reason="patient withdrew", previous_status="x"))
+        return new_event(OrderCancelledV1(**self.ids(), reason="consent_withdrawn", previous_status="x"))
 
     def failed(self) -> CloudEvent:
-        return new_event(OrderFailedV1(**self.ids(), reason="no material left"))
+        return new_event(OrderFailedV1(**self.ids(), reason="no_material_left"))
 
     def event(self, data: type[EventData], **fields: Any) -> CloudEvent:
         return new_event(data(**self.ids(), **fields))  # type: ignore[arg-type]

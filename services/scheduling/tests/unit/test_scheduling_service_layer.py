@@ -97,7 +97,7 @@ class Order:
             RebookRequestedV1(
                 **self.ids(),
                 kind="site_outage" if exclude else "reschedule",
-                reason="outage:flood" if exclude else "apheresis date moved",
+                reason="outage:flood" if exclude else "patient_unwell",
                 product_code=PRODUCT,
                 order_type="clinical",
                 regulator=self.regulator,
@@ -108,10 +108,10 @@ class Order:
         )
 
     def cancelled(self) -> CloudEvent:
-        return new_event(OrderCancelledV1(**self.ids(), reason="patient withdrew", previous_status="x"))
+        return new_event(OrderCancelledV1(**self.ids(), reason="consent_withdrawn", previous_status="x"))
 
     def failed(self) -> CloudEvent:
-        return new_event(OrderFailedV1(**self.ids(), reason="no material left"))
+        return new_event(OrderFailedV1(**self.ids(), reason="no_material_left"))
 
 
 class World:
@@ -245,7 +245,7 @@ async def test_cancel_releases_and_serves_the_waitlist_fifo() -> None:
     assert reserved.data["reason"] == "waitlist"
     assert reserved.data["manufacturing_start_date"] == d(2).isoformat()
     assert w.waiting() == [o.order_id for o in waiting[1:]]
-    assert w.store.closed[booked[1].order_id] == ("cancelled", "patient withdrew")
+    assert w.store.closed[booked[1].order_id] == ("cancelled", "consent_withdrawn")
 
     # a waiting order that fails leaves the waitlist, releasing nothing
     assert await w.deliver(waiting[1].failed()) == []

@@ -606,7 +606,7 @@ async def test_oos_then_remanufacture_from_retained_material_then_failure(
         coi=b["coi"],
         treatment_center_id=CENTRE,
         site_id=SITE,
-        reason="out of specification",
+        reason="out_of_specification",
         run=2,
     )
     await handle(uow, command)
@@ -667,14 +667,14 @@ async def test_a_cancelled_order_stops_manufacturing_and_cancels_its_booking(
         order_id=b["order_id"],
         coi=b["coi"],
         treatment_center_id=CENTRE,
-        reason="patient withdrew",
+        reason="consent_withdrawn",
         previous_status="manufacturing",
     )
     await handle(uow, cancelled)
 
     events = await outbox()
     assert [t for t, _ in events] == ["site.manufacturing_stopped.v1", "site.booking_cancelled.v1"]
-    assert all("patient withdrew" in d["reason"] for _, d in events)
+    assert all("consent_withdrawn" in d["reason"] for _, d in events)
     view = await queries.get_manufacturing(uow, SITE, b["order_id"])
     assert view["state"] == "stopped"
     assert view["history"][-1]["action"] == "stop"
@@ -709,7 +709,7 @@ async def test_a_failed_order_without_material_only_loses_its_live_bookings(
 
     await handle(
         uow,
-        OrderFailedV1(order_id=b["order_id"], coi=b["coi"], treatment_center_id=CENTRE, reason="no material"),
+        OrderFailedV1(order_id=b["order_id"], coi=b["coi"], treatment_center_id=CENTRE, reason="no_material"),
     )
 
     events = await outbox()

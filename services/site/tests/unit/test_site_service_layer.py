@@ -223,14 +223,14 @@ async def test_a_cancelled_order_stops_manufacturing_and_cancels_its_booking(sit
         order_id=o.order_id,
         coi=o.coi,
         treatment_center_id=CENTRE,
-        reason="patient withdrew",
+        reason="consent_withdrawn",
         previous_status="manufacturing",
     )
     await site.deliver(cancelled)
 
     events = site.events()
     assert [t for t, _ in events] == ["site.manufacturing_stopped.v1", "site.booking_cancelled.v1"]
-    assert all(d["reason"] == "order cancelled: patient withdrew" for _, d in events)
+    assert all(d["reason"] == "order cancelled: consent_withdrawn" for _, d in events)
     view = await queries.get_manufacturing(site.uow, SITE, o.order_id)
     assert view["state"] == "stopped"
     assert view["history"][-1]["action"] == "stop"
@@ -251,7 +251,7 @@ async def test_a_failed_order_without_material_only_loses_its_live_bookings(site
     site.events()
 
     await site.deliver(
-        OrderFailedV1(order_id=o.order_id, coi=o.coi, treatment_center_id=CENTRE, reason="no material")
+        OrderFailedV1(order_id=o.order_id, coi=o.coi, treatment_center_id=CENTRE, reason="no_material")
     )
 
     events = site.events()
@@ -611,7 +611,7 @@ async def test_a_remanufacture_request_starts_run_two_from_retained_material(sit
         coi=o.coi,
         treatment_center_id=CENTRE,
         site_id=SITE,
-        reason="out of specification",
+        reason="out_of_specification",
         run=2,
     )
 

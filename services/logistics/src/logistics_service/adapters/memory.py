@@ -17,10 +17,13 @@ from typing import Any
 from logistics_service.adapters.repository import (
     CustodyRepository,
     EndedOrderRepository,
+    LocationKind,
     LogisticsTx,
     ReadingRepository,
+    RegionRepository,
     ShipmentRepository,
 )
+from logistics_service.domain.carriers import Tenant
 from logistics_service.domain.shipment import (
     CANCELLED,
     COMPROMISED,
@@ -48,6 +51,7 @@ class MemoryStore:
     custody: list[CustodyEvent] = field(default_factory=list)
     readings: list[TemperatureReading] = field(default_factory=list)
     ended_orders: dict[uuid.UUID, tuple[str, str]] = field(default_factory=dict)
+    regions: dict[str, tuple[LocationKind, str, datetime]] = field(default_factory=dict)
     locked_orders: list[uuid.UUID] = field(default_factory=list)  # serialise_order calls, for tests
 
     def snapshot(self) -> dict[str, Any]:
@@ -65,9 +69,13 @@ class MemoryShipments(ShipmentRepository):
     async def serialise_order(self, order_id: uuid.UUID) -> None:
         self.store.locked_orders.append(order_id)
 
-    async def get(self, shipment_id: uuid.UUID, *, lock: bool = False) -> Shipment | None:
+    async def get(
+        self, shipment_id: uuid.UUID, *, lock: bool = False, tenant: Tenant | None = None
+    ) -> Shipment | None:
         found = self.store.shipments.get(shipment_id)
-        return None if found is None else copy.deepcopy(found)
+        if found is None or (tenant is not None and not tenant.admits(found)):
+            return None
+        return copy.deepcopy(found)
 
     async def of_order(
         self, order_id: uuid.UUID, *, leg: Leg | None = None, lock: bool = False
@@ -78,12 +86,23 @@ class MemoryShipments(ShipmentRepository):
             if s.order_id == order_id and (leg is None or s.leg == leg)
         ]
 
-    async def search(self, order_id: uuid.UUID | None = None, *, limit: int = 500) -> list[Shipment]:
-        found = [s for s in self.store.shipments.values() if order_id is None or s.order_id == order_id]
-        return copy.deepcopy(found[:limit])
+    async def search(
+        self,
+        order_id: uuid.UUID | None = None,
+        *,
+        tenant: Tenant | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[Shipment]:
+        found = [
+            s
+            for s in self.store.shipments.values()
+            if (order_id is None or s.order_id == order_id) and (tenant is None or tenant.admits(s))
+        ]
+        return copy.deepcopy(found[offset : offset + limit])
 
-    async def exists(self, shipment_id: uuid.UUID) -> bool:
-        return shipment_id in self.store.shipments
+    async def exists(self, shipment_id: uuid.UUID, *, tenant: Tenant | None = None) -> bool:
+        return await self.get(shipment_id, tenant=tenant) is not None
 
     async def add(self, shipment: Shipment) -> None:
         if shipment.shipment_id in self.store.shipments:
@@ -153,9 +172,12 @@ class MemoryCustody(CustodyRepository):
         self.store.custody.append(dataclasses.replace(event, id=new_id, recorded_at=_now()))
         return new_id
 
-    async def of_shipment(self, shipment_id: uuid.UUID) -> list[CustodyEvent]:
+    async def of_shipment(
+        self, shipment_id: uuid.UUID, *, limit: int | None = None, offset: int = 0
+    ) -> list[CustodyEvent]:
         found = [e for e in self.store.custody if e.shipment_id == shipment_id]
-        return sorted(found, key=lambda e: (e.occurred_at, e.id or 0))
+        ordered = sorted(found, key=lambda e: (e.occurred_at, e.id or 0))
+        return ordered[offset : None if limit is None else offset + limit]
 
 
 class MemoryReadings(ReadingRepository):
@@ -169,9 +191,12 @@ class MemoryReadings(ReadingRepository):
         self.store.readings.append(dataclasses.replace(reading, id=new_id, recorded_at=_now()))
         return new_id
 
-    async def of_shipment(self, shipment_id: uuid.UUID) -> list[TemperatureReading]:
+    async def of_shipment(
+        self, shipment_id: uuid.UUID, *, limit: int | None = None, offset: int = 0
+    ) -> list[TemperatureReading]:
         found = [r for r in self.store.readings if r.shipment_id == shipment_id]
-        return sorted(found, key=lambda r: (r.measured_at, r.id or 0))
+        ordered = sorted(found, key=lambda r: (r.measured_at, r.id or 0))
+        return ordered[offset : None if limit is None else offset + limit]
 
 
 class MemoryEndedOrders(EndedOrderRepository):
@@ -185,6 +210,20 @@ class MemoryEndedOrders(EndedOrderRepository):
         return order_id in self.store.ended_orders
 
 
+class MemoryRegions(RegionRepository):
+    def __init__(self, store: MemoryStore) -> None:
+        self.store = store
+
+    async def remember(self, location_id: str, kind: LocationKind, region: str, as_of: datetime) -> None:
+        known = self.store.regions.get(location_id)
+        if known is None or known[2] <= as_of:
+            self.store.regions[location_id] = (kind, region, as_of)
+
+    async def region_of(self, location_id: str) -> str | None:
+        known = self.store.regions.get(location_id)
+        return None if known is None else known[1]
+
+
 def memory_tx(store: MemoryStore, outbox: EventSink) -> LogisticsTx:
     return LogisticsTx(
         None,
@@ -193,6 +232,7 @@ def memory_tx(store: MemoryStore, outbox: EventSink) -> LogisticsTx:
         custody=MemoryCustody(store),
         readings=MemoryReadings(store),
         ended_orders=MemoryEndedOrders(store),
+        regions=MemoryRegions(store),
     )
 
 

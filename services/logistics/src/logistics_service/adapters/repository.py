@@ -3,6 +3,9 @@ class), and the service's `Tx` (the repositories of one transaction) with the fa
 
 Every method runs on the transaction's connection: the state change and the events it causes (outbox)
 commit together. Temperatures are `numeric` columns: they come back as floats.
+
+Tenancy lives here: every read of a shipment takes the caller's `Tenant` (None: not confined) and a
+shipment outside it is simply not there (the service layer answers 404, never revealing it exists).
 """
 
 from __future__ import annotations
@@ -10,11 +13,13 @@ from __future__ import annotations
 import abc
 import dataclasses
 import uuid
+from datetime import datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, Literal
 
 import asyncpg
 
+from logistics_service.domain.carriers import Tenant
 from logistics_service.domain.shipment import (
     CustodyEvent,
     Leg,
@@ -33,7 +38,10 @@ class ShipmentRepository(abc.ABC):
         """One transaction at a time per order (across replicas too), until this transaction ends."""
 
     @abc.abstractmethod
-    async def get(self, shipment_id: uuid.UUID, *, lock: bool = False) -> Shipment | None: ...
+    async def get(
+        self, shipment_id: uuid.UUID, *, lock: bool = False, tenant: Tenant | None = None
+    ) -> Shipment | None:
+        """The shipment, if there is one the tenant may see."""
 
     @abc.abstractmethod
     async def of_order(
@@ -42,10 +50,18 @@ class ShipmentRepository(abc.ABC):
         """The order's shipments (of one leg), oldest first."""
 
     @abc.abstractmethod
-    async def search(self, order_id: uuid.UUID | None = None, *, limit: int = 500) -> list[Shipment]: ...
+    async def search(
+        self,
+        order_id: uuid.UUID | None = None,
+        *,
+        tenant: Tenant | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[Shipment]:
+        """The shipments the tenant may see (of one order), oldest first: one page."""
 
     @abc.abstractmethod
-    async def exists(self, shipment_id: uuid.UUID) -> bool: ...
+    async def exists(self, shipment_id: uuid.UUID, *, tenant: Tenant | None = None) -> bool: ...
 
     @abc.abstractmethod
     async def add(self, shipment: Shipment) -> None:
@@ -65,8 +81,10 @@ class CustodyRepository(abc.ABC):
         """Append a custody event; returns its id."""
 
     @abc.abstractmethod
-    async def of_shipment(self, shipment_id: uuid.UUID) -> list[CustodyEvent]:
-        """The chain of custody, in the order things happened."""
+    async def of_shipment(
+        self, shipment_id: uuid.UUID, *, limit: int | None = None, offset: int = 0
+    ) -> list[CustodyEvent]:
+        """The chain of custody, in the order things happened (one page of it when `limit` is given)."""
 
 
 class ReadingRepository(abc.ABC):
@@ -75,8 +93,10 @@ class ReadingRepository(abc.ABC):
         """Append a temperature reading; returns its id."""
 
     @abc.abstractmethod
-    async def of_shipment(self, shipment_id: uuid.UUID) -> list[TemperatureReading]:
-        """Every reading, in measurement order."""
+    async def of_shipment(
+        self, shipment_id: uuid.UUID, *, limit: int | None = None, offset: int = 0
+    ) -> list[TemperatureReading]:
+        """Every reading, in measurement order (one page of them when `limit` is given)."""
 
 
 class EndedOrderRepository(abc.ABC):
@@ -88,6 +108,21 @@ class EndedOrderRepository(abc.ABC):
 
     @abc.abstractmethod
     async def ended(self, order_id: uuid.UUID) -> bool: ...
+
+
+LocationKind = Literal["site", "centre"]
+
+
+class RegionRepository(abc.ABC):
+    """The region of each site and treatment centre, learnt from `site.registered` and `order.submitted`:
+    what the choice of a leg's carrier needs."""
+
+    @abc.abstractmethod
+    async def remember(self, location_id: str, kind: LocationKind, region: str, as_of: datetime) -> None:
+        """Record a location's region (a fact older than the one recorded is ignored)."""
+
+    @abc.abstractmethod
+    async def region_of(self, location_id: str) -> str | None: ...
 
 
 class LogisticsTx(Tx):
@@ -102,12 +137,14 @@ class LogisticsTx(Tx):
         custody: CustodyRepository,
         readings: ReadingRepository,
         ended_orders: EndedOrderRepository,
+        regions: RegionRepository,
     ) -> None:
         super().__init__(conn, outbox)
         self.shipments = shipments
         self.custody = custody
         self.readings = readings
         self.ended_orders = ended_orders
+        self.regions = regions
 
 
 # ---- Postgres ---------------------------------------------------------------------------------------
@@ -123,6 +160,23 @@ def _shipment(row: asyncpg.Record) -> Shipment:
     return Shipment(**_values(row, Shipment))
 
 
+# the tenant filter of every shipment read: $n is the carrier id, $n+1 the location id (both may be NULL)
+def _tenant_sql(n: int) -> str:
+    return (
+        f" AND (${n}::text IS NULL OR carrier_id = ${n})"
+        f" AND (${n + 1}::text IS NULL OR origin = ${n + 1} OR destination = ${n + 1})"
+    )
+
+
+def _tenant_args(tenant: Tenant | None) -> tuple[str | None, str | None]:
+    return (None, None) if tenant is None else (tenant.carrier_id, tenant.location_id)
+
+
+def _page(limit: int | None, offset: int, n: int) -> tuple[str, tuple[int | None, int]]:
+    """LIMIT/OFFSET as parameters $n, $n+1 (no limit: every row)."""
+    return f" LIMIT ${n} OFFSET ${n + 1}", (limit, offset)
+
+
 class PostgresShipments(ShipmentRepository):
     def __init__(self, conn: asyncpg.Connection) -> None:
         self.conn = conn
@@ -132,9 +186,15 @@ class PostgresShipments(ShipmentRepository):
             "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", f"logistics-order:{order_id}"
         )
 
-    async def get(self, shipment_id: uuid.UUID, *, lock: bool = False) -> Shipment | None:
-        sql = "SELECT * FROM shipments WHERE shipment_id = $1" + (" FOR UPDATE" if lock else "")
-        row = await self.conn.fetchrow(sql, shipment_id)
+    async def get(
+        self, shipment_id: uuid.UUID, *, lock: bool = False, tenant: Tenant | None = None
+    ) -> Shipment | None:
+        sql = (
+            "SELECT * FROM shipments WHERE shipment_id = $1"
+            + _tenant_sql(2)
+            + (" FOR UPDATE" if lock else "")
+        )
+        row = await self.conn.fetchrow(sql, shipment_id, *_tenant_args(tenant))
         return None if row is None else _shipment(row)
 
     async def of_order(
@@ -149,24 +209,42 @@ class PostgresShipments(ShipmentRepository):
         )
         return [_shipment(r) for r in rows]
 
-    async def search(self, order_id: uuid.UUID | None = None, *, limit: int = 500) -> list[Shipment]:
+    async def search(
+        self,
+        order_id: uuid.UUID | None = None,
+        *,
+        tenant: Tenant | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[Shipment]:
+        page, page_args = _page(limit, offset, 4)
         rows = await self.conn.fetch(
-            "SELECT * FROM shipments WHERE ($1::uuid IS NULL OR order_id = $1) ORDER BY created_at LIMIT $2",
+            "SELECT * FROM shipments WHERE ($1::uuid IS NULL OR order_id = $1)"
+            + _tenant_sql(2)
+            + " ORDER BY created_at, shipment_id"
+            + page,
             order_id,
-            limit,
+            *_tenant_args(tenant),
+            *page_args,
         )
         return [_shipment(r) for r in rows]
 
-    async def exists(self, shipment_id: uuid.UUID) -> bool:
-        return bool(await self.conn.fetchval("SELECT 1 FROM shipments WHERE shipment_id = $1", shipment_id))
+    async def exists(self, shipment_id: uuid.UUID, *, tenant: Tenant | None = None) -> bool:
+        return bool(
+            await self.conn.fetchval(
+                "SELECT 1 FROM shipments WHERE shipment_id = $1" + _tenant_sql(2),
+                shipment_id,
+                *_tenant_args(tenant),
+            )
+        )
 
     async def add(self, shipment: Shipment) -> None:
         s = shipment
         await self.conn.execute(
             """INSERT INTO shipments (shipment_id, order_id, coi, leg, origin, destination,
                                       material_condition, min_temp_c, max_temp_c, planned_pickup_date,
-                                      status, origin_trace, booking_id, run, status_reason)
-               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12::jsonb, $13, $14, $15)""",
+                                      status, origin_trace, booking_id, run, status_reason, carrier_id)
+               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12::jsonb, $13, $14, $15, $16)""",
             s.shipment_id,
             s.order_id,
             s.coi,
@@ -182,6 +260,7 @@ class PostgresShipments(ShipmentRepository):
             s.booking_id,
             s.run,
             s.status_reason,
+            s.carrier_id,
         )
         await self._log(shipment)
         shipment.saved()
@@ -247,9 +326,14 @@ class PostgresCustody(CustodyRepository):
             )
         )
 
-    async def of_shipment(self, shipment_id: uuid.UUID) -> list[CustodyEvent]:
+    async def of_shipment(
+        self, shipment_id: uuid.UUID, *, limit: int | None = None, offset: int = 0
+    ) -> list[CustodyEvent]:
+        page, page_args = _page(limit, offset, 2)
         rows = await self.conn.fetch(
-            "SELECT * FROM custody_events WHERE shipment_id = $1 ORDER BY occurred_at, id", shipment_id
+            "SELECT * FROM custody_events WHERE shipment_id = $1 ORDER BY occurred_at, id" + page,
+            shipment_id,
+            *page_args,
         )
         return [CustodyEvent(**_values(r, CustodyEvent)) for r in rows]
 
@@ -277,9 +361,14 @@ class PostgresReadings(ReadingRepository):
             )
         )
 
-    async def of_shipment(self, shipment_id: uuid.UUID) -> list[TemperatureReading]:
+    async def of_shipment(
+        self, shipment_id: uuid.UUID, *, limit: int | None = None, offset: int = 0
+    ) -> list[TemperatureReading]:
+        page, page_args = _page(limit, offset, 2)
         rows = await self.conn.fetch(
-            "SELECT * FROM temperature_readings WHERE shipment_id = $1 ORDER BY measured_at, id", shipment_id
+            "SELECT * FROM temperature_readings WHERE shipment_id = $1 ORDER BY measured_at, id" + page,
+            shipment_id,
+            *page_args,
         )
         return [TemperatureReading(**_values(r, TemperatureReading)) for r in rows]
 
@@ -301,6 +390,28 @@ class PostgresEndedOrders(EndedOrderRepository):
         return bool(await self.conn.fetchval("SELECT 1 FROM ended_orders WHERE order_id = $1", order_id))
 
 
+class PostgresRegions(RegionRepository):
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self.conn = conn
+
+    async def remember(self, location_id: str, kind: LocationKind, region: str, as_of: datetime) -> None:
+        await self.conn.execute(
+            """INSERT INTO location_regions (location_id, kind, region, as_of) VALUES ($1, $2, $3, $4)
+               ON CONFLICT (location_id) DO UPDATE SET kind = $2, region = $3, as_of = $4
+               WHERE location_regions.as_of <= EXCLUDED.as_of""",
+            location_id,
+            kind,
+            region,
+            as_of,
+        )
+
+    async def region_of(self, location_id: str) -> str | None:
+        found = await self.conn.fetchval(
+            "SELECT region FROM location_regions WHERE location_id = $1", location_id
+        )
+        return None if found is None else str(found)
+
+
 def tx_factory(conn: asyncpg.Connection, outbox: EventSink) -> LogisticsTx:
     """The runtime's `Tx` for the logistics schema: Postgres repositories on the transaction's connection."""
     return LogisticsTx(
@@ -310,4 +421,5 @@ def tx_factory(conn: asyncpg.Connection, outbox: EventSink) -> LogisticsTx:
         custody=PostgresCustody(conn),
         readings=PostgresReadings(conn),
         ended_orders=PostgresEndedOrders(conn),
+        regions=PostgresRegions(conn),
     )

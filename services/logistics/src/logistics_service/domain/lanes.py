@@ -1,6 +1,7 @@
-"""How each leg travels: the material's condition and its temperature range.
+"""How each leg travels: the material's condition, its temperature range, and the carriers.
 
-The ranges per condition and the outbound product's lane are logistics' own data (seed/logistics.yaml);
+The ranges per condition, the outbound product's lane and the carriers are logistics' own data
+(seed/logistics.yaml);
 the condition an apheresis material travels in is a product fact from the shared catalogue
 (`v2v_contracts.reference`, Product.apheresis_material).
 """
@@ -10,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
+
+from logistics_service.domain.carriers import Carriers
 
 # A product the catalogue does not know (it cannot be ordered, so this is a safety net): fresh material.
 DEFAULT_APHERESIS_MATERIAL: Final = "fresh"
@@ -30,12 +33,13 @@ class Lane:
 
 @dataclass(frozen=True)
 class ShippingLanes:
-    """The temperature range of each material condition, the outbound product's lane, and each
-    product's apheresis material condition."""
+    """The temperature range of each material condition, the outbound product's lane, each product's
+    apheresis material condition, and the carriers that carry the legs."""
 
     ranges: Mapping[str, tuple[float, float]]  # condition -> (min_c, max_c)
     outbound: Lane
     apheresis_material: Mapping[str, str]  # product code -> condition
+    carriers: Carriers
 
     def __post_init__(self) -> None:
         for condition in {*self.apheresis_material.values(), DEFAULT_APHERESIS_MATERIAL}:

@@ -13,10 +13,15 @@ Statuses of a shipment (one leg: inbound apheresis material or outbound product)
        (any live status)             ─▶ stopped              (COI mismatch at a handoff; stays stopped)
 
 Courier milestones may skip steps (a pickup scan without a `booked` scan) but never go back.
+
+Every reason a shipment records (status history, cancellations, ended orders) is a reason code
+(`v2v_contracts.fields.ReasonCode`), never free text: an upstream event's reason is carried only when it
+is a code itself (`reason_code`).
 """
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -25,6 +30,7 @@ from typing import Any, Final, Literal
 
 from logistics_service.domain.lanes import Lane
 from v2v_contracts.errors import Conflict, DomainError, Invalid
+from v2v_contracts.fields import REASON_CODE_PATTERN
 
 Leg = Literal["inbound_apheresis", "outbound_product"]
 
@@ -65,10 +71,25 @@ TRANSITIONS: Final[dict[str, frozenset[str]]] = {
 }
 
 
+def reason_code(prefix: str, detail: str | None = None) -> str:
+    """A reason code: `prefix`, or `prefix:detail` when that is a reason code too. `detail` is an upstream
+    event's reason: carried when it is a code, dropped (never rewritten into one) when it is free text."""
+    if not re.fullmatch(REASON_CODE_PATTERN, prefix):
+        raise ValueError(f"not a reason code: {prefix!r}")
+    if detail:
+        combined = f"{prefix}:{detail}"
+        if len(combined) <= 120 and re.fullmatch(REASON_CODE_PATTERN, combined):
+            return combined
+    return prefix
+
+
 def can_transition(current: str, new: str) -> bool:
     """Whether a shipment may move from `current` to `new` (staying put is always allowed)."""
     return current == new or new in TRANSITIONS.get(current, frozenset())
 
+
+TEMPERATURE_EXCURSION: Final = "temperature_excursion"  # reason of the move an excursion makes
+COI_MISMATCH: Final = "coi_mismatch"  # reason of the stop a COI mismatch makes
 
 SHIPMENT_STATE_TITLE: Final = "Shipment cannot take this input"
 SHIPMENT_STATE_KIND: Final = "shipment-state"
@@ -226,6 +247,7 @@ class Shipment:
     planned_pickup_date: date
     status: str = PLANNED
     created_at: datetime | None = None
+    carrier_id: str | None = None  # the carrier that carries it (None: planned before carriers existed)
     origin_trace: dict[str, str] = field(default_factory=dict)  # W3C context of the order's first trace
     booking_id: uuid.UUID | None = None  # inbound: the site booking it serves
     run: int | None = None  # outbound: the manufacturing run whose product it carries
@@ -249,6 +271,7 @@ class Shipment:
         destination: str,
         lane: Lane,
         pickup: date,
+        carrier_id: str,
         reason: str,
         origin_trace: dict[str, str] | None = None,
         booking_id: uuid.UUID | None = None,
@@ -266,6 +289,7 @@ class Shipment:
             max_temp_c=lane.max_c,
             planned_pickup_date=pickup,
             status=PLANNED,
+            carrier_id=carrier_id,
             origin_trace=dict(origin_trace or {}),
             booking_id=booking_id,
             run=run,
@@ -302,12 +326,12 @@ class Shipment:
             setattr(self, name, value)
         self.dirty = True
 
-    def take_milestone(self, milestone: str, location: str) -> None:
-        """A courier milestone: refused (domain error) or the new status."""
+    def take_milestone(self, milestone: str) -> None:
+        """A courier milestone: refused (domain error) or the new status (where it happened is custody)."""
         refusal = milestone_refusal(self.status, milestone)
         if refusal:
             raise refusal
-        self.move_to(status_after_milestone(self.status, milestone), f"milestone:{milestone} at {location}")
+        self.move_to(status_after_milestone(self.status, milestone), reason_code("milestone", milestone))
 
     def check_reading_allowed(self) -> None:
         refusal = reading_refusal(self.status)
@@ -327,15 +351,14 @@ class Shipment:
             extra: dict[str, Any] = {"excursion_at": measured_at}
             if outcome.new_status != self.status:
                 extra["held_from_status"] = self.status
-            reason = f"excursion: {reading_c} °C outside [{self.min_temp_c}, {self.max_temp_c}]"
-            self.move_to(outcome.new_status, reason, **extra)
+            self.move_to(outcome.new_status, TEMPERATURE_EXCURSION, **extra)
         return outcome
 
-    def stop_on_coi_mismatch(self, where: str) -> None:
+    def stop_on_coi_mismatch(self) -> None:
         """A handoff presented another order's COI: a live shipment stops (no automatic resume)."""
         new_status = status_after_coi_mismatch(self.status)
         extra = {"held_from_status": self.status} if new_status != self.status else {}
-        self.move_to(new_status, f"coi_mismatch at {where}", **extra)
+        self.move_to(new_status, COI_MISMATCH, **extra)
 
     def apheresis_completed(self, collected_at: datetime) -> None:
         extra = {"ready_for_pickup_at": collected_at} if self.ready_for_pickup_at is None else {}

@@ -1,4 +1,13 @@
-"""The logistics HTTP API: shipments, and the courier API (milestones, temperature readings)."""
+"""The logistics HTTP API: shipments, and the courier API (milestones, temperature readings).
+
+Every route declares its scope: reads `shipments:read`, courier reports `shipments:report`. The tenant
+comes from the token, never from the body: a carrier sees and reports on the shipments it carries (another
+carrier's answers 404, like one that does not exist); a centre or a site holding a shipments scope sees
+the legs that start or end there; QA and ops see every shipment.
+
+Requests carry no free text: where, who and from whom are opaque references (`Code`), times are reported
+times ([now - 30 days, now + 5 min]), temperatures finite and within physical bounds, lists are pages.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +15,23 @@ import dataclasses
 import uuid
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from fastapi import APIRouter, Depends, Query
+from pydantic import BaseModel, ConfigDict, Field
 
+from logistics_service.domain.carriers import Tenant
 from logistics_service.domain.shipment import Shipment
 from logistics_service.service_layer import commands, queries
+from v2v_contracts.errors import Forbidden
+from v2v_contracts.fields import Code, Finite, ReportedAt
+from v2v_contracts.scopes import KINDS, TENANT_KINDS
 from v2v_servicekit import Runtime, get_runtime
+from v2v_servicekit.auth import Principal, require_scope
+from v2v_servicekit.idempotency import idempotent
 
 router = APIRouter(prefix="/v1")
+
+READ = "shipments:read"
+REPORT = "shipments:report"
 
 # the resource fields of a shipment, in the table's column order (origin_trace, the trace context kept
 # for span links, is not part of the resource)
@@ -38,62 +56,113 @@ SHIPMENT_FIELDS = (
     "quarantine_decision",
     "status_reason",
     "updated_at",
+    "carrier_id",
 )
+
+# physical bounds of a reported temperature (°C): absolute zero .. well above any shipper's range
+MIN_READING_C = -273.15
+MAX_READING_C = 100.0
 
 
 def _shipment(ship: Shipment) -> dict[str, Any]:
     return {name: getattr(ship, name) for name in SHIPMENT_FIELDS}
 
 
+def tenant_of(principal: Principal, scope: str) -> Tenant | None:
+    """Whose shipments the caller may see: its own (carrier), its legs (centre, site), or all (QA, ops,
+    admin). A kind the platform does not know is refused."""
+    if principal.kind == "carrier":
+        return Tenant(carrier_id=principal.tenant("carrier"))
+    if principal.kind in TENANT_KINDS:
+        return Tenant(location_id=principal.tenant(principal.kind))
+    if principal.kind in KINDS:
+        return None
+    raise Forbidden(scope)
+
+
 Rt = Annotated[Runtime, Depends(get_runtime)]
+Limit = Annotated[int, Query(ge=1, le=queries.MAX_PAGE, description="Page size (at most 200)")]
+Offset = Annotated[int, Query(ge=0, le=queries.MAX_OFFSET, description="Rows to skip (at most 10000)")]
 
 
-@router.get("/shipments", tags=["shipments"], summary="Shipments, optionally for one order")
-async def shipments(rt: Rt, order_id: uuid.UUID | None = None) -> list[dict[str, Any]]:
-    return [_shipment(s) for s in await queries.shipments(rt.uow, order_id)]
+@router.get(
+    "/shipments", tags=["shipments"], summary="Shipments the caller may see, optionally for one order"
+)
+async def shipments(
+    rt: Rt,
+    order_id: uuid.UUID | None = None,
+    limit: Limit = queries.DEFAULT_PAGE,
+    offset: Offset = 0,
+    principal: Principal = require_scope(READ),
+) -> list[dict[str, Any]]:
+    found = await queries.shipments(
+        rt.uow, order_id, tenant=tenant_of(principal, READ), limit=limit, offset=offset
+    )
+    return [_shipment(s) for s in found]
 
 
 @router.get(
     "/shipments/{shipment_id}",
     tags=["shipments"],
-    summary="One shipment: status, lane, temperature range and its status history",
+    summary="One shipment: status, lane, temperature range, carrier and its status history",
 )
-async def shipment(shipment_id: uuid.UUID, rt: Rt) -> dict[str, Any]:
-    ship, history = await queries.shipment(rt.uow, shipment_id)
+async def shipment(
+    shipment_id: uuid.UUID, rt: Rt, principal: Principal = require_scope(READ)
+) -> dict[str, Any]:
+    ship, history = await queries.shipment(rt.uow, shipment_id, tenant=tenant_of(principal, READ))
     return {**_shipment(ship), "status_history": [dataclasses.asdict(h) for h in history]}
+
+
+OptionalReading = Annotated[Finite, Field(ge=MIN_READING_C, le=MAX_READING_C)]
 
 
 class MilestoneIn(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
     milestone: Literal["booked", "picked_up", "in_transit", "delivered"]
-    occurred_at: AwareDatetime
-    location: str = Field(min_length=1, max_length=200, description="Where: site, hub or airport code")
-    handled_by: str = Field(min_length=1, max_length=100, description="Opaque courier or staff reference")
-    received_from: str | None = Field(default=None, max_length=100)
-    coi: str = Field(description="Chain-of-identity id read from the shipper's label; verified")
-    temperature_c: float | None = None
+    occurred_at: ReportedAt = Field(description="When it happened: within the last 30 days, not ahead")
+    location: Code = Field(description="Where: site, centre, hub or airport code (opaque reference)")
+    handled_by: Code = Field(description="Opaque courier or staff reference, never a name")
+    received_from: Code | None = Field(default=None, description="Opaque reference of the previous holder")
+    coi: Code = Field(description="Chain-of-identity id read from the shipper's label; verified")
+    temperature_c: OptionalReading | None = Field(default=None, description="Logger reading in °C, if any")
 
 
 @router.post(
     "/shipments/{shipment_id}/milestones",
+    dependencies=[idempotent()],
     status_code=201,
     tags=["courier"],
     summary="Courier API: a custody milestone (booked, picked up, in transit, delivered)",
 )
-async def milestone(shipment_id: uuid.UUID, body: MilestoneIn, rt: Rt) -> dict[str, Any]:
-    return dict(await commands.record_milestone(rt.uow, shipment_id, **body.model_dump()))
+async def milestone(
+    shipment_id: uuid.UUID, body: MilestoneIn, rt: Rt, principal: Principal = require_scope(REPORT)
+) -> dict[str, Any]:
+    return dict(
+        await commands.record_milestone(
+            rt.uow, shipment_id, tenant=tenant_of(principal, REPORT), **body.model_dump()
+        )
+    )
 
 
 @router.get("/shipments/{shipment_id}/custody", tags=["courier"], summary="Chain of custody of a shipment")
-async def custody_log(shipment_id: uuid.UUID, rt: Rt) -> list[dict[str, Any]]:
-    return [dataclasses.asdict(e) for e in await queries.custody_log(rt.uow, shipment_id)]
+async def custody_log(
+    shipment_id: uuid.UUID,
+    rt: Rt,
+    limit: Limit = queries.MAX_PAGE,
+    offset: Offset = 0,
+    principal: Principal = require_scope(READ),
+) -> list[dict[str, Any]]:
+    found = await queries.custody_log(
+        rt.uow, shipment_id, tenant=tenant_of(principal, READ), limit=limit, offset=offset
+    )
+    return [dataclasses.asdict(e) for e in found]
 
 
 class TemperatureIn(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
-    reading_c: float = Field(ge=-273.15, le=100.0, allow_inf_nan=False, description="Reading in °C")
-    measured_at: AwareDatetime
-    coi: str | None = Field(
+    reading_c: Finite = Field(ge=MIN_READING_C, le=MAX_READING_C, description="Reading in °C")
+    measured_at: ReportedAt = Field(description="When it was measured: within the last 30 days, not ahead")
+    coi: Code | None = Field(
         default=None,
         description="Chain-of-identity id on the logger's shipper, when it reports one; verified",
     )
@@ -101,18 +170,34 @@ class TemperatureIn(BaseModel):
 
 @router.post(
     "/shipments/{shipment_id}/temperature",
+    dependencies=[idempotent()],
     status_code=201,
     tags=["courier"],
     summary="Courier API: a temperature reading; outside the shipment's range it is an excursion",
 )
-async def temperature(shipment_id: uuid.UUID, body: TemperatureIn, rt: Rt) -> dict[str, Any]:
-    return dict(await commands.record_temperature(rt.uow, shipment_id, **body.model_dump()))
+async def temperature(
+    shipment_id: uuid.UUID, body: TemperatureIn, rt: Rt, principal: Principal = require_scope(REPORT)
+) -> dict[str, Any]:
+    return dict(
+        await commands.record_temperature(
+            rt.uow, shipment_id, tenant=tenant_of(principal, REPORT), **body.model_dump()
+        )
+    )
 
 
 @router.get(
     "/shipments/{shipment_id}/temperature",
     tags=["courier"],
-    summary="Every temperature reading of a shipment, in measurement order",
+    summary="The temperature readings of a shipment, in measurement order",
 )
-async def temperature_log(shipment_id: uuid.UUID, rt: Rt) -> list[dict[str, Any]]:
-    return [dataclasses.asdict(r) for r in await queries.temperature_log(rt.uow, shipment_id)]
+async def temperature_log(
+    shipment_id: uuid.UUID,
+    rt: Rt,
+    limit: Limit = queries.MAX_PAGE,
+    offset: Offset = 0,
+    principal: Principal = require_scope(READ),
+) -> list[dict[str, Any]]:
+    found = await queries.temperature_log(
+        rt.uow, shipment_id, tenant=tenant_of(principal, READ), limit=limit, offset=offset
+    )
+    return [dataclasses.asdict(r) for r in found]

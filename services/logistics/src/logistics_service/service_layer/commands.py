@@ -7,6 +7,9 @@ as span attributes, and links to the order's first trace (stored with the shipme
 Every input that carries a COI checks its check character (Invalid, 422 naming `coi`) and that it is the
 shipment's. A mismatch refuses the input (CoiMismatch, 409), and in a transaction of its own that commits
 before the refusal, stops the shipment and publishes `logistics.coi_mismatch_detected.v1`.
+
+A tenant-bound caller (a carrier) reports on its own shipments only: another's is NotFound (404), checked
+before anything else about the shipment, so a foreign shipment is neither revealed nor stopped.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Final, Literal, TypedDict
 from opentelemetry import trace
 
 from logistics_service.adapters.repository import LogisticsTx
+from logistics_service.domain.carriers import Tenant
 from logistics_service.domain.shipment import CustodyEvent, Shipment, TemperatureReading
 from v2v_contracts import (
     CoiMismatchDetectedV1,
@@ -69,8 +73,8 @@ def _check_coi(coi: str) -> None:
         raise Invalid("coi", problem)
 
 
-async def _lock(tx: LogisticsTx, shipment_id: uuid.UUID) -> Shipment:
-    ship = await tx.shipments.get(shipment_id, lock=True)
+async def _lock(tx: LogisticsTx, shipment_id: uuid.UUID, tenant: Tenant | None) -> Shipment:
+    ship = await tx.shipments.get(shipment_id, lock=True, tenant=tenant)
     if ship is None:
         raise NotFound("Shipment", shipment_id)
     set_order_attributes(ship.order_id, ship.coi)
@@ -92,13 +96,14 @@ async def record_milestone(
     received_from: str | None,
     coi: str,
     temperature_c: float | None,
+    tenant: Tenant | None = None,
 ) -> MilestoneRecorded:
     """A courier milestone: custody recorded, status moved, `shipment_milestone` published; a reading it
     carries gets the same check as any other."""
     _check_coi(coi)
     result: MilestoneRecorded | None = None
     async with uow.begin() as tx:
-        ship = await _lock(tx, shipment_id)
+        ship = await _lock(tx, shipment_id, tenant)
         with tracer.start_as_current_span(
             "courier milestone",
             links=links_to(ship.origin_trace),
@@ -135,7 +140,7 @@ async def _apply_milestone(
     received_from: str | None,
     temperature_c: float | None,
 ) -> MilestoneRecorded:
-    ship.take_milestone(milestone, location)  # refused: Invalid (goes back) or Conflict (halted)
+    ship.take_milestone(milestone)  # refused: Invalid (goes back) or Conflict (halted)
     custody_id = await tx.custody.add(
         CustodyEvent(
             shipment_id=ship.shipment_id,
@@ -191,13 +196,14 @@ async def record_temperature(
     reading_c: float,
     measured_at: datetime,
     coi: str | None = None,
+    tenant: Tenant | None = None,
 ) -> ReadingRecorded:
     """A temperature logger reading: recorded; outside the range, the shipment is compromised."""
     if coi is not None:
         _check_coi(coi)
     result: ReadingRecorded | None = None
     async with uow.begin() as tx:
-        ship = await _lock(tx, shipment_id)
+        ship = await _lock(tx, shipment_id, tenant)
         with tracer.start_as_current_span(
             "courier temperature reading",
             links=links_to(ship.origin_trace),
@@ -295,7 +301,7 @@ async def _stop_on_coi_mismatch(tx: LogisticsTx, ship: Shipment, where: str) -> 
     The caller commits this transaction before it refuses the request (409), so neither the stop nor the
     alert is rolled back with the refusal.
     """
-    ship.stop_on_coi_mismatch(where)
+    ship.stop_on_coi_mismatch()
     await tx.shipments.save(ship)
     await tx.publish(CoiMismatchDetectedV1(**ship.refs(), shipment_id=ship.shipment_id, where=where))
     log.error(

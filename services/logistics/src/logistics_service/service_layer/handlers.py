@@ -6,7 +6,14 @@ order that arrive on different topics (a cancellation crossing a release) are ap
 other (`tx.shipments.serialise_order`).
 
 `handlers` holds those that need nothing but the transaction; `build_handlers(lanes)` adds the planning
-ones, which need the shipping lanes read at start-up (config.load_shipping_lanes).
+ones, which need the shipping lanes and carriers read at start-up (config.load_shipping_lanes).
+
+A planned leg gets its carrier (domain/carriers.py) from the regions of its two ends, which logistics
+learns from `site.registered` (a site's region) and `order.submitted` (the centre's region).
+
+Reasons recorded and published are reason codes: an upstream event's reason is carried only when it is a
+code itself (`rules.reason_code`), so free text typed by staff never reaches this service's tables or
+events.
 """
 
 from __future__ import annotations
@@ -15,18 +22,21 @@ import uuid
 
 from logistics_service.adapters.repository import LogisticsTx
 from logistics_service.domain import shipment as rules
+from logistics_service.domain.carriers import Carrier
 from logistics_service.domain.lanes import ShippingLanes
-from logistics_service.domain.shipment import Shipment
+from logistics_service.domain.shipment import Shipment, reason_code
 from v2v_contracts import (
     ApheresisCompletedV1,
     BookingCancelledV1,
     BookingConfirmedV1,
     OrderCancelledV1,
     OrderFailedV1,
+    OrderSubmittedV1,
     ProductReleasedV1,
     QuarantineDecidedV1,
     ShipmentCancelledV1,
     ShipmentPlannedV1,
+    SiteRegisteredV1,
 )
 from v2v_messaging import EventMeta, HandlerRegistry
 from v2v_observability import current_traceparent, get_logger
@@ -53,8 +63,36 @@ async def _plan(
             temperature_range_c=(ship.min_temp_c, ship.max_temp_c),
             planned_pickup_date=ship.planned_pickup_date,
             slot_id=slot_id,
+            carrier_id=ship.carrier_id,
         )
     )
+
+
+async def _carrier(tx: LogisticsTx, lanes: ShippingLanes, origin: str, destination: str) -> Carrier:
+    """The carrier of a new leg, from the regions of its ends (the broadest one where a region is unknown)."""
+    origin_region = await tx.regions.region_of(origin)
+    destination_region = await tx.regions.region_of(destination)
+    carrier = lanes.carriers.for_lane(origin, destination, origin_region, destination_region)
+    if origin_region is None or destination_region is None:
+        log.warning(
+            "region of a leg's end not known yet: the broadest carrier carries it",
+            origin_known=origin_region is not None,
+            destination_known=destination_region is not None,
+            carrier_id=carrier.carrier_id,
+        )
+    return carrier
+
+
+@handlers.on(SiteRegisteredV1)
+async def site_registered(tx: LogisticsTx, site: SiteRegisteredV1, meta: EventMeta) -> None:
+    """A site's registry entry: its region, for the choice of carriers."""
+    await tx.regions.remember(site.site_id, "site", site.region, meta.time)
+
+
+@handlers.on(OrderSubmittedV1)
+async def order_submitted(tx: LogisticsTx, order: OrderSubmittedV1, meta: EventMeta) -> None:
+    """An order names its treatment centre's region: kept for the choice of carriers."""
+    await tx.regions.remember(order.treatment_center_id, "centre", order.region, meta.time)
 
 
 async def plan_inbound(tx: LogisticsTx, booking: BookingConfirmedV1, lanes: ShippingLanes) -> None:
@@ -78,6 +116,7 @@ async def plan_inbound(tx: LogisticsTx, booking: BookingConfirmedV1, lanes: Ship
     if not lanes.knows(booking.product_code):
         log.warning("product not in the catalogue: inbound shipped fresh", product_code=booking.product_code)
     lane = lanes.inbound(booking.product_code)
+    carrier = await _carrier(tx, lanes, booking.treatment_center_id, booking.site_id)
     ship = Shipment.plan(
         order_id=booking.order_id,
         coi=booking.coi,
@@ -86,12 +125,18 @@ async def plan_inbound(tx: LogisticsTx, booking: BookingConfirmedV1, lanes: Ship
         destination=booking.site_id,
         lane=lane,
         pickup=booking.apheresis_date,
+        carrier_id=carrier.carrier_id,
         booking_id=booking.booking_id,
         origin_trace=current_traceparent(),
-        reason=f"booking_confirmed:{booking.booking_id}",
+        reason="booking_confirmed",
     )
     await _plan(tx, ship, treatment_center_id=booking.treatment_center_id, slot_id=booking.slot_id)
-    log.info("inbound shipment planned", site_id=booking.site_id, condition=lane.condition)
+    log.info(
+        "inbound shipment planned",
+        site_id=booking.site_id,
+        condition=lane.condition,
+        carrier_id=carrier.carrier_id,
+    )
 
 
 async def plan_outbound(tx: LogisticsTx, released: ProductReleasedV1, lanes: ShippingLanes) -> None:
@@ -114,6 +159,7 @@ async def plan_outbound(tx: LogisticsTx, released: ProductReleasedV1, lanes: Shi
             holder=str(holder.shipment_id) if holder else None,
         )
         return
+    carrier = await _carrier(tx, lanes, released.site_id, released.treatment_center_id)
     ship = Shipment.plan(
         order_id=released.order_id,
         coi=released.coi,
@@ -122,9 +168,10 @@ async def plan_outbound(tx: LogisticsTx, released: ProductReleasedV1, lanes: Shi
         destination=released.treatment_center_id,
         lane=lanes.outbound,
         pickup=released.released_at.date(),
+        carrier_id=carrier.carrier_id,
         run=released.run,
         origin_trace=current_traceparent(),
-        reason=f"product_released:run {released.run}",
+        reason="product_released",
     )
     await _plan(tx, ship, treatment_center_id=released.treatment_center_id, slot_id=None)
     log.info(
@@ -132,6 +179,7 @@ async def plan_outbound(tx: LogisticsTx, released: ProductReleasedV1, lanes: Shi
         site_id=released.site_id,
         run=released.run,
         condition=lanes.outbound.condition,
+        carrier_id=carrier.carrier_id,
     )
 
 
@@ -151,7 +199,8 @@ async def ready_for_pickup(tx: LogisticsTx, done: ApheresisCompletedV1, meta: Ev
 
 
 async def _cancel(tx: LogisticsTx, ship: Shipment, reason: str) -> None:
-    """Cancel one shipment and publish `logistics.shipment_cancelled.v1` in the same transaction."""
+    """Cancel one shipment and publish `logistics.shipment_cancelled.v1` in the same transaction
+    (`reason`: a reason code)."""
     before = ship.status
     ship.cancel(reason)
     await tx.shipments.save(ship)
@@ -171,10 +220,11 @@ async def _cancel_order_shipments(tx: LogisticsTx, order_id: uuid.UUID, outcome:
     """Order cancelled or failed (compensation): every shipment not yet delivered is cancelled, and
     later facts plan nothing for the order."""
     await tx.shipments.serialise_order(order_id)
-    await tx.ended_orders.add(order_id, outcome, reason)
+    code = reason_code(f"order_{outcome}", reason)
+    await tx.ended_orders.add(order_id, outcome, code)
     for ship in await tx.shipments.of_order(order_id, lock=True):
         if rules.cancellable_on_order_end(ship.status):
-            await _cancel(tx, ship, f"order_{outcome}: {reason}")
+            await _cancel(tx, ship, code)
 
 
 @handlers.on(OrderCancelledV1)
@@ -196,7 +246,7 @@ async def booking_cancelled(tx: LogisticsTx, cancelled: BookingCancelledV1, meta
         if ship.booking_id not in (cancelled.booking_id, None):
             continue
         if rules.cancellable_on_booking_cancelled(ship.leg, ship.status):
-            await _cancel(tx, ship, f"booking_cancelled: {cancelled.reason}")
+            await _cancel(tx, ship, reason_code("booking_cancelled", cancelled.reason))
         elif ship.status != rules.CANCELLED:
             log.info(
                 "booking cancelled but the inbound shipment is past pickup: kept",
@@ -221,7 +271,9 @@ async def quarantine_decided(tx: LogisticsTx, decided: QuarantineDecidedV1, meta
     ship = compromised[-1]  # the newest
     holder = rules.lane_holder(outbound)
     resumed = ship.quarantine_decided(
-        decided.decision, f"quarantine_{decided.decision}: {decided.reason}", lane_taken=holder is not None
+        decided.decision,
+        reason_code(f"quarantine_{decided.decision}", decided.reason),
+        lane_taken=holder is not None,
     )
     await tx.shipments.save(ship)
     if resumed:

@@ -12,6 +12,7 @@ one delivery per target and event; leases; cancelled e-mails of a removed recipi
 from __future__ import annotations
 
 import copy
+import dataclasses
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -82,6 +83,8 @@ class Row:
 class MemoryStore:
     now: datetime = field(default_factory=lambda: datetime.now(UTC))
     subscriptions: dict[uuid.UUID, Subscription] = field(default_factory=dict)
+    # per subscription: (sealed secret, sealed replaced secret or None) as the table keeps them
+    sealed: dict[uuid.UUID, tuple[bytes, bytes | None]] = field(default_factory=dict)
     recipients: dict[uuid.UUID, Recipient] = field(default_factory=dict)
     rows: dict[uuid.UUID, Row] = field(default_factory=dict)  # deliveries of both channels, in order
     wakes: dict[str, int] = field(default_factory=lambda: {"webhook": 0, "email": 0})
@@ -100,14 +103,26 @@ class MemoryStore:
 
     def snapshot(self) -> dict[str, Any]:
         return copy.deepcopy(
-            {"subscriptions": self.subscriptions, "recipients": self.recipients, "rows": self.rows}
+            {
+                "subscriptions": self.subscriptions,
+                "sealed": self.sealed,
+                "recipients": self.recipients,
+                "rows": self.rows,
+            }
         ) | {"wakes": dict(self.wakes)}
 
     def restore(self, saved: dict[str, Any]) -> None:
         self.subscriptions = saved["subscriptions"]
+        self.sealed = saved["sealed"]
         self.recipients = saved["recipients"]
         self.rows = saved["rows"]
         self.wakes = saved["wakes"]
+
+
+def _of_tenant(centre: str, tenant: str | None, treatment_center_id: str | None = None) -> bool:
+    return (tenant is None or centre == tenant) and (
+        treatment_center_id is None or centre == treatment_center_id
+    )
 
 
 class MemorySubscriptions(SubscriptionRepository):
@@ -119,30 +134,48 @@ class MemorySubscriptions(SubscriptionRepository):
         subscription_id: uuid.UUID,
         treatment_center_id: str,
         url: str,
-        secret: str,
+        sealed_secret: bytes,
         event_types: list[str] | None,
     ) -> Subscription:
         sub = Subscription(
             subscription_id=subscription_id,
             treatment_center_id=treatment_center_id,
             url=url,
-            secret=secret,
             event_types=None if event_types is None else list(event_types),
             active=True,
             created_at=self.store.now,
         )
         self.store.subscriptions[subscription_id] = sub
+        self.store.sealed[subscription_id] = (sealed_secret, None)
         return sub
 
-    async def get(self, subscription_id: uuid.UUID) -> Subscription | None:
-        return self.store.subscriptions.get(subscription_id)
+    async def get(self, subscription_id: uuid.UUID, tenant: str | None = None) -> Subscription | None:
+        sub = self.store.subscriptions.get(subscription_id)
+        return sub if sub is not None and _of_tenant(sub.treatment_center_id, tenant) else None
 
-    async def for_centre(self, treatment_center_id: str | None) -> list[Subscription]:
-        return [
+    async def search(
+        self, tenant: str | None, treatment_center_id: str | None = None, *, limit: int = 100, offset: int = 0
+    ) -> list[Subscription]:
+        found = [
             s
             for s in self.store.subscriptions.values()
-            if treatment_center_id is None or s.treatment_center_id == treatment_center_id
+            if _of_tenant(s.treatment_center_id, tenant, treatment_center_id)
         ]
+        return found[offset : offset + limit]
+
+    async def rotate_secret(
+        self, subscription_id: uuid.UUID, tenant: str | None, sealed_secret: bytes, overlap: timedelta
+    ) -> Subscription | None:
+        sub = await self.get(subscription_id, tenant)
+        if sub is None or not sub.active:
+            return None
+        current, _ = self.store.sealed[subscription_id]
+        self.store.sealed[subscription_id] = (sealed_secret, current)
+        rotated = dataclasses.replace(
+            sub, secret_rotated_at=self.store.now, previous_secret_expires_at=self.store.now + overlap
+        )
+        self.store.subscriptions[subscription_id] = rotated
+        return rotated
 
     async def matching(self, treatment_center_id: str, event_type: str) -> list[uuid.UUID]:
         return [
@@ -173,20 +206,23 @@ class MemoryRecipients(RecipientRepository):
         self.store.recipients[recipient_id] = recipient
         return recipient
 
-    async def get(self, recipient_id: uuid.UUID) -> Recipient | None:
+    async def get(self, recipient_id: uuid.UUID, tenant: str | None = None) -> Recipient | None:
         r = self.store.recipients.get(recipient_id)
-        return r if r is not None and r.active else None
+        return r if r is not None and r.active and _of_tenant(r.treatment_center_id, tenant) else None
 
-    async def for_centre(self, treatment_center_id: str | None) -> list[Recipient]:
-        return [
+    async def search(
+        self, tenant: str | None, treatment_center_id: str | None = None, *, limit: int = 100, offset: int = 0
+    ) -> list[Recipient]:
+        found = [
             r
             for r in self.store.recipients.values()
-            if r.active and (treatment_center_id is None or r.treatment_center_id == treatment_center_id)
+            if r.active and _of_tenant(r.treatment_center_id, tenant, treatment_center_id)
         ]
+        return found[offset : offset + limit]
 
-    async def remove(self, recipient_id: uuid.UUID) -> bool:
-        r = self.store.recipients.get(recipient_id)
-        if r is None or not r.active:
+    async def remove(self, recipient_id: uuid.UUID, tenant: str | None = None) -> bool:
+        r = await self.get(recipient_id, tenant)
+        if r is None:
             return False
         self.store.recipients[recipient_id] = Recipient(
             recipient_id=r.recipient_id,
@@ -300,8 +336,17 @@ class MemoryWebhookQueue(_MemoryQueue[WebhookDelivery], WebhookQueue):
 
     def _delivery(self, row: Row) -> WebhookDelivery:
         sub = self.store.subscriptions[row.target_id]
+        current, previous = self.store.sealed[sub.subscription_id]
+        overlapping = (
+            sub.previous_secret_expires_at is not None and sub.previous_secret_expires_at > self.store.now
+        )
+        sealed = (current, previous) if previous is not None and overlapping else (current,)
         return WebhookDelivery(
-            **_ref(row), subscription_id=sub.subscription_id, url=sub.url, secret=sub.secret, **row.content
+            **_ref(row),
+            subscription_id=sub.subscription_id,
+            url=sub.url,
+            sealed_secrets=sealed,
+            **row.content,
         )
 
     async def enqueue(self, subscription_ids: Sequence[uuid.UUID], event: EventRef, payload: bytes) -> None:
@@ -324,7 +369,7 @@ class MemoryEmailQueue(_MemoryQueue[EmailDelivery], EmailQueue):
         for row in self.store.deliveries(self.channel):
             if row.target_id == recipient_id and row.status == "pending":
                 row.status, row.lease_until = "cancelled", None
-                row.last_error = row.last_error or "recipient removed"
+                row.last_error = row.last_error or "recipient_removed"
 
 
 class MemoryDeliveryLog(DeliveryLog):
@@ -339,14 +384,17 @@ class MemoryDeliveryLog(DeliveryLog):
             "subscription_id": where.subscription_id,
             "recipient_id": where.recipient_id,
             "status": where.status,
+            "treatment_center_id": where.tenant,
         }
         entries = [e for e in entries if all(v is None or e[k] == v for k, v in wanted.items())]
+        if where.treatment_center_id is not None:
+            entries = [e for e in entries if e["treatment_center_id"] == where.treatment_center_id]
         entries.sort(key=lambda e: e["created_at"], reverse=True)  # stable: the newest row first on ties
-        return entries[: where.limit]
+        return entries[where.offset : where.offset + where.limit]
 
-    async def get(self, delivery_id: uuid.UUID) -> dict[str, Any] | None:
+    async def get(self, delivery_id: uuid.UUID, tenant: str | None = None) -> dict[str, Any] | None:
         row = self.store.rows.get(delivery_id)
-        if row is None:
+        if row is None or not _of_tenant(row.event.treatment_center_id, tenant):
             return None
         return {**row.log_entry(), "attempt_log": [dict(a) for a in row.attempt_log]}
 

@@ -70,21 +70,34 @@ async def wakeups(pool: asyncpg.Pool, channel: str) -> AsyncIterator[asyncio.Eve
 
 
 class SubscriptionRepository(abc.ABC):
+    """`tenant`: the treatment centre the caller is confined to (None: not confined). A subscription of
+    another centre is not there for it."""
+
     @abc.abstractmethod
     async def add(
         self,
         subscription_id: uuid.UUID,
         treatment_center_id: str,
         url: str,
-        secret: str,
+        sealed_secret: bytes,
         event_types: list[str] | None,
     ) -> Subscription: ...
 
     @abc.abstractmethod
-    async def get(self, subscription_id: uuid.UUID) -> Subscription | None: ...
+    async def get(self, subscription_id: uuid.UUID, tenant: str | None = None) -> Subscription | None: ...
 
     @abc.abstractmethod
-    async def for_centre(self, treatment_center_id: str | None) -> list[Subscription]: ...
+    async def search(
+        self, tenant: str | None, treatment_center_id: str | None = None, *, limit: int = 100, offset: int = 0
+    ) -> list[Subscription]:
+        """The subscriptions of the tenant (and of `treatment_center_id` when given), oldest first."""
+
+    @abc.abstractmethod
+    async def rotate_secret(
+        self, subscription_id: uuid.UUID, tenant: str | None, sealed_secret: bytes, overlap: timedelta
+    ) -> Subscription | None:
+        """Replace an active subscription's secret; the replaced one keeps signing for `overlap` (the one
+        it had replaced, if any, stops). None when there is no such active subscription for the tenant."""
 
     @abc.abstractmethod
     async def matching(self, treatment_center_id: str, event_type: str) -> list[uuid.UUID]:
@@ -96,11 +109,16 @@ def _subscription(row: asyncpg.Record) -> Subscription:
         subscription_id=row["subscription_id"],
         treatment_center_id=row["treatment_center_id"],
         url=row["url"],
-        secret=row["secret"],
         event_types=row["event_types"],
         active=row["active"],
         created_at=row["created_at"],
+        secret_rotated_at=row["secret_rotated_at"],
+        previous_secret_expires_at=row["previous_secret_expires_at"],
     )
+
+
+_SUBSCRIPTION_COLUMNS = """subscription_id, treatment_center_id, url, event_types, active, created_at,
+                           secret_rotated_at, previous_secret_expires_at"""
 
 
 class PgSubscriptions(SubscriptionRepository):
@@ -112,34 +130,61 @@ class PgSubscriptions(SubscriptionRepository):
         subscription_id: uuid.UUID,
         treatment_center_id: str,
         url: str,
-        secret: str,
+        sealed_secret: bytes,
         event_types: list[str] | None,
     ) -> Subscription:
         row = await self.conn.fetchrow(
-            """INSERT INTO subscriptions (subscription_id, treatment_center_id, url, secret, event_types)
-               VALUES ($1, $2, $3, $4, $5) RETURNING *""",
+            f"""INSERT INTO subscriptions
+                    (subscription_id, treatment_center_id, url, secret_sealed, event_types)
+                VALUES ($1, $2, $3, $4, $5) RETURNING {_SUBSCRIPTION_COLUMNS}""",
             subscription_id,
             treatment_center_id,
             url,
-            secret,
+            sealed_secret,
             event_types,
         )
         assert row is not None
         return _subscription(row)
 
-    async def get(self, subscription_id: uuid.UUID) -> Subscription | None:
+    async def get(self, subscription_id: uuid.UUID, tenant: str | None = None) -> Subscription | None:
         row = await self.conn.fetchrow(
-            "SELECT * FROM subscriptions WHERE subscription_id = $1", subscription_id
+            f"""SELECT {_SUBSCRIPTION_COLUMNS} FROM subscriptions
+                WHERE subscription_id = $1 AND ($2::text IS NULL OR treatment_center_id = $2)""",
+            subscription_id,
+            tenant,
         )
         return None if row is None else _subscription(row)
 
-    async def for_centre(self, treatment_center_id: str | None) -> list[Subscription]:
+    async def search(
+        self, tenant: str | None, treatment_center_id: str | None = None, *, limit: int = 100, offset: int = 0
+    ) -> list[Subscription]:
         rows = await self.conn.fetch(
-            """SELECT * FROM subscriptions WHERE ($1::text IS NULL OR treatment_center_id = $1)
-               ORDER BY created_at""",
+            f"""SELECT {_SUBSCRIPTION_COLUMNS} FROM subscriptions
+                WHERE ($1::text IS NULL OR treatment_center_id = $1)
+                  AND ($2::text IS NULL OR treatment_center_id = $2)
+                ORDER BY created_at, subscription_id LIMIT $3 OFFSET $4""",
+            tenant,
             treatment_center_id,
+            limit,
+            offset,
         )
         return [_subscription(r) for r in rows]
+
+    async def rotate_secret(
+        self, subscription_id: uuid.UUID, tenant: str | None, sealed_secret: bytes, overlap: timedelta
+    ) -> Subscription | None:
+        row = await self.conn.fetchrow(
+            f"""UPDATE subscriptions
+                SET previous_secret_sealed = secret_sealed, previous_secret_expires_at = now() + $4::interval,
+                    secret_sealed = $3, secret_rotated_at = now()
+                WHERE subscription_id = $1 AND ($2::text IS NULL OR treatment_center_id = $2) AND active
+                RETURNING {_SUBSCRIPTION_COLUMNS}""",
+            subscription_id,
+            tenant,
+            sealed_secret,
+            overlap,
+        )
+        return None if row is None else _subscription(row)
 
     async def matching(self, treatment_center_id: str, event_type: str) -> list[uuid.UUID]:
         rows = await self.conn.fetch(
@@ -156,6 +201,8 @@ class PgSubscriptions(SubscriptionRepository):
 
 
 class RecipientRepository(abc.ABC):
+    """`tenant`: the treatment centre the caller is confined to (None: not confined)."""
+
     @abc.abstractmethod
     async def add(
         self, recipient_id: uuid.UUID, treatment_center_id: str, email: str, event_types: list[str] | None
@@ -164,16 +211,18 @@ class RecipientRepository(abc.ABC):
         of the centre."""
 
     @abc.abstractmethod
-    async def get(self, recipient_id: uuid.UUID) -> Recipient | None:
-        """An active recipient."""
+    async def get(self, recipient_id: uuid.UUID, tenant: str | None = None) -> Recipient | None:
+        """An active recipient (of the tenant)."""
 
     @abc.abstractmethod
-    async def for_centre(self, treatment_center_id: str | None) -> list[Recipient]:
-        """The active recipients, oldest first."""
+    async def search(
+        self, tenant: str | None, treatment_center_id: str | None = None, *, limit: int = 100, offset: int = 0
+    ) -> list[Recipient]:
+        """The active recipients of the tenant (and of `treatment_center_id` when given), oldest first."""
 
     @abc.abstractmethod
-    async def remove(self, recipient_id: uuid.UUID) -> bool:
-        """Deactivate an active recipient; False when there is none with this id."""
+    async def remove(self, recipient_id: uuid.UUID, tenant: str | None = None) -> bool:
+        """Deactivate an active recipient (of the tenant); False when there is none with this id."""
 
     @abc.abstractmethod
     async def matching(self, treatment_center_id: str, event_type: str) -> list[uuid.UUID]:
@@ -210,25 +259,37 @@ class PgRecipients(RecipientRepository):
         )
         return None if row is None else _recipient(row)
 
-    async def get(self, recipient_id: uuid.UUID) -> Recipient | None:
+    async def get(self, recipient_id: uuid.UUID, tenant: str | None = None) -> Recipient | None:
         row = await self.conn.fetchrow(
-            "SELECT * FROM email_recipients WHERE recipient_id = $1 AND active", recipient_id
+            """SELECT * FROM email_recipients
+               WHERE recipient_id = $1 AND active AND ($2::text IS NULL OR treatment_center_id = $2)""",
+            recipient_id,
+            tenant,
         )
         return None if row is None else _recipient(row)
 
-    async def for_centre(self, treatment_center_id: str | None) -> list[Recipient]:
+    async def search(
+        self, tenant: str | None, treatment_center_id: str | None = None, *, limit: int = 100, offset: int = 0
+    ) -> list[Recipient]:
         rows = await self.conn.fetch(
-            """SELECT * FROM email_recipients WHERE active AND ($1::text IS NULL OR treatment_center_id = $1)
-               ORDER BY created_at""",
+            """SELECT * FROM email_recipients
+               WHERE active AND ($1::text IS NULL OR treatment_center_id = $1)
+                 AND ($2::text IS NULL OR treatment_center_id = $2)
+               ORDER BY created_at, recipient_id LIMIT $3 OFFSET $4""",
+            tenant,
             treatment_center_id,
+            limit,
+            offset,
         )
         return [_recipient(r) for r in rows]
 
-    async def remove(self, recipient_id: uuid.UUID) -> bool:
+    async def remove(self, recipient_id: uuid.UUID, tenant: str | None = None) -> bool:
         removed = await self.conn.fetchval(
             """UPDATE email_recipients SET active = false, removed_at = now()
-               WHERE recipient_id = $1 AND active RETURNING true""",
+               WHERE recipient_id = $1 AND active AND ($2::text IS NULL OR treatment_center_id = $2)
+               RETURNING true""",
             recipient_id,
+            tenant,
         )
         return bool(removed)
 
@@ -326,7 +387,7 @@ class _PgQueue(DeliveryQueue[D]):
     attempts_table: ClassVar[str]  # one row per attempt
     target_table: ClassVar[str]  # what a delivery goes to (joined into the leased row)
     target_key: ClassVar[str]
-    target_columns: ClassVar[tuple[str, ...]]
+    target_select: ClassVar[str]  # SQL expressions over the target `t` joined into the leased row
 
     def __init__(self, conn: asyncpg.Connection) -> None:
         self.conn = conn
@@ -338,7 +399,7 @@ class _PgQueue(DeliveryQueue[D]):
         await self.conn.execute("SELECT pg_notify($1 || current_schema(), '')", self.channel)
 
     async def claim_due(self, limit: int, lease: timedelta) -> list[D]:
-        target = ", ".join(f"t.{c}" for c in self.target_columns)
+        target = self.target_select
         rows = await self.conn.fetch(
             f"""UPDATE {self.table} d SET lease_until = now() + $2::interval
                 FROM {self.target_table} t
@@ -446,14 +507,18 @@ class PgWebhookQueue(_PgQueue[WebhookDelivery], WebhookQueue):
     attempts_table = "delivery_attempts"
     target_table = "subscriptions"
     target_key = "subscription_id"
-    target_columns = ("url", "secret")
+    # the replaced secret signs too until its overlap ends (the database's clock decides)
+    target_select = """t.url, t.secret_sealed,
+        CASE WHEN t.previous_secret_expires_at > now() THEN t.previous_secret_sealed END
+            AS previous_secret_sealed"""
 
     def _delivery(self, row: asyncpg.Record) -> WebhookDelivery:
+        sealed = (row["secret_sealed"], row["previous_secret_sealed"])
         return WebhookDelivery(
             **_ref(row),
             subscription_id=row["subscription_id"],
             url=row["url"],
-            secret=row["secret"],
+            sealed_secrets=tuple(bytes(s) for s in sealed if s is not None),
             payload=bytes(row["payload"]),
         )
 
@@ -513,7 +578,7 @@ class PgEmailQueue(_PgQueue[EmailDelivery], EmailQueue):
     attempts_table = "email_delivery_attempts"
     target_table = "email_recipients"
     target_key = "recipient_id"
-    target_columns = ("email",)
+    target_select = "t.email"
 
     def _delivery(self, row: asyncpg.Record) -> EmailDelivery:
         return EmailDelivery(
@@ -550,7 +615,7 @@ class PgEmailQueue(_PgQueue[EmailDelivery], EmailQueue):
     async def cancel_pending(self, recipient_id: uuid.UUID) -> None:
         await self.conn.execute(
             """UPDATE email_deliveries SET status = 'cancelled', lease_until = NULL,
-                      last_error = coalesce(last_error, 'recipient removed')
+                      last_error = coalesce(last_error, 'recipient_removed')
                WHERE recipient_id = $1 AND status = 'pending'""",
             recipient_id,
         )
@@ -561,22 +626,26 @@ class PgEmailQueue(_PgQueue[EmailDelivery], EmailQueue):
 
 @dataclass(frozen=True)
 class DeliveryFilter:
+    tenant: str | None = None  # the treatment centre the caller is confined to
     order_id: uuid.UUID | None = None
     channel: str | None = None  # webhook | email
     subscription_id: uuid.UUID | None = None
     recipient_id: uuid.UUID | None = None
     status: str | None = None
     limit: int = 100
+    offset: int = 0
+    treatment_center_id: str | None = None  # a filter (within the tenant's rows)
 
 
 class DeliveryLog(abc.ABC):
     @abc.abstractmethod
     async def search(self, where: DeliveryFilter) -> list[dict[str, Any]]:
-        """Deliveries of both channels, newest first."""
+        """Deliveries of both channels, newest first (`last_error`: a failure category)."""
 
     @abc.abstractmethod
-    async def get(self, delivery_id: uuid.UUID) -> dict[str, Any] | None:
-        """One delivery with its `attempt_log` (attempt, attempted_at, status_code, error, duration_ms)."""
+    async def get(self, delivery_id: uuid.UUID, tenant: str | None = None) -> dict[str, Any] | None:
+        """One delivery (of the tenant) with its `attempt_log` (attempt, attempted_at, status_code, error,
+        duration_ms)."""
 
 
 class PgDeliveryLog(DeliveryLog):
@@ -588,18 +657,28 @@ class PgDeliveryLog(DeliveryLog):
             """SELECT * FROM delivery_log WHERE ($1::uuid IS NULL OR order_id = $1)
                  AND ($2::text IS NULL OR channel = $2) AND ($3::uuid IS NULL OR subscription_id = $3)
                  AND ($4::uuid IS NULL OR recipient_id = $4) AND ($5::text IS NULL OR status = $5)
-               ORDER BY created_at DESC LIMIT $6""",
+                 AND ($6::text IS NULL OR treatment_center_id = $6)
+                 AND ($9::text IS NULL OR treatment_center_id = $9)
+               ORDER BY created_at DESC, delivery_id LIMIT $7 OFFSET $8""",
             where.order_id,
             where.channel,
             where.subscription_id,
             where.recipient_id,
             where.status,
+            where.tenant,
             where.limit,
+            where.offset,
+            where.treatment_center_id,
         )
         return [dict(r) for r in rows]
 
-    async def get(self, delivery_id: uuid.UUID) -> dict[str, Any] | None:
-        row = await self.conn.fetchrow("SELECT * FROM delivery_log WHERE delivery_id = $1", delivery_id)
+    async def get(self, delivery_id: uuid.UUID, tenant: str | None = None) -> dict[str, Any] | None:
+        row = await self.conn.fetchrow(
+            """SELECT * FROM delivery_log
+               WHERE delivery_id = $1 AND ($2::text IS NULL OR treatment_center_id = $2)""",
+            delivery_id,
+            tenant,
+        )
         if row is None:
             return None
         attempts = await self.conn.fetch(

@@ -1,7 +1,10 @@
-"""E-mail delivery over SMTP: one message per delivery, with the same Message-ID on every attempt."""
+"""E-mail delivery over SMTP: one message per delivery, with the same Message-ID on every attempt. The
+outcome is a category (`domain.delivery.FAILURES`), never the text of an error."""
 
 from __future__ import annotations
 
+import socket
+import ssl
 import uuid
 from email.message import EmailMessage
 from email.utils import formatdate
@@ -18,6 +21,37 @@ def _refusal_code(exc: aiosmtplib.SMTPException) -> int | None:
     if isinstance(exc, aiosmtplib.SMTPResponseException):
         return exc.code
     return None
+
+
+def _reply_category(code: int | None) -> str | None:
+    if code is not None and 400 <= code < 500:
+        return "smtp_4xx"
+    if code is not None and 500 <= code < 600:
+        return "smtp_5xx"
+    return None
+
+
+def failure_of(exc: BaseException, code: int | None) -> str:
+    """The category of a failed SMTP attempt (never its text)."""
+    reply = _reply_category(code)
+    if reply:
+        return reply
+    chain: list[BaseException] = []
+    seen: BaseException | None = exc
+    while seen is not None and seen not in chain and len(chain) < 10:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    if any(isinstance(e, aiosmtplib.SMTPTimeoutError | TimeoutError) for e in chain):
+        return "timeout"
+    if any(isinstance(e, ssl.SSLError | ssl.CertificateError) for e in chain):
+        return "tls_error"
+    if any(isinstance(e, socket.gaierror) for e in chain):
+        return "dns_error"
+    if any(isinstance(e, ConnectionRefusedError) for e in chain):
+        return "connection_refused"
+    if any(isinstance(e, aiosmtplib.SMTPConnectError) for e in chain) and "refused" in str(exc).lower():
+        return "connection_refused"  # aiosmtplib keeps only the message of the refusal
+    return "connection_error"
 
 
 class SmtpSender:
@@ -57,10 +91,10 @@ class SmtpSender:
             code = _refusal_code(exc)
             # 5xx for the recipient: the address is refused for good; retrying cannot help
             permanent = code is not None and 500 <= code < 600
-            return Outcome(code, f"{exc.__class__.__name__}: {exc}"[:500], permanent=permanent)
+            return Outcome(code, failure_of(exc, code), permanent=permanent)
         except (aiosmtplib.SMTPException, OSError) as exc:
             code = _refusal_code(exc) if isinstance(exc, aiosmtplib.SMTPException) else None
-            return Outcome(code, f"{exc.__class__.__name__}: {exc}"[:500])
+            return Outcome(code, failure_of(exc, code))
         return Outcome(250)
 
     async def aclose(self) -> None:

@@ -1,17 +1,38 @@
 """Webhook delivery over HTTP per the Standard Webhooks specification: each POST is signed
 (`webhook-id`, `webhook-timestamp`, `webhook-signature: v1,<base64 HMAC-SHA256>`) with the
-subscription's secret; redirects are not followed."""
+subscription's secret — and, while a rotation's overlap lasts, with the replaced secret too (two
+space-separated `v1,` signatures, as the specification allows; a receiver accepts either).
+
+Before each attempt the URL is checked against the URL policy again (the deployment's current one), and
+the connection goes only to a checked address (`adapters.egress`); redirects are not followed, and at
+most MAX_RESPONSE_BYTES of an answer are read. The outcome is a category (`domain.delivery.FAILURES`),
+never the text of an error.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
+import ssl
 import sys
+from collections.abc import Sequence
 from datetime import UTC, datetime
 
+import httpcore
 import httpx
 from standardwebhooks.webhooks import Webhook
 
+from notification_service.adapters.egress import (
+    AddressGuard,
+    BlockedAddress,
+    PinnedTransport,
+    ResolutionFailed,
+)
+from notification_service.adapters.secret_box import SecretBox, SecretUnreadable
 from notification_service.domain.delivery import Outcome, WebhookDelivery
+from notification_service.domain.subscriptions import validate_secret
+from notification_service.domain.urls import UrlPolicy, check_url
+from v2v_contracts.errors import Invalid
 
 # httpcore asks `import sniffio` several times per request (`current_async_library`); sniffio is not
 # installed here, and a failed import is not cached, so every request searched sys.path again (seen in the
@@ -21,44 +42,134 @@ if "sniffio" not in sys.modules and importlib.util.find_spec("sniffio") is None:
     sys.modules["sniffio"] = None  # type: ignore[assignment]
 
 MAX_CONNECTIONS = 32  # per dispatcher: kept-alive connections to the centres' endpoints
+MAX_RESPONSE_BYTES = 64 * 1024  # of an answer's body, read so that the connection can be reused
 
 
-def sign(secret: str, msg_id: str, ts: datetime, body: str) -> dict[str, str]:
+def sign(secrets: str | Sequence[str], msg_id: str, ts: datetime, body: str) -> dict[str, str]:
+    """The Standard Webhooks headers, with one `v1,` signature per secret (space-separated)."""
     # the library signs ts.replace(tzinfo=UTC), i.e. it reads the wall clock as UTC: convert first so the
     # signed timestamp and the webhook-timestamp header are the same instant
     ts = ts.astimezone(UTC)
+    keys = [secrets] if isinstance(secrets, str) else list(secrets)
     return {
         "webhook-id": msg_id,
         "webhook-timestamp": str(int(ts.timestamp())),
-        "webhook-signature": Webhook(secret).sign(msg_id, ts, body),
+        "webhook-signature": " ".join(Webhook(key).sign(msg_id, ts, body) for key in keys),
         "content-type": "application/json",
     }
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    chain: list[BaseException] = []
+    seen: BaseException | None = exc
+    while seen is not None and seen not in chain and len(chain) < 10:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    return chain
+
+
+def failure_of(exc: BaseException) -> str:
+    """The category of a failed HTTP attempt (never its text)."""
+    chain = _causes(exc)
+    if any(isinstance(e, BlockedAddress) for e in chain):
+        return "blocked_address"
+    if any(isinstance(e, ResolutionFailed) for e in chain):
+        return "dns_error"
+    if any(isinstance(e, httpx.TimeoutException | httpcore.TimeoutException | TimeoutError) for e in chain):
+        return "timeout"
+    if any(isinstance(e, ssl.SSLError | ssl.CertificateError) for e in chain):
+        return "tls_error"
+    if any(isinstance(e, ConnectionRefusedError) for e in chain):
+        return "connection_refused"
+    return "connection_error"
+
+
+def failure_of_status(status: int) -> str | None:
+    if 200 <= status < 300:
+        return None
+    if 300 <= status < 400:
+        return "http_3xx"
+    if 400 <= status < 500:
+        return "http_4xx"
+    if 500 <= status < 600:
+        return "http_5xx"
+    return "http_other"
+
+
+async def _drain(resp: httpx.Response) -> None:
+    """Read (and drop) at most MAX_RESPONSE_BYTES of the answer, undecoded: a small answer read to its
+    end leaves the connection reusable; a large one is cut off."""
+    if resp.is_stream_consumed:
+        return
+    read = 0
+    async for chunk in resp.aiter_raw():
+        read += len(chunk)
+        if read > MAX_RESPONSE_BYTES:
+            break
 
 
 class WebhookSender:
     """Posts a delivery's payload to its subscription's URL; one attempt, never raises for a failure."""
 
-    def __init__(self, timeout_s: float, client: httpx.AsyncClient | None = None) -> None:
+    def __init__(
+        self,
+        timeout_s: float,
+        box: SecretBox,
+        policy: UrlPolicy,
+        *,
+        guard: AddressGuard | None = None,
+        verify: ssl.SSLContext | bool = True,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.box = box
+        self.policy = policy
+        self.timeout_s = timeout_s
+        limits = httpx.Limits(
+            max_connections=MAX_CONNECTIONS, max_keepalive_connections=MAX_CONNECTIONS, keepalive_expiry=30.0
+        )
         # one client for the dispatcher's lifetime: connections are kept alive and reused
-        self.client = client or httpx.AsyncClient(
+        self.client = httpx.AsyncClient(
             timeout=timeout_s,
             follow_redirects=False,
-            limits=httpx.Limits(
-                max_connections=MAX_CONNECTIONS,
-                max_keepalive_connections=MAX_CONNECTIONS,
-                keepalive_expiry=30.0,
-            ),
+            trust_env=False,
+            transport=transport
+            or PinnedTransport(guard or AddressGuard(policy), limits=limits, verify=verify),
         )
 
-    async def send(self, delivery: WebhookDelivery) -> Outcome:
-        body = delivery.payload.decode()
-        headers = sign(delivery.secret, f"msg_{delivery.event_id}", datetime.now(UTC), body)
+    def secrets(self, delivery: WebhookDelivery) -> list[str] | None:
+        """The delivery's signing secrets, opened; None when one does not open (or is malformed)."""
+        opened = []
         try:
-            resp = await self.client.post(delivery.url, content=body, headers=headers)
-        except httpx.HTTPError as exc:
-            return Outcome(None, f"{exc.__class__.__name__}: {exc}"[:500])
-        status = resp.status_code
-        return Outcome(status, None if 200 <= status < 300 else f"HTTP {status}")
+            for sealed in delivery.sealed_secrets:
+                secret = self.box.open(sealed, delivery.subscription_id)
+                validate_secret(secret)
+                opened.append(secret)
+        except (SecretUnreadable, Invalid):
+            return None
+        return opened or None
+
+    async def send(self, delivery: WebhookDelivery) -> Outcome:
+        try:
+            check_url(delivery.url, self.policy)  # the policy in force now, not only when subscribed
+        except Invalid:
+            return Outcome(None, "blocked_address", permanent=True)
+        secrets = self.secrets(delivery)
+        if secrets is None:
+            return Outcome(None, "signing_secret_unavailable")
+        body = delivery.payload.decode()
+        headers = sign(secrets, f"msg_{delivery.event_id}", datetime.now(UTC), body)
+        try:
+            # the whole attempt is bounded, not only each read: a receiver trickling bytes holds no lane
+            async with asyncio.timeout(self.timeout_s * 2):
+                async with self.client.stream("POST", delivery.url, content=body, headers=headers) as resp:
+                    status = resp.status_code
+                    await _drain(resp)
+        except (httpx.HTTPError, httpcore.NetworkError, BlockedAddress, ResolutionFailed, OSError) as exc:
+            # (TimeoutError, the whole attempt's bound, is an OSError)
+            category = failure_of(exc)
+            return Outcome(None, category, permanent=category == "blocked_address")
+        failure = failure_of_status(status)
+        return Outcome(status, failure)
 
     async def aclose(self) -> None:
         await self.client.aclose()

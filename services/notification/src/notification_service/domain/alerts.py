@@ -1,9 +1,10 @@
 """What an exception e-mail says.
 
 The consumer renders each alert when it queues it (`render`): only the order id, the COI, the event
-type and the allow-listed status fields of the event (`ALLOWED_FIELDS`) ever reach the message, so a
-field that should not be in an event (a patient reference, say) never reaches a mailbox — nor the
-database row it is sent from.
+type and the allow-listed status fields of the event (`ALLOWED_FIELDS`) ever reach the message, each only
+when its value is of its kind (`domain.payloads`: a reason must be a reason code, a site a code...). So a
+field that should not be in an event (a patient reference, say) or free text in an allowed one never
+reaches a mailbox — nor the database row it is sent from.
 """
 
 from __future__ import annotations
@@ -13,27 +14,29 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from notification_service.domain.payloads import Kind, conforms
 from v2v_contracts import CloudEvent
 
-# Event data keys that may appear in an e-mail: statuses, reasons and opaque references, never a person.
-ALLOWED_FIELDS: tuple[str, ...] = (
-    "reason",
-    "previous_status",
-    "disposition",
-    "site_id",
-    "run",
-    "retained_material",
-    "step",
-    "leg",
-    "milestone",
-    "where",
-    "reading_c",
-    "min_c",
-    "max_c",
-    "event_type",  # webhook_delivery_failed: the type of the event that could not be delivered
-    "attempts",
-    "last_error",
-)
+# Event data keys that may appear in an e-mail, with the kind of value each must hold: statuses, reason
+# codes and opaque references, never a person, never free text.
+ALLOWED_FIELDS: dict[str, Kind] = {
+    "reason": "reason",
+    "previous_status": "code",
+    "disposition": "code",
+    "site_id": "code",
+    "run": "int",
+    "retained_material": "bool",
+    "step": "code",
+    "leg": "code",
+    "milestone": "code",
+    "where": "code",
+    "reading_c": "number",
+    "min_c": "number",
+    "max_c": "number",
+    "event_type": "code",  # webhook_delivery_failed: the type of the event that could not be delivered
+    "attempts": "int",
+    "last_error": "code",  # ... and the outcome category of its last attempt
+}
 MAX_VALUE_CHARS = 200
 
 # What an alert says in words for an (event type, reason code) whose type alone does not say it; the
@@ -82,8 +85,14 @@ def headline(event: CloudEvent) -> tuple[str, str] | None:
 def render(event: CloudEvent) -> Rendered:
     """The alert for an exception event. Raises ValueError when the event names no valid order id."""
     order_id = uuid.UUID(str(event.data.get("order_id")))
-    coi = _clean(event.coi or event.data.get("coi")) or "(none)"
-    details = [(key, text) for key in ALLOWED_FIELDS if (text := _clean(event.data.get(key))) is not None]
+    coi_value = event.coi or event.data.get("coi")
+    coi = _clean(coi_value) if conforms("code", coi_value) else None
+    coi = coi or "(none)"
+    details = [
+        (key, text)
+        for key, kind in ALLOWED_FIELDS.items()
+        if conforms(kind, value := event.data.get(key)) and (text := _clean(value)) is not None
+    ]
     width = max([len("event"), *(len(k) for k, _ in details)]) + 2
     said = headline(event)
     lines = [

@@ -26,13 +26,42 @@ class DeliveryPolicy:
         return ceiling / 2 + (rand or random.random)() * ceiling / 2
 
 
+# What the delivery log says of a failed attempt: a category, never the text of a socket error or an
+# exception (which could name internal hosts, or carry what a receiver answered).
+DELIVERED = "delivered"
+FAILURES: frozenset[str] = frozenset(
+    {
+        "http_3xx",  # a redirect: never followed
+        "http_4xx",
+        "http_5xx",
+        "http_other",  # a status outside 2xx..5xx
+        "timeout",
+        "connection_refused",
+        "connection_error",  # reset, closed early, protocol error
+        "tls_error",  # handshake or certificate verification failed
+        "dns_error",  # the name did not resolve
+        "blocked_address",  # the URL or a resolved address is not allowed: no request sent
+        "signing_secret_unavailable",  # the subscription's secret could not be read (key changed?)
+        "smtp_4xx",  # a temporary refusal by the mail server
+        "smtp_5xx",  # a permanent refusal by the mail server
+        "internal_error",  # the sender itself failed (a bug): see the service's log
+        "recipient_removed",  # an e-mail cancelled with its recipient
+    }
+)
+
+
 @dataclass(frozen=True)
 class Outcome:
-    """The result of one attempt: a channel status code (HTTP status, SMTP reply code) and an error."""
+    """The result of one attempt: a channel status code (HTTP status, SMTP reply code) and, for a failure,
+    its category (one of FAILURES)."""
 
     status_code: int | None
-    error: str | None = None
+    error: str | None = None  # a FAILURES category; None when delivered
     permanent: bool = False  # a refusal that no retry can change: fail the delivery now
+
+    def __post_init__(self) -> None:
+        if self.error is not None and self.error not in FAILURES:
+            raise ValueError("an outcome's error must be one of the failure categories")
 
     @property
     def ok(self) -> bool:
@@ -79,8 +108,10 @@ class Delivery(EventRef):
 class WebhookDelivery(Delivery):
     subscription_id: uuid.UUID
     url: str
-    secret: str = field(repr=False)
-    payload: bytes  # the CloudEvent as received
+    # the subscription's signing secrets, sealed (encrypted at rest): the current one first, then the one
+    # it replaced while a rotation's overlap lasts; each signs the delivery
+    sealed_secrets: tuple[bytes, ...] = field(repr=False)
+    payload: bytes  # the CloudEvent with its allow-listed fields (domain.payloads)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -31,6 +31,7 @@ from notification_service.adapters.repository import (
     wakeups,
     webhook_channel,
 )
+from notification_service.adapters.secret_box import SecretBox
 from notification_service.adapters.smtp import SmtpSender
 from notification_service.adapters.webhooks import WebhookSender
 from notification_service.config import NotificationSettings
@@ -184,7 +185,9 @@ class Dispatcher(abc.ABC, Generic[D]):
                 try:
                     outcome = await self.sender.send(delivery)
                 except Exception as exc:  # a channel bug must not stop the dispatcher: record it
-                    outcome = Outcome(None, f"{exc.__class__.__name__}: {exc}"[:500])
+                    # the log keeps the kind of error; the delivery log a category (no exception text)
+                    log.warning(f"{self.kind} sender failed", error_type=exc.__class__.__name__)
+                    outcome = Outcome(None, "internal_error")
                 elapsed_ms = int((time.monotonic() - started) * 1000)
                 if outcome.status_code is not None:
                     span.set_attribute(self.status_attribute, outcome.status_code)
@@ -336,9 +339,24 @@ async def _supervise(rt: Runtime, dispatcher: Dispatcher[D], channel: str) -> No
         await dispatcher.aclose()
 
 
+def secret_box(rt: Runtime) -> SecretBox:
+    """The box sealing the webhook secrets (made once, at start-up: `check_secrets_key`)."""
+    box = rt.extras.get("secret_box")
+    if not isinstance(box, SecretBox):
+        box = rt.extras["secret_box"] = _settings(rt).secret_box()
+    return box
+
+
+async def check_secrets_key(rt: Runtime) -> None:
+    """At start-up: the service does not start without the key that seals the webhook secrets."""
+    secret_box(rt)
+
+
 async def webhook_dispatcher(rt: Runtime) -> None:
-    policy = _settings(rt).webhook_policy
-    dispatcher = WebhookDispatcher(rt.uow, WebhookSender(policy.timeout_s), policy)
+    settings = _settings(rt)
+    policy = settings.webhook_policy
+    sender = WebhookSender(policy.timeout_s, secret_box(rt), settings.url_policy)
+    dispatcher = WebhookDispatcher(rt.uow, sender, policy)
     rt.extras["dispatcher"] = dispatcher
     await _supervise(rt, dispatcher, webhook_channel(rt.definition.schema))
 

@@ -6,7 +6,7 @@ on commit."""
 from __future__ import annotations
 
 from notification_service.adapters.repository import NotificationTx
-from notification_service.domain import alerts, routing
+from notification_service.domain import alerts, payloads, routing
 from notification_service.domain.delivery import EventRef
 from v2v_contracts import EVENT_TYPES, OrderEventData
 from v2v_messaging import EventMeta, HandlerRegistry
@@ -29,7 +29,8 @@ async def queue_deliveries(tx: NotificationTx, event: OrderEventData, meta: Even
         trace_headers=current_traceparent(),  # the delivery spans continue this (the consumer's) trace
     )
     if routing.sent_as_webhook(meta.type):
-        await tx.webhooks.enqueue_matching(tx.subscriptions, ref, meta.envelope.to_json())
+        # the payload carries the allow-listed fields only (domain.payloads): stored and sent so
+        await tx.webhooks.enqueue_matching(tx.subscriptions, ref, payloads.webhook_payload(meta.envelope))
     if routing.is_exception(meta.type, meta.envelope.data):
         recipients = await tx.recipients.matching(centre, meta.type)
         if recipients:

@@ -28,7 +28,7 @@ from order_service.adapters.repository import (
     read_centres,
 )
 from order_service.domain.market import Approval
-from order_service.domain.records import Centre, OrderRecord, TimelineEntry
+from order_service.domain.records import Centre, OrderRecord, TimelineEntry, open_order_exists
 from v2v_contracts import CloudEvent
 from v2v_contracts.reference import load_products
 from v2v_messaging.fakes import FakeOutbox, FakeUnitOfWork
@@ -84,6 +84,13 @@ class MemoryOrders(OrderRepository):
             raise ValueError("duplicate order id or COI")
         if treatment_center_id not in self.store.centres or product_code not in self.store.products:
             raise ValueError("unknown centre or product (foreign key)")
+        if any(  # the partial unique index of migration 0006
+            o.is_open()
+            and (o.treatment_center_id, o.patient_ref, o.product_code)
+            == (treatment_center_id, patient_ref, product_code)
+            for o in self.store.orders.values()
+        ):
+            raise open_order_exists()
         now = datetime.now(UTC)
         self.store.orders[order_id] = OrderRecord(
             order_id=order_id,
@@ -99,8 +106,13 @@ class MemoryOrders(OrderRepository):
             first_trace=dict(first_trace),
         )
 
-    async def get(self, order_id: uuid.UUID, *, lock: bool = False) -> OrderRecord | None:
-        return self.store.orders.get(order_id)
+    async def get(
+        self, order_id: uuid.UUID, *, lock: bool = False, centre: str | None = None
+    ) -> OrderRecord | None:
+        order = self.store.orders.get(order_id)
+        if order is None or (centre is not None and order.treatment_center_id != centre):
+            return None
+        return order
 
     async def update(self, order_id: uuid.UUID, **fields: Any) -> None:
         if not fields:
@@ -113,16 +125,19 @@ class MemoryOrders(OrderRepository):
             order, **fields, updated_at=datetime.now(UTC), version=order.version + 1
         )
 
-    async def page(self, *, centre: str | None, limit: int, offset: int) -> tuple[list[OrderRecord], int]:
+    async def page(
+        self, *, tenant: str | None, centre: str | None, limit: int, offset: int
+    ) -> tuple[list[OrderRecord], int]:
         found = sorted(
-            (o for o in self.store.orders.values() if centre is None or o.treatment_center_id == centre),
+            (
+                o
+                for o in self.store.orders.values()
+                if (tenant is None or o.treatment_center_id == tenant)
+                and (centre is None or o.treatment_center_id == centre)
+            ),
             key=lambda o: (o.created_at, o.order_id),
         )
         return found[offset : offset + limit], len(found)
-
-    async def first_trace(self, order_id: uuid.UUID) -> dict[str, str] | None:
-        order = self.store.orders.get(order_id)
-        return order.first_trace if order is not None else None
 
     async def next_coi_sequence(self, year: int) -> int:
         self.store.coi_sequences[year] = self.store.coi_sequences.get(year, 0) + 1

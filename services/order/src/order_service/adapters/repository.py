@@ -18,10 +18,11 @@ import asyncpg
 import yaml
 
 from order_service.domain.market import Approval
-from order_service.domain.records import Centre, OrderRecord, TimelineEntry
+from order_service.domain.records import Centre, OrderRecord, TimelineEntry, open_order_exists
 from v2v_contracts import CloudEvent
 from v2v_messaging import EventSink, Tx
 
+OPEN_ORDER_INDEX = "orders_one_open_per_patient_product"  # migration 0006
 SEED_DIR = Path(__file__).resolve().parent.parent / "seed"
 CENTRES_SEED = SEED_DIR / "treatment_centers.yaml"
 
@@ -48,23 +49,27 @@ class OrderRepository(ABC):
         requested_apheresis_date: date,
         status: str,
         first_trace: dict[str, str],
-    ) -> None: ...
+    ) -> None:
+        """Record a new order; `open_order_exists()` (a Conflict) when the centre has an open order for
+        the same patient and product already."""
 
     @abstractmethod
-    async def get(self, order_id: uuid.UUID, *, lock: bool = False) -> OrderRecord | None:
-        """The order; `lock` holds it until the transaction ends (every change of an order does)."""
+    async def get(
+        self, order_id: uuid.UUID, *, lock: bool = False, centre: str | None = None
+    ) -> OrderRecord | None:
+        """The order; `lock` holds it until the transaction ends (every change of an order does).
+        `centre` confines the lookup to that centre's orders (a tenant's): another's is None."""
 
     @abstractmethod
     async def update(self, order_id: uuid.UUID, **fields: Any) -> None:
         """Set columns of the order; bumps its version and `updated_at`."""
 
     @abstractmethod
-    async def page(self, *, centre: str | None, limit: int, offset: int) -> tuple[list[OrderRecord], int]:
-        """A page of orders (oldest first), optionally of one centre, and the total count."""
-
-    @abstractmethod
-    async def first_trace(self, order_id: uuid.UUID) -> dict[str, str] | None:
-        """The W3C context of the trace that placed the order (later inputs link to it)."""
+    async def page(
+        self, *, tenant: str | None, centre: str | None, limit: int, offset: int
+    ) -> tuple[list[OrderRecord], int]:
+        """A page of orders (oldest first) and the total count: only the `tenant` centre's when it is
+        set (the caller's), narrowed to `centre` when that is set too (another centre: none)."""
 
     @abstractmethod
     async def next_coi_sequence(self, year: int) -> int:
@@ -88,24 +93,31 @@ class PgOrders(OrderRepository):
         status: str,
         first_trace: dict[str, str],
     ) -> None:
-        await self.conn.execute(
-            """INSERT INTO orders (order_id, coi, treatment_center_id, product_code, order_type, patient_ref,
-                                   requested_apheresis_date, status, first_trace)
-               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)""",
-            order_id,
-            coi,
-            treatment_center_id,
-            product_code,
-            order_type,
-            patient_ref,
-            requested_apheresis_date,
-            status,
-            first_trace,
-        )
+        try:
+            await self.conn.execute(
+                """INSERT INTO orders (order_id, coi, treatment_center_id, product_code, order_type,
+                                       patient_ref, requested_apheresis_date, status, first_trace)
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)""",
+                order_id,
+                coi,
+                treatment_center_id,
+                product_code,
+                order_type,
+                patient_ref,
+                requested_apheresis_date,
+                status,
+                first_trace,
+            )
+        except asyncpg.UniqueViolationError as exc:
+            if exc.constraint_name == OPEN_ORDER_INDEX:  # the index's error names the key: not passed on
+                raise open_order_exists() from None
+            raise
 
-    async def get(self, order_id: uuid.UUID, *, lock: bool = False) -> OrderRecord | None:
-        sql = "SELECT * FROM orders WHERE order_id = $1" + (" FOR UPDATE" if lock else "")
-        row = await self.conn.fetchrow(sql, order_id)
+    async def get(
+        self, order_id: uuid.UUID, *, lock: bool = False, centre: str | None = None
+    ) -> OrderRecord | None:
+        sql = "SELECT * FROM orders WHERE order_id = $1 AND ($2::text IS NULL OR treatment_center_id = $2)"
+        row = await self.conn.fetchrow(sql + (" FOR UPDATE" if lock else ""), order_id, centre)
         return OrderRecord.from_mapping(row) if row is not None else None
 
     async def update(self, order_id: uuid.UUID, **fields: Any) -> None:
@@ -121,22 +133,20 @@ class PgOrders(OrderRepository):
             *fields.values(),
         )
 
-    async def page(self, *, centre: str | None, limit: int, offset: int) -> tuple[list[OrderRecord], int]:
-        where = "WHERE treatment_center_id = $1" if centre else "WHERE $1::text IS NULL"
+    async def page(
+        self, *, tenant: str | None, centre: str | None, limit: int, offset: int
+    ) -> tuple[list[OrderRecord], int]:
+        where = """WHERE ($1::text IS NULL OR treatment_center_id = $1)
+                     AND ($2::text IS NULL OR treatment_center_id = $2)"""
         rows = await self.conn.fetch(
-            f"SELECT * FROM orders {where} ORDER BY created_at, order_id LIMIT $2 OFFSET $3",
+            f"SELECT * FROM orders {where} ORDER BY created_at, order_id LIMIT $3 OFFSET $4",
+            tenant,
             centre,
             limit,
             offset,
         )
-        total = await self.conn.fetchval(f"SELECT count(*) FROM orders {where}", centre)
+        total = await self.conn.fetchval(f"SELECT count(*) FROM orders {where}", tenant, centre)
         return [OrderRecord.from_mapping(r) for r in rows], int(total)
-
-    async def first_trace(self, order_id: uuid.UUID) -> dict[str, str] | None:
-        found: dict[str, str] | None = await self.conn.fetchval(
-            "SELECT first_trace FROM orders WHERE order_id = $1", order_id
-        )
-        return found
 
     async def next_coi_sequence(self, year: int) -> int:
         return int(
@@ -190,8 +200,8 @@ class PgTimeline(TimelineRepository):
     async def add(self, entry: TimelineEntry) -> None:
         await self.conn.execute(
             """INSERT INTO order_timeline (order_id, event_id, event_type, source, occurred_at,
-                                           status_before, status_after, reason)
-               VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (order_id, event_id) DO NOTHING""",
+                                           status_before, status_after, reason, note)
+               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (order_id, event_id) DO NOTHING""",
             entry.order_id,
             entry.event_id,
             entry.event_type,
@@ -200,6 +210,7 @@ class PgTimeline(TimelineRepository):
             entry.status_before,
             entry.status_after,
             entry.reason,
+            entry.note,
         )
 
     async def settle(
@@ -224,7 +235,7 @@ class PgTimeline(TimelineRepository):
     async def of(self, order_id: uuid.UUID) -> list[TimelineEntry]:
         rows = await self.conn.fetch(
             """SELECT order_id, event_id, event_type, source, occurred_at, status_before, status_after,
-                      reason
+                      reason, note
                FROM order_timeline WHERE order_id = $1 ORDER BY occurred_at, id""",
             order_id,
         )

@@ -16,6 +16,7 @@ from datetime import date, timedelta
 from enum import StrEnum
 from typing import Any
 
+from order_service.domain import reasons as codes
 from v2v_contracts.errors import Invalid, NotAllowedNow
 from v2v_contracts.reference.product import Product
 
@@ -144,10 +145,13 @@ class OrderState:
     rebook_pending: bool = False  # a rebook was asked for and its slot has not been reserved yet
 
 
+# The commands carry a reason code (`reasons`), never words: they become events.
+
+
 @dataclass(frozen=True)
 class Rebook:
     kind: str  # reschedule | recollection | site_outage
-    reason: str
+    reason: str  # a reason code
     apheresis_date: date
     exclude_site_id: str | None = None
 
@@ -156,12 +160,12 @@ class Rebook:
 class Remanufacture:
     run: int
     site_id: str
-    reason: str
+    reason: str  # a reason code
 
 
 @dataclass(frozen=True)
 class Fail:
-    reason: str
+    reason: str  # a reason code
 
 
 Command = Rebook | Remanufacture | Fail
@@ -170,7 +174,7 @@ Command = Rebook | Remanufacture | Fail
 @dataclass(frozen=True)
 class Outcome:
     state: OrderState
-    reason: str
+    reason: str  # what happened, in words, for the order's timeline (stays in the order service)
     commands: tuple[Command, ...] = ()
     changed: bool = True
 
@@ -200,36 +204,40 @@ def _to(
     return Outcome(dataclasses.replace(state, status=status, **kw), reason, commands)
 
 
-def recollect(state: OrderState, rules: Rules, reason: str, today: date) -> Outcome:
-    """New apheresis, new slot; or fail when recollections are used up."""
+def recollect(state: OrderState, rules: Rules, cause: str, why: str, today: date) -> Outcome:
+    """New apheresis, new slot; or fail when recollections are used up. `cause` is the reason code the
+    commands carry, `why` the words on the timeline."""
     if state.recollections >= rules.max_recollections:
-        why = f"{reason}; no recollection left"
-        return _to(state, S.FAILED, why, (Fail(why),))
+        return _to(
+            state, S.FAILED, f"{why}; no recollection left", (Fail(f"{cause}:{codes.NO_RECOLLECTION_LEFT}"),)
+        )
     when = today + timedelta(days=rules.recollection_lead_days)
     return _to(
         state,
         S.RESCHEDULING,
-        f"recollection: {reason}",
-        (Rebook("recollection", reason, when),),
+        f"recollection: {why}",
+        (Rebook("recollection", cause, when),),
         recollections=state.recollections + 1,
         run=1,
         apheresis_date=when,
     )
 
 
-def product_lost(state: OrderState, rules: Rules, reason: str, retained: bool, today: date) -> Outcome:
+def product_lost(
+    state: OrderState, rules: Rules, cause: str, why: str, retained: bool, today: date
+) -> Outcome:
     """OOS, failed manufacture or a rejected product: remanufacture, else recollect, else fail."""
     if retained and state.run < rules.max_runs and state.site_id:
         nxt = state.run + 1
         return _to(
             state,
             S.MATERIAL_RECEIVED,
-            f"remanufacture (run {nxt}): {reason}",
-            (Remanufacture(nxt, state.site_id, reason),),
+            f"remanufacture (run {nxt}): {why}",
+            (Remanufacture(nxt, state.site_id, cause),),
             run=nxt,
             status_before_quarantine=None,
         )
-    return recollect(dataclasses.replace(state, status_before_quarantine=None), rules, reason, today)
+    return recollect(dataclasses.replace(state, status_before_quarantine=None), rules, cause, why, today)
 
 
 def on_fact(state: OrderState, event_type: str, data: dict[str, Any], rules: Rules, today: date) -> Outcome:
@@ -283,7 +291,14 @@ def on_fact(state: OrderState, event_type: str, data: dict[str, Any], rules: Rul
                     state,
                     S.RESCHEDULING,
                     f"moving to another site: {reason}",
-                    (Rebook("site_outage", reason, when, exclude_site_id=state.site_id),),
+                    (
+                        Rebook(
+                            "site_outage",
+                            codes.as_code(data.get("reason"), codes.SITE_OUTAGE),
+                            when,
+                            exclude_site_id=state.site_id,
+                        ),
+                    ),
                 )
         case "logistics.shipment_planned.v1":
             if data.get("leg") == "inbound_apheresis" and st == S.BOOKING_CONFIRMED and slot_matches:
@@ -307,7 +322,7 @@ def on_fact(state: OrderState, event_type: str, data: dict[str, Any], rules: Rul
         case "logistics.shipment_excursion.v1":
             excursion = f"temperature excursion {data.get('reading_c')} °C on {data.get('leg')}"
             if data.get("leg") == "inbound_apheresis" and st in MATERIAL_ON_THE_WAY:
-                return recollect(state, rules, excursion, today)
+                return recollect(state, rules, codes.INBOUND_EXCURSION, excursion, today)
             if data.get("leg") == "outbound_product" and st in PRODUCT_OUT:
                 return _to(
                     state,
@@ -320,7 +335,9 @@ def on_fact(state: OrderState, event_type: str, data: dict[str, Any], rules: Rul
                 return _to(state, S.MATERIAL_RECEIVED, "material received, chain of identity verified")
         case "site.material_rejected.v1":
             if st in MATERIAL_ON_THE_WAY:
-                return recollect(state, rules, f"material rejected at receipt: {reason}", today)
+                return recollect(
+                    state, rules, codes.MATERIAL_REJECTED, f"material rejected at receipt: {reason}", today
+                )
         case "site.manufacturing_step_completed.v1":
             if st in {S.MATERIAL_RECEIVED, S.MANUFACTURING} and run_matches:
                 step = data.get("step")
@@ -332,9 +349,11 @@ def on_fact(state: OrderState, event_type: str, data: dict[str, Any], rules: Rul
                 return _to(state, S.RELEASED, "QC released the product")
         case "site.product_out_of_specification.v1" | "site.manufacturing_failed.v1":
             if st in IN_MANUFACTURE and run_matches:
-                kind = "out of specification" if "specification" in event_type else "manufacturing failed"
+                oos = "specification" in event_type
+                kind = "out of specification" if oos else "manufacturing failed"
+                cause = codes.OUT_OF_SPECIFICATION if oos else codes.MANUFACTURING_FAILED
                 return product_lost(
-                    state, rules, f"{kind}: {reason}", bool(data.get("retained_material")), today
+                    state, rules, cause, f"{kind}: {reason}", bool(data.get("retained_material")), today
                 )
         case _:
             return _keep(state, reason)
@@ -344,22 +363,26 @@ def on_fact(state: OrderState, event_type: str, data: dict[str, Any], rules: Rul
 # ---- hospital and QA actions ----------------------------------------------------------------------
 
 
-def cancel(state: OrderState, reason: str) -> Outcome:
+def cancel(state: OrderState, reason_code: str) -> Outcome:
+    """The centre cancels, for one of `reasons.CancelReason`."""
+    codes.check_cancel(reason_code)
     if state.status in TERMINAL:
         raise not_now(f"order is already {state.status.value}")
-    return _to(state, S.CANCELLED, f"cancelled by the centre: {reason}")
+    return _to(state, S.CANCELLED, f"cancelled by the centre: {reason_code}")
 
 
-def reschedule_apheresis(state: OrderState, new_date: date, reason: str, today: date) -> Outcome:
+def reschedule_apheresis(state: OrderState, new_date: date, reason_code: str, today: date) -> Outcome:
+    """The centre moves the apheresis date, for one of `reasons.RescheduleReason`."""
+    codes.check_reschedule(reason_code)
     if new_date < today:
-        raise Invalid("requested_apheresis_date", f"{new_date.isoformat()} is in the past")
+        raise Invalid("requested_apheresis_date", "is in the past")
     if state.status not in BEFORE_APHERESIS:
         raise not_now(f"apheresis cannot move once the order is {state.status.value}")
     return _to(
         state,
         S.RESCHEDULING,
-        f"apheresis moved to {new_date.isoformat()}: {reason}",
-        (Rebook("reschedule", reason, new_date),),
+        f"apheresis moved to {new_date.isoformat()}: {reason_code}",
+        (Rebook("reschedule", reason_code, new_date),),
         apheresis_date=new_date,
     )
 
@@ -397,14 +420,23 @@ def confirm_infusion(state: OrderState) -> Outcome:
     return _to(state, S.COMPLETED, "patient infused")
 
 
-def decide_quarantine(state: OrderState, decision: str, reason: str, rules: Rules, today: date) -> Outcome:
+def decide_quarantine(
+    state: OrderState, decision: str, reason_code: str, rules: Rules, today: date
+) -> Outcome:
+    """QA releases or rejects a quarantined product, for a reason code that fits the decision."""
+    codes.check_quarantine(decision, reason_code)
     if state.status != S.QUARANTINED:
         raise not_now(f"no quarantined product (order is {state.status.value})")
     if decision == "release":
         back = state.status_before_quarantine or S.RELEASED
-        return _to(state, back, f"quarantine released: {reason}", status_before_quarantine=None)
+        return _to(state, back, f"quarantine released: {reason_code}", status_before_quarantine=None)
     return product_lost(
-        state, rules, f"quarantined product rejected: {reason}", rules.retains_material, today
+        state,
+        rules,
+        codes.QUARANTINE_REJECTED,
+        f"quarantined product rejected: {reason_code}",
+        rules.retains_material,
+        today,
     )
 
 

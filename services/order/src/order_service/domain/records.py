@@ -8,7 +8,21 @@ from dataclasses import dataclass, field, fields
 from datetime import date, datetime
 from typing import Any
 
-from order_service.domain.order import OrderState, OrderStatus
+from order_service.domain.order import TERMINAL, OrderState, OrderStatus
+from v2v_contracts.errors import Conflict
+
+OPEN_ORDER_EXISTS = "open-order-exists"
+
+
+def open_order_exists() -> Conflict:
+    """A centre has one open order per patient and product (409, problem type `open-order-exists`); a
+    second one is refused, however the two requests interleave (a unique index keeps it)."""
+    return Conflict(
+        "patient_ref",
+        "an open order for this patient and product already exists at the centre",
+        kind=OPEN_ORDER_EXISTS,
+        title="An open order exists for this patient and product",
+    )
 
 
 @dataclass(frozen=True)
@@ -77,6 +91,10 @@ class OrderRecord:
             else None,
         )
 
+    def is_open(self) -> bool:
+        """Not ended yet (completed, cancelled or failed)."""
+        return OrderStatus(self.status) not in TERMINAL
+
     def ref(self) -> dict[str, Any]:
         """The references every order event carries (no patient data)."""
         return {"order_id": self.order_id, "coi": self.coi, "treatment_center_id": self.treatment_center_id}
@@ -94,3 +112,4 @@ class TimelineEntry:
     status_before: str | None
     status_after: str | None
     reason: str
+    note: str | None = None  # free text staff typed with the action: kept here, never in an event or log

@@ -1,4 +1,14 @@
-"""HTTP API for treatment centres (hospital systems)."""
+"""HTTP API for treatment centres (hospital systems) and the manufacturer's QA.
+
+Every route declares its scope (`orders:read`, `orders:write`, `quarantine:decide`). The tenant comes
+from the token, never from the body: a treatment centre sees and acts on its own orders only (another
+centre's order answers 404, exactly as an unknown one: the repositories filter by the centre); the
+manufacturer's QA and ops see every centre's orders. Other kinds of principal (courier, site, registry
+admin) have no business with orders and are refused (403) even when a scope was granted to them.
+
+Free text staff type (`note`) stays in the order service's tables; events, logs and spans carry the
+action's `reason_code` only.
+"""
 
 from __future__ import annotations
 
@@ -8,28 +18,138 @@ from datetime import date, datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Response
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from order_service.config import OrderSettings
+from order_service.domain.reasons import CancelReason, QuarantineReason, RescheduleReason
 from order_service.domain.records import OrderRecord, TimelineEntry
 from order_service.service_layer import commands, queries
+from v2v_contracts.errors import Forbidden, Invalid
+from v2v_contracts.fields import BookingDate, Code, ReportedAt, Text64, Text500
 from v2v_servicekit import Runtime, get_runtime
+from v2v_servicekit.auth import Principal, require_scope
+from v2v_servicekit.idempotency import idempotent
 
 router = APIRouter(prefix="/v1")
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 
+READ = "orders:read"
+WRITE = "orders:write"
+DECIDE_QUARANTINE = "quarantine:decide"
+CROSS_CENTRE_KINDS = frozenset({"qa", "ops"})  # the manufacturer's QA and ops: every centre's orders
+MAX_OFFSET = 1_000_000
+
+ReadPrincipal = Annotated[Principal, require_scope(READ)]
+WritePrincipal = Annotated[Principal, require_scope(WRITE)]
+QaPrincipal = Annotated[Principal, require_scope(DECIDE_QUARANTINE)]
+
+
+class NotPermitted(Forbidden):
+    """The caller holds the scope, but its kind of principal may not do this (403)."""
+
+    def __init__(self, scope: str, detail: str) -> None:
+        super().__init__(scope)
+        self.detail = detail
+        self.args = (detail,)
+
+
+def centre_of(principal: Principal, scope: str) -> str | None:
+    """The centre the caller is confined to (a treatment centre's own id), or None for QA and ops."""
+    if principal.kind == "centre":
+        return principal.tenant("centre")
+    if principal.kind in CROSS_CENTRE_KINDS:
+        return None
+    raise NotPermitted(scope, "orders are for treatment centres and the manufacturer's QA and ops")
+
+
+def own_centre(principal: Principal) -> str:
+    """The caller's centre, for what only a treatment centre does (place an order, hospital actions)."""
+    centre = principal.tenant("centre")
+    if centre is None:
+        raise NotPermitted(WRITE, "only a treatment centre places orders and reports hospital actions")
+    return centre
+
+
+# ---- request bodies: every field bounded, every string printable, enumerations for codes ------------
+
+# a chain-of-identity id as read from a label: bounded ASCII letters, digits and the ISO 7064 `*` (its
+# shape and check character are checked by the service layer, which names the field, never the value)
+CoiIn = Annotated[
+    str,
+    StringConstraints(
+        strip_whitespace=True, min_length=1, max_length=20, pattern=r"^[A-Za-z0-9*][A-Za-z0-9*_.:\-]*$"
+    ),
+]
+
+
+def _note() -> Any:
+    return Field(
+        default=None,
+        description="Free text for the order's timeline (1-500 printable characters). It stays in the "
+        "order service: events, e-mails and webhooks carry the reason code only.",
+    )
+
 
 class OrderIn(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
-    treatment_center_id: str = Field(min_length=1, max_length=64, examples=["TC-DE-BE-001"])
-    product_code: str = Field(min_length=1, max_length=32, examples=["TISA-CEL"])
-    order_type: Literal["commercial", "clinical"]
-    patient_ref: str = Field(
-        min_length=1,
+    treatment_center_id: Code | None = Field(
+        default=None,
         max_length=64,
-        description="The centre's own pseudonymous patient reference. Stays in the order service.",
+        examples=["TC-DE-BE-001"],
+        description="Optional: the order is the calling centre's (from its token); when given, it must "
+        "be that centre's id.",
     )
-    requested_apheresis_date: date
+    product_code: Code = Field(max_length=32, examples=["TISA-CEL"])
+    order_type: Literal["commercial", "clinical"]
+    patient_ref: Text64 = Field(
+        description="The centre's own pseudonymous patient reference (1-64 printable characters). "
+        "Stays in the order service.",
+    )
+    requested_apheresis_date: BookingDate = Field(description="Tomorrow .. today + 180 days")
+
+
+class CancelIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+    reason_code: CancelReason
+    note: Text500 | None = _note()
+
+
+class RescheduleIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+    requested_apheresis_date: BookingDate = Field(description="Tomorrow .. today + 180 days")
+    reason_code: RescheduleReason
+    note: Text500 | None = _note()
+
+
+class IdentityCheckedIn(BaseModel):
+    """A step where the centre checks the chain of identity on the label (ISO 7064 check character)."""
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+    coi: CoiIn
+    at: ReportedAt | None = Field(
+        default=None, description="When it happened (default: now); within the last 30 days"
+    )
+
+
+class LymphodepletionIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    at: ReportedAt | None = Field(
+        default=None, description="When it started (default: now); within the last 30 days"
+    )
+
+
+class QuarantineDecisionIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+    decision: Literal["release", "reject"]
+    reason_code: QuarantineReason = Field(
+        description="For a release: within_stability_data, excursion_not_confirmed, assessed_acceptable "
+        "or other; for a reject: outside_stability_data, integrity_compromised, insufficient_data or "
+        "other"
+    )
+    note: Text500 | None = _note()
+
+
+# ---- responses -----------------------------------------------------------------------------------------
 
 
 class TimelineOut(BaseModel):
@@ -39,6 +159,7 @@ class TimelineOut(BaseModel):
     time: datetime
     status: str | None
     reason: str
+    note: str | None = None  # what staff typed with the action
 
 
 class Slot(BaseModel):
@@ -126,14 +247,15 @@ def _order_out(
                 time=t.occurred_at,
                 status=t.status_after,
                 reason=t.reason,
+                note=t.note,
             )
             for t in timeline
         ],
     )
 
 
-async def _view(rt: Runtime, order_id: uuid.UUID) -> OrderOut:
-    view = await queries.order_view(rt.uow, order_id)
+async def _view(rt: Runtime, order_id: uuid.UUID, centre: str | None) -> OrderOut:
+    view = await queries.order_view(rt.uow, order_id, centre=centre)
     return _order_out(view.order, view.timeline, view.predicted)
 
 
@@ -143,25 +265,46 @@ def _settings(rt: Runtime) -> OrderSettings:
     return settings
 
 
+AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {"description": "No valid bearer token"},
+    403: {"description": "The token lacks the route's scope, or the caller's kind may not do this"},
+}
+
+
+# ---- orders and the catalogue --------------------------------------------------------------------------
+
+
 @router.post(
     "/orders",
+    dependencies=[idempotent(required=True)],
     status_code=201,
     response_model=OrderOut,
     tags=["orders"],
     summary="Place an order for a patient",
+    description="The order is the calling treatment centre's. One open order per centre, patient and "
+    "product: a second one is refused (409, problem type `open-order-exists`).",
     responses={
+        **AUTH_RESPONSES,
+        409: {"description": "The centre has an open order for this patient and product already"},
         422: {
-            "description": "Invalid request (problem+json naming the field), or no manufacturing site is "
-            "approved to make the product for the order's use in the centre's market"
+            "description": "Invalid request (problem+json naming the field, never echoing the value), "
+            "or no manufacturing site is approved to make the product for the order's use in the "
+            "centre's market"
         },
         503: {"description": "The network of manufacturing sites is not known yet: retry shortly"},
     },
 )
-async def create_order(body: OrderIn, rt: RuntimeDep, response: Response) -> OrderOut:
+async def create_order(
+    body: OrderIn, rt: RuntimeDep, response: Response, principal: WritePrincipal
+) -> OrderOut:
+    centre = own_centre(principal)
+    if body.treatment_center_id is not None and body.treatment_center_id != centre:
+        raise Invalid("treatment_center_id", "must be the calling centre's own id, or left out")
     facility = _settings(rt).coi_facility_id
-    order_id = await commands.place_order(rt.uow, commands.PlaceOrder(**body.model_dump()), facility)
+    cmd = commands.PlaceOrder(**{**body.model_dump(), "treatment_center_id": centre})
+    order_id = await commands.place_order(rt.uow, cmd, facility)
     response.headers["Location"] = f"/v1/orders/{order_id}"
-    return await _view(rt, order_id)
+    return await _view(rt, order_id, centre)
 
 
 @router.get(
@@ -169,19 +312,32 @@ async def create_order(body: OrderIn, rt: RuntimeDep, response: Response) -> Ord
     response_model=OrderOut,
     tags=["orders"],
     summary="One order with its status, slot and timeline",
+    responses={**AUTH_RESPONSES, 404: {"description": "No such order (of the calling centre)"}},
 )
-async def get_order(order_id: uuid.UUID, rt: RuntimeDep) -> OrderOut:
-    return await _view(rt, order_id)
+async def get_order(order_id: uuid.UUID, rt: RuntimeDep, principal: ReadPrincipal) -> OrderOut:
+    return await _view(rt, order_id, centre_of(principal, READ))
 
 
-@router.get("/orders", response_model=OrderPage, tags=["orders"], summary="List orders (paginated)")
+@router.get(
+    "/orders",
+    response_model=OrderPage,
+    tags=["orders"],
+    summary="List orders (paginated)",
+    description="A treatment centre lists its own orders only: `treatment_center_id` may narrow the "
+    "list, never widen it (another centre's id gives an empty page). QA and ops list every centre's "
+    "orders, or one centre's with `treatment_center_id`.",
+    responses=AUTH_RESPONSES,
+)
 async def list_orders(
     rt: RuntimeDep,
-    treatment_center_id: str | None = None,
+    principal: ReadPrincipal,
+    treatment_center_id: Annotated[Code | None, Query()] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> OrderPage:
-    rows, total = await queries.list_orders(rt.uow, centre=treatment_center_id, limit=limit, offset=offset)
+    rows, total = await queries.list_orders(
+        rt.uow, tenant=centre_of(principal, READ), centre=treatment_center_id, limit=limit, offset=offset
+    )
     nxt = offset + len(rows)
     return OrderPage(
         items=[_order_out(r) for r in rows],
@@ -192,141 +348,146 @@ async def list_orders(
     )
 
 
-@router.get("/treatment-centers", tags=["catalogue"], summary="Certified treatment centres")
-async def treatment_centers(rt: RuntimeDep) -> list[dict[str, Any]]:
+@router.get(
+    "/treatment-centers",
+    tags=["catalogue"],
+    summary="Certified treatment centres",
+    responses=AUTH_RESPONSES,
+)
+async def treatment_centers(rt: RuntimeDep, principal: ReadPrincipal) -> list[dict[str, Any]]:
     return [dataclasses.asdict(c) for c in await queries.treatment_centres(rt.uow)]
 
 
-@router.get("/products", tags=["catalogue"], summary="Products that may be ordered")
-async def products(rt: RuntimeDep) -> list[dict[str, Any]]:
+@router.get("/products", tags=["catalogue"], summary="Products that may be ordered", responses=AUTH_RESPONSES)
+async def products(rt: RuntimeDep, principal: ReadPrincipal) -> list[dict[str, Any]]:
     return await queries.products(rt.uow)
 
 
 # ---- hospital and QA actions (docs/lifecycle.md) -----------------------------------------------------
 
 
-class CancelIn(BaseModel):
-    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
-    reason: str = Field(min_length=1, max_length=500)
-
-
-class RescheduleIn(BaseModel):
-    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
-    requested_apheresis_date: date
-    reason: str = Field(min_length=1, max_length=500)
-
-
-class IdentityCheckedIn(BaseModel):
-    """A step where the centre checks the chain of identity on the label (ISO 7064 check character)."""
-
-    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
-    coi: str = Field(min_length=1, max_length=20)
-    at: AwareDatetime | None = Field(default=None, description="When it happened (default: now)")
-
-
-class LymphodepletionIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    at: AwareDatetime | None = None
-
-
-class QuarantineDecisionIn(BaseModel):
-    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
-    decision: Literal["release", "reject"]
-    reason: str = Field(min_length=1, max_length=500)
-
-
 ACTION_RESPONSES: dict[int | str, dict[str, Any]] = {
-    404: {"description": "Unknown order"},
+    **AUTH_RESPONSES,
+    404: {"description": "No such order (of the calling centre)"},
     409: {"description": "Not allowed in the order's current state, or chain-of-identity mismatch"},
-    422: {"description": "Invalid request (problem+json naming the field)"},
+    422: {"description": "Invalid request (problem+json naming the field, never echoing the value)"},
 }
+
+
+async def _hospital_action(
+    rt: Runtime, principal: Principal, order_id: uuid.UUID, action: commands.Action
+) -> OrderOut:
+    centre = own_centre(principal)
+    await commands.act(rt.uow, order_id, action, centre=centre)
+    return await _view(rt, order_id, centre)
 
 
 @router.post(
     "/orders/{order_id}/cancel",
+    dependencies=[idempotent()],
     response_model=OrderOut,
     tags=["hospital actions"],
     summary="Cancel the order at any step before it ends",
     responses=ACTION_RESPONSES,
 )
-async def cancel_order(order_id: uuid.UUID, body: CancelIn, rt: RuntimeDep) -> OrderOut:
-    await commands.act(rt.uow, order_id, commands.Action("cancel", reason=body.reason))
-    return await _view(rt, order_id)
+async def cancel_order(
+    order_id: uuid.UUID, body: CancelIn, rt: RuntimeDep, principal: WritePrincipal
+) -> OrderOut:
+    action = commands.Action("cancel", reason_code=body.reason_code, note=body.note)
+    return await _hospital_action(rt, principal, order_id, action)
 
 
 @router.post(
     "/orders/{order_id}/apheresis-date",
+    dependencies=[idempotent()],
     response_model=OrderOut,
     tags=["hospital actions"],
     summary="Move the apheresis date: releases the slot and books a new one",
     responses=ACTION_RESPONSES,
 )
-async def move_apheresis(order_id: uuid.UUID, body: RescheduleIn, rt: RuntimeDep) -> OrderOut:
-    await commands.act(
-        rt.uow,
-        order_id,
-        commands.Action("reschedule", reason=body.reason, new_date=body.requested_apheresis_date),
+async def move_apheresis(
+    order_id: uuid.UUID, body: RescheduleIn, rt: RuntimeDep, principal: WritePrincipal
+) -> OrderOut:
+    action = commands.Action(
+        "reschedule", reason_code=body.reason_code, note=body.note, new_date=body.requested_apheresis_date
     )
-    return await _view(rt, order_id)
+    return await _hospital_action(rt, principal, order_id, action)
 
 
 @router.post(
     "/orders/{order_id}/apheresis",
+    dependencies=[idempotent()],
     response_model=OrderOut,
     tags=["hospital actions"],
     summary="Apheresis done: the cells are ready for pickup",
     responses=ACTION_RESPONSES,
 )
-async def apheresis_done(order_id: uuid.UUID, body: IdentityCheckedIn, rt: RuntimeDep) -> OrderOut:
-    await commands.act(rt.uow, order_id, commands.Action("apheresis", coi=body.coi, at=body.at))
-    return await _view(rt, order_id)
+async def apheresis_done(
+    order_id: uuid.UUID, body: IdentityCheckedIn, rt: RuntimeDep, principal: WritePrincipal
+) -> OrderOut:
+    action = commands.Action("apheresis", coi=body.coi, at=body.at)
+    return await _hospital_action(rt, principal, order_id, action)
 
 
 @router.post(
     "/orders/{order_id}/lymphodepletion",
+    dependencies=[idempotent()],
     response_model=OrderOut,
     tags=["hospital actions"],
     summary="Lymphodepleting chemotherapy started (only after product release)",
     responses=ACTION_RESPONSES,
 )
-async def lymphodepletion(order_id: uuid.UUID, body: LymphodepletionIn, rt: RuntimeDep) -> OrderOut:
-    await commands.act(rt.uow, order_id, commands.Action("lymphodepletion", at=body.at))
-    return await _view(rt, order_id)
+async def lymphodepletion(
+    order_id: uuid.UUID, body: LymphodepletionIn, rt: RuntimeDep, principal: WritePrincipal
+) -> OrderOut:
+    action = commands.Action("lymphodepletion", at=body.at)
+    return await _hospital_action(rt, principal, order_id, action)
 
 
 @router.post(
     "/orders/{order_id}/product-receipt",
+    dependencies=[idempotent()],
     response_model=OrderOut,
     tags=["hospital actions"],
     summary="The product arrived at the centre; identity checked",
     responses=ACTION_RESPONSES,
 )
-async def product_receipt(order_id: uuid.UUID, body: IdentityCheckedIn, rt: RuntimeDep) -> OrderOut:
-    await commands.act(rt.uow, order_id, commands.Action("receipt", coi=body.coi, at=body.at))
-    return await _view(rt, order_id)
+async def product_receipt(
+    order_id: uuid.UUID, body: IdentityCheckedIn, rt: RuntimeDep, principal: WritePrincipal
+) -> OrderOut:
+    action = commands.Action("receipt", coi=body.coi, at=body.at)
+    return await _hospital_action(rt, principal, order_id, action)
 
 
 @router.post(
     "/orders/{order_id}/infusion",
+    dependencies=[idempotent()],
     response_model=OrderOut,
     tags=["hospital actions"],
     summary="The patient was infused (bedside identity check): the order completes",
     responses=ACTION_RESPONSES,
 )
-async def infusion(order_id: uuid.UUID, body: IdentityCheckedIn, rt: RuntimeDep) -> OrderOut:
-    await commands.act(rt.uow, order_id, commands.Action("infusion", coi=body.coi, at=body.at))
-    return await _view(rt, order_id)
+async def infusion(
+    order_id: uuid.UUID, body: IdentityCheckedIn, rt: RuntimeDep, principal: WritePrincipal
+) -> OrderOut:
+    action = commands.Action("infusion", coi=body.coi, at=body.at)
+    return await _hospital_action(rt, principal, order_id, action)
 
 
 @router.post(
     "/orders/{order_id}/quarantine-decision",
+    dependencies=[idempotent()],
     response_model=OrderOut,
     tags=["QA actions"],
     summary="Release or reject a product quarantined after a shipping excursion",
     responses=ACTION_RESPONSES,
 )
-async def quarantine_decision(order_id: uuid.UUID, body: QuarantineDecisionIn, rt: RuntimeDep) -> OrderOut:
-    await commands.act(
-        rt.uow, order_id, commands.Action("quarantine", decision=body.decision, reason=body.reason)
+async def quarantine_decision(
+    order_id: uuid.UUID, body: QuarantineDecisionIn, rt: RuntimeDep, principal: QaPrincipal
+) -> OrderOut:
+    centre = centre_of(principal, DECIDE_QUARANTINE)
+    action = commands.Action(
+        "quarantine", decision=body.decision, reason_code=body.reason_code, note=body.note
     )
-    return await _view(rt, order_id)
+    await commands.act(rt.uow, order_id, action, centre=centre)
+    return await _view(rt, order_id, centre)

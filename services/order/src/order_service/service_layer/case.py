@@ -60,14 +60,15 @@ class Case:
         return today_at(self.centre)
 
 
-async def load(tx: OrderTx, order_id: uuid.UUID) -> Case:
-    order = await tx.orders.get(order_id, lock=True)
+async def load(tx: OrderTx, order_id: uuid.UUID, *, centre: str | None = None) -> Case:
+    """The order, locked; `centre` confines it to that centre's orders (another's is not found)."""
+    order = await tx.orders.get(order_id, lock=True, centre=centre)
     if order is None:
         raise NotFound("Order", order_id)
-    centre = await tx.catalogue.centre(order.treatment_center_id, certified_only=False)
-    if centre is None:  # the foreign key keeps every order's centre
+    found = await tx.catalogue.centre(order.treatment_center_id, certified_only=False)
+    if found is None:  # the foreign key keeps every order's centre
         raise NotFound("Treatment centre", order.treatment_center_id)
-    return Case(order, centre, rules_for(order.product_code))
+    return Case(order, found, rules_for(order.product_code))
 
 
 def check_fact_coi(order: OrderRecord, event_type: str, coi: str | None) -> None:
@@ -105,7 +106,12 @@ def command_events(case: Case, outcome: Outcome) -> list[EventData]:
 
 
 def entry(
-    order_id: uuid.UUID, event: CloudEvent, before: str | None, after: str | None, reason: str
+    order_id: uuid.UUID,
+    event: CloudEvent,
+    before: str | None,
+    after: str | None,
+    reason: str,
+    note: str | None = None,
 ) -> TimelineEntry:
     return TimelineEntry(
         order_id=order_id,
@@ -116,6 +122,7 @@ def entry(
         status_before=before,
         status_after=after,
         reason=reason,
+        note=note,
     )
 
 
@@ -127,8 +134,10 @@ async def apply(
     event: CloudEvent,
     extra_fields: dict[str, Any] | None = None,
     replayed: bool = False,
+    note: str | None = None,
 ) -> None:
-    """Persist an outcome: state, timeline entry for `event`, and the commands it asks for."""
+    """Persist an outcome: state, timeline entry for `event` (with the staff's `note`, if any), and the
+    commands it asks for."""
     order = case.order
     before = OrderStatus(order.status)
     new = outcome.state
@@ -158,7 +167,9 @@ async def apply(
             reason=outcome.reason,
         )
     else:
-        await tx.timeline.add(entry(order.order_id, event, before.value, new.status.value, outcome.reason))
+        await tx.timeline.add(
+            entry(order.order_id, event, before.value, new.status.value, outcome.reason, note)
+        )
     if new_cycle(outcome):
         await tx.parked.drop_all(order.order_id)
     for data in command_events(case, outcome):

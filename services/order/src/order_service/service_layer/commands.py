@@ -28,7 +28,7 @@ from v2v_contracts import (
     ProductReceivedV1,
     QuarantineDecidedV1,
 )
-from v2v_contracts.errors import CoiMismatch, Invalid
+from v2v_contracts.errors import CoiMismatch, Invalid, NotFound
 from v2v_contracts.reference import load_products
 from v2v_messaging import AbstractUnitOfWork
 from v2v_observability import bind_order, current_traceparent, get_logger, later_input, set_order_attributes
@@ -56,7 +56,7 @@ async def load_reference_data(uow: UnitOfWork, centres: list[Centre] | None = No
 
 @dataclass(frozen=True)
 class PlaceOrder:
-    treatment_center_id: str
+    treatment_center_id: str  # the caller's centre (from its token, never from the body)
     product_code: str
     order_type: str
     patient_ref: str
@@ -67,22 +67,21 @@ async def place_order(
     uow: UnitOfWork, cmd: PlaceOrder, facility_id: str, now: datetime | None = None
 ) -> uuid.UUID:
     """Check the order against the centre, the product, the calendar and the market; then record it
-    and publish `order.submitted`, in one transaction."""
+    and publish `order.submitted`, in one transaction. A second open order of the centre for the same
+    patient and product is refused (`Conflict`, kind `open-order-exists`). Error texts name the field,
+    never the value sent."""
     now = now or cases.now()
     async with uow.begin() as tx:
         centre = await tx.catalogue.centre(cmd.treatment_center_id)
         if centre is None:
-            raise Invalid(
-                "treatment_center_id", f"unknown or uncertified treatment centre '{cmd.treatment_center_id}'"
-            )
+            raise Invalid("treatment_center_id", "unknown or uncertified treatment centre")
         if not await tx.catalogue.has_product(cmd.product_code):
-            raise Invalid("product_code", f"unknown product '{cmd.product_code}'")
+            raise Invalid("product_code", "unknown product")
         centre_today = cases.today_at(centre, now)
         if cmd.requested_apheresis_date < centre_today:
             raise Invalid(
                 "requested_apheresis_date",
-                f"{cmd.requested_apheresis_date.isoformat()} is in the past (today at the centre is "
-                f"{centre_today.isoformat()})",
+                f"is in the past (today at the centre is {centre_today.isoformat()})",
             )
         if not await tx.network.known():
             raise market.network_unknown()
@@ -145,10 +144,12 @@ ACTIONS = frozenset({"cancel", "reschedule", "quarantine", *CONFIRMATIONS})
 
 @dataclass(frozen=True)
 class Action:
-    """A hospital or QA action on an order."""
+    """A hospital or QA action on an order. `reason_code` (cancel, reschedule, quarantine) goes into the
+    action's event; `note`, the words staff typed with it, only onto the order's timeline."""
 
     name: str  # cancel | reschedule | apheresis | lymphodepletion | receipt | infusion | quarantine
-    reason: str = ""
+    reason_code: str = ""
+    note: str | None = None
     coi: str | None = None
     at: datetime | None = None
     new_date: date | None = None
@@ -159,16 +160,21 @@ class _CoiRefused(Exception):
     """The centre presented another chain-of-identity id than the order's (leaves the transaction)."""
 
 
-async def act(uow: UnitOfWork, order_id: uuid.UUID, action: Action) -> None:
+async def act(uow: UnitOfWork, order_id: uuid.UUID, action: Action, *, centre: str | None = None) -> None:
     """A later input about the order: its own trace, linked to the order's first one. A chain-of-identity
-    mismatch refuses the action and raises an alert, recorded in a transaction of its own."""
+    mismatch refuses the action and raises an alert, recorded in a transaction of its own.
+
+    `centre` confines the action to that centre's orders (the caller's, when it is a centre): another
+    centre's order is not found, exactly as an unknown one."""
     if action.name not in ACTIONS:
         raise ValueError(action.name)
     async with uow.read() as tx:
-        first = await tx.orders.first_trace(order_id)
+        order = await tx.orders.get(order_id, centre=centre)
+    if order is None:
+        raise NotFound("Order", order_id)
     try:
-        with later_input(f"hospital {action.name}", first, **{tn.ACTION: action.name}):
-            await _act(uow, order_id, action)
+        with later_input(f"hospital {action.name}", order.first_trace, **{tn.ACTION: action.name}):
+            await _act(uow, order_id, action, centre)
     except _CoiRefused:
         await _alert_coi_mismatch(uow, order_id, action.name)
         raise CoiMismatch(detail="coi: does not match this order's chain of identity") from None
@@ -198,9 +204,9 @@ async def _alert_coi_mismatch(uow: UnitOfWork, order_id: uuid.UUID, where: str) 
         )
 
 
-async def _act(uow: UnitOfWork, order_id: uuid.UUID, action: Action) -> None:
+async def _act(uow: UnitOfWork, order_id: uuid.UUID, action: Action, centre: str | None) -> None:
     async with uow.begin() as tx:
-        case = await cases.load(tx, order_id)
+        case = await cases.load(tx, order_id, centre=centre)
         order = case.order
         set_order_attributes(order_id, order.coi)
         _check_coi(action.coi, order)
@@ -211,16 +217,16 @@ async def _act(uow: UnitOfWork, order_id: uuid.UUID, action: Action) -> None:
         data: EventData | None = None  # the action's own event; a reschedule's is its rebook command
         match action.name:
             case "cancel":
-                outcome = machine.cancel(state, action.reason)
-                data = OrderCancelledV1(**ref, reason=action.reason, previous_status=state.status.value)
+                outcome = machine.cancel(state, action.reason_code)
+                data = OrderCancelledV1(**ref, reason=action.reason_code, previous_status=state.status.value)
             case "reschedule":
                 assert action.new_date is not None
-                outcome = machine.reschedule_apheresis(state, action.new_date, action.reason, today)
+                outcome = machine.reschedule_apheresis(state, action.new_date, action.reason_code, today)
             case "quarantine":
                 outcome = machine.decide_quarantine(
-                    state, action.decision or "", action.reason, case.rules, today
+                    state, action.decision or "", action.reason_code, case.rules, today
                 )
-                data = QuarantineDecidedV1(**ref, decision=action.decision, reason=action.reason)  # type: ignore[arg-type]
+                data = QuarantineDecidedV1(**ref, decision=action.decision, reason=action.reason_code)  # type: ignore[arg-type]
             case name:
                 step, event_type, time_field, column = CONFIRMATIONS[name]
                 outcome = step(state)
@@ -232,7 +238,7 @@ async def _act(uow: UnitOfWork, order_id: uuid.UUID, action: Action) -> None:
                 await tx.parked.drop_all(order_id)
             outcome = Outcome(outcome.state, outcome.reason, (), outcome.changed)
         event = await tx.publish(data)
-        await cases.apply(tx, case, outcome, event=event, extra_fields=extra)
+        await cases.apply(tx, case, outcome, event=event, extra_fields=extra, note=action.note)
         log.info("hospital action applied", action=action.name, status=outcome.state.status.value)
         if outcome.changed:
             await cases.replay_parked(tx, order_id)

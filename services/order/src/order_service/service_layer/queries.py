@@ -39,9 +39,10 @@ def predicted_dates(order: OrderRecord) -> dict[str, date | None] | None:
     return predict(Durations(product.manufacturing_days, product.qc_days), actuals)
 
 
-async def order_view(uow: UnitOfWork, order_id: uuid.UUID) -> OrderView:
+async def order_view(uow: UnitOfWork, order_id: uuid.UUID, *, centre: str | None = None) -> OrderView:
+    """The order with its timeline; `centre` confines it to that centre's orders (another's: NotFound)."""
     async with uow.read() as tx:
-        order = await tx.orders.get(order_id)
+        order = await tx.orders.get(order_id, centre=centre)
         if order is None:
             raise NotFound("Order", order_id)
         timeline = await tx.timeline.of(order_id)
@@ -49,10 +50,11 @@ async def order_view(uow: UnitOfWork, order_id: uuid.UUID) -> OrderView:
 
 
 async def list_orders(
-    uow: UnitOfWork, *, centre: str | None, limit: int, offset: int
+    uow: UnitOfWork, *, tenant: str | None, centre: str | None, limit: int, offset: int
 ) -> tuple[list[OrderRecord], int]:
+    """A page of orders: only the `tenant` centre's when set, narrowed to `centre` when set."""
     async with uow.read() as tx:
-        return await tx.orders.page(centre=centre, limit=limit, offset=offset)
+        return await tx.orders.page(tenant=tenant, centre=centre, limit=limit, offset=offset)
 
 
 async def treatment_centres(uow: UnitOfWork) -> list[Centre]:

@@ -1,0 +1,107 @@
+"""Reason codes: what the order service puts into events, logs and spans instead of words.
+
+Staff choose a code from an enumeration for every action that needs a reason (cancel, move the apheresis
+date, decide on a quarantined product); what they type beside it is a `note`, kept on the order's
+timeline in the `ordering` schema and nowhere else. The commands the state machine asks of the other
+services (rebook, remanufacture, fail) carry a code of the cause too; the descriptive sentence stays on
+the timeline.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal, get_args
+
+from v2v_contracts.errors import Invalid
+from v2v_contracts.fields import REASON_CODE_PATTERN
+
+CancelReason = Literal[
+    "patient_deceased",
+    "disease_progression",
+    "patient_ineligible",
+    "patient_unwell",
+    "payer_denied",
+    "consent_withdrawn",
+    "physician_decision",
+    "alternative_treatment",
+    "duplicate_order",
+    "entered_in_error",
+    "other",
+]
+RescheduleReason = Literal[
+    "patient_unwell",
+    "patient_unavailable",
+    "physician_decision",
+    "centre_capacity",
+    "apheresis_unit_unavailable",
+    "payer_pending",
+    "logistics",
+    "other",
+]
+QuarantineReleaseReason = Literal[
+    "within_stability_data",
+    "excursion_not_confirmed",
+    "assessed_acceptable",
+]
+QuarantineRejectReason = Literal[
+    "outside_stability_data",
+    "integrity_compromised",
+    "insufficient_data",
+]
+QuarantineReason = Literal[
+    "within_stability_data",
+    "excursion_not_confirmed",
+    "assessed_acceptable",
+    "outside_stability_data",
+    "integrity_compromised",
+    "insufficient_data",
+    "other",
+]
+
+CANCEL_REASONS: frozenset[str] = frozenset(get_args(CancelReason))
+RESCHEDULE_REASONS: frozenset[str] = frozenset(get_args(RescheduleReason))
+QUARANTINE_REASONS: dict[str, frozenset[str]] = {
+    "release": frozenset(get_args(QuarantineReleaseReason)) | {"other"},
+    "reject": frozenset(get_args(QuarantineRejectReason)) | {"other"},
+}
+
+# causes of the commands the order asks of the other services (rebook, remanufacture, fail)
+INBOUND_EXCURSION = "inbound_excursion"
+MATERIAL_REJECTED = "material_rejected"
+OUT_OF_SPECIFICATION = "out_of_specification"
+MANUFACTURING_FAILED = "manufacturing_failed"
+QUARANTINE_REJECTED = "quarantine_rejected"
+SITE_OUTAGE = "site_outage"
+NO_RECOLLECTION_LEFT = "no_recollection_left"
+
+_REASON_CODE = re.compile(REASON_CODE_PATTERN)
+
+
+def is_code(value: object) -> bool:
+    return isinstance(value, str) and len(value) <= 120 and _REASON_CODE.fullmatch(value) is not None
+
+
+def as_code(value: object, fallback: str) -> str:
+    """`value` when it is a reason code (another service's), else `fallback`: never words in an event."""
+    return value if is_code(value) else fallback  # type: ignore[return-value]
+
+
+def check_cancel(code: str) -> str:
+    if code not in CANCEL_REASONS:
+        raise Invalid("reason_code", "is not a cancellation reason code")
+    return code
+
+
+def check_reschedule(code: str) -> str:
+    if code not in RESCHEDULE_REASONS:
+        raise Invalid("reason_code", "is not a reason code for moving the apheresis date")
+    return code
+
+
+def check_quarantine(decision: str, code: str) -> str:
+    allowed = QUARANTINE_REASONS.get(decision)
+    if allowed is None:
+        raise Invalid("decision", "must be release or reject")
+    if code not in allowed:
+        raise Invalid("reason_code", f"is not a reason code for a quarantine {decision}")
+    return code

@@ -1,0 +1,638 @@
+"""The order service's HTTP API over its in-memory repositories, with bearer tokens (`TestTokens`): every
+route declares its scope (401 without a token, 403 without the scope); a centre sees and acts on its own
+orders only (another centre's is 404, exactly as an unknown one) and lists only its own; every hostile
+input is a 4xx that names the field, never echoes the value, and writes nothing; a second open order for a
+patient and product is 409 `open-order-exists`, also when the two requests race; actions carry reason
+codes into events, and the staff's notes stay on the order's timeline (never in an event, log or span)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, date, datetime, timedelta
+from types import SimpleNamespace
+from typing import Any
+
+import httpx
+import pytest
+import structlog
+from fastapi import FastAPI
+from fastapi.routing import APIRoute
+from opentelemetry import trace
+from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from order_service.adapters.memory import MemoryUnitOfWork, fake_uow
+from order_service.config import OrderSettings
+from order_service.entrypoints.api import router
+from order_service.service_layer.handlers import handlers
+from v2v_contracts import SiteApproval, SiteRegisteredV1, new_event
+from v2v_messaging.fakes import FakeInbox
+from v2v_servicekit.auth import declared_scope
+from v2v_servicekit.problems import PROBLEM_BASE, PROBLEM_JSON
+from v2v_servicekit.problems import install as install_problems
+from v2v_servicekit.testing import TestTokens
+
+PARIS = "TC-FR-PA-001"
+BERLIN = "TC-DE-BE-001"
+TODAY = datetime.now(UTC).date()
+SOON = TODAY + timedelta(days=14)
+PATIENT = "PAT-API-0001"
+MARKER = "CANARY-7f3a9c"  # typed by staff: may appear on the order's timeline, nowhere else
+
+NETWORK = {
+    "US-MORRIS-PLAINS": [("FDA", "commercial", "TISA-CEL"), ("FDA", "commercial", "AXI-CEL")],
+    "FR-LES-ULIS": [("EMA", "commercial", "TISA-CEL"), ("EMA", "commercial", "AXI-CEL")],
+}
+
+# every route of the order service and the one scope it must declare
+SCOPES = {
+    ("POST", "/v1/orders"): "orders:write",
+    ("GET", "/v1/orders"): "orders:read",
+    ("GET", "/v1/orders/{order_id}"): "orders:read",
+    ("GET", "/v1/treatment-centers"): "orders:read",
+    ("GET", "/v1/products"): "orders:read",
+    ("POST", "/v1/orders/{order_id}/cancel"): "orders:write",
+    ("POST", "/v1/orders/{order_id}/apheresis-date"): "orders:write",
+    ("POST", "/v1/orders/{order_id}/apheresis"): "orders:write",
+    ("POST", "/v1/orders/{order_id}/lymphodepletion"): "orders:write",
+    ("POST", "/v1/orders/{order_id}/product-receipt"): "orders:write",
+    ("POST", "/v1/orders/{order_id}/infusion"): "orders:write",
+    ("POST", "/v1/orders/{order_id}/quarantine-decision"): "quarantine:decide",
+}
+
+
+def site_registered(site_id: str, approvals: list[tuple[str, str, str]]) -> Any:
+    return new_event(
+        SiteRegisteredV1(
+            site_id=site_id,
+            name=site_id,
+            country=site_id[:2],
+            region="europe",
+            timezone="Europe/Paris",
+            operator="own",
+            active=True,
+            approvals=[SiteApproval(regulator=r, use=u, product_code=p) for r, u, p in approvals],  # type: ignore[arg-type]
+            daily_capacity={p: 2 for _, _, p in approvals},
+        ),
+        subject=site_id,
+    )
+
+
+@dataclasses.dataclass
+class Api:
+    http: httpx.AsyncClient
+    tokens: TestTokens
+    uow: MemoryUnitOfWork
+    spans: InMemorySpanExporter
+
+    def centre(self, centre: str = PARIS, **kw: Any) -> dict[str, str]:
+        return self.tokens.headers("centre", centre, **kw)
+
+    def qa(self, **kw: Any) -> dict[str, str]:
+        return self.tokens.headers("qa", **kw)
+
+    async def post(self, path: str, body: Any, headers: dict[str, str]) -> httpx.Response:
+        """`body` as JSON text with non-ASCII escaped, so that a lone surrogate travels as `\\ud800`."""
+        return await self.http.post(
+            path, content=json.dumps(body), headers={**headers, "content-type": "application/json"}
+        )
+
+    async def place(self, headers: dict[str, str] | None = None, **overrides: Any) -> dict[str, Any]:
+        resp = await self.post("/v1/orders", order_body(**overrides), headers or self.centre())
+        assert resp.status_code == 201, resp.text
+        return resp.json()  # type: ignore[no-any-return]
+
+    def put(self, order_id: str, status: str, **fields: Any) -> None:
+        """Move the stored order to `status` (a state reached by facts, tested elsewhere)."""
+        oid = uuid.UUID(order_id)
+        self.uow.store.orders[oid] = dataclasses.replace(self.uow.store.orders[oid], status=status, **fields)
+
+    def snapshot(self) -> tuple[Any, ...]:
+        store = self.uow.store
+        return (dict(store.orders), list(store.timeline), dict(store.coi_sequences), list(self.uow.committed))
+
+
+def order_body(**overrides: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "product_code": "TISA-CEL",
+        "order_type": "commercial",
+        "patient_ref": PATIENT,
+        "requested_apheresis_date": SOON.isoformat(),
+    }
+    body.update(overrides)
+    return {k: v for k, v in body.items() if v is not ...}
+
+
+def _span_exporter() -> InMemorySpanExporter:
+    provider = trace.get_tracer_provider()
+    if not isinstance(provider, TracerProvider):
+        trace.set_tracer_provider(TracerProvider())
+        provider = trace.get_tracer_provider()
+    assert isinstance(provider, TracerProvider)
+    exporter = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return exporter
+
+
+@pytest.fixture
+async def api() -> AsyncIterator[Api]:
+    uow = fake_uow()
+    await FakeInbox(uow, handlers).deliver(*(site_registered(s, a) for s, a in NETWORK.items()))
+    uow.take()
+    app = FastAPI()
+    install_problems(app)
+    app.include_router(router)
+    app.state.runtime = SimpleNamespace(uow=uow, settings=OrderSettings())
+    tokens = TestTokens.install(app)
+    spans = _span_exporter()
+    FastAPIInstrumentor.instrument_app(app, tracer_provider=trace.get_tracer_provider())
+
+    async def idempotency_key(request: httpx.Request) -> None:  # POST /v1/orders requires one
+        if request.method == "POST":
+            request.headers.setdefault("Idempotency-Key", str(uuid.uuid4()))
+
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app),
+        base_url="http://order",
+        event_hooks={"request": [idempotency_key]},
+    ) as http:
+        yield Api(http, tokens, uow, spans)
+    spans.shutdown()
+
+
+def route_path(path: str) -> str:
+    return path.replace("{order_id}", str(uuid.uuid4()))
+
+
+MINIMAL_BODIES: dict[str, dict[str, Any]] = {
+    "/v1/orders": order_body(),
+    "cancel": {"reason_code": "other"},
+    "apheresis-date": {"requested_apheresis_date": SOON.isoformat(), "reason_code": "other"},
+    "apheresis": {"coi": "V2V0026000001X"},
+    "lymphodepletion": {},
+    "product-receipt": {"coi": "V2V0026000001X"},
+    "infusion": {"coi": "V2V0026000001X"},
+    "quarantine-decision": {"decision": "release", "reason_code": "other"},
+}
+
+
+def minimal_body(path: str) -> dict[str, Any]:
+    return MINIMAL_BODIES[path if path == "/v1/orders" else path.rsplit("/", 1)[-1]]
+
+
+# ---- scopes -------------------------------------------------------------------------------------------
+
+
+def test_every_route_declares_its_one_scope() -> None:
+    declared = {
+        (method, route.path): declared_scope(route)
+        for route in router.routes
+        if isinstance(route, APIRoute)
+        for method in route.methods
+    }
+    assert declared == SCOPES
+
+
+@pytest.mark.parametrize(("method", "path"), sorted(SCOPES), ids=[f"{m} {p}" for m, p in sorted(SCOPES)])
+async def test_no_token_is_401_and_a_token_without_the_scope_is_403(api: Api, method: str, path: str) -> None:
+    url = route_path(path)
+    body = json.dumps(minimal_body(path)) if method == "POST" else None
+    for headers, status in (
+        ({}, 401),
+        ({"Authorization": "Bearer not-a-jwt"}, 401),
+        ({"Authorization": "Basic dXNlcjpwYXNz"}, 401),
+        (api.tokens.headers("centre", PARIS, ttl_s=-120), 401),  # expired
+        (api.centre(scopes=[s for s in ("orders:read", "orders:write") if s != SCOPES[method, path]]), 403),
+        (api.tokens.headers("carrier", "UPS"), 403),
+    ):
+        resp = await api.http.request(
+            method, url, content=body, headers={**headers, "content-type": "application/json"}
+        )
+        assert resp.status_code == status, (headers, resp.text)
+        assert resp.headers["content-type"] == PROBLEM_JSON
+        assert resp.headers["www-authenticate"].startswith("Bearer ")
+    assert api.uow.store.orders == {} and api.uow.committed == []
+
+
+async def test_only_a_treatment_centre_places_orders_and_reports_hospital_actions(api: Api) -> None:
+    order = await api.place()
+    for kind in ("qa", "ops", "carrier", "site", "admin"):
+        headers = api.tokens.headers(
+            kind, "X" if kind in {"carrier", "site"} else None, scopes=["orders:write"]
+        )
+        resp = await api.post("/v1/orders", order_body(patient_ref="PAT-OTHER"), headers)
+        assert resp.status_code == 403, resp.text
+        resp = await api.post(f"/v1/orders/{order['order_id']}/cancel", {"reason_code": "other"}, headers)
+        assert resp.status_code == 403, resp.text
+    # couriers, sites and admins have no business with orders even with a read scope
+    for kind in ("carrier", "site", "admin"):
+        headers = api.tokens.headers(kind, "X" if kind != "admin" else None, scopes=["orders:read"])
+        assert (await api.http.get("/v1/orders", headers=headers)).status_code == 403
+        assert (await api.http.get(f"/v1/orders/{order['order_id']}", headers=headers)).status_code == 403
+    assert len(api.uow.store.orders) == 1
+
+
+# ---- tenancy ------------------------------------------------------------------------------------------
+
+
+async def test_the_centre_comes_from_the_token_and_a_body_may_only_repeat_it(api: Api) -> None:
+    placed = await api.place(api.centre(BERLIN))
+    assert placed["treatment_center_id"] == BERLIN and placed["patient_ref"] == PATIENT
+    again = await api.place(api.centre(BERLIN), treatment_center_id=BERLIN, patient_ref="PAT-API-0002")
+    assert again["treatment_center_id"] == BERLIN
+
+    before = api.snapshot()
+    resp = await api.post(
+        "/v1/orders", order_body(treatment_center_id=PARIS, patient_ref="P3"), api.centre(BERLIN)
+    )
+    assert resp.status_code == 422
+    problem = resp.json()
+    assert problem["errors"] == [
+        {"field": "treatment_center_id", "reason": "must be the calling centre's own id, or left out"}
+    ]
+    assert PARIS not in resp.text and BERLIN not in resp.text
+    assert api.snapshot() == before
+
+
+async def test_another_centres_order_is_404_like_an_unknown_one_for_reads_and_every_action(api: Api) -> None:
+    order = await api.place(api.centre(PARIS))
+    oid = order["order_id"]
+    api.put(oid, "quarantined", site_id="FR-LES-ULIS", status_before_quarantine="product_in_transit")
+    berlin = api.centre(BERLIN)
+    berlin_qa = api.tokens.headers("centre", BERLIN, scopes=["quarantine:decide"])  # not a default grant
+    unknown = await api.http.get(f"/v1/orders/{uuid.uuid4()}", headers=berlin)
+    assert unknown.status_code == 404
+    before = api.snapshot()
+
+    resp = await api.http.get(f"/v1/orders/{oid}", headers=berlin)
+    assert resp.status_code == 404 and PATIENT not in resp.text
+    assert {k: v for k, v in resp.json().items() if k not in {"detail", "instance"}} == {
+        k: v for k, v in unknown.json().items() if k not in {"detail", "instance"}
+    }
+    for action in ("cancel", "apheresis-date", "apheresis", "lymphodepletion", "product-receipt", "infusion"):
+        body = minimal_body(f"x/{action}")
+        if "coi" in body:
+            body = {"coi": order["coi"]}
+        resp = await api.post(f"/v1/orders/{oid}/{action}", body, berlin)
+        assert resp.status_code == 404, (action, resp.text)
+    resp = await api.post(
+        f"/v1/orders/{oid}/quarantine-decision", minimal_body("x/quarantine-decision"), berlin_qa
+    )
+    assert resp.status_code == 404
+    assert api.snapshot() == before
+
+    # the centre itself and the manufacturer's QA see it; QA decides on the quarantine
+    assert (await api.http.get(f"/v1/orders/{oid}", headers=api.centre(PARIS))).status_code == 200
+    assert (await api.http.get(f"/v1/orders/{oid}", headers=api.qa())).status_code == 200
+    assert (await api.http.get(f"/v1/orders/{oid}", headers=api.tokens.headers("ops"))).status_code == 200
+    resp = await api.post(
+        f"/v1/orders/{oid}/quarantine-decision", minimal_body("x/quarantine-decision"), api.qa()
+    )
+    assert resp.status_code == 200 and resp.json()["status"] == "product_in_transit"
+
+
+async def test_a_centre_lists_only_its_own_orders_and_the_filter_only_narrows(api: Api) -> None:
+    paris = [await api.place(api.centre(PARIS), patient_ref=f"PAT-P{i}") for i in range(3)]
+    berlin = [await api.place(api.centre(BERLIN), patient_ref="PAT-B0")]
+
+    async def listed(headers: dict[str, str], **params: Any) -> tuple[list[str], int]:
+        resp = await api.http.get("/v1/orders", headers=headers, params=params)
+        assert resp.status_code == 200, resp.text
+        page = resp.json()
+        return [o["order_id"] for o in page["items"]], page["total"]
+
+    ids = lambda orders: [o["order_id"] for o in orders]  # noqa: E731
+    assert await listed(api.centre(PARIS)) == (ids(paris), 3)
+    assert await listed(api.centre(PARIS), treatment_center_id=PARIS) == (ids(paris), 3)
+    assert await listed(api.centre(PARIS), treatment_center_id=BERLIN) == ([], 0)  # an empty page, no more
+    assert await listed(api.centre(BERLIN)) == (ids(berlin), 1)
+    assert await listed(api.qa()) == (ids(paris + berlin), 4)
+    assert await listed(api.qa(), treatment_center_id=BERLIN) == (ids(berlin), 1)
+    assert await listed(api.centre(PARIS), limit=2, offset=2) == (ids(paris)[2:], 3)
+
+
+async def test_the_catalogue_is_for_any_caller_with_orders_read(api: Api) -> None:
+    for headers in (api.centre(), api.qa()):
+        centres = await api.http.get("/v1/treatment-centers", headers=headers)
+        products = await api.http.get("/v1/products", headers=headers)
+        assert centres.status_code == products.status_code == 200
+        assert PARIS in {c["id"] for c in centres.json()} and "TISA-CEL" in {
+            p["code"] for p in products.json()
+        }
+
+
+# ---- hostile input ------------------------------------------------------------------------------------
+
+IN_181_DAYS = (TODAY + timedelta(days=181)).isoformat()
+
+HOSTILE_ORDERS: list[tuple[str, dict[str, Any], str]] = [
+    ("patient-ref-lone-surrogate", {"patient_ref": "PAT-\ud800-X"}, "patient_ref"),
+    ("patient-ref-nul", {"patient_ref": "PAT-\x00-X"}, "patient_ref"),
+    ("patient-ref-newline", {"patient_ref": "PAT-\n-X"}, "patient_ref"),
+    ("patient-ref-bidi-c1", {"patient_ref": "PAT-\x85-X"}, "patient_ref"),
+    ("patient-ref-noncharacter", {"patient_ref": "PAT-\ufffe-X"}, "patient_ref"),
+    ("patient-ref-65-chars", {"patient_ref": "P" * 65}, "patient_ref"),
+    ("patient-ref-2-mb", {"patient_ref": "P" * 2_000_000}, "patient_ref"),
+    ("patient-ref-blank", {"patient_ref": "   "}, "patient_ref"),
+    ("patient-ref-number", {"patient_ref": 12345}, "patient_ref"),
+    ("patient-ref-missing", {"patient_ref": ...}, "patient_ref"),
+    ("date-today", {"requested_apheresis_date": TODAY.isoformat()}, "requested_apheresis_date"),
+    ("date-past", {"requested_apheresis_date": "2020-01-01"}, "requested_apheresis_date"),
+    ("date-181-days", {"requested_apheresis_date": IN_181_DAYS}, "requested_apheresis_date"),
+    ("date-9999", {"requested_apheresis_date": "9999-12-31"}, "requested_apheresis_date"),
+    ("date-garbage", {"requested_apheresis_date": "soon\ud800"}, "requested_apheresis_date"),
+    ("product-code-space", {"product_code": "TISA CEL"}, "product_code"),
+    ("product-code-control", {"product_code": "TISA\x07CEL"}, "product_code"),
+    ("product-code-long", {"product_code": "T" * 33}, "product_code"),
+    ("product-code-unknown", {"product_code": "NOT-A-PRODUCT"}, "product_code"),
+    ("centre-newline", {"treatment_center_id": f"{PARIS}\n"}, "treatment_center_id"),
+    ("centre-surrogate", {"treatment_center_id": "TC-\udfff"}, "treatment_center_id"),
+    ("order-type", {"order_type": "compassionate"}, "order_type"),
+    ("extra-field", {"status": "completed"}, "status"),
+]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"), [h[1:] for h in HOSTILE_ORDERS], ids=[h[0] for h in HOSTILE_ORDERS]
+)
+async def test_a_hostile_order_is_422_naming_the_field_never_echoing_it_and_writes_nothing(
+    api: Api, overrides: dict[str, Any], field: str
+) -> None:
+    before = api.snapshot()
+    resp = await api.post("/v1/orders", order_body(**overrides), api.centre())
+    assert resp.status_code == 422, resp.text
+    problem = resp.json()
+    assert problem["type"] == PROBLEM_BASE + "validation"
+    assert field in {e["field"] for e in problem["errors"]}
+    for value in overrides.values():
+        if isinstance(value, str) and value.strip():
+            assert value not in resp.text and json.dumps(value)[1:-1] not in resp.text
+    assert api.snapshot() == before
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b'{"patient_ref": "\xff\xfe"}',
+        b'{"patient_ref": ',
+        b"[]",
+        b'"x"',
+        b'{"patient_ref": NaN}',
+        b"\x00" * 10,
+    ],
+    ids=["invalid-utf8", "truncated", "array", "string", "nan", "nul-bytes"],
+)
+async def test_a_body_that_is_not_an_order_object_is_4xx(api: Api, content: bytes) -> None:
+    resp = await api.http.post(
+        "/v1/orders", content=content, headers={**api.centre(), "content-type": "application/json"}
+    )
+    assert 400 <= resp.status_code < 500 and resp.headers["content-type"] == PROBLEM_JSON
+    assert api.uow.store.orders == {}
+
+
+def _at(delta: timedelta) -> str:
+    return (datetime.now(UTC) + delta).isoformat()
+
+
+HOSTILE_ACTIONS: list[tuple[str, str, dict[str, Any], str]] = [
+    ("cancel-free-text-reason", "cancel", {"reason": "patient withdrew"}, "reason"),
+    ("cancel-no-code", "cancel", {"note": "why"}, "reason_code"),
+    ("cancel-unknown-code", "cancel", {"reason_code": "bored"}, "reason_code"),
+    ("cancel-code-with-words", "cancel", {"reason_code": "other: patient said so"}, "reason_code"),
+    ("cancel-note-501", "cancel", {"reason_code": "other", "note": "n" * 501}, "note"),
+    ("cancel-note-surrogate", "cancel", {"reason_code": "other", "note": "n\udc00n"}, "note"),
+    ("cancel-note-control", "cancel", {"reason_code": "other", "note": "n\x1bn"}, "note"),
+    ("cancel-note-blank", "cancel", {"reason_code": "other", "note": " \t "}, "note"),
+    (
+        "reschedule-today",
+        "apheresis-date",
+        {"requested_apheresis_date": TODAY.isoformat(), "reason_code": "other"},
+        "requested_apheresis_date",
+    ),
+    (
+        "reschedule-181",
+        "apheresis-date",
+        {"requested_apheresis_date": IN_181_DAYS, "reason_code": "other"},
+        "requested_apheresis_date",
+    ),
+    (
+        "reschedule-9999",
+        "apheresis-date",
+        {"requested_apheresis_date": "9999-12-31", "reason_code": "other"},
+        "requested_apheresis_date",
+    ),
+    (
+        "reschedule-cancel-code",
+        "apheresis-date",
+        {"requested_apheresis_date": SOON.isoformat(), "reason_code": "duplicate_order"},
+        "reason_code",
+    ),
+    (
+        "reschedule-free-text",
+        "apheresis-date",
+        {"requested_apheresis_date": SOON.isoformat(), "reason": "x"},
+        "reason",
+    ),
+    ("coi-long", "apheresis", {"coi": "V" * 21}, "coi"),
+    ("coi-control", "apheresis", {"coi": "V2V00\x0026000001X"}, "coi"),
+    ("coi-surrogate", "product-receipt", {"coi": "V2V00\ud83426000001X"}, "coi"),
+    ("coi-malformed", "infusion", {"coi": "NOT-A-COI"}, "coi"),
+    ("at-31-days-ago", "apheresis", {"coi": "{coi}", "at": _at(-timedelta(days=31))}, "at"),
+    ("at-future", "product-receipt", {"coi": "{coi}", "at": _at(timedelta(hours=1))}, "at"),
+    ("at-naive", "infusion", {"coi": "{coi}", "at": "2026-01-01T10:00:00"}, "at"),
+    ("at-9999", "lymphodepletion", {"at": "9999-12-31T00:00:00Z"}, "at"),
+    ("quarantine-decision", "quarantine-decision", {"decision": "hold", "reason_code": "other"}, "decision"),
+    (
+        "quarantine-release-reject-code",
+        "quarantine-decision",
+        {"decision": "release", "reason_code": "integrity_compromised"},
+        "reason_code",
+    ),
+    ("quarantine-free-text", "quarantine-decision", {"decision": "release", "reason": "fine"}, "reason"),
+    (
+        "quarantine-note-long",
+        "quarantine-decision",
+        {"decision": "reject", "reason_code": "other", "note": "n" * 501},
+        "note",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("action", "body", "field"), [h[1:] for h in HOSTILE_ACTIONS], ids=[h[0] for h in HOSTILE_ACTIONS]
+)
+async def test_a_hostile_action_is_422_naming_the_field_and_writes_nothing(
+    api: Api, action: str, body: dict[str, Any], field: str
+) -> None:
+    order = await api.place()
+    api.put(
+        order["order_id"], "quarantined", site_id="FR-LES-ULIS", status_before_quarantine="product_in_transit"
+    )
+    body = {k: (order["coi"] if v == "{coi}" else v) for k, v in body.items()}
+    headers = api.qa() if action == "quarantine-decision" else api.centre()
+    before = api.snapshot()
+    resp = await api.post(f"/v1/orders/{order['order_id']}/{action}", body, headers)
+    assert resp.status_code == 422, resp.text
+    assert field in {e["field"] for e in resp.json()["errors"]}
+    for key, value in body.items():  # (a decision is an enumeration member: the reason may name it)
+        if isinstance(value, str) and len(value) > 3 and value != order["coi"] and key != "decision":
+            assert value not in resp.text and json.dumps(value)[1:-1] not in resp.text
+    assert api.snapshot() == before
+
+
+@pytest.mark.parametrize(
+    ("path", "params"),
+    [
+        ("/v1/orders", {"limit": 0}),
+        ("/v1/orders", {"limit": 201}),
+        ("/v1/orders", {"limit": "1e309"}),
+        ("/v1/orders", {"offset": -1}),
+        ("/v1/orders", {"offset": 10**30}),
+        ("/v1/orders", {"treatment_center_id": "TC\x00"}),
+        ("/v1/orders", {"treatment_center_id": "T" * 65}),
+        ("/v1/orders", {"treatment_center_id": "TC FR"}),
+        ("/v1/orders/not-a-uuid", {}),
+        ("/v1/orders/%ED%A0%80", {}),
+    ],
+    ids=[
+        "limit-0",
+        "limit-201",
+        "limit-huge",
+        "offset-negative",
+        "offset-huge",
+        "centre-nul",
+        "centre-long",
+        "centre-space",
+        "id-not-uuid",
+        "id-surrogate",
+    ],
+)
+async def test_hostile_query_and_path_parameters_are_4xx(api: Api, path: str, params: dict[str, Any]) -> None:
+    resp = await api.http.get(path, params=params, headers=api.qa())
+    assert 400 <= resp.status_code < 500, resp.text
+    assert resp.headers["content-type"] == PROBLEM_JSON
+
+
+# ---- one open order per patient and product -----------------------------------------------------------
+
+
+async def test_a_second_open_order_for_the_patient_and_product_is_409_open_order_exists(api: Api) -> None:
+    first = await api.place()
+    before = api.snapshot()
+    resp = await api.post(
+        "/v1/orders",
+        order_body(requested_apheresis_date=(SOON + timedelta(days=2)).isoformat()),
+        api.centre(),
+    )
+    assert resp.status_code == 409
+    problem = resp.json()
+    assert problem["type"] == PROBLEM_BASE + "open-order-exists"
+    assert problem["errors"][0]["field"] == "patient_ref" and PATIENT not in resp.text
+    assert api.snapshot() == before
+
+    await api.place(product_code="AXI-CEL")  # another product
+    await api.place(api.centre(BERLIN))  # another centre's patient with the same reference
+    resp = await api.post(
+        f"/v1/orders/{first['order_id']}/cancel", {"reason_code": "duplicate_order"}, api.centre()
+    )
+    assert resp.status_code == 200
+    assert (await api.place())["order_id"] != first["order_id"]  # the first one ended: a new one is fine
+
+
+async def test_two_racing_orders_for_one_patient_make_one_order(api: Api) -> None:
+    responses = await asyncio.gather(
+        *(api.post("/v1/orders", order_body(patient_ref="PAT-RACE"), api.centre()) for _ in range(2))
+    )
+    assert sorted(r.status_code for r in responses) == [201, 409]
+    assert [r.json()["type"] for r in responses if r.status_code == 409] == [
+        PROBLEM_BASE + "open-order-exists"
+    ]
+    assert len(api.uow.store.orders) == 1 and api.uow.types() == ["order.submitted.v1"]
+
+
+# ---- reason codes out, notes in -----------------------------------------------------------------------
+
+
+async def test_actions_publish_reason_codes_and_the_notes_stay_on_the_timeline(api: Api) -> None:
+    patient = f"PAT-{MARKER}"
+    with structlog.testing.capture_logs() as logs:
+        cancelled = await api.place(patient_ref=patient)
+        moved = await api.place(patient_ref=patient, product_code="AXI-CEL")
+        decided = await api.place(patient_ref=f"{patient}-2", treatment_center_id=PARIS)
+        api.put(moved["order_id"], "slot_reserved")
+        api.put(
+            decided["order_id"],
+            "quarantined",
+            site_id="FR-LES-ULIS",
+            status_before_quarantine="product_delivered",
+        )
+        calls = [
+            (
+                cancelled,
+                "cancel",
+                {"reason_code": "patient_deceased", "note": f"{MARKER} cancel"},
+                api.centre(),
+            ),
+            (
+                moved,
+                "apheresis-date",
+                {
+                    "requested_apheresis_date": (SOON + timedelta(days=3)).isoformat(),
+                    "reason_code": "patient_unwell",
+                    "note": f"{MARKER} reschedule",
+                },
+                api.centre(),
+            ),
+            (
+                decided,
+                "quarantine-decision",
+                {
+                    "decision": "release",
+                    "reason_code": "within_stability_data",
+                    "note": f"{MARKER} quarantine",
+                },
+                api.qa(),
+            ),
+        ]
+        for order, action, body, headers in calls:
+            resp = await api.post(f"/v1/orders/{order['order_id']}/{action}", body, headers)
+            assert resp.status_code == 200, resp.text
+            [entry] = [t for t in resp.json()["timeline"] if t["note"]]
+            assert entry["note"] == body["note"] and MARKER not in entry["reason"]
+
+    reasons = {e.type: e.data["reason"] for e in api.uow.committed if "reason" in e.data}
+    assert reasons == {
+        "order.cancelled.v1": "patient_deceased",
+        "order.rebook_requested.v1": "patient_unwell",
+        "order.quarantine_decided.v1": "within_stability_data",
+    }
+    assert all(MARKER not in e.to_json().decode() for e in api.uow.committed)
+    assert {t.note for t in api.uow.store.timeline if t.note} == {
+        f"{MARKER} {a}" for a in ("cancel", "reschedule", "quarantine")
+    }
+    # logs and spans name the action and the order, never the note or the patient
+    assert {"order placed", "hospital action applied"} <= {entry["event"] for entry in logs}
+    assert all(MARKER not in repr(entry) for entry in logs)
+    spans = api.spans.get_finished_spans()
+    assert {s.name for s in spans} >= {"hospital cancel", "hospital reschedule", "hospital quarantine"}
+    assert all(MARKER not in json.dumps(dict(s.attributes or {})) + s.name for s in spans)
+    assert all(MARKER not in str(ev.attributes) for s in spans for ev in s.events)
+
+
+async def test_the_order_shows_its_own_centre_its_timeline_notes(api: Api) -> None:
+    order = await api.place()
+    await api.post(
+        f"/v1/orders/{order['order_id']}/cancel", {"reason_code": "other", "note": "  kept  "}, api.centre()
+    )
+    resp = await api.http.get(f"/v1/orders/{order['order_id']}", headers=api.centre())
+    assert resp.status_code == 200
+    body = resp.json()
+    assert body["status"] == "cancelled" and body["ended_reason"] == "cancelled by the centre: other"
+    assert [t["note"] for t in body["timeline"]] == [None, "kept"]
+    assert date.fromisoformat(body["requested_apheresis_date"]) == SOON
