@@ -66,7 +66,7 @@ def cancelled(coi: str = COI) -> CloudEvent:
             order_id=uuid.uuid4(),
             coi=coi,
             treatment_center_id="TC-DE-BE-001",
-            reason="patient-withdrew",
+            reason="patient_withdrew",
             previous_status="submitted",
         )
     )
