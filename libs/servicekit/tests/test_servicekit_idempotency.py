@@ -328,3 +328,34 @@ async def test_a_response_marked_no_store_is_kept_without_its_body(edge_app, cli
     assert world.calls == ["secret"]
     [row] = await rows(pool)
     assert "TOPSECRET" not in repr(dict(row))
+
+
+async def test_routes_included_from_a_router_get_replays_too(pool) -> None:
+    """Services include their routes from routers (behind a prefix): the edge finds what those declare."""
+    from fastapi import APIRouter, FastAPI
+
+    from v2v_servicekit import edge, problems
+    from v2v_servicekit.auth import Principal, require_scope
+    from v2v_servicekit.idempotency import idempotent
+    from v2v_servicekit.testing import TestTokens
+
+    router = APIRouter(prefix="/v1")
+    calls: list[int] = []
+
+    @router.post("/things", status_code=201, dependencies=[idempotent(required=True)])
+    async def make(principal: Principal = require_scope("orders:write")) -> dict[str, int]:
+        calls.append(1)
+        return {"n": len(calls)}
+
+    app = FastAPI()
+    problems.install(app)
+    edge.install(app, EdgeConfig(), pool=lambda _app: pool)
+    tokens = TestTokens.install(app)
+    app.include_router(router)
+    headers = {**tokens.headers("centre", "TC-1"), "Idempotency-Key": "inc-1"}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+        first = await client.post("/v1/things", headers=headers)
+        again = await client.post("/v1/things", headers=headers)
+    assert (first.status_code, again.status_code) == (201, 201)
+    assert again.headers["idempotent-replayed"] == "true" and again.json() == {"n": 1}
+    assert calls == [1]

@@ -16,6 +16,60 @@ from v2v_contracts.envelope import CloudEvent, source_for
 from v2v_contracts.fields import Code, ReasonCode
 
 OrderType = Literal["commercial", "clinical"]
+Regulator = Literal["FDA", "EMA", "Swissmedic", "PMDA", "NMPA", "TGA"]
+"""The medicines regulators whose markets the platform serves (a site's approvals name one of them)."""
+
+# ---- reason codes of the manufacturing network (sites' registry and MES) ------------------------------
+# Staff pick a code; no free text leaves a site (the detail is in the site's own quality system, named by
+# an opaque `reference` where an MES report carries one). Events carry these codes as `ReasonCode`.
+
+OutageReason = Literal[
+    "maintenance",  # planned maintenance or requalification (clean room, equipment)
+    "equipment_failure",
+    "contamination",  # an environmental excursion in the clean room
+    "utilities",  # power, water, HVAC, gases
+    "staffing",
+    "regulatory_hold",  # an inspection finding, a suspended licence
+    "other",
+]
+"""Why a site declares an outage (`site.booking_affected` says `outage:<code>`)."""
+
+ReceiptRejection = Literal[
+    "damaged_container",
+    "temperature_excursion",
+    "label_mismatch",  # label data inconsistent with the shipping documents (not a COI mismatch)
+    "insufficient_volume",
+    "documentation_missing",
+    "other",
+]
+"""Why a site refuses the apheresis material at receipt (`site.material_rejected`)."""
+
+StepFailure = Literal[
+    "contamination",
+    "equipment_failure",
+    "insufficient_cell_growth",
+    "transduction_failure",
+    "process_deviation",
+    "utilities",
+    "other",
+]
+"""Why a manufacturing step failed (`site.manufacturing_failed` says `step_failed:<step>:<code>`)."""
+
+QcFinding = Literal[
+    "sterility",
+    "endotoxin",
+    "mycoplasma",
+    "viability",
+    "potency",
+    "dose",
+    "identity",
+    "purity",
+    "vector_copy_number",
+    "replication_competent_virus",
+    "other",
+]
+"""The release test a product failed at QC (`site.product_out_of_specification` says the code;
+`site.manufacturing_failed` says `qc_failed:<code>`)."""
 
 
 class EventData(BaseModel):
@@ -56,7 +110,7 @@ class SlotReservedV1(OrderEventData):
     order_type: OrderType
     apheresis_date: date
     manufacturing_start_date: date
-    reason: str = "initial"  # initial | waitlist | rebook:<why>
+    reason: ReasonCode = "initial"  # initial | waitlist | rebook:<kind>
 
 
 class SlotUnavailableV1(OrderEventData):
@@ -64,14 +118,14 @@ class SlotUnavailableV1(OrderEventData):
 
     TYPE = "scheduling.slot_unavailable.v1"
     SERVICE = "scheduling"
-    reason: str  # machine-readable code
-    detail: str
+    reason: ReasonCode  # no_site_known | no_approved_site | no_capacity
+    detail: str  # scheduling's own words (from codes and registry data, never from a person)
     waitlisted: bool
 
 
 class SiteApproval(BaseModel):
     model_config = ConfigDict(frozen=True)
-    regulator: str
+    regulator: Regulator
     use: OrderType
     product_code: str
 
@@ -81,7 +135,7 @@ class Outage(BaseModel):
     outage_id: uuid.UUID
     start_date: date
     end_date: date  # inclusive
-    reason: str
+    reason: ReasonCode  # an OutageReason
 
 
 class SiteRegisteredV1(EventData):
@@ -256,7 +310,7 @@ class SlotReleasedV1(OrderEventData):
     SERVICE = "scheduling"
     slot_id: uuid.UUID
     site_id: str
-    reason: str
+    reason: ReasonCode  # cancelled | failed | rebook:<kind> | approval_withdrawn | site_inactive
 
 
 class BookingCancelledV1(OrderEventData):
@@ -267,7 +321,7 @@ class BookingCancelledV1(OrderEventData):
     booking_id: uuid.UUID
     slot_id: uuid.UUID
     site_id: str
-    reason: str
+    reason: ReasonCode  # the slot's release reason, or order_cancelled[:<code>] | order_failed[:<code>]
 
 
 class BookingAffectedV1(OrderEventData):
@@ -277,7 +331,7 @@ class BookingAffectedV1(OrderEventData):
     SERVICE = "site"
     booking_id: uuid.UUID
     site_id: str
-    reason: str  # outage:<reason> | capacity_cut
+    reason: ReasonCode  # outage:<OutageReason> | capacity_cut
 
 
 class MaterialReceivedV1(OrderEventData):
@@ -295,7 +349,7 @@ class MaterialRejectedV1(OrderEventData):
     TYPE = "site.material_rejected.v1"
     SERVICE = "site"
     site_id: str
-    reason: str
+    reason: ReasonCode  # a ReceiptRejection
 
 
 class ManufacturingStepCompletedV1(OrderEventData):
@@ -326,7 +380,7 @@ class ProductOutOfSpecificationV1(OrderEventData):
     SERVICE = "site"
     site_id: str
     run: int
-    reason: str
+    reason: ReasonCode  # a QcFinding
     retained_material: bool  # whether the site holds material for a remanufacture
 
 
@@ -337,7 +391,7 @@ class ManufacturingFailedV1(OrderEventData):
     SERVICE = "site"
     site_id: str
     run: int
-    reason: str
+    reason: ReasonCode  # step_failed:<step>:<StepFailure> | qc_failed:<QcFinding>
     retained_material: bool
 
 
@@ -347,7 +401,7 @@ class ManufacturingStoppedV1(OrderEventData):
     TYPE = "site.manufacturing_stopped.v1"
     SERVICE = "site"
     site_id: str
-    reason: str
+    reason: ReasonCode  # order_cancelled[:<code>] | order_failed[:<code>]
 
 
 class ShipmentExcursionV1(OrderEventData):
@@ -387,7 +441,7 @@ class SiteCoiMismatchDetectedV1(OrderEventData):
     TYPE = "site.coi_mismatch_detected.v1"
     SERVICE = "site"
     site_id: str
-    where: str
+    where: str  # a fixed word of the site's ("material receipt"), never input
 
 
 class CoiMismatchDetectedV1(OrderEventData):

@@ -36,7 +36,6 @@ from typing import Any, Protocol
 
 import asyncpg
 from starlette.datastructures import Headers
-from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from v2v_observability import get_logger
@@ -273,7 +272,7 @@ class EdgeMiddleware:
         self.buckets = TokenBuckets(self.config.rate_limit_per_s, self.config.rate_limit_burst)
         self._pool = pool or _runtime_pool
         self._store: IdempotencyStore | None = None
-        self._routes: dict[int, _RouteInfo] = {}
+        self._table: list[tuple[re.Pattern[str], frozenset[str], _RouteInfo]] | None = None
         self._purged_at = time.monotonic()
         self._purge_task: asyncio.Task[None] | None = None
 
@@ -371,19 +370,31 @@ class EdgeMiddleware:
                 return b"".join(chunks)
 
     def _route(self, app: Any, scope: Scope) -> _RouteInfo | None:
-        router = getattr(app, "router", None)
-        for route in getattr(router, "routes", ()):
-            match, _ = route.matches(scope)
-            if match == Match.FULL:
-                if not hasattr(route, "dependant"):  # a mount or a plain Starlette route: not ours to judge
-                    return None
-                info = self._routes.get(id(route))
-                if info is None:
-                    info = self._routes[id(route)] = _RouteInfo(
-                        declared_idempotency(route), declared_scope(route)
-                    )
+        """What the route a request goes to declares (idempotency, scope), or None for a path no API
+        route serves. Routes included from routers are flattened (FastAPI keeps them behind an included
+        router entry), each with its full path."""
+        if self._table is None:
+            self._table = self._route_table(app)
+        path, method = scope.get("path", ""), scope.get("method", "")
+        for regex, methods, info in self._table:
+            if regex.match(path) and method in methods:
                 return info
         return None
+
+    @staticmethod
+    def _route_table(app: Any) -> list[tuple[re.Pattern[str], frozenset[str], _RouteInfo]]:
+        from fastapi.routing import APIRoute, iter_route_contexts
+        from starlette.routing import compile_path
+
+        table = []
+        for context in iter_route_contexts(getattr(app, "routes", ())):
+            route = context.route
+            if not isinstance(route, APIRoute):
+                continue
+            regex, _, _ = compile_path(context.path or route.path)
+            info = _RouteInfo(declared_idempotency(route), declared_scope(route))
+            table.append((regex, frozenset(route.methods or ()), info))
+        return table
 
     def _idempotency_store(self, app: Any) -> IdempotencyStore | None:
         pool = self._pool(app)

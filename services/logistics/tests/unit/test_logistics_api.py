@@ -350,6 +350,12 @@ MONTH_AGO = (datetime.now(UTC) - timedelta(days=31)).isoformat()
 AHEAD = (datetime.now(UTC) + timedelta(minutes=10)).isoformat()
 NAN, INF = float("nan"), float("inf")
 
+
+def stable_ids(cases: list[tuple[str, Any]]) -> list[str]:
+    """Test ids that do not embed a value computed from the clock (pytest-xdist workers must agree)."""
+    return [f"{field}-{i}" for i, (field, _) in enumerate(cases)]
+
+
 HOSTILE_MILESTONES: list[tuple[str, Any]] = [
     ("occurred_at", MONTH_AGO),
     ("occurred_at", AHEAD),
@@ -402,7 +408,7 @@ def raw_json(body: dict[str, Any]) -> bytes:
     return json.dumps(body, allow_nan=True).encode()
 
 
-@pytest.mark.parametrize(("field", "value"), HOSTILE_MILESTONES)
+@pytest.mark.parametrize(("field", "value"), HOSTILE_MILESTONES, ids=stable_ids(HOSTILE_MILESTONES))
 async def test_a_hostile_milestone_is_422_naming_the_field_without_echoing_it_and_writes_nothing(
     platform: Platform, client: httpx.AsyncClient, field: str, value: Any
 ) -> None:
@@ -422,7 +428,7 @@ async def test_a_hostile_milestone_is_422_naming_the_field_without_echoing_it_an
     assert platform.state() == before
 
 
-@pytest.mark.parametrize(("field", "value"), HOSTILE_READINGS)
+@pytest.mark.parametrize(("field", "value"), HOSTILE_READINGS, ids=stable_ids(HOSTILE_READINGS))
 async def test_a_hostile_reading_is_422_naming_the_field_without_echoing_it_and_writes_nothing(
     platform: Platform, client: httpx.AsyncClient, field: str, value: Any
 ) -> None:

@@ -303,14 +303,21 @@ async def test_free_text_reasons_upstream_never_reach_logistics_tables_events_or
             booking_id=world.ships(first)[0].booking_id,
             slot_id=uuid.uuid4(),
             site_id="DE-LEIPZIG-IZI",
-            reason=MARKER,
+            reason="rebook:reschedule",
         ),
         OrderCancelledV1(**second.refs, reason="consent_withdrawn", previous_status="released"),
         OrderFailedV1(**third.refs, reason="no_material_left"),
     )
-    # the order contract refuses free text: an event built unvalidated (as an older or forged producer
-    # could send it) is poison, handled by nothing
+    # the order and site contracts refuse free text: an event built unvalidated (as an older or forged
+    # producer could send it) is poison, handled by nothing
     for forged in (
+        BookingCancelledV1.model_construct(
+            **first.refs,
+            booking_id=uuid.uuid4(),
+            slot_id=uuid.uuid4(),
+            site_id="DE-LEIPZIG-IZI",
+            reason=MARKER,
+        ),
         OrderCancelledV1.model_construct(**second.refs, reason=MARKER, previous_status="released"),
         OrderFailedV1.model_construct(**third.refs, reason=MARKER),
     ):
@@ -327,7 +334,7 @@ async def test_free_text_reasons_upstream_never_reach_logistics_tables_events_or
 
     cancelled = [e.data["reason"] for e in world.uow.committed if e.type == "logistics.shipment_cancelled.v1"]
     assert sorted(cancelled) == [
-        "booking_cancelled",
+        "booking_cancelled:rebook:reschedule",
         "order_cancelled:consent_withdrawn",
         "order_failed:no_material_left",
     ]

@@ -224,7 +224,7 @@ def material_rejected(centre: str = CENTRE, **extra: Any) -> CloudEvent:
             coi=f"V2V00-26-{uuid.uuid4().int % 10**6:06d}-K",
             treatment_center_id=centre,
             site_id="SITE-DE-01",
-            reason="identity_label_unreadable",  # events carry reason codes (issue 8)
+            reason="label_mismatch",
             **extra,
         )
     )
@@ -276,7 +276,7 @@ async def test_an_exception_is_emailed_once_to_each_matching_recipient_without_p
     assert mail.message["To"] == "qa@charite.example"
     assert mail.message["Subject"] == f"[vein2vein] site.material_rejected.v1 — order {order_id}"
     body = mail.message.get_content()
-    for expected in (order_id, coi, "site.material_rejected.v1", "identity_label_unreadable", "SITE-DE-01"):
+    for expected in (order_id, coi, "site.material_rejected.v1", "label_mismatch", "SITE-DE-01"):
         assert expected in body
     assert f"GET /v1/orders/{order_id}" in body
     assert PATIENT_REF.encode() not in mail.raw

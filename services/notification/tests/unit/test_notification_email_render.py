@@ -47,7 +47,7 @@ def rejected(**extra: Any) -> CloudEvent:
             coi=COI,
             treatment_center_id=CENTRE,
             site_id="SITE-DE-01",
-            reason="viability_below_threshold",  # events carry reason codes (issue 8)
+            reason="temperature_excursion",
             **extra,
         )
     )
@@ -81,7 +81,7 @@ def test_body_has_order_coi_event_allowed_fields_and_the_order_link() -> None:
         "order": str(ORDER_ID),
         "coi": COI,
         "event": "site.material_rejected.v1",
-        "reason": "viability_below_threshold",
+        "reason": "temperature_excursion",
         "site_id": "SITE-DE-01",
     }
     assert f"GET /v1/orders/{ORDER_ID}" in message.body

@@ -337,8 +337,8 @@ def test_unknown_envelope_extensions_and_odd_subjects_are_left_out() -> None:
 
 @given(st.text(max_size=80))
 def test_a_reason_goes_out_only_as_a_reason_code(reason: str) -> None:
-    event = new_event(
-        MaterialRejectedV1(
+    event = new_event(  # built unvalidated: the site contract itself refuses free text now
+        MaterialRejectedV1.model_construct(
             order_id=uuid.uuid4(),
             coi="V2V00-26-000042-K",
             treatment_center_id="TC-DE-BE-001",
@@ -355,7 +355,7 @@ def test_a_reason_goes_out_only_as_a_reason_code(reason: str) -> None:
 @pytest.mark.parametrize(
     ("kind", "good", "bad"),
     [
-        ("uuid", str(uuid.uuid4()), ["not-a-uuid", 42, None]),
+        ("uuid", "4b377daa-a5ca-49b4-81c2-9fdb0d236a25", ["not-a-uuid", 42, None]),
         ("code", "SITE-DE-01", ["SITE DE 01", "", "x" * 65, 7]),
         ("reason", "outage:maintenance", ["Outage", "outage maintenance", "x" * 130]),
         ("date", "2030-01-15", ["15.01.2030", "2030-13-01", "2030-01-15T00:00:00Z"]),

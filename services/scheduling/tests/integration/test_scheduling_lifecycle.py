@@ -43,6 +43,7 @@ from v2v_contracts import (
 from v2v_contracts.reference import product_catalogue
 from v2v_harness import pytest_plugin
 from v2v_messaging import MIGRATIONS_DIR, UnitOfWork, notify_channel
+from v2v_messaging.handlers import PoisonMessage
 from v2v_persistence import apply_migrations, create_pool, schema_of
 
 pytestmark = pytest.mark.integration
@@ -814,3 +815,64 @@ async def assert_each_order_has_one_live_slot_or_waits(pool: asyncpg.Pool, order
         assert (n, o.order_id in waiting) in {(1, False), (0, True)}, (
             f"{o.order_id}: {n} live, waiting={o.order_id in waiting}"
         )
+
+
+# ---- reasons are codes; the API's reads are paged and confined in SQL ----------------------------------
+
+
+async def test_reasons_stored_and_published_are_codes_and_words_are_refused(
+    pool: asyncpg.Pool, uow: UnitOfWork
+) -> None:
+    await handle(uow, site_event("A", capacity=2))
+    moved, stranded, cancelled = Order(1), Order(2), Order(3)
+    for o in (moved, stranded, cancelled):
+        await handle(uow, o.submitted())
+    await handle(uow, moved.rebook(d(1), reason="patient_unwell"))
+    await handle(uow, stranded.rebook(kind="site_outage", reason="outage:maintenance", exclude="A"))
+    await handle(uow, cancelled.cancelled())
+
+    released = [e["data"] for e in await outbox(pool) if e["type"] == "scheduling.slot_released.v1"]
+    assert sorted(r["reason"] for r in released) == ["cancelled", "outage:maintenance", "patient_unwell"]
+    [entry] = await waitlist(pool)
+    assert entry["order_id"] == stranded.order_id and entry["request"]["reason"] == "outage:maintenance"
+    assert await pool.fetchval("SELECT reason FROM closed_orders") == "consent_withdrawn"
+
+    # words in an order event no longer pass the contract: refused at the consumer, nothing written
+    asked = RebookRequestedV1.model_validate(moved.rebook(d(2)).data)
+    words = new_event(asked.model_copy(update={"reason": "Patient's infection, moved by Dr. Who"}))
+    counts = [await pool.fetchval(f"SELECT count(*) FROM {t}") for t in ("slots", "waitlist", "outbox")]
+    with pytest.raises(PoisonMessage):  # dead-lettered by the consumer
+        await handle(uow, words)
+    assert [
+        await pool.fetchval(f"SELECT count(*) FROM {t}") for t in ("slots", "waitlist", "outbox")
+    ] == counts
+    stored = " ".join(
+        [
+            str(dict(r))
+            for t in ("slots", "waitlist", "closed_orders")
+            for r in await pool.fetch(f"SELECT * FROM {t}")
+        ]
+        + [json.dumps(e) for e in await outbox(pool)]
+    )
+    assert "infection" not in stored and "Dr. Who" not in stored
+
+
+async def test_the_reads_are_paged_and_confined_in_sql(pool: asyncpg.Pool, uow: UnitOfWork) -> None:
+    await handle(uow, site_event("A", capacity=1))
+    await handle(uow, site_event("B", capacity=1))
+    orders = [Order(i, centre=("TC-DE-BE-001", "TC-FR-PA-001")[i % 2]) for i in range(8)]  # 6 fit, 2 wait
+    for o in orders:
+        await handle(uow, o.submitted())
+    async with uow.read() as tx:
+        every = await tx.slots.view(None, None, None, None, 200)
+        assert len(every) == 6
+        assert await tx.slots.view(None, None, None, None, 2, 3) == every[3:5]
+        at_a = await tx.slots.view(None, None, None, None, 200, site="A")
+        assert at_a == [s for s in every if s["site_id"] == "A"] and len(at_a) == 3
+        assert await tx.slots.view(None, None, None, "B", 200, site="A") == []
+        french = await tx.slots.view(None, None, None, None, 200, centre="TC-FR-PA-001")
+        assert french == [s for s in every if s["treatment_center_id"] == "TC-FR-PA-001"] and french
+        waiting = await tx.waitlist.view()
+        assert [w["order_id"] for w in waiting] == [o.order_id for o in orders[6:]]
+        assert await tx.waitlist.view(1, 1) == waiting[1:]
+        assert [w["order_id"] for w in await tx.waitlist.view(centre="TC-DE-BE-001")] == [orders[6].order_id]

@@ -14,7 +14,7 @@ from scheduling_service.adapters.memory import SchedulingStore, fake_uow
 from scheduling_service.adapters.repository import SchedulingTx
 from scheduling_service.domain.selection import Parameters
 from scheduling_service.domain.slots import Planning, Slot
-from scheduling_service.service_layer import commands
+from scheduling_service.service_layer import booking, commands
 from scheduling_service.service_layer.handlers import build_handlers
 from v2v_contracts import (
     BookingConfirmedV1,
@@ -512,3 +512,58 @@ async def test_a_failing_transaction_keeps_nothing() -> None:
             await HANDLERS.dispatch(tx, order.submitted())
             raise RuntimeError("the database went away")
     assert w.store.slots == {} and w.uow.committed == []
+
+
+# ---- reasons are codes; the reads are paged and confined -----------------------------------------------
+
+
+async def test_a_rebooks_reason_is_kept_only_as_a_code() -> None:
+    w = World()
+    await w.deliver(site_event("A", capacity=1))
+    order, late = Order(1), Order(2, regulator="FDA")  # no site serves the FDA's market here
+    await w.deliver(order.submitted())
+
+    events = await w.deliver(order.rebook(d(1)))  # the centre's code: kept
+    assert types(events) == [RELEASED, RESERVED]
+    assert events[0].data["reason"] == "patient_unwell"
+
+    # free text can no longer travel in the event; were it ever handed over, it would not be kept
+    await w.deliver(late.submitted())  # it waits...
+    asked = RebookRequestedV1.model_validate(late.rebook(d(1)).data)
+    words = asked.model_copy(update={"reason": "patient has an infection"})  # unvalidated, as words were
+    async with w.uow.begin() as tx:
+        await booking.rebook(tx, PLANNING, words)  # ...and its rebook waits too, with a code for a reason
+    [entry] = w.waitlist_view()
+    assert entry["order_id"] == late.order_id and entry["request"].reason == "rebook:reschedule"
+    async with w.uow.begin() as tx:
+        live = await tx.slots.live(order.order_id)
+        assert live is not None
+        released = await booking.rebook(tx, PLANNING, words.model_copy(update={"order_id": order.order_id}))
+    assert released is not None and released.slot_id == live.slot_id
+    assert [e.data["reason"] for e in w.uow.take() if e.type == RELEASED] == ["rebook:reschedule"]
+
+
+async def test_the_reads_are_paged_and_confined_to_the_callers_tenancy() -> None:
+    w = World()
+    await w.deliver(site_event("A", capacity=1), site_event("B", capacity=1))
+    orders = [Order(i) for i in range(6)]  # fill both sites' three days
+    await w.deliver(*(o.submitted() for o in orders))
+    everything = await commands.list_slots(w.uow)
+    assert len(everything) == 6
+    assert await commands.list_slots(w.uow, limit=2, offset=3) == everything[3:5]
+    at_a = await commands.list_slots(w.uow, tenancy=commands.Tenancy(site="A"))
+    assert at_a and {s["site_id"] for s in at_a} == {"A"} and len(at_a) < 6
+    assert await commands.list_slots(w.uow, site_id="B", tenancy=commands.Tenancy(site="A")) == []
+    mine = await commands.list_slots(w.uow, tenancy=commands.Tenancy(centre="TC-DE-BE-001"))
+    assert mine == everything  # every order of this world is that centre's
+    assert await commands.list_slots(w.uow, tenancy=commands.Tenancy(centre="TC-FR-PA-001")) == []
+    assert await commands.list_slots(w.uow, tenancy=commands.Tenancy(nothing=True)) == []
+
+    waiting = [Order(10 + i) for i in range(3)]
+    await w.deliver(*(o.submitted() for o in waiting))
+    assert [e["order_id"] for e in await commands.list_waitlist(w.uow, limit=2, offset=1)] == [
+        o.order_id for o in waiting[1:]
+    ]
+    assert len(await commands.list_waitlist(w.uow, tenancy=commands.Tenancy(centre="TC-DE-BE-001"))) == 3
+    assert await commands.list_waitlist(w.uow, tenancy=commands.Tenancy(centre="TC-FR-PA-001")) == []
+    assert await commands.list_waitlist(w.uow, tenancy=commands.Tenancy(site="A")) == []

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import AsyncIterator
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta, timezone
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -38,8 +38,10 @@ from v2v_contracts.errors import DomainError
 from v2v_harness import pytest_plugin
 from v2v_messaging import MIGRATIONS_DIR, UnitOfWork, notify_channel
 from v2v_persistence import apply_migrations, create_pool, schema_of
-from v2v_servicekit import get_runtime, problems
+from v2v_servicekit import edge, get_runtime, problems
+from v2v_servicekit.idempotency import MIGRATIONS_DIR as EDGE_MIGRATIONS
 from v2v_servicekit.problems import status_of
+from v2v_servicekit.testing import TestTokens
 
 pytestmark = pytest.mark.integration
 
@@ -57,7 +59,7 @@ _seq = iter(range(1, 999_999))
 @pytest.fixture
 async def pool(test_db: pytest_plugin.TestDatabase) -> AsyncIterator[asyncpg.Pool]:
     url = test_db.urls["site"]
-    await apply_migrations(url, "site", [MIGRATIONS_DIR, SITE_MIGRATIONS])
+    await apply_migrations(url, "site", [MIGRATIONS_DIR, EDGE_MIGRATIONS, SITE_MIGRATIONS])  # as create_app
     pool = await create_pool(url, max_size=4)
     assert await schema_of(pool) == "site"
     try:
@@ -165,7 +167,7 @@ async def test_seed_reload_keeps_api_changes_and_outages(
 ) -> None:
     await outbox()
     await commands.update_site(uow, SITE, daily_capacity={"TISA-CEL": 1}, active=False, today=TODAY)
-    await commands.add_outage(uow, SITE, start_date=DAY, end_date=DAY, reason="maintenance")
+    await commands.add_outage(uow, SITE, start_date=DAY, end_date=DAY, reason="maintenance", today=TODAY)
     assert [t for t, _ in await outbox()] == ["site.registered.v1"] * 2
 
     assert await commands.load_seed(uow) == 0  # nothing the seed says is new: no event
@@ -240,7 +242,7 @@ async def test_patch_refuses_bad_capacity_naming_the_field(
 async def test_unknown_site_is_404(pool: asyncpg.Pool, uow: UnitOfWork) -> None:
     for call in (
         commands.update_site(uow, "XX-NOWHERE", active=False),
-        commands.add_outage(uow, "XX-NOWHERE", start_date=DAY, end_date=DAY, reason="x"),
+        commands.add_outage(uow, "XX-NOWHERE", start_date=DAY, end_date=DAY, reason="other", today=TODAY),
         queries.get_site(uow, "XX-NOWHERE"),
         queries.get_manufacturing(uow, "XX-NOWHERE", uuid.uuid4()),
         commands.record_step(uow, "XX-NOWHERE", uuid.uuid4(), step="activation"),
@@ -320,7 +322,7 @@ async def test_an_outage_affects_confirmed_bookings_in_its_window(
     await outbox()
 
     out = await commands.add_outage(
-        uow, SITE, start_date=DAY, end_date=DAY + timedelta(days=2), reason="cleanroom requalification"
+        uow, SITE, start_date=DAY, end_date=DAY + timedelta(days=2), reason="maintenance", today=TODAY
     )
 
     assert isinstance(out["outage_id"], uuid.UUID)
@@ -333,11 +335,11 @@ async def test_an_outage_affects_confirmed_bookings_in_its_window(
             "outage_id": str(out["outage_id"]),
             "start_date": DAY.isoformat(),
             "end_date": (DAY + timedelta(days=2)).isoformat(),
-            "reason": "cleanroom requalification",
+            "reason": "maintenance",
         }
     ]
     assert [d["order_id"] for _, d in events[1:]] == [str(inside["order_id"]), str(last_day["order_id"])]
-    assert {d["reason"] for _, d in events[1:]} == {"outage:cleanroom requalification"}
+    assert {d["reason"] for _, d in events[1:]} == {"outage:maintenance"}
     assert len(out["affected_booking_ids"]) == 2
     for b, status in [
         (before, "confirmed"),
@@ -352,7 +354,9 @@ async def test_an_outage_affects_confirmed_bookings_in_its_window(
 async def test_an_outage_must_end_on_or_after_its_start(uow: UnitOfWork, outbox: Any) -> None:
     await outbox()
     with pytest.raises(DomainError) as exc:
-        await commands.add_outage(uow, SITE, start_date=DAY, end_date=DAY - timedelta(days=1), reason="x")
+        await commands.add_outage(
+            uow, SITE, start_date=DAY, end_date=DAY - timedelta(days=1), reason="other", today=TODAY
+        )
     assert problem_of(exc) == (422, "end_date")
     assert await outbox() == []
 
@@ -368,7 +372,7 @@ async def test_a_failure_after_the_registry_change_leaves_nothing(
 
     monkeypatch.setattr(commands, "affect_bookings", broken)
     with pytest.raises(RuntimeError):
-        await commands.add_outage(uow, SITE, start_date=DAY, end_date=DAY, reason="x")
+        await commands.add_outage(uow, SITE, start_date=DAY, end_date=DAY, reason="other", today=TODAY)
     assert await outbox() == []
     assert (await queries.get_site(uow, SITE))["outages"] == []
 
@@ -416,7 +420,7 @@ async def test_an_affected_booking_is_cancelled_when_its_slot_is_released(
     pool: asyncpg.Pool, uow: UnitOfWork, outbox: Any
 ) -> None:
     b = await reserve(uow)
-    await commands.add_outage(uow, SITE, start_date=DAY, end_date=DAY, reason="power")
+    await commands.add_outage(uow, SITE, start_date=DAY, end_date=DAY, reason="utilities", today=TODAY)
     await outbox()
     await handle(
         uow,
@@ -436,12 +440,12 @@ async def test_an_affected_booking_is_cancelled_when_its_slot_is_released(
 async def test_a_slot_reserved_into_a_declared_outage_is_confirmed_then_affected(
     pool: asyncpg.Pool, uow: UnitOfWork, outbox: Any
 ) -> None:
-    await commands.add_outage(uow, SITE, start_date=DAY, end_date=DAY, reason="power")
+    await commands.add_outage(uow, SITE, start_date=DAY, end_date=DAY, reason="utilities", today=TODAY)
     await outbox()
     b = await reserve(uow)
     events = await outbox()
     assert [t for t, _ in events] == ["site.booking_confirmed.v1", "site.booking_affected.v1"]
-    assert events[1][1]["reason"] == "outage:power"
+    assert events[1][1]["reason"] == "outage:utilities"
     assert (await booking(pool, b["slot_id"]))["status"] == "affected"
 
 
@@ -469,7 +473,7 @@ async def test_receipt_accepted_starts_run_one(pool: asyncpg.Pool, uow: UnitOfWo
     assert await receive(uow, b) == view  # the same receipt again: nothing new
     assert await outbox() == []
     with pytest.raises(DomainError) as exc:
-        await receive(uow, b, accepted=False, reason="bag damaged")
+        await receive(uow, b, accepted=False, reason="damaged_container")
     assert status_of(exc.value) == 409
 
 
@@ -482,12 +486,17 @@ async def test_receipt_refused_rejects_the_material_with_its_reason(
         await receive(uow, b, accepted=False)
     assert problem_of(exc) == (422, "reason")
 
-    view = await receive(uow, b, accepted=False, reason="bag damaged in transit")
+    with pytest.raises(DomainError) as exc:
+        await receive(uow, b, accepted=False, reason="bag damaged in transit")  # free text
+    assert problem_of(exc) == (422, "reason")
+
+    view = await receive(uow, b, accepted=False, reason="damaged_container", reference="DEV-31-0042")
 
     assert view["state"] == "rejected"
     [(kind, data)] = await outbox()
     assert kind == "site.material_rejected.v1"
-    assert data["reason"] == "bag damaged in transit"
+    assert data["reason"] == "damaged_container"
+    assert [(h["reason"], h["reference"]) for h in view["history"]] == [("damaged_container", "DEV-31-0042")]
     with pytest.raises(DomainError) as exc:
         await commands.record_step(uow, SITE, b["order_id"], step="activation")
     assert problem_of(exc) == (409, "step")
@@ -576,6 +585,9 @@ async def test_qc_needs_a_reason_unless_released(uow: UnitOfWork) -> None:
         with pytest.raises(DomainError) as exc:
             await commands.record_qc(uow, SITE, b["order_id"], disposition=disposition, reason="  ")
         assert problem_of(exc) == (422, "reason")
+        with pytest.raises(DomainError) as exc:
+            await commands.record_qc(uow, SITE, b["order_id"], disposition=disposition, reason="CAR+ 8%")
+        assert problem_of(exc) == (422, "reason")
 
 
 async def test_steps_before_receipt_are_refused(pool: asyncpg.Pool, uow: UnitOfWork) -> None:
@@ -596,10 +608,10 @@ async def test_oos_then_remanufacture_from_retained_material_then_failure(
     await steps(uow, b, ALL_STEPS)
     await outbox()
 
-    await commands.record_qc(uow, SITE, b["order_id"], disposition="out_of_specification", reason="CAR+ 8%")
+    await commands.record_qc(uow, SITE, b["order_id"], disposition="out_of_specification", reason="potency")
     [(kind, data)] = await outbox()
     assert kind == "site.product_out_of_specification.v1"
-    assert (data["run"], data["retained_material"], data["reason"]) == (1, True, "CAR+ 8%")
+    assert (data["run"], data["retained_material"], data["reason"]) == (1, True, "potency")
 
     command = RemanufactureRequestedV1(
         order_id=b["order_id"],
@@ -617,7 +629,7 @@ async def test_oos_then_remanufacture_from_retained_material_then_failure(
 
     await steps(uow, b, ["activation", "transduction"])
     view = await commands.record_step(
-        uow, SITE, b["order_id"], step="expansion", failed=True, reason="no expansion"
+        uow, SITE, b["order_id"], step="expansion", failed=True, reason="insufficient_cell_growth"
     )
     assert (view["state"], view["failed_step"]) == ("failed", "expansion")
     events = await outbox()
@@ -629,7 +641,7 @@ async def test_oos_then_remanufacture_from_retained_material_then_failure(
     kind, data = events[2]
     assert kind == "site.manufacturing_failed.v1"
     assert (data["run"], data["retained_material"]) == (2, False)
-    assert "no expansion" in data["reason"]
+    assert data["reason"] == "step_failed:expansion:insufficient_cell_growth"
 
     await handle(uow, command.model_copy(update={"run": 3}))  # nothing retained: ignored
     assert (await queries.get_manufacturing(uow, SITE, b["order_id"]))["state"] == "failed"
@@ -674,7 +686,15 @@ async def test_a_cancelled_order_stops_manufacturing_and_cancels_its_booking(
 
     events = await outbox()
     assert [t for t, _ in events] == ["site.manufacturing_stopped.v1", "site.booking_cancelled.v1"]
-    assert all("consent_withdrawn" in d["reason"] for _, d in events)
+    assert all(d["reason"] == "order_cancelled:consent_withdrawn" for _, d in events)
+    assert (
+        await pool.fetchval(
+            """SELECT count(*) FROM manufacturing_history h JOIN bookings b USING (booking_id)
+           WHERE h.reason = 'order_cancelled:consent_withdrawn'
+             AND b.status_reason = 'order_cancelled:consent_withdrawn'"""
+        )
+        == 1
+    )
     view = await queries.get_manufacturing(uow, SITE, b["order_id"])
     assert view["state"] == "stopped"
     assert view["history"][-1]["action"] == "stop"
@@ -689,7 +709,7 @@ async def test_a_cancelled_order_stops_manufacturing_and_cancels_its_booking(
             treatment_center_id=CENTRE,
             slot_id=b["slot_id"],
             site_id=SITE,
-            reason="order cancelled",
+            reason="cancelled",
         ),
     )
     assert await outbox() == []
@@ -703,7 +723,9 @@ async def test_a_failed_order_without_material_only_loses_its_live_bookings(
 ) -> None:
     b = await reserve(uow)
     other = await reserve(uow)
-    await commands.add_outage(uow, SITE, start_date=DAY, end_date=DAY, reason="power")  # both affected
+    await commands.add_outage(
+        uow, SITE, start_date=DAY, end_date=DAY, reason="utilities", today=TODAY
+    )  # both affected
     rebooked = await reserve(uow, order=(b["order_id"], b["coi"]), site_id=OTHER_SITE)
     await outbox()
 
@@ -736,77 +758,242 @@ async def test_a_finished_manufacture_is_not_stopped(uow: UnitOfWork, outbox: An
 
 
 @pytest.fixture
-async def client(pool: asyncpg.Pool, uow: UnitOfWork) -> AsyncIterator[httpx.AsyncClient]:
+async def tokens() -> TestTokens:
+    return TestTokens()
+
+
+@pytest.fixture
+async def client(pool: asyncpg.Pool, uow: UnitOfWork, tokens: TestTokens) -> AsyncIterator[httpx.AsyncClient]:
     app = FastAPI()
     problems.install(app)
     app.include_router(site_api.router)
     app.dependency_overrides[get_runtime] = lambda: SimpleNamespace(pool=pool, uow=uow)
+    app.state.token_verifier = tokens.verifier()
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://site") as c:
         yield c
 
 
-async def test_http_registry(client: httpx.AsyncClient) -> None:
-    r = await client.get(f"/v1/sites/{SITE}")
+async def test_http_registry(client: httpx.AsyncClient, tokens: TestTokens) -> None:
+    admin = tokens.headers("admin")
+    today = datetime.now(UTC).date()
+    soon = today + timedelta(days=10)
+    assert (await client.get(f"/v1/sites/{SITE}")).status_code == 401
+    r = await client.get(f"/v1/sites/{SITE}", headers=admin)
     assert r.status_code == 200 and r.json()["outages"] == []
-    assert (await client.get("/v1/sites/XX-NOWHERE")).status_code == 404
-    r = await client.patch(f"/v1/sites/{SITE}", json={"daily_capacity": {"TISA-CEL": 2}})
+    assert (await client.get("/v1/sites/XX-NOWHERE", headers=admin)).status_code == 404
+    r = await client.patch(f"/v1/sites/{SITE}", json={"daily_capacity": {"TISA-CEL": 2}}, headers=admin)
     assert r.status_code == 200 and r.json()["daily_capacity"]["TISA-CEL"] == 2
-    r = await client.patch(f"/v1/sites/{SITE}", json={"daily_capacity": {"TISA-CEL": -2}})
+    r = await client.patch(f"/v1/sites/{SITE}", json={"daily_capacity": {"TISA-CEL": -2}}, headers=admin)
     assert r.status_code == 422
     assert r.headers["content-type"].startswith("application/problem+json")
     assert r.json()["errors"][0]["field"] == "daily_capacity.TISA-CEL"
-    r = await client.patch(f"/v1/sites/{SITE}", json={"capacity": 3})
+    r = await client.patch(f"/v1/sites/{SITE}", json={"capacity": 3}, headers=admin)
     assert r.status_code == 422
+    r = await client.patch(
+        f"/v1/sites/{SITE}",
+        json={
+            "approvals": [{"regulator": "EMA", "use": "commercial", "product_code": "X" * (2 * 1024 * 1024)}]
+        },
+        headers=admin,
+    )
+    assert r.status_code == 422 and len(r.content) < 4096
     r = await client.post(
         f"/v1/sites/{SITE}/outages",
-        json={"start_date": DAY.isoformat(), "end_date": DAY.isoformat(), "reason": "power"},
+        json={"start_date": soon.isoformat(), "end_date": soon.isoformat(), "reason": "utilities"},
+        headers=admin,
     )
     assert r.status_code == 201
     assert uuid.UUID(r.json()["outage_id"])
-    r = await client.post(
-        f"/v1/sites/{SITE}/outages",
-        json={
-            "start_date": DAY.isoformat(),
-            "end_date": (DAY - timedelta(days=1)).isoformat(),
-            "reason": "x",
-        },
+    for body, field in [
+        ({"end_date": (soon - timedelta(days=1)).isoformat(), "reason": "other"}, "end_date"),
+        ({"end_date": soon.isoformat(), "reason": "power cut"}, "reason"),
+        ({"end_date": "9999-12-31", "reason": "other"}, "end_date"),
+    ]:
+        r = await client.post(
+            f"/v1/sites/{SITE}/outages", json={"start_date": soon.isoformat(), **body}, headers=admin
+        )
+        assert r.status_code == 422 and r.json()["errors"][0]["field"] == field
+    r = await client.get(f"/v1/sites/{SITE}", headers=admin)
+    assert [o["reason"] for o in r.json()["outages"]] == ["utilities"]  # the refused ones left nothing
+
+
+async def test_http_tenancy_in_sql(
+    pool: asyncpg.Pool, client: httpx.AsyncClient, uow: UnitOfWork, tokens: TestTokens, outbox: Any
+) -> None:
+    mine = tokens.headers("site", SITE)
+    r = await client.get("/v1/sites", headers=mine)
+    assert [s["site_id"] for s in r.json()] == [SITE]
+    assert len((await client.get("/v1/sites", headers=tokens.headers("qa"))).json()) == 7
+    paged = await client.get("/v1/sites", params={"limit": 2, "offset": 6}, headers=tokens.headers("ops"))
+    assert len(paged.json()) == 1
+    assert (await client.get(f"/v1/sites/{OTHER_SITE}", headers=mine)).status_code == 404
+
+    b = await reserve(uow, site_id=OTHER_SITE)
+    oid = b["order_id"]
+    await outbox()
+    for path, body in [
+        (f"/v1/sites/{OTHER_SITE}/receipts", {"order_id": str(oid), "coi": b["coi"], "accepted": True}),
+        (f"/v1/sites/{OTHER_SITE}/manufacturing/{oid}/steps", {"step": "activation"}),
+    ]:
+        assert (await client.post(path, json=body, headers=mine)).status_code == 404
+    r = await client.patch(
+        f"/v1/sites/{OTHER_SITE}",
+        json={"active": False},
+        headers=tokens.headers("site", SITE, scopes=["registry:admin"]),
     )
-    assert r.status_code == 422 and r.json()["errors"][0]["field"] == "end_date"
+    assert r.status_code == 404
+    assert (await client.get(f"/v1/sites/{OTHER_SITE}/manufacturing/{oid}", headers=mine)).status_code == 404
+    assert await outbox() == []
+    assert await pool.fetchval("SELECT count(*) FROM manufacturing") == 0
+    assert (await queries.get_site(uow, OTHER_SITE))["active"] is True
+
+    theirs = tokens.headers("site", OTHER_SITE)
+    r = await client.post(
+        f"/v1/sites/{OTHER_SITE}/receipts",
+        json={"order_id": str(oid), "coi": b["coi"], "accepted": True},
+        headers=theirs,
+    )
+    assert r.status_code == 200 and r.json()["state"] == "material_received"
 
 
-async def test_http_mes(client: httpx.AsyncClient, uow: UnitOfWork) -> None:
+async def test_http_mes(client: httpx.AsyncClient, uow: UnitOfWork, tokens: TestTokens) -> None:
+    mes, qa = tokens.headers("site", SITE), tokens.headers("qa")
     b = await reserve(uow)
     oid = b["order_id"]
     r = await client.post(
-        f"/v1/sites/{SITE}/receipts", json={"order_id": str(oid), "coi": "NOPE", "accepted": True}
+        f"/v1/sites/{SITE}/receipts",
+        json={"order_id": str(oid), "coi": "NOPE", "accepted": True},
+        headers=mes,
     )
     assert r.status_code == 422 and r.json()["errors"][0]["field"] == "coi"
+    naive = datetime.now(UTC).replace(tzinfo=None).isoformat()
     r = await client.post(
         f"/v1/sites/{SITE}/receipts",
-        json={"order_id": str(oid), "coi": b["coi"], "accepted": True, "received_at": "2031-05-20T09:00:00"},
+        json={"order_id": str(oid), "coi": b["coi"], "accepted": True, "received_at": naive},
+        headers=mes,
     )
     assert r.status_code == 422 and r.json()["errors"][0]["field"] == "received_at"  # needs a time zone
     r = await client.post(
-        f"/v1/sites/{SITE}/receipts", json={"order_id": str(oid), "coi": b["coi"], "accepted": True}
+        f"/v1/sites/{SITE}/receipts",
+        json={"order_id": str(oid), "coi": b["coi"], "accepted": True, "received_at": "2031-05-20T09:00:00Z"},
+        headers=mes,
+    )
+    assert r.status_code == 422 and r.json()["errors"][0]["field"] == "received_at"  # in the future
+    r = await client.post(
+        f"/v1/sites/{SITE}/receipts",
+        json={"order_id": str(oid), "coi": b["coi"], "accepted": True},
+        headers=mes,
     )
     assert r.status_code == 200 and r.json()["state"] == "material_received"
-    r = await client.post(f"/v1/sites/{SITE}/manufacturing/{oid}/steps", json={"step": "formulation"})
+    r = await client.post(
+        f"/v1/sites/{SITE}/manufacturing/{oid}/steps", json={"step": "formulation"}, headers=mes
+    )
     assert r.status_code == 422 and r.json()["errors"][0]["field"] == "step"
-    r = await client.post(f"/v1/sites/{SITE}/manufacturing/{oid}/steps", json={"step": "expansion"})
+    r = await client.post(
+        f"/v1/sites/{SITE}/manufacturing/{oid}/steps", json={"step": "expansion"}, headers=mes
+    )
     assert r.status_code == 409 and r.json()["errors"][0]["field"] == "step"
+    completed = (datetime.now(UTC) - timedelta(hours=1)).astimezone(timezone(timedelta(hours=2))).isoformat()
     for step in ALL_STEPS:
         r = await client.post(
             f"/v1/sites/{SITE}/manufacturing/{oid}/steps",
-            json={"step": step, "completed_at": "2031-05-21T10:00:00+02:00"},
+            json={"step": step, "completed_at": completed},
+            headers=mes,
         )
         assert r.status_code == 200, r.text
-    r = await client.post(f"/v1/sites/{SITE}/manufacturing/{oid}/qc", json={"disposition": "failed"})
+    r = await client.post(
+        f"/v1/sites/{SITE}/manufacturing/{oid}/qc", json={"disposition": "failed"}, headers=qa
+    )
     assert r.status_code == 422 and r.json()["errors"][0]["field"] == "reason"
     r = await client.post(
-        f"/v1/sites/{SITE}/manufacturing/{oid}/qc", json={"disposition": "failed", "reason": "sterility"}
+        f"/v1/sites/{SITE}/manufacturing/{oid}/qc",
+        json={"disposition": "failed", "reason": "sterility"},
+        headers=mes,
+    )
+    assert r.status_code == 403  # QC is QA's
+    r = await client.post(
+        f"/v1/sites/{SITE}/manufacturing/{oid}/qc",
+        json={"disposition": "failed", "reason": "sterility"},
+        headers=qa,
     )
     assert r.status_code == 200 and r.json()["state"] == "failed"
-    r = await client.get(f"/v1/sites/{SITE}/manufacturing/{oid}")
+    r = await client.get(f"/v1/sites/{SITE}/manufacturing/{oid}", headers=mes)
     body = r.json()
     assert (body["state"], body["run"], body["retained_material"]) == ("failed", 1, True)
     assert len(body["history"]) == 7
+    assert body["history"][-1]["reason"] == "sterility"
+
+
+# ---- migrations --------------------------------------------------------------------------------------
+
+
+async def test_the_reason_code_migration_turns_a_free_text_outage_into_other(
+    pool: asyncpg.Pool, uow: UnitOfWork
+) -> None:
+    """0004 rewrites outages stored before reasons were codes (the published entry must carry a code)."""
+    sql = (SITE_MIGRATIONS / "0004.site-reason-codes.sql").read_text()
+    rewrite = sql[sql.index("UPDATE sites SET outages") :]
+    outages = [
+        {"outage_id": str(uuid.uuid4()), "start_date": "2031-01-01", "end_date": "2031-01-02", "reason": r}
+        for r in ("cleanroom requalification", "maintenance", "Patient X's spill")
+    ]
+    await pool.execute("UPDATE sites SET outages = $2::jsonb WHERE site_id = $1", SITE, outages)
+    await pool.execute(rewrite)
+    stored = await pool.fetchval("SELECT outages FROM sites WHERE site_id = $1", SITE)
+    assert [o["reason"] for o in stored] == ["other", "maintenance", "other"]
+    assert [o["outage_id"] for o in stored] == [o["outage_id"] for o in outages]
+    assert await pool.fetchval("SELECT count(*) FROM sites WHERE outages <> '[]'::jsonb") == 1
+
+
+# ---- the edge in front of the routes: a retried MES report, an oversized registry change ---------------
+
+
+@pytest.fixture
+async def edge_client(
+    pool: asyncpg.Pool, uow: UnitOfWork, tokens: TestTokens
+) -> AsyncIterator[httpx.AsyncClient]:
+    app = FastAPI()
+    problems.install(app)
+    edge.install(app, edge.EdgeConfig(), pool=lambda _app: pool)
+    # the routes themselves, not `include_router`: FastAPI 0.165 keeps an included router as one
+    # `_IncludedRouter` entry, which the edge does not look into yet (reported to the lead)
+    app.router.routes.extend(site_api.router.routes)
+    app.state.runtime = SimpleNamespace(pool=pool, uow=uow)
+    app.state.token_verifier = tokens.verifier()
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://site") as c:
+        yield c
+
+
+async def test_a_retried_mes_report_is_answered_once(
+    pool: asyncpg.Pool, edge_client: httpx.AsyncClient, uow: UnitOfWork, tokens: TestTokens, outbox: Any
+) -> None:
+    b = await reserve(uow)
+    await outbox()
+    mes = {**tokens.headers("site", SITE), "Idempotency-Key": "mes-receipt-0001"}
+    body = {"order_id": str(b["order_id"]), "coi": b["coi"], "accepted": True}
+    first = await edge_client.post(f"/v1/sites/{SITE}/receipts", json=body, headers=mes)
+    again = await edge_client.post(f"/v1/sites/{SITE}/receipts", json=body, headers=mes)
+    assert first.status_code == again.status_code == 200, first.text
+    assert again.headers["idempotent-replayed"] == "true" and again.content == first.content
+    assert [t for t, _ in await outbox()] == ["site.material_received.v1"]  # one receipt, one event
+    other = await edge_client.post(
+        f"/v1/sites/{SITE}/receipts", json={**body, "accepted": False, "reason": "other"}, headers=mes
+    )
+    assert other.status_code == 422  # the same key for another report
+    assert await pool.fetchval("SELECT count(*) FROM manufacturing_history") == 1
+    assert await pool.fetchval("SELECT client_id FROM idempotency_keys") == "site-fr-les-ulis"
+
+
+async def test_a_two_megabyte_site_patch_is_refused_at_the_edge_and_the_site_still_publishes(
+    edge_client: httpx.AsyncClient, tokens: TestTokens, outbox: Any
+) -> None:
+    await outbox()
+    admin = tokens.headers("admin")
+    huge = {"approvals": [{"regulator": "EMA", "use": "commercial", "product_code": "X" * (2 * 1024 * 1024)}]}
+    r = await edge_client.patch(f"/v1/sites/{SITE}", json=huge, headers=admin)
+    assert r.status_code == 413 and len(r.content) < 4096
+    assert await outbox() == []
+    r = await edge_client.patch(f"/v1/sites/{SITE}", json={"daily_capacity": {"TISA-CEL": 2}}, headers=admin)
+    assert r.status_code == 200
+    [(kind, _)] = await outbox()
+    assert kind == "site.registered.v1"

@@ -230,7 +230,7 @@ async def test_a_cancelled_order_stops_manufacturing_and_cancels_its_booking(sit
 
     events = site.events()
     assert [t for t, _ in events] == ["site.manufacturing_stopped.v1", "site.booking_cancelled.v1"]
-    assert all(d["reason"] == "order cancelled: consent_withdrawn" for _, d in events)
+    assert all(d["reason"] == "order_cancelled:consent_withdrawn" for _, d in events)
     view = await queries.get_manufacturing(site.uow, SITE, o.order_id)
     assert view["state"] == "stopped"
     assert view["history"][-1]["action"] == "stop"
@@ -246,7 +246,9 @@ async def test_a_cancelled_order_stops_manufacturing_and_cancels_its_booking(sit
 async def test_a_failed_order_without_material_only_loses_its_live_bookings(site: Site) -> None:
     o = await reserve(site)
     other = await reserve(site)
-    await commands.add_outage(site.uow, SITE, start_date=DAY, end_date=DAY, reason="power")  # both affected
+    await commands.add_outage(
+        site.uow, SITE, start_date=DAY, end_date=DAY, reason="utilities", today=TODAY
+    )  # both affected
     rebooked = await reserve(site, order=(o.order_id, o.coi), site_id=OTHER_SITE)
     site.events()
 
@@ -257,6 +259,7 @@ async def test_a_failed_order_without_material_only_loses_its_live_bookings(site
     events = site.events()
     assert [t for t, _ in events] == ["site.booking_cancelled.v1"] * 2
     assert {d["site_id"] for _, d in events} == {SITE, OTHER_SITE}
+    assert {d["reason"] for _, d in events} == {"order_failed:no_material"}
     assert (status(site, o), status(site, rebooked), status(site, other)) == (
         "cancelled",
         "cancelled",
@@ -283,7 +286,8 @@ async def test_an_outage_affects_the_bookings_in_its_window_whose_material_has_n
         SITE,
         start_date=DAY,
         end_date=DAY + timedelta(days=2),
-        reason="  cleanroom requalification ",
+        reason="maintenance",
+        today=TODAY,
     )
 
     events = site.events()
@@ -293,11 +297,11 @@ async def test_an_outage_affects_the_bookings_in_its_window_whose_material_has_n
             "outage_id": str(out["outage_id"]),
             "start_date": DAY.isoformat(),
             "end_date": (DAY + timedelta(days=2)).isoformat(),
-            "reason": "cleanroom requalification",
+            "reason": "maintenance",
         }
     ]
     assert [d["order_id"] for _, d in events[1:]] == [str(inside.order_id), str(last_day.order_id)]
-    assert {d["reason"] for _, d in events[1:]} == {"outage:cleanroom requalification"}
+    assert {d["reason"] for _, d in events[1:]} == {"outage:maintenance"}
     assert out["affected_booking_ids"] == [
         site.store.booking(b.slot_id).booking_id for b in (inside, last_day)
     ]
@@ -310,32 +314,35 @@ async def test_an_outage_affects_the_bookings_in_its_window_whose_material_has_n
         (elsewhere, "confirmed"),
     ]:
         assert status(site, b) == expected
-    assert [o["reason"] for o in (await queries.get_site(site.uow, SITE))["outages"]] == [
-        "cleanroom requalification"
-    ]
+    assert [o["reason"] for o in (await queries.get_site(site.uow, SITE))["outages"]] == ["maintenance"]
 
 
 async def test_a_slot_reserved_into_a_declared_outage_is_confirmed_then_affected(site: Site) -> None:
-    await commands.add_outage(site.uow, SITE, start_date=DAY, end_date=DAY, reason="power")
+    await commands.add_outage(site.uow, SITE, start_date=DAY, end_date=DAY, reason="utilities", today=TODAY)
     site.events()
     o = await reserve(site)
     events = site.events()
     assert [t for t, _ in events] == ["site.booking_confirmed.v1", "site.booking_affected.v1"]
-    assert events[1][1]["reason"] == "outage:power"
+    assert events[1][1]["reason"] == "outage:utilities"
     assert status(site, o) == "affected"
 
 
 async def test_an_outage_is_refused_when_it_ends_before_it_starts_or_has_no_reason(site: Site) -> None:
     with pytest.raises(Invalid) as exc:
         await commands.add_outage(
-            site.uow, SITE, start_date=DAY, end_date=DAY - timedelta(days=1), reason="x"
+            site.uow, SITE, start_date=DAY, end_date=DAY - timedelta(days=1), reason="other", today=TODAY
         )
     assert problem(exc) == (422, "end_date")
-    with pytest.raises(Invalid) as exc:
-        await commands.add_outage(site.uow, SITE, start_date=DAY, end_date=DAY, reason="   ")
-    assert problem(exc) == (422, "reason")
+    for free_text in ("   ", "cleanroom requalification", ""):
+        with pytest.raises(Invalid) as exc:
+            await commands.add_outage(
+                site.uow, SITE, start_date=DAY, end_date=DAY, reason=free_text, today=TODAY
+            )
+        assert problem(exc) == (422, "reason")
     with pytest.raises(NotFound) as nf:
-        await commands.add_outage(site.uow, "XX-NOWHERE", start_date=DAY, end_date=DAY, reason="x")
+        await commands.add_outage(
+            site.uow, "XX-NOWHERE", start_date=DAY, end_date=DAY, reason="other", today=TODAY
+        )
     assert (status_of(nf.value), nf.value.title, nf.value.detail) == (
         404,
         "Site not found",
@@ -436,24 +443,29 @@ async def test_a_receipt_accepted_starts_run_one_once(site: Site) -> None:
     assert await receive(site, o) == view  # the same receipt again: nothing new
     assert site.events() == []
     with pytest.raises(ManufacturingConflict) as exc:
-        await receive(site, o, accepted=False, reason="bag damaged")
+        await receive(site, o, accepted=False, reason="damaged_container")
     assert problem(exc) == (409, "accepted")
 
 
 async def test_a_receipt_refused_rejects_the_material_with_its_reason(site: Site) -> None:
     o = await reserve(site)
     site.events()
+    for bad in ("  ", None, "bag damaged in transit"):
+        with pytest.raises(Invalid) as exc:
+            await receive(site, o, accepted=False, reason=bad)
+        assert problem(exc) == (422, "reason")
     with pytest.raises(Invalid) as exc:
-        await receive(site, o, accepted=False, reason="  ")
+        await receive(site, o, accepted=True, reason="damaged_container")  # a reason only when refused
     assert problem(exc) == (422, "reason")
 
-    view = await receive(site, o, accepted=False, reason="bag damaged in transit")
+    view = await receive(site, o, accepted=False, reason="damaged_container", reference="DEV-31-0042")
 
     assert view["state"] == "rejected"
     [(kind, data)] = site.events()
-    assert (kind, data["reason"]) == ("site.material_rejected.v1", "bag damaged in transit")
-    assert [(h["action"], h["state_after"], h["reason"]) for h in view["history"]] == [
-        ("receipt", "rejected", "bag damaged in transit")
+    assert (kind, data["reason"]) == ("site.material_rejected.v1", "damaged_container")
+    assert "reference" not in data  # the site's document id stays in the site's history
+    assert [(h["action"], h["state_after"], h["reason"], h["reference"]) for h in view["history"]] == [
+        ("receipt", "rejected", "damaged_container", "DEV-31-0042")
     ]
     with pytest.raises(ManufacturingConflict) as step_exc:
         await commands.record_step(site.uow, SITE, o.order_id, step="activation")
@@ -563,6 +575,14 @@ async def test_a_step_out_of_order_or_before_receipt_is_refused(site: Site) -> N
     with pytest.raises(Invalid) as bad:
         await commands.record_step(site.uow, SITE, o.order_id, step="activation", failed=True)
     assert problem(bad) == (422, "reason")
+    with pytest.raises(Invalid) as bad:
+        await commands.record_step(
+            site.uow, SITE, o.order_id, step="activation", failed=True, reason="bag leaked"
+        )
+    assert problem(bad) == (422, "reason")
+    with pytest.raises(Invalid) as bad:  # a reason only when the step failed
+        await commands.record_step(site.uow, SITE, o.order_id, step="activation", reason="contamination")
+    assert problem(bad) == (422, "reason")
     assert site.events() == []
     assert (await queries.get_manufacturing(site.uow, SITE, o.order_id))["next_step"] == "activation"
     with pytest.raises(NotFound):
@@ -587,24 +607,25 @@ async def test_qc_out_of_specification_or_failed_keeps_material_only_when_the_pr
     await receive(site, o)
     await steps(site, o, ALL_STEPS)
     site.events()
-    with pytest.raises(Invalid) as bad:
-        await commands.record_qc(site.uow, SITE, o.order_id, disposition=disposition, reason=" ")
-    assert problem(bad) == (422, "reason")
+    for free_text in (" ", "CAR+ 8%", None):
+        with pytest.raises(Invalid) as bad:
+            await commands.record_qc(site.uow, SITE, o.order_id, disposition=disposition, reason=free_text)
+        assert problem(bad) == (422, "reason")
 
-    view = await commands.record_qc(site.uow, SITE, o.order_id, disposition=disposition, reason="CAR+ 8%")
+    view = await commands.record_qc(site.uow, SITE, o.order_id, disposition=disposition, reason="potency")
 
     assert (view["state"], view["retained_material"]) == (disposition, retained)
     [(event_kind, data)] = site.events()
     assert event_kind == kind
     assert (data["run"], data["retained_material"]) == (1, retained)
-    assert data["reason"] == ("CAR+ 8%" if disposition == "out_of_specification" else "QC: CAR+ 8%")
+    assert data["reason"] == ("potency" if disposition == "out_of_specification" else "qc_failed:potency")
 
 
 async def test_a_remanufacture_request_starts_run_two_from_retained_material(site: Site) -> None:
     o = await reserve(site, product="TISA-CEL")  # retains material, two runs
     await receive(site, o)
     await steps(site, o, ALL_STEPS)
-    await commands.record_qc(site.uow, SITE, o.order_id, disposition="out_of_specification", reason="CAR+ 8%")
+    await commands.record_qc(site.uow, SITE, o.order_id, disposition="out_of_specification", reason="potency")
     site.events()
     command = RemanufactureRequestedV1(
         order_id=o.order_id,
@@ -620,13 +641,16 @@ async def test_a_remanufacture_request_starts_run_two_from_retained_material(sit
 
     view = await queries.get_manufacturing(site.uow, SITE, o.order_id)
     assert (view["state"], view["run"], view["next_step"]) == ("material_received", 2, "activation")
-    assert view["history"][-1]["action"] == "remanufacture"
+    assert (view["history"][-1]["action"], view["history"][-1]["reason"]) == (
+        "remanufacture",
+        "out_of_specification",
+    )
     assert [h["action"] for h in view["history"]].count("remanufacture") == 1
     assert site.events() == []  # no new receipt: the run starts from retained material
 
     await steps(site, o, ["activation", "transduction"])
     view = await commands.record_step(
-        site.uow, SITE, o.order_id, step="expansion", failed=True, reason="no expansion"
+        site.uow, SITE, o.order_id, step="expansion", failed=True, reason="insufficient_cell_growth"
     )
     assert (view["state"], view["failed_step"]) == ("failed", "expansion")
     events = site.events()
@@ -636,7 +660,7 @@ async def test_a_remanufacture_request_starts_run_two_from_retained_material(sit
     assert all(d["run"] == 2 for _, d in events)
     assert (events[2][1]["retained_material"], events[2][1]["reason"]) == (
         False,
-        "expansion failed: no expansion",
+        "step_failed:expansion:insufficient_cell_growth",
     )
 
     await site.deliver(command.model_copy(update={"run": 3}))  # nothing retained: ignored
@@ -656,7 +680,7 @@ async def test_a_command_that_fails_midway_leaves_nothing(
 
     monkeypatch.setattr(commands, "affect_bookings", broken)
     with pytest.raises(RuntimeError):
-        await commands.add_outage(site.uow, SITE, start_date=DAY, end_date=DAY, reason="x")
+        await commands.add_outage(site.uow, SITE, start_date=DAY, end_date=DAY, reason="other", today=TODAY)
     assert site.events() == []
     assert (await queries.get_site(site.uow, SITE))["outages"] == []
     assert status(site, o) == "confirmed"

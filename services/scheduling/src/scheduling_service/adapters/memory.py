@@ -150,6 +150,10 @@ class MemorySlots(SlotRepository):
         product_code: str | None,
         site_id: str | None,
         limit: int,
+        offset: int = 0,
+        *,
+        centre: str | None = None,
+        site: str | None = None,
     ) -> list[dict[str, Any]]:
         out = []
         for row in self.store.slots.values():
@@ -159,6 +163,8 @@ class MemorySlots(SlotRepository):
                 and (statuses is None or s.status in statuses)
                 and (product_code is None or s.product_code == product_code)
                 and (site_id is None or s.site_id == site_id)
+                and (centre is None or s.treatment_center_id == centre)
+                and (site is None or s.site_id == site)
             ):
                 out.append(
                     {
@@ -178,7 +184,7 @@ class MemorySlots(SlotRepository):
                         "released_at": row.released_at,
                     }
                 )
-        return out[:limit]
+        return out[offset : offset + limit]
 
 
 class MemoryWaitlist(WaitlistRepository):
@@ -215,8 +221,17 @@ class MemoryWaitlist(WaitlistRepository):
         if row is not None:
             row.reason = reason
 
-    async def view(self) -> list[dict[str, Any]]:
-        rows = sorted(self.store.waitlist.values(), key=lambda r: (r.enqueued_at, r.request.order_id))
+    async def view(
+        self, limit: int = 200, offset: int = 0, *, centre: str | None = None
+    ) -> list[dict[str, Any]]:
+        rows = sorted(
+            (
+                r
+                for r in self.store.waitlist.values()
+                if centre is None or r.request.treatment_center_id == centre
+            ),
+            key=lambda r: (r.enqueued_at, r.request.order_id),
+        )[offset : offset + limit]
         out = []
         for r in rows:
             rebook = r.request if isinstance(r.request, RebookRequestedV1) else None

@@ -2,6 +2,9 @@
 per-product advisory locks, and the `SchedulingTx` a unit of work hands to the service layer.
 
 Every repository runs on the transaction's connection; `adapters/memory.py` has the in-memory twins.
+
+The HTTP reads take the caller's tenancy: `centre` (a treatment centre's own orders only) and `site` (one
+site's slots only), None when the caller is not confined (ops). The filters are in the queries.
 """
 
 from __future__ import annotations
@@ -104,8 +107,12 @@ class SlotRepository(ABC):
         product_code: str | None,
         site_id: str | None,
         limit: int,
+        offset: int = 0,
+        *,
+        centre: str | None = None,
+        site: str | None = None,
     ) -> list[dict[str, Any]]:
-        """Slots for the HTTP API, in booking order."""
+        """Slots for the HTTP API, in booking order: one page, only the tenant's (`centre`, `site`)."""
 
 
 def _slot(row: asyncpg.Record) -> Slot:
@@ -211,6 +218,10 @@ class PostgresSlots(SlotRepository):
         product_code: str | None,
         site_id: str | None,
         limit: int,
+        offset: int = 0,
+        *,
+        centre: str | None = None,
+        site: str | None = None,
     ) -> list[dict[str, Any]]:
         rows = await self.conn.fetch(
             f"""SELECT {SLOT_VIEW} FROM slots
@@ -218,12 +229,17 @@ class PostgresSlots(SlotRepository):
                   AND ($2::text[] IS NULL OR status = ANY($2::text[]))
                   AND ($3::text IS NULL OR product_code = $3)
                   AND ($4::text IS NULL OR site_id = $4)
-                ORDER BY created_at, slot_id LIMIT $5""",
+                  AND ($7::text IS NULL OR treatment_center_id = $7)
+                  AND ($8::text IS NULL OR site_id = $8)
+                ORDER BY created_at, slot_id LIMIT $5 OFFSET $6""",
             order_id,
             statuses,
             product_code,
             site_id,
             limit,
+            offset,
+            centre,
+            site,
         )
         return [dict(r) for r in rows]
 
@@ -252,8 +268,17 @@ class WaitlistRepository(ABC):
     async def set_reason(self, order_id: uuid.UUID, reason: str) -> None: ...
 
     @abstractmethod
-    async def view(self) -> list[dict[str, Any]]:
-        """The waitlist for the HTTP API, in booking order, with what each order waits for."""
+    async def view(
+        self, limit: int = 200, offset: int = 0, *, centre: str | None = None
+    ) -> list[dict[str, Any]]:
+        """The waitlist for the HTTP API, in booking order, with what each order waits for: one page, only
+        the centre's own orders when `centre` is given."""
+
+
+def declared(request: WaitingRequest) -> dict[str, Any]:
+    """What the waitlist keeps of the request: the contract's own fields only (an event may carry extra
+    members; scheduling stores none of them)."""
+    return request.model_dump(mode="json", include=set(type(request).model_fields))
 
 
 def _waiting(row: asyncpg.Record) -> Waiting:
@@ -275,7 +300,7 @@ class PostgresWaitlist(WaitlistRepository):
                VALUES ($1, $2::jsonb, $3, $4, $5)
                ON CONFLICT (order_id) DO NOTHING RETURNING true""",
             request.order_id,
-            request.model_dump(mode="json"),
+            declared(request),
             OrderSubmittedV1.TYPE,
             request.product_code,
             reason,
@@ -292,7 +317,7 @@ class PostgresWaitlist(WaitlistRepository):
                    exclude_site_id = EXCLUDED.exclude_site_id, rebook_kind = EXCLUDED.rebook_kind,
                    reason = EXCLUDED.reason""",
             request.order_id,
-            request.model_dump(mode="json"),
+            declared(request),
             RebookRequestedV1.TYPE,
             request.product_code,
             request.exclude_site_id,
@@ -317,13 +342,20 @@ class PostgresWaitlist(WaitlistRepository):
     async def set_reason(self, order_id: uuid.UUID, reason: str) -> None:
         await self.conn.execute("UPDATE waitlist SET reason = $2 WHERE order_id = $1", order_id, reason)
 
-    async def view(self) -> list[dict[str, Any]]:
+    async def view(
+        self, limit: int = 200, offset: int = 0, *, centre: str | None = None
+    ) -> list[dict[str, Any]]:
         rows = await self.conn.fetch(
             """SELECT order_id, product_code,
                       COALESCE(request ->> 'apheresis_date', request ->> 'requested_apheresis_date')::date
                           AS apheresis_date,
                       reason, request_type, exclude_site_id, rebook_kind, enqueued_at
-               FROM waitlist ORDER BY enqueued_at, order_id"""
+               FROM waitlist
+               WHERE ($3::text IS NULL OR request ->> 'treatment_center_id' = $3)
+               ORDER BY enqueued_at, order_id LIMIT $1 OFFSET $2""",
+            limit,
+            offset,
+            centre,
         )
         return [dict(r) for r in rows]
 

@@ -4,6 +4,9 @@ Never oversold, with any number of replicas: every transaction that reads a prod
 books against it first takes that product's lock (`tx.locks`: a transaction-scoped advisory lock per
 product). A transaction that needs several products' locks takes them in one global order (by lock key),
 so two transactions never wait on each other in a cycle. State and the events it causes commit together.
+
+Reasons are codes: a rebook's reason is kept (released slot, waitlist entry) only when it is a reason code,
+else it becomes `rebook:<kind>` (`domain.reasons`).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from collections.abc import Iterable
 from datetime import date
 
 from scheduling_service.adapters.repository import SchedulingTx
+from scheduling_service.domain.reasons import code_or
 from scheduling_service.domain.selection import Choice, NoChoice, Site, select_site
 from scheduling_service.domain.slots import NO_APPROVED_SITE, Planning, Slot, SlotRequest, move_off
 from v2v_contracts import (
@@ -117,6 +121,7 @@ async def rebook(tx: SchedulingTx, planning: Planning, request: RebookRequestedV
     """Release the live slot, then book anew for the request (never at its excluded site), or wait with
     the rebook's context (an order already waiting keeps its place). Caller holds the order's locks;
     returns the released slot."""
+    request = request.model_copy(update={"reason": code_or(request.reason, f"rebook:{request.kind}")})
     released = await release_live_slot(tx, request, request.reason)
     req = SlotRequest.rebook(request)
     result = await try_reserve(tx, planning, req, req.reserved_reason(from_waitlist=False))

@@ -8,6 +8,7 @@ start-up. Each runs in the consumer's transaction (one `SchedulingTx`), with the
 from __future__ import annotations
 
 from scheduling_service.adapters.repository import SchedulingTx
+from scheduling_service.domain.reasons import code_or
 from scheduling_service.domain.selection import Choice
 from scheduling_service.domain.slots import Planning, SlotRequest, registered_site
 from scheduling_service.service_layer.booking import (
@@ -38,7 +39,7 @@ async def close_order(
     tx: SchedulingTx, planning: Planning, order: OrderCancelledV1 | OrderFailedV1, status: str
 ) -> None:
     """Compensation: release the live slot, leave the waitlist, remember the order is over."""
-    await tx.orders.close(order.order_id, status, order.reason)
+    await tx.orders.close(order.order_id, status, code_or(order.reason, status))
     await lock_order(tx, order.order_id)
     released = await release_live_slot(tx, order, status)
     if await tx.waitlist.remove(order.order_id):

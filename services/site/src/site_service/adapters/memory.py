@@ -36,6 +36,11 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+def _mine(site_id: str, tenant: str | None) -> bool:
+    """The tenant filter of every query: None sees every site, a site only itself."""
+    return tenant is None or site_id == tenant
+
+
 @dataclass
 class _SiteRow:
     entry: SiteRegisteredV1
@@ -97,12 +102,12 @@ class MemorySiteRepository(SiteRepository):
     def __init__(self, store: MemoryStore) -> None:
         self.store = store
 
-    async def get(self, site_id: str, *, lock: bool = False) -> Site | None:
-        row = self.store.sites.get(site_id)
+    async def get(self, site_id: str, *, lock: bool = False, tenant: str | None = None) -> Site | None:
+        row = self.store.sites.get(site_id) if _mine(site_id, tenant) else None
         return None if row is None else Site(row.entry, frozenset(row.api_managed))
 
-    async def exists(self, site_id: str) -> bool:
-        return site_id in self.store.sites
+    async def exists(self, site_id: str, *, tenant: str | None = None) -> bool:
+        return site_id in self.store.sites and _mine(site_id, tenant)
 
     async def save(self, entry: SiteRegisteredV1) -> bool:
         current = self.store.sites.get(entry.site_id)
@@ -139,12 +144,15 @@ class MemorySiteRepository(SiteRepository):
             "api_managed": list(row.api_managed),
         }
 
-    async def view(self, site_id: str) -> dict[str, Any] | None:
-        row = self.store.sites.get(site_id)
+    async def view(self, site_id: str, *, tenant: str | None = None) -> dict[str, Any] | None:
+        row = self.store.sites.get(site_id) if _mine(site_id, tenant) else None
         return None if row is None else self._view(row)
 
-    async def views(self) -> list[dict[str, Any]]:
-        return [self._view(self.store.sites[k]) for k in sorted(self.store.sites)]
+    async def views(
+        self, *, tenant: str | None = None, limit: int = 200, offset: int = 0
+    ) -> list[dict[str, Any]]:
+        keys = [k for k in sorted(self.store.sites) if _mine(k, tenant)]
+        return [self._view(self.store.sites[k]) for k in keys[offset : offset + limit]]
 
 
 class MemoryBookingRepository(BookingRepository):
@@ -173,11 +181,15 @@ class MemoryBookingRepository(BookingRepository):
         ]
         return found[-1] if found else None
 
-    async def latest_confirmed(self, order_id: uuid.UUID, site_id: str) -> Booking | None:
-        return self._latest(order_id, site_id, ["confirmed"])
+    async def latest_confirmed(
+        self, order_id: uuid.UUID, site_id: str, *, tenant: str | None = None
+    ) -> Booking | None:
+        return self._latest(order_id, site_id, ["confirmed"]) if _mine(site_id, tenant) else None
 
-    async def latest_open(self, order_id: uuid.UUID, site_id: str) -> Booking | None:
-        return self._latest(order_id, site_id, ["confirmed", "affected"])
+    async def latest_open(
+        self, order_id: uuid.UUID, site_id: str, *, tenant: str | None = None
+    ) -> Booking | None:
+        return self._latest(order_id, site_id, ["confirmed", "affected"]) if _mine(site_id, tenant) else None
 
     async def for_order(self, order_id: uuid.UUID) -> list[Booking]:
         return [r.booking for r in self._rows() if r.booking.order_id == order_id]
@@ -265,8 +277,14 @@ class MemoryManufacturingRepository(ManufacturingRepository):
         row = self.store.manufacturing.get(booking_id)
         return None if row is None else row.m
 
-    async def latest(self, order_id: uuid.UUID, site_id: str, *, lock: bool = False) -> Manufacture | None:
-        found = [r.m for r in self._rows() if r.m.order_id == order_id and r.m.site_id == site_id]
+    async def latest(
+        self, order_id: uuid.UUID, site_id: str, *, lock: bool = False, tenant: str | None = None
+    ) -> Manufacture | None:
+        found = [
+            r.m
+            for r in self._rows()
+            if r.m.order_id == order_id and r.m.site_id == site_id and _mine(r.m.site_id, tenant)
+        ]
         return found[-1] if found else None
 
     async def for_order(self, order_id: uuid.UUID) -> list[Manufacture]:
@@ -288,6 +306,7 @@ class MemoryManufacturingRepository(ManufacturingRepository):
         state_after: State,
         reason: str | None,
         occurred_at: datetime,
+        reference: str | None = None,
     ) -> None:
         self.store.history.append(
             {
@@ -298,6 +317,7 @@ class MemoryManufacturingRepository(ManufacturingRepository):
                 "state_before": state_before.value,
                 "state_after": state_after.value,
                 "reason": reason,
+                "reference": reference,
                 "occurred_at": occurred_at,
                 "recorded_at": _now(),
             }

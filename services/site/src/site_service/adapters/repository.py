@@ -1,7 +1,12 @@
 """All the site service's SQL: one repository per aggregate (sites with their outages, bookings,
 manufacturing runs with their step history), an abstract base each and a Postgres implementation, and
 the service's `SiteTx` (the repositories of one transaction) with the `site_tx` factory the unit of work
-uses. The seed file is read here too (at start-up, never at import)."""
+uses. The seed file is read here too (at start-up, never at import).
+
+Tenancy: a site's own principal (its MES) is confined to its site. Every read and change the API makes
+passes `tenant` (the caller's site id, or None for QA, admin and ops) down to these repositories, whose
+queries then find nothing of another site (`AND ($n::text IS NULL OR site_id = $n)`): the API answers 404.
+"""
 
 from __future__ import annotations
 
@@ -34,13 +39,14 @@ def read_sites_seed(path: Path = SITES_SEED) -> list[dict[str, Any]]:
 
 
 class SiteRepository(ABC):
-    """The registry: one row per site (its published entry, outages included, and `api_managed`)."""
+    """The registry: one row per site (its published entry, outages included, and `api_managed`).
+    `tenant`: the caller's own site (None: any site)."""
 
     @abstractmethod
-    async def get(self, site_id: str, *, lock: bool = False) -> Site | None: ...
+    async def get(self, site_id: str, *, lock: bool = False, tenant: str | None = None) -> Site | None: ...
 
     @abstractmethod
-    async def exists(self, site_id: str) -> bool: ...
+    async def exists(self, site_id: str, *, tenant: str | None = None) -> bool: ...
 
     @abstractmethod
     async def save(self, entry: SiteRegisteredV1) -> bool:
@@ -53,12 +59,14 @@ class SiteRepository(ABC):
     async def outages(self, site_id: str) -> list[Outage]: ...
 
     @abstractmethod
-    async def view(self, site_id: str) -> dict[str, Any] | None:
+    async def view(self, site_id: str, *, tenant: str | None = None) -> dict[str, Any] | None:
         """The stored row, as the API shows it."""
 
     @abstractmethod
-    async def views(self) -> list[dict[str, Any]]:
-        """Every stored row, by site id."""
+    async def views(
+        self, *, tenant: str | None = None, limit: int = 200, offset: int = 0
+    ) -> list[dict[str, Any]]:
+        """The stored rows (only the tenant's own), by site id: one page."""
 
 
 class BookingRepository(ABC):
@@ -69,11 +77,15 @@ class BookingRepository(ABC):
     async def by_slot(self, slot_id: uuid.UUID, *, lock: bool = False) -> Booking | None: ...
 
     @abstractmethod
-    async def latest_confirmed(self, order_id: uuid.UUID, site_id: str) -> Booking | None:
+    async def latest_confirmed(
+        self, order_id: uuid.UUID, site_id: str, *, tenant: str | None = None
+    ) -> Booking | None:
         """The order's latest confirmed booking at the site, locked."""
 
     @abstractmethod
-    async def latest_open(self, order_id: uuid.UUID, site_id: str) -> Booking | None:
+    async def latest_open(
+        self, order_id: uuid.UUID, site_id: str, *, tenant: str | None = None
+    ) -> Booking | None:
         """The order's latest booking at the site that is not cancelled."""
 
     @abstractmethod
@@ -115,7 +127,9 @@ class ManufacturingRepository(ABC):
         """The booking's manufacture, locked."""
 
     @abstractmethod
-    async def latest(self, order_id: uuid.UUID, site_id: str, *, lock: bool = False) -> Manufacture | None:
+    async def latest(
+        self, order_id: uuid.UUID, site_id: str, *, lock: bool = False, tenant: str | None = None
+    ) -> Manufacture | None:
         """The order's latest manufacture at the site."""
 
     @abstractmethod
@@ -138,7 +152,9 @@ class ManufacturingRepository(ABC):
         state_after: State,
         reason: str | None,
         occurred_at: datetime,
-    ) -> None: ...
+        reference: str | None = None,
+    ) -> None:
+        """One history entry: `reason` a reason code, `reference` the site's own document id (opaque)."""
 
     @abstractmethod
     async def history(self, booking_id: uuid.UUID) -> list[dict[str, Any]]:
@@ -146,6 +162,10 @@ class ManufacturingRepository(ABC):
 
 
 # ---- Postgres ------------------------------------------------------------------------------------------
+
+# the tenant filter of a query whose second parameter is the tenant (None: any site)
+_TENANT_2 = "($2::text IS NULL OR site_id = $2)"
+_TENANT_3 = "($3::text IS NULL OR site_id = $3)"
 
 _SITE_COLUMNS = (
     "site_id",
@@ -197,13 +217,17 @@ class PgSiteRepository(SiteRepository):
     def __init__(self, conn: asyncpg.Connection) -> None:
         self.conn = conn
 
-    async def get(self, site_id: str, *, lock: bool = False) -> Site | None:
-        sql = "SELECT * FROM sites WHERE site_id = $1" + (" FOR UPDATE" if lock else "")
-        row = await self.conn.fetchrow(sql, site_id)
+    async def get(self, site_id: str, *, lock: bool = False, tenant: str | None = None) -> Site | None:
+        sql = f"SELECT * FROM sites WHERE site_id = $1 AND {_TENANT_2}" + (" FOR UPDATE" if lock else "")
+        row = await self.conn.fetchrow(sql, site_id, tenant)
         return None if row is None else _site(row)
 
-    async def exists(self, site_id: str) -> bool:
-        return bool(await self.conn.fetchval("SELECT 1 FROM sites WHERE site_id = $1", site_id))
+    async def exists(self, site_id: str, *, tenant: str | None = None) -> bool:
+        return bool(
+            await self.conn.fetchval(
+                f"SELECT 1 FROM sites WHERE site_id = $1 AND {_TENANT_2}", site_id, tenant
+            )
+        )
 
     async def save(self, entry: SiteRegisteredV1) -> bool:
         current = await self.conn.fetchrow("SELECT * FROM sites WHERE site_id = $1 FOR UPDATE", entry.site_id)
@@ -230,12 +254,23 @@ class PgSiteRepository(SiteRepository):
         rows = await self.conn.fetchval("SELECT outages FROM sites WHERE site_id = $1", site_id) or []
         return [Outage(**o) for o in rows]
 
-    async def view(self, site_id: str) -> dict[str, Any] | None:
-        row = await self.conn.fetchrow("SELECT * FROM sites WHERE site_id = $1", site_id)
+    async def view(self, site_id: str, *, tenant: str | None = None) -> dict[str, Any] | None:
+        row = await self.conn.fetchrow(
+            f"SELECT * FROM sites WHERE site_id = $1 AND {_TENANT_2}", site_id, tenant
+        )
         return None if row is None else dict(row)
 
-    async def views(self) -> list[dict[str, Any]]:
-        return [dict(r) for r in await self.conn.fetch("SELECT * FROM sites ORDER BY site_id")]
+    async def views(
+        self, *, tenant: str | None = None, limit: int = 200, offset: int = 0
+    ) -> list[dict[str, Any]]:
+        rows = await self.conn.fetch(
+            """SELECT * FROM sites WHERE ($1::text IS NULL OR site_id = $1)
+               ORDER BY site_id LIMIT $2 OFFSET $3""",
+            tenant,
+            limit,
+            offset,
+        )
+        return [dict(r) for r in rows]
 
 
 def _booking(row: asyncpg.Record) -> Booking:
@@ -280,21 +315,29 @@ class PgBookingRepository(BookingRepository):
         row = await self.conn.fetchrow(sql, slot_id)
         return None if row is None else _booking(row)
 
-    async def latest_confirmed(self, order_id: uuid.UUID, site_id: str) -> Booking | None:
+    async def latest_confirmed(
+        self, order_id: uuid.UUID, site_id: str, *, tenant: str | None = None
+    ) -> Booking | None:
         row = await self.conn.fetchrow(
-            """SELECT * FROM bookings WHERE order_id = $1 AND site_id = $2 AND status = 'confirmed'
-               ORDER BY created_at DESC, booking_id LIMIT 1 FOR UPDATE""",
+            f"""SELECT * FROM bookings WHERE order_id = $1 AND site_id = $2 AND status = 'confirmed'
+                  AND {_TENANT_3}
+                ORDER BY created_at DESC, booking_id LIMIT 1 FOR UPDATE""",
             order_id,
             site_id,
+            tenant,
         )
         return None if row is None else _booking(row)
 
-    async def latest_open(self, order_id: uuid.UUID, site_id: str) -> Booking | None:
+    async def latest_open(
+        self, order_id: uuid.UUID, site_id: str, *, tenant: str | None = None
+    ) -> Booking | None:
         row = await self.conn.fetchrow(
-            """SELECT * FROM bookings WHERE order_id = $1 AND site_id = $2 AND status <> 'cancelled'
-               ORDER BY created_at DESC, booking_id LIMIT 1""",
+            f"""SELECT * FROM bookings WHERE order_id = $1 AND site_id = $2 AND status <> 'cancelled'
+                  AND {_TENANT_3}
+                ORDER BY created_at DESC, booking_id LIMIT 1""",
             order_id,
             site_id,
+            tenant,
         )
         return None if row is None else _booking(row)
 
@@ -407,13 +450,16 @@ class PgManufacturingRepository(ManufacturingRepository):
         )
         return None if row is None else _manufacture(row)
 
-    async def latest(self, order_id: uuid.UUID, site_id: str, *, lock: bool = False) -> Manufacture | None:
+    async def latest(
+        self, order_id: uuid.UUID, site_id: str, *, lock: bool = False, tenant: str | None = None
+    ) -> Manufacture | None:
         row = await self.conn.fetchrow(
-            """SELECT * FROM manufacturing WHERE order_id = $1 AND site_id = $2
-               ORDER BY created_at DESC, booking_id LIMIT 1"""
+            f"""SELECT * FROM manufacturing WHERE order_id = $1 AND site_id = $2 AND {_TENANT_3}
+                ORDER BY created_at DESC, booking_id LIMIT 1"""
             + (" FOR UPDATE" if lock else ""),
             order_id,
             site_id,
+            tenant,
         )
         return None if row is None else _manufacture(row)
 
@@ -449,11 +495,12 @@ class PgManufacturingRepository(ManufacturingRepository):
         state_after: State,
         reason: str | None,
         occurred_at: datetime,
+        reference: str | None = None,
     ) -> None:
         await self.conn.execute(
             """INSERT INTO manufacturing_history (booking_id, order_id, site_id, run, action, step,
-                                                  state_before, state_after, reason, occurred_at)
-               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)""",
+                                                  state_before, state_after, reason, occurred_at, reference)
+               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)""",
             m.booking_id,
             m.order_id,
             m.site_id,
@@ -464,11 +511,13 @@ class PgManufacturingRepository(ManufacturingRepository):
             state_after.value,
             reason,
             occurred_at,
+            reference,
         )
 
     async def history(self, booking_id: uuid.UUID) -> list[dict[str, Any]]:
         rows = await self.conn.fetch(
-            """SELECT run, action, step, state_before, state_after, reason, occurred_at, recorded_at
+            """SELECT run, action, step, state_before, state_after, reason, reference, occurred_at,
+                      recorded_at
                FROM manufacturing_history WHERE booking_id = $1 ORDER BY id""",
             booking_id,
         )

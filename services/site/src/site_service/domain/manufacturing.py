@@ -25,10 +25,11 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from v2v_contracts.coi import coi_problem
 from v2v_contracts.errors import Conflict, Invalid
+from v2v_contracts.events import QcFinding, ReceiptRejection, StepFailure
 
 
 class State(StrEnum):
@@ -67,6 +68,10 @@ DISPOSITION_STATE: dict[str, State] = {
     "out_of_specification": S.OUT_OF_SPECIFICATION,
     "failed": S.FAILED,
 }
+# the reason codes an MES report may give (no free text: the detail stays in the site's quality system)
+RECEIPT_REJECTIONS: tuple[str, ...] = get_args(ReceiptRejection)
+STEP_FAILURES: tuple[str, ...] = get_args(StepFailure)
+QC_FINDINGS: tuple[str, ...] = get_args(QcFinding)
 
 
 @dataclass(frozen=True)
@@ -135,39 +140,50 @@ class ManufacturingConflict(Conflict):
 # ---- what an MES report must carry (checked before any state is read) ---------------------------------
 
 
-def _reason(reason: str | None) -> str | None:
-    return (reason or "").strip() or None
+def _reason(reason: str | None, codes: tuple[str, ...], needed: bool, when: str) -> str | None:
+    """The reason code of a report: one of `codes` when `needed`, else none at all."""
+    if not needed:
+        if reason is not None:
+            raise Invalid("reason", f"is given only when {when}")
+        return None
+    if reason is None:
+        raise Invalid("reason", f"is required when {when}")
+    if reason not in codes:
+        raise Invalid("reason", f"must be one of {', '.join(codes)}")
+    return reason
 
 
 def check_receipt(coi: str, accepted: bool, reason: str | None) -> str | None:
-    """A receipt names a well-formed COI, and a reason when the material is refused; the clean reason."""
+    """A receipt names a well-formed COI, and a `ReceiptRejection` code exactly when the material is
+    refused; returns the code."""
     problem = coi_problem(coi)
     if problem:
         raise Invalid("coi", problem)
-    reason = _reason(reason)
-    if not accepted and reason is None:
-        raise Invalid("reason", "is required when the material is refused")
-    return reason
+    return _reason(reason, RECEIPT_REJECTIONS, not accepted, "the material is refused")
 
 
 def check_step_report(step: str, failed: bool, reason: str | None) -> str | None:
-    """A step report names a known step, and a reason when it failed; the clean reason."""
+    """A step report names a known step, and a `StepFailure` code exactly when it failed; the code."""
     if step not in STEPS:
         raise Invalid("step", f"must be one of {', '.join(STEPS)}")
-    reason = _reason(reason)
-    if failed and reason is None:
-        raise Invalid("reason", "is required when a step failed")
-    return reason
+    return _reason(reason, STEP_FAILURES, failed, "a step failed")
 
 
 def check_qc_report(disposition: str, reason: str | None) -> str | None:
-    """A QC report names a known disposition, and a reason unless released; the clean reason."""
+    """A QC report names a known disposition, and a `QcFinding` code unless released; the code."""
     if disposition not in DISPOSITION_STATE:
         raise Invalid("disposition", f"must be one of {', '.join(DISPOSITION_STATE)}")
-    reason = _reason(reason)
-    if disposition != "released" and reason is None:
-        raise Invalid("reason", f"is required when the product is {disposition}")
-    return reason
+    return _reason(reason, QC_FINDINGS, disposition != "released", "the product is not released")
+
+
+def step_failed_reason(step: str, failure: str) -> str:
+    """The reason code of `site.manufacturing_failed` for a failed step: `step_failed:<step>:<code>`."""
+    return f"step_failed:{step}:{failure}"
+
+
+def qc_failed_reason(finding: str) -> str:
+    """The reason code of `site.manufacturing_failed` for a failed QC: `qc_failed:<code>`."""
+    return f"qc_failed:{finding}"
 
 
 # ---- the transitions ------------------------------------------------------------------------------

@@ -13,14 +13,25 @@ import uuid
 from collections import defaultdict
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import date
-from typing import Any
+from datetime import date, timedelta
+from typing import Any, get_args
 
 from v2v_contracts import Outage, SiteApproval, SiteRegisteredV1
 from v2v_contracts.errors import Invalid
+from v2v_contracts.events import OutageReason
 
 CAPACITY_CUT = "capacity_cut"
 LIVE = ("confirmed", "affected")  # booking statuses that still hold a place in a site's plan
+
+OUTAGE_REASONS: tuple[str, ...] = get_args(OutageReason)
+# an outage window: it may have begun up to 30 days ago (declared late), it ends within two years, and
+# it lasts at most a year (a longer closure is `active: false`)
+OUTAGE_PAST = timedelta(days=30)
+OUTAGE_FUTURE = timedelta(days=730)
+OUTAGE_MAX_DAYS = 366
+# manufacturing starts per day and product: a sanity bound far above any real site (the load bench sets
+# 100 000 so that no order waits)
+MAX_DAILY_CAPACITY = 100_000
 
 
 @dataclass(frozen=True)
@@ -117,6 +128,8 @@ def validate_capacity(daily_capacity: Mapping[str, object], products: Collection
             raise Invalid(name, "must be a whole number")
         if n < 0:
             raise Invalid(name, "must be 0 or more")
+        if n > MAX_DAILY_CAPACITY:
+            raise Invalid(name, f"must be at most {MAX_DAILY_CAPACITY}")
 
 
 def validate_approvals(approvals: Iterable[SiteApproval], products: Collection[str]) -> None:
@@ -176,18 +189,28 @@ def capacity_overflow(
     return over
 
 
-def check_outage(start_date: date, end_date: date, reason: str) -> str:
-    """An outage window is inclusive and needs a reason; returns the clean reason."""
+def check_outage(start_date: date, end_date: date, reason: str, today: date) -> str:
+    """An outage window is inclusive, inside [today - 30 days, today + 2 years], at most a year long, and
+    names an `OutageReason` code; returns the code."""
+    if start_date < today - OUTAGE_PAST:
+        raise Invalid("start_date", f"must be within the last {OUTAGE_PAST.days} days or later")
+    if start_date > today + OUTAGE_FUTURE:
+        raise Invalid("start_date", f"must be within {OUTAGE_FUTURE.days} days from today")
     if end_date < start_date:
         raise Invalid("end_date", "must be on or after start_date")
-    reason = reason.strip()
-    if not reason:
-        raise Invalid("reason", "is required")
+    if end_date > today + OUTAGE_FUTURE:
+        raise Invalid("end_date", f"must be within {OUTAGE_FUTURE.days} days from today")
+    if (end_date - start_date).days + 1 > OUTAGE_MAX_DAYS:
+        raise Invalid(
+            "end_date", f"an outage lasts at most {OUTAGE_MAX_DAYS} days (else deactivate the site)"
+        )
+    if reason not in OUTAGE_REASONS:
+        raise Invalid("reason", f"must be one of {', '.join(OUTAGE_REASONS)}")
     return reason
 
 
 def outage_reason(reason: str) -> str:
-    """The reason an outage gives the bookings it affects."""
+    """The reason code an outage gives the bookings it affects: `outage:<code>`."""
     return f"outage:{reason}"
 
 

@@ -5,6 +5,11 @@ material, steps, QC disposition.
 Each MES command verifies what it is given, moves the booking's manufacture through the pure state
 machine (`domain.manufacturing`) and writes the new state, its history entry and the event it causes in
 one transaction. A repeated report is a no-op answered with the current state.
+
+Reasons are codes (`v2v_contracts.events`: OutageReason, ReceiptRejection, StepFailure, QcFinding), never
+free text; an MES report may name the site's own document with an opaque `reference`, kept in the
+history only. `tenant` is the caller's own site when the caller is a site (else None): another site's
+objects are not found (404) and nothing is written.
 """
 
 from __future__ import annotations
@@ -92,6 +97,7 @@ async def record_transition(
     step: str | None = None,
     reason: str | None = None,
     event: EventData | None = None,
+    reference: str | None = None,
 ) -> None:
     """Write a changed manufacturing state, its history entry and its event (one transaction: `tx`)."""
     after = t.after
@@ -105,6 +111,7 @@ async def record_transition(
         state_after=after.state,
         reason=reason,
         occurred_at=occurred_at,
+        reference=reference,
     )
     if event is not None:
         await tx.publish(event)
@@ -126,8 +133,8 @@ async def load_seed(uow: AbstractUnitOfWork[SiteTx], path: Path = SITES_SEED) ->
     return changed
 
 
-async def _locked_site(tx: SiteTx, site_id: str) -> registry.Site:
-    site = await tx.sites.get(site_id, lock=True)
+async def _locked_site(tx: SiteTx, site_id: str, tenant: str | None = None) -> registry.Site:
+    site = await tx.sites.get(site_id, lock=True, tenant=tenant)
     if site is None:
         raise NotFound("Site", site_id)
     return site
@@ -141,6 +148,7 @@ async def update_site(
     active: bool | None = None,
     approvals: list[SiteApproval] | None = None,
     today: date | None = None,
+    tenant: str | None = None,
 ) -> dict[str, Any]:
     """Change a site's capacity per product (a partial map), whether it is active, and/or its approvals
     (the whole list: per regulator, use and product). Bookings a capacity cut leaves without a place,
@@ -150,7 +158,7 @@ async def update_site(
     if approvals is not None:
         registry.validate_approvals(approvals, known_products())
     async with uow.begin() as tx:
-        site = await _locked_site(tx, site_id)
+        site = await _locked_site(tx, site_id, tenant)
         patch = registry.patch_site(site, daily_capacity=daily_capacity, active=active, approvals=approvals)
         changed = await store_site(tx, patch.entry)
         await tx.sites.set_api_managed(site_id, patch.api_managed)
@@ -161,17 +169,24 @@ async def update_site(
             over = registry.capacity_overflow(candidates, patch.entry.daily_capacity)
             affected = await affect_bookings(tx, over, registry.CAPACITY_CUT)
         log.info("site registry entry updated", site_id=site_id, changed=changed, affected=len(affected))
-        return {**await site_view(tx, site_id), "affected_booking_ids": affected}
+        return {**await site_view(tx, site_id, tenant), "affected_booking_ids": affected}
 
 
 async def add_outage(
-    uow: AbstractUnitOfWork[SiteTx], site_id: str, *, start_date: date, end_date: date, reason: str
+    uow: AbstractUnitOfWork[SiteTx],
+    site_id: str,
+    *,
+    start_date: date,
+    end_date: date,
+    reason: str,
+    today: date | None = None,
+    tenant: str | None = None,
 ) -> dict[str, Any]:
-    """Declare a window (inclusive) in which the site starts no manufacturing; the bookings in it whose
-    material has not arrived are affected."""
-    reason = registry.check_outage(start_date, end_date, reason)
+    """Declare a window (inclusive) in which the site starts no manufacturing, with its `OutageReason`
+    code; the bookings in it whose material has not arrived are affected (`outage:<code>`)."""
+    reason = registry.check_outage(start_date, end_date, reason, today or datetime.now(UTC).date())
     async with uow.begin() as tx:
-        site = await _locked_site(tx, site_id)
+        site = await _locked_site(tx, site_id, tenant)
         outage = Outage(outage_id=uuid.uuid4(), start_date=start_date, end_date=end_date, reason=reason)
         await store_site(tx, site.entry.model_copy(update={"outages": [*site.entry.outages, outage]}))
         hit = await tx.bookings.awaiting_material_in(site_id, start_date, end_date)
@@ -181,6 +196,7 @@ async def add_outage(
             site_id=site_id,
             start_date=start_date.isoformat(),
             end_date=end_date.isoformat(),
+            reason=reason,
             affected=len(affected),
         )
         return {**outage.model_dump(), "site_id": site_id, "affected_booking_ids": affected}
@@ -189,8 +205,10 @@ async def add_outage(
 # ---- MES: receipt ---------------------------------------------------------------------------------------
 
 
-async def _confirmed_booking(tx: SiteTx, order_id: uuid.UUID, site_id: str) -> Booking:
-    booking = await tx.bookings.latest_confirmed(order_id, site_id)
+async def _confirmed_booking(
+    tx: SiteTx, order_id: uuid.UUID, site_id: str, tenant: str | None = None
+) -> Booking:
+    booking = await tx.bookings.latest_confirmed(order_id, site_id, tenant=tenant)
     if booking is None:
         raise Conflict("order_id", f"the order has no confirmed booking at {site_id}")
     return booking
@@ -205,15 +223,17 @@ async def record_receipt(
     accepted: bool,
     reason: str | None = None,
     received_at: datetime | None = None,
+    reference: str | None = None,
     now: datetime | None = None,
+    tenant: str | None = None,
 ) -> dict[str, Any]:
-    """The site received (accepted) or refused the order's apheresis material."""
+    """The site received (accepted) or refused the order's apheresis material (a `ReceiptRejection`)."""
     reason = mfg.check_receipt(coi, accepted, reason)
-    set_order_attributes(order_id, coi)
     when = received_at or _now(now)
     async with uow.begin() as tx:
-        await ensure_site(tx, site_id)
-        booking = await _confirmed_booking(tx, order_id, site_id)
+        await ensure_site(tx, site_id, tenant)
+        booking = await _confirmed_booking(tx, order_id, site_id, tenant)
+    set_order_attributes(order_id, booking.coi)
     if coi != booking.coi:
         log.error("COI mismatch at material receipt: material not accepted", site_id=site_id)
         async with uow.begin() as alert:  # the refusal stands; the alert is committed on its own
@@ -222,7 +242,7 @@ async def record_receipt(
             )
         raise CoiMismatch(reason=COI_MISMATCH, detail=f"coi: {COI_MISMATCH}; the material is not accepted")
     async with uow.begin() as tx:
-        booking = await _confirmed_booking(tx, order_id, site_id)
+        booking = await _confirmed_booking(tx, order_id, site_id, tenant)
         current = await tx.manufacturing.for_booking(booking.booking_id)
         t = mfg.receive(current.state if current else mfg.Manufacturing(), accepted)
         if t.changed:
@@ -230,20 +250,29 @@ async def record_receipt(
             event: EventData = (
                 MaterialReceivedV1(**m.ref(), site_id=site_id, received_at=when)
                 if accepted
-                else MaterialRejectedV1(**m.ref(), site_id=site_id, reason=reason or "")
+                else MaterialRejectedV1(**m.ref(), site_id=site_id, reason=reason or "other")
             )
-            await record_transition(tx, m, t, action="receipt", occurred_at=when, reason=reason, event=event)
-            log.info("material receipt recorded", site_id=site_id, accepted=accepted)
-        return await manufacturing_view(tx, site_id, order_id)
+            await record_transition(
+                tx,
+                m,
+                t,
+                action="receipt",
+                occurred_at=when,
+                reason=reason,
+                event=event,
+                reference=reference,
+            )
+            log.info("material receipt recorded", site_id=site_id, accepted=accepted, reason=reason)
+        return await manufacturing_view(tx, site_id, order_id, tenant)
 
 
 # ---- MES: steps and QC ---------------------------------------------------------------------------------
 
 
-async def _current(tx: SiteTx, site_id: str, order_id: uuid.UUID) -> Manufacture:
+async def _current(tx: SiteTx, site_id: str, order_id: uuid.UUID, tenant: str | None = None) -> Manufacture:
     """The order's latest manufacture at the site, locked."""
-    await ensure_site(tx, site_id)
-    m = await tx.manufacturing.latest(order_id, site_id, lock=True)
+    await ensure_site(tx, site_id, tenant)
+    m = await tx.manufacturing.latest(order_id, site_id, lock=True, tenant=tenant)
     if m is None:
         raise Conflict("order_id", f"no material of this order has been received at {site_id}")
     return m
@@ -264,13 +293,16 @@ async def record_step(
     completed_at: datetime | None = None,
     failed: bool = False,
     reason: str | None = None,
+    reference: str | None = None,
     now: datetime | None = None,
+    tenant: str | None = None,
 ) -> dict[str, Any]:
-    """The MES reports a manufacturing step completed (or failed) for the order's current run."""
+    """The MES reports a manufacturing step completed (or failed, with a `StepFailure` code) for the
+    order's current run."""
     reason = mfg.check_step_report(step, failed, reason)
     when = completed_at or _now(now)
     async with uow.begin() as tx:
-        m = await _current(tx, site_id, order_id)
+        m = await _current(tx, site_id, order_id, tenant)
         set_order_attributes(order_id, m.coi)
         t = (
             mfg.fail_step(m.state, step, rules_for(m.product_code))
@@ -280,7 +312,7 @@ async def record_step(
         if t.changed:
             event: EventData
             if failed:
-                event = lost_event(m, t.after, f"{step} failed: {reason}")
+                event = lost_event(m, t.after, mfg.step_failed_reason(step, reason or "other"))
             else:
                 event = ManufacturingStepCompletedV1(
                     **m.ref(), site_id=site_id, step=step, run=t.after.run, completed_at=when
@@ -294,11 +326,17 @@ async def record_step(
                 step=step,
                 reason=reason,
                 event=event,
+                reference=reference,
             )
             log.info(
-                "manufacturing step recorded", site_id=site_id, step=step, failed=failed, run=t.after.run
+                "manufacturing step recorded",
+                site_id=site_id,
+                step=step,
+                failed=failed,
+                reason=reason,
+                run=t.after.run,
             )
-        return await manufacturing_view(tx, site_id, order_id)
+        return await manufacturing_view(tx, site_id, order_id, tenant)
 
 
 async def record_qc(
@@ -309,13 +347,16 @@ async def record_qc(
     disposition: str,
     reason: str | None = None,
     decided_at: datetime | None = None,
+    reference: str | None = None,
     now: datetime | None = None,
+    tenant: str | None = None,
 ) -> dict[str, Any]:
-    """QC's disposition of the current run's product: released, out of specification or failed."""
+    """QC's disposition of the current run's product: released, out of specification or failed (with a
+    `QcFinding` code)."""
     reason = mfg.check_qc_report(disposition, reason)
     when = decided_at or _now(now)
     async with uow.begin() as tx:
-        m = await _current(tx, site_id, order_id)
+        m = await _current(tx, site_id, order_id, tenant)
         set_order_attributes(order_id, m.coi)
         t = mfg.qc(m.state, disposition, rules_for(m.product_code))
         if t.changed:
@@ -328,11 +369,19 @@ async def record_qc(
                     **m.ref(),
                     site_id=site_id,
                     run=after.run,
-                    reason=reason or "",
+                    reason=reason or "other",
                     retained_material=after.retained_material,
                 )
             else:
-                event = lost_event(m, after, f"QC: {reason}")
-            await record_transition(tx, m, t, action="qc", occurred_at=when, reason=reason, event=event)
-            log.info("QC disposition recorded", site_id=site_id, disposition=disposition, run=after.run)
-        return await manufacturing_view(tx, site_id, order_id)
+                event = lost_event(m, after, mfg.qc_failed_reason(reason or "other"))
+            await record_transition(
+                tx, m, t, action="qc", occurred_at=when, reason=reason, event=event, reference=reference
+            )
+            log.info(
+                "QC disposition recorded",
+                site_id=site_id,
+                disposition=disposition,
+                reason=reason,
+                run=after.run,
+            )
+        return await manufacturing_view(tx, site_id, order_id, tenant)

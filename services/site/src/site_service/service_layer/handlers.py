@@ -1,6 +1,9 @@
 """The site's event handlers: bookings into a site's plan from scheduling's slots, and the site's answers
 to the order's compensations (cancel, fail) and commands (remanufacture). Each runs in the consumer's
-transaction, with the inbox entry that makes a redelivery a no-op."""
+transaction, with the inbox entry that makes a redelivery a no-op.
+
+The reasons the site stores and publishes here are codes: the order's reason is kept only when it is a
+reason code itself (`order_cancelled:<code>`), never as free text (`domain.reasons`)."""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ from datetime import UTC, datetime
 from site_service.adapters.repository import SiteTx
 from site_service.domain import manufacturing as mfg
 from site_service.domain import registry
+from site_service.domain.reasons import code_or, qualified
 from site_service.domain.registry import Booking
 from site_service.service_layer.commands import affect_bookings, record_transition
 from site_service.service_layer.products import rules_for
@@ -98,7 +102,7 @@ async def on_slot_released(tx: SiteTx, data: SlotReleasedV1, meta: EventMeta) ->
     booking = await tx.bookings.by_slot(data.slot_id, lock=True)
     if booking is None or booking.status == "cancelled":
         return
-    await cancel_booking(tx, booking, data.reason)
+    await cancel_booking(tx, booking, code_or(data.reason, "slot_released"))
 
 
 # ---- the order's compensations and commands -------------------------------------------------------
@@ -129,12 +133,12 @@ async def _order_ended(tx: SiteTx, order_id: uuid.UUID, reason: str) -> None:
 
 @handlers.on(OrderCancelledV1)
 async def on_order_cancelled(tx: SiteTx, data: OrderCancelledV1, meta: EventMeta) -> None:
-    await _order_ended(tx, data.order_id, f"order cancelled: {data.reason}")
+    await _order_ended(tx, data.order_id, qualified("order_cancelled", data.reason))
 
 
 @handlers.on(OrderFailedV1)
 async def on_order_failed(tx: SiteTx, data: OrderFailedV1, meta: EventMeta) -> None:
-    await _order_ended(tx, data.order_id, f"order failed: {data.reason}")
+    await _order_ended(tx, data.order_id, qualified("order_failed", data.reason))
 
 
 async def start_remanufacture(
@@ -159,4 +163,5 @@ async def start_remanufacture(
 
 @handlers.on(RemanufactureRequestedV1)
 async def on_remanufacture_requested(tx: SiteTx, data: RemanufactureRequestedV1, meta: EventMeta) -> None:
-    await start_remanufacture(tx, data.order_id, data.site_id, data.run, data.reason)
+    reason = code_or(data.reason, "remanufacture_requested")
+    await start_remanufacture(tx, data.order_id, data.site_id, data.run, reason)

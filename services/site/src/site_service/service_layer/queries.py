@@ -1,4 +1,8 @@
-"""The site service's reads: the registry and one order's manufacture at a site."""
+"""The site service's reads: the registry and one order's manufacture at a site.
+
+`tenant` is the caller's own site when the caller is a site (its MES), else None (QA, admin, ops): the
+repositories find nothing of another site, which the API answers with 404.
+"""
 
 from __future__ import annotations
 
@@ -12,33 +16,39 @@ from v2v_contracts.errors import NotFound
 from v2v_messaging import AbstractUnitOfWork
 
 
-async def list_sites(uow: AbstractUnitOfWork[SiteTx]) -> list[dict[str, Any]]:
+async def list_sites(
+    uow: AbstractUnitOfWork[SiteTx], *, tenant: str | None = None, limit: int = 200, offset: int = 0
+) -> list[dict[str, Any]]:
     async with uow.read() as tx:
-        return await tx.sites.views()
+        return await tx.sites.views(tenant=tenant, limit=limit, offset=offset)
 
 
-async def site_view(tx: SiteTx, site_id: str) -> dict[str, Any]:
-    view = await tx.sites.view(site_id)
+async def site_view(tx: SiteTx, site_id: str, tenant: str | None = None) -> dict[str, Any]:
+    view = await tx.sites.view(site_id, tenant=tenant)
     if view is None:
         raise NotFound("Site", site_id)
     return view
 
 
-async def get_site(uow: AbstractUnitOfWork[SiteTx], site_id: str) -> dict[str, Any]:
+async def get_site(
+    uow: AbstractUnitOfWork[SiteTx], site_id: str, *, tenant: str | None = None
+) -> dict[str, Any]:
     async with uow.read() as tx:
-        return await site_view(tx, site_id)
+        return await site_view(tx, site_id, tenant)
 
 
-async def ensure_site(tx: SiteTx, site_id: str) -> None:
-    if not await tx.sites.exists(site_id):
+async def ensure_site(tx: SiteTx, site_id: str, tenant: str | None = None) -> None:
+    if not await tx.sites.exists(site_id, tenant=tenant):
         raise NotFound("Site", site_id)
 
 
-async def manufacturing_view(tx: SiteTx, site_id: str, order_id: uuid.UUID) -> dict[str, Any]:
+async def manufacturing_view(
+    tx: SiteTx, site_id: str, order_id: uuid.UUID, tenant: str | None = None
+) -> dict[str, Any]:
     """The order's latest manufacture at the site (or its booking, awaiting material), with its history."""
-    m = await tx.manufacturing.latest(order_id, site_id)
+    m = await tx.manufacturing.latest(order_id, site_id, tenant=tenant)
     if m is None:
-        booking = await tx.bookings.latest_open(order_id, site_id)
+        booking = await tx.bookings.latest_open(order_id, site_id, tenant=tenant)
         if booking is None:
             raise NotFound("Manufacturing", f"{order_id} at {site_id}")
         return {
@@ -73,11 +83,11 @@ async def manufacturing_view(tx: SiteTx, site_id: str, order_id: uuid.UUID) -> d
 
 
 async def get_manufacturing(
-    uow: AbstractUnitOfWork[SiteTx], site_id: str, order_id: uuid.UUID
+    uow: AbstractUnitOfWork[SiteTx], site_id: str, order_id: uuid.UUID, *, tenant: str | None = None
 ) -> dict[str, Any]:
     async with uow.read() as tx:
-        await ensure_site(tx, site_id)
-        return await manufacturing_view(tx, site_id, order_id)
+        await ensure_site(tx, site_id, tenant)
+        return await manufacturing_view(tx, site_id, order_id, tenant)
 
 
 async def origin_trace(uow: AbstractUnitOfWork[SiteTx], order_id: uuid.UUID) -> dict[str, str] | None:
