@@ -2,10 +2,14 @@
 
 Checks the Compose file against the Compose Specification JSON schema (the copy that check-jsonschema,
 a dev dependency, vendors as its `vendor.compose-spec` builtin schema) and against the harness catalog:
-one container per service running `python -m <package>` on its catalog port, its own login role on
-the `postgres` service, Apache Kafka with idempotence on, traces to the collector and on to Jaeger,
-started after the provisioning job. `docker compose config` itself runs only where a Compose v2 CLI
-is found (none on the project's machines: they have no Docker engine and no compose plugin).
+one container per service running `python -m <package>` on its catalog port, its own runtime role (and
+its schema owner's for the migrations) on the `postgres` service with passwords of its own, Apache Kafka
+with idempotence on, SASL/SCRAM and ACLs per service (the ACL script is run here against stub Kafka
+tools and compared with the services' consumers), Keycloak as the OAuth issuer (the realm rendered
+with fresh client keys), traces to the collector and on to Jaeger, started after the one-shot jobs;
+nothing published to the host but the services' HTTP ports, the Jaeger UI and Keycloak.
+`docker compose config` itself runs only where a Compose v2 CLI is found (none on the project's
+machines: they have no Docker engine and no compose plugin).
 """
 
 from __future__ import annotations
@@ -34,7 +38,10 @@ import jsonschema
 import pytest
 import yaml
 
-from v2v_harness.catalog import SERVICES, ServiceSpec
+from v2v_contracts import all_topics
+from v2v_contracts.scopes import KINDS, SCOPES, SCOPES_BY_KIND
+from v2v_harness.catalog import BY_NAME, SERVICES, ServiceSpec
+from v2v_harness.provision import owner_role, password_variable
 from v2v_servicekit.settings import ServiceSettings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -48,6 +55,13 @@ COLLECTOR = "otel-collector"
 JAEGER = "jaeger"
 PROVISION = "provision"
 PROMETHEUS = "prometheus"
+KAFKA_INIT = "kafka-init"
+KEYCLOAK = "keycloak"
+KEYCLOAK_CLIENTS = "keycloak-clients"
+REALM_TEMPLATE = DEPLOY / "keycloak" / "vein2vein-realm.json"
+KAFKA_INIT_SCRIPT = DEPLOY / "kafka" / "init.sh"
+# what a user needs from the host: the services' APIs, the Jaeger UI, Keycloak (tokens, admin console)
+USER_PORTS = {JAEGER: {16686}, KEYCLOAK: {8080}}
 
 # ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?err}, ${VAR?err}; `$$` is a literal dollar
 _INTERPOLATION = re.compile(
@@ -56,6 +70,16 @@ _INTERPOLATION = re.compile(
 
 
 # ---- helpers -------------------------------------------------------------------------------------
+
+
+def kafka_password_variable(spec: ServiceSpec) -> str:
+    return f"V2V_KAFKA_PASSWORD_{spec.name.upper()}"
+
+
+def keycloak_issuer(services: dict[str, dict[str, Any]]) -> str:
+    """The issuer Keycloak puts into its tokens: its fixed hostname and the realm of the template."""
+    realm = json.loads(REALM_TEMPLATE.read_text(encoding="utf-8"))["realm"]
+    return env_of(services[KEYCLOAK])["KC_HOSTNAME"].rstrip("/") + f"/realms/{realm}"
 
 
 def load_yaml(path: Path) -> Any:
@@ -249,7 +273,7 @@ def test_compose_runs_exactly_the_catalog_services(services: dict[str, dict[str,
     runs = {
         name: cmd[2]
         for name, svc in services.items()
-        if (cmd := command_of(svc))[:2] == ["python", "-m"] and cmd[2:3] != ["v2v_harness"]
+        if (cmd := command_of(svc))[:2] == ["python", "-m"] and not cmd[2].startswith("v2v_harness")
     }
     assert runs == {spec.name: spec.package for spec in SERVICES}
 
@@ -268,15 +292,20 @@ def test_service_container_matches_the_catalog(
     assert env["V2V_HTTP_HOST"] == "0.0.0.0"
     assert published_ports(svc) == {spec.port: spec.port}
 
-    # its own login role, on the postgres service, in the database the provisioning job creates
-    db = urlsplit(env["V2V_DATABASE_URL"])
+    # its own login role, on the postgres service, in the database the provisioning job creates, with
+    # the password the job sets for that role; the migrations as the schema's owner role, likewise
     provision_env = env_of(services[PROVISION])
-    assert db.scheme in ("postgresql", "postgres")
-    assert db.username == spec.role
-    assert db.password == provision_env["V2V_DB_ROLE_PASSWORD"]
-    assert db.hostname == POSTGRES and db.hostname in services
-    assert db.port == 5432
-    assert db.path == "/" + provision_env["V2V_DATABASE_NAME"]
+    for variable, role, owner in (
+        ("V2V_DATABASE_URL", spec.role, False),
+        ("V2V_MIGRATION_DATABASE_URL", owner_role(spec), True),
+    ):
+        db = urlsplit(env[variable])
+        assert db.scheme in ("postgresql", "postgres")
+        assert db.username == role
+        assert db.password == provision_env[password_variable(spec, owner=owner)]
+        assert db.hostname == POSTGRES and db.hostname in services
+        assert db.port == 5432
+        assert db.path == "/" + provision_env["V2V_DATABASE_NAME"]
 
     # Apache Kafka, through the listener advertised to other containers, idempotent producers on
     advertised = listeners(env_of(services[KAFKA])["KAFKA_ADVERTISED_LISTENERS"]).values()
@@ -285,6 +314,15 @@ def test_service_container_matches_the_catalog(
         assert host_port(address)[0] == KAFKA
     assert env["V2V_KAFKA_ENABLE_IDEMPOTENCE"] == "true"
     assert env.get("V2V_TOPIC_NAMESPACE", "") == ""
+    # ... as its own SCRAM principal, with the password kafka-init gives that principal
+    assert env["V2V_KAFKA_SECURITY_PROTOCOL"] == "SASL_PLAINTEXT"
+    assert env["V2V_KAFKA_SASL_MECHANISM"] == "SCRAM-SHA-512"
+    assert env["V2V_KAFKA_SASL_USERNAME"] == f"v2v-{spec.name}"
+    assert env["V2V_KAFKA_SASL_PASSWORD"] == env_of(services[KAFKA_INIT])[kafka_password_variable(spec)]
+
+    # tokens from Keycloak's realm
+    assert env["V2V_AUTH_ISSUER"] == keycloak_issuer(services)
+    assert env.get("V2V_AUTH_AUDIENCE", "vein2vein") == "vein2vein"
 
     # OTLP over HTTP to the collector's HTTP receiver
     otlp = urlsplit(env["OTEL_EXPORTER_OTLP_ENDPOINT"])
@@ -294,7 +332,9 @@ def test_service_container_matches_the_catalog(
     deps = depends_on(svc)
     assert deps[PROVISION] == "service_completed_successfully"
     assert deps[KAFKA] == "service_healthy"
+    assert deps[KAFKA_INIT] == "service_completed_successfully"  # its SCRAM user and ACLs exist
     assert deps[POSTGRES] == "service_healthy"
+    assert deps[KEYCLOAK] == "service_healthy"
     assert COLLECTOR in deps
 
     health = svc["healthcheck"]["test"]
@@ -320,6 +360,13 @@ def test_service_environment_is_read_by_the_settings(
     assert settings.kafka_enable_idempotence is True
     assert settings.kafka_bootstrap_servers == f"{KAFKA}:9092"
     assert settings.database_url == env["V2V_DATABASE_URL"]
+    assert settings.migration_database_url == env["V2V_MIGRATION_DATABASE_URL"]
+    assert settings.auth_issuer == env["V2V_AUTH_ISSUER"]
+    kafka = settings.kafka_settings()  # what the broker, admin client and probes connect with
+    assert (kafka.security_protocol, kafka.sasl_mechanism) == ("SASL_PLAINTEXT", "SCRAM-SHA-512")
+    assert kafka.sasl_username == f"v2v-{spec.name}"
+    assert kafka.sasl_password == env["V2V_KAFKA_SASL_PASSWORD"]
+    assert kafka.client_options()["sasl_plain_username"] == f"v2v-{spec.name}"
 
 
 @pytest.mark.parametrize("name", [PROVISION, *(s.name for s in SERVICES)])
@@ -346,13 +393,22 @@ def test_provision_job(services: dict[str, dict[str, Any]]) -> None:
     assert admin.hostname == POSTGRES and admin.port == 5432
     assert admin.username == pg_env.get("POSTGRES_USER", "postgres")
     assert admin.password == pg_env["POSTGRES_PASSWORD"]
-    assert env["V2V_DATABASE_NAME"] and env["V2V_DB_ROLE_PASSWORD"]
+    assert env["V2V_DATABASE_NAME"]
+
+    # a password per role: every service's runtime and owner role, each its own (no shared default)
+    variables = [password_variable(spec, owner=owner) for spec in SERVICES for owner in (False, True)]
+    assert {k for k in env if k.startswith("V2V_DB_")} == set(variables)
+    passwords = [env[v] for v in variables]
+    assert all(passwords) and len(set(passwords)) == len(passwords)
+    assert pg_env["POSTGRES_PASSWORD"] not in passwords
 
     # the subcommand exists and reads these variables
     harness_main = (ROOT / "libs/harness/src/v2v_harness/__main__.py").read_text(encoding="utf-8")
     for needle in ('"provision"', "V2V_DATABASE_URL", "V2V_DATABASE_NAME"):
         assert needle in harness_main
-    assert "V2V_DB_ROLE_PASSWORD" in (ROOT / "libs/harness/src/v2v_harness/provision.py").read_text("utf-8")
+    for spec in SERVICES:
+        assert password_variable(spec, owner=False) == f"V2V_DB_PASSWORD_{spec.name.upper()}"
+        assert password_variable(spec, owner=True) == f"V2V_DB_OWNER_PASSWORD_{spec.name.upper()}"
 
 
 def test_postgres_17(services: dict[str, dict[str, Any]]) -> None:
@@ -367,9 +423,10 @@ def test_kafka_single_node_kraft(services: dict[str, dict[str, Any]]) -> None:
     assert kafka["image"].startswith("apache/kafka:")
     assert set(env["KAFKA_PROCESS_ROLES"].split(",")) == {"broker", "controller"}
     node = env["KAFKA_NODE_ID"]
+    # the controller quorum: this node, on its loopback-only controller listener
     assert (
         env["KAFKA_CONTROLLER_QUORUM_VOTERS"]
-        == f"{node}@{KAFKA}:{listeners(env['KAFKA_LISTENERS'])['CONTROLLER'][1]}"
+        == f"{node}@localhost:{listeners(env['KAFKA_LISTENERS'])['CONTROLLER'][1]}"
     )
     assert "ZOOKEEPER" not in " ".join(env)
 
@@ -387,14 +444,28 @@ def test_kafka_single_node_kraft(services: dict[str, dict[str, Any]]) -> None:
     assert env["KAFKA_CONTROLLER_LISTENER_NAMES"] in bound
     assert env["KAFKA_INTER_BROKER_LISTENER_NAME"] in advertised
     assert set(advertised) <= set(bound) and env["KAFKA_CONTROLLER_LISTENER_NAMES"] not in advertised
-    # in-network access as kafka:9092 ...
+    # in-network access as kafka:9092, over SASL/SCRAM-SHA-512 ...
     assert (KAFKA, 9092) in advertised.values()
-    # ... and from the host: each other advertised listener is localhost on the port published for it
-    ports = published_ports(kafka)
-    for name, (host, port) in advertised.items():
+    network = next(name for name, address in advertised.items() if address == (KAFKA, 9092))
+    assert protocols[network] == "SASL_PLAINTEXT"
+    assert env["KAFKA_SASL_ENABLED_MECHANISMS"] == "SCRAM-SHA-512"
+    # ... and every unauthenticated listener (inter-broker, controller) bound to loopback only: no other
+    # container reaches it, and nothing is published to the host
+    for name, protocol in protocols.items():
+        if protocol not in ("SASL_PLAINTEXT", "SASL_SSL"):
+            assert bound[name][0] in ("localhost", "127.0.0.1"), (
+                f"{name} ({protocol}) listens beyond loopback"
+            )
+    for name, (host, _port) in advertised.items():
         if host != KAFKA:
-            assert host in ("localhost", "127.0.0.1")
-            assert ports.get(bound[name][1]) == port, f"{name} advertises {host}:{port}, not published"
+            assert host in ("localhost", "127.0.0.1") and protocols[name] == "PLAINTEXT"
+    assert published_ports(kafka) == {}
+    # authorization: deny what no ACL allows; the loopback principal (the node, kafka-init) is the only
+    # super user
+    assert env["KAFKA_AUTHORIZER_CLASS_NAME"] == "org.apache.kafka.metadata.authorizer.StandardAuthorizer"
+    assert env["KAFKA_ALLOW_EVERYONE_IF_NO_ACL_FOUND"] == "false"
+    assert env["KAFKA_SUPER_USERS"] == "User:ANONYMOUS"
+    assert env["KAFKA_AUTO_CREATE_TOPICS_ENABLE"] == "false"
     # single node: internal topics cannot ask for three replicas
     for key in ("KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR", "KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR"):
         assert env[key] == "1"
@@ -433,7 +504,7 @@ def test_collector_receives_otlp_and_routes_traces_to_jaeger(
     protocols = collector_config["receivers"]["otlp"]["protocols"]
     assert host_port(protocols["http"]["endpoint"]) == ("0.0.0.0", 4318)
     assert host_port(protocols["grpc"]["endpoint"]) == ("0.0.0.0", 4317)
-    assert {4317, 4318} <= set(published_ports(collector))
+    assert published_ports(collector) == {}  # the services reach it inside the network only
 
     traces = collector_config["service"]["pipelines"]["traces"]
     assert "otlp" in traces["receivers"]
@@ -656,3 +727,273 @@ def test_healthcheck_script(ready_server: int, monkeypatch: pytest.MonkeyPatch) 
         check=False,
     )
     assert result.returncode == 0
+
+
+# ---- the edge of the deployment: ports, Kafka SASL/ACLs, Keycloak ----------------------------------
+
+
+def test_nothing_but_what_a_user_needs_is_published(services: dict[str, dict[str, Any]]) -> None:
+    """The services' HTTP ports, the Jaeger UI and Keycloak; no database, broker or telemetry port."""
+    for name, svc in services.items():
+        allowed = {BY_NAME[name].port} if name in BY_NAME else USER_PORTS.get(name, set())
+        published = published_ports(svc)
+        assert set(published) <= allowed, f"{name} publishes {sorted(published)}"
+        assert all(host == container for container, host in published.items()), name
+    for name in (POSTGRES, KAFKA, COLLECTOR, PROVISION, KAFKA_INIT, KEYCLOAK_CLIENTS):
+        assert published_ports(services[name]) == {}, name
+    assert published_ports(services[KEYCLOAK]) == {8080: 8080}
+    overlay = load_yaml(OVERLAY_FILE)["services"]
+    assert published_ports(overlay[PROMETHEUS]) == {9090: 9090}  # the opt-in overlay's UI
+    assert not published_ports(overlay[COLLECTOR])
+
+
+def test_kafka_init_job(services: dict[str, dict[str, Any]]) -> None:
+    job = services[KAFKA_INIT]
+    assert job["image"] == services[KAFKA]["image"]  # the broker's own tools
+    assert job["network_mode"] == f"service:{KAFKA}"  # reaches the loopback-only listener
+    assert job.get("restart", "no") == "no"
+    assert depends_on(job) == {KAFKA: "service_healthy"}
+    assert job["entrypoint"] == ["/bin/sh", "/deploy/kafka/init.sh"]
+    assert "./deploy/kafka:/deploy/kafka:ro" in job["volumes"]
+    env = env_of(job)
+    broker = listeners(env_of(services[KAFKA])["KAFKA_LISTENERS"])
+    assert host_port(env["KAFKA_ADMIN_BOOTSTRAP"]) == ("localhost", broker["BROKER"][1])
+    passwords = [env[kafka_password_variable(spec)] for spec in SERVICES]
+    assert all(passwords) and len(set(passwords)) == len(SERVICES)  # one principal, one password each
+
+
+def consumed_topics() -> dict[str, set[str]]:
+    """service -> the topics its consumers read (from each service's ServiceDefinition)."""
+    consumed: dict[str, set[str]] = {}
+    for spec in SERVICES:
+        definition = importlib.import_module(f"{spec.package}.app").DEFINITION
+        consumed[spec.name] = {f"v2v.{source}" for c in definition.consumers for source in c.from_services}
+    return consumed
+
+
+def run_kafka_init(tmp_path: Path, env: dict[str, str]) -> tuple[int, list[list[str]]]:
+    """Runs deploy/kafka/init.sh with stub Kafka tools that record their arguments."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "calls.log"
+    stub = (
+        "#!/bin/sh\n"
+        '{ printf "%s" "$(basename "$0")"; for a in "$@"; do printf "\\037%s" "$a"; done; echo; }'
+        ' >> "$STUB_LOG"\n'
+    )
+    for tool in ("kafka-topics.sh", "kafka-acls.sh", "kafka-configs.sh"):
+        (bin_dir / tool).write_text(stub)
+        (bin_dir / tool).chmod(0o755)
+    result = subprocess.run(
+        ["sh", str(KAFKA_INIT_SCRIPT)],
+        env={
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "KAFKA_BIN": str(bin_dir),
+            "STUB_LOG": str(log),
+            **env,
+        },
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    calls = [line.split("\x1f") for line in log.read_text().splitlines()] if log.exists() else []
+    return result.returncode, calls
+
+
+def options(call: list[str]) -> dict[str, list[str]]:
+    found: dict[str, list[str]] = {}
+    args = call[1:]
+    i = 0
+    while i < len(args):
+        if args[i].startswith("--"):
+            takes_value = i + 1 < len(args) and not args[i + 1].startswith("--")
+            found.setdefault(args[i], []).append(args[i + 1] if takes_value else "")
+            i += 2 if takes_value else 1
+        else:
+            i += 1
+    return found
+
+
+def test_kafka_acls_give_each_service_exactly_its_topics(
+    services: dict[str, dict[str, Any]], tmp_path: Path
+) -> None:
+    """Each principal writes its own topic and dead-letter topic only, reads what its consumers read,
+    uses its own consumer groups; the script is run (against stub tools) with compose's environment."""
+    env = env_of(services[KAFKA_INIT])
+    code, calls = run_kafka_init(tmp_path, env)
+    assert code == 0, calls
+
+    created = {options(c)["--topic"][0] for c in calls if c[0] == "kafka-topics.sh" and "--create" in c}
+    assert created == set(all_topics())
+
+    users = {}
+    for call in (c for c in calls if c[0] == "kafka-configs.sh"):
+        opts = options(call)
+        assert opts["--entity-type"] == ["users"]
+        users[opts["--entity-name"][0]] = opts["--add-config"][0]
+    assert set(users) == {f"v2v-{spec.name}" for spec in SERVICES}
+    for spec in SERVICES:
+        config = users[f"v2v-{spec.name}"]
+        assert (
+            config.startswith("SCRAM-SHA-512=[")
+            and f"password={env[kafka_password_variable(spec)]}]" in config
+        )
+
+    grants: set[tuple[str, str, str, str, str]] = set()  # principal, resource type, name, pattern, operation
+    for call in (c for c in calls if c[0] == "kafka-acls.sh" and "--add" in c):
+        opts = options(call)
+        [principal] = opts["--allow-principal"]
+        assert "--deny-principal" not in opts
+        pattern = (opts.get("--resource-pattern-type") or ["literal"])[0]
+        resources = [("topic", t) for t in opts.get("--topic", [])] + [
+            ("group", g) for g in opts.get("--group", [])
+        ]
+        if "--cluster" in opts:
+            resources.append(("cluster", "kafka-cluster"))
+        assert resources, call
+        for kind, name in resources:
+            for operation in opts["--operation"]:
+                assert operation != "All" and name != "*", call
+                grants.add((principal, kind, name, pattern, operation))
+
+    consumed = consumed_topics()
+    assert {g[0] for g in grants} == {f"User:v2v-{spec.name}" for spec in SERVICES}
+    for spec in SERVICES:
+        mine = {g[1:] for g in grants if g[0] == f"User:v2v-{spec.name}"}
+        own = {spec.topic(), spec.dead_letter_topic()}
+
+        def on(operation: str, kind: str = "topic", mine: set[tuple[str, str, str, str]] = mine) -> set[str]:
+            return {name for k, name, _pattern, op in mine if k == kind and op == operation}
+
+        assert on("Write") == own, spec.name  # nobody else's topic: its events cannot be forged
+        assert on("Create") == own, spec.name
+        assert on("Read") == consumed[spec.name], spec.name
+        assert on("Describe") == set(all_topics()), spec.name
+        assert ("group", f"{spec.name}.", "prefixed", "Read") in mine
+        assert on("Read", "group") == {f"{spec.name}."}
+        assert on("IdempotentWrite", "cluster") == {"kafka-cluster"}
+        assert not on("Alter") and not on("Delete") and not on("AlterConfigs")
+
+    # a missing password stops the job rather than creating a user without one
+    del env[kafka_password_variable(SERVICES[2])]
+    (tmp_path / "missing").mkdir()
+    code, _ = run_kafka_init(tmp_path / "missing", env)
+    assert code == 2
+
+
+def test_keycloak_is_the_issuer(services: dict[str, dict[str, Any]]) -> None:
+    keycloak = services[KEYCLOAK]
+    env = env_of(keycloak)
+    assert keycloak["image"].startswith("quay.io/keycloak/keycloak:")
+    assert "--import-realm" in command_of(keycloak)
+    assert env["KC_HEALTH_ENABLED"] == "true" and keycloak["healthcheck"]["test"]
+    assert env["KC_BOOTSTRAP_ADMIN_PASSWORD"]
+    assert urlsplit(env["KC_HOSTNAME"]).hostname == KEYCLOAK  # the issuer the services can reach
+
+    # the realm keycloak-clients renders is the one Keycloak imports: <realm>-realm.json, one volume
+    job = services[KEYCLOAK_CLIENTS]
+    argv = command_of(job)
+    assert argv[:3] == ["python", "-m", "v2v_harness.keycloak"]
+    args = dict(a.removeprefix("--").split("=", 1) for a in argv[3:])
+    realm = json.loads(REALM_TEMPLATE.read_text(encoding="utf-8"))["realm"]
+    assert "./deploy/keycloak:/deploy/keycloak:ro" in job["volumes"]
+    assert args["template"] == "/deploy/keycloak/vein2vein-realm.json"
+    out = Path(args["out"])
+    assert out.name == f"{realm}-realm.json"
+    mounts = {v.split(":")[1]: v.split(":")[0] for v in job["volumes"]}
+    kc_mounts = {v.split(":")[1]: v.split(":")[0] for v in keycloak["volumes"]}
+    assert kc_mounts["/opt/keycloak/data/import"] == mounts[str(out.parent)]
+    assert mounts[args["clients-dir"]] not in kc_mounts.values()  # private keys never reach Keycloak
+    assert depends_on(keycloak) == {KEYCLOAK_CLIENTS: "service_completed_successfully"}
+    assert env_of(job)["V2V_AUTH_ISSUER"] == keycloak_issuer(services)
+    assert importlib.util.find_spec("v2v_harness.keycloak") is not None
+
+    for spec in SERVICES:
+        assert env_of(services[spec.name])["V2V_AUTH_ISSUER"] == keycloak_issuer(services)
+
+
+def seed(package: str, name: str) -> Any:
+    return yaml.safe_load(
+        importlib.resources.files(package).joinpath("seed", name).read_text(encoding="utf-8")
+    )
+
+
+def test_the_realm_template() -> None:
+    """Client credentials with private_key_jwt, 5-minute tokens, audience `vein2vein`, the principal's
+    kind and entity as claims and the platform's scopes as client scopes, one client per kind."""
+    from v2v_harness.keycloak import template_clients
+
+    realm = json.loads(REALM_TEMPLATE.read_text(encoding="utf-8"))
+    assert realm["accessTokenLifespan"] == 300
+    scopes = {s["name"]: s for s in realm["clientScopes"]}
+    assert set(scopes) == set(SCOPES) | {"basic", "vein2vein"}
+    for name in SCOPES:
+        assert scopes[name]["attributes"]["include.in.token.scope"] == "true"
+    [audience] = scopes["vein2vein"]["protocolMappers"]
+    assert audience["protocolMapper"] == "oidc-audience-mapper"
+    assert audience["config"]["included.custom.audience"] == "vein2vein"
+    assert audience["config"]["access.token.claim"] == "true"
+    assert [m["protocolMapper"] for m in scopes["basic"]["protocolMappers"]] == ["oidc-sub-mapper"]
+
+    clients = template_clients(realm)
+    assert sorted(kind for _, kind, _ in clients) == sorted(KINDS)  # a client per kind of principal
+    centres = {c["id"] for c in seed("order_service", "treatment_centers.yaml")}
+    carriers = {c["id"] for c in seed("logistics_service", "logistics.yaml").get("carriers") or []}
+    sites = {s["site_id"] for s in seed("site_service", "sites.yaml")}
+    for client_id, kind, entity in clients:
+        known = {"centre": centres, "carrier": carriers, "site": sites}.get(kind)
+        assert (entity in known) if known is not None else entity is None, client_id
+        assert client_id == (f"{kind}-{entity.lower()}" if entity else kind)  # as `make run` names them
+
+    for client in realm["clients"]:
+        attributes = client["attributes"]
+        assert client["clientAuthenticatorType"] == "client-jwt"  # private_key_jwt
+        assert attributes["token.endpoint.auth.signing.alg"] == "ES256"
+        assert attributes["use.jwks.string"] == "true" and attributes["use.jwks.url"] == "false"
+        assert attributes["jwks.string"] == ""  # no key in the repository: rendered at deployment
+        assert attributes["access.token.lifespan"] == "300"
+        assert client["publicClient"] is False and client["serviceAccountsEnabled"] is True
+        assert not (client["standardFlowEnabled"] or client["implicitFlowEnabled"])
+        assert not client["directAccessGrantsEnabled"]
+        assert {"basic", "vein2vein"} <= set(client["defaultClientScopes"])
+        kind = next(k for cid, k, _ in clients if cid == client["clientId"])
+        assert set(client["defaultClientScopes"]) & set(SCOPES) == set(SCOPES_BY_KIND[kind])
+        assert client["optionalClientScopes"] == []
+        claims = {m["config"]["claim.name"]: m["config"] for m in client["protocolMappers"]}
+        assert set(claims) <= {"v2v_kind", "v2v_entity", "client_id"} and "v2v_kind" in claims
+        assert claims["client_id"]["claim.value"] == client["clientId"]
+        for config in claims.values():
+            assert config["access.token.claim"] == "true" and config["jsonType.label"] == "String"
+
+
+def test_the_realm_renders_with_each_clients_public_key(tmp_path: Path) -> None:
+    """keycloak-clients: a key per client kept beside the realm (0600), the public half inline in the
+    realm; an assertion signed with a client's key verifies against what Keycloak will hold."""
+    from joserfc import jwt
+    from joserfc.jwk import KeySet
+
+    from v2v_harness.issuer import client_assertion, private_key, read_clients
+    from v2v_harness.keycloak import prepare
+
+    clients_dir, out = tmp_path / "clients", tmp_path / "realm" / "vein2vein-realm.json"
+    made = prepare(REALM_TEMPLATE, clients_dir, out)
+    rendered = json.loads(out.read_text(encoding="utf-8"))
+    assert oct(out.stat().st_mode & 0o777) == "0o644"
+    assert '"d"' not in out.read_text(encoding="utf-8")  # no private key material
+    assert [c.client_id for c in read_clients(clients_dir)] == [c.client_id for c in made]
+    issuer = "http://keycloak:8080/realms/vein2vein"
+    for client in rendered["clients"]:
+        client_id = client["clientId"]
+        key_file = clients_dir / "clients" / f"{client_id}.jwk.json"
+        assert oct(key_file.stat().st_mode & 0o777) == "0o600"
+        jwks = json.loads(client["attributes"]["jwks.string"])
+        [public] = jwks["keys"]
+        assert public["kty"] == "EC" and public["crv"] == "P-256" and "d" not in public
+        assertion = client_assertion(client_id, private_key(clients_dir, client_id), issuer)
+        claims = jwt.decode(assertion, KeySet.import_key_set(jwks), algorithms=["ES256"]).claims
+        assert claims["iss"] == claims["sub"] == client_id and claims["aud"] == issuer
+
+    again = json.loads((prepare(REALM_TEMPLATE, clients_dir, out), out.read_text(encoding="utf-8"))[1])
+    assert [c["attributes"]["jwks.string"] for c in again["clients"]] == [
+        c["attributes"]["jwks.string"] for c in rendered["clients"]
+    ]  # the keys are kept across runs

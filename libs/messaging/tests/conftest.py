@@ -17,6 +17,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
 from v2v_harness.infra import Infrastructure
+from v2v_harness.provision import ProvisionedDatabase
 from v2v_harness.pytest_plugin import TestDatabase
 from v2v_messaging import MIGRATIONS_DIR, KafkaSettings, ensure_topics
 from v2v_persistence import apply_migrations, create_pool
@@ -27,9 +28,17 @@ SCHEMA = "ordering"
 
 @dataclass
 class MessagingDb:
-    pool: asyncpg.Pool
+    pool: asyncpg.Pool  # the service's runtime role, as a running service connects
     url: str
     schema: str
+    owner_url: str  # the schema owner's role: migrations and test tables
+
+
+def owner_urls(test_db: TestDatabase) -> dict[str, str]:
+    """Each service's schema-owner URL, beside the runtime URLs of `test_db.urls`."""
+    urls = test_db.urls
+    assert isinstance(urls, ProvisionedDatabase), "test_db.urls comes from v2v_harness.provision"
+    return urls.owner_urls
 
 
 @pytest.fixture
@@ -43,16 +52,21 @@ def kafka(infra: Infrastructure) -> KafkaSettings:
 
 @pytest.fixture
 async def messaging_db(test_db: TestDatabase) -> AsyncIterator[MessagingDb]:
-    """One service schema with the outbox/inbox migration and a test table for handler effects."""
-    url = test_db.urls[SERVICE]
-    await apply_migrations(url, SCHEMA, [MIGRATIONS_DIR])
-    pool = await create_pool(url, max_size=6)
-    await pool.execute(
-        """CREATE TABLE it_effects (id bigserial PRIMARY KEY, event_id uuid, note text NOT NULL,
-                                    written_at timestamptz NOT NULL DEFAULT now())"""
-    )
+    """One service schema with the outbox/inbox migration and a test table for handler effects, both
+    created by the schema's owner; the pool is the service's runtime role."""
+    url, owner_url = test_db.urls[SERVICE], owner_urls(test_db)[SERVICE]
+    await apply_migrations(owner_url, SCHEMA, [MIGRATIONS_DIR])
+    owner = await asyncpg.connect(owner_url)
     try:
-        yield MessagingDb(pool, url, SCHEMA)
+        await owner.execute(
+            """CREATE TABLE it_effects (id bigserial PRIMARY KEY, event_id uuid, note text NOT NULL,
+                                        written_at timestamptz NOT NULL DEFAULT now())"""
+        )
+    finally:
+        await owner.close()
+    pool = await create_pool(url, max_size=6)
+    try:
+        yield MessagingDb(pool, url, SCHEMA, owner_url)
     finally:
         await pool.close()
 

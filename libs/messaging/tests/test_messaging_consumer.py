@@ -5,20 +5,24 @@
   next message on the same partition is processed;
 - a message that is not a CloudEvent is dead-lettered at once and the partition goes on;
 - the offset is committed after the database commit: a restarted consumer of the same group does not
-  handle the message again, and an infrastructure failure is redelivered rather than lost.
+  handle the message again, and an infrastructure failure is redelivered rather than lost;
+- an event that is not from the service whose topic it was read from, or an order event without a valid
+  chain-of-identity id, is dead-lettered at once (table and topic, with the reason) and never handled.
 """
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import date
 from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaProducer
 from faststream.kafka import KafkaBroker
 
-from v2v_contracts import CloudEvent, EventData
+from v2v_contracts import CloudEvent, EventData, SlotReservedV1, new_event
+from v2v_contracts.coi import make_coi
 from v2v_messaging import (
     ConsumerPolicy,
     EventConsumer,
@@ -349,3 +353,82 @@ async def test_an_infrastructure_failure_is_redelivered_not_lost_nor_dead_letter
     assert [r["event_id"] for r in await pool.fetch("SELECT event_id FROM it_effects")] == [event.id]
     assert len(await inbox_rows(pool, consumer.group_id)) == 1
     assert await reader(dlq, expect=0, settle=0.2) == []
+
+
+# --- (e) provenance: an event must come from the service whose topic it is read from --------------------
+
+
+async def test_a_forged_event_on_the_wrong_topic_is_dead_lettered_at_once_and_never_handled(
+    messaging_db: Any,
+    new_topic: Any,
+    producer: AIOKafkaProducer,
+    start_consumer: StartConsumer,
+    reader: Any,
+    eventually: Any,
+) -> None:
+    pool = messaging_db.pool
+    topic, dlq = await new_topic("v2v.scheduling"), await new_topic("v2v.order.dlq")
+    # the order service (say) writing an event of scheduling's type onto scheduling's topic
+    wrong_source = CloudEvent(source="/v2v/order", type=EVENT_TYPE, subject="order-f", data={"n": 1})
+    # an order-bound event of scheduling's, from scheduling, but whose chain-of-identity id is not valid
+    slot = SlotReservedV1(
+        order_id=uuid.uuid4(),
+        coi=make_coi("V2V00", 2026, 7),
+        treatment_center_id="TC-DE-BE-001",
+        slot_id=uuid.uuid4(),
+        site_id="DE-BER-01",
+        product_code="AXI-CEL",
+        order_type="commercial",
+        apheresis_date=date(2030, 1, 10),
+        manufacturing_start_date=date(2030, 1, 11),
+    )
+    bad_coi = new_event(slot).model_copy(update={"coi": "V2V00-26-000007-K"})
+    genuine = make_event("order-f", 2)
+    calls: list[uuid.UUID] = []
+
+    async def handle(tx: Tx, event: CloudEvent) -> None:
+        calls.append(event.id)
+        await write_effect(tx, event)
+
+    sent = [await producer.send_and_wait(topic, e.to_json(), key=b"order-f") for e in (wrong_source, bad_coi)]
+    sent_genuine = await producer.send_and_wait(topic, genuine.to_json(), key=b"order-f")
+    assert {s.partition for s in sent} == {sent_genuine.partition}
+
+    consumer, _ = await start_consumer(
+        service=unique_service(), topic=topic, dlq=dlq, handlers={EVENT_TYPE: handle}
+    )
+    await eventually(lambda: consumer.stats.processed >= 1, what="the genuine event after the forged ones")
+
+    assert calls == [genuine.id]  # the forged ones never reached a handler, not even once
+    assert consumer.stats.rejected == 2 and consumer.stats.dead_lettered == 2
+    assert consumer.stats.rejected_by_reason == {"source-mismatch": 1, "coi-invalid": 1}
+    assert consumer.stats.poison_failures == 0  # refused before any attempt
+    assert [r["event_id"] for r in await pool.fetch("SELECT event_id FROM it_effects")] == [genuine.id]
+    assert [r["event_id"] for r in await inbox_rows(pool, consumer.group_id)] == [genuine.id]
+
+    rows = await pool.fetch(
+        """SELECT event_id, event_type, topic, kafka_partition, kafka_offset, error, attempts, payload
+           FROM dead_letters WHERE consumer = $1 ORDER BY kafka_offset""",
+        consumer.group_id,
+    )
+    assert [(r["event_id"], r["event_type"]) for r in rows] == [
+        (wrong_source.id, EVENT_TYPE),
+        (bad_coi.id, "scheduling.slot_reserved.v1"),
+    ]
+    for row, original, event in zip(rows, sent, (wrong_source, bad_coi), strict=True):
+        assert (row["topic"], row["kafka_partition"], row["kafka_offset"]) == (
+            topic,
+            original.partition,
+            original.offset,
+        )
+        assert row["attempts"] == 1
+        assert bytes(row["payload"]) == event.to_json()
+    assert rows[0]["error"] == (
+        f"rejected (source-mismatch): the source is not /v2v/scheduling, the only publisher on topic {topic}"
+    )
+    assert rows[1]["error"].startswith("rejected (coi-invalid): scheduling.slot_reserved.v1")
+    assert "V2V00-26-000007-K" not in rows[1]["error"]  # the claim itself is not echoed
+
+    dead = sorted(await reader(dlq, expect=2), key=lambda r: int(headers_of(r)["x-v2v-dlq-offset"]))
+    assert [d.value for d in dead] == [wrong_source.to_json(), bad_coi.to_json()]
+    assert [headers_of(d)["x-v2v-dlq-error"] for d in dead] == [r["error"] for r in rows]

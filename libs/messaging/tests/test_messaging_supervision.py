@@ -129,6 +129,11 @@ async def test_the_restart_backoff_grows_and_is_capped() -> None:
         kafka_errors.KafkaConnectionError("broker down"),
         kafka_errors.KafkaTimeoutError(),
         kafka_errors.NotLeaderForPartitionError(),
+        # the deployment's grants, ACLs and credentials: an operator fixes them, the message waits
+        asyncpg.InsufficientPrivilegeError("permission denied for table outbox"),
+        kafka_errors.TopicAuthorizationFailedError(),
+        kafka_errors.GroupAuthorizationFailedError(),
+        kafka_errors.SaslAuthenticationFailed(),
         RuntimeError("wrapped"),  # raised from a transient one, below
     ],
     ids=lambda e: type(e).__name__,

@@ -43,9 +43,20 @@ class Platform:
         return self.services[name].url
 
     def service_env(
-        self, spec: ServiceSpec, port: int, database_url: str, extra: dict[str, str]
+        self,
+        spec: ServiceSpec,
+        port: int,
+        database_url: str,
+        extra: dict[str, str],
+        migration_database_url: str | None = None,
     ) -> dict[str, str]:
+        """The service's environment: `database_url` is its runtime role's (`provision(...)[name]`),
+        `migration_database_url` its schema owner's (`provision(...).owner_urls[name]`), which runs the
+        migrations; without it the runtime role would have to, and may not."""
         env = dict(os.environ)
+        env.pop("V2V_MIGRATION_DATABASE_URL", None)  # never another database's owner from the shell
+        if migration_database_url is not None:
+            env["V2V_MIGRATION_DATABASE_URL"] = migration_database_url
         env.update(
             {
                 "V2V_SERVICE_NAME": spec.name,

@@ -23,6 +23,7 @@ from v2v_messaging.outbox import (
     RelayBackoff,
     notify_channel,
 )
+from v2v_messaging.provenance import Rejection, check_event, publisher_of
 from v2v_messaging.supervisor import Heartbeat, LoopHealth, Supervisor, current_heartbeat
 from v2v_messaging.uow import AbstractUnitOfWork, EventSink, Tx, UnitOfWork
 
@@ -48,16 +49,19 @@ __all__ = [
     "Outbox",
     "OutboxRelay",
     "PoisonMessage",
+    "Rejection",
     "RelayBackoff",
     "Supervisor",
     "Tx",
     "UnitOfWork",
+    "check_event",
     "current_heartbeat",
     "describe_broker",
     "ensure_topics",
     "is_transient",
     "make_broker",
     "notify_channel",
+    "publisher_of",
     "record_dead_letter",
     "refused_by_broker",
     "topic_is_empty",

@@ -5,6 +5,10 @@ committed only after the handler returned, which is after our database commit; a
 back so the message is redelivered). Around the handler:
 
 - the CloudEvent is parsed; a message that is not one goes straight to the dead letters;
+- its provenance is checked (`v2v_messaging.provenance`): its source and type are those of the service
+  whose topic it was read from, and an order-bound event carries a valid chain-of-identity id. An event
+  that fails is poison: dead-lettered at once with the reason, counted (`stats.rejected`), never handled,
+  whether or not this consumer has a handler for its type;
 - it is routed by type through the service's `HandlerRegistry` (typed models; a payload that does not
   match its contract is poison and dead-lettered at once; a type with no handler is counted and skipped);
 - `(consumer, event id)` is inserted into the inbox in the handler's transaction: a duplicate is a no-op;
@@ -31,10 +35,11 @@ from faststream.kafka import KafkaBroker
 from faststream.kafka.annotations import KafkaMessage
 from pydantic import ValidationError
 
-from v2v_contracts import CloudEvent
+from v2v_contracts import EVENT_TYPES, CloudEvent
 from v2v_messaging.dead_letters import decode_headers, record_dead_letter
 from v2v_messaging.failures import TRANSIENT_TYPES, is_transient
 from v2v_messaging.handlers import HandlerRegistry, PoisonMessage
+from v2v_messaging.provenance import check_event, publisher_of
 from v2v_messaging.uow import UnitOfWork
 from v2v_observability import get_logger, meter, set_order_attributes
 from v2v_observability import names as tn
@@ -90,6 +95,8 @@ class ConsumerStats:
     ignored: int = 0
     transient_failures: int = 0  # the infrastructure's (retried, never dead-lettered)
     poison_failures: int = 0  # the message's own (dead-lettered after max_attempts)
+    rejected: int = 0  # failed the provenance checks: dead-lettered at once, never handled
+    rejected_by_reason: dict[str, int] = field(default_factory=dict)
     by_type: dict[str, int] = field(default_factory=dict)
 
 
@@ -111,6 +118,9 @@ class EventConsumer:
         policy: ConsumerPolicy | None = None,
         namespace: str = "",
     ) -> None:
+        for topic in topics:  # the provenance checks need to know whose topic each one is
+            if publisher_of(topic) is None:
+                raise ValueError(f"{topic} is not a service's topic ([<namespace>.]v2v.<service>)")
         # `<service>.<purpose>`, under the topic namespace when one is set (tests sharing a broker)
         self.group_id = f"{namespace}.{service}.{purpose}" if namespace else f"{service}.{purpose}"
         self.topics = topics
@@ -159,11 +169,26 @@ class EventConsumer:
         try:
             event = CloudEvent.from_json(raw)
         except (ValidationError, ValueError) as exc:
-            await self._dead_letter(message, f"not a CloudEvent: {exc}")
+            await self._dead_letter(message, f"not a CloudEvent: {exc}", reason="not-a-cloudevent")
             return
-        # before anything else: even an event this consumer ignores is about its order, and says so
-        set_order_attributes(event.data.get("order_id"), event.coi)
         self._last_offset[(record.topic, record.partition)] = record.offset
+        rejection = check_event(event, record.topic, self.handlers.model_of(event.type))
+        if rejection is not None:
+            log.error(
+                "event refused by the provenance checks, dead-lettering",
+                reason=rejection.code,
+                topic=record.topic,
+                event_id=str(event.id),
+            )
+            await self._dead_letter(message, str(rejection), event=event, reason=rejection.code)
+            self.stats.rejected += 1
+            self.stats.rejected_by_reason[rejection.code] = (
+                self.stats.rejected_by_reason.get(rejection.code, 0) + 1
+            )
+            return
+        # before anything else: even an event this consumer ignores is about its order, and says so (a
+        # refused one is not: what it claims about an order is not to be believed)
+        set_order_attributes(event.data.get("order_id"), event.coi)
         if not self.handlers.handles(event.type):
             self.stats.ignored += 1
             EVENTS.add(1, {"consumer_group": self.group_id, "event_type": event.type, "outcome": "ignored"})
@@ -177,7 +202,7 @@ class EventConsumer:
             except PoisonMessage as exc:
                 log.error("poison message, dead-lettering", error=str(exc), event_type=event.type)
                 attempts = self._poison_attempts.get(key, 0) + 1
-                await self._dead_letter(message, str(exc), event=event, attempts=attempts)
+                await self._dead_letter(message, str(exc), event=event, attempts=attempts, reason="contract")
                 self._forget(key)
                 return
             except Exception as exc:
@@ -258,7 +283,13 @@ class EventConsumer:
         return "processed"
 
     async def _dead_letter(
-        self, message: Any, error: str, *, event: CloudEvent | None = None, attempts: int = 1
+        self,
+        message: Any,
+        error: str,
+        *,
+        event: CloudEvent | None = None,
+        attempts: int = 1,
+        reason: str = "handler-failed",
     ) -> None:
         """Record the message in `dead_letters`, then publish it to the dead-letter topic. A failure of
         either raises (the message is redelivered, never lost); the table write comes first so that a
@@ -299,7 +330,13 @@ class EventConsumer:
         headers.pop("tracestate", None)
         await self.broker.publish(message.body, topic=self.dead_letter_topic, key=record.key, headers=headers)
         self.stats.dead_lettered += 1
-        attrs = {"consumer_group": self.group_id, "event_type": event.type if event else "unparsable"}
+        if event is None:
+            event_type = "unparsable"
+        elif self.handlers.handles(event.type) or event.type in EVENT_TYPES:
+            event_type = event.type
+        else:  # a type no contract knows: not a metric attribute (unbounded values)
+            event_type = "unknown"
+        attrs = {"consumer_group": self.group_id, "event_type": event_type, "reason": reason}
         DEAD_LETTERS.add(1, attrs)
         EVENTS.add(1, {**attrs, "outcome": "dead_lettered"})
 

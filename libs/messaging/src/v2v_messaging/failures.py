@@ -4,7 +4,10 @@ Transient — the database or the broker is unavailable, or busy: connection err
 down, crashed, starting up or read-only (a replica after fail-over); out of disk, memory or
 connections (class 53); lock and statement timeouts; serialization failures and deadlocks; broker
 connection errors and timeouts. Such a failure says nothing about the message: it is retried with
-backoff for as long as it lasts and is never dead-lettered.
+backoff for as long as it lasts and is never dead-lettered. So is a refusal of the deployment's own
+rules: the database role lacking a privilege (the runtime role owns nothing and holds only what the
+owner granted), the broker's ACLs refusing this service's principal, or its SASL credentials refused:
+the message waits, visibly, until an operator fixes the grant, the ACL or the password.
 
 Anything else is the message's own problem (poison): it gets a small budget of attempts, then goes to
 the dead letters. A broker that refuses a record (too large, invalid) is neither: the relay moves the
@@ -61,6 +64,14 @@ TRANSIENT_TYPES: tuple[type[BaseException], ...] = (
     kafka_errors.NotEnoughReplicasError,
     kafka_errors.NotEnoughReplicasAfterAppendError,
     kafka_errors.ProducerClosed,
+    # the deployment's grants and credentials, not the message
+    asyncpg.InsufficientPrivilegeError,
+    kafka_errors.TopicAuthorizationFailedError,
+    kafka_errors.GroupAuthorizationFailedError,
+    kafka_errors.ClusterAuthorizationFailedError,
+    kafka_errors.TransactionalIdAuthorizationFailed,
+    kafka_errors.SaslAuthenticationFailed,
+    kafka_errors.AuthenticationFailedError,
 )
 
 # the broker will never take this record, however often it is sent

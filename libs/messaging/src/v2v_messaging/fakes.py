@@ -13,11 +13,13 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from v2v_contracts import CloudEvent
 from v2v_messaging.handlers import HandlerRegistry
 from v2v_messaging.outbox import DEFAULT_MAX_EVENT_BYTES, EventTooLarge
+from v2v_messaging.provenance import Rejection, check_event
 
 TxT = TypeVar("TxT")
 
@@ -80,15 +82,37 @@ class FakeUnitOfWork(Generic[TxT]):
         return out
 
 
+@dataclass(frozen=True)
+class FakeDeadLetter:
+    topic: str
+    event: CloudEvent
+    rejection: Rejection
+
+
 class FakeInbox:
     """Delivers events to a handler registry the way the consumer does: one transaction per event,
-    duplicates (same event id) dropped."""
+    duplicates (same event id) dropped.
+
+    `receive(topic, *events)` also runs the consumer's provenance checks (`v2v_messaging.provenance`) as
+    if the events had been read from `topic`: a refused event lands in `dead_letters` with its reason,
+    is counted in `rejected` and is never handled. `deliver(*events)` hands them over unchecked."""
 
     def __init__(self, uow: FakeUnitOfWork[TxT], handlers: HandlerRegistry[TxT]) -> None:
         self.uow = uow
         self.handlers = handlers
         self.seen: set[Any] = set()
         self.ignored: list[str] = []
+        self.dead_letters: list[FakeDeadLetter] = []
+        self.rejected: dict[str, int] = {}
+
+    async def receive(self, topic: str, *events: CloudEvent) -> None:
+        for event in events:
+            rejection = check_event(event, topic, self.handlers.model_of(event.type))
+            if rejection is not None:
+                self.dead_letters.append(FakeDeadLetter(topic, event, rejection))
+                self.rejected[rejection.code] = self.rejected.get(rejection.code, 0) + 1
+                continue
+            await self.deliver(event)
 
     async def deliver(self, *events: CloudEvent) -> None:
         for event in events:

@@ -96,6 +96,11 @@ class HandlerRegistry(Generic[TxT]):
     def handles(self, event_type: str) -> bool:
         return event_type in self._by_type
 
+    def model_of(self, event_type: str) -> type[EventData] | None:
+        """The contract registered for `event_type`, if any."""
+        reg = self._by_type.get(event_type)
+        return reg.model if reg is not None else None
+
     def models(self) -> Iterable[type[EventData]]:
         return [r.model for r in self._by_type.values()]
 

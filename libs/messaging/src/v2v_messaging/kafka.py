@@ -1,21 +1,42 @@
-"""Broker construction and topic administration, the same in every service."""
+"""Broker construction and topic administration, the same in every service.
+
+Every client the platform opens (the FastStream broker, the admin client, the watermark and metadata
+probes) connects with the same security settings: plaintext by default (the embedded Tansu of `make run`
+and the tests), or SASL (SCRAM-SHA-512 in docker-compose, where broker ACLs let each service's principal
+write only its own topic and dead-letter topic), optionally over TLS.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, Final
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewPartitions, NewTopic
 from aiokafka.client import AIOKafkaClient
-from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError, TopicAuthorizationFailedError
+from aiokafka.helpers import create_ssl_context
 from aiokafka.protocol.metadata import MetadataRequest
 from aiokafka.protocol.offset import OffsetRequest
 from faststream.kafka import KafkaBroker
 from faststream.kafka.opentelemetry import KafkaTelemetryMiddleware
+from faststream.security import BaseSecurity, SASLPlaintext, SASLScram256, SASLScram512
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.trace import TracerProvider
+
+SECURITY_PROTOCOLS: Final = ("PLAINTEXT", "SASL_PLAINTEXT", "SASL_SSL", "SSL")
+SASL_MECHANISMS: Final = ("SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN")
+_SASL_SECURITY: Final[dict[str, Callable[..., BaseSecurity]]] = {
+    "SCRAM-SHA-512": SASLScram512,
+    "SCRAM-SHA-256": SASLScram256,
+    "PLAIN": SASLPlaintext,
+}
+TOPIC_ALREADY_EXISTS: Final = 36  # CreateTopics error codes
+TOPIC_AUTHORIZATION_FAILED: Final = 29
 
 
 @dataclass(frozen=True)
@@ -27,6 +48,60 @@ class KafkaSettings:
     partitions: int = 6
     replication_factor: int = 1
     namespace: str = ""
+    # how every client authenticates: PLAINTEXT (no authentication: Tansu), SASL_PLAINTEXT or SASL_SSL
+    # with a SASL mechanism and this service's own principal, or SSL; TLS trusts the system's CAs
+    security_protocol: str = "PLAINTEXT"
+    sasl_mechanism: str | None = None
+    sasl_username: str | None = None
+    sasl_password: str | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.security_protocol not in SECURITY_PROTOCOLS:
+            raise ValueError(f"Kafka security protocol must be one of {', '.join(SECURITY_PROTOCOLS)}")
+        if self.uses_sasl:
+            if self.sasl_mechanism not in SASL_MECHANISMS:
+                raise ValueError(
+                    f"{self.security_protocol} needs a SASL mechanism: {', '.join(SASL_MECHANISMS)}"
+                )
+            if not self.sasl_username or not self.sasl_password:
+                raise ValueError(f"{self.security_protocol} needs a SASL username and password")
+
+    @property
+    def uses_sasl(self) -> bool:
+        return self.security_protocol.startswith("SASL_")
+
+    @property
+    def uses_tls(self) -> bool:
+        return self.security_protocol in ("SSL", "SASL_SSL")
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        return create_ssl_context() if self.uses_tls else None
+
+    def client_options(self) -> dict[str, Any]:
+        """Keyword arguments for any aiokafka client (admin, consumer, low-level client)."""
+        if self.security_protocol == "PLAINTEXT":
+            return {}
+        options: dict[str, Any] = {"security_protocol": self.security_protocol}
+        if self.uses_tls:
+            options["ssl_context"] = self._ssl_context()
+        if self.uses_sasl:
+            options.update(
+                sasl_mechanism=self.sasl_mechanism,
+                sasl_plain_username=self.sasl_username,
+                sasl_plain_password=self.sasl_password,
+            )
+        return options
+
+    def broker_security(self) -> BaseSecurity | None:
+        """The same, as FastStream's `security=` object for `KafkaBroker`."""
+        if self.security_protocol == "PLAINTEXT":
+            return None
+        if not self.uses_sasl:
+            return BaseSecurity(ssl_context=self._ssl_context(), use_ssl=True)
+        assert self.sasl_mechanism and self.sasl_username and self.sasl_password  # __post_init__
+        return _SASL_SECURITY[self.sasl_mechanism](
+            self.sasl_username, self.sasl_password, ssl_context=self._ssl_context(), use_ssl=self.uses_tls
+        )
 
 
 def make_broker(
@@ -40,6 +115,7 @@ def make_broker(
         client_id=client_id,
         acks="all",
         enable_idempotence=settings.enable_idempotence,
+        security=settings.broker_security(),
         middlewares=[
             KafkaTelemetryMiddleware(tracer_provider=tracer_provider, meter_provider=meter_provider)
         ],
@@ -51,8 +127,12 @@ async def ensure_topics(settings: KafkaSettings, topics: list[str]) -> list[str]
     """Create the topics that do not exist yet; returns the ones this call created.
 
     A topic with fewer partitions than configured (one a client auto-created on a broker that had lost
-    it: Tansu creates unknown topics with 4 partitions) is grown where the broker can add partitions."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers)
+    it: Tansu creates unknown topics with 4 partitions) is grown where the broker can add partitions.
+
+    Where broker ACLs let a service create only its own topics, the others' are left to their owners
+    (or to the deployment's topic job) instead of failing the start: the broker answers such a creation
+    with an authorization error, and that topic is not counted as created."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers, **settings.client_options())
     await admin.start()
     created: list[str] = []
     try:
@@ -66,7 +146,7 @@ async def ensure_topics(settings: KafkaSettings, topics: list[str]) -> list[str]
                 await admin.create_partitions({t: NewPartitions(settings.partitions) for t in short})
         for topic in missing:
             try:
-                await admin.create_topics(
+                response = await admin.create_topics(
                     [
                         NewTopic(
                             topic,
@@ -75,9 +155,14 @@ async def ensure_topics(settings: KafkaSettings, topics: list[str]) -> list[str]
                         )
                     ]
                 )
+            except (TopicAlreadyExistsError, TopicAuthorizationFailedError):
+                continue
+            codes = {t[0]: t[1] for t in getattr(response, "topic_errors", ())}
+            code = codes.get(topic, 0)
+            if code == 0:
                 created.append(topic)
-            except TopicAlreadyExistsError:
-                pass
+            elif code not in (TOPIC_ALREADY_EXISTS, TOPIC_AUTHORIZATION_FAILED):
+                raise KafkaError(f"the broker refused to create topic {topic} (error code {code})")
     finally:
         await admin.close()
     return created
@@ -85,7 +170,9 @@ async def ensure_topics(settings: KafkaSettings, topics: list[str]) -> list[str]
 
 async def topic_is_empty(settings: KafkaSettings, topic: str) -> bool:
     """True when no partition of `topic` has ever held a record (a fresh broker, or a new topic)."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers, enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.bootstrap_servers, enable_auto_commit=False, **settings.client_options()
+    )
     await consumer.start()
     try:
         partitions = consumer.partitions_for_topic(topic)
@@ -117,7 +204,9 @@ async def describe_broker(settings: KafkaSettings, topics: list[str], timeout: f
     A fresh client each time (cheap, and nothing cached from a broker that has since restarted); the
     metadata request says `allow_auto_topic_creation=False`, so asking never creates a missing topic."""
     client = AIOKafkaClient(
-        bootstrap_servers=settings.bootstrap_servers, request_timeout_ms=int(timeout * 1000)
+        bootstrap_servers=settings.bootstrap_servers,
+        request_timeout_ms=int(timeout * 1000),
+        **settings.client_options(),
     )
     try:
         async with asyncio.timeout(timeout):

@@ -151,7 +151,9 @@ def create_app(definition: ServiceDefinition, settings: ServiceSettings | None =
 
         AsyncPGInstrumentor().instrument(tracer_provider=tracer_provider)
         applied = await apply_migrations(
-            settings.database_url, definition.schema, [MIGRATIONS_DIR, EDGE_DIR, definition.migrations_dir]
+            settings.migration_database_url or settings.database_url,
+            definition.schema,
+            [MIGRATIONS_DIR, EDGE_DIR, definition.migrations_dir],
         )
         timeouts = DbTimeouts(
             statement_ms=settings.db_statement_timeout_ms,

@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
+from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from v2v_messaging import KafkaSettings
 
 
 class ServiceSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="V2V_", extra="ignore")
 
     service_name: str = ""
+    # the service's runtime role: reads and writes its schema's tables, owns nothing, creates nothing
     database_url: str = "postgresql://localhost:55432/v2v"
+    # the schema owner's role, which runs the migrations at start-up; unset: the runtime URL does (a
+    # deployment where the service's one role still owns its schema)
+    migration_database_url: str | None = None
     kafka_bootstrap_servers: str = "127.0.0.1:9092"
     kafka_enable_idempotence: bool = True
     kafka_fetch_max_wait_ms: int = 100
@@ -18,6 +27,11 @@ class ServiceSettings(BaseSettings):
     kafka_heartbeat_interval_ms: int = 3_000
     kafka_partitions: int = 6
     kafka_replication_factor: int = 1
+    # PLAINTEXT (Tansu, tests) or the service's own SASL principal (SCRAM-SHA-512 in docker-compose)
+    kafka_security_protocol: Literal["PLAINTEXT", "SASL_PLAINTEXT", "SASL_SSL", "SSL"] = "PLAINTEXT"
+    kafka_sasl_mechanism: Literal["SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN"] | None = None
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
     topic_namespace: str = ""
     # the OAuth 2.0 / OIDC issuer whose tokens the API accepts (its discovery metadata and JWKS are read);
     # unset: every route but the public ones (health, ready, metrics) answers 401
@@ -55,3 +69,21 @@ class ServiceSettings(BaseSettings):
     idempotency_purge_interval_s: float = 300.0  # how often a process deletes expired keys
     idempotency_max_response_bytes: int = 1_048_576  # larger responses are not kept (the key is released)
     token_cache_size: int = 10_000  # verified bearer tokens remembered until they expire
+
+    def kafka_settings(self) -> KafkaSettings:
+        """Every Kafka setting of the service, as the messaging library takes them."""
+        return KafkaSettings(
+            bootstrap_servers=self.kafka_bootstrap_servers,
+            enable_idempotence=self.kafka_enable_idempotence,
+            fetch_max_wait_ms=self.kafka_fetch_max_wait_ms,
+            max_poll_interval_ms=self.kafka_max_poll_interval_ms,
+            partitions=self.kafka_partitions,
+            replication_factor=self.kafka_replication_factor,
+            namespace=self.topic_namespace,
+            security_protocol=self.kafka_security_protocol,
+            sasl_mechanism=self.kafka_sasl_mechanism,
+            sasl_username=self.kafka_sasl_username,
+            sasl_password=(
+                self.kafka_sasl_password.get_secret_value() if self.kafka_sasl_password is not None else None
+            ),
+        )
