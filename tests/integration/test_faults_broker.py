@@ -60,10 +60,12 @@ def tansu(tmp_path: Path) -> Iterator[LocalTansu]:
 
 @pytest.fixture
 async def pool(test_db: pytest_plugin.TestDatabase) -> AsyncIterator[asyncpg.Pool]:
-    url = test_db.urls[SERVICE]
-    await apply_migrations(url, SCHEMA, [MIGRATIONS_DIR])
+    url, owner_url = test_db.urls[SERVICE], test_db.owner_urls[SERVICE]
+    await apply_migrations(owner_url, SCHEMA, [MIGRATIONS_DIR])
+    owner = await asyncpg.connect(owner_url)  # the schema's owner creates; the service's role uses
+    await owner.execute("CREATE TABLE it_effects (event_id uuid PRIMARY KEY, n int NOT NULL)")
+    await owner.close()
     p = await create_pool(url, max_size=8)
-    await p.execute("CREATE TABLE it_effects (event_id uuid PRIMARY KEY, n int NOT NULL)")
     try:
         yield p
     finally:

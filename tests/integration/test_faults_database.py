@@ -77,10 +77,12 @@ def kafka(infra: Infrastructure) -> KafkaSettings:
 async def test_a_read_only_window_is_waited_out_never_dead_lettered(
     test_db: pytest_plugin.TestDatabase, kafka: KafkaSettings
 ) -> None:
-    url = test_db.urls[SERVICE]
-    await apply_migrations(url, SCHEMA, [MIGRATIONS_DIR])
+    url, owner_url = test_db.urls[SERVICE], test_db.owner_urls[SERVICE]
+    await apply_migrations(owner_url, SCHEMA, [MIGRATIONS_DIR])
+    owner = await asyncpg.connect(owner_url)  # the schema's owner creates; the service's role uses
+    await owner.execute("CREATE TABLE it_effects (event_id uuid PRIMARY KEY, n int NOT NULL)")
+    await owner.close()
     pool = await create_pool(url, max_size=4)
-    await pool.execute("CREATE TABLE it_effects (event_id uuid PRIMARY KEY, n int NOT NULL)")
     admin = await asyncpg.connect(with_database(test_db.admin_url, test_db.name))
     namespace = f"it{uuid.uuid4().hex[:8]}"
     topic, dlq = topic_for("scheduling", namespace), dead_letter_topic("order", namespace)
@@ -172,7 +174,7 @@ def own_postgres(state_dir: Path) -> Iterator[LocalPostgres]:
 @pytest.fixture
 async def restartable_pool(own_postgres: LocalPostgres) -> AsyncIterator[asyncpg.Pool]:
     urls = await provision(own_postgres.admin_url, "v2v_listen")
-    await apply_migrations(urls[SERVICE], SCHEMA, [MIGRATIONS_DIR])
+    await apply_migrations(urls.owner_urls[SERVICE], SCHEMA, [MIGRATIONS_DIR])
     pool = await create_pool(urls[SERVICE], max_size=6)
     try:
         yield pool

@@ -131,6 +131,7 @@ def fault_service(infra: Infrastructure, state_dir: Path) -> Iterator[FaultServi
         {
             "IT_MIGRATIONS": str(run_dir / "migrations"),
             "V2V_DATABASE_URL": urls["order"],
+            "V2V_MIGRATION_DATABASE_URL": urls.owner_urls["order"],
             "V2V_KAFKA_BOOTSTRAP_SERVERS": infra.bootstrap_servers,
             "V2V_KAFKA_ENABLE_IDEMPOTENCE": "true" if infra.kafka_idempotence else "false",
             "V2V_KAFKA_FETCH_MAX_WAIT_MS": str(infra.kafka_fetch_max_wait_ms),

@@ -32,7 +32,8 @@ CLIENT = "centre-tc-1"  # TestTokens' client id for ("centre", "TC-1")
 @pytest.fixture
 async def pool(test_db: TestDatabase) -> AsyncIterator[asyncpg.Pool]:
     url = test_db.urls[SERVICE]
-    applied = await apply_migrations(url, SCHEMA, [MESSAGING_MIGRATIONS_DIR, MIGRATIONS_DIR])
+    owner_url = test_db.owner_urls[SERVICE]  # migrations run as the owner
+    applied = await apply_migrations(owner_url, SCHEMA, [MESSAGING_MIGRATIONS_DIR, MIGRATIONS_DIR])
     assert "0000.servicekit-idempotency-keys" in applied
     pool = await create_pool(url, max_size=8)
     try:
@@ -304,7 +305,8 @@ async def test_a_live_owner_renews_its_lease(edge_app, client_of, pool) -> None:
 
 async def test_a_store_that_is_down_is_503_not_500(edge_app, client_of, test_db: TestDatabase) -> None:
     url = test_db.urls[SERVICE]
-    await apply_migrations(url, SCHEMA, [MIGRATIONS_DIR])
+    owner_url = test_db.owner_urls[SERVICE]  # migrations run as the owner
+    await apply_migrations(owner_url, SCHEMA, [MIGRATIONS_DIR])
     closed = await create_pool(url, max_size=1)
     await closed.close()
     world = edge_app(pool=closed)

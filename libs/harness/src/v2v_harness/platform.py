@@ -98,7 +98,10 @@ class Platform:
             if fixed_ports and port_in_use(port):
                 raise RuntimeError(f"port {port} for the {spec.name} service is taken")
             log_path = self.state_dir / "logs" / f"{spec.name}.log"
-            env = self.service_env(spec, port, service_urls[spec.name], extra_env.get(spec.name, {}))
+            owner_urls = getattr(service_urls, "owner_urls", {})  # provision(...): runtime + owner URLs
+            env = self.service_env(
+                spec, port, service_urls[spec.name], extra_env.get(spec.name, {}), owner_urls.get(spec.name)
+            )
             proc = spawn([sys.executable, "-m", spec.package], env=env, log_path=log_path)
             self.services[spec.name] = RunningService(
                 spec, port, service_urls[spec.name], proc, log_path, env

@@ -42,7 +42,8 @@ if TYPE_CHECKING:
 class TestDatabase:
     name: str
     admin_url: str
-    urls: dict[str, str]  # service name -> its own role's URL
+    urls: dict[str, str]  # service name -> its runtime role's URL (what the service runs with)
+    owner_urls: dict[str, str]  # service name -> its schema owner's URL (migrations, test tables)
 
 
 def unique(prefix: str) -> str:
@@ -74,7 +75,7 @@ async def test_db(infra: Infrastructure) -> AsyncIterator[TestDatabase]:
 
     name = unique("t_")
     urls = await provision(infra.admin_url, name)
-    yield TestDatabase(name, infra.admin_url, urls)
+    yield TestDatabase(name, infra.admin_url, urls, urls.owner_urls)
     await drop_database(infra.admin_url, name)
 
 

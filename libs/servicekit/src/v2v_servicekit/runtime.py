@@ -129,15 +129,7 @@ def create_app(definition: ServiceDefinition, settings: ServiceSettings | None =
     configure_logging(definition.name, settings.log_level)
     tracer_provider = configure_tracing(definition.name, settings.state_dir)
     meter_provider = configure_metrics(definition.name, settings.state_dir)
-    kafka = KafkaSettings(
-        bootstrap_servers=settings.kafka_bootstrap_servers,
-        enable_idempotence=settings.kafka_enable_idempotence,
-        fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms,
-        max_poll_interval_ms=settings.kafka_max_poll_interval_ms,
-        partitions=settings.kafka_partitions,
-        replication_factor=settings.kafka_replication_factor,
-        namespace=settings.topic_namespace,
-    )
+    kafka = settings.kafka_settings()  # incl. the SASL principal (V2V_KAFKA_SECURITY_PROTOCOL, ...)
     broker = make_broker(kafka, f"v2v-{definition.name}", tracer_provider, meter_provider)
     own_topic = topic_for(definition.name, settings.topic_namespace)
     for model in definition.publishes:  # documented in the AsyncAPI schema

@@ -66,7 +66,8 @@ HANDLERS = build_handlers(load_shipping_lanes())
 @pytest.fixture
 async def pool(test_db: pytest_plugin.TestDatabase) -> AsyncIterator[asyncpg.Pool]:
     url = test_db.urls["logistics"]
-    applied = await apply_migrations(url, "logistics", [MIGRATIONS_DIR, LOGISTICS_MIGRATIONS])
+    owner_url = test_db.owner_urls["logistics"]  # migrations run as the owner
+    applied = await apply_migrations(owner_url, "logistics", [MIGRATIONS_DIR, LOGISTICS_MIGRATIONS])
     assert applied[-1] == "0005.logistics-carriers"
     p = await create_pool(url, max_size=4)
     assert await schema_of(p) == "logistics"

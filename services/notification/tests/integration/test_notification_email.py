@@ -182,7 +182,8 @@ class Notification:
 @pytest.fixture
 async def notification(test_db: pytest_plugin.TestDatabase) -> AsyncIterator[Notification]:
     url = test_db.urls["notification"]
-    await apply_migrations(url, "notification", [MIGRATIONS_DIR, MIGRATIONS])
+    owner_url = test_db.owner_urls["notification"]  # migrations run as the owner
+    await apply_migrations(owner_url, "notification", [MIGRATIONS_DIR, MIGRATIONS])
     pool = await create_pool(url, max_size=6)
     try:
         yield Notification(

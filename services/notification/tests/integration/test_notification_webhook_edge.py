@@ -95,7 +95,8 @@ class Edge:
 @pytest.fixture
 async def edge(test_db: pytest_plugin.TestDatabase) -> AsyncIterator[Edge]:
     url = test_db.urls["notification"]
-    await apply_migrations(url, "notification", [MIGRATIONS_DIR, MIGRATIONS])
+    owner_url = test_db.owner_urls["notification"]  # migrations run as the owner
+    await apply_migrations(owner_url, "notification", [MIGRATIONS_DIR, MIGRATIONS])
     pool = await create_pool(url, max_size=6)
     uow: UnitOfWork[NotificationTx] = UnitOfWork(
         pool, "t.v2v.notification", notify_channel("notification"), tx_factory
@@ -214,11 +215,12 @@ async def test_the_migration_retires_subscriptions_with_chosen_secrets_and_keeps
     test_db: pytest_plugin.TestDatabase, tmp_path: Path
 ) -> None:
     url = test_db.urls["notification"]
+    owner_url = test_db.owner_urls["notification"]  # migrations run as the owner
     before = tmp_path / "before"
     before.mkdir()
     for done in ("0001.notification-initial.sql", "0002.notification-email.sql"):
         (before / done).write_text((MIGRATIONS / done).read_text())
-    await apply_migrations(url, "notification", [MIGRATIONS_DIR, before])
+    await apply_migrations(owner_url, "notification", [MIGRATIONS_DIR, before])
     pool = await create_pool(url, max_size=2)
     try:
         sid, rid, hook, mail = uuid.uuid4(), uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
@@ -261,7 +263,7 @@ async def test_the_migration_retires_subscriptions_with_chosen_secrets_and_keeps
             CENTRE,
         )
 
-        assert await apply_migrations(url, "notification", [MIGRATIONS_DIR, MIGRATIONS]) == [
+        assert await apply_migrations(owner_url, "notification", [MIGRATIONS_DIR, MIGRATIONS]) == [
             "0003.notification-edge"
         ]
         sub = await pool.fetchrow("SELECT * FROM subscriptions WHERE subscription_id = $1", sid)

@@ -53,7 +53,8 @@ def command(**overrides: Any) -> PlaceOrder:
 @pytest.fixture
 async def ordering(test_db: pytest_plugin.TestDatabase) -> AsyncIterator[asyncpg.Pool]:
     url = test_db.urls["order"]
-    await apply_migrations(url, "ordering", [MIGRATIONS_DIR, ORDER_MIGRATIONS])
+    owner_url = test_db.owner_urls["order"]  # migrations run as the owner
+    await apply_migrations(owner_url, "ordering", [MIGRATIONS_DIR, ORDER_MIGRATIONS])
     pool = await create_pool(url, max_size=4)
     assert await schema_of(pool) == "ordering"
     uow = UnitOfWork(pool, TOPIC, notify_channel("ordering"), repository.tx_factory)

@@ -76,7 +76,8 @@ async def register_network(uow: UnitOfWork[OrderTx]) -> None:
 @pytest.fixture
 async def pool(test_db: pytest_plugin.TestDatabase) -> AsyncIterator[asyncpg.Pool]:
     url = test_db.urls["order"]
-    applied = await apply_migrations(url, "ordering", [MIGRATIONS_DIR, ORDER_MIGRATIONS])
+    owner_url = test_db.owner_urls["order"]  # migrations run as the owner
+    applied = await apply_migrations(owner_url, "ordering", [MIGRATIONS_DIR, ORDER_MIGRATIONS])
     assert applied[-1] == EDGE_MIGRATION
     p = await create_pool(url, max_size=6)
     uow = UnitOfWork(p, TOPIC, notify_channel("ordering"), repository.tx_factory)
@@ -211,7 +212,8 @@ async def test_open_duplicates_from_before_the_rule_do_not_stop_the_migration(
         if not sql.name.startswith("0006"):
             shutil.copy(sql, before_rule / sql.name)
     url = test_db.urls["order"]
-    await apply_migrations(url, "ordering", [MIGRATIONS_DIR, before_rule])
+    owner_url = test_db.owner_urls["order"]  # migrations run as the owner
+    await apply_migrations(owner_url, "ordering", [MIGRATIONS_DIR, before_rule])
     pool = await create_pool(url, max_size=2)
     try:
         uow = UnitOfWork(pool, TOPIC, notify_channel("ordering"), repository.tx_factory)
@@ -235,7 +237,9 @@ async def test_open_duplicates_from_before_the_rule_do_not_stop_the_migration(
                 n,
             )
 
-        assert await apply_migrations(url, "ordering", [MIGRATIONS_DIR, ORDER_MIGRATIONS]) == [EDGE_MIGRATION]
+        assert await apply_migrations(owner_url, "ordering", [MIGRATIONS_DIR, ORDER_MIGRATIONS]) == [
+            EDGE_MIGRATION
+        ]
         marked = await pool.fetch("SELECT order_id FROM orders WHERE predates_open_order_rule")
         assert [r["order_id"] for r in marked] == [newer]  # the oldest open one is the one the rule keeps
         with pytest.raises(Conflict):

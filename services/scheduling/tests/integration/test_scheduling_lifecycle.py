@@ -62,7 +62,8 @@ def d(n: int) -> date:
 @pytest.fixture
 async def pool(test_db: pytest_plugin.TestDatabase) -> AsyncIterator[asyncpg.Pool]:
     url = test_db.urls["scheduling"]
-    applied = await apply_migrations(url, "scheduling", [MIGRATIONS_DIR, SCHEDULING_MIGRATIONS])
+    owner_url = test_db.owner_urls["scheduling"]  # migrations run as the owner
+    applied = await apply_migrations(owner_url, "scheduling", [MIGRATIONS_DIR, SCHEDULING_MIGRATIONS])
     assert applied[-1] == "0003.scheduling-slot-market"
     p = await create_pool(url, min_size=2, max_size=34)
     assert await schema_of(p) == "scheduling"
@@ -247,11 +248,12 @@ async def test_the_migration_keeps_waiting_orders_of_the_first_schema(
 ) -> None:
     """A waitlist written before 0002 (the order.submitted data only) is still served afterwards."""
     url = test_db.urls["scheduling"]
+    owner_url = test_db.owner_urls["scheduling"]  # migrations run as the owner
     first_only = tmp_path / "migrations"
     first_only.mkdir()
     initial = SCHEDULING_MIGRATIONS / "0001.scheduling-initial.sql"
     (first_only / initial.name).write_text(initial.read_text())
-    assert await apply_migrations(url, "scheduling", [MIGRATIONS_DIR, first_only]) == [
+    assert await apply_migrations(owner_url, "scheduling", [MIGRATIONS_DIR, first_only]) == [
         "0000.messaging-outbox-inbox",
         "0001.messaging-dead-letters-relay-lease",
         "0001.scheduling-initial",
@@ -266,7 +268,7 @@ async def test_the_migration_keeps_waiting_orders_of_the_first_schema(
         )
     finally:
         await conn.close()
-    assert await apply_migrations(url, "scheduling", [MIGRATIONS_DIR, SCHEDULING_MIGRATIONS]) == [
+    assert await apply_migrations(owner_url, "scheduling", [MIGRATIONS_DIR, SCHEDULING_MIGRATIONS]) == [
         "0002.scheduling-lifecycle",
         "0003.scheduling-slot-market",
     ]

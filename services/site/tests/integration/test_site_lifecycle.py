@@ -59,7 +59,10 @@ _seq = iter(range(1, 999_999))
 @pytest.fixture
 async def pool(test_db: pytest_plugin.TestDatabase) -> AsyncIterator[asyncpg.Pool]:
     url = test_db.urls["site"]
-    await apply_migrations(url, "site", [MIGRATIONS_DIR, EDGE_MIGRATIONS, SITE_MIGRATIONS])  # as create_app
+    owner_url = test_db.owner_urls["site"]  # migrations run as the owner
+    await apply_migrations(
+        owner_url, "site", [MIGRATIONS_DIR, EDGE_MIGRATIONS, SITE_MIGRATIONS]
+    )  # as create_app
     pool = await create_pool(url, max_size=4)
     assert await schema_of(pool) == "site"
     try:
