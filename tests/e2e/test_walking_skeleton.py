@@ -58,7 +58,12 @@ async def test_order_reaches_the_centres_webhook_signed_with_a_full_timeline(
     with pytest.raises(Exception):  # noqa: B017 - a wrong secret must not verify
         Webhook(new_secret()).verify(mine[0].body, mine[0].headers)
 
-    order = (await client.get(f"{platform.url('order')}/v1/orders/{order_id}")).json()
+    async def timeline_complete() -> dict[str, Any] | None:
+        # the webhook and the order's own record are two consumers of the same event: either may be first
+        body = (await client.get(f"{platform.url('order')}/v1/orders/{order_id}")).json()
+        return body if len(body["timeline"]) >= 4 else None
+
+    order = await eventually(timeline_complete, timeout=10, what="the order's four timeline entries")
     sources = [entry["source"] for entry in order["timeline"]]
     assert set(sources) >= SKELETON_SOURCES
     types = [entry["type"] for entry in order["timeline"]]
