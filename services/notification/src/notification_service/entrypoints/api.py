@@ -13,7 +13,7 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Response
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, WithJsonSchema
 
 from notification_service.config import NotificationSettings
 from notification_service.domain.subscriptions import Recipient, Subscription
@@ -33,8 +33,18 @@ MAX_EVENT_TYPES = 100
 EventTypes = Annotated[list[Code], Field(min_length=0, max_length=MAX_EVENT_TYPES)]
 Limit = Annotated[int, Query(ge=1, le=200, description="At most 200")]
 Offset = Annotated[int, Query(ge=0, le=100_000)]
-Url = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=2000)]
-Email = Annotated[str, StringConstraints(strip_whitespace=True, min_length=3, max_length=254)]
+# an https URL (checked by the URL policy) and an e-mail address (checked by the domain): documented as
+# such, they are no free text
+Url = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=2000),
+    WithJsonSchema({"type": "string", "format": "uri", "minLength": 1, "maxLength": 2000}),
+]
+Email = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, min_length=3, max_length=254),
+    WithJsonSchema({"type": "string", "format": "email", "minLength": 3, "maxLength": 254}),
+]
 
 
 def _settings(rt: Runtime) -> NotificationSettings:
