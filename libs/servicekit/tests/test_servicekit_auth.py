@@ -185,3 +185,12 @@ def test_an_assertion_signed_by_another_clients_key_is_refused(world: dict[str, 
 def test_routes_declare_their_scope(world: dict[str, Any]) -> None:
     [route] = [r for r in world["app"].routes if getattr(r, "path", "") == "/orders"]
     assert declared_scope(route) == "orders:read"
+
+
+def test_the_challenge_names_an_error_only_when_a_token_was_sent(world: dict[str, Any]) -> None:
+    """RFC 6750 §3.1: a request without credentials gets the bare challenge; a bad token invalid_token."""
+    none = refused(call(world, None), 401)
+    assert none["status"] == 401
+    assert world["client"].get("/orders").headers["www-authenticate"] == 'Bearer realm="vein2vein"'
+    bad = world["client"].get("/orders", headers={"authorization": "Bearer not.a.token"})
+    assert bad.status_code == 401 and 'error="invalid_token"' in bad.headers["www-authenticate"]

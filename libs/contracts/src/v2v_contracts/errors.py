@@ -119,8 +119,11 @@ class Unauthenticated(DomainError):
     kind = "unauthenticated"
     title = "Authentication required"
 
-    def __init__(self, reason: str = "a valid bearer token is required") -> None:
+    def __init__(
+        self, reason: str = "a valid bearer token is required", *, no_credentials: bool = False
+    ) -> None:
         super().__init__(reason)
+        self.no_credentials = no_credentials  # none were sent (RFC 6750 §3.1: then no error code)
 
 
 class Forbidden(DomainError):

@@ -179,6 +179,8 @@ BEARER_SCHEME = HTTPBearer(
 def bearer(request: Request) -> str:
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
+    if not header:
+        raise Unauthenticated(no_credentials=True)
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthenticated()
     return token.strip()

@@ -171,7 +171,11 @@ def install(app: FastAPI) -> None:
             body["errors"] = [e.as_dict() for e in exc.errors]
         headers = {}
         if isinstance(exc, Unauthenticated):  # RFC 6750 §3
-            headers["WWW-Authenticate"] = 'Bearer realm="vein2vein", error="invalid_token"'
+            headers["WWW-Authenticate"] = (
+                'Bearer realm="vein2vein"'
+                if exc.no_credentials
+                else 'Bearer realm="vein2vein", error="invalid_token"'
+            )
         elif isinstance(exc, Forbidden):
             headers["WWW-Authenticate"] = (
                 f'Bearer realm="vein2vein", error="insufficient_scope", scope="{exc.scope}"'
