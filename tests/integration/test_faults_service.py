@@ -4,7 +4,9 @@
   naming a loop that is dead (crashed, waiting for its restart), 200 again once it runs;
 - dead letters: a message the consumer gives up on is listed by `GET /v1/dead-letters` (newest first)
   and shown by `GET /v1/dead-letters/{id}`; `POST /v1/dead-letters/{id}/replay` publishes it again to its
-  original topic and, once the cause is fixed, the consumer processes it (once).
+  original topic and, once the cause is fixed, the consumer processes it (once). These are operations
+  routes: ops reads them (`ops:read`) and replays (`ops:write`) with its own token from the test session's
+  issuer; no token is 401, a token without the scope (a centre's, QA's) is 403.
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ import pytest
 from aiokafka import AIOKafkaProducer
 
 from v2v_contracts import CloudEvent, topic_for
+from v2v_harness.identity import Credentials
 from v2v_harness.infra import Infrastructure
+from v2v_harness.issuer import IssuerProcess
 from v2v_harness.platform import tail
 from v2v_harness.processes import free_port, spawn, stop
 from v2v_harness.provision import drop_database, provision, with_database
@@ -116,7 +120,7 @@ class FaultService:
 
 
 @pytest.fixture(scope="module")
-def fault_service(infra: Infrastructure, state_dir: Path) -> Iterator[FaultService]:
+def fault_service(infra: Infrastructure, state_dir: Path, issuer: IssuerProcess) -> Iterator[FaultService]:
     run_dir = state_dir / f"fault-service-{uuid.uuid4().hex[:6]}"
     (run_dir / "migrations").mkdir(parents=True)
     (run_dir / "migrations" / "0001.it-faults.sql").write_text(MIGRATION)
@@ -140,6 +144,7 @@ def fault_service(infra: Infrastructure, state_dir: Path) -> Iterator[FaultServi
             "V2V_TOPIC_NAMESPACE": namespace,
             "V2V_HTTP_HOST": "127.0.0.1",
             "V2V_HTTP_PORT": str(port),
+            "V2V_AUTH_ISSUER": issuer.url,  # the test session's issuer: the ops client's tokens
             "V2V_CONSUMER_MAX_ATTEMPTS": "2",
             "V2V_BACKGROUND_RESTART_INITIAL_S": "2.0",  # long enough to see the loop dead in /ready
             "V2V_BACKGROUND_RESTART_MAX_S": "2.0",
@@ -221,7 +226,9 @@ async def test_a_crashed_background_loop_is_restarted_and_ready_names_it_while_d
         assert (await client.get("/ready")).json()["checks"] == {"database": "ok", "broker": "ok"}
 
 
-async def test_dead_letters_are_listed_and_replayed_through_the_api(fault_service: FaultService) -> None:
+async def test_dead_letters_are_listed_and_replayed_through_the_api(
+    fault_service: FaultService, credentials: Credentials
+) -> None:
     svc = fault_service
     topic = topic_for("scheduling", svc.namespace)
     event = CloudEvent(source="/v2v/scheduling", type=PROBE_TYPE, subject="order-DL", data={"n": 7})
@@ -234,7 +241,8 @@ async def test_dead_letters_are_listed_and_replayed_through_the_api(fault_servic
     finally:
         await producer.stop()
 
-    async with httpx.AsyncClient(base_url=svc.url, timeout=10) as client:
+    ops = credentials.auth_for("ops")  # operations: ops:read and ops:write
+    async with httpx.AsyncClient(base_url=svc.url, timeout=10, auth=ops) as client:
 
         async def two_dead_letters() -> Any:
             answer = await client.get("/v1/dead-letters")
@@ -263,6 +271,19 @@ async def test_dead_letters_are_listed_and_replayed_through_the_api(fault_servic
         assert missing.status_code == 404
         assert missing.headers["content-type"].startswith("application/problem+json")
         assert (await client.post("/v1/dead-letters/999999/replay")).status_code == 404
+
+        # operations routes: nobody else reads or replays them (and a refusal replays nothing)
+        replay = f"/v1/dead-letters/{probe['id']}/replay"
+        async with httpx.AsyncClient(base_url=svc.url, timeout=10) as anonymous:
+            for answer in (await anonymous.get("/v1/dead-letters"), await anonymous.post(replay)):
+                assert answer.status_code == 401 and answer.headers["www-authenticate"].startswith("Bearer")
+        centre = credentials.auth_for("centre", "TC-DE-BE-001")
+        async with httpx.AsyncClient(base_url=svc.url, timeout=10, auth=centre) as hospital:
+            assert (await hospital.get("/v1/dead-letters")).status_code == 403
+            assert (await hospital.post(replay)).status_code == 403
+        async with httpx.AsyncClient(base_url=svc.url, timeout=10, auth=credentials.auth_for("qa")) as qa:
+            assert (await qa.post(replay)).status_code == 403
+        assert (await client.get(f"/v1/dead-letters/{probe['id']}")).json()["replays"] == 0
 
         await svc.switch(refuse=False)  # the cause is fixed
         replayed = await client.post(f"/v1/dead-letters/{probe['id']}/replay")
