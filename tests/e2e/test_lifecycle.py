@@ -1,15 +1,26 @@
 """The whole vein-to-vein journey and its exception paths, end to end: five service processes, driven
-only by the HTTP calls a hospital, a courier and a site's manufacturing system would make."""
+only by the HTTP calls a hospital, a courier and a site's manufacturing system would make, each with its
+own credentials (`Parties`): the centre for its order, the courier for its shipment, the site's MES for its
+site, the manufacturer's QA for QC and quarantine decisions, the registry admin for outages, and ops for
+what only operations read (slots). Reasons are codes; what staff type beside one (a note) stays on the
+order's timeline."""
 
 from __future__ import annotations
 
 from datetime import date, timedelta
 from typing import Any
 
-import httpx
 import pytest
 
-from v2v_harness.e2e import MANUFACTURING_STEPS, Journey, eventually, new_secret, order_body, subscribe
+from v2v_harness.e2e import (
+    MANUFACTURING_STEPS,
+    Journey,
+    Parties,
+    eventually,
+    new_secret,
+    order_body,
+    subscribe,
+)
 from v2v_harness.platform import Platform
 from v2v_harness.pytest_plugin import SmtpSink
 from v2v_harness.receiver import WebhookReceiver
@@ -18,18 +29,20 @@ pytestmark = pytest.mark.e2e
 
 
 async def start(
-    client: httpx.AsyncClient,
+    parties: Parties,
     platform: Platform,
     receiver: WebhookReceiver,
     centre: str,
     product: str = "TISA-CEL",
     **kw: Any,
 ) -> tuple[Journey, str]:
+    """The centre subscribes its endpoint and places an order, with its own credentials."""
+    client = parties.centre(centre)
     path = f"/life/{centre}/{new_secret()[6:14]}"
-    await subscribe(client, platform.url("notification"), centre, receiver.url(path), new_secret())
+    await subscribe(client, platform.url("notification"), centre, receiver.url(path))
     resp = await client.post(f"{platform.url('order')}/v1/orders", json=order_body(centre, product, **kw))
     assert resp.status_code == 201, resp.text
-    return Journey(client, platform.url, resp.json()), path
+    return Journey(parties, platform.url, resp.json()), path
 
 
 def types_on(receiver: WebhookReceiver, path: str, order_id: str) -> list[str]:
@@ -50,341 +63,377 @@ async def hooks(
     )
 
 
-async def test_an_order_goes_from_submission_to_completed_through_every_step(
-    platform: Platform, webhook_receiver: WebhookReceiver
-) -> None:
-    async with httpx.AsyncClient(timeout=15) as client:
-        j, path = await start(client, platform, webhook_receiver, "TC-DE-BE-001")
-        site = await j.up_to_material_received()
-        # lymphodepletion before release is refused with a clear problem
-        resp = await client.post(f"{platform.url('order')}/v1/orders/{j.id}/lymphodepletion", json={})
-        assert resp.status_code == 409 and resp.headers["content-type"].startswith("application/problem+json")
-        assert "released" in resp.json()["detail"]
-        await j.steps(site, *MANUFACTURING_STEPS)
-        await j.wait_status("qc_pending")
-        await j.qc(site, "released")
-        await j.wait_status("released")
-        await j.hospital("lymphodepletion", {})
-        outbound = await j.shipment("outbound_product")
-        assert outbound["origin"] == site and outbound["destination"] == "TC-DE-BE-001"
-        await j.courier(outbound, "picked_up", "in_transit", "delivered", temperature_c=-175.0)
-        await j.wait_status("product_delivered")
-        await j.hospital("product-receipt", {"coi": j.coi})
-        done = await j.hospital("infusion", {"coi": j.coi})
-        assert done["status"] == "completed"
+def hook_data(receiver: WebhookReceiver, path: str, order_id: str, event_type: str) -> list[dict[str, Any]]:
+    return [
+        r.json()["data"]
+        for r in receiver.on(path)
+        if r.json()["subject"] == order_id and r.json()["type"] == event_type
+    ]
 
-        order = await j.get()
-        statuses = [e["status"] for e in order["timeline"]]
-        for expected in [
-            "submitted",
-            "slot_reserved",
-            "booking_confirmed",
-            "inbound_shipment_planned",
-            "apheresis_completed",
-            "material_in_transit",
-            "material_received",
-            "manufacturing",
-            "qc_pending",
-            "released",
-            "product_in_transit",
-            "product_delivered",
-            "product_received",
-            "completed",
-        ]:
-            assert expected in statuses, expected
-        firsts = [statuses.index(s) for s in dict.fromkeys(statuses)]
-        assert firsts == sorted(firsts), "every step in order"
-        times = [e["time"] for e in order["timeline"]]
-        assert times == sorted(times)
-        assert order["predicted"]["release"] and order["predicted"]["earliest_infusion"]
-        got = await hooks(webhook_receiver, path, j.id, "order.completed.v1", "site.product_released.v1")
-        assert {h.json()["coi"] for h in webhook_receiver.on(path) if h.json()["subject"] == j.id} == {j.coi}
-        assert "order.submitted.v1" in got and "logistics.shipment_planned.v1" in got
+
+def entry(order: dict[str, Any], event_type: str) -> dict[str, Any]:
+    """The order's last timeline entry of a type."""
+    return [e for e in order["timeline"] if e["type"] == event_type][-1]
+
+
+def reasons(order: dict[str, Any]) -> str:
+    return " ".join(e["reason"] or "" for e in order["timeline"])
+
+
+async def test_an_order_goes_from_submission_to_completed_through_every_step(
+    platform: Platform, webhook_receiver: WebhookReceiver, parties: Parties
+) -> None:
+    j, path = await start(parties, platform, webhook_receiver, "TC-DE-BE-001")
+    site = await j.up_to_material_received()
+    # lymphodepletion before release is refused with a clear problem
+    resp = await j.client.post(f"{platform.url('order')}/v1/orders/{j.id}/lymphodepletion", json={})
+    assert resp.status_code == 409 and resp.headers["content-type"].startswith("application/problem+json")
+    assert "released" in resp.json()["detail"]
+    await j.steps(site, *MANUFACTURING_STEPS)
+    await j.wait_status("qc_pending")
+    await j.qc(site, "released")
+    await j.wait_status("released")
+    await j.hospital("lymphodepletion", {})
+    outbound = await j.shipment("outbound_product")
+    assert outbound["origin"] == site and outbound["destination"] == "TC-DE-BE-001"
+    await j.courier(outbound, "picked_up", "in_transit", "delivered", temperature_c=-175.0)
+    await j.wait_status("product_delivered")
+    await j.hospital("product-receipt", {"coi": j.coi})
+    done = await j.hospital("infusion", {"coi": j.coi})
+    assert done["status"] == "completed"
+
+    order = await j.get()
+    statuses = [e["status"] for e in order["timeline"]]
+    for expected in [
+        "submitted",
+        "slot_reserved",
+        "booking_confirmed",
+        "inbound_shipment_planned",
+        "apheresis_completed",
+        "material_in_transit",
+        "material_received",
+        "manufacturing",
+        "qc_pending",
+        "released",
+        "product_in_transit",
+        "product_delivered",
+        "product_received",
+        "completed",
+    ]:
+        assert expected in statuses, expected
+    firsts = [statuses.index(s) for s in dict.fromkeys(statuses)]
+    assert firsts == sorted(firsts), "every step in order"
+    times = [e["time"] for e in order["timeline"]]
+    assert times == sorted(times)
+    assert order["predicted"]["release"] and order["predicted"]["earliest_infusion"]
+    got = await hooks(webhook_receiver, path, j.id, "order.completed.v1", "site.product_released.v1")
+    assert {h.json()["coi"] for h in webhook_receiver.on(path) if h.json()["subject"] == j.id} == {j.coi}
+    assert "order.submitted.v1" in got and "logistics.shipment_planned.v1" in got
 
 
 async def test_cancellation_during_manufacture_releases_stops_and_cancels(
-    platform: Platform, webhook_receiver: WebhookReceiver, smtp_sink: SmtpSink
+    platform: Platform, webhook_receiver: WebhookReceiver, smtp_sink: SmtpSink, parties: Parties
 ) -> None:
-    async with httpx.AsyncClient(timeout=15) as client:
-        resp = await client.post(
-            f"{platform.url('notification')}/v1/email-recipients",
-            json={"treatment_center_id": "TC-FR-PA-001", "email": "cell-lab@hospital.example"},
-        )
-        assert resp.status_code in {201, 409}
-        j, path = await start(client, platform, webhook_receiver, "TC-FR-PA-001")
-        site = await j.up_to_material_received()
-        await j.steps(site, "activation")
-        cancelled = await j.hospital("cancel", {"reason": "patient withdrew consent"})
-        assert cancelled["status"] == "cancelled"
-        again = await client.post(
-            f"{platform.url('order')}/v1/orders/{j.id}/cancel", json={"reason": "twice"}
-        )
-        assert again.status_code == 409
+    centre = parties.centre("TC-FR-PA-001")
+    resp = await centre.post(
+        f"{platform.url('notification')}/v1/email-recipients", json={"email": "cell-lab@hospital.example"}
+    )
+    assert resp.status_code in {201, 409}, resp.text
+    j, path = await start(parties, platform, webhook_receiver, "TC-FR-PA-001")
+    site = await j.up_to_material_received()
+    await j.steps(site, "activation")
+    note = "patient withdrew consent"
+    cancelled = await j.hospital("cancel", {"reason_code": "consent_withdrawn", "note": note})
+    assert cancelled["status"] == "cancelled"
+    # the code is the reason; the note stays on the order's own timeline
+    cancel_entry = entry(cancelled, "order.cancelled.v1")
+    assert "consent_withdrawn" in cancel_entry["reason"] and cancel_entry["note"] == note
+    again = await j.client.post(
+        f"{platform.url('order')}/v1/orders/{j.id}/cancel", json={"reason_code": "duplicate_order"}
+    )
+    assert again.status_code == 409
 
-        async def compensated() -> bool:
-            slots = (
-                await client.get(f"{platform.url('scheduling')}/v1/slots", params={"order_id": j.id})
-            ).json()
-            mfg = (await client.get(f"{platform.url('site')}/v1/sites/{site}/manufacturing/{j.id}")).json()
-            return all(s["status"] in {"released", "consumed"} for s in slots) and mfg["state"] == "stopped"
+    async def compensated() -> bool:
+        slots = (await j.ops.slots(order_id=j.id)).expect(200)  # operations read the slots
+        mfg = (await j.as_site(site).manufacturing(site, j.id)).expect(200)  # the site's MES its plan
+        return all(s["status"] in {"released", "consumed"} for s in slots) and mfg["state"] == "stopped"
 
-        await eventually(compensated, timeout=15, what="slot released and manufacturing stopped")
-        await hooks(webhook_receiver, path, j.id, "order.cancelled.v1", "site.manufacturing_stopped.v1")
-        await eventually(
-            lambda: [
-                m
-                for to, m in smtp_sink.messages
-                if j.id in str(m["subject"]) and "order.cancelled" in str(m["subject"])
-            ],
-            timeout=15,
-            what="cancel e-mail",
-        )
+    await eventually(compensated, timeout=15, what="slot released and manufacturing stopped")
+    await hooks(webhook_receiver, path, j.id, "order.cancelled.v1", "site.manufacturing_stopped.v1")
+    assert [d["reason"] for d in hook_data(webhook_receiver, path, j.id, "order.cancelled.v1")] == [
+        "consent_withdrawn"
+    ]
+    mails = await eventually(
+        lambda: [
+            m
+            for to, m in smtp_sink.messages
+            if j.id in str(m["subject"]) and "order.cancelled" in str(m["subject"])
+        ],
+        timeout=15,
+        what="cancel e-mail",
+    )
+    assert all(note not in m.as_string() for m in mails), "the note stays in the order service"
 
 
 async def test_cancellation_before_apheresis_releases_the_slot_and_cancels_the_shipment(
-    platform: Platform, webhook_receiver: WebhookReceiver
+    platform: Platform, webhook_receiver: WebhookReceiver, parties: Parties
 ) -> None:
-    async with httpx.AsyncClient(timeout=15) as client:
-        j, path = await start(client, platform, webhook_receiver, "TC-US-TX-002", "AXI-CEL")
-        await j.wait_status("inbound_shipment_planned")
-        inbound = await j.shipment("inbound_apheresis")
-        await j.hospital("cancel", {"reason": "no longer eligible"})
+    j, path = await start(parties, platform, webhook_receiver, "TC-US-TX-002", "AXI-CEL")
+    await j.wait_status("inbound_shipment_planned")
+    inbound = await j.shipment("inbound_apheresis")
+    await j.hospital("cancel", {"reason_code": "patient_ineligible", "note": "no longer eligible"})
+    courier = j.as_carrier(inbound)  # the courier sees its shipment cancelled
 
-        async def compensated() -> bool:
-            slots = (
-                await client.get(f"{platform.url('scheduling')}/v1/slots", params={"order_id": j.id})
-            ).json()
-            ship = (
-                await client.get(f"{platform.url('logistics')}/v1/shipments/{inbound['shipment_id']}")
-            ).json()
-            return [s["status"] for s in slots] == ["released"] and ship["status"] == "cancelled"
+    async def compensated() -> bool:
+        slots = (await j.ops.slots(order_id=j.id)).expect(200)
+        ship = (await courier.shipment(inbound["shipment_id"])).expect(200)
+        return [s["status"] for s in slots] == ["released"] and ship["status"] == "cancelled"
 
-        await eventually(compensated, timeout=15, what="slot released and shipment cancelled")
-        await hooks(
-            webhook_receiver, path, j.id, "scheduling.slot_released.v1", "logistics.shipment_cancelled.v1"
-        )
+    await eventually(compensated, timeout=15, what="slot released and shipment cancelled")
+    await hooks(
+        webhook_receiver, path, j.id, "scheduling.slot_released.v1", "logistics.shipment_cancelled.v1"
+    )
 
 
 async def test_rejected_material_is_recollected_with_a_new_apheresis_and_slot(
-    platform: Platform, webhook_receiver: WebhookReceiver
+    platform: Platform, webhook_receiver: WebhookReceiver, parties: Parties
 ) -> None:
-    async with httpx.AsyncClient(timeout=15) as client:
-        j, path = await start(client, platform, webhook_receiver, "TC-CH-ZH-001")
-        first = await j.wait_status("inbound_shipment_planned")
-        inbound = await j.shipment("inbound_apheresis")
-        await j.hospital("apheresis", {"coi": j.coi})
-        await j.courier(inbound, "picked_up", "delivered")
-        await j.receipt(first["site_id"], accepted=False, reason="bag damaged in transit")
-        again = await j.wait_status("inbound_shipment_planned", timeout=20)
-        assert again["recollections"] == 1
-        assert again["slot"]["slot_id"] != first["slot"]["slot_id"]
-        # a new collection is planned recollection_lead_days from today (the first one already happened)
-        assert again["slot"]["apheresis_date"] != first["slot"]["apheresis_date"]
-        assert again["slot"]["apheresis_date"] >= date.today().isoformat()
-        reasons = " ".join(e["reason"] for e in again["timeline"])
-        assert "bag damaged" in reasons and "recollection" in reasons
-        new_inbound = await j.shipment("inbound_apheresis")
-        assert new_inbound["shipment_id"] != inbound["shipment_id"]
-        await hooks(
-            webhook_receiver,
-            path,
-            j.id,
-            "site.material_rejected.v1",
-            "order.rebook_requested.v1",
-            "scheduling.slot_released.v1",
-        )
+    j, path = await start(parties, platform, webhook_receiver, "TC-CH-ZH-001")
+    first = await j.wait_status("inbound_shipment_planned")
+    inbound = await j.shipment("inbound_apheresis")
+    await j.hospital("apheresis", {"coi": j.coi})
+    await j.courier(inbound, "picked_up", "delivered")
+    await j.receipt(first["site_id"], accepted=False, reason="damaged_container")
+    again = await j.wait_status("inbound_shipment_planned", timeout=20)
+    assert again["recollections"] == 1
+    assert again["slot"]["slot_id"] != first["slot"]["slot_id"]
+    # a new collection is planned recollection_lead_days from today (the first one already happened)
+    assert again["slot"]["apheresis_date"] != first["slot"]["apheresis_date"]
+    assert again["slot"]["apheresis_date"] >= date.today().isoformat()
+    assert "damaged_container" in reasons(again) and "recollection" in reasons(again)
+    new_inbound = await j.shipment("inbound_apheresis")
+    assert new_inbound["shipment_id"] != inbound["shipment_id"]
+    await hooks(
+        webhook_receiver,
+        path,
+        j.id,
+        "site.material_rejected.v1",
+        "order.rebook_requested.v1",
+        "scheduling.slot_released.v1",
+    )
+    rejected = hook_data(webhook_receiver, path, j.id, "site.material_rejected.v1")
+    assert [d["reason"] for d in rejected] == ["damaged_container"]
 
 
 async def test_inbound_excursion_is_recollected(
-    platform: Platform, webhook_receiver: WebhookReceiver
+    platform: Platform, webhook_receiver: WebhookReceiver, parties: Parties
 ) -> None:
-    async with httpx.AsyncClient(timeout=15) as client:
-        j, path = await start(client, platform, webhook_receiver, "TC-US-NJ-001", "AXI-CEL")  # fresh, 2-8 °C
-        await j.wait_status("inbound_shipment_planned")
-        inbound = await j.shipment("inbound_apheresis")
-        await j.hospital("apheresis", {"coi": j.coi})
-        await j.courier(inbound, "picked_up")
-        reading = await j.temperature(inbound, 14.5)
-        assert reading["excursion_published"] is True or reading.get("in_range") is False
-        order = await j.wait_status(
-            "rescheduling", "waitlisted", "slot_reserved", "booking_confirmed", "inbound_shipment_planned"
-        )
-        order = await j.wait_status("inbound_shipment_planned", timeout=20)
-        assert order["recollections"] == 1
-        assert any("temperature excursion" in e["reason"] for e in order["timeline"])
-        await hooks(
-            webhook_receiver, path, j.id, "logistics.shipment_excursion.v1", "order.rebook_requested.v1"
-        )
+    # fresh material, 2-8 °C
+    j, path = await start(parties, platform, webhook_receiver, "TC-US-NJ-001", "AXI-CEL")
+    await j.wait_status("inbound_shipment_planned")
+    inbound = await j.shipment("inbound_apheresis")
+    await j.hospital("apheresis", {"coi": j.coi})
+    await j.courier(inbound, "picked_up")
+    reading = await j.temperature(inbound, 14.5)
+    assert reading["excursion_published"] is True or reading.get("in_range") is False
+    order = await j.wait_status(
+        "rescheduling", "waitlisted", "slot_reserved", "booking_confirmed", "inbound_shipment_planned"
+    )
+    order = await j.wait_status("inbound_shipment_planned", timeout=20)
+    assert order["recollections"] == 1
+    assert any("temperature excursion" in e["reason"] for e in order["timeline"])
+    await hooks(webhook_receiver, path, j.id, "logistics.shipment_excursion.v1", "order.rebook_requested.v1")
 
 
 async def test_out_of_specification_is_remanufactured_from_retained_material(
-    platform: Platform, webhook_receiver: WebhookReceiver
+    platform: Platform, webhook_receiver: WebhookReceiver, parties: Parties
 ) -> None:
-    async with httpx.AsyncClient(timeout=15) as client:
-        j, path = await start(client, platform, webhook_receiver, "TC-JP-TK-001", "TISA-CEL")
-        site = await j.up_to_material_received()
-        await j.steps(site, *MANUFACTURING_STEPS)
-        await j.wait_status("qc_pending")
-        await j.qc(site, "out_of_specification", "CAR+ below specification")
+    j, path = await start(parties, platform, webhook_receiver, "TC-JP-TK-001", "TISA-CEL")
+    site = await j.up_to_material_received()
+    await j.steps(site, *MANUFACTURING_STEPS)
+    await j.wait_status("qc_pending")
+    await j.qc(site, "out_of_specification", "potency")  # as the manufacturer's QA
 
-        async def second_run() -> dict[str, Any] | None:
-            o = await j.get()
-            return o if o["run"] == 2 and o["status"] == "material_received" else None
+    async def second_run() -> dict[str, Any] | None:
+        o = await j.get()
+        return o if o["run"] == 2 and o["status"] == "material_received" else None
 
-        await eventually(second_run, timeout=15, what="remanufacture (run 2)")
-        await hooks(webhook_receiver, path, j.id, "order.remanufacture_requested.v1")
-        await j.steps(site, *MANUFACTURING_STEPS)
-        await j.wait_status("qc_pending")
-        await j.qc(site, "released")
-        released = await j.wait_status("released")
-        assert released["recollections"] == 0
-        await j.shipment("outbound_product")
+    order = await eventually(second_run, timeout=15, what="remanufacture (run 2)")
+    assert "out of specification: potency" in reasons(order)
+    await hooks(webhook_receiver, path, j.id, "order.remanufacture_requested.v1")
+    await j.steps(site, *MANUFACTURING_STEPS)
+    await j.wait_status("qc_pending")
+    await j.qc(site, "released")
+    released = await j.wait_status("released")
+    assert released["recollections"] == 0
+    await j.shipment("outbound_product")
 
 
 async def test_failed_manufacture_without_retained_material_recollects_then_fails(
-    platform: Platform, webhook_receiver: WebhookReceiver
+    platform: Platform, webhook_receiver: WebhookReceiver, parties: Parties
 ) -> None:
-    async with httpx.AsyncClient(timeout=15) as client:
-        j, path = await start(
-            client, platform, webhook_receiver, "TC-US-NJ-001", "AXI-CEL"
-        )  # 1 run, 1 recollection
-        for attempt in (1, 2):
-            site = await j.up_to_material_received()
-            await j.post(
-                "site",
-                f"/v1/sites/{site}/manufacturing/{j.id}/steps",
-                {"step": "activation", "failed": True, "reason": f"contamination #{attempt}"},
+    # AXI-CEL: 1 run, 1 recollection
+    j, path = await start(parties, platform, webhook_receiver, "TC-US-NJ-001", "AXI-CEL")
+    failures = {1: "contamination", 2: "equipment_failure"}
+    for attempt, failure in failures.items():
+        site = await j.up_to_material_received()
+        await j.step_failed(site, "activation", failure)  # as the site's MES
+        if attempt == 1:
+            order = await j.wait_status(
+                "rescheduling",
+                "slot_reserved",
+                "booking_confirmed",
+                "inbound_shipment_planned",
+                timeout=20,
             )
-            if attempt == 1:
-                order = await j.wait_status(
-                    "rescheduling",
-                    "slot_reserved",
-                    "booking_confirmed",
-                    "inbound_shipment_planned",
-                    timeout=20,
-                )
-                assert order["recollections"] == 1
-        failed = await j.wait_status("failed", timeout=20)
-        assert "no recollection left" in failed["ended_reason"]
-        await hooks(webhook_receiver, path, j.id, "order.failed.v1")
+            assert order["recollections"] == 1
+            assert "contamination" in reasons(order)
+    failed = await j.wait_status("failed", timeout=20)
+    assert "no recollection left" in failed["ended_reason"]
+    assert "equipment_failure" in failed["ended_reason"]  # the second failure's code
+    await hooks(webhook_receiver, path, j.id, "order.failed.v1")
+    [data] = hook_data(webhook_receiver, path, j.id, "order.failed.v1")
+    assert data["reason"].endswith("no_recollection_left")
 
 
 async def test_outbound_excursion_quarantines_and_qa_decides(
-    platform: Platform, webhook_receiver: WebhookReceiver
+    platform: Platform, webhook_receiver: WebhookReceiver, parties: Parties
 ) -> None:
-    async with httpx.AsyncClient(timeout=15) as client:
-        j, path = await start(client, platform, webhook_receiver, "TC-AU-VI-001")
-        site = await j.up_to_material_received()
-        await j.steps(site, *MANUFACTURING_STEPS)
-        await j.wait_status("qc_pending")
-        await j.qc(site, "released")
-        await j.wait_status("released")
-        outbound = await j.shipment("outbound_product")
-        await j.courier(outbound, "picked_up")
-        await j.temperature(outbound, -95.0)
-        quarantined = await j.wait_status("quarantined")
-        assert "decision required" in quarantined["timeline"][-1]["reason"]
-        bad = await client.post(
-            f"{platform.url('order')}/v1/orders/{j.id}/product-receipt", json={"coi": j.coi}
-        )
-        assert bad.status_code == 409
-        back = await j.hospital(
-            "quarantine-decision", {"decision": "release", "reason": "within stability data"}
-        )
-        assert back["status"] == "product_in_transit"
-        await hooks(
-            webhook_receiver, path, j.id, "logistics.shipment_excursion.v1", "order.quarantine_decided.v1"
-        )
+    j, path = await start(parties, platform, webhook_receiver, "TC-AU-VI-001")
+    site = await j.up_to_material_received()
+    await j.steps(site, *MANUFACTURING_STEPS)
+    await j.wait_status("qc_pending")
+    await j.qc(site, "released")
+    await j.wait_status("released")
+    outbound = await j.shipment("outbound_product")
+    await j.courier(outbound, "picked_up")
+    await j.temperature(outbound, -95.0)
+    quarantined = await j.wait_status("quarantined")
+    assert "decision required" in quarantined["timeline"][-1]["reason"]
+    bad = await j.client.post(
+        f"{platform.url('order')}/v1/orders/{j.id}/product-receipt", json={"coi": j.coi}
+    )
+    assert bad.status_code == 409
+    decision = {
+        "decision": "release",
+        "reason_code": "within_stability_data",
+        "note": "within stability data",
+    }
+    # the decision is QA's: the centre may not take it
+    not_theirs = await j.client.post(
+        f"{platform.url('order')}/v1/orders/{j.id}/quarantine-decision", json=decision
+    )
+    assert not_theirs.status_code == 403
+    back = await j.hospital("quarantine-decision", decision)  # as the manufacturer's QA
+    assert back["status"] == "product_in_transit"
+    decided = entry(back, "order.quarantine_decided.v1")
+    assert "within_stability_data" in decided["reason"] and decided["note"] == "within stability data"
+    await hooks(
+        webhook_receiver, path, j.id, "logistics.shipment_excursion.v1", "order.quarantine_decided.v1"
+    )
+    [data] = hook_data(webhook_receiver, path, j.id, "order.quarantine_decided.v1")
+    assert (data["decision"], data["reason"]) == ("release", "within_stability_data")
 
 
 async def test_site_outage_moves_the_booking_to_the_next_best_site(
-    platform: Platform, webhook_receiver: WebhookReceiver
+    platform: Platform, webhook_receiver: WebhookReceiver, parties: Parties
 ) -> None:
-    async with httpx.AsyncClient(timeout=15) as client:
-        j, path = await start(client, platform, webhook_receiver, "TC-DE-BE-001", days_ahead=20)
-        first = await j.wait_status("inbound_shipment_planned")
-        site, day = first["site_id"], date.fromisoformat(first["slot"]["manufacturing_start_date"])
-        resp = await client.post(
-            f"{platform.url('site')}/v1/sites/{site}/outages",
-            json={
-                "start_date": (day - timedelta(days=1)).isoformat(),
-                "end_date": (day + timedelta(days=1)).isoformat(),
-                "reason": "clean-room requalification",
-            },
-        )
-        assert resp.status_code == 201, resp.text
+    j, path = await start(parties, platform, webhook_receiver, "TC-DE-BE-001", days_ahead=20)
+    first = await j.wait_status("inbound_shipment_planned")
+    site, day = first["site_id"], date.fromisoformat(first["slot"]["manufacturing_start_date"])
+    outages = f"{platform.url('site')}/v1/sites/{site}/outages"
+    resp = await parties.admin.post(  # the registry admin declares it
+        outages,
+        json={
+            "start_date": (day - timedelta(days=1)).isoformat(),
+            "end_date": (day + timedelta(days=1)).isoformat(),
+            "reason": "maintenance",
+        },
+    )
+    assert resp.status_code == 201, resp.text
 
-        async def moved() -> dict[str, Any] | None:
-            o = await j.get()
-            return o if o["status"] == "inbound_shipment_planned" and o["site_id"] != site else None
+    async def moved() -> dict[str, Any] | None:
+        o = await j.get()
+        return o if o["status"] == "inbound_shipment_planned" and o["site_id"] != site else None
 
-        order = await eventually(moved, timeout=20, what="booking moved to another site")
-        assert any("clean-room requalification" in e["reason"] for e in order["timeline"])
-        await hooks(webhook_receiver, path, j.id, "site.booking_affected.v1", "scheduling.slot_released.v1")
-        ships = (
-            await client.get(f"{platform.url('logistics')}/v1/shipments", params={"order_id": j.id})
-        ).json()
-        live = [s for s in ships if s["leg"] == "inbound_apheresis" and s["status"] != "cancelled"]
-        assert [s["destination"] for s in live] == [order["site_id"]]
-        await client.post(
-            f"{platform.url('site')}/v1/sites/{site}/outages",
-            json={"start_date": "2099-01-01", "end_date": "2099-01-02", "reason": "unrelated"},
-        )
+    order = await eventually(moved, timeout=20, what="booking moved to another site")
+    assert any("outage:maintenance" in e["reason"] for e in order["timeline"])
+    await hooks(webhook_receiver, path, j.id, "site.booking_affected.v1", "scheduling.slot_released.v1")
+    ships = (await j.ops.shipments(order_id=j.id)).expect(200)
+    live = [s for s in ships if s["leg"] == "inbound_apheresis" and s["status"] != "cancelled"]
+    assert [s["destination"] for s in live] == [order["site_id"]]
+    # an outage far ahead affects no booking; one beyond the registry's window (2 years) is refused
+    far = date.today() + timedelta(days=700)
+    unrelated = await parties.admin.post(
+        outages,
+        json={
+            "start_date": far.isoformat(),
+            "end_date": (far + timedelta(days=1)).isoformat(),
+            "reason": "other",
+        },
+    )
+    assert unrelated.status_code == 201, unrelated.text
+    assert unrelated.json()["affected_booking_ids"] == []
+    beyond = await parties.admin.post(
+        outages, json={"start_date": "2099-01-01", "end_date": "2099-01-02", "reason": "other"}
+    )
+    assert beyond.status_code == 422
 
 
 async def test_moving_the_apheresis_date_releases_and_rebooks(
-    platform: Platform, webhook_receiver: WebhookReceiver
+    platform: Platform, webhook_receiver: WebhookReceiver, parties: Parties
 ) -> None:
-    async with httpx.AsyncClient(timeout=15) as client:
-        j, path = await start(client, platform, webhook_receiver, "TC-CN-SH-001")
-        first = await j.wait_status("inbound_shipment_planned")
-        new_date = (date.fromisoformat(first["slot"]["apheresis_date"]) + timedelta(days=9)).isoformat()
-        await j.hospital(
-            "apheresis-date", {"requested_apheresis_date": new_date, "reason": "patient has an infection"}
-        )
+    j, path = await start(parties, platform, webhook_receiver, "TC-CN-SH-001")
+    first = await j.wait_status("inbound_shipment_planned")
+    new_date = (date.fromisoformat(first["slot"]["apheresis_date"]) + timedelta(days=9)).isoformat()
+    note = "patient has an infection"
+    moved_to = await j.hospital(
+        "apheresis-date",
+        {"requested_apheresis_date": new_date, "reason_code": "patient_unwell", "note": note},
+    )
+    assert moved_to["timeline"][-1]["note"] == note
 
-        async def rebooked() -> dict[str, Any] | None:
-            o = await j.get()
-            moved = o["slot"] and o["slot"]["apheresis_date"] == new_date
-            return o if moved and o["status"] == "inbound_shipment_planned" else None
+    async def rebooked() -> dict[str, Any] | None:
+        o = await j.get()
+        moved = o["slot"] and o["slot"]["apheresis_date"] == new_date
+        return o if moved and o["status"] == "inbound_shipment_planned" else None
 
-        order = await eventually(rebooked, timeout=20, what="rebooked for the new apheresis date")
-        assert order["slot"]["slot_id"] != first["slot"]["slot_id"]
-        await hooks(webhook_receiver, path, j.id, "order.rebook_requested.v1", "scheduling.slot_released.v1")
+    order = await eventually(rebooked, timeout=20, what="rebooked for the new apheresis date")
+    assert order["slot"]["slot_id"] != first["slot"]["slot_id"]
+    await hooks(webhook_receiver, path, j.id, "order.rebook_requested.v1", "scheduling.slot_released.v1")
+    released = hook_data(webhook_receiver, path, j.id, "scheduling.slot_released.v1")
+    assert "patient_unwell" in [d["reason"] for d in released]
 
 
 async def test_coi_with_a_wrong_check_character_is_refused_and_a_mismatch_is_alerted(
-    platform: Platform,
+    platform: Platform, parties: Parties
 ) -> None:
-    async with httpx.AsyncClient(timeout=15) as client:
-        resp = await client.post(f"{platform.url('order')}/v1/orders", json=order_body("TC-DE-BE-001"))
-        j = Journey(client, platform.url, resp.json())
-        site = (await j.wait_status("inbound_shipment_planned"))["site_id"]
-        broken = j.coi[:-1] + ("A" if j.coi[-1] != "A" else "B")
-        receipts = f"/v1/sites/{site}/receipts"
-        for service, path, body in [
-            ("order", f"/v1/orders/{j.id}/apheresis", {"coi": broken}),
-            ("site", receipts, {"order_id": j.id, "coi": broken, "accepted": True}),
-        ]:
-            r = await client.post(f"{platform.url(service)}{path}", json=body)
-            assert r.status_code == 422 and r.json()["errors"][0]["field"] == "coi", (service, r.text)
-        other = (
-            await client.post(f"{platform.url('order')}/v1/orders", json=order_body("TC-DE-BE-001"))
-        ).json()
-        mismatch = [{"field": "coi", "reason": "does not match the order"}]
-        r = await client.post(
-            f"{platform.url('order')}/v1/orders/{j.id}/apheresis", json={"coi": other["coi"]}
-        )
-        assert r.status_code == 409 and r.json()["errors"] == mismatch
-        r = await client.post(
-            f"{platform.url('site')}{receipts}",
-            json={"order_id": j.id, "coi": other["coi"], "accepted": True},
-        )
-        assert r.status_code == 409
+    centre = parties.centre("TC-DE-BE-001")
+    resp = await centre.post(f"{platform.url('order')}/v1/orders", json=order_body("TC-DE-BE-001"))
+    assert resp.status_code == 201, resp.text
+    j = Journey(parties, platform.url, resp.json())
+    site = (await j.wait_status("inbound_shipment_planned"))["site_id"]
+    mes = parties.site(site)  # the receiving site's MES scans the label
+    broken = j.coi[:-1] + ("A" if j.coi[-1] != "A" else "B")
+    receipts = f"{platform.url('site')}/v1/sites/{site}/receipts"
+    for who, url, body in [
+        (centre, f"{platform.url('order')}/v1/orders/{j.id}/apheresis", {"coi": broken}),
+        (mes, receipts, {"order_id": j.id, "coi": broken, "accepted": True}),
+    ]:
+        r = await who.post(url, json=body)
+        assert r.status_code == 422 and r.json()["errors"][0]["field"] == "coi", (url, r.text)
+    other_resp = await centre.post(f"{platform.url('order')}/v1/orders", json=order_body("TC-DE-BE-001"))
+    assert other_resp.status_code == 201, other_resp.text
+    other = other_resp.json()
+    mismatch = [{"field": "coi", "reason": "does not match the order"}]
+    r = await centre.post(f"{platform.url('order')}/v1/orders/{j.id}/apheresis", json={"coi": other["coi"]})
+    assert r.status_code == 409 and r.json()["errors"] == mismatch
+    r = await mes.post(receipts, json={"order_id": j.id, "coi": other["coi"], "accepted": True})
+    assert r.status_code == 409
 
-        async def alerted() -> bool:
-            types = [e["type"] for e in (await j.get())["timeline"]]
-            return {"order.coi_mismatch_detected.v1", "site.coi_mismatch_detected.v1"} <= set(types)
+    async def alerted() -> bool:
+        types = [e["type"] for e in (await j.get())["timeline"]]
+        return {"order.coi_mismatch_detected.v1", "site.coi_mismatch_detected.v1"} <= set(types)
 
-        await eventually(alerted, timeout=15, what="both mismatches alerted on the order's timeline")
-        assert (await j.get())["status"] == "inbound_shipment_planned"  # nothing was accepted
+    await eventually(alerted, timeout=15, what="both mismatches alerted on the order's timeline")
+    assert (await j.get())["status"] == "inbound_shipment_planned"  # nothing was accepted

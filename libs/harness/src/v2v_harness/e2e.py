@@ -234,7 +234,15 @@ class Journey:
             )
             _checked(resp, expect)
 
+    async def step_failed(self, site_id: str, step: str, reason: str) -> dict[str, Any]:
+        """As the site's MES: a step of the current run failed, for a `StepFailure` code."""
+        resp = await self.as_site(site_id).manufacturing_step(
+            site_id, self.id, step, completed_at=now_iso(), failed=True, reason=reason
+        )
+        return _checked(resp, None)
+
     async def qc(self, site_id: str, disposition: str, reason: str | None = None) -> dict[str, Any]:
+        """As the manufacturer's QA: a QC disposition (a `QcFinding` code unless released)."""
         return _checked(await self.qa.qc(site_id, self.id, disposition, reason=reason or None), None)
 
     async def up_to_material_received(self) -> str:
