@@ -2,6 +2,7 @@
 product (commercial use) either goes to a site approved by the centre's regulator for that product and
 use, or is refused at once with 422 naming the product, the use and the market.
 
+Each centre places its own orders with its own credentials; ops reads the catalogue and the registry.
 The expectation comes from the site service's own registry (GET /v1/sites), so the test follows the
 seeded network wherever it is edited; the order service decides from its own copy of it, fed by
 `site.registered` events.
@@ -15,7 +16,8 @@ from typing import Any
 import httpx
 import pytest
 
-from v2v_harness.e2e import eventually, order_body
+from v2v_harness.e2e import Parties, eventually, order_body
+from v2v_harness.identity import Credentials
 from v2v_harness.platform import Platform
 
 pytestmark = pytest.mark.e2e
@@ -31,17 +33,16 @@ def approved_sites(sites: list[dict[str, Any]], regulator: str, use: str, produc
 
 
 async def test_every_centre_and_product_is_routed_to_an_approved_site_or_refused_at_intake(
-    platform: Platform,
+    platform: Platform, credentials: Credentials
 ) -> None:
     order_url, site_url = platform.url("order"), platform.url("site")
     # idle connections expire before the server's keep-alive does (a burst never reuses a closed one)
-    limits = httpx.Limits(keepalive_expiry=1.0)
-    async with httpx.AsyncClient(timeout=30, limits=limits) as client:
-        centres = [
-            c for c in (await client.get(f"{order_url}/v1/treatment-centers")).json() if c["certified"]
-        ]
-        products = [p["code"] for p in (await client.get(f"{order_url}/v1/products")).json()]
-        sites = (await client.get(f"{site_url}/v1/sites")).json()
+    parties = Parties(credentials, timeout=30, limits=httpx.Limits(keepalive_expiry=1.0))
+    try:
+        ops = parties.ops
+        centres = [c for c in (await ops.get(f"{order_url}/v1/treatment-centers")).json() if c["certified"]]
+        products = [p["code"] for p in (await ops.get(f"{order_url}/v1/products")).json()]
+        sites = (await ops.get(f"{site_url}/v1/sites")).json()
         assert centres and products and sites
 
         matrix = [
@@ -56,15 +57,17 @@ async def test_every_centre_and_product_is_routed_to_an_approved_site_or_refused
             }
             for i, (centre, product, _) in enumerate(matrix)
         ]
-        responses = await asyncio.gather(*(client.post(f"{order_url}/v1/orders", json=b) for b in bodies))
+        responses = await asyncio.gather(
+            *(parties.centre(b["treatment_center_id"]).post(f"{order_url}/v1/orders", json=b) for b in bodies)
+        )
 
-        accepted: list[tuple[str, set[str], str]] = []  # order id, approved sites, what it is
+        accepted: list[tuple[str, str, set[str], str]] = []  # centre, order id, approved sites, what
         refused = 0
         for (centre, product, approved), body, resp in zip(matrix, bodies, responses, strict=True):
             what = f"{product} from {centre['id']} ({centre['regulator']})"
             if approved:
                 assert resp.status_code == 201, f"{what}: {resp.status_code} {resp.text}"
-                accepted.append((resp.json()["order_id"], approved, what))
+                accepted.append((centre["id"], resp.json()["order_id"], approved, what))
                 continue
             assert resp.status_code == 422, f"{what} has no approved site: {resp.status_code} {resp.text}"
             assert resp.headers["content-type"].startswith("application/problem+json")
@@ -81,22 +84,29 @@ async def test_every_centre_and_product_is_routed_to_an_approved_site_or_refused
         assert refused >= 1, "the seeded network leaves some market without a product"
         assert len(accepted) >= len(matrix) // 2, f"only {len(accepted)} of {len(matrix)} accepted"
 
-        async def routed(order_id: str) -> dict[str, Any] | None:
-            order = (await client.get(f"{order_url}/v1/orders/{order_id}")).json()
+        async def routed(centre_id: str, order_id: str) -> dict[str, Any] | None:
+            order = (await parties.centre(centre_id).get(f"{order_url}/v1/orders/{order_id}")).json()
             return order if order["site_id"] and order["status"] not in UNROUTED else None
 
-        async def route(order_id: str, approved: set[str], what: str) -> None:
+        async def route(centre_id: str, order_id: str, approved: set[str], what: str) -> None:
             order = await eventually(
-                lambda: routed(order_id), timeout=45, interval=0.3, what=f"{what} routed"
+                lambda: routed(centre_id, order_id), timeout=45, interval=0.3, what=f"{what} routed"
             )
             assert order["site_id"] in approved, f"{what} went to {order['site_id']}, approved: {approved}"
 
+        cancels: list[httpx.Response] = []
         try:
             await asyncio.gather(*(route(*a) for a in accepted))
         finally:  # give the capacity back to the other tests on this platform
-            await asyncio.gather(
+            cancels = await asyncio.gather(
                 *(
-                    client.post(f"{order_url}/v1/orders/{oid}/cancel", json={"reason": "market matrix done"})
-                    for oid, _, _ in accepted
+                    parties.centre(centre_id).post(
+                        f"{order_url}/v1/orders/{oid}/cancel",
+                        json={"reason_code": "other", "note": "market matrix done"},
+                    )
+                    for centre_id, oid, _, _ in accepted
                 )
             )
+        assert [r.status_code for r in cancels] == [200] * len(accepted), [r.text for r in cancels]
+    finally:
+        await parties.aclose()

@@ -26,19 +26,26 @@ class Parties:
     each POST without an `Idempotency-Key` gets a fresh one (the idempotency tests use their own
     clients to send none)."""
 
-    def __init__(self, credentials: Credentials, timeout: float = 15.0) -> None:
+    def __init__(
+        self, credentials: Credentials, timeout: float = 15.0, limits: httpx.Limits | None = None
+    ) -> None:
         self.credentials = credentials
         self.timeout = timeout
+        self.limits = limits or httpx.Limits()  # e.g. a short keep-alive for bursts of requests
         self._clients: dict[tuple[str, str | None], httpx.AsyncClient] = {}
 
     def client(self, kind: str, entity_id: str | None = None) -> httpx.AsyncClient:
         key = (kind, entity_id)
         if key not in self._clients:
-            hooks = {"request": [_idempotency_key]}
+            kw: dict[str, Any] = {
+                "timeout": self.timeout,
+                "limits": self.limits,
+                "event_hooks": {"request": [_idempotency_key]},
+            }
             self._clients[key] = (
-                httpx.AsyncClient(timeout=self.timeout, event_hooks=hooks)
+                httpx.AsyncClient(**kw)
                 if kind == "anonymous"
-                else self.credentials.client(kind, entity_id, timeout=self.timeout, event_hooks=hooks)
+                else self.credentials.client(kind, entity_id, **kw)
             )
         return self._clients[key]
 
