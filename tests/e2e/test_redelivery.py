@@ -5,12 +5,11 @@ from __future__ import annotations
 import asyncio
 
 import asyncpg
-import httpx
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from v2v_contracts import topic_for
-from v2v_harness.e2e import eventually, order_body
+from v2v_harness.e2e import Parties, eventually, order_body
 from v2v_harness.platform import Platform
 from v2v_harness.provision import with_database
 
@@ -109,22 +108,23 @@ async def pending_outbox(url: str) -> int:
         await conn.close()
 
 
-async def test_every_event_delivered_twice_changes_nothing(platform: Platform) -> None:
-    async with httpx.AsyncClient(timeout=10) as client:
-        order_ids = []
-        for centre in ("TC-US-NJ-001", "TC-CH-ZH-001"):
-            resp = await client.post(f"{platform.url('order')}/v1/orders", json=order_body(centre))
-            assert resp.status_code == 201
-            order_ids.append(resp.json()["order_id"])
+async def test_every_event_delivered_twice_changes_nothing(platform: Platform, parties: Parties) -> None:
+    orders = []  # (centre, order id): each centre places and reads its own
+    for centre in ("TC-US-NJ-001", "TC-CH-ZH-001"):
+        resp = await parties.centre(centre).post(
+            f"{platform.url('order')}/v1/orders", json=order_body(centre)
+        )
+        assert resp.status_code == 201, resp.text
+        orders.append((centre, resp.json()["order_id"]))
 
-        async def all_planned() -> bool:
-            for oid in order_ids:
-                body = (await client.get(f"{platform.url('order')}/v1/orders/{oid}")).json()
-                if body["status"] != "inbound_shipment_planned":
-                    return False
-            return True
+    async def all_planned() -> bool:
+        for centre, oid in orders:
+            body = (await parties.centre(centre).get(f"{platform.url('order')}/v1/orders/{oid}")).json()
+            if body["status"] != "inbound_shipment_planned":
+                return False
+        return True
 
-        await eventually(all_planned, timeout=15, what="orders planned")
+    await eventually(all_planned, timeout=15, what="orders planned")
 
     bootstrap = platform.infra.bootstrap_servers
     topics = [topic_for(s, platform.namespace) for s in PUBLISHERS]
