@@ -9,10 +9,9 @@ import secrets
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
-from v2v_harness.e2e import eventually, new_secret, order_body, subscribe
+from v2v_harness.e2e import Parties, eventually, order_body, subscribe
 from v2v_harness.platform import Platform
 from v2v_harness.receiver import WebhookReceiver
 
@@ -75,27 +74,25 @@ def malformed(service: str, line: str) -> str | None:
 
 
 async def test_every_log_line_is_json_with_trace_and_order_and_matches_the_exported_trace(
-    platform: Platform, webhook_receiver: WebhookReceiver
+    platform: Platform, webhook_receiver: WebhookReceiver, parties: Parties
 ) -> None:
     path = f"/logs/{secrets.token_hex(4)}"
-    async with httpx.AsyncClient(timeout=10) as client:
-        await subscribe(
-            client, platform.url("notification"), CENTRE, webhook_receiver.url(path), new_secret()
-        )
-        resp = await client.post(
-            f"{platform.url('order')}/v1/orders",
-            json=order_body(CENTRE, patient_ref=f"PAT-LOGS-{secrets.token_hex(4)}"),
-        )
-        assert resp.status_code == 201, resp.text
-        oid = resp.json()["order_id"]
-        await eventually(
-            lambda: any(
-                r.json()["subject"] == oid and r.json()["type"] == "logistics.shipment_planned.v1"
-                for r in webhook_receiver.on(path)
-            ),
-            timeout=20,
-            what="the order planned and its last webhook delivered",
-        )
+    client = parties.centre(CENTRE)  # the centre, with its own credentials
+    await subscribe(client, platform.url("notification"), CENTRE, webhook_receiver.url(path))
+    resp = await client.post(
+        f"{platform.url('order')}/v1/orders",
+        json=order_body(CENTRE, patient_ref=f"PAT-LOGS-{secrets.token_hex(4)}"),
+    )
+    assert resp.status_code == 201, resp.text
+    oid = resp.json()["order_id"]
+    await eventually(
+        lambda: any(
+            r.json()["subject"] == oid and r.json()["type"] == "logistics.shipment_planned.v1"
+            for r in webhook_receiver.on(path)
+        ),
+        timeout=20,
+        what="the order planned and its last webhook delivered",
+    )
 
     def order_records() -> dict[str, list[dict[str, Any]]]:
         out: dict[str, list[dict[str, Any]]] = {}

@@ -12,12 +12,11 @@ import secrets
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from v2v_contracts import all_topics
 from v2v_harness import scan
-from v2v_harness.e2e import eventually, new_secret, order_body, subscribe
+from v2v_harness.e2e import Parties, eventually, order_body, subscribe
 from v2v_harness.platform import Platform
 from v2v_harness.receiver import WebhookReceiver
 
@@ -42,36 +41,37 @@ def exported_spans(platform: Platform) -> list[dict[str, Any]]:
 
 
 async def test_the_patient_ref_never_leaves_the_order_service(
-    platform: Platform, webhook_receiver: WebhookReceiver
+    platform: Platform, webhook_receiver: WebhookReceiver, parties: Parties
 ) -> None:
     patient_ref = f"PATIENT-SCAN-{secrets.token_hex(8)}"
     needle = patient_ref.encode()
     path = f"/privacy/{secrets.token_hex(4)}"
-    async with httpx.AsyncClient(timeout=10) as client:
-        await subscribe(
-            client, platform.url("notification"), CENTRE, webhook_receiver.url(path), new_secret()
-        )
-        resp = await client.post(
-            f"{platform.url('order')}/v1/orders", json=order_body(CENTRE, patient_ref=patient_ref)
-        )
-        assert resp.status_code == 201, resp.text
-        oid, coi = resp.json()["order_id"], resp.json()["coi"]
+    client = parties.centre(CENTRE)  # the centre, with its own credentials
+    await subscribe(client, platform.url("notification"), CENTRE, webhook_receiver.url(path))
+    resp = await client.post(
+        f"{platform.url('order')}/v1/orders", json=order_body(CENTRE, patient_ref=patient_ref)
+    )
+    assert resp.status_code == 201, resp.text
+    oid, coi = resp.json()["order_id"], resp.json()["coi"]
 
-        def webhooks() -> list[Any]:
-            return [r for r in webhook_receiver.on(path) if r.json()["subject"] == oid]
+    def webhooks() -> list[Any]:
+        return [r for r in webhook_receiver.on(path) if r.json()["subject"] == oid]
 
-        await eventually(
-            lambda: {r.json()["type"] for r in webhooks()} >= ORDER_EVENTS,
-            timeout=20,
-            what="the order's four webhooks delivered",
-        )
-        # the order service holds it, and hands it back to the centre that placed the order
-        order = (await client.get(f"{platform.url('order')}/v1/orders/{oid}")).json()
-        assert order["patient_ref"] == patient_ref
-        deliveries = (
-            await client.get(f"{platform.url('notification')}/v1/deliveries", params={"order_id": oid})
-        ).json()
-        assert len(deliveries) >= 4 and needle.decode() not in json.dumps(deliveries)
+    await eventually(
+        lambda: {r.json()["type"] for r in webhooks()} >= ORDER_EVENTS,
+        timeout=20,
+        what="the order's four webhooks delivered",
+    )
+    # the order service holds it, and hands it back to the centre that placed the order (and to nobody
+    # else: another centre is told the order does not exist)
+    order = (await client.get(f"{platform.url('order')}/v1/orders/{oid}")).json()
+    assert order["patient_ref"] == patient_ref
+    stranger = await parties.centre("TC-DE-BE-001").get(f"{platform.url('order')}/v1/orders/{oid}")
+    assert stranger.status_code == 404 and needle not in stranger.content
+    deliveries = (
+        await client.get(f"{platform.url('notification')}/v1/deliveries", params={"order_id": oid})
+    ).json()
+    assert len(deliveries) >= 4 and needle.decode() not in json.dumps(deliveries)
 
     # wait until every service has exported and logged its part of the order: the scan then covers it
     def exported_by() -> set[str]:
