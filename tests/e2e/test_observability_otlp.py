@@ -15,14 +15,14 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from prometheus_client.parser import text_string_to_metric_families
 
 from v2v_contracts import topic_for
-from v2v_harness.e2e import eventually, new_secret, order_body, subscribe
+from v2v_harness.e2e import Parties, eventually, order_body, subscribe
+from v2v_harness.identity import Credentials
 from v2v_harness.infra import Infrastructure
 from v2v_harness.otlp import METRICS_PATH, TRACES_PATH, OtlpReceiver, attributes
 from v2v_harness.platform import Platform
@@ -81,12 +81,16 @@ def traced(infra: Infrastructure, state_dir: Path, otlp: OtlpReceiver) -> Iterat
 
 
 @pytest.fixture(scope="module")
-async def followed(traced: Platform, webhook_receiver: WebhookReceiver) -> AsyncIterator[dict[str, Any]]:
-    """One order placed on the traced platform and carried all the way to the centre's webhook."""
+async def followed(
+    traced: Platform, webhook_receiver: WebhookReceiver, credentials: Credentials
+) -> AsyncIterator[dict[str, Any]]:
+    """One order placed on the traced platform by its centre and carried all the way to its webhook."""
     path = f"/otlp/{secrets.token_hex(4)}"
     patient_ref = f"PATIENT-SCAN-{secrets.token_hex(8)}"
-    async with httpx.AsyncClient(timeout=10) as client:
-        await subscribe(client, traced.url("notification"), CENTRE, webhook_receiver.url(path), new_secret())
+    parties = Parties(credentials, timeout=10)  # of its own: the plugin's `parties` is per test
+    try:
+        client = parties.centre(CENTRE)
+        await subscribe(client, traced.url("notification"), CENTRE, webhook_receiver.url(path))
         resp = await client.post(
             f"{traced.url('order')}/v1/orders", json=order_body(CENTRE, patient_ref=patient_ref)
         )
@@ -102,6 +106,8 @@ async def followed(traced: Platform, webhook_receiver: WebhookReceiver) -> Async
             return types >= set(ORDER_EVENTS)
 
         await eventually(all_delivered, timeout=20, what="the order's four webhooks delivered")
+    finally:
+        await parties.aclose()
     yield {**order, "patient_ref": patient_ref, "path": path}
 
 
@@ -326,81 +332,76 @@ def expected_otlp_metrics(service: str) -> set[str]:
 
 
 async def test_metrics_are_pushed_by_otlp_and_scrapeable_from_every_service(
-    otlp: OtlpReceiver, traced: Platform, followed: dict[str, Any]
+    otlp: OtlpReceiver, traced: Platform, followed: dict[str, Any], parties: Parties
 ) -> None:
     oid = followed["order_id"]
-    reads = {  # one API read per service, so each has served an instrumented HTTP request
-        "order": f"/v1/orders/{oid}",
-        "scheduling": "/v1/slots",
-        "site": "/v1/sites",
-        "logistics": "/v1/shipments",
-        "notification": "/v1/deliveries",
+    centre = parties.centre(CENTRE)
+    reads = {  # one API read per service (by whom may read it), so each served an instrumented request
+        "order": (centre, f"/v1/orders/{oid}"),
+        "scheduling": (parties.ops, "/v1/slots"),
+        "site": (parties.ops, "/v1/sites"),
+        "logistics": (parties.ops, "/v1/shipments"),
+        "notification": (centre, "/v1/deliveries"),
     }
-    async with httpx.AsyncClient(timeout=10) as client:
-        for service, path in reads.items():
-            assert (await client.get(traced.url(service) + path)).status_code == 200
+    for service, (reader, path) in reads.items():
+        assert (await reader.get(traced.url(service) + path)).status_code == 200
 
-        def otlp_missing() -> dict[str, set[str]]:
-            _exports, names = otlp_metrics(otlp)
-            missing = {s: expected_otlp_metrics(s) - names[s] for s in SERVICES}
-            return {s: m for s, m in missing.items() if m}
+    def otlp_missing() -> dict[str, set[str]]:
+        _exports, names = otlp_metrics(otlp)
+        missing = {s: expected_otlp_metrics(s) - names[s] for s in SERVICES}
+        return {s: m for s, m in missing.items() if m}
 
-        await eventually(lambda: not otlp_missing(), timeout=20, what="every service's metrics over OTLP")
-        assert otlp_missing() == {}
-        exports, _names = otlp_metrics(otlp)
-        assert set(exports) == set(SERVICES), "metrics from these five services and nothing else"
-        assert all(exports[s] >= 1 for s in SERVICES)
-        assert otlp.requests(METRICS_PATH) >= len(SERVICES)
+    await eventually(lambda: not otlp_missing(), timeout=20, what="every service's metrics over OTLP")
+    assert otlp_missing() == {}
+    exports, _names = otlp_metrics(otlp)
+    assert set(exports) == set(SERVICES), "metrics from these five services and nothing else"
+    assert all(exports[s] >= 1 for s in SERVICES)
+    assert otlp.requests(METRICS_PATH) >= len(SERVICES)
 
-        for service in SERVICES:
-            resp = await client.get(traced.url(service) + "/metrics")
-            assert resp.status_code == 200
-            assert resp.headers["content-type"].startswith("text/plain")
-            samples = [
-                sample for family in text_string_to_metric_families(resp.text) for sample in family.samples
-            ]
+    for service in SERVICES:
+        resp = await parties.anonymous.get(traced.url(service) + "/metrics")  # a public scrape
+        assert resp.status_code == 200
+        assert resp.headers["content-type"].startswith("text/plain")
+        samples = [
+            sample for family in text_string_to_metric_families(resp.text) for sample in family.samples
+        ]
 
-            def total(name: str, **labels: str) -> float:
-                return sum(
-                    s.value
-                    for s in samples  # noqa: B023 - used right away
-                    if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
-                )
+        def total(name: str, **labels: str) -> float:
+            return sum(
+                s.value
+                for s in samples  # noqa: B023 - used right away
+                if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+            )
 
-            assert total("target_info", service_name=service, service_namespace="vein2vein") == 1.0
-            purpose, sources = CONSUMES[service]
-            group = f"{traced.namespace}.{service}.{purpose}"
-            assert total("v2v_consumer_events_total", consumer_group=group, outcome="processed") >= 1, service
-            assert total("v2v_consumer_handler_duration_seconds_count", consumer_group=group) >= 1, service
-            for source in (s for s in sources if s in PUBLISHERS):
-                assert (
-                    total(
-                        "messaging_process_messages_message_total",
-                        messaging_destination_publish_name=ns_topic(traced, source),
-                    )
-                    >= 1
-                ), (service, source)
-            if service in PUBLISHERS:
-                topic = ns_topic(traced, service)
-                assert total("v2v_outbox_published_total", topic=topic) >= 1, service
-                assert total("v2v_outbox_publish_lag_seconds_count", topic=topic) >= 1, service
-                assert total("v2v_outbox_backlog", topic=topic) == 0, service
+        assert total("target_info", service_name=service, service_namespace="vein2vein") == 1.0
+        purpose, sources = CONSUMES[service]
+        group = f"{traced.namespace}.{service}.{purpose}"
+        assert total("v2v_consumer_events_total", consumer_group=group, outcome="processed") >= 1, service
+        assert total("v2v_consumer_handler_duration_seconds_count", consumer_group=group) >= 1, service
+        for source in (s for s in sources if s in PUBLISHERS):
             assert (
-                total("http_server_duration_milliseconds_count", http_method="GET", http_status_code="200")
+                total(
+                    "messaging_process_messages_message_total",
+                    messaging_destination_publish_name=ns_topic(traced, source),
+                )
+                >= 1
+            ), (service, source)
+        if service in PUBLISHERS:
+            topic = ns_topic(traced, service)
+            assert total("v2v_outbox_published_total", topic=topic) >= 1, service
+            assert total("v2v_outbox_publish_lag_seconds_count", topic=topic) >= 1, service
+            assert total("v2v_outbox_backlog", topic=topic) == 0, service
+        assert (
+            total("http_server_duration_milliseconds_count", http_method="GET", http_status_code="200") >= 1
+        )
+        if service == "order":
+            assert (
+                total("http_server_duration_milliseconds_count", http_method="POST", http_status_code="201")
                 >= 1
             )
-            if service == "order":
-                assert (
-                    total(
-                        "http_server_duration_milliseconds_count", http_method="POST", http_status_code="201"
-                    )
-                    >= 1
-                )
-            if service == "notification":
-                for event_type in ORDER_EVENTS:
-                    assert (
-                        total("v2v_webhook_deliveries_total", event_type=event_type, outcome="delivered") >= 1
-                    )
+        if service == "notification":
+            for event_type in ORDER_EVENTS:
+                assert total("v2v_webhook_deliveries_total", event_type=event_type, outcome="delivered") >= 1
 
 
 async def test_no_otlp_export_from_any_service_carries_the_patient_ref(
