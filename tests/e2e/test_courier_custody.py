@@ -117,9 +117,11 @@ async def test_courier_milestone_is_custody_and_links_to_the_orders_first_trace(
         ]
         return first, scans
 
-    first_trace, scans = await eventually(
-        lambda: (lambda f, s: (f, s) if f and s else None)(*traces()), timeout=10, what="spans exported"
-    )
+    def both() -> tuple[str, list[dict[str, Any]]] | None:
+        first, scans = traces()
+        return (first, scans) if first and scans else None
+
+    first_trace, scans = await eventually(both, timeout=10, what="spans exported")
     scan = scans[0]
     assert scan["trace_id"] != first_trace  # a later input starts its own trace ...
     assert first_trace in {link["trace_id"] for link in scan["links"]}  # ... linked to the order's first

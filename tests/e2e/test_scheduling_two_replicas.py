@@ -9,6 +9,9 @@ horizon (a scheduling parameters file, `V2V_SCHEDULING_PARAMETERS`) leaves most 
 Then, still with both replicas, centres cancel and move apheresis dates while the registry raises a
 site's capacity: releases, rebooks and waitlist serving race each other, and still no day is oversold,
 every order ends with exactly one live slot or waits, and nobody waits for a day that has room.
+
+Each centre places, cancels and moves its own orders with its own credentials, the registry admin
+raises the capacity, and ops reads the slots, the waitlist and the registry (paged: at most 200 a page).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import pytest
 
 from v2v_contracts import topic_for
 from v2v_harness.catalog import BY_NAME
-from v2v_harness.e2e import eventually
+from v2v_harness.e2e import Parties, eventually
 from v2v_harness.infra import Infrastructure
 from v2v_harness.platform import Platform, RunningService, tail
 from v2v_harness.processes import free_port, spawn, stop
@@ -148,17 +151,29 @@ class View:
         return int(self.sites[site_id]["daily_capacity"].get(PRODUCT, 0))
 
 
-async def view(client: httpx.AsyncClient, slots_url: str, waitlist_url: str, site_url: str) -> View:
+PAGE = 200  # the most a list gives at once
+
+
+async def every_page(client: httpx.AsyncClient, url: str, **params: Any) -> list[dict[str, Any]]:
+    """All items of a paged list (`limit`/`offset`)."""
+    items: list[dict[str, Any]] = []
+    while True:
+        resp = await client.get(url, params={**params, "limit": PAGE, "offset": len(items)})
+        assert resp.status_code == 200, resp.text
+        page = resp.json()
+        items += page
+        if len(page) < PAGE:
+            return items
+
+
+async def view(ops: httpx.AsyncClient, slots_url: str, waitlist_url: str, site_url: str) -> View:
+    """As ops (slots and the waitlist are operations data; every centre's orders are in them)."""
     slots, waiting, sites = await asyncio.gather(
-        client.get(f"{slots_url}/v1/slots", params={"product_code": PRODUCT, "limit": 5000}),
-        client.get(f"{waitlist_url}/v1/waitlist"),
-        client.get(f"{site_url}/v1/sites"),
+        every_page(ops, f"{slots_url}/v1/slots", product_code=PRODUCT),
+        every_page(ops, f"{waitlist_url}/v1/waitlist"),
+        every_page(ops, f"{site_url}/v1/sites"),
     )
-    return View(
-        slots.json(),
-        {w["order_id"]: w for w in waiting.json()},
-        {s["site_id"]: s for s in sites.json()},
-    )
+    return View(slots, {w["order_id"]: w for w in waiting}, {s["site_id"]: s for s in sites})
 
 
 def problems(v: View, centre_of: dict[str, str], cancelled: set[str], moved: dict[str, date]) -> list[str]:
@@ -183,36 +198,37 @@ def problems(v: View, centre_of: dict[str, str], cancelled: set[str], moved: dic
             got = v.live_slot(oid)["apheresis_date"] if n else v.waiting[oid]["apheresis_date"]  # type: ignore[index]
             if got != moved[oid].isoformat():
                 out.append(f"moved {oid}: booked for {got}, not {moved[oid]}")
-        site_id = SITE_OF.get(centre)
-        if site_id is None:  # no approved site: waits, for that reason
+        home = SITE_OF.get(centre)
+        if home is None:  # no approved site: waits, for that reason
             if not waits or v.waiting[oid]["reason"] != "no_approved_site":
                 out.append(f"{oid} from {centre} should wait (no approved site)")
             continue
         if n:
             slot = v.live_slot(oid)
             assert slot is not None
-            if slot["site_id"] != site_id:
+            if slot["site_id"] != home:
                 out.append(f"{oid} from {centre} booked at {slot['site_id']}")
             continue
         # waiting for capacity: only if every day of its window at its site is full
         first = date.fromisoformat(v.waiting[oid]["apheresis_date"]) + timedelta(days=TRANSIT_DAYS)
         for k in range(HORIZON_DAYS):
             day = (first + timedelta(days=k)).isoformat()
-            if v.per_day()[(site_id, PRODUCT, day)] < v.capacity(site_id):
-                out.append(f"{oid} waits although {site_id} has room on {day}")
+            if v.per_day()[(home, PRODUCT, day)] < v.capacity(home):
+                out.append(f"{oid} waits although {home} has room on {day}")
                 break
     return out
 
 
 async def test_two_scheduling_replicas_share_the_work_and_never_oversell(
-    two_replicas: tuple[Platform, RunningService],
+    two_replicas: tuple[Platform, RunningService], parties: Parties
 ) -> None:
     platform, second = two_replicas
     first_url, second_url = platform.url("scheduling"), second.url
     order_url, site_url = platform.url("order"), platform.url("site")
     order_topic = topic_for("order", platform.namespace)
     apheresis = date.today() + timedelta(days=DAYS_AHEAD)
-    async with httpx.AsyncClient(timeout=30) as client:
+    ops, admin = parties.ops, parties.admin
+    async with httpx.AsyncClient(timeout=30) as client:  # /metrics: public
         # both replicas hold part of the order topic before any order is placed
         async def shared() -> tuple[set[int], set[int]] | None:
             a = await assigned_partitions(client, first_url, order_topic)
@@ -229,7 +245,10 @@ async def test_two_scheduling_replicas_share_the_work_and_never_oversell(
             for i in range(n)
         ]
         responses = await asyncio.gather(
-            *(client.post(f"{order_url}/v1/orders", json=b) for b in bodies + unserved)
+            *(
+                parties.centre(b["treatment_center_id"]).post(f"{order_url}/v1/orders", json=b)
+                for b in bodies + unserved
+            )
         )
         responses, refusals = responses[: len(bodies)], responses[len(bodies) :]
         assert [r.status_code for r in responses] == [201] * len(bodies), [r.text for r in responses]
@@ -242,14 +261,14 @@ async def test_two_scheduling_replicas_share_the_work_and_never_oversell(
 
         async def settled(cancelled: set[str], moved: dict[str, date]) -> View | None:
             # slots from one replica, the waitlist from the other: they share one database
-            v = await view(client, first_url, second_url, site_url)
+            v = await view(ops, first_url, second_url, site_url)
             return v if not problems(v, centre_of, cancelled, moved) else None
 
         await eventually(
             lambda: settled(set(), {}), timeout=60, interval=0.5, what="every order booked or waiting"
         )
         await asyncio.sleep(1.0)  # anything booked twice would show by now
-        v = await view(client, second_url, first_url, site_url)
+        v = await view(ops, second_url, first_url, site_url)
         assert problems(v, centre_of, set(), {}) == []
         for centre, site_id in SITE_OF.items():  # each site's window is full, at one start a day
             booked = [s for s in v.slots if s["status"] in LIVE and centre_of[s["order_id"]] == centre]
@@ -273,18 +292,25 @@ async def test_two_scheduling_replicas_share_the_work_and_never_oversell(
         leipzig = v.capacity("DE-LEIPZIG-IZI")
         booked_before = set(v.live())
         calls = [
-            client.post(f"{order_url}/v1/orders/{oid}/cancel", json={"reason": "patient withdrew"})
+            parties.centre(centre_of[oid]).post(
+                f"{order_url}/v1/orders/{oid}/cancel",
+                json={"reason_code": "consent_withdrawn", "note": "patient withdrew"},
+            )
             for oid in cancelled
         ]
         calls += [
-            client.post(
+            parties.centre(centre_of[oid]).post(
                 f"{order_url}/v1/orders/{oid}/apheresis-date",
-                json={"requested_apheresis_date": day.isoformat(), "reason": "patient not fit on the day"},
+                json={
+                    "requested_apheresis_date": day.isoformat(),
+                    "reason_code": "patient_unwell",
+                    "note": "patient not fit on the day",
+                },
             )
             for oid, day in moved.items()
         ]
         calls.append(
-            client.patch(
+            admin.patch(
                 f"{site_url}/v1/sites/DE-LEIPZIG-IZI", json={"daily_capacity": {PRODUCT: leipzig + 1}}
             )
         )
@@ -298,7 +324,7 @@ async def test_two_scheduling_replicas_share_the_work_and_never_oversell(
             what="releases, rebooks and waitlist served",
         )
         await asyncio.sleep(1.0)
-        v = await view(client, second_url, first_url, site_url)
+        v = await view(ops, second_url, first_url, site_url)
         assert problems(v, centre_of, cancelled, moved) == []
         assert v.capacity("DE-LEIPZIG-IZI") == leipzig + 1
         # more capacity and fewer orders in Leipzig: every remaining German order has its slot now
@@ -309,7 +335,8 @@ async def test_two_scheduling_replicas_share_the_work_and_never_oversell(
         # served before its cancel or move arrived: then its slot was released too)
         released = [s for s in v.slots if s["status"] == "released"]
         by_cancel = {s["order_id"] for s in released if s["release_reason"] == "cancelled"}
-        by_move = {s["order_id"] for s in released if s["release_reason"] == "patient not fit on the day"}
+        # a move's release carries the centre's reason code (its note stays in the order service)
+        by_move = {s["order_id"] for s in released if s["release_reason"] == "patient_unwell"}
         assert booked_before & cancelled <= by_cancel <= cancelled
         assert booked_before & set(moved) <= by_move <= set(moved)
         assert len(released) == len(by_cancel) + len(by_move)
@@ -327,7 +354,8 @@ async def test_two_scheduling_replicas_share_the_work_and_never_oversell(
         # the order service agrees: waiting orders are waitlisted, cancelled ones cancelled
         async def statuses() -> dict[str, str] | None:
             got = {
-                oid: (await client.get(f"{order_url}/v1/orders/{oid}")).json()["status"] for oid in centre_of
+                oid: (await parties.centre(c).get(f"{order_url}/v1/orders/{oid}")).json()["status"]
+                for oid, c in centre_of.items()
             }
             ok = all(
                 (s == "cancelled") == (oid in cancelled) and (s == "waitlisted") == (oid in v.waiting)
