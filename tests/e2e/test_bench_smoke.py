@@ -1,5 +1,9 @@
 """`make bench --smoke` end to end: raw limits and a tiny open-model ramp against the five service
-processes, on the session's Postgres and broker, with every output written to a temporary folder."""
+processes, on the session's Postgres and broker, with every output written to a temporary folder.
+
+The bench acts as the centres do: each subscribes with its own token and gets its signing secret from
+the platform (the receiver verifies the first webhook of each centre with it), and posts its own orders
+with its token and an Idempotency-Key per order; the platform runs without the per-client rate limit."""
 
 from __future__ import annotations
 
@@ -66,6 +70,13 @@ def check(
 
     steps = result["platform"]["steps"]
     assert [s["rate"] for s in steps] == [2.0, 4.0]
+    # every centre that ordered got its webhooks signed with the secret the platform gave it
+    combos = result["platform"]["combos"]
+    ordered = {centre for centre, _ in combos[: sum(s["orders"] for s in steps)]}
+    hooks = result["platform"]["webhooks"]
+    assert hooks["bad_signatures"] == 0
+    assert hooks["signatures_verified"] == len(ordered) >= 1
+    assert result["platform"]["token_renewal_failures"] == 0
     for s in steps:
         assert set(s) >= STEP_KEYS
         assert s["orders"] > 0

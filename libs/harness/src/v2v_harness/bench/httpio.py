@@ -3,7 +3,9 @@ webhook receiver that records when each webhook arrives.
 
 httpx and a thread-per-request server cost the generator more CPU per request than the services it
 measures share their two cores with; these do the minimum (content-length and chunked bodies,
-keep-alive) and nothing else.
+keep-alive, a few request headers such as `Authorization` and `Idempotency-Key`) and nothing else. The
+receiver checks the Standard Webhooks signature of the first webhook on each path against the secret
+the platform returned when that path was subscribed.
 """
 
 from __future__ import annotations
@@ -13,9 +15,11 @@ import contextlib
 import json
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 CHAIN_END = "logistics.shipment_planned.v1"
 MAX_HEAD = 64 * 1024
@@ -81,8 +85,16 @@ class HttpPool:
         self._sem = asyncio.Semaphore(limit)
 
     async def request(
-        self, method: str, path: str, body: bytes = b"", content_type: str = "application/json"
+        self,
+        method: str,
+        path: str,
+        body: bytes = b"",
+        content_type: str = "application/json",
+        headers: Mapping[str, str] | None = None,
     ) -> tuple[int, bytes]:
+        """One request; `headers` are sent as given (a retry on a fresh connection sends the same ones,
+        so an `Idempotency-Key` makes it safe)."""
+        extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
         async with self._sem:
             conn = None
             while self._idle and conn is None:
@@ -94,7 +106,7 @@ class HttpPool:
             if conn is None:
                 conn = _Conn(*await asyncio.open_connection(self.host, self.port))
             try:
-                status, headers, payload = await self._exchange(conn, method, path, body, content_type)
+                status, answer, payload = await self._exchange(conn, method, path, body, content_type, extra)
             except (ConnectionError, asyncio.IncompleteReadError) as exc:
                 conn.close()
                 if not reused:
@@ -102,25 +114,27 @@ class HttpPool:
                 # the server closed an idle keep-alive connection: one retry on a fresh one
                 conn = _Conn(*await asyncio.open_connection(self.host, self.port))
                 try:
-                    status, headers, payload = await self._exchange(conn, method, path, body, content_type)
+                    status, answer, payload = await self._exchange(
+                        conn, method, path, body, content_type, extra
+                    )
                 except BaseException:
                     conn.close()
                     raise
             except BaseException:
                 conn.close()
                 raise
-            if headers.get("connection", "").lower() == "close":
+            if answer.get("connection", "").lower() == "close":
                 conn.close()
             else:
                 self._idle.append(conn)
             return status, payload
 
     async def _exchange(
-        self, conn: _Conn, method: str, path: str, body: bytes, content_type: str
+        self, conn: _Conn, method: str, path: str, body: bytes, content_type: str, extra: str = ""
     ) -> tuple[int, dict[str, str], bytes]:
         head = (
             f"{method} {path} HTTP/1.1\r\nhost: {self.host}:{self.port}\r\n"
-            f"content-type: {content_type}\r\ncontent-length: {len(body)}\r\n\r\n"
+            f"content-type: {content_type}\r\ncontent-length: {len(body)}\r\n{extra}\r\n"
         ).encode("latin-1")
         conn.writer.write(head + body)
         await conn.writer.drain()
@@ -149,13 +163,18 @@ class Arrival:
 
 @dataclass
 class WebhookSink:
-    """Records the first arrival of each (order id, event type) webhook; answers 204 at once."""
+    """Records the first arrival of each (order id, event type) webhook; answers 204 at once. The first
+    webhook on each path of `secrets` (path -> the signing secret its subscription was given) has its
+    signature checked: `verified` paths, `bad_signatures` webhooks that did not verify."""
 
     arrivals: dict[str, dict[str, Arrival]] = field(default_factory=lambda: defaultdict(dict))
     chain_ends: int = 0
     received: int = 0
     duplicates: int = 0
     malformed: int = 0
+    secrets: dict[str, str] = field(default_factory=dict)
+    verified: set[str] = field(default_factory=set)
+    bad_signatures: int = 0
     on_chain_end: Callable[[str], None] | None = None
     _server: asyncio.Server | None = None
     port: int = 0
@@ -193,6 +212,19 @@ class WebhookSink:
             if self.on_chain_end is not None:
                 self.on_chain_end(order_id)
 
+    def check_signature(self, path: str, headers: dict[str, str], body: bytes) -> None:
+        """Verify the first webhook of a subscribed path (then trust the path: verifying every one
+        would cost the generator the CPU the services need)."""
+        secret = self.secrets.get(path)
+        if secret is None or path in self.verified:
+            return
+        try:
+            Webhook(secret).verify(body, headers, json_parse=False)
+        except (WebhookVerificationError, ValueError):
+            self.bad_signatures += 1
+            return
+        self.verified.add(path)
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while True:
@@ -200,9 +232,13 @@ class WebhookSink:
                     raw = await reader.readuntil(b"\r\n\r\n")
                 except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
                     return
-                _line, headers = _parse_head(raw[:-4])
+                line, headers = _parse_head(raw[:-4])
                 body = await _read_body(reader, headers)
-                self.record(body, time.time())
+                at = time.time()
+                parts = line.split(" ")
+                if len(parts) >= 2:
+                    self.check_signature(parts[1], headers, body)
+                self.record(body, at)
                 keep = headers.get("connection", "").lower() != "close"
                 writer.write(
                     b"HTTP/1.1 204 No Content\r\n" + (b"" if keep else b"connection: close\r\n") + b"\r\n"

@@ -1,5 +1,12 @@
 """The platform side: prepare the network (capacity, webhook subscriptions), then post orders at each
-rate of the ramp and measure what comes back."""
+rate of the ramp and measure what comes back.
+
+Everyone acts with their own credentials, as on the real platform: ops reads the catalogue, the registry
+admin raises the sites' capacity, each centre subscribes its own endpoint (the platform generates the
+signing secret, which the webhook receiver checks) and posts its own orders with its bearer token and a
+fresh `Idempotency-Key` per order. Tokens live at most 5 minutes: `CentreTokens` keeps each centre's
+fresh in the background, so the hot path never waits for the token endpoint.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +15,12 @@ import contextlib
 import itertools
 import json
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import asyncpg
@@ -23,7 +31,10 @@ from v2v_harness.bench.httpio import CHAIN_END, HttpPool, WebhookSink
 from v2v_harness.bench.loadgen import open_loop
 from v2v_harness.bench.procs import ProcessGroups, SpanCounter
 from v2v_harness.bench.stats import fmt_rate, send_schedule, step_passes, summarise
-from v2v_harness.e2e import new_secret, order_body
+from v2v_harness.e2e import Parties, order_body
+
+if TYPE_CHECKING:
+    from v2v_harness.identity import Credentials
 
 CHAIN = (
     "order.submitted.v1",
@@ -94,20 +105,36 @@ class Network:
     capacity: dict[str, dict[str, int]]  # site -> product -> capacity set
 
 
+def _ok(resp: httpx.Response, what: str, status: int = 200) -> Any:
+    if resp.status_code != status:
+        raise RuntimeError(f"{what}: {resp.status_code} {resp.text[:300]}")
+    return resp.json()
+
+
+async def subscribe_centre(parties: Parties, urls: Callable[[str], str], centre: str, url: str) -> str:
+    """The centre subscribes `url` with its own token; returns the signing secret the platform made."""
+    resp = await parties.centre(centre).post(f"{urls('notification')}/v1/subscriptions", json={"url": url})
+    secret = str(_ok(resp, f"POST /v1/subscriptions ({centre})", 201).get("secret", ""))
+    if not secret.startswith("whsec_"):
+        raise RuntimeError(f"POST /v1/subscriptions ({centre}): no signing secret in the answer")
+    return secret
+
+
 async def prepare_network(
-    client: httpx.AsyncClient,
+    parties: Parties,
     urls: Callable[[str], str],
     sink: WebhookSink,
     dsn: str,
     progress: Progress,
 ) -> Network:
-    """Raise every site's daily capacity, subscribe every centre to the sink, and wait until scheduling
-    has taken in the new capacity."""
-    centres = (await client.get(f"{urls('order')}/v1/treatment-centers")).raise_for_status().json()
-    products = [
-        p["code"] for p in (await client.get(f"{urls('order')}/v1/products")).raise_for_status().json()
-    ]
-    sites = (await client.get(f"{urls('site')}/v1/sites")).raise_for_status().json()
+    """Raise every site's daily capacity (as the registry admin), subscribe every centre that has a
+    client to the sink (as that centre), and wait until scheduling has taken in the new capacity."""
+    ops, admin = parties.ops, parties.admin
+    catalogue = _ok(await ops.get(f"{urls('order')}/v1/treatment-centers"), "GET /v1/treatment-centers")
+    products = [p["code"] for p in _ok(await ops.get(f"{urls('order')}/v1/products"), "GET /v1/products")]
+    sites = _ok(await admin.get(f"{urls('site')}/v1/sites"), "GET /v1/sites")
+    with_client = {c.entity_id for c in parties.credentials.clients("centre")}
+    centres = [c for c in catalogue if c.get("certified", True) and c["id"] in with_client]
     capacity: dict[str, dict[str, int]] = {}
     for site in sites:
         approved = {a["product_code"] for a in site.get("approvals") or []} | set(
@@ -116,22 +143,21 @@ async def prepare_network(
         wanted = {p: BIG_CAPACITY for p in sorted(approved) if p in products}
         if not wanted:
             continue
-        resp = await client.patch(
+        resp = await admin.patch(
             f"{urls('site')}/v1/sites/{site['site_id']}", json={"daily_capacity": wanted}
         )
-        if resp.status_code != 200:
-            raise RuntimeError(f"PATCH /v1/sites/{site['site_id']}: {resp.status_code} {resp.text[:300]}")
+        _ok(resp, f"PATCH /v1/sites/{site['site_id']}")
         capacity[site["site_id"]] = wanted
-    combos = feasible_combos(centres, products, sites) or list(FALLBACK_COMBOS)
     centre_ids = sorted(str(c["id"]) for c in centres)
+    combos = feasible_combos(centres, products, sites) or [c for c in FALLBACK_COMBOS if c[0] in centre_ids]
+    if not combos:
+        raise RuntimeError("no certified centre with a client may order any product")
     for centre in centre_ids:
-        body = {"treatment_center_id": centre, "url": sink.url(f"/hook/{centre}"), "secret": new_secret()}
-        resp = await client.post(f"{urls('notification')}/v1/subscriptions", json=body)
-        if resp.status_code != 201:
-            raise RuntimeError(f"POST /v1/subscriptions ({centre}): {resp.status_code} {resp.text[:300]}")
+        path = f"/hook/{centre}"
+        sink.secrets[path] = await subscribe_centre(parties, urls, centre, sink.url(path))
     progress(
         f"capacity raised to {BIG_CAPACITY}/day on {len(capacity)} sites; {len(centre_ids)} centres "
-        f"subscribed; {len(combos)} (centre, product) pairs"
+        f"subscribed (platform-made secrets); {len(combos)} (centre, product) pairs"
     )
     if not await wait_for_scheduling_capacity(dsn, capacity, timeout=60):
         progress("could not confirm scheduling's copy of the capacity; waiting 3 s instead")
@@ -167,6 +193,50 @@ async def wait_for_scheduling_capacity(dsn: str, capacity: dict[str, dict[str, i
         return False
     finally:
         await conn.close()
+
+
+class CentreTokens:
+    """Each centre's `Authorization` header for the hot path, renewed in the background every `every_s`
+    (Credentials hands out a cached token until a minute before it expires, then a new one)."""
+
+    def __init__(
+        self, credentials: Credentials, centres: list[str], progress: Progress, every_s: float = 15.0
+    ) -> None:
+        self.credentials = credentials
+        self.client_ids = {c: credentials.client_id("centre", c) for c in centres}
+        self.progress = progress
+        self.every_s = every_s
+        self.headers: dict[str, str] = {}
+        self.failures = 0
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> CentreTokens:
+        await self.refresh()
+        self._task = asyncio.create_task(self._keep_fresh())
+        return self
+
+    async def refresh(self) -> None:
+        for centre, client_id in self.client_ids.items():
+            self.headers[centre] = "Bearer " + await self.credentials.token(client_id)
+
+    def authorization(self, centre: str) -> str:
+        return self.headers[centre]
+
+    async def _keep_fresh(self) -> None:
+        while True:
+            await asyncio.sleep(self.every_s)
+            try:
+                await self.refresh()
+            except Exception as exc:  # the tokens in hand last a minute more: try again next time
+                self.failures += 1
+                self.progress(f"token renewal failed ({exc.__class__.__name__}); retrying")
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
 
 
 @dataclass
@@ -206,9 +276,11 @@ class PlatformLoad:
         groups: ProcessGroups,
         spans: SpanCounter,
         progress: Progress,
+        tokens: CentreTokens,
     ) -> None:
         parts = urlsplit(order_url)
         self.cfg = cfg
+        self.tokens = tokens
         self.pool = HttpPool(parts.hostname or "127.0.0.1", parts.port or 80, limit=cfg.max_inflight)
         self.sink = sink
         self.network = network
@@ -245,22 +317,28 @@ class PlatformLoad:
             await state.drain(left)
         return self.outstanding()
 
-    def bodies(self, count: int) -> list[bytes]:
+    def bodies(self, count: int) -> list[tuple[str, bytes]]:
+        """(centre, body) of the next `count` orders: each is posted by its centre."""
         out = []
         for _ in range(count):
             n = self.counter
             self.counter += 1
             centre, product = self.network.combos[n % len(self.network.combos)]
             body = order_body(centre, product, days_ahead=10 + n % 40, patient_ref=f"BENCH-{n:07d}")
-            out.append(json.dumps(body).encode())
+            out.append((centre, json.dumps(body).encode()))
         return out
 
-    async def post(self, state: StepState, body: bytes) -> None:
+    async def post(self, state: StepState, order: tuple[str, bytes]) -> None:
+        centre, body = order
+        headers = {
+            "authorization": self.tokens.authorization(centre),
+            "idempotency-key": str(uuid.uuid4()),  # one per order: a retried send is the same order
+        }
         sent = time.time()
         t0 = time.perf_counter()
         try:
             async with asyncio.timeout(self.cfg.request_timeout):
-                status, payload = await self.pool.request("POST", "/v1/orders", body)
+                status, payload = await self.pool.request("POST", "/v1/orders", body, headers=headers)
         except TimeoutError:
             state.timeouts += 1
             return
@@ -431,6 +509,7 @@ class PlatformLoad:
         }
 
     async def aclose(self) -> None:
+        await self.tokens.aclose()
         await self.pool.aclose()
 
 

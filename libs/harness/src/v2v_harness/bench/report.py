@@ -311,14 +311,18 @@ HEADER = """# Benchmarks
 
 `make bench` (`python -m v2v_harness.bench`) starts its own embedded Postgres, Tansu broker and the five
 services through the harness (a fresh database and topic namespace; `V2V_DATABASE_URL` /
-`V2V_KAFKA_BOOTSTRAP_SERVERS` are used when set), raises every site's daily capacity so that no order
-waits for a slot, subscribes every treatment centre to an in-process webhook receiver, and then:
+`V2V_KAFKA_BOOTSTRAP_SERVERS` are used when set) with a token issuer of its own and the per-client rate
+limit off (`V2V_RATE_LIMIT_PER_S=0`), raises every site's daily capacity (as the registry admin) so that
+no order waits for a slot, subscribes every treatment centre to an in-process webhook receiver (each
+centre with its own token; the receiver checks each centre's first webhook against the signing secret
+the platform returned), and then:
 
 1. measures the raw limits of that Postgres and broker: transactions of two inserts (sequential and 16
    concurrent), Kafka produce (batched and awaited one by one, acks=all) and consume, and a raw 5-hop
    chain on asyncpg + aiokafka (per hop: consume → one transaction of inbox + state + outbox insert →
    produce acks=all), whose maximum sustained rate comes from an open-model ramp;
-2. posts orders at constant arrival rates (open model: sends leave on schedule, never waiting for
+2. posts orders at constant arrival rates, each by its centre with its bearer token and an
+   `Idempotency-Key` of its own (open model: sends leave on schedule, never waiting for
    answers; a send beyond the in-flight bound counts as an error) and records, per rate, the intake
    latency of `POST /v1/orders`, order → first webhook, order → chain end (`logistics.shipment_planned.v1`
    webhook), the lag of each hop from the CloudEvents' own `time`, CPU seconds per order per process

@@ -1,4 +1,9 @@
-"""The whole run: infrastructure, raw limits, platform ramp, outputs."""
+"""The whole run: infrastructure, raw limits, platform ramp, outputs.
+
+The platform trusts a token issuer of the run's own (the harness' local authorization server with its
+demo clients, in the run's state folder) and runs without the per-client rate limit
+(`V2V_RATE_LIMIT_PER_S=0`): the bench measures how much the platform takes, not the edge's quota.
+"""
 
 from __future__ import annotations
 
@@ -17,16 +22,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import httpx
 import psutil
 
 from v2v_harness.bench import report
 from v2v_harness.bench.config import BenchConfig
 from v2v_harness.bench.httpio import WebhookSink
-from v2v_harness.bench.load import PlatformLoad, prepare_network, run_ramp
+from v2v_harness.bench.load import CentreTokens, PlatformLoad, prepare_network, run_ramp
 from v2v_harness.bench.procs import ProcessGroups, SpanCounter
 from v2v_harness.bench.raw import KafkaTarget, measure_raw
 from v2v_harness.bench.stats import find_knee
+from v2v_harness.e2e import Parties
+from v2v_harness.identity import Credentials, start_identity
 from v2v_harness.infra import Infrastructure, start_infrastructure
 from v2v_harness.platform import Platform, tail
 from v2v_harness.provision import drop_database, provision, with_database
@@ -94,23 +100,29 @@ async def _run_platform(
     progress: Callable[[str], None],
 ) -> dict[str, Any]:
     dsn = with_database(infra.admin_url, database)
-    plat = Platform(infra, database, namespace=database, state_dir=run_dir)
-    env = {name: dict(cfg.service_env) for name in urls}
-    progress("starting the five services")
+    identity_dir = run_dir / "identity"
+    identity = await asyncio.to_thread(start_identity, identity_dir)
+    plat = Platform(infra, database, namespace=database, state_dir=run_dir, issuer=identity.url)
+    env = {name: {"V2V_RATE_LIMIT_PER_S": "0", **cfg.service_env} for name in urls}
+    progress(f"starting the five services (token issuer {identity.url})")
     try:
         await asyncio.to_thread(plat.start, urls, fixed_ports=False, extra_env=env, timeout=120)
     except BaseException:
         await asyncio.to_thread(plat.stop)
+        await asyncio.to_thread(identity.stop)
         raise
     sink = await WebhookSink().start()
+    credentials = Credentials(identity.url, identity_dir)
+    parties = Parties(credentials, timeout=30)
     load: PlatformLoad | None = None
+    tokens: CentreTokens | None = None
     try:
         progress(f"services ready; webhook receiver on {sink.url('/hook')}")
-        async with httpx.AsyncClient(timeout=30) as client:
-            network = await prepare_network(client, plat.url, sink, dsn, progress)
+        network = await prepare_network(parties, plat.url, sink, dsn, progress)
+        tokens = await CentreTokens(credentials, network.centres, progress).start()
         groups = ProcessGroups({n: s.proc.pid for n, s in plat.services.items()}, _broker_binary())
         spans = SpanCounter(run_dir / "telemetry")
-        load = PlatformLoad(cfg, plat.url("order"), sink, network, groups, spans, progress)
+        load = PlatformLoad(cfg, plat.url("order"), sink, network, groups, spans, progress, tokens)
         await load.warmup(cfg.warmup_per_combo * len(network.combos))
         idle = await load.measure_idle(cfg.idle_seconds)
         steps = await run_ramp(load, cfg, progress)
@@ -133,14 +145,22 @@ async def _run_platform(
                 "received": sink.received,
                 "duplicates": sink.duplicates,
                 "malformed": sink.malformed,
+                # the first webhook of each centre's subscription, checked against its secret
+                "signatures_verified": len(sink.verified),
+                "bad_signatures": sink.bad_signatures,
             },
+            "token_renewal_failures": tokens.failures,
             "rss_mb_at_end": groups.rss_mb(),
         }
     finally:
         if load is not None:
             await load.aclose()
+        elif tokens is not None:
+            await tokens.aclose()
+        await parties.aclose()
         await sink.stop()
         await asyncio.to_thread(plat.stop)
+        await asyncio.to_thread(identity.stop)
 
 
 async def run_bench(cfg: BenchConfig, infra: Infrastructure | None = None) -> dict[str, Any]:
