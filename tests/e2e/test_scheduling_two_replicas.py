@@ -68,11 +68,13 @@ def two_replicas(infra: Infrastructure, state_dir: Path) -> Iterator[tuple[Platf
     try:
         spec = BY_NAME["scheduling"]
         port = free_port()
-        database_url = platform.services["scheduling"].database_url
+        first = platform.services["scheduling"]
+        database_url = first.database_url
+        owner_url = first.env.get("V2V_MIGRATION_DATABASE_URL")  # as the first replica: the schema's owner
         log_path = platform.state_dir / "logs" / "scheduling-2.log"
         proc = spawn(
             [sys.executable, "-m", spec.package],
-            env=platform.service_env(spec, port, database_url, scheduling_env),
+            env=platform.service_env(spec, port, database_url, scheduling_env, owner_url),
             log_path=log_path,
         )
         second = RunningService(spec, port, database_url, proc, log_path)
