@@ -164,7 +164,8 @@ class Credentials:
 
 
 class BearerAuth(httpx.Auth):
-    """Adds `Authorization: Bearer <token>` of one demo client; fetches a new token on a 401 once."""
+    """Adds `Authorization: Bearer <token>` of one demo client (a cached token, renewed a minute before it
+    expires)."""
 
     def __init__(self, credentials: Credentials, client_id: str, scope: str | None = None) -> None:
         self.credentials = credentials
