@@ -1,5 +1,5 @@
 """`python -m v2v_harness run` (what `make run` calls), `token CLIENT_ID` (a bearer token of a demo client),
-`clients` (the demo clients), `provision` and `receive`."""
+`clients` (the demo clients), `provision`, `receive` and `chaos` (what `make chaos` calls)."""
 
 from __future__ import annotations
 
@@ -218,6 +218,15 @@ def main() -> int:
     tok.add_argument("--state-dir", default=str(DEFAULT_STATE))
     cli = sub.add_parser("clients", help="list the demo clients: id, kind, entity, scopes")
     cli.add_argument("--state-dir", default=str(DEFAULT_STATE))
+    sub.add_parser(
+        "chaos",
+        help="two replicas of every service under a seeded nemesis, a workload and a checker (--help)",
+        add_help=False,
+    )
+    if len(sys.argv) > 1 and sys.argv[1] == "chaos":  # its own options: v2v_harness.chaos.runner
+        from v2v_harness.chaos.runner import main as chaos_main
+
+        return chaos_main(sys.argv[2:])
     args = parser.parse_args()
     commands = {
         "run": _run,
