@@ -21,7 +21,7 @@ def timeline(chain: list[tuple[str | None, str]]) -> list[dict[str, Any]]:
 
 
 def clean() -> tuple[list[Intent], FinalState]:
-    intents = [Intent("REF-1", "o1"), Intent("REF-2", None)]
+    intents = [Intent("REF-1", "o1")]
     final = FinalState(
         orders={"o1": {"patient_ref": "REF-1", "status": "cancelled"}},
         timelines={"o1": timeline(CHAIN)},
@@ -124,3 +124,12 @@ def test_a_dead_letter_without_poison_or_a_process_not_ready_fails() -> None:
     intents, final = clean()
     final.ready["order-2"] = 503
     assert failing(intents, final) == {"every process ready at the end"}
+
+
+def test_an_unacknowledged_intent_fails_and_its_order_need_only_reach_what_the_platform_does_alone() -> None:
+    intents, final = clean()
+    intents.append(Intent("REF-2", None))
+    final.orders["o2"] = {"patient_ref": "REF-2", "status": "inbound_shipment_planned"}
+    assert failing(intents, final) == {"every client intent acknowledged"}
+    final.orders["o2"]["status"] = "slot_reserved"
+    assert "every order terminal within 120 s of the last healed fault" in failing(intents, final)

@@ -136,6 +136,9 @@ async def _run(cfg: ChaosConfig) -> int:
 
         simapi.TRANSPORT_RETRIES = 15  # faults last seconds: the same key, again, for longer
         simapi.SERVER_RETRIES = 10
+        # a key whose first request died with its process is taken over after the claim's lease (60 s):
+        # wait 409 idempotency-key-in-flight out for longer than that (0.5 s x 1..20 = 105 s)
+        simapi.IN_FLIGHT_RETRIES = 20
         balancer = ReplicaBalancer(
             {
                 int(platform.services[s.name].port): (s.name, [r.port for r in platform.replicas[s.name]])
