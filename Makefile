@@ -18,7 +18,7 @@ unexport PYTHONDONTWRITEBYTECODE
 
 PYTEST_ARGS ?=
 
-.PHONY: help bootstrap run demo test test-unit test-integration test-e2e lint format typecheck clean trace bench
+.PHONY: help bootstrap run demo test test-unit test-integration test-e2e lint format typecheck clean trace bench chaos
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -71,6 +71,10 @@ trace: bootstrap ## print every trace of one order as a waterfall: make trace OR
 
 bench: bootstrap ## open-model load test: raw limits, latency and CPU per rate, the knee (BENCH_ARGS="--smoke", "--help")
 	@$(VENV)/bin/python -m v2v_harness.bench $(BENCH_ARGS)
+
+chaos: bootstrap ## replicas + seeded nemesis + workload + checker: make chaos ORDERS=100 SECONDS=180 SEED=1 (docs/RELIABILITY.md)
+	@PYTHONPATH=tools/simulator $(VENV)/bin/python -m v2v_harness chaos --orders $(or $(ORDERS),100) \
+		--seconds $(or $(SECONDS),180) --seed $(or $(SEED),1) $(CHAOS_ARGS)
 
 clean: ## remove the local state (database files, logs, telemetry) under .v2v/
 	rm -rf .v2v

@@ -1,5 +1,5 @@
 """`python -m v2v_harness run` (what `make run` calls), `token CLIENT_ID` (a bearer token of a demo client),
-`clients` (the demo clients), `provision` and `receive`."""
+`clients` (the demo clients), `provision`, `receive` and `chaos` (what `make chaos` calls)."""
 
 from __future__ import annotations
 
@@ -59,8 +59,8 @@ def _run(args: argparse.Namespace) -> int:
         platform.start(urls, fixed_ports=True, timeout=90)
         print("vein2vein: all five services are ready", flush=True)
         for spec in SERVICES:
-            svc = platform.services[spec.name]
-            print(f"  {spec.name:<13} {svc.url}  (docs {svc.url}/docs, log {svc.log_path})", flush=True)
+            for svc in platform.replicas.get(spec.name) or [platform.services[spec.name]]:
+                print(f"  {svc.label:<13} {svc.url}  (docs {svc.url}/docs, log {svc.log_path})", flush=True)
         print("Ctrl-C stops everything.", flush=True)
         supervisor = ProcessSupervisor(_children(infra, platform))
         while not stopping:
@@ -101,16 +101,16 @@ def _children(infra: Infrastructure, platform: Platform) -> list[Child]:
         children.append(
             Child("broker", lambda: tansu.proc is not None and tansu.proc.poll() is None, tansu_restart)
         )
-    for name, svc in platform.services.items():
+    for svc in platform.processes():  # every replica is a child of its own
 
         def describe(svc: RunningService = svc) -> str:
             return f"exited ({svc.proc.returncode}); last lines:\n{tail(svc.log_path, 10)}\n"
 
         children.append(
             Child(
-                name,
+                svc.label,
                 lambda svc=svc: svc.proc.poll() is None,  # type: ignore[misc]
-                lambda name=name: platform.restart_service(name),  # type: ignore[misc]
+                lambda svc=svc: platform.restart_service(svc.spec.name, svc.replica),  # type: ignore[misc]
                 describe,
             )
         )
@@ -218,6 +218,15 @@ def main() -> int:
     tok.add_argument("--state-dir", default=str(DEFAULT_STATE))
     cli = sub.add_parser("clients", help="list the demo clients: id, kind, entity, scopes")
     cli.add_argument("--state-dir", default=str(DEFAULT_STATE))
+    sub.add_parser(
+        "chaos",
+        help="two replicas of every service under a seeded nemesis, a workload and a checker (--help)",
+        add_help=False,
+    )
+    if len(sys.argv) > 1 and sys.argv[1] == "chaos":  # its own options: v2v_harness.chaos.runner
+        from v2v_harness.chaos.runner import main as chaos_main
+
+        return chaos_main(sys.argv[2:])
     args = parser.parse_args()
     commands = {
         "run": _run,

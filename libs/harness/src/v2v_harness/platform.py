@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from subprocess import Popen
@@ -24,10 +25,34 @@ class RunningService:
     proc: Popen[bytes]
     log_path: Path
     env: dict[str, str] = field(default_factory=dict)
+    replica: int = 1  # 1 for the first process of the service, 2.. for the others
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def label(self) -> str:
+        """`order` for the first replica, `order-2` for the second, ..."""
+        return self.spec.name if self.replica == 1 else f"{self.spec.name}-{self.replica}"
+
+
+def replica_counts(env: Mapping[str, str] | None = None) -> dict[str, int]:
+    """How many processes of each service to run: `V2V_REPLICAS` (all services, default 1), overridden per
+    service by `V2V_REPLICAS_<SERVICE>` (e.g. `V2V_REPLICAS_SCHEDULING=3`)."""
+    env = os.environ if env is None else env
+
+    def count(var: str, default: int) -> int:
+        raw = (env.get(var) or "").strip()
+        if not raw:
+            return default
+        value = int(raw)
+        if value < 1:
+            raise ValueError(f"{var} must be at least 1, not {value}")
+        return value
+
+    every = count("V2V_REPLICAS", 1)
+    return {spec.name: count(f"V2V_REPLICAS_{spec.name.upper()}", every) for spec in SERVICES}
 
 
 @dataclass
@@ -37,10 +62,25 @@ class Platform:
     namespace: str
     state_dir: Path
     issuer: str | None = None  # the OAuth issuer the services trust (V2V_AUTH_ISSUER)
+    # the first replica of each service (what `url` answers); every replica, the first included, is in
+    # `replicas[name]`
     services: dict[str, RunningService] = field(default_factory=dict)
+    replicas: dict[str, list[RunningService]] = field(default_factory=dict)
 
     def url(self, name: str) -> str:
+        """The first replica's URL (with fixed ports under `make run`: the documented port)."""
         return self.services[name].url
+
+    def urls(self, name: str) -> list[str]:
+        """Every replica's URL, the first first."""
+        return [svc.url for svc in self.replicas.get(name) or [self.services[name]]]
+
+    def processes(self) -> list[RunningService]:
+        """Every service process, replicas included, in start order."""
+        found: list[RunningService] = []
+        for name, first in self.services.items():
+            found.extend(self.replicas.get(name) or [first])
+        return found
 
     def service_env(
         self,
@@ -89,28 +129,56 @@ class Platform:
         extra_env: dict[str, dict[str, str]] | None = None,
         only: tuple[str, ...] | None = None,
         timeout: float = 60.0,
+        replicas: Mapping[str, int] | None = None,
     ) -> None:
+        """Start each service (`only`: some of them); `replicas`: processes per service (default from
+        `V2V_REPLICAS` / `V2V_REPLICAS_<SERVICE>`, see `replica_counts`). The first replica of every
+        service starts first and is waited for (it runs the migrations); the others then start on the same
+        database and topics, each on a free port, logging to `<service>-<n>.log`."""
         extra_env = extra_env or {}
+        counts = dict(replica_counts() if replicas is None else replicas)
         for spec in SERVICES:
             if only is not None and spec.name not in only:
                 continue
             port = spec.port if fixed_ports else free_port()
             if fixed_ports and port_in_use(port):
                 raise RuntimeError(f"port {port} for the {spec.name} service is taken")
-            log_path = self.state_dir / "logs" / f"{spec.name}.log"
-            owner_urls = getattr(service_urls, "owner_urls", {})  # provision(...): runtime + owner URLs
-            env = self.service_env(
-                spec, port, service_urls[spec.name], extra_env.get(spec.name, {}), owner_urls.get(spec.name)
-            )
-            proc = spawn([sys.executable, "-m", spec.package], env=env, log_path=log_path)
-            self.services[spec.name] = RunningService(
-                spec, port, service_urls[spec.name], proc, log_path, env
-            )
+            svc = self._spawn(spec, port, service_urls, extra_env, replica=1)
+            self.services[spec.name] = svc
+            self.replicas[spec.name] = [svc]
         self.wait_ready(timeout)
+        more = False
+        for spec in SERVICES:
+            if spec.name not in self.services or (only is not None and spec.name not in only):
+                continue
+            for replica in range(2, counts.get(spec.name, 1) + 1):
+                svc = self._spawn(spec, free_port(), service_urls, extra_env, replica=replica)
+                self.replicas[spec.name].append(svc)
+                more = True
+        if more:
+            self.wait_ready(timeout)
+
+    def _spawn(
+        self,
+        spec: ServiceSpec,
+        port: int,
+        service_urls: dict[str, str],
+        extra_env: dict[str, dict[str, str]],
+        *,
+        replica: int,
+    ) -> RunningService:
+        suffix = "" if replica == 1 else f"-{replica}"
+        log_path = self.state_dir / "logs" / f"{spec.name}{suffix}.log"
+        owner_urls = getattr(service_urls, "owner_urls", {})  # provision(...): runtime + owner URLs
+        env = self.service_env(
+            spec, port, service_urls[spec.name], extra_env.get(spec.name, {}), owner_urls.get(spec.name)
+        )
+        proc = spawn([sys.executable, "-m", spec.package], env=env, log_path=log_path)
+        return RunningService(spec, port, service_urls[spec.name], proc, log_path, env, replica)
 
     def wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        pending = dict(self.services)
+        pending = {svc.label: svc for svc in self.processes()}
         with httpx.Client(timeout=2.0) as client:
             while pending and time.monotonic() < deadline:
                 for name, svc in list(pending.items()):
@@ -134,20 +202,24 @@ class Platform:
                 + "\n".join(tail(s.log_path) for s in pending.values())
             )
 
-    def restart_service(self, name: str) -> None:
-        """Start a service again as it was started (same port, database and environment)."""
-        svc = self.services[name]
+    def replica(self, name: str, replica: int = 1) -> RunningService:
+        return (self.replicas.get(name) or [self.services[name]])[replica - 1]
+
+    def restart_service(self, name: str, replica: int = 1) -> None:
+        """Start a service process again as it was started (same port, database and environment)."""
+        svc = self.replica(name, replica)
         if svc.proc.poll() is None:
             stop(svc.proc)
         svc.proc = spawn([sys.executable, "-m", svc.spec.package], env=svc.env, log_path=svc.log_path)
 
     def stop_service(self, name: str) -> None:
-        svc = self.services.get(name)
-        if svc is not None:
-            stop(svc.proc)
+        """Stop every process of the service."""
+        if name in self.services:
+            for svc in self.replicas.get(name) or [self.services[name]]:
+                stop(svc.proc)
 
     def stop(self) -> None:
-        for svc in reversed(list(self.services.values())):
+        for svc in reversed(self.processes()):
             stop(svc.proc)
 
 
