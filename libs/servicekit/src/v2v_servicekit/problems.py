@@ -194,6 +194,25 @@ def install(app: FastAPI) -> None:
         body = _body(request, 422, "Invalid request", detail, "validation", errors=errors)
         return ProblemResponse(body, status_code=422)
 
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        """Anything else. The database or the broker being unavailable (a lost connection, a fail-over,
+        a read-only window) is 503 with Retry-After: the client retries, with its Idempotency-Key; any
+        other error is a bare 500 problem that carries nothing of the request or the error's text."""
+        from v2v_messaging import is_transient
+
+        if is_transient(exc):
+            body = _body(
+                request,
+                503,
+                "Service unavailable",
+                "the database or the broker is unavailable; retry",
+                "unavailable",
+            )
+            return JSONResponse(body, status_code=503, media_type=PROBLEM_JSON, headers={"Retry-After": "1"})
+        body = _body(request, 500, "Internal error", "an unexpected error; it has been logged", "internal")
+        return JSONResponse(body, status_code=500, media_type=PROBLEM_JSON)
+
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         title = {
