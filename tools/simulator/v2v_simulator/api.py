@@ -101,10 +101,16 @@ class Api:
         credentials: TokenSource | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         backoff_s: float = 0.5,
+        server_retries: int = SERVER_RETRIES,
+        transport_retries: int = TRANSPORT_RETRIES,
+        in_flight_retries: int = IN_FLIGHT_RETRIES,
     ) -> None:
         """`credentials`: the parties' tokens (none sent without); `transport`: for tests
         (httpx.MockTransport); `backoff_s`: the first retry's pause (the n-th retry waits n times as
-        long)."""
+        long); the retry budgets (5xx, transport errors, 409 key in flight) default to the module's."""
+        self.server_retries = server_retries
+        self.transport_retries = transport_retries
+        self.in_flight_retries = in_flight_retries
         self.urls = urls
         self.stats = stats
         self.credentials = credentials
@@ -177,7 +183,7 @@ class Api:
                     resp = await send(client)
             except httpx.TransportError as exc:
                 transport_errors += 1
-                if transport_errors <= TRANSPORT_RETRIES:
+                if transport_errors <= self.transport_retries:
                     await asyncio.sleep(self.backoff_s * transport_errors)
                     continue
                 self.stats.error(f"{who} {label}: {_request_line(exc)}: {type(exc).__name__}: {exc}")
@@ -200,7 +206,7 @@ class Api:
             if (
                 resp.status == 409
                 and _problem_kind(resp) == "idempotency-key-in-flight"
-                and in_flight < IN_FLIGHT_RETRIES
+                and in_flight < self.in_flight_retries
             ):
                 in_flight += 1
                 await asyncio.sleep(self.backoff_s * in_flight)
@@ -208,7 +214,7 @@ class Api:
             body = resp.body
             detail = body.get("detail") if isinstance(body, dict) else str(body)[:300]
             self.stats.error(f"{who} {label}: {resp.method} {resp.path} -> {resp.status} {detail}")
-            if resp.status >= 500 and server_errors < SERVER_RETRIES:
+            if resp.status >= 500 and server_errors < self.server_retries:
                 server_errors += 1
                 await asyncio.sleep(self.backoff_s * server_errors)
                 continue

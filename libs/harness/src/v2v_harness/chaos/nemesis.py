@@ -92,12 +92,14 @@ class Nemesis:
         return found
 
     async def run(self, until_s: float) -> None:
-        """Inject faults one after another until the run's clock reaches `until_s`, then heal all."""
+        """Inject faults one after another until the run's clock reaches `until_s`, then heal all. With
+        `every_kind_first`, every kind is injected once even if that takes longer than `until_s` (a slow
+        machine must not leave a kind out)."""
         kinds = self.kinds()
         first = sorted(kinds) if self.every_kind_first else []
         self.rng.shuffle(first)
         try:
-            while self.clock() < until_s:
+            while first or self.clock() < until_s:
                 kind = (
                     first.pop(0) if first else self.rng.choices(list(kinds), weights=list(kinds.values()))[0]
                 )

@@ -134,11 +134,6 @@ async def _run(cfg: ChaosConfig) -> int:
         from v2v_simulator import Config, Simulator
         from v2v_simulator.tracker import Tracker
 
-        simapi.TRANSPORT_RETRIES = 15  # faults last seconds: the same key, again, for longer
-        simapi.SERVER_RETRIES = 10
-        # a key whose first request died with its process is taken over after the claim's lease (60 s):
-        # wait 409 idempotency-key-in-flight out for longer than that (0.5 s x 1..20 = 105 s)
-        simapi.IN_FLIGHT_RETRIES = 20
         balancer = ReplicaBalancer(
             {
                 int(platform.services[s.name].port): (s.name, [r.port for r in platform.replicas[s.name]])
@@ -170,7 +165,17 @@ async def _run(cfg: ChaosConfig) -> int:
         simulator = Simulator(sim_cfg, sim_out, credentials)
         await simulator.api.close()
         simulator.api = simapi.Api(
-            sim_cfg.urls, sim_cfg.concurrency, simulator.stats, credentials=credentials, transport=balancer
+            sim_cfg.urls,
+            sim_cfg.concurrency,
+            simulator.stats,
+            credentials=credentials,
+            transport=balancer,
+            # faults last seconds: the same key, again, for longer
+            transport_retries=15,
+            server_retries=10,
+            # a key whose first request died with its process is taken over after the claim's lease
+            # (60 s): wait 409 idempotency-key-in-flight out for longer than that (0.5 s x 1..20 = 105 s)
+            in_flight_retries=20,
         )
         simulator.tracker = Tracker(simulator.api, sim_cfg.poll_s)
 
