@@ -45,6 +45,9 @@ TRANSIENT_TYPES: tuple[type[BaseException], ...] = (
     asyncio.TimeoutError,
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,  # connection closed / pool closing
+    # the connection's protocol state broken by a backend terminated mid-operation ("cannot switch to
+    # state …; another operation is in progress"): the connection is lost, not the message at fault
+    asyncpg.InternalClientError,
     asyncpg.OperatorInterventionError,
     asyncpg.InsufficientResourcesError,
     asyncpg.SerializationError,
