@@ -102,6 +102,10 @@ class Delivery(EventRef):
 
     delivery_id: uuid.UUID
     attempts: int  # made so far
+    # the lease's token: the attempt's outcome is recorded only while the delivery is still leased by it
+    # (a dispatcher paused past its lease, whose delivery another one took over, records nothing)
+    lease_token: uuid.UUID | None = None
+    seq: int = 0  # queued order: an order's deliveries to one target are attempted in this order
 
 
 @dataclass(frozen=True, kw_only=True)
