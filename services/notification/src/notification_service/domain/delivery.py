@@ -17,7 +17,7 @@ class DeliveryPolicy:
     backoff_base_s: float = 1.0
     backoff_max_s: float = 300.0
     timeout_s: float = 5.0
-    batch: int = 50
+    batch: int = 50  # deliveries a dispatcher has in flight at most (leased and not yet recorded)
 
     def backoff(self, attempt: int, rand: Callable[[], float] | None = None) -> float:
         """Exponential backoff with equal jitter: between half and all of base * 2^(attempt-1), capped."""
