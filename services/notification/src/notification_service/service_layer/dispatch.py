@@ -71,7 +71,7 @@ log = get_logger(__name__)
 
 LEASE = timedelta(seconds=60)  # at least: a delivery leased and not recorded by then is attempted again
 IDLE_WAIT_S = 5.0  # longest sleep between two looks at the queue
-RECORD_COALESCE_S = 0.01  # after an attempt finished: a moment for others to finish, recorded together
+RECORD_COALESCE_S = 0.01  # while attempts are in flight: a moment for more to finish, one pass for all
 SHUTDOWN_GRACE_S = 2.0  # at shutdown: how long attempts in flight may still finish and be recorded
 
 _meter = meter(names.METER_NOTIFICATION)
@@ -163,6 +163,7 @@ class Dispatcher(abc.ABC, Generic[D]):
         self._leased = 0  # leased by this dispatcher and not recorded yet
         self._finished: list[_Attempted[D]] = []  # attempted, not recorded yet
         self._progress = asyncio.Event()  # set when an attempt finishes
+        self._filled = False  # the last pass leased all it had room for: more may be due
 
     # ---- what a channel provides ---------------------------------------------------------------
 
@@ -204,15 +205,15 @@ class Dispatcher(abc.ABC, Generic[D]):
         hb = heartbeat or Heartbeat(f"{self.kind}_dispatcher")
         while True:
             wake.clear()
-            leased = await self.pump()
+            await self.pump()
             hb.beat()
-            if wake.is_set() or self._finished or (leased and self.room > 0):
-                continue  # queued meanwhile, attempts to record, or maybe more due
+            if wake.is_set() or self._finished or (self._filled and self.room > 0):
+                continue  # queued meanwhile, attempts to record, or more due than there was room for
             timeout = await self.until_next_due() if self.room > 0 else IDLE_WAIT_S
             if wake.is_set() or self._finished:
                 continue
             await _first_of(wake, self._progress, timeout)
-            if self._progress.is_set() and not wake.is_set() and self._tasks:
+            if self._leased:  # attempts to record: a moment for more to finish (or be queued), one pass
                 await asyncio.sleep(RECORD_COALESCE_S)
 
     async def pump(self, *, lease_more: bool = True) -> int:
@@ -230,6 +231,7 @@ class Dispatcher(abc.ABC, Generic[D]):
                     due: list[D] = []
                     if lease_more and room > 0:
                         due = await self.queue(tx).claim_due(room, self.lease, per_target=self.per_target)
+                    self._filled = lease_more and room > 0 and len(due) == room
         except BaseException:
             self._finished[:0] = finished
             raise
