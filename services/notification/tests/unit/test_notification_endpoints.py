@@ -514,3 +514,55 @@ async def test_a_loop_that_stops_beating_is_reported_stuck(
     finally:
         hang.set()
         await supervisor.stop()
+
+
+def test_the_service_runs_each_channels_dispatcher_and_listener_under_the_runtimes_supervisor() -> None:
+    from notification_service.app import DEFINITION
+
+    assert [job.__name__ for job in DEFINITION.background] == [
+        "webhook_dispatcher",
+        "webhook_listener",
+        "email_dispatcher",
+        "email_listener",
+    ]
+
+
+async def test_at_shutdown_an_attempt_that_finishes_in_time_is_recorded_and_the_sender_closed(
+    uow: FakeUnitOfWork[Any], inbox: FakeInbox[Any], store: MemoryStore
+) -> None:
+    from types import SimpleNamespace
+
+    from notification_service.config import NotificationSettings
+    from notification_service.service_layer.dispatch import webhook_dispatcher
+    from v2v_messaging import current_heartbeat
+
+    sub, url = await subscribe(uow, "TC-DE-BE-001")
+    await inbox.deliver(submitted("TC-DE-BE-001"))
+    closed = asyncio.Event()
+
+    class Slowish(Endpoints):
+        async def aclose(self) -> None:
+            closed.set()
+
+    sender = Slowish()
+    sender.delay[url] = 0.3
+    hooks = WebhookDispatcher(uow, sender, POLICY, breaker=BREAKER)
+    rt = SimpleNamespace(
+        pool=None,
+        uow=uow,
+        settings=NotificationSettings(notification_insecure_dev_key=True),
+        extras={"dispatcher": hooks},  # made once, kept across the runs of its loop
+        definition=SimpleNamespace(schema="notification"),
+        heartbeat=current_heartbeat,
+    )
+    supervisor = Supervisor()
+
+    async def loop(_hb: Any) -> None:
+        await webhook_dispatcher(rt)  # type: ignore[arg-type]
+
+    supervisor.spawn("webhook_dispatcher", loop)
+    await eventually(lambda: len(sender.sent) == 1)
+    await supervisor.stop(timeout=5.0)  # the service stops while the attempt is in flight
+    (row,) = rows_to(store, sub)
+    assert (row.status, row.attempts) == ("delivered", 1)
+    assert closed.is_set()
