@@ -207,12 +207,12 @@ class Dispatcher(abc.ABC, Generic[D]):
             wake.clear()
             await self.pump()
             hb.beat()
-            if wake.is_set() or self._finished or (self._filled and self.room > 0):
-                continue  # queued meanwhile, attempts to record, or more due than there was room for
-            timeout = await self.until_next_due() if self.room > 0 else IDLE_WAIT_S
-            if wake.is_set() or self._finished:
-                continue
-            await _first_of(wake, self._progress, timeout)
+            if wake.is_set() or (self._filled and self.room > 0):
+                continue  # queued meanwhile, or more due than there was room for
+            if not self._finished:
+                timeout = await self.until_next_due() if self.room > 0 else IDLE_WAIT_S
+                if not (wake.is_set() or self._finished):
+                    await _first_of(wake, self._progress, timeout)
             if self._leased:  # attempts to record: a moment for more to finish (or be queued), one pass
                 await asyncio.sleep(RECORD_COALESCE_S)
 
