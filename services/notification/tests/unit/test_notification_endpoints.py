@@ -566,3 +566,17 @@ async def test_at_shutdown_an_attempt_that_finishes_in_time_is_recorded_and_the_
     (row,) = rows_to(store, sub)
     assert (row.status, row.attempts) == ("delivered", 1)
     assert closed.is_set()
+
+
+def test_the_lease_covers_an_endpoints_attempts_one_after_another_unless_set() -> None:
+    from notification_service.config import NotificationSettings
+    from notification_service.service_layer.dispatch import lease_for
+
+    default = NotificationSettings(notification_insecure_dev_key=True)
+    assert default.webhook_lease is None
+    policy, breaker = default.webhook_policy, default.breaker_policy
+    # four deliveries of one lane, each bounded by 3 x 5 s + 1 s, leased together
+    assert lease_for(policy, breaker.per_endpoint) == timedelta(seconds=4 * 16 + 10)
+    assert lease_for(DeliveryPolicy(timeout_s=1.0)) == timedelta(seconds=60)  # never below a minute
+    short = NotificationSettings(notification_insecure_dev_key=True, webhook_lease_s=5)
+    assert short.webhook_lease == timedelta(seconds=5)  # (a chaos run's pause outlasts it)

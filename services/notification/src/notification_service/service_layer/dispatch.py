@@ -551,7 +551,7 @@ def webhooks(rt: Runtime) -> WebhookDispatcher:
         policy = settings.webhook_policy
         sender = WebhookSender(policy.timeout_s, secret_box(rt), settings.url_policy)
         found = rt.extras["dispatcher"] = WebhookDispatcher(
-            rt.uow, sender, policy, breaker=settings.breaker_policy
+            rt.uow, sender, policy, breaker=settings.breaker_policy, lease=settings.webhook_lease
         )
     return found
 
