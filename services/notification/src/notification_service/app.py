@@ -11,7 +11,9 @@ from notification_service.entrypoints.api import router
 from notification_service.service_layer.dispatch import (
     check_secrets_key,
     email_dispatcher,
+    email_listener,
     webhook_dispatcher,
+    webhook_listener,
 )
 from notification_service.service_layer.handlers import handlers
 from v2v_contracts import WebhookDeliveryFailedV1
@@ -30,7 +32,9 @@ DEFINITION = ServiceDefinition(
     consumers=[ConsumerSpec("webhooks", SOURCE_SERVICES, handlers)],
     publishes=[WebhookDeliveryFailedV1],
     on_startup=[check_secrets_key],  # refuses to start without V2V_NOTIFICATION_SECRETS_KEY (config.py)
-    background=[webhook_dispatcher, email_dispatcher],
+    # supervised by the runtime (restarted with backoff, shown in /ready): each channel's dispatcher and
+    # the listener that wakes it on commit (LISTEN, established again after a Postgres restart)
+    background=[webhook_dispatcher, webhook_listener, email_dispatcher, email_listener],
     description="Webhooks (Standard Webhooks) and exception e-mails (SMTP) to treatment centres, "
     "with retries and a delivery log.",
 )

@@ -12,6 +12,14 @@ Besides the settings every service reads:
   fail with `signing_secret_unavailable` until each subscription's secret is rotated.
 - V2V_WEBHOOK_SECRET_OVERLAP_S (default 86400): after a rotation the replaced secret keeps signing
   deliveries (a second `v1,` signature) this long, so receivers can switch over.
+- webhook endpoints, each behind a circuit breaker: V2V_WEBHOOK_ENDPOINT_CONCURRENCY (default 4: an
+  endpoint's deliveries in flight at once), V2V_WEBHOOK_BREAKER_FAILURES (default 5 consecutive failed
+  attempts park an endpoint), V2V_WEBHOOK_BREAKER_COOLDOWN_S (default 10: the first parking; it doubles
+  for every failed probe) and V2V_WEBHOOK_BREAKER_COOLDOWN_MAX_S (default 600).
+- V2V_WEBHOOK_LEASE_S (default 0: max(60, endpoint concurrency x (3 x timeout + 1) + 10) seconds): how
+  long a leased webhook delivery is the dispatcher's; one not recorded by then is attempted again, by
+  another replica too (with the same webhook-id), and the late attempt is not recorded. Shorter than the
+  default, a slow endpoint's deliveries may be sent twice.
 - V2V_WEBHOOK_ALLOW_LOOPBACK (default false): development only — also allows `http` URLs and loopback
   addresses (localhost, 127.0.0.0/8, ::1) for webhooks. Private, link-local and other non-public
   addresses stay refused.
@@ -27,10 +35,12 @@ from pydantic import Field, SecretStr, ValidationInfo, field_validator
 
 from notification_service.adapters.secret_box import DEV_KEY, SecretBox, decode_key
 from notification_service.domain.delivery import DeliveryPolicy
+from notification_service.domain.endpoints import BreakerPolicy
 from notification_service.domain.urls import UrlPolicy
 from v2v_servicekit import ServiceSettings
 
 _DEFAULT = DeliveryPolicy()
+_BREAKER = BreakerPolicy()
 
 
 @dataclass(frozen=True)
@@ -51,6 +61,11 @@ class NotificationSettings(ServiceSettings):
     webhook_backoff_base_s: float = _DEFAULT.backoff_base_s
     webhook_backoff_max_s: float = _DEFAULT.backoff_max_s
     webhook_timeout_s: float = _DEFAULT.timeout_s
+    webhook_endpoint_concurrency: int = Field(default=_BREAKER.per_endpoint, ge=1, le=64)
+    webhook_breaker_failures: int = Field(default=_BREAKER.failures, ge=1, le=1000)
+    webhook_breaker_cooldown_s: float = Field(default=_BREAKER.cooldown_s, gt=0, le=86_400)
+    webhook_breaker_cooldown_max_s: float = Field(default=_BREAKER.cooldown_max_s, gt=0, le=7 * 86_400)
+    webhook_lease_s: float = Field(default=0.0, ge=0, le=86_400)  # 0: long enough for its attempts
 
     email_max_attempts: int = _DEFAULT.max_attempts
     email_backoff_base_s: float = _DEFAULT.backoff_base_s
@@ -101,6 +116,20 @@ class NotificationSettings(ServiceSettings):
             backoff_max_s=self.webhook_backoff_max_s,
             timeout_s=self.webhook_timeout_s,
         )
+
+    @property
+    def breaker_policy(self) -> BreakerPolicy:
+        return BreakerPolicy(
+            failures=self.webhook_breaker_failures,
+            cooldown_s=self.webhook_breaker_cooldown_s,
+            cooldown_max_s=max(self.webhook_breaker_cooldown_max_s, self.webhook_breaker_cooldown_s),
+            per_endpoint=self.webhook_endpoint_concurrency,
+        )
+
+    @property
+    def webhook_lease(self) -> timedelta | None:
+        """The lease of a webhook delivery when set (else the dispatcher's own, long enough)."""
+        return timedelta(seconds=self.webhook_lease_s) if self.webhook_lease_s > 0 else None
 
     @property
     def email_policy(self) -> DeliveryPolicy:

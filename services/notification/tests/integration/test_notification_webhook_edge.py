@@ -264,11 +264,16 @@ async def test_the_migration_retires_subscriptions_with_chosen_secrets_and_keeps
         )
 
         assert await apply_migrations(owner_url, "notification", [MIGRATIONS_DIR, MIGRATIONS]) == [
-            "0003.notification-edge"
+            "0003.notification-edge",
+            "0004.notification-endpoints",  # (issue 9: every subscription gets its endpoint's breaker)
         ]
         sub = await pool.fetchrow("SELECT * FROM subscriptions WHERE subscription_id = $1", sid)
         assert sub is not None and "secret" not in dict(sub)
         assert (sub["active"], sub["secret_sealed"]) == (False, None)
+        assert (
+            await pool.fetchval("SELECT state FROM webhook_endpoints WHERE subscription_id = $1", sid)
+            == "open"
+        )
         assert await pool.fetchrow(
             "SELECT status, last_error FROM deliveries WHERE delivery_id = $1", hook
         ) == (

@@ -22,6 +22,7 @@ from notification_service.adapters.secret_box import DEV_KEY, SecretBox
 from notification_service.adapters.webhooks import sign
 from notification_service.config import NotificationSettings
 from notification_service.domain.delivery import DeliveryPolicy, Outcome
+from notification_service.domain.endpoints import BreakerPolicy
 from notification_service.entrypoints.api import router
 from notification_service.service_layer.dispatch import EmailDispatcher, WebhookDispatcher
 from notification_service.service_layer.handlers import handlers
@@ -386,3 +387,33 @@ async def test_the_delivery_log_shows_outcome_categories_to_the_owning_centre_on
     assert (
         await edge.client.get("/v1/deliveries", params={"channel": "email"}, headers=edge.theirs)
     ).json() == []
+
+
+async def test_the_owning_centre_sees_its_endpoint_parked_on_the_subscription_and_in_the_log(
+    edge: Edge,
+) -> None:
+    sub = await edge.subscribe()
+    await edge.subscribe(edge.theirs)
+    inbox = FakeInbox(edge.uow, handlers)
+    await inbox.deliver(*(submitted(CENTRE) for _ in range(3)), submitted(OTHER))
+    hooks = ByEvent({(CENTRE, "order.submitted.v1"): Outcome(None, "connection_refused")})
+    dispatcher = WebhookDispatcher(
+        edge.uow, hooks, DeliveryPolicy(max_attempts=5), breaker=BreakerPolicy(failures=3, cooldown_s=60.0)
+    )
+    await dispatcher.dispatch_due()
+
+    seen = (await edge.client.get(f"/v1/subscriptions/{sub['subscription_id']}", headers=edge.mine)).json()
+    assert (seen["endpoint_state"], seen["consecutive_failures"]) == ("parked", 3)
+    parked_until = datetime.fromisoformat(seen["parked_until"])
+    assert (parked_until - edge.store.now).total_seconds() == 60.0
+    mine = (await edge.client.get("/v1/deliveries", headers=edge.mine)).json()
+    assert {(d["endpoint_state"], d["parked_until"]) for d in mine} == {("parked", seen["parked_until"])}
+    assert [d["status"] for d in mine] == ["pending"] * 3  # waiting, not failed
+
+    # another centre sees neither that subscription nor anything of its endpoint
+    theirs = (await edge.client.get("/v1/subscriptions", headers=edge.theirs)).json()
+    assert [(s["endpoint_state"], s["parked_until"], s["consecutive_failures"]) for s in theirs] == [
+        ("open", None, 0)
+    ]
+    listed = (await edge.client.get("/v1/deliveries", headers=edge.theirs)).json()
+    assert [(d["endpoint_state"], d["parked_until"]) for d in listed] == [("open", None)]

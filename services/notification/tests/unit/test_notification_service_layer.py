@@ -23,6 +23,7 @@ from notification_service.domain.delivery import (
     WebhookDelivery,
     decide,
 )
+from notification_service.domain.endpoints import BreakerPolicy
 from notification_service.domain.payloads import webhook_payload
 from notification_service.domain.subscriptions import validate_secret
 from notification_service.domain.urls import UrlPolicy
@@ -641,7 +642,8 @@ async def test_an_orders_webhooks_go_in_event_order_while_other_orders_go_alongs
             in_flight -= 1
             return OK
 
-    hooks = WebhookDispatcher(uow, SlowFirst(OK), POLICY)
+    # room for all six at once (an endpoint's deliveries in flight are bounded: BreakerPolicy.per_endpoint)
+    hooks = WebhookDispatcher(uow, SlowFirst(OK), POLICY, breaker=BreakerPolicy(per_endpoint=8))
     assert await hooks.dispatch_due() == 6
     assert sent == {
         uuid.UUID(first.data["order_id"]): queued["first"],

@@ -14,12 +14,13 @@ from __future__ import annotations
 import copy
 import dataclasses
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from notification_service.adapters.repository import (
+    Attempt,
     DeliveryFilter,
     DeliveryLog,
     DeliveryQueue,
@@ -30,7 +31,8 @@ from notification_service.adapters.repository import (
     WebhookQueue,
 )
 from notification_service.domain.alerts import Rendered
-from notification_service.domain.delivery import Delivery, EmailDelivery, EventRef, Outcome, WebhookDelivery
+from notification_service.domain.delivery import Delivery, EmailDelivery, EventRef, WebhookDelivery
+from notification_service.domain.endpoints import BreakerPolicy, EndpointHealth
 from notification_service.domain.subscriptions import Recipient, Subscription
 from v2v_messaging.fakes import FakeOutbox, FakeUnitOfWork
 
@@ -51,14 +53,17 @@ class Row:
     status: str = "pending"
     attempts: int = 0
     lease_until: datetime | None = None
+    lease_token: uuid.UUID | None = None
+    seq: int = 0
     last_status_code: int | None = None
     last_error: str | None = None
     delivered_at: datetime | None = None
     attempt_log: list[dict[str, Any]] = field(default_factory=list)
 
-    def log_entry(self) -> dict[str, Any]:
-        """The row of the `delivery_log` view."""
+    def log_entry(self, endpoint: EndpointHealth | None = None) -> dict[str, Any]:
+        """The row of the `delivery_log` view (`endpoint`: a webhook's endpoint)."""
         webhook = self.channel == "webhook"
+        endpoint = endpoint or EndpointHealth()
         return {
             "channel": self.channel,
             "delivery_id": self.delivery_id,
@@ -76,6 +81,8 @@ class Row:
             "created_at": self.created_at,
             "delivered_at": self.delivered_at,
             "next_attempt_at": self.next_attempt_at,
+            "endpoint_state": endpoint.state if webhook else None,
+            "parked_until": endpoint.parked_until if webhook else None,
         }
 
 
@@ -88,6 +95,9 @@ class MemoryStore:
     recipients: dict[uuid.UUID, Recipient] = field(default_factory=dict)
     rows: dict[uuid.UUID, Row] = field(default_factory=dict)  # deliveries of both channels, in order
     wakes: dict[str, int] = field(default_factory=lambda: {"webhook": 0, "email": 0})
+    # the webhook endpoints' circuit breakers
+    endpoints: dict[uuid.UUID, EndpointHealth] = field(default_factory=dict)
+    seq: int = 0  # the last delivery's queue order
 
     def advance(self, seconds: float) -> None:
         self.now += timedelta(seconds=seconds)
@@ -108,6 +118,7 @@ class MemoryStore:
                 "sealed": self.sealed,
                 "recipients": self.recipients,
                 "rows": self.rows,
+                "endpoints": self.endpoints,
             }
         ) | {"wakes": dict(self.wakes)}
 
@@ -116,6 +127,7 @@ class MemoryStore:
         self.sealed = saved["sealed"]
         self.recipients = saved["recipients"]
         self.rows = saved["rows"]
+        self.endpoints = saved["endpoints"]
         self.wakes = saved["wakes"]
 
 
@@ -149,15 +161,20 @@ class MemorySubscriptions(SubscriptionRepository):
         self.store.sealed[subscription_id] = (sealed_secret, None)
         return sub
 
+    def _with_endpoint(self, sub: Subscription) -> Subscription:
+        endpoint = self.store.endpoints.get(sub.subscription_id, EndpointHealth())
+        return dataclasses.replace(sub, endpoint=endpoint)
+
     async def get(self, subscription_id: uuid.UUID, tenant: str | None = None) -> Subscription | None:
         sub = self.store.subscriptions.get(subscription_id)
-        return sub if sub is not None and _of_tenant(sub.treatment_center_id, tenant) else None
+        ok = sub is not None and _of_tenant(sub.treatment_center_id, tenant)
+        return self._with_endpoint(sub) if sub is not None and ok else None
 
     async def search(
         self, tenant: str | None, treatment_center_id: str | None = None, *, limit: int = 100, offset: int = 0
     ) -> list[Subscription]:
         found = [
-            s
+            self._with_endpoint(s)
             for s in self.store.subscriptions.values()
             if _of_tenant(s.treatment_center_id, tenant, treatment_center_id)
         ]
@@ -260,61 +277,81 @@ class _MemoryQueue(DeliveryQueue[D]):
             if (target, event.event_id) in queued:
                 continue
             delivery_id = uuid.uuid4()
+            self.store.seq += 1
             self.store.rows[delivery_id] = Row(
-                self.channel, delivery_id, target, event, self.store.now, self.store.now, dict(content)
+                self.channel,
+                delivery_id,
+                target,
+                event,
+                self.store.now,
+                self.store.now,
+                dict(content),
+                seq=self.store.seq,
             )
 
     async def wake(self) -> None:
         self.store.wakes[self.channel] += 1
 
-    async def claim_due(self, limit: int, lease: timedelta) -> list[D]:
+    def _leased(self, row: Row) -> bool:
+        return row.status == "pending" and row.lease_until is not None and row.lease_until >= self.store.now
+
+    def _due(self, row: Row) -> bool:
         now = self.store.now
-        due = [
-            r
-            for r in self.store.deliveries(self.channel)
-            if r.status == "pending"
-            and r.next_attempt_at <= now
-            and (r.lease_until is None or r.lease_until < now)
-        ]
-        due.sort(key=lambda r: r.next_attempt_at)
-        for r in due[:limit]:
-            r.lease_until = now + lease
-        return [self._delivery(r) for r in due[:limit]]
-
-    async def seconds_until_next_due(self) -> float | None:
-        pending = [r.next_attempt_at for r in self.store.deliveries(self.channel) if r.status == "pending"]
-        return None if not pending else (min(pending) - self.store.now).total_seconds()
-
-    async def record_attempt(
-        self, delivery_id: uuid.UUID, attempt: int, outcome: Outcome, duration_ms: int
-    ) -> None:
-        self._row(delivery_id).attempt_log.append(
-            {
-                "attempt": attempt,
-                "attempted_at": self.store.now,
-                "status_code": outcome.status_code,
-                "error": outcome.error,
-                "duration_ms": duration_ms,
-            }
+        return (
+            row.status == "pending"
+            and row.next_attempt_at <= now
+            and (row.lease_until is None or row.lease_until < now)
         )
 
-    async def mark_delivered(self, delivery_id: uuid.UUID, attempt: int, status_code: int | None) -> None:
-        row = self._row(delivery_id)
-        row.status, row.attempts, row.delivered_at = "delivered", attempt, self.store.now
-        row.last_status_code, row.last_error, row.lease_until = status_code, None, None
+    def _lease(self, rows: Sequence[Row], lease: timedelta) -> list[D]:
+        for r in rows:
+            r.lease_until, r.lease_token = self.store.now + lease, uuid.uuid4()
+        return sorted((self._delivery(r) for r in rows), key=lambda d: d.seq)
 
-    async def mark_failed(self, delivery_id: uuid.UUID, attempt: int, outcome: Outcome) -> None:
-        row = self._row(delivery_id)
-        row.status, row.attempts, row.lease_until = "failed", attempt, None
-        row.last_status_code, row.last_error = outcome.status_code, outcome.error
+    async def claim_due(self, limit: int, lease: timedelta, *, per_target: int | None = None) -> list[D]:
+        due = sorted(
+            (r for r in self.store.deliveries(self.channel) if self._due(r)),
+            key=lambda r: (r.next_attempt_at, r.seq),
+        )
+        return self._lease(due[: max(limit, 0)], lease)
 
-    async def schedule_retry(
-        self, delivery_id: uuid.UUID, attempt: int, outcome: Outcome, delay_s: float
-    ) -> None:
-        row = self._row(delivery_id)
-        row.attempts, row.lease_until = attempt, None
-        row.last_status_code, row.last_error = outcome.status_code, outcome.error
-        row.next_attempt_at = self.store.now + timedelta(seconds=delay_s)
+    async def seconds_until_next_due(self, *, per_target: int | None = None) -> float | None:
+        now = self.store.now
+        pending = [
+            r.next_attempt_at
+            for r in self.store.deliveries(self.channel)
+            if r.status == "pending" and (r.lease_until is None or r.lease_until < now)
+        ]
+        return None if not pending else (min(pending) - now).total_seconds()
+
+    async def record(self, attempts: Sequence[Attempt]) -> set[uuid.UUID]:
+        recorded: set[uuid.UUID] = set()
+        for a in attempts:
+            row = self.store.rows.get(a.delivery_id)
+            if row is None or row.status != "pending" or a.lease_token is None:
+                continue
+            if row.lease_token != a.lease_token:
+                continue
+            outcome, verdict = a.outcome, a.verdict
+            row.attempt_log.append(
+                {
+                    "attempt": a.attempt,
+                    "attempted_at": self.store.now,
+                    "status_code": outcome.status_code,
+                    "error": outcome.error,
+                    "duration_ms": a.duration_ms,
+                }
+            )
+            row.attempts, row.last_status_code, row.last_error = a.attempt, outcome.status_code, outcome.error
+            row.lease_until, row.lease_token = None, None
+            if verdict.label == "delivered":
+                row.status, row.delivered_at = "delivered", self.store.now
+            elif verdict.label == "failed":
+                row.status = "failed"
+            else:
+                row.next_attempt_at = self.store.now + timedelta(seconds=verdict.retry_in_s or 0.0)
+            recorded.add(a.lease_token)
+        return recorded
 
 
 def _ref(row: Row) -> dict[str, Any]:
@@ -328,10 +365,14 @@ def _ref(row: Row) -> dict[str, Any]:
         "coi": e.coi,
         "treatment_center_id": e.treatment_center_id,
         "trace_headers": dict(e.trace_headers),
+        "lease_token": row.lease_token,
+        "seq": row.seq,
     }
 
 
 class MemoryWebhookQueue(_MemoryQueue[WebhookDelivery], WebhookQueue):
+    """Scheduled per endpoint as the Postgres queue is (`adapters.repository._CLAIM_WEBHOOKS`)."""
+
     channel = "webhook"
 
     def _delivery(self, row: Row) -> WebhookDelivery:
@@ -348,6 +389,92 @@ class MemoryWebhookQueue(_MemoryQueue[WebhookDelivery], WebhookQueue):
             sealed_secrets=sealed,
             **row.content,
         )
+
+    def _health(self, subscription_id: uuid.UUID) -> EndpointHealth:
+        return self.store.endpoints.get(subscription_id, EndpointHealth())
+
+    def _room(self, subscription_id: uuid.UUID, rows: Sequence[Row], per_target: int) -> int:
+        health = self._health(subscription_id)
+        leased = sum(1 for r in rows if self._leased(r))
+        if health.state == "open":
+            return per_target - leased
+        if health.parked_until is not None and health.parked_until <= self.store.now:
+            return 1 - leased
+        return 0
+
+    def _lane_free(self, row: Row, rows: Sequence[Row]) -> bool:
+        order = row.event.order_id
+        return order is None or not any(self._leased(r) and r.event.order_id == order for r in rows)
+
+    def _first_of_lane(self, row: Row, rows: Sequence[Row]) -> bool:
+        order = row.event.order_id
+        return order is None or not any(
+            r.status == "pending" and r.event.order_id == order and r.seq < row.seq for r in rows
+        )
+
+    def _by_endpoint(self) -> dict[uuid.UUID, list[Row]]:
+        out: dict[uuid.UUID, list[Row]] = {}
+        for r in self.store.deliveries(self.channel):
+            out.setdefault(r.target_id, []).append(r)
+        return out
+
+    async def claim_due(
+        self, limit: int, lease: timedelta, *, per_target: int | None = None
+    ) -> list[WebhookDelivery]:
+        per_target = per_target or BreakerPolicy().per_endpoint
+        offered: list[tuple[int, datetime, uuid.UUID, Row]] = []  # turn, due, endpoint, row
+        for subscription_id, rows in self._by_endpoint().items():
+            room = self._room(subscription_id, rows, per_target)
+            if room <= 0:
+                continue
+            free = sorted(
+                (r for r in rows if self._due(r) and self._lane_free(r, rows)),
+                key=lambda r: (r.next_attempt_at, r.seq),
+            )
+            newest = sorted(
+                (r for r in free if r.attempts == 0 and self._first_of_lane(r, rows)),
+                key=lambda r: r.seq,
+                reverse=True,
+            )[:1]
+            picked = newest + [r for r in free[:room] if r not in newest]
+            for turn, r in enumerate(picked[:room], start=1):
+                offered.append((turn, r.next_attempt_at, subscription_id, r))
+        offered.sort(key=lambda o: (o[0], o[1]))
+        chosen = offered[: max(limit, 0)]
+        for _turn, _due, subscription_id, r in chosen:
+            health = self._health(subscription_id)
+            if health.state != "open":  # its probe
+                probing = dict(state="probing", parked_until=self.store.now + lease)
+                self.store.endpoints[subscription_id] = dataclasses.replace(
+                    health, **probing, probe_delivery_id=r.delivery_id
+                )
+        return self._lease([c[3] for c in chosen], lease)
+
+    async def seconds_until_next_due(self, *, per_target: int | None = None) -> float | None:
+        per_target = per_target or BreakerPolicy().per_endpoint
+        now = self.store.now
+        times: list[datetime] = []
+        for subscription_id, rows in self._by_endpoint().items():
+            health = self._health(subscription_id)
+            pending = [r for r in rows if r.status == "pending"]
+            if health.state != "open":
+                if pending and health.parked_until is not None:
+                    times.append(health.parked_until)
+            elif self._room(subscription_id, rows, per_target) > 0:
+                times += [
+                    r.next_attempt_at
+                    for r in pending
+                    if (r.lease_until is None or r.lease_until < now) and self._lane_free(r, rows)
+                ]
+        return None if not times else (min(times) - now).total_seconds()
+
+    async def endpoints_for_update(
+        self, subscription_ids: Sequence[uuid.UUID]
+    ) -> tuple[dict[uuid.UUID, EndpointHealth], datetime]:
+        return {s: self._health(s) for s in subscription_ids}, self.store.now
+
+    async def save_endpoints(self, health: Mapping[uuid.UUID, EndpointHealth]) -> None:
+        self.store.endpoints.update(health)
 
     async def enqueue(self, subscription_ids: Sequence[uuid.UUID], event: EventRef, payload: bytes) -> None:
         self._enqueue(subscription_ids, event, {"payload": payload})
@@ -368,7 +495,7 @@ class MemoryEmailQueue(_MemoryQueue[EmailDelivery], EmailQueue):
     async def cancel_pending(self, recipient_id: uuid.UUID) -> None:
         for row in self.store.deliveries(self.channel):
             if row.target_id == recipient_id and row.status == "pending":
-                row.status, row.lease_until = "cancelled", None
+                row.status, row.lease_until, row.lease_token = "cancelled", None, None
                 row.last_error = row.last_error or "recipient_removed"
 
 
@@ -377,7 +504,7 @@ class MemoryDeliveryLog(DeliveryLog):
         self.store = store
 
     async def search(self, where: DeliveryFilter) -> list[dict[str, Any]]:
-        entries = [r.log_entry() for r in reversed(self.store.rows.values())]
+        entries = [r.log_entry(self._endpoint(r)) for r in reversed(self.store.rows.values())]
         wanted = {
             "order_id": where.order_id,
             "channel": where.channel,
@@ -396,7 +523,10 @@ class MemoryDeliveryLog(DeliveryLog):
         row = self.store.rows.get(delivery_id)
         if row is None or not _of_tenant(row.event.treatment_center_id, tenant):
             return None
-        return {**row.log_entry(), "attempt_log": [dict(a) for a in row.attempt_log]}
+        return {**row.log_entry(self._endpoint(row)), "attempt_log": [dict(a) for a in row.attempt_log]}
+
+    def _endpoint(self, row: Row) -> EndpointHealth | None:
+        return self.store.endpoints.get(row.target_id) if row.channel == "webhook" else None
 
 
 def memory_tx(store: MemoryStore, outbox: FakeOutbox) -> NotificationTx:

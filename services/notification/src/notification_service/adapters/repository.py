@@ -3,8 +3,10 @@
 - `subscriptions`: the centres' webhook endpoints; `recipients`: the addresses their alerts go to.
 - `webhooks`, `emails`: each channel's delivery queue. The consumer writes deliveries in the same
   transaction as its inbox entry (one per target and event) and wakes the channel's dispatcher with
-  `NOTIFY` on commit. A dispatcher leases due rows (`FOR UPDATE SKIP LOCKED` plus a lease time, so
-  replicas never send one delivery at once), and records each attempt and its verdict in one transaction.
+  `NOTIFY` on commit (`Listener`). A dispatcher leases due rows (`FOR UPDATE SKIP LOCKED` plus a lease
+  time and a token, so replicas never send one delivery at once) and records each attempt and its verdict
+  only while the lease's token is still the delivery's (a late recorder changes nothing). Webhooks are
+  leased per endpoint, behind each endpoint's circuit breaker (`webhook_endpoints`).
 - `deliveries`: the delivery log across both channels, with every attempt (read only).
 """
 
@@ -14,12 +16,13 @@ import abc
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, ClassVar, Generic, TypeVar
 
 import asyncpg
+from opentelemetry.instrumentation.utils import suppress_instrumentation
 
 from notification_service.domain.alerts import Rendered
 from notification_service.domain.delivery import (
@@ -27,10 +30,12 @@ from notification_service.domain.delivery import (
     EmailDelivery,
     EventRef,
     Outcome,
+    Verdict,
     WebhookDelivery,
 )
+from notification_service.domain.endpoints import BreakerPolicy, EndpointHealth
 from notification_service.domain.subscriptions import Recipient, Subscription
-from v2v_messaging import EventSink, Tx
+from v2v_messaging import EventSink, Heartbeat, Tx
 
 D = TypeVar("D", bound=Delivery)
 
@@ -46,24 +51,55 @@ def email_channel(schema: str) -> str:
     return EMAIL_CHANNEL + schema
 
 
-@contextlib.asynccontextmanager
-async def wakeups(pool: asyncpg.Pool, channel: str) -> AsyncIterator[asyncio.Event]:
-    """An event set whenever a transaction that notified `channel` commits (LISTEN on a pooled
-    connection held for as long as the context lasts)."""
-    wake = asyncio.Event()
+class Listener:
+    """Wakes a dispatcher when a transaction that queued deliveries commits: a LISTEN on `channel`, held
+    on a pooled connection and probed every few seconds.
 
-    def on_notify(*_args: object) -> None:
-        wake.set()
+    `run` returns only when cancelled. It raises when the connection is lost (a Postgres restart, a
+    terminated backend): its supervisor starts it again, with backoff, and the LISTEN is re-established.
+    Each time it starts listening it sets `wake`, so what was committed while nobody listened is seen."""
 
-    listener = await pool.acquire()
-    try:
-        await listener.add_listener(channel, on_notify)
-        yield wake
-    finally:
-        with contextlib.suppress(Exception):  # UNLISTEN before the connection goes back to the pool
-            await listener.remove_listener(channel, on_notify)
-        with contextlib.suppress(Exception):
-            await pool.release(listener)
+    def __init__(self, pool: asyncpg.Pool, channel: str, wake: asyncio.Event | None = None) -> None:
+        self.pool = pool
+        self.channel = channel
+        self.wake = wake if wake is not None else asyncio.Event()
+        self.listening = False
+        self.listens = 0  # times the LISTEN was established
+
+    def _on_notify(self, *_args: object) -> None:
+        self.wake.set()
+
+    async def run(self, heartbeat: Heartbeat | None = None, probe_every: float = 5.0) -> None:
+        hb = heartbeat or Heartbeat(f"listener:{self.channel}")
+        conn: asyncpg.Connection = await self.pool.acquire(timeout=probe_every * 2)
+        lost = asyncio.Event()
+
+        def on_lost(_conn: object) -> None:
+            lost.set()
+
+        try:
+            conn.add_termination_listener(on_lost)
+            await asyncio.wait_for(conn.add_listener(self.channel, self._on_notify), probe_every)
+            self.listening = True
+            self.listens += 1
+            self.wake.set()  # whatever was committed while nobody listened
+            while True:
+                hb.beat()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(lost.wait(), timeout=probe_every)
+                if lost.is_set() or conn.is_closed():
+                    raise ConnectionError("the LISTEN connection was closed")
+                with suppress_instrumentation():  # a probe every few seconds is not worth a span
+                    await asyncio.wait_for(conn.fetchval("SELECT 1"), timeout=probe_every)
+        finally:
+            self.listening = False
+            if not conn.is_closed():
+                with contextlib.suppress(Exception):
+                    conn.remove_termination_listener(on_lost)
+                with contextlib.suppress(Exception):  # UNLISTEN before the connection goes back to the pool
+                    await asyncio.wait_for(conn.remove_listener(self.channel, self._on_notify), 2.0)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.pool.release(conn), 2.0)
 
 
 # ---- subscriptions ----------------------------------------------------------------------------------
@@ -105,6 +141,7 @@ class SubscriptionRepository(abc.ABC):
 
 
 def _subscription(row: asyncpg.Record) -> Subscription:
+    endpoint = _health(row) if row.get("state") is not None else EndpointHealth()
     return Subscription(
         subscription_id=row["subscription_id"],
         treatment_center_id=row["treatment_center_id"],
@@ -114,11 +151,15 @@ def _subscription(row: asyncpg.Record) -> Subscription:
         created_at=row["created_at"],
         secret_rotated_at=row["secret_rotated_at"],
         previous_secret_expires_at=row["previous_secret_expires_at"],
+        endpoint=endpoint,
     )
 
 
 _SUBSCRIPTION_COLUMNS = """subscription_id, treatment_center_id, url, event_types, active, created_at,
                            secret_rotated_at, previous_secret_expires_at"""
+# a subscription with its endpoint's breaker (`s`: the subscriptions)
+_WITH_ENDPOINT = """s.*, e.state, e.consecutive_failures, e.parks, e.parked_until, e.probe_delivery_id
+                    FROM s LEFT JOIN webhook_endpoints e ON e.subscription_id = s.subscription_id"""
 
 
 class PgSubscriptions(SubscriptionRepository):
@@ -133,6 +174,7 @@ class PgSubscriptions(SubscriptionRepository):
         sealed_secret: bytes,
         event_types: list[str] | None,
     ) -> Subscription:
+        # (a trigger gives it its endpoint's breaker, open)
         row = await self.conn.fetchrow(
             f"""INSERT INTO subscriptions
                     (subscription_id, treatment_center_id, url, secret_sealed, event_types)
@@ -148,8 +190,10 @@ class PgSubscriptions(SubscriptionRepository):
 
     async def get(self, subscription_id: uuid.UUID, tenant: str | None = None) -> Subscription | None:
         row = await self.conn.fetchrow(
-            f"""SELECT {_SUBSCRIPTION_COLUMNS} FROM subscriptions
-                WHERE subscription_id = $1 AND ($2::text IS NULL OR treatment_center_id = $2)""",
+            f"""WITH s AS (
+                    SELECT {_SUBSCRIPTION_COLUMNS} FROM subscriptions
+                    WHERE subscription_id = $1 AND ($2::text IS NULL OR treatment_center_id = $2))
+                SELECT {_WITH_ENDPOINT}""",
             subscription_id,
             tenant,
         )
@@ -159,10 +203,12 @@ class PgSubscriptions(SubscriptionRepository):
         self, tenant: str | None, treatment_center_id: str | None = None, *, limit: int = 100, offset: int = 0
     ) -> list[Subscription]:
         rows = await self.conn.fetch(
-            f"""SELECT {_SUBSCRIPTION_COLUMNS} FROM subscriptions
-                WHERE ($1::text IS NULL OR treatment_center_id = $1)
-                  AND ($2::text IS NULL OR treatment_center_id = $2)
-                ORDER BY created_at, subscription_id LIMIT $3 OFFSET $4""",
+            f"""WITH s AS (
+                    SELECT {_SUBSCRIPTION_COLUMNS} FROM subscriptions
+                    WHERE ($1::text IS NULL OR treatment_center_id = $1)
+                      AND ($2::text IS NULL OR treatment_center_id = $2)
+                    ORDER BY created_at, subscription_id LIMIT $3 OFFSET $4)
+                SELECT {_WITH_ENDPOINT} ORDER BY s.created_at, s.subscription_id""",
             tenant,
             treatment_center_id,
             limit,
@@ -174,11 +220,14 @@ class PgSubscriptions(SubscriptionRepository):
         self, subscription_id: uuid.UUID, tenant: str | None, sealed_secret: bytes, overlap: timedelta
     ) -> Subscription | None:
         row = await self.conn.fetchrow(
-            f"""UPDATE subscriptions
-                SET previous_secret_sealed = secret_sealed, previous_secret_expires_at = now() + $4::interval,
-                    secret_sealed = $3, secret_rotated_at = now()
-                WHERE subscription_id = $1 AND ($2::text IS NULL OR treatment_center_id = $2) AND active
-                RETURNING {_SUBSCRIPTION_COLUMNS}""",
+            f"""WITH s AS (
+                    UPDATE subscriptions
+                    SET previous_secret_sealed = secret_sealed,
+                        previous_secret_expires_at = now() + $4::interval,
+                        secret_sealed = $3, secret_rotated_at = now()
+                    WHERE subscription_id = $1 AND ($2::text IS NULL OR treatment_center_id = $2) AND active
+                    RETURNING {_SUBSCRIPTION_COLUMNS})
+                SELECT {_WITH_ENDPOINT}""",
             subscription_id,
             tenant,
             sealed_secret,
@@ -309,53 +358,49 @@ class PgRecipients(RecipientRepository):
 
 @dataclass(frozen=True)
 class Attempt:
-    """One attempt of a delivery, as recorded."""
+    """One attempt of a leased delivery and its verdict, to be recorded by the holder of the lease."""
 
     delivery_id: uuid.UUID
     attempt: int
     outcome: Outcome
     duration_ms: int
+    verdict: Verdict
+    lease_token: uuid.UUID | None  # of the lease the attempt was made under
 
 
 class DeliveryQueue(abc.ABC, Generic[D]):
-    """One channel's deliveries: leased for an attempt, then delivered, retried later or failed."""
+    """One channel's deliveries: leased for an attempt, then delivered, retried later or failed.
+
+    A lease carries a token; an attempt is recorded only with the token of the delivery's current lease,
+    so a dispatcher that was paused past its lease (and whose delivery another one leased and attempted
+    meanwhile) records nothing: not its attempt, not its verdict."""
 
     @abc.abstractmethod
     async def wake(self) -> None:
         """Wake the channel's dispatcher when the transaction commits."""
 
     @abc.abstractmethod
-    async def claim_due(self, limit: int, lease: timedelta) -> list[D]:
-        """Lease up to `limit` pending deliveries that are due and not leased, the longest due first."""
+    async def claim_due(self, limit: int, lease: timedelta, *, per_target: int | None = None) -> list[D]:
+        """Lease up to `limit` pending deliveries that are due and not leased, each with a new token
+        (`per_target`: at most this many of one target's deliveries leased at once, where the channel
+        schedules per target)."""
 
     @abc.abstractmethod
-    async def seconds_until_next_due(self) -> float | None:
-        """When the next pending delivery falls due (negative: overdue); None when none is pending."""
+    async def seconds_until_next_due(self, *, per_target: int | None = None) -> float | None:
+        """When the next delivery may be leased (negative: overdue); None when nothing is pending."""
 
     @abc.abstractmethod
-    async def record_attempt(
-        self, delivery_id: uuid.UUID, attempt: int, outcome: Outcome, duration_ms: int
-    ) -> None: ...
-
-    @abc.abstractmethod
-    async def mark_delivered(self, delivery_id: uuid.UUID, attempt: int, status_code: int | None) -> None: ...
-
-    @abc.abstractmethod
-    async def mark_failed(self, delivery_id: uuid.UUID, attempt: int, outcome: Outcome) -> None: ...
-
-    @abc.abstractmethod
-    async def schedule_retry(
-        self, delivery_id: uuid.UUID, attempt: int, outcome: Outcome, delay_s: float
-    ) -> None: ...
-
-    async def record_delivered(self, attempts: Sequence[Attempt]) -> None:
-        """Record successful attempts and mark their deliveries delivered (one by one unless overridden)."""
-        for a in attempts:
-            await self.record_attempt(a.delivery_id, a.attempt, a.outcome, a.duration_ms)
-            await self.mark_delivered(a.delivery_id, a.attempt, a.outcome.status_code)
+    async def record(self, attempts: Sequence[Attempt]) -> set[uuid.UUID]:
+        """Record each attempt and its verdict (delivered; retry after `retry_in_s`; failed) where its lease
+        token is still the delivery's; returns the lease tokens of those recorded (the others changed
+        nothing)."""
 
 
 class WebhookQueue(DeliveryQueue[WebhookDelivery]):
+    """Webhook deliveries, scheduled per endpoint: each endpoint's due deliveries oldest first, at most
+    `per_target` in flight, the endpoints taking turns; a parked endpoint's deliveries are not leased,
+    except one as its probe once its cool-down is over (`domain.endpoints`)."""
+
     @abc.abstractmethod
     async def enqueue(self, subscription_ids: Sequence[uuid.UUID], event: EventRef, payload: bytes) -> None:
         """One delivery per subscription; an event already queued for a subscription is not queued again."""
@@ -370,6 +415,15 @@ class WebhookQueue(DeliveryQueue[WebhookDelivery]):
             await self.enqueue(matching, event, payload)
             await self.wake()
 
+    @abc.abstractmethod
+    async def endpoints_for_update(
+        self, subscription_ids: Sequence[uuid.UUID]
+    ) -> tuple[dict[uuid.UUID, EndpointHealth], datetime]:
+        """The endpoints' breakers, locked until the transaction ends, and the database's time."""
+
+    @abc.abstractmethod
+    async def save_endpoints(self, health: Mapping[uuid.UUID, EndpointHealth]) -> None: ...
+
 
 class EmailQueue(DeliveryQueue[EmailDelivery]):
     @abc.abstractmethod
@@ -379,6 +433,12 @@ class EmailQueue(DeliveryQueue[EmailDelivery]):
     @abc.abstractmethod
     async def cancel_pending(self, recipient_id: uuid.UUID) -> None:
         """Cancel what a removed recipient was still to receive."""
+
+
+# a pending delivery that may be leased now (`d`), and one that is leased (`l`)
+_DUE = """d.status = 'pending' AND d.next_attempt_at <= now()
+          AND (d.lease_until IS NULL OR d.lease_until < now())"""
+_LEASED = "l.status = 'pending' AND l.lease_until >= now()"
 
 
 class _PgQueue(DeliveryQueue[D]):
@@ -398,94 +458,64 @@ class _PgQueue(DeliveryQueue[D]):
     async def wake(self) -> None:
         await self.conn.execute("SELECT pg_notify($1 || current_schema(), '')", self.channel)
 
-    async def claim_due(self, limit: int, lease: timedelta) -> list[D]:
-        target = self.target_select
+    async def claim_due(self, limit: int, lease: timedelta, *, per_target: int | None = None) -> list[D]:
+        # oldest due first, whatever the target
         rows = await self.conn.fetch(
-            f"""UPDATE {self.table} d SET lease_until = now() + $2::interval
+            f"""UPDATE {self.table} d SET lease_until = now() + $2::interval, lease_token = gen_random_uuid()
                 FROM {self.target_table} t
                 WHERE d.{self.target_key} = t.{self.target_key} AND d.delivery_id IN (
-                    SELECT delivery_id FROM {self.table}
-                    WHERE status = 'pending' AND next_attempt_at <= now()
-                      AND (lease_until IS NULL OR lease_until < now())
-                    ORDER BY next_attempt_at LIMIT $1 FOR UPDATE SKIP LOCKED)
-                RETURNING d.*, {target}""",
+                    SELECT d.delivery_id FROM {self.table} d WHERE {_DUE}
+                    ORDER BY d.next_attempt_at, d.seq LIMIT $1 FOR UPDATE SKIP LOCKED)
+                RETURNING d.*, {self.target_select}""",
             limit,
             lease,
         )
-        return [self._delivery(r) for r in rows]
+        return sorted((self._delivery(r) for r in rows), key=lambda d: d.seq)
 
-    async def seconds_until_next_due(self) -> float | None:
+    async def seconds_until_next_due(self, *, per_target: int | None = None) -> float | None:
         nxt = await self.conn.fetchval(
-            f"SELECT min(next_attempt_at) - now() FROM {self.table} WHERE status = 'pending'"
+            f"""SELECT extract(epoch FROM min(d.next_attempt_at) - now())::float8 FROM {self.table} d
+                WHERE d.status = 'pending' AND (d.lease_until IS NULL OR d.lease_until < now())"""
         )
-        return None if nxt is None else float(nxt.total_seconds())
+        return None if nxt is None else float(nxt)
 
-    async def record_attempt(
-        self, delivery_id: uuid.UUID, attempt: int, outcome: Outcome, duration_ms: int
-    ) -> None:
-        await self.conn.execute(
-            f"""INSERT INTO {self.attempts_table} (delivery_id, attempt, status_code, error, duration_ms)
-                VALUES ($1, $2, $3, $4, $5)""",
-            delivery_id,
-            attempt,
-            outcome.status_code,
-            outcome.error,
-            duration_ms,
-        )
-
-    async def mark_delivered(self, delivery_id: uuid.UUID, attempt: int, status_code: int | None) -> None:
-        await self.conn.execute(
-            f"""UPDATE {self.table} SET status = 'delivered', attempts = $2, delivered_at = now(),
-                       last_status_code = $3, last_error = NULL, lease_until = NULL
-                WHERE delivery_id = $1""",
-            delivery_id,
-            attempt,
-            status_code,
-        )
-
-    async def mark_failed(self, delivery_id: uuid.UUID, attempt: int, outcome: Outcome) -> None:
-        await self.conn.execute(
-            f"""UPDATE {self.table} SET status = 'failed', attempts = $2, last_status_code = $3,
-                       last_error = $4, lease_until = NULL WHERE delivery_id = $1""",
-            delivery_id,
-            attempt,
-            outcome.status_code,
-            outcome.error,
-        )
-
-    async def schedule_retry(
-        self, delivery_id: uuid.UUID, attempt: int, outcome: Outcome, delay_s: float
-    ) -> None:
-        await self.conn.execute(
-            f"""UPDATE {self.table} SET attempts = $2, last_status_code = $3, last_error = $4,
-                       lease_until = NULL, next_attempt_at = now() + $5::interval
-                WHERE delivery_id = $1""",
-            delivery_id,
-            attempt,
-            outcome.status_code,
-            outcome.error,
-            timedelta(seconds=delay_s),
-        )
-
-    async def record_delivered(self, attempts: Sequence[Attempt]) -> None:
-        # one statement (one round trip) for a batch: the attempts inserted, their deliveries marked
+    async def record(self, attempts: Sequence[Attempt]) -> set[uuid.UUID]:
+        # one statement (one round trip) for a batch: the deliveries whose lease is still the attempt's
+        # take its verdict, and only their attempts are inserted
         if not attempts:
-            return
-        await self.conn.execute(
+            return set()
+        rows = await self.conn.fetch(
             f"""WITH a AS (
-                    SELECT * FROM unnest($1::uuid[], $2::int[], $3::int[], $4::int[])
-                        AS a(delivery_id, attempt, status_code, duration_ms)),
+                    SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::int[], $4::int[], $5::text[], $6::int[],
+                                         $7::text[], $8::float8[])
+                        AS a(delivery_id, lease_token, attempt, status_code, error, duration_ms, verdict,
+                             retry_in_s)),
+                done AS (
+                    UPDATE {self.table} d SET
+                        status = CASE a.verdict WHEN 'retry' THEN 'pending' ELSE a.verdict END,
+                        attempts = a.attempt, last_status_code = a.status_code, last_error = a.error,
+                        delivered_at = CASE WHEN a.verdict = 'delivered' THEN now() END,
+                        next_attempt_at = CASE WHEN a.verdict = 'retry'
+                            THEN now() + a.retry_in_s * interval '1 second' ELSE d.next_attempt_at END,
+                        lease_until = NULL, lease_token = NULL
+                    FROM a
+                    WHERE d.delivery_id = a.delivery_id AND d.lease_token = a.lease_token
+                      AND d.status = 'pending'
+                    RETURNING a.*),
                 ins AS (
                     INSERT INTO {self.attempts_table} (delivery_id, attempt, status_code, error, duration_ms)
-                    SELECT delivery_id, attempt, status_code, NULL, duration_ms FROM a)
-                UPDATE {self.table} d SET status = 'delivered', attempts = a.attempt, delivered_at = now(),
-                       last_status_code = a.status_code, last_error = NULL, lease_until = NULL
-                FROM a WHERE d.delivery_id = a.delivery_id""",
+                    SELECT delivery_id, attempt, status_code, error, duration_ms FROM done)
+                SELECT lease_token FROM done""",
             [a.delivery_id for a in attempts],
+            [a.lease_token for a in attempts],
             [a.attempt for a in attempts],
             [a.outcome.status_code for a in attempts],
+            [a.outcome.error for a in attempts],
             [a.duration_ms for a in attempts],
+            [a.verdict.label for a in attempts],
+            [a.verdict.retry_in_s or 0.0 for a in attempts],
         )
+        return {r["lease_token"] for r in rows}
 
 
 def _ref(row: asyncpg.Record) -> dict[str, Any]:
@@ -498,7 +528,91 @@ def _ref(row: asyncpg.Record) -> dict[str, Any]:
         "coi": row["coi"],
         "treatment_center_id": row["treatment_center_id"],
         "trace_headers": row["trace_headers"] or {},
+        "lease_token": row["lease_token"],
+        "seq": row["seq"],
     }
+
+
+# the subscription's URL and secrets, joined into a leased delivery: the replaced secret signs too until its
+# overlap ends (the database's clock decides)
+_WEBHOOK_TARGET = """t.url, t.secret_sealed,
+    CASE WHEN t.previous_secret_expires_at > now() THEN t.previous_secret_sealed END
+        AS previous_secret_sealed"""
+
+# A webhook delivery's lane (the order's deliveries to the endpoint) is busy while one of them is leased:
+# the next is leased once that one is recorded, so the order's webhooks go one after another.
+_LANE_FREE = f"""NOT EXISTS (SELECT 1 FROM deliveries l WHERE l.subscription_id = d.subscription_id
+                               AND l.order_id = d.order_id AND {_LEASED})"""
+
+
+def _room(per_endpoint: str) -> str:
+    """How many more of endpoint `e`'s deliveries may be leased: at most `per_endpoint` at once while it is
+    open, its one probe while it is not."""
+    return f"""(CASE WHEN e.state = 'open' THEN {per_endpoint} ELSE 1 END
+                - (SELECT count(*) FROM deliveries l
+                   WHERE l.subscription_id = e.subscription_id AND {_LEASED}))"""
+
+
+# Per endpoint (locked: two replicas never lease for one endpoint at once), those that may go now: an open
+# endpoint's up to its room; a parked one's one probe once its cool-down is over. Each endpoint offers its
+# oldest due deliveries, and its newest first attempt (so new events do not wait behind a backlog, an old
+# endpoint's or a catch-up's); the endpoints then take turns: every endpoint's first, then every second...
+_CLAIM_WEBHOOKS = f"""
+WITH ready AS (
+    SELECT e.subscription_id, e.state, {_room("$3::int")} AS room
+    FROM webhook_endpoints e
+    WHERE (e.state = 'open' OR e.parked_until <= now())
+      -- a look at each endpoint's own index (not a scan of every due delivery)
+      AND (SELECT true FROM deliveries d WHERE d.subscription_id = e.subscription_id AND {_DUE}
+           ORDER BY d.next_attempt_at LIMIT 1)
+    FOR UPDATE OF e SKIP LOCKED),
+oldest AS (
+    SELECT r.subscription_id, r.state, r.room, x.delivery_id, x.next_attempt_at, false AS fresh
+    FROM ready r CROSS JOIN LATERAL (
+        SELECT d.delivery_id, d.next_attempt_at FROM deliveries d
+        WHERE d.subscription_id = r.subscription_id AND {_DUE} AND {_LANE_FREE}
+        ORDER BY d.next_attempt_at, d.seq LIMIT greatest(r.room, 0)
+        FOR UPDATE OF d SKIP LOCKED) x),
+newest AS (
+    SELECT r.subscription_id, r.state, r.room, x.delivery_id, x.next_attempt_at, true AS fresh
+    FROM ready r CROSS JOIN LATERAL (
+        SELECT d.delivery_id, d.next_attempt_at FROM deliveries d
+        WHERE d.subscription_id = r.subscription_id AND d.attempts = 0 AND {_DUE} AND {_LANE_FREE}
+          AND (d.order_id IS NULL OR d.seq = (
+                SELECT min(o.seq) FROM deliveries o WHERE o.subscription_id = d.subscription_id
+                  AND o.order_id = d.order_id AND o.status = 'pending'))  -- the first of its lane
+        ORDER BY d.seq DESC LIMIT least(greatest(r.room, 0), 1)
+        FOR UPDATE OF d SKIP LOCKED) x),
+picked AS (
+    SELECT DISTINCT ON (delivery_id) * FROM (SELECT * FROM oldest UNION ALL SELECT * FROM newest) u
+    ORDER BY delivery_id, fresh DESC),
+ranked AS (
+    SELECT *, row_number() OVER (PARTITION BY subscription_id ORDER BY fresh DESC, next_attempt_at) AS turn
+    FROM picked),
+chosen AS (
+    SELECT * FROM ranked WHERE turn <= room ORDER BY turn, next_attempt_at LIMIT $1),
+probes AS (
+    UPDATE webhook_endpoints e SET state = 'probing', parked_until = now() + $2::interval,
+           probe_delivery_id = c.delivery_id, changed_at = now()
+    FROM chosen c WHERE e.subscription_id = c.subscription_id AND c.state <> 'open')
+UPDATE deliveries d SET lease_until = now() + $2::interval, lease_token = gen_random_uuid()
+FROM chosen c, subscriptions t
+WHERE d.delivery_id = c.delivery_id AND t.subscription_id = d.subscription_id
+RETURNING d.*, {_WEBHOOK_TARGET}"""
+
+# the first moment something may be leased: an open endpoint with room, its first due delivery whose
+# lane is free; a parked endpoint with deliveries waiting, the end of its cool-down (or of its probe's lease)
+_NEXT_WEBHOOK = f"""
+SELECT extract(epoch FROM min(w.at) - now())::float8 FROM (
+    SELECT CASE WHEN e.state = 'open' THEN (
+                SELECT min(d.next_attempt_at) FROM deliveries d
+                WHERE d.subscription_id = e.subscription_id AND d.status = 'pending'
+                  AND (d.lease_until IS NULL OR d.lease_until < now()) AND {_LANE_FREE})
+           WHEN EXISTS (SELECT 1 FROM deliveries d
+                        WHERE d.subscription_id = e.subscription_id AND d.status = 'pending')
+           THEN e.parked_until END AS at
+    FROM webhook_endpoints e
+    WHERE e.state <> 'open' OR {_room("$1::int")} > 0) w"""
 
 
 class PgWebhookQueue(_PgQueue[WebhookDelivery], WebhookQueue):
@@ -507,10 +621,7 @@ class PgWebhookQueue(_PgQueue[WebhookDelivery], WebhookQueue):
     attempts_table = "delivery_attempts"
     target_table = "subscriptions"
     target_key = "subscription_id"
-    # the replaced secret signs too until its overlap ends (the database's clock decides)
-    target_select = """t.url, t.secret_sealed,
-        CASE WHEN t.previous_secret_expires_at > now() THEN t.previous_secret_sealed END
-            AS previous_secret_sealed"""
+    target_select = _WEBHOOK_TARGET
 
     def _delivery(self, row: asyncpg.Record) -> WebhookDelivery:
         sealed = (row["secret_sealed"], row["previous_secret_sealed"])
@@ -520,6 +631,57 @@ class PgWebhookQueue(_PgQueue[WebhookDelivery], WebhookQueue):
             url=row["url"],
             sealed_secrets=tuple(bytes(s) for s in sealed if s is not None),
             payload=bytes(row["payload"]),
+        )
+
+    async def claim_due(
+        self, limit: int, lease: timedelta, *, per_target: int | None = None
+    ) -> list[WebhookDelivery]:
+        if limit <= 0:
+            return []
+        rows = await self.conn.fetch(
+            _CLAIM_WEBHOOKS,
+            limit,
+            lease,
+            per_target or BreakerPolicy().per_endpoint,
+        )
+        return sorted((self._delivery(r) for r in rows), key=lambda d: d.seq)
+
+    async def seconds_until_next_due(self, *, per_target: int | None = None) -> float | None:
+        nxt = await self.conn.fetchval(_NEXT_WEBHOOK, per_target or BreakerPolicy().per_endpoint)
+        return None if nxt is None else float(nxt)
+
+    async def endpoints_for_update(
+        self, subscription_ids: Sequence[uuid.UUID]
+    ) -> tuple[dict[uuid.UUID, EndpointHealth], datetime]:
+        ids = sorted(set(subscription_ids))  # locked in one order: two recorders never deadlock
+        rows = await self.conn.fetch(
+            """SELECT e.*, now() AS now FROM webhook_endpoints e
+               WHERE e.subscription_id = ANY($1::uuid[]) ORDER BY e.subscription_id FOR UPDATE""",
+            ids,
+        )
+        now = rows[0]["now"] if rows else await self.conn.fetchval("SELECT now()")
+        return {r["subscription_id"]: _health(r) for r in rows}, now
+
+    async def save_endpoints(self, health: Mapping[uuid.UUID, EndpointHealth]) -> None:
+        if not health:
+            return
+        items = sorted(health.items())
+        await self.conn.execute(
+            """INSERT INTO webhook_endpoints AS e (subscription_id, state, consecutive_failures, parks,
+                                                   parked_until, probe_delivery_id, changed_at)
+               SELECT *, now() FROM unnest($1::uuid[], $2::text[], $3::int[], $4::int[], $5::timestamptz[],
+                                           $6::uuid[])
+               ON CONFLICT (subscription_id) DO UPDATE SET
+                   state = EXCLUDED.state, consecutive_failures = EXCLUDED.consecutive_failures,
+                   parks = EXCLUDED.parks, parked_until = EXCLUDED.parked_until,
+                   probe_delivery_id = EXCLUDED.probe_delivery_id,
+                   changed_at = CASE WHEN e.state = EXCLUDED.state THEN e.changed_at ELSE now() END""",
+            [k for k, _ in items],
+            [h.state for _, h in items],
+            [h.consecutive_failures for _, h in items],
+            [h.parks for _, h in items],
+            [h.parked_until for _, h in items],
+            [h.probe_delivery_id for _, h in items],
         )
 
     async def enqueue_matching(
@@ -572,6 +734,16 @@ class PgWebhookQueue(_PgQueue[WebhookDelivery], WebhookQueue):
         )
 
 
+def _health(row: asyncpg.Record) -> EndpointHealth:
+    return EndpointHealth(
+        state=row["state"],
+        consecutive_failures=row["consecutive_failures"],
+        parks=row["parks"],
+        parked_until=row["parked_until"],
+        probe_delivery_id=row["probe_delivery_id"],
+    )
+
+
 class PgEmailQueue(_PgQueue[EmailDelivery], EmailQueue):
     channel = EMAIL_CHANNEL
     table = "email_deliveries"
@@ -614,7 +786,7 @@ class PgEmailQueue(_PgQueue[EmailDelivery], EmailQueue):
 
     async def cancel_pending(self, recipient_id: uuid.UUID) -> None:
         await self.conn.execute(
-            """UPDATE email_deliveries SET status = 'cancelled', lease_until = NULL,
+            """UPDATE email_deliveries SET status = 'cancelled', lease_until = NULL, lease_token = NULL,
                       last_error = coalesce(last_error, 'recipient_removed')
                WHERE recipient_id = $1 AND status = 'pending'""",
             recipient_id,

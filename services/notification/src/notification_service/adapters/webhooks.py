@@ -41,7 +41,10 @@ from v2v_contracts.errors import Invalid
 if "sniffio" not in sys.modules and importlib.util.find_spec("sniffio") is None:
     sys.modules["sniffio"] = None  # type: ignore[assignment]
 
-MAX_CONNECTIONS = 32  # per dispatcher: kept-alive connections to the centres' endpoints
+# per dispatcher: connections to the centres' endpoints (kept alive), more than it has attempts in flight
+# (DeliveryPolicy.batch): an attempt never waits for a connection (a wait that ran out would count as
+# the endpoint's timeout)
+MAX_CONNECTIONS = 64
 MAX_RESPONSE_BYTES = 64 * 1024  # of an answer's body, read so that the connection can be reused
 
 

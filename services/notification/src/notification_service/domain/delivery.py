@@ -17,7 +17,7 @@ class DeliveryPolicy:
     backoff_base_s: float = 1.0
     backoff_max_s: float = 300.0
     timeout_s: float = 5.0
-    batch: int = 50
+    batch: int = 50  # deliveries a dispatcher has in flight at most (leased and not yet recorded)
 
     def backoff(self, attempt: int, rand: Callable[[], float] | None = None) -> float:
         """Exponential backoff with equal jitter: between half and all of base * 2^(attempt-1), capped."""
@@ -102,6 +102,10 @@ class Delivery(EventRef):
 
     delivery_id: uuid.UUID
     attempts: int  # made so far
+    # the lease's token: the attempt's outcome is recorded only while the delivery is still leased by it
+    # (a dispatcher paused past its lease, whose delivery another one took over, records nothing)
+    lease_token: uuid.UUID | None = None
+    seq: int = 0  # queued order: an order's deliveries to one target are attempted in this order
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -60,6 +60,8 @@ def _no_store(response: Response) -> None:
 
 # ---- webhook subscriptions --------------------------------------------------------------------------
 
+EndpointStateOut = Literal["open", "parked", "probing"]
+
 
 class SubscriptionIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -84,6 +86,17 @@ class SubscriptionOut(BaseModel):
     previous_secret_expires_at: datetime | None = Field(
         default=None, description="Until then deliveries carry a second signature, by the replaced secret"
     )
+    endpoint_state: EndpointStateOut = Field(
+        default="open",
+        description="The endpoint's circuit breaker: `open` (deliveries are sent), `parked` (after "
+        "consecutive failed attempts: deliveries wait, none is attempted and none of their attempts is used "
+        "up, until `parked_until`), `probing` (one delivery is sent to see whether the endpoint answers "
+        "again; a success opens it, a failure parks it again for longer)",
+    )
+    parked_until: datetime | None = Field(
+        default=None, description="Parked: when the endpoint is probed; probing: when the probe gives up"
+    )
+    consecutive_failures: int = Field(default=0, description="Failed attempts since the last success")
 
     @classmethod
     def of(cls, sub: Subscription) -> SubscriptionOut:
@@ -96,6 +109,9 @@ class SubscriptionOut(BaseModel):
             created_at=sub.created_at,
             secret_rotated_at=sub.secret_rotated_at,
             previous_secret_expires_at=sub.previous_secret_expires_at,
+            endpoint_state=sub.endpoint.state,
+            parked_until=sub.endpoint.parked_until,
+            consecutive_failures=sub.endpoint.consecutive_failures,
         )
 
 
@@ -315,6 +331,12 @@ class DeliveryOut(BaseModel):
     created_at: datetime
     delivered_at: datetime | None
     next_attempt_at: datetime
+    endpoint_state: EndpointStateOut | None = Field(
+        default=None,
+        description="A webhook's endpoint: open, parked (its deliveries wait until `parked_until`) or "
+        "probing; null for an e-mail",
+    )
+    parked_until: datetime | None = None
 
     @classmethod
     def of(cls, row: dict[str, Any]) -> DeliveryOut:
@@ -324,7 +346,7 @@ class DeliveryOut(BaseModel):
     def fields_of(row: dict[str, Any]) -> dict[str, Any]:
         names = set(DeliveryOut.model_fields) - {"last_outcome"}
         outcome = "delivered" if row["status"] == "delivered" else row["last_error"]
-        return {**{k: row[k] for k in names}, "last_outcome": outcome}
+        return {**{k: row.get(k) for k in names}, "last_outcome": outcome}
 
 
 class AttemptOut(BaseModel):

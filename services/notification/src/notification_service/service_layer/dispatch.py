@@ -1,10 +1,25 @@
 """The dispatchers: each channel's delivery loop (orchestration only; the SQL is in the repositories).
 
-A dispatcher is woken when a consumer's transaction queued deliveries (or when the next retry falls due),
-leases the due deliveries, attempts each once through its channel's sender (concurrently, with a bound,
-keeping each order's deliveries to one target in event order), and records the batch's attempts and the
-policy's verdicts in one transaction: delivered, retried after a backoff, or failed — a failed webhook
-publishes `notification.webhook_delivery_failed` through the outbox.
+A dispatcher is woken when a consumer's transaction queued deliveries (its listener's NOTIFY), when an
+attempt it made finishes, or when the next delivery falls due. Each pass is one transaction: it records
+the attempts that finished since the last one (with the policy's verdicts: delivered, retried after a
+backoff, or failed — a failed webhook publishes `notification.webhook_delivery_failed` through the outbox)
+and leases as many due deliveries as there is room for (`DeliveryPolicy.batch` in flight). Each leased
+delivery is attempted at once, in its lane (an order's deliveries to one target go one after another, in
+the order they were queued); a pass never waits for an attempt, so a slow endpoint holds only its own.
+
+- Fenced: a lease has a token, and an attempt is recorded only while its token is still the delivery's. A
+  dispatcher paused past its lease (another leased and attempted the delivery meanwhile) records nothing.
+  A retry of a webhook carries the same `webhook-id` (the event's id), so a receiver drops a duplicate.
+- Webhooks are scheduled per endpoint (`adapters.repository.WebhookQueue`): at most `per_endpoint` of an
+  endpoint's deliveries in flight, the endpoints taking turns, and a circuit breaker per endpoint
+  (`domain.endpoints`) that parks one that keeps failing and probes it with one delivery after a
+  cool-down. One dead endpoint costs the others nothing.
+- Supervised: the loops (`webhook_dispatcher`, `webhook_listener`, `email_dispatcher`, `email_listener`)
+  run under the runtime's Supervisor. A failing database call ends the loop's run; the Supervisor counts
+  it and starts it again with backoff, and the dispatcher (kept across runs) records first what finished
+  meanwhile: no attempt is lost, none is recorded twice. A dispatcher beats on every pass (stuck detection
+  in /ready); a listener on every probe of its connection, and it listens again after a Postgres restart.
 """
 
 from __future__ import annotations
@@ -13,7 +28,9 @@ import abc
 import asyncio
 import contextlib
 import time
-from dataclasses import dataclass
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import ClassVar, Generic, Protocol, TypeVar
 
@@ -26,9 +43,9 @@ from opentelemetry.semconv.attributes.http_attributes import HTTP_RESPONSE_STATU
 from notification_service.adapters.repository import (
     Attempt,
     DeliveryQueue,
+    Listener,
     NotificationTx,
     email_channel,
-    wakeups,
     webhook_channel,
 )
 from notification_service.adapters.secret_box import SecretBox
@@ -44,17 +61,18 @@ from notification_service.domain.delivery import (
     WebhookDelivery,
     decide,
 )
+from notification_service.domain.endpoints import BreakerPolicy, EndpointHealth, after_attempts
 from v2v_contracts import WebhookDeliveryFailedV1
-from v2v_messaging import AbstractUnitOfWork
+from v2v_messaging import AbstractUnitOfWork, Heartbeat
 from v2v_observability import bind_order, get_logger, meter, names, set_order_attributes
 from v2v_servicekit import Runtime
 
 log = get_logger(__name__)
 
-LEASE = timedelta(seconds=60)  # a delivery leased and not recorded by then is attempted again
+LEASE = timedelta(seconds=60)  # at least: a delivery leased and not recorded by then is attempted again
 IDLE_WAIT_S = 5.0  # longest sleep between two looks at the queue
-CONCURRENCY = 16  # lanes (an order's deliveries to one target) attempted at once
-RESTART_S = (1.0, 30.0)  # backoff of a dispatcher restarted after an error: first, longest
+RECORD_COALESCE_S = 0.01  # while attempts are in flight: a moment for more to finish, one pass for all
+SHUTDOWN_GRACE_S = 2.0  # at shutdown: how long attempts in flight may still finish and be recorded
 
 _meter = meter(names.METER_NOTIFICATION)
 WEBHOOK_OUTCOMES = _meter.create_counter(
@@ -67,9 +85,28 @@ EMAIL_OUTCOMES = _meter.create_counter(
     names.EMAIL_DELIVERIES, description="E-mail delivery attempts by outcome"
 )
 EMAIL_DURATION = _meter.create_histogram(names.EMAIL_DURATION, unit="s", description="SMTP send duration")
+ENDPOINT_TRANSITIONS = _meter.create_counter(
+    "v2v.webhook.endpoint.transitions",
+    description="Webhook endpoints' circuit breakers changing state (parked, open), by new state",
+)
+SUPERSEDED = _meter.create_counter(
+    "v2v.notification.attempts.superseded",
+    description="Attempts not recorded: their lease had run out and another dispatcher had taken it",
+)
 
 D = TypeVar("D", bound=Delivery)
 D_contra = TypeVar("D_contra", bound=Delivery, contravariant=True)
+
+
+def attempt_bound_s(policy: DeliveryPolicy) -> float:
+    """The longest one attempt may take (a sender bounds its own attempts more tightly: this is the net)."""
+    return policy.timeout_s * 3 + 1.0
+
+
+def lease_for(policy: DeliveryPolicy, per_target: int = 1) -> timedelta:
+    """A lease long enough for the deliveries of one lane leased together (at most `per_target`) to be
+    attempted one after another, each within its bound."""
+    return max(LEASE, timedelta(seconds=per_target * attempt_bound_s(policy) + 10.0))
 
 
 class Sender(Protocol[D_contra]):
@@ -78,6 +115,23 @@ class Sender(Protocol[D_contra]):
     async def send(self, delivery: D_contra, /) -> Outcome: ...
 
     async def aclose(self) -> None: ...
+
+
+@dataclass
+class DispatchStats:
+    passes: int = 0  # transactions that recorded and leased
+    leased: int = 0
+    recorded: int = 0
+    superseded: int = 0  # attempts made past their lease, after another dispatcher took it: not recorded
+
+
+@dataclass(frozen=True)
+class _Attempted(Generic[D]):
+    """An attempt made, not yet recorded: its verdict and the context of its delivery span."""
+
+    delivery: D
+    attempt: Attempt
+    context: otel_context.Context = field(default_factory=otel_context.Context)
 
 
 class Dispatcher(abc.ABC, Generic[D]):
@@ -89,12 +143,27 @@ class Dispatcher(abc.ABC, Generic[D]):
     duration: ClassVar[Histogram]
 
     def __init__(
-        self, uow: AbstractUnitOfWork[NotificationTx], sender: Sender[D], policy: DeliveryPolicy
+        self,
+        uow: AbstractUnitOfWork[NotificationTx],
+        sender: Sender[D],
+        policy: DeliveryPolicy,
+        *,
+        per_target: int | None = None,
+        lease: timedelta | None = None,
     ) -> None:
         self.uow = uow
         self.sender = sender
         self.policy = policy
+        self.per_target = per_target  # a target's deliveries in flight at most (None: no such bound)
+        self.lease = lease if lease is not None else lease_for(policy, per_target or 1)
         self.tracer = trace.get_tracer(f"{names.METER_NOTIFICATION}.{self.kind}s")
+        self.stats = DispatchStats()
+        self._lanes: dict[tuple[object, object], deque[D]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._leased = 0  # leased by this dispatcher and not recorded yet
+        self._finished: list[_Attempted[D]] = []  # attempted, not recorded yet
+        self._progress = asyncio.Event()  # set when an attempt finishes
+        self._filled = False  # the last pass leased all it had room for: more may be due
 
     # ---- what a channel provides ---------------------------------------------------------------
 
@@ -112,60 +181,146 @@ class Dispatcher(abc.ABC, Generic[D]):
     async def on_dead_lettered(self, tx: NotificationTx, delivery: D, attempt: int, outcome: Outcome) -> None:
         """Called in the transaction that marks the delivery failed."""
 
+    async def after_recorded(self, tx: NotificationTx, recorded: list[_Attempted[D]]) -> None:
+        """Called in the transaction that recorded `recorded` (in the order they finished)."""
+
     async def aclose(self) -> None:
         await self.sender.aclose()
 
     # ---- the loop ------------------------------------------------------------------------------
 
-    async def run(self, wake: asyncio.Event) -> None:
-        """Dispatch whenever woken or when the next delivery falls due, until cancelled."""
+    @property
+    def room(self) -> int:
+        """How many more deliveries this dispatcher may lease."""
+        return self.policy.batch - self._leased
+
+    @property
+    def in_flight(self) -> int:
+        return self._leased
+
+    async def run(self, wake: asyncio.Event, heartbeat: Heartbeat | None = None) -> None:
+        """Dispatch whenever woken, when an attempt finishes or when the next delivery falls due, until
+        cancelled. A failing database call raises (the supervisor runs it again, with backoff): the
+        attempts in flight go on meanwhile, and the next run records them first."""
+        hb = heartbeat or Heartbeat(f"{self.kind}_dispatcher")
         while True:
             wake.clear()
-            try:
-                n = await self.dispatch_due()
-            except Exception as exc:  # database down, a bug: keep the loop, try again shortly
-                log.warning(f"{self.kind} dispatcher error", error=repr(exc))
-                await asyncio.sleep(RESTART_S[0])
-                continue
-            if n >= self.policy.batch or wake.is_set():  # more due, or queued meanwhile: no need to look
-                continue
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wake.wait(), timeout=await self.until_next_due())
+            await self.pump()
+            hb.beat()
+            if wake.is_set() or (self._filled and self.room > 0):
+                continue  # queued meanwhile, or more due than there was room for
+            if not self._finished:
+                timeout = await self.until_next_due() if self.room > 0 else IDLE_WAIT_S
+                if not (wake.is_set() or self._finished):
+                    await _first_of(wake, self._progress, timeout)
+            if self._leased:  # attempts to record: a moment for more to finish (or be queued), one pass
+                await asyncio.sleep(RECORD_COALESCE_S)
+
+    async def pump(self, *, lease_more: bool = True) -> int:
+        """One transaction: record the attempts that finished; lease due deliveries for the room there is
+        and start attempting them. Returns how many were leased. When it fails, nothing was recorded:
+        the attempts are kept for the next pump (a commit that failed after all changes nothing then: the
+        leases are no longer theirs)."""
+        finished, self._finished = self._finished, []
+        self._progress.clear()
+        try:
+            with suppress_instrumentation():  # bookkeeping; each attempt has its delivery span
+                async with self.uow.begin() as tx:
+                    await self._record(tx, finished)
+                    room = self.room + len(finished)
+                    due: list[D] = []
+                    if lease_more and room > 0:
+                        due = await self.queue(tx).claim_due(room, self.lease, per_target=self.per_target)
+                    self._filled = lease_more and room > 0 and len(due) == room
+        except BaseException:
+            self._finished[:0] = finished
+            raise
+        self._leased -= len(finished)
+        self.stats.passes += 1
+        self.stats.leased += len(due)
+        for d in due:
+            self._start(d)
+        return len(due)
+
+    async def dispatch_due(self) -> int:
+        """Lease the due deliveries, attempt each once, record the outcomes; returns how many were leased.
+        (One pass, waiting for its attempts: `run` does not wait.)"""
+        n = await self.pump()
+        await self.drain()
+        await self.pump(lease_more=False)
+        return n
+
+    async def drain(self, timeout: float | None = None) -> None:
+        """Wait for the attempts in flight (at most `timeout`)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._tasks:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return
+            await asyncio.wait(set(self._tasks), timeout=left)
+
+    async def shutdown(self, grace_s: float = SHUTDOWN_GRACE_S) -> None:
+        """At shutdown: let the attempts in flight finish for a moment and record them; the others are
+        cancelled (their leases run out and they are attempted again, with the same webhook-id). Closes
+        the sender."""
+        try:
+            await self.drain(grace_s)
+            if self._finished:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self.pump(lease_more=False), grace_s)
+        finally:
+            for task in list(self._tasks):
+                task.cancel()
+            await self.aclose()
 
     async def until_next_due(self) -> float:
-        """Seconds to sleep: until the next delivery falls due, within 0.05 .. IDLE_WAIT_S."""
+        """Seconds to sleep: until the next delivery may be leased, within 0.05 .. IDLE_WAIT_S."""
         with suppress_instrumentation():  # polling is not worth a span
             async with self.uow.read() as tx:
-                nxt = await self.queue(tx).seconds_until_next_due()
+                nxt = await self.queue(tx).seconds_until_next_due(per_target=self.per_target)
         if nxt is None:
             return IDLE_WAIT_S
         return max(0.05, min(IDLE_WAIT_S, nxt))
 
-    async def dispatch_due(self) -> int:
-        """Lease the due deliveries, attempt each once, record the outcomes; returns how many were leased.
+    def _start(self, delivery: D) -> None:
+        """Attempt a leased delivery at once, or after those of its lane already in flight."""
+        self._leased += 1
+        key = (delivery.order_id or delivery.delivery_id, self.target(delivery))
+        lane = self._lanes.get(key)
+        if lane is not None:
+            lane.append(delivery)
+            return
+        lane = self._lanes[key] = deque([delivery])
+        task = asyncio.create_task(self._run_lane(key, lane), name=f"{self.kind}-lane")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
-        The deliveries of one order to one target (a lane) are attempted one after another in the order
-        they were leased (the order of their events); lanes run concurrently, at most CONCURRENCY at once.
-        The attempts of the batch and their verdicts are recorded in one transaction."""
-        with suppress_instrumentation():
-            async with self.uow.begin() as tx:
-                due = await self.queue(tx).claim_due(self.policy.batch, LEASE)
-        if not due:
-            return 0
-        lanes: dict[tuple[object, object], list[D]] = {}
-        for d in due:
-            lanes.setdefault((d.order_id or d.delivery_id, self.target(d)), []).append(d)
-        done: list[_Attempted[D]] = []
-        slots = asyncio.Semaphore(CONCURRENCY)
+    async def _run_lane(self, key: tuple[object, object], lane: deque[D]) -> None:
+        try:
+            while lane:
+                delivery = lane[0]
+                try:
+                    done = await self._deliver(delivery)
+                except Exception as exc:  # a telemetry failure, not the sender's: still an attempt to record
+                    log.warning(f"{self.kind} attempt failed unexpectedly", error_type=exc.__class__.__name__)
+                    done = self._attempted(delivery, Outcome(None, "internal_error"), 0)
+                lane.popleft()
+                self._finished.append(done)
+                self._progress.set()
+        finally:
+            if self._lanes.get(key) is lane:
+                del self._lanes[key]
 
-        async def run_lane(lane: list[D]) -> None:
-            async with slots:
-                for d in lane:
-                    done.append(await self._deliver(d))
-
-        await asyncio.gather(*(run_lane(lane) for lane in lanes.values()))
-        await self._record(done)
-        return len(due)
+    def _attempted(
+        self, delivery: D, outcome: Outcome, elapsed_ms: int, context: otel_context.Context | None = None
+    ) -> _Attempted[D]:
+        attempt = delivery.attempts + 1
+        verdict = decide(self.policy, attempt, outcome)
+        return _Attempted(
+            delivery,
+            Attempt(delivery.delivery_id, attempt, outcome, elapsed_ms, verdict, delivery.lease_token),
+            context if context is not None else otel_context.Context(),
+        )
 
     async def _deliver(self, delivery: D) -> _Attempted[D]:
         # the delivery span continues the trace of the consumer that queued it
@@ -178,12 +333,14 @@ class Dispatcher(abc.ABC, Generic[D]):
             ) as span:
                 set_order_attributes(delivery.order_id, delivery.coi)
                 span.set_attribute(names.EVENT_TYPE, delivery.event_type)
-                attempt = delivery.attempts + 1
-                span.set_attribute(names.ATTEMPT, attempt)
+                span.set_attribute(names.ATTEMPT, delivery.attempts + 1)
                 self.describe(delivery, span)
                 started = time.monotonic()
                 try:
-                    outcome = await self.sender.send(delivery)
+                    async with asyncio.timeout(attempt_bound_s(self.policy)):
+                        outcome = await self.sender.send(delivery)
+                except TimeoutError:
+                    outcome = Outcome(None, "timeout")
                 except Exception as exc:  # a channel bug must not stop the dispatcher: record it
                     # the log keeps the kind of error; the delivery log a category (no exception text)
                     log.warning(f"{self.kind} sender failed", error_type=exc.__class__.__name__)
@@ -193,14 +350,9 @@ class Dispatcher(abc.ABC, Generic[D]):
                     span.set_attribute(self.status_attribute, outcome.status_code)
                 if outcome.error:
                     span.set_status(trace.Status(trace.StatusCode.ERROR, outcome.error))
-                verdict = decide(self.policy, attempt, outcome)
-                self._observe(delivery, attempt, outcome, elapsed_ms, verdict)
-                return _Attempted(
-                    delivery,
-                    Attempt(delivery.delivery_id, attempt, outcome, elapsed_ms),
-                    verdict,
-                    otel_context.get_current(),
-                )
+                done = self._attempted(delivery, outcome, elapsed_ms, otel_context.get_current())
+                self._observe(delivery, done.attempt.attempt, outcome, elapsed_ms, done.attempt.verdict)
+                return done
         finally:
             otel_context.detach(token)
 
@@ -225,47 +377,62 @@ class Dispatcher(abc.ABC, Generic[D]):
                 retry_in_s=round(verdict.retry_in_s or 0.0, 2),
             )
 
-    async def _record(self, done: list[_Attempted[D]]) -> None:
-        """The attempts and their verdicts: one transaction for the batch (one now())."""
-        with suppress_instrumentation():  # bookkeeping; each attempt has its delivery span
-            async with self.uow.begin() as tx:
-                queue = self.queue(tx)
-                await queue.record_delivered([a.attempt for a in done if a.verdict.label == "delivered"])
-                for a in done:
-                    n, outcome = a.attempt.attempt, a.attempt.outcome
-                    if a.verdict.label == "failed":
-                        await queue.record_attempt(a.delivery.delivery_id, n, outcome, a.attempt.duration_ms)
-                        await queue.mark_failed(a.delivery.delivery_id, n, outcome)
-                        # in the delivery's span: what it publishes continues the order's trace
-                        token = otel_context.attach(a.context)
-                        try:
-                            await self.on_dead_lettered(tx, a.delivery, n, outcome)
-                        finally:
-                            otel_context.detach(token)
-                    elif a.verdict.label == "retry":
-                        await queue.record_attempt(a.delivery.delivery_id, n, outcome, a.attempt.duration_ms)
-                        await queue.schedule_retry(
-                            a.delivery.delivery_id, n, outcome, a.verdict.retry_in_s or 0.0
-                        )
+    async def _record(self, tx: NotificationTx, done: list[_Attempted[D]]) -> None:
+        """The attempts whose leases are still theirs, and their verdicts (one statement, one now())."""
+        if not done:
+            return
+        accepted = await self.queue(tx).record([a.attempt for a in done])
+        recorded = [a for a in done if a.attempt.lease_token in accepted]
+        superseded = len(done) - len(recorded)
+        self.stats.recorded += len(recorded)
+        if superseded:
+            self.stats.superseded += superseded
+            SUPERSEDED.add(superseded, {"channel": self.kind})
+            log.warning(
+                f"{self.kind} attempts not recorded: their lease had run out and was taken over",
+                count=superseded,
+            )
+        for a in recorded:
+            if a.attempt.verdict.label == "failed":
+                # in the delivery's span: what it publishes continues the order's trace
+                token = otel_context.attach(a.context)
+                try:
+                    await self.on_dead_lettered(tx, a.delivery, a.attempt.attempt, a.attempt.outcome)
+                finally:
+                    otel_context.detach(token)
+        await self.after_recorded(tx, recorded)
 
 
-@dataclass(frozen=True)
-class _Attempted(Generic[D]):
-    """An attempt made, not yet recorded: its verdict and the context of its delivery span."""
-
-    delivery: D
-    attempt: Attempt
-    verdict: Verdict
-    context: otel_context.Context
+async def _first_of(a: asyncio.Event, b: asyncio.Event, timeout: float) -> None:
+    """Until either event is set, at most `timeout` seconds."""
+    waiters = [asyncio.ensure_future(a.wait()), asyncio.ensure_future(b.wait())]
+    try:
+        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waiters:
+            w.cancel()
 
 
 class WebhookDispatcher(Dispatcher[WebhookDelivery]):
-    """Posts the webhook deliveries, signed; publishes webhook_delivery_failed for a dead letter."""
+    """Posts the webhook deliveries, signed, per endpoint behind its circuit breaker; publishes
+    webhook_delivery_failed for a dead letter."""
 
     kind = "webhook"
     status_attribute = HTTP_RESPONSE_STATUS_CODE
     outcomes = WEBHOOK_OUTCOMES
     duration = WEBHOOK_DURATION
+
+    def __init__(
+        self,
+        uow: AbstractUnitOfWork[NotificationTx],
+        sender: Sender[WebhookDelivery],
+        policy: DeliveryPolicy,
+        *,
+        breaker: BreakerPolicy | None = None,
+        lease: timedelta | None = None,
+    ) -> None:
+        self.breaker = breaker or BreakerPolicy()
+        super().__init__(uow, sender, policy, per_target=self.breaker.per_endpoint, lease=lease)
 
     def queue(self, tx: NotificationTx) -> DeliveryQueue[WebhookDelivery]:
         return tx.webhooks
@@ -293,6 +460,37 @@ class WebhookDispatcher(Dispatcher[WebhookDelivery]):
                 last_error=outcome.error or "",
             )
         )
+
+    async def after_recorded(self, tx: NotificationTx, recorded: list[_Attempted[WebhookDelivery]]) -> None:
+        """Each endpoint's breaker after its recorded attempts."""
+        results: dict[uuid.UUID, list[tuple[uuid.UUID, Outcome]]] = {}
+        for a in recorded:
+            results.setdefault(a.delivery.subscription_id, []).append(
+                (a.delivery.delivery_id, a.attempt.outcome)
+            )
+        if not results:
+            return
+        health, now = await tx.webhooks.endpoints_for_update(list(results))
+        changed: dict[uuid.UUID, EndpointHealth] = {}
+        for subscription_id, attempts in results.items():
+            before = health.get(subscription_id, EndpointHealth())
+            after = after_attempts(self.breaker, before, attempts, now)
+            if after == before:
+                continue
+            changed[subscription_id] = after
+            if after.state != before.state:
+                ENDPOINT_TRANSITIONS.add(1, {"state": after.state})
+                if after.state == "parked":
+                    log.warning(
+                        "webhook endpoint parked",
+                        subscription_id=str(subscription_id),
+                        consecutive_failures=after.consecutive_failures,
+                        parks=after.parks,
+                        parked_until=after.parked_until.isoformat() if after.parked_until else None,
+                    )
+                else:
+                    log.info("webhook endpoint open again", subscription_id=str(subscription_id))
+        await tx.webhooks.save_endpoints(changed)
 
 
 class EmailDispatcher(Dispatcher[EmailDelivery]):
@@ -322,23 +520,6 @@ def _settings(rt: Runtime) -> NotificationSettings:
     return rt.settings
 
 
-async def _supervise(rt: Runtime, dispatcher: Dispatcher[D], channel: str) -> None:
-    """Run `dispatcher` woken on `channel`; restart it with backoff when its listener fails."""
-    delay = RESTART_S[0]
-    try:
-        while True:
-            try:
-                async with wakeups(rt.pool, channel) as wake:
-                    delay = RESTART_S[0]
-                    await dispatcher.run(wake)
-            except Exception as exc:
-                log.warning(f"{dispatcher.kind} dispatcher stopped, restarting", error=repr(exc), in_s=delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, RESTART_S[1])
-    finally:
-        await dispatcher.aclose()
-
-
 def secret_box(rt: Runtime) -> SecretBox:
     """The box sealing the webhook secrets (made once, at start-up: `check_secrets_key`)."""
     box = rt.extras.get("secret_box")
@@ -352,18 +533,63 @@ async def check_secrets_key(rt: Runtime) -> None:
     secret_box(rt)
 
 
+def listener(rt: Runtime, kind: str) -> Listener:
+    """The channel's listener (made once; its wake event is the dispatcher's)."""
+    key = f"{kind}_listener"
+    found = rt.extras.get(key)
+    if not isinstance(found, Listener):
+        channel = webhook_channel if kind == "webhook" else email_channel
+        found = rt.extras[key] = Listener(rt.pool, channel(rt.definition.schema))
+    return found
+
+
+def webhooks(rt: Runtime) -> WebhookDispatcher:
+    """The webhook dispatcher (made once, kept across the runs of its loop: what it has in flight too)."""
+    found = rt.extras.get("dispatcher")
+    if not isinstance(found, WebhookDispatcher):
+        settings = _settings(rt)
+        policy = settings.webhook_policy
+        sender = WebhookSender(policy.timeout_s, secret_box(rt), settings.url_policy)
+        found = rt.extras["dispatcher"] = WebhookDispatcher(
+            rt.uow, sender, policy, breaker=settings.breaker_policy, lease=settings.webhook_lease
+        )
+    return found
+
+
+def emails(rt: Runtime) -> EmailDispatcher:
+    found = rt.extras.get("email_dispatcher")
+    if not isinstance(found, EmailDispatcher):
+        settings = _settings(rt)
+        policy = settings.email_policy
+        found = rt.extras["email_dispatcher"] = EmailDispatcher(
+            rt.uow, SmtpSender(settings.smtp, policy.timeout_s), policy
+        )
+    return found
+
+
+async def _dispatch(rt: Runtime, dispatcher: Dispatcher[D], kind: str) -> None:
+    try:
+        await dispatcher.run(listener(rt, kind).wake, rt.heartbeat())
+    except asyncio.CancelledError:  # the service stops
+        await dispatcher.shutdown()
+        raise
+
+
+def _probe_every(rt: Runtime) -> float:
+    return min(5.0, rt.settings.background_stall_after_s / 4)  # beats well inside the stall limit
+
+
 async def webhook_dispatcher(rt: Runtime) -> None:
-    settings = _settings(rt)
-    policy = settings.webhook_policy
-    sender = WebhookSender(policy.timeout_s, secret_box(rt), settings.url_policy)
-    dispatcher = WebhookDispatcher(rt.uow, sender, policy)
-    rt.extras["dispatcher"] = dispatcher
-    await _supervise(rt, dispatcher, webhook_channel(rt.definition.schema))
+    await _dispatch(rt, webhooks(rt), "webhook")
+
+
+async def webhook_listener(rt: Runtime) -> None:
+    await listener(rt, "webhook").run(rt.heartbeat(), probe_every=_probe_every(rt))
 
 
 async def email_dispatcher(rt: Runtime) -> None:
-    settings = _settings(rt)
-    policy = settings.email_policy
-    dispatcher = EmailDispatcher(rt.uow, SmtpSender(settings.smtp, policy.timeout_s), policy)
-    rt.extras["email_dispatcher"] = dispatcher
-    await _supervise(rt, dispatcher, email_channel(rt.definition.schema))
+    await _dispatch(rt, emails(rt), "email")
+
+
+async def email_listener(rt: Runtime) -> None:
+    await listener(rt, "email").run(rt.heartbeat(), probe_every=_probe_every(rt))
