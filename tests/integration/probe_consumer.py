@@ -1,8 +1,9 @@
 """A consumer process for the broker fault tests: an `EventConsumer` of the probe events, on its own.
 
-    python tests/integration/probe_consumer.py BOOTSTRAP DATABASE_URL TOPIC DLQ SERVICE HANDLER_DELAY_S
+    python tests/integration/probe_consumer.py BOOTSTRAP DATABASE_URL TOPIC DLQ SERVICE DELAY_S SLOW_FROM
 
-Each probe event it handles appends a row to `it_applied` (no unique key: a second application of the
+Handling a probe event takes DELAY_S from the event numbered SLOW_FROM on. Each one appends a row to
+`it_applied` (no unique key: a second application of the
 same event would show as a second row), in the inbox's transaction. The test pauses it (SIGSTOP) and
 resumes it (SIGCONT) like the chaos nemesis does, and reads what it did from Postgres.
 """
@@ -34,7 +35,9 @@ class OrderProbeV1(EventData):
     n: int
 
 
-async def main(bootstrap: str, url: str, topic: str, dlq: str, service: str, delay_s: float) -> None:
+async def main(
+    bootstrap: str, url: str, topic: str, dlq: str, service: str, delay_s: float, slow_from: int
+) -> None:
     kafka = KafkaSettings(bootstrap_servers=bootstrap, enable_idempotence=False, fetch_max_wait_ms=20)
     pool = await create_pool(url, max_size=4)
     uow: UnitOfWork[Any] = UnitOfWork(pool, topic, notify_channel("ordering"))
@@ -42,7 +45,7 @@ async def main(bootstrap: str, url: str, topic: str, dlq: str, service: str, del
 
     @registry.on(OrderProbeV1)
     async def handle(tx: Tx, data: OrderProbeV1, meta: EventMeta) -> None:
-        for _ in range(10):  # a handler that takes a while (in steps: paused and resumed, it goes on)
+        for _ in range(10 if data.n >= slow_from else 0):  # in steps: paused and resumed, it goes on
             await asyncio.sleep(delay_s / 10)
         await tx.conn.execute("INSERT INTO it_applied (event_id, n) VALUES ($1, $2)", meta.id, data.n)
 
@@ -73,5 +76,5 @@ async def main(bootstrap: str, url: str, topic: str, dlq: str, service: str, del
 
 
 if __name__ == "__main__":
-    bootstrap, url, topic, dlq, service, delay = sys.argv[1:7]
-    asyncio.run(main(bootstrap, url, topic, dlq, service, float(delay)))
+    bootstrap, url, topic, dlq, service, delay, slow_from = sys.argv[1:8]
+    asyncio.run(main(bootstrap, url, topic, dlq, service, float(delay), int(slow_from)))

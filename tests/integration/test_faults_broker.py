@@ -334,7 +334,7 @@ async def test_broker_restart_while_a_consumer_is_paused_in_a_handler(
     while the consumer joins its group again on the fresh broker: every event is processed exactly
     once afterwards, none skipped."""
     service = f"it{uuid.uuid4().hex[:6]}"
-    held = 5  # the handler of this event waits until the test lets it go
+    held = 12  # the handler of this event waits until the test lets it go
     entered, release = asyncio.Event(), asyncio.Event()
     registry = HandlerRegistry[Tx]()
 
@@ -349,7 +349,7 @@ async def test_broker_restart_while_a_consumer_is_paused_in_a_handler(
         consumer, broker = probe_consumer(platform, registry, service)
         await broker.start()
         try:
-            await platform.write(12)
+            await platform.write(20)
             await asyncio.wait_for(entered.wait(), 30)  # paused in a handler, its backlog waiting
             await eventually(platform.published, 10, what="the relay to publish")
 
@@ -366,7 +366,7 @@ async def test_broker_restart_while_a_consumer_is_paused_in_a_handler(
                 release.set()
 
             releaser = asyncio.create_task(release_when_rejoining())
-            await platform.restart_broker(then_write=3)
+            await platform.restart_broker(then_write=12)
             await platform.write(3)  # published to the fresh broker
             await eventually(platform.published, 20, what="the relay to publish after the restart")
             await asyncio.wait_for(releaser, 20)
@@ -398,22 +398,23 @@ async def test_broker_restart_while_a_consumer_process_is_paused(
                 platform.topic,
                 platform.dlq,
                 service,
-                "1.0",  # each event takes a second to handle: paused, the consumer is in the middle of one
+                "1.0",  # from the 13th on, an event takes a second: paused, the consumer is in one
+                "12",
             ],
             env=clean_env(),
             log_path=tmp_path / "consumer.log",
         )
         try:
-            await platform.write(8)
+            await platform.write(20)
             await eventually(platform.published, 10, what="the relay to publish")
             await eventually(
-                lambda: _at_least(platform, 2), 40, interval=0.05, what="the consumer to process two"
+                lambda: _at_least(platform, 12), 40, interval=0.05, what="the consumer to process twelve"
             )
-            await asyncio.sleep(0.5)  # in the middle of the third
+            await asyncio.sleep(0.5)  # in the middle of the 13th
             child.send_signal(signal.SIGSTOP)  # paused: not polling, not heart-beating
-            assert await platform.applied_total() < 8, "the consumer was to be paused with a backlog"
+            assert await platform.applied_total() < 20, "the consumer was to be paused with a backlog"
 
-            await platform.restart_broker(then_write=2)
+            await platform.restart_broker(then_write=12)
             await platform.write(2)  # published to the fresh broker while the consumer is paused
             await eventually(platform.published, 20, what="the relay to publish after the restart")
 
