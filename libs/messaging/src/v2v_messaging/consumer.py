@@ -18,6 +18,14 @@ back so the message is redelivered). Around the handler:
   (nack: not committed, redelivered), and it is never dead-lettered. Any other error is the message's:
   after `max_attempts` of those it is dead-lettered — recorded in the `dead_letters` table and published
   to the service's dead-letter topic with its error — and the partition goes on.
+
+A broker that forgets (the local Tansu keeps nothing across a restart) gets the relays' replay, numbered
+from 0 again; the consumer must not read it from the positions it had on the old broker, or it skips
+what lies below them (`v2v_messaging.resync` says how it could). At every assignment, before reading,
+and whenever a partition's end falls below its position, it checks the broker against what it read
+(cluster id, end of each partition, the last record it took from each): a broker that forgot makes it
+start again from the beginning of what the broker holds, and the inbox drops what had been processed.
+A record it was handling meanwhile is never handed back at its old offset.
 """
 
 from __future__ import annotations
@@ -30,6 +38,10 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.abc import ConsumerRebalanceListener
+from aiokafka.errors import KafkaError
+from aiokafka.structs import OffsetAndMetadata
 from faststream import AckPolicy
 from faststream.kafka import KafkaBroker
 from faststream.kafka.annotations import KafkaMessage
@@ -39,7 +51,9 @@ from v2v_contracts import EVENT_TYPES, CloudEvent
 from v2v_messaging.dead_letters import decode_headers, record_dead_letter
 from v2v_messaging.failures import TRANSIENT_TYPES, is_transient
 from v2v_messaging.handlers import HandlerRegistry, PoisonMessage
+from v2v_messaging.kafka import recreate_topics
 from v2v_messaging.provenance import check_event, publisher_of
+from v2v_messaging.resync import PartitionCheck, RecordMark, loss_reason, probe_broker
 from v2v_messaging.uow import UnitOfWork
 from v2v_observability import get_logger, meter, set_order_attributes
 from v2v_observability import names as tn
@@ -54,6 +68,10 @@ HANDLER_DURATION = _meter.create_histogram(
 )
 DEAD_LETTERS = _meter.create_counter(
     tn.CONSUMER_DEAD_LETTERS, description="Messages sent to a dead-letter topic"
+)
+BROKER_RESETS = _meter.create_counter(
+    "v2v.consumer.broker_resets",  # beside tn.OUTBOX_BROKER_RESETS (to move into v2v_observability.names)
+    description="Brokers found to have forgotten what a consumer read (it starts again from the beginning)",
 )
 _CONSUMERS: weakref.WeakSet[EventConsumer] = weakref.WeakSet()
 
@@ -98,6 +116,7 @@ class ConsumerStats:
     rejected: int = 0  # failed the provenance checks: dead-lettered at once, never handled
     rejected_by_reason: dict[str, int] = field(default_factory=dict)
     by_type: dict[str, int] = field(default_factory=dict)
+    broker_resets: int = 0  # brokers found to have forgotten: read again from the beginning
 
 
 class EventConsumer:
@@ -117,6 +136,8 @@ class EventConsumer:
         heartbeat_interval_ms: int = 3_000,
         policy: ConsumerPolicy | None = None,
         namespace: str = "",
+        broker_check_interval_s: float = 5.0,
+        probe_timeout_s: float = 10.0,
     ) -> None:
         for topic in topics:  # the provenance checks need to know whose topic each one is
             if publisher_of(topic) is None:
@@ -141,8 +162,24 @@ class EventConsumer:
             heartbeat_interval_ms=heartbeat_interval_ms,
             title=self.group_id,
             description=f"{service} consumer '{purpose}': " + ", ".join(handlers.types),
+            listener=_CheckOnAssignment(self),
         )
         self.subscriber(self._on_message)
+        self.broker_check_interval_s = broker_check_interval_s
+        self.probe_timeout_s = probe_timeout_s
+        # the last record taken from each partition, and the broker's cluster id: what a broker that
+        # forgot no longer matches
+        self._seen: dict[tuple[str, int], RecordMark] = {}
+        self._cluster_id: str | None = None
+        self._resets = 0  # bumped when the consumer starts again from the beginning
+        self._check_lock = asyncio.Lock()
+        self._watch_task: asyncio.Task[None] | None = None
+        # topic -> (partitions, replication factor) last seen: what a topic the broker lost is created
+        # again with (see `_on_metadata`)
+        self._topic_shapes: dict[str, tuple[int, int]] = {}
+        self._followed_cluster: Any = None
+        self._recreating: asyncio.Task[None] | None = None
+        self._recreate_after = 0.0
         self._last_offset: dict[tuple[str, int], int] = {}
         # per message (topic, partition, offset): failures so far, kept across redeliveries
         self._poison_attempts: OrderedDict[tuple[str, int, int], int] = OrderedDict()
@@ -163,8 +200,200 @@ class EventConsumer:
             out[(tp.topic, tp.partition)] = max(0, high - (done + 1 if done is not None else high))
         return out
 
+    # ---- a broker that forgot ---------------------------------------------------------------------------
+
+    async def check_broker(self, trigger: str = "asked") -> str | None:
+        """Check the broker against what this consumer read; when it forgot, start again from the
+        beginning of every assigned partition. Returns why it did (None: nothing forgotten)."""
+        kafka_consumer = self.subscriber.consumer
+        if kafka_consumer is None:
+            return None
+        assigned = sorted(kafka_consumer.assignment())
+        if not assigned:
+            return None
+        kafka_consumer.pause(*assigned)  # nothing is read from a position before it is known good
+        try:
+            return await self._check(kafka_consumer, assigned, trigger)
+        finally:
+            still = kafka_consumer.assignment()
+            kafka_consumer.resume(*(tp for tp in assigned if tp in still))
+
+    async def _check(
+        self, kafka_consumer: AIOKafkaConsumer, assigned: list[TopicPartition], trigger: str
+    ) -> str | None:
+        async with self._check_lock:
+            positions = {tp: await self._position(kafka_consumer, tp) for tp in assigned}
+            seen = {tp: self._seen.get((tp.topic, tp.partition)) for tp in assigned}
+            probe = await probe_broker(
+                self.subscriber.builder,
+                {tp: mark.offset if mark else None for tp, mark in seen.items()},
+                timeout=self.probe_timeout_s,
+            )
+            checks = []
+            for tp in assigned:
+                state = probe.partitions[tp]
+                checks.append(
+                    PartitionCheck(
+                        tp.topic,
+                        tp.partition,
+                        position=positions[tp],
+                        high_watermark=state.high_watermark,
+                        log_start=state.log_start,
+                        seen=seen[tp],
+                        found=state.found,
+                    )
+                )
+            reason = loss_reason(checks, cluster_id_before=self._cluster_id, cluster_id_now=probe.cluster_id)
+            unverified = [tp for tp in probe.undecided() if seen[tp] is not None]
+            if reason is None and unverified:
+                # it read from these before and cannot tell whether they are still there: reading them
+                # again costs duplicates (dropped by the inbox), skipping them would lose events
+                reason = "could not check " + ", ".join(f"{tp.topic}[{tp.partition}]" for tp in unverified)
+            self._cluster_id = probe.cluster_id or self._cluster_id
+            if reason is not None:
+                await self._start_over(kafka_consumer, assigned, f"{trigger}: {reason}")
+            return reason
+
+    async def _position(self, kafka_consumer: AIOKafkaConsumer, tp: TopicPartition) -> int | None:
+        try:
+            return int(await asyncio.wait_for(kafka_consumer.position(tp), self.probe_timeout_s))
+        except (TimeoutError, KafkaError):
+            return None
+
+    async def _start_over(
+        self, kafka_consumer: AIOKafkaConsumer, assigned: list[TopicPartition], reason: str
+    ) -> None:
+        """Read every assigned partition again from the beginning of what the broker holds, and commit
+        that (a stale commit would otherwise bring the old positions back at the next re-join)."""
+        log.warning(
+            "consumer: the broker forgot what it had read, reading again from the beginning",
+            consumer_group=self.group_id,
+            reason=reason,
+        )
+        self._resets += 1
+        self.stats.broker_resets += 1
+        BROKER_RESETS.add(1, {"consumer_group": self.group_id})
+        for tp in assigned:
+            self._seen.pop((tp.topic, tp.partition), None)
+            self._last_offset.pop((tp.topic, tp.partition), None)
+        await kafka_consumer.seek_to_beginning(*assigned)
+        offsets = {}
+        for tp in assigned:
+            position = await self._position(kafka_consumer, tp)
+            if position is not None:
+                offsets[tp] = OffsetAndMetadata(position, "")
+        try:
+            await kafka_consumer.commit(offsets)
+        except KafkaError as exc:  # the positions hold in memory; the next processed message commits
+            log.warning("consumer: could not commit the reset positions", error=repr(exc))
+
+    def _watch(self, kafka_consumer: AIOKafkaConsumer) -> None:
+        """Keep one watch running for the current Kafka consumer (see `_watch_loop`), and follow its
+        metadata (see `_on_metadata`)."""
+        if self._watch_task is None or self._watch_task.done():
+            self._watch_task = asyncio.create_task(self._watch_loop(kafka_consumer))
+        cluster = kafka_consumer._client.cluster
+        if self._followed_cluster is not cluster:
+            cluster.add_listener(self._on_metadata)
+            self._followed_cluster = cluster
+            self._on_metadata(cluster)
+
+    def _on_metadata(self, cluster: Any) -> None:
+        """On every metadata update of the consumer's client: remember each subscribed topic's shape;
+        one the broker lost is created again at once, with the shape it had.
+
+        Nothing else would create it before a relay's next check (no client creates a topic by asking
+        about it: see `v2v_messaging.kafka`), and meanwhile the group re-joins without it. Tansu then
+        keeps handing this member the assignment it got without the topic, empty, at every later join
+        (its generation stays 0): the consumer would read nothing until restarted. Created again at
+        once, the topic is there before the join completes (Tansu holds a join for half the session
+        timeout)."""
+        missing: dict[str, tuple[int, int]] = {}
+        for topic in self.topics:
+            partitions = cluster.partitions_for_topic(topic)
+            if partitions:
+                metadata = getattr(cluster, "_partitions", {}).get(topic, {})
+                replicas = max((len(m.replicas) for m in metadata.values()), default=1)
+                self._topic_shapes[topic] = (len(partitions), replicas)
+            elif topic in self._topic_shapes:
+                missing[topic] = self._topic_shapes[topic]
+        if not missing or (self._recreating is not None and not self._recreating.done()):
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        if loop.time() < self._recreate_after:
+            return
+        self._recreate_after = loop.time() + 1.0
+        self._recreating = loop.create_task(self._recreate(missing))
+
+    async def _recreate(self, topics: dict[str, tuple[int, int]]) -> None:
+        options = dict(getattr(self.subscriber.builder, "keywords", {}))  # bootstrap servers, security
+        try:
+            created = await recreate_topics(options, topics)
+        except (KafkaError, OSError) as exc:
+            log.warning("consumer: could not create its lost topics", topics=sorted(topics), error=repr(exc))
+            return
+        if created:
+            log.warning("consumer: created again the topics the broker lost", topics=created)
+        kafka_consumer = self.subscriber.consumer
+        if kafka_consumer is not None:
+            kafka_consumer._client.force_metadata_update()
+
+    async def _watch_loop(self, kafka_consumer: AIOKafkaConsumer) -> None:
+        """Between assignments: a subscribed topic the broker lost is looked for again (nothing creates
+        it as a side effect: see `v2v_messaging.kafka`, and aiokafka would otherwise look only every
+        5 minutes), and a partition whose end fell below the position means the broker forgot."""
+        loop = asyncio.get_running_loop()
+        next_check = loop.time() + self.broker_check_interval_s
+        while self.subscriber.consumer is kafka_consumer:
+            await asyncio.sleep(min(0.5, self.broker_check_interval_s))
+            if loop.time() < next_check:
+                continue
+            next_check = loop.time() + self.broker_check_interval_s
+            try:
+                await self._watch_once(kafka_consumer)
+            except Exception as exc:  # the watch goes on; the next assignment checks anyway
+                log.warning("consumer: broker check failed", consumer_group=self.group_id, error=repr(exc))
+
+    async def _watch_once(self, kafka_consumer: AIOKafkaConsumer) -> None:
+        if any(kafka_consumer.partitions_for_topic(t) is None for t in self.topics):
+            kafka_consumer._client.force_metadata_update()  # a topic created again joins the assignment
+        ahead = []
+        for tp in kafka_consumer.assignment():
+            high = kafka_consumer.highwater(tp)  # from the last fetch
+            if high is None or tp in kafka_consumer.paused():
+                continue
+            position = await self._position(kafka_consumer, tp)
+            if position is not None and position > high:
+                ahead.append(f"{tp.topic}[{tp.partition}] ends at {high}, below the position {position}")
+        if ahead:
+            await self.check_broker("; ".join(ahead))
+
+    # ---- messages ------------------------------------------------------------------------------------------
+
     async def _on_message(self, message: KafkaMessage) -> None:
         record: Any = message.raw_message  # aiokafka ConsumerRecord (one message, not a batch)
+        self._seen[(record.topic, record.partition)] = RecordMark(record.offset, record.timestamp)
+        resets = self._resets
+        try:
+            await self._handle(message, record)
+        except Exception:
+            if self._resets != resets:
+                # the broker forgot while this record was handled: handing it back would move the
+                # partition to its offset on the old broker; it comes again from the new one instead
+                log.warning(
+                    "consumer: a record read before the broker forgot is not handed back",
+                    consumer_group=self.group_id,
+                    topic=record.topic,
+                    partition=record.partition,
+                    offset=record.offset,
+                )
+                return
+            raise
+
+    async def _handle(self, message: KafkaMessage, record: Any) -> None:
         raw: bytes = message.body
         try:
             event = CloudEvent.from_json(raw)
@@ -339,6 +568,24 @@ class EventConsumer:
         attrs = {"consumer_group": self.group_id, "event_type": event_type, "reason": reason}
         DEAD_LETTERS.add(1, attrs)
         EVENTS.add(1, {**attrs, "outcome": "dead_lettered"})
+
+
+class _CheckOnAssignment(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Checks the broker at every assignment, before the consumer reads from the positions it got."""
+
+    def __init__(self, consumer: EventConsumer) -> None:
+        self._consumer = consumer
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        return None
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        kafka_consumer = self._consumer.subscriber.consumer
+        if kafka_consumer is None:
+            return
+        self._consumer._watch(kafka_consumer)
+        if assigned:
+            await self._consumer.check_broker("assignment")
 
 
 _MAX_TRACKED = 10_000

@@ -4,12 +4,18 @@ Every client the platform opens (the FastStream broker, the admin client, the wa
 probes) connects with the same security settings: plaintext by default (the embedded Tansu of `make run`
 and the tests), or SASL (SCRAM-SHA-512 in docker-compose, where broker ACLs let each service's principal
 write only its own topic and dead-letter topic), optionally over TLS.
+
+Topics are created explicitly, with the configured partition count (`ensure_topics`: at start, and by
+relays that meet a broker which lost them), never as a side effect: no client of this process asks the
+broker to create a topic it asks about (see `_no_topic_auto_creation`), and FastStream does not create
+the topics a subscriber names (it would with 1 partition).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -104,6 +110,34 @@ class KafkaSettings:
         )
 
 
+def _no_topic_auto_creation() -> None:
+    """Make every aiokafka client of this process ask for metadata without `allow_auto_topic_creation`.
+
+    aiokafka's clients (consumers, producers) ask for the metadata of the topics they use with that
+    flag set, and have no setting for it: a broker that allows it (Tansu always; Apache Kafka unless
+    `auto.create.topics.enable=false`) then creates a missing topic with *its* default partition count.
+    After a broker restart, a consumer polling a topic got it created with Tansu's 4 partitions before a
+    relay could create it with the configured 6 (a topic cannot shrink back, and Tansu cannot grow one),
+    so keys landed on other partitions than before. A missing topic now stays missing until
+    `ensure_topics` creates it; clients wait for it meanwhile."""
+    import aiokafka.client as aiokafka_client
+
+    current = aiokafka_client.MetadataRequest
+    if getattr(current, "v2v_no_auto_create", False):
+        return
+
+    class MetadataRequestNoAutoCreate(current):  # type: ignore[misc, valid-type]
+        v2v_no_auto_create = True
+
+        def __init__(self, topics: list[str] | None = None, allow_auto_topic_creation: bool = False):
+            super().__init__(topics, allow_auto_topic_creation)
+
+    aiokafka_client.MetadataRequest = MetadataRequestNoAutoCreate  # type: ignore[misc]
+
+
+_no_topic_auto_creation()
+
+
 def make_broker(
     settings: KafkaSettings,
     client_id: str,
@@ -120,6 +154,7 @@ def make_broker(
             KafkaTelemetryMiddleware(tracer_provider=tracer_provider, meter_provider=meter_provider)
         ],
         logger=None,
+        allow_auto_create_topics=False,  # topics are created by `ensure_topics`, with their partitions
     )
 
 
@@ -145,24 +180,49 @@ async def ensure_topics(settings: KafkaSettings, topics: list[str]) -> list[str]
             with contextlib.suppress(KafkaError):  # Tansu cannot add partitions: the topic stays as it is
                 await admin.create_partitions({t: NewPartitions(settings.partitions) for t in short})
         for topic in missing:
-            try:
-                response = await admin.create_topics(
-                    [
-                        NewTopic(
-                            topic,
-                            num_partitions=settings.partitions,
-                            replication_factor=settings.replication_factor,
-                        )
-                    ]
-                )
-            except (TopicAlreadyExistsError, TopicAuthorizationFailedError):
-                continue
-            codes = {t[0]: t[1] for t in getattr(response, "topic_errors", ())}
-            code = codes.get(topic, 0)
-            if code == 0:
+            if await _create_topic(admin, topic, settings.partitions, settings.replication_factor):
                 created.append(topic)
-            elif code not in (TOPIC_ALREADY_EXISTS, TOPIC_AUTHORIZATION_FAILED):
-                raise KafkaError(f"the broker refused to create topic {topic} (error code {code})")
+    finally:
+        await admin.close()
+    return created
+
+
+async def _create_topic(
+    admin: AIOKafkaAdminClient, topic: str, partitions: int, replication_factor: int
+) -> bool:
+    """Create one topic; False when it exists already or this principal may not create it."""
+    try:
+        response = await admin.create_topics(
+            [NewTopic(topic, num_partitions=partitions, replication_factor=replication_factor)]
+        )
+    except (TopicAlreadyExistsError, TopicAuthorizationFailedError):
+        return False
+    codes = {t[0]: t[1] for t in getattr(response, "topic_errors", ())}
+    code = codes.get(topic, 0)
+    if code in (TOPIC_ALREADY_EXISTS, TOPIC_AUTHORIZATION_FAILED):
+        return False
+    if code != 0:
+        raise KafkaError(f"the broker refused to create topic {topic} (error code {code})")
+    return True
+
+
+_ADMIN_OPTIONS: Final = frozenset(inspect.signature(AIOKafkaAdminClient.__init__).parameters) - {
+    "self",
+    "loop",
+}
+
+
+async def recreate_topics(client_options: dict[str, Any], topics: dict[str, tuple[int, int]]) -> list[str]:
+    """Create `topics` again, each with the (partitions, replication factor) it had, where the broker
+    lost them; returns those created. `client_options` are an aiokafka client's connection options
+    (a consumer's: bootstrap servers and security); what an admin client does not take is left out."""
+    admin = AIOKafkaAdminClient(**{k: v for k, v in client_options.items() if k in _ADMIN_OPTIONS})
+    await admin.start()
+    created: list[str] = []
+    try:
+        for topic, (partitions, replication_factor) in topics.items():
+            if await _create_topic(admin, topic, partitions, replication_factor):
+                created.append(topic)
     finally:
         await admin.close()
     return created
