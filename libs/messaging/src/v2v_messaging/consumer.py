@@ -70,7 +70,7 @@ DEAD_LETTERS = _meter.create_counter(
     tn.CONSUMER_DEAD_LETTERS, description="Messages sent to a dead-letter topic"
 )
 BROKER_RESETS = _meter.create_counter(
-    "v2v.consumer.broker_resets",  # beside tn.OUTBOX_BROKER_RESETS (to move into v2v_observability.names)
+    tn.CONSUMER_BROKER_RESETS,
     description="Brokers found to have forgotten what a consumer read (it starts again from the beginning)",
 )
 _CONSUMERS: weakref.WeakSet[EventConsumer] = weakref.WeakSet()

@@ -32,6 +32,7 @@ CONSUMER_EVENTS = "v2v.consumer.events"
 CONSUMER_HANDLER_DURATION = "v2v.consumer.handler.duration"
 CONSUMER_DEAD_LETTERS = "v2v.consumer.dead_letters"
 CONSUMER_LAG = "v2v.consumer.lag"
+CONSUMER_BROKER_RESETS = "v2v.consumer.broker_resets"  # a broker found to have forgotten what was read
 OUTBOX_PUBLISHED = "v2v.outbox.published"
 OUTBOX_PUBLISH_LAG = "v2v.outbox.publish_lag"
 OUTBOX_BACKLOG = "v2v.outbox.backlog"
