@@ -220,6 +220,10 @@ async def test_a_crashed_background_loop_is_restarted_and_ready_names_it_while_d
         assert set(loops) == {"outbox-relay", "outbox-listener", "flaky_job"}
         assert loops["flaky_job"]["state"] == "backoff" and loops["flaky_job"]["restarts"] >= 2
         assert loops["outbox-relay"]["state"] == "running" and loops["outbox-relay"]["problem"] is None
+        # and what it consumes: each consumer group, its topics and the event types it acts on
+        consumers = answer.json()["consumers"]
+        assert consumers and all(c["group"] and c["topics"] for c in consumers), consumers
+        assert any(PROBE_TYPE in c["handles"] for c in consumers), consumers
 
         await svc.switch(job_crash=False)
         await poll(ready, 15, "/ready once the loop runs again", svc)

@@ -39,6 +39,54 @@ def clean() -> tuple[list[Intent], FinalState]:
         webhooks=[{"webhook_id": "w1", "event_id": "e1"}, {"webhook_id": "w1", "event_id": "e1"}],
         dead_letters={"order": []},
         ready={"order": 200, "order-2": 200},
+        published=[
+            {
+                "id": 1,
+                "event_id": "e1",
+                "event_type": "order.submitted.v1",
+                "topic": "v2v.order",
+                "message_key": "o1",
+                "published": True,
+            },
+            {
+                "id": 2,
+                "event_id": "e2",
+                "event_type": "order.cancelled.v1",
+                "topic": "v2v.order",
+                "message_key": "o1",
+                "published": True,
+            },
+            {
+                "id": 3,
+                "event_id": "e3",
+                "event_type": "order.noted.v1",
+                "topic": "v2v.order",
+                "message_key": "o1",
+                "published": True,
+            },  # no one acts on it
+            {
+                "id": 1,
+                "event_id": "e4",
+                "event_type": "scheduling.slot_reserved.v1",
+                "topic": "v2v.scheduling",
+                "message_key": "o1",
+                "published": True,
+            },
+        ],
+        consumers={
+            "scheduling.events": {
+                "topics": ["v2v.order"],
+                "handles": ["order.cancelled.v1", "order.submitted.v1"],
+            },
+            "order.saga": {"topics": ["v2v.scheduling"], "handles": ["scheduling.slot_reserved.v1"]},
+        },
+        consumed={"scheduling.events": {"e1": 10.0, "e2": 11.0}, "order.saga": {"e4": 10.5}},
+        manufacturing=[
+            {"booking_id": "b1", "order_id": "o1", "run": 1, "action": "receipt"},
+            {"booking_id": "b1", "order_id": "o1", "run": 1, "action": "qc"},
+            {"booking_id": "b1", "order_id": "o1", "run": 2, "action": "remanufacture"},
+            {"booking_id": "b1", "order_id": "o1", "run": 2, "action": "qc"},
+        ],
     )
     return intents, final
 
@@ -111,6 +159,13 @@ def test_duplicate_side_effects_fail() -> None:
         ),
         lambda f: f.deliveries.append({"subscription_id": "s1", "event_id": "e1"}),
         lambda f: f.webhooks.append({"webhook_id": "w2", "event_id": "e1"}),
+        lambda f: f.manufacturing.append({"booking_id": "b1", "order_id": "o1", "run": 2, "action": "qc"}),
+        lambda f: f.manufacturing.append(
+            {"booking_id": "b1", "order_id": "o1", "run": 2, "action": "remanufacture"}
+        ),
+        lambda f: f.manufacturing.append(
+            {"booking_id": "b1", "order_id": "o1", "run": 3, "action": "receipt"}
+        ),
     ):
         intents, final = clean()
         change(final)
@@ -133,3 +188,25 @@ def test_an_unacknowledged_intent_fails_and_its_order_need_only_reach_what_the_p
     assert failing(intents, final) == {"every client intent acknowledged"}
     final.orders["o2"]["status"] = "slot_reserved"
     assert "every order terminal within 120 s of the last healed fault" in failing(intents, final)
+
+
+def test_an_event_a_subscriber_never_consumed_or_one_never_published_fails() -> None:
+    intents, final = clean()
+    del final.consumed["scheduling.events"]["e2"]
+    found = verdicts(intents, final)["every published event consumed by every subscriber"]
+    assert not found.ok and "scheduling.events never consumed order.cancelled.v1 e2 (o1)" in found.examples
+    assert failing(intents, final) == {"every published event consumed by every subscriber"}
+    intents, final = clean()
+    final.published[3]["published"] = False
+    assert failing(intents, final) == {"every published event consumed by every subscriber"}
+    intents, final = clean()
+    final.consumers = {}  # nothing known about the subscribers proves nothing
+    assert failing(intents, final) == {"every published event consumed by every subscriber"}
+
+
+def test_events_of_one_order_processed_out_of_their_written_order_fail() -> None:
+    intents, final = clean()
+    final.consumed["scheduling.events"] = {"e1": 12.0, "e2": 11.0}  # the cancellation before the submission
+    found = verdicts(intents, final)["per order, events processed in the order written"]
+    assert not found.ok and found.examples[0].startswith("scheduling.events, order o1: order.cancelled.v1")
+    assert failing(intents, final) == {"per order, events processed in the order written"}

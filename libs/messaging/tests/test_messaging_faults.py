@@ -269,18 +269,26 @@ async def test_a_replay_goes_in_bounded_slices_after_the_new_rows(
     relay = OutboxRelay(pool, await brokers(), schema, topic, kafka, replay_batch_size=4)
     assert await relay.replay_if_broker_is_fresh() == 10
 
-    new = make_event("order-R", 100)  # written while the replay is under way
+    new = make_event("order-N", 100)  # written while the replay is under way, for another order
+    same = make_event("order-R", 101)  # ... and for the order being replayed: it waits for its elders
     async with uow.begin() as tx:
         await tx.outbox.add(new)
-    assert await relay.publish_pending() == 1 + 4  # the new row, then a slice of the replay
+        await tx.outbox.add(same)
+    assert await relay.publish_pending() == 1 + 4  # the new row of another order, then a slice
     assert await relay.publish_pending() == 4
-    assert await relay.publish_pending() == 2
+    assert await relay.publish_pending() == 2  # the replay's last rows of order-R
+    assert await relay.publish_pending() == 1  # order-R's new row, after all of its older ones
     assert await relay.publish_pending() == 0  # replay complete
     assert not relay.replaying
-    assert relay.replayed_total == 10 and relay.published_total == 1
+    assert relay.replayed_total == 10 and relay.published_total == 2
 
-    records = sorted(await reader(topic, expect=11), key=lambda r: r.offset)  # one subject: one partition
-    assert [CloudEvent.from_json(r.value).id for r in records] == [new.id] + [e.id for e in retained]
+    records = await reader(topic, expect=12)
+    by_subject: dict[str, list[Any]] = {}
+    for r in sorted(records, key=lambda r: (r.partition, r.offset)):  # one subject: one partition
+        event = CloudEvent.from_json(r.value)
+        by_subject.setdefault(str(event.subject), []).append(event.id)
+    assert by_subject["order-N"] == [new.id]
+    assert by_subject["order-R"] == [e.id for e in retained] + [same.id]  # in the order written
 
 
 # --- consumers: the infrastructure's failures are not the message's -----------------------------------

@@ -56,7 +56,9 @@ def _run(args: argparse.Namespace) -> int:
                 flush=True,
             )
         urls = asyncio.run(provision(infra.admin_url, args.database))
-        platform.start(urls, fixed_ports=True, timeout=90)
+        # the services' well-known ports (8001..8005); V2V_FIXED_PORTS=false picks free ones (printed below)
+        fixed = os.environ.get("V2V_FIXED_PORTS", "true").strip().lower() not in ("0", "false", "no")
+        platform.start(urls, fixed_ports=fixed, timeout=90)
         print("vein2vein: all five services are ready", flush=True)
         for spec in SERVICES:
             for svc in platform.replicas.get(spec.name) or [platform.services[spec.name]]:
@@ -98,8 +100,17 @@ def _children(infra: Infrastructure, platform: Platform) -> list[Child]:
             tansu.proc = None
             tansu.start(logs / "tansu.log")  # memory-only: the relays notice and replay their outboxes
 
+        def tansu_exit() -> str:
+            code = tansu.proc.returncode if tansu.proc is not None else None
+            return f"exited ({code})"
+
         children.append(
-            Child("broker", lambda: tansu.proc is not None and tansu.proc.poll() is None, tansu_restart)
+            Child(
+                "broker",
+                lambda: tansu.proc is not None and tansu.proc.poll() is None,
+                tansu_restart,
+                tansu_exit,
+            )
         )
     for svc in platform.processes():  # every replica is a child of its own
 

@@ -19,8 +19,9 @@ errors) it compares the broker with what it knows — the cluster id, that its t
 partition's high watermark is below what it had seen or been acked (`broker_marks`, kept in the lease
 row). (The marks are lower bounds that hold on Tansu too, whose "latest offset" lags behind batched records.)
 A broker that forgot gets its topics created again and the retained rows replayed, in bounded
-batches interleaved with new rows (new rows first on every pass), from a cursor kept in the lease row so
-that a restarted or new leader carries on. Consumers' inboxes drop what they had already processed.
+batches interleaved with new rows (new rows first on every pass, except those of a key -- an order --
+with older rows still to replay, which wait for them: per order, events keep the order they were written
+in), from a cursor kept in the lease row so that a restarted or new leader carries on. Consumers' inboxes drop what they had already processed.
 
 A LISTEN connection wakes the relay on commit (`listen()`, a loop of its own: when Postgres restarts it
 fails, is restarted by the supervisor with backoff, and the relay polls meanwhile).
@@ -506,6 +507,26 @@ class OutboxRelay:
     # ---- claim, publish, mark -------------------------------------------------------------------------
 
     async def _claim(self) -> list[asyncpg.Record]:
+        if self._replay is not None:
+            # new rows first, but never ahead of an older row of the same key (the same order) that the
+            # replay has still to publish: a consumer reads each order's events in the order written
+            first, last = self._replay
+            with suppress_instrumentation():
+                return list(
+                    await self.pool.fetch(
+                        f"""WITH held AS (
+                                SELECT DISTINCT message_key FROM outbox
+                                WHERE id >= $2 AND id <= $3 AND published_at IS NOT NULL
+                                  AND message_key IS NOT NULL)
+                            SELECT {_ROW_COLUMNS} FROM outbox
+                            WHERE published_at IS NULL
+                              AND NOT EXISTS (SELECT 1 FROM held WHERE held.message_key = outbox.message_key)
+                            ORDER BY id LIMIT $1""",
+                        self.batch_size,
+                        first,
+                        last,
+                    )
+                )
         with suppress_instrumentation():
             return list(
                 await self.pool.fetch(

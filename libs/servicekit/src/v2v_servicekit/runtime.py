@@ -297,8 +297,18 @@ def create_app(definition: ServiceDefinition, settings: ServiceSettings | None =
             checks[f"loop:{loop_name}"] = loop_problem
         status = 200 if all(v == "ok" for v in checks.values()) else 503
         loops = {name: health.as_dict() for name, health in rt.supervisor.health().items()}
+        # what this process consumes (group, topics, the event types it acts on): an SRE (and the chaos
+        # checker) can tell which events each consumer must have processed
+        consumers = [
+            {"group": c.group_id, "topics": list(c.topics), "handles": c.handlers.types} for c in rt.consumers
+        ]
         return JSONResponse(
-            {"status": "ready" if status == 200 else "not ready", "checks": checks, "loops": loops},
+            {
+                "status": "ready" if status == 200 else "not ready",
+                "checks": checks,
+                "loops": loops,
+                "consumers": consumers,
+            },
             status_code=status,
         )
 

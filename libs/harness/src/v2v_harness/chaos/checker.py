@@ -4,6 +4,7 @@ connection, and each replica's `/ready`). Pure: `check(history, final)` -> one `
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,6 +46,14 @@ class FinalState:
     dead_letters: dict[str, list[dict[str, Any]]]  # schema -> rows (consumer, event_type, error)
     ready: dict[str, int]  # process label -> /ready status (0: no answer)
     poison_sent: int = 0  # poison messages the workload injected on purpose (none by default)
+    # every producer's outbox rows: id, event_id, event_type, topic, message_key, published (bool)
+    published: list[dict[str, Any]] = field(default_factory=list)
+    # consumer group -> {"topics": [...], "handles": [...]} (from each process's /ready)
+    consumers: dict[str, dict[str, list[str]]] = field(default_factory=dict)
+    # consumer group -> {event_id: processed_at (epoch s)} (every schema's inbox)
+    consumed: dict[str, dict[str, float]] = field(default_factory=dict)
+    # the sites' manufacturing history: booking_id, order_id, run, action
+    manufacturing: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _examples(items: list[str], n: int = 5) -> list[str]:
@@ -185,12 +194,25 @@ def check(intents: list[Intent], final: FinalState, *, deadline_s: float, settle
     for hook in final.webhooks:
         ids[hook["event_id"]].add(hook["webhook_id"])
     dup += [f"webhook: event {e} sent under {len(w)} webhook ids" for e, w in ids.items() if len(w) > 1]
+    # manufacturing runs: one receipt per booking; per run one start (a remanufacture) and one QC decision
+    runs = Counter(
+        (m["booking_id"], m["action"], m["run"] if m["action"] != "receipt" else 0)
+        for m in final.manufacturing
+        if m["action"] in ("receipt", "remanufacture", "qc")
+    )
+    dup += [
+        f"manufacturing: booking {b} has {n} {action} records"
+        + (f" for run {run}" if action != "receipt" else "")
+        for (b, action, run), n in runs.items()
+        if n > 1
+    ]
     redelivered = sum(n - 1 for n in Counter(h["webhook_id"] for h in final.webhooks).values())
     verdicts.append(
         Verdict(
-            "no duplicate side effects (slots, shipments per leg, webhooks per event id)",
+            "no duplicate side effects (slots, manufacturing runs, shipments per leg, webhooks per event id)",
             not dup,
-            f"{len(final.slots)} slots, {len(final.shipments)} shipments, {len(final.deliveries)} "
+            f"{len(final.slots)} slots, {len(runs)} manufacturing records, {len(final.shipments)} shipments, "
+            f"{len(final.deliveries)} "
             f"deliveries, {len(final.webhooks)} webhooks received ({redelivered} redelivered under "
             f"the same id)",
             _examples(dup),
@@ -210,6 +232,60 @@ def check(intents: list[Intent], final: FinalState, *, deadline_s: float, settle
                     for s, r in rows
                 ]
             ),
+        )
+    )
+
+    # every event published was consumed by every subscriber (each consumer group whose topics hold it and
+    # which acts on its type has it in its inbox), and nothing is left unpublished in an outbox
+    unpublished = [
+        f"{r['topic']}: {r['event_type']} {r['event_id']}" for r in final.published if not r["published"]
+    ]
+    missed: list[str] = []
+    expected = 0
+    for group, sub in sorted(final.consumers.items()):
+        inbox = final.consumed.get(group, {})
+        topics, handles = set(sub["topics"]), set(sub["handles"])
+        for r in final.published:
+            if r["published"] and r["topic"] in topics and r["event_type"] in handles:
+                expected += 1
+                if r["event_id"] not in inbox:
+                    missed.append(
+                        f"{group} never consumed {r['event_type']} {r['event_id']} ({r['message_key']})"
+                    )
+    verdicts.append(
+        Verdict(
+            "every published event consumed by every subscriber",
+            bool(final.consumers) and not missed and not unpublished,
+            f"{len(final.published)} events written, {len(unpublished)} unpublished; {len(final.consumers)} "
+            f"consumer groups, {expected - len(missed)}/{expected} deliveries consumed",
+            _examples(unpublished + missed),
+        )
+    )
+
+    # per order, each consumer processed a producer's events in the order they were written (outbox id)
+    disordered: list[str] = []
+    for group, sub in sorted(final.consumers.items()):
+        inbox = final.consumed.get(group, {})
+        topics, handles = set(sub["topics"]), set(sub["handles"])
+        streams: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+        for r in final.published:
+            if r["topic"] in topics and r["event_type"] in handles and r["event_id"] in inbox:
+                streams[(r["topic"], str(r["message_key"]))].append(r)
+        for (_topic, key), rows in streams.items():
+            rows.sort(key=lambda r: r["id"])
+            for before, after in itertools.pairwise(rows):
+                if inbox[after["event_id"]] < inbox[before["event_id"]]:
+                    disordered.append(
+                        f"{group}, order {key}: {after['event_type']} (written after {before['event_type']}) "
+                        f"processed {inbox[before['event_id']] - inbox[after['event_id']]:.3f} s before it"
+                    )
+                    break
+    verdicts.append(
+        Verdict(
+            "per order, events processed in the order written",
+            not disordered,
+            f"{len(disordered)} (consumer, order) streams out of order",
+            _examples(disordered),
         )
     )
 

@@ -363,6 +363,29 @@ async def _final_state(platform: Platform, urls: Any, receiver: WebhookReceiver)
                 "SELECT subscription_id::text, event_id::text FROM notification.deliveries"
             )
         ]
+        published: list[dict[str, Any]] = []
+        consumed: dict[str, dict[str, float]] = {}
+        for svc in urls.services.values():
+            published += [
+                dict(r)
+                for r in await conn.fetch(
+                    f"""SELECT id, event_id::text, event_type, topic, message_key,
+                               published_at IS NOT NULL AS published
+                          FROM {svc.schema}.outbox"""
+                )
+            ]
+            for r in await conn.fetch(
+                f"SELECT consumer, event_id::text, extract(epoch FROM processed_at)::float8 AS t "
+                f"FROM {svc.schema}.inbox"
+            ):
+                consumed.setdefault(r["consumer"], {})[r["event_id"]] = r["t"]
+        manufacturing = [
+            dict(r)
+            for r in await conn.fetch(
+                f"SELECT booking_id::text, order_id::text, run, action "
+                f"FROM {urls.services['site'].schema}.manufacturing_history"
+            )
+        ]
         dead: dict[str, list[dict[str, Any]]] = {}
         for name, svc in urls.services.items():
             if await conn.fetchval("SELECT to_regclass($1)", f"{svc.schema}.dead_letters") is None:
@@ -387,13 +410,32 @@ async def _final_state(platform: Platform, urls: Any, receiver: WebhookReceiver)
                 }
             )
     ready: dict[str, int] = {}
+    consumers: dict[str, dict[str, list[str]]] = {}
     async with httpx.AsyncClient(timeout=5) as http:
         for svc in platform.processes():
             try:
-                ready[svc.label] = (await http.get(svc.url + "/ready")).status_code
+                answer = await http.get(svc.url + "/ready")
             except httpx.HTTPError:
                 ready[svc.label] = 0
-    return FinalState(orders, timelines, slots, shipments, deliveries, webhooks, dead, ready)
+                continue
+            ready[svc.label] = answer.status_code
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                for c in answer.json().get("consumers", []):
+                    consumers[c["group"]] = {"topics": list(c["topics"]), "handles": list(c["handles"])}
+    return FinalState(
+        orders,
+        timelines,
+        slots,
+        shipments,
+        deliveries,
+        webhooks,
+        dead,
+        ready,
+        published=published,
+        consumers=consumers,
+        consumed=consumed,
+        manufacturing=manufacturing,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
