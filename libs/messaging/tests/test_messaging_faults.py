@@ -42,6 +42,7 @@ from v2v_messaging import (
     make_broker,
     notify_channel,
 )
+from v2v_messaging.consumer import CATCH_UP_LAG
 from v2v_persistence import DbTimeouts, create_pool
 
 pytestmark = pytest.mark.integration
@@ -322,13 +323,17 @@ async def start_consumer(kafka: KafkaSettings, messaging_db: Any) -> AsyncIterat
     uow = UnitOfWork(messaging_db.pool, "it.unused.v2v.scheduling", notify_channel(messaging_db.schema))
 
     async def start(
-        handler: Callable[[Tx, ItFaultV1, EventMeta], Awaitable[None]], topic: str, dlq: str, policy: Any
+        handler: Callable[[Tx, ItFaultV1, EventMeta], Awaitable[None]],
+        topic: str,
+        dlq: str,
+        policy: Any,
+        service: str | None = None,
     ) -> EventConsumer:
         registry = HandlerRegistry[Tx]()
         registry.add(ItFaultV1, handler)
         broker = make_broker(kafka, f"it-fault-{uuid.uuid4().hex[:4]}", tracer_provider=None)
         consumer = EventConsumer(
-            service=f"it{uuid.uuid4().hex[:8]}",
+            service=service or f"it{uuid.uuid4().hex[:8]}",
             purpose="it",
             topics=[topic],
             handlers=registry,
@@ -464,3 +469,77 @@ async def test_a_healthy_broker_is_never_taken_for_one_that_forgot(
         assert await relay.check_broker() == 0
         assert await relay.check_broker() == 0
     assert relay.broker_resets == 0 and not relay.replaying
+
+
+async def test_catching_up_skips_what_the_inbox_holds_without_a_transaction_each(
+    messaging_db: Any,
+    new_topic: Any,
+    producer: AIOKafkaProducer,
+    start_consumer: Any,
+    eventually: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Reading a topic again from the beginning (a broker that forgot): the records the inbox already
+    holds are skipped with one read each, not a transaction each; the new ones are processed once."""
+    pool = messaging_db.pool
+    topic, dlq = await new_topic("v2v.scheduling"), await new_topic("v2v.order.dlq")
+    service = f"itc{uuid.uuid4().hex[:8]}"
+    events = [fault_event("order-C", i) for i in range(125)]
+    for event in events[:120]:  # processed before the broker forgot
+        await pool.execute(
+            """INSERT INTO inbox (consumer, event_id, event_type, topic, kafka_partition, kafka_offset)
+               VALUES ($1, $2, $3, $4, 0, 0)""",
+            f"{service}.it",
+            event.id,
+            event.type,
+            topic,
+        )
+    for event in events:
+        await producer.send_and_wait(topic, event.to_json(), key=b"order-C")
+    transactions = 0
+    begin = UnitOfWork.begin
+
+    def counting_begin(self: UnitOfWork[Any]) -> Any:
+        nonlocal transactions
+        transactions += 1
+        return begin(self)
+
+    monkeypatch.setattr(UnitOfWork, "begin", counting_begin)
+    seen: list[int] = []
+
+    async def handle(tx: Tx, data: ItFaultV1, meta: EventMeta) -> None:
+        seen.append(data.n)
+
+    policy = ConsumerPolicy(max_attempts=2, base_backoff_s=0.01, max_backoff_s=0.05)
+    consumer = await start_consumer(handle, topic, dlq, policy, service=service)
+    await eventually(lambda: consumer.stats.processed == 5, timeout=30, what="the five new events")
+    assert seen == [120, 121, 122, 123, 124]
+    assert consumer.stats.duplicates == 120
+    # the records within CATCH_UP_LAG of the end open a transaction (the inbox insert decides there)
+    assert transactions <= 5 + CATCH_UP_LAG + 1, transactions
+
+
+async def test_after_an_idle_second_the_broker_is_checked_before_an_orders_new_event_goes_out(
+    messaging_db: Any, kafka: KafkaSettings, brokers: Any, new_topic: Any, reader: Any
+) -> None:
+    """A broker that forgot while the relay had nothing to publish: the next event of an order is not
+    published ahead of that order's older event, which the replay publishes first."""
+    pool, schema = messaging_db.pool, messaging_db.schema
+    topic = await new_topic("v2v.order")
+    uow = UnitOfWork(pool, topic, notify_channel(schema))
+    relay = OutboxRelay(pool, await brokers(), schema, topic, kafka, idle_check_after=0.2)
+    older, newer = make_event("order-I", 1), make_event("order-I", 2)
+    async with uow.begin() as tx:
+        await tx.outbox.add(older)
+    assert await relay.publish_pending() == 1
+    # the broker forgets while the relay is idle: its partitions now end below what the relay had reached
+    relay._marks = {key: mark + 1000 for key, mark in relay._marks.items()}
+    async with uow.begin() as tx:
+        await tx.outbox.add(newer)
+    await asyncio.sleep(0.3)
+    assert await relay.publish_pending() == 1  # noticed first: the replay of `older`, `newer` waits
+    assert relay.broker_resets == 1
+    assert await relay.publish_pending() == 1  # then `newer`
+    records = sorted(await reader(topic, expect=3), key=lambda r: r.offset)
+    ids = [CloudEvent.from_json(r.value).id for r in records]
+    assert ids == [older.id, older.id, newer.id]

@@ -518,3 +518,29 @@ async def test_the_registry_declares_the_outage_as_admin_with_a_reason_code() ->
     assert sim.outage.posted.is_set() and sim.outage.affected == 1 and actor.result.applied
     assert sim.outage.note == f"CH-STEIN {mfg}..{mfg} (maintenance), 1 booking(s) affected"
     await sim.api.close()
+
+
+async def test_a_retried_scan_resends_the_same_body_under_its_idempotency_key() -> None:
+    """A 503 is retried with the same Idempotency-Key, so the body must be the same too (the platform
+    answers 422 to a key reused for another body): the scan's time is taken once, not per attempt."""
+    platform = FakePlatform({})
+    inbound_routes(platform)
+    failed: set[str] = set()
+
+    def once_unavailable(body: Any) -> httpx.Response:
+        if body["milestone"] not in failed:
+            failed.add(body["milestone"])
+            return httpx.Response(503, json={"detail": "the database or the broker is unavailable; retry"})
+        return httpx.Response(201, json={})
+
+    platform.routes[("POST", "/v1/shipments/sh-1/milestones")] = once_unavailable
+    actor = await placed(platform)
+    actor.apheresis_at["slot-1"] = actor.sim.clock.at(DAY, 10)
+    await actor.inbound(order_row("apheresis_completed"))
+    scans = [b for p, b in platform.posted() if p.endswith("/milestones")]
+    assert [b["milestone"] for b in scans] == [
+        m for m in ("booked", "picked_up", "in_transit", "delivered") for _ in range(2)
+    ]
+    for first, retry in zip(scans[::2], scans[1::2], strict=True):
+        assert retry == first  # occurred_at included
+    await actor.sim.api.close()

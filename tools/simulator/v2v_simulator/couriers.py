@@ -75,12 +75,13 @@ class Courier:
         await o.at(when, label)
         handled_by = f"courier-{o.rng.randrange(100, 999)}"
         received_from = ship["origin"] if milestone == "picked_up" else None
+        occurred_at = now()  # once: a retry resends the same body under the same Idempotency-Key
         await o.call(
             label,
             lambda c: c.milestone(
                 sid,
                 milestone,
-                occurred_at=now(),
+                occurred_at=occurred_at,
                 location=location,
                 handled_by=handled_by,
                 coi=o.coi,
@@ -97,9 +98,10 @@ class Courier:
         label = f"{ship['leg'].split('_')[0]} temperature excursion"
         await o.at(when, label)
         reading = self.reading(ship, excursion=True)
+        measured_at = now()  # once: a retry resends the same body under the same Idempotency-Key
         resp = await o.call(
             label,
-            lambda c: c.temperature_reading(ship["shipment_id"], reading, measured_at=now(), coi=o.coi),
+            lambda c: c.temperature_reading(ship["shipment_id"], reading, measured_at=measured_at, coi=o.coi),
             party=self.party(ship),
             ok=(201,),
         )

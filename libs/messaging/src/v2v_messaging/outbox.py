@@ -21,7 +21,9 @@ row). (The marks are lower bounds that hold on Tansu too, whose "latest offset" 
 A broker that forgot gets its topics created again and the retained rows replayed, in bounded
 batches interleaved with new rows (new rows first on every pass, except those of a key -- an order --
 with older rows still to replay, which wait for them: per order, events keep the order they were written
-in), from a cursor kept in the lease row so that a restarted or new leader carries on. Consumers' inboxes drop what they had already processed.
+in), from a cursor kept in the lease row so that a restarted or new leader carries on. Consumers' inboxes
+drop what they had already processed. After a second without publishing, the broker is checked before the
+next rows go out (a broker that restarted while the relay was idle is noticed before it gets anything).
 
 A LISTEN connection wakes the relay on commit (`listen()`, a loop of its own: when Postgres restarts it
 fails, is restarted by the supervisor with backoff, and the relay polls meanwhile).
@@ -185,6 +187,7 @@ class OutboxRelay:
         retention: timedelta = timedelta(days=7),
         replay_batch_size: int = 500,
         broker_check_interval: float = 5.0,
+        idle_check_after: float = 1.0,
         lease_ttl: float = 10.0,
         publish_timeout: float = 15.0,
         topics: list[str] | None = None,
@@ -200,6 +203,10 @@ class OutboxRelay:
         self.retention = retention
         self.replay_batch_size = replay_batch_size
         self.broker_check_interval = broker_check_interval
+        # after this long without publishing, the broker is checked before the next rows go out: a broker
+        # that restarted (and forgot) while the relay was idle is noticed before anything is published to
+        # it, so that an order's new events never reach it ahead of its older ones still to be replayed
+        self.idle_check_after = idle_check_after
         self.lease_ttl = lease_ttl
         self.publish_timeout = publish_timeout
         # every topic of the namespace (dead-letter topics too): created again on a broker that lost them
@@ -219,6 +226,7 @@ class OutboxRelay:
         self._loss_suspected: str | None = None
         self._check_due = True
         self._last_check = 0.0
+        self._last_published = 0.0  # monotonic time of the last pass that published new rows
         self._replay: tuple[int, int] | None = None  # (next id, last id) of a replay under way
         self._more = False
         self._backoff_requested = False
@@ -268,7 +276,18 @@ class OutboxRelay:
             if self._check_due or time.monotonic() - self._last_check >= self.broker_check_interval:
                 await self._check_broker_quietly()
             rows = await self._claim()
+            now = time.monotonic()
+            if (
+                rows
+                and now - self._last_published >= self.idle_check_after
+                and now - self._last_check >= self.idle_check_after
+            ):
+                await self._check_broker_quietly()
+                if self._replay is not None:  # it forgot: the rows of orders being replayed wait
+                    rows = await self._claim()
             published = await self._publish_and_mark(rows, replay=False) if rows else 0
+            if published:
+                self._last_published = time.monotonic()
             self._heartbeat.beat()
             replayed = 0
             if self._replay is not None and not self._backoff_requested:
