@@ -514,9 +514,11 @@ def _unverified_claims(token: str) -> dict[str, Any]:
 
 
 # ---- clients -----------------------------------------------------------------------------------------
-def client_assertion(client_id: str, key: ECKey, audience: str, *, ttl_s: int = 60) -> str:
-    """A signed client assertion (RFC 7523 §3) for the token endpoint `audience`."""
-    now = int(time.time())
+def client_assertion(
+    client_id: str, key: ECKey, audience: str, *, ttl_s: int = 60, now: float | None = None
+) -> str:
+    """A signed client assertion (RFC 7523 §3) for the token endpoint `audience` (made at `now`)."""
+    now = int(time.time() if now is None else now)
     claims = {
         "iss": client_id,
         "sub": client_id,
@@ -697,14 +699,16 @@ def read_user_secrets(state_dir: Path) -> dict[str, str]:
     return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
 
 
-def signing_form(client_id: str, key: ECKey, endpoint: str, user_id: str, password: str) -> dict[str, str]:
+def signing_form(
+    client_id: str, key: ECKey, endpoint: str, user_id: str, password: str, *, now: float | None = None
+) -> dict[str, str]:
     """The signing step-up's token request: the password grant with a fresh client assertion."""
     return {
         "grant_type": SIGNING_GRANT_TYPE,
         "username": user_id,
         "password": password,
         "client_assertion_type": ASSERTION_TYPE,
-        "client_assertion": client_assertion(client_id, key, endpoint),
+        "client_assertion": client_assertion(client_id, key, endpoint, now=now),
     }
 
 
