@@ -380,3 +380,39 @@ def test_lockout_over_http_and_the_sign_token_command(tmp_path: Path) -> None:
         assert creds.password(physician) not in users.stdout
     finally:
         issuer.stop()
+
+
+def test_the_keycloak_realm_mirrors_the_signing_users_and_lockout() -> None:
+    """deploy/keycloak: the same roles, demo users of the realm's demo clients' organisations with the
+    roles and organisation `make run` gives them, brute-force detection and argon2 password hashes."""
+    from v2v_contracts.signing import ROLES
+    from v2v_harness.issuer import demo_users
+
+    realm = json.loads(
+        (Path(__file__).parents[3] / "deploy" / "keycloak" / "vein2vein-realm.json").read_text(
+            encoding="utf-8"
+        )
+    )
+    assert {r["name"] for r in realm["roles"]["realm"]} == set(ROLES)
+    assert realm["bruteForceProtected"] is True and realm["permanentLockout"] is False
+    assert realm["failureFactor"] == IssuerSettings().signing_max_failures
+    assert (
+        realm["waitIncrementSeconds"] == realm["maxFailureWaitSeconds"] == IssuerSettings().signing_lockout_s
+    )
+    assert "hashAlgorithm(argon2)" in realm["passwordPolicy"] and realm["eventsEnabled"] is True
+    orgs = {
+        g["path"]: (g["attributes"]["v2v_org_kind"][0], g["attributes"]["v2v_org"][0])
+        for g in realm["groups"]
+    }
+    wanted = {
+        user_id: (name, roles, org_kind, org_id)
+        for user_id, name, roles, org_kind, org_id in demo_users(["TC-DE-BE-001"], [("DE-LEIPZIG-IZI", "DE")])
+    }
+    assert {u["username"] for u in realm["users"]} == set(wanted)
+    for user in realm["users"]:
+        name, roles, org_kind, org_id = wanted[user["username"]]
+        assert f"{user['firstName']} {user['lastName']}" == name
+        assert tuple(user["realmRoles"]) == roles
+        [group] = user["groups"]
+        assert orgs[group] == (org_kind, org_id)
+        assert "credentials" not in user  # no password in the repository
