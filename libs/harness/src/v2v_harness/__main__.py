@@ -1,5 +1,7 @@
 """`python -m v2v_harness run` (what `make run` calls), `token CLIENT_ID` (a bearer token of a demo client),
-`clients` (the demo clients), `provision`, `receive` and `chaos` (what `make chaos` calls)."""
+`clients` (the demo clients), `users` (the demo signing users), `sign-token CLIENT_ID USER_ID` (a signing
+token: the user's password from stdin or a prompt), `provision`, `receive` and `chaos` (what `make chaos`
+calls)."""
 
 from __future__ import annotations
 
@@ -53,6 +55,12 @@ def _run(args: argparse.Namespace) -> int:
             print(
                 f"vein2vein: token issuer {issuer}; demo clients in {state_dir / 'clients.json'} "
                 "(a token: .venv/bin/python -m v2v_harness token CLIENT_ID)",
+                flush=True,
+            )
+            print(
+                f"vein2vein: demo signing users in {state_dir / 'users.json'}, their passwords in "
+                f"{state_dir / 'users.secrets.json'} (0600); a signing token: "
+                ".venv/bin/python -m v2v_harness sign-token CLIENT_ID USER_ID",
                 flush=True,
             )
         urls = asyncio.run(provision(infra.admin_url, args.database))
@@ -153,6 +161,58 @@ def _token(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sign_token(args: argparse.Namespace) -> int:
+    """Print a signing token: the user's id and password (stdin, or a prompt on a terminal) exchanged by a
+    demo client at the issuer (the password grant with the client's signed assertion)."""
+    import getpass
+
+    import httpx
+
+    from v2v_harness.issuer import TokenError, fetch_signing_token
+
+    state_dir = Path(args.state_dir)
+    try:
+        issuer = os.environ.get("V2V_AUTH_ISSUER") or issuer_of(state_dir)
+    except OSError:
+        print(f"no issuer in {state_dir}: start the platform first (make run)", file=sys.stderr)
+        return 2
+    if not (state_dir / "clients" / f"{args.client_id}.jwk.json").exists():
+        print(f"unknown client {args.client_id!r} (see `clients`)", file=sys.stderr)
+        return 2
+    if sys.stdin.isatty():
+        password = getpass.getpass(f"password of {args.user_id}: ")
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        print("no password given (stdin or the prompt)", file=sys.stderr)
+        return 2
+    try:
+        token = fetch_signing_token(issuer, state_dir, args.client_id, args.user_id, password)
+    except TokenError as exc:
+        print(f"refused: {exc.error} ({exc.reason or '-'}): {exc.description}", file=sys.stderr)
+        return 1
+    except httpx.HTTPError as exc:
+        print(f"token request failed: {exc}", file=sys.stderr)
+        return 1
+    print(token)
+    return 0
+
+
+def _users(args: argparse.Namespace) -> int:
+    """List the demo signing users (public facts only; passwords stay in users.secrets.json)."""
+    from v2v_harness.issuer import read_users
+
+    state_dir = Path(args.state_dir)
+    try:
+        users = read_users(state_dir)
+    except OSError:
+        print(f"no users in {state_dir}: start the platform first (make run)", file=sys.stderr)
+        return 2
+    for u in users:
+        print(f"{u.user_id:<28} {u.org_kind:<7} {u.org_id:<20} {','.join(u.roles):<18} {u.name}")
+    return 0
+
+
 def _clients(args: argparse.Namespace) -> int:
     """List the demo clients (public facts only; private keys stay in their files)."""
     state_dir = Path(args.state_dir)
@@ -229,6 +289,15 @@ def main() -> int:
     tok.add_argument("--state-dir", default=str(DEFAULT_STATE))
     cli = sub.add_parser("clients", help="list the demo clients: id, kind, entity, scopes")
     cli.add_argument("--state-dir", default=str(DEFAULT_STATE))
+    sig = sub.add_parser(
+        "sign-token",
+        help="print a signing token: a user's id and password (stdin or prompt) exchanged by a client",
+    )
+    sig.add_argument("client_id", help="the system collecting the signature, e.g. qa (see `clients`)")
+    sig.add_argument("user_id", help="the signing user, e.g. qp.de-leipzig-izi (see `users`)")
+    sig.add_argument("--state-dir", default=str(DEFAULT_STATE))
+    usr = sub.add_parser("users", help="list the demo signing users: id, organisation, roles, name")
+    usr.add_argument("--state-dir", default=str(DEFAULT_STATE))
     sub.add_parser(
         "chaos",
         help="two replicas of every service under a seeded nemesis, a workload and a checker (--help)",
@@ -245,6 +314,8 @@ def main() -> int:
         "receive": _receive,
         "token": _token,
         "clients": _clients,
+        "sign-token": _sign_token,
+        "users": _users,
     }
     return commands[args.command](args)
 

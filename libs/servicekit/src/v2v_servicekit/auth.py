@@ -165,6 +165,28 @@ class TokenVerifier:
         scopes = frozenset(str(claims.get("scope", "")).split())
         return Principal(str(claims.get("client_id") or claims["sub"]), kind, entity, scopes)
 
+    async def verified_claims(self, token: str) -> dict[str, Any]:
+        """The claims of a JWT whose signature verifies with one of the issuer's keys (an asymmetric
+        algorithm it publishes; an unknown key id re-reads the JWKS), and nothing more: no claim is
+        checked here. For tokens of another shape from the same issuer, such as the signing tokens of
+        `v2v_servicekit.signatures`, whose verifier checks their claims. Raises Unauthenticated."""
+        keys = await self.keys()
+        try:
+            decoded = jwt.decode(token, keys, algorithms=self._algorithms)
+        except JoseError as exc:
+            if "kid" not in str(exc).lower() and exc.__class__.__name__ not in {
+                "KeyNotFoundError",
+                "InvalidKeyIdError",
+            }:
+                raise Unauthenticated("invalid token") from None
+            try:
+                decoded = jwt.decode(token, await self.keys(refresh=True), algorithms=self._algorithms)
+            except (JoseError, ValueError):
+                raise Unauthenticated("invalid token") from None
+        except ValueError:
+            raise Unauthenticated("invalid token") from None
+        return dict(decoded.claims)
+
 
 # documents the scheme in every service's OpenAPI (Swagger UI's "Authorize"); parsing stays ours (`bearer`)
 BEARER_SCHEME = HTTPBearer(
