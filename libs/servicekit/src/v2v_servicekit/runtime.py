@@ -58,7 +58,7 @@ from v2v_observability import (
     shutdown_tracing,
 )
 from v2v_persistence import DbTimeouts, apply_migrations, create_pool, schema_of
-from v2v_servicekit import edge, problems
+from v2v_servicekit import edge, problems, signatures
 from v2v_servicekit.auth import Principal, TokenVerifier, document_scopes, public, require_scope
 from v2v_servicekit.idempotency import MIGRATIONS_DIR as EDGE_DIR  # servicekit's tables (idempotency keys)
 from v2v_servicekit.settings import ServiceSettings
@@ -238,6 +238,7 @@ def create_app(definition: ServiceDefinition, settings: ServiceSettings | None =
         lifespan=lifespan,
     )
     problems.install(app)
+    signatures.install(app)  # signature refusals: problem+json with the step-up challenge
     if settings.auth_issuer:
         app.state.token_verifier = TokenVerifier(settings.auth_issuer, settings.auth_audience)
     edge.install(app, settings)  # body limit, rate limit, hostile JSON, Idempotency-Key (runtime pool)
