@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from typing import Any
+from typing import Any, TypeVar
 
 from v2v_audit import MIGRATIONS_DIR, store
 from v2v_audit import checkpoints as cps
@@ -29,15 +29,17 @@ from v2v_observability import get_logger
 from v2v_persistence import apply_migrations, connect
 
 log = get_logger(__name__)
+D = TypeVar("D")
 
 
-def audited(definition: Any) -> Any:
+def audited(definition: D) -> D:
     """`definition` with the audit trail's start-up step, request context and checkpoint loop."""
-    return dataclasses.replace(
-        definition,
-        routers=[audited_router(r) for r in definition.routers],
-        on_startup=[prepare_audit_trail, *definition.on_startup],
-        background=[*definition.background, audit_checkpoints],
+    d: Any = definition
+    return dataclasses.replace(  # type: ignore[type-var,no-any-return]
+        d,
+        routers=[audited_router(r) for r in d.routers],
+        on_startup=[prepare_audit_trail, *d.on_startup],
+        background=[*d.background, audit_checkpoints],
     )
 
 

@@ -33,6 +33,7 @@ from order_service.domain.order import TERMINAL
 from order_service.entrypoints.api import router
 from order_service.service_layer.commands import PlaceOrder, load_reference_data, place_order
 from order_service.service_layer.handlers import handlers
+from v2v_audit.service import migrate as audit_migrate
 from v2v_contracts import SiteApproval, SiteRegisteredV1, new_event
 from v2v_contracts.coi import make_coi
 from v2v_contracts.errors import Conflict
@@ -79,6 +80,7 @@ async def pool(test_db: pytest_plugin.TestDatabase) -> AsyncIterator[asyncpg.Poo
     owner_url = test_db.owner_urls["order"]  # migrations run as the owner
     applied = await apply_migrations(owner_url, "ordering", [MIGRATIONS_DIR, ORDER_MIGRATIONS])
     assert applied[-1] == EDGE_MIGRATION
+    await audit_migrate(owner_url, "ordering")  # the audit trail (v2v_audit), as the service applies it
     p = await create_pool(url, max_size=6)
     uow = UnitOfWork(p, TOPIC, notify_channel("ordering"), repository.tx_factory)
     await load_reference_data(uow)
@@ -214,6 +216,7 @@ async def test_open_duplicates_from_before_the_rule_do_not_stop_the_migration(
     url = test_db.urls["order"]
     owner_url = test_db.owner_urls["order"]  # migrations run as the owner
     await apply_migrations(owner_url, "ordering", [MIGRATIONS_DIR, before_rule])
+    await audit_migrate(owner_url, "ordering")
     pool = await create_pool(url, max_size=2)
     try:
         uow = UnitOfWork(pool, TOPIC, notify_channel("ordering"), repository.tx_factory)
