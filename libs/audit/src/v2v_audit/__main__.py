@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from v2v_audit.settings import VerifySettings
-from v2v_audit.verify import verify_database
+from v2v_audit.verifier import verify_database
 from v2v_contracts.services import SERVICES
 
 

@@ -199,6 +199,8 @@ def jsonable(value: Any, *, _depth: int = 0) -> JsonValue:
     if isinstance(value, float):
         if not math.isfinite(value):
             raise ValueError("audit values must be finite numbers")
+        if value.is_integer() and abs(value) >= 1e16:  # jsonb gives these back as integers
+            return int(value)
         return value
     if isinstance(value, enum.Enum):
         return jsonable(value.value, _depth=_depth + 1)

@@ -26,7 +26,7 @@ from v2v_audit import Actor, AuditedTx
 from v2v_audit import checkpoints as cps
 from v2v_audit.__main__ import main as audit_cli
 from v2v_audit.service import checkpoint_once, migrate
-from v2v_audit.verify import verify_database
+from v2v_audit.verifier import verify_database
 from v2v_harness import pytest_plugin
 from v2v_harness.provision import with_database
 from v2v_messaging import MIGRATIONS_DIR, UnitOfWork, notify_channel
@@ -314,7 +314,7 @@ async def test_a_changed_actor_with_its_hash_recomputed_is_found(
 
     conn = await asyncpg.connect(db.admin_url)
     try:
-        record = next(r async for r in store.scan(conn, SCHEMA) if r.seq == 6)
+        (record,) = [r async for r in store.scan(conn, SCHEMA) if r.seq == 6]
     finally:
         await conn.close()
     import dataclasses
@@ -430,3 +430,60 @@ async def test_the_cost_of_auditing_a_transaction(db: Db) -> None:
     assert summary.broken is None and summary.entries == 100 + 300 + 600
     for without, with_audit in figures.values():
         assert with_audit > 0 and without > 0
+
+
+async def test_the_supervised_loop_checkpoints_the_head_when_it_moves(
+    db: Db, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`audit_checkpoints(rt)` as the runtime runs it (V2V_AUDIT_CHECKPOINT_DIR, _INTERVAL_S): a signed
+    checkpoint of the head once it moved, none while it stays, a new one when it moves again."""
+    from types import SimpleNamespace
+
+    from v2v_audit.service import audit_checkpoints
+    from v2v_messaging import Heartbeat
+
+    monkeypatch.setenv("V2V_AUDIT_CHECKPOINT_DIR", str(db.checkpoints))
+    monkeypatch.setenv("V2V_AUDIT_CHECKPOINT_INTERVAL_S", "0.05")
+    heartbeat = Heartbeat("audit_checkpoints")
+    rt = SimpleNamespace(pool=db.pool, definition=SimpleNamespace(schema=SCHEMA), heartbeat=lambda: heartbeat)
+    folder = db.checkpoints / db.test_db.name / SCHEMA
+
+    async def files(n: int) -> list[str]:
+        for _ in range(100):
+            found = sorted(p.name for p in folder.glob("*.jws")) if folder.is_dir() else []
+            if len(found) >= n:
+                return found
+            await asyncio.sleep(0.05)
+        return found
+
+    loop = asyncio.create_task(audit_checkpoints(rt))
+    try:
+        await asyncio.sleep(0.2)
+        assert await files(0) == []  # an empty chain: nothing to checkpoint
+        await change(db.uow, 2)
+        assert await files(1) == ["000000000000002.jws"]
+        await asyncio.sleep(0.2)
+        assert await files(1) == ["000000000000002.jws"]  # the head did not move
+        await change(db.uow, 1)
+        assert await files(2) == ["000000000000002.jws", "000000000000003.jws"]
+        assert heartbeat.beats > 0
+    finally:
+        loop.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await loop
+    (summary,) = await verify_database(db.admin_url, db.test_db.name, [SCHEMA], db.checkpoints, db.key_file)
+    assert summary.broken is None and summary.checkpoints == 2
+
+
+async def test_values_survive_jsonb_and_verify(db: Db) -> None:
+    """Old and new values read back from jsonb hash as they were written (numbers, unicode, nesting)."""
+    values = {
+        "floats": [0.1, 12.0, -150.0, 1.5e-7, 1e16, 2.5e20, 1e300],
+        "ints": [0, -1, 2**62, 10**30],
+        "text": 'Zürich ✓ "quoted" \\ tab\t',
+        "nested": {"b": [True, False, None], "a": {"z": [], "y": {}}},
+    }
+    async with db.uow.begin() as tx:
+        tx.audit("values.checked", "thing", "v-1", old=values, new={"x": values["floats"]})
+    (summary,) = await verify_database(db.admin_url, db.test_db.name, [SCHEMA], db.checkpoints, db.key_file)
+    assert summary.broken is None and summary.entries == 1
