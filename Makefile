@@ -18,7 +18,7 @@ unexport PYTHONDONTWRITEBYTECODE
 
 PYTEST_ARGS ?=
 
-.PHONY: help bootstrap run demo test test-unit test-integration test-e2e lint format typecheck clean trace bench chaos
+.PHONY: help bootstrap run demo test test-unit test-integration test-e2e lint format typecheck clean trace bench chaos audit-verify
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -75,6 +75,9 @@ bench: bootstrap ## open-model load test: raw limits, latency and CPU per rate, 
 chaos: bootstrap ## replicas + seeded nemesis + workload + checker: make chaos ORDERS=100 SECONDS=180 SEED=1 (docs/RELIABILITY.md)
 	@PYTHONPATH=tools/simulator $(VENV)/bin/python -m v2v_harness chaos --orders $(or $(ORDERS),100) \
 		--seconds $(or $(SECONDS),180) --seed $(or $(SEED),1) $(CHAOS_ARGS)
+
+audit-verify: bootstrap ## verify every service's audit hash chain and its signed checkpoints (the platform's database must be up: make run)
+	@$(VENV)/bin/python -m v2v_audit verify $(AUDIT_ARGS)
 
 clean: ## remove the local state (database files, logs, telemetry) under .v2v/
 	rm -rf .v2v

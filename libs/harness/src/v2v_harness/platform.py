@@ -115,6 +115,8 @@ class Platform:
         )
         if self.issuer:
             env["V2V_AUTH_ISSUER"] = self.issuer
+        # the audit trail's signed checkpoints, outside the database (v2v_audit; make audit-verify reads them)
+        env.setdefault("V2V_AUDIT_CHECKPOINT_DIR", str(self.state_dir / "audit"))
         if spec.name == "notification":
             env.setdefault("V2V_WEBHOOK_ALLOW_LOOPBACK", "true")  # development: http://127.0.0.1 receivers
             env.setdefault("V2V_NOTIFICATION_SECRETS_KEY", secrets_key(self.state_dir))

@@ -38,6 +38,11 @@ class Tx:
         await self.outbox.add(event)
         return event
 
+    async def before_commit(self) -> None:
+        """Called by the unit of work right before COMMIT, inside the transaction, once the service-layer
+        code is done: the last writes of the transaction (the audit trail appends its buffered entries
+        here, so that its chain lock is held as briefly as possible). Nothing by default."""
+
 
 TxT = TypeVar("TxT", bound=Tx)
 TxT_co = TypeVar("TxT_co", bound=Tx, covariant=True)
@@ -71,12 +76,16 @@ class UnitOfWork(Generic[TxT]):
     @asynccontextmanager
     async def begin(self) -> AsyncIterator[TxT]:
         async with self.pool.acquire() as conn, conn.transaction():
-            yield self.tx_factory(conn, self._outbox(conn))
+            tx = self.tx_factory(conn, self._outbox(conn))
+            yield tx
+            await tx.before_commit()
 
     @asynccontextmanager
     async def on(self, conn: asyncpg.Connection) -> AsyncIterator[TxT]:
-        """A Tx on a connection whose transaction the caller already opened."""
-        yield self.tx_factory(conn, self._outbox(conn))
+        """A Tx on a connection whose transaction the caller already opened (and commits)."""
+        tx = self.tx_factory(conn, self._outbox(conn))
+        yield tx
+        await tx.before_commit()
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[TxT]:

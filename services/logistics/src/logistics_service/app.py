@@ -8,6 +8,7 @@ from logistics_service.adapters.repository import tx_factory
 from logistics_service.config import LogisticsSettings, load_shipping_lanes
 from logistics_service.entrypoints.api import router
 from logistics_service.service_layer.handlers import build_handlers
+from v2v_audit.service import audited
 from v2v_contracts import (
     CoiMismatchDetectedV1,
     ShipmentCancelledV1,
@@ -39,3 +40,6 @@ DEFINITION = ServiceDefinition(
     ],
     description="Shipments of apheresis material and product: chain of custody, temperature, compensation.",
 )
+# the audit trail: its migration and start-up step, the caller as actor of a request's entries, and the
+# supervised loop writing signed checkpoints outside the database (v2v_audit.service)
+DEFINITION = audited(DEFINITION)

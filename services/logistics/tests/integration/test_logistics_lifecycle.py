@@ -28,6 +28,7 @@ from logistics_service.config import load_shipping_lanes
 from logistics_service.entrypoints.api import router as logistics_router
 from logistics_service.service_layer import commands
 from logistics_service.service_layer.handlers import build_handlers
+from v2v_audit.service import migrate as audit_migrate
 from v2v_contracts import (
     ApheresisCompletedV1,
     BookingCancelledV1,
@@ -70,6 +71,7 @@ async def pool(test_db: pytest_plugin.TestDatabase) -> AsyncIterator[asyncpg.Poo
     owner_url = test_db.owner_urls["logistics"]  # migrations run as the owner
     applied = await apply_migrations(owner_url, "logistics", [MIGRATIONS_DIR, LOGISTICS_MIGRATIONS])
     assert applied[-1] == "0005.logistics-carriers"
+    await audit_migrate(owner_url, "logistics")  # the audit trail (v2v_audit), as the service applies it
     p = await create_pool(url, max_size=4)
     assert await schema_of(p) == "logistics"
     try:

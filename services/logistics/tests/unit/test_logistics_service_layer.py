@@ -695,3 +695,54 @@ async def test_shipments_are_listed_per_order_oldest_first(world: World) -> None
 async def _history(world: World, ship: Shipment) -> list[Any]:
     _, history = await queries.shipment(world.uow, ship.shipment_id)
     return history
+
+
+# ---- the audit trail ---------------------------------------------------------------------------------
+
+
+async def test_shipments_custody_readings_and_cancellations_are_audited_with_codes_only(world: World) -> None:
+    """Planning by the consumer (the event as cause), a custody milestone and temperature readings through
+    the courier commands, an excursion and the order's cancellation: each change in the trail with its
+    old and new status and a reason code; opaque references only; one intact chain."""
+    from v2v_audit import Actor, verify
+
+    order = Order()
+    booking = booking_confirmed(order, product_code="AXI-CEL")  # fresh: 2-8 °C
+    await world.deliver(booking)
+    [ship] = world.ships(order)
+    await world.milestone(ship, "picked_up")
+    await world.reading(ship, 5.0, minutes=1)
+    await world.reading(ship, 12.0, minutes=2)  # an excursion: the shipment is compromised
+    await world.deliver(
+        OrderCancelledV1(**order.refs, reason="consent_withdrawn", previous_status="material_in_transit")
+    )
+
+    trail = world.store.audit
+    assert [(r.action, r.object_type, r.reason) for r in trail] == [
+        ("shipment.planned", "shipment", "booking_confirmed"),
+        ("custody.recorded", "shipment", "picked_up"),
+        ("shipment.status_changed", "shipment", "milestone:picked_up"),
+        ("reading.recorded", "shipment", "in_range"),
+        ("reading.recorded", "shipment", "out_of_range"),
+        ("shipment.status_changed", "shipment", "temperature_excursion"),
+        ("order.ended", "order", "order_cancelled:consent_withdrawn"),
+        ("shipment.status_changed", "shipment", "order_cancelled:consent_withdrawn"),
+    ]
+    planned = trail[0]
+    assert planned.actor == Actor.system("logistics.shipments") and planned.cause == f"event:{booking.id}"
+    assert trail[2].old == {"status": "planned"} and trail[2].new["status"] == "picked_up"  # type: ignore[index, call-overload]
+    assert trail[5].new["status"] == "compromised"  # type: ignore[index, call-overload]
+    assert trail[7].old == {"status": "compromised"} and trail[7].new["status"] == "cancelled"  # type: ignore[index, call-overload]
+    assert trail[1].new["handled_by"] == "courier-42" and trail[4].new["reading_c"] == 12.0  # type: ignore[index, call-overload]
+    assert all(r.object_id == str(ship.shipment_id) for r in trail[:6])
+    assert verify("logistics", trail).broken is None
+
+
+async def test_a_refused_milestone_writes_no_audit_entry(world: World) -> None:
+    order = Order()
+    ship = await world.planned(order, "inbound_apheresis")
+    await world.milestone(ship, "picked_up")
+    before = list(world.store.audit)
+    with pytest.raises((Conflict, Invalid)):
+        await world.milestone(ship, "booked")  # a milestone never goes back
+    assert world.store.audit == before

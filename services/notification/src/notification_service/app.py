@@ -16,6 +16,7 @@ from notification_service.service_layer.dispatch import (
     webhook_listener,
 )
 from notification_service.service_layer.handlers import handlers
+from v2v_audit.service import audited
 from v2v_contracts import WebhookDeliveryFailedV1
 from v2v_servicekit import ConsumerSpec, ServiceDefinition
 
@@ -38,3 +39,6 @@ DEFINITION = ServiceDefinition(
     description="Webhooks (Standard Webhooks) and exception e-mails (SMTP) to treatment centres, "
     "with retries and a delivery log.",
 )
+# the audit trail: its migration and start-up step, the caller as actor of a request's entries, and the
+# supervised loop writing signed checkpoints outside the database (v2v_audit.service)
+DEFINITION = audited(DEFINITION)

@@ -35,6 +35,7 @@ from notification_service.domain.urls import UrlPolicy
 from notification_service.entrypoints.api import router
 from notification_service.service_layer.dispatch import EmailDispatcher, WebhookDispatcher
 from notification_service.service_layer.handlers import handlers
+from v2v_audit.service import migrate as audit_migrate
 from v2v_contracts import (
     BookingConfirmedV1,
     CloudEvent,
@@ -184,6 +185,7 @@ async def notification(test_db: pytest_plugin.TestDatabase) -> AsyncIterator[Not
     url = test_db.urls["notification"]
     owner_url = test_db.owner_urls["notification"]  # migrations run as the owner
     await apply_migrations(owner_url, "notification", [MIGRATIONS_DIR, MIGRATIONS])
+    await audit_migrate(owner_url, "notification")  # the audit trail (v2v_audit), as the service applies it
     pool = await create_pool(url, max_size=6)
     try:
         yield Notification(

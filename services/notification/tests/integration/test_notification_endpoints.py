@@ -44,6 +44,7 @@ from notification_service.service_layer.dispatch import (
     webhook_listener,
 )
 from notification_service.service_layer.handlers import handlers
+from v2v_audit.service import migrate as audit_migrate
 from v2v_contracts import CloudEvent, OrderSubmittedV1, new_event
 from v2v_harness import pytest_plugin
 from v2v_harness.e2e import eventually
@@ -183,6 +184,7 @@ def settings(**kw: Any) -> NotificationSettings:
 
 async def migrated_pool(url: str, owner_url: str) -> asyncpg.Pool:
     await apply_migrations(owner_url, "notification", [MIGRATIONS_DIR, MIGRATIONS])
+    await audit_migrate(owner_url, "notification")  # the audit trail (v2v_audit), as the service applies it
     return await create_pool(url, max_size=8)
 
 

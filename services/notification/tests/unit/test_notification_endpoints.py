@@ -524,6 +524,7 @@ def test_the_service_runs_each_channels_dispatcher_and_listener_under_the_runtim
         "webhook_listener",
         "email_dispatcher",
         "email_listener",
+        "audit_checkpoints",  # the audit trail's signed checkpoints (v2v_audit.service)
     ]
 
 

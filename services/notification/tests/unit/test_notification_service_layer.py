@@ -705,3 +705,46 @@ async def test_a_cancelled_order_reaches_both_channels_with_its_status_fields(
     await inbox.deliver(cancelled)
     assert len(store.deliveries("webhook")) == 1
     assert "previous_status" in only(store, "email").content["body"]
+
+
+# ---- the audit trail ---------------------------------------------------------------------------------
+
+
+async def test_subscriptions_recipients_rotations_and_dead_letters_are_audited_without_addresses(
+    uow: FakeUnitOfWork[Any], inbox: FakeInbox[Any], store: MemoryStore
+) -> None:
+    """Each change in the trail with ids and codes only: the webhook URL and the e-mail address appear as
+    SHA-256 fingerprints, never as themselves; a dead-lettered delivery is audited by its dispatcher with
+    the failure category; one intact chain."""
+    import hashlib
+    import json
+    from datetime import timedelta
+
+    from v2v_audit import Actor, verify
+
+    sub, _event = await queued_webhook(uow, inbox)
+    await commands.rotate_secret(uow, BOX, sub, tenant=CENTRE, overlap=timedelta(hours=1))
+    rid = await recipient(uow, "QA@charite.example")
+    await commands.remove_recipient(uow, rid, CENTRE)
+    hooks = WebhookDispatcher(uow, FakeSender(Outcome(500, "http_5xx")), POLICY)
+    for _ in range(POLICY.max_attempts):
+        store.make_due()
+        await hooks.dispatch_due()
+
+    trail = store.audit
+    assert [(r.action, r.object_type, r.reason) for r in trail] == [
+        ("subscription.created", "subscription", None),
+        ("subscription.secret_rotated", "subscription", None),
+        ("recipient.added", "recipient", None),
+        ("recipient.removed", "recipient", None),
+        ("delivery.dead_lettered", "webhook_delivery", "http_5xx"),
+    ]
+    created, _rotated, added, _removed, dead = trail
+    url = f"https://{CENTRE.lower()}.example/hook"
+    assert created.new["url_sha256"] == hashlib.sha256(url.encode()).hexdigest()  # type: ignore[index, call-overload]
+    assert added.new["email_sha256"] == hashlib.sha256(b"qa@charite.example").hexdigest()  # type: ignore[index, call-overload]
+    text = json.dumps([[r.old, r.new] for r in trail]).lower()
+    assert "example/hook" not in text and "charite.example" not in text
+    assert dead.actor == Actor.system("notification.webhook-dispatcher")
+    assert dead.new["attempts"] == POLICY.max_attempts and dead.new["status"] == "failed"  # type: ignore[index, call-overload]
+    assert verify("notification", trail).broken is None

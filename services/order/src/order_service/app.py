@@ -9,6 +9,7 @@ from order_service.config import OrderSettings
 from order_service.entrypoints.api import router
 from order_service.service_layer import commands, queries
 from order_service.service_layer.handlers import handlers
+from v2v_audit.service import audited
 from v2v_contracts import EVENT_TYPES
 from v2v_servicekit import ConsumerSpec, ServiceDefinition
 
@@ -27,3 +28,6 @@ DEFINITION = ServiceDefinition(
     ready_checks={"network": lambda rt: queries.network_unknown(rt.uow)},
     description="Orders from certified treatment centres: intake, chain of identity, status and timeline.",
 )
+# the audit trail: its migration and start-up step, the caller as actor of a request's entries, and the
+# supervised loop writing signed checkpoints outside the database (v2v_audit.service)
+DEFINITION = audited(DEFINITION)

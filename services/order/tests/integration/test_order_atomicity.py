@@ -22,6 +22,7 @@ from order_service.adapters.repository import OrderTx
 from order_service.domain.records import TimelineEntry
 from order_service.service_layer.commands import PlaceOrder, load_reference_data, place_order
 from order_service.service_layer.handlers import handlers
+from v2v_audit.service import migrate as audit_migrate
 from v2v_contracts import SiteApproval, SiteRegisteredV1, new_event
 from v2v_contracts.errors import Invalid
 from v2v_harness import pytest_plugin
@@ -55,6 +56,7 @@ async def ordering(test_db: pytest_plugin.TestDatabase) -> AsyncIterator[asyncpg
     url = test_db.urls["order"]
     owner_url = test_db.owner_urls["order"]  # migrations run as the owner
     await apply_migrations(owner_url, "ordering", [MIGRATIONS_DIR, ORDER_MIGRATIONS])
+    await audit_migrate(owner_url, "ordering")  # the audit trail (v2v_audit), as the service applies it
     pool = await create_pool(url, max_size=4)
     assert await schema_of(pool) == "ordering"
     uow = UnitOfWork(pool, TOPIC, notify_channel("ordering"), repository.tx_factory)
@@ -99,13 +101,19 @@ async def register_site(
 
 
 async def counts(pool: asyncpg.Pool) -> dict[str, int]:
-    return {
+    found = {
         table: int(await pool.fetchval(f"SELECT count(*) FROM {table}"))
         for table in ("orders", "order_timeline", "outbox", "coi_sequences")
     }
+    # the orders' audit entries (the network's registrations are audited too, by the fixture)
+    found["audit_trail"] = int(
+        await pool.fetchval("SELECT count(*) FROM audit_trail WHERE object_type = 'order'")
+    )
+    return found
 
 
-NOTHING = {"orders": 0, "order_timeline": 0, "outbox": 0, "coi_sequences": 0}
+NOTHING = {"orders": 0, "order_timeline": 0, "outbox": 0, "coi_sequences": 0, "audit_trail": 0}
+ONE = {"orders": 1, "order_timeline": 1, "outbox": 1, "coi_sequences": 1, "audit_trail": 1}
 
 
 async def test_place_order_writes_order_timeline_and_one_event_without_patient_data(
@@ -149,7 +157,18 @@ async def test_place_order_writes_order_timeline_and_one_event_without_patient_d
     assert "patient_ref" not in event["data"]
     assert PATIENT_REF not in json.dumps(row["headers"])
 
-    assert await counts(ordering) == {"orders": 1, "order_timeline": 1, "outbox": 1, "coi_sequences": 1}
+    # its audit entry, in the same transaction: the order placed, by the service itself (no request
+    # here), chained after the network's registrations
+    audit = await ordering.fetchrow("SELECT * FROM audit_trail WHERE object_type = 'order'")
+    assert audit is not None
+    assert (audit["action"], audit["object_id"], audit["actor_kind"]) == (
+        "order.placed",
+        str(order_id),
+        "system",
+    )
+    assert audit["new_values"]["patient_ref"] == PATIENT_REF and audit["new_values"]["status"] == "submitted"
+    assert audit["new_values"]["event"]["id"] == str(row["event_id"])
+    assert await counts(ordering) == ONE
 
 
 async def test_a_failure_after_the_order_and_its_event_were_written_leaves_nothing(
@@ -183,7 +202,7 @@ async def test_a_failure_after_the_order_and_its_event_were_written_leaves_nothi
 
     monkeypatch.undo()  # the next order goes through and gets the first COI sequence number
     order_id = await place_order(uow, command(), FACILITY, now=NOW)
-    assert await counts(ordering) == {"orders": 1, "order_timeline": 1, "outbox": 1, "coi_sequences": 1}
+    assert await counts(ordering) == ONE
     async with uow.read() as tx:
         order = await tx.orders.get(order_id)
     assert order is not None and order.coi.startswith(f"{FACILITY}30000001")
@@ -255,4 +274,10 @@ async def test_the_network_copy_follows_the_latest_registration_of_each_site(
         FACILITY,
         now=NOW,
     )
-    assert await counts(ordering) == {"orders": 3, "order_timeline": 3, "outbox": 3, "coi_sequences": 1}
+    assert await counts(ordering) == {
+        "orders": 3,
+        "order_timeline": 3,
+        "outbox": 3,
+        "coi_sequences": 1,
+        "audit_trail": 3,
+    }

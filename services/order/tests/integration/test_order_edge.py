@@ -33,6 +33,8 @@ from order_service.domain.order import TERMINAL
 from order_service.entrypoints.api import router
 from order_service.service_layer.commands import PlaceOrder, load_reference_data, place_order
 from order_service.service_layer.handlers import handlers
+from v2v_audit.http import audited_router
+from v2v_audit.service import migrate as audit_migrate
 from v2v_contracts import SiteApproval, SiteRegisteredV1, new_event
 from v2v_contracts.coi import make_coi
 from v2v_contracts.errors import Conflict
@@ -79,6 +81,7 @@ async def pool(test_db: pytest_plugin.TestDatabase) -> AsyncIterator[asyncpg.Poo
     owner_url = test_db.owner_urls["order"]  # migrations run as the owner
     applied = await apply_migrations(owner_url, "ordering", [MIGRATIONS_DIR, ORDER_MIGRATIONS])
     assert applied[-1] == EDGE_MIGRATION
+    await audit_migrate(owner_url, "ordering")  # the audit trail (v2v_audit), as the service applies it
     p = await create_pool(url, max_size=6)
     uow = UnitOfWork(p, TOPIC, notify_channel("ordering"), repository.tx_factory)
     await load_reference_data(uow)
@@ -98,7 +101,7 @@ def uow(pool: asyncpg.Pool) -> UnitOfWork[OrderTx]:
 async def api(uow: UnitOfWork[OrderTx]) -> AsyncIterator[tuple[httpx.AsyncClient, TestTokens]]:
     app = FastAPI()
     install_problems(app)
-    app.include_router(router)
+    app.include_router(audited_router(router))  # as the service does (v2v_audit.service.audited)
     app.state.runtime = SimpleNamespace(uow=uow, settings=OrderSettings())
     tokens = TestTokens.install(app)
 
@@ -214,6 +217,7 @@ async def test_open_duplicates_from_before_the_rule_do_not_stop_the_migration(
     url = test_db.urls["order"]
     owner_url = test_db.owner_urls["order"]  # migrations run as the owner
     await apply_migrations(owner_url, "ordering", [MIGRATIONS_DIR, before_rule])
+    await audit_migrate(owner_url, "ordering")
     pool = await create_pool(url, max_size=2)
     try:
         uow = UnitOfWork(pool, TOPIC, notify_channel("ordering"), repository.tx_factory)
@@ -323,3 +327,38 @@ async def test_a_note_is_stored_on_the_timeline_and_the_event_carries_the_code(
         await pool.fetchval("SELECT ended_reason FROM orders")
         == "cancelled by the centre: patient_ineligible"
     )
+
+
+# ---- the audit trail, over Postgres -----------------------------------------------------------------
+
+
+async def test_the_audit_trail_of_an_order_is_its_centres_and_qas_to_read(
+    pool: asyncpg.Pool, api: tuple[httpx.AsyncClient, TestTokens]
+) -> None:
+    """Entries written by the requests themselves (the caller as actor) in `ordering.audit_trail`, read
+    back page by page; another centre's order is 404."""
+    http, tokens = api
+    paris = tokens.headers("centre", PARIS)
+    order = (await http.post("/v1/orders", json=order_body(patient_ref="PAT-AUDIT"), headers=paris)).json()
+    oid = order["order_id"]
+    resp = await http.post(f"/v1/orders/{oid}/cancel", json={"reason_code": "other"}, headers=paris)
+    assert resp.status_code == 200, resp.text
+
+    resp = await http.get(f"/v1/orders/{oid}/audit", headers=tokens.headers("qa"))
+    assert resp.status_code == 200, resp.text
+    page = resp.json()
+    assert [(e["action"], e["reason"]) for e in page["items"]] == [
+        ("order.placed", None),
+        ("order.cancel", "other"),
+    ]
+    assert all(e["actor"]["entity_id"] == PARIS and e["actor"]["kind"] == "centre" for e in page["items"])
+    assert page["items"][1]["prev_hash"] == page["items"][0]["entry_hash"]
+    assert page["total"] == 2 and page["next_offset"] is None
+    second = (await http.get(f"/v1/orders/{oid}/audit", headers=paris, params={"offset": 1})).json()
+    assert second["items"] == page["items"][1:] and second["total"] == 2
+    other = await http.get(f"/v1/orders/{oid}/audit", headers=tokens.headers("centre", BERLIN))
+    assert other.status_code == 404
+    rows = await pool.fetchval(
+        "SELECT count(*) FROM audit_trail WHERE object_type = 'order' AND object_id = $1", oid
+    )
+    assert rows == 2

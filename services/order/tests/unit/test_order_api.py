@@ -31,6 +31,8 @@ from order_service.adapters.memory import MemoryUnitOfWork, fake_uow
 from order_service.config import OrderSettings
 from order_service.entrypoints.api import router
 from order_service.service_layer.handlers import handlers
+from v2v_audit import verify
+from v2v_audit.http import audited_router
 from v2v_contracts import SiteApproval, SiteRegisteredV1, new_event
 from v2v_messaging.fakes import FakeInbox
 from v2v_servicekit.auth import declared_scope
@@ -64,6 +66,7 @@ SCOPES = {
     ("POST", "/v1/orders/{order_id}/product-receipt"): "orders:write",
     ("POST", "/v1/orders/{order_id}/infusion"): "orders:write",
     ("POST", "/v1/orders/{order_id}/quarantine-decision"): "quarantine:decide",
+    ("GET", "/v1/orders/{order_id}/audit"): "orders:read",
 }
 
 
@@ -115,7 +118,13 @@ class Api:
 
     def snapshot(self) -> tuple[Any, ...]:
         store = self.uow.store
-        return (dict(store.orders), list(store.timeline), dict(store.coi_sequences), list(self.uow.committed))
+        return (
+            dict(store.orders),
+            list(store.timeline),
+            dict(store.coi_sequences),
+            list(self.uow.committed),
+            list(store.audit),
+        )
 
 
 def order_body(**overrides: Any) -> dict[str, Any]:
@@ -147,7 +156,7 @@ async def api() -> AsyncIterator[Api]:
     uow.take()
     app = FastAPI()
     install_problems(app)
-    app.include_router(router)
+    app.include_router(audited_router(router))  # as the service does (v2v_audit.service.audited)
     app.state.runtime = SimpleNamespace(uow=uow, settings=OrderSettings())
     tokens = TestTokens.install(app)
     spans = _span_exporter()
@@ -636,3 +645,81 @@ async def test_the_order_shows_its_own_centre_its_timeline_notes(api: Api) -> No
     assert body["status"] == "cancelled" and body["ended_reason"] == "cancelled by the centre: other"
     assert [t["note"] for t in body["timeline"]] == [None, "kept"]
     assert date.fromisoformat(body["requested_apheresis_date"]) == SOON
+
+
+# ---- the audit trail ----------------------------------------------------------------------------------
+
+
+async def test_the_audit_trail_names_who_did_what_when_and_why_to_its_centre_and_qa(api: Api) -> None:
+    order = await api.place()
+    oid = order["order_id"]
+    resp = await api.post(
+        f"/v1/orders/{oid}/cancel",
+        {"reason_code": "patient_deceased", "note": "family informed"},
+        api.centre(),
+    )
+    assert resp.status_code == 200, resp.text
+
+    resp = await api.http.get(f"/v1/orders/{oid}/audit", headers=api.centre())
+    assert resp.status_code == 200, resp.text
+    page = resp.json()
+    assert (page["total"], page["limit"], page["offset"], page["next_offset"]) == (2, 50, 0, None)
+    placed, cancelled = page["items"]
+    centre_actor = {"client_id": "centre-tc-fr-pa-001", "user_id": None, "kind": "centre", "entity_id": PARIS}
+    assert (placed["action"], placed["actor"], placed["object_type"], placed["object_id"]) == (
+        "order.placed",
+        centre_actor,
+        "order",
+        oid,
+    )
+    assert placed["old"] is None
+    assert {k: placed["new"][k] for k in ("status", "coi", "patient_ref", "treatment_center_id")} == {
+        "status": "submitted",
+        "coi": order["coi"],
+        "patient_ref": PATIENT,
+        "treatment_center_id": PARIS,
+    }
+    assert cancelled["action"] == "order.cancel" and cancelled["reason"] == "patient_deceased"
+    assert cancelled["actor"] == centre_actor
+    assert cancelled["old"]["status"] == "submitted" and cancelled["new"]["status"] == "cancelled"
+    assert cancelled["new"]["note"] == "family informed"
+    assert cancelled["new"]["event"]["type"] == "order.cancelled.v1"
+    assert cancelled["cause"].startswith("trace:")  # the request's trace
+    assert cancelled["prev_hash"] == placed["entry_hash"]
+    assert datetime.fromisoformat(placed["recorded_at"]) <= datetime.fromisoformat(cancelled["recorded_at"])
+
+    # QA and ops see every centre's orders' trails; another centre sees nothing of it
+    assert (await api.http.get(f"/v1/orders/{oid}/audit", headers=api.qa())).json() == page
+    assert (await api.http.get(f"/v1/orders/{oid}/audit", headers=api.tokens.headers("ops"))).json() == page
+    other = await api.http.get(f"/v1/orders/{oid}/audit", headers=api.centre(BERLIN))
+    unknown = await api.http.get(f"/v1/orders/{uuid.uuid4()}/audit", headers=api.centre(PARIS))
+    assert other.status_code == unknown.status_code == 404 and PATIENT not in other.text
+    courier = api.tokens.headers("carrier", "UPS", scopes=["orders:read"])
+    assert (await api.http.get(f"/v1/orders/{oid}/audit", headers=courier)).status_code == 403
+
+    # paged like every list
+    resp = await api.http.get(f"/v1/orders/{oid}/audit", headers=api.qa(), params={"limit": 1, "offset": 1})
+    assert [e["seq"] for e in resp.json()["items"]] == [cancelled["seq"]] and resp.json()[
+        "next_offset"
+    ] is None
+    resp = await api.http.get(f"/v1/orders/{oid}/audit", headers=api.qa(), params={"limit": 1})
+    assert resp.json()["next_offset"] == 1
+    for bad in ({"limit": 0}, {"limit": 201}, {"offset": -1}):
+        assert (
+            await api.http.get(f"/v1/orders/{oid}/audit", headers=api.qa(), params=bad)
+        ).status_code == 422
+
+    # the whole trail (the network's registrations by the consumer included) is one intact chain
+    store = api.uow.store
+    assert verify("ordering", store.audit).broken is None
+    registered = [r for r in store.audit if r.action == "network.site_replaced"]
+    assert {r.object_id for r in registered} == set(NETWORK)
+    assert all(r.actor.client_id == "order.saga" and (r.cause or "").startswith("event:") for r in registered)
+
+
+async def test_a_refused_request_writes_no_audit_entry(api: Api) -> None:
+    order = await api.place()
+    before = list(api.uow.store.audit)
+    resp = await api.post(f"/v1/orders/{order['order_id']}/lymphodepletion", {}, api.centre())
+    assert resp.status_code == 409, resp.text  # not yet: the state machine refuses
+    assert api.uow.store.audit == before

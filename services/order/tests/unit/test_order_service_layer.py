@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from order_service.adapters.memory import MemoryUnitOfWork, fake_uow
+from order_service.domain.coi import make_coi
 from order_service.domain.records import OrderRecord
 from order_service.service_layer import commands, queries
 from order_service.service_layer.commands import Action, PlaceOrder, act, place_order
@@ -764,3 +765,59 @@ async def test_an_action_without_a_reason_code_of_its_own_is_invalid_and_writes_
     assert status_of(info.value) == 422 and info.value.errors[0].field == "reason_code"
     assert world.order(order.order_id) == order and world.uow.committed == []
     assert world.uow.store.timeline == timeline
+
+
+# ---- the audit trail ----------------------------------------------------------------------------------
+
+
+async def test_every_change_is_audited_with_its_old_and_new_values_by_whom_and_why(world: World) -> None:
+    """Intake (the service itself here: no request), a fact by the consumer with the event as cause (a
+    repeated fact and a fact that changes nothing write nothing), an action with its reason code; one
+    intact chain."""
+    order = await world.place()
+    slot = uuid.uuid4()
+    reserved = slot_reserved(order, slot)
+    await world.deliver(reserved, reserved)  # the second is a duplicate (inbox): no second entry
+    await act(world.uow, order.order_id, Action("cancel", reason_code="patient_deceased", note="n1"))
+
+    from v2v_audit import Actor, verify
+
+    store = world.uow.store
+    mine = [r for r in store.audit if r.object_id == str(order.order_id)]
+    assert [(r.action, r.reason) for r in mine] == [
+        ("order.placed", None),
+        ("order.fact", "scheduling.slot_reserved.v1"),
+        ("order.cancel", "patient_deceased"),
+    ]
+    placed, fact_applied, cancelled = mine
+    assert placed.new["status"] == "submitted"  # type: ignore[index, call-overload]
+    assert fact_applied.actor == Actor.system("order.saga") and fact_applied.cause == f"event:{reserved.id}"
+    assert fact_applied.old == {
+        "status": "submitted",
+        "slot_id": None,
+        "site_id": None,
+        "apheresis_date": None,
+        "manufacturing_start_date": None,
+    }
+    assert fact_applied.new["status"] == "slot_reserved"  # type: ignore[index, call-overload]
+    assert fact_applied.new["slot_id"] == str(slot)  # type: ignore[index, call-overload]
+    assert cancelled.old["status"] == "slot_reserved"  # type: ignore[index, call-overload]
+    assert cancelled.new["status"] == "cancelled"  # type: ignore[index, call-overload]
+    assert cancelled.new["note"] == "n1"  # type: ignore[index, call-overload]
+    assert verify("ordering", store.audit).broken is None
+
+
+async def test_a_refused_action_leaves_no_entry_and_a_coi_mismatch_is_audited(world: World) -> None:
+    order = await world.place()
+    before = list(world.uow.store.audit)
+    with pytest.raises(NotAllowedNow):
+        await act(world.uow, order.order_id, Action("infusion", coi=order.coi))
+    assert world.uow.store.audit == before
+    with pytest.raises(CoiMismatch):
+        await act(world.uow, order.order_id, Action("apheresis", coi=make_coi(FACILITY, 2026, 999_999)))
+    (refused,) = world.uow.store.audit[len(before) :]
+    assert (refused.action, refused.reason, refused.object_id) == (
+        "order.apheresis.refused",
+        "coi-mismatch",
+        str(order.order_id),
+    )

@@ -9,6 +9,7 @@ from scheduling_service.adapters.repository import postgres_tx
 from scheduling_service.config import SchedulingSettings
 from scheduling_service.entrypoints.api import router
 from scheduling_service.service_layer.handlers import build_handlers
+from v2v_audit.service import audited
 from v2v_contracts import SlotReleasedV1, SlotReservedV1, SlotUnavailableV1
 from v2v_servicekit import ConsumerSpec, ServiceDefinition
 
@@ -30,3 +31,6 @@ DEFINITION = ServiceDefinition(
     publishes=[SlotReservedV1, SlotUnavailableV1, SlotReleasedV1],
     description="Manufacturing slots: site selection, capacity, waitlist, release and rebook.",
 )
+# the audit trail: its migration and start-up step, the caller as actor of a request's entries, and the
+# supervised loop writing signed checkpoints outside the database (v2v_audit.service)
+DEFINITION = audited(DEFINITION)

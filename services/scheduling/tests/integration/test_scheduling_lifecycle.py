@@ -26,6 +26,7 @@ from scheduling_service.domain.selection import Choice, Parameters
 from scheduling_service.domain.slots import Planning, SlotRequest
 from scheduling_service.service_layer import booking
 from scheduling_service.service_layer.handlers import build_handlers
+from v2v_audit.service import migrate as audit_migrate
 from v2v_contracts import (
     BookingConfirmedV1,
     CloudEvent,
@@ -65,6 +66,7 @@ async def pool(test_db: pytest_plugin.TestDatabase) -> AsyncIterator[asyncpg.Poo
     owner_url = test_db.owner_urls["scheduling"]  # migrations run as the owner
     applied = await apply_migrations(owner_url, "scheduling", [MIGRATIONS_DIR, SCHEDULING_MIGRATIONS])
     assert applied[-1] == "0003.scheduling-slot-market"
+    await audit_migrate(owner_url, "scheduling")  # the audit trail (v2v_audit), as the service applies it
     p = await create_pool(url, min_size=2, max_size=34)
     assert await schema_of(p) == "scheduling"
     try:
@@ -272,6 +274,7 @@ async def test_the_migration_keeps_waiting_orders_of_the_first_schema(
         "0002.scheduling-lifecycle",
         "0003.scheduling-slot-market",
     ]
+    await audit_migrate(owner_url, "scheduling")
     p = await create_pool(url, max_size=2)
     try:
         [entry] = await waitlist(p)

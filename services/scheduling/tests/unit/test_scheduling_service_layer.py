@@ -567,3 +567,56 @@ async def test_the_reads_are_paged_and_confined_to_the_callers_tenancy() -> None
     assert len(await commands.list_waitlist(w.uow, tenancy=commands.Tenancy(centre="TC-DE-BE-001"))) == 3
     assert await commands.list_waitlist(w.uow, tenancy=commands.Tenancy(centre="TC-FR-PA-001")) == []
     assert await commands.list_waitlist(w.uow, tenancy=commands.Tenancy(site="A")) == []
+
+
+# ---- the audit trail ---------------------------------------------------------------------------------
+
+
+async def test_bookings_waitlist_and_releases_are_audited_by_the_consumer_with_ids_and_codes() -> None:
+    """Every change the consumer makes is in the trail, in the transaction of its event: the site copy,
+    a reservation, a waitlisting, a release and a leaving on cancellation; ids, codes and dates only (no
+    free text), one intact chain."""
+    from v2v_audit import verify
+
+    w = World()
+    await w.deliver(site_event("DE-A", capacity=1))
+    first, elsewhere = Order(1), Order(2, regulator="TGA")  # no site is approved for the TGA market
+    submitted = first.submitted()
+    await w.deliver(submitted, elsewhere.submitted())
+    slot = w.live(first)
+    assert slot is not None
+    await w.deliver(first.cancelled(), elsewhere.cancelled())
+
+    trail = w.store.audit
+    assert [(r.action, r.object_type, r.reason) for r in trail] == [
+        ("site.copy_replaced", "site", SiteRegisteredV1.TYPE),
+        ("slot.reserved", "slot", "initial"),
+        ("waitlist.entered", "waitlist", "no_approved_site"),
+        ("order.closed", "order", "consent_withdrawn"),
+        ("slot.released", "slot", "cancelled"),
+        ("order.closed", "order", "consent_withdrawn"),
+        ("waitlist.left", "waitlist", "cancelled"),
+    ]
+    assert all(r.actor.client_id == "scheduling.slots" and r.actor.kind == "system" for r in trail)
+    reserved = trail[1]
+    assert reserved.cause == f"event:{submitted.id}" and reserved.object_id == str(slot.slot_id)
+    assert reserved.new == {
+        "order_id": str(first.order_id),
+        "site_id": "DE-A",
+        "product_code": PRODUCT,
+        "apheresis_date": slot.apheresis_date.isoformat(),
+        "manufacturing_start_date": slot.manufacturing_start_date.isoformat(),
+        "status": "held",
+    }
+    assert verify("scheduling", trail).broken is None
+
+
+async def test_a_failed_transaction_leaves_no_audit_entry() -> None:
+    w = World()
+    await w.deliver(site_event("DE-A"))
+    before = list(w.store.audit)
+    with pytest.raises(RuntimeError):
+        async with w.uow.begin() as tx:
+            await HANDLERS.dispatch(tx, Order(1).submitted())
+            raise RuntimeError("the commit fails")
+    assert w.store.audit == before and w.store.slots == {}

@@ -9,6 +9,7 @@ from site_service.config import SiteSettings
 from site_service.entrypoints import startup
 from site_service.entrypoints.api import router
 from site_service.service_layer.handlers import handlers
+from v2v_audit.service import audited
 from v2v_contracts import (
     BookingAffectedV1,
     BookingCancelledV1,
@@ -49,3 +50,6 @@ DEFINITION = ServiceDefinition(
     description="Manufacturing sites: registry, approvals, capacity, outages, the manufacturing plan "
     "(bookings) and the MES API (receipt, steps, QC).",
 )
+# the audit trail: its migration and start-up step, the caller as actor of a request's entries, and the
+# supervised loop writing signed checkpoints outside the database (v2v_audit.service)
+DEFINITION = audited(DEFINITION)

@@ -23,6 +23,7 @@ import site_service
 from site_service.adapters.repository import SiteTx, site_tx
 from site_service.entrypoints import api as site_api
 from site_service.service_layer import commands, handlers, queries
+from v2v_audit.service import migrate as audit_migrate
 from v2v_contracts import (
     EventData,
     OrderCancelledV1,
@@ -63,6 +64,7 @@ async def pool(test_db: pytest_plugin.TestDatabase) -> AsyncIterator[asyncpg.Poo
     await apply_migrations(
         owner_url, "site", [MIGRATIONS_DIR, EDGE_MIGRATIONS, SITE_MIGRATIONS]
     )  # as create_app
+    await audit_migrate(owner_url, "site")  # the audit trail (v2v_audit), as the service applies it
     pool = await create_pool(url, max_size=4)
     assert await schema_of(pool) == "site"
     try:

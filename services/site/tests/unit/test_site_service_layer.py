@@ -684,3 +684,64 @@ async def test_a_command_that_fails_midway_leaves_nothing(
     assert site.events() == []
     assert (await queries.get_site(site.uow, SITE))["outages"] == []
     assert status(site, o) == "confirmed"
+
+
+# ---- the audit trail ---------------------------------------------------------------------------------
+
+
+async def test_bookings_runs_steps_qc_and_registry_changes_are_audited_with_codes_only(site: Site) -> None:
+    """The seed, a booking by the consumer (the event as cause), receipt, steps and QC through the MES
+    commands, an outage and a cancellation: each change in the trail with its old and new state and a
+    reason code, never free text; one intact chain."""
+    from v2v_audit import Actor, verify
+
+    trail = site.store.audit
+    assert [r.action for r in trail] == ["site.registry_changed"] * 7 and {r.reason for r in trail} == {
+        "seed"
+    }
+    start = len(trail)
+    o = await reserve(site)
+    await receive(site, o, reference="BR-0001")
+    await steps(site, o, ALL_STEPS[:2])
+    await commands.add_outage(
+        site.uow,
+        OTHER_SITE,
+        start_date=DAY,
+        end_date=DAY + timedelta(days=1),
+        reason="maintenance",
+        today=TODAY,
+    )
+    await site.deliver(
+        OrderCancelledV1(
+            order_id=o.order_id,
+            coi=o.coi,
+            treatment_center_id=CENTRE,
+            reason="consent_withdrawn",
+            previous_status="x",
+        )
+    )
+
+    mine = trail[start:]
+    assert [(r.action, r.object_type, r.reason) for r in mine] == [
+        ("booking.confirmed", "booking", "initial"),
+        ("manufacture.receipt", "manufacture", None),
+        ("manufacture.step", "manufacture", None),
+        ("manufacture.step", "manufacture", None),
+        ("site.registry_changed", "site", "maintenance"),
+        ("manufacture.stop", "manufacture", "order_cancelled:consent_withdrawn"),
+        ("booking.cancelled", "booking", "order_cancelled:consent_withdrawn"),
+    ]
+    confirmed, received, *_ = mine
+    assert confirmed.actor == Actor.system("site.bookings") and (confirmed.cause or "").startswith("event:")
+    assert received.old == {"state": "awaiting_material", "run": 0}
+    assert received.new == {
+        "state": "material_received",
+        "run": 1,
+        "order_id": str(o.order_id),
+        "site_id": SITE,
+        "step": None,
+        "reference": "BR-0001",
+    }
+    outage = mine[4]
+    assert outage.object_id == OTHER_SITE and len(outage.new["outages"]) == len(outage.old["outages"]) + 1  # type: ignore[index, arg-type, call-overload]
+    assert verify("site", trail).broken is None

@@ -34,6 +34,7 @@ from logistics_service.domain.shipment import (
     TemperatureReading,
     holds_lane,
 )
+from v2v_audit import MemoryAuditTrail, Record
 from v2v_messaging import EventSink
 from v2v_messaging.fakes import FakeUnitOfWork
 
@@ -52,6 +53,7 @@ class MemoryStore:
     readings: list[TemperatureReading] = field(default_factory=list)
     ended_orders: dict[uuid.UUID, tuple[str, str]] = field(default_factory=dict)
     regions: dict[str, tuple[LocationKind, str, datetime]] = field(default_factory=dict)
+    audit: list[Record] = field(default_factory=list)  # the audit trail, chained as in Postgres
     locked_orders: list[uuid.UUID] = field(default_factory=list)  # serialise_order calls, for tests
 
     def snapshot(self) -> dict[str, Any]:
@@ -233,6 +235,7 @@ def memory_tx(store: MemoryStore, outbox: EventSink) -> LogisticsTx:
         readings=MemoryReadings(store),
         ended_orders=MemoryEndedOrders(store),
         regions=MemoryRegions(store),
+        audit=MemoryAuditTrail(store.audit, "logistics"),
     )
 
 

@@ -27,7 +27,8 @@ from logistics_service.domain.shipment import (
     StatusChange,
     TemperatureReading,
 )
-from v2v_messaging import EventSink, Tx
+from v2v_audit import AuditedTx, AuditTrail
+from v2v_messaging import EventSink
 
 # ---- abstract repositories (what the service layer sees) ------------------------------------------
 
@@ -125,8 +126,9 @@ class RegionRepository(abc.ABC):
     async def region_of(self, location_id: str) -> str | None: ...
 
 
-class LogisticsTx(Tx):
-    """One transaction of the logistics service: its repositories and its outbox."""
+class LogisticsTx(AuditedTx):
+    """One transaction of the logistics service: its repositories, its outbox and its audit trail
+    (`tx.audit(...)`: ids, codes and opaque references only, appended at commit)."""
 
     def __init__(
         self,
@@ -138,8 +140,9 @@ class LogisticsTx(Tx):
         readings: ReadingRepository,
         ended_orders: EndedOrderRepository,
         regions: RegionRepository,
+        audit: AuditTrail | None = None,
     ) -> None:
-        super().__init__(conn, outbox)
+        super().__init__(conn, outbox, audit=audit)
         self.shipments = shipments
         self.custody = custody
         self.readings = readings

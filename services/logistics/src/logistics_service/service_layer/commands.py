@@ -67,6 +67,62 @@ class ReadingRecorded(TypedDict):
     shipment_status: str
 
 
+def audit_shipment(tx: LogisticsTx, ship: Shipment) -> None:
+    """Audit what a save of `ship` is about to write: each status change (with its reason code), else a
+    change of its other fields. Called right before `tx.shipments.add/save`."""
+    refs = {"order_id": ship.order_id, "leg": ship.leg}
+    for change in ship.pending:
+        if change.status_before is None:
+            tx.audit(
+                "shipment.planned",
+                "shipment",
+                ship.shipment_id,
+                new={
+                    **refs,
+                    "status": change.status_after,
+                    "origin": ship.origin,
+                    "destination": ship.destination,
+                    "carrier_id": ship.carrier_id,
+                    "material_condition": ship.material_condition,
+                    "temperature_range_c": [ship.min_temp_c, ship.max_temp_c],
+                    "planned_pickup_date": ship.planned_pickup_date,
+                    "booking_id": ship.booking_id,
+                    "run": ship.run,
+                },
+                reason=change.reason,
+            )
+        else:
+            tx.audit(
+                "shipment.status_changed",
+                "shipment",
+                ship.shipment_id,
+                old={"status": change.status_before},
+                new={**refs, "status": change.status_after},
+                reason=change.reason,
+            )
+    if ship.dirty and not ship.pending:
+        tx.audit(
+            "shipment.updated",
+            "shipment",
+            ship.shipment_id,
+            new={
+                **refs,
+                "status": ship.status,
+                "quarantine_decision": ship.quarantine_decision,
+                "held_from_status": ship.held_from_status,
+                "ready_for_pickup_at": ship.ready_for_pickup_at,
+                "excursion_at": ship.excursion_at,
+            },
+            reason=ship.status_reason,
+        )
+
+
+async def save_shipment(tx: LogisticsTx, ship: Shipment) -> None:
+    """Audit, then write, a shipment's pending changes (one transaction: `tx`)."""
+    audit_shipment(tx, ship)
+    await tx.shipments.save(ship)
+
+
 def _check_coi(coi: str) -> None:
     problem = coi_problem(coi)
     if problem:
@@ -153,7 +209,23 @@ async def _apply_milestone(
             coi_verified=True,
         )
     )
-    await tx.shipments.save(ship)
+    tx.audit(
+        "custody.recorded",
+        "shipment",
+        ship.shipment_id,
+        new={
+            "custody_event_id": custody_id,
+            "milestone": milestone,
+            "occurred_at": occurred_at,
+            "location": location,
+            "handled_by": handled_by,  # opaque courier or staff reference
+            "received_from": received_from,
+            "temperature_c": temperature_c,
+            "coi_verified": True,
+        },
+        reason=milestone,
+    )
+    await save_shipment(tx, ship)
     await tx.publish(
         ShipmentMilestoneV1(
             **ship.refs(),
@@ -254,8 +326,23 @@ async def _record_reading(
             coi_verified=coi_verified,
         )
     )
+    tx.audit(
+        "reading.recorded",
+        "shipment",
+        ship.shipment_id,
+        new={
+            "reading_id": reading_id,
+            "reading_c": reading_c,
+            "measured_at": measured_at,
+            "source": source,
+            "range_c": [lo, hi],
+            "in_range": outcome.in_range,
+            "coi_verified": coi_verified,
+        },
+        reason="in_range" if outcome.in_range else "out_of_range",
+    )
     if outcome.publish_excursion:
-        await tx.shipments.save(ship)
+        await save_shipment(tx, ship)
         await tx.publish(
             ShipmentExcursionV1(
                 **ship.refs(),
@@ -302,7 +389,7 @@ async def _stop_on_coi_mismatch(tx: LogisticsTx, ship: Shipment, where: str) -> 
     alert is rolled back with the refusal.
     """
     ship.stop_on_coi_mismatch()
-    await tx.shipments.save(ship)
+    await save_shipment(tx, ship)
     await tx.publish(CoiMismatchDetectedV1(**ship.refs(), shipment_id=ship.shipment_id, where=where))
     log.error(
         "COI mismatch at custody handoff: shipment stopped, alert raised",

@@ -25,6 +25,8 @@ from logistics_service.domain import shipment as rules
 from logistics_service.domain.carriers import Carrier
 from logistics_service.domain.lanes import ShippingLanes
 from logistics_service.domain.shipment import Shipment, reason_code
+from logistics_service.service_layer.commands import audit_shipment, save_shipment
+from v2v_audit import AuditedHandlers
 from v2v_contracts import (
     ApheresisCompletedV1,
     BookingCancelledV1,
@@ -49,6 +51,7 @@ handlers = HandlerRegistry[LogisticsTx]()
 async def _plan(
     tx: LogisticsTx, ship: Shipment, *, treatment_center_id: str, slot_id: uuid.UUID | None
 ) -> None:
+    audit_shipment(tx, ship)
     await tx.shipments.add(ship)
     await tx.publish(
         ShipmentPlannedV1(
@@ -194,7 +197,7 @@ async def ready_for_pickup(tx: LogisticsTx, done: ApheresisCompletedV1, meta: Ev
         return
     ship = live[-1]  # the newest
     ship.apheresis_completed(done.collected_at)
-    await tx.shipments.save(ship)
+    await save_shipment(tx, ship)
     log.info("inbound shipment ready for pickup", shipment_id=str(ship.shipment_id), status=ship.status)
 
 
@@ -203,7 +206,7 @@ async def _cancel(tx: LogisticsTx, ship: Shipment, reason: str) -> None:
     (`reason`: a reason code)."""
     before = ship.status
     ship.cancel(reason)
-    await tx.shipments.save(ship)
+    await save_shipment(tx, ship)
     await tx.publish(
         ShipmentCancelledV1(**ship.refs(), shipment_id=ship.shipment_id, leg=ship.leg, reason=reason)
     )
@@ -222,6 +225,7 @@ async def _cancel_order_shipments(tx: LogisticsTx, order_id: uuid.UUID, outcome:
     await tx.shipments.serialise_order(order_id)
     code = reason_code(f"order_{outcome}", reason)
     await tx.ended_orders.add(order_id, outcome, code)
+    tx.audit("order.ended", "order", order_id, new={"outcome": outcome}, reason=code)
     for ship in await tx.shipments.of_order(order_id, lock=True):
         if rules.cancellable_on_order_end(ship.status):
             await _cancel(tx, ship, code)
@@ -275,7 +279,7 @@ async def quarantine_decided(tx: LogisticsTx, decided: QuarantineDecidedV1, meta
         reason_code(f"quarantine_{decided.decision}", decided.reason),
         lane_taken=holder is not None,
     )
-    await tx.shipments.save(ship)
+    await save_shipment(tx, ship)
     if resumed:
         log.info(
             "quarantine release: outbound shipment resumed",
@@ -294,7 +298,10 @@ async def quarantine_decided(tx: LogisticsTx, decided: QuarantineDecidedV1, meta
 
 def build_handlers(lanes: ShippingLanes) -> HandlerRegistry[LogisticsTx]:
     """Every handler of the logistics consumer; planning ones use `lanes` (read once at start-up)."""
-    registry = HandlerRegistry[LogisticsTx]().include(handlers)
+    # entries written by these handlers name the consumer (`logistics.shipments`) as actor, the event as cause
+    registry: HandlerRegistry[LogisticsTx] = AuditedHandlers[LogisticsTx]("logistics.shipments").include(
+        handlers
+    )
 
     @registry.on(BookingConfirmedV1)
     async def booking_confirmed(tx: LogisticsTx, booking: BookingConfirmedV1, meta: EventMeta) -> None:

@@ -34,6 +34,7 @@ from notification_service.domain.alerts import Rendered
 from notification_service.domain.delivery import Delivery, EmailDelivery, EventRef, WebhookDelivery
 from notification_service.domain.endpoints import BreakerPolicy, EndpointHealth
 from notification_service.domain.subscriptions import Recipient, Subscription
+from v2v_audit import MemoryAuditTrail, Record
 from v2v_messaging.fakes import FakeOutbox, FakeUnitOfWork
 
 D = TypeVar("D", bound=Delivery)
@@ -98,6 +99,7 @@ class MemoryStore:
     # the webhook endpoints' circuit breakers
     endpoints: dict[uuid.UUID, EndpointHealth] = field(default_factory=dict)
     seq: int = 0  # the last delivery's queue order
+    audit: list[Record] = field(default_factory=list)  # the audit trail, chained as in Postgres
 
     def advance(self, seconds: float) -> None:
         self.now += timedelta(seconds=seconds)
@@ -119,6 +121,7 @@ class MemoryStore:
                 "recipients": self.recipients,
                 "rows": self.rows,
                 "endpoints": self.endpoints,
+                "audit": self.audit,
             }
         ) | {"wakes": dict(self.wakes)}
 
@@ -128,6 +131,7 @@ class MemoryStore:
         self.recipients = saved["recipients"]
         self.rows = saved["rows"]
         self.endpoints = saved["endpoints"]
+        self.audit = saved["audit"]
         self.wakes = saved["wakes"]
 
 
@@ -538,6 +542,7 @@ def memory_tx(store: MemoryStore, outbox: FakeOutbox) -> NotificationTx:
         webhooks=MemoryWebhookQueue(store),
         emails=MemoryEmailQueue(store),
         deliveries=MemoryDeliveryLog(store),
+        audit=MemoryAuditTrail(store.audit, "notification"),
     )
 
 

@@ -35,7 +35,8 @@ from notification_service.domain.delivery import (
 )
 from notification_service.domain.endpoints import BreakerPolicy, EndpointHealth
 from notification_service.domain.subscriptions import Recipient, Subscription
-from v2v_messaging import EventSink, Heartbeat, Tx
+from v2v_audit import AuditedTx, AuditTrail
+from v2v_messaging import EventSink, Heartbeat
 
 D = TypeVar("D", bound=Delivery)
 
@@ -865,7 +866,10 @@ class PgDeliveryLog(DeliveryLog):
 # ---- one transaction's repositories -----------------------------------------------------------------
 
 
-class NotificationTx(Tx):
+class NotificationTx(AuditedTx):
+    """One transaction of the notification service: its repositories, queues, outbox and audit trail
+    (`tx.audit(...)`: ids, codes and opaque references only, appended at commit)."""
+
     def __init__(
         self,
         conn: asyncpg.Connection | None,
@@ -876,8 +880,9 @@ class NotificationTx(Tx):
         webhooks: WebhookQueue,
         emails: EmailQueue,
         deliveries: DeliveryLog,
+        audit: AuditTrail | None = None,
     ) -> None:
-        super().__init__(conn, outbox)
+        super().__init__(conn, outbox, audit=audit)
         self.subscriptions = subscriptions
         self.recipients = recipients
         self.webhooks = webhooks

@@ -9,6 +9,7 @@ belongs to the tenant (`owning_centre`); a body naming another centre is refused
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from datetime import timedelta
 from typing import Any, TypeAlias
@@ -29,6 +30,11 @@ from v2v_contracts.errors import Conflict, Invalid, NotFound
 from v2v_messaging import AbstractUnitOfWork
 
 Uow: TypeAlias = AbstractUnitOfWork[NotificationTx]
+
+
+def fingerprint(text: str) -> str:
+    """SHA-256 of a URL or address: the audit trail names it without holding it."""
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def owning_centre(tenant: str | None, given: str | None) -> str:
@@ -64,6 +70,17 @@ async def subscribe(
         sub = await tx.subscriptions.add(
             subscription_id, treatment_center_id, url, box.seal(secret, subscription_id), event_types
         )
+        tx.audit(
+            "subscription.created",
+            "subscription",
+            subscription_id,
+            new={
+                "treatment_center_id": treatment_center_id,
+                "url_sha256": fingerprint(url),  # an opaque reference to the URL, never the URL
+                "event_types": event_types,
+                "active": sub.active,
+            },
+        )
     return sub, secret
 
 
@@ -82,6 +99,15 @@ async def rotate_secret(
             if found is None:
                 raise NotFound("Subscription", subscription_id)
             raise Conflict("subscription_id", "the subscription is not active", title="Subscription inactive")
+        tx.audit(
+            "subscription.secret_rotated",
+            "subscription",
+            subscription_id,
+            new={
+                "secret_rotated_at": sub.secret_rotated_at,
+                "previous_secret_expires_at": sub.previous_secret_expires_at,
+            },
+        )
     return sub, secret
 
 
@@ -120,6 +146,17 @@ async def add_recipient(
     validate_exception_types(event_types)
     async with uow.begin() as tx:
         recipient = await tx.recipients.add(uuid.uuid4(), treatment_center_id, email, event_types)
+        if recipient is not None:
+            tx.audit(
+                "recipient.added",
+                "recipient",
+                recipient.recipient_id,
+                new={
+                    "treatment_center_id": treatment_center_id,
+                    "email_sha256": fingerprint(email.lower()),  # an opaque reference, never the address
+                    "event_types": event_types,
+                },
+            )
     if recipient is None:
         raise Conflict(
             "email",
@@ -156,6 +193,7 @@ async def remove_recipient(uow: Uow, recipient_id: uuid.UUID, tenant: str | None
         if not await tx.recipients.remove(recipient_id, tenant):
             raise NotFound("E-mail recipient", recipient_id)
         await tx.emails.cancel_pending(recipient_id)
+        tx.audit("recipient.removed", "recipient", recipient_id, old={"active": True}, new={"active": False})
 
 
 # ---- the delivery log -------------------------------------------------------------------------------

@@ -62,6 +62,7 @@ from notification_service.domain.delivery import (
     decide,
 )
 from notification_service.domain.endpoints import BreakerPolicy, EndpointHealth, after_attempts
+from v2v_audit import Actor
 from v2v_contracts import WebhookDeliveryFailedV1
 from v2v_messaging import AbstractUnitOfWork, Heartbeat
 from v2v_observability import bind_order, get_logger, meter, names, set_order_attributes
@@ -177,6 +178,11 @@ class Dispatcher(abc.ABC, Generic[D]):
 
     def describe(self, delivery: D, span: trace.Span) -> None:
         """Channel attributes on the delivery span (never an address or a secret)."""
+
+    @property
+    def actor(self) -> Actor:
+        """Who the audit trail names for this dispatcher's changes (a background loop of the service)."""
+        return Actor.system(f"notification.{self.kind}-dispatcher")
 
     async def on_dead_lettered(self, tx: NotificationTx, delivery: D, attempt: int, outcome: Outcome) -> None:
         """Called in the transaction that marks the delivery failed."""
@@ -394,6 +400,23 @@ class Dispatcher(abc.ABC, Generic[D]):
             )
         for a in recorded:
             if a.attempt.verdict.label == "failed":
+                tx.audit(
+                    "delivery.dead_lettered",
+                    f"{self.kind}_delivery",
+                    a.delivery.delivery_id,
+                    old={"status": "pending"},
+                    new={
+                        "status": "failed",
+                        "attempts": a.attempt.attempt,
+                        "status_code": a.attempt.outcome.status_code,
+                        "event_id": a.delivery.event_id,
+                        "event_type": a.delivery.event_type,
+                        "order_id": a.delivery.order_id,
+                        "treatment_center_id": a.delivery.treatment_center_id,
+                    },
+                    reason=a.attempt.outcome.error,
+                    actor=self.actor,
+                )
                 # in the delivery's span: what it publishes continues the order's trace
                 token = otel_context.attach(a.context)
                 try:

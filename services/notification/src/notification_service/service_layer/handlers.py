@@ -8,11 +8,13 @@ from __future__ import annotations
 from notification_service.adapters.repository import NotificationTx
 from notification_service.domain import alerts, payloads, routing
 from notification_service.domain.delivery import EventRef
+from v2v_audit import AuditedHandlers
 from v2v_contracts import EVENT_TYPES, OrderEventData
-from v2v_messaging import EventMeta, HandlerRegistry
+from v2v_messaging import EventMeta
 from v2v_observability import current_traceparent
 
-handlers = HandlerRegistry[NotificationTx]()
+# entries written by these handlers name the consumer (`notification.webhooks`) as actor, the event as cause
+handlers = AuditedHandlers[NotificationTx]("notification.webhooks")
 
 
 async def queue_deliveries(tx: NotificationTx, event: OrderEventData, meta: EventMeta) -> None:

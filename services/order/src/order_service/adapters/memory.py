@@ -19,6 +19,8 @@ from typing import Any
 
 from order_service.adapters.repository import (
     ORDER_COLUMNS,
+    SCHEMA,
+    AuditLogRepository,
     CatalogueRepository,
     NetworkRepository,
     OrderRepository,
@@ -29,6 +31,7 @@ from order_service.adapters.repository import (
 )
 from order_service.domain.market import Approval
 from order_service.domain.records import Centre, OrderRecord, TimelineEntry, open_order_exists
+from v2v_audit import MemoryAuditTrail, Record
 from v2v_contracts import CloudEvent
 from v2v_contracts.reference import load_products
 from v2v_messaging.fakes import FakeOutbox, FakeUnitOfWork
@@ -53,6 +56,7 @@ class MemoryStore:
     centres: dict[str, Centre] = field(default_factory=dict)
     products: dict[str, tuple[str, dict[str, Any]]] = field(default_factory=dict)
     sites: dict[str, NetworkSite] = field(default_factory=dict)
+    audit: list[Record] = field(default_factory=list)  # the audit trail, chained as in Postgres
 
     @classmethod
     def with_reference_data(cls) -> MemoryStore:
@@ -246,6 +250,15 @@ class MemoryNetwork(NetworkRepository):
         return any(s.active and approval in s.approvals for s in self.store.sites.values())
 
 
+class MemoryAuditLog(AuditLogRepository):
+    def __init__(self, store: MemoryStore) -> None:
+        self.store = store
+
+    async def of_order(self, order_id: uuid.UUID, *, limit: int, offset: int) -> tuple[list[Record], int]:
+        mine = [r for r in self.store.audit if (r.object_type, r.object_id) == ("order", str(order_id))]
+        return mine[offset : offset + limit], len(mine)
+
+
 def memory_tx(store: MemoryStore, outbox: FakeOutbox) -> OrderTx:
     return OrderTx(
         None,
@@ -255,6 +268,8 @@ def memory_tx(store: MemoryStore, outbox: FakeOutbox) -> OrderTx:
         parked=MemoryParkedFacts(store),
         catalogue=MemoryCatalogue(store),
         network=MemoryNetwork(store),
+        audit_log=MemoryAuditLog(store),
+        audit=MemoryAuditTrail(store.audit, SCHEMA),
     )
 
 

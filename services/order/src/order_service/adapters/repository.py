@@ -19,8 +19,10 @@ import yaml
 
 from order_service.domain.market import Approval
 from order_service.domain.records import Centre, OrderRecord, TimelineEntry, open_order_exists
+from v2v_audit import AuditedTx, AuditTrail, Record
+from v2v_audit import store as audit_store
 from v2v_contracts import CloudEvent
-from v2v_messaging import EventSink, Tx
+from v2v_messaging import EventSink
 
 OPEN_ORDER_INDEX = "orders_one_open_per_patient_product"  # migration 0006
 SEED_DIR = Path(__file__).resolve().parent.parent / "seed"
@@ -422,8 +424,30 @@ class PgNetwork(NetworkRepository):
 # ---- the transaction -------------------------------------------------------------------------------
 
 
-class OrderTx(Tx):
-    """One unit of work of the order service: its repositories and its outbox."""
+# ---- the audit trail, read back ------------------------------------------------------------------------
+
+SCHEMA = "ordering"
+
+
+class AuditLogRepository(ABC):
+    @abstractmethod
+    async def of_order(self, order_id: uuid.UUID, *, limit: int, offset: int) -> tuple[list[Record], int]:
+        """A page of the order's audit entries (oldest first) and their count."""
+
+
+class PgAuditLog(AuditLogRepository):
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self.conn = conn
+
+    async def of_order(self, order_id: uuid.UUID, *, limit: int, offset: int) -> tuple[list[Record], int]:
+        return await audit_store.of_objects(
+            self.conn, SCHEMA, [("order", str(order_id))], limit=limit, offset=offset
+        )
+
+
+class OrderTx(AuditedTx):
+    """One unit of work of the order service: its repositories, its outbox and its audit trail
+    (`tx.audit(...)`, appended at commit)."""
 
     def __init__(
         self,
@@ -435,8 +459,11 @@ class OrderTx(Tx):
         parked: ParkedFactRepository,
         catalogue: CatalogueRepository,
         network: NetworkRepository,
+        audit_log: AuditLogRepository,
+        audit: AuditTrail | None = None,
     ) -> None:
-        super().__init__(conn, outbox)
+        super().__init__(conn, outbox, audit=audit)
+        self.audit_log = audit_log
         self.orders = orders
         self.timeline = timeline
         self.parked = parked
@@ -454,4 +481,5 @@ def tx_factory(conn: asyncpg.Connection, outbox: EventSink) -> OrderTx:
         parked=PgParkedFacts(conn),
         catalogue=PgCatalogue(conn),
         network=PgNetwork(conn),
+        audit_log=PgAuditLog(conn),
     )

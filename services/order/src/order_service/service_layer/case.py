@@ -135,9 +135,13 @@ async def apply(
     extra_fields: dict[str, Any] | None = None,
     replayed: bool = False,
     note: str | None = None,
+    action: str | None = None,
+    reason_code: str | None = None,
 ) -> None:
     """Persist an outcome: state, timeline entry for `event` (with the staff's `note`, if any), and the
-    commands it asks for."""
+    commands it asks for. The change is audited in the same transaction: `action` (a hospital or QA
+    action, `order.<name>`, with its `reason_code`), else `order.fact` with the fact's event type as
+    reason; the actor and the cause are the transaction's (the caller, or the consumer and the event)."""
     order = case.order
     before = OrderStatus(order.status)
     new = outcome.state
@@ -158,6 +162,16 @@ async def apply(
         if new.status in machine.TERMINAL and new.status is not before:
             fields["ended_reason"] = outcome.reason
     await tx.orders.update(order.order_id, **fields)
+    audit_change(
+        tx,
+        order,
+        fields,
+        action=action or "order.fact",
+        reason=reason_code if action else event.type,
+        outcome=outcome.reason,
+        note=note,
+        event=event,
+    )
     if replayed:  # its timeline entry was written when it arrived
         await tx.timeline.settle(
             order.order_id,
@@ -183,6 +197,32 @@ async def apply(
                 str(getattr(data, "reason", outcome.reason)),
             )
         )
+
+
+def audit_change(
+    tx: OrderTx,
+    order: OrderRecord,
+    fields: dict[str, Any],
+    *,
+    action: str,
+    reason: str | None,
+    outcome: str,
+    note: str | None,
+    event: CloudEvent,
+) -> None:
+    """Audit what changed on the order: the fields that differ, before and after (21 CFR 11.10(e): the
+    earlier values are kept, never obscured), with the state machine's words for the outcome, the staff's
+    note (both stay in the order service) and the event that carries the change."""
+    old = {k: getattr(order, k, None) for k in fields}
+    changed = {k: v for k, v in fields.items() if old[k] != v}
+    if not changed and action == "order.fact":
+        return  # a fact recorded on the timeline that changed nothing (parked, ignored, repeated)
+    new: dict[str, Any] = dict(changed)
+    new["outcome"] = outcome
+    new["event"] = {"id": str(event.id), "type": event.type}
+    if note is not None:
+        new["note"] = note
+    tx.audit(action, "order", order.order_id, old={k: old[k] for k in changed}, new=new, reason=reason)
 
 
 def new_cycle(outcome: Outcome) -> bool:

@@ -120,6 +120,21 @@ async def place_order(
                 order_id, event, None, OrderStatus.SUBMITTED.value, "order placed by treatment centre"
             )
         )
+        tx.audit(
+            "order.placed",
+            "order",
+            order_id,
+            new={
+                "coi": coi,
+                "treatment_center_id": cmd.treatment_center_id,
+                "product_code": cmd.product_code,
+                "order_type": cmd.order_type,
+                "patient_ref": cmd.patient_ref,
+                "requested_apheresis_date": cmd.requested_apheresis_date,
+                "status": OrderStatus.SUBMITTED.value,
+                "event": {"id": str(event.id), "type": event.type},
+            },
+        )
     log.info("order placed", order_id=str(order_id), product_code=cmd.product_code)
     return order_id
 
@@ -202,6 +217,13 @@ async def _alert_coi_mismatch(uow: UnitOfWork, order_id: uuid.UUID, where: str) 
                 order_id, event, order.status, order.status, f"chain of identity mismatch at {where}: refused"
             )
         )
+        tx.audit(
+            f"order.{where}.refused",
+            "order",
+            order_id,
+            new={"event": {"id": str(event.id), "type": event.type}},
+            reason="coi-mismatch",
+        )
 
 
 async def _act(uow: UnitOfWork, order_id: uuid.UUID, action: Action, centre: str | None) -> None:
@@ -238,7 +260,16 @@ async def _act(uow: UnitOfWork, order_id: uuid.UUID, action: Action, centre: str
                 await tx.parked.drop_all(order_id)
             outcome = Outcome(outcome.state, outcome.reason, (), outcome.changed)
         event = await tx.publish(data)
-        await cases.apply(tx, case, outcome, event=event, extra_fields=extra, note=action.note)
+        await cases.apply(
+            tx,
+            case,
+            outcome,
+            event=event,
+            extra_fields=extra,
+            note=action.note,
+            action=f"order.{action.name}",
+            reason_code=action.reason_code or None,
+        )
         log.info("hospital action applied", action=action.name, status=outcome.state.status.value)
         if outcome.changed:
             await cases.replay_parked(tx, order_id)

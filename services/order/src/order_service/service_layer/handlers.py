@@ -7,6 +7,7 @@ from __future__ import annotations
 from order_service.adapters.repository import OrderTx
 from order_service.domain.market import Approval
 from order_service.service_layer import case as cases
+from v2v_audit import AuditedHandlers
 from v2v_contracts import (
     BookingAffectedV1,
     BookingCancelledV1,
@@ -30,12 +31,13 @@ from v2v_contracts import (
     SlotReservedV1,
     SlotUnavailableV1,
 )
-from v2v_messaging import EventMeta, HandlerRegistry
+from v2v_messaging import EventMeta
 from v2v_observability import get_logger
 
 log = get_logger(__name__)
 
-handlers = HandlerRegistry[OrderTx]()
+# entries written by these handlers name the consumer (`order.saga`) as actor and the event as cause
+handlers = AuditedHandlers[OrderTx]("order.saga")
 
 # every fact about an order the other services publish (each of their event types with an order id)
 FACTS: tuple[type[OrderEventData], ...] = (
@@ -92,6 +94,18 @@ async def on_site_registered(tx: OrderTx, site: SiteRegisteredV1, meta: EventMet
     changed = await tx.network.replace_site(
         site.site_id, active=site.active, approvals=approvals, as_of=meta.time
     )
+    if changed:
+        tx.audit(
+            "network.site_replaced",
+            "site",
+            site.site_id,
+            new={
+                "active": site.active,
+                "approvals": sorted(f"{a.regulator}/{a.use}/{a.product_code}" for a in approvals),
+                "as_of": meta.time,
+            },
+            reason=meta.type,
+        )
     log.info(
         "network site updated" if changed else "older site registration ignored",
         site_id=site.site_id,

@@ -10,6 +10,7 @@ from typing import Any, TypeAlias
 from order_service.adapters.repository import OrderTx
 from order_service.domain.order import Actuals, Durations, predict
 from order_service.domain.records import Centre, OrderRecord, TimelineEntry
+from v2v_audit import Record
 from v2v_contracts.errors import NotFound
 from v2v_contracts.reference import product_catalogue
 from v2v_messaging import AbstractUnitOfWork
@@ -47,6 +48,17 @@ async def order_view(uow: UnitOfWork, order_id: uuid.UUID, *, centre: str | None
             raise NotFound("Order", order_id)
         timeline = await tx.timeline.of(order_id)
     return OrderView(order, timeline, predicted_dates(order))
+
+
+async def order_audit(
+    uow: UnitOfWork, order_id: uuid.UUID, *, centre: str | None, limit: int, offset: int
+) -> tuple[list[Record], int]:
+    """A page of the order's audit trail (oldest first) and its length; `centre` confines it to that
+    centre's orders (another's: NotFound, as an unknown one)."""
+    async with uow.read() as tx:
+        if await tx.orders.get(order_id, centre=centre) is None:
+            raise NotFound("Order", order_id)
+        return await tx.audit_log.of_order(order_id, limit=limit, offset=offset)
 
 
 async def list_orders(

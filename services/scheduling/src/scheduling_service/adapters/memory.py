@@ -26,6 +26,7 @@ from scheduling_service.adapters.repository import (
 )
 from scheduling_service.domain.selection import Site
 from scheduling_service.domain.slots import IN_USE, LIVE, Slot, Waiting, WaitingRequest, registered_site
+from v2v_audit import MemoryAuditTrail, Record
 from v2v_contracts import OrderSubmittedV1, RebookRequestedV1, SiteRegisteredV1
 from v2v_messaging import EventSink
 from v2v_messaging.fakes import FakeOutbox, FakeUnitOfWork
@@ -61,6 +62,7 @@ class SchedulingStore:
     closed: dict[uuid.UUID, tuple[str, str]] = field(default_factory=dict)  # order -> (status, reason)
     locked: list[list[str]] = field(default_factory=list)  # every batch of product locks taken, in order
     ticks: int = 0
+    audit: list[Record] = field(default_factory=list)  # the audit trail, chained as in Postgres
 
     def now(self) -> datetime:
         """A clock that moves forward at every call (keeps first-come-first-served deterministic)."""
@@ -68,10 +70,10 @@ class SchedulingStore:
         return datetime(2030, 1, 1, tzinfo=UTC) + timedelta(microseconds=self.ticks)
 
     def snapshot(self) -> Any:
-        return copy.deepcopy((self.sites, self.slots, self.waitlist, self.closed))
+        return copy.deepcopy((self.sites, self.slots, self.waitlist, self.closed, self.audit))
 
     def restore(self, saved: Any) -> None:
-        self.sites, self.slots, self.waitlist, self.closed = saved
+        self.sites, self.slots, self.waitlist, self.closed, self.audit = saved
 
 
 class MemoryProductLocks(ProductLocks):
@@ -296,6 +298,7 @@ def memory_tx(store: SchedulingStore, outbox: EventSink) -> SchedulingTx:
         sites=MemorySites(store),
         orders=MemoryOrders(store),
         locks=MemoryProductLocks(store),
+        audit=MemoryAuditTrail(store.audit, "scheduling"),
     )
 
 

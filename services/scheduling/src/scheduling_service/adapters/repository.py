@@ -19,8 +19,9 @@ import asyncpg
 
 from scheduling_service.domain.selection import Approval, Site, Window
 from scheduling_service.domain.slots import Slot, Waiting, WaitingRequest
+from v2v_audit import AuditedTx, AuditTrail
 from v2v_contracts import OrderSubmittedV1, RebookRequestedV1, SiteRegisteredV1
-from v2v_messaging import EventSink, Tx
+from v2v_messaging import EventSink
 
 Usage = dict[tuple[str, str, date], int]  # (site, product, day) -> slots using that day's capacity
 
@@ -465,8 +466,9 @@ class PostgresOrders(OrderRepository):
 # ---- the transaction ---------------------------------------------------------------------------------
 
 
-class SchedulingTx(Tx):
-    """One transaction of scheduling: its repositories, its product locks and its outbox."""
+class SchedulingTx(AuditedTx):
+    """One transaction of scheduling: its repositories, its product locks, its outbox and its audit
+    trail (`tx.audit(...)`: ids and codes only, appended at commit)."""
 
     def __init__(
         self,
@@ -478,8 +480,9 @@ class SchedulingTx(Tx):
         sites: SiteRepository,
         orders: OrderRepository,
         locks: ProductLocks,
+        audit: AuditTrail | None = None,
     ) -> None:
-        super().__init__(conn, outbox)
+        super().__init__(conn, outbox, audit=audit)
         self.slots = slots
         self.waitlist = waitlist
         self.sites = sites

@@ -59,7 +59,22 @@ async def try_reserve(
         return result
     slot = Slot.booked(uuid.uuid4(), req, result.site_id, result.manufacturing_start_date, reason)
     await tx.slots.add(slot)
-    await tx.waitlist.remove(req.order_id)
+    tx.audit(
+        "slot.reserved",
+        "slot",
+        slot.slot_id,
+        new={
+            "order_id": slot.order_id,
+            "site_id": slot.site_id,
+            "product_code": slot.product_code,
+            "apheresis_date": slot.apheresis_date,
+            "manufacturing_start_date": slot.manufacturing_start_date,
+            "status": slot.status,
+        },
+        reason=reason,
+    )
+    if await tx.waitlist.remove(req.order_id):
+        audit_waitlist_left(tx, req.order_id, "slot_reserved")
     await tx.publish(
         SlotReservedV1(
             order_id=req.order_id,
@@ -83,6 +98,23 @@ async def try_reserve(
     return result
 
 
+def audit_waitlist_left(tx: SchedulingTx, order_id: uuid.UUID, reason: str) -> None:
+    tx.audit(
+        "waitlist.left", "waitlist", order_id, old={"waiting": True}, new={"waiting": False}, reason=reason
+    )
+
+
+def audit_waitlisted(tx: SchedulingTx, order_id: uuid.UUID, product_code: str, reason: str) -> None:
+    tx.audit(
+        "waitlist.entered",
+        "waitlist",
+        order_id,
+        old={"waiting": False},
+        new={"waiting": True, "product_code": product_code},
+        reason=reason,
+    )
+
+
 async def tell_waitlisted(tx: SchedulingTx, req: SlotRequest, result: NoChoice) -> None:
     """`slot_unavailable`: the order waits, and why."""
     await tx.publish(
@@ -103,6 +135,14 @@ async def release_live_slot(tx: SchedulingTx, order: OrderEventData, reason: str
     slot = await tx.slots.release_live(order.order_id, reason)
     if slot is None:
         return None
+    tx.audit(
+        "slot.released",
+        "slot",
+        slot.slot_id,
+        old={"live": True},  # held or confirmed
+        new={"live": False, "status": "released", "order_id": slot.order_id, "site_id": slot.site_id},
+        reason=reason,
+    )
     await tx.publish(
         SlotReleasedV1(
             order_id=order.order_id,
@@ -127,6 +167,7 @@ async def rebook(tx: SchedulingTx, planning: Planning, request: RebookRequestedV
     result = await try_reserve(tx, planning, req, req.reserved_reason(from_waitlist=False))
     if not isinstance(result, Choice):
         await tx.waitlist.put(request, result.reason)
+        audit_waitlisted(tx, request.order_id, request.product_code, result.reason)
         await tell_waitlisted(tx, req, result)
     return released
 
@@ -170,6 +211,14 @@ async def serve_waitlist(tx: SchedulingTx, planning: Planning, products: Iterabl
             booked += 1
         elif result.reason != entry.reason:
             await tx.waitlist.set_reason(entry.order_id, result.reason)
+            tx.audit(
+                "waitlist.reason_changed",
+                "waitlist",
+                entry.order_id,
+                old={"reason": entry.reason},
+                new={"reason": result.reason},
+                reason=result.reason,
+            )
             if result.reason == NO_APPROVED_SITE:
                 await tell_waitlisted(tx, req, result)
     if booked:

@@ -12,6 +12,8 @@ from scheduling_service.domain.reasons import code_or
 from scheduling_service.domain.selection import Choice
 from scheduling_service.domain.slots import Planning, SlotRequest, registered_site
 from scheduling_service.service_layer.booking import (
+    audit_waitlist_left,
+    audit_waitlisted,
     lock_order,
     move_off_site,
     rebook,
@@ -20,6 +22,7 @@ from scheduling_service.service_layer.booking import (
     tell_waitlisted,
     try_reserve,
 )
+from v2v_audit import AuditedHandlers
 from v2v_contracts import (
     BookingConfirmedV1,
     MaterialReceivedV1,
@@ -39,17 +42,21 @@ async def close_order(
     tx: SchedulingTx, planning: Planning, order: OrderCancelledV1 | OrderFailedV1, status: str
 ) -> None:
     """Compensation: release the live slot, leave the waitlist, remember the order is over."""
-    await tx.orders.close(order.order_id, status, code_or(order.reason, status))
+    reason = code_or(order.reason, status)
+    await tx.orders.close(order.order_id, status, reason)
+    tx.audit("order.closed", "order", order.order_id, new={"status": status}, reason=reason)
     await lock_order(tx, order.order_id)
     released = await release_live_slot(tx, order, status)
     if await tx.waitlist.remove(order.order_id):
+        audit_waitlist_left(tx, order.order_id, status)
         log.info("order left the waitlist", status=status)
     if released is not None:
         await serve_waitlist(tx, planning, [released.product_code])
 
 
 def build_handlers(planning: Planning) -> HandlerRegistry[SchedulingTx]:
-    handlers = HandlerRegistry[SchedulingTx]()
+    # entries written by these handlers name the consumer as actor and the event as cause
+    handlers: HandlerRegistry[SchedulingTx] = AuditedHandlers[SchedulingTx]("scheduling.slots")
 
     @handlers.on(OrderSubmittedV1)
     async def on_order_submitted(tx: SchedulingTx, order: OrderSubmittedV1, meta: EventMeta) -> None:
@@ -62,6 +69,7 @@ def build_handlers(planning: Planning) -> HandlerRegistry[SchedulingTx]:
         if isinstance(result, Choice):
             return
         if await tx.waitlist.add(order, result.reason):
+            audit_waitlisted(tx, order.order_id, order.product_code, result.reason)
             await tell_waitlisted(tx, req, result)
 
     @handlers.on(RebookRequestedV1)
@@ -98,19 +106,48 @@ def build_handlers(planning: Planning) -> HandlerRegistry[SchedulingTx]:
             products |= old.products
             await tx.locks.take(products)
         await tx.sites.upsert(event)
+        tx.audit(
+            "site.copy_replaced",
+            "site",
+            site.site_id,
+            old={"active": old.active, "products": sorted(old.products)} if old is not None else None,
+            new={
+                "active": event.active,
+                "approvals": sorted(f"{a.regulator}/{a.use}/{a.product_code}" for a in event.approvals),
+                "daily_capacity": event.daily_capacity,
+                "as_of": meta.time,
+            },
+            reason=meta.type,
+        )
         await move_off_site(tx, planning, site, meta.time.date())
         await serve_waitlist(tx, planning, products)
 
     @handlers.on(BookingConfirmedV1)
     async def on_booking_confirmed(tx: SchedulingTx, event: BookingConfirmedV1, meta: EventMeta) -> None:
-        await tx.slots.confirm(event.slot_id)
+        if await tx.slots.confirm(event.slot_id):
+            tx.audit(
+                "slot.confirmed",
+                "slot",
+                event.slot_id,
+                old={"status": "held"},
+                new={"status": "confirmed", "booking_id": event.booking_id},
+                reason=meta.type,
+            )
 
     @handlers.on(MaterialReceivedV1)
     async def on_material_received(tx: SchedulingTx, event: MaterialReceivedV1, meta: EventMeta) -> None:
         """Manufacturing can start: the slot is consumed and its day's capacity stays used."""
-        if await tx.slots.consume(event.order_id, event.site_id) is None:
+        consumed = await tx.slots.consume(event.order_id, event.site_id)
+        if consumed is None:
             log.warning("material received without a live slot at that site", site_id=event.site_id)
         else:
+            tx.audit(
+                "slot.consumed",
+                "slot",
+                consumed,
+                new={"status": "consumed", "order_id": event.order_id, "site_id": event.site_id},
+                reason=meta.type,
+            )
             log.info("slot consumed", site_id=event.site_id)
 
     return handlers

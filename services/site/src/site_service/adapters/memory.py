@@ -28,6 +28,7 @@ from site_service.adapters.repository import (
 )
 from site_service.domain.manufacturing import Manufacture, Manufacturing, State
 from site_service.domain.registry import Booking, Site
+from v2v_audit import MemoryAuditTrail, Record
 from v2v_contracts import Outage, SiteRegisteredV1
 from v2v_messaging.fakes import FakeOutbox, FakeUnitOfWork
 
@@ -72,11 +73,12 @@ class MemoryStore:
     manufacturing: dict[uuid.UUID, _ManufactureRow] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
     seq: itertools.count[int] = field(default_factory=itertools.count)
+    audit: list[Record] = field(default_factory=list)  # the audit trail, chained as in Postgres
 
     def copy(self) -> MemoryStore:
         """An independent store holding the same state (e.g. a seeded network reused by many tests)."""
-        sites, bookings, manufacturing, history = self.snapshot()
-        return MemoryStore(sites, bookings, manufacturing, history, itertools.count(next(self.seq)))
+        sites, bookings, manufacturing, history, audit = self.snapshot()
+        return MemoryStore(sites, bookings, manufacturing, history, itertools.count(next(self.seq)), audit)
 
     def snapshot(self) -> tuple[Any, ...]:
         """The state as it is (the rows hold immutable values: copying the rows is enough)."""
@@ -85,10 +87,11 @@ class MemoryStore:
             {k: replace(v, origin_trace=dict(v.origin_trace)) for k, v in self.bookings.items()},
             {k: replace(v) for k, v in self.manufacturing.items()},
             list(self.history),
+            list(self.audit),
         )
 
     def restore(self, saved: tuple[Any, ...]) -> None:
-        self.sites, self.bookings, self.manufacturing, self.history = saved
+        self.sites, self.bookings, self.manufacturing, self.history, self.audit = saved
 
     def booking(self, slot_id: uuid.UUID) -> Booking:
         """The booking of a slot (for assertions)."""
@@ -338,6 +341,7 @@ def memory_tx(store: MemoryStore, outbox: FakeOutbox) -> SiteTx:
         sites=MemorySiteRepository(store),
         bookings=MemoryBookingRepository(store),
         manufacturing=MemoryManufacturingRepository(store),
+        audit=MemoryAuditTrail(store.audit, "site"),
     )
 
 

@@ -22,8 +22,8 @@ import yaml
 
 from site_service.domain.manufacturing import Manufacture, Manufacturing, State
 from site_service.domain.registry import Booking, Site
+from v2v_audit import AuditedTx, AuditTrail
 from v2v_contracts import Outage, SiteApproval, SiteRegisteredV1
-from v2v_messaging import Tx
 from v2v_messaging.uow import EventSink
 
 SITES_SEED = Path(__file__).parent.parent / "seed" / "sites.yaml"
@@ -527,8 +527,9 @@ class PgManufacturingRepository(ManufacturingRepository):
 # ---- the transaction -----------------------------------------------------------------------------------
 
 
-class SiteTx(Tx):
-    """One transaction of the site service: its repositories and its outbox."""
+class SiteTx(AuditedTx):
+    """One transaction of the site service: its repositories, its outbox and its audit trail
+    (`tx.audit(...)`: ids, codes and opaque references only, appended at commit)."""
 
     def __init__(
         self,
@@ -538,8 +539,9 @@ class SiteTx(Tx):
         sites: SiteRepository,
         bookings: BookingRepository,
         manufacturing: ManufacturingRepository,
+        audit: AuditTrail | None = None,
     ) -> None:
-        super().__init__(conn, outbox)
+        super().__init__(conn, outbox, audit=audit)
         self.sites = sites
         self.bookings = bookings
         self.manufacturing = manufacturing

@@ -58,11 +58,37 @@ def _now(now: datetime | None) -> datetime:
 # ---- shared by the commands and the event handlers -----------------------------------------------------
 
 
-async def store_site(tx: SiteTx, entry: SiteRegisteredV1) -> bool:
-    """Store the site; publish `site.registered` when it is new or changed. Returns whether it changed."""
+def registry_values(entry: SiteRegisteredV1 | None) -> dict[str, Any] | None:
+    """What the audit trail keeps of a registry entry: codes, numbers and dates."""
+    if entry is None:
+        return None
+    return {
+        "active": entry.active,
+        "approvals": sorted(f"{a.regulator}/{a.use}/{a.product_code}" for a in entry.approvals),
+        "daily_capacity": dict(entry.daily_capacity),
+        "outages": [
+            {"outage_id": o.outage_id, "start_date": o.start_date, "end_date": o.end_date, "reason": o.reason}
+            for o in entry.outages
+        ],
+    }
+
+
+async def store_site(
+    tx: SiteTx, entry: SiteRegisteredV1, *, before: SiteRegisteredV1 | None, reason: str
+) -> bool:
+    """Store the site; publish `site.registered` and audit the change (`before` → `entry`, a reason
+    code) when it is new or changed. Returns whether it changed."""
     if not await tx.sites.save(entry):
         return False
     await tx.outbox.add(new_event(entry, subject=entry.site_id))
+    tx.audit(
+        "site.registry_changed",
+        "site",
+        entry.site_id,
+        old=registry_values(before),
+        new=registry_values(entry),
+        reason=reason,
+    )
     return True
 
 
@@ -72,6 +98,14 @@ async def affect_bookings(tx: SiteTx, bookings: Iterable[Booking], reason: str) 
     for booking in bookings:
         if not await tx.bookings.affect(booking.booking_id, reason):
             continue
+        tx.audit(
+            "booking.affected",
+            "booking",
+            booking.booking_id,
+            old={"status": booking.status},
+            new={"status": "affected", "order_id": booking.order_id, "site_id": booking.site_id},
+            reason=reason,
+        )
         await tx.publish(
             BookingAffectedV1(
                 **booking.ref(), booking_id=booking.booking_id, site_id=booking.site_id, reason=reason
@@ -102,6 +136,21 @@ async def record_transition(
     """Write a changed manufacturing state, its history entry and its event (one transaction: `tx`)."""
     after = t.after
     await tx.manufacturing.update(m.booking_id, after, reason)
+    tx.audit(
+        f"manufacture.{action}",
+        "manufacture",
+        m.booking_id,
+        old={"state": t.before.state, "run": t.before.run},
+        new={
+            "state": after.state,
+            "run": after.run,
+            "order_id": m.order_id,
+            "site_id": m.site_id,
+            "step": step,
+            "reference": reference,  # an opaque reference (batch record, document id)
+        },
+        reason=reason,
+    )
     await tx.manufacturing.append_history(
         m,
         run=after.run,
@@ -128,7 +177,12 @@ async def load_seed(uow: AbstractUnitOfWork[SiteTx], path: Path = SITES_SEED) ->
         for entry in entries:
             seeded = registry.site_from_seed(entry)
             current = await tx.sites.get(seeded.site_id, lock=True)
-            changed += await store_site(tx, registry.merge_seed(seeded, current))
+            changed += await store_site(
+                tx,
+                registry.merge_seed(seeded, current),
+                before=current.entry if current is not None else None,
+                reason="seed",
+            )
     log.info("site registry loaded", changed=changed)
     return changed
 
@@ -160,7 +214,7 @@ async def update_site(
     async with uow.begin() as tx:
         site = await _locked_site(tx, site_id, tenant)
         patch = registry.patch_site(site, daily_capacity=daily_capacity, active=active, approvals=approvals)
-        changed = await store_site(tx, patch.entry)
+        changed = await store_site(tx, patch.entry, before=site.entry, reason="registry_update")
         await tx.sites.set_api_managed(site_id, patch.api_managed)
         affected: list[uuid.UUID] = []
         if patch.capacity_cut:
@@ -188,7 +242,12 @@ async def add_outage(
     async with uow.begin() as tx:
         site = await _locked_site(tx, site_id, tenant)
         outage = Outage(outage_id=uuid.uuid4(), start_date=start_date, end_date=end_date, reason=reason)
-        await store_site(tx, site.entry.model_copy(update={"outages": [*site.entry.outages, outage]}))
+        await store_site(
+            tx,
+            site.entry.model_copy(update={"outages": [*site.entry.outages, outage]}),
+            before=site.entry,
+            reason=reason,
+        )
         hit = await tx.bookings.awaiting_material_in(site_id, start_date, end_date)
         affected = await affect_bookings(tx, hit, registry.outage_reason(reason))
         log.warning(
@@ -239,6 +298,13 @@ async def record_receipt(
         async with uow.begin() as alert:  # the refusal stands; the alert is committed on its own
             await alert.publish(
                 SiteCoiMismatchDetectedV1(**booking.ref(), site_id=site_id, where="material receipt")
+            )
+            alert.audit(
+                "material.receipt_refused",
+                "booking",
+                booking.booking_id,
+                new={"order_id": order_id, "site_id": site_id, "accepted": False},
+                reason="coi_mismatch",
             )
         raise CoiMismatch(reason=COI_MISMATCH, detail=f"coi: {COI_MISMATCH}; the material is not accepted")
     async with uow.begin() as tx:

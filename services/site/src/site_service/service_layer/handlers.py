@@ -17,6 +17,7 @@ from site_service.domain.reasons import code_or, qualified
 from site_service.domain.registry import Booking
 from site_service.service_layer.commands import affect_bookings, record_transition
 from site_service.service_layer.products import rules_for
+from v2v_audit import AuditedHandlers
 from v2v_contracts import (
     BookingCancelledV1,
     BookingConfirmedV1,
@@ -27,12 +28,13 @@ from v2v_contracts import (
     SlotReleasedV1,
     SlotReservedV1,
 )
-from v2v_messaging import EventMeta, HandlerRegistry
+from v2v_messaging import EventMeta
 from v2v_observability import current_traceparent, get_logger
 
 log = get_logger(__name__)
 
-handlers = HandlerRegistry[SiteTx]()
+# entries written by these handlers name the consumer (`site.bookings`) as actor and the event as cause
+handlers = AuditedHandlers[SiteTx]("site.bookings")
 
 
 def _now(now: datetime | None) -> datetime:
@@ -46,6 +48,14 @@ async def cancel_booking(tx: SiteTx, booking: Booking, reason: str) -> bool:
     """Take a live booking out of the site's plan (`booking_cancelled`); False when already cancelled."""
     if not await tx.bookings.cancel(booking.booking_id, reason):
         return False
+    tx.audit(
+        "booking.cancelled",
+        "booking",
+        booking.booking_id,
+        old={"status": booking.status},
+        new={"status": "cancelled", "order_id": booking.order_id, "slot_id": booking.slot_id},
+        reason=reason,
+    )
     await tx.publish(
         BookingCancelledV1(
             **booking.ref(),
@@ -77,6 +87,21 @@ async def on_slot_reserved(tx: SiteTx, slot: SlotReservedV1, meta: EventMeta) ->
         product_code=slot.product_code,
     )
     await tx.bookings.add(booking, origin_trace=current_traceparent())
+    tx.audit(
+        "booking.confirmed",
+        "booking",
+        booking.booking_id,
+        new={
+            "status": booking.status,
+            "order_id": booking.order_id,
+            "slot_id": booking.slot_id,
+            "site_id": booking.site_id,
+            "product_code": booking.product_code,
+            "manufacturing_start_date": booking.manufacturing_start_date,
+            "apheresis_date": booking.apheresis_date,
+        },
+        reason=slot.reason,
+    )
     await tx.publish(
         BookingConfirmedV1(
             order_id=slot.order_id,

@@ -1,0 +1,256 @@
+"""Writing the audit trail inside a service's unit of work.
+
+Service-layer code records each change where it makes it, in the transaction that makes it:
+
+    tx.audit("order.cancelled", "order", order.order_id,
+             old={"status": "submitted"}, new={"status": "cancelled"}, reason="patient-withdrew")
+
+`tx.audit(...)` only buffers the entry (no I/O); the unit of work's `before_commit` appends every buffered
+entry right before COMMIT (`PgAuditTrail.flush`): one call takes the schema's chain lock (an advisory
+transaction lock) and reads the tail and the server's clock, one pipelined INSERT adds the entries, and
+COMMIT releases the lock. The serialization window is those two round trips and the commit, whatever the
+transaction did before; two replicas' transactions chain in one total order (the order of their commits).
+A transaction that rolls back leaves no entry; an entry is never written without its change.
+
+Who acted comes, in this order, from `actor=` given to the call, from the trail's own default (an event
+consumer's: `AuditedHandlers` sets it from the event, with the event id as cause), from the HTTP request
+being served (`v2v_audit.http.audit_context`, the access token's principal), else the service itself.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from contextvars import ContextVar
+from datetime import UTC, datetime
+from typing import Any, Generic, TypeVar
+
+import asyncpg
+from opentelemetry import trace
+
+from v2v_audit.chain import (
+    GENESIS,
+    UNKNOWN_SYSTEM,
+    Actor,
+    Entry,
+    Record,
+    chain,
+    jsonable,
+    short_text,
+)
+from v2v_contracts import CloudEvent
+from v2v_messaging import EventSink, HandlerRegistry, Tx
+
+# what the current HTTP request's caller is (resolved lazily: the principal is known only once the
+# route's scope dependency ran) - set by `v2v_audit.http.audit_context`
+_REQUEST_ACTOR: ContextVar[Callable[[], Actor | None] | None] = ContextVar("v2v_audit_request", default=None)
+_system_actor: Actor = UNKNOWN_SYSTEM  # one service per process: set once at start-up
+
+
+def set_request_actor(resolve: Callable[[], Actor | None]) -> None:
+    """The current request's actor, read when an entry is recorded (see `v2v_audit.http`)."""
+    _REQUEST_ACTOR.set(resolve)
+
+
+def set_system_actor(actor: Actor) -> None:
+    """Who the service itself is, for changes no request or event caused (start-up, background loops)."""
+    global _system_actor
+    _system_actor = actor
+
+
+def request_actor() -> Actor | None:
+    resolve = _REQUEST_ACTOR.get()
+    return resolve() if resolve is not None else None
+
+
+def trace_cause() -> str | None:
+    ctx = trace.get_current_span().get_span_context()
+    return f"trace:{ctx.trace_id:032x}" if ctx.is_valid else None
+
+
+def event_cause(event: CloudEvent) -> str:
+    return f"event:{event.id}"
+
+
+class AuditTrail(ABC):
+    """What a `Tx` offers the service layer: `tx.audit(action, object_type, object_id, ...)`."""
+
+    def __init__(self) -> None:
+        self._actor: Actor | None = None
+        self._cause: str | None = None
+
+    def acting(self, actor: Actor | None, cause: str | None = None) -> None:
+        """The actor (and cause) of every entry of this transaction that names none itself."""
+        self._actor = actor
+        self._cause = cause
+
+    def __call__(
+        self,
+        action: str,
+        object_type: str,
+        object_id: object,
+        *,
+        old: Any = None,
+        new: Any = None,
+        reason: str | None = None,
+        actor: Actor | None = None,
+        cause: str | None = None,
+    ) -> Entry:
+        """Record a change: `old` and `new` values (ids and codes outside the order service), a reason code.
+        Returns the entry (appended to the chain at commit)."""
+        from_request = request_actor() if actor is None and self._actor is None else None
+        who = actor or self._actor or from_request or _system_actor
+        why = cause or self._cause or (trace_cause() if from_request is not None else None)
+        entry = Entry(
+            action=short_text("action", action) or "",
+            object_type=short_text("object type", object_type) or "",
+            object_id=short_text("object id", object_id) or "",
+            actor=who,
+            old=jsonable(old),
+            new=jsonable(new),
+            reason=short_text("reason", reason, optional=True),
+            cause=short_text("cause", why, optional=True),
+        )
+        self._add(entry)
+        return entry
+
+    @abstractmethod
+    def _add(self, entry: Entry) -> None: ...
+
+    @abstractmethod
+    async def flush(self) -> list[Record]:
+        """Append what was recorded to the chain (right before COMMIT); returns the sealed records."""
+
+    @property
+    @abstractmethod
+    def pending(self) -> list[Entry]:
+        """Entries recorded in this transaction and not yet appended."""
+
+
+INSERT = """INSERT INTO audit_trail (seq, entry_id, recorded_at, actor_client_id, actor_user_id, actor_kind,
+    actor_entity_id, action, object_type, object_id, old_values, new_values, reason, cause, prev_hash,
+    entry_hash) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)"""
+
+
+def record_row(r: Record) -> tuple[Any, ...]:
+    a = r.actor
+    return (
+        r.seq,
+        r.entry_id,
+        r.recorded_at,
+        a.client_id,
+        a.user_id,
+        a.kind,
+        a.entity_id,
+        r.action,
+        r.object_type,
+        r.object_id,
+        r.old,
+        r.new,
+        r.reason,
+        r.cause,
+        r.prev_hash,
+        r.entry_hash,
+    )
+
+
+class PgAuditTrail(AuditTrail):
+    """The trail of one Postgres transaction (the connection of the unit of work)."""
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        super().__init__()
+        self.conn = conn
+        self._pending: list[Entry] = []
+
+    def _add(self, entry: Entry) -> None:
+        self._pending.append(entry)
+
+    @property
+    def pending(self) -> list[Entry]:
+        return list(self._pending)
+
+    async def flush(self) -> list[Record]:
+        if not self._pending:
+            return []
+        entries, self._pending = self._pending, []
+        return await append(self.conn, entries)
+
+
+async def append(conn: asyncpg.Connection, entries: list[Entry]) -> list[Record]:
+    """Append `entries` to the chain of the connection's schema, in the caller's open transaction: the
+    chain lock is held from here to the transaction's end."""
+    tail = await conn.fetchrow(
+        "SELECT chain_schema, tail_seq, tail_hash, server_time FROM audit_chain_tail()"
+    )
+    assert tail is not None
+    after = (int(tail["tail_seq"] or 0), bytes(tail["tail_hash"]) if tail["tail_hash"] else GENESIS)
+    records = chain(tail["chain_schema"], entries, after=after, at=tail["server_time"])
+    await conn.executemany(INSERT, [record_row(r) for r in records])
+    return records
+
+
+class MemoryAuditTrail(AuditTrail):
+    """The in-memory counterpart for unit tests: entries are sealed into `records` at once (a list the
+    test's store owns, so a rolled-back fake transaction takes them back with everything else), chained
+    and hashed exactly as in Postgres, timed by the local clock.
+
+        store.audit  # list[Record]
+        assert [(r.action, r.object_id) for r in store.audit] == [("order.submitted", str(order_id))]
+    """
+
+    def __init__(
+        self, records: list[Record], schema: str = "memory", clock: Callable[[], datetime] | None = None
+    ) -> None:
+        super().__init__()
+        self.records = records
+        self.schema = schema
+        self.clock = clock or (lambda: datetime.now(UTC))
+
+    def _add(self, entry: Entry) -> None:
+        last = self.records[-1] if self.records else None
+        after = (last.seq, last.entry_hash) if last else (0, GENESIS)
+        self.records.extend(chain(self.schema, [entry], after=after, at=self.clock()))
+
+    @property
+    def pending(self) -> list[Entry]:
+        return []
+
+    async def flush(self) -> list[Record]:
+        return []
+
+
+class AuditedTx(Tx):
+    """A `Tx` with an audit trail: `tx.audit(...)` records, `before_commit` appends. A service's `Tx`
+    subclasses this one; its fake passes a `MemoryAuditTrail`."""
+
+    def __init__(
+        self, conn: asyncpg.Connection | None, outbox: EventSink, *, audit: AuditTrail | None = None
+    ) -> None:
+        super().__init__(conn, outbox)
+        if audit is None:
+            if conn is None:
+                raise ValueError("a Tx without a connection needs an in-memory audit trail")
+            audit = PgAuditTrail(conn)
+        self.audit = audit
+
+    async def before_commit(self) -> None:
+        await self.audit.flush()
+        await super().before_commit()
+
+
+TxT = TypeVar("TxT", bound=Tx)
+
+
+class AuditedHandlers(HandlerRegistry[TxT], Generic[TxT]):
+    """A `HandlerRegistry` whose handlers' entries name the consumer as actor (`Actor.system(consumer)`)
+    and the event as cause (`event:<id>`): `handlers = AuditedHandlers[OrderTx]("order.saga")`."""
+
+    def __init__(self, consumer: str) -> None:
+        super().__init__()
+        self.actor = Actor.system(consumer)
+
+    async def dispatch(self, tx: TxT, event: CloudEvent) -> bool:
+        audit = getattr(tx, "audit", None)
+        if isinstance(audit, AuditTrail):
+            audit.acting(self.actor, event_cause(event))
+        return await super().dispatch(tx, event)
