@@ -36,6 +36,8 @@ from v2v_harness.catalog import SERVICES, ServiceSpec
 # the migration tool's bookkeeping (yoyo-migrations): the owner's alone
 MIGRATION_TABLES = ("_yoyo_migration", "_yoyo_log", "_yoyo_version", "yoyo_lock")
 RUNTIME_TABLE_PRIVILEGES = "SELECT, INSERT, UPDATE, DELETE"
+# the runtime role adds to these and reads them, never rewrites them (Part 11 audit trail, signatures)
+APPEND_ONLY_TABLES = ("audit_trail", "signatures")
 
 _process_passwords: dict[str, str] = {}
 
@@ -146,7 +148,9 @@ async def _grant_schema(db: asyncpg.Connection, database: str, spec: ServiceSpec
     for row in tables:
         table = f"{schema}.{_ident(row['relname'])}"
         await db.execute(f"REVOKE ALL ON TABLE {table} FROM PUBLIC, {runtime}")
-        if row["relname"] not in MIGRATION_TABLES:
+        if row["relname"] in APPEND_ONLY_TABLES:
+            await db.execute(f"GRANT SELECT, INSERT ON TABLE {table} TO {runtime}")
+        elif row["relname"] not in MIGRATION_TABLES:
             await db.execute(f"GRANT {RUNTIME_TABLE_PRIVILEGES} ON TABLE {table} TO {runtime}")
     await db.execute(f"GRANT USAGE ON ALL SEQUENCES IN SCHEMA {schema} TO {runtime}")
     # what later migrations create (run by the owner) is the runtime role's to use in the same way
