@@ -210,3 +210,12 @@ def test_events_of_one_order_processed_out_of_their_written_order_fail() -> None
     found = verdicts(intents, final)["per order, events processed in the order written"]
     assert not found.ok and found.examples[0].startswith("scheduling.events, order o1: order.cancelled.v1")
     assert failing(intents, final) == {"per order, events processed in the order written"}
+
+
+def test_a_compromised_outbound_leg_and_the_recollections_run_1_are_not_duplicates() -> None:
+    intents, final = clean()
+    leg = {"order_id": "o1", "leg": "outbound_product", "booking_id": None, "run": 1}
+    final.shipments += [{**leg, "status": "compromised"}, {**leg, "status": "delivered"}]
+    assert failing(intents, final) == set()
+    final.shipments.append({**leg, "status": "delivered"})
+    assert failing(intents, final) == {"no duplicate side effects"}

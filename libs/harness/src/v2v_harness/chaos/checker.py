@@ -174,12 +174,15 @@ def check(intents: list[Intent], final: FinalState, *, deadline_s: float, settle
         for oid in live
         if oid in final.orders and final.orders[oid]["status"] in TERMINAL
     ]
-    # one inbound leg per site booking, one outbound leg per manufacturing run (cancelled ones aside), and
-    # at most one shipment per order and leg holding the lane (not cancelled, compromised or delivered)
+    # one inbound leg per site booking, one outbound leg per manufacturing run (cancelled ones aside, and
+    # compromised ones: an excursion ends that leg, and a recollection's new collection is manufactured as
+    # run 1 again), and at most one shipment per order and leg holding the lane (not cancelled, compromised
+    # or delivered)
     per_leg = Counter(
         (s["order_id"], s["leg"], s.get("booking_id") if s["leg"] == "inbound_apheresis" else s.get("run"))
         for s in final.shipments
         if s["status"] != "cancelled"
+        and not (s["leg"] != "inbound_apheresis" and s["status"] == "compromised")
     )
     dup += [
         f"shipment: {oid} has {n} {leg} shipments for {key}"
