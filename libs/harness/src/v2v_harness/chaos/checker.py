@@ -274,9 +274,9 @@ def check(intents: list[Intent], final: FinalState, *, deadline_s: float, settle
         for r in final.published:
             if r["topic"] in topics and r["event_type"] in handles and r["event_id"] in inbox:
                 streams[(r["topic"], str(r["message_key"]))].append(r)
-        for (_topic, key), rows in streams.items():
-            rows.sort(key=lambda r: r["id"])
-            for before, after in itertools.pairwise(rows):
+        for (_topic, key), stream in streams.items():
+            stream.sort(key=lambda r: r["id"])
+            for before, after in itertools.pairwise(stream):
                 if inbox[after["event_id"]] < inbox[before["event_id"]]:
                     disordered.append(
                         f"{group}, order {key}: {after['event_type']} (written after {before['event_type']}) "
