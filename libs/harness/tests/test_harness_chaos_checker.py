@@ -233,3 +233,19 @@ def test_the_workload_comes_in_waves_spread_over_the_first_half_of_the_nemesis()
     assert ChaosConfig(orders=8, seconds=60).wave_plan() == [(0.0, 8)]  # the short run: one wave
     assert ChaosConfig(orders=101, seconds=100).wave_plan() == [(0.0, 51), (22.5, 50)]
     assert ChaosConfig(orders=3, seconds=100, waves=5).wave_plan() == [(0.0, 1), (15.0, 1), (30.0, 1)]
+
+
+def test_an_order_inverted_by_a_broker_restart_that_lost_the_older_event_is_reported_apart() -> None:
+    intents, final = clean()
+    # e1 published at 5 (old broker), not consumed before the restart at 8..9; e2 published at 8.5 to the
+    # new broker and consumed at 9; e1 came back with the replay and was consumed at 12
+    final.published[0]["published_at"], final.published[1]["published_at"] = 5.0, 8.5
+    final.consumed["scheduling.events"] = {"e1": 12.0, "e2": 9.0}
+    final.broker_losses = [(8.0, 9.0)]
+    found = verdicts(intents, final)["per order, events processed in the order written"]
+    assert found.ok and "1 pairs inverted by a broker restart" in found.detail
+    final.broker_losses = [(20.0, 21.0)]  # a restart later explains nothing
+    assert failing(intents, final) == {"per order, events processed in the order written"}
+    final.broker_losses = [(8.0, 9.0)]
+    final.published[0]["published_at"] = 12.5  # published after the restart: nothing was lost
+    assert failing(intents, final) == {"per order, events processed in the order written"}

@@ -245,6 +245,11 @@ async def _run(cfg: ChaosConfig) -> int:
         await balancer.shutdown()
 
         final = await _final_state(platform, urls, receiver)
+        final.broker_losses = [
+            (t0[1] + f.start, t0[1] + (f.healed if f.healed is not None else clock()))
+            for f in nemesis.faults
+            if f.kind == "broker-restart"
+        ]
         intents = [Intent(a.plan.patient_ref, a.order_id or None) for sim in simulators for a in sim.actors]
         errors = [e for sim in simulators for e in sim.stats.errors]
         verdicts = check(intents, final, deadline_s=cfg.deadline_s, settled_s=settled_s)
@@ -402,7 +407,8 @@ async def _final_state(platform: Platform, urls: Any, receiver: WebhookReceiver)
                 dict(r)
                 for r in await conn.fetch(
                     f"""SELECT id, event_id::text, event_type, topic, message_key,
-                               published_at IS NOT NULL AS published
+                               published_at IS NOT NULL AS published,
+                               extract(epoch FROM published_at)::float8 AS published_at
                           FROM {svc.schema}.outbox"""
                 )
             ]
