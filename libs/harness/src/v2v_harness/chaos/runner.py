@@ -23,6 +23,7 @@ import shutil
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ import asyncpg
 import httpx
 
 from v2v_harness.catalog import SERVICES
-from v2v_harness.chaos.checker import TERMINAL, FinalState, Intent, check
+from v2v_harness.chaos.checker import TERMINAL, UNDRIVEN_END, FinalState, Intent, check
 from v2v_harness.chaos.nemesis import Nemesis
 from v2v_harness.chaos.report import plot_timeline, summary_table, write_history
 from v2v_harness.chaos.workload import ReplicaBalancer
@@ -232,7 +233,13 @@ async def _run(cfg: ChaosConfig) -> int:
         deadline = last_heal + cfg.deadline_s
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(sim_task), timeout=max(1.0, deadline - clock()))
-        settled_s, open_orders = await _settle(platform, urls, deadline, clock)
+        settled_s, open_orders = await _settle(
+            platform,
+            urls,
+            deadline,
+            clock,
+            lambda: {a.order_id for sim in simulators for a in sim.actors if a.order_id},
+        )
         settled_s = max(0.0, settled_s - last_heal)
         if not sim_task.done():
             sim_task.cancel()
@@ -354,16 +361,21 @@ async def _connect(platform: Platform, urls: Any, deadline: float, clock: Any) -
             await asyncio.sleep(0.5)
 
 
-async def _settle(platform: Platform, urls: Any, deadline: float, clock: Any) -> tuple[float, int]:
-    """Wait until every order is terminal, at most until `deadline`; (when, how many still open)."""
+async def _settle(
+    platform: Platform, urls: Any, deadline: float, clock: Any, acknowledged: Callable[[], set[str]]
+) -> tuple[float, int]:
+    """Wait until every order is terminal, at most until `deadline`; (when, how many still open). An
+    order whose creation was never acknowledged is driven by no one: what the platform does alone is its
+    end (see the checker)."""
     conn = await _connect(platform, urls, deadline + 30, clock)
     try:
         while True:
-            open_orders = int(
-                await conn.fetchval(
-                    "SELECT count(*) FROM ordering.orders WHERE status <> ALL($1::text[])", list(TERMINAL)
-                )
+            rows = await conn.fetch(
+                "SELECT order_id::text, status FROM ordering.orders WHERE status <> ALL($1::text[])",
+                list(TERMINAL),
             )
+            acked = acknowledged()
+            open_orders = sum(1 for r in rows if r["order_id"] in acked or r["status"] not in UNDRIVEN_END)
             if open_orders == 0 or clock() >= deadline:
                 return clock(), open_orders
             await asyncio.sleep(1.0)
