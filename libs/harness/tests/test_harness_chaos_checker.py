@@ -210,3 +210,42 @@ def test_events_of_one_order_processed_out_of_their_written_order_fail() -> None
     found = verdicts(intents, final)["per order, events processed in the order written"]
     assert not found.ok and found.examples[0].startswith("scheduling.events, order o1: order.cancelled.v1")
     assert failing(intents, final) == {"per order, events processed in the order written"}
+
+
+def test_a_compromised_outbound_leg_and_the_recollections_run_1_are_not_duplicates() -> None:
+    intents, final = clean()
+    leg = {"order_id": "o1", "leg": "outbound_product", "booking_id": None, "run": 1}
+    final.shipments += [{**leg, "status": "compromised"}, {**leg, "status": "delivered"}]
+    assert failing(intents, final) == set()
+    final.shipments.append({**leg, "status": "delivered"})
+    assert failing(intents, final) == {"no duplicate side effects"}
+
+
+def test_the_workload_comes_in_waves_spread_over_the_first_half_of_the_nemesis() -> None:
+    from v2v_harness.chaos.runner import ChaosConfig
+
+    assert ChaosConfig(orders=300, seconds=600).wave_plan() == [
+        (0.0, 75),
+        (67.5, 75),
+        (135.0, 75),
+        (202.5, 75),
+    ]
+    assert ChaosConfig(orders=8, seconds=60).wave_plan() == [(0.0, 8)]  # the short run: one wave
+    assert ChaosConfig(orders=101, seconds=100).wave_plan() == [(0.0, 51), (22.5, 50)]
+    assert ChaosConfig(orders=3, seconds=100, waves=5).wave_plan() == [(0.0, 1), (15.0, 1), (30.0, 1)]
+
+
+def test_an_order_inverted_by_a_broker_restart_that_lost_the_older_event_is_reported_apart() -> None:
+    intents, final = clean()
+    # e1 published at 5 (old broker), not consumed before the restart at 8..9; e2 published at 8.5 to the
+    # new broker and consumed at 9; e1 came back with the replay and was consumed at 12
+    final.published[0]["published_at"], final.published[1]["published_at"] = 5.0, 8.5
+    final.consumed["scheduling.events"] = {"e1": 12.0, "e2": 9.0}
+    final.broker_losses = [(8.0, 9.0)]
+    found = verdicts(intents, final)["per order, events processed in the order written"]
+    assert found.ok and "1 pairs inverted by a broker restart" in found.detail
+    final.broker_losses = [(20.0, 21.0)]  # a restart later explains nothing
+    assert failing(intents, final) == {"per order, events processed in the order written"}
+    final.broker_losses = [(8.0, 9.0)]
+    final.published[0]["published_at"] = 12.5  # published after the restart: nothing was lost
+    assert failing(intents, final) == {"per order, events processed in the order written"}

@@ -23,7 +23,7 @@ from typing import Any
 
 import asyncpg
 import pytest
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from faststream.kafka import KafkaBroker
 
 from v2v_contracts import CloudEvent, EventData
@@ -505,6 +505,15 @@ async def test_catching_up_skips_what_the_inbox_holds_without_a_transaction_each
         return begin(self)
 
     monkeypatch.setattr(UnitOfWork, "begin", counting_begin)
+    commits = 0
+    commit = AIOKafkaConsumer.commit
+
+    async def counting_commit(self: AIOKafkaConsumer, *args: Any, **kwargs: Any) -> Any:
+        nonlocal commits
+        commits += 1
+        return await commit(self, *args, **kwargs)
+
+    monkeypatch.setattr(AIOKafkaConsumer, "commit", counting_commit)
     seen: list[int] = []
 
     async def handle(tx: Tx, data: ItFaultV1, meta: EventMeta) -> None:
@@ -517,6 +526,7 @@ async def test_catching_up_skips_what_the_inbox_holds_without_a_transaction_each
     assert consumer.stats.duplicates == 120
     # the records within CATCH_UP_LAG of the end open a transaction (the inbox insert decides there)
     assert transactions <= 5 + CATCH_UP_LAG + 1, transactions
+    assert commits <= 5 + CATCH_UP_LAG + 1, commits  # and no offset commit for each one skipped
 
 
 async def test_after_an_idle_second_the_broker_is_checked_before_an_orders_new_event_goes_out(
@@ -543,3 +553,32 @@ async def test_after_an_idle_second_the_broker_is_checked_before_an_orders_new_e
     records = sorted(await reader(topic, expect=3), key=lambda r: r.offset)
     ids = [CloudEvent.from_json(r.value).id for r in records]
     assert ids == [older.id, older.id, newer.id]
+
+
+async def test_a_lost_producer_connection_has_the_broker_checked_before_the_next_rows_go_out(
+    messaging_db: Any, kafka: KafkaSettings, brokers: Any, new_topic: Any, reader: Any
+) -> None:
+    """A broker that restarted while the relay keeps publishing (never idle): the producer's connection
+    dropped, so the broker is checked before an order's next event goes out to it."""
+    pool, schema = messaging_db.pool, messaging_db.schema
+    topic = await new_topic("v2v.order")
+    uow = UnitOfWork(pool, topic, notify_channel(schema))
+    broker = await brokers()
+    relay = OutboxRelay(pool, broker, schema, topic, kafka, idle_check_after=1e9)
+    older, newer = make_event("order-K", 1), make_event("order-K", 2)
+    async with uow.begin() as tx:
+        await tx.outbox.add(older)
+    assert await relay.publish_pending() == 1
+    assert not relay._producer_reconnected()  # steady: the same live connections
+    # the broker restarts and forgets: its connections close, its partitions end below the relay's marks
+    relay._marks = {key: mark + 1000 for key, mark in relay._marks.items()}
+    client = broker.config.producer._producer.producer.client  # type: ignore[attr-defined]
+    for conn in list(client._conns.values()):
+        conn.close()
+    async with uow.begin() as tx:
+        await tx.outbox.add(newer)
+    assert await relay.publish_pending() == 1  # noticed first: the replay of `older`, `newer` waits
+    assert relay.broker_resets == 1
+    assert await relay.publish_pending() == 1  # then `newer`
+    records = sorted(await reader(topic, expect=3), key=lambda r: r.offset)
+    assert [CloudEvent.from_json(r.value).id for r in records] == [older.id, older.id, newer.id]

@@ -45,6 +45,7 @@ from aiokafka.structs import OffsetAndMetadata
 from faststream import AckPolicy
 from faststream.kafka import KafkaBroker
 from faststream.kafka.annotations import KafkaMessage
+from faststream.message import AckStatus
 from pydantic import ValidationError
 
 from v2v_contracts import EVENT_TYPES, CloudEvent
@@ -430,7 +431,7 @@ class EventConsumer:
         started = time.perf_counter()
         while True:
             try:
-                outcome = await self._process(event, record)
+                outcome = await self._process(event, record, message)
             except PoisonMessage as exc:
                 log.error("poison message, dead-lettering", error=str(exc), event_type=event.type)
                 attempts = self._poison_attempts.get(key, 0) + 1
@@ -504,12 +505,16 @@ class EventConsumer:
             return False
         return high is not None and high - record.offset > CATCH_UP_LAG
 
-    async def _process(self, event: CloudEvent, record: Any) -> str:
+    async def _process(self, event: CloudEvent, record: Any, message: Any = None) -> str:
         if self._catching_up(record) and await self.uow.pool.fetchval(
             "SELECT true FROM inbox WHERE consumer = $1 AND event_id = $2", self.group_id, event.id
         ):
-            # one read instead of a transaction per record already processed: catching up after a broker
-            # that forgot goes through the retained history several times faster
+            # one read instead of a transaction per record already processed, and no offset commit of its
+            # own (the next processed record's commit covers it; until then a restart reads it again and
+            # drops it again): catching up after a broker that forgot goes through the retained history
+            # many times faster
+            if message is not None:
+                message.committed = AckStatus.ACKED
             self.stats.duplicates += 1
             log.debug("duplicate event ignored", event_type=event.type, event_id=str(event.id))
             return "duplicate"

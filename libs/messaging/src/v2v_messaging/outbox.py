@@ -227,6 +227,7 @@ class OutboxRelay:
         self._check_due = True
         self._last_check = 0.0
         self._last_published = 0.0  # monotonic time of the last pass that published new rows
+        self._producer_conns: dict[Any, int] | None = None  # the producer's connections at the last pass
         self._replay: tuple[int, int] | None = None  # (next id, last id) of a replay under way
         self._more = False
         self._backoff_requested = False
@@ -273,7 +274,11 @@ class OutboxRelay:
         if not await self._acquire():
             return 0
         try:
-            if self._check_due or time.monotonic() - self._last_check >= self.broker_check_interval:
+            if (
+                self._check_due
+                or time.monotonic() - self._last_check >= self.broker_check_interval
+                or self._producer_reconnected()
+            ):
                 await self._check_broker_quietly()
             rows = await self._claim()
             now = time.monotonic()
@@ -301,6 +306,21 @@ class OutboxRelay:
         if self._backoff_requested:  # raised only after the commit that marks what did go out
             raise RelayBackoff
         return published + replayed
+
+    def _producer_reconnected(self) -> bool:
+        """Whether the producer lost a broker connection (or made a new one) since the last pass: a broker
+        that restarted. Checked before anything is published to it, so that a broker that forgot gets the
+        replay of an order's older events before that order's new ones."""
+        state = getattr(self.broker.config.producer, "_producer", None)  # faststream's producer state
+        client = getattr(getattr(state, "producer", None), "client", None)  # aiokafka's client
+        conns: dict[Any, Any] | None = getattr(client, "_conns", None)
+        if conns is None:  # not started, or another client library layout: the acks still tell
+            return False
+        current = {key: id(conn) for key, conn in conns.items()}
+        dropped = any(not conn.connected() for conn in conns.values())
+        changed = self._producer_conns is not None and current != self._producer_conns
+        self._producer_conns = current
+        return dropped or changed
 
     async def check_broker(self) -> int:
         """Compare the broker with what this schema's relays had seen; on loss, recreate the topics and

@@ -23,6 +23,7 @@ import shutil
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ import asyncpg
 import httpx
 
 from v2v_harness.catalog import SERVICES
-from v2v_harness.chaos.checker import TERMINAL, FinalState, Intent, check
+from v2v_harness.chaos.checker import TERMINAL, UNDRIVEN_END, FinalState, Intent, check
 from v2v_harness.chaos.nemesis import Nemesis
 from v2v_harness.chaos.report import plot_timeline, summary_table, write_history
 from v2v_harness.chaos.workload import ReplicaBalancer
@@ -58,12 +59,22 @@ class ChaosConfig:
     state_dir: Path = Path(".v2v/chaos")
     kinds: dict[str, int] | None = None  # fault kind -> weight (default: nemesis.KINDS)
     every_kind_first: bool = False  # each kind once first (the short run in `make test`)
+    waves: int | None = None  # simulator runs started in turn (default: one per 50 orders, at most 4)
     out: Any = field(default=print, repr=False)
 
     def day(self) -> float:
         # the simulator's orders are placed over a few weeks of simulated time and take ~6 more weeks:
-        # pace it so that the workload lasts about as long as the nemesis
+        # pace it so that a wave lasts about half as long as the nemesis
         return self.day_seconds if self.day_seconds is not None else max(0.05, self.seconds / 90)
+
+    def wave_plan(self) -> list[tuple[float, int]]:
+        """(start, orders) of each wave: the orders split evenly, the waves started over the first 45% of
+        the nemesis, so that faults meet orders at every stage all along (one wave placing everything at
+        once would load the platform far beyond its capacity at first and leave the last faults idle)."""
+        n = self.waves if self.waves is not None else max(1, min(4, self.orders // 50))
+        n = max(1, min(n, self.orders))
+        step = 0.45 * self.seconds / n
+        return [(k * step, self.orders // n + (1 if k < self.orders % n else 0)) for k in range(n)]
 
 
 def run(cfg: ChaosConfig) -> int:
@@ -141,20 +152,6 @@ async def _run(cfg: ChaosConfig) -> int:
             },
             clock,
         )
-        sim_cfg = Config(
-            orders=cfg.orders,
-            exceptions=cfg.exceptions,
-            seed=cfg.seed,
-            urls={s.name: platform.url(s.name) for s in SERVICES},
-            concurrency=20,
-            timeout_s=cfg.seconds + cfg.deadline_s + 60,
-            day_seconds=cfg.day(),
-            stall_s=cfg.deadline_s + 60,
-            poll_s=0.5,
-            progress_s=15,
-            start_platform=False,
-            run_id=f"C{cfg.seed}",
-        )
         sim_lines: list[str] = []
 
         def sim_out(line: str) -> None:
@@ -162,22 +159,39 @@ async def _run(cfg: ChaosConfig) -> int:
             if line.startswith("[") or line.startswith("simulator:"):
                 out("  " + line)
 
-        simulator = Simulator(sim_cfg, sim_out, credentials)
-        await simulator.api.close()
-        simulator.api = simapi.Api(
-            sim_cfg.urls,
-            sim_cfg.concurrency,
-            simulator.stats,
-            credentials=credentials,
-            transport=balancer,
-            # faults last seconds: the same key, again, for longer
-            transport_retries=15,
-            server_retries=10,
-            # a key whose first request died with its process is taken over after the claim's lease
-            # (60 s): wait 409 idempotency-key-in-flight out for longer than that (0.5 s x 1..20 = 105 s)
-            in_flight_retries=20,
-        )
-        simulator.tracker = Tracker(simulator.api, sim_cfg.poll_s)
+        simulators: list[Any] = []
+        for k, (_start, orders) in enumerate(cfg.wave_plan()):
+            sim_cfg = Config(
+                orders=orders,
+                exceptions=cfg.exceptions,
+                seed=cfg.seed * 100 + k,
+                urls={s.name: platform.url(s.name) for s in SERVICES},
+                concurrency=20,
+                timeout_s=cfg.seconds + cfg.deadline_s + 60,
+                day_seconds=cfg.day(),
+                stall_s=cfg.deadline_s + 60,
+                poll_s=0.5,
+                progress_s=15,
+                start_platform=False,
+                run_id=f"C{cfg.seed}W{k}",
+            )
+            simulator = Simulator(sim_cfg, sim_out, credentials)
+            await simulator.api.close()
+            simulator.api = simapi.Api(
+                sim_cfg.urls,
+                sim_cfg.concurrency,
+                simulator.stats,
+                credentials=credentials,
+                transport=balancer,
+                # faults last seconds: the same key, again, for longer
+                transport_retries=15,
+                server_retries=10,
+                # a key whose first request died with its process is taken over after the claim's lease
+                # (60 s): wait 409 idempotency-key-in-flight out for longer than that (0.5 s x 1..20 = 105 s)
+                in_flight_retries=20,
+            )
+            simulator.tracker = Tracker(simulator.api, sim_cfg.poll_s)
+            simulators.append(simulator)
 
         roles = {name: s.role for name, s in urls.services.items()}
         nemesis = Nemesis(
@@ -194,7 +208,23 @@ async def _run(cfg: ChaosConfig) -> int:
             nemesis.kinds = lambda: dict(cfg.kinds or {})  # type: ignore[method-assign]
 
         t0[:] = [time.monotonic(), time.time()]
-        sim_task = asyncio.create_task(simulator.run())
+
+        async def wave(simulator: Any, start: float) -> int:
+            await asyncio.sleep(start)
+            code: int = await simulator.run()
+            return code
+
+        sim_tasks = [
+            asyncio.create_task(wave(sim, start))
+            for sim, (start, _) in zip(simulators, cfg.wave_plan(), strict=True)
+        ]
+        sim_task = asyncio.gather(*sim_tasks)
+        if len(simulators) > 1:
+            out(
+                f"chaos: {len(simulators)} waves of orders, started at t="
+                + ", ".join(f"{start:.0f}" for start, _ in cfg.wave_plan())
+                + " s"
+            )
         await asyncio.sleep(cfg.warmup_s)
         await nemesis.run(until_s=cfg.warmup_s + cfg.seconds)
         last_heal = nemesis.last_heal()
@@ -203,18 +233,32 @@ async def _run(cfg: ChaosConfig) -> int:
         deadline = last_heal + cfg.deadline_s
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(sim_task), timeout=max(1.0, deadline - clock()))
-        settled_s, open_orders = await _settle(platform, urls, deadline, clock)
+        settled_s, open_orders = await _settle(
+            platform,
+            urls,
+            deadline,
+            clock,
+            lambda: {a.order_id for sim in simulators for a in sim.actors if a.order_id},
+        )
         settled_s = max(0.0, settled_s - last_heal)
         if not sim_task.done():
             sim_task.cancel()
         sim_code = None
         with contextlib.suppress(BaseException):
-            sim_code = await sim_task
-        await simulator.api.close()
-        await balancer.aclose()
+            codes = await sim_task
+            sim_code = max(codes)
+        for simulator in simulators:
+            await simulator.api.close()
+        await balancer.shutdown()
 
         final = await _final_state(platform, urls, receiver)
-        intents = [Intent(a.plan.patient_ref, a.order_id or None) for a in simulator.actors]
+        final.broker_losses = [
+            (t0[1] + f.start, t0[1] + (f.healed if f.healed is not None else clock()))
+            for f in nemesis.faults
+            if f.kind == "broker-restart"
+        ]
+        intents = [Intent(a.plan.patient_ref, a.order_id or None) for sim in simulators for a in sim.actors]
+        errors = [e for sim in simulators for e in sim.stats.errors]
         verdicts = check(intents, final, deadline_s=cfg.deadline_s, settled_s=settled_s)
         end = clock()
         transitions = [
@@ -234,7 +278,7 @@ async def _run(cfg: ChaosConfig) -> int:
                 f"{len(balancer.calls)} ({sum(1 for c in balancer.calls if c.status >= 500)} / "
                 f"{sum(1 for c in balancer.calls if c.status == 0)})"
             ),
-            "workload errors (retried or not)": str(len(simulator.stats.errors)),
+            "workload errors (retried or not)": str(len(errors)),
             "simulator exit": str(sim_code),
             "supervisor restarts": str(len(restarts)),
             "run time": f"{end:.0f} s",
@@ -256,7 +300,7 @@ async def _run(cfg: ChaosConfig) -> int:
             "dead_letters": final.dead_letters,
             "ready": final.ready,
             "calls": [[round(c.t, 3), c.service, c.method, c.status, round(c.ms, 1)] for c in balancer.calls],
-            "workload_errors": simulator.stats.errors[:500],
+            "workload_errors": errors[:500],
         }
         write_history(state_dir / "history.json", history)
         plot_timeline(
@@ -317,16 +361,21 @@ async def _connect(platform: Platform, urls: Any, deadline: float, clock: Any) -
             await asyncio.sleep(0.5)
 
 
-async def _settle(platform: Platform, urls: Any, deadline: float, clock: Any) -> tuple[float, int]:
-    """Wait until every order is terminal, at most until `deadline`; (when, how many still open)."""
+async def _settle(
+    platform: Platform, urls: Any, deadline: float, clock: Any, acknowledged: Callable[[], set[str]]
+) -> tuple[float, int]:
+    """Wait until every order is terminal, at most until `deadline`; (when, how many still open). An
+    order whose creation was never acknowledged is driven by no one: what the platform does alone is its
+    end (see the checker)."""
     conn = await _connect(platform, urls, deadline + 30, clock)
     try:
         while True:
-            open_orders = int(
-                await conn.fetchval(
-                    "SELECT count(*) FROM ordering.orders WHERE status <> ALL($1::text[])", list(TERMINAL)
-                )
+            rows = await conn.fetch(
+                "SELECT order_id::text, status FROM ordering.orders WHERE status <> ALL($1::text[])",
+                list(TERMINAL),
             )
+            acked = acknowledged()
+            open_orders = sum(1 for r in rows if r["order_id"] in acked or r["status"] not in UNDRIVEN_END)
             if open_orders == 0 or clock() >= deadline:
                 return clock(), open_orders
             await asyncio.sleep(1.0)
@@ -370,7 +419,8 @@ async def _final_state(platform: Platform, urls: Any, receiver: WebhookReceiver)
                 dict(r)
                 for r in await conn.fetch(
                     f"""SELECT id, event_id::text, event_type, topic, message_key,
-                               published_at IS NOT NULL AS published
+                               published_at IS NOT NULL AS published,
+                               extract(epoch FROM published_at)::float8 AS published_at
                           FROM {svc.schema}.outbox"""
                 )
             ]
@@ -451,6 +501,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--deadline-s", type=float, default=120.0, help="orders terminal this long after the last heal"
     )
+    p.add_argument(
+        "--waves",
+        type=int,
+        default=None,
+        help="simulator runs started in turn (default: 1 per 50 orders, <= 4)",
+    )
     p.add_argument("--state-dir", default=".v2v/chaos")
     a = p.parse_args(argv)
     cfg = ChaosConfig(
@@ -462,6 +518,7 @@ def main(argv: list[str] | None = None) -> int:
         day_seconds=a.day_seconds,
         deadline_s=a.deadline_s,
         state_dir=Path(a.state_dir),
+        waves=a.waves,
         out=lambda line: print(line, flush=True),
     )
     return run(cfg)

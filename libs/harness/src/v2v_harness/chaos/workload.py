@@ -67,4 +67,7 @@ class ReplicaBalancer(httpx.AsyncBaseTransport):
         raise last_exc
 
     async def aclose(self) -> None:
+        """Shared by every wave's client: closing one of them leaves it open (see `shutdown`)."""
+
+    async def shutdown(self) -> None:
         await self.inner.aclose()
