@@ -63,17 +63,18 @@ class ChaosConfig:
     out: Any = field(default=print, repr=False)
 
     def day(self) -> float:
-        # the simulator's orders are placed over a few weeks of simulated time and take ~6 more weeks:
-        # pace it so that a wave lasts about half as long as the nemesis
-        return self.day_seconds if self.day_seconds is not None else max(0.05, self.seconds / 90)
+        # the simulator's orders are placed over a week or two of simulated time and take ~6 more weeks:
+        # pace it so that a wave lasts about half as long as the nemesis, and the last wave's orders are
+        # due to end well before it does (faults and recollections make them later than planned)
+        return self.day_seconds if self.day_seconds is not None else max(0.05, self.seconds / 110)
 
     def wave_plan(self) -> list[tuple[float, int]]:
-        """(start, orders) of each wave: the orders split evenly, the waves started over the first 45% of
+        """(start, orders) of each wave: the orders split evenly, the waves started over the first 30% of
         the nemesis, so that faults meet orders at every stage all along (one wave placing everything at
         once would load the platform far beyond its capacity at first and leave the last faults idle)."""
         n = self.waves if self.waves is not None else max(1, min(4, self.orders // 50))
         n = max(1, min(n, self.orders))
-        step = 0.45 * self.seconds / n
+        step = 0.3 * self.seconds / n
         return [(k * step, self.orders // n + (1 if k < self.orders % n else 0)) for k in range(n)]
 
 
