@@ -49,6 +49,7 @@ pytestmark = pytest.mark.integration
 
 ORDER_MIGRATIONS = Path(order_service.__file__).parent / "migrations"
 EDGE_MIGRATION = "0006.ordering-edge"
+PLACEMENT_MIGRATION = "0007.ordering-placement-key"  # the latest
 TOPIC = "it.order-edge.v2v.order"  # never published to here: only the outbox rows are checked
 FACILITY = "V2V00"
 PARIS, BERLIN = "TC-FR-PA-001", "TC-DE-BE-001"
@@ -80,7 +81,7 @@ async def pool(test_db: pytest_plugin.TestDatabase) -> AsyncIterator[asyncpg.Poo
     url = test_db.urls["order"]
     owner_url = test_db.owner_urls["order"]  # migrations run as the owner
     applied = await apply_migrations(owner_url, "ordering", [MIGRATIONS_DIR, ORDER_MIGRATIONS])
-    assert applied[-1] == EDGE_MIGRATION
+    assert EDGE_MIGRATION in applied and applied[-1] == PLACEMENT_MIGRATION
     await audit_migrate(owner_url, "ordering")  # the audit trail (v2v_audit), as the service applies it
     p = await create_pool(url, max_size=6)
     uow = UnitOfWork(p, TOPIC, notify_channel("ordering"), repository.tx_factory)
@@ -206,13 +207,43 @@ async def test_two_racing_posts_are_one_201_and_one_409(
     assert resp.status_code == 201
 
 
+async def test_a_retry_whose_first_answer_was_lost_gets_the_order_its_key_placed(
+    pool: asyncpg.Pool, api: tuple[httpx.AsyncClient, TestTokens]
+) -> None:
+    """The first attempt committed the order, but its Idempotency-Key's answer was never stored (the
+    database went away between the two; this app has no edge middleware, so nothing is stored): the retry
+    with the same key is answered with that order, not `409 open-order-exists`."""
+    http, tokens = api
+    headers = {**tokens.headers("centre", PARIS), "Idempotency-Key": "k-answer-lost"}
+    body = order_body(patient_ref="PAT-LOST-ANSWER")
+    first = await http.post("/v1/orders", json=body, headers=headers)
+    assert first.status_code == 201, first.text
+    again = await http.post("/v1/orders", json=body, headers=headers)
+    assert again.status_code == 201, again.text
+    assert again.json()["order_id"] == first.json()["order_id"]
+    assert await counts(pool) == {"orders": 1, "order_timeline": 1, "outbox": 1}
+    # the same key for another request is refused, naming the key, never echoing the body
+    other = {**body, "requested_apheresis_date": (SOON + timedelta(days=1)).isoformat()}
+    refused = await http.post("/v1/orders", json=other, headers=headers)
+    assert refused.status_code == 422 and "Idempotency-Key" in refused.text, refused.text
+    assert "PAT-LOST-ANSWER" not in refused.text
+    # another key for the same patient and product: one open order, as before
+    conflict = await http.post(
+        "/v1/orders", json=body, headers={**tokens.headers("centre", PARIS), "Idempotency-Key": "k-other"}
+    )
+    assert conflict.status_code == 409 and conflict.json()["type"] == PROBLEM_BASE + "open-order-exists"
+    assert await counts(pool) == {"orders": 1, "order_timeline": 1, "outbox": 1}
+    placed = await pool.fetchrow("SELECT placed_by, placement_key FROM orders")
+    assert placed is not None and placed["placement_key"] == "k-answer-lost" and placed["placed_by"]
+
+
 async def test_open_duplicates_from_before_the_rule_do_not_stop_the_migration(
     test_db: pytest_plugin.TestDatabase, tmp_path: Path
 ) -> None:
     before_rule = tmp_path / "before"
     before_rule.mkdir()
     for sql in sorted(ORDER_MIGRATIONS.glob("*.sql")):
-        if not sql.name.startswith("0006"):
+        if sql.name < "0006":  # the schema as it was before the rule (and what came after it)
             shutil.copy(sql, before_rule / sql.name)
     url = test_db.urls["order"]
     owner_url = test_db.owner_urls["order"]  # migrations run as the owner
@@ -242,7 +273,8 @@ async def test_open_duplicates_from_before_the_rule_do_not_stop_the_migration(
             )
 
         assert await apply_migrations(owner_url, "ordering", [MIGRATIONS_DIR, ORDER_MIGRATIONS]) == [
-            EDGE_MIGRATION
+            EDGE_MIGRATION,
+            PLACEMENT_MIGRATION,
         ]
         marked = await pool.fetch("SELECT order_id FROM orders WHERE predates_open_order_rule")
         assert [r["order_id"] for r in marked] == [newer]  # the oldest open one is the one the rule keeps

@@ -57,6 +57,7 @@ class MemoryStore:
     products: dict[str, tuple[str, dict[str, Any]]] = field(default_factory=dict)
     sites: dict[str, NetworkSite] = field(default_factory=dict)
     audit: list[Record] = field(default_factory=list)  # the audit trail, chained as in Postgres
+    placements: dict[tuple[str, str], uuid.UUID] = field(default_factory=dict)  # (client, key) -> order
 
     @classmethod
     def with_reference_data(cls) -> MemoryStore:
@@ -83,7 +84,10 @@ class MemoryOrders(OrderRepository):
         requested_apheresis_date: date,
         status: str,
         first_trace: dict[str, str],
+        placement: tuple[str, str] | None = None,
     ) -> None:
+        if placement is not None and placement in self.store.placements:
+            raise ValueError("duplicate placement (unique index)")
         if order_id in self.store.orders or any(o.coi == coi for o in self.store.orders.values()):
             raise ValueError("duplicate order id or COI")
         if treatment_center_id not in self.store.centres or product_code not in self.store.products:
@@ -109,6 +113,11 @@ class MemoryOrders(OrderRepository):
             updated_at=now,
             first_trace=dict(first_trace),
         )
+        if placement is not None:
+            self.store.placements[placement] = order_id
+
+    async def by_placement(self, placed_by: str, key: str) -> uuid.UUID | None:
+        return self.store.placements.get((placed_by, key))
 
     async def get(
         self, order_id: uuid.UUID, *, lock: bool = False, centre: str | None = None

@@ -51,9 +51,15 @@ class OrderRepository(ABC):
         requested_apheresis_date: date,
         status: str,
         first_trace: dict[str, str],
+        placement: tuple[str, str] | None = None,
     ) -> None:
         """Record a new order; `open_order_exists()` (a Conflict) when the centre has an open order for
-        the same patient and product already."""
+        the same patient and product already. `placement`: (client id, Idempotency-Key) it was placed
+        with."""
+
+    @abstractmethod
+    async def by_placement(self, placed_by: str, key: str) -> uuid.UUID | None:
+        """The order `placed_by` placed with Idempotency-Key `key`, if any."""
 
     @abstractmethod
     async def get(
@@ -94,12 +100,14 @@ class PgOrders(OrderRepository):
         requested_apheresis_date: date,
         status: str,
         first_trace: dict[str, str],
+        placement: tuple[str, str] | None = None,
     ) -> None:
         try:
             await self.conn.execute(
                 """INSERT INTO orders (order_id, coi, treatment_center_id, product_code, order_type,
-                                       patient_ref, requested_apheresis_date, status, first_trace)
-                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)""",
+                                       patient_ref, requested_apheresis_date, status, first_trace,
+                                       placed_by, placement_key)
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)""",
                 order_id,
                 coi,
                 treatment_center_id,
@@ -109,11 +117,21 @@ class PgOrders(OrderRepository):
                 requested_apheresis_date,
                 status,
                 first_trace,
+                placement[0] if placement else None,
+                placement[1] if placement else None,
             )
         except asyncpg.UniqueViolationError as exc:
             if exc.constraint_name == OPEN_ORDER_INDEX:  # the index's error names the key: not passed on
                 raise open_order_exists() from None
+            if exc.constraint_name == "orders_by_placement":  # the same key placing it at the same time
+                raise open_order_exists() from None
             raise
+
+    async def by_placement(self, placed_by: str, key: str) -> uuid.UUID | None:
+        found: uuid.UUID | None = await self.conn.fetchval(
+            "SELECT order_id FROM orders WHERE placed_by = $1 AND placement_key = $2", placed_by, key
+        )
+        return found
 
     async def get(
         self, order_id: uuid.UUID, *, lock: bool = False, centre: str | None = None

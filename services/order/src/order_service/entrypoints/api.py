@@ -17,7 +17,7 @@ import uuid
 from datetime import date, datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Query, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from order_service.config import OrderSettings
@@ -348,13 +348,17 @@ AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
     },
 )
 async def create_order(
-    body: OrderIn, rt: RuntimeDep, response: Response, principal: WritePrincipal
+    body: OrderIn, rt: RuntimeDep, request: Request, response: Response, principal: WritePrincipal
 ) -> OrderOut:
     centre = own_centre(principal)
     if body.treatment_center_id is not None and body.treatment_center_id != centre:
         raise Invalid("treatment_center_id", "must be the calling centre's own id, or left out")
     facility = _settings(rt).coi_facility_id
-    cmd = commands.PlaceOrder(**{**body.model_dump(), "treatment_center_id": centre})
+    cmd = commands.PlaceOrder(
+        **{**body.model_dump(), "treatment_center_id": centre},
+        placed_by=principal.client_id,
+        placement_key=request.headers.get("Idempotency-Key"),
+    )
     order_id = await commands.place_order(rt.uow, cmd, facility)
     response.headers["Location"] = f"/v1/orders/{order_id}"
     return await _view(rt, order_id, centre)

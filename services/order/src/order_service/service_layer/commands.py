@@ -61,6 +61,29 @@ class PlaceOrder:
     order_type: str
     patient_ref: str
     requested_apheresis_date: date
+    placed_by: str | None = None  # the client placing it ...
+    placement_key: str | None = None  # ... and its Idempotency-Key
+
+
+async def _same_placement(tx: OrderTx, order_id: uuid.UUID, cmd: PlaceOrder) -> uuid.UUID:
+    order = await tx.orders.get(order_id)
+    assert order is not None
+    same = (
+        order.treatment_center_id,
+        order.product_code,
+        order.order_type,
+        order.patient_ref,
+        order.requested_apheresis_date,
+    ) == (
+        cmd.treatment_center_id,
+        cmd.product_code,
+        cmd.order_type,
+        cmd.patient_ref,
+        cmd.requested_apheresis_date,
+    )
+    if not same:
+        raise Invalid("Idempotency-Key", "was used for a different request; use a new key")
+    return order_id
 
 
 async def place_order(
@@ -71,7 +94,14 @@ async def place_order(
     patient and product is refused (`Conflict`, kind `open-order-exists`). Error texts name the field,
     never the value sent."""
     now = now or cases.now()
+    placement = (cmd.placed_by, cmd.placement_key) if cmd.placed_by and cmd.placement_key else None
     async with uow.begin() as tx:
+        if placement is not None:
+            placed = await tx.orders.by_placement(*placement)
+            if placed is not None:
+                # placed by an earlier attempt under the same key whose answer was never stored: that
+                # order is the answer, if this is the same request
+                return await _same_placement(tx, placed, cmd)
         centre = await tx.catalogue.centre(cmd.treatment_center_id)
         if centre is None:
             raise Invalid("treatment_center_id", "unknown or uncertified treatment centre")
@@ -101,6 +131,7 @@ async def place_order(
             requested_apheresis_date=cmd.requested_apheresis_date,
             status=OrderStatus.SUBMITTED.value,
             first_trace=current_traceparent(),
+            placement=placement,
         )
         event = await tx.publish(
             OrderSubmittedV1(
