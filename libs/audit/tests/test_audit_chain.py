@@ -220,7 +220,10 @@ def test_ids_and_codes_are_short_single_lines() -> None:
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.text().filter(lambda s: "\x00" not in s),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(st.text(max_size=8).filter(lambda s: "\x00" not in s), inner, max_size=4)
+    ),
     max_leaves=12,
 )
 
