@@ -136,12 +136,9 @@ def _children(infra: Infrastructure, platform: Platform) -> list[Child]:
     return children
 
 
-def _token(args: argparse.Namespace) -> int:
-    """Print an access token of a demo client, obtained by the real client-credentials exchange."""
-    import httpx
-
-    from v2v_harness.issuer import fetch_token
-
+def _issuer_and_client(args: argparse.Namespace) -> tuple[str, Path] | int:
+    """The issuer and state folder of a demo client named on the command line, or the exit code (2) after
+    saying what is missing."""
     state_dir = Path(args.state_dir)
     try:
         issuer = os.environ.get("V2V_AUTH_ISSUER") or issuer_of(state_dir)
@@ -152,6 +149,19 @@ def _token(args: argparse.Namespace) -> int:
         known = ", ".join(c.client_id for c in Credentials(issuer, state_dir).clients())
         print(f"unknown client {args.client_id!r}; demo clients: {known}", file=sys.stderr)
         return 2
+    return issuer, state_dir
+
+
+def _token(args: argparse.Namespace) -> int:
+    """Print an access token of a demo client, obtained by the real client-credentials exchange."""
+    import httpx
+
+    from v2v_harness.issuer import fetch_token
+
+    found = _issuer_and_client(args)
+    if isinstance(found, int):
+        return found
+    issuer, state_dir = found
     try:
         answer = fetch_token(issuer, state_dir, args.client_id, args.scope)
     except httpx.HTTPError as exc:
@@ -170,15 +180,10 @@ def _sign_token(args: argparse.Namespace) -> int:
 
     from v2v_harness.issuer import TokenError, fetch_signing_token
 
-    state_dir = Path(args.state_dir)
-    try:
-        issuer = os.environ.get("V2V_AUTH_ISSUER") or issuer_of(state_dir)
-    except OSError:
-        print(f"no issuer in {state_dir}: start the platform first (make run)", file=sys.stderr)
-        return 2
-    if not (state_dir / "clients" / f"{args.client_id}.jwk.json").exists():
-        print(f"unknown client {args.client_id!r} (see `clients`)", file=sys.stderr)
-        return 2
+    found = _issuer_and_client(args)
+    if isinstance(found, int):
+        return found
+    issuer, state_dir = found
     if sys.stdin.isatty():
         password = getpass.getpass(f"password of {args.user_id}: ")
     else:
