@@ -21,6 +21,8 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from joserfc import jwt
@@ -44,6 +46,42 @@ ISSUER = "https://issuer.test"
 AUDIENCE = "vein2vein"
 
 DEFAULT_SCOPES = SCOPES_BY_KIND  # the scopes each kind of principal gets by default
+
+
+@dataclass(frozen=True)
+class FromNow:
+    """A timestamp relative to when a test runs, not to when it was collected: a parametrized "ten
+    minutes ahead" computed at import is "five minutes ahead" in a suite that reaches it five minutes
+    later. Its repr is stable, so test ids built from it agree across pytest-xdist workers.
+
+        CASES = [({"received_at": FromNow(minutes=10)}, "received_at")]
+        body = resolve_times(body)          # inside the test
+    """
+
+    days: float = 0
+    hours: float = 0
+    minutes: float = 0
+    naive: bool = False  # without a time zone (a value the API must refuse)
+
+    def iso(self) -> str:
+        at = datetime.now(UTC) + timedelta(days=self.days, hours=self.hours, minutes=self.minutes)
+        return (at.replace(tzinfo=None) if self.naive else at).isoformat()
+
+    def __repr__(self) -> str:
+        units = (("days", self.days), ("hours", self.hours), ("minutes", self.minutes))
+        parts = [f"{k}={v:g}" for k, v in units if v]
+        return f"now({', '.join(parts + (['naive'] if self.naive else []))})"
+
+
+def resolve_times(value: Any) -> Any:
+    """`value` with every `FromNow` inside it (dicts, lists, tuples) replaced by its ISO timestamp now."""
+    if isinstance(value, FromNow):
+        return value.iso()
+    if isinstance(value, dict):
+        return {k: resolve_times(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(resolve_times(v) for v in value)
+    return value
 
 
 def client_id_of(kind: str, entity_id: str | None = None) -> str:

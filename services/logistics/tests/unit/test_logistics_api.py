@@ -32,7 +32,7 @@ from v2v_contracts.coi import make_coi
 from v2v_messaging.fakes import FakeInbox, FakeUnitOfWork
 from v2v_servicekit.auth import SCOPE_ATTR
 from v2v_servicekit.problems import install as install_problems
-from v2v_servicekit.testing import TestTokens
+from v2v_servicekit.testing import FromNow, TestTokens, resolve_times
 
 HANDLERS = build_handlers(load_shipping_lanes())
 _seq = iter(range(1, 999_999))
@@ -346,8 +346,8 @@ async def test_a_centre_or_site_holding_a_shipments_scope_sees_only_the_legs_at_
 
 # ---- hostile input ---------------------------------------------------------------------------------
 
-MONTH_AGO = (datetime.now(UTC) - timedelta(days=31)).isoformat()
-AHEAD = (datetime.now(UTC) + timedelta(minutes=10)).isoformat()
+MONTH_AGO = FromNow(days=-31)
+AHEAD = FromNow(minutes=10)
 NAN, INF = float("nan"), float("inf")
 
 
@@ -413,7 +413,7 @@ async def test_a_hostile_milestone_is_422_naming_the_field_without_echoing_it_an
     platform: Platform, client: httpx.AsyncClient, field: str, value: Any
 ) -> None:
     eu = platform.orders["eu"]
-    body = {**milestone_body(eu["coi"]), field: value}
+    body = {**milestone_body(eu["coi"]), field: resolve_times(value)}
     before = platform.state()
     resp = await client.post(
         f"/v1/shipments/{eu['inbound'].shipment_id}/milestones",
@@ -433,7 +433,7 @@ async def test_a_hostile_reading_is_422_naming_the_field_without_echoing_it_and_
     platform: Platform, client: httpx.AsyncClient, field: str, value: Any
 ) -> None:
     eu = platform.orders["eu"]
-    body = {**reading_body(coi=eu["coi"]), field: value}
+    body = {**reading_body(coi=eu["coi"]), field: resolve_times(value)}
     payload = raw_json(body)
     if value == "1e309":  # a number that overflows to Infinity when parsed
         payload = payload.replace(b'"1e309"', b"1e309")

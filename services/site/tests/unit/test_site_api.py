@@ -32,7 +32,7 @@ from v2v_contracts.coi import make_coi
 from v2v_messaging.fakes import FakeInbox, FakeUnitOfWork
 from v2v_servicekit import get_runtime, problems
 from v2v_servicekit.auth import SCOPE_ATTR
-from v2v_servicekit.testing import TestTokens
+from v2v_servicekit.testing import FromNow, TestTokens, resolve_times
 
 SITE = "FR-LES-ULIS"  # TISA-CEL 3/day, AXI-CEL 2/day
 OTHER_SITE = "CH-STEIN"
@@ -604,9 +604,9 @@ RECEIPT_HOSTILE: list[tuple[dict[str, Any], str]] = [
     ({"order_id": "not-a-uuid"}, "order_id"),
     ({"received_at": "9999-12-31T00:00:00Z"}, "received_at"),
     ({"received_at": "2000-01-01T00:00:00Z"}, "received_at"),
-    ({"received_at": _now(timedelta(minutes=10))}, "received_at"),
-    ({"received_at": _now(-timedelta(days=31))}, "received_at"),
-    ({"received_at": datetime.now(UTC).replace(tzinfo=None).isoformat()}, "received_at"),  # no time zone
+    ({"received_at": FromNow(minutes=10)}, "received_at"),
+    ({"received_at": FromNow(days=-31)}, "received_at"),
+    ({"received_at": FromNow(naive=True)}, "received_at"),  # no time zone
     ({"reference": "deviation report 42"}, "reference"),
     ({"reference": "R" * 65}, "reference"),
     ({"comment": "free text"}, "comment"),
@@ -619,7 +619,7 @@ async def test_a_hostile_receipt_is_refused_and_nothing_is_written(
 ) -> None:
     order_id, coi = await api.reserve()
     before = api.snapshot()
-    full = {"order_id": order_id, "coi": coi, "accepted": True, **body}
+    full = {"order_id": order_id, "coi": coi, "accepted": True, **resolve_times(body)}
     r = await api.send("POST", f"/v1/sites/{SITE}/receipts", full, api.site())
     assert_refused(r, 422, field)
     assert MB2 not in r.text and len(r.content) < 4096
@@ -636,7 +636,7 @@ STEP_HOSTILE: list[tuple[dict[str, Any], str]] = [
     ({"step": "activation\udfff"}, "step"),
     ({"reference": "DEV\ud800"}, "reference"),
     ({"completed_at": "9999-12-31T00:00:00+00:00"}, "completed_at"),
-    ({"completed_at": _now(-timedelta(days=31))}, "completed_at"),
+    ({"completed_at": FromNow(days=-31)}, "completed_at"),
     ({"completed_at": "2026-13-01T00:00:00Z"}, "completed_at"),
     ({"failed": "no"}, "failed"),
     ({"reference": MB2}, "reference"),
@@ -651,7 +651,10 @@ async def test_a_hostile_step_report_is_refused_and_nothing_is_written(
     order_id, _ = await api.received()
     before = api.snapshot()
     r = await api.send(
-        "POST", f"/v1/sites/{SITE}/manufacturing/{order_id}/steps", {"step": "activation", **body}, api.site()
+        "POST",
+        f"/v1/sites/{SITE}/manufacturing/{order_id}/steps",
+        {"step": "activation", **resolve_times(body)},
+        api.site(),
     )
     assert_refused(r, 422, field)
     assert MB2 not in r.text and len(r.content) < 4096
@@ -665,7 +668,7 @@ QC_HOSTILE: list[tuple[dict[str, Any], str]] = [
     ({"disposition": "released", "reason": "potency"}, "reason"),
     ({"disposition": "accepted"}, "disposition"),
     ({"decided_at": "9999-12-31T00:00:00Z"}, "decided_at"),
-    ({"decided_at": _now(timedelta(hours=1))}, "decided_at"),
+    ({"decided_at": FromNow(hours=1)}, "decided_at"),
     ({"reference": "QC report 2026/17"}, "reference"),
     ({"comment": MB2}, "comment"),
 ]
@@ -678,7 +681,10 @@ async def test_a_hostile_qc_disposition_is_refused_and_nothing_is_written(
     order_id = await api.qc_pending()
     before = api.snapshot()
     r = await api.send(
-        "POST", f"/v1/sites/{SITE}/manufacturing/{order_id}/qc", {"disposition": "released", **body}, api.qa()
+        "POST",
+        f"/v1/sites/{SITE}/manufacturing/{order_id}/qc",
+        {"disposition": "released", **resolve_times(body)},
+        api.qa(),
     )
     assert_refused(r, 422, field)
     assert MB2 not in r.text and len(r.content) < 4096
