@@ -134,9 +134,13 @@ def start_infrastructure(
             tansu = LocalTansu(port)
             tansu.start(state_dir / "logs" / "tansu.log")
             closers.append(tansu.stop)
-            # Tansu rejects InitProducerId, and answers fetches only after fetch_max_wait_ms
+            # Tansu rejects InitProducerId. Its fetch answers come a quarter of fetch_max_wait_ms after a
+            # record at the median (half at most), and every idle fetch costs it CPU: measured on the
+            # 2-core machine with 2 replicas of each service and no orders, the platform idles at 0.82
+            # cores with 20 ms (Tansu 0.37 of them) and 0.31 with 100 ms; a hop's p50 goes from 6 to 26 ms
+            # (docs/RELIABILITY.md). `make bench` sets its own (20) to measure latency.
             bootstrap, kafka_kind, idempotence = tansu.bootstrap_servers, "embedded tansu", False
-            fetch_wait = int(fetch_wait_env or 20)
+            fetch_wait = int(fetch_wait_env or 100)
     except BaseException:
         for closer in reversed(closers):
             closer()
