@@ -18,7 +18,7 @@ from datetime import date
 from typing import Any
 
 import pytest
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaProducer, TopicPartition
 from faststream.kafka import KafkaBroker
 
 from v2v_contracts import CloudEvent, EventData, SlotReservedV1, new_event
@@ -320,6 +320,58 @@ async def test_a_restarted_consumer_does_not_handle_a_processed_message_again(
         (before.id, "generation 1"),
         (after.id, "generation 2"),
     ]
+
+
+async def test_a_backlog_is_committed_in_runs_and_its_last_record_at_once(
+    messaging_db: Any,
+    new_topic: Any,
+    producer: AIOKafkaProducer,
+    start_consumer: StartConsumer,
+    eventually: Any,
+) -> None:
+    """While records wait behind the one handled, its offset is left to the next commit (one broker
+    round trip per run of records, not per record); the record that ends the backlog is committed at once,
+    so a restarted member of the group reads nothing again."""
+    pool = messaging_db.pool
+    topic, dlq = await new_topic("v2v.scheduling"), await new_topic("v2v.order.dlq")
+    service = unique_service()
+    events = [make_event("order-b", n) for n in range(250)]
+    for event in events:  # one key: one partition, in order
+        await producer.send(topic, event.to_json(), key=b"order-b")
+    await producer.flush()
+
+    async def handle(tx: Tx, event: CloudEvent) -> None:
+        await write_effect(tx, event)
+
+    consumer, broker = await start_consumer(
+        service=service, topic=topic, dlq=dlq, handlers={EVENT_TYPE: handle}
+    )
+    kafka_consumer = consumer.subscriber.consumer
+    assert kafka_consumer is not None
+    commits: list[dict[Any, Any] | None] = []
+    commit = kafka_consumer.commit
+
+    async def counting_commit(offsets: Any = None) -> None:
+        commits.append(offsets)
+        await commit(offsets)
+
+    kafka_consumer.commit = counting_commit  # type: ignore[method-assign]
+    await eventually(lambda: consumer.stats.processed == 250, timeout=120, what="the backlog to be handled")
+    assert 1 <= len(commits) < 25, f"{len(commits)} commits for 250 records"
+    partition = (await inbox_rows(pool, consumer.group_id))[-1]["kafka_partition"]
+    tp = TopicPartition(topic, partition)
+    last = max(r["kafka_offset"] for r in await inbox_rows(pool, consumer.group_id))
+    assert await kafka_consumer.committed(tp) == last + 1  # the end of the backlog, at once
+    await broker.stop()
+
+    # a new member of the group starts after the committed end: nothing is read again
+    after = make_event("order-b", 250)
+    second, _ = await start_consumer(service=service, topic=topic, dlq=dlq, handlers={EVENT_TYPE: handle})
+    await producer.send_and_wait(topic, after.to_json(), key=b"order-b")
+    await eventually(lambda: second.stats.processed == 1, what="the new event after the restart")
+    assert second.stats.duplicates == 0
+    effects = await pool.fetch("SELECT event_id FROM it_effects ORDER BY id")
+    assert [r["event_id"] for r in effects] == [e.id for e in events] + [after.id]
 
 
 async def test_an_infrastructure_failure_is_redelivered_not_lost_nor_dead_lettered(
