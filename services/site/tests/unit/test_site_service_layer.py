@@ -15,6 +15,7 @@ import pytest
 from site_service.adapters.memory import MemoryStore, fake_uow
 from site_service.adapters.repository import SiteTx
 from site_service.domain.manufacturing import ManufacturingConflict
+from site_service.domain.registry import OrderFacts
 from site_service.service_layer import commands, queries
 from site_service.service_layer.handlers import handlers
 from v2v_contracts import (
@@ -30,8 +31,11 @@ from v2v_contracts import (
 )
 from v2v_contracts.coi import make_coi
 from v2v_contracts.errors import CoiMismatch, Conflict, DomainError, Invalid, NotFound
+from v2v_contracts.fields import lot_problem
 from v2v_messaging.fakes import FakeInbox, FakeUnitOfWork
+from v2v_servicekit.auth import Principal
 from v2v_servicekit.problems import status_of
+from v2v_servicekit.signatures import Signer
 
 SITE = "FR-LES-ULIS"  # TISA-CEL 3/day, AXI-CEL 2/day
 OTHER_SITE = "CH-STEIN"
@@ -125,6 +129,48 @@ async def receive(site: Site, o: Order, **kw: Any) -> dict[str, Any]:
     args: dict[str, Any] = {"order_id": o.order_id, "coi": o.coi, "accepted": True, "now": NOW}
     args.update(kw)
     return await commands.record_receipt(site.uow, o.site_id, **args)
+
+
+RESULTS = {"viability_pct": 91.5, "car_positive_pct": 28.0, "vcn_per_cell": 1.8, "sterility": "negative"}
+
+
+async def passed(site: Site, o: Order, coa: str = "COA-31-0001") -> dict[str, Any]:
+    """QC passed, with its results summary and certificate of analysis (issue 10)."""
+    return await commands.record_qc(
+        site.uow, o.site_id, o.order_id, disposition="passed", results=RESULTS, coa_reference=coa, now=NOW
+    )
+
+
+def market(site: Site, o: Order, regulator: str, order_type: str = "commercial") -> None:
+    """What `order.submitted` told the site: the order's market."""
+    site.store.orders[o.order_id] = OrderFacts(o.order_id, regulator, order_type, "FR", "europe")
+
+
+def signer(
+    meaning: str,
+    org_id: str,
+    *,
+    role: str | None = None,
+    user_id: str | None = None,
+    client_id: str = "qa-x",
+) -> Signer:
+    """A verified signer as `require_signature` yields it (the verification is tested in servicekit)."""
+    role = role or ("quality_unit" if meaning == "release" else "qualified_person")
+    principal = Principal(client_id=client_id, kind="qa", entity_id=None, scopes=frozenset({"qc:release"}))
+    return Signer(
+        user_id=user_id or f"{'qu' if role == 'quality_unit' else 'qp'}.{org_id.lower()}",
+        name=f"Test Signer {org_id}",
+        roles=frozenset({role}),
+        org_kind="site",
+        org_id=org_id,
+        meaning=meaning,
+        client_id=client_id,
+        principal=principal,
+        auth_time=NOW,
+        token_id=str(uuid.uuid4()),
+        issuer="https://issuer.test",
+        expires_at=NOW + timedelta(minutes=2),
+    )
 
 
 async def steps(site: Site, o: Order, names: list[str]) -> dict[str, Any]:
@@ -439,7 +485,10 @@ async def test_a_receipt_accepted_starts_run_one_once(site: Site) -> None:
         "treatment_center_id": CENTRE,
         "site_id": SITE,
         "received_at": NOW.isoformat().replace("+00:00", "Z"),
+        "lot": view["lot"],  # run 1's lot (issue 10)
+        "din": None,  # the order service told the site no DIN: none is checked
     }
+    assert lot_problem(view["lot"]) is None and view["lot"].startswith(f"{SITE}-")
     assert await receive(site, o) == view  # the same receipt again: nothing new
     assert site.events() == []
     with pytest.raises(ManufacturingConflict) as exc:
@@ -447,7 +496,7 @@ async def test_a_receipt_accepted_starts_run_one_once(site: Site) -> None:
     assert problem(exc) == (409, "accepted")
 
 
-async def test_a_receipt_refused_rejects_the_material_with_its_reason(site: Site) -> None:
+async def test_a_receipt_refused_holds_the_material_with_its_reason(site: Site) -> None:
     o = await reserve(site)
     site.events()
     for bad in ("  ", None, "bag damaged in transit"):
@@ -460,12 +509,12 @@ async def test_a_receipt_refused_rejects_the_material_with_its_reason(site: Site
 
     view = await receive(site, o, accepted=False, reason="damaged_container", reference="DEV-31-0042")
 
-    assert view["state"] == "rejected"
+    assert view["state"] == "held_at_receipt"  # held until QA's disposition (issue 10)
     [(kind, data)] = site.events()
     assert (kind, data["reason"]) == ("site.material_rejected.v1", "damaged_container")
     assert "reference" not in data  # the site's document id stays in the site's history
     assert [(h["action"], h["state_after"], h["reason"], h["reference"]) for h in view["history"]] == [
-        ("receipt", "rejected", "damaged_container", "DEV-31-0042")
+        ("receipt", "held_at_receipt", "damaged_container", "DEV-31-0042")
     ]
     with pytest.raises(ManufacturingConflict) as step_exc:
         await commands.record_step(site.uow, SITE, o.order_id, step="activation")
@@ -494,6 +543,7 @@ async def test_a_coi_mismatch_is_refused_and_alerted_on_its_own(site: Site) -> N
         "treatment_center_id": CENTRE,
         "site_id": SITE,
         "where": "material receipt",
+        "mismatched": "coi",
     }
     assert site.store.manufacturing == {}
     assert (await queries.get_manufacturing(site.uow, SITE, o.order_id))["state"] == "awaiting_material"
@@ -535,12 +585,21 @@ async def test_steps_in_order_then_release(site: Site) -> None:
     assert await steps(site, o, ["harvest"]) == view  # a repeated report: no-op
     assert site.events() == []
 
-    view = await commands.record_qc(site.uow, SITE, o.order_id, disposition="released", now=NOW)
+    view = await passed(site, o)
+    assert view["state"] == "qc_passed"
+    assert site.events() == []  # nothing leaves the site before the signed release
+    assert await passed(site, o) == view
+    market(site, o, "EMA")
+    view = await commands.sign_release(site.uow, SITE, o.order_id, signer("qp-certification", SITE))
     assert view["state"] == "released"
     [(kind, data)] = site.events()
     assert (kind, data["run"], data["site_id"]) == ("site.product_released.v1", 1, SITE)
-    assert await commands.record_qc(site.uow, SITE, o.order_id, disposition="released") == view
-    assert site.events() == []
+    assert (data["lot"], data["coa_reference"], data["certification"]) == (
+        view["lot"],
+        "COA-31-0001",
+        "qp_certification",
+    )
+    assert (data["import_certified"], data["exceptional"]) == (False, False)
     assert [(h["action"], h["step"], h["state_after"]) for h in view["history"]] == [
         ("receipt", None, "material_received"),
         *zip(
@@ -549,7 +608,9 @@ async def test_steps_in_order_then_release(site: Site) -> None:
             ["activation", "transduction", "expansion", "harvest", "qc_pending"],
             strict=True,
         ),
-        ("qc", None, "released"),
+        ("qc", None, "qc_passed"),
+        ("signature", None, "qc_passed"),
+        ("release", None, "released"),
     ]
 
 
@@ -567,7 +628,7 @@ async def test_a_step_out_of_order_or_before_receipt_is_refused(site: Site) -> N
     assert (exc.value.kind, exc.value.title) == ("conflict", "Conflict with the current state")
     assert exc.value.detail == "step: steps come in order: the next step is activation, not transduction"
     with pytest.raises(ManufacturingConflict) as exc:
-        await commands.record_qc(site.uow, SITE, o.order_id, disposition="released")
+        await passed(site, o)
     assert problem(exc) == (409, "disposition")
     with pytest.raises(Invalid) as bad:
         await commands.record_step(site.uow, SITE, o.order_id, step="formulation")
@@ -740,8 +801,10 @@ async def test_bookings_runs_steps_qc_and_registry_changes_are_audited_with_code
         "order_id": str(o.order_id),
         "site_id": SITE,
         "step": None,
+        "lot": received.new["lot"],  # type: ignore[index]
         "reference": "BR-0001",
     }
+    assert lot_problem(received.new["lot"]) is None  # type: ignore[index]
     outage = mine[4]
     assert outage.object_id == OTHER_SITE and len(outage.new["outages"]) == len(outage.old["outages"]) + 1  # type: ignore[index, arg-type, call-overload]
     assert verify("site", trail).broken is None
