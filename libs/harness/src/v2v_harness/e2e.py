@@ -167,6 +167,7 @@ class Journey:
         self.id = order["order_id"]
         self.coi = order["coi"]
         self.din: str | None = None  # the DIN of the latest collection (the apheresis answer shows it)
+        self.lot: str | None = None  # the released lot (for receipt at the centre and infusion)
 
     def as_site(self, site_id: str) -> V2VClient:
         return V2VClient(self.url, client=self.parties.site(site_id))
@@ -288,6 +289,8 @@ class Journey:
             else:
                 resp = await self.qa.release(site_id, self.id, headers=headers)
             answer = _checked(resp, None)
+        if answer.get("state") == "released":
+            self.lot = answer.get("lot") or self.lot
         return answer
 
     async def up_to_material_received(self) -> str:
