@@ -256,12 +256,27 @@ async def test_a_refused_receipt_is_the_planned_rejection() -> None:
 
 
 async def test_the_site_reports_every_step_at_its_time_then_releases() -> None:
-    mes = {"run": 1, "state": "material_received", "steps_completed": ["activation"]}
+    # the lot of an EU order made in Switzerland: a QP's certification and the import certification at
+    # the batch-release site (issue 10), both collected by QA's system
+    qp = {"role": "qualified_person", "site_id": "DE-LEIPZIG-IZI", "signed": False}
+    required = [{"meaning": "qp-certification", **qp}, {"meaning": "import-certification", **qp}]
+    mes = {"run": 1, "state": "material_received", "steps_completed": ["activation"], "release": None}
+    passed = {**mes, "state": "qc_passed", "release": {"required": required}}
+    views = {"n": 0}
+
+    def view(_: Any) -> httpx.Response:
+        views["n"] += 1
+        return httpx.Response(200, json=mes if views["n"] == 1 else passed)
+
     platform = FakePlatform(
         {
-            ("GET", "/v1/sites/CH-STEIN/manufacturing/o-1"): lambda _: httpx.Response(200, json=mes),
+            ("GET", "/v1/sites/CH-STEIN/manufacturing/o-1"): view,
             ("POST", "/v1/sites/CH-STEIN/manufacturing/o-1/steps"): lambda _: httpx.Response(200, json={}),
             ("POST", "/v1/sites/CH-STEIN/manufacturing/o-1/qc"): lambda _: httpx.Response(200, json={}),
+            ("POST", "/v1/sites/CH-STEIN/manufacturing/o-1/release"): lambda _: httpx.Response(200, json={}),
+            ("POST", "/v1/sites/DE-LEIPZIG-IZI/manufacturing/o-1/import-certification"): lambda _: (
+                httpx.Response(200, json={})
+            ),
         }
     )
     actor = await placed(platform)
@@ -271,11 +286,25 @@ async def test_the_site_reports_every_step_at_its_time_then_releases() -> None:
     assert not actor.site.run_done(row)
     await actor.site.manufacture(row)
     posted = platform.posted()[1:]
-    assert [b for _, b in posted[:-1]] == [{"step": s} for s in STEPS[1:]]  # activation was reported
-    assert posted[-1][1] == {"disposition": "released"}  # released now: no simulated moment is sent
-    # the site's MES reads and reports for its own site; the QC disposition is the manufacturer's QA's
-    assert set(platform.by("GET")) == {("/v1/sites/CH-STEIN/manufacturing/o-1", "site-ch-stein")}
-    assert [who for _, who in platform.by("POST")[1:]] == ["site-ch-stein"] * 4 + ["qa"]
+    assert [b for _, b in posted[:4]] == [{"step": s} for s in STEPS[1:]]  # activation was reported
+    qc = posted[4][1]  # passed now (no simulated moment is sent), with its results and certificate
+    assert (qc["disposition"], qc["coa_reference"], qc["results"]["sterility"]) == (
+        "passed",
+        "COA1-RUN1-00001",
+        "negative",
+    )
+    assert "reason" not in qc
+    # then the signed release: the QP's certification, and the import at the batch-release site
+    assert [p for p, _ in posted[5:]] == [
+        "/v1/sites/CH-STEIN/manufacturing/o-1/release",
+        "/v1/sites/DE-LEIPZIG-IZI/manufacturing/o-1/import-certification",
+    ]
+    # the site's MES reads and reports for its own site; QC and the release are the manufacturer's QA's
+    assert set(platform.by("GET")) == {
+        ("/v1/sites/CH-STEIN/manufacturing/o-1", "site-ch-stein"),
+        ("/v1/sites/CH-STEIN/manufacturing/o-1", "qa"),
+    }
+    assert [who for _, who in platform.by("POST")[1:]] == ["site-ch-stein"] * 4 + ["qa"] * 3
     steps = [(w, m) for w, m in actor.moments if w.startswith("manufacturing step")]
     assert [w for w, _ in steps] == [f"manufacturing step: {s}" for s in STEPS[1:]]
     assert [m for _, m in steps] == sorted(m for _, m in steps)

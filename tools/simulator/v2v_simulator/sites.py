@@ -1,6 +1,13 @@
 """The manufacturing site: its MES (receipt of the apheresis material, manufacturing steps), the
-manufacturer's QA (QC dispositions, the decision on a product quarantined after an excursion), and the
-registry (the run's one outage).
+manufacturer's QA (QC dispositions, the signed release of a lot, the decision on a product quarantined
+after an excursion), and the registry (the run's one outage).
+
+Issue 10: QC passes with a results summary and a certificate-of-analysis reference; the lot is then
+released by signature: QA's system collects, for each signature the site names (`release.required` of the
+manufacturing view: a quality unit's release or a QP's certification, and an import certification for a
+lot made outside its market), a fresh signing token of the demo user with that role at that site
+(`qu.<site>` / `qp.<site>`, `Credentials.signature_headers`). The receipt presents the bag's DIN beside
+the COI when the order's actor knows it (`OrderActor.din`, from the apheresis answer).
 
 Each acts as its own party: the MES as the site's demo client (confined to its own site), QA as `qa`, the
 registry as `admin`. Reasons are the platform's codes (`v2v_contracts.events`: ReceiptRejection,
@@ -50,7 +57,13 @@ class Site:
         await o.call(
             label,
             lambda c: c.site_receipt(
-                site_id, o.order_id, o.coi, not reject, reason=reason, reference=reference
+                site_id,
+                o.order_id,
+                o.coi,
+                not reject,
+                din=getattr(o, "din", None),
+                reason=reason,
+                reference=reference,
             ),
             party=site(site_id),
             ok=(200, 201),
@@ -123,18 +136,66 @@ class Site:
         moment = await o.at(cryo + timedelta(days=qc_days, hours=o.rng.uniform(0, 6)), label)
         reason = o.plan.params["reason"] if oos else None
         reference = self.reference(f"QC{run}") if oos else None
-        disposition = "out_of_specification" if oos else "released"
+        disposition = "out_of_specification" if oos else "passed"
+        results = None if oos else QC_RESULTS
+        coa = None if oos else self.reference(f"COA{run}")
         await o.call(  # QC dispositions are the manufacturer's QA's
             label,
-            lambda c: c.qc(site_id, o.order_id, disposition, reason=reason, reference=reference),
+            lambda c: c.qc(
+                site_id,
+                o.order_id,
+                disposition,
+                reason=reason,
+                reference=reference,
+                results=results,
+                coa_reference=coa,
+            ),
             party=QA,
             ok=(200, 201),
         )
+        if not oos:
+            await self.sign_release(site_id)
         o.done.add(("run", slot_id, run))
         if oos:
             o.result.applied = True
         else:
             o.release_at = moment
+
+    async def sign_release(self, site_id: str) -> None:
+        """QA collects every signature the lot still needs, from the demo users the site names, each
+        with a fresh signing token (user id + password re-entered: 21 CFR 11.200(a)(1))."""
+        o = self.order
+        view = (await o.call("release view", lambda c: c.manufacturing(site_id, o.order_id), party=QA)).body
+        required = ((view or {}).get("release") or {}).get("required") or []
+        for req in required:
+            if req.get("signed"):
+                continue
+            meaning, signing_site = str(req["meaning"]), str(req["site_id"])
+            headers = await self.signature(str(req["role"]), signing_site)
+            if meaning == "import-certification":
+                await o.call(
+                    "lot import certification",
+                    lambda c, h=headers, s=signing_site: c.import_certification(s, o.order_id, headers=h),
+                    party=QA,
+                    ok=(200, 201),
+                )
+            else:
+                await o.call(
+                    f"lot {meaning}",
+                    lambda c, h=headers: c.release(site_id, o.order_id, headers=h),
+                    party=QA,
+                    ok=(200, 201),
+                )
+
+    async def signature(self, role: str, site_id: str) -> dict[str, str]:
+        """`V2V-Signature-Token` of the demo signer with `role` at `site_id`, collected by QA's client
+        (none without credentials: a mocked platform)."""
+        credentials: Any = self.order.sim.api.credentials
+        if credentials is None or not hasattr(credentials, "signature_headers"):
+            return {}
+        user_id = credentials.user_id(role, site_id)
+        headers: dict[str, str] = await credentials.signature_headers(credentials.client_id(*QA), user_id)
+        return headers
 
     async def step(self, site_id: str, step: str, when: datetime, failure: str | None = None) -> None:
         """One step reported (as the site's MES) at its simulated time: completed, or failed for the
@@ -169,6 +230,17 @@ class Site:
             ok=(200,),
         )
         o.result.decision = decision
+
+
+# a QC results summary that passes (illustrative figures; numbers and codes only)
+QC_RESULTS: dict[str, Any] = {
+    "viability_pct": 92.5,
+    "car_positive_pct": 31.0,
+    "vcn_per_cell": 1.9,
+    "sterility": "negative",
+    "mycoplasma": "negative",
+    "endotoxin_eu_ml": 0.2,
+}
 
 
 # ---- the registry: the run's one site outage -------------------------------------------------------------

@@ -128,6 +128,9 @@ class SiteApproval(BaseModel):
     regulator: Regulator
     use: OrderType
     product_code: str
+    # issue 10 [site]: the site whose Qualified Person / quality unit releases for this market (EU GMP
+    # Annex 16; 21 CFR 211.22); None = the manufacturing site itself
+    batch_release_site_id: str | None = None
 
 
 class Outage(BaseModel):
@@ -341,6 +344,8 @@ class MaterialReceivedV1(OrderEventData):
     SERVICE = "site"
     site_id: str
     received_at: datetime
+    lot: str | None = None  # issue 10 [site]: the lot of run 1 (a lot per run)
+    din: str | None = None  # issue 10 [site]: the DIN verified at receipt (None: not known to the site)
 
 
 class MaterialRejectedV1(OrderEventData):
@@ -361,6 +366,7 @@ class ManufacturingStepCompletedV1(OrderEventData):
     step: Step
     run: int
     completed_at: datetime
+    lot: str | None = None  # issue 10 [site]
 
 
 class ProductReleasedV1(OrderEventData):
@@ -371,6 +377,12 @@ class ProductReleasedV1(OrderEventData):
     site_id: str
     run: int
     released_at: datetime
+    # ---- issue 10 [site]: a signed release of a lot
+    lot: str | None = None
+    coa_reference: str | None = None  # the certificate of analysis (an opaque document id)
+    certification: Literal["quality_unit_release", "qp_certification"] | None = None
+    import_certified: bool = False  # certified at the market's batch-release site (made outside it)
+    exceptional: bool = False  # released on the physician's request after an OOS result
 
 
 class ProductOutOfSpecificationV1(OrderEventData):
@@ -382,6 +394,7 @@ class ProductOutOfSpecificationV1(OrderEventData):
     run: int
     reason: ReasonCode  # a QcFinding
     retained_material: bool  # whether the site holds material for a remanufacture
+    lot: str | None = None  # issue 10 [site]
 
 
 class ManufacturingFailedV1(OrderEventData):
@@ -393,6 +406,7 @@ class ManufacturingFailedV1(OrderEventData):
     run: int
     reason: ReasonCode  # step_failed:<step>:<StepFailure> | qc_failed:<QcFinding>
     retained_material: bool
+    lot: str | None = None  # issue 10 [site]
 
 
 class ManufacturingStoppedV1(OrderEventData):
@@ -442,6 +456,7 @@ class SiteCoiMismatchDetectedV1(OrderEventData):
     SERVICE = "site"
     site_id: str
     where: str  # a fixed word of the site's ("material receipt"), never input
+    mismatched: Literal["coi", "din"] = "coi"  # issue 10 [site]: which id of the pair did not match
 
 
 class CoiMismatchDetectedV1(OrderEventData):
@@ -451,6 +466,27 @@ class CoiMismatchDetectedV1(OrderEventData):
     SERVICE = "logistics"
     shipment_id: uuid.UUID
     where: Code  # the handoff's location code, or `temperature-reading`
+
+
+# ---- issue 10: site ----
+# [site] consumes the order's disposition of material at risk. The class below is the agreed shape of
+# BRIEF-10b, owned by the order part: kept here only so that the site's handler builds and is tested on its
+# own branch. When merging, keep ONE copy (the order branch's) and drop this one.
+
+
+class DispositionDecidedV1(OrderEventData):
+    """QA decided the disposition of material at risk (OOS, excursion, refused receipt)."""
+
+    TYPE = "order.disposition_decided.v1"
+    SERVICE = "order"
+    cause: Literal["out_of_specification", "excursion", "receipt"]
+    outcome: Literal["release", "release_on_physician_request", "reject"]
+    site_id: str | None = None
+    run: int | None = None  # OOS
+    shipment_id: uuid.UUID | None = None  # excursion
+    leg: Literal["inbound_apheresis", "outbound_product"] | None = None
+    reason: ReasonCode  # QA's code
+    document_reference: str | None = None  # opaque id in QA's document system
 
 
 def _all_event_classes() -> list[type[EventData]]:

@@ -71,6 +71,30 @@ ReasonCode = Annotated[str, StringConstraints(pattern=REASON_CODE_PATTERN, max_l
 
 Finite = Annotated[float, Field(allow_inf_nan=False)]
 
+# ---- issue 10: site ----
+# A lot (batch) number per manufacturing run: capital letters, digits and `-`, 4..32 characters, starting
+# with a letter or digit. The site issues it (`<site prefix>-<sequence>`); a remanufacture gets a new one.
+LOT_RE = re.compile(r"^[A-Z0-9][A-Z0-9-]{3,31}\Z")
+
+
+def lot_problem(lot: str) -> str | None:
+    """Why a lot number is refused, or None when it is well formed."""
+    if not isinstance(lot, str) or not LOT_RE.match(lot):
+        return "must be 4..32 capital letters, digits or '-', starting with a letter or digit"
+    return None
+
+
+def _lot(value: Any) -> Any:
+    if isinstance(value, str):
+        problem = lot_problem(value)
+        if problem:
+            raise ValueError(problem)
+    return value
+
+
+Lot = Annotated[str, BeforeValidator(_lot)]
+"""A lot number as read from a product's label (`LOT_RE`); verified against the order by the service."""
+
 
 def in_reported_window(value: datetime, now: datetime | None = None) -> datetime:
     now = now or datetime.now(UTC)
@@ -104,10 +128,12 @@ BookingDate = Annotated[date, AfterValidator(in_booking_window)]
 
 __all__ = [
     "BOOKING_MAX_DAYS",
+    "LOT_RE",
     "BookingDate",
     "Code",
     "CoiRef",
     "Finite",
+    "Lot",
     "ReasonCode",
     "ReportedAt",
     "Text32",
@@ -119,4 +145,5 @@ __all__ = [
     "booking_window",
     "in_booking_window",
     "in_reported_window",
+    "lot_problem",
 ]

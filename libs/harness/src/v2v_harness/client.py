@@ -56,7 +56,8 @@ OrderAction = Literal[
     "quarantine-decision",
 ]
 Milestone = Literal["booked", "picked_up", "in_transit", "delivered"]
-Disposition = Literal["released", "out_of_specification", "failed"]
+Disposition = Literal["passed", "out_of_specification", "failed"]
+"""QC dispositions; a lot is released by signature (`release`, `import_certification`), not by QC."""
 
 
 class ApiError(Exception):
@@ -509,6 +510,7 @@ class V2VClient:
         coi: str,
         accepted: bool = True,
         *,
+        din: str | None = None,
         reason: str | None = None,
         reference: str | None = None,
         received_at: Moment | None = None,
@@ -516,9 +518,13 @@ class V2VClient:
     ) -> ApiResponse:
         """POST /v1/sites/{id}/receipts (`mes:report`, the site's own MES): the apheresis material
         accepted, or refused with a `ReceiptRejection` code (damaged_container, temperature_excursion,
-        label_mismatch, insufficient_volume, documentation_missing, other). `reference`: the site's own
-        document (an opaque id, never free text); `received_at`: within the last 30 days (default now)."""
+        label_mismatch, insufficient_volume, documentation_missing, other); a refused bag is held until
+        QA's disposition. `din`: the bag's donation identification number (required once the order
+        service issued one); `reference`: the site's own document (an opaque id, never free text);
+        `received_at`: within the last 30 days (default now)."""
         body: dict[str, Any] = {"order_id": order_id, "coi": coi, "accepted": accepted}
+        if din is not None:
+            body["din"] = din
         if reason is not None:
             body["reason"] = reason
         if received_at is not None:
@@ -562,17 +568,24 @@ class V2VClient:
         disposition: Disposition | str,
         *,
         reason: str | None = None,
+        results: Mapping[str, Any] | None = None,
+        coa_reference: str | None = None,
         reference: str | None = None,
         decided_at: Moment | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> ApiResponse:
-        """POST /v1/sites/{id}/manufacturing/{order}/qc (`qc:release`, the manufacturer's QA): released,
-        or out_of_specification / failed with a `QcFinding` code (sterility, endotoxin, mycoplasma,
-        viability, potency, dose, identity, purity, vector_copy_number, replication_competent_virus,
-        other)."""
+        """POST /v1/sites/{id}/manufacturing/{order}/qc (`qc:release`, the manufacturer's QA): passed
+        (with `results`, e.g. {"viability_pct": 92.5, "sterility": "negative"}, and the certificate of
+        analysis `coa_reference`: the lot then waits for its signed release), or out_of_specification /
+        failed with a `QcFinding` code (sterility, endotoxin, mycoplasma, viability, potency, dose,
+        identity, purity, vector_copy_number, replication_competent_virus, other)."""
         body: dict[str, Any] = {"disposition": disposition}
         if reason is not None:
             body["reason"] = reason
+        if results is not None:
+            body["results"] = dict(results)
+        if coa_reference is not None:
+            body["coa_reference"] = coa_reference
         if decided_at is not None:
             body["decided_at"] = _moment(decided_at)
         if reference is not None:
@@ -580,6 +593,37 @@ class V2VClient:
         return await self.post(
             "site", f"/v1/sites/{site_id}/manufacturing/{order_id}/qc", body, headers=headers
         )
+
+    async def release(
+        self,
+        site_id: str,
+        order_id: str,
+        *,
+        reference: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> ApiResponse:
+        """POST /v1/sites/{id}/manufacturing/{order}/release (`qc:release` + an electronic signature in
+        `V2V-Signature-Token`, given in `headers`): the quality unit's release (US) or a QP's
+        certification (EU) of the lot, by a signer of the batch-release site the approval names (the
+        manufacturing view's `release.required` says who)."""
+        body: dict[str, Any] = {} if reference is None else {"reference": reference}
+        return await self.post(
+            "site", f"/v1/sites/{site_id}/manufacturing/{order_id}/release", body, headers=headers
+        )
+
+    async def import_certification(
+        self,
+        batch_release_site_id: str,
+        order_id: str,
+        *,
+        reference: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> ApiResponse:
+        """POST /v1/sites/{batch release site}/manufacturing/{order}/import-certification (`qc:release` +
+        a signature): the import certification of a lot made outside its market."""
+        body: dict[str, Any] = {} if reference is None else {"reference": reference}
+        path = f"/v1/sites/{batch_release_site_id}/manufacturing/{order_id}/import-certification"
+        return await self.post("site", path, body, headers=headers)
 
     async def manufacturing(
         self, site_id: str, order_id: str, *, headers: Mapping[str, str] | None = None

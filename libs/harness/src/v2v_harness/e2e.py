@@ -166,6 +166,8 @@ class Journey:
         self.order = order
         self.id = order["order_id"]
         self.coi = order["coi"]
+        self.din: str | None = None  # the DIN of the latest collection (the apheresis answer shows it)
+        self.lot: str | None = None  # the released lot (for receipt at the centre and infusion)
 
     def as_site(self, site_id: str) -> V2VClient:
         return V2VClient(self.url, client=self.parties.site(site_id))
@@ -204,7 +206,10 @@ class Journey:
     ) -> dict[str, Any]:
         """An action on the order as the centre (a quarantine decision: as the manufacturer's QA)."""
         api = self.qa if action == "quarantine-decision" else self.api
-        return _checked(await api.order_action(self.id, action, body or {}), expect)
+        answer = _checked(await api.order_action(self.id, action, body or {}), expect)
+        if action == "apheresis":
+            self.din = din_of(answer) or self.din
+        return answer
 
     async def courier(
         self, shipment: dict[str, Any], *milestones: str, temperature_c: float | None = None
@@ -230,7 +235,7 @@ class Journey:
 
     async def receipt(self, site_id: str, accepted: bool = True, reason: str | None = None) -> dict[str, Any]:
         resp = await self.as_site(site_id).site_receipt(
-            site_id, self.id, self.coi, accepted, reason=reason or None
+            site_id, self.id, self.coi, accepted, din=self.din, reason=reason or None
         )
         return _checked(resp, None)
 
@@ -249,8 +254,44 @@ class Journey:
         return _checked(resp, None)
 
     async def qc(self, site_id: str, disposition: str, reason: str | None = None) -> dict[str, Any]:
-        """As the manufacturer's QA: a QC disposition (a `QcFinding` code unless released)."""
+        """As the manufacturer's QA: a QC disposition (a `QcFinding` code unless passed). `released`
+        means as it is done since issue 10: QC passed (results and certificate of analysis), then the
+        release signed by the demo users the site names (`sign_release`)."""
+        if disposition == "released":
+            await self.qc_passed(site_id)
+            return await self.sign_release(site_id)
         return _checked(await self.qa.qc(site_id, self.id, disposition, reason=reason or None), None)
+
+    async def qc_passed(self, site_id: str) -> dict[str, Any]:
+        """As QA: QC passed, with a results summary and a certificate-of-analysis reference."""
+        resp = await self.qa.qc(
+            site_id, self.id, "passed", results=DEMO_QC_RESULTS, coa_reference=f"COA-{self.id[:8].upper()}"
+        )
+        return _checked(resp, None)
+
+    async def sign_release(self, site_id: str, *, user_id: str | None = None) -> dict[str, Any]:
+        """As QA, collecting each signature the lot still needs (`release.required` of the manufacturing
+        view: the quality unit's release or a QP's certification, and an import certification for a lot
+        made outside its market) from the demo user with that role at that site (`qu.<site>` /
+        `qp.<site>`), each with a fresh signing token (user id + password re-entered). `user_id`: sign
+        as this user instead (to see a refusal). Returns the last answer (the released lot)."""
+        credentials = self.parties.credentials
+        qa_client = credentials.client_id("qa")
+        view = _checked(await self.qa.manufacturing(site_id, self.id), None)
+        answer = view
+        for req in (view.get("release") or {}).get("required") or []:
+            if req["signed"]:
+                continue
+            signer = user_id or credentials.user_id(req["role"], req["site_id"])
+            headers = await credentials.signature_headers(qa_client, signer)
+            if req["meaning"] == "import-certification":
+                resp = await self.qa.import_certification(req["site_id"], self.id, headers=headers)
+            else:
+                resp = await self.qa.release(site_id, self.id, headers=headers)
+            answer = _checked(resp, None)
+        if answer.get("state") == "released":
+            self.lot = answer.get("lot") or self.lot
+        return answer
 
     async def up_to_material_received(self) -> str:
         """Slot, booking, inbound shipment, apheresis, courier, receipt: returns the site id."""
@@ -266,6 +307,27 @@ class Journey:
 
 
 MANUFACTURING_STEPS = ("activation", "transduction", "expansion", "harvest", "cryopreservation")
+# a QC results summary that passes (illustrative figures; numbers and codes only)
+DEMO_QC_RESULTS: dict[str, Any] = {
+    "viability_pct": 92.5,
+    "car_positive_pct": 31.0,
+    "vcn_per_cell": 1.9,
+    "sterility": "negative",
+    "mycoplasma": "negative",
+    "endotoxin_eu_ml": 0.2,
+}
+
+
+def din_of(answer: dict[str, Any]) -> str | None:
+    """The DIN an apheresis answer shows (`din`, or the latest of `collections`), if any."""
+    din = answer.get("din")
+    if isinstance(din, str):
+        return din
+    collections = answer.get("collections")
+    if isinstance(collections, list) and collections and isinstance(collections[-1], dict):
+        found = collections[-1].get("din")
+        return found if isinstance(found, str) else None
+    return None
 
 
 def now_iso() -> str:

@@ -25,9 +25,11 @@ from site_service.entrypoints import api as site_api
 from site_service.service_layer import commands, handlers, queries
 from v2v_audit.service import migrate as audit_migrate
 from v2v_contracts import (
+    ApheresisCompletedV1,
     EventData,
     OrderCancelledV1,
     OrderFailedV1,
+    OrderSubmittedV1,
     RemanufactureRequestedV1,
     SiteApproval,
     SlotReleasedV1,
@@ -36,12 +38,16 @@ from v2v_contracts import (
 )
 from v2v_contracts.coi import make_coi
 from v2v_contracts.errors import DomainError
+from v2v_contracts.events import DispositionDecidedV1
+from v2v_contracts.fields import lot_problem
 from v2v_harness import pytest_plugin
 from v2v_messaging import MIGRATIONS_DIR, UnitOfWork, notify_channel
 from v2v_persistence import apply_migrations, create_pool, schema_of
-from v2v_servicekit import edge, get_runtime, problems
+from v2v_servicekit import edge, get_runtime, problems, signatures
+from v2v_servicekit.auth import Principal
 from v2v_servicekit.idempotency import MIGRATIONS_DIR as EDGE_MIGRATIONS
 from v2v_servicekit.problems import status_of
+from v2v_servicekit.signatures import SignatureTokenUses, Signer, check_record
 from v2v_servicekit.testing import TestTokens
 
 pytestmark = pytest.mark.integration
@@ -156,6 +162,51 @@ async def steps(uow: UnitOfWork, b: dict[str, Any], names: list[str]) -> dict[st
 
 
 ALL_STEPS = ["activation", "transduction", "expansion", "harvest", "cryopreservation"]
+RESULTS = {"viability_pct": 91.5, "car_positive_pct": 28.0, "vcn_per_cell": 1.8, "sterility": "negative"}
+
+
+async def submitted(uow: UnitOfWork, b: dict[str, Any], regulator: str = "EMA", country: str = "FR") -> None:
+    """`order.submitted` as the site consumes it: the order's market."""
+    await handle(
+        uow,
+        OrderSubmittedV1(
+            order_id=b["order_id"], coi=b["coi"], treatment_center_id=CENTRE, product_code="TISA-CEL",
+            order_type="commercial", regulator=regulator, country=country, region="europe",
+            requested_apheresis_date=DAY,
+        ),
+    )  # fmt: skip
+
+
+async def passed(uow: UnitOfWork, b: dict[str, Any], coa: str = "COA-31-0001") -> dict[str, Any]:
+    return await commands.record_qc(
+        uow, b["site_id"], b["order_id"], disposition="passed", results=RESULTS, coa_reference=coa, now=NOW
+    )
+
+
+def signer(meaning: str, org_id: str, *, role: str = "qualified_person", client_id: str = "qa-x") -> Signer:
+    """A verified signer, as `require_signature` yields it (the verification: servicekit's tests, and
+    `test_http_signed_release` below)."""
+    return Signer(
+        user_id=f"{'qp' if role == 'qualified_person' else 'qu'}.{org_id.lower()}",
+        name=f"Test Signer {org_id}",
+        roles=frozenset({role}),
+        org_kind="site",
+        org_id=org_id,
+        meaning=meaning,
+        client_id=client_id,
+        principal=Principal(client_id, "qa", None, frozenset({"qc:release"})),
+        auth_time=NOW,
+        token_id=str(uuid.uuid4()),
+        issuer="https://issuer.test",
+        expires_at=NOW + timedelta(minutes=2),
+    )
+
+
+async def released(uow: UnitOfWork, b: dict[str, Any]) -> dict[str, Any]:
+    """QC passed and the QP of the (EU, in-market) site certified: the lot is released."""
+    await submitted(uow, b)
+    await passed(uow, b)
+    return await commands.sign_release(uow, b["site_id"], b["order_id"], signer("qp-certification", SITE))
 
 
 def problem_of(excinfo: pytest.ExceptionInfo[DomainError]) -> tuple[int, str]:
@@ -474,7 +525,10 @@ async def test_receipt_accepted_starts_run_one(pool: asyncpg.Pool, uow: UnitOfWo
         "treatment_center_id": CENTRE,
         "site_id": SITE,
         "received_at": NOW.isoformat().replace("+00:00", "Z"),
+        "lot": view["lot"],  # run 1's lot (issue 10)
+        "din": None,
     }
+    assert lot_problem(view["lot"]) is None
     assert await receive(uow, b) == view  # the same receipt again: nothing new
     assert await outbox() == []
     with pytest.raises(DomainError) as exc:
@@ -482,7 +536,7 @@ async def test_receipt_accepted_starts_run_one(pool: asyncpg.Pool, uow: UnitOfWo
     assert status_of(exc.value) == 409
 
 
-async def test_receipt_refused_rejects_the_material_with_its_reason(
+async def test_receipt_refused_holds_the_material_with_its_reason_until_qa_decides(
     pool: asyncpg.Pool, uow: UnitOfWork, outbox: Any
 ) -> None:
     b = await reserve(uow)
@@ -497,7 +551,7 @@ async def test_receipt_refused_rejects_the_material_with_its_reason(
 
     view = await receive(uow, b, accepted=False, reason="damaged_container", reference="DEV-31-0042")
 
-    assert view["state"] == "rejected"
+    assert view["state"] == "held_at_receipt"  # held until QA decides (issue 10)
     [(kind, data)] = await outbox()
     assert kind == "site.material_rejected.v1"
     assert data["reason"] == "damaged_container"
@@ -505,6 +559,49 @@ async def test_receipt_refused_rejects_the_material_with_its_reason(
     with pytest.raises(DomainError) as exc:
         await commands.record_step(uow, SITE, b["order_id"], step="activation")
     assert problem_of(exc) == (409, "step")
+    with pytest.raises(DomainError) as exc:
+        await receive(uow, b)  # held: the MES cannot accept it on its own
+    assert problem_of(exc) == (409, "accepted")
+
+    await handle(
+        uow,
+        DispositionDecidedV1(
+            order_id=b["order_id"], coi=b["coi"], treatment_center_id=CENTRE, cause="receipt",
+            outcome="release", site_id=SITE, reason="container_intact_on_review",
+            document_reference="QA-ASSESS-7",
+        ),
+    )  # fmt: skip
+    view = await queries.get_manufacturing(uow, SITE, b["order_id"])
+    assert (view["state"], view["run"]) == ("material_received", 1)
+    [(kind, data)] = await outbox()
+    assert (kind, data["lot"]) == ("site.material_received.v1", view["lot"])
+    assert view["history"][-1]["action"] == "disposition"
+    assert view["history"][-1]["lot"] == view["lot"]
+
+
+async def test_receipt_checks_the_din_of_the_latest_collection(uow: UnitOfWork, outbox: Any) -> None:
+    b = await reserve(uow)
+    din = make_coi("DIN01", 31, next(_seq))
+    await handle(
+        uow,
+        ApheresisCompletedV1(
+            order_id=b["order_id"], coi=b["coi"], treatment_center_id=CENTRE, collected_at=NOW,
+            din=din, collection=1,
+        ),
+    )  # fmt: skip
+    await outbox()
+    with pytest.raises(DomainError) as exc:
+        await receive(uow, b)
+    assert problem_of(exc) == (422, "din")
+    with pytest.raises(DomainError) as exc:
+        await receive(uow, b, din=make_coi("DIN01", 31, next(_seq)))  # another bag
+    assert problem_of(exc) == (409, "din") and exc.value.kind == "coi-mismatch"
+    [(kind, data)] = await outbox()
+    assert (kind, data["mismatched"]) == ("site.coi_mismatch_detected.v1", "din")
+    view = await receive(uow, b, din=din)
+    assert view["state"] == "material_received"
+    [(kind, data)] = await outbox()
+    assert (kind, data["din"]) == ("site.material_received.v1", din)
 
 
 async def test_receipt_checks_the_coi_and_the_booking(
@@ -546,8 +643,11 @@ async def test_steps_in_order_then_qc_release(pool: asyncpg.Pool, uow: UnitOfWor
         await commands.record_step(uow, SITE, b["order_id"], step="transduction")
     assert problem_of(exc) == (409, "step")
     with pytest.raises(DomainError) as exc:
-        await commands.record_qc(uow, SITE, b["order_id"], disposition="released")
+        await passed(uow, b)
     assert problem_of(exc) == (409, "disposition")
+    with pytest.raises(DomainError) as exc:
+        await commands.record_qc(uow, SITE, b["order_id"], disposition="released")
+    assert problem_of(exc) == (422, "disposition")  # release is a signed step
 
     view = await steps(uow, b, ALL_STEPS)
     assert view["state"] == "qc_pending"
@@ -559,13 +659,28 @@ async def test_steps_in_order_then_qc_release(pool: asyncpg.Pool, uow: UnitOfWor
     assert await steps(uow, b, ["harvest"]) == view  # a repeated report: no-op
     assert await outbox() == []
 
-    view = await commands.record_qc(uow, SITE, b["order_id"], disposition="released", now=NOW)
+    view = await passed(uow, b)
+    assert (view["state"], view["coa_reference"], view["qc_results"]) == ("qc_passed", "COA-31-0001", RESULTS)
+    assert await outbox() == []  # nothing ships before the signed release
+    assert await passed(uow, b) == view
+    await submitted(uow, b)
+    view = await commands.sign_release(uow, SITE, b["order_id"], signer("qp-certification", SITE))
     assert view["state"] == "released"
     [(kind, data)] = await outbox()
     assert kind == "site.product_released.v1"
     assert data["run"] == 1 and data["site_id"] == SITE
-    assert await commands.record_qc(uow, SITE, b["order_id"], disposition="released") == view
-    assert await outbox() == []
+    assert (data["lot"], data["coa_reference"], data["certification"]) == (
+        view["lot"],
+        "COA-31-0001",
+        "qp_certification",
+    )
+    # the signature is stored with the lot's record, and still matches it
+    [sig] = await pool.fetch("SELECT * FROM signatures WHERE object_id = $1", view["lot"])
+    assert (sig["meaning"], sig["signer_user_id"]) == ("qp-certification", "qp.fr-les-ulis")
+    async with uow.read() as tx:
+        m = await tx.manufacturing.latest(b["order_id"], SITE)
+        assert m is not None
+        assert (await check_record(pool, queries.lot_record(m), "qp-certification")).signed
 
     history = view["history"]
     assert [(h["action"], h["step"], h["state_after"]) for h in history] == [
@@ -576,7 +691,9 @@ async def test_steps_in_order_then_qc_release(pool: asyncpg.Pool, uow: UnitOfWor
                 ALL_STEPS, ["activation", "transduction", "expansion", "harvest", "qc_pending"], strict=True
             )
         ],
-        ("qc", None, "released"),
+        ("qc", None, "qc_passed"),
+        ("signature", None, "qc_passed"),
+        ("release", None, "released"),
     ]
     with pytest.raises(asyncpg.RaiseError):  # the history is append-only
         await pool.execute("UPDATE manufacturing_history SET reason = 'edited'")
@@ -751,7 +868,7 @@ async def test_a_finished_manufacture_is_not_stopped(uow: UnitOfWork, outbox: An
     b = await reserve(uow)
     await receive(uow, b)
     await steps(uow, b, ALL_STEPS)
-    await commands.record_qc(uow, SITE, b["order_id"], disposition="released")
+    await released(uow, b)
     await outbox()
     await handle(
         uow, OrderFailedV1(order_id=b["order_id"], coi=b["coi"], treatment_center_id=CENTRE, reason="x")
@@ -774,6 +891,8 @@ async def client(pool: asyncpg.Pool, uow: UnitOfWork, tokens: TestTokens) -> Asy
     app.include_router(site_api.router)
     app.dependency_overrides[get_runtime] = lambda: SimpleNamespace(pool=pool, uow=uow)
     app.state.token_verifier = tokens.verifier()
+    signatures.install(app)
+    app.state.signature_token_uses = SignatureTokenUses(pool)  # one-time use in Postgres
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://site") as c:
         yield c
 
@@ -1002,3 +1121,80 @@ async def test_a_two_megabyte_site_patch_is_refused_at_the_edge_and_the_site_sti
     assert r.status_code == 200
     [(kind, _)] = await outbox()
     assert kind == "site.registered.v1"
+
+
+# ---- issue 10: the signed release over HTTP, with the signatures and token uses in Postgres -----------
+
+
+async def test_http_signed_release_of_an_eu_lot_made_in_switzerland(
+    pool: asyncpg.Pool, client: httpx.AsyncClient, uow: UnitOfWork, tokens: TestTokens, outbox: Any
+) -> None:
+    qa = tokens.headers("qa")
+    b = await reserve(uow, site_id=OTHER_SITE)  # CH-STEIN: outside the EU
+    oid = b["order_id"]
+    await submitted(uow, b)
+    await receive(uow, b)
+    await steps(uow, b, ALL_STEPS)
+    r = await client.post(
+        f"/v1/sites/{OTHER_SITE}/manufacturing/{oid}/qc", json={"disposition": "released"}, headers=qa
+    )
+    assert r.status_code == 422 and r.json()["errors"][0]["field"] == "disposition"
+    assert "signed" in r.json()["errors"][0]["reason"]
+    r = await client.post(
+        f"/v1/sites/{OTHER_SITE}/manufacturing/{oid}/qc",
+        json={"disposition": "passed", "results": RESULTS, "coa_reference": "COA-CH-1"},
+        headers=qa,
+    )
+    assert r.status_code == 200 and r.json()["state"] == "qc_passed", r.text
+    await outbox()
+    release = f"/v1/sites/{OTHER_SITE}/manufacturing/{oid}/release"
+    importing = f"/v1/sites/DE-LEIPZIG-IZI/manufacturing/{oid}/import-certification"
+
+    def qp(site_id: str, role: str = "qualified_person", **kw: Any) -> dict[str, str]:
+        kw.setdefault("client_id", "qa-x")
+        return tokens.signature_headers(f"qp.{site_id.lower()}", roles=(role,), org_id=site_id, **kw)
+
+    refusals = [
+        ({}, 401, "signature-required"),
+        (qp("DE-LEIPZIG-IZI", auth_age_s=600), 401, "signature-expired"),
+        (qp("DE-LEIPZIG-IZI", role="quality_unit"), 403, "signature-role"),
+        (qp(OTHER_SITE), 403, "signature-organisation"),  # the manufacturing site's QP is not the BRS's
+        (qp("DE-LEIPZIG-IZI", client_id="site-de-leipzig-izi"), 403, "signature-client"),
+    ]
+    for headers, status, reason in refusals:
+        r = await client.post(release, headers={**qa, **headers})
+        assert (r.status_code, r.json()["reason"]) == (status, reason), r.text
+    audited = await pool.fetch(
+        "SELECT reason, actor_user_id FROM audit_trail WHERE action = 'signature.refused' ORDER BY seq"
+    )
+    assert [a["reason"] for a in audited] == [reason for _, _, reason in refusals]  # every one audited
+    assert await pool.fetchval("SELECT count(*) FROM signatures") == 0
+    assert await outbox() == []
+
+    token = qp("DE-LEIPZIG-IZI")
+    r = await client.post(release, headers={**qa, **token}, json={"reference": "QP-CERT-0042"})
+    assert r.status_code == 200 and r.json()["state"] == "qc_passed", r.text
+    r = await client.post(release, headers={**qa, **token})  # the same signing token again
+    assert (r.status_code, r.json()["reason"]) == (401, "signature-replayed")
+    assert await outbox() == []  # certified but not yet imported: nothing ships
+    r = await client.post(importing, headers={**qa, **qp("DE-LEIPZIG-IZI")})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["state"] == "released"
+    assert [(x["meaning"], x["signed"]) for x in body["release"]["required"]] == [
+        ("qp-certification", True),
+        ("import-certification", True),
+    ]
+    [(kind, data)] = await outbox()
+    assert kind == "site.product_released.v1"
+    assert (data["certification"], data["import_certified"], data["coa_reference"]) == (
+        "qp_certification",
+        True,
+        "COA-CH-1",
+    )
+    signed = await pool.fetch(
+        "SELECT actor_user_id, actor_client_id FROM audit_trail WHERE action = 'lot.signed' ORDER BY seq"
+    )
+    assert [(s["actor_user_id"], s["actor_client_id"]) for s in signed] == [("qp.de-leipzig-izi", "qa-x")] * 2
+    with pytest.raises(asyncpg.RaiseError):  # signatures cannot be changed
+        await pool.execute("UPDATE signatures SET signer_name = 'x'")

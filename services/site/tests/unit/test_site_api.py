@@ -52,6 +52,14 @@ ROUTE_SCOPES = {
     ("POST", "/v1/sites/{site_id}/manufacturing/{order_id}/steps"): "mes:report",
     ("POST", "/v1/sites/{site_id}/manufacturing/{order_id}/qc"): "qc:release",
     ("GET", "/v1/sites/{site_id}/manufacturing/{order_id}"): "sites:read",
+    ("POST", "/v1/sites/{site_id}/manufacturing/{order_id}/release"): "qc:release",
+    ("POST", "/v1/sites/{site_id}/manufacturing/{order_id}/import-certification"): "qc:release",
+}
+# a QC that passed: its results summary and its certificate of analysis (issue 10)
+PASSED = {
+    "disposition": "passed",
+    "results": {"viability_pct": 92.5, "car_positive_pct": 31.0, "sterility": "negative"},
+    "coa_reference": "COA-2031-0042",
 }
 
 
@@ -78,6 +86,21 @@ class Api:
 
     def admin(self, **kw: Any) -> dict[str, str]:
         return self.tokens.headers("admin", **kw)
+
+    def qp(self, site_id: str = SITE, *, role: str = "qualified_person", **kw: Any) -> dict[str, str]:
+        """A signing token of the site's release signer (QP or quality unit), collected by QA's client."""
+        kw.setdefault("client_id", "qa-x")
+        prefix = "qp" if role == "qualified_person" else "qu"
+        return self.tokens.signature_headers(
+            f"{prefix}.{site_id.lower()}", roles=(role,), org_kind="site", org_id=site_id, **kw
+        )
+
+    def market(self, order_id: str, regulator: str, order_type: str = "commercial") -> None:
+        """What `order.submitted` tells the site: the order's market."""
+        from site_service.domain.registry import OrderFacts
+
+        oid = uuid.UUID(order_id)
+        self.store.orders[oid] = OrderFacts(oid, regulator, order_type, "FR", "europe")
 
     async def reserve(self, site_id: str = SITE, product: str = "TISA-CEL") -> tuple[str, str]:
         order_id, coi = uuid.uuid4(), make_coi("V2V00", 26, next(_seq))
@@ -138,6 +161,7 @@ async def api(seeded: MemoryStore) -> Any:
     app.include_router(router)
     app.dependency_overrides[get_runtime] = lambda: SimpleNamespace(uow=uow)
     tokens = TestTokens.install(app)
+    tokens.install_signatures(app)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://site") as c:
         yield Api(c, tokens, store, uow)
 
@@ -172,8 +196,10 @@ def requests_for(order_id: str = str(uuid.UUID(int=1))) -> list[tuple[str, str, 
             {"order_id": order_id, "coi": make_coi("V2V00", 26, 1), "accepted": True},
         ),
         ("mes:report", "POST", f"/v1/sites/{SITE}/manufacturing/{order_id}/steps", {"step": "activation"}),
-        ("qc:release", "POST", f"/v1/sites/{SITE}/manufacturing/{order_id}/qc", {"disposition": "released"}),
+        ("qc:release", "POST", f"/v1/sites/{SITE}/manufacturing/{order_id}/qc", PASSED),
         ("sites:read", "GET", f"/v1/sites/{SITE}/manufacturing/{order_id}", None),
+        ("qc:release", "POST", f"/v1/sites/{SITE}/manufacturing/{order_id}/release", {}),
+        ("qc:release", "POST", f"/v1/sites/{SITE}/manufacturing/{order_id}/import-certification", {}),
     ]
 
 
@@ -237,15 +263,22 @@ async def test_a_token_without_the_routes_scope_is_403(
 
 async def test_default_grants_who_may_do_what(api: Api) -> None:
     order_id = await api.qc_pending()
+    api.market(order_id, "EMA")
     qc = f"/v1/sites/{SITE}/manufacturing/{order_id}/qc"
     # a site's MES reports steps but does not release: QC is QA's
-    r = await api.client.post(qc, json={"disposition": "released"}, headers=api.site())
+    r = await api.client.post(qc, json=PASSED, headers=api.site())
     assert_refused(r, 403)
     # QA does not report MES steps or change the registry
     r = await api.client.patch(f"/v1/sites/{SITE}", json={"active": False}, headers=api.qa())
     assert_refused(r, 403)
-    r = await api.client.post(qc, json={"disposition": "released"}, headers=api.qa())
-    assert r.status_code == 200 and r.json()["state"] == "released"
+    r = await api.client.post(qc, json=PASSED, headers=api.qa())
+    assert r.status_code == 200 and r.json()["state"] == "qc_passed"
+    # the release is QA's too, signed by the batch-release site's QP (here the site itself)
+    release = f"/v1/sites/{SITE}/manufacturing/{order_id}/release"
+    r = await api.client.post(release, headers={**api.site(), **api.qp(client_id=f"site-{SITE.lower()}")})
+    assert_refused(r, 403)
+    r = await api.client.post(release, headers={**api.qa(), **api.qp()})
+    assert r.status_code == 200 and r.json()["state"] == "released", r.text
     # the admin changes the registry, but reports nothing from a site
     r = await api.client.post(
         f"/v1/sites/{SITE}/manufacturing/{order_id}/steps", json={"step": "activation"}, headers=api.admin()
@@ -323,7 +356,9 @@ async def test_a_site_principal_stays_confined_whatever_scopes_it_holds(api: Api
             f"/v1/sites/{OTHER_SITE}/outages",
             {"start_date": DAY.isoformat(), "end_date": DAY.isoformat(), "reason": "maintenance"},
         ),
-        ("POST", f"/v1/sites/{OTHER_SITE}/manufacturing/{order_id}/qc", {"disposition": "released"}),
+        ("POST", f"/v1/sites/{OTHER_SITE}/manufacturing/{order_id}/qc", PASSED),
+        ("POST", f"/v1/sites/{OTHER_SITE}/manufacturing/{order_id}/release", {}),
+        ("POST", f"/v1/sites/{OTHER_SITE}/manufacturing/{order_id}/import-certification", {}),
     ]:
         assert_refused(await api.client.request(method, path, json=body, headers=broad), 404)
     assert api.snapshot() == before and api.uow.committed == []
@@ -351,7 +386,8 @@ async def test_another_tenant_holding_site_scopes_is_confined_to_no_site(
             {"start_date": DAY.isoformat(), "end_date": DAY.isoformat(), "reason": "maintenance"},
         ),
         ("POST", f"/v1/sites/{SITE}/receipts", {"order_id": order_id, "coi": coi, "accepted": True}),
-        ("POST", f"/v1/sites/{OTHER_SITE}/manufacturing/{qc_order}/qc", {"disposition": "released"}),
+        ("POST", f"/v1/sites/{OTHER_SITE}/manufacturing/{qc_order}/qc", PASSED),
+        ("POST", f"/v1/sites/{OTHER_SITE}/manufacturing/{qc_order}/release", {}),
     ]:
         assert_refused(await api.client.request(method, path, json=body, headers=headers), 404)
     assert api.snapshot() == before and api.uow.committed == []
@@ -563,7 +599,7 @@ async def test_mes_reports_carry_reason_codes_into_their_events(api: Api) -> Non
         },
         headers=api.site(),
     )
-    assert r.status_code == 200 and r.json()["state"] == "rejected"
+    assert r.status_code == 200 and r.json()["state"] == "held_at_receipt"  # held for QA (issue 10)
     [event] = api.uow.take()
     assert (event.type, event.data["reason"]) == ("site.material_rejected.v1", "temperature_excursion")
 
@@ -665,8 +701,17 @@ QC_HOSTILE: list[tuple[dict[str, Any], str]] = [
     ({"disposition": "out_of_specification", "reason": "CAR+ 8%"}, "reason"),
     ({"disposition": "out_of_specification"}, "reason"),
     ({"disposition": "failed", "reason": "Sterility"}, "reason"),
-    ({"disposition": "released", "reason": "potency"}, "reason"),
+    ({"disposition": "passed", "reason": "potency"}, "reason"),
+    ({"disposition": "released"}, "disposition"),  # release is a signed step (issue 10)
     ({"disposition": "accepted"}, "disposition"),
+    ({"results": None}, "results"),  # a pass carries its results and certificate
+    ({"coa_reference": None}, "coa_reference"),
+    ({"coa_reference": "CoA of 3 May"}, "coa_reference"),
+    ({"results": {"viability_pct": 120}}, "results.viability_pct"),
+    ({"results": {"viability_pct": "NaN"}}, "results.viability_pct"),
+    ({"results": {"sterility": "positive"}}, "results.sterility"),
+    ({"results": {"sterility": "negative", "note": "clean"}}, "results.note"),
+    ({"results": {}}, "results"),
     ({"decided_at": "9999-12-31T00:00:00Z"}, "decided_at"),
     ({"decided_at": FromNow(hours=1)}, "decided_at"),
     ({"reference": "QC report 2026/17"}, "reference"),
@@ -683,7 +728,7 @@ async def test_a_hostile_qc_disposition_is_refused_and_nothing_is_written(
     r = await api.send(
         "POST",
         f"/v1/sites/{SITE}/manufacturing/{order_id}/qc",
-        {"disposition": "released", **resolve_times(body)},
+        {**PASSED, **resolve_times(body)},
         api.qa(),
     )
     assert_refused(r, 422, field)

@@ -1,5 +1,6 @@
 """Manufacturing at a site as a pure state machine: steps only in order, runs from retained material,
-and no sequence of MES reports and order commands ever reaches an illegal state."""
+QC passed waiting for the signed release, material at risk held for QA's disposition, and no sequence of
+MES reports, QA decisions and order commands ever reaches an illegal state."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from site_service.domain.manufacturing import ManufacturingConflict as Conflict
 from site_service.domain.registry import site_from_seed
 from site_service.service_layer.products import known_products, rules_for
 from v2v_contracts.errors import Conflict as DomainConflict
+from v2v_contracts.errors import Invalid
 from v2v_contracts.reference import load_products, product_catalogue
 
 S = State
@@ -35,25 +37,33 @@ NO_RETAIN = Rules(retains_material=False, max_runs=1)
 # the legal moves, written out independently of the implementation
 LEGAL: set[tuple[State, State]] = {
     (S.AWAITING_MATERIAL, S.MATERIAL_RECEIVED),
-    (S.AWAITING_MATERIAL, S.REJECTED),
+    (S.AWAITING_MATERIAL, S.HELD_AT_RECEIPT),  # refused at receipt: held for QA (issue 10)
+    (S.HELD_AT_RECEIPT, S.MATERIAL_RECEIVED),  # QA releases the held material: run 1
+    (S.HELD_AT_RECEIPT, S.REJECTED),  # QA rejects it
     (S.MATERIAL_RECEIVED, S.ACTIVATION),
     (S.ACTIVATION, S.TRANSDUCTION),
     (S.TRANSDUCTION, S.EXPANSION),
     (S.EXPANSION, S.HARVEST),
     (S.HARVEST, S.QC_PENDING),
-    (S.QC_PENDING, S.RELEASED),
+    (S.QC_PENDING, S.QC_PASSED),  # QC passed: the signed release follows
+    (S.QC_PASSED, S.RELEASED),  # every signature there
+    (S.OUT_OF_SPECIFICATION, S.QC_PASSED),  # QA released the OOS lot (or on the physician's request)
     (S.QC_PENDING, S.OUT_OF_SPECIFICATION),
     (S.QC_PENDING, S.FAILED),
     (S.OUT_OF_SPECIFICATION, S.MATERIAL_RECEIVED),
     (S.FAILED, S.MATERIAL_RECEIVED),
 }
 LEGAL |= {(s, S.FAILED) for s in (S.MATERIAL_RECEIVED, S.ACTIVATION, S.TRANSDUCTION, S.EXPANSION, S.HARVEST)}
-LEGAL |= {(s, S.STOPPED) for s in STATE_AFTER}
+LEGAL |= {(s, S.STOPPED) for s in (*STATE_AFTER, S.QC_PASSED, S.HELD_AT_RECEIPT)}
 ABSORBING = {S.RELEASED, S.REJECTED, S.STOPPED}
 
 
-def received() -> Manufacturing:
-    return mfg.receive(Manufacturing(), accepted=True).after
+def received(lot: str = "CH-STEIN-00000001") -> Manufacturing:
+    return mfg.receive(Manufacturing(), accepted=True, lot=lot).after
+
+
+def passed(m: Manufacturing | None = None) -> Manufacturing:
+    return mfg.qc(through(m or received(), STEPS), "passed", RETAINS).after
 
 
 def through(m: Manufacturing, steps: tuple[str, ...] | list[str]) -> Manufacturing:
@@ -74,8 +84,12 @@ def test_a_run_goes_from_receipt_through_the_steps_to_release() -> None:
         seen.append(m.state)
     assert seen == [S.ACTIVATION, S.TRANSDUCTION, S.EXPANSION, S.HARVEST, S.QC_PENDING]
     assert m.next_step is None
-    t = mfg.qc(m, "released", RETAINS)
-    assert t.changed and t.after.state == S.RELEASED and not t.after.retained_material
+    t = mfg.qc(m, "passed", RETAINS)
+    assert t.changed and t.after.state == S.QC_PASSED and not t.after.retained_material
+    assert t.after.lot == "CH-STEIN-00000001"  # the run's lot, from the receipt on
+    r = mfg.release(t.after)  # once every signature is there
+    assert r.changed and r.after.state == S.RELEASED and r.after.lot == t.after.lot
+    assert not mfg.release(r.after).changed
 
 
 def test_a_step_out_of_order_is_refused_naming_step() -> None:
@@ -101,7 +115,11 @@ def test_the_same_step_twice_is_a_no_op() -> None:
 def test_no_step_before_receipt_or_after_rejection() -> None:
     with pytest.raises(Conflict):
         mfg.complete_step(Manufacturing(), "activation")
-    rejected = mfg.receive(Manufacturing(), accepted=False).after
+    held = mfg.receive(Manufacturing(), accepted=False).after
+    assert held.state == S.HELD_AT_RECEIPT
+    with pytest.raises(Conflict):
+        mfg.complete_step(held, "activation")
+    rejected = mfg.decide_receipt(held, "reject").after
     assert rejected.state == S.REJECTED
     with pytest.raises(Conflict):
         mfg.complete_step(rejected, "activation")
@@ -120,7 +138,12 @@ def test_a_repeated_receipt_is_a_no_op_and_a_contradicting_one_is_refused() -> N
     with pytest.raises(Conflict) as exc:
         mfg.receive(m, accepted=False)
     assert exc.value.field == "accepted"
-    rejected = mfg.receive(Manufacturing(), accepted=False).after
+    held = mfg.receive(Manufacturing(), accepted=False).after
+    assert not mfg.receive(held, accepted=False).changed
+    with pytest.raises(Conflict) as exc:
+        mfg.receive(held, accepted=True)  # held: only QA's disposition releases it
+    assert "held" in exc.value.reason
+    rejected = mfg.decide_receipt(held, "reject").after
     assert not mfg.receive(rejected, accepted=False).changed
     with pytest.raises(Conflict):
         mfg.receive(rejected, accepted=True)
@@ -128,12 +151,80 @@ def test_a_repeated_receipt_is_a_no_op_and_a_contradicting_one_is_refused() -> N
 
 def test_qc_only_in_qc_pending_and_a_repeated_disposition_is_a_no_op() -> None:
     with pytest.raises(Conflict) as exc:
-        mfg.qc(through(received(), STEPS[:3]), "released", RETAINS)
+        mfg.qc(through(received(), STEPS[:3]), "passed", RETAINS)
     assert exc.value.field == "disposition"
-    released = mfg.qc(through(received(), STEPS), "released", RETAINS).after
-    assert not mfg.qc(released, "released", RETAINS).changed
+    ok = passed()
+    assert not mfg.qc(ok, "passed", RETAINS).changed
+    with pytest.raises(Conflict):
+        mfg.qc(ok, "failed", RETAINS)
+    released = mfg.release(ok).after
     with pytest.raises(Conflict):
         mfg.qc(released, "failed", RETAINS)
+
+
+def test_released_is_no_qc_disposition_and_a_lot_is_released_only_after_qc_passed() -> None:
+    with pytest.raises(ValueError):
+        mfg.qc(through(received(), STEPS), "released", RETAINS)
+    with pytest.raises(Invalid) as exc:  # 422 naming disposition
+        mfg.check_qc_report("released", None)
+    assert exc.value.errors[0].field == "disposition" and "signed" in exc.value.errors[0].reason
+    for m in (through(received(), STEPS), mfg.qc(through(received(), STEPS), "failed", RETAINS).after):
+        with pytest.raises(Conflict) as conflict:
+            mfg.release(m)
+        assert conflict.value.field == "state"
+
+
+def test_a_passed_qc_carries_results_and_a_certificate_and_no_positive_microbiology() -> None:
+    mfg.check_qc_evidence("passed", {"viability_pct": 91.5, "sterility": "negative"}, "COA-1")
+    mfg.check_qc_evidence("out_of_specification", None, None)  # only a pass needs its evidence
+    cases = [
+        ({}, "COA-1", "results"),
+        ({"viability_pct": 91.5}, None, "coa_reference"),
+        ({"sterility": "positive"}, "COA-1", "results.sterility"),
+        ({"mycoplasma": "positive"}, "COA-1", "results.mycoplasma"),
+    ]
+    for results, coa, field in cases:
+        with pytest.raises(Invalid) as exc:
+            mfg.check_qc_evidence("passed", results, coa)
+        assert exc.value.errors[0].field == field
+
+
+def test_qa_releases_or_rejects_material_held_at_receipt() -> None:
+    held = mfg.receive(Manufacturing(), accepted=False).after
+    t = mfg.decide_receipt(held, "release", lot="CH-STEIN-00000007")
+    assert t.changed
+    assert (t.after.state, t.after.run, t.after.lot) == (S.MATERIAL_RECEIVED, 1, "CH-STEIN-00000007")
+    assert not mfg.decide_receipt(t.after, "release").changed  # redelivered
+    rejected = mfg.decide_receipt(held, "reject").after
+    assert (rejected.state, rejected.run) == (S.REJECTED, 0)
+    assert not mfg.decide_receipt(rejected, "reject").changed
+    with pytest.raises(Conflict):
+        mfg.decide_receipt(held, "release_on_physician_request")  # only for an OOS product
+    with pytest.raises(Conflict):
+        mfg.decide_receipt(received(), "reject")  # nothing held
+
+
+@pytest.mark.parametrize(
+    ("outcome", "exceptional"), [("release", False), ("release_on_physician_request", True)]
+)
+def test_qa_releases_an_oos_run_to_qc_passed_where_it_waits_for_the_signed_release(
+    outcome: str, exceptional: bool
+) -> None:
+    oos = mfg.qc(through(received(), STEPS), "out_of_specification", RETAINS).after
+    assert oos.retained_material
+    t = mfg.decide_oos(oos, outcome, run=1)
+    assert t.changed and t.after.state == S.QC_PASSED and t.after.exceptional is exceptional
+    assert t.after.lot == oos.lot and not t.after.retained_material
+    assert not mfg.decide_oos(t.after, outcome, run=1).changed  # redelivered
+    assert mfg.release(t.after).after.exceptional is exceptional
+    assert not mfg.decide_oos(oos, "reject", run=1).changed  # reject: the order asks for a new run
+    with pytest.raises(Conflict) as exc:
+        mfg.decide_oos(oos, outcome, run=2)
+    assert exc.value.field == "run"
+    with pytest.raises(Conflict):
+        mfg.decide_oos(through(received(), STEPS), "release", run=1)  # not out of specification
+    with pytest.raises(Conflict):
+        mfg.decide_oos(mfg.qc(through(received(), STEPS), "failed", RETAINS).after, "release", run=1)
 
 
 def test_a_failed_step_loses_the_run_and_keeps_material_when_the_product_retains_it() -> None:
@@ -163,9 +254,10 @@ def test_only_the_step_in_progress_can_fail() -> None:
 def test_remanufacture_starts_run_two_from_retained_material_and_run_two_retains_nothing() -> None:
     oos = mfg.qc(through(received(), STEPS), "out_of_specification", RETAINS).after
     assert oos.retained_material
-    t = mfg.remanufacture(oos, 2)
+    t = mfg.remanufacture(oos, 2, lot="CH-STEIN-00000002")
     assert t.changed
     assert (t.after.state, t.after.run, t.after.steps_completed) == (S.MATERIAL_RECEIVED, 2, 0)
+    assert t.after.lot == "CH-STEIN-00000002" != oos.lot  # a new run, a new lot
     assert not mfg.remanufacture(t.after, 2).changed  # the same command again
     second = mfg.qc(through(t.after, STEPS), "failed", RETAINS).after
     assert second.state == S.FAILED and second.run == 2
@@ -192,11 +284,19 @@ def test_stop_ends_a_running_manufacture(done: int) -> None:
 
 
 @pytest.mark.parametrize(
+    "m", [passed(), mfg.receive(Manufacturing(), accepted=False).after], ids=["qc_passed", "held"]
+)
+def test_stop_ends_a_lot_waiting_for_release_and_material_held_at_receipt(m: Manufacturing) -> None:
+    t = mfg.stop(m)
+    assert t.changed and t.after.state == S.STOPPED
+
+
+@pytest.mark.parametrize(
     "m",
     [
         Manufacturing(),
-        mfg.receive(Manufacturing(), accepted=False).after,
-        mfg.qc(through(received(), STEPS), "released", RETAINS).after,
+        mfg.decide_receipt(mfg.receive(Manufacturing(), accepted=False).after, "reject").after,
+        mfg.release(passed()).after,
         mfg.qc(through(received(), STEPS), "failed", RETAINS).after,
     ],
     ids=["awaiting", "rejected", "released", "failed"],
@@ -227,6 +327,9 @@ ops = st.one_of(
     st.builds(Op, st.just("qc"), st.sampled_from(sorted(DISPOSITION_STATE))),
     st.builds(Op, st.just("remanufacture"), st.integers(min_value=0, max_value=4)),
     st.builds(Op, st.just("stop")),
+    st.builds(Op, st.just("receipt_decision"), st.sampled_from(mfg.OUTCOMES)),
+    st.builds(Op, st.just("oos_decision"), st.tuples(st.sampled_from(mfg.OUTCOMES), st.integers(1, 3))),
+    st.builds(Op, st.just("release")),
 )
 # mostly well-formed runs (receipt, steps in order) with noise mixed in, plus pure noise
 happy = st.just([Op("receive", True), *(Op("step", s) for s in STEPS)])
@@ -246,7 +349,13 @@ def apply(m: Manufacturing, op: Op, rules: Rules) -> Transition:
         case "qc":
             return mfg.qc(m, op.arg, rules)
         case "remanufacture":
-            return mfg.remanufacture(m, op.arg)
+            return mfg.remanufacture(m, op.arg, lot=f"LOT-{op.arg:04d}")
+        case "receipt_decision":
+            return mfg.decide_receipt(m, op.arg, lot="LOT-0001")
+        case "oos_decision":
+            return mfg.decide_oos(m, *op.arg)
+        case "release":
+            return mfg.release(m)
         case _:
             return mfg.stop(m)
 
@@ -254,14 +363,18 @@ def apply(m: Manufacturing, op: Op, rules: Rules) -> Transition:
 def check_consistent(m: Manufacturing, rules: Rules) -> None:
     assert isinstance(m.state, State)
     assert 0 <= m.steps_completed <= len(STEPS)
-    if m.state in {S.AWAITING_MATERIAL, S.REJECTED}:
+    if m.state in {S.AWAITING_MATERIAL, S.REJECTED, S.HELD_AT_RECEIPT}:
         assert (m.run, m.steps_completed) == (0, 0)
+    elif m.state == S.STOPPED and m.run == 0:  # material held at receipt, then the order ended
+        assert m.steps_completed == 0 and m.lot is None
     else:
         assert m.run >= 1
     if m.state in STATE_AFTER:
         assert m.state == STATE_AFTER[m.steps_completed]
-    if m.state in {S.RELEASED, S.OUT_OF_SPECIFICATION}:
+    if m.state in {S.RELEASED, S.OUT_OF_SPECIFICATION, S.QC_PASSED}:
         assert m.steps_completed == len(STEPS)
+    if m.exceptional:
+        assert m.state in {S.QC_PASSED, S.RELEASED, S.STOPPED}
     if m.state == S.FAILED:
         if m.failed_step is None:
             assert m.steps_completed == len(STEPS)  # failed at QC
@@ -293,13 +406,17 @@ def test_no_sequence_reaches_an_illegal_state(sequence: list[Op], rules: Rules) 
         assert (m.state, after.state) in LEGAL, f"{m.state} -> {after.state} by {op}"
         assert m.state not in ABSORBING
         assert after.run >= m.run
-        if m.run == 0 and after.run != 0:  # run 1 starts only at an accepted receipt
-            assert op == Op("receive", True) and after.run == 1
+        if m.run == 0 and after.run != 0:  # run 1 starts only at an accepted receipt (or QA's release)
+            assert op in (Op("receive", True), Op("receipt_decision", "release")) and after.run == 1
+            if op.kind == "receipt_decision":
+                assert m.state == S.HELD_AT_RECEIPT
         elif after.run != m.run:  # a later run: only from lost material that was retained
             assert op.kind == "remanufacture" and after.run == op.arg
             assert m.state in {S.OUT_OF_SPECIFICATION, S.FAILED} and m.retained_material
             remanufactures += 1
             completed_this_run = []
+        if after.state == S.RELEASED:  # only a lot that passed QC (or QA released) is released
+            assert op.kind == "release" and m.state == S.QC_PASSED
         if op.kind == "step":
             completed_this_run.append(op.arg)
             assert tuple(completed_this_run) == STEPS[: len(completed_this_run)]  # only in order

@@ -125,7 +125,7 @@ def test_an_outage_window_at_its_bounds_is_accepted() -> None:
     [
         (mfg.check_step_report, ("activation", True, "Contamination")),
         (mfg.check_step_report, ("activation", False, "contamination")),
-        (mfg.check_qc_report, ("released", "potency")),
+        (mfg.check_qc_report, ("passed", "potency")),
         (mfg.check_qc_report, ("failed", "low potency")),
         (mfg.check_qc_report, ("out_of_specification", None)),
     ],

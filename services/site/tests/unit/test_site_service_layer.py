@@ -4,6 +4,7 @@ events committed. No Postgres, no broker."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import uuid
 from dataclasses import dataclass
@@ -15,13 +16,16 @@ import pytest
 from site_service.adapters.memory import MemoryStore, fake_uow
 from site_service.adapters.repository import SiteTx
 from site_service.domain.manufacturing import ManufacturingConflict
+from site_service.domain.registry import OrderFacts
 from site_service.service_layer import commands, queries
 from site_service.service_layer.handlers import handlers
 from v2v_contracts import (
+    ApheresisCompletedV1,
     CloudEvent,
     EventData,
     OrderCancelledV1,
     OrderFailedV1,
+    OrderSubmittedV1,
     RemanufactureRequestedV1,
     SiteApproval,
     SlotReleasedV1,
@@ -30,8 +34,12 @@ from v2v_contracts import (
 )
 from v2v_contracts.coi import make_coi
 from v2v_contracts.errors import CoiMismatch, Conflict, DomainError, Invalid, NotFound
+from v2v_contracts.events import DispositionDecidedV1
+from v2v_contracts.fields import lot_problem
 from v2v_messaging.fakes import FakeInbox, FakeUnitOfWork
+from v2v_servicekit.auth import Principal
 from v2v_servicekit.problems import status_of
+from v2v_servicekit.signatures import Signer
 
 SITE = "FR-LES-ULIS"  # TISA-CEL 3/day, AXI-CEL 2/day
 OTHER_SITE = "CH-STEIN"
@@ -125,6 +133,48 @@ async def receive(site: Site, o: Order, **kw: Any) -> dict[str, Any]:
     args: dict[str, Any] = {"order_id": o.order_id, "coi": o.coi, "accepted": True, "now": NOW}
     args.update(kw)
     return await commands.record_receipt(site.uow, o.site_id, **args)
+
+
+RESULTS = {"viability_pct": 91.5, "car_positive_pct": 28.0, "vcn_per_cell": 1.8, "sterility": "negative"}
+
+
+async def passed(site: Site, o: Order, coa: str = "COA-31-0001") -> dict[str, Any]:
+    """QC passed, with its results summary and certificate of analysis (issue 10)."""
+    return await commands.record_qc(
+        site.uow, o.site_id, o.order_id, disposition="passed", results=RESULTS, coa_reference=coa, now=NOW
+    )
+
+
+def market(site: Site, o: Order, regulator: str, order_type: str = "commercial") -> None:
+    """What `order.submitted` told the site: the order's market."""
+    site.store.orders[o.order_id] = OrderFacts(o.order_id, regulator, order_type, "FR", "europe")
+
+
+def signer(
+    meaning: str,
+    org_id: str,
+    *,
+    role: str | None = None,
+    user_id: str | None = None,
+    client_id: str = "qa-x",
+) -> Signer:
+    """A verified signer as `require_signature` yields it (the verification is tested in servicekit)."""
+    role = role or ("quality_unit" if meaning == "release" else "qualified_person")
+    principal = Principal(client_id=client_id, kind="qa", entity_id=None, scopes=frozenset({"qc:release"}))
+    return Signer(
+        user_id=user_id or f"{'qu' if role == 'quality_unit' else 'qp'}.{org_id.lower()}",
+        name=f"Test Signer {org_id}",
+        roles=frozenset({role}),
+        org_kind="site",
+        org_id=org_id,
+        meaning=meaning,
+        client_id=client_id,
+        principal=principal,
+        auth_time=NOW,
+        token_id=str(uuid.uuid4()),
+        issuer="https://issuer.test",
+        expires_at=NOW + timedelta(minutes=2),
+    )
 
 
 async def steps(site: Site, o: Order, names: list[str]) -> dict[str, Any]:
@@ -439,7 +489,10 @@ async def test_a_receipt_accepted_starts_run_one_once(site: Site) -> None:
         "treatment_center_id": CENTRE,
         "site_id": SITE,
         "received_at": NOW.isoformat().replace("+00:00", "Z"),
+        "lot": view["lot"],  # run 1's lot (issue 10)
+        "din": None,  # the order service told the site no DIN: none is checked
     }
+    assert lot_problem(view["lot"]) is None and view["lot"].startswith(f"{SITE}-")
     assert await receive(site, o) == view  # the same receipt again: nothing new
     assert site.events() == []
     with pytest.raises(ManufacturingConflict) as exc:
@@ -447,7 +500,7 @@ async def test_a_receipt_accepted_starts_run_one_once(site: Site) -> None:
     assert problem(exc) == (409, "accepted")
 
 
-async def test_a_receipt_refused_rejects_the_material_with_its_reason(site: Site) -> None:
+async def test_a_receipt_refused_holds_the_material_with_its_reason(site: Site) -> None:
     o = await reserve(site)
     site.events()
     for bad in ("  ", None, "bag damaged in transit"):
@@ -460,12 +513,12 @@ async def test_a_receipt_refused_rejects_the_material_with_its_reason(site: Site
 
     view = await receive(site, o, accepted=False, reason="damaged_container", reference="DEV-31-0042")
 
-    assert view["state"] == "rejected"
+    assert view["state"] == "held_at_receipt"  # held until QA's disposition (issue 10)
     [(kind, data)] = site.events()
     assert (kind, data["reason"]) == ("site.material_rejected.v1", "damaged_container")
     assert "reference" not in data  # the site's document id stays in the site's history
     assert [(h["action"], h["state_after"], h["reason"], h["reference"]) for h in view["history"]] == [
-        ("receipt", "rejected", "damaged_container", "DEV-31-0042")
+        ("receipt", "held_at_receipt", "damaged_container", "DEV-31-0042")
     ]
     with pytest.raises(ManufacturingConflict) as step_exc:
         await commands.record_step(site.uow, SITE, o.order_id, step="activation")
@@ -494,6 +547,7 @@ async def test_a_coi_mismatch_is_refused_and_alerted_on_its_own(site: Site) -> N
         "treatment_center_id": CENTRE,
         "site_id": SITE,
         "where": "material receipt",
+        "mismatched": "coi",
     }
     assert site.store.manufacturing == {}
     assert (await queries.get_manufacturing(site.uow, SITE, o.order_id))["state"] == "awaiting_material"
@@ -535,12 +589,21 @@ async def test_steps_in_order_then_release(site: Site) -> None:
     assert await steps(site, o, ["harvest"]) == view  # a repeated report: no-op
     assert site.events() == []
 
-    view = await commands.record_qc(site.uow, SITE, o.order_id, disposition="released", now=NOW)
+    view = await passed(site, o)
+    assert view["state"] == "qc_passed"
+    assert site.events() == []  # nothing leaves the site before the signed release
+    assert await passed(site, o) == view
+    market(site, o, "EMA")
+    view = await commands.sign_release(site.uow, SITE, o.order_id, signer("qp-certification", SITE))
     assert view["state"] == "released"
     [(kind, data)] = site.events()
     assert (kind, data["run"], data["site_id"]) == ("site.product_released.v1", 1, SITE)
-    assert await commands.record_qc(site.uow, SITE, o.order_id, disposition="released") == view
-    assert site.events() == []
+    assert (data["lot"], data["coa_reference"], data["certification"]) == (
+        view["lot"],
+        "COA-31-0001",
+        "qp_certification",
+    )
+    assert (data["import_certified"], data["exceptional"]) == (False, False)
     assert [(h["action"], h["step"], h["state_after"]) for h in view["history"]] == [
         ("receipt", None, "material_received"),
         *zip(
@@ -549,7 +612,9 @@ async def test_steps_in_order_then_release(site: Site) -> None:
             ["activation", "transduction", "expansion", "harvest", "qc_pending"],
             strict=True,
         ),
-        ("qc", None, "released"),
+        ("qc", None, "qc_passed"),
+        ("signature", None, "qc_passed"),
+        ("release", None, "released"),
     ]
 
 
@@ -567,7 +632,7 @@ async def test_a_step_out_of_order_or_before_receipt_is_refused(site: Site) -> N
     assert (exc.value.kind, exc.value.title) == ("conflict", "Conflict with the current state")
     assert exc.value.detail == "step: steps come in order: the next step is activation, not transduction"
     with pytest.raises(ManufacturingConflict) as exc:
-        await commands.record_qc(site.uow, SITE, o.order_id, disposition="released")
+        await passed(site, o)
     assert problem(exc) == (409, "disposition")
     with pytest.raises(Invalid) as bad:
         await commands.record_step(site.uow, SITE, o.order_id, step="formulation")
@@ -740,8 +805,315 @@ async def test_bookings_runs_steps_qc_and_registry_changes_are_audited_with_code
         "order_id": str(o.order_id),
         "site_id": SITE,
         "step": None,
+        "lot": received.new["lot"],  # type: ignore[index]
         "reference": "BR-0001",
     }
+    assert lot_problem(received.new["lot"]) is None  # type: ignore[index]
     outage = mine[4]
     assert outage.object_id == OTHER_SITE and len(outage.new["outages"]) == len(outage.old["outages"]) + 1  # type: ignore[index, arg-type, call-overload]
     assert verify("site", trail).broken is None
+
+
+# ---- issue 10: the signed release, DIN at receipt, QA's disposition of material at risk ----------------
+
+
+async def to_qc_passed(site: Site, o: Order, regulator: str, order_type: str = "commercial") -> None:
+    await receive(site, o)
+    await steps(site, o, ALL_STEPS)
+    await passed(site, o)
+    market(site, o, regulator, order_type)
+    site.events()
+
+
+async def test_a_us_lot_is_released_by_the_quality_unit_of_the_site() -> None:
+    store = MemoryStore()
+    uow = fake_uow(store)
+    await commands.load_seed(uow)
+    us = Site(store, uow, FakeInbox(uow, handlers))
+    o = await reserve(us, site_id="US-MORRIS-PLAINS")
+    await to_qc_passed(us, o, "FDA")
+    view = await queries.get_manufacturing(us.uow, "US-MORRIS-PLAINS", o.order_id)
+    assert [(r["meaning"], r["role"], r["site_id"], r["signed"]) for r in view["release"]["required"]] == [
+        ("release", "quality_unit", "US-MORRIS-PLAINS", False)
+    ]
+    view = await commands.sign_release(
+        us.uow, "US-MORRIS-PLAINS", o.order_id, signer("release", "US-MORRIS-PLAINS")
+    )
+    assert view["state"] == "released"
+    [(kind, data)] = us.events()
+    assert (kind, data["certification"], data["import_certified"]) == (
+        "site.product_released.v1",
+        "quality_unit_release",
+        False,
+    )
+    [req] = view["release"]["required"]
+    assert (
+        req["signed"]
+        and "Test Signer US-MORRIS-PLAINS (qu.us-morris-plains)" in (req["signatures"][0]["manifestation"])
+    )
+
+
+async def test_an_eu_lot_made_outside_the_eu_needs_the_qp_and_the_import_certification(site: Site) -> None:
+    o = await reserve(site, site_id=OTHER_SITE)  # CH-STEIN: outside the EU/EEA
+    await to_qc_passed(site, o, "EMA")
+    view = await queries.get_manufacturing(site.uow, OTHER_SITE, o.order_id)
+    rel = view["release"]
+    assert (rel["batch_release_site_id"], rel["imported"]) == ("DE-LEIPZIG-IZI", True)
+    assert [(r["meaning"], r["site_id"]) for r in rel["required"]] == [
+        ("qp-certification", "DE-LEIPZIG-IZI"),
+        ("import-certification", "DE-LEIPZIG-IZI"),
+    ]
+    assert await commands.required_signature(site.uow, OTHER_SITE, o.order_id, import_at=False) == (
+        "qp-certification",
+        "qualified_person",
+    )
+    assert await commands.required_signature(site.uow, "DE-LEIPZIG-IZI", o.order_id, import_at=True) == (
+        "import-certification",
+        "qualified_person",
+    )
+    # a QP of the manufacturing site is not the batch-release site's QP
+    with pytest.raises(DomainError) as exc:
+        await commands.sign_release(site.uow, OTHER_SITE, o.order_id, signer("qp-certification", OTHER_SITE))
+    assert (status_of(exc.value), exc.value.kind) == (403, "signature-organisation")
+    # a quality unit is no QP
+    with pytest.raises(DomainError) as exc:
+        await commands.sign_release(
+            site.uow,
+            OTHER_SITE,
+            o.order_id,
+            signer("qp-certification", "DE-LEIPZIG-IZI", role="quality_unit"),
+        )
+    assert (status_of(exc.value), exc.value.kind) == (403, "signature-role")
+    view = await commands.sign_release(
+        site.uow, OTHER_SITE, o.order_id, signer("qp-certification", "DE-LEIPZIG-IZI")
+    )
+    assert view["state"] == "qc_passed"  # certified, not yet imported: nothing ships
+    assert site.events() == []
+    with pytest.raises(Conflict) as dup:  # the same certification twice
+        await commands.sign_release(
+            site.uow, OTHER_SITE, o.order_id, signer("qp-certification", "DE-LEIPZIG-IZI")
+        )
+    assert problem(dup) == (409, "order_id")
+    with pytest.raises(Conflict) as wrong_site:  # the import is certified at the batch-release site
+        await commands.sign_release(
+            site.uow, "FR-LES-ULIS", o.order_id, signer("import-certification", "FR-LES-ULIS"), import_at=True
+        )
+    assert problem(wrong_site) == (409, "site_id")
+    view = await commands.sign_release(
+        site.uow,
+        "DE-LEIPZIG-IZI",
+        o.order_id,
+        signer("import-certification", "DE-LEIPZIG-IZI"),
+        import_at=True,
+    )
+    assert view["state"] == "released"
+    [(kind, data)] = site.events()
+    assert (kind, data["certification"], data["import_certified"], data["site_id"]) == (
+        "site.product_released.v1",
+        "qp_certification",
+        True,
+        OTHER_SITE,
+    )
+    trail = [
+        (r.action, r.actor.user_id)
+        for r in site.store.audit
+        if r.action in ("lot.signed", "manufacture.release")
+    ]
+    assert trail == [
+        ("lot.signed", "qp.de-leipzig-izi"),
+        ("lot.signed", "qp.de-leipzig-izi"),
+        ("manufacture.release", "qp.de-leipzig-izi"),
+    ]
+
+
+async def test_no_import_certification_for_a_lot_made_inside_the_market(site: Site) -> None:
+    o = await reserve(site)
+    await to_qc_passed(site, o, "EMA")
+    with pytest.raises(Conflict) as exc:
+        await commands.required_signature(site.uow, SITE, o.order_id, import_at=True)
+    assert problem(exc) == (409, "order_id")
+
+
+async def test_a_release_needs_qc_passed_and_a_known_market(site: Site) -> None:
+    o = await reserve(site)
+    await receive(site, o)
+    await steps(site, o, ALL_STEPS)
+    with pytest.raises(Conflict) as unknown:  # order.submitted not seen: nobody knows who signs
+        await commands.required_signature(site.uow, SITE, o.order_id, import_at=False)
+    assert problem(unknown) == (409, "order_id")
+    market(site, o, "EMA")
+    with pytest.raises(ManufacturingConflict) as early:
+        await commands.sign_release(site.uow, SITE, o.order_id, signer("qp-certification", SITE))
+    assert problem(early) == (409, "state")
+    assert site.store.signatures == []
+
+
+async def test_a_lot_changed_after_signing_shows_unsigned(site: Site) -> None:
+    o = await reserve(site, site_id=OTHER_SITE)
+    await to_qc_passed(site, o, "EMA")
+    await commands.sign_release(
+        site.uow, OTHER_SITE, o.order_id, signer("qp-certification", "DE-LEIPZIG-IZI")
+    )
+    row = next(r for r in site.store.manufacturing.values() if r.m.order_id == o.order_id)
+    row.m = dataclasses.replace(row.m, coa_reference="COA-FORGED")  # changed behind the service's back
+    view = await queries.get_manufacturing(site.uow, OTHER_SITE, o.order_id)
+    qp = view["release"]["required"][0]
+    assert (qp["meaning"], qp["signed"], qp["stale"]) == ("qp-certification", False, 1)
+    await commands.sign_release(
+        site.uow,
+        "DE-LEIPZIG-IZI",
+        o.order_id,
+        signer("import-certification", "DE-LEIPZIG-IZI"),
+        import_at=True,
+    )
+    assert (await queries.get_manufacturing(site.uow, OTHER_SITE, o.order_id))["state"] == "qc_passed"
+    assert site.events() == []  # the changed lot is not released on a signature of the old one
+
+
+async def test_a_refused_signature_is_audited(site: Site) -> None:
+    o = await reserve(site)
+    await commands.audit_signature_refusal(
+        site.uow,
+        SITE,
+        o.order_id,
+        reason="signature-role",
+        meaning="qp-certification",
+        principal=Principal("qa-x", "qa", None, frozenset()),
+        user_id="qa.fr-les-ulis",
+    )
+    entry = site.store.audit[-1]
+    assert (entry.action, entry.object_id, entry.reason) == (
+        "signature.refused",
+        str(o.order_id),
+        "signature-role",
+    )
+    assert (entry.actor.client_id, entry.actor.user_id) == ("qa-x", "qa.fr-les-ulis")
+
+
+def apheresis(o: Order, din: str | None, collection: int = 1) -> ApheresisCompletedV1:
+    extra: dict[str, Any] = {} if din is None else {"din": din, "collection": collection}
+    return ApheresisCompletedV1(
+        order_id=o.order_id, coi=o.coi, treatment_center_id=CENTRE, collected_at=NOW, **extra
+    )
+
+
+async def test_a_receipt_checks_the_din_of_the_latest_collection(site: Site) -> None:
+    o = await reserve(site)
+    first, second = make_coi("DIN01", 31, 1), make_coi("DIN01", 31, 2)
+    await site.deliver(apheresis(o, first, 1), apheresis(o, second, 2), apheresis(o, first, 1))
+    assert site.store.orders[o.order_id].din == second  # an older collection never replaces a later one
+    site.events()
+    with pytest.raises(Invalid) as missing_din:
+        await receive(site, o)
+    assert problem(missing_din) == (422, "din")
+    with pytest.raises(Invalid) as bad:
+        await receive(site, o, din=second[:-1] + ("A" if second[-1] != "A" else "B"))
+    assert problem(bad) == (422, "din")
+    with pytest.raises(CoiMismatch) as exc:
+        await receive(site, o, din=first)  # the bag of the first collection
+    assert problem(exc) == (409, "din")
+    [(kind, data)] = site.events()
+    assert (kind, data["mismatched"]) == ("site.coi_mismatch_detected.v1", "din")
+    assert site.store.manufacturing == {}
+    view = await receive(site, o, din=second)
+    assert view["state"] == "material_received"
+    [(kind, data)] = site.events()
+    assert (kind, data["din"], data["lot"]) == ("site.material_received.v1", second, view["lot"])
+
+
+def decided(o: Order, cause: str, outcome: str, run: int | None = None) -> DispositionDecidedV1:
+    return DispositionDecidedV1(
+        order_id=o.order_id,
+        coi=o.coi,
+        treatment_center_id=CENTRE,
+        cause=cause,  # type: ignore[arg-type]
+        outcome=outcome,  # type: ignore[arg-type]
+        site_id=o.site_id,
+        run=run,
+        reason="within_specification_risk_assessed",
+        document_reference="QA-ASSESS-0042",
+    )
+
+
+@pytest.mark.parametrize(("outcome", "state"), [("release", "material_received"), ("reject", "rejected")])
+async def test_qa_decides_on_material_held_at_receipt(site: Site, outcome: str, state: str) -> None:
+    o = await reserve(site)
+    await receive(site, o, accepted=False, reason="temperature_excursion")
+    site.events()
+    await site.deliver(decided(o, "receipt", outcome))
+    await site.deliver(decided(o, "receipt", outcome))  # redelivered as a new event: nothing more
+    view = await queries.get_manufacturing(site.uow, SITE, o.order_id)
+    assert view["state"] == state
+    events = site.events()
+    if outcome == "release":
+        [(kind, data)] = events
+        assert (kind, data["lot"]) == ("site.material_received.v1", view["lot"])
+        assert view["run"] == 1 and view["next_step"] == "activation"
+    else:
+        assert events == [] and view["lot"] is None
+    assert view["history"][-1]["action"] == "disposition"
+    assert view["history"][-1]["reference"] == "QA-ASSESS-0042"
+
+
+@pytest.mark.parametrize(
+    ("outcome", "exceptional"), [("release", False), ("release_on_physician_request", True)]
+)
+async def test_an_oos_lot_released_by_qa_waits_for_the_signed_release(
+    site: Site, outcome: str, exceptional: bool
+) -> None:
+    o = await reserve(site)
+    await receive(site, o)
+    await steps(site, o, ALL_STEPS)
+    await commands.record_qc(
+        site.uow, SITE, o.order_id, disposition="out_of_specification", reason="viability",
+        results={"viability_pct": 61.0}, coa_reference="COA-OOS-1",
+    )  # fmt: skip
+    market(site, o, "EMA")
+    site.events()
+    await site.deliver(decided(o, "out_of_specification", outcome, run=1))
+    view = await queries.get_manufacturing(site.uow, SITE, o.order_id)
+    assert (view["state"], view["exceptional"]) == ("qc_passed", exceptional)
+    assert site.events() == []  # nothing ships before the signature
+    await commands.sign_release(site.uow, SITE, o.order_id, signer("qp-certification", SITE))
+    [(kind, data)] = site.events()
+    assert (kind, data["exceptional"], data["coa_reference"]) == (
+        "site.product_released.v1",
+        exceptional,
+        "COA-OOS-1",
+    )
+
+
+async def test_an_oos_reject_leaves_the_run_for_the_orders_remanufacture_with_a_new_lot(site: Site) -> None:
+    o = await reserve(site)
+    await receive(site, o)
+    await steps(site, o, ALL_STEPS)
+    await commands.record_qc(site.uow, SITE, o.order_id, disposition="out_of_specification", reason="potency")
+    first_lot = (await queries.get_manufacturing(site.uow, SITE, o.order_id))["lot"]
+    await site.deliver(decided(o, "out_of_specification", "reject", run=1))
+    assert (await queries.get_manufacturing(site.uow, SITE, o.order_id))["state"] == "out_of_specification"
+    await site.deliver(
+        RemanufactureRequestedV1(
+            order_id=o.order_id, coi=o.coi, treatment_center_id=CENTRE, site_id=SITE,
+            reason="out_of_specification", run=2,
+        )
+    )  # fmt: skip
+    view = await queries.get_manufacturing(site.uow, SITE, o.order_id)
+    assert (view["state"], view["run"]) == ("material_received", 2)
+    assert view["lot"] != first_lot and lot_problem(view["lot"]) is None
+    site.events()
+    await steps(site, o, ["activation"])
+    [(kind, data)] = site.events()
+    assert (kind, data["lot"], data["run"]) == ("site.manufacturing_step_completed.v1", view["lot"], 2)
+
+
+async def test_the_site_learns_the_orders_market_from_order_submitted(site: Site) -> None:
+    o = await reserve(site)
+    await site.deliver(
+        OrderSubmittedV1(
+            order_id=o.order_id, coi=o.coi, treatment_center_id=CENTRE, product_code="TISA-CEL",
+            order_type="commercial", regulator="EMA", country="FR", region="europe",
+            requested_apheresis_date=DAY,
+        )
+    )  # fmt: skip
+    facts = site.store.orders[o.order_id]
+    assert (facts.regulator, facts.order_type, facts.country) == ("EMA", "commercial", "FR")

@@ -22,15 +22,18 @@ from typing import Any
 from site_service.adapters.repository import (
     BookingRepository,
     ManufacturingRepository,
+    OrderFactsRepository,
+    SignatureStore,
     SiteRepository,
     SiteTx,
     site_row,
 )
 from site_service.domain.manufacturing import Manufacture, Manufacturing, State
-from site_service.domain.registry import Booking, Site
+from site_service.domain.registry import Booking, OrderFacts, Site
 from v2v_audit import MemoryAuditTrail, Record
 from v2v_contracts import Outage, SiteRegisteredV1
 from v2v_messaging.fakes import FakeOutbox, FakeUnitOfWork
+from v2v_servicekit.signatures import CANONICALIZATION, Signature, SignedRecord, Signer
 
 
 def _now() -> datetime:
@@ -74,11 +77,24 @@ class MemoryStore:
     history: list[dict[str, Any]] = field(default_factory=list)
     seq: itertools.count[int] = field(default_factory=itertools.count)
     audit: list[Record] = field(default_factory=list)  # the audit trail, chained as in Postgres
+    orders: dict[uuid.UUID, OrderFacts] = field(default_factory=dict)
+    signatures: list[Signature] = field(default_factory=list)
+    lots: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
     def copy(self) -> MemoryStore:
         """An independent store holding the same state (e.g. a seeded network reused by many tests)."""
-        sites, bookings, manufacturing, history, audit = self.snapshot()
-        return MemoryStore(sites, bookings, manufacturing, history, itertools.count(next(self.seq)), audit)
+        sites, bookings, manufacturing, history, audit, orders, signatures = self.snapshot()
+        return MemoryStore(
+            sites,
+            bookings,
+            manufacturing,
+            history,
+            itertools.count(next(self.seq)),
+            audit,
+            orders,
+            signatures,
+            itertools.count(next(self.lots)),
+        )
 
     def snapshot(self) -> tuple[Any, ...]:
         """The state as it is (the rows hold immutable values: copying the rows is enough)."""
@@ -88,10 +104,20 @@ class MemoryStore:
             {k: replace(v) for k, v in self.manufacturing.items()},
             list(self.history),
             list(self.audit),
+            dict(self.orders),
+            list(self.signatures),
         )
 
     def restore(self, saved: tuple[Any, ...]) -> None:
-        self.sites, self.bookings, self.manufacturing, self.history, self.audit = saved
+        (
+            self.sites,
+            self.bookings,
+            self.manufacturing,
+            self.history,
+            self.audit,
+            self.orders,
+            self.signatures,
+        ) = saved
 
     def booking(self, slot_id: uuid.UUID) -> Booking:
         """The booking of a slot (for assertions)."""
@@ -140,7 +166,7 @@ class MemorySiteRepository(SiteRepository):
             "timezone": e.timezone,
             "operator": e.operator,
             "active": e.active,
-            "approvals": [a.model_dump() for a in e.approvals],
+            "approvals": [a.model_dump(exclude_none=True) for a in e.approvals],
             "daily_capacity": dict(e.daily_capacity),
             "updated_at": row.updated_at,
             "outages": [o.model_dump(mode="json") for o in e.outages],
@@ -260,7 +286,9 @@ class MemoryManufacturingRepository(ManufacturingRepository):
     def _rows(self) -> list[_ManufactureRow]:
         return sorted(self.store.manufacturing.values(), key=lambda r: r.seq)
 
-    async def add(self, booking: Booking, *, received_at: datetime, reason: str | None) -> Manufacture:
+    async def add(
+        self, booking: Booking, *, received_at: datetime, reason: str | None, din: str | None = None
+    ) -> Manufacture:
         if booking.booking_id in self.store.manufacturing:
             raise ValueError("manufacturing.booking_id is unique")
         m = Manufacture(
@@ -279,6 +307,19 @@ class MemoryManufacturingRepository(ManufacturingRepository):
     async def for_booking(self, booking_id: uuid.UUID) -> Manufacture | None:
         row = self.store.manufacturing.get(booking_id)
         return None if row is None else row.m
+
+    async def next_lot_number(self) -> int:
+        return next(self.store.lots)
+
+    async def latest_for_order(self, order_id: uuid.UUID, *, lock: bool = False) -> Manufacture | None:
+        found = [r.m for r in self._rows() if r.m.order_id == order_id]
+        return found[-1] if found else None
+
+    async def set_qc(
+        self, booking_id: uuid.UUID, results: dict[str, Any] | None, coa_reference: str | None
+    ) -> None:
+        row = self.store.manufacturing[booking_id]
+        row.m = replace(row.m, qc_results=results, coa_reference=coa_reference)
 
     async def latest(
         self, order_id: uuid.UUID, site_id: str, *, lock: bool = False, tenant: str | None = None
@@ -310,11 +351,13 @@ class MemoryManufacturingRepository(ManufacturingRepository):
         reason: str | None,
         occurred_at: datetime,
         reference: str | None = None,
+        lot: str | None = None,
     ) -> None:
         self.store.history.append(
             {
                 "booking_id": m.booking_id,
                 "run": run,
+                "lot": lot,
                 "action": action,
                 "step": step,
                 "state_before": state_before.value,
@@ -334,6 +377,63 @@ class MemoryManufacturingRepository(ManufacturingRepository):
         ]
 
 
+class MemoryOrderFactsRepository(OrderFactsRepository):
+    def __init__(self, store: MemoryStore) -> None:
+        self.store = store
+
+    async def get(self, order_id: uuid.UUID) -> OrderFacts | None:
+        return self.store.orders.get(order_id)
+
+    async def record_market(
+        self, order_id: uuid.UUID, *, regulator: str, order_type: str, country: str, region: str
+    ) -> None:
+        current = self.store.orders.get(order_id) or OrderFacts(order_id)
+        self.store.orders[order_id] = replace(
+            current, regulator=regulator, order_type=order_type, country=country, region=region
+        )
+
+    async def record_din(self, order_id: uuid.UUID, din: str, collection: int) -> bool:
+        current = self.store.orders.get(order_id) or OrderFacts(order_id)
+        if current.collection is not None and current.collection > collection:
+            return False
+        self.store.orders[order_id] = replace(current, din=din, collection=collection)
+        return True
+
+
+class MemorySignatureStore(SignatureStore):
+    """Signatures as `record_signature` would store them (the server's time: now)."""
+
+    def __init__(self, store: MemoryStore) -> None:
+        self.store = store
+
+    async def record(self, signer: Signer, record: SignedRecord) -> Signature:
+        if any(s.token_id == signer.token_id for s in self.store.signatures):
+            raise ValueError("signatures.token_jti is unique")
+        signature = Signature(
+            signature_id=uuid.uuid4(),
+            object_type=record.object_type,
+            object_id=record.object_id,
+            meaning=signer.meaning,
+            user_id=signer.user_id,
+            name=signer.name,
+            roles=tuple(sorted(signer.roles)),
+            org_kind=signer.org_kind,
+            org_id=signer.org_id,
+            client_id=signer.client_id,
+            record_sha256=record.sha256(),
+            canonicalization=CANONICALIZATION,
+            token_id=signer.token_id,
+            auth_time=signer.auth_time,
+            signed_at=_now(),
+            issuer=signer.issuer,
+        )
+        self.store.signatures.append(signature)
+        return signature
+
+    async def of(self, object_type: str, object_id: str) -> list[Signature]:
+        return [s for s in self.store.signatures if (s.object_type, s.object_id) == (object_type, object_id)]
+
+
 def memory_tx(store: MemoryStore, outbox: FakeOutbox) -> SiteTx:
     return SiteTx(
         None,
@@ -341,6 +441,8 @@ def memory_tx(store: MemoryStore, outbox: FakeOutbox) -> SiteTx:
         sites=MemorySiteRepository(store),
         bookings=MemoryBookingRepository(store),
         manufacturing=MemoryManufacturingRepository(store),
+        orders=MemoryOrderFactsRepository(store),
+        signatures=MemorySignatureStore(store),
         audit=MemoryAuditTrail(store.audit, "site"),
     )
 

@@ -21,10 +21,11 @@ import asyncpg
 import yaml
 
 from site_service.domain.manufacturing import Manufacture, Manufacturing, State
-from site_service.domain.registry import Booking, Site
+from site_service.domain.registry import Booking, OrderFacts, Site
 from v2v_audit import AuditedTx, AuditTrail
 from v2v_contracts import Outage, SiteApproval, SiteRegisteredV1
 from v2v_messaging.uow import EventSink
+from v2v_servicekit.signatures import Signature, SignatureRepository, SignedRecord, Signer
 
 SITES_SEED = Path(__file__).parent.parent / "seed" / "sites.yaml"
 
@@ -119,8 +120,24 @@ class BookingRepository(ABC):
 
 class ManufacturingRepository(ABC):
     @abstractmethod
-    async def add(self, booking: Booking, *, received_at: datetime, reason: str | None) -> Manufacture:
-        """Start the booking's manufacture (awaiting material, run 0)."""
+    async def add(
+        self, booking: Booking, *, received_at: datetime, reason: str | None, din: str | None = None
+    ) -> Manufacture:
+        """Start the booking's manufacture (awaiting material, run 0; `din` as verified at receipt)."""
+
+    @abstractmethod
+    async def next_lot_number(self) -> int:
+        """A new lot sequence number (never reused)."""
+
+    @abstractmethod
+    async def latest_for_order(self, order_id: uuid.UUID, *, lock: bool = False) -> Manufacture | None:
+        """The order's latest manufacture at any site."""
+
+    @abstractmethod
+    async def set_qc(
+        self, booking_id: uuid.UUID, results: dict[str, Any] | None, coa_reference: str | None
+    ) -> None:
+        """The current run's QC summary and certificate-of-analysis reference."""
 
     @abstractmethod
     async def for_booking(self, booking_id: uuid.UUID) -> Manufacture | None:
@@ -153,12 +170,43 @@ class ManufacturingRepository(ABC):
         reason: str | None,
         occurred_at: datetime,
         reference: str | None = None,
+        lot: str | None = None,
     ) -> None:
         """One history entry: `reason` a reason code, `reference` the site's own document id (opaque)."""
 
     @abstractmethod
     async def history(self, booking_id: uuid.UUID) -> list[dict[str, Any]]:
         """The manufacture's history entries, as recorded."""
+
+
+class OrderFactsRepository(ABC):
+    """What the site learns of an order from the order service: its market and its latest DIN."""
+
+    @abstractmethod
+    async def get(self, order_id: uuid.UUID) -> OrderFacts | None: ...
+
+    @abstractmethod
+    async def record_market(
+        self, order_id: uuid.UUID, *, regulator: str, order_type: str, country: str, region: str
+    ) -> None: ...
+
+    @abstractmethod
+    async def record_din(self, order_id: uuid.UUID, din: str, collection: int) -> bool:
+        """Remember the DIN of a collection unless a later collection's is known; whether it changed."""
+
+
+class SignatureStore(ABC):
+    """The signatures of one transaction (`v2v_servicekit.signatures`)."""
+
+    @abstractmethod
+    async def record(self, signer: Signer, record: SignedRecord) -> Signature: ...
+
+    @abstractmethod
+    async def of(self, object_type: str, object_id: str) -> list[Signature]: ...
+
+    async def current_meanings(self, record: SignedRecord) -> set[str]:
+        """The meanings whose signature matches `record` as it is now (a changed record: none)."""
+        return {s.meaning for s in await self.of(record.object_type, record.object_id) if s.matches(record)}
 
 
 # ---- Postgres ------------------------------------------------------------------------------------------
@@ -191,7 +239,7 @@ def site_row(entry: SiteRegisteredV1) -> tuple[Any, ...]:
         entry.timezone,
         entry.operator,
         entry.active,
-        [a.model_dump() for a in entry.approvals],
+        [a.model_dump(exclude_none=True) for a in entry.approvals],
         entry.daily_capacity,
         [o.model_dump(mode="json") for o in entry.outages],
     )
@@ -418,8 +466,12 @@ def _manufacture(row: asyncpg.Record) -> Manufacture:
             steps_completed=row["steps_completed"],
             failed_step=row["failed_step"],
             retained_material=row["retained_material"],
+            lot=row["lot"],
+            exceptional=row["exceptional"],
         ),
         received_at=row["received_at"],
+        qc_results=row["qc_results"],
+        coa_reference=row["coa_reference"],
     )
 
 
@@ -427,11 +479,14 @@ class PgManufacturingRepository(ManufacturingRepository):
     def __init__(self, conn: asyncpg.Connection) -> None:
         self.conn = conn
 
-    async def add(self, booking: Booking, *, received_at: datetime, reason: str | None) -> Manufacture:
+    async def add(
+        self, booking: Booking, *, received_at: datetime, reason: str | None, din: str | None = None
+    ) -> Manufacture:
         row = await self.conn.fetchrow(
             """INSERT INTO manufacturing (booking_id, order_id, coi, treatment_center_id, site_id,
-                                          product_code, state, run, steps_completed, received_at, reason)
-               VALUES ($1, $2, $3, $4, $5, $6, 'awaiting_material', 0, 0, $7, $8) RETURNING *""",
+                                          product_code, state, run, steps_completed, received_at, reason,
+                                          din)
+               VALUES ($1, $2, $3, $4, $5, $6, 'awaiting_material', 0, 0, $7, $8, $9) RETURNING *""",
             booking.booking_id,
             booking.order_id,
             booking.coi,
@@ -440,9 +495,32 @@ class PgManufacturingRepository(ManufacturingRepository):
             booking.product_code,
             received_at,
             reason,
+            din,
         )
         assert row is not None
         return _manufacture(row)
+
+    async def next_lot_number(self) -> int:
+        return int(await self.conn.fetchval("SELECT nextval('lot_numbers')"))
+
+    async def latest_for_order(self, order_id: uuid.UUID, *, lock: bool = False) -> Manufacture | None:
+        row = await self.conn.fetchrow(
+            "SELECT * FROM manufacturing WHERE order_id = $1 ORDER BY created_at DESC, booking_id LIMIT 1"
+            + (" FOR UPDATE" if lock else ""),
+            order_id,
+        )
+        return None if row is None else _manufacture(row)
+
+    async def set_qc(
+        self, booking_id: uuid.UUID, results: dict[str, Any] | None, coa_reference: str | None
+    ) -> None:
+        await self.conn.execute(
+            """UPDATE manufacturing SET qc_results = $2::jsonb, coa_reference = $3, updated_at = now()
+               WHERE booking_id = $1""",
+            booking_id,
+            results,
+            coa_reference,
+        )
 
     async def for_booking(self, booking_id: uuid.UUID) -> Manufacture | None:
         row = await self.conn.fetchrow(
@@ -473,7 +551,8 @@ class PgManufacturingRepository(ManufacturingRepository):
     async def update(self, booking_id: uuid.UUID, state: Manufacturing, reason: str | None) -> None:
         await self.conn.execute(
             """UPDATE manufacturing SET state = $2, run = $3, steps_completed = $4, failed_step = $5,
-                      retained_material = $6, reason = COALESCE($7, reason), updated_at = now()
+                      retained_material = $6, reason = COALESCE($7, reason), lot = $8, exceptional = $9,
+                      updated_at = now()
                WHERE booking_id = $1""",
             booking_id,
             state.state.value,
@@ -482,6 +561,8 @@ class PgManufacturingRepository(ManufacturingRepository):
             state.failed_step,
             state.retained_material,
             reason,
+            state.lot,
+            state.exceptional,
         )
 
     async def append_history(
@@ -496,11 +577,13 @@ class PgManufacturingRepository(ManufacturingRepository):
         reason: str | None,
         occurred_at: datetime,
         reference: str | None = None,
+        lot: str | None = None,
     ) -> None:
         await self.conn.execute(
             """INSERT INTO manufacturing_history (booking_id, order_id, site_id, run, action, step,
-                                                  state_before, state_after, reason, occurred_at, reference)
-               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)""",
+                                                  state_before, state_after, reason, occurred_at, reference,
+                                                  lot)
+               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)""",
             m.booking_id,
             m.order_id,
             m.site_id,
@@ -512,16 +595,75 @@ class PgManufacturingRepository(ManufacturingRepository):
             reason,
             occurred_at,
             reference,
+            lot,
         )
 
     async def history(self, booking_id: uuid.UUID) -> list[dict[str, Any]]:
         rows = await self.conn.fetch(
-            """SELECT run, action, step, state_before, state_after, reason, reference, occurred_at,
+            """SELECT run, lot, action, step, state_before, state_after, reason, reference, occurred_at,
                       recorded_at
                FROM manufacturing_history WHERE booking_id = $1 ORDER BY id""",
             booking_id,
         )
         return [dict(r) for r in rows]
+
+
+class PgOrderFactsRepository(OrderFactsRepository):
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self.conn = conn
+
+    async def get(self, order_id: uuid.UUID) -> OrderFacts | None:
+        row = await self.conn.fetchrow("SELECT * FROM order_facts WHERE order_id = $1", order_id)
+        if row is None:
+            return None
+        return OrderFacts(
+            order_id=row["order_id"],
+            regulator=row["regulator"],
+            order_type=row["order_type"],
+            country=row["country"],
+            region=row["region"],
+            din=row["din"],
+            collection=row["collection"],
+        )
+
+    async def record_market(
+        self, order_id: uuid.UUID, *, regulator: str, order_type: str, country: str, region: str
+    ) -> None:
+        await self.conn.execute(
+            """INSERT INTO order_facts (order_id, regulator, order_type, country, region)
+               VALUES ($1, $2, $3, $4, $5)
+               ON CONFLICT (order_id) DO UPDATE SET regulator = $2, order_type = $3, country = $4,
+                   region = $5, updated_at = now()""",
+            order_id,
+            regulator,
+            order_type,
+            country,
+            region,
+        )
+
+    async def record_din(self, order_id: uuid.UUID, din: str, collection: int) -> bool:
+        return bool(
+            await self.conn.fetchval(
+                """INSERT INTO order_facts (order_id, din, collection) VALUES ($1, $2, $3)
+                   ON CONFLICT (order_id) DO UPDATE SET din = $2, collection = $3, updated_at = now()
+                   WHERE order_facts.collection IS NULL OR order_facts.collection <= $3
+                   RETURNING true""",
+                order_id,
+                din,
+                collection,
+            )
+        )
+
+
+class PgSignatureStore(SignatureStore):
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self.repo = SignatureRepository(conn)
+
+    async def record(self, signer: Signer, record: SignedRecord) -> Signature:
+        return await self.repo.record(signer, record)
+
+    async def of(self, object_type: str, object_id: str) -> list[Signature]:
+        return await self.repo.of(object_type, object_id)
 
 
 # ---- the transaction -----------------------------------------------------------------------------------
@@ -539,12 +681,16 @@ class SiteTx(AuditedTx):
         sites: SiteRepository,
         bookings: BookingRepository,
         manufacturing: ManufacturingRepository,
+        orders: OrderFactsRepository,
+        signatures: SignatureStore,
         audit: AuditTrail | None = None,
     ) -> None:
         super().__init__(conn, outbox, audit=audit)
         self.sites = sites
         self.bookings = bookings
         self.manufacturing = manufacturing
+        self.orders = orders
+        self.signatures = signatures
 
 
 def site_tx(conn: asyncpg.Connection, outbox: EventSink) -> SiteTx:
@@ -555,4 +701,6 @@ def site_tx(conn: asyncpg.Connection, outbox: EventSink) -> SiteTx:
         sites=PgSiteRepository(conn),
         bookings=PgBookingRepository(conn),
         manufacturing=PgManufacturingRepository(conn),
+        orders=PgOrderFactsRepository(conn),
+        signatures=PgSignatureStore(conn),
     )

@@ -2,13 +2,14 @@
 
 ```
 awaiting_material ─▶ material_received ─▶ activation ─▶ transduction ─▶ expansion ─▶ harvest
-       │                  ▲    │ (a step fails: failed)                                 │
-       ▼                  │    ▼                               cryopreservation done  ▼
-    rejected              │  stopped ◀── (order cancelled/failed, while running) ── qc_pending
-                          │                                                         │
-                          └── remanufacture (run N, retained material) ◀── out_of_specification | failed
-                                                                                    │
-                                                                                    ▼ released
+   │      ▲ (QA: release)     ▲    │ (a step fails: failed)                               │
+   ▼      │                   │    ▼                             cryopreservation done  ▼
+ held_at_receipt ─(QA: reject)─▶ rejected   stopped ◀── (order cancelled/failed) ── qc_pending
+                              │                                                       │ passed
+                              └── remanufacture (run N, new lot) ◀── out_of_specification | failed
+                                                                          │ QA: release[_on_physician_request]
+                                                                          ▼                   ▼
+                                                   released ◀── every signature ── qc_passed
 ```
 
 A state named after a step means that step is the last one completed in the current run; completing
@@ -16,6 +17,15 @@ A state named after a step means that step is the last one completed in the curr
 Steps come strictly in `STEPS` order; a step already completed in this run is a duplicate (no-op),
 a step further ahead is refused (`ManufacturingConflict` on `step`). Every function returns a `Transition`;
 `changed=False` means "already so, nothing to record or publish".
+
+Issue 10 (release as it is done): each run has its own **lot** (run 1 from the receipt, a new lot per
+remanufacture; the lot number is issued by the caller, this module only carries it). QC no longer
+releases: `passed` puts the run into `qc_passed`, where it waits for the signed release (quality unit,
+21 CFR 211.22; or a Qualified Person's certification, EU GMP Annex 16); only `release` (called once every
+required signature is there) makes it `released`. Material at risk is held, not lost: a refused receipt
+holds the material (`held_at_receipt`) until QA's disposition (release: run 1 starts; reject: rejected);
+an out-of-specification run that QA releases (or releases on the physician's request: `exceptional`)
+goes to `qc_passed` and waits for the signed release like any other.
 """
 
 from __future__ import annotations
@@ -40,6 +50,8 @@ class State(StrEnum):
     EXPANSION = "expansion"
     HARVEST = "harvest"
     QC_PENDING = "qc_pending"
+    QC_PASSED = "qc_passed"  # QC passed (or QA released an OOS run): waiting for the signed release
+    HELD_AT_RECEIPT = "held_at_receipt"  # refused at receipt, held until QA's disposition
     RELEASED = "released"
     OUT_OF_SPECIFICATION = "out_of_specification"
     FAILED = "failed"
@@ -59,15 +71,19 @@ STATE_AFTER: tuple[State, ...] = (
     S.QC_PENDING,
 )
 IN_STEPS = frozenset(STATE_AFTER[:-1])  # a step is in progress: material_received .. harvest
-RUNNING = frozenset(STATE_AFTER)  # material received, product not yet dispositioned
+# material at the site, product not yet released: an order's cancellation stops these
+RUNNING = frozenset({*STATE_AFTER, S.QC_PASSED, S.HELD_AT_RECEIPT})
 LOST = frozenset({S.OUT_OF_SPECIFICATION, S.FAILED})  # a remanufacture may follow
 FINAL = frozenset({S.RELEASED, S.REJECTED, S.STOPPED})
-Disposition = Literal["released", "out_of_specification", "failed"]
+Disposition = Literal["passed", "out_of_specification", "failed"]
 DISPOSITION_STATE: dict[str, State] = {
-    "released": S.RELEASED,
+    "passed": S.QC_PASSED,
     "out_of_specification": S.OUT_OF_SPECIFICATION,
     "failed": S.FAILED,
 }
+# QA's outcomes of material at risk (`order.disposition_decided.v1`)
+Outcome = Literal["release", "release_on_physician_request", "reject"]
+OUTCOMES: tuple[str, ...] = get_args(Outcome)
 # the reason codes an MES report may give (no free text: the detail stays in the site's quality system)
 RECEIPT_REJECTIONS: tuple[str, ...] = get_args(ReceiptRejection)
 STEP_FAILURES: tuple[str, ...] = get_args(StepFailure)
@@ -97,6 +113,8 @@ class Manufacturing:
     steps_completed: int = 0  # in the current run
     failed_step: str | None = None  # the step that failed (None: failed at QC, or not failed)
     retained_material: bool = False  # known when the run is lost: material left for another run
+    lot: str | None = None  # the current run's lot (None before a run starts)
+    exceptional: bool = False  # the run was released by QA after OOS on the physician's request
 
     @property
     def next_step(self) -> str | None:
@@ -122,6 +140,8 @@ class Manufacture:
     product_code: str | None
     state: Manufacturing
     received_at: datetime | None = None
+    qc_results: dict[str, Any] | None = None  # the current run's QC summary (numbers and codes)
+    coa_reference: str | None = None  # its certificate of analysis (an opaque document id)
 
     def ref(self) -> dict[str, Any]:
         """The order references every event about this manufacture carries."""
@@ -169,11 +189,38 @@ def check_step_report(step: str, failed: bool, reason: str | None) -> str | None
     return _reason(reason, STEP_FAILURES, failed, "a step failed")
 
 
+RELEASE_IS_SIGNED = (
+    "release is a signed step, not a QC disposition: report passed, then sign the release "
+    "(POST .../manufacturing/{order_id}/release)"
+)
+
+
 def check_qc_report(disposition: str, reason: str | None) -> str | None:
-    """A QC report names a known disposition, and a `QcFinding` code unless released; the code."""
+    """A QC report names a known disposition (`released` is refused: release is signed), and a
+    `QcFinding` code unless passed; the code."""
+    if disposition == "released":
+        raise Invalid("disposition", RELEASE_IS_SIGNED)
     if disposition not in DISPOSITION_STATE:
         raise Invalid("disposition", f"must be one of {', '.join(DISPOSITION_STATE)}")
-    return _reason(reason, QC_FINDINGS, disposition != "released", "the product is not released")
+    return _reason(reason, QC_FINDINGS, disposition != "passed", "QC did not pass")
+
+
+# what a QC report's `results` may say about the microbiological tests that must be negative to pass
+MUST_BE_NEGATIVE = ("sterility", "mycoplasma")
+
+
+def check_qc_evidence(disposition: str, results: dict[str, Any] | None, coa_reference: str | None) -> None:
+    """A passed QC carries its results summary and the certificate of analysis it is documented in; a
+    microbiological test named positive cannot pass (21 CFR 211.165(a), 610.12; Ph. Eur. 2.6.1)."""
+    if disposition != "passed":
+        return
+    if not results:
+        raise Invalid("results", "a passed QC carries its results summary")
+    if not coa_reference:
+        raise Invalid("coa_reference", "a passed QC names its certificate of analysis")
+    for test in MUST_BE_NEGATIVE:
+        if results.get(test) == "positive":
+            raise Invalid(f"results.{test}", "a positive result cannot pass QC")
 
 
 def step_failed_reason(step: str, failure: str) -> str:
@@ -197,15 +244,21 @@ def _to(m: Manufacturing, **changes: object) -> Transition:
     return Transition(m, dataclasses.replace(m, **changes), changed=True)  # type: ignore[arg-type]
 
 
-def receive(m: Manufacturing, accepted: bool) -> Transition:
-    """The material arrived: accepted starts run 1, refused rejects it. A repeated receipt is a no-op."""
+def receive(m: Manufacturing, accepted: bool, lot: str | None = None) -> Transition:
+    """The material arrived: accepted starts run 1 (lot `lot`); refused holds it for QA's disposition
+    (`held_at_receipt`). A repeated receipt is a no-op."""
     if m.state == S.AWAITING_MATERIAL:
         if accepted:
-            return _to(m, state=S.MATERIAL_RECEIVED, run=1, steps_completed=0)
-        return _to(m, state=S.REJECTED)
-    if m.state == S.REJECTED:
+            return _to(m, state=S.MATERIAL_RECEIVED, run=1, steps_completed=0, lot=lot)
+        return _to(m, state=S.HELD_AT_RECEIPT)
+    if m.state in (S.HELD_AT_RECEIPT, S.REJECTED):
         if accepted:
-            raise ManufacturingConflict("accepted", "the material was already rejected at receipt")
+            raise ManufacturingConflict(
+                "accepted",
+                "the material was refused at receipt: it is held until QA's disposition"
+                if m.state == S.HELD_AT_RECEIPT
+                else "the material was already rejected at receipt",
+            )
         return _same(m)
     if not accepted:
         raise ManufacturingConflict(
@@ -261,8 +314,58 @@ def qc(m: Manufacturing, disposition: str, rules: Rules) -> Transition:
     return _to(m, state=target, retained_material=retained)
 
 
-def remanufacture(m: Manufacturing, run: int, rules: Rules | None = None) -> Transition:
-    """Start run `run` from retained material (no new receipt). A run already started is a no-op.
+def decide_receipt(m: Manufacturing, outcome: str, lot: str | None = None) -> Transition:
+    """QA's disposition of material held at receipt: release starts run 1 (lot `lot`), reject rejects
+    it. A repeated decision is a no-op; material not held is left alone (a conflict)."""
+    if outcome not in OUTCOMES:
+        raise ValueError(f"unknown disposition outcome {outcome!r}")
+    if outcome == "release_on_physician_request":
+        raise ManufacturingConflict("outcome", "a release on physician request is only for an OOS product")
+    if m.state == S.HELD_AT_RECEIPT:
+        if outcome == "release":
+            return _to(m, state=S.MATERIAL_RECEIVED, run=1, steps_completed=0, lot=lot)
+        return _to(m, state=S.REJECTED)
+    if (outcome == "reject" and m.state == S.REJECTED) or (outcome == "release" and m.run >= 1):
+        return _same(m)  # already decided (a redelivered decision)
+    raise ManufacturingConflict("outcome", f"no material is held at receipt; manufacturing is {m.state}")
+
+
+def decide_oos(m: Manufacturing, outcome: str, run: int) -> Transition:
+    """QA's disposition of run `run` found out of specification: release (or release on the physician's
+    request: `exceptional`) puts it into `qc_passed`, waiting for the signed release; reject leaves it out
+    of specification (the order requests a remanufacture or a recollection). Repeated: a no-op."""
+    if outcome not in OUTCOMES:
+        raise ValueError(f"unknown disposition outcome {outcome!r}")
+    if run != m.run:
+        raise ManufacturingConflict("run", f"the current run is {m.run}, not {run}")
+    exceptional = outcome == "release_on_physician_request"
+    if m.state == S.OUT_OF_SPECIFICATION:
+        if outcome == "reject":
+            return _same(m)
+        return _to(m, state=S.QC_PASSED, exceptional=exceptional, retained_material=False)
+    if m.state in (S.QC_PASSED, S.RELEASED) and outcome != "reject" and m.exceptional == exceptional:
+        return _same(m)
+    raise ManufacturingConflict(
+        "outcome", f"run {run} is not out of specification awaiting QA; manufacturing is {m.state}"
+    )
+
+
+def release(m: Manufacturing) -> Transition:
+    """Every signature the release needs is there: the lot is released. Only from `qc_passed`."""
+    if m.state == S.RELEASED:
+        return _same(m)
+    if m.state != S.QC_PASSED:
+        raise ManufacturingConflict(
+            "state", f"a lot is released only after QC passed (qc_passed); manufacturing is {m.state}"
+        )
+    return _to(m, state=S.RELEASED)
+
+
+def remanufacture(
+    m: Manufacturing, run: int, rules: Rules | None = None, lot: str | None = None
+) -> Transition:
+    """Start run `run` (with its own lot `lot`) from retained material (no new receipt). A run already
+    started is a no-op.
 
     Also after release, when QA rejects the product (a quarantine after a shipping excursion)."""
     if run <= m.run:
@@ -281,6 +384,8 @@ def remanufacture(m: Manufacturing, run: int, rules: Rules | None = None) -> Tra
         steps_completed=0,
         failed_step=None,
         retained_material=False,
+        lot=lot,
+        exceptional=False,
     )
 
 

@@ -71,12 +71,32 @@ class Booking:
         }
 
 
+@dataclass(frozen=True)
+class OrderFacts:
+    """What the site learns of an order from the order service (issue 10): the market it is for
+    (`order.submitted`: regulator, use, country, region) and the DIN of its latest collection
+    (`order.apheresis_completed`), which a receipt must present beside the COI. None: not known (yet)."""
+
+    order_id: uuid.UUID
+    regulator: str | None = None
+    order_type: str | None = None
+    country: str | None = None
+    region: str | None = None
+    din: str | None = None
+    collection: int | None = None
+
+
 # ---- the seed ---------------------------------------------------------------------------------------
 
 
 def site_from_seed(entry: Mapping[str, Any]) -> SiteRegisteredV1:
     approvals = [
-        SiteApproval(regulator=a["regulator"], use=a["use"], product_code=p)
+        SiteApproval(
+            regulator=a["regulator"],
+            use=a["use"],
+            product_code=p,
+            batch_release_site_id=a.get("batch_release_site"),
+        )
         for a in entry["approvals"]
         for p in a["products"]
     ]
@@ -132,10 +152,16 @@ def validate_capacity(daily_capacity: Mapping[str, object], products: Collection
             raise Invalid(name, f"must be at most {MAX_DAILY_CAPACITY}")
 
 
-def validate_approvals(approvals: Iterable[SiteApproval], products: Collection[str]) -> None:
+def validate_approvals(
+    approvals: Iterable[SiteApproval], products: Collection[str], sites: Collection[str] | None = None
+) -> None:
+    """Known products; a batch-release site, when named, is a site of the registry (`sites`)."""
     for i, approval in enumerate(approvals):
         if approval.product_code not in products:
             raise Invalid(f"approvals.{i}.product_code", _unknown_product(products))
+        brs = approval.batch_release_site_id
+        if brs is not None and sites is not None and brs not in sites:
+            raise Invalid(f"approvals.{i}.batch_release_site_id", "not a site of the registry")
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,17 @@ Who may call what (one scope per route, `v2v_servicekit.auth.require_scope`):
 - PATCH /v1/sites/{id}, POST /v1/sites/{id}/outages: `registry:admin` (the registry admin)
 - POST /v1/sites/{id}/receipts, POST /v1/sites/{id}/manufacturing/{order}/steps: `mes:report` (the
   site's MES, for its own site only)
-- POST /v1/sites/{id}/manufacturing/{order}/qc: `qc:release` (manufacturer QA, any site)
+- POST /v1/sites/{id}/manufacturing/{order}/qc: `qc:release` (manufacturer QA, any site): passed (with
+  its results summary and certificate-of-analysis reference), out_of_specification or failed; `released`
+  is refused (422 on `disposition`): release is a signed step
+- POST /v1/sites/{id}/manufacturing/{order}/release: `qc:release` + an electronic signature
+  (`V2V-Signature-Token`): the quality unit's `release` (US and other non-QP markets; 21 CFR 211.22) or a
+  Qualified Person's `qp-certification` (EU/EEA, Switzerland; EU GMP Annex 16) by a signer of the
+  batch-release site the approval names
+- POST /v1/sites/{batch_release_site}/manufacturing/{order}/import-certification: `qc:release` + signature
+  `import-certification` by a QP (quality unit outside QP markets) of the market's batch-release site, for
+  a lot made outside the market (Annex 16 §1.7). The lot is released (`site.product_released`) once every
+  signature its market needs is there.
 
 Tenancy: a principal of kind `site` is confined to its own site (the token's entity) on every route: its
 list holds only its site, and another site's id answers 404 as if it did not exist. QA, admin and ops
@@ -29,20 +39,38 @@ import uuid
 from datetime import date
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Path
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StringConstraints
+from fastapi import APIRouter, Depends, Header, Path, Request
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StringConstraints,
+    model_validator,
+)
 
+from site_service.domain.manufacturing import RELEASE_IS_SIGNED
 from site_service.domain.registry import MAX_DAILY_CAPACITY
 from site_service.service_layer import commands, queries
 from v2v_contracts import SiteApproval, Step
 from v2v_contracts.events import OrderType, OutageReason, QcFinding, ReceiptRejection, Regulator, StepFailure
-from v2v_contracts.fields import CODE_PATTERN, Code, ReportedAt
+from v2v_contracts.fields import CODE_PATTERN, Code, Finite, ReportedAt
 from v2v_contracts.scopes import TENANT_KINDS
-from v2v_observability import later_input, names
+from v2v_contracts.signing import SIGNATURE_HEADER
+from v2v_observability import get_logger, later_input, names
 from v2v_servicekit import Runtime, get_runtime
 from v2v_servicekit.auth import Principal, require_scope
 from v2v_servicekit.idempotency import idempotent
 from v2v_servicekit.pagination import MAX_PAGE_LIMIT, PageLimit, PageOffset
+from v2v_servicekit.signatures import (
+    SignatureForbidden,
+    SignatureUnauthenticated,
+    Signer,
+    signature_verifier,
+)
+
+log = get_logger(__name__)
 
 router = APIRouter(prefix="/v1")
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
@@ -101,15 +129,27 @@ def _product_codes(value: Any) -> Any:
 
 
 class ApprovalIn(BaseModel):
-    """One approval of the site: by a regulator, for a use, of a product."""
+    """One approval of the site: by a regulator, for a use, of a product, with the site that releases
+    for that market (its batch-release site; none: this site itself)."""
 
     model_config = ConfigDict(extra="forbid")
     regulator: Regulator
     use: OrderType
     product_code: Code
+    batch_release_site_id: Code | None = Field(
+        default=None,
+        description="The site whose QP / quality unit releases for this market (a registry site); "
+        "none: this site",
+        examples=["DE-LEIPZIG-IZI"],
+    )
 
     def approval(self) -> SiteApproval:
-        return SiteApproval(regulator=self.regulator, use=self.use, product_code=self.product_code)
+        return SiteApproval(
+            regulator=self.regulator,
+            use=self.use,
+            product_code=self.product_code,
+            batch_release_site_id=self.batch_release_site_id,
+        )
 
 
 class SitePatch(BaseModel):
@@ -200,6 +240,11 @@ class ReceiptIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     order_id: uuid.UUID
     coi: Coi
+    din: Coi | None = Field(
+        default=None,
+        description="The bag's donation identification number (ISBT 128 DIN with its check character); "
+        "required once the order service has issued one for the collection",
+    )
     accepted: StrictBool
     reason: ReceiptRejection | None = Field(default=None, description="Required when (and only when) refused")
     received_at: ReportedAt | None = Field(default=None, description="Within the last 30 days; default now")
@@ -215,12 +260,80 @@ class StepIn(BaseModel):
     reference: Reference | None = None
 
 
+def _not_released(value: Any) -> Any:
+    if value == "released":
+        raise ValueError(RELEASE_IS_SIGNED)
+    return value
+
+
+Pct = Annotated[Finite, Field(ge=0, le=100)]
+TestResult = Literal["negative", "positive"]
+
+
+class QcResultsIn(BaseModel):
+    """The QC results summary of a run: numbers and codes only (the full record stays in the site's
+    LIMS, named by the certificate of analysis). The specification limits are the product's and the
+    site's; the platform refuses only a positive microbiological test on a passed QC."""
+
+    model_config = ConfigDict(extra="forbid")
+    viability_pct: Pct | None = Field(default=None, description="Viable cells, % (0..100)")
+    car_positive_pct: Pct | None = Field(default=None, description="CAR-expressing viable T cells, %")
+    vcn_per_cell: Annotated[Finite, Field(ge=0, le=100)] | None = Field(
+        default=None, description="Vector copy number per transduced cell"
+    )
+    viable_car_t_cells: Annotated[int, Field(strict=True, ge=0, le=10**12)] | None = Field(
+        default=None, description="The dose: viable CAR-positive T cells in the product"
+    )
+    sterility: TestResult | None = None
+    mycoplasma: TestResult | None = None
+    endotoxin_eu_ml: Annotated[Finite, Field(ge=0, le=10_000)] | None = Field(
+        default=None, description="Endotoxin, EU/mL"
+    )
+
+    @model_validator(mode="after")
+    def _some(self) -> QcResultsIn:
+        if not self.model_dump(exclude_none=True):
+            raise ValueError("name at least one result")
+        return self
+
+
 class QcIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    disposition: Literal["released", "out_of_specification", "failed"]
-    reason: QcFinding | None = Field(default=None, description="Required unless released (and only then)")
+    disposition: Annotated[
+        Literal["passed", "out_of_specification", "failed"], BeforeValidator(_not_released)
+    ] = Field(description="passed | out_of_specification | failed (release is a separate, signed step)")
+    reason: QcFinding | None = Field(default=None, description="Required unless passed (and only then)")
+    results: QcResultsIn | None = Field(default=None, description="Required when passed")
+    coa_reference: Code | None = Field(
+        default=None,
+        description="The certificate of analysis (an opaque document id); required when passed",
+        examples=["COA-2031-0042"],
+    )
     decided_at: ReportedAt | None = Field(default=None, description="Within the last 30 days; default now")
     reference: Reference | None = None
+
+    def args(self) -> dict[str, Any]:
+        values = self.model_dump(exclude={"results"})
+        values["results"] = self.results.model_dump(exclude_none=True) if self.results else None
+        return values
+
+
+class SignedIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    reference: Reference | None = Field(
+        default=None, description="The signer's own record (batch certificate, release record): an opaque id"
+    )
+
+
+SigningToken = Annotated[
+    str | None,
+    Header(
+        alias=SIGNATURE_HEADER,
+        max_length=8192,
+        description="A signing token from the identity provider (the signer's user id and password "
+        "re-entered for this signature, by the client whose bearer token comes with it)",
+    ),
+]
 
 
 # MES reports are later inputs: each starts its own trace, linked to the order's first trace
@@ -280,9 +393,109 @@ async def post_qc(
 ) -> dict[str, Any]:
     origin = await queries.origin_trace(rt.uow, order_id)
     with later_input("mes qc", origin, **{names.DISPOSITION: body.disposition}):
-        return await commands.record_qc(
-            rt.uow, site_id, order_id, **body.model_dump(), tenant=tenant_of(principal)
+        return await commands.record_qc(rt.uow, site_id, order_id, **body.args(), tenant=tenant_of(principal))
+
+
+async def _verify(
+    request: Request, token: str | None, principal: Principal, meaning: str, role: str, seen: dict[str, Any]
+) -> Signer:
+    """The signing token verified for `meaning` by a user with `role` (`v2v_servicekit.signatures`; the
+    meaning and role depend on the order's market, known only once the lot is read)."""
+    if not token or not token.strip():
+        raise SignatureUnauthenticated(
+            "signature-required", f"this action is signed: send a signing token in {SIGNATURE_HEADER}"
         )
+    return await signature_verifier(request.app).verify(token.strip(), principal, meaning, (role,), seen=seen)
+
+
+async def _signed(
+    request: Request,
+    rt: Runtime,
+    principal: Principal,
+    token: str | None,
+    site_id: str,
+    order_id: uuid.UUID,
+    body: SignedIn | None,
+    *,
+    import_at: bool,
+) -> dict[str, Any]:
+    """Verify the signature the route needs now, then record it; every refusal is audited (its own
+    transaction) and logged, never the token (21 CFR 11.300(d))."""
+    tenant = tenant_of(principal)
+    meaning, role = await commands.required_signature(
+        rt.uow, site_id, order_id, import_at=import_at, tenant=tenant
+    )
+    seen: dict[str, Any] = {}
+    try:
+        signer = await _verify(request, token, principal, meaning, role, seen)
+        return await commands.sign_release(
+            rt.uow,
+            site_id,
+            order_id,
+            signer,
+            import_at=import_at,
+            reference=body.reference if body else None,
+            tenant=tenant,
+        )
+    except (SignatureUnauthenticated, SignatureForbidden) as exc:
+        log.warning(
+            "signature refused",
+            reason=exc.reason,
+            meaning=meaning,
+            path=request.url.path,
+            client_id=principal.client_id,
+            user_id=seen.get("user_id"),
+        )
+        await commands.audit_signature_refusal(
+            rt.uow,
+            site_id,
+            order_id,
+            reason=exc.reason,
+            meaning=meaning,
+            principal=principal,
+            user_id=seen.get("user_id"),
+        )
+        raise
+
+
+@router.post(
+    "/sites/{site_id}/manufacturing/{order_id}/release",
+    tags=["qc"],
+    summary="Signed: the lot's release (quality unit, US) or QP certification (EU) of the current run",
+    dependencies=[idempotent()],
+)
+async def post_release(
+    site_id: SiteId,
+    order_id: uuid.UUID,
+    request: Request,
+    rt: RuntimeDep,
+    principal: Annotated[Principal, require_scope("qc:release")],
+    signing_token: SigningToken = None,
+    body: SignedIn | None = None,
+) -> dict[str, Any]:
+    origin = await queries.origin_trace(rt.uow, order_id)
+    with later_input("lot release", origin, **{names.SITE_ID: site_id}):
+        return await _signed(request, rt, principal, signing_token, site_id, order_id, body, import_at=False)
+
+
+@router.post(
+    "/sites/{site_id}/manufacturing/{order_id}/import-certification",
+    tags=["qc"],
+    summary="Signed: import certification of a lot made outside the market, at its batch-release site",
+    dependencies=[idempotent()],
+)
+async def post_import_certification(
+    site_id: SiteId,
+    order_id: uuid.UUID,
+    request: Request,
+    rt: RuntimeDep,
+    principal: Annotated[Principal, require_scope("qc:release")],
+    signing_token: SigningToken = None,
+    body: SignedIn | None = None,
+) -> dict[str, Any]:
+    origin = await queries.origin_trace(rt.uow, order_id)
+    with later_input("lot import certification", origin, **{names.SITE_ID: site_id}):
+        return await _signed(request, rt, principal, signing_token, site_id, order_id, body, import_at=True)
 
 
 @router.get(

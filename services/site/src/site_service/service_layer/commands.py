@@ -14,6 +14,7 @@ objects are not found (404) and nothing is written.
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import Iterable
 from datetime import UTC, date, datetime
@@ -25,8 +26,16 @@ from site_service.domain import manufacturing as mfg
 from site_service.domain import registry
 from site_service.domain.manufacturing import Manufacture, Transition
 from site_service.domain.registry import Booking
+from site_service.domain.release import ReleasePlan, make_lot, missing
 from site_service.service_layer.products import known_products, rules_for
-from site_service.service_layer.queries import ensure_site, manufacturing_view, site_view
+from site_service.service_layer.queries import (
+    ensure_site,
+    lot_record,
+    manufacturing_view,
+    release_plan_of,
+    site_view,
+)
+from v2v_audit import Actor
 from v2v_contracts import (
     BookingAffectedV1,
     EventData,
@@ -42,13 +51,17 @@ from v2v_contracts import (
     SiteRegisteredV1,
     new_event,
 )
-from v2v_contracts.errors import CoiMismatch, Conflict, NotFound
+from v2v_contracts.coi import coi_problem
+from v2v_contracts.errors import CoiMismatch, Conflict, Invalid, NotFound
 from v2v_messaging import AbstractUnitOfWork
 from v2v_observability import get_logger, set_order_attributes
+from v2v_servicekit.auth import Principal
+from v2v_servicekit.signatures import SignatureForbidden, Signer
 
 log = get_logger(__name__)
 
 COI_MISMATCH = "does not match the order's chain of identity"
+DIN_MISMATCH = "does not match the donation identification number of the order's latest collection"
 
 
 def _now(now: datetime | None) -> datetime:
@@ -64,7 +77,11 @@ def registry_values(entry: SiteRegisteredV1 | None) -> dict[str, Any] | None:
         return None
     return {
         "active": entry.active,
-        "approvals": sorted(f"{a.regulator}/{a.use}/{a.product_code}" for a in entry.approvals),
+        "approvals": sorted(
+            f"{a.regulator}/{a.use}/{a.product_code}"
+            + (f"@{a.batch_release_site_id}" if a.batch_release_site_id else "")
+            for a in entry.approvals
+        ),
         "daily_capacity": dict(entry.daily_capacity),
         "outages": [
             {"outage_id": o.outage_id, "start_date": o.start_date, "end_date": o.end_date, "reason": o.reason}
@@ -147,6 +164,7 @@ async def record_transition(
             "order_id": m.order_id,
             "site_id": m.site_id,
             "step": step,
+            "lot": after.lot,
             "reference": reference,  # an opaque reference (batch record, document id)
         },
         reason=reason,
@@ -161,9 +179,16 @@ async def record_transition(
         reason=reason,
         occurred_at=occurred_at,
         reference=reference,
+        lot=after.lot,
     )
     if event is not None:
         await tx.publish(event)
+
+
+async def new_lot(tx: SiteTx, site_id: str, t: Transition) -> Transition:
+    """`t` with a new lot for the run it starts (a lot per run: issued only when the run starts)."""
+    lot = make_lot(site_id, await tx.manufacturing.next_lot_number())
+    return Transition(t.before, dataclasses.replace(t.after, lot=lot), t.changed)
 
 
 # ---- the registry ----------------------------------------------------------------------------------
@@ -210,7 +235,9 @@ async def update_site(
     if daily_capacity:
         registry.validate_capacity(daily_capacity, known_products())
     if approvals is not None:
-        registry.validate_approvals(approvals, known_products())
+        async with uow.read() as rtx:
+            known_sites = {v["site_id"] for v in await rtx.sites.views(limit=10_000)}
+        registry.validate_approvals(approvals, known_products(), known_sites)
     async with uow.begin() as tx:
         site = await _locked_site(tx, site_id, tenant)
         patch = registry.patch_site(site, daily_capacity=daily_capacity, active=active, approvals=approvals)
@@ -280,41 +307,68 @@ async def record_receipt(
     order_id: uuid.UUID,
     coi: str,
     accepted: bool,
+    din: str | None = None,
     reason: str | None = None,
     received_at: datetime | None = None,
     reference: str | None = None,
     now: datetime | None = None,
     tenant: str | None = None,
 ) -> dict[str, Any]:
-    """The site received (accepted) or refused the order's apheresis material (a `ReceiptRejection`)."""
+    """The site received (accepted) or refused the order's apheresis material (a `ReceiptRejection`).
+
+    The bag's pair is checked: the COI against the booking, the DIN against the order's latest collection
+    (`order.apheresis_completed`); where the site knows the DIN, a receipt without one is refused (422
+    naming `din`), and a DIN that differs halts like a COI mismatch (alert, 409, nothing accepted).
+    A refused material is held (`held_at_receipt`) until QA's disposition (`order.disposition_decided`)."""
     reason = mfg.check_receipt(coi, accepted, reason)
+    if din is not None and (problem := coi_problem(din)):
+        raise Invalid("din", problem)
     when = received_at or _now(now)
     async with uow.begin() as tx:
         await ensure_site(tx, site_id, tenant)
         booking = await _confirmed_booking(tx, order_id, site_id, tenant)
+        facts = await tx.orders.get(order_id)
     set_order_attributes(order_id, booking.coi)
+    expected_din = facts.din if facts is not None else None
+    mismatched: str | None = None
     if coi != booking.coi:
-        log.error("COI mismatch at material receipt: material not accepted", site_id=site_id)
+        mismatched = "coi"
+    elif expected_din is not None:
+        if din is None:
+            raise Invalid("din", "is required: the bag's donation identification number (DIN) is checked")
+        if din != expected_din:
+            mismatched = "din"
+    if mismatched is not None:
+        log.error(
+            f"{mismatched.upper()} mismatch at material receipt: material not accepted", site_id=site_id
+        )
         async with uow.begin() as alert:  # the refusal stands; the alert is committed on its own
             await alert.publish(
-                SiteCoiMismatchDetectedV1(**booking.ref(), site_id=site_id, where="material receipt")
+                SiteCoiMismatchDetectedV1(
+                    **booking.ref(), site_id=site_id, where="material receipt", mismatched=mismatched
+                )
             )
             alert.audit(
                 "material.receipt_refused",
                 "booking",
                 booking.booking_id,
-                new={"order_id": order_id, "site_id": site_id, "accepted": False},
-                reason="coi_mismatch",
+                new={"order_id": order_id, "site_id": site_id, "accepted": False, "mismatched": mismatched},
+                reason=f"{mismatched}_mismatch",
             )
-        raise CoiMismatch(reason=COI_MISMATCH, detail=f"coi: {COI_MISMATCH}; the material is not accepted")
+        what = COI_MISMATCH if mismatched == "coi" else DIN_MISMATCH
+        raise CoiMismatch(
+            reason=what, field=mismatched, detail=f"{mismatched}: {what}; the material is not accepted"
+        )
     async with uow.begin() as tx:
         booking = await _confirmed_booking(tx, order_id, site_id, tenant)
         current = await tx.manufacturing.for_booking(booking.booking_id)
         t = mfg.receive(current.state if current else mfg.Manufacturing(), accepted)
         if t.changed:
-            m = await tx.manufacturing.add(booking, received_at=when, reason=reason)
+            if accepted:
+                t = await new_lot(tx, site_id, t)
+            m = await tx.manufacturing.add(booking, received_at=when, reason=reason, din=din)
             event: EventData = (
-                MaterialReceivedV1(**m.ref(), site_id=site_id, received_at=when)
+                MaterialReceivedV1(**m.ref(), site_id=site_id, received_at=when, lot=t.after.lot, din=din)
                 if accepted
                 else MaterialRejectedV1(**m.ref(), site_id=site_id, reason=reason or "other")
             )
@@ -346,7 +400,12 @@ async def _current(tx: SiteTx, site_id: str, order_id: uuid.UUID, tenant: str | 
 
 def lost_event(m: Manufacture, after: mfg.Manufacturing, reason: str) -> ManufacturingFailedV1:
     return ManufacturingFailedV1(
-        **m.ref(), site_id=m.site_id, run=after.run, reason=reason, retained_material=after.retained_material
+        **m.ref(),
+        site_id=m.site_id,
+        run=after.run,
+        reason=reason,
+        retained_material=after.retained_material,
+        lot=after.lot,
     )
 
 
@@ -381,7 +440,7 @@ async def record_step(
                 event = lost_event(m, t.after, mfg.step_failed_reason(step, reason or "other"))
             else:
                 event = ManufacturingStepCompletedV1(
-                    **m.ref(), site_id=site_id, step=step, run=t.after.run, completed_at=when
+                    **m.ref(), site_id=site_id, step=step, run=t.after.run, completed_at=when, lot=t.after.lot
                 )
             await record_transition(
                 tx,
@@ -412,24 +471,31 @@ async def record_qc(
     *,
     disposition: str,
     reason: str | None = None,
+    results: dict[str, Any] | None = None,
+    coa_reference: str | None = None,
     decided_at: datetime | None = None,
     reference: str | None = None,
     now: datetime | None = None,
     tenant: str | None = None,
 ) -> dict[str, Any]:
-    """QC's disposition of the current run's product: released, out of specification or failed (with a
-    `QcFinding` code)."""
+    """QC's disposition of the current run's product: passed (with its results summary and certificate of
+    analysis: the lot then waits for the signed release), out of specification or failed (with a
+    `QcFinding` code). `released` is refused: release is a signed step (`sign_release`)."""
     reason = mfg.check_qc_report(disposition, reason)
+    mfg.check_qc_evidence(disposition, results, coa_reference)
     when = decided_at or _now(now)
     async with uow.begin() as tx:
         m = await _current(tx, site_id, order_id, tenant)
         set_order_attributes(order_id, m.coi)
         t = mfg.qc(m.state, disposition, rules_for(m.product_code))
         if t.changed:
+            if t.after.lot is None:  # a run started before lots were issued gets its lot now
+                t = await new_lot(tx, site_id, t)
             after = t.after
-            event: EventData
-            if disposition == "released":
-                event = ProductReleasedV1(**m.ref(), site_id=site_id, run=after.run, released_at=when)
+            await tx.manufacturing.set_qc(m.booking_id, results, coa_reference)
+            event: EventData | None
+            if disposition == "passed":
+                event = None  # the order still reads qc_pending: the product is released by signature
             elif disposition == "out_of_specification":
                 event = ProductOutOfSpecificationV1(
                     **m.ref(),
@@ -437,11 +503,19 @@ async def record_qc(
                     run=after.run,
                     reason=reason or "other",
                     retained_material=after.retained_material,
+                    lot=after.lot,
                 )
             else:
                 event = lost_event(m, after, mfg.qc_failed_reason(reason or "other"))
             await record_transition(
                 tx, m, t, action="qc", occurred_at=when, reason=reason, event=event, reference=reference
+            )
+            tx.audit(
+                "manufacture.qc_results",
+                "lot",
+                after.lot,
+                new={"disposition": disposition, "results": results, "coa_reference": coa_reference},
+                reason=reason or disposition,
             )
             log.info(
                 "QC disposition recorded",
@@ -451,3 +525,215 @@ async def record_qc(
                 run=after.run,
             )
         return await manufacturing_view(tx, site_id, order_id, tenant)
+
+
+# ---- the signed release ----------------------------------------------------------------------------
+
+
+def signer_actor(signer: Signer) -> Actor:
+    """The audit actor of a signed change: the client it came through and the individual who signed."""
+    p = signer.principal
+    return Actor(client_id=signer.client_id, kind=str(p.kind), entity_id=p.entity_id, user_id=signer.user_id)
+
+
+async def _for_release(
+    tx: SiteTx, site_id: str, order_id: uuid.UUID, *, import_at: bool, tenant: str | None
+) -> Manufacture:
+    """The manufacture a release signature is for: at the manufacturing site of the path, or (an import
+    certification) the order's latest manufacture wherever it was made, locked."""
+    if not import_at:
+        return await _current(tx, site_id, order_id, tenant)
+    await ensure_site(tx, site_id, tenant)
+    m = await tx.manufacturing.latest_for_order(order_id, lock=True)
+    if m is None:
+        raise Conflict("order_id", "no material of this order has been received at any site")
+    return m
+
+
+async def required_signature(
+    uow: AbstractUnitOfWork[SiteTx],
+    site_id: str,
+    order_id: uuid.UUID,
+    *,
+    import_at: bool,
+    tenant: str | None = None,
+) -> tuple[str, str]:
+    """(meaning, role) the next signature on this route needs, read before the signing token is verified:
+    on `/release` the market's release (`release` by a quality unit, or `qp-certification` by a QP), on
+    `/import-certification` the import certification."""
+    async with uow.read() as tx:
+        if import_at:
+            await ensure_site(tx, site_id, tenant)
+            m = await tx.manufacturing.latest_for_order(order_id)
+        else:
+            await ensure_site(tx, site_id, tenant)
+            m = await tx.manufacturing.latest(order_id, site_id, tenant=tenant)
+        if m is None:
+            raise Conflict("order_id", "no material of this order has been received here")
+        plan = await release_plan_of(tx, m)
+    req = plan.requirements[-1] if import_at else plan.requirements[0]
+    if import_at and req.meaning != "import-certification":
+        raise Conflict(
+            "order_id", "made inside the market: no import certification is needed, only the release"
+        )
+    return req.meaning, req.role
+
+
+async def sign_release(
+    uow: AbstractUnitOfWork[SiteTx],
+    site_id: str,
+    order_id: uuid.UUID,
+    signer: Signer,
+    *,
+    import_at: bool = False,
+    reference: str | None = None,
+    now: datetime | None = None,
+    tenant: str | None = None,
+) -> dict[str, Any]:
+    """A signature the lot's release needs (`signer.meaning`): recorded with the lot's record (lot, QC
+    results, certificate of analysis ...: 21 CFR 11.70); once every signature the market needs is there
+    (`domain.release`), the lot is released (`site.product_released`). The signer must be of the site
+    the plan names, with its role (else 403 `signature-organisation` / `signature-role`)."""
+    when = _now(now)
+    async with uow.begin() as tx:
+        m = await _for_release(tx, site_id, order_id, import_at=import_at, tenant=tenant)
+        set_order_attributes(order_id, m.coi)
+        plan = await release_plan_of(tx, m)
+        req = plan.for_meaning(signer.meaning)
+        if req is None:
+            raise Conflict("order_id", f"this lot's release needs no {signer.meaning} signature")
+        if import_at and site_id != req.site_id:
+            raise Conflict("site_id", f"the import is certified at the batch-release site {req.site_id}")
+        if signer.org_kind != "site" or signer.org_id != req.site_id:
+            raise SignatureForbidden(
+                "signature-organisation", f"the {signer.meaning} is signed by a {req.role} of {req.site_id}"
+            )
+        if req.role not in signer.roles:
+            raise SignatureForbidden("signature-role", f"the {signer.meaning} is signed by a {req.role}")
+        state = m.state
+        if state.state == mfg.State.RELEASED:
+            raise Conflict("order_id", f"lot {state.lot} is already released")
+        if state.state != mfg.State.QC_PASSED:
+            raise mfg.ManufacturingConflict(
+                "state", f"a lot is signed for release only after QC passed; manufacturing is {state.state}"
+            )
+        record = lot_record(m)
+        signed = await tx.signatures.current_meanings(record)
+        if signer.meaning in signed:
+            raise Conflict("order_id", f"lot {state.lot} already carries a {signer.meaning} signature")
+        signature = await tx.signatures.record(signer, record)
+        signed.add(signer.meaning)
+        actor = signer_actor(signer)
+        tx.audit(
+            "lot.signed",
+            "lot",
+            state.lot,
+            new={
+                "meaning": signer.meaning,
+                "signature_id": signature.signature_id,
+                "record_sha256": signature.record_sha256,
+                "signer_org": signer.org_id,
+                "order_id": m.order_id,
+                "site_id": m.site_id,
+                "run": state.run,
+                "reference": reference,
+            },
+            reason=signer.meaning,
+            actor=actor,
+        )
+        await tx.manufacturing.append_history(
+            m,
+            run=state.run,
+            action="signature",
+            step=None,
+            state_before=state.state,
+            state_after=state.state,
+            reason=signer.meaning,
+            occurred_at=when,
+            reference=reference,
+            lot=state.lot,
+        )
+        if not missing(plan, signed):
+            await _release(tx, m, plan, when, actor)
+        log.info("lot signed", site_id=m.site_id, meaning=signer.meaning, released=not missing(plan, signed))
+        return await manufacturing_view(tx, m.site_id, order_id, None)
+
+
+async def _release(tx: SiteTx, m: Manufacture, plan: ReleasePlan, when: datetime, actor: Actor) -> None:
+    t = mfg.release(m.state)
+    if not t.changed:
+        return
+    s = t.after
+    event = ProductReleasedV1(
+        **m.ref(),
+        site_id=m.site_id,
+        run=s.run,
+        released_at=when,
+        lot=s.lot,
+        coa_reference=m.coa_reference,
+        certification=plan.certification,
+        import_certified=plan.imported,
+        exceptional=s.exceptional,
+    )
+    await tx.manufacturing.update(m.booking_id, s, None)
+    tx.audit(
+        "manufacture.release",
+        "manufacture",
+        m.booking_id,
+        old={"state": t.before.state, "run": t.before.run},
+        new={
+            "state": s.state,
+            "run": s.run,
+            "lot": s.lot,
+            "order_id": m.order_id,
+            "site_id": m.site_id,
+            "certification": plan.certification,
+            "import_certified": plan.imported,
+            "batch_release_site_id": plan.batch_release_site_id,
+            "exceptional": s.exceptional,
+        },
+        reason=plan.certification,
+        actor=actor,
+    )
+    await tx.manufacturing.append_history(
+        m,
+        run=s.run,
+        action="release",
+        step=None,
+        state_before=t.before.state,
+        state_after=s.state,
+        reason=plan.certification,
+        occurred_at=when,
+        lot=s.lot,
+    )
+    await tx.publish(event)
+
+
+async def audit_signature_refusal(
+    uow: AbstractUnitOfWork[SiteTx],
+    site_id: str,
+    order_id: uuid.UUID,
+    *,
+    reason: str,
+    meaning: str,
+    principal: Principal | None,
+    user_id: str | None,
+) -> None:
+    """A refused signature, in its own transaction (the request's change, if any, is rolled back):
+    who tried (client, user once the token verified), what it would have meant, why it was refused
+    (21 CFR 11.300(d): attempted unauthorised use is detected and recorded)."""
+    actor = None
+    if principal is not None:
+        actor = Actor(
+            client_id=principal.client_id, kind=str(principal.kind), entity_id=principal.entity_id,
+            user_id=user_id,
+        )  # fmt: skip
+    async with uow.begin() as tx:
+        tx.audit(
+            "signature.refused",
+            "order",
+            order_id,
+            new={"site_id": site_id, "meaning": meaning, "user_id": user_id},
+            reason=reason,
+            actor=actor,
+        )

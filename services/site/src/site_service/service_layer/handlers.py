@@ -7,6 +7,7 @@ reason code itself (`order_cancelled:<code>`), never as free text (`domain.reaso
 
 from __future__ import annotations
 
+import re
 import uuid
 from datetime import UTC, datetime
 
@@ -15,19 +16,25 @@ from site_service.domain import manufacturing as mfg
 from site_service.domain import registry
 from site_service.domain.reasons import code_or, qualified
 from site_service.domain.registry import Booking
-from site_service.service_layer.commands import affect_bookings, record_transition
+from site_service.service_layer.commands import affect_bookings, new_lot, record_transition
 from site_service.service_layer.products import rules_for
 from v2v_audit import AuditedHandlers
 from v2v_contracts import (
+    ApheresisCompletedV1,
     BookingCancelledV1,
     BookingConfirmedV1,
     ManufacturingStoppedV1,
+    MaterialReceivedV1,
     OrderCancelledV1,
     OrderFailedV1,
+    OrderSubmittedV1,
     RemanufactureRequestedV1,
     SlotReleasedV1,
     SlotReservedV1,
 )
+from v2v_contracts.coi import coi_problem
+from v2v_contracts.events import DispositionDecidedV1
+from v2v_contracts.fields import CODE_PATTERN
 from v2v_messaging import EventMeta
 from v2v_observability import current_traceparent, get_logger
 
@@ -35,6 +42,7 @@ log = get_logger(__name__)
 
 # entries written by these handlers name the consumer (`site.bookings`) as actor and the event as cause
 handlers = AuditedHandlers[SiteTx]("site.bookings")
+_CODE = re.compile(CODE_PATTERN)
 
 
 def _now(now: datetime | None) -> datetime:
@@ -181,8 +189,9 @@ async def start_remanufacture(
         return False
     if not t.changed:
         return False
+    t = await new_lot(tx, site_id, t)  # a new run, a new lot
     await record_transition(tx, m, t, action="remanufacture", occurred_at=_now(now), reason=reason)
-    log.info("remanufacture started from retained material", site_id=site_id, run=run)
+    log.info("remanufacture started from retained material", site_id=site_id, run=run, lot=t.after.lot)
     return True
 
 
@@ -190,3 +199,101 @@ async def start_remanufacture(
 async def on_remanufacture_requested(tx: SiteTx, data: RemanufactureRequestedV1, meta: EventMeta) -> None:
     reason = code_or(data.reason, "remanufacture_requested")
     await start_remanufacture(tx, data.order_id, data.site_id, data.run, reason)
+
+
+# ---- issue 10: what the site learns of an order, and QA's disposition of material at risk --------------
+
+
+@handlers.on(OrderSubmittedV1)
+async def on_order_submitted(tx: SiteTx, data: OrderSubmittedV1, meta: EventMeta) -> None:
+    """The order's market (regulator, use, country, region): who must sign its lot's release."""
+    await tx.orders.record_market(
+        data.order_id,
+        regulator=data.regulator,
+        order_type=data.order_type,
+        country=data.country,
+        region=data.region,
+    )
+    tx.audit(
+        "order.market_learned",
+        "order",
+        data.order_id,
+        new={"regulator": data.regulator, "order_type": data.order_type, "country": data.country},
+        reason="order_submitted",
+    )
+
+
+@handlers.on(ApheresisCompletedV1)
+async def on_apheresis_completed(tx: SiteTx, data: ApheresisCompletedV1, meta: EventMeta) -> None:
+    """The DIN of this collection (a recollection's replaces the earlier one): a receipt must present it
+    beside the COI. Events without a DIN (older producers) teach nothing: the DIN is then not checked."""
+    din = getattr(data, "din", None)
+    collection = getattr(data, "collection", 1)
+    if not isinstance(din, str) or coi_problem(din) is not None:
+        return
+    if not isinstance(collection, int) or isinstance(collection, bool) or collection < 1:
+        collection = 1
+    if await tx.orders.record_din(data.order_id, din, collection):
+        tx.audit(
+            "order.din_learned",
+            "order",
+            data.order_id,
+            new={"din": din, "collection": collection},
+            reason="apheresis_completed",
+        )
+
+
+@handlers.on(DispositionDecidedV1)
+async def on_disposition_decided(tx: SiteTx, data: DispositionDecidedV1, meta: EventMeta) -> None:
+    """QA's disposition of material at risk at this site: a refused receipt released starts run 1 (a new
+    lot, `site.material_received`) or, rejected, is `rejected`; an OOS run released (or released on the
+    physician's request) waits in `qc_passed` for the signed release; an OOS reject changes nothing here
+    (the order asks for a remanufacture or a recollection). Excursions are logistics' business."""
+    if data.cause == "excursion" or data.site_id is None:
+        return
+    m = await tx.manufacturing.latest(data.order_id, data.site_id, lock=True)
+    if m is None:
+        log.warning("disposition for an order with no material at the site", site_id=data.site_id)
+        return
+    reason = code_or(data.reason, "disposition")
+    try:
+        if data.cause == "receipt":
+            t = mfg.decide_receipt(m.state, data.outcome)
+        else:
+            t = mfg.decide_oos(m.state, data.outcome, data.run if data.run is not None else m.state.run)
+    except mfg.ManufacturingConflict as exc:
+        log.warning("disposition not applicable", site_id=data.site_id, cause=data.cause, why=exc.reason)
+        return
+    if not t.changed:
+        return
+    event = None
+    if data.cause == "receipt" and data.outcome == "release":
+        t = await new_lot(tx, data.site_id, t)
+        event = MaterialReceivedV1(
+            **m.ref(),
+            site_id=m.site_id,
+            received_at=m.received_at or _now(None),
+            lot=t.after.lot,
+        )
+    await record_transition(
+        tx,
+        m,
+        t,
+        action="disposition",
+        occurred_at=_now(None),
+        reason=reason,
+        event=event,
+        reference=data.document_reference if _is_ref(data.document_reference) else None,
+    )
+    log.info(
+        "disposition applied",
+        site_id=m.site_id,
+        cause=data.cause,
+        outcome=data.outcome,
+        state=t.after.state,
+    )
+
+
+def _is_ref(value: object) -> bool:
+    """An opaque document id (a `Code`): kept; anything else (free text) is not stored at the site."""
+    return isinstance(value, str) and _CODE.fullmatch(value) is not None

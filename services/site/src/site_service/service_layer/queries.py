@@ -11,9 +11,11 @@ from typing import Any
 
 from site_service.adapters.repository import SiteTx
 from site_service.domain import manufacturing as mfg
-from site_service.domain.manufacturing import State
-from v2v_contracts.errors import NotFound
+from site_service.domain.manufacturing import Manufacture, State
+from site_service.domain.release import NoReleasePath, ReleasePlan, release_plan
+from v2v_contracts.errors import Conflict, NotFound
 from v2v_messaging import AbstractUnitOfWork
+from v2v_servicekit.signatures import SignedRecord
 
 
 async def list_sites(
@@ -63,6 +65,11 @@ async def manufacturing_view(
             "failed_step": None,
             "retained_material": False,
             "received_at": None,
+            "lot": None,
+            "exceptional": False,
+            "qc_results": None,
+            "coa_reference": None,
+            "release": None,
             "history": [],
         }
     s = m.state
@@ -78,7 +85,117 @@ async def manufacturing_view(
         "failed_step": s.failed_step,
         "retained_material": s.retained_material,
         "received_at": m.received_at,
+        "lot": s.lot,
+        "exceptional": s.exceptional,
+        "qc_results": m.qc_results,
+        "coa_reference": m.coa_reference,
+        "release": await release_status(tx, m),
         "history": await tx.manufacturing.history(m.booking_id),
+    }
+
+
+# ---- the release: who must sign, and who has ---------------------------------------------------------
+
+
+def _signable(value: Any) -> Any:
+    """A QC summary as it is signed: floats as their shortest text (the canonical form refuses floats)."""
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, dict):
+        return {k: _signable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_signable(v) for v in value]
+    return value
+
+
+def lot_record(m: Manufacture) -> SignedRecord:
+    """What a release signature binds (21 CFR 11.70): the lot, whose material it is, the run, its QC
+    results and certificate of analysis, and whether it is an exceptional release. A change to any of
+    these after signing leaves the lot unsigned (`check_record`)."""
+    s = m.state
+    return SignedRecord(
+        "lot",
+        s.lot or f"{m.booking_id}:{s.run}",
+        {
+            "lot": s.lot,
+            "order_id": m.order_id,
+            "coi": m.coi,
+            "site_id": m.site_id,
+            "product_code": m.product_code,
+            "run": s.run,
+            "qc_results": _signable(m.qc_results),
+            "coa_reference": m.coa_reference,
+            "exceptional": s.exceptional,
+        },
+    )
+
+
+async def release_plan_of(tx: SiteTx, m: Manufacture) -> ReleasePlan:
+    """Who must sign the release of `m`'s lot: from the order's market (`order.submitted`) and the
+    manufacturing site's approval for it (its batch-release site). 409 when either is unknown."""
+    facts = await tx.orders.get(m.order_id)
+    if facts is None or facts.regulator is None:
+        raise Conflict("order_id", "the order's market is not known at the site yet (order.submitted)")
+    site = await tx.sites.get(m.site_id)
+    if site is None:
+        raise NotFound("Site", m.site_id)
+    approval = next(
+        (
+            a
+            for a in site.entry.approvals
+            if a.regulator == facts.regulator
+            and a.use == facts.order_type
+            and a.product_code == m.product_code
+        ),
+        None,
+    )
+    brs_id = approval.batch_release_site_id if approval is not None else None
+    brs_country: str | None = None
+    if brs_id is not None:
+        brs = await tx.sites.get(brs_id)
+        brs_country = brs.entry.country if brs is not None else None
+    try:
+        return release_plan(facts.regulator, m.site_id, site.entry.country, brs_id, brs_country)
+    except NoReleasePath as exc:
+        raise Conflict(exc.field, exc.reason) from None
+
+
+async def release_status(tx: SiteTx, m: Manufacture) -> dict[str, Any] | None:
+    """Once QC passed: the signatures the release needs, and the ones given (their manifestation)."""
+    if m.state.state not in (State.QC_PASSED, State.RELEASED) or m.state.lot is None:
+        return None
+    try:
+        plan = await release_plan_of(tx, m)
+    except Conflict as exc:
+        return {"problem": exc.detail, "required": []}
+    record = lot_record(m)
+    signatures = await tx.signatures.of(record.object_type, record.object_id)
+    required = []
+    for req in plan.requirements:
+        current = [s for s in signatures if s.meaning == req.meaning and s.matches(record)]
+        stale = [s for s in signatures if s.meaning == req.meaning and not s.matches(record)]
+        required.append(
+            {
+                **req.as_dict(),
+                "signed": bool(current),
+                "signatures": [
+                    {
+                        "user_id": s.user_id,
+                        "name": s.name,
+                        "signed_at": s.signed_at,
+                        "manifestation": s.manifestation(),
+                    }
+                    for s in current
+                ],
+                "stale": len(stale),
+            }
+        )
+    return {
+        "regulator": plan.regulator,
+        "batch_release_site_id": plan.batch_release_site_id,
+        "imported": plan.imported,
+        "certification": plan.certification,
+        "required": required,
     }
 
 
