@@ -268,6 +268,8 @@ class ApheresisCompletedV1(OrderEventData):
     TYPE = "order.apheresis_completed.v1"
     SERVICE = "order"
     collected_at: datetime
+    din: str | None = None  # this collection's donation identification number (ISBT 128 shape)
+    collection: int = 1  # 1 for the first collection, 2 for a recollection, ...
 
 
 class ProductReceivedV1(OrderEventData):
@@ -371,6 +373,7 @@ class ProductReleasedV1(OrderEventData):
     site_id: str
     run: int
     released_at: datetime
+    lot: str | None = None
 
 
 class ProductOutOfSpecificationV1(OrderEventData):
@@ -405,16 +408,19 @@ class ManufacturingStoppedV1(OrderEventData):
 
 
 class ShipmentExcursionV1(OrderEventData):
-    """A temperature reading outside the lane's range: the shipment is compromised."""
+    """The product's excursion rule is breached: readings outside its temperature limit for longer, in
+    all, than its tolerance (`duration_min`); the shipment is compromised and the material waits for QA.
+    A shorter time outside the limit is recorded by logistics and published as nothing."""
 
     TYPE = "logistics.shipment_excursion.v1"
     SERVICE = "logistics"
     shipment_id: uuid.UUID
     leg: Literal["inbound_apheresis", "outbound_product"]
-    reading_c: float
+    reading_c: float  # the reading furthest outside the limit
     min_c: float
     max_c: float
-    measured_at: datetime
+    measured_at: datetime  # when the time outside the limit began (its first out-of-range reading)
+    duration_min: float | None = None  # minutes outside the limit in all when the rule was breached
 
 
 class ShipmentCancelledV1(OrderEventData):
@@ -451,6 +457,28 @@ class CoiMismatchDetectedV1(OrderEventData):
     SERVICE = "logistics"
     shipment_id: uuid.UUID
     where: Code  # the handoff's location code, or `temperature-reading`
+    identifier: Literal["coi", "din", "lot"] = "coi"  # which id of the pair did not match
+
+
+# ---- issue 10: logistics ----
+# `DispositionDecidedV1` is the order service's ([order] in the issue-10 contract); logistics reacts to it
+# (excursion: release resumes the shipment, reject keeps it compromised). Added here in the agreed shape
+# so this branch stands alone: when the order branch is merged, keep ONE definition (they are identical).
+
+
+class DispositionDecidedV1(OrderEventData):
+    """QA decided on material at risk (OOS product, shipping excursion, rejection at receipt)."""
+
+    TYPE = "order.disposition_decided.v1"
+    SERVICE = "order"
+    cause: Literal["out_of_specification", "excursion", "receipt"]
+    outcome: Literal["release", "release_on_physician_request", "reject"]
+    site_id: str | None = None
+    run: int | None = None  # OOS
+    shipment_id: uuid.UUID | None = None  # excursion
+    leg: Literal["inbound_apheresis", "outbound_product"] | None = None
+    reason: ReasonCode  # QA's code
+    document_reference: str | None = None  # opaque id in QA's document system
 
 
 def _all_event_classes() -> list[type[EventData]]:
