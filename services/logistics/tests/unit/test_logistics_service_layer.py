@@ -20,6 +20,7 @@ from v2v_contracts import (
     BookingCancelledV1,
     BookingConfirmedV1,
     CloudEvent,
+    DispositionDecidedV1,
     EventData,
     OrderCancelledV1,
     OrderCompletedV1,
@@ -163,8 +164,22 @@ def booking_confirmed(
     )
 
 
-def product_released(order: Order, run: int = 1) -> CloudEvent:
-    return new_event(ProductReleasedV1(**order.refs, site_id=SITE, run=run, released_at=NOW))
+def product_released(order: Order, run: int = 1, lot: str | None = None) -> CloudEvent:
+    return new_event(ProductReleasedV1(**order.refs, site_id=SITE, run=run, released_at=NOW, lot=lot))
+
+
+def disposition(
+    order: Order, outcome: str, ship: Shipment | None = None, *, cause: str = "excursion"
+) -> DispositionDecidedV1:
+    return DispositionDecidedV1(
+        **order.refs,
+        cause=cause,  # type: ignore[arg-type]
+        outcome=outcome,  # type: ignore[arg-type]
+        shipment_id=None if ship is None else ship.shipment_id,
+        leg=None if ship is None else ship.leg,
+        reason="within_stability_data" if outcome != "reject" else "outside_stability_data",
+        document_reference="QA-DEV-2030-0042",
+    )
 
 
 @pytest.fixture
@@ -821,6 +836,131 @@ async def test_quarantine_decided_without_a_compromised_shipment_changes_nothing
     ship = await world.planned(order, "outbound_product")
     await world.deliver(QuarantineDecidedV1(**order.refs, decision="release", reason="other"))
     assert world.store.shipments[ship.shipment_id].quarantine_decision is None
+    assert world.uow.types() == [PLANNED]
+
+
+# ---- identity pairs: COI + DIN inbound, COI + lot outbound --------------------------------------------
+
+
+async def test_the_inbound_handoffs_check_coi_and_the_collections_din(world: World) -> None:
+    order = Order()
+    ship = await world.planned(order, "inbound_apheresis")
+    din = make_coi("V2V01", 30, 777_001)
+    await world.deliver(ApheresisCompletedV1(**order.refs, collected_at=NOW, din=din, collection=1))
+    assert world.store.shipments[ship.shipment_id].din == din
+    # known now: a handoff without it is refused naming `din`, and writes nothing
+    with pytest.raises(Invalid) as missing:
+        await world.milestone(ship, "picked_up")
+    assert [e.field for e in missing.value.errors] == ["din"] and status_of(missing.value) == 422
+    with pytest.raises(Invalid) as wrong_kind:  # a lot is not on an inbound bag's label
+        await world.milestone(ship, "picked_up", din=din, lot="LOT-2030-0001")
+    assert [e.field for e in wrong_kind.value.errors] == ["lot"]
+    assert world.store.custody == []
+    ok = await world.milestone(ship, "picked_up", din=din)
+    assert ok["pair_verified"] is True
+    [custody] = world.store.custody
+    assert (custody.din, custody.lot, custody.pair_verified, custody.coi_verified) == (din, None, True, True)
+
+    # another collection's bag: a mismatch exactly as a COI mismatch (stop, alert, 409 naming `din`)
+    other_din = make_coi("V2V01", 30, 777_002)
+    with pytest.raises(CoiMismatch) as refused:
+        await world.milestone(ship, "in_transit", din=other_din, minutes=5)
+    assert status_of(refused.value) == 409 and refused.value.kind == "coi-mismatch"
+    assert [e.as_dict() for e in refused.value.errors] == [
+        {"field": "din", "reason": "does not match the shipment"}
+    ]
+    assert other_din not in refused.value.detail
+    [alert] = world.events(MISMATCH)
+    assert alert.data["identifier"] == "din" and alert.data["coi"] == order.coi
+    assert world.status(ship) == "stopped"
+    assert len(world.store.custody) == 1
+
+
+async def test_a_din_with_a_wrong_check_character_is_invalid(world: World) -> None:
+    order = Order()
+    ship = await world.planned(order, "inbound_apheresis")
+    din = make_coi("V2V01", 30, 777_003)
+    broken = din[:-1] + ("A" if din[-1] != "A" else "B")
+    with pytest.raises(Invalid) as refused:
+        await world.milestone(ship, "picked_up", din=broken)
+    assert [e.field for e in refused.value.errors] == ["din"]
+    assert world.store.custody == []
+
+
+async def test_a_din_not_known_yet_is_recorded_unverified_never_guessed(world: World) -> None:
+    order = Order()
+    ship = await world.planned(order, "inbound_apheresis")
+    await world.deliver(ApheresisCompletedV1(**order.refs, collected_at=NOW))  # an older order service
+    din = make_coi("V2V01", 30, 777_004)
+    ok = await world.milestone(ship, "picked_up", din=din)
+    assert ok["pair_verified"] is False
+    assert world.store.shipments[ship.shipment_id].din is None  # not learnt from a courier
+    assert (await world.milestone(ship, "in_transit", minutes=1))["status"] == "in_transit"  # nor required
+    assert [c.din for c in world.store.custody] == [din, None]
+
+
+async def test_the_outbound_handoffs_check_coi_and_the_runs_lot(world: World) -> None:
+    order = Order()
+    await world.deliver(product_released(order, lot="LOT-DE-2030-0007"))
+    [ship] = world.ships(order)
+    assert ship.lot == "LOT-DE-2030-0007"
+    with pytest.raises(Invalid) as missing:
+        await world.milestone(ship, "picked_up")
+    assert [e.field for e in missing.value.errors] == ["lot"]
+    with pytest.raises(Invalid) as wrong_kind:
+        await world.milestone(ship, "picked_up", lot="LOT-DE-2030-0007", din=make_coi("V2V01", 30, 1))
+    assert [e.field for e in wrong_kind.value.errors] == ["din"]
+    assert (await world.milestone(ship, "picked_up", lot="LOT-DE-2030-0007"))["pair_verified"] is True
+    with pytest.raises(CoiMismatch) as refused:
+        await world.milestone(ship, "delivered", lot="LOT-DE-2030-0008", minutes=60)
+    assert refused.value.errors[0].field == "lot"
+    [alert] = world.events(MISMATCH)
+    assert alert.data["identifier"] == "lot"
+    assert world.status(ship) == "stopped"
+
+
+# ---- QA's disposition of an excursion (order.disposition_decided) ----------------------------------
+
+
+async def test_an_excursion_release_lets_the_shipment_go_on(world: World) -> None:
+    order = Order()
+    ship = await world.planned(order, "inbound_apheresis", "AXI-CEL")  # fresh, 2-8 °C, 30 minutes
+    await world.breach(ship, 14.0)
+    assert world.status(ship) == "compromised"
+    await world.deliver(disposition(order, "release", ship))
+    stored = world.store.shipments[ship.shipment_id]
+    assert stored.status == "picked_up" and stored.quarantine_decision == "release"
+    assert stored.status_reason == "disposition_release:within_stability_data"
+    assert (await world.milestone(ship, "delivered", minutes=90))["status"] == "delivered"
+    assert len(world.events(EXCURSION)) == 1
+    trail = [r for r in world.store.audit if r.reason == "disposition_release:within_stability_data"]
+    assert [(r.action, r.old, r.new["status"]) for r in trail] == [  # type: ignore[index, call-overload]
+        ("shipment.status_changed", {"status": "compromised"}, "picked_up")
+    ]
+
+
+async def test_an_excursion_reject_keeps_it_compromised_and_frees_the_lane(world: World) -> None:
+    order = Order()
+    ship = await world.planned(order, "inbound_apheresis", "AXI-CEL")
+    await world.breach(ship, 14.0)
+    await world.deliver(disposition(order, "reject"))  # no shipment named: the newest compromised
+    stored = world.store.shipments[ship.shipment_id]
+    assert stored.status == "compromised" and stored.quarantine_decision == "reject"
+    await world.deliver(booking_confirmed(order, product_code="AXI-CEL"))  # the recollection's booking
+    assert [s.status for s in world.ships(order)] == ["compromised", "planned"]
+
+
+async def test_dispositions_that_concern_no_compromised_shipment_change_nothing(world: World) -> None:
+    order = Order()
+    ship = await world.planned(order, "outbound_product")
+    await world.deliver(
+        disposition(order, "release_on_physician_request", cause="out_of_specification"),
+        disposition(order, "release_on_physician_request", ship),  # not an excursion outcome
+    )
+    assert world.store.shipments[ship.shipment_id].quarantine_decision is None
+    await world.deliver(disposition(order, "release", ship))  # never stopped: recorded, nothing to resume
+    stored = world.store.shipments[ship.shipment_id]
+    assert stored.status == "planned" and stored.quarantine_decision == "release"
     assert world.uow.types() == [PLANNED]
 
 
