@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from logistics_service.domain.carriers import Carriers
-from v2v_contracts.reference import ShippingRules, TemperatureLimit
+from v2v_contracts.reference.product import ShippingRules, TemperatureLimit
 
 # A product the catalogue does not know (it cannot be ordered, so this is a safety net): fresh material.
 DEFAULT_APHERESIS_MATERIAL: Final = "fresh"
