@@ -232,7 +232,48 @@ async def test_an_inbound_excursion_replaces_the_delivery_and_waits_for_the_plat
     excursion_at = actor.moment("inbound temperature excursion")
     assert excursion_at is not None and excursion_at > actor.sim.clock.start
     assert actor.result.applied and actor.leave == MATERIAL_ON_THE_WAY
-    assert [b["milestone"] for p, b in platform.posted()[1:-1]] == ["booked", "picked_up", "in_transit"]
+    scans = [b for p, b in platform.posted()[1:] if p.endswith("/milestones")]
+    assert [b["milestone"] for b in scans] == ["booked", "picked_up", "in_transit"]
+    # the product's rule: readings outside the limit over longer than the tolerance (the shipment does
+    # not say it here: 30 minutes), all after the pickup, which is reported as that long before
+    readings = [b for p, b in platform.posted()[1:] if p.endswith("/temperature")]
+    assert len(readings) == 3 and all(r["reading_c"] >= 8.0 + 4 for r in readings)
+    times = [datetime.fromisoformat(r["measured_at"]) for r in readings]
+    assert times == sorted(times) and times[-1] - times[0] > timedelta(minutes=30)
+    picked_up = datetime.fromisoformat(scans[1]["occurred_at"])
+    assert datetime.fromisoformat(scans[0]["occurred_at"]) <= picked_up <= times[0]
+    await actor.sim.api.close()
+
+
+async def test_each_scan_presents_the_labels_pair_and_reads_the_shipment_again_when_it_was_learnt_late() -> (
+    None
+):
+    platform = FakePlatform({})
+    inbound_routes(platform)
+    learnt = {**SHIPMENT, "din": "V2V0126000001Q"}
+    reads = iter([[SHIPMENT], [learnt]])
+    platform.routes[("GET", "/v1/shipments")] = lambda _: httpx.Response(200, json=next(reads))
+    refused: list[str] = []
+
+    def scan(body: dict[str, Any]) -> httpx.Response:
+        if "din" not in body:  # logistics learnt the DIN after the courier read the shipment
+            refused.append(body["milestone"])
+            return httpx.Response(422, json={"errors": [{"field": "din", "reason": "required"}]})
+        return httpx.Response(201, json={})
+
+    platform.routes[("POST", "/v1/shipments/sh-1/milestones")] = scan
+    actor = await placed(platform)
+    await actor.inbound(order_row("apheresis_completed"))
+    scans = [b for p, b in platform.posted() if p.endswith("/milestones")]
+    assert refused == ["booked"]
+    assert [(b["milestone"], b.get("din")) for b in scans] == [
+        ("booked", None),
+        ("booked", "V2V0126000001Q"),
+        ("picked_up", "V2V0126000001Q"),
+        ("in_transit", "V2V0126000001Q"),
+        ("delivered", "V2V0126000001Q"),
+    ]
+    assert all("lot" not in b for b in scans) and not actor.sim.stats.errors
     await actor.sim.api.close()
 
 

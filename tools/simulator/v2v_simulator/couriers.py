@@ -1,5 +1,15 @@
 """The courier: finds the order's shipment, scans its custody milestones with logger readings, and reports
-an out-of-range reading when the plan injects a temperature excursion.
+out-of-range readings when the plan injects a temperature excursion.
+
+Each scan presents the label's pair: the COI and, as the shipment shows it, the collection's DIN (inbound)
+or the run's lot (outbound); when logistics learnt it after the shipment was read (it answers 422 naming
+`din`/`lot`), the shipment is read again and the scan sent once more.
+
+An excursion is judged by the product's rule (limit and cumulative minutes outside it beyond the
+shipment's `excursion_tolerance_min`): the logger reports readings outside the limit over a span longer
+than the tolerance. Readings count only after the pickup, and the platform takes no time ahead of now, so
+the pickup of a leg whose excursion is planned is reported as it happened that long before (`EXCURSION_LAG`
+plus the tolerance), the readings up to now.
 
 The shipment is looked up as ops (the order's centre reads no shipments); its milestones and readings are
 reported as the carrier the shipment names (`carrier_id`), with that carrier's own token. The platform
@@ -8,7 +18,7 @@ carries the moment it is sent, and the simulated moment stays in the order's cas
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from .api import OPS, OrderAbort, Party, carrier
@@ -18,9 +28,28 @@ if TYPE_CHECKING:
     from .orders import OrderActor
 
 
+EXCURSION_LAG = timedelta(minutes=30)  # margin of the backdated pickup beyond the excursion's span
+DEFAULT_TOLERANCE_MIN = 30.0  # a shipment that does not say its tolerance (an older platform)
+
+
 class Courier:
     def __init__(self, order: OrderActor) -> None:
         self.order = order
+
+    def excursion_planned(self, ship: dict[str, Any]) -> bool:
+        return self.order.injects(f"{ship['leg'].split('_')[0]}_excursion")
+
+    @staticmethod
+    def excursion_span(ship: dict[str, Any]) -> timedelta:
+        """How long the injected excursion lasts: beyond the shipment's tolerance."""
+        tolerance = ship.get("excursion_tolerance_min")
+        return timedelta(minutes=float(DEFAULT_TOLERANCE_MIN if tolerance is None else tolerance) + 10)
+
+    @staticmethod
+    def pair(ship: dict[str, Any]) -> dict[str, Any]:
+        """The label's second id as the shipment shows it: DIN inbound, lot outbound (none if not known)."""
+        key = "din" if ship["leg"] == "inbound_apheresis" else "lot"
+        return {key: ship[key]} if ship.get(key) else {}
 
     async def shipment(self, leg: str, run: int | None = None) -> dict[str, Any] | None:
         """The live shipment of `leg` (of `run`), once logistics has planned it; None if the order ended."""
@@ -75,38 +104,68 @@ class Courier:
         await o.at(when, label)
         handled_by = f"courier-{o.rng.randrange(100, 999)}"
         received_from = ship["origin"] if milestone == "picked_up" else None
-        occurred_at = now()  # once: a retry resends the same body under the same Idempotency-Key
-        await o.call(
-            label,
-            lambda c: c.milestone(
-                sid,
-                milestone,
-                occurred_at=occurred_at,
-                location=location,
-                handled_by=handled_by,
-                coi=o.coi,
-                received_from=received_from,
-                temperature_c=temperature,
-            ),
-            party=self.party(ship),
-            ok=(201,),
-        )
+        # once: a retry resends the same body under the same Idempotency-Key
+        real = datetime.now(UTC)
+        if milestone in ("booked", "picked_up") and self.excursion_planned(ship):
+            real -= self.excursion_span(ship) + EXCURSION_LAG  # the logger's readings follow it
+        occurred_at = real.isoformat()
+
+        async def scan(pair: dict[str, Any], ok: tuple[int, ...]) -> Any:
+            return await o.call(
+                label,
+                lambda c: c.milestone(
+                    sid,
+                    milestone,
+                    occurred_at=occurred_at,
+                    location=location,
+                    handled_by=handled_by,
+                    coi=o.coi,
+                    received_from=received_from,
+                    temperature_c=temperature,
+                    **pair,
+                ),
+                party=self.party(ship),
+                ok=ok,
+            )
+
+        resp = await scan(self.pair(ship), (201, 422))
+        if resp.status == 422:
+            fields = {e.get("field") for e in (resp.body or {}).get("errors", [])}
+            if not fields & {"din", "lot"}:
+                o.sim.stats.error(f"{o.who}: {label} refused: {resp.body}")
+                raise OrderAbort(f"{label}: refused")
+            fresh = await self.shipment(ship["leg"], ship.get("run"))  # logistics learnt it meanwhile
+            if fresh is None:
+                raise OrderAbort(f"{label}: the shipment is gone")
+            ship.update(fresh)
+            await scan(self.pair(ship), (201,))
         o.posted[sid].add(milestone)
 
     async def excursion(self, ship: dict[str, Any], when: datetime) -> None:
+        """Readings outside the limit over a span beyond the shipment's tolerance, the last one now: the
+        last answer says the excursion was published."""
         o = self.order
         label = f"{ship['leg'].split('_')[0]} temperature excursion"
         await o.at(when, label)
-        reading = self.reading(ship, excursion=True)
-        measured_at = now()  # once: a retry resends the same body under the same Idempotency-Key
-        resp = await o.call(
-            label,
-            lambda c: c.temperature_reading(ship["shipment_id"], reading, measured_at=measured_at, coi=o.coi),
-            party=self.party(ship),
-            ok=(201,),
-        )
+        end = datetime.now(UTC)  # once: a retry resends the same bodies under the same Idempotency-Keys
+        span = self.excursion_span(ship)
+        readings = [
+            (self.reading(ship, excursion=True), (end - span * (1 - i / 2)).isoformat()) for i in range(3)
+        ]
+        resp: Any = None
+        for reading, measured_at in readings:
+            resp = await o.call(
+                label,
+                lambda c, r=reading, m=measured_at: c.temperature_reading(
+                    ship["shipment_id"], r, measured_at=m, coi=o.coi
+                ),
+                party=self.party(ship),
+                ok=(201,),
+            )
         if not resp.body.get("excursion_published"):
-            o.sim.stats.error(f"{o.who}: out-of-range reading did not raise an excursion: {resp.body}")
+            o.sim.stats.error(
+                f"{o.who}: readings beyond the tolerance did not raise an excursion: {resp.body}"
+            )
         o.result.applied = True
 
     async def pick_up(self, ship: dict[str, Any], booked_at: datetime, picked_up_at: datetime) -> None:

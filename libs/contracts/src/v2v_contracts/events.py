@@ -271,6 +271,8 @@ class ApheresisCompletedV1(OrderEventData):
     TYPE = "order.apheresis_completed.v1"
     SERVICE = "order"
     collected_at: datetime
+    din: str | None = None  # this collection's donation identification number (ISBT 128 shape)
+    collection: int = 1  # 1 for the first collection, 2 for a recollection, ...
 
 
 class ProductReceivedV1(OrderEventData):
@@ -419,16 +421,19 @@ class ManufacturingStoppedV1(OrderEventData):
 
 
 class ShipmentExcursionV1(OrderEventData):
-    """A temperature reading outside the lane's range: the shipment is compromised."""
+    """The product's excursion rule is breached: readings outside its temperature limit for longer, in
+    all, than its tolerance (`duration_min`); the shipment is compromised and the material waits for QA.
+    A shorter time outside the limit is recorded by logistics and published as nothing."""
 
     TYPE = "logistics.shipment_excursion.v1"
     SERVICE = "logistics"
     shipment_id: uuid.UUID
     leg: Literal["inbound_apheresis", "outbound_product"]
-    reading_c: float
+    reading_c: float  # the reading furthest outside the limit
     min_c: float
     max_c: float
-    measured_at: datetime
+    measured_at: datetime  # when the time outside the limit began (its first out-of-range reading)
+    duration_min: float | None = None  # minutes outside the limit in all when the rule was breached
 
 
 class ShipmentCancelledV1(OrderEventData):
@@ -466,27 +471,7 @@ class CoiMismatchDetectedV1(OrderEventData):
     SERVICE = "logistics"
     shipment_id: uuid.UUID
     where: Code  # the handoff's location code, or `temperature-reading`
-
-
-# ---- issue 10: site ----
-# [site] consumes the order's disposition of material at risk. The class below is the agreed shape of
-# BRIEF-10b, owned by the order part: kept here only so that the site's handler builds and is tested on its
-# own branch. When merging, keep ONE copy (the order branch's) and drop this one.
-
-
-class DispositionDecidedV1(OrderEventData):
-    """QA decided the disposition of material at risk (OOS, excursion, refused receipt)."""
-
-    TYPE = "order.disposition_decided.v1"
-    SERVICE = "order"
-    cause: Literal["out_of_specification", "excursion", "receipt"]
-    outcome: Literal["release", "release_on_physician_request", "reject"]
-    site_id: str | None = None
-    run: int | None = None  # OOS
-    shipment_id: uuid.UUID | None = None  # excursion
-    leg: Literal["inbound_apheresis", "outbound_product"] | None = None
-    reason: ReasonCode  # QA's code
-    document_reference: str | None = None  # opaque id in QA's document system
+    identifier: Literal["coi", "din", "lot"] = "coi"  # which id of the pair did not match
 
 
 def _all_event_classes() -> list[type[EventData]]:

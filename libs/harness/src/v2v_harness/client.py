@@ -661,11 +661,14 @@ class V2VClient:
         coi: str,
         received_from: str | None = None,
         temperature_c: float | None = None,
+        din: str | None = None,
+        lot: str | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> ApiResponse:
         """Courier API: POST /v1/shipments/{id}/milestones (201; `shipments:report`, the shipment's
         carrier). `occurred_at` within [now - 30 days, now + 5 min]; location, handled_by and
-        received_from are opaque codes."""
+        received_from are opaque codes. `din` (inbound) / `lot` (outbound): the label's second id, required
+        once logistics knows the shipment's (it shows them on GET /v1/shipments/{id})."""
         body: dict[str, Any] = {
             "milestone": milestone,
             "occurred_at": _moment(occurred_at),
@@ -677,6 +680,10 @@ class V2VClient:
             body["received_from"] = received_from
         if temperature_c is not None:
             body["temperature_c"] = temperature_c
+        if din is not None:
+            body["din"] = din
+        if lot is not None:
+            body["lot"] = lot
         return await self.post("logistics", f"/v1/shipments/{shipment_id}/milestones", body, headers=headers)
 
     async def custody(
@@ -700,13 +707,17 @@ class V2VClient:
         *,
         measured_at: Moment,
         coi: str | None = None,
+        logger_download: bool = False,
         headers: Mapping[str, str] | None = None,
     ) -> ApiResponse:
         """Courier API: POST /v1/shipments/{id}/temperature (201; `shipments:report`): {..., in_range,
-        excursion_published}. `measured_at` within [now - 30 days, now + 5 min]."""
+        minutes_outside, excursion_published}. `measured_at` within [now - 30 days, now + 5 min] and after
+        the shipment's pickup; live readings in transit, `logger_download` ones after delivery."""
         body: dict[str, Any] = {"reading_c": reading_c, "measured_at": _moment(measured_at)}
         if coi is not None:
             body["coi"] = coi
+        if logger_download:
+            body["logger_download"] = True
         return await self.post("logistics", f"/v1/shipments/{shipment_id}/temperature", body, headers=headers)
 
     async def temperature_readings(

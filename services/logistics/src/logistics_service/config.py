@@ -23,15 +23,25 @@ class LogisticsSettings(ServiceSettings):
 
 
 def load_shipping_lanes(settings: ServiceSettings | None = None) -> ShippingLanes:
-    """Read the seed's shipping conditions and carriers; each product's apheresis material from the
-    catalogue."""
+    """Read the seed's shipping conditions and carriers; each product's apheresis material and shipping
+    limits from the catalogue."""
     path = settings.logistics_seed_file if isinstance(settings, LogisticsSettings) else SEED_FILE
     seed: dict[str, Any] = yaml.safe_load(path.read_text())
-    ranges = {name: (float(r["min_c"]), float(r["max_c"])) for name, r in seed["conditions"].items()}
+    ranges = {
+        name: (float(r["min_c"]), float(r["max_c"]), float(r.get("excursion_tolerance_min", 0)))
+        for name, r in seed["conditions"].items()
+    }
     outbound = seed["outbound_product"]
+    catalogue = product_catalogue()
     return ShippingLanes(
         ranges=ranges,
-        outbound=Lane(str(outbound["condition"]), float(outbound["min_c"]), float(outbound["max_c"])),
-        apheresis_material={code: p.apheresis_material for code, p in product_catalogue().items()},
+        outbound=Lane(
+            str(outbound["condition"]),
+            float(outbound["min_c"]),
+            float(outbound["max_c"]),
+            float(outbound.get("excursion_tolerance_min", 0)),
+        ),
+        apheresis_material={code: p.apheresis_material for code, p in catalogue.items()},
         carriers=Carriers.from_seed(seed["carriers"]),
+        shipping={code: p.shipping for code, p in catalogue.items() if p.shipping is not None},
     )

@@ -34,6 +34,7 @@ from v2v_contracts import (
     BookingCancelledV1,
     BookingConfirmedV1,
     CloudEvent,
+    DispositionDecidedV1,
     EventData,
     OrderCancelledV1,
     OrderFailedV1,
@@ -70,7 +71,7 @@ async def pool(test_db: pytest_plugin.TestDatabase) -> AsyncIterator[asyncpg.Poo
     url = test_db.urls["logistics"]
     owner_url = test_db.owner_urls["logistics"]  # migrations run as the owner
     applied = await apply_migrations(owner_url, "logistics", [MIGRATIONS_DIR, LOGISTICS_MIGRATIONS])
-    assert applied[-1] == "0005.logistics-carriers"
+    assert applied[-1] == "0006.logistics-excursion-rules"
     await audit_migrate(owner_url, "logistics")  # the audit trail (v2v_audit), as the service applies it
     p = await create_pool(url, max_size=4)
     assert await schema_of(p) == "logistics"
@@ -138,8 +139,8 @@ def booking_confirmed(order: Order, booking_id: uuid.UUID | None = None) -> Clou
     )
 
 
-def product_released(order: Order, run: int = 1) -> CloudEvent:
-    return new_event(ProductReleasedV1(**order.refs, site_id=SITE, run=run, released_at=NOW))
+def product_released(order: Order, run: int = 1, lot: str | None = None) -> CloudEvent:
+    return new_event(ProductReleasedV1(**order.refs, site_id=SITE, run=run, released_at=NOW, lot=lot))
 
 
 async def handle(uow: UnitOfWork, event: CloudEvent | EventData) -> None:
@@ -184,12 +185,17 @@ async def milestone(
     *,
     coi: str | None = None,
     temperature_c: float | None = None,
+    minutes: int = 0,
+    din: str | None = None,
+    lot: str | None = None,
 ) -> dict[str, Any]:
     return await commands.record_milestone(
         uow,
         ship["shipment_id"],
         milestone=name,
-        occurred_at=NOW,
+        occurred_at=NOW + timedelta(minutes=minutes),
+        din=din,
+        lot=lot,
         location="FRA",
         handled_by="courier-42",
         received_from=None,
@@ -199,11 +205,30 @@ async def milestone(
 
 
 async def reading(
-    uow: UnitOfWork, ship: asyncpg.Record, reading_c: float, *, coi: str | None = None, minutes: int = 0
+    uow: UnitOfWork,
+    ship: asyncpg.Record,
+    reading_c: float,
+    *,
+    coi: str | None = None,
+    minutes: int = 0,
+    download: bool = False,
 ) -> dict[str, Any]:
     return await commands.record_temperature(
-        uow, ship["shipment_id"], reading_c=reading_c, measured_at=NOW + timedelta(minutes=minutes), coi=coi
+        uow,
+        ship["shipment_id"],
+        reading_c=reading_c,
+        measured_at=NOW + timedelta(minutes=minutes),
+        coi=coi,
+        source="logger_download" if download else "courier",
     )
+
+
+async def breach(pool: asyncpg.Pool, uow: UnitOfWork, ship: asyncpg.Record, reading_c: float) -> None:
+    """Picked up (if not yet), then outside the limit for 31 minutes: beyond every tolerance."""
+    if await status(pool, ship) in ("planned", "ready_for_pickup", "booked"):
+        await milestone(uow, ship, "picked_up")
+    await reading(uow, ship, reading_c, minutes=1)
+    await reading(uow, ship, reading_c, minutes=32)
 
 
 async def status(pool: asyncpg.Pool, ship: asyncpg.Record) -> str:
@@ -252,7 +277,7 @@ async def test_a_remanufactured_product_gets_a_new_outbound_leg_only_when_the_fi
     await handle(uow, product_released(order, run=2))  # the first still holds the lane
     assert len(await shipments_of(pool, order)) == 1
 
-    await reading(uow, first, -120.0)  # excursion: compromised, then QA rejects the product
+    await breach(pool, uow, first, -120.0)  # excursion: compromised, then QA rejects the product
     await handle(uow, QuarantineDecidedV1(**order.refs, decision="reject", reason="excursion"))
     assert await status(pool, first) == "compromised"
     await handle(uow, product_released(order, run=2))
@@ -286,31 +311,40 @@ async def test_readings_are_all_recorded_and_the_first_excursion_compromises_and
     later = (NOW + timedelta(hours=2)).isoformat()
     resp = await client.post(url, json={"reading_c": -140.0, "measured_at": later})
     assert resp.status_code == 201, resp.text
-    assert resp.json()["in_range"] is False and resp.json()["excursion_published"] is True
-    assert resp.json()["shipment_status"] == "compromised"
+    assert resp.json()["in_range"] is False and resp.json()["excursion_published"] is False
+    assert resp.json()["shipment_status"] == "picked_up"  # outside the limit: recorded, nothing held
 
+    later = (NOW + timedelta(hours=2, minutes=25)).isoformat()  # 25 minutes outside: beyond 10
     resp = await client.post(url, json={"reading_c": -90.0, "measured_at": later})
+    assert resp.status_code == 201, resp.text
+    assert resp.json()["in_range"] is False and resp.json()["excursion_published"] is True
+    assert resp.json()["shipment_status"] == "compromised" and resp.json()["minutes_outside"] == 25.0
+
+    resp = await client.post(url, json={"reading_c": -95.0, "measured_at": later})
     assert resp.status_code == 201 and resp.json()["excursion_published"] is False
 
     [excursion] = await outbox(pool, "logistics.shipment_excursion.v1")
     assert excursion["data"]["shipment_id"] == str(ship["shipment_id"])
     assert excursion["data"]["leg"] == "outbound_product"
     assert (excursion["data"]["reading_c"], excursion["data"]["min_c"], excursion["data"]["max_c"]) == (
-        -140.0,
+        -90.0,  # the reading furthest outside the limit
         -196.0,
         -150.0,
     )
+    assert excursion["data"]["duration_min"] == 25.0
     assert excursion["data"]["treatment_center_id"] == TC and excursion["coi"] == order.coi
 
     row = await pool.fetchrow("SELECT * FROM shipments WHERE shipment_id = $1", ship["shipment_id"])
     assert row["status"] == "compromised" and row["held_from_status"] == "picked_up"
-    assert row["excursion_at"] is not None
+    assert row["excursion_at"] == NOW + timedelta(hours=2)  # when the time outside began
+    assert float(row["excursion_minutes"]) == 25.0
 
     readings = (await client.get(url)).json()
     assert [(r["reading_c"], r["in_range"], r["source"], r["coi_verified"]) for r in readings] == [
         (-175.5, True, "courier", True),
         (-140.0, False, "courier", False),
         (-90.0, False, "courier", False),
+        (-95.0, False, "courier", False),
     ]
     resp = await client.post(
         f"/v1/shipments/{ship['shipment_id']}/milestones", json=milestone_body(order.coi)
@@ -338,12 +372,15 @@ async def test_a_reading_carried_by_a_milestone_gets_the_same_check(
     ship = await planned(pool, uow, order, "inbound_apheresis")  # TISA-CEL: cryopreserved at the centre
     ok = await milestone(uow, ship, "picked_up", temperature_c=-180.0)
     assert ok["status"] == "picked_up" and ok["temperature_in_range"] is True
-    bad = await milestone(uow, ship, "in_transit", temperature_c=-100.0)
+    warm = await milestone(uow, ship, "in_transit", temperature_c=-100.0, minutes=5)
+    assert warm["status"] == "in_transit" and warm["excursion_published"] is False
+    bad = await milestone(uow, ship, "in_transit", temperature_c=-100.0, minutes=25)  # 20 min > 10
     assert bad["status"] == "compromised" and bad["excursion_published"] is True
 
     types = [e["type"] for e in await outbox(pool)]
     assert types == [
         "logistics.shipment_planned.v1",
+        "logistics.shipment_milestone.v1",
         "logistics.shipment_milestone.v1",
         "logistics.shipment_milestone.v1",
         "logistics.shipment_excursion.v1",
@@ -353,14 +390,18 @@ async def test_a_reading_carried_by_a_milestone_gets_the_same_check(
            WHERE shipment_id = $1 ORDER BY id""",
         ship["shipment_id"],
     )
-    assert [(r["source"], r["in_range"]) for r in rows] == [("milestone", True), ("milestone", False)]
+    assert [(r["source"], r["in_range"]) for r in rows] == [
+        ("milestone", True),
+        ("milestone", False),
+        ("milestone", False),
+    ]
     assert all(r["custody_event_id"] is not None for r in rows)
     with pytest.raises(DomainError) as refused:
         await milestone(uow, ship, "delivered")
     assert status_of(refused.value) == 409
     assert (
         await pool.fetchval("SELECT count(*) FROM custody_events WHERE shipment_id = $1", ship["shipment_id"])
-        == 2
+        == 3
     )
 
 
@@ -447,6 +488,7 @@ async def test_coi_mismatch_refuses_the_handoff_but_commits_the_alert_and_stops_
         "treatment_center_id": TC,
         "shipment_id": str(ship["shipment_id"]),
         "where": "HUB-CDG",
+        "identifier": "coi",
     }
     row = await pool.fetchrow("SELECT * FROM shipments WHERE shipment_id = $1", ship["shipment_id"])
     assert row["status"] == "stopped" and row["held_from_status"] == "picked_up"
@@ -468,6 +510,7 @@ async def test_a_temperature_reading_with_another_orders_coi_is_a_mismatch_too(
 ) -> None:
     order = Order()
     ship = await planned(pool, uow, order, "outbound_product")
+    await milestone(uow, ship, "picked_up")
     with pytest.raises(DomainError) as refused:
         await reading(uow, ship, -170.0, coi=other_coi())
     assert status_of(refused.value) == 409 and refused.value.kind == "coi-mismatch"
@@ -612,7 +655,7 @@ async def test_quarantine_release_resumes_the_compromised_outbound_shipment(
     order = Order()
     ship = await planned(pool, uow, order, "outbound_product")
     await milestone(uow, ship, "in_transit")
-    await reading(uow, ship, -149.0)
+    await breach(pool, uow, ship, -149.0)
     assert await status(pool, ship) == "compromised"
     await handle(uow, QuarantineDecidedV1(**order.refs, decision="release", reason="within_stability_data"))
     row = await pool.fetchrow("SELECT * FROM shipments WHERE shipment_id = $1", ship["shipment_id"])
@@ -788,7 +831,7 @@ async def test_free_text_reasons_upstream_are_stored_nowhere_in_the_logistics_sc
     await planned(pool, uow, order, "inbound_apheresis")
     outbound_order = Order()
     outbound = await planned(pool, uow, outbound_order, "outbound_product")
-    await reading(uow, outbound, -120.0)
+    await breach(pool, uow, outbound, -120.0)
     # the order contract refuses free text: built unvalidated (an older or forged producer), such an
     # event is poison, handled by nothing; the coded ones are
     for forged in (
@@ -809,3 +852,151 @@ async def test_free_text_reasons_upstream_are_stored_nowhere_in_the_logistics_sc
             for value in row.values():  # the outbox's payload is bytes: read as text too
                 text = value.decode(errors="replace") if isinstance(value, bytes) else str(value)
                 assert "CANARY" not in text, t["table_name"]
+
+
+# ---- issue 10: the excursion rule, the reading window, identity pairs, QA's disposition ------------
+
+
+async def test_a_reading_before_pickup_is_refused_and_a_short_excursion_holds_nothing(
+    pool: asyncpg.Pool, uow: UnitOfWork, client: httpx.AsyncClient
+) -> None:
+    order = Order()
+    ship = await planned(pool, uow, order, "inbound_apheresis")  # TISA-CEL: cryopreserved, 10 minutes
+    url = f"/v1/shipments/{ship['shipment_id']}/temperature"
+    resp = await client.post(url, json={"reading_c": -100.0, "measured_at": NOW.isoformat()})
+    assert resp.status_code == 409, resp.text
+    assert [e["field"] for e in resp.json()["errors"]] == ["measured_at"]
+    assert await pool.fetchval("SELECT count(*) FROM temperature_readings") == 0
+    assert await status(pool, ship) == "planned"
+
+    await milestone(uow, ship, "picked_up")
+    for minutes, reading_c in ((1, -140.0), (9, -170.0), (20, -175.0)):  # 8 minutes outside
+        resp = await client.post(
+            url,
+            json={"reading_c": reading_c, "measured_at": (NOW + timedelta(minutes=minutes)).isoformat()},
+        )
+        assert resp.status_code == 201, resp.text
+    assert resp.json()["minutes_outside"] == 8.0 and resp.json()["excursion_published"] is False
+    assert await status(pool, ship) == "picked_up"
+    assert await outbox(pool, "logistics.shipment_excursion.v1") == []
+    rows = await pool.fetch(
+        "SELECT reading_c, in_range FROM temperature_readings WHERE shipment_id = $1 ORDER BY measured_at",
+        ship["shipment_id"],
+    )
+    assert [(float(r["reading_c"]), r["in_range"]) for r in rows] == [
+        (-140.0, False),
+        (-170.0, True),
+        (-175.0, True),
+    ]
+    row = await pool.fetchrow("SELECT * FROM shipments WHERE shipment_id = $1", ship["shipment_id"])
+    assert float(row["excursion_tolerance_min"]) == 10.0 and row["picked_up_at"] == NOW
+    assert row["product_code"] == "TISA-CEL"
+
+
+async def test_a_logger_download_after_delivery_is_stored_and_can_reveal_an_excursion(
+    pool: asyncpg.Pool, uow: UnitOfWork, client: httpx.AsyncClient
+) -> None:
+    order = Order()
+    ship = await planned(pool, uow, order, "outbound_product")
+    url = f"/v1/shipments/{ship['shipment_id']}/temperature"
+    await milestone(uow, ship, "picked_up")
+
+    def body(minutes: int, reading_c: float) -> dict[str, Any]:
+        at = (NOW + timedelta(minutes=minutes)).isoformat()
+        return {"reading_c": reading_c, "measured_at": at, "logger_download": True}
+
+    resp = await client.post(url, json=body(5, -170.0))  # not delivered yet
+    assert resp.status_code == 409 and resp.json()["errors"][0]["field"] == "source"
+    await milestone(uow, ship, "delivered", minutes=90)
+    resp = await client.post(url, json=body(95, -170.0))  # after the delivery
+    assert resp.status_code == 422 and resp.json()["errors"][0]["field"] == "measured_at"
+    assert (await client.post(url, json=body(10, -130.0))).status_code == 201
+    resp = await client.post(url, json=body(40, -175.0))  # 30 minutes outside
+    assert resp.status_code == 201 and resp.json()["excursion_published"] is True
+    row = await pool.fetchrow("SELECT * FROM shipments WHERE shipment_id = $1", ship["shipment_id"])
+    assert row["status"] == "compromised" and row["held_from_status"] == "delivered"
+    sources = await pool.fetch(
+        "SELECT DISTINCT source FROM temperature_readings WHERE shipment_id = $1", ship["shipment_id"]
+    )
+    assert [r["source"] for r in sources] == ["logger_download"]
+    [excursion] = await outbox(pool, "logistics.shipment_excursion.v1")
+    assert excursion["data"]["duration_min"] == 30.0
+
+
+async def test_handoffs_check_the_din_inbound_and_the_lot_outbound(
+    pool: asyncpg.Pool, uow: UnitOfWork, client: httpx.AsyncClient
+) -> None:
+    order = Order()
+    inbound = await planned(pool, uow, order, "inbound_apheresis")
+    din = make_coi("V2V01", 30, 700_000 + next(_seq))
+    await handle(uow, ApheresisCompletedV1(**order.refs, collected_at=NOW, din=din, collection=1))
+    assert (await client.get(f"/v1/shipments/{inbound['shipment_id']}")).json()["din"] == din
+    url = f"/v1/shipments/{inbound['shipment_id']}/milestones"
+    resp = await client.post(url, json=milestone_body(order.coi, "picked_up"))
+    assert resp.status_code == 422 and resp.json()["errors"][0]["field"] == "din"
+    resp = await client.post(url, json=milestone_body(order.coi, "picked_up", din=din))
+    assert resp.status_code == 201 and resp.json()["pair_verified"] is True
+    other = make_coi("V2V01", 30, 700_000 + next(_seq))
+    resp = await client.post(url, json=milestone_body(order.coi, "in_transit", din=other))
+    assert resp.status_code == 409 and resp.json()["errors"] == [
+        {"field": "din", "reason": "does not match the shipment"}
+    ]
+    [alert] = await outbox(pool, "logistics.coi_mismatch_detected.v1")
+    assert alert["data"]["identifier"] == "din" and alert["data"]["shipment_id"] == str(
+        inbound["shipment_id"]
+    )
+    assert await status(pool, inbound) == "stopped"
+    custody = await pool.fetch(
+        "SELECT din, lot, pair_verified FROM custody_events WHERE shipment_id = $1", inbound["shipment_id"]
+    )
+    assert [tuple(r) for r in custody] == [(din, None, True)]
+
+    later = Order()
+    await handle(uow, product_released(later, lot="LOT-DE-2030-0042"))
+    [outbound] = await shipments_of(pool, later)
+    assert outbound["lot"] == "LOT-DE-2030-0042"
+    url = f"/v1/shipments/{outbound['shipment_id']}/milestones"
+    resp = await client.post(url, json=milestone_body(later.coi, "picked_up", lot="LOT-DE-2030-0043"))
+    assert resp.status_code == 409 and resp.json()["errors"][0]["field"] == "lot"
+    assert await status(pool, outbound) == "stopped"
+
+
+async def test_qa_release_of_an_excursion_lets_the_shipment_go_on_and_reject_keeps_it(
+    pool: asyncpg.Pool, uow: UnitOfWork
+) -> None:
+    order = Order()
+    ship = await planned(pool, uow, order, "outbound_product")
+    await milestone(uow, ship, "in_transit")
+    await breach(pool, uow, ship, -100.0)
+    assert await status(pool, ship) == "compromised"
+
+    def decided(outcome: str) -> DispositionDecidedV1:
+        return DispositionDecidedV1(
+            **order.refs,
+            cause="excursion",
+            outcome=outcome,  # type: ignore[arg-type]
+            shipment_id=ship["shipment_id"],
+            leg="outbound_product",
+            reason="within_stability_data",
+            document_reference="QA-2030-0042",
+        )
+
+    await handle(uow, decided("release"))
+    row = await pool.fetchrow("SELECT * FROM shipments WHERE shipment_id = $1", ship["shipment_id"])
+    assert row["status"] == "in_transit" and row["quarantine_decision"] == "release"
+    assert row["status_reason"] == "disposition_release:within_stability_data"
+    assert (await milestone(uow, ship, "delivered", minutes=120))["status"] == "delivered"
+
+    other = Order()
+    rejected = await planned(pool, uow, other, "outbound_product")
+    await breach(pool, uow, rejected, -100.0)
+    await handle(
+        uow,
+        DispositionDecidedV1(
+            **other.refs, cause="excursion", outcome="reject", leg="outbound_product", reason="outside_data"
+        ),
+    )
+    assert await status(pool, rejected) == "compromised"
+    await handle(uow, product_released(other, run=2))  # the remanufactured product gets a new leg
+    assert [s["status"] for s in await shipments_of(pool, other)] == ["compromised", "planned"]
+    assert len(await outbox(pool, "logistics.shipment_excursion.v1")) == 2

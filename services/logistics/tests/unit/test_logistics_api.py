@@ -400,6 +400,7 @@ HOSTILE_READINGS: list[tuple[str, Any]] = [
     ("coi", "coi of the patient in bed 4"),
     ("coi", "\ud800"),
     ("source", "courier"),  # not the caller's to set
+    ("logger_download", "sometimes"),
 ]
 
 
@@ -497,6 +498,9 @@ async def test_a_page_of_shipments_and_of_readings(platform: Platform, client: h
     eu = platform.orders["eu"]
     url = f"/v1/shipments/{eu['outbound'].shipment_id}/temperature"
     mine = platform.carrier(eu["carrier"])
+    pickup = milestone_body(eu["coi"], occurred_at=(now() - timedelta(minutes=15)).isoformat())
+    milestones = f"/v1/shipments/{eu['outbound'].shipment_id}/milestones"
+    assert (await client.post(milestones, json=pickup, headers=mine)).status_code == 201
     for i in range(3):
         body = {"reading_c": -170.0 - i, "measured_at": (now() - timedelta(minutes=10 - i)).isoformat()}
         assert (await client.post(url, json=body, headers=mine)).status_code == 201

@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 import uuid
 from collections import Counter
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -326,7 +326,22 @@ async def test_free_text_reasons_upstream_never_reach_logistics_tables_events_or
     outbound = Order()
     await world.deliver(product_released(outbound, "DE-LEIPZIG-IZI"))
     [ship] = world.ships(outbound)
-    await commands.record_temperature(world.uow, ship.shipment_id, reading_c=-100.0, measured_at=NOW)
+    await commands.record_milestone(
+        world.uow,
+        ship.shipment_id,
+        milestone="picked_up",
+        occurred_at=NOW,
+        location="DE-LEIPZIG-IZI",
+        handled_by="courier-1",
+        received_from=None,
+        coi=outbound.coi,
+        temperature_c=None,
+    )
+    for minutes in (1, 40):  # outside the limit for longer than the tolerance: an excursion
+        await commands.record_temperature(
+            world.uow, ship.shipment_id, reading_c=-100.0, measured_at=NOW + timedelta(minutes=minutes)
+        )
+    assert world.ships(outbound)[0].status == "compromised"
     with pytest.raises(PoisonMessage):
         await world.deliver(
             QuarantineDecidedV1.model_construct(**outbound.refs, decision="release", reason=MARKER)

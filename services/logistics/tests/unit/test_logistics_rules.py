@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import get_args
 
@@ -102,31 +103,150 @@ def test_readings_are_taken_on_every_other_shipment(status: str) -> None:
     assert d.reading_refusal(status) is None
 
 
-def test_first_out_of_range_reading_compromises_a_live_shipment_and_publishes_once() -> None:
-    first = d.after_reading(d.IN_TRANSIT, -120.0, -196.0, -150.0, excursion_reported=False)
-    assert first == d.ReadingOutcome(in_range=False, new_status=d.COMPROMISED, publish_excursion=True)
-    again = d.after_reading(first.new_status, -110.0, -196.0, -150.0, excursion_reported=True)
-    assert again == d.ReadingOutcome(in_range=False, new_status=d.COMPROMISED, publish_excursion=False)
-    ok = d.after_reading(d.IN_TRANSIT, -180.0, -196.0, -150.0, excursion_reported=False)
-    assert ok == d.ReadingOutcome(in_range=True, new_status=d.IN_TRANSIT, publish_excursion=False)
+T0 = datetime(2030, 5, 6, 9, 0, tzinfo=UTC)
+
+
+def samples(*points: tuple[int, bool]) -> list[d.Sample]:
+    """Readings at T0 + minutes, inside (True) or outside (False) the limit."""
+    return [d.Sample(T0 + timedelta(minutes=m), 0.0 if ok else 99.0, ok) for m, ok in points]
+
+
+def test_time_outside_counts_from_an_out_of_range_reading_to_the_next_and_adds_up() -> None:
+    assert d.minutes_outside([]) == 0.0
+    assert d.minutes_outside(samples((0, False))) == 0.0  # how long it lasted is not known yet
+    assert d.minutes_outside(samples((0, False)), until=T0 + timedelta(minutes=7)) == 7.0
+    assert d.minutes_outside(samples((0, True), (5, False), (9, True))) == 4.0
+    # cumulative: two spells add up; consecutive readings outside make one longer spell
+    assert d.minutes_outside(samples((0, False), (3, True), (10, False), (12, False), (20, True))) == 13.0
+    # measurement order, not arrival order (a logger download fills in the gaps)
+    assert d.minutes_outside(samples((20, True), (0, False), (12, False), (3, True), (10, False))) == 13.0
+
+
+@given(st.lists(st.tuples(st.integers(0, 10_000), st.booleans()), max_size=40))
+def test_time_outside_is_never_negative_nor_longer_than_the_readings_span(
+    points: list[tuple[int, bool]],
+) -> None:
+    total = d.minutes_outside(samples(*points))
+    span = (max(m for m, _ in points) - min(m for m, _ in points)) if points else 0
+    assert 0.0 <= total <= span
+    if all(ok for _, ok in points):
+        assert total == 0.0
+
+
+def test_only_a_time_outside_beyond_the_tolerance_breaches_the_rule() -> None:
+    assert not d.excursion_breached(10.0, 10.0)  # exactly the tolerance: within it
+    assert d.excursion_breached(10.01, 10.0)
+    assert d.excursion_breached(0.5, 0.0)
+    assert not d.excursion_breached(0.0, 0.0)
+
+
+def test_a_breach_compromises_a_live_shipment_and_publishes_once() -> None:
+    short = d.after_reading(
+        d.IN_TRANSIT, in_range=False, minutes=9.0, tolerance_min=10.0, excursion_reported=False
+    )
+    assert short == d.ReadingOutcome(False, d.IN_TRANSIT, False, 9.0)  # recorded, holds nothing
+    first = d.after_reading(
+        d.IN_TRANSIT, in_range=True, minutes=12.0, tolerance_min=10.0, excursion_reported=False
+    )
+    assert first == d.ReadingOutcome(True, d.COMPROMISED, True, 12.0)  # an in-range reading may close it
+    again = d.after_reading(
+        d.COMPROMISED, in_range=False, minutes=40.0, tolerance_min=10.0, excursion_reported=True
+    )
+    assert again == d.ReadingOutcome(False, d.COMPROMISED, False, 40.0)
+    delivered = d.after_reading(
+        d.DELIVERED, in_range=False, minutes=11.0, tolerance_min=10.0, excursion_reported=False
+    )
+    assert delivered.new_status == d.COMPROMISED and delivered.publish_excursion  # a logger download
 
 
 def test_an_excursion_on_a_stopped_shipment_is_reported_but_it_stays_stopped() -> None:
-    out = d.after_reading(d.STOPPED, 12.0, 2.0, 8.0, excursion_reported=False)
-    assert out == d.ReadingOutcome(in_range=False, new_status=d.STOPPED, publish_excursion=True)
+    out = d.after_reading(
+        d.STOPPED, in_range=False, minutes=31.0, tolerance_min=30.0, excursion_reported=False
+    )
+    assert out == d.ReadingOutcome(
+        in_range=False, new_status=d.STOPPED, publish_excursion=True, minutes_outside=31.0
+    )
 
 
-@given(statuses, temps, st.booleans())
-def test_a_reading_never_makes_an_illegal_move_and_publishes_only_a_first_excursion(
-    status: str, reading: float, reported: bool
+@given(statuses, st.booleans(), st.floats(0, 1000), st.floats(0, 120), st.booleans())
+def test_a_reading_never_makes_an_illegal_move_and_publishes_only_a_first_breach(
+    status: str, ok: bool, minutes: float, tolerance: float, reported: bool
 ) -> None:
-    out = d.after_reading(status, reading, 2.0, 8.0, excursion_reported=reported)
-    assert out.in_range == (2.0 <= reading <= 8.0)
+    out = d.after_reading(
+        status, in_range=ok, minutes=minutes, tolerance_min=tolerance, excursion_reported=reported
+    )
+    assert out.in_range == ok and out.minutes_outside == minutes
     assert d.can_transition(status, out.new_status)
     if out.publish_excursion:
-        assert not out.in_range and not reported
-    if out.in_range or reported:
-        assert out.new_status == status
+        assert minutes > tolerance and not reported
+    if reported or minutes <= tolerance:
+        assert out.new_status == status and not out.publish_excursion
+
+
+# ---- the reading window ----------------------------------------------------------------------------
+
+PICKUP = T0
+DELIVERY = T0 + timedelta(hours=10)
+
+
+@pytest.mark.parametrize("status", sorted(d.PRE_PICKUP))
+def test_a_live_reading_before_pickup_is_refused_naming_measured_at(status: str) -> None:
+    refusal = d.reading_window_refusal(
+        status, source="courier", measured_at=T0, picked_up_at=None, delivered_at=None
+    )
+    assert refusal is not None and status_of(refusal) == 409
+    assert [e.field for e in refusal.errors] == ["measured_at"] and "not picked up yet" in refusal.errors[
+        0
+    ].reason
+
+
+@pytest.mark.parametrize(
+    ("source", "minutes", "delivered", "expected"),
+    [
+        ("courier", 5, False, None),  # in transit
+        ("courier", -5, False, (422, "measured_at")),  # measured before the pickup
+        ("courier", 5, True, (409, "shipment_id")),  # delivered: no live readings
+        ("logger_download", 5, False, (409, "source")),  # a download only after delivery
+        ("logger_download", 5, True, None),
+        ("logger_download", -5, True, (422, "measured_at")),
+        ("logger_download", 601, True, (422, "measured_at")),  # after the delivery
+        ("logger_download", 600, True, None),  # at the delivery
+    ],
+)
+def test_the_reading_window(
+    source: d.ReadingSource, minutes: int, delivered: bool, expected: tuple[int, str] | None
+) -> None:
+    refusal = d.reading_window_refusal(
+        d.DELIVERED if delivered else d.IN_TRANSIT,
+        source=source,
+        measured_at=T0 + timedelta(minutes=minutes),
+        picked_up_at=PICKUP,
+        delivered_at=DELIVERY if delivered else None,
+    )
+    if expected is None:
+        assert refusal is None
+    else:
+        assert refusal is not None and (status_of(refusal), refusal.errors[0].field) == expected
+
+
+@pytest.mark.parametrize("source", ["courier", "logger_download"])
+def test_no_reading_on_a_cancelled_shipment(source: d.ReadingSource) -> None:
+    refusal = d.reading_window_refusal(
+        d.CANCELLED, source=source, measured_at=T0, picked_up_at=PICKUP, delivered_at=DELIVERY
+    )
+    assert refusal is not None and status_of(refusal) == 409
+
+
+# ---- identity pairs --------------------------------------------------------------------------------
+
+
+def test_the_second_id_of_a_handoffs_pair() -> None:
+    assert d.pair_field("inbound_apheresis") == "din" and d.pair_field("outbound_product") == "lot"
+    assert d.check_pair("X", "X") == "verified"
+    assert d.check_pair("X", "Y") == "mismatch"
+    assert d.check_pair("X", None) == "missing"
+    assert d.check_pair(None, "Y") == "unverified"  # never guessed
+    assert d.check_pair(None, None) == "unverified"
 
 
 # ---- statuses and transitions ----------------------------------------------------------------------
@@ -257,6 +377,7 @@ def test_any_sequence_of_inputs_moves_legally_with_at_most_one_excursion(
 ) -> None:
     status, held, reported, excursions = d.PLANNED, None, False, 0
     lo, hi = -196.0, -150.0
+    recorded: list[d.Sample] = []
     for kind, arg in steps:
         new = status
         if kind == "milestone":
@@ -266,7 +387,16 @@ def test_any_sequence_of_inputs_moves_legally_with_at_most_one_excursion(
         elif kind == "reading":
             assert isinstance(arg, float)
             if d.reading_refusal(status) is None:
-                out = d.after_reading(status, arg, lo, hi, excursion_reported=reported)
+                recorded.append(
+                    d.Sample(T0 + timedelta(minutes=7 * len(recorded)), arg, d.in_range(arg, lo, hi))
+                )
+                out = d.after_reading(
+                    status,
+                    in_range=recorded[-1].in_range,
+                    minutes=d.minutes_outside(recorded),
+                    tolerance_min=10.0,
+                    excursion_reported=reported,
+                )
                 if out.publish_excursion:
                     excursions += 1
                     reported = True

@@ -20,6 +20,7 @@ from v2v_contracts import (
     BookingCancelledV1,
     BookingConfirmedV1,
     CloudEvent,
+    DispositionDecidedV1,
     EventData,
     OrderCancelledV1,
     OrderCompletedV1,
@@ -81,24 +82,40 @@ class World:
         return ship
 
     async def milestone(
-        self, ship: Shipment, name: str, *, coi: str | None = None, temperature_c: float | None = None
+        self,
+        ship: Shipment,
+        name: str,
+        *,
+        coi: str | None = None,
+        temperature_c: float | None = None,
+        minutes: int = 0,
+        din: str | None = None,
+        lot: str | None = None,
     ) -> dict[str, Any]:
         return dict(
             await commands.record_milestone(
                 self.uow,
                 ship.shipment_id,
                 milestone=name,
-                occurred_at=NOW,
+                occurred_at=NOW + timedelta(minutes=minutes),
                 location="FRA",
                 handled_by="courier-42",
                 received_from=None,
                 coi=coi or ship.coi,
                 temperature_c=temperature_c,
+                din=din,
+                lot=lot,
             )
         )
 
     async def reading(
-        self, ship: Shipment, reading_c: float, *, coi: str | None = None, minutes: int = 0
+        self,
+        ship: Shipment,
+        reading_c: float,
+        *,
+        coi: str | None = None,
+        minutes: int = 0,
+        download: bool = False,
     ) -> dict[str, Any]:
         return dict(
             await commands.record_temperature(
@@ -107,8 +124,17 @@ class World:
                 reading_c=reading_c,
                 measured_at=NOW + timedelta(minutes=minutes),
                 coi=coi,
+                source="logger_download" if download else "courier",
             )
         )
+
+    async def breach(self, ship: Shipment, reading_c: float, *, start: int = 1) -> dict[str, Any]:
+        """Picked up (if not yet), then outside the limit for 30 minutes from `start`: beyond every
+        tolerance of the catalogue and the seed (at most 30 minutes, exceeded only when longer)."""
+        if self.status(ship) in ("planned", "ready_for_pickup", "booked"):
+            await self.milestone(ship, "picked_up")
+        await self.reading(ship, reading_c, minutes=start)
+        return await self.reading(ship, reading_c, minutes=start + 31)
 
 
 class Order:
@@ -138,8 +164,22 @@ def booking_confirmed(
     )
 
 
-def product_released(order: Order, run: int = 1) -> CloudEvent:
-    return new_event(ProductReleasedV1(**order.refs, site_id=SITE, run=run, released_at=NOW))
+def product_released(order: Order, run: int = 1, lot: str | None = None) -> CloudEvent:
+    return new_event(ProductReleasedV1(**order.refs, site_id=SITE, run=run, released_at=NOW, lot=lot))
+
+
+def disposition(
+    order: Order, outcome: str, ship: Shipment | None = None, *, cause: str = "excursion"
+) -> DispositionDecidedV1:
+    return DispositionDecidedV1(
+        **order.refs,
+        cause=cause,  # type: ignore[arg-type]
+        outcome=outcome,  # type: ignore[arg-type]
+        shipment_id=None if ship is None else ship.shipment_id,
+        leg=None if ship is None else ship.leg,
+        reason="within_stability_data" if outcome != "reject" else "outside_stability_data",
+        document_reference="QA-DEV-2030-0042",
+    )
 
 
 @pytest.fixture
@@ -322,14 +362,16 @@ async def test_a_milestone_out_of_order_is_refused_and_writes_nothing(world: Wor
 async def test_a_halted_shipment_refuses_milestones_with_a_shipment_state_conflict(world: World) -> None:
     order = Order()
     ship = await world.planned(order, "outbound_product")
-    await world.reading(ship, -120.0)  # excursion: compromised
+    await world.breach(ship, -120.0)  # excursion beyond the tolerance: compromised
+    assert world.status(ship) == "compromised"
+    custody = len(world.store.custody)
     with pytest.raises(Conflict) as refused:
         await world.milestone(ship, "in_transit")
     error = refused.value
     assert status_of(error) == 409 and error.kind == "shipment-state"
     assert error.title == "Shipment cannot take this input"
     assert error.detail == "milestone: shipment is compromised: no further milestones"
-    assert world.store.custody == []
+    assert len(world.store.custody) == custody  # only the pickup
 
 
 async def test_an_unknown_shipment_is_not_found(world: World) -> None:
@@ -392,6 +434,7 @@ async def test_coi_mismatch_is_refused_but_stops_the_shipment_and_records_the_al
         "treatment_center_id": TC,
         "shipment_id": str(ship.shipment_id),
         "where": "HUB-CDG",
+        "identifier": "coi",
     }
     stored = world.store.shipments[ship.shipment_id]
     assert stored.status == "stopped" and stored.held_from_status == "picked_up"
@@ -407,6 +450,7 @@ async def test_coi_mismatch_is_refused_but_stops_the_shipment_and_records_the_al
 async def test_a_reading_with_another_orders_coi_is_a_mismatch_too(world: World) -> None:
     order = Order()
     ship = await world.planned(order, "outbound_product")
+    await world.milestone(ship, "picked_up")
     with pytest.raises(CoiMismatch):
         await world.reading(ship, -170.0, coi=other_coi())
     assert world.status(ship) == "stopped"
@@ -435,10 +479,16 @@ async def test_a_coi_with_a_wrong_check_character_is_invalid_and_writes_nothing(
 async def test_a_reading_in_range_is_recorded_without_an_event(world: World) -> None:
     order = Order()
     ship = await world.planned(order, "outbound_product")
+    await world.milestone(ship, "picked_up")
     result = await world.reading(ship, -175.5, coi=order.coi)
     assert result["in_range"] is True and result["excursion_published"] is False
-    assert (result["min_c"], result["max_c"], result["shipment_status"]) == (-196.0, -150.0, "planned")
-    assert world.uow.types() == [PLANNED]
+    assert (result["min_c"], result["max_c"], result["shipment_status"]) == (-196.0, -150.0, "picked_up")
+    assert (result["source"], result["minutes_outside"], result["excursion_tolerance_min"]) == (
+        "courier",
+        0.0,
+        10.0,
+    )
+    assert world.uow.types() == [PLANNED, MILESTONE]
     [reading] = await queries.temperature_log(world.uow, ship.shipment_id)
     assert (reading.reading_c, reading.in_range, reading.source, reading.coi_verified) == (
         -175.5,
@@ -448,13 +498,43 @@ async def test_a_reading_in_range_is_recorded_without_an_event(world: World) -> 
     )
 
 
-async def test_the_first_excursion_compromises_and_is_published_once(world: World) -> None:
+async def test_a_short_excursion_is_recorded_and_holds_nothing(world: World) -> None:
+    """Outside the limit for less than the tolerance (10 min, the seed's outbound default), in all: every
+    reading recorded with its place against the limit; no event, the shipment goes on."""
     order = Order()
     ship = await world.planned(order, "outbound_product")
     await world.milestone(ship, "picked_up")
-    first = await world.reading(ship, -140.0, minutes=60)
-    assert first["in_range"] is False and first["excursion_published"] is True
-    assert first["shipment_status"] == "compromised"
+    assert (await world.reading(ship, -140.0, minutes=10))["minutes_outside"] == 0.0  # not yet known
+    back = await world.reading(ship, -170.0, minutes=14)  # 4 minutes outside
+    again = await world.reading(ship, -145.0, minutes=30)
+    last = await world.reading(ship, -180.0, minutes=35)  # 4 + 5 = 9 minutes in all: within 10
+    assert (back["in_range"], back["minutes_outside"]) == (True, 4.0)
+    assert (again["in_range"], again["minutes_outside"]) == (False, 4.0)
+    assert last["minutes_outside"] == 9.0 and last["excursion_published"] is False
+    assert world.status(ship) == "picked_up"
+    assert world.events(EXCURSION) == []
+    readings = await queries.temperature_log(world.uow, ship.shipment_id)
+    assert [(r.reading_c, r.in_range) for r in readings] == [
+        (-140.0, False),
+        (-170.0, True),
+        (-145.0, False),
+        (-180.0, True),
+    ]
+    assert (await world.milestone(ship, "delivered", minutes=60))["status"] == "delivered"
+
+
+async def test_an_excursion_beyond_the_tolerance_compromises_and_is_published_once(world: World) -> None:
+    """Cumulative: two warm spells of 6 minutes each exceed the 10-minute tolerance together."""
+    order = Order()
+    ship = await world.planned(order, "outbound_product")
+    await world.milestone(ship, "picked_up")
+    await world.reading(ship, -140.0, minutes=60)
+    first = await world.reading(ship, -175.0, minutes=66)
+    assert first["excursion_published"] is False and first["shipment_status"] == "picked_up"
+    await world.reading(ship, -90.0, minutes=70)
+    breach = await world.reading(ship, -178.0, minutes=76)  # 12 minutes in all
+    assert breach["in_range"] is True and breach["excursion_published"] is True
+    assert breach["shipment_status"] == "compromised" and breach["minutes_outside"] == 12.0
     again = await world.reading(ship, -90.0, minutes=90)
     assert again["in_range"] is False and again["excursion_published"] is False
 
@@ -462,19 +542,95 @@ async def test_the_first_excursion_compromises_and_is_published_once(world: Worl
     assert excursion.data["shipment_id"] == str(ship.shipment_id)
     assert excursion.data["leg"] == "outbound_product"
     assert (excursion.data["reading_c"], excursion.data["min_c"], excursion.data["max_c"]) == (
-        -140.0,
+        -90.0,  # the reading furthest outside the limit
         -196.0,
         -150.0,
     )
+    assert excursion.data["duration_min"] == 12.0
+    assert excursion.data["measured_at"] == (NOW + timedelta(minutes=60)).isoformat().replace("+00:00", "Z")
     assert excursion.data["treatment_center_id"] == TC and excursion.coi == order.coi
     stored = world.store.shipments[ship.shipment_id]
     assert stored.status == "compromised" and stored.held_from_status == "picked_up"
-    assert stored.excursion_at == NOW + timedelta(minutes=60)
+    assert stored.excursion_at == NOW + timedelta(minutes=60)  # when the time outside began
+    assert stored.excursion_minutes == 12.0
     readings = await queries.temperature_log(world.uow, ship.shipment_id)
     assert [(r.reading_c, r.in_range, r.coi_verified) for r in readings] == [
         (-140.0, False, False),
+        (-175.0, True, False),
+        (-90.0, False, False),
+        (-178.0, True, False),
         (-90.0, False, False),
     ]
+
+
+async def test_the_products_label_limit_and_tolerance_decide(world: World) -> None:
+    """Cilta-cel's label allows storage at or below -120 °C: -130 °C is inside ITS limit (outside the
+    seed's -150 °C default), so an hour there is no excursion."""
+    order = Order()
+    await world.deliver(booking_confirmed(order, product_code="CILTA-CEL"))  # logistics learns the product
+    ship = await world.planned(order, "outbound_product")
+    limit = product_catalogue()["CILTA-CEL"].shipping
+    assert limit is not None
+    assert (ship.min_temp_c, ship.max_temp_c) == (limit.outbound.min_c, limit.outbound.max_c) == (-196, -120)
+    assert ship.excursion_tolerance_min == limit.outbound.excursion_tolerance_min
+    assert ship.product_code == "CILTA-CEL"
+    await world.milestone(ship, "picked_up")
+    await world.reading(ship, -130.0, minutes=1)
+    result = await world.reading(ship, -130.0, minutes=61)
+    assert result["in_range"] is True and result["excursion_published"] is False
+    assert world.events(EXCURSION) == []
+
+
+async def test_a_reading_before_pickup_is_refused_naming_the_field(world: World) -> None:
+    order = Order()
+    ship = await world.planned(order, "inbound_apheresis")
+    await world.deliver(ApheresisCompletedV1(**order.refs, collected_at=NOW))
+    await world.milestone(ship, "booked")
+    with pytest.raises(Conflict) as refused:
+        await world.reading(ship, 30.0)
+    assert status_of(refused.value) == 409 and refused.value.kind == "shipment-state"
+    assert [e.field for e in refused.value.errors] == ["measured_at"]
+    assert "not picked up yet" in refused.value.errors[0].reason
+    # nor may `booked` carry one
+    with pytest.raises(Invalid) as carried:
+        await world.milestone(ship, "booked", temperature_c=-180.0)
+    assert [e.field for e in carried.value.errors] == ["temperature_c"]
+    await world.milestone(ship, "picked_up", minutes=10)
+    with pytest.raises(Invalid) as earlier:  # picked up now, but measured before that
+        await world.reading(ship, -180.0, minutes=5)
+    assert status_of(earlier.value) == 422 and [e.field for e in earlier.value.errors] == ["measured_at"]
+    assert world.store.readings == [] and world.events(EXCURSION) == []
+    assert world.status(ship) == "picked_up"
+
+
+async def test_a_logger_download_after_delivery_is_accepted_and_judged(world: World) -> None:
+    """The logger's data read at the centre after delivery: only then, only measured in transit; it may
+    reveal an excursion the live readings missed (the delivered shipment is then compromised)."""
+    order = Order()
+    ship = await world.planned(order, "outbound_product")
+    await world.milestone(ship, "picked_up")
+    with pytest.raises(Conflict) as early:
+        await world.reading(ship, -170.0, minutes=5, download=True)
+    assert [e.field for e in early.value.errors] == ["source"]
+    await world.milestone(ship, "delivered", minutes=120)
+    for minutes in (-5, 125):  # before pickup, after delivery
+        with pytest.raises(Invalid) as outside:
+            await world.reading(ship, -170.0, minutes=minutes, download=True)
+        assert [e.field for e in outside.value.errors] == ["measured_at"]
+    assert world.store.readings == []
+    await world.reading(ship, -170.0, minutes=10, download=True)
+    await world.reading(ship, -130.0, minutes=40, download=True)
+    last = await world.reading(ship, -131.0, minutes=100, download=True)  # 60 minutes outside
+    assert last["source"] == "logger_download" and last["minutes_outside"] == 60.0
+    assert last["excursion_published"] is True and last["shipment_status"] == "compromised"
+    [excursion] = world.events(EXCURSION)
+    assert excursion.data["duration_min"] == 60.0
+    stored = world.store.shipments[ship.shipment_id]
+    assert stored.held_from_status == "delivered" and stored.delivered_at == NOW + timedelta(minutes=120)
+    assert {r.source for r in world.store.readings} == {"logger_download"}
+    # a live reading after delivery stays refused
+    with pytest.raises(Conflict):
+        await world.reading(ship, -170.0, minutes=121)
 
 
 async def test_a_reading_carried_by_a_milestone_gets_the_same_check(world: World) -> None:
@@ -482,12 +638,16 @@ async def test_a_reading_carried_by_a_milestone_gets_the_same_check(world: World
     ship = await world.planned(order, "inbound_apheresis")  # TISA-CEL: cryopreserved at the centre
     ok = await world.milestone(ship, "picked_up", temperature_c=-180.0)
     assert ok["status"] == "picked_up" and ok["temperature_in_range"] is True
-    bad = await world.milestone(ship, "in_transit", temperature_c=-100.0)
-    assert bad["status"] == "compromised" and bad["excursion_published"] is True
+    warm = await world.milestone(ship, "in_transit", temperature_c=-100.0, minutes=5)
+    assert warm["status"] == "in_transit" and warm["temperature_in_range"] is False
+    assert warm["excursion_published"] is False  # outside the limit, not (yet) for long
+    bad = await world.reading(ship, -100.0, minutes=25)  # 20 minutes outside: beyond 10
+    assert bad["shipment_status"] == "compromised" and bad["excursion_published"] is True
     assert world.uow.types() == [PLANNED, MILESTONE, MILESTONE, EXCURSION]
     assert [(r.source, r.in_range, r.custody_event_id) for r in world.store.readings] == [
         ("milestone", True, ok["custody_event_id"]),
-        ("milestone", False, bad["custody_event_id"]),
+        ("milestone", False, warm["custody_event_id"]),
+        ("courier", False, None),
     ]
 
 
@@ -633,7 +793,7 @@ async def test_quarantine_release_resumes_the_compromised_outbound_shipment(worl
     order = Order()
     ship = await world.planned(order, "outbound_product")
     await world.milestone(ship, "in_transit")
-    await world.reading(ship, -149.0)
+    await world.breach(ship, -149.0)
     assert world.status(ship) == "compromised"
     await world.deliver(QuarantineDecidedV1(**order.refs, decision="release", reason="within_stability_data"))
     stored = world.store.shipments[ship.shipment_id]
@@ -649,7 +809,7 @@ async def test_quarantine_reject_keeps_it_compromised_and_a_remanufactured_produ
 ) -> None:
     order = Order()
     first = await world.planned(order, "outbound_product")
-    await world.reading(first, -120.0)
+    await world.breach(first, -120.0)
     await world.deliver(QuarantineDecidedV1(**order.refs, decision="reject", reason="excursion"))
     stored = world.store.shipments[first.shipment_id]
     assert stored.status == "compromised" and stored.quarantine_decision == "reject"
@@ -663,7 +823,7 @@ async def test_quarantine_release_does_not_resume_when_another_shipment_took_the
     order = Order()
     first = await world.planned(order, "outbound_product")
     await world.milestone(first, "in_transit")
-    await world.reading(first, -120.0)
+    await world.breach(first, -120.0)
     await world.deliver(product_released(order, run=2))  # the lane is free: a replacement is planned
     await world.deliver(QuarantineDecidedV1(**order.refs, decision="release", reason="assessed_acceptable"))
     stored = world.store.shipments[first.shipment_id]
@@ -676,6 +836,131 @@ async def test_quarantine_decided_without_a_compromised_shipment_changes_nothing
     ship = await world.planned(order, "outbound_product")
     await world.deliver(QuarantineDecidedV1(**order.refs, decision="release", reason="other"))
     assert world.store.shipments[ship.shipment_id].quarantine_decision is None
+    assert world.uow.types() == [PLANNED]
+
+
+# ---- identity pairs: COI + DIN inbound, COI + lot outbound --------------------------------------------
+
+
+async def test_the_inbound_handoffs_check_coi_and_the_collections_din(world: World) -> None:
+    order = Order()
+    ship = await world.planned(order, "inbound_apheresis")
+    din = make_coi("V2V01", 30, 777_001)
+    await world.deliver(ApheresisCompletedV1(**order.refs, collected_at=NOW, din=din, collection=1))
+    assert world.store.shipments[ship.shipment_id].din == din
+    # known now: a handoff without it is refused naming `din`, and writes nothing
+    with pytest.raises(Invalid) as missing:
+        await world.milestone(ship, "picked_up")
+    assert [e.field for e in missing.value.errors] == ["din"] and status_of(missing.value) == 422
+    with pytest.raises(Invalid) as wrong_kind:  # a lot is not on an inbound bag's label
+        await world.milestone(ship, "picked_up", din=din, lot="LOT-2030-0001")
+    assert [e.field for e in wrong_kind.value.errors] == ["lot"]
+    assert world.store.custody == []
+    ok = await world.milestone(ship, "picked_up", din=din)
+    assert ok["pair_verified"] is True
+    [custody] = world.store.custody
+    assert (custody.din, custody.lot, custody.pair_verified, custody.coi_verified) == (din, None, True, True)
+
+    # another collection's bag: a mismatch exactly as a COI mismatch (stop, alert, 409 naming `din`)
+    other_din = make_coi("V2V01", 30, 777_002)
+    with pytest.raises(CoiMismatch) as refused:
+        await world.milestone(ship, "in_transit", din=other_din, minutes=5)
+    assert status_of(refused.value) == 409 and refused.value.kind == "coi-mismatch"
+    assert [e.as_dict() for e in refused.value.errors] == [
+        {"field": "din", "reason": "does not match the shipment"}
+    ]
+    assert other_din not in refused.value.detail
+    [alert] = world.events(MISMATCH)
+    assert alert.data["identifier"] == "din" and alert.data["coi"] == order.coi
+    assert world.status(ship) == "stopped"
+    assert len(world.store.custody) == 1
+
+
+async def test_a_din_with_a_wrong_check_character_is_invalid(world: World) -> None:
+    order = Order()
+    ship = await world.planned(order, "inbound_apheresis")
+    din = make_coi("V2V01", 30, 777_003)
+    broken = din[:-1] + ("A" if din[-1] != "A" else "B")
+    with pytest.raises(Invalid) as refused:
+        await world.milestone(ship, "picked_up", din=broken)
+    assert [e.field for e in refused.value.errors] == ["din"]
+    assert world.store.custody == []
+
+
+async def test_a_din_not_known_yet_is_recorded_unverified_never_guessed(world: World) -> None:
+    order = Order()
+    ship = await world.planned(order, "inbound_apheresis")
+    await world.deliver(ApheresisCompletedV1(**order.refs, collected_at=NOW))  # an older order service
+    din = make_coi("V2V01", 30, 777_004)
+    ok = await world.milestone(ship, "picked_up", din=din)
+    assert ok["pair_verified"] is False
+    assert world.store.shipments[ship.shipment_id].din is None  # not learnt from a courier
+    assert (await world.milestone(ship, "in_transit", minutes=1))["status"] == "in_transit"  # nor required
+    assert [c.din for c in world.store.custody] == [din, None]
+
+
+async def test_the_outbound_handoffs_check_coi_and_the_runs_lot(world: World) -> None:
+    order = Order()
+    await world.deliver(product_released(order, lot="LOT-DE-2030-0007"))
+    [ship] = world.ships(order)
+    assert ship.lot == "LOT-DE-2030-0007"
+    with pytest.raises(Invalid) as missing:
+        await world.milestone(ship, "picked_up")
+    assert [e.field for e in missing.value.errors] == ["lot"]
+    with pytest.raises(Invalid) as wrong_kind:
+        await world.milestone(ship, "picked_up", lot="LOT-DE-2030-0007", din=make_coi("V2V01", 30, 1))
+    assert [e.field for e in wrong_kind.value.errors] == ["din"]
+    assert (await world.milestone(ship, "picked_up", lot="LOT-DE-2030-0007"))["pair_verified"] is True
+    with pytest.raises(CoiMismatch) as refused:
+        await world.milestone(ship, "delivered", lot="LOT-DE-2030-0008", minutes=60)
+    assert refused.value.errors[0].field == "lot"
+    [alert] = world.events(MISMATCH)
+    assert alert.data["identifier"] == "lot"
+    assert world.status(ship) == "stopped"
+
+
+# ---- QA's disposition of an excursion (order.disposition_decided) ----------------------------------
+
+
+async def test_an_excursion_release_lets_the_shipment_go_on(world: World) -> None:
+    order = Order()
+    ship = await world.planned(order, "inbound_apheresis", "AXI-CEL")  # fresh, 2-8 °C, 30 minutes
+    await world.breach(ship, 14.0)
+    assert world.status(ship) == "compromised"
+    await world.deliver(disposition(order, "release", ship))
+    stored = world.store.shipments[ship.shipment_id]
+    assert stored.status == "picked_up" and stored.quarantine_decision == "release"
+    assert stored.status_reason == "disposition_release:within_stability_data"
+    assert (await world.milestone(ship, "delivered", minutes=90))["status"] == "delivered"
+    assert len(world.events(EXCURSION)) == 1
+    trail = [r for r in world.store.audit if r.reason == "disposition_release:within_stability_data"]
+    assert [(r.action, r.old, r.new["status"]) for r in trail] == [  # type: ignore[index, call-overload]
+        ("shipment.status_changed", {"status": "compromised"}, "picked_up")
+    ]
+
+
+async def test_an_excursion_reject_keeps_it_compromised_and_frees_the_lane(world: World) -> None:
+    order = Order()
+    ship = await world.planned(order, "inbound_apheresis", "AXI-CEL")
+    await world.breach(ship, 14.0)
+    await world.deliver(disposition(order, "reject"))  # no shipment named: the newest compromised
+    stored = world.store.shipments[ship.shipment_id]
+    assert stored.status == "compromised" and stored.quarantine_decision == "reject"
+    await world.deliver(booking_confirmed(order, product_code="AXI-CEL"))  # the recollection's booking
+    assert [s.status for s in world.ships(order)] == ["compromised", "planned"]
+
+
+async def test_dispositions_that_concern_no_compromised_shipment_change_nothing(world: World) -> None:
+    order = Order()
+    ship = await world.planned(order, "outbound_product")
+    await world.deliver(
+        disposition(order, "release_on_physician_request", cause="out_of_specification"),
+        disposition(order, "release_on_physician_request", ship),  # not an excursion outcome
+    )
+    assert world.store.shipments[ship.shipment_id].quarantine_decision is None
+    await world.deliver(disposition(order, "release", ship))  # never stopped: recorded, nothing to resume
+    stored = world.store.shipments[ship.shipment_id]
+    assert stored.status == "planned" and stored.quarantine_decision == "release"
     assert world.uow.types() == [PLANNED]
 
 
@@ -712,7 +997,8 @@ async def test_shipments_custody_readings_and_cancellations_are_audited_with_cod
     [ship] = world.ships(order)
     await world.milestone(ship, "picked_up")
     await world.reading(ship, 5.0, minutes=1)
-    await world.reading(ship, 12.0, minutes=2)  # an excursion: the shipment is compromised
+    await world.reading(ship, 12.0, minutes=2)  # outside the limit: recorded, nothing held yet
+    await world.reading(ship, 12.5, minutes=40)  # 38 minutes outside, beyond 30: compromised
     await world.deliver(
         OrderCancelledV1(**order.refs, reason="consent_withdrawn", previous_status="material_in_transit")
     )
@@ -724,6 +1010,7 @@ async def test_shipments_custody_readings_and_cancellations_are_audited_with_cod
         ("shipment.status_changed", "shipment", "milestone:picked_up"),
         ("reading.recorded", "shipment", "in_range"),
         ("reading.recorded", "shipment", "out_of_range"),
+        ("reading.recorded", "shipment", "out_of_range"),
         ("shipment.status_changed", "shipment", "temperature_excursion"),
         ("order.ended", "order", "order_cancelled:consent_withdrawn"),
         ("shipment.status_changed", "shipment", "order_cancelled:consent_withdrawn"),
@@ -731,10 +1018,12 @@ async def test_shipments_custody_readings_and_cancellations_are_audited_with_cod
     planned = trail[0]
     assert planned.actor == Actor.system("logistics.shipments") and planned.cause == f"event:{booking.id}"
     assert trail[2].old == {"status": "planned"} and trail[2].new["status"] == "picked_up"  # type: ignore[index, call-overload]
-    assert trail[5].new["status"] == "compromised"  # type: ignore[index, call-overload]
-    assert trail[7].old == {"status": "compromised"} and trail[7].new["status"] == "cancelled"  # type: ignore[index, call-overload]
+    assert trail[6].new["status"] == "compromised"  # type: ignore[index, call-overload]
+    assert trail[6].new["excursion_minutes"] == 38.0  # type: ignore[index, call-overload]
+    assert trail[8].old == {"status": "compromised"} and trail[8].new["status"] == "cancelled"  # type: ignore[index, call-overload]
     assert trail[1].new["handled_by"] == "courier-42" and trail[4].new["reading_c"] == 12.0  # type: ignore[index, call-overload]
-    assert all(r.object_id == str(ship.shipment_id) for r in trail[:6])
+    assert trail[5].new["minutes_outside"] == 38.0 and trail[5].new["excursion_tolerance_min"] == 30  # type: ignore[index, call-overload]
+    assert all(r.object_id == str(ship.shipment_id) for r in trail[:7])
     assert verify("logistics", trail).broken is None
 
 

@@ -9,11 +9,19 @@ from __future__ import annotations
 from functools import cache
 from pathlib import Path
 
-from v2v_contracts.reference.product import Material, Product
+from v2v_contracts.reference.product import Material, Product, ShippingRules, TemperatureLimit
 
 PRODUCTS_FILE = Path(__file__).parent / "products.yaml"
 
-__all__ = ["PRODUCTS_FILE", "Material", "Product", "load_products", "product_catalogue"]
+__all__ = [
+    "PRODUCTS_FILE",
+    "Material",
+    "Product",
+    "ShippingRules",
+    "TemperatureLimit",
+    "load_products",
+    "product_catalogue",
+]
 
 
 @cache

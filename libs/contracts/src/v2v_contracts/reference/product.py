@@ -4,9 +4,39 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Material = Literal["fresh", "cryopreserved"]
+
+
+class TemperatureLimit(BaseModel):
+    """How one leg of a product must travel: its temperature limit in °C (both bounds inclusive) and its
+    excursion tolerance, the minutes in all the material may spend outside that limit before the
+    excursion goes to QA (logistics; `logistics.shipment_excursion.v1`). A shorter time outside is
+    recorded and holds nothing."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    min_c: float = Field(ge=-273.15, le=100.0)
+    max_c: float = Field(ge=-273.15, le=100.0)
+    excursion_tolerance_min: float = Field(ge=0, le=24 * 60)
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> TemperatureLimit:
+        if self.min_c > self.max_c:
+            raise ValueError(f"temperature limit is empty: [{self.min_c}, {self.max_c}]")
+        return self
+
+
+class ShippingRules(BaseModel):
+    """A product's shipping limits: the apheresis material (inbound, centre → site) and the product
+    (outbound, site → centre), with the public sources they come from."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    inbound: TemperatureLimit
+    outbound: TemperatureLimit
+    sources: tuple[str, ...] = Field(min_length=1)
 
 
 class Product(BaseModel):
@@ -23,7 +53,11 @@ class Product(BaseModel):
     max_runs: int = Field(ge=1)
     max_recollections: int = Field(ge=0)
     recollection_lead_days: int = Field(default=7, ge=0)
+    # logistics: temperature limits and excursion tolerance per leg (None: the shipping conditions of
+    # logistics' seed, by material condition)
+    shipping: ShippingRules | None = None
 
     def rules(self) -> dict[str, object]:
-        """The product's attributes without its identity (as the order service stores them)."""
-        return self.model_dump(exclude={"code", "name"})
+        """The product's attributes without its identity (as the order service stores them); the
+        shipping limits are logistics' alone."""
+        return self.model_dump(exclude={"code", "name", "shipping"})

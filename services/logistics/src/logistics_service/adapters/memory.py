@@ -19,6 +19,7 @@ from logistics_service.adapters.repository import (
     EndedOrderRepository,
     LocationKind,
     LogisticsTx,
+    OrderProductRepository,
     ReadingRepository,
     RegionRepository,
     ShipmentRepository,
@@ -53,6 +54,7 @@ class MemoryStore:
     readings: list[TemperatureReading] = field(default_factory=list)
     ended_orders: dict[uuid.UUID, tuple[str, str]] = field(default_factory=dict)
     regions: dict[str, tuple[LocationKind, str, datetime]] = field(default_factory=dict)
+    order_products: dict[uuid.UUID, tuple[str, datetime]] = field(default_factory=dict)
     audit: list[Record] = field(default_factory=list)  # the audit trail, chained as in Postgres
     locked_orders: list[uuid.UUID] = field(default_factory=list)  # serialise_order calls, for tests
 
@@ -134,6 +136,10 @@ class MemoryShipments(ShipmentRepository):
             "excursion_at",
             "held_from_status",
             "quarantine_decision",
+            "picked_up_at",
+            "delivered_at",
+            "excursion_minutes",
+            "din",
         ):
             setattr(stored, name, getattr(shipment, name))
         stored.updated_at = now
@@ -226,6 +232,20 @@ class MemoryRegions(RegionRepository):
         return None if known is None else known[1]
 
 
+class MemoryOrderProducts(OrderProductRepository):
+    def __init__(self, store: MemoryStore) -> None:
+        self.store = store
+
+    async def remember(self, order_id: uuid.UUID, product_code: str, as_of: datetime) -> None:
+        known = self.store.order_products.get(order_id)
+        if known is None or known[1] <= as_of:
+            self.store.order_products[order_id] = (product_code, as_of)
+
+    async def product_of(self, order_id: uuid.UUID) -> str | None:
+        known = self.store.order_products.get(order_id)
+        return None if known is None else known[0]
+
+
 def memory_tx(store: MemoryStore, outbox: EventSink) -> LogisticsTx:
     return LogisticsTx(
         None,
@@ -235,6 +255,7 @@ def memory_tx(store: MemoryStore, outbox: EventSink) -> LogisticsTx:
         readings=MemoryReadings(store),
         ended_orders=MemoryEndedOrders(store),
         regions=MemoryRegions(store),
+        order_products=MemoryOrderProducts(store),
         audit=MemoryAuditTrail(store.audit, "logistics"),
     )
 

@@ -111,6 +111,18 @@ class EndedOrderRepository(abc.ABC):
     async def ended(self, order_id: uuid.UUID) -> bool: ...
 
 
+class OrderProductRepository(abc.ABC):
+    """The product of each order, learnt from `order.submitted` and `site.booking_confirmed`: whose
+    shipping limits its outbound leg travels by (`site.product_released` does not name the product)."""
+
+    @abc.abstractmethod
+    async def remember(self, order_id: uuid.UUID, product_code: str, as_of: datetime) -> None:
+        """Record an order's product (a fact older than the one recorded is ignored)."""
+
+    @abc.abstractmethod
+    async def product_of(self, order_id: uuid.UUID) -> str | None: ...
+
+
 LocationKind = Literal["site", "centre"]
 
 
@@ -140,6 +152,7 @@ class LogisticsTx(AuditedTx):
         readings: ReadingRepository,
         ended_orders: EndedOrderRepository,
         regions: RegionRepository,
+        order_products: OrderProductRepository,
         audit: AuditTrail | None = None,
     ) -> None:
         super().__init__(conn, outbox, audit=audit)
@@ -148,6 +161,7 @@ class LogisticsTx(AuditedTx):
         self.readings = readings
         self.ended_orders = ended_orders
         self.regions = regions
+        self.order_products = order_products
 
 
 # ---- Postgres ---------------------------------------------------------------------------------------
@@ -246,8 +260,10 @@ class PostgresShipments(ShipmentRepository):
         await self.conn.execute(
             """INSERT INTO shipments (shipment_id, order_id, coi, leg, origin, destination,
                                       material_condition, min_temp_c, max_temp_c, planned_pickup_date,
-                                      status, origin_trace, booking_id, run, status_reason, carrier_id)
-               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12::jsonb, $13, $14, $15, $16)""",
+                                      status, origin_trace, booking_id, run, status_reason, carrier_id,
+                                      product_code, excursion_tolerance_min, din, lot)
+               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12::jsonb, $13, $14, $15, $16,
+                       $17, $18, $19, $20)""",
             s.shipment_id,
             s.order_id,
             s.coi,
@@ -264,6 +280,10 @@ class PostgresShipments(ShipmentRepository):
             s.run,
             s.status_reason,
             s.carrier_id,
+            s.product_code,
+            s.excursion_tolerance_min,
+            s.din,
+            s.lot,
         )
         await self._log(shipment)
         shipment.saved()
@@ -275,7 +295,8 @@ class PostgresShipments(ShipmentRepository):
         await self.conn.execute(
             """UPDATE shipments SET status = $2, status_reason = $3, ready_for_pickup_at = $4,
                                     excursion_at = $5, held_from_status = $6, quarantine_decision = $7,
-                                    updated_at = now()
+                                    picked_up_at = $8, delivered_at = $9, excursion_minutes = $10,
+                                    din = $11, updated_at = now()
                WHERE shipment_id = $1""",
             s.shipment_id,
             s.status,
@@ -284,6 +305,10 @@ class PostgresShipments(ShipmentRepository):
             s.excursion_at,
             s.held_from_status,
             s.quarantine_decision,
+            s.picked_up_at,
+            s.delivered_at,
+            s.excursion_minutes,
+            s.din,
         )
         await self._log(shipment)
         shipment.saved()
@@ -316,8 +341,9 @@ class PostgresCustody(CustodyRepository):
         return int(
             await self.conn.fetchval(
                 """INSERT INTO custody_events (shipment_id, milestone, occurred_at, location, handled_by,
-                                               received_from, temperature_c, coi_verified)
-                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id""",
+                                               received_from, temperature_c, coi_verified, din, lot,
+                                               pair_verified)
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) RETURNING id""",
                 event.shipment_id,
                 event.milestone,
                 event.occurred_at,
@@ -326,6 +352,9 @@ class PostgresCustody(CustodyRepository):
                 event.received_from,
                 event.temperature_c,
                 event.coi_verified,
+                event.din,
+                event.lot,
+                event.pair_verified,
             )
         )
 
@@ -415,6 +444,27 @@ class PostgresRegions(RegionRepository):
         return None if found is None else str(found)
 
 
+class PostgresOrderProducts(OrderProductRepository):
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self.conn = conn
+
+    async def remember(self, order_id: uuid.UUID, product_code: str, as_of: datetime) -> None:
+        await self.conn.execute(
+            """INSERT INTO order_products (order_id, product_code, as_of) VALUES ($1, $2, $3)
+               ON CONFLICT (order_id) DO UPDATE SET product_code = $2, as_of = $3
+               WHERE order_products.as_of <= EXCLUDED.as_of""",
+            order_id,
+            product_code,
+            as_of,
+        )
+
+    async def product_of(self, order_id: uuid.UUID) -> str | None:
+        found = await self.conn.fetchval(
+            "SELECT product_code FROM order_products WHERE order_id = $1", order_id
+        )
+        return None if found is None else str(found)
+
+
 def tx_factory(conn: asyncpg.Connection, outbox: EventSink) -> LogisticsTx:
     """The runtime's `Tx` for the logistics schema: Postgres repositories on the transaction's connection."""
     return LogisticsTx(
@@ -425,4 +475,5 @@ def tx_factory(conn: asyncpg.Connection, outbox: EventSink) -> LogisticsTx:
         readings=PostgresReadings(conn),
         ended_orders=PostgresEndedOrders(conn),
         regions=PostgresRegions(conn),
+        order_products=PostgresOrderProducts(conn),
     )

@@ -9,10 +9,25 @@ Statuses of a shipment (one leg: inbound apheresis material or outbound product)
 
     planned ─▶ ready_for_pickup ─▶ booked ─▶ picked_up ─▶ in_transit ─▶ delivered
        (any status before delivered) ─▶ cancelled            (order cancelled/failed, booking cancelled)
-       (any live status, delivered)  ─▶ compromised          (temperature excursion; QA release resumes)
+       (any live status, delivered)  ─▶ compromised          (excursion rule breached; QA release resumes)
        (any live status)             ─▶ stopped              (COI mismatch at a handoff; stays stopped)
 
 Courier milestones may skip steps (a pickup scan without a `booked` scan) but never go back.
+
+Temperature (issue 10). Each shipment carries its product's limit and excursion tolerance (domain/lanes.py,
+from the catalogue's `shipping` limits with their label sources). Every reading is recorded with whether it
+was inside the limit; a reading outside it holds nothing by itself. The rule is CUMULATIVE time outside the
+limit: a reading outside counts from its time until the next reading of the shipment (in measurement
+order: a logger download fills in between live readings; the last one counts once a later reading, such
+as the one the delivery scan carries, shows how long it lasted), every such stretch adds up, and only
+when the sum exceeds the tolerance is the excursion published (once per shipment) and the shipment
+compromised for QA. Cumulative rather than continuous, because several short warm spells cost the product
+as much as one long one (EU GDP guidelines 2013/C 343/01 chapter 9; USP <1079>: excursions are assessed
+against the product's stability data, which budget the total time out of range).
+
+Readings are accepted while the shipment is in transit (after its pickup, before its delivery), or after
+delivery as a logger download (`source = logger_download`) measured between pickup and delivery. A reading
+before pickup is refused: the shipment's ends are custody milestones, not the logger's clock.
 
 Every reason a shipment records (status history, cancellations, ended orders) is a reason code
 (`v2v_contracts.fields.ReasonCode`), never free text: an upstream event's reason is carried only when it
@@ -23,7 +38,7 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import Any, Final, Literal
@@ -56,7 +71,10 @@ HALTED: Final = frozenset({COMPROMISED, STOPPED})  # no further milestones
 # same leg may be planned (recollection after rejected or compromised material, remanufactured
 # product after a quarantine reject). Mirrors the partial unique index of migration 0003.
 LANE_FREED: Final = frozenset({CANCELLED, COMPROMISED, DELIVERED})
-READINGS_REFUSED: Final = frozenset({CANCELLED, DELIVERED})
+READINGS_REFUSED: Final = frozenset({CANCELLED, DELIVERED})  # live readings; a logger download: see below
+PICKUP_MILESTONES: Final = frozenset({PICKED_UP, IN_TRANSIT, DELIVERED})  # the material has left
+ReadingSource = Literal["courier", "milestone", "logger_download"]
+LOGGER_DOWNLOAD: Final = "logger_download"
 
 TRANSITIONS: Final[dict[str, frozenset[str]]] = {
     PLANNED: frozenset({READY_FOR_PICKUP, *MILESTONES, CANCELLED, COMPROMISED, STOPPED}),
@@ -119,29 +137,139 @@ def reading_refusal(status: str) -> Conflict | None:
     return None
 
 
+def reading_window_refusal(
+    status: str,
+    *,
+    source: ReadingSource,
+    measured_at: datetime,
+    picked_up_at: datetime | None,
+    delivered_at: datetime | None,
+) -> DomainError | None:
+    """Whether a reading may be taken now (None) or why not.
+
+    - live readings (`courier`): refused once the shipment is cancelled or delivered (409, `shipment_id`),
+      before its pickup (409, `measured_at`: not picked up yet), or when measured before the pickup (422,
+      `measured_at`);
+    - a logger download: only after delivery (409, `source`), measured between pickup and delivery (422,
+      `measured_at`); refused too on a cancelled shipment.
+    """
+    if status == CANCELLED:
+        return reading_refusal(status)
+    if source == LOGGER_DOWNLOAD:
+        if delivered_at is None:
+            return shipment_state_conflict(
+                "source", f"shipment is {status}: a logger download is accepted only after delivery"
+            )
+        if picked_up_at is not None and measured_at < picked_up_at:
+            return Invalid("measured_at", "measured before the shipment was picked up")
+        if measured_at > delivered_at:
+            return Invalid("measured_at", "measured after the shipment was delivered")
+        return None
+    if delivered_at is not None or status == DELIVERED:
+        return reading_refusal(DELIVERED)
+    if picked_up_at is None:
+        return shipment_state_conflict(
+            "measured_at",
+            f"shipment is {status}, not picked up yet: readings are accepted in transit (after pickup) "
+            "or as a logger download after delivery",
+        )
+    if measured_at < picked_up_at:
+        return Invalid("measured_at", "measured before the shipment was picked up")
+    return None
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One reading as the excursion rule sees it: when, what, and whether inside the limit."""
+
+    measured_at: datetime
+    reading_c: float
+    in_range: bool
+
+
+def minutes_outside(samples: Sequence[Sample], until: datetime | None = None) -> float:
+    """Cumulative minutes outside the limit: each reading outside counts from its time until the next
+    reading (measurement order); the last one until `until` when given (a cut-off), else not yet."""
+    ordered = sorted(samples, key=lambda r: r.measured_at)
+    total = 0.0
+    nexts: list[Sample | None] = [*ordered[1:], None]
+    for here, after in zip(ordered, nexts[: len(ordered)], strict=True):
+        if here.in_range:
+            continue
+        end = after.measured_at if after is not None else until
+        if end is not None and end > here.measured_at:
+            total += (end - here.measured_at).total_seconds() / 60
+    return total
+
+
+def excursion_breached(minutes: float, tolerance_min: float) -> bool:
+    """The excursion rule: breached when the time outside the limit EXCEEDS the tolerance."""
+    return minutes > tolerance_min
+
+
+def worst_reading(samples: Sequence[Sample], min_c: float, max_c: float) -> Sample | None:
+    """The reading furthest outside the limit (the magnitude QA assesses), if any is outside."""
+    outside = [r for r in samples if not r.in_range]
+    if not outside:
+        return None
+    return max(outside, key=lambda r: max(min_c - r.reading_c, r.reading_c - max_c))
+
+
+def first_outside(samples: Sequence[Sample]) -> Sample | None:
+    outside = sorted((r for r in samples if not r.in_range), key=lambda r: r.measured_at)
+    return outside[0] if outside else None
+
+
 @dataclass(frozen=True)
 class ReadingOutcome:
     in_range: bool
     new_status: str
     publish_excursion: bool  # at most once per shipment
+    minutes_outside: float = 0.0
 
 
 def after_reading(
-    status: str, reading_c: float, min_c: float, max_c: float, *, excursion_reported: bool
+    status: str,
+    *,
+    in_range: bool,
+    minutes: float,
+    tolerance_min: float,
+    excursion_reported: bool,
 ) -> ReadingOutcome:
-    """What a recorded reading does to the shipment.
+    """What a recorded reading does to the shipment, given the cumulative `minutes` outside the limit.
 
-    Outside the range, the first time for this shipment: the excursion is published, and a live (or
-    just delivered) shipment becomes `compromised`; a `stopped` shipment stays stopped (identity doubt
-    outranks the excursion) but the excursion is still reported. Later out-of-range readings are only
-    recorded: the excursion is published once per shipment.
+    Within the tolerance: recorded, nothing else (a short excursion holds nothing). Beyond it, the first
+    time for this shipment: the excursion is published, and a live (or just delivered) shipment becomes
+    `compromised`; a `stopped` shipment stays stopped (identity doubt outranks the excursion) but the
+    excursion is still reported. Once reported, later readings are only recorded.
     """
-    ok = in_range(reading_c, min_c, max_c)
-    if ok or excursion_reported:
-        return ReadingOutcome(ok, status, False)
+    if excursion_reported or not excursion_breached(minutes, tolerance_min):
+        return ReadingOutcome(in_range, status, False, minutes)
     if status in LIVE or status == DELIVERED:
-        return ReadingOutcome(False, COMPROMISED, True)
-    return ReadingOutcome(False, status, status in HALTED)
+        return ReadingOutcome(in_range, COMPROMISED, True, minutes)
+    return ReadingOutcome(in_range, status, status in HALTED, minutes)
+
+
+# ---- identity at a handoff -------------------------------------------------------------------------
+
+PairCheck = Literal["verified", "unverified", "missing", "mismatch"]
+
+
+def pair_field(leg: str) -> Literal["din", "lot"]:
+    """What a leg's label carries beside the COI: the collection's DIN (inbound) or the run's lot."""
+    return "din" if leg == "inbound_apheresis" else "lot"
+
+
+def check_pair(expected: str | None, presented: str | None) -> PairCheck:
+    """The second id of a handoff's pair (DIN or lot) against the one logistics learnt for the shipment.
+
+    Known and presented: `verified` or `mismatch`; known and not presented: `missing` (refused, 422);
+    not known: `unverified` (never guessed: a presented value is recorded, not checked)."""
+    if expected is None:
+        return "unverified"
+    if presented is None:
+        return "missing"
+    return "verified" if presented == expected else "mismatch"
 
 
 # ---- milestones ------------------------------------------------------------------------------------
@@ -254,9 +382,16 @@ class Shipment:
     ready_for_pickup_at: datetime | None = None
     excursion_at: datetime | None = None  # first out-of-range reading (excursion published once)
     held_from_status: str | None = None  # the status it had when compromised or stopped
-    quarantine_decision: str | None = None
+    quarantine_decision: str | None = None  # QA's last decision (quarantine or excursion disposition)
     status_reason: str | None = None
     updated_at: datetime | None = None
+    product_code: str | None = None  # whose limits it travels by (None: the seed's defaults)
+    excursion_tolerance_min: float = 0.0  # minutes in all outside the limit before QA
+    picked_up_at: datetime | None = None  # the first milestone that shows the material left
+    delivered_at: datetime | None = None
+    excursion_minutes: float | None = None  # minutes outside the limit when the rule was breached
+    din: str | None = None  # inbound: the collection's DIN (order.apheresis_completed)
+    lot: str | None = None  # outbound: the run's lot (site.product_released)
     pending: list[StatusChange] = field(default_factory=list, repr=False, compare=False)
     dirty: bool = field(default=False, repr=False, compare=False)
 
@@ -276,6 +411,8 @@ class Shipment:
         origin_trace: dict[str, str] | None = None,
         booking_id: uuid.UUID | None = None,
         run: int | None = None,
+        product_code: str | None = None,
+        lot: str | None = None,
     ) -> Shipment:
         return cls(
             shipment_id=uuid.uuid4(),
@@ -294,6 +431,9 @@ class Shipment:
             booking_id=booking_id,
             run=run,
             status_reason=reason,
+            product_code=product_code,
+            excursion_tolerance_min=lane.tolerance_min,
+            lot=lot,
             pending=[StatusChange(None, PLANNED, reason)],
         )
 
@@ -326,33 +466,74 @@ class Shipment:
             setattr(self, name, value)
         self.dirty = True
 
-    def take_milestone(self, milestone: str) -> None:
-        """A courier milestone: refused (domain error) or the new status (where it happened is custody)."""
+    def take_milestone(self, milestone: str, occurred_at: datetime | None = None) -> None:
+        """A courier milestone: refused (domain error) or the new status (where it happened is custody).
+
+        The first milestone that shows the material left (picked up, in transit, delivered) is its
+        pickup time; the first delivery its delivery time: the window of its readings."""
         refusal = milestone_refusal(self.status, milestone)
         if refusal:
             raise refusal
-        self.move_to(status_after_milestone(self.status, milestone), reason_code("milestone", milestone))
+        extra: dict[str, Any] = {}
+        if occurred_at is not None:
+            if milestone in PICKUP_MILESTONES and self.picked_up_at is None:
+                extra["picked_up_at"] = occurred_at
+            if milestone == DELIVERED and self.delivered_at is None:
+                extra["delivered_at"] = occurred_at
+        self.move_to(
+            status_after_milestone(self.status, milestone), reason_code("milestone", milestone), **extra
+        )
 
-    def check_reading_allowed(self) -> None:
-        refusal = reading_refusal(self.status)
+    def check_reading_allowed(
+        self, source: ReadingSource = "courier", measured_at: datetime | None = None
+    ) -> None:
+        """Refuse a reading outside the shipment's window (see `reading_window_refusal`)."""
+        if measured_at is None:
+            refusal: DomainError | None = reading_refusal(self.status)
+        else:
+            refusal = reading_window_refusal(
+                self.status,
+                source=source,
+                measured_at=measured_at,
+                picked_up_at=self.picked_up_at,
+                delivered_at=self.delivered_at,
+            )
         if refusal:
             raise refusal
 
-    def take_reading(self, reading_c: float, measured_at: datetime) -> ReadingOutcome:
-        """A temperature reading: outside the range the first time, the shipment handles the excursion."""
+    def in_limit(self, reading_c: float) -> bool:
+        return in_range(reading_c, self.min_temp_c, self.max_temp_c)
+
+    def take_reading(self, reading: Sample, recorded: Sequence[Sample]) -> ReadingOutcome:
+        """A temperature reading, with the shipment's readings recorded before it: the cumulative time
+        outside the limit decides; beyond the tolerance, the first time, the shipment handles the
+        excursion (excursion_at: when its time outside began)."""
+        samples = [*recorded, reading]
+        minutes = minutes_outside(samples)
         outcome = after_reading(
             self.status,
-            reading_c,
-            self.min_temp_c,
-            self.max_temp_c,
+            in_range=reading.in_range,
+            minutes=minutes,
+            tolerance_min=self.excursion_tolerance_min,
             excursion_reported=self.excursion_at is not None,
         )
         if outcome.publish_excursion:
-            extra: dict[str, Any] = {"excursion_at": measured_at}
+            start = first_outside(samples)
+            extra: dict[str, Any] = {
+                "excursion_at": start.measured_at if start else reading.measured_at,
+                "excursion_minutes": round(minutes, 3),
+            }
             if outcome.new_status != self.status:
                 extra["held_from_status"] = self.status
             self.move_to(outcome.new_status, TEMPERATURE_EXCURSION, **extra)
         return outcome
+
+    def learn_din(self, din: str) -> bool:
+        """The collection's DIN, from order.apheresis_completed: kept once learnt (False if another)."""
+        if self.din is None:
+            self.move_to(self.status, self.status_reason or "apheresis_completed", din=din)
+            return True
+        return self.din == din
 
     def stop_on_coi_mismatch(self) -> None:
         """A handoff presented another order's COI: a live shipment stops (no automatic resume)."""
@@ -368,7 +549,8 @@ class Shipment:
         self.move_to(CANCELLED, reason)
 
     def quarantine_decided(self, decision: str, reason: str, *, lane_taken: bool) -> bool:
-        """QA decided on the product this (compromised) shipment carries; True when it resumed.
+        """QA decided on the material this (compromised) shipment carries (a quarantine decision, or the
+        disposition of an excursion); True when it resumed.
 
         release: it resumes where it was halted, unless another shipment of the leg took the lane
         meanwhile (`lane_taken`); reject: it stays compromised. The decision is recorded either way.
@@ -388,7 +570,16 @@ class Shipment:
 
 
 _EXTRA_FIELDS: Final = frozenset(
-    {"ready_for_pickup_at", "excursion_at", "held_from_status", "quarantine_decision"}
+    {
+        "ready_for_pickup_at",
+        "excursion_at",
+        "held_from_status",
+        "quarantine_decision",
+        "picked_up_at",
+        "delivered_at",
+        "excursion_minutes",
+        "din",
+    }
 )
 
 
@@ -406,6 +597,9 @@ class CustodyEvent:
     received_from: str | None
     temperature_c: float | None
     coi_verified: bool
+    din: str | None = None  # the DIN (inbound) or lot (outbound) the handoff presented
+    lot: str | None = None
+    pair_verified: bool = False  # checked against the one logistics learnt (False: none known)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -417,7 +611,7 @@ class TemperatureReading:
     reading_c: float
     measured_at: datetime
     recorded_at: datetime | None = None
-    source: Literal["courier", "milestone"]
+    source: ReadingSource
     custody_event_id: int | None = None
     min_c: float
     max_c: float

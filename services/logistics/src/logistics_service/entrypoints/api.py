@@ -16,7 +16,7 @@ import uuid
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from logistics_service.domain.carriers import Tenant
 from logistics_service.domain.shipment import Shipment
@@ -57,6 +57,13 @@ SHIPMENT_FIELDS = (
     "status_reason",
     "updated_at",
     "carrier_id",
+    "product_code",
+    "excursion_tolerance_min",
+    "picked_up_at",
+    "delivered_at",
+    "excursion_minutes",
+    "din",
+    "lot",
 )
 
 # physical bounds of a reported temperature (°C): absolute zero .. well above any shipper's range
@@ -114,6 +121,10 @@ async def shipment(
 
 
 OptionalReading = Annotated[Finite, Field(ge=MIN_READING_C, le=MAX_READING_C)]
+# a run's lot as the site labels it (the agreed shape of issue 10; `v2v_contracts.fields.LOT_RE` is the
+# site's own copy of it)
+LOT_PATTERN = r"^[A-Z0-9][A-Z0-9-]{3,31}$"
+LotRef = Annotated[str, StringConstraints(pattern=LOT_PATTERN)]
 
 
 class MilestoneIn(BaseModel):
@@ -124,7 +135,19 @@ class MilestoneIn(BaseModel):
     handled_by: Code = Field(description="Opaque courier or staff reference, never a name")
     received_from: Code | None = Field(default=None, description="Opaque reference of the previous holder")
     coi: CoiRef = Field(description="Chain-of-identity id read from the shipper's label; verified")
-    temperature_c: OptionalReading | None = Field(default=None, description="Logger reading in °C, if any")
+    din: CoiRef | None = Field(
+        default=None,
+        description="Inbound leg: the collection's DIN read from the bag's label; required (and verified) "
+        "once the shipment's DIN is known",
+    )
+    lot: LotRef | None = Field(
+        default=None,
+        description="Outbound leg: the run's lot read from the label; required (and verified) once the "
+        "shipment's lot is known",
+    )
+    temperature_c: OptionalReading | None = Field(
+        default=None, description="Logger reading in °C, if any (not with `booked`: before pickup)"
+    )
 
 
 @router.post(
@@ -166,6 +189,11 @@ class TemperatureIn(BaseModel):
         default=None,
         description="Chain-of-identity id on the logger's shipper, when it reports one; verified",
     )
+    logger_download: bool = Field(
+        default=False,
+        description="false: a live reading, accepted in transit (after pickup, before delivery); true: "
+        "the logger's data read after delivery, measured between pickup and delivery",
+    )
 
 
 @router.post(
@@ -173,14 +201,20 @@ class TemperatureIn(BaseModel):
     dependencies=[idempotent()],
     status_code=201,
     tags=["courier"],
-    summary="Courier API: a temperature reading; outside the shipment's range it is an excursion",
+    summary="Courier API: a temperature reading; the product's excursion rule (limit and time outside "
+    "it) decides whether it is an excursion",
 )
 async def temperature(
     shipment_id: uuid.UUID, body: TemperatureIn, rt: Rt, principal: Principal = require_scope(REPORT)
 ) -> dict[str, Any]:
+    reading = body.model_dump(exclude={"logger_download"})
     return dict(
         await commands.record_temperature(
-            rt.uow, shipment_id, tenant=tenant_of(principal, REPORT), **body.model_dump()
+            rt.uow,
+            shipment_id,
+            tenant=tenant_of(principal, REPORT),
+            source="logger_download" if body.logger_download else "courier",
+            **reading,
         )
     )
 

@@ -11,6 +11,18 @@ ones, which need the shipping lanes and carriers read at start-up (config.load_s
 A planned leg gets its carrier (domain/carriers.py) from the regions of its two ends, which logistics
 learns from `site.registered` (a site's region) and `order.submitted` (the centre's region).
 
+A planned leg travels by its product's limits and excursion tolerance (domain/lanes.py): the inbound leg's
+product is the booking's; the outbound leg's is the order's, learnt from `order.submitted` and
+`site.booking_confirmed` (a product release does not name it; unknown: the seed's default lane).
+
+Identity pairs (issue 10): the inbound shipment learns its collection's DIN from
+`order.apheresis_completed`, the outbound shipment its run's lot from `site.product_released`; the
+handoffs check them (service_layer/commands.py).
+
+QA's disposition of an excursion (`order.disposition_decided`, cause `excursion`) resumes the compromised
+shipment (release) or leaves it compromised (reject: the order service asks for a recollection or a
+remanufacture, whose new shipment takes the free lane), like the older `order.quarantine_decided`.
+
 Reasons recorded and published are reason codes: an upstream event's reason is carried only when it is a
 code itself (`rules.reason_code`), so free text typed by staff never reaches this service's tables or
 events.
@@ -31,6 +43,7 @@ from v2v_contracts import (
     ApheresisCompletedV1,
     BookingCancelledV1,
     BookingConfirmedV1,
+    DispositionDecidedV1,
     OrderCancelledV1,
     OrderFailedV1,
     OrderSubmittedV1,
@@ -94,13 +107,19 @@ async def site_registered(tx: LogisticsTx, site: SiteRegisteredV1, meta: EventMe
 
 @handlers.on(OrderSubmittedV1)
 async def order_submitted(tx: LogisticsTx, order: OrderSubmittedV1, meta: EventMeta) -> None:
-    """An order names its treatment centre's region: kept for the choice of carriers."""
+    """An order names its treatment centre's region (kept for the choice of carriers) and its product
+    (whose limits its outbound leg travels by)."""
     await tx.regions.remember(order.treatment_center_id, "centre", order.region, meta.time)
+    await tx.order_products.remember(order.order_id, order.product_code, meta.time)
 
 
-async def plan_inbound(tx: LogisticsTx, booking: BookingConfirmedV1, lanes: ShippingLanes) -> None:
+async def plan_inbound(
+    tx: LogisticsTx, booking: BookingConfirmedV1, lanes: ShippingLanes, meta: EventMeta | None = None
+) -> None:
     """Plan the inbound leg (centre → site) for a confirmed booking; a recollection gets a new one."""
     await tx.shipments.serialise_order(booking.order_id)
+    if meta is not None:
+        await tx.order_products.remember(booking.order_id, booking.product_code, meta.time)
     if await tx.ended_orders.ended(booking.order_id):
         log.info(
             "booking confirmed for an ended order: no inbound shipment", booking_id=str(booking.booking_id)
@@ -132,18 +151,22 @@ async def plan_inbound(tx: LogisticsTx, booking: BookingConfirmedV1, lanes: Ship
         booking_id=booking.booking_id,
         origin_trace=current_traceparent(),
         reason="booking_confirmed",
+        product_code=booking.product_code,
     )
     await _plan(tx, ship, treatment_center_id=booking.treatment_center_id, slot_id=booking.slot_id)
     log.info(
         "inbound shipment planned",
         site_id=booking.site_id,
         condition=lane.condition,
+        limit_c=[lane.min_c, lane.max_c],
+        tolerance_min=lane.tolerance_min,
         carrier_id=carrier.carrier_id,
     )
 
 
 async def plan_outbound(tx: LogisticsTx, released: ProductReleasedV1, lanes: ShippingLanes) -> None:
-    """Plan the outbound leg (site → centre) for a released product, cryopreserved (at or below -150 °C)."""
+    """Plan the outbound leg (site → centre) for a released product, cryopreserved within its label's
+    limit (the seed's default lane, at or below -150 °C, when the order's product is not known)."""
     await tx.shipments.serialise_order(released.order_id)
     if await tx.ended_orders.ended(released.order_id):
         log.info("product released for an ended order: no outbound shipment", run=released.run)
@@ -163,25 +186,36 @@ async def plan_outbound(tx: LogisticsTx, released: ProductReleasedV1, lanes: Shi
         )
         return
     carrier = await _carrier(tx, lanes, released.site_id, released.treatment_center_id)
+    product_code = await tx.order_products.product_of(released.order_id)
+    if product_code is None:
+        log.warning(
+            "the order's product is not known: outbound shipped by the default lane", run=released.run
+        )
+    lane = lanes.outbound_for(product_code)
     ship = Shipment.plan(
         order_id=released.order_id,
         coi=released.coi,
         leg="outbound_product",
         origin=released.site_id,
         destination=released.treatment_center_id,
-        lane=lanes.outbound,
+        lane=lane,
         pickup=released.released_at.date(),
         carrier_id=carrier.carrier_id,
         run=released.run,
         origin_trace=current_traceparent(),
         reason="product_released",
+        product_code=product_code,
+        lot=released.lot,
     )
     await _plan(tx, ship, treatment_center_id=released.treatment_center_id, slot_id=None)
     log.info(
         "outbound shipment planned",
         site_id=released.site_id,
         run=released.run,
-        condition=lanes.outbound.condition,
+        condition=lane.condition,
+        limit_c=[lane.min_c, lane.max_c],
+        tolerance_min=lane.tolerance_min,
+        lot_known=released.lot is not None,
         carrier_id=carrier.carrier_id,
     )
 
@@ -197,8 +231,21 @@ async def ready_for_pickup(tx: LogisticsTx, done: ApheresisCompletedV1, meta: Ev
         return
     ship = live[-1]  # the newest
     ship.apheresis_completed(done.collected_at)
+    if done.din is not None and not ship.learn_din(done.din):
+        # another collection's DIN for a shipment that has one: kept (the handoffs check the first)
+        log.error(
+            "apheresis completed with another DIN than the inbound shipment's: kept the first",
+            shipment_id=str(ship.shipment_id),
+            collection=done.collection,
+        )
     await save_shipment(tx, ship)
-    log.info("inbound shipment ready for pickup", shipment_id=str(ship.shipment_id), status=ship.status)
+    log.info(
+        "inbound shipment ready for pickup",
+        shipment_id=str(ship.shipment_id),
+        status=ship.status,
+        din_known=ship.din is not None,
+        collection=done.collection,
+    )
 
 
 async def _cancel(tx: LogisticsTx, ship: Shipment, reason: str) -> None:
@@ -296,6 +343,54 @@ async def quarantine_decided(tx: LogisticsTx, decided: QuarantineDecidedV1, meta
         )
 
 
+@handlers.on(DispositionDecidedV1)
+async def disposition_decided(tx: LogisticsTx, decided: DispositionDecidedV1, meta: EventMeta) -> None:
+    """QA's disposition of material at risk. Only an excursion's concerns a shipment:
+
+    release: the compromised shipment (the one the decision names, else the newest compromised of its
+    leg) resumes where it was halted (no change if it never stopped); reject: it stays compromised (the
+    lane is free for the recollection's or remanufacture's new leg). The decision is recorded either way.
+    `release_on_physician_request` is an OOS outcome: for an excursion it changes nothing (logged).
+    """
+    if decided.cause != "excursion":
+        return
+    await tx.shipments.serialise_order(decided.order_id)
+    ships = await tx.shipments.of_order(decided.order_id, lock=True)
+    if decided.shipment_id is not None:
+        named = [s for s in ships if s.shipment_id == decided.shipment_id]
+    else:
+        named = [s for s in ships if decided.leg in (None, s.leg) and s.status == rules.COMPROMISED][-1:]
+    if not named:
+        log.warning("excursion disposition for no shipment of the order", outcome=decided.outcome)
+        return
+    ship = named[0]
+    if decided.outcome == "release_on_physician_request":
+        log.warning("release on physician request is not an excursion outcome: shipment unchanged")
+        return
+    if ship.status != rules.COMPROMISED:
+        # it never stopped (within the tolerance, or delivered before): nothing to resume
+        ship.move_to(ship.status, ship.status_reason or "", quarantine_decision=decided.outcome)
+        await save_shipment(tx, ship)
+        log.info("excursion disposition recorded", outcome=decided.outcome, status=ship.status)
+        return
+    same_leg = [s for s in ships if s.leg == ship.leg and s.shipment_id != ship.shipment_id]
+    holder = rules.lane_holder(same_leg)
+    resumed = ship.quarantine_decided(
+        decided.outcome,
+        reason_code(f"disposition_{decided.outcome}", decided.reason),
+        lane_taken=holder is not None,
+    )
+    await save_shipment(tx, ship)
+    log.info(
+        "excursion disposition applied",
+        shipment_id=str(ship.shipment_id),
+        leg=ship.leg,
+        outcome=decided.outcome,
+        resumed=resumed,
+        status=ship.status,
+    )
+
+
 def build_handlers(lanes: ShippingLanes) -> HandlerRegistry[LogisticsTx]:
     """Every handler of the logistics consumer; planning ones use `lanes` (read once at start-up)."""
     # entries written by these handlers name the consumer (`logistics.shipments`) as actor, the event as cause
@@ -305,7 +400,7 @@ def build_handlers(lanes: ShippingLanes) -> HandlerRegistry[LogisticsTx]:
 
     @registry.on(BookingConfirmedV1)
     async def booking_confirmed(tx: LogisticsTx, booking: BookingConfirmedV1, meta: EventMeta) -> None:
-        await plan_inbound(tx, booking, lanes)
+        await plan_inbound(tx, booking, lanes, meta)
 
     @registry.on(ProductReleasedV1)
     async def product_released(tx: LogisticsTx, released: ProductReleasedV1, meta: EventMeta) -> None:
