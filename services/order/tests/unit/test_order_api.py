@@ -38,6 +38,7 @@ from v2v_messaging.fakes import FakeInbox
 from v2v_servicekit.auth import declared_scope
 from v2v_servicekit.problems import PROBLEM_BASE, PROBLEM_JSON
 from v2v_servicekit.problems import install as install_problems
+from v2v_servicekit.signatures import declared_signature
 from v2v_servicekit.testing import TestTokens
 
 PARIS = "TC-FR-PA-001"
@@ -66,7 +67,29 @@ SCOPES = {
     ("POST", "/v1/orders/{order_id}/product-receipt"): "orders:write",
     ("POST", "/v1/orders/{order_id}/infusion"): "orders:write",
     ("POST", "/v1/orders/{order_id}/quarantine-decision"): "quarantine:decide",
+    ("POST", "/v1/orders/{order_id}/disposition"): "quarantine:decide",
+    ("POST", "/v1/orders/{order_id}/physician-decision"): "orders:write",
+    ("GET", "/v1/tasks"): "quarantine:decide",
+    ("POST", "/v1/tasks/{task_id}/done"): "quarantine:decide",
     ("GET", "/v1/orders/{order_id}/audit"): "orders:read",
+}
+# the signed routes: meaning and the roles that may sign (21 CFR 11.50, 11.100)
+SIGNED = {
+    ("POST", "/v1/orders/{order_id}/cancel"): ("cancellation", ("physician",)),
+    ("POST", "/v1/orders/{order_id}/quarantine-decision"): (
+        "disposition",
+        ("qa_reviewer", "quality_unit", "qualified_person"),
+    ),
+    ("POST", "/v1/orders/{order_id}/disposition"): (
+        "disposition",
+        ("qa_reviewer", "quality_unit", "qualified_person"),
+    ),
+    ("POST", "/v1/orders/{order_id}/physician-decision"): ("physician-acceptance", ("physician",)),
+}
+AT_RISK_OUTBOUND = {
+    "site_id": "FR-LES-ULIS",
+    "status_before_quarantine": "product_in_transit",
+    "at_risk": {"cause": "excursion", "reason": "temperature_excursion", "leg": "outbound_product"},
 }
 
 
@@ -99,6 +122,28 @@ class Api:
 
     def qa(self, **kw: Any) -> dict[str, str]:
         return self.tokens.headers("qa", **kw)
+
+    def qa_signed(self, **kw: Any) -> dict[str, str]:
+        """QA's system with a QA reviewer's fresh signing token (a disposition)."""
+        return {
+            **self.tokens.headers("qa", client_id="qa-system"),
+            **self.tokens.signature_headers("qa.les-ulis", client_id="qa-system", org_id="FR-LES-ULIS", **kw),
+        }
+
+    def physician(self, centre: str = PARIS, **kw: Any) -> dict[str, str]:
+        """The centre's system with its physician's fresh signing token."""
+        client = f"centre-{centre.lower()}"
+        return {
+            **self.tokens.headers("centre", centre),
+            **self.tokens.signature_headers(
+                f"dr.{centre.lower()}",
+                client_id=client,
+                roles=["physician"],
+                org_kind="centre",
+                org_id=centre,
+                **kw,
+            ),
+        }
 
     async def post(self, path: str, body: Any, headers: dict[str, str]) -> httpx.Response:
         """`body` as JSON text with non-ASCII escaped, so that a lone surrogate travels as `\\ud800`."""
@@ -159,6 +204,7 @@ async def api() -> AsyncIterator[Api]:
     app.include_router(audited_router(router))  # as the service does (v2v_audit.service.audited)
     app.state.runtime = SimpleNamespace(uow=uow, settings=OrderSettings())
     tokens = TestTokens.install(app)
+    tokens.install_signatures(app)  # require_signature without a database
     spans = _span_exporter()
     FastAPIInstrumentor.instrument_app(app, tracer_provider=trace.get_tracer_provider())
 
@@ -176,7 +222,7 @@ async def api() -> AsyncIterator[Api]:
 
 
 def route_path(path: str) -> str:
-    return path.replace("{order_id}", str(uuid.uuid4()))
+    return path.replace("{order_id}", str(uuid.uuid4())).replace("{task_id}", str(uuid.uuid4()))
 
 
 MINIMAL_BODIES: dict[str, dict[str, Any]] = {
@@ -188,11 +234,15 @@ MINIMAL_BODIES: dict[str, dict[str, Any]] = {
     "product-receipt": {"coi": "V2V0026000001X"},
     "infusion": {"coi": "V2V0026000001X"},
     "quarantine-decision": {"decision": "release", "reason_code": "other"},
+    "disposition": {"outcome": "release", "reason_code": "other", "document_reference": "QA-DOC-1"},
+    "physician-decision": {"accept": True},
+    "done": {"reference": "AUTH-NOTIF-1"},
+    "/v1/tasks": {},
 }
 
 
 def minimal_body(path: str) -> dict[str, Any]:
-    return MINIMAL_BODIES[path if path == "/v1/orders" else path.rsplit("/", 1)[-1]]
+    return MINIMAL_BODIES[path if path in {"/v1/orders", "/v1/tasks"} else path.rsplit("/", 1)[-1]]
 
 
 # ---- scopes -------------------------------------------------------------------------------------------
@@ -206,6 +256,13 @@ def test_every_route_declares_its_one_scope() -> None:
         for method in route.methods
     }
     assert declared == SCOPES
+    signed = {
+        (method, route.path): declared_signature(route)
+        for route in router.routes
+        if isinstance(route, APIRoute) and declared_signature(route)
+        for method in route.methods
+    }
+    assert signed == SIGNED
 
 
 @pytest.mark.parametrize(("method", "path"), sorted(SCOPES), ids=[f"{m} {p}" for m, p in sorted(SCOPES)])
@@ -272,9 +329,17 @@ async def test_the_centre_comes_from_the_token_and_a_body_may_only_repeat_it(api
 async def test_another_centres_order_is_404_like_an_unknown_one_for_reads_and_every_action(api: Api) -> None:
     order = await api.place(api.centre(PARIS))
     oid = order["order_id"]
-    api.put(oid, "quarantined", site_id="FR-LES-ULIS", status_before_quarantine="product_in_transit")
+    api.put(oid, "material_at_risk", **AT_RISK_OUTBOUND)
     berlin = api.centre(BERLIN)
-    berlin_qa = api.tokens.headers("centre", BERLIN, scopes=["quarantine:decide"])  # not a default grant
+
+    def berlin_qa() -> dict[str, str]:  # not a default grant; a fresh signature each time
+        return {
+            **api.tokens.headers("centre", BERLIN, scopes=["quarantine:decide"]),
+            **api.tokens.signature_headers(
+                "qa.berlin", client_id=f"centre-{BERLIN.lower()}", org_kind="centre", org_id=BERLIN
+            ),
+        }
+
     unknown = await api.http.get(f"/v1/orders/{uuid.uuid4()}", headers=berlin)
     assert unknown.status_code == 404
     before = api.snapshot()
@@ -290,10 +355,11 @@ async def test_another_centres_order_is_404_like_an_unknown_one_for_reads_and_ev
             body = {"coi": order["coi"]}
         resp = await api.post(f"/v1/orders/{oid}/{action}", body, berlin)
         assert resp.status_code == 404, (action, resp.text)
-    resp = await api.post(
-        f"/v1/orders/{oid}/quarantine-decision", minimal_body("x/quarantine-decision"), berlin_qa
-    )
-    assert resp.status_code == 404
+    for action in ("quarantine-decision", "disposition"):
+        resp = await api.post(f"/v1/orders/{oid}/{action}", minimal_body(f"x/{action}"), berlin_qa())
+        assert resp.status_code == 404, resp.text
+    resp = await api.post(f"/v1/orders/{oid}/physician-decision", {"accept": True}, api.physician(BERLIN))
+    assert resp.status_code == 404, resp.text
     assert api.snapshot() == before
 
     # the centre itself and the manufacturer's QA see it; QA decides on the quarantine
@@ -301,7 +367,7 @@ async def test_another_centres_order_is_404_like_an_unknown_one_for_reads_and_ev
     assert (await api.http.get(f"/v1/orders/{oid}", headers=api.qa())).status_code == 200
     assert (await api.http.get(f"/v1/orders/{oid}", headers=api.tokens.headers("ops"))).status_code == 200
     resp = await api.post(
-        f"/v1/orders/{oid}/quarantine-decision", minimal_body("x/quarantine-decision"), api.qa()
+        f"/v1/orders/{oid}/quarantine-decision", minimal_body("x/quarantine-decision"), api.qa_signed()
     )
     assert resp.status_code == 200 and resp.json()["status"] == "product_in_transit"
 
@@ -470,6 +536,29 @@ HOSTILE_ACTIONS: list[tuple[str, str, dict[str, Any], str]] = [
         {"decision": "reject", "reason_code": "other", "note": "n" * 501},
         "note",
     ),
+    ("disposition-outcome", "disposition", {**MINIMAL_BODIES["disposition"], "outcome": "hold"}, "outcome"),
+    (
+        "disposition-no-document",
+        "disposition",
+        {"outcome": "release", "reason_code": "other"},
+        "document_reference",
+    ),
+    (
+        "disposition-document-words",
+        "disposition",
+        {**MINIMAL_BODIES["disposition"], "document_reference": "see the deviation report"},
+        "document_reference",
+    ),
+    (
+        "disposition-physician-code-for-a-reject",
+        "disposition",
+        {**MINIMAL_BODIES["disposition"], "outcome": "reject", "reason_code": "no_alternative_treatment"},
+        "reason_code",
+    ),
+    ("physician-accept-text", "physician-decision", {"accept": "maybe"}, "accept"),
+    ("physician-free-text", "physician-decision", {"accept": True, "reason": "fine"}, "reason"),
+    ("lot-lowercase", "product-receipt", {"coi": "{coi}", "lot": "lot-0001"}, "lot"),
+    ("lot-long", "infusion", {"coi": "{coi}", "lot": "L" * 40}, "lot"),
 ]
 
 
@@ -480,17 +569,22 @@ async def test_a_hostile_action_is_422_naming_the_field_and_writes_nothing(
     api: Api, action: str, body: dict[str, Any], field: str
 ) -> None:
     order = await api.place()
-    api.put(
-        order["order_id"], "quarantined", site_id="FR-LES-ULIS", status_before_quarantine="product_in_transit"
-    )
+    api.put(order["order_id"], "material_at_risk", **AT_RISK_OUTBOUND)
     body = {k: (order["coi"] if v == "{coi}" else v) for k, v in body.items()}
-    headers = api.qa() if action == "quarantine-decision" else api.centre()
+    headers = api.qa_signed() if action in {"quarantine-decision", "disposition"} else api.centre()
+    if action == "physician-decision":
+        headers = api.physician()
     before = api.snapshot()
     resp = await api.post(f"/v1/orders/{order['order_id']}/{action}", body, headers)
     assert resp.status_code == 422, resp.text
     assert field in {e["field"] for e in resp.json()["errors"]}
-    for key, value in body.items():  # (a decision is an enumeration member: the reason may name it)
-        if isinstance(value, str) and len(value) > 3 and value != order["coi"] and key != "decision":
+    for key, value in body.items():  # (a decision/outcome is an enumeration member: the reason may name it)
+        if (
+            isinstance(value, str)
+            and len(value) > 3
+            and value != order["coi"]
+            and key not in {"decision", "outcome"}
+        ):
             assert value not in resp.text and json.dumps(value)[1:-1] not in resp.text
     assert api.snapshot() == before
 
@@ -575,12 +669,7 @@ async def test_actions_publish_reason_codes_and_the_notes_stay_on_the_timeline(a
         moved = await api.place(patient_ref=patient, product_code="AXI-CEL")
         decided = await api.place(patient_ref=f"{patient}-2", treatment_center_id=PARIS)
         api.put(moved["order_id"], "slot_reserved")
-        api.put(
-            decided["order_id"],
-            "quarantined",
-            site_id="FR-LES-ULIS",
-            status_before_quarantine="product_delivered",
-        )
+        api.put(decided["order_id"], "material_at_risk", **AT_RISK_OUTBOUND)
         calls = [
             (
                 cancelled,
@@ -606,7 +695,7 @@ async def test_actions_publish_reason_codes_and_the_notes_stay_on_the_timeline(a
                     "reason_code": "within_stability_data",
                     "note": f"{MARKER} quarantine",
                 },
-                api.qa(),
+                api.qa_signed(),
             ),
         ]
         for order, action, body, headers in calls:
@@ -619,7 +708,7 @@ async def test_actions_publish_reason_codes_and_the_notes_stay_on_the_timeline(a
     assert reasons == {
         "order.cancelled.v1": "patient_deceased",
         "order.rebook_requested.v1": "patient_unwell",
-        "order.quarantine_decided.v1": "within_stability_data",
+        "order.disposition_decided.v1": "within_stability_data",
     }
     assert all(MARKER not in e.to_json().decode() for e in api.uow.committed)
     assert {t.note for t in api.uow.store.timeline if t.note} == {
@@ -629,7 +718,7 @@ async def test_actions_publish_reason_codes_and_the_notes_stay_on_the_timeline(a
     assert {"order placed", "hospital action applied"} <= {entry["event"] for entry in logs}
     assert all(MARKER not in repr(entry) for entry in logs)
     spans = api.spans.get_finished_spans()
-    assert {s.name for s in spans} >= {"hospital cancel", "hospital reschedule", "hospital quarantine"}
+    assert {s.name for s in spans} >= {"hospital cancel", "hospital reschedule", "hospital disposition"}
     assert all(MARKER not in json.dumps(dict(s.attributes or {})) + s.name for s in spans)
     assert all(MARKER not in str(ev.attributes) for s in spans for ev in s.events)
 
