@@ -812,3 +812,126 @@ async def test_a_refused_request_writes_no_audit_entry(api: Api) -> None:
     resp = await api.post(f"/v1/orders/{order['order_id']}/lymphodepletion", {}, api.centre())
     assert resp.status_code == 409, resp.text  # not yet: the state machine refuses
     assert api.uow.store.audit == before
+
+
+# ---- issue 10: signed decisions over HTTP ---------------------------------------------------------------
+
+
+async def test_a_disposition_without_a_valid_signature_is_refused_and_audited(api: Api) -> None:
+    order = await api.place()
+    oid = order["order_id"]
+    api.put(oid, "material_at_risk", **AT_RISK_OUTBOUND)
+    body = MINIMAL_BODIES["disposition"]
+    refusals = [
+        (api.qa(client_id="qa-system"), 401, "signature-required"),
+        (
+            {
+                **api.qa(client_id="qa-system"),
+                **api.tokens.signature_headers("qa.les-ulis", client_id="qa-system", auth_age_s=600),
+            },
+            401,
+            "signature-expired",
+        ),
+        (  # a user without a disposition role
+            {
+                **api.qa(client_id="qa-system"),
+                **api.tokens.signature_headers("qp.x", client_id="qa-system", roles=["physician"]),
+            },
+            403,
+            "signature-role",
+        ),
+        (  # a signing token issued to another client
+            {**api.qa(client_id="qa-system"), **api.tokens.signature_headers("qa.les-ulis", client_id="x")},
+            403,
+            "signature-client",
+        ),
+    ]
+    for headers, status, reason in refusals:
+        resp = await api.post(f"/v1/orders/{oid}/disposition", body, headers)
+        assert resp.status_code == status and resp.json()["reason"] == reason, resp.text
+    assert api.uow.store.orders[uuid.UUID(oid)].status == "material_at_risk"
+    assert api.uow.store.signatures == [] and api.uow.committed[-1].type == "order.submitted.v1"
+    audited = [r for r in api.uow.store.audit if r.action == "signature.refused"]
+    assert [r.reason for r in audited] == [reason for _, _, reason in refusals]
+    assert all(r.object_id == f"order:{oid}" and r.actor.client_id == "qa-system" for r in audited)
+    assert audited[2].new["user_id"] == "qp.x"  # type: ignore[index, call-overload]
+    assert verify("ordering", api.uow.store.audit).broken is None
+    # signed: released, and shown with its signature
+    resp = await api.post(f"/v1/orders/{oid}/disposition", body, api.qa_signed())
+    assert resp.status_code == 200, resp.text
+    done = resp.json()
+    assert done["status"] == "product_in_transit" and done["at_risk"] is None
+    [decision] = done["decisions"]
+    assert decision["meaning"] == "disposition" and decision["signed"]
+    assert "Test Signer qa.les-ulis" in decision["signatures"][0]
+
+
+async def test_cancelling_during_manufacture_needs_the_physicians_signature(api: Api) -> None:
+    order = await api.place()
+    oid = order["order_id"]
+    api.put(oid, "manufacturing", site_id="FR-LES-ULIS")
+    body = {"reason_code": "consent_withdrawn"}
+    resp = await api.post(f"/v1/orders/{oid}/cancel", body, api.centre())
+    assert resp.status_code == 401 and resp.json()["reason"] == "signature-required", resp.text
+    # a signing token of another centre's physician does not fit the caller's organisation
+    other = {
+        **api.centre(),
+        **api.tokens.signature_headers(
+            "dr.b", client_id=f"centre-{PARIS.lower()}", roles=["physician"], org_kind="centre", org_id=BERLIN
+        ),
+    }
+    resp = await api.post(f"/v1/orders/{oid}/cancel", body, other)
+    assert resp.status_code == 403 and resp.json()["reason"] == "signature-organisation"
+    assert api.uow.store.orders[uuid.UUID(oid)].status == "manufacturing"
+    refused = [r.reason for r in api.uow.store.audit if r.action.endswith("refused")]
+    assert refused == ["signature-required", "signature-organisation"]
+    resp = await api.post(f"/v1/orders/{oid}/cancel", body, api.physician())
+    assert resp.status_code == 200 and resp.json()["status"] == "cancelled", resp.text
+    assert [d["meaning"] for d in resp.json()["decisions"]] == ["cancellation"]
+    # before manufacture, no signature is needed
+    early = await api.place(patient_ref="PAT-EARLY")
+    resp = await api.post(f"/v1/orders/{early['order_id']}/cancel", body, api.centre())
+    assert resp.status_code == 200 and resp.json()["status"] == "cancelled"
+
+
+async def test_the_physician_decides_on_an_oos_product_and_qa_tracks_the_notification(api: Api) -> None:
+    order = await api.place()
+    oid = order["order_id"]
+    risk = {"cause": "out_of_specification", "reason": "potency", "site_id": "FR-LES-ULIS", "run": 1}
+    api.put(
+        oid, "material_at_risk", site_id="FR-LES-ULIS", status_before_quarantine="qc_pending", at_risk=risk
+    )
+    asked = {
+        "outcome": "release_on_physician_request",
+        "reason_code": "no_alternative_treatment",
+        "document_reference": "QA-RA-1",
+    }
+    resp = await api.post(f"/v1/orders/{oid}/disposition", asked, api.qa_signed())
+    assert resp.status_code == 200 and resp.json()["status"] == "awaiting_physician", resp.text
+    assert resp.json()["at_risk"]["requested"] == "no_alternative_treatment"
+    # QA's own signature is not a physician's
+    qa_as_physician = {**api.centre(), **api.tokens.signature_headers("qa.les-ulis", client_id="qa-system")}
+    resp = await api.post(f"/v1/orders/{oid}/physician-decision", {"accept": True}, qa_as_physician)
+    assert resp.status_code == 403
+    resp = await api.post(
+        f"/v1/orders/{oid}/physician-decision",
+        {"accept": True, "reason_code": "benefit_outweighs_risk"},
+        api.physician(),
+    )
+    assert resp.status_code == 200, resp.text
+    accepted = resp.json()
+    assert accepted["status"] == "qc_pending" and accepted["order_type"] == "commercial"  # EMA: no EA
+    [task] = accepted["tasks"]
+    assert (task["state"], task["due_at"], task["overdue"], task["regulator"]) == ("open", None, False, "EMA")
+    # QA lists and completes it; a centre may not
+    assert (
+        await api.http.get("/v1/tasks", headers=api.centre(scopes=["quarantine:decide"]))
+    ).status_code == 403
+    listed = (await api.http.get("/v1/tasks", params={"state": "open"}, headers=api.qa())).json()
+    assert [t["task_id"] for t in listed["items"]] == [task["task_id"]] and listed["total"] == 1
+    overdue = (await api.http.get("/v1/tasks", params={"overdue": "true"}, headers=api.qa())).json()
+    assert overdue["items"] == []
+    resp = await api.post(f"/v1/tasks/{task['task_id']}/done", {"reference": "EMA-NOTIF-9"}, api.qa())
+    assert resp.status_code == 200 and resp.json()["tasks"][0]["state"] == "done", resp.text
+    resp = await api.post(f"/v1/tasks/{task['task_id']}/done", {"reference": "EMA-NOTIF-9"}, api.qa())
+    assert resp.status_code == 409
