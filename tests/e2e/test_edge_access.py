@@ -75,6 +75,8 @@ class Route:
     other: str | None = None  # another entity of the same kind
     tenant_object: str | None = None  # the object of the first tenant the route names (its id)
     lists: str | None = None  # a list route: the id of the first tenant's object that must not show
+    # a signed route: the demo user who signs (`{entity}`: the calling tenant's id, lower case)
+    signer: str | None = None
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -434,6 +436,39 @@ def routes(w: World) -> list[Route]:
             None,
             order,
             {"decision": "release", "reason_code": "within_stability_data"},
+            signer=f"qa.{w.site.lower()}",
+        ),
+        Route(
+            "order",
+            "POST",
+            "/v1/orders/{order_id}/disposition",
+            "qa",
+            None,
+            order,
+            {"outcome": "release", "reason_code": "within_stability_data", "document_reference": "QA-1"},
+            signer=f"qa.{w.site.lower()}",
+        ),
+        Route(
+            "order",
+            "POST",
+            "/v1/orders/{order_id}/physician-decision",
+            "centre",
+            CENTRE_A,
+            order,
+            {"accept": True},
+            other=CENTRE_B,
+            tenant_object=w.order_id,
+            signer="phys.{entity}",
+        ),
+        Route("order", "GET", "/v1/tasks", "qa", None),
+        Route(
+            "order",
+            "POST",
+            "/v1/tasks/{task_id}/done",
+            "qa",
+            None,
+            {"task_id": str(uuid.uuid4())},
+            {"reference": "NOTIF-1"},
         ),
         Route(
             "order",
@@ -552,16 +587,29 @@ async def bad_tokens(
 
 
 async def call(
-    http: httpx.AsyncClient, route: Route, platform: Platform, token: str | None
+    http: httpx.AsyncClient,
+    route: Route,
+    platform: Platform,
+    token: str | None,
+    signature: dict[str, str] | None = None,
 ) -> httpx.Response:
     headers = {"Idempotency-Key": str(uuid.uuid4())} if route.method in {"POST", "PATCH"} else {}
     if token is not None:
         headers["Authorization"] = f"Bearer {token}"
+    headers.update(signature or {})
     return await http.request(route.method, route.url(platform), json=route.body, headers=headers)
 
 
 def client_id(credentials: Credentials, kind: str, entity: str | None) -> str:
     return credentials.client_id(kind, entity)
+
+
+async def signature(credentials: Credentials, route: Route, entity: str | None) -> dict[str, str] | None:
+    """A fresh signing token of the route's signer for the calling tenant (`entity`), when it is signed."""
+    if route.signer is None:
+        return None
+    user = route.signer.replace("{entity}", (entity or "").lower())
+    return await credentials.signature_headers(client_id(credentials, route.kind, entity), user)
 
 
 async def test_every_route_lets_only_the_right_token_of_the_right_tenant_through(
@@ -631,7 +679,8 @@ async def test_every_route_lets_only_the_right_token_of_the_right_tenant_through
             if route.other is None:
                 continue
             token = await credentials.token(client_id(credentials, route.kind, route.other))
-            resp = await call(http, route, platform, token)
+            signed = await signature(credentials, route, route.other)
+            resp = await call(http, route, platform, token, signed)
             seen[f"other tenant {resp.status_code}"] += 1
             where = f"{route.method} {route.service}{route.path} [other tenant {route.other}]"
             if route.tenant_object is not None:
@@ -646,7 +695,8 @@ async def test_every_route_lets_only_the_right_token_of_the_right_tenant_through
         # 4. the right token: let through (a GET is served; an action may answer for the object's state)
         for route in table:
             token = await credentials.token(client_id(credentials, route.kind, route.entity))
-            resp = await call(http, route, platform, token)
+            signed = await signature(credentials, route, route.entity)
+            resp = await call(http, route, platform, token, signed)
             seen[f"right token {resp.status_code}"] += 1
             where = f"{route.method} {route.service}{route.path} [right token]"
             if (

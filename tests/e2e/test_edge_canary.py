@@ -144,6 +144,16 @@ async def test_the_marker_stays_in_the_ordering_schema(
     await second.hospital("apheresis", {"coi": second.coi})
     await second.courier(inbound, "picked_up", "delivered")
     await second.receipt(str(before["site_id"]), accepted=False, reason="damaged_container")
+    await second.wait_status("material_at_risk")  # the site holds the bag: QA's signed reject
+    qa_client = parties.credentials.client_id("qa")
+    resp = await parties.qa.post(
+        f"{platform.url('order')}/v1/orders/{second.id}/disposition",
+        json={"outcome": "reject", "reason_code": "integrity_compromised", "document_reference": "QA-C-1"},
+        headers=await parties.credentials.signature_headers(
+            qa_client, f"qa.{str(before['site_id']).lower()}"
+        ),
+    )
+    assert resp.status_code == 200, resp.text
 
     async def recollecting() -> bool:
         return int((await second.get())["recollections"]) == 1
@@ -160,11 +170,13 @@ async def test_the_marker_stays_in_the_ordering_schema(
     outbound = await third.shipment("outbound_product")
     await third.courier(outbound, "picked_up")
     await third.temperature(outbound, -95.0)
-    await third.wait_status("quarantined")
-    await third.hospital(
-        "quarantine-decision",
-        {"decision": "release", "reason_code": "within_stability_data", "note": f"{marker} assessed"},
+    await third.wait_status("material_at_risk")
+    resp = await parties.qa.post(
+        f"{platform.url('order')}/v1/orders/{third.id}/quarantine-decision",
+        json={"decision": "release", "reason_code": "within_stability_data", "note": f"{marker} assessed"},
+        headers=await parties.credentials.signature_headers(qa_client, f"qa.{site_id.lower()}"),
     )
+    assert resp.status_code == 200, resp.text
 
     # 2d. the marker where it does not belong: refused, and not echoed
     ship_url = f"{platform.url('logistics')}/v1/shipments/{outbound['shipment_id']}/milestones"
@@ -211,7 +223,8 @@ async def test_the_marker_stays_in_the_ordering_schema(
 
     await eventually(
         lambda: (
-            {"order.cancelled.v1", "site.material_rejected.v1", "order.quarantine_decided.v1"} <= hook_types()
+            {"order.cancelled.v1", "site.material_rejected.v1", "order.disposition_decided.v1"}
+            <= hook_types()
         ),
         timeout=30,
         what="the exception webhooks",

@@ -1,9 +1,10 @@
 """The whole vein-to-vein journey and its exception paths, end to end: five service processes, driven
 only by the HTTP calls a hospital, a courier and a site's manufacturing system would make, each with its
 own credentials (`Parties`): the centre for its order, the courier for its shipment, the site's MES for its
-site, the manufacturer's QA for QC and quarantine decisions, the registry admin for outages, and ops for
-what only operations read (slots). Reasons are codes; what staff type beside one (a note) stays on the
-order's timeline."""
+site, the manufacturer's QA for QC and its signed dispositions of material at risk, the centre's physician
+for signed decisions (an OOS product, a cancellation once manufacture started), the registry admin for
+outages, and ops for what only operations read (slots). Reasons are codes; what staff type beside one (a
+note) stays on the order's timeline."""
 
 from __future__ import annotations
 
@@ -80,6 +81,38 @@ def reasons(order: dict[str, Any]) -> str:
     return " ".join(e["reason"] or "" for e in order["timeline"])
 
 
+async def signed(j: Journey, kind: str, user_id: str) -> dict[str, str]:
+    """A fresh signing token of a demo user (re-entering the password at the issuer), for the demo client of
+    `kind` (the order's centre, or the manufacturer's QA) that sends it."""
+    creds = j.parties.credentials
+    client_id = creds.client_id("centre", j.centre_id) if kind == "centre" else creds.client_id(kind)
+    return await creds.signature_headers(client_id, user_id)
+
+
+async def disposition(
+    j: Journey, site_id: str, outcome: str, reason_code: str, expect: int = 200, **extra: Any
+) -> dict[str, Any]:
+    """QA's signed disposition of the order's material at risk, by the site's demo QA reviewer."""
+    resp = await j.parties.qa.post(
+        f"{j.url('order')}/v1/orders/{j.id}/disposition",
+        json={"outcome": outcome, "reason_code": reason_code, "document_reference": "QA-E2E-1", **extra},
+        headers=await signed(j, "qa", f"qa.{site_id.lower()}"),
+    )
+    assert resp.status_code == expect, resp.text
+    return dict(resp.json())
+
+
+async def physician(j: Journey, body: dict[str, Any], expect: int = 200) -> dict[str, Any]:
+    """The centre's demo physician's signed decision on an out-of-specification product."""
+    resp = await j.client.post(
+        f"{j.url('order')}/v1/orders/{j.id}/physician-decision",
+        json=body,
+        headers=await signed(j, "centre", f"phys.{j.centre_id.lower()}"),
+    )
+    assert resp.status_code == expect, resp.text
+    return dict(resp.json())
+
+
 async def test_an_order_goes_from_submission_to_completed_through_every_step(
     platform: Platform, webhook_receiver: WebhookReceiver, parties: Parties
 ) -> None:
@@ -143,13 +176,26 @@ async def test_cancellation_during_manufacture_releases_stops_and_cancels(
     site = await j.up_to_material_received()
     await j.steps(site, "activation")
     note = "patient withdrew consent"
-    cancelled = await j.hospital("cancel", {"reason_code": "consent_withdrawn", "note": note})
+    body = {"reason_code": "consent_withdrawn", "note": note}
+    # manufacture started: the cancellation is the physician's signed decision (21 CFR 11.50)
+    unsigned = await j.client.post(f"{platform.url('order')}/v1/orders/{j.id}/cancel", json=body)
+    assert unsigned.status_code == 401 and unsigned.json()["reason"] == "signature-required"
+    resp = await j.client.post(
+        f"{platform.url('order')}/v1/orders/{j.id}/cancel",
+        json=body,
+        headers=await signed(j, "centre", "phys.tc-fr-pa-001"),
+    )
+    assert resp.status_code == 200, resp.text
+    cancelled = resp.json()
     assert cancelled["status"] == "cancelled"
+    assert [(d["meaning"], d["signed"]) for d in cancelled["decisions"]] == [("cancellation", True)]
     # the code is the reason; the note stays on the order's own timeline
     cancel_entry = entry(cancelled, "order.cancelled.v1")
     assert "consent_withdrawn" in cancel_entry["reason"] and cancel_entry["note"] == note
     again = await j.client.post(
-        f"{platform.url('order')}/v1/orders/{j.id}/cancel", json={"reason_code": "duplicate_order"}
+        f"{platform.url('order')}/v1/orders/{j.id}/cancel",
+        json={"reason_code": "duplicate_order"},
+        headers=await signed(j, "centre", "phys.tc-fr-pa-001"),
     )
     assert again.status_code == 409
 
@@ -204,6 +250,9 @@ async def test_rejected_material_is_recollected_with_a_new_apheresis_and_slot(
     await j.hospital("apheresis", {"coi": j.coi})
     await j.courier(inbound, "picked_up", "delivered")
     await j.receipt(first["site_id"], accepted=False, reason="damaged_container")
+    held = await j.wait_status("material_at_risk")  # the site holds the bag; QA decides
+    assert held["at_risk"]["cause"] == "receipt" and held["recollections"] == 0
+    await disposition(j, first["site_id"], "reject", "integrity_compromised")
     again = await j.wait_status("inbound_shipment_planned", timeout=20)
     assert again["recollections"] == 1
     assert again["slot"]["slot_id"] != first["slot"]["slot_id"]
@@ -236,6 +285,9 @@ async def test_inbound_excursion_is_recollected(
     await j.courier(inbound, "picked_up")
     reading = await j.temperature(inbound, 14.5)
     assert reading["excursion_published"] is True or reading.get("in_range") is False
+    held = await j.wait_status("material_at_risk")  # held for QA, not recollected at once
+    assert (held["at_risk"]["cause"], held["at_risk"]["leg"]) == ("excursion", "inbound_apheresis")
+    await disposition(j, held["site_id"], "reject", "outside_stability_data")
     order = await j.wait_status(
         "rescheduling", "waitlisted", "slot_reserved", "booking_confirmed", "inbound_shipment_planned"
     )
@@ -253,6 +305,12 @@ async def test_out_of_specification_is_remanufactured_from_retained_material(
     await j.steps(site, *MANUFACTURING_STEPS)
     await j.wait_status("qc_pending")
     await j.qc(site, "out_of_specification", "potency")  # as the manufacturer's QA
+    held = await j.wait_status("material_at_risk")
+    assert held["at_risk"]["cause"] == "out_of_specification" and held["run"] == 1
+    # QA asks the physician, who declines (signed): as a reject, a remanufacture from retained material
+    asked = await disposition(j, site, "release_on_physician_request", "risk_assessed_for_patient")
+    assert asked["status"] == "awaiting_physician"
+    await physician(j, {"accept": False, "reason_code": "risk_not_acceptable"})
 
     async def second_run() -> dict[str, Any] | None:
         o = await j.get()
@@ -260,6 +318,9 @@ async def test_out_of_specification_is_remanufactured_from_retained_material(
 
     order = await eventually(second_run, timeout=15, what="remanufacture (run 2)")
     assert "out of specification: potency" in reasons(order)
+    assert "physician declined" in reasons(order)
+    decided = entry(order, "order.disposition_decided.v1")
+    assert decided["type"] == "order.disposition_decided.v1" and decided["status"] == "material_received"
     await hooks(webhook_receiver, path, j.id, "order.remanufacture_requested.v1")
     await j.steps(site, *MANUFACTURING_STEPS)
     await j.wait_status("qc_pending")
@@ -308,8 +369,8 @@ async def test_outbound_excursion_quarantines_and_qa_decides(
     outbound = await j.shipment("outbound_product")
     await j.courier(outbound, "picked_up")
     await j.temperature(outbound, -95.0)
-    quarantined = await j.wait_status("quarantined")
-    assert "decision required" in quarantined["timeline"][-1]["reason"]
+    quarantined = await j.wait_status("material_at_risk")
+    assert "held for QA's disposition" in quarantined["timeline"][-1]["reason"]
     bad = await j.client.post(
         f"{platform.url('order')}/v1/orders/{j.id}/product-receipt", json={"coi": j.coi}
     )
@@ -324,15 +385,23 @@ async def test_outbound_excursion_quarantines_and_qa_decides(
         f"{platform.url('order')}/v1/orders/{j.id}/quarantine-decision", json=decision
     )
     assert not_theirs.status_code == 403
-    back = await j.hospital("quarantine-decision", decision)  # as the manufacturer's QA
-    assert back["status"] == "product_in_transit"
-    decided = entry(back, "order.quarantine_decided.v1")
-    assert "within_stability_data" in decided["reason"] and decided["note"] == "within stability data"
-    await hooks(
-        webhook_receiver, path, j.id, "logistics.shipment_excursion.v1", "order.quarantine_decided.v1"
+    # nor QA without a signature (refused and audited)
+    unsigned = await j.parties.qa.post(
+        f"{platform.url('order')}/v1/orders/{j.id}/quarantine-decision", json=decision
     )
-    [data] = hook_data(webhook_receiver, path, j.id, "order.quarantine_decided.v1")
-    assert (data["decision"], data["reason"]) == ("release", "within_stability_data")
+    assert unsigned.status_code == 401 and unsigned.json()["reason"] == "signature-required"
+    resp = await j.parties.qa.post(  # the former route: the same signed disposition
+        f"{platform.url('order')}/v1/orders/{j.id}/quarantine-decision",
+        json=decision,
+        headers=await signed(j, "qa", f"qa.{site.lower()}"),
+    )
+    assert resp.status_code == 200, resp.text
+    back = resp.json()
+    assert back["status"] == "product_in_transit"
+    decided = entry(back, "order.disposition_decided.v1")
+    assert "within_stability_data" in decided["reason"] and decided["note"] == "within stability data"
+    assert [(d["meaning"], d["signed"]) for d in back["decisions"]] == [("disposition", True)]
+    await hooks(webhook_receiver, path, j.id, "logistics.shipment_excursion.v1")
 
 
 async def test_site_outage_moves_the_booking_to_the_next_best_site(

@@ -271,8 +271,9 @@ class ApheresisCompletedV1(OrderEventData):
     TYPE = "order.apheresis_completed.v1"
     SERVICE = "order"
     collected_at: datetime
-    din: str | None = None  # this collection's donation identification number (ISBT 128 shape)
-    collection: int = 1  # 1 for the first collection, 2 for a recollection, ...
+    # ---- issue 10: order ----
+    din: str | None = None  # this collection's donation identification number (ISBT 128 shape, coi.py)
+    collection: int = 1  # 1, then 2 after a recollection (a new DIN under the same COI)
 
 
 class ProductReceivedV1(OrderEventData):
@@ -472,6 +473,45 @@ class CoiMismatchDetectedV1(OrderEventData):
     shipment_id: uuid.UUID
     where: Code  # the handoff's location code, or `temperature-reading`
     identifier: Literal["coi", "din", "lot"] = "coi"  # which id of the pair did not match
+
+
+# ---- issue 10: order ----
+DispositionCause = Literal["out_of_specification", "excursion", "receipt"]
+DispositionOutcome = Literal["release", "release_on_physician_request", "reject"]
+ShipmentLeg = Literal["inbound_apheresis", "outbound_product"]
+
+
+class DispositionDecidedV1(OrderEventData):
+    """The manufacturer's QA decided (signed) on material at risk: an out-of-specification product, a
+    shipment's temperature excursion, or material the site refused at receipt and holds.
+
+    `release`: the material goes on. `release_on_physician_request` (OOS only): published once the centre's
+    physician accepted the product with a signature; the site releases the run exceptionally. `reject`
+    (also a physician's decline, reason `physician_declined`): the order asks for a remanufacture or a
+    recollection, or fails, as before."""
+
+    TYPE = "order.disposition_decided.v1"
+    SERVICE = "order"
+    cause: DispositionCause
+    outcome: DispositionOutcome
+    site_id: str | None = None
+    run: int | None = None  # OOS
+    shipment_id: uuid.UUID | None = None  # excursion
+    leg: ShipmentLeg | None = None
+    reason: ReasonCode  # QA's code (physician_declined for a physician's decline)
+    document_reference: str | None = None  # opaque id in QA's document system
+
+
+class PhysicianDecisionRequestedV1(OrderEventData):
+    """QA released an out-of-specification product on physician request: the centre's physician decides
+    (signed) whether to accept it for this patient (EU GMP for ATMPs Part IV §11.5)."""
+
+    TYPE = "order.physician_decision_requested.v1"
+    SERVICE = "order"
+    site_id: str | None = None
+    run: int
+    reason: ReasonCode  # the OOS finding (a QcFinding)
+    qa_reason: ReasonCode  # QA's code for the request
 
 
 def _all_event_classes() -> list[type[EventData]]:

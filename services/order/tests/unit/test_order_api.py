@@ -38,6 +38,7 @@ from v2v_messaging.fakes import FakeInbox
 from v2v_servicekit.auth import declared_scope
 from v2v_servicekit.problems import PROBLEM_BASE, PROBLEM_JSON
 from v2v_servicekit.problems import install as install_problems
+from v2v_servicekit.signatures import declared_signature
 from v2v_servicekit.testing import TestTokens
 
 PARIS = "TC-FR-PA-001"
@@ -66,7 +67,29 @@ SCOPES = {
     ("POST", "/v1/orders/{order_id}/product-receipt"): "orders:write",
     ("POST", "/v1/orders/{order_id}/infusion"): "orders:write",
     ("POST", "/v1/orders/{order_id}/quarantine-decision"): "quarantine:decide",
+    ("POST", "/v1/orders/{order_id}/disposition"): "quarantine:decide",
+    ("POST", "/v1/orders/{order_id}/physician-decision"): "orders:write",
+    ("GET", "/v1/tasks"): "quarantine:decide",
+    ("POST", "/v1/tasks/{task_id}/done"): "quarantine:decide",
     ("GET", "/v1/orders/{order_id}/audit"): "orders:read",
+}
+# the signed routes: meaning and the roles that may sign (21 CFR 11.50, 11.100)
+SIGNED = {
+    ("POST", "/v1/orders/{order_id}/cancel"): ("cancellation", ("physician",)),
+    ("POST", "/v1/orders/{order_id}/quarantine-decision"): (
+        "disposition",
+        ("qa_reviewer", "quality_unit", "qualified_person"),
+    ),
+    ("POST", "/v1/orders/{order_id}/disposition"): (
+        "disposition",
+        ("qa_reviewer", "quality_unit", "qualified_person"),
+    ),
+    ("POST", "/v1/orders/{order_id}/physician-decision"): ("physician-acceptance", ("physician",)),
+}
+AT_RISK_OUTBOUND = {
+    "site_id": "FR-LES-ULIS",
+    "status_before_quarantine": "product_in_transit",
+    "at_risk": {"cause": "excursion", "reason": "temperature_excursion", "leg": "outbound_product"},
 }
 
 
@@ -99,6 +122,28 @@ class Api:
 
     def qa(self, **kw: Any) -> dict[str, str]:
         return self.tokens.headers("qa", **kw)
+
+    def qa_signed(self, **kw: Any) -> dict[str, str]:
+        """QA's system with a QA reviewer's fresh signing token (a disposition)."""
+        return {
+            **self.tokens.headers("qa", client_id="qa-system"),
+            **self.tokens.signature_headers("qa.les-ulis", client_id="qa-system", org_id="FR-LES-ULIS", **kw),
+        }
+
+    def physician(self, centre: str = PARIS, **kw: Any) -> dict[str, str]:
+        """The centre's system with its physician's fresh signing token."""
+        client = f"centre-{centre.lower()}"
+        return {
+            **self.tokens.headers("centre", centre),
+            **self.tokens.signature_headers(
+                f"dr.{centre.lower()}",
+                client_id=client,
+                roles=["physician"],
+                org_kind="centre",
+                org_id=centre,
+                **kw,
+            ),
+        }
 
     async def post(self, path: str, body: Any, headers: dict[str, str]) -> httpx.Response:
         """`body` as JSON text with non-ASCII escaped, so that a lone surrogate travels as `\\ud800`."""
@@ -159,6 +204,7 @@ async def api() -> AsyncIterator[Api]:
     app.include_router(audited_router(router))  # as the service does (v2v_audit.service.audited)
     app.state.runtime = SimpleNamespace(uow=uow, settings=OrderSettings())
     tokens = TestTokens.install(app)
+    tokens.install_signatures(app)  # require_signature without a database
     spans = _span_exporter()
     FastAPIInstrumentor.instrument_app(app, tracer_provider=trace.get_tracer_provider())
 
@@ -176,7 +222,7 @@ async def api() -> AsyncIterator[Api]:
 
 
 def route_path(path: str) -> str:
-    return path.replace("{order_id}", str(uuid.uuid4()))
+    return path.replace("{order_id}", str(uuid.uuid4())).replace("{task_id}", str(uuid.uuid4()))
 
 
 MINIMAL_BODIES: dict[str, dict[str, Any]] = {
@@ -188,11 +234,15 @@ MINIMAL_BODIES: dict[str, dict[str, Any]] = {
     "product-receipt": {"coi": "V2V0026000001X"},
     "infusion": {"coi": "V2V0026000001X"},
     "quarantine-decision": {"decision": "release", "reason_code": "other"},
+    "disposition": {"outcome": "release", "reason_code": "other", "document_reference": "QA-DOC-1"},
+    "physician-decision": {"accept": True},
+    "done": {"reference": "AUTH-NOTIF-1"},
+    "/v1/tasks": {},
 }
 
 
 def minimal_body(path: str) -> dict[str, Any]:
-    return MINIMAL_BODIES[path if path == "/v1/orders" else path.rsplit("/", 1)[-1]]
+    return MINIMAL_BODIES[path if path in {"/v1/orders", "/v1/tasks"} else path.rsplit("/", 1)[-1]]
 
 
 # ---- scopes -------------------------------------------------------------------------------------------
@@ -206,6 +256,13 @@ def test_every_route_declares_its_one_scope() -> None:
         for method in route.methods
     }
     assert declared == SCOPES
+    signed = {
+        (method, route.path): declared_signature(route)
+        for route in router.routes
+        if isinstance(route, APIRoute) and declared_signature(route)
+        for method in route.methods
+    }
+    assert signed == SIGNED
 
 
 @pytest.mark.parametrize(("method", "path"), sorted(SCOPES), ids=[f"{m} {p}" for m, p in sorted(SCOPES)])
@@ -272,9 +329,17 @@ async def test_the_centre_comes_from_the_token_and_a_body_may_only_repeat_it(api
 async def test_another_centres_order_is_404_like_an_unknown_one_for_reads_and_every_action(api: Api) -> None:
     order = await api.place(api.centre(PARIS))
     oid = order["order_id"]
-    api.put(oid, "quarantined", site_id="FR-LES-ULIS", status_before_quarantine="product_in_transit")
+    api.put(oid, "material_at_risk", **AT_RISK_OUTBOUND)
     berlin = api.centre(BERLIN)
-    berlin_qa = api.tokens.headers("centre", BERLIN, scopes=["quarantine:decide"])  # not a default grant
+
+    def berlin_qa() -> dict[str, str]:  # not a default grant; a fresh signature each time
+        return {
+            **api.tokens.headers("centre", BERLIN, scopes=["quarantine:decide"]),
+            **api.tokens.signature_headers(
+                "qa.berlin", client_id=f"centre-{BERLIN.lower()}", org_kind="centre", org_id=BERLIN
+            ),
+        }
+
     unknown = await api.http.get(f"/v1/orders/{uuid.uuid4()}", headers=berlin)
     assert unknown.status_code == 404
     before = api.snapshot()
@@ -290,10 +355,11 @@ async def test_another_centres_order_is_404_like_an_unknown_one_for_reads_and_ev
             body = {"coi": order["coi"]}
         resp = await api.post(f"/v1/orders/{oid}/{action}", body, berlin)
         assert resp.status_code == 404, (action, resp.text)
-    resp = await api.post(
-        f"/v1/orders/{oid}/quarantine-decision", minimal_body("x/quarantine-decision"), berlin_qa
-    )
-    assert resp.status_code == 404
+    for action in ("quarantine-decision", "disposition"):
+        resp = await api.post(f"/v1/orders/{oid}/{action}", minimal_body(f"x/{action}"), berlin_qa())
+        assert resp.status_code == 404, resp.text
+    resp = await api.post(f"/v1/orders/{oid}/physician-decision", {"accept": True}, api.physician(BERLIN))
+    assert resp.status_code == 404, resp.text
     assert api.snapshot() == before
 
     # the centre itself and the manufacturer's QA see it; QA decides on the quarantine
@@ -301,7 +367,7 @@ async def test_another_centres_order_is_404_like_an_unknown_one_for_reads_and_ev
     assert (await api.http.get(f"/v1/orders/{oid}", headers=api.qa())).status_code == 200
     assert (await api.http.get(f"/v1/orders/{oid}", headers=api.tokens.headers("ops"))).status_code == 200
     resp = await api.post(
-        f"/v1/orders/{oid}/quarantine-decision", minimal_body("x/quarantine-decision"), api.qa()
+        f"/v1/orders/{oid}/quarantine-decision", minimal_body("x/quarantine-decision"), api.qa_signed()
     )
     assert resp.status_code == 200 and resp.json()["status"] == "product_in_transit"
 
@@ -470,6 +536,29 @@ HOSTILE_ACTIONS: list[tuple[str, str, dict[str, Any], str]] = [
         {"decision": "reject", "reason_code": "other", "note": "n" * 501},
         "note",
     ),
+    ("disposition-outcome", "disposition", {**MINIMAL_BODIES["disposition"], "outcome": "hold"}, "outcome"),
+    (
+        "disposition-no-document",
+        "disposition",
+        {"outcome": "release", "reason_code": "other"},
+        "document_reference",
+    ),
+    (
+        "disposition-document-words",
+        "disposition",
+        {**MINIMAL_BODIES["disposition"], "document_reference": "see the deviation report"},
+        "document_reference",
+    ),
+    (
+        "disposition-physician-code-for-a-reject",
+        "disposition",
+        {**MINIMAL_BODIES["disposition"], "outcome": "reject", "reason_code": "no_alternative_treatment"},
+        "reason_code",
+    ),
+    ("physician-accept-text", "physician-decision", {"accept": "maybe"}, "accept"),
+    ("physician-free-text", "physician-decision", {"accept": True, "reason": "fine"}, "reason"),
+    ("lot-lowercase", "product-receipt", {"coi": "{coi}", "lot": "lot-0001"}, "lot"),
+    ("lot-long", "infusion", {"coi": "{coi}", "lot": "L" * 40}, "lot"),
 ]
 
 
@@ -480,17 +569,22 @@ async def test_a_hostile_action_is_422_naming_the_field_and_writes_nothing(
     api: Api, action: str, body: dict[str, Any], field: str
 ) -> None:
     order = await api.place()
-    api.put(
-        order["order_id"], "quarantined", site_id="FR-LES-ULIS", status_before_quarantine="product_in_transit"
-    )
+    api.put(order["order_id"], "material_at_risk", **AT_RISK_OUTBOUND)
     body = {k: (order["coi"] if v == "{coi}" else v) for k, v in body.items()}
-    headers = api.qa() if action == "quarantine-decision" else api.centre()
+    headers = api.qa_signed() if action in {"quarantine-decision", "disposition"} else api.centre()
+    if action == "physician-decision":
+        headers = api.physician()
     before = api.snapshot()
     resp = await api.post(f"/v1/orders/{order['order_id']}/{action}", body, headers)
     assert resp.status_code == 422, resp.text
     assert field in {e["field"] for e in resp.json()["errors"]}
-    for key, value in body.items():  # (a decision is an enumeration member: the reason may name it)
-        if isinstance(value, str) and len(value) > 3 and value != order["coi"] and key != "decision":
+    for key, value in body.items():  # (a decision/outcome is an enumeration member: the reason may name it)
+        if (
+            isinstance(value, str)
+            and len(value) > 3
+            and value != order["coi"]
+            and key not in {"decision", "outcome"}
+        ):
             assert value not in resp.text and json.dumps(value)[1:-1] not in resp.text
     assert api.snapshot() == before
 
@@ -575,12 +669,7 @@ async def test_actions_publish_reason_codes_and_the_notes_stay_on_the_timeline(a
         moved = await api.place(patient_ref=patient, product_code="AXI-CEL")
         decided = await api.place(patient_ref=f"{patient}-2", treatment_center_id=PARIS)
         api.put(moved["order_id"], "slot_reserved")
-        api.put(
-            decided["order_id"],
-            "quarantined",
-            site_id="FR-LES-ULIS",
-            status_before_quarantine="product_delivered",
-        )
+        api.put(decided["order_id"], "material_at_risk", **AT_RISK_OUTBOUND)
         calls = [
             (
                 cancelled,
@@ -606,7 +695,7 @@ async def test_actions_publish_reason_codes_and_the_notes_stay_on_the_timeline(a
                     "reason_code": "within_stability_data",
                     "note": f"{MARKER} quarantine",
                 },
-                api.qa(),
+                api.qa_signed(),
             ),
         ]
         for order, action, body, headers in calls:
@@ -619,7 +708,7 @@ async def test_actions_publish_reason_codes_and_the_notes_stay_on_the_timeline(a
     assert reasons == {
         "order.cancelled.v1": "patient_deceased",
         "order.rebook_requested.v1": "patient_unwell",
-        "order.quarantine_decided.v1": "within_stability_data",
+        "order.disposition_decided.v1": "within_stability_data",
     }
     assert all(MARKER not in e.to_json().decode() for e in api.uow.committed)
     assert {t.note for t in api.uow.store.timeline if t.note} == {
@@ -629,7 +718,7 @@ async def test_actions_publish_reason_codes_and_the_notes_stay_on_the_timeline(a
     assert {"order placed", "hospital action applied"} <= {entry["event"] for entry in logs}
     assert all(MARKER not in repr(entry) for entry in logs)
     spans = api.spans.get_finished_spans()
-    assert {s.name for s in spans} >= {"hospital cancel", "hospital reschedule", "hospital quarantine"}
+    assert {s.name for s in spans} >= {"hospital cancel", "hospital reschedule", "hospital disposition"}
     assert all(MARKER not in json.dumps(dict(s.attributes or {})) + s.name for s in spans)
     assert all(MARKER not in str(ev.attributes) for s in spans for ev in s.events)
 
@@ -723,3 +812,126 @@ async def test_a_refused_request_writes_no_audit_entry(api: Api) -> None:
     resp = await api.post(f"/v1/orders/{order['order_id']}/lymphodepletion", {}, api.centre())
     assert resp.status_code == 409, resp.text  # not yet: the state machine refuses
     assert api.uow.store.audit == before
+
+
+# ---- issue 10: signed decisions over HTTP ---------------------------------------------------------------
+
+
+async def test_a_disposition_without_a_valid_signature_is_refused_and_audited(api: Api) -> None:
+    order = await api.place()
+    oid = order["order_id"]
+    api.put(oid, "material_at_risk", **AT_RISK_OUTBOUND)
+    body = MINIMAL_BODIES["disposition"]
+    refusals = [
+        (api.qa(client_id="qa-system"), 401, "signature-required"),
+        (
+            {
+                **api.qa(client_id="qa-system"),
+                **api.tokens.signature_headers("qa.les-ulis", client_id="qa-system", auth_age_s=600),
+            },
+            401,
+            "signature-expired",
+        ),
+        (  # a user without a disposition role
+            {
+                **api.qa(client_id="qa-system"),
+                **api.tokens.signature_headers("qp.x", client_id="qa-system", roles=["physician"]),
+            },
+            403,
+            "signature-role",
+        ),
+        (  # a signing token issued to another client
+            {**api.qa(client_id="qa-system"), **api.tokens.signature_headers("qa.les-ulis", client_id="x")},
+            403,
+            "signature-client",
+        ),
+    ]
+    for headers, status, reason in refusals:
+        resp = await api.post(f"/v1/orders/{oid}/disposition", body, headers)
+        assert resp.status_code == status and resp.json()["reason"] == reason, resp.text
+    assert api.uow.store.orders[uuid.UUID(oid)].status == "material_at_risk"
+    assert api.uow.store.signatures == [] and api.uow.committed[-1].type == "order.submitted.v1"
+    audited = [r for r in api.uow.store.audit if r.action == "signature.refused"]
+    assert [r.reason for r in audited] == [reason for _, _, reason in refusals]
+    assert all(r.object_id == f"order:{oid}" and r.actor.client_id == "qa-system" for r in audited)
+    assert audited[2].new["user_id"] == "qp.x"  # type: ignore[index, call-overload]
+    assert verify("ordering", api.uow.store.audit).broken is None
+    # signed: released, and shown with its signature
+    resp = await api.post(f"/v1/orders/{oid}/disposition", body, api.qa_signed())
+    assert resp.status_code == 200, resp.text
+    done = resp.json()
+    assert done["status"] == "product_in_transit" and done["at_risk"] is None
+    [decision] = done["decisions"]
+    assert decision["meaning"] == "disposition" and decision["signed"]
+    assert "Test Signer qa.les-ulis" in decision["signatures"][0]
+
+
+async def test_cancelling_during_manufacture_needs_the_physicians_signature(api: Api) -> None:
+    order = await api.place()
+    oid = order["order_id"]
+    api.put(oid, "manufacturing", site_id="FR-LES-ULIS")
+    body = {"reason_code": "consent_withdrawn"}
+    resp = await api.post(f"/v1/orders/{oid}/cancel", body, api.centre())
+    assert resp.status_code == 401 and resp.json()["reason"] == "signature-required", resp.text
+    # a signing token of another centre's physician does not fit the caller's organisation
+    other = {
+        **api.centre(),
+        **api.tokens.signature_headers(
+            "dr.b", client_id=f"centre-{PARIS.lower()}", roles=["physician"], org_kind="centre", org_id=BERLIN
+        ),
+    }
+    resp = await api.post(f"/v1/orders/{oid}/cancel", body, other)
+    assert resp.status_code == 403 and resp.json()["reason"] == "signature-organisation"
+    assert api.uow.store.orders[uuid.UUID(oid)].status == "manufacturing"
+    refused = [r.reason for r in api.uow.store.audit if r.action.endswith("refused")]
+    assert refused == ["signature-required", "signature-organisation"]
+    resp = await api.post(f"/v1/orders/{oid}/cancel", body, api.physician())
+    assert resp.status_code == 200 and resp.json()["status"] == "cancelled", resp.text
+    assert [d["meaning"] for d in resp.json()["decisions"]] == ["cancellation"]
+    # before manufacture, no signature is needed
+    early = await api.place(patient_ref="PAT-EARLY")
+    resp = await api.post(f"/v1/orders/{early['order_id']}/cancel", body, api.centre())
+    assert resp.status_code == 200 and resp.json()["status"] == "cancelled"
+
+
+async def test_the_physician_decides_on_an_oos_product_and_qa_tracks_the_notification(api: Api) -> None:
+    order = await api.place()
+    oid = order["order_id"]
+    risk = {"cause": "out_of_specification", "reason": "potency", "site_id": "FR-LES-ULIS", "run": 1}
+    api.put(
+        oid, "material_at_risk", site_id="FR-LES-ULIS", status_before_quarantine="qc_pending", at_risk=risk
+    )
+    asked = {
+        "outcome": "release_on_physician_request",
+        "reason_code": "no_alternative_treatment",
+        "document_reference": "QA-RA-1",
+    }
+    resp = await api.post(f"/v1/orders/{oid}/disposition", asked, api.qa_signed())
+    assert resp.status_code == 200 and resp.json()["status"] == "awaiting_physician", resp.text
+    assert resp.json()["at_risk"]["requested"] == "no_alternative_treatment"
+    # QA's own signature is not a physician's
+    qa_as_physician = {**api.centre(), **api.tokens.signature_headers("qa.les-ulis", client_id="qa-system")}
+    resp = await api.post(f"/v1/orders/{oid}/physician-decision", {"accept": True}, qa_as_physician)
+    assert resp.status_code == 403
+    resp = await api.post(
+        f"/v1/orders/{oid}/physician-decision",
+        {"accept": True, "reason_code": "benefit_outweighs_risk"},
+        api.physician(),
+    )
+    assert resp.status_code == 200, resp.text
+    accepted = resp.json()
+    assert accepted["status"] == "qc_pending" and accepted["order_type"] == "commercial"  # EMA: no EA
+    [task] = accepted["tasks"]
+    assert (task["state"], task["due_at"], task["overdue"], task["regulator"]) == ("open", None, False, "EMA")
+    # QA lists and completes it; a centre may not
+    assert (
+        await api.http.get("/v1/tasks", headers=api.centre(scopes=["quarantine:decide"]))
+    ).status_code == 403
+    listed = (await api.http.get("/v1/tasks", params={"state": "open"}, headers=api.qa())).json()
+    assert [t["task_id"] for t in listed["items"]] == [task["task_id"]] and listed["total"] == 1
+    overdue = (await api.http.get("/v1/tasks", params={"overdue": "true"}, headers=api.qa())).json()
+    assert overdue["items"] == []
+    resp = await api.post(f"/v1/tasks/{task['task_id']}/done", {"reference": "EMA-NOTIF-9"}, api.qa())
+    assert resp.status_code == 200 and resp.json()["tasks"][0]["state"] == "done", resp.text
+    resp = await api.post(f"/v1/tasks/{task['task_id']}/done", {"reference": "EMA-NOTIF-9"}, api.qa())
+    assert resp.status_code == 409

@@ -25,6 +25,7 @@ from v2v_contracts import (
     EventData,
     ManufacturingStepCompletedV1,
     MaterialReceivedV1,
+    MaterialRejectedV1,
     OrderEventData,
     ProductOutOfSpecificationV1,
     ProductReleasedV1,
@@ -38,7 +39,9 @@ from v2v_contracts import (
 )
 from v2v_contracts.errors import CoiMismatch, Conflict, Invalid, NotAllowedNow, NotFound, Unavailable
 from v2v_messaging.fakes import FakeInbox
+from v2v_servicekit.auth import Principal
 from v2v_servicekit.problems import status_of
+from v2v_servicekit.signatures import SignatureUnauthenticated, Signer
 
 FACILITY = "V2V00"
 TODAY = date.today()
@@ -114,6 +117,61 @@ class World:
     async def timeline(self, order_id: uuid.UUID) -> list[tuple[str, str | None]]:
         view = await queries.order_view(self.uow, order_id)
         return [(t.event_type, t.status_after) for t in view.timeline]
+
+
+def signer(
+    meaning: str = "disposition",
+    *,
+    user_id: str = "qa.les-ulis",
+    roles: tuple[str, ...] = ("qa_reviewer",),
+    org: tuple[str, str] = ("site", "FR-LES-ULIS"),
+    client: tuple[str, str | None] = ("qa", None),
+) -> Signer:
+    """A signer as `require_signature` yields it once the signing token verified (tested in servicekit)."""
+    now = datetime.now(UTC)
+    principal = Principal(f"{client[0]}-client", client[0], client[1], frozenset())
+    return Signer(
+        user_id=user_id,
+        name=f"Printed {user_id}",
+        roles=frozenset(roles),
+        org_kind=org[0],
+        org_id=org[1],
+        meaning=meaning,
+        client_id=principal.client_id,
+        principal=principal,
+        auth_time=now,
+        token_id=str(uuid.uuid4()),
+        issuer="https://issuer.test",
+        expires_at=now + timedelta(minutes=2),
+    )
+
+
+def physician(centre: str = "TC-FR-PA-001", meaning: str = "physician-acceptance") -> Signer:
+    return signer(
+        meaning,
+        user_id="dr.paris",
+        roles=("physician",),
+        org=("centre", centre),
+        client=("centre", centre),
+    )
+
+
+def disposition(outcome: str, reason_code: str, **kw: Any) -> Action:
+    return Action(
+        "disposition",
+        outcome=outcome,
+        reason_code=reason_code,
+        document_reference=kw.pop("document_reference", "QA-DOC-1"),
+        signer=signer(),
+        **kw,
+    )
+
+
+AT_RISK_OUTBOUND = {
+    "status_before_quarantine": "product_in_transit",
+    "site_id": "FR-LES-ULIS",
+    "at_risk": {"cause": "excursion", "reason": "temperature_excursion", "leg": "outbound_product"},
+}
 
 
 @pytest.fixture
@@ -397,28 +455,40 @@ async def test_a_fact_about_an_unknown_order_fails(world: World) -> None:
         await world.deliver(slot_reserved(ghost, uuid.uuid4()))
 
 
-async def test_oos_asks_for_a_remanufacture_with_the_catalogue_rules(world: World) -> None:
+async def test_oos_is_held_and_a_qa_reject_remanufactures_with_the_catalogue_rules(world: World) -> None:
     order = await world.place(product_code="TISA-CEL")  # retains material, two runs
     order = world.put(order, "qc_pending", site_id="FR-LES-ULIS")
     await world.deliver(
         fact(
             ProductOutOfSpecificationV1(
-                **order.ref(), site_id="FR-LES-ULIS", run=1, reason="low_viability", retained_material=True
+                **order.ref(), site_id="FR-LES-ULIS", run=1, reason="viability", retained_material=True
             )
         )
     )
+    held = world.order(order.order_id)
+    assert held.status == "material_at_risk" and held.run == 1
+    assert held.at_risk == {
+        "cause": "out_of_specification",
+        "reason": "viability",
+        "site_id": "FR-LES-ULIS",
+        "run": 1,
+        "retained": True,
+    }
+    assert "order.remanufacture_requested.v1" not in world.types()  # nothing lost before QA decided
+    await act(world.uow, order.order_id, disposition("reject", "confirmed_out_of_specification"))
     assert world.order(order.order_id).run == 2
-    assert world.types()[-1] == "order.remanufacture_requested.v1"
+    assert world.types()[-2:] == ["order.disposition_decided.v1", "order.remanufacture_requested.v1"]
 
     axi = await world.place(product_code="AXI-CEL")  # one run only: a recollection instead
     axi = world.put(axi, "qc_pending", site_id="FR-LES-ULIS")
     await world.deliver(
         fact(
             ProductOutOfSpecificationV1(
-                **axi.ref(), site_id="FR-LES-ULIS", run=1, reason="x", retained_material=True
+                **axi.ref(), site_id="FR-LES-ULIS", run=1, reason="potency", retained_material=True
             )
         )
     )
+    await act(world.uow, axi.order_id, disposition("reject", "patient_safety_risk"))
     assert world.order(axi.order_id).status == "rescheduling"
     assert world.types()[-1] == "order.rebook_requested.v1"
 
@@ -469,12 +539,12 @@ ALLOWED: list[tuple[str, str, dict[str, Any], Action, str, str]] = [
         "order.completed.v1",
     ),
     (
-        "quarantine",
-        "quarantined",
-        {"status_before_quarantine": "product_in_transit"},
-        Action("quarantine", decision="release", reason_code="within_stability_data"),
+        "disposition",
+        "material_at_risk",
+        AT_RISK_OUTBOUND,
+        disposition("release", "within_stability_data"),
         "product_in_transit",
-        "order.quarantine_decided.v1",
+        "order.disposition_decided.v1",
     ),
 ]
 
@@ -490,12 +560,8 @@ REFUSED: list[tuple[str, str, dict[str, Any], Action]] = [
     ("lymphodepletion", "manufacturing", {}, Action("lymphodepletion")),
     ("receipt", "released", {}, Action("receipt")),
     ("infusion", "product_received", {}, Action("infusion")),  # lymphodepletion not recorded
-    (
-        "quarantine",
-        "released",
-        {},
-        Action("quarantine", decision="release", reason_code="excursion_not_confirmed"),
-    ),
+    ("disposition", "released", {}, disposition("release", "excursion_not_confirmed")),
+    ("physician", "material_at_risk", AT_RISK_OUTBOUND, Action("physician", accept=True, signer=physician())),
 ]
 
 
@@ -638,7 +704,7 @@ async def test_another_centres_order_is_not_found_for_reads_and_every_action(wor
         Action("reschedule", reason_code="other", new_date=SOON + timedelta(days=3)),
         Action("apheresis", coi=order.coi),
         Action("apheresis", coi="V2V0099000001X"),  # not even a COI mismatch alert for another's order
-        Action("quarantine", decision="release", reason_code="other"),
+        disposition("release", "other"),
     ):
         with pytest.raises(NotFound):
             await act(world.uow, order.order_id, action, centre="TC-DE-BE-001")
@@ -705,7 +771,7 @@ async def test_a_cancel_publishes_its_code_and_keeps_the_note_on_the_timeline_on
     assert all(t.note is None for t in view.timeline if t is not cancelled)
 
 
-async def test_a_reschedule_and_a_quarantine_decision_publish_codes_and_keep_their_notes(
+async def test_a_reschedule_and_a_disposition_publish_codes_and_keep_their_notes(
     world: World,
 ) -> None:
     order = world.put(await world.place(), "slot_reserved")
@@ -717,25 +783,24 @@ async def test_a_reschedule_and_a_quarantine_decision_publish_codes_and_keep_the
             "reschedule", reason_code="patient_unwell", note="fever 39.2", new_date=SOON + timedelta(days=4)
         ),
     )
-    quarantined = world.put(
-        await world.place(patient_ref="PAT-Q"),
-        "quarantined",
-        site_id="FR-LES-ULIS",
-        status_before_quarantine="product_in_transit",
-    )
+    held = world.put(await world.place(patient_ref="PAT-Q"), "material_at_risk", **AT_RISK_OUTBOUND)
     await act(
         world.uow,
-        quarantined.order_id,
-        Action(
-            "quarantine", decision="reject", reason_code="outside_stability_data", note="38 min at +12 °C"
-        ),
+        held.order_id,
+        disposition("reject", "outside_stability_data", note="38 min at +12 °C"),
     )
     events = world.uow.committed
     rebook = next(
         e for e in events if e.type == "order.rebook_requested.v1" and e.data["kind"] == "reschedule"
     )
-    decided = next(e for e in events if e.type == "order.quarantine_decided.v1")
+    decided = next(e for e in events if e.type == "order.disposition_decided.v1")
     assert rebook.data["reason"] == "patient_unwell" and decided.data["reason"] == "outside_stability_data"
+    assert (decided.data["cause"], decided.data["outcome"], decided.data["leg"]) == (
+        "excursion",
+        "reject",
+        "outbound_product",
+    )
+    assert decided.data["document_reference"] == "QA-DOC-1"
     remanufacture = next(e for e in events if e.type == "order.remanufacture_requested.v1")
     assert remanufacture.data["reason"] == "quarantine_rejected"
     for e in events:
@@ -750,14 +815,18 @@ async def test_a_reschedule_and_a_quarantine_decision_publish_codes_and_keep_the
         Action("cancel", reason_code="patient withdrew"),
         Action("cancel", reason_code=""),
         Action("reschedule", reason_code="duplicate_order", new_date=SOON + timedelta(days=3)),
-        Action("quarantine", decision="release", reason_code="integrity_compromised"),
+        disposition("release", "integrity_compromised"),
+        disposition("release_on_physician_request", "within_stability_data"),
     ],
-    ids=["words", "empty", "cancel-code-for-a-reschedule", "reject-code-for-a-release"],
+    ids=["words", "empty", "cancel-code-for-a-reschedule", "reject-code-for-a-release", "physician-request"],
 )
 async def test_an_action_without_a_reason_code_of_its_own_is_invalid_and_writes_nothing(
     world: World, action: Action
 ) -> None:
-    order = world.put(await world.place(), "quarantined" if action.name == "quarantine" else "slot_reserved")
+    if action.name == "disposition":
+        order = world.put(await world.place(), "material_at_risk", **AT_RISK_OUTBOUND)
+    else:
+        order = world.put(await world.place(), "slot_reserved")
     world.uow.take()
     timeline = list(world.uow.store.timeline)
     with pytest.raises(Invalid) as info:
@@ -765,6 +834,7 @@ async def test_an_action_without_a_reason_code_of_its_own_is_invalid_and_writes_
     assert status_of(info.value) == 422 and info.value.errors[0].field == "reason_code"
     assert world.order(order.order_id) == order and world.uow.committed == []
     assert world.uow.store.timeline == timeline
+    assert world.uow.store.signatures == [] and world.uow.store.decisions == []
 
 
 # ---- the audit trail ----------------------------------------------------------------------------------
@@ -821,3 +891,211 @@ async def test_a_refused_action_leaves_no_entry_and_a_coi_mismatch_is_audited(wo
         "coi-mismatch",
         str(order.order_id),
     )
+
+
+# ---- issue 10: material at risk, signed decisions, DIN per collection, lot per run -------------------------
+
+
+def oos_fact(order: OrderRecord, *, retained: bool = True, run: int = 1) -> CloudEvent:
+    return fact(
+        ProductOutOfSpecificationV1(
+            **order.ref(), site_id="US-MORRIS-PLAINS", run=run, reason="viability", retained_material=retained
+        )
+    )
+
+
+async def test_oos_released_on_physician_request_then_accepted_ships_with_its_lot_and_a_48h_task(
+    world: World,
+) -> None:
+    us = "TC-US-NJ-001"
+    order = world.put(await world.place(treatment_center_id=us), "qc_pending", site_id="US-MORRIS-PLAINS")
+    await world.deliver(oos_fact(order))
+    world.uow.take()
+    await act(
+        world.uow,
+        order.order_id,
+        disposition("release_on_physician_request", "no_alternative_treatment", document_reference="QA-RA-7"),
+    )
+    [asked] = world.uow.take()
+    assert asked.type == "order.physician_decision_requested.v1"
+    assert (asked.data["reason"], asked.data["qa_reason"]) == ("viability", "no_alternative_treatment")
+    assert world.order(order.order_id).status == "awaiting_physician"
+    # only the order's own centre's physician: another centre's order is not found
+    with pytest.raises(NotFound):
+        await act(
+            world.uow,
+            order.order_id,
+            Action("physician", accept=True, signer=physician("TC-US-TX-002")),
+            centre="TC-US-TX-002",
+        )
+    await act(
+        world.uow,
+        order.order_id,
+        Action("physician", accept=True, reason_code="benefit_outweighs_risk", signer=physician(us)),
+        centre=us,
+    )
+    [decided] = world.uow.take()
+    assert decided.type == "order.disposition_decided.v1"
+    assert (decided.data["cause"], decided.data["outcome"], decided.data["reason"]) == (
+        "out_of_specification",
+        "release_on_physician_request",
+        "no_alternative_treatment",
+    )
+    assert decided.data["run"] == 1 and decided.data["document_reference"] == "QA-RA-7"
+    accepted = world.order(order.order_id)
+    assert accepted.status == "qc_pending" and accepted.expanded_access  # FDA: expanded access
+    assert accepted.shown_order_type == "expanded_access" and accepted.order_type == "commercial"
+    [task] = world.uow.store.tasks.values()
+    assert (task.regulator, task.state, task.due_at) == ("FDA", "open", None)  # due from administration
+    # the site releases the run exceptionally, with its lot: receipt and infusion check COI + lot
+    released_at = datetime.now(UTC)
+    await world.deliver(
+        fact(
+            ProductReleasedV1(
+                **order.ref(),
+                site_id="US-MORRIS-PLAINS",
+                run=1,
+                released_at=released_at,
+                lot="LOT-US-0001",  # type: ignore[call-arg]  # the site's field (issue 10, [site])
+            )
+        )
+    )
+    assert world.order(order.order_id).lot == "LOT-US-0001"
+    world.put(world.order(order.order_id), "product_delivered")
+    with pytest.raises(Invalid) as missing:
+        await act(world.uow, order.order_id, Action("receipt", coi=order.coi))
+    assert missing.value.errors[0].field == "lot"
+    world.uow.take()
+    with pytest.raises(CoiMismatch) as wrong:
+        await act(world.uow, order.order_id, Action("receipt", coi=order.coi, lot="LOT-US-0002"))
+    assert wrong.value.detail == "lot: does not match this order's chain of identity"
+    [alert] = world.uow.take()
+    assert alert.type == "order.coi_mismatch_detected.v1" and alert.data["where"] == "receipt"
+    assert world.order(order.order_id).status == "product_delivered"
+    await act(world.uow, order.order_id, Action("receipt", coi=order.coi, lot="LOT-US-0001"))
+    await act(world.uow, order.order_id, Action("lymphodepletion"))
+    infused_at = datetime.now(UTC) - timedelta(hours=1)
+    await act(world.uow, order.order_id, Action("infusion", coi=order.coi, lot="LOT-US-0001", at=infused_at))
+    assert world.order(order.order_id).status == "completed"
+    [task] = world.uow.store.tasks.values()
+    assert task.administered_at == infused_at and task.due_at == infused_at + timedelta(hours=48)
+    assert not task.overdue(datetime.now(UTC)) and task.overdue(infused_at + timedelta(hours=49))
+    rows, total = await queries.tasks_page(world.uow, state="open", overdue_at=None, limit=10, offset=0)
+    assert total == 1 and rows[0].task_id == task.task_id
+    assert await commands.complete_task(world.uow, task.task_id, by="qa-client", reference="FDA-MW-1") == (
+        order.order_id
+    )
+    with pytest.raises(NotAllowedNow):
+        await commands.complete_task(world.uow, task.task_id, by="qa-client", reference="FDA-MW-1")
+    assert world.uow.store.tasks[task.task_id].state == "done"
+    # both decisions are shown signed: printed name, time and meaning
+    view = await queries.order_view(world.uow, order.order_id)
+    assert [(d.meaning, d.signed) for d in view.decisions] == [
+        ("disposition", True),
+        ("physician-acceptance", True),
+    ]
+    assert "Printed dr.paris" in view.decisions[1].signatures[0]
+    assert "physician-acceptance" in view.decisions[1].signatures[0]
+
+
+async def test_a_signed_decision_changed_afterwards_shows_unsigned(world: World) -> None:
+    order = world.put(await world.place(), "material_at_risk", **AT_RISK_OUTBOUND)
+    await act(world.uow, order.order_id, disposition("release", "within_stability_data"))
+    [before] = (await queries.order_view(world.uow, order.order_id)).decisions
+    assert before.signed and before.fields["outcome"] == "release"
+    world.uow.store.decisions[0]["fields"]["outcome"] = "reject"  # tampered after signing
+    [after] = (await queries.order_view(world.uow, order.order_id)).decisions
+    assert not after.signed and after.signatures == []
+
+
+async def test_a_physicians_decline_publishes_a_reject_and_remanufactures(world: World) -> None:
+    us = "TC-US-NJ-001"
+    order = world.put(await world.place(treatment_center_id=us), "qc_pending", site_id="US-MORRIS-PLAINS")
+    await world.deliver(oos_fact(order))
+    await act(world.uow, order.order_id, disposition("release_on_physician_request", "other"))
+    world.uow.take()
+    await act(
+        world.uow,
+        order.order_id,
+        Action("physician", accept=False, reason_code="risk_not_acceptable", signer=physician(us)),
+        centre=us,
+    )
+    decided, remanufacture = world.uow.take()
+    assert (decided.data["outcome"], decided.data["reason"]) == ("reject", "physician_declined")
+    assert remanufacture.type == "order.remanufacture_requested.v1" and remanufacture.data["run"] == 2
+    done = world.order(order.order_id)
+    assert done.status == "material_received" and not done.expanded_access and done.at_risk is None
+    assert world.uow.store.tasks == {}
+
+
+async def test_a_cancellation_once_manufacture_started_is_signed_by_the_physician(world: World) -> None:
+    order = world.put(await world.place(), "manufacturing", site_id="FR-LES-ULIS")
+    world.uow.take()
+    with pytest.raises(SignatureUnauthenticated) as info:
+        await act(world.uow, order.order_id, Action("cancel", reason_code="consent_withdrawn"))
+    assert info.value.reason == "signature-required" and status_of(info.value) == 401
+    assert world.order(order.order_id).status == "manufacturing" and world.uow.committed == []
+    refused = world.uow.store.audit[-1]
+    assert (refused.action, refused.reason) == ("order.cancel.refused", "signature-required")
+    await act(
+        world.uow,
+        order.order_id,
+        Action("cancel", reason_code="consent_withdrawn", signer=physician(meaning="cancellation")),
+    )
+    assert world.order(order.order_id).status == "cancelled"
+    [signature] = world.uow.store.signatures
+    assert (signature.meaning, signature.user_id) == ("cancellation", "dr.paris")
+    signed = [r for r in world.uow.store.audit if r.action == "order.cancel.signed"]
+    assert signed and signed[0].new["signature_id"] == str(signature.signature_id)  # type: ignore[index, call-overload]
+
+
+async def test_each_collection_gets_its_own_din_under_the_one_coi(world: World) -> None:
+    from v2v_contracts.coi import coi_problem
+
+    order = world.put(await world.place(), "inbound_shipment_planned", site_id="FR-LES-ULIS")
+    world.uow.take()
+    await act(world.uow, order.order_id, Action("apheresis", coi=order.coi))
+    [first] = world.uow.take()
+    din1 = first.data["din"]
+    assert first.data["collection"] == 1 and coi_problem(din1) is None and din1 != order.coi
+    assert world.order(order.order_id).din == din1
+    # the site refuses the bag at receipt and holds it; QA rejects it: a recollection, a new DIN
+    await world.deliver(
+        fact(MaterialRejectedV1(**order.ref(), site_id="FR-LES-ULIS", reason="damaged_container"))
+    )
+    assert world.order(order.order_id).status == "material_at_risk"
+    await act(world.uow, order.order_id, disposition("reject", "integrity_compromised"))
+    recollecting = world.order(order.order_id)
+    assert recollecting.status == "rescheduling" and recollecting.din is None and recollecting.collection == 2
+    world.put(recollecting, "inbound_shipment_planned")
+    world.uow.take()
+    await act(world.uow, order.order_id, Action("apheresis", coi=order.coi))
+    [second] = world.uow.take()
+    assert second.data["collection"] == 2 and second.data["din"] not in {din1, order.coi}
+    view = await queries.order_view(world.uow, order.order_id)
+    assert [(c["collection"], c["din"]) for c in view.collections] == [(1, din1), (2, second.data["din"])]
+
+
+async def test_a_refused_signature_is_audited_with_codes_only(world: World) -> None:
+    order = await world.place()
+    await commands.audit_signature_refusal(
+        world.uow,
+        f"order:{order.order_id}",
+        {
+            "reason": "signature-role",
+            "status": 403,
+            "meaning": "disposition",
+            "method": "POST",
+            "path": f"/v1/orders/{order.order_id}/disposition",
+            "client_id": "qa-client",
+            "user_id": "qa.les-ulis",
+            "at": "2030-01-01T00:00:00+00:00",
+        },
+    )
+    entry = world.uow.store.audit[-1]
+    assert (entry.action, entry.object_type, entry.reason) == (
+        "signature.refused",
+        "signature_refusal",
+        "signature-role",
+    )
+    assert entry.new["user_id"] == "qa.les-ulis"  # type: ignore[index, call-overload]

@@ -1,6 +1,8 @@
 """The order's lifecycle machine: no sequence of facts and actions — with duplicates and out-of-order
 deliveries — takes an order through a transition that ALLOWED forbids; terminal states never move; the
-commands it asks of the other services carry reason codes only, whatever words a fact brought."""
+commands it asks of the other services carry reason codes only, whatever words a fact brought. Material
+at risk (OOS, excursion, refused at receipt) is held for QA's disposition; only a reject (or the
+physician's decline) loses it; a cancellation once manufacture started needs a signature."""
 
 from __future__ import annotations
 
@@ -41,7 +43,7 @@ FACTS = [
     fact("logistics.shipment_milestone.v1", leg="outbound_product", milestone="in_transit"),
     fact("logistics.shipment_milestone.v1", leg="outbound_product", milestone="delivered"),
     fact("logistics.shipment_excursion.v1", leg="inbound_apheresis", reading_c=12.0),
-    fact("logistics.shipment_excursion.v1", leg="outbound_product", reading_c=-90.0),
+    fact("logistics.shipment_excursion.v1", leg="outbound_product", reading_c=-90.0, duration_min=45.0),
     fact("site.material_received.v1"),
     fact("site.material_rejected.v1", reason="label damaged"),
     fact("site.manufacturing_step_completed.v1", step="activation", run=1),
@@ -64,8 +66,12 @@ ACTIONS = [
     ("action", "lymphodepletion", {}),
     ("action", "receipt", {}),
     ("action", "infusion", {}),
-    ("action", "quarantine_release", {}),
-    ("action", "quarantine_reject", {}),
+    ("action", "cancel_signed", {}),
+    ("action", "release", {}),
+    ("action", "reject", {}),
+    ("action", "release_on_physician_request", {}),
+    ("action", "physician_accept", {}),
+    ("action", "physician_decline", {}),
 ]
 steps = st.lists(st.sampled_from(FACTS + ACTIONS), max_size=40)
 rules = st.builds(
@@ -90,10 +96,18 @@ def step(state: OrderState, item: tuple[str, str, dict[str, Any]], r: Rules) -> 
             return m.confirm_product_receipt(state)
         case "infusion":
             return m.confirm_infusion(state)
-        case "quarantine_release":
-            return m.decide_quarantine(state, "release", "within_stability_data", r, TODAY)
+        case "cancel_signed":
+            return m.cancel(state, "physician_decision", signed=True)
+        case "release":
+            return m.decide_disposition(state, "release", "assessed_acceptable", r, TODAY, "QA-DOC-1")
+        case "reject":
+            return m.decide_disposition(state, "reject", "outside_stability_data", r, TODAY)
+        case "release_on_physician_request":
+            return m.decide_disposition(state, name, "no_alternative_treatment", r, TODAY, "QA-DOC-2")
+        case "physician_accept":
+            return m.physician_decision(state, True, "benefit_outweighs_risk", "FDA", r, TODAY)
         case _:
-            return m.decide_quarantine(state, "reject", "outside_stability_data", r, TODAY)
+            return m.physician_decision(state, False, "risk_not_acceptable", "EMA", r, TODAY)
 
 
 @settings(max_examples=400)
@@ -108,6 +122,10 @@ def test_no_sequence_takes_an_order_through_a_forbidden_transition(items: list[A
             assert isinstance(refused, Invalid | NotAllowedNow)
             assert status_of(refused) in {409, 422} and refused.errors[0].field and refused.errors[0].reason
             continue
+        except m.SignatureNeeded as needed:
+            assert item[1] == "cancel" and needed.meaning == "cancellation"
+            assert m.cancellation_is_signed(state) and state.status not in TERMINAL
+            continue
         after = outcome.state.status
         if before in TERMINAL:
             assert after == before and not outcome.changed, "a terminal order never moves"
@@ -119,6 +137,10 @@ def test_no_sequence_takes_an_order_through_a_forbidden_transition(items: list[A
         assert all(reasons.is_code(c.reason) for c in outcome.commands), outcome.commands
         assert outcome.state.run <= max(r.max_runs, 1)
         assert outcome.state.recollections <= r.max_recollections
+        # held exactly while at risk; a release on physician request only of an OOS product
+        assert (outcome.state.at_risk is not None) == (outcome.state.status in m.HELD)
+        if outcome.state.status == S.AWAITING_PHYSICIAN:
+            assert outcome.state.at_risk and outcome.state.at_risk.cause == "out_of_specification"
         state = outcome.state
 
 
@@ -185,19 +207,30 @@ def test_lymphodepletion_is_refused_before_release() -> None:
         assert status_of(info.value) == 409 and "released" in info.value.errors[0].reason
 
 
-def test_oos_remanufactures_from_retained_material_then_recollects_then_fails() -> None:
-    r = Rules(max_runs=2, max_recollections=1, retains_material=True)
-    state = OrderState(S.QC_PENDING, site_id="CH-STEIN")
-    out = m.on_fact(
+def oos(state: OrderState, retained: bool = True, run: int = 1) -> m.Outcome:
+    return m.on_fact(
         state,
         "site.product_out_of_specification.v1",
-        {"run": 1, "reason": "low CAR+", "retained_material": True},
-        r,
+        {"run": run, "reason": "potency", "retained_material": retained, "site_id": "CH-STEIN"},
+        Rules(),
         TODAY,
     )
-    assert out.state.status == S.MATERIAL_RECEIVED and out.state.run == 2
+
+
+def test_oos_is_held_for_qa_and_a_reject_remanufactures_then_recollects_then_fails() -> None:
+    r = Rules(max_runs=2, max_recollections=1, retains_material=True)
+    held = oos(OrderState(S.QC_PENDING, site_id="CH-STEIN"))
+    assert held.state.status == S.MATERIAL_AT_RISK and not held.commands  # nothing lost yet
+    assert held.state.at_risk == m.AtRisk(
+        "out_of_specification", "potency", site_id="CH-STEIN", run=1, retained=True
+    )
+    assert held.state.status_before_hold == S.QC_PENDING
+    assert "held for QA" in held.reason
+    out = m.decide_disposition(held.state, "reject", "confirmed_out_of_specification", r, TODAY, "QA-1")
+    assert out.state.status == S.MATERIAL_RECEIVED and out.state.run == 2 and out.state.at_risk is None
     assert out.commands == (m.Remanufacture(2, "CH-STEIN", "out_of_specification"),)
-    assert out.reason == "remanufacture (run 2): out of specification: low CAR+"
+    assert out.reason.startswith("remanufacture (run 2): QA rejected the material at risk")
+    # a true manufacturing failure keeps today's path, without QA
     out = m.on_fact(
         out.state,
         "site.manufacturing_failed.v1",
@@ -213,6 +246,98 @@ def test_oos_remanufactures_from_retained_material_then_recollects_then_fails() 
     assert out.state.status == S.FAILED and isinstance(out.commands[0], m.Fail)
 
 
+def test_oos_released_on_physician_request_waits_for_the_physician_then_accept_goes_on() -> None:
+    held = oos(OrderState(S.QC_PENDING, site_id="CH-STEIN"))
+    asked = m.decide_disposition(
+        held.state, "release_on_physician_request", "no_alternative_treatment", Rules(), TODAY, "QA-7"
+    )
+    assert asked.state.status == S.AWAITING_PHYSICIAN and not asked.commands
+    assert asked.state.at_risk and asked.state.at_risk.requested == "no_alternative_treatment"
+    assert asked.state.at_risk.document_reference == "QA-7"
+    # FDA: expanded access, and the authority-notification task
+    us = m.physician_decision(asked.state, True, "benefit_outweighs_risk", "FDA", Rules(), TODAY)
+    assert us.state.status == S.QC_PENDING and us.state.expanded_access and us.state.at_risk is None
+    assert us.commands == (m.NotifyAuthority("FDA", "out_of_specification"),)
+    # EMA: the order's use stays; the authority is notified all the same
+    eu = m.physician_decision(asked.state, True, None, "EMA", Rules(), TODAY)
+    assert eu.state.status == S.QC_PENDING and not eu.state.expanded_access
+    assert eu.commands == (m.NotifyAuthority("EMA", "out_of_specification"),)
+    # the site's exceptional release then moves the order on as any release
+    released = m.on_fact(eu.state, "site.product_released.v1", {"run": 1}, Rules(), TODAY)
+    assert released.state.status == S.RELEASED
+
+
+def test_a_physicians_decline_is_a_reject() -> None:
+    held = oos(OrderState(S.QC_PENDING, site_id="CH-STEIN"), retained=False)
+    asked = m.decide_disposition(
+        held.state, "release_on_physician_request", "risk_assessed_for_patient", Rules(), TODAY
+    )
+    declined = m.physician_decision(asked.state, False, "risk_not_acceptable", "FDA", Rules(), TODAY)
+    assert declined.state.status == S.RESCHEDULING and not declined.state.expanded_access
+    assert declined.commands == (m.Rebook("recollection", "out_of_specification", TODAY + timedelta(days=7)),)
+    assert "physician declined" in declined.reason
+
+
+def test_release_on_physician_request_is_only_for_an_oos_product_and_a_physician_only_when_asked() -> None:
+    excursion = m.on_fact(
+        OrderState(S.PRODUCT_IN_TRANSIT, site_id="X"),
+        "logistics.shipment_excursion.v1",
+        {"leg": "outbound_product", "reading_c": -100, "duration_min": 30},
+        Rules(),
+        TODAY,
+    )
+    with pytest.raises(Invalid) as info:
+        m.decide_disposition(excursion.state, "release_on_physician_request", "other", Rules(), TODAY)
+    assert info.value.errors[0].field == "outcome"
+    with pytest.raises(NotAllowedNow):
+        m.physician_decision(excursion.state, True, None, "FDA", Rules(), TODAY)
+    with pytest.raises(NotAllowedNow):
+        m.decide_disposition(OrderState(S.QC_PENDING), "release", "other", Rules(), TODAY)
+    with pytest.raises(Invalid) as info:
+        m.physician_decision(excursion.state, True, "risk_not_acceptable", "FDA", Rules(), TODAY)
+    assert info.value.errors[0].field == "reason_code"
+
+
+@pytest.mark.parametrize(
+    ("status", "fact", "data"),
+    [
+        (S.MATERIAL_IN_TRANSIT, "logistics.shipment_excursion.v1", {"leg": "inbound_apheresis"}),
+        (S.APHERESIS_COMPLETED, "site.material_rejected.v1", {"reason": "damaged_container"}),
+        (S.PRODUCT_DELIVERED, "logistics.shipment_excursion.v1", {"leg": "outbound_product"}),
+    ],
+    ids=["inbound-excursion", "refused-at-receipt", "outbound-excursion"],
+)
+def test_material_at_risk_is_held_and_a_qa_release_goes_back_where_it_was(
+    status: OrderStatus, fact: str, data: dict[str, Any]
+) -> None:
+    held = m.on_fact(OrderState(status, site_id="X"), fact, {**data, "reading_c": 12.0}, Rules(), TODAY)
+    assert held.state.status == S.MATERIAL_AT_RISK and not held.commands
+    # the same risk again, while held: recorded, neither re-held nor parked for later
+    again = m.on_fact(held.state, fact, {**data, "reading_c": 13.0}, Rules(), TODAY)
+    assert not again.changed and not again.reason.startswith(m.NOT_YET)
+    back = m.decide_disposition(held.state, "release", "within_stability_data", Rules(), TODAY, "QA-2")
+    assert back.state.status == status and back.state.at_risk is None and not back.commands
+
+
+def test_cancelling_once_manufacture_started_needs_a_signature() -> None:
+    for status in [S.SUBMITTED, S.BOOKING_CONFIRMED, S.MATERIAL_IN_TRANSIT, S.MATERIAL_RECEIVED]:
+        assert m.cancel(OrderState(status), "consent_withdrawn").state.status == S.CANCELLED
+    started = [S.MANUFACTURING, S.QC_PENDING, S.RELEASED, S.PRODUCT_IN_TRANSIT, S.PRODUCT_RECEIVED]
+    for status in started:
+        with pytest.raises(m.SignatureNeeded):
+            m.cancel(OrderState(status), "consent_withdrawn")
+        signed = m.cancel(OrderState(status), "consent_withdrawn", signed=True)
+        assert signed.state.status == S.CANCELLED and "(signed)" in signed.reason
+    with pytest.raises(m.SignatureNeeded):  # a remanufacture: a run was made already
+        m.cancel(OrderState(S.MATERIAL_RECEIVED, run=2), "consent_withdrawn")
+    held_inbound = m.on_fact(
+        OrderState(S.MATERIAL_IN_TRANSIT), "site.material_rejected.v1", {"reason": "other"}, Rules(), TODAY
+    )
+    assert m.cancel(held_inbound.state, "consent_withdrawn").state.status == S.CANCELLED
+    with pytest.raises(m.SignatureNeeded):
+        m.cancel(oos(OrderState(S.QC_PENDING)).state, "consent_withdrawn")
+
+
 def test_a_stale_fact_from_an_old_run_or_slot_is_recorded_and_ignored() -> None:
     state = OrderState(S.QC_PENDING, run=2, site_id="X")
     out = m.on_fact(state, "site.product_released.v1", {"run": 1}, Rules(), TODAY)
@@ -220,20 +345,6 @@ def test_a_stale_fact_from_an_old_run_or_slot_is_recorded_and_ignored() -> None:
     state = OrderState(S.SLOT_RESERVED, slot_id=SLOT_B)
     out = m.on_fact(state, "site.booking_confirmed.v1", {"slot_id": SLOT_A}, Rules(), TODAY)
     assert not out.changed
-
-
-def test_outbound_excursion_quarantines_and_release_returns_to_where_it_was() -> None:
-    state = OrderState(S.PRODUCT_IN_TRANSIT, site_id="X")
-    out = m.on_fact(
-        state,
-        "logistics.shipment_excursion.v1",
-        {"leg": "outbound_product", "reading_c": -100},
-        Rules(),
-        TODAY,
-    )
-    assert out.state.status == S.QUARANTINED
-    back = m.decide_quarantine(out.state, "release", "within_stability_data", Rules(), TODAY)
-    assert back.state.status == S.PRODUCT_IN_TRANSIT
 
 
 def test_predicted_dates_follow_the_facts() -> None:
@@ -306,33 +417,48 @@ def test_the_commands_carry_the_cause_as_a_code_and_the_timeline_keeps_the_words
     excursion = m.on_fact(
         OrderState(S.MATERIAL_IN_TRANSIT, site_id="X"),
         "logistics.shipment_excursion.v1",
-        {"leg": "inbound_apheresis", "reading_c": 12.5},
+        {"leg": "inbound_apheresis", "reading_c": 12.5, "duration_min": 40.0},
         r,
         TODAY,
     )
-    assert excursion.commands == (
+    assert excursion.reason == (
+        "material at risk: temperature excursion 12.5 °C on inbound_apheresis for 40.0 min; "
+        "held for QA's disposition"
+    )
+    assert excursion.state.at_risk and excursion.state.at_risk.reason == "temperature_excursion"
+    rejected_excursion = m.decide_disposition(excursion.state, "reject", "outside_stability_data", r, TODAY)
+    assert rejected_excursion.commands == (
         m.Rebook("recollection", "inbound_excursion", TODAY + timedelta(days=r.recollection_lead_days)),
     )
-    assert excursion.reason == "recollection: temperature excursion 12.5 °C on inbound_apheresis"
-    rejected = m.on_fact(
+    assert rejected_excursion.reason == (
+        "recollection: QA rejected the material at risk (excursion): outside_stability_data"
+    )
+    held = m.on_fact(
         OrderState(S.MATERIAL_IN_TRANSIT, recollections=1),
         "site.material_rejected.v1",
         {"reason": "label damaged, see note"},
         r,
         TODAY,
     )
+    assert "label damaged, see note" in held.reason
+    assert held.state.at_risk and held.state.at_risk.reason == "material_rejected"  # words: not a code
+    rejected = m.decide_disposition(held.state, "reject", "integrity_compromised", r, TODAY)
     assert rejected.state.status == S.FAILED
     assert rejected.commands == (m.Fail("material_rejected:no_recollection_left"),)
-    assert "label damaged, see note" in rejected.reason
-    lost = m.decide_quarantine(
-        OrderState(S.QUARANTINED, site_id="X", status_before_quarantine=S.PRODUCT_IN_TRANSIT),
-        "reject",
-        "integrity_compromised",
-        Rules(max_runs=2, retains_material=True),
+    outbound = m.on_fact(
+        OrderState(S.PRODUCT_IN_TRANSIT, site_id="X"),
+        "logistics.shipment_excursion.v1",
+        {"leg": "outbound_product", "reading_c": -100.0},
+        r,
         TODAY,
     )
+    lost = m.decide_disposition(
+        outbound.state, "reject", "integrity_compromised", Rules(max_runs=2, retains_material=True), TODAY
+    )
     assert lost.commands == (m.Remanufacture(2, "X", "quarantine_rejected"),)
-    assert lost.reason == "remanufacture (run 2): quarantined product rejected: integrity_compromised"
+    assert lost.reason == (
+        "remanufacture (run 2): QA rejected the material at risk (excursion): integrity_compromised"
+    )
 
 
 @pytest.mark.parametrize(
@@ -365,11 +491,17 @@ def test_a_site_outage_rebook_passes_on_the_sites_code_and_never_its_words(reaso
             "reason_code",
         ),
         (
-            lambda s: m.decide_quarantine(s, "release", "outside_stability_data", Rules(), TODAY),
+            lambda s: m.decide_disposition(s, "release", "outside_stability_data", Rules(), TODAY),
             "reason_code",
         ),
-        (lambda s: m.decide_quarantine(s, "reject", "within_stability_data", Rules(), TODAY), "reason_code"),
-        (lambda s: m.decide_quarantine(s, "hold", "other", Rules(), TODAY), "decision"),
+        (lambda s: m.decide_disposition(s, "reject", "within_stability_data", Rules(), TODAY), "reason_code"),
+        (
+            lambda s: m.decide_disposition(
+                s, "release_on_physician_request", "within_stability_data", Rules(), TODAY
+            ),
+            "reason_code",
+        ),
+        (lambda s: m.decide_disposition(s, "hold", "other", Rules(), TODAY), "outcome"),
     ],
     ids=[
         "cancel-words",
@@ -377,22 +509,40 @@ def test_a_site_outage_rebook_passes_on_the_sites_code_and_never_its_words(reaso
         "reschedule-cancel-code",
         "release-for-a-reject-reason",
         "reject-for-a-release-reason",
-        "unknown-decision",
+        "physician-request-for-a-release-reason",
+        "unknown-outcome",
     ],
 )
 def test_an_action_takes_only_a_reason_code_of_its_own_enumeration(call: Any, field: str) -> None:
-    state = OrderState(S.QUARANTINED, status_before_quarantine=S.PRODUCT_IN_TRANSIT)
+    state = oos(OrderState(S.QC_PENDING, site_id="X")).state
     with pytest.raises(Invalid) as info:
         call(state)
     assert status_of(info.value) == 422 and info.value.errors[0].field == field
 
 
-def test_other_fits_either_quarantine_decision_and_every_enumeration_is_made_of_codes() -> None:
-    state = OrderState(S.QUARANTINED, site_id="X", status_before_quarantine=S.PRODUCT_IN_TRANSIT)
-    assert m.decide_quarantine(state, "release", "other", Rules(), TODAY).state.status == S.PRODUCT_IN_TRANSIT
-    assert m.decide_quarantine(state, "reject", "other", Rules(), TODAY).changed
-    everything = reasons.CANCEL_REASONS | reasons.RESCHEDULE_REASONS | reasons.QUARANTINE_REASONS["release"]
-    assert all(reasons.is_code(c) for c in everything | reasons.QUARANTINE_REASONS["reject"])
-    assert set().union(*reasons.QUARANTINE_REASONS.values()) == set(
-        reasons.QuarantineReason.__args__  # type: ignore[attr-defined]
+def test_other_fits_every_disposition_and_every_enumeration_is_made_of_codes() -> None:
+    state = oos(OrderState(S.QC_PENDING, site_id="X")).state
+    assert m.decide_disposition(state, "release", "other", Rules(), TODAY).state.status == S.QC_PENDING
+    assert m.decide_disposition(state, "reject", "other", Rules(), TODAY).changed
+    assert m.decide_disposition(state, "release_on_physician_request", "other", Rules(), TODAY).changed
+    everything = reasons.CANCEL_REASONS | reasons.RESCHEDULE_REASONS
+    everything |= set().union(*reasons.DISPOSITION_REASONS.values(), *reasons.PHYSICIAN_REASONS.values())
+    assert all(reasons.is_code(c) for c in everything)
+    assert set().union(*reasons.DISPOSITION_REASONS.values()) == set(
+        reasons.DispositionReason.__args__  # type: ignore[attr-defined]
     )
+    assert set().union(*reasons.PHYSICIAN_REASONS.values()) == set(
+        reasons.PhysicianReason.__args__  # type: ignore[attr-defined]
+    )
+    # the former quarantine decision's codes are disposition codes of the same outcome
+    for decision, allowed in reasons.QUARANTINE_REASONS.items():
+        assert allowed <= reasons.DISPOSITION_REASONS[decision]
+
+
+def test_allowed_names_every_status_and_the_held_states_lead_back() -> None:
+    assert set(ALLOWED) == set(OrderStatus)
+    assert (
+        S.MATERIAL_AT_RISK in ALLOWED[S.QC_PENDING] and S.MATERIAL_AT_RISK in ALLOWED[S.MATERIAL_IN_TRANSIT]
+    )
+    assert S.AWAITING_PHYSICIAN in ALLOWED[S.MATERIAL_AT_RISK]
+    assert S.QC_PENDING in ALLOWED[S.AWAITING_PHYSICIAN]

@@ -18,23 +18,35 @@ from datetime import UTC, date, datetime
 from typing import Any
 
 from order_service.adapters.repository import (
+    NOTIFY_WITHIN,
     ORDER_COLUMNS,
     SCHEMA,
     AuditLogRepository,
     CatalogueRepository,
+    CollectionRepository,
+    DecisionRepository,
     NetworkRepository,
     OrderRepository,
     OrderTx,
     ParkedFactRepository,
+    SignatureLog,
+    TaskRepository,
     TimelineRepository,
     read_centres,
 )
 from order_service.domain.market import Approval
-from order_service.domain.records import Centre, OrderRecord, TimelineEntry, open_order_exists
+from order_service.domain.records import AuthorityTask, Centre, OrderRecord, TimelineEntry, open_order_exists
 from v2v_audit import MemoryAuditTrail, Record
 from v2v_contracts import CloudEvent
 from v2v_contracts.reference import load_products
 from v2v_messaging.fakes import FakeOutbox, FakeUnitOfWork
+from v2v_servicekit.signatures import (
+    CANONICALIZATION,
+    Signature,
+    SignatureCheck,
+    SignedRecord,
+    Signer,
+)
 
 
 @dataclass
@@ -58,6 +70,10 @@ class MemoryStore:
     sites: dict[str, NetworkSite] = field(default_factory=dict)
     audit: list[Record] = field(default_factory=list)  # the audit trail, chained as in Postgres
     placements: dict[tuple[str, str], uuid.UUID] = field(default_factory=dict)  # (client, key) -> order
+    collections: dict[tuple[uuid.UUID, int], tuple[str, datetime]] = field(default_factory=dict)
+    tasks: dict[uuid.UUID, AuthorityTask] = field(default_factory=dict)
+    signatures: list[Signature] = field(default_factory=list)
+    decisions: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
     def with_reference_data(cls) -> MemoryStore:
@@ -268,6 +284,156 @@ class MemoryAuditLog(AuditLogRepository):
         return mine[offset : offset + limit], len(mine)
 
 
+class MemoryCollections(CollectionRepository):
+    def __init__(self, store: MemoryStore) -> None:
+        self.store = store
+
+    async def add(self, order_id: uuid.UUID, collection: int, din: str, collected_at: datetime) -> None:
+        if (order_id, collection) in self.store.collections or any(
+            d == din for d, _ in self.store.collections.values()
+        ):
+            raise ValueError("duplicate collection or DIN (unique)")
+        self.store.collections[(order_id, collection)] = (din, collected_at)
+
+    async def of(self, order_id: uuid.UUID) -> list[dict[str, Any]]:
+        return [
+            {"collection": n, "din": din, "collected_at": at}
+            for (o, n), (din, at) in sorted(self.store.collections.items(), key=lambda kv: kv[0][1])
+            if o == order_id
+        ]
+
+
+class MemoryTasks(TaskRepository):
+    def __init__(self, store: MemoryStore) -> None:
+        self.store = store
+
+    async def open_notification(
+        self, order_id: uuid.UUID, *, regulator: str, cause: str, run: int
+    ) -> uuid.UUID:
+        for t in self.store.tasks.values():
+            if (t.order_id, t.kind, t.run) == (order_id, "authority_notification", run):
+                return t.task_id
+        task = AuthorityTask(
+            task_id=uuid.uuid4(),
+            order_id=order_id,
+            kind="authority_notification",
+            regulator=regulator,
+            cause=cause,
+            run=run,
+            created_at=datetime.now(UTC),
+        )
+        self.store.tasks[task.task_id] = task
+        return task.task_id
+
+    async def administered(self, order_id: uuid.UUID, at: datetime) -> list[uuid.UUID]:
+        due = [
+            t
+            for t in self.store.tasks.values()
+            if t.order_id == order_id and t.state == "open" and not t.due_at
+        ]
+        for t in due:
+            self.store.tasks[t.task_id] = dataclasses.replace(
+                t, administered_at=at, due_at=at + NOTIFY_WITHIN
+            )
+        return [t.task_id for t in due]
+
+    async def get(self, task_id: uuid.UUID, *, lock: bool = False) -> AuthorityTask | None:
+        return self.store.tasks.get(task_id)
+
+    async def of_order(self, order_id: uuid.UUID) -> list[AuthorityTask]:
+        return sorted(
+            (t for t in self.store.tasks.values() if t.order_id == order_id),
+            key=lambda t: (t.created_at, t.task_id),
+        )
+
+    async def page(
+        self, *, state: str | None, overdue_at: datetime | None, limit: int, offset: int
+    ) -> tuple[list[AuthorityTask], int]:
+        found = sorted(
+            (
+                t
+                for t in self.store.tasks.values()
+                if (state is None or t.state == state) and (overdue_at is None or t.overdue(overdue_at))
+            ),
+            key=lambda t: (t.due_at is None, t.due_at or t.created_at, t.created_at, t.task_id),
+        )
+        return found[offset : offset + limit], len(found)
+
+    async def complete(self, task_id: uuid.UUID, *, by: str, reference: str, at: datetime) -> None:
+        t = self.store.tasks[task_id]
+        self.store.tasks[task_id] = dataclasses.replace(
+            t, state="done", completed_at=at, completed_by=by, reference=reference
+        )
+
+
+class MemorySignatures(SignatureLog):
+    def __init__(self, store: MemoryStore) -> None:
+        self.store = store
+
+    async def record(self, signer: Signer, record: SignedRecord) -> Signature:
+        if any(s.token_id == signer.token_id for s in self.store.signatures):
+            raise ValueError("signing token used twice (unique)")
+        signature = Signature(
+            signature_id=uuid.uuid4(),
+            object_type=record.object_type,
+            object_id=record.object_id,
+            meaning=signer.meaning,
+            user_id=signer.user_id,
+            name=signer.name,
+            roles=tuple(sorted(signer.roles)),
+            org_kind=signer.org_kind,
+            org_id=signer.org_id,
+            client_id=signer.client_id,
+            record_sha256=record.sha256(),
+            canonicalization=CANONICALIZATION,
+            token_id=signer.token_id,
+            auth_time=signer.auth_time,
+            signed_at=datetime.now(UTC),
+            issuer=signer.issuer,
+        )
+        self.store.signatures.append(signature)
+        return signature
+
+    async def of(self, object_type: str, object_id: str, meaning: str | None = None) -> list[Signature]:
+        return [
+            s
+            for s in self.store.signatures
+            if (s.object_type, s.object_id) == (object_type, object_id) and meaning in (None, s.meaning)
+        ]
+
+    async def check(self, record: SignedRecord, meaning: str | None = None) -> SignatureCheck:
+        found = await self.of(record.object_type, record.object_id, meaning)
+        return SignatureCheck(
+            current=tuple(s for s in found if s.matches(record)),
+            stale=tuple(s for s in found if not s.matches(record)),
+        )
+
+
+class MemoryDecisions(DecisionRepository):
+    def __init__(self, store: MemoryStore) -> None:
+        self.store = store
+
+    async def add(
+        self, decision_id: uuid.UUID, order_id: uuid.UUID, meaning: str, fields: dict[str, Any]
+    ) -> None:
+        self.store.decisions.append(
+            {
+                "decision_id": decision_id,
+                "order_id": order_id,
+                "meaning": meaning,
+                "fields": copy.deepcopy(fields),
+                "decided_at": datetime.now(UTC),
+            }
+        )
+
+    async def of_order(self, order_id: uuid.UUID) -> list[dict[str, Any]]:
+        return [
+            {k: v for k, v in d.items() if k != "order_id"}
+            for d in self.store.decisions
+            if d["order_id"] == order_id
+        ]
+
+
 def memory_tx(store: MemoryStore, outbox: FakeOutbox) -> OrderTx:
     return OrderTx(
         None,
@@ -278,6 +444,10 @@ def memory_tx(store: MemoryStore, outbox: FakeOutbox) -> OrderTx:
         catalogue=MemoryCatalogue(store),
         network=MemoryNetwork(store),
         audit_log=MemoryAuditLog(store),
+        collections=MemoryCollections(store),
+        tasks=MemoryTasks(store),
+        signatures=MemorySignatures(store),
+        decisions=MemoryDecisions(store),
         audit=MemoryAuditTrail(store.audit, SCHEMA),
     )
 

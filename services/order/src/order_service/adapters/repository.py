@@ -10,7 +10,7 @@ from __future__ import annotations
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +18,12 @@ import asyncpg
 import yaml
 
 from order_service.domain.market import Approval
-from order_service.domain.records import Centre, OrderRecord, TimelineEntry, open_order_exists
+from order_service.domain.records import AuthorityTask, Centre, OrderRecord, TimelineEntry, open_order_exists
 from v2v_audit import AuditedTx, AuditTrail, Record
 from v2v_audit import store as audit_store
 from v2v_contracts import CloudEvent
 from v2v_messaging import EventSink
+from v2v_servicekit.signatures import Signature, SignatureCheck, SignatureRepository, SignedRecord, Signer
 
 OPEN_ORDER_INDEX = "orders_one_open_per_patient_product"  # migration 0006
 SEED_DIR = Path(__file__).resolve().parent.parent / "seed"
@@ -81,7 +82,8 @@ class OrderRepository(ABC):
 
     @abstractmethod
     async def next_coi_sequence(self, year: int) -> int:
-        """The next chain-of-identity sequence number of the year (a step of this transaction)."""
+        """The next identification sequence number of the year (a step of this transaction): COIs and the
+        DINs of collections share it, so that no DIN ever equals a COI."""
 
 
 class PgOrders(OrderRepository):
@@ -439,6 +441,212 @@ class PgNetwork(NetworkRepository):
         )
 
 
+# ---- collections (one DIN each) and QA's authority-notification tasks ------------------------------
+
+NOTIFY_WITHIN = timedelta(hours=48)  # EU GMP for ATMPs Part IV §11.5: within 48 h of administration
+
+
+class CollectionRepository(ABC):
+    @abstractmethod
+    async def add(self, order_id: uuid.UUID, collection: int, din: str, collected_at: datetime) -> None:
+        """Record a collection and its DIN (unique across the platform)."""
+
+    @abstractmethod
+    async def of(self, order_id: uuid.UUID) -> list[dict[str, Any]]:
+        """The order's collections: collection number, DIN, collected_at (oldest first)."""
+
+
+class PgCollections(CollectionRepository):
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self.conn = conn
+
+    async def add(self, order_id: uuid.UUID, collection: int, din: str, collected_at: datetime) -> None:
+        await self.conn.execute(
+            "INSERT INTO collections (order_id, collection, din, collected_at) VALUES ($1, $2, $3, $4)",
+            order_id,
+            collection,
+            din,
+            collected_at,
+        )
+
+    async def of(self, order_id: uuid.UUID) -> list[dict[str, Any]]:
+        rows = await self.conn.fetch(
+            """SELECT collection, din, collected_at FROM collections WHERE order_id = $1
+               ORDER BY collection""",
+            order_id,
+        )
+        return [dict(r) for r in rows]
+
+
+class TaskRepository(ABC):
+    @abstractmethod
+    async def open_notification(
+        self, order_id: uuid.UUID, *, regulator: str, cause: str, run: int
+    ) -> uuid.UUID:
+        """Open the authority-notification task of the order's run (once); its id."""
+
+    @abstractmethod
+    async def administered(self, order_id: uuid.UUID, at: datetime) -> list[uuid.UUID]:
+        """The product was administered at `at`: the order's open tasks fall due 48 h later."""
+
+    @abstractmethod
+    async def get(self, task_id: uuid.UUID, *, lock: bool = False) -> AuthorityTask | None: ...
+
+    @abstractmethod
+    async def of_order(self, order_id: uuid.UUID) -> list[AuthorityTask]: ...
+
+    @abstractmethod
+    async def page(
+        self, *, state: str | None, overdue_at: datetime | None, limit: int, offset: int
+    ) -> tuple[list[AuthorityTask], int]:
+        """Tasks (the earliest due first, then unscheduled ones), narrowed to a state, or to those overdue
+        at `overdue_at`."""
+
+    @abstractmethod
+    async def complete(self, task_id: uuid.UUID, *, by: str, reference: str, at: datetime) -> None: ...
+
+
+TASK_COLUMNS = ", ".join(AuthorityTask.__dataclass_fields__)
+
+
+class PgTasks(TaskRepository):
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self.conn = conn
+
+    async def open_notification(
+        self, order_id: uuid.UUID, *, regulator: str, cause: str, run: int
+    ) -> uuid.UUID:
+        task_id: uuid.UUID = await self.conn.fetchval(
+            """INSERT INTO authority_tasks (task_id, order_id, kind, regulator, cause, run)
+               VALUES ($1, $2, 'authority_notification', $3, $4, $5)
+               ON CONFLICT (order_id, kind, run) DO UPDATE SET regulator = authority_tasks.regulator
+               RETURNING task_id""",
+            uuid.uuid4(),
+            order_id,
+            regulator,
+            cause,
+            run,
+        )
+        return task_id
+
+    async def administered(self, order_id: uuid.UUID, at: datetime) -> list[uuid.UUID]:
+        rows = await self.conn.fetch(
+            """UPDATE authority_tasks SET administered_at = $2, due_at = $3
+               WHERE order_id = $1 AND state = 'open' AND due_at IS NULL RETURNING task_id""",
+            order_id,
+            at,
+            at + NOTIFY_WITHIN,
+        )
+        return [r["task_id"] for r in rows]
+
+    async def get(self, task_id: uuid.UUID, *, lock: bool = False) -> AuthorityTask | None:
+        sql = f"SELECT {TASK_COLUMNS} FROM authority_tasks WHERE task_id = $1" + (
+            " FOR UPDATE" if lock else ""
+        )
+        row = await self.conn.fetchrow(sql, task_id)
+        return AuthorityTask.from_mapping(row) if row is not None else None
+
+    async def of_order(self, order_id: uuid.UUID) -> list[AuthorityTask]:
+        rows = await self.conn.fetch(
+            f"SELECT {TASK_COLUMNS} FROM authority_tasks WHERE order_id = $1 ORDER BY created_at, task_id",
+            order_id,
+        )
+        return [AuthorityTask.from_mapping(r) for r in rows]
+
+    async def page(
+        self, *, state: str | None, overdue_at: datetime | None, limit: int, offset: int
+    ) -> tuple[list[AuthorityTask], int]:
+        where = """WHERE ($1::text IS NULL OR state = $1)
+                     AND ($2::timestamptz IS NULL OR (state = 'open' AND due_at < $2))"""
+        rows = await self.conn.fetch(
+            f"""SELECT {TASK_COLUMNS} FROM authority_tasks {where}
+                ORDER BY due_at NULLS LAST, created_at, task_id LIMIT $3 OFFSET $4""",
+            state,
+            overdue_at,
+            limit,
+            offset,
+        )
+        total = await self.conn.fetchval(f"SELECT count(*) FROM authority_tasks {where}", state, overdue_at)
+        return [AuthorityTask.from_mapping(r) for r in rows], int(total)
+
+    async def complete(self, task_id: uuid.UUID, *, by: str, reference: str, at: datetime) -> None:
+        await self.conn.execute(
+            """UPDATE authority_tasks SET state = 'done', completed_at = $2, completed_by = $3, reference = $4
+               WHERE task_id = $1""",
+            task_id,
+            at,
+            by,
+            reference,
+        )
+
+
+# ---- electronic signatures (v2v_servicekit.signatures, in the service's schema) ---------------------
+
+
+class SignatureLog(ABC):
+    """The signatures of one transaction: recorded with the change they sign (21 CFR 11.70)."""
+
+    @abstractmethod
+    async def record(self, signer: Signer, record: SignedRecord) -> Signature: ...
+
+    @abstractmethod
+    async def check(self, record: SignedRecord, meaning: str | None = None) -> SignatureCheck: ...
+
+    @abstractmethod
+    async def of(self, object_type: str, object_id: str, meaning: str | None = None) -> list[Signature]: ...
+
+
+class PgSignatures(SignatureLog):
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self.repo = SignatureRepository(conn)
+
+    async def record(self, signer: Signer, record: SignedRecord) -> Signature:
+        return await self.repo.record(signer, record)
+
+    async def check(self, record: SignedRecord, meaning: str | None = None) -> SignatureCheck:
+        return await self.repo.check(record, meaning)
+
+    async def of(self, object_type: str, object_id: str, meaning: str | None = None) -> list[Signature]:
+        return await self.repo.of(object_type, object_id, meaning)
+
+
+class DecisionRepository(ABC):
+    """Signed decisions on orders: what was decided, as signed (the signature binds these fields)."""
+
+    @abstractmethod
+    async def add(
+        self, decision_id: uuid.UUID, order_id: uuid.UUID, meaning: str, fields: dict[str, Any]
+    ) -> None: ...
+
+    @abstractmethod
+    async def of_order(self, order_id: uuid.UUID) -> list[dict[str, Any]]:
+        """decision_id, meaning, fields, decided_at (oldest first)."""
+
+
+class PgDecisions(DecisionRepository):
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self.conn = conn
+
+    async def add(
+        self, decision_id: uuid.UUID, order_id: uuid.UUID, meaning: str, fields: dict[str, Any]
+    ) -> None:
+        await self.conn.execute(
+            "INSERT INTO signed_decisions (decision_id, order_id, meaning, fields) VALUES ($1, $2, $3, $4)",
+            decision_id,
+            order_id,
+            meaning,
+            fields,
+        )
+
+    async def of_order(self, order_id: uuid.UUID) -> list[dict[str, Any]]:
+        rows = await self.conn.fetch(
+            """SELECT decision_id, meaning, fields, decided_at FROM signed_decisions WHERE order_id = $1
+               ORDER BY decided_at, decision_id""",
+            order_id,
+        )
+        return [dict(r) for r in rows]
+
+
 # ---- the transaction -------------------------------------------------------------------------------
 
 
@@ -478,10 +686,18 @@ class OrderTx(AuditedTx):
         catalogue: CatalogueRepository,
         network: NetworkRepository,
         audit_log: AuditLogRepository,
+        collections: CollectionRepository,
+        tasks: TaskRepository,
+        signatures: SignatureLog,
+        decisions: DecisionRepository,
         audit: AuditTrail | None = None,
     ) -> None:
         super().__init__(conn, outbox, audit=audit)
         self.audit_log = audit_log
+        self.collections = collections
+        self.tasks = tasks
+        self.signatures = signatures
+        self.decisions = decisions
         self.orders = orders
         self.timeline = timeline
         self.parked = parked
@@ -500,4 +716,8 @@ def tx_factory(conn: asyncpg.Connection, outbox: EventSink) -> OrderTx:
         catalogue=PgCatalogue(conn),
         network=PgNetwork(conn),
         audit_log=PgAuditLog(conn),
+        collections=PgCollections(conn),
+        tasks=PgTasks(conn),
+        signatures=PgSignatures(conn),
+        decisions=PgDecisions(conn),
     )

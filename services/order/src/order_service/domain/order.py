@@ -37,7 +37,8 @@ class OrderStatus(StrEnum):
     PRODUCT_DELIVERED = "product_delivered"
     PRODUCT_RECEIVED = "product_received"
     RESCHEDULING = "rescheduling"
-    QUARANTINED = "quarantined"
+    MATERIAL_AT_RISK = "material_at_risk"  # held for QA: OOS, excursion or refused at receipt
+    AWAITING_PHYSICIAN = "awaiting_physician"  # QA released an OOS product on physician request
     COMPLETED = "completed"
     CANCELLED = "cancelled"
     FAILED = "failed"
@@ -58,6 +59,7 @@ BEFORE_APHERESIS = frozenset(
 MATERIAL_ON_THE_WAY = frozenset({S.INBOUND_SHIPMENT_PLANNED, S.APHERESIS_COMPLETED, S.MATERIAL_IN_TRANSIT})
 IN_MANUFACTURE = frozenset({S.MATERIAL_RECEIVED, S.MANUFACTURING, S.QC_PENDING})
 PRODUCT_OUT = frozenset({S.RELEASED, S.PRODUCT_IN_TRANSIT, S.PRODUCT_DELIVERED})
+HELD = frozenset({S.MATERIAL_AT_RISK, S.AWAITING_PHYSICIAN})
 AVAILABLE = frozenset({S.RELEASED, S.PRODUCT_IN_TRANSIT, S.PRODUCT_DELIVERED, S.PRODUCT_RECEIVED})
 
 # Every transition the machine may make (used by the property tests and the docs).
@@ -67,42 +69,66 @@ ALLOWED: dict[OrderStatus, frozenset[OrderStatus]] = {
     S.SLOT_RESERVED: frozenset({S.BOOKING_CONFIRMED, S.RESCHEDULING, S.CANCELLED}),
     S.BOOKING_CONFIRMED: frozenset({S.INBOUND_SHIPMENT_PLANNED, S.RESCHEDULING, S.CANCELLED}),
     S.INBOUND_SHIPMENT_PLANNED: frozenset(
-        {S.APHERESIS_COMPLETED, S.MATERIAL_RECEIVED, S.RESCHEDULING, S.FAILED, S.CANCELLED}
+        {S.APHERESIS_COMPLETED, S.MATERIAL_RECEIVED, S.MATERIAL_AT_RISK, S.RESCHEDULING, S.CANCELLED}
     ),
     S.APHERESIS_COMPLETED: frozenset(
-        {S.MATERIAL_IN_TRANSIT, S.MATERIAL_RECEIVED, S.RESCHEDULING, S.FAILED, S.CANCELLED}
+        {S.MATERIAL_IN_TRANSIT, S.MATERIAL_RECEIVED, S.MATERIAL_AT_RISK, S.RESCHEDULING, S.CANCELLED}
     ),
-    S.MATERIAL_IN_TRANSIT: frozenset({S.MATERIAL_RECEIVED, S.RESCHEDULING, S.FAILED, S.CANCELLED}),
+    S.MATERIAL_IN_TRANSIT: frozenset({S.MATERIAL_RECEIVED, S.MATERIAL_AT_RISK, S.RESCHEDULING, S.CANCELLED}),
     S.MATERIAL_RECEIVED: frozenset(
         {
             S.MANUFACTURING,
             S.QC_PENDING,
             S.RELEASED,
             S.MATERIAL_RECEIVED,
+            S.MATERIAL_AT_RISK,
             S.RESCHEDULING,
             S.FAILED,
             S.CANCELLED,
         }
     ),
     S.MANUFACTURING: frozenset(
-        {S.QC_PENDING, S.RELEASED, S.MATERIAL_RECEIVED, S.RESCHEDULING, S.FAILED, S.CANCELLED}
+        {
+            S.QC_PENDING,
+            S.RELEASED,
+            S.MATERIAL_RECEIVED,
+            S.MATERIAL_AT_RISK,
+            S.RESCHEDULING,
+            S.FAILED,
+            S.CANCELLED,
+        }
     ),
-    S.QC_PENDING: frozenset({S.RELEASED, S.MATERIAL_RECEIVED, S.RESCHEDULING, S.FAILED, S.CANCELLED}),
-    S.RELEASED: frozenset({S.PRODUCT_IN_TRANSIT, S.PRODUCT_DELIVERED, S.QUARANTINED, S.CANCELLED}),
-    S.PRODUCT_IN_TRANSIT: frozenset({S.PRODUCT_DELIVERED, S.PRODUCT_RECEIVED, S.QUARANTINED, S.CANCELLED}),
-    S.PRODUCT_DELIVERED: frozenset({S.PRODUCT_RECEIVED, S.QUARANTINED, S.CANCELLED}),
+    S.QC_PENDING: frozenset(
+        {S.RELEASED, S.MATERIAL_RECEIVED, S.MATERIAL_AT_RISK, S.RESCHEDULING, S.FAILED, S.CANCELLED}
+    ),
+    S.RELEASED: frozenset({S.PRODUCT_IN_TRANSIT, S.PRODUCT_DELIVERED, S.MATERIAL_AT_RISK, S.CANCELLED}),
+    S.PRODUCT_IN_TRANSIT: frozenset(
+        {S.PRODUCT_DELIVERED, S.PRODUCT_RECEIVED, S.MATERIAL_AT_RISK, S.CANCELLED}
+    ),
+    S.PRODUCT_DELIVERED: frozenset({S.PRODUCT_RECEIVED, S.MATERIAL_AT_RISK, S.CANCELLED}),
     S.PRODUCT_RECEIVED: frozenset({S.COMPLETED, S.CANCELLED}),
     S.RESCHEDULING: frozenset({S.SLOT_RESERVED, S.WAITLISTED, S.CANCELLED}),
-    S.QUARANTINED: frozenset(
+    # held for QA: release goes back where the order was (the site's or the courier's next fact moves it
+    # on), reject goes the way a lost product or material goes (remanufacture, recollection, fail)
+    S.MATERIAL_AT_RISK: frozenset(
         {
+            S.INBOUND_SHIPMENT_PLANNED,
+            S.APHERESIS_COMPLETED,
+            S.MATERIAL_IN_TRANSIT,
+            S.MANUFACTURING,
+            S.QC_PENDING,
             S.RELEASED,
             S.PRODUCT_IN_TRANSIT,
             S.PRODUCT_DELIVERED,
+            S.AWAITING_PHYSICIAN,
             S.MATERIAL_RECEIVED,
             S.RESCHEDULING,
             S.FAILED,
             S.CANCELLED,
         }
+    ),
+    S.AWAITING_PHYSICIAN: frozenset(
+        {S.MATERIAL_RECEIVED, S.MANUFACTURING, S.QC_PENDING, S.RESCHEDULING, S.FAILED, S.CANCELLED}
     ),
     S.COMPLETED: frozenset(),
     S.CANCELLED: frozenset(),
@@ -133,6 +159,34 @@ class Rules:
 
 
 @dataclass(frozen=True)
+class AtRisk:
+    """Material held for QA's disposition, and why (the fact that put it at risk).
+
+    `cause`: `out_of_specification` (QC found the product out of specification), `excursion` (a shipment's
+    temperature excursion beyond the product's rule, `leg` inbound or outbound) or `receipt` (the site
+    refused the material at receipt and holds it). `reason` is the fact's code (a QcFinding, a
+    ReceiptRejection) or `temperature_excursion`. `requested` is QA's code once QA released an OOS product
+    on physician request (the order then waits for the physician's signed decision)."""
+
+    cause: str  # out_of_specification | excursion | receipt
+    reason: str
+    leg: str | None = None  # inbound_apheresis | outbound_product (excursion)
+    site_id: str | None = None
+    run: int | None = None  # out_of_specification
+    shipment_id: str | None = None  # excursion
+    retained: bool = False  # out_of_specification: whether the site holds material for a remanufacture
+    requested: str | None = None  # QA's reason code of a release on physician request
+    document_reference: str | None = None  # QA's document, once QA decided
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    @classmethod
+    def of(cls, value: dict[str, Any] | None) -> AtRisk | None:
+        return cls(**value) if value else None
+
+
+@dataclass(frozen=True)
 class OrderState:
     status: OrderStatus
     run: int = 1
@@ -141,8 +195,10 @@ class OrderState:
     site_id: str | None = None
     apheresis_date: date | None = None
     lymphodepletion: bool = False
-    status_before_quarantine: OrderStatus | None = None
+    status_before_hold: OrderStatus | None = None  # where a held order goes back to when QA releases it
     rebook_pending: bool = False  # a rebook was asked for and its slot has not been reserved yet
+    at_risk: AtRisk | None = None  # while held (material_at_risk, awaiting_physician)
+    expanded_access: bool = False  # an OOS product accepted by the physician where the market needs it
 
 
 # The commands carry a reason code (`reasons`), never words: they become events.
@@ -168,7 +224,17 @@ class Fail:
     reason: str  # a reason code
 
 
-Command = Rebook | Remanufacture | Fail
+@dataclass(frozen=True)
+class NotifyAuthority:
+    """Open the authority-notification task of a non-conforming product administered on physician
+    request (EU GMP for ATMPs, Part IV §11.5: the competent authority is notified within 48 hours of
+    administration). Not an event: the order service tracks the task itself."""
+
+    regulator: str
+    reason: str  # a reason code (out_of_specification)
+
+
+Command = Rebook | Remanufacture | Fail | NotifyAuthority
 
 
 @dataclass(frozen=True)
@@ -182,6 +248,15 @@ class Outcome:
 def not_now(reason: str) -> NotAllowedNow:
     """The order's current state does not allow the action (409, problem type `order-state`)."""
     return NotAllowedNow("status", reason)
+
+
+class SignatureNeeded(Exception):
+    """The action needs an electronic signature with this meaning in the order's state (the service
+    layer answers 401 `signature-required`)."""
+
+    def __init__(self, meaning: str) -> None:
+        super().__init__(meaning)
+        self.meaning = meaning
 
 
 NOT_YET = "recorded only: not applicable while"  # may apply once earlier facts arrive
@@ -235,9 +310,23 @@ def product_lost(
             f"remanufacture (run {nxt}): {why}",
             (Remanufacture(nxt, state.site_id, cause),),
             run=nxt,
-            status_before_quarantine=None,
+            status_before_hold=None,
+            at_risk=None,
         )
-    return recollect(dataclasses.replace(state, status_before_quarantine=None), rules, cause, why, today)
+    return recollect(
+        dataclasses.replace(state, status_before_hold=None, at_risk=None), rules, cause, why, today
+    )
+
+
+def hold(state: OrderState, risk: AtRisk, why: str) -> Outcome:
+    """Material at risk: held for QA's disposition (nothing is remanufactured or recollected yet)."""
+    return _to(
+        state,
+        S.MATERIAL_AT_RISK,
+        f"material at risk: {why}; held for QA's disposition",
+        status_before_hold=state.status,
+        at_risk=risk,
+    )
 
 
 def on_fact(state: OrderState, event_type: str, data: dict[str, Any], rules: Rules, today: date) -> Outcome:
@@ -320,24 +409,36 @@ def on_fact(state: OrderState, event_type: str, data: dict[str, Any], rules: Rul
             ):
                 return _to(state, S.PRODUCT_DELIVERED, "product delivered to the centre")
         case "logistics.shipment_excursion.v1":
-            excursion = f"temperature excursion {data.get('reading_c')} °C on {data.get('leg')}"
-            if data.get("leg") == "inbound_apheresis" and st in MATERIAL_ON_THE_WAY:
-                return recollect(state, rules, codes.INBOUND_EXCURSION, excursion, today)
-            if data.get("leg") == "outbound_product" and st in PRODUCT_OUT:
-                return _to(
-                    state,
-                    S.QUARANTINED,
-                    f"product quarantined: {excursion}; decision required",
-                    status_before_quarantine=st,
+            leg = data.get("leg")
+            excursion = f"temperature excursion {data.get('reading_c')} °C on {leg}"
+            if data.get("duration_min") is not None:
+                excursion += f" for {data.get('duration_min')} min"
+            if st in HELD:
+                return _keep(state, f"recorded: {excursion}; the material is held for QA already")
+            if (leg == "inbound_apheresis" and st in MATERIAL_ON_THE_WAY) or (
+                leg == "outbound_product" and st in PRODUCT_OUT
+            ):
+                risk = AtRisk(
+                    "excursion",
+                    codes.TEMPERATURE_EXCURSION,
+                    leg=str(leg),
+                    site_id=state.site_id,
+                    shipment_id=str(data["shipment_id"]) if data.get("shipment_id") else None,
                 )
+                return hold(state, risk, excursion)
         case "site.material_received.v1":
             if st in MATERIAL_ON_THE_WAY:
                 return _to(state, S.MATERIAL_RECEIVED, "material received, chain of identity verified")
         case "site.material_rejected.v1":
+            if st in HELD:
+                return _keep(state, f"recorded: refused at receipt ({reason}); held for QA already")
             if st in MATERIAL_ON_THE_WAY:
-                return recollect(
-                    state, rules, codes.MATERIAL_REJECTED, f"material rejected at receipt: {reason}", today
+                risk = AtRisk(
+                    "receipt",
+                    codes.as_code(data.get("reason"), codes.MATERIAL_REJECTED),
+                    site_id=str(data.get("site_id") or state.site_id or "") or None,
                 )
+                return hold(state, risk, f"material refused at receipt: {reason}")
         case "site.manufacturing_step_completed.v1":
             if st in {S.MATERIAL_RECEIVED, S.MANUFACTURING} and run_matches:
                 step = data.get("step")
@@ -347,13 +448,28 @@ def on_fact(state: OrderState, event_type: str, data: dict[str, Any], rules: Rul
         case "site.product_released.v1":
             if st in IN_MANUFACTURE and run_matches:
                 return _to(state, S.RELEASED, "QC released the product")
-        case "site.product_out_of_specification.v1" | "site.manufacturing_failed.v1":
+        case "site.product_out_of_specification.v1":
+            if st in HELD and run_matches:
+                return _keep(state, f"recorded: out of specification ({reason}); held for QA already")
             if st in IN_MANUFACTURE and run_matches:
-                oos = "specification" in event_type
-                kind = "out of specification" if oos else "manufacturing failed"
-                cause = codes.OUT_OF_SPECIFICATION if oos else codes.MANUFACTURING_FAILED
+                risk = AtRisk(
+                    "out_of_specification",
+                    codes.as_code(data.get("reason"), codes.OUT_OF_SPECIFICATION),
+                    site_id=str(data.get("site_id") or state.site_id or "") or None,
+                    run=state.run,
+                    retained=bool(data.get("retained_material")),
+                )
+                return hold(state, risk, f"out of specification: {reason}")
+        case "site.manufacturing_failed.v1":
+            # a true failure (nothing releasable) keeps the loss path: remanufacture, recollect or fail
+            if st in IN_MANUFACTURE and run_matches:
                 return product_lost(
-                    state, rules, cause, f"{kind}: {reason}", bool(data.get("retained_material")), today
+                    state,
+                    rules,
+                    codes.MANUFACTURING_FAILED,
+                    f"manufacturing failed: {reason}",
+                    bool(data.get("retained_material")),
+                    today,
                 )
         case _:
             return _keep(state, reason)
@@ -363,12 +479,21 @@ def on_fact(state: OrderState, event_type: str, data: dict[str, Any], rules: Rul
 # ---- hospital and QA actions ----------------------------------------------------------------------
 
 
-def cancel(state: OrderState, reason_code: str) -> Outcome:
-    """The centre cancels, for one of `reasons.CancelReason`."""
+def cancel(state: OrderState, reason_code: str, *, signed: bool = False) -> Outcome:
+    """The centre cancels, for one of `reasons.CancelReason`; once manufacture started only with a
+    signature (`signed`: the service layer verified and records it)."""
     codes.check_cancel(reason_code)
     if state.status in TERMINAL:
         raise not_now(f"order is already {state.status.value}")
-    return _to(state, S.CANCELLED, f"cancelled by the centre: {reason_code}")
+    if cancellation_is_signed(state) and not signed:
+        raise SignatureNeeded("cancellation")
+    return _to(
+        state,
+        S.CANCELLED,
+        f"cancelled by the centre{' (signed)' if signed else ''}: {reason_code}",
+        status_before_hold=None,
+        at_risk=None,
+    )
 
 
 def reschedule_apheresis(state: OrderState, new_date: date, reason_code: str, today: date) -> Outcome:
@@ -420,24 +545,111 @@ def confirm_infusion(state: OrderState) -> Outcome:
     return _to(state, S.COMPLETED, "patient infused")
 
 
-def decide_quarantine(
-    state: OrderState, decision: str, reason_code: str, rules: Rules, today: date
+# markets where a non-conforming product given on physician request is expanded access: the US (FDA,
+# 21 CFR 312 subpart I, individual-patient expanded access, 312.310); elsewhere (EU: EU GMP for ATMPs
+# Part IV §11.5) it stays the order's use, with the authority notified
+EXPANDED_ACCESS_REGULATORS = frozenset({"FDA"})
+
+
+def reject_material(state: OrderState, rules: Rules, why: str, today: date) -> Outcome:
+    """QA rejected the held material (or the physician declined the OOS product): exactly the path a lost
+    product or material took before the disposition workflow."""
+    risk = state.at_risk
+    assert risk is not None
+    cleared = dataclasses.replace(state, status_before_hold=None, at_risk=None)
+    if risk.cause == "out_of_specification":
+        return product_lost(cleared, rules, codes.OUT_OF_SPECIFICATION, why, risk.retained, today)
+    if risk.cause == "receipt":
+        return recollect(cleared, rules, codes.MATERIAL_REJECTED, why, today)
+    if risk.leg == "inbound_apheresis":
+        return recollect(cleared, rules, codes.INBOUND_EXCURSION, why, today)
+    return product_lost(cleared, rules, codes.QUARANTINE_REJECTED, why, rules.retains_material, today)
+
+
+def decide_disposition(
+    state: OrderState,
+    outcome: str,
+    reason_code: str,
+    rules: Rules,
+    today: date,
+    document_reference: str | None = None,
 ) -> Outcome:
-    """QA releases or rejects a quarantined product, for a reason code that fits the decision."""
-    codes.check_quarantine(decision, reason_code)
-    if state.status != S.QUARANTINED:
-        raise not_now(f"no quarantined product (order is {state.status.value})")
-    if decision == "release":
-        back = state.status_before_quarantine or S.RELEASED
-        return _to(state, back, f"quarantine released: {reason_code}", status_before_quarantine=None)
-    return product_lost(
-        state,
-        rules,
-        codes.QUARANTINE_REJECTED,
-        f"quarantined product rejected: {reason_code}",
-        rules.retains_material,
-        today,
+    """QA's signed disposition of held material: `release` (back where the order was: the site's or the
+    courier's next fact moves it on), `release_on_physician_request` (OOS only: the centre's physician
+    decides next) or `reject` (remanufacture, recollection or fail, as a lost product)."""
+    codes.check_disposition(outcome, reason_code)
+    risk = state.at_risk
+    if state.status != S.MATERIAL_AT_RISK or risk is None:
+        raise not_now(f"no material held for a disposition (order is {state.status.value})")
+    decided = dataclasses.replace(risk, document_reference=document_reference)
+    if outcome == "release":
+        back = state.status_before_hold or S.MATERIAL_RECEIVED
+        return _to(
+            state,
+            back,
+            f"QA released the material at risk ({risk.cause}): {reason_code}",
+            status_before_hold=None,
+            at_risk=None,
+        )
+    if outcome == "release_on_physician_request":
+        if risk.cause != "out_of_specification":
+            raise Invalid(
+                "outcome", "release_on_physician_request applies to an out-of-specification product"
+            )
+        return _to(
+            state,
+            S.AWAITING_PHYSICIAN,
+            f"QA: out-of-specification product may be released on physician request ({reason_code}); "
+            "awaiting the physician's decision",
+            at_risk=dataclasses.replace(decided, requested=reason_code),
+        )
+    return reject_material(
+        state, rules, f"QA rejected the material at risk ({risk.cause}): {reason_code}", today
     )
+
+
+def physician_decision(
+    state: OrderState, accept: bool, reason_code: str | None, regulator: str, rules: Rules, today: date
+) -> Outcome:
+    """The centre's physician accepts (signed) the out-of-specification product for this patient, or
+    declines it. Accept: the run is released exceptionally by the site; where the market requires it the
+    order becomes expanded access; the authority-notification task opens. Decline: as a reject."""
+    if reason_code is not None:
+        codes.check_physician(accept, reason_code)
+    risk = state.at_risk
+    if state.status != S.AWAITING_PHYSICIAN or risk is None:
+        raise not_now(f"no product awaits a physician's decision (order is {state.status.value})")
+    if not accept:
+        why = f"the physician declined the out-of-specification product: {reason_code or 'declined'}"
+        return reject_material(state, rules, why, today)
+    expanded = regulator in EXPANDED_ACCESS_REGULATORS
+    return _to(
+        state,
+        state.status_before_hold or S.QC_PENDING,
+        "the physician accepted the out-of-specification product"
+        + ("; expanded access" if expanded else "")
+        + "; the authority is notified within 48 h of administration",
+        (NotifyAuthority(regulator, codes.OUT_OF_SPECIFICATION),),
+        status_before_hold=None,
+        at_risk=None,
+        expanded_access=state.expanded_access or expanded,
+    )
+
+
+# once manufacture started (a run's step reported, or the product held or on its way), cancelling
+# discards a product made for the patient: a signed decision (21 CFR 11.50, meaning `cancellation`)
+MANUFACTURE_STARTED = frozenset(
+    {S.MANUFACTURING, S.QC_PENDING, S.AWAITING_PHYSICIAN, *PRODUCT_OUT, S.PRODUCT_RECEIVED}
+)
+
+
+def cancellation_is_signed(state: OrderState) -> bool:
+    """Whether cancelling the order now needs a signature (manufacture started)."""
+    if state.status in MANUFACTURE_STARTED:
+        return True
+    if state.status == S.MATERIAL_AT_RISK and state.at_risk is not None:
+        return state.at_risk.cause == "out_of_specification" or state.at_risk.leg == "outbound_product"
+    return state.status == S.MATERIAL_RECEIVED and state.run > 1  # a remanufacture: a run was made
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,10 @@
 """Reason codes: what the order service puts into events, logs and spans instead of words.
 
 Staff choose a code from an enumeration for every action that needs a reason (cancel, move the apheresis
-date, decide on a quarantined product); what they type beside it is a `note`, kept on the order's
-timeline in the `ordering` schema and nowhere else. The commands the state machine asks of the other
-services (rebook, remanufacture, fail) carry a code of the cause too; the descriptive sentence stays on
-the timeline.
+date, QA's disposition of material at risk, the physician's decision on an OOS product); what they type
+beside it is a `note`, kept on the order's timeline in the `ordering` schema and nowhere else. The
+commands the state machine asks of the other services (rebook, remanufacture, fail) carry a code of the
+cause too; the descriptive sentence stays on the timeline.
 """
 
 from __future__ import annotations
@@ -58,11 +58,74 @@ QuarantineReason = Literal[
     "other",
 ]
 
+# QA's disposition of material at risk (OOS, excursion, refused at receipt), per outcome. The assessment
+# itself is in QA's document system, named by `document_reference`.
+DispositionReleaseReason = Literal[
+    "within_stability_data",  # an excursion within the product's stability data
+    "excursion_not_confirmed",  # the logger data do not confirm it
+    "assessed_acceptable",  # risk assessed, acceptable
+    "oos_invalidated",  # the OOS result was invalidated by the investigation (laboratory error)
+    "receipt_deviation_acceptable",  # the receipt deviation does not affect the material
+    "other",
+]
+DispositionPhysicianReason = Literal[
+    "no_alternative_treatment",  # the patient has no alternative, the physician may accept the risk
+    "risk_assessed_for_patient",  # the manufacturer's risk assessment supports a physician request
+    "other",
+]
+DispositionRejectReason = Literal[
+    "outside_stability_data",
+    "integrity_compromised",
+    "insufficient_data",
+    "confirmed_out_of_specification",
+    "patient_safety_risk",
+    "other",
+]
+DispositionReason = Literal[
+    "within_stability_data",
+    "excursion_not_confirmed",
+    "assessed_acceptable",
+    "oos_invalidated",
+    "receipt_deviation_acceptable",
+    "no_alternative_treatment",
+    "risk_assessed_for_patient",
+    "outside_stability_data",
+    "integrity_compromised",
+    "insufficient_data",
+    "confirmed_out_of_specification",
+    "patient_safety_risk",
+    "other",
+]
+DispositionOutcome = Literal["release", "release_on_physician_request", "reject"]
+# the centre's physician on an OOS product QA released on physician request
+PhysicianAcceptReason = Literal["benefit_outweighs_risk", "no_alternative_treatment", "other"]
+PhysicianDeclineReason = Literal[
+    "risk_not_acceptable", "patient_condition_changed", "alternative_treatment", "other"
+]
+PhysicianReason = Literal[
+    "benefit_outweighs_risk",
+    "no_alternative_treatment",
+    "risk_not_acceptable",
+    "patient_condition_changed",
+    "alternative_treatment",
+    "other",
+]
+
 CANCEL_REASONS: frozenset[str] = frozenset(get_args(CancelReason))
 RESCHEDULE_REASONS: frozenset[str] = frozenset(get_args(RescheduleReason))
 QUARANTINE_REASONS: dict[str, frozenset[str]] = {
     "release": frozenset(get_args(QuarantineReleaseReason)) | {"other"},
     "reject": frozenset(get_args(QuarantineRejectReason)) | {"other"},
+}
+
+DISPOSITION_REASONS: dict[str, frozenset[str]] = {
+    "release": frozenset(get_args(DispositionReleaseReason)),
+    "release_on_physician_request": frozenset(get_args(DispositionPhysicianReason)),
+    "reject": frozenset(get_args(DispositionRejectReason)),
+}
+PHYSICIAN_REASONS: dict[bool, frozenset[str]] = {
+    True: frozenset(get_args(PhysicianAcceptReason)),
+    False: frozenset(get_args(PhysicianDeclineReason)),
 }
 
 # causes of the commands the order asks of the other services (rebook, remanufacture, fail)
@@ -73,6 +136,8 @@ MANUFACTURING_FAILED = "manufacturing_failed"
 QUARANTINE_REJECTED = "quarantine_rejected"
 SITE_OUTAGE = "site_outage"
 NO_RECOLLECTION_LEFT = "no_recollection_left"
+TEMPERATURE_EXCURSION = "temperature_excursion"  # why material is at risk after an excursion
+PHYSICIAN_DECLINED = "physician_declined"  # the disposition reason a physician's decline publishes
 
 _REASON_CODE = re.compile(REASON_CODE_PATTERN)
 
@@ -104,4 +169,21 @@ def check_quarantine(decision: str, code: str) -> str:
         raise Invalid("decision", "must be release or reject")
     if code not in allowed:
         raise Invalid("reason_code", f"is not a reason code for a quarantine {decision}")
+    return code
+
+
+def check_disposition(outcome: str, code: str) -> str:
+    allowed = DISPOSITION_REASONS.get(outcome)
+    if allowed is None:
+        raise Invalid("outcome", "must be release, release_on_physician_request or reject")
+    if code not in allowed:
+        raise Invalid("reason_code", f"is not a reason code for a disposition {outcome}")
+    return code
+
+
+def check_physician(accept: bool, code: str) -> str:
+    if code not in PHYSICIAN_REASONS[accept]:
+        raise Invalid(
+            "reason_code", f"is not a reason code for a physician {'accept' if accept else 'decline'}"
+        )
     return code

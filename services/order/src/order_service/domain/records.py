@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, fields
 from datetime import date, datetime
 from typing import Any
 
-from order_service.domain.order import TERMINAL, OrderState, OrderStatus
+from order_service.domain.order import TERMINAL, AtRisk, OrderState, OrderStatus
 from v2v_contracts.errors import Conflict
 
 OPEN_ORDER_EXISTS = "open-order-exists"
@@ -70,6 +70,10 @@ class OrderRecord:
     ended_reason: str | None = None
     first_trace: dict[str, str] = field(default_factory=dict)
     rebook_pending: bool = False
+    at_risk: dict[str, Any] | None = None
+    din: str | None = None  # the current collection's donation identification number
+    lot: str | None = None  # the released run's lot (site.product_released)
+    expanded_access: bool = False
 
     @classmethod
     def from_mapping(cls, row: Any) -> OrderRecord:
@@ -86,10 +90,23 @@ class OrderRecord:
             apheresis_date=self.apheresis_date or self.requested_apheresis_date,
             lymphodepletion=self.lymphodepletion_at is not None,
             rebook_pending=self.rebook_pending,
-            status_before_quarantine=OrderStatus(self.status_before_quarantine)
+            status_before_hold=OrderStatus(self.status_before_quarantine)
             if self.status_before_quarantine
             else None,
+            at_risk=AtRisk.of(self.at_risk),
+            expanded_access=self.expanded_access,
         )
+
+    @property
+    def collection(self) -> int:
+        """The current collection's number (1, then 2 after a recollection, ...)."""
+        return self.recollections + 1
+
+    @property
+    def shown_order_type(self) -> str:
+        """The order type as the centre sees it: `expanded_access` once an OOS product was accepted in a
+        market that treats it so; the approval use (commercial, clinical) otherwise."""
+        return "expanded_access" if self.expanded_access else self.order_type
 
     def is_open(self) -> bool:
         """Not ended yet (completed, cancelled or failed)."""
@@ -113,3 +130,31 @@ class TimelineEntry:
     status_after: str | None
     reason: str
     note: str | None = None  # free text staff typed with the action: kept here, never in an event or log
+
+
+@dataclass(frozen=True)
+class AuthorityTask:
+    """Notify the competent authority of a non-conforming product administered on physician request,
+    within 48 hours of administration (EU GMP for ATMPs Part IV §11.5). `due_at` is known once the
+    infusion is recorded."""
+
+    task_id: uuid.UUID
+    order_id: uuid.UUID
+    kind: str
+    regulator: str
+    cause: str
+    run: int
+    created_at: datetime
+    state: str = "open"
+    administered_at: datetime | None = None
+    due_at: datetime | None = None
+    completed_at: datetime | None = None
+    completed_by: str | None = None
+    reference: str | None = None
+
+    def overdue(self, now: datetime) -> bool:
+        return self.state == "open" and self.due_at is not None and now > self.due_at
+
+    @classmethod
+    def from_mapping(cls, row: Any) -> AuthorityTask:
+        return cls(**{f.name: row[f.name] for f in fields(cls)})

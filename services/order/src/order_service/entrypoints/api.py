@@ -1,6 +1,10 @@
 """HTTP API for treatment centres (hospital systems) and the manufacturer's QA.
 
-Every route declares its scope (`orders:read`, `orders:write`, `quarantine:decide`). The tenant comes
+Every route declares its scope (`orders:read`, `orders:write`, `quarantine:decide`). Decisions are
+signed by an individual (21 CFR 11.50, 11.100, 11.200; EU GMP Annex 11 §14; `v2v_servicekit.signatures`):
+QA's disposition of material at risk (meaning `disposition`), the centre's physician's decision on an
+out-of-specification product (`physician-acceptance`), and a cancellation once manufacture started
+(`cancellation`). Every refused signature is audited (`on_refusal`). The tenant comes
 from the token, never from the body: a treatment centre sees and acts on its own orders only (another
 centre's order answers 404, exactly as an unknown one: the repositories filter by the centre); the
 manufacturer's QA and ops see every centre's orders. Other kinds of principal (courier, site, registry
@@ -13,26 +17,75 @@ action's `reason_code` only.
 from __future__ import annotations
 
 import dataclasses
+import re
 import uuid
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from order_service.config import OrderSettings
-from order_service.domain.reasons import CancelReason, QuarantineReason, RescheduleReason
-from order_service.domain.records import OrderRecord, TimelineEntry
+from order_service.domain.reasons import (
+    CancelReason,
+    DispositionOutcome,
+    DispositionReason,
+    PhysicianReason,
+    QuarantineReason,
+    RescheduleReason,
+)
+from order_service.domain.records import AuthorityTask, OrderRecord, TimelineEntry
 from order_service.service_layer import commands, queries
 from v2v_audit import Record
 from v2v_contracts.errors import Forbidden, Invalid
 from v2v_contracts.fields import BookingDate, Code, ReportedAt, Text64, Text500
+from v2v_observability import get_logger
 from v2v_servicekit import Runtime, get_runtime
 from v2v_servicekit.auth import Principal, require_scope
 from v2v_servicekit.idempotency import idempotent
 from v2v_servicekit.pagination import PageLimit, PageOffset
+from v2v_servicekit.signatures import (
+    HEADER as SIGNATURE_HEADER,
+)
+from v2v_servicekit.signatures import (
+    SIGNATURE_ATTR,
+    SignatureRefusal,
+    Signer,
+    on_refusal,
+    require_signature,
+)
 
-router = APIRouter(prefix="/v1")
+log = get_logger(__name__)
+
+
+async def audit_refusals(request: Request) -> None:
+    """Router dependency: the first request registers the app's signature-refusal hook, which audits every
+    refused signature (reason, meaning, path, the user once the token verified) in a transaction of its
+    own (21 CFR 11.10(e), 11.300(d): attempted unauthorised use recorded)."""
+    app = request.app
+    if getattr(app.state, "order_refusals_audited", False):
+        return
+    app.state.order_refusals_audited = True
+
+    async def audit(refusal: SignatureRefusal) -> None:
+        rt = getattr(app.state, "runtime", None)
+        if rt is None:
+            return
+        await commands.audit_signature_refusal(rt.uow, _object_of(refusal.path), refusal.as_dict())
+
+    on_refusal(app, audit)
+
+
+_PATH_ID = re.compile(r"/v1/(orders|tasks)/([0-9a-fA-F-]{36})(?:/|$)")
+
+
+def _object_of(path: str) -> str:
+    """The order (or task) a refused request was about, from its path: an id, never other input."""
+    found = _PATH_ID.search(path)
+    return f"{found[1][:-1]}:{found[2].lower()}" if found else "unknown"
+
+
+router = APIRouter(prefix="/v1", dependencies=[Depends(audit_refusals)])
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 
 READ = "orders:read"
@@ -133,6 +186,61 @@ class IdentityCheckedIn(BaseModel):
     )
 
 
+# a lot number as printed on the product's label (the site's shape, v2v_contracts.fields' LOT_RE)
+LotIn = Annotated[str, StringConstraints(strip_whitespace=True, pattern=r"^[A-Z0-9][A-Z0-9-]{3,31}$")]
+
+
+class ProductCheckedIn(IdentityCheckedIn):
+    """Receipt and infusion: the label's COI and the lot of the run. Once the order knows the lot (from the
+    site's release) it is required and must match, else the step is refused and alerted as a COI
+    mismatch."""
+
+    lot: LotIn | None = Field(
+        default=None, description="The lot on the product's label (required once the order knows it)"
+    )
+
+
+class DispositionIn(BaseModel):
+    """QA's signed disposition of material at risk (an OOS product, an excursion, material held at
+    receipt)."""
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+    outcome: DispositionOutcome = Field(
+        description="release | release_on_physician_request (OOS only) | reject"
+    )
+    reason_code: DispositionReason = Field(
+        description="release: within_stability_data, excursion_not_confirmed, assessed_acceptable, "
+        "oos_invalidated, receipt_deviation_acceptable, other; release_on_physician_request: "
+        "no_alternative_treatment, risk_assessed_for_patient, other; reject: outside_stability_data, "
+        "integrity_compromised, insufficient_data, confirmed_out_of_specification, patient_safety_risk, "
+        "other"
+    )
+    document_reference: Code = Field(
+        max_length=64, description="QA's assessment in its document system (an opaque id)"
+    )
+    note: Text500 | None = _note()
+
+
+class PhysicianDecisionIn(BaseModel):
+    """The centre's physician on an out-of-specification product QA released on physician request."""
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+    accept: bool
+    reason_code: PhysicianReason | None = Field(
+        default=None,
+        description="accept: benefit_outweighs_risk, no_alternative_treatment, other; decline: "
+        "risk_not_acceptable, patient_condition_changed, alternative_treatment, other",
+    )
+    note: Text500 | None = _note()
+
+
+class TaskDoneIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+    reference: Code = Field(
+        max_length=64, description="The notification in QA's document system (an opaque id)"
+    )
+
+
 class LymphodepletionIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     at: ReportedAt | None = Field(
@@ -141,6 +249,8 @@ class LymphodepletionIn(BaseModel):
 
 
 class QuarantineDecisionIn(BaseModel):
+    """The former quarantine decision: the same signed disposition (release | reject)."""
+
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
     decision: Literal["release", "reject"]
     reason_code: QuarantineReason = Field(
@@ -179,13 +289,102 @@ class Predicted(BaseModel):
     earliest_infusion: date | None
 
 
+class AtRiskOut(BaseModel):
+    """Why the order is held for QA (material_at_risk, awaiting_physician)."""
+
+    cause: str  # out_of_specification | excursion | receipt
+    reason: str  # the finding's code
+    leg: str | None = None
+    site_id: str | None = None
+    run: int | None = None
+    shipment_id: str | None = None
+    requested: str | None = None  # QA's code of a release on physician request
+    document_reference: str | None = None
+
+
+class TaskOut(BaseModel):
+    """QA's task to notify the competent authority within 48 h of administering a non-conforming product
+    (EU GMP for ATMPs Part IV §11.5): due once the infusion is recorded; `overdue` while open past due."""
+
+    task_id: uuid.UUID
+    order_id: uuid.UUID
+    kind: str
+    regulator: str
+    cause: str
+    run: int
+    state: str  # open | done
+    created_at: datetime
+    administered_at: datetime | None
+    due_at: datetime | None
+    overdue: bool
+    completed_at: datetime | None
+    reference: str | None
+
+    @classmethod
+    def of(cls, t: AuthorityTask, now: datetime) -> TaskOut:
+        return cls(
+            task_id=t.task_id,
+            order_id=t.order_id,
+            kind=t.kind,
+            regulator=t.regulator,
+            cause=t.cause,
+            run=t.run,
+            state=t.state,
+            created_at=t.created_at,
+            administered_at=t.administered_at,
+            due_at=t.due_at,
+            overdue=t.overdue(now),
+            completed_at=t.completed_at,
+            reference=t.reference,
+        )
+
+
+class TaskPage(BaseModel):
+    items: list[TaskOut]
+    total: int
+    limit: int
+    offset: int
+    next_offset: int | None
+
+
+class CollectionOut(BaseModel):
+    collection: int
+    din: str
+    collected_at: datetime
+
+
+class DecisionOut(BaseModel):
+    """A signed decision: what was signed, the signatures (printed name, UTC time, meaning), and whether
+    the stored decision still matches them (a changed record shows unsigned, 21 CFR 11.70)."""
+
+    decision_id: uuid.UUID
+    meaning: str
+    decided_at: datetime
+    fields: dict[str, Any]
+    signed: bool
+    signatures: list[str]
+
+
 class OrderOut(BaseModel):
     order_id: uuid.UUID
     coi: str
     status: str
     treatment_center_id: str
     product_code: str
-    order_type: str
+    order_type: str = Field(
+        description="commercial | clinical; expanded_access once the physician accepted an OOS product in "
+        "a market that treats it so (FDA)"
+    )
+    use: str | None = Field(default=None, description="The approval the order was placed under")
+    din: str | None = Field(
+        default=None, description="The current collection's donation identification number (label the bag)"
+    )
+    collection: int = 1
+    lot: str | None = Field(default=None, description="The released run's lot (check it at receipt)")
+    at_risk: AtRiskOut | None = None
+    collections: list[CollectionOut] | None = None
+    tasks: list[TaskOut] | None = None
+    decisions: list[DecisionOut] | None = None
     patient_ref: str
     requested_apheresis_date: date
     site_id: str | None
@@ -263,6 +462,7 @@ def _order_out(
     row: OrderRecord,
     timeline: list[TimelineEntry] | None = None,
     predicted: dict[str, date | None] | None = None,
+    view: queries.OrderView | None = None,
 ) -> OrderOut:
     slot = None
     if row.slot_id is not None:
@@ -278,7 +478,27 @@ def _order_out(
         status=row.status,
         treatment_center_id=row.treatment_center_id,
         product_code=row.product_code,
-        order_type=row.order_type,
+        order_type=row.shown_order_type,
+        use=row.order_type,
+        din=row.din,
+        collection=row.collection,
+        lot=row.lot,
+        at_risk=AtRiskOut(**row.at_risk) if row.at_risk else None,
+        collections=None if view is None else [CollectionOut(**c) for c in view.collections],
+        tasks=None if view is None else [TaskOut.of(t, datetime.now(UTC)) for t in view.tasks],
+        decisions=None
+        if view is None
+        else [
+            DecisionOut(
+                decision_id=d.decision_id,
+                meaning=d.meaning,
+                decided_at=d.decided_at,
+                fields=d.fields,
+                signed=d.signed,
+                signatures=d.signatures,
+            )
+            for d in view.decisions
+        ],
         patient_ref=row.patient_ref,
         requested_apheresis_date=row.requested_apheresis_date,
         site_id=row.site_id,
@@ -309,7 +529,7 @@ def _order_out(
 
 async def _view(rt: Runtime, order_id: uuid.UUID, centre: str | None) -> OrderOut:
     view = await queries.order_view(rt.uow, order_id, centre=centre)
-    return _order_out(view.order, view.timeline, view.predicted)
+    return _order_out(view.order, view.timeline, view.predicted, view)
 
 
 def _settings(rt: Runtime) -> OrderSettings:
@@ -466,8 +686,37 @@ async def _hospital_action(
     rt: Runtime, principal: Principal, order_id: uuid.UUID, action: commands.Action
 ) -> OrderOut:
     centre = own_centre(principal)
-    await commands.act(rt.uow, order_id, action, centre=centre)
+    await commands.act(rt.uow, order_id, action, centre=centre, facility_id=_settings(rt).coi_facility_id)
     return await _view(rt, order_id, centre)
+
+
+_CANCELLATION = require_signature("cancellation", roles=("physician",))
+
+
+async def cancellation_signer(
+    request: Request,
+    principal: WritePrincipal,
+    signing_token: Annotated[
+        str | None,
+        Header(
+            alias=SIGNATURE_HEADER,
+            max_length=8192,
+            description="Once manufacture started: a signing token of the centre's physician (meaning "
+            "`cancellation`); before, none is needed",
+        ),
+    ] = None,
+) -> Signer | None:
+    """The physician's signature of a cancellation, when one is sent (verified and refused exactly as
+    `require_signature`'s); whether the order's state needs one is the service layer's to say."""
+    if not signing_token or not signing_token.strip():
+        return None
+    signer: Signer = await _CANCELLATION.dependency(
+        request=request, signing_token=signing_token, principal=principal
+    )
+    return signer
+
+
+setattr(cancellation_signer, SIGNATURE_ATTR, ("cancellation", ("physician",)))
 
 
 @router.post(
@@ -475,13 +724,21 @@ async def _hospital_action(
     dependencies=[idempotent()],
     response_model=OrderOut,
     tags=["hospital actions"],
-    summary="Cancel the order at any step before it ends",
+    summary="Cancel the order at any step before it ends (signed by the physician once manufacture started)",
+    description="Once manufacture started (a run's step reported, the product held, released or on its "
+    "way) the cancellation discards a product made for the patient: it needs the signature of the "
+    "centre's physician (meaning `cancellation`, header `V2V-Signature-Token`), else 401 "
+    "`signature-required` (audited).",
     responses=ACTION_RESPONSES,
 )
 async def cancel_order(
-    order_id: uuid.UUID, body: CancelIn, rt: RuntimeDep, principal: WritePrincipal
+    order_id: uuid.UUID,
+    body: CancelIn,
+    rt: RuntimeDep,
+    principal: WritePrincipal,
+    signer: Annotated[Signer | None, Depends(cancellation_signer)],
 ) -> OrderOut:
-    action = commands.Action("cancel", reason_code=body.reason_code, note=body.note)
+    action = commands.Action("cancel", reason_code=body.reason_code, note=body.note, signer=signer)
     return await _hospital_action(rt, principal, order_id, action)
 
 
@@ -541,9 +798,9 @@ async def lymphodepletion(
     responses=ACTION_RESPONSES,
 )
 async def product_receipt(
-    order_id: uuid.UUID, body: IdentityCheckedIn, rt: RuntimeDep, principal: WritePrincipal
+    order_id: uuid.UUID, body: ProductCheckedIn, rt: RuntimeDep, principal: WritePrincipal
 ) -> OrderOut:
-    action = commands.Action("receipt", coi=body.coi, at=body.at)
+    action = commands.Action("receipt", coi=body.coi, lot=body.lot, at=body.at)
     return await _hospital_action(rt, principal, order_id, action)
 
 
@@ -556,10 +813,58 @@ async def product_receipt(
     responses=ACTION_RESPONSES,
 )
 async def infusion(
-    order_id: uuid.UUID, body: IdentityCheckedIn, rt: RuntimeDep, principal: WritePrincipal
+    order_id: uuid.UUID, body: ProductCheckedIn, rt: RuntimeDep, principal: WritePrincipal
 ) -> OrderOut:
-    action = commands.Action("infusion", coi=body.coi, at=body.at)
+    action = commands.Action("infusion", coi=body.coi, lot=body.lot, at=body.at)
     return await _hospital_action(rt, principal, order_id, action)
+
+
+DISPOSITION_ROLES = ("qa_reviewer", "quality_unit", "qualified_person")
+DispositionSigner = Annotated[Signer, require_signature("disposition", roles=DISPOSITION_ROLES)]
+PhysicianSigner = Annotated[Signer, require_signature("physician-acceptance", roles=("physician",))]
+
+
+async def _qa_action(
+    rt: Runtime, principal: Principal, order_id: uuid.UUID, action: commands.Action
+) -> OrderOut:
+    centre = centre_of(principal, DECIDE_QUARANTINE)
+    await commands.act(rt.uow, order_id, action, centre=centre)
+    return await _view(rt, order_id, centre)
+
+
+@router.post(
+    "/orders/{order_id}/disposition",
+    dependencies=[idempotent()],
+    response_model=OrderOut,
+    tags=["QA actions"],
+    summary="QA's signed disposition of material at risk (OOS, excursion, held at receipt)",
+    description="Signed (meaning `disposition`, roles qa_reviewer, quality_unit or qualified_person; "
+    "21 CFR 11.50, EU GMP Annex 11 §14). `release`: the material goes on; `release_on_physician_request` "
+    "(an out-of-specification product only): the centre's physician decides next; `reject`: remanufacture, "
+    "recollection or fail. Publishes `order.disposition_decided.v1` (a physician request: "
+    "`order.physician_decision_requested.v1`, the decision once the physician signed).",
+    responses={
+        **ACTION_RESPONSES,
+        401: {"description": "No valid bearer token, or no valid signing token (`reason`)"},
+        403: {"description": "Scope, kind, or the signer's organisation or role (`reason`)"},
+    },
+)
+async def disposition(
+    order_id: uuid.UUID,
+    body: DispositionIn,
+    rt: RuntimeDep,
+    principal: QaPrincipal,
+    signer: DispositionSigner,
+) -> OrderOut:
+    action = commands.Action(
+        "disposition",
+        outcome=body.outcome,
+        reason_code=body.reason_code,
+        document_reference=body.document_reference,
+        note=body.note,
+        signer=signer,
+    )
+    return await _qa_action(rt, principal, order_id, action)
 
 
 @router.post(
@@ -567,15 +872,97 @@ async def infusion(
     dependencies=[idempotent()],
     response_model=OrderOut,
     tags=["QA actions"],
-    summary="Release or reject a product quarantined after a shipping excursion",
+    summary="Former quarantine decision: the same signed disposition (release | reject)",
+    description="Kept for callers of the quarantine decision: a signed disposition (as "
+    "`/disposition`) of material at risk with outcome `decision` and no document reference.",
     responses=ACTION_RESPONSES,
+    deprecated=True,
 )
 async def quarantine_decision(
-    order_id: uuid.UUID, body: QuarantineDecisionIn, rt: RuntimeDep, principal: QaPrincipal
+    order_id: uuid.UUID,
+    body: QuarantineDecisionIn,
+    rt: RuntimeDep,
+    principal: QaPrincipal,
+    signer: DispositionSigner,
 ) -> OrderOut:
-    centre = centre_of(principal, DECIDE_QUARANTINE)
     action = commands.Action(
-        "quarantine", decision=body.decision, reason_code=body.reason_code, note=body.note
+        "disposition", outcome=body.decision, reason_code=body.reason_code, note=body.note, signer=signer
     )
-    await commands.act(rt.uow, order_id, action, centre=centre)
-    return await _view(rt, order_id, centre)
+    return await _qa_action(rt, principal, order_id, action)
+
+
+@router.post(
+    "/orders/{order_id}/physician-decision",
+    dependencies=[idempotent()],
+    response_model=OrderOut,
+    tags=["hospital actions"],
+    summary="The centre's physician accepts or declines an out-of-specification product (signed)",
+    description="Signed by the centre's own physician (meaning `physician-acceptance`; EU GMP for ATMPs "
+    "Part IV §11.5). Accept: the site releases the run exceptionally; in the US the order becomes expanded "
+    "access (21 CFR 312.310); QA's task to notify the authority within 48 h of administration opens. "
+    "Decline: as QA's reject (remanufacture, recollection or fail).",
+    responses=ACTION_RESPONSES,
+)
+async def physician_decision(
+    order_id: uuid.UUID,
+    body: PhysicianDecisionIn,
+    rt: RuntimeDep,
+    principal: WritePrincipal,
+    signer: PhysicianSigner,
+) -> OrderOut:
+    action = commands.Action(
+        "physician", accept=body.accept, reason_code=body.reason_code or "", note=body.note, signer=signer
+    )
+    return await _hospital_action(rt, principal, order_id, action)
+
+
+# ---- QA's authority-notification tasks ------------------------------------------------------------------
+
+
+@router.get(
+    "/tasks",
+    response_model=TaskPage,
+    tags=["QA actions"],
+    summary="QA's authority-notification tasks (earliest due first)",
+    description="Each non-conforming product administered on physician request must be notified to the "
+    "competent authority within 48 h of administration: due once the infusion is recorded, `overdue` "
+    "while open past due. `state` and `overdue` narrow the list.",
+    responses=AUTH_RESPONSES,
+)
+async def list_tasks(
+    rt: RuntimeDep,
+    principal: QaPrincipal,
+    state: Annotated[Literal["open", "done"] | None, Query()] = None,
+    overdue: Annotated[bool, Query()] = False,
+    limit: PageLimit = 50,
+    offset: PageOffset = 0,
+) -> TaskPage:
+    if centre_of(principal, DECIDE_QUARANTINE) is not None:
+        raise NotPermitted(DECIDE_QUARANTINE, "tasks are the manufacturer's QA's")
+    now = datetime.now(UTC)
+    rows, total = await queries.tasks_page(
+        rt.uow, state=state, overdue_at=now if overdue else None, limit=limit, offset=offset
+    )
+    nxt = offset + len(rows)
+    return TaskPage(
+        items=[TaskOut.of(t, now) for t in rows],
+        total=total,
+        limit=limit,
+        offset=offset,
+        next_offset=nxt if nxt < total else None,
+    )
+
+
+@router.post(
+    "/tasks/{task_id}/done",
+    dependencies=[idempotent()],
+    response_model=OrderOut,
+    tags=["QA actions"],
+    summary="QA notified the authority: the task is done (with the notification's reference)",
+    responses={**ACTION_RESPONSES, 404: {"description": "No such task"}},
+)
+async def task_done(task_id: uuid.UUID, body: TaskDoneIn, rt: RuntimeDep, principal: QaPrincipal) -> OrderOut:
+    if centre_of(principal, DECIDE_QUARANTINE) is not None:
+        raise NotPermitted(DECIDE_QUARANTINE, "tasks are the manufacturer's QA's")
+    order_id = await commands.complete_task(rt.uow, task_id, by=principal.client_id, reference=body.reference)
+    return await _view(rt, order_id, None)

@@ -154,13 +154,18 @@ async def apply(
             slot_id=uuid.UUID(new.slot_id) if new.slot_id else None,
             site_id=new.site_id,
             apheresis_date=new.apheresis_date,
-            status_before_quarantine=new.status_before_quarantine.value
-            if new.status_before_quarantine
-            else None,
+            status_before_quarantine=new.status_before_hold.value if new.status_before_hold else None,
             rebook_pending=new.rebook_pending,
+            at_risk=new.at_risk.as_dict() if new.at_risk else None,
+            expanded_access=new.expanded_access,
         )
         if new.status in machine.TERMINAL and new.status is not before:
             fields["ended_reason"] = outcome.reason
+        for cmd in outcome.commands:  # a new run makes a new lot; a recollection a new collection (DIN)
+            if isinstance(cmd, machine.Remanufacture):
+                fields["lot"] = None
+            elif isinstance(cmd, machine.Rebook) and cmd.kind == "recollection":
+                fields.update(lot=None, din=None)
     await tx.orders.update(order.order_id, **fields)
     audit_change(
         tx,
@@ -186,6 +191,18 @@ async def apply(
         )
     if new_cycle(outcome):
         await tx.parked.drop_all(order.order_id)
+    for cmd in outcome.commands:
+        if isinstance(cmd, machine.NotifyAuthority):
+            task = await tx.tasks.open_notification(
+                order.order_id, regulator=cmd.regulator, cause=cmd.reason, run=new.run
+            )
+            tx.audit(
+                "task.opened",
+                "order",
+                order.order_id,
+                new={"task_id": str(task), "kind": "authority_notification", "regulator": cmd.regulator},
+                reason=cmd.reason,
+            )
     for data in command_events(case, outcome):
         command = await tx.publish(data)
         await tx.timeline.add(
@@ -239,7 +256,9 @@ def fact_extras(fact: OrderEventData, outcome: Outcome) -> dict[str, Any]:
     if isinstance(fact, MaterialReceivedV1):
         return {"material_received_at": fact.received_at}
     if isinstance(fact, ProductReleasedV1):
-        return {"released_at": fact.released_at}
+        # the run's lot (site.product_released, issue 10): checked with the COI at receipt and infusion
+        lot = getattr(fact, "lot", None)
+        return {"released_at": fact.released_at, "lot": str(lot) if lot else None}
     if isinstance(fact, ShipmentMilestoneV1) and fact.milestone == "delivered":
         return {"delivered_at": fact.occurred_at}
     return {}

@@ -10,29 +10,31 @@ from datetime import date, datetime
 from typing import TypeAlias
 
 from order_service.adapters.repository import OrderTx, read_centres
-from order_service.domain import market
+from order_service.domain import market, reasons
 from order_service.domain import order as machine
 from order_service.domain.coi import coi_problem, make_coi
 from order_service.domain.market import Approval
-from order_service.domain.order import OrderState, OrderStatus, Outcome
+from order_service.domain.order import AtRisk, OrderState, OrderStatus, Outcome, SignatureNeeded
 from order_service.domain.records import Centre, OrderRecord
 from order_service.service_layer import case as cases
 from v2v_contracts import (
     ApheresisCompletedV1,
+    DispositionDecidedV1,
     EventData,
     LymphodepletionStartedV1,
     OrderCancelledV1,
     OrderCoiMismatchDetectedV1,
     OrderCompletedV1,
     OrderSubmittedV1,
+    PhysicianDecisionRequestedV1,
     ProductReceivedV1,
-    QuarantineDecidedV1,
 )
-from v2v_contracts.errors import CoiMismatch, Invalid, NotFound
+from v2v_contracts.errors import CoiMismatch, Invalid, NotAllowedNow, NotFound
 from v2v_contracts.reference import load_products
 from v2v_messaging import AbstractUnitOfWork
 from v2v_observability import bind_order, current_traceparent, get_logger, later_input, set_order_attributes
 from v2v_observability import names as tn
+from v2v_servicekit.signatures import SignatureUnauthenticated, SignedRecord, Signer
 
 log = get_logger(__name__)
 
@@ -185,45 +187,81 @@ CONFIRMATIONS: dict[str, tuple[Callable[[OrderState], Outcome], type[EventData],
     "receipt": (machine.confirm_product_receipt, ProductReceivedV1, "received_at", "product_received_at"),
     "infusion": (machine.confirm_infusion, OrderCompletedV1, "infused_at", "infused_at"),
 }
-ACTIONS = frozenset({"cancel", "reschedule", "quarantine", *CONFIRMATIONS})
+SIGNED = frozenset({"disposition", "physician"})  # always signed; a cancellation once manufacture started
+ACTIONS = frozenset({"cancel", "reschedule", *SIGNED, *CONFIRMATIONS})
+LOT_CHECKED = frozenset({"receipt", "infusion"})  # the product's label: COI + lot
 
 
 @dataclass(frozen=True)
 class Action:
-    """A hospital or QA action on an order. `reason_code` (cancel, reschedule, quarantine) goes into the
-    action's event; `note`, the words staff typed with it, only onto the order's timeline."""
+    """A hospital or QA action on an order. `reason_code` (cancel, reschedule, disposition, physician)
+    goes into the action's event; `note`, the words staff typed with it, only onto the order's timeline.
+    `signer`: the individual who signed it (verified by the route's `require_signature`)."""
 
-    name: str  # cancel | reschedule | apheresis | lymphodepletion | receipt | infusion | quarantine
+    # cancel | reschedule | apheresis | lymphodepletion | receipt | infusion | disposition | physician
+    name: str
     reason_code: str = ""
     note: str | None = None
     coi: str | None = None
+    lot: str | None = None
     at: datetime | None = None
     new_date: date | None = None
-    decision: str | None = None
+    outcome: str | None = None  # disposition: release | release_on_physician_request | reject
+    document_reference: str | None = None  # disposition: QA's document
+    accept: bool | None = None  # physician
+    signer: Signer | None = None
 
 
 class _CoiRefused(Exception):
-    """The centre presented another chain-of-identity id than the order's (leaves the transaction)."""
+    """The centre presented another chain-of-identity id (or lot) than the order's (leaves the
+    transaction)."""
 
 
-async def act(uow: UnitOfWork, order_id: uuid.UUID, action: Action, *, centre: str | None = None) -> None:
+class _SignatureMissing(Exception):
+    """The action needs a signature in the order's state and came without one (leaves the transaction)."""
+
+    def __init__(self, meaning: str) -> None:
+        super().__init__(meaning)
+        self.meaning = meaning
+
+
+async def act(
+    uow: UnitOfWork,
+    order_id: uuid.UUID,
+    action: Action,
+    *,
+    centre: str | None = None,
+    facility_id: str = "V2V00",
+) -> None:
     """A later input about the order: its own trace, linked to the order's first one. A chain-of-identity
-    mismatch refuses the action and raises an alert, recorded in a transaction of its own.
+    (or lot) mismatch refuses the action and raises an alert, recorded in a transaction of its own; so is
+    the refusal of an action that needed a signature and came without one (audited).
 
     `centre` confines the action to that centre's orders (the caller's, when it is a centre): another
-    centre's order is not found, exactly as an unknown one."""
+    centre's order is not found, exactly as an unknown one. `facility_id` starts the DIN issued at
+    apheresis."""
     if action.name not in ACTIONS:
         raise ValueError(action.name)
+    if action.name in SIGNED and action.signer is None:
+        raise ValueError(f"{action.name} is a signed action")
     async with uow.read() as tx:
         order = await tx.orders.get(order_id, centre=centre)
     if order is None:
         raise NotFound("Order", order_id)
     try:
         with later_input(f"hospital {action.name}", order.first_trace, **{tn.ACTION: action.name}):
-            await _act(uow, order_id, action, centre)
+            await _act(uow, order_id, action, centre, facility_id)
     except _CoiRefused:
         await _alert_coi_mismatch(uow, order_id, action.name)
-        raise CoiMismatch(detail="coi: does not match this order's chain of identity") from None
+        what = "lot" if action.name in LOT_CHECKED and action.lot is not None else "coi"
+        raise CoiMismatch(detail=f"{what}: does not match this order's chain of identity") from None
+    except _SignatureMissing as missing:
+        await _audit_unsigned(uow, order_id, action.name, missing.meaning)
+        raise SignatureUnauthenticated(
+            "signature-required",
+            f"once manufacture started, a {missing.meaning} is signed: send a signing token in "
+            "V2V-Signature-Token",
+        ) from None
 
 
 def _check_coi(given: str | None, order: OrderRecord) -> None:
@@ -233,6 +271,17 @@ def _check_coi(given: str | None, order: OrderRecord) -> None:
     if problem:
         raise Invalid("coi", problem)
     if given != order.coi:
+        raise _CoiRefused
+
+
+def _check_lot(given: str | None, order: OrderRecord) -> None:
+    """The lot on the product's label, against the lot of the run the site released. Where the lot is
+    known it is required (422 naming `lot`); where it is not (a release before lots), nothing is guessed."""
+    if order.lot is None:
+        return
+    if given is None:
+        raise Invalid("lot", "is required: the product's lot is known (see the label)")
+    if given != order.lot:
         raise _CoiRefused
 
 
@@ -257,39 +306,186 @@ async def _alert_coi_mismatch(uow: UnitOfWork, order_id: uuid.UUID, where: str) 
         )
 
 
-async def _act(uow: UnitOfWork, order_id: uuid.UUID, action: Action, centre: str | None) -> None:
+async def _audit_unsigned(uow: UnitOfWork, order_id: uuid.UUID, name: str, meaning: str) -> None:
+    """An action refused for want of a signature, audited in its own transaction (21 CFR 11.10(e),
+    11.300(d))."""
+    async with uow.begin() as tx:
+        tx.audit(
+            f"order.{name}.refused",
+            "order",
+            order_id,
+            new={"meaning": meaning, "status": 401},
+            reason="signature-required",
+        )
+
+
+def _signed_record(decision_id: uuid.UUID, fields: dict[str, object]) -> SignedRecord:
+    return SignedRecord("decision", str(decision_id), fields)
+
+
+async def _sign(
+    tx: OrderTx, order: OrderRecord, signer: Signer, name: str, fields: dict[str, object]
+) -> uuid.UUID:
+    """Record the signed decision and its signature in the transaction of the change (21 CFR 11.70)."""
+    decision_id = uuid.uuid4()
+    signed = {"order_id": str(order.order_id), "coi": order.coi, "action": name, **fields}
+    await tx.decisions.add(decision_id, order.order_id, signer.meaning, signed)
+    signature = await tx.signatures.record(signer, _signed_record(decision_id, signed))
+    tx.audit(
+        f"order.{name}.signed",
+        "order",
+        order.order_id,
+        new={
+            "decision_id": str(decision_id),
+            "signature_id": str(signature.signature_id),
+            "meaning": signer.meaning,
+            "user_id": signer.user_id,
+            "org": f"{signer.org_kind}:{signer.org_id}",
+            "record_sha256": signature.record_sha256,
+        },
+        reason=str(fields.get("reason_code") or signer.meaning),
+    )
+    return decision_id
+
+
+def _disposition_event(
+    ref: dict[str, object], risk: AtRisk, outcome: str, reason: str, document_reference: str | None
+) -> DispositionDecidedV1:
+    return DispositionDecidedV1(
+        **ref,  # type: ignore[arg-type]
+        cause=risk.cause,  # type: ignore[arg-type]
+        outcome=outcome,  # type: ignore[arg-type]
+        site_id=risk.site_id,
+        run=risk.run,
+        shipment_id=uuid.UUID(risk.shipment_id) if risk.shipment_id else None,
+        leg=risk.leg,  # type: ignore[arg-type]
+        reason=reason,
+        document_reference=document_reference,
+    )
+
+
+async def _act(
+    uow: UnitOfWork, order_id: uuid.UUID, action: Action, centre: str | None, facility_id: str
+) -> None:
     async with uow.begin() as tx:
         case = await cases.load(tx, order_id, centre=centre)
         order = case.order
         set_order_attributes(order_id, order.coi)
         _check_coi(action.coi, order)
+        if action.name in LOT_CHECKED and machine.OrderStatus(order.status) in {
+            OrderStatus.PRODUCT_IN_TRANSIT,
+            OrderStatus.PRODUCT_DELIVERED,
+            OrderStatus.PRODUCT_RECEIVED,
+        }:
+            _check_lot(action.lot, order)
         state, today = order.state(), case.today()
         at = action.at or cases.now()
         ref = order.ref()
         extra: dict[str, object] = {}
         data: EventData | None = None  # the action's own event; a reschedule's is its rebook command
+        signed: dict[str, object] | None = None  # what the signer signs, for a signed action
         match action.name:
             case "cancel":
-                outcome = machine.cancel(state, action.reason_code)
+                try:
+                    outcome = machine.cancel(state, action.reason_code, signed=action.signer is not None)
+                except SignatureNeeded as needed:
+                    raise _SignatureMissing(needed.meaning) from None
                 data = OrderCancelledV1(**ref, reason=action.reason_code, previous_status=state.status.value)
+                signed = {"reason_code": action.reason_code, "previous_status": state.status.value}
             case "reschedule":
                 assert action.new_date is not None
                 outcome = machine.reschedule_apheresis(state, action.new_date, action.reason_code, today)
-            case "quarantine":
-                outcome = machine.decide_quarantine(
-                    state, action.decision or "", action.reason_code, case.rules, today
+            case "disposition":
+                risk = state.at_risk
+                outcome = machine.decide_disposition(
+                    state,
+                    action.outcome or "",
+                    action.reason_code,
+                    case.rules,
+                    today,
+                    action.document_reference,
                 )
-                data = QuarantineDecidedV1(**ref, decision=action.decision, reason=action.reason_code)  # type: ignore[arg-type]
+                assert risk is not None
+                signed = {
+                    "cause": risk.cause,
+                    "finding": risk.reason,
+                    "run": risk.run,
+                    "leg": risk.leg,
+                    "outcome": action.outcome,
+                    "reason_code": action.reason_code,
+                    "document_reference": action.document_reference,
+                }
+                if action.outcome == "release_on_physician_request":
+                    data = PhysicianDecisionRequestedV1(
+                        **ref,
+                        site_id=risk.site_id,
+                        run=risk.run or state.run,
+                        reason=risk.reason,
+                        qa_reason=action.reason_code,
+                    )
+                else:
+                    data = _disposition_event(
+                        ref, risk, action.outcome or "", action.reason_code, action.document_reference
+                    )
+            case "physician":
+                risk = state.at_risk
+                outcome = machine.physician_decision(
+                    state,
+                    bool(action.accept),
+                    action.reason_code or None,
+                    case.centre.regulator,
+                    case.rules,
+                    today,
+                )
+                assert risk is not None
+                signed = {
+                    "cause": risk.cause,
+                    "finding": risk.reason,
+                    "run": risk.run,
+                    "accept": bool(action.accept),
+                    "reason_code": action.reason_code or None,
+                    "qa_reason": risk.requested,
+                    "document_reference": risk.document_reference,
+                }
+                if action.accept:
+                    data = _disposition_event(
+                        ref,
+                        risk,
+                        "release_on_physician_request",
+                        risk.requested or "other",
+                        risk.document_reference,
+                    )
+                else:
+                    data = _disposition_event(
+                        ref, risk, "reject", reasons.PHYSICIAN_DECLINED, risk.document_reference
+                    )
             case name:
                 step, event_type, time_field, column = CONFIRMATIONS[name]
                 outcome = step(state)
-                data = event_type(**ref, **{time_field: at})
                 extra[column] = at
+                if name == "apheresis":
+                    din = make_coi(facility_id, at.year, await tx.orders.next_coi_sequence(at.year))
+                    await tx.collections.add(order_id, order.collection, din, at)
+                    extra["din"] = din
+                    data = ApheresisCompletedV1(**ref, collected_at=at, din=din, collection=order.collection)
+                else:
+                    data = event_type(**ref, **{time_field: at})
+                if name == "infusion":
+                    for task_id in await tx.tasks.administered(order_id, at):
+                        tx.audit(
+                            "task.due",
+                            "order",
+                            order_id,
+                            new={"task_id": str(task_id), "administered_at": at},
+                            reason="authority_notification",
+                        )
         if data is None:  # the action's event is its command (a reschedule's rebook), published here
             data, *_ = cases.command_events(case, outcome)
             if cases.new_cycle(outcome):
                 await tx.parked.drop_all(order_id)
             outcome = Outcome(outcome.state, outcome.reason, (), outcome.changed)
+        if action.signer is not None and signed is not None:
+            await _sign(tx, order, action.signer, action.name, signed)
         event = await tx.publish(data)
         await cases.apply(
             tx,
@@ -304,3 +500,51 @@ async def _act(uow: UnitOfWork, order_id: uuid.UUID, action: Action, centre: str
         log.info("hospital action applied", action=action.name, status=outcome.state.status.value)
         if outcome.changed:
             await cases.replay_parked(tx, order_id)
+
+
+# ---- QA's authority-notification tasks -----------------------------------------------------------------
+
+
+async def complete_task(
+    uow: UnitOfWork, task_id: uuid.UUID, *, by: str, reference: str, at: datetime | None = None
+) -> uuid.UUID:
+    """QA notified the authority: the task is done, with the notification's reference (an opaque id in
+    QA's document system). Returns the order id. A task done already is refused (409)."""
+    async with uow.begin() as tx:
+        task = await tx.tasks.get(task_id, lock=True)
+        if task is None:
+            raise NotFound("Task", task_id)
+        if task.state != "open":
+            raise NotAllowedNow("state", "the task is done already")
+        when = at or cases.now()
+        await tx.tasks.complete(task_id, by=by, reference=reference, at=when)
+        tx.audit(
+            "task.completed",
+            "order",
+            task.order_id,
+            old={"task_id": str(task_id), "state": task.state},
+            new={
+                "task_id": str(task_id),
+                "state": "done",
+                "reference": reference,
+                "overdue": task.overdue(when),
+            },
+            reason="authority_notification",
+        )
+    return task.order_id
+
+
+async def audit_signature_refusal(uow: UnitOfWork, object_ref: str, refusal: dict[str, object]) -> None:
+    """A refused signature (no token, invalid, expired, replayed, wrong client, organisation or role),
+    audited in a transaction of its own (21 CFR 11.10(e), 11.300(d)): the reason code, meaning, method and
+    path, the user once the token verified. `object_ref` is `order:<id>`, `task:<id>` or `unknown`; the
+    entry's object type is `signature_refusal`, so a centre's view of an order's trail does not list
+    attempts made by others on it."""
+    async with uow.begin() as tx:
+        tx.audit(
+            "signature.refused",
+            "signature_refusal",
+            object_ref,
+            new={k: refusal.get(k) for k in ("status", "meaning", "method", "path", "client_id", "user_id")},
+            reason=str(refusal.get("reason") or "signature-refused"),
+        )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from dataclasses import dataclass
 from datetime import date
@@ -9,13 +10,27 @@ from typing import Any, TypeAlias
 
 from order_service.adapters.repository import OrderTx
 from order_service.domain.order import Actuals, Durations, predict
-from order_service.domain.records import Centre, OrderRecord, TimelineEntry
+from order_service.domain.records import AuthorityTask, Centre, OrderRecord, TimelineEntry
 from v2v_audit import Record
 from v2v_contracts.errors import NotFound
 from v2v_contracts.reference import product_catalogue
 from v2v_messaging import AbstractUnitOfWork
+from v2v_servicekit.signatures import SignedRecord
 
 UnitOfWork: TypeAlias = AbstractUnitOfWork[OrderTx]
+
+
+@dataclass(frozen=True)
+class SignedDecision:
+    """A signed decision on the order, with its signatures' manifestations (21 CFR 11.50) and whether
+    the decision as stored still matches them (11.70)."""
+
+    decision_id: uuid.UUID
+    meaning: str
+    fields: dict[str, Any]
+    decided_at: Any
+    signed: bool
+    signatures: list[str]
 
 
 @dataclass(frozen=True)
@@ -23,6 +38,9 @@ class OrderView:
     order: OrderRecord
     timeline: list[TimelineEntry]
     predicted: dict[str, date | None] | None
+    collections: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    tasks: list[AuthorityTask] = dataclasses.field(default_factory=list)
+    decisions: list[SignedDecision] = dataclasses.field(default_factory=list)
 
 
 def predicted_dates(order: OrderRecord) -> dict[str, date | None] | None:
@@ -47,7 +65,30 @@ async def order_view(uow: UnitOfWork, order_id: uuid.UUID, *, centre: str | None
         if order is None:
             raise NotFound("Order", order_id)
         timeline = await tx.timeline.of(order_id)
-    return OrderView(order, timeline, predicted_dates(order))
+        collections = await tx.collections.of(order_id)
+        tasks = await tx.tasks.of_order(order_id)
+        decisions = []
+        for d in await tx.decisions.of_order(order_id):
+            check = await tx.signatures.check(SignedRecord("decision", str(d["decision_id"]), d["fields"]))
+            decisions.append(
+                SignedDecision(
+                    decision_id=d["decision_id"],
+                    meaning=d["meaning"],
+                    fields=d["fields"],
+                    decided_at=d["decided_at"],
+                    signed=check.signed,
+                    signatures=[sig.manifestation() for sig in check.current],
+                )
+            )
+    return OrderView(order, timeline, predicted_dates(order), collections, tasks, decisions)
+
+
+async def tasks_page(
+    uow: UnitOfWork, *, state: str | None, overdue_at: Any, limit: int, offset: int
+) -> tuple[list[AuthorityTask], int]:
+    """A page of QA's authority-notification tasks (earliest due first)."""
+    async with uow.read() as tx:
+        return await tx.tasks.page(state=state, overdue_at=overdue_at, limit=limit, offset=offset)
 
 
 async def order_audit(
