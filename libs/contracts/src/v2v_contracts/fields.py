@@ -74,7 +74,8 @@ Finite = Annotated[float, Field(allow_inf_nan=False)]
 # ---- issue 10: site ----
 # A lot (batch) number per manufacturing run: capital letters, digits and `-`, 4..32 characters, starting
 # with a letter or digit. The site issues it (`<site prefix>-<sequence>`); a remanufacture gets a new one.
-LOT_RE = re.compile(r"^[A-Z0-9][A-Z0-9-]{3,31}\Z")
+LOT_PATTERN = r"^[A-Z0-9][A-Z0-9-]{3,31}$"  # for pydantic's (Rust) regex, where `$` is the very end
+LOT_RE = re.compile(LOT_PATTERN[:-1] + r"\Z")  # Python's `$` also matches before a final newline
 
 
 def lot_problem(lot: str) -> str | None:
@@ -128,6 +129,7 @@ BookingDate = Annotated[date, AfterValidator(in_booking_window)]
 
 __all__ = [
     "BOOKING_MAX_DAYS",
+    "LOT_PATTERN",
     "LOT_RE",
     "BookingDate",
     "Code",

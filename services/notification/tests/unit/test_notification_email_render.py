@@ -289,6 +289,7 @@ def test_exception_types_are_the_known_order_events() -> None:
         "site.coi_mismatch_detected.v1",
         "notification.webhook_delivery_failed.v1",
         "scheduling.slot_unavailable.v1",  # for reason no_approved_site only (routing.EXCEPTION_REASONS)
+        "order.physician_decision_requested.v1",  # the centre's physician must decide on an OOS product
     }
     for t in EXCEPTION_EVENT_TYPES:
         assert issubclass(EVENT_TYPES[t], OrderEventData), t
@@ -421,3 +422,25 @@ def test_email_retry_policy_has_its_own_variables(monkeypatch: pytest.MonkeyPatc
     policy = NotificationSettings().email_policy
     assert (policy.max_attempts, policy.backoff_base_s, policy.backoff_max_s) == (3, 2.0, 300.0)
     assert NotificationSettings().webhook_policy.max_attempts == 9
+
+
+def test_a_physician_decision_request_is_e_mailed_with_the_finding_and_qa_reason() -> None:
+    order_id = uuid.uuid4()
+    event = CloudEvent(
+        source="/v2v/order",
+        type="order.physician_decision_requested.v1",
+        subject=str(order_id),
+        data={
+            "order_id": str(order_id),
+            "coi": "V2V00260000011",
+            "treatment_center_id": "TC-DE-BE-001",
+            "site_id": "FR-LES-ULIS",
+            "run": 1,
+            "reason": "potency",
+            "qa_reason": "benefit_risk_acceptable",
+        },
+    )
+    assert routing.is_exception(event.type, event.data)
+    body = render(event).body
+    assert "order.physician_decision_requested.v1" in body
+    assert "potency" in body and "benefit_risk_acceptable" in body and "FR-LES-ULIS" in body

@@ -22,7 +22,7 @@ from logistics_service.domain.carriers import Tenant
 from logistics_service.domain.shipment import Shipment
 from logistics_service.service_layer import commands, queries
 from v2v_contracts.errors import Forbidden
-from v2v_contracts.fields import Code, CoiRef, Finite, ReportedAt
+from v2v_contracts.fields import LOT_PATTERN, Code, CoiRef, Finite, ReportedAt
 from v2v_contracts.scopes import KINDS, TENANT_KINDS
 from v2v_servicekit import Runtime, get_runtime
 from v2v_servicekit.auth import Principal, require_scope
@@ -121,9 +121,7 @@ async def shipment(
 
 
 OptionalReading = Annotated[Finite, Field(ge=MIN_READING_C, le=MAX_READING_C)]
-# a run's lot as the site labels it (the agreed shape of issue 10; `v2v_contracts.fields.LOT_RE` is the
-# site's own copy of it)
-LOT_PATTERN = r"^[A-Z0-9][A-Z0-9-]{3,31}$"
+# a run's lot as the site labels it: `v2v_contracts.fields.LOT_RE`, the site's shape
 LotRef = Annotated[str, StringConstraints(pattern=LOT_PATTERN)]
 
 

@@ -36,6 +36,11 @@ ALLOWED_FIELDS: dict[str, Kind] = {
     "event_type": "code",  # webhook_delivery_failed: the type of the event that could not be delivered
     "attempts": "int",
     "last_error": "code",  # ... and the outcome category of its last attempt
+    "qa_reason": "reason",  # physician_decision_requested: QA's code for asking the physician
+    "identifier": "code",  # coi_mismatch_detected: which id of the pair did not match (coi, din, lot)
+    "mismatched": "code",
+    "duration_min": "number",  # shipment_excursion: minutes outside the limit in all
+    "lot": "code",
 }
 MAX_VALUE_CHARS = 200
 

@@ -35,6 +35,8 @@ EXCEPTION_EVENT_TYPES: tuple[str, ...] = (
     "site.coi_mismatch_detected.v1",
     "notification.webhook_delivery_failed.v1",
     "scheduling.slot_unavailable.v1",
+    # issue 10: the centre's physician is asked to accept an out-of-specification product (signed)
+    "order.physician_decision_requested.v1",
 )
 
 # Exception types that are an exception for some of their `reason` codes only.

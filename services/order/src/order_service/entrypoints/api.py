@@ -38,7 +38,7 @@ from order_service.domain.records import AuthorityTask, OrderRecord, TimelineEnt
 from order_service.service_layer import commands, queries
 from v2v_audit import Record
 from v2v_contracts.errors import Forbidden, Invalid
-from v2v_contracts.fields import BookingDate, Code, ReportedAt, Text64, Text500
+from v2v_contracts.fields import LOT_PATTERN, BookingDate, Code, ReportedAt, Text64, Text500
 from v2v_observability import get_logger
 from v2v_servicekit import Runtime, get_runtime
 from v2v_servicekit.auth import Principal, require_scope
@@ -187,7 +187,7 @@ class IdentityCheckedIn(BaseModel):
 
 
 # a lot number as printed on the product's label (the site's shape, v2v_contracts.fields' LOT_RE)
-LotIn = Annotated[str, StringConstraints(strip_whitespace=True, pattern=r"^[A-Z0-9][A-Z0-9-]{3,31}$")]
+LotIn = Annotated[str, StringConstraints(strip_whitespace=True, pattern=LOT_PATTERN)]
 
 
 class ProductCheckedIn(IdentityCheckedIn):
