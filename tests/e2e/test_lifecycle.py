@@ -282,9 +282,13 @@ async def test_inbound_excursion_is_recollected(
     await j.wait_status("inbound_shipment_planned")
     inbound = await j.shipment("inbound_apheresis")
     await j.hospital("apheresis", {"coi": j.coi})
-    await j.courier(inbound, "picked_up")
-    reading = await j.temperature(inbound, 14.5)
-    assert reading["excursion_published"] is True or reading.get("in_range") is False
+    await j.courier(inbound, "picked_up", minutes_ago=60)
+    # a short time outside 2-8 °C is recorded and holds nothing; beyond the product's tolerance (30 min for
+    # fresh AXI-CEL material) it is an excursion, held for QA
+    short = await j.temperature(inbound, 14.5, minutes_ago=55)
+    assert short["in_range"] is False and short["excursion_published"] is False
+    reading = await j.excursion(inbound, 14.5, minutes=45)
+    assert reading["excursion_published"] is True
     held = await j.wait_status("material_at_risk")  # held for QA, not recollected at once
     assert (held["at_risk"]["cause"], held["at_risk"]["leg"]) == ("excursion", "inbound_apheresis")
     await disposition(j, held["site_id"], "reject", "outside_stability_data")
@@ -367,8 +371,8 @@ async def test_outbound_excursion_quarantines_and_qa_decides(
     await j.qc(site, "released")
     await j.wait_status("released")
     outbound = await j.shipment("outbound_product")
-    await j.courier(outbound, "picked_up")
-    await j.temperature(outbound, -95.0)
+    await j.courier(outbound, "picked_up", minutes_ago=30)
+    assert (await j.excursion(outbound, -95.0, minutes=20))["excursion_published"] is True
     quarantined = await j.wait_status("material_at_risk")
     assert "held for QA's disposition" in quarantined["timeline"][-1]["reason"]
     bad = await j.client.post(

@@ -372,6 +372,9 @@ async def test_lymphodepletion_before_release_is_tried_once_and_must_be_refused(
     await actor.sim.api.close()
 
 
+LOT = "CH-STEIN-00000001"
+
+
 def order_answer(status: str, **kw: Any) -> Callable[[Any], httpx.Response]:
     return lambda _: httpx.Response(200, json=order_row(status, **kw))
 
@@ -519,31 +522,86 @@ async def test_a_failed_step_and_an_out_of_specification_product_send_codes_and_
     await actor.sim.api.close()
 
 
-async def test_qa_decides_on_a_quarantined_product_with_a_code() -> None:
-    platform = FakePlatform({("POST", "/v1/orders/o-1/quarantine-decision"): order_answer("released")})
+async def test_qa_disposes_of_a_product_held_after_an_outbound_excursion_with_a_code() -> None:
+    platform = FakePlatform({("POST", "/v1/orders/o-1/disposition"): order_answer("released")})
     actor = await placed(
         platform, "outbound_excursion", decision="reject", reason_code="outside_stability_data"
     )
-    await actor.site.qa_decision(order_row("quarantined"))
-    assert platform.posted()[-1] == (
-        "/v1/orders/o-1/quarantine-decision",
-        {
-            "decision": "reject",
-            "reason_code": "outside_stability_data",
-            "note": "simulated QA review of the logger data",
-        },
-    )
+    held = {"cause": "excursion", "reason": "temperature_excursion", "leg": "outbound_product"}
+    await actor.site.disposition(order_row("material_at_risk", at_risk=held))
+    path, body = platform.posted()[-1]
+    assert path == "/v1/orders/o-1/disposition"
+    assert body == {
+        "outcome": "reject",
+        "reason_code": "outside_stability_data",
+        "document_reference": body["document_reference"],
+    }
+    assert body["document_reference"].startswith("QA-")
     assert platform.callers[-1] == "qa" and actor.result.decision == "reject"
-    assert actor.moment("quarantine reject") is not None
+    assert actor.result.dispositions == ["excursion reject"]
+    assert actor.moment("QA excursion reject") is not None
+    # the same material at risk is decided once
+    await actor.site.disposition(order_row("material_at_risk", at_risk=held))
+    assert len([p for p, _ in platform.posted() if p.endswith("/disposition")]) == 1
+    await actor.sim.api.close()
+
+
+async def test_an_oos_product_goes_to_the_physician_who_accepts_and_the_lot_is_released() -> None:
+    platform = FakePlatform(
+        {
+            ("POST", "/v1/orders/o-1/disposition"): order_answer("awaiting_physician"),
+            ("POST", "/v1/orders/o-1/physician-decision"): order_answer("qc_pending"),
+            ("GET", "/v1/sites/CH-STEIN/manufacturing/o-1"): lambda body: httpx.Response(
+                200, json={"order_id": "o-1", "state": "qc_passed", "release": {"required": []}}
+            ),
+        }
+    )
+    actor = await placed(platform, "qc_oos", reason="potency", oos_decision="physician_accepts")
+    held = {"cause": "out_of_specification", "reason": "potency", "site_id": "CH-STEIN", "run": 1}
+    await actor.site.disposition(order_row("material_at_risk", at_risk=held))
+    path, body = platform.posted()[-1]
+    assert (path, body["outcome"], body["reason_code"]) == (
+        "/v1/orders/o-1/disposition",
+        "release_on_physician_request",
+        "risk_assessed_for_patient",
+    )
+    await actor.hospital.physician_decision(order_row("awaiting_physician"))
+    path, body = platform.posted()[-1]
+    assert (path, body) == (
+        "/v1/orders/o-1/physician-decision",
+        {"accept": True, "reason_code": "benefit_outweighs_risk"},
+    )
+    callers = dict(zip((r[1] for r in platform.requests), platform.callers, strict=True))
+    assert callers["/v1/orders/o-1/physician-decision"] == "centre-tc-de-be-001"  # signed by its physician
+    assert callers["/v1/sites/CH-STEIN/manufacturing/o-1"] == "qa"  # QA then releases the lot
+    assert actor.result.dispositions == ["out_of_specification released on physician request, accepted"]
+    assert actor.release_at is not None  # the lot released after the acceptance: the product ships
+    await actor.sim.api.close()
+
+
+async def test_a_physician_who_declines_leaves_the_product_rejected() -> None:
+    platform = FakePlatform(
+        {("POST", "/v1/orders/o-1/physician-decision"): order_answer("material_received")}
+    )
+    actor = await placed(platform, "qc_oos", reason="potency", oos_decision="physician_declines")
+    await actor.hospital.physician_decision(order_row("awaiting_physician"))
+    path, body = platform.posted()[-1]
+    assert (path, body) == (
+        "/v1/orders/o-1/physician-decision",
+        {"accept": False, "reason_code": "risk_not_acceptable"},
+    )
+    assert actor.result.dispositions == ["out_of_specification released on physician request, declined"]
+    assert actor.release_at is None
     await actor.sim.api.close()
 
 
 async def test_the_product_is_received_and_infused_now_and_vein_to_vein_is_simulated() -> None:
     platform = FakePlatform(
         {
-            ("POST", "/v1/orders/o-1/product-receipt"): order_answer("product_received"),
-            ("POST", "/v1/orders/o-1/lymphodepletion"): order_answer("product_received"),
-            ("POST", "/v1/orders/o-1/infusion"): order_answer("completed"),
+            ("POST", "/v1/orders/o-1/product-receipt"): order_answer("product_received", lot=LOT),
+            ("POST", "/v1/orders/o-1/lymphodepletion"): order_answer("product_received", lot=LOT),
+            ("POST", "/v1/orders/o-1/infusion"): order_answer("completed", lot=LOT),
+            ("GET", "/v1/orders/o-1"): order_answer("product_delivered", lot=LOT),
         }
     )
     actor = await placed(platform)
@@ -552,10 +610,10 @@ async def test_the_product_is_received_and_infused_now_and_vein_to_vein_is_simul
     actor.release_at = apheresis + timedelta(days=33)
     await actor.hospital.product_receipt(actor.release_at + timedelta(days=2))
     await actor.hospital.infusion(order_row("product_received"))
-    assert platform.posted()[1:] == [
-        ("/v1/orders/o-1/product-receipt", {"coi": "V2V0026000001X"}),
+    assert platform.posted()[1:] == [  # the label's pair: the COI and the released lot
+        ("/v1/orders/o-1/product-receipt", {"coi": "V2V0026000001X", "lot": LOT}),
         ("/v1/orders/o-1/lymphodepletion", {}),
-        ("/v1/orders/o-1/infusion", {"coi": "V2V0026000001X"}),
+        ("/v1/orders/o-1/infusion", {"coi": "V2V0026000001X", "lot": LOT}),
     ]
     assert set(platform.callers) == {"centre-tc-de-be-001"}
     infused = actor.moment("infusion")

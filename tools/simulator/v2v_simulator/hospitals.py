@@ -14,6 +14,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from v2v_contracts.fields import booking_window
+from v2v_harness.e2e import din_of
 
 from .api import OrderAbort
 from .clock import as_date, days_between
@@ -62,12 +63,52 @@ class Hospital:
         o.result.order_id = o.order_id
         o.sim.tracker.add(created)
 
+    async def physician_signature(self) -> dict[str, str]:
+        """`V2V-Signature-Token` of the centre's demo physician (`phys.<centre>`), collected by the centre's
+        own client (none without credentials: a mocked platform)."""
+        credentials: Any = self.order.sim.api.credentials
+        if credentials is None or not hasattr(credentials, "signature_headers"):
+            return {}
+        centre_id = self.order.plan.combo.centre
+        user_id = credentials.user_id("physician", centre_id)
+        headers: dict[str, str] = await credentials.signature_headers(
+            credentials.client_id("centre", centre_id), user_id
+        )
+        return headers
+
     async def cancel(self, stage: str) -> None:
+        """Cancel at `stage`; once manufacture started the physician signs the cancellation (it discards a
+        product made for the patient)."""
         o = self.order
         code = str(o.plan.params.get("reason_code", "other"))
         note = f"simulated cancellation ({stage.replace('_', ' ')})"
-        await o.call("cancel", lambda c: c.cancel(o.order_id, code, note), ok=(200,))
+        signed = stage in ("manufacturing", "qc_pending", "product_in_transit")
+        headers = await self.physician_signature() if signed else None
+        await o.call("cancel", lambda c: c.cancel(o.order_id, code, note, headers=headers), ok=(200,))
         o.result.applied = True
+
+    async def physician_decision(self, row: dict[str, Any]) -> None:
+        """QA released an out-of-specification product on the physician's request: the centre's physician
+        accepts it (signed; the lot is then released and ships) or declines it (as a reject)."""
+        o = self.order
+        key = ("physician", row.get("run"), row.get("recollections"))
+        if key in o.done:
+            return
+        accept = o.plan.params.get("oos_decision") == "physician_accepts"
+        await o.at(o.floor + timedelta(hours=12), "physician accepts" if accept else "physician declines")
+        reason = "benefit_outweighs_risk" if accept else "risk_not_acceptable"
+        headers = await self.physician_signature()
+        await o.call(
+            "physician accepts" if accept else "physician declines",
+            lambda c: c.physician_decision(o.order_id, accept, reason, headers=headers),
+            ok=(200,),
+        )
+        o.done.add(key)
+        o.result.dispositions.append(
+            "out_of_specification released on physician request, " + ("accepted" if accept else "declined")
+        )
+        if accept:
+            await o.site.release_after_decision(str(row.get("site_id")))
 
     async def tidy_up(self) -> None:
         """After an error the centre cancels the order, so the platform is not left with it half done."""
@@ -75,9 +116,15 @@ class Hospital:
         if not o.order_id or o.row["status"] in TERMINAL:
             return
         with contextlib.suppress(OrderAbort):
+            headers = await self.physician_signature()  # needed once manufacture started
             await o.call(
                 "cancel after error",
-                lambda c: c.cancel(o.order_id, "other", "the simulator gave up on this order after an error"),
+                lambda c: c.cancel(
+                    o.order_id,
+                    "other",
+                    "the simulator gave up on this order after an error",
+                    headers=headers,
+                ),
                 ok=(200,),
                 intended=(409,),
             )
@@ -133,7 +180,8 @@ class Hospital:
                 ok=(),
                 intended=(422,),
             )
-        await o.call("confirm apheresis", lambda c: c.apheresis(o.order_id, o.coi), ok=(200,))
+        resp = await o.call("confirm apheresis", lambda c: c.apheresis(o.order_id, o.coi), ok=(200,))
+        o.din = din_of(resp.body) if isinstance(resp.body, dict) else None  # the bag's label
         o.done.add(("apheresis", slot_id))
         o.apheresis_at[slot_id] = moment
         if o.first_apheresis is None:
@@ -163,10 +211,20 @@ class Hospital:
         await o.call("lymphodepletion", lambda c: c.lymphodepletion(o.order_id), ok=(200,))
         o.lymphodepleted = True
 
+    async def released_lot(self) -> str | None:
+        """The lot on the product's label: the released run's, as the order shows it."""
+        o = self.order
+        lot = o.row.get("lot")
+        if lot is None:  # the tracker's view may predate the release
+            body = (await o.call("get order", lambda c: c.get_order(o.order_id))).body
+            lot = body.get("lot") if isinstance(body, dict) else None
+        return str(lot) if lot else None
+
     async def product_receipt(self, when: datetime) -> None:
         o = self.order
         await o.at(when, "product receipt")
-        await o.call("product receipt", lambda c: c.product_receipt(o.order_id, o.coi), ok=(200,))
+        lot = await self.released_lot()
+        await o.call("product receipt", lambda c: c.product_receipt(o.order_id, o.coi, lot=lot), ok=(200,))
 
     async def infusion(self, row: dict[str, Any]) -> None:
         o = self.order
@@ -175,6 +233,7 @@ class Hospital:
         r = o.release_at or o.floor
         when = max(r + timedelta(days=2 + o.rng.uniform(0.5, 2.5)), o.floor + timedelta(hours=12))
         moment = await o.at(when, "infusion")
-        await o.call("infusion", lambda c: c.infusion(o.order_id, o.coi), ok=(200,))
+        lot = await self.released_lot()
+        await o.call("infusion", lambda c: c.infusion(o.order_id, o.coi, lot=lot), ok=(200,))
         if o.first_apheresis is not None:  # vein to vein on the simulated clock
             o.result.simulated_days = days_between(o.first_apheresis, moment)

@@ -47,6 +47,7 @@ class OrderActor:
         self.centre: Party = centre(plan.combo.centre)  # the order's treatment centre, as a party
         self.order_id = ""
         self.coi = ""
+        self.din: str | None = None  # the DIN of the latest collection (the apheresis answer)
         self.floor = sim.clock.start  # simulated time of the last action (actions never go back)
         self.moments: list[tuple[str, datetime]] = []  # (what, simulated moment) of each timed action
         self.done: set[Any] = set()
@@ -212,8 +213,10 @@ class OrderActor:
                 await self.site.manufacture(row)
         elif status in PRODUCT_OUT:
             await self.outbound(row)
-        elif status == "quarantined":
-            await self.site.qa_decision(row)
+        elif status == "material_at_risk":
+            await self.site.disposition(row)
+        elif status == "awaiting_physician":
+            await self.hospital.physician_decision(row)
         elif status == "product_received":
             await self.hospital.infusion(row)
         # submitted, waitlisted, slot_reserved, booking_confirmed, rescheduling: the platform acts

@@ -39,7 +39,11 @@ CANCEL_STAGES = (
     "qc_pending",
     "product_in_transit",
 )
-QA_RELEASE_SHARE = 0.6  # quarantined products released by QA (the rest rejected)
+QA_RELEASE_SHARE = 0.6  # products held after an outbound excursion released by QA (the rest rejected)
+# an out-of-specification product (issue 10): QA rejects it (a remanufacture or a recollection follows), or
+# releases it on the physician's request, who accepts it (the dose ships, expanded access where the market
+# requires it, an authority notification within 48 h of the infusion) or declines it (as a reject)
+OOS_DECISIONS: dict[str, float] = {"reject": 0.5, "physician_accepts": 0.35, "physician_declines": 0.15}
 # reason codes, from the platform's vocabularies (the order service's `domain/reasons.py`; the site's
 # `v2v_contracts.events` ReceiptRejection, StepFailure, QcFinding)
 CANCEL_REASONS = ("consent_withdrawn", "disease_progression", "patient_ineligible", "physician_decision")
@@ -230,6 +234,11 @@ def make_plan(
             params["reason"] = rng.choice(REJECT_REASONS)
         elif kind in {"qc_oos", "persistent_oos"}:
             params["reason"] = rng.choice(OOS_REASONS)
+            params["oos_decision"] = (
+                rng.choices(list(OOS_DECISIONS), weights=list(OOS_DECISIONS.values()))[0]
+                if kind == "qc_oos"
+                else "reject"  # every run out of specification: remanufacture, recollection, ... failed
+            )
         elif kind == "manufacturing_failure":
             params["step"] = rng.choice(STEPS)
             params["reason"] = rng.choice(FAIL_REASONS)

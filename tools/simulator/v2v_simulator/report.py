@@ -38,6 +38,8 @@ class OrderResult:
     simulated_days: float | None = None
     applied: bool = False  # the exception was injected
     decision: str | None = None
+    # QA's dispositions of material at risk, as "<cause>: <outcome>" (with the physician's answer)
+    dispositions: list[str] = field(default_factory=list)
     sites_manufactured: list[str] = field(default_factory=list)  # one entry per run started
     reactions: Counter[str] = field(default_factory=Counter)
     aborted: str | None = None
@@ -216,8 +218,14 @@ def render_summary(
         if kind == "cancellation":
             stages = Counter(r.plan.params["stage"] for r in results if r.plan.kind == kind and r.applied)
             detail = ", ".join(f"{s} {n}" for s, n in sorted(stages.items()))
-        elif kind == "outbound_excursion":
-            decisions = Counter(r.decision for r in results if r.plan.kind == kind and r.decision)
+        elif kind in (
+            "outbound_excursion",
+            "inbound_excursion",
+            "material_rejected",
+            "qc_oos",
+            "persistent_oos",
+        ):
+            decisions = Counter(d for r in results if r.plan.kind == kind for d in r.dispositions)
             detail = ", ".join(f"QA {d} {n}" for d, n in sorted(decisions.items()))
         elif kind == "site_outage":
             detail = outage_note

@@ -1,6 +1,6 @@
 """The manufacturing site: its MES (receipt of the apheresis material, manufacturing steps), the
-manufacturer's QA (QC dispositions, the signed release of a lot, the decision on a product quarantined
-after an excursion), and the registry (the run's one outage).
+manufacturer's QA (QC dispositions, the signed release of a lot, the signed disposition of material at
+risk), and the registry (the run's one outage).
 
 Issue 10: QC passes with a results summary and a certificate-of-analysis reference; the lot is then
 released by signature: QA's system collects, for each signature the site names (`release.required` of the
@@ -61,7 +61,7 @@ class Site:
                 o.order_id,
                 o.coi,
                 not reject,
-                din=getattr(o, "din", None),
+                din=o.din,
                 reason=reason,
                 reference=reference,
             ),
@@ -213,23 +213,72 @@ class Site:
             ok=(200, 201),
         )
 
-    async def qa_decision(self, row: dict[str, Any]) -> None:
-        """QA reviews the logger data of a quarantined product and releases or rejects it."""
+    async def disposition(self, row: dict[str, Any]) -> None:
+        """QA's signed disposition of material at risk (issue 10): an out-of-specification product, a
+        shipment beyond its excursion tolerance, material the site held at receipt. The plan says what QA
+        decides: a reject leads to today's remanufacture or recollection; an OOS product may be released
+        on the physician's request (the centre's physician decides, `Hospital.physician_decision`); a
+        product held after an outbound excursion may be released. Signed by the QA reviewer of the site
+        (`qa.<site>`) through QA's client."""
         o = self.order
-        decision = o.plan.params.get("decision", "release")
-        await o.at(o.floor + timedelta(days=1), f"quarantine {decision}")  # QA reviews the logger data
-        code = str(
-            o.plan.params.get("reason_code")
-            or ("within_stability_data" if decision == "release" else "integrity_compromised")
-        )
-        note = "simulated QA review of the logger data"
+        at_risk = row.get("at_risk") or {}
+        cause = str(at_risk.get("cause") or "")
+        key = ("disposition", cause, at_risk.get("run"), at_risk.get("shipment_id"), row.get("recollections"))
+        if key in o.done:
+            return
+        outcome, code = self.qa_outcome(cause, at_risk)
+        site_id = str(at_risk.get("site_id") or row.get("site_id"))
+        await o.at(o.floor + timedelta(days=1), f"QA {cause} {outcome}")  # QA's assessment
+        headers = await self.signature("qa_reviewer", site_id)
         await o.call(
-            f"quarantine {decision}",
-            lambda c: c.quarantine_decision(o.order_id, decision, code, note),
+            f"QA disposition {outcome}",
+            lambda c: c.disposition(o.order_id, outcome, code, self.reference("QA"), headers=headers),  # type: ignore[arg-type]
             party=QA,
             ok=(200,),
         )
-        o.result.decision = decision
+        o.done.add(key)
+        o.result.decision = outcome
+        if outcome != "release_on_physician_request":
+            o.result.dispositions.append(f"{cause} {outcome}")
+        if cause == "out_of_specification" and outcome == "release":
+            await self.release_after_decision(site_id)
+
+    def qa_outcome(self, cause: str, at_risk: dict[str, Any]) -> tuple[str, str]:
+        """(outcome, QA's reason code) the plan gives for material at risk of this cause."""
+        params = self.order.plan.params
+        if cause == "out_of_specification":
+            if str(params.get("oos_decision", "reject")).startswith("physician"):
+                return "release_on_physician_request", "risk_assessed_for_patient"
+            return "reject", "confirmed_out_of_specification"
+        if cause == "excursion" and at_risk.get("leg") == "outbound_product":
+            decision = str(params.get("decision", "reject"))
+            default = "within_stability_data" if decision == "release" else "outside_stability_data"
+            return decision, str(params.get("reason_code") or default)
+        if cause == "excursion":
+            return "reject", "outside_stability_data"  # fresh material out of 2-8 °C too long: recollect
+        return "reject", "integrity_compromised"  # material the site refused at receipt
+
+    async def release_after_decision(self, site_id: str) -> None:
+        """After a release of an OOS product (by QA, or on the physician's acceptance): the site holds the
+        run in `qc_passed` until the lot is released by signature, as a passed one."""
+        o = self.order
+
+        async def fetch() -> Any:
+            return (
+                await o.call("release view", lambda c: c.manufacturing(site_id, o.order_id), party=QA)
+            ).body
+
+        view = await o.poll(
+            f"the lot at {site_id} ready for release",
+            fetch,
+            lambda v: v if v.get("state") == "qc_passed" else None,
+            lambda v: f"the site reports {v.get('state')}",
+        )
+        if view is None:
+            return
+        moment = await o.at(o.floor + timedelta(hours=6), "release after the disposition")
+        await self.sign_release(site_id)
+        o.release_at = moment
 
 
 # a QC results summary that passes (illustrative figures; numbers and codes only)

@@ -14,7 +14,8 @@ BUCKETS: dict[str, tuple[str, ...]] = {
     ),
     "inbound": ("apheresis_completed", "material_in_transit"),
     "manufacturing": ("material_received", "manufacturing", "qc_pending"),
-    "outbound": ("released", "product_in_transit", "product_delivered", "quarantined", "product_received"),
+    "held": ("material_at_risk", "awaiting_physician"),  # material at risk: QA's (and a physician's) turn
+    "outbound": ("released", "product_in_transit", "product_delivered", "product_received"),
     "completed": ("completed",),
     "cancelled": ("cancelled",),
     "failed": ("failed",),

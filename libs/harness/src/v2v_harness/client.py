@@ -54,6 +54,8 @@ OrderAction = Literal[
     "product-receipt",
     "infusion",
     "quarantine-decision",
+    "disposition",
+    "physician-decision",
 ]
 Milestone = Literal["booked", "picked_up", "in_transit", "delivered"]
 Disposition = Literal["passed", "out_of_specification", "failed"]
@@ -371,10 +373,13 @@ class V2VClient:
         coi: str,
         at: Moment | None,
         headers: Mapping[str, str] | None,
+        lot: str | None = None,
     ) -> ApiResponse:
         body: dict[str, Any] = {"coi": coi}
         if at is not None:
             body["at"] = _moment(at)
+        if lot is not None:
+            body["lot"] = lot
         return await self.order_action(order_id, action, body, headers=headers)
 
     async def apheresis(
@@ -391,14 +396,61 @@ class V2VClient:
         return await self.order_action(order_id, "lymphodepletion", body, headers=headers)
 
     async def product_receipt(
-        self, order_id: str, coi: str, at: Moment | None = None, *, headers: Mapping[str, str] | None = None
+        self,
+        order_id: str,
+        coi: str,
+        at: Moment | None = None,
+        *,
+        lot: str | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> ApiResponse:
-        return await self._identity_checked(order_id, "product-receipt", coi, at, headers)
+        """As the centre: the product received, its label's COI and lot checked (the lot is required once
+        the order knows it: `lot` of the order view)."""
+        return await self._identity_checked(order_id, "product-receipt", coi, at, headers, lot)
 
     async def infusion(
-        self, order_id: str, coi: str, at: Moment | None = None, *, headers: Mapping[str, str] | None = None
+        self,
+        order_id: str,
+        coi: str,
+        at: Moment | None = None,
+        *,
+        lot: str | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> ApiResponse:
-        return await self._identity_checked(order_id, "infusion", coi, at, headers)
+        return await self._identity_checked(order_id, "infusion", coi, at, headers, lot)
+
+    async def disposition(
+        self,
+        order_id: str,
+        outcome: Literal["release", "release_on_physician_request", "reject"],
+        reason_code: str,
+        document_reference: str,
+        note: str | None = None,
+        *,
+        headers: Mapping[str, str] | None = None,
+    ) -> ApiResponse:
+        """As the manufacturer's QA, signed (`headers` with the signing token of a QA user): the
+        disposition of material at risk (an OOS product, an excursion, material held at receipt)."""
+        body = {
+            "outcome": outcome,
+            "document_reference": document_reference,
+            **_params(reason_code=reason_code, note=note),
+        }
+        return await self.order_action(order_id, "disposition", body, headers=headers)
+
+    async def physician_decision(
+        self,
+        order_id: str,
+        accept: bool,
+        reason_code: str | None = None,
+        note: str | None = None,
+        *,
+        headers: Mapping[str, str] | None = None,
+    ) -> ApiResponse:
+        """As the centre, signed by its physician: accept or decline an out-of-specification product QA
+        released on physician request."""
+        body = {"accept": accept, **_params(reason_code=reason_code, note=note)}
+        return await self.order_action(order_id, "physician-decision", body, headers=headers)
 
     async def quarantine_decision(
         self,

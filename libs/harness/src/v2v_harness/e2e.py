@@ -204,34 +204,95 @@ class Journey:
     async def hospital(
         self, action: str, body: dict[str, Any] | None = None, expect: int = 200
     ) -> dict[str, Any]:
-        """An action on the order as the centre (a quarantine decision: as the manufacturer's QA)."""
-        api = self.qa if action == "quarantine-decision" else self.api
-        answer = _checked(await api.order_action(self.id, action, body or {}), expect)
+        """An action on the order as the centre. Receipt and infusion present the released lot beside the
+        COI (the label's pair) unless `body` says otherwise."""
+        body = dict(body or {})
+        if action in ("product-receipt", "infusion") and "lot" not in body and self.lot:
+            body["lot"] = self.lot
+        answer = _checked(await self.api.order_action(self.id, action, body), expect)
         if action == "apheresis":
             self.din = din_of(answer) or self.din
         return answer
 
+    async def dispose(
+        self,
+        outcome: str,
+        reason_code: str,
+        *,
+        site_id: str | None = None,
+        user_id: str | None = None,
+        expect: int = 200,
+    ) -> dict[str, Any]:
+        """As the manufacturer's QA, signed by the QA reviewer of the order's site (`qa.<site>`) or
+        `user_id`: the disposition of material at risk (release, release_on_physician_request, reject)."""
+        credentials = self.parties.credentials
+        if user_id is None:
+            site = site_id or str((await self.get())["site_id"])
+            user_id = credentials.user_id("qa_reviewer", site)
+        headers = await credentials.signature_headers(credentials.client_id("qa"), user_id)
+        reference = f"QA-{self.id[:8].upper()}"
+        resp = await self.qa.disposition(self.id, outcome, reason_code, reference, headers=headers)  # type: ignore[arg-type]
+        return _checked(resp, expect)
+
+    async def physician(
+        self, accept: bool, reason_code: str | None = None, expect: int = 200
+    ) -> dict[str, Any]:
+        """As the centre, signed by its physician (`phys.<centre>`): accept or decline an
+        out-of-specification product released on physician request."""
+        credentials = self.parties.credentials
+        user_id = credentials.user_id("physician", self.centre_id)
+        headers = await credentials.signature_headers(
+            credentials.client_id("centre", self.centre_id), user_id
+        )
+        resp = await self.api.physician_decision(self.id, accept, reason_code, headers=headers)
+        return _checked(resp, expect)
+
     async def courier(
-        self, shipment: dict[str, Any], *milestones: str, temperature_c: float | None = None
+        self,
+        shipment: dict[str, Any],
+        *milestones: str,
+        temperature_c: float | None = None,
+        minutes_ago: float = 0,
     ) -> None:
+        """As the shipment's carrier: each milestone, now (or `minutes_ago`: a logger's readings since a
+        pickup that long ago can then span an excursion's tolerance)."""
         courier = self.as_carrier(shipment)
+        inbound = shipment["leg"] == "inbound_apheresis"
         for milestone in milestones:
+            # the label's second id: the collection's DIN (inbound) or the lot (outbound), as logistics
+            # knows it (it learns them from the order's and the site's events)
+            current = _checked(await self.ops.shipment(str(shipment["shipment_id"])), None)
             resp = await courier.milestone(
                 shipment["shipment_id"],
                 milestone,
-                occurred_at=now_iso(),
+                occurred_at=now_iso(-minutes_ago),
                 location="HUB-1",
                 handled_by="courier-42",
                 coi=self.coi,
                 temperature_c=temperature_c,
+                din=current.get("din") if inbound else None,
+                lot=None if inbound else current.get("lot"),
             )
             _checked(resp, None)
 
-    async def temperature(self, shipment: dict[str, Any], reading_c: float) -> dict[str, Any]:
+    async def temperature(
+        self, shipment: dict[str, Any], reading_c: float, *, minutes_ago: float = 0
+    ) -> dict[str, Any]:
         resp = await self.as_carrier(shipment).temperature_reading(
-            shipment["shipment_id"], reading_c, measured_at=now_iso(), coi=self.coi
+            shipment["shipment_id"], reading_c, measured_at=now_iso(-minutes_ago), coi=self.coi
         )
         return _checked(resp, None)
+
+    async def excursion(self, shipment: dict[str, Any], reading_c: float, minutes: float) -> dict[str, Any]:
+        """The logger's readings at `reading_c` over the last `minutes` (three of them: `minutes` ago, half
+        that, now): time outside the limit of that length in all. The pickup must lie before. Returns the
+        answer that published the excursion (the product's tolerance exceeded), else the last one."""
+        answer: dict[str, Any] = {}
+        for ago in (minutes, minutes / 2, 0):
+            answer = await self.temperature(shipment, reading_c, minutes_ago=ago)
+            if answer.get("excursion_published"):
+                break
+        return answer
 
     async def receipt(self, site_id: str, accepted: bool = True, reason: str | None = None) -> dict[str, Any]:
         resp = await self.as_site(site_id).site_receipt(
@@ -330,7 +391,8 @@ def din_of(answer: dict[str, Any]) -> str | None:
     return None
 
 
-def now_iso() -> str:
-    from datetime import UTC, datetime
+def now_iso(minutes: float = 0) -> str:
+    """Now, or `minutes` from now (negative: ago), as ISO 8601 with the time zone."""
+    from datetime import UTC, datetime, timedelta
 
-    return datetime.now(UTC).isoformat()
+    return (datetime.now(UTC) + timedelta(minutes=minutes)).isoformat()
