@@ -379,7 +379,23 @@ def routes(w: World) -> list[Route]:
             "qa",
             None,
             mfg,
-            {"disposition": "released"},
+            {
+                "disposition": "passed",
+                "results": {"viability_pct": 92.5, "sterility": "negative"},
+                "coa_reference": "COA-1",
+            },
+        ),
+        # signed: the signature's meaning and role depend on the order's market and are read first, so
+        # an order whose material the site never received is refused (409) before any signing token
+        Route("site", "POST", "/v1/sites/{site_id}/manufacturing/{order_id}/release", "qa", None, mfg, {}),
+        Route(
+            "site",
+            "POST",
+            "/v1/sites/{site_id}/manufacturing/{order_id}/import-certification",
+            "qa",
+            None,
+            mfg,
+            {},
         ),
         Route("site", "PATCH", "/v1/sites/{site_id}", "admin", None, {"site_id": w.site}, {"active": True}),
         Route(
