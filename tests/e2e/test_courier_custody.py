@@ -92,9 +92,10 @@ async def test_courier_milestone_is_custody_and_links_to_the_orders_first_trace(
         f"{platform.url('order')}/v1/orders/{order['order_id']}/apheresis", json={"coi": order["coi"]}
     )
     assert resp.status_code == 200, resp.text
+    din = resp.json()["din"]  # the collection's DIN, on the bag's label beside the COI
     resp = await parties.site(ship["destination"]).post(
         f"{platform.url('site')}/v1/sites/{ship['destination']}/receipts",
-        json={"order_id": order["order_id"], "coi": order["coi"], "accepted": True},
+        json={"order_id": order["order_id"], "coi": order["coi"], "din": din, "accepted": True},
     )
     assert resp.status_code in {200, 201}, resp.text
 

@@ -108,7 +108,9 @@ async def test_the_marker_stays_in_the_ordering_schema(
     # 1. where free text may go at all: only into the order service
     fields = free_text_fields(platform)
     assert {s for s, f in fields.items() if f} == {"order"}, fields
-    assert sorted(f.rsplit(".", 1)[-1] for f in fields["order"]) == ["note", "note", "note", "patient_ref"]
+    # the notes of a cancellation, a moved date, QA's disposition (and its former route) and a physician's
+    # decision; the patient reference
+    assert sorted(f.rsplit(".", 1)[-1] for f in fields["order"]) == [*["note"] * 5, "patient_ref"]
 
     centre = parties.centre(CENTRE)
     path = f"/canary/{uuid.uuid4()}"
@@ -168,8 +170,8 @@ async def test_the_marker_stays_in_the_ordering_schema(
     await third.qc(site_id, "released")
     await third.wait_status("released")
     outbound = await third.shipment("outbound_product")
-    await third.courier(outbound, "picked_up")
-    await third.temperature(outbound, -95.0)
+    await third.courier(outbound, "picked_up", minutes_ago=30)
+    assert (await third.excursion(outbound, -95.0, minutes=20))["excursion_published"] is True
     await third.wait_status("material_at_risk")
     resp = await parties.qa.post(
         f"{platform.url('order')}/v1/orders/{third.id}/quarantine-decision",

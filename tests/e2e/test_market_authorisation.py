@@ -27,9 +27,14 @@ UNROUTED = {"submitted", "waitlisted", "rescheduling"}
 
 
 def approved_sites(sites: list[dict[str, Any]], regulator: str, use: str, product: str) -> set[str]:
-    """The active sites approved to make `product` for `use` in the market of `regulator`."""
+    """The active sites approved to make `product` for `use` in the market of `regulator` (whichever
+    batch-release site the approval names)."""
     wanted = {"regulator": regulator, "use": use, "product_code": product}
-    return {s["site_id"] for s in sites if s["active"] and any(a == wanted for a in s["approvals"])}
+
+    def fits(approval: dict[str, Any]) -> bool:
+        return all(approval.get(k) == v for k, v in wanted.items())
+
+    return {s["site_id"] for s in sites if s["active"] and any(fits(a) for a in s["approvals"])}
 
 
 async def test_every_centre_and_product_is_routed_to_an_approved_site_or_refused_at_intake(
