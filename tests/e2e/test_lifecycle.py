@@ -8,7 +8,7 @@ note) stays on the order's timeline."""
 
 from __future__ import annotations
 
-from datetime import date, timedelta
+from datetime import date, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -175,6 +175,7 @@ async def test_cancellation_during_manufacture_releases_stops_and_cancels(
     j, path = await start(parties, platform, webhook_receiver, "TC-FR-PA-001")
     site = await j.up_to_material_received()
     await j.steps(site, "activation")
+    await j.wait_status("manufacturing")  # the order learnt that manufacture started
     note = "patient withdrew consent"
     body = {"reason_code": "consent_withdrawn", "note": note}
     # manufacture started: the cancellation is the physician's signed decision (21 CFR 11.50)
@@ -332,6 +333,67 @@ async def test_out_of_specification_is_remanufactured_from_retained_material(
     released = await j.wait_status("released")
     assert released["recollections"] == 0
     await j.shipment("outbound_product")
+
+
+async def test_an_oos_product_the_physician_accepts_ships_is_infused_and_the_authority_is_to_be_told(
+    platform: Platform, webhook_receiver: WebhookReceiver, parties: Parties
+) -> None:
+    """EU GMP for ATMPs Part IV §11.5: QA releases an out-of-specification product on the physician's
+    request, the physician accepts it (signed); in an FDA market the order becomes expanded access; the lot
+    is released by signature (exceptional), ships, is received and infused against COI + lot, and a task to
+    notify the authority falls due 48 h after the infusion."""
+    j, path = await start(parties, platform, webhook_receiver, "TC-US-TX-002", "AXI-CEL")
+    site = await j.up_to_material_received()
+    await j.steps(site, *MANUFACTURING_STEPS)
+    await j.wait_status("qc_pending")
+    await j.qc(site, "out_of_specification", "dose")
+    held = await j.wait_status("material_at_risk")
+    assert (held["at_risk"]["cause"], held["at_risk"]["reason"]) == ("out_of_specification", "dose")
+    # the lot cannot be released while the product is held: QA decides first
+    asked = await disposition(j, site, "release_on_physician_request", "no_alternative_treatment")
+    assert asked["status"] == "awaiting_physician"
+    # not QA's decision to take for the physician, and not the centre's without its physician's signature
+    unsigned = await j.client.post(
+        f"{j.url('order')}/v1/orders/{j.id}/physician-decision", json={"accept": True}
+    )
+    assert unsigned.status_code == 401 and unsigned.json()["reason"] == "signature-required"
+    accepted = await physician(j, {"accept": True, "reason_code": "benefit_outweighs_risk"})
+    assert accepted["status"] == "qc_pending"
+    assert (accepted["order_type"], accepted["use"]) == ("expanded_access", "commercial")
+
+    # the site holds the run as passed (exceptional) until the lot's signed release
+    async def passed() -> dict[str, Any] | None:
+        view = (await j.qa.manufacturing(site, j.id)).body
+        return view if view.get("state") == "qc_passed" else None
+
+    view = await eventually(passed, timeout=15, what="the OOS run back in qc_passed")
+    assert view["exceptional"] is True
+    lot = await j.sign_release(site)
+    assert lot["state"] == "released" and lot["exceptional"] is True and j.lot == lot["lot"]
+    await j.wait_status("released")
+    outbound = await j.shipment("outbound_product")
+    await j.courier(outbound, "picked_up", "in_transit", "delivered")
+    await j.wait_status("product_delivered")
+    # the wrong lot on the label halts, as a wrong COI does
+    wrong = await j.client.post(
+        f"{j.url('order')}/v1/orders/{j.id}/product-receipt",
+        json={"coi": j.coi, "lot": "WRONG-LOT-0001"},
+    )
+    assert wrong.status_code == 409, wrong.text
+    await j.hospital("product-receipt", {"coi": j.coi})  # with the released lot
+    await j.hospital("lymphodepletion")
+    assert (await j.hospital("infusion", {"coi": j.coi}))["status"] == "completed"
+    [task] = (await j.get())["tasks"]
+    assert (task["kind"], task["state"], task["regulator"]) == ("authority_notification", "open", "FDA")
+    infused = datetime.fromisoformat(task["administered_at"])
+    assert datetime.fromisoformat(task["due_at"]) - infused == timedelta(hours=48)
+    listed = (await j.qa.get("order", "/v1/tasks", params={"state": "open"})).body
+    assert task["task_id"] in [t["task_id"] for t in listed]
+    await hooks(webhook_receiver, path, j.id, "order.disposition_decided.v1")
+    decided = hook_data(webhook_receiver, path, j.id, "order.disposition_decided.v1")
+    assert [(d["cause"], d["outcome"]) for d in decided] == [
+        ("out_of_specification", "release_on_physician_request")
+    ]
 
 
 async def test_failed_manufacture_without_retained_material_recollects_then_fails(

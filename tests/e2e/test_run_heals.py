@@ -170,9 +170,7 @@ async def test_kill_9_of_a_service_and_of_the_broker_is_healed_and_every_order_c
         # both of its orders placed (the plan spreads placements over the first simulated days) before
         # the intake is killed
         deadline = time.monotonic() + 120
-        while not (
-            len(batches["BEFORE"].actors) == 2 and all(a.order_id for a in batches["BEFORE"].actors)
-        ):
+        while not (len(batches["BEFORE"].actors) == 2 and all(a.order_id for a in batches["BEFORE"].actors)):
             assert time.monotonic() < deadline, "the BEFORE orders were not placed within 120 s"
             await asyncio.sleep(0.2)
         os.kill(_child(run.proc.pid, "-m order_service"), signal.SIGKILL)  # the intake itself

@@ -259,9 +259,13 @@ class Journey:
         courier = self.as_carrier(shipment)
         inbound = shipment["leg"] == "inbound_apheresis"
         for milestone in milestones:
-            # the label's second id: the collection's DIN (inbound) or the lot (outbound), as logistics
-            # knows it (it learns them from the order's and the site's events)
+            # the label's second id: the collection's DIN (inbound) or the lot (outbound) -- as the
+            # journey saw it (the apheresis answer, the release), else as logistics shows it
             current = _checked(await self.ops.shipment(str(shipment["shipment_id"])), None)
+            if inbound and self.din:
+                current["din"] = self.din
+            if not inbound and self.lot:
+                current["lot"] = self.lot
             resp = await courier.milestone(
                 shipment["shipment_id"],
                 milestone,
