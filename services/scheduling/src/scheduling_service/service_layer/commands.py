@@ -259,22 +259,28 @@ async def get_hold(
     return _hold_view(hold)
 
 
-async def _end_hold(tx: SchedulingTx, planning: Planning, hold: Hold, status: str) -> bool:
-    """An active hold → released | expired: its day returns to the pool and the waitlist is served."""
-    await tx.locks.take([hold.product_code])
-    ended = await tx.holds.close(hold.hold_id, status)
-    if ended is None:
-        return False
-    tx.audit(
-        "hold." + status,
-        "hold",
-        hold.hold_id,
-        old={"status": "active"},
-        new={"status": status},
-        reason=status,
-    )
-    await booking.serve_waitlist(tx, planning, [hold.product_code])
-    return True
+async def _end_holds(tx: SchedulingTx, planning: Planning, holds: list[Hold], status: str) -> int:
+    """Active holds of one product → released | expired: their days return to the pool, then the
+    waitlist is served once (the first waiting order gets the best of the days returned)."""
+    if not holds:
+        return 0
+    await tx.locks.take({h.product_code for h in holds})
+    ended = 0
+    for hold in holds:
+        if await tx.holds.close(hold.hold_id, status) is None:
+            continue  # claimed or ended meanwhile
+        ended += 1
+        tx.audit(
+            "hold." + status,
+            "hold",
+            hold.hold_id,
+            old={"status": "active"},
+            new={"status": status},
+            reason=status,
+        )
+    if ended:
+        await booking.serve_waitlist(tx, planning, {h.product_code for h in holds})
+    return ended
 
 
 async def release_hold(
@@ -285,22 +291,28 @@ async def release_hold(
         hold = await tx.holds.get(hold_id, centre=centre)
         if hold is None:
             raise NotFound("Offer", hold_id)
-        if hold.status != "active" or not await _end_hold(tx, planning, hold, "released"):
+        if hold.status != "active" or not await _end_holds(tx, planning, [hold], "released"):
             raise Conflict("offer", f"is {hold.status}, not active")
         hold = await tx.holds.get(hold_id) or hold
     return _hold_view(hold)
 
 
 async def expire_holds(uow: AbstractUnitOfWork[SchedulingTx], planning: Planning, limit: int = 100) -> int:
-    """Holds past their expiry → expired, one transaction each; each serves its product's waitlist."""
+    """Holds past their expiry → expired, one transaction per product; each serves its waitlist."""
     async with uow.read() as tx:
         due = await tx.holds.due(planning.clock(), limit)
-    expired = 0
+    by_product: dict[str, list[Hold]] = {}
     for hold in due:
+        by_product.setdefault(hold.product_code, []).append(hold)
+    expired = 0
+    for product in sorted(by_product):
         async with uow.begin() as tx:
-            current = await tx.holds.get(hold.hold_id)
-            if current is not None and current.status == "active" and current.expires_at <= planning.clock():
-                expired += await _end_hold(tx, planning, current, "expired")
+            await tx.locks.take([product])
+            now = planning.clock()
+            current = [
+                h for h in by_product[product] if (c := await tx.holds.get(h.hold_id)) and c.expires_at <= now
+            ]
+            expired += await _end_holds(tx, planning, current, "expired")
     return expired
 
 
