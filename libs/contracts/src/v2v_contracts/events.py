@@ -97,6 +97,9 @@ class OrderSubmittedV1(OrderEventData):
     country: str
     region: str
     requested_apheresis_date: date
+    # issue 11 [scheduling]: the hold the centre took on one of scheduling's offers (`POST /v1/holds`),
+    # passed through unchanged; None: scheduling books the best slot it finds
+    offer_id: uuid.UUID | None = None
 
 
 class SlotReservedV1(OrderEventData):

@@ -65,7 +65,7 @@ async def pool(test_db: pytest_plugin.TestDatabase) -> AsyncIterator[asyncpg.Poo
     url = test_db.urls["scheduling"]
     owner_url = test_db.owner_urls["scheduling"]  # migrations run as the owner
     applied = await apply_migrations(owner_url, "scheduling", [MIGRATIONS_DIR, SCHEDULING_MIGRATIONS])
-    assert applied[-1] == "0003.scheduling-slot-market"
+    assert applied[-1] == "0004.scheduling-offers"
     await audit_migrate(owner_url, "scheduling")  # the audit trail (v2v_audit), as the service applies it
     p = await create_pool(url, min_size=2, max_size=34)
     assert await schema_of(p) == "scheduling"
@@ -273,6 +273,7 @@ async def test_the_migration_keeps_waiting_orders_of_the_first_schema(
     assert await apply_migrations(owner_url, "scheduling", [MIGRATIONS_DIR, SCHEDULING_MIGRATIONS]) == [
         "0002.scheduling-lifecycle",
         "0003.scheduling-slot-market",
+        "0004.scheduling-offers",
     ]
     await audit_migrate(owner_url, "scheduling")
     p = await create_pool(url, max_size=2)

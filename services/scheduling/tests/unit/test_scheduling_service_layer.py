@@ -362,11 +362,13 @@ async def test_waiting_orders_are_told_once_when_their_market_loses_its_last_app
     )
     assert again == []
 
-    # an approved site again: the waitlist is served in order
+    # an approved site again: the waitlist is served in order, and (issue 11) the patients the site moved
+    # keep their place ahead of the orders that were still waiting for a first slot
     events = await w.deliver(site_event("B", capacity=1))
     assert types(events) == [RESERVED] * 3
     served = [e.data["order_id"] for e in events]
-    assert served[:2] == [str(o.order_id) for o in waiting]
+    assert served == [str(o.order_id) for o in holders]
+    assert {e["order_id"] for e in w.waitlist_view()} == {o.order_id for o in waiting}
 
 
 async def test_a_new_order_for_a_market_without_an_approved_site_waits_for_that_reason() -> None:

@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from v2v_contracts.reference.planning import PlanningFacts
+
 Material = Literal["fresh", "cryopreserved"]
 
 
@@ -49,6 +51,9 @@ class Product(BaseModel):
     apheresis_material: Material
     manufacturing_days: int = Field(ge=1)
     qc_days: int = Field(ge=0)
+    # ---- issue 11 [scheduling]: starting material, fresh window, apheresis → release per region (QC
+    # inside), with sources (reference/planning.py); None: scheduling plans with the two fields above
+    planning: PlanningFacts | None = None
     retains_material: bool
     max_runs: int = Field(ge=1)
     max_recollections: int = Field(ge=0)

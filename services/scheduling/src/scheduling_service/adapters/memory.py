@@ -16,6 +16,7 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from scheduling_service.adapters.repository import (
+    HoldRepository,
     OrderRepository,
     ProductLocks,
     SchedulingTx,
@@ -25,7 +26,15 @@ from scheduling_service.adapters.repository import (
     WaitlistRepository,
 )
 from scheduling_service.domain.selection import Site
-from scheduling_service.domain.slots import IN_USE, LIVE, Slot, Waiting, WaitingRequest, registered_site
+from scheduling_service.domain.slots import (
+    IN_USE,
+    LIVE,
+    Hold,
+    Slot,
+    Waiting,
+    WaitingRequest,
+    registered_site,
+)
 from v2v_audit import MemoryAuditTrail, Record
 from v2v_contracts import OrderSubmittedV1, RebookRequestedV1, SiteRegisteredV1
 from v2v_messaging import EventSink
@@ -46,6 +55,7 @@ class WaitRow:
     request: WaitingRequest
     reason: str
     enqueued_at: datetime
+    priority: int = 0
 
     @property
     def request_type(self) -> str:
@@ -60,6 +70,7 @@ class SchedulingStore:
     slots: dict[uuid.UUID, SlotRow] = field(default_factory=dict)  # in booking order
     waitlist: dict[uuid.UUID, WaitRow] = field(default_factory=dict)
     closed: dict[uuid.UUID, tuple[str, str]] = field(default_factory=dict)  # order -> (status, reason)
+    holds: dict[uuid.UUID, Hold] = field(default_factory=dict)  # in creation order
     locked: list[list[str]] = field(default_factory=list)  # every batch of product locks taken, in order
     ticks: int = 0
     audit: list[Record] = field(default_factory=list)  # the audit trail, chained as in Postgres
@@ -70,10 +81,10 @@ class SchedulingStore:
         return datetime(2030, 1, 1, tzinfo=UTC) + timedelta(microseconds=self.ticks)
 
     def snapshot(self) -> Any:
-        return copy.deepcopy((self.sites, self.slots, self.waitlist, self.closed, self.audit))
+        return copy.deepcopy((self.sites, self.slots, self.waitlist, self.closed, self.audit, self.holds))
 
     def restore(self, saved: Any) -> None:
-        self.sites, self.slots, self.waitlist, self.closed, self.audit = saved
+        self.sites, self.slots, self.waitlist, self.closed, self.audit, self.holds = saved
 
 
 class MemoryProductLocks(ProductLocks):
@@ -111,7 +122,29 @@ class MemorySlots(SlotRepository):
             if s.product_code == product and s.manufacturing_start_date >= since and s.status in IN_USE:
                 key = (s.site_id, product, s.manufacturing_start_date)
                 used[key] = used.get(key, 0) + 1
+        for h in self.store.holds.values():
+            if h.product_code == product and h.manufacturing_start_date >= since and h.status == "active":
+                key = (h.site_id, product, h.manufacturing_start_date)
+                used[key] = used.get(key, 0) + 1
         return used
+
+    async def centre_usage(self, centre: str, product: str, since: date) -> dict[date, int]:
+        days = [
+            r.slot.manufacturing_start_date
+            for r in self.store.slots.values()
+            if r.slot.treatment_center_id == centre
+            and r.slot.product_code == product
+            and r.slot.status in IN_USE
+        ] + [
+            h.manufacturing_start_date
+            for h in self.store.holds.values()
+            if h.treatment_center_id == centre and h.product_code == product and h.status == "active"
+        ]
+        taken: dict[date, int] = {}
+        for day in days:
+            if day >= since:
+                taken[day] = taken.get(day, 0) + 1
+        return taken
 
     async def add(self, slot: Slot) -> None:
         if slot.status in LIVE and self._live_row(slot.order_id) is not None:
@@ -199,10 +232,18 @@ class MemoryWaitlist(WaitlistRepository):
         self.store.waitlist[request.order_id] = WaitRow(request, reason, self.store.now())
         return True
 
-    async def put(self, request: RebookRequestedV1, reason: str) -> None:
+    async def put(self, request: RebookRequestedV1, reason: str, priority: int = 0) -> None:
         row = self.store.waitlist.get(request.order_id)
         enqueued = row.enqueued_at if row is not None else self.store.now()
-        self.store.waitlist[request.order_id] = WaitRow(request, reason, enqueued)
+        kept = max(priority, row.priority) if row is not None else priority
+        self.store.waitlist[request.order_id] = WaitRow(request, reason, enqueued, kept)
+
+    async def set_priority(self, order_id: uuid.UUID, priority: int) -> int | None:
+        row = self.store.waitlist.get(order_id)
+        if row is None:
+            return None
+        old, row.priority = row.priority, priority
+        return old
 
     async def remove(self, order_id: uuid.UUID) -> bool:
         return self.store.waitlist.pop(order_id, None) is not None
@@ -214,9 +255,9 @@ class MemoryWaitlist(WaitlistRepository):
                 for oid, r in self.store.waitlist.items()
                 if r.request.product_code in products and oid not in self.store.closed
             ),
-            key=lambda r: (r.enqueued_at, r.request.order_id),
+            key=lambda r: (-r.priority, r.enqueued_at, r.request.order_id),
         )
-        return [Waiting(r.request, r.reason) for r in rows]
+        return [Waiting(r.request, r.reason, r.priority) for r in rows]
 
     async def set_reason(self, order_id: uuid.UUID, reason: str) -> None:
         row = self.store.waitlist.get(order_id)
@@ -232,7 +273,7 @@ class MemoryWaitlist(WaitlistRepository):
                 for r in self.store.waitlist.values()
                 if centre is None or r.request.treatment_center_id == centre
             ),
-            key=lambda r: (r.enqueued_at, r.request.order_id),
+            key=lambda r: (-r.priority, r.enqueued_at, r.request.order_id),
         )[offset : offset + limit]
         out = []
         for r in rows:
@@ -249,9 +290,36 @@ class MemoryWaitlist(WaitlistRepository):
                     "exclude_site_id": rebook.exclude_site_id if rebook is not None else None,
                     "rebook_kind": rebook.kind if rebook is not None else None,
                     "enqueued_at": r.enqueued_at,
+                    "priority": r.priority,
                 }
             )
         return out
+
+
+class MemoryHolds(HoldRepository):
+    def __init__(self, store: SchedulingStore) -> None:
+        self.store = store
+
+    async def add(self, hold: Hold) -> None:
+        self.store.holds[hold.hold_id] = hold
+
+    async def get(self, hold_id: uuid.UUID, *, centre: str | None = None) -> Hold | None:
+        hold = self.store.holds.get(hold_id)
+        if hold is None or (centre is not None and hold.treatment_center_id != centre):
+            return None
+        return hold
+
+    async def close(self, hold_id: uuid.UUID, status: str, order_id: uuid.UUID | None = None) -> Hold | None:
+        hold = self.store.holds.get(hold_id)
+        if hold is None or hold.status != "active":
+            return None
+        hold = dataclasses.replace(hold, status=status, order_id=order_id or hold.order_id)
+        self.store.holds[hold_id] = hold
+        return hold
+
+    async def due(self, now: datetime, limit: int) -> list[Hold]:
+        due = [h for h in self.store.holds.values() if h.status == "active" and h.expires_at <= now]
+        return sorted(due, key=lambda h: (h.expires_at, h.hold_id))[:limit]
 
 
 class MemorySites(SiteRepository):
@@ -298,6 +366,7 @@ def memory_tx(store: SchedulingStore, outbox: EventSink) -> SchedulingTx:
         sites=MemorySites(store),
         orders=MemoryOrders(store),
         locks=MemoryProductLocks(store),
+        holds=MemoryHolds(store),
         audit=MemoryAuditTrail(store.audit, "scheduling"),
     )
 

@@ -12,13 +12,13 @@ from __future__ import annotations
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
-from datetime import date
+from datetime import date, datetime
 from typing import Any
 
 import asyncpg
 
 from scheduling_service.domain.selection import Approval, Site, Window
-from scheduling_service.domain.slots import Slot, Waiting, WaitingRequest
+from scheduling_service.domain.slots import Hold, Slot, Waiting, WaitingRequest
 from v2v_audit import AuditedTx, AuditTrail
 from v2v_contracts import OrderSubmittedV1, RebookRequestedV1, SiteRegisteredV1
 from v2v_messaging import EventSink
@@ -83,7 +83,13 @@ class SlotRepository(ABC):
 
     @abstractmethod
     async def usage(self, product: str, since: date) -> Usage:
-        """Slots using capacity per (site, product, day) from `since`: held, confirmed and consumed."""
+        """Slots using capacity per (site, product, day) from `since`: held, confirmed and consumed, and
+        the centres' active holds."""
+
+    @abstractmethod
+    async def centre_usage(self, centre: str, product: str, since: date) -> dict[date, int]:
+        """What one centre takes of a product per manufacturing day from `since` (its slots in use and
+        its active holds): what its quota counts."""
 
     @abstractmethod
     async def add(self, slot: Slot) -> None: ...
@@ -154,14 +160,35 @@ class PostgresSlots(SlotRepository):
 
     async def usage(self, product: str, since: date) -> Usage:
         rows = await self.conn.fetch(
-            """SELECT site_id, manufacturing_start_date AS day, count(*) AS n FROM slots
-               WHERE product_code = $1 AND manufacturing_start_date >= $2
-                 AND status IN ('held', 'confirmed', 'consumed')
-               GROUP BY site_id, manufacturing_start_date""",
+            """SELECT site_id, day, count(*) AS n FROM (
+                   SELECT site_id, manufacturing_start_date AS day FROM slots
+                   WHERE product_code = $1 AND manufacturing_start_date >= $2
+                     AND status IN ('held', 'confirmed', 'consumed')
+                   UNION ALL
+                   SELECT site_id, manufacturing_start_date FROM holds
+                   WHERE product_code = $1 AND manufacturing_start_date >= $2 AND status = 'active'
+               ) AS used GROUP BY site_id, day""",
             product,
             since,
         )
         return {(r["site_id"], product, r["day"]): int(r["n"]) for r in rows}
+
+    async def centre_usage(self, centre: str, product: str, since: date) -> dict[date, int]:
+        rows = await self.conn.fetch(
+            """SELECT day, count(*) AS n FROM (
+                   SELECT manufacturing_start_date AS day FROM slots
+                   WHERE treatment_center_id = $1 AND product_code = $2 AND manufacturing_start_date >= $3
+                     AND status IN ('held', 'confirmed', 'consumed')
+                   UNION ALL
+                   SELECT manufacturing_start_date FROM holds
+                   WHERE treatment_center_id = $1 AND product_code = $2 AND manufacturing_start_date >= $3
+                     AND status = 'active'
+               ) AS used GROUP BY day""",
+            centre,
+            product,
+            since,
+        )
+        return {r["day"]: int(r["n"]) for r in rows}
 
     async def add(self, slot: Slot) -> None:
         await self.conn.execute(
@@ -254,8 +281,13 @@ class WaitlistRepository(ABC):
         """Enqueue a submitted order; False (and nothing changes) when it already waits."""
 
     @abstractmethod
-    async def put(self, request: RebookRequestedV1, reason: str) -> None:
-        """Enqueue a rebook with its context; an order already waiting keeps its place in the queue."""
+    async def put(self, request: RebookRequestedV1, reason: str, priority: int = 0) -> None:
+        """Enqueue a rebook with its context; an order already waiting keeps its place in the queue (and
+        the higher of its priorities)."""
+
+    @abstractmethod
+    async def set_priority(self, order_id: uuid.UUID, priority: int) -> int | None:
+        """An explicit priority (ops); the previous one, or None when the order does not wait."""
 
     @abstractmethod
     async def remove(self, order_id: uuid.UUID) -> bool:
@@ -263,7 +295,8 @@ class WaitlistRepository(ABC):
 
     @abstractmethod
     async def waiting(self, products: list[str]) -> list[Waiting]:
-        """Entries for these products, first come first served, without orders that are over."""
+        """Entries for these products, highest priority first, then first come first served, without
+        orders that are over."""
 
     @abstractmethod
     async def set_reason(self, order_id: uuid.UUID, reason: str) -> None: ...
@@ -288,7 +321,7 @@ def _waiting(row: asyncpg.Record) -> Waiting:
         request = RebookRequestedV1.model_validate(row["request"])
     else:
         request = OrderSubmittedV1.model_validate(row["request"])
-    return Waiting(request, row["reason"])
+    return Waiting(request, row["reason"], row["priority"])
 
 
 class PostgresWaitlist(WaitlistRepository):
@@ -308,15 +341,16 @@ class PostgresWaitlist(WaitlistRepository):
         )
         return bool(inserted)
 
-    async def put(self, request: RebookRequestedV1, reason: str) -> None:
+    async def put(self, request: RebookRequestedV1, reason: str, priority: int = 0) -> None:
         await self.conn.execute(
             """INSERT INTO waitlist (order_id, request, request_type, product_code, exclude_site_id,
-                                     rebook_kind, reason)
-               VALUES ($1, $2::jsonb, $3, $4, $5, $6, $7)
+                                     rebook_kind, reason, priority)
+               VALUES ($1, $2::jsonb, $3, $4, $5, $6, $7, $8)
                ON CONFLICT (order_id) DO UPDATE SET request = EXCLUDED.request,
                    request_type = EXCLUDED.request_type, product_code = EXCLUDED.product_code,
                    exclude_site_id = EXCLUDED.exclude_site_id, rebook_kind = EXCLUDED.rebook_kind,
-                   reason = EXCLUDED.reason""",
+                   reason = EXCLUDED.reason,
+                   priority = GREATEST(waitlist.priority, EXCLUDED.priority)""",
             request.order_id,
             declared(request),
             RebookRequestedV1.TYPE,
@@ -324,7 +358,17 @@ class PostgresWaitlist(WaitlistRepository):
             request.exclude_site_id,
             request.kind,
             reason,
+            priority,
         )
+
+    async def set_priority(self, order_id: uuid.UUID, priority: int) -> int | None:
+        old: int | None = await self.conn.fetchval(
+            """UPDATE waitlist w SET priority = $2 FROM waitlist o
+               WHERE w.order_id = $1 AND o.order_id = w.order_id RETURNING o.priority""",
+            order_id,
+            priority,
+        )
+        return old
 
     async def remove(self, order_id: uuid.UUID) -> bool:
         left = await self.conn.fetchval("DELETE FROM waitlist WHERE order_id = $1 RETURNING true", order_id)
@@ -335,7 +379,7 @@ class PostgresWaitlist(WaitlistRepository):
             """SELECT * FROM waitlist
                WHERE product_code = ANY($1::text[])
                  AND NOT EXISTS (SELECT 1 FROM closed_orders c WHERE c.order_id = waitlist.order_id)
-               ORDER BY enqueued_at, order_id""",
+               ORDER BY priority DESC, enqueued_at, order_id""",
             products,
         )
         return [_waiting(r) for r in rows]
@@ -350,15 +394,85 @@ class PostgresWaitlist(WaitlistRepository):
             """SELECT order_id, product_code,
                       COALESCE(request ->> 'apheresis_date', request ->> 'requested_apheresis_date')::date
                           AS apheresis_date,
-                      reason, request_type, exclude_site_id, rebook_kind, enqueued_at
+                      reason, request_type, exclude_site_id, rebook_kind, enqueued_at, priority
                FROM waitlist
                WHERE ($3::text IS NULL OR request ->> 'treatment_center_id' = $3)
-               ORDER BY enqueued_at, order_id LIMIT $1 OFFSET $2""",
+               ORDER BY priority DESC, enqueued_at, order_id LIMIT $1 OFFSET $2""",
             limit,
             offset,
             centre,
         )
         return [dict(r) for r in rows]
+
+
+# ---- holds on offers (issue 11) ----------------------------------------------------------------------
+
+
+class HoldRepository(ABC):
+    @abstractmethod
+    async def add(self, hold: Hold) -> None: ...
+
+    @abstractmethod
+    async def get(self, hold_id: uuid.UUID, *, centre: str | None = None) -> Hold | None:
+        """The hold; only the centre's own when `centre` is given."""
+
+    @abstractmethod
+    async def close(self, hold_id: uuid.UUID, status: str, order_id: uuid.UUID | None = None) -> Hold | None:
+        """active → claimed (by `order_id`) | released | expired; None when it was not active."""
+
+    @abstractmethod
+    async def due(self, now: datetime, limit: int) -> list[Hold]:
+        """Active holds whose expiry has passed, oldest expiry first."""
+
+
+HOLD_COLUMNS = (
+    "hold_id, treatment_center_id, site_id, product_code, order_type, regulator, region, "
+    "manufacturing_start_date, apheresis_date, status, expires_at, order_id, predicted_delivery"
+)
+
+
+def _hold(row: asyncpg.Record) -> Hold:
+    return Hold(**{k: row[k] for k in HOLD_COLUMNS.split(", ")})
+
+
+class PostgresHolds(HoldRepository):
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self.conn = conn
+
+    async def add(self, hold: Hold) -> None:
+        await self.conn.execute(
+            f"""INSERT INTO holds ({HOLD_COLUMNS})
+                VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)""",
+            *(getattr(hold, k) for k in HOLD_COLUMNS.split(", ")),
+        )
+
+    async def get(self, hold_id: uuid.UUID, *, centre: str | None = None) -> Hold | None:
+        row = await self.conn.fetchrow(
+            f"""SELECT {HOLD_COLUMNS} FROM holds
+                WHERE hold_id = $1 AND ($2::text IS NULL OR treatment_center_id = $2)""",
+            hold_id,
+            centre,
+        )
+        return _hold(row) if row is not None else None
+
+    async def close(self, hold_id: uuid.UUID, status: str, order_id: uuid.UUID | None = None) -> Hold | None:
+        row = await self.conn.fetchrow(
+            f"""UPDATE holds SET status = $2, order_id = COALESCE($3, order_id), updated_at = now()
+                WHERE hold_id = $1 AND status = 'active' RETURNING {HOLD_COLUMNS}""",
+            hold_id,
+            status,
+            order_id,
+        )
+        return _hold(row) if row is not None else None
+
+    async def due(self, now: datetime, limit: int) -> list[Hold]:
+        rows = await self.conn.fetch(
+            f"""SELECT {HOLD_COLUMNS} FROM holds WHERE status = 'active' AND expires_at <= $1
+                ORDER BY expires_at, hold_id LIMIT $2""",
+            now,
+            limit,
+        )
+        return [_hold(r) for r in rows]
 
 
 # ---- the site copy -----------------------------------------------------------------------------------
@@ -387,6 +501,7 @@ def _site(row: asyncpg.Record) -> Site:
             Window(date.fromisoformat(o["start_date"]), date.fromisoformat(o["end_date"]))
             for o in row["outages"]
         ),
+        timezone=row["timezone"],
     )
 
 
@@ -480,9 +595,11 @@ class SchedulingTx(AuditedTx):
         sites: SiteRepository,
         orders: OrderRepository,
         locks: ProductLocks,
+        holds: HoldRepository,
         audit: AuditTrail | None = None,
     ) -> None:
         super().__init__(conn, outbox, audit=audit)
+        self.holds = holds
         self.slots = slots
         self.waitlist = waitlist
         self.sites = sites
@@ -500,4 +617,5 @@ def postgres_tx(conn: asyncpg.Connection, outbox: EventSink) -> SchedulingTx:
         sites=PostgresSites(conn),
         orders=PostgresOrders(conn),
         locks=PostgresProductLocks(conn),
+        holds=PostgresHolds(conn),
     )

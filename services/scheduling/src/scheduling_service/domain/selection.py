@@ -9,12 +9,31 @@ to no outbound days.
 
 Pure: given the sites, the slots already taken and the order, returns the choice or the reason none fits.
 A site may be excluded (a rebook away from it) and never starts manufacturing inside one of its outages.
+
+Material-aware planning (issue 11), when the request carries the product's planning facts and the caller
+passes `now` (and the sites' calendars, and a centre's quota):
+- nothing is planned before today in the site's time zone: an apheresis date in the past (a request that
+  waited) is re-planned from today;
+- manufacturing starts only on the site's working days (`planning.Calendar`) and, with a quota, only in a
+  period where the centre has room;
+- fresh material: the manufacturing day is chosen first and the apheresis date derived from it, so that
+  the start is at most `max_fresh_days` calendar days after collection (the requested date when that
+  holds, else the earliest date after it that does); a lane longer than that window is not used;
+- cryopreserved material: collected on the requested date, frozen (`freezing_days`, at the centre for
+  tisa-cel), stored and shipped; the run starts on any later free day;
+- the predicted delivery is the start plus the product's start-to-release days (from its published
+  apheresis-to-release median: QC inside, never added on top) plus the outbound leg; `plans` lists a
+  site's alternatives (its next free days), which the availability offers show.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import date, timedelta
+from datetime import date, datetime, timedelta
+from itertools import islice
+
+from scheduling_service.domain.planning import EVERY_DAY, Calendar, today_at
 
 
 @dataclass(frozen=True)
@@ -43,6 +62,7 @@ class Site:
     approvals: frozenset[Approval]
     daily_capacity: dict[str, int]
     outages: tuple[Window, ...] = ()
+    timezone: str = "UTC"  # the site's IANA time zone: its "today"
 
     def closed_on(self, day: date) -> bool:
         return any(w.covers(day) for w in self.outages)
@@ -65,7 +85,11 @@ class Request:
     region: str
     apheresis_date: date
     material: str = "fresh"  # how the apheresis material travels: fresh | cryopreserved
-    processing_days: int = 0  # the product's manufacturing + QC days
+    processing_days: int = 0  # manufacturing start → release (the median; QC inside)
+    # issue 11: the product's planning facts (None / 0: as before)
+    max_fresh_days: int | None = None  # fresh: start at most this many days after collection
+    freezing_days: int = 0  # cryopreserved at the centre first: days before it can ship
+    processing_days_p90: int | None = None  # start → release, p90
 
 
 @dataclass(frozen=True)
@@ -73,6 +97,9 @@ class Choice:
     site_id: str
     manufacturing_start_date: date
     predicted_delivery: date | None = field(default=None, compare=False)
+    apheresis_date: date | None = field(default=None, compare=False)  # planned collection (None: asked)
+    predicted_release: date | None = field(default=None, compare=False)
+    predicted_delivery_p90: date | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -107,17 +134,63 @@ def outbound_days(site: Site, req: Request, params: Parameters) -> int:
     return params.lanes.get((site.region, req.region, "cryopreserved"), 0)
 
 
-def select_site(
-    sites: list[Site],
-    used: dict[tuple[str, str, date], int],
+DayFilter = Callable[[date], bool]
+
+
+def earliest_apheresis(site: Site, req: Request, now: datetime | None) -> date:
+    """The requested apheresis date, or today at the site when that date has passed."""
+    if now is None:
+        return req.apheresis_date
+    return max(req.apheresis_date, today_at(site.timezone, now))
+
+
+def plans(
+    site: Site,
+    used: Mapping[tuple[str, str, date], int],
     req: Request,
     params: Parameters,
-    exclude_site_id: str | None = None,
-) -> Choice | NoChoice:
-    """`used[(site, product, day)]` is how many slots use that day's capacity (held, confirmed, consumed).
+    *,
+    now: datetime | None = None,
+    calendar: Calendar = EVERY_DAY,
+    allowed: DayFilter | None = None,
+) -> Iterator[Choice]:
+    """Every day the site could start the request's run within the horizon, earliest first, each with
+    its planned apheresis date and predicted release and delivery."""
+    capacity = site.daily_capacity.get(req.product_code, 0)
+    if capacity <= 0:
+        return
+    inbound = transit_days(site, req, params)
+    fresh_window = req.max_fresh_days if req.material == "fresh" else None
+    if fresh_window is not None and inbound > fresh_window:
+        return  # the lane is longer than fresh material may wait
+    collect = earliest_apheresis(site, req, now)
+    freezing = req.freezing_days if req.material == "cryopreserved" else 0
+    first = collect + timedelta(days=freezing + inbound)
+    outbound = outbound_days(site, req, params)
+    for offset in range(params.horizon_days):
+        day = first + timedelta(days=offset)
+        if site.closed_on(day) or not calendar.works_on(day):
+            continue
+        if allowed is not None and not allowed(day):
+            continue
+        if used.get((site.site_id, req.product_code, day), 0) >= capacity:
+            continue
+        apheresis = collect
+        if fresh_window is not None:  # from the manufacturing day back: collected at most the window before
+            apheresis = max(collect, day - timedelta(days=fresh_window))
+        release = day + timedelta(days=req.processing_days)
+        p90 = day + timedelta(days=req.processing_days_p90) if req.processing_days_p90 is not None else None
+        yield Choice(
+            site.site_id,
+            day,
+            release + timedelta(days=outbound),
+            apheresis,
+            release,
+            p90 + timedelta(days=outbound) if p90 is not None else None,
+        )
 
-    `exclude_site_id` is never chosen; no site is chosen on a day inside one of its outages.
-    """
+
+def candidates_for(sites: list[Site], req: Request, exclude_site_id: str | None) -> list[Site] | NoChoice:
     if not sites:
         return NoChoice("no_site_known", "no manufacturing site is registered yet")
     candidates = [s for s in sites if eligible(s, req) and s.site_id != exclude_site_id]
@@ -127,23 +200,71 @@ def select_site(
             "no_approved_site",
             f"no active site{other} approved for {req.product_code} ({req.order_type}) by {req.regulator}",
         )
+    return sorted(candidates, key=lambda s: s.site_id)
+
+
+def select_site(
+    sites: list[Site],
+    used: dict[tuple[str, str, date], int],
+    req: Request,
+    params: Parameters,
+    exclude_site_id: str | None = None,
+    *,
+    now: datetime | None = None,
+    calendars: Mapping[str, Calendar] | None = None,
+    allowed: DayFilter | None = None,
+) -> Choice | NoChoice:
+    """`used[(site, product, day)]` is how many slots use that day's capacity (held, confirmed, consumed,
+    and the centres' active holds).
+
+    `exclude_site_id` is never chosen; no site is chosen on a day inside one of its outages, off its
+    calendar, or (with `allowed`, a centre's quota) in a period the centre has used up; with `now`,
+    nothing before today at the site.
+    """
+    candidates = candidates_for(sites, req, exclude_site_id)
+    if isinstance(candidates, NoChoice):
+        return candidates
     best: Choice | None = None
     best_key: tuple[date, date, str] | None = None
-    for site in sorted(candidates, key=lambda s: s.site_id):
-        capacity = site.daily_capacity.get(req.product_code, 0)
-        if capacity <= 0:
+    for site in candidates:
+        calendar = (calendars or {}).get(site.site_id, EVERY_DAY)
+        choice = next(plans(site, used, req, params, now=now, calendar=calendar, allowed=allowed), None)
+        if choice is None:
             continue
-        first = req.apheresis_date + timedelta(days=transit_days(site, req, params))
-        for offset in range(params.horizon_days):
-            day = first + timedelta(days=offset)
-            if site.closed_on(day):
-                continue
-            if used.get((site.site_id, req.product_code, day), 0) < capacity:
-                delivery = day + timedelta(days=req.processing_days + outbound_days(site, req, params))
-                key = (delivery, day, site.site_id)
-                if best_key is None or key < best_key:
-                    best, best_key = Choice(site.site_id, day, delivery), key
-                break
+        assert choice.predicted_delivery is not None
+        key = (choice.predicted_delivery, choice.manufacturing_start_date, site.site_id)
+        if best_key is None or key < best_key:
+            best, best_key = choice, key
     if best is None:
         return NoChoice("no_capacity", f"no approved site has capacity within {params.horizon_days} days")
     return best
+
+
+def offers(
+    sites: list[Site],
+    used: dict[tuple[str, str, date], int],
+    req: Request,
+    params: Parameters,
+    *,
+    per_site: int = 3,
+    now: datetime | None = None,
+    calendars: Mapping[str, Calendar] | None = None,
+    allowed: DayFilter | None = None,
+    apheresis_until: date | None = None,
+) -> list[Choice] | NoChoice:
+    """Availability: per approved site its `per_site` earliest plans (the first is the site's earliest
+    predicted delivery, the others its alternatives), at most until `apheresis_until`; ordered by
+    predicted delivery, then start, then site."""
+    candidates = candidates_for(sites, req, None)
+    if isinstance(candidates, NoChoice):
+        return candidates
+    found: list[Choice] = []
+    for site in candidates:
+        calendar = (calendars or {}).get(site.site_id, EVERY_DAY)
+        site_plans = plans(site, used, req, params, now=now, calendar=calendar, allowed=allowed)
+        for choice in islice(site_plans, per_site):
+            if apheresis_until is not None and (choice.apheresis_date or date.max) > apheresis_until:
+                break
+            found.append(choice)
+    found.sort(key=lambda c: (c.predicted_delivery or date.max, c.manufacturing_start_date, c.site_id))
+    return found

@@ -7,11 +7,12 @@ Pure: built from the event contracts and the product catalogue handed in; no I/O
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping
-from dataclasses import dataclass
-from datetime import date
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
 from typing import TypeAlias
 
+from scheduling_service.domain.planning import NO_ALLOCATION, Allocation, Calendar
 from scheduling_service.domain.selection import Approval, Parameters, Request, Site, Window
 from v2v_contracts import OrderSubmittedV1, OrderType, RebookRequestedV1, SiteRegisteredV1
 from v2v_contracts.reference.product import Product
@@ -23,6 +24,14 @@ NO_APPROVED_SITE = "no_approved_site"
 # why a live slot is released when its site may no longer make the order's product
 APPROVAL_WITHDRAWN = "approval_withdrawn"
 SITE_INACTIVE = "site_inactive"
+# rebooks that keep the patient's place ahead of new orders on the waitlist (issue 11): moved by a
+# recollection (failure, rejected material) or by a site (outage, lost approval), not by their own choice
+PRIORITY_REBOOK_KINDS = ("recollection", "site_outage")
+REBOOK_PRIORITY = 1
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
 
 
 @dataclass(frozen=True)
@@ -32,6 +41,10 @@ class Planning:
 
     params: Parameters
     products: Mapping[str, Product]
+    # issue 11: per-site calendars, per-centre quotas (seed files) and the clock "today" comes from
+    calendars: Mapping[str, Calendar] = field(default_factory=dict)
+    allocation: Allocation = NO_ALLOCATION
+    clock: Callable[[], datetime] = utc_now
 
 
 @dataclass(frozen=True)
@@ -48,6 +61,7 @@ class SlotRequest:
     apheresis_date: date
     exclude_site_id: str | None = None
     rebook_kind: str | None = None  # set for a rebook: reschedule | recollection | site_outage
+    offer_id: uuid.UUID | None = None  # the centre's hold on an offer (issue 11)
 
     @classmethod
     def submitted(cls, o: OrderSubmittedV1) -> SlotRequest:
@@ -60,6 +74,7 @@ class SlotRequest:
             o.regulator,
             o.region,
             o.requested_apheresis_date,
+            offer_id=o.offer_id,
         )
 
     @classmethod
@@ -95,6 +110,24 @@ class SlotRequest:
             processing_days=processing,
         )
 
+    def plan(self, products: Mapping[str, Product]) -> Request:
+        """The selection request with the product's planning facts (issue 11): fresh window, freezing at
+        the centre, start → release median and p90 for the order's region (QC inside); a product without
+        planning facts is selected as before (`selection`)."""
+        return plan_request(
+            products.get(self.product_code),
+            self.product_code,
+            self.order_type,
+            self.regulator,
+            self.region,
+            self.apheresis_date,
+        )
+
+    @property
+    def waitlist_priority(self) -> int:
+        """A patient moved by a recollection or a site keeps a place ahead of new orders."""
+        return REBOOK_PRIORITY if self.rebook_kind in PRIORITY_REBOOK_KINDS else 0
+
     def reserved_reason(self, *, from_waitlist: bool) -> str:
         """`slot_reserved` reason: a rebook stays a rebook even when it had to wait."""
         if self.rebook_kind is not None:
@@ -120,7 +153,17 @@ class Slot:
     region: str | None = None
 
     @classmethod
-    def booked(cls, slot_id: uuid.UUID, req: SlotRequest, site_id: str, day: date, reason: str) -> Slot:
+    def booked(
+        cls,
+        slot_id: uuid.UUID,
+        req: SlotRequest,
+        site_id: str,
+        day: date,
+        reason: str,
+        apheresis: date | None = None,
+    ) -> Slot:
+        """`apheresis`: the planned collection date (derived for fresh material, today at the earliest);
+        None: the requested one."""
         return cls(
             slot_id,
             req.order_id,
@@ -129,12 +172,45 @@ class Slot:
             site_id,
             req.product_code,
             day,
-            req.apheresis_date,
+            apheresis or req.apheresis_date,
             "held",
             reason,
             req.order_type,
             req.regulator,
             req.region,
+        )
+
+
+HOLD_STATUSES = ("active", "claimed", "expired", "released")
+
+
+@dataclass(frozen=True)
+class Hold:
+    """A centre's hold on one offer (issue 11): it uses its day's capacity while `active`, until the
+    order that names it claims it, the centre releases it, or it expires."""
+
+    hold_id: uuid.UUID
+    treatment_center_id: str
+    site_id: str
+    product_code: str
+    order_type: str
+    regulator: str
+    region: str
+    manufacturing_start_date: date
+    apheresis_date: date
+    status: str
+    expires_at: datetime
+    order_id: uuid.UUID | None = None
+    predicted_delivery: date | None = None
+
+    def usable_for(self, req: SlotRequest, now: datetime) -> bool:
+        """Active, not expired, the same centre, product and market as the order."""
+        return (
+            self.status == "active"
+            and now < self.expires_at
+            and self.treatment_center_id == req.treatment_center_id
+            and (self.product_code, self.order_type, self.regulator, self.region)
+            == (req.product_code, req.order_type, req.regulator, req.region)
         )
 
 
@@ -147,6 +223,7 @@ class Waiting:
 
     request: WaitingRequest
     reason: str
+    priority: int = 0
 
     @property
     def order_id(self) -> uuid.UUID:
@@ -167,6 +244,43 @@ def registered_site(site: SiteRegisteredV1) -> Site:
         approvals=frozenset(Approval(a.regulator, a.use, a.product_code) for a in site.approvals),
         daily_capacity=dict(site.daily_capacity),
         outages=tuple(Window(o.start_date, o.end_date) for o in site.outages),
+        timezone=site.timezone,
+    )
+
+
+def plan_request(
+    product: Product | None,
+    product_code: str,
+    order_type: str,
+    regulator: str,
+    region: str,
+    apheresis_date: date,
+) -> Request:
+    """A selection request with the product's planning facts (see `SlotRequest.plan`)."""
+    if product is None:
+        return Request(product_code, order_type, regulator, region, apheresis_date)
+    facts = product.planning
+    if facts is None:
+        return Request(
+            product_code,
+            order_type,
+            regulator,
+            region,
+            apheresis_date,
+            material=product.apheresis_material,
+            processing_days=product.manufacturing_days + product.qc_days,
+        )
+    return Request(
+        product_code,
+        order_type,
+        regulator,
+        region,
+        apheresis_date,
+        material=facts.starting_material,
+        processing_days=facts.release_after_start(region),
+        max_fresh_days=facts.max_fresh_hours // 24 if facts.max_fresh_hours is not None else None,
+        freezing_days=facts.centre_freezing_days,
+        processing_days_p90=facts.release_after_start(region, p90=True),
     )
 
 

@@ -13,12 +13,20 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable
-from datetime import date
+from datetime import date, timedelta
 
 from scheduling_service.adapters.repository import SchedulingTx
+from scheduling_service.domain.planning import today_at
 from scheduling_service.domain.reasons import code_or
-from scheduling_service.domain.selection import Choice, NoChoice, Site, select_site
-from scheduling_service.domain.slots import NO_APPROVED_SITE, Planning, Slot, SlotRequest, move_off
+from scheduling_service.domain.selection import Choice, DayFilter, NoChoice, Site, select_site
+from scheduling_service.domain.slots import (
+    NO_APPROVED_SITE,
+    Hold,
+    Planning,
+    Slot,
+    SlotRequest,
+    move_off,
+)
 from v2v_contracts import (
     OrderEventData,
     RebookRequestedV1,
@@ -39,25 +47,82 @@ async def lock_order(tx: SchedulingTx, order_id: uuid.UUID, also: Iterable[str] 
         await tx.locks.take(missing)  # out of key order, but only if the order changed product meanwhile
 
 
+async def quota_gate(
+    tx: SchedulingTx, planning: Planning, centre: str | None, product: str, since: date
+) -> DayFilter | None:
+    """The centre's quota for the product as a day filter (None: no quota)."""
+    if centre is None or planning.allocation.quota(centre, product) is None:
+        return None
+    taken = await tx.slots.centre_usage(centre, product, since)
+    return planning.allocation.gate(centre, product, taken)
+
+
+async def claim_offer(tx: SchedulingTx, planning: Planning, req: SlotRequest) -> Hold | None:
+    """The centre's hold named by the order, claimed for it when it is still good: active, not expired,
+    the order's centre, product and market, its site still approved and open that day. A hold that is no
+    longer good is left as it is (the sweeper expires it); the order is then booked as any other."""
+    if req.offer_id is None:
+        return None
+    hold = await tx.holds.get(req.offer_id, centre=req.treatment_center_id)
+    if hold is None or not hold.usable_for(req, planning.clock()):
+        log.info("offer not usable, booking as usual", offer_id=str(req.offer_id))
+        return None
+    site = await tx.sites.get(hold.site_id)
+    if site is None or not site.approves(req.regulator, req.order_type, req.product_code):
+        return None
+    if site.closed_on(hold.manufacturing_start_date):
+        return None
+    claimed = await tx.holds.close(hold.hold_id, "claimed", req.order_id)
+    if claimed is not None:
+        tx.audit(
+            "hold.claimed",
+            "hold",
+            hold.hold_id,
+            old={"status": "active"},
+            new={"status": "claimed", "order_id": req.order_id},
+            reason="offer",
+        )
+    return claimed
+
+
 async def try_reserve(
     tx: SchedulingTx, planning: Planning, req: SlotRequest, reason: str
 ) -> Choice | NoChoice:
-    """Book the best slot for the request under the product's lock, or say why not."""
+    """Book the best slot for the request under the product's lock, or say why not.
+
+    The centre's hold on an offer, when the order names one that is still good, is the slot; else the
+    plan (issue 11): today at the site at the earliest, on the site's working days, within the centre's
+    quota, fresh material started within its window (the apheresis date derived from the manufacturing
+    day), the product's start → release days with QC inside."""
     await tx.locks.take([req.product_code])
     live = await tx.slots.live(req.order_id)
     if live is not None:  # already booked (a redelivered or overtaken request): nothing new
         await tx.waitlist.remove(req.order_id)
         return Choice(live.site_id, live.manufacturing_start_date)
-    result = select_site(
-        await tx.sites.all(),
-        await tx.slots.usage(req.product_code, req.apheresis_date),
-        req.selection(planning.products),
-        planning.params,
-        exclude_site_id=req.exclude_site_id,
-    )
+    hold = await claim_offer(tx, planning, req)
+    if hold is not None:
+        result: Choice | NoChoice = Choice(
+            hold.site_id, hold.manufacturing_start_date, hold.predicted_delivery, hold.apheresis_date
+        )
+        reason = "offer" if reason == "initial" else reason
+    else:
+        now = planning.clock()
+        since = min(req.apheresis_date, today_at("UTC", now) - timedelta(days=1))
+        result = select_site(
+            await tx.sites.all(),
+            await tx.slots.usage(req.product_code, since),
+            req.plan(planning.products),
+            planning.params,
+            exclude_site_id=req.exclude_site_id,
+            now=now,
+            calendars=planning.calendars,
+            allowed=await quota_gate(tx, planning, req.treatment_center_id, req.product_code, since),
+        )
     if not isinstance(result, Choice):
         return result
-    slot = Slot.booked(uuid.uuid4(), req, result.site_id, result.manufacturing_start_date, reason)
+    slot = Slot.booked(
+        uuid.uuid4(), req, result.site_id, result.manufacturing_start_date, reason, result.apheresis_date
+    )
     await tx.slots.add(slot)
     tx.audit(
         "slot.reserved",
@@ -84,7 +149,7 @@ async def try_reserve(
             site_id=slot.site_id,
             product_code=req.product_code,
             order_type=req.order_type,
-            apheresis_date=req.apheresis_date,
+            apheresis_date=slot.apheresis_date,
             manufacturing_start_date=slot.manufacturing_start_date,
             reason=reason,
         )
@@ -166,7 +231,7 @@ async def rebook(tx: SchedulingTx, planning: Planning, request: RebookRequestedV
     req = SlotRequest.rebook(request)
     result = await try_reserve(tx, planning, req, req.reserved_reason(from_waitlist=False))
     if not isinstance(result, Choice):
-        await tx.waitlist.put(request, result.reason)
+        await tx.waitlist.put(request, result.reason, req.waitlist_priority)
         audit_waitlisted(tx, request.order_id, request.product_code, result.reason)
         await tell_waitlisted(tx, req, result)
     return released
@@ -193,7 +258,9 @@ async def move_off_site(tx: SchedulingTx, planning: Planning, site: Site, today:
 
 
 async def serve_waitlist(tx: SchedulingTx, planning: Planning, products: Iterable[str]) -> int:
-    """Book waiting orders for these products first come, first served, as far as capacity allows.
+    """Book waiting orders for these products, highest priority first (a patient moved by a
+    recollection or a site before new orders), then first come, first served, as far as capacity allows.
+    Each is planned again from today: a requested apheresis date that has passed meanwhile is not kept.
 
     An order that still waits keeps the latest reason; when that becomes `no_approved_site` (its market
     lost its last approved site), the centre is told once with `slot_unavailable`.
