@@ -77,6 +77,7 @@ class Route:
     lists: str | None = None  # a list route: the id of the first tenant's object that must not show
     # a signed route: the demo user who signs (`{entity}`: the calling tenant's id, lower case)
     signer: str | None = None
+    query: dict[str, str] | None = None  # a GET's query parameters
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -101,6 +102,27 @@ class World:
     subscription: str
     recipient: str
     delivery: str
+    hold: str  # a slot offer centre A holds (scheduling)
+    hold_body: dict[str, Any]  # an offer to hold
+
+
+# centre A's market for TISA-CEL (EMA, europe), a month ahead: the offers a centre may hold
+AVAILABILITY = {
+    "product_code": "TISA-CEL",
+    "order_type": "commercial",
+    "regulator": "EMA",
+    "region": "europe",
+    "apheresis_from": str(date.today() + timedelta(days=30)),
+}
+HOLD_FIELDS = (
+    "product_code",
+    "order_type",
+    "regulator",
+    "region",
+    "site_id",
+    "manufacturing_start_date",
+    "apheresis_date",
+)
 
 
 async def build_world(platform: Platform, parties: Parties, receiver: WebhookReceiver) -> World:
@@ -137,6 +159,15 @@ async def build_world(platform: Platform, parties: Parties, receiver: WebhookRec
         return resp.json()[0] if resp.status_code == 200 and resp.json() else None
 
     hook = await eventually(delivery, timeout=15, what="a webhook delivery")
+    offers = await centre.get(f"{platform.url('scheduling')}/v1/availability", params=AVAILABILITY)
+    assert offers.status_code == 200 and offers.json(), offers.text
+    offer = offers.json()[0]
+    held = await centre.post(
+        f"{platform.url('scheduling')}/v1/holds",
+        json={k: offer[k] for k in HOLD_FIELDS},
+        headers={"Idempotency-Key": str(uuid.uuid4())},
+    )
+    assert held.status_code == 201, held.text
     sites = [c.entity_id for c in parties.credentials.clients("site")]
     carriers = [c.entity_id for c in parties.credentials.clients("carrier")]
     site = str(detail["site_id"])
@@ -151,6 +182,8 @@ async def build_world(platform: Platform, parties: Parties, receiver: WebhookRec
         subscription=str(sub["subscription_id"]),
         recipient=str(recipient.json()["recipient_id"]),
         delivery=str(hook["delivery_id"]),
+        hold=str(held.json()["offer_id"]),
+        hold_body={k: offer[k] for k in HOLD_FIELDS},
     )
 
 
@@ -192,6 +225,31 @@ def routes(w: World) -> list[Route]:
         # scheduling
         Route("scheduling", "GET", "/v1/slots", "ops", None),
         Route("scheduling", "GET", "/v1/waitlist", "ops", None),
+        # offers and holds (issue 11): a centre sees its own holds only
+        Route("scheduling", "GET", "/v1/availability", "centre", CENTRE_A, query=AVAILABILITY),
+        Route(
+            "scheduling",
+            "GET",
+            "/v1/holds/{offer_id}",
+            "centre",
+            CENTRE_A,
+            {"offer_id": w.hold},
+            other=CENTRE_B,
+            tenant_object=w.hold,
+        ),
+        Route("scheduling", "POST", "/v1/holds", "centre", CENTRE_A, body=w.hold_body),
+        Route(
+            "scheduling",
+            "POST",
+            "/v1/holds/{offer_id}/release",
+            "centre",
+            CENTRE_A,
+            {"offer_id": w.hold},
+            {},
+            other=CENTRE_B,
+            tenant_object=w.hold,
+        ),
+        Route("scheduling", "POST", "/v1/waitlist/{order_id}/priority", "ops", None, order, {"priority": 1}),
         Route("scheduling", "GET", "/v1/dead-letters", "ops", None),
         Route("scheduling", "GET", "/v1/dead-letters/{dead_letter_id}", "ops", None, {"dead_letter_id": "1"}),
         # site: a site's MES on its own site; QA; the registry admin
@@ -613,7 +671,9 @@ async def call(
     if token is not None:
         headers["Authorization"] = f"Bearer {token}"
     headers.update(signature or {})
-    return await http.request(route.method, route.url(platform), json=route.body, headers=headers)
+    return await http.request(
+        route.method, route.url(platform), json=route.body, headers=headers, params=route.query
+    )
 
 
 def client_id(credentials: Credentials, kind: str, entity: str | None) -> str:

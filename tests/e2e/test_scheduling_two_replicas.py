@@ -62,7 +62,15 @@ def two_replicas(infra: Infrastructure, state_dir: Path) -> Iterator[tuple[Platf
         f"inbound_transit_days: {{same_region: {TRANSIT_DAYS}, cross_region: 2}}\n"
         f"booking_horizon_days: {HORIZON_DAYS}\n"
     )
-    scheduling_env = {"V2V_SCHEDULING_PARAMETERS": str(params), "OTEL_METRIC_EXPORT_INTERVAL": "1000"}
+    # every day a working day: this test is about replicas sharing the work, not about site calendars
+    # (services/scheduling/tests/unit/test_scheduling_planning.py has those)
+    calendars = state_dir / "scheduling-two-replicas-calendars.yaml"
+    calendars.write_text("sites: {}\n")
+    scheduling_env = {
+        "V2V_SCHEDULING_PARAMETERS": str(params),
+        "V2V_SCHEDULING_CALENDARS": str(calendars),
+        "OTEL_METRIC_EXPORT_INTERVAL": "1000",
+    }
     platform = _start_platform(infra, state_dir, {"scheduling": scheduling_env})
     second: RunningService | None = None
     try:

@@ -365,6 +365,28 @@ def test_predicted_dates_follow_the_facts() -> None:
     assert actual["release"] == date(2026, 12, 30) and actual["delivery"] == date(2027, 1, 1)
 
 
+def test_predicted_release_has_qc_inside_the_published_apheresis_to_release_days() -> None:
+    """Axi-cel in the US: a published median of 14 days from apheresis to release (QC inside), not
+    manufacturing days + QC days on top (issue 11: 21 days)."""
+    from v2v_contracts.reference import product_catalogue
+
+    axi = product_catalogue().get("AXI-CEL")
+    assert axi is not None and axi.planning is not None
+    collected = date(2026, 12, 1)
+    start = collected + timedelta(days=axi.planning.start_lag_days)
+    d = m.Durations(
+        axi.manufacturing_days,
+        axi.qc_days,
+        release_after_start_days=axi.planning.release_after_start("north_america"),
+    )
+    planned = m.predict(d, m.Actuals(apheresis_date=collected, manufacturing_start_date=start))
+    assert planned["release"] == collected + timedelta(days=14)
+    old = m.predict(
+        m.Durations(axi.manufacturing_days, axi.qc_days), m.Actuals(manufacturing_start_date=start)
+    )
+    assert old["release"] is not None and old["release"] > collected + timedelta(days=14)  # double-counted
+
+
 def test_while_a_rebook_is_pending_only_its_own_slot_moves_the_order() -> None:
     waiting = OrderState(S.WAITLISTED)
     moved = m.reschedule_apheresis(waiting, TODAY + timedelta(days=5), "patient_unwell", TODAY)

@@ -41,6 +41,7 @@ WEBHOOK_FIELDS: dict[str, dict[str, Kind]] = {
         "country": "code",
         "region": "code",
         "requested_apheresis_date": "date",
+        "offer_id": "uuid",  # the slot offer the centre held (scheduling's availability), if any
     },
     "order.cancelled.v1": {"reason": "reason", "previous_status": "code"},
     "order.failed.v1": {"reason": "reason"},
@@ -212,8 +213,9 @@ def conforms(kind: Kind, value: Any) -> bool:
 
 
 def allowed(data: Mapping[str, Any], fields: Mapping[str, Kind]) -> dict[str, Any]:
-    """The fields of `data` on the allow-list whose values are of their kind, in `data`'s order."""
-    return {k: v for k, v in data.items() if k in fields and conforms(fields[k], v)}
+    """The fields of `data` on the allow-list whose values are of their kind (or null: an optional field
+    the event does not fill), in `data`'s order."""
+    return {k: v for k, v in data.items() if k in fields and (v is None or conforms(fields[k], v))}
 
 
 def webhook_fields(event_type: str) -> dict[str, Kind]:

@@ -658,6 +658,15 @@ class Durations:
     qc_days: int
     outbound_transit_days: int = 2
     infusion_after_release_days: int = 2  # lymphodepletion starts at release; infusion 2-14 days later
+    # manufacturing start -> release with QC inside, from the product's published apheresis-to-release
+    # median for the region (`PlanningFacts.release_after_start`); None: manufacturing + QC days
+    release_after_start_days: int | None = None
+
+    @property
+    def start_to_release_days(self) -> int:
+        if self.release_after_start_days is not None:
+            return self.release_after_start_days
+        return self.manufacturing_days + self.qc_days
 
 
 @dataclass
@@ -673,7 +682,7 @@ class Actuals:
 def predict(d: Durations, a: Actuals) -> dict[str, date | None]:
     """Predicted dates of the remaining steps, updated as actual dates arrive."""
     start = a.material_received or a.manufacturing_start_date
-    release = a.released or (start + timedelta(days=d.manufacturing_days + d.qc_days) if start else None)
+    release = a.released or (start + timedelta(days=d.start_to_release_days) if start else None)
     delivery = a.delivered or (release + timedelta(days=d.outbound_transit_days) if release else None)
     infusion = None
     if release and delivery:

@@ -161,6 +161,11 @@ class OrderIn(BaseModel):
         "Stays in the order service.",
     )
     requested_apheresis_date: BookingDate = Field(description="Tomorrow .. today + 180 days")
+    offer_id: uuid.UUID | None = Field(
+        default=None,
+        description="Optional: a slot offer the centre holds (scheduling: GET /v1/availability, then POST "
+        "/v1/holds); the order gets that slot while the hold lasts, else one as usual",
+    )
 
 
 class CancelIn(BaseModel):

@@ -65,6 +65,7 @@ class PlaceOrder:
     requested_apheresis_date: date
     placed_by: str | None = None  # the client placing it ...
     placement_key: str | None = None  # ... and its Idempotency-Key
+    offer_id: uuid.UUID | None = None  # a slot offer the centre holds at scheduling (issue 11)
 
 
 async def _same_placement(tx: OrderTx, order_id: uuid.UUID, cmd: PlaceOrder) -> uuid.UUID:
@@ -146,6 +147,7 @@ async def place_order(
                 country=centre.country,
                 region=centre.region,
                 requested_apheresis_date=cmd.requested_apheresis_date,
+                offer_id=cmd.offer_id,
             )
         )
         await tx.timeline.add(

@@ -43,7 +43,7 @@ class OrderView:
     decisions: list[SignedDecision] = dataclasses.field(default_factory=list)
 
 
-def predicted_dates(order: OrderRecord) -> dict[str, date | None] | None:
+def predicted_dates(order: OrderRecord, region: str | None = None) -> dict[str, date | None] | None:
     """The remaining steps' predicted dates, from the product's durations and the actual dates so far."""
     product = product_catalogue().get(order.product_code)
     if product is None:
@@ -55,7 +55,11 @@ def predicted_dates(order: OrderRecord) -> dict[str, date | None] | None:
         released=order.released_at.date() if order.released_at else None,
         delivered=order.delivered_at.date() if order.delivered_at else None,
     )
-    return predict(Durations(product.manufacturing_days, product.qc_days), actuals)
+    # QC lies inside the published apheresis-to-release days, not on top of the manufacturing days
+    after_start = product.planning.release_after_start(region or "default") if product.planning else None
+    return predict(
+        Durations(product.manufacturing_days, product.qc_days, release_after_start_days=after_start), actuals
+    )
 
 
 async def order_view(uow: UnitOfWork, order_id: uuid.UUID, *, centre: str | None = None) -> OrderView:
@@ -65,6 +69,9 @@ async def order_view(uow: UnitOfWork, order_id: uuid.UUID, *, centre: str | None
         if order is None:
             raise NotFound("Order", order_id)
         timeline = await tx.timeline.of(order_id)
+        # the centre's region picks the product's published turnaround for the predicted dates
+        centre_of = await tx.catalogue.centre(order.treatment_center_id, certified_only=False)
+        region = centre_of.region if centre_of is not None else None
         collections = await tx.collections.of(order_id)
         tasks = await tx.tasks.of_order(order_id)
         decisions = []
@@ -80,7 +87,7 @@ async def order_view(uow: UnitOfWork, order_id: uuid.UUID, *, centre: str | None
                     signatures=[sig.manifestation() for sig in check.current],
                 )
             )
-    return OrderView(order, timeline, predicted_dates(order), collections, tasks, decisions)
+    return OrderView(order, timeline, predicted_dates(order, region), collections, tasks, decisions)
 
 
 async def tasks_page(
