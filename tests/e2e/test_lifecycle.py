@@ -387,8 +387,13 @@ async def test_an_oos_product_the_physician_accepts_ships_is_infused_and_the_aut
     assert (task["kind"], task["state"], task["regulator"]) == ("authority_notification", "open", "FDA")
     infused = datetime.fromisoformat(task["administered_at"])
     assert datetime.fromisoformat(task["due_at"]) - infused == timedelta(hours=48)
-    listed = (await j.qa.get("order", "/v1/tasks", params={"state": "open"})).body
-    assert task["task_id"] in [t["task_id"] for t in listed]
+    listed: list[str] = []  # QA's open tasks, every page
+    offset: int | None = 0
+    while offset is not None:
+        page = (await j.qa.get("order", "/v1/tasks", params={"state": "open", "offset": offset})).body
+        listed += [t["task_id"] for t in page["items"]]
+        offset = page["next_offset"]
+    assert task["task_id"] in listed
     await hooks(webhook_receiver, path, j.id, "order.disposition_decided.v1")
     decided = hook_data(webhook_receiver, path, j.id, "order.disposition_decided.v1")
     assert [(d["cause"], d["outcome"]) for d in decided] == [
