@@ -276,3 +276,11 @@ def test_requested_dates_lie_in_the_booking_window(orders: int) -> None:
     assert plan.outage_gate is not None
     others = [o.requested_date for o in plan.orders if o.kind != "site_outage"]
     assert max(others) < plan.outage_gate <= last
+
+
+def test_kinds_left_out_are_never_planned() -> None:
+    cfg = Config(orders=200, exceptions=0.5, seed=3, without=("persistent_oos", "site_outage"))
+    plan = make_plan(cfg, CENTRES, PRODUCTS, SITES, TODAY)
+    kinds = {o.kind for o in plan.orders}
+    assert "persistent_oos" not in kinds and "site_outage" not in kinds
+    assert {"qc_oos", "cancellation"} <= kinds  # the others still are

@@ -36,6 +36,9 @@ class Config:
     state_dir: str = ".v2v/demo"
     auth_dir: str | None = None  # the demo clients' state folder (None: found, see `credentials`)
     run_id: str = field(default_factory=new_run_id)
+    # exception kinds left out of the plan (`make chaos` leaves out `persistent_oos`: a journey of up to six
+    # manufacturing runs, about 170 simulated days, does not fit a ten-minute run)
+    without: tuple[str, ...] = ()
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Config:

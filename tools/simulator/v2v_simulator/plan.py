@@ -164,7 +164,7 @@ def make_plan(
     # the outage cohort: combos that land first at one site but have an alternative (else the rebook
     # could only wait); the site with the most capacity for them
     outage_options = [c for c in combos if len(c.sites) > 1]
-    kinds_weights = dict(EXCEPTION_WEIGHTS)
+    kinds_weights = {k: 0 if k in cfg.without else w for k, w in EXCEPTION_WEIGHTS.items()}
     outage_site = None
     outage_combos: list[Combo] = []
     if outage_options:

@@ -159,10 +159,14 @@ class Simulator:
                 if task.exception() is not None:
                     self.stats.error(f"simulator bug: {task.exception()!r}")
         finally:
+            # the run itself cancelled (a caller's deadline): no order's actor outlives it, to call
+            # through an API its caller then closes
+            for task in tasks:
+                task.cancel()
             outage_task.cancel()
             for bg in background:
                 bg.cancel()
-            await asyncio.gather(outage_task, *background, return_exceptions=True)
+            await asyncio.gather(*tasks, outage_task, *background, return_exceptions=True)
         await self.collect()
         self.out(self.progress_line())
         self.out(self.render_summary())
