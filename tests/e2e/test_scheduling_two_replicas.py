@@ -31,6 +31,7 @@ import httpx
 import pytest
 
 from v2v_contracts import topic_for
+from v2v_contracts.reference import product_catalogue
 from v2v_harness.catalog import BY_NAME
 from v2v_harness.e2e import Parties, eventually
 from v2v_harness.infra import Infrastructure
@@ -41,6 +42,11 @@ from v2v_harness.pytest_plugin import _start_platform
 pytestmark = pytest.mark.e2e
 
 PRODUCT = "CILTA-CEL"
+# fresh material: the latest manufacturing start after the collection, in whole days (the catalogue's
+# maximum hours from collection to start)
+_PLANNING = product_catalogue().get(PRODUCT).planning  # type: ignore[union-attr]
+assert _PLANNING is not None and _PLANNING.max_fresh_hours is not None
+FRESH_DAYS = _PLANNING.max_fresh_hours // 24
 HORIZON_DAYS = 7
 TRANSIT_DAYS = 1  # every centre here is in its site's region
 DAYS_AHEAD = 14
@@ -205,9 +211,16 @@ def problems(v: View, centre_of: dict[str, str], cancelled: set[str], moved: dic
             out.append(f"{oid}: {n} live, waiting={waits}")
             continue
         if oid in moved:
+            # fresh material (issue 11): the manufacturing day is chosen first and the collection derived
+            # from it, never before the date the centre asked for, and the start within the product's
+            # window after the collection
             got = v.live_slot(oid)["apheresis_date"] if n else v.waiting[oid]["apheresis_date"]  # type: ignore[index]
-            if got != moved[oid].isoformat():
-                out.append(f"moved {oid}: booked for {got}, not {moved[oid]}")
+            if date.fromisoformat(got) < moved[oid]:
+                out.append(f"moved {oid}: booked for {got}, before {moved[oid]}")
+            if n:
+                start = date.fromisoformat(v.live_slot(oid)["manufacturing_start_date"])  # type: ignore[index]
+                if not 0 <= (start - date.fromisoformat(got)).days <= FRESH_DAYS:
+                    out.append(f"moved {oid}: collected {got}, manufactured from {start}")
         home = SITE_OF.get(centre)
         if home is None:  # no approved site: waits, for that reason
             if not waits or v.waiting[oid]["reason"] != "no_approved_site":
