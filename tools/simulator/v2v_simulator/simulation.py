@@ -136,7 +136,8 @@ class Simulator:
         )
         self.out(
             "simulator: exception weights "
-            + ", ".join(f"{k} {w}" for k, w in EXCEPTION_WEIGHTS.items())
+            + ", ".join(f"{k} {w}" for k, w in EXCEPTION_WEIGHTS.items() if k not in cfg.without)
+            + (f"; left out: {', '.join(cfg.without)}" if cfg.without else "")
             + (f"; outage site {self.plan.outage_site}" if self.plan.outage_site else "")
         )
         self.actors = [OrderActor(self, p) for p in self.plan.orders]
