@@ -83,6 +83,7 @@ def start_infrastructure(
     pg_port: int | None = None,
     kafka_port: int | None = None,
     allow_containers: bool = False,
+    embedded_fetch_wait_ms: int = 20,
 ) -> Infrastructure:
     env_db = os.environ.get("V2V_DATABASE_URL") or None
     env_kafka = os.environ.get("V2V_KAFKA_BOOTSTRAP_SERVERS") or None
@@ -134,13 +135,14 @@ def start_infrastructure(
             tansu = LocalTansu(port)
             tansu.start(state_dir / "logs" / "tansu.log")
             closers.append(tansu.stop)
-            # Tansu rejects InitProducerId. Its fetch answers come a quarter of fetch_max_wait_ms after a
-            # record at the median (half at most), and every idle fetch costs it CPU: measured on the
-            # 2-core machine with 2 replicas of each service and no orders, the platform idles at 0.82
-            # cores with 20 ms (Tansu 0.37 of them) and 0.31 with 100 ms; a hop's p50 goes from 6 to 26 ms
-            # (docs/RELIABILITY.md). `make bench` sets its own (20) to measure latency.
+            # Tansu rejects InitProducerId. Every idle fetch costs it CPU, and a longer wait costs latency
+            # under load: measured on the 2-core machine, the idle platform with 2 replicas of each
+            # service uses 0.82 cores at 20 ms (Tansu 0.37) and 0.31 at 100 ms, but `make bench` at 10
+            # orders/s holds with 20 ms (chain p50 269 ms, p99 489 ms) and not with 100 ms (chain p50
+            # 4.6 s: the webhook consumer falls behind). 20 ms by default; `make chaos` asks for 100 ms
+            # (CPU is what two replicas of everything lack there; docs/RELIABILITY.md).
             bootstrap, kafka_kind, idempotence = tansu.bootstrap_servers, "embedded tansu", False
-            fetch_wait = int(fetch_wait_env or 100)
+            fetch_wait = int(fetch_wait_env or embedded_fetch_wait_ms)
     except BaseException:
         for closer in reversed(closers):
             closer()

@@ -48,6 +48,7 @@ DATABASE = "v2v_chaos"
 # remanufacture, recollection, ... up to six manufacturing runs and about 170 simulated days, each OOS now
 # waiting for QA's signed disposition) cannot end within the run it is part of; `make demo` plays it
 WORKLOAD_WITHOUT = ("persistent_oos",)
+CHAOS_FETCH_WAIT_MS = 100  # the embedded broker's fetch wait under chaos (unless V2V_KAFKA_FETCH_MAX_WAIT_MS)
 
 
 @dataclass
@@ -98,7 +99,9 @@ async def _run(cfg: ChaosConfig) -> int:
         return time.monotonic() - t0[0]
 
     out(f"chaos: seed {cfg.seed}, {cfg.orders} orders, nemesis for {cfg.seconds:.0f} s, state {state_dir}")
-    infra = start_infrastructure(state_dir, durable=True)
+    # two replicas of five services on two cores: the broker's idle fetches are CPU the consumers lack
+    # (docs/RELIABILITY.md: 0.82 cores idle at 20 ms, 0.31 at 100 ms)
+    infra = start_infrastructure(state_dir, durable=True, embedded_fetch_wait_ms=CHAOS_FETCH_WAIT_MS)
     identity = None
     platform: Platform | None = None
     receiver: WebhookReceiver | None = None
