@@ -600,6 +600,29 @@ class Signature:
     signed_at: dt.datetime
     issuer: str
 
+    @classmethod
+    def of(cls, signer: Signer, record: SignedRecord, signed_at: dt.datetime) -> Signature:
+        """The signature `signer` makes on `record` at `signed_at` (what `record_signature` stores; the
+        services' in-memory stores build theirs with it too)."""
+        return cls(
+            signature_id=uuid.uuid4(),
+            object_type=record.object_type,
+            object_id=record.object_id,
+            meaning=signer.meaning,
+            user_id=signer.user_id,
+            name=signer.name,
+            roles=tuple(sorted(signer.roles)),
+            org_kind=signer.org_kind,
+            org_id=signer.org_id,
+            client_id=signer.client_id,
+            record_sha256=record.sha256(),
+            canonicalization=CANONICALIZATION,
+            token_id=signer.token_id,
+            auth_time=signer.auth_time,
+            signed_at=signed_at,
+            issuer=signer.issuer,
+        )
+
     def matches(self, record: SignedRecord) -> bool:
         """Whether `record`, as it is now, is what was signed."""
         return (

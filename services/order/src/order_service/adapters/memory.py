@@ -41,7 +41,6 @@ from v2v_contracts import CloudEvent
 from v2v_contracts.reference import load_products
 from v2v_messaging.fakes import FakeOutbox, FakeUnitOfWork
 from v2v_servicekit.signatures import (
-    CANONICALIZATION,
     Signature,
     SignatureCheck,
     SignedRecord,
@@ -373,24 +372,7 @@ class MemorySignatures(SignatureLog):
     async def record(self, signer: Signer, record: SignedRecord) -> Signature:
         if any(s.token_id == signer.token_id for s in self.store.signatures):
             raise ValueError("signing token used twice (unique)")
-        signature = Signature(
-            signature_id=uuid.uuid4(),
-            object_type=record.object_type,
-            object_id=record.object_id,
-            meaning=signer.meaning,
-            user_id=signer.user_id,
-            name=signer.name,
-            roles=tuple(sorted(signer.roles)),
-            org_kind=signer.org_kind,
-            org_id=signer.org_id,
-            client_id=signer.client_id,
-            record_sha256=record.sha256(),
-            canonicalization=CANONICALIZATION,
-            token_id=signer.token_id,
-            auth_time=signer.auth_time,
-            signed_at=datetime.now(UTC),
-            issuer=signer.issuer,
-        )
+        signature = Signature.of(signer, record, datetime.now(UTC))
         self.store.signatures.append(signature)
         return signature
 

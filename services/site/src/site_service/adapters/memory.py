@@ -33,7 +33,7 @@ from site_service.domain.registry import Booking, OrderFacts, Site
 from v2v_audit import MemoryAuditTrail, Record
 from v2v_contracts import Outage, SiteRegisteredV1
 from v2v_messaging.fakes import FakeOutbox, FakeUnitOfWork
-from v2v_servicekit.signatures import CANONICALIZATION, Signature, SignedRecord, Signer
+from v2v_servicekit.signatures import Signature, SignedRecord, Signer
 
 
 def _now() -> datetime:
@@ -409,24 +409,7 @@ class MemorySignatureStore(SignatureStore):
     async def record(self, signer: Signer, record: SignedRecord) -> Signature:
         if any(s.token_id == signer.token_id for s in self.store.signatures):
             raise ValueError("signatures.token_jti is unique")
-        signature = Signature(
-            signature_id=uuid.uuid4(),
-            object_type=record.object_type,
-            object_id=record.object_id,
-            meaning=signer.meaning,
-            user_id=signer.user_id,
-            name=signer.name,
-            roles=tuple(sorted(signer.roles)),
-            org_kind=signer.org_kind,
-            org_id=signer.org_id,
-            client_id=signer.client_id,
-            record_sha256=record.sha256(),
-            canonicalization=CANONICALIZATION,
-            token_id=signer.token_id,
-            auth_time=signer.auth_time,
-            signed_at=_now(),
-            issuer=signer.issuer,
-        )
+        signature = Signature.of(signer, record, _now())
         self.store.signatures.append(signature)
         return signature
 
