@@ -386,10 +386,16 @@ async def test_the_breaker_parks_probes_and_closes_and_the_centre_sees_it(
 
         receiver.status["/hook"] = 204  # the endpoint is back: the next probe succeeds, the rest follow
         await eventually(lambda: len(receiver.on("/hook", 204)) == len(events), 10, what="all delivered")
-        assert await state() == "open"
+        # the receiver has answered; the dispatcher records the verdicts after the answers arrive (a batch
+        # per transaction), so the recorded state is awaited, not read at once
+        await eventually(lambda: _is(state, "open"), 10, what="the endpoint to be open again")
+
+        async def recorded() -> set[str]:
+            rows = await pool.fetch("SELECT status FROM deliveries WHERE subscription_id = $1", sub)
+            return {r["status"] for r in rows}
+
+        await eventually(lambda: _has(recorded, {"delivered"}), 10, what="every delivery recorded")
         assert (await endpoint(pool, sub))["consecutive_failures"] == 0
-        statuses = await pool.fetch("SELECT status FROM deliveries WHERE subscription_id = $1", sub)
-        assert {r["status"] for r in statuses} == {"delivered"}
         # every retry of a delivery carried the same webhook-id (the event's), each delivered once
         ids = {f"msg_{e.id}" for e in events}
         assert {p.webhook_id for p in receiver.on("/hook")} == ids
@@ -400,6 +406,10 @@ async def test_the_breaker_parks_probes_and_closes_and_the_centre_sees_it(
 
 async def _is(state: Callable[[], Any], wanted: str) -> bool:
     return bool(await state() == wanted)
+
+
+async def _has(values: Callable[[], Any], wanted: set[str]) -> bool:
+    return bool(await values() == wanted)
 
 
 async def _all_delivered(outcomes: Callable[[], Any]) -> bool:
