@@ -327,12 +327,45 @@ async def test_out_of_specification_is_remanufactured_from_retained_material(
     decided = entry(order, "order.disposition_decided.v1")
     assert decided["type"] == "order.disposition_decided.v1" and decided["status"] == "material_received"
     await hooks(webhook_receiver, path, j.id, "order.remanufacture_requested.v1")
+
+    # the remanufacture has a new slot of its own at the site that holds the material (issue 10): booked
+    # by scheduling against the site's capacity, in the site's plan, and the site starts run 2 from it
+    async def remanufacture_slot() -> list[dict[str, Any]] | None:
+        page = _checked_json(await j.ops.slots(order_id=j.id))
+        slots = page["items"] if isinstance(page, dict) else page
+        return slots if len(slots) == 2 else None
+
+    slots = await eventually(remanufacture_slot, timeout=15, what="the remanufacture's slot")
+    first, new = sorted(slots, key=lambda s: s["reserved_reason"] == "remanufacture")
+    assert (new["reserved_reason"], new["site_id"], new["status"]) == ("remanufacture", site, "consumed")
+    assert new["slot_id"] != first["slot_id"] and first["status"] == "consumed"
+
+    async def run_two_started() -> dict[str, Any] | None:
+        view = _checked_json(await j.as_site(site).manufacturing(site, j.id))
+        return view if view["run"] == 2 else None
+
+    view = await eventually(run_two_started, timeout=15, what="run 2 started at the site")
+    assert view["state"] == "material_received" and view["next_step"] == "activation"
+    order = await eventually(
+        lambda: _booked(j), timeout=15, what="the order to record the remanufacture's slot"
+    )
+    assert f"remanufacture (run 2) booked at {site}" in reasons(order)
     await j.steps(site, *MANUFACTURING_STEPS)
     await j.wait_status("qc_pending")
     await j.qc(site, "released")
     released = await j.wait_status("released")
     assert released["recollections"] == 0
     await j.shipment("outbound_product")
+
+
+async def _booked(j: Journey) -> dict[str, Any] | None:
+    order = await j.get()
+    return order if "remanufacture (run 2) booked at" in reasons(order) else None
+
+
+def _checked_json(resp: Any) -> Any:
+    assert resp.status == 200, resp.text
+    return resp.body
 
 
 async def test_an_oos_product_the_physician_accepts_ships_is_infused_and_the_authority_is_to_be_told(

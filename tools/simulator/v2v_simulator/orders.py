@@ -56,6 +56,7 @@ class OrderActor:
         self.first_apheresis: datetime | None = None
         self.apheresis_at: dict[str, datetime] = {}  # per slot id
         self.run_start: dict[tuple[str, int], datetime] = {}  # per (slot id, run)
+        self.cycle_slot: str | None = None  # the slot the current collection's material was received for
         self.release_at: datetime | None = None
         self.lymphodepleted = False
         self.refusal_done = False

@@ -73,6 +73,7 @@ class Site:
             o.result.applied = True
             o.leave = MATERIAL_ON_THE_WAY
         else:
+            o.cycle_slot = slot_id  # the runs of this collection, whatever slot a remanufacture gets
             o.run_start[(slot_id, 1)] = max(
                 moment + timedelta(hours=3), o.sim.clock.at(mfg, 8) if mfg else moment
             )
@@ -80,13 +81,17 @@ class Site:
 
     def run_done(self, row: dict[str, Any]) -> bool:
         """Whether the MES has already reported everything of the order's current run."""
-        slot_id = str((row.get("slot") or {}).get("slot_id"))
-        return ("run", slot_id, int(row.get("run") or 1)) in self.order.done
+        return ("run", self.cycle(row), int(row.get("run") or 1)) in self.order.done
+
+    def cycle(self, row: dict[str, Any]) -> str:
+        """The collection the runs are made from: the slot its material was received for (a
+        remanufacture books a slot of its own, issue 10, and is still a run of that collection)."""
+        return self.order.cycle_slot or str((row.get("slot") or {}).get("slot_id"))
 
     async def manufacture(self, row: dict[str, Any]) -> None:
         """The current run: every step at its time (or the planned failure or cancellation), then QC."""
         o = self.order
-        slot_id = str((row.get("slot") or {}).get("slot_id"))
+        slot_id = self.cycle(row)
         run = int(row.get("run") or 1)
         site_id = row["site_id"]
         if ("run", slot_id, run) in o.done:

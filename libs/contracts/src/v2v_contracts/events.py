@@ -113,7 +113,10 @@ class SlotReservedV1(OrderEventData):
     order_type: OrderType
     apheresis_date: date
     manufacturing_start_date: date
-    reason: ReasonCode = "initial"  # initial | waitlist | rebook:<kind>
+    reason: ReasonCode = "initial"  # initial | waitlist | offer | rebook:<kind> | remanufacture
+    # issue 10: set for a remanufacture's slot (reason `remanufacture`): the run it books, at the site
+    # that holds the retained material; the site starts that run from this slot
+    run: int | None = None
 
 
 class SlotUnavailableV1(OrderEventData):
@@ -259,13 +262,20 @@ class RebookRequestedV1(OrderEventData):
 
 
 class RemanufactureRequestedV1(OrderEventData):
-    """Command to the site: start a new manufacturing run from retained material."""
+    """Command: a new manufacturing run from the material retained at the site. Scheduling books it a slot
+    there (`slot_reserved`, reason `remanufacture`) and the site starts the run from that slot."""
 
     TYPE = "order.remanufacture_requested.v1"
     SERVICE = "order"
     site_id: str
     reason: ReasonCode  # out_of_specification | manufacturing_failed | quarantine_rejected
     run: int  # 2 for the first remanufacture
+    # issue 10: scheduling books the run a slot at the site (its capacity, calendar and outages) and the
+    # site starts it from that slot; the order's product and market, as a rebook carries them
+    product_code: str | None = None
+    order_type: OrderType | None = None
+    regulator: str | None = None
+    region: str | None = None
 
 
 class ApheresisCompletedV1(OrderEventData):

@@ -6,6 +6,7 @@ physician's decline) loses it; a cancellation once manufacture started needs a s
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -244,6 +245,27 @@ def test_oos_is_held_for_qa_and_a_reject_remanufactures_then_recollects_then_fai
     state = OrderState(S.MANUFACTURING, recollections=1, site_id="CH-STEIN", run=2)
     out = m.on_fact(state, "site.manufacturing_failed.v1", {"run": 2, "reason": "x"}, r, TODAY)
     assert out.state.status == S.FAILED and isinstance(out.commands[0], m.Fail)
+
+
+def test_a_remanufactures_own_slot_is_recorded_and_nothing_else_moves_the_order() -> None:
+    """Issue 10: scheduling books a remanufacture a new slot at the site holding the material; the order
+    keeps its state and records the slot; slots of other runs or sites are recorded only (never parked)."""
+    state = OrderState(S.MATERIAL_RECEIVED, site_id="CH-STEIN", run=2, slot_id="old-slot")
+
+    def slot(**kw: object) -> dict[str, object]:
+        base = {"reason": "remanufacture", "run": 2, "site_id": "CH-STEIN", "slot_id": "new-slot"}
+        return {**base, "manufacturing_start_date": "2031-03-10", **kw}
+
+    out = m.on_fact(state, "scheduling.slot_reserved.v1", slot(), Rules(), TODAY)
+    assert out.changed and out.state == dataclasses.replace(state, slot_id="new-slot") and not out.commands
+    assert out.reason == "remanufacture (run 2) booked at CH-STEIN: manufacturing starts 2031-03-10"
+    for other in (slot(run=3), slot(site_id="DE-X")):
+        kept = m.on_fact(state, "scheduling.slot_reserved.v1", other, Rules(), TODAY)
+        assert not kept.changed and kept.reason.startswith("recorded only") and not m_may_wait(kept)
+
+
+def m_may_wait(outcome: m.Outcome) -> bool:
+    return outcome.reason.startswith(m.NOT_YET)
 
 
 def test_oos_released_on_physician_request_waits_for_the_physician_then_accept_goes_on() -> None:

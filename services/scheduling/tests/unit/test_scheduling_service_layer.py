@@ -24,6 +24,7 @@ from v2v_contracts import (
     OrderFailedV1,
     OrderSubmittedV1,
     RebookRequestedV1,
+    RemanufactureRequestedV1,
     SiteApproval,
     SiteRegisteredV1,
     SlotReleasedV1,
@@ -184,6 +185,7 @@ async def test_a_submitted_order_reserves_the_earliest_slot() -> None:
         "apheresis_date": APHERESIS.isoformat(),
         "manufacturing_start_date": d(1).isoformat(),  # same region: one day of transit
         "reason": "initial",
+        "run": None,  # a remanufacture's slot only
     }
     assert (slot.status, slot.reserved_reason) == ("held", "initial")
     # the slot keeps the order's market (to notice when its site loses the approval)
@@ -622,3 +624,65 @@ async def test_a_failed_transaction_leaves_no_audit_entry() -> None:
             await HANDLERS.dispatch(tx, Order(1).submitted())
             raise RuntimeError("the commit fails")
     assert w.store.audit == before and w.store.slots == {}
+
+
+# ---- issue 10: a remanufacture gets a new slot at the site that holds the material ------------------------
+
+TODAY = datetime(2031, 3, 10, 9, tzinfo=UTC)
+
+
+def remanufacture(order: Order, site_id: str, run: int = 2) -> CloudEvent:
+    return new_event(
+        RemanufactureRequestedV1(
+            **order.ids(),
+            site_id=site_id,
+            reason="out_of_specification",
+            run=run,
+            product_code=PRODUCT,
+            order_type="clinical",
+            regulator=order.regulator,
+            region="europe",
+        )
+    )
+
+
+async def test_a_remanufacture_books_a_new_slot_at_its_site_from_today_within_capacity() -> None:
+    w = World()
+    w.inbox = FakeInbox(
+        w.uow,
+        build_handlers(Planning(Parameters(1, 2, horizon_days=3), product_catalogue(), clock=lambda: TODAY)),
+    )
+    # B-OTHER would deliver as early: a remanufacture never leaves the site that holds the material
+    await w.deliver(site_event("A", capacity=1), site_event("B-OTHER", capacity=5))
+    first, second, third, late = Order(1), Order(2), Order(3), Order(4)
+
+    events = await w.deliver(remanufacture(first, "A"))
+    [reserved] = events
+    assert (reserved.type, reserved.data["reason"], reserved.data["run"]) == (RESERVED, "remanufacture", 2)
+    assert (reserved.data["site_id"], reserved.data["manufacturing_start_date"]) == ("A", "2031-03-10")
+    # in use at once (the material is at the site): it counts against the day, it is never moved or released
+    [slot] = w.slots(first)
+    assert (slot.status, slot.reserved_reason, str(slot.slot_id)) == (
+        "consumed",
+        "remanufacture",
+        reserved.data["slot_id"],
+    )
+    assert w.live(first) is None
+
+    # the day is taken: the next remanufacture at A gets the next free day, and so does a new order
+    [second_slot] = await w.deliver(remanufacture(second, "A"))
+    assert second_slot.data["manufacturing_start_date"] == "2031-03-11"
+    await w.deliver(remanufacture(third, "A"))
+    # no free day within the horizon: booked beyond the day's capacity after it (it cannot go elsewhere),
+    # and the audit entry says so
+    [beyond] = await w.deliver(remanufacture(late, "A"))
+    assert (beyond.data["site_id"], beyond.data["manufacturing_start_date"]) == ("A", "2031-03-13")
+    [entry] = [
+        e for e in w.store.audit if e.action == "slot.reserved" and e.new["order_id"] == str(late.order_id)
+    ]
+    assert (entry.reason, entry.new["within_capacity"], entry.new["run"]) == ("remanufacture", False, 2)
+
+    # a closed order's remanufacture books nothing
+    closed = Order(5)
+    await w.deliver(closed.cancelled())
+    assert await w.deliver(remanufacture(closed, "A")) == []

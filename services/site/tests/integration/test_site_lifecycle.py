@@ -30,7 +30,6 @@ from v2v_contracts import (
     OrderCancelledV1,
     OrderFailedV1,
     OrderSubmittedV1,
-    RemanufactureRequestedV1,
     SiteApproval,
     SlotReleasedV1,
     SlotReservedV1,
@@ -735,19 +734,18 @@ async def test_oos_then_remanufacture_from_retained_material_then_failure(
     assert kind == "site.product_out_of_specification.v1"
     assert (data["run"], data["retained_material"], data["reason"]) == (1, True, "potency")
 
-    command = RemanufactureRequestedV1(
-        order_id=b["order_id"],
-        coi=b["coi"],
-        treatment_center_id=CENTRE,
-        site_id=SITE,
-        reason="out_of_specification",
-        run=2,
+    # issue 10: scheduling's slot for the remanufacture at this site starts run 2
+    command = b["slot"].model_copy(
+        update={"slot_id": uuid.uuid4(), "reason": "remanufacture", "run": 2, "manufacturing_start_date": DAY}
     )
     await handle(uow, command)
-    await handle(uow, command)  # the same command again
+    await handle(uow, command)  # the same slot again
     view = await queries.get_manufacturing(uow, SITE, b["order_id"])
     assert (view["state"], view["run"], view["next_step"]) == ("material_received", 2, "activation")
-    assert await outbox() == []  # no new receipt: the run starts from retained material
+    # booked into the site's plan; nothing published (no material moves): the run starts from retained
+    # material
+    assert (await booking(pool, command.slot_id))["status"] == "confirmed"
+    assert await outbox() == []
 
     await steps(uow, b, ["activation", "transduction"])
     view = await commands.record_step(

@@ -26,7 +26,6 @@ from v2v_contracts import (
     OrderCancelledV1,
     OrderFailedV1,
     OrderSubmittedV1,
-    RemanufactureRequestedV1,
     SiteApproval,
     SlotReleasedV1,
     SlotReservedV1,
@@ -127,6 +126,19 @@ async def reserve(
     )
     await site.deliver(slot)
     return Order(order_id, coi, slot)
+
+
+def remanufacture_slot(o: Order, run: int, *, site_id: str = SITE, day: date = DAY) -> SlotReservedV1:
+    """Scheduling's slot for a remanufacture (issue 10): the site starts the run from it."""
+    return o.slot.model_copy(
+        update={
+            "slot_id": uuid.uuid4(),
+            "site_id": site_id,
+            "manufacturing_start_date": day + timedelta(days=30),
+            "reason": "remanufacture",
+            "run": run,
+        }
+    )
 
 
 async def receive(site: Site, o: Order, **kw: Any) -> dict[str, Any]:
@@ -686,32 +698,30 @@ async def test_qc_out_of_specification_or_failed_keeps_material_only_when_the_pr
     assert data["reason"] == ("potency" if disposition == "out_of_specification" else "qc_failed:potency")
 
 
-async def test_a_remanufacture_request_starts_run_two_from_retained_material(site: Site) -> None:
+async def test_a_remanufacture_slot_starts_run_two_from_retained_material(site: Site) -> None:
     o = await reserve(site, product="TISA-CEL")  # retains material, two runs
     await receive(site, o)
     await steps(site, o, ALL_STEPS)
     await commands.record_qc(site.uow, SITE, o.order_id, disposition="out_of_specification", reason="potency")
     site.events()
-    command = RemanufactureRequestedV1(
-        order_id=o.order_id,
-        coi=o.coi,
-        treatment_center_id=CENTRE,
-        site_id=SITE,
-        reason="out_of_specification",
-        run=2,
-    )
+    command = remanufacture_slot(o, 2)
 
     await site.deliver(command)
-    await site.deliver(command)  # the same command again (a new event): already started
+    await site.deliver(command)  # the same slot again (a new event): already booked and started
 
     view = await queries.get_manufacturing(site.uow, SITE, o.order_id)
     assert (view["state"], view["run"], view["next_step"]) == ("material_received", 2, "activation")
-    assert (view["history"][-1]["action"], view["history"][-1]["reason"]) == (
-        "remanufacture",
-        "out_of_specification",
-    )
+    last = view["history"][-1]
+    assert (last["action"], last["reason"]) == ("remanufacture", "remanufacture")
     assert [h["action"] for h in view["history"]].count("remanufacture") == 1
-    assert site.events() == []  # no new receipt: the run starts from retained material
+    # the run's slot is booked into the site's plan, and nothing is published: no material moves (no
+    # booking confirmation for logistics to plan an inbound leg from), the run starts from retained material
+    [booking] = [r.booking for r in site.store.bookings.values() if r.booking.slot_id == command.slot_id]
+    assert (booking.status, booking.manufacturing_start_date) == (
+        "confirmed",
+        command.manufacturing_start_date,
+    )
+    assert site.events() == []
 
     await steps(site, o, ["activation", "transduction"])
     view = await commands.record_step(
@@ -728,8 +738,8 @@ async def test_a_remanufacture_request_starts_run_two_from_retained_material(sit
         "step_failed:expansion:insufficient_cell_growth",
     )
 
-    await site.deliver(command.model_copy(update={"run": 3}))  # nothing retained: ignored
-    await site.deliver(command.model_copy(update={"site_id": OTHER_SITE}))  # no material there: ignored
+    await site.deliver(remanufacture_slot(o, 3))  # nothing retained: booked, not started
+    await site.deliver(remanufacture_slot(o, 3, site_id=OTHER_SITE))  # no material there: not started
     assert (await queries.get_manufacturing(site.uow, SITE, o.order_id))["state"] == "failed"
     assert site.events() == []
 
@@ -1091,12 +1101,7 @@ async def test_an_oos_reject_leaves_the_run_for_the_orders_remanufacture_with_a_
     first_lot = (await queries.get_manufacturing(site.uow, SITE, o.order_id))["lot"]
     await site.deliver(decided(o, "out_of_specification", "reject", run=1))
     assert (await queries.get_manufacturing(site.uow, SITE, o.order_id))["state"] == "out_of_specification"
-    await site.deliver(
-        RemanufactureRequestedV1(
-            order_id=o.order_id, coi=o.coi, treatment_center_id=CENTRE, site_id=SITE,
-            reason="out_of_specification", run=2,
-        )
-    )  # fmt: skip
+    await site.deliver(remanufacture_slot(o, 2))
     view = await queries.get_manufacturing(site.uow, SITE, o.order_id)
     assert (view["state"], view["run"]) == ("material_received", 2)
     assert view["lot"] != first_lot and lot_problem(view["lot"]) is None

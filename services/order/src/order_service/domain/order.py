@@ -334,7 +334,7 @@ def on_fact(state: OrderState, event_type: str, data: dict[str, Any], rules: Rul
     reason = str(data.get("reason") or event_type)
     if st in TERMINAL:
         return _keep(state, f"recorded only: order is {st.value}")
-    run_matches = int(data.get("run", state.run)) == state.run
+    run_matches = int(data.get("run") or state.run) == state.run  # a fact without a run: the current one
     slot_matches = data.get("slot_id") is None or str(data.get("slot_id")) == state.slot_id
     match event_type:
         case "scheduling.slot_unavailable.v1":
@@ -357,6 +357,19 @@ def on_fact(state: OrderState, event_type: str, data: dict[str, Any], rules: Rul
         case "scheduling.slot_reserved.v1":
             if state.rebook_pending and not str(data.get("reason", "")).startswith("rebook:"):
                 return _keep(state, "recorded only: a slot for a request the rebook superseded")
+            if data.get("reason") == "remanufacture":
+                # issue 10: the slot scheduling booked for a remanufacture at the site holding the material
+                if (
+                    st in IN_MANUFACTURE
+                    and data.get("run") == state.run
+                    and data.get("site_id") == state.site_id
+                ):
+                    return Outcome(
+                        dataclasses.replace(state, slot_id=str(data["slot_id"])),
+                        f"remanufacture (run {state.run}) booked at {data['site_id']}: manufacturing starts "
+                        f"{data['manufacturing_start_date']}",
+                    )
+                return _keep(state, f"recorded only: a remanufacture slot for run {data.get('run')}")
             if st in {S.SUBMITTED, S.WAITLISTED, S.RESCHEDULING}:
                 return _to(
                     state,

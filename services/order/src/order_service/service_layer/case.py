@@ -98,7 +98,16 @@ def command_events(case: Case, outcome: Outcome) -> list[EventData]:
             )
         elif isinstance(cmd, machine.Remanufacture):
             out.append(
-                RemanufactureRequestedV1(**order.ref(), site_id=cmd.site_id, reason=cmd.reason, run=cmd.run)
+                RemanufactureRequestedV1(
+                    **order.ref(),
+                    site_id=cmd.site_id,
+                    reason=cmd.reason,
+                    run=cmd.run,
+                    product_code=order.product_code,
+                    order_type=order.order_type,  # type: ignore[arg-type]
+                    regulator=centre.regulator,
+                    region=centre.region,
+                )
             )
         elif isinstance(cmd, machine.Fail):
             out.append(OrderFailedV1(**order.ref(), reason=cmd.reason))
@@ -162,8 +171,8 @@ async def apply(
         if new.status in machine.TERMINAL and new.status is not before:
             fields["ended_reason"] = outcome.reason
         for cmd in outcome.commands:  # a new run makes a new lot; a recollection a new collection (DIN)
-            if isinstance(cmd, machine.Remanufacture):
-                fields["lot"] = None
+            if isinstance(cmd, machine.Remanufacture):  # its slot, when scheduling books it, has the date
+                fields.update(lot=None, manufacturing_start_date=None)
             elif isinstance(cmd, machine.Rebook) and cmd.kind == "recollection":
                 fields.update(lot=None, din=None)
     await tx.orders.update(order.order_id, **fields)

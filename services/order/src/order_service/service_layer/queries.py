@@ -51,7 +51,10 @@ def predicted_dates(order: OrderRecord, region: str | None = None) -> dict[str, 
     actuals = Actuals(
         apheresis_date=order.apheresis_date or order.requested_apheresis_date,
         manufacturing_start_date=order.manufacturing_start_date,
-        material_received=order.material_received_at.date() if order.material_received_at else None,
+        # a remanufacture starts on its own slot's day, not at the (first) receipt of the material
+        material_received=order.material_received_at.date()
+        if order.material_received_at and not (order.run > 1 and order.manufacturing_start_date)
+        else None,
         released=order.released_at.date() if order.released_at else None,
         delivered=order.delivered_at.date() if order.delivered_at else None,
     )

@@ -28,6 +28,7 @@ passes `now` (and the sites' calendars, and a centre's quota):
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
@@ -90,6 +91,8 @@ class Request:
     max_fresh_days: int | None = None  # fresh: start at most this many days after collection
     freezing_days: int = 0  # cryopreserved at the centre first: days before it can ship
     processing_days_p90: int | None = None  # start → release, p90
+    # issue 10: a remanufacture from material retained at the site: no collection, no inbound leg
+    material_at_site: bool = False
 
 
 @dataclass(frozen=True)
@@ -122,7 +125,9 @@ def eligible(site: Site, req: Request) -> bool:
 
 
 def transit_days(site: Site, req: Request, params: Parameters) -> int:
-    """Inbound: the apheresis material from the centre's region to the site's."""
+    """Inbound: the apheresis material from the centre's region to the site's (none when it is there)."""
+    if req.material_at_site:
+        return 0
     lane = params.lanes.get((req.region, site.region, req.material))
     if lane is not None:
         return lane
@@ -164,7 +169,7 @@ def plans(
     if fresh_window is not None and inbound > fresh_window:
         return  # the lane is longer than fresh material may wait
     collect = earliest_apheresis(site, req, now)
-    freezing = req.freezing_days if req.material == "cryopreserved" else 0
+    freezing = req.freezing_days if req.material == "cryopreserved" and not req.material_at_site else 0
     first = collect + timedelta(days=freezing + inbound)
     outbound = outbound_days(site, req, params)
     for offset in range(params.horizon_days):
@@ -188,6 +193,33 @@ def plans(
             release,
             p90 + timedelta(days=outbound) if p90 is not None else None,
         )
+
+
+def remanufacture_plan(
+    site: Site,
+    used: Mapping[tuple[str, str, date], int],
+    req: Request,
+    params: Parameters,
+    *,
+    now: datetime,
+    calendar: Calendar = EVERY_DAY,
+) -> tuple[Choice, bool]:
+    """A remanufacture's run at the site that holds the retained material (it cannot go elsewhere): the
+    site's first free working day from today, outside its outages; `(choice, True)`. With no free day
+    within the horizon, the first working day after it, booked beyond the day's capacity: `(choice,
+    False)` — the site's planners have to fit the run in, and the booking says so."""
+    req = dataclasses.replace(req, material_at_site=True, apheresis_date=today_at(site.timezone, now))
+    free = next(plans(site, used, req, params, now=now, calendar=calendar), None)
+    if free is not None:
+        return free, True
+    day = req.apheresis_date + timedelta(days=params.horizon_days)
+    for _ in range(366):
+        if not site.closed_on(day) and calendar.works_on(day):
+            break
+        day += timedelta(days=1)
+    release = day + timedelta(days=req.processing_days)
+    delivery = release + timedelta(days=outbound_days(site, req, params))
+    return Choice(site.site_id, day, delivery, req.apheresis_date, release), False
 
 
 def candidates_for(sites: list[Site], req: Request, exclude_site_id: str | None) -> list[Site] | NoChoice:

@@ -14,7 +14,13 @@ from typing import TypeAlias
 
 from scheduling_service.domain.planning import NO_ALLOCATION, Allocation, Calendar
 from scheduling_service.domain.selection import Approval, Parameters, Request, Site, Window
-from v2v_contracts import OrderSubmittedV1, OrderType, RebookRequestedV1, SiteRegisteredV1
+from v2v_contracts import (
+    OrderSubmittedV1,
+    OrderType,
+    RebookRequestedV1,
+    RemanufactureRequestedV1,
+    SiteRegisteredV1,
+)
 from v2v_contracts.reference.product import Product
 
 LIVE = ("held", "confirmed")  # a slot the order still holds: at most one per order
@@ -121,6 +127,22 @@ class SlotRequest:
             self.regulator,
             self.region,
             self.apheresis_date,
+        )
+
+    @classmethod
+    def remanufacture(cls, r: RemanufactureRequestedV1) -> SlotRequest:
+        """A remanufacture at the site that holds the material (the order's product and market as the
+        command carries them; planned from today at the site)."""
+        assert r.product_code is not None and r.order_type is not None
+        return cls(
+            r.order_id,
+            r.coi,
+            r.treatment_center_id,
+            r.product_code,
+            r.order_type,
+            r.regulator or "",
+            r.region or "",
+            date.min,  # replaced by today at the site
         )
 
     @property

@@ -11,14 +11,22 @@ else it becomes `rebook:<kind>` (`domain.reasons`).
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import Iterable
 from datetime import date, timedelta
 
 from scheduling_service.adapters.repository import SchedulingTx
-from scheduling_service.domain.planning import today_at
+from scheduling_service.domain.planning import EVERY_DAY, today_at
 from scheduling_service.domain.reasons import code_or
-from scheduling_service.domain.selection import Choice, DayFilter, NoChoice, Site, select_site
+from scheduling_service.domain.selection import (
+    Choice,
+    DayFilter,
+    NoChoice,
+    Site,
+    remanufacture_plan,
+    select_site,
+)
 from scheduling_service.domain.slots import (
     NO_APPROVED_SITE,
     Hold,
@@ -30,6 +38,7 @@ from scheduling_service.domain.slots import (
 from v2v_contracts import (
     OrderEventData,
     RebookRequestedV1,
+    RemanufactureRequestedV1,
     SlotReleasedV1,
     SlotReservedV1,
     SlotUnavailableV1,
@@ -161,6 +170,92 @@ async def try_reserve(
         reason=reason,
     )
     return result
+
+
+REMANUFACTURE = "remanufacture"
+
+
+async def reserve_remanufacture(
+    tx: SchedulingTx, planning: Planning, request: RemanufactureRequestedV1
+) -> None:
+    """Issue 10: a remanufacture gets a new slot at the site that holds the retained material, on the
+    site's first free working day from today (or, with none within the horizon, beyond the day's capacity:
+    the run cannot move elsewhere). The slot is in use at once (the material is at the site, nothing is
+    to be received): it counts against the day's capacity and is never moved off the site. The site
+    starts the run from `slot_reserved` (reason `remanufacture`, with the run)."""
+    if request.product_code is None or request.order_type is None:
+        log.warning("remanufacture request without its product: no slot booked", site_id=request.site_id)
+        return
+    await tx.locks.take([request.product_code])
+    site = await tx.sites.get(request.site_id)
+    if site is None:
+        log.warning(
+            "remanufacture at a site scheduling does not know: no slot booked", site_id=request.site_id
+        )
+        return
+    req = SlotRequest.remanufacture(request)
+    now = planning.clock()
+    since = today_at("UTC", now) - timedelta(days=1)
+    choice, within_capacity = remanufacture_plan(
+        site,
+        await tx.slots.usage(req.product_code, since),
+        req.plan(planning.products),
+        planning.params,
+        now=now,
+        calendar=planning.calendars.get(site.site_id, EVERY_DAY),
+    )
+    assert choice.apheresis_date is not None
+    slot = dataclasses.replace(
+        Slot.booked(
+            uuid.uuid4(),
+            req,
+            site.site_id,
+            choice.manufacturing_start_date,
+            REMANUFACTURE,
+            choice.apheresis_date,
+        ),
+        status="consumed",
+    )
+    await tx.slots.add(slot)
+    tx.audit(
+        "slot.reserved",
+        "slot",
+        slot.slot_id,
+        new={
+            "order_id": slot.order_id,
+            "site_id": slot.site_id,
+            "product_code": slot.product_code,
+            "manufacturing_start_date": slot.manufacturing_start_date,
+            "status": slot.status,
+            "run": request.run,
+            "within_capacity": within_capacity,
+        },
+        reason=REMANUFACTURE,
+    )
+    await tx.publish(
+        SlotReservedV1(
+            order_id=req.order_id,
+            coi=req.coi,
+            treatment_center_id=req.treatment_center_id,
+            slot_id=slot.slot_id,
+            site_id=slot.site_id,
+            product_code=req.product_code,
+            order_type=req.order_type,
+            apheresis_date=slot.apheresis_date,
+            manufacturing_start_date=slot.manufacturing_start_date,
+            reason=REMANUFACTURE,
+            run=request.run,
+        )
+    )
+    if within_capacity:
+        log.info("remanufacture slot reserved", site_id=site.site_id, run=request.run)
+    else:
+        log.warning(
+            "remanufacture slot reserved beyond the day's capacity: no free day within the horizon",
+            site_id=site.site_id,
+            run=request.run,
+            day=slot.manufacturing_start_date.isoformat(),
+        )
 
 
 def audit_waitlist_left(tx: SchedulingTx, order_id: uuid.UUID, reason: str) -> None:

@@ -1,5 +1,6 @@
-"""Scheduling's event handlers: orders ask for slots (submitted, rebook), give them back (cancelled,
-failed), the registry changes sites (capacity, approvals, outages, active), the site books and receives.
+"""Scheduling's event handlers: orders ask for slots (submitted, rebook, a remanufacture at the site that
+holds the material), give them back (cancelled, failed), the registry changes sites (capacity, approvals,
+outages, active), the site books and receives.
 
 `build_handlers(planning)` registers them with the scheduling parameters and product facts read at
 start-up. Each runs in the consumer's transaction (one `SchedulingTx`), with the inbox record.
@@ -18,6 +19,7 @@ from scheduling_service.service_layer.booking import (
     move_off_site,
     rebook,
     release_live_slot,
+    reserve_remanufacture,
     serve_waitlist,
     tell_waitlisted,
     try_reserve,
@@ -30,6 +32,7 @@ from v2v_contracts import (
     OrderFailedV1,
     OrderSubmittedV1,
     RebookRequestedV1,
+    RemanufactureRequestedV1,
     SiteRegisteredV1,
 )
 from v2v_messaging import EventMeta, HandlerRegistry
@@ -82,6 +85,16 @@ def build_handlers(planning: Planning) -> HandlerRegistry[SchedulingTx]:
         released = await rebook(tx, planning, request)
         if released is not None:
             await serve_waitlist(tx, planning, [released.product_code])
+
+    @handlers.on(RemanufactureRequestedV1)
+    async def on_remanufacture_requested(
+        tx: SchedulingTx, request: RemanufactureRequestedV1, meta: EventMeta
+    ) -> None:
+        """A new run from retained material: a new slot at the site that holds it (issue 10)."""
+        if closed := await tx.orders.closed(request.order_id):
+            log.info("order already closed, remanufacture ignored", status=closed)
+            return
+        await reserve_remanufacture(tx, planning, request)
 
     @handlers.on(OrderCancelledV1)
     async def on_order_cancelled(tx: SchedulingTx, order: OrderCancelledV1, meta: EventMeta) -> None:

@@ -1,6 +1,6 @@
 """The site's event handlers: bookings into a site's plan from scheduling's slots, and the site's answers
-to the order's compensations (cancel, fail) and commands (remanufacture). Each runs in the consumer's
-transaction, with the inbox entry that makes a redelivery a no-op.
+to the order's compensations (cancel, fail); a remanufacture starts from its slot. Each runs in the
+consumer's transaction, with the inbox entry that makes a redelivery a no-op.
 
 The reasons the site stores and publishes here are codes: the order's reason is kept only when it is a
 reason code itself (`order_cancelled:<code>`), never as free text (`domain.reasons`)."""
@@ -28,7 +28,6 @@ from v2v_contracts import (
     OrderCancelledV1,
     OrderFailedV1,
     OrderSubmittedV1,
-    RemanufactureRequestedV1,
     SlotReleasedV1,
     SlotReservedV1,
 )
@@ -110,6 +109,12 @@ async def on_slot_reserved(tx: SiteTx, slot: SlotReservedV1, meta: EventMeta) ->
         },
         reason=slot.reason,
     )
+    if slot.reason == "remanufacture" and slot.run is not None:
+        # issue 10: a remanufacture's slot at this site (in use at once in scheduling; no material moves,
+        # so no booking confirmation for logistics to plan an inbound leg from): its run starts from the
+        # retained material
+        await start_remanufacture(tx, slot.order_id, slot.site_id, slot.run, "remanufacture")
+        return
     await tx.publish(
         BookingConfirmedV1(
             order_id=slot.order_id,
@@ -193,12 +198,6 @@ async def start_remanufacture(
     await record_transition(tx, m, t, action="remanufacture", occurred_at=_now(now), reason=reason)
     log.info("remanufacture started from retained material", site_id=site_id, run=run, lot=t.after.lot)
     return True
-
-
-@handlers.on(RemanufactureRequestedV1)
-async def on_remanufacture_requested(tx: SiteTx, data: RemanufactureRequestedV1, meta: EventMeta) -> None:
-    reason = code_or(data.reason, "remanufacture_requested")
-    await start_remanufacture(tx, data.order_id, data.site_id, data.run, reason)
 
 
 # ---- issue 10: what the site learns of an order, and QA's disposition of material at risk --------------
