@@ -1099,3 +1099,19 @@ async def test_a_refused_signature_is_audited_with_codes_only(world: World) -> N
         "signature-role",
     )
     assert entry.new["user_id"] == "qa.les-ulis"  # type: ignore[index, call-overload]
+
+
+def test_a_remanufacture_is_predicted_from_its_own_slot_not_the_first_receipt() -> None:
+    """Issue 10: run 2 starts on its slot's day; the material's receipt (run 1's start) no longer counts."""
+    at = datetime(2031, 3, 1, 9, tzinfo=UTC)
+    first = OrderRecord(
+        uuid.uuid4(), "COI", "TC", "TISA-CEL", "commercial", "ref", date(2031, 2, 1), "material_received",
+        at, at, material_received_at=at, manufacturing_start_date=date(2031, 3, 2),
+    )  # fmt: skip
+    remanufacture = dataclasses.replace(first, run=2, manufacturing_start_date=date(2031, 4, 20))
+    waiting = dataclasses.replace(first, run=2, manufacturing_start_date=None)  # its slot not booked yet
+    assert (queries.predicted_dates(first) or {})["manufacturing_start"] == date(
+        2031, 3, 1
+    )  # received: started
+    assert (queries.predicted_dates(remanufacture) or {})["manufacturing_start"] == date(2031, 4, 20)
+    assert (queries.predicted_dates(waiting) or {})["manufacturing_start"] == date(2031, 3, 1)
