@@ -553,6 +553,95 @@ async def test_site_outage_moves_the_booking_to_the_next_best_site(
     assert beyond.status_code == 422
 
 
+async def test_an_outage_reroutes_material_in_transit_to_another_site_and_the_order_completes(
+    platform: Platform, webhook_receiver: WebhookReceiver, parties: Parties
+) -> None:
+    """Issue 11: the site goes down while the patient's collected material is on its way to it. The
+    material goes to another approved site with capacity (a new slot there; the same shipment rerouted,
+    the centre told) and the order completes from there."""
+    j, path = await start(parties, platform, webhook_receiver, "TC-DE-BE-001", days_ahead=20)
+    first = await j.wait_status("inbound_shipment_planned")
+    site, day = first["site_id"], date.fromisoformat(first["slot"]["manufacturing_start_date"])
+    inbound = await j.shipment("inbound_apheresis")
+    await j.hospital("apheresis", {"coi": j.coi})
+    await j.courier(inbound, "picked_up", "in_transit")
+    await j.wait_status("material_in_transit")
+    resp = await parties.admin.post(  # the registry admin declares it, over the run's start
+        f"{platform.url('site')}/v1/sites/{site}/outages",
+        json={
+            "start_date": (day - timedelta(days=1)).isoformat(),
+            "end_date": (day + timedelta(days=1)).isoformat(),
+            "reason": "equipment_failure",
+        },
+    )
+    assert resp.status_code == 201, resp.text
+
+    async def redirected() -> dict[str, Any] | None:
+        o = await j.get()
+        return o if o["site_id"] != site and "material redirected to" in reasons(o) else None
+
+    order = await eventually(redirected, timeout=20, what="the material redirected to another site")
+    new_site = order["site_id"]
+    assert order["status"] == "material_in_transit"  # nothing went back: the material is on its way
+    assert order["slot"]["manufacturing_start_date"] >= date.today().isoformat()
+
+    async def rerouted() -> dict[str, Any] | None:
+        ship = (await j.ops.shipment(str(inbound["shipment_id"]))).expect(200)
+        return ship if ship["destination"] == new_site else None
+
+    ship = await eventually(rerouted, timeout=15, what="the shipment rerouted")
+    assert ship["status"] == "in_transit"  # the same shipment, still with its courier
+    await hooks(webhook_receiver, path, j.id, "site.booking_affected.v1", "logistics.shipment_rerouted.v1")
+    await j.courier(inbound, "delivered")
+    await j.receipt(new_site)
+    await j.wait_status("material_received")
+    await j.steps(new_site, *MANUFACTURING_STEPS)
+    await j.wait_status("qc_pending")
+    await j.qc(new_site, "released")
+    await j.wait_status("released")
+    outbound = await j.shipment("outbound_product")
+    assert outbound["origin"] == new_site
+    await j.courier(outbound, "picked_up", "in_transit", "delivered")
+    await j.wait_status("product_delivered")
+    await j.hospital("product-receipt", {"coi": j.coi})
+    await j.hospital("lymphodepletion")
+    assert (await j.hospital("infusion", {"coi": j.coi}))["status"] == "completed"
+
+
+async def test_an_outage_at_the_site_holding_the_material_is_reported_and_the_run_goes_on(
+    platform: Platform, webhook_receiver: WebhookReceiver, parties: Parties
+) -> None:
+    """Issue 11: the material is at the site before its run starts: it cannot move. The outage reports it
+    (the centre is told) and the run is not forgotten: it goes on at that site."""
+    j, path = await start(parties, platform, webhook_receiver, "TC-DE-BE-001", days_ahead=20)
+    site = await j.up_to_material_received()
+    today = date.today()
+    resp = await parties.admin.post(
+        f"{platform.url('site')}/v1/sites/{site}/outages",
+        json={
+            "start_date": (today + timedelta(days=1)).isoformat(),
+            "end_date": (today + timedelta(days=2)).isoformat(),
+            "reason": "maintenance",
+        },
+    )
+    assert resp.status_code == 201, resp.text
+    answer = resp.json()
+    assert answer["affected_booking_ids"] == [] and len(answer["material_at_site_booking_ids"]) == 1
+
+    async def reported() -> dict[str, Any] | None:
+        o = await j.get()
+        return o if "the material is at the site, its run waits there" in reasons(o) else None
+
+    order = await eventually(reported, timeout=15, what="the outage reported on the order")
+    assert (order["status"], order["site_id"]) == ("material_received", site)
+    [affected] = [
+        r.json() for r in webhook_receiver.on(path) if r.json()["type"] == "site.booking_affected.v1"
+    ]
+    assert (affected["data"]["material_at_site"], affected["data"]["run"]) == (True, 1)
+    await j.steps(site, *MANUFACTURING_STEPS)
+    await j.wait_status("qc_pending")
+
+
 async def test_moving_the_apheresis_date_releases_and_rebooks(
     platform: Platform, webhook_receiver: WebhookReceiver, parties: Parties
 ) -> None:

@@ -259,6 +259,9 @@ class RebookRequestedV1(OrderEventData):
     region: str
     apheresis_date: date
     exclude_site_id: str | None = None
+    # issue 11: the material exists (collected, waiting for pickup or in transit): `apheresis_date` is its
+    # collection date, kept as it is (a fresh product must still start within its window of it)
+    material_collected: bool = False
 
 
 class RemanufactureRequestedV1(OrderEventData):
@@ -344,13 +347,18 @@ class BookingCancelledV1(OrderEventData):
 
 
 class BookingAffectedV1(OrderEventData):
-    """An outage or a capacity cut at the site hits this booking; it must move to another site."""
+    """An outage or a capacity cut at the site hits this booking; it must move to another site. Issue 11:
+    with `material_at_site`, an outage hits an order whose material is at the site already (received, or
+    a run in progress): reported, not moved (the run waits at the site)."""
 
     TYPE = "site.booking_affected.v1"
     SERVICE = "site"
     booking_id: uuid.UUID
     site_id: str
     reason: ReasonCode  # outage:<OutageReason> | capacity_cut
+    material_at_site: bool = False
+    run: int | None = None  # with material_at_site: the run at the site
+    state: str | None = None  # with material_at_site: the run's manufacturing state
 
 
 class MaterialReceivedV1(OrderEventData):
@@ -458,6 +466,20 @@ class ShipmentCancelledV1(OrderEventData):
     shipment_id: uuid.UUID
     leg: Literal["inbound_apheresis", "outbound_product"]
     reason: ReasonCode  # order_cancelled[:<code>] | order_failed[:<code>] | booking_cancelled[:<code>]
+
+
+class ShipmentReroutedV1(OrderEventData):
+    """Issue 11: collected material on its way (waiting for pickup or in transit) goes to another site:
+    the order's booking moved (a site outage, a lost approval); the courier takes it to `destination`."""
+
+    TYPE = "logistics.shipment_rerouted.v1"
+    SERVICE = "logistics"
+    shipment_id: uuid.UUID
+    leg: Literal["inbound_apheresis", "outbound_product"]
+    previous_destination: str
+    destination: str
+    status: str  # the shipment's status when rerouted (ready_for_pickup, booked, picked_up, in_transit)
+    slot_id: uuid.UUID | None = None  # the manufacturing slot it feeds now
 
 
 class OrderCoiMismatchDetectedV1(OrderEventData):

@@ -1035,3 +1035,69 @@ async def test_a_refused_milestone_writes_no_audit_entry(world: World) -> None:
     with pytest.raises((Conflict, Invalid)):
         await world.milestone(ship, "booked")  # a milestone never goes back
     assert world.store.audit == before
+
+
+# ---- issue 11: an outage moves the order's booking while its material is on its way --------------------
+
+
+@pytest.mark.parametrize("picked_up", [False, True])
+async def test_collected_material_is_rerouted_to_the_new_site_not_cancelled(
+    world: World, picked_up: bool
+) -> None:
+    order = Order()
+    ship = await world.planned(order, "inbound_apheresis")
+    din = make_coi("V2V01", 30, 777_000 + next(_seq) % 999)
+    await world.deliver(ApheresisCompletedV1(**order.refs, collected_at=NOW, din=din, collection=1))
+    if picked_up:
+        await world.milestone(ship, "picked_up", din=din)
+    before = world.status(ship)
+    # the old site drops the booking (its slot moved): the material exists, so the shipment is kept
+    await world.deliver(
+        BookingCancelledV1(
+            **order.refs,
+            booking_id=ship.booking_id,
+            slot_id=uuid.uuid4(),
+            site_id=SITE,
+            reason="outage:maintenance",
+        )
+    )
+    assert world.status(ship) == before and world.events("logistics.shipment_cancelled.v1") == []
+    # the new site's booking: the same shipment goes there, in the status it had (no second inbound leg)
+    new_booking = uuid.uuid4()
+    confirmed = booking_confirmed(order, new_booking)
+    confirmed.data["site_id"] = "FR-LES-ULIS"
+    await world.deliver(confirmed)
+    [only] = world.ships(order, "inbound_apheresis")
+    assert (only.shipment_id, only.destination, only.booking_id, only.status) == (
+        ship.shipment_id,
+        "FR-LES-ULIS",
+        new_booking,
+        before,
+    )
+    [rerouted] = world.events("logistics.shipment_rerouted.v1")
+    assert (rerouted.data["previous_destination"], rerouted.data["destination"], rerouted.data["status"]) == (
+        SITE,
+        "FR-LES-ULIS",
+        before,
+    )
+    assert world.store.status_log[-1][1].reason == "rerouted"
+    # the courier carries on to the new site
+    if not picked_up:
+        await world.milestone(ship, "picked_up", din=din)
+    await world.milestone(ship, "delivered", din=din, minutes=60)
+    assert world.status(ship) == "delivered"
+
+
+async def test_material_not_collected_yet_is_cancelled_with_its_booking_as_before(world: World) -> None:
+    order = Order()
+    ship = await world.planned(order, "inbound_apheresis")
+    await world.deliver(
+        BookingCancelledV1(
+            **order.refs,
+            booking_id=ship.booking_id,
+            slot_id=uuid.uuid4(),
+            site_id=SITE,
+            reason="outage:maintenance",
+        )
+    )
+    assert world.status(ship) == "cancelled"

@@ -590,3 +590,50 @@ def test_allowed_names_every_status_and_the_held_states_lead_back() -> None:
     )
     assert S.AWAITING_PHYSICIAN in ALLOWED[S.MATERIAL_AT_RISK]
     assert S.QC_PENDING in ALLOWED[S.AWAITING_PHYSICIAN]
+
+
+@pytest.mark.parametrize("status", [S.APHERESIS_COMPLETED, S.MATERIAL_IN_TRANSIT])
+def test_an_outage_sends_collected_material_to_another_site_without_going_back(status: OrderStatus) -> None:
+    """Issue 11: the material exists; the order asks for another site (the collection date kept), keeps its
+    status, and takes the new site when scheduling books it; logistics reroutes the shipment."""
+    planned = TODAY - timedelta(days=1)  # collected on its planned date, yesterday
+    state = OrderState(status, site_id="OLD", slot_id="s-old", apheresis_date=planned)
+    affected = {"site_id": "OLD", "reason": "outage:equipment_failure"}
+    out = m.on_fact(state, "site.booking_affected.v1", affected, Rules(), TODAY)
+    assert out.state == dataclasses.replace(state, rebook_pending=True)
+    assert out.commands == (
+        m.Rebook("site_outage", "outage:equipment_failure", planned, exclude_site_id="OLD", collected=True),
+    )
+    # another site's outage, or a fact about the old slot, moves nothing
+    assert not m.on_fact(
+        state, "site.booking_affected.v1", {**affected, "site_id": "X"}, Rules(), TODAY
+    ).commands
+    released = m.on_fact(
+        out.state, "scheduling.slot_released.v1", {"slot_id": "s-old", "reason": "outage"}, Rules(), TODAY
+    )
+    assert not released.changed and released.state.status == status
+    slot = {
+        "slot_id": "s-new",
+        "site_id": "NEW",
+        "reason": "rebook:site_outage",
+        "apheresis_date": planned.isoformat(),
+        "manufacturing_start_date": TODAY.isoformat(),
+    }
+    moved = m.on_fact(out.state, "scheduling.slot_reserved.v1", slot, Rules(), TODAY)
+    assert (moved.state.status, moved.state.site_id, moved.state.slot_id) == (status, "NEW", "s-new")
+    assert not moved.state.rebook_pending and moved.reason.startswith("material redirected to NEW")
+    booked = m.on_fact(moved.state, "site.booking_confirmed.v1", {"slot_id": "s-new"}, Rules(), TODAY)
+    assert not booked.changed and not booked.reason.startswith(m.NOT_YET)  # recorded, never parked
+    rerouted = {"previous_destination": "OLD", "destination": "NEW", "status": "in_transit"}
+    kept = m.on_fact(moved.state, "logistics.shipment_rerouted.v1", rerouted, Rules(), TODAY)
+    assert not kept.changed and kept.reason == "material rerouted from OLD to NEW (in_transit)"
+    # no site can take it yet: it waits, the centre told (not parked, not cancelled)
+    waits = m.on_fact(out.state, "scheduling.slot_unavailable.v1", {"reason": "no_capacity"}, Rules(), TODAY)
+    assert not waits.changed and "waits for one" in waits.reason
+
+
+def test_an_outage_at_the_site_holding_the_material_is_recorded_not_moved() -> None:
+    state = OrderState(S.MATERIAL_RECEIVED, site_id="OLD", slot_id="s-old", run=1)
+    data = {"site_id": "OLD", "reason": "outage:maintenance", "material_at_site": True, "run": 1}
+    out = m.on_fact(state, "site.booking_affected.v1", data, Rules(), TODAY)
+    assert not out.changed and not out.commands and "its run waits there" in out.reason

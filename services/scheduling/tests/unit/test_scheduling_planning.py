@@ -9,6 +9,7 @@ that day's today (the waitlist no longer serves dates in the past).
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -314,3 +315,49 @@ async def test_a_recollection_rebook_waits_ahead_of_new_orders() -> None:
         waiting = await tx.waitlist.waiting(["CILTA-CEL"])
     assert [str(w.order_id) for w in waiting] == [first["order_id"], new[1].data["order_id"]]
     assert [w.priority for w in waiting] == [1, 0]  # the moved patient first, then the new order
+
+
+# ---- issue 11: collected material that must go to another site ----------------------------------------
+
+
+@settings(max_examples=200, deadline=None)
+@given(worlds(), st.integers(0, 3))
+def test_collected_fresh_material_goes_only_where_it_can_start_within_its_window_of_the_collection(
+    w: dict[str, Any], collected_days_ago: int
+) -> None:
+    """A redirect after an outage: the collection date is fixed (never re-planned to today), the new
+    site's start lies within the product's fresh window of it, and nothing is planned in the past."""
+    now: datetime = w["now"]
+    collected = now.date() - timedelta(days=collected_days_ago)
+    req = dataclasses.replace(w["req"], apheresis_date=collected, collected=True)
+    product = CATALOGUE[w["product"]]
+    assert product.planning is not None and product.planning.max_fresh_hours is not None
+    choice = select_site(w["sites"], w["used"], req, w["params"], now=now, calendars=w["calendars"])
+    if not isinstance(choice, Choice):
+        return
+    site = next(s for s in w["sites"] if s.site_id == choice.site_id)
+    assert choice.apheresis_date == collected  # as it was
+    gap = choice.manufacturing_start_date - collected
+    assert timedelta(0) <= gap and gap.days * 24 <= product.planning.max_fresh_hours
+    assert choice.manufacturing_start_date >= today_at(site.timezone, now)
+    assert w["calendars"][site.site_id].works_on(choice.manufacturing_start_date)
+
+
+def test_collected_material_keeps_its_date_and_a_lapsed_fresh_window_finds_no_site() -> None:
+    now = datetime(2027, 3, 3, 10, tzinfo=UTC)  # Wednesday
+    fresh = dataclasses.replace(
+        plan_request(CATALOGUE["AXI-CEL"], "AXI-CEL", "commercial", "EMA", "europe", MONDAY), collected=True
+    )
+    choice = select_site([site()], {}, fresh, PARAMS, now=now)
+    # collected on Monday, 48 h: Wednesday (today) is the last day it may start; never re-planned to today
+    assert isinstance(choice, Choice)
+    assert (choice.apheresis_date, choice.manufacturing_start_date) == (MONDAY, date(2027, 3, 3))
+    taken = {("EU", "AXI-CEL", date(2027, 3, 3)): 1}
+    assert not isinstance(select_site([site()], taken, fresh, PARAMS, now=now), Choice)
+    # cryopreserved material on its way was frozen already: no second freezing, any later free day
+    cryo = dataclasses.replace(
+        plan_request(CATALOGUE["TISA-CEL"], "TISA-CEL", "commercial", "EMA", "europe", MONDAY), collected=True
+    )
+    later = select_site([site()], {}, cryo, PARAMS, now=now)
+    assert isinstance(later, Choice)
+    assert later.apheresis_date == MONDAY and later.manufacturing_start_date == date(2027, 3, 3)

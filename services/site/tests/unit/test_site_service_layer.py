@@ -353,7 +353,16 @@ async def test_an_outage_affects_the_bookings_in_its_window_whose_material_has_n
     )
 
     events = site.events()
-    assert [t for t, _ in events] == ["site.registered.v1"] + ["site.booking_affected.v1"] * 2
+    assert [t for t, _ in events] == ["site.registered.v1"] + ["site.booking_affected.v1"] * 3
+    # issue 11: the order whose material is at the site already is reported (not moved): its centre is told
+    *events, (_, at_site) = events
+    assert (at_site["order_id"], at_site["material_at_site"], at_site["run"], at_site["state"]) == (
+        str(received.order_id),
+        True,
+        1,
+        "material_received",
+    )
+    assert out["material_at_site_booking_ids"] == [site.store.booking(received.slot_id).booking_id]
     assert events[0][1]["outages"] == [
         {
             "outage_id": str(out["outage_id"]),

@@ -140,6 +140,8 @@ class MemoryShipments(ShipmentRepository):
             "delivered_at",
             "excursion_minutes",
             "din",
+            "destination",
+            "booking_id",
         ):
             setattr(stored, name, getattr(shipment, name))
         stored.updated_at = now

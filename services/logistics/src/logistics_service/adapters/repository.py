@@ -296,7 +296,7 @@ class PostgresShipments(ShipmentRepository):
             """UPDATE shipments SET status = $2, status_reason = $3, ready_for_pickup_at = $4,
                                     excursion_at = $5, held_from_status = $6, quarantine_decision = $7,
                                     picked_up_at = $8, delivered_at = $9, excursion_minutes = $10,
-                                    din = $11, updated_at = now()
+                                    din = $11, destination = $12, booking_id = $13, updated_at = now()
                WHERE shipment_id = $1""",
             s.shipment_id,
             s.status,
@@ -309,6 +309,8 @@ class PostgresShipments(ShipmentRepository):
             s.delivered_at,
             s.excursion_minutes,
             s.din,
+            s.destination,
+            s.booking_id,
         )
         await self._log(shipment)
         shipment.saved()

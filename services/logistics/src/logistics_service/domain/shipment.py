@@ -72,6 +72,7 @@ HALTED: Final = frozenset({COMPROMISED, STOPPED})  # no further milestones
 # product after a quarantine reject). Mirrors the partial unique index of migration 0003.
 LANE_FREED: Final = frozenset({CANCELLED, COMPROMISED, DELIVERED})
 READINGS_REFUSED: Final = frozenset({CANCELLED, DELIVERED})  # live readings; a logger download: see below
+REROUTED: Final = "rerouted"  # status reason: the order's booking moved to another site
 PICKUP_MILESTONES: Final = frozenset({PICKED_UP, IN_TRANSIT, DELIVERED})  # the material has left
 ReadingSource = Literal["courier", "milestone", "logger_download"]
 LOGGER_DOWNLOAD: Final = "logger_download"
@@ -548,6 +549,22 @@ class Shipment:
     def cancel(self, reason: str) -> None:
         self.move_to(CANCELLED, reason)
 
+    @property
+    def collected(self) -> bool:
+        """Inbound: the material exists (the order's apheresis was completed; its DIN is known)."""
+        return self.leg == "inbound_apheresis" and self.din is not None
+
+    def reroute(self, destination: str, booking_id: uuid.UUID) -> str:
+        """Issue 11: live collected material goes to another site (the order's new booking); its status is
+        kept (a courier on the way takes it there). Returns the previous destination."""
+        if self.status not in LIVE or not self.collected:
+            raise shipment_state_conflict("destination", f"a {self.status} shipment cannot be rerouted")
+        previous = self.destination
+        self.move_to(self.status, REROUTED, destination=destination, booking_id=booking_id)
+        self.status_reason = REROUTED
+        self.pending.append(StatusChange(self.status, self.status, REROUTED))  # in its history too
+        return previous
+
     def quarantine_decided(self, decision: str, reason: str, *, lane_taken: bool) -> bool:
         """QA decided on the material this (compromised) shipment carries (a quarantine decision, or the
         disposition of an excursion); True when it resumed.
@@ -579,6 +596,8 @@ _EXTRA_FIELDS: Final = frozenset(
         "delivered_at",
         "excursion_minutes",
         "din",
+        "destination",  # a reroute (issue 11)
+        "booking_id",
     }
 )
 

@@ -51,6 +51,7 @@ from v2v_contracts import (
     QuarantineDecidedV1,
     ShipmentCancelledV1,
     ShipmentPlannedV1,
+    ShipmentReroutedV1,
     SiteRegisteredV1,
 )
 from v2v_messaging import EventMeta, HandlerRegistry
@@ -125,9 +126,12 @@ async def plan_inbound(
             "booking confirmed for an ended order: no inbound shipment", booking_id=str(booking.booking_id)
         )
         return
-    inbound = await tx.shipments.of_order(booking.order_id, leg="inbound_apheresis")
+    inbound = await tx.shipments.of_order(booking.order_id, leg="inbound_apheresis", lock=True)
     same_booking = any(s.booking_id == booking.booking_id for s in inbound)
     holder = rules.lane_holder(inbound)
+    if not same_booking and holder is not None and holder.collected and holder.destination != booking.site_id:
+        await _reroute(tx, holder, booking)
+        return
     if same_booking or holder is not None:
         log.info(
             "inbound shipment already planned",
@@ -288,6 +292,35 @@ async def order_failed(tx: LogisticsTx, failed: OrderFailedV1, meta: EventMeta) 
     await _cancel_order_shipments(tx, failed.order_id, "failed", failed.reason)
 
 
+async def _reroute(tx: LogisticsTx, ship: Shipment, booking: BookingConfirmedV1) -> None:
+    """Issue 11: the order's collected material (waiting for pickup or in transit) goes to its new site."""
+    before = ship.destination
+    ship.reroute(booking.site_id, booking.booking_id)
+    await save_shipment(tx, ship)
+    tx.audit(
+        "shipment.rerouted",
+        "shipment",
+        ship.shipment_id,
+        old={"destination": before},
+        new={"destination": ship.destination, "booking_id": booking.booking_id, "status": ship.status},
+        reason=rules.REROUTED,
+    )
+    await tx.publish(
+        ShipmentReroutedV1(
+            order_id=ship.order_id,
+            coi=ship.coi,
+            treatment_center_id=booking.treatment_center_id,
+            shipment_id=ship.shipment_id,
+            leg=ship.leg,
+            previous_destination=before,
+            destination=ship.destination,
+            status=ship.status,
+            slot_id=booking.slot_id,
+        )
+    )
+    log.warning("collected material rerouted to another site", site_id=booking.site_id, previous=before)
+
+
 @handlers.on(BookingCancelledV1)
 async def booking_cancelled(tx: LogisticsTx, cancelled: BookingCancelledV1, meta: EventMeta) -> None:
     """The site dropped the booking: its inbound shipment is cancelled if not yet picked up."""
@@ -296,7 +329,12 @@ async def booking_cancelled(tx: LogisticsTx, cancelled: BookingCancelledV1, meta
     for ship in inbound:
         if ship.booking_id not in (cancelled.booking_id, None):
             continue
-        if rules.cancellable_on_booking_cancelled(ship.leg, ship.status):
+        if ship.collected and ship.status in rules.LIVE:
+            # issue 11: the material exists; it waits for the order's next booking (rerouted there)
+            log.info(
+                "booking cancelled: the collected material is kept for its next site", status=ship.status
+            )
+        elif rules.cancellable_on_booking_cancelled(ship.leg, ship.status):
             await _cancel(tx, ship, reason_code("booking_cancelled", cancelled.reason))
         elif ship.status != rules.CANCELLED:
             log.info(

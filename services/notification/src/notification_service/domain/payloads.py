@@ -86,6 +86,7 @@ WEBHOOK_FIELDS: dict[str, dict[str, Kind]] = {
         "apheresis_date": "date",
         "manufacturing_start_date": "date",
         "reason": "reason",
+        "run": "int",
     },
     "scheduling.slot_unavailable.v1": {"reason": "reason", "waitlisted": "bool"},
     "scheduling.slot_released.v1": {"slot_id": "uuid", "site_id": "code", "reason": "reason"},
@@ -103,7 +104,14 @@ WEBHOOK_FIELDS: dict[str, dict[str, Kind]] = {
         "site_id": "code",
         "reason": "reason",
     },
-    "site.booking_affected.v1": {"booking_id": "uuid", "site_id": "code", "reason": "reason"},
+    "site.booking_affected.v1": {
+        "booking_id": "uuid",
+        "site_id": "code",
+        "reason": "reason",
+        "material_at_site": "bool",
+        "run": "int",
+        "state": "code",
+    },
     "site.material_received.v1": {"site_id": "code", "received_at": "datetime", "lot": "code", "din": "code"},
     "site.material_rejected.v1": {"site_id": "code", "reason": "reason"},
     "site.manufacturing_step_completed.v1": {
@@ -166,6 +174,14 @@ WEBHOOK_FIELDS: dict[str, dict[str, Kind]] = {
         "duration_min": "number",
     },
     "logistics.shipment_cancelled.v1": {"shipment_id": "uuid", "leg": "code", "reason": "reason"},
+    "logistics.shipment_rerouted.v1": {
+        "shipment_id": "uuid",
+        "leg": "code",
+        "previous_destination": "code",
+        "destination": "code",
+        "status": "code",
+        "slot_id": "uuid",
+    },
     "logistics.coi_mismatch_detected.v1": {"shipment_id": "uuid", "where": "code", "identifier": "code"},
 }
 

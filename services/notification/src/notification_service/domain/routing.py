@@ -29,6 +29,8 @@ EXCEPTION_EVENT_TYPES: tuple[str, ...] = (
     "site.product_out_of_specification.v1",
     "site.manufacturing_failed.v1",
     "site.booking_affected.v1",
+    # issue 11: the patient's collected material goes to another site
+    "logistics.shipment_rerouted.v1",
     "logistics.shipment_excursion.v1",
     "logistics.coi_mismatch_detected.v1",
     "order.coi_mismatch_detected.v1",

@@ -210,6 +210,7 @@ class Rebook:
     reason: str  # a reason code
     apheresis_date: date
     exclude_site_id: str | None = None
+    collected: bool = False  # the material exists (collected, maybe in transit): its date is fixed
 
 
 @dataclass(frozen=True)
@@ -265,6 +266,9 @@ NOT_YET = "recorded only: not applicable while"  # may apply once earlier facts 
 # for the order's market was withdrawn, or the site went inactive): scheduling rebooks the order (or
 # waitlists it, told `no_approved_site`) in the same step, so the order follows as it does a rebook.
 MOVED_BY_SCHEDULING = frozenset({"approval_withdrawn", "site_inactive"})
+# issue 11: collected material not yet at its site (waiting for pickup or in transit): a site that can no
+# longer make it sends the material elsewhere (a new slot; logistics reroutes the shipment)
+COLLECTED_ON_THE_WAY = frozenset({S.APHERESIS_COMPLETED, S.MATERIAL_IN_TRANSIT})
 
 
 def _keep(state: OrderState, reason: str) -> Outcome:
@@ -343,6 +347,8 @@ def on_fact(state: OrderState, event_type: str, data: dict[str, Any], rules: Rul
                 return _to(state, S.WAITLISTED, f"waitlisted {why}")
             if st == S.WAITLISTED:  # waiting already: the centre is told the new reason
                 return _keep(state, f"still waitlisted {why}")
+            if st in COLLECTED_ON_THE_WAY and state.rebook_pending:
+                return _keep(state, f"no site can take the collected material yet {why}: it waits for one")
         case "scheduling.slot_released.v1":
             if reason not in MOVED_BY_SCHEDULING or str(data.get("slot_id")) != state.slot_id:
                 return _keep(state, reason)  # the release of a slot the order already left
@@ -353,6 +359,8 @@ def on_fact(state: OrderState, event_type: str, data: dict[str, Any], rules: Rul
                     f"moving to another site: {data.get('site_id')} may no longer make it ({reason})",
                     rebook_pending=True,
                 )
+            if st in COLLECTED_ON_THE_WAY:  # scheduling books another site itself: the material follows
+                return _keep(state, f"slot released ({reason}): the collected material goes to another site")
             return _keep(state, f"slot released ({reason}) after apheresis: material not moved")
         case "scheduling.slot_reserved.v1":
             if state.rebook_pending and not str(data.get("reason", "")).startswith("rebook:"):
@@ -370,6 +378,18 @@ def on_fact(state: OrderState, event_type: str, data: dict[str, Any], rules: Rul
                         f"{data['manufacturing_start_date']}",
                     )
                 return _keep(state, f"recorded only: a remanufacture slot for run {data.get('run')}")
+            if st in COLLECTED_ON_THE_WAY and str(data.get("reason", "")).startswith("rebook:"):
+                # issue 11: the collected material's new site; logistics reroutes its shipment there
+                return Outcome(
+                    dataclasses.replace(
+                        state,
+                        rebook_pending=False,
+                        slot_id=str(data["slot_id"]),
+                        site_id=str(data["site_id"]),
+                    ),
+                    f"material redirected to {data['site_id']} ({reason}): manufacturing starts "
+                    f"{data['manufacturing_start_date']}",
+                )
             if st in {S.SUBMITTED, S.WAITLISTED, S.RESCHEDULING}:
                 return _to(
                     state,
@@ -383,6 +403,8 @@ def on_fact(state: OrderState, event_type: str, data: dict[str, Any], rules: Rul
         case "site.booking_confirmed.v1":
             if st == S.SLOT_RESERVED and slot_matches:
                 return _to(state, S.BOOKING_CONFIRMED, "booked into the site's plan")
+            if st in COLLECTED_ON_THE_WAY and slot_matches:  # issue 11: the material's new site
+                return _keep(state, f"recorded: booked into the plan of {data.get('site_id')}")
         case "site.booking_affected.v1":
             if (
                 st in {S.SLOT_RESERVED, S.BOOKING_CONFIRMED, S.INBOUND_SHIPMENT_PLANNED}
@@ -401,6 +423,28 @@ def on_fact(state: OrderState, event_type: str, data: dict[str, Any], rules: Rul
                             exclude_site_id=state.site_id,
                         ),
                     ),
+                )
+            if st in COLLECTED_ON_THE_WAY and data.get("site_id") == state.site_id:
+                # issue 11: the material exists; a new site takes it, its collection date stays
+                return Outcome(
+                    dataclasses.replace(state, rebook_pending=True),
+                    f"the collected material must go to another site: {reason}",
+                    (
+                        Rebook(
+                            "site_outage",
+                            codes.as_code(data.get("reason"), codes.SITE_OUTAGE),
+                            # collected by today: on its planned date when that has passed, else earlier
+                            min(state.apheresis_date or today, today),
+                            exclude_site_id=state.site_id,
+                            collected=True,
+                        ),
+                    ),
+                )
+            if st in IN_MANUFACTURE and data.get("material_at_site"):
+                # issue 11: the material (or a run in progress) is at the site: reported, not moved
+                return _keep(
+                    state,
+                    f"site outage reported ({reason}): the material is at the site, its run waits there",
                 )
         case "logistics.shipment_planned.v1":
             if data.get("leg") == "inbound_apheresis" and st == S.BOOKING_CONFIRMED and slot_matches:
@@ -421,6 +465,12 @@ def on_fact(state: OrderState, event_type: str, data: dict[str, Any], rules: Rul
                 and st in {S.RELEASED, S.PRODUCT_IN_TRANSIT}
             ):
                 return _to(state, S.PRODUCT_DELIVERED, "product delivered to the centre")
+        case "logistics.shipment_rerouted.v1":  # issue 11: recorded (the slot moved the order already)
+            return _keep(
+                state,
+                f"material rerouted from {data.get('previous_destination')} to {data.get('destination')} "
+                f"({data.get('status')})",
+            )
         case "logistics.shipment_excursion.v1":
             leg = data.get("leg")
             excursion = f"temperature excursion {data.get('reading_c')} °C on {leg}"

@@ -94,6 +94,7 @@ def command_events(case: Case, outcome: Outcome) -> list[EventData]:
                     region=centre.region,
                     apheresis_date=cmd.apheresis_date,
                     exclude_site_id=cmd.exclude_site_id,
+                    material_collected=cmd.collected,
                 )
             )
         elif isinstance(cmd, machine.Remanufacture):

@@ -25,6 +25,7 @@ from v2v_contracts import (
     ShipmentExcursionV1,
     ShipmentMilestoneV1,
     ShipmentPlannedV1,
+    ShipmentReroutedV1,
     SiteCoiMismatchDetectedV1,
     SiteRegisteredV1,
     SlotReleasedV1,
@@ -59,6 +60,7 @@ FACTS: tuple[type[OrderEventData], ...] = (
     ShipmentMilestoneV1,
     ShipmentExcursionV1,
     ShipmentCancelledV1,
+    ShipmentReroutedV1,
     CoiMismatchDetectedV1,
 )
 

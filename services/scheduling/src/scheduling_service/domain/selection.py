@@ -93,6 +93,9 @@ class Request:
     processing_days_p90: int | None = None  # start → release, p90
     # issue 10: a remanufacture from material retained at the site: no collection, no inbound leg
     material_at_site: bool = False
+    # issue 11: the material was collected on `apheresis_date` (it is waiting for pickup or in transit):
+    # that date is not re-planned, and fresh material must still start within its window of it
+    collected: bool = False
 
 
 @dataclass(frozen=True)
@@ -143,8 +146,9 @@ DayFilter = Callable[[date], bool]
 
 
 def earliest_apheresis(site: Site, req: Request, now: datetime | None) -> date:
-    """The requested apheresis date, or today at the site when that date has passed."""
-    if now is None:
+    """The requested apheresis date, or today at the site when that date has passed (collected material:
+    its collection date, as it was)."""
+    if now is None or req.collected:
         return req.apheresis_date
     return max(req.apheresis_date, today_at(site.timezone, now))
 
@@ -169,11 +173,20 @@ def plans(
     if fresh_window is not None and inbound > fresh_window:
         return  # the lane is longer than fresh material may wait
     collect = earliest_apheresis(site, req, now)
-    freezing = req.freezing_days if req.material == "cryopreserved" and not req.material_at_site else 0
+    # frozen at the centre before it ships (collected material that is on its way has been already)
+    freezing = (
+        req.freezing_days
+        if req.material == "cryopreserved" and not (req.material_at_site or req.collected)
+        else 0
+    )
     first = collect + timedelta(days=freezing + inbound)
+    if req.collected and now is not None:  # collected earlier: nothing before today at the site
+        first = max(first, today_at(site.timezone, now))
     outbound = outbound_days(site, req, params)
     for offset in range(params.horizon_days):
         day = first + timedelta(days=offset)
+        if req.collected and fresh_window is not None and day > collect + timedelta(days=fresh_window):
+            return  # the collected fresh material cannot wait any longer
         if site.closed_on(day) or not calendar.works_on(day):
             continue
         if allowed is not None and not allowed(day):
@@ -181,7 +194,7 @@ def plans(
         if used.get((site.site_id, req.product_code, day), 0) >= capacity:
             continue
         apheresis = collect
-        if fresh_window is not None:  # from the manufacturing day back: collected at most the window before
+        if fresh_window is not None and not req.collected:  # from the manufacturing day back: the window
             apheresis = max(collect, day - timedelta(days=fresh_window))
         release = day + timedelta(days=req.processing_days)
         p90 = day + timedelta(days=req.processing_days_p90) if req.processing_days_p90 is not None else None

@@ -6,6 +6,7 @@ Pure: built from the event contracts and the product catalogue handed in; no I/O
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -68,6 +69,7 @@ class SlotRequest:
     exclude_site_id: str | None = None
     rebook_kind: str | None = None  # set for a rebook: reschedule | recollection | site_outage
     offer_id: uuid.UUID | None = None  # the centre's hold on an offer (issue 11)
+    collected: bool = False  # issue 11: the material exists; `apheresis_date` is its collection date
 
     @classmethod
     def submitted(cls, o: OrderSubmittedV1) -> SlotRequest:
@@ -96,6 +98,7 @@ class SlotRequest:
             r.apheresis_date,
             exclude_site_id=r.exclude_site_id,
             rebook_kind=r.kind,
+            collected=r.material_collected,
         )
 
     def selection(self, products: Mapping[str, Product]) -> Request:
@@ -120,7 +123,7 @@ class SlotRequest:
         """The selection request with the product's planning facts (issue 11): fresh window, freezing at
         the centre, start → release median and p90 for the order's region (QC inside); a product without
         planning facts is selected as before (`selection`)."""
-        return plan_request(
+        request = plan_request(
             products.get(self.product_code),
             self.product_code,
             self.order_type,
@@ -128,6 +131,7 @@ class SlotRequest:
             self.region,
             self.apheresis_date,
         )
+        return dataclasses.replace(request, collected=True) if self.collected else request
 
     @classmethod
     def remanufacture(cls, r: RemanufactureRequestedV1) -> SlotRequest:

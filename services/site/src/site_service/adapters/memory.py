@@ -124,7 +124,8 @@ class MemoryStore:
         return next(r.booking for r in self.bookings.values() if r.booking.slot_id == slot_id)
 
     def arrived(self, booking_id: uuid.UUID) -> bool:
-        return booking_id in self.manufacturing
+        row = self.bookings.get(booking_id)
+        return booking_id in self.manufacturing or (row is not None and row.booking.run is not None)
 
 
 class MemorySiteRepository(SiteRepository):
@@ -333,6 +334,10 @@ class MemoryManufacturingRepository(ManufacturingRepository):
 
     async def for_order(self, order_id: uuid.UUID) -> list[Manufacture]:
         return [r.m for r in self._rows() if r.m.order_id == order_id]
+
+    async def live_at(self, site_id: str, states: Iterable[str]) -> list[Manufacture]:
+        wanted = set(states)
+        return [r.m for r in self._rows() if r.m.site_id == site_id and r.m.state.state in wanted]
 
     async def update(self, booking_id: uuid.UUID, state: Manufacturing, reason: str | None) -> None:
         row = self.store.manufacturing[booking_id]

@@ -154,6 +154,11 @@ class ManufacturingRepository(ABC):
         """Every manufacture of the order, oldest first, locked."""
 
     @abstractmethod
+    async def live_at(self, site_id: str, states: Iterable[str]) -> list[Manufacture]:
+        """The manufactures at a site in one of `states` (material there, a run waiting or in progress),
+        oldest first."""
+
+    @abstractmethod
     async def update(self, booking_id: uuid.UUID, state: Manufacturing, reason: str | None) -> None:
         """Write the new state (a None reason keeps the stored one)."""
 
@@ -333,6 +338,7 @@ def _booking(row: asyncpg.Record) -> Booking:
         status=row["status"],
         treatment_center_id=row["treatment_center_id"],
         product_code=row["product_code"],
+        run=row["run"],
     )
 
 
@@ -343,8 +349,9 @@ class PgBookingRepository(BookingRepository):
     async def add(self, booking: Booking, *, origin_trace: dict[str, str]) -> None:
         await self.conn.execute(
             """INSERT INTO bookings (booking_id, order_id, coi, slot_id, site_id, manufacturing_start_date,
-                                     apheresis_date, status, treatment_center_id, product_code, origin_trace)
-               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11::jsonb)""",
+                                     apheresis_date, status, treatment_center_id, product_code, origin_trace,
+                                     run)
+               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11::jsonb, $12)""",
             booking.booking_id,
             booking.order_id,
             booking.coi,
@@ -356,6 +363,7 @@ class PgBookingRepository(BookingRepository):
             booking.treatment_center_id,
             booking.product_code,
             origin_trace,
+            booking.run,
         )
 
     async def by_slot(self, slot_id: uuid.UUID, *, lock: bool = False) -> Booking | None:
@@ -398,7 +406,7 @@ class PgBookingRepository(BookingRepository):
     async def awaiting_material_in(self, site_id: str, start: date, end: date) -> list[Booking]:
         rows = await self.conn.fetch(
             """SELECT b.* FROM bookings b
-               WHERE b.site_id = $1 AND b.status = 'confirmed'
+               WHERE b.site_id = $1 AND b.status = 'confirmed' AND b.run IS NULL
                  AND b.manufacturing_start_date BETWEEN $2 AND $3
                  AND NOT EXISTS (SELECT 1 FROM manufacturing m WHERE m.booking_id = b.booking_id)
                ORDER BY b.manufacturing_start_date, b.created_at, b.booking_id
@@ -413,7 +421,8 @@ class PgBookingRepository(BookingRepository):
         self, site_id: str, products: list[str], day: date
     ) -> list[tuple[Booking, bool]]:
         rows = await self.conn.fetch(
-            """SELECT b.*, EXISTS (SELECT 1 FROM manufacturing m WHERE m.booking_id = b.booking_id) AS arrived
+            """SELECT b.*, b.run IS NOT NULL OR EXISTS (
+                       SELECT 1 FROM manufacturing m WHERE m.booking_id = b.booking_id) AS arrived
                FROM bookings b
                WHERE b.site_id = $1 AND b.status = 'confirmed' AND b.product_code = ANY($2::text[])
                  AND b.manufacturing_start_date >= $3
@@ -545,6 +554,15 @@ class PgManufacturingRepository(ManufacturingRepository):
         rows = await self.conn.fetch(
             "SELECT * FROM manufacturing WHERE order_id = $1 ORDER BY created_at, booking_id FOR UPDATE",
             order_id,
+        )
+        return [_manufacture(r) for r in rows]
+
+    async def live_at(self, site_id: str, states: Iterable[str]) -> list[Manufacture]:
+        rows = await self.conn.fetch(
+            """SELECT * FROM manufacturing WHERE site_id = $1 AND state = ANY($2::text[])
+               ORDER BY created_at, booking_id""",
+            site_id,
+            sorted(states),
         )
         return [_manufacture(r) for r in rows]
 

@@ -57,6 +57,7 @@ class Booking:
     status: str  # confirmed | affected | cancelled
     treatment_center_id: str | None = None  # None for bookings from before it was recorded
     product_code: str | None = None
+    run: int | None = None  # a remanufacture's booking (issue 10): its run; the material is at the site
 
     @property
     def live(self) -> bool:

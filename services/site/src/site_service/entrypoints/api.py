@@ -221,7 +221,7 @@ async def patch_site(
     "/sites/{site_id}/outages",
     status_code=201,
     tags=["registry"],
-    summary="Registry: declare an outage window; bookings in it must move to another site",
+    summary="Registry: declare an outage; bookings in it move elsewhere, material at the site is reported",
     dependencies=[idempotent()],
 )
 async def post_outage(

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import uuid
 from collections.abc import Iterable
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,7 @@ from v2v_contracts import (
 )
 from v2v_contracts.coi import coi_problem
 from v2v_contracts.errors import CoiMismatch, Conflict, Invalid, NotFound
+from v2v_contracts.reference import product_catalogue
 from v2v_messaging import AbstractUnitOfWork
 from v2v_observability import get_logger, set_order_attributes
 from v2v_servicekit.auth import Principal
@@ -136,6 +137,47 @@ async def affect_bookings(tx: SiteTx, bookings: Iterable[Booking], reason: str) 
         )
         affected.append(booking.booking_id)
     return affected
+
+
+# a run at the site whose product's turnaround (start → release) is not known is assumed to take this long
+DEFAULT_RUN_DAYS = 60
+
+
+async def report_runs_at(
+    tx: SiteTx, site_id: str, start_date: date, reason: str, today: date
+) -> list[uuid.UUID]:
+    """Issue 11: an outage at a site where orders' material already is (received and waiting for its run,
+    or a run in progress) cannot move that material: each such order is reported (`booking_affected` with
+    `material_at_site`, its run and state) so that its centre is told, and the run is not forgotten. A run
+    that will be finished before the outage starts (its product's manufacturing + QC days from today) is
+    not reported."""
+    reported: list[uuid.UUID] = []
+    for m in await tx.manufacturing.live_at(site_id, mfg.RUNNING):
+        product = product_catalogue().get(m.product_code or "")
+        days = product.manufacturing_days + product.qc_days if product is not None else DEFAULT_RUN_DAYS
+        if start_date > today + timedelta(days=days):
+            continue
+        tx.audit(
+            "manufacturing.outage_reported",
+            "manufacturing",
+            m.booking_id,
+            new={"order_id": m.order_id, "site_id": site_id, "run": m.state.run, "state": m.state.state},
+            reason=reason,
+        )
+        await tx.publish(
+            BookingAffectedV1(
+                **m.ref(),
+                booking_id=m.booking_id,
+                site_id=site_id,
+                reason=reason,
+                material_at_site=True,
+                run=m.state.run,
+                state=str(m.state.state),
+            )
+        )
+        log.warning("outage at a site holding the material: reported", site_id=site_id, run=m.state.run)
+        reported.append(m.booking_id)
+    return reported
 
 
 async def record_transition(
@@ -277,6 +319,9 @@ async def add_outage(
         )
         hit = await tx.bookings.awaiting_material_in(site_id, start_date, end_date)
         affected = await affect_bookings(tx, hit, registry.outage_reason(reason))
+        reported = await report_runs_at(
+            tx, site_id, start_date, registry.outage_reason(reason), today or datetime.now(UTC).date()
+        )
         log.warning(
             "site outage declared",
             site_id=site_id,
@@ -284,8 +329,14 @@ async def add_outage(
             end_date=end_date.isoformat(),
             reason=reason,
             affected=len(affected),
+            reported=len(reported),
         )
-        return {**outage.model_dump(), "site_id": site_id, "affected_booking_ids": affected}
+        return {
+            **outage.model_dump(),
+            "site_id": site_id,
+            "affected_booking_ids": affected,
+            "material_at_site_booking_ids": reported,
+        }
 
 
 # ---- MES: receipt ---------------------------------------------------------------------------------------

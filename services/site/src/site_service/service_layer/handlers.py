@@ -92,6 +92,7 @@ async def on_slot_reserved(tx: SiteTx, slot: SlotReservedV1, meta: EventMeta) ->
         status="confirmed",
         treatment_center_id=slot.treatment_center_id,
         product_code=slot.product_code,
+        run=slot.run if slot.reason == "remanufacture" else None,
     )
     await tx.bookings.add(booking, origin_trace=current_traceparent())
     tx.audit(
