@@ -54,6 +54,7 @@ from faststream.opentelemetry.middleware import TelemetryMiddleware
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.context import Context
+from opentelemetry.instrumentation.utils import suppress_instrumentation
 from opentelemetry.semconv.trace import SpanAttributes
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
@@ -484,17 +485,6 @@ class EventConsumer:
                     elif i >= alone_from:
                         assert batch is None  # a batch is never opened again in this poll
                         await self._handle_alone(event, item)
-                    elif self._catching_up(record) and await self._in_inbox(event):
-                        self._count_duplicate(event)
-                        EVENTS.add(
-                            1,
-                            {
-                                "consumer_group": self.group_id,
-                                "event_type": event.type,
-                                "outcome": "duplicate",
-                            },
-                        )
-                        settled.add(i)
                     else:
                         try:
                             if batch is None:
@@ -858,22 +848,25 @@ class EventConsumer:
         return outcome
 
     async def _apply(self, tx: Tx, event: CloudEvent, record: Any) -> str:
-        """In `tx`: the record's inbox row, then (unless it was there already) its handler."""
+        """In `tx`: the record's inbox row, then (unless it was there already) its handler. The inbox
+        insert has no statement span of its own: the record's consumer span says what it found."""
         assert tx.conn is not None
-        fresh = await tx.conn.fetchval(
-            """INSERT INTO inbox (consumer, event_id, event_type, topic, kafka_partition, kafka_offset)
-               VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING RETURNING true""",
-            self.group_id,
-            event.id,
-            event.type,
-            record.topic,
-            record.partition,
-            record.offset,
-        )
-        if not fresh:
-            return "duplicate"
-        await self.handlers.dispatch(tx, event)
-        return "processed"
+        with suppress_instrumentation():
+            fresh = await tx.conn.fetchval(
+                """INSERT INTO inbox (consumer, event_id, event_type, topic, kafka_partition, kafka_offset)
+                   VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING RETURNING true""",
+                self.group_id,
+                event.id,
+                event.type,
+                record.topic,
+                record.partition,
+                record.offset,
+            )
+        outcome = "processed" if fresh else "duplicate"
+        trace.get_current_span().set_attribute(tn.CONSUMER_OUTCOME, outcome)
+        if fresh:
+            await self.handlers.dispatch(tx, event)
+        return outcome
 
     async def _dead_letter(
         self,
