@@ -216,8 +216,13 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=200.0, help="paced events per second")
     parser.add_argument("--seconds", type=float, default=10.0, help="paced duration")
     parser.add_argument("--batch-max", type=int, default=None, help="records per poll (batching consumers)")
+    parser.add_argument("--uvloop", action="store_true", help="run on uvloop (as the services do)")
     args = parser.parse_args()
     print(f"load average at start: {os.getloadavg()}")
+    if args.uvloop:
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     result = asyncio.run(run(args.events, args.rate, args.seconds, args.batch_max))
     print(json.dumps(result, indent=2, default=str))
 
