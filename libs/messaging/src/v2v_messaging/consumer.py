@@ -1,9 +1,18 @@
 """Idempotent consumers: inbox in the same transaction as the effects, offsets committed after commit.
 
-Each consumer is a FastStream subscriber with an explicit ack policy (NACK_ON_ERROR: the offset is
-committed only after the handler returned, which is after our database commit; an exception seeks
-back so the message is redelivered). While a backlog waits behind a record, its offset is left to the
-next commit, once per run of records (`EventConsumer._defer_commit`). Around the handler:
+Each consumer is a FastStream subscriber (its lifecycle, its consumer-group membership, its consume loop
+with the handling of broker errors and of a graceful stop), whose loop polls a batch of records
+(`EventConsumer._poll`, at most `batch_max`) and hands it to `EventConsumer._consume` in place of
+FastStream's per-message dispatch. The records of a poll whose handlers run share ONE transaction: an
+inbox row per record, each handler's effects and outbox rows; it commits after the last of them, and the
+poll's offsets are committed once after that commit (left to the next commit while a backlog waits
+behind them, at most `COMMIT_EVERY` records or `COMMIT_AFTER_S`: `EventConsumer._defer_commit`). Each
+record keeps its own consumer span (`<topic> process`, parented on the producer's span as FastStream's
+telemetry middleware does it), ended once its effects are committed. A handler that fails in a batch
+rolls the transaction back: a record alone in it goes on as its own delivery's first failed attempt, else
+the batch's records are processed again one transaction each, so that a poison record is dead-lettered
+alone and the others are applied once. A record handed back (infrastructure unavailable) has its
+partition sought back to it, and every partition to its first record not processed. Per record:
 
 - the CloudEvent is parsed; a message that is not one goes straight to the dead letters;
 - its provenance is checked (`v2v_messaging.provenance`): its source and type are those of the service
@@ -16,9 +25,9 @@ next commit, once per run of records (`EventConsumer._defer_commit`). Around the
 - failures come in two classes with separate budgets (`v2v_messaging.failures`). The infrastructure's
   (database or broker unavailable, read-only, shutting down, out of disk, timeouts) is retried with
   backoff for as long as it lasts: after `transient_attempts` in one delivery the message is handed back
-  (nack: not committed, redelivered), and it is never dead-lettered. Any other error is the message's:
-  after `max_attempts` of those it is dead-lettered — recorded in the `dead_letters` table and published
-  to the service's dead-letter topic with its error — and the partition goes on.
+  (sought back to: not committed, read again), and it is never dead-lettered. Any other error is the
+  message's: after `max_attempts` of those it is dead-lettered — recorded in the `dead_letters` table
+  and published to the service's dead-letter topic with its error — and the partition goes on.
 
 A broker that forgets (the local Tansu keeps nothing across a restart) gets the relays' replay, numbered
 from 0 again; the consumer must not read it from the positions it had on the old broker, or it skips
