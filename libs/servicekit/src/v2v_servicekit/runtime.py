@@ -204,6 +204,7 @@ def create_app(definition: ServiceDefinition, settings: ServiceSettings | None =
                     heartbeat_interval_ms=settings.kafka_heartbeat_interval_ms,
                     policy=policy,
                     namespace=settings.topic_namespace,
+                    batch_max=settings.consumer_batch_max,
                 )
             )
         for hook in definition.on_startup:
