@@ -445,17 +445,16 @@ class EventConsumer:
 
         Records whose handler runs share ONE transaction (`_Batch`: an inbox row per record, each
         handler's effects and outbox rows), committed after the last of them; each record keeps its own
-        consumer span, ended once its effects are committed. A record that must be processed alone
-        (below) has the open batch committed first, so effects keep the records' order. When a handler
-        fails in a batch, the transaction is rolled back: a record alone in it goes on as the first failed
-        attempt of its own delivery (`_handle_alone`: retries, dead letters, hand-back); otherwise the
-        batch's records are processed again from its first one, each in its own transaction, to the end
-        of the poll: the poison record is then dead-lettered alone and the others applied once.
+        consumer span, ended once its effects are committed. When a handler fails in a batch, the
+        transaction is rolled back: a record alone in it goes on as the first failed attempt of its own
+        delivery (`_handle_alone`: retries, dead letters, hand-back); otherwise the batch's records are
+        processed again from its first one, each in its own transaction, to the end of the poll: the
+        poison record is then dead-lettered alone and the others applied once.
 
-        What is settled outside any transaction (dead letters at once, ignored types, duplicates found
-        while catching up) is settled once per poll, even when the batch is processed again. A record
-        handed back (infrastructure unavailable) has its partition sought back to it, and every other
-        partition to its first record not processed; then no offset is committed."""
+        What is settled outside any transaction (dead letters at once, refused events, ignored types) is
+        settled once per poll, even when the batch is processed again. A record handed back
+        (infrastructure unavailable) has its partition sought back to it, and every other partition to
+        its first record not processed; then no offset is committed."""
         kafka_consumer = self.subscriber.consumer
         resets = self._resets
         batch: _Batch | None = None
