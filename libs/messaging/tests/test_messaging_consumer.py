@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import date
@@ -484,3 +485,131 @@ async def test_a_forged_event_on_the_wrong_topic_is_dead_lettered_at_once_and_ne
     dead = sorted(await reader(dlq, expect=2), key=lambda r: int(headers_of(r)["x-v2v-dlq-offset"]))
     assert [d.value for d in dead] == [wrong_source.to_json(), bad_coi.to_json()]
     assert [headers_of(d)["x-v2v-dlq-error"] for d in dead] == [r["error"] for r in rows]
+
+
+# --- (f) the records of a poll share one transaction ---------------------------------------------------
+
+
+async def test_the_records_of_a_poll_are_applied_in_one_transaction_and_committed_together(
+    messaging_db: Any,
+    new_topic: Any,
+    producer: AIOKafkaProducer,
+    start_consumer: StartConsumer,
+    eventually: Any,
+) -> None:
+    """Records waiting together are applied in one transaction (each one's inbox row and effects), not
+    one transaction each: every inbox row was written by the same transaction as its record's effects,
+    and there are fewer transactions than records."""
+    pool = messaging_db.pool
+    topic, dlq = await new_topic("v2v.scheduling"), await new_topic("v2v.order.dlq")
+    events = [make_event("order-a", n) for n in range(10)]
+    for event in events:
+        await producer.send(topic, event.to_json(), key=b"order-a")
+    await producer.flush()
+
+    consumer, _ = await start_consumer(
+        service=unique_service(), topic=topic, dlq=dlq, handlers={EVENT_TYPE: write_effect}
+    )
+    await eventually(lambda: consumer.stats.processed == 10, what="the ten events")
+
+    rows = await pool.fetch(
+        """SELECT e.event_id, e.xmin::text AS effect_tx, i.xmin::text AS inbox_tx
+           FROM it_effects e JOIN inbox i ON i.event_id = e.event_id AND i.consumer = $1
+           ORDER BY e.id""",
+        consumer.group_id,
+    )
+    assert [r["event_id"] for r in rows] == [e.id for e in events]
+    assert all(r["effect_tx"] == r["inbox_tx"] for r in rows)
+    assert len({r["effect_tx"] for r in rows}) < len(events), "one transaction per poll, not per record"
+
+
+async def test_a_poison_record_in_a_batch_is_dead_lettered_alone_and_the_others_are_applied_once(
+    messaging_db: Any,
+    new_topic: Any,
+    producer: AIOKafkaProducer,
+    start_consumer: StartConsumer,
+    reader: Any,
+    eventually: Any,
+) -> None:
+    """A handler failing in a batch rolls the batch back; its records are processed again one at a
+    time: the poison one spends its budget (the failure in the batch counts) and is dead-lettered, the
+    others are applied once each, in order."""
+    pool = messaging_db.pool
+    topic, dlq = await new_topic("v2v.scheduling"), await new_topic("v2v.order.dlq")
+    events = [make_event("order-m", n) for n in range(5)]
+    poison = events[2]
+    calls: list[uuid.UUID] = []
+
+    async def handle(tx: Tx, event: CloudEvent) -> None:
+        calls.append(event.id)
+        await write_effect(tx, event)  # rolled back with the failure (and with the batch)
+        if event.id == poison.id:
+            raise ValueError(f"poison pill {event.id}")
+
+    for event in events:
+        await producer.send(topic, event.to_json(), key=b"order-m")
+    await producer.flush()
+    consumer, _ = await start_consumer(
+        service=unique_service(), topic=topic, dlq=dlq, handlers={EVENT_TYPE: handle}
+    )
+    await eventually(lambda: consumer.stats.processed == 4, what="the four good events")
+
+    good = [e.id for e in events if e.id != poison.id]
+    assert calls.count(poison.id) == FAST.max_attempts  # its budget, the attempt in the batch included
+    assert consumer.stats.dead_lettered == 1
+    effects = await pool.fetch("SELECT event_id FROM it_effects ORDER BY id")
+    assert [r["event_id"] for r in effects] == good  # each once, in order
+    assert [r["event_id"] for r in await inbox_rows(pool, consumer.group_id)] == good
+    [dead] = await reader(dlq, expect=1)
+    assert dead.value == poison.to_json()
+    assert headers_of(dead)["x-v2v-dlq-attempts"] == str(FAST.max_attempts)
+    assert (
+        await pool.fetchval("SELECT count(*) FROM dead_letters WHERE consumer = $1", consumer.group_id) == 1
+    )
+
+
+async def test_a_crash_in_the_middle_of_a_batch_leaves_nothing_of_it_and_nothing_is_applied_twice(
+    messaging_db: Any,
+    new_topic: Any,
+    producer: AIOKafkaProducer,
+    start_consumer: StartConsumer,
+    eventually: Any,
+) -> None:
+    """The consumer dies while a batch is open: none of its records' effects are kept and none of their
+    offsets committed; the next member of the group applies every record exactly once."""
+    pool = messaging_db.pool
+    topic, dlq = await new_topic("v2v.scheduling"), await new_topic("v2v.order.dlq")
+    service = unique_service()
+    events = [make_event("order-x", n) for n in range(5)]
+    stuck = asyncio.Event()
+    first_calls: list[uuid.UUID] = []
+
+    async def hangs_on_the_third(tx: Tx, event: CloudEvent) -> None:
+        first_calls.append(event.id)
+        await write_effect(tx, event, "first")
+        if event.id == events[2].id:
+            stuck.set()
+            await asyncio.Event().wait()  # never returns: the process dies here
+
+    for event in events:
+        await producer.send(topic, event.to_json(), key=b"order-x")
+    await producer.flush()
+    first, first_broker = await start_consumer(
+        service=service, topic=topic, dlq=dlq, handlers={EVENT_TYPE: hangs_on_the_third}
+    )
+    await asyncio.wait_for(stuck.wait(), 20)
+    for task in list(first.subscriber.tasks):  # killed: no graceful stop, nothing after this line runs
+        task.cancel()
+    await first_broker.stop()
+    kept = await pool.fetchval("SELECT count(*) FROM it_effects WHERE note = 'first'")
+    assert kept == first.stats.processed  # what was open in the batch is gone
+
+    second, _ = await start_consumer(
+        service=service, topic=topic, dlq=dlq, handlers={EVENT_TYPE: write_effect}
+    )
+    await eventually(
+        lambda: first.stats.processed + second.stats.processed == 5, what="every event applied once"
+    )
+    effects = await pool.fetch("SELECT event_id FROM it_effects ORDER BY id")
+    assert [r["event_id"] for r in effects] == [e.id for e in events]
+    assert len(await inbox_rows(pool, second.group_id)) == 5

@@ -141,6 +141,8 @@ class FakeKafkaConsumer:
         self.paused_during_probe: set[TopicPartition] | None = None
         self.commits: list[dict[TopicPartition, OffsetAndMetadata]] = []
         self.seeks: list[tuple[TopicPartition, ...]] = []
+        self.poll_commits = 0  # commits of the positions after a poll (no explicit offsets)
+        self.handed_back: list[tuple[TopicPartition, int]] = []  # seeks back to a record to read again
 
     def assignment(self) -> set[TopicPartition]:
         return set(self.positions)
@@ -170,8 +172,14 @@ class FakeKafkaConsumer:
             self.positions[tp] = self.broker.log_start.get(tp, 0)
         return True
 
-    async def commit(self, offsets: dict[TopicPartition, OffsetAndMetadata]) -> None:
-        self.commits.append(dict(offsets))
+    async def commit(self, offsets: dict[TopicPartition, OffsetAndMetadata] | None = None) -> None:
+        if offsets is None:
+            self.poll_commits += 1
+        else:
+            self.commits.append(dict(offsets))
+
+    def seek(self, tp: TopicPartition, offset: int) -> None:
+        self.handed_back.append((tp, offset))
 
 
 def make_consumer(
@@ -193,15 +201,26 @@ def make_consumer(
     return consumer, fake
 
 
-async def read(consumer: EventConsumer, tp: TopicPartition, offset: int, timestamp: int) -> None:
-    """The consumer takes a record (its handler does nothing here)."""
+def record_at(tp: TopicPartition, offset: int, timestamp: int) -> Any:
+    return SimpleNamespace(
+        topic=tp.topic,
+        partition=tp.partition,
+        offset=offset,
+        timestamp=timestamp,
+        headers=(),
+        value=b"",
+        key=None,
+    )
 
-    async def nothing(_message: Any, _record: Any) -> None:
+
+async def read(consumer: EventConsumer, tp: TopicPartition, offset: int, timestamp: int) -> None:
+    """The consumer takes a record (a poll of one; nothing to apply here)."""
+
+    async def nothing(_item: Any) -> None:
         return None
 
-    consumer._handle = nothing  # type: ignore[method-assign]
-    record = SimpleNamespace(topic=tp.topic, partition=tp.partition, offset=offset, timestamp=timestamp)
-    await consumer._on_message(SimpleNamespace(raw_message=record))  # type: ignore[arg-type]
+    consumer._prepare = nothing  # type: ignore[method-assign]
+    await consumer._consume_records([record_at(tp, offset, timestamp)])
 
 
 async def test_a_broker_that_kept_everything_changes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -308,20 +327,21 @@ async def test_a_record_read_before_the_broker_forgot_is_not_handed_back_at_its_
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     broker = FakeBroker(records={T0: {0: 1}})
-    consumer, _fake = make_consumer(monkeypatch, broker, {T0: 1})
-    record = SimpleNamespace(topic=TOPIC, partition=0, offset=57, timestamp=1)
+    consumer, fake = make_consumer(monkeypatch, broker, {T0: 1})
+    record = record_at(T0, 57, 1)
 
-    async def fails(_message: Any, _record: Any) -> None:
+    async def fails(_item: Any) -> None:
         raise ConnectionError("database unavailable")
 
-    consumer._handle = fails  # type: ignore[method-assign]
-    with pytest.raises(ConnectionError):  # handed back (FastStream seeks to its offset): redelivered
-        await consumer._on_message(SimpleNamespace(raw_message=record))  # type: ignore[arg-type]
+    consumer._prepare = fails  # type: ignore[method-assign]
+    await consumer._consume_records([record])  # handed back (sought back to its offset): redelivered
+    assert fake.handed_back == [(T0, 57)] and fake.poll_commits == 0
 
-    async def fails_after_a_reset(_message: Any, _record: Any) -> None:
+    async def fails_after_a_reset(_item: Any) -> None:
         consumer._resets += 1  # the broker forgot meanwhile; the consumer started again from 0
         raise ConnectionError("database unavailable")
 
-    consumer._handle = fails_after_a_reset  # type: ignore[method-assign]
+    consumer._prepare = fails_after_a_reset  # type: ignore[method-assign]
     # not handed back: a seek to 57 would skip what the fresh broker holds below it; it comes again
-    await consumer._on_message(SimpleNamespace(raw_message=record))  # type: ignore[arg-type]
+    await consumer._consume_records([record])
+    assert fake.handed_back == [(T0, 57)] and fake.poll_commits == 0

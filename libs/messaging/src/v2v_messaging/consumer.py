@@ -1,9 +1,18 @@
 """Idempotent consumers: inbox in the same transaction as the effects, offsets committed after commit.
 
-Each consumer is a FastStream subscriber with an explicit ack policy (NACK_ON_ERROR: the offset is
-committed only after the handler returned, which is after our database commit; an exception seeks
-back so the message is redelivered). While a backlog waits behind a record, its offset is left to the
-next commit, once per run of records (`EventConsumer._defer_commit`). Around the handler:
+Each consumer is a FastStream subscriber (its lifecycle, its consumer-group membership, its consume loop
+with the handling of broker errors and of a graceful stop), whose loop polls a batch of records
+(`EventConsumer._poll`, at most `batch_max`) and hands it to `EventConsumer._consume` in place of
+FastStream's per-message dispatch. The records of a poll whose handlers run share ONE transaction: an
+inbox row per record, each handler's effects and outbox rows; it commits after the last of them, and the
+poll's offsets are committed once after that commit (left to the next commit while a backlog waits
+behind them, at most `COMMIT_EVERY` records or `COMMIT_AFTER_S`: `EventConsumer._defer_commit`). Each
+record keeps its own consumer span (`<topic> process`, parented on the producer's span as FastStream's
+telemetry middleware does it), ended once its effects are committed. A handler that fails in a batch
+rolls the transaction back: a record alone in it goes on as its own delivery's first failed attempt, else
+the batch's records are processed again one transaction each, so that a poison record is dead-lettered
+alone and the others are applied once. A record handed back (infrastructure unavailable) has its
+partition sought back to it, and every partition to its first record not processed. Per record:
 
 - the CloudEvent is parsed; a message that is not one goes straight to the dead letters;
 - its provenance is checked (`v2v_messaging.provenance`): its source and type are those of the service
@@ -16,9 +25,9 @@ next commit, once per run of records (`EventConsumer._defer_commit`). Around the
 - failures come in two classes with separate budgets (`v2v_messaging.failures`). The infrastructure's
   (database or broker unavailable, read-only, shutting down, out of disk, timeouts) is retried with
   backoff for as long as it lasts: after `transient_attempts` in one delivery the message is handed back
-  (nack: not committed, redelivered), and it is never dead-lettered. Any other error is the message's:
-  after `max_attempts` of those it is dead-lettered — recorded in the `dead_letters` table and published
-  to the service's dead-letter topic with its error — and the partition goes on.
+  (sought back to: not committed, read again), and it is never dead-lettered. Any other error is the
+  message's: after `max_attempts` of those it is dead-lettered — recorded in the `dead_letters` table
+  and published to the service's dead-letter topic with its error — and the partition goes on.
 
 A broker that forgets (the local Tansu keeps nothing across a restart) gets the relays' replay, numbered
 from 0 again; the consumer must not read it from the positions it had on the old broker, or it skips
@@ -34,9 +43,11 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+import uuid
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -47,6 +58,15 @@ from faststream import AckPolicy
 from faststream.kafka import KafkaBroker
 from faststream.kafka.annotations import KafkaMessage
 from faststream.message import AckStatus
+from faststream.opentelemetry.consts import ERROR_TYPE, MESSAGING_DESTINATION_PUBLISH_NAME, MessageAction
+from faststream.opentelemetry.middleware import TelemetryMiddleware
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.instrumentation.utils import suppress_instrumentation
+from opentelemetry.semconv.trace import SpanAttributes
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from pydantic import ValidationError
 
 from v2v_contracts import EVENT_TYPES, CloudEvent
@@ -56,8 +76,8 @@ from v2v_messaging.handlers import HandlerRegistry, PoisonMessage
 from v2v_messaging.kafka import recreate_topics
 from v2v_messaging.provenance import check_event, publisher_of
 from v2v_messaging.resync import PartitionCheck, RecordMark, loss_reason, probe_broker
-from v2v_messaging.uow import UnitOfWork
-from v2v_observability import get_logger, meter, set_order_attributes
+from v2v_messaging.uow import OpenTransaction, Tx, UnitOfWork
+from v2v_observability import bind_order, get_logger, meter, set_order_attributes
 from v2v_observability import names as tn
 
 log = get_logger(__name__)
@@ -82,6 +102,8 @@ CATCH_UP_LAG = 50
 # while a backlog waits, offsets are committed once per this many records or seconds (`_defer_commit`)
 COMMIT_EVERY = 100
 COMMIT_AFTER_S = 1.0
+# at most this many records per poll, and so per transaction (`EventConsumer._consume_records`)
+BATCH_MAX = 50
 
 
 def _observe_lag(_options: Any) -> list[Any]:
@@ -146,6 +168,7 @@ class EventConsumer:
         namespace: str = "",
         broker_check_interval_s: float = 5.0,
         probe_timeout_s: float = 10.0,
+        batch_max: int = BATCH_MAX,
     ) -> None:
         for topic in topics:  # the provenance checks need to know whose topic each one is
             if publisher_of(topic) is None:
@@ -173,6 +196,13 @@ class EventConsumer:
             listener=_CheckOnAssignment(self),
         )
         self.subscriber(self._on_message)
+        # FastStream's consume loop (its lifecycle, its handling of broker errors and of a stop) polls
+        # through `_poll` and hands each poll's records to `_consume`, in place of its per-message
+        # dispatch (middlewares, dependency injection, and a worker thread per message to resolve it)
+        self.batch_max = max(1, batch_max)
+        self._telemetry = _Telemetry(broker)
+        self.subscriber.get_msg = self._poll  # type: ignore[method-assign, assignment]
+        self.subscriber.consume_one = self._consume  # type: ignore[method-assign, assignment]
         self.broker_check_interval_s = broker_check_interval_s
         self.probe_timeout_s = probe_timeout_s
         # the last record taken from each partition, and the broker's cluster id: what a broker that
@@ -383,35 +413,175 @@ class EventConsumer:
 
     # ---- messages ------------------------------------------------------------------------------------------
 
-    async def _on_message(self, message: KafkaMessage) -> None:
-        record: Any = message.raw_message  # aiokafka ConsumerRecord (one message, not a batch)
-        self._seen[(record.topic, record.partition)] = RecordMark(record.offset, record.timestamp)
-        resets = self._resets
-        try:
-            await self._handle(message, record)
-            if self._defer_commit(record):
-                message.committed = AckStatus.ACKED  # the next commit covers it (see `_defer_commit`)
-        except Exception:
-            if self._resets != resets:
-                # the broker forgot while this record was handled: handing it back would move the
-                # partition to its offset on the old broker; it comes again from the new one instead
-                log.warning(
-                    "consumer: a record read before the broker forgot is not handed back",
-                    consumer_group=self.group_id,
-                    topic=record.topic,
-                    partition=record.partition,
-                    offset=record.offset,
-                )
-                return
-            raise
+    async def _poll(self, kafka_consumer: AIOKafkaConsumer) -> tuple[Any, ...]:
+        """What faststream's consume loop asks for: the records one poll returns (at most `batch_max`;
+        as soon as any are there). Its loop keeps its own handling of broker errors and of a stop."""
+        batches = await kafka_consumer.getmany(timeout_ms=POLL_TIMEOUT_MS, max_records=self.batch_max)
+        return tuple(chain.from_iterable(batches.values()))
 
-    async def _handle(self, message: KafkaMessage, record: Any) -> None:
-        raw: bytes = message.body
+    async def _consume(self, records: tuple[Any, ...]) -> None:
+        """What faststream's consume loop hands the records of a poll to (in place of its per-message
+        dispatch). Nothing raises out of here: the loop would end."""
+        if not records:
+            return
+        try:
+            # held while the poll is processed, as FastStream holds it per message: a graceful stop
+            # waits for it (up to the broker's graceful_timeout) before cancelling the loop
+            with self.subscriber.lock:
+                await self._consume_records(list(records))
+        except Exception as exc:  # a bug: what was not processed was handed back (sought to) already
+            log.error("consumer: a poll's records failed", consumer_group=self.group_id, error=repr(exc))
+        finally:
+            bind_order(None)
+
+    async def _on_message(self, message: KafkaMessage) -> None:
+        """FastStream's own per-message path: the subscriber's loop does not take it (see `_consume`),
+        but whatever else hands a message here gets the same processing, offsets committed by it."""
+        message.committed = AckStatus.ACKED  # the commit (or the hand-back) is `_consume_records`'
+        await self._consume_records([message.raw_message])
+
+    async def _consume_records(self, records: list[Any]) -> None:
+        """Process the records of one poll, in order, then commit their offsets once.
+
+        Records whose handler runs share ONE transaction (`_Batch`: an inbox row per record, each
+        handler's effects and outbox rows), committed after the last of them; each record keeps its own
+        consumer span, ended once its effects are committed. When a handler fails in a batch, the
+        transaction is rolled back: a record alone in it goes on as the first failed attempt of its own
+        delivery (`_handle_alone`: retries, dead letters, hand-back); otherwise the batch's records are
+        processed again from its first one, each in its own transaction, to the end of the poll: the
+        poison record is then dead-lettered alone and the others applied once.
+
+        What is settled outside any transaction (dead letters at once, refused events, ignored types) is
+        settled once per poll, even when the batch is processed again. A record handed back
+        (infrastructure unavailable) has its partition sought back to it, and every other partition to
+        its first record not processed; then no offset is committed."""
+        kafka_consumer = self.subscriber.consumer
+        resets = self._resets
+        batch: _Batch | None = None
+        current: _Item | None = None  # the record being processed, until its span is ended or handed over
+        settled: set[int] = set()  # indices settled outside a transaction: never twice
+        alone_from = len(records)  # from this index on, one transaction per record (after a failure)
+        i = 0
+        try:
+            while True:
+                if self._resets != resets:  # the broker forgot meanwhile: the rest comes from the new one
+                    if batch is not None:
+                        await self._commit(batch)
+                        batch = None
+                    break
+                if i >= len(records):
+                    if batch is None:
+                        break
+                    start = batch.start
+                    failed = await self._commit(batch)
+                    batch = None
+                    if failed is not None:
+                        alone_from, i = start, start
+                        continue
+                    break
+                record = records[i]
+                if i in settled or not self._assigned(kafka_consumer, record):
+                    i += 1  # settled already, or its partition went to another member
+                    continue
+                current = item = self._item(record)
+                token = otel_context.attach(item.context)
+                try:
+                    bind_order(None)
+                    event = await self._prepare(item)
+                    if event is None:  # dead-lettered, refused or ignored: nothing to apply
+                        settled.add(i)
+                    elif i >= alone_from:
+                        assert batch is None  # a batch is never opened again in this poll
+                        await self._handle_alone(event, item)
+                    else:
+                        try:
+                            if batch is None:
+                                batch = _Batch(i, await self.uow.start())
+                            item.outcome = await self._apply(batch.transaction.tx, event, record)
+                            item.event = event
+                            batch.items.append(item)
+                            current = None  # its span ends when the batch commits
+                            i += 1
+                            continue
+                        except Exception as exc:
+                            earlier = batch.items if batch is not None else []
+                            start = batch.start if batch is not None else i
+                            if batch is not None:
+                                await batch.transaction.rollback()
+                                batch = None
+                            if earlier:
+                                # the batch's earlier records lost their effects: from its first record
+                                # on, one transaction per record
+                                for other in earlier:
+                                    self._end_span(other, rolled_back=True)
+                                self._end_span(item, error=exc)
+                                current = None
+                                self._count_failure_in_batch(event, record, exc)
+                                log.info(
+                                    "consumer: a record failed in a batch, processing it one at a time",
+                                    consumer_group=self.group_id,
+                                    records=i - start + 1,
+                                    error=repr(exc),
+                                )
+                                alone_from, i = start, start
+                                continue
+                            # alone in its transaction: the first failed attempt of its own delivery
+                            await self._handle_alone(event, item, failure=exc)
+                    self._end_span(item)
+                    current = None
+                    i += 1
+                finally:
+                    otel_context.detach(token)
+        except Exception as exc:
+            # handed back (`_handle_alone` gave up for now), or a bug: what was not applied is read again
+            if batch is not None:
+                await batch.transaction.rollback()
+                for other in batch.items:
+                    self._end_span(other, rolled_back=True)
+                i = min(i, batch.start)
+                batch = None
+            if current is not None:
+                self._end_span(current, error=exc)
+            self._hand_back(kafka_consumer, records, i, settled, resets, exc)
+            return
+        except BaseException:  # cancelled (a stop): nothing of the open batch is kept, nothing committed
+            if batch is not None:
+                await batch.transaction.rollback()
+                for other in batch.items:
+                    self._end_span(other, rolled_back=True)
+            if current is not None:
+                self._end_span(current)
+            raise
+        if self._resets != resets or kafka_consumer is None:
+            return
+        if not self._defer_commit(kafka_consumer, records):
+            try:
+                await kafka_consumer.commit()  # every position: after all the records of this poll
+            except Exception as exc:  # a rebalance under way: what it leaves is read again, and dropped
+                log.warning("consumer: offset commit failed", consumer_group=self.group_id, error=repr(exc))
+
+    @staticmethod
+    def _assigned(kafka_consumer: AIOKafkaConsumer | None, record: Any) -> bool:
+        if kafka_consumer is None:
+            return True
+        return TopicPartition(record.topic, record.partition) in kafka_consumer.assignment()
+
+    def _item(self, record: Any) -> _Item:
+        """Start the record's consumer span (as FastStream's telemetry middleware would: the same name,
+        kind, attributes and parent, the producer's span from the record's headers)."""
+        self._seen[(record.topic, record.partition)] = RecordMark(record.offset, record.timestamp)
+        span, ctx = self._telemetry.start(record)
+        return _Item(record, span, ctx, time.perf_counter())
+
+    async def _prepare(self, item: _Item) -> CloudEvent | None:
+        """Parse and check the record; None when it is settled here (dead-lettered, refused, ignored)."""
+        record = item.record
+        raw: bytes = record.value or b""
         try:
             event = CloudEvent.from_json(raw)
         except (ValidationError, ValueError) as exc:
-            await self._dead_letter(message, f"not a CloudEvent: {exc}", reason="not-a-cloudevent")
-            return
+            await self._dead_letter(record, f"not a CloudEvent: {exc}", reason="not-a-cloudevent")
+            return None
         self._last_offset[(record.topic, record.partition)] = record.offset
         rejection = check_event(event, record.topic, self.handlers.model_of(event.type))
         if rejection is not None:
@@ -421,77 +591,187 @@ class EventConsumer:
                 topic=record.topic,
                 event_id=str(event.id),
             )
-            await self._dead_letter(message, str(rejection), event=event, reason=rejection.code)
+            await self._dead_letter(record, str(rejection), event=event, reason=rejection.code)
             self.stats.rejected += 1
             self.stats.rejected_by_reason[rejection.code] = (
                 self.stats.rejected_by_reason.get(rejection.code, 0) + 1
             )
-            return
+            return None
         # before anything else: even an event this consumer ignores is about its order, and says so (a
         # refused one is not: what it claims about an order is not to be believed)
         set_order_attributes(event.data.get("order_id"), event.coi)
         if not self.handlers.handles(event.type):
             self.stats.ignored += 1
             EVENTS.add(1, {"consumer_group": self.group_id, "event_type": event.type, "outcome": "ignored"})
-            return
+            return None
+        return event
+
+    async def _handle_alone(self, event: CloudEvent, item: _Item, failure: Exception | None = None) -> None:
+        """One record in transactions of its own, with the failure budgets; `failure`: how its first
+        attempt (in a transaction of its own already) failed. Raises to hand the record back."""
+        record = item.record
         key = (record.topic, record.partition, record.offset)
         transient = 0  # in this delivery
-        started = time.perf_counter()
+        started = item.started
         while True:
-            try:
-                outcome = await self._process(event, record, message)
-            except PoisonMessage as exc:
+            exc = failure
+            failure = None
+            if exc is None:
+                try:
+                    outcome = await self._process(event, record)
+                except Exception as caught:
+                    exc = caught
+                else:
+                    self._forget(key)
+                    attrs = {"consumer_group": self.group_id, "event_type": event.type}
+                    HANDLER_DURATION.record(time.perf_counter() - started, attrs)
+                    EVENTS.add(1, {**attrs, "outcome": outcome})
+                    return
+            if isinstance(exc, PoisonMessage):
                 log.error("poison message, dead-lettering", error=str(exc), event_type=event.type)
                 attempts = self._poison_attempts.get(key, 0) + 1
-                await self._dead_letter(message, str(exc), event=event, attempts=attempts, reason="contract")
+                await self._dead_letter(record, str(exc), event=event, attempts=attempts, reason="contract")
                 self._forget(key)
                 return
-            except Exception as exc:
-                if is_transient(exc):
-                    transient += 1
-                    self.stats.transient_failures += 1
-                    streak = _bump(self._transient_streak, key)
-                    if transient >= self.policy.transient_attempts:
-                        log.warning(
-                            "infrastructure unavailable, message handed back for redelivery",
-                            error=repr(exc),
-                            event_type=event.type,
-                            event_id=str(event.id),
-                            failures=streak,
-                        )
-                        raise
-                    if transient == 1:
-                        log.warning(
-                            "infrastructure unavailable, retrying",
-                            error=repr(exc),
-                            event_type=event.type,
-                            event_id=str(event.id),
-                        )
-                    await asyncio.sleep(self._backoff(streak))
-                    continue
-                self.stats.poison_failures += 1
-                attempts = _bump(self._poison_attempts, key)
-                if attempts >= self.policy.max_attempts:
-                    log.error(
-                        "handler keeps failing, dead-lettering",
+            item.span.record_exception(exc)
+            if is_transient(exc):
+                transient += 1
+                self.stats.transient_failures += 1
+                streak = _bump(self._transient_streak, key)
+                if transient >= self.policy.transient_attempts:
+                    log.warning(
+                        "infrastructure unavailable, message handed back for redelivery",
                         error=repr(exc),
                         event_type=event.type,
                         event_id=str(event.id),
-                        attempts=attempts,
+                        failures=streak,
                     )
-                    await self._dead_letter(message, repr(exc), event=event, attempts=attempts)
-                    self._forget(key)
-                    return
-                log.warning(
-                    "handler failed, retrying", error=repr(exc), event_type=event.type, attempt=attempts
-                )
-                await asyncio.sleep(self._backoff(attempts))
+                    raise exc
+                if transient == 1:
+                    log.warning(
+                        "infrastructure unavailable, retrying",
+                        error=repr(exc),
+                        event_type=event.type,
+                        event_id=str(event.id),
+                    )
+                await asyncio.sleep(self._backoff(streak))
                 continue
-            self._forget(key)
-            attrs = {"consumer_group": self.group_id, "event_type": event.type}
-            HANDLER_DURATION.record(time.perf_counter() - started, attrs)
-            EVENTS.add(1, {**attrs, "outcome": outcome})
+            self.stats.poison_failures += 1
+            attempts = _bump(self._poison_attempts, key)
+            if attempts >= self.policy.max_attempts:
+                log.error(
+                    "handler keeps failing, dead-lettering",
+                    error=repr(exc),
+                    event_type=event.type,
+                    event_id=str(event.id),
+                    attempts=attempts,
+                )
+                await self._dead_letter(record, repr(exc), event=event, attempts=attempts)
+                self._forget(key)
+                return
+            log.warning("handler failed, retrying", error=repr(exc), event_type=event.type, attempt=attempts)
+            await asyncio.sleep(self._backoff(attempts))
+
+    def _count_failure_in_batch(self, event: CloudEvent, record: Any, exc: Exception) -> None:
+        """A handler's failure in a batch counts as an attempt of its record's (its own fault), except
+        where it says nothing about the record (the infrastructure's) or settles it at once (contract)."""
+        if isinstance(exc, PoisonMessage):
             return
+        if is_transient(exc):
+            self.stats.transient_failures += 1
+            _bump(self._transient_streak, (record.topic, record.partition, record.offset))
+            return
+        self.stats.poison_failures += 1
+        _bump(self._poison_attempts, (record.topic, record.partition, record.offset))
+        log.warning("handler failed, retrying", error=repr(exc), event_type=event.type, attempt=1)
+
+    async def _commit(self, batch: _Batch) -> Exception | None:
+        """Commit the batch (COMMIT in its last record's span); then every record of it is done. Returns
+        the failure when it did not commit (its records are then to be processed again)."""
+        last = batch.items[-1]
+        token = otel_context.attach(last.context)
+        try:
+            await batch.transaction.commit()
+        except Exception as exc:
+            log.warning(
+                "consumer: a batch did not commit, processing it again one at a time",
+                consumer_group=self.group_id,
+                records=len(batch.items),
+                error=repr(exc),
+            )
+            for item in batch.items:
+                self._end_span(item, rolled_back=True)
+            return exc
+        finally:
+            otel_context.detach(token)
+        size = len(batch.items)
+        for item in batch.items:
+            assert item.event is not None and item.outcome is not None
+            event = item.event
+            if item.outcome == "duplicate":
+                self._count_duplicate(event)
+            else:
+                self.stats.processed += 1
+                self.stats.by_type[event.type] = self.stats.by_type.get(event.type, 0) + 1
+            record = item.record
+            self._forget((record.topic, record.partition, record.offset))
+            attrs = {"consumer_group": self.group_id, "event_type": event.type}
+            HANDLER_DURATION.record(time.perf_counter() - item.started, attrs)
+            EVENTS.add(1, {**attrs, "outcome": item.outcome})
+            item.span.set_attribute(tn.CONSUMER_BATCH, size)
+            self._end_span(item)
+        return None
+
+    def _end_span(
+        self, item: _Item, *, error: BaseException | None = None, rolled_back: bool = False
+    ) -> None:
+        if not item.span.is_recording():
+            return
+        if rolled_back:
+            item.span.add_event(tn.EVENT_BATCH_ROLLED_BACK)
+        if error is not None:
+            item.span.record_exception(error)
+            item.span.set_status(Status(StatusCode.ERROR, type(error).__name__))
+        self._telemetry.end(item, error)
+
+    def _hand_back(
+        self,
+        kafka_consumer: AIOKafkaConsumer | None,
+        records: list[Any],
+        start: int,
+        settled: set[int],
+        resets: int,
+        exc: BaseException,
+    ) -> None:
+        """Seek every partition back to its first record from `start` on not yet settled: the next poll
+        reads them again (and nothing after them is committed before)."""
+        if self._resets != resets:
+            # the broker forgot while this record was handled: handing it back would move the
+            # partition to its offset on the old broker; it comes again from the new one instead
+            log.warning(
+                "consumer: a record read before the broker forgot is not handed back",
+                consumer_group=self.group_id,
+                error=repr(exc),
+            )
+            return
+        if kafka_consumer is None:
+            return
+        first: dict[TopicPartition, int] = {}
+        for index in range(start, len(records)):
+            if index in settled:
+                continue
+            record = records[index]
+            tp = TopicPartition(record.topic, record.partition)
+            if tp not in first:
+                first[tp] = record.offset
+        assigned = kafka_consumer.assignment()
+        for tp, offset in first.items():
+            if tp in assigned:
+                kafka_consumer.seek(tp, offset)
+
+    def _count_duplicate(self, event: CloudEvent) -> None:
+        self.stats.duplicates += 1
+        log.debug("duplicate event ignored", event_type=event.type, event_id=str(event.id))
 
     def _forget(self, key: tuple[str, int, int]) -> None:
         self._poison_attempts.pop(key, None)
@@ -501,34 +781,40 @@ class EventConsumer:
         delay = min(self.policy.base_backoff_s * 2 ** (attempt - 1), self.policy.max_backoff_s)
         return delay * (0.5 + random.random() / 2)
 
-    def _defer_commit(self, record: Any) -> bool:
-        """Whether to leave this record's offset to the next commit: while more records of its partition
-        are already waiting (a backlog), at most `COMMIT_EVERY` records or `COMMIT_AFTER_S` seconds.
+    def _defer_commit(self, kafka_consumer: AIOKafkaConsumer, records: list[Any]) -> bool:
+        """Whether to leave this poll's offsets to the next commit: while more records of one of its
+        partitions are already waiting (a backlog), at most `COMMIT_EVERY` records or `COMMIT_AFTER_S`
+        seconds.
 
-        The commit after a processed record (faststream's ack: `commit()` of every assigned partition's
-        position) covers all the records processed before it, since they are handled one at a time in
-        the order they are read and a failed one is sought back to. Committing once per run of records
-        instead of once per record saves a broker round trip each (4.7 ms at the median, 23 ms at p90 on
-        the embedded broker under load): a backlog drains faster. What a crash or a rebalance leaves
-        uncommitted is read again and dropped by the inbox. A record alone at its partition's end is
-        committed at once, as before."""
-        consumer = getattr(self.subscriber, "consumer", None)
-        if consumer is None:
-            return False
-        try:
-            high = consumer.highwater(TopicPartition(record.topic, record.partition))
-        except Exception:
-            return False
+        The commit after a poll (`commit()` of every assigned partition's position) covers all the
+        records processed before it, since a poll is committed only once all its records are done, and
+        a record handed back is sought back to. Committing once per run of polls instead of once per
+        poll saves a broker round trip each (4.7 ms at the median, 23 ms at p90 on the embedded broker
+        under load): a backlog drains faster. What a crash or a rebalance leaves uncommitted is read
+        again and dropped by the inbox. A poll that reaches the end of its partitions is committed at
+        once."""
+        last: dict[tuple[str, int], int] = {}
+        for record in records:
+            key = (record.topic, record.partition)
+            last[key] = max(last.get(key, -1), record.offset)
+        backlog = False
+        for (topic, partition), offset in last.items():
+            try:
+                high = kafka_consumer.highwater(TopicPartition(topic, partition))
+            except Exception:
+                return False
+            if high is not None and high > offset + 1:
+                backlog = True
+                break
         now = time.monotonic()
         if self._uncommitted == 0:
             self._uncommitted_since = now
         if (
-            high is not None
-            and high > record.offset + 1
-            and self._uncommitted < COMMIT_EVERY
+            backlog
+            and self._uncommitted + len(records) <= COMMIT_EVERY
             and now - self._uncommitted_since < COMMIT_AFTER_S
         ):
-            self._uncommitted += 1
+            self._uncommitted += len(records)
             return True
         self._uncommitted = 0
         return False
@@ -545,21 +831,35 @@ class EventConsumer:
             return False
         return high is not None and high - record.offset > CATCH_UP_LAG
 
-    async def _process(self, event: CloudEvent, record: Any, message: Any = None) -> str:
-        if self._catching_up(record) and await self.uow.pool.fetchval(
-            "SELECT true FROM inbox WHERE consumer = $1 AND event_id = $2", self.group_id, event.id
-        ):
-            # one read instead of a transaction per record already processed, and no offset commit of its
-            # own (the next processed record's commit covers it; until then a restart reads it again and
-            # drops it again): catching up after a broker that forgot goes through the retained history
-            # many times faster
-            if message is not None:
-                message.committed = AckStatus.ACKED
-            self.stats.duplicates += 1
-            log.debug("duplicate event ignored", event_type=event.type, event_id=str(event.id))
+    async def _in_inbox(self, event: CloudEvent) -> bool:
+        """One read instead of a transaction per record already processed (and no offset commit of its
+        own): catching up after a broker that forgot goes through the retained history many times
+        faster."""
+        return bool(
+            await self.uow.pool.fetchval(
+                "SELECT true FROM inbox WHERE consumer = $1 AND event_id = $2", self.group_id, event.id
+            )
+        )
+
+    async def _process(self, event: CloudEvent, record: Any) -> str:
+        """The record in a transaction of its own."""
+        if self._catching_up(record) and await self._in_inbox(event):
+            self._count_duplicate(event)
             return "duplicate"
         async with self.uow.begin() as tx:
-            assert tx.conn is not None
+            outcome = await self._apply(tx, event, record)
+        if outcome == "duplicate":
+            self._count_duplicate(event)
+        else:
+            self.stats.processed += 1
+            self.stats.by_type[event.type] = self.stats.by_type.get(event.type, 0) + 1
+        return outcome
+
+    async def _apply(self, tx: Tx, event: CloudEvent, record: Any) -> str:
+        """In `tx`: the record's inbox row, then (unless it was there already) its handler. The inbox
+        insert has no statement span of its own: the record's consumer span says what it found."""
+        assert tx.conn is not None
+        with suppress_instrumentation():
             fresh = await tx.conn.fetchval(
                 """INSERT INTO inbox (consumer, event_id, event_type, topic, kafka_partition, kafka_offset)
                    VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING RETURNING true""",
@@ -570,18 +870,15 @@ class EventConsumer:
                 record.partition,
                 record.offset,
             )
-            if not fresh:
-                self.stats.duplicates += 1
-                log.debug("duplicate event ignored", event_type=event.type, event_id=str(event.id))
-                return "duplicate"
+        outcome = "processed" if fresh else "duplicate"
+        trace.get_current_span().set_attribute(tn.CONSUMER_OUTCOME, outcome)
+        if fresh:
             await self.handlers.dispatch(tx, event)
-        self.stats.processed += 1
-        self.stats.by_type[event.type] = self.stats.by_type.get(event.type, 0) + 1
-        return "processed"
+        return outcome
 
     async def _dead_letter(
         self,
-        message: Any,
+        record: Any,
         error: str,
         *,
         event: CloudEvent | None = None,
@@ -591,7 +888,7 @@ class EventConsumer:
         """Record the message in `dead_letters`, then publish it to the dead-letter topic. A failure of
         either raises (the message is redelivered, never lost); the table write comes first so that a
         message on the topic is always in the table too."""
-        record = message.raw_message
+        payload: bytes = record.value or b""
         original = decode_headers(record.headers)
         try:
             await record_dead_letter(
@@ -603,7 +900,7 @@ class EventConsumer:
                 event_id=event.id if event else None,
                 event_type=event.type if event else None,
                 key=record.key,
-                payload=message.body,
+                payload=payload,
                 headers=original,
                 error=error,
                 attempts=attempts,
@@ -625,7 +922,7 @@ class EventConsumer:
         )
         headers.pop("traceparent", None)  # the dead-letter publish gets its own span in this trace
         headers.pop("tracestate", None)
-        await self.broker.publish(message.body, topic=self.dead_letter_topic, key=record.key, headers=headers)
+        await self.broker.publish(payload, topic=self.dead_letter_topic, key=record.key, headers=headers)
         self.stats.dead_lettered += 1
         if event is None:
             event_type = "unparsable"
@@ -636,6 +933,81 @@ class EventConsumer:
         attrs = {"consumer_group": self.group_id, "event_type": event_type, "reason": reason}
         DEAD_LETTERS.add(1, attrs)
         EVENTS.add(1, {**attrs, "outcome": "dead_lettered"})
+
+
+@dataclass
+class _Item:
+    """A record of the poll being processed: its consumer span and the context that carries it."""
+
+    record: Any
+    span: Span
+    context: Context
+    started: float
+    event: CloudEvent | None = None
+    outcome: str | None = None  # "processed" / "duplicate", once applied in a batch
+
+
+@dataclass
+class _Batch:
+    """The transaction the records of a poll share, from `records[start]` on."""
+
+    start: int
+    transaction: OpenTransaction[Any]
+    items: list[_Item] = field(default_factory=list)
+
+
+class _Telemetry:
+    """A record's consumer span and FastStream's process metrics, as FastStream's Kafka telemetry
+    middleware makes them for a message it dispatches (same tracer, meter, names and attributes)."""
+
+    def __init__(self, broker: KafkaBroker) -> None:
+        middleware = next((m for m in broker.middlewares if isinstance(m, TelemetryMiddleware)), None)
+        self._tracer = middleware._tracer if middleware is not None else trace.get_tracer(__name__)
+        self._metrics = middleware._metrics if middleware is not None else None
+
+    def start(self, record: Any) -> tuple[Span, Context]:
+        headers = {k: v.decode(errors="replace") for k, v in (record.headers or ())}
+        topic = record.topic
+        attributes: dict[str, Any] = {
+            SpanAttributes.MESSAGING_SYSTEM: "kafka",
+            SpanAttributes.MESSAGING_MESSAGE_ID: f"{record.offset}-{record.timestamp}",
+            SpanAttributes.MESSAGING_MESSAGE_CONVERSATION_ID: headers.get("correlation_id")
+            or str(uuid.uuid4()),
+            SpanAttributes.MESSAGING_MESSAGE_PAYLOAD_SIZE_BYTES: len(record.value or b""),
+            SpanAttributes.MESSAGING_KAFKA_DESTINATION_PARTITION: record.partition,
+            SpanAttributes.MESSAGING_KAFKA_MESSAGE_OFFSET: record.offset,
+            MESSAGING_DESTINATION_PUBLISH_NAME: topic,
+        }
+        if record.key is not None:
+            attributes[SpanAttributes.MESSAGING_KAFKA_MESSAGE_KEY] = record.key
+        parent = _PROPAGATOR.extract(headers)
+        if not len(parent):  # no producer's context: FastStream starts the trace with a "create" span
+            create = self._tracer.start_span(
+                f"{topic} {MessageAction.CREATE}", kind=SpanKind.CONSUMER, attributes=attributes
+            )
+            parent = trace.set_span_in_context(create)
+            create.end()
+        attributes[SpanAttributes.MESSAGING_OPERATION] = MessageAction.PROCESS
+        span = self._tracer.start_span(
+            f"{topic} {MessageAction.PROCESS}", context=parent, kind=SpanKind.CONSUMER, attributes=attributes
+        )
+        return span, trace.set_span_in_context(span, parent)
+
+    def end(self, item: _Item, error: BaseException | None) -> None:
+        item.span.end()
+        if self._metrics is None:
+            return
+        attrs: dict[str, Any] = {
+            SpanAttributes.MESSAGING_SYSTEM: "kafka",
+            MESSAGING_DESTINATION_PUBLISH_NAME: item.record.topic,
+        }
+        if error is not None:
+            attrs[ERROR_TYPE] = type(error).__name__
+        self._metrics.observe_consume(attrs, time.perf_counter() - item.started, 1)
+
+
+_PROPAGATOR = TraceContextTextMapPropagator()
+POLL_TIMEOUT_MS = 1000  # a poll returns as soon as records are there; this only bounds an idle wait
 
 
 class _CheckOnAssignment(ConsumerRebalanceListener):  # type: ignore[misc]

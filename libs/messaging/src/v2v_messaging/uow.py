@@ -7,9 +7,10 @@ A service gives the unit of work a `Tx` subclass whose attributes are its reposi
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import asyncpg
 
@@ -54,6 +55,40 @@ class AbstractUnitOfWork(Protocol[TxT_co]):
     def read(self) -> AbstractAsyncContextManager[TxT_co]: ...
 
 
+class OpenTransaction(Generic[TxT]):
+    """A transaction opened and ended by explicit calls rather than a `with` block: an event consumer
+    spreads one over the records of a poll (`EventConsumer._consume`). `commit()` runs the Tx's
+    `before_commit` first, as `UnitOfWork.begin` does; either way the connection goes back to the pool."""
+
+    def __init__(self, pool: asyncpg.Pool, conn: asyncpg.Connection, transaction: Any, tx: TxT) -> None:
+        self._pool = pool
+        self._conn: asyncpg.Connection | None = conn
+        self._transaction = transaction
+        self.tx = tx
+
+    async def commit(self) -> None:
+        try:
+            await self.tx.before_commit()
+            await self._transaction.commit()
+        except BaseException:
+            await self.rollback()
+            raise
+        await self._release()
+
+    async def rollback(self) -> None:
+        if self._conn is None:
+            return
+        with contextlib.suppress(Exception):  # a broken connection has nothing left to roll back
+            await self._transaction.rollback()
+        await self._release()
+
+    async def _release(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await self._pool.release(conn)
+
+
 class UnitOfWork(Generic[TxT]):
     def __init__(
         self,
@@ -79,6 +114,18 @@ class UnitOfWork(Generic[TxT]):
             tx = self.tx_factory(conn, self._outbox(conn))
             yield tx
             await tx.before_commit()
+
+    async def start(self) -> OpenTransaction[TxT]:
+        """Open a transaction on a pooled connection; the caller commits or rolls it back."""
+        conn = await self.pool.acquire()
+        try:
+            transaction = conn.transaction()
+            await transaction.start()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self.pool.release(conn)
+            raise
+        return OpenTransaction(self.pool, conn, transaction, self.tx_factory(conn, self._outbox(conn)))
 
     @asynccontextmanager
     async def on(self, conn: asyncpg.Connection) -> AsyncIterator[TxT]:

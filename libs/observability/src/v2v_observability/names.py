@@ -20,6 +20,10 @@ ATTEMPT = "v2v.attempt"
 SUBSCRIPTION_ID = "v2v.subscription_id"
 RECIPIENT_ID = "v2v.recipient_id"
 SMTP_REPLY_CODE = "v2v.smtp.reply_code"
+CONSUMER_OUTCOME = "v2v.consumer.outcome"  # what the inbox said of the record: processed / duplicate
+CONSUMER_BATCH = "v2v.consumer.batch"  # records committed in the same transaction as this one
+# a span event: the record's effects were rolled back with its batch (it is processed again alone)
+EVENT_BATCH_ROLLED_BACK = "v2v.consumer.batch_rolled_back"
 
 # ---- meters and tracers ------------------------------------------------------------------------------
 METER_MESSAGING = "v2v.messaging"

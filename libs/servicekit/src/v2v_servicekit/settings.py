@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import SecretStr
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from v2v_messaging import KafkaSettings
@@ -55,6 +55,8 @@ class ServiceSettings(BaseSettings):
     outbox_retention_days: int = 7
     outbox_max_event_bytes: int = 262_144  # larger events are refused at write time (256 KiB)
     consumer_max_attempts: int = 3
+    # records per poll, applied in one transaction (v2v_messaging.consumer): 1 is one transaction per record
+    consumer_batch_max: int = Field(default=50, ge=1, le=500)
     # supervised background loops: restart backoff, and no heartbeat for this long is "stuck" in /ready
     background_restart_initial_s: float = 0.5
     background_restart_max_s: float = 30.0
