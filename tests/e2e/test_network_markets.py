@@ -3,9 +3,10 @@
 An order from the UK or Canadian centre goes to a site of its product's manufacturer (axi-cel at Kite's
 European plant, cilta-cel at the Janssen/Legend US plant), is released there by that site's own rule (a
 Qualified Person in the EEA; the quality unit in the US) with no import certification at a site (the
-import step is the marketing authorisation holder's importer's, outside the platform), and reaches the
-patient. The registry names each site's manufacturer, and the Shanghai centre, whose market has no
-commercial approval (Kymriah was never approved in China), is refused at intake naming the market.
+import step is the marketing authorisation holder's importer's, outside the platform), and is released.
+An axi-cel order from Shanghai goes to Kite's licensee in China (Fosun Kite), made and released in the
+market. The registry names each site's manufacturer; a commercial tisa-cel order from Shanghai (Kymriah
+was never approved in China) is refused at intake naming the market.
 """
 
 from __future__ import annotations
@@ -19,13 +20,32 @@ pytestmark = pytest.mark.e2e
 
 
 @pytest.mark.parametrize(
-    ("centre", "product", "regulator", "site_id", "manufacturer", "meaning", "role"),
+    ("centre", "product", "regulator", "site_id", "manufacturer", "meaning", "role", "imported"),
     [
-        ("TC-GB-LN-001", "AXI-CEL", "MHRA", "NL-HOOFDDORP", "kite", "qp-certification", "qualified_person"),
-        ("TC-CA-ON-001", "CILTA-CEL", "HealthCanada", "US-RARITAN", "janssen", "release", "quality_unit"),
+        (
+            "TC-GB-LN-001",
+            "AXI-CEL",
+            "MHRA",
+            "NL-HOOFDDORP",
+            "kite",
+            "qp-certification",
+            "qualified_person",
+            True,
+        ),
+        (
+            "TC-CA-ON-001",
+            "CILTA-CEL",
+            "HealthCanada",
+            "US-RARITAN",
+            "janssen",
+            "release",
+            "quality_unit",
+            True,
+        ),
+        ("TC-CN-SH-001", "AXI-CEL", "NMPA", "CN-FOSUN-KITE", "fosun-kite", "release", "quality_unit", False),
     ],
 )
-async def test_an_order_from_the_uk_or_canada_is_made_by_its_manufacturer_and_released_where_made(
+async def test_an_order_is_made_by_its_products_manufacturer_and_released_where_made(
     platform: Platform,
     parties: Parties,
     centre: str,
@@ -35,6 +55,7 @@ async def test_an_order_from_the_uk_or_canada_is_made_by_its_manufacturer_and_re
     manufacturer: str,
     meaning: str,
     role: str,
+    imported: bool,
 ) -> None:
     resp = await parties.centre(centre).post(
         f"{platform.url('order')}/v1/orders", json=order_body(centre, product)
@@ -53,7 +74,7 @@ async def test_an_order_from_the_uk_or_canada_is_made_by_its_manufacturer_and_re
     release = view["release"]
     assert (release["regulator"], release["imported"], release["batch_release_site_id"]) == (
         regulator,
-        True,
+        imported,
         site,
     )
     # one signature, at the manufacturing site, by its own rule: no import certification at a site
@@ -65,7 +86,7 @@ async def test_an_order_from_the_uk_or_canada_is_made_by_its_manufacturer_and_re
     await j.wait_status("released")
 
 
-async def test_the_shanghai_centre_cannot_order_for_commercial_use(
+async def test_the_shanghai_centre_cannot_order_tisa_cel_for_commercial_use(
     platform: Platform, parties: Parties
 ) -> None:
     resp = await parties.centre("TC-CN-SH-001").post(

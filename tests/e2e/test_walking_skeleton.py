@@ -201,7 +201,7 @@ async def test_catalogues_health_readiness_and_docs(platform: Platform, parties:
     # issue 11: the seven tisa-cel sites of the seed document and the other products' own plants, each
     # with its manufacturer
     sites = (await parties.ops.get(f"{platform.url('site')}/v1/sites")).json()
-    assert len(sites) == 12
+    assert len(sites) == 13
     assert {s["operator"] for s in sites} == {"own", "cmo"}
     assert {s["manufacturer"] for s in sites} >= {"novartis", "kite", "janssen", "fraunhofer-izi"}
     for name in ("order", "scheduling", "site", "logistics", "notification"):

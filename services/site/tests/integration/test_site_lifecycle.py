@@ -83,7 +83,7 @@ async def pool(test_db: pytest_plugin.TestDatabase) -> AsyncIterator[asyncpg.Poo
 @pytest.fixture
 async def uow(pool: asyncpg.Pool) -> UnitOfWork[SiteTx]:
     uow = UnitOfWork(pool, TOPIC, notify_channel("site"), site_tx)
-    assert await commands.load_seed(uow) == 12
+    assert await commands.load_seed(uow) == 13
     return uow
 
 
@@ -949,9 +949,9 @@ async def test_http_tenancy_in_sql(
     mine = tokens.headers("site", SITE)
     r = await client.get("/v1/sites", headers=mine)
     assert [s["site_id"] for s in r.json()] == [SITE]
-    assert len((await client.get("/v1/sites", headers=tokens.headers("qa"))).json()) == 12
-    paged = await client.get("/v1/sites", params={"limit": 2, "offset": 11}, headers=tokens.headers("ops"))
-    assert len(paged.json()) == 1  # the last page of the twelve sites
+    assert len((await client.get("/v1/sites", headers=tokens.headers("qa"))).json()) == 13
+    paged = await client.get("/v1/sites", params={"limit": 2, "offset": 12}, headers=tokens.headers("ops"))
+    assert len(paged.json()) == 1  # the last page of the thirteen sites
     assert (await client.get(f"/v1/sites/{OTHER_SITE}", headers=mine)).status_code == 404
 
     b = await reserve(uow, site_id=OTHER_SITE)

@@ -53,7 +53,7 @@ def test_seed_path_is_packaged() -> None:
 def test_the_seven_tisa_cel_sites_on_four_continents_and_their_makers() -> None:
     """The seed document's network: seven sites on four continents, owned plants and CMOs, all making
     tisa-cel; the other sites are other manufacturers' plants, making no tisa-cel."""
-    assert len({s.site_id for s in SITES}) == len(SITES) == 12
+    assert len({s.site_id for s in SITES}) == len(SITES) == 13
     tisa = [s for s in SITES if s.daily_capacity.get("TISA-CEL")]
     assert {s.site_id for s in tisa} == TISA_CEL_NETWORK
     assert {s.country for s in tisa} == {"US", "DE", "FR", "CH", "CN", "JP", "AU"}
@@ -80,13 +80,15 @@ def test_the_seven_tisa_cel_sites_on_four_continents_and_their_makers() -> None:
         ("US-EL-SEGUNDO", "El Segundo", "kite", {"AXI-CEL"}),
         ("US-FREDERICK", "Frederick", "kite", {"AXI-CEL"}),
         ("NL-HOOFDDORP", "Hoofddorp", "kite", {"AXI-CEL"}),
+        ("CN-FOSUN-KITE", "Fosun Kite", "fosun-kite", {"AXI-CEL"}),
         ("US-RARITAN", "Raritan", "janssen", {"CILTA-CEL"}),
         ("BE-GHENT", "Ghent", "janssen", {"CILTA-CEL"}),
     ],
 )
 def test_who_makes_what_where(site_id: str, place: str, manufacturer: str, products: set[str]) -> None:
-    """Axi-cel at Kite's plants, cilta-cel at the Janssen/Legend plants and Morris Plains (a contract
-    manufacturer for it), tisa-cel in the seed document's network (shared/DOMAIN.md, "Who makes what")."""
+    """Axi-cel at Kite's plants (in China at its licensee Fosun Kite's), cilta-cel at the Janssen/Legend
+    plants and Morris Plains (a contract manufacturer for it), tisa-cel in the seed document's network
+    (shared/DOMAIN.md, "Who makes what")."""
     site = BY_ID[site_id]
     assert place in site.name
     assert site.manufacturer == manufacturer
@@ -107,8 +109,10 @@ def test_no_site_makes_a_product_of_another_manufacturer() -> None:
 
 
 def test_tisa_cel_has_no_commercial_approval_in_china() -> None:
-    """Kymriah was never approved in China: the Shanghai CMO's only route is an illustrative clinical one."""
-    assert not any(approved_for(s, "NMPA", "commercial", p) for s in SITES for p in PRODUCTS)
+    """Kymriah was never approved in China: the Shanghai CMO's only route is an illustrative clinical one.
+    The one CAR-T of the catalogue approved there is axi-cel, made in China by Fosun Kite (NMPA, 2021)."""
+    china = {(s.site_id, p) for s in SITES for p in PRODUCTS if approved_for(s, "NMPA", "commercial", p)}
+    assert china == {("CN-FOSUN-KITE", "AXI-CEL")}
     assert [s.site_id for s in SITES if approved_for(s, "NMPA", "clinical", "TISA-CEL")] == ["CN-SHANGHAI"]
 
 
@@ -184,7 +188,7 @@ def serving(centre: dict, product: str, use: str = "commercial") -> list[str]:
 
 @pytest.mark.parametrize("centre", CENTRES, ids=lambda c: c["id"])
 def test_every_treatment_centre_can_get_tisa_cel(centre: dict) -> None:
-    """Commercially in every market but China, where only the clinical route exists."""
+    """Commercially in every market but China, where only the (illustrative) clinical route exists."""
     assert centre["regulator"] in REGULATORS
     use = "clinical" if centre["regulator"] == "NMPA" else "commercial"
     assert serving(centre, "TISA-CEL", use), f"no site approved by {centre['regulator']} for {use} TISA-CEL"

@@ -72,10 +72,10 @@ async def seeded() -> MemoryStore:
     """The seeded network, loaded once through the start-up command (copied for each test)."""
     store = MemoryStore()
     uow = fake_uow(store)
-    assert await commands.load_seed(uow) == 12
-    assert uow.types() == ["site.registered.v1"] * 12
+    assert await commands.load_seed(uow) == 13
+    assert uow.types() == ["site.registered.v1"] * 13
     assert await commands.load_seed(uow) == 0  # nothing new: nothing published
-    assert uow.types() == ["site.registered.v1"] * 12
+    assert uow.types() == ["site.registered.v1"] * 13
     return store
 
 
@@ -446,7 +446,7 @@ async def test_a_registry_patch_publishes_the_site_and_survives_a_seed_reload(si
         "novartis",
     )
     listed = [s["site_id"] for s in await queries.list_sites(site.uow)]
-    assert len(listed) == 12 and listed == sorted(listed) and SITE in listed
+    assert len(listed) == 13 and listed == sorted(listed) and SITE in listed
 
 
 @pytest.mark.parametrize(
@@ -795,7 +795,7 @@ async def test_bookings_runs_steps_qc_and_registry_changes_are_audited_with_code
     from v2v_audit import Actor, verify
 
     trail = site.store.audit
-    assert [r.action for r in trail] == ["site.registry_changed"] * 12 and {r.reason for r in trail} == {
+    assert [r.action for r in trail] == ["site.registry_changed"] * 13 and {r.reason for r in trail} == {
         "seed"
     }
     start = len(trail)

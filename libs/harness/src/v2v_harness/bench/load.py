@@ -47,8 +47,8 @@ BIG_CAPACITY = 100_000  # starts per day and product: no order waits for a slot
 
 # (centre, product) pairs that some active site is approved for, if the catalogue cannot be read: the
 # seeds of services/order and services/site (issue 11: each product at its own manufacturers' sites;
-# TISA-CEL everywhere but China, which has no commercial approval; AXI-CEL and CILTA-CEL in the US, the
-# EU, the UK and Canada)
+# TISA-CEL everywhere but China, where it has no commercial approval; AXI-CEL and CILTA-CEL in the US, the
+# EU, the UK and Canada, and AXI-CEL in China)
 FALLBACK_COMBOS: tuple[tuple[str, str], ...] = (
     *(
         (c, "TISA-CEL")
@@ -76,6 +76,7 @@ FALLBACK_COMBOS: tuple[tuple[str, str], ...] = (
             "TC-CA-ON-001",
         )
     ),
+    ("TC-CN-SH-001", "AXI-CEL"),
 )
 
 Progress = Callable[[str], None]
