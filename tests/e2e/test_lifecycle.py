@@ -556,7 +556,7 @@ async def test_site_outage_moves_the_booking_to_the_next_best_site(
 async def test_moving_the_apheresis_date_releases_and_rebooks(
     platform: Platform, webhook_receiver: WebhookReceiver, parties: Parties
 ) -> None:
-    # issue 11: a UK centre (MHRA); no longer Shanghai, which has no commercial route (no NMPA approval)
+    # issue 11: a UK centre (MHRA); not Shanghai (tisa-cel was never approved in China)
     j, path = await start(parties, platform, webhook_receiver, "TC-GB-LN-001")
     first = await j.wait_status("inbound_shipment_planned")
     new_date = (date.fromisoformat(first["slot"]["apheresis_date"]) + timedelta(days=9)).isoformat()

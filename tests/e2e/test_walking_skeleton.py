@@ -90,7 +90,7 @@ async def test_twenty_concurrent_orders_each_arrive_exactly_once(
         "TC-CH-ZH-001",
         "TC-JP-TK-001",
         "TC-AU-VI-001",
-        # issue 11: the Shanghai centre has no commercial route (Kymriah was never approved in China);
+        # issue 11: Shanghai cannot order tisa-cel commercially (Kymriah was never approved in China);
         # the UK and Canada are markets now
         "TC-GB-LN-001",
         "TC-CA-ON-001",
