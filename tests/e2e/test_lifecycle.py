@@ -645,7 +645,8 @@ async def test_an_outage_at_the_site_holding_the_material_is_reported_and_the_ru
 async def test_moving_the_apheresis_date_releases_and_rebooks(
     platform: Platform, webhook_receiver: WebhookReceiver, parties: Parties
 ) -> None:
-    j, path = await start(parties, platform, webhook_receiver, "TC-CN-SH-001")
+    # issue 11: a UK centre (MHRA); not Shanghai (tisa-cel was never approved in China)
+    j, path = await start(parties, platform, webhook_receiver, "TC-GB-LN-001")
     first = await j.wait_status("inbound_shipment_planned")
     new_date = (date.fromisoformat(first["slot"]["apheresis_date"]) + timedelta(days=9)).isoformat()
     note = "patient has an infection"

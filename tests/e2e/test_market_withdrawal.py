@@ -3,7 +3,8 @@ the order is waitlisted with that reason, the centre is told by webhook and e-ma
 that market are refused at intake with 422 naming product, use and market.
 
 The platform is shared by the end-to-end tests: this one uses a combination no other test orders
-(CILTA-CEL for clinical use in China, whose only approved site is CN-SHANGHAI) and puts the site's
+(TISA-CEL for clinical use in China, whose only approved site is CN-SHANGHAI, an illustrative route:
+issue 11's network has no CILTA-CEL in China, the Shanghai CMO makes TISA-CEL only) and puts the site's
 approvals back as they were. Each call is made by whom it would be: the centre subscribes, adds its
 e-mail recipient and places its orders; the registry admin reads the site and withdraws its approval.
 The accepted order holds a slot there (it is released, told
@@ -26,7 +27,7 @@ from v2v_harness.receiver import WebhookReceiver
 
 pytestmark = pytest.mark.e2e
 
-CENTRE, PRODUCT, USE, REGULATOR, SITE = "TC-CN-SH-001", "CILTA-CEL", "clinical", "NMPA", "CN-SHANGHAI"
+CENTRE, PRODUCT, USE, REGULATOR, SITE = "TC-CN-SH-001", "TISA-CEL", "clinical", "NMPA", "CN-SHANGHAI"
 
 
 def clinical(**kw: Any) -> dict[str, Any]:

@@ -248,8 +248,8 @@ async def test_every_consumer_span_has_its_producer_span_as_parent_or_link(
 
     await eventually(lambda: not unjoined(), timeout=20, what="every consumer span joined to its producer")
     consumers = [s for s in otlp.spans() if s["kind"] == "CONSUMER"]
-    # this order's 11 consumptions and the site registrations read at start-up (4 consumers x 7 sites)
-    assert len(consumers) >= 11 + 4 * 7
+    # this order's 11 consumptions and the site registrations read at start-up (4 consumers x 13 sites)
+    assert len(consumers) >= 11 + 4 * 13
     assert unjoined() == []
 
 

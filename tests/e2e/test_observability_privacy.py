@@ -29,7 +29,7 @@ ORDER_EVENTS = {
     "site.booking_confirmed.v1",
     "logistics.shipment_planned.v1",
 }
-CENTRE = "TC-CN-SH-001"
+CENTRE = "TC-CA-ON-001"  # issue 11: not Shanghai (tisa-cel was never approved in China)
 
 
 def telemetry_files(platform: Platform) -> list[Path]:

@@ -2,9 +2,11 @@
 
 The platform runs a second `scheduling_service` process on the same database and topic namespace; both
 join the `scheduling.slots` consumer group, so the topics' partitions are shared and both book slots at
-the same time. Contention is made real by the seed's scarcest product: CILTA-CEL for clinical use is
-made at one site per regulator (EMA: Leipzig, NMPA: Shanghai), one start a day, and a short booking
-horizon (a scheduling parameters file, `V2V_SCHEDULING_PARAMETERS`) leaves most orders waiting.
+the same time. Contention is made real by a scarce product: CILTA-CEL for clinical use, made for each
+market at one site (EMA: Ghent; FDA: Raritan, the registry admin setting the contract manufacturer Morris
+Plains' CILTA-CEL capacity to 0) at one start a day (set over the registry API: the seed's capacities are
+illustrative), and a short booking horizon (a scheduling parameters file, `V2V_SCHEDULING_PARAMETERS`)
+leaves most orders waiting.
 
 Then, still with both replicas, centres cancel and move apheresis dates while the registry raises a
 site's capacity: releases, rebooks and waitlist serving race each other, and still no day is oversold,
@@ -17,6 +19,7 @@ raises the capacity, and ops reads the slots, the waitlist and the registry (pag
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import sys
 import time
@@ -27,6 +30,7 @@ from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 
@@ -53,9 +57,12 @@ DAYS_AHEAD = 14
 MOVED_BY = 3  # days an apheresis date is moved by
 # centre -> how many orders; the Japanese centre's regulator (PMDA) approves no CILTA-CEL site at all:
 # the order service refuses those at intake (422 naming product, use and market)
-CENTRES = {"TC-DE-BE-001": 18, "TC-CN-SH-001": 18}
+CENTRES = {"TC-DE-BE-001": 18, "TC-US-NJ-001": 18}
 UNSERVED = {"TC-JP-TK-001": 4}
-SITE_OF = {"TC-DE-BE-001": "DE-LEIPZIG-IZI", "TC-CN-SH-001": "CN-SHANGHAI"}
+SITE_OF = {"TC-DE-BE-001": "BE-GHENT", "TC-US-NJ-001": "US-RARITAN"}
+# issue 11's network: CILTA-CEL at the Janssen/Legend plants and at Morris Plains (a contract manufacturer,
+# also FDA-approved for clinical supply): one start a day at each market's one site, none at Morris Plains
+SCARCE = {"BE-GHENT": 1, "US-RARITAN": 1, "US-MORRIS-PLAINS": 0}
 LIVE = ("held", "confirmed")
 IN_USE = ("held", "confirmed", "consumed")
 PARTITION = re.compile(r'partition="(\d+)"')
@@ -113,6 +120,21 @@ def wait_ready(svc: RunningService, timeout: float) -> None:
                 pass
             time.sleep(0.2)
     raise TimeoutError(f"second scheduling replica not ready in {timeout}s:\n{tail(svc.log_path)}")
+
+
+async def scheduling_capacity(dsn: str) -> dict[str, int]:
+    """Scheduling's own copy of each site's PRODUCT capacity (kept from `site.registered`)."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch("SELECT site_id, daily_capacity FROM scheduling.sites")
+    finally:
+        await conn.close()
+    out: dict[str, int] = {}
+    for row in rows:
+        raw = row["daily_capacity"]
+        capacity = json.loads(raw) if isinstance(raw, str) else dict(raw or {})
+        out[row["site_id"]] = int(capacity.get(PRODUCT, 0))
+    return out
 
 
 async def assigned_partitions(client: httpx.AsyncClient, url: str, topic: str) -> set[int]:
@@ -260,6 +282,18 @@ async def test_two_scheduling_replicas_share_the_work_and_never_oversell(
 
         await eventually(shared, timeout=60, interval=0.5, what="order partitions shared by both replicas")
 
+        # ---- 0: the scarce network (as the registry admin), seen by scheduling before any order -------
+        for site_id, n in SCARCE.items():
+            r = await admin.patch(f"{site_url}/v1/sites/{site_id}", json={"daily_capacity": {PRODUCT: n}})
+            assert r.status_code == 200, r.text
+        dsn = platform.services["scheduling"].database_url
+
+        async def scarce_seen() -> bool:
+            seen = await scheduling_capacity(dsn)
+            return all(seen.get(site_id) == n for site_id, n in SCARCE.items())
+
+        await eventually(scarce_seen, timeout=30, interval=0.3, what="scheduling's copy of the capacity")
+
         # ---- 1: forty orders at once ----------------------------------------------------------------
         bodies = order_bodies(apheresis)
         unserved = [
@@ -306,13 +340,13 @@ async def test_two_scheduling_replicas_share_the_work_and_never_oversell(
         cancelled = {
             *pick("TC-DE-BE-001", True, 3),
             *pick("TC-DE-BE-001", False, 2),
-            *pick("TC-CN-SH-001", True, 2),
+            *pick("TC-US-NJ-001", True, 2),
         }
         new_date = apheresis + timedelta(days=MOVED_BY)
         moved = {
-            oid: new_date for oid in [*pick("TC-CN-SH-001", True, 5)[2:], *pick("TC-CN-SH-001", False, 2)]
+            oid: new_date for oid in [*pick("TC-US-NJ-001", True, 5)[2:], *pick("TC-US-NJ-001", False, 2)]
         }
-        leipzig = v.capacity("DE-LEIPZIG-IZI")
+        ghent = v.capacity("BE-GHENT")
         booked_before = set(v.live())
         calls = [
             parties.centre(centre_of[oid]).post(
@@ -333,9 +367,7 @@ async def test_two_scheduling_replicas_share_the_work_and_never_oversell(
             for oid, day in moved.items()
         ]
         calls.append(
-            admin.patch(
-                f"{site_url}/v1/sites/DE-LEIPZIG-IZI", json={"daily_capacity": {PRODUCT: leipzig + 1}}
-            )
+            admin.patch(f"{site_url}/v1/sites/BE-GHENT", json={"daily_capacity": {PRODUCT: ghent + 1}})
         )
         results = await asyncio.gather(*calls)
         assert [r.status_code for r in results] == [200] * len(results), [r.text for r in results]
@@ -349,10 +381,10 @@ async def test_two_scheduling_replicas_share_the_work_and_never_oversell(
         await asyncio.sleep(1.0)
         v = await view(ops, second_url, first_url, site_url)
         assert problems(v, centre_of, cancelled, moved) == []
-        assert v.capacity("DE-LEIPZIG-IZI") == leipzig + 1
-        # more capacity and fewer orders in Leipzig: every remaining German order has its slot now
+        assert v.capacity("BE-GHENT") == ghent + 1
+        # more capacity and fewer orders in Ghent: every remaining German order has its slot now
         de_left = [oid for oid, c in centre_of.items() if c == "TC-DE-BE-001" and oid not in cancelled]
-        assert len(de_left) <= (leipzig + 1) * HORIZON_DAYS
+        assert len(de_left) <= (ghent + 1) * HORIZON_DAYS
         assert all(oid in v.live() for oid in de_left)
         # the released slots are there, with their reasons (an order that was waiting may have been
         # served before its cancel or move arrived: then its slot was released too)

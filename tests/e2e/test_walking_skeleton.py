@@ -89,8 +89,11 @@ async def test_twenty_concurrent_orders_each_arrive_exactly_once(
         "TC-DE-BE-001",
         "TC-CH-ZH-001",
         "TC-JP-TK-001",
-        "TC-CN-SH-001",
         "TC-AU-VI-001",
+        # issue 11: Shanghai cannot order tisa-cel commercially (Kymriah was never approved in China);
+        # the UK and Canada are markets now
+        "TC-GB-LN-001",
+        "TC-CA-ON-001",
     ]
     types = ["order.submitted.v1", "logistics.shipment_planned.v1"]
     for centre in centres:  # each centre subscribes with its own credentials
@@ -192,12 +195,15 @@ async def test_unknown_order_is_404_problem(platform: Platform, parties: Parties
 async def test_catalogues_health_readiness_and_docs(platform: Platform, parties: Parties) -> None:
     client = parties.centre("TC-DE-BE-001")
     centres = (await client.get(f"{platform.url('order')}/v1/treatment-centers")).json()
-    assert {c["country"] for c in centres} >= {"US", "DE", "FR", "CH", "JP", "CN", "AU"}
+    assert {c["country"] for c in centres} >= {"US", "DE", "FR", "CH", "JP", "CN", "AU", "GB", "CA"}
     products = (await client.get(f"{platform.url('order')}/v1/products")).json()
     assert "TISA-CEL" in {p["code"] for p in products}
+    # issue 11: the seven tisa-cel sites of the seed document and the other products' own plants, each
+    # with its manufacturer
     sites = (await parties.ops.get(f"{platform.url('site')}/v1/sites")).json()
-    assert len(sites) == 7
+    assert len(sites) == 13
     assert {s["operator"] for s in sites} == {"own", "cmo"}
+    assert {s["manufacturer"] for s in sites} >= {"novartis", "kite", "janssen", "fraunhofer-izi"}
     for name in ("order", "scheduling", "site", "logistics", "notification"):
         base = platform.url(name)
         assert (await client.get(base + "/health")).json()["status"] == "ok"

@@ -4,8 +4,8 @@
     (or: make demo ORDERS=200 EXCEPTIONS=0.2)
 
 N orders are placed at the certified treatment centres for (centre, product, use) combinations that some
-site approves, spread so that all seven sites get work (`plan`). Each order is one asyncio task
-(`orders.OrderActor`) that hands the turn, in turn, to the hospital (`hospitals`: apheresis,
+site approves, spread over the sites where they land by those sites' capacity (`plan`). Each order is one
+asyncio task (`orders.OrderActor`) that hands the turn, in turn, to the hospital (`hospitals`: apheresis,
 lymphodepletion, product receipt, infusion), the courier (`couriers`: milestones and temperature readings
 of the inbound and outbound shipments) and the site (`sites`: the MES's receipt, manufacturing steps and
 QC; QA's decision on a quarantined product; the registry's outage) whenever the order reaches the state

@@ -16,8 +16,9 @@ from v2v_contracts.envelope import CloudEvent, source_for
 from v2v_contracts.fields import Code, ReasonCode
 
 OrderType = Literal["commercial", "clinical"]
-Regulator = Literal["FDA", "EMA", "Swissmedic", "PMDA", "NMPA", "TGA"]
-"""The medicines regulators whose markets the platform serves (a site's approvals name one of them)."""
+Regulator = Literal["FDA", "EMA", "Swissmedic", "PMDA", "NMPA", "TGA", "MHRA", "HealthCanada"]
+"""The medicines regulators whose markets the platform serves (a site's approvals name one of them):
+issue 11 adds the UK (MHRA) and Canada (Health Canada)."""
 
 # ---- reason codes of the manufacturing network (sites' registry and MES) ------------------------------
 # Staff pick a code; no free text leaves a site (the detail is in the site's own quality system, named by
@@ -160,6 +161,10 @@ class SiteRegisteredV1(EventData):
     operator: Literal["own", "cmo"]
     active: bool
     approvals: list[SiteApproval]
+    # issue 11: the company that runs the site, a vendor-neutral code (`novartis`, `kite`, `janssen`,
+    # `fraunhofer-izi` ...); a site is approved only for products of that manufacturer or of which it is a
+    # declared contract manufacturer (the product catalogue). None: an event from before issue 11.
+    manufacturer: str | None = None
     daily_capacity: dict[str, int]  # product code -> manufacturing starts per day
     outages: list[Outage] = []  # windows in which the site starts no manufacturing
 

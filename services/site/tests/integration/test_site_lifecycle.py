@@ -53,7 +53,9 @@ pytestmark = pytest.mark.integration
 
 SITE_MIGRATIONS = Path(site_service.__file__).parent / "migrations"
 TOPIC = "t.v2v.site"  # never published to here: only the outbox rows are checked
-SITE = "FR-LES-ULIS"  # TISA-CEL 3/day, AXI-CEL 2/day
+SITE = "FR-LES-ULIS"  # Novartis: TISA-CEL 3/day
+TWO_PRODUCT_SITE = "US-MORRIS-PLAINS"  # Novartis: TISA-CEL 6/day and CILTA-CEL 2/day (a CMO for Janssen)
+KITE_SITE = "NL-HOOFDDORP"  # Kite: AXI-CEL (issue 11: axi-cel is made at Kite's plants only)
 OTHER_SITE = "CH-STEIN"
 CENTRE = "TC-FR-PA-001"
 DAY = date(2031, 5, 12)
@@ -81,7 +83,7 @@ async def pool(test_db: pytest_plugin.TestDatabase) -> AsyncIterator[asyncpg.Poo
 @pytest.fixture
 async def uow(pool: asyncpg.Pool) -> UnitOfWork[SiteTx]:
     uow = UnitOfWork(pool, TOPIC, notify_channel("site"), site_tx)
-    assert await commands.load_seed(uow) == 7
+    assert await commands.load_seed(uow) == 13
     return uow
 
 
@@ -228,7 +230,7 @@ async def test_seed_reload_keeps_api_changes_and_outages(
     assert await commands.load_seed(uow) == 0  # nothing the seed says is new: no event
     assert await outbox() == []
     site = await queries.get_site(uow, SITE)
-    assert site["daily_capacity"] == {"TISA-CEL": 1, "AXI-CEL": 2}
+    assert site["daily_capacity"] == {"TISA-CEL": 1}
     assert site["active"] is False
     assert [o["reason"] for o in site["outages"]] == ["maintenance"]
 
@@ -237,12 +239,14 @@ async def test_patch_capacity_and_active_republishes_the_site(
     pool: asyncpg.Pool, uow: UnitOfWork, outbox: Any
 ) -> None:
     await outbox()
-    out = await commands.update_site(uow, SITE, daily_capacity={"AXI-CEL": 5}, today=TODAY)
-    assert out["daily_capacity"] == {"TISA-CEL": 3, "AXI-CEL": 5}
+    # CILTA-CEL: Novartis (Les Ulis' manufacturer) is a declared contract manufacturer of it (issue 11)
+    out = await commands.update_site(uow, SITE, daily_capacity={"CILTA-CEL": 5}, today=TODAY)
+    assert out["daily_capacity"] == {"TISA-CEL": 3, "CILTA-CEL": 5}
     assert out["affected_booking_ids"] == []
     [(kind, data)] = await outbox()
     assert kind == "site.registered.v1"
-    assert data["site_id"] == SITE and data["daily_capacity"] == {"TISA-CEL": 3, "AXI-CEL": 5}
+    assert data["site_id"] == SITE and data["daily_capacity"] == {"TISA-CEL": 3, "CILTA-CEL": 5}
+    assert data["manufacturer"] == out["manufacturer"] == "novartis"
     assert data["outages"] == []
 
     out = await commands.update_site(uow, SITE, active=False, today=TODAY)
@@ -310,13 +314,13 @@ async def test_unknown_site_is_404(pool: asyncpg.Pool, uow: UnitOfWork) -> None:
 async def test_capacity_cut_affects_the_latest_bookings_beyond_capacity(
     pool: asyncpg.Pool, uow: UnitOfWork, outbox: Any
 ) -> None:
-    first, second, third = [await reserve(uow) for _ in range(3)]
-    other_day = await reserve(uow, day=DAY + timedelta(days=1))
-    other_product = await reserve(uow, product="AXI-CEL")
-    past = await reserve(uow, day=TODAY - timedelta(days=1))
+    first, second, third = [await reserve(uow, site_id=TWO_PRODUCT_SITE) for _ in range(3)]
+    other_day = await reserve(uow, site_id=TWO_PRODUCT_SITE, day=DAY + timedelta(days=1))
+    other_product = await reserve(uow, site_id=TWO_PRODUCT_SITE, product="CILTA-CEL")
+    past = await reserve(uow, site_id=TWO_PRODUCT_SITE, day=TODAY - timedelta(days=1))
     await outbox()
 
-    out = await commands.update_site(uow, SITE, daily_capacity={"TISA-CEL": 1}, today=TODAY)
+    out = await commands.update_site(uow, TWO_PRODUCT_SITE, daily_capacity={"TISA-CEL": 1}, today=TODAY)
 
     affected = {(await booking(pool, b["slot_id"]))["booking_id"] for b in (second, third)}
     assert set(out["affected_booking_ids"]) == affected
@@ -324,7 +328,7 @@ async def test_capacity_cut_affects_the_latest_bookings_beyond_capacity(
     assert [t for t, _ in events] == ["site.registered.v1"] + ["site.booking_affected.v1"] * 2
     for _, data in events[1:]:
         assert data["reason"] == "capacity_cut"
-        assert data["site_id"] == SITE
+        assert data["site_id"] == TWO_PRODUCT_SITE
         assert data["treatment_center_id"] == CENTRE
     assert {d["order_id"] for _, d in events[1:]} == {str(second["order_id"]), str(third["order_id"])}
     for b, status in [
@@ -338,14 +342,14 @@ async def test_capacity_cut_affects_the_latest_bookings_beyond_capacity(
         assert (await booking(pool, b["slot_id"]))["status"] == status
 
     # cutting to zero moves every TISA-CEL booking left from today on, never one already affected
-    await commands.update_site(uow, SITE, daily_capacity={"TISA-CEL": 0}, today=TODAY)
+    await commands.update_site(uow, TWO_PRODUCT_SITE, daily_capacity={"TISA-CEL": 0}, today=TODAY)
     events = await outbox()
     assert [t for t, _ in events] == ["site.registered.v1"] + ["site.booking_affected.v1"] * 2
     assert {d["order_id"] for _, d in events[1:]} == {str(first["order_id"]), str(other_day["order_id"])}
     assert (await booking(pool, past["slot_id"]))["status"] == "confirmed"
 
     # raising it again affects nothing
-    out = await commands.update_site(uow, SITE, daily_capacity={"TISA-CEL": 3}, today=TODAY)
+    out = await commands.update_site(uow, TWO_PRODUCT_SITE, daily_capacity={"TISA-CEL": 3}, today=TODAY)
     assert out["affected_booking_ids"] == []
     assert [t for t, _ in await outbox()] == ["site.registered.v1"]
 
@@ -771,14 +775,14 @@ async def test_oos_then_remanufacture_from_retained_material_then_failure(
 async def test_a_failed_step_needs_a_reason_and_a_product_without_retained_material_keeps_none(
     uow: UnitOfWork, outbox: Any
 ) -> None:
-    b = await reserve(uow, product="AXI-CEL")
+    b = await reserve(uow, site_id=KITE_SITE, product="AXI-CEL")
     await receive(uow, b)
     await outbox()
     with pytest.raises(DomainError) as exc:
-        await commands.record_step(uow, SITE, b["order_id"], step="activation", failed=True)
+        await commands.record_step(uow, KITE_SITE, b["order_id"], step="activation", failed=True)
     assert problem_of(exc) == (422, "reason")
     await commands.record_step(
-        uow, SITE, b["order_id"], step="activation", failed=True, reason="contamination"
+        uow, KITE_SITE, b["order_id"], step="activation", failed=True, reason="contamination"
     )
     [(kind, data)] = await outbox()
     assert kind == "site.manufacturing_failed.v1"
@@ -945,9 +949,9 @@ async def test_http_tenancy_in_sql(
     mine = tokens.headers("site", SITE)
     r = await client.get("/v1/sites", headers=mine)
     assert [s["site_id"] for s in r.json()] == [SITE]
-    assert len((await client.get("/v1/sites", headers=tokens.headers("qa"))).json()) == 7
-    paged = await client.get("/v1/sites", params={"limit": 2, "offset": 6}, headers=tokens.headers("ops"))
-    assert len(paged.json()) == 1
+    assert len((await client.get("/v1/sites", headers=tokens.headers("qa"))).json()) == 13
+    paged = await client.get("/v1/sites", params={"limit": 2, "offset": 12}, headers=tokens.headers("ops"))
+    assert len(paged.json()) == 1  # the last page of the thirteen sites
     assert (await client.get(f"/v1/sites/{OTHER_SITE}", headers=mine)).status_code == 404
 
     b = await reserve(uow, site_id=OTHER_SITE)

@@ -34,7 +34,8 @@ from v2v_servicekit import get_runtime, problems
 from v2v_servicekit.auth import SCOPE_ATTR
 from v2v_servicekit.testing import FromNow, TestTokens, resolve_times
 
-SITE = "FR-LES-ULIS"  # TISA-CEL 3/day, AXI-CEL 2/day
+SITE = "FR-LES-ULIS"  # Novartis: TISA-CEL 3/day
+KITE_SITE = "NL-HOOFDDORP"  # Kite: AXI-CEL 4/day (issue 11: axi-cel is made at Kite's plants only)
 OTHER_SITE = "CH-STEIN"
 CENTRE = "TC-FR-PA-001"
 TODAY = datetime.now(UTC).date()
@@ -66,7 +67,7 @@ PASSED = {
 @pytest.fixture(scope="module")
 async def seeded() -> MemoryStore:
     store = MemoryStore()
-    assert await commands.load_seed(fake_uow(store)) == 7
+    assert await commands.load_seed(fake_uow(store)) == 13
     return store
 
 
@@ -307,7 +308,7 @@ async def test_a_sites_reads_are_confined_to_its_own_site(api: Api) -> None:
 
     for kind in ("qa", "admin", "ops"):  # not confined
         everyone = await api.client.get("/v1/sites", headers=api.tokens.headers(kind))
-        assert len(everyone.json()) == 7
+        assert len(everyone.json()) == 13
         one = await api.client.get(f"/v1/sites/{OTHER_SITE}", headers=api.tokens.headers(kind))
         assert one.status_code == 200
 
@@ -575,7 +576,7 @@ async def test_the_site_list_pages(api: Api) -> None:
     rest = (await api.client.get("/v1/sites?limit=200&offset=3", headers=api.admin())).json()
     everyone = (await api.client.get("/v1/sites", headers=api.admin())).json()
     assert len(first) == 3 and [s["site_id"] for s in first + rest] == [s["site_id"] for s in everyone]
-    assert len(everyone) == 7
+    assert len(everyone) == 13
 
 
 # ---- the MES: reasons are codes, reported times in their window, hostile input refused ------------------
@@ -603,11 +604,11 @@ async def test_mes_reports_carry_reason_codes_into_their_events(api: Api) -> Non
     [event] = api.uow.take()
     assert (event.type, event.data["reason"]) == ("site.material_rejected.v1", "temperature_excursion")
 
-    order_id, _ = await api.received(product="AXI-CEL")
+    order_id, _ = await api.received(KITE_SITE, product="AXI-CEL")
     r = await api.client.post(
-        f"/v1/sites/{SITE}/manufacturing/{order_id}/steps",
+        f"/v1/sites/{KITE_SITE}/manufacturing/{order_id}/steps",
         json={"step": "activation", "failed": True, "reason": "contamination", "completed_at": _now()},
-        headers=api.site(),
+        headers=api.site(KITE_SITE),
     )
     assert r.status_code == 200 and r.json()["state"] == "failed"
     [event] = api.uow.take()
@@ -830,6 +831,26 @@ def test_no_body_gives_a_5xx_or_writes_when_refused(
 async def test_capacity_at_its_bound_is_accepted(api: Api) -> None:
     """The load bench raises every site to 100 000 starts a day: the bound, still accepted."""
     r = await api.client.patch(
-        f"/v1/sites/{SITE}", json={"daily_capacity": {"TISA-CEL": 100_000, "AXI-CEL": 0}}, headers=api.admin()
+        f"/v1/sites/{SITE}", json={"daily_capacity": {"TISA-CEL": 100_000}}, headers=api.admin()
     )
-    assert r.status_code == 200 and r.json()["daily_capacity"] == {"TISA-CEL": 100_000, "AXI-CEL": 0}
+    assert r.status_code == 200 and r.json()["daily_capacity"] == {"TISA-CEL": 100_000}
+
+
+async def test_a_site_is_approved_only_for_its_manufacturers_products(api: Api) -> None:
+    """Issue 11: the site view names the site's manufacturer; an approval or capacity for a product of
+    another manufacturer (AXI-CEL is Kite's, Les Ulis is Novartis's) is refused, naming the field."""
+    r = await api.client.get(f"/v1/sites/{SITE}", headers=api.admin())
+    assert r.status_code == 200 and (r.json()["manufacturer"], r.json()["operator"]) == ("novartis", "own")
+    r = await api.client.get(f"/v1/sites/{KITE_SITE}", headers=api.admin())
+    assert r.status_code == 200 and r.json()["manufacturer"] == "kite"
+    for body, field in (
+        ({"daily_capacity": {"AXI-CEL": 1}}, "daily_capacity.AXI-CEL"),
+        (
+            {"approvals": [{"regulator": "EMA", "use": "commercial", "product_code": "AXI-CEL"}]},
+            "approvals.0.product_code",
+        ),
+    ):
+        r = await api.client.patch(f"/v1/sites/{SITE}", json=body, headers=api.admin())
+        assert r.status_code == 422 and r.headers["content-type"].startswith("application/problem+json")
+        assert [e["field"] for e in r.json()["errors"]] == [field]
+        assert "kite" in r.json()["errors"][0]["reason"]

@@ -40,6 +40,26 @@ def test_other_markets_import_through_their_quality_unit() -> None:
     ]
 
 
+def test_uk_and_canada_take_lots_released_where_they_are_made_their_importer_does_the_rest() -> None:
+    """Issue 11: no manufacturing site is in the UK or Canada; the UK takes lots QP-certified in the EEA
+    (its importer's Responsible Person (import) checks that), Canada lots released by the fabricator's
+    quality unit or QP (its importer approves them for sale): neither step is a site's."""
+    uk = release_plan("MHRA", "NL-HOOFDDORP", "NL", None, None)
+    assert uk.requirements == (Requirement("qp-certification", "qualified_person", "NL-HOOFDDORP"),)
+    assert (uk.imported, uk.certification, uk.batch_release_site_id) == (
+        True,
+        "qp_certification",
+        "NL-HOOFDDORP",
+    )
+    ca = release_plan("HealthCanada", "US-EL-SEGUNDO", "US", None, None)
+    assert ca.requirements == (Requirement("release", "quality_unit", "US-EL-SEGUNDO"),)
+    assert (ca.imported, ca.certification) == (True, "quality_unit_release")
+    # a lot made outside the EEA needs a UK QP under a UK import authorisation: no such site here
+    with pytest.raises(NoReleasePath) as exc:
+        release_plan("MHRA", "US-MORRIS-PLAINS", "US", None, None)
+    assert exc.value.field == "batch_release_site_id"
+
+
 @pytest.mark.parametrize(
     ("args", "field"),
     [

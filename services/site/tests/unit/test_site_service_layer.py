@@ -40,7 +40,8 @@ from v2v_servicekit.auth import Principal
 from v2v_servicekit.problems import status_of
 from v2v_servicekit.signatures import Signer
 
-SITE = "FR-LES-ULIS"  # TISA-CEL 3/day, AXI-CEL 2/day
+SITE = "FR-LES-ULIS"  # Novartis: TISA-CEL 3/day
+KITE_SITE = "NL-HOOFDDORP"  # Kite: AXI-CEL 4/day (issue 11: axi-cel is made at Kite's plants, not Novartis's)
 OTHER_SITE = "CH-STEIN"
 CENTRE = "TC-FR-PA-001"
 DAY = date(2031, 5, 12)
@@ -71,10 +72,10 @@ async def seeded() -> MemoryStore:
     """The seeded network, loaded once through the start-up command (copied for each test)."""
     store = MemoryStore()
     uow = fake_uow(store)
-    assert await commands.load_seed(uow) == 7
-    assert uow.types() == ["site.registered.v1"] * 7
+    assert await commands.load_seed(uow) == 13
+    assert uow.types() == ["site.registered.v1"] * 13
     assert await commands.load_seed(uow) == 0  # nothing new: nothing published
-    assert uow.types() == ["site.registered.v1"] * 7
+    assert uow.types() == ["site.registered.v1"] * 13
     return store
 
 
@@ -423,15 +424,17 @@ async def test_an_outage_is_refused_when_it_ends_before_it_starts_or_has_no_reas
 
 
 async def test_a_registry_patch_publishes_the_site_and_survives_a_seed_reload(site: Site) -> None:
-    out = await commands.update_site(site.uow, SITE, daily_capacity={"AXI-CEL": 5}, today=TODAY)
-    assert out["daily_capacity"] == {"TISA-CEL": 3, "AXI-CEL": 5}
+    # CILTA-CEL: Novartis (Les Ulis' manufacturer) is a declared contract manufacturer of it (issue 11)
+    out = await commands.update_site(site.uow, SITE, daily_capacity={"CILTA-CEL": 5}, today=TODAY)
+    assert out["daily_capacity"] == {"TISA-CEL": 3, "CILTA-CEL": 5}
     assert out["affected_booking_ids"] == []
     [(kind, data)] = site.events()
     assert kind == "site.registered.v1"
-    assert (data["site_id"], data["daily_capacity"], data["outages"]) == (
+    assert (data["site_id"], data["daily_capacity"], data["outages"], data["manufacturer"]) == (
         SITE,
-        {"TISA-CEL": 3, "AXI-CEL": 5},
+        {"TISA-CEL": 3, "CILTA-CEL": 5},
         [],
+        "novartis",
     )
 
     approvals = [SiteApproval(regulator="TGA", use="clinical", product_code="CILTA-CEL")]
@@ -439,16 +442,20 @@ async def test_a_registry_patch_publishes_the_site_and_survives_a_seed_reload(si
     assert out["active"] is False
     [(kind, data)] = site.events()
     assert (data["active"], data["approvals"]) == (False, [a.model_dump() for a in approvals])
-    assert out["api_managed"] == ["active", "approvals", "daily_capacity:AXI-CEL"]
+    assert out["api_managed"] == ["active", "approvals", "daily_capacity:CILTA-CEL"]
 
     await commands.update_site(site.uow, SITE, active=False, today=TODAY)  # no change: nothing published
     assert site.events() == []
     assert await commands.load_seed(site.uow) == 0  # the registry's changes win over the seed file
     assert site.events() == []
     kept = await queries.get_site(site.uow, SITE)
-    assert (kept["active"], kept["daily_capacity"]["AXI-CEL"]) == (False, 5)
+    assert (kept["active"], kept["daily_capacity"]["CILTA-CEL"], kept["manufacturer"]) == (
+        False,
+        5,
+        "novartis",
+    )
     listed = [s["site_id"] for s in await queries.list_sites(site.uow)]
-    assert len(listed) == 7 and listed == sorted(listed) and SITE in listed
+    assert len(listed) == 13 and listed == sorted(listed) and SITE in listed
 
 
 @pytest.mark.parametrize(
@@ -460,8 +467,21 @@ async def test_a_registry_patch_publishes_the_site_and_survives_a_seed_reload(si
             {"approvals": [SiteApproval(regulator="EMA", use="clinical", product_code="NOPE")]},
             "approvals.0.product_code",
         ),
+        # issue 11: a product is made only at sites of its manufacturer or its declared contract
+        # manufacturers: AXI-CEL is Kite's, Les Ulis is Novartis's
+        ({"daily_capacity": {"AXI-CEL": 2}}, "daily_capacity.AXI-CEL"),
+        (
+            {"approvals": [SiteApproval(regulator="EMA", use="commercial", product_code="AXI-CEL")]},
+            "approvals.0.product_code",
+        ),
     ],
-    ids=["unknown-product", "negative", "unknown-approval-product"],
+    ids=[
+        "unknown-product",
+        "negative",
+        "unknown-approval-product",
+        "capacity-for-another-makers-product",
+        "approval-for-another-makers-product",
+    ],
 )
 async def test_a_bad_registry_patch_is_refused_naming_the_field(
     site: Site, patch: dict[str, Any], field: str
@@ -689,16 +709,20 @@ async def test_a_step_out_of_order_or_before_receipt_is_refused(site: Site) -> N
 async def test_qc_out_of_specification_or_failed_keeps_material_only_when_the_product_retains_it(
     site: Site, product: str, disposition: str, kind: str, retained: bool
 ) -> None:
-    o = await reserve(site, product=product)
+    o = await reserve(site, product=product, site_id=KITE_SITE if product == "AXI-CEL" else SITE)
     await receive(site, o)
     await steps(site, o, ALL_STEPS)
     site.events()
     for free_text in (" ", "CAR+ 8%", None):
         with pytest.raises(Invalid) as bad:
-            await commands.record_qc(site.uow, SITE, o.order_id, disposition=disposition, reason=free_text)
+            await commands.record_qc(
+                site.uow, o.site_id, o.order_id, disposition=disposition, reason=free_text
+            )
         assert problem(bad) == (422, "reason")
 
-    view = await commands.record_qc(site.uow, SITE, o.order_id, disposition=disposition, reason="potency")
+    view = await commands.record_qc(
+        site.uow, o.site_id, o.order_id, disposition=disposition, reason="potency"
+    )
 
     assert (view["state"], view["retained_material"]) == (disposition, retained)
     [(event_kind, data)] = site.events()
@@ -780,7 +804,7 @@ async def test_bookings_runs_steps_qc_and_registry_changes_are_audited_with_code
     from v2v_audit import Actor, verify
 
     trail = site.store.audit
-    assert [r.action for r in trail] == ["site.registry_changed"] * 7 and {r.reason for r in trail} == {
+    assert [r.action for r in trail] == ["site.registry_changed"] * 13 and {r.reason for r in trail} == {
         "seed"
     }
     start = len(trail)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -41,6 +41,12 @@ class ShippingRules(BaseModel):
     sources: tuple[str, ...] = Field(min_length=1)
 
 
+# issue 11: a manufacturer's vendor-neutral code (`novartis`, `fraunhofer-izi` ...; the site registry's
+# `manufacturer`); who makes a product is the site registry's concern, not the order service's rules
+MAKER_PATTERN = r"^[a-z][a-z0-9-]{1,39}$"
+MAKERS = ("manufacturer", "contract_manufacturers")
+
+
 class Product(BaseModel):
     """One orderable product and the rules every service applies to it."""
 
@@ -48,6 +54,10 @@ class Product(BaseModel):
 
     code: str
     name: str
+    # issue 11: who makes it, as vendor-neutral codes (the site registry's `manufacturer` of each site):
+    # the marketing authorisation holder's own sites and its declared contract manufacturers' sites only
+    manufacturer: str = Field(pattern=MAKER_PATTERN)
+    contract_manufacturers: tuple[Annotated[str, Field(pattern=MAKER_PATTERN)], ...] = ()
     apheresis_material: Material
     manufacturing_days: int = Field(ge=1)
     qc_days: int = Field(ge=0)
@@ -65,4 +75,11 @@ class Product(BaseModel):
     def rules(self) -> dict[str, object]:
         """The product's attributes without its identity (as the order service stores them); the
         shipping limits are logistics' alone."""
-        return self.model_dump(exclude={"code", "name", "shipping"})
+        return self.model_dump(exclude={"code", "name", "shipping", *MAKERS})
+
+    def made_by(self, manufacturer: str | None) -> bool:
+        """Whether a site run by `manufacturer` may make this product: the product's manufacturer or one
+        of its declared contract manufacturers."""
+        return manufacturer is not None and (
+            manufacturer == self.manufacturer or manufacturer in self.contract_manufacturers
+        )

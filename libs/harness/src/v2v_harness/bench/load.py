@@ -46,7 +46,9 @@ HOPS = tuple(f"{a.removesuffix('.v1')} → {b.removesuffix('.v1')}" for a, b in 
 BIG_CAPACITY = 100_000  # starts per day and product: no order waits for a slot
 
 # (centre, product) pairs that some active site is approved for, if the catalogue cannot be read: the
-# seeds of services/order and services/site (TISA-CEL everywhere; AXI-CEL and CILTA-CEL where approved)
+# seeds of services/order and services/site (issue 11: each product at its own manufacturers' sites;
+# TISA-CEL everywhere but China, where it has no commercial approval; AXI-CEL and CILTA-CEL in the US, the
+# EU, the UK and Canada, and AXI-CEL in China)
 FALLBACK_COMBOS: tuple[tuple[str, str], ...] = (
     *(
         (c, "TISA-CEL")
@@ -57,16 +59,24 @@ FALLBACK_COMBOS: tuple[tuple[str, str], ...] = (
             "TC-FR-PA-001",
             "TC-CH-ZH-001",
             "TC-JP-TK-001",
-            "TC-CN-SH-001",
             "TC-AU-VI-001",
+            "TC-GB-LN-001",
+            "TC-CA-ON-001",
         )
     ),
-    ("TC-US-NJ-001", "AXI-CEL"),
-    ("TC-US-TX-002", "AXI-CEL"),
-    ("TC-DE-BE-001", "AXI-CEL"),
-    ("TC-FR-PA-001", "AXI-CEL"),
-    ("TC-US-NJ-001", "CILTA-CEL"),
-    ("TC-US-TX-002", "CILTA-CEL"),
+    *(
+        (c, p)
+        for p in ("AXI-CEL", "CILTA-CEL")
+        for c in (
+            "TC-US-NJ-001",
+            "TC-US-TX-002",
+            "TC-DE-BE-001",
+            "TC-FR-PA-001",
+            "TC-GB-LN-001",
+            "TC-CA-ON-001",
+        )
+    ),
+    ("TC-CN-SH-001", "AXI-CEL"),
 )
 
 Progress = Callable[[str], None]

@@ -166,6 +166,7 @@ class MemorySiteRepository(SiteRepository):
             "region": e.region,
             "timezone": e.timezone,
             "operator": e.operator,
+            "manufacturer": e.manufacturer,
             "active": e.active,
             "approvals": [a.model_dump(exclude_none=True) for a in e.approvals],
             "daily_capacity": dict(e.daily_capacity),

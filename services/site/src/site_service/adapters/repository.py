@@ -231,6 +231,7 @@ _SITE_COLUMNS = (
     "approvals",
     "daily_capacity",
     "outages",
+    "manufacturer",
 )
 
 
@@ -247,6 +248,7 @@ def site_row(entry: SiteRegisteredV1) -> tuple[Any, ...]:
         [a.model_dump(exclude_none=True) for a in entry.approvals],
         entry.daily_capacity,
         [o.model_dump(mode="json") for o in entry.outages],
+        entry.manufacturer,
     )
 
 
@@ -262,6 +264,7 @@ def _site(row: asyncpg.Record) -> Site:
         approvals=[SiteApproval(**a) for a in row["approvals"]],
         daily_capacity=dict(row["daily_capacity"]),
         outages=[Outage(**o) for o in row["outages"]],
+        manufacturer=row["manufacturer"],
     )
     return Site(entry, frozenset(row["api_managed"]))
 
@@ -289,11 +292,11 @@ class PgSiteRepository(SiteRepository):
             return False
         await self.conn.execute(
             """INSERT INTO sites (site_id, name, country, region, timezone, operator, active, approvals,
-                                  daily_capacity, outages)
-               VALUES ($1, $2, $3, $4, $5, $6, $7, $8::jsonb, $9::jsonb, $10::jsonb)
+                                  daily_capacity, outages, manufacturer)
+               VALUES ($1, $2, $3, $4, $5, $6, $7, $8::jsonb, $9::jsonb, $10::jsonb, $11)
                ON CONFLICT (site_id) DO UPDATE SET name = $2, country = $3, region = $4, timezone = $5,
                    operator = $6, active = $7, approvals = $8::jsonb, daily_capacity = $9::jsonb,
-                   outages = $10::jsonb, updated_at = now()""",
+                   outages = $10::jsonb, manufacturer = $11, updated_at = now()""",
             *row,
         )
         return True

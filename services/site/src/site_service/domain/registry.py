@@ -2,6 +2,10 @@
 registry API's changes, what a change may contain, and which bookings a capacity cut or an outage leaves
 without a place.
 
+A site is run by one manufacturer (a vendor-neutral code, issue 11) and may hold approvals and capacity
+only for the products that manufacturer makes or contract-manufactures (`check_made_by`; the catalogue
+says who makes what).
+
 Every change to an entry is published as `site.registered` (with its outages); bookings an outage or a
 capacity cut leaves without a place are marked `affected` and announced (`site.booking_affected`), so the
 order can move to another site; the booking is cancelled once scheduling releases its slot.
@@ -108,6 +112,7 @@ def site_from_seed(entry: Mapping[str, Any]) -> SiteRegisteredV1:
         region=entry["region"],
         timezone=entry["timezone"],
         operator=entry["operator"],
+        manufacturer=entry.get("manufacturer"),
         active=bool(entry["active"]),
         approvals=approvals,
         daily_capacity={k: int(v) for k, v in entry["daily_capacity"].items()},
@@ -163,6 +168,36 @@ def validate_approvals(
         brs = approval.batch_release_site_id
         if brs is not None and sites is not None and brs not in sites:
             raise Invalid(f"approvals.{i}.batch_release_site_id", "not a site of the registry")
+
+
+def check_made_by(
+    manufacturer: str | None,
+    makers: Mapping[str, Collection[str]],
+    *,
+    approvals: Iterable[SiteApproval] = (),
+    daily_capacity: Mapping[str, int] | None = None,
+) -> None:
+    """A site run by `manufacturer` is approved, and given capacity, only for the products whose makers
+    (`makers`: product code -> the product's manufacturer and its declared contract manufacturers) include
+    it. A site whose manufacturer is not known (an entry from before issue 11) is not checked; an unknown
+    product is `validate_*`'s to refuse."""
+    if manufacturer is None:
+        return
+    for i, approval in enumerate(approvals):
+        allowed = makers.get(approval.product_code)
+        if allowed is not None and manufacturer not in allowed:
+            raise Invalid(f"approvals.{i}.product_code", _not_made_by(manufacturer, allowed))
+    for product, n in (daily_capacity or {}).items():
+        allowed = makers.get(product)
+        if allowed is not None and manufacturer not in allowed and n > 0:
+            raise Invalid(f"daily_capacity.{product}", _not_made_by(manufacturer, allowed))
+
+
+def _not_made_by(manufacturer: str, allowed: Collection[str]) -> str:
+    return (
+        f"not made at sites of this site's manufacturer ({manufacturer}); "
+        f"only at sites of {', '.join(sorted(allowed))}"
+    )
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,21 @@ Sources:
 - Other markets (PMDA, NMPA, TGA): the manufacturer's quality unit releases, and, for a product made
   outside the market, the market's batch-release site certifies the import (signed `import-certification`
   by its quality unit).
+- Importer markets (issue 11: the UK, MHRA; Canada, Health Canada), where no manufacturing site of the
+  network is: the import step belongs to the marketing authorisation holder's importer in the market, a
+  wholesale/import establishment, not a manufacturing site of the registry (`IMPORTER_MARKETS`). The
+  platform requires the release where the lot is made, by that site's own rules (a QP's certification
+  in the EU/EEA or Switzerland, else the quality unit's release), and leaves the importer's check to the
+  importer (not modelled):
+  - UK: a batch QP-certified in a country on the "approved country for import" list (the EEA) may be
+    imported into Great Britain by a wholesale dealer without UK QP certification; the dealer's
+    Responsible Person (import) confirms the QP certification took place (Human Medicines Regulations
+    2012 reg. 45AA-45AB; MHRA, "List of approved countries for authorised human medicines", 2020;
+    "Acting as a Responsible Person (import)"). A lot from elsewhere (Switzerland, the US) needs a UK
+    QP under a UK manufacturing and import authorisation: no such site here, so none is accepted.
+  - Canada: the importer's quality control department approves each imported lot for sale (Food and
+    Drug Regulations C.02.014; C.02.019 eases the importer's testing of lots from a fabricator in a
+    country with a mutual recognition agreement).
 
 "Made outside the market" is decided by country: the manufacturing site's country is not in the
 regulator's territory (`TERRITORY`; the EU/EEA for EMA: a Swiss site is outside the EU). The site that
@@ -44,8 +59,17 @@ TERRITORY: dict[str, frozenset[str]] = {
     "PMDA": frozenset({"JP"}),
     "NMPA": frozenset({"CN"}),
     "TGA": frozenset({"AU"}),
+    "MHRA": frozenset({"GB"}),
+    "HealthCanada": frozenset({"CA"}),
 }
 QP_MARKETS = frozenset({"EMA", "Swissmedic"})  # a Qualified Person certifies (Annex 16; CH: the FvP)
+QP_COUNTRIES = EU_EEA | TERRITORY["Swissmedic"]  # where a site's own release is a QP's certification
+# markets whose import step is the marketing authorisation holder's importer's (not a site's), and the
+# countries a lot may be released in for them (see the module's docstring)
+IMPORTER_MARKETS: dict[str, frozenset[str]] = {
+    "MHRA": EU_EEA,
+    "HealthCanada": EU_EEA | frozenset({"US", "CH"}),
+}
 
 Meaning = Literal["release", "qp-certification", "import-certification"]
 Role = Literal["quality_unit", "qualified_person"]
@@ -73,7 +97,9 @@ class ReleasePlan:
 
     @property
     def certification(self) -> Literal["quality_unit_release", "qp_certification"]:
-        return "qp_certification" if self.regulator in QP_MARKETS else "quality_unit_release"
+        return (
+            "qp_certification" if self.requirements[0].role == "qualified_person" else "quality_unit_release"
+        )
 
     def for_meaning(self, meaning: str) -> Requirement | None:
         return next((r for r in self.requirements if r.meaning == meaning), None)
@@ -107,6 +133,8 @@ def release_plan(
     brs = batch_release_site_id or manufacturing_site_id
     brs_country = batch_release_country if batch_release_site_id else manufacturing_country
     imported = not in_market(regulator, manufacturing_country)
+    if imported and regulator in IMPORTER_MARKETS:
+        return _importer_market_plan(regulator, manufacturing_site_id, brs, brs_country)
     if brs_country is None or not in_market(regulator, brs_country):
         raise NoReleasePath(
             "batch_release_site_id",
@@ -119,6 +147,26 @@ def release_plan(
     if imported:
         reqs.append(Requirement("import-certification", role, brs))
     return ReleasePlan(regulator, manufacturing_site_id, brs, imported, tuple(reqs))
+
+
+def _importer_market_plan(
+    regulator: str, manufacturing_site_id: str, brs: str, brs_country: str | None
+) -> ReleasePlan:
+    """A lot for an importer market: released where it is made (or at the approval's batch-release site),
+    by that site's own rules; the import step is the market's importer's (see the module's docstring)."""
+    country = (brs_country or "").upper()
+    if country not in IMPORTER_MARKETS[regulator]:
+        raise NoReleasePath(
+            "batch_release_site_id",
+            f"the {regulator} market takes imported lots released in "
+            f"{', '.join(sorted(IMPORTER_MARKETS[regulator]))} only: the approval must name a "
+            "batch-release site there",
+        )
+    qp = country in QP_COUNTRIES
+    requirement = Requirement(
+        "qp-certification" if qp else "release", "qualified_person" if qp else "quality_unit", brs
+    )
+    return ReleasePlan(regulator, manufacturing_site_id, brs, True, (requirement,))
 
 
 def missing(plan: ReleasePlan, signed: set[str]) -> list[Requirement]:

@@ -178,7 +178,11 @@ class OutageIn(BaseModel):
     reason: OutageReason = Field(examples=["maintenance"])
 
 
-@router.get("/sites", tags=["sites"], summary="The manufacturing network: approvals and capacity")
+@router.get(
+    "/sites",
+    tags=["sites"],
+    summary="The manufacturing network: each site's manufacturer, approvals and capacity",
+)
 async def sites(
     rt: RuntimeDep,
     principal: Annotated[Principal, require_scope("sites:read")],
@@ -188,7 +192,9 @@ async def sites(
     return await queries.list_sites(rt.uow, tenant=tenant_of(principal), limit=limit, offset=offset)
 
 
-@router.get("/sites/{site_id}", tags=["sites"], summary="One site: approvals, capacity, outages")
+@router.get(
+    "/sites/{site_id}", tags=["sites"], summary="One site: manufacturer, approvals, capacity, outages"
+)
 async def site(
     site_id: SiteId, rt: RuntimeDep, principal: Annotated[Principal, require_scope("sites:read")]
 ) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from site_service.domain import registry
 from site_service.domain.manufacturing import Manufacture, Transition
 from site_service.domain.registry import Booking
 from site_service.domain.release import ReleasePlan, make_lot, missing
-from site_service.service_layer.products import known_products, rules_for
+from site_service.service_layer.products import known_products, makers, rules_for
 from site_service.service_layer.queries import (
     ensure_site,
     lot_record,
@@ -243,6 +243,12 @@ async def load_seed(uow: AbstractUnitOfWork[SiteTx], path: Path = SITES_SEED) ->
     async with uow.begin() as tx:
         for entry in entries:
             seeded = registry.site_from_seed(entry)
+            registry.check_made_by(
+                seeded.manufacturer,
+                makers(),
+                approvals=seeded.approvals,
+                daily_capacity=seeded.daily_capacity,
+            )
             current = await tx.sites.get(seeded.site_id, lock=True)
             changed += await store_site(
                 tx,
@@ -282,6 +288,9 @@ async def update_site(
         registry.validate_approvals(approvals, known_products(), known_sites)
     async with uow.begin() as tx:
         site = await _locked_site(tx, site_id, tenant)
+        registry.check_made_by(
+            site.entry.manufacturer, makers(), approvals=approvals or (), daily_capacity=daily_capacity
+        )
         patch = registry.patch_site(site, daily_capacity=daily_capacity, active=active, approvals=approvals)
         changed = await store_site(tx, patch.entry, before=site.entry, reason="registry_update")
         await tx.sites.set_api_managed(site_id, patch.api_managed)
@@ -625,7 +634,9 @@ async def required_signature(
     req = plan.requirements[-1] if import_at else plan.requirements[0]
     if import_at and req.meaning != "import-certification":
         raise Conflict(
-            "order_id", "made inside the market: no import certification is needed, only the release"
+            "order_id",
+            "no import certification at a site is needed (made inside the market, or imported by the "
+            "market's importer), only the release",
         )
     return req.meaning, req.role
 
