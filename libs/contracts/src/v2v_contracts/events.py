@@ -558,7 +558,7 @@ class MaterialDispositionRecordedV1(OrderEventData):
     TYPE = "order.material_disposition_recorded.v1"
     SERVICE = "order"
     material: MaterialKind
-    location: Literal["centre", "in_transit", "site"]  # where it was when the order ended
+    left_at: Literal["centre", "in_transit", "site"]  # where it was when the order ended
     outcome: Literal["destroyed", "returned"]
     reason: ReasonCode
     document_reference: str | None = None  # an opaque id in the recorder's document system

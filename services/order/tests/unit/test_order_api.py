@@ -1043,7 +1043,11 @@ async def test_an_order_without_an_indication_names_it_with_its_first_lymphodepl
     )
     assert resp.status_code == 200, resp.text
     treatment = resp.json()["treatment"]
-    assert (treatment["indication"], treatment["weight_kg"], treatment["lymphodepletions"]) == ("b_all", 41, 1)
+    assert (treatment["indication"], treatment["weight_kg"], treatment["lymphodepletions"]) == (
+        "b_all",
+        41,
+        1,
+    )
 
 
 async def test_on_hold_and_resume_with_reason_codes_and_notes_kept_here(api: Api) -> None:

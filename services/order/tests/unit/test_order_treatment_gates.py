@@ -50,7 +50,12 @@ def test_windows_come_from_the_catalogue_per_product_and_indication() -> None:
     dlbcl = m.Window.of(products["TISA-CEL"], "dlbcl")
     assert dlbcl is not None and (dlbcl.regimen_days, dlbcl.min_days, dlbcl.max_days) == (3, 2, 11)
     mm = m.Window.of(products["CILTA-CEL"], "mm")
-    assert mm is not None and (mm.regimen_days, mm.min_days, mm.max_days, mm.repeat_after_days) == (3, 2, 4, 14)
+    assert mm is not None and (mm.regimen_days, mm.min_days, mm.max_days, mm.repeat_after_days) == (
+        3,
+        2,
+        4,
+        14,
+    )
     lbcl = m.Window.of(products["AXI-CEL"], "lbcl")
     assert lbcl is not None and (lbcl.regimen_days, lbcl.min_days) == (3, 2)
     # infusion 2 days after the completion of a 3-day regimen: day 0 after LD on days -5, -4, -3
@@ -100,13 +105,19 @@ def test_lymphodepletion_when_released_but_delivery_not_confirmed_is_refused() -
 
 def test_the_couriers_booking_confirms_the_delivery_and_lets_lymphodepletion_start() -> None:
     booked = m.on_fact(
-        at(S.RELEASED), "logistics.shipment_milestone.v1", {"leg": "outbound_product", "milestone": "booked"},
-        Rules(), TODAY,
+        at(S.RELEASED),
+        "logistics.shipment_milestone.v1",
+        {"leg": "outbound_product", "milestone": "booked"},
+        Rules(),
+        TODAY,
     )
     assert booked.changed and booked.state.status == S.RELEASED and booked.state.delivery_confirmed
     again = m.on_fact(
-        booked.state, "logistics.shipment_milestone.v1",
-        {"leg": "outbound_product", "milestone": "booked"}, Rules(), TODAY,
+        booked.state,
+        "logistics.shipment_milestone.v1",
+        {"leg": "outbound_product", "milestone": "booked"},
+        Rules(),
+        TODAY,
     )
     assert not again.changed
     started = m.start_lymphodepletion(booked.state, B_ALL, TODAY)
@@ -169,7 +180,11 @@ def test_infusion_outside_the_window_is_refused_naming_the_window(offset: int, w
     assert f"is {when} the infusion window 2026-12-02 .. 2026-12-14" in problem.errors[0].reason
     window = problem.extensions["window"]
     assert (window["earliest_infusion"], window["latest_infusion"]) == ("2026-12-02", "2026-12-14")
-    assert (window["indication"], window["min_days_after_completion"], window["max_days_after_completion"]) == (
+    assert (
+        window["indication"],
+        window["min_days_after_completion"],
+        window["max_days_after_completion"],
+    ) == (
         "b_all",
         2,
         14,
@@ -239,7 +254,9 @@ def test_a_product_lost_after_lymphodepletion_clears_it_alerts_and_allows_a_repe
 
 
 def test_a_loss_without_lymphodepletion_raises_no_alert() -> None:
-    lost = m.decide_disposition(held_outbound(in_transit()), "reject", "outside_stability_data", Rules(), TODAY)
+    lost = m.decide_disposition(
+        held_outbound(in_transit()), "reject", "outside_stability_data", Rules(), TODAY
+    )
     assert not any(isinstance(c, m.ClearLymphodepletion) for c in lost.commands)
 
 
@@ -269,13 +286,19 @@ def test_facts_move_the_orders_own_steps_beneath_the_hold() -> None:
     assert released.changed and released.state.status == S.ON_HOLD
     assert released.state.paused_from == S.RELEASED and "beneath the hold" in released.reason
     picked = m.on_fact(
-        released.state, "logistics.shipment_milestone.v1",
-        {"leg": "outbound_product", "milestone": "picked_up"}, Rules(), TODAY,
+        released.state,
+        "logistics.shipment_milestone.v1",
+        {"leg": "outbound_product", "milestone": "picked_up"},
+        Rules(),
+        TODAY,
     ).state
     # the product arrives while the patient is on hold: received and stored at the centre
     delivered = m.on_fact(
-        picked, "logistics.shipment_milestone.v1", {"leg": "outbound_product", "milestone": "delivered"},
-        Rules(), TODAY,
+        picked,
+        "logistics.shipment_milestone.v1",
+        {"leg": "outbound_product", "milestone": "delivered"},
+        Rules(),
+        TODAY,
     ).state
     stored = m.confirm_product_receipt(delivered).state
     assert (stored.status, stored.paused_from) == (S.ON_HOLD, S.PRODUCT_RECEIVED)
@@ -295,8 +318,11 @@ def test_facts_move_the_orders_own_steps_beneath_the_hold() -> None:
 def test_a_fact_not_yet_applicable_beneath_the_hold_is_parked_as_ever() -> None:
     held = m.put_on_hold(at(S.MANUFACTURING), "patient_unwell").state
     early = m.on_fact(
-        held, "logistics.shipment_milestone.v1", {"leg": "outbound_product", "milestone": "delivered"},
-        Rules(), TODAY,
+        held,
+        "logistics.shipment_milestone.v1",
+        {"leg": "outbound_product", "milestone": "delivered"},
+        Rules(),
+        TODAY,
     )
     assert not early.changed and early.state == held and early.reason.startswith(m.NOT_YET)
 
@@ -307,8 +333,11 @@ def test_a_failure_beneath_the_hold_ends_it_and_a_cancellation_needs_the_signatu
         m.cancel(held, "patient_deceased")
     assert m.cancel(held, "patient_deceased", signed=True).state.status == S.CANCELLED
     failed = m.on_fact(
-        held, "site.manufacturing_failed.v1", {"run": 1, "reason": "contamination", "retained_material": False},
-        Rules(max_runs=1, max_recollections=0), TODAY,
+        held,
+        "site.manufacturing_failed.v1",
+        {"run": 1, "reason": "contamination", "retained_material": False},
+        Rules(max_runs=1, max_recollections=0),
+        TODAY,
     )
     assert failed.state.status == S.FAILED and failed.state.paused_from is None
 

@@ -85,7 +85,7 @@ WEBHOOK_FIELDS: dict[str, dict[str, Kind]] = {
     "order.resumed.v1": {"reason": "reason", "status": "code"},
     "order.material_disposition_recorded.v1": {
         "material": "code",
-        "location": "code",
+        "left_at": "code",
         "outcome": "code",
         "reason": "reason",
         "document_reference": "code",

@@ -703,7 +703,9 @@ def record_material_fate(
         raise Invalid("material", f"the order ended with {left['material']} ({left['location']})")
     if material in recorded:
         raise Conflict("material", "its disposition is recorded already")
-    return f"{material.replace('_', ' ')} {fate} ({code}; it was at the {left['location']} when the order ended)"
+    return (
+        f"{material.replace('_', ' ')} {fate} ({code}; it was at the {left['location']} when the order ended)"
+    )
 
 
 def cancel(state: OrderState, reason_code: str, *, signed: bool = False) -> Outcome:

@@ -634,7 +634,9 @@ def _order_out(
         )
         if row.end_material
         else None,
-        material_dispositions=None if view is None else [MaterialDispositionOut.of(r) for r in view.materials],
+        material_dispositions=None
+        if view is None
+        else [MaterialDispositionOut.of(r) for r in view.materials],
         predicted=Predicted(**predicted) if predicted is not None else None,
         created_at=row.created_at,
         updated_at=row.updated_at,
@@ -931,7 +933,9 @@ async def apheresis_done(
 async def lymphodepletion(
     order_id: uuid.UUID, body: LymphodepletionIn, rt: RuntimeDep, principal: WritePrincipal
 ) -> OrderOut:
-    action = commands.Action("lymphodepletion", at=body.at, indication=body.indication, weight_kg=body.weight_kg)
+    action = commands.Action(
+        "lymphodepletion", at=body.at, indication=body.indication, weight_kg=body.weight_kg
+    )
     return await _hospital_action(rt, principal, order_id, action)
 
 

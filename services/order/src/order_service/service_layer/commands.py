@@ -559,7 +559,9 @@ async def _act(
             await cases.replay_parked(tx, order_id)
 
 
-def _clinical_for_lymphodepletion(case: cases.Case, action: Action, extra: dict[str, object]) -> Window | None:
+def _clinical_for_lymphodepletion(
+    case: cases.Case, action: Action, extra: dict[str, object]
+) -> Window | None:
     """The window LD is gated with: the order's indication's. An order placed without one (before issue
     11, or by a caller that left it out) names it with its first LD (kept on the order, with the weight
     its dose needs); a product with treatment facts needs one (422 naming `indication`)."""
@@ -578,7 +580,8 @@ def _clinical_for_lymphodepletion(case: cases.Case, action: Action, extra: dict[
         known = ", ".join(product.treatment.codes())
         raise Invalid(
             "indication",
-            f"is required for lymphodepletion: it decides the regimen and the infusion window (one of: {known})",
+            f"is required for lymphodepletion: it decides the regimen and the infusion window "
+            f"(one of: {known})",
         )
     return cases.window_for(order.product_code, indication)
 
@@ -590,7 +593,9 @@ async def _material_disposition(
     order, state = case.order, case.order.state()
     recorded = {r.material for r in await tx.materials.of_order(order.order_id)}
     material, fate = action.material or "", action.outcome or ""
-    words = machine.record_material_fate(state, order.end_material, recorded, material, fate, action.reason_code)
+    words = machine.record_material_fate(
+        state, order.end_material, recorded, material, fate, action.reason_code
+    )
     left = order.end_material or {}
     record = MaterialDisposition(
         disposition_id=uuid.uuid4(),
@@ -622,7 +627,7 @@ async def _material_disposition(
     data = MaterialDispositionRecordedV1(
         **order.ref(),  # type: ignore[arg-type]
         material=material,  # type: ignore[arg-type]
-        location=record.location,  # type: ignore[arg-type]
+        left_at=record.location,  # type: ignore[arg-type]
         outcome=fate,  # type: ignore[arg-type]
         reason=action.reason_code,
         document_reference=action.document_reference,

@@ -10,7 +10,13 @@ from typing import Any, TypeAlias
 
 from order_service.adapters.repository import OrderTx
 from order_service.domain.order import Actuals, Durations, Window, predict
-from order_service.domain.records import AuthorityTask, Centre, MaterialDisposition, OrderRecord, TimelineEntry
+from order_service.domain.records import (
+    AuthorityTask,
+    Centre,
+    MaterialDisposition,
+    OrderRecord,
+    TimelineEntry,
+)
 from v2v_audit import Record
 from v2v_contracts.errors import NotFound
 from v2v_contracts.reference import product_catalogue
@@ -97,7 +103,9 @@ async def order_view(uow: UnitOfWork, order_id: uuid.UUID, *, centre: str | None
                     signatures=[sig.manifestation() for sig in check.current],
                 )
             )
-    return OrderView(order, timeline, predicted_dates(order, region), collections, tasks, decisions, materials)
+    return OrderView(
+        order, timeline, predicted_dates(order, region), collections, tasks, decisions, materials
+    )
 
 
 async def tasks_page(
