@@ -96,16 +96,24 @@ def order_body(
     product: str = "TISA-CEL",
     days_ahead: int = 14,
     patient_ref: str | None = None,
+    indication: str | None = None,
+    weight_kg: float | None = None,
 ) -> dict[str, Any]:
     """A valid order body; the patient reference is unique per call unless given (a second open order
-    for the same centre, patient and product is refused)."""
-    return {
+    for the same centre, patient and product is refused). `indication` (and the `weight_kg` its dose may
+    need) only when given: an order may name it with its first lymphodepletion instead."""
+    body: dict[str, Any] = {
         "treatment_center_id": centre,
         "product_code": product,
         "order_type": "commercial",
         "patient_ref": patient_ref or f"PAT-E2E-{uuid.uuid4().hex[:12]}",
         "requested_apheresis_date": (date.today() + timedelta(days=days_ahead)).isoformat(),
     }
+    if indication is not None:
+        body["indication"] = indication
+    if weight_kg is not None:
+        body["weight_kg"] = weight_kg
+    return body
 
 
 async def eventually(
