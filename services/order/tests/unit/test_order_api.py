@@ -1144,3 +1144,28 @@ async def test_an_order_cancelled_before_apheresis_leaves_nothing_to_dispose_of(
         api.centre(),
     )
     assert resp.status_code == 409 and "no material" in resp.json()["detail"]
+
+
+async def test_every_structured_cancel_and_hold_reason_is_accepted_and_published_as_its_code(
+    api: Api,
+) -> None:
+    """Death, progression, ineligible, payer denied, consent withdrawn, other (and the rest of the
+    enumerations): each a code in the event; the words stay here."""
+    from typing import get_args
+
+    from order_service.domain.reasons import CancelReason, HoldReason
+
+    for n, code in enumerate(get_args(HoldReason)):
+        order = await api.place(patient_ref=f"PAT-HOLD-{n}")
+        resp = await api.post(f"/v1/orders/{order['order_id']}/hold", {"reason_code": code}, api.centre())
+        assert resp.status_code == 200 and resp.json()["on_hold"]["reason_code"] == code, resp.text
+    for n, code in enumerate(get_args(CancelReason)):
+        order = await api.place(patient_ref=f"PAT-CANCEL-{n}")
+        resp = await api.post(f"/v1/orders/{order['order_id']}/cancel", {"reason_code": code}, api.centre())
+        assert resp.status_code == 200 and resp.json()["status"] == "cancelled", resp.text
+    published = {(e.type, e.data["reason"]) for e in api.uow.committed if "reason" in e.data}
+    assert {("order.put_on_hold.v1", c) for c in get_args(HoldReason)} <= published
+    assert {("order.cancelled.v1", c) for c in get_args(CancelReason)} <= published
+    for required in ("patient_deceased", "disease_progression", "patient_ineligible", "payer_denied"):
+        assert required in get_args(CancelReason)
+    assert "consent_withdrawn" in get_args(CancelReason) and "other" in get_args(CancelReason)

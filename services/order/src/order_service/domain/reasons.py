@@ -173,7 +173,6 @@ MANUFACTURING_FAILED = "manufacturing_failed"
 QUARANTINE_REJECTED = "quarantine_rejected"
 SITE_OUTAGE = "site_outage"
 NO_RECOLLECTION_LEFT = "no_recollection_left"
-LOST_AFTER_LYMPHODEPLETION = "lost_after_lymphodepletion"  # why a recorded LD was cleared
 TEMPERATURE_EXCURSION = "temperature_excursion"  # why material is at risk after an excursion
 PHYSICIAN_DECLINED = "physician_declined"  # the disposition reason a physician's decline publishes
 

@@ -26,6 +26,7 @@ from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from order_service.config import OrderSettings
+from order_service.domain.order import DELIVERY_CONFIRMED, effective_status
 from order_service.domain.reasons import (
     CancelReason,
     DispositionOutcome,
@@ -457,7 +458,10 @@ class HoldOut(BaseModel):
 class EndMaterialOut(BaseModel):
     material: str  # apheresis_material | product
     location: str  # centre | in_transit | site (when the order ended)
-    disposition_recorded: bool
+    disposition_recorded: bool | None = Field(
+        default=None,
+        description="Whether its disposition is recorded (the order's own view says; a list not)",
+    )
 
 
 class MaterialDispositionOut(BaseModel):
@@ -630,7 +634,7 @@ def _order_out(
         end_material=EndMaterialOut(
             material=row.end_material["material"],
             location=row.end_material["location"],
-            disposition_recorded=row.end_material["material"] in recorded,
+            disposition_recorded=None if view is None else row.end_material["material"] in recorded,
         )
         if row.end_material
         else None,
@@ -662,8 +666,7 @@ def _treatment_out(row: OrderRecord) -> TreatmentOut:
     return TreatmentOut(
         indication=row.indication,
         weight_kg=row.weight_kg,
-        delivery_confirmed=row.delivery_confirmed
-        or row.status in {"product_in_transit", "product_delivered", "product_received"},
+        delivery_confirmed=row.delivery_confirmed or effective_status(row.state()) in DELIVERY_CONFIRMED,
         lymphodepletion_started_on=row.lymphodepletion_on,
         lymphodepletions=row.lymphodepletions,
         infusion_window=InfusionWindowOut(**window) if window else None,
