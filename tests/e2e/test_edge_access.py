@@ -630,6 +630,15 @@ def routes(w: World) -> list[Route]:
         Route(
             "order",
             "POST",
+            "/v1/orders/{order_id}/site-material-disposition",
+            "qa",
+            None,
+            order,
+            {"material": "product", "outcome": "destroyed", "reason_code": "other"},
+        ),
+        Route(
+            "order",
+            "POST",
             "/v1/orders/{order_id}/cancel",
             "centre",
             CENTRE_A,

@@ -76,6 +76,7 @@ SCOPES = {
     ("POST", "/v1/orders/{order_id}/hold"): "orders:write",
     ("POST", "/v1/orders/{order_id}/resume"): "orders:write",
     ("POST", "/v1/orders/{order_id}/material-disposition"): "orders:write",
+    ("POST", "/v1/orders/{order_id}/site-material-disposition"): "quarantine:decide",
 }
 # the signed routes: meaning and the roles that may sign (21 CFR 11.50, 11.100)
 SIGNED = {
@@ -245,6 +246,7 @@ MINIMAL_BODIES: dict[str, dict[str, Any]] = {
     "hold": {"reason_code": "patient_unwell"},
     "resume": {"reason_code": "patient_cleared"},
     "material-disposition": {"material": "product", "outcome": "destroyed", "reason_code": "order_cancelled"},
+    "site-material-disposition": {"material": "product", "outcome": "destroyed", "reason_code": "other"},
 }
 
 
@@ -1132,6 +1134,29 @@ async def test_a_late_cancellation_leaves_a_product_whose_disposition_is_recorde
     assert "order.material_disposition.recorded" in actions and "order.material" in actions
     ended = next(a for a in audit if a["action"] == "order.cancel")
     assert ended["new"]["end_material"] == {"material": "product", "location": "site"}
+
+
+async def test_the_manufacturers_qa_records_what_the_site_did_with_material_a_failed_order_left(
+    api: Api,
+) -> None:
+    order = await api.place()
+    oid = order["order_id"]
+    api.put(oid, "material_received", site_id="FR-LES-ULIS")
+    await api.post(f"/v1/orders/{oid}/cancel", {"reason_code": "patient_deceased"}, api.centre())
+    body = {"material": "apheresis_material", "outcome": "returned", "reason_code": "patient_deceased"}
+    not_the_centres = await api.post(f"/v1/orders/{oid}/site-material-disposition", body, api.centre())
+    assert not_the_centres.status_code == 403
+    resp = await api.post(f"/v1/orders/{oid}/site-material-disposition", body, api.qa(client_id="qa-system"))
+    assert resp.status_code == 200, resp.text
+    [record] = resp.json()["material_dispositions"]
+    assert (record["material"], record["location"], record["outcome"]) == (
+        "apheresis_material",
+        "site",
+        "returned",
+    )
+    assert record["recorded_by"] == "qa-system"
+    again = await api.post(f"/v1/orders/{oid}/material-disposition", body, api.centre())
+    assert again.status_code == 409  # once per material, whoever records it
 
 
 async def test_an_order_cancelled_before_apheresis_leaves_nothing_to_dispose_of(api: Api) -> None:

@@ -1030,6 +1030,32 @@ async def material_disposition(
     return await _hospital_action(rt, principal, order_id, action)
 
 
+@router.post(
+    "/orders/{order_id}/site-material-disposition",
+    dependencies=[idempotent()],
+    response_model=OrderOut,
+    tags=["QA actions"],
+    summary="The manufacturer's QA records what its site did with the material or product left",
+    description="Issue 11: as `/material-disposition`, for material or product the order left at a site "
+    "or in transit, recorded by the manufacturer's QA for the site (the centre records what it holds).",
+    responses=ACTION_RESPONSES,
+)
+async def site_material_disposition(
+    order_id: uuid.UUID, body: MaterialDispositionIn, rt: RuntimeDep, principal: QaPrincipal
+) -> OrderOut:
+    action = commands.Action(
+        "material",
+        material=body.material,
+        outcome=body.outcome,
+        reason_code=body.reason_code,
+        document_reference=body.document_reference,
+        at=body.at,
+        note=body.note,
+        by=principal.client_id,
+    )
+    return await _qa_action(rt, principal, order_id, action)
+
+
 DISPOSITION_ROLES = ("qa_reviewer", "quality_unit", "qualified_person")
 DispositionSigner = Annotated[Signer, require_signature("disposition", roles=DISPOSITION_ROLES)]
 PhysicianSigner = Annotated[Signer, require_signature("physician-acceptance", roles=("physician",))]
