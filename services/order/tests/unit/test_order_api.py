@@ -1003,7 +1003,10 @@ async def test_lymphodepletion_waits_for_a_confirmed_delivery_and_infusion_for_i
         window["lymphodepletion_started_on"]
     ) == timedelta(days=9)
     assert abs((date.fromisoformat(window["lymphodepletion_started_on"]) - started).days) <= 1
-    api.put(oid, "product_received")
+    now = datetime.now(UTC)
+    api.put(
+        oid, "product_received", released_at=now - timedelta(days=24), delivered_at=now - timedelta(days=22)
+    )
     late = await api.post(f"/v1/orders/{oid}/infusion", {"coi": order["coi"]}, api.centre())
     assert late.status_code == 409 and late.headers["content-type"].startswith(PROBLEM_JSON)
     problem = late.json()
@@ -1025,6 +1028,9 @@ async def test_lymphodepletion_waits_for_a_confirmed_delivery_and_infusion_for_i
     )
     assert again.status_code == 200, again.text
     assert again.json()["treatment"]["lymphodepletions"] == 2
+    # the predicted infusion is not before the recorded LD's window opens (the delivery was long before)
+    repeat_window = again.json()["treatment"]["infusion_window"]
+    assert again.json()["predicted"]["earliest_infusion"] == repeat_window["earliest_infusion"]
     done = await api.post(f"/v1/orders/{oid}/infusion", {"coi": order["coi"]}, api.centre())
     assert done.status_code == 200, done.text
     assert done.json()["status"] == "completed"

@@ -72,9 +72,15 @@ def predicted_dates(order: OrderRecord, region: str | None = None) -> dict[str, 
     )
     # QC lies inside the published apheresis-to-release days, not on top of the manufacturing days
     after_start = product.planning.release_after_start(region or "default") if product.planning else None
-    return predict(
+    predicted = predict(
         Durations(product.manufacturing_days, product.qc_days, release_after_start_days=after_start), actuals
     )
+    # issue 11: once LD is recorded, the infusion is not before its window opens
+    window = infusion_window(order)
+    earliest = predicted.get("earliest_infusion")
+    if window is not None and earliest is not None:
+        predicted["earliest_infusion"] = max(earliest, date.fromisoformat(window["earliest_infusion"]))
+    return predicted
 
 
 async def order_view(uow: UnitOfWork, order_id: uuid.UUID, *, centre: str | None = None) -> OrderView:
