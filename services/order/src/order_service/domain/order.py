@@ -143,8 +143,7 @@ ALLOWED: dict[OrderStatus, frozenset[OrderStatus]] = {
     S.FAILED: frozenset(),
 }
 PAUSABLE = frozenset(set(OrderStatus) - TERMINAL - {S.ON_HOLD})
-for _status in PAUSABLE:
-    ALLOWED[_status] = ALLOWED[_status] | {S.ON_HOLD}
+ALLOWED.update({status: ALLOWED[status] | {S.ON_HOLD} for status in PAUSABLE})
 ALLOWED[S.ON_HOLD] = frozenset(PAUSABLE | {S.CANCELLED, S.FAILED})
 
 
