@@ -393,9 +393,8 @@ async def test_an_oos_product_the_physician_accepts_ships_is_infused_and_the_aut
     await j.hospital("product-receipt", {"coi": j.coi})  # with the released lot
     # issue 11: the order names its indication (and the weight axi-cel's dose needs) with its LD, started
     # 6 days ago (a 3-day regimen, infusion 2 days after it and at most 7): today is in its window
-    await j.hospital(
-        "lymphodepletion", {"indication": "lbcl", "weight_kg": 80.0, "at": now_iso(-6 * 24 * 60)}
-    )
+    ld = await j.lymphodepletion(days_ago=6, indication="lbcl", weight_kg=80.0)
+    assert (ld["treatment"]["indication"], ld["treatment"]["weight_kg"]) == ("lbcl", 80.0)
     assert (await j.hospital("infusion", {"coi": j.coi}))["status"] == "completed"
     [task] = (await j.get())["tasks"]
     assert (task["kind"], task["state"], task["regulator"]) == ("authority_notification", "open", "FDA")

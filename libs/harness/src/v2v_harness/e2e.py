@@ -222,6 +222,31 @@ class Journey:
             self.din = din_of(answer) or self.din
         return answer
 
+    async def lymphodepletion(
+        self,
+        *,
+        days_ago: float = 7,
+        indication: str | None = None,
+        weight_kg: float | None = None,
+        expect: int = 200,
+    ) -> dict[str, Any]:
+        """As the centre: the LD regimen started `days_ago` days ago (7: an infusion today is inside every
+        window of the catalogue: regimen 3-4 days, then 2 days at least, 4 at most for cilta-cel). The
+        gates apply (the product released and its delivery confirmed). An order that names no indication
+        names one here: `indication`, else the product's first (with `weight_kg`, else 70 kg, where its
+        dose needs the weight)."""
+        order = await self.get()
+        body: dict[str, Any] = {"at": now_iso(-days_ago * 24 * 60)}
+        if not (order.get("treatment") or {}).get("indication"):
+            products = (await self.api.products()).expect(200)
+            facts = next(p for p in products if p["code"] == order["product_code"]).get("treatment")
+            if facts:
+                code = indication or sorted(facts["indications"])[0]
+                body["indication"] = code
+                if facts["indications"][code]["weight_required"]:
+                    body["weight_kg"] = weight_kg or 70.0
+        return await self.hospital("lymphodepletion", body, expect)
+
     async def dispose(
         self,
         outcome: str,
