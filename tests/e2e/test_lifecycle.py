@@ -19,6 +19,7 @@ from v2v_harness.e2e import (
     Parties,
     eventually,
     new_secret,
+    now_iso,
     order_body,
     subscribe,
 )
@@ -116,7 +117,9 @@ async def physician(j: Journey, body: dict[str, Any], expect: int = 200) -> dict
 async def test_an_order_goes_from_submission_to_completed_through_every_step(
     platform: Platform, webhook_receiver: WebhookReceiver, parties: Parties
 ) -> None:
-    j, path = await start(parties, platform, webhook_receiver, "TC-DE-BE-001")
+    j, path = await start(
+        parties, platform, webhook_receiver, "TC-DE-BE-001", indication="b_all", weight_kg=42.0
+    )
     site = await j.up_to_material_received()
     # lymphodepletion before release is refused with a clear problem
     resp = await j.client.post(f"{platform.url('order')}/v1/orders/{j.id}/lymphodepletion", json={})
@@ -126,10 +129,17 @@ async def test_an_order_goes_from_submission_to_completed_through_every_step(
     await j.wait_status("qc_pending")
     await j.qc(site, "released")
     await j.wait_status("released")
-    await j.hospital("lymphodepletion", {})
+    # issue 11: and before the product's delivery is confirmed (the courier books or picks it up)
+    early = await j.client.post(f"{platform.url('order')}/v1/orders/{j.id}/lymphodepletion", json={})
+    assert early.status_code == 409 and "delivery date is confirmed" in early.json()["detail"]
     outbound = await j.shipment("outbound_product")
     assert outbound["origin"] == site and outbound["destination"] == "TC-DE-BE-001"
-    await j.courier(outbound, "picked_up", "in_transit", "delivered", temperature_c=-175.0)
+    await j.courier(outbound, "picked_up", temperature_c=-175.0)
+    await j.wait_status("product_in_transit")
+    # started 7 days ago (B-ALL: a 4-day regimen, infusion 2-14 days after it): today is in its window
+    ld = await j.hospital("lymphodepletion", {"at": now_iso(-7 * 24 * 60)})
+    assert ld["treatment"]["infusion_window"]["indication"] == "b_all"
+    await j.courier(outbound, "in_transit", "delivered", temperature_c=-175.0)
     await j.wait_status("product_delivered")
     await j.hospital("product-receipt", {"coi": j.coi})
     done = await j.hospital("infusion", {"coi": j.coi})
@@ -414,7 +424,10 @@ async def test_an_oos_product_the_physician_accepts_ships_is_infused_and_the_aut
     )
     assert wrong.status_code == 409, wrong.text
     await j.hospital("product-receipt", {"coi": j.coi})  # with the released lot
-    await j.hospital("lymphodepletion")
+    # issue 11: the order names its indication (and the weight axi-cel's dose needs) with its LD, started
+    # 6 days ago (a 3-day regimen, infusion 2 days after it and at most 7): today is in its window
+    ld = await j.lymphodepletion(days_ago=6, indication="lbcl", weight_kg=80.0)
+    assert (ld["treatment"]["indication"], ld["treatment"]["weight_kg"]) == ("lbcl", 80.0)
     assert (await j.hospital("infusion", {"coi": j.coi}))["status"] == "completed"
     [task] = (await j.get())["tasks"]
     assert (task["kind"], task["state"], task["regulator"]) == ("authority_notification", "open", "FDA")

@@ -672,3 +672,19 @@ async def test_a_retried_scan_resends_the_same_body_under_its_idempotency_key() 
     for first, retry in zip(scans[::2], scans[1::2], strict=True):
         assert retry == first  # occurred_at included
     await actor.sim.api.close()
+
+
+def test_the_order_names_an_indication_of_its_product_and_infuses_inside_its_window() -> None:
+    """Issue 11: the indication (and the weight its dose needs) from the product's treatment facts; the
+    infusion whole days after LD's start: the regimen, the window's minimum and one more day (never past
+    the maximum, also one calendar day later across a midnight)."""
+    import random
+
+    from v2v_simulator.orders import treatment_plan
+
+    mm = {"weight_required": True, "ld_regimen_days": 3, "infusion_window_days": [2, 4]}
+    code, weight, days = treatment_plan({"treatment": {"indications": {"mm": mm}}}, random.Random(1))
+    assert code == "mm" and weight is not None and 18 <= weight <= 110 and days == 3 + 2 + 1
+    fl = {"weight_required": False, "ld_regimen_days": 3, "infusion_window_days": [2, 2]}
+    assert treatment_plan({"treatment": {"indications": {"fl": fl}}}, random.Random(1)) == ("fl", None, 5)
+    assert treatment_plan({"code": "X"}, random.Random(1)) == (None, None, 3)

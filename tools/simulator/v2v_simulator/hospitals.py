@@ -10,7 +10,7 @@ left out: the action happened now)."""
 from __future__ import annotations
 
 import contextlib
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from v2v_contracts.fields import booking_window
@@ -18,7 +18,7 @@ from v2v_harness.e2e import din_of
 
 from .api import OrderAbort
 from .clock import as_date, days_between
-from .states import TERMINAL
+from .states import DELIVERY_CONFIRMED, TERMINAL
 
 if TYPE_CHECKING:
     from .orders import OrderActor
@@ -54,6 +54,10 @@ class Hospital:
             "patient_ref": o.plan.patient_ref,
             "requested_apheresis_date": o.plan.requested_date.isoformat(),
         }
+        if o.indication is not None:  # issue 11: the indication (and the weight its dose needs)
+            body["indication"] = o.indication
+            if o.weight_kg is not None:
+                body["weight_kg"] = o.weight_kg
         key = self.idempotency_key()
         created = (
             await o.call("place order", lambda api: api.place_order(body, idempotency_key=key), ok=(201,))
@@ -206,10 +210,23 @@ class Hospital:
             o.sim.stats.error(f"{o.who}: lymphodepletion before release was accepted")
 
     async def lymphodepletion(self, when: datetime) -> None:
+        """LD once the product is released and its delivery confirmed (the platform refuses it before: the
+        centre waits until the order shows the product picked up). The platform is told the LD's start
+        `infusion_after_ld_days` before now: the infusion, told as now, then falls on the day of the
+        window the simulated clock has it on (the compressed clock cannot be told)."""
         o = self.order
-        await o.at(when, "lymphodepletion")
-        await o.call("lymphodepletion", lambda c: c.lymphodepletion(o.order_id), ok=(200,))
+        row = await o.wait_for(
+            "the product's confirmed delivery",
+            lambda r: r["status"] in DELIVERY_CONFIRMED | TERMINAL | {"material_at_risk", "on_hold"},
+        )
+        if row["status"] not in DELIVERY_CONFIRMED:
+            return  # ended, or held for QA: LD waits for the product (the infusion step starts it)
+        moment = await o.at(when, "lymphodepletion")
+        # no indication (a product without treatment facts): no window to meet, the LD is told as now
+        started = datetime.now(UTC) - timedelta(days=o.infusion_after_ld_days) if o.indication else None
+        await o.call("lymphodepletion", lambda c: c.lymphodepletion(o.order_id, started), ok=(200,))
         o.lymphodepleted = True
+        o.ld_moment = moment
 
     async def released_lot(self) -> str | None:
         """The lot on the product's label: the released run's, as the order shows it."""
@@ -227,11 +244,13 @@ class Hospital:
         await o.call("product receipt", lambda c: c.product_receipt(o.order_id, o.coi, lot=lot), ok=(200,))
 
     async def infusion(self, row: dict[str, Any]) -> None:
+        """Infuse inside the window after LD (issue 11): `infusion_after_ld_days` after LD's start, on the
+        simulated clock as on the platform's."""
         o = self.order
-        if not o.lymphodepleted:
+        if not o.ld_recorded():
             await self.lymphodepletion(o.floor + timedelta(hours=1))
-        r = o.release_at or o.floor
-        when = max(r + timedelta(days=2 + o.rng.uniform(0.5, 2.5)), o.floor + timedelta(hours=12))
+        ld = o.ld_moment or o.floor
+        when = max(ld + timedelta(days=o.infusion_after_ld_days), o.floor + timedelta(hours=1))
         moment = await o.at(when, "infusion")
         lot = await self.released_lot()
         await o.call("infusion", lambda c: c.infusion(o.order_id, o.coi, lot=lot), ok=(200,))

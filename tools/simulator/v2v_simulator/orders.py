@@ -37,6 +37,22 @@ if TYPE_CHECKING:
     from .simulation import Simulator
 
 
+def treatment_plan(product: dict[str, Any], rng: random.Random) -> tuple[str | None, float | None, int]:
+    """The order's indication (one of the product's, from its catalogue `treatment`), the weight its dose
+    needs (else None), and when the centre infuses: the days from LD's start, whole days so that the
+    platform (which counts calendar days at the centre) sees the infusion inside the window (the regimen,
+    the window's minimum, one day more: at most one day later across a midnight, never past the maximum).
+    No treatment facts: no indication, and infusion 3 days after LD."""
+    indications = ((product.get("treatment") or {}).get("indications")) or {}
+    if not indications:
+        return None, None, 3
+    code = rng.choice(sorted(indications))
+    facts = indications[code]
+    weight = round(rng.uniform(18.0, 110.0), 1) if facts.get("weight_required") else None
+    low, high = facts["infusion_window_days"]
+    return code, weight, int(facts["ld_regimen_days"]) + int(low) + min(1, int(high) - int(low))
+
+
 class OrderActor:
     def __init__(self, sim: Simulator, plan: OrderPlan) -> None:
         self.sim = sim
@@ -58,7 +74,13 @@ class OrderActor:
         self.run_start: dict[tuple[str, int], datetime] = {}  # per (slot id, run)
         self.cycle_slot: str | None = None  # the slot the current collection's material was received for
         self.release_at: datetime | None = None
-        self.lymphodepleted = False
+        self.lymphodepleted = False  # the centre recorded LD (cleared again when the platform clears it)
+        self.ld_moment: datetime | None = None  # simulated moment of the recorded LD
+        # issue 11: the order's indication (and weight) from the product's treatment facts, and how many
+        # days after LD's start the centre infuses (inside the indication's window)
+        self.indication, self.weight_kg, self.infusion_after_ld_days = treatment_plan(
+            self.product, random.Random(f"{sim.cfg.seed}-{plan.index}-indication")
+        )
         self.refusal_done = False
         self.hospital = Hospital(self)
         self.courier = Courier(self)
@@ -160,6 +182,14 @@ class OrderActor:
                 raise await self.stuck(f"waiting for {what}{seen}")
             await asyncio.sleep(delay)
             delay = min(delay * 1.6, 1.5)
+
+    def ld_recorded(self) -> bool:
+        """Whether an LD stands for the current product: recorded, and not cleared by the platform since
+        (a product lost after LD clears it: a repeat is then due)."""
+        if self.lymphodepleted and self.row.get("lymphodepletion_at") is None:
+            self.lymphodepleted = False
+            self.ld_moment = None
+        return self.lymphodepleted
 
     def cancels_at(self, stage: str) -> bool:
         return (
@@ -270,7 +300,7 @@ class OrderActor:
         if self.cancels_at("product_in_transit"):
             await self.hospital.cancel("product_in_transit")
             return
-        if not self.lymphodepleted:
+        if not self.ld_recorded():  # LD once the platform knows the delivery is confirmed (picked up)
             await self.hospital.lymphodepletion(r + timedelta(hours=self.rng.uniform(8, 20)))
         excursion = self.injects("outbound_excursion")
         delivered = r + timedelta(days=2)

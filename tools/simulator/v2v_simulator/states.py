@@ -14,7 +14,7 @@ BUCKETS: dict[str, tuple[str, ...]] = {
     ),
     "inbound": ("apheresis_completed", "material_in_transit"),
     "manufacturing": ("material_received", "manufacturing", "qc_pending"),
-    "held": ("material_at_risk", "awaiting_physician"),  # material at risk: QA's (and a physician's) turn
+    "held": ("material_at_risk", "awaiting_physician", "on_hold"),  # QA's, a physician's, the centre's turn
     "outbound": ("released", "product_in_transit", "product_delivered", "product_received"),
     "completed": ("completed",),
     "cancelled": ("cancelled",),
@@ -24,6 +24,8 @@ BUCKET_OF = {status: bucket for bucket, statuses in BUCKETS.items() for status i
 MATERIAL_ON_THE_WAY = frozenset({"apheresis_completed", "material_in_transit"})
 IN_MANUFACTURE = frozenset({"material_received", "manufacturing", "qc_pending"})
 PRODUCT_OUT = frozenset({"released", "product_in_transit", "product_delivered"})
+# issue 11: lymphodepletion may start once the product's delivery is confirmed (picked up, or later)
+DELIVERY_CONFIRMED = frozenset({"product_in_transit", "product_delivered", "product_received"})
 SHIPMENT_LIVE = frozenset({"planned", "ready_for_pickup", "booked", "picked_up", "in_transit"})
 MILESTONES = ("booked", "picked_up", "in_transit", "delivered")
 STEPS = ("activation", "transduction", "expansion", "harvest", "cryopreservation")

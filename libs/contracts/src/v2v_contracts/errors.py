@@ -9,6 +9,7 @@ must never echo the caller's input (it may carry patient data).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,9 @@ class DomainError(Exception):
 
     kind = "error"
     title = "Error"
+    # RFC 9457 extension members the problem carries beside `errors` (e.g. the window a request missed);
+    # fixed values the service computed, never the caller's input
+    extensions: dict[str, Any] = {}  # read-only default; an instance assigns its own
 
     def __init__(
         self,

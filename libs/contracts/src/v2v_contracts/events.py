@@ -554,6 +554,53 @@ class PhysicianDecisionRequestedV1(OrderEventData):
     qa_reason: ReasonCode  # QA's code for the request
 
 
+# ---- issue 11: treatment gates and the patient's journey (order) ----
+MaterialKind = Literal["apheresis_material", "product"]
+
+
+class LymphodepletionClearedV1(OrderEventData):
+    """The product was lost after the patient's lymphodepletion (QA rejected it, it failed): the recorded
+    LD no longer counts. An alert for the centre: a repeat LD is allowed once another product is released
+    and its delivery confirmed (`repeat_allowed`; false when the order failed)."""
+
+    TYPE = "order.lymphodepletion_cleared.v1"
+    SERVICE = "order"
+    reason: ReasonCode  # the loss's cause (quarantine_rejected, out_of_specification, ...)
+    repeat_allowed: bool
+
+
+class OrderPutOnHoldV1(OrderEventData):
+    """The centre paused the patient's journey (sites, couriers and QA go on; the centre's apheresis,
+    lymphodepletion and infusion wait for the resume)."""
+
+    TYPE = "order.put_on_hold.v1"
+    SERVICE = "order"
+    reason: ReasonCode  # patient_unwell, disease_progression, payer_denied, ... (words stay in the order)
+    previous_status: str
+
+
+class OrderResumedV1(OrderEventData):
+    """The centre resumed a held journey: `status` is where the order's own steps stand."""
+
+    TYPE = "order.resumed.v1"
+    SERVICE = "order"
+    reason: ReasonCode  # patient_cleared, payer_approved, ...
+    status: str
+
+
+class MaterialDispositionRecordedV1(OrderEventData):
+    """What was done with the material or product that existed when the order ended (cancelled or
+    failed): destroyed or returned."""
+
+    TYPE = "order.material_disposition_recorded.v1"
+    SERVICE = "order"
+    material: MaterialKind
+    left_at: Literal["centre", "in_transit", "site"]  # where it was when the order ended
+    outcome: Literal["destroyed", "returned"]
+    reason: ReasonCode
+    document_reference: str | None = None  # an opaque id in the recorder's document system
+
+
 def _all_event_classes() -> list[type[EventData]]:
     found: list[type[EventData]] = []
     pending = list(EventData.__subclasses__())

@@ -56,6 +56,9 @@ OrderAction = Literal[
     "quarantine-decision",
     "disposition",
     "physician-decision",
+    "hold",
+    "resume",
+    "material-disposition",
 ]
 Milestone = Literal["booked", "picked_up", "in_transit", "delivered"]
 Disposition = Literal["passed", "out_of_specification", "failed"]
@@ -390,10 +393,73 @@ class V2VClient:
         return await self._identity_checked(order_id, "apheresis", coi, at, headers)
 
     async def lymphodepletion(
-        self, order_id: str, at: Moment | None = None, *, headers: Mapping[str, str] | None = None
+        self,
+        order_id: str,
+        at: Moment | None = None,
+        *,
+        indication: str | None = None,
+        weight_kg: float | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> ApiResponse:
-        body = {} if at is None else {"at": _moment(at)}
+        """As the centre: the lymphodepleting regimen started (`at`, default now: its day starts the
+        regimen). Only once the product is released and its delivery confirmed (the courier booked or
+        picked it up); an order that names no indication names it here (`indication`, with the `weight_kg`
+        its dose may need). Infusion is then allowed inside the window the answer shows
+        (`treatment.infusion_window`)."""
+        body: dict[str, Any] = {} if at is None else {"at": _moment(at)}
+        if indication is not None:
+            body["indication"] = indication
+        if weight_kg is not None:
+            body["weight_kg"] = weight_kg
         return await self.order_action(order_id, "lymphodepletion", body, headers=headers)
+
+    async def hold(
+        self,
+        order_id: str,
+        reason_code: str,
+        note: str | None = None,
+        *,
+        headers: Mapping[str, str] | None = None,
+    ) -> ApiResponse:
+        """As the centre: put the patient's journey on hold for a reason code (patient_unwell,
+        disease_progression, patient_ineligible, payer_denied, payer_pending, consent_withdrawn,
+        patient_unavailable, physician_decision, other); the note stays in the order service."""
+        body = _params(reason_code=reason_code, note=note)
+        return await self.order_action(order_id, "hold", body, headers=headers)
+
+    async def resume(
+        self,
+        order_id: str,
+        reason_code: str,
+        note: str | None = None,
+        *,
+        headers: Mapping[str, str] | None = None,
+    ) -> ApiResponse:
+        """As the centre: resume a held journey (patient_cleared, eligibility_confirmed, payer_approved,
+        consent_confirmed, physician_decision, other)."""
+        body = _params(reason_code=reason_code, note=note)
+        return await self.order_action(order_id, "resume", body, headers=headers)
+
+    async def material_disposition(
+        self,
+        order_id: str,
+        material: Literal["apheresis_material", "product"],
+        outcome: Literal["destroyed", "returned"],
+        reason_code: str,
+        *,
+        document_reference: str | None = None,
+        at: Moment | None = None,
+        note: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> ApiResponse:
+        """As the centre, once the order ended (cancelled or failed): what was done with the material or
+        product it left (`end_material` of the order), for a reason code (order_cancelled, order_failed,
+        patient_deceased, expired, other)."""
+        body: dict[str, Any] = {"material": material, "outcome": outcome, "reason_code": reason_code}
+        body.update(_params(document_reference=document_reference, note=note))
+        if at is not None:
+            body["at"] = _moment(at)
+        return await self.order_action(order_id, "material-disposition", body, headers=headers)
 
     async def product_receipt(
         self,

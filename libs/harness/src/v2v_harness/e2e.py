@@ -96,16 +96,24 @@ def order_body(
     product: str = "TISA-CEL",
     days_ahead: int = 14,
     patient_ref: str | None = None,
+    indication: str | None = None,
+    weight_kg: float | None = None,
 ) -> dict[str, Any]:
     """A valid order body; the patient reference is unique per call unless given (a second open order
-    for the same centre, patient and product is refused)."""
-    return {
+    for the same centre, patient and product is refused). `indication` (and the `weight_kg` its dose may
+    need) only when given: an order may name it with its first lymphodepletion instead."""
+    body: dict[str, Any] = {
         "treatment_center_id": centre,
         "product_code": product,
         "order_type": "commercial",
         "patient_ref": patient_ref or f"PAT-E2E-{uuid.uuid4().hex[:12]}",
         "requested_apheresis_date": (date.today() + timedelta(days=days_ahead)).isoformat(),
     }
+    if indication is not None:
+        body["indication"] = indication
+    if weight_kg is not None:
+        body["weight_kg"] = weight_kg
+    return body
 
 
 async def eventually(
@@ -213,6 +221,31 @@ class Journey:
         if action == "apheresis":
             self.din = din_of(answer) or self.din
         return answer
+
+    async def lymphodepletion(
+        self,
+        *,
+        days_ago: float = 7,
+        indication: str | None = None,
+        weight_kg: float | None = None,
+        expect: int = 200,
+    ) -> dict[str, Any]:
+        """As the centre: the LD regimen started `days_ago` days ago (7: an infusion today is inside every
+        window of the catalogue: regimen 3-4 days, then 2 days at least, 4 at most for cilta-cel). The
+        gates apply (the product released and its delivery confirmed). An order that names no indication
+        names one here: `indication`, else the product's first (with `weight_kg`, else 70 kg, where its
+        dose needs the weight)."""
+        order = await self.get()
+        body: dict[str, Any] = {"at": now_iso(-days_ago * 24 * 60)}
+        if not (order.get("treatment") or {}).get("indication"):
+            products = (await self.api.products()).expect(200)
+            facts = next(p for p in products if p["code"] == order["product_code"]).get("treatment")
+            if facts:
+                code = indication or sorted(facts["indications"])[0]
+                body["indication"] = code
+                if facts["indications"][code]["weight_required"]:
+                    body["weight_kg"] = weight_kg or 70.0
+        return await self.hospital("lymphodepletion", body, expect)
 
     async def dispose(
         self,

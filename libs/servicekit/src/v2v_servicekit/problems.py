@@ -169,6 +169,8 @@ def install(app: FastAPI) -> None:
         body = _body(request, status, exc.title, exc.detail, exc.kind)
         if exc.errors:
             body["errors"] = [e.as_dict() for e in exc.errors]
+        for key, value in exc.extensions.items():  # extension members never replace the standard ones
+            body.setdefault(key, value)
         headers = {}
         if isinstance(exc, Unauthenticated):  # RFC 6750 §3
             headers["WWW-Authenticate"] = (

@@ -291,6 +291,7 @@ def test_exception_types_are_the_known_order_events() -> None:
         "scheduling.slot_unavailable.v1",  # for reason no_approved_site only (routing.EXCEPTION_REASONS)
         "order.physician_decision_requested.v1",  # the centre's physician must decide on an OOS product
         "logistics.shipment_rerouted.v1",  # issue 11: the patient's material goes to another site
+        "order.lymphodepletion_cleared.v1",  # issue 11: the product was lost after the patient's LD
     }
     for t in EXCEPTION_EVENT_TYPES:
         assert issubclass(EVENT_TYPES[t], OrderEventData), t

@@ -21,6 +21,7 @@ import pytest
 import order_service
 from order_service.adapters import repository
 from order_service.adapters.repository import OrderTx
+from order_service.domain.coi import make_coi
 from order_service.service_layer import commands, queries
 from order_service.service_layer.commands import Action, PlaceOrder, act, load_reference_data, place_order
 from order_service.service_layer.handlers import handlers
@@ -192,7 +193,9 @@ async def test_oos_physician_acceptance_lot_checks_and_the_notification_task_on_
     with pytest.raises(CoiMismatch):
         await act(uow, oid, Action("receipt", coi=order.coi, lot="LOT-NJ-0043"), centre=US)
     await act(uow, oid, Action("receipt", coi=order.coi, lot="LOT-NJ-0042"), centre=US)
-    await act(uow, oid, Action("lymphodepletion"), centre=US)
+    # issue 11: LD names the order's indication; started 8 days ago, the infusion 50 h ago is in its window
+    ld_at = datetime.now(UTC) - timedelta(days=8)
+    await act(uow, oid, Action("lymphodepletion", indication="dlbcl", at=ld_at), centre=US)
     infused = datetime.now(UTC) - timedelta(hours=50)
     await act(uow, oid, Action("infusion", coi=order.coi, lot="LOT-NJ-0042", at=infused), centre=US)
 
@@ -317,11 +320,17 @@ async def test_a_product_quarantined_before_the_workflow_is_held_material_after_
         uow = UnitOfWork(pool, TOPIC, notify_channel("ordering"), repository.tx_factory)
         await load_reference_data(uow)
         await register(uow)
-        oid = await place(uow, "PAT-AR-OLD")
+        # an order as the schema before 0008 holds it (today's code writes columns added since: 0009)
+        oid = uuid.uuid4()
         await pool.execute(
-            """UPDATE orders SET status = 'quarantined', status_before_quarantine = 'product_in_transit',
-                                 site_id = 'US-MORRIS-PLAINS' WHERE order_id = $1""",
+            """INSERT INTO orders (order_id, coi, treatment_center_id, product_code, order_type, patient_ref,
+                                   requested_apheresis_date, status, status_before_quarantine, site_id)
+               VALUES ($1, $2, $3, 'TISA-CEL', 'commercial', 'PAT-AR-OLD', $4, 'quarantined',
+                       'product_in_transit', 'US-MORRIS-PLAINS')""",
             oid,
+            make_coi("T0000", 20, 1),
+            US,
+            SOON,
         )
         await prepare(test_db.owner_urls["order"], test_db.urls["order"])
         async with uow.read() as tx:

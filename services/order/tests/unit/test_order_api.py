@@ -72,6 +72,11 @@ SCOPES = {
     ("GET", "/v1/tasks"): "quarantine:decide",
     ("POST", "/v1/tasks/{task_id}/done"): "quarantine:decide",
     ("GET", "/v1/orders/{order_id}/audit"): "orders:read",
+    # issue 11: the patient's journey
+    ("POST", "/v1/orders/{order_id}/hold"): "orders:write",
+    ("POST", "/v1/orders/{order_id}/resume"): "orders:write",
+    ("POST", "/v1/orders/{order_id}/material-disposition"): "orders:write",
+    ("POST", "/v1/orders/{order_id}/site-material-disposition"): "quarantine:decide",
 }
 # the signed routes: meaning and the roles that may sign (21 CFR 11.50, 11.100)
 SIGNED = {
@@ -238,6 +243,10 @@ MINIMAL_BODIES: dict[str, dict[str, Any]] = {
     "physician-decision": {"accept": True},
     "done": {"reference": "AUTH-NOTIF-1"},
     "/v1/tasks": {},
+    "hold": {"reason_code": "patient_unwell"},
+    "resume": {"reason_code": "patient_cleared"},
+    "material-disposition": {"material": "product", "outcome": "destroyed", "reason_code": "order_cancelled"},
+    "site-material-disposition": {"material": "product", "outcome": "destroyed", "reason_code": "other"},
 }
 
 
@@ -935,3 +944,259 @@ async def test_the_physician_decides_on_an_oos_product_and_qa_tracks_the_notific
     assert resp.status_code == 200 and resp.json()["tasks"][0]["state"] == "done", resp.text
     resp = await api.post(f"/v1/tasks/{task['task_id']}/done", {"reference": "EMA-NOTIF-9"}, api.qa())
     assert resp.status_code == 409
+
+
+# ---- issue 11: treatment gates at the centre and the patient's journey -----------------------------------
+
+
+async def test_an_order_names_an_indication_of_its_product_and_the_weight_its_dose_needs(api: Api) -> None:
+    for body, field in [
+        ({"indication": "mm"}, "indication"),  # a cilta-cel indication, not tisa-cel's
+        ({"indication": "B_ALL"}, "indication"),  # not a code
+        ({"indication": "b_all"}, "weight_kg"),  # the B-ALL dose is per kg
+        ({"indication": "b_all", "weight_kg": 0}, "weight_kg"),
+        ({"indication": "b_all", "weight_kg": 401}, "weight_kg"),
+        ({"product_code": "AXI-CEL", "indication": "lbcl"}, "weight_kg"),
+    ]:
+        before = api.snapshot()
+        resp = await api.post("/v1/orders", order_body(**body), api.centre())
+        assert resp.status_code == 422, (body, resp.text)
+        assert resp.headers["content-type"].startswith(PROBLEM_JSON)
+        assert [e["field"] for e in resp.json()["errors"]] == [field], body
+        assert api.snapshot() == before
+    refused = await api.post("/v1/orders", order_body(indication="mm"), api.centre())
+    assert "b_all, dlbcl, fl" in refused.json()["errors"][0]["reason"]  # the product's own codes
+    placed = await api.place(indication="b_all", weight_kg=38.5)
+    assert placed["treatment"] == {
+        "indication": "b_all",
+        "weight_kg": 38.5,
+        "delivery_confirmed": False,
+        "lymphodepletion_started_on": None,
+        "lymphodepletions": 0,
+        "infusion_window": None,
+    }
+    flat = await api.place(patient_ref="PAT-API-0002", indication="dlbcl")  # a flat dose: no weight
+    assert flat["treatment"]["indication"] == "dlbcl"
+    # clinical data stay in the order service: order.submitted carries neither
+    submitted = [e for e in api.uow.committed if e.type == "order.submitted.v1"]
+    assert submitted and all("indication" not in e.data and "weight_kg" not in e.data for e in submitted)
+    products = (await api.http.get("/v1/products", headers=api.centre())).json()
+    tisa = next(p for p in products if p["code"] == "TISA-CEL")
+    assert sorted(tisa["treatment"]["indications"]) == ["b_all", "dlbcl", "fl"]
+
+
+async def test_lymphodepletion_waits_for_a_confirmed_delivery_and_infusion_for_its_window(api: Api) -> None:
+    order = await api.place(indication="fl")
+    oid = order["order_id"]
+    api.put(oid, "released")
+    early = await api.post(f"/v1/orders/{oid}/lymphodepletion", {}, api.centre())
+    assert early.status_code == 409 and early.headers["content-type"].startswith(PROBLEM_JSON)
+    assert "delivery date is confirmed" in early.json()["detail"]
+    api.put(oid, "product_in_transit")
+    ld_at = datetime.now(UTC) - timedelta(days=20)  # FL: 3-day regimen, infusion 2-6 days after
+    resp = await api.post(f"/v1/orders/{oid}/lymphodepletion", {"at": ld_at.isoformat()}, api.centre())
+    assert resp.status_code == 200, resp.text
+    window = resp.json()["treatment"]["infusion_window"]
+    started = ld_at.astimezone(UTC).date()  # the Paris centre's day (UTC+1, far from midnight rarely)
+    assert window["indication"] == "fl"
+    assert date.fromisoformat(window["latest_infusion"]) - date.fromisoformat(
+        window["lymphodepletion_started_on"]
+    ) == timedelta(days=9)
+    assert abs((date.fromisoformat(window["lymphodepletion_started_on"]) - started).days) <= 1
+    now = datetime.now(UTC)
+    api.put(
+        oid, "product_received", released_at=now - timedelta(days=24), delivered_at=now - timedelta(days=22)
+    )
+    late = await api.post(f"/v1/orders/{oid}/infusion", {"coi": order["coi"]}, api.centre())
+    assert late.status_code == 409 and late.headers["content-type"].startswith(PROBLEM_JSON)
+    problem = late.json()
+    assert problem["type"] == PROBLEM_BASE + "infusion-window"
+    assert problem["errors"][0]["field"] == "at"
+    assert f"{window['earliest_infusion']} .. {window['latest_infusion']}" in problem["errors"][0]["reason"]
+    assert problem["window"] == window  # the window, as a member of the problem
+    # a repeat LD may start once the first can no longer lead to an infusion (not before)
+    too_soon = await api.post(
+        f"/v1/orders/{oid}/lymphodepletion",
+        {"at": (datetime.now(UTC) - timedelta(days=14)).isoformat()},
+        api.centre(),
+    )
+    assert too_soon.status_code == 409 and "a repeat may start from" in too_soon.json()["detail"]
+    again = await api.post(  # started 8 days ago: its window is 3 days ago .. tomorrow
+        f"/v1/orders/{oid}/lymphodepletion",
+        {"at": (datetime.now(UTC) - timedelta(days=8)).isoformat()},
+        api.centre(),
+    )
+    assert again.status_code == 200, again.text
+    assert again.json()["treatment"]["lymphodepletions"] == 2
+    # the predicted infusion is not before the recorded LD's window opens (the delivery was long before)
+    repeat_window = again.json()["treatment"]["infusion_window"]
+    assert again.json()["predicted"]["earliest_infusion"] == repeat_window["earliest_infusion"]
+    done = await api.post(f"/v1/orders/{oid}/infusion", {"coi": order["coi"]}, api.centre())
+    assert done.status_code == 200, done.text
+    assert done.json()["status"] == "completed"
+    audit = [r.action for r in api.uow.store.audit if r.object_id == oid]
+    assert audit.count("order.lymphodepletion") == 2 and "order.infusion" in audit
+
+
+async def test_an_order_without_an_indication_names_it_with_its_first_lymphodepletion(api: Api) -> None:
+    order = await api.place()  # a caller that does not send one (issue 11 keeps them working)
+    oid = order["order_id"]
+    api.put(oid, "product_delivered")
+    missing = await api.post(f"/v1/orders/{oid}/lymphodepletion", {}, api.centre())
+    assert missing.status_code == 422 and missing.json()["errors"][0]["field"] == "indication"
+    no_weight = await api.post(f"/v1/orders/{oid}/lymphodepletion", {"indication": "b_all"}, api.centre())
+    assert no_weight.status_code == 422 and no_weight.json()["errors"][0]["field"] == "weight_kg"
+    resp = await api.post(
+        f"/v1/orders/{oid}/lymphodepletion", {"indication": "b_all", "weight_kg": 41}, api.centre()
+    )
+    assert resp.status_code == 200, resp.text
+    treatment = resp.json()["treatment"]
+    assert (treatment["indication"], treatment["weight_kg"], treatment["lymphodepletions"]) == (
+        "b_all",
+        41,
+        1,
+    )
+
+
+async def test_on_hold_and_resume_with_reason_codes_and_notes_kept_here(api: Api) -> None:
+    order = await api.place()
+    oid = order["order_id"]
+    api.put(oid, "qc_pending")
+    held = await api.post(
+        f"/v1/orders/{oid}/hold", {"reason_code": "patient_unwell", "note": f"{MARKER} fever"}, api.centre()
+    )
+    assert held.status_code == 200, held.text
+    body = held.json()
+    assert body["status"] == "on_hold"
+    assert body["on_hold"] == {"reason_code": "patient_unwell", "resumes_in": "qc_pending"}
+    bad = await api.post(f"/v1/orders/{oid}/hold", {"reason_code": "patient_deceased"}, api.centre())
+    assert bad.status_code == 422 and bad.json()["errors"][0]["field"] == "reason_code"
+    twice = await api.post(f"/v1/orders/{oid}/hold", {"reason_code": "other"}, api.centre())
+    assert twice.status_code == 409
+    resumed = await api.post(f"/v1/orders/{oid}/resume", {"reason_code": "patient_cleared"}, api.centre())
+    assert resumed.status_code == 200, resumed.text
+    assert resumed.json()["status"] == "qc_pending" and resumed.json()["on_hold"] is None
+    events = [(e.type, e.data.get("reason")) for e in api.uow.committed if e.subject == oid]
+    assert ("order.put_on_hold.v1", "patient_unwell") in events
+    assert ("order.resumed.v1", "patient_cleared") in events
+    assert all(MARKER not in e.to_json().decode() for e in api.uow.committed)
+    actions = [r.action for r in api.uow.store.audit if r.object_id == oid]
+    assert "order.hold" in actions and "order.resume" in actions
+
+
+async def test_a_late_cancellation_leaves_a_product_whose_disposition_is_recorded_once(api: Api) -> None:
+    order = await api.place()
+    oid = order["order_id"]
+    api.put(oid, "released", site_id="FR-LES-ULIS")
+    too_early = await api.post(
+        f"/v1/orders/{oid}/material-disposition",
+        {"material": "product", "outcome": "destroyed", "reason_code": "order_cancelled"},
+        api.centre(),
+    )
+    assert too_early.status_code == 409
+    cancelled = await api.post(
+        f"/v1/orders/{oid}/cancel", {"reason_code": "disease_progression"}, api.physician()
+    )
+    assert cancelled.status_code == 200, cancelled.text
+    assert cancelled.json()["end_material"] == {
+        "material": "product",
+        "location": "site",
+        "disposition_recorded": False,
+    }
+    wrong = await api.post(
+        f"/v1/orders/{oid}/material-disposition",
+        {"material": "apheresis_material", "outcome": "destroyed", "reason_code": "order_cancelled"},
+        api.centre(),
+    )
+    assert wrong.status_code == 422 and wrong.json()["errors"][0]["field"] == "material"
+    body = {
+        "material": "product",
+        "outcome": "destroyed",
+        "reason_code": "order_cancelled",
+        "document_reference": "DEST-2026-0042",
+        "note": f"{MARKER} destroyed at the site",
+    }
+    recorded = await api.post(f"/v1/orders/{oid}/material-disposition", body, api.centre())
+    assert recorded.status_code == 200, recorded.text
+    view = recorded.json()
+    assert view["end_material"]["disposition_recorded"] is True
+    [record] = view["material_dispositions"]
+    assert (record["material"], record["outcome"], record["location"]) == ("product", "destroyed", "site")
+    assert record["document_reference"] == "DEST-2026-0042"
+    entry = view["timeline"][-1]
+    assert entry["type"] == "order.material_disposition_recorded.v1" and entry["note"] == body["note"]
+    assert "product destroyed" in entry["reason"]
+    again = await api.post(f"/v1/orders/{oid}/material-disposition", body, api.centre())
+    assert again.status_code == 409 and again.json()["errors"][0]["field"] == "material"
+    [event] = [e for e in api.uow.committed if e.type == "order.material_disposition_recorded.v1"]
+    assert (event.data["material"], event.data["outcome"], event.data["reason"]) == (
+        "product",
+        "destroyed",
+        "order_cancelled",
+    )
+    assert MARKER not in event.to_json().decode()
+    audit = (await api.http.get(f"/v1/orders/{oid}/audit", headers=api.centre())).json()["items"]
+    actions = [a["action"] for a in audit]
+    assert "order.material_disposition.recorded" in actions and "order.material" in actions
+    ended = next(a for a in audit if a["action"] == "order.cancel")
+    assert ended["new"]["end_material"] == {"material": "product", "location": "site"}
+
+
+async def test_the_manufacturers_qa_records_what_the_site_did_with_material_a_failed_order_left(
+    api: Api,
+) -> None:
+    order = await api.place()
+    oid = order["order_id"]
+    api.put(oid, "material_received", site_id="FR-LES-ULIS")
+    await api.post(f"/v1/orders/{oid}/cancel", {"reason_code": "patient_deceased"}, api.centre())
+    body = {"material": "apheresis_material", "outcome": "returned", "reason_code": "patient_deceased"}
+    not_the_centres = await api.post(f"/v1/orders/{oid}/site-material-disposition", body, api.centre())
+    assert not_the_centres.status_code == 403
+    resp = await api.post(f"/v1/orders/{oid}/site-material-disposition", body, api.qa(client_id="qa-system"))
+    assert resp.status_code == 200, resp.text
+    [record] = resp.json()["material_dispositions"]
+    assert (record["material"], record["location"], record["outcome"]) == (
+        "apheresis_material",
+        "site",
+        "returned",
+    )
+    assert record["recorded_by"] == "qa-system"
+    again = await api.post(f"/v1/orders/{oid}/material-disposition", body, api.centre())
+    assert again.status_code == 409  # once per material, whoever records it
+
+
+async def test_an_order_cancelled_before_apheresis_leaves_nothing_to_dispose_of(api: Api) -> None:
+    order = await api.place()
+    oid = order["order_id"]
+    await api.post(f"/v1/orders/{oid}/cancel", {"reason_code": "payer_denied"}, api.centre())
+    resp = await api.post(
+        f"/v1/orders/{oid}/material-disposition",
+        {"material": "apheresis_material", "outcome": "destroyed", "reason_code": "order_cancelled"},
+        api.centre(),
+    )
+    assert resp.status_code == 409 and "no material" in resp.json()["detail"]
+
+
+async def test_every_structured_cancel_and_hold_reason_is_accepted_and_published_as_its_code(
+    api: Api,
+) -> None:
+    """Death, progression, ineligible, payer denied, consent withdrawn, other (and the rest of the
+    enumerations): each a code in the event; the words stay here."""
+    from typing import get_args
+
+    from order_service.domain.reasons import CancelReason, HoldReason
+
+    for n, code in enumerate(get_args(HoldReason)):
+        order = await api.place(patient_ref=f"PAT-HOLD-{n}")
+        resp = await api.post(f"/v1/orders/{order['order_id']}/hold", {"reason_code": code}, api.centre())
+        assert resp.status_code == 200 and resp.json()["on_hold"]["reason_code"] == code, resp.text
+    for n, code in enumerate(get_args(CancelReason)):
+        order = await api.place(patient_ref=f"PAT-CANCEL-{n}")
+        resp = await api.post(f"/v1/orders/{order['order_id']}/cancel", {"reason_code": code}, api.centre())
+        assert resp.status_code == 200 and resp.json()["status"] == "cancelled", resp.text
+    published = {(e.type, e.data["reason"]) for e in api.uow.committed if "reason" in e.data}
+    assert {("order.put_on_hold.v1", c) for c in get_args(HoldReason)} <= published
+    assert {("order.cancelled.v1", c) for c in get_args(CancelReason)} <= published
+    for required in ("patient_deceased", "disease_progression", "patient_ineligible", "payer_denied"):
+        assert required in get_args(CancelReason)
+    assert "consent_withdrawn" in get_args(CancelReason) and "other" in get_args(CancelReason)

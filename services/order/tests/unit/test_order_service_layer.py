@@ -521,12 +521,12 @@ ALLOWED: list[tuple[str, str, dict[str, Any], Action, str, str]] = [
         "apheresis_completed",
         "order.apheresis_completed.v1",
     ),
-    (
+    (  # issue 11: once the product's delivery is confirmed, with the indication its window needs
         "lymphodepletion",
-        "released",
+        "product_in_transit",
         {},
-        Action("lymphodepletion"),
-        "released",
+        Action("lymphodepletion", indication="dlbcl"),
+        "product_in_transit",
         "order.lymphodepletion_started.v1",
     ),
     ("receipt", "product_delivered", {}, Action("receipt"), "product_received", "order.product_received.v1"),
@@ -973,7 +973,9 @@ async def test_oos_released_on_physician_request_then_accepted_ships_with_its_lo
     assert alert.type == "order.coi_mismatch_detected.v1" and alert.data["where"] == "receipt"
     assert world.order(order.order_id).status == "product_delivered"
     await act(world.uow, order.order_id, Action("receipt", coi=order.coi, lot="LOT-US-0001"))
-    await act(world.uow, order.order_id, Action("lymphodepletion"))
+    # issue 11: the LD (with the order's indication) started 6 days ago: the infusion is inside its window
+    ld_at = datetime.now(UTC) - timedelta(days=6)
+    await act(world.uow, order.order_id, Action("lymphodepletion", indication="dlbcl", at=ld_at))
     infused_at = datetime.now(UTC) - timedelta(hours=1)
     await act(world.uow, order.order_id, Action("infusion", coi=order.coi, lot="LOT-US-0001", at=infused_at))
     assert world.order(order.order_id).status == "completed"

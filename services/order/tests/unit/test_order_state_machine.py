@@ -172,8 +172,8 @@ def test_happy_path_reaches_completed() -> None:
         FACTS[16],
         FACTS[17],
         FACTS[20],
-        ("action", "lymphodepletion", {}),
         FACTS[10],
+        ("action", "lymphodepletion", {}),  # issue 11: once the product's delivery is confirmed
         FACTS[11],
         ("action", "receipt", {}),
         ("action", "infusion", {}),
@@ -192,7 +192,7 @@ def test_happy_path_reaches_completed() -> None:
         S.MANUFACTURING,
         S.QC_PENDING,
         S.RELEASED,
-        S.RELEASED,
+        S.PRODUCT_IN_TRANSIT,
         S.PRODUCT_IN_TRANSIT,
         S.PRODUCT_DELIVERED,
         S.PRODUCT_RECEIVED,

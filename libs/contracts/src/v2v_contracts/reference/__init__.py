@@ -10,15 +10,18 @@ from functools import cache
 from pathlib import Path
 
 from v2v_contracts.reference.product import Material, Product, ShippingRules, TemperatureLimit
+from v2v_contracts.reference.treatment import IndicationFacts, TreatmentFacts
 
 PRODUCTS_FILE = Path(__file__).parent / "products.yaml"
 
 __all__ = [
     "PRODUCTS_FILE",
+    "IndicationFacts",
     "Material",
     "Product",
     "ShippingRules",
     "TemperatureLimit",
+    "TreatmentFacts",
     "load_products",
     "product_catalogue",
 ]

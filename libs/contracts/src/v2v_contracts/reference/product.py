@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from v2v_contracts.reference.planning import PlanningFacts
+from v2v_contracts.reference.treatment import IndicationFacts, TreatmentFacts
 
 Material = Literal["fresh", "cryopreserved"]
 
@@ -71,6 +72,16 @@ class Product(BaseModel):
     # logistics: temperature limits and excursion tolerance per leg (None: the shipping conditions of
     # logistics' seed, by material condition)
     shipping: ShippingRules | None = None
+    # issue 11 [treatment gates]: per indication, the LD regimen, the infusion window after it, the
+    # repeat-LD rule and whether the dose needs the patient's weight (reference/treatment.py); None: the
+    # product has no treatment facts and the order service gates LD on release and delivery only
+    treatment: TreatmentFacts | None = None
+
+    def indication(self, code: str | None) -> IndicationFacts | None:
+        """The facts of one of the product's indications (None: unknown code, or no facts)."""
+        if code is None or self.treatment is None:
+            return None
+        return self.treatment.indications.get(code)
 
     def rules(self) -> dict[str, object]:
         """The product's attributes without its identity (as the order service stores them); the

@@ -41,12 +41,20 @@ ALLOWED_FIELDS: dict[str, Kind] = {
     "mismatched": "code",
     "duration_min": "number",  # shipment_excursion: minutes outside the limit in all
     "lot": "code",
+    "repeat_allowed": "bool",  # lymphodepletion_cleared: whether a repeat LD can follow (a product to come)
 }
 MAX_VALUE_CHARS = 200
 
 # What an alert says in words for an (event type, reason code) whose type alone does not say it; the
 # reason code is then named in the subject too (these codes are fixed strings, never input).
 HEADLINES: dict[tuple[str, str], str] = {
+    **{
+        ("order.lymphodepletion_cleared.v1", cause): (
+            "The product was lost after the patient's lymphodepletion: the lymphodepletion is cleared; "
+            "a repeat is allowed once another product is released and its delivery confirmed."
+        )
+        for cause in ("quarantine_rejected", "out_of_specification", "manufacturing_failed")
+    },
     ("scheduling.slot_unavailable.v1", "no_approved_site"): (
         "No approved manufacturing site is left for this order's market: it cannot be scheduled "
         "until a site is approved again."

@@ -78,6 +78,18 @@ WEBHOOK_FIELDS: dict[str, dict[str, Kind]] = {
         "qa_reason": "reason",
     },
     "order.coi_mismatch_detected.v1": {"where": "code"},
+    # issue 11: treatment gates and the patient's journey (reason codes and statuses only; the order's
+    # indication and weight never leave the order service)
+    "order.lymphodepletion_cleared.v1": {"reason": "reason", "repeat_allowed": "bool"},
+    "order.put_on_hold.v1": {"reason": "reason", "previous_status": "code"},
+    "order.resumed.v1": {"reason": "reason", "status": "code"},
+    "order.material_disposition_recorded.v1": {
+        "material": "code",
+        "left_at": "code",
+        "outcome": "code",
+        "reason": "reason",
+        "document_reference": "code",
+    },
     "scheduling.slot_reserved.v1": {
         "slot_id": "uuid",
         "site_id": "code",

@@ -39,6 +39,8 @@ EXCEPTION_EVENT_TYPES: tuple[str, ...] = (
     "scheduling.slot_unavailable.v1",
     # issue 10: the centre's physician is asked to accept an out-of-specification product (signed)
     "order.physician_decision_requested.v1",
+    # issue 11: the product was lost after the patient's lymphodepletion (a repeat LD will be needed)
+    "order.lymphodepletion_cleared.v1",
 )
 
 # Exception types that are an exception for some of their `reason` codes only.

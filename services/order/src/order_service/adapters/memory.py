@@ -25,6 +25,7 @@ from order_service.adapters.repository import (
     CatalogueRepository,
     CollectionRepository,
     DecisionRepository,
+    MaterialDispositionRepository,
     NetworkRepository,
     OrderRepository,
     OrderTx,
@@ -35,7 +36,14 @@ from order_service.adapters.repository import (
     read_centres,
 )
 from order_service.domain.market import Approval
-from order_service.domain.records import AuthorityTask, Centre, OrderRecord, TimelineEntry, open_order_exists
+from order_service.domain.records import (
+    AuthorityTask,
+    Centre,
+    MaterialDisposition,
+    OrderRecord,
+    TimelineEntry,
+    open_order_exists,
+)
 from v2v_audit import MemoryAuditTrail, Record
 from v2v_contracts import CloudEvent
 from v2v_contracts.reference import load_products
@@ -73,6 +81,7 @@ class MemoryStore:
     tasks: dict[uuid.UUID, AuthorityTask] = field(default_factory=dict)
     signatures: list[Signature] = field(default_factory=list)
     decisions: list[dict[str, Any]] = field(default_factory=list)
+    materials: list[MaterialDisposition] = field(default_factory=list)
 
     @classmethod
     def with_reference_data(cls) -> MemoryStore:
@@ -100,6 +109,8 @@ class MemoryOrders(OrderRepository):
         status: str,
         first_trace: dict[str, str],
         placement: tuple[str, str] | None = None,
+        indication: str | None = None,
+        weight_kg: float | None = None,
     ) -> None:
         if placement is not None and placement in self.store.placements:
             raise ValueError("duplicate placement (unique index)")
@@ -127,6 +138,8 @@ class MemoryOrders(OrderRepository):
             created_at=now,
             updated_at=now,
             first_trace=dict(first_trace),
+            indication=indication,
+            weight_kg=weight_kg,
         )
         if placement is not None:
             self.store.placements[placement] = order_id
@@ -416,6 +429,19 @@ class MemoryDecisions(DecisionRepository):
         ]
 
 
+class MemoryMaterialDispositions(MaterialDispositionRepository):
+    def __init__(self, store: MemoryStore) -> None:
+        self.store = store
+
+    async def add(self, record: MaterialDisposition) -> None:
+        if any((r.order_id, r.material) == (record.order_id, record.material) for r in self.store.materials):
+            raise ValueError("duplicate material disposition (unique index)")
+        self.store.materials.append(record)
+
+    async def of_order(self, order_id: uuid.UUID) -> list[MaterialDisposition]:
+        return [r for r in self.store.materials if r.order_id == order_id]
+
+
 def memory_tx(store: MemoryStore, outbox: FakeOutbox) -> OrderTx:
     return OrderTx(
         None,
@@ -430,6 +456,7 @@ def memory_tx(store: MemoryStore, outbox: FakeOutbox) -> OrderTx:
         tasks=MemoryTasks(store),
         signatures=MemorySignatures(store),
         decisions=MemoryDecisions(store),
+        materials=MemoryMaterialDispositions(store),
         audit=MemoryAuditTrail(store.audit, SCHEMA),
     )
 

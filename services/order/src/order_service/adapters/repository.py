@@ -18,7 +18,14 @@ import asyncpg
 import yaml
 
 from order_service.domain.market import Approval
-from order_service.domain.records import AuthorityTask, Centre, OrderRecord, TimelineEntry, open_order_exists
+from order_service.domain.records import (
+    AuthorityTask,
+    Centre,
+    MaterialDisposition,
+    OrderRecord,
+    TimelineEntry,
+    open_order_exists,
+)
 from v2v_audit import AuditedTx, AuditTrail, Record
 from v2v_audit import store as audit_store
 from v2v_contracts import CloudEvent
@@ -53,6 +60,8 @@ class OrderRepository(ABC):
         status: str,
         first_trace: dict[str, str],
         placement: tuple[str, str] | None = None,
+        indication: str | None = None,
+        weight_kg: float | None = None,
     ) -> None:
         """Record a new order; `open_order_exists()` (a Conflict) when the centre has an open order for
         the same patient and product already. `placement`: (client id, Idempotency-Key) it was placed
@@ -103,13 +112,15 @@ class PgOrders(OrderRepository):
         status: str,
         first_trace: dict[str, str],
         placement: tuple[str, str] | None = None,
+        indication: str | None = None,
+        weight_kg: float | None = None,
     ) -> None:
         try:
             await self.conn.execute(
                 """INSERT INTO orders (order_id, coi, treatment_center_id, product_code, order_type,
                                        patient_ref, requested_apheresis_date, status, first_trace,
-                                       placed_by, placement_key)
-                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)""",
+                                       placed_by, placement_key, indication, weight_kg)
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)""",
                 order_id,
                 coi,
                 treatment_center_id,
@@ -121,6 +132,8 @@ class PgOrders(OrderRepository):
                 first_trace,
                 placement[0] if placement else None,
                 placement[1] if placement else None,
+                indication,
+                weight_kg,
             )
         except asyncpg.UniqueViolationError as exc:
             if exc.constraint_name == OPEN_ORDER_INDEX:  # the index's error names the key: not passed on
@@ -580,6 +593,40 @@ class PgTasks(TaskRepository):
         )
 
 
+class MaterialDispositionRepository(ABC):
+    """What was done with the material or product left when an order ended (once per material)."""
+
+    @abstractmethod
+    async def add(self, record: MaterialDisposition) -> None: ...
+
+    @abstractmethod
+    async def of_order(self, order_id: uuid.UUID) -> list[MaterialDisposition]:
+        """The order's records, oldest first."""
+
+
+MATERIAL_DISPOSITION_COLUMNS = ", ".join(MaterialDisposition.__dataclass_fields__)
+
+
+class PgMaterialDispositions(MaterialDispositionRepository):
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self.conn = conn
+
+    async def add(self, record: MaterialDisposition) -> None:
+        values = [getattr(record, f) for f in MaterialDisposition.__dataclass_fields__]
+        marks = ", ".join(f"${i}" for i in range(1, len(values) + 1))
+        await self.conn.execute(
+            f"INSERT INTO material_dispositions ({MATERIAL_DISPOSITION_COLUMNS}) VALUES ({marks})", *values
+        )
+
+    async def of_order(self, order_id: uuid.UUID) -> list[MaterialDisposition]:
+        rows = await self.conn.fetch(
+            f"""SELECT {MATERIAL_DISPOSITION_COLUMNS} FROM material_dispositions WHERE order_id = $1
+                ORDER BY recorded_at, disposition_id""",
+            order_id,
+        )
+        return [MaterialDisposition.from_mapping(r) for r in rows]
+
+
 # ---- electronic signatures (v2v_servicekit.signatures, in the service's schema) ---------------------
 
 
@@ -690,9 +737,11 @@ class OrderTx(AuditedTx):
         tasks: TaskRepository,
         signatures: SignatureLog,
         decisions: DecisionRepository,
+        materials: MaterialDispositionRepository,
         audit: AuditTrail | None = None,
     ) -> None:
         super().__init__(conn, outbox, audit=audit)
+        self.materials = materials
         self.audit_log = audit_log
         self.collections = collections
         self.tasks = tasks
@@ -720,4 +769,5 @@ def tx_factory(conn: asyncpg.Connection, outbox: EventSink) -> OrderTx:
         tasks=PgTasks(conn),
         signatures=PgSignatures(conn),
         decisions=PgDecisions(conn),
+        materials=PgMaterialDispositions(conn),
     )

@@ -11,13 +11,14 @@ recorded and ignored; a forbidden action raises a domain error (`NotAllowedNow` 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from enum import StrEnum
 from typing import Any
 
 from order_service.domain import reasons as codes
-from v2v_contracts.errors import Invalid, NotAllowedNow
+from v2v_contracts.errors import Conflict, Invalid, NotAllowedNow
 from v2v_contracts.reference.product import Product
 
 
@@ -39,6 +40,7 @@ class OrderStatus(StrEnum):
     RESCHEDULING = "rescheduling"
     MATERIAL_AT_RISK = "material_at_risk"  # held for QA: OOS, excursion or refused at receipt
     AWAITING_PHYSICIAN = "awaiting_physician"  # QA released an OOS product on physician request
+    ON_HOLD = "on_hold"  # the centre paused the patient's journey (issue 11); the order's steps go on beneath
     COMPLETED = "completed"
     CANCELLED = "cancelled"
     FAILED = "failed"
@@ -61,6 +63,9 @@ IN_MANUFACTURE = frozenset({S.MATERIAL_RECEIVED, S.MANUFACTURING, S.QC_PENDING})
 PRODUCT_OUT = frozenset({S.RELEASED, S.PRODUCT_IN_TRANSIT, S.PRODUCT_DELIVERED})
 HELD = frozenset({S.MATERIAL_AT_RISK, S.AWAITING_PHYSICIAN})
 AVAILABLE = frozenset({S.RELEASED, S.PRODUCT_IN_TRANSIT, S.PRODUCT_DELIVERED, S.PRODUCT_RECEIVED})
+# the product's delivery date is confirmed once the courier picked it up (or booked its delivery, which
+# `OrderState.delivery_confirmed` keeps while the order is still `released`)
+DELIVERY_CONFIRMED = frozenset({S.PRODUCT_IN_TRANSIT, S.PRODUCT_DELIVERED, S.PRODUCT_RECEIVED})
 
 # Every transition the machine may make (used by the property tests and the docs).
 ALLOWED: dict[OrderStatus, frozenset[OrderStatus]] = {
@@ -130,10 +135,16 @@ ALLOWED: dict[OrderStatus, frozenset[OrderStatus]] = {
     S.AWAITING_PHYSICIAN: frozenset(
         {S.MATERIAL_RECEIVED, S.MANUFACTURING, S.QC_PENDING, S.RESCHEDULING, S.FAILED, S.CANCELLED}
     ),
+    # on hold (issue 11): resumed where the order's own steps stand; facts move those steps beneath the
+    # hold; a cancellation or a failure ends it
+    S.ON_HOLD: frozenset(),  # filled in below
     S.COMPLETED: frozenset(),
     S.CANCELLED: frozenset(),
     S.FAILED: frozenset(),
 }
+PAUSABLE = frozenset(set(OrderStatus) - TERMINAL - {S.ON_HOLD})
+ALLOWED.update({status: ALLOWED[status] | {S.ON_HOLD} for status in PAUSABLE})
+ALLOWED[S.ON_HOLD] = frozenset(PAUSABLE | {S.CANCELLED, S.FAILED})
 
 
 @dataclass(frozen=True)
@@ -199,6 +210,90 @@ class OrderState:
     rebook_pending: bool = False  # a rebook was asked for and its slot has not been reserved yet
     at_risk: AtRisk | None = None  # while held (material_at_risk, awaiting_physician)
     expanded_access: bool = False  # an OOS product accepted by the physician where the market needs it
+    # issue 11: treatment gates and the patient's journey
+    delivery_confirmed: bool = False  # the courier booked (or picked up) the product's delivery
+    lymphodepletion_on: date | None = None  # the recorded LD's start, in the centre's calendar
+    lymphodepletions: int = 0  # LD regimens recorded in all (a repeat counts)
+    paused_from: OrderStatus | None = None  # on hold: where the order's own steps stand
+
+
+@dataclass(frozen=True)
+class Window:
+    """An indication's lymphodepleting regimen and the infusion window after it, from the product
+    catalogue (`v2v_contracts.reference.treatment`, which explains the day counting): LD completes
+    `regimen_days` after its start; infusion is allowed from `min_days` to `max_days` after completion
+    (inclusive, the centre's calendar); a repeat LD once the window closed or `repeat_after_days` after
+    completion passed, whichever comes first."""
+
+    indication: str
+    regimen_days: int
+    min_days: int
+    max_days: int
+    repeat_after_days: int
+
+    @classmethod
+    def of(cls, product: Product | None, indication: str | None) -> Window | None:
+        facts = product.indication(indication) if product is not None else None
+        if facts is None or indication is None:
+            return None
+        low, high = facts.infusion_window_days
+        return cls(indication, facts.ld_regimen_days, low, high, facts.repeat_ld_after_days)
+
+    def completion(self, started: date) -> date:
+        return started + timedelta(days=self.regimen_days)
+
+    def infusion_dates(self, started: date) -> tuple[date, date]:
+        done = self.completion(started)
+        return done + timedelta(days=self.min_days), done + timedelta(days=self.max_days)
+
+    def repeat_from(self, started: date) -> date:
+        """The first day a repeat LD may start: the day after the last day the recorded LD allows."""
+        return self.completion(started) + timedelta(days=min(self.max_days, self.repeat_after_days) + 1)
+
+    def describe(self, started: date) -> dict[str, Any]:
+        """The window of an LD started on `started`, as the API shows it (and a refusal names it)."""
+        first, last = self.infusion_dates(started)
+        return {
+            "indication": self.indication,
+            "lymphodepletion_started_on": started.isoformat(),
+            "lymphodepletion_completed_on": self.completion(started).isoformat(),
+            "min_days_after_completion": self.min_days,
+            "max_days_after_completion": self.max_days,
+            "earliest_infusion": first.isoformat(),
+            "latest_infusion": last.isoformat(),
+            "repeat_lymphodepletion_from": self.repeat_from(started).isoformat(),
+        }
+
+
+class OutsideInfusionWindow(NotAllowedNow):
+    """Infusion on a day outside the window of the recorded LD (409, problem type `infusion-window`,
+    with the window as a `window` member)."""
+
+    kind = "infusion-window"
+    title = "Infusion outside the window after lymphodepletion"
+
+    def __init__(self, window: Window, started: date, on: date) -> None:
+        first, last = window.infusion_dates(started)
+        when = "before" if on < first else "after"
+        super().__init__(
+            "at",
+            f"is {when} the infusion window {first.isoformat()} .. {last.isoformat()} "
+            f"({window.min_days}-{window.max_days} days after lymphodepletion completed on "
+            f"{window.completion(started).isoformat()}, {window.indication})",
+        )
+        self.extensions = {"window": window.describe(started)}
+
+
+def effective_status(state: OrderState) -> OrderStatus:
+    """Where the order's own steps stand: beneath a hold, the status it was paused in (moved on by the
+    facts that arrived since)."""
+    if state.status == S.ON_HOLD and state.paused_from is not None:
+        return state.paused_from
+    return state.status
+
+
+def delivery_is_confirmed(state: OrderState) -> bool:
+    return state.delivery_confirmed or state.status in DELIVERY_CONFIRMED
 
 
 # The commands carry a reason code (`reasons`), never words: they become events.
@@ -235,7 +330,17 @@ class NotifyAuthority:
     reason: str  # a reason code (out_of_specification)
 
 
-Command = Rebook | Remanufacture | Fail | NotifyAuthority
+@dataclass(frozen=True)
+class ClearLymphodepletion:
+    """The product was lost after the patient's lymphodepletion (a reject, a failure): the LD no longer
+    counts and the centre is alerted (`order.lymphodepletion_cleared.v1`); a repeat LD is allowed once a
+    product is released again and its delivery confirmed."""
+
+    reason: str  # the loss's cause code
+    started_on: date | None = None
+
+
+Command = Rebook | Remanufacture | Fail | NotifyAuthority | ClearLymphodepletion
 
 
 @dataclass(frozen=True)
@@ -283,19 +388,37 @@ def _to(
     return Outcome(dataclasses.replace(state, status=status, **kw), reason, commands)
 
 
+def _lost(state: OrderState, cause: str) -> tuple[OrderState, tuple[Command, ...], str]:
+    """The product is lost: its delivery no longer stands, and a lymphodepletion recorded for it is
+    cleared (with an alert to the centre). The state, the commands and words for the timeline."""
+    cleared = dataclasses.replace(state, delivery_confirmed=False)
+    if not state.lymphodepletion:
+        return cleared, (), ""
+    cleared = dataclasses.replace(cleared, lymphodepletion=False, lymphodepletion_on=None)
+    return (
+        cleared,
+        (ClearLymphodepletion(cause, state.lymphodepletion_on),),
+        "; the patient's lymphodepletion is cleared (a repeat is allowed with the next product)",
+    )
+
+
 def recollect(state: OrderState, rules: Rules, cause: str, why: str, today: date) -> Outcome:
     """New apheresis, new slot; or fail when recollections are used up. `cause` is the reason code the
     commands carry, `why` the words on the timeline."""
+    state, cleared, said = _lost(state, cause)
     if state.recollections >= rules.max_recollections:
         return _to(
-            state, S.FAILED, f"{why}; no recollection left", (Fail(f"{cause}:{codes.NO_RECOLLECTION_LEFT}"),)
+            state,
+            S.FAILED,
+            f"{why}; no recollection left{said}",
+            (*cleared, Fail(f"{cause}:{codes.NO_RECOLLECTION_LEFT}")),
         )
     when = today + timedelta(days=rules.recollection_lead_days)
     return _to(
         state,
         S.RESCHEDULING,
-        f"recollection: {why}",
-        (Rebook("recollection", cause, when),),
+        f"recollection: {why}{said}",
+        (Rebook("recollection", cause, when), *cleared),
         recollections=state.recollections + 1,
         run=1,
         apheresis_date=when,
@@ -306,13 +429,15 @@ def product_lost(
     state: OrderState, rules: Rules, cause: str, why: str, retained: bool, today: date
 ) -> Outcome:
     """OOS, failed manufacture or a rejected product: remanufacture, else recollect, else fail."""
-    if retained and state.run < rules.max_runs and state.site_id:
+    site = state.site_id
+    if retained and state.run < rules.max_runs and site:
         nxt = state.run + 1
+        state, cleared, said = _lost(state, cause)
         return _to(
             state,
             S.MATERIAL_RECEIVED,
-            f"remanufacture (run {nxt}): {why}",
-            (Remanufacture(nxt, state.site_id, cause),),
+            f"remanufacture (run {nxt}): {why}{said}",
+            (Remanufacture(nxt, site, cause), *cleared),
             run=nxt,
             status_before_hold=None,
             at_risk=None,
@@ -338,6 +463,8 @@ def on_fact(state: OrderState, event_type: str, data: dict[str, Any], rules: Rul
     reason = str(data.get("reason") or event_type)
     if st in TERMINAL:
         return _keep(state, f"recorded only: order is {st.value}")
+    if st == S.ON_HOLD:
+        return beneath_hold(state, lambda s: on_fact(s, event_type, data, rules, today))
     run_matches = int(data.get("run") or state.run) == state.run  # a fact without a run: the current one
     slot_matches = data.get("slot_id") is None or str(data.get("slot_id")) == state.slot_id
     match event_type:
@@ -457,6 +584,12 @@ def on_fact(state: OrderState, event_type: str, data: dict[str, Any], rules: Rul
                 and st == S.APHERESIS_COMPLETED
             ):
                 return _to(state, S.MATERIAL_IN_TRANSIT, f"material {milestone}")
+            if leg == "outbound_product" and milestone == "booked" and st == S.RELEASED:
+                if state.delivery_confirmed:
+                    return _keep(state, "recorded: the product's delivery is booked already")
+                return _to(
+                    state, S.RELEASED, "product delivery booked by the courier", delivery_confirmed=True
+                )
             if leg == "outbound_product" and milestone in {"picked_up", "in_transit"} and st == S.RELEASED:
                 return _to(state, S.PRODUCT_IN_TRANSIT, f"product {milestone}")
             if (
@@ -539,7 +672,102 @@ def on_fact(state: OrderState, event_type: str, data: dict[str, Any], rules: Rul
     return _keep(state, f"{NOT_YET} {st.value}")
 
 
+def beneath_hold(state: OrderState, step: Callable[[OrderState], Outcome]) -> Outcome:
+    """Apply `step` to the order's own steps beneath a hold: the order stays on hold (the status it will
+    resume in moves on), unless the step ends it (cancelled, failed). Not on hold: `step` as it is."""
+    if state.status != S.ON_HOLD or state.paused_from is None:
+        return step(state)
+    out = step(dataclasses.replace(state, status=state.paused_from, paused_from=None))
+    if not out.changed:
+        return _keep(state, out.reason)
+    if out.state.status in TERMINAL:
+        return out
+    paused = dataclasses.replace(out.state, status=S.ON_HOLD, paused_from=out.state.status)
+    return Outcome(paused, f"{out.reason} (beneath the hold)", out.commands)
+
+
 # ---- hospital and QA actions ----------------------------------------------------------------------
+
+
+def put_on_hold(state: OrderState, reason_code: str) -> Outcome:
+    """The centre pauses the patient's journey, for one of `reasons.HoldReason`. Sites, couriers and QA
+    go on (facts move the order's own steps beneath the hold); the centre's next patient steps
+    (apheresis, lymphodepletion, infusion) wait for the resume. A product that arrives is received and
+    stored at the centre meanwhile."""
+    codes.check_hold(reason_code)
+    if state.status in TERMINAL:
+        raise not_now(f"order is already {state.status.value}")
+    if state.status == S.ON_HOLD:
+        raise not_now("the order is on hold already")
+    return _to(state, S.ON_HOLD, f"on hold: {reason_code}", paused_from=state.status)
+
+
+def resume(state: OrderState, reason_code: str) -> Outcome:
+    """The centre resumes a held journey, for one of `reasons.ResumeReason`: back where its own steps
+    stand now."""
+    codes.check_resume(reason_code)
+    if state.status != S.ON_HOLD or state.paused_from is None:
+        raise not_now(f"the order is not on hold (it is {state.status.value})")
+    back = state.paused_from
+    return _to(state, back, f"resumed ({back.value}): {reason_code}", paused_from=None)
+
+
+def _not_on_hold(state: OrderState, what: str) -> None:
+    if state.status == S.ON_HOLD:
+        raise not_now(f"the order is on hold: resume it before the {what}")
+
+
+def material_left(state: OrderState) -> dict[str, str] | None:
+    """What physically exists of the patient's material when the order ends in `state` (a cancellation
+    or a failure): `material` (apheresis_material | product) and where (centre | in_transit | site);
+    None before apheresis. Its disposition (destroyed or returned) is recorded afterwards."""
+    st = effective_status(state)
+    where: tuple[str, str] | None = None
+    if st == S.APHERESIS_COMPLETED:
+        where = ("apheresis_material", "centre")
+    elif st == S.MATERIAL_IN_TRANSIT:
+        where = ("apheresis_material", "in_transit")
+    elif st == S.MATERIAL_RECEIVED:
+        where = ("apheresis_material", "site")
+    elif st in {S.MANUFACTURING, S.QC_PENDING, S.AWAITING_PHYSICIAN, S.RELEASED}:
+        where = ("product", "site")
+    elif st == S.PRODUCT_IN_TRANSIT:
+        where = ("product", "in_transit")
+    elif st in {S.PRODUCT_DELIVERED, S.PRODUCT_RECEIVED}:
+        where = ("product", "centre")
+    elif st == S.MATERIAL_AT_RISK and state.at_risk is not None:
+        risk = state.at_risk
+        if risk.cause == "receipt":
+            where = ("apheresis_material", "site")
+        elif risk.cause == "out_of_specification":
+            where = ("product", "site")
+        elif risk.leg == "inbound_apheresis":
+            where = ("apheresis_material", "in_transit")
+        else:
+            where = ("product", "in_transit")
+    return None if where is None else {"material": where[0], "location": where[1]}
+
+
+def record_material_fate(
+    state: OrderState, left: dict[str, str] | None, recorded: set[str], material: str, fate: str, code: str
+) -> str:
+    """A disposition (destroyed or returned) of the material or product that existed when the order
+    ended: allowed once per material, after a cancellation or a failure. The words for the timeline."""
+    codes.check_material_fate(material, fate, code)
+    if state.status not in {S.CANCELLED, S.FAILED}:
+        raise not_now(
+            f"a disposition of material is recorded once the order is cancelled or failed "
+            f"(it is {state.status.value})"
+        )
+    if left is None:
+        raise not_now("no material or product existed when the order ended")
+    if material != left["material"]:
+        raise Invalid("material", f"the order ended with {left['material']} ({left['location']})")
+    if material in recorded:
+        raise Conflict("material", "its disposition is recorded already")
+    return (
+        f"{material.replace('_', ' ')} {fate} ({code}; it was at the {left['location']} when the order ended)"
+    )
 
 
 def cancel(state: OrderState, reason_code: str, *, signed: bool = False) -> Outcome:
@@ -556,6 +784,7 @@ def cancel(state: OrderState, reason_code: str, *, signed: bool = False) -> Outc
         f"cancelled by the centre{' (signed)' if signed else ''}: {reason_code}",
         status_before_hold=None,
         at_risk=None,
+        paused_from=None,
     )
 
 
@@ -564,6 +793,8 @@ def reschedule_apheresis(state: OrderState, new_date: date, reason_code: str, to
     codes.check_reschedule(reason_code)
     if new_date < today:
         raise Invalid("requested_apheresis_date", "is in the past")
+    if state.status == S.ON_HOLD:  # the patient on hold may be given a new date meanwhile
+        return beneath_hold(state, lambda s: reschedule_apheresis(s, new_date, reason_code, today))
     if state.status not in BEFORE_APHERESIS:
         raise not_now(f"apheresis cannot move once the order is {state.status.value}")
     return _to(
@@ -576,6 +807,7 @@ def reschedule_apheresis(state: OrderState, new_date: date, reason_code: str, to
 
 
 def confirm_apheresis(state: OrderState) -> Outcome:
+    _not_on_hold(state, "apheresis")
     if state.status != S.INBOUND_SHIPMENT_PLANNED:
         raise not_now(
             f"apheresis can be confirmed once the inbound shipment is planned, not while "
@@ -584,28 +816,87 @@ def confirm_apheresis(state: OrderState) -> Outcome:
     return _to(state, S.APHERESIS_COMPLETED, "apheresis completed at the centre")
 
 
-def start_lymphodepletion(state: OrderState) -> Outcome:
+def lymphodepletion_gate(state: OrderState) -> None:
+    """LD may start only once the product is released and its delivery date confirmed (the courier booked
+    or picked up the shipment), and not while the order is on hold."""
+    _not_on_hold(state, "lymphodepletion")
     if state.status not in AVAILABLE:
         raise not_now(
             f"lymphodepletion may start only after the product is released (order is {state.status.value})",
         )
+    if not delivery_is_confirmed(state):
+        raise not_now(
+            "lymphodepletion may start only once the product's delivery date is confirmed (the courier "
+            "booked or picked up the shipment)"
+        )
+
+
+def start_lymphodepletion(
+    state: OrderState, window: Window | None = None, started: date | None = None
+) -> Outcome:
+    """The centre starts the patient's lymphodepleting regimen (`started`: its first day at the centre).
+    Only once the product is released and its delivery date confirmed (the courier booked or picked it
+    up). Once recorded, a repeat is allowed when the recorded LD can no longer lead to an infusion (its
+    window closed, or the label's repeat delay passed: `Window.repeat_from`) or after the product was
+    lost (which cleared it). `window`: the order's indication's (None: no treatment facts, no timing)."""
+    lymphodepletion_gate(state)
+    words = "lymphodepletion started"
     if state.lymphodepletion:
-        raise not_now("lymphodepletion was already recorded")
-    return Outcome(dataclasses.replace(state, lymphodepletion=True), "lymphodepletion started")
+        if window is None or state.lymphodepletion_on is None or started is None:
+            raise not_now("lymphodepletion was already recorded")
+        allowed = window.repeat_from(state.lymphodepletion_on)
+        if started < allowed:
+            _, last = window.infusion_dates(state.lymphodepletion_on)
+            raise not_now(
+                f"lymphodepletion was recorded (started {state.lymphodepletion_on.isoformat()}, infusion "
+                f"until {last.isoformat()}): a repeat may start from {allowed.isoformat()}"
+            )
+        words = "repeat lymphodepletion started (the recorded one can no longer lead to an infusion)"
+    elif state.lymphodepletions:
+        words = "repeat lymphodepletion started (the earlier one was cleared)"
+    if window is not None and started is not None:
+        first, last = window.infusion_dates(started)
+        words += (
+            f" ({window.indication}: {window.regimen_days}-day regimen; infusion "
+            f"{first.isoformat()} .. {last.isoformat()})"
+        )
+    return Outcome(
+        dataclasses.replace(
+            state,
+            lymphodepletion=True,
+            lymphodepletion_on=started,
+            lymphodepletions=state.lymphodepletions + 1,
+        ),
+        words,
+    )
 
 
 def confirm_product_receipt(state: OrderState) -> Outcome:
+    """The product arrived at the centre (also while the patient is on hold: it is stored there)."""
+    if state.status == S.ON_HOLD:
+        return beneath_hold(state, confirm_product_receipt)
     if state.status not in {S.PRODUCT_IN_TRANSIT, S.PRODUCT_DELIVERED}:
         raise not_now(f"no product on its way to the centre (order is {state.status.value})")
     return _to(state, S.PRODUCT_RECEIVED, "product received at the centre, identity verified")
 
 
-def confirm_infusion(state: OrderState) -> Outcome:
+def confirm_infusion(state: OrderState, window: Window | None = None, on: date | None = None) -> Outcome:
+    """The patient was infused (`on`: the day at the centre). Inside the recorded LD's infusion window
+    only (`OutsideInfusionWindow`, naming it); nothing else forces the product's use: it may stay stored
+    at the centre until the physician clears the patient (a repeat LD opens a new window)."""
+    _not_on_hold(state, "infusion")
     if state.status != S.PRODUCT_RECEIVED:
         raise not_now(f"infusion needs the product received (order is {state.status.value})")
     if not state.lymphodepletion:
         raise not_now("infusion needs lymphodepletion recorded first")
-    return _to(state, S.COMPLETED, "patient infused")
+    words = "patient infused"
+    if window is not None and state.lymphodepletion_on is not None and on is not None:
+        first, last = window.infusion_dates(state.lymphodepletion_on)
+        if not first <= on <= last:
+            raise OutsideInfusionWindow(window, state.lymphodepletion_on, on)
+        days = (on - window.completion(state.lymphodepletion_on)).days
+        words += f" {days} days after lymphodepletion completed ({window.min_days}-{window.max_days} allowed)"
+    return _to(state, S.COMPLETED, words)
 
 
 # markets where a non-conforming product given on physician request is expanded access: the US (FDA,
@@ -641,6 +932,11 @@ def decide_disposition(
     courier's next fact moves it on), `release_on_physician_request` (OOS only: the centre's physician
     decides next) or `reject` (remanufacture, recollection or fail, as a lost product)."""
     codes.check_disposition(outcome, reason_code)
+    if state.status == S.ON_HOLD:
+        return beneath_hold(
+            state,
+            lambda s: decide_disposition(s, outcome, reason_code, rules, today, document_reference),
+        )
     risk = state.at_risk
     if state.status != S.MATERIAL_AT_RISK or risk is None:
         raise not_now(f"no material held for a disposition (order is {state.status.value})")
@@ -679,6 +975,10 @@ def physician_decision(
     order becomes expanded access; the authority-notification task opens. Decline: as a reject."""
     if reason_code is not None:
         codes.check_physician(accept, reason_code)
+    if state.status == S.ON_HOLD:
+        return beneath_hold(
+            state, lambda s: physician_decision(s, accept, reason_code, regulator, rules, today)
+        )
     risk = state.at_risk
     if state.status != S.AWAITING_PHYSICIAN or risk is None:
         raise not_now(f"no product awaits a physician's decision (order is {state.status.value})")
@@ -708,6 +1008,8 @@ MANUFACTURE_STARTED = frozenset(
 
 def cancellation_is_signed(state: OrderState) -> bool:
     """Whether cancelling the order now needs a signature (manufacture started)."""
+    if state.status == S.ON_HOLD and state.paused_from is not None:
+        return cancellation_is_signed(dataclasses.replace(state, status=state.paused_from, paused_from=None))
     if state.status in MANUFACTURE_STARTED:
         return True
     if state.status == S.MATERIAL_AT_RISK and state.at_risk is not None:

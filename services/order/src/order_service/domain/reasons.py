@@ -38,6 +38,38 @@ RescheduleReason = Literal[
     "logistics",
     "other",
 ]
+# issue 11: the patient's journey put on hold, and resumed. Death is not a hold (cancel:
+# patient_deceased); a hold waits for the patient, the payer or the consent to come back.
+HoldReason = Literal[
+    "patient_unwell",  # an infection, organ toxicity, a bridging therapy's side effects
+    "disease_progression",  # progression the physician wants to assess or treat first
+    "patient_ineligible",  # eligibility to be re-established (labs, performance status)
+    "payer_denied",  # a denial under appeal
+    "payer_pending",
+    "consent_withdrawn",  # consent withdrawn for now, to be discussed again
+    "patient_unavailable",
+    "physician_decision",
+    "other",
+]
+ResumeReason = Literal[
+    "patient_cleared",  # the physician cleared the patient for the next step
+    "eligibility_confirmed",
+    "payer_approved",
+    "consent_confirmed",
+    "physician_decision",
+    "other",
+]
+# what was done with material or product that existed when the order ended (a late cancellation, a
+# failure): a record, kept by the order service
+MaterialKind = Literal["apheresis_material", "product"]
+MaterialFate = Literal["destroyed", "returned"]
+MaterialFateReason = Literal[
+    "order_cancelled",
+    "order_failed",
+    "patient_deceased",
+    "expired",
+    "other",
+]
 QuarantineReleaseReason = Literal[
     "within_stability_data",
     "excursion_not_confirmed",
@@ -112,6 +144,11 @@ PhysicianReason = Literal[
 ]
 
 CANCEL_REASONS: frozenset[str] = frozenset(get_args(CancelReason))
+HOLD_REASONS: frozenset[str] = frozenset(get_args(HoldReason))
+RESUME_REASONS: frozenset[str] = frozenset(get_args(ResumeReason))
+MATERIAL_KINDS: frozenset[str] = frozenset(get_args(MaterialKind))
+MATERIAL_FATES: frozenset[str] = frozenset(get_args(MaterialFate))
+MATERIAL_FATE_REASONS: frozenset[str] = frozenset(get_args(MaterialFateReason))
 RESCHEDULE_REASONS: frozenset[str] = frozenset(get_args(RescheduleReason))
 QUARANTINE_REASONS: dict[str, frozenset[str]] = {
     "release": frozenset(get_args(QuarantineReleaseReason)) | {"other"},
@@ -154,6 +191,28 @@ def as_code(value: object, fallback: str) -> str:
 def check_cancel(code: str) -> str:
     if code not in CANCEL_REASONS:
         raise Invalid("reason_code", "is not a cancellation reason code")
+    return code
+
+
+def check_hold(code: str) -> str:
+    if code not in HOLD_REASONS:
+        raise Invalid("reason_code", "is not a reason code for putting an order on hold")
+    return code
+
+
+def check_resume(code: str) -> str:
+    if code not in RESUME_REASONS:
+        raise Invalid("reason_code", "is not a reason code for resuming an order")
+    return code
+
+
+def check_material_fate(material: str, fate: str, code: str) -> str:
+    if material not in MATERIAL_KINDS:
+        raise Invalid("material", "must be apheresis_material or product")
+    if fate not in MATERIAL_FATES:
+        raise Invalid("outcome", "must be destroyed or returned")
+    if code not in MATERIAL_FATE_REASONS:
+        raise Invalid("reason_code", "is not a reason code for the disposition of material")
     return code
 
 

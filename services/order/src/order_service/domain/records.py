@@ -74,6 +74,15 @@ class OrderRecord:
     din: str | None = None  # the current collection's donation identification number
     lot: str | None = None  # the released run's lot (site.product_released)
     expanded_access: bool = False
+    # issue 11: clinical data of the order (stay in the order service) and the treatment gates
+    indication: str | None = None
+    weight_kg: float | None = None
+    delivery_confirmed: bool = False
+    lymphodepletion_on: date | None = None
+    lymphodepletions: int = 0
+    paused_from: str | None = None  # on hold: where the order's own steps stand
+    hold_reason: str | None = None
+    end_material: dict[str, Any] | None = None  # what existed when the order ended (cancelled, failed)
 
     @classmethod
     def from_mapping(cls, row: Any) -> OrderRecord:
@@ -95,6 +104,10 @@ class OrderRecord:
             else None,
             at_risk=AtRisk.of(self.at_risk),
             expanded_access=self.expanded_access,
+            delivery_confirmed=self.delivery_confirmed,
+            lymphodepletion_on=self.lymphodepletion_on,
+            lymphodepletions=self.lymphodepletions,
+            paused_from=OrderStatus(self.paused_from) if self.paused_from else None,
         )
 
     @property
@@ -130,6 +143,27 @@ class TimelineEntry:
     status_after: str | None
     reason: str
     note: str | None = None  # free text staff typed with the action: kept here, never in an event or log
+
+
+@dataclass(frozen=True)
+class MaterialDisposition:
+    """What was done with material or product that existed when the order ended: destroyed or returned,
+    recorded by the centre (or the manufacturer's QA for the site)."""
+
+    disposition_id: uuid.UUID
+    order_id: uuid.UUID
+    material: str  # apheresis_material | product
+    location: str  # centre | in_transit | site (when the order ended)
+    outcome: str  # destroyed | returned
+    reason_code: str
+    performed_at: datetime
+    recorded_by: str
+    recorded_at: datetime
+    document_reference: str | None = None
+
+    @classmethod
+    def from_mapping(cls, row: Any) -> MaterialDisposition:
+        return cls(**{f.name: row[f.name] for f in fields(cls)})
 
 
 @dataclass(frozen=True)

@@ -26,15 +26,21 @@ from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from order_service.config import OrderSettings
+from order_service.domain.order import DELIVERY_CONFIRMED, effective_status
 from order_service.domain.reasons import (
     CancelReason,
     DispositionOutcome,
     DispositionReason,
+    HoldReason,
+    MaterialFate,
+    MaterialFateReason,
+    MaterialKind,
     PhysicianReason,
     QuarantineReason,
     RescheduleReason,
+    ResumeReason,
 )
-from order_service.domain.records import AuthorityTask, OrderRecord, TimelineEntry
+from order_service.domain.records import AuthorityTask, MaterialDisposition, OrderRecord, TimelineEntry
 from order_service.service_layer import commands, queries
 from v2v_audit import Record
 from v2v_contracts.errors import Forbidden, Invalid
@@ -137,6 +143,12 @@ CoiIn = Annotated[
 ]
 
 
+# issue 11: an indication code of the product's (`GET /v1/products`: `treatment.indications`), and a
+# body weight in kg. Clinical data of the order: kept in the order service, never in an event.
+IndicationIn = Annotated[str, StringConstraints(strip_whitespace=True, pattern=r"^[a-z][a-z0-9_]{0,31}$")]
+WeightKg = Annotated[float, Field(gt=0, le=400, allow_inf_nan=False)]
+
+
 def _note() -> Any:
     return Field(
         default=None,
@@ -165,6 +177,18 @@ class OrderIn(BaseModel):
         default=None,
         description="Optional: a slot offer the centre holds (scheduling: GET /v1/availability, then POST "
         "/v1/holds); the order gets that slot while the hold lasts, else one as usual",
+    )
+    indication: IndicationIn | None = Field(
+        default=None,
+        examples=["b_all"],
+        description="The product's indication for this patient (GET /v1/products: "
+        "`treatment.indications`): it decides the lymphodepleting regimen and the infusion window. "
+        "Optional here (else named with the first lymphodepletion); another product's code: 422.",
+    )
+    weight_kg: WeightKg | None = Field(
+        default=None,
+        description="The patient's body weight in kg (0-400], required where the indication's dose is per "
+        "kg (`weight_required`). Stays in the order service.",
     )
 
 
@@ -249,8 +273,40 @@ class TaskDoneIn(BaseModel):
 class LymphodepletionIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     at: ReportedAt | None = Field(
-        default=None, description="When it started (default: now); within the last 30 days"
+        default=None,
+        description="When it started (default: now); within the last 30 days. Its day at the centre "
+        "starts the regimen; the infusion window counts from the regimen's completion.",
     )
+    indication: IndicationIn | None = Field(
+        default=None, description="The order's indication, if the order names none yet"
+    )
+    weight_kg: WeightKg | None = Field(default=None, description="The weight the indication's dose needs")
+
+
+class HoldIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+    reason_code: HoldReason
+    note: Text500 | None = _note()
+
+
+class ResumeIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+    reason_code: ResumeReason
+    note: Text500 | None = _note()
+
+
+class MaterialDispositionIn(BaseModel):
+    """What was done with the material or product left when the order ended (cancelled or failed)."""
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+    material: MaterialKind = Field(description="apheresis_material | product (the order's `end_material`)")
+    outcome: MaterialFate = Field(description="destroyed | returned")
+    reason_code: MaterialFateReason
+    document_reference: Code | None = Field(
+        default=None, max_length=64, description="The record in the centre's or site's system (opaque id)"
+    )
+    at: ReportedAt | None = Field(default=None, description="When it was done (default: now)")
+    note: Text500 | None = _note()
 
 
 class QuarantineDecisionIn(BaseModel):
@@ -370,6 +426,60 @@ class DecisionOut(BaseModel):
     signatures: list[str]
 
 
+class InfusionWindowOut(BaseModel):
+    """The infusion window of the recorded lymphodepletion (days in the centre's calendar)."""
+
+    indication: str
+    lymphodepletion_started_on: date
+    lymphodepletion_completed_on: date
+    min_days_after_completion: int
+    max_days_after_completion: int
+    earliest_infusion: date
+    latest_infusion: date
+    repeat_lymphodepletion_from: date
+
+
+class TreatmentOut(BaseModel):
+    """Issue 11: the treatment gates at the centre."""
+
+    indication: str | None
+    weight_kg: float | None
+    delivery_confirmed: bool = Field(description="The product's delivery date is confirmed (LD may start)")
+    lymphodepletion_started_on: date | None
+    lymphodepletions: int = Field(description="LD regimens recorded in all (a repeat counts)")
+    infusion_window: InfusionWindowOut | None
+
+
+class HoldOut(BaseModel):
+    reason_code: str | None
+    resumes_in: str = Field(description="Where the order's own steps stand beneath the hold")
+
+
+class EndMaterialOut(BaseModel):
+    material: str  # apheresis_material | product
+    location: str  # centre | in_transit | site (when the order ended)
+    disposition_recorded: bool | None = Field(
+        default=None,
+        description="Whether its disposition is recorded (the order's own view says; a list not)",
+    )
+
+
+class MaterialDispositionOut(BaseModel):
+    disposition_id: uuid.UUID
+    material: str
+    location: str
+    outcome: str
+    reason_code: str
+    document_reference: str | None
+    performed_at: datetime
+    recorded_by: str
+    recorded_at: datetime
+
+    @classmethod
+    def of(cls, r: MaterialDisposition) -> MaterialDispositionOut:
+        return cls(**{k: getattr(r, k) for k in cls.model_fields})
+
+
 class OrderOut(BaseModel):
     order_id: uuid.UUID
     coi: str
@@ -397,7 +507,13 @@ class OrderOut(BaseModel):
     run: int = 1
     recollections: int = 0
     lymphodepletion_at: datetime | None = None
+    treatment: TreatmentOut | None = None
+    on_hold: HoldOut | None = None
     ended_reason: str | None = None
+    end_material: EndMaterialOut | None = Field(
+        default=None, description="What existed of the patient's material when the order ended"
+    )
+    material_dispositions: list[MaterialDispositionOut] | None = None
     predicted: Predicted | None = None
     created_at: datetime
     updated_at: datetime
@@ -477,6 +593,7 @@ def _order_out(
             apheresis_date=row.apheresis_date,
             manufacturing_start_date=row.manufacturing_start_date,
         )
+    recorded = {r.material for r in view.materials} if view is not None else set()
     return OrderOut(
         order_id=row.order_id,
         coi=row.coi,
@@ -511,7 +628,19 @@ def _order_out(
         run=row.run,
         recollections=row.recollections,
         lymphodepletion_at=row.lymphodepletion_at,
+        treatment=_treatment_out(row),
+        on_hold=HoldOut(reason_code=row.hold_reason, resumes_in=row.paused_from) if row.paused_from else None,
         ended_reason=row.ended_reason,
+        end_material=EndMaterialOut(
+            material=row.end_material["material"],
+            location=row.end_material["location"],
+            disposition_recorded=None if view is None else row.end_material["material"] in recorded,
+        )
+        if row.end_material
+        else None,
+        material_dispositions=None
+        if view is None
+        else [MaterialDispositionOut.of(r) for r in view.materials],
         predicted=Predicted(**predicted) if predicted is not None else None,
         created_at=row.created_at,
         updated_at=row.updated_at,
@@ -529,6 +658,18 @@ def _order_out(
             )
             for t in timeline
         ],
+    )
+
+
+def _treatment_out(row: OrderRecord) -> TreatmentOut:
+    window = queries.infusion_window(row)
+    return TreatmentOut(
+        indication=row.indication,
+        weight_kg=row.weight_kg,
+        delivery_confirmed=row.delivery_confirmed or effective_status(row.state()) in DELIVERY_CONFIRMED,
+        lymphodepletion_started_on=row.lymphodepletion_on,
+        lymphodepletions=row.lymphodepletions,
+        infusion_window=InfusionWindowOut(**window) if window else None,
     )
 
 
@@ -784,13 +925,20 @@ async def apheresis_done(
     dependencies=[idempotent()],
     response_model=OrderOut,
     tags=["hospital actions"],
-    summary="Lymphodepleting chemotherapy started (only after product release)",
+    summary="Lymphodepleting chemotherapy started (once the product is released and its delivery confirmed)",
+    description="Issue 11: refused (409) before the product is released and its delivery date confirmed "
+    "(the courier booked or picked up the shipment), and while the order is on hold. Its day at the centre "
+    "starts the regimen of the order's indication; the infusion window counts from its completion. A "
+    "second LD only once the first can no longer lead to an infusion (its window closed or the label's "
+    "repeat delay passed) or after the product was lost (which cleared it).",
     responses=ACTION_RESPONSES,
 )
 async def lymphodepletion(
     order_id: uuid.UUID, body: LymphodepletionIn, rt: RuntimeDep, principal: WritePrincipal
 ) -> OrderOut:
-    action = commands.Action("lymphodepletion", at=body.at)
+    action = commands.Action(
+        "lymphodepletion", at=body.at, indication=body.indication, weight_kg=body.weight_kg
+    )
     return await _hospital_action(rt, principal, order_id, action)
 
 
@@ -815,6 +963,8 @@ async def product_receipt(
     response_model=OrderOut,
     tags=["hospital actions"],
     summary="The patient was infused (bedside identity check): the order completes",
+    description="Issue 11: only on a day inside the infusion window of the recorded lymphodepletion "
+    "(409, problem type `infusion-window`, naming the window in `errors` and as a `window` member).",
     responses=ACTION_RESPONSES,
 )
 async def infusion(
@@ -822,6 +972,88 @@ async def infusion(
 ) -> OrderOut:
     action = commands.Action("infusion", coi=body.coi, lot=body.lot, at=body.at)
     return await _hospital_action(rt, principal, order_id, action)
+
+
+@router.post(
+    "/orders/{order_id}/hold",
+    dependencies=[idempotent()],
+    response_model=OrderOut,
+    tags=["hospital actions"],
+    summary="Put the patient's journey on hold (a reason code; the note stays here)",
+    description="Issue 11: the order goes `on_hold`; sites, couriers and QA go on beneath the hold (a "
+    "product that arrives is received and stored at the centre); apheresis, lymphodepletion and infusion "
+    "wait for the resume. Death is not a hold: cancel with `patient_deceased`.",
+    responses=ACTION_RESPONSES,
+)
+async def hold(order_id: uuid.UUID, body: HoldIn, rt: RuntimeDep, principal: WritePrincipal) -> OrderOut:
+    action = commands.Action("hold", reason_code=body.reason_code, note=body.note)
+    return await _hospital_action(rt, principal, order_id, action)
+
+
+@router.post(
+    "/orders/{order_id}/resume",
+    dependencies=[idempotent()],
+    response_model=OrderOut,
+    tags=["hospital actions"],
+    summary="Resume a held journey where the order's own steps stand",
+    responses=ACTION_RESPONSES,
+)
+async def resume(order_id: uuid.UUID, body: ResumeIn, rt: RuntimeDep, principal: WritePrincipal) -> OrderOut:
+    action = commands.Action("resume", reason_code=body.reason_code, note=body.note)
+    return await _hospital_action(rt, principal, order_id, action)
+
+
+@router.post(
+    "/orders/{order_id}/material-disposition",
+    dependencies=[idempotent()],
+    response_model=OrderOut,
+    tags=["hospital actions"],
+    summary="Record what was done with the material or product left when the order ended",
+    description="Issue 11: after a cancellation or a failure, the order shows `end_material` (apheresis "
+    "material or product, and where it was); the centre records that it was destroyed or returned, once "
+    "per material. On the order's timeline and audit trail; `order.material_disposition_recorded.v1`.",
+    responses=ACTION_RESPONSES,
+)
+async def material_disposition(
+    order_id: uuid.UUID, body: MaterialDispositionIn, rt: RuntimeDep, principal: WritePrincipal
+) -> OrderOut:
+    action = commands.Action(
+        "material",
+        material=body.material,
+        outcome=body.outcome,
+        reason_code=body.reason_code,
+        document_reference=body.document_reference,
+        at=body.at,
+        note=body.note,
+        by=principal.client_id,
+    )
+    return await _hospital_action(rt, principal, order_id, action)
+
+
+@router.post(
+    "/orders/{order_id}/site-material-disposition",
+    dependencies=[idempotent()],
+    response_model=OrderOut,
+    tags=["QA actions"],
+    summary="The manufacturer's QA records what its site did with the material or product left",
+    description="Issue 11: as `/material-disposition`, for material or product the order left at a site "
+    "or in transit, recorded by the manufacturer's QA for the site (the centre records what it holds).",
+    responses=ACTION_RESPONSES,
+)
+async def site_material_disposition(
+    order_id: uuid.UUID, body: MaterialDispositionIn, rt: RuntimeDep, principal: QaPrincipal
+) -> OrderOut:
+    action = commands.Action(
+        "material",
+        material=body.material,
+        outcome=body.outcome,
+        reason_code=body.reason_code,
+        document_reference=body.document_reference,
+        at=body.at,
+        note=body.note,
+        by=principal.client_id,
+    )
+    return await _qa_action(rt, principal, order_id, action)
 
 
 DISPOSITION_ROLES = ("qa_reviewer", "quality_unit", "qualified_person")

@@ -12,12 +12,13 @@ from zoneinfo import ZoneInfo
 
 from order_service.adapters.repository import OrderTx
 from order_service.domain import order as machine
-from order_service.domain.order import OrderStatus, Outcome, Rules
+from order_service.domain.order import OrderStatus, Outcome, Rules, Window
 from order_service.domain.records import Centre, OrderRecord, TimelineEntry
 from v2v_contracts import (
     EVENT_TYPES,
     CloudEvent,
     EventData,
+    LymphodepletionClearedV1,
     MaterialReceivedV1,
     OrderEventData,
     OrderFailedV1,
@@ -48,6 +49,11 @@ def rules_for(product_code: str) -> Rules:
     return Rules.of(product_catalogue().get(product_code))
 
 
+def window_for(product_code: str, indication: str | None) -> Window | None:
+    """The LD regimen and infusion window of the product for the indication (None: none known)."""
+    return Window.of(product_catalogue().get(product_code), indication)
+
+
 @dataclass(frozen=True)
 class Case:
     """An order locked for change, with its centre and its product's rules."""
@@ -58,6 +64,14 @@ class Case:
 
     def today(self) -> date:
         return today_at(self.centre)
+
+    def day_of(self, at: datetime) -> date:
+        """The date of `at` in the centre's calendar (LD and infusion days count there)."""
+        return today_at(self.centre, at)
+
+    @property
+    def window(self) -> Window | None:
+        return window_for(self.order.product_code, self.order.indication)
 
 
 async def load(tx: OrderTx, order_id: uuid.UUID, *, centre: str | None = None) -> Case:
@@ -112,6 +126,14 @@ def command_events(case: Case, outcome: Outcome) -> list[EventData]:
             )
         elif isinstance(cmd, machine.Fail):
             out.append(OrderFailedV1(**order.ref(), reason=cmd.reason))
+        elif isinstance(cmd, machine.ClearLymphodepletion):  # issue 11: an alert for the centre
+            out.append(
+                LymphodepletionClearedV1(
+                    **order.ref(),
+                    reason=cmd.reason,
+                    repeat_allowed=outcome.state.status not in machine.TERMINAL,
+                )
+            )
     return out
 
 
@@ -168,9 +190,20 @@ async def apply(
             rebook_pending=new.rebook_pending,
             at_risk=new.at_risk.as_dict() if new.at_risk else None,
             expanded_access=new.expanded_access,
+            delivery_confirmed=new.delivery_confirmed,
+            lymphodepletion_on=new.lymphodepletion_on,
+            lymphodepletions=new.lymphodepletions,
+            paused_from=new.paused_from.value if new.paused_from else None,
         )
+        if not new.lymphodepletion and order.lymphodepletion_at is not None:
+            fields["lymphodepletion_at"] = None  # lost after LD: cleared (the audit keeps the value)
+        if new.status is not OrderStatus.ON_HOLD:
+            fields["hold_reason"] = None
         if new.status in machine.TERMINAL and new.status is not before:
             fields["ended_reason"] = outcome.reason
+            if new.status is not OrderStatus.COMPLETED:
+                # what physically exists of the patient's material now: its disposition is recorded later
+                fields["end_material"] = machine.material_left(order.state())
         for cmd in outcome.commands:  # a new run makes a new lot; a recollection a new collection (DIN)
             if isinstance(cmd, machine.Remanufacture):  # its slot, when scheduling books it, has the date
                 fields.update(lot=None, manufacturing_start_date=None)

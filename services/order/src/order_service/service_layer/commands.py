@@ -14,23 +14,26 @@ from order_service.domain import market, reasons
 from order_service.domain import order as machine
 from order_service.domain.coi import coi_problem, make_coi
 from order_service.domain.market import Approval
-from order_service.domain.order import AtRisk, OrderState, OrderStatus, Outcome, SignatureNeeded
-from order_service.domain.records import Centre, OrderRecord
+from order_service.domain.order import AtRisk, OrderState, OrderStatus, Outcome, SignatureNeeded, Window
+from order_service.domain.records import Centre, MaterialDisposition, OrderRecord
 from order_service.service_layer import case as cases
 from v2v_contracts import (
     ApheresisCompletedV1,
     DispositionDecidedV1,
     EventData,
     LymphodepletionStartedV1,
+    MaterialDispositionRecordedV1,
     OrderCancelledV1,
     OrderCoiMismatchDetectedV1,
     OrderCompletedV1,
+    OrderPutOnHoldV1,
+    OrderResumedV1,
     OrderSubmittedV1,
     PhysicianDecisionRequestedV1,
     ProductReceivedV1,
 )
 from v2v_contracts.errors import CoiMismatch, Invalid, NotAllowedNow, NotFound
-from v2v_contracts.reference import load_products
+from v2v_contracts.reference import load_products, product_catalogue
 from v2v_messaging import AbstractUnitOfWork
 from v2v_observability import bind_order, current_traceparent, get_logger, later_input, set_order_attributes
 from v2v_observability import names as tn
@@ -66,6 +69,26 @@ class PlaceOrder:
     placed_by: str | None = None  # the client placing it ...
     placement_key: str | None = None  # ... and its Idempotency-Key
     offer_id: uuid.UUID | None = None  # a slot offer the centre holds at scheduling (issue 11)
+    # issue 11: clinical data of the order (kept in the order service only): the product's indication, and
+    # the patient's weight where the indication's dose is per kg
+    indication: str | None = None
+    weight_kg: float | None = None
+
+
+def check_clinical(product_code: str, indication: str | None, weight_kg: float | None) -> None:
+    """An indication must be one of the product's (422 naming `indication`, listing the product's codes);
+    a weight is required where that indication's dose is per kg of body weight (422 naming `weight_kg`)."""
+    product = product_catalogue().get(product_code)
+    if indication is None or product is None or product.treatment is None:
+        return
+    facts = product.indication(indication)
+    if facts is None:
+        known = ", ".join(product.treatment.codes())
+        raise Invalid("indication", f"is not an indication of {product_code} (one of: {known})")
+    if facts.weight_required and weight_kg is None:
+        raise Invalid(
+            "weight_kg", f"is required: the dose of {product_code} for {indication} depends on body weight"
+        )
 
 
 async def _same_placement(tx: OrderTx, order_id: uuid.UUID, cmd: PlaceOrder) -> uuid.UUID:
@@ -77,12 +100,16 @@ async def _same_placement(tx: OrderTx, order_id: uuid.UUID, cmd: PlaceOrder) -> 
         order.order_type,
         order.patient_ref,
         order.requested_apheresis_date,
+        order.indication,
+        order.weight_kg,
     ) == (
         cmd.treatment_center_id,
         cmd.product_code,
         cmd.order_type,
         cmd.patient_ref,
         cmd.requested_apheresis_date,
+        cmd.indication,
+        cmd.weight_kg,
     )
     if not same:
         raise Invalid("Idempotency-Key", "was used for a different request; use a new key")
@@ -110,6 +137,7 @@ async def place_order(
             raise Invalid("treatment_center_id", "unknown or uncertified treatment centre")
         if not await tx.catalogue.has_product(cmd.product_code):
             raise Invalid("product_code", "unknown product")
+        check_clinical(cmd.product_code, cmd.indication, cmd.weight_kg)
         centre_today = cases.today_at(centre, now)
         if cmd.requested_apheresis_date < centre_today:
             raise Invalid(
@@ -135,6 +163,8 @@ async def place_order(
             status=OrderStatus.SUBMITTED.value,
             first_trace=current_traceparent(),
             placement=placement,
+            indication=cmd.indication,
+            weight_kg=cmd.weight_kg,
         )
         event = await tx.publish(
             OrderSubmittedV1(
@@ -166,6 +196,8 @@ async def place_order(
                 "order_type": cmd.order_type,
                 "patient_ref": cmd.patient_ref,
                 "requested_apheresis_date": cmd.requested_apheresis_date,
+                "indication": cmd.indication,
+                "weight_kg": cmd.weight_kg,
                 "status": OrderStatus.SUBMITTED.value,
                 "event": {"id": str(event.id), "type": event.type},
             },
@@ -190,7 +222,9 @@ CONFIRMATIONS: dict[str, tuple[Callable[[OrderState], Outcome], type[EventData],
     "infusion": (machine.confirm_infusion, OrderCompletedV1, "infused_at", "infused_at"),
 }
 SIGNED = frozenset({"disposition", "physician"})  # always signed; a cancellation once manufacture started
-ACTIONS = frozenset({"cancel", "reschedule", *SIGNED, *CONFIRMATIONS})
+# issue 11: the patient's journey on hold and resumed; the disposition of material left when it ended
+JOURNEY = frozenset({"hold", "resume", "material"})
+ACTIONS = frozenset({"cancel", "reschedule", *SIGNED, *CONFIRMATIONS, *JOURNEY})
 LOT_CHECKED = frozenset({"receipt", "infusion"})  # the product's label: COI + lot
 
 
@@ -200,7 +234,8 @@ class Action:
     goes into the action's event; `note`, the words staff typed with it, only onto the order's timeline.
     `signer`: the individual who signed it (verified by the route's `require_signature`)."""
 
-    # cancel | reschedule | apheresis | lymphodepletion | receipt | infusion | disposition | physician
+    # cancel | reschedule | apheresis | lymphodepletion | receipt | infusion | disposition | physician |
+    # hold | resume | material
     name: str
     reason_code: str = ""
     note: str | None = None
@@ -212,6 +247,10 @@ class Action:
     document_reference: str | None = None  # disposition: QA's document
     accept: bool | None = None  # physician
     signer: Signer | None = None
+    indication: str | None = None  # lymphodepletion: the order's indication, if it names none yet
+    weight_kg: float | None = None  # ... and the weight its dose needs
+    material: str | None = None  # material: apheresis_material | product (outcome: destroyed | returned)
+    by: str | None = None  # the client acting (kept on a material disposition record)
 
 
 class _CoiRefused(Exception):
@@ -461,9 +500,25 @@ async def _act(
                     data = _disposition_event(
                         ref, risk, "reject", reasons.PHYSICIAN_DECLINED, risk.document_reference
                     )
+            case "hold":
+                outcome = machine.put_on_hold(state, action.reason_code)
+                data = OrderPutOnHoldV1(**ref, reason=action.reason_code, previous_status=state.status.value)
+                extra["hold_reason"] = action.reason_code
+            case "resume":
+                outcome = machine.resume(state, action.reason_code)
+                data = OrderResumedV1(**ref, reason=action.reason_code, status=outcome.state.status.value)
+            case "material":
+                outcome, data = await _material_disposition(tx, case, action, at)
             case name:
                 step, event_type, time_field, column = CONFIRMATIONS[name]
-                outcome = step(state)
+                if name == "lymphodepletion":
+                    machine.lymphodepletion_gate(state)  # the order's state first, then what LD needs
+                    window = _clinical_for_lymphodepletion(case, action, extra)
+                    outcome = machine.start_lymphodepletion(state, window, case.day_of(at))
+                elif name == "infusion":
+                    outcome = machine.confirm_infusion(state, case.window, case.day_of(at))
+                else:
+                    outcome = step(state)
                 extra[column] = at
                 if name == "apheresis":
                     din = make_coi(facility_id, at.year, await tx.orders.next_coi_sequence(at.year))
@@ -502,6 +557,82 @@ async def _act(
         log.info("hospital action applied", action=action.name, status=outcome.state.status.value)
         if outcome.changed:
             await cases.replay_parked(tx, order_id)
+
+
+def _clinical_for_lymphodepletion(
+    case: cases.Case, action: Action, extra: dict[str, object]
+) -> Window | None:
+    """The window LD is gated with: the order's indication's. An order placed without one (before issue
+    11, or by a caller that left it out) names it with its first LD (kept on the order, with the weight
+    its dose needs); a product with treatment facts needs one (422 naming `indication`)."""
+    order = case.order
+    indication = order.indication
+    if action.indication is not None and action.indication != indication:
+        if indication is not None:
+            raise Invalid("indication", "differs from the order's: the order's indication is kept")
+        check_clinical(order.product_code, action.indication, action.weight_kg or order.weight_kg)
+        indication = action.indication
+        extra["indication"] = indication
+        if action.weight_kg is not None and order.weight_kg is None:
+            extra["weight_kg"] = action.weight_kg
+    product = product_catalogue().get(order.product_code)
+    if indication is None and product is not None and product.treatment is not None:
+        known = ", ".join(product.treatment.codes())
+        raise Invalid(
+            "indication",
+            f"is required for lymphodepletion: it decides the regimen and the infusion window "
+            f"(one of: {known})",
+        )
+    return cases.window_for(order.product_code, indication)
+
+
+async def _material_disposition(
+    tx: OrderTx, case: cases.Case, action: Action, at: datetime
+) -> tuple[Outcome, EventData]:
+    """Record what was done with the material or product left when the order ended (once per material)."""
+    order, state = case.order, case.order.state()
+    recorded = {r.material for r in await tx.materials.of_order(order.order_id)}
+    material, fate = action.material or "", action.outcome or ""
+    words = machine.record_material_fate(
+        state, order.end_material, recorded, material, fate, action.reason_code
+    )
+    left = order.end_material or {}
+    record = MaterialDisposition(
+        disposition_id=uuid.uuid4(),
+        order_id=order.order_id,
+        material=material,
+        location=str(left.get("location")),
+        outcome=fate,
+        reason_code=action.reason_code,
+        performed_at=at,
+        recorded_by=action.by or "unknown",
+        recorded_at=cases.now(),
+        document_reference=action.document_reference,
+    )
+    await tx.materials.add(record)
+    tx.audit(
+        "order.material_disposition.recorded",
+        "order",
+        order.order_id,
+        new={
+            "disposition_id": str(record.disposition_id),
+            "material": material,
+            "location": record.location,
+            "outcome": fate,
+            "performed_at": at,
+            "document_reference": action.document_reference,
+        },
+        reason=action.reason_code,
+    )
+    data = MaterialDispositionRecordedV1(
+        **order.ref(),  # type: ignore[arg-type]
+        material=material,  # type: ignore[arg-type]
+        left_at=record.location,  # type: ignore[arg-type]
+        outcome=fate,  # type: ignore[arg-type]
+        reason=action.reason_code,
+        document_reference=action.document_reference,
+    )
+    return Outcome(state, words, changed=False), data
 
 
 # ---- QA's authority-notification tasks -----------------------------------------------------------------

@@ -9,8 +9,14 @@ from datetime import date
 from typing import Any, TypeAlias
 
 from order_service.adapters.repository import OrderTx
-from order_service.domain.order import Actuals, Durations, predict
-from order_service.domain.records import AuthorityTask, Centre, OrderRecord, TimelineEntry
+from order_service.domain.order import Actuals, Durations, Window, predict
+from order_service.domain.records import (
+    AuthorityTask,
+    Centre,
+    MaterialDisposition,
+    OrderRecord,
+    TimelineEntry,
+)
 from v2v_audit import Record
 from v2v_contracts.errors import NotFound
 from v2v_contracts.reference import product_catalogue
@@ -41,6 +47,15 @@ class OrderView:
     collections: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     tasks: list[AuthorityTask] = dataclasses.field(default_factory=list)
     decisions: list[SignedDecision] = dataclasses.field(default_factory=list)
+    materials: list[MaterialDisposition] = dataclasses.field(default_factory=list)
+
+
+def infusion_window(order: OrderRecord) -> dict[str, Any] | None:
+    """The infusion window of the order's recorded lymphodepletion (None: none recorded, or no facts)."""
+    window = Window.of(product_catalogue().get(order.product_code), order.indication)
+    if window is None or order.lymphodepletion_on is None:
+        return None
+    return window.describe(order.lymphodepletion_on)
 
 
 def predicted_dates(order: OrderRecord, region: str | None = None) -> dict[str, date | None] | None:
@@ -60,9 +75,15 @@ def predicted_dates(order: OrderRecord, region: str | None = None) -> dict[str, 
     )
     # QC lies inside the published apheresis-to-release days, not on top of the manufacturing days
     after_start = product.planning.release_after_start(region or "default") if product.planning else None
-    return predict(
+    predicted = predict(
         Durations(product.manufacturing_days, product.qc_days, release_after_start_days=after_start), actuals
     )
+    # issue 11: once LD is recorded, the infusion is not before its window opens
+    window = infusion_window(order)
+    earliest = predicted.get("earliest_infusion")
+    if window is not None and earliest is not None:
+        predicted["earliest_infusion"] = max(earliest, date.fromisoformat(window["earliest_infusion"]))
+    return predicted
 
 
 async def order_view(uow: UnitOfWork, order_id: uuid.UUID, *, centre: str | None = None) -> OrderView:
@@ -76,6 +97,7 @@ async def order_view(uow: UnitOfWork, order_id: uuid.UUID, *, centre: str | None
         centre_of = await tx.catalogue.centre(order.treatment_center_id, certified_only=False)
         region = centre_of.region if centre_of is not None else None
         collections = await tx.collections.of(order_id)
+        materials = await tx.materials.of_order(order_id)
         tasks = await tx.tasks.of_order(order_id)
         decisions = []
         for d in await tx.decisions.of_order(order_id):
@@ -90,7 +112,9 @@ async def order_view(uow: UnitOfWork, order_id: uuid.UUID, *, centre: str | None
                     signatures=[sig.manifestation() for sig in check.current],
                 )
             )
-    return OrderView(order, timeline, predicted_dates(order, region), collections, tasks, decisions)
+    return OrderView(
+        order, timeline, predicted_dates(order, region), collections, tasks, decisions, materials
+    )
 
 
 async def tasks_page(
