@@ -617,7 +617,7 @@ async def test_an_outage_reroutes_material_in_transit_to_another_site_and_the_or
     await j.courier(outbound, "picked_up", "in_transit", "delivered")
     await j.wait_status("product_delivered")
     await j.hospital("product-receipt", {"coi": j.coi})
-    await j.hospital("lymphodepletion")
+    await j.lymphodepletion()
     assert (await j.hospital("infusion", {"coi": j.coi}))["status"] == "completed"
 
 
