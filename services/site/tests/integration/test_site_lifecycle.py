@@ -387,7 +387,16 @@ async def test_an_outage_affects_confirmed_bookings_in_its_window(
     assert isinstance(out["outage_id"], uuid.UUID)
     events = await outbox()
     kinds = [t for t, _ in events]
-    assert kinds == ["site.registered.v1", "site.booking_affected.v1", "site.booking_affected.v1"]
+    assert kinds == ["site.registered.v1"] + ["site.booking_affected.v1"] * 3
+    # issue 11: the order whose material is at the site already is reported (not moved): its centre is told
+    *events, (_, at_site) = events
+    assert (at_site["order_id"], at_site["material_at_site"], at_site["run"], at_site["state"]) == (
+        str(received["order_id"]),
+        True,
+        1,
+        "material_received",
+    )
+    assert len(out["material_at_site_booking_ids"]) == 1
     registered = events[0][1]
     assert registered["outages"] == [
         {
