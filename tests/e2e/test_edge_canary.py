@@ -108,9 +108,10 @@ async def test_the_marker_stays_in_the_ordering_schema(
     # 1. where free text may go at all: only into the order service
     fields = free_text_fields(platform)
     assert {s for s, f in fields.items() if f} == {"order"}, fields
-    # the notes of a cancellation, a moved date, QA's disposition (and its former route) and a physician's
-    # decision; the patient reference
-    assert sorted(f.rsplit(".", 1)[-1] for f in fields["order"]) == [*["note"] * 5, "patient_ref"]
+    # the notes of a cancellation, a moved date, QA's disposition (and its former route), a physician's
+    # decision, a hold, a resume and a material disposition (the centre's and the site's, issue 11); the
+    # patient reference
+    assert sorted(f.rsplit(".", 1)[-1] for f in fields["order"]) == [*["note"] * 9, "patient_ref"]
 
     centre = parties.centre(CENTRE)
     path = f"/canary/{uuid.uuid4()}"

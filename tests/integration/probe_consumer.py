@@ -26,6 +26,7 @@ from v2v_messaging import (
     make_broker,
     notify_channel,
 )
+from v2v_messaging.consumer import BATCH_MAX
 from v2v_persistence import create_pool
 
 
@@ -36,7 +37,14 @@ class OrderProbeV1(EventData):
 
 
 async def main(
-    bootstrap: str, url: str, topic: str, dlq: str, service: str, delay_s: float, slow_from: int
+    bootstrap: str,
+    url: str,
+    topic: str,
+    dlq: str,
+    service: str,
+    delay_s: float,
+    slow_from: int,
+    batch_max: int = BATCH_MAX,
 ) -> None:
     kafka = KafkaSettings(bootstrap_servers=bootstrap, enable_idempotence=False, fetch_max_wait_ms=20)
     pool = await create_pool(url, max_size=4)
@@ -61,6 +69,7 @@ async def main(
         fetch_max_wait_ms=kafka.fetch_max_wait_ms,
         session_timeout_ms=10_000,
         heartbeat_interval_ms=3_000,
+        batch_max=batch_max,
     )
     # the services' group settings: a heartbeat every 3 s, a 10 s session (Tansu holds a join for 5 s)
     stop = asyncio.Event()
@@ -77,4 +86,6 @@ async def main(
 
 if __name__ == "__main__":
     bootstrap, url, topic, dlq, service, delay, slow_from = sys.argv[1:8]
-    asyncio.run(main(bootstrap, url, topic, dlq, service, float(delay), int(slow_from)))
+    # an optional 9th argument: the records one poll applies in one transaction (default: the services')
+    batch = int(sys.argv[8]) if len(sys.argv) > 8 else BATCH_MAX
+    asyncio.run(main(bootstrap, url, topic, dlq, service, float(delay), int(slow_from), batch))

@@ -400,6 +400,10 @@ async def test_broker_restart_while_a_consumer_process_is_paused(
                 service,
                 "1.0",  # from the 13th on, an event takes a second: paused, the consumer is in one
                 "12",
+                # one record per transaction, so that twelve are applied and the 13th is in flight when
+                # it is paused (a poll's records in one transaction would commit all 20 together; the
+                # batch path's kill-and-resume is tested in libs/messaging)
+                "1",
             ],
             env=clean_env(),
             log_path=tmp_path / "consumer.log",
