@@ -115,6 +115,12 @@ async def test_treatment_gates_lost_product_after_lymphodepletion_repeat_and_the
         return order if order["run"] == 2 and order["status"] == "material_received" else None
 
     lost = await eventually(run_two, timeout=20, what="remanufacture after the reject")
+
+    async def site_run_two() -> dict[str, Any] | None:  # the site starts it from its own slot (issue 10)
+        view = await j.as_site(site).manufacturing(site, j.id)
+        return view.body if view.status == 200 and view.body["run"] == 2 else None
+
+    await eventually(site_run_two, timeout=20, what="the site's run 2")
     assert lost["lymphodepletion_at"] is None
     assert lost["treatment"]["lymphodepletion_started_on"] is None
     assert lost["treatment"]["infusion_window"] is None and lost["treatment"]["lymphodepletions"] == 1
