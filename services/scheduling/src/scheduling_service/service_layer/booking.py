@@ -133,36 +133,9 @@ async def try_reserve(
         uuid.uuid4(), req, result.site_id, result.manufacturing_start_date, reason, result.apheresis_date
     )
     await tx.slots.add(slot)
-    tx.audit(
-        "slot.reserved",
-        "slot",
-        slot.slot_id,
-        new={
-            "order_id": slot.order_id,
-            "site_id": slot.site_id,
-            "product_code": slot.product_code,
-            "apheresis_date": slot.apheresis_date,
-            "manufacturing_start_date": slot.manufacturing_start_date,
-            "status": slot.status,
-        },
-        reason=reason,
-    )
+    await record_slot_reserved(tx, req, slot, reason)
     if await tx.waitlist.remove(req.order_id):
         audit_waitlist_left(tx, req.order_id, "slot_reserved")
-    await tx.publish(
-        SlotReservedV1(
-            order_id=req.order_id,
-            coi=req.coi,
-            treatment_center_id=req.treatment_center_id,
-            slot_id=slot.slot_id,
-            site_id=slot.site_id,
-            product_code=req.product_code,
-            order_type=req.order_type,
-            apheresis_date=slot.apheresis_date,
-            manufacturing_start_date=slot.manufacturing_start_date,
-            reason=reason,
-        )
-    )
     log.info(
         "slot reserved",
         site_id=result.site_id,
@@ -217,21 +190,42 @@ async def reserve_remanufacture(
         status="consumed",
     )
     await tx.slots.add(slot)
-    tx.audit(
-        "slot.reserved",
-        "slot",
-        slot.slot_id,
-        new={
-            "order_id": slot.order_id,
-            "site_id": slot.site_id,
-            "product_code": slot.product_code,
-            "manufacturing_start_date": slot.manufacturing_start_date,
-            "status": slot.status,
-            "run": request.run,
-            "within_capacity": within_capacity,
-        },
-        reason=REMANUFACTURE,
+    await record_slot_reserved(
+        tx, req, slot, REMANUFACTURE, run=request.run, audit_extra={"within_capacity": within_capacity}
     )
+    if within_capacity:
+        log.info("remanufacture slot reserved", site_id=site.site_id, run=request.run)
+    else:
+        log.warning(
+            "remanufacture slot reserved beyond the day's capacity: no free day within the horizon",
+            site_id=site.site_id,
+            run=request.run,
+            day=slot.manufacturing_start_date.isoformat(),
+        )
+
+
+async def record_slot_reserved(
+    tx: SchedulingTx,
+    req: SlotRequest,
+    slot: Slot,
+    reason: str,
+    *,
+    run: int | None = None,
+    audit_extra: dict[str, object] | None = None,
+) -> None:
+    """A slot just booked: its audit record and `scheduling.slot_reserved.v1` (with the run, for a
+    remanufacture's)."""
+    new: dict[str, object] = {
+        "order_id": slot.order_id,
+        "site_id": slot.site_id,
+        "product_code": slot.product_code,
+        "apheresis_date": slot.apheresis_date,
+        "manufacturing_start_date": slot.manufacturing_start_date,
+        "status": slot.status,
+    }
+    if run is not None:
+        new["run"] = run
+    tx.audit("slot.reserved", "slot", slot.slot_id, new={**new, **(audit_extra or {})}, reason=reason)
     await tx.publish(
         SlotReservedV1(
             order_id=req.order_id,
@@ -243,19 +237,10 @@ async def reserve_remanufacture(
             order_type=req.order_type,
             apheresis_date=slot.apheresis_date,
             manufacturing_start_date=slot.manufacturing_start_date,
-            reason=REMANUFACTURE,
-            run=request.run,
+            reason=reason,
+            run=run,
         )
     )
-    if within_capacity:
-        log.info("remanufacture slot reserved", site_id=site.site_id, run=request.run)
-    else:
-        log.warning(
-            "remanufacture slot reserved beyond the day's capacity: no free day within the horizon",
-            site_id=site.site_id,
-            run=request.run,
-            day=slot.manufacturing_start_date.isoformat(),
-        )
 
 
 def audit_waitlist_left(tx: SchedulingTx, order_id: uuid.UUID, reason: str) -> None:
