@@ -35,7 +35,12 @@ what lies below them (`v2v_messaging.resync` says how it could). At every assign
 and whenever a partition's end falls below its position, it checks the broker against what it read
 (cluster id, end of each partition, the last record it took from each): a broker that forgot makes it
 start again from the beginning of what the broker holds, and the inbox drops what had been processed.
-A record it was handling meanwhile is never handed back at its old offset.
+A record it was handling meanwhile is never handed back at its old offset. A rebalance that begins
+while it starts over leaves the new assignment's positions to the group's commits: the next assignment
+starts over then. The watch leaves a rebalance under way to the check of the assignment it ends with,
+and no offset is committed by a member outside the group's current generation (see
+`v2v_messaging.kafka._no_commit_outside_the_group`): the positions read on the old broker never reach
+the fresh one's group.
 """
 
 from __future__ import annotations
@@ -210,6 +215,7 @@ class EventConsumer:
         self._seen: dict[tuple[str, int], RecordMark] = {}
         self._cluster_id: str | None = None
         self._resets = 0  # bumped when the consumer starts again from the beginning
+        self._start_over_pending = False  # a start over a rebalance interrupted: the next assignment's
         self._check_lock = asyncio.Lock()
         self._watch_task: asyncio.Task[None] | None = None
         # topic -> (partitions, replication factor) last seen: what a topic the broker lost is created
@@ -253,6 +259,11 @@ class EventConsumer:
             return None
         kafka_consumer.pause(*assigned)  # nothing is read from a position before it is known good
         try:
+            if self._start_over_pending:
+                reason = f"{trigger}: a start over a rebalance interrupted"
+                async with self._check_lock:
+                    await self._start_over(kafka_consumer, assigned, reason)
+                return reason
             return await self._check(kafka_consumer, assigned, trigger)
         finally:
             still = kafka_consumer.assignment()
@@ -316,12 +327,24 @@ class EventConsumer:
         for tp in assigned:
             self._seen.pop((tp.topic, tp.partition), None)
             self._last_offset.pop((tp.topic, tp.partition), None)
-        await kafka_consumer.seek_to_beginning(*assigned)
-        offsets = {}
-        for tp in assigned:
-            position = await self._position(kafka_consumer, tp)
-            if position is not None:
-                offsets[tp] = OffsetAndMetadata(position, "")
+        # a rebalance that begins meanwhile gives the consumer a new assignment, whose positions come
+        # from the group's commits and not from this seek: the next assignment starts over then
+        assignment = _current_assignment(kafka_consumer)
+        self._start_over_pending = True
+        try:
+            await kafka_consumer.seek_to_beginning(*assigned)
+            offsets = {}
+            for tp in assigned:
+                position = await self._position(kafka_consumer, tp)
+                if position is not None:
+                    offsets[tp] = OffsetAndMetadata(position, "")
+        except (KafkaError, AssertionError) as exc:  # aiokafka: IllegalStateError, no longer assigned
+            log.warning("consumer: a rebalance interrupted the start over", error=repr(exc))
+            return
+        if assignment is None or _current_assignment(kafka_consumer) is not assignment:
+            log.warning("consumer: a rebalance interrupted the start over", consumer_group=self.group_id)
+            return
+        self._start_over_pending = False
         try:
             await kafka_consumer.commit(offsets)
         except KafkaError as exc:  # the positions hold in memory; the next processed message commits
@@ -400,6 +423,8 @@ class EventConsumer:
     async def _watch_once(self, kafka_consumer: AIOKafkaConsumer) -> None:
         if any(kafka_consumer.partitions_for_topic(t) is None for t in self.topics):
             kafka_consumer._client.force_metadata_update()  # a topic created again joins the assignment
+        if _current_assignment(kafka_consumer) is None:
+            return  # a rebalance under way: the assignment it ends with is checked (`_CheckOnAssignment`)
         ahead = []
         for tp in kafka_consumer.assignment():
             high = kafka_consumer.highwater(tp)  # from the last fetch
@@ -1026,6 +1051,18 @@ class _CheckOnAssignment(ConsumerRebalanceListener):  # type: ignore[misc]
         self._consumer._watch(kafka_consumer)
         if assigned:
             await self._consumer.check_broker("assignment")
+
+
+def _current_assignment(kafka_consumer: AIOKafkaConsumer) -> Any:
+    """The assignment the consumer holds (aiokafka makes a new one at every rebalance), None while a
+    rebalance is under way. (A client without aiokafka's subscription state, a test's fake, has one
+    assignment throughout: itself.)"""
+    state = getattr(kafka_consumer, "_subscription", None)
+    if state is None:
+        return kafka_consumer
+    if state.reassignment_in_progress or state.subscription is None:
+        return None
+    return state.subscription.assignment
 
 
 _MAX_TRACKED = 10_000

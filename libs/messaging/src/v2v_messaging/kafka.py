@@ -138,6 +138,111 @@ def _no_topic_auto_creation() -> None:
 _no_topic_auto_creation()
 
 
+def _no_produce_to_missing_topics() -> None:
+    """Make every aiokafka client of this process check, on each new connection, that the topics of its
+    first produce request exist on that broker before it sends one.
+
+    Tansu takes a produce to a topic it does not have (a memory-only Tansu that restarted, met by a
+    producer whose metadata still lists the topic): the records are acknowledged and readable, the
+    topic is still unknown to its metadata. When the topic is then created, the partitions are broken:
+    the first write to each partition is refused, and a write retried after that is acknowledged but
+    never readable, or gets an offset a record already holds (tests/integration/test_kafka_guards.py
+    shows both). A relay that publishes to a broker that has just restarted, before its check notices,
+    does exactly that, and its replay cannot bring back what the broken partitions drop. Apache Kafka
+    refuses such a produce (`auto.create.topics` off); the check costs it one metadata request per new
+    connection.
+
+    A produce for a topic the broker does not know fails with `UnknownTopicOrPartitionError` before
+    anything is sent: the producer refreshes its metadata and waits for the topic (a relay's publish
+    fails, it checks the broker, creates the topics and replays). A connection is checked once; a broker
+    that restarts closes it, and the next one is checked again."""
+    import weakref
+
+    from aiokafka.conn import AIOKafkaConnection
+    from aiokafka.errors import UnknownTopicOrPartitionError
+    from aiokafka.protocol.produce import ProduceRequest
+
+    current = AIOKafkaClient.send
+    if getattr(current, "v2v_produce_guard", False):
+        return
+    checked: weakref.WeakSet[AIOKafkaConnection] = weakref.WeakSet()
+
+    async def send(self: AIOKafkaClient, node_id: Any, request: Any, **kwargs: Any) -> Any:
+        if isinstance(request, ProduceRequest):
+            conn = await self._get_conn(node_id, **kwargs)
+            if conn is not None and conn not in checked:
+                topics = sorted({topic for topic, _partitions in request._topics})
+                answer = await current(
+                    self, node_id, MetadataRequest(topics, allow_auto_topic_creation=False), **kwargs
+                )
+                known = {  # a topic it may not describe is the produce's own error to report
+                    t["topic"]
+                    for t in answer.to_object()["topics"]
+                    if (t["error_code"] == 0 and t["partitions"])
+                    or t["error_code"] == TOPIC_AUTHORIZATION_FAILED
+                }
+                missing = [t for t in topics if t not in known]
+                if missing:
+                    self.force_metadata_update()
+                    raise UnknownTopicOrPartitionError(
+                        f"the broker does not have {', '.join(missing)}: nothing produced to it"
+                    )
+                checked.add(conn)
+        return await current(self, node_id, request, **kwargs)
+
+    send.v2v_produce_guard = True  # type: ignore[attr-defined]
+    AIOKafkaClient.send = send  # type: ignore[method-assign]
+
+
+_no_produce_to_missing_topics()
+
+
+def _no_commit_outside_the_group() -> None:
+    """Make every group member of this process commit offsets only as a member of the group's current
+    generation, for the assignment that generation gave it.
+
+    aiokafka sends a commit whatever its state: a member whose heartbeat was answered "unknown member"
+    (a broker that restarted and forgot the group) resets to no member id and generation -1, and a
+    handler that finishes while it joins again commits the positions it had on the old broker with
+    them. A broker takes such a commit when the group has no members (Tansu and Apache Kafka alike):
+    the group on the fresh broker then starts from the old broker's positions, past the records the
+    relays put there since, and the consumer skips them (seen once in
+    tests/integration/test_faults_broker.py, a consumer paused in a handler across a restart). A commit
+    refused here fails as one during a rebalance does (`CommitFailedError`): what it leaves uncommitted
+    is read again, and the inbox drops it. Consumers with partitions assigned by hand (no group
+    membership) commit as before."""
+    from aiokafka.consumer.group_coordinator import GroupCoordinator
+    from aiokafka.errors import RebalanceInProgressError
+    from aiokafka.protocol.commit import OffsetCommitRequest
+    from aiokafka.protocol.group import JoinGroupRequest
+
+    current = GroupCoordinator._do_commit_offsets
+    if getattr(current, "v2v_member_guard", False):
+        return
+
+    async def commit(self: GroupCoordinator, assignment: Any, offsets: Any) -> Any:
+        state = self._subscription
+        if offsets and state.partitions_auto_assigned():
+            outside = (
+                self.member_id == JoinGroupRequest.UNKNOWN_MEMBER_ID
+                or self.generation == OffsetCommitRequest.DEFAULT_GENERATION_ID
+                or state.reassignment_in_progress
+                or (assignment is not None and not assignment.active)
+            )
+            if outside:
+                raise RebalanceInProgressError(
+                    "not a member of the group's current generation: offsets not committed"
+                )
+        # the request is built with this generation and member id before anything is awaited
+        return await current(self, assignment, offsets)
+
+    commit.v2v_member_guard = True  # type: ignore[attr-defined]
+    GroupCoordinator._do_commit_offsets = commit  # type: ignore[method-assign]
+
+
+_no_commit_outside_the_group()
+
+
 def make_broker(
     settings: KafkaSettings,
     client_id: str,
