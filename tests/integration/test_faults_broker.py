@@ -192,13 +192,16 @@ async def list_topics(kafka: KafkaSettings) -> list[str]:
 # After the broker restarts, the consumer's group is gone with it: the consumer joins it again (its
 # topic changed under it, or a heartbeat was answered "unknown member"), and Tansu holds that join for
 # half the session timeout (5 s with the services' settings). Meanwhile the consumer still holds its old
-# assignment and the positions it had on the old broker: a handler that finishes commits them, and the
-# broker takes the commit from the member it is re-admitting. The join completes, the consumer resumes
-# from those positions, and the records the relay put below them on the fresh broker (numbered from 0
-# again, new rows first, then the replay) are never read; Tansu answers a fetch past the end of a
-# partition with nothing rather than an error, so nothing says so. A consumer paused in the middle of
-# an event (a long handler, or SIGSTOP) is the one this happens to; the consumer must notice that the
-# broker forgot and start again from the beginning of what it holds, its inbox dropping what it had.
+# assignment and the positions it had on the old broker: a handler that finishes would commit them, and
+# the broker would take the commit from the member it is re-admitting (no member id, generation -1: the
+# group on the fresh broker has no members). The join would complete, the consumer resume from those
+# positions, and the records the relay put below them on the fresh broker (numbered from 0 again, new
+# rows first, then the replay) would never be read; Tansu answers a fetch past the end of a partition
+# with nothing rather than an error, so nothing says so. A consumer paused in the middle of an event (a
+# long handler, or SIGSTOP) is the one this happens to. So no member commits outside the group's
+# current generation (`v2v_messaging.kafka._no_commit_outside_the_group`), and the consumer notices that
+# the broker forgot and starts again from the beginning of what it holds, its inbox dropping what it had
+# (a start over that a rebalance interrupts is done again at the next assignment).
 
 SERVICES_GROUP = {"session_timeout_ms": 10_000, "heartbeat_interval_ms": 3_000}  # the services' defaults
 
