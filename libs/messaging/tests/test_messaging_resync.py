@@ -345,3 +345,55 @@ async def test_a_record_read_before_the_broker_forgot_is_not_handed_back_at_its_
     # not handed back: a seek to 57 would skip what the fresh broker holds below it; it comes again
     await consumer._consume_records([record])
     assert fake.handed_back == [(T0, 57)] and fake.poll_commits == 0
+
+
+async def test_a_batch_commits_about_its_last_records_order_not_the_last_record_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The COMMIT of a batch is a child of its last record's span: it is about that record's order, even
+    when the poll's last record (settled outside the batch: another order's event of a type the consumer
+    ignores) bound another order meanwhile."""
+    import uuid
+
+    from v2v_contracts import CloudEvent
+    from v2v_contracts.coi import make_coi
+    from v2v_observability import bind_order, current_order
+
+    order_a, order_b = uuid.uuid4(), uuid.uuid4()
+    coi_a, coi_b = make_coi("W1234", 2026, 1), make_coi("W1234", 2026, 2)
+    handled = CloudEvent(source="/v2v/site", type="site.it.v1", data={"order_id": str(order_a)}, coi=coi_a)
+    seen_at_commit: list[tuple[str | None, str | None]] = []
+
+    class Transaction:
+        tx = object()
+
+        async def commit(self) -> None:
+            seen_at_commit.append(current_order())
+
+        async def rollback(self) -> None:
+            raise AssertionError("not rolled back")
+
+    class Uow:
+        async def start(self) -> Transaction:
+            return Transaction()
+
+    broker = FakeBroker(records={T0: {0: 10, 1: 11}})
+    consumer, _fake = make_consumer(monkeypatch, broker, {T0: 0})
+    consumer.uow = Uow()  # type: ignore[assignment]
+
+    async def prepare(item: Any) -> CloudEvent | None:
+        if item.record.offset == 0:
+            bind_order(order_a, coi_a)
+            return handled
+        bind_order(order_b, coi_b)  # another order's event, of a type this consumer ignores
+        return None
+
+    async def apply(_tx: Any, _event: CloudEvent, _record: Any) -> str:
+        return "processed"
+
+    consumer._prepare = prepare  # type: ignore[method-assign]
+    consumer._apply = apply  # type: ignore[method-assign]
+    await consumer._consume_records([record_at(T0, 0, 10), record_at(T0, 1, 11)])
+
+    assert seen_at_commit == [(str(order_a), coi_a)]
+    assert consumer.stats.processed == 1

@@ -715,6 +715,11 @@ class EventConsumer:
         the failure when it did not commit (its records are then to be processed again)."""
         last = batch.items[-1]
         token = otel_context.attach(last.context)
+        # the COMMIT span is a child of the last record's span, and is about its order: the order bound
+        # now is the last *prepared* record's, which may be one settled outside the batch (another
+        # order's event of a type this consumer ignores)
+        if last.event is not None:
+            bind_order(last.event.data.get("order_id"), last.event.coi)
         try:
             await batch.transaction.commit()
         except Exception as exc:
