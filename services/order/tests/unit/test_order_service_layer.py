@@ -1117,3 +1117,25 @@ def test_a_remanufacture_is_predicted_from_its_own_slot_not_the_first_receipt() 
     )  # received: started
     assert (queries.predicted_dates(remanufacture) or {})["manufacturing_start"] == date(2031, 4, 20)
     assert (queries.predicted_dates(waiting) or {})["manufacturing_start"] == date(2031, 3, 1)
+
+
+def test_the_predicted_infusion_waits_for_the_ld_regimen_and_window_after_release() -> None:
+    """Issue 11: LD may start only once the product is released, so before LD is recorded the earliest
+    infusion is release + the indication's LD regimen + the window's minimum (AXI-CEL, LBCL: 3 + 2 days),
+    not release + 2 days; once LD is recorded, its own window counts."""
+    at = datetime(2031, 3, 1, 9, tzinfo=UTC)
+    released = datetime(2031, 3, 20, 15, tzinfo=UTC)
+    order = OrderRecord(
+        uuid.uuid4(), "COI", "TC", "AXI-CEL", "commercial", "ref", date(2031, 2, 1), "released",
+        at, at, material_received_at=at, manufacturing_start_date=date(2031, 3, 2), released_at=released,
+        indication="lbcl",
+    )  # fmt: skip
+    predicted = queries.predicted_dates(order) or {}
+    assert predicted["release"] == date(2031, 3, 20)
+    assert predicted["earliest_infusion"] == date(2031, 3, 25)  # 20 + 3 (regimen) + 2 (window minimum)
+
+    without_indication = dataclasses.replace(order, indication=None)  # no treatment facts to apply
+    assert (queries.predicted_dates(without_indication) or {})["earliest_infusion"] == date(2031, 3, 22)
+
+    ld_later = dataclasses.replace(order, lymphodepletion_on=date(2031, 3, 24))
+    assert (queries.predicted_dates(ld_later) or {})["earliest_infusion"] == date(2031, 3, 29)

@@ -78,11 +78,18 @@ def predicted_dates(order: OrderRecord, region: str | None = None) -> dict[str, 
     predicted = predict(
         Durations(product.manufacturing_days, product.qc_days, release_after_start_days=after_start), actuals
     )
-    # issue 11: once LD is recorded, the infusion is not before its window opens
-    window = infusion_window(order)
+    # issue 11: the infusion is not before the LD window opens: the recorded LD's, or, before one is
+    # recorded, that of an LD started on the predicted release day at the earliest (LD may start only
+    # once the product is released, with its delivery confirmed)
     earliest = predicted.get("earliest_infusion")
+    window = infusion_window(order)
     if window is not None and earliest is not None:
         predicted["earliest_infusion"] = max(earliest, date.fromisoformat(window["earliest_infusion"]))
+    elif earliest is not None and (release := predicted.get("release")) is not None:
+        regimen = Window.of(product, order.indication)
+        if regimen is not None:
+            first, _last = regimen.infusion_dates(release)
+            predicted["earliest_infusion"] = max(earliest, first)
     return predicted
 
 
