@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from .api import ADMIN, QA, OrderAbort, site
 from .clock import as_date
+from .rules import RunStart
 from .states import MATERIAL_ON_THE_WAY, MES_RUNNING, STEP_FRACTION, STEPS, TERMINAL
 
 if TYPE_CHECKING:
@@ -74,10 +75,12 @@ class Site:
             o.leave = MATERIAL_ON_THE_WAY
         else:
             o.cycle_slot = slot_id  # the runs of this collection, whatever slot a remanufacture gets
-            o.run_start[(slot_id, 1)] = max(
-                moment + timedelta(hours=3), o.sim.clock.at(mfg, 8) if mfg else moment
-            )
+            start = max(moment + timedelta(hours=3), o.sim.clock.at(mfg, 8) if mfg else moment)
+            o.run_start[(slot_id, 1)] = start
             o.result.sites_manufactured.append(site_id)
+            collected = o.moment("apheresis")
+            if collected is not None:  # for the fresh-material rule (`rules.fresh_started_in_time`)
+                o.result.collected_runs.append(RunStart(site_id, slot_id, collected, start))
 
     def run_done(self, row: dict[str, Any]) -> bool:
         """Whether the MES has already reported everything of the order's current run."""
