@@ -10,6 +10,7 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import httpx
+import pytest
 
 from v2v_contracts.fields import booking_window
 from v2v_simulator.api import Api
@@ -772,3 +773,35 @@ async def test_the_platforms_record_of_an_order_is_read_for_the_rules_and_the_la
     run = r.collected_runs[0]
     assert (run.booked_collection, run.booked_start) == (date(2026, 2, 20), date(2026, 2, 22))
     await actor.sim.api.close()
+
+
+def test_a_runs_days_follow_the_products_published_turnaround_for_the_region() -> None:
+    """With planning facts: apheresis to release (QC inside) drawn through the region's median and p90,
+    less the days before the start, split as manufacturing_days : qc_days; without: those two as they
+    are."""
+    import random
+
+    from v2v_simulator.report import percentile
+    from v2v_simulator.sites import run_days
+
+    product = {
+        "manufacturing_days": 14,
+        "qc_days": 7,
+        "planning": {
+            "start_lag_days": 1,
+            "apheresis_to_release": {
+                "default": {"median_days": 14, "p90_days": 17},
+                "europe": {"median_days": 19, "p90_days": 23},
+            },
+        },
+    }
+    rng = random.Random(7)
+    us = [run_days(product, "north_america", rng) for _ in range(4000)]  # not listed: the default
+    eu = [run_days(product, "europe", rng) for _ in range(4000)]
+    assert all(m == pytest.approx(2 * q) for m, q in us + eu)  # 14 : 7
+    to_release = [m + q + 1 for m, q in us]  # from apheresis: the start lag before it
+    assert percentile(to_release, 50) == pytest.approx(14, abs=0.3)
+    assert percentile(to_release, 90) == pytest.approx(17, abs=0.4)
+    assert percentile([m + q + 1 for m, q in eu], 50) == pytest.approx(19, abs=0.3)
+    assert percentile([m + q + 1 for m, q in eu], 90) == pytest.approx(23, abs=0.5)
+    assert run_days({"manufacturing_days": 17, "qc_days": 14}, "europe", rng) == (17.0, 14.0)

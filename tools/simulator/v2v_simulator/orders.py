@@ -78,6 +78,7 @@ class OrderActor:
         self.first_apheresis: datetime | None = None
         self.apheresis_at: dict[str, datetime] = {}  # per slot id
         self.run_start: dict[tuple[str, int], datetime] = {}  # per (slot id, run)
+        self.run_days: dict[tuple[str, int], tuple[float, float]] = {}  # manufacture, QC days per run
         self.cycle_slot: str | None = None  # the slot the current collection's material was received for
         self.release_at: datetime | None = None
         self.lymphodepleted = False  # the centre recorded LD (cleared again when the platform clears it)
