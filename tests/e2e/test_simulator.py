@@ -13,6 +13,7 @@ import pytest
 from v2v_harness.identity import Credentials
 from v2v_harness.platform import Platform
 from v2v_simulator import SERVICES, Config, Simulator
+from v2v_simulator.rules import TERMINAL_RULE, fresh_planning
 
 
 @pytest.mark.e2e
@@ -49,6 +50,24 @@ async def test_simulated_orders_all_end_in_a_terminal_state_without_errors(
         assert f"  {state:<12}{count:>6}" in output
     assert "exceptions injected" in output.lower() and "Per-site utilisation" in output
     assert "Vein-to-vein days" in output and "errors: none" in output
+    # predicted vs simulated per product and per lane, with the p90 prediction error
+    assert "Per lane (the centre's market → the site that made the product)" in output
+    assert output.count("p90 |error|") >= 2
+    # the rules, checked over the run's orders: none broken
+    assert "Rules the orders obey (checked over the run; 0 violation(s), 0 expected)" in output
+    rules = {check.rule: check for check in simulator.summary["rules"]}
+    assert all(check.violations == [] for check in rules.values()), output
+    infused = terminal.get("completed", 0)
+    assert rules[TERMINAL_RULE].checked == cfg.orders
+    assert rules["LD only after release and confirmed delivery (simulated clock)"].checked == infused
+    assert rules["infusion inside the window (the platform's record)"].checked == infused
+    assert rules["infusion inside the window (simulated clock)"].checked == infused
+    fresh = {code for code, p in simulator.products.items() if fresh_planning(p) is not None}
+    made = [r for a in simulator.actors for r in a.result.collected_runs if a.plan.combo.product in fresh]
+    started = rules["fresh material started within its max hours of collection (simulated clock)"]
+    booked = rules["fresh material booked to start within its max hours (the platform's slots)"]
+    assert started.checked == len(made) and booked.checked + booked.unchecked == len(made)
+    assert len(made) > 0, "the run made no fresh product: the fresh-material rule checked nothing"
     assert any(k.startswith("lymphodepletion before release -> 409") for k in simulator.stats.intended)
     assert "acting as" in output and "parties, each with its own token" in output
     # the run's patients are its own: every order placed carries the run id in its patient reference

@@ -10,12 +10,14 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import httpx
+import pytest
 
 from v2v_contracts.fields import booking_window
 from v2v_simulator.api import Api
 from v2v_simulator.config import Config
 from v2v_simulator.orders import OrderActor
 from v2v_simulator.plan import Combo, OrderPlan
+from v2v_simulator.rules import RunStart, fresh_started_in_time
 from v2v_simulator.simulation import Simulator
 from v2v_simulator.sites import OutageState, declare_outage
 from v2v_simulator.states import MATERIAL_ON_THE_WAY, STEPS
@@ -214,6 +216,58 @@ async def test_the_inbound_leg_is_scanned_by_the_courier_then_received_by_the_si
     # the leg is done: acting again posts nothing more
     await actor.inbound(order_row("material_in_transit"))
     assert len(platform.posted()) == 6
+    await actor.sim.api.close()
+
+
+async def test_fresh_material_reaches_the_site_in_time_to_start_within_its_hours_of_collection() -> None:
+    """A fresh product (its catalogue's planning facts: at most 48 h from collection to start), collected
+    at noon two days before its booked manufacturing start: two days in transit would start it 51 h after
+    collection; the courier delivers it in time and the run starts inside the 48 h. The receipt notes the
+    run (collection, start, slot) for the rule checked at the end of the run."""
+    platform = FakePlatform({})
+    inbound_routes(platform)
+    actor = await placed(platform)
+    actor.product = {
+        "code": "TISA-CEL",
+        "manufacturing_days": 17,
+        "qc_days": 14,
+        "planning": {"starting_material": "fresh", "max_fresh_hours": 48},
+    }
+    collected = actor.sim.clock.at(DAY, 12)
+    actor.moments.append(("apheresis", collected))
+    actor.apheresis_at["slot-1"] = collected
+    await actor.inbound(order_row("apheresis_completed"))
+    delivered, received = actor.moment("inbound delivered"), actor.moment("site receipt")
+    assert delivered is not None and received is not None
+    assert delivered == collected + timedelta(hours=48 - 6)  # at the site 6 h before the latest start
+    start = actor.run_start[("slot-1", 1)]
+    assert start == received + timedelta(hours=3) == collected + timedelta(hours=46)  # inside the 48 h
+    assert actor.result.collected_runs == [RunStart("CH-STEIN", "slot-1", collected, start)]
+    assert actor.result.moments is actor.moments  # the case file goes into the result
+    products = {"TISA-CEL": actor.product}
+    assert fresh_started_in_time([actor.result], products).violations == []
+    # the same leg without the fresh cap: two days in transit, started 51 h after collection
+    late = RunStart("CH-STEIN", "slot-1", collected, collected + timedelta(days=2, hours=3))
+    actor.result.collected_runs = [late]
+    assert len(fresh_started_in_time([actor.result], products).violations) == 1
+    await actor.sim.api.close()
+
+
+async def test_rerouted_material_travels_from_its_collection() -> None:
+    """After an outage moved the collected material to a new slot (no collection of its own), the leg is
+    timed from the material's collection, not from the order's last action."""
+    platform = FakePlatform({})
+    inbound_routes(platform)
+    actor = await placed(platform)
+    collected = actor.sim.clock.at(DAY, 10)
+    actor.moments.append(("apheresis", collected))
+    actor.apheresis_at["slot-1"] = collected
+    actor.floor = collected
+    row = order_row("material_in_transit")
+    row["slot"] = {**row["slot"], "slot_id": "slot-2"}
+    await actor.inbound(row)
+    assert actor.moment("inbound booked") == collected + timedelta(hours=1)
+    assert [(r.slot_id, r.collected) for r in actor.result.collected_runs] == [("slot-2", collected)]
     await actor.sim.api.close()
 
 
@@ -688,3 +742,66 @@ def test_the_order_names_an_indication_of_its_product_and_infuses_inside_its_win
     fl = {"weight_required": False, "ld_regimen_days": 3, "infusion_window_days": [2, 2]}
     assert treatment_plan({"treatment": {"indications": {"fl": fl}}}, random.Random(1)) == ("fl", None, 5)
     assert treatment_plan({"code": "X"}, random.Random(1)) == (None, None, 3)
+
+
+async def test_the_platforms_record_of_an_order_is_read_for_the_rules_and_the_lanes() -> None:
+    """At the end of the run: the order's site, its centre's market and timezone (the catalogue), the
+    indication and infusion window of the recorded LD, the recorded infusion time (its timeline), and the
+    booked days of the slot each run from collected material was started from (the slots)."""
+    actor = await actor_for(FakePlatform({}))
+    actor.sim.centres = {"TC-DE-BE-001": {"id": "TC-DE-BE-001", "country": "DE", "timezone": "Europe/Berlin"}}
+    collected = actor.sim.clock.at(DAY, 10)
+    actor.result.collected_runs = [RunStart("CH-STEIN", "slot-2", collected, collected + timedelta(days=2))]
+    window = {"earliest_infusion": "2026-03-16", "latest_infusion": "2026-03-21"}
+    detail = {
+        **order_row("completed"),
+        "treatment": {"indication": "all_paediatric", "infusion_window": window},
+        "timeline": [
+            {"type": "order.lymphodepletion_started.v1", "time": "2026-03-10T09:00:00Z"},
+            {"type": "order.completed.v1", "time": "2026-03-17T15:30:00Z"},
+        ],
+    }
+    slots = [
+        {"slot_id": "slot-1", "apheresis_date": "2026-02-01", "manufacturing_start_date": "2026-02-03"},
+        {"slot_id": "slot-2", "apheresis_date": "2026-02-20", "manufacturing_start_date": "2026-02-22"},
+    ]
+    actor.sim.record_facts(actor, detail, slots)
+    r = actor.result
+    assert (r.site_id, r.market, r.centre_tz, r.lane) == ("CH-STEIN", "DE", "Europe/Berlin", "DE → CH-STEIN")
+    assert r.indication == "all_paediatric" and r.infusion_window == window
+    assert r.infused_at == datetime(2026, 3, 17, 15, 30, tzinfo=UTC)
+    run = r.collected_runs[0]
+    assert (run.booked_collection, run.booked_start) == (date(2026, 2, 20), date(2026, 2, 22))
+    await actor.sim.api.close()
+
+
+def test_a_runs_days_follow_the_products_published_turnaround_for_the_region() -> None:
+    """With planning facts: apheresis to release (QC inside) drawn through the region's median and p90,
+    less the days before the start, split as manufacturing_days : qc_days; without: those two as they
+    are."""
+    import random
+
+    from v2v_simulator.report import percentile
+    from v2v_simulator.sites import run_days
+
+    product = {
+        "manufacturing_days": 14,
+        "qc_days": 7,
+        "planning": {
+            "start_lag_days": 1,
+            "apheresis_to_release": {
+                "default": {"median_days": 14, "p90_days": 17},
+                "europe": {"median_days": 19, "p90_days": 23},
+            },
+        },
+    }
+    rng = random.Random(7)
+    us = [run_days(product, "north_america", rng) for _ in range(4000)]  # not listed: the default
+    eu = [run_days(product, "europe", rng) for _ in range(4000)]
+    assert all(m == pytest.approx(2 * q) for m, q in us + eu)  # 14 : 7
+    to_release = [m + q + 1 for m, q in us]  # from apheresis: the start lag before it
+    assert percentile(to_release, 50) == pytest.approx(14, abs=0.3)
+    assert percentile(to_release, 90) == pytest.approx(17, abs=0.4)
+    assert percentile([m + q + 1 for m, q in eu], 50) == pytest.approx(19, abs=0.3)
+    assert percentile([m + q + 1 for m, q in eu], 90) == pytest.approx(23, abs=0.5)
+    assert run_days({"manufacturing_days": 17, "qc_days": 14}, "europe", rng) == (17.0, 14.0)

@@ -132,6 +132,7 @@ def test_fmt_and_the_progress_line() -> None:
 
 
 def _result(index: int, product: str, **kw: object) -> OrderResult:
+    kw = {"market": "DE", "site_id": "CH-STEIN", **kw}
     combo = Combo("TC-DE-BE-001", product, "commercial", ("CH-STEIN",), "CH-STEIN")
     kind = kw.pop("kind", None)
     params = kw.pop("params", {})
@@ -193,9 +194,29 @@ def test_the_summary_counts_states_exceptions_sites_and_days() -> None:
         "Per-site utilisation (manufacturing starts of this run: 2026-03-10 .. 2026-03-11, 2 days)" in lines
     )
     assert f"  {'CH-STEIN':<18}{2:>7}{3:>6}{3:>12}{8:>10}{'37.5%':>12}" in lines
-    assert f"  {'AXI-CEL':<12}{1:>5}{'24.0':>18}{'24.0':>7}{'40.0':>18}{'40.0':>7}" in lines
-    assert f"  {'all':<12}{2:>5}{'27.0':>18}{'29.4':>7}{'34.0':>18}{'38.8':>7}" in lines
-    assert f"  {'no exception':<12}{1:>5}{'30.0':>18}{'30.0':>7}{'28.0':>18}{'28.0':>7}" in lines
+    # predicted vs simulated per product (n < 5 marked), with the bias and the p90 of the error's size
+    at = lines.index("Vein-to-vein days, completed orders: predicted at first booking vs simulated")
+    assert lines[at + 3].split() == [
+        "product", "n", "predicted", "median", "p90", "simulated", "median", "p90", "bias", "p90", "|error|"
+    ]  # fmt: skip
+    assert lines[at + 4].split() == ["AXI-CEL", "1*", "24.0", "24.0", "40.0", "40.0", "-16.0", "16.0"]
+    assert lines[at + 5].split() == ["TISA-CEL", "1*", "30.0", "30.0", "28.0", "28.0", "+2.0", "2.0"]
+    assert lines[at + 6].split() == ["all", "2*", "27.0", "29.4", "34.0", "38.8", "-7.0", "14.6"]
+    assert lines[at + 7].split() == ["no", "exception", "1*", "30.0", "30.0", "28.0", "28.0", "+2.0", "2.0"]
+    lane = lines.index("Per lane (the centre's market → the site that made the product)")
+    assert lines[lane + 2].split() == [
+        "DE",
+        "→",
+        "CH-STEIN",
+        "2*",
+        "27.0",
+        "29.4",
+        "34.0",
+        "38.8",
+        "-7.0",
+        "14.6",
+    ]
+    assert "Rules the orders obey (checked over the run; 0 violation(s), 0 expected)" in lines
     assert lines[-1] == "=" * 100
 
     stats.throttled.update({"ops": 3, "site CH-STEIN": 1})

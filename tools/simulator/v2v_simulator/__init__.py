@@ -40,11 +40,14 @@ Every call goes through the typed client shared with the test harness (`v2v_harn
 one per party over one shared connection pool, counted and retried by `api.Api` (a 429 is waited out). If
 the order service does not answer on the default ports, the platform is started as a child process
 (`python -m v2v_harness run --state-dir .v2v/demo`) and stopped at the end (`platform`). The summary is
-printed by `report`.
+printed by `report`: predicted vs simulated vein-to-vein days per product and per lane (the centre's
+market → the site that made the product) with the p90 prediction error, and the rules every order must
+obey, checked over the run (`rules`: every order terminal, LD only after release and confirmed delivery,
+infusion inside the window, fresh material started in time).
 
-Exit status: 0 when every order reached a terminal state (completed, cancelled, failed) and no error
-(unexpected HTTP 5xx or 4xx, order stuck, timeout) happened; 1 otherwise; 2 when the platform could not
-be reached or started.
+Exit status: 0 when every order reached a terminal state (completed, cancelled, failed), no rule was
+broken and no error (unexpected HTTP 5xx or 4xx, order stuck, timeout) happened; 1 otherwise; 2 when the
+platform could not be reached or started.
 """
 
 from __future__ import annotations

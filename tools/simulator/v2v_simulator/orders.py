@@ -29,12 +29,17 @@ from .couriers import Courier
 from .hospitals import Hospital
 from .plan import OrderPlan
 from .report import OrderResult
+from .rules import fresh_planning
 from .sites import Site
 from .states import IN_MANUFACTURE, MATERIAL_ON_THE_WAY, PRODUCT_OUT, TERMINAL
 from .tracker import signature
 
 if TYPE_CHECKING:
     from .simulation import Simulator
+
+# fresh material is delivered this long before its latest start (the product's max hours after collection):
+# the site's receipt (1 h after the delivery) and its preparation before the start (3 h), and 2 h to spare
+FRESH_START_MARGIN = timedelta(hours=6)
 
 
 def treatment_plan(product: dict[str, Any], rng: random.Random) -> tuple[str | None, float | None, int]:
@@ -65,13 +70,15 @@ class OrderActor:
         self.coi = ""
         self.din: str | None = None  # the DIN of the latest collection (the apheresis answer)
         self.floor = sim.clock.start  # simulated time of the last action (actions never go back)
-        self.moments: list[tuple[str, datetime]] = []  # (what, simulated moment) of each timed action
+        # (what, simulated moment) of each timed action: kept in the result, for the rules checked at the end
+        self.moments: list[tuple[str, datetime]] = self.result.moments
         self.done: set[Any] = set()
         self.posted: dict[str, set[str]] = defaultdict(set)  # milestones posted per shipment
         self.leave: frozenset[str] = frozenset()  # after an injected exception: wait until these are left
         self.first_apheresis: datetime | None = None
         self.apheresis_at: dict[str, datetime] = {}  # per slot id
         self.run_start: dict[tuple[str, int], datetime] = {}  # per (slot id, run)
+        self.run_days: dict[tuple[str, int], tuple[float, float]] = {}  # manufacture, QC days per run
         self.cycle_slot: str | None = None  # the slot the current collection's material was received for
         self.release_at: datetime | None = None
         self.lymphodepleted = False  # the centre recorded LD (cleared again when the platform clears it)
@@ -264,7 +271,8 @@ class OrderActor:
         ship = await self.courier.shipment("inbound_apheresis")
         if ship is None:
             return
-        a = self.apheresis_at.get(slot_id) or self.floor
+        # the collection this material comes from (rerouted to a new slot after an outage: the last one)
+        a = self.apheresis_at.get(slot_id) or self.moment("apheresis") or self.floor
         booked = as_date(slot.get("apheresis_date"))
         mfg = as_date(slot.get("manufacturing_start_date"))
         transit = min(2, max(1, (mfg - booked).days)) if booked and mfg else 1
@@ -274,6 +282,9 @@ class OrderActor:
             return
         excursion = self.injects("inbound_excursion")
         delivered = a + timedelta(days=transit, hours=-1)
+        limit = fresh_planning(self.product)
+        if limit is not None:  # fresh material: at the site in time to start within its hours of collection
+            delivered = min(delivered, a + timedelta(hours=limit) - FRESH_START_MARGIN)
         if not await self.courier.carry(
             ship,
             a + timedelta(days=transit / 2),

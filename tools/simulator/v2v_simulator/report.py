@@ -6,13 +6,14 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter, defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import Any
 
 from .config import Config
 from .plan import EXCEPTION_WEIGHTS, OrderPlan
+from .rules import RuleCheck, RunStart
 from .states import BUCKET_OF, BUCKETS
 
 
@@ -43,6 +44,30 @@ class OrderResult:
     sites_manufactured: list[str] = field(default_factory=list)  # one entry per run started
     reactions: Counter[str] = field(default_factory=Counter)
     aborted: str | None = None
+    # (what, simulated moment) of each timed action: the order's case file (`OrderActor.moments`)
+    moments: list[tuple[str, datetime]] = field(default_factory=list)
+    collected_runs: list[RunStart] = field(default_factory=list)  # runs started from collected material
+    # from the platform at the end of the run: the site of the order (the product's, once made), the
+    # centre's market (country) and timezone, the indication, the infusion window of the recorded LD
+    # (`treatment.infusion_window`) and the recorded infusion time
+    site_id: str | None = None
+    market: str | None = None
+    centre_tz: str | None = None
+    indication: str | None = None
+    infusion_window: dict[str, Any] | None = None
+    infused_at: datetime | None = None
+
+    @property
+    def lane(self) -> str:
+        """The centre's market -> the manufacturing site, as a scheduling team reads a lane."""
+        return f"{self.market or '?'} → {self.site_id or '?'}"
+
+    @property
+    def prediction_error(self) -> float | None:
+        """Predicted minus simulated vein-to-vein days (positive: the prediction was late)."""
+        if self.predicted_days is None or self.simulated_days is None:
+            return None
+        return self.predicted_days - self.simulated_days
 
 
 # ---- summary maths -----------------------------------------------------------------------------------
@@ -138,6 +163,120 @@ def fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}"
 
 
+def fmt_signed(value: float | None) -> str:
+    return "-" if value is None else f"{value:+.1f}"
+
+
+# ---- predicted vs simulated vein-to-vein days ------------------------------------------------------------
+
+SMALL_GROUP = 5  # fewer completed orders in a group: its p90 is barely more than its maximum (marked *)
+
+
+@dataclass(frozen=True)
+class Accuracy:
+    """Vein-to-vein days of a group of completed orders: predicted at first booking vs simulated, and the
+    prediction's error (predicted - simulated): its mean (the bias) and the p90 of its absolute value."""
+
+    n: int
+    predicted_median: float | None
+    predicted_p90: float | None
+    simulated_median: float | None
+    simulated_p90: float | None
+    bias: float | None
+    p90_abs_error: float | None
+
+
+def accuracy(group: Iterable[OrderResult]) -> Accuracy:
+    rs = [r for r in group if r.simulated_days is not None]
+    predicted = [float(r.predicted_days) for r in rs if r.predicted_days is not None]
+    simulated = [float(r.simulated_days) for r in rs if r.simulated_days is not None]
+    errors = [e for r in rs if (e := r.prediction_error) is not None]
+    return Accuracy(
+        n=len(rs),
+        predicted_median=percentile(predicted, 50),
+        predicted_p90=percentile(predicted, 90),
+        simulated_median=percentile(simulated, 50),
+        simulated_p90=percentile(simulated, 90),
+        bias=sum(errors) / len(errors) if errors else None,
+        p90_abs_error=percentile((abs(e) for e in errors), 90),
+    )
+
+
+def completed(results: Iterable[OrderResult]) -> list[OrderResult]:
+    return [r for r in results if r.final_status == "completed" and r.simulated_days is not None]
+
+
+def accuracy_by(
+    results: Iterable[OrderResult], key: Callable[[OrderResult], str]
+) -> list[tuple[str, Accuracy]]:
+    """The completed orders grouped by `key`, each group's accuracy (groups sorted by key)."""
+    groups: dict[str, list[OrderResult]] = defaultdict(list)
+    for r in completed(results):
+        groups[key(r)].append(r)
+    return [(k, accuracy(groups[k])) for k in sorted(groups)]
+
+
+def accuracy_table(label: str, rows: list[tuple[str, Accuracy]]) -> list[str]:
+    width = max([12, len(label), *(len(k) for k, _ in rows)]) + 2
+    lines = [
+        f"  {label:<{width}}{'n':>5}{'predicted median':>18}{'p90':>7}{'simulated median':>18}{'p90':>7}"
+        f"{'bias':>8}{'p90 |error|':>13}"
+    ]
+    for key, a in rows:
+        n = f"{a.n}{'*' if a.n < SMALL_GROUP else ''}"
+        lines.append(
+            f"  {key:<{width}}{n:>5}{fmt(a.predicted_median):>18}{fmt(a.predicted_p90):>7}"
+            f"{fmt(a.simulated_median):>18}{fmt(a.simulated_p90):>7}{fmt_signed(a.bias):>8}"
+            f"{fmt(a.p90_abs_error):>13}"
+        )
+    return lines
+
+
+def accuracy_lines(results: list[OrderResult]) -> list[str]:
+    """Predicted (at first booking) vs simulated vein-to-vein days of the completed orders, per product
+    (with all of them, and those without an exception) and per lane, with the p90 prediction error."""
+    done = completed(results)
+    per_product = accuracy_by(done, lambda r: r.plan.combo.product)
+    if done:
+        per_product.append(("all", accuracy(done)))
+    clean = [r for r in done if not r.applied]
+    if clean and len(clean) != len(done):
+        per_product.append(("no exception", accuracy(clean)))
+    lines = [
+        "Vein-to-vein days, completed orders: predicted at first booking vs simulated",
+        "  (error: predicted - simulated days of an order; bias: the mean error; p90 |error|: 90% of the",
+        "  orders were predicted within this many days)",
+        *accuracy_table("product", per_product),
+        "",
+        "Per lane (the centre's market → the site that made the product)",
+        *accuracy_table("lane", accuracy_by(done, lambda r: r.lane)),
+    ]
+    lines.append(f"  (*: fewer than {SMALL_GROUP} orders, their p90 is little more than their maximum)")
+    return lines
+
+
+# ---- the rules -------------------------------------------------------------------------------------------
+
+MAX_LISTED = 20  # violations listed per rule
+
+
+def rule_lines(checks: list[RuleCheck]) -> list[str]:
+    """The rules section: per rule the cases checked and the violations (0 expected), each violation
+    listed (the first MAX_LISTED)."""
+    violated = sum(len(c.violations) for c in checks)
+    lines = [f"Rules the orders obey (checked over the run; {violated} violation(s), 0 expected)"]
+    width = max([40, *(len(c.rule) for c in checks)]) + 2
+    lines.append(f"  {'rule':<{width}}{'checked':>8}{'violations':>12}")
+    for c in checks:
+        lines.append(f"  {c.rule:<{width}}{c.checked:>8}{len(c.violations):>12}")
+        if c.note:
+            lines.append(f"      ({c.note})")
+        lines.extend(f"      - {v}" for v in c.violations[:MAX_LISTED])
+        if len(c.violations) > MAX_LISTED:
+            lines.append(f"      ... and {len(c.violations) - MAX_LISTED} more")
+    return lines
+
+
 def progress_line(
     elapsed: float, sim_now: datetime, statuses: Iterable[str | None], calls: int, errors: int
 ) -> str:
@@ -176,7 +315,8 @@ def render_summary(
     outage_note: str = "",
 ) -> str:
     """The summary printed at the end: calls, terminal states, exceptions injected and what the platform
-    did, per-site utilisation, predicted vs simulated vein-to-vein days. `start`..`last`: simulated."""
+    did, per-site utilisation, predicted vs simulated vein-to-vein days per product and per lane, and the
+    rules checked (`summary["rules"]`). `start`..`last`: simulated."""
     lines = ["", "=" * 100, "vein2vein simulation summary", "=" * 100]
     lines.append(
         f"{cfg.orders} orders, seed {cfg.seed}, {elapsed:.0f} s real; simulated "
@@ -262,26 +402,7 @@ def render_summary(
         "  (orders/runs: manufactured there; slots used: consumed slots; capacity: starts/day x days)"
     )
 
-    lines += ["", "Vein-to-vein days, completed orders (predicted at first booking vs simulated)"]
-    lines.append(
-        f"  {'product':<12}{'n':>5}{'predicted median':>18}{'p90':>7}{'simulated median':>18}{'p90':>7}"
-    )
-    done = [r for r in results if r.final_status == "completed" and r.simulated_days is not None]
-    for product in [*sorted({r.plan.combo.product for r in done}), "all"]:
-        group = [r for r in done if product in ("all", r.plan.combo.product)]
-        pred = [float(r.predicted_days) for r in group if r.predicted_days is not None]
-        sim = [float(r.simulated_days) for r in group if r.simulated_days is not None]
-        lines.append(
-            f"  {product:<12}{len(group):>5}{fmt(percentile(pred, 50)):>18}{fmt(percentile(pred, 90)):>7}"
-            f"{fmt(percentile(sim, 50)):>18}{fmt(percentile(sim, 90)):>7}"
-        )
-    clean = [r for r in done if not r.applied]
-    if clean and len(clean) != len(done):
-        sim = [float(r.simulated_days) for r in clean if r.simulated_days is not None]
-        pred = [float(r.predicted_days) for r in clean if r.predicted_days is not None]
-        lines.append(
-            f"  {'no exception':<12}{len(clean):>5}{fmt(percentile(pred, 50)):>18}"
-            f"{fmt(percentile(pred, 90)):>7}{fmt(percentile(sim, 50)):>18}{fmt(percentile(sim, 90)):>7}"
-        )
+    lines += ["", *accuracy_lines(results)]
+    lines += ["", *rule_lines(summary.get("rules") or [])]
     lines.append("=" * 100)
     return "\n".join(lines)

@@ -13,12 +13,13 @@ from typing import Any
 import httpx
 
 from .api import ADMIN, OPS, QA, Api, OrderAbort, Party, TokenSource, centre, site
-from .clock import SimClock, as_date
+from .clock import SimClock, as_date, parse_time
 from .config import Config, parse_args
 from .orders import OrderActor
 from .plan import EXCEPTION_WEIGHTS, Plan, make_plan
 from .platform import ensure_platform, find_credentials
 from .report import Stats, error_lines, progress_line, reactions_of, render_summary, utilisation
+from .rules import TERMINAL_RULE, check_rules
 from .sites import OutageState, declare_outage
 from .states import TERMINAL
 from .tracker import Tracker
@@ -41,6 +42,7 @@ class Simulator:
         self.tracker = Tracker(self.api, cfg.poll_s)
         self.clock = SimClock(datetime.now(UTC).replace(microsecond=0), cfg.day_seconds)
         self.products: dict[str, dict[str, Any]] = {}
+        self.centres: dict[str, dict[str, Any]] = {}
         self.sites: list[dict[str, Any]] = []
         self.plan: Plan | None = None
         self.outage = OutageState(None, None)
@@ -56,6 +58,7 @@ class Simulator:
         products = (await self.api.call("catalogue", lambda c: c.products(), party=OPS)).body
         sites = (await self.api.call("catalogue", lambda c: c.sites(), party=OPS)).body
         self.products = {p["code"]: p for p in products}
+        self.centres = {c["id"]: c for c in centres}
         self.sites = sites
         if self.credentials is not None:
             centres = [c for c in centres if self._has_client("centre", c["id"])]
@@ -231,18 +234,48 @@ class Simulator:
                 res.reactions["cancelled by the centre"] -= 1
                 res.reactions["cancelled by the simulator after an error"] += 1
             reactions.update(res.reactions)
+            self.record_facts(actor, detail, slots)
             for slot in slots:
                 if slot.get("status") == "consumed":
                     consumed[slot["site_id"]] += 1
                     if d := as_date(slot.get("manufacturing_start_date")):
                         starts.append(d)
         window = (min(starts), max(starts)) if starts else None
+        rules = check_rules([a.result for a in self.actors], self.products)
+        for check in rules:
+            # an order not terminal is an error of its own already (above)
+            if check.violations and check.rule != TERMINAL_RULE:
+                self.stats.error(
+                    f"rule violated: {check.rule}: {len(check.violations)} of {check.checked} "
+                    "(the orders are listed under the rules)"
+                )
         self.summary = {
             "terminal": dict(terminal),
             "reactions": dict(reactions),
             "utilisation": utilisation(self.sites, consumed, window),
             "window": window,
+            "rules": rules,
         }
+
+    def record_facts(self, actor: OrderActor, detail: dict[str, Any], slots: list[dict[str, Any]]) -> None:
+        """What the rules and the per-lane table read of the platform's record of an order: its site, its
+        centre's market and timezone, its indication and the infusion window of its recorded LD, the
+        infusion's recorded time, and the booked days of the slots its runs were started from."""
+        res = actor.result
+        centre_of = self.centres.get(actor.plan.combo.centre) or {}
+        res.site_id = detail.get("site_id")
+        res.market = centre_of.get("country")
+        res.centre_tz = centre_of.get("timezone")
+        treatment = detail.get("treatment") or {}
+        res.indication = treatment.get("indication")
+        res.infusion_window = treatment.get("infusion_window")
+        infused = [t["time"] for t in detail.get("timeline") or [] if t.get("type") == "order.completed.v1"]
+        res.infused_at = parse_time(infused[-1]) if infused else None
+        by_id = {str(s.get("slot_id")): s for s in slots}
+        for run in res.collected_runs:
+            slot = by_id.get(run.slot_id) or {}
+            run.booked_collection = as_date(slot.get("apheresis_date"))
+            run.booked_start = as_date(slot.get("manufacturing_start_date"))
 
     def render_summary(self) -> str:
         assert self.plan is not None

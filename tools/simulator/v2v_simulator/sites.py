@@ -2,6 +2,9 @@
 manufacturer's QA (QC dispositions, the signed release of a lot, the signed disposition of material at
 risk), and the registry (the run's one outage).
 
+A run lasts what the product's catalogue publishes for the centre's region (apheresis to release, QC
+inside: `run_days`), drawn per run through its median and p90.
+
 Issue 10: QC passes with a results summary and a certificate-of-analysis reference; the lot is then
 released by signature: QA's system collects, for each signature the site names (`release.required` of the
 manufacturing view: a quality unit's release or a QP's certification, and an import certification for a
@@ -17,6 +20,8 @@ named by an opaque `reference`. Reports carry no simulated moment (the platform 
 from __future__ import annotations
 
 import asyncio
+import math
+import random
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -25,11 +30,35 @@ from typing import TYPE_CHECKING, Any
 
 from .api import ADMIN, QA, OrderAbort, site
 from .clock import as_date
+from .rules import RunStart
 from .states import MATERIAL_ON_THE_WAY, MES_RUNNING, STEP_FRACTION, STEPS, TERMINAL
 
 if TYPE_CHECKING:
     from .orders import OrderActor
     from .simulation import Simulator
+
+
+Z90 = 1.2815515655446004  # the standard normal distribution's 90th percentile
+
+
+def run_days(product: dict[str, Any], region: str | None, rng: random.Random) -> tuple[float, float]:
+    """A run's days from its start to cryopreservation and from there to the release (QC). With the
+    product's planning facts: its published apheresis-to-release days for the centre's region (`default`
+    for another; QC inside, DOMAIN.md), drawn from a log-normal through their median and p90, less the part
+    before the start (`start_lag_days`), split between manufacture and QC as the catalogue's
+    manufacturing_days : qc_days. Without them: manufacturing_days and qc_days."""
+    mfg = float(product.get("manufacturing_days", 17))
+    qc = float(product.get("qc_days", 14))
+    planning = product.get("planning") or {}
+    table = planning.get("apheresis_to_release") or {}
+    facts = table.get(region or "") or table.get("default")
+    if not facts:
+        return mfg, qc
+    median, p90 = float(facts["median_days"]), float(facts["p90_days"])
+    total = rng.lognormvariate(math.log(median), math.log(p90 / median) / Z90)
+    after_start = max(1.0, total - float(planning.get("start_lag_days", 0)))
+    share = mfg / (mfg + qc) if mfg + qc > 0 else 1.0
+    return after_start * share, after_start * (1 - share)
 
 
 class Site:
@@ -74,10 +103,12 @@ class Site:
             o.leave = MATERIAL_ON_THE_WAY
         else:
             o.cycle_slot = slot_id  # the runs of this collection, whatever slot a remanufacture gets
-            o.run_start[(slot_id, 1)] = max(
-                moment + timedelta(hours=3), o.sim.clock.at(mfg, 8) if mfg else moment
-            )
+            start = max(moment + timedelta(hours=3), o.sim.clock.at(mfg, 8) if mfg else moment)
+            o.run_start[(slot_id, 1)] = start
             o.result.sites_manufactured.append(site_id)
+            collected = o.moment("apheresis")
+            if collected is not None:  # for the fresh-material rule (`rules.fresh_started_in_time`)
+                o.result.collected_runs.append(RunStart(site_id, slot_id, collected, start))
 
     def run_done(self, row: dict[str, Any]) -> bool:
         """Whether the MES has already reported everything of the order's current run."""
@@ -114,8 +145,10 @@ class Site:
             o.run_start[(slot_id, run)] = o.floor + timedelta(days=1)
             o.result.sites_manufactured.append(site_id)
         start = o.run_start[(slot_id, run)]
-        mfg_days = float(o.product.get("manufacturing_days", 17))
-        qc_days = float(o.product.get("qc_days", 14))
+        if (slot_id, run) not in o.run_days:  # drawn once per run (the MES may be asked again)
+            region = (o.sim.centres.get(o.plan.combo.centre) or {}).get("region")
+            o.run_days[(slot_id, run)] = run_days(o.product, region, o.rng)
+        mfg_days, qc_days = o.run_days[(slot_id, run)]
         completed = set(view.get("steps_completed") or [])
         for step in STEPS:
             if step in completed:
