@@ -42,6 +42,45 @@ def _server_settings(timeouts: DbTimeouts | None, extra: dict[str, str] | None) 
     return {**(timeouts or DEFAULT_TIMEOUTS).server_settings(), **(extra or {})}
 
 
+class PooledConnection(asyncpg.Connection):  # type: ignore[misc]
+    """A pool's connection that remembers whether it ever ran LISTEN (see `_reset_on_release`)."""
+
+    listened = False
+
+    async def add_listener(self, channel: str, callback: Any) -> None:
+        self.listened = True
+        await super().add_listener(channel, callback)
+
+
+async def _reset_on_release(conn: asyncpg.Connection) -> None:
+    """What a connection given back to the pool needs, and no more: usually no round trip at all.
+
+    asyncpg's default reset sends `SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL;`
+    on every release: one round trip per transaction (7.7 % of the order service's CPU under load,
+    docs/BENCHMARKS.md, optimisation round 4). Before calling this, asyncpg still rolls back a
+    transaction left open and drops the connection's Python-side listeners (`Connection._reset`). As for
+    the rest, what the platform's code does on pooled connections:
+
+    - advisory locks: only `pg_advisory_xact_lock` (the audit trail's chain lock, scheduling's slot
+      locks, logistics' order lock), released by COMMIT or ROLLBACK; no session-level
+      `pg_advisory_lock` anywhere, so `pg_advisory_unlock_all()` has nothing to release;
+    - cursors: none (asyncpg's own cursors live inside a transaction and end with it; no `WITH HOLD`),
+      so nothing for `CLOSE ALL`;
+    - session settings: none changed after connecting (no `SET` or `set_config(..., false)`; the
+      timeouts and search_path come in the startup packet or the role, which `RESET ALL` would keep
+      anyway), so nothing for `RESET ALL`;
+    - LISTEN: the outbox relay's listener and notification's two dispatch listeners hold a pooled
+      connection and remove their listener before giving it back, but the removal may fail (it is
+      bounded and its errors suppressed). Such a connection is marked (`PooledConnection.listened`) and
+      gets `UNLISTEN *` here, so no connection goes back to the pool still registered on a channel.
+
+    Whoever adds session state to a pooled connection (`SET`, a session advisory lock, a holdable
+    cursor, a temporary table) must undo it before release, or add it here."""
+    if isinstance(conn, PooledConnection) and conn.listened:
+        await conn.execute("UNLISTEN *")
+        conn.listened = False
+
+
 async def create_pool(
     url: str,
     *,
@@ -50,8 +89,11 @@ async def create_pool(
     timeouts: DbTimeouts | None = None,
     **kwargs: Any,
 ) -> asyncpg.Pool:
-    """A pool whose every connection carries `timeouts` (the defaults when not given)."""
+    """A pool whose every connection carries `timeouts` (the defaults when not given), reset on release
+    by `_reset_on_release` rather than asyncpg's full reset query."""
     server_settings = _server_settings(timeouts, kwargs.pop("server_settings", None))
+    kwargs.setdefault("connection_class", PooledConnection)
+    kwargs.setdefault("reset", _reset_on_release)
     pool = await asyncpg.create_pool(
         url,
         min_size=min_size,

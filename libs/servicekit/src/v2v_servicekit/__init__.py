@@ -1,6 +1,14 @@
 """What every vein2vein service process is built from: settings, runtime, problem+json."""
 
-from v2v_servicekit.runtime import ConsumerSpec, Runtime, ServiceDefinition, create_app, get_runtime, run
+from v2v_servicekit.runtime import (
+    ConsumerSpec,
+    Runtime,
+    ServiceDefinition,
+    create_app,
+    current_runtime,
+    get_runtime,
+    run,
+)
 from v2v_servicekit.settings import ServiceSettings
 
 __all__ = [
@@ -9,6 +17,7 @@ __all__ = [
     "ServiceDefinition",
     "ServiceSettings",
     "create_app",
+    "current_runtime",
     "get_runtime",
     "run",
 ]

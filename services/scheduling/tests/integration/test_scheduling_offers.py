@@ -44,7 +44,7 @@ from v2v_contracts.reference import product_catalogue
 from v2v_harness import pytest_plugin
 from v2v_messaging import MIGRATIONS_DIR, UnitOfWork, notify_channel
 from v2v_persistence import apply_migrations, create_pool
-from v2v_servicekit import get_runtime, problems
+from v2v_servicekit import current_runtime, problems
 from v2v_servicekit.testing import TestTokens
 
 pytestmark = pytest.mark.integration
@@ -97,7 +97,7 @@ class Api:
         app.include_router(offers_router)
         settings = SchedulingSettings(scheduling_hold_ttl_s=600)
         runtime = SimpleNamespace(uow=self.uow, settings=settings, extras={PLANNING: self.planning})
-        app.dependency_overrides[get_runtime] = lambda: runtime
+        app.dependency_overrides[current_runtime] = lambda: runtime
         self.tokens = TestTokens.install(app)
         self.http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://scheduling")
 
@@ -330,7 +330,7 @@ async def test_a_centres_quota_per_month_moves_its_next_order_to_the_next_month(
         clock=api.clock,
     )
     api.handlers = build_handlers(api.planning)
-    api.http._transport.app.dependency_overrides[get_runtime]().extras[PLANNING] = api.planning  # type: ignore[attr-defined]
+    api.http._transport.app.dependency_overrides[current_runtime]().extras[PLANNING] = api.planning  # type: ignore[attr-defined]
     await api.deliver(site("DE-A", capacity=5))
     first, o1 = order(1)
     await api.deliver(o1)

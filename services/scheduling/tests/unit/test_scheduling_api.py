@@ -22,7 +22,7 @@ from scheduling_service.service_layer.handlers import build_handlers
 from v2v_contracts import OrderSubmittedV1, SiteApproval, SiteRegisteredV1, new_event
 from v2v_contracts.reference import product_catalogue
 from v2v_messaging.fakes import FakeInbox
-from v2v_servicekit import get_runtime, problems
+from v2v_servicekit import current_runtime, problems
 from v2v_servicekit.auth import SCOPE_ATTR
 from v2v_servicekit.testing import TestTokens
 
@@ -74,7 +74,7 @@ async def world() -> Any:
     app = FastAPI()
     problems.install(app)
     app.include_router(router)
-    app.dependency_overrides[get_runtime] = lambda: SimpleNamespace(uow=uow)
+    app.dependency_overrides[current_runtime] = lambda: SimpleNamespace(uow=uow)
     tokens = TestTokens.install(app)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://scheduling") as c:
         yield SimpleNamespace(client=c, tokens=tokens, store=store)

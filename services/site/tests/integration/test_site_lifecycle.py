@@ -42,7 +42,7 @@ from v2v_contracts.fields import lot_problem
 from v2v_harness import pytest_plugin
 from v2v_messaging import MIGRATIONS_DIR, UnitOfWork, notify_channel
 from v2v_persistence import apply_migrations, create_pool, schema_of
-from v2v_servicekit import edge, get_runtime, problems, signatures
+from v2v_servicekit import current_runtime, edge, problems, signatures
 from v2v_servicekit.auth import Principal
 from v2v_servicekit.idempotency import MIGRATIONS_DIR as EDGE_MIGRATIONS
 from v2v_servicekit.problems import status_of
@@ -900,7 +900,7 @@ async def client(pool: asyncpg.Pool, uow: UnitOfWork, tokens: TestTokens) -> Asy
     app = FastAPI()
     problems.install(app)
     app.include_router(site_api.router)
-    app.dependency_overrides[get_runtime] = lambda: SimpleNamespace(pool=pool, uow=uow)
+    app.dependency_overrides[current_runtime] = lambda: SimpleNamespace(pool=pool, uow=uow)
     app.state.token_verifier = tokens.verifier()
     signatures.install(app)
     app.state.signature_token_uses = SignatureTokenUses(pool)  # one-time use in Postgres

@@ -30,7 +30,7 @@ from site_service.service_layer.handlers import handlers
 from v2v_contracts import SlotReservedV1, new_event
 from v2v_contracts.coi import make_coi
 from v2v_messaging.fakes import FakeInbox, FakeUnitOfWork
-from v2v_servicekit import get_runtime, problems
+from v2v_servicekit import current_runtime, problems
 from v2v_servicekit.auth import SCOPE_ATTR
 from v2v_servicekit.testing import FromNow, TestTokens, resolve_times
 
@@ -160,7 +160,7 @@ async def api(seeded: MemoryStore) -> Any:
     app = FastAPI()
     problems.install(app)
     app.include_router(router)
-    app.dependency_overrides[get_runtime] = lambda: SimpleNamespace(uow=uow)
+    app.dependency_overrides[current_runtime] = lambda: SimpleNamespace(uow=uow)
     tokens = TestTokens.install(app)
     tokens.install_signatures(app)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://site") as c:
@@ -792,7 +792,7 @@ def fuzz() -> Any:
     app = FastAPI()
     problems.install(app)
     app.include_router(router)
-    app.dependency_overrides[get_runtime] = lambda: SimpleNamespace(uow=uow)
+    app.dependency_overrides[current_runtime] = lambda: SimpleNamespace(uow=uow)
     tokens = TestTokens.install(app)
     with TestClient(app, raise_server_exceptions=False) as client:
         yield SimpleNamespace(client=client, tokens=tokens, store=store, uow=uow)

@@ -24,7 +24,7 @@ from logistics_service.service_layer import commands, queries
 from v2v_contracts.errors import Forbidden
 from v2v_contracts.fields import LOT_PATTERN, Code, CoiRef, Finite, ReportedAt
 from v2v_contracts.scopes import KINDS, TENANT_KINDS
-from v2v_servicekit import Runtime, get_runtime
+from v2v_servicekit import Runtime, current_runtime
 from v2v_servicekit.auth import Principal, require_scope
 from v2v_servicekit.idempotency import idempotent
 
@@ -87,7 +87,7 @@ def tenant_of(principal: Principal, scope: str) -> Tenant | None:
     raise Forbidden(scope)
 
 
-Rt = Annotated[Runtime, Depends(get_runtime)]
+Rt = Annotated[Runtime, Depends(current_runtime)]
 Limit = Annotated[int, Query(ge=1, le=queries.MAX_PAGE, description="Page size (at most 200)")]
 Offset = Annotated[int, Query(ge=0, le=queries.MAX_OFFSET, description="Rows to skip (at most 10000)")]
 

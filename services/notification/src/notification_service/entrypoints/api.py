@@ -20,12 +20,12 @@ from notification_service.domain.subscriptions import Recipient, Subscription
 from notification_service.service_layer import commands
 from notification_service.service_layer.dispatch import secret_box
 from v2v_contracts.fields import Code
-from v2v_servicekit import Runtime, get_runtime
+from v2v_servicekit import Runtime, current_runtime
 from v2v_servicekit.auth import Principal, require_scope
 from v2v_servicekit.idempotency import idempotent
 
 router = APIRouter(prefix="/v1")
-RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+RuntimeDep = Annotated[Runtime, Depends(current_runtime)]
 SCOPE = "notifications:manage"
 CENTRE = "centre"
 

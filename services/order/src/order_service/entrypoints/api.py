@@ -46,7 +46,7 @@ from v2v_audit import Record
 from v2v_contracts.errors import Forbidden, Invalid
 from v2v_contracts.fields import LOT_PATTERN, BookingDate, Code, ReportedAt, Text64, Text500
 from v2v_observability import get_logger
-from v2v_servicekit import Runtime, get_runtime
+from v2v_servicekit import Runtime, current_runtime
 from v2v_servicekit.auth import Principal, require_scope
 from v2v_servicekit.idempotency import idempotent
 from v2v_servicekit.pagination import PageLimit, PageOffset
@@ -92,7 +92,7 @@ def _object_of(path: str) -> str:
 
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(audit_refusals)])
-RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+RuntimeDep = Annotated[Runtime, Depends(current_runtime)]
 
 READ = "orders:read"
 WRITE = "orders:write"

@@ -21,12 +21,12 @@ from scheduling_service.service_layer import commands
 from scheduling_service.service_layer.commands import Tenancy
 from v2v_contracts.fields import CODE_PATTERN
 from v2v_contracts.scopes import TENANT_KINDS
-from v2v_servicekit import Runtime, get_runtime
+from v2v_servicekit import Runtime, current_runtime
 from v2v_servicekit.auth import Principal, require_scope
 from v2v_servicekit.pagination import MAX_PAGE_LIMIT, PageLimit, PageOffset
 
 router = APIRouter(prefix="/v1")
-RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+RuntimeDep = Annotated[Runtime, Depends(current_runtime)]
 SlotStatus = Literal["held", "confirmed", "released", "consumed"]
 
 CodeParam = Annotated[str | None, Query(min_length=1, max_length=64, pattern=CODE_PATTERN)]

@@ -31,11 +31,11 @@ from scheduling_service.service_layer.commands import Market
 from v2v_contracts.errors import Invalid
 from v2v_contracts.events import OrderType, Regulator
 from v2v_contracts.fields import CODE_PATTERN
-from v2v_servicekit import Runtime, get_runtime
+from v2v_servicekit import Runtime, current_runtime
 from v2v_servicekit.auth import Principal, require_scope
 
 offers_router = APIRouter(prefix="/v1")
-RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+RuntimeDep = Annotated[Runtime, Depends(current_runtime)]
 Code = Annotated[str, Query(min_length=1, max_length=64, pattern=CODE_PATTERN)]
 PLANNING = "planning"  # the runtime's extras key: the planning read at start-up
 

@@ -59,7 +59,7 @@ from v2v_contracts.fields import CODE_PATTERN, Code, Finite, ReportedAt
 from v2v_contracts.scopes import TENANT_KINDS
 from v2v_contracts.signing import SIGNATURE_HEADER
 from v2v_observability import get_logger, later_input, names
-from v2v_servicekit import Runtime, get_runtime
+from v2v_servicekit import Runtime, current_runtime
 from v2v_servicekit.auth import Principal, require_scope
 from v2v_servicekit.idempotency import idempotent
 from v2v_servicekit.pagination import MAX_PAGE_LIMIT, PageLimit, PageOffset
@@ -73,7 +73,7 @@ from v2v_servicekit.signatures import (
 log = get_logger(__name__)
 
 router = APIRouter(prefix="/v1")
-RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+RuntimeDep = Annotated[Runtime, Depends(current_runtime)]
 
 MAX_PRODUCTS = 50  # products in one capacity change
 MAX_APPROVALS = 200  # entries in a site's approval list (regulators x uses x products)
