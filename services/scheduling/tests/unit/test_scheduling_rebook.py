@@ -19,7 +19,13 @@ from scheduling_service.domain.selection import (
     Window,
     select_site,
 )
-from scheduling_service.domain.slots import SlotRequest
+from scheduling_service.domain.slots import (
+    APPROVAL_WITHDRAWN,
+    SITE_INACTIVE,
+    Slot,
+    SlotRequest,
+    move_off,
+)
 from v2v_contracts import OrderSubmittedV1, RebookRequestedV1
 from v2v_contracts.reference import product_catalogue
 
@@ -269,3 +275,83 @@ def test_a_submitted_order_is_initial_or_waitlist() -> None:
     assert req.apheresis_date == day(5)
     assert req.reserved_reason(from_waitlist=False) == "initial"
     assert req.reserved_reason(from_waitlist=True) == "waitlist"
+
+
+# --- issue 11: a slot moved off a site that may no longer make it -------------------------------------
+
+
+def live_slot(collected_on: date | None = None) -> Slot:
+    return Slot(
+        uuid.uuid4(),
+        uuid.uuid4(),
+        "V2V0026000001X",
+        "TC-DE-BE-001",
+        "A-NEAR",
+        "CILTA-CEL",
+        day(4),
+        day(1),
+        "confirmed",
+        order_type="clinical",
+        regulator="EMA",
+        region="europe",
+        collected_on=collected_on,
+    )
+
+
+def test_a_slot_whose_material_was_not_collected_moves_for_its_planned_date_today_at_the_earliest() -> None:
+    withdrawn = Site("A-NEAR", "europe", True, frozenset(), {"CILTA-CEL": 1})
+    request = move_off(live_slot(), withdrawn, day(0))
+    assert request is not None
+    assert (request.kind, request.reason, request.exclude_site_id) == (
+        "site_outage",
+        APPROVAL_WITHDRAWN,
+        "A-NEAR",
+    )
+    assert request.apheresis_date == day(1) and not request.material_collected
+    late = move_off(live_slot(), withdrawn, day(3))
+    assert late is not None and late.apheresis_date == day(3) and not late.material_collected
+    # a site that still approves the market keeps the slot
+    assert move_off(live_slot(), site("A-NEAR"), day(0)) is None
+
+
+def test_a_slot_whose_material_was_collected_moves_as_collected_material_on_its_collection_date() -> None:
+    withdrawn = Site("A-NEAR", "europe", True, frozenset(), {"CILTA-CEL": 1})
+    inactive = Site("A-NEAR", "europe", False, APPROVAL, {"CILTA-CEL": 1})
+    for at, reason in ((withdrawn, APPROVAL_WITHDRAWN), (inactive, SITE_INACTIVE)):
+        # collected on day 2 (a day after the planned date), moved on day 3: the collection date is kept
+        request = move_off(live_slot(collected_on=day(2)), at, day(3))
+        assert request is not None and request.reason == reason
+        assert request.material_collected and request.apheresis_date == day(2)
+        assert (request.kind, request.exclude_site_id) == ("site_outage", "A-NEAR")
+        # the planner takes it as collected material: its date fixed, the fresh window from it
+        req = SlotRequest.rebook(request)
+        planned = req.plan(product_catalogue())
+        assert req.collected and planned.collected and planned.apheresis_date == day(2)
+        assert planned.max_fresh_days == 3  # CILTA-CEL: 72 h
+
+
+def test_a_slot_booked_for_collected_material_keeps_its_collection_date() -> None:
+    rebook = RebookRequestedV1(
+        **_common(),  # type: ignore[arg-type]
+        kind="site_outage",
+        reason="approval_withdrawn",
+        product_code="CILTA-CEL",
+        order_type="clinical",
+        regulator="EMA",
+        region="europe",
+        apheresis_date=day(2),
+        exclude_site_id="A-NEAR",
+        material_collected=True,
+    )
+    booked = Slot.booked(
+        uuid.uuid4(), SlotRequest.rebook(rebook), "B-FAR", day(4), "rebook:site_outage", day(2)
+    )
+    assert booked.collected_on == day(2)
+    fresh = Slot.booked(
+        uuid.uuid4(),
+        SlotRequest.rebook(rebook.model_copy(update={"material_collected": False})),
+        "B-FAR",
+        day(4),
+        "rebook:site_outage",
+    )
+    assert fresh.collected_on is None

@@ -17,6 +17,7 @@ from scheduling_service.domain.slots import Planning, Slot
 from scheduling_service.service_layer import booking, commands
 from scheduling_service.service_layer.handlers import build_handlers
 from v2v_contracts import (
+    ApheresisCompletedV1,
     BookingConfirmedV1,
     CloudEvent,
     MaterialReceivedV1,
@@ -107,6 +108,9 @@ class Order:
                 exclude_site_id=exclude,
             )
         )
+
+    def apheresis_completed(self, collected_at: datetime, collection: int = 1) -> CloudEvent:
+        return new_event(ApheresisCompletedV1(**self.ids(), collected_at=collected_at, collection=collection))
 
     def cancelled(self) -> CloudEvent:
         return new_event(OrderCancelledV1(**self.ids(), reason="consent_withdrawn", previous_status="x"))
@@ -447,6 +451,61 @@ async def test_a_reserved_order_without_another_approved_site_is_released_and_wa
         assert request.apheresis_date == late_day.date()
         assert entries[o.order_id]["reason"] == "no_approved_site"
     assert await w.deliver(site_event("A", capacity=2, active=False)) == []
+
+
+async def test_the_live_slot_remembers_the_collection_and_a_recollection_replaces_it() -> None:
+    w = World()
+    await w.deliver(site_event("A"))
+    order, unknown = Order(1), Order(2)
+    await w.deliver(order.submitted())
+    slot = w.live(order)
+    assert slot is not None and slot.collected_on is None
+    # 23:30 UTC (already the 4th in Berlin): the date is the UTC date of `collected_at`
+    first = order.apheresis_completed(datetime(2031, 3, 3, 23, 30, tzinfo=UTC))
+    assert await w.deliver(first) == []  # nothing published: scheduling only remembers it
+    assert w.live(order) == Slot(**{**slot.__dict__, "collected_on": d(0)})
+    [entry] = [a for a in w.store.audit if a.action == "slot.collection_recorded"]
+    assert entry.object_id == str(slot.slot_id) and entry.new == {
+        "collected_on": "2031-03-03",
+        "collection": 1,
+    }
+    # a replay (even under another event id) changes nothing and is not audited again
+    await w.deliver(first.model_copy(update={"id": uuid.uuid4()}))
+    assert w.live(order).collected_on == d(0)  # type: ignore[union-attr]
+    assert len([a for a in w.store.audit if a.action == "slot.collection_recorded"]) == 1
+    # a recollection: the new date for the slot that is live then
+    await w.deliver(order.apheresis_completed(datetime(2031, 3, 5, 8, tzinfo=UTC), collection=2))
+    assert w.live(order).collected_on == d(2)  # type: ignore[union-attr]
+    # an order without a live slot: nothing to remember, nothing fails
+    assert await w.deliver(unknown.apheresis_completed(datetime(2031, 3, 3, 9, tzinfo=UTC))) == []
+    assert w.slots(unknown) == []
+
+
+async def test_collected_material_moves_off_a_site_that_loses_the_approval_with_its_collection_date() -> None:
+    w = World()
+    await w.deliver(site_event("A-NEAR", capacity=2), site_event("B-FAR", region="north_america", capacity=2))
+    collected, fresh = Order(1), Order(2)
+    await w.deliver(collected.submitted(), fresh.submitted())
+    assert w.live(collected).site_id == w.live(fresh).site_id == "A-NEAR"  # type: ignore[union-attr]
+    await w.deliver(collected.apheresis_completed(datetime(2031, 3, 3, 10, tzinfo=UTC)))
+
+    events = await w.deliver(site_event("A-NEAR", capacity=2, regulators=("NMPA",)))
+    assert types(of(events, collected)) == [RELEASED, RESERVED]
+    assert types(of(events, fresh)) == [RELEASED, RESERVED]
+    moved = of(events, collected)[1].data
+    assert (moved["site_id"], moved["reason"]) == ("B-FAR", "rebook:site_outage")
+    assert moved["apheresis_date"] == d(0).isoformat()  # the collection date, kept
+    # the new slot knows the material was collected: a second move keeps the date as well
+    assert w.live(collected).collected_on == d(0)  # type: ignore[union-attr]
+    assert w.live(fresh).collected_on is None  # type: ignore[union-attr]
+
+    # B-FAR goes inactive, nowhere else is approved: the collected order waits as collected material
+    await w.deliver(site_event("B-FAR", region="north_america", capacity=2, active=False))
+    requests = {e["order_id"]: e["request"] for e in w.waitlist_view()}
+    assert isinstance(requests[collected.order_id], RebookRequestedV1)
+    assert requests[collected.order_id].material_collected
+    assert requests[collected.order_id].apheresis_date == d(0)
+    assert not requests[fresh.order_id].material_collected
 
 
 async def test_a_slot_booked_before_the_market_was_kept_stays() -> None:

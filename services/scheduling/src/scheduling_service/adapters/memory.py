@@ -171,6 +171,16 @@ class MemorySlots(SlotRepository):
         self._set(row, "confirmed")
         return True
 
+    async def record_collection(self, order_id: uuid.UUID, collected_on: date) -> Slot | None:
+        row = self._live_row(order_id)
+        if row is None:
+            return None
+        before = row.slot
+        if before.collected_on != collected_on:
+            row.slot = dataclasses.replace(before, collected_on=collected_on)
+            row.updated_at = self.store.now()
+        return before
+
     async def consume(self, order_id: uuid.UUID, site_id: str) -> uuid.UUID | None:
         row = self._live_row(order_id)
         if row is None or row.slot.site_id != site_id:

@@ -103,6 +103,11 @@ class SlotRepository(ABC):
         """held → confirmed."""
 
     @abstractmethod
+    async def record_collection(self, order_id: uuid.UUID, collected_on: date) -> Slot | None:
+        """The order's live slot remembers the date its material was collected (a recollection's date
+        replaces the first); the slot as it was before, None when the order has no live slot."""
+
+    @abstractmethod
     async def consume(self, order_id: uuid.UUID, site_id: str) -> uuid.UUID | None:
         """The order's live slot at that site → consumed (its day's capacity stays used)."""
 
@@ -137,6 +142,7 @@ def _slot(row: asyncpg.Record) -> Slot:
         order_type=row["order_type"],
         regulator=row["regulator"],
         region=row["region"],
+        collected_on=row["collected_on"],
     )
 
 
@@ -194,8 +200,8 @@ class PostgresSlots(SlotRepository):
         await self.conn.execute(
             """INSERT INTO slots (slot_id, order_id, coi, treatment_center_id, site_id, product_code,
                                   manufacturing_start_date, apheresis_date, status, reserved_reason,
-                                  order_type, regulator, region)
-               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)""",
+                                  order_type, regulator, region, collected_on)
+               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)""",
             slot.slot_id,
             slot.order_id,
             slot.coi,
@@ -209,6 +215,7 @@ class PostgresSlots(SlotRepository):
             slot.order_type,
             slot.regulator,
             slot.region,
+            slot.collected_on,
         )
 
     async def release_live(self, order_id: uuid.UUID, reason: str) -> Slot | None:
@@ -229,6 +236,21 @@ class PostgresSlots(SlotRepository):
             slot_id,
         )
         return bool(done)
+
+    async def record_collection(self, order_id: uuid.UUID, collected_on: date) -> Slot | None:
+        row = await self.conn.fetchrow(
+            """SELECT * FROM slots WHERE order_id = $1 AND status IN ('held', 'confirmed') FOR UPDATE""",
+            order_id,
+        )
+        if row is None:
+            return None
+        if row["collected_on"] != collected_on:
+            await self.conn.execute(
+                "UPDATE slots SET collected_on = $2, updated_at = now() WHERE slot_id = $1",
+                row["slot_id"],
+                collected_on,
+            )
+        return _slot(row)
 
     async def consume(self, order_id: uuid.UUID, site_id: str) -> uuid.UUID | None:
         slot_id: uuid.UUID | None = await self.conn.fetchval(

@@ -177,6 +177,9 @@ class Slot:
     order_type: str | None = None
     regulator: str | None = None
     region: str | None = None
+    # issue 11: the date the order's material was collected (`order.apheresis_completed`), once known;
+    # a slot booked for collected material (a rebook with `material_collected`) keeps it from the request
+    collected_on: date | None = None
 
     @classmethod
     def booked(
@@ -189,7 +192,8 @@ class Slot:
         apheresis: date | None = None,
     ) -> Slot:
         """`apheresis`: the planned collection date (derived for fresh material, today at the earliest);
-        None: the requested one."""
+        None: the requested one. A request for collected material: its collection date is kept as
+        `collected_on` (a later move off the site knows it too)."""
         return cls(
             slot_id,
             req.order_id,
@@ -204,6 +208,7 @@ class Slot:
             req.order_type,
             req.regulator,
             req.region,
+            req.apheresis_date if req.collected else None,
         )
 
 
@@ -313,8 +318,10 @@ def plan_request(
 def move_off(slot: Slot, site: Site, today: date) -> RebookRequestedV1 | None:
     """The rebook a live slot needs when its site (as registered now) is inactive or no longer approved
     for the order's product, use and regulator: like a site outage, away from that site, for the planned
-    apheresis date (today at the earliest). None when the site still may make it, or when the slot was
-    booked before scheduling kept the order's market (it cannot be told)."""
+    apheresis date (today at the earliest); when the material was collected already (`collected_on`), as
+    collected material on its collection date (issue 11: the planner keeps that date, starts fresh material
+    within its window of it, plans nothing before today). None when the site still may make it, or when
+    the slot was booked before scheduling kept the order's market (it cannot be told)."""
     if slot.site_id != site.site_id or slot.status not in LIVE:
         return None
     if slot.order_type is None or slot.regulator is None or slot.region is None:
@@ -331,6 +338,9 @@ def move_off(slot: Slot, site: Site, today: date) -> RebookRequestedV1 | None:
         order_type=slot.order_type,  # type: ignore[arg-type]
         regulator=slot.regulator,
         region=slot.region,
-        apheresis_date=max(slot.apheresis_date, today),
+        apheresis_date=(
+            slot.collected_on if slot.collected_on is not None else max(slot.apheresis_date, today)
+        ),
         exclude_site_id=site.site_id,
+        material_collected=slot.collected_on is not None,
     )

@@ -323,13 +323,15 @@ async def move_off_site(tx: SchedulingTx, planning: Planning, site: Site, today:
     returns the released slots."""
     moved: list[Slot] = []
     for slot in await tx.slots.live_at(site.site_id):
-        request = move_off(slot, site, today)
-        if request is None:
+        if move_off(slot, site, today) is None:
             continue
         await lock_order(tx, slot.order_id, also=[slot.product_code])
         current = await tx.slots.live(slot.order_id)
         if current is None or current.slot_id != slot.slot_id:
             continue  # moved or released meanwhile (its product was not locked yet): nothing to do here
+        request = move_off(current, site, today)  # as it is under the lock (its collection, issue 11)
+        if request is None:
+            continue
         released = await rebook(tx, planning, request)
         if released is not None:
             moved.append(released)

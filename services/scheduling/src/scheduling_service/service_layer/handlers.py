@@ -8,6 +8,8 @@ start-up. Each runs in the consumer's transaction (one `SchedulingTx`), with the
 
 from __future__ import annotations
 
+from datetime import UTC
+
 from scheduling_service.adapters.repository import SchedulingTx
 from scheduling_service.domain.reasons import code_or
 from scheduling_service.domain.selection import Choice
@@ -26,6 +28,7 @@ from scheduling_service.service_layer.booking import (
 )
 from v2v_audit import AuditedHandlers
 from v2v_contracts import (
+    ApheresisCompletedV1,
     BookingConfirmedV1,
     MaterialReceivedV1,
     OrderCancelledV1,
@@ -146,6 +149,32 @@ def build_handlers(planning: Planning) -> HandlerRegistry[SchedulingTx]:
                 new={"status": "confirmed", "booking_id": event.booking_id},
                 reason=meta.type,
             )
+
+    @handlers.on(ApheresisCompletedV1)
+    async def on_apheresis_completed(tx: SchedulingTx, event: ApheresisCompletedV1, meta: EventMeta) -> None:
+        """Issue 11: the material exists. The live slot remembers its collection date (the UTC date of
+        `collected_at`; a recollection's replaces the first), so that a move off its site (lost approval,
+        site inactive) keeps that date as collected material. Under the order's product locks: a move off
+        the site in another transaction sees the slot before or after, never half."""
+        await lock_order(tx, event.order_id)
+        at = event.collected_at
+        collected_on = (at if at.tzinfo is not None else at.replace(tzinfo=UTC)).astimezone(UTC).date()
+        before = await tx.slots.record_collection(event.order_id, collected_on)
+        if before is None:
+            log.info(
+                "apheresis completed without a live slot: nothing to remember", collection=event.collection
+            )
+            return
+        if before.collected_on == collected_on:
+            return  # a replay, or the same date again
+        tx.audit(
+            "slot.collection_recorded",
+            "slot",
+            before.slot_id,
+            old={"collected_on": before.collected_on},
+            new={"collected_on": collected_on, "collection": event.collection},
+            reason=meta.type,
+        )
 
     @handlers.on(MaterialReceivedV1)
     async def on_material_received(tx: SchedulingTx, event: MaterialReceivedV1, meta: EventMeta) -> None:
