@@ -13,7 +13,7 @@ import random
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
-from datetime import date, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from scheduling_service.service_layer import booking
 from scheduling_service.service_layer.handlers import build_handlers
 from v2v_audit.service import migrate as audit_migrate
 from v2v_contracts import (
+    ApheresisCompletedV1,
     BookingConfirmedV1,
     CloudEvent,
     EventData,
@@ -65,7 +66,7 @@ async def pool(test_db: pytest_plugin.TestDatabase) -> AsyncIterator[asyncpg.Poo
     url = test_db.urls["scheduling"]
     owner_url = test_db.owner_urls["scheduling"]  # migrations run as the owner
     applied = await apply_migrations(owner_url, "scheduling", [MIGRATIONS_DIR, SCHEDULING_MIGRATIONS])
-    assert applied[-1] == "0004.scheduling-offers"
+    assert applied[-1] == "0005.scheduling-slot-collected"
     await audit_migrate(owner_url, "scheduling")  # the audit trail (v2v_audit), as the service applies it
     p = await create_pool(url, min_size=2, max_size=34)
     assert await schema_of(p) == "scheduling"
@@ -274,6 +275,7 @@ async def test_the_migration_keeps_waiting_orders_of_the_first_schema(
         "0002.scheduling-lifecycle",
         "0003.scheduling-slot-market",
         "0004.scheduling-offers",
+        "0005.scheduling-slot-collected",
     ]
     await audit_migrate(owner_url, "scheduling")
     p = await create_pool(url, max_size=2)
@@ -671,6 +673,54 @@ async def test_a_slot_at_a_site_that_loses_the_approval_moves_to_another_approve
     assert events[1]["data"]["reason"] == "site_inactive"
     assert events[2]["data"]["reason"] == "no_approved_site"
     assert [r["order_id"] for r in await waitlist(pool)] == [nmpa.order_id]
+
+
+async def test_collected_material_at_a_site_that_loses_the_approval_moves_with_its_collection_date(
+    pool: asyncpg.Pool, uow: UnitOfWork
+) -> None:
+    """Issue 11: the order's material was collected (and may be in transit) when its site loses the
+    approval: rebooked elsewhere as collected material, its collection date kept, and fresh material is
+    never started outside its window of the collection (CILTA-CEL: 72 h)."""
+    await handle(uow, site_event("A-NEAR"))
+    await handle(uow, site_event("B-FAR", region="north_america"))
+    # C-FAR is closed on the two days that are within the window of a collection on APHERESIS
+    await handle(uow, site_event("C-FAR", region="north_america", outages=[(d(2), d(3))]))
+    order = Order(1)
+    await handle(uow, order.submitted())
+    old = await live(pool, order)
+    assert old is not None and old["site_id"] == "A-NEAR" and old["collected_on"] is None
+    collected = order.event(ApheresisCompletedV1, collected_at=datetime(2031, 3, 3, 9, 30, tzinfo=UTC))
+    await handle(uow, collected)
+    await handle(uow, collected)  # a redelivery under the inbox's dedup is still harmless
+    assert (await live(pool, order))["collected_on"] == APHERESIS  # type: ignore[index]
+
+    await handle(uow, site_event("A-NEAR", regulators=("NMPA",)))
+    events = await outbox(pool, order)
+    assert kinds(events) == ["slot_reserved", "slot_released", "slot_reserved"]
+    assert events[1]["data"]["reason"] == "approval_withdrawn"
+    moved = events[2]["data"]
+    assert (moved["site_id"], moved["reason"]) == ("B-FAR", "rebook:site_outage")
+    assert moved["apheresis_date"] == APHERESIS.isoformat()  # the collection date, kept
+    assert moved["manufacturing_start_date"] == d(2).isoformat()  # within 72 h of the collection
+    new = await live(pool, order)
+    assert new is not None and (new["apheresis_date"], new["collected_on"]) == (APHERESIS, APHERESIS)
+
+    # B-FAR loses it too: C-FAR is open only from d(4), past the window of the collection, so the order
+    # waits as collected material (re-planned as if not collected it would have started on d(4))
+    await handle(uow, site_event("B-FAR", region="north_america", regulators=("NMPA",)))
+    events = await outbox(pool, order)
+    assert kinds(events)[3:] == ["slot_released", "slot_unavailable"]
+    assert events[4]["data"]["waitlisted"] is True
+    assert await live(pool, order) is None
+    [entry] = await waitlist(pool)
+    request = RebookRequestedV1.model_validate(entry["request"])
+    assert request.material_collected and request.apheresis_date == APHERESIS
+    assert (request.kind, request.reason, request.exclude_site_id) == (
+        "site_outage",
+        "approval_withdrawn",
+        "B-FAR",
+    )
+    assert all(r["site_id"] != "C-FAR" for r in await slots(pool, order))
 
 
 async def test_approvals_changing_while_orders_book_and_cancel_never_leave_a_slot_at_an_unapproved_site(
