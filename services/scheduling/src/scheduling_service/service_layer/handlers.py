@@ -1,6 +1,7 @@
 """Scheduling's event handlers: orders ask for slots (submitted, rebook, a remanufacture at the site that
 holds the material), give them back (cancelled, failed), the registry changes sites (capacity, approvals,
-outages, active), the site books and receives.
+outages, active), the site books and receives, the centre collects the material (its date, kept on the
+live slot).
 
 `build_handlers(planning)` registers them with the scheduling parameters and product facts read at
 start-up. Each runs in the consumer's transaction (one `SchedulingTx`), with the inbox record.
