@@ -453,6 +453,41 @@ def test_a_slot_scheduling_moves_off_a_site_that_may_no_longer_make_it_is_follow
         assert not kept.changed and not kept.reason.startswith(m.NOT_YET)
 
 
+def test_collected_material_moved_off_a_site_by_scheduling_waits_for_a_site_and_follows_it() -> None:
+    """Issue 11: a site that loses its approval while the collected material waits for pickup or is on
+    its way: the order keeps its status, waits (told why) while no site can take the material, and
+    follows the material to the site scheduling books (a rebook: `rebook:site_outage`)."""
+    collected = OrderState(S.MATERIAL_IN_TRANSIT, slot_id=SLOT_A, site_id="FR-LES-ULIS")
+    released = {"slot_id": SLOT_A, "site_id": "FR-LES-ULIS", "reason": "approval_withdrawn"}
+    moved = m.on_fact(collected, "scheduling.slot_released.v1", released, Rules(), TODAY)
+    assert moved.state.status == S.MATERIAL_IN_TRANSIT and moved.state.rebook_pending and not moved.commands
+    assert "collected material goes to another site" in moved.reason
+    waits = m.on_fact(
+        moved.state,
+        "scheduling.slot_unavailable.v1",
+        {"reason": "no_capacity", "detail": "no site can start it within its window"},
+        Rules(),
+        TODAY,
+    )
+    assert waits.state.status == S.MATERIAL_IN_TRANSIT and "waits for one" in waits.reason
+    assert not waits.reason.startswith(m.NOT_YET)
+    booked = m.on_fact(
+        waits.state,
+        "scheduling.slot_reserved.v1",
+        {
+            "slot_id": SLOT_B,
+            "site_id": "DE-X",
+            "reason": "rebook:site_outage",
+            "manufacturing_start_date": "2031-01-02",
+        },
+        Rules(),
+        TODAY,
+    )
+    assert booked.state.status == S.MATERIAL_IN_TRANSIT
+    assert (booked.state.slot_id, booked.state.site_id) == (SLOT_B, "DE-X")
+    assert not booked.state.rebook_pending
+
+
 # ---- reason codes -------------------------------------------------------------------------------------
 
 

@@ -487,7 +487,10 @@ def on_fact(state: OrderState, event_type: str, data: dict[str, Any], rules: Rul
                     rebook_pending=True,
                 )
             if st in COLLECTED_ON_THE_WAY:  # scheduling books another site itself: the material follows
-                return _keep(state, f"slot released ({reason}): the collected material goes to another site")
+                return Outcome(
+                    dataclasses.replace(state, rebook_pending=True),
+                    f"slot released ({reason}): the collected material goes to another site",
+                )
             return _keep(state, f"slot released ({reason}) after apheresis: material not moved")
         case "scheduling.slot_reserved.v1":
             if state.rebook_pending and not str(data.get("reason", "")).startswith("rebook:"):
