@@ -82,14 +82,11 @@ def predicted_dates(order: OrderRecord, region: str | None = None) -> dict[str, 
     # recorded, that of an LD started on the predicted release day at the earliest (LD may start only
     # once the product is released, with its delivery confirmed)
     earliest = predicted.get("earliest_infusion")
-    window = infusion_window(order)
-    if window is not None and earliest is not None:
-        predicted["earliest_infusion"] = max(earliest, date.fromisoformat(window["earliest_infusion"]))
-    elif earliest is not None and (release := predicted.get("release")) is not None:
-        regimen = Window.of(product, order.indication)
-        if regimen is not None:
-            first, _last = regimen.infusion_dates(release)
-            predicted["earliest_infusion"] = max(earliest, first)
+    regimen = Window.of(product, order.indication)
+    ld_from = order.lymphodepletion_on or predicted.get("release")
+    if regimen is not None and earliest is not None and ld_from is not None:
+        first, _last = regimen.infusion_dates(ld_from)
+        predicted["earliest_infusion"] = max(earliest, first)
     return predicted
 
 
