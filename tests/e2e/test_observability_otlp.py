@@ -66,12 +66,15 @@ def otlp() -> Iterator[OtlpReceiver]:
 
 @pytest.fixture(scope="module")
 def traced(infra: Infrastructure, state_dir: Path, otlp: OtlpReceiver) -> Iterator[Platform]:
-    """A second platform (own database and topic namespace) whose services export OTLP to `otlp`."""
+    """A second platform (own database and topic namespace) whose services export OTLP to `otlp`, with a
+    span for every SQL statement (by default only slow and failed ones get one): the spans most likely
+    to miss the order's id are the statements' own, so these tests see all of them."""
     env = {
         name: {
             "OTEL_EXPORTER_OTLP_ENDPOINT": otlp.endpoint,
             "OTEL_BSP_SCHEDULE_DELAY": "200",
             "OTEL_METRIC_EXPORT_INTERVAL": "1000",
+            "V2V_TRACE_STATEMENT_MIN_MS": "0",
         }
         for name in SERVICES
     }

@@ -118,6 +118,11 @@ class EventTooLarge(Invalid):
         self.limit = limit
 
 
+_INSERT = """INSERT INTO outbox (event_id, event_type, topic, message_key, payload, headers)
+             VALUES ($1, $2, $3, $4, $5, $6::jsonb)"""
+_INSERT_AND_NOTIFY = f"""WITH added AS ({_INSERT} RETURNING 1) SELECT pg_notify($7, '') FROM added"""
+
+
 class Outbox:
     """Writes events into the outbox on the caller's connection, inside the caller's transaction."""
 
@@ -139,18 +144,11 @@ class Outbox:
         payload = event.to_json()
         if len(payload) > self._max_event_bytes:
             raise EventTooLarge(len(payload), self._max_event_bytes)
-        await self._conn.execute(
-            """INSERT INTO outbox (event_id, event_type, topic, message_key, payload, headers)
-               VALUES ($1, $2, $3, $4, $5, $6::jsonb)""",
-            event.id,
-            event.type,
-            topic or self._topic,
-            event.subject,
-            payload,
-            current_traceparent(),
-        )
-        if not self.added:  # delivered to listeners only when the transaction commits
-            await self._conn.execute("SELECT pg_notify($1, '')", self._channel)
+        args = (event.id, event.type, topic or self._topic, event.subject, payload, current_traceparent())
+        if self.added:
+            await self._conn.execute(_INSERT, *args)
+        else:  # the first of the transaction also wakes the relay, when the transaction commits: one trip
+            await self._conn.execute(_INSERT_AND_NOTIFY, *args, self._channel)
         self.added.append(event)
 
 

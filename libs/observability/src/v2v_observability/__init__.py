@@ -3,6 +3,8 @@
 from v2v_observability.context import bind_order, current_order
 from v2v_observability.logging import configure_logging, get_logger
 from v2v_observability.metrics import configure_metrics, meter, shutdown_metrics
+from v2v_observability.settings import TelemetrySettings
+from v2v_observability.statements import instrument_asyncpg
 from v2v_observability.tracing import (
     COI_ATTR,
     ORDER_ID_ATTR,
@@ -17,6 +19,7 @@ from v2v_observability.tracing import (
 __all__ = [
     "COI_ATTR",
     "ORDER_ID_ATTR",
+    "TelemetrySettings",
     "bind_order",
     "configure_logging",
     "configure_metrics",
@@ -24,6 +27,7 @@ __all__ = [
     "current_order",
     "current_traceparent",
     "get_logger",
+    "instrument_asyncpg",
     "later_input",
     "links_to",
     "meter",

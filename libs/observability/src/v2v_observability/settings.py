@@ -18,6 +18,8 @@ class TelemetrySettings:
     otlp_metrics_endpoint: str | None = None  # OTEL_EXPORTER_OTLP_METRICS_ENDPOINT
     metric_export_interval_ms: int = 10_000  # OTEL_METRIC_EXPORT_INTERVAL
     trace_trivial_statements: bool = False  # V2V_TRACE_TRIVIAL_STATEMENTS: spans for BEGIN and pool resets
+    # V2V_TRACE_STATEMENT_MIN_MS: a SQL statement gets a span when it takes this long (or fails); 0: all
+    statement_min_ms: float = 10.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> TelemetrySettings:
@@ -29,6 +31,7 @@ class TelemetrySettings:
             metric_export_interval_ms=int(env.get("OTEL_METRIC_EXPORT_INTERVAL") or 10_000),
             trace_trivial_statements=(env.get("V2V_TRACE_TRIVIAL_STATEMENTS") or "").strip().lower()
             in {"1", "true", "yes", "on"},
+            statement_min_ms=_non_negative(env, "V2V_TRACE_STATEMENT_MIN_MS", 10.0),
         )
 
     @property
@@ -38,3 +41,16 @@ class TelemetrySettings:
     @property
     def otlp_metrics(self) -> bool:
         return bool(self.otlp_endpoint or self.otlp_metrics_endpoint)
+
+
+def _non_negative(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = (env.get(name) or "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{name}: not a number of milliseconds ({raw!r})") from None
+    if value < 0:
+        raise ValueError(f"{name}: must not be negative ({raw!r})")
+    return value

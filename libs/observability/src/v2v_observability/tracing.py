@@ -5,11 +5,11 @@ is set; otherwise JSON lines in `<V2V_STATE_DIR>/telemetry/spans-<service>.jsonl
 is known; otherwise nothing leaves the process. Sampling and batching follow the standard OTEL_*
 variables (OTEL_TRACES_SAMPLER, OTEL_BSP_*), which the SDK reads itself.
 
-Statement spans that say nothing to an SRE are not recorded: the `BEGIN` that opens each transaction and
-the reset a connection pool runs when a connection is given back (asyncpg's
-`SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL;`). They were a third of a service's
-spans and their cost; every other statement, `COMMIT` and `ROLLBACK` included, keeps its span. Set
-V2V_TRACE_TRIVIAL_STATEMENTS=true to record them again.
+Statements: most get no span at all — `v2v_observability.statements` makes spans only for slow and
+failed statements (V2V_TRACE_STATEMENT_MIN_MS). Of those, the ones that say nothing to an SRE are never
+recorded: the `BEGIN` that opens each transaction and the reset a connection pool runs when a connection
+is given back (asyncpg's `SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL;`), however
+slow; set V2V_TRACE_TRIVIAL_STATEMENTS=true to record them too.
 """
 
 from __future__ import annotations

@@ -99,9 +99,9 @@ async def run(events: int, rate: float, seconds: float, batch_max: int | None) -
         )
         await owner.close()
         provider = configure_tracing("bench-consumer", str(state))
-        from opentelemetry.instrumentation.asyncpg import AsyncPGInstrumentor
+        from v2v_observability import TelemetrySettings, instrument_asyncpg
 
-        AsyncPGInstrumentor().instrument(tracer_provider=provider)
+        instrument_asyncpg(provider, TelemetrySettings.from_env().statement_min_ms)  # as the services do
         pool = await create_pool(url, max_size=6)
         kafka = KafkaSettings(
             bootstrap_servers=infra.bootstrap_servers,
