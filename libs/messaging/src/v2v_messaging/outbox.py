@@ -541,6 +541,29 @@ class OutboxRelay:
             raise FencedOut
         self._lease_touched = time.monotonic()
 
+    async def _fence_and_mark_published(self, outcome: _Outcome) -> None:
+        """`_fence` and `_mark` of a pass where every row was acked, as one statement (its own
+        transaction): the published rows are marked only if the lease is still ours, as in the
+        transaction of the other passes, in one round trip instead of four (BEGIN, fence, mark, COMMIT)."""
+        leads = await self.pool.fetchval(
+            """WITH lease AS (
+                   UPDATE outbox_relay SET expires_at = clock_timestamp() + $4::interval
+                   WHERE name = $1 AND holder = $2 AND epoch = $3 RETURNING epoch),
+               marked AS (
+                   UPDATE outbox SET published_at = now()
+                   WHERE id = ANY($5::bigint[]) AND published_at IS NULL AND EXISTS (SELECT 1 FROM lease)
+                   RETURNING 1)  -- run to completion whether or not it is read (as every WITH that writes)
+               SELECT EXISTS (SELECT 1 FROM lease)""",
+            LEASE_NAME,
+            self.holder,
+            self.epoch,
+            timedelta(seconds=self.lease_ttl),
+            [row["id"] for row, _ in outcome.ok],
+        )
+        if not leads:
+            raise FencedOut
+        self._lease_touched = time.monotonic()
+
     # ---- claim, publish, mark -------------------------------------------------------------------------
 
     async def _claim(self) -> list[asyncpg.Record]:
@@ -576,12 +599,15 @@ class OutboxRelay:
         outcome = await self._publish(rows)
         self._note_acks(outcome)
         with suppress_instrumentation():
-            async with self.pool.acquire() as conn, conn.transaction():
-                await self._fence(conn)
-                if replay:
-                    await self._advance_replay(conn, rows, outcome)
-                else:
-                    await self._mark(conn, outcome)
+            if not replay and not outcome.refused and not outcome.failed:
+                await self._fence_and_mark_published(outcome)  # the usual pass: one round trip
+            else:
+                async with self.pool.acquire() as conn, conn.transaction():
+                    await self._fence(conn)
+                    if replay:
+                        await self._advance_replay(conn, rows, outcome)
+                    else:
+                        await self._mark(conn, outcome)
         for row, exc in outcome.refused:
             self._log_refused(row, exc, replay=replay)
         if outcome.failed:

@@ -94,6 +94,9 @@ async def create_pool(
     server_settings = _server_settings(timeouts, kwargs.pop("server_settings", None))
     kwargs.setdefault("connection_class", PooledConnection)
     kwargs.setdefault("reset", _reset_on_release)
+    # a service runs 100+ distinct statements (its own, the outbox, inbox, audit and edge ones): more than
+    # asyncpg's default cache of 100 prepared statements, and an evicted one costs a Parse round trip
+    kwargs.setdefault("statement_cache_size", 1024)
     pool = await asyncpg.create_pool(
         url,
         min_size=min_size,
