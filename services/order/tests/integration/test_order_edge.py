@@ -224,6 +224,7 @@ async def test_a_retry_whose_first_answer_was_lost_gets_the_order_its_key_placed
     assert again.status_code == 201, again.text
     assert again.json()["order_id"] == first.json()["order_id"]
     assert await counts(pool) == {"orders": 1, "order_timeline": 1, "outbox": 1}
+    assert await pool.fetchval("SELECT last_value FROM coi_sequences") == 1  # the retry took no number
     # the same key for another request is refused, naming the key, never echoing the body
     other = {**body, "requested_apheresis_date": (SOON + timedelta(days=1)).isoformat()}
     refused = await http.post("/v1/orders", json=other, headers=headers)

@@ -187,17 +187,29 @@ class MemoryOrders(OrderRepository):
         return self.store.coi_sequences[year]
 
     async def intake(
-        self, centre_id: str, product_code: str, order_type: str, placement: tuple[str, str] | None
+        self,
+        centre_id: str,
+        product_code: str,
+        order_type: str,
+        placement: tuple[str, str] | None,
+        year: int,
     ) -> Intake:
         catalogue, network = MemoryCatalogue(self.store), MemoryNetwork(self.store)
         centre = await catalogue.centre(centre_id)
+        placed = await self.by_placement(*placement) if placement is not None else None
+        has_product = await catalogue.has_product(product_code)
+        known = await network.known()
+        served = centre is not None and await network.serves(
+            Approval(centre.regulator, order_type, product_code)
+        )
+        passes = placed is None and centre is not None and has_product and known and served
         return Intake(
-            placed=await self.by_placement(*placement) if placement is not None else None,
+            placed=placed,
             centre=centre,
-            has_product=await catalogue.has_product(product_code),
-            network_known=await network.known(),
-            served=centre is not None
-            and await network.serves(Approval(centre.regulator, order_type, product_code)),
+            has_product=has_product,
+            network_known=known,
+            served=served,
+            sequence=await self.next_coi_sequence(year) if passes else None,
         )
 
     async def get_with_centre(

@@ -56,6 +56,7 @@ class Intake:
     has_product: bool
     network_known: bool  # any manufacturing site known at all
     served: bool  # an active site approved for the centre's regulator, the use and the product
+    sequence: int | None  # the next COI sequence number of the year, taken when all of the above pass
 
 
 @dataclass(frozen=True)
@@ -124,11 +125,19 @@ class OrderRepository(ABC):
 
     @abstractmethod
     async def intake(
-        self, centre_id: str, product_code: str, order_type: str, placement: tuple[str, str] | None
+        self,
+        centre_id: str,
+        product_code: str,
+        order_type: str,
+        placement: tuple[str, str] | None,
+        year: int,
     ) -> Intake:
         """What placing an order checks, read at once: the order placed already with `placement`, the
         certified centre, whether the product is orderable, whether the network is known and whether an
-        active site serves the centre's regulator for `order_type` and the product."""
+        active site serves the centre's regulator for `order_type` and the product. When no order was
+        placed with `placement` and every one of these checks passes, the same step takes the next COI
+        sequence number of `year` (as `next_coi_sequence`; a step of this transaction, undone if a
+        later check refuses the order)."""
 
     @abstractmethod
     async def get_with_centre(
@@ -247,25 +256,43 @@ class PgOrders(OrderRepository):
         )
 
     async def intake(
-        self, centre_id: str, product_code: str, order_type: str, placement: tuple[str, str] | None
+        self,
+        centre_id: str,
+        product_code: str,
+        order_type: str,
+        placement: tuple[str, str] | None,
+        year: int,
     ) -> Intake:
         placed_by, key = placement if placement is not None else (None, None)
+        # `facts` is read once (a CTE referenced twice is materialized); the sequence step runs only
+        # when its SELECT yields a row
         row = await self.conn.fetchrow(
-            f"""SELECT (SELECT order_id FROM orders WHERE placed_by = $4 AND placement_key = $5) AS placed,
-                       {CENTRE_PREFIXED},
-                       EXISTS (SELECT 1 FROM products WHERE code = $2) AS has_product,
-                       EXISTS (SELECT 1 FROM network_sites) AS network_known,
-                       c.id IS NOT NULL AND EXISTS (
-                           SELECT 1 FROM site_approvals a JOIN network_sites s USING (site_id)
-                           WHERE s.active AND a.regulator = c.regulator AND a.use = $3
-                             AND a.product_code = $2) AS served
-                FROM (SELECT $1::text AS id) AS wanted
-                     LEFT JOIN treatment_centers c ON c.id = wanted.id AND c.certified""",
+            f"""WITH facts AS (
+                    SELECT (SELECT order_id FROM orders WHERE placed_by = $4 AND placement_key = $5)
+                               AS placed,
+                           {CENTRE_PREFIXED},
+                           EXISTS (SELECT 1 FROM products WHERE code = $2) AS has_product,
+                           EXISTS (SELECT 1 FROM network_sites) AS network_known,
+                           c.id IS NOT NULL AND EXISTS (
+                               SELECT 1 FROM site_approvals a JOIN network_sites s USING (site_id)
+                               WHERE s.active AND a.regulator = c.regulator AND a.use = $3
+                                 AND a.product_code = $2) AS served
+                    FROM (SELECT $1::text AS id) AS wanted
+                         LEFT JOIN treatment_centers c ON c.id = wanted.id AND c.certified),
+                step AS (
+                    INSERT INTO coi_sequences (year, last_value)
+                    SELECT $6::integer, 1 FROM facts
+                    WHERE facts.placed IS NULL AND facts.centre__id IS NOT NULL AND facts.has_product
+                      AND facts.network_known AND facts.served
+                    ON CONFLICT (year) DO UPDATE SET last_value = coi_sequences.last_value + 1
+                    RETURNING last_value)
+                SELECT facts.*, (SELECT last_value FROM step) AS sequence FROM facts""",
             centre_id,
             product_code,
             order_type,
             placed_by,
             key,
+            year,
         )
         return Intake(
             placed=row["placed"],
@@ -273,6 +300,7 @@ class PgOrders(OrderRepository):
             has_product=row["has_product"],
             network_known=row["network_known"],
             served=row["served"],
+            sequence=row["sequence"],
         )
 
     async def get_with_centre(

@@ -125,8 +125,11 @@ async def place_order(
     now = now or cases.now()
     placement = (cmd.placed_by, cmd.placement_key) if cmd.placed_by and cmd.placement_key else None
     async with uow.begin() as tx:
-        # one read for every check below (the key, the centre, the product, the network, the market)
-        intake = await tx.orders.intake(cmd.treatment_center_id, cmd.product_code, cmd.order_type, placement)
+        # one step for every check below (the key, the centre, the product, the network, the market)
+        # and, when they pass, the COI's sequence number (undone with the rest if the order is refused)
+        intake = await tx.orders.intake(
+            cmd.treatment_center_id, cmd.product_code, cmd.order_type, placement, now.year
+        )
         if intake.placed is not None:
             # placed by an earlier attempt under the same key whose answer was never stored: that
             # order is the answer, if this is the same request
@@ -147,8 +150,9 @@ async def place_order(
             raise market.network_unknown()
         if not intake.served:  # by an active site approved for the centre's regulator, use and product
             raise market.not_served(cmd.product_code, cmd.order_type, centre.regulator, centre.country)
+        assert intake.sequence is not None  # taken: every check the step made passed
         order_id = uuid.uuid4()
-        coi = make_coi(facility_id, now.year, await tx.orders.next_coi_sequence(now.year))
+        coi = make_coi(facility_id, now.year, intake.sequence)
         bind_order(order_id)
         set_order_attributes(order_id, coi)
         await tx.orders.add(
