@@ -35,7 +35,7 @@ from order_service.service_layer.commands import PlaceOrder, load_reference_data
 from order_service.service_layer.handlers import handlers
 from v2v_audit.http import audited_router
 from v2v_audit.service import migrate as audit_migrate
-from v2v_contracts import SiteApproval, SiteRegisteredV1, new_event
+from v2v_contracts import BookingConfirmedV1, SiteApproval, SiteRegisteredV1, SlotReservedV1, new_event
 from v2v_contracts.coi import make_coi
 from v2v_contracts.errors import Conflict
 from v2v_harness import pytest_plugin
@@ -224,6 +224,7 @@ async def test_a_retry_whose_first_answer_was_lost_gets_the_order_its_key_placed
     assert again.status_code == 201, again.text
     assert again.json()["order_id"] == first.json()["order_id"]
     assert await counts(pool) == {"orders": 1, "order_timeline": 1, "outbox": 1}
+    assert await pool.fetchval("SELECT last_value FROM coi_sequences") == 1  # the retry took no number
     # the same key for another request is refused, naming the key, never echoing the body
     other = {**body, "requested_apheresis_date": (SOON + timedelta(days=1)).isoformat()}
     refused = await http.post("/v1/orders", json=other, headers=headers)
@@ -398,3 +399,95 @@ async def test_the_audit_trail_of_an_order_is_its_centres_and_qas_to_read(
         "SELECT count(*) FROM audit_trail WHERE object_type = 'order' AND object_id = $1", oid
     )
     assert rows == 2
+
+
+# ---- the answer to a placement, and facts parked until the order admits them ---------------------------
+
+
+async def test_the_answer_to_a_placement_is_what_reading_the_order_gives_right_after(
+    api: tuple[httpx.AsyncClient, TestTokens],
+) -> None:
+    http, tokens = api
+    for headers in (tokens.headers("centre", PARIS), tokens.headers("centre", BERLIN)):
+        placed = await http.post("/v1/orders", json=order_body(patient_ref="PAT-VIEW"), headers=headers)
+        assert placed.status_code == 201, placed.text
+        read = await http.get(placed.headers["Location"], headers=headers)
+        assert read.status_code == 200 and read.json() == placed.json()
+        assert placed.json()["timeline"] and placed.json()["status"] == "submitted"
+        as_qa = await http.get(placed.headers["Location"], headers=tokens.headers("qa"))
+        assert as_qa.json() == placed.json()
+
+
+async def _placed(uow: UnitOfWork[OrderTx], patient: str) -> Any:
+    order_id = await place_order(uow, command(patient_ref=patient), FACILITY)
+    async with uow.read() as tx:
+        return await tx.orders.get(order_id)
+
+
+def _slot_facts(order: Any) -> tuple[Any, Any]:
+    slot = uuid.uuid4()
+    reserved = SlotReservedV1(
+        **order.ref(),
+        slot_id=slot,
+        site_id="FR-LES-ULIS",
+        product_code=order.product_code,
+        order_type="commercial",
+        apheresis_date=SOON,
+        manufacturing_start_date=SOON + timedelta(days=2),
+    )
+    confirmed = BookingConfirmedV1(
+        **order.ref(),
+        booking_id=uuid.uuid4(),
+        slot_id=slot,
+        site_id="FR-LES-ULIS",
+        product_code=order.product_code,
+        manufacturing_start_date=SOON + timedelta(days=2),
+        apheresis_date=SOON,
+    )
+    return new_event(reserved), new_event(confirmed)
+
+
+async def _status_and_parked(pool: asyncpg.Pool, order_id: uuid.UUID) -> tuple[str, int]:
+    status = await pool.fetchval("SELECT status FROM orders WHERE order_id = $1", order_id)
+    parked = await pool.fetchval("SELECT count(*) FROM parked_facts WHERE order_id = $1", order_id)
+    return status, int(parked)
+
+
+async def test_a_fact_parked_in_postgres_applies_when_the_fact_it_follows_arrives(
+    pool: asyncpg.Pool, uow: UnitOfWork[OrderTx]
+) -> None:
+    order = await _placed(uow, "PAT-PARKED")
+    reserved, confirmed = _slot_facts(order)
+    async with uow.begin() as tx:
+        assert await handlers.dispatch(tx, confirmed)
+    assert await _status_and_parked(pool, order.order_id) == ("submitted", 1)
+    async with uow.begin() as tx:
+        assert await handlers.dispatch(tx, reserved)
+    assert await _status_and_parked(pool, order.order_id) == ("booking_confirmed", 0)
+
+
+async def test_a_fact_parked_while_the_next_one_waits_for_the_order_is_applied_by_it(
+    pool: asyncpg.Pool, uow: UnitOfWork[OrderTx]
+) -> None:
+    """Two consumers (replicas, or topics) at once: one parks a fact while holding the order; the other,
+    waiting for the order meanwhile, applies the fact it follows and then the parked one (it sees what
+    the first committed, though its wait began before)."""
+    order = await _placed(uow, "PAT-PARKED-RACE")
+    reserved, confirmed = _slot_facts(order)
+    first = await uow.start()
+    try:
+        assert await handlers.dispatch(first.tx, confirmed)  # parked; the order stays locked
+        second = asyncio.create_task(_dispatch(uow, reserved))
+        await asyncio.sleep(0.5)
+        assert not second.done()  # waiting for the order
+    except BaseException:
+        await first.rollback()
+        raise
+    await first.commit()
+    await asyncio.wait_for(second, timeout=10)
+    assert await _status_and_parked(pool, order.order_id) == ("booking_confirmed", 0)
+
+
+async def _dispatch(uow: UnitOfWork[OrderTx], event: Any) -> None:
+    async with uow.begin() as tx:
+        assert await handlers.dispatch(tx, event)

@@ -146,6 +146,22 @@ async def outbox(pool: asyncpg.Pool, order_id: uuid.UUID) -> list[tuple[str, dic
     return [(t, e["data"]) for t, e in events if e.get("subject") == str(order_id)]
 
 
+async def one_read_is_the_separate_reads(uow: UnitOfWork[OrderTx], order_id: uuid.UUID) -> Any:
+    """`orders.history` (the view's one statement) reads what the repositories read one by one."""
+    async with uow.read() as tx:
+        found = await tx.orders.history(order_id)
+        order = await tx.orders.get(order_id)
+        assert found is not None and order is not None and found.order == order
+        centre = await tx.catalogue.centre(order.treatment_center_id, certified_only=False)
+        assert centre is not None and found.region == centre.region
+        assert found.timeline == await tx.timeline.of(order_id)
+        assert found.collections == await tx.collections.of(order_id)
+        assert found.materials == await tx.materials.of_order(order_id)
+        assert found.tasks == await tx.tasks.of_order(order_id)
+        assert found.decisions == await tx.decisions.of_order(order_id)
+    return found
+
+
 async def test_oos_physician_acceptance_lot_checks_and_the_notification_task_on_postgres(
     uow: UnitOfWork[OrderTx],
 ) -> None:
@@ -230,6 +246,8 @@ async def test_oos_physician_acceptance_lot_checks_and_the_notification_task_on_
     actions = [r.action for r in trail]
     assert {"order.disposition.signed", "order.physician.signed", "task.opened", "task.due"} <= set(actions)
     assert {"task.completed", "order.receipt.refused"} <= set(actions)
+    found = await one_read_is_the_separate_reads(uow, oid)
+    assert len(found.tasks) == 1 and len(found.decisions) == 2 and len(found.timeline) > 5
 
 
 async def test_a_decision_changed_after_signing_shows_unsigned(
@@ -305,6 +323,8 @@ async def test_a_signed_cancellation_and_two_dins_under_one_coi(uow: UnitOfWork[
     assert await pool.fetchval("SELECT status FROM orders WHERE order_id = $1", oid) == "cancelled"
     trail, _ = await of_objects(pool, "ordering", [("order", str(oid))], limit=100, offset=0)
     assert [r.reason for r in trail if r.action == "order.cancel.refused"] == ["signature-required"]
+    found = await one_read_is_the_separate_reads(uow, oid)
+    assert len(found.collections) == 2 and len(found.decisions) == 2
 
 
 async def test_a_product_quarantined_before_the_workflow_is_held_material_after_it(

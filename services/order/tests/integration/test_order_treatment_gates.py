@@ -205,3 +205,8 @@ async def test_hold_resume_and_one_disposition_per_material_an_ended_order_left(
     assert {"order.put_on_hold.v1", "order.resumed.v1", "order.material_disposition_recorded.v1"} <= set(
         types
     )
+    # the view's one statement reads the disposition record as the repository does
+    async with uow.read() as tx:
+        found = await tx.orders.history(oid)
+        assert found is not None and found.materials == await tx.materials.of_order(oid) == [record]
+        assert found.timeline == await tx.timeline.of(oid) and found.order == await tx.orders.get(oid)

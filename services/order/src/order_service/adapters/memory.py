@@ -25,8 +25,10 @@ from order_service.adapters.repository import (
     CatalogueRepository,
     CollectionRepository,
     DecisionRepository,
+    Intake,
     MaterialDispositionRepository,
     NetworkRepository,
+    OrderHistory,
     OrderRepository,
     OrderTx,
     ParkedFactRepository,
@@ -183,6 +185,63 @@ class MemoryOrders(OrderRepository):
     async def next_coi_sequence(self, year: int) -> int:
         self.store.coi_sequences[year] = self.store.coi_sequences.get(year, 0) + 1
         return self.store.coi_sequences[year]
+
+    async def intake(
+        self,
+        centre_id: str,
+        product_code: str,
+        order_type: str,
+        placement: tuple[str, str] | None,
+        year: int,
+    ) -> Intake:
+        catalogue, network = MemoryCatalogue(self.store), MemoryNetwork(self.store)
+        centre = await catalogue.centre(centre_id)
+        placed = await self.by_placement(*placement) if placement is not None else None
+        has_product = await catalogue.has_product(product_code)
+        known = await network.known()
+        served = centre is not None and await network.serves(
+            Approval(centre.regulator, order_type, product_code)
+        )
+        passes = placed is None and centre is not None and has_product and known and served
+        return Intake(
+            placed=placed,
+            centre=centre,
+            has_product=has_product,
+            network_known=known,
+            served=served,
+            sequence=await self.next_coi_sequence(year) if passes else None,
+        )
+
+    async def get_with_centre(
+        self, order_id: uuid.UUID, *, centre: str | None = None
+    ) -> tuple[OrderRecord, Centre | None] | None:
+        order = await self.get(order_id, lock=True, centre=centre)
+        if order is None:
+            return None
+        found = await MemoryCatalogue(self.store).centre(order.treatment_center_id, certified_only=False)
+        return order, found
+
+    async def record(self, order_id: uuid.UUID, fields: dict[str, Any], entry: TimelineEntry) -> bool:
+        if entry.order_id != order_id:
+            raise ValueError("a timeline entry of another order")
+        await self.update(order_id, **fields)
+        await MemoryTimeline(self.store).add(entry)
+        return bool(await MemoryParkedFacts(self.store).of(order_id))
+
+    async def history(self, order_id: uuid.UUID, *, centre: str | None = None) -> OrderHistory | None:
+        order = await self.get(order_id, centre=centre)
+        if order is None:
+            return None
+        found = await MemoryCatalogue(self.store).centre(order.treatment_center_id, certified_only=False)
+        return OrderHistory(
+            order=order,
+            region=found.region if found is not None else None,
+            timeline=await MemoryTimeline(self.store).of(order_id),
+            collections=await MemoryCollections(self.store).of(order_id),
+            materials=await MemoryMaterialDispositions(self.store).of_order(order_id),
+            tasks=await MemoryTasks(self.store).of_order(order_id),
+            decisions=await MemoryDecisions(self.store).of_order(order_id),
+        )
 
 
 class MemoryTimeline(TimelineRepository):

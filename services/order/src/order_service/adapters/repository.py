@@ -7,9 +7,11 @@ transaction. `adapters/memory.py` has the in-memory counterparts for unit tests.
 
 from __future__ import annotations
 
+import json
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -43,6 +45,31 @@ def read_centres(path: Path = CENTRES_SEED) -> list[Centre]:
 
 
 # ---- orders ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Intake:
+    """What placing an order checks (`OrderRepository.intake`)."""
+
+    placed: uuid.UUID | None  # the order placed already under the same client and Idempotency-Key
+    centre: Centre | None  # the certified centre (None: unknown or uncertified)
+    has_product: bool
+    network_known: bool  # any manufacturing site known at all
+    served: bool  # an active site approved for the centre's regulator, the use and the product
+    sequence: int | None  # the next COI sequence number of the year, taken when all of the above pass
+
+
+@dataclass(frozen=True)
+class OrderHistory:
+    """The order with what its view shows (`OrderRepository.history`)."""
+
+    order: OrderRecord
+    region: str | None  # its centre's region (None: centre not found)
+    timeline: list[TimelineEntry]
+    collections: list[dict[str, Any]]
+    materials: list[MaterialDisposition]
+    tasks: list[AuthorityTask]
+    decisions: list[dict[str, Any]]  # as `DecisionRepository.of_order`
 
 
 class OrderRepository(ABC):
@@ -93,6 +120,41 @@ class OrderRepository(ABC):
     async def next_coi_sequence(self, year: int) -> int:
         """The next identification sequence number of the year (a step of this transaction): COIs and the
         DINs of collections share it, so that no DIN ever equals a COI."""
+
+    # reads and writes that span the order's own tables, each one round trip
+
+    @abstractmethod
+    async def intake(
+        self,
+        centre_id: str,
+        product_code: str,
+        order_type: str,
+        placement: tuple[str, str] | None,
+        year: int,
+    ) -> Intake:
+        """What placing an order checks, read at once: the order placed already with `placement`, the
+        certified centre, whether the product is orderable, whether the network is known and whether an
+        active site serves the centre's regulator for `order_type` and the product. When no order was
+        placed with `placement` and every one of these checks passes, the same step takes the next COI
+        sequence number of `year` (as `next_coi_sequence`; a step of this transaction, undone if a
+        later check refuses the order)."""
+
+    @abstractmethod
+    async def get_with_centre(
+        self, order_id: uuid.UUID, *, centre: str | None = None
+    ) -> tuple[OrderRecord, Centre | None] | None:
+        """The order, locked until the transaction ends (as `get(lock=True)`), with its treatment centre
+        (certified or not); `centre` confines it to that centre's orders."""
+
+    @abstractmethod
+    async def record(self, order_id: uuid.UUID, fields: dict[str, Any], entry: TimelineEntry) -> bool:
+        """`update(order_id, **fields)` and `TimelineRepository.add(entry)` (an entry of the order) at
+        once; whether the order has parked facts (as this transaction sees them after both)."""
+
+    @abstractmethod
+    async def history(self, order_id: uuid.UUID, *, centre: str | None = None) -> OrderHistory | None:
+        """The order with everything its view shows, read at once (one snapshot); `centre` confines it
+        to that centre's orders (another's is None)."""
 
 
 class PgOrders(OrderRepository):
@@ -193,6 +255,158 @@ class PgOrders(OrderRepository):
             )
         )
 
+    async def intake(
+        self,
+        centre_id: str,
+        product_code: str,
+        order_type: str,
+        placement: tuple[str, str] | None,
+        year: int,
+    ) -> Intake:
+        placed_by, key = placement if placement is not None else (None, None)
+        # `facts` is read once (a CTE referenced twice is materialized); the sequence step runs only
+        # when its SELECT yields a row
+        row = await self.conn.fetchrow(
+            f"""WITH facts AS (
+                    SELECT (SELECT order_id FROM orders WHERE placed_by = $4 AND placement_key = $5)
+                               AS placed,
+                           {CENTRE_PREFIXED},
+                           EXISTS (SELECT 1 FROM products WHERE code = $2) AS has_product,
+                           EXISTS (SELECT 1 FROM network_sites) AS network_known,
+                           c.id IS NOT NULL AND EXISTS (
+                               SELECT 1 FROM site_approvals a JOIN network_sites s USING (site_id)
+                               WHERE s.active AND a.regulator = c.regulator AND a.use = $3
+                                 AND a.product_code = $2) AS served
+                    FROM (SELECT $1::text AS id) AS wanted
+                         LEFT JOIN treatment_centers c ON c.id = wanted.id AND c.certified),
+                step AS (
+                    INSERT INTO coi_sequences (year, last_value)
+                    SELECT $6::integer, 1 FROM facts
+                    WHERE facts.placed IS NULL AND facts.centre__id IS NOT NULL AND facts.has_product
+                      AND facts.network_known AND facts.served
+                    ON CONFLICT (year) DO UPDATE SET last_value = coi_sequences.last_value + 1
+                    RETURNING last_value)
+                SELECT facts.*, (SELECT last_value FROM step) AS sequence FROM facts""",
+            centre_id,
+            product_code,
+            order_type,
+            placed_by,
+            key,
+            year,
+        )
+        return Intake(
+            placed=row["placed"],
+            centre=_centre_of(row),
+            has_product=row["has_product"],
+            network_known=row["network_known"],
+            served=row["served"],
+            sequence=row["sequence"],
+        )
+
+    async def get_with_centre(
+        self, order_id: uuid.UUID, *, centre: str | None = None
+    ) -> tuple[OrderRecord, Centre | None] | None:
+        # only the order's row is locked (as `get(lock=True)`); the centre is reference data
+        row = await self.conn.fetchrow(
+            f"""SELECT o.*, {CENTRE_PREFIXED}
+                FROM orders o LEFT JOIN treatment_centers c ON c.id = o.treatment_center_id
+                WHERE o.order_id = $1 AND ($2::text IS NULL OR o.treatment_center_id = $2)
+                FOR UPDATE OF o""",
+            order_id,
+            centre,
+        )
+        if row is None:
+            return None
+        return OrderRecord.from_mapping(row), _centre_of(row)
+
+    async def record(self, order_id: uuid.UUID, fields: dict[str, Any], entry: TimelineEntry) -> bool:
+        if entry.order_id != order_id:
+            raise ValueError("a timeline entry of another order")
+        unknown = set(fields) - ORDER_COLUMNS
+        if unknown:
+            raise ValueError(f"not order columns: {sorted(unknown)}")
+        # data-modifying CTEs run to completion whether or not the query reads them; the EXISTS sees the
+        # transaction's state before them (neither touches parked facts). This statement runs after the
+        # order was locked, so its snapshot has every fact parked by another transaction that held it.
+        n = len(fields)
+        sets = ", ".join(f"{k} = ${i}" for i, k in enumerate(fields, start=2))
+        update = (
+            f"""updated AS (UPDATE orders SET {sets}, updated_at = now(), version = version + 1
+                            WHERE order_id = $1),
+            """
+            if fields
+            else ""
+        )
+        t = n + 2
+        parked = await self.conn.fetchval(
+            f"""WITH {update}entry AS (
+                    INSERT INTO order_timeline (order_id, event_id, event_type, source, occurred_at,
+                                                status_before, status_after, reason, note)
+                    VALUES ($1, ${t}, ${t + 1}, ${t + 2}, ${t + 3}, ${t + 4}, ${t + 5}, ${t + 6}, ${t + 7})
+                    ON CONFLICT (order_id, event_id) DO NOTHING)
+                SELECT EXISTS (SELECT 1 FROM parked_facts WHERE order_id = $1)""",
+            order_id,
+            *fields.values(),
+            entry.event_id,
+            entry.event_type,
+            entry.source,
+            entry.occurred_at,
+            entry.status_before,
+            entry.status_after,
+            entry.reason,
+            entry.note,
+        )
+        return bool(parked)
+
+    async def history(self, order_id: uuid.UUID, *, centre: str | None = None) -> OrderHistory | None:
+        # the sub-collections as arrays of anonymous records (native types, the columns' order); jsonb
+        # as text (the connection's json codec applies to columns, not to a record's members)
+        row = await self.conn.fetchrow(
+            f"""SELECT o.*,
+                   (SELECT c.region FROM treatment_centers c WHERE c.id = o.treatment_center_id)
+                       AS history__region,
+                   ARRAY(SELECT ROW({TIMELINE_COLUMNS}) FROM order_timeline t
+                         WHERE t.order_id = o.order_id ORDER BY t.occurred_at, t.id) AS history__timeline,
+                   ARRAY(SELECT ROW(k.collection, k.din, k.collected_at) FROM collections k
+                         WHERE k.order_id = o.order_id ORDER BY k.collection) AS history__collections,
+                   ARRAY(SELECT ROW({MATERIAL_DISPOSITION_COLUMNS}) FROM material_dispositions m
+                         WHERE m.order_id = o.order_id ORDER BY m.recorded_at, m.disposition_id)
+                       AS history__materials,
+                   ARRAY(SELECT ROW({TASK_COLUMNS}) FROM authority_tasks a
+                         WHERE a.order_id = o.order_id ORDER BY a.created_at, a.task_id) AS history__tasks,
+                   ARRAY(SELECT ROW(d.decision_id, d.meaning, d.fields::text, d.decided_at)
+                         FROM signed_decisions d
+                         WHERE d.order_id = o.order_id ORDER BY d.decided_at, d.decision_id)
+                       AS history__decisions
+                FROM orders o
+                WHERE o.order_id = $1 AND ($2::text IS NULL OR o.treatment_center_id = $2)""",
+            order_id,
+            centre,
+        )
+        if row is None:
+            return None
+        return OrderHistory(
+            order=OrderRecord.from_mapping(row),
+            region=row["history__region"],
+            timeline=[TimelineEntry(*r) for r in row["history__timeline"]],
+            collections=[
+                {"collection": r[0], "din": r[1], "collected_at": r[2]} for r in row["history__collections"]
+            ],
+            materials=[MaterialDisposition(*r) for r in row["history__materials"]],
+            tasks=[AuthorityTask(*r) for r in row["history__tasks"]],
+            decisions=[
+                {"decision_id": r[0], "meaning": r[1], "fields": json.loads(r[2]), "decided_at": r[3]}
+                for r in row["history__decisions"]
+            ],
+        )
+
+
+def _centre_of(row: Any) -> Centre | None:
+    """The centre of a row with `CENTRE_PREFIXED` columns (None: no centre joined)."""
+    if row["centre__id"] is None:
+        return None
+    return Centre(**{f: row[f"centre__{f}"] for f in Centre.__dataclass_fields__})
+
 
 # the columns `update` may set (every field of the record but the ones the database keeps itself)
 ORDER_COLUMNS = frozenset(OrderRecord.__dataclass_fields__) - {
@@ -226,6 +440,9 @@ class TimelineRepository(ABC):
     @abstractmethod
     async def of(self, order_id: uuid.UUID) -> list[TimelineEntry]:
         """The order's timeline, in the order things happened."""
+
+
+TIMELINE_COLUMNS = ", ".join(TimelineEntry.__dataclass_fields__)
 
 
 class PgTimeline(TimelineRepository):
@@ -351,6 +568,8 @@ class CatalogueRepository(ABC):
 
 
 CENTRE_COLUMNS = ", ".join(Centre.__dataclass_fields__)
+# the centre's columns, of `treatment_centers c`, named apart from an order's (`centre__id`, ...)
+CENTRE_PREFIXED = ", ".join(f"c.{f} AS centre__{f}" for f in Centre.__dataclass_fields__)
 
 
 class PgCatalogue(CatalogueRepository):

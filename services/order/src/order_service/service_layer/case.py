@@ -76,10 +76,10 @@ class Case:
 
 async def load(tx: OrderTx, order_id: uuid.UUID, *, centre: str | None = None) -> Case:
     """The order, locked; `centre` confines it to that centre's orders (another's is not found)."""
-    order = await tx.orders.get(order_id, lock=True, centre=centre)
-    if order is None:
+    loaded = await tx.orders.get_with_centre(order_id, centre=centre)  # one read: the order and its centre
+    if loaded is None:
         raise NotFound("Order", order_id)
-    found = await tx.catalogue.centre(order.treatment_center_id, certified_only=False)
+    order, found = loaded
     if found is None:  # the foreign key keeps every order's centre
         raise NotFound("Treatment centre", order.treatment_center_id)
     return Case(order, found, rules_for(order.product_code))
@@ -169,11 +169,14 @@ async def apply(
     note: str | None = None,
     action: str | None = None,
     reason_code: str | None = None,
-) -> None:
+) -> bool:
     """Persist an outcome: state, timeline entry for `event` (with the staff's `note`, if any), and the
     commands it asks for. The change is audited in the same transaction: `action` (a hospital or QA
     action, `order.<name>`, with its `reason_code`), else `order.fact` with the fact's event type as
-    reason; the actor and the cause are the transaction's (the caller, or the consumer and the event)."""
+    reason; the actor and the cause are the transaction's (the caller, or the consumer and the event).
+
+    Returns whether the order may have parked facts (False: it has none, `replay_parked` has nothing
+    to do)."""
     order = case.order
     before = OrderStatus(order.status)
     new = outcome.state
@@ -209,7 +212,6 @@ async def apply(
                 fields.update(lot=None, manufacturing_start_date=None)
             elif isinstance(cmd, machine.Rebook) and cmd.kind == "recollection":
                 fields.update(lot=None, din=None)
-    await tx.orders.update(order.order_id, **fields)
     audit_change(
         tx,
         order,
@@ -221,6 +223,7 @@ async def apply(
         event=event,
     )
     if replayed:  # its timeline entry was written when it arrived
+        await tx.orders.update(order.order_id, **fields)
         await tx.timeline.settle(
             order.order_id,
             event.id,
@@ -228,12 +231,16 @@ async def apply(
             status_after=new.status.value,
             reason=outcome.reason,
         )
-    else:
-        await tx.timeline.add(
-            entry(order.order_id, event, before.value, new.status.value, outcome.reason, note)
+        parked = True  # the rest of them, if any
+    else:  # the state and the timeline entry in one step, which tells whether facts are parked
+        parked = await tx.orders.record(
+            order.order_id,
+            fields,
+            entry(order.order_id, event, before.value, new.status.value, outcome.reason, note),
         )
     if new_cycle(outcome):
         await tx.parked.drop_all(order.order_id)
+        parked = False
     for cmd in outcome.commands:
         if isinstance(cmd, machine.NotifyAuthority):
             task = await tx.tasks.open_notification(
@@ -257,6 +264,7 @@ async def apply(
                 str(getattr(data, "reason", outcome.reason)),
             )
         )
+    return parked
 
 
 def audit_change(

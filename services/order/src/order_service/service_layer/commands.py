@@ -13,7 +13,6 @@ from order_service.adapters.repository import OrderTx, read_centres
 from order_service.domain import market, reasons
 from order_service.domain import order as machine
 from order_service.domain.coi import coi_problem, make_coi
-from order_service.domain.market import Approval
 from order_service.domain.order import AtRisk, OrderState, OrderStatus, Outcome, SignatureNeeded, Window
 from order_service.domain.records import Centre, MaterialDisposition, OrderRecord
 from order_service.service_layer import case as cases
@@ -126,16 +125,19 @@ async def place_order(
     now = now or cases.now()
     placement = (cmd.placed_by, cmd.placement_key) if cmd.placed_by and cmd.placement_key else None
     async with uow.begin() as tx:
-        if placement is not None:
-            placed = await tx.orders.by_placement(*placement)
-            if placed is not None:
-                # placed by an earlier attempt under the same key whose answer was never stored: that
-                # order is the answer, if this is the same request
-                return await _same_placement(tx, placed, cmd)
-        centre = await tx.catalogue.centre(cmd.treatment_center_id)
+        # one step for every check below (the key, the centre, the product, the network, the market)
+        # and, when they pass, the COI's sequence number (undone with the rest if the order is refused)
+        intake = await tx.orders.intake(
+            cmd.treatment_center_id, cmd.product_code, cmd.order_type, placement, now.year
+        )
+        if intake.placed is not None:
+            # placed by an earlier attempt under the same key whose answer was never stored: that
+            # order is the answer, if this is the same request
+            return await _same_placement(tx, intake.placed, cmd)
+        centre = intake.centre
         if centre is None:
             raise Invalid("treatment_center_id", "unknown or uncertified treatment centre")
-        if not await tx.catalogue.has_product(cmd.product_code):
+        if not intake.has_product:
             raise Invalid("product_code", "unknown product")
         check_clinical(cmd.product_code, cmd.indication, cmd.weight_kg)
         centre_today = cases.today_at(centre, now)
@@ -144,12 +146,13 @@ async def place_order(
                 "requested_apheresis_date",
                 f"is in the past (today at the centre is {centre_today.isoformat()})",
             )
-        if not await tx.network.known():
+        if not intake.network_known:
             raise market.network_unknown()
-        if not await tx.network.serves(Approval(centre.regulator, cmd.order_type, cmd.product_code)):
+        if not intake.served:  # by an active site approved for the centre's regulator, use and product
             raise market.not_served(cmd.product_code, cmd.order_type, centre.regulator, centre.country)
+        assert intake.sequence is not None  # taken: every check the step made passed
         order_id = uuid.uuid4()
-        coi = make_coi(facility_id, now.year, await tx.orders.next_coi_sequence(now.year))
+        coi = make_coi(facility_id, now.year, intake.sequence)
         bind_order(order_id)
         set_order_attributes(order_id, coi)
         await tx.orders.add(
@@ -544,7 +547,7 @@ async def _act(
         if action.signer is not None and signed is not None:
             await _sign(tx, order, action.signer, action.name, signed)
         event = await tx.publish(data)
-        await cases.apply(
+        parked = await cases.apply(
             tx,
             case,
             outcome,
@@ -555,7 +558,7 @@ async def _act(
             reason_code=action.reason_code or None,
         )
         log.info("hospital action applied", action=action.name, status=outcome.state.status.value)
-        if outcome.changed:
+        if outcome.changed and parked:
             await cases.replay_parked(tx, order_id)
 
 

@@ -77,14 +77,16 @@ async def apply_fact(tx: OrderTx, fact: OrderEventData, meta: EventMeta) -> None
     outcome = cases.decide(case, meta.type, fact)
     if cases.may_apply_later(outcome):
         await tx.parked.park(fact.order_id, meta.envelope)
-    await cases.apply(tx, case, outcome, event=meta.envelope, extra_fields=cases.fact_extras(fact, outcome))
+    parked = await cases.apply(
+        tx, case, outcome, event=meta.envelope, extra_fields=cases.fact_extras(fact, outcome)
+    )
     log.info(  # no reason: the timeline's words may quote another service's report
         "order fact applied",
         event_type=meta.type,
         status=outcome.state.status.value,
         changed=outcome.changed,
     )
-    if outcome.changed:
+    if outcome.changed and parked:
         await cases.replay_parked(tx, fact.order_id)
 
 

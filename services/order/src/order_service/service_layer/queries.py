@@ -93,18 +93,13 @@ def predicted_dates(order: OrderRecord, region: str | None = None) -> dict[str, 
 async def order_view(uow: UnitOfWork, order_id: uuid.UUID, *, centre: str | None = None) -> OrderView:
     """The order with its timeline; `centre` confines it to that centre's orders (another's: NotFound)."""
     async with uow.read() as tx:
-        order = await tx.orders.get(order_id, centre=centre)
-        if order is None:
+        # one read (one snapshot): the order, its centre's region, its timeline and its sub-collections
+        found = await tx.orders.history(order_id, centre=centre)
+        if found is None:
             raise NotFound("Order", order_id)
-        timeline = await tx.timeline.of(order_id)
-        # the centre's region picks the product's published turnaround for the predicted dates
-        centre_of = await tx.catalogue.centre(order.treatment_center_id, certified_only=False)
-        region = centre_of.region if centre_of is not None else None
-        collections = await tx.collections.of(order_id)
-        materials = await tx.materials.of_order(order_id)
-        tasks = await tx.tasks.of_order(order_id)
+        order = found.order
         decisions = []
-        for d in await tx.decisions.of_order(order_id):
+        for d in found.decisions:
             check = await tx.signatures.check(SignedRecord("decision", str(d["decision_id"]), d["fields"]))
             decisions.append(
                 SignedDecision(
@@ -116,8 +111,15 @@ async def order_view(uow: UnitOfWork, order_id: uuid.UUID, *, centre: str | None
                     signatures=[sig.manifestation() for sig in check.current],
                 )
             )
+    # the centre's region picks the product's published turnaround for the predicted dates
     return OrderView(
-        order, timeline, predicted_dates(order, region), collections, tasks, decisions, materials
+        order,
+        found.timeline,
+        predicted_dates(order, found.region),
+        found.collections,
+        found.tasks,
+        decisions,
+        found.materials,
     )
 
 
