@@ -68,7 +68,8 @@ def build_handlers(planning: Planning) -> HandlerRegistry[SchedulingTx]:
     @handlers.on(OrderSubmittedV1)
     async def on_order_submitted(tx: SchedulingTx, order: OrderSubmittedV1, meta: EventMeta) -> None:
         """Book the earliest-delivering slot, or wait (told why: no capacity, no approved site...)."""
-        if closed := await tx.orders.closed(order.order_id):
+        # the product's lock comes with the check (taken only when the order is not over)
+        if closed := await tx.closed_else_lock(order.order_id, [order.product_code]):
             log.info("order already closed, request ignored", status=closed, event_type=meta.type)
             return
         req = SlotRequest.submitted(order)
