@@ -541,20 +541,26 @@ class PostgresSites(SiteRepository):
         return _site(row) if row is not None else None
 
     async def upsert(self, site: SiteRegisteredV1) -> None:
-        await self.conn.execute(
-            """INSERT INTO sites (site_id, region, timezone, active, approvals, daily_capacity, outages)
-               VALUES ($1, $2, $3, $4, $5::jsonb, $6::jsonb, $7::jsonb)
-               ON CONFLICT (site_id) DO UPDATE SET region = $2, timezone = $3, active = $4,
-                                                   approvals = $5::jsonb, daily_capacity = $6::jsonb,
-                                                   outages = $7::jsonb, updated_at = now()""",
-            site.site_id,
-            site.region,
-            site.timezone,
-            site.active,
-            [a.model_dump() for a in site.approvals],
-            site.daily_capacity,
-            [o.model_dump(mode="json") for o in site.outages],
-        )
+        await self.conn.execute(UPSERT_SITE, *_site_args(site))
+
+
+UPSERT_SITE = """INSERT INTO sites (site_id, region, timezone, active, approvals, daily_capacity, outages)
+    VALUES ($1, $2, $3, $4, $5::jsonb, $6::jsonb, $7::jsonb)
+    ON CONFLICT (site_id) DO UPDATE SET region = $2, timezone = $3, active = $4,
+                                        approvals = $5::jsonb, daily_capacity = $6::jsonb,
+                                        outages = $7::jsonb, updated_at = now()"""
+
+
+def _site_args(site: SiteRegisteredV1) -> tuple[Any, ...]:
+    return (
+        site.site_id,
+        site.region,
+        site.timezone,
+        site.active,
+        [a.model_dump() for a in site.approvals],
+        site.daily_capacity,
+        [o.model_dump(mode="json") for o in site.outages],
+    )
 
 
 # ---- orders as scheduling knows them -----------------------------------------------------------------
@@ -641,6 +647,20 @@ class SchedulingTx(AuditedTx):
         self.orders = orders
         self.locks = locks
 
+    async def lock_site_products(self, site_id: str, products: Iterable[str]) -> set[str]:
+        """Take the locks of these products and of every product of the site's copy as it is now; the
+        products locked."""
+        old = await self.sites.get(site_id)
+        wanted = set(products) | (old.products if old is not None else set())
+        await self.locks.take(wanted)
+        return wanted
+
+    async def replace_site(self, site: SiteRegisteredV1) -> list[Slot]:
+        """Keep the registry's latest word on the site (`sites.upsert`); the live slots at the site
+        (`slots.live_at`)."""
+        await self.sites.upsert(site)
+        return await self.slots.live_at(site.site_id)
+
     async def closed_else_lock(self, order_id: uuid.UUID, products: Iterable[str]) -> str | None:
         """`cancelled` or `failed` when the order is over for scheduling (nothing is locked then), else
         None, with the products' locks taken."""
@@ -672,6 +692,23 @@ class SchedulingTx(AuditedTx):
 
 class PostgresSchedulingTx(SchedulingTx):
     """The Postgres transaction: what `SchedulingTx` reads or writes in several steps, in one statement."""
+
+    async def lock_site_products(self, site_id: str, products: Iterable[str]) -> set[str]:
+        assert self.conn is not None
+        rows = await self.conn.fetch(LOCK_SITE_PRODUCTS, site_id, sorted(set(products)))
+        wanted = {p for row in rows for p in row["products"]}
+        self.locks.held.update(wanted)
+        return wanted
+
+    async def replace_site(self, site: SiteRegisteredV1) -> list[Slot]:
+        assert self.conn is not None
+        rows = await self.conn.fetch(
+            f"""WITH replaced AS ({UPSERT_SITE})
+                SELECT * FROM slots WHERE site_id = $1 AND status IN ('held', 'confirmed')
+                ORDER BY created_at, slot_id""",
+            *_site_args(site),
+        )
+        return [_slot(r) for r in rows]
 
     async def closed_else_lock(self, order_id: uuid.UUID, products: Iterable[str]) -> str | None:
         assert self.conn is not None
@@ -724,6 +761,18 @@ class PostgresSchedulingTx(SchedulingTx):
         )
         return bool(left)
 
+
+# LOCK_PRODUCTS for products $2 and every product of site $1's copy (capacity or approval) as it is when
+# the statement starts: a row per key (in key order) with the products it locks (a key may be shared);
+# a lock this transaction holds already is taken again (no wait)
+LOCK_SITE_PRODUCTS = """SELECT pg_advisory_xact_lock(k), products FROM (
+    SELECT hashtext('v2v-slots:' || p)::bigint AS k, array_agg(DISTINCT p) AS products FROM (
+        SELECT unnest($2::text[]) AS p
+        UNION SELECT jsonb_object_keys(daily_capacity) FROM sites WHERE site_id = $1
+        UNION SELECT a ->> 'product_code' FROM sites, jsonb_array_elements(approvals) AS a
+              WHERE site_id = $1
+    ) AS wanted WHERE p IS NOT NULL GROUP BY 1 ORDER BY 1
+) AS keys"""
 
 # LOCK_PRODUCTS unless the order is closed: a row per key locked, none when closed
 LOCK_PRODUCTS_UNLESS_CLOSED = """SELECT pg_advisory_xact_lock(k) FROM (

@@ -341,12 +341,14 @@ async def rebook(tx: SchedulingTx, planning: Planning, request: RebookRequestedV
     return released
 
 
-async def move_off_site(tx: SchedulingTx, planning: Planning, site: Site, today: date) -> list[Slot]:
+async def move_off_site(
+    tx: SchedulingTx, planning: Planning, site: Site, today: date, live: list[Slot] | None = None
+) -> list[Slot]:
     """Live slots at a site that is now inactive or no longer approved for their order's market move
-    elsewhere as a site outage rebook would (or wait, told why). Caller holds the site's product locks;
-    returns the released slots."""
+    elsewhere as a site outage rebook would (or wait, told why). Caller holds the site's product locks
+    (and may give the live slots at the site, read under them); returns the released slots."""
     moved: list[Slot] = []
-    for slot in await tx.slots.live_at(site.site_id):
+    for slot in live if live is not None else await tx.slots.live_at(site.site_id):
         if move_off(slot, site, today) is None:
             continue
         await lock_order(tx, slot.order_id, also=[slot.product_code])
