@@ -163,6 +163,43 @@ class LogisticsTx(AuditedTx):
         self.regions = regions
         self.order_products = order_products
 
+    async def remember_order(
+        self, order_id: uuid.UUID, product_code: str, centre_id: str, region: str, as_of: datetime
+    ) -> None:
+        """What `order.submitted` teaches: the order's product and its centre's region."""
+        await self.regions.remember(centre_id, "centre", region, as_of)
+        await self.order_products.remember(order_id, product_code, as_of)
+
+    async def leg_state(
+        self,
+        order_id: uuid.UUID,
+        leg: Leg,
+        ends: tuple[str, str],
+        *,
+        product: tuple[str, datetime] | None = None,
+    ) -> LegState:
+        """Under the order's lock (`shipments.serialise_order`), what planning a leg reads: whether the
+        order ended, its shipments of the leg (locked, oldest first; none read when it ended) and the
+        regions of the leg's two ends. `product` (code, as of): the order's product learnt first."""
+        if product is not None:
+            await self.order_products.remember(order_id, product[0], product[1])
+        if await self.ended_orders.ended(order_id):
+            return LegState(True, [], None, None)
+        shipments = await self.shipments.of_order(order_id, leg=leg, lock=True)
+        return LegState(
+            False, shipments, await self.regions.region_of(ends[0]), await self.regions.region_of(ends[1])
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class LegState:
+    """`LogisticsTx.leg_state`: what planning a leg reads under the order's lock."""
+
+    ended: bool
+    shipments: list[Shipment]
+    origin_region: str | None
+    destination_region: str | None
+
 
 # ---- Postgres ---------------------------------------------------------------------------------------
 
@@ -192,6 +229,26 @@ def _tenant_args(tenant: Tenant | None) -> tuple[str | None, str | None]:
 def _page(limit: int | None, offset: int, n: int) -> tuple[str, tuple[int | None, int]]:
     """LIMIT/OFFSET as parameters $n, $n+1 (no limit: every row)."""
     return f" LIMIT ${n} OFFSET ${n + 1}", (limit, offset)
+
+
+def _with_log(write: str, n: int) -> str:
+    """The write of a shipment ($1 its id) and the status-history lines of its pending changes ($n, $n+1,
+    $n+2: the befores, afters and reasons, in order) in one statement."""
+    return f"""WITH written AS ({write})
+        INSERT INTO shipment_status_log (shipment_id, status_before, status_after, reason)
+        SELECT $1, c.status_before, c.status_after, c.reason
+        FROM unnest(${n}::text[], ${n + 1}::text[], ${n + 2}::text[]) WITH ORDINALITY
+            AS c(status_before, status_after, reason, i)
+        ORDER BY c.i"""
+
+
+def _log_args(shipment: Shipment) -> tuple[list[str | None], list[str], list[str]]:
+    changes = shipment.pending
+    return (
+        [c.status_before for c in changes],
+        [c.status_after for c in changes],
+        [c.reason for c in changes],
+    )
 
 
 class PostgresShipments(ShipmentRepository):
@@ -258,12 +315,15 @@ class PostgresShipments(ShipmentRepository):
     async def add(self, shipment: Shipment) -> None:
         s = shipment
         await self.conn.execute(
-            """INSERT INTO shipments (shipment_id, order_id, coi, leg, origin, destination,
-                                      material_condition, min_temp_c, max_temp_c, planned_pickup_date,
-                                      status, origin_trace, booking_id, run, status_reason, carrier_id,
-                                      product_code, excursion_tolerance_min, din, lot)
-               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12::jsonb, $13, $14, $15, $16,
-                       $17, $18, $19, $20)""",
+            _with_log(
+                """INSERT INTO shipments (shipment_id, order_id, coi, leg, origin, destination,
+                                          material_condition, min_temp_c, max_temp_c, planned_pickup_date,
+                                          status, origin_trace, booking_id, run, status_reason, carrier_id,
+                                          product_code, excursion_tolerance_min, din, lot)
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12::jsonb, $13, $14, $15, $16,
+                           $17, $18, $19, $20)""",
+                21,
+            ),
             s.shipment_id,
             s.order_id,
             s.coi,
@@ -284,8 +344,8 @@ class PostgresShipments(ShipmentRepository):
             s.excursion_tolerance_min,
             s.din,
             s.lot,
+            *_log_args(shipment),
         )
-        await self._log(shipment)
         shipment.saved()
 
     async def save(self, shipment: Shipment) -> None:
@@ -293,11 +353,14 @@ class PostgresShipments(ShipmentRepository):
             return
         s = shipment
         await self.conn.execute(
-            """UPDATE shipments SET status = $2, status_reason = $3, ready_for_pickup_at = $4,
-                                    excursion_at = $5, held_from_status = $6, quarantine_decision = $7,
-                                    picked_up_at = $8, delivered_at = $9, excursion_minutes = $10,
-                                    din = $11, destination = $12, booking_id = $13, updated_at = now()
-               WHERE shipment_id = $1""",
+            _with_log(
+                """UPDATE shipments SET status = $2, status_reason = $3, ready_for_pickup_at = $4,
+                                        excursion_at = $5, held_from_status = $6, quarantine_decision = $7,
+                                        picked_up_at = $8, delivered_at = $9, excursion_minutes = $10,
+                                        din = $11, destination = $12, booking_id = $13, updated_at = now()
+                   WHERE shipment_id = $1""",
+                14,
+            ),
             s.shipment_id,
             s.status,
             s.status_reason,
@@ -311,20 +374,9 @@ class PostgresShipments(ShipmentRepository):
             s.din,
             s.destination,
             s.booking_id,
+            *_log_args(shipment),
         )
-        await self._log(shipment)
         shipment.saved()
-
-    async def _log(self, shipment: Shipment) -> None:
-        for change in shipment.pending:
-            await self.conn.execute(
-                """INSERT INTO shipment_status_log (shipment_id, status_before, status_after, reason)
-                   VALUES ($1, $2, $3, $4)""",
-                shipment.shipment_id,
-                change.status_before,
-                change.status_after,
-                change.reason,
-            )
 
     async def history(self, shipment_id: uuid.UUID) -> list[StatusChange]:
         rows = await self.conn.fetch(
@@ -467,9 +519,78 @@ class PostgresOrderProducts(OrderProductRepository):
         return None if found is None else str(found)
 
 
+class PostgresLogisticsTx(LogisticsTx):
+    """The Postgres transaction: what `LogisticsTx` reads or writes in several steps, in one statement."""
+
+    async def remember_order(
+        self, order_id: uuid.UUID, product_code: str, centre_id: str, region: str, as_of: datetime
+    ) -> None:
+        assert self.conn is not None
+        await self.conn.execute(
+            f"""WITH centre AS ({REMEMBER_REGION.format(location="$3", kind="'centre'", region="$4")})
+                {REMEMBER_PRODUCT}""",
+            order_id,
+            product_code,
+            centre_id,
+            region,
+            as_of,
+        )
+
+    async def leg_state(
+        self,
+        order_id: uuid.UUID,
+        leg: Leg,
+        ends: tuple[str, str],
+        *,
+        product: tuple[str, datetime] | None = None,
+    ) -> LegState:
+        assert self.conn is not None
+        code, as_of = product if product is not None else (None, None)
+        rows = await self.conn.fetch(LEG_STATE, order_id, code, as_of, leg, ends[0], ends[1])
+        first = rows[0]
+        if first["order_ended"]:
+            return LegState(True, [], None, None)
+        return LegState(
+            False,
+            [_shipment(r) for r in rows if r["shipment_id"] is not None],
+            first["origin_region"],
+            first["destination_region"],
+        )
+
+
+# the upserts of `PostgresRegions.remember` and `PostgresOrderProducts.remember` (order $1, product $2,
+# as of $5; the region's parameters are named by the caller)
+REMEMBER_REGION = """INSERT INTO location_regions (location_id, kind, region, as_of)
+    VALUES ({location}, {kind}, {region}, $5)
+    ON CONFLICT (location_id) DO UPDATE SET kind = EXCLUDED.kind, region = EXCLUDED.region,
+        as_of = EXCLUDED.as_of
+    WHERE location_regions.as_of <= EXCLUDED.as_of"""
+REMEMBER_PRODUCT = """INSERT INTO order_products (order_id, product_code, as_of) VALUES ($1, $2, $5)
+    ON CONFLICT (order_id) DO UPDATE SET product_code = EXCLUDED.product_code, as_of = EXCLUDED.as_of
+    WHERE order_products.as_of <= EXCLUDED.as_of"""
+
+# `PostgresLogisticsTx.leg_state`, run under the order's lock: the product learnt (when $2 is given),
+# the order's shipments of leg $4 locked (the columns of each; one row of NULLs when it has none), and on
+# every row whether the order ended and the regions of the ends $5, $6
+LEG_STATE = """WITH product AS (
+        INSERT INTO order_products (order_id, product_code, as_of)
+        SELECT $1::uuid, $2::text, $3::timestamptz WHERE $2::text IS NOT NULL
+        ON CONFLICT (order_id) DO UPDATE SET product_code = EXCLUDED.product_code, as_of = EXCLUDED.as_of
+        WHERE order_products.as_of <= EXCLUDED.as_of),
+    locked AS (
+        SELECT * FROM shipments WHERE order_id = $1 AND leg = $4::text
+        AND NOT EXISTS (SELECT 1 FROM ended_orders WHERE order_id = $1) FOR UPDATE)
+    SELECT l.*,
+        EXISTS (SELECT 1 FROM ended_orders WHERE order_id = $1) AS order_ended,
+        (SELECT region FROM location_regions WHERE location_id = $5) AS origin_region,
+        (SELECT region FROM location_regions WHERE location_id = $6) AS destination_region
+    FROM (SELECT 1) AS one LEFT JOIN locked AS l ON true
+    ORDER BY l.created_at"""
+
+
 def tx_factory(conn: asyncpg.Connection, outbox: EventSink) -> LogisticsTx:
     """The runtime's `Tx` for the logistics schema: Postgres repositories on the transaction's connection."""
-    return LogisticsTx(
+    return PostgresLogisticsTx(
         conn,
         outbox,
         shipments=PostgresShipments(conn),

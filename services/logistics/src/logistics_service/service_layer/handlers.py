@@ -89,6 +89,16 @@ async def _carrier(tx: LogisticsTx, lanes: ShippingLanes, origin: str, destinati
     """The carrier of a new leg, from the regions of its ends (the broadest one where a region is unknown)."""
     origin_region = await tx.regions.region_of(origin)
     destination_region = await tx.regions.region_of(destination)
+    return _carrier_of(lanes, origin, destination, origin_region, destination_region)
+
+
+def _carrier_of(
+    lanes: ShippingLanes,
+    origin: str,
+    destination: str,
+    origin_region: str | None,
+    destination_region: str | None,
+) -> Carrier:
     carrier = lanes.carriers.for_lane(origin, destination, origin_region, destination_region)
     if origin_region is None or destination_region is None:
         log.warning(
@@ -110,8 +120,9 @@ async def site_registered(tx: LogisticsTx, site: SiteRegisteredV1, meta: EventMe
 async def order_submitted(tx: LogisticsTx, order: OrderSubmittedV1, meta: EventMeta) -> None:
     """An order names its treatment centre's region (kept for the choice of carriers) and its product
     (whose limits its outbound leg travels by)."""
-    await tx.regions.remember(order.treatment_center_id, "centre", order.region, meta.time)
-    await tx.order_products.remember(order.order_id, order.product_code, meta.time)
+    await tx.remember_order(
+        order.order_id, order.product_code, order.treatment_center_id, order.region, meta.time
+    )
 
 
 async def plan_inbound(
@@ -119,14 +130,18 @@ async def plan_inbound(
 ) -> None:
     """Plan the inbound leg (centre → site) for a confirmed booking; a recollection gets a new one."""
     await tx.shipments.serialise_order(booking.order_id)
-    if meta is not None:
-        await tx.order_products.remember(booking.order_id, booking.product_code, meta.time)
-    if await tx.ended_orders.ended(booking.order_id):
+    state = await tx.leg_state(
+        booking.order_id,
+        "inbound_apheresis",
+        (booking.treatment_center_id, booking.site_id),
+        product=(booking.product_code, meta.time) if meta is not None else None,
+    )
+    if state.ended:
         log.info(
             "booking confirmed for an ended order: no inbound shipment", booking_id=str(booking.booking_id)
         )
         return
-    inbound = await tx.shipments.of_order(booking.order_id, leg="inbound_apheresis", lock=True)
+    inbound = state.shipments
     same_booking = any(s.booking_id == booking.booking_id for s in inbound)
     holder = rules.lane_holder(inbound)
     if not same_booking and holder is not None and holder.collected and holder.destination != booking.site_id:
@@ -142,7 +157,9 @@ async def plan_inbound(
     if not lanes.knows(booking.product_code):
         log.warning("product not in the catalogue: inbound shipped fresh", product_code=booking.product_code)
     lane = lanes.inbound(booking.product_code)
-    carrier = await _carrier(tx, lanes, booking.treatment_center_id, booking.site_id)
+    carrier = _carrier_of(
+        lanes, booking.treatment_center_id, booking.site_id, state.origin_region, state.destination_region
+    )
     ship = Shipment.plan(
         order_id=booking.order_id,
         coi=booking.coi,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any
 
@@ -59,14 +60,15 @@ class PostgresProductLocks(ProductLocks):
         self.conn = conn
 
     async def _lock(self, products: list[str]) -> None:
-        # the same key as `pg_advisory_xact_lock(hashtext('v2v-slots:' || product))`, in key order
-        keys = await self.conn.fetch(
-            """SELECT DISTINCT hashtext('v2v-slots:' || p)::bigint AS k FROM unnest($1::text[]) AS p
-               ORDER BY k""",
-            products,
-        )
-        for row in keys:
-            await self.conn.execute("SELECT pg_advisory_xact_lock($1::bigint)", row["k"])
+        await self.conn.execute(LOCK_PRODUCTS, products)
+
+
+# one round trip for any number of products: the key of `pg_advisory_xact_lock(hashtext('v2v-slots:' ||
+# product))`, each taken once, in key order (the sorted subquery cannot be flattened: DISTINCT; the locks
+# are taken as its rows come out of the sort)
+LOCK_PRODUCTS = """SELECT pg_advisory_xact_lock(k) FROM (
+    SELECT DISTINCT hashtext('v2v-slots:' || p)::bigint AS k FROM unnest($1::text[]) AS p ORDER BY k
+) AS keys"""
 
 
 # ---- slots -------------------------------------------------------------------------------------------
@@ -539,20 +541,26 @@ class PostgresSites(SiteRepository):
         return _site(row) if row is not None else None
 
     async def upsert(self, site: SiteRegisteredV1) -> None:
-        await self.conn.execute(
-            """INSERT INTO sites (site_id, region, timezone, active, approvals, daily_capacity, outages)
-               VALUES ($1, $2, $3, $4, $5::jsonb, $6::jsonb, $7::jsonb)
-               ON CONFLICT (site_id) DO UPDATE SET region = $2, timezone = $3, active = $4,
-                                                   approvals = $5::jsonb, daily_capacity = $6::jsonb,
-                                                   outages = $7::jsonb, updated_at = now()""",
-            site.site_id,
-            site.region,
-            site.timezone,
-            site.active,
-            [a.model_dump() for a in site.approvals],
-            site.daily_capacity,
-            [o.model_dump(mode="json") for o in site.outages],
-        )
+        await self.conn.execute(UPSERT_SITE, *_site_args(site))
+
+
+UPSERT_SITE = """INSERT INTO sites (site_id, region, timezone, active, approvals, daily_capacity, outages)
+    VALUES ($1, $2, $3, $4, $5::jsonb, $6::jsonb, $7::jsonb)
+    ON CONFLICT (site_id) DO UPDATE SET region = $2, timezone = $3, active = $4,
+                                        approvals = $5::jsonb, daily_capacity = $6::jsonb,
+                                        outages = $7::jsonb, updated_at = now()"""
+
+
+def _site_args(site: SiteRegisteredV1) -> tuple[Any, ...]:
+    return (
+        site.site_id,
+        site.region,
+        site.timezone,
+        site.active,
+        [a.model_dump() for a in site.approvals],
+        site.daily_capacity,
+        [o.model_dump(mode="json") for o in site.outages],
+    )
 
 
 # ---- orders as scheduling knows them -----------------------------------------------------------------
@@ -603,6 +611,17 @@ class PostgresOrders(OrderRepository):
 # ---- the transaction ---------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class BookingState:
+    """What a booking reads under its product's lock: the order's live slot and, when it has none, the
+    site copy, the product's capacity use from a day, and the centre's use when a quota counts it."""
+
+    live: Slot | None
+    sites: list[Site]
+    usage: Usage
+    centre_usage: dict[date, int] | None
+
+
 class SchedulingTx(AuditedTx):
     """One transaction of scheduling: its repositories, its product locks, its outbox and its audit
     trail (`tx.audit(...)`: ids and codes only, appended at commit)."""
@@ -628,10 +647,173 @@ class SchedulingTx(AuditedTx):
         self.orders = orders
         self.locks = locks
 
+    async def lock_site_products(self, site_id: str, products: Iterable[str]) -> set[str]:
+        """Take the locks of these products and of every product of the site's copy as it is now; the
+        products locked."""
+        old = await self.sites.get(site_id)
+        wanted = set(products) | (old.products if old is not None else set())
+        await self.locks.take(wanted)
+        return wanted
+
+    async def replace_site(self, site: SiteRegisteredV1) -> list[Slot]:
+        """Keep the registry's latest word on the site (`sites.upsert`); the live slots at the site
+        (`slots.live_at`)."""
+        await self.sites.upsert(site)
+        return await self.slots.live_at(site.site_id)
+
+    async def closed_else_lock(self, order_id: uuid.UUID, products: Iterable[str]) -> str | None:
+        """`cancelled` or `failed` when the order is over for scheduling (nothing is locked then), else
+        None, with the products' locks taken."""
+        if closed := await self.orders.closed(order_id):
+            return closed
+        await self.locks.take(products)
+        return None
+
+    async def booking_state(
+        self, order_id: uuid.UUID, product: str, since: date, centre: str | None
+    ) -> BookingState:
+        """Read under the product's lock: the order's live slot; when it has none, every site, the
+        product's capacity use from `since` and, for `centre` (None: no quota counts), the centre's."""
+        live = await self.slots.live(order_id)
+        if live is not None:
+            return BookingState(live, [], {}, None)
+        return BookingState(
+            None,
+            await self.sites.all(),
+            await self.slots.usage(product, since),
+            None if centre is None else await self.slots.centre_usage(centre, product, since),
+        )
+
+    async def add_slot(self, slot: Slot) -> bool:
+        """Book the slot and take its order off the waitlist; True when the order was waiting."""
+        await self.slots.add(slot)
+        return await self.waitlist.remove(slot.order_id)
+
+
+class PostgresSchedulingTx(SchedulingTx):
+    """The Postgres transaction: what `SchedulingTx` reads or writes in several steps, in one statement."""
+
+    async def lock_site_products(self, site_id: str, products: Iterable[str]) -> set[str]:
+        assert self.conn is not None
+        rows = await self.conn.fetch(LOCK_SITE_PRODUCTS, site_id, sorted(set(products)))
+        wanted = {p for row in rows for p in row["products"]}
+        self.locks.held.update(wanted)
+        return wanted
+
+    async def replace_site(self, site: SiteRegisteredV1) -> list[Slot]:
+        assert self.conn is not None
+        rows = await self.conn.fetch(
+            f"""WITH replaced AS ({UPSERT_SITE})
+                SELECT * FROM slots WHERE site_id = $1 AND status IN ('held', 'confirmed')
+                ORDER BY created_at, slot_id""",
+            *_site_args(site),
+        )
+        return [_slot(r) for r in rows]
+
+    async def closed_else_lock(self, order_id: uuid.UUID, products: Iterable[str]) -> str | None:
+        assert self.conn is not None
+        missing = sorted(set(products) - self.locks.held)
+        if missing and await self.conn.fetch(LOCK_PRODUCTS_UNLESS_CLOSED, order_id, missing):
+            self.locks.held.update(missing)  # not closed, and locked: the usual case, one round trip
+            return None
+        # closed (no lock taken), or nothing to lock
+        return await super().closed_else_lock(order_id, missing)
+
+    async def booking_state(
+        self, order_id: uuid.UUID, product: str, since: date, centre: str | None
+    ) -> BookingState:
+        assert self.conn is not None
+        row = await self.conn.fetchrow(BOOKING_STATE, order_id, product, since, centre)
+        if row["slot_id"] is not None:
+            return BookingState(_slot(row), [], {}, None)
+        return BookingState(
+            None,
+            [_site(r) for r in row["site_copy"]],
+            {(site, product, date.fromisoformat(day)): int(n) for site, day, n in row["product_usage"]},
+            None
+            if row["centre_usage"] is None
+            else {date.fromisoformat(day): int(n) for day, n in row["centre_usage"]},
+        )
+
+    async def add_slot(self, slot: Slot) -> bool:
+        assert self.conn is not None
+        left = await self.conn.fetchval(
+            """WITH booked AS (
+                   INSERT INTO slots (slot_id, order_id, coi, treatment_center_id, site_id, product_code,
+                                      manufacturing_start_date, apheresis_date, status, reserved_reason,
+                                      order_type, regulator, region, collected_on)
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14))
+               DELETE FROM waitlist WHERE order_id = $2 RETURNING true""",
+            slot.slot_id,
+            slot.order_id,
+            slot.coi,
+            slot.treatment_center_id,
+            slot.site_id,
+            slot.product_code,
+            slot.manufacturing_start_date,
+            slot.apheresis_date,
+            slot.status,
+            slot.reserved_reason,
+            slot.order_type,
+            slot.regulator,
+            slot.region,
+            slot.collected_on,
+        )
+        return bool(left)
+
+
+# LOCK_PRODUCTS for products $2 and every product of site $1's copy (capacity or approval) as it is when
+# the statement starts: a row per key (in key order) with the products it locks (a key may be shared);
+# a lock this transaction holds already is taken again (no wait)
+LOCK_SITE_PRODUCTS = """SELECT pg_advisory_xact_lock(k), products FROM (
+    SELECT hashtext('v2v-slots:' || p)::bigint AS k, array_agg(DISTINCT p) AS products FROM (
+        SELECT unnest($2::text[]) AS p
+        UNION SELECT jsonb_object_keys(daily_capacity) FROM sites WHERE site_id = $1
+        UNION SELECT a ->> 'product_code' FROM sites, jsonb_array_elements(approvals) AS a
+              WHERE site_id = $1
+    ) AS wanted WHERE p IS NOT NULL GROUP BY 1 ORDER BY 1
+) AS keys"""
+
+# LOCK_PRODUCTS unless the order is closed: a row per key locked, none when closed
+LOCK_PRODUCTS_UNLESS_CLOSED = """SELECT pg_advisory_xact_lock(k) FROM (
+    SELECT DISTINCT hashtext('v2v-slots:' || p)::bigint AS k FROM unnest($2::text[]) AS p
+    WHERE NOT EXISTS (SELECT 1 FROM closed_orders WHERE order_id = $1) ORDER BY k
+) AS keys"""
+
+# `PostgresSchedulingTx.booking_state`: the order's live slot (its columns, NULL when it has none) and,
+# only when it has none, the site copy, the product's use and the centre's (with $4) as JSON; the
+# usage subqueries are those of `PostgresSlots.usage` and `.centre_usage`
+BOOKING_STATE = """SELECT s.*,
+    CASE WHEN s.slot_id IS NULL THEN
+        (SELECT coalesce(json_agg(c), '[]') FROM sites AS c) END AS site_copy,
+    CASE WHEN s.slot_id IS NULL THEN
+        (SELECT coalesce(json_agg(json_build_array(u.site_id, u.day, u.n)), '[]') FROM (
+            SELECT site_id, day, count(*) AS n FROM (
+                SELECT site_id, manufacturing_start_date AS day FROM slots
+                WHERE product_code = $2 AND manufacturing_start_date >= $3
+                  AND status IN ('held', 'confirmed', 'consumed')
+                UNION ALL
+                SELECT site_id, manufacturing_start_date FROM holds
+                WHERE product_code = $2 AND manufacturing_start_date >= $3 AND status = 'active'
+            ) AS used GROUP BY site_id, day) AS u) END AS product_usage,
+    CASE WHEN s.slot_id IS NULL AND $4::text IS NOT NULL THEN
+        (SELECT coalesce(json_agg(json_build_array(u.day, u.n)), '[]') FROM (
+            SELECT day, count(*) AS n FROM (
+                SELECT manufacturing_start_date AS day FROM slots
+                WHERE treatment_center_id = $4 AND product_code = $2 AND manufacturing_start_date >= $3
+                  AND status IN ('held', 'confirmed', 'consumed')
+                UNION ALL
+                SELECT manufacturing_start_date FROM holds
+                WHERE treatment_center_id = $4 AND product_code = $2 AND manufacturing_start_date >= $3
+                  AND status = 'active'
+            ) AS used GROUP BY day) AS u) END AS centre_usage
+FROM (SELECT 1) AS one
+LEFT JOIN slots AS s ON s.order_id = $1 AND s.status IN ('held', 'confirmed')"""
+
 
 def postgres_tx(conn: asyncpg.Connection, outbox: EventSink) -> SchedulingTx:
     """The `tx_factory` of the unit of work: repositories on the transaction's connection."""
-    return SchedulingTx(
+    return PostgresSchedulingTx(
         conn,
         outbox,
         slots=PostgresSlots(conn),

@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Iterable
 from datetime import date, timedelta
 
-from scheduling_service.adapters.repository import SchedulingTx
+from scheduling_service.adapters.repository import BookingState, SchedulingTx
 from scheduling_service.domain.planning import EVERY_DAY, today_at
 from scheduling_service.domain.reasons import code_or
 from scheduling_service.domain.selection import (
@@ -56,11 +56,18 @@ async def lock_order(tx: SchedulingTx, order_id: uuid.UUID, also: Iterable[str] 
         await tx.locks.take(missing)  # out of key order, but only if the order changed product meanwhile
 
 
+def quota_centre(planning: Planning, centre: str | None, product: str) -> str | None:
+    """The centre when it has a quota for the product (its use then counts), else None."""
+    if centre is None or planning.allocation.quota(centre, product) is None:
+        return None
+    return centre
+
+
 async def quota_gate(
     tx: SchedulingTx, planning: Planning, centre: str | None, product: str, since: date
 ) -> DayFilter | None:
     """The centre's quota for the product as a day filter (None: no quota)."""
-    if centre is None or planning.allocation.quota(centre, product) is None:
+    if (centre := quota_centre(planning, centre, product)) is None:
         return None
     taken = await tx.slots.centre_usage(centre, product, since)
     return planning.allocation.gate(centre, product, taken)
@@ -104,7 +111,15 @@ async def try_reserve(
     quota, fresh material started within its window (the apheresis date derived from the manufacturing
     day), the product's start → release days with QC inside."""
     await tx.locks.take([req.product_code])
-    live = await tx.slots.live(req.order_id)
+    centre = quota_centre(planning, req.treatment_center_id, req.product_code)
+    state: BookingState | None = None
+    if req.offer_id is None:  # the live slot and what the plan needs: one read
+        now = planning.clock()
+        since = min(req.apheresis_date, today_at("UTC", now) - timedelta(days=1))
+        state = await tx.booking_state(req.order_id, req.product_code, since, centre)
+        live = state.live
+    else:
+        live = await tx.slots.live(req.order_id)
     if live is not None:  # already booked (a redelivered or overtaken request): nothing new
         await tx.waitlist.remove(req.order_id)
         return Choice(live.site_id, live.manufacturing_start_date)
@@ -115,26 +130,35 @@ async def try_reserve(
         )
         reason = "offer" if reason == "initial" else reason
     else:
-        now = planning.clock()
-        since = min(req.apheresis_date, today_at("UTC", now) - timedelta(days=1))
+        if state is None:  # an offer not claimed: read the plan's inputs now
+            now = planning.clock()
+            since = min(req.apheresis_date, today_at("UTC", now) - timedelta(days=1))
+            state = BookingState(
+                None,
+                await tx.sites.all(),
+                await tx.slots.usage(req.product_code, since),
+                None if centre is None else await tx.slots.centre_usage(centre, req.product_code, since),
+            )
         result = select_site(
-            await tx.sites.all(),
-            await tx.slots.usage(req.product_code, since),
+            state.sites,
+            state.usage,
             req.plan(planning.products),
             planning.params,
             exclude_site_id=req.exclude_site_id,
             now=now,
             calendars=planning.calendars,
-            allowed=await quota_gate(tx, planning, req.treatment_center_id, req.product_code, since),
+            allowed=None
+            if centre is None or state.centre_usage is None
+            else planning.allocation.gate(centre, req.product_code, state.centre_usage),
         )
     if not isinstance(result, Choice):
         return result
     slot = Slot.booked(
         uuid.uuid4(), req, result.site_id, result.manufacturing_start_date, reason, result.apheresis_date
     )
-    await tx.slots.add(slot)
+    left_waitlist = await tx.add_slot(slot)  # the slot, and the order off the waitlist
     await record_slot_reserved(tx, req, slot, reason)
-    if await tx.waitlist.remove(req.order_id):
+    if left_waitlist:
         audit_waitlist_left(tx, req.order_id, "slot_reserved")
     log.info(
         "slot reserved",
@@ -317,12 +341,14 @@ async def rebook(tx: SchedulingTx, planning: Planning, request: RebookRequestedV
     return released
 
 
-async def move_off_site(tx: SchedulingTx, planning: Planning, site: Site, today: date) -> list[Slot]:
+async def move_off_site(
+    tx: SchedulingTx, planning: Planning, site: Site, today: date, live: list[Slot] | None = None
+) -> list[Slot]:
     """Live slots at a site that is now inactive or no longer approved for their order's market move
-    elsewhere as a site outage rebook would (or wait, told why). Caller holds the site's product locks;
-    returns the released slots."""
+    elsewhere as a site outage rebook would (or wait, told why). Caller holds the site's product locks
+    (and may give the live slots at the site, read under them); returns the released slots."""
     moved: list[Slot] = []
-    for slot in await tx.slots.live_at(site.site_id):
+    for slot in live if live is not None else await tx.slots.live_at(site.site_id):
         if move_off(slot, site, today) is None:
             continue
         await lock_order(tx, slot.order_id, also=[slot.product_code])

@@ -68,7 +68,8 @@ def build_handlers(planning: Planning) -> HandlerRegistry[SchedulingTx]:
     @handlers.on(OrderSubmittedV1)
     async def on_order_submitted(tx: SchedulingTx, order: OrderSubmittedV1, meta: EventMeta) -> None:
         """Book the earliest-delivering slot, or wait (told why: no capacity, no approved site...)."""
-        if closed := await tx.orders.closed(order.order_id):
+        # the product's lock comes with the check (taken only when the order is not over)
+        if closed := await tx.closed_else_lock(order.order_id, [order.product_code]):
             log.info("order already closed, request ignored", status=closed, event_type=meta.type)
             return
         req = SlotRequest.submitted(order)
@@ -113,16 +114,14 @@ def build_handlers(planning: Planning) -> HandlerRegistry[SchedulingTx]:
         """Keep the site copy (capacity, approvals, outages, active); move live slots off the site when it
         may no longer make their order's product; serve the waitlist for its products."""
         site = registered_site(event)
-        old = await tx.sites.get(site.site_id)
-        products = site.products | (old.products if old is not None else set())
-        # before the copy changes: a booking for these products sees either the old copy or the new one
-        # and, when it had to wait, is served here
-        await tx.locks.take(products)
+        # before the copy changes: a booking for these products (the new copy's and the old one's) sees
+        # either the old copy or the new one and, when it had to wait, is served here
+        products = await tx.lock_site_products(site.site_id, site.products)
         old = await tx.sites.get(site.site_id)  # changed meanwhile? then its products too (out of order)
         if old is not None and not old.products <= products:
             products |= old.products
             await tx.locks.take(products)
-        await tx.sites.upsert(event)
+        live = await tx.replace_site(event)
         tx.audit(
             "site.copy_replaced",
             "site",
@@ -136,7 +135,7 @@ def build_handlers(planning: Planning) -> HandlerRegistry[SchedulingTx]:
             },
             reason=meta.type,
         )
-        await move_off_site(tx, planning, site, meta.time.date())
+        await move_off_site(tx, planning, site, meta.time.date(), live)
         await serve_waitlist(tx, planning, products)
 
     @handlers.on(BookingConfirmedV1)

@@ -713,10 +713,48 @@ class SiteTx(AuditedTx):
         self.orders = orders
         self.signatures = signatures
 
+    async def book_slot(self, booking: Booking, *, origin_trace: dict[str, str]) -> list[Outage] | None:
+        """The slot's booking, unless the slot has one already (then None, nothing changes); else the
+        site's outages as they are (a slot taken from a stale registry copy may fall into one)."""
+        if await self.bookings.by_slot(booking.slot_id) is not None:
+            return None
+        await self.bookings.add(booking, origin_trace=origin_trace)
+        return await self.sites.outages(booking.site_id)
+
+
+class PgSiteTx(SiteTx):
+    """The Postgres transaction: what `SiteTx` does in several steps, in one statement."""
+
+    async def book_slot(self, booking: Booking, *, origin_trace: dict[str, str]) -> list[Outage] | None:
+        assert self.conn is not None
+        row = await self.conn.fetchrow(
+            """INSERT INTO bookings (booking_id, order_id, coi, slot_id, site_id, manufacturing_start_date,
+                                     apheresis_date, status, treatment_center_id, product_code, origin_trace,
+                                     run)
+               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11::jsonb, $12)
+               ON CONFLICT (slot_id) DO NOTHING
+               RETURNING (SELECT outages FROM sites WHERE site_id = $5) AS outages""",
+            booking.booking_id,
+            booking.order_id,
+            booking.coi,
+            booking.slot_id,
+            booking.site_id,
+            booking.manufacturing_start_date,
+            booking.apheresis_date,
+            booking.status,
+            booking.treatment_center_id,
+            booking.product_code,
+            origin_trace,
+            booking.run,
+        )
+        if row is None:  # the slot has its booking
+            return None
+        return [Outage(**o) for o in row["outages"] or []]
+
 
 def site_tx(conn: asyncpg.Connection, outbox: EventSink) -> SiteTx:
     """The unit of work's Tx factory: the Postgres repositories on the transaction's connection."""
-    return SiteTx(
+    return PgSiteTx(
         conn,
         outbox,
         sites=PgSiteRepository(conn),

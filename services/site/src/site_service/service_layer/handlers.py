@@ -79,8 +79,6 @@ async def cancel_booking(tx: SiteTx, booking: Booking, reason: str) -> bool:
 @handlers.on(SlotReservedV1)
 async def on_slot_reserved(tx: SiteTx, slot: SlotReservedV1, meta: EventMeta) -> None:
     """Scheduling reserved a slot: it becomes a confirmed booking in the site's plan (once per slot)."""
-    if await tx.bookings.by_slot(slot.slot_id) is not None:
-        return
     booking = Booking(
         booking_id=uuid.uuid4(),
         order_id=slot.order_id,
@@ -94,7 +92,9 @@ async def on_slot_reserved(tx: SiteTx, slot: SlotReservedV1, meta: EventMeta) ->
         product_code=slot.product_code,
         run=slot.run if slot.reason == "remanufacture" else None,
     )
-    await tx.bookings.add(booking, origin_trace=current_traceparent())
+    outages = await tx.book_slot(booking, origin_trace=current_traceparent())
+    if outages is None:  # the slot has its booking already
+        return
     tx.audit(
         "booking.confirmed",
         "booking",
@@ -131,7 +131,7 @@ async def on_slot_reserved(tx: SiteTx, slot: SlotReservedV1, meta: EventMeta) ->
     )
     log.info("booking confirmed into site plan", site_id=slot.site_id)
     # a slot taken from a stale copy of the registry may fall into an outage the site already declared
-    outage = registry.outage_on(await tx.sites.outages(slot.site_id), slot.manufacturing_start_date)
+    outage = registry.outage_on(outages, slot.manufacturing_start_date)
     if outage is not None:
         await affect_bookings(tx, [booking], registry.outage_reason(outage.reason))
 
