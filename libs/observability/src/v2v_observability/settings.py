@@ -19,7 +19,7 @@ class TelemetrySettings:
     metric_export_interval_ms: int = 10_000  # OTEL_METRIC_EXPORT_INTERVAL
     trace_trivial_statements: bool = False  # V2V_TRACE_TRIVIAL_STATEMENTS: spans for BEGIN and pool resets
     # V2V_TRACE_STATEMENT_MIN_MS: a SQL statement gets a span when it takes this long (or fails); 0: all
-    statement_min_ms: float = 10.0
+    statement_min_ms: float = 50.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> TelemetrySettings:
@@ -31,7 +31,7 @@ class TelemetrySettings:
             metric_export_interval_ms=int(env.get("OTEL_METRIC_EXPORT_INTERVAL") or 10_000),
             trace_trivial_statements=(env.get("V2V_TRACE_TRIVIAL_STATEMENTS") or "").strip().lower()
             in {"1", "true", "yes", "on"},
-            statement_min_ms=_non_negative(env, "V2V_TRACE_STATEMENT_MIN_MS", 10.0),
+            statement_min_ms=_non_negative(env, "V2V_TRACE_STATEMENT_MIN_MS", 50.0),
         )
 
     @property

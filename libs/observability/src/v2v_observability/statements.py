@@ -10,9 +10,13 @@ around them already says.
 
 Here the clock is read before and after each statement, which is all a fast statement costs; a span is
 made afterwards, with the statement's own start and end times, only when the statement
-- took at least `V2V_TRACE_STATEMENT_MIN_MS` milliseconds (10 by default; 0 records every statement, as
+- took at least `V2V_TRACE_STATEMENT_MIN_MS` milliseconds (50 by default; 0 records every statement, as
   the OpenTelemetry instrumentation did), or
 - failed (the error's type on the span, status ERROR), whatever its duration.
+The duration is the caller's: it includes the wait for the event loop to resume the caller once the
+answer is in. On a service near saturation every statement waits milliseconds that way; 50 ms keeps the
+spans for statements that are slow in any sense, and keeps a busy service from spending more on spans
+the busier it gets (10 ms did: 4.6 % of the order service's samples made statement spans under load).
 The span looks as the OpenTelemetry instrumentation's did: named after the statement's first word, kind
 CLIENT, `db.system`, `db.name`, `db.user`, `net.peer.name`/`net.peer.port`, `db.statement`; it is a
 child of the span current when the statement was sent, so it carries the order bound there
@@ -30,7 +34,7 @@ from typing import Any
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
 
-DEFAULT_MIN_MS = 10.0
+DEFAULT_MIN_MS = 50.0
 _METHODS = ("execute", "executemany", "fetch", "fetchval", "fetchrow")
 _LEADING_COMMENT = re.compile(r"^\s*/\*.*?\*/", re.S)
 _ORIGINAL = "__v2v_untraced__"
