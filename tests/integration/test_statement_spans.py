@@ -87,3 +87,23 @@ async def test_a_threshold_of_zero_records_every_statement_but_the_trivial_ones(
         await conn.close()
     names = [s.name for s in exporter.get_finished_spans()]
     assert names == ["CREATE", "INSERT", "SELECT", "COMMIT;"]  # BEGIN is trivial: never a span
+
+
+async def test_no_span_inside_suppress_instrumentation_however_slow(
+    test_db: pytest_plugin.TestDatabase, spans: tuple[TracerProvider, InMemorySpanExporter]
+) -> None:
+    """The outbox relay's bookkeeping and the consumers' inbox rows run suppressed: no span of theirs."""
+    from opentelemetry.instrumentation.utils import suppress_instrumentation
+
+    provider, exporter = spans
+    instrument_asyncpg(provider, min_ms=0)
+    conn = await asyncpg.connect(test_db.admin_url)
+    try:
+        with suppress_instrumentation():
+            await conn.execute("SELECT pg_sleep(0.02)")
+            with pytest.raises(asyncpg.UndefinedTableError):
+                await conn.fetch("SELECT * FROM no_such_table")
+        await conn.execute("SELECT 1")
+    finally:
+        await conn.close()
+    assert [s.attributes["db.statement"] for s in exporter.get_finished_spans()] == ["SELECT 1"]  # type: ignore[index]

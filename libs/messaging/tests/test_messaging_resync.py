@@ -366,6 +366,7 @@ async def test_a_batch_commits_about_its_last_records_order_not_the_last_record_
 
     class Transaction:
         tx = object()
+        first_status = "INSERT 0 1"  # the first record's inbox row, sent with the BEGIN
 
         async def commit(self) -> None:
             seen_at_commit.append(current_order())
@@ -374,7 +375,7 @@ async def test_a_batch_commits_about_its_last_records_order_not_the_last_record_
             raise AssertionError("not rolled back")
 
     class Uow:
-        async def start(self) -> Transaction:
+        async def start(self, first: str | None = None) -> Transaction:
             return Transaction()
 
     broker = FakeBroker(records={T0: {0: 10, 1: 11}})
@@ -388,7 +389,7 @@ async def test_a_batch_commits_about_its_last_records_order_not_the_last_record_
         bind_order(order_b, coi_b)  # another order's event, of a type this consumer ignores
         return None
 
-    async def apply(_tx: Any, _event: CloudEvent, _record: Any) -> str:
+    async def apply(_tx: Any, _event: CloudEvent, _record: Any, recorded: str | None = None) -> str:
         return "processed"
 
     consumer._prepare = prepare  # type: ignore[method-assign]

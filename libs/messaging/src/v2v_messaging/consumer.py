@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 import time
 import uuid
 import weakref
@@ -520,9 +521,16 @@ class EventConsumer:
                         await self._handle_alone(event, item)
                     else:
                         try:
+                            recorded = None
                             if batch is None:
-                                batch = _Batch(i, await self.uow.start())
-                            item.outcome = await self._apply(batch.transaction.tx, event, record)
+                                # its BEGIN and the first record's inbox row in one round trip
+                                inbox_row = self._inbox_row_sql(event, record)
+                                batch = _Batch(i, await self.uow.start(first=inbox_row))
+                                if inbox_row is not None:
+                                    recorded = _inbox_outcome(batch.transaction.first_status)
+                            item.outcome = await self._apply(
+                                batch.transaction.tx, event, record, recorded=recorded
+                            )
                             item.event = event
                             batch.items.append(item)
                             current = None  # its span ends when the batch commits
@@ -885,24 +893,46 @@ class EventConsumer:
             self.stats.by_type[event.type] = self.stats.by_type.get(event.type, 0) + 1
         return outcome
 
-    async def _apply(self, tx: Tx, event: CloudEvent, record: Any) -> str:
+    def _inbox_row_sql(self, event: CloudEvent, record: Any) -> str | None:
+        """The record's inbox insert with its values written in (for `UnitOfWork.start(first=...)`), or
+        None when a value is not of the plain kind that can be written in without quoting rules (a
+        consumer group, topic or event type of letters, digits and `._:-`; a UUID; integers): then the
+        insert goes with parameters, as for every other record."""
+        texts = (self.group_id, event.type, record.topic)
+        if not all(isinstance(t, str) and _PLAIN.fullmatch(t) for t in texts):
+            return None
+        if not isinstance(record.partition, int) or not isinstance(record.offset, int):
+            return None
+        event_id = str(uuid.UUID(str(event.id)))  # canonical hex and dashes only
+        return (
+            "INSERT INTO inbox (consumer, event_id, event_type, topic, kafka_partition, kafka_offset) "
+            f"VALUES ('{self.group_id}', '{event_id}', '{event.type}', '{record.topic}', "
+            f"{int(record.partition)}, {int(record.offset)}) ON CONFLICT DO NOTHING"
+        )
+
+    async def _apply(self, tx: Tx, event: CloudEvent, record: Any, recorded: str | None = None) -> str:
         """In `tx`: the record's inbox row, then (unless it was there already) its handler. The inbox
-        insert has no statement span of its own: the record's consumer span says what it found."""
+        insert has no statement span of its own: the record's consumer span says what it found.
+        `recorded`: the outcome of the record's inbox insert, when it went out with the BEGIN."""
         assert tx.conn is not None
-        with suppress_instrumentation():
-            fresh = await tx.conn.fetchval(
-                """INSERT INTO inbox (consumer, event_id, event_type, topic, kafka_partition, kafka_offset)
-                   VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING RETURNING true""",
-                self.group_id,
-                event.id,
-                event.type,
-                record.topic,
-                record.partition,
-                record.offset,
-            )
-        outcome = "processed" if fresh else "duplicate"
+        if recorded is None:
+            with suppress_instrumentation():
+                fresh = await tx.conn.fetchval(
+                    """INSERT INTO inbox (consumer, event_id, event_type, topic, kafka_partition,
+                                          kafka_offset)
+                       VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING RETURNING true""",
+                    self.group_id,
+                    event.id,
+                    event.type,
+                    record.topic,
+                    record.partition,
+                    record.offset,
+                )
+            outcome = "processed" if fresh else "duplicate"
+        else:
+            outcome = recorded
         trace.get_current_span().set_attribute(tn.CONSUMER_OUTCOME, outcome)
-        if fresh:
+        if outcome == "processed":
             await self.handlers.dispatch(tx, event)
         return outcome
 
@@ -975,6 +1005,18 @@ class _Item:
     started: float
     event: CloudEvent | None = None
     outcome: str | None = None  # "processed" / "duplicate", once applied in a batch
+
+
+_PLAIN = re.compile(r"[A-Za-z0-9._:\-]{1,249}")
+
+
+def _inbox_outcome(status: str | None) -> str:
+    """What an inbox insert's status says: `INSERT 0 1` a new row, `INSERT 0 0` one there already."""
+    if status == "INSERT 0 1":
+        return "processed"
+    if status == "INSERT 0 0":
+        return "duplicate"
+    raise RuntimeError(f"unexpected status of the inbox insert: {status!r}")
 
 
 @dataclass

@@ -55,16 +55,41 @@ class AbstractUnitOfWork(Protocol[TxT_co]):
     def read(self) -> AbstractAsyncContextManager[TxT_co]: ...
 
 
+class _BegunTogether:
+    """The transaction of a connection whose BEGIN went out with its first statement, in one simple-query
+    round trip (`UnitOfWork.start(first=...)`): ended with plain COMMIT / ROLLBACK. A COMMIT that the
+    server answers with ROLLBACK (the transaction had failed) raises rather than passing for one."""
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self._conn = conn
+
+    async def commit(self) -> None:
+        status = await self._conn.execute("COMMIT")
+        if status != "COMMIT":
+            raise asyncpg.InterfaceError(f"the server ended the transaction with {status!r}, not COMMIT")
+
+    async def rollback(self) -> None:
+        await self._conn.execute("ROLLBACK")
+
+
 class OpenTransaction(Generic[TxT]):
     """A transaction opened and ended by explicit calls rather than a `with` block: an event consumer
     spreads one over the records of a poll (`EventConsumer._consume`). `commit()` runs the Tx's
     `before_commit` first, as `UnitOfWork.begin` does; either way the connection goes back to the pool."""
 
-    def __init__(self, pool: asyncpg.Pool, conn: asyncpg.Connection, transaction: Any, tx: TxT) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        conn: asyncpg.Connection,
+        transaction: Any,
+        tx: TxT,
+        first_status: str | None = None,
+    ) -> None:
         self._pool = pool
         self._conn: asyncpg.Connection | None = conn
         self._transaction = transaction
         self.tx = tx
+        self.first_status = first_status  # the status of `start(first=...)`'s statement ("INSERT 0 1")
 
     async def commit(self) -> None:
         try:
@@ -115,17 +140,33 @@ class UnitOfWork(Generic[TxT]):
             yield tx
             await tx.before_commit()
 
-    async def start(self) -> OpenTransaction[TxT]:
-        """Open a transaction on a pooled connection; the caller commits or rolls it back."""
+    async def start(self, first: str | None = None) -> OpenTransaction[TxT]:
+        """Open a transaction on a pooled connection; the caller commits or rolls it back.
+
+        `first`: a statement without parameters (its values written in, by a caller that vouches for
+        them) to run first in the transaction, sent with its BEGIN in one simple-query round trip instead
+        of two; its status is the transaction's `first_status`."""
         conn = await self.pool.acquire()
+        status: str | None = None
         try:
-            transaction = conn.transaction()
-            await transaction.start()
+            if first is None:
+                transaction: Any = conn.transaction()
+                await transaction.start()
+            else:
+                transaction = _BegunTogether(conn)
+                try:
+                    status = await conn.execute(f"BEGIN; {first}")
+                except BaseException:
+                    if conn.is_in_transaction():
+                        with contextlib.suppress(Exception):
+                            await transaction.rollback()
+                    raise
         except BaseException:
             with contextlib.suppress(Exception):
                 await self.pool.release(conn)
             raise
-        return OpenTransaction(self.pool, conn, transaction, self.tx_factory(conn, self._outbox(conn)))
+        tx = self.tx_factory(conn, self._outbox(conn))
+        return OpenTransaction(self.pool, conn, transaction, tx, first_status=status)
 
     @asynccontextmanager
     async def on(self, conn: asyncpg.Connection) -> AsyncIterator[TxT]:

@@ -32,6 +32,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from opentelemetry import trace
+from opentelemetry.instrumentation.utils import is_instrumentation_enabled
 from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
 
 DEFAULT_MIN_MS = 50.0
@@ -77,7 +78,10 @@ def record_statement(
     end_ns: int,
     error: BaseException | None = None,
 ) -> None:
-    """A finished statement's span, from `start_ns` to `end_ns` (epoch nanoseconds)."""
+    """A finished statement's span, from `start_ns` to `end_ns` (epoch nanoseconds); none inside
+    `suppress_instrumentation()` (the outbox relay's bookkeeping, the consumers' inbox rows)."""
+    if not is_instrumentation_enabled():
+        return
     span = tracer.start_span(
         statement_name(query),
         kind=SpanKind.CLIENT,
