@@ -226,18 +226,24 @@ class Dispatcher(abc.ABC, Generic[D]):
         """One transaction: record the attempts that finished; lease due deliveries for the room there is
         and start attempting them. Returns how many were leased. When it fails, nothing was recorded:
         the attempts are kept for the next pump (a commit that failed after all changes nothing then: the
-        leases are no longer theirs)."""
+        leases are no longer theirs).
+
+        With nothing to record, the lease is its one statement, atomic on its own: it runs without an
+        explicit transaction (no BEGIN and COMMIT round trips for it)."""
         finished, self._finished = self._finished, []
         self._progress.clear()
+        due: list[D] = []
         try:
             with suppress_instrumentation():  # bookkeeping; each attempt has its delivery span
-                async with self.uow.begin() as tx:
-                    await self._record(tx, finished)
-                    room = self.room + len(finished)
-                    due: list[D] = []
-                    if lease_more and room > 0:
-                        due = await self.queue(tx).claim_due(room, self.lease, per_target=self.per_target)
-                    self._filled = lease_more and room > 0 and len(due) == room
+                if finished:
+                    async with self.uow.begin() as tx:
+                        await self._record(tx, finished)
+                        due = await self._claim(tx, self.room + len(finished), lease_more)
+                elif lease_more and self.room > 0:
+                    async with self.uow.read() as tx:
+                        due = await self._claim(tx, self.room, lease_more)
+                else:
+                    self._filled = False
         except BaseException:
             self._finished[:0] = finished
             raise
@@ -247,6 +253,14 @@ class Dispatcher(abc.ABC, Generic[D]):
         for d in due:
             self._start(d)
         return len(due)
+
+    async def _claim(self, tx: NotificationTx, room: int, lease_more: bool) -> list[D]:
+        """Lease up to `room` due deliveries (none unless `lease_more`)."""
+        due: list[D] = []
+        if lease_more and room > 0:
+            due = await self.queue(tx).claim_due(room, self.lease, per_target=self.per_target)
+        self._filled = lease_more and room > 0 and len(due) == room
+        return due
 
     async def dispatch_due(self) -> int:
         """Lease the due deliveries, attempt each once, record the outcomes; returns how many were leased.
