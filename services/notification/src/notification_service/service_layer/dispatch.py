@@ -31,7 +31,7 @@ import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import ClassVar, Generic, Protocol, TypeVar
 
 from opentelemetry import context as otel_context
@@ -186,6 +186,10 @@ class Dispatcher(abc.ABC, Generic[D]):
 
     async def on_dead_lettered(self, tx: NotificationTx, delivery: D, attempt: int, outcome: Outcome) -> None:
         """Called in the transaction that marks the delivery failed."""
+
+    async def _record_attempts(self, tx: NotificationTx, attempts: list[Attempt]) -> set[uuid.UUID]:
+        """Record the attempts (their verdicts, where the lease is still theirs); the tokens recorded."""
+        return await self.queue(tx).record(attempts)
 
     async def after_recorded(self, tx: NotificationTx, recorded: list[_Attempted[D]]) -> None:
         """Called in the transaction that recorded `recorded` (in the order they finished)."""
@@ -401,7 +405,7 @@ class Dispatcher(abc.ABC, Generic[D]):
         """The attempts whose leases are still theirs, and their verdicts (one statement, one now())."""
         if not done:
             return
-        accepted = await self.queue(tx).record([a.attempt for a in done])
+        accepted = await self._record_attempts(tx, [a.attempt for a in done])
         recorded = [a for a in done if a.attempt.lease_token in accepted]
         superseded = len(done) - len(recorded)
         self.stats.recorded += len(recorded)
@@ -470,6 +474,8 @@ class WebhookDispatcher(Dispatcher[WebhookDelivery]):
     ) -> None:
         self.breaker = breaker or BreakerPolicy()
         super().__init__(uow, sender, policy, per_target=self.breaker.per_endpoint, lease=lease)
+        # the breakers of the endpoints just recorded, locked by the recording statement (for after_recorded)
+        self._locked: tuple[dict[uuid.UUID, EndpointHealth], datetime] | None = None
 
     def queue(self, tx: NotificationTx) -> DeliveryQueue[WebhookDelivery]:
         return tx.webhooks
@@ -498,8 +504,17 @@ class WebhookDispatcher(Dispatcher[WebhookDelivery]):
             )
         )
 
+    async def _record_attempts(self, tx: NotificationTx, attempts: list[Attempt]) -> set[uuid.UUID]:
+        # one round trip: the attempts recorded and their endpoints' breakers locked
+        self._locked = None
+        accepted, health, now = await tx.webhooks.record_locking_endpoints(attempts)
+        if now is not None:
+            self._locked = (health, now)
+        return accepted
+
     async def after_recorded(self, tx: NotificationTx, recorded: list[_Attempted[WebhookDelivery]]) -> None:
         """Each endpoint's breaker after its recorded attempts."""
+        locked, self._locked = self._locked, None
         results: dict[uuid.UUID, list[tuple[uuid.UUID, Outcome]]] = {}
         for a in recorded:
             results.setdefault(a.delivery.subscription_id, []).append(
@@ -507,7 +522,8 @@ class WebhookDispatcher(Dispatcher[WebhookDelivery]):
             )
         if not results:
             return
-        health, now = await tx.webhooks.endpoints_for_update(list(results))
+        # (locked by the recording statement; else, as a fallback, locked now)
+        health, now = locked if locked is not None else await tx.webhooks.endpoints_for_update(list(results))
         changed: dict[uuid.UUID, EndpointHealth] = {}
         for subscription_id, attempts in results.items():
             before = health.get(subscription_id, EndpointHealth())
