@@ -165,6 +165,7 @@ class Dispatcher(abc.ABC, Generic[D]):
         self._finished: list[_Attempted[D]] = []  # attempted, not recorded yet
         self._progress = asyncio.Event()  # set when an attempt finishes
         self._filled = False  # the last pass leased all it had room for: more may be due
+        self._due_at: float | None = None  # (monotonic) the next due moment, as last looked up
 
     # ---- what a channel provides ---------------------------------------------------------------
 
@@ -215,12 +216,13 @@ class Dispatcher(abc.ABC, Generic[D]):
         hb = heartbeat or Heartbeat(f"{self.kind}_dispatcher")
         while True:
             wake.clear()
+            recorded = bool(self._finished)  # what this pump records
             await self.pump()
             hb.beat()
             if wake.is_set() or (self._filled and self.room > 0):
                 continue  # queued meanwhile, or more due than there was room for
             if not self._finished:
-                timeout = await self.until_next_due() if self.room > 0 else IDLE_WAIT_S
+                timeout = await self._wait_for_due(recorded) if self.room > 0 else IDLE_WAIT_S
                 if not (wake.is_set() or self._finished):
                     await _first_of(wake, self._progress, timeout)
             if self._leased:  # attempts to record: a moment for more to finish (or be queued), one pass
@@ -296,6 +298,19 @@ class Dispatcher(abc.ABC, Generic[D]):
             for task in list(self._tasks):
                 task.cancel()
             await self.aclose()
+
+    async def _wait_for_due(self, recorded: bool) -> float:
+        """Seconds to sleep at most (`until_next_due`). Its look is spared while attempts are in flight
+        (each one's end wakes the loop, and the pass that records it looks again) and the last pass
+        recorded nothing: that pass only leased, which brings no delivery's due moment nearer, so the
+        moment last seen still holds (new deliveries wake the loop; another replica's recordings are
+        seen within IDLE_WAIT_S, as when idle)."""
+        now = time.monotonic()
+        if self._leased and not recorded and self._due_at is not None and self._due_at > now:
+            return max(0.05, min(IDLE_WAIT_S, self._due_at - now))
+        wait = await self.until_next_due()
+        self._due_at = now + wait
+        return wait
 
     async def until_next_due(self) -> float:
         """Seconds to sleep: until the next delivery may be leased, within 0.05 .. IDLE_WAIT_S."""
