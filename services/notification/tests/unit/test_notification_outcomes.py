@@ -334,6 +334,25 @@ def test_an_event_with_only_allowed_fields_goes_out_as_it_came() -> None:
     assert webhook_payload(event) == event.to_json()
 
 
+def test_a_coi_whose_check_character_is_a_star_is_carried() -> None:
+    # ISO 7064 MOD 37-2 makes `*` the check character of 1 COI in 37 (e.g. V2V0026000027*)
+    event = new_event(
+        OrderSubmittedV1(
+            order_id=uuid.uuid4(),
+            coi="V2V0026000027*",
+            treatment_center_id="TC-DE-BE-001",
+            product_code="TISA-CEL",
+            order_type="commercial",
+            regulator="EMA",
+            country="DE",
+            region="EU",
+            requested_apheresis_date=date(2030, 1, 15),
+        )
+    )
+    out = CloudEvent.from_json(webhook_payload(event))
+    assert out.coi == "V2V0026000027*" and out.data["coi"] == "V2V0026000027*"
+
+
 def test_fields_off_the_list_and_values_not_of_their_kind_are_left_out() -> None:
     event = submitted(patient_ref="BER-2026-0042", patient_name="Erika Mustermann")
     out = CloudEvent.from_json(webhook_payload(event))
@@ -443,6 +462,8 @@ def test_a_reason_goes_out_only_as_a_reason_code(reason: str) -> None:
     [
         ("uuid", "4b377daa-a5ca-49b4-81c2-9fdb0d236a25", ["not-a-uuid", 42, None]),
         ("code", "SITE-DE-01", ["SITE DE 01", "", "x" * 65, 7]),
+        ("coi", "V2V0026000027*", ["V2V0026000027**", "V2V 0026000027*", "*", 7]),
+        ("coi", "V2V00-26-000042-K", ["V2V00 26 000042 K", "", "x" * 65]),
         ("reason", "outage:maintenance", ["Outage", "outage maintenance", "x" * 130]),
         ("date", "2030-01-15", ["15.01.2030", "2030-13-01", "2030-01-15T00:00:00Z"]),
         ("datetime", "2030-01-15T09:30:00Z", ["yesterday", "2030-01-15", "2030-01-15T09:30:00Z bed 3"]),

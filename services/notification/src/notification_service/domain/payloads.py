@@ -18,9 +18,10 @@ from datetime import date, datetime
 from typing import Any, Literal
 
 from v2v_contracts import CloudEvent
+from v2v_contracts.coi import COI_RE
 from v2v_contracts.fields import CODE_PATTERN, REASON_CODE_PATTERN
 
-Kind = Literal["uuid", "code", "reason", "date", "datetime", "number", "int", "bool", "range"]
+Kind = Literal["uuid", "code", "coi", "reason", "date", "datetime", "number", "int", "bool", "range"]
 
 _CODE = re.compile(CODE_PATTERN)
 _REASON = re.compile(REASON_CODE_PATTERN)
@@ -29,7 +30,7 @@ _DATETIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9:.]{5,18}(?:Z|[+-][0-9]{
 MAX_NUMBER = 1e9
 
 # fields every order event carries: opaque references only
-COMMON: dict[str, Kind] = {"order_id": "uuid", "coi": "code", "treatment_center_id": "code"}
+COMMON: dict[str, Kind] = {"order_id": "uuid", "coi": "coi", "treatment_center_id": "code"}
 
 # per event type, the data fields a webhook may carry besides COMMON. Left out on purpose: free text
 # (`detail`), and a courier's references (`location`, `handled_by`, `received_from`).
@@ -231,6 +232,8 @@ def conforms(kind: Kind, value: Any) -> bool:
         return len(value) <= 36 and _parses(uuid.UUID, value)
     if kind == "code":
         return bool(_CODE.fullmatch(value))
+    if kind == "coi":  # a code, or a COI whose check character is `*` (ISO 7064 MOD 37-2: 1 in 37)
+        return bool(_CODE.fullmatch(value) or COI_RE.match(value))
     if kind == "reason":
         return len(value) <= 120 and bool(_REASON.fullmatch(value))
     if kind == "date":
@@ -254,7 +257,7 @@ def webhook_payload(event: CloudEvent) -> bytes:
     """The CloudEvent a webhook carries: the envelope's attributes (no extensions but `coi`) and the
     allow-listed data fields. An event whose every field is allowed comes out byte for byte as it was."""
     subject = event.subject if event.subject is not None and conforms("uuid", event.subject) else None
-    coi = event.coi if event.coi is not None and conforms("code", event.coi) else None
+    coi = event.coi if event.coi is not None and conforms("coi", event.coi) else None
     return CloudEvent(
         id=event.id,
         source=event.source,
