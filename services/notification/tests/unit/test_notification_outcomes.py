@@ -4,21 +4,23 @@ webhook carries: the allow-listed fields of its event type only."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import ssl
 import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from datetime import UTC, date, datetime
 from typing import Any
 
+import aiohttp
 import aiosmtplib
-import httpcore
-import httpx
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from notification_service.adapters import smtp
-from notification_service.adapters.egress import BlockedAddress, ResolutionFailed
+from notification_service.adapters.egress import AddressGuard, BlockedAddress, ResolutionFailed
 from notification_service.adapters.secret_box import DEV_KEY, SecretBox, new_signing_secret
 from notification_service.adapters.webhooks import WebhookSender, failure_of, failure_of_status
 from notification_service.domain.delivery import FAILURES, WebhookDelivery
@@ -40,7 +42,7 @@ BOX = SecretBox(DEV_KEY)
 SECRET_TEXT = "10.0.0.7:5432 PATIENT-BER-0042"  # what an error's text could carry
 
 
-def wrapped(cause: BaseException, outer: type[Exception] = httpx.ConnectError) -> Exception:
+def wrapped(cause: BaseException, outer: type[Exception] = aiohttp.ClientConnectionError) -> Exception:
     try:
         try:
             raise cause
@@ -85,16 +87,17 @@ def test_statuses_are_categories(status: int, category: str | None) -> None:
         (BlockedAddress("address"), "blocked_address"),
         (ResolutionFailed("nx"), "dns_error"),
         (wrapped(ResolutionFailed("nx")), "dns_error"),
-        (httpx.ConnectTimeout(SECRET_TEXT), "timeout"),
-        (httpx.ReadTimeout(SECRET_TEXT), "timeout"),
-        (httpx.PoolTimeout(SECRET_TEXT), "timeout"),
+        (aiohttp.ConnectionTimeoutError(SECRET_TEXT), "timeout"),
+        (aiohttp.SocketTimeoutError(SECRET_TEXT), "timeout"),
+        (aiohttp.ServerTimeoutError(SECRET_TEXT), "timeout"),
         (TimeoutError(), "timeout"),
         (wrapped(ConnectionRefusedError(111, SECRET_TEXT)), "connection_refused"),
         (wrapped(ssl.SSLCertVerificationError(1, SECRET_TEXT)), "tls_error"),
         (wrapped(ssl.SSLError(1, SECRET_TEXT)), "tls_error"),
-        (wrapped(ConnectionResetError(104, SECRET_TEXT), httpx.ReadError), "connection_error"),
-        (httpx.RemoteProtocolError(SECRET_TEXT), "connection_error"),
-        (httpcore.ConnectError(SECRET_TEXT), "connection_error"),
+        (wrapped(ConnectionResetError(104, SECRET_TEXT), aiohttp.ClientOSError), "connection_error"),
+        (aiohttp.ServerDisconnectedError(SECRET_TEXT), "connection_error"),
+        (aiohttp.ClientPayloadError(SECRET_TEXT), "connection_error"),
+        (aiohttp.ClientConnectionError(SECRET_TEXT), "connection_error"),
         (OSError(SECRET_TEXT), "connection_error"),
     ],
 )
@@ -120,68 +123,151 @@ def delivery(url: str = "https://hooks.example.com/v2v") -> WebhookDelivery:
     )
 
 
-async def send_with(handler: Any) -> Any:
-    sender = WebhookSender(2.0, BOX, UrlPolicy(), transport=httpx.MockTransport(handler))
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@asynccontextmanager
+async def receiver(handler: Handler) -> AsyncIterator[int]:
+    """A local TCP server running `handler` for each connection; yields its port."""
+
+    async def guarded(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await handler(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(guarded, "127.0.0.1", 0)
     try:
-        return await sender.send(delivery())
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+
+
+async def request_of(reader: asyncio.StreamReader) -> bytes:
+    """Reads one request (its head and its body); returns its request line."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = next(
+        (
+            int(line.split(b":", 1)[1])
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length:")
+        ),
+        0,
+    )
+    await reader.readexactly(length)
+    return head.split(b"\r\n", 1)[0]
+
+
+def answering(raw: bytes, seen: list[bytes] | None = None) -> Handler:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        line = await request_of(reader)
+        if seen is not None:
+            seen.append(line)
+        writer.write(raw)
+        await writer.drain()
+
+    return handler
+
+
+async def send_to(port: int, scheme: str = "http", timeout_s: float = 2.0) -> Any:
+    """One attempt to hooks.example.com (resolving to the local receiver), on `port`."""
+
+    async def local(host: str, port: int) -> list[str]:
+        return ["127.0.0.1"]
+
+    dev = UrlPolicy(allow_loopback=True)
+    sender = WebhookSender(timeout_s, BOX, dev, guard=AddressGuard(dev, local))
+    try:
+        return await sender.send(delivery(f"{scheme}://hooks.example.com:{port}/v2v"))
     finally:
         await sender.aclose()
+
+
+async def send_with(handler: Handler, **kw: Any) -> Any:
+    async with receiver(handler) as port:
+        return await send_to(port, **kw)
 
 
 @pytest.mark.parametrize(
     ("status", "category"), [(204, None), (302, "http_3xx"), (404, "http_4xx"), (503, "http_5xx")]
 )
 async def test_an_answer_is_recorded_as_its_status_and_category(status: int, category: str | None) -> None:
-    def answer(request: httpx.Request) -> httpx.Response:
-        headers = {"location": "http://169.254.169.254/"} if status == 302 else {}
-        return httpx.Response(status, headers=headers, text=SECRET_TEXT * 10)
-
-    outcome = await send_with(answer)
+    text = b"" if status == 204 else (SECRET_TEXT * 10).encode()  # (a 204 has no body)
+    location = b"location: http://169.254.169.254/\r\n" if status == 302 else b""
+    raw = b"HTTP/1.1 %d Whatever\r\n%bcontent-length: %d\r\n\r\n%b" % (status, location, len(text), text)
+    outcome = await send_with(answering(raw))
     assert (outcome.status_code, outcome.error, outcome.permanent) == (status, category, False)
 
 
-@pytest.mark.parametrize(
-    ("raised", "category"),
-    [
-        (httpx.ConnectTimeout(SECRET_TEXT), "timeout"),
-        (wrapped(ConnectionRefusedError(111, SECRET_TEXT)), "connection_refused"),
-        (wrapped(ssl.SSLCertVerificationError(1, SECRET_TEXT)), "tls_error"),
-        (httpx.RemoteProtocolError(SECRET_TEXT), "connection_error"),
-    ],
-)
-async def test_a_failed_request_is_recorded_as_its_category(raised: Exception, category: str) -> None:
-    def fail(request: httpx.Request) -> httpx.Response:
-        raise raised
+async def never_answering(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await request_of(reader)
+    await reader.read()  # until the sender gives up and closes the connection
 
-    outcome = await send_with(fail)
-    assert (outcome.status_code, outcome.error) == (None, category)
+
+async def test_a_receiver_that_does_not_answer_is_a_timeout() -> None:
+    outcome = await send_with(never_answering, timeout_s=0.3)
+    assert (outcome.status_code, outcome.error) == (None, "timeout")
+
+
+async def test_a_refused_connection_is_connection_refused() -> None:
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    outcome = await send_to(port)
+    assert (outcome.status_code, outcome.error) == (None, "connection_refused")
+
+
+async def test_a_tls_handshake_that_fails_is_a_tls_error() -> None:
+    # https to a receiver that answers the handshake with plain text
+    async def plain(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1)
+        writer.write(b"HTTP/1.1 400 " + SECRET_TEXT.encode() + b"\r\n\r\n")
+        await writer.drain()
+
+    outcome = await send_with(plain, scheme="https")
+    assert (outcome.status_code, outcome.error) == (None, "tls_error")
+
+
+async def test_an_answer_that_is_not_http_is_a_connection_error() -> None:
+    outcome = await send_with(answering(SECRET_TEXT.encode() + b"\r\n\r\n"))
+    assert (outcome.status_code, outcome.error) == (None, "connection_error")
     assert SECRET_TEXT not in repr(outcome)
 
 
 async def test_a_redirect_is_not_followed() -> None:
-    seen: list[str] = []
-
-    def answer(request: httpx.Request) -> httpx.Response:
-        seen.append(str(request.url))
-        return httpx.Response(307, headers={"location": "https://10.0.0.1/internal"})
-
-    outcome = await send_with(answer)
-    assert seen == ["https://hooks.example.com/v2v"]
+    seen: list[bytes] = []
+    raw = (
+        b"HTTP/1.1 307 Temporary Redirect\r\nlocation: https://10.0.0.1/internal\r\ncontent-length: 0\r\n\r\n"
+    )
+    outcome = await send_with(answering(raw, seen))
+    await asyncio.sleep(0.05)  # (a second request, were one made, would have arrived)
+    assert seen == [b"POST /v2v HTTP/1.1"]
     assert outcome.error == "http_3xx"
 
 
-async def test_a_huge_answer_is_not_read_to_its_end() -> None:
+async def test_a_huge_answer_is_not_read_to_its_end(monkeypatch: pytest.MonkeyPatch) -> None:
     read: list[int] = []
+    readany = aiohttp.StreamReader.readany
 
-    class Endless(httpx.AsyncByteStream):
-        async def __aiter__(self) -> Any:
-            for _ in range(10_000):
-                read.append(1)
-                yield b"x" * 1024
+    async def counted(self: aiohttp.StreamReader) -> bytes:
+        chunk = await readany(self)
+        read.append(len(chunk))
+        return chunk
 
-    outcome = await send_with(lambda request: httpx.Response(200, stream=Endless()))
+    monkeypatch.setattr(aiohttp.StreamReader, "readany", counted)
+
+    async def endless(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await request_of(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % (10_000 * 1024))
+        for _ in range(10_000):
+            writer.write(b"x" * 1024)
+            await writer.drain()
+
+    outcome = await send_with(endless)
     assert outcome.status_code == 200 and outcome.error is None
-    assert len(read) < 100  # at most ~64 KiB were read
+    assert sum(read) < 200 * 1024  # at most ~64 KiB (and the chunk that went past it) were read
 
 
 # ---- SMTP -------------------------------------------------------------------------------------------
@@ -246,6 +332,25 @@ def submitted(**extra: Any) -> CloudEvent:
 def test_an_event_with_only_allowed_fields_goes_out_as_it_came() -> None:
     event = submitted()
     assert webhook_payload(event) == event.to_json()
+
+
+def test_a_coi_whose_check_character_is_a_star_is_carried() -> None:
+    # ISO 7064 MOD 37-2 makes `*` the check character of 1 COI in 37 (e.g. V2V0026000027*)
+    event = new_event(
+        OrderSubmittedV1(
+            order_id=uuid.uuid4(),
+            coi="V2V0026000027*",
+            treatment_center_id="TC-DE-BE-001",
+            product_code="TISA-CEL",
+            order_type="commercial",
+            regulator="EMA",
+            country="DE",
+            region="EU",
+            requested_apheresis_date=date(2030, 1, 15),
+        )
+    )
+    out = CloudEvent.from_json(webhook_payload(event))
+    assert out.coi == "V2V0026000027*" and out.data["coi"] == "V2V0026000027*"
 
 
 def test_fields_off_the_list_and_values_not_of_their_kind_are_left_out() -> None:
@@ -357,6 +462,8 @@ def test_a_reason_goes_out_only_as_a_reason_code(reason: str) -> None:
     [
         ("uuid", "4b377daa-a5ca-49b4-81c2-9fdb0d236a25", ["not-a-uuid", 42, None]),
         ("code", "SITE-DE-01", ["SITE DE 01", "", "x" * 65, 7]),
+        ("coi", "V2V0026000027*", ["V2V0026000027**", "V2V 0026000027*", "*", 7]),
+        ("coi", "V2V00-26-000042-K", ["V2V00 26 000042 K", "", "x" * 65]),
         ("reason", "outage:maintenance", ["Outage", "outage maintenance", "x" * 130]),
         ("date", "2030-01-15", ["15.01.2030", "2030-13-01", "2030-01-15T00:00:00Z"]),
         ("datetime", "2030-01-15T09:30:00Z", ["yesterday", "2030-01-15", "2030-01-15T09:30:00Z bed 3"]),

@@ -1,17 +1,18 @@
 """Where a webhook may go: the URL policy at subscription time (every refused form), and at connect time
 the check of every resolved address with the connection pinned to a checked one, so that DNS rebinding
-reaches no private address (no socket is opened here: the network backend under the pin records what
+reaches no private address (no socket is opened here: the socket factory under the pin records what
 it is asked to connect to)."""
 
 from __future__ import annotations
 
+import errno
 import ipaddress
+import socket
 import uuid
 from collections.abc import Sequence
 from typing import Any
 
-import httpcore
-import httpx
+import aiohttp
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -19,8 +20,7 @@ from hypothesis import strategies as st
 from notification_service.adapters.egress import (
     AddressGuard,
     BlockedAddress,
-    PinnedBackend,
-    PinnedTransport,
+    PinnedConnector,
     ResolutionFailed,
 )
 from notification_service.adapters.secret_box import DEV_KEY, SecretBox, new_signing_secret
@@ -264,20 +264,17 @@ class FakeDns:
         return answer
 
 
-class RecordingBackend(httpcore.AsyncNetworkBackend):
-    """Records every TCP connect it is asked for and refuses it (no socket is opened)."""
+class RecordingBackend:
+    """The connector's socket factory: records every TCP connect it is asked for and refuses it (no
+    socket is opened)."""
 
     def __init__(self) -> None:
         self.connects: list[tuple[str, int]] = []
 
-    async def connect_tcp(
-        self, host: str, port: int, *args: Any, **kwargs: Any
-    ) -> httpcore.AsyncNetworkStream:
+    def __call__(self, addr_info: Any) -> socket.socket:
+        host, port = addr_info[4][:2]
         self.connects.append((host, port))
-        raise httpcore.ConnectError("refused by the test backend")
-
-    async def sleep(self, seconds: float) -> None:
-        return None
+        raise OSError(errno.EHOSTUNREACH, "refused by the test backend")
 
 
 def delivery(url: str) -> WebhookDelivery:
@@ -299,9 +296,7 @@ def delivery(url: str) -> WebhookDelivery:
 
 def sender(dns: FakeDns, backend: RecordingBackend, policy: UrlPolicy = STRICT) -> WebhookSender:
     guard = AddressGuard(policy, dns)
-    limits = httpx.Limits(max_connections=4, max_keepalive_connections=4)
-    transport = PinnedTransport(guard, limits=limits, inner=backend)
-    return WebhookSender(2.0, BOX, policy, transport=transport)
+    return WebhookSender(2.0, BOX, policy, guard=guard, socket_factory=backend)
 
 
 async def test_the_connection_goes_to_the_checked_address_not_to_the_name() -> None:
@@ -403,6 +398,25 @@ async def test_the_guard_checks_literal_addresses_without_resolving() -> None:
 
 
 async def test_a_unix_socket_is_never_connected() -> None:
-    backend = PinnedBackend(AddressGuard(DEV, FakeDns(["127.0.0.1"])), RecordingBackend())
+    # the sender's connector is a TCP connector (pinned), never a unix-socket one, and no proxy from the
+    # environment stands between
+    hooks = WebhookSender(2.0, BOX, DEV, guard=AddressGuard(DEV, FakeDns(["127.0.0.1"])))
+    session = hooks.session
+    assert isinstance(session.connector, PinnedConnector)
+    assert not isinstance(session.connector, aiohttp.UnixConnector)
+    assert session.trust_env is False
+    await hooks.aclose()
+
+
+async def test_a_literal_address_is_checked_by_the_connector_too() -> None:
+    # below the URL policy's check: the connector asks the guard for every host, literals included
+    dns, backend = FakeDns([PUBLIC_V4]), RecordingBackend()
+    hooks = sender(dns, backend)
+    await hooks.send(delivery(f"https://{PUBLIC_V4}/hook"))
+    connector = hooks.session.connector
+    assert isinstance(connector, PinnedConnector)
     with pytest.raises(BlockedAddress):
-        await backend.connect_unix_socket("/var/run/docker.sock")
+        await connector._resolve_host("10.0.0.1", 443)
+    await hooks.aclose()
+    assert backend.connects == [(PUBLIC_V4, 443)]
+    assert dns.asked == []

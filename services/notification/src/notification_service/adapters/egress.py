@@ -6,7 +6,7 @@ time. So a name that resolves to a public address when a subscription is made an
 (DNS rebinding), or to both at once, reaches no private address: the connection is refused before any
 byte is sent (`BlockedAddress`).
 
-The pinning sits in the network backend of httpx's connection pool (`PinnedBackend`): the URL, the `Host`
+The pinning sits in the resolution step of aiohttp's connector (`PinnedConnector`): the URL, the `Host`
 header, TLS SNI and certificate verification all keep the name; only the TCP connect goes to the
 checked address. Kept-alive connections are reused only for the same scheme, host and port, so they too
 go to a checked address.
@@ -20,8 +20,8 @@ import ssl
 import typing
 from collections.abc import Awaitable, Callable, Sequence
 
-import httpcore
-import httpx
+import aiohttp
+from aiohttp.abc import ResolveResult
 
 from notification_service.domain.urls import UrlPolicy, address_problem, host_problem, parse_address
 
@@ -78,69 +78,49 @@ class AddressGuard:
         return found
 
 
-class PinnedBackend(httpcore.AsyncNetworkBackend):
-    """httpcore's network backend, connecting only to addresses the guard checked."""
+class PinnedConnector(aiohttp.TCPConnector):
+    """aiohttp's TCP connector (its keep-alive pool), connecting only to addresses the guard checked.
 
-    def __init__(self, guard: AddressGuard, inner: httpcore.AsyncNetworkBackend | None = None) -> None:
-        self.guard = guard
-        self.inner = inner or httpcore.AnyIOBackend()
+    Every host a new connection is made for, an IP literal too, goes through the guard (no DNS cache:
+    each new connection resolves again); the checked addresses are tried one after another in the
+    resolver's order (no happy eyeballs racing). No proxies (the session does not trust the
+    environment), no unix sockets (a TCP connector only).
 
-    async def connect_tcp(
-        self,
-        host: str,
-        port: int,
-        timeout: float | None = None,
-        local_address: str | None = None,
-        socket_options: typing.Iterable[httpcore.SOCKET_OPTION] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
-        try:
-            async with asyncio.timeout(timeout):
-                addresses = await self.guard.addresses(host, port)
-        except TimeoutError:
-            raise httpcore.ConnectTimeout("resolving the host timed out") from None
-        options = list(socket_options or ())
-        last: Exception | None = None
-        for address in addresses:
-            try:
-                return await self.inner.connect_tcp(
-                    address, port, timeout=timeout, local_address=local_address, socket_options=options
-                )
-            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
-                last = exc
-        assert last is not None
-        raise last
-
-    async def connect_unix_socket(
-        self,
-        path: str,
-        timeout: float | None = None,
-        socket_options: typing.Iterable[httpcore.SOCKET_OPTION] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
-        raise BlockedAddress("unix socket")
-
-    async def sleep(self, seconds: float) -> None:
-        await self.inner.sleep(seconds)
-
-
-class PinnedTransport(httpx.AsyncHTTPTransport):
-    """httpx's transport whose connection pool connects through a `PinnedBackend` (no proxies: a proxy
-    would resolve the name itself)."""
+    The hook is `_resolve_host`, the one method aiohttp asks for the addresses of every host, literal
+    or not (aiohttp is pinned in uv.lock; the tests of `test_notification_url_policy` cover it)."""
 
     def __init__(
         self,
         guard: AddressGuard,
         *,
-        limits: httpx.Limits,
-        verify: ssl.SSLContext | bool = True,
-        inner: httpcore.AsyncNetworkBackend | None = None,
+        limit: int,
+        keepalive_timeout: float,
+        ssl_context: ssl.SSLContext,
+        socket_factory: Callable[[typing.Any], socket.socket] | None = None,
     ) -> None:
-        super().__init__(verify=verify, trust_env=False, limits=limits)
-        self._pool = httpcore.AsyncConnectionPool(
-            ssl_context=httpx.create_ssl_context(verify=verify, trust_env=False),
-            max_connections=limits.max_connections,
-            max_keepalive_connections=limits.max_keepalive_connections,
-            keepalive_expiry=limits.keepalive_expiry,
-            http1=True,
-            http2=False,
-            network_backend=PinnedBackend(guard, inner),
+        super().__init__(
+            limit=limit,
+            limit_per_host=0,
+            keepalive_timeout=keepalive_timeout,
+            use_dns_cache=False,
+            ssl=ssl_context,
+            happy_eyeballs_delay=None,
+            socket_factory=socket_factory,
         )
+        self.guard = guard
+
+    async def _resolve_host(
+        self, host: str, port: int, traces: Sequence[typing.Any] | None = None
+    ) -> list[ResolveResult]:
+        addresses = await self.guard.addresses(host, port)
+        return [
+            {
+                "hostname": host,
+                "host": address,
+                "port": port,
+                "family": socket.AF_INET6 if ":" in address else socket.AF_INET,
+                "proto": 0,
+                "flags": socket.AI_NUMERICHOST,
+            }
+            for address in addresses
+        ]

@@ -480,6 +480,9 @@ class MemoryWebhookQueue(_MemoryQueue[WebhookDelivery], WebhookQueue):
     async def save_endpoints(self, health: Mapping[uuid.UUID, EndpointHealth]) -> None:
         self.store.endpoints.update(health)
 
+    async def subscriptions_of(self, delivery_ids: Sequence[uuid.UUID]) -> list[uuid.UUID]:
+        return [self.store.rows[i].target_id for i in delivery_ids]
+
     async def enqueue(self, subscription_ids: Sequence[uuid.UUID], event: EventRef, payload: bytes) -> None:
         self._enqueue(subscription_ids, event, {"payload": payload})
 

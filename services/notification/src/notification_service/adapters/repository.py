@@ -425,6 +425,23 @@ class WebhookQueue(DeliveryQueue[WebhookDelivery]):
     @abc.abstractmethod
     async def save_endpoints(self, health: Mapping[uuid.UUID, EndpointHealth]) -> None: ...
 
+    async def record_locking_endpoints(
+        self, attempts: Sequence[Attempt]
+    ) -> tuple[set[uuid.UUID], dict[uuid.UUID, EndpointHealth], datetime | None]:
+        """`record(attempts)` and then `endpoints_for_update` of the deliveries recorded: the lease tokens
+        recorded, their endpoints' breakers (locked until the transaction ends) and the database's time
+        (None when nothing was recorded). The subscriptions are the deliveries' own."""
+        accepted = await self.record(attempts)
+        ids = await self.subscriptions_of([a.delivery_id for a in attempts if a.lease_token in accepted])
+        if not ids:
+            return accepted, {}, None
+        health, now = await self.endpoints_for_update(ids)
+        return accepted, health, now
+
+    async def subscriptions_of(self, delivery_ids: Sequence[uuid.UUID]) -> list[uuid.UUID]:
+        """The subscriptions the deliveries go to (only used by the default `record_locking_endpoints`)."""
+        raise NotImplementedError
+
 
 class EmailQueue(DeliveryQueue[EmailDelivery]):
     @abc.abstractmethod
@@ -485,7 +502,13 @@ class _PgQueue(DeliveryQueue[D]):
         # take its verdict, and only their attempts are inserted
         if not attempts:
             return set()
-        rows = await self.conn.fetch(
+        rows = await self._record(attempts, "SELECT lease_token FROM done")
+        return {r["lease_token"] for r in rows}
+
+    async def _record(self, attempts: Sequence[Attempt], then: str) -> list[asyncpg.Record]:
+        """The recording statement (CTEs `a`: the attempts, `done`: those recorded, with the delivery's
+        target) followed by the query `then`."""
+        return await self.conn.fetch(
             f"""WITH a AS (
                     SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::int[], $4::int[], $5::text[], $6::int[],
                                          $7::text[], $8::float8[])
@@ -502,11 +525,11 @@ class _PgQueue(DeliveryQueue[D]):
                     FROM a
                     WHERE d.delivery_id = a.delivery_id AND d.lease_token = a.lease_token
                       AND d.status = 'pending'
-                    RETURNING a.*),
+                    RETURNING a.*, d.{self.target_key} AS target),
                 ins AS (
                     INSERT INTO {self.attempts_table} (delivery_id, attempt, status_code, error, duration_ms)
                     SELECT delivery_id, attempt, status_code, error, duration_ms FROM done)
-                SELECT lease_token FROM done""",
+                {then}""",
             [a.delivery_id for a in attempts],
             [a.lease_token for a in attempts],
             [a.attempt for a in attempts],
@@ -516,7 +539,6 @@ class _PgQueue(DeliveryQueue[D]):
             [a.verdict.label for a in attempts],
             [a.verdict.retry_in_s or 0.0 for a in attempts],
         )
-        return {r["lease_token"] for r in rows}
 
 
 def _ref(row: asyncpg.Record) -> dict[str, Any]:
@@ -616,6 +638,22 @@ SELECT extract(epoch FROM min(w.at) - now())::float8 FROM (
     WHERE e.state <> 'open' OR {_room("$1::int")} > 0) w"""
 
 
+# after recording (`_PgQueue._record`): the lease tokens recorded, and the breakers of their endpoints,
+# locked until the transaction ends (sorted first, locked in that order), each row with the database's time
+_RECORDED_AND_ENDPOINTS = """,
+ep AS (
+    SELECT e.* FROM webhook_endpoints e WHERE e.subscription_id IN (SELECT target FROM done)
+    ORDER BY e.subscription_id FOR UPDATE)
+SELECT done.lease_token, NULL::uuid AS subscription_id, NULL::text AS state,
+       NULL::int AS consecutive_failures, NULL::int AS parks, NULL::timestamptz AS parked_until,
+       NULL::uuid AS probe_delivery_id, now() AS now
+FROM done
+UNION ALL
+SELECT NULL::uuid, ep.subscription_id, ep.state, ep.consecutive_failures, ep.parks, ep.parked_until,
+       ep.probe_delivery_id, now()
+FROM ep"""
+
+
 class PgWebhookQueue(_PgQueue[WebhookDelivery], WebhookQueue):
     channel = WEBHOOK_CHANNEL
     table = "deliveries"
@@ -662,6 +700,18 @@ class PgWebhookQueue(_PgQueue[WebhookDelivery], WebhookQueue):
         )
         now = rows[0]["now"] if rows else await self.conn.fetchval("SELECT now()")
         return {r["subscription_id"]: _health(r) for r in rows}, now
+
+    async def record_locking_endpoints(
+        self, attempts: Sequence[Attempt]
+    ) -> tuple[set[uuid.UUID], dict[uuid.UUID, EndpointHealth], datetime | None]:
+        # one statement (one round trip) instead of two: the attempts recorded, then their endpoints'
+        # rows locked in one order (as endpoints_for_update: two recorders never deadlock)
+        if not attempts:
+            return set(), {}, None
+        rows = await self._record(attempts, _RECORDED_AND_ENDPOINTS)
+        accepted = {r["lease_token"] for r in rows if r["lease_token"] is not None}
+        health = {r["subscription_id"]: _health(r) for r in rows if r["subscription_id"] is not None}
+        return accepted, health, (rows[0]["now"] if rows else None)
 
     async def save_endpoints(self, health: Mapping[uuid.UUID, EndpointHealth]) -> None:
         if not health:

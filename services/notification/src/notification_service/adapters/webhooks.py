@@ -13,19 +13,21 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import socket
 import ssl
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
+from typing import Any
 
-import httpcore
+import aiohttp
 import httpx
 from standardwebhooks.webhooks import Webhook
 
 from notification_service.adapters.egress import (
     AddressGuard,
     BlockedAddress,
-    PinnedTransport,
+    PinnedConnector,
     ResolutionFailed,
 )
 from notification_service.adapters.secret_box import SecretBox, SecretUnreadable
@@ -36,8 +38,9 @@ from v2v_contracts.errors import Invalid
 
 # httpcore asks `import sniffio` several times per request (`current_async_library`); sniffio is not
 # installed here, and a failed import is not cached, so every request searched sys.path again (seen in the
-# profile of issue 12). A None entry is Python's own "known to be absent" marker: the same ImportError,
-# raised at once. Nothing changes when sniffio is installed.
+# profile of issue 12; webhooks go through aiohttp now, the service's other httpx clients still ask). A
+# None entry is Python's own "known to be absent" marker: the same ImportError, raised at once. Nothing
+# changes when sniffio is installed.
 if "sniffio" not in sys.modules and importlib.util.find_spec("sniffio") is None:
     sys.modules["sniffio"] = None  # type: ignore[assignment]
 
@@ -45,6 +48,7 @@ if "sniffio" not in sys.modules and importlib.util.find_spec("sniffio") is None:
 # (DeliveryPolicy.batch): an attempt never waits for a connection (a wait that ran out would count as
 # the endpoint's timeout)
 MAX_CONNECTIONS = 64
+KEEPALIVE_S = 30.0  # an idle connection is closed after this
 MAX_RESPONSE_BYTES = 64 * 1024  # of an answer's body, read so that the connection can be reused
 
 
@@ -78,7 +82,7 @@ def failure_of(exc: BaseException) -> str:
         return "blocked_address"
     if any(isinstance(e, ResolutionFailed) for e in chain):
         return "dns_error"
-    if any(isinstance(e, httpx.TimeoutException | httpcore.TimeoutException | TimeoutError) for e in chain):
+    if any(isinstance(e, TimeoutError) for e in chain):  # aiohttp's timeouts are TimeoutErrors
         return "timeout"
     if any(isinstance(e, ssl.SSLError | ssl.CertificateError) for e in chain):
         return "tls_error"
@@ -99,20 +103,27 @@ def failure_of_status(status: int) -> str | None:
     return "http_other"
 
 
-async def _drain(resp: httpx.Response) -> None:
+async def _drain(resp: aiohttp.ClientResponse) -> None:
     """Read (and drop) at most MAX_RESPONSE_BYTES of the answer, undecoded: a small answer read to its
-    end leaves the connection reusable; a large one is cut off."""
-    if resp.is_stream_consumed:
-        return
+    end leaves the connection reusable; a large one is cut off (its connection is closed, not reused)."""
     read = 0
-    async for chunk in resp.aiter_raw():
+    content = resp.content
+    while not content.at_eof():
+        chunk = await content.readany()
+        if not chunk:
+            return
         read += len(chunk)
         if read > MAX_RESPONSE_BYTES:
-            break
+            return
 
 
 class WebhookSender:
-    """Posts a delivery's payload to its subscription's URL; one attempt, never raises for a failure."""
+    """Posts a delivery's payload to its subscription's URL; one attempt, never raises for a failure.
+
+    The HTTP client is aiohttp (a keep-alive pool of MAX_CONNECTIONS): per request several times cheaper
+    in CPU than httpx was (`bench/webhook_sender_cpu.py`). Each attempt: connect, read and the pool wait
+    bounded by `timeout_s` each, the whole attempt by twice that; redirects not followed; no cookies,
+    no proxies from the environment; the answer's body read undecoded, at most MAX_RESPONSE_BYTES."""
 
     def __init__(
         self,
@@ -122,22 +133,41 @@ class WebhookSender:
         *,
         guard: AddressGuard | None = None,
         verify: ssl.SSLContext | bool = True,
-        transport: httpx.AsyncBaseTransport | None = None,
+        socket_factory: Callable[[Any], socket.socket] | None = None,
     ) -> None:
         self.box = box
         self.policy = policy
         self.timeout_s = timeout_s
-        limits = httpx.Limits(
-            max_connections=MAX_CONNECTIONS, max_keepalive_connections=MAX_CONNECTIONS, keepalive_expiry=30.0
+        self.guard = guard or AddressGuard(policy)
+        # TLS as before: httpx's context (certifi's CA bundle; or the given context; or no verification)
+        self.ssl_context = httpx.create_ssl_context(verify=verify, trust_env=False)
+        self.socket_factory = socket_factory  # tests: what a connection is asked to connect to
+        self.timeout = aiohttp.ClientTimeout(
+            total=None, connect=timeout_s, sock_connect=timeout_s, sock_read=timeout_s
         )
-        # one client for the dispatcher's lifetime: connections are kept alive and reused
-        self.client = httpx.AsyncClient(
-            timeout=timeout_s,
-            follow_redirects=False,
-            trust_env=False,
-            transport=transport
-            or PinnedTransport(guard or AddressGuard(policy), limits=limits, verify=verify),
-        )
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        """One session for the dispatcher's lifetime (made in its event loop, at the first attempt):
+        connections are kept alive and reused."""
+        if self._session is None:
+            connector = PinnedConnector(
+                self.guard,
+                limit=MAX_CONNECTIONS,
+                keepalive_timeout=KEEPALIVE_S,
+                ssl_context=self.ssl_context,
+                socket_factory=self.socket_factory,
+            )
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                timeout=self.timeout,
+                trust_env=False,
+                auto_decompress=False,
+                cookie_jar=aiohttp.DummyCookieJar(),
+                raise_for_status=False,
+            )
+        return self._session
 
     def secrets(self, delivery: WebhookDelivery) -> list[str] | None:
         """The delivery's signing secrets, opened; None when one does not open (or is malformed)."""
@@ -164,15 +194,19 @@ class WebhookSender:
         try:
             # the whole attempt is bounded, not only each read: a receiver trickling bytes holds no lane
             async with asyncio.timeout(self.timeout_s * 2):
-                async with self.client.stream("POST", delivery.url, content=body, headers=headers) as resp:
-                    status = resp.status_code
+                async with self.session.post(
+                    delivery.url, data=delivery.payload, headers=headers, allow_redirects=False
+                ) as resp:
+                    status = resp.status
                     await _drain(resp)
-        except (httpx.HTTPError, httpcore.NetworkError, BlockedAddress, ResolutionFailed, OSError) as exc:
-            # (TimeoutError, the whole attempt's bound, is an OSError)
+        except (aiohttp.ClientError, BlockedAddress, ResolutionFailed, OSError, ValueError) as exc:
+            # (TimeoutError, the whole attempt's bound and aiohttp's timeouts, is an OSError; a URL that
+            # aiohttp refuses is a ValueError)
             category = failure_of(exc)
             return Outcome(None, category, permanent=category == "blocked_address")
         failure = failure_of_status(status)
         return Outcome(status, failure)
 
     async def aclose(self) -> None:
-        await self.client.aclose()
+        if self._session is not None:
+            await self._session.close()

@@ -99,7 +99,7 @@ def render(event: CloudEvent) -> Rendered:
     """The alert for an exception event. Raises ValueError when the event names no valid order id."""
     order_id = uuid.UUID(str(event.data.get("order_id")))
     coi_value = event.coi or event.data.get("coi")
-    coi = _clean(coi_value) if conforms("isbt", coi_value) else None
+    coi = _clean(coi_value) if conforms("coi", coi_value) else None
     coi = coi or "(none)"
     details = [
         (key, text)

@@ -21,9 +21,9 @@ from v2v_contracts import CloudEvent
 from v2v_contracts.coi import is_valid_coi
 from v2v_contracts.fields import CODE_PATTERN, REASON_CODE_PATTERN
 
-# "isbt": a chain-of-identity id or a DIN: a code, or an ISBT 128-shaped id whose check character is `*`
+# "coi": a chain-of-identity id or a DIN: a code, or an ISBT 128-shaped id whose check character is `*`
 # (one sequence number in 37; "code" alone refused it, and the webhook lost the order's COI)
-Kind = Literal["uuid", "code", "isbt", "reason", "date", "datetime", "number", "int", "bool", "range"]
+Kind = Literal["uuid", "code", "coi", "reason", "date", "datetime", "number", "int", "bool", "range"]
 
 _CODE = re.compile(CODE_PATTERN)
 _REASON = re.compile(REASON_CODE_PATTERN)
@@ -32,7 +32,7 @@ _DATETIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9:.]{5,18}(?:Z|[+-][0-9]{
 MAX_NUMBER = 1e9
 
 # fields every order event carries: opaque references only
-COMMON: dict[str, Kind] = {"order_id": "uuid", "coi": "isbt", "treatment_center_id": "code"}
+COMMON: dict[str, Kind] = {"order_id": "uuid", "coi": "coi", "treatment_center_id": "code"}
 
 # per event type, the data fields a webhook may carry besides COMMON. Left out on purpose: free text
 # (`detail`), and a courier's references (`location`, `handled_by`, `received_from`).
@@ -59,7 +59,7 @@ WEBHOOK_FIELDS: dict[str, dict[str, Kind]] = {
         "exclude_site_id": "code",
     },
     "order.remanufacture_requested.v1": {"site_id": "code", "reason": "reason", "run": "int"},
-    "order.apheresis_completed.v1": {"collected_at": "datetime", "din": "isbt", "collection": "int"},
+    "order.apheresis_completed.v1": {"collected_at": "datetime", "din": "coi", "collection": "int"},
     "order.product_received.v1": {"received_at": "datetime"},
     "order.lymphodepletion_started.v1": {"started_at": "datetime"},
     "order.completed.v1": {"infused_at": "datetime"},
@@ -127,7 +127,7 @@ WEBHOOK_FIELDS: dict[str, dict[str, Kind]] = {
         "run": "int",
         "state": "code",
     },
-    "site.material_received.v1": {"site_id": "code", "received_at": "datetime", "lot": "code", "din": "isbt"},
+    "site.material_received.v1": {"site_id": "code", "received_at": "datetime", "lot": "code", "din": "coi"},
     "site.material_rejected.v1": {"site_id": "code", "reason": "reason"},
     "site.manufacturing_step_completed.v1": {
         "site_id": "code",
@@ -234,7 +234,7 @@ def conforms(kind: Kind, value: Any) -> bool:
         return len(value) <= 36 and _parses(uuid.UUID, value)
     if kind == "code":
         return bool(_CODE.fullmatch(value))
-    if kind == "isbt":
+    if kind == "coi":
         return bool(_CODE.fullmatch(value)) or is_valid_coi(value)
     if kind == "reason":
         return len(value) <= 120 and bool(_REASON.fullmatch(value))
@@ -259,7 +259,7 @@ def webhook_payload(event: CloudEvent) -> bytes:
     """The CloudEvent a webhook carries: the envelope's attributes (no extensions but `coi`) and the
     allow-listed data fields. An event whose every field is allowed comes out byte for byte as it was."""
     subject = event.subject if event.subject is not None and conforms("uuid", event.subject) else None
-    coi = event.coi if event.coi is not None and conforms("isbt", event.coi) else None
+    coi = event.coi if event.coi is not None and conforms("coi", event.coi) else None
     return CloudEvent(
         id=event.id,
         source=event.source,

@@ -31,7 +31,7 @@ import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import ClassVar, Generic, Protocol, TypeVar
 
 from opentelemetry import context as otel_context
@@ -165,6 +165,7 @@ class Dispatcher(abc.ABC, Generic[D]):
         self._finished: list[_Attempted[D]] = []  # attempted, not recorded yet
         self._progress = asyncio.Event()  # set when an attempt finishes
         self._filled = False  # the last pass leased all it had room for: more may be due
+        self._due_at: float | None = None  # (monotonic) the next due moment, as last looked up
 
     # ---- what a channel provides ---------------------------------------------------------------
 
@@ -186,6 +187,10 @@ class Dispatcher(abc.ABC, Generic[D]):
 
     async def on_dead_lettered(self, tx: NotificationTx, delivery: D, attempt: int, outcome: Outcome) -> None:
         """Called in the transaction that marks the delivery failed."""
+
+    async def _record_attempts(self, tx: NotificationTx, attempts: list[Attempt]) -> set[uuid.UUID]:
+        """Record the attempts (their verdicts, where the lease is still theirs); the tokens recorded."""
+        return await self.queue(tx).record(attempts)
 
     async def after_recorded(self, tx: NotificationTx, recorded: list[_Attempted[D]]) -> None:
         """Called in the transaction that recorded `recorded` (in the order they finished)."""
@@ -211,12 +216,13 @@ class Dispatcher(abc.ABC, Generic[D]):
         hb = heartbeat or Heartbeat(f"{self.kind}_dispatcher")
         while True:
             wake.clear()
+            recorded = bool(self._finished)  # what this pump records
             await self.pump()
             hb.beat()
             if wake.is_set() or (self._filled and self.room > 0):
                 continue  # queued meanwhile, or more due than there was room for
             if not self._finished:
-                timeout = await self.until_next_due() if self.room > 0 else IDLE_WAIT_S
+                timeout = await self._wait_for_due(recorded) if self.room > 0 else IDLE_WAIT_S
                 if not (wake.is_set() or self._finished):
                     await _first_of(wake, self._progress, timeout)
             if self._leased:  # attempts to record: a moment for more to finish (or be queued), one pass
@@ -226,18 +232,24 @@ class Dispatcher(abc.ABC, Generic[D]):
         """One transaction: record the attempts that finished; lease due deliveries for the room there is
         and start attempting them. Returns how many were leased. When it fails, nothing was recorded:
         the attempts are kept for the next pump (a commit that failed after all changes nothing then: the
-        leases are no longer theirs)."""
+        leases are no longer theirs).
+
+        With nothing to record, the lease is its one statement, atomic on its own: it runs without an
+        explicit transaction (no BEGIN and COMMIT round trips for it)."""
         finished, self._finished = self._finished, []
         self._progress.clear()
+        due: list[D] = []
         try:
             with suppress_instrumentation():  # bookkeeping; each attempt has its delivery span
-                async with self.uow.begin() as tx:
-                    await self._record(tx, finished)
-                    room = self.room + len(finished)
-                    due: list[D] = []
-                    if lease_more and room > 0:
-                        due = await self.queue(tx).claim_due(room, self.lease, per_target=self.per_target)
-                    self._filled = lease_more and room > 0 and len(due) == room
+                if finished:
+                    async with self.uow.begin() as tx:
+                        await self._record(tx, finished)
+                        due = await self._claim(tx, self.room + len(finished), lease_more)
+                elif lease_more and self.room > 0:
+                    async with self.uow.read() as tx:
+                        due = await self._claim(tx, self.room, lease_more)
+                else:
+                    self._filled = False
         except BaseException:
             self._finished[:0] = finished
             raise
@@ -247,6 +259,14 @@ class Dispatcher(abc.ABC, Generic[D]):
         for d in due:
             self._start(d)
         return len(due)
+
+    async def _claim(self, tx: NotificationTx, room: int, lease_more: bool) -> list[D]:
+        """Lease up to `room` due deliveries (none unless `lease_more`)."""
+        due: list[D] = []
+        if lease_more and room > 0:
+            due = await self.queue(tx).claim_due(room, self.lease, per_target=self.per_target)
+        self._filled = lease_more and room > 0 and len(due) == room
+        return due
 
     async def dispatch_due(self) -> int:
         """Lease the due deliveries, attempt each once, record the outcomes; returns how many were leased.
@@ -278,6 +298,19 @@ class Dispatcher(abc.ABC, Generic[D]):
             for task in list(self._tasks):
                 task.cancel()
             await self.aclose()
+
+    async def _wait_for_due(self, recorded: bool) -> float:
+        """Seconds to sleep at most (`until_next_due`). Its look is spared while attempts are in flight
+        (each one's end wakes the loop, and the pass that records it looks again) and the last pass
+        recorded nothing: that pass only leased, which brings no delivery's due moment nearer, so the
+        moment last seen still holds (new deliveries wake the loop; another replica's recordings are
+        seen within IDLE_WAIT_S, as when idle)."""
+        now = time.monotonic()
+        if self._leased and not recorded and self._due_at is not None and self._due_at > now:
+            return max(0.05, min(IDLE_WAIT_S, self._due_at - now))
+        wait = await self.until_next_due()
+        self._due_at = now + wait
+        return wait
 
     async def until_next_due(self) -> float:
         """Seconds to sleep: until the next delivery may be leased, within 0.05 .. IDLE_WAIT_S."""
@@ -387,7 +420,7 @@ class Dispatcher(abc.ABC, Generic[D]):
         """The attempts whose leases are still theirs, and their verdicts (one statement, one now())."""
         if not done:
             return
-        accepted = await self.queue(tx).record([a.attempt for a in done])
+        accepted = await self._record_attempts(tx, [a.attempt for a in done])
         recorded = [a for a in done if a.attempt.lease_token in accepted]
         superseded = len(done) - len(recorded)
         self.stats.recorded += len(recorded)
@@ -456,6 +489,8 @@ class WebhookDispatcher(Dispatcher[WebhookDelivery]):
     ) -> None:
         self.breaker = breaker or BreakerPolicy()
         super().__init__(uow, sender, policy, per_target=self.breaker.per_endpoint, lease=lease)
+        # the breakers of the endpoints just recorded, locked by the recording statement (for after_recorded)
+        self._locked: tuple[dict[uuid.UUID, EndpointHealth], datetime] | None = None
 
     def queue(self, tx: NotificationTx) -> DeliveryQueue[WebhookDelivery]:
         return tx.webhooks
@@ -484,8 +519,17 @@ class WebhookDispatcher(Dispatcher[WebhookDelivery]):
             )
         )
 
+    async def _record_attempts(self, tx: NotificationTx, attempts: list[Attempt]) -> set[uuid.UUID]:
+        # one round trip: the attempts recorded and their endpoints' breakers locked
+        self._locked = None
+        accepted, health, now = await tx.webhooks.record_locking_endpoints(attempts)
+        if now is not None:
+            self._locked = (health, now)
+        return accepted
+
     async def after_recorded(self, tx: NotificationTx, recorded: list[_Attempted[WebhookDelivery]]) -> None:
         """Each endpoint's breaker after its recorded attempts."""
+        locked, self._locked = self._locked, None
         results: dict[uuid.UUID, list[tuple[uuid.UUID, Outcome]]] = {}
         for a in recorded:
             results.setdefault(a.delivery.subscription_id, []).append(
@@ -493,7 +537,8 @@ class WebhookDispatcher(Dispatcher[WebhookDelivery]):
             )
         if not results:
             return
-        health, now = await tx.webhooks.endpoints_for_update(list(results))
+        # (locked by the recording statement; else, as a fallback, locked now)
+        health, now = locked if locked is not None else await tx.webhooks.endpoints_for_update(list(results))
         changed: dict[uuid.UUID, EndpointHealth] = {}
         for subscription_id, attempts in results.items():
             before = health.get(subscription_id, EndpointHealth())

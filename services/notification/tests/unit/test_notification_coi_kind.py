@@ -19,10 +19,10 @@ STAR = make_coi("V2V00", 2026, 19)
 
 def test_the_star_check_character_is_a_valid_coi() -> None:
     assert STAR.endswith("*")
-    assert conforms("isbt", STAR)
-    assert conforms("isbt", make_coi("V2V00", 2026, 20))
+    assert conforms("coi", STAR)
+    assert conforms("coi", make_coi("V2V00", 2026, 20))
     for bad in (STAR[:-2] + "0*", STAR + "*", "V2V0026000019*\n", "<script>", "A*B"):
-        assert not conforms("isbt", bad), bad
+        assert not conforms("coi", bad), bad
 
 
 @pytest.mark.parametrize("coi", [STAR, make_coi("V2V00", 2026, 20)])
