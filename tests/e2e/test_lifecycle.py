@@ -649,9 +649,7 @@ async def test_an_outage_at_the_site_holding_the_material_is_reported_and_the_ru
     assert (order["status"], order["site_id"]) == ("material_received", site)
 
     def affected_hooks() -> list[dict[str, Any]]:
-        return [
-            r.json() for r in webhook_receiver.on(path) if r.json()["type"] == "site.booking_affected.v1"
-        ]
+        return [r.json() for r in webhook_receiver.on(path) if r.json()["type"] == "site.booking_affected.v1"]
 
     # the order service and the webhook dispatcher consume the event independently: either may be first
     await eventually(affected_hooks, timeout=15, what="the centre's webhook about the outage")
