@@ -401,7 +401,15 @@ class Dispatcher(abc.ABC, Generic[D]):
         """Metrics and log lines of one attempt (in the delivery's span and order context)."""
         self.outcomes.add(1, {"event_type": delivery.event_type, "outcome": verdict.label})
         self.duration.record(elapsed_ms / 1000, {"outcome": "ok" if outcome.ok else "error"})
-        if verdict.label == "failed":
+        if verdict.label == "delivered":  # the line an SRE greps for, in the order's trace and context
+            log.info(
+                f"{self.kind} delivered",
+                delivery_id=str(delivery.delivery_id),
+                attempt=attempt,
+                status_code=outcome.status_code,
+                elapsed_ms=elapsed_ms,
+            )
+        elif verdict.label == "failed":
             log.warning(
                 f"{self.kind} dead-lettered",
                 delivery_id=str(delivery.delivery_id),
