@@ -41,7 +41,8 @@ def plot_latency(result: dict[str, Any], path: Path) -> Path:
 
     steps = (result.get("platform") or {}).get("steps") or []
     raw_steps = ((result.get("raw") or {}).get("chain") or {}).get("steps") or []
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    overload = (result.get("platform") or {}).get("overload")
+    fig, axes = plt.subplots(1, 3 if overload else 2, figsize=(19 if overload else 13, 5))
     ax = axes[0]
     if steps:
         rates = [s["rate"] for s in steps]
@@ -87,11 +88,34 @@ def plot_latency(result: dict[str, Any], path: Path) -> Path:
     ax.set_title("Raw chain on asyncpg + aiokafka")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
+    if overload:
+        _plot_overload(axes[2], overload)
     fig.suptitle(f"vein2vein bench {result.get('label', '')} - {result.get('started_at', '')}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _plot_overload(ax: Any, o: dict[str, Any]) -> None:
+    """Probe chain latency per window after the overload, against the base p99."""
+    series = o.get("probe_series") or []
+    t = [float(w["t_s"]) + float(o.get("recovery_window_s") or 0) / 2 for w in series]
+    for key, style in (("p50_ms", "-o"), ("p99_ms", "-^")):
+        values = [float(w[key]) if w.get(key) is not None else float("nan") for w in series]
+        ax.plot(t, values, style, markersize=3, label=f"probe chain {key.removesuffix('_ms')}")
+    ax.axvspan(-float(o["seconds"]), 0, color="orange", alpha=0.2, label=f"overload {fmt_rate(o['rate'])}/s")
+    base = (o.get("base_chain_ms") or {}).get("p99")
+    if base:
+        ax.axhline(base, color="green", linewidth=1, linestyle="--", label="base p99 (knee)")
+    if o.get("recovery_s") is not None:
+        ax.axvline(o["recovery_s"], color="green", linewidth=1, label="back at base")
+    ax.set_yscale("log")
+    ax.set_xlabel("seconds after the overload")
+    ax.set_ylabel("latency (ms)")
+    ax.set_title(f"Recovery: probes at {fmt_rate(o['probe_rate'])}/s")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
 
 
 def plot_cpu(result: dict[str, Any], path: Path) -> Path:
@@ -398,8 +422,9 @@ Reproduce: `make bench` (a few minutes on 2 cores), or with options
 `--raw-seconds`, `--skip-raw`, `--skip-platform`, `--durable`, `--label`, `--note`, `--out`, `--docs`,
 `--no-docs`, `--keep-state`; `--smoke` is a tiny run that proves the path (it never writes this file).
 Each run writes `.v2v/bench/bench-<timestamp>.json` and `latest.json`, and the plots
-`bench-<timestamp>-latency.png` (latency percentiles vs rate) and `bench-<timestamp>-cpu.png` (CPU per
-order per process); this file keeps one section per `--label`, replaced when the same label runs again.
+`bench-<timestamp>-latency.png` (latency percentiles vs rate; with the overload, the probes' latency
+after it) and `bench-<timestamp>-cpu.png` (CPU per order per process); this file keeps one section per
+`--label`, replaced when the same label runs again.
 
 Caveats: everything shares one machine (the generator and receiver too, shown as `bench`); "spans per
 order" counts every span line the services wrote during the rate step and its settle time; CPU of a
