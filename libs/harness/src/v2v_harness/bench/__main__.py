@@ -18,7 +18,11 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
         prog="python -m v2v_harness.bench",
         description="Open-model load generator and measurement tool for the vein2vein platform.",
     )
-    p.add_argument("--smoke", action="store_true", help="a tiny run (2 and 4 orders/s, raw limits ~1 s each)")
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a tiny run (2 and 4 orders/s, a 3 s overload, raw limits ~1 s each)",
+    )
     p.add_argument(
         "--rates", type=parse_rates, help="orders per second, comma-separated (2,5,10,25,50,100,150,200)"
     )
