@@ -45,7 +45,7 @@ def _bytes(path: Path) -> bytes | None:
     return path.read_bytes() if path.exists() else None
 
 
-@pytest.mark.timeout(240)  # a hang guard, not a performance bound
+@pytest.mark.timeout(300)  # a hang guard, not a performance bound
 async def test_smoke_bench_measures_every_order_and_writes_its_outputs(
     infra: Infrastructure, tmp_path: Path
 ) -> None:
@@ -72,7 +72,9 @@ def check(
     assert [s["rate"] for s in steps] == [2.0, 4.0]
     # every centre that ordered got its webhooks signed with the secret the platform gave it
     combos = result["platform"]["combos"]
-    ordered = {centre for centre, _ in combos[: sum(s["orders"] for s in steps)]}
+    overload = result["platform"]["overload"]  # its overload and probe orders come after the ramp's
+    posted = sum(s["orders"] for s in steps) + overload["orders"] + overload["probes"]
+    ordered = {centre for centre, _ in combos[:posted]}
     hooks = result["platform"]["webhooks"]
     assert hooks["bad_signatures"] == 0
     assert hooks["signatures_verified"] == len(ordered) >= 1
@@ -95,6 +97,8 @@ def check(
             assert s["cpu_ms_per_order"]["postgres"] is not None
         assert s["spans_per_order"] is not None and s["spans_per_order"] > 0
 
+    check_overload(result)
+
     raw = result["raw"]
     for figure in (
         raw["postgres"]["sequential"]["per_s"],
@@ -116,3 +120,40 @@ def check(
     assert Path(result["outputs"]["docs"]) == out / "BENCHMARKS.md"
     assert "<!-- bench:section:smoke -->" in (out / "BENCHMARKS.md").read_text()
     assert _bytes(docs) == docs_before
+    text = (out / "BENCHMARKS.md").read_text()
+    assert "### Overload and recovery" in text and "| overload /s |" in text
+
+
+def check_overload(result: dict[str, Any]) -> None:
+    """The overload phase ran after the ramp and reports its figures (values, not timings)."""
+    o = result["platform"]["overload"]
+    knee = result["platform"]["knee_rate"] or 2.0  # the lowest smoke rate when none held
+    assert o["knee_rate"] == knee and o["rate"] == 2 * knee and o["factor"] == 2.0
+    assert o["seconds"] == 3.0
+    assert o["orders"] == round(2 * knee * 3.0) == o["overload"]["orders"]
+    assert 0 <= o["completed"] <= o["orders"] and o["errors"] >= 0
+    assert isinstance(o["drained"], bool)
+    if o["drained"]:
+        assert o["completed"] == o["orders"] and o["drained_s"] is not None and o["drained_s"] >= 0
+    else:
+        assert o["drained_s"] is None
+    base_step = next(s for s in result["platform"]["steps"] if s["rate"] == knee)
+    assert o["base_chain_ms"]["p99"] == base_step["chain_ms"]["p99"] > 0
+    assert o["base_chain_ms"]["p50"] == base_step["chain_ms"]["p50"] > 0
+    assert o["probe_rate"] == knee and 0 < o["probe_seconds"] <= 15.0
+    assert 0 < o["probes_completed"] <= o["probes"]
+    assert o["probe_chain_ms"]["count"] == o["probes_completed"]
+    for key in ("recovery_s", "recovery_s_strict"):
+        assert o[key] is None or 0 <= o[key] <= 15.0
+    assert o["recovery_window_s"] == 1.0 and o["limit_s"] == 60.0
+    assert o["recovered_within_limit"] == (
+        o["drained"] and o["recovery_s"] is not None and o["drained_s"] <= 60 and o["recovery_s"] <= 60
+    )
+    series = o["probe_series"]
+    assert series and sum(w["probes"] for w in series) == o["probes"] - o["probe_errors"]
+    assert [w["t_s"] for w in series] == [float(i) for i in range(len(series))]
+    for w in series:
+        assert 0 <= w["completed"] <= w["probes"]
+        if w["completed"]:
+            assert 0 < w["p50_ms"] <= w["p99_ms"]
+    assert o["backlog_series"] and all(b["overload_outstanding"] >= 0 for b in o["backlog_series"])

@@ -52,3 +52,15 @@ async def test_exceptions_in_a_send_are_counted() -> None:
     result = await open_loop(send_schedule(200, 0.05), boom, max_inflight=100)
     assert result.fired == 10
     assert result.exceptions == 5
+
+
+async def test_stop_ends_the_schedule_early_and_counts_only_what_was_due() -> None:
+    fired: list[int] = []
+
+    async def note(i: int) -> None:
+        fired.append(i)
+
+    result = await open_loop(send_schedule(100, 1.0), note, max_inflight=100, stop=lambda: len(fired) >= 7)
+    assert result.scheduled == result.fired == 7
+    assert sorted(fired) == list(range(7))
+    assert result.elapsed_s < 0.5

@@ -12,6 +12,7 @@ from v2v_harness.bench.stats import (
     find_knee,
     parse_rates,
     percentile,
+    recovery,
     send_schedule,
     step_passes,
     summarise,
@@ -113,3 +114,44 @@ def test_refinement_midpoint_is_round_and_strictly_between() -> None:
     assert midpoint(10, 25) == 18.0
     assert midpoint(5, 8) == 6.5
     assert 5 < midpoint(5, 6) < 6
+
+
+def test_recovery_is_when_the_probes_are_back_under_the_base_p99() -> None:
+    # 2 s windows: 0-2 s slow (a backlog), 2-4 s one probe of ten never ends, then at base with one
+    # stray slow probe at 7 s
+    probes: list[tuple[float, float | None]] = []
+    for i in range(50):
+        t = i * 0.2
+        latency: float | None = 100.0
+        if t < 2.0:
+            latency = 5000.0 - t * 1000
+        elif t == pytest.approx(3.0):
+            latency = None
+        elif t == pytest.approx(7.0):
+            latency = 900.0
+        probes.append((t, latency))
+    out = recovery(probes, base_p99_ms=200.0, window_s=2.0)
+    assert out["recovery_s"] == 4.0  # the window with a lost probe still counts as not at base
+    assert out["recovery_s_strict"] == pytest.approx(7.2)  # the first probe after the stray slow one
+    series = out["series"]
+    assert [r["t_s"] for r in series] == [0.0, 2.0, 4.0, 6.0, 8.0]
+    assert [r["at_base"] for r in series] == [False, False, True, True, True]
+    assert series[1]["probes"] == 10 and series[1]["completed"] == 9 and series[1]["p90_ms"] is None
+    assert series[3]["p50_ms"] == 100.0 and series[3]["p99_ms"] > 200.0
+
+
+def test_recovery_is_none_when_the_last_window_is_still_slow_and_zero_when_never_slow() -> None:
+    slow = [(t * 0.5, 1000.0 if t > 6 else 50.0) for t in range(10)]
+    out = recovery(slow, base_p99_ms=200.0, window_s=1.0)
+    assert out["recovery_s"] is None and out["recovery_s_strict"] is None
+    fine = [(0.3 + t * 0.5, 50.0) for t in range(10)]
+    out = recovery(fine, base_p99_ms=200.0, window_s=1.0)
+    assert out["recovery_s"] == 0.0 and out["recovery_s_strict"] == pytest.approx(0.3)
+    assert recovery(fine, base_p99_ms=None, window_s=1.0)["recovery_s"] is None
+    assert recovery([], base_p99_ms=200.0, window_s=1.0) == {
+        "window_s": 1.0,
+        "window_percentile": "p90",
+        "recovery_s": None,
+        "recovery_s_strict": None,
+        "series": [],
+    }

@@ -18,7 +18,11 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
         prog="python -m v2v_harness.bench",
         description="Open-model load generator and measurement tool for the vein2vein platform.",
     )
-    p.add_argument("--smoke", action="store_true", help="a tiny run (2 and 4 orders/s, raw limits ~1 s each)")
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a tiny run (2 and 4 orders/s, a 3 s overload, raw limits ~1 s each)",
+    )
     p.add_argument(
         "--rates", type=parse_rates, help="orders per second, comma-separated (2,5,10,25,50,100,150,200)"
     )
@@ -34,6 +38,17 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
         "--keep-going", action="store_true", default=None, help="run every rate even after one fails"
     )
     p.add_argument("--refine", type=int, help="bisection steps to narrow the knee after a rate fails (2)")
+    p.add_argument(
+        "--skip-overload", action="store_true", default=None, help="no overload phase after the ramp"
+    )
+    p.add_argument(
+        "--overload-seconds", type=float, help="2x the knee for this long after the ramp (30; smoke 3)"
+    )
+    p.add_argument(
+        "--recovery-seconds",
+        type=float,
+        help="probe orders at the knee rate after the overload for up to this long (90; smoke 15)",
+    )
     p.add_argument("--raw-rates", type=parse_rates, help="raw chain ramp, chains per second")
     p.add_argument("--raw-step-seconds", type=float, help="duration of each raw chain rate (5)")
     p.add_argument("--raw-seconds", type=float, help="duration of each raw micro measurement (5)")
@@ -69,6 +84,9 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
         "max_inflight": args.max_inflight,
         "keep_going": args.keep_going,
         "refine": args.refine,
+        "skip_overload": args.skip_overload,
+        "overload_seconds": args.overload_seconds,
+        "recovery_seconds": args.recovery_seconds,
         "raw_rates": args.raw_rates,
         "raw_step_seconds": args.raw_step_seconds,
         "raw_seconds": args.raw_seconds,

@@ -24,6 +24,14 @@ class BenchConfig:
     refine: int = 2  # bisection steps between the highest rate that held and the lowest that did not
     warmup_per_combo: int = 1  # orders per (centre, product) before the ramp, not measured
     idle_seconds: float = 5.0  # CPU of each process with no load, before the ramp
+    # the overload after the ramp (issue 12): overload_factor x the knee for overload_seconds, then probe
+    # orders at the knee rate for up to recovery_seconds while the backlog drains
+    skip_overload: bool = False
+    overload_factor: float = 2.0
+    overload_seconds: float = 30.0
+    recovery_seconds: float = 90.0
+    recovery_window_s: float = 2.0  # probe latency windows (see stats.recovery)
+    recovery_hold_s: float = 20.0  # probes stop early after the backlog drained and this long at base
     # the raw limits on the same Postgres and broker
     raw_seconds: float = 5.0  # per micro measurement
     raw_rates: list[float] = field(default_factory=lambda: list(DEFAULT_RAW_RATES))
@@ -54,6 +62,10 @@ class BenchConfig:
             warmup_per_combo=0,
             idle_seconds=1.0,
             refine=0,
+            overload_seconds=3.0,
+            recovery_seconds=15.0,
+            recovery_window_s=1.0,
+            recovery_hold_s=3.0,
             raw_seconds=1.0,
             raw_rates=list(SMOKE_RAW_RATES),
             raw_step_seconds=1.0,

@@ -28,9 +28,16 @@ import httpx
 
 from v2v_harness.bench.config import BenchConfig
 from v2v_harness.bench.httpio import CHAIN_END, HttpPool, WebhookSink
-from v2v_harness.bench.loadgen import open_loop
+from v2v_harness.bench.loadgen import LoopResult, open_loop
 from v2v_harness.bench.procs import ProcessGroups, SpanCounter
-from v2v_harness.bench.stats import fmt_rate, send_schedule, step_passes, summarise
+from v2v_harness.bench.stats import (
+    RECOVERY_LIMIT_S,
+    fmt_rate,
+    recovery,
+    send_schedule,
+    step_passes,
+    summarise,
+)
 from v2v_harness.e2e import Parties, order_body
 
 if TYPE_CHECKING:
@@ -517,6 +524,179 @@ class PlatformLoad:
             "hop_lag_ms": {h: summarise(v) for h, v in hops.items()},
             "chain_end_event_to_webhook_ms": summarise(end_to_webhook),
         }
+
+    def _latency_ms(self, order_id: str, sent: float) -> float | None:
+        end = self.sink.arrivals.get(order_id, {}).get(CHAIN_END)
+        return None if end is None else (end.at - sent) * 1000.0
+
+    def _probe_recovery(self, probes: StepState, ended: float, base_p99: float | None) -> dict[str, Any]:
+        return recovery(
+            [(sent - ended, self._latency_ms(oid, sent)) for oid, sent in probes.sent_at.items()],
+            base_p99,
+            self.cfg.recovery_window_s,
+        )
+
+    async def overload(self, knee: float, base: dict[str, Any]) -> dict[str, Any]:
+        """Issue 12's overload: `overload_factor` x the knee for `overload_seconds` (open model), then
+        probe orders at the knee rate for up to `recovery_seconds`, measuring when the overload's backlog
+        has drained and when the probes' chain latency is back at `base` (the knee step's chain p99; see
+        `stats.recovery`). The probes stop early once the backlog has drained and the last
+        `recovery_hold_s` of fully answered probe windows were all at base."""
+        cfg = self.cfg
+        rate = knee * cfg.overload_factor
+        base_p99 = (base.get("chain_ms") or {}).get("p99")
+        offsets = send_schedule(rate, cfg.overload_seconds)
+        bodies = self.bodies(len(offsets))
+        over = self._new_state()
+        started = time.monotonic()
+        phase = "overload"
+        probes = StepState()
+        reporter = asyncio.create_task(
+            self._report(
+                rate,
+                over,
+                started,
+                lambda: (
+                    phase
+                    if phase == "overload"
+                    else f"{phase} (probes at {fmt_rate(knee)}/s: accepted {len(probes.sent_at)} "
+                    f"chains {len(probes.sent_at) - len(probes.waiting)})"
+                ),
+            )
+        )
+        outstanding: list[dict[str, Any]] = []
+        probe_offsets = send_schedule(knee, cfg.recovery_seconds)
+        ended = time.time()
+        probe_loop = None
+
+        def answered(_task: asyncio.Task[LoopResult]) -> None:
+            # every overload send has been answered: from here its `waiting` only shrinks
+            over.closed = True
+            if not over.waiting:
+                over.drained.set()
+
+        sender = asyncio.create_task(
+            open_loop(offsets, lambda i: self.post(over, bodies[i]), max_inflight=cfg.max_inflight)
+        )
+        sender.add_done_callback(answered)
+        watcher: asyncio.Task[None] | None = None
+        try:
+            # the overload ends with its last scheduled send (answers may lag); the probes start one
+            # overload gap later
+            await asyncio.sleep(max(0.0, started + (offsets[-1] if offsets else 0.0) - time.monotonic()))
+            ended = time.time()
+            await asyncio.sleep(1.0 / rate)
+            phase = "recovery"
+            self.open_states.append(probes)
+            self.state = probes
+            stop = False
+
+            async def watch() -> None:
+                nonlocal stop
+                while True:
+                    await asyncio.sleep(min(1.0, cfg.recovery_window_s))
+                    now = time.time()
+                    outstanding.append(
+                        {
+                            "t_s": now - ended,
+                            "overload_outstanding": len(over.waiting),
+                            "answered": over.closed,
+                        }
+                    )
+                    if not over.closed or over.waiting or base_p99 is None:
+                        continue
+                    # windows whose probes have had the base p99 to end: each is done or already late
+                    rows = self._probe_recovery(probes, ended, base_p99)["series"]
+                    late = now - ended - float(base_p99) / 1000.0 - cfg.recovery_window_s
+                    judged = [r for r in rows if r["t_s"] <= late and r["at_base"] is not None]
+                    good = 0.0
+                    for r in reversed(judged):
+                        if not r["at_base"]:
+                            break
+                        good += cfg.recovery_window_s
+                    if good >= cfg.recovery_hold_s:
+                        stop = True
+                        return
+
+            watcher = asyncio.create_task(watch())
+            probe_bodies = self.bodies(len(probe_offsets))
+            probe_loop = await open_loop(
+                probe_offsets,
+                lambda i: self.post(probes, probe_bodies[i]),
+                max_inflight=cfg.max_inflight,
+                stop=lambda: stop,
+            )
+            phase = "draining"
+            loop = await sender
+            await asyncio.gather(over.drain(cfg.drain), probes.drain(cfg.drain))
+        finally:
+            for task in (watcher, reporter, sender):
+                if task is not None and not task.done():
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+        cutoff = time.time()
+        result = self.measure(rate, offsets, over, loop.lateness_ms, loop.overflow + loop.exceptions, cutoff)
+        result["seconds"] = cfg.overload_seconds
+        ends = [
+            self.sink.arrivals[oid][CHAIN_END].at
+            for oid in over.sent_at
+            if CHAIN_END in self.sink.arrivals.get(oid, {})
+        ]
+        drained = result["completed"] == result["orders"] and result["errors"] == 0
+        drained_s = (max(ends) - ended) if ends else None
+        rec = self._probe_recovery(probes, ended, base_p99)
+        probe_latencies = [self._latency_ms(o, s) for o, s in probes.sent_at.items()]
+        probe_errors = (probe_loop.overflow + probe_loop.exceptions if probe_loop else 0) + (
+            probes.timeouts + probes.exceptions + sum(n for st, n in probes.statuses.items() if st != 201)
+        )
+        recovery_s = rec["recovery_s"]
+        out = {
+            "rate": rate,
+            "knee_rate": knee,
+            "factor": cfg.overload_factor,
+            "seconds": cfg.overload_seconds,
+            "overload": result,
+            "orders": result["orders"],
+            "completed": result["completed"],
+            "errors": result["errors"],
+            "drained": drained,
+            # the last overload order's chain end, seconds after the overload's last send (all or not)
+            "drained_s": drained_s if drained else None,
+            "last_chain_end_s": drained_s,
+            "base_chain_ms": {"p50": (base.get("chain_ms") or {}).get("p50"), "p99": base_p99},
+            "probe_rate": knee,
+            # how long probes were sent: less than recovery_seconds when they stopped early
+            "probe_seconds": (probe_loop.scheduled / knee) if probe_loop else 0.0,
+            "probes_stopped_early": bool(probe_loop and probe_loop.scheduled < len(probe_offsets)),
+            "probes": len(probe_latencies) + probe_errors,
+            "probes_completed": sum(1 for v in probe_latencies if v is not None),
+            "probe_errors": probe_errors,
+            "probe_chain_ms": summarise(v for v in probe_latencies if v is not None),
+            "recovery_s": recovery_s,
+            "recovery_s_strict": rec["recovery_s_strict"],
+            "recovery_window_s": rec["window_s"],
+            "recovery_window_percentile": rec["window_percentile"],
+            "limit_s": RECOVERY_LIMIT_S,
+            "recovered_within_limit": bool(
+                drained
+                and drained_s is not None
+                and drained_s <= RECOVERY_LIMIT_S
+                and recovery_s is not None
+                and recovery_s <= RECOVERY_LIMIT_S
+            ),
+            "probe_series": rec["series"],
+            "backlog_series": outstanding,
+        }
+        self.progress(
+            f"overload {fmt_rate(rate)}/s for {cfg.overload_seconds:g} s: {result['completed']}/"
+            f"{result['orders']} chains, drained "
+            f"{'in ' + format(drained_s, '.1f') + ' s' if drained and drained_s is not None else 'NO'}, "
+            f"base p99 {_ms(base_p99)}, back at base after "
+            f"{'-' if recovery_s is None else format(recovery_s, '.1f') + ' s'} "
+            f"-> {'ok' if out['recovered_within_limit'] else 'FAIL'} (limit {RECOVERY_LIMIT_S:g} s)"
+        )
+        return out
 
     async def aclose(self) -> None:
         await self.tokens.aclose()

@@ -31,8 +31,10 @@ async def open_loop(
     *,
     max_inflight: int,
     wait_for_answers: bool = True,
+    stop: Callable[[], bool] | None = None,
 ) -> LoopResult:
-    """Call `fire(i)` at `start + offsets[i]` for every i, each in its own task."""
+    """Call `fire(i)` at `start + offsets[i]` for every i, each in its own task; with `stop`, end the
+    schedule early at the first send time at which `stop()` is true (`scheduled` is then what was due)."""
     loop = asyncio.get_running_loop()
     result = LoopResult(scheduled=len(offsets))
     inflight: set[asyncio.Task[None]] = set()
@@ -50,6 +52,9 @@ async def open_loop(
         delay = due - loop.time()
         if delay > 0:
             await asyncio.sleep(delay)
+        if stop is not None and stop():
+            result.scheduled = i
+            break
         lateness.append(max(0.0, loop.time() - due) * 1000.0)
         if len(inflight) >= max_inflight:
             result.overflow += 1

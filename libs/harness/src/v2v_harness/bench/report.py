@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from v2v_harness.bench.stats import CHAIN_P99_LIMIT_MS, fmt_rate
+from v2v_harness.bench.stats import CHAIN_P99_LIMIT_MS, RECOVERY_LIMIT_S, fmt_rate
 
 PROCESS_ORDER = ("order", "scheduling", "site", "logistics", "notification", "postgres", "broker", "bench")
 SECTION = re.compile(
@@ -41,7 +41,8 @@ def plot_latency(result: dict[str, Any], path: Path) -> Path:
 
     steps = (result.get("platform") or {}).get("steps") or []
     raw_steps = ((result.get("raw") or {}).get("chain") or {}).get("steps") or []
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    overload = (result.get("platform") or {}).get("overload")
+    fig, axes = plt.subplots(1, 3 if overload else 2, figsize=(19 if overload else 13, 5))
     ax = axes[0]
     if steps:
         rates = [s["rate"] for s in steps]
@@ -87,11 +88,34 @@ def plot_latency(result: dict[str, Any], path: Path) -> Path:
     ax.set_title("Raw chain on asyncpg + aiokafka")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
+    if overload:
+        _plot_overload(axes[2], overload)
     fig.suptitle(f"vein2vein bench {result.get('label', '')} - {result.get('started_at', '')}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _plot_overload(ax: Any, o: dict[str, Any]) -> None:
+    """Probe chain latency per window after the overload, against the base p99."""
+    series = o.get("probe_series") or []
+    t = [float(w["t_s"]) + float(o.get("recovery_window_s") or 0) / 2 for w in series]
+    for key, style in (("p50_ms", "-o"), ("p99_ms", "-^")):
+        values = [float(w[key]) if w.get(key) is not None else float("nan") for w in series]
+        ax.plot(t, values, style, markersize=3, label=f"probe chain {key.removesuffix('_ms')}")
+    ax.axvspan(-float(o["seconds"]), 0, color="orange", alpha=0.2, label=f"overload {fmt_rate(o['rate'])}/s")
+    base = (o.get("base_chain_ms") or {}).get("p99")
+    if base:
+        ax.axhline(base, color="green", linewidth=1, linestyle="--", label="base p99 (knee)")
+    if o.get("recovery_s") is not None:
+        ax.axvline(o["recovery_s"], color="green", linewidth=1, label="back at base")
+    ax.set_yscale("log")
+    ax.set_xlabel("seconds after the overload")
+    ax.set_ylabel("latency (ms)")
+    ax.set_title(f"Recovery: probes at {fmt_rate(o['probe_rate'])}/s")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
 
 
 def plot_cpu(result: dict[str, Any], path: Path) -> Path:
@@ -234,6 +258,54 @@ def raw_lines(raw: dict[str, Any] | None) -> list[str]:
     return lines
 
 
+def _s(value: Any) -> str:
+    return "-" if value is None else f"{float(value):.1f} s"
+
+
+def overload_lines(o: dict[str, Any] | None) -> list[str]:
+    if not o:
+        return ["(no overload phase in this run)"]
+    base = o.get("base_chain_ms") or {}
+    drained = (
+        f"yes, {_s(o['drained_s'])}"
+        if o.get("drained")
+        else f"no (last chain end {_s(o.get('last_chain_end_s'))})"
+    )
+    knee = "the knee" if o.get("knee_held") else "the lowest rate tried (none held)"
+    lines = [
+        f"{o['factor']:g} x {knee} ({fmt_rate(o['knee_rate'])}/s) for {o['seconds']:g} s, then probe "
+        f"orders at {fmt_rate(o['probe_rate'])}/s for {o['probe_seconds']:.0f} s. "
+        "*Drained*: every overload order's chain end arrived, seconds after the overload's last send. "
+        "*Back at base*: the start of the first "
+        f"{o['recovery_window_s']:g} s window (by send time) from which on every window's "
+        f"{o['recovery_window_percentile']} of the probes' chain latency is at or below the base p99 "
+        "(the knee step's); *strict*: from the first probe after which every probe is.",
+        "",
+        "| overload /s | orders | chains done | errors | drained | base p50 / p99 ms | back at base | strict "
+        f"| probes done | within {RECOVERY_LIMIT_S:g} s |",
+        "|---:|---:|---:|---:|---|---|---:|---:|---:|:-:|",
+        f"| {fmt_rate(o['rate'])} | {o['orders']} | {o['completed']} | {o['errors']} | {drained} "
+        f"| {_f(base.get('p50'))} / {_f(base.get('p99'))} | {_s(o.get('recovery_s'))} "
+        f"| {_s(o.get('recovery_s_strict'))} | {o['probes_completed']}/{o['probes']} "
+        f"| {'yes' if o.get('recovered_within_limit') else 'no'} |",
+    ]
+    return lines
+
+
+def overload_summary(o: dict[str, Any] | None) -> str | None:
+    if not o:
+        return None
+    base = o.get("base_chain_ms") or {}
+    drained = f"drained in {_s(o['drained_s'])}" if o.get("drained") else "NOT drained"
+    return (
+        f"overload: {fmt_rate(o['rate'])}/s for {o['seconds']:g} s ({o['factor']:g} x "
+        f"{fmt_rate(o['knee_rate'])}/s), {o['completed']}/{o['orders']} chains, {o['errors']} errors, "
+        f"{drained}; base p99 {_f(base.get('p99'))} ms; back at base after {_s(o.get('recovery_s'))} "
+        f"(strict {_s(o.get('recovery_s_strict'))}); within {RECOVERY_LIMIT_S:g} s: "
+        f"{'yes' if o.get('recovered_within_limit') else 'no'}"
+    )
+
+
 def knee_sentence(result: dict[str, Any]) -> str:
     platform = result.get("platform") or {}
     knee = platform.get("knee_rate")
@@ -299,6 +371,10 @@ def section_markdown(result: dict[str, Any]) -> str:
         "",
         *cpu_table(steps, platform.get("idle_cpu_cores")),
         "",
+        "### Overload and recovery",
+        "",
+        *overload_lines(platform.get("overload")),
+        "",
         "### Raw limits of the same Postgres and broker",
         "",
         *raw_lines(result.get("raw")),
@@ -330,16 +406,25 @@ the platform returned), and then:
 3. finds the **knee**: the highest rate at which every order's chain-end webhook arrives (within the
    drain time) with no error and a chain p99 under 1 s. A rate that fails ends the ramp; then two
    bisection steps (`--refine`) between the highest rate that held and the lowest that did not narrow
-   the knee down.
+   the knee down;
+4. overloads it (unless `--skip-overload`): twice the knee (or the lowest rate tried, if none held) for
+   `--overload-seconds` (30), then probe orders at the knee rate for up to `--recovery-seconds` (90; they
+   stop early once the backlog has drained and 20 s of probes were at base), and reports whether every
+   overload order's chain ended and when the last one did (the backlog drained), and when the probes'
+   chain latency was back at its base (the knee step's chain p99): the start of the first 2 s window from
+   which on every window's p90 is at or below it (and, strict, from the first probe after which every
+   probe is), against the 60 s of issue 12; the per-window probe p50/p99 are in the JSON.
 
 Reproduce: `make bench` (a few minutes on 2 cores), or with options
 `make bench BENCH_ARGS="--rates 10,25,50 --seconds 10 --label after"`. Options: `--rates`, `--seconds`,
-`--drain`, `--settle`, `--max-inflight`, `--keep-going`, `--refine`, `--raw-rates`, `--raw-step-seconds`,
+`--drain`, `--settle`, `--max-inflight`, `--keep-going`, `--refine`, `--skip-overload`,
+`--overload-seconds`, `--recovery-seconds`, `--raw-rates`, `--raw-step-seconds`,
 `--raw-seconds`, `--skip-raw`, `--skip-platform`, `--durable`, `--label`, `--note`, `--out`, `--docs`,
 `--no-docs`, `--keep-state`; `--smoke` is a tiny run that proves the path (it never writes this file).
 Each run writes `.v2v/bench/bench-<timestamp>.json` and `latest.json`, and the plots
-`bench-<timestamp>-latency.png` (latency percentiles vs rate) and `bench-<timestamp>-cpu.png` (CPU per
-order per process); this file keeps one section per `--label`, replaced when the same label runs again.
+`bench-<timestamp>-latency.png` (latency percentiles vs rate; with the overload, the probes' latency
+after it) and `bench-<timestamp>-cpu.png` (CPU per order per process); this file keeps one section per
+`--label`, replaced when the same label runs again.
 
 Caveats: everything shares one machine (the generator and receiver too, shown as `bench`); "spans per
 order" counts every span line the services wrote during the rate step and its settle time; CPU of a
@@ -393,5 +478,8 @@ def console_summary(result: dict[str, Any]) -> str:
             f"{'-' if ch['max_rate'] is None else fmt_rate(ch['max_rate'])}/s, p99 at "
             f"{fmt_rate(ch['reference_rate'])}/s {_f(ch['p99_ms_at_reference_rate'])} ms"
         )
+    summary = overload_summary((result.get("platform") or {}).get("overload"))
+    if summary:
+        lines.append(summary)
     lines.append(knee_sentence(result).replace("**", ""))
     return "\n".join(lines)

@@ -30,7 +30,7 @@ from v2v_harness.bench.httpio import WebhookSink
 from v2v_harness.bench.load import CentreTokens, PlatformLoad, prepare_network, run_ramp
 from v2v_harness.bench.procs import ProcessGroups, SpanCounter
 from v2v_harness.bench.raw import KafkaTarget, measure_raw
-from v2v_harness.bench.stats import find_knee
+from v2v_harness.bench.stats import find_knee, fmt_rate
 from v2v_harness.e2e import Parties
 from v2v_harness.identity import Credentials, start_identity
 from v2v_harness.infra import Infrastructure, start_infrastructure
@@ -129,6 +129,22 @@ async def _run_platform(
         for index, step in enumerate(steps):
             step["run_index"] = index
         steps.sort(key=lambda s: float(s["rate"]))
+        knee = find_knee(steps)
+        overload: dict[str, Any] | None = None
+        if not cfg.skip_overload and steps:
+            # the knee, or the lowest rate tried when none held
+            base = next((s for s in steps if s["rate"] == knee), steps[0])
+            left = await load.quiesce(cfg.drain * 2)
+            if left:
+                progress(f"before the overload: {left} orders of the ramp still outstanding")
+            await asyncio.sleep(cfg.settle)
+            progress(
+                f"overload: {cfg.overload_factor:g} x {fmt_rate(base['rate'])}/s for "
+                f"{cfg.overload_seconds:g} s, then probes at {fmt_rate(base['rate'])}/s for up to "
+                f"{cfg.recovery_seconds:g} s"
+            )
+            overload = await load.overload(float(base["rate"]), base)
+            overload["knee_held"] = knee is not None
         dead = [n for n, s in plat.services.items() if s.proc.poll() is not None]
         if dead:
             raise RuntimeError(
@@ -136,10 +152,11 @@ async def _run_platform(
             )
         return {
             "steps": steps,
-            "knee_rate": find_knee(steps),
+            "knee_rate": knee,
             # every rate held: the knee is at least the highest rate tried
             "knee_is_lower_bound": bool(steps) and all(s["pass"] for s in steps),
             "idle_cpu_cores": idle,
+            "overload": overload,
             "combos": [list(c) for c in network.combos],
             "webhooks": {
                 "received": sink.received,
@@ -229,6 +246,15 @@ async def _run(
                 "settle": cfg.settle,
                 "max_inflight": cfg.max_inflight,
                 "keep_going": cfg.keep_going,
+                "overload": None
+                if cfg.skip_overload
+                else {
+                    "factor": cfg.overload_factor,
+                    "seconds": cfg.overload_seconds,
+                    "recovery_seconds": cfg.recovery_seconds,
+                    "recovery_window_s": cfg.recovery_window_s,
+                    "recovery_hold_s": cfg.recovery_hold_s,
+                },
                 "raw_seconds": cfg.raw_seconds,
                 "raw_rates": cfg.raw_rates,
                 "raw_step_seconds": cfg.raw_step_seconds,

@@ -92,3 +92,76 @@ def parse_rates(text: str) -> list[float]:
 
 def fmt_rate(rate: float) -> str:
     return f"{rate:g}"
+
+
+RECOVERY_LIMIT_S = 60.0  # issue 12: after 2x the knee for 30 s, back to base within 60 s
+RECOVERY_WINDOW_PCT = ("p90", 90.0)  # the percentile of a window that must be back at the base p99
+
+
+def recovery(
+    probes: Sequence[tuple[float, float | None]], base_p99_ms: float | None, window_s: float
+) -> dict[str, Any]:
+    """When the probes' chain latency is back at its base after an overload.
+
+    `probes` are (send time in seconds after the overload ended, chain latency in ms or None when the
+    chain end never came), `base_p99_ms` the chain p99 at the knee. Two answers, both in seconds after
+    the end of the overload, None when it never happened within the probes seen:
+
+    - `recovery_s_strict`: the send time of the first probe after which every probe's latency is at or
+      below the base p99 (0 when none was above). At base, one probe in a hundred is above its p99 by
+      definition, so over a long window this one is noisy.
+    - `recovery_s`: the start of the first `window_s` window (by send time) from which on every window's
+      p90 of the probes' latency is at or below the base p99 (a probe without a chain end counts as
+      infinitely late; an empty window neither breaks nor makes the run). A stray slow probe does not
+      move it; a window of which a tenth is slower than the base p99 does.
+
+    Also the per-window series: probes, completed, p50, p90, p99 (ms) and whether it is at base."""
+    window_s = max(window_s, 1e-3)
+    series: list[dict[str, Any]] = []
+    buckets: dict[int, list[float]] = {}
+    for sent, latency in probes:
+        buckets.setdefault(max(0, math.floor(sent / window_s)), []).append(
+            math.inf if latency is None else latency
+        )
+    last = max(buckets) if buckets else -1
+    for index in range(last + 1):
+        values = sorted(buckets.get(index, []))
+        finite = [v for v in values if math.isfinite(v)]
+        row: dict[str, Any] = {
+            "t_s": index * window_s,
+            "probes": len(values),
+            "completed": len(finite),
+            "p50_ms": percentile(finite, 50.0) if finite else None,
+            "p90_ms": None,
+            "p99_ms": percentile(finite, 99.0) if finite else None,
+            "at_base": None,
+        }
+        if values:
+            p90 = percentile(values, RECOVERY_WINDOW_PCT[1]) if len(finite) == len(values) else math.inf
+            # interpolation towards an infinite value is infinite
+            row["p90_ms"] = p90 if math.isfinite(p90) else None
+            row["at_base"] = base_p99_ms is not None and p90 <= base_p99_ms
+        series.append(row)
+    strict: float | None = None
+    if base_p99_ms is not None and probes:
+        ordered = sorted(probes, key=lambda p: p[0])
+        bad = [i for i, (_, lat) in enumerate(ordered) if lat is None or lat > base_p99_ms]
+        if not bad:
+            strict = max(0.0, ordered[0][0])
+        elif bad[-1] + 1 < len(ordered):
+            strict = max(0.0, ordered[bad[-1] + 1][0])
+    windowed: float | None = None
+    if base_p99_ms is not None:
+        judged = [r for r in series if r["at_base"] is not None]
+        failing = [r for r in judged if not r["at_base"]]
+        if judged and not failing:
+            windowed = judged[0]["t_s"]
+        elif failing and failing[-1] is not judged[-1]:
+            windowed = min(r["t_s"] for r in judged if r["t_s"] > failing[-1]["t_s"])
+    return {
+        "window_s": window_s,
+        "window_percentile": RECOVERY_WINDOW_PCT[0],
+        "recovery_s": windowed,
+        "recovery_s_strict": strict,
+        "series": series,
+    }
