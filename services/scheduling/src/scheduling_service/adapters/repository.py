@@ -148,6 +148,32 @@ def _slot(row: asyncpg.Record) -> Slot:
     )
 
 
+SLOT_INSERT = """INSERT INTO slots (slot_id, order_id, coi, treatment_center_id, site_id, product_code,
+                                   manufacturing_start_date, apheresis_date, status, reserved_reason,
+                                   order_type, regulator, region, collected_on)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"""
+
+
+def slot_row(slot: Slot) -> tuple[Any, ...]:
+    """`SLOT_INSERT`'s parameters."""
+    return (
+        slot.slot_id,
+        slot.order_id,
+        slot.coi,
+        slot.treatment_center_id,
+        slot.site_id,
+        slot.product_code,
+        slot.manufacturing_start_date,
+        slot.apheresis_date,
+        slot.status,
+        slot.reserved_reason,
+        slot.order_type,
+        slot.regulator,
+        slot.region,
+        slot.collected_on,
+    )
+
+
 class PostgresSlots(SlotRepository):
     def __init__(self, conn: asyncpg.Connection) -> None:
         self.conn = conn
@@ -199,26 +225,7 @@ class PostgresSlots(SlotRepository):
         return {r["day"]: int(r["n"]) for r in rows}
 
     async def add(self, slot: Slot) -> None:
-        await self.conn.execute(
-            """INSERT INTO slots (slot_id, order_id, coi, treatment_center_id, site_id, product_code,
-                                  manufacturing_start_date, apheresis_date, status, reserved_reason,
-                                  order_type, regulator, region, collected_on)
-               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)""",
-            slot.slot_id,
-            slot.order_id,
-            slot.coi,
-            slot.treatment_center_id,
-            slot.site_id,
-            slot.product_code,
-            slot.manufacturing_start_date,
-            slot.apheresis_date,
-            slot.status,
-            slot.reserved_reason,
-            slot.order_type,
-            slot.regulator,
-            slot.region,
-            slot.collected_on,
-        )
+        await self.conn.execute(SLOT_INSERT, *slot_row(slot))
 
     async def release_live(self, order_id: uuid.UUID, reason: str) -> Slot | None:
         row = await self.conn.fetchrow(
@@ -738,26 +745,9 @@ class PostgresSchedulingTx(SchedulingTx):
     async def add_slot(self, slot: Slot) -> bool:
         assert self.conn is not None
         left = await self.conn.fetchval(
-            """WITH booked AS (
-                   INSERT INTO slots (slot_id, order_id, coi, treatment_center_id, site_id, product_code,
-                                      manufacturing_start_date, apheresis_date, status, reserved_reason,
-                                      order_type, regulator, region, collected_on)
-                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14))
+            f"""WITH booked AS ({SLOT_INSERT})
                DELETE FROM waitlist WHERE order_id = $2 RETURNING true""",
-            slot.slot_id,
-            slot.order_id,
-            slot.coi,
-            slot.treatment_center_id,
-            slot.site_id,
-            slot.product_code,
-            slot.manufacturing_start_date,
-            slot.apheresis_date,
-            slot.status,
-            slot.reserved_reason,
-            slot.order_type,
-            slot.regulator,
-            slot.region,
-            slot.collected_on,
+            *slot_row(slot),
         )
         return bool(left)
 

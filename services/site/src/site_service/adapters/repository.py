@@ -345,29 +345,36 @@ def _booking(row: asyncpg.Record) -> Booking:
     )
 
 
+BOOKING_INSERT = """INSERT INTO bookings (booking_id, order_id, coi, slot_id, site_id,
+                                      manufacturing_start_date, apheresis_date, status,
+                                      treatment_center_id, product_code, origin_trace, run)
+                    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11::jsonb, $12)"""
+
+
+def booking_row(booking: Booking, origin_trace: dict[str, str]) -> tuple[Any, ...]:
+    """`BOOKING_INSERT`'s parameters."""
+    return (
+        booking.booking_id,
+        booking.order_id,
+        booking.coi,
+        booking.slot_id,
+        booking.site_id,
+        booking.manufacturing_start_date,
+        booking.apheresis_date,
+        booking.status,
+        booking.treatment_center_id,
+        booking.product_code,
+        origin_trace,
+        booking.run,
+    )
+
+
 class PgBookingRepository(BookingRepository):
     def __init__(self, conn: asyncpg.Connection) -> None:
         self.conn = conn
 
     async def add(self, booking: Booking, *, origin_trace: dict[str, str]) -> None:
-        await self.conn.execute(
-            """INSERT INTO bookings (booking_id, order_id, coi, slot_id, site_id, manufacturing_start_date,
-                                     apheresis_date, status, treatment_center_id, product_code, origin_trace,
-                                     run)
-               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11::jsonb, $12)""",
-            booking.booking_id,
-            booking.order_id,
-            booking.coi,
-            booking.slot_id,
-            booking.site_id,
-            booking.manufacturing_start_date,
-            booking.apheresis_date,
-            booking.status,
-            booking.treatment_center_id,
-            booking.product_code,
-            origin_trace,
-            booking.run,
-        )
+        await self.conn.execute(BOOKING_INSERT, *booking_row(booking, origin_trace))
 
     async def by_slot(self, slot_id: uuid.UUID, *, lock: bool = False) -> Booking | None:
         sql = "SELECT * FROM bookings WHERE slot_id = $1" + (" FOR UPDATE" if lock else "")
@@ -728,24 +735,10 @@ class PgSiteTx(SiteTx):
     async def book_slot(self, booking: Booking, *, origin_trace: dict[str, str]) -> list[Outage] | None:
         assert self.conn is not None
         row = await self.conn.fetchrow(
-            """INSERT INTO bookings (booking_id, order_id, coi, slot_id, site_id, manufacturing_start_date,
-                                     apheresis_date, status, treatment_center_id, product_code, origin_trace,
-                                     run)
-               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11::jsonb, $12)
+            f"""{BOOKING_INSERT}
                ON CONFLICT (slot_id) DO NOTHING
                RETURNING (SELECT outages FROM sites WHERE site_id = $5) AS outages""",
-            booking.booking_id,
-            booking.order_id,
-            booking.coi,
-            booking.slot_id,
-            booking.site_id,
-            booking.manufacturing_start_date,
-            booking.apheresis_date,
-            booking.status,
-            booking.treatment_center_id,
-            booking.product_code,
-            origin_trace,
-            booking.run,
+            *booking_row(booking, origin_trace),
         )
         if row is None:  # the slot has its booking
             return None
