@@ -60,7 +60,7 @@ from v2v_observability import (
     shutdown_tracing,
 )
 from v2v_persistence import DbTimeouts, apply_migrations, create_pool, schema_of
-from v2v_servicekit import edge, problems, signatures
+from v2v_servicekit import edge, gcpolicy, problems, signatures
 from v2v_servicekit.auth import Principal, TokenVerifier, document_scopes, public, require_scope
 from v2v_servicekit.idempotency import MIGRATIONS_DIR as EDGE_DIR  # servicekit's tables (idempotency keys)
 from v2v_servicekit.settings import ServiceSettings
@@ -229,7 +229,14 @@ def create_app(definition: ServiceDefinition, settings: ServiceSettings | None =
         supervisor.spawn("outbox-listener", listener, beats=True)
         for job in definition.background:
             supervisor.spawn(_loop_name(job, supervisor), _as_loop(job, rt))
-        log.info("service started", migrations_applied=applied, http_port=settings.http_port, topic=own_topic)
+        thresholds = gcpolicy.apply(freeze=settings.gc_freeze, young_threshold=settings.gc_young_threshold)
+        log.info(
+            "service started",
+            migrations_applied=applied,
+            http_port=settings.http_port,
+            topic=own_topic,
+            gc_thresholds=list(thresholds),
+        )
         try:
             yield
         finally:
@@ -238,7 +245,11 @@ def create_app(definition: ServiceDefinition, settings: ServiceSettings | None =
             await relay.release()  # another replica takes over at once
             await broker.stop()
             await pool.close()
-            log.info("service stopped")
+            log.info(
+                "service stopped",
+                gc_collections=gcpolicy.STATS.collections,
+                gc_seconds=round(gcpolicy.STATS.seconds, 3),
+            )
             shutdown_tracing()
             shutdown_metrics()
 

@@ -71,6 +71,10 @@ class ServiceSettings(BaseSettings):
     idempotency_purge_interval_s: float = 300.0  # how often a process deletes expired keys
     idempotency_max_response_bytes: int = 1_048_576  # larger responses are not kept (the key is released)
     token_cache_size: int = 10_000  # verified bearer tokens remembered until they expire
+    # the garbage collector (v2v_servicekit.gcpolicy): start-up's objects frozen out of every collection,
+    # and the young generation's threshold (0 keeps CPython's 700)
+    gc_freeze: bool = True
+    gc_young_threshold: int = Field(default=20_000, ge=0)
 
     def kafka_settings(self) -> KafkaSettings:
         """Every Kafka setting of the service, as the messaging library takes them."""
