@@ -17,7 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from v2v_audit import Actor, Checkpoint, Entry, MemoryAuditTrail, Record, verify
-from v2v_audit.chain import GENESIS, canonical, chain, entry_hash, jsonable, short_text
+from v2v_audit.chain import GENESIS, canonical, chain, entry_hash, jsonable, short_text, template, timestamp
 from v2v_audit.trail import AuditedHandlers, AuditedTx
 from v2v_contracts import OrderCancelledV1, new_event
 from v2v_messaging.fakes import FakeInbox, FakeOutbox, FakeUnitOfWork
@@ -284,3 +284,52 @@ async def test_a_consumers_entries_name_the_consumer_and_the_event() -> None:
 def test_a_tx_without_connection_needs_a_memory_trail() -> None:
     with pytest.raises(ValueError):
         AuditedTx(None, FakeOutbox())
+
+
+TEXT = st.text(
+    st.characters(exclude_characters="\x00", exclude_categories=("Cs",)), max_size=8
+)  # as jsonb takes
+JSONISH = st.recursive(
+    st.none() | st.booleans() | st.integers() | TEXT,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(TEXT, inner, max_size=3),
+    max_leaves=8,
+)
+
+
+@given(
+    old=JSONISH,
+    new=JSONISH,
+    reason=st.none() | TEXT,
+    cause=st.none() | TEXT,
+    user=st.none() | TEXT,
+    seq=st.integers(min_value=1, max_value=2**62),
+    micros=st.integers(min_value=0, max_value=10**12),
+    schema=st.from_regex(r"[a-z_][a-z0-9_]{0,20}", fullmatch=True),
+)
+def test_the_template_and_the_database_values_make_the_canonical_form(
+    old: object,
+    new: object,
+    reason: str | None,
+    cause: str | None,
+    user: str | None,
+    seq: int,
+    micros: int,
+    schema: str,
+) -> None:
+    # what `audit_append` hashes in the database is byte for byte what the verifier hashes
+    entry = Entry(
+        action="order.placed",
+        object_type="order",
+        object_id="o-1",
+        actor=Actor("client-é", "centre", "TC-1", user),
+        old=jsonable(old),
+        new=jsonable(new),
+        reason=reason,
+        cause=cause,
+    )
+    at = T0 + timedelta(microseconds=micros)
+    prev = hashlib.sha256(str(seq).encode()).digest()
+    head, middle = template(entry)
+    text = head + prev.hex() + middle + timestamp(at) + '","schema":"' + schema + '","seq":' + str(seq) + "}"
+    assert text.encode() == canonical(entry.seal(schema, seq, at, prev))
+    assert text.isascii()

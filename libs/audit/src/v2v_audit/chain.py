@@ -162,11 +162,46 @@ def canonical(record: Record) -> bytes:
         "cause": record.cause,
         "prev_hash": record.prev_hash.hex(),
     }
-    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
+    return _json(doc).encode()
 
 
 def entry_hash(record: Record) -> bytes:
     return hashlib.sha256(canonical(record)).digest()
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+
+
+def template(entry: Entry) -> tuple[str, str]:
+    """The canonical form of `entry` with the four values only the database knows left out, as the text
+    before the previous hash (`head`) and between it and the time (`middle`): for any schema, seq, time
+    and previous hash,
+
+        canonical(entry.seal(schema, seq, at, prev)) == (head + prev.hex() + middle + timestamp(at)
+            + '","schema":' + <schema as JSON> + ',"seq":' + str(seq) + '}').encode()
+
+    (the keys are sorted: `prev_hash`, `reason`, `recorded_at`, `schema` and `seq` come last). The
+    database's `audit_append` hashes that text under the chain lock (one round trip; the verifier
+    hashes `canonical` as ever)."""
+    before = {
+        "action": entry.action,
+        "actor": {
+            "client_id": entry.actor.client_id,
+            "user_id": entry.actor.user_id,
+            "kind": entry.actor.kind,
+            "entity_id": entry.actor.entity_id,
+        },
+        "cause": entry.cause,
+        "entry_id": str(entry.entry_id),
+        "format": FORMAT,
+        "new": entry.new,
+        "object": {"type": entry.object_type, "id": entry.object_id},
+        "old": entry.old,
+    }
+    head = "{" + ",".join(f"{_json(k)}:{_json(v)}" for k, v in sorted(before.items())) + ',"prev_hash":"'
+    middle = '","reason":' + _json(entry.reason) + ',"recorded_at":"'
+    return head, middle
 
 
 def chain(schema: str, entries: Iterable[Entry], *, after: tuple[int, bytes], at: datetime) -> list[Record]:

@@ -6,10 +6,11 @@ Service-layer code records each change where it makes it, in the transaction tha
              old={"status": "submitted"}, new={"status": "cancelled"}, reason="patient-withdrew")
 
 `tx.audit(...)` only buffers the entry (no I/O); the unit of work's `before_commit` appends every buffered
-entry right before COMMIT (`PgAuditTrail.flush`): one call takes the schema's chain lock (an advisory
-transaction lock) and reads the tail and the server's clock, one pipelined INSERT adds the entries, and
-COMMIT releases the lock. The serialization window is those two round trips and the commit, whatever the
-transaction did before; two replicas' transactions chain in one total order (the order of their commits).
+entry right before COMMIT (`PgAuditTrail.flush`): one call (`audit_append`, one round trip) takes the
+schema's chain lock (an advisory transaction lock), reads the tail and the server's clock, hashes and adds
+the entries, and COMMIT releases the lock. The serialization window is that round trip and the commit,
+whatever the transaction did before; two replicas' transactions chain in one total order (the order of
+their commits).
 A transaction that rolls back leaves no entry; an entry is never written without its change.
 
 Who acted comes, in this order, from `actor=` given to the call, from the trail's own default (an event
@@ -19,6 +20,7 @@ being served (`v2v_audit.http.audit_context`, the access token's principal), els
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from contextvars import ContextVar
@@ -37,6 +39,7 @@ from v2v_audit.chain import (
     chain,
     jsonable,
     short_text,
+    template,
 )
 from v2v_contracts import CloudEvent
 from v2v_messaging import EventSink, HandlerRegistry, Tx
@@ -127,30 +130,34 @@ class AuditTrail(ABC):
         """Entries recorded in this transaction and not yet appended."""
 
 
-INSERT = """INSERT INTO audit_trail (seq, entry_id, recorded_at, actor_client_id, actor_user_id, actor_kind,
-    actor_entity_id, action, object_type, object_id, old_values, new_values, reason, cause, prev_hash,
-    entry_hash) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)"""
+APPEND = """SELECT chain_schema, seq, recorded_at, prev_hash, entry_hash FROM audit_append(
+    $1::text[], $2::text[], $3::uuid[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[],
+    $9::text[], $10::text[], $11::text[], $12::text[], $13::text[], $14::text[])"""
 
 
-def record_row(r: Record) -> tuple[Any, ...]:
-    a = r.actor
+def _json_text(value: Any) -> str | None:
+    # None is SQL NULL (no value), as the jsonb codec sends it; anything else is its JSON text
+    return None if value is None else json.dumps(value, separators=(",", ":"))
+
+
+def append_arguments(entries: list[Entry]) -> tuple[list[Any], ...]:
+    """`audit_append`'s arguments: one array per column, each entry's canonical template first."""
+    templates = [template(e) for e in entries]
     return (
-        r.seq,
-        r.entry_id,
-        r.recorded_at,
-        a.client_id,
-        a.user_id,
-        a.kind,
-        a.entity_id,
-        r.action,
-        r.object_type,
-        r.object_id,
-        r.old,
-        r.new,
-        r.reason,
-        r.cause,
-        r.prev_hash,
-        r.entry_hash,
+        [h for h, _ in templates],
+        [m for _, m in templates],
+        [e.entry_id for e in entries],
+        [e.actor.client_id for e in entries],
+        [e.actor.user_id for e in entries],
+        [e.actor.kind for e in entries],
+        [e.actor.entity_id for e in entries],
+        [e.action for e in entries],
+        [e.object_type for e in entries],
+        [e.object_id for e in entries],
+        [_json_text(e.old) for e in entries],
+        [_json_text(e.new) for e in entries],
+        [e.reason for e in entries],
+        [e.cause for e in entries],
     )
 
 
@@ -177,15 +184,20 @@ class PgAuditTrail(AuditTrail):
 
 
 async def append(conn: asyncpg.Connection, entries: list[Entry]) -> list[Record]:
-    """Append `entries` to the chain of the connection's schema, in the caller's open transaction: the
-    chain lock is held from here to the transaction's end."""
-    tail = await conn.fetchrow(
-        "SELECT chain_schema, tail_seq, tail_hash, server_time FROM audit_chain_tail()"
-    )
-    assert tail is not None
-    after = (int(tail["tail_seq"] or 0), bytes(tail["tail_hash"]) if tail["tail_hash"] else GENESIS)
-    records = chain(tail["chain_schema"], entries, after=after, at=tail["server_time"])
-    await conn.executemany(INSERT, [record_row(r) for r in records])
+    """Append `entries` to the chain of the connection's schema, in the caller's open transaction, in one
+    round trip (`audit_append`: the chain lock, held from here to the transaction's end, the tail, the
+    server's clock, the hashes and the rows). Every hash the database computed is checked against the
+    verifier's own computation: a difference fails the transaction rather than write a chain that would
+    not verify."""
+    rows = await conn.fetch(APPEND, *append_arguments(entries))
+    records: list[Record] = []
+    for entry, row in zip(entries, rows, strict=True):
+        record = entry.seal(row["chain_schema"], int(row["seq"]), row["recorded_at"], bytes(row["prev_hash"]))
+        if record.entry_hash != bytes(row["entry_hash"]):
+            raise RuntimeError(
+                f"audit entry {record.seq}: the database's hash differs from the canonical form's"
+            )
+        records.append(record)
     return records
 
 

@@ -77,7 +77,7 @@ async def db(test_db: pytest_plugin.TestDatabase, tmp_path: Path) -> AsyncIterat
             zip(["order", "scheduling", "site", "logistics", "notification"], SCHEMAS, strict=True)
         )[name]
         await apply_migrations(owner_url, schema, [MIGRATIONS_DIR])
-        assert await migrate(owner_url, schema) in (["0000.audit-trail"], [])
+        assert await migrate(owner_url, schema) in (["0000.audit-trail", "0001.audit-append"], [])
     owner = await asyncpg.connect(test_db.owner_urls[SERVICE])
     try:
         await owner.execute("CREATE TABLE it_things (id uuid PRIMARY KEY, status text NOT NULL)")
