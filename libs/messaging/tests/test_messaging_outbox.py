@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -277,3 +278,74 @@ async def test_replay_republishes_retained_rows_when_the_topic_is_empty(
     # the topic now holds our events: no second replay
     assert await relay.replay_if_broker_is_fresh() == 0
     assert await pending(pool) == 0
+
+
+# --- (e) a relay in the same process is woken without NOTIFY while it leads ---------------------------
+
+
+async def _notifications_on(url: str, channel: str) -> tuple[asyncpg.Connection, list[str]]:
+    got: list[str] = []
+    conn = await asyncpg.connect(url)
+    await conn.add_listener(channel, lambda _conn, _pid, _channel, payload: got.append(payload))
+    return conn, got
+
+
+async def test_a_leading_relay_of_the_process_is_woken_in_process_after_commit_without_notify(
+    messaging_db: Any, broker: KafkaBroker, kafka: KafkaSettings, new_topic: Any, reader: Any
+) -> None:
+    pool, schema = messaging_db.pool, messaging_db.schema
+    topic = await new_topic("v2v.order")
+    channel = notify_channel(schema)
+    uow = UnitOfWork(pool, topic, channel)
+    # it polls every 30 s: publishing sooner than that is the wake-up's doing
+    relay = OutboxRelay(pool, broker, schema, topic, kafka, poll_interval=30.0)
+    uow.attach_relay(relay)
+    watcher, notifications = await _notifications_on(messaging_db.url, channel)
+    tasks = [asyncio.create_task(relay.run()), asyncio.create_task(relay.listen())]
+    try:
+        for _ in range(200):
+            if relay.leads() and relay.listening:
+                break
+            await asyncio.sleep(0.02)
+        assert relay.leads() and relay.listening
+        await asyncio.sleep(0.2)  # the relay's first passes are done: it waits for a wake-up
+
+        first, second = make_event("order-L1"), make_event("order-L2", 1)
+        async with uow.begin() as tx:
+            await tx.outbox.add(first)
+            assert not relay._wake.is_set()  # not before COMMIT: the relay would not see the row yet
+        # the consumers' way: an explicit transaction committed later
+        opened = await uow.start()
+        await opened.tx.outbox.add(second)
+        await opened.commit()
+
+        started = asyncio.get_running_loop().time()
+        for _ in range(250):
+            if relay.published_total >= 2:
+                break
+            await asyncio.sleep(0.02)
+        assert relay.published_total == 2 and asyncio.get_running_loop().time() - started < 5
+        records = await reader(topic, expect=2)
+        assert {CloudEvent.from_json(r.value).id for r in records} == {first.id, second.id}
+        await asyncio.sleep(0.1)
+        assert notifications == []  # no NOTIFY: no backend listening in the database was woken
+
+        # once this process's relay no longer leads (here: stopped; another process's may lead), a commit
+        # NOTIFYs again (that relay is woken by it)
+        await relay.stop()
+        assert not relay.leads()
+        async with uow.begin() as tx:
+            await tx.outbox.add(make_event("order-L3", 2))
+        for _ in range(100):
+            if notifications:
+                break
+            await asyncio.sleep(0.02)
+        assert notifications == [""]
+    finally:
+        await relay.stop()
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(BaseException):
+                await task
+        await watcher.close()

@@ -39,6 +39,7 @@ import socket
 import time
 import uuid
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -133,22 +134,29 @@ class Outbox:
         channel: str,
         *,
         max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+        needs_notify: Callable[[], bool] | None = None,
     ) -> None:
         self._conn = conn
         self._topic = topic
         self._channel = channel
         self._max_event_bytes = max_event_bytes
+        # None: every transaction that adds events NOTIFYs the relay's channel at commit; otherwise asked
+        # at the first event (`UnitOfWork.attach_relay`: not when this process's relay leads, which the
+        # unit of work wakes itself after the commit)
+        self._needs_notify = needs_notify
         self.added: list[CloudEvent] = []
+        self.notified = False
 
     async def add(self, event: CloudEvent, *, topic: str | None = None) -> None:
         payload = event.to_json()
         if len(payload) > self._max_event_bytes:
             raise EventTooLarge(len(payload), self._max_event_bytes)
         args = (event.id, event.type, topic or self._topic, event.subject, payload, current_traceparent())
-        if self.added:
+        if self.added or not (self._needs_notify is None or self._needs_notify()):
             await self._conn.execute(_INSERT, *args)
         else:  # the first of the transaction also wakes the relay, when the transaction commits: one trip
             await self._conn.execute(_INSERT_AND_NOTIFY, *args, self._channel)
+            self.notified = True
         self.added.append(event)
 
 
@@ -248,6 +256,16 @@ class OutboxRelay:
     @property
     def is_leader(self) -> bool:
         return self.epoch is not None
+
+    def leads(self) -> bool:
+        """Leads with a lease renewed within half its time: this process's commits may wake this relay
+        in-process instead of by NOTIFY (`UnitOfWork.attach_relay`). Should it have lost the lease
+        unawares, the new leader finds the rows at its next poll (`poll_interval`) or wake-up."""
+        return (
+            self.epoch is not None
+            and not self._stopping
+            and time.monotonic() - self._lease_touched < self.lease_ttl / 2
+        )
 
     @property
     def replaying(self) -> bool:

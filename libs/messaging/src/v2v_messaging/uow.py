@@ -18,6 +18,14 @@ from v2v_contracts import CloudEvent, EventData, new_event
 from v2v_messaging.outbox import DEFAULT_MAX_EVENT_BYTES, Outbox
 
 
+class LocalRelay(Protocol):
+    """What a unit of work needs of its process's outbox relay (`OutboxRelay`)."""
+
+    def leads(self) -> bool: ...
+
+    def wake(self) -> None: ...
+
+
 class EventSink(Protocol):
     """What service-layer code sees of an outbox: add an event to the current transaction."""
 
@@ -84,12 +92,14 @@ class OpenTransaction(Generic[TxT]):
         transaction: Any,
         tx: TxT,
         first_status: str | None = None,
+        committed: Callable[[EventSink], None] | None = None,
     ) -> None:
         self._pool = pool
         self._conn: asyncpg.Connection | None = conn
         self._transaction = transaction
         self.tx = tx
         self.first_status = first_status  # the status of `start(first=...)`'s statement ("INSERT 0 1")
+        self._committed = committed
 
     async def commit(self) -> None:
         try:
@@ -99,6 +109,8 @@ class OpenTransaction(Generic[TxT]):
             await self.rollback()
             raise
         await self._release()
+        if self._committed is not None:
+            self._committed(self.tx.outbox)
 
     async def rollback(self) -> None:
         if self._conn is None:
@@ -129,16 +141,38 @@ class UnitOfWork(Generic[TxT]):
         self.channel = channel
         self.tx_factory = tx_factory
         self.max_event_bytes = max_event_bytes
+        self.relay: LocalRelay | None = None
 
-    def _outbox(self, conn: asyncpg.Connection) -> Outbox:
-        return Outbox(conn, self.own_topic, self.channel, max_event_bytes=self.max_event_bytes)
+    def attach_relay(self, relay: LocalRelay) -> None:
+        """This process's outbox relay: while it leads (`relay.leads()`), a transaction that added events
+        wakes it in-process once committed, and sends no NOTIFY (a NOTIFY wakes every backend listening
+        in the database, whichever channel, and this process's listener connection). While another
+        replica's relay leads, the NOTIFY goes out as before."""
+        self.relay = relay
+
+    def _outbox(self, conn: asyncpg.Connection, *, local: bool = True) -> Outbox:
+        relay = self.relay if local else None
+        return Outbox(
+            conn,
+            self.own_topic,
+            self.channel,
+            max_event_bytes=self.max_event_bytes,
+            needs_notify=(lambda: not relay.leads()) if relay is not None else None,
+        )
+
+    def _committed(self, outbox: EventSink) -> None:
+        if self.relay is not None and outbox.added and not getattr(outbox, "notified", True):
+            self.relay.wake()
 
     @asynccontextmanager
     async def begin(self) -> AsyncIterator[TxT]:
-        async with self.pool.acquire() as conn, conn.transaction():
-            tx = self.tx_factory(conn, self._outbox(conn))
-            yield tx
-            await tx.before_commit()
+        async with self.pool.acquire() as conn:
+            outbox = self._outbox(conn)
+            async with conn.transaction():
+                tx = self.tx_factory(conn, outbox)
+                yield tx
+                await tx.before_commit()
+            self._committed(outbox)  # after COMMIT: the relay then sees the rows
 
     async def start(self, first: str | None = None) -> OpenTransaction[TxT]:
         """Open a transaction on a pooled connection; the caller commits or rolls it back.
@@ -166,12 +200,15 @@ class UnitOfWork(Generic[TxT]):
                 await self.pool.release(conn)
             raise
         tx = self.tx_factory(conn, self._outbox(conn))
-        return OpenTransaction(self.pool, conn, transaction, tx, first_status=status)
+        return OpenTransaction(
+            self.pool, conn, transaction, tx, first_status=status, committed=self._committed
+        )
 
     @asynccontextmanager
     async def on(self, conn: asyncpg.Connection) -> AsyncIterator[TxT]:
-        """A Tx on a connection whose transaction the caller already opened (and commits)."""
-        tx = self.tx_factory(conn, self._outbox(conn))
+        """A Tx on a connection whose transaction the caller already opened (and commits): its events
+        NOTIFY the relay (the commit is the caller's)."""
+        tx = self.tx_factory(conn, self._outbox(conn, local=False))
         yield tx
         await tx.before_commit()
 

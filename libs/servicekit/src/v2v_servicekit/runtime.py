@@ -190,6 +190,7 @@ def create_app(definition: ServiceDefinition, settings: ServiceSettings | None =
             publish_timeout=settings.relay_publish_timeout_s,
             topics=topics,  # all of the namespace's, dead-letter topics too: recreated on a fresh broker
         )
+        uow.attach_relay(relay)  # while it leads, commits wake it in-process (no NOTIFY)
         supervisor = Supervisor(
             backoff_initial_s=settings.background_restart_initial_s,
             backoff_max_s=settings.background_restart_max_s,
