@@ -25,8 +25,10 @@ in), from a cursor kept in the lease row so that a restarted or new leader carri
 drop what they had already processed. After a second without publishing, the broker is checked before the
 next rows go out (a broker that restarted while the relay was idle is noticed before it gets anything).
 
-A LISTEN connection wakes the relay on commit (`listen()`, a loop of its own: when Postgres restarts it
-fails, is restarted by the supervisor with backoff, and the relay polls meanwhile).
+A commit wakes the relay: in-process when the committing process's relay leads (`UnitOfWork.attach_relay`;
+no NOTIFY then: one wakes every backend listening in the database), else through its LISTEN connection
+(`listen()`, a loop of its own: when Postgres restarts it fails, is restarted by the supervisor with
+backoff, and the relay polls meanwhile).
 """
 
 from __future__ import annotations
