@@ -83,7 +83,7 @@ def start_infrastructure(
     pg_port: int | None = None,
     kafka_port: int | None = None,
     allow_containers: bool = False,
-    embedded_fetch_wait_ms: int = 20,
+    embedded_fetch_wait_ms: int = 50,
 ) -> Infrastructure:
     env_db = os.environ.get("V2V_DATABASE_URL") or None
     env_kafka = os.environ.get("V2V_KAFKA_BOOTSTRAP_SERVERS") or None
@@ -135,12 +135,13 @@ def start_infrastructure(
             tansu = LocalTansu(port)
             tansu.start(state_dir / "logs" / "tansu.log")
             closers.append(tansu.stop)
-            # Tansu rejects InitProducerId. Every idle fetch costs it CPU, and a longer wait costs latency
-            # under load: measured on the 2-core machine, the idle platform with 2 replicas of each
-            # service uses 0.82 cores at 20 ms (Tansu 0.37) and 0.31 at 100 ms, but `make bench` at 10
-            # orders/s holds with 20 ms (chain p50 269 ms, p99 489 ms) and not with 100 ms (chain p50
-            # 4.6 s: the webhook consumer falls behind). 20 ms by default; `make chaos` asks for 100 ms
-            # (CPU is what two replicas of everything lack there; docs/RELIABILITY.md).
+            # Tansu rejects InitProducerId. Every fetch that finds nothing costs it (and the consumer)
+            # CPU, and a longer wait can cost latency: measured on the 2-core machine (docs/BENCHMARKS.md,
+            # optimisation round 6), `make bench`-style steps at 10 and 25 orders/s use 0.96 and 1.72
+            # cores at 50 ms against 1.36 and 1.98 at 20 ms, with the same chain latency at 10/s (p50
+            # 80 vs 78 ms) and a lower one at 25/s (p99 278 vs 572 ms: the machine is less saturated);
+            # at 100 ms the 25/s step's p99 rose to 763 ms. 50 ms by default; `make chaos` asks for
+            # 100 ms (CPU is what two replicas of everything lack there; docs/RELIABILITY.md).
             bootstrap, kafka_kind, idempotence = tansu.bootstrap_servers, "embedded tansu", False
             fetch_wait = int(fetch_wait_env or embedded_fetch_wait_ms)
     except BaseException:
