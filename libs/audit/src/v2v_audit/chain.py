@@ -139,27 +139,35 @@ def timestamp(at: datetime) -> str:
     return at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+def _content(e: Entry | Record) -> dict[str, Any]:
+    """The canonical form's fields that the writer knows: those of the entry itself (the database adds
+    the schema, the seq, the time and the previous hash)."""
+    return {
+        "format": FORMAT,
+        "entry_id": str(e.entry_id),
+        "actor": {
+            "client_id": e.actor.client_id,
+            "user_id": e.actor.user_id,
+            "kind": e.actor.kind,
+            "entity_id": e.actor.entity_id,
+        },
+        "action": e.action,
+        "object": {"type": e.object_type, "id": e.object_id},
+        "old": e.old,
+        "new": e.new,
+        "reason": e.reason,
+        "cause": e.cause,
+    }
+
+
 def canonical(record: Record) -> bytes:
     """The bytes an entry's hash is taken over: every field but the hash itself, the previous hash
     included, as compact JSON with sorted keys and ASCII-escaped strings."""
     doc = {
-        "format": FORMAT,
+        **_content(record),
         "schema": record.schema,
         "seq": record.seq,
-        "entry_id": str(record.entry_id),
         "recorded_at": timestamp(record.recorded_at),
-        "actor": {
-            "client_id": record.actor.client_id,
-            "user_id": record.actor.user_id,
-            "kind": record.actor.kind,
-            "entity_id": record.actor.entity_id,
-        },
-        "action": record.action,
-        "object": {"type": record.object_type, "id": record.object_id},
-        "old": record.old,
-        "new": record.new,
-        "reason": record.reason,
-        "cause": record.cause,
         "prev_hash": record.prev_hash.hex(),
     }
     return _json(doc).encode()
@@ -184,23 +192,10 @@ def template(entry: Entry) -> tuple[str, str]:
     (the keys are sorted: `prev_hash`, `reason`, `recorded_at`, `schema` and `seq` come last). The
     database's `audit_append` hashes that text under the chain lock (one round trip; the verifier
     hashes `canonical` as ever)."""
-    before = {
-        "action": entry.action,
-        "actor": {
-            "client_id": entry.actor.client_id,
-            "user_id": entry.actor.user_id,
-            "kind": entry.actor.kind,
-            "entity_id": entry.actor.entity_id,
-        },
-        "cause": entry.cause,
-        "entry_id": str(entry.entry_id),
-        "format": FORMAT,
-        "new": entry.new,
-        "object": {"type": entry.object_type, "id": entry.object_id},
-        "old": entry.old,
-    }
+    before = _content(entry)
+    reason = before.pop("reason")  # sorted after `prev_hash`, as are the four values the database adds
     head = "{" + ",".join(f"{_json(k)}:{_json(v)}" for k, v in sorted(before.items())) + ',"prev_hash":"'
-    middle = '","reason":' + _json(entry.reason) + ',"recorded_at":"'
+    middle = '","reason":' + _json(reason) + ',"recorded_at":"'
     return head, middle
 
 
