@@ -46,14 +46,15 @@ the fresh one's group.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import random
 import re
 import time
 import uuid
 import weakref
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from itertools import chain
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -110,6 +111,27 @@ COMMIT_EVERY = 100
 COMMIT_AFTER_S = 1.0
 # at most this many records per poll, and so per transaction (`EventConsumer._consume_records`)
 BATCH_MAX = 50
+
+
+def in_time_order(partitions: Iterable[list[Any]]) -> tuple[Any, ...]:
+    """The records of one poll, its partitions' merged into one sequence by timestamp; each partition's
+    records keep their offset order whatever their timestamps (a merge only ever takes the head of a
+    partition's list).
+
+    Each topic is one service's, and a consumer reading several (the order service reads scheduling,
+    site and logistics) gets their partitions in the order the fetcher buffered them: one poll could
+    hand it an order's booking confirmation (site) before the slot reservation (scheduling) it follows.
+    Handlers cope with any order (a fact that comes early is parked until the one it follows is
+    applied), but parking costs writes and reads that applying in order does not."""
+    lists = [records for records in partitions if records]
+    if len(lists) <= 1:
+        return tuple(lists[0]) if lists else ()
+    return tuple(heapq.merge(*lists, key=_timestamp))
+
+
+def _timestamp(record: Any) -> int:
+    stamp = getattr(record, "timestamp", None)
+    return stamp if isinstance(stamp, int) else 0
 
 
 def _observe_lag(_options: Any) -> list[Any]:
@@ -441,9 +463,12 @@ class EventConsumer:
 
     async def _poll(self, kafka_consumer: AIOKafkaConsumer) -> tuple[Any, ...]:
         """What faststream's consume loop asks for: the records one poll returns (at most `batch_max`;
-        as soon as any are there). Its loop keeps its own handling of broker errors and of a stop."""
+        as soon as any are there). Its loop keeps its own handling of broker errors and of a stop.
+
+        The records of several partitions come merged by their timestamps (`in_time_order`), each
+        partition's own in offset order."""
         batches = await kafka_consumer.getmany(timeout_ms=POLL_TIMEOUT_MS, max_records=self.batch_max)
-        return tuple(chain.from_iterable(batches.values()))
+        return in_time_order(batches.values())
 
     async def _consume(self, records: tuple[Any, ...]) -> None:
         """What faststream's consume loop hands the records of a poll to (in place of its per-message
