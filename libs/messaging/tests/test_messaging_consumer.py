@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import date
 from typing import Any
 
+import asyncpg
 import pytest
 from aiokafka import AIOKafkaProducer, TopicPartition
 from faststream.kafka import KafkaBroker
@@ -521,6 +522,64 @@ async def test_the_records_of_a_poll_are_applied_in_one_transaction_and_committe
     assert [r["event_id"] for r in rows] == [e.id for e in events]
     assert all(r["effect_tx"] == r["inbox_tx"] for r in rows)
     assert len({r["effect_tx"] for r in rows}) < len(events), "one transaction per poll, not per record"
+
+
+async def test_the_inbox_rows_of_a_batch_after_its_first_record_go_with_its_commit(
+    messaging_db: Any,
+    new_topic: Any,
+    producer: AIOKafkaProducer,
+    start_consumer: StartConsumer,
+    eventually: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """In a batch, the first record's inbox row goes with the BEGIN and finds it new; the later records
+    of its partition are then new too (the inbox holds only a run of records that a previous reader
+    processed without committing their offsets), and their inbox rows go with the COMMIT: one round
+    trip for the batch's inbox rows instead of one per record. Every row is still written, in the
+    transaction of its record's effects."""
+    pool = messaging_db.pool
+    topic, dlq = await new_topic("v2v.scheduling"), await new_topic("v2v.order.dlq")
+    events = [make_event("order-b", n) for n in range(6)]
+    for event in events:
+        await producer.send(topic, event.to_json(), key=b"order-b")
+    await producer.flush()
+
+    asked: list[str] = []  # inbox inserts that went on their own (one round trip per record)
+    committed_with: list[str] = []
+    fetchval, execute = asyncpg.Connection.fetchval, asyncpg.Connection.execute
+
+    async def counting_fetchval(self: Any, query: str, *args: Any, **kwargs: Any) -> Any:
+        if "INTO inbox" in query:
+            asked.append(query)
+        return await fetchval(self, query, *args, **kwargs)
+
+    async def counting_execute(self: Any, query: str, *args: Any, **kwargs: Any) -> Any:
+        if query.endswith("; COMMIT") and "INTO inbox" in query:
+            committed_with.append(query)
+        return await execute(self, query, *args, **kwargs)
+
+    monkeypatch.setattr(asyncpg.Connection, "fetchval", counting_fetchval)
+    monkeypatch.setattr(asyncpg.Connection, "execute", counting_execute)
+    consumer, _ = await start_consumer(
+        service=unique_service(), topic=topic, dlq=dlq, handlers={EVENT_TYPE: write_effect}
+    )
+    await eventually(lambda: consumer.stats.processed == 6, what="the six events")
+
+    rows = await pool.fetch(
+        """SELECT e.event_id, e.xmin::text AS effect_tx, i.xmin::text AS inbox_tx
+           FROM it_effects e JOIN inbox i ON i.event_id = e.event_id AND i.consumer = $1
+           ORDER BY e.id""",
+        consumer.group_id,
+    )
+    assert [r["event_id"] for r in rows] == [e.id for e in events]
+    assert all(r["effect_tx"] == r["inbox_tx"] for r in rows)
+    transactions = len({r["effect_tx"] for r in rows})
+    assert transactions < len(events)
+    assert asked == []  # not one inbox insert of its own
+    # each batch of more than one record sent its later records' rows with its COMMIT
+    deferred = sum(q.count("('") for q in committed_with)
+    assert deferred == len(events) - transactions
+    assert consumer.stats.duplicates == 0 and consumer.stats.poison_failures == 0
 
 
 async def test_a_poison_record_in_a_batch_is_dead_lettered_alone_and_the_others_are_applied_once(

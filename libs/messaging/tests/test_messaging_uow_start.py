@@ -71,3 +71,46 @@ async def test_a_commit_the_server_turns_into_a_rollback_raises(messaging_db: An
         await opened.commit()
     assert not await in_inbox(pool, event_id)
     assert pool.get_size() - pool.get_idle_size() == 0
+
+
+async def test_a_final_statement_goes_with_the_commit_and_a_failing_one_leaves_nothing(
+    messaging_db: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`commit(final=...)`: a last statement sent with the COMMIT in one round trip (a consumer batch's
+    deferred inbox rows); when it fails, nothing of the transaction is kept."""
+    pool = messaging_db.pool
+    uow = UnitOfWork(pool, "v2v.site", notify_channel(messaging_db.schema))
+    first, second, third = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    plain = "INSERT INTO inbox (consumer, event_id, event_type, topic, kafka_partition, kafka_offset) VALUES "
+
+    opened = await uow.start(first=inbox_row(first))
+    assert opened.begun_together
+    sent: list[str] = []
+    original = asyncpg.Connection.execute
+
+    async def spy(self: Any, query: str, *args: Any, **kwargs: Any) -> Any:
+        sent.append(query)
+        return await original(self, query, *args, **kwargs)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(asyncpg.Connection, "execute", spy)
+        await opened.commit(final=f"{plain}('it.start', '{second}', 'x.y.v1', 'v2v.site', 0, 2)")
+    assert sent == [f"{plain}('it.start', '{second}', 'x.y.v1', 'v2v.site', 0, 2); COMMIT"]  # one trip
+    assert await in_inbox(pool, first) and await in_inbox(pool, second)
+
+    # a row there already (no ON CONFLICT here): the commit raises and nothing of it is kept
+    failing = await uow.start(first=inbox_row(third))
+    with pytest.raises(asyncpg.UniqueViolationError):
+        await failing.commit(final=f"{plain}('it.start', '{second}', 'x.y.v1', 'v2v.site', 0, 3)")
+    assert not await in_inbox(pool, third)
+    assert pool.get_size() - pool.get_idle_size() == 0
+
+    # a transaction begun without a first statement runs the final one on its own, then commits
+    async with pool.acquire() as check:
+        before = await check.fetchval("SELECT count(*) FROM inbox")
+    separate = await uow.start()
+    assert not separate.begun_together
+    await separate.commit(final=f"{plain}('it.start', '{third}', 'x.y.v1', 'v2v.site', 0, 4)")
+    assert await in_inbox(pool, third)
+    async with pool.acquire() as check:
+        assert await check.fetchval("SELECT count(*) FROM inbox") == before + 1

@@ -57,6 +57,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import asyncpg
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import KafkaError
@@ -236,6 +237,9 @@ class EventConsumer:
         # the last record taken from each partition, and the broker's cluster id: what a broker that
         # forgot no longer matches
         self._seen: dict[tuple[str, int], RecordMark] = {}
+        # per partition, the offset from which its records are taken to be new to the inbox
+        # (`_presumed_new`): set by an inbox insert that found a record new, cleared at every assignment
+        self._new_from: dict[tuple[str, int], int] = {}
         self._cluster_id: str | None = None
         self._resets = 0  # bumped when the consumer starts again from the beginning
         self._start_over_pending = False  # a start over a rebalance interrupted: the next assignment's
@@ -345,6 +349,7 @@ class EventConsumer:
             reason=reason,
         )
         self._resets += 1
+        self._new_from.clear()
         self.stats.broker_resets += 1
         BROKER_RESETS.add(1, {"consumer_group": self.group_id})
         for tp in assigned:
@@ -553,6 +558,16 @@ class EventConsumer:
                                 batch = _Batch(i, await self.uow.start(first=inbox_row))
                                 if inbox_row is not None:
                                     recorded = _inbox_outcome(batch.transaction.first_status)
+                                    if recorded == "processed":
+                                        self._note_new(record)
+                            elif (
+                                getattr(batch.transaction, "begun_together", False)
+                                and self._presumed_new(record)
+                                and (values := self._inbox_values(event, record)) is not None
+                            ):
+                                # its inbox row goes with the COMMIT (`_commit`)
+                                batch.deferred.append(values)
+                                recorded = "processed"
                             item.outcome = await self._apply(
                                 batch.transaction.tx, event, record, recorded=recorded
                             )
@@ -753,15 +768,26 @@ class EventConsumer:
         # order's event of a type this consumer ignores)
         if last.event is not None:
             bind_order(last.event.data.get("order_id"), last.event.coi)
+        final = f"{_INBOX_INSERT} VALUES {', '.join(batch.deferred)}" if batch.deferred else None
         try:
-            await batch.transaction.commit()
+            await (batch.transaction.commit() if final is None else batch.transaction.commit(final=final))
         except Exception as exc:
-            log.warning(
-                "consumer: a batch did not commit, processing it again one at a time",
-                consumer_group=self.group_id,
-                records=len(batch.items),
-                error=repr(exc),
-            )
+            if final is not None and isinstance(exc, asyncpg.UniqueViolationError):
+                # a record taken to be new was in the inbox already (see `_presumed_new`)
+                for item in batch.items:
+                    self._new_from.pop((item.record.topic, item.record.partition), None)
+                log.info(
+                    "consumer: a record of the batch was processed before, processing it again one at a time",
+                    consumer_group=self.group_id,
+                    records=len(batch.items),
+                )
+            else:
+                log.warning(
+                    "consumer: a batch did not commit, processing it again one at a time",
+                    consumer_group=self.group_id,
+                    records=len(batch.items),
+                    error=repr(exc),
+                )
             for item in batch.items:
                 self._end_span(item, rolled_back=True)
             return exc
@@ -923,6 +949,11 @@ class EventConsumer:
         None when a value is not of the plain kind that can be written in without quoting rules (a
         consumer group, topic or event type of letters, digits and `._:-`; a UUID; integers): then the
         insert goes with parameters, as for every other record."""
+        values = self._inbox_values(event, record)
+        return None if values is None else f"{_INBOX_INSERT} VALUES {values} ON CONFLICT DO NOTHING"
+
+    def _inbox_values(self, event: CloudEvent, record: Any) -> str | None:
+        """The record's inbox row as a VALUES tuple with its values written in (see `_inbox_row_sql`)."""
         texts = (self.group_id, event.type, record.topic)
         if not all(isinstance(t, str) and _PLAIN.fullmatch(t) for t in texts):
             return None
@@ -930,10 +961,28 @@ class EventConsumer:
             return None
         event_id = str(uuid.UUID(str(event.id)))  # canonical hex and dashes only
         return (
-            "INSERT INTO inbox (consumer, event_id, event_type, topic, kafka_partition, kafka_offset) "
-            f"VALUES ('{self.group_id}', '{event_id}', '{event.type}', '{record.topic}', "
-            f"{int(record.partition)}, {int(record.offset)}) ON CONFLICT DO NOTHING"
+            f"('{self.group_id}', '{event_id}', '{event.type}', '{record.topic}', "
+            f"{int(record.partition)}, {int(record.offset)})"
         )
+
+    def _presumed_new(self, record: Any) -> bool:
+        """Whether the record can be taken to be new to the inbox without asking: a later record of its
+        partition than one that an inbox insert found new, in this assignment.
+
+        The records already in the inbox that a consumer reads are those that the partition's previous
+        reader processed without committing their offsets (a crash, a rebalance): a run from the
+        committed offset on, ending where that reader stopped. A record found new lies beyond that run,
+        and so does every later record of the partition. What else could repeat an event (a relay that
+        published a row twice; a previous reader still running after it lost the partition) is rare, and
+        caught at the COMMIT: the deferred inbox rows are inserted without ON CONFLICT, so such a
+        duplicate fails the batch, which is processed again one record at a time (each inbox row
+        before its handler, as always)."""
+        start = self._new_from.get((record.topic, record.partition))
+        return start is not None and isinstance(record.offset, int) and record.offset >= start
+
+    def _note_new(self, record: Any) -> None:
+        if isinstance(record.offset, int):
+            self._new_from.setdefault((record.topic, record.partition), record.offset + 1)
 
     async def _apply(self, tx: Tx, event: CloudEvent, record: Any, recorded: str | None = None) -> str:
         """In `tx`: the record's inbox row, then (unless it was there already) its handler. The inbox
@@ -954,6 +1003,8 @@ class EventConsumer:
                     record.offset,
                 )
             outcome = "processed" if fresh else "duplicate"
+            if fresh:
+                self._note_new(record)
         else:
             outcome = recorded
         trace.get_current_span().set_attribute(tn.CONSUMER_OUTCOME, outcome)
@@ -1033,6 +1084,7 @@ class _Item:
 
 
 _PLAIN = re.compile(r"[A-Za-z0-9._:\-]{1,249}")
+_INBOX_INSERT = "INSERT INTO inbox (consumer, event_id, event_type, topic, kafka_partition, kafka_offset)"
 
 
 def _inbox_outcome(status: str | None) -> str:
@@ -1051,6 +1103,7 @@ class _Batch:
     start: int
     transaction: OpenTransaction[Any]
     items: list[_Item] = field(default_factory=list)
+    deferred: list[str] = field(default_factory=list)  # inbox rows (VALUES tuples) sent with the COMMIT
 
 
 class _Telemetry:
@@ -1114,9 +1167,11 @@ class _CheckOnAssignment(ConsumerRebalanceListener):  # type: ignore[misc]
         self._consumer = consumer
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        self._consumer._new_from.clear()  # another reader may process them before they come back
         return None
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        self._consumer._new_from.clear()
         kafka_consumer = self._consumer.subscriber.consumer
         if kafka_consumer is None:
             return

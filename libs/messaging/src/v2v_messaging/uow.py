@@ -71,8 +71,8 @@ class _BegunTogether:
     def __init__(self, conn: asyncpg.Connection) -> None:
         self._conn = conn
 
-    async def commit(self) -> None:
-        status = await self._conn.execute("COMMIT")
+    async def commit(self, final: str | None = None) -> None:
+        status = await self._conn.execute("COMMIT" if final is None else f"{final}; COMMIT")
         if status != "COMMIT":
             raise asyncpg.InterfaceError(f"the server ended the transaction with {status!r}, not COMMIT")
 
@@ -101,10 +101,25 @@ class OpenTransaction(Generic[TxT]):
         self.first_status = first_status  # the status of `start(first=...)`'s statement ("INSERT 0 1")
         self._committed = committed
 
-    async def commit(self) -> None:
+    @property
+    def begun_together(self) -> bool:
+        """Whether its BEGIN went out with its first statement (`UnitOfWork.start(first=...)`): then
+        `commit(final=...)` sends the final statement with the COMMIT, in one round trip."""
+        return isinstance(self._transaction, _BegunTogether)
+
+    async def commit(self, final: str | None = None) -> None:
+        """`final`: a last statement without parameters (values written in, by a caller that vouches for
+        them), run after the Tx's `before_commit`: with the COMMIT in one simple-query round trip when the
+        transaction was begun together with its first statement, else on its own right before it."""
         try:
             await self.tx.before_commit()
-            await self._transaction.commit()
+            if isinstance(self._transaction, _BegunTogether):
+                await self._transaction.commit(final)
+            else:
+                if final is not None:
+                    assert self._conn is not None
+                    await self._conn.execute(final)
+                await self._transaction.commit()
         except BaseException:
             await self.rollback()
             raise
