@@ -608,3 +608,45 @@ async def test_the_webhook_listener_listens_again_after_a_postgres_restart(
     finally:
         await service.stop()
         await pool.close()
+
+
+# ---- a consumer's batch queues its deliveries in one statement -------------------------------------------
+
+
+async def test_a_batch_of_events_queues_its_deliveries_in_one_statement_in_event_order(
+    pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The events of one transaction (a consumer's batch) have their deliveries written together right
+    before COMMIT: one statement for all of them, each matching subscription's in the order the events
+    came (`seq`, which keeps an order's webhooks in order); a transaction rolled back queues nothing."""
+    uow = unit_of_work(pool)
+    live = await subscribe(uow, LIVE, "http://127.0.0.1:9/a")
+    other = await subscribe(uow, LIVE, "http://127.0.0.1:9/b")
+    await subscribe(uow, DEAD, "http://127.0.0.1:9/c")  # another centre's: none of these events
+    events = [submitted(LIVE) for _ in range(3)]
+
+    statements: list[str] = []
+    execute = asyncpg.Connection.execute
+
+    async def counting(self: Any, query: str, *args: Any, **kwargs: Any) -> Any:
+        if "INSERT INTO deliveries" in query:
+            statements.append(query)
+        return await execute(self, query, *args, **kwargs)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(asyncpg.Connection, "execute", counting)
+        async with uow.begin() as tx:
+            for event in events:
+                await handlers.dispatch(tx, event)
+    assert len(statements) == 1
+
+    rows = await pool.fetch("SELECT subscription_id, event_id FROM deliveries ORDER BY seq")
+    for sub in (live, other):
+        assert [r["event_id"] for r in rows if r["subscription_id"] == sub] == [e.id for e in events]
+    assert len(rows) == 6
+
+    with contextlib.suppress(RuntimeError):
+        async with uow.begin() as tx:
+            await handlers.dispatch(tx, submitted(LIVE))
+            raise RuntimeError("rolled back")
+    assert await pool.fetchval("SELECT count(*) FROM deliveries") == 6

@@ -15,6 +15,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import json
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -410,11 +411,14 @@ class WebhookQueue(DeliveryQueue[WebhookDelivery]):
         self, subscriptions: SubscriptionRepository, event: EventRef, payload: bytes
     ) -> None:
         """Queue `event` for each of its centre's subscriptions that want it; wake the dispatcher on commit
-        when any does."""
+        when any does. (A queue may hold them until `flush`, which its transaction calls before COMMIT.)"""
         matching = await subscriptions.matching(event.treatment_center_id, event.event_type)
         if matching:
             await self.enqueue(matching, event, payload)
             await self.wake()
+
+    async def flush(self) -> None:
+        """Write what `enqueue_matching` held back; the transaction calls it right before COMMIT."""
 
     @abc.abstractmethod
     async def endpoints_for_update(
@@ -735,30 +739,50 @@ class PgWebhookQueue(_PgQueue[WebhookDelivery], WebhookQueue):
             [h.probe_delivery_id for _, h in items],
         )
 
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        super().__init__(conn)
+        self._held: list[tuple[EventRef, bytes]] = []
+
     async def enqueue_matching(
         self, subscriptions: SubscriptionRepository, event: EventRef, payload: bytes
     ) -> None:
-        # one statement (one round trip) instead of three: the matching subscriptions, their deliveries
-        # inserted and the dispatcher's NOTIFY (delivered on commit) when any was queued
+        # held until the transaction's end (`flush`): a consumer's batch queues the deliveries of all its
+        # events in one statement instead of one per event
+        self._held.append((event, payload))
+
+    async def flush(self) -> None:
+        """One statement (one round trip) for every event held: the matching subscriptions of each, their
+        deliveries inserted in the order the events came (`seq`: an order's deliveries to one endpoint go
+        in this order) and the dispatcher's NOTIFY (delivered on commit) when any was queued."""
+        if not self._held:
+            return
+        held, self._held = self._held, []
         await self.conn.execute(
-            """WITH ins AS (
+            """WITH e AS (
+                   SELECT * FROM unnest($1::text[], $2::uuid[], $3::text[], $4::uuid[], $5::text[],
+                                        $6::bytea[], $7::text[])
+                       WITH ORDINALITY AS e(centre, event_id, event_type, order_id, coi, payload, trace,
+                                            ord)),
+               ins AS (
                    INSERT INTO deliveries (delivery_id, subscription_id, event_id, event_type, order_id, coi,
                                            treatment_center_id, payload, trace_headers, status)
-                   SELECT gen_random_uuid(), s.subscription_id, $2, $3, $4, $5, $1, $6, $7::jsonb, 'pending'
-                   FROM subscriptions s
-                   WHERE s.treatment_center_id = $1 AND s.active
-                     AND (s.event_types IS NULL OR $3 = ANY(s.event_types))
+                   SELECT gen_random_uuid(), s.subscription_id, e.event_id, e.event_type, e.order_id, e.coi,
+                          e.centre, e.payload, e.trace::jsonb, 'pending'
+                   FROM e JOIN subscriptions s
+                     ON s.treatment_center_id = e.centre AND s.active
+                    AND (s.event_types IS NULL OR e.event_type = ANY(s.event_types))
+                   ORDER BY e.ord, s.subscription_id
                    ON CONFLICT (subscription_id, event_id) DO NOTHING
                    RETURNING 1)
                SELECT CASE WHEN n > 0 THEN pg_notify($8 || current_schema(), '') END
                FROM (SELECT count(*) AS n FROM ins) c""",
-            event.treatment_center_id,
-            event.event_id,
-            event.event_type,
-            event.order_id,
-            event.coi,
-            payload,
-            event.trace_headers,
+            [event.treatment_center_id for event, _ in held],
+            [event.event_id for event, _ in held],
+            [event.event_type for event, _ in held],
+            [event.order_id for event, _ in held],
+            [event.coi for event, _ in held],
+            [payload for _, payload in held],
+            [json.dumps(event.trace_headers) for event, _ in held],
             self.channel,
         )
 
@@ -938,6 +962,10 @@ class NotificationTx(AuditedTx):
         self.webhooks = webhooks
         self.emails = emails
         self.deliveries = deliveries
+
+    async def before_commit(self) -> None:
+        await self.webhooks.flush()  # the deliveries held back in this transaction, in one statement
+        await super().before_commit()
 
 
 def tx_factory(conn: asyncpg.Connection, outbox: EventSink) -> NotificationTx:
