@@ -666,6 +666,10 @@ class PgWebhookQueue(_PgQueue[WebhookDelivery], WebhookQueue):
     target_key = "subscription_id"
     target_select = _WEBHOOK_TARGET
 
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        super().__init__(conn)
+        self._held: list[tuple[EventRef, bytes]] = []  # events queued in this transaction (`flush`)
+
     def _delivery(self, row: asyncpg.Record) -> WebhookDelivery:
         sealed = (row["secret_sealed"], row["previous_secret_sealed"])
         return WebhookDelivery(
@@ -738,10 +742,6 @@ class PgWebhookQueue(_PgQueue[WebhookDelivery], WebhookQueue):
             [h.parked_until for _, h in items],
             [h.probe_delivery_id for _, h in items],
         )
-
-    def __init__(self, conn: asyncpg.Connection) -> None:
-        super().__init__(conn)
-        self._held: list[tuple[EventRef, bytes]] = []
 
     async def enqueue_matching(
         self, subscriptions: SubscriptionRepository, event: EventRef, payload: bytes
