@@ -491,6 +491,20 @@ async def test_a_forged_event_on_the_wrong_topic_is_dead_lettered_at_once_and_ne
 # --- (f) the records of a poll share one transaction ---------------------------------------------------
 
 
+async def effects_with_their_inbox_rows(pool: Any, consumer: EventConsumer, events: list[CloudEvent]) -> int:
+    """Every event's effect, in order, written by the transaction that wrote its inbox row; returns how
+    many transactions wrote them."""
+    rows = await pool.fetch(
+        """SELECT e.event_id, e.xmin::text AS effect_tx, i.xmin::text AS inbox_tx
+           FROM it_effects e JOIN inbox i ON i.event_id = e.event_id AND i.consumer = $1
+           ORDER BY e.id""",
+        consumer.group_id,
+    )
+    assert [r["event_id"] for r in rows] == [e.id for e in events]
+    assert all(r["effect_tx"] == r["inbox_tx"] for r in rows)
+    return len({r["effect_tx"] for r in rows})
+
+
 async def test_the_records_of_a_poll_are_applied_in_one_transaction_and_committed_together(
     messaging_db: Any,
     new_topic: Any,
@@ -513,15 +527,8 @@ async def test_the_records_of_a_poll_are_applied_in_one_transaction_and_committe
     )
     await eventually(lambda: consumer.stats.processed == 10, what="the ten events")
 
-    rows = await pool.fetch(
-        """SELECT e.event_id, e.xmin::text AS effect_tx, i.xmin::text AS inbox_tx
-           FROM it_effects e JOIN inbox i ON i.event_id = e.event_id AND i.consumer = $1
-           ORDER BY e.id""",
-        consumer.group_id,
-    )
-    assert [r["event_id"] for r in rows] == [e.id for e in events]
-    assert all(r["effect_tx"] == r["inbox_tx"] for r in rows)
-    assert len({r["effect_tx"] for r in rows}) < len(events), "one transaction per poll, not per record"
+    transactions = await effects_with_their_inbox_rows(pool, consumer, events)
+    assert transactions < len(events), "one transaction per poll, not per record"
 
 
 async def test_the_inbox_rows_of_a_batch_after_its_first_record_go_with_its_commit(
@@ -565,15 +572,7 @@ async def test_the_inbox_rows_of_a_batch_after_its_first_record_go_with_its_comm
     )
     await eventually(lambda: consumer.stats.processed == 6, what="the six events")
 
-    rows = await pool.fetch(
-        """SELECT e.event_id, e.xmin::text AS effect_tx, i.xmin::text AS inbox_tx
-           FROM it_effects e JOIN inbox i ON i.event_id = e.event_id AND i.consumer = $1
-           ORDER BY e.id""",
-        consumer.group_id,
-    )
-    assert [r["event_id"] for r in rows] == [e.id for e in events]
-    assert all(r["effect_tx"] == r["inbox_tx"] for r in rows)
-    transactions = len({r["effect_tx"] for r in rows})
+    transactions = await effects_with_their_inbox_rows(pool, consumer, events)
     assert transactions < len(events)
     assert asked == []  # not one inbox insert of its own
     # each batch of more than one record sent its later records' rows with its COMMIT
