@@ -491,6 +491,13 @@ async def test_a_forged_event_on_the_wrong_topic_is_dead_lettered_at_once_and_ne
 # --- (f) the records of a poll share one transaction ---------------------------------------------------
 
 
+async def send_all(producer: AIOKafkaProducer, topic: str, events: list[CloudEvent], key: bytes) -> None:
+    """The events written to `topic` under one key (one partition), before any consumer starts."""
+    for event in events:
+        await producer.send(topic, event.to_json(), key=key)
+    await producer.flush()
+
+
 async def effects_with_their_inbox_rows(pool: Any, consumer: EventConsumer, events: list[CloudEvent]) -> int:
     """Every event's effect, in order, written by the transaction that wrote its inbox row; returns how
     many transactions wrote them."""
@@ -518,9 +525,7 @@ async def test_the_records_of_a_poll_are_applied_in_one_transaction_and_committe
     pool = messaging_db.pool
     topic, dlq = await new_topic("v2v.scheduling"), await new_topic("v2v.order.dlq")
     events = [make_event("order-a", n) for n in range(10)]
-    for event in events:
-        await producer.send(topic, event.to_json(), key=b"order-a")
-    await producer.flush()
+    await send_all(producer, topic, events, key=b"order-a")
 
     consumer, _ = await start_consumer(
         service=unique_service(), topic=topic, dlq=dlq, handlers={EVENT_TYPE: write_effect}
@@ -547,9 +552,7 @@ async def test_the_inbox_rows_of_a_batch_after_its_first_record_go_with_its_comm
     pool = messaging_db.pool
     topic, dlq = await new_topic("v2v.scheduling"), await new_topic("v2v.order.dlq")
     events = [make_event("order-b", n) for n in range(6)]
-    for event in events:
-        await producer.send(topic, event.to_json(), key=b"order-b")
-    await producer.flush()
+    await send_all(producer, topic, events, key=b"order-b")
 
     asked: list[str] = []  # inbox inserts that went on their own (one round trip per record)
     committed_with: list[str] = []
