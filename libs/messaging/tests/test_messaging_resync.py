@@ -367,8 +367,9 @@ async def test_a_batch_commits_about_its_last_records_order_not_the_last_record_
     class Transaction:
         tx = object()
         first_status = "INSERT 0 1"  # the first record's inbox row, sent with the BEGIN
+        begun_together = True
 
-        async def commit(self) -> None:
+        async def commit(self, final: str | None = None) -> None:
             seen_at_commit.append(current_order())
 
         async def rollback(self) -> None:

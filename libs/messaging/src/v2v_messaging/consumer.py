@@ -561,7 +561,7 @@ class EventConsumer:
                                     if recorded == "processed":
                                         self._note_new(record)
                             elif (
-                                getattr(batch.transaction, "begun_together", False)
+                                batch.transaction.begun_together
                                 and self._presumed_new(record)
                                 and (values := self._inbox_values(event, record)) is not None
                             ):
@@ -770,7 +770,7 @@ class EventConsumer:
             bind_order(last.event.data.get("order_id"), last.event.coi)
         final = f"{_INBOX_INSERT} VALUES {', '.join(batch.deferred)}" if batch.deferred else None
         try:
-            await (batch.transaction.commit() if final is None else batch.transaction.commit(final=final))
+            await batch.transaction.commit(final=final)
         except Exception as exc:
             if final is not None and isinstance(exc, asyncpg.UniqueViolationError):
                 # a record taken to be new was in the inbox already (see `_presumed_new`)

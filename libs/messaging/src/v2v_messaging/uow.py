@@ -113,7 +113,7 @@ class OpenTransaction(Generic[TxT]):
         transaction was begun together with its first statement, else on its own right before it."""
         try:
             await self.tx.before_commit()
-            if isinstance(self._transaction, _BegunTogether):
+            if self.begun_together:
                 await self._transaction.commit(final)
             else:
                 if final is not None:
