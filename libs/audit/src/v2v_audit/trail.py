@@ -21,10 +21,12 @@ being served (`v2v_audit.http.audit_context`, the access token's principal), els
 from __future__ import annotations
 
 import json
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from contextvars import ContextVar
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any, Generic, TypeVar
 
 import asyncpg
@@ -161,6 +163,10 @@ def append_arguments(entries: list[Entry]) -> tuple[list[Any], ...]:
     )
 
 
+Write = tuple[str, tuple[Any, ...]]  # a statement and its arguments ($1, $2, ... in the statement)
+_PARAMETER = re.compile(r"\$(\d+)")
+
+
 class PgAuditTrail(AuditTrail):
     """The trail of one Postgres transaction (the connection of the unit of work)."""
 
@@ -168,28 +174,60 @@ class PgAuditTrail(AuditTrail):
         super().__init__()
         self.conn = conn
         self._pending: list[Entry] = []
+        self._writes: list[Write] = []
 
     def _add(self, entry: Entry) -> None:
         self._pending.append(entry)
+
+    def write_with_append(self, sql: str, *args: Any) -> None:
+        """Run `sql` (one INSERT, UPDATE or DELETE without RETURNING, parameters from $1) with the
+        append, in the same statement and round trip: the transaction's last writes, made right before
+        COMMIT, in the order given. Nothing is written until `flush`; a rolled-back transaction never
+        runs them."""
+        self._writes.append((sql, args))
 
     @property
     def pending(self) -> list[Entry]:
         return list(self._pending)
 
     async def flush(self) -> list[Record]:
-        if not self._pending:
-            return []
         entries, self._pending = self._pending, []
-        return await append(self.conn, entries)
+        writes, self._writes = self._writes, []
+        if entries:
+            return await append(self.conn, entries, writes)
+        for sql, args in writes:  # nothing to append: the writes alone
+            await self.conn.execute(sql, *args)
+        return []
 
 
-async def append(conn: asyncpg.Connection, entries: list[Entry]) -> list[Record]:
+def _shifted(match: re.Match[str], *, by: int) -> str:
+    return f"${int(match.group(1)) + by}"
+
+
+def _with_writes(writes: list[Write], first: int) -> tuple[str, list[Any]]:
+    """`writes` as data-modifying CTEs of one statement (`WITH w0 AS (...), w1 AS (...) `), their
+    parameters renumbered from `first`; Postgres runs every one of them whether the statement reads them
+    or not."""
+    ctes: list[str] = []
+    args: list[Any] = []
+    for n, (sql, values) in enumerate(writes):
+        renumbered = _PARAMETER.sub(partial(_shifted, by=first - 1 + len(args)), sql)
+        ctes.append(f"w{n} AS ({renumbered})")
+        args.extend(values)
+    return ("WITH " + ", ".join(ctes) + " " if ctes else ""), args
+
+
+async def append(
+    conn: asyncpg.Connection, entries: list[Entry], writes: list[Write] | None = None
+) -> list[Record]:
     """Append `entries` to the chain of the connection's schema, in the caller's open transaction, in one
     round trip (`audit_append`: the chain lock, held from here to the transaction's end, the tail, the
     server's clock, the hashes and the rows). Every hash the database computed is checked against the
     verifier's own computation: a difference fails the transaction rather than write a chain that would
-    not verify."""
-    rows = await conn.fetch(APPEND, *append_arguments(entries))
+    not verify. `writes`: statements run in the same statement (`PgAuditTrail.write_with_append`)."""
+    arguments = append_arguments(entries)
+    prefix, extra = _with_writes(writes or [], len(arguments) + 1)
+    rows = await conn.fetch(prefix + APPEND, *arguments, *extra)
     records: list[Record] = []
     for entry, row in zip(entries, rows, strict=True):
         record = entry.seal(row["chain_schema"], int(row["seq"]), row["recorded_at"], bytes(row["prev_hash"]))

@@ -18,11 +18,12 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
 
-from v2v_audit import Actor, AuditedTx
+from v2v_audit import Actor, AuditedTx, PgAuditTrail
 from v2v_audit import checkpoints as cps
 from v2v_audit.__main__ import main as audit_cli
 from v2v_audit.service import checkpoint_once, migrate
@@ -220,6 +221,61 @@ async def test_a_change_and_its_entries_commit_or_roll_back_together(db: Db) -> 
     )
     assert [tuple(r) for r in rows] == [(str(done), CENTRE.client_id, "centre", "TC-FR-PA-001")]
     assert await db.pool.fetchval("SELECT count(*) FROM it_things") == 1
+
+
+async def test_writes_with_the_append_go_in_its_statement_and_commit_or_roll_back_with_it(
+    db: Db, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`PgAuditTrail.write_with_append`: a transaction's last writes ride in the append's statement (one
+    round trip for both), their parameters renumbered after the append's, in the order given; a rolled
+    back transaction runs none; with nothing to append they run on their own."""
+    calls: list[str] = []
+    first, second, third = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+
+    async with db.uow.begin() as tx:
+        assert tx.conn is not None and isinstance(tx.audit, PgAuditTrail)
+        tx.audit.write_with_append("INSERT INTO it_things VALUES ($1, $2)", first, "new")
+        tx.audit.write_with_append("INSERT INTO it_things VALUES ($2, $1)", "later", second)
+        tx.audit("thing.created", "thing", first, new={"status": "new"}, actor=CENTRE)
+        tx.audit("thing.created", "thing", second, new={"status": "later"}, actor=CENTRE)
+        for name in ("execute", "fetch", "fetchrow", "fetchval"):  # what flush sends from here on
+            method = getattr(asyncpg.Connection, name)
+
+            async def counted(conn: Any, query: str, *args: object, _method: Any = method) -> Any:
+                calls.append(query)
+                return await _method(conn, query, *args)
+
+            monkeypatch.setattr(asyncpg.Connection, name, counted)
+        assert await tx.conn.fetchval("SELECT count(*) FROM it_things") == 0  # nothing written yet
+        calls.clear()
+    monkeypatch.undo()
+    assert len(calls) == 2 and calls[1].startswith("COMMIT")  # the append's statement, then COMMIT
+    assert calls[0].startswith("WITH w0 AS (") and "audit_append(" in calls[0]
+    rows = await db.pool.fetch("SELECT id, status FROM it_things ORDER BY status")
+    assert [tuple(r) for r in rows] == [(second, "later"), (first, "new")]
+    assert [
+        r["object_id"] for r in await db.pool.fetch("SELECT object_id FROM audit_trail ORDER BY seq")
+    ] == [
+        str(first),
+        str(second),
+    ]
+
+    class Refused(Exception):
+        pass
+
+    with pytest.raises(Refused):
+        async with db.uow.begin() as tx:
+            assert isinstance(tx.audit, PgAuditTrail)
+            tx.audit.write_with_append("INSERT INTO it_things VALUES ($1, 'never')", third)
+            tx.audit("thing.created", "thing", third, new={"status": "never"}, actor=CENTRE)
+            raise Refused
+    async with db.uow.begin() as tx:  # nothing to append: the write alone
+        assert isinstance(tx.audit, PgAuditTrail)
+        tx.audit.write_with_append("INSERT INTO it_things VALUES ($1, 'alone')", third)
+    assert await db.pool.fetchval("SELECT status FROM it_things WHERE id = $1", third) == "alone"
+    assert await db.pool.fetchval("SELECT count(*) FROM audit_trail") == 2
+    (summary,) = await verify_database(db.admin_url, db.test_db.name, [SCHEMA], db.checkpoints, db.key_file)
+    assert summary.broken is None and summary.entries == 2
 
 
 async def test_two_writers_chain_in_one_total_order(db: Db) -> None:
