@@ -7,7 +7,10 @@ role.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import random
+import string
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -19,6 +22,7 @@ import pytest
 import order_service
 from order_service.adapters import repository
 from order_service.adapters.repository import OrderTx
+from order_service.domain.coi import ALPHABET, make_coi
 from order_service.domain.records import TimelineEntry
 from order_service.service_layer.commands import PlaceOrder, load_reference_data, place_order
 from order_service.service_layer.handlers import handlers
@@ -281,3 +285,79 @@ async def test_the_network_copy_follows_the_latest_registration_of_each_site(
         "coi_sequences": 1,
         "audit_trail": 3,
     }
+
+
+# ---- the COI counter: taken with the order's insert, by the database's COI function --------------------
+
+
+async def test_the_database_makes_the_cois_make_coi_makes(ordering: asyncpg.Pool) -> None:
+    rng = random.Random(12)
+    cases = [("G1234", 1998, 654321), ("V2V00", 2030, 1), ("Z9Z9Z", 2099, 999_999), ("A0000", 2000, 100)]
+    alphabet = string.ascii_uppercase + string.digits
+    for _ in range(3000):  # every check character comes up: 37 values, ~80 times each
+        facility = rng.choice(string.ascii_uppercase) + "".join(rng.choices(alphabet, k=4))
+        cases.append((facility, rng.randint(1990, 2200), rng.randint(1, 999_999)))
+    made = await ordering.fetch(
+        """SELECT coi_of(f, y, s) AS coi
+           FROM unnest($1::text[], $2::int[], $3::int[]) WITH ORDINALITY AS t (f, y, s, n) ORDER BY n""",
+        *map(list, zip(*cases, strict=True)),
+    )
+    assert [r["coi"] for r in made] == [make_coi(*c) for c in cases]
+    assert made[0]["coi"] == "G123498654321H"  # the ISBT 128 example
+    assert {r["coi"][-1] for r in made} == set(ALPHABET)
+    for facility, seq in [("g1234", 1), ("G123", 1), ("G1234", 0), ("G1234", 1_000_000)]:
+        with pytest.raises(asyncpg.RaiseError):  # refused as make_coi refuses them
+            await ordering.fetchval("SELECT coi_of($1, 2030, $2)", facility, seq)
+
+
+async def test_a_placing_waits_for_the_counter_only_once_every_check_passed(
+    ordering: asyncpg.Pool, uow: UnitOfWork[OrderTx]
+) -> None:
+    """The counter's row lock serialises the placings of a year: it is taken with the order's insert,
+    after the checks, so a refused order never waits for it; an accepted one takes the next number once
+    the holder ends."""
+    await place_order(uow, command(patient_ref="PAT-FIRST"), FACILITY, now=NOW)
+    async with ordering.acquire() as holder, holder.transaction():
+        await holder.execute("SELECT last_value FROM coi_sequences WHERE year = $1 FOR UPDATE", NOW.year)
+        refused = command(patient_ref="PAT-REFUSED", requested_apheresis_date=NOW.date() - timedelta(days=1))
+        with pytest.raises(Invalid):  # the calendar's check, made in the service after the intake read
+            await asyncio.wait_for(place_order(uow, refused, FACILITY, now=NOW), timeout=10)
+        placing = asyncio.create_task(place_order(uow, command(patient_ref="PAT-SECOND"), FACILITY, now=NOW))
+        await asyncio.sleep(0.5)
+        assert not placing.done()  # waiting for the counter
+    order_id = await asyncio.wait_for(placing, timeout=10)
+    async with uow.read() as tx:
+        order = await tx.orders.get(order_id)
+    assert order is not None and order.coi == make_coi(FACILITY, NOW.year, 2)
+    assert await ordering.fetchval("SELECT last_value FROM coi_sequences") == 2
+
+
+async def test_from_the_counter_to_commit_a_placing_makes_three_round_trips(
+    ordering: asyncpg.Pool, uow: UnitOfWork[OrderTx], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a placing sends once the COI counter is taken (every other placing of the year waits for
+    it): the outbox event, the audit trail's append carrying the timeline entry, COMMIT."""
+    await place_order(uow, command(patient_ref="PAT-WARM"), FACILITY, now=NOW)  # the year's row exists
+    sent: list[str] = []
+    for name in ("execute", "fetch", "fetchrow", "fetchval"):
+        method = getattr(asyncpg.Connection, name)
+
+        async def recorded(conn: Any, query: str, *args: object, _method: Any = method) -> Any:
+            sent.append(" ".join(query.split()))
+            return await _method(conn, query, *args)
+
+        monkeypatch.setattr(asyncpg.Connection, name, recorded)
+    order_id = await place_order(uow, command(patient_ref="PAT-COUNTED"), FACILITY, now=NOW)
+    monkeypatch.undo()
+
+    [counter] = [i for i, q in enumerate(sent) if "coi_sequences" in q]
+    assert sent[counter].startswith("WITH step AS") and "INSERT INTO orders" in sent[counter]
+    after = sent[counter + 1 :]
+    assert len(after) == 3, after
+    assert "INSERT INTO outbox" in after[0]
+    assert "INSERT INTO order_timeline" in after[1] and "audit_append(" in after[1]
+    assert after[2].startswith("COMMIT")
+    assert len(sent) == counter + 4 and counter == 2  # before it: BEGIN and the intake's read
+    async with uow.read() as tx:
+        [entry] = await tx.timeline.of(order_id)
+    assert entry.event_type == "order.submitted.v1"

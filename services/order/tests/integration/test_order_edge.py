@@ -51,7 +51,8 @@ ORDER_MIGRATIONS = Path(order_service.__file__).parent / "migrations"
 EDGE_MIGRATION = "0006.ordering-edge"
 PLACEMENT_MIGRATION = "0007.ordering-placement-key"
 AT_RISK_MIGRATION = "0008.ordering-material-at-risk"
-TREATMENT_MIGRATION = "0009.ordering-treatment-gates"  # the latest (issue 11)
+TREATMENT_MIGRATION = "0009.ordering-treatment-gates"  # issue 11
+COI_MIGRATION = "0010.ordering-coi-function"  # the latest (issue 12)
 TOPIC = "it.order-edge.v2v.order"  # never published to here: only the outbox rows are checked
 FACILITY = "V2V00"
 PARIS, BERLIN = "TC-FR-PA-001", "TC-DE-BE-001"
@@ -83,7 +84,7 @@ async def pool(test_db: pytest_plugin.TestDatabase) -> AsyncIterator[asyncpg.Poo
     url = test_db.urls["order"]
     owner_url = test_db.owner_urls["order"]  # migrations run as the owner
     applied = await apply_migrations(owner_url, "ordering", [MIGRATIONS_DIR, ORDER_MIGRATIONS])
-    assert EDGE_MIGRATION in applied and AT_RISK_MIGRATION in applied and applied[-1] == TREATMENT_MIGRATION
+    assert EDGE_MIGRATION in applied and AT_RISK_MIGRATION in applied and applied[-1] == COI_MIGRATION
     await audit_migrate(owner_url, "ordering")  # the audit trail (v2v_audit), as the service applies it
     p = await create_pool(url, max_size=6)
     uow = UnitOfWork(p, TOPIC, notify_channel("ordering"), repository.tx_factory)
@@ -280,6 +281,7 @@ async def test_open_duplicates_from_before_the_rule_do_not_stop_the_migration(
             PLACEMENT_MIGRATION,
             AT_RISK_MIGRATION,
             TREATMENT_MIGRATION,
+            COI_MIGRATION,
         ]
         marked = await pool.fetch("SELECT order_id FROM orders WHERE predates_open_order_rule")
         assert [r["order_id"] for r in marked] == [newer]  # the oldest open one is the one the rule keeps

@@ -37,6 +37,7 @@ from order_service.adapters.repository import (
     TimelineRepository,
     read_centres,
 )
+from order_service.domain.coi import make_coi
 from order_service.domain.market import Approval
 from order_service.domain.records import (
     AuthorityTask,
@@ -102,7 +103,8 @@ class MemoryOrders(OrderRepository):
         self,
         *,
         order_id: uuid.UUID,
-        coi: str,
+        facility_id: str,
+        year: int,
         treatment_center_id: str,
         product_code: str,
         order_type: str,
@@ -113,11 +115,11 @@ class MemoryOrders(OrderRepository):
         placement: tuple[str, str] | None = None,
         indication: str | None = None,
         weight_kg: float | None = None,
-    ) -> None:
+    ) -> str:
         if placement is not None and placement in self.store.placements:
             raise ValueError("duplicate placement (unique index)")
-        if order_id in self.store.orders or any(o.coi == coi for o in self.store.orders.values()):
-            raise ValueError("duplicate order id or COI")
+        if order_id in self.store.orders:
+            raise ValueError("duplicate order id")
         if treatment_center_id not in self.store.centres or product_code not in self.store.products:
             raise ValueError("unknown centre or product (foreign key)")
         if any(  # the partial unique index of migration 0006
@@ -127,6 +129,9 @@ class MemoryOrders(OrderRepository):
             for o in self.store.orders.values()
         ):
             raise open_order_exists()
+        coi = make_coi(facility_id, year, await self.next_coi_sequence(year))
+        if any(o.coi == coi for o in self.store.orders.values()):
+            raise ValueError("duplicate COI")
         now = datetime.now(UTC)
         self.store.orders[order_id] = OrderRecord(
             order_id=order_id,
@@ -145,6 +150,7 @@ class MemoryOrders(OrderRepository):
         )
         if placement is not None:
             self.store.placements[placement] = order_id
+        return coi
 
     async def by_placement(self, placed_by: str, key: str) -> uuid.UUID | None:
         return self.store.placements.get((placed_by, key))
@@ -192,7 +198,6 @@ class MemoryOrders(OrderRepository):
         product_code: str,
         order_type: str,
         placement: tuple[str, str] | None,
-        year: int,
     ) -> Intake:
         catalogue, network = MemoryCatalogue(self.store), MemoryNetwork(self.store)
         centre = await catalogue.centre(centre_id)
@@ -202,14 +207,8 @@ class MemoryOrders(OrderRepository):
         served = centre is not None and await network.serves(
             Approval(centre.regulator, order_type, product_code)
         )
-        passes = placed is None and centre is not None and has_product and known and served
         return Intake(
-            placed=placed,
-            centre=centre,
-            has_product=has_product,
-            network_known=known,
-            served=served,
-            sequence=await self.next_coi_sequence(year) if passes else None,
+            placed=placed, centre=centre, has_product=has_product, network_known=known, served=served
         )
 
     async def get_with_centre(

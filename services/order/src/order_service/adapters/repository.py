@@ -19,6 +19,7 @@ from typing import Any
 import asyncpg
 import yaml
 
+from order_service.domain.coi import make_coi
 from order_service.domain.market import Approval
 from order_service.domain.records import (
     AuthorityTask,
@@ -28,7 +29,7 @@ from order_service.domain.records import (
     TimelineEntry,
     open_order_exists,
 )
-from v2v_audit import AuditedTx, AuditTrail, Record
+from v2v_audit import AuditedTx, AuditTrail, PgAuditTrail, Record
 from v2v_audit import store as audit_store
 from v2v_contracts import CloudEvent
 from v2v_messaging import EventSink
@@ -56,7 +57,6 @@ class Intake:
     has_product: bool
     network_known: bool  # any manufacturing site known at all
     served: bool  # an active site approved for the centre's regulator, the use and the product
-    sequence: int | None  # the next COI sequence number of the year, taken when all of the above pass
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,8 @@ class OrderRepository(ABC):
         self,
         *,
         order_id: uuid.UUID,
-        coi: str,
+        facility_id: str,
+        year: int,
         treatment_center_id: str,
         product_code: str,
         order_type: str,
@@ -89,10 +90,12 @@ class OrderRepository(ABC):
         placement: tuple[str, str] | None = None,
         indication: str | None = None,
         weight_kg: float | None = None,
-    ) -> None:
-        """Record a new order; `open_order_exists()` (a Conflict) when the centre has an open order for
-        the same patient and product already. `placement`: (client id, Idempotency-Key) it was placed
-        with."""
+    ) -> str:
+        """Record a new order under the next COI of `year` (`make_coi(facility_id, year, n)` with `n` from
+        `next_coi_sequence(year)`, taken in the same step, so that the counter is held only from here to
+        the transaction's end); returns the COI. `open_order_exists()` (a Conflict) when the centre has
+        an open order for the same patient and product already. `placement`: (client id,
+        Idempotency-Key) it was placed with."""
 
     @abstractmethod
     async def by_placement(self, placed_by: str, key: str) -> uuid.UUID | None:
@@ -130,14 +133,11 @@ class OrderRepository(ABC):
         product_code: str,
         order_type: str,
         placement: tuple[str, str] | None,
-        year: int,
     ) -> Intake:
         """What placing an order checks, read at once: the order placed already with `placement`, the
         certified centre, whether the product is orderable, whether the network is known and whether an
-        active site serves the centre's regulator for `order_type` and the product. When no order was
-        placed with `placement` and every one of these checks passes, the same step takes the next COI
-        sequence number of `year` (as `next_coi_sequence`; a step of this transaction, undone if a
-        later check refuses the order)."""
+        active site serves the centre's regulator for `order_type` and the product. Reads only: the COI
+        sequence number is taken by `add`."""
 
     @abstractmethod
     async def get_with_centre(
@@ -165,7 +165,8 @@ class PgOrders(OrderRepository):
         self,
         *,
         order_id: uuid.UUID,
-        coi: str,
+        facility_id: str,
+        year: int,
         treatment_center_id: str,
         product_code: str,
         order_type: str,
@@ -176,15 +177,24 @@ class PgOrders(OrderRepository):
         placement: tuple[str, str] | None = None,
         indication: str | None = None,
         weight_kg: float | None = None,
-    ) -> None:
+    ) -> str:
         try:
-            await self.conn.execute(
-                """INSERT INTO orders (order_id, coi, treatment_center_id, product_code, order_type,
+            # the sequence step and the insert in one statement: the counter's row lock (every placing
+            # of the year waits for it) is taken here and held to COMMIT, a few round trips
+            row = await self.conn.fetchrow(
+                """WITH step AS (
+                       INSERT INTO coi_sequences (year, last_value) VALUES ($14, 1)
+                       ON CONFLICT (year) DO UPDATE SET last_value = coi_sequences.last_value + 1
+                       RETURNING last_value)
+                   INSERT INTO orders (order_id, coi, treatment_center_id, product_code, order_type,
                                        patient_ref, requested_apheresis_date, status, first_trace,
                                        placed_by, placement_key, indication, weight_kg)
-                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)""",
+                   SELECT $1, coi_of($2, $14, step.last_value), $3, $4, $5, $6, $7, $8, $9, $10, $11,
+                          $12, $13
+                   FROM step
+                   RETURNING coi, (SELECT last_value FROM step) AS sequence""",
                 order_id,
-                coi,
+                facility_id,
                 treatment_center_id,
                 product_code,
                 order_type,
@@ -196,6 +206,7 @@ class PgOrders(OrderRepository):
                 placement[1] if placement else None,
                 indication,
                 weight_kg,
+                year,
             )
         except asyncpg.UniqueViolationError as exc:
             if exc.constraint_name == OPEN_ORDER_INDEX:  # the index's error names the key: not passed on
@@ -203,6 +214,10 @@ class PgOrders(OrderRepository):
             if exc.constraint_name == "orders_by_placement":  # the same key placing it at the same time
                 raise open_order_exists() from None
             raise
+        coi = make_coi(facility_id, year, row["sequence"])
+        if row["coi"] != coi:  # the database's COI function and ours disagree: commit nothing
+            raise RuntimeError(f"the database made COI {row['coi']} for {coi}")
+        return coi
 
     async def by_placement(self, placed_by: str, key: str) -> uuid.UUID | None:
         found: uuid.UUID | None = await self.conn.fetchval(
@@ -261,38 +276,24 @@ class PgOrders(OrderRepository):
         product_code: str,
         order_type: str,
         placement: tuple[str, str] | None,
-        year: int,
     ) -> Intake:
         placed_by, key = placement if placement is not None else (None, None)
-        # `facts` is read once (a CTE referenced twice is materialized); the sequence step runs only
-        # when its SELECT yields a row
         row = await self.conn.fetchrow(
-            f"""WITH facts AS (
-                    SELECT (SELECT order_id FROM orders WHERE placed_by = $4 AND placement_key = $5)
-                               AS placed,
-                           {CENTRE_PREFIXED},
-                           EXISTS (SELECT 1 FROM products WHERE code = $2) AS has_product,
-                           EXISTS (SELECT 1 FROM network_sites) AS network_known,
-                           c.id IS NOT NULL AND EXISTS (
-                               SELECT 1 FROM site_approvals a JOIN network_sites s USING (site_id)
-                               WHERE s.active AND a.regulator = c.regulator AND a.use = $3
-                                 AND a.product_code = $2) AS served
-                    FROM (SELECT $1::text AS id) AS wanted
-                         LEFT JOIN treatment_centers c ON c.id = wanted.id AND c.certified),
-                step AS (
-                    INSERT INTO coi_sequences (year, last_value)
-                    SELECT $6::integer, 1 FROM facts
-                    WHERE facts.placed IS NULL AND facts.centre__id IS NOT NULL AND facts.has_product
-                      AND facts.network_known AND facts.served
-                    ON CONFLICT (year) DO UPDATE SET last_value = coi_sequences.last_value + 1
-                    RETURNING last_value)
-                SELECT facts.*, (SELECT last_value FROM step) AS sequence FROM facts""",
+            f"""SELECT (SELECT order_id FROM orders WHERE placed_by = $4 AND placement_key = $5) AS placed,
+                       {CENTRE_PREFIXED},
+                       EXISTS (SELECT 1 FROM products WHERE code = $2) AS has_product,
+                       EXISTS (SELECT 1 FROM network_sites) AS network_known,
+                       c.id IS NOT NULL AND EXISTS (
+                           SELECT 1 FROM site_approvals a JOIN network_sites s USING (site_id)
+                           WHERE s.active AND a.regulator = c.regulator AND a.use = $3
+                             AND a.product_code = $2) AS served
+                FROM (SELECT $1::text AS id) AS wanted
+                     LEFT JOIN treatment_centers c ON c.id = wanted.id AND c.certified""",
             centre_id,
             product_code,
             order_type,
             placed_by,
             key,
-            year,
         )
         return Intake(
             placed=row["placed"],
@@ -300,7 +301,6 @@ class PgOrders(OrderRepository):
             has_product=row["has_product"],
             network_known=row["network_known"],
             served=row["served"],
-            sequence=row["sequence"],
         )
 
     async def get_with_centre(
@@ -425,6 +425,11 @@ class TimelineRepository(ABC):
     async def add(self, entry: TimelineEntry) -> None:
         """Record an event on the order's timeline (once per event id)."""
 
+    def write_at_commit(self) -> None:  # noqa: B027 - nothing to defer by default (in memory)
+        """From here on, `add` writes its entries right before COMMIT, in the audit trail's append (one
+        round trip fewer): for a transaction that does not read its timeline back (placing an order,
+        whose COI counter is held from its insert to COMMIT). `settle` and `of` then refuse."""
+
     @abstractmethod
     async def settle(
         self,
@@ -445,15 +450,29 @@ class TimelineRepository(ABC):
 TIMELINE_COLUMNS = ", ".join(TimelineEntry.__dataclass_fields__)
 
 
+_TIMELINE_INSERT = """INSERT INTO order_timeline (order_id, event_id, event_type, source, occurred_at,
+                                                  status_before, status_after, reason, note)
+                      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+                      ON CONFLICT (order_id, event_id) DO NOTHING"""
+
+
 class PgTimeline(TimelineRepository):
-    def __init__(self, conn: asyncpg.Connection) -> None:
+    def __init__(self, conn: asyncpg.Connection, audit: PgAuditTrail | None = None) -> None:
         self.conn = conn
+        self._audit = audit  # the transaction's trail, whose append can carry the entries
+        self._at_commit = False
+
+    def write_at_commit(self) -> None:
+        if self._audit is None:
+            raise RuntimeError("a timeline without its transaction's audit trail writes at once")
+        self._at_commit = True
+
+    def _reading(self) -> None:
+        if self._at_commit:
+            raise RuntimeError("this transaction's timeline entries are written at commit: not read back")
 
     async def add(self, entry: TimelineEntry) -> None:
-        await self.conn.execute(
-            """INSERT INTO order_timeline (order_id, event_id, event_type, source, occurred_at,
-                                           status_before, status_after, reason, note)
-               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (order_id, event_id) DO NOTHING""",
+        args = (
             entry.order_id,
             entry.event_id,
             entry.event_type,
@@ -464,6 +483,10 @@ class PgTimeline(TimelineRepository):
             entry.reason,
             entry.note,
         )
+        if self._at_commit and self._audit is not None:
+            self._audit.write_with_append(_TIMELINE_INSERT, *args)
+        else:
+            await self.conn.execute(_TIMELINE_INSERT, *args)
 
     async def settle(
         self,
@@ -474,6 +497,7 @@ class PgTimeline(TimelineRepository):
         status_after: str,
         reason: str,
     ) -> None:
+        self._reading()
         await self.conn.execute(
             """UPDATE order_timeline SET status_before = $3, status_after = $4, reason = $5
                WHERE order_id = $1 AND event_id = $2""",
@@ -485,6 +509,7 @@ class PgTimeline(TimelineRepository):
         )
 
     async def of(self, order_id: uuid.UUID) -> list[TimelineEntry]:
+        self._reading()
         rows = await self.conn.fetch(
             """SELECT order_id, event_id, event_type, source, occurred_at, status_before, status_after,
                       reason, note
@@ -975,11 +1000,13 @@ class OrderTx(AuditedTx):
 
 def tx_factory(conn: asyncpg.Connection, outbox: EventSink) -> OrderTx:
     """The Postgres `OrderTx` of one transaction (`ServiceDefinition.tx_factory`)."""
+    audit = PgAuditTrail(conn)
     return OrderTx(
         conn,
         outbox,
+        audit=audit,
         orders=PgOrders(conn),
-        timeline=PgTimeline(conn),
+        timeline=PgTimeline(conn, audit),
         parked=PgParkedFacts(conn),
         catalogue=PgCatalogue(conn),
         network=PgNetwork(conn),

@@ -125,11 +125,9 @@ async def place_order(
     now = now or cases.now()
     placement = (cmd.placed_by, cmd.placement_key) if cmd.placed_by and cmd.placement_key else None
     async with uow.begin() as tx:
-        # one step for every check below (the key, the centre, the product, the network, the market)
-        # and, when they pass, the COI's sequence number (undone with the rest if the order is refused)
-        intake = await tx.orders.intake(
-            cmd.treatment_center_id, cmd.product_code, cmd.order_type, placement, now.year
-        )
+        # one read for every check below (the key, the centre, the product, the network, the market);
+        # the COI's sequence number is taken once they all passed, with the order's insert
+        intake = await tx.orders.intake(cmd.treatment_center_id, cmd.product_code, cmd.order_type, placement)
         if intake.placed is not None:
             # placed by an earlier attempt under the same key whose answer was never stored: that
             # order is the answer, if this is the same request
@@ -150,14 +148,12 @@ async def place_order(
             raise market.network_unknown()
         if not intake.served:  # by an active site approved for the centre's regulator, use and product
             raise market.not_served(cmd.product_code, cmd.order_type, centre.regulator, centre.country)
-        assert intake.sequence is not None  # taken: every check the step made passed
         order_id = uuid.uuid4()
-        coi = make_coi(facility_id, now.year, intake.sequence)
         bind_order(order_id)
-        set_order_attributes(order_id, coi)
-        await tx.orders.add(
+        coi = await tx.orders.add(
             order_id=order_id,
-            coi=coi,
+            facility_id=facility_id,
+            year=now.year,
             treatment_center_id=cmd.treatment_center_id,
             product_code=cmd.product_code,
             order_type=cmd.order_type,
@@ -169,6 +165,7 @@ async def place_order(
             indication=cmd.indication,
             weight_kg=cmd.weight_kg,
         )
+        set_order_attributes(order_id, coi)
         event = await tx.publish(
             OrderSubmittedV1(
                 order_id=order_id,
@@ -183,6 +180,9 @@ async def place_order(
                 offer_id=cmd.offer_id,
             )
         )
+        # the entry goes with the audit trail's append, right before COMMIT: the COI counter, taken with
+        # the order's insert, is held one round trip less
+        tx.timeline.write_at_commit()
         await tx.timeline.add(
             cases.entry(
                 order_id, event, None, OrderStatus.SUBMITTED.value, "order placed by treatment centre"
