@@ -253,12 +253,8 @@ async def test_writes_with_the_append_go_in_its_statement_and_commit_or_roll_bac
     assert calls[0].startswith("WITH w0 AS (") and "audit_append(" in calls[0]
     rows = await db.pool.fetch("SELECT id, status FROM it_things ORDER BY status")
     assert [tuple(r) for r in rows] == [(second, "later"), (first, "new")]
-    assert [
-        r["object_id"] for r in await db.pool.fetch("SELECT object_id FROM audit_trail ORDER BY seq")
-    ] == [
-        str(first),
-        str(second),
-    ]
+    entries = await db.pool.fetch("SELECT object_id FROM audit_trail ORDER BY seq")
+    assert [r["object_id"] for r in entries] == [str(first), str(second)]
 
     class Refused(Exception):
         pass

@@ -34,7 +34,7 @@ from v2v_contracts import (
 from v2v_contracts.errors import CoiMismatch, Invalid, NotAllowedNow, NotFound
 from v2v_contracts.reference import load_products, product_catalogue
 from v2v_messaging import AbstractUnitOfWork
-from v2v_observability import bind_order, current_traceparent, get_logger, later_input, set_order_attributes
+from v2v_observability import current_traceparent, get_logger, later_input, set_order_attributes
 from v2v_observability import names as tn
 from v2v_servicekit.signatures import SignatureUnauthenticated, SignedRecord, Signer
 
@@ -149,7 +149,8 @@ async def place_order(
         if not intake.served:  # by an active site approved for the centre's regulator, use and product
             raise market.not_served(cmd.product_code, cmd.order_type, centre.regulator, centre.country)
         order_id = uuid.uuid4()
-        bind_order(order_id)
+        # the order is bound to this context (logs, spans) with its COI, which the insert makes: the
+        # insert's own statement span, if it gets one, is the request's, as the checks' spans are
         coi = await tx.orders.add(
             order_id=order_id,
             facility_id=facility_id,
