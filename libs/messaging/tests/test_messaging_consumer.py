@@ -36,6 +36,7 @@ from v2v_messaging import (
     make_broker,
     notify_channel,
 )
+from v2v_messaging.consumer import BATCH_MAX
 
 pytestmark = pytest.mark.integration
 
@@ -101,7 +102,13 @@ async def start_consumer(kafka: KafkaSettings, messaging_db: Any) -> AsyncIterat
     uow = UnitOfWork(messaging_db.pool, "it.unused.v2v.scheduling", notify_channel(messaging_db.schema))
 
     async def start(
-        *, service: str, topic: str, dlq: str, handlers: dict[str, Handler], policy: ConsumerPolicy = FAST
+        *,
+        service: str,
+        topic: str,
+        dlq: str,
+        handlers: dict[str, Handler],
+        policy: ConsumerPolicy = FAST,
+        batch_max: int = BATCH_MAX,
     ) -> tuple[EventConsumer, KafkaBroker]:
         broker = make_broker(kafka, f"it-{service}-{uuid.uuid4().hex[:4]}", tracer_provider=None)
         consumer = EventConsumer(
@@ -114,6 +121,7 @@ async def start_consumer(kafka: KafkaSettings, messaging_db: Any) -> AsyncIterat
             dead_letter_topic=dlq,
             fetch_max_wait_ms=kafka.fetch_max_wait_ms,
             policy=policy,
+            batch_max=batch_max,
         )
         # Tansu holds a JoinGroup for half the session timeout, and numbers the first generation 0, for
         # which aiokafka sends no LeaveGroup on stop: a restarted member then waits for the old one's
@@ -674,3 +682,88 @@ async def test_a_crash_in_the_middle_of_a_batch_leaves_nothing_of_it_and_nothing
     effects = await pool.fetch("SELECT event_id FROM it_effects ORDER BY id")
     assert [r["event_id"] for r in effects] == [e.id for e in events]
     assert len(await inbox_rows(pool, second.group_id)) == 5
+
+
+# --- (g) a poll drains every partition; its batches go in time order ----------------------------------
+
+
+async def send_to_partitions(
+    producer: AIOKafkaProducer, topic: str, events: list[tuple[int, CloudEvent]]
+) -> None:
+    """Each (partition, event) written in turn, each after the last was stored, a few ms apart (their
+    timestamps increase), before any consumer starts."""
+    for partition, event in events:
+        await producer.send_and_wait(topic, event.to_json(), partition=partition)
+        await asyncio.sleep(0.003)
+
+
+async def test_a_poll_takes_every_partition_and_its_batches_apply_them_in_time_order(
+    messaging_db: Any,
+    new_topic: Any,
+    producer: AIOKafkaProducer,
+    start_consumer: StartConsumer,
+    eventually: Any,
+) -> None:
+    """Records buffered in two partitions are applied in the order they were written, across the
+    partitions, in transactions of at most `batch_max` (a poll of `batch_max` taken partition by
+    partition would apply one partition's first, whatever their times)."""
+    pool = messaging_db.pool
+    topic, dlq = await new_topic("v2v.scheduling"), await new_topic("v2v.order.dlq")
+    events = [make_event(f"order-{n % 2}", n) for n in range(12)]
+    await send_to_partitions(producer, topic, [(n % 2, e) for n, e in enumerate(events)])
+
+    consumer, _ = await start_consumer(
+        service=unique_service(), topic=topic, dlq=dlq, handlers={EVENT_TYPE: write_effect}, batch_max=4
+    )
+    await eventually(lambda: consumer.stats.processed == 12, what="the twelve events")
+
+    transactions = await effects_with_their_inbox_rows(pool, consumer, events)  # in the written order
+    sizes = await pool.fetch(
+        """SELECT count(*) AS n FROM it_effects e JOIN inbox i ON i.event_id = e.event_id
+           WHERE i.consumer = $1 GROUP BY e.xmin::text""",
+        consumer.group_id,
+    )
+    assert transactions >= 3 and all(r["n"] <= 4 for r in sizes), [r["n"] for r in sizes]
+
+
+async def test_a_record_handed_back_in_a_poll_brings_back_the_later_batches_of_every_partition(
+    messaging_db: Any,
+    new_topic: Any,
+    producer: AIOKafkaProducer,
+    start_consumer: StartConsumer,
+    reader: Any,
+    eventually: Any,
+) -> None:
+    """The positions of a drained poll are past all its records: when a record of its first batch is
+    handed back (infrastructure unavailable), every partition goes back to its first record not
+    processed, the one whose records were all in later batches too. Nothing is lost, nothing applied
+    twice, and the order holds."""
+    pool = messaging_db.pool
+    topic, dlq = await new_topic("v2v.scheduling"), await new_topic("v2v.order.dlq")
+    events = [make_event("order-early" if n < 5 else "order-late", n) for n in range(10)]
+    await send_to_partitions(producer, topic, [(0 if n < 5 else 1, e) for n, e in enumerate(events)])
+    failures = 0
+
+    async def flaky(tx: Tx, ev: CloudEvent) -> None:
+        nonlocal failures
+        await write_effect(tx, ev)
+        if ev.data["n"] == 1 and failures < 3:  # more than transient_attempts: handed back
+            failures += 1
+            raise ConnectionRefusedError("database briefly unreachable")
+
+    policy = ConsumerPolicy(max_attempts=2, base_backoff_s=0.01, transient_attempts=2)
+    consumer, _ = await start_consumer(
+        service=unique_service(),
+        topic=topic,
+        dlq=dlq,
+        handlers={EVENT_TYPE: flaky},
+        policy=policy,
+        batch_max=3,
+    )
+    await eventually(lambda: consumer.stats.processed == 10, timeout=30, what="all ten events")
+
+    assert failures == 3
+    await effects_with_their_inbox_rows(pool, consumer, events)  # each once, in the written order
+    assert len(await inbox_rows(pool, consumer.group_id)) == 10
+    assert consumer.stats.dead_lettered == 0
+    assert await reader(dlq, expect=0, settle=0.2) == []

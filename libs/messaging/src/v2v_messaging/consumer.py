@@ -1,12 +1,13 @@
 """Idempotent consumers: inbox in the same transaction as the effects, offsets committed after commit.
 
 Each consumer is a FastStream subscriber (its lifecycle, its consumer-group membership, its consume loop
-with the handling of broker errors and of a graceful stop), whose loop polls a batch of records
-(`EventConsumer._poll`, at most `batch_max`) and hands it to `EventConsumer._consume` in place of
-FastStream's per-message dispatch. The records of a poll whose handlers run share ONE transaction: an
-inbox row per record, each handler's effects and outbox rows; it commits after the last of them, and the
-poll's offsets are committed once after that commit (left to the next commit while a backlog waits
-behind them, at most `COMMIT_EVERY` records or `COMMIT_AFTER_S`: `EventConsumer._defer_commit`). Each
+with the handling of broker errors and of a graceful stop), whose loop polls every record fetched so far
+(`EventConsumer._poll`: each partition's buffer drained, merged by timestamp) and hands them to
+`EventConsumer._consume` in place of FastStream's per-message dispatch, which takes them `batch_max` at a
+time. The records of a batch whose handlers run share ONE transaction: an inbox row per record, each
+handler's effects and outbox rows; it commits after the last of them, and the poll's offsets are
+committed once after its last batch committed (left to the next commit while a backlog waits behind
+them, at most `COMMIT_EVERY` records or `COMMIT_AFTER_S`: `EventConsumer._defer_commit`). Each
 record keeps its own consumer span (`<topic> process`, parented on the producer's span as FastStream's
 telemetry middleware does it), ended once its effects are committed. A handler that fails in a batch
 rolls the transaction back: a record alone in it goes on as its own delivery's first failed attempt, else
@@ -110,7 +111,7 @@ CATCH_UP_LAG = 50
 # while a backlog waits, offsets are committed once per this many records or seconds (`_defer_commit`)
 COMMIT_EVERY = 100
 COMMIT_AFTER_S = 1.0
-# at most this many records per poll, and so per transaction (`EventConsumer._consume_records`)
+# at most this many records per transaction (`EventConsumer._consume_records`)
 BATCH_MAX = 50
 
 
@@ -123,7 +124,9 @@ def in_time_order(partitions: Iterable[list[Any]]) -> tuple[Any, ...]:
     site and logistics) gets their partitions in the order the fetcher buffered them: one poll could
     hand it an order's booking confirmation (site) before the slot reservation (scheduling) it follows.
     Handlers cope with any order (a fact that comes early is parked until the one it follows is
-    applied), but parking costs writes and reads that applying in order does not."""
+    applied), but parking costs writes and reads that applying in order does not. (A poll drains every
+    partition's buffer, `EventConsumer._poll`, so that what it holds covers the same span of time in
+    every partition.)"""
     lists = [records for records in partitions if records]
     if len(lists) <= 1:
         return tuple(lists[0]) if lists else ()
@@ -467,12 +470,18 @@ class EventConsumer:
     # ---- messages ------------------------------------------------------------------------------------------
 
     async def _poll(self, kafka_consumer: AIOKafkaConsumer) -> tuple[Any, ...]:
-        """What faststream's consume loop asks for: the records one poll returns (at most `batch_max`;
-        as soon as any are there). Its loop keeps its own handling of broker errors and of a stop.
+        """What faststream's consume loop asks for: every record fetched so far (as soon as any are
+        there). Its loop keeps its own handling of broker errors and of a stop.
 
         The records of several partitions come merged by their timestamps (`in_time_order`), each
-        partition's own in offset order."""
-        batches = await kafka_consumer.getmany(timeout_ms=POLL_TIMEOUT_MS, max_records=self.batch_max)
+        partition's own in offset order. Every partition's buffer is drained, not `batch_max` records
+        of the first ones: aiokafka fetches again only the partitions whose buffer is empty, so taking
+        part of them lets the partitions drained first be fetched fresh while the others still hold
+        older records, and under a backlog the topics' horizons drift apart (an order's later facts
+        then come before earlier ones, and are parked). Drained together, every partition is fetched
+        in the same request, and a poll covers the same span of time in each. `_consume` takes them
+        `batch_max` at a time."""
+        batches = await kafka_consumer.getmany(timeout_ms=POLL_TIMEOUT_MS)
         return in_time_order(batches.values())
 
     async def _consume(self, records: tuple[Any, ...]) -> None:
@@ -484,7 +493,12 @@ class EventConsumer:
             # held while the poll is processed, as FastStream holds it per message: a graceful stop
             # waits for it (up to the broker's graceful_timeout) before cancelling the loop
             with self.subscriber.lock:
-                await self._consume_records(list(records))
+                polled = list(records)
+                for start in range(0, len(polled), self.batch_max):
+                    end = start + self.batch_max
+                    # each batch its own transaction; the poll's offsets once its last batch is done
+                    if not await self._consume_records(polled[start:end], later=polled[end:], poll=polled):
+                        break  # handed back (sought to) or started over: the rest is read again
         except Exception as exc:  # a bug: what was not processed was handed back (sought to) already
             log.error("consumer: a poll's records failed", consumer_group=self.group_id, error=repr(exc))
         finally:
@@ -496,8 +510,12 @@ class EventConsumer:
         message.committed = AckStatus.ACKED  # the commit (or the hand-back) is `_consume_records`'
         await self._consume_records([message.raw_message])
 
-    async def _consume_records(self, records: list[Any]) -> None:
-        """Process the records of one poll, in order, then commit their offsets once.
+    async def _consume_records(
+        self, records: list[Any], *, later: list[Any] | None = None, poll: list[Any] | None = None
+    ) -> bool:
+        """Process the records of one batch of a poll, in order; after the poll's last batch (`later`:
+        the poll's records after this batch, none), commit the offsets once (`poll`: all its records).
+        Returns whether the next batch may go on (False: handed back, or started over).
 
         Records whose handler runs share ONE transaction (`_Batch`: an inbox row per record, each
         handler's effects and outbox rows), committed after the last of them; each record keeps its own
@@ -510,7 +528,8 @@ class EventConsumer:
         What is settled outside any transaction (dead letters at once, refused events, ignored types) is
         settled once per poll, even when the batch is processed again. A record handed back
         (infrastructure unavailable) has its partition sought back to it, and every other partition to
-        its first record not processed; then no offset is committed."""
+        its first record not processed (the poll's later records included: the positions had moved
+        past them); then no offset is committed."""
         kafka_consumer = self.subscriber.consumer
         resets = self._resets
         batch: _Batch | None = None
@@ -615,8 +634,8 @@ class EventConsumer:
                 batch = None
             if current is not None:
                 self._end_span(current, error=exc)
-            self._hand_back(kafka_consumer, records, i, settled, resets, exc)
-            return
+            self._hand_back(kafka_consumer, [*records, *(later or ())], i, settled, resets, exc)
+            return False
         except BaseException:  # cancelled (a stop): nothing of the open batch is kept, nothing committed
             if batch is not None:
                 await batch.transaction.rollback()
@@ -625,13 +644,16 @@ class EventConsumer:
             if current is not None:
                 self._end_span(current)
             raise
-        if self._resets != resets or kafka_consumer is None:
-            return
-        if not self._defer_commit(kafka_consumer, records):
+        if self._resets != resets:
+            return False
+        if kafka_consumer is None or later:
+            return True  # the positions are past the poll's later records: committed after them
+        if not self._defer_commit(kafka_consumer, poll or records):
             try:
                 await kafka_consumer.commit()  # every position: after all the records of this poll
             except Exception as exc:  # a rebalance under way: what it leaves is read again, and dropped
                 log.warning("consumer: offset commit failed", consumer_group=self.group_id, error=repr(exc))
+        return True
 
     @staticmethod
     def _assigned(kafka_consumer: AIOKafkaConsumer | None, record: Any) -> bool:
