@@ -767,3 +767,36 @@ async def test_a_record_handed_back_in_a_poll_brings_back_the_later_batches_of_e
     assert len(await inbox_rows(pool, consumer.group_id)) == 10
     assert consumer.stats.dead_lettered == 0
     assert await reader(dlq, expect=0, settle=0.2) == []
+
+
+async def test_a_bug_in_a_batch_of_a_poll_hands_back_that_batch_and_every_later_one(
+    messaging_db: Any,
+    new_topic: Any,
+    producer: AIOKafkaProducer,
+    start_consumer: StartConsumer,
+    eventually: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Should processing a batch raise (a bug, not a handler's failure), the positions are past the
+    poll's later batches: they are sought back with it, so that none of them is lost."""
+    pool = messaging_db.pool
+    topic, dlq = await new_topic("v2v.scheduling"), await new_topic("v2v.order.dlq")
+    events = [make_event(f"order-{n % 2}", n) for n in range(9)]
+    await send_to_partitions(producer, topic, [(n % 2, e) for n, e in enumerate(events)])
+    real = EventConsumer._consume_records
+    calls = 0
+
+    async def buggy(self: EventConsumer, records: list[Any], **kwargs: Any) -> bool:
+        nonlocal calls
+        calls += 1
+        if calls == 2:  # the poll's second batch, before any of it is applied
+            raise RuntimeError("a bug")
+        return await real(self, records, **kwargs)
+
+    monkeypatch.setattr(EventConsumer, "_consume_records", buggy)
+    consumer, _ = await start_consumer(
+        service=unique_service(), topic=topic, dlq=dlq, handlers={EVENT_TYPE: write_effect}, batch_max=3
+    )
+    await eventually(lambda: consumer.stats.processed == 9, timeout=30, what="all nine events")
+    assert calls > 3
+    await effects_with_their_inbox_rows(pool, consumer, events)  # each once, in the written order

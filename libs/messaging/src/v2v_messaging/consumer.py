@@ -494,12 +494,20 @@ class EventConsumer:
             # waits for it (up to the broker's graceful_timeout) before cancelling the loop
             with self.subscriber.lock:
                 polled = list(records)
-                for start in range(0, len(polled), self.batch_max):
-                    end = start + self.batch_max
-                    # each batch its own transaction; the poll's offsets once its last batch is done
-                    if not await self._consume_records(polled[start:end], later=polled[end:], poll=polled):
-                        break  # handed back (sought to) or started over: the rest is read again
-        except Exception as exc:  # a bug: what was not processed was handed back (sought to) already
+                resets = self._resets
+                start = 0
+                try:
+                    for start in range(0, len(polled), self.batch_max):
+                        end = start + self.batch_max
+                        # each batch its own transaction; the poll's offsets once its last batch is done
+                        if not await self._consume_records(
+                            polled[start:end], later=polled[end:], poll=polled
+                        ):
+                            break  # handed back (sought to) or started over: the rest is read again
+                except Exception as exc:  # a bug: the batch and every later one are read again
+                    self._hand_back(self.subscriber.consumer, polled, start, set(), resets, exc)
+                    raise
+        except Exception as exc:  # a bug: what was not processed was handed back (sought to)
             log.error("consumer: a poll's records failed", consumer_group=self.group_id, error=repr(exc))
         finally:
             bind_order(None)
