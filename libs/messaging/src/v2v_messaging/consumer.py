@@ -500,10 +500,10 @@ class EventConsumer:
                     for start in range(0, len(polled), self.batch_max):
                         end = start + self.batch_max
                         # each batch its own transaction; the poll's offsets once its last batch is done
-                        if not await self._consume_records(
-                            polled[start:end], later=polled[end:], poll=polled
-                        ):
+                        if not await self._consume_records(polled[start:end], later=polled[end:]):
                             break  # handed back (sought to) or started over: the rest is read again
+                    else:
+                        await self._commit_offsets(polled)
                 except Exception as exc:  # a bug: the batch and every later one are read again
                     self._hand_back(self.subscriber.consumer, polled, start, set(), resets, exc)
                     raise
@@ -515,15 +515,14 @@ class EventConsumer:
     async def _on_message(self, message: KafkaMessage) -> None:
         """FastStream's own per-message path: the subscriber's loop does not take it (see `_consume`),
         but whatever else hands a message here gets the same processing, offsets committed by it."""
-        message.committed = AckStatus.ACKED  # the commit (or the hand-back) is `_consume_records`'
-        await self._consume_records([message.raw_message])
+        message.committed = AckStatus.ACKED  # the commit (or the hand-back) is this consumer's
+        if await self._consume_records([message.raw_message]):
+            await self._commit_offsets([message.raw_message])
 
-    async def _consume_records(
-        self, records: list[Any], *, later: list[Any] | None = None, poll: list[Any] | None = None
-    ) -> bool:
-        """Process the records of one batch of a poll, in order; after the poll's last batch (`later`:
-        the poll's records after this batch, none), commit the offsets once (`poll`: all its records).
-        Returns whether the next batch may go on (False: handed back, or started over).
+    async def _consume_records(self, records: list[Any], *, later: list[Any] | None = None) -> bool:
+        """Process the records of one batch of a poll, in order (`later`: the poll's records after this
+        batch). Returns whether the poll may go on (False: handed back, or started over); its offsets
+        are committed once after its last batch (`_commit_offsets`).
 
         Records whose handler runs share ONE transaction (`_Batch`: an inbox row per record, each
         handler's effects and outbox rows), committed after the last of them; each record keeps its own
@@ -652,16 +651,17 @@ class EventConsumer:
             if current is not None:
                 self._end_span(current)
             raise
-        if self._resets != resets:
-            return False
-        if kafka_consumer is None or later:
-            return True  # the positions are past the poll's later records: committed after them
-        if not self._defer_commit(kafka_consumer, poll or records):
-            try:
-                await kafka_consumer.commit()  # every position: after all the records of this poll
-            except Exception as exc:  # a rebalance under way: what it leaves is read again, and dropped
-                log.warning("consumer: offset commit failed", consumer_group=self.group_id, error=repr(exc))
-        return True
+        return self._resets == resets
+
+    async def _commit_offsets(self, poll: list[Any]) -> None:
+        """After the last batch of `poll` (never before: the positions are past all its records)."""
+        kafka_consumer = self.subscriber.consumer
+        if kafka_consumer is None or self._defer_commit(kafka_consumer, poll):
+            return
+        try:
+            await kafka_consumer.commit()  # every position: after all the records of this poll
+        except Exception as exc:  # a rebalance under way: what it leaves is read again, and dropped
+            log.warning("consumer: offset commit failed", consumer_group=self.group_id, error=repr(exc))
 
     @staticmethod
     def _assigned(kafka_consumer: AIOKafkaConsumer | None, record: Any) -> bool:
