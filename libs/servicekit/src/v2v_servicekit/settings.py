@@ -55,7 +55,8 @@ class ServiceSettings(BaseSettings):
     outbox_retention_days: int = 7
     outbox_max_event_bytes: int = 262_144  # larger events are refused at write time (256 KiB)
     consumer_max_attempts: int = 3
-    # records per poll, applied in one transaction (v2v_messaging.consumer): 1 is one transaction per record
+    # records per transaction; a poll is applied this many at a time (v2v_messaging.consumer): 1 is one
+    # transaction per record
     consumer_batch_max: int = Field(default=50, ge=1, le=500)
     # supervised background loops: restart backoff, and no heartbeat for this long is "stuck" in /ready
     background_restart_initial_s: float = 0.5
