@@ -36,7 +36,7 @@ from v2v_messaging import (
     make_broker,
     notify_channel,
 )
-from v2v_messaging.consumer import BATCH_MAX, BUSY_LINGERS
+from v2v_messaging.consumer import BATCH_MAX
 
 pytestmark = pytest.mark.integration
 
@@ -109,7 +109,6 @@ async def start_consumer(kafka: KafkaSettings, messaging_db: Any) -> AsyncIterat
         handlers: dict[str, Handler],
         policy: ConsumerPolicy = FAST,
         batch_max: int = BATCH_MAX,
-        linger_ms: float = 0.0,
     ) -> tuple[EventConsumer, KafkaBroker]:
         broker = make_broker(kafka, f"it-{service}-{uuid.uuid4().hex[:4]}", tracer_provider=None)
         consumer = EventConsumer(
@@ -123,7 +122,6 @@ async def start_consumer(kafka: KafkaSettings, messaging_db: Any) -> AsyncIterat
             fetch_max_wait_ms=kafka.fetch_max_wait_ms,
             policy=policy,
             batch_max=batch_max,
-            linger_ms=linger_ms,
         )
         # Tansu holds a JoinGroup for half the session timeout, and numbers the first generation 0, for
         # which aiokafka sends no LeaveGroup on stop: a restarted member then waits for the old one's
@@ -726,52 +724,6 @@ async def test_a_poll_takes_every_partition_and_its_batches_apply_them_in_time_o
         consumer.group_id,
     )
     assert transactions >= 3 and all(r["n"] <= 4 for r in sizes), [r["n"] for r in sizes]
-
-
-async def test_while_records_keep_coming_a_poll_lingers_for_more_and_a_record_that_comes_alone_is_not_held(
-    messaging_db: Any,
-    new_topic: Any,
-    producer: AIOKafkaProducer,
-    start_consumer: StartConsumer,
-    eventually: Any,
-) -> None:
-    """`linger_ms`: a record that comes after a quiet spell (longer than `BUSY_LINGERS` lingers) is
-    applied at once, in a transaction of its own; one that comes while records keep coming waits the
-    linger for more, and a record sent 0.15 s after it shares its poll and its transaction (without the
-    linger each would have its own)."""
-    pool = messaging_db.pool
-    topic, dlq = await new_topic("v2v.scheduling"), await new_topic("v2v.order.dlq")
-    linger_s = 0.8
-    consumer, _ = await start_consumer(
-        service=unique_service(),
-        topic=topic,
-        dlq=dlq,
-        handlers={EVENT_TYPE: write_effect},
-        linger_ms=linger_s * 1000,
-    )
-    events = [make_event("order-a", n) for n in range(4)]
-    await send_to_partitions(producer, topic, [(0, events[0])])  # the consumer has joined once it is in
-    await eventually(lambda: consumer.stats.processed == 1, timeout=30, what="the first event")
-
-    await asyncio.sleep(BUSY_LINGERS * linger_s + 0.2)  # a quiet spell
-    sent = asyncio.get_running_loop().time()
-    await send_to_partitions(producer, topic, [(0, events[1])])
-    await eventually(lambda: consumer.stats.processed == 2, what="the event after the quiet spell")
-    alone_s = asyncio.get_running_loop().time() - sent
-
-    await send_to_partitions(producer, topic, [(0, events[2])])  # records keep coming: this one waits
-    await asyncio.sleep(0.15)
-    await send_to_partitions(producer, topic, [(0, events[3])])
-    await eventually(lambda: consumer.stats.processed == 4, what="the last two events")
-
-    assert alone_s < linger_s, f"a record after a quiet spell was held {alone_s:.2f} s"
-    await effects_with_their_inbox_rows(pool, consumer, events)  # each once, in the written order
-    sizes = await pool.fetch(
-        """SELECT count(*) AS n FROM it_effects e JOIN inbox i ON i.event_id = e.event_id
-           WHERE i.consumer = $1 GROUP BY e.xmin::text ORDER BY min(e.id)""",
-        consumer.group_id,
-    )
-    assert [r["n"] for r in sizes] == [1, 1, 2]
 
 
 async def test_a_record_handed_back_in_a_poll_brings_back_the_later_batches_of_every_partition(

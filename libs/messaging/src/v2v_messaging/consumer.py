@@ -47,9 +47,7 @@ the fresh one's group.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import heapq
-import math
 import random
 import re
 import time
@@ -115,9 +113,6 @@ COMMIT_EVERY = 100
 COMMIT_AFTER_S = 1.0
 # at most this many records per transaction (`EventConsumer._consume_records`)
 BATCH_MAX = 50
-# a poll lingers (`EventConsumer._poll`) only while records keep coming: its records came within this
-# many lingers of the previous poll's
-BUSY_LINGERS = 4
 
 
 def in_time_order(partitions: Iterable[list[Any]]) -> tuple[Any, ...]:
@@ -206,7 +201,6 @@ class EventConsumer:
         broker_check_interval_s: float = 5.0,
         probe_timeout_s: float = 10.0,
         batch_max: int = BATCH_MAX,
-        linger_ms: float = 0.0,
     ) -> None:
         for topic in topics:  # the provenance checks need to know whose topic each one is
             if publisher_of(topic) is None:
@@ -238,8 +232,6 @@ class EventConsumer:
         # through `_poll` and hands each poll's records to `_consume`, in place of its per-message
         # dispatch (middlewares, dependency injection, and a worker thread per message to resolve it)
         self.batch_max = max(1, batch_max)
-        self.linger_s = max(0.0, linger_ms) / 1000
-        self._records_polled_at = -math.inf  # (event loop time) the last poll that returned records
         self._telemetry = _Telemetry(broker)
         self.subscriber.get_msg = self._poll  # type: ignore[method-assign, assignment]
         self.subscriber.consume_one = self._consume  # type: ignore[method-assign, assignment]
@@ -488,31 +480,8 @@ class EventConsumer:
         older records, and under a backlog the topics' horizons drift apart (an order's later facts
         then come before earlier ones, and are parked). Drained together, every partition is fetched
         in the same request, and a poll covers the same span of time in each. `_consume` takes them
-        `batch_max` at a time.
-
-        While records keep coming (this poll's came within `BUSY_LINGERS` lingers of the previous one's),
-        a poll of fewer than `batch_max` records lingers `linger_ms` and takes what has come meanwhile
-        too, as a producer's `linger.ms` does: under load a transaction then applies several records
-        instead of one, for less CPU per record (and the transactions, inbox rows and commits that go
-        with each); a record that comes alone is applied at once. Should the consumer be stopped while
-        it lingers, every partition of the poll is sought back to its first record."""
+        `batch_max` at a time."""
         batches = await kafka_consumer.getmany(timeout_ms=POLL_TIMEOUT_MS)
-        if self.linger_s and batches:
-            loop = asyncio.get_running_loop()
-            now = loop.time()
-            busy = now - self._records_polled_at < BUSY_LINGERS * self.linger_s
-            if busy and sum(map(len, batches.values())) < self.batch_max:
-                try:
-                    await asyncio.sleep(self.linger_s)
-                except asyncio.CancelledError:
-                    for tp, records in batches.items():
-                        with contextlib.suppress(Exception):  # unassigned meanwhile: read again anyway
-                            kafka_consumer.seek(tp, records[0].offset)
-                    raise
-                for tp, records in (await kafka_consumer.getmany(timeout_ms=0)).items():
-                    batches.setdefault(tp, []).extend(records)
-                now = loop.time()
-            self._records_polled_at = now
         return in_time_order(batches.values())
 
     async def _consume(self, records: tuple[Any, ...]) -> None:

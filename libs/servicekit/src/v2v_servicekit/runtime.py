@@ -216,7 +216,6 @@ def create_app(definition: ServiceDefinition, settings: ServiceSettings | None =
                     policy=policy,
                     namespace=settings.topic_namespace,
                     batch_max=settings.consumer_batch_max,
-                    linger_ms=settings.consumer_linger_ms,
                 )
             )
         for hook in definition.on_startup:

@@ -58,10 +58,6 @@ class ServiceSettings(BaseSettings):
     # records per transaction; a poll is applied this many at a time (v2v_messaging.consumer): 1 is one
     # transaction per record
     consumer_batch_max: int = Field(default=50, ge=1, le=500)
-    # while records keep coming, a poll of fewer than consumer_batch_max records waits this long for more
-    # before its transaction (a producer's linger.ms, on the consuming side): larger batches under load;
-    # a record that comes alone is not held. 0: never
-    consumer_linger_ms: float = Field(default=20.0, ge=0, le=1000)
     # supervised background loops: restart backoff, and no heartbeat for this long is "stuck" in /ready
     background_restart_initial_s: float = 0.5
     background_restart_max_s: float = 30.0
