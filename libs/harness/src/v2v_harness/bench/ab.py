@@ -128,7 +128,8 @@ def run_order(pairs: int) -> list[str]:
     return order
 
 
-def run_once(side: Side, rate: float, seconds: float, out: Path, extra: list[str]) -> dict[str, Any]:
+def run_once(side: Side, rate: float, seconds: float, out: Path) -> dict[str, Any]:
+    """One platform step of `python -m v2v_harness.bench` for `side`; its figures (`step_metrics`)."""
     out.mkdir(parents=True, exist_ok=True)
     cmd = [
         side.python(),
@@ -147,7 +148,6 @@ def run_once(side: Side, rate: float, seconds: float, out: Path, extra: list[str
         "--quiet",
         "--out",
         str(out),
-        *extra,
     ]
     env = {**os.environ, **side.env}
     with (out / "bench.err").open("wb") as err:
@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"ab [{time.monotonic() - started:6.0f}s] run {i}/{len(order)}: side {name}", file=sys.stderr
             )
-            r = run_once(sides[name], args.rate, args.seconds, out / f"run{i:02d}-{name}", [])
+            r = run_once(sides[name], args.rate, args.seconds, out / f"run{i:02d}-{name}")
             runs.append((name, r))
             print(
                 f"ab [{time.monotonic() - started:6.0f}s]   {r['completed']}/{r['orders']} chains, "
