@@ -155,3 +155,15 @@ def test_recovery_is_none_when_the_last_window_is_still_slow_and_zero_when_never
         "recovery_s_strict": None,
         "series": [],
     }
+
+
+def test_recovery_needs_the_hold_at_base_before_the_probes_end() -> None:
+    # slow until 58 s, then two windows at base before the probes end (the end of a 60 s probe run)
+    probes = [(t * 0.5, 900.0 if t * 0.5 < 58 else 100.0) for t in range(121)]
+    assert recovery(probes, base_p99_ms=200.0, window_s=2.0)["recovery_s"] == 58.0
+    held = recovery(probes, base_p99_ms=200.0, window_s=2.0, hold_s=20.0)
+    assert held["recovery_s"] is None  # 4 s at base is not 20
+    assert [r["at_base"] for r in held["series"]][-2:] == [True, True]
+    # at base from 30 s on: 32 s of it, more than the hold
+    early = [(t * 0.5, 900.0 if t * 0.5 < 30 else 100.0) for t in range(121)]
+    assert recovery(early, base_p99_ms=200.0, window_s=2.0, hold_s=20.0)["recovery_s"] == 30.0

@@ -534,6 +534,7 @@ class PlatformLoad:
             [(sent - ended, self._latency_ms(oid, sent)) for oid, sent in probes.sent_at.items()],
             base_p99,
             self.cfg.recovery_window_s,
+            hold_s=self.cfg.recovery_hold_s,
         )
 
     async def overload(self, knee: float, base: dict[str, Any]) -> dict[str, Any]:
@@ -677,6 +678,7 @@ class PlatformLoad:
             "recovery_s_strict": rec["recovery_s_strict"],
             "recovery_window_s": rec["window_s"],
             "recovery_window_percentile": rec["window_percentile"],
+            "recovery_hold_s": cfg.recovery_hold_s,  # at base that long before the probes ended
             "limit_s": RECOVERY_LIMIT_S,
             "recovered_within_limit": bool(
                 drained

@@ -279,7 +279,8 @@ def overload_lines(o: dict[str, Any] | None) -> list[str]:
         "*Back at base*: the start of the first "
         f"{o['recovery_window_s']:g} s window (by send time) from which on every window's "
         f"{o['recovery_window_percentile']} of the probes' chain latency is at or below the base p99 "
-        "(the knee step's); *strict*: from the first probe after which every probe is.",
+        f"(the knee step's), if that lasted {o.get('recovery_hold_s', 0):g} s before the probes ended; "
+        "*strict*: from the first probe after which every probe is.",
         "",
         "| overload /s | orders | chains done | errors | drained | base p50 / p99 ms | back at base | strict "
         f"| probes done | within {RECOVERY_LIMIT_S:g} s |",
@@ -412,8 +413,9 @@ the platform returned), and then:
    stop early once the backlog has drained and 20 s of probes were at base), and reports whether every
    overload order's chain ended and when the last one did (the backlog drained), and when the probes'
    chain latency was back at its base (the knee step's chain p99): the start of the first 2 s window from
-   which on every window's p90 is at or below it (and, strict, from the first probe after which every
-   probe is), against the 60 s of issue 12; the per-window probe p50/p99 are in the JSON.
+   which on every window's p90 is at or below it, if that lasted 20 s before the probes ended (and,
+   strict, from the first probe after which every probe is), against the 60 s of issue 12; the
+   per-window probe p50/p99 are in the JSON.
 
 Reproduce: `make bench` (a few minutes on 2 cores), or with options
 `make bench BENCH_ARGS="--rates 10,25,50 --seconds 10 --label after"`. Options: `--rates`, `--seconds`,

@@ -99,7 +99,10 @@ RECOVERY_WINDOW_PCT = ("p90", 90.0)  # the percentile of a window that must be b
 
 
 def recovery(
-    probes: Sequence[tuple[float, float | None]], base_p99_ms: float | None, window_s: float
+    probes: Sequence[tuple[float, float | None]],
+    base_p99_ms: float | None,
+    window_s: float,
+    hold_s: float = 0.0,
 ) -> dict[str, Any]:
     """When the probes' chain latency is back at its base after an overload.
 
@@ -113,7 +116,9 @@ def recovery(
     - `recovery_s`: the start of the first `window_s` window (by send time) from which on every window's
       p90 of the probes' latency is at or below the base p99 (a probe without a chain end counts as
       infinitely late; an empty window neither breaks nor makes the run). A stray slow probe does not
-      move it; a window of which a tenth is slower than the base p99 does.
+      move it; a window of which a tenth is slower than the base p99 does. The windows at base from it
+      to the last one must span at least `hold_s`: a run of probes that ends right after its last slow
+      window has not shown that latency stays at base (None then).
 
     Also the per-window series: probes, completed, p50, p90, p99 (ms) and whether it is at base."""
     window_s = max(window_s, 1e-3)
@@ -158,6 +163,8 @@ def recovery(
             windowed = judged[0]["t_s"]
         elif failing and failing[-1] is not judged[-1]:
             windowed = min(r["t_s"] for r in judged if r["t_s"] > failing[-1]["t_s"])
+        if windowed is not None and judged[-1]["t_s"] + window_s - windowed < hold_s:
+            windowed = None  # at base for less than `hold_s` when the probes ended
     return {
         "window_s": window_s,
         "window_percentile": RECOVERY_WINDOW_PCT[0],
