@@ -104,6 +104,7 @@ class Platform:
                 "V2V_KAFKA_BOOTSTRAP_SERVERS": self.infra.bootstrap_servers,
                 "V2V_KAFKA_ENABLE_IDEMPOTENCE": "true" if self.infra.kafka_idempotence else "false",
                 "V2V_KAFKA_FETCH_MAX_WAIT_MS": str(self.infra.kafka_fetch_max_wait_ms),
+                "V2V_KAFKA_FETCH_MIN_BYTES": str(self.infra.kafka_fetch_min_bytes),
                 "V2V_KAFKA_SESSION_TIMEOUT_MS": str(self.infra.kafka_session_timeout_ms),
                 "V2V_KAFKA_HEARTBEAT_INTERVAL_MS": str(max(250, self.infra.kafka_session_timeout_ms // 4)),
                 "V2V_TOPIC_NAMESPACE": self.namespace,

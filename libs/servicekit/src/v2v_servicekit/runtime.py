@@ -210,6 +210,7 @@ def create_app(definition: ServiceDefinition, settings: ServiceSettings | None =
                     broker=broker,
                     dead_letter_topic=dead_letter_topic(definition.name, settings.topic_namespace),
                     fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms,
+                    fetch_min_bytes=settings.kafka_fetch_min_bytes,
                     max_poll_interval_ms=settings.kafka_max_poll_interval_ms,
                     session_timeout_ms=settings.kafka_session_timeout_ms,
                     heartbeat_interval_ms=settings.kafka_heartbeat_interval_ms,

@@ -22,6 +22,7 @@ class ServiceSettings(BaseSettings):
     kafka_bootstrap_servers: str = "127.0.0.1:9092"
     kafka_enable_idempotence: bool = True
     kafka_fetch_max_wait_ms: int = 100
+    kafka_fetch_min_bytes: int = Field(default=1, ge=1)
     kafka_max_poll_interval_ms: int = 300_000
     kafka_session_timeout_ms: int = 10_000
     kafka_heartbeat_interval_ms: int = 3_000

@@ -348,7 +348,9 @@ def section_markdown(result: dict[str, Any]) -> str:
         f"Machine: {m['nproc']} CPUs ({m['cpu_model']}), {m['memory_gb']:.1f} GiB RAM, Python "
         f"{m['python']}, {m['os']}. Postgres {st['postgres_kind']} "
         f"(fsync {'on' if st['durable'] else 'off'}), "
-        f"broker {st['kafka_kind']} (fetch_max_wait_ms {st['fetch_max_wait_ms']}). "
+        f"broker {st['kafka_kind']} (fetch_max_wait_ms {st['fetch_max_wait_ms']}"
+        + (f", fetch_min_bytes {st['fetch_min_bytes']}" if st.get("fetch_min_bytes") else "")
+        + "). "
         f"Load average (1 min) at start {_load(m, 'load_average_at_start')}, at end "
         f"{_load(m, 'load_average_at_end')}: the machine is shared, other work skews the figures.",
         "",

@@ -262,6 +262,7 @@ async def _run(
                 "postgres_kind": infra.postgres_kind,
                 "kafka_kind": infra.kafka_kind,
                 "fetch_max_wait_ms": infra.kafka_fetch_max_wait_ms,
+                "fetch_min_bytes": infra.kafka_fetch_min_bytes,
                 "kafka_idempotence": infra.kafka_idempotence,
                 "combos": len((platform_result or {}).get("combos") or []),
             },
