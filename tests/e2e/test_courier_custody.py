@@ -93,7 +93,15 @@ async def test_courier_milestone_is_custody_and_links_to_the_orders_first_trace(
     )
     assert resp.status_code == 200, resp.text
     din = resp.json()["din"]  # the collection's DIN, on the bag's label beside the COI
-    resp = await parties.site(ship["destination"]).post(
+    mes = parties.site(ship["destination"])
+    view = f"{platform.url('site')}/v1/sites/{ship['destination']}/manufacturing/{order['order_id']}"
+
+    async def site_knows_the_din() -> bool:  # a receipt before that is refused (409): the MES waits
+        resp = await mes.get(view)
+        return resp.status_code == 200 and resp.json()["expected_din"] == din
+
+    await eventually(site_knows_the_din, timeout=10, what="the site learning the collection's DIN")
+    resp = await mes.post(
         f"{platform.url('site')}/v1/sites/{ship['destination']}/receipts",
         json={"order_id": order["order_id"], "coi": order["coi"], "din": din, "accepted": True},
     )

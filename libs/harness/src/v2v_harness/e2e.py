@@ -332,7 +332,20 @@ class Journey:
         return answer
 
     async def receipt(self, site_id: str, accepted: bool = True, reason: str | None = None) -> dict[str, Any]:
-        resp = await self.as_site(site_id).site_receipt(
+        """As the site's MES: the bag received (or refused), once the site knows of the collection it is
+        from (the manufacturing view's `collection` and `expected_din`): the site refuses a receipt before
+        that with a plain 409, as an MES would read the view before scanning the bag."""
+        site = self.as_site(site_id)
+
+        async def learned() -> dict[str, Any] | None:
+            resp = await site.manufacturing(site_id, self.id)
+            view = dict(resp.body) if resp.ok else {}
+            if view.get("collection") is None:
+                return None
+            return view if self.din is None or view.get("expected_din") == self.din else None
+
+        await eventually(learned, timeout=15, what=f"the site knowing the collection (DIN {self.din})")
+        resp = await site.site_receipt(
             site_id, self.id, self.coi, accepted, din=self.din, reason=reason or None
         )
         return _checked(resp, None)

@@ -140,6 +140,11 @@ async def reserve(
         manufacturing_start_date=day,
     )
     await handle(uow, slot)
+    if order is None:  # the bag is collected (no DIN: unchecked) before any receipt
+        await handle(
+            uow,
+            ApheresisCompletedV1(order_id=order_id, coi=coi, treatment_center_id=CENTRE, collected_at=NOW),
+        )
     return {"order_id": order_id, "coi": coi, "slot_id": slot.slot_id, "site_id": site_id, "slot": slot}
 
 

@@ -10,7 +10,7 @@ import asyncio
 import itertools
 import json
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 from typing import Any
@@ -27,7 +27,7 @@ from site_service.adapters.repository import SiteTx
 from site_service.entrypoints.api import router
 from site_service.service_layer import commands
 from site_service.service_layer.handlers import handlers
-from v2v_contracts import SlotReservedV1, new_event
+from v2v_contracts import ApheresisCompletedV1, SlotReservedV1, new_event
 from v2v_contracts.coi import make_coi
 from v2v_messaging.fakes import FakeInbox, FakeUnitOfWork
 from v2v_servicekit import current_runtime, problems
@@ -101,7 +101,10 @@ class Api:
         from site_service.domain.registry import OrderFacts
 
         oid = uuid.UUID(order_id)
-        self.store.orders[oid] = OrderFacts(oid, regulator, order_type, "FR", "europe")
+        known = self.store.orders.get(oid) or OrderFacts(oid)
+        self.store.orders[oid] = replace(
+            known, regulator=regulator, order_type=order_type, country="FR", region="europe"
+        )
 
     async def reserve(self, site_id: str = SITE, product: str = "TISA-CEL") -> tuple[str, str]:
         order_id, coi = uuid.uuid4(), make_coi("V2V00", 26, next(_seq))
@@ -117,6 +120,11 @@ class Api:
             manufacturing_start_date=DAY,
         )
         await FakeInbox(self.uow, handlers).deliver(new_event(slot))
+        # the bag is collected (no DIN: unchecked) before any receipt
+        collected = ApheresisCompletedV1(
+            order_id=order_id, coi=coi, treatment_center_id=CENTRE, collected_at=datetime.now(UTC)
+        )
+        await FakeInbox(self.uow, handlers).deliver(new_event(collected))
         self.uow.take()
         return str(order_id), coi
 

@@ -126,6 +126,10 @@ async def reserve(
         manufacturing_start_date=day,
     )
     await site.deliver(slot)
+    if order is None:  # the bag is collected (no DIN: unchecked) before any receipt
+        await site.deliver(
+            ApheresisCompletedV1(order_id=order_id, coi=coi, treatment_center_id=CENTRE, collected_at=NOW)
+        )
     return Order(order_id, coi, slot)
 
 
@@ -160,7 +164,10 @@ async def passed(site: Site, o: Order, coa: str = "COA-31-0001") -> dict[str, An
 
 def market(site: Site, o: Order, regulator: str, order_type: str = "commercial") -> None:
     """What `order.submitted` told the site: the order's market."""
-    site.store.orders[o.order_id] = OrderFacts(o.order_id, regulator, order_type, "FR", "europe")
+    known = site.store.orders.get(o.order_id) or OrderFacts(o.order_id)
+    site.store.orders[o.order_id] = dataclasses.replace(
+        known, regulator=regulator, order_type=order_type, country="FR", region="europe"
+    )
 
 
 def signer(
@@ -832,6 +839,7 @@ async def test_bookings_runs_steps_qc_and_registry_changes_are_audited_with_code
     mine = trail[start:]
     assert [(r.action, r.object_type, r.reason) for r in mine] == [
         ("booking.confirmed", "booking", "initial"),
+        ("order.din_learned", "order", "apheresis_completed"),  # the collection, before any receipt
         ("manufacture.receipt", "manufacture", None),
         ("manufacture.step", "manufacture", None),
         ("manufacture.step", "manufacture", None),
@@ -839,7 +847,8 @@ async def test_bookings_runs_steps_qc_and_registry_changes_are_audited_with_code
         ("manufacture.stop", "manufacture", "order_cancelled:consent_withdrawn"),
         ("booking.cancelled", "booking", "order_cancelled:consent_withdrawn"),
     ]
-    confirmed, received, *_ = mine
+    confirmed, learned, received, *_ = mine
+    assert (learned.object_id, learned.new) == (str(o.order_id), {"din": None, "collection": 1})
     assert confirmed.actor == Actor.system("site.bookings") and (confirmed.cause or "").startswith("event:")
     assert received.old == {"state": "awaiting_material", "run": 0}
     assert received.new == {
@@ -852,7 +861,7 @@ async def test_bookings_runs_steps_qc_and_registry_changes_are_audited_with_code
         "reference": "BR-0001",
     }
     assert lot_problem(received.new["lot"]) is None  # type: ignore[index]
-    outage = mine[4]
+    outage = mine[5]
     assert outage.object_id == OTHER_SITE and len(outage.new["outages"]) == len(outage.old["outages"]) + 1  # type: ignore[index, arg-type, call-overload]
     assert verify("site", trail).broken is None
 
@@ -1062,6 +1071,51 @@ async def test_a_receipt_checks_the_din_of_the_latest_collection(site: Site) -> 
     assert view["state"] == "material_received"
     [(kind, data)] = site.events()
     assert (kind, data["din"], data["lot"]) == ("site.material_received.v1", second, view["lot"])
+
+
+async def test_no_material_is_received_before_the_site_learns_of_its_collection(site: Site) -> None:
+    """A receipt that comes before `order.apheresis_completed` reached the site would skip the DIN check:
+    refused with a plain 409 (no alert, nothing recorded); the MES sees in the view when it may go on."""
+    o = await reserve(site, order=new_order())  # booked; the collection's event has not arrived
+    site.events()
+    for accepted, reason in ((True, None), (False, "damaged_container")):
+        with pytest.raises(Conflict) as exc:
+            await receive(site, o, accepted=accepted, reason=reason)
+        assert problem(exc) == (409, "order_id") and not isinstance(exc.value, CoiMismatch)
+        assert "has not learned of this order's collection" in exc.value.detail
+    assert site.events() == [] and site.store.manufacturing == {}
+    view = await queries.get_manufacturing(site.uow, SITE, o.order_id)
+    assert (view["state"], view["collection"], view["expected_din"]) == ("awaiting_material", None, None)
+    din = make_coi("DIN01", 31, 3)
+    await site.deliver(apheresis(o, din, 1))
+    view = await queries.get_manufacturing(site.uow, SITE, o.order_id)
+    assert (view["collection"], view["expected_din"]) == (1, din)
+    view = await receive(site, o, din=din)
+    assert (view["state"], view["expected_din"]) == ("material_received", din)
+
+
+async def test_a_recollections_bag_waits_for_the_site_to_learn_its_din(site: Site) -> None:
+    """The site knows collection 1, whose bag it received already; collection 2's bag arrives before its
+    event: a plain 409 naming `din`, no chain-of-identity alert; once the DIN is known, it is accepted."""
+    o = await reserve(site, order=new_order())
+    first, second = make_coi("DIN01", 31, 4), make_coi("DIN01", 31, 5)
+    await site.deliver(apheresis(o, first, 1))
+    await receive(site, o, din=first)
+    await commands.record_step(
+        site.uow, SITE, o.order_id, step="activation", failed=True, reason="contamination"
+    )
+    await reserve(site, order=(o.order_id, o.coi), day=DAY + timedelta(days=30))  # the recollection's slot
+    site.events()
+    with pytest.raises(Conflict) as exc:
+        await receive(site, o, din=second)
+    assert problem(exc) == (409, "din") and not isinstance(exc.value, CoiMismatch)
+    assert "has not learned of the next one" in exc.value.detail
+    assert site.events() == []
+    await site.deliver(apheresis(o, second, 2))
+    view = await receive(site, o, din=second)
+    assert (view["state"], view["collection"], view["expected_din"]) == ("material_received", 2, second)
+    [(kind, data)] = site.events()
+    assert (kind, data["din"]) == ("site.material_received.v1", second)
 
 
 def decided(o: Order, cause: str, outcome: str, run: int | None = None) -> DispositionDecidedV1:

@@ -302,6 +302,7 @@ class MemoryManufacturingRepository(ManufacturingRepository):
             product_code=booking.product_code,
             state=Manufacturing(),
             received_at=received_at,
+            din=din,
         )
         self.store.manufacturing[booking.booking_id] = _ManufactureRow(m, next(self.store.seq), reason)
         return m
@@ -398,7 +399,7 @@ class MemoryOrderFactsRepository(OrderFactsRepository):
             current, regulator=regulator, order_type=order_type, country=country, region=region
         )
 
-    async def record_din(self, order_id: uuid.UUID, din: str, collection: int) -> bool:
+    async def record_din(self, order_id: uuid.UUID, din: str | None, collection: int) -> bool:
         current = self.store.orders.get(order_id) or OrderFacts(order_id)
         if current.collection is not None and current.collection > collection:
             return False

@@ -196,8 +196,9 @@ class OrderFactsRepository(ABC):
     ) -> None: ...
 
     @abstractmethod
-    async def record_din(self, order_id: uuid.UUID, din: str, collection: int) -> bool:
-        """Remember the DIN of a collection unless a later collection's is known; whether it changed."""
+    async def record_din(self, order_id: uuid.UUID, din: str | None, collection: int) -> bool:
+        """Remember a collection and its DIN (None: its event carried none, so none is checked) unless a
+        later collection is known; whether it changed."""
 
 
 class SignatureStore(ABC):
@@ -491,6 +492,7 @@ def _manufacture(row: asyncpg.Record) -> Manufacture:
         received_at=row["received_at"],
         qc_results=row["qc_results"],
         coa_reference=row["coa_reference"],
+        din=row["din"],
     )
 
 
@@ -669,7 +671,7 @@ class PgOrderFactsRepository(OrderFactsRepository):
             region,
         )
 
-    async def record_din(self, order_id: uuid.UUID, din: str, collection: int) -> bool:
+    async def record_din(self, order_id: uuid.UUID, din: str | None, collection: int) -> bool:
         return bool(
             await self.conn.fetchval(
                 """INSERT INTO order_facts (order_id, din, collection) VALUES ($1, $2, $3)

@@ -142,6 +142,7 @@ class Manufacture:
     received_at: datetime | None = None
     qc_results: dict[str, Any] | None = None  # the current run's QC summary (numbers and codes)
     coa_reference: str | None = None  # its certificate of analysis (an opaque document id)
+    din: str | None = None  # the DIN of the bag received (verified at receipt; None: not presented)
 
     def ref(self) -> dict[str, Any]:
         """The order references every event about this manufacture carries."""

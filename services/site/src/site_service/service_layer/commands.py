@@ -25,7 +25,7 @@ from site_service.adapters.repository import SITES_SEED, SiteTx, read_sites_seed
 from site_service.domain import manufacturing as mfg
 from site_service.domain import registry
 from site_service.domain.manufacturing import Manufacture, Transition
-from site_service.domain.registry import Booking
+from site_service.domain.registry import Booking, OrderFacts
 from site_service.domain.release import ReleasePlan, make_lot, missing
 from site_service.service_layer.products import known_products, makers, rules_for
 from site_service.service_layer.queries import (
@@ -360,6 +360,33 @@ async def _confirmed_booking(
     return booking
 
 
+def _din_mismatch(
+    booking: Booking, facts: OrderFacts | None, earlier: Manufacture | None, din: str | None
+) -> str | None:
+    """ "din" when the bag's DIN is not that of the order's latest collection (None: it is, or the
+    collection's event carried none); a plain 409 while the site cannot know yet (see `record_receipt`)."""
+    if facts is None or facts.collection is None:
+        raise Conflict(
+            "order_id",
+            "the site has not learned of this order's collection yet (order.apheresis_completed): "
+            "no material is received before it; try again",
+        )
+    expected = facts.din
+    if expected is None:
+        return None
+    if din is None:
+        raise Invalid("din", "is required: the bag's donation identification number (DIN) is checked")
+    if din == expected:
+        return None
+    if earlier is not None and earlier.booking_id != booking.booking_id and earlier.din == expected:
+        raise Conflict(
+            "din",
+            f"the latest collection the site knows of (collection {facts.collection}) was received "
+            "already; the site has not learned of the next one yet (order.apheresis_completed): try again",
+        )
+    return "din"
+
+
 async def record_receipt(
     uow: AbstractUnitOfWork[SiteTx],
     site_id: str,
@@ -379,7 +406,13 @@ async def record_receipt(
     The bag's pair is checked: the COI against the booking, the DIN against the order's latest collection
     (`order.apheresis_completed`); where the site knows the DIN, a receipt without one is refused (422
     naming `din`), and a DIN that differs halts like a COI mismatch (alert, 409, nothing accepted).
-    A refused material is held (`held_at_receipt`) until QA's disposition (`order.disposition_decided`)."""
+    A refused material is held (`held_at_receipt`) until QA's disposition (`order.disposition_decided`).
+
+    The site checks only what it has learned, so a receipt that comes before the site learned of the
+    collection is refused with a plain 409 (no alert; the MES tries again, `expected_din` in the
+    manufacturing view shows what the site knows): no collection known yet (else its DIN would go
+    unchecked), or, for a recollection, the latest DIN the site knows is that of a bag already received
+    and the one presented differs (the new collection's event has not reached the site yet)."""
     reason = mfg.check_receipt(coi, accepted, reason)
     if din is not None and (problem := coi_problem(din)):
         raise Invalid("din", problem)
@@ -388,16 +421,9 @@ async def record_receipt(
         await ensure_site(tx, site_id, tenant)
         booking = await _confirmed_booking(tx, order_id, site_id, tenant)
         facts = await tx.orders.get(order_id)
+        earlier = await tx.manufacturing.latest_for_order(order_id)
     set_order_attributes(order_id, booking.coi)
-    expected_din = facts.din if facts is not None else None
-    mismatched: str | None = None
-    if coi != booking.coi:
-        mismatched = "coi"
-    elif expected_din is not None:
-        if din is None:
-            raise Invalid("din", "is required: the bag's donation identification number (DIN) is checked")
-        if din != expected_din:
-            mismatched = "din"
+    mismatched = "coi" if coi != booking.coi else _din_mismatch(booking, facts, earlier, din)
     if mismatched is not None:
         log.error(
             f"{mismatched.upper()} mismatch at material receipt: material not accepted", site_id=site_id

@@ -225,12 +225,14 @@ async def on_order_submitted(tx: SiteTx, data: OrderSubmittedV1, meta: EventMeta
 
 @handlers.on(ApheresisCompletedV1)
 async def on_apheresis_completed(tx: SiteTx, data: ApheresisCompletedV1, meta: EventMeta) -> None:
-    """The DIN of this collection (a recollection's replaces the earlier one): a receipt must present it
-    beside the COI. Events without a DIN (older producers) teach nothing: the DIN is then not checked."""
+    """A collection of the order and its DIN (a recollection's replaces the earlier one): the site receives
+    no material of the order before it knows of a collection, and a receipt must present the latest
+    collection's DIN beside the COI. An event without a DIN (older producers) makes the collection known
+    and its DIN unchecked."""
     din = getattr(data, "din", None)
     collection = getattr(data, "collection", 1)
     if not isinstance(din, str) or coi_problem(din) is not None:
-        return
+        din = None
     if not isinstance(collection, int) or isinstance(collection, bool) or collection < 1:
         collection = 1
     if await tx.orders.record_din(data.order_id, din, collection):

@@ -44,10 +44,20 @@ async def ensure_site(tx: SiteTx, site_id: str, tenant: str | None = None) -> No
         raise NotFound("Site", site_id)
 
 
+async def _collection(tx: SiteTx, order_id: uuid.UUID) -> dict[str, Any]:
+    facts = await tx.orders.get(order_id)
+    return {
+        "collection": facts.collection if facts is not None else None,
+        "expected_din": facts.din if facts is not None else None,
+    }
+
+
 async def manufacturing_view(
     tx: SiteTx, site_id: str, order_id: uuid.UUID, tenant: str | None = None
 ) -> dict[str, Any]:
-    """The order's latest manufacture at the site (or its booking, awaiting material), with its history."""
+    """The order's latest manufacture at the site (or its booking, awaiting material), with its history,
+    and what the site has learned of the order's latest collection (`collection`, `expected_din`: what a
+    receipt must present; None: not learned yet, or its event carried no DIN)."""
     m = await tx.manufacturing.latest(order_id, site_id, tenant=tenant)
     if m is None:
         booking = await tx.bookings.latest_open(order_id, site_id, tenant=tenant)
@@ -59,6 +69,7 @@ async def manufacturing_view(
             "booking_id": booking.booking_id,
             "product_code": booking.product_code,
             "state": State.AWAITING_MATERIAL.value,
+            **await _collection(tx, order_id),
             "run": 0,
             "next_step": None,
             "steps_completed": [],
@@ -79,6 +90,7 @@ async def manufacturing_view(
         "booking_id": m.booking_id,
         "product_code": m.product_code,
         "state": s.state.value,
+        **await _collection(tx, order_id),
         "run": s.run,
         "next_step": s.next_step,
         "steps_completed": list(mfg.STEPS[: s.steps_completed]),
