@@ -86,15 +86,13 @@ def start_infrastructure(
     kafka_port: int | None = None,
     allow_containers: bool = False,
     embedded_fetch_wait_ms: int = 50,
+    embedded_fetch_min_bytes: int = 8000,
 ) -> Infrastructure:
     env_db = os.environ.get("V2V_DATABASE_URL") or None
     env_kafka = os.environ.get("V2V_KAFKA_BOOTSTRAP_SERVERS") or None
     fetch_wait_env = os.environ.get("V2V_KAFKA_FETCH_MAX_WAIT_MS")
-    # a fetch held until this many bytes are there (or its wait is over) batches a few events per poll:
-    # on the embedded broker 8,000 spent 9-17 % less CPU per order (docs/BENCHMARKS.md, round 10), but
-    # it is not the default: it widens a race that end-to-end tests hit (a site learns a recollection's
-    # DIN from `order.apheresis_completed` while the bag's receipt may come first and is refused)
-    fetch_min = int(os.environ.get("V2V_KAFKA_FETCH_MIN_BYTES") or 1)
+    fetch_min_env = os.environ.get("V2V_KAFKA_FETCH_MIN_BYTES")
+    fetch_min = int(fetch_min_env or 1)
     closers: list[Callable[[], None]] = []
     pg: LocalPostgres | None = None
     tansu: LocalTansu | None = None
@@ -151,6 +149,13 @@ def start_infrastructure(
             # 100 ms (CPU is what two replicas of everything lack there; docs/RELIABILITY.md).
             bootstrap, kafka_kind, idempotence = tansu.bootstrap_servers, "embedded tansu", False
             fetch_wait = int(fetch_wait_env or embedded_fetch_wait_ms)
+            # a fetch answered as soon as one record is there makes a poll, a transaction and an offset
+            # commit of nearly every record below the knee; held until 8,000 bytes (a few events) or
+            # the wait, the platform spent 17 % less CPU per order at 20 orders/s and 9 % less at 40/s,
+            # for 70 ms more chain p50 at 20/s and none at 40/s (docs/BENCHMARKS.md, round 10). Each hop
+            # then lags a little more, so nothing may rely on one service having read an event because
+            # another has: a site refuses a receipt (409) until it knows of the bag's collection.
+            fetch_min = int(fetch_min_env or embedded_fetch_min_bytes)
     except BaseException:
         for closer in reversed(closers):
             closer()
