@@ -164,6 +164,9 @@ def inbound_routes(platform: FakePlatform) -> None:
     platform.routes[("GET", "/v1/shipments")] = lambda _: httpx.Response(200, json=[SHIPMENT])
     platform.routes[("POST", "/v1/shipments/sh-1/milestones")] = lambda _: httpx.Response(201, json={})
     platform.routes[("POST", "/v1/sites/CH-STEIN/receipts")] = lambda _: httpx.Response(200, json={})
+    platform.routes[("GET", "/v1/sites/CH-STEIN/manufacturing/o-1")] = lambda _: httpx.Response(
+        200, json={"state": "awaiting_material", "collection": 1, "expected_din": None}
+    )
     platform.routes[("POST", "/v1/shipments/sh-1/temperature")] = lambda _: httpx.Response(
         201, json={"excursion_published": True}
     )
@@ -187,7 +190,11 @@ async def test_the_inbound_leg_is_scanned_by_the_courier_then_received_by_the_si
         ("/v1/sites/CH-STEIN/receipts", None),
     ]
     # the shipment is found as ops, scanned by the carrier it names, received by the site's MES
-    assert platform.by("GET") == [("/v1/shipments", "ops")]
+    # the MES reads what the site knows of the collection before it scans the bag
+    assert platform.by("GET") == [
+        ("/v1/shipments", "ops"),
+        ("/v1/sites/CH-STEIN/manufacturing/o-1", "site-ch-stein"),
+    ]
     assert [who for _, who in platform.by("POST")[1:]] == ["carrier-cryo-eu"] * 4 + ["site-ch-stein"]
     booked, picked, transit, delivered, receipt = (b for _, b in posted)
     assert "temperature_c" not in booked and 2.0 <= picked["temperature_c"] <= 8.0
@@ -328,6 +335,31 @@ async def test_each_scan_presents_the_labels_pair_and_reads_the_shipment_again_w
         ("delivered", "V2V0126000001Q"),
     ]
     assert all("lot" not in b for b in scans) and not actor.sim.stats.errors
+    await actor.sim.api.close()
+
+
+async def test_the_site_receives_the_bag_once_it_knows_of_its_collection() -> None:
+    """The site refuses a receipt before `order.apheresis_completed` reached it (409): its MES reads the
+    manufacturing view until it shows the collection and the DIN on the bag, then scans."""
+    platform = FakePlatform({})
+    inbound_routes(platform)
+    views = iter(
+        [
+            {"collection": None, "expected_din": None},
+            {"collection": 1, "expected_din": "V2V0126000001P"},  # an earlier collection's DIN
+            {"collection": 2, "expected_din": "V2V0126000002N"},
+        ]
+    )
+    platform.routes[("GET", "/v1/sites/CH-STEIN/manufacturing/o-1")] = lambda _: httpx.Response(
+        200, json=next(views)
+    )
+    actor = await placed(platform)
+    actor.din = "V2V0126000002N"
+    actor.sim.cfg.poll_s = 0.0
+    await actor.inbound(order_row("material_in_transit"))
+    reads = [p for m, p, _ in platform.requests if m == "GET" and "/manufacturing/" in p]
+    assert len(reads) == 3 and platform.posted()[-1][0] == "/v1/sites/CH-STEIN/receipts"
+    assert platform.posted()[-1][1]["din"] == "V2V0126000002N" and not actor.sim.stats.errors
     await actor.sim.api.close()
 
 

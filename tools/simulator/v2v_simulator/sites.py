@@ -83,6 +83,7 @@ class Site:
         moment = await o.at(delivered + timedelta(hours=1), label)
         reason = o.plan.params["reason"] if reject else None
         reference = self.reference("DEV") if reject else None
+        await self.knows_the_collection(site_id)
         await o.call(
             label,
             lambda c: c.site_receipt(
@@ -109,6 +110,25 @@ class Site:
             collected = o.moment("apheresis")
             if collected is not None:  # for the fresh-material rule (`rules.fresh_started_in_time`)
                 o.result.collected_runs.append(RunStart(site_id, slot_id, collected, start))
+
+    async def knows_the_collection(self, site_id: str) -> None:
+        """As the MES before it scans the bag: the site's view shows the collection (and the DIN) the bag
+        is from; a receipt before the site learned of it is refused (409). Gone on: the receipt answers."""
+        o = self.order
+        deadline = time.monotonic() + o.sim.cfg.stall_s
+        while time.monotonic() < deadline:
+            resp = await o.call(
+                "site manufacturing view",
+                lambda c: c.manufacturing(site_id, o.order_id),
+                party=site(site_id),
+                ok=(200, 404),
+            )
+            view = resp.body if resp.status == 200 and isinstance(resp.body, dict) else {}
+            if resp.status == 404 or (
+                view.get("collection") is not None and (o.din is None or view.get("expected_din") == o.din)
+            ):
+                return
+            await asyncio.sleep(o.sim.cfg.poll_s)
 
     def run_done(self, row: dict[str, Any]) -> bool:
         """Whether the MES has already reported everything of the order's current run."""
