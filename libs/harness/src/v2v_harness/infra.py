@@ -85,7 +85,7 @@ def start_infrastructure(
     pg_port: int | None = None,
     kafka_port: int | None = None,
     allow_containers: bool = False,
-    embedded_fetch_wait_ms: int = 50,
+    embedded_fetch_wait_ms: int = 100,
     embedded_fetch_min_bytes: int = 8000,
 ) -> Infrastructure:
     env_db = os.environ.get("V2V_DATABASE_URL") or None
@@ -145,8 +145,12 @@ def start_infrastructure(
             # optimisation round 6), `make bench`-style steps at 10 and 25 orders/s use 0.96 and 1.72
             # cores at 50 ms against 1.36 and 1.98 at 20 ms, with the same chain latency at 10/s (p50
             # 80 vs 78 ms) and a lower one at 25/s (p99 278 vs 572 ms: the machine is less saturated);
-            # at 100 ms the 25/s step's p99 rose to 763 ms. 50 ms by default; `make chaos` asks for
-            # 100 ms (CPU is what two replicas of everything lack there; docs/RELIABILITY.md).
+            # at 100 ms the 25/s step's p99 rose to 763 ms. That was with a fetch answered at its first
+            # record; held for 8,000 bytes (below), 100 ms against 50 spent 29 % less CPU per order at
+            # 20 orders/s (chain p50 +50 ms), 12 % less at 50/s and 7 % less at 70/s, where it held
+            # the rate in both runs and 50 ms in one of two (docs/BENCHMARKS.md, optimisation round 11):
+            # 100 ms by default, as `make chaos` has it (CPU is what two replicas of everything lack
+            # there; docs/RELIABILITY.md).
             bootstrap, kafka_kind, idempotence = tansu.bootstrap_servers, "embedded tansu", False
             fetch_wait = int(fetch_wait_env or embedded_fetch_wait_ms)
             # a fetch answered as soon as one record is there makes a poll, a transaction and an offset
