@@ -86,7 +86,7 @@ def start_infrastructure(
     kafka_port: int | None = None,
     allow_containers: bool = False,
     embedded_fetch_wait_ms: int = 100,
-    embedded_fetch_min_bytes: int = 8000,
+    embedded_fetch_min_bytes: int = 16000,
 ) -> Infrastructure:
     env_db = os.environ.get("V2V_DATABASE_URL") or None
     env_kafka = os.environ.get("V2V_KAFKA_BOOTSTRAP_SERVERS") or None
@@ -156,7 +156,9 @@ def start_infrastructure(
             # a fetch answered as soon as one record is there makes a poll, a transaction and an offset
             # commit of nearly every record below the knee; held until 8,000 bytes (a few events) or
             # the wait, the platform spent 17 % less CPU per order at 20 orders/s and 9 % less at 40/s,
-            # for 70 ms more chain p50 at 20/s and none at 40/s (docs/BENCHMARKS.md, round 10). Each hop
+            # for 70 ms more chain p50 at 20/s and none at 40/s (docs/BENCHMARKS.md, round 10); with the
+            # 100 ms wait, 16,000 bytes spent 9 % less than 8,000 at 60/s and 32,000 no less than 16,000
+            # at 70/s, with a higher chain latency (round 11). Each hop
             # then lags a little more, so nothing may rely on one service having read an event because
             # another has: a site refuses a receipt (409) until it knows of the bag's collection.
             fetch_min = int(fetch_min_env or embedded_fetch_min_bytes)
