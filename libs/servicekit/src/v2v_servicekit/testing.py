@@ -62,15 +62,19 @@ class FromNow:
     hours: float = 0
     minutes: float = 0
     naive: bool = False  # without a time zone (a value the API must refuse)
+    date_only: bool = False  # the UTC date (YYYY-MM-DD): a suite that crosses midnight keeps its day
 
     def iso(self) -> str:
         at = datetime.now(UTC) + timedelta(days=self.days, hours=self.hours, minutes=self.minutes)
+        if self.date_only:
+            return at.date().isoformat()
         return (at.replace(tzinfo=None) if self.naive else at).isoformat()
 
     def __repr__(self) -> str:
         units = (("days", self.days), ("hours", self.hours), ("minutes", self.minutes))
         parts = [f"{k}={v:g}" for k, v in units if v]
-        return f"now({', '.join(parts + (['naive'] if self.naive else []))})"
+        flags = (["naive"] if self.naive else []) + (["date"] if self.date_only else [])
+        return f"now({', '.join(parts + flags)})"
 
 
 def resolve_times(value: Any) -> Any:

@@ -39,7 +39,7 @@ from v2v_servicekit.auth import declared_scope
 from v2v_servicekit.problems import PROBLEM_BASE, PROBLEM_JSON
 from v2v_servicekit.problems import install as install_problems
 from v2v_servicekit.signatures import declared_signature
-from v2v_servicekit.testing import TestTokens
+from v2v_servicekit.testing import FromNow, TestTokens, resolve_times
 
 PARIS = "TC-FR-PA-001"
 BERLIN = "TC-DE-BE-001"
@@ -413,7 +413,7 @@ async def test_the_catalogue_is_for_any_caller_with_orders_read(api: Api) -> Non
 
 # ---- hostile input ------------------------------------------------------------------------------------
 
-IN_181_DAYS = (TODAY + timedelta(days=181)).isoformat()
+IN_181_DAYS = FromNow(days=181, date_only=True)  # resolved when the test runs, not at import
 
 HOSTILE_ORDERS: list[tuple[str, dict[str, Any], str]] = [
     ("patient-ref-lone-surrogate", {"patient_ref": "PAT-\ud800-X"}, "patient_ref"),
@@ -448,6 +448,7 @@ HOSTILE_ORDERS: list[tuple[str, dict[str, Any], str]] = [
 async def test_a_hostile_order_is_422_naming_the_field_never_echoing_it_and_writes_nothing(
     api: Api, overrides: dict[str, Any], field: str
 ) -> None:
+    overrides = resolve_times(overrides)
     before = api.snapshot()
     resp = await api.post("/v1/orders", order_body(**overrides), api.centre())
     assert resp.status_code == 422, resp.text
@@ -579,7 +580,7 @@ async def test_a_hostile_action_is_422_naming_the_field_and_writes_nothing(
 ) -> None:
     order = await api.place()
     api.put(order["order_id"], "material_at_risk", **AT_RISK_OUTBOUND)
-    body = {k: (order["coi"] if v == "{coi}" else v) for k, v in body.items()}
+    body = {k: (order["coi"] if v == "{coi}" else v) for k, v in resolve_times(body).items()}
     headers = api.qa_signed() if action in {"quarantine-decision", "disposition"} else api.centre()
     if action == "physician-decision":
         headers = api.physician()
