@@ -363,8 +363,9 @@ async def _confirmed_booking(
 def _din_mismatch(
     booking: Booking, facts: OrderFacts | None, earlier: Manufacture | None, din: str | None
 ) -> str | None:
-    """ "din" when the bag's DIN is not that of the order's latest collection (None: it is, or the
-    collection's event carried none); a plain 409 while the site cannot know yet (see `record_receipt`)."""
+    """What mismatched at receipt, if anything, besides the COI: `"din"` when the bag's DIN is not that
+    of the order's latest collection (None: it is, or the collection's event carried none); a plain 409
+    while the site cannot know yet (see `record_receipt`)."""
     if facts is None or facts.collection is None:
         raise Conflict(
             "order_id",
