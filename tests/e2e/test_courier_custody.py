@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from v2v_contracts.coi import check_character
-from v2v_harness.e2e import Parties, eventually, order_body
+from v2v_harness.e2e import Parties, eventually, order_body, site_knows_the_bag
 from v2v_harness.platform import Platform
 
 pytestmark = pytest.mark.e2e
@@ -98,7 +98,7 @@ async def test_courier_milestone_is_custody_and_links_to_the_orders_first_trace(
 
     async def site_knows_the_din() -> bool:  # a receipt before that is refused (409): the MES waits
         resp = await mes.get(view)
-        return resp.status_code == 200 and resp.json()["expected_din"] == din
+        return resp.status_code == 200 and site_knows_the_bag(resp.json(), din)
 
     await eventually(site_knows_the_din, timeout=10, what="the site learning the collection's DIN")
     resp = await mes.post(

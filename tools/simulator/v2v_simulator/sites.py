@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+from v2v_harness.e2e import site_knows_the_bag
+
 from .api import ADMIN, QA, OrderAbort, site
 from .clock import as_date
 from .rules import RunStart
@@ -124,9 +126,7 @@ class Site:
                 ok=(200, 404),
             )
             view = resp.body if resp.status == 200 and isinstance(resp.body, dict) else {}
-            if resp.status == 404 or (
-                view.get("collection") is not None and (o.din is None or view.get("expected_din") == o.din)
-            ):
+            if resp.status == 404 or site_knows_the_bag(view, o.din):
                 return
             await asyncio.sleep(o.sim.cfg.poll_s)
 

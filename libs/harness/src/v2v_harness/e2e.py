@@ -340,9 +340,7 @@ class Journey:
         async def learned() -> dict[str, Any] | None:
             resp = await site.manufacturing(site_id, self.id)
             view = dict(resp.body) if resp.ok else {}
-            if view.get("collection") is None:
-                return None
-            return view if self.din is None or view.get("expected_din") == self.din else None
+            return view if site_knows_the_bag(view, self.din) else None
 
         await eventually(learned, timeout=15, what=f"the site knowing the collection (DIN {self.din})")
         resp = await site.site_receipt(
@@ -439,6 +437,12 @@ def din_of(answer: dict[str, Any]) -> str | None:
         found = collections[-1].get("din")
         return found if isinstance(found, str) else None
     return None
+
+
+def site_knows_the_bag(view: dict[str, Any], din: str | None) -> bool:
+    """Whether a site's manufacturing view shows it knows of the collection a bag of DIN `din` is from
+    (None: a bag whose DIN is not known): before that the site refuses the bag's receipt (409)."""
+    return view.get("collection") is not None and (din is None or view.get("expected_din") == din)
 
 
 def now_iso(minutes: float = 0) -> str:

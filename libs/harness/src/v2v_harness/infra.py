@@ -158,9 +158,9 @@ def start_infrastructure(
             # the wait, the platform spent 17 % less CPU per order at 20 orders/s and 9 % less at 40/s,
             # for 70 ms more chain p50 at 20/s and none at 40/s (docs/BENCHMARKS.md, round 10); with the
             # 100 ms wait, 16,000 bytes spent 9 % less than 8,000 at 60/s and 32,000 no less than 16,000
-            # at 70/s, with a higher chain latency (round 11). Each hop
-            # then lags a little more, so nothing may rely on one service having read an event because
-            # another has: a site refuses a receipt (409) until it knows of the bag's collection.
+            # at 70/s, with a higher chain latency (round 11). Each hop then lags a little more, so
+            # nothing may rely on one service having read an event because another has: a site refuses
+            # a receipt (409) until it knows of the bag's collection.
             fetch_min = int(fetch_min_env or embedded_fetch_min_bytes)
     except BaseException:
         for closer in reversed(closers):
