@@ -44,7 +44,7 @@ from v2v_audit.chain import (
     template,
 )
 from v2v_contracts import CloudEvent
-from v2v_messaging import EventSink, HandlerRegistry, Tx
+from v2v_messaging import EventSink, HandlerRegistry, Outbox, Tx
 
 # what the current HTTP request's caller is (resolved lazily: the principal is known only once the
 # route's scope dependency ran) - set by `v2v_audit.http.audit_context`
@@ -175,6 +175,7 @@ class PgAuditTrail(AuditTrail):
         self.conn = conn
         self._pending: list[Entry] = []
         self._writes: list[Write] = []
+        self._flushed = False
 
     def _add(self, entry: Entry) -> None:
         self._pending.append(entry)
@@ -184,19 +185,28 @@ class PgAuditTrail(AuditTrail):
         append, in the same statement and round trip: the transaction's last writes, made right before
         COMMIT, in the order given. Nothing is written until `flush`; a rolled-back transaction never
         runs them."""
+        if self._flushed:
+            raise RuntimeError("a write given to the audit trail after its flush would never be run")
         self._writes.append((sql, args))
+
+    @property
+    def accepts_writes(self) -> bool:
+        """Whether `write_with_append` still takes writes (until the flush before COMMIT)."""
+        return not self._flushed
 
     @property
     def pending(self) -> list[Entry]:
         return list(self._pending)
 
     async def flush(self) -> list[Record]:
+        self._flushed = True  # the transaction's last writes: what is given from now on runs on its own
         entries, self._pending = self._pending, []
         writes, self._writes = self._writes, []
         if entries:
             return await append(self.conn, entries, writes)
-        for sql, args in writes:  # nothing to append: the writes alone
-            await self.conn.execute(sql, *args)
+        if writes:  # nothing to append: the writes alone, still in one statement
+            prefix, args = _with_writes(writes, 1)
+            await self.conn.execute(prefix + "SELECT 1" if len(writes) > 1 else writes[0][0], *args)
         return []
 
 
@@ -282,6 +292,9 @@ class AuditedTx(Tx):
                 raise ValueError("a Tx without a connection needs an in-memory audit trail")
             audit = PgAuditTrail(conn)
         self.audit = audit
+        if isinstance(audit, PgAuditTrail) and isinstance(outbox, Outbox):
+            # the events' rows go with the append, in its round trip, rather than one trip per event
+            outbox.write_last(audit)
 
     async def before_commit(self) -> None:
         await self.audit.flush()

@@ -28,6 +28,7 @@ from v2v_audit import checkpoints as cps
 from v2v_audit.__main__ import main as audit_cli
 from v2v_audit.service import checkpoint_once, migrate
 from v2v_audit.verifier import verify_database
+from v2v_contracts import CloudEvent, source_for
 from v2v_harness import pytest_plugin
 from v2v_harness.provision import with_database
 from v2v_messaging import MIGRATIONS_DIR, UnitOfWork, notify_channel
@@ -272,6 +273,97 @@ async def test_writes_with_the_append_go_in_its_statement_and_commit_or_roll_bac
     assert await db.pool.fetchval("SELECT count(*) FROM audit_trail") == 2
     (summary,) = await verify_database(db.admin_url, db.test_db.name, [SCHEMA], db.checkpoints, db.key_file)
     assert summary.broken is None and summary.entries == 2
+
+
+class _LeadingRelay:
+    """This process's relay, leading: a commit wakes it in-process (no NOTIFY in the transaction)."""
+
+    def __init__(self) -> None:
+        self.woken = 0
+
+    def leads(self) -> bool:
+        return True
+
+    def wake(self) -> None:
+        self.woken += 1
+
+
+def _probe(n: int) -> CloudEvent:
+    return CloudEvent(source=source_for("site"), type="site.probe.v1", subject=f"key-{n % 2}", data={"n": n})
+
+
+def _count_statements(monkeypatch: pytest.MonkeyPatch, calls: list[str]) -> None:
+    for name in ("execute", "fetch", "fetchrow", "fetchval"):
+        method = getattr(asyncpg.Connection, name)
+
+        async def counted(conn: Any, query: str, *args: object, _method: Any = method) -> Any:
+            calls.append(query)
+            return await _method(conn, query, *args)
+
+        monkeypatch.setattr(asyncpg.Connection, name, counted)
+
+
+async def test_an_audited_transactions_events_are_written_with_the_append(
+    db: Db, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The outbox rows of an audited transaction go in the append's statement (one multi-row INSERT, in
+    the order the events were added), not one round trip per event; they commit or roll back with it.
+    When another replica's relay leads, the first event still goes at once with its NOTIFY; an event
+    added after the trail's flush is written on its own (never handed to a flush that already ran)."""
+    relay = _LeadingRelay()
+    db.uow.attach_relay(relay)
+    events = [_probe(n) for n in range(3)]
+    calls: list[str] = []
+    thing = uuid.uuid4()
+    async with db.uow.begin() as tx:
+        assert tx.conn is not None
+        await tx.conn.execute("INSERT INTO it_things VALUES ($1, 'new')", thing)
+        tx.audit("thing.created", "thing", thing, new={"status": "new"}, actor=CENTRE)
+        _count_statements(monkeypatch, calls)
+        for event in events:
+            await tx.outbox.add(event)
+        assert await tx.conn.fetchval("SELECT count(*) FROM outbox") == 0  # nothing written yet
+        calls.clear()
+    monkeypatch.undo()
+    assert len(calls) == 2 and calls[1].startswith("COMMIT")  # the append with the rows, then COMMIT
+    assert "INSERT INTO outbox" in calls[0] and "audit_append(" in calls[0]
+    assert relay.woken == 1
+    rows = await db.pool.fetch(
+        "SELECT event_id, event_type, topic, message_key, payload, headers FROM outbox ORDER BY id"
+    )
+    assert [(r["event_id"], r["message_key"], bytes(r["payload"])) for r in rows] == [
+        (e.id, e.subject, e.to_json()) for e in events
+    ]
+    assert {(r["event_type"], r["topic"]) for r in rows} == {("site.probe.v1", "it.audit")}
+    assert all(isinstance(r["headers"], dict) for r in rows)
+
+    class Refused(Exception):
+        pass
+
+    with pytest.raises(Refused):  # rolled back: neither the entry nor the rows
+        async with db.uow.begin() as tx:
+            tx.audit("thing.created", "thing", uuid.uuid4(), new={"status": "never"}, actor=CENTRE)
+            await tx.outbox.add(_probe(9))
+            raise Refused
+    assert await db.pool.fetchval("SELECT count(*) FROM outbox") == 3
+
+    # another replica's relay leads: the first event is written with its NOTIFY, the others ride along
+    other = UnitOfWork(db.pool, "it.audit", notify_channel(SCHEMA), audited_tx)
+    later = [_probe(n) for n in range(10, 13)]
+    async with other.begin() as tx:
+        tx.audit("thing.created", "thing", uuid.uuid4(), new={"status": "other"}, actor=CENTRE)
+        for event in later[:2]:
+            await tx.outbox.add(event)
+        assert await tx.conn.fetchval("SELECT count(*) FROM outbox") == 4  # the first, at once
+        await tx.audit.flush()  # the trail's flush ran: what comes now is written on its own
+        assert not tx.audit.accepts_writes
+        with pytest.raises(RuntimeError):
+            tx.audit.write_with_append("INSERT INTO it_things VALUES ($1, 'lost')", uuid.uuid4())
+        await tx.outbox.add(later[2])
+        assert await tx.conn.fetchval("SELECT count(*) FROM outbox") == 6
+    ids = await db.pool.fetch("SELECT event_id FROM outbox ORDER BY id")
+    assert [r["event_id"] for r in ids] == [e.id for e in [*events, *later]]
+    assert await db.pool.fetchval("SELECT count(*) FROM audit_trail") == 2
 
 
 async def test_two_writers_chain_in_one_total_order(db: Db) -> None:

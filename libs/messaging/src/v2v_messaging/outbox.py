@@ -1,5 +1,10 @@
 """Transactional outbox: events are rows written in the business transaction, published by a relay.
 
+A transaction with an audit trail writes its events' rows with its last writes (`Outbox.write_last`):
+one multi-row INSERT in the audit append's statement, right before COMMIT, instead of one round trip
+per event; otherwise (and for the first event when another replica's relay must be woken by NOTIFY)
+each row is inserted as the event is added. Either way the rows commit or roll back with the change.
+
 The relay never holds a transaction (nor a lock) while it waits for the broker. Each pass:
 
 1. leadership: one relay per schema publishes. It holds a *lease* (a row in `outbox_relay`: holder,
@@ -44,7 +49,7 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import Any, Protocol
 
 import asyncpg
 from faststream.kafka import KafkaBroker
@@ -124,6 +129,23 @@ class EventTooLarge(Invalid):
 _INSERT = """INSERT INTO outbox (event_id, event_type, topic, message_key, payload, headers)
              VALUES ($1, $2, $3, $4, $5, $6::jsonb)"""
 _INSERT_AND_NOTIFY = f"""WITH added AS ({_INSERT} RETURNING 1) SELECT pg_notify($7, '') FROM added"""
+# the rows of a transaction written at once, in the order they were added (ids follow that order)
+_INSERT_ROWS = """INSERT INTO outbox (event_id, event_type, topic, message_key, payload, headers)
+    SELECT r.event_id, r.event_type, r.topic, r.message_key, r.payload, r.headers::jsonb
+    FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::bytea[], $6::text[])
+         WITH ORDINALITY AS r(event_id, event_type, topic, message_key, payload, headers, n)
+    ORDER BY r.n"""
+
+
+class LastWrites(Protocol):
+    """Where a transaction's last writes can go, to be run in one statement right before its COMMIT
+    (`v2v_audit.PgAuditTrail`: with the audit append, in its round trip)."""
+
+    @property
+    def accepts_writes(self) -> bool:
+        """False once the writes have been run (or are being run): a write given then would be lost."""
+
+    def write_with_append(self, sql: str, *args: Any) -> None: ...
 
 
 class Outbox:
@@ -148,6 +170,14 @@ class Outbox:
         self._needs_notify = needs_notify
         self.added: list[CloudEvent] = []
         self.notified = False
+        self._last: LastWrites | None = None
+        self._rows: tuple[list[Any], ...] | None = None  # the columns of the rows given to `_last`
+
+    def write_last(self, last: LastWrites) -> None:
+        """Write the rows of events added from now on with the transaction's last writes (`last`, while it
+        accepts them) instead of one round trip per event: the rows are still written in the
+        transaction, before its COMMIT, in the order the events were added."""
+        self._last = last
 
     async def add(self, event: CloudEvent, *, topic: str | None = None) -> None:
         payload = event.to_json()
@@ -155,11 +185,29 @@ class Outbox:
             raise EventTooLarge(len(payload), self._max_event_bytes)
         args = (event.id, event.type, topic or self._topic, event.subject, payload, current_traceparent())
         if self.added or not (self._needs_notify is None or self._needs_notify()):
-            await self._conn.execute(_INSERT, *args)
+            if self._last is not None and self._last.accepts_writes:
+                self._write_last(args)
+            else:
+                await self._conn.execute(_INSERT, *args)
         else:  # the first of the transaction also wakes the relay, when the transaction commits: one trip
             await self._conn.execute(_INSERT_AND_NOTIFY, *args, self._channel)
             self.notified = True
         self.added.append(event)
+
+    def _write_last(self, args: tuple[Any, ...]) -> None:
+        """One multi-row INSERT for the transaction, given to `_last` with its first row; later rows are
+        appended to its (shared) column lists until `_last` runs it."""
+        if self._rows is None:
+            self._rows = ([], [], [], [], [], [])
+            assert self._last is not None
+            self._last.write_with_append(_INSERT_ROWS, *self._rows)
+        event_id, event_type, topic, key, payload, headers = args
+        for column, value in zip(
+            self._rows,
+            (event_id, event_type, topic, key, payload, json.dumps(headers, separators=(",", ":"))),
+            strict=True,
+        ):
+            column.append(value)
 
 
 class RelayBackoff(Exception):
