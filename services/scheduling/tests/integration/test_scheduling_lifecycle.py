@@ -780,6 +780,53 @@ async def test_thirty_concurrent_submissions_never_oversell(pool: asyncpg.Pool, 
     assert events == {"scheduling.slot_reserved.v1": 9, "scheduling.slot_unavailable.v1": 21}
 
 
+async def handle_together(uow: UnitOfWork, events: list[CloudEvent]) -> None:
+    """The events in one transaction, one after another, as a consumer applies a poll's batch."""
+    async with uow.begin() as tx:
+        for event in events:
+            assert await HANDLERS.dispatch(tx, event), event.type
+
+
+async def test_a_batch_books_as_one_transaction_per_event_would(pool: asyncpg.Pool, uow: UnitOfWork) -> None:
+    """Events applied one after another in one transaction (a consumer's batch): the batch never
+    oversells, a release in it frees its day for the orders after it, a site copy replaced in it is
+    planned with at once, and the orders it waitlists keep the order they came in (first come, first
+    served within a batch too: enqueued when each is waitlisted, not when the transaction began)."""
+    await handle(uow, site_event("A", capacity=2))
+    await handle(uow, site_event("B", capacity=1, region="north_america"))
+    orders = [Order(i) for i in range(12)]
+    # horizon 3: A d1..d3 (2 a day), B d2..d4 (1 a day): 9 starts; the cancel frees one of them
+    await handle_together(
+        uow,
+        [*(o.submitted() for o in orders[:6]), orders[0].cancelled(), *(o.submitted() for o in orders[6:])],
+    )
+    await assert_never_oversold(pool)
+    per_day = Counter(
+        (r["site_id"], r["manufacturing_start_date"])
+        for r in await slots(pool)
+        if r["status"] in ("held", "confirmed")
+    )
+    assert all(per_day[("A", d(n))] == 2 for n in (1, 2, 3))
+    assert all(per_day[("B", d(n))] == 1 for n in (2, 3, 4))
+    assert await live(pool, orders[0]) is None
+    assert all([await live(pool, o) is not None for o in orders[1:10]])
+    assert [r["order_id"] for r in await waitlist(pool)] == [orders[10].order_id, orders[11].order_id]
+
+    # in one batch: a capacity increase (the waiting orders served), then more submissions
+    more = [Order(100 + i) for i in range(4)]
+    await handle_together(uow, [site_event("A", capacity=3), *(o.submitted() for o in more)])
+    await assert_never_oversold(pool)
+    per_day = Counter(
+        (r["site_id"], r["manufacturing_start_date"])
+        for r in await slots(pool)
+        if r["status"] in ("held", "confirmed")
+    )
+    assert all(per_day[("A", d(n))] == 3 for n in (1, 2, 3))  # 3 more starts: 10, 11 and the first new
+    assert await live(pool, orders[10]) is not None and await live(pool, orders[11]) is not None
+    assert await live(pool, more[0]) is not None
+    assert [r["order_id"] for r in await waitlist(pool)] == [o.order_id for o in more[1:]]
+
+
 async def test_concurrent_cancels_rebooks_and_submissions_keep_capacity_and_one_slot_per_order(
     pool: asyncpg.Pool, uow: UnitOfWork
 ) -> None:

@@ -347,6 +347,42 @@ async def test_a_centres_quota_per_month_moves_its_next_order_to_the_next_month(
     await api.http.aclose()
 
 
+async def test_a_centres_quota_holds_within_one_batch_and_a_hold_in_it_is_counted(pool: asyncpg.Pool) -> None:
+    """Within one transaction (a consumer's batch) every booking counts those made before it: a
+    centre's quota of one a month moves its second order of the batch to the next month, another
+    centre's orders are not counted against it, and an order of the batch claims its centre's offer."""
+    api = Api(pool, quotas={(CENTRE, PRODUCT): 1})
+    api.planning = Planning(
+        Parameters(1, 2, horizon_days=60),
+        product_catalogue(),
+        allocation=api.planning.allocation,
+        clock=api.clock,
+    )
+    api.handlers = build_handlers(api.planning)
+    api.http._transport.app.dependency_overrides[current_runtime]().extras[PLANNING] = api.planning  # type: ignore[attr-defined]
+    await api.deliver(site("DE-A", capacity=5))
+    offer = next(o for o in await api.availability(OTHER, per_site=1))
+    held = await api.hold(offer, OTHER)
+    assert held.status_code == 201, held.text
+    hold_id = held.json()["offer_id"]
+    (first, o1), (second, o2) = order(1), order(2)
+    (third, o3), (fourth, o4) = order(3, OTHER), order(4, OTHER, offer_id=hold_id)
+    async with api.uow.begin() as tx:
+        for event in (o1, o3, o2, o4):
+            assert await api.handlers.dispatch(tx, event)
+    by_order = {s["order_id"]: s for s in await api.slots()}
+    assert by_order[str(first)]["manufacturing_start_date"] == d(1)
+    assert by_order[str(second)]["manufacturing_start_date"] == "2031-04-01"  # March used up, in the batch
+    assert by_order[str(third)]["manufacturing_start_date"] == d(1)  # no quota for the other centre
+    assert by_order[str(fourth)]["manufacturing_start_date"] == offer["manufacturing_start_date"]
+    used = await pool.fetch(
+        """SELECT manufacturing_start_date AS day, count(*) AS n FROM slots
+           WHERE status IN ('held', 'confirmed', 'consumed') GROUP BY 1"""
+    )
+    assert all(r["n"] <= 5 for r in used)
+    await api.http.aclose()
+
+
 async def test_patients_moved_by_a_recollection_wait_ahead_of_new_orders_and_ops_set_priority(
     pool: asyncpg.Pool,
 ) -> None:

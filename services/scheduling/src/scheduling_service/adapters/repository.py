@@ -361,8 +361,10 @@ class PostgresWaitlist(WaitlistRepository):
 
     async def add(self, request: OrderSubmittedV1, reason: str) -> bool:
         inserted = await self.conn.fetchval(
-            """INSERT INTO waitlist (order_id, request, request_type, product_code, reason)
-               VALUES ($1, $2::jsonb, $3, $4, $5)
+            # enqueued when this statement runs, not when its transaction began: a consumer's batch
+            # waitlists several orders in one transaction, and they keep the order they came in
+            """INSERT INTO waitlist (order_id, request, request_type, product_code, reason, enqueued_at)
+               VALUES ($1, $2::jsonb, $3, $4, $5, clock_timestamp())
                ON CONFLICT (order_id) DO NOTHING RETURNING true""",
             request.order_id,
             declared(request),
@@ -375,8 +377,8 @@ class PostgresWaitlist(WaitlistRepository):
     async def put(self, request: RebookRequestedV1, reason: str, priority: int = 0) -> None:
         await self.conn.execute(
             """INSERT INTO waitlist (order_id, request, request_type, product_code, exclude_site_id,
-                                     rebook_kind, reason, priority)
-               VALUES ($1, $2::jsonb, $3, $4, $5, $6, $7, $8)
+                                     rebook_kind, reason, priority, enqueued_at)
+               VALUES ($1, $2::jsonb, $3, $4, $5, $6, $7, $8, clock_timestamp())
                ON CONFLICT (order_id) DO UPDATE SET request = EXCLUDED.request,
                    request_type = EXCLUDED.request_type, product_code = EXCLUDED.product_code,
                    exclude_site_id = EXCLUDED.exclude_site_id, rebook_kind = EXCLUDED.rebook_kind,
