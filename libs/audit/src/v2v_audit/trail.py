@@ -184,7 +184,7 @@ class PgAuditTrail(AuditTrail):
         """Run `sql` (one INSERT, UPDATE or DELETE without RETURNING, parameters from $1) with the
         append, in the same statement and round trip: the transaction's last writes, made right before
         COMMIT, in the order given. Nothing is written until `flush`; a rolled-back transaction never
-        runs them."""
+        runs them. A write given after the flush would never run: it is refused (RuntimeError)."""
         if self._flushed:
             raise RuntimeError("a write given to the audit trail after its flush would never be run")
         self._writes.append((sql, args))

@@ -224,6 +224,18 @@ async def test_a_change_and_its_entries_commit_or_roll_back_together(db: Db) -> 
     assert await db.pool.fetchval("SELECT count(*) FROM it_things") == 1
 
 
+def _count_statements(monkeypatch: pytest.MonkeyPatch, calls: list[str]) -> None:
+    """Every statement sent on any connection from now on, into `calls` (until `monkeypatch.undo()`)."""
+    for name in ("execute", "fetch", "fetchrow", "fetchval"):
+        method = getattr(asyncpg.Connection, name)
+
+        async def counted(conn: Any, query: str, *args: object, _method: Any = method) -> Any:
+            calls.append(query)
+            return await _method(conn, query, *args)
+
+        monkeypatch.setattr(asyncpg.Connection, name, counted)
+
+
 async def test_writes_with_the_append_go_in_its_statement_and_commit_or_roll_back_with_it(
     db: Db, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -239,14 +251,7 @@ async def test_writes_with_the_append_go_in_its_statement_and_commit_or_roll_bac
         tx.audit.write_with_append("INSERT INTO it_things VALUES ($2, $1)", "later", second)
         tx.audit("thing.created", "thing", first, new={"status": "new"}, actor=CENTRE)
         tx.audit("thing.created", "thing", second, new={"status": "later"}, actor=CENTRE)
-        for name in ("execute", "fetch", "fetchrow", "fetchval"):  # what flush sends from here on
-            method = getattr(asyncpg.Connection, name)
-
-            async def counted(conn: Any, query: str, *args: object, _method: Any = method) -> Any:
-                calls.append(query)
-                return await _method(conn, query, *args)
-
-            monkeypatch.setattr(asyncpg.Connection, name, counted)
+        _count_statements(monkeypatch, calls)  # what flush sends from here on
         assert await tx.conn.fetchval("SELECT count(*) FROM it_things") == 0  # nothing written yet
         calls.clear()
     monkeypatch.undo()
@@ -290,17 +295,6 @@ class _LeadingRelay:
 
 def _probe(n: int) -> CloudEvent:
     return CloudEvent(source=source_for("site"), type="site.probe.v1", subject=f"key-{n % 2}", data={"n": n})
-
-
-def _count_statements(monkeypatch: pytest.MonkeyPatch, calls: list[str]) -> None:
-    for name in ("execute", "fetch", "fetchrow", "fetchval"):
-        method = getattr(asyncpg.Connection, name)
-
-        async def counted(conn: Any, query: str, *args: object, _method: Any = method) -> Any:
-            calls.append(query)
-            return await _method(conn, query, *args)
-
-        monkeypatch.setattr(asyncpg.Connection, name, counted)
 
 
 async def test_an_audited_transactions_events_are_written_with_the_append(

@@ -347,7 +347,9 @@ async def test_a_centres_quota_per_month_moves_its_next_order_to_the_next_month(
     await api.http.aclose()
 
 
-async def test_a_centres_quota_holds_within_one_batch_and_a_hold_in_it_is_counted(pool: asyncpg.Pool) -> None:
+async def test_a_centres_quota_holds_within_one_batch_and_an_offer_is_claimed_in_it(
+    pool: asyncpg.Pool,
+) -> None:
     """Within one transaction (a consumer's batch) every booking counts those made before it: a
     centre's quota of one a month moves its second order of the batch to the next month, another
     centre's orders are not counted against it, and an order of the batch claims its centre's offer."""
