@@ -321,7 +321,8 @@ async def test_a_centre_released_hold_serves_the_waitlist(api: Api) -> None:
     )
 
 
-async def test_a_centres_quota_per_month_moves_its_next_order_to_the_next_month(pool: asyncpg.Pool) -> None:
+async def quota_api(pool: asyncpg.Pool) -> Api:
+    """`CENTRE` may take one start of the product a month; a 60-day horizon; DE-A starts five a day."""
     api = Api(pool, quotas={(CENTRE, PRODUCT): 1})
     api.planning = Planning(
         Parameters(1, 2, horizon_days=60),
@@ -332,6 +333,11 @@ async def test_a_centres_quota_per_month_moves_its_next_order_to_the_next_month(
     api.handlers = build_handlers(api.planning)
     api.http._transport.app.dependency_overrides[current_runtime]().extras[PLANNING] = api.planning  # type: ignore[attr-defined]
     await api.deliver(site("DE-A", capacity=5))
+    return api
+
+
+async def test_a_centres_quota_per_month_moves_its_next_order_to_the_next_month(pool: asyncpg.Pool) -> None:
+    api = await quota_api(pool)
     first, o1 = order(1)
     await api.deliver(o1)
     offers = await api.availability(per_site=3)
@@ -353,16 +359,7 @@ async def test_a_centres_quota_holds_within_one_batch_and_an_offer_is_claimed_in
     """Within one transaction (a consumer's batch) every booking counts those made before it: a
     centre's quota of one a month moves its second order of the batch to the next month, another
     centre's orders are not counted against it, and an order of the batch claims its centre's offer."""
-    api = Api(pool, quotas={(CENTRE, PRODUCT): 1})
-    api.planning = Planning(
-        Parameters(1, 2, horizon_days=60),
-        product_catalogue(),
-        allocation=api.planning.allocation,
-        clock=api.clock,
-    )
-    api.handlers = build_handlers(api.planning)
-    api.http._transport.app.dependency_overrides[current_runtime]().extras[PLANNING] = api.planning  # type: ignore[attr-defined]
-    await api.deliver(site("DE-A", capacity=5))
+    api = await quota_api(pool)
     offer = next(o for o in await api.availability(OTHER, per_site=1))
     held = await api.hold(offer, OTHER)
     assert held.status_code == 201, held.text
