@@ -3,13 +3,7 @@
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
-# The interpreter the environment is built on: the distribution's CPython (/usr/bin/python3, built
-# with profile-guided and link-time optimisation) when the machine has one of at least 3.11 with its
-# venv module, else python3 on PATH (here pyenv's, built without them: 5 % more CPU per order in
-# `make bench`, docs/BENCHMARKS.md round 13). PYTHON=... chooses another.
-SYSTEM_PYTHON := /usr/bin/python3
-PYTHON ?= $(shell $(SYSTEM_PYTHON) -c 'import sys, ensurepip; sys.exit(sys.version_info < (3, 11))' \
-	>/dev/null 2>&1 && echo $(SYSTEM_PYTHON) || echo python3)
+PYTHON ?= python3
 UV_VERSION := 0.13.9
 TOOLS := .tools
 UV := $(TOOLS)/bin/uv
@@ -34,13 +28,9 @@ $(UV):
 	@$(PYTHON) -m venv $(TOOLS)
 	@$(TOOLS)/bin/pip install --quiet "uv==$(UV_VERSION)"
 
-# one stamp per interpreter: an environment built on another one is built again (uv recreates it)
-SYNCED := $(VENV)/.synced$(subst /,_,$(UV_PYTHON))
+bootstrap: $(VENV)/.synced ## install the locked environment into .venv (uv sync --locked), when the lock changed
 
-bootstrap: $(SYNCED) ## install the locked environment into .venv (uv sync --locked), when the lock or the interpreter changed
-
-$(SYNCED): uv.lock pyproject.toml $(wildcard libs/*/pyproject.toml services/*/pyproject.toml) | $(UV)
-	@rm -f $(VENV)/.synced*
+$(VENV)/.synced: uv.lock pyproject.toml $(wildcard libs/*/pyproject.toml services/*/pyproject.toml) | $(UV)
 	@$(UV) sync --locked --quiet
 	@touch $@
 
