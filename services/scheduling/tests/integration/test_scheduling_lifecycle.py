@@ -66,7 +66,7 @@ async def pool(test_db: pytest_plugin.TestDatabase) -> AsyncIterator[asyncpg.Poo
     url = test_db.urls["scheduling"]
     owner_url = test_db.owner_urls["scheduling"]  # migrations run as the owner
     applied = await apply_migrations(owner_url, "scheduling", [MIGRATIONS_DIR, SCHEDULING_MIGRATIONS])
-    assert applied[-1] == "0005.scheduling-slot-collected"
+    assert applied[-1] == "0006.scheduling-capacity-used"
     await audit_migrate(owner_url, "scheduling")  # the audit trail (v2v_audit), as the service applies it
     p = await create_pool(url, min_size=2, max_size=34)
     assert await schema_of(p) == "scheduling"
@@ -276,6 +276,7 @@ async def test_the_migration_keeps_waiting_orders_of_the_first_schema(
         "0003.scheduling-slot-market",
         "0004.scheduling-offers",
         "0005.scheduling-slot-collected",
+        "0006.scheduling-capacity-used",
     ]
     await audit_migrate(owner_url, "scheduling")
     p = await create_pool(url, max_size=2)
@@ -979,3 +980,148 @@ async def test_the_reads_are_paged_and_confined_in_sql(pool: asyncpg.Pool, uow: 
         assert [w["order_id"] for w in waiting] == [o.order_id for o in orders[6:]]
         assert await tx.waitlist.view(1, 1) == waiting[1:]
         assert [w["order_id"] for w in await tx.waitlist.view(centre="TC-DE-BE-001")] == [orders[6].order_id]
+
+
+# the capacity used counted from the rows, as the bookings counted it before migration 0006
+_COUNTED = """SELECT product_code, day, site_id, count(*)::int AS n FROM (
+    SELECT product_code, manufacturing_start_date AS day, site_id FROM slots
+    WHERE status IN ('held', 'confirmed', 'consumed')
+    UNION ALL
+    SELECT product_code, manufacturing_start_date, site_id FROM holds WHERE status = 'active'
+) AS used GROUP BY 1, 2, 3"""
+_CENTRE_COUNTED = """SELECT treatment_center_id, product_code, day, count(*)::int AS n FROM (
+    SELECT treatment_center_id, product_code, manufacturing_start_date AS day FROM slots
+    WHERE status IN ('held', 'confirmed', 'consumed') AND treatment_center_id IS NOT NULL
+    UNION ALL
+    SELECT treatment_center_id, product_code, manufacturing_start_date FROM holds WHERE status = 'active'
+) AS used GROUP BY 1, 2, 3"""
+
+
+class _RolledBack(Exception):
+    pass
+
+
+Counts = dict[tuple[Any, ...], int]
+
+
+async def _capacity(conn: asyncpg.Connection) -> tuple[Counts, Counts, Counts, Counts]:
+    """(counted from the rows, kept by the triggers) for sites, then the same for centres: each the days
+    with at least one run."""
+    counted = {tuple(r)[:3]: r["n"] for r in await conn.fetch(_COUNTED)}
+    kept = {
+        (r["product_code"], r["day"], r["site_id"]): r["n"]
+        for r in await conn.fetch("SELECT * FROM capacity_used WHERE n > 0")
+    }
+    centre_counted = {tuple(r)[:3]: r["n"] for r in await conn.fetch(_CENTRE_COUNTED)}
+    centre_kept = {
+        (r["treatment_center_id"], r["product_code"], r["day"]): r["n"]
+        for r in await conn.fetch("SELECT * FROM centre_capacity_used WHERE n > 0")
+    }
+    return counted, kept, centre_counted, centre_kept
+
+
+async def test_the_capacity_used_is_kept_as_the_rows_would_count_it(
+    test_db: pytest_plugin.TestDatabase, tmp_path: Path
+) -> None:
+    """What a booking reads as used (migration 0006's counts) is, after every write of a slot or a hold,
+    what counting the rows gives: a book of before the migration is counted by it, and then any mix of
+    bookings, confirmations, releases, consumptions, moves, holds and deletions keeps the counts, per
+    site and per centre (a slot without a centre counts for its site only)."""
+    url = test_db.urls["scheduling"]
+    owner_url = test_db.owner_urls["scheduling"]
+    before = tmp_path / "migrations"
+    before.mkdir()
+    for migration in sorted(SCHEDULING_MIGRATIONS.glob("000[1-5].*.sql")):
+        (before / migration.name).write_text(migration.read_text())
+    await apply_migrations(owner_url, "scheduling", [MIGRATIONS_DIR, before])
+    rng = random.Random(12)
+    sites, products, centres = ("A", "B"), ("P1", "P2"), ("TC-1", "TC-2", None)
+    slot_statuses = ("held", "confirmed", "consumed", "released")
+    hold_statuses = ("active", "claimed", "expired")
+    conn = await asyncpg.connect(url)
+
+    async def add_slot() -> None:
+        await conn.execute(
+            """INSERT INTO slots (slot_id, order_id, coi, site_id, product_code, manufacturing_start_date,
+                   apheresis_date, status, treatment_center_id)
+               VALUES ($1, $2, 'COI', $3, $4, $5, $5, $6, $7)""",
+            uuid.uuid4(),
+            uuid.uuid4(),
+            rng.choice(sites),
+            rng.choice(products),
+            d(rng.randrange(6)),
+            rng.choice(slot_statuses),
+            rng.choice(centres),
+        )
+
+    async def add_hold() -> None:
+        await conn.execute(
+            """INSERT INTO holds (hold_id, treatment_center_id, site_id, product_code, order_type, regulator,
+                   region, manufacturing_start_date, apheresis_date, status, expires_at)
+               VALUES ($1, $2, $3, $4, 'commercial', 'EMA', 'EU', $5, $5, $6, now())""",
+            uuid.uuid4(),
+            rng.choice(centres[:2]),
+            rng.choice(sites),
+            rng.choice(products),
+            d(rng.randrange(6)),
+            rng.choice(hold_statuses),
+        )
+
+    try:
+        for _ in range(30):  # the book before the migration
+            await (add_slot() if rng.random() < 0.7 else add_hold())
+        assert await apply_migrations(owner_url, "scheduling", [MIGRATIONS_DIR, SCHEDULING_MIGRATIONS]) == [
+            "0006.scheduling-capacity-used"
+        ]
+        counted, kept, centre_counted, centre_kept = await _capacity(conn)
+        assert kept == counted and centre_kept == centre_counted and counted and centre_counted
+        for step in range(300):
+            table = "slots" if rng.random() < 0.7 else "holds"
+            key = "slot_id" if table == "slots" else "hold_id"
+            ids = [r[0] for r in await conn.fetch(f"SELECT {key} FROM {table}")]
+            what = rng.randrange(5)
+            if what == 0 or not ids:
+                await (add_slot() if table == "slots" else add_hold())
+            elif what == 1:  # a status change (held -> confirmed counts the same; released, expired: not)
+                statuses = slot_statuses if table == "slots" else hold_statuses
+                await conn.execute(
+                    f"UPDATE {table} SET status = $2 WHERE {key} = $1", rng.choice(ids), rng.choice(statuses)
+                )
+            elif what == 2:  # moved to another day, site or product, whatever its status
+                await conn.execute(
+                    f"UPDATE {table} SET manufacturing_start_date = $2, site_id = $3, product_code = $4"
+                    f" WHERE {key} = $1",
+                    rng.choice(ids),
+                    d(rng.randrange(6)),
+                    rng.choice(sites),
+                    rng.choice(products),
+                )
+            elif what == 3:  # another centre (a slot may have none)
+                await conn.execute(
+                    f"UPDATE {table} SET treatment_center_id = $2 WHERE {key} = $1",
+                    rng.choice(ids),
+                    rng.choice(centres if table == "slots" else centres[:2]),
+                )
+            else:
+                await conn.execute(f"DELETE FROM {table} WHERE {key} = $1", rng.choice(ids))
+            if step % 10 == 9:
+                counted, kept, centre_counted, centre_kept = await _capacity(conn)
+                assert kept == counted, f"step {step}"
+                assert centre_kept == centre_counted, f"step {step}"
+        # what a transaction rolled back wrote counts for nothing
+        settled = await _capacity(conn)
+        with pytest.raises(_RolledBack):
+            async with conn.transaction():
+                await add_slot()
+                await add_hold()
+                await conn.execute("UPDATE slots SET status = 'released'")
+                raise _RolledBack
+        assert await _capacity(conn) == settled
+        # every run released, every hold expired: no day has any left
+        await conn.execute("UPDATE slots SET status = 'released'")
+        await conn.execute("UPDATE holds SET status = 'expired'")
+        counted, kept, centre_counted, centre_kept = await _capacity(conn)
+        assert kept == counted == {} and centre_kept == centre_counted == {}
+        assert await conn.fetchval("SELECT count(*) FROM capacity_used WHERE n <> 0") == 0
+    finally:
+        await conn.close()

@@ -68,7 +68,7 @@ class Clock:
 async def pool(test_db: pytest_plugin.TestDatabase) -> AsyncIterator[asyncpg.Pool]:
     owner_url = test_db.owner_urls["scheduling"]
     applied = await apply_migrations(owner_url, "scheduling", [MIGRATIONS_DIR, SCHEDULING_MIGRATIONS])
-    assert applied[-1] == "0005.scheduling-slot-collected"
+    assert applied[-1] == "0006.scheduling-capacity-used"
     await audit_migrate(owner_url, "scheduling")
     p = await create_pool(test_db.urls["scheduling"], min_size=1, max_size=8)
     try:

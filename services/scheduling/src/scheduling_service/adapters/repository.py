@@ -194,14 +194,8 @@ class PostgresSlots(SlotRepository):
 
     async def usage(self, product: str, since: date) -> Usage:
         rows = await self.conn.fetch(
-            """SELECT site_id, day, count(*) AS n FROM (
-                   SELECT site_id, manufacturing_start_date AS day FROM slots
-                   WHERE product_code = $1 AND manufacturing_start_date >= $2
-                     AND status IN ('held', 'confirmed', 'consumed')
-                   UNION ALL
-                   SELECT site_id, manufacturing_start_date FROM holds
-                   WHERE product_code = $1 AND manufacturing_start_date >= $2 AND status = 'active'
-               ) AS used GROUP BY site_id, day""",
+            """SELECT site_id, day, n FROM capacity_used
+               WHERE product_code = $1 AND day >= $2 AND n > 0""",
             product,
             since,
         )
@@ -209,15 +203,8 @@ class PostgresSlots(SlotRepository):
 
     async def centre_usage(self, centre: str, product: str, since: date) -> dict[date, int]:
         rows = await self.conn.fetch(
-            """SELECT day, count(*) AS n FROM (
-                   SELECT manufacturing_start_date AS day FROM slots
-                   WHERE treatment_center_id = $1 AND product_code = $2 AND manufacturing_start_date >= $3
-                     AND status IN ('held', 'confirmed', 'consumed')
-                   UNION ALL
-                   SELECT manufacturing_start_date FROM holds
-                   WHERE treatment_center_id = $1 AND product_code = $2 AND manufacturing_start_date >= $3
-                     AND status = 'active'
-               ) AS used GROUP BY day""",
+            """SELECT day, n FROM centre_capacity_used
+               WHERE treatment_center_id = $1 AND product_code = $2 AND day >= $3 AND n > 0""",
             centre,
             product,
             since,
@@ -774,31 +761,17 @@ LOCK_PRODUCTS_UNLESS_CLOSED = """SELECT pg_advisory_xact_lock(k) FROM (
 
 # `PostgresSchedulingTx.booking_state`: the order's live slot (its columns, NULL when it has none) and,
 # only when it has none, the site copy, the product's use and the centre's (with $4) as JSON; the
-# usage subqueries are those of `PostgresSlots.usage` and `.centre_usage`
+# usage reads are those of `PostgresSlots.usage` and `.centre_usage` (the counts of migration 0006)
 BOOKING_STATE = """SELECT s.*,
     CASE WHEN s.slot_id IS NULL THEN
         (SELECT coalesce(json_agg(c), '[]') FROM sites AS c) END AS site_copy,
     CASE WHEN s.slot_id IS NULL THEN
-        (SELECT coalesce(json_agg(json_build_array(u.site_id, u.day, u.n)), '[]') FROM (
-            SELECT site_id, day, count(*) AS n FROM (
-                SELECT site_id, manufacturing_start_date AS day FROM slots
-                WHERE product_code = $2 AND manufacturing_start_date >= $3
-                  AND status IN ('held', 'confirmed', 'consumed')
-                UNION ALL
-                SELECT site_id, manufacturing_start_date FROM holds
-                WHERE product_code = $2 AND manufacturing_start_date >= $3 AND status = 'active'
-            ) AS used GROUP BY site_id, day) AS u) END AS product_usage,
+        (SELECT coalesce(json_agg(json_build_array(u.site_id, u.day, u.n)), '[]') FROM capacity_used AS u
+         WHERE u.product_code = $2 AND u.day >= $3 AND u.n > 0) END AS product_usage,
     CASE WHEN s.slot_id IS NULL AND $4::text IS NOT NULL THEN
-        (SELECT coalesce(json_agg(json_build_array(u.day, u.n)), '[]') FROM (
-            SELECT day, count(*) AS n FROM (
-                SELECT manufacturing_start_date AS day FROM slots
-                WHERE treatment_center_id = $4 AND product_code = $2 AND manufacturing_start_date >= $3
-                  AND status IN ('held', 'confirmed', 'consumed')
-                UNION ALL
-                SELECT manufacturing_start_date FROM holds
-                WHERE treatment_center_id = $4 AND product_code = $2 AND manufacturing_start_date >= $3
-                  AND status = 'active'
-            ) AS used GROUP BY day) AS u) END AS centre_usage
+        (SELECT coalesce(json_agg(json_build_array(u.day, u.n)), '[]') FROM centre_capacity_used AS u
+         WHERE u.treatment_center_id = $4 AND u.product_code = $2 AND u.day >= $3 AND u.n > 0)
+    END AS centre_usage
 FROM (SELECT 1) AS one
 LEFT JOIN slots AS s ON s.order_id = $1 AND s.status IN ('held', 'confirmed')"""
 
