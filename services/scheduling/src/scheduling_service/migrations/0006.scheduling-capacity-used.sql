@@ -55,27 +55,15 @@ BEGIN
     END IF;
 END $$;
 
--- a slot uses its day while held, confirmed or consumed; a hold while active
-CREATE FUNCTION slot_capacity_used() RETURNS trigger LANGUAGE plpgsql AS $$
+-- a row of `slots` or `holds` uses its day while its status is one of the trigger's arguments (a slot
+-- held, confirmed or consumed; a hold active)
+CREATE FUNCTION row_capacity_used() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    IF TG_OP <> 'INSERT' AND OLD.status IN ('held', 'confirmed', 'consumed') THEN
+    IF TG_OP <> 'INSERT' AND OLD.status = ANY (TG_ARGV) THEN
         PERFORM capacity_used_add(OLD.product_code, OLD.site_id, OLD.manufacturing_start_date,
                                   OLD.treatment_center_id, -1);
     END IF;
-    IF TG_OP <> 'DELETE' AND NEW.status IN ('held', 'confirmed', 'consumed') THEN
-        PERFORM capacity_used_add(NEW.product_code, NEW.site_id, NEW.manufacturing_start_date,
-                                  NEW.treatment_center_id, 1);
-    END IF;
-    RETURN NULL;
-END $$;
-
-CREATE FUNCTION hold_capacity_used() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    IF TG_OP <> 'INSERT' AND OLD.status = 'active' THEN
-        PERFORM capacity_used_add(OLD.product_code, OLD.site_id, OLD.manufacturing_start_date,
-                                  OLD.treatment_center_id, -1);
-    END IF;
-    IF TG_OP <> 'DELETE' AND NEW.status = 'active' THEN
+    IF TG_OP <> 'DELETE' AND NEW.status = ANY (TG_ARGV) THEN
         PERFORM capacity_used_add(NEW.product_code, NEW.site_id, NEW.manufacturing_start_date,
                                   NEW.treatment_center_id, 1);
     END IF;
@@ -83,7 +71,7 @@ BEGIN
 END $$;
 
 CREATE TRIGGER slots_capacity_count AFTER INSERT OR DELETE ON slots
-    FOR EACH ROW EXECUTE FUNCTION slot_capacity_used();
+    FOR EACH ROW EXECUTE FUNCTION row_capacity_used('held', 'confirmed', 'consumed');
 -- an update only when it changes whether the slot counts, or where it counts (held -> confirmed: no)
 CREATE TRIGGER slots_capacity_count_update AFTER UPDATE ON slots FOR EACH ROW
     WHEN ((OLD.status IN ('held', 'confirmed', 'consumed')) IS DISTINCT FROM
@@ -91,16 +79,16 @@ CREATE TRIGGER slots_capacity_count_update AFTER UPDATE ON slots FOR EACH ROW
           OR (OLD.product_code, OLD.site_id, OLD.manufacturing_start_date, OLD.treatment_center_id)
              IS DISTINCT FROM
              (NEW.product_code, NEW.site_id, NEW.manufacturing_start_date, NEW.treatment_center_id))
-    EXECUTE FUNCTION slot_capacity_used();
+    EXECUTE FUNCTION row_capacity_used('held', 'confirmed', 'consumed');
 
 CREATE TRIGGER holds_capacity_count AFTER INSERT OR DELETE ON holds
-    FOR EACH ROW EXECUTE FUNCTION hold_capacity_used();
+    FOR EACH ROW EXECUTE FUNCTION row_capacity_used('active');
 CREATE TRIGGER holds_capacity_count_update AFTER UPDATE ON holds FOR EACH ROW
     WHEN ((OLD.status = 'active') IS DISTINCT FROM (NEW.status = 'active')
           OR (OLD.product_code, OLD.site_id, OLD.manufacturing_start_date, OLD.treatment_center_id)
              IS DISTINCT FROM
              (NEW.product_code, NEW.site_id, NEW.manufacturing_start_date, NEW.treatment_center_id))
-    EXECUTE FUNCTION hold_capacity_used();
+    EXECUTE FUNCTION row_capacity_used('active');
 
 -- what the book holds already
 INSERT INTO capacity_used (product_code, day, site_id, n)
