@@ -3,6 +3,8 @@
 - the state change and its event commit or roll back together (and the relay is woken only on commit);
 - the relay publishes pending rows in id order, key = subject, value = the stored CloudEvent JSON,
   with the writer's W3C trace context, marks them published and never sends them again;
+- a pass sends its rows of one partition as one record batch; a row not handed over by the pass's
+  deadline fails and the rows after it wait, in order, for the next pass;
 - two relays draining the same outbox concurrently never publish a row twice;
 - a broker that lost everything (empty topic) gets the retained rows again.
 
@@ -26,6 +28,7 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from v2v_contracts import CONTENT_TYPE, CloudEvent
 from v2v_messaging import KafkaSettings, OutboxRelay, UnitOfWork, make_broker, notify_channel
+from v2v_messaging.outbox import RelayBackoff
 from v2v_persistence import create_pool
 
 pytestmark = pytest.mark.integration
@@ -179,6 +182,86 @@ async def test_relay_publishes_pending_rows_in_order_with_key_payload_and_tracep
     assert await pool.fetchval("SELECT count(*) FROM outbox WHERE published_at IS NOT NULL") == 5
     assert await relay.publish_pending() == 0
     assert len(await reader(topic, expect=5, settle=0.5)) == 5
+
+
+async def test_a_pass_sends_its_rows_of_one_partition_as_one_record_batch(
+    messaging_db: Any,
+    broker: KafkaBroker,
+    kafka: KafkaSettings,
+    new_topic: Any,
+    reader: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The rows of a pass reach the producer without the event loop running its sender in between: one
+    record batch (one request, one object in Tansu's memory engine) per partition, not one per row."""
+    from aiokafka.producer import message_accumulator
+
+    pool, schema = messaging_db.pool, messaging_db.schema
+    topic = await new_topic("v2v.order")
+    uow = UnitOfWork(pool, topic, notify_channel(schema))
+    events = [make_event("order-A", i) for i in range(10)]
+    async with uow.begin() as tx:
+        for event in events:
+            await tx.outbox.add(event)
+    relay = OutboxRelay(pool, broker, schema, topic, kafka, batch_size=10)
+    await relay.publish_pending()  # connects and learns the topic's partitions: its batch may be alone
+    assert await pending(pool) == 0
+
+    built: list[object] = []
+    original = message_accumulator.MessageBatch.__init__
+
+    def counted(self: Any, *args: Any, **kwargs: Any) -> None:
+        built.append(self)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(message_accumulator.MessageBatch, "__init__", counted)
+    more = [make_event("order-A", 10 + i) for i in range(10)]
+    async with uow.begin() as tx:
+        for event in more:
+            await tx.outbox.add(event)
+    assert await relay.publish_pending() == 10
+    assert len(built) == 1, f"{len(built)} record batches for one pass of 10 rows of one partition"
+
+    records = await reader(topic, expect=20)
+    assert [CloudEvent.from_json(r.value).id for r in sorted(records, key=lambda r: r.offset)] == [
+        e.id for e in events + more
+    ]
+
+
+async def test_a_row_not_handed_over_by_the_deadline_fails_and_the_rest_wait_in_order(
+    messaging_db: Any, broker: KafkaBroker, kafka: KafkaSettings, new_topic: Any, reader: Any
+) -> None:
+    """One deadline (`publish_timeout`) bounds handing a pass's rows to the producer: the row that does
+    not get there in time fails, the rows after it are not sent, and the next pass sends them in order."""
+    pool, schema = messaging_db.pool, messaging_db.schema
+    topic = await new_topic("v2v.order")
+    uow = UnitOfWork(pool, topic, notify_channel(schema))
+    events = [make_event(f"order-{i}", i) for i in range(4)]
+    async with uow.begin() as tx:
+        for event in events:
+            await tx.outbox.add(event)
+    relay = OutboxRelay(pool, broker, schema, topic, kafka, batch_size=10, publish_timeout=0.5)
+    original = relay._send
+    stuck = {events[2].id}
+
+    async def send(row: Any) -> Any:
+        if row["event_id"] in stuck:
+            await asyncio.sleep(5)  # a producer that does not take the record (a full buffer, no metadata)
+        return await original(row)
+
+    relay._send = send  # type: ignore[method-assign]
+    with pytest.raises(RelayBackoff):  # after marking what did go out; the relay's loop backs off
+        await relay.publish_pending()
+    assert relay.published_total == 2
+    ids = await pool.fetch("SELECT event_id FROM outbox WHERE published_at IS NULL ORDER BY id")
+    assert [r["event_id"] for r in ids] == [e.id for e in events[2:]]
+
+    stuck.clear()
+    assert await relay.publish_pending() == 2
+    assert relay.published_total == 4
+    assert await pending(pool) == 0
+    records = await reader(topic, expect=4)
+    assert sorted(CloudEvent.from_json(r.value).id for r in records) == sorted(e.id for e in events)
 
 
 # --- (c) two relays at once ----------------------------------------------------------------------------

@@ -702,21 +702,36 @@ class OutboxRelay:
         return n
 
     async def _publish(self, rows: list[asyncpg.Record]) -> _Outcome:
-        """Hand every row to the producer, then await the acks together (bounded by publish_timeout)."""
+        """Hand every row to the producer, then await the acks together (bounded by publish_timeout).
+
+        The rows are handed over without giving the event loop a turn between them (one deadline for
+        them all, not a task per row): the producer's sender then finds them together and sends the
+        pass's rows of each partition as one record batch. With a task per row the sender ran between
+        rows and sent each row in a batch, and a request, of its own. Tansu's memory engine keeps every
+        batch as an object and lists all of a partition's objects whenever a fetch finds new data there:
+        its CPU grew with every batch ever published (docs/BENCHMARKS.md, optimisation round 14)."""
         outcome = _Outcome()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.publish_timeout
         sent: list[tuple[asyncpg.Record, asyncio.Future[Any]]] = []
-        for row in rows:
-            try:
-                future = await asyncio.wait_for(self._send(row), timeout=max(0.05, deadline - loop.time()))
-            except Exception as exc:
-                if refused_by_broker(exc):
-                    outcome.refused.append((row, exc))
-                    continue
-                outcome.failed.append((row, exc))
-                break  # the broker is in trouble: the rest waits for the next pass, in order
-            sent.append((row, future))
+        handing: asyncpg.Record | None = None  # the row being handed over when the deadline passes
+        try:
+            async with asyncio.timeout_at(deadline):
+                for row in rows:
+                    handing = row
+                    try:
+                        future = await self._send(row)
+                    except Exception as exc:
+                        if refused_by_broker(exc):
+                            outcome.refused.append((row, exc))
+                            continue
+                        outcome.failed.append((row, exc))
+                        break  # the broker is in trouble: the rest waits for the next pass, in order
+                    sent.append((row, future))
+                handing = None
+        except TimeoutError as exc:
+            if handing is not None:
+                outcome.failed.append((handing, exc))  # the rest waits for the next pass, in order
         if sent:
             await asyncio.wait([f for _, f in sent], timeout=max(0.05, deadline - loop.time()))
         for row, future in sent:
