@@ -52,10 +52,16 @@ from datetime import timedelta
 from typing import Any, Protocol
 
 import asyncpg
+from aiokafka import AIOKafkaProducer
 from faststream.kafka import KafkaBroker
+from faststream.opentelemetry.consts import ERROR_TYPE, MessageAction
+from faststream.opentelemetry.middleware import TelemetryMiddleware
 from opentelemetry import context as otel_context
-from opentelemetry import propagate
+from opentelemetry import propagate, trace
 from opentelemetry.instrumentation.utils import suppress_instrumentation
+from opentelemetry.semconv.trace import SpanAttributes
+from opentelemetry.trace import SpanKind
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from v2v_contracts import CONTENT_TYPE, CloudEvent
 from v2v_contracts.errors import Invalid
@@ -218,6 +224,70 @@ class FencedOut(Exception):
     """Another relay took the lease over: this one's writes are refused."""
 
 
+def _kafka_producer(broker: KafkaBroker) -> AIOKafkaProducer | None:
+    """The connected broker's aiokafka producer; None while it has none (not connected, or a test
+    broker of FastStream's)."""
+    try:
+        producer = broker.config.producer._producer.producer  # type: ignore[attr-defined]
+    except Exception:  # not connected: FastStream's empty producer state refuses
+        return None
+    return producer if isinstance(producer, AIOKafkaProducer) else None
+
+
+_PROPAGATOR = TraceContextTextMapPropagator()
+
+
+class _PublishTelemetry:
+    """What FastStream's Kafka telemetry middleware makes for a message published through it (same
+    tracer, meter, names and attributes): the message's "create" span (PRODUCER, a child of the span
+    the outbox row was written in; its context goes in the record's headers, the consumer's span is its
+    child) and the publish metrics (`messaging.publish.duration`, `messaging.publish.messages`). Not its
+    "publish" span: sent with `no_confirm`, that span ended once the record was handed to the producer,
+    before any broker answered, and told nothing the "create" span does not; nor FastStream's publish
+    pipeline around it. The two cost a quarter of a publishing service's CPU per event (round 14 in
+    docs/BENCHMARKS.md)."""
+
+    def __init__(self, broker: KafkaBroker) -> None:
+        middlewares = getattr(broker, "middlewares", ())  # a stand-in with `publish` only has none
+        middleware = next((m for m in middlewares if isinstance(m, TelemetryMiddleware)), None)
+        self._tracer = middleware._tracer if middleware is not None else trace.get_tracer(__name__)
+        self._metrics = middleware._metrics if middleware is not None else None
+
+    async def send(
+        self, producer: AIOKafkaProducer, topic: str, key: bytes | None, value: bytes
+    ) -> asyncio.Future[Any]:
+        correlation_id = str(uuid.uuid4())  # as FastStream's publish sets one
+        attributes: dict[str, Any] = {
+            SpanAttributes.MESSAGING_SYSTEM: "kafka",
+            SpanAttributes.MESSAGING_DESTINATION_NAME: topic,
+            SpanAttributes.MESSAGING_MESSAGE_CONVERSATION_ID: correlation_id,
+        }
+        if key is not None:
+            attributes[SpanAttributes.MESSAGING_KAFKA_MESSAGE_KEY] = key
+        create = self._tracer.start_span(
+            f"{topic} {MessageAction.CREATE}", kind=SpanKind.PRODUCER, attributes=attributes
+        )
+        headers = {"content-type": CONTENT_TYPE, "correlation_id": correlation_id}
+        _PROPAGATOR.inject(headers, context=trace.set_span_in_context(create))
+        create.end()
+        measured: dict[str, Any] = {
+            SpanAttributes.MESSAGING_SYSTEM: "kafka",
+            SpanAttributes.MESSAGING_DESTINATION_NAME: topic,
+        }
+        started = time.perf_counter()
+        try:
+            future: asyncio.Future[Any] = await producer.send(
+                topic, value=value, key=key, headers=[(k, v.encode()) for k, v in headers.items()]
+            )
+            return future
+        except Exception as exc:
+            measured[ERROR_TYPE] = type(exc).__name__
+            raise
+        finally:
+            if self._metrics is not None:
+                self._metrics.observe_publish(measured, time.perf_counter() - started, 1)
+
+
 @dataclass
 class _Outcome:
     ok: list[tuple[asyncpg.Record, Any]] = field(default_factory=list)  # (row, RecordMetadata)
@@ -265,6 +335,7 @@ class OutboxRelay:
         self.idle_check_after = idle_check_after
         self.lease_ttl = lease_ttl
         self.publish_timeout = publish_timeout
+        self._telemetry = _PublishTelemetry(broker)
         # every topic of the namespace (dead-letter topics too): created again on a broker that lost them
         self.topics = list(dict.fromkeys([own_topic, *(topics or [])]))
         self.holder = holder or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -761,15 +832,19 @@ class OutboxRelay:
             with contextlib.suppress(ValueError, KeyError, AttributeError):
                 coi = json.loads(bytes(row["payload"])).get("coi")
         bind_order(row["message_key"] if coi else None, coi)
+        key = row["message_key"].encode() if row["message_key"] else None
         try:
-            future: Any = await self.broker.publish(
-                bytes(row["payload"]),
-                topic=row["topic"],
-                key=row["message_key"].encode() if row["message_key"] else None,
-                headers={"content-type": CONTENT_TYPE},
-                no_confirm=True,
-            )
-            return future  # type: ignore[no-any-return]
+            producer = _kafka_producer(self.broker)
+            if producer is None:  # a broker without an aiokafka producer (FastStream's test broker)
+                future: Any = await self.broker.publish(
+                    bytes(row["payload"]),
+                    topic=row["topic"],
+                    key=key,
+                    headers={"content-type": CONTENT_TYPE},
+                    no_confirm=True,
+                )
+                return future  # type: ignore[no-any-return]
+            return await self._telemetry.send(producer, row["topic"], key, bytes(row["payload"]))
         finally:
             otel_context.detach(token)
 
