@@ -5,6 +5,8 @@
   with the writer's W3C trace context, marks them published and never sends them again;
 - a pass sends its rows of one partition as one record batch; a row not handed over by the pass's
   deadline fails and the rows after it wait, in order, for the next pass;
+- each published record has a "create" span under the span it was written in (its traceparent) and
+  the publish metrics, as FastStream's telemetry middleware made them, and no "publish" span;
 - two relays draining the same outbox concurrently never publish a row twice;
 - a broker that lost everything (empty topic) gets the retained rows again.
 
@@ -226,6 +228,76 @@ async def test_a_pass_sends_its_rows_of_one_partition_as_one_record_batch(
     assert [CloudEvent.from_json(r.value).id for r in sorted(records, key=lambda r: r.offset)] == [
         e.id for e in events + more
     ]
+
+
+async def test_a_published_record_has_a_create_span_under_its_writer_and_the_publish_metrics(
+    messaging_db: Any, kafka: KafkaSettings, new_topic: Any, reader: Any
+) -> None:
+    """What FastStream's telemetry middleware made for a published record, made by the relay: one
+    "create" PRODUCER span per record, a child of the span the row was written in, whose context is the
+    record's traceparent (the consumer's span hangs off it), and the publish metrics; no "publish"
+    span."""
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    spans = InMemorySpanExporter()
+    tracing = TracerProvider()
+    tracing.add_span_processor(SimpleSpanProcessor(spans))
+    metrics = InMemoryMetricReader()
+    meters = MeterProvider(metric_readers=[metrics])
+    broker = make_broker(
+        kafka, f"it-relay-{uuid.uuid4().hex[:6]}", tracer_provider=tracing, meter_provider=meters
+    )
+    await broker.connect()
+    try:
+        pool, schema = messaging_db.pool, messaging_db.schema
+        topic = await new_topic("v2v.order")
+        uow = UnitOfWork(pool, topic, notify_channel(schema))
+        writers = {}
+        for i, subject in enumerate(["order-A", "order-B"]):
+            event = make_event(subject, i)
+            with tracing.get_tracer("it-outbox").start_as_current_span(f"write {i}") as span:
+                async with uow.begin() as tx:
+                    await tx.outbox.add(event)
+            writers[event.id] = span.get_span_context()
+        relay = OutboxRelay(pool, broker, schema, topic, kafka)
+        assert await relay.publish_pending() == 2
+        records = await reader(topic, expect=2)
+    finally:
+        await broker.stop()
+
+    finished = [s for s in spans.get_finished_spans() if not s.name.startswith("write ")]
+    assert sorted((s.name, s.kind.name) for s in finished) == [(f"{topic} create", "PRODUCER")] * 2
+    by_span = {format(s.context.span_id, "016x"): s for s in finished}
+    for record in records:
+        event = CloudEvent.from_json(record.value)
+        headers = headers_of(record)
+        assert headers["content-type"] == CONTENT_TYPE and headers["correlation_id"]
+        _, trace_id, span_id, _ = headers["traceparent"].split("-")
+        create = by_span[span_id]  # the record carries its create span's context
+        writer = writers[event.id]
+        assert create.parent is not None and create.parent.span_id == writer.span_id
+        assert trace_id == format(writer.trace_id, "032x")
+        assert create.attributes is not None
+        assert create.attributes["messaging.destination.name"] == topic
+        assert create.attributes["messaging.message.conversation_id"] == headers["correlation_id"]
+        assert (
+            create.attributes["messaging.kafka.message.key"] == event.subject.encode()
+        )  # as FastStream set it
+
+    data = metrics.get_metrics_data()
+    assert data is not None
+    measured = {
+        m.name: sum(getattr(p, "count", getattr(p, "value", 0)) for p in m.data.data_points)
+        for rm in data.resource_metrics
+        for sm in rm.scope_metrics
+        for m in sm.metrics
+    }
+    assert measured["messaging.publish.messages"] == 2
+    assert measured["messaging.publish.duration"] == 2
+    meters.shutdown()
 
 
 async def test_a_row_not_handed_over_by_the_deadline_fails_and_the_rest_wait_in_order(
