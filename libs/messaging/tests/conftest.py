@@ -165,3 +165,15 @@ def reader(kafka: KafkaSettings) -> Reader:
 def eventually() -> Callable[..., Awaitable[None]]:
     """`await eventually(check, timeout=..., what=...)`: polls until `check()` is true."""
     return _eventually
+
+
+async def _write_events(uow: Any, events: list[Any]) -> None:
+    async with uow.begin() as tx:
+        for event in events:
+            await tx.outbox.add(event)
+
+
+@pytest.fixture
+def write_events() -> Callable[..., Awaitable[None]]:
+    """`await write_events(uow, events)`: the events' outbox rows, written in one transaction."""
+    return _write_events

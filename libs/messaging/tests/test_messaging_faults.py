@@ -92,15 +92,19 @@ class PausableBroker:
 
 
 async def test_a_leader_paused_mid_publish_holds_nothing_is_replaced_and_its_late_marks_are_refused(
-    messaging_db: Any, kafka: KafkaSettings, brokers: Any, new_topic: Any, reader: Any, eventually: Any
+    messaging_db: Any,
+    kafka: KafkaSettings,
+    brokers: Any,
+    new_topic: Any,
+    reader: Any,
+    eventually: Any,
+    write_events: Any,
 ) -> None:
     pool, schema = messaging_db.pool, messaging_db.schema
     topic = await new_topic("v2v.order")
     uow = UnitOfWork(pool, topic, notify_channel(schema))
     events = [make_event("order-L", i) for i in range(3)]
-    async with uow.begin() as tx:
-        for event in events:
-            await tx.outbox.add(event)
+    await write_events(uow, events)
 
     other_pool = await create_pool(messaging_db.url, max_size=2)  # a second replica
     paused_broker = PausableBroker(await brokers())
@@ -257,15 +261,13 @@ async def test_an_event_above_the_outbox_cap_is_refused_at_write_time(messaging_
 
 
 async def test_a_replay_goes_in_bounded_slices_after_the_new_rows(
-    messaging_db: Any, kafka: KafkaSettings, brokers: Any, new_topic: Any, reader: Any
+    messaging_db: Any, kafka: KafkaSettings, brokers: Any, new_topic: Any, reader: Any, write_events: Any
 ) -> None:
     pool, schema = messaging_db.pool, messaging_db.schema
     topic = await new_topic("v2v.order")  # empty: a broker that lost what we had published
     uow = UnitOfWork(pool, topic, notify_channel(schema))
     retained = [make_event("order-R", i) for i in range(10)]
-    async with uow.begin() as tx:
-        for event in retained:
-            await tx.outbox.add(event)
+    await write_events(uow, retained)
     await pool.execute("UPDATE outbox SET published_at = now() - interval '1 hour'")
     relay = OutboxRelay(pool, await brokers(), schema, topic, kafka, replay_batch_size=4)
     assert await relay.replay_if_broker_is_fresh() == 10

@@ -193,6 +193,7 @@ async def test_a_pass_sends_its_rows_of_one_partition_as_one_record_batch(
     new_topic: Any,
     reader: Any,
     monkeypatch: pytest.MonkeyPatch,
+    write_events: Any,
 ) -> None:
     """The rows of a pass reach the producer without the event loop running its sender in between: one
     record batch (one request, one object in Tansu's memory engine) per partition, not one per row."""
@@ -202,9 +203,7 @@ async def test_a_pass_sends_its_rows_of_one_partition_as_one_record_batch(
     topic = await new_topic("v2v.order")
     uow = UnitOfWork(pool, topic, notify_channel(schema))
     events = [make_event("order-A", i) for i in range(10)]
-    async with uow.begin() as tx:
-        for event in events:
-            await tx.outbox.add(event)
+    await write_events(uow, events)
     relay = OutboxRelay(pool, broker, schema, topic, kafka, batch_size=10)
     await relay.publish_pending()  # connects and learns the topic's partitions: its batch may be alone
     assert await pending(pool) == 0
@@ -218,9 +217,7 @@ async def test_a_pass_sends_its_rows_of_one_partition_as_one_record_batch(
 
     monkeypatch.setattr(message_accumulator.MessageBatch, "__init__", counted)
     more = [make_event("order-A", 10 + i) for i in range(10)]
-    async with uow.begin() as tx:
-        for event in more:
-            await tx.outbox.add(event)
+    await write_events(uow, more)
     assert await relay.publish_pending() == 10
     assert len(built) == 1, f"{len(built)} record batches for one pass of 10 rows of one partition"
 
@@ -301,7 +298,12 @@ async def test_a_published_record_has_a_create_span_under_its_writer_and_the_pub
 
 
 async def test_a_row_not_handed_over_by_the_deadline_fails_and_the_rest_wait_in_order(
-    messaging_db: Any, broker: KafkaBroker, kafka: KafkaSettings, new_topic: Any, reader: Any
+    messaging_db: Any,
+    broker: KafkaBroker,
+    kafka: KafkaSettings,
+    new_topic: Any,
+    reader: Any,
+    write_events: Any,
 ) -> None:
     """One deadline (`publish_timeout`) bounds handing a pass's rows to the producer: the row that does
     not get there in time fails, the rows after it are not sent, and the next pass sends them in order."""
@@ -309,9 +311,7 @@ async def test_a_row_not_handed_over_by_the_deadline_fails_and_the_rest_wait_in_
     topic = await new_topic("v2v.order")
     uow = UnitOfWork(pool, topic, notify_channel(schema))
     events = [make_event(f"order-{i}", i) for i in range(4)]
-    async with uow.begin() as tx:
-        for event in events:
-            await tx.outbox.add(event)
+    await write_events(uow, events)
     relay = OutboxRelay(pool, broker, schema, topic, kafka, batch_size=10, publish_timeout=0.5)
     original = relay._send
     stuck = {events[2].id}
@@ -399,16 +399,19 @@ async def test_two_relays_draining_concurrently_never_publish_a_row_twice(
 
 
 async def test_replay_republishes_retained_rows_when_the_topic_is_empty(
-    messaging_db: Any, broker: KafkaBroker, kafka: KafkaSettings, new_topic: Any, reader: Any
+    messaging_db: Any,
+    broker: KafkaBroker,
+    kafka: KafkaSettings,
+    new_topic: Any,
+    reader: Any,
+    write_events: Any,
 ) -> None:
     pool, schema = messaging_db.pool, messaging_db.schema
     topic = await new_topic("v2v.order")  # empty: like a Tansu that restarted and forgot everything
     uow = UnitOfWork(pool, topic, notify_channel(schema))
     recent = [make_event(f"order-{i}", i) for i in range(3)]
     expired = make_event("order-old", 99)
-    async with uow.begin() as tx:
-        for event in [*recent, expired]:
-            await tx.outbox.add(event)
+    await write_events(uow, [*recent, expired])
     # marked published earlier (to the broker that lost them): three within retention, one beyond it
     await pool.execute(
         "UPDATE outbox SET published_at = now() - interval '1 hour' WHERE event_id = ANY($1::uuid[])",
